@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
+#
+#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
+#                                            (default: info check tests sanitize bench)
+#
+# Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
+# installed (the device image has them); cuflash itself is used from the checkout
+# (pure Python, no build). Logs and JSON go under $OUT (default ./gpu_out): each stage's log,
+# then everything packed into $OUT/suite.tar.gz, with the last lines of each log in
+# $OUT/summary.txt. SUITE_TIME_BUDGET (seconds, default 540) bounds the pytest stage.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT/logs" "$OUT/results"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+stages=${*:-info check tests sanitize bench}
+summary=$OUT/summary.txt
+: >"$summary"
+
+run_stage() {  # name, command...: run, log, and record the exit code and the log's tail
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$summary"
+  "$@" >"$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  { tail -n "${TAIL_LINES:-25}" "$OUT/logs/$name.log"; echo "=== $name rc=$rc in $((SECONDS - start)) s"; } >>"$summary"
+  return $rc
+}
+
+for stage in $stages; do
+  case $stage in
+    info)
+      run_stage info bash -c "nvidia-smi; $PY -m pip list 2>/dev/null | grep -i -E 'cupy|torch|jax|numpy|hypothesis|pytest|ml.dtypes'; $PY -m cuflash info" ;;
+    check)
+      run_stage check $PY -m cuflash check ;;
+    tests)
+      CUFLASH_POISON=1 run_stage tests timeout "${SUITE_TIME_BUDGET:-540}" \
+        $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
+        --junitxml="$OUT/results/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
+    sanitize)
+      run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize.py
+      TAIL_LINES=12 run_stage racecheck compute-sanitizer --tool racecheck --racecheck-report all \
+        --error-exitcode 1 $PY bench/sanitize.py --quick ;;
+    bench)
+      run_stage bench $PY -m cuflash bench --quick --out-dir "$OUT/results" ;;
+    memory)
+      run_stage memory $PY -m cuflash bench --memory --out-dir "$OUT/results" ;;
+    train)
+      run_stage train $PY bench/train_small.py --out "$OUT/results" ;;
+    *)
+      echo "unknown stage $stage" | tee -a "$summary" ;;
+  esac
+done
+
+tar -C "$OUT" -czf "$OUT/suite.tar.gz" logs results 2>/dev/null
+cat "$summary"

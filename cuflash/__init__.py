@@ -1,0 +1,19 @@
+"""cuflash: exact FlashAttention forward and backward for any DLPack array.
+
+CUDA arrays (CuPy, PyTorch, JAX) run tensor-core kernels compiled at first use by NVRTC
+through CuPy; CPU arrays (NumPy, PyTorch, JAX) run a blockwise NumPy implementation of the
+same algorithm. Results come back in the caller's own array type, zero-copy.
+"""
+
+from .api import attention, attention_backward, attention_forward
+from .stats import SoftmaxStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SoftmaxStats",
+    "attention",
+    "attention_backward",
+    "attention_forward",
+    "__version__",
+]

@@ -1,0 +1,126 @@
+"""The public functions: validate, bring arrays in through DLPack, dispatch, hand back.
+
+Layers, as in FlashAttention-2's interface: ``_flash_fwd`` / ``_flash_bwd`` are pure
+functions of backend arrays (NumPy on the CPU, CuPy on CUDA); the public functions wrap them
+with validation and the caller's array type.
+"""
+
+from __future__ import annotations
+
+from . import validate
+from .interop import caller_stream, export_array, import_array
+from .stats import SoftmaxStats
+
+_CAUSAL_PICTURE = """
+    Causal masks align to the bottom-right corner when seqlen_q != seqlen_k: query i sees
+    key j iff j <= i + seqlen_k - seqlen_q (as in FlashAttention-2). ``x`` = visible.
+
+        seqlen_q = 2, seqlen_k = 5        seqlen_q = 5, seqlen_k = 2
+          k: 0 1 2 3 4                      k: 0 1
+        q0:  x x x x .                    q0:  . .    <- sees no key: o = 0, m = -inf,
+        q1:  x x x x x                    q1:  . .       l = 0, zero gradients
+                                          q2:  . .
+                                          q3:  x .
+                                          q4:  x x
+"""
+
+
+def _flash_fwd(problem: validate.Problem, q, k, v):
+    """(o, m, l) on backend arrays of the problem's device."""
+    if problem.device[0] == "cpu":
+        from .cpu import flash_forward_cpu
+
+        return flash_forward_cpu(q, k, v, causal=problem.causal,
+                                 softmax_scale=problem.softmax_scale)
+    from .launch import flash_forward_gpu
+
+    return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
+                             softmax_scale=problem.softmax_scale)
+
+
+def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool):
+    """(dq, dk, dv) on backend arrays of the problem's device."""
+    if problem.device[0] == "cpu":
+        from .cpu import flash_backward_cpu
+
+        return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
+                                  softmax_scale=problem.softmax_scale)
+    from .launch import flash_backward_gpu
+
+    return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
+                              causal=problem.causal, softmax_scale=problem.softmax_scale,
+                              deterministic=deterministic)
+
+
+def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+    """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
+
+    Same arguments as ``attention_forward``; returns only the output ``o``.
+    """
+    o, _ = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return o
+
+
+def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+    """Attention forward pass, returning the output and the softmax statistics.
+
+    Args:
+        q: (batch, seqlen_q, heads, head_dim) array of any DLPack framework (NumPy, CuPy,
+            PyTorch, JAX), float16, bfloat16 or float32; head_dim a multiple of 8 up to 256.
+            Any strides are accepted as long as head_dim is contiguous.
+        k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype and device; heads must be a
+            multiple of heads_kv (MQA/GQA: query head h reads kv head h // (heads // heads_kv)).
+        causal: mask keys after the query's position, aligned bottom-right (see below).
+        softmax_scale: multiplies q @ k^T before the softmax; default 1 / sqrt(head_dim).
+
+    Returns:
+        (o, stats): o like q (a new array of the caller's type, dtype and device);
+        stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l.
+    """
+    iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
+    problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
+    with caller_stream(iq):  # export inside: the DLPack handshake names this stream
+        o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array)
+        return export_array(o, like=iq), SoftmaxStats(export_array(m, like=iq),
+                                                      export_array(l, like=iq))
+
+
+def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = False,
+                       softmax_scale: float | None = None, deterministic: bool = False):
+    """Gradients of attention from the forward's output and softmax statistics.
+
+    Recomputes the attention probabilities block by block from q, k and ``stats`` (m, l);
+    never builds a seqlen_q x seqlen_k matrix. Extra device memory is at most one float32
+    array the size of q (the dQ accumulator).
+
+    Args:
+        do: gradient of the loss w.r.t. o, shaped and typed like q.
+        q, k, v, o: as passed to / returned by ``attention_forward``.
+        stats: the ``SoftmaxStats`` that ``attention_forward`` returned.
+        causal, softmax_scale: the values the forward pass used.
+        deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
+            are bitwise identical run to run (somewhat slower). The CPU path always is.
+
+    Returns:
+        (dq, dk, dv) shaped and typed like q, k, v.
+    """
+    if not isinstance(stats, SoftmaxStats):
+        raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
+                        f"got {type(stats).__name__}")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    names = ("do", "q", "k", "v", "o")
+    ido, iq, ik, iv, io = (import_array(x, n) for x, n in zip((do, q, k, v, o), names))
+    im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
+    problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
+                                      softmax_scale=softmax_scale)
+    with caller_stream(iq):
+        grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
+                           im.array, il.array, deterministic)
+        return tuple(export_array(g, like=iq) for g in grads)
+
+
+attention_forward.__doc__ += _CAUSAL_PICTURE
+attention_backward.__doc__ += _CAUSAL_PICTURE
+
+__all__ = ["attention", "attention_forward", "attention_backward"]

@@ -1,0 +1,156 @@
+"""From a ``KernelSpec`` to compiled code: NVRTC options, CuPy modules, resource reports.
+
+Two consumers: ``get_kernel`` builds one CuPy ``RawModule`` per (spec, device), memoized and
+backed by CuPy's disk cache; ``compile_report`` runs NVRTC directly for any architecture, no
+GPU needed, and parses ptxas' register / spill / shared-memory report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .specs import KernelSpec
+
+
+@lru_cache(maxsize=1)
+def kernels_dir() -> Path:
+    """``kernels_cu/``: inside the installed package, or beside it in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "kernels_cu", here.parent / "kernels_cu"):
+        if (candidate / "cf_common.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(f"kernels_cu/ not found next to {here}; the installation is broken")
+
+
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """Hash of every kernel source, so cache keys change when a header changes."""
+    h = hashlib.sha256()
+    for path in sorted(kernels_dir().glob("*.cu*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def read_source(spec: KernelSpec) -> str:
+    return (kernels_dir() / spec.source).read_text()
+
+
+def nvrtc_options(spec: KernelSpec) -> list[str]:
+    """Compile options shared by the runtime build and the ahead-of-time report."""
+    opts = ["--std=c++17", f"-I{kernels_dir()}", f"-DCF_SOURCE_HASH=0x{source_hash()}ULL"]
+    opts += [f"-D{k}={v}" for k, v in spec.defines.items()]
+    return opts
+
+
+# -- runtime: one CuPy module per (spec, device) ---------------------------------------------
+
+@dataclass
+class LoadedKernel:
+    function: object  # cupy.RawKernel
+    seconds: float  # wall time of the first get (compile, or disk-cache hit)
+
+
+_loaded: dict[tuple[str, int], LoadedKernel] = {}
+
+
+def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
+    """The spec's entry point on this device, compiled on first use."""
+    key = (spec.name, device_id)
+    hit = _loaded.get(key)
+    if hit is not None:
+        return hit
+    import cupy
+
+    start = time.perf_counter()
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
+                                backend="nvrtc")
+        function = module.get_function(spec.entry)
+        if spec.smem_bytes > 48 * 1024:
+            function.max_dynamic_shared_size_bytes = spec.smem_bytes
+        if spec.kind == "bwd_pre":  # the module's second kernel, loaded with the first
+            convert = module.get_function("flash_bwd_dq_convert")
+            _loaded[(spec.name + ":convert", device_id)] = LoadedKernel(convert, 0.0)
+    loaded = LoadedKernel(function, time.perf_counter() - start)
+    _loaded[key] = loaded
+    return loaded
+
+
+def get_convert_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
+    """``flash_bwd_dq_convert``, which lives in the preprocess module."""
+    get_kernel(spec, device_id)
+    return _loaded[(spec.name + ":convert", device_id)]
+
+
+# -- ahead of time: NVRTC for any arch, no GPU ------------------------------------------------
+
+@dataclass(frozen=True)
+class CompileReport:
+    spec: str
+    arch: str
+    function: str
+    registers: int
+    stack_bytes: int
+    spill_stores: int
+    spill_loads: int
+    static_smem: int
+    dynamic_smem: int
+    seconds: float
+
+    @property
+    def spills(self) -> int:
+        return self.spill_stores + self.spill_loads
+
+
+_FUNC_RE = re.compile(r"Compiling entry function '(\w+)' for '(\w+)'")
+_STACK_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Used (\d+) registers")
+_SMEM_RE = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    """ptxas -v output -> {function: {registers, stack, spill_stores, spill_loads, smem}}."""
+    out: dict[str, dict[str, int]] = {}
+    current = None
+    for line in log.splitlines():
+        if (m := _FUNC_RE.search(line)):
+            current = out.setdefault(m.group(1), dict(registers=0, stack=0, spill_stores=0,
+                                                      spill_loads=0, smem=0))
+        elif current is not None and (m := _STACK_RE.search(line)):
+            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                           spill_loads=int(m.group(3)))
+        elif current is not None and (m := _REGS_RE.search(line)):
+            current["registers"] = int(m.group(1))
+            if (s := _SMEM_RE.search(line)):
+                current["smem"] = int(s.group(1))
+    return out
+
+
+def compile_report(spec: KernelSpec, arch: str) -> list[CompileReport]:
+    """Compile ``spec`` for ``arch`` (e.g. "sm_90") with NVRTC and report each kernel."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    start = time.perf_counter()
+    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
+    try:
+        opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        try:
+            nvrtc.compileProgram(program, opts)
+        except Exception as exc:
+            raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
+                               f"{nvrtc.getProgramLog(program)}") from exc
+        log = nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    seconds = time.perf_counter() - start
+    return [CompileReport(spec=spec.name, arch=arch, function=fn, registers=r["registers"],
+                          stack_bytes=r["stack"], spill_stores=r["spill_stores"],
+                          spill_loads=r["spill_loads"], static_smem=r["smem"],
+                          dynamic_smem=spec.smem_bytes, seconds=seconds)
+            for fn, r in parse_ptxas_log(log).items()]

@@ -1,0 +1,256 @@
+"""Float64 truth, the same-dtype noise floor, and the error rule every test uses.
+
+Three things live here:
+
+* ``attention_reference`` / ``attention_backward_reference``: the plain textbook computation
+  in float64 with the whole (seqlen_q, seqlen_k) score matrix materialized. This is the
+  truth that every implementation (CPU path, CUDA kernels) is measured against.
+* ``attention_naive`` / ``attention_backward_naive``: the same plain computation as a
+  framework would run it in a given dtype, rounding the inputs and every intermediate to
+  that dtype. Its error against the truth is the noise floor of the dtype.
+* ``compare`` / ``ErrorReport`` / ``default_atol``: FlashAttention's acceptance rule,
+  ``err(ours) <= 2 * err(naive in the same dtype) + atol``; a NaN never passes.
+
+Conventions are those of the library: q (batch, seqlen_q, heads, head_dim), k and v
+(batch, seqlen_k, heads_kv, head_dim), query head h reads kv head h // (heads // heads_kv),
+causal masks are bottom-right aligned (query i sees key j iff j <= i + seqlen_k - seqlen_q),
+and a row that sees no key has o = 0, m = -inf, l = 0 and zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+_F32 = np.float32
+_F64 = np.float64
+
+
+# -- shared plumbing -----------------------------------------------------------------------
+
+
+def _resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
+    if softmax_scale is not None:
+        return float(softmax_scale)
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+
+
+def _group(q: np.ndarray, k: np.ndarray) -> int:
+    heads, heads_kv = q.shape[2], k.shape[2]
+    if heads_kv == 0:
+        return 1
+    if heads % heads_kv:
+        raise ValueError(f"heads ({heads}) must be a multiple of heads_kv ({heads_kv})")
+    return heads // heads_kv
+
+
+def _visible(seqlen_q: int, seqlen_k: int, causal: bool) -> np.ndarray:
+    """(seqlen_q, seqlen_k) bool: query i sees key j (bottom-right aligned when causal)."""
+    if not causal:
+        return np.ones((seqlen_q, seqlen_k), dtype=bool)
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    return j <= i + (seqlen_k - seqlen_q)
+
+
+def _heads_first(x: np.ndarray, group: int, dtype) -> np.ndarray:
+    """(b, s, h_x, d) -> (b, h_x * group, s, d) in dtype, kv heads repeated for GQA."""
+    x = np.repeat(x, group, axis=2) if group > 1 else x
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3), dtype=dtype)
+
+
+def _sum_group(dx: np.ndarray, group: int) -> np.ndarray:
+    """(b, h, s, d) gradient of repeated kv heads -> (b, s, h // group, d) summed per group."""
+    b, h, s, d = dx.shape
+    return dx.reshape(b, h // group, group, s, d).sum(axis=2).transpose(0, 2, 1, 3)
+
+
+def _softmax_rows(s: np.ndarray, visible: np.ndarray):
+    """Masked softmax over the last axis in the dtype of s; returns (p, m, l).
+
+    A row with no visible key gets p = 0, m = -inf, l = 0 (no NaN).
+    """
+    s = np.where(visible, s, -np.inf)
+    m = np.max(s, axis=-1, initial=-np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0).astype(s.dtype)
+    e = np.exp(s - m_safe[..., None])
+    l = e.sum(axis=-1)
+    p = e / np.where(l > 0, l, 1)[..., None]
+    return p, m, l
+
+
+# -- float64 truth -------------------------------------------------------------------------
+
+
+def _reference_probs(q, k, causal, softmax_scale):
+    """Float64 (q_h, k_h, p, m, l, scale, group) shared by the forward and backward references."""
+    group = _group(q, k)
+    scale = _resolve_scale(softmax_scale, q.shape[3])
+    q_h, k_h = _heads_first(q, 1, _F64), _heads_first(k, group, _F64)
+    s = np.matmul(q_h, k_h.swapaxes(-1, -2)) * scale
+    p, m, l = _softmax_rows(s, _visible(q.shape[1], k.shape[1], causal))
+    return q_h, k_h, p, m, l, scale, group
+
+
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None):
+    """Float64 attention with a materialized softmax. Returns (o, m, l).
+
+    o: float64 (batch, seqlen_q, heads, head_dim). m, l: float64 (batch, heads, seqlen_q),
+    m the row max of softmax_scale * q.k over visible keys, l = sum exp(score - m).
+    softmax_scale None means 1 / sqrt(head_dim). GQA repeats each kv head for its group.
+    """
+    _, _, p, m, l, _, group = _reference_probs(q, k, causal, softmax_scale)
+    o = np.matmul(p, _heads_first(v, group, _F64)).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(o), m, l
+
+
+def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None):
+    """Analytic float64 gradients of sum(do * o). Returns (dq, dk, dv) in float64.
+
+    Uses the softmax Jacobian directly, dS = P * (dP - rowsum(P * dP)), independent of the
+    delta = rowsum(dO * O) identity the fast paths use. dK, dV are summed over each group.
+    """
+    q_h, k_h, p, _, _, scale, group = _reference_probs(q, k, causal, softmax_scale)
+    v_h, do_h = _heads_first(v, group, _F64), _heads_first(do, 1, _F64)
+    dp = np.matmul(do_h, v_h.swapaxes(-1, -2))
+    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    dq = np.matmul(ds, k_h) * scale
+    dk = np.matmul(ds.swapaxes(-1, -2), q_h) * scale
+    dv = np.matmul(p.swapaxes(-1, -2), do_h)
+    dq = np.ascontiguousarray(dq.transpose(0, 2, 1, 3))
+    return dq, _sum_group(dk, group), _sum_group(dv, group)
+
+
+# -- the same computation in a given dtype (the noise floor) ------------------------------
+
+
+def _rounder(dtype):
+    """x -> float32 array holding x rounded to dtype (the identity for float32)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(_F32):
+        return lambda x: np.asarray(x, dtype=_F32)
+    if dtype.itemsize != 2:
+        raise TypeError(f"naive attention supports float16, bfloat16, float32, not {dtype}")
+    return lambda x: np.asarray(x, dtype=_F32).astype(dtype).astype(_F32)
+
+
+def _naive_probs(q, k, causal, softmax_scale, rnd):
+    """(q_h, k_h, p, m, l, scale, group) as a framework computes them in the rounded dtype.
+
+    Matmuls accumulate in float32 and round to dtype; the multiply by the (float32) scale
+    rounds; softmax runs in float32 on the rounded scores and P is rounded to dtype.
+    """
+    group = _group(q, k)
+    scale = _resolve_scale(softmax_scale, q.shape[3])
+    q_h, k_h = rnd(_heads_first(q, 1, _F32)), rnd(_heads_first(k, group, _F32))
+    s = rnd(rnd(np.matmul(q_h, k_h.swapaxes(-1, -2))) * _F32(scale))
+    p, m, l = _softmax_rows(s, _visible(q.shape[1], k.shape[1], causal))
+    return q_h, k_h, rnd(p), m, l, _F32(scale), group
+
+
+def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_stats=False):
+    """Plain attention with inputs and every intermediate rounded to dtype.
+
+    Returns o in dtype (batch, seqlen_q, heads, head_dim); with return_stats also the
+    float32 (m, l) a float32 softmax over the rounded scores produces.
+    """
+    rnd = _rounder(dtype)
+    _, _, p, m, l, _, group = _naive_probs(q, k, causal, softmax_scale, rnd)
+    o = rnd(np.matmul(p, rnd(_heads_first(v, group, _F32)))).transpose(0, 2, 1, 3)
+    o = np.ascontiguousarray(o).astype(dtype)
+    if return_stats:
+        return o, m.astype(_F32), l.astype(_F32)
+    return o
+
+
+def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, dtype):
+    """Gradients of sum(do * o) as autograd in dtype computes them. Returns (dq, dk, dv).
+
+    Each product is a float32-accumulated matmul rounded to dtype; the softmax backward runs
+    in float32 on the rounded P and dP and rounds dS; repeated kv heads' gradients are
+    rounded per head and then summed (in float32, rounded once) like a framework's expand.
+    """
+    rnd = _rounder(dtype)
+    q_h, k_h, p, _, _, scale, group = _naive_probs(q, k, causal, softmax_scale, rnd)
+    v_h, do_h = rnd(_heads_first(v, group, _F32)), rnd(_heads_first(do, 1, _F32))
+    dv = rnd(np.matmul(p.swapaxes(-1, -2), do_h))
+    dp = rnd(np.matmul(do_h, v_h.swapaxes(-1, -2)))
+    ds = rnd(p * (dp - (p * dp).sum(axis=-1, keepdims=True)))
+    ds = rnd(ds * scale)
+    dq = rnd(np.matmul(ds, k_h))
+    dk = rnd(np.matmul(ds.swapaxes(-1, -2), q_h))
+    dq = np.ascontiguousarray(dq.transpose(0, 2, 1, 3)).astype(dtype)
+    dk = np.ascontiguousarray(rnd(_sum_group(dk, group))).astype(dtype)
+    dv = np.ascontiguousarray(rnd(_sum_group(dv, group))).astype(dtype)
+    return dq, dk, dv
+
+
+# -- the acceptance rule -------------------------------------------------------------------
+
+
+def default_atol(dtype) -> float:
+    """Absolute slack of the rule, for outputs of order 1.
+
+    It only matters where the naive error is (near) zero by luck, e.g. a tiny problem whose
+    naive result happens to round exactly; it must stay well below one unit in the last
+    place of the dtype at 1 so that it never hides a real error:
+    fp32 ulp(1) = 1.2e-7, so 1e-6 allows a few ulps of float32 accumulation-order noise
+    (ours and naive both accumulate in float32, so 2x naive alone can be too tight);
+    fp16 ulp(1) = 9.8e-4 and bf16 ulp(1) = 7.8e-3, so 1e-4 and 1e-3 are about an eighth
+    of an ulp: the 16-bit outputs are judged by the noise floor, not by atol.
+    """
+    import ml_dtypes
+
+    dtype = np.dtype(dtype)
+    table = {
+        np.dtype(np.float32): 1e-6,
+        np.dtype(np.float16): 1e-4,
+        np.dtype(ml_dtypes.bfloat16): 1e-3,
+    }
+    if dtype not in table:
+        raise TypeError(f"no default atol for {dtype}")
+    return table[dtype]
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    """One comparison under the rule ``err <= 2 * naive_err + atol`` (NaN never passes)."""
+
+    name: str
+    err: float
+    naive_err: float
+    bound: float
+    ok: bool
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (
+            f"{self.name}: err {self.err:.3g} vs bound {self.bound:.3g} "
+            f"(naive {self.naive_err:.3g}) {verdict}"
+        )
+
+
+def _max_abs_diff(x: np.ndarray, ref: np.ndarray) -> float:
+    """max |x - ref| in float64; equal infinities count as 0, NaN in x gives NaN."""
+    x = np.asarray(x, dtype=_F64)
+    ref = np.asarray(ref, dtype=_F64)
+    if x.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs reference {ref.shape}")
+    if x.size == 0:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        diff = np.where(x == ref, 0.0, np.abs(x - ref))
+    if np.isnan(x).any():
+        return math.nan
+    return float(diff.max())
+
+
+def compare(name: str, got, ref, naive, *, atol: float) -> ErrorReport:
+    """Judge got against the float64 ref relative to the naive same-dtype result."""
+    err = _max_abs_diff(got, ref)
+    naive_err = _max_abs_diff(naive, ref)
+    bound = 2.0 * naive_err + atol
+    ok = bool(err <= bound) and not np.isnan(np.asarray(got, dtype=_F64)).any()
+    return ErrorReport(name=name, err=err, naive_err=naive_err, bound=bound, ok=ok)

@@ -1,0 +1,291 @@
+"""Which kernel runs: one table of tile shapes, chosen from the device's facts.
+
+``select_*`` are pure functions of (``DeviceFacts``, problem) -> ``KernelSpec``; nothing here
+touches a GPU, so the whole table is tested on the CPU for every shared-memory budget. A
+``KernelSpec`` has one canonical name (``fwd_bf16_d128_m128_n64_w8_s2_causal``) that is the
+compile-cache key, the log label, the benchmark label and the pytest id.
+
+The shared-memory budget is the device's opt-in maximum per block, or less when the caller
+asks for less (``CUFLASH_SMEM_BUDGET`` in bytes or with a K suffix, or
+``set_smem_budget``), so the tiles a 48 KB, 64 KB, 99 KB or 163 KB GPU would get can all be
+run on a larger one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+KIB = 1024
+
+# Opt-in shared memory per block of the GPUs we plan for (CUDA programming guide, table of
+# technical specifications): T4 (sm_75) 64 KB; A100 (sm_80) 163 KB; RTX 30xx / A10 (sm_86)
+# and RTX 40xx / L4 (sm_89) 99 KB; H100 / H200 (sm_90) 227 KB. 48 KB is the limit without
+# opt-in, the floor every kernel must fit.
+BUDGETS_KIB = (48, 64, 99, 163, 227)
+ARCH_SMEM_OPTIN = {
+    "sm_80": 163 * KIB,
+    "sm_86": 99 * KIB,
+    "sm_87": 163 * KIB,
+    "sm_89": 99 * KIB,
+    "sm_90": 227 * KIB,
+}
+
+DTYPES = ("float16", "bfloat16", "float32")
+DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
+DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+
+KINDS = ("fwd", "bwd", "bwd_dq", "bwd_pre")
+ENTRY = {
+    "fwd": "flash_fwd",
+    "bwd": "flash_bwd",
+    "bwd_dq": "flash_bwd_dq",
+    "bwd_pre": "flash_bwd_preprocess",
+}
+
+# Rows per block of the two elementwise backward kernels (preprocess, dQ convert).
+PRE_ROWS = 64
+PRE_THREADS = 128
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the selector needs to know about a GPU."""
+
+    name: str
+    arch: str  # "sm_90"
+    sm_count: int
+    smem_optin: int  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+    def with_budget(self, budget: int | None) -> "DeviceFacts":
+        """The same device, planning for at most ``budget`` bytes of shared memory."""
+        if budget is None:
+            return self
+        return replace(self, smem_optin=min(self.smem_optin, budget))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled kernel: a kind, a dtype, a head-dim bucket and its tiles."""
+
+    kind: str
+    dtype: str
+    head_dim: int = 0  # bucket: a multiple of 32; 0 for the elementwise bwd_pre kernels
+    block_m: int = 0
+    block_n: int = 0
+    warps: int = 4
+    stages: int = 1
+    causal: bool = False
+    dq_atomic: bool = False  # bwd only
+    dchunk: int = 0  # bwd only: head-dim columns of dK/dV per block
+
+    @property
+    def name(self) -> str:
+        parts = [self.kind, DTYPE_SHORT[self.dtype]]
+        if self.kind != "bwd_pre":
+            parts += [f"d{self.head_dim}", f"m{self.block_m}", f"n{self.block_n}",
+                      f"w{self.warps}", f"s{self.stages}"]
+        if self.kind == "bwd":
+            parts += [f"c{self.dchunk}", "atomic" if self.dq_atomic else "nodq"]
+        if self.causal:
+            parts.append("causal")
+        return "_".join(parts)
+
+    @property
+    def entry(self) -> str:
+        return ENTRY[self.kind]
+
+    @property
+    def source(self) -> str:
+        """The ``kernels_cu`` file that holds this kernel."""
+        if self.kind == "bwd_pre":
+            return "flash_bwd_pre.cu"
+        base = {"fwd": "flash_fwd", "bwd": "flash_bwd", "bwd_dq": "flash_bwd_dq"}[self.kind]
+        return base + ("_fp32.cu" if self.dtype == "float32" else ".cu")
+
+    @property
+    def threads(self) -> int:
+        return PRE_THREADS if self.kind == "bwd_pre" else 32 * self.warps
+
+    @property
+    def smem_bytes(self) -> int:
+        return smem_bytes(self)
+
+    @property
+    def defines(self) -> dict[str, int]:
+        """The -D values the kernel source is compiled with (docs/kernel_abi.md)."""
+        d = {"CF_DTYPE": DTYPE_CODE[self.dtype]}
+        if self.kind != "bwd_pre":
+            d.update(CF_HEAD_DIM=self.head_dim, CF_BLOCK_M=self.block_m,
+                     CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
+                     CF_CAUSAL=int(self.causal))
+        if self.kind == "bwd":
+            d.update(CF_DQ_ATOMIC=int(self.dq_atomic), CF_DCHUNK=self.dchunk)
+        return d
+
+
+def smem_bytes(spec: KernelSpec) -> int:
+    """Dynamic shared memory of one block; each formula is the one in the kernel's header."""
+    m, n, d, s = spec.block_m, spec.block_n, spec.head_dim, spec.stages
+    if spec.kind == "bwd_pre":
+        return 0
+    if spec.dtype == "float32":
+        return _smem_fp32(spec)
+    if spec.kind == "fwd":  # Q tile + K and V tiles per stage, 2-byte elements
+        return (m + 2 * s * n) * d * 2
+    if spec.kind == "bwd":  # K, V tiles; Q, dO stages; dS^T tile; lse2, delta per stage
+        return (2 * n * d + 2 * s * m * d + n * m) * 2 + 2 * s * m * 4
+    if spec.kind == "bwd_dq":  # Q, dO tiles + K and V tiles per stage
+        return (2 * m + 2 * s * n) * d * 2
+    raise ValueError(f"unknown kernel kind {spec.kind!r}")
+
+
+def _smem_fp32(spec: KernelSpec) -> int:
+    m, n, d = spec.block_m, spec.block_n, spec.head_dim
+    if spec.kind == "fwd":
+        return (m + 2 * n) * d * 4
+    if spec.kind == "bwd":
+        return (2 * n * d + 2 * m * d + n * m) * 4 + 2 * m * 4
+    if spec.kind == "bwd_dq":
+        return (2 * m + 2 * n) * d * 4
+    raise ValueError(f"unknown kernel kind {spec.kind!r}")
+
+
+# -- the budget override ---------------------------------------------------------------------
+
+_budget_override: int | None = None
+
+
+def set_smem_budget(budget: int | None) -> None:
+    """Plan tiles for at most ``budget`` bytes of shared memory per block (None: the device's)."""
+    global _budget_override
+    if budget is not None and (not isinstance(budget, int) or budget < 48 * KIB):
+        raise ValueError(f"smem budget: expected an int of at least {48 * KIB} bytes or None, "
+                         f"got {budget!r}")
+    _budget_override = budget
+
+
+def smem_budget_override() -> int | None:
+    """The override in force: ``set_smem_budget`` first, then ``CUFLASH_SMEM_BUDGET``."""
+    if _budget_override is not None:
+        return _budget_override
+    raw = os.environ.get("CUFLASH_SMEM_BUDGET", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw[:-1]) * KIB if raw[-1] in "kK" else int(raw)
+    except ValueError:
+        raise ValueError(f"CUFLASH_SMEM_BUDGET: expected bytes or e.g. '99K', got {raw!r}") from None
+    if value < 48 * KIB:
+        raise ValueError(f"CUFLASH_SMEM_BUDGET: expected at least 48K, got {raw!r}")
+    return value
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    """The compiled head-dim the kernel pads ``head_dim`` to (a multiple of 32)."""
+    if head_dim % 8 == 0 and 8 <= head_dim <= 256:
+        return next(b for b in HEAD_DIM_BUCKETS if head_dim <= b)
+    raise ValueError(f"head_dim: expected a multiple of 8 from 8 to 256, got {head_dim}")
+
+
+# -- tile tables -----------------------------------------------------------------------------
+# Candidates are tried in order; the first that fits the budget wins. Each is
+# (warps, block_n, stages) for fwd / bwd_dq (block_m = 16 * warps: a warp owns 16 query
+# rows) and (warps, block_m, stages) for bwd (block_n = 16 * warps: a warp owns 16 keys).
+
+# fwd, 16-bit. S holds block_n/2 floats per thread and O holds head_dim/2, so wide key tiles
+# only for small head_dim. 128x64 at d128 leaves room for 2 blocks/SM on a 227 KB H100.
+_FWD16 = {
+    "small": [(8, 128, 2), (8, 64, 2), (4, 64, 2), (4, 32, 2), (4, 32, 1), (2, 32, 1),
+              (1, 16, 1)],  # head_dim <= 64
+    "mid": [(8, 64, 2), (4, 64, 2), (4, 32, 2), (4, 32, 1), (2, 32, 1), (2, 16, 1),
+            (1, 16, 1)],  # head_dim <= 128
+    "large": [(8, 64, 2), (8, 32, 2), (4, 32, 2), (4, 32, 1), (2, 32, 1), (2, 16, 1),
+              (1, 16, 1)],  # head_dim <= 256
+}
+# bwd, 16-bit: (warps, block_m, stages).
+_BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
+# bwd_dq, 16-bit: (warps, block_n, stages).
+_BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
+# float32 (SIMT): (warps, block_m or block_n, stages) per kind.
+_FWD32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
+_BWD32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
+_BWDDQ32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
+
+
+def _size_class(head_dim: int) -> str:
+    return "small" if head_dim <= 64 else "mid" if head_dim <= 128 else "large"
+
+
+def _first_fitting(candidates: Iterator[KernelSpec], budget: int, what: str) -> KernelSpec:
+    tried = []
+    for spec in candidates:
+        if spec.smem_bytes <= budget:
+            return spec
+        tried.append(f"{spec.name} ({spec.smem_bytes} B)")
+    raise ValueError(f"{what}: no tile configuration fits {budget} bytes of shared memory; "
+                     f"tried {', '.join(tried)}")
+
+
+def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool) -> KernelSpec:
+    bucket = head_dim_bucket(head_dim)
+    if dtype == "float32":
+        table = _FWD32
+        make = lambda w, n, s: KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
+    else:
+        table = _FWD16[_size_class(bucket)]
+        make = lambda w, n, s: KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
+    return _first_fitting((make(*c) for c in table), facts.smem_optin,
+                          f"forward {dtype} head_dim {head_dim}")
+
+
+def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
+                    deterministic: bool) -> KernelSpec:
+    """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
+    bucket = head_dim_bucket(head_dim)
+    # dK + dV accumulators hold dchunk floats per thread: at most 128, split evenly
+    # (160 -> 2 x 80, 256 -> 2 x 128); S and dP are recomputed once per chunk.
+    dchunk = bucket // -(-bucket // 128)
+    table = _BWD32 if dtype == "float32" else _BWD16
+    specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
+                        dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in table)
+    return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")
+
+
+def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,
+                       causal: bool) -> KernelSpec:
+    """The deterministic dQ pass."""
+    bucket = head_dim_bucket(head_dim)
+    table = _BWDDQ32 if dtype == "float32" else _BWDDQ16
+    specs = (KernelSpec("bwd_dq", dtype, bucket, 16 * w, n, w, s, causal) for w, n, s in table)
+    return _first_fitting(specs, facts.smem_optin, f"backward dq {dtype} head_dim {head_dim}")
+
+
+def select_backward_pre(dtype: str) -> KernelSpec:
+    """The elementwise preprocess / dQ-convert kernels (no tiles)."""
+    return KernelSpec("bwd_pre", dtype)
+
+
+def all_specs(facts: DeviceFacts) -> list[KernelSpec]:
+    """Every spec the selector can pick on this device, for ahead-of-time compile checks."""
+    specs: dict[str, KernelSpec] = {}
+    for dtype in DTYPES:
+        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype))
+        for bucket in HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                for spec in (select_forward(facts, dtype, bucket, causal),
+                             select_backward(facts, dtype, bucket, causal, False),
+                             select_backward(facts, dtype, bucket, causal, True),
+                             select_backward_dq(facts, dtype, bucket, causal)):
+                    specs.setdefault(spec.name, spec)
+    return list(specs.values())
+
+
+def facts_for_arch(arch: str, budget: int | None = None) -> DeviceFacts:
+    """Facts of a hypothetical GPU of this arch, for compiling without one."""
+    if arch not in ARCH_SMEM_OPTIN:
+        raise ValueError(f"arch: expected one of {sorted(ARCH_SMEM_OPTIN)}, got {arch!r}")
+    return DeviceFacts(name=arch, arch=arch, sm_count=0,
+                       smem_optin=ARCH_SMEM_OPTIN[arch]).with_budget(budget)

@@ -1,0 +1,260 @@
+"""Input validation: every check runs before anything is allocated, launched or written.
+
+``check_forward`` / ``check_backward`` take :class:`cuflash.interop.Imported` objects (what
+``import_array`` returns: the backend array plus the caller's framework and device); a plain
+array of any supported framework is also accepted and imported here, which is handy in tests.
+They return a :class:`Problem`, the facts dispatch needs, or raise:
+
+* ``TypeError`` for a wrong kind of thing: not an array, an unsupported or mixed dtype,
+  arrays of different frameworks, ``causal`` not a bool, ``softmax_scale`` not a real number;
+* ``ValueError`` for a wrong value: ndim, shapes that do not fit together, head_dim outside
+  the supported set, arrays on different devices, ``softmax_scale`` not finite and positive,
+  CUDA rows not 16-byte aligned, a non-contiguous head_dim (from ``import_array``).
+
+Every message starts with the argument's name, then what was expected and what came, e.g.
+``stats.m: expected float32 (2, 8, 128), got float16 (2, 8, 128)``.
+
+Zero-size dimensions
+--------------------
+* ``batch == 0``, ``seqlen_q == 0`` or ``heads == 0``: allowed; the outputs are empty arrays
+  of the right shapes (o, m, l in the forward; dq in the backward, and dk, dv are zeros).
+* ``seqlen_k == 0``: allowed; every query row sees no key, exactly like a fully masked
+  causal row: ``o = 0``, ``m = -inf``, ``l = 0``, and all gradients are 0 (never NaN).
+* ``heads_kv == 0``: allowed only together with ``heads == 0`` (nothing to compute);
+  with ``heads > 0`` it is rejected, since no kv head can serve the query heads.
+* ``head_dim == 0``: rejected; it is outside ``SUPPORTED_HEAD_DIMS``.
+
+Alignment
+---------
+The CUDA kernels load rows with 16-byte vector loads, so for CUDA arrays the data pointer
+and every batch / sequence / head stride (in bytes) of q, k, v, o, do must be a multiple of
+16 (strides of axes of length 1 do not matter and are not checked; neither is anything for
+an empty array).  head_dim itself is a multiple of 8, so a row of 16- or 32-bit elements is
+a whole number of 16-byte chunks.  Host (NumPy) arrays have no alignment requirement.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .interop import Device, Imported, element_strides, import_array
+
+SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
+ROW_ALIGNMENT = 16  # bytes; the kernels' vector loads (cp.async 16 B, ldmatrix rows)
+# CUDA limits the forward grid (q tiles, heads, batch) puts on heads and batch (gridDim.y/z),
+# and the int32 kernel arguments put on lengths.
+MAX_GRID_YZ = 65535
+MAX_INT32 = 2**31 - 1
+
+_LAYOUT = "(batch, seqlen, heads, head_dim)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The validated facts of one attention call (shapes as in docs/kernel_abi.md)."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    dtype: str  # 'float16' | 'bfloat16' | 'float32'
+    causal: bool
+    softmax_scale: float
+    device: Device  # ('cpu', 0) or ('cuda', index)
+
+    @property
+    def heads_per_kv(self) -> int:
+        """Query heads per kv head (1 when there are no heads at all)."""
+        return self.heads // self.heads_kv if self.heads_kv else 1
+
+
+def check_forward(q, k, v, *, causal, softmax_scale) -> Problem:
+    """Validate the forward's inputs; ``softmax_scale=None`` means ``1 / sqrt(head_dim)``."""
+    q, k, v = _imported(q, "q"), _imported(k, "k"), _imported(v, "v")
+    causal = _check_causal(causal)
+    named = [(q, "q"), (k, "k"), (v, "v")]
+    for x, name in named:
+        _check_ndim(x, name, 4, _LAYOUT)
+    _check_same_place(named)
+    dtype = _check_dtypes(named)
+    batch, seqlen_q, heads, head_dim = q.array.shape
+    _, seqlen_k, heads_kv, _ = k.array.shape
+    _check_qkv_shapes(q, k, v)
+    scale = _check_scale(softmax_scale, head_dim)
+    if q.is_cuda:
+        _check_cuda_limits(batch, heads, seqlen_q, seqlen_k)
+        for x, name in named:
+            check_alignment(x.array, name)
+    return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads,
+                   heads_kv=heads_kv, head_dim=head_dim, dtype=dtype, causal=causal,
+                   softmax_scale=scale, device=q.device)
+
+
+def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -> Problem:
+    """Validate the backward's inputs: the forward's checks, plus ``do`` and ``o`` like ``q``
+    and the statistics ``m``, ``l`` float32 C-contiguous (batch, heads, seqlen_q)."""
+    do, q, k, v, o = (_imported(x, n) for x, n in zip((do, q, k, v, o), "do q k v o".split()))
+    m, l = _imported(stats_m, "stats.m"), _imported(stats_l, "stats.l")
+    problem = check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    for x, name in ((do, "do"), (o, "o")):
+        _check_like_q(x, name, q, problem.dtype)
+    stats_shape = (problem.batch, problem.heads, problem.seqlen_q)
+    for x, name in ((m, "stats.m"), (l, "stats.l")):
+        _check_stats(x, name, q, stats_shape)
+    if q.is_cuda:
+        for x, name in ((do, "do"), (o, "o")):
+            check_alignment(x.array, name)
+    return problem
+
+
+# -- single checks -------------------------------------------------------------------------
+
+
+def _imported(x: Any, name: str) -> Imported:
+    return x if isinstance(x, Imported) else import_array(x, name)
+
+
+def _type_name(x: Any) -> str:
+    return type(x).__name__
+
+
+def _check_causal(causal: Any) -> bool:
+    if isinstance(causal, (bool, np.bool_)):
+        return bool(causal)
+    raise TypeError(f"causal: expected a bool, got {_type_name(causal)} {causal!r}")
+
+
+def _check_scale(softmax_scale: Any, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
+                        f"got {_type_name(softmax_scale)} {softmax_scale!r}")
+    scale = float(softmax_scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"softmax_scale: expected a finite positive real number, got {scale!r}")
+    return scale
+
+
+def _shape(x: Imported) -> tuple:
+    return tuple(x.array.shape)
+
+
+def _check_ndim(x: Imported, name: str, ndim: int, layout: str) -> None:
+    if x.array.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array {layout}, "
+                         f"got {x.array.ndim}-D with shape {_shape(x)}")
+
+
+def _where(x: Imported) -> str:
+    return f"{x.device[0]}:{x.device[1]}"
+
+
+def _check_same_place(named: Sequence[tuple[Imported, str]]) -> None:
+    """Same framework (TypeError) and same device (ValueError) as the first array."""
+    first, first_name = named[0]
+    for x, name in named[1:]:
+        if x.framework is not first.framework:
+            raise TypeError(f"{name}: expected a {first.framework.value} array like "
+                            f"{first_name}, got {x.framework.value}")
+        if x.device != first.device:
+            raise ValueError(f"{name}: expected an array on {_where(first)} like "
+                             f"{first_name}, got {_where(x)}")
+
+
+def _dtype_name(x: Imported) -> str:
+    return np.dtype(x.array.dtype).name
+
+
+def _check_dtypes(named: Sequence[tuple[Imported, str]]) -> str:
+    first, first_name = named[0]
+    dtype = _dtype_name(first)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{first_name}: expected dtype float16, bfloat16 or float32, "
+                        f"got {dtype}")
+    for x, name in named[1:]:
+        if _dtype_name(x) != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} like {first_name}, "
+                            f"got {_dtype_name(x)}")
+    return dtype
+
+
+def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
+    batch, _, heads, head_dim = _shape(q)
+    for x, name in ((k, "k"), (v, "v")):
+        if _shape(x)[0] != batch:
+            raise ValueError(f"{name}: expected batch {batch} like q {_shape(q)}, "
+                             f"got {_shape(x)[0]} in shape {_shape(x)}")
+        if _shape(x)[3] != head_dim:
+            raise ValueError(f"{name}: expected head_dim {head_dim} like q {_shape(q)}, "
+                             f"got {_shape(x)[3]} in shape {_shape(x)}")
+    if _shape(v) != _shape(k):
+        raise ValueError(f"v: expected shape {_shape(k)} like k (batch, seqlen_k, heads_kv, "
+                         f"head_dim), got {_shape(v)}")
+    heads_kv = _shape(k)[2]
+    if heads_kv == 0 and heads > 0:
+        raise ValueError(f"k: expected heads_kv >= 1 dividing q's {heads} heads, got 0 heads "
+                         f"in shape {_shape(k)}")
+    if heads_kv and heads % heads_kv:
+        raise ValueError(f"k: expected heads_kv dividing q's {heads} heads (grouped-query "
+                         f"attention), got {heads_kv} in shape {_shape(k)}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
+                         f"in shape {_shape(q)}")
+
+
+def _check_cuda_limits(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> None:
+    for what, value, limit in (("batch", batch, MAX_GRID_YZ), ("heads", heads, MAX_GRID_YZ),
+                               ("seqlen_q", seqlen_q, MAX_INT32),
+                               ("seqlen_k", seqlen_k, MAX_INT32)):
+        if value > limit:
+            raise ValueError(f"q: expected {what} <= {limit} on CUDA (kernel grid / int32 "
+                             f"arguments), got {value}")
+
+
+def check_alignment(array: Any, name: str) -> None:
+    """Raise ``ValueError`` unless the rows of a (batch, seqlen, heads, head_dim) CUDA array
+    start on 16-byte boundaries: data pointer and the strides of the first three axes."""
+    if array.size == 0:
+        return
+    ptr = int(array.data.ptr) if hasattr(array.data, "ptr") else array.ctypes.data
+    if ptr % ROW_ALIGNMENT:
+        raise ValueError(f"{name}: expected a data pointer aligned to {ROW_ALIGNMENT} bytes "
+                         f"for the CUDA kernels, got {ptr:#x} ({ptr % ROW_ALIGNMENT} bytes "
+                         "past a boundary); make it contiguous or slice on row boundaries")
+    axes = ("batch", "seqlen", "heads")
+    for axis, (length, stride) in enumerate(zip(array.shape[:3], array.strides[:3])):
+        if length > 1 and stride % ROW_ALIGNMENT:
+            raise ValueError(
+                f"{name}: expected the {axes[axis]} stride to be a multiple of "
+                f"{ROW_ALIGNMENT} bytes for the CUDA kernels, got strides "
+                f"{element_strides(array)} elements of {array.itemsize} bytes "
+                f"({stride} bytes on axis {axis})")
+
+
+def _check_like_q(x: Imported, name: str, q: Imported, dtype: str) -> None:
+    _check_same_place([(q, "q"), (x, name)])
+    if _dtype_name(x) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} like q, got {_dtype_name(x)}")
+    if _shape(x) != _shape(q):
+        raise ValueError(f"{name}: expected shape {_shape(q)} like q, got {_shape(x)}")
+
+
+def _check_stats(x: Imported, name: str, q: Imported, shape: tuple) -> None:
+    _check_same_place([(q, "q"), (x, name)])
+    got = f"{_dtype_name(x)} {_shape(x)}"
+    if _dtype_name(x) != "float32" or _shape(x) != shape:
+        err = TypeError if _shape(x) == shape else ValueError
+        raise err(f"{name}: expected float32 {shape}, got {got}")
+    if not x.array.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous float32 {shape} array (as "
+                         f"attention_forward returns it), got strides "
+                         f"{element_strides(x.array)} elements")

@@ -1,0 +1,157 @@
+// cf_bwd.cuh -- tensor-core helpers shared by the fp16/bf16 backward kernels
+// (flash_bwd.cu: dK, dV and atomic dQ; flash_bwd_dq.cu: deterministic dQ).
+//
+// Vocabulary. A "D-tile" is a shared-memory tile of ROWS rows x CF_HEAD_DIM 16-bit columns,
+// row-major, each row made of CF_HEAD_DIM / 8 16-byte chunks placed by `swizzle_chunk`
+// (cf_common.cuh). Chunk c of row r holds columns 8c .. 8c+7. Every ldmatrix helper below
+// takes a *logical* (row, chunk) position and applies the swizzle itself.
+//
+// ldmatrix recap (cf_common.cuh): lane L supplies the address of row L % 8 of 8x8 matrix
+// L / 8; register j receives matrix j, element (row = L / 4, cols 2 (L % 4) .. +1), or the
+// same element of the transposed matrix with .trans. With lane = 4 * group + tig this is
+// (group, 2 tig .. +1), exactly the mma fragment element of cf_common.cuh's layout table.
+//
+// Two lane -> address patterns cover every operand of the backward:
+//   pattern X: row = row0 + (L & 7) + 8 * ((L >> 3) & 1), chunk = chunk0 + (L >> 4)
+//              -> matrices (rows 0-7, c0) (rows 8-15, c0) (rows 0-7, c0+1) (rows 8-15, c0+1)
+//   pattern Y: row = row0 + (L & 7) + 8 * (L >> 4),       chunk = chunk0 + ((L >> 3) & 1)
+//              -> matrices (rows 0-7, c0) (rows 0-7, c0+1) (rows 8-15, c0) (rows 8-15, c0+1)
+#pragma once
+
+#include "cf_common.cuh"
+
+#if CF_DTYPE == 2
+#error "cf_bwd.cuh is the fp16/bf16 tensor-core path; float32 uses cf_simt.cuh"
+#endif
+
+// -- 4-byte asynchronous copy (lse2 / delta rows are not 16-byte aligned) ----------------------
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// -- swizzle of any tile whose rows hold CPR 16-byte chunks -------------------------------------
+// CPR % 4 == 0: cf_common's swizzle_chunk. CPR == 2 (the 16-column dS^T tile of block_m = 16,
+// 32-byte rows, 4 rows per 128-byte bank line): XOR bit 0 of the chunk with bit 2 of the row,
+// so the 8 rows of one ldmatrix phase at one logical chunk hit 8 different 16-byte bank groups
+// (row r sits in group 2 (r & 3) + (chunk ^ ((r >> 2) & 1))).
+template <int CPR>
+__device__ __forceinline__ int bwd_swizzle(int row, int chunk) {
+  static_assert(CPR == 2 || CPR % 4 == 0, "tile rows must be 32 bytes or a multiple of 64");
+  if constexpr (CPR == 2) return row * 2 + (chunk ^ ((row >> 2) & 1));
+  else return swizzle_chunk<CPR>(row, chunk);
+}
+
+// Element offset of (row, col) in a swizzled tile of CPR chunks per row; col may be any
+// column (its chunk is swizzled, its position inside the chunk kept).
+template <int CPR>
+__device__ __forceinline__ int swz_elem(int row, int col) {
+  return bwd_swizzle<CPR>(row, col >> 3) * 8 + (col & 7);
+}
+
+// -- global -> shared D-tile load, zero-filling rows >= rows_valid and columns >= head_dim -----
+// ROWS x CF_HEAD_DIM tile; NT threads, consecutive threads take consecutive 16-byte chunks of
+// a row (coalesced). `g` points at row 0 of the tile in global memory (row stride
+// `stride_row` elements). Commits nothing: the caller groups copies.
+template <int ROWS, int NT>
+__device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, cf_i64 stride_row,
+                                                int rows_valid, int head_dim, int tid) {
+  constexpr int CPR = CF_HEAD_DIM / 8;
+  constexpr int TOTAL = ROWS * CPR;
+#pragma unroll
+  for (int base = 0; base < TOTAL; base += NT) {
+    const int idx = base + tid;
+    if (TOTAL % NT == 0 || idx < TOTAL) {
+      const int r = idx / CPR, c = idx - (idx / CPR) * CPR;
+      const bool valid = r < rows_valid && c * 8 < head_dim;
+      const elem_t* src = valid ? g + (cf_i64)r * stride_row + c * 8 : g;
+      cp_async_16(s + swizzle_chunk<CPR>(r, c) * 8, src, valid);
+    }
+  }
+}
+
+// -- ldmatrix wrappers on swizzled tiles (CPR chunks per row) ----------------------------------
+// A operand (16 x 16, row-major) = tile rows row0..+15 (the M dimension), chunks kc, kc+1
+// (the K dimension). Pattern X, non-trans:
+//   r[0] = (rows 0-7, k 0-7) = a0, r[1] = (rows 8-15, k 0-7) = a1,
+//   r[2] = (rows 0-7, k 8-15) = a2, r[3] = (rows 8-15, k 8-15) = a3.
+template <int CPR>
+__device__ __forceinline__ void ldsm_a(cf_u32 r[4], const elem_t* tile, int row0, int kc,
+                                       int lane) {
+  const int row = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(r, tile + bwd_swizzle<CPR>(row, kc + (lane >> 4)) * 8);
+}
+
+// B operands of two n8 tiles from tile rows row0..+15 stored as (n, k): row = n, chunks kc,
+// kc+1 = k. Pattern Y, non-trans:
+//   r[0] = (n 0-7, k 0-7) = b0 of n-tile 0, r[1] = (n 0-7, k 8-15) = b1 of n-tile 0,
+//   r[2] = (n 8-15, k 0-7) = b0 of n-tile 1, r[3] = (n 8-15, k 8-15) = b1 of n-tile 1.
+template <int CPR>
+__device__ __forceinline__ void ldsm_b(cf_u32 r[4], const elem_t* tile, int row0, int kc,
+                                       int lane) {
+  const int row = row0 + (lane & 7) + (lane >> 4) * 8;
+  ldmatrix_x4(r, tile + bwd_swizzle<CPR>(row, kc + ((lane >> 3) & 1)) * 8);
+}
+
+// B operands of two n8 tiles from tile rows krow0..+15 stored as (k, n): row = k, chunks
+// nc, nc+1 = n. Pattern X, .trans (each 8x8 (k, n) block arrives as its (n, k) transpose):
+//   r[0] = (k 0-7, n 0-7) = b0 of n-tile 0, r[1] = (k 8-15, n 0-7) = b1 of n-tile 0,
+//   r[2] = (k 0-7, n 8-15) = b0 of n-tile 1, r[3] = (k 8-15, n 8-15) = b1 of n-tile 1.
+template <int CPR>
+__device__ __forceinline__ void ldsm_b_trans(cf_u32 r[4], const elem_t* tile, int krow0,
+                                             int nc, int lane) {
+  const int row = krow0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(r, tile + bwd_swizzle<CPR>(row, nc + (lane >> 4)) * 8);
+}
+
+// A operand (16 x 16) from a tile stored transposed, rows krow0..+15 = K, chunks mc, mc+1 = M.
+// Pattern Y, .trans:
+//   r[0] = (k 0-7, m 0-7)^T = a0, r[1] = (k 0-7, m 8-15)^T = a1,
+//   r[2] = (k 8-15, m 0-7)^T = a2, r[3] = (k 8-15, m 8-15)^T = a3.
+template <int CPR>
+__device__ __forceinline__ void ldsm_a_trans(cf_u32 r[4], const elem_t* tile, int krow0, int mc,
+                                             int lane) {
+  const int row = krow0 + (lane & 7) + (lane >> 4) * 8;
+  ldmatrix_x4_trans(r, tile + bwd_swizzle<CPR>(row, mc + ((lane >> 3) & 1)) * 8);
+}
+
+// -- fragments ---------------------------------------------------------------------------------
+// Two fp32 C tiles (16 x 8 each, columns 0-7 and 8-15 of a 16 x 16 block) -> the A fragment of
+// that block: a0 = (g, 2t..) = lo[0..1], a1 = (g+8, 2t..) = lo[2..3], a2 = (g, 8+2t..) =
+// hi[0..1], a3 = (g+8, 8+2t..) = hi[2..3].
+__device__ __forceinline__ void c_to_a(cf_u32 a[4], const float lo[4], const float hi[4]) {
+  a[0] = pack2(lo[0], lo[1]);
+  a[1] = pack2(lo[2], lo[3]);
+  a[2] = pack2(hi[0], hi[1]);
+  a[3] = pack2(hi[2], hi[3]);
+}
+
+// Zero an accumulator array of N C tiles.
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+}
+
+// Store the 16 x (8 N) C tiles of one warp as elem_t, times `scale`, at rows row0 + g and
+// row0 + g + 8, columns col0 + 8 n + 2 t .. +1; rows >= rows_valid and columns >= head_dim are
+// skipped (head_dim is a multiple of 8, so a column pair is stored whole or not at all).
+// `g` is row 0, column 0 of the output block; row stride `stride_row` elements; each pair is
+// one 4-byte store (the row starts are 16-byte aligned, columns even).
+template <int N>
+__device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const float (&acc)[N][4],
+                                          float scale, int row0, int rows_valid, int col0,
+                                          int head_dim, int lane) {
+  const int grp = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    const int col = col0 + 8 * n + 2 * tig;
+    if (col >= head_dim) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + grp + 8 * half;
+      if (row < rows_valid)
+        *reinterpret_cast<cf_u32*>(g + (cf_i64)row * stride_row + col) =
+            pack2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
+    }
+  }
+}

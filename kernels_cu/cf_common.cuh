@@ -1,0 +1,176 @@
+// cf_common.cuh -- device helpers shared by every cuflash kernel family.
+//
+// Everything here is header-free on purpose: NVRTC compiles it with no CUDA include
+// directory (no cuda_fp16.h / cuda_bf16.h), so 16-bit values are kept as raw bits
+// (`unsigned short`) and converted with PTX `cvt`. Compile-time configuration comes from
+// -D defines that Python sets (see docs/kernel_abi.md); the defaults below let a file
+// compile standalone with `nvcc -arch=sm_90 -c kernels_cu/flash_fwd.cu`.
+#pragma once
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1  // 0 = float16, 1 = bfloat16, 2 = float32
+#endif
+
+typedef unsigned short cf_u16;
+typedef unsigned int cf_u32;
+typedef long long cf_i64;
+
+#define CF_LOG2E 1.4426950408889634f  // log2(e): scores are kept in log2 units on chip
+#define CF_LN2 0.6931471805599453f    // ln(2): converts a log2-unit max back to natural log
+#define CF_INF __int_as_float(0x7f800000)
+
+#if CF_DTYPE == 2
+typedef float elem_t;
+#else
+typedef cf_u16 elem_t;  // raw fp16 / bf16 bits
+#endif
+
+// -- scalar conversions -------------------------------------------------------------
+__device__ __forceinline__ float elem_to_float(elem_t x) {
+#if CF_DTYPE == 0
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+  return f;
+#elif CF_DTYPE == 1
+  return __uint_as_float(((cf_u32)x) << 16);  // bf16 is the top half of a float32
+#else
+  return x;
+#endif
+}
+
+__device__ __forceinline__ elem_t float_to_elem(float f) {
+#if CF_DTYPE == 0
+  cf_u16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+#elif CF_DTYPE == 1
+  cf_u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+#else
+  return f;
+#endif
+}
+
+#if CF_DTYPE != 2
+// Pack two floats into one 32-bit register of two 16-bit values: `lo` in bits 0..15.
+// This is the register format of mma.sync A/B fragments (lower column index in the low half).
+__device__ __forceinline__ cf_u32 pack2(float lo, float hi) {
+  cf_u32 r;
+#if CF_DTYPE == 0
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+  return r;
+}
+
+// -- tensor cores: D = A * B + D, m16n8k16, fp32 accumulate ---------------------------
+// Fragment layouts (lane = 4 * group + tig):
+//   A (16x16, row): a0 = (group,   2tig..+1)  a1 = (group+8, 2tig..+1)
+//                   a2 = (group, 8+2tig..+1)  a3 = (group+8, 8+2tig..+1)
+//   B (16x8, col):  b0 = (k = 2tig..+1, n = group)   b1 = (k = 8+2tig..+1, n = group)
+//   C (16x8 fp32):  c0,c1 = (group, 2tig..+1)  c2,c3 = (group+8, 2tig..+1)
+__device__ __forceinline__ void mma_16816(float c[4], const cf_u32 a[4], const cf_u32 b0,
+                                          const cf_u32 b1) {
+#if CF_DTYPE == 0
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+#endif  // CF_DTYPE != 2
+
+// -- shared-memory addressing ------------------------------------------------------------
+__device__ __forceinline__ cf_u32 smem_addr(const void* p) {
+  return (cf_u32)__cvta_generic_to_shared(p);
+}
+
+// ldmatrix: lane L supplies the address of row (L % 8) of 8x8 matrix (L / 8); register j
+// receives matrix j, element (row = L / 4, cols 2 * (L % 4) .. +1), or the transpose with .trans.
+__device__ __forceinline__ void ldmatrix_x4(cf_u32 r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(cf_u32 r[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x2(cf_u32 r[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(cf_u32 r[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+// -- asynchronous global -> shared copies (sm_80+) ---------------------------------------
+// Copies 16 bytes, or writes 16 zero bytes when `valid` is false (tails, head_dim padding);
+// a false copy reads nothing from `src`, but `src` must still be a mapped address.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// -- swizzled tile layout -----------------------------------------------------------------
+// A tile row of `chunks_per_row` 16-byte chunks (head_dim / 8 for 16-bit data). The chunk
+// index is XORed with a function of the row so that the 8 rows one ldmatrix phase reads
+// land in 8 different 16-byte bank groups: with row & 7 when chunks_per_row % 8 == 0, with
+// (row >> 1) & 3 when chunks_per_row % 8 == 4 (rows then alternate between two halves of
+// the 128-byte bank line). Both keep a chunk inside its aligned group of 8 (or 4) chunks.
+// Returns the chunk's offset in 16-byte units from the tile start.
+template <int CHUNKS_PER_ROW>
+__device__ __forceinline__ int swizzle_chunk(int row, int chunk) {
+  static_assert(CHUNKS_PER_ROW % 4 == 0, "tile rows must be a multiple of 64 bytes");
+  if (CHUNKS_PER_ROW % 8 == 0) return row * CHUNKS_PER_ROW + (chunk ^ (row & 7));
+  return row * CHUNKS_PER_ROW + (chunk ^ ((row >> 1) & 3));
+}
+
+// -- arithmetic -----------------------------------------------------------------------------
+// 2^x through the SFU; ex2(-inf) = +0, which masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Reductions over the 4 lanes of a quad (lanes sharing a `group`): the lanes that hold
+// one accumulator row in the mma C layout.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Size of the dynamic shared memory this launch was given, for a cheap guard against a
+// host-side formula that disagrees with the kernel's own layout.
+__device__ __forceinline__ cf_u32 dynamic_smem_size() {
+  cf_u32 r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+#define CF_REQUIRE_SMEM(bytes)                                          \
+  do {                                                                  \
+    if (threadIdx.x == 0 && dynamic_smem_size() < (cf_u32)(bytes)) __trap(); \
+  } while (0)

@@ -1,0 +1,408 @@
+// flash_bwd.cu -- FlashAttention-2 backward (Dao 2023, Algorithm 2), fp16 / bf16 on tensor cores:
+// dK and dV for one block of keys, and (CF_DQ_ATOMIC = 1) dQ accumulated with float atomics.
+//
+// Algorithm. For the keys j of this block and every query i that can see them:
+//   S^T = K Q^T                                   (raw scores q_i . k_j, fp32)
+//   P^T = exp2(S^T * scale_log2 - lse2_i)         (log2 units; lse2 = +inf makes P = 0)
+//   dP^T = V dO^T
+//   dS^T = P^T * (dP^T - delta_i)                 (delta_i = rowsum(dO_i * O_i), preprocess)
+//   dV += P^T dO          dK += dS^T Q            (this block's head-dim chunk of columns)
+//   dQ += dS K * softmax_scale                    (atomics into float dq_accum, chunk columns)
+// and at the end dK *= softmax_scale. Everything is computed transposed (keys are the M
+// dimension of every mma) so that P^T and dS^T are A operands straight from the C fragments.
+//
+// Grid (ceil(seqlen_k / CF_BLOCK_N), heads_kv, batch * n_chunks):
+//   blockIdx.x = key block (keys n0 = x * CF_BLOCK_N .. +CF_BLOCK_N-1), blockIdx.y = kv head,
+//   blockIdx.z = batch * n_chunks + chunk, n_chunks = ceil(head_dim / CF_DCHUNK); the block owns
+//   dK, dV (and its dQ contributions) for columns c0 = chunk * CF_DCHUNK .. +CF_DCHUNK-1.
+//   S and dP contract over the full head_dim, so every chunk recomputes them: chunking trades
+//   recomputation for registers (dK + dV accumulators are CF_DCHUNK floats per thread).
+//   The block loops over the query heads h = kvh * heads_per_kv + g of its GQA group (GQA by
+//   index mapping, the dK/dV sums stay on chip) and over the query tiles of CF_BLOCK_M rows
+//   that can see its keys (causal: from the tile holding the first row i with
+//   i + seqlen_k - seqlen_q >= n0).
+//
+// Tiles. CF_BLOCK_N = 16 * CF_WARPS; warp w owns key rows 16 w .. 16 w + 15 of the block for the
+// whole kernel (S^T, dP^T rows, dK and dV rows). Query tiles are processed in sub-tiles of
+// MSUB = min(CF_BLOCK_M, CF_BWD_MSUB) columns so S^T and dP^T take MSUB / 2 floats per thread
+// each. dQ: after a query tile, every warp's dS^T rows sit in shared memory; the
+// CF_BLOCK_M x CF_DCHUNK dQ update is cut into pieces of 16 query rows x PW columns
+// (PW = 64, or 32 when CF_DCHUNK is not a multiple of 64) dealt round-robin to the warps.
+//
+// Shared memory (bytes), all dynamic, in this order:
+//   sK, sV   CF_BLOCK_N x CF_HEAD_DIM each            (resident, loaded once)
+//   sQ, sdO  CF_STAGES x CF_BLOCK_M x CF_HEAD_DIM each (streamed, cp.async pipeline)
+//   sdS      CF_BLOCK_N x CF_BLOCK_M                   (dS^T of the current query tile)
+//   sLse, sDelta  CF_STAGES x CF_BLOCK_M floats each
+//   SMEM = (2*CF_BLOCK_N*CF_HEAD_DIM + 2*CF_STAGES*CF_BLOCK_M*CF_HEAD_DIM
+//           + CF_BLOCK_N*CF_BLOCK_M) * 2 + 2*CF_STAGES*CF_BLOCK_M*4
+//   (head_dim 256, block_n 16, block_m 16, 1 stage: 33408 B, under the 48 KB floor.)
+//   D-tiles are row-major with 16-byte chunks swizzled by swizzle_chunk<CF_HEAD_DIM / 8>;
+//   sdS rows hold CF_BLOCK_M / 8 chunks, swizzled by bwd_swizzle (cf_bwd.cuh). Rows past
+//   seqlen_q / seqlen_k and columns past head_dim are zero-filled on load; query rows past
+//   seqlen_q get lse2 = +inf and delta = 0 so their P and dS are exactly 0.
+//
+// Layouts: q, dout (batch, seqlen_q, heads, head_dim); k, v, dk, dv (batch, seqlen_k,
+// heads_kv, head_dim), strides in elements, head_dim contiguous. lse2, delta float32
+// (batch, heads, seqlen_q), lse2 in log2 units. dq_accum float32 contiguous (batch, seqlen_q,
+// heads, head_dim), zeroed by the launcher, receives dQ already times softmax_scale.
+// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+// Every dk / dv element of a row < seqlen_k is written (zeros for keys no query sees).
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 64
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 4
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N (16 * CF_WARPS)
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 1
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK 128
+#endif
+// Query columns of S^T / dP^T held in registers at once (internal; the host never sees it).
+#ifndef CF_BWD_MSUB
+#define CF_BWD_MSUB 64
+#endif
+
+#include "cf_bwd.cuh"
+
+namespace bwd {
+constexpr int kBM = CF_BLOCK_M;
+constexpr int kBN = CF_BLOCK_N;
+constexpr int kD = CF_HEAD_DIM;
+constexpr int kWarps = CF_WARPS;
+constexpr int kThreads = 32 * CF_WARPS;
+constexpr int kStages = CF_STAGES;
+constexpr int kDC = CF_DCHUNK < CF_HEAD_DIM ? CF_DCHUNK : CF_HEAD_DIM;  // chunk columns held
+constexpr int kMS = CF_BLOCK_M < CF_BWD_MSUB ? CF_BLOCK_M : CF_BWD_MSUB;
+constexpr int kCPR = kD / 8;   // 16-byte chunks per D-tile row
+constexpr int kSCPR = kBM / 8;  // 16-byte chunks per sdS row
+constexpr int kPW = kDC % 64 == 0 ? 64 : 32;  // dQ piece width
+constexpr int kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 +
+                           2 * kStages * kBM * 4;
+
+static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
+static_assert(kBM % 16 == 0 && kBM >= 16 && kBM <= 128, "flash_bwd: CF_BLOCK_M in 16..128");
+static_assert(kMS % 16 == 0 && kBM % kMS == 0, "flash_bwd: CF_BWD_MSUB must divide CF_BLOCK_M");
+static_assert(kD % 32 == 0 && kD <= 256, "flash_bwd: CF_HEAD_DIM a multiple of 32 up to 256");
+static_assert(CF_DCHUNK % 32 == 0 && CF_DCHUNK <= 128, "flash_bwd: CF_DCHUNK in {32,64,96,128}");
+static_assert(kStages == 1 || kStages == 2, "flash_bwd: CF_STAGES is 1 or 2");
+}  // namespace bwd
+
+// Vectorised float atomic add of a column pair (8-byte aligned: head_dim and col are even).
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
+// -- one query sub-tile for one warp: S^T, dP^T, P^T, dS^T; dV, dK updates; dS^T to smem -----
+// tQ / tdO / tLse / tDelta: this query tile's stage; qs: first column of the sub-tile inside
+// the tile, q0 = m0 + qs its absolute query row; krow0 = 16 * warp (row in sK, sV, sdS),
+// key0 = n0 + krow0 (absolute key).
+__device__ __forceinline__ void bwd_subtile(
+    const elem_t* sK, const elem_t* sV, const elem_t* tQ, const elem_t* tdO, const float* tLse,
+    const float* tDelta, elem_t* sdS, float (&acc_dk)[bwd::kDC / 8][4],
+    float (&acc_dv)[bwd::kDC / 8][4], int qs, int q0, int krow0, int key0, int c0,
+    int seqlen_q, int seqlen_k, int head_dim, int causal_off, float scale_log2, int lane) {
+  using namespace bwd;
+  const int grp = lane >> 2, tig = lane & 3;
+  // Skip when every P^T entry of this warp's 16 x kMS block is 0: queries all past seqlen_q,
+  // keys all past seqlen_k, or (causal) the first key after the last query's last visible key.
+  const bool active = q0 < seqlen_q && key0 < seqlen_k &&
+                      (!CF_CAUSAL || key0 <= q0 + kMS - 1 + causal_off);
+  if (!active) {
+    if (CF_DQ_ATOMIC) {  // the dQ pieces read every row of sdS: leave zeros
+#pragma unroll
+      for (int ks = 0; ks < kMS / 16; ++ks) {
+        const int col = qs + 16 * ks + 2 * tig;
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col)) = 0u;
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col)) = 0u;
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col + 8)) = 0u;
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col + 8)) = 0u;
+      }
+    }
+    return;
+  }
+
+  // -- S^T = K Q^T and dP^T = V dO^T over the whole head_dim (16 x kMS per warp)
+  float s[kMS / 8][4], dp[kMS / 8][4];
+  zero_acc(s);
+  zero_acc(dp);
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    if (16 * kk < head_dim) {  // columns >= head_dim are zeros: skip whole 16-column steps
+      cf_u32 ka[4], va[4];
+      // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
+      // (r0-7,c8-15) (r8-15,c8-15)
+      ldsm_a<kCPR>(ka, sK, krow0, 2 * kk, lane);
+      ldsm_a<kCPR>(va, sV, krow0, 2 * kk, lane);
+#pragma unroll
+      for (int j = 0; j < kMS / 16; ++j) {
+        cf_u32 qb[4], ob[4];
+        // qb / ob: B = Q^T / dO^T, queries qs+16j..+15 (n), cols 16kk..+15 (k): regs =
+        // (q0-7,k0-7) (q0-7,k8-15) -> n-tile 2j; (q8-15,k0-7) (q8-15,k8-15) -> n-tile 2j+1
+        ldsm_b<kCPR>(qb, tQ, qs + 16 * j, 2 * kk, lane);
+        mma_16816(s[2 * j], ka, qb[0], qb[1]);
+        mma_16816(s[2 * j + 1], ka, qb[2], qb[3]);
+        ldsm_b<kCPR>(ob, tdO, qs + 16 * j, 2 * kk, lane);
+        mma_16816(dp[2 * j], va, ob[0], ob[1]);
+        mma_16816(dp[2 * j + 1], va, ob[2], ob[3]);
+      }
+    }
+  }
+
+  // -- P^T = exp2(S^T scale_log2 - lse2_q), masked; dS^T = P^T (dP^T - delta_q)
+  // C element e of n-tile n: key = key0 + grp + 8 (e >> 1), query = q0 + 8 n + 2 tig + (e & 1).
+  const bool need_mask = key0 + 16 > seqlen_k || (CF_CAUSAL && key0 + 15 > q0 + causal_off);
+#pragma unroll
+  for (int n = 0; n < kMS / 8; ++n) {
+    const float2 lse = *reinterpret_cast<const float2*>(tLse + qs + 8 * n + 2 * tig);
+    const float2 dlt = *reinterpret_cast<const float2*>(tDelta + qs + 8 * n + 2 * tig);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float p = fast_exp2(fmaf(s[n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+      if (need_mask) {
+        const int key = key0 + grp + 8 * (e >> 1);
+        const int qi = q0 + 8 * n + 2 * tig + (e & 1);
+        if (key >= seqlen_k || (CF_CAUSAL && key > qi + causal_off)) p = 0.f;
+      }
+      s[n][e] = p;
+      dp[n][e] = p * (dp[n][e] - ((e & 1) ? dlt.y : dlt.x));
+    }
+  }
+
+  // -- dV += P^T dO[:, chunk], dK += dS^T Q[:, chunk]; contraction over the sub-tile's queries
+#pragma unroll
+  for (int ks = 0; ks < kMS / 16; ++ks) {
+    cf_u32 pa[4], dsa[4];  // A fragments: keys krow0..+15 x queries qs+16ks..+15
+    c_to_a(pa, s[2 * ks], s[2 * ks + 1]);
+    c_to_a(dsa, dp[2 * ks], dp[2 * ks + 1]);
+#pragma unroll
+    for (int jj = 0; jj < kDC / 16; ++jj) {
+      if (c0 + 16 * jj < head_dim) {
+        cf_u32 ob[4], qb[4];
+        // ob / qb: B = dO / Q, queries qs+16ks..+15 (k) x cols c0+16jj..+15 (n), .trans: regs =
+        // (k0-7,n0-7) (k8-15,n0-7) -> n-tile 2jj; (k0-7,n8-15) (k8-15,n8-15) -> n-tile 2jj+1
+        ldsm_b_trans<kCPR>(ob, tdO, qs + 16 * ks, (c0 >> 3) + 2 * jj, lane);
+        mma_16816(acc_dv[2 * jj], pa, ob[0], ob[1]);
+        mma_16816(acc_dv[2 * jj + 1], pa, ob[2], ob[3]);
+        ldsm_b_trans<kCPR>(qb, tQ, qs + 16 * ks, (c0 >> 3) + 2 * jj, lane);
+        mma_16816(acc_dk[2 * jj], dsa, qb[0], qb[1]);
+        mma_16816(acc_dk[2 * jj + 1], dsa, qb[2], qb[3]);
+      }
+    }
+    if (CF_DQ_ATOMIC) {  // dS^T (elem_t) to smem, A-fragment element positions
+      const int col = qs + 16 * ks + 2 * tig;
+      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col)) = dsa[0];
+      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col)) = dsa[1];
+      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col + 8)) = dsa[2];
+      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col + 8)) = dsa[3];
+    }
+  }
+}
+
+// -- dQ[m0.., c0..] += dS K[:, chunk] * softmax_scale, atomics into dq_accum -------------------
+// Needs every warp's dS^T rows in sdS (a __syncthreads before). Pieces of 16 query rows x kPW
+// columns, piece p -> warp p % kWarps. dq_rows = dq_accum at (batch b, query row 0, head h,
+// column 0); consecutive query rows are heads * head_dim floats apart.
+__device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* sK, float* dq_rows,
+                                              cf_i64 dq_row_stride, int m0, int n0, int c0,
+                                              int seqlen_q, int seqlen_k, int head_dim,
+                                              int causal_off, float softmax_scale, int warp,
+                                              int lane) {
+  using namespace bwd;
+  constexpr int kNPC = kDC / kPW;               // pieces per row band
+  constexpr int kPieces = (kBM / 16) * kNPC;
+  const int grp = lane >> 2, tig = lane & 3;
+  for (int p = warp; p < kPieces; p += kWarps) {
+    const int pr = p / kNPC;
+    const int qr0 = m0 + 16 * pr, col0 = c0 + kPW * (p - pr * kNPC);
+    if (qr0 >= seqlen_q || col0 >= head_dim) continue;
+    float acc[kPW / 8][4];
+    zero_acc(acc);
+#pragma unroll
+    for (int ks = 0; ks < kBN / 16; ++ks) {
+      // dS rows of keys >= seqlen_k are 0, and (causal) so are keys after the piece's last
+      // visible key; keys grow with ks, so stop there.
+      if (n0 + 16 * ks >= seqlen_k) break;
+      if (CF_CAUSAL && n0 + 16 * ks > qr0 + 15 + causal_off) break;
+      cf_u32 a[4];
+      // a: A = dS, queries qr0..+15 (m) x keys 16ks..+15 (k), from dS^T rows 16ks..+15, .trans:
+      // regs = (k0-7,m0-7)^T (k0-7,m8-15)^T (k8-15,m0-7)^T (k8-15,m8-15)^T = a0 a1 a2 a3
+      ldsm_a_trans<kSCPR>(a, sdS, 16 * ks, 2 * pr, lane);
+#pragma unroll
+      for (int jj = 0; jj < kPW / 16; ++jj) {
+        if (col0 + 16 * jj < head_dim) {
+          cf_u32 kb[4];
+          // kb: B = K, keys 16ks..+15 (k) x cols col0+16jj..+15 (n), .trans: regs =
+          // (k0-7,n0-7) (k8-15,n0-7) -> n-tile 2jj; (k0-7,n8-15) (k8-15,n8-15) -> 2jj+1
+          ldsm_b_trans<kCPR>(kb, sK, 16 * ks, (col0 >> 3) + 2 * jj, lane);
+          mma_16816(acc[2 * jj], a, kb[0], kb[1]);
+          mma_16816(acc[2 * jj + 1], a, kb[2], kb[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kPW / 8; ++n) {
+      const int col = col0 + 8 * n + 2 * tig;
+      if (col >= head_dim) continue;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = qr0 + grp + 8 * half;
+        if (row < seqlen_q)
+          atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
+                      acc[n][2 * half] * softmax_scale, acc[n][2 * half + 1] * softmax_scale);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(bwd::kThreads) flash_bwd(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
+    const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
+    elem_t* __restrict__ dv, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
+    long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
+    long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
+    long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
+    long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
+    float softmax_scale) {
+  using namespace bwd;
+  CF_REQUIRE_SMEM(kSmemBytes);
+  extern __shared__ __align__(16) unsigned char cf_smem[];
+  elem_t* sK = reinterpret_cast<elem_t*>(cf_smem);
+  elem_t* sV = sK + kBN * kD;
+  elem_t* sQ = sV + kBN * kD;                // kStages x kBM x kD
+  elem_t* sdO = sQ + kStages * kBM * kD;      // kStages x kBM x kD
+  elem_t* sdS = sdO + kStages * kBM * kD;     // kBN x kBM
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // kStages x kBM
+  float* sDelta = sLse + kStages * kBM;                     // kStages x kBM
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int n_chunks = (head_dim + CF_DCHUNK - 1) / CF_DCHUNK;
+  const int chunk = blockIdx.z % n_chunks, b = blockIdx.z / n_chunks;
+  const int kvh = blockIdx.y;
+  const int n0 = blockIdx.x * kBN;
+  const int c0 = chunk * CF_DCHUNK;
+  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
+
+  // -- the query tiles that can see keys n0..: [m_first, m_tiles) for each head of the group
+  const int m_tiles = (seqlen_q + kBM - 1) / kBM;
+  int m_first = 0;
+  if (CF_CAUSAL) {
+    const int i_min = n0 - causal_off;  // first query row that sees key n0
+    m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
+  }
+  const int tiles_per_head = m_tiles - m_first;
+  const int n_iter = heads_per_kv * tiles_per_head;
+
+  // Issue the cp.async copies of iteration `it` (head group member g, query tile m0) into
+  // stage `st`: Q and dO tiles, lse2 and delta of the tile's rows (+inf and 0 past seqlen_q).
+  auto load_query_tile = [&](int it, int st) {
+    const int g = it / tiles_per_head;
+    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+    const int h = kvh * heads_per_kv + g;
+    load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
+                                   q + b * stride_qb + h * stride_qh + m0 * stride_qm,
+                                   stride_qm, seqlen_q - m0, head_dim, tid);
+    load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
+                                   dout + b * stride_dob + h * stride_doh + m0 * stride_dom,
+                                   stride_dom, seqlen_q - m0, head_dim, tid);
+    const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + m0;
+    for (int i = tid; i < kBM; i += kThreads) {
+      if (m0 + i < seqlen_q) {
+        cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
+        cp_async_4(sDelta + st * kBM + i, delta + stat + i);
+      } else {
+        sLse[st * kBM + i] = CF_INF;
+        sDelta[st * kBM + i] = 0.f;
+      }
+    }
+  };
+
+  float acc_dk[kDC / 8][4], acc_dv[kDC / 8][4];  // this warp's 16 keys x kDC chunk columns
+  zero_acc(acc_dk);
+  zero_acc(acc_dv);
+
+  // -- prologue: K, V (resident) and query tile 0 in one cp.async group
+  if (n_iter > 0) {
+    load_tile_async<kBN, kThreads>(sK, k + b * stride_kb + kvh * stride_kh + n0 * stride_kn,
+                                   stride_kn, seqlen_k - n0, head_dim, tid);
+    load_tile_async<kBN, kThreads>(sV, v + b * stride_vb + kvh * stride_vh + n0 * stride_vn,
+                                   stride_vn, seqlen_k - n0, head_dim, tid);
+    load_query_tile(0, 0);
+    cp_async_commit();
+  }
+
+  // Pipeline invariant: at the top of iteration `it` the only cp.async group in flight is the
+  // one holding query tile `it`. The barrier after the wait both publishes it and guarantees
+  // that every warp is done with iteration it-1, whose stage (2 stages) is then refilled.
+#pragma unroll 1
+  for (int it = 0; it < n_iter; ++it) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (kStages == 2 && it + 1 < n_iter) {
+      load_query_tile(it + 1, (it + 1) & 1);
+      cp_async_commit();
+    }
+    const int st = kStages == 2 ? (it & 1) : 0;
+    const int g = it / tiles_per_head;
+    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+    const int h = kvh * heads_per_kv + g;
+    const elem_t* tQ = sQ + st * kBM * kD;
+    const elem_t* tdO = sdO + st * kBM * kD;
+    const float* tLse = sLse + st * kBM;
+    const float* tDelta = sDelta + st * kBM;
+
+#pragma unroll 1
+    for (int qs = 0; qs < kBM; qs += kMS)
+      bwd_subtile(sK, sV, tQ, tdO, tLse, tDelta, sdS, acc_dk, acc_dv, qs, m0 + qs, 16 * warp,
+                  n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, causal_off, scale_log2, lane);
+
+    if (CF_DQ_ATOMIC) {
+      __syncthreads();  // sdS complete; the Q / dO stage is no longer read in this iteration
+      if (kStages == 1 && it + 1 < n_iter) {
+        load_query_tile(it + 1, 0);
+        cp_async_commit();
+      }
+      float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
+      bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
+                    head_dim, causal_off, softmax_scale, warp, lane);
+      // sdS is rewritten only after the next iteration's top barrier.
+    } else if (kStages == 1) {
+      __syncthreads();  // every warp is done with stage 0
+      if (it + 1 < n_iter) {
+        load_query_tile(it + 1, 0);
+        cp_async_commit();
+      }
+    }
+  }
+
+  // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
+  store_acc(dk + b * stride_dkb + kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
+            n0 + 16 * warp, seqlen_k, c0, head_dim, lane);
+  store_acc(dv + b * stride_dvb + kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
+            seqlen_k, c0, head_dim, lane);
+}

@@ -1,0 +1,247 @@
+// flash_fwd.cu -- FlashAttention-2 forward for float16 / bfloat16 on tensor cores.
+//
+// Algorithm: FlashAttention-2 forward (Dao 2023, Algorithm 1). One thread block owns one tile
+// of CF_BLOCK_M query rows of one (batch, head); it streams the K and V tiles that the tile
+// can see and keeps O, the running row max m_i and the running row sum l_i on chip:
+//   S = Q K^T (mma.sync m16n8k16, fp32 accumulate), s = S * scale_log2 (log2 units),
+//   m_new = max(m_i, rowmax(s)), P = exp2(s - m_new), l_i = l_i * exp2(m_i - m_new) + rowsum(P),
+//   acc = acc * exp2(m_i - m_new) + P V;  at the end O = acc / l_i.
+//
+// Grid: (ceil(seqlen_q / CF_BLOCK_M), heads, batch); blockIdx.x = q tile (reversed when causal,
+// so the tiles with the most keys start first), blockIdx.y = query head h (reads kv head
+// h / heads_per_kv), blockIdx.z = batch. Block: 32 * CF_WARPS threads; CF_BLOCK_M = 16 *
+// CF_WARPS: warp w owns query rows 16w .. 16w + 15 of the tile for the whole kernel.
+//
+// Tiles: Q is CF_BLOCK_M x CF_HEAD_DIM, loaded once and resident (and, for CF_HEAD_DIM <= 128,
+// also held as mma A fragments in registers); K and V are CF_BLOCK_N x CF_HEAD_DIM each,
+// streamed through CF_STAGES shared-memory stages with cp.async:
+//   CF_STAGES == 2: tile j-1 (K and V) is prefetched into the other stage while tile j is
+//                   computed; one __syncthreads per tile.
+//   CF_STAGES == 1: K(j-1) is loaded while P V(j) runs and V(j-1) while Q K(j-1)^T runs.
+// Key tiles are visited from the last to the first, so the masked ones (the causal diagonal,
+// the seqlen_k tail) come first and the rest of the loop runs unmasked.
+//
+// Shared memory (dynamic, bytes), laid out as [Q | K stage 0..S-1 | V stage 0..S-1]:
+//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2
+// Every tile row is CF_HEAD_DIM * 2 bytes of CF_HEAD_DIM / 8 16-byte chunks, no padding;
+// chunk c of row r sits at swizzle_chunk<CF_HEAD_DIM / 8>(r, c) (cf_common.cuh), which makes
+// every ldmatrix phase and every 16-byte store conflict-free. Columns >= head_dim and rows past
+// seqlen are zero-filled on load.
+//
+// Registers per thread: acc = CF_HEAD_DIM / 2 floats, S / P = CF_BLOCK_N / 2 floats, Q fragments
+// = CF_HEAD_DIM / 4 words when held (CF_HEAD_DIM <= 128).
+//
+// Masking: keys >= seqlen_k; causal is bottom-right aligned (query i sees key j iff
+// j <= i + seqlen_k - seqlen_q). Key tiles wholly above the diagonal are never visited;
+// only tiles that reach past the first row's limit or past seqlen_k are masked.
+//
+// Outputs: o (batch, seqlen_q, heads, head_dim) = acc / l_i (0 where l_i == 0); m_out and
+// l_out, float32 (batch, heads, seqlen_q): m_out = m_i * LN2 in natural-log units (max_j of
+// softmax_scale * q_i . k_j; -inf for a row that sees no key), l_out = l_i = sum_j exp(score -
+// m). A row that sees no key gets o = 0, m = -inf, l = 0.
+//
+// Host contract (docs/kernel_abi.md): q, k, v, o rows start 16-byte aligned, head_dim is a
+// multiple of 8 with 8 <= head_dim <= CF_HEAD_DIM, head_dim contiguous; heads % heads_per_kv
+// == 0; seqlen_q + seqlen_k < 2^31.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1  // 0 = float16, 1 = bfloat16 (2 = float32 lives in flash_fwd_fp32.cu)
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 8
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M (16 * CF_WARPS)
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 64
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 0  // backward only; unused here
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK CF_HEAD_DIM  // backward only; unused here
+#endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0
+#endif
+
+#include "cf_common.cuh"
+#include "cf_fwd.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd.cu is the 16-bit kernel");
+static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
+              "head-dim bucket: a multiple of 32 from 32 to 256");
+static_assert(CF_BLOCK_M == 16 * CF_WARPS, "a warp owns 16 query rows");
+static_assert(CF_BLOCK_N % 16 == 0 && CF_BLOCK_N >= 16, "key tiles are multiples of 16");
+static_assert(CF_STAGES == 1 || CF_STAGES == 2, "1 or 2 K/V stages");
+
+namespace {
+constexpr int kThreads = 32 * CF_WARPS;
+constexpr int kChunks = CF_HEAD_DIM / 8;      // 16-byte chunks per tile row
+constexpr int kRowBytes = CF_HEAD_DIM * 2;    // bytes per tile row
+constexpr int kKSteps = CF_HEAD_DIM / 16;     // k-steps of S = Q K^T
+constexpr int kNT = CF_BLOCK_N / 8;           // S n-tiles (8 keys each) per warp
+constexpr int kDT = CF_HEAD_DIM / 8;          // O n-tiles (8 dims each) per warp
+constexpr bool kQInRegs = CF_HEAD_DIM <= 128;  // else Q is re-read from shared memory
+constexpr int kSmemBytes = (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2;
+constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
+    flash_fwd(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
+              float* l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv, int head_dim,
+              long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
+              long long stride_kn, long long stride_kh, long long stride_vb, long long stride_vn,
+              long long stride_vh, long long stride_ob, long long stride_om, long long stride_oh,
+              float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  unsigned char* s_q = smem;                                   // CF_BLOCK_M rows
+  unsigned char* s_k = smem + CF_BLOCK_M * kRowBytes;          // CF_STAGES x CF_BLOCK_N rows
+  unsigned char* s_v = s_k + CF_STAGES * kTileK;               // CF_STAGES x CF_BLOCK_N rows
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = lane >> 2, tig = lane & 3;
+  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
+  const int q0 = tile_m * CF_BLOCK_M;
+
+  const elem_t* q_tile = q + b * stride_qb + (cf_i64)q0 * stride_qm + h * stride_qh;
+  const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
+  const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
+
+  // -- key range: tiles [0, n_tiles) are visited; keys < full_end are visible to every row
+  int kv_end = seqlen_k, full_end = seqlen_k;
+  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
+  if (CF_CAUSAL) {
+    const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
+    kv_end = min(seqlen_k, max(0, q_last + diag + 1));
+    full_end = min(seqlen_k, max(0, q0 + diag + 1));
+  }
+  const int n_tiles = (kv_end + CF_BLOCK_N - 1) / CF_BLOCK_N;
+
+  // Visible keys of this thread's two rows: key < lim[r].
+  const int row0 = q0 + warp * 16 + group;  // rows row0 and row0 + 8
+  int lim[2] = {seqlen_k, seqlen_k};
+  if (CF_CAUSAL) {
+    lim[0] = min(seqlen_k, row0 + diag + 1);
+    lim[1] = min(seqlen_k, row0 + 8 + diag + 1);
+  }
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f};
+
+  const LdsmLane<kChunks> ln(lane);
+  unsigned char* q_band = s_q + warp * 16 * kRowBytes;  // this warp's 16 Q rows
+  cf_u32 qf[kQInRegs ? kKSteps : 1][4];                 // Q A fragments (kQInRegs only)
+
+  // -- prologue: groups [Q + K(last)], [V(last)]
+  if (n_tiles > 0) {
+    const int j = n_tiles - 1;
+    load_tile_async<CF_BLOCK_M, kChunks, kThreads>(s_q, q_tile, stride_qm, seqlen_q - q0,
+                                                    head_dim, tid);
+    load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
+        s_k, k_head + (cf_i64)j * CF_BLOCK_N * stride_kn, stride_kn, seqlen_k - j * CF_BLOCK_N,
+        head_dim, tid);
+    cp_async_commit();
+    load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
+        s_v, v_head + (cf_i64)j * CF_BLOCK_N * stride_vn, stride_vn, seqlen_k - j * CF_BLOCK_N,
+        head_dim, tid);
+    cp_async_commit();
+    if (kQInRegs) {
+      cp_async_wait<1>();  // Q + K(last) landed
+      __syncthreads();
+      load_q_frags(qf, q_band, ln);  // the Q tile stays in registers for the whole K/V loop
+    }
+  }
+
+#pragma unroll 1
+  for (int it = 0; it < n_tiles; ++it) {
+    const int j = n_tiles - 1 - it;  // key tile: keys j * CF_BLOCK_N ..
+    const int stage = (CF_STAGES == 2) ? (it & 1) : 0;
+    const unsigned char* k_cur = s_k + stage * kTileK;
+    const unsigned char* v_cur = s_v + stage * kTileK;
+    const int jn = j - 1;  // next tile to load, when j > 0
+    const cf_i64 next_k = (cf_i64)jn * CF_BLOCK_N;
+
+    // -- wait for K(j) (STAGES 2: and V(j)); the barrier also frees the stage written next
+    if (CF_STAGES == 2) cp_async_wait<0>();  // in flight: [K(j) + V(j)]
+    else cp_async_wait<1>();                  // in flight: [K(j)], [V(j)]
+    __syncthreads();
+    if (CF_STAGES == 2) {  // prefetch tile j-1 into the other stage (read by tile j+1: done)
+      if (j > 0) {
+        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
+            s_k + (stage ^ 1) * kTileK, k_head + next_k * stride_kn, stride_kn,
+            seqlen_k - jn * CF_BLOCK_N, head_dim, tid);
+        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
+            s_v + (stage ^ 1) * kTileK, v_head + next_k * stride_vn, stride_vn,
+            seqlen_k - jn * CF_BLOCK_N, head_dim, tid);
+      }
+      cp_async_commit();  // always, so that every iteration sees one group in flight
+    }
+
+    // -- S = Q K(j)^T, in log2 units, masked, then P = exp2(s - m_new)
+    float s[kNT][4];
+    warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band, k_cur, ln);
+    scale_scores(s, scale_log2);
+    if ((j + 1) * CF_BLOCK_N > full_end) mask_scores(s, j * CF_BLOCK_N + 2 * tig, lim);
+    online_softmax(s, m_i, l_i, acc);
+
+    if (CF_STAGES == 1) {
+      cp_async_wait<0>();  // V(j) landed
+      __syncthreads();     // ... and every warp is done with K(j): load K(j-1) in its place
+      if (j > 0)
+        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(s_k, k_head + next_k * stride_kn,
+                                                        stride_kn, seqlen_k - jn * CF_BLOCK_N,
+                                                        head_dim, tid);
+      cp_async_commit();
+    }
+
+    // -- O += P V(j)
+    warp_pv(acc, s, v_cur, ln);
+
+    if (CF_STAGES == 1) {
+      __syncthreads();  // every warp is done with V(j): load V(j-1) in its place
+      if (j > 0)
+        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(s_v, v_head + next_k * stride_vn,
+                                                        stride_vn, seqlen_k - jn * CF_BLOCK_N,
+                                                        head_dim, tid);
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
+
+  // -- epilogue: O = acc / l_i (0 for a row that saw no key), m and l per row
+  float l_row[2], inv_l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_row[r] = quad_sum(l_i[r]);
+    inv_l[r] = l_row[r] > 0.f ? __frcp_rn(l_row[r]) : 0.f;
+  }
+  const int band_q0 = q0 + warp * 16;
+  store_o_band<kDT, kChunks>(o + b * stride_ob + (cf_i64)band_q0 * stride_om + h * stride_oh,
+                             stride_om, seqlen_q - band_q0, head_dim, q_band, acc, inv_l, lane);
+  if (tig == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row < seqlen_q) {
+        const cf_i64 idx = ((cf_i64)b * heads + h) * seqlen_q + row;
+        m_out[idx] = m_i[r] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
+        l_out[idx] = l_row[r];
+      }
+    }
+  }
+}

@@ -1,0 +1,51 @@
+"""Shared pytest setup: the ``gpu`` marker and the hypothesis profile.
+
+Tests marked ``@pytest.mark.gpu`` need a CUDA GPU through CuPy; they are skipped (with the
+reason) when CuPy is missing or sees no device, so the whole suite runs on CPU-only CI.
+The hypothesis profile ``ci`` (no deadline: first calls compile kernels or import frameworks)
+is loaded unless HYPOTHESIS_PROFILE names another.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None)
+settings.register_profile("dev", deadline=None, max_examples=20)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU via CuPy")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy can use a CUDA device, else why not."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install
+        return f"cupy not importable ({type(exc).__name__}: {exc})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        return f"no CUDA device ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return "no CUDA device (getDeviceCount() == 0)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU via CuPy: {reason}")
+    for item in gpu_items:
+        item.add_marker(skip)
