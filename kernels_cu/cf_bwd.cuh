@@ -57,7 +57,9 @@ __device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, cf_i
                                                 int rows_valid, int head_dim, int tid) {
   constexpr int CPR = CF_HEAD_DIM / 8;
   constexpr int TOTAL = ROWS * CPR;
-#pragma unroll
+  // Not unrolled: unrolled, the swizzled shared offsets are loop invariants of the caller's
+  // tile loop and ptxas keeps them all live, which costs the accumulators their registers.
+#pragma unroll 1
   for (int base = 0; base < TOTAL; base += NT) {
     const int idx = base + tid;
     if (TOTAL % NT == 0 || idx < TOTAL) {

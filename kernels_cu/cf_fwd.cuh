@@ -17,146 +17,235 @@
 
 #if CF_DTYPE != 2
 
-// -- global -> shared: ROWS x CHUNKS chunks, swizzled, zero-filled past the edges -------------
-// Thread `tid` of THREADS copies chunks tid, tid + THREADS, ... (consecutive threads take
-// consecutive chunks of a row: coalesced). Rows >= rows_valid and columns >= head_dim become
-// zeros; their (unread) source address falls back to `g`, the tile's row 0, which the caller
-// guarantees is a real row (rows_valid >= 1).
-template <int ROWS, int CHUNKS, int THREADS>
-__device__ __forceinline__ void load_tile_async(unsigned char* tile, const elem_t* g,
-                                                cf_i64 stride_row, int rows_valid, int head_dim,
-                                                int tid) {
-  constexpr int kTotal = ROWS * CHUNKS;
-  constexpr int kIters = (kTotal + THREADS - 1) / THREADS;
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int i = tid + it * THREADS;
-    if (kTotal % THREADS == 0 || i < kTotal) {
-      int row, chunk;
-      if (THREADS % CHUNKS == 0) {  // a thread keeps its column: no division per chunk
-        row = tid / CHUNKS + it * (THREADS / CHUNKS);
-        chunk = tid % CHUNKS;
-      } else {
-        row = i / CHUNKS;
-        chunk = i % CHUNKS;
-      }
-      const bool valid = row < rows_valid && chunk * 8 < head_dim;
-      const elem_t* src = valid ? g + row * stride_row + chunk * 8 : g;
-      cp_async_16(tile + swizzle_chunk<CHUNKS>(row, chunk) * 16, src, valid);
-    }
-  }
+// -- shared-memory addressing ----------------------------------------------------------------
+// ldmatrix on 32-bit shared-space addresses. The compile-time parts of an address are added to
+// a base that the compiler cannot see through (cf_opaque), so they stay `add`s that ptxas folds
+// into the LDSM immediate; otherwise NVVM proves the bits disjoint, emits `or`, and every
+// ldmatrix costs an extra integer instruction.
+__device__ __forceinline__ cf_u32 cf_opaque(cf_u32 x) {
+  asm("" : "+r"(x));
+  return x;
+}
+// A 64-bit pointer computed once and kept in registers: without this the compiler recomputes
+// the loaders' per-head pointers from the kernel parameters inside the K/V loop (~40 extra
+// instructions per tile).
+template <typename T>
+__device__ __forceinline__ T* cf_pinned(T* p) {
+  asm volatile("" : "+l"(p));
+  return p;
+}
+__device__ __forceinline__ void ldsm_x4(cf_u32 (&r)[4], cf_u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(cf_u32 (&r)[4], cf_u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
+// ldmatrix fragments are requested this many (ldmatrix, 2 x mma) steps before their mma, so
+// the ~30-cycle shared-memory latency overlaps tensor-core work of the same warp. (The mma
+// and ldmatrix asm statements are volatile: their order in the code is their order in PTX.)
+#ifndef CF_FWD_LDSM_AHEAD
+#define CF_FWD_LDSM_AHEAD 2  // tuning knob, not part of the ABI
+#endif
+constexpr int kLdsmAhead = CF_FWD_LDSM_AHEAD;
+
+// -- global -> shared: tiles of ROWS x CHUNKS 16-byte chunks, swizzled, zero-filled ------------
+// kTpr threads share a row (kTpr = the largest power of two dividing CHUNKS: 4 to 32 chunks),
+// so each thread keeps kPerRow fixed columns c0 + kTpr * k and steps down kStep rows per pass;
+// a warp reads whole 64..512-byte row segments (coalesced). The per-thread source pointer is
+// computed once; a tile costs one 64-bit multiply, then adds. Since kTpr >= the swizzle group,
+// chunk c0 + kTpr * k lands kTpr * k chunks after chunk c0 in every row (the XOR only touches
+// the low bits), and when kStep % 8 == 0 the swizzle key of a thread's rows never changes.
+template <int ROWS, int CHUNKS, int THREADS>
+struct TileLoader {
+  static constexpr int kTpr = CHUNKS & -CHUNKS;
+  static constexpr int kPerRow = CHUNKS / kTpr;
+  static constexpr int kStep = THREADS / kTpr;
+  static constexpr int kPasses = (ROWS + kStep - 1) / kStep;
+  static constexpr int kRowBytes = CHUNKS * 16;
+  static_assert(THREADS % kTpr == 0 && kTpr >= ((CHUNKS % 8 == 0) ? 8 : 4), "loader layout");
+
+  const elem_t* src;       // row row0, column chunk c0, of row 0 of the tensor (this head)
+  const elem_t* fallback;  // row 0 of the tensor: a mapped address for zero-fill copies
+  cf_i64 stride;           // elements between rows
+  int row0, c0;
+  unsigned col_ok;  // bit k: chunk c0 + kTpr * k starts below head_dim
+
+  __device__ __forceinline__ TileLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
+                                        int tid)
+      : fallback(base), stride(stride_row), row0(tid / kTpr), c0(tid % kTpr), col_ok(0) {
+    src = cf_pinned(base + row0 * stride_row + c0 * 8);
+    fallback = cf_pinned(fallback);
+#pragma unroll
+    for (int k = 0; k < kPerRow; ++k) col_ok |= (unsigned)((c0 + kTpr * k) * 8 < head_dim) << k;
+  }
+
+  // Copies tensor rows first_row .. first_row + ROWS - 1 into `tile`; rows at or past
+  // first_row + rows_valid and columns >= head_dim become zeros. The caller guarantees
+  // that row 0 of the tensor exists (the fallback source of zero-fill copies).
+  __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
+    const elem_t* g = src + first_row * stride;
+    unsigned char* dst0 = tile + swizzle_chunk<CHUNKS>(row0, c0) * 16;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int row = row0 + p * kStep;
+      if (ROWS % kStep == 0 || row < ROWS) {
+        unsigned char* dst = (kStep % 8 == 0) ? dst0 + p * kStep * kRowBytes
+                                              : tile + swizzle_chunk<CHUNKS>(row, c0) * 16;
+        const bool row_ok = row < rows_valid;
+#pragma unroll
+        for (int k = 0; k < kPerRow; ++k) {
+          const bool valid = row_ok && ((col_ok >> k) & 1u);
+          cp_async_16(dst + kTpr * k * 16, valid ? g + kTpr * k * 8 : fallback, valid);
+        }
+      }
+      g += kStep * stride;
+    }
+  }
+};
+
 // -- per-lane ldmatrix addressing -------------------------------------------------------------
-// Every ldmatrix_x4 here reads a 16 x 16 block (16 rows of a band, 2 chunks 2c and 2c + 1)
-// with one lane mapping: lane L gives row (L & 15), chunk 2c + (L >> 4), so the 4 registers
-// hold the 8x8 matrices
-//   r0 = (rows 0-7, chunk 2c)   r1 = (rows 8-15, chunk 2c)
-//   r2 = (rows 0-7, chunk 2c+1) r3 = (rows 8-15, chunk 2c+1).
-// The swizzled chunk (2c + hi) ^ key(row) equals (2c & ~(G-1)) + (((2c & (G-1)) | hi) ^ key)
-// for the swizzle group G (8 or 4 chunks), so a lane needs only G/2 precomputed offsets;
-// the compile-time part (2c & ~(G-1)) is folded into the address by the unrolled loops.
-template <int CHUNKS>
+// Every ldmatrix_x4 here reads a 16 x 16 block: 16 rows of a band (a multiple of 8 from the
+// tile start) and chunks 2c, 2c + 1. Lane L gives the address of one row and one of the two
+// chunks (half = 0 or 1); two orders of the four 8x8 matrices are used:
+//   ROW_MAJOR4 (Q as A, V as B with .trans): lane L -> row L & 15, half L >> 4:
+//     r0 = (rows 0-7, chunk 2c)  r1 = (rows 8-15, 2c)  r2 = (rows 0-7, 2c+1)  r3 = (rows 8-15, 2c+1)
+//   !ROW_MAJOR4 (K as B, no .trans): lane L -> row (L & 7) + 8 (L >> 4), half (L >> 3) & 1:
+//     r0 = (rows 0-7, chunk 2c)  r1 = (rows 0-7, 2c+1)  r2 = (rows 8-15, 2c)  r3 = (rows 8-15, 2c+1)
+// so that each mma's two B registers are adjacent (no register moves).
+// The swizzled chunk (2c + half) ^ key(row) equals (2c & ~(G-1)) + (((2c & (G-1)) | half) ^ key)
+// for the swizzle group G (8 or 4 chunks): a lane needs only G/2 offsets, off[c % (G/2)], and
+// the rest, fixed(c) = (2c & ~(G-1)) * 16, is a compile-time constant in the unrolled loops.
+template <int CHUNKS, bool ROW_MAJOR4>
 struct LdsmLane {
   static constexpr int kGroup = (CHUNKS % 8 == 0) ? 8 : 4;  // swizzle group (chunks)
+  static constexpr int kOffs = kGroup / 2;
   static constexpr int kRowBytes = CHUNKS * 16;
-  int off[kGroup / 2];  // byte offset of (row L & 15, pair index i) from the band start
+  cf_u32 off[kOffs];  // byte offset of (this lane's row, chunk pair i) from the band start
 
   __device__ __forceinline__ explicit LdsmLane(int lane) {
-    const int row = lane & 15, hi = lane >> 4;
+    const int row = ROW_MAJOR4 ? (lane & 15) : ((lane & 7) | ((lane >> 4) << 3));
+    const int half = ROW_MAJOR4 ? (lane >> 4) : ((lane >> 3) & 1);
     const int key = (kGroup == 8) ? (row & 7) : ((row >> 1) & 3);  // as in swizzle_chunk
 #pragma unroll
-    for (int i = 0; i < kGroup / 2; ++i) off[i] = row * kRowBytes + (((2 * i) | hi) ^ key) * 16;
+    for (int i = 0; i < kOffs; ++i)
+      off[i] = cf_opaque(row * kRowBytes + (((2 * i) | half) ^ key) * 16);
   }
-  // Byte offset of this lane's address for chunk pair c (c a compile-time constant).
-  __device__ __forceinline__ int operator()(int c) const {
-    return ((2 * c) & ~(kGroup - 1)) * 16 + off[c % (kGroup / 2)];
-  }
+  static __device__ __forceinline__ cf_u32 fixed(int c) { return ((2 * c) & ~(kGroup - 1)) * 16; }
 };
 
 // -- Q fragments: the warp's 16 x (16 * KSTEPS) band as mma A operands --------------------------
 template <int KSTEPS, int CHUNKS>
-__device__ __forceinline__ void load_q_frags(cf_u32 (&qf)[KSTEPS][4], const unsigned char* q_band,
-                                             const LdsmLane<CHUNKS>& ln) {
+__device__ __forceinline__ void load_q_frags(cf_u32 (&qf)[KSTEPS][4], cf_u32 q_band,
+                                             const LdsmLane<CHUNKS, true>& ln) {
+  typedef LdsmLane<CHUNKS, true> Lane;
 #pragma unroll
   for (int kk = 0; kk < KSTEPS; ++kk) {
     // r0..r3 = Q (rows 0-7, d 16kk..+7), (rows 8-15, 16kk..+7), (rows 0-7, 16kk+8..+15),
     // (rows 8-15, 16kk+8..+15) = A fragment a0..a3 of k-step kk.
-    ldmatrix_x4(qf[kk], q_band + ln(kk));
+    ldsm_x4(qf[kk], q_band + ln.off[kk % Lane::kOffs] + Lane::fixed(kk));
   }
 }
 
 // -- S = Q K^T: 16 rows x (8 * NT) keys, fp32, C layout ------------------------------------------
 // Q comes from registers (Q_REGS, qf[KSTEPS][4]) or is re-read from the band in shared memory
-// each k-step (qf unused) to save KSTEPS * 4 registers at large head_dim.
+// each k-step (qf unused) to save KSTEPS * 4 registers at large head_dim. Steps x = kk * NP + np
+// (k-step kk, key pair np) each take one K ldmatrix_x4 and two mma; loads run kLdsmAhead ahead.
 template <int NT, int KSTEPS, bool Q_REGS, int CHUNKS, int QF>
 __device__ __forceinline__ void warp_qk(float (&s)[NT][4], const cf_u32 (&qf)[QF][4],
-                                        const unsigned char* q_band, const unsigned char* k_tile,
-                                        const LdsmLane<CHUNKS>& ln) {
+                                        cf_u32 q_band, cf_u32 k_tile,
+                                        const LdsmLane<CHUNKS, true>& lq,
+                                        const LdsmLane<CHUNKS, false>& lk) {
   static_assert(NT % 2 == 0, "key tiles are multiples of 16");
+  typedef LdsmLane<CHUNKS, true> LaneQ;
+  typedef LdsmLane<CHUNKS, false> LaneK;
+  constexpr int kNP = NT / 2, kSteps = KSTEPS * kNP;
+  cf_u32 kb[LaneK::kOffs];
+#pragma unroll
+  for (int i = 0; i < LaneK::kOffs; ++i) kb[i] = cf_opaque(k_tile + lk.off[i]);
+  cf_u32 a[KSTEPS][4];  // Q A fragments: copies of qf (Q_REGS) or re-read from shared memory
+  cf_u32 b[kSteps][4];  // K B fragments; registers only while in flight
+  if (Q_REGS) {
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[kk][i] = qf[Q_REGS ? kk : 0][i];
+  }
+
+  auto load_step = [&](int x) {
+    const int kk = x / kNP, np = x % kNP;
+    if (!Q_REGS && np == 0) {  // A fragment a0..a3 of k-step kk, as in load_q_frags
+      ldsm_x4(a[kk], q_band + lq.off[kk % LaneQ::kOffs] + LaneQ::fixed(kk));
+    }
+    // K rows are keys with head_dim contiguous, i.e. B (k = d, n = key) stored column-major,
+    // so no .trans: r0 = (keys 16np+0-7, d 16kk..+7) = b0 of n-tile 2np, r1 = (keys
+    // 16np+0-7, d 16kk+8..+15) = b1 of n-tile 2np, r2 = (keys 16np+8-15, d 16kk..+7) = b0 of
+    // n-tile 2np+1, r3 = (keys 16np+8-15, d 16kk+8..+15) = b1 of n-tile 2np+1.
+    ldsm_x4(b[x], kb[kk % LaneK::kOffs] + np * 16 * LaneK::kRowBytes + LaneK::fixed(kk));
+  };
+
 #pragma unroll
   for (int t = 0; t < NT; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
 #pragma unroll
-  for (int kk = 0; kk < KSTEPS; ++kk) {
-    cf_u32 a[4];
-    if (Q_REGS) {
+  for (int x = 0; x < kLdsmAhead && x < kSteps; ++x) load_step(x);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = qf[Q_REGS ? kk : 0][i];
-    } else {
-      ldmatrix_x4(a, q_band + ln(kk));  // A fragment a0..a3 of k-step kk, as in load_q_frags
-    }
-#pragma unroll
-    for (int np = 0; np < NT / 2; ++np) {
-      // K rows are keys with head_dim contiguous, i.e. B (k = d, n = key) stored column-major,
-      // so no .trans: r0 = (keys 16np+0-7, d 16kk..+7) = b0 of n-tile 2np,
-      // r1 = (keys 16np+8-15, d 16kk..+7) = b0 of n-tile 2np+1, r2 = (keys 16np+0-7,
-      // d 16kk+8..+15) = b1 of n-tile 2np, r3 = (keys 16np+8-15, d 16kk+8..+15) = b1 of 2np+1.
-      cf_u32 b[4];
-      ldmatrix_x4(b, k_tile + np * 16 * LdsmLane<CHUNKS>::kRowBytes + ln(kk));
-      mma_16816(s[2 * np], a, b[0], b[2]);
-      mma_16816(s[2 * np + 1], a, b[1], b[3]);
-    }
+  for (int x = 0; x < kSteps; ++x) {
+    if (x + kLdsmAhead < kSteps) load_step(x + kLdsmAhead);
+    const int kk = x / kNP, np = x % kNP;
+    mma_16816(s[2 * np], a[kk], b[x][0], b[x][1]);
+    mma_16816(s[2 * np + 1], a[kk], b[x][2], b[x][3]);
   }
 }
 
 // -- O += P V: P (16 x 8 * NT, from the S registers) times V (8 * NT keys x 8 * DT dims) ---------
+// Steps x = kk * DP + dp (k-step kk of 16 keys, d pair dp) each take one V ldmatrix_x4 and
+// two mma; loads run kLdsmAhead ahead.
 template <int NT, int DT, int CHUNKS>
 __device__ __forceinline__ void warp_pv(float (&acc)[DT][4], const float (&p)[NT][4],
-                                        const unsigned char* v_tile, const LdsmLane<CHUNKS>& ln) {
+                                        cf_u32 v_tile, const LdsmLane<CHUNKS, true>& lv) {
   static_assert(DT % 2 == 0, "head_dim buckets are multiples of 16");
+  typedef LdsmLane<CHUNKS, true> Lane;
+  constexpr int kDP = DT / 2, kSteps = (NT / 2) * kDP;
+  cf_u32 vb[Lane::kOffs];
+#pragma unroll
+  for (int i = 0; i < Lane::kOffs; ++i) vb[i] = cf_opaque(v_tile + lv.off[i]);
+
+  // The C fragments of S n-tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk:
+  // a0 = (group, keys 16kk + 2tig..+1), a1 = (group+8, same keys), a2 / a3 = keys + 8.
+  cf_u32 a[NT / 2][4];
 #pragma unroll
   for (int kk = 0; kk < NT / 2; ++kk) {
-    // The C fragments of S n-tiles 2kk, 2kk+1 are exactly the A fragment of k-step kk:
-    // a0 = (group, keys 16kk + 2tig..+1), a1 = (group+8, same), a2/a3 = the same 8 keys later.
-    const cf_u32 a[4] = {pack2(p[2 * kk][0], p[2 * kk][1]), pack2(p[2 * kk][2], p[2 * kk][3]),
-                         pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]),
-                         pack2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    a[kk][0] = pack2(p[2 * kk][0], p[2 * kk][1]);
+    a[kk][1] = pack2(p[2 * kk][2], p[2 * kk][3]);
+    a[kk][2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[kk][3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+  }
+  cf_u32 b[kSteps][4];  // V B fragments; registers only while in flight
+  auto load_step = [&](int x) {
+    const int kk = x / kDP, dp = x % kDP;
+    // V rows are keys (= the k dimension) with d contiguous, so .trans: r0 = (keys 16kk+0-7,
+    // d 16dp..+7)^T = b0 of n-tile 2dp, r1 = (keys 16kk+8-15, d 16dp..+7)^T = b1 of 2dp,
+    // r2 = (keys 16kk+0-7, d 16dp+8..+15)^T = b0 of 2dp+1, r3 = (keys 16kk+8-15, ...)^T = b1.
+    ldsm_x4_trans(b[x], vb[dp % Lane::kOffs] + kk * 16 * Lane::kRowBytes + Lane::fixed(dp));
+  };
 #pragma unroll
-    for (int dp = 0; dp < DT / 2; ++dp) {
-      // V rows are keys (= the k dimension) with d contiguous, so .trans: r0 = (keys 16kk+0-7,
-      // d 16dp..+7)^T = b0 of n-tile 2dp, r1 = (keys 16kk+8-15, d 16dp..+7)^T = b1 of 2dp,
-      // r2 = (keys 16kk+0-7, d 16dp+8..+15)^T = b0 of 2dp+1, r3 = (keys 16kk+8-15, ...)^T = b1.
-      cf_u32 b[4];
-      ldmatrix_x4_trans(b, v_tile + kk * 16 * LdsmLane<CHUNKS>::kRowBytes + ln(dp));
-      mma_16816(acc[2 * dp], a, b[0], b[1]);
-      mma_16816(acc[2 * dp + 1], a, b[2], b[3]);
-    }
+  for (int x = 0; x < kLdsmAhead && x < kSteps; ++x) load_step(x);
+#pragma unroll
+  for (int x = 0; x < kSteps; ++x) {
+    if (x + kLdsmAhead < kSteps) load_step(x + kLdsmAhead);
+    const int kk = x / kDP, dp = x % kDP;
+    mma_16816(acc[2 * dp], a[kk], b[x][0], b[x][1]);
+    mma_16816(acc[2 * dp + 1], a[kk], b[x][2], b[x][3]);
   }
 }
 
-// -- scores to log2 units -----------------------------------------------------------------------
-// Scaled before the max so that any sign of scale_log2 is handled; masking comes after.
-template <int NT>
-__device__ __forceinline__ void scale_scores(float (&s)[NT][4], float scale_log2) {
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[t][e] *= scale_log2;
-}
-
 // -- mask: a key is visible to row r iff key < lim[r] ----------------------------------------------
-// `key0` is the key index of this thread's column 0 in n-tile 0 (tile start + 2 * tig);
-// lim[r] = seqlen_k, or min(seqlen_k, row + seqlen_k - seqlen_q + 1) when causal.
+// Raw scores. `key0` is the key index of this thread's column 0 in n-tile 0 (tile start +
+// 2 * tig); lim[r] = seqlen_k, or min(seqlen_k, row + seqlen_k - seqlen_q + 1) when causal.
 template <int NT>
 __device__ __forceinline__ void mask_scores(float (&s)[NT][4], int key0, const int (&lim)[2]) {
 #pragma unroll
@@ -169,29 +258,34 @@ __device__ __forceinline__ void mask_scores(float (&s)[NT][4], int key0, const i
     }
 }
 
-// -- online softmax (FA-2 Alg. 1 lines 8-10), in place: s becomes P ---------------------------------
-// m_new = max(m_i, rowmax(s)); P = exp2(s - m_new); l_i = l_i * exp2(m_i - m_new) + rowsum(P);
-// acc *= exp2(m_i - m_new). m_i is identical across the 4 lanes of a row (quad_max); l_i is
-// this lane's partial row sum (its 2 * NT columns), reduced across the quad once, at the end.
-// A row with no visible key yet keeps m_new = -inf: 0 is then used as the subtraction base,
-// so P = exp2(-inf) = 0 and the rescale factor is 0 instead of NaN.
+// -- online softmax (FA-2 Alg. 1 lines 8-10), in place: raw scores S become P -----------------------
+// In log2 units, s = S * scale_log2:
+//   m_new = max(m_i, rowmax(s)); P = exp2(s - m_new); l_i = l_i * exp2(m_i - m_new) + rowsum(P);
+//   acc *= exp2(m_i - m_new).
+// As in FlashAttention-2 the max is taken on the raw scores and scaled once, and s - m_new is
+// one FFMA (S * scale_log2 - m_new): this needs scale_log2 > 0 (the host guarantees it).
+// m_i is identical across the 4 lanes of a row (quad_max); l_i is this lane's partial row sum
+// (its 2 * NT columns), reduced across the quad once, at the end. A row with no visible key
+// yet keeps m_new = -inf: 0 is then used as the subtraction base, so P = exp2(-inf) = 0 and
+// the rescale factor is 0 instead of NaN.
 template <int NT, int DT>
 __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2],
-                                               float (&l_i)[2], float (&acc)[DT][4]) {
+                                               float (&l_i)[2], float (&acc)[DT][4],
+                                               float scale_log2) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float m_new = m_i[r];
+    float mx = -CF_INF;
 #pragma unroll
-    for (int t = 0; t < NT; ++t) m_new = fmaxf(m_new, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
-    m_new = quad_max(m_new);
+    for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+    const float m_new = fmaxf(m_i[r], quad_max(mx) * scale_log2);
     const float base = (m_new == -CF_INF) ? 0.f : m_new;
     const float alpha = fast_exp2(m_i[r] - base);  // 0 when m_i was -inf
     m_i[r] = m_new;
     float sum = 0.f;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      s[t][2 * r] = fast_exp2(s[t][2 * r] - base);
-      s[t][2 * r + 1] = fast_exp2(s[t][2 * r + 1] - base);
+      s[t][2 * r] = fast_exp2(fmaf(s[t][2 * r], scale_log2, -base));
+      s[t][2 * r + 1] = fast_exp2(fmaf(s[t][2 * r + 1], scale_log2, -base));
       sum += s[t][2 * r] + s[t][2 * r + 1];
     }
     l_i[r] = l_i[r] * alpha + sum;

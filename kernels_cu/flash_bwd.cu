@@ -81,22 +81,30 @@
 #define CF_BWD_MSUB 64
 #endif
 
+#ifndef CF_BWD_KUNROLL
+#define CF_BWD_KUNROLL 2
+#endif
+
 #include "cf_bwd.cuh"
 
 namespace bwd {
-constexpr int kBM = CF_BLOCK_M;
-constexpr int kBN = CF_BLOCK_N;
-constexpr int kD = CF_HEAD_DIM;
-constexpr int kWarps = CF_WARPS;
-constexpr int kThreads = 32 * CF_WARPS;
-constexpr int kStages = CF_STAGES;
-constexpr int kDC = CF_DCHUNK < CF_HEAD_DIM ? CF_DCHUNK : CF_HEAD_DIM;  // chunk columns held
-constexpr int kMS = CF_BLOCK_M < CF_BWD_MSUB ? CF_BLOCK_M : CF_BWD_MSUB;
-constexpr int kCPR = kD / 8;   // 16-byte chunks per D-tile row
-constexpr int kSCPR = kBM / 8;  // 16-byte chunks per sdS row
-constexpr int kPW = kDC % 64 == 0 ? 64 : 32;  // dQ piece width
-constexpr int kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 +
-                           2 * kStages * kBM * 4;
+// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
+// variables as .global data.
+enum : int {
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kD = CF_HEAD_DIM,
+  kWarps = CF_WARPS,
+  kThreads = 32 * CF_WARPS,
+  kStages = CF_STAGES,
+  kDC = CF_DCHUNK < CF_HEAD_DIM ? CF_DCHUNK : CF_HEAD_DIM,  // chunk columns held
+  kMS = CF_BLOCK_M < CF_BWD_MSUB ? CF_BLOCK_M : CF_BWD_MSUB,
+  kCPR = kD / 8,  // 16-byte chunks per D-tile row
+  kSCPR = kBM / 8,  // 16-byte chunks per sdS row
+  kPW = kDC % 64 == 0 ? 64 : 32,  // dQ piece width
+  kSmemBytes =
+      (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 + 2 * kStages * kBM * 4,
+};
 
 static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
 static_assert(kBM % 16 == 0 && kBM >= 16 && kBM <= 128, "flash_bwd: CF_BLOCK_M in 16..128");
@@ -149,26 +157,27 @@ __device__ __forceinline__ void bwd_subtile(
   float s[kMS / 8][4], dp[kMS / 8][4];
   zero_acc(s);
   zero_acc(dp);
+  // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
+  // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
+  const int ksteps = (head_dim + 15) >> 4;
+#pragma unroll CF_BWD_KUNROLL
+  for (int kk = 0; kk < ksteps; ++kk) {
+    cf_u32 ka[4], va[4];
+    // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
+    // (r0-7,c8-15) (r8-15,c8-15)
+    ldsm_a<kCPR>(ka, sK, krow0, 2 * kk, lane);
+    ldsm_a<kCPR>(va, sV, krow0, 2 * kk, lane);
 #pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    if (16 * kk < head_dim) {  // columns >= head_dim are zeros: skip whole 16-column steps
-      cf_u32 ka[4], va[4];
-      // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
-      // (r0-7,c8-15) (r8-15,c8-15)
-      ldsm_a<kCPR>(ka, sK, krow0, 2 * kk, lane);
-      ldsm_a<kCPR>(va, sV, krow0, 2 * kk, lane);
-#pragma unroll
-      for (int j = 0; j < kMS / 16; ++j) {
-        cf_u32 qb[4], ob[4];
-        // qb / ob: B = Q^T / dO^T, queries qs+16j..+15 (n), cols 16kk..+15 (k): regs =
-        // (q0-7,k0-7) (q0-7,k8-15) -> n-tile 2j; (q8-15,k0-7) (q8-15,k8-15) -> n-tile 2j+1
-        ldsm_b<kCPR>(qb, tQ, qs + 16 * j, 2 * kk, lane);
-        mma_16816(s[2 * j], ka, qb[0], qb[1]);
-        mma_16816(s[2 * j + 1], ka, qb[2], qb[3]);
-        ldsm_b<kCPR>(ob, tdO, qs + 16 * j, 2 * kk, lane);
-        mma_16816(dp[2 * j], va, ob[0], ob[1]);
-        mma_16816(dp[2 * j + 1], va, ob[2], ob[3]);
-      }
+    for (int j = 0; j < kMS / 16; ++j) {
+      cf_u32 qb[4], ob[4];
+      // qb / ob: B = Q^T / dO^T, queries qs+16j..+15 (n), cols 16kk..+15 (k): regs =
+      // (q0-7,k0-7) (q0-7,k8-15) -> n-tile 2j; (q8-15,k0-7) (q8-15,k8-15) -> n-tile 2j+1
+      ldsm_b<kCPR>(qb, tQ, qs + 16 * j, 2 * kk, lane);
+      mma_16816(s[2 * j], ka, qb[0], qb[1]);
+      mma_16816(s[2 * j + 1], ka, qb[2], qb[3]);
+      ldsm_b<kCPR>(ob, tdO, qs + 16 * j, 2 * kk, lane);
+      mma_16816(dp[2 * j], va, ob[0], ob[1]);
+      mma_16816(dp[2 * j + 1], va, ob[2], ob[3]);
     }
   }
 

@@ -74,6 +74,13 @@
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
 #endif
+// Tuning knobs of this file only (not part of the ABI; the launcher never sets them):
+#ifndef CF_FWD_Q_IN_REGS
+#define CF_FWD_Q_IN_REGS (CF_HEAD_DIM <= 128)  // hold Q as A fragments, else re-read per tile
+#endif
+#ifndef CF_FWD_MIN_BLOCKS
+#define CF_FWD_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
+#endif
 
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
@@ -92,12 +99,12 @@ constexpr int kRowBytes = CF_HEAD_DIM * 2;    // bytes per tile row
 constexpr int kKSteps = CF_HEAD_DIM / 16;     // k-steps of S = Q K^T
 constexpr int kNT = CF_BLOCK_N / 8;           // S n-tiles (8 keys each) per warp
 constexpr int kDT = CF_HEAD_DIM / 8;          // O n-tiles (8 dims each) per warp
-constexpr bool kQInRegs = CF_HEAD_DIM <= 128;  // else Q is re-read from shared memory
+constexpr bool kQInRegs = CF_FWD_Q_IN_REGS;  // else Q is re-read from shared memory
 constexpr int kSmemBytes = (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2;
 constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     flash_fwd(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
               float* l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv, int head_dim,
               long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
@@ -116,7 +123,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
 
-  const elem_t* q_tile = q + b * stride_qb + (cf_i64)q0 * stride_qm + h * stride_qh;
+  const elem_t* q_head = q + b * stride_qb + h * stride_qh;  // row 0 of this (batch, head)
   const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
   const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
 
@@ -143,27 +150,30 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
   for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
   float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f};
 
-  const LdsmLane<kChunks> ln(lane);
+  const LdsmLane<kChunks, true> lane_qv(lane);   // Q (A) and V (B, .trans) fragments
+  const LdsmLane<kChunks, false> lane_k(lane);   // K (B) fragments
   unsigned char* q_band = s_q + warp * 16 * kRowBytes;  // this warp's 16 Q rows
+  const cf_u32 q_band_sa = smem_addr(q_band);           // ... as a shared-space address
+  const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
   cf_u32 qf[kQInRegs ? kKSteps : 1][4];                 // Q A fragments (kQInRegs only)
+
+  typedef TileLoader<CF_BLOCK_N, kChunks, kThreads> KVLoader;
+  const KVLoader load_k(k_head, stride_kn, head_dim, tid);
+  const KVLoader load_v(v_head, stride_vn, head_dim, tid);
 
   // -- prologue: groups [Q + K(last)], [V(last)]
   if (n_tiles > 0) {
     const int j = n_tiles - 1;
-    load_tile_async<CF_BLOCK_M, kChunks, kThreads>(s_q, q_tile, stride_qm, seqlen_q - q0,
-                                                    head_dim, tid);
-    load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
-        s_k, k_head + (cf_i64)j * CF_BLOCK_N * stride_kn, stride_kn, seqlen_k - j * CF_BLOCK_N,
-        head_dim, tid);
+    const TileLoader<CF_BLOCK_M, kChunks, kThreads> load_q(q_head, stride_qm, head_dim, tid);
+    load_q.load(s_q, q0, seqlen_q - q0);
+    load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
     cp_async_commit();
-    load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
-        s_v, v_head + (cf_i64)j * CF_BLOCK_N * stride_vn, stride_vn, seqlen_k - j * CF_BLOCK_N,
-        head_dim, tid);
+    load_v.load(s_v, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
     cp_async_commit();
     if (kQInRegs) {
       cp_async_wait<1>();  // Q + K(last) landed
       __syncthreads();
-      load_q_frags(qf, q_band, ln);  // the Q tile stays in registers for the whole K/V loop
+      load_q_frags(qf, q_band_sa, lane_qv);  // the Q tile stays in registers for the K/V loop
     }
   }
 
@@ -171,10 +181,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
   for (int it = 0; it < n_tiles; ++it) {
     const int j = n_tiles - 1 - it;  // key tile: keys j * CF_BLOCK_N ..
     const int stage = (CF_STAGES == 2) ? (it & 1) : 0;
-    const unsigned char* k_cur = s_k + stage * kTileK;
-    const unsigned char* v_cur = s_v + stage * kTileK;
-    const int jn = j - 1;  // next tile to load, when j > 0
-    const cf_i64 next_k = (cf_i64)jn * CF_BLOCK_N;
+    const cf_u32 k_cur = s_k_sa + stage * kTileK, v_cur = s_v_sa + stage * kTileK;
+    const int next_row = (j - 1) * CF_BLOCK_N;  // first key of tile j-1, loaded when j > 0
+    const int next_valid = seqlen_k - next_row;
 
     // -- wait for K(j) (STAGES 2: and V(j)); the barrier also frees the stage written next
     if (CF_STAGES == 2) cp_async_wait<0>();  // in flight: [K(j) + V(j)]
@@ -182,42 +191,31 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS)
     __syncthreads();
     if (CF_STAGES == 2) {  // prefetch tile j-1 into the other stage (read by tile j+1: done)
       if (j > 0) {
-        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
-            s_k + (stage ^ 1) * kTileK, k_head + next_k * stride_kn, stride_kn,
-            seqlen_k - jn * CF_BLOCK_N, head_dim, tid);
-        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(
-            s_v + (stage ^ 1) * kTileK, v_head + next_k * stride_vn, stride_vn,
-            seqlen_k - jn * CF_BLOCK_N, head_dim, tid);
+        load_k.load(s_k + (stage ^ 1) * kTileK, next_row, next_valid);
+        load_v.load(s_v + (stage ^ 1) * kTileK, next_row, next_valid);
       }
       cp_async_commit();  // always, so that every iteration sees one group in flight
     }
 
-    // -- S = Q K(j)^T, in log2 units, masked, then P = exp2(s - m_new)
+    // -- S = Q K(j)^T, masked, then P = exp2(S * scale_log2 - m_new)
     float s[kNT][4];
-    warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band, k_cur, ln);
-    scale_scores(s, scale_log2);
+    warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band_sa, k_cur, lane_qv, lane_k);
     if ((j + 1) * CF_BLOCK_N > full_end) mask_scores(s, j * CF_BLOCK_N + 2 * tig, lim);
-    online_softmax(s, m_i, l_i, acc);
+    online_softmax(s, m_i, l_i, acc, scale_log2);
 
     if (CF_STAGES == 1) {
       cp_async_wait<0>();  // V(j) landed
       __syncthreads();     // ... and every warp is done with K(j): load K(j-1) in its place
-      if (j > 0)
-        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(s_k, k_head + next_k * stride_kn,
-                                                        stride_kn, seqlen_k - jn * CF_BLOCK_N,
-                                                        head_dim, tid);
+      if (j > 0) load_k.load(s_k, next_row, next_valid);
       cp_async_commit();
     }
 
     // -- O += P V(j)
-    warp_pv(acc, s, v_cur, ln);
+    warp_pv(acc, s, v_cur, lane_qv);
 
     if (CF_STAGES == 1) {
       __syncthreads();  // every warp is done with V(j): load V(j-1) in its place
-      if (j > 0)
-        load_tile_async<CF_BLOCK_N, kChunks, kThreads>(s_v, v_head + next_k * stride_vn,
-                                                        stride_vn, seqlen_k - jn * CF_BLOCK_N,
-                                                        head_dim, tid);
+      if (j > 0) load_v.load(s_v, next_row, next_valid);
       cp_async_commit();
     }
   }

@@ -1,0 +1,274 @@
+// flash_bwd_dq.cu -- deterministic dQ of the FlashAttention-2 backward, fp16 / bf16 on tensor
+// cores. No atomics: each block owns its dQ rows and sums over key tiles in a fixed order, so
+// the result is bitwise identical run to run. Used with flash_bwd compiled CF_DQ_ATOMIC = 0.
+//
+// Algorithm (FlashAttention-2 Algorithm 2, the dQ half, looped the forward's way round):
+// for the query rows i of this block, over the key tiles j that they can see:
+//   S  = Q K^T                          (raw scores, fp32)
+//   P  = exp2(S * scale_log2 - lse2_i)  (log2 units; lse2 = +inf makes the row's P 0)
+//   dP = dO V^T
+//   dS = P * (dP - delta_i)
+//   dQ += dS K
+// and at the end dq = dQ * softmax_scale, stored as elem_t.
+//
+// Grid (ceil(seqlen_q / CF_BLOCK_M), heads, batch): blockIdx.x = query tile (rows m0 = x *
+// CF_BLOCK_M ..), blockIdx.y = query head h (reads kv head h / heads_per_kv: GQA by index
+// mapping), blockIdx.z = batch.
+//
+// Tiles. CF_BLOCK_M = 16 * CF_WARPS; warp w owns query rows m0 + 16 w .. +15 for the whole
+// kernel, its dQ accumulator is 16 x CF_HEAD_DIM (CF_HEAD_DIM / 2 floats per thread). Key tiles
+// of CF_BLOCK_N rows are processed in sub-tiles of NSUB = min(CF_BLOCK_N, CF_BWD_NSUB) keys so S
+// and dP take NSUB / 2 floats per thread each. The Q and dO tiles stay in shared memory (their
+// A fragments are re-read per 16-column step); K and V stream through CF_STAGES stages.
+//
+// Shared memory (bytes), all dynamic, in this order:
+//   sQ, sdO  CF_BLOCK_M x CF_HEAD_DIM each                 (resident)
+//   sK, sV   CF_STAGES x CF_BLOCK_N x CF_HEAD_DIM each      (streamed, cp.async pipeline)
+//   SMEM = (2*CF_BLOCK_M + 2*CF_STAGES*CF_BLOCK_N) * CF_HEAD_DIM * 2
+//   (head_dim 256, 1 warp, block_n 16, 1 stage: 32768 B.) Tiles are row-major with 16-byte
+//   chunks swizzled by swizzle_chunk<CF_HEAD_DIM / 8>; rows past seqlen_q / seqlen_k and
+//   columns past head_dim are zero-filled.
+//
+// Layouts: q, dout, dq (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_kv,
+// head_dim); strides in elements, head_dim contiguous. lse2, delta float32 (batch, heads,
+// seqlen_q), lse2 in log2 units (+inf for a row that sees no key, so its dq is 0).
+// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 4
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M (16 * CF_WARPS)
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 64
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+// Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
+// CF_BWD_NSUB = keys of S / dP held in registers at once (NSUB / 2 floats each per thread);
+// CF_BWD_KUNROLL = unroll factor of the head_dim k-loop of S / dP; 1 from head_dim 192, where
+// the dQ accumulator alone is 96-128 floats (unroll 2 costs ~20 registers there).
+#ifndef CF_BWD_NSUB
+#define CF_BWD_NSUB 32
+#endif
+#ifndef CF_BWD_KUNROLL
+#define CF_BWD_KUNROLL (CF_HEAD_DIM >= 192 ? 1 : 2)
+#endif
+
+#include "cf_bwd.cuh"
+
+namespace bwd_dq {
+// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
+// variables as .global data.
+enum : int {
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kD = CF_HEAD_DIM,
+  kThreads = 32 * CF_WARPS,
+  kStages = CF_STAGES,
+  kNS = CF_BLOCK_N < CF_BWD_NSUB ? CF_BLOCK_N : CF_BWD_NSUB,
+  kCPR = kD / 8,  // 16-byte chunks per tile row
+  kSmemBytes = (2 * kBM + 2 * kStages * kBN) * kD * 2,
+};
+
+static_assert(kBM == 16 * CF_WARPS, "flash_bwd_dq: CF_BLOCK_M must be 16 * CF_WARPS");
+static_assert(kBN % 16 == 0 && kBN >= 16, "flash_bwd_dq: CF_BLOCK_N a multiple of 16");
+static_assert(kNS % 16 == 0 && kBN % kNS == 0, "flash_bwd_dq: CF_BWD_NSUB must divide CF_BLOCK_N");
+static_assert(kD % 32 == 0 && kD <= 256, "flash_bwd_dq: CF_HEAD_DIM a multiple of 32 up to 256");
+static_assert(kStages == 1 || kStages == 2, "flash_bwd_dq: CF_STAGES is 1 or 2");
+}  // namespace bwd_dq
+
+// -- one key sub-tile for one warp: S, dP, P, dS, then acc += dS K ----------------------------
+// tK / tV: this key tile's stage; ns: first row of the sub-tile inside the tile, key0 = n0 + ns
+// its absolute key; row0 = m0 + 16 * warp the warp's first query row, sqrow0 = 16 * warp its
+// row in sQ / sdO. lse[h] / dlt[h]: lse2 and delta of rows row0 + grp + 8 h.
+__device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, const elem_t* tK,
+                                           const elem_t* tV, float (&acc)[bwd_dq::kD / 8][4],
+                                           const float lse[2], const float dlt[2], int ns,
+                                           int key0, int row0, int sqrow0, int seqlen_k,
+                                           int head_dim, int causal_off, float scale_log2,
+                                           int lane) {
+  using namespace bwd_dq;
+  const int grp = lane >> 2, tig = lane & 3;
+  // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or (causal) the
+  // first key after the last visible key of the warp's last row.
+  if (key0 >= seqlen_k || (CF_CAUSAL && key0 > row0 + 15 + causal_off)) return;
+
+  // -- S = Q K^T, dP = dO V^T over the whole head_dim (16 x kNS per warp)
+  float s[kNS / 8][4], dp[kNS / 8][4];
+  zero_acc(s);
+  zero_acc(dp);
+  // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
+  // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
+  const int ksteps = (head_dim + 15) >> 4;
+#pragma unroll CF_BWD_KUNROLL
+  for (int kk = 0; kk < ksteps; ++kk) {
+    cf_u32 qa[4], oa[4];
+    // qa / oa: A = Q / dO rows sqrow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
+    // (r0-7,c8-15) (r8-15,c8-15)
+    ldsm_a<kCPR>(qa, sQ, sqrow0, 2 * kk, lane);
+    ldsm_a<kCPR>(oa, sdO, sqrow0, 2 * kk, lane);
+#pragma unroll
+    for (int j = 0; j < kNS / 16; ++j) {
+      cf_u32 kb[4], vb[4];
+      // kb / vb: B = K^T / V^T, keys ns+16j..+15 (n), cols 16kk..+15 (k): regs =
+      // (n0-7,k0-7) (n0-7,k8-15) -> n-tile 2j; (n8-15,k0-7) (n8-15,k8-15) -> n-tile 2j+1
+      ldsm_b<kCPR>(kb, tK, ns + 16 * j, 2 * kk, lane);
+      mma_16816(s[2 * j], qa, kb[0], kb[1]);
+      mma_16816(s[2 * j + 1], qa, kb[2], kb[3]);
+      ldsm_b<kCPR>(vb, tV, ns + 16 * j, 2 * kk, lane);
+      mma_16816(dp[2 * j], oa, vb[0], vb[1]);
+      mma_16816(dp[2 * j + 1], oa, vb[2], vb[3]);
+    }
+  }
+
+  // -- P = exp2(S scale_log2 - lse2_i), masked; dS = P (dP - delta_i)
+  // C element e of n-tile n: row = row0 + grp + 8 (e >> 1), key = key0 + 8 n + 2 tig + (e & 1).
+  const bool need_mask =
+      key0 + kNS > seqlen_k || (CF_CAUSAL && key0 + kNS - 1 > row0 + causal_off);
+#pragma unroll
+  for (int n = 0; n < kNS / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float p = fast_exp2(fmaf(s[n][e], scale_log2, -lse[e >> 1]));
+      if (need_mask) {
+        const int row = row0 + grp + 8 * (e >> 1);
+        const int key = key0 + 8 * n + 2 * tig + (e & 1);
+        if (key >= seqlen_k || (CF_CAUSAL && key > row + causal_off)) p = 0.f;
+      }
+      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]);
+    }
+  }
+
+  // -- acc += dS K: contraction over the sub-tile's keys
+#pragma unroll
+  for (int ks = 0; ks < kNS / 16; ++ks) {
+    cf_u32 dsa[4];  // A fragment: rows row0..+15 x keys ns+16ks..+15
+    c_to_a(dsa, dp[2 * ks], dp[2 * ks + 1]);
+#pragma unroll
+    for (int jj = 0; jj < kD / 16; ++jj) {
+      if (16 * jj < head_dim) {
+        cf_u32 kb[4];
+        // kb: B = K, keys ns+16ks..+15 (k) x cols 16jj..+15 (n), .trans: regs =
+        // (k0-7,n0-7) (k8-15,n0-7) -> n-tile 2jj; (k0-7,n8-15) (k8-15,n8-15) -> n-tile 2jj+1
+        ldsm_b_trans<kCPR>(kb, tK, ns + 16 * ks, 2 * jj, lane);
+        mma_16816(acc[2 * jj], dsa, kb[0], kb[1]);
+        mma_16816(acc[2 * jj + 1], dsa, kb[2], kb[3]);
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads) flash_bwd_dq(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
+    const float* __restrict__ delta, elem_t* __restrict__ dq, int seqlen_q, int seqlen_k,
+    int heads, int heads_per_kv, int head_dim, long long stride_qb, long long stride_qm,
+    long long stride_qh, long long stride_kb, long long stride_kn, long long stride_kh,
+    long long stride_vb, long long stride_vn, long long stride_vh, long long stride_dob,
+    long long stride_dom, long long stride_doh, long long stride_dqb, long long stride_dqm,
+    long long stride_dqh, float scale_log2, float softmax_scale) {
+  using namespace bwd_dq;
+  CF_REQUIRE_SMEM(kSmemBytes);
+  extern __shared__ __align__(16) unsigned char cf_smem[];
+  elem_t* sQ = reinterpret_cast<elem_t*>(cf_smem);
+  elem_t* sdO = sQ + kBM * kD;
+  elem_t* sK = sdO + kBM * kD;            // kStages x kBN x kD
+  elem_t* sV = sK + kStages * kBN * kD;   // kStages x kBN x kD
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int grp = lane >> 2;
+  const int m0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const int kvh = h / heads_per_kv;
+  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
+  const int row0 = m0 + 16 * warp;
+
+  // -- key tiles this query tile can see: [0, n_tiles)
+  int n_tiles = (seqlen_k + kBN - 1) / kBN;
+  if (CF_CAUSAL) {
+    const int last_row = (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1;
+    const int last_key = last_row + causal_off;  // last key the tile's last row sees
+    const int t = last_key < 0 ? 0 : last_key / kBN + 1;
+    n_tiles = t < n_tiles ? t : n_tiles;
+  }
+
+  // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
+  float lse[2], dlt[2];
+  {
+    const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + grp + 8 * half;
+      lse[half] = row < seqlen_q ? lse2[stat + row] : CF_INF;
+      dlt[half] = row < seqlen_q ? delta[stat + row] : 0.f;
+    }
+  }
+
+  const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
+  const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
+  auto load_kv_tile = [&](int it, int st) {
+    const int n0 = it * kBN;
+    load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
+                                   seqlen_k - n0, head_dim, tid);
+    load_tile_async<kBN, kThreads>(sV + st * kBN * kD, v_head + n0 * stride_vn, stride_vn,
+                                   seqlen_k - n0, head_dim, tid);
+  };
+
+  float acc[kD / 8][4];  // this warp's 16 query rows x all head_dim columns of dQ
+  zero_acc(acc);
+
+  // -- prologue: Q, dO (resident) and key tile 0 in one cp.async group
+  if (n_tiles > 0) {
+    load_tile_async<kBM, kThreads>(sQ, q + b * stride_qb + h * stride_qh + m0 * stride_qm,
+                                   stride_qm, seqlen_q - m0, head_dim, tid);
+    load_tile_async<kBM, kThreads>(sdO, dout + b * stride_dob + h * stride_doh + m0 * stride_dom,
+                                   stride_dom, seqlen_q - m0, head_dim, tid);
+    load_kv_tile(0, 0);
+    cp_async_commit();
+  }
+
+  // Pipeline invariant: at the top of iteration `it` the only cp.async group in flight holds
+  // key tile `it`; the barrier after the wait publishes it and guarantees every warp is done
+  // with iteration it-1, whose stage (2 stages) is then refilled with tile it+1.
+#pragma unroll 1
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait<0>();
+    __syncthreads();
+    if (kStages == 2 && it + 1 < n_tiles) {
+      load_kv_tile(it + 1, (it + 1) & 1);
+      cp_async_commit();
+    }
+    const int st = kStages == 2 ? (it & 1) : 0;
+    const elem_t* tK = sK + st * kBN * kD;
+    const elem_t* tV = sV + st * kBN * kD;
+    if (row0 < seqlen_q) {
+#pragma unroll 1
+      for (int ns = 0; ns < kBN; ns += kNS)
+        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, it * kBN + ns, row0, 16 * warp, seqlen_k,
+                   head_dim, causal_off, scale_log2, lane);
+    }
+    if (kStages == 1) {
+      __syncthreads();  // every warp is done with stage 0
+      if (it + 1 < n_tiles) {
+        load_kv_tile(it + 1, 0);
+        cp_async_commit();
+      }
+    }
+  }
+
+  // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
+  // a row that sees no key gets zeros)
+  store_acc(dq + b * stride_dqb + h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
+            0, head_dim, lane);
+}

@@ -1,0 +1,292 @@
+// flash_bwd_fp32.cu -- exact float32 attention backward, dK dV (and atomic dQ):
+// FlashAttention-2 Algorithm 2 on FFMA (helpers in cf_simt.cuh; exp2 is the < 1 ulp simt_exp2).
+//
+// Algorithm (one block = BLOCK_N keys of kv head hk, head_dim columns [c0, c0 + CF_DCHUNK)):
+//   dK_c = 0, dV_c = 0                      (BLOCK_N x DCHUNK, registers)
+//   for each query head h of the group (h = hk * heads_per_kv + g), for each query tile Q_i
+//   that sees one of the keys (causal: rows i >= n0 - (seqlen_k - seqlen_q)):
+//     S  = Q_i K^T,  dP = dO_i V^T          (full head_dim; recomputed by every chunk)
+//     P  = exp2(S * scale_log2 - lse2_i)    (0 where masked: key >= seqlen_k, causal,
+//                                            query >= seqlen_q; lse2 = +inf rows give 0)
+//     dS = P * (dP - delta_i)
+//     dV_c += P^T dO_i[:, c],  dK_c += dS^T Q_i[:, c]
+//     CF_DQ_ATOMIC: dq_accum[:, c] += softmax_scale * dS K[:, c]   (float atomics)
+//   dK = softmax_scale * dK_c, dV = dV_c written for every key row < seqlen_k, every column
+//   of the chunk < head_dim (zeros where no query sees the key).
+//
+// Grid: (ceil(seqlen_k / BLOCK_N), heads_kv, batch * n_chunks), n_chunks = ceil(head_dim /
+// CF_DCHUNK); blockIdx.z = b * n_chunks + chunk (chunk fastest). Block = 32 * CF_WARPS.
+// Layouts: q, dout (batch, seqlen_q, heads, head_dim); k, v, dk, dv (batch, seqlen_k, heads_kv,
+// head_dim), element strides, head_dim contiguous, rows 16-byte aligned. lse2, delta
+// (batch, heads, seqlen_q) contiguous, log2 units. dq_accum (batch, seqlen_q, heads, head_dim)
+// contiguous float32, zeroed by the launcher. Offsets are 64-bit.
+//
+// Tiles (shared memory, float32, row stride = width + 4 floats, see simt_ld):
+//   sQ, sdO  [BLOCK_M][CF_HEAD_DIM+4]  the current query tile; the next one is prefetched
+//                                      (cp.async) while the dQ atomics of this one run
+//   sK, sV   [BLOCK_N][CF_HEAD_DIM+4]  resident for the whole block
+//   sPt, sdSt [BLOCK_N][BLOCK_M+4]     P^T and dS^T (A operands of dV and dK)
+//   sdS      [BLOCK_M][BLOCK_N+4]      dS (A operand of dQ; allocated for any CF_DQ_ATOMIC)
+// Shared memory (bytes) = 4 * (2 * (BLOCK_M + BLOCK_N) * (CF_HEAD_DIM + 4)
+//                              + 2 * BLOCK_N * (BLOCK_M + 4) + BLOCK_M * (BLOCK_N + 4))
+// (CF_BWD_FP32_SMEM_BYTES; head_dim 256 fits 48 KB with BLOCK_M = BLOCK_N = 8: 34432 B).
+//
+// Thread mapping: three products, each split over the threads by its own SimtTile layout
+// (chosen at compile time to minimise shared-memory loads; a thread owns rows row0 + RL i and
+// columns col0 + CL j); they exchange data only through shared memory behind __syncthreads.
+//   Tile1  S, dP, P, dS      BLOCK_M x BLOCK_N scalars
+//   Tile2  dK, dV            BLOCK_N x DCHUNK / 4 float4 chunks (registers for the whole block)
+//   Tile3  dQ                BLOCK_M x DCHUNK / 4 float4 chunks (per query tile)
+// Registers: dK + dV hold 2 * BLOCK_N * DCHUNK / (32 * WARPS) floats per thread.
+//
+// Constraints: CF_DTYPE = 2; CF_STAGES = 1; CF_HEAD_DIM % 32 == 0, <= 256; CF_DCHUNK % 32 == 0
+// and CF_HEAD_DIM % CF_DCHUNK == 0 (so a chunk never leaves the tile); CF_BLOCK_M % 8 == 0,
+// CF_BLOCK_N % 8 == 0; each Tile must have a layout (a static_assert says which failed; it holds
+// when BLOCK_M and BLOCK_N are multiples of 4 * CF_WARPS, and DCHUNK / 4 of 8).
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 2
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 32
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 32
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 4
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 1
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 1
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK CF_HEAD_DIM
+#endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0
+#endif
+
+#include "cf_simt.cuh"
+
+static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
+static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
+static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
+              "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
+static_assert(CF_DCHUNK % 32 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
+              "flash_bwd_fp32: CF_DCHUNK must be a multiple of 32 that divides CF_HEAD_DIM");
+static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
+              "flash_bwd_fp32: CF_BLOCK_M and CF_BLOCK_N must be multiples of 8");
+
+#define CF_BWD_FP32_SMEM_BYTES                                         \
+  (4 * (2 * (CF_BLOCK_M + CF_BLOCK_N) * (CF_HEAD_DIM + 4) +           \
+        2 * CF_BLOCK_N * (CF_BLOCK_M + 4) + CF_BLOCK_M * (CF_BLOCK_N + 4)))
+
+namespace bwd32 {
+enum : int {
+  BM = CF_BLOCK_M,
+  BN = CF_BLOCK_N,
+  D = CF_HEAD_DIM,
+  DC = CF_DCHUNK,
+  WARPS = CF_WARPS,
+  NT = 32 * WARPS,
+  LDH = simt_ld(D),   // row stride of sQ, sdO, sK, sV
+  LDT = simt_ld(BM),  // row stride of sPt, sdSt (rows = keys)
+  LDS = simt_ld(BN),  // row stride of sdS (rows = queries)
+};
+using Tile1 = SimtTile<BM, BN, 1, WARPS>;      // S, dP, P, dS
+using Tile2 = SimtTile<BN, DC / 4, 4, WARPS>;  // dK, dV chunk
+using Tile3 = SimtTile<BM, DC / 4, 4, WARPS>;  // dQ chunk
+static_assert(4 * (2 * (BM + BN) * LDH + 2 * BN * LDT + BM * LDS) == CF_BWD_FP32_SMEM_BYTES,
+              "smem formula");
+
+// -- P = exp2(S * scale_log2 - lse2), dS = P * (dP - delta), masked; to sPt, sdSt, sdS ---------
+// s, dp: the thread's Tile1 block; q_row / k_col: global query row / key of its (0, 0);
+// r_loc / c_loc: the same in tile coordinates.
+__device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN],
+                                          const float (&dp)[Tile1::TM][Tile1::TN],
+                                          const float* lse2_bh, const float* delta_bh,
+                                          float* sPt, float* sdSt, float* sdS, int q_row,
+                                          int k_col, int r_loc, int c_loc, int seqlen_q,
+                                          int seqlen_k, int diag, float scale_log2) {
+#pragma unroll
+  for (int i = 0; i < Tile1::TM; ++i) {
+    const int r = q_row + Tile1::RL * i;
+    const bool row_ok = r < seqlen_q;
+    const float lse = row_ok ? lse2_bh[r] : CF_INF;
+    const float dlt = row_ok ? delta_bh[r] : 0.f;
+    const int last_key = CF_CAUSAL ? min(seqlen_k - 1, r + diag) : seqlen_k - 1;
+    const int rr = r_loc + Tile1::RL * i;
+#pragma unroll
+    for (int j = 0; j < Tile1::TN; ++j) {
+      const bool ok = row_ok && (k_col + Tile1::CL * j <= last_key);
+      const float p = ok ? simt_exp2(fmaf(s[i][j], scale_log2, -lse)) : 0.f;
+      const float ds = p * (dp[i][j] - dlt);
+      const int cc = c_loc + Tile1::CL * j;
+      sPt[cc * LDT + rr] = p;
+      sdSt[cc * LDT + rr] = ds;
+      sdS[rr * LDS + cc] = ds;
+    }
+  }
+}
+}  // namespace bwd32
+
+extern "C" __global__ void __launch_bounds__(bwd32::NT)
+    flash_bwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+              const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
+              const float* __restrict__ lse2, const float* __restrict__ delta,
+              float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
+              int seqlen_q, int seqlen_k, int heads, int heads_per_kv, int head_dim,
+              long long stride_qb, long long stride_qm, long long stride_qh,
+              long long stride_kb, long long stride_kn, long long stride_kh,
+              long long stride_vb, long long stride_vn, long long stride_vh,
+              long long stride_dob, long long stride_dom, long long stride_doh,
+              long long stride_dkb, long long stride_dkn, long long stride_dkh,
+              long long stride_dvb, long long stride_dvn, long long stride_dvh,
+              float scale_log2, float softmax_scale) {
+  using namespace bwd32;
+  CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sdO = sQ + BM * LDH;
+  float* sK = sdO + BM * LDH;
+  float* sV = sK + BN * LDH;
+  float* sPt = sV + BN * LDH;
+  float* sdSt = sPt + BN * LDT;
+  float* sdS = sdSt + BN * LDT;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n_chunks = (head_dim + DC - 1) / DC;
+  const int chunk = blockIdx.z % n_chunks, b = blockIdx.z / n_chunks;
+  const int c0 = chunk * DC;  // first head_dim column of this block's dK, dV (and dQ)
+  const int n0 = blockIdx.x * BN, hk = blockIdx.y;
+
+  // -- query tiles that see a key of this block: all, or causal rows i >= n0 - diag
+  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag
+  const int mt_begin = CF_CAUSAL ? max(0, n0 - diag) / BM : 0;
+  const int tiles_per_head = max(0, (seqlen_q + BM - 1) / BM - mt_begin);
+  const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
+
+  const elem_t* k_blk = k + b * stride_kb + hk * stride_kh + (cf_i64)n0 * stride_kn;
+  const elem_t* v_blk = v + b * stride_vb + hk * stride_vh + (cf_i64)n0 * stride_vn;
+
+  // -- prologue: one group {K, V, Q_0, dO_0}
+  simt_load_tile<BN, D, NT>(sK, LDH, k_blk, stride_kn, seqlen_k - n0, head_dim, k, tid);
+  simt_load_tile<BN, D, NT>(sV, LDH, v_blk, stride_vn, seqlen_k - n0, head_dim, v, tid);
+  if (n_iters > 0) {
+    const int h = hk * heads_per_kv, m0 = mt_begin * BM;
+    simt_load_tile<BM, D, NT>(sQ, LDH, q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm,
+                              stride_qm, seqlen_q - m0, head_dim, q, tid);
+    simt_load_tile<BM, D, NT>(sdO, LDH,
+                              dout + b * stride_dob + h * stride_doh + (cf_i64)m0 * stride_dom,
+                              stride_dom, seqlen_q - m0, head_dim, dout, tid);
+  }
+  cp_async_commit();
+
+  const int r1 = Tile1::row0(warp, lane), c1 = Tile1::col0(warp, lane);
+  const int r2 = Tile2::row0(warp, lane), q2 = Tile2::col0(warp, lane);  // key row, chunk
+  float dk_acc[Tile2::TM][4 * Tile2::TN], dv_acc[Tile2::TM][4 * Tile2::TN];
+  simt_zero(dk_acc);
+  simt_zero(dv_acc);
+
+  for (int it = 0; it < n_iters; ++it) {
+    const int g = it / tiles_per_head;
+    const int h = hk * heads_per_kv + g;
+    const int m0 = (mt_begin + it - g * tiles_per_head) * BM;
+    cp_async_wait<0>();  // Q_it, dO_it (and K, V) landed
+    __syncthreads();     // ... for every thread; the previous dQ pass is done with sdS
+
+    // -- phase 1: S = Q K^T, dP = dO V^T over the true head_dim; P, dS to shared memory
+    {
+      float s[Tile1::TM][Tile1::TN], dp[Tile1::TM][Tile1::TN];
+      simt_zero(s);
+      simt_zero(dp);
+      simt_mm_nt<Tile1::TM, Tile1::TN>(s, sQ + r1 * LDH, Tile1::RL * LDH, sK + c1 * LDH,
+                                       Tile1::CL * LDH, head_dim);
+      simt_mm_nt<Tile1::TM, Tile1::TN>(dp, sdO + r1 * LDH, Tile1::RL * LDH, sV + c1 * LDH,
+                                       Tile1::CL * LDH, head_dim);
+      const cf_i64 bh = ((cf_i64)b * heads + h) * seqlen_q;
+      p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, seqlen_q,
+                seqlen_k, diag, scale_log2);
+    }
+    __syncthreads();  // sPt, sdSt, sdS complete
+
+    // -- phase 2: dV += P^T dO[:, chunk], dK += dS^T Q[:, chunk]
+    simt_mm_nn<Tile2::TM, Tile2::TN, BM>(dv_acc, sPt + r2 * LDT, Tile2::RL * LDT,
+                                         sdO + c0 + 4 * q2, LDH, 4 * Tile2::CL);
+    simt_mm_nn<Tile2::TM, Tile2::TN, BM>(dk_acc, sdSt + r2 * LDT, Tile2::RL * LDT,
+                                         sQ + c0 + 4 * q2, LDH, 4 * Tile2::CL);
+    __syncthreads();  // every warp is done with sQ, sdO
+
+    // -- prefetch the next query tile (overlaps the dQ pass)
+    if (it + 1 < n_iters) {
+      const int gn = (it + 1) / tiles_per_head;
+      const int hn = hk * heads_per_kv + gn;
+      const int mn = (mt_begin + it + 1 - gn * tiles_per_head) * BM;
+      simt_load_tile<BM, D, NT>(sQ, LDH,
+                                q + b * stride_qb + hn * stride_qh + (cf_i64)mn * stride_qm,
+                                stride_qm, seqlen_q - mn, head_dim, q, tid);
+      simt_load_tile<BM, D, NT>(sdO, LDH,
+                                dout + b * stride_dob + hn * stride_doh + (cf_i64)mn * stride_dom,
+                                stride_dom, seqlen_q - mn, head_dim, dout, tid);
+    }
+    cp_async_commit();
+
+#if CF_DQ_ATOMIC
+    // -- phase 3: dq_accum[:, chunk] += softmax_scale * dS K[:, chunk]
+    {
+      const int r3 = Tile3::row0(warp, lane), q3 = Tile3::col0(warp, lane);
+      float dq[Tile3::TM][4 * Tile3::TN];
+      simt_zero(dq);
+      simt_mm_nn<Tile3::TM, Tile3::TN, BN>(dq, sdS + r3 * LDS, Tile3::RL * LDS, sK + c0 + 4 * q3,
+                                           LDH, 4 * Tile3::CL);
+#pragma unroll
+      for (int i = 0; i < Tile3::TM; ++i) {
+        const int r = m0 + r3 + Tile3::RL * i;
+        if (r < seqlen_q) {
+          float* dq_row = dq_accum + (((cf_i64)b * seqlen_q + r) * heads + h) * head_dim;
+#pragma unroll
+          for (int qc = 0; qc < Tile3::TN; ++qc) {
+            const int col = c0 + 4 * (q3 + Tile3::CL * qc);
+            if (col < head_dim) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) atomicAdd(dq_row + col + e, softmax_scale * dq[i][4 * qc + e]);
+            }
+          }
+        }
+      }
+    }
+#endif
+  }
+  cp_async_wait<0>();  // nothing may still be landing in shared memory when the block exits
+
+  // -- epilogue: dK = softmax_scale * dK_c, dV = dV_c (zeros where no query saw the key)
+#pragma unroll
+  for (int i = 0; i < Tile2::TM; ++i) {
+    const int n = n0 + r2 + Tile2::RL * i;
+    if (n < seqlen_k) {
+      elem_t* dk_row = dk + b * stride_dkb + hk * stride_dkh + (cf_i64)n * stride_dkn;
+      elem_t* dv_row = dv + b * stride_dvb + hk * stride_dvh + (cf_i64)n * stride_dvn;
+#pragma unroll
+      for (int qc = 0; qc < Tile2::TN; ++qc) {
+        const int col = c0 + 4 * (q2 + Tile2::CL * qc);
+        if (col < head_dim) {
+          *reinterpret_cast<float4*>(dk_row + col) =
+              make_float4(softmax_scale * dk_acc[i][4 * qc + 0], softmax_scale * dk_acc[i][4 * qc + 1],
+                          softmax_scale * dk_acc[i][4 * qc + 2], softmax_scale * dk_acc[i][4 * qc + 3]);
+          *reinterpret_cast<float4*>(dv_row + col) =
+              make_float4(dv_acc[i][4 * qc + 0], dv_acc[i][4 * qc + 1], dv_acc[i][4 * qc + 2],
+                          dv_acc[i][4 * qc + 3]);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,131 @@
+// flash_bwd_pre.cu -- the two elementwise kernels around the FlashAttention-2 backward
+// (Dao 2023, Algorithm 2), for every CF_DTYPE (0 fp16, 1 bf16, 2 fp32):
+//
+//   flash_bwd_preprocess:  delta[b, h, i] = sum_d float(dO[b, i, h, d]) * float(O[b, i, h, d])
+//                          lse2[b, h, i]  = m[b, h, i] * LOG2E + log2(l[b, h, i])   (log2 units)
+//                                           or +inf when l == 0 (a row that sees no key), so
+//                                           the backward's P = exp2(score * scale_log2 - lse2)
+//                                           is 0 there.
+//   flash_bwd_dq_convert:  dq[b, i, h, d] = elem_t(dq_accum[b, i, h, d])  (dq_accum already
+//                          holds dQ times softmax_scale; it is float32, contiguous).
+//
+// Grid (ceil(seqlen_q / 64), heads, batch) for both, 128 threads, no shared memory.
+// blockIdx.x = tile of 64 query rows, blockIdx.y = head, blockIdx.z = batch. 8 threads share a
+// row (one 16-byte-or-more vector each, consecutive threads on consecutive vectors, so a row is
+// read in 128-byte pieces), 16 rows per pass, 4 passes. m, l, delta, lse2 are float32
+// contiguous (batch, heads, seqlen_q); m in natural-log units. O, dO, dq are (batch, seqlen_q,
+// heads, head_dim) with strides in elements, head_dim (a multiple of 8) contiguous and every
+// row start 16-byte aligned.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+
+#include "cf_common.cuh"
+
+namespace bwd_pre {
+// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
+// variables as .global data.
+enum : int {
+  kThreads = 128,
+  kRows = 64,  // rows per block
+  kLanesPerRow = 8,  // threads sharing one row
+  kRowsPerPass = kThreads / kLanesPerRow,
+  kVec = 8,  // elements per thread per step (head_dim % 8 == 0)
+};
+}  // namespace bwd_pre
+
+// 8 consecutive elements as floats (16-bit: one 16-byte load; float32: two).
+__device__ __forceinline__ void load8(float out[8], const elem_t* p) {
+#if CF_DTYPE == 2
+  const float4 a = reinterpret_cast<const float4*>(p)[0];
+  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+#else
+  const uint4 r = *reinterpret_cast<const uint4*>(p);
+  const cf_u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = elem_to_float((elem_t)(w[i] & 0xffffu));
+    out[2 * i + 1] = elem_to_float((elem_t)(w[i] >> 16));
+  }
+#endif
+}
+
+// 8 floats to 8 consecutive elements (16-bit: one 16-byte store; float32: two).
+__device__ __forceinline__ void store8(elem_t* p, const float x[8]) {
+#if CF_DTYPE == 2
+  reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+#else
+  *reinterpret_cast<uint4*>(p) =
+      make_uint4(pack2(x[0], x[1]), pack2(x[2], x[3]), pack2(x[4], x[5]), pack2(x[6], x[7]));
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_preprocess(
+    const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ m,
+    const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
+    int seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
+    long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh) {
+  using namespace bwd_pre;
+  const int sub = threadIdx.x % kLanesPerRow;  // position inside the row's lane group
+  const int slot = threadIdx.x / kLanesPerRow;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const elem_t* o_head = o + b * stride_ob + h * stride_oh;
+  const elem_t* do_head = dout + b * stride_dob + h * stride_doh;
+  const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
+    // -- delta_i = rowsum(dO_i * O_i), 8 lanes per row then a 3-step butterfly
+    float acc = 0.f;
+    if (i < seqlen_q) {
+      const elem_t* o_row = o_head + i * stride_om;
+      const elem_t* do_row = do_head + i * stride_dom;
+      for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
+        float x[8], y[8];
+        load8(x, o_row + c);
+        load8(y, do_row + c);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc = fmaf(x[e], y[e], acc);
+      }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    if (i < seqlen_q) {
+      if (sub == 0) delta[stat + i] = acc;
+      // -- lse2_i = m_i log2(e) + log2(l_i), +inf for a row that sees no key
+      if (sub == 1) {
+        const float li = l[stat + i];
+        lse2[stat + i] = li == 0.f ? CF_INF : fmaf(m[stat + i], CF_LOG2E, log2f(li));
+      }
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_convert(
+    const float* __restrict__ dq_accum, elem_t* __restrict__ dq, int seqlen_q, int heads,
+    int head_dim, long long stride_dqb, long long stride_dqm, long long stride_dqh) {
+  using namespace bwd_pre;
+  const int sub = threadIdx.x % kLanesPerRow;
+  const int slot = threadIdx.x / kLanesPerRow;
+  const int h = blockIdx.y, b = blockIdx.z;
+  elem_t* dq_head = dq + b * stride_dqb + h * stride_dqh;
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
+    if (i >= seqlen_q) continue;
+    // dq_accum is contiguous (batch, seqlen_q, heads, head_dim)
+    const float* src = dq_accum + (((cf_i64)b * seqlen_q + i) * heads + h) * head_dim;
+    elem_t* dst = dq_head + i * stride_dqm;
+    for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
+      const float4 a = *reinterpret_cast<const float4*>(src + c);
+      const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);
+      const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
+      store8(dst + c, x);
+    }
+  }
+}

@@ -1,0 +1,240 @@
+// flash_fwd_fp32.cu -- exact float32 attention forward: FlashAttention-2 Algorithm 1 on FFMA.
+//
+// Why not tensor cores: TF32 misses the fp32 error rule, so every product here is a plain
+// fp32 FFMA out of shared memory (helpers in cf_simt.cuh), exp2 is the < 1 ulp simt_exp2.
+//
+// Algorithm (per query tile; scores in log2 units, s = q.k * scale_log2):
+//   m_i = -inf, l_i = 0, acc = 0
+//   for each key tile K_j, V_j (causal: only tiles that hold a key some row of the tile sees):
+//     S = Q K_j^T * scale_log2, masked (key >= seqlen_k, causal j > i + seqlen_k - seqlen_q) to -inf
+//     m_new = max(m_i, rowmax S); base = m_new, or 0 while m_new = -inf (no NaN from -inf - -inf)
+//     P = exp2(S - base); alpha = exp2(m_i - base); l_i = l_i * alpha + rowsum P
+//     acc = acc * alpha + P V_j; m_i = m_new
+//   O = acc / l_i (0 when l_i = 0); m_out = m_i * LN2 (natural log, -inf for a row that sees
+//   no key); l_out = l_i.
+//
+// Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile, .y = query head h
+// (kv head h / heads_per_kv), .z = batch. Block = 32 * CF_WARPS threads.
+// Layouts: q, k, v, o (batch, seq, heads, head_dim) with element strides; head_dim contiguous,
+// rows 16-byte aligned. m_out, l_out (batch, heads, seqlen_q) contiguous. Offsets are 64-bit.
+//
+// Tiles (shared memory, all float32, row stride = width + 4 floats, see simt_ld):
+//   sQ [BLOCK_M][CF_HEAD_DIM+4]  resident for the whole key loop
+//   sK [BLOCK_N][CF_HEAD_DIM+4]  K_j; K_{j+1} is prefetched (cp.async) while softmax and P V run
+//   sV [BLOCK_N][CF_HEAD_DIM+4]  V_j; V_{j+1} is prefetched while the next Q K^T runs
+//   sP [BLOCK_M][BLOCK_N+4]      P of the current tile
+// Shared memory (bytes) = 4 * ((BLOCK_M + 2 * BLOCK_N) * (CF_HEAD_DIM + 4) + BLOCK_M * (BLOCK_N + 4))
+// (CF_FWD_FP32_SMEM_BYTES; head_dim 256 fits 48 KB with BLOCK_M = 16, BLOCK_N = 8: 34048 B).
+//
+// Thread mapping: warp w owns query rows [w * BLOCK_M / WARPS, (w + 1) * BLOCK_M / WARPS);
+// its lanes form 4 row groups (rl = lane / 8) of 8 lanes (cl = lane % 8). A thread owns rows
+// row0 + 4 i (i < TM = BLOCK_M / (4 WARPS)), row0 = w * BLOCK_M / WARPS + rl; of S/P the
+// columns cl + 8 j (j < BLOCK_N / 8); of acc/O the float4 column chunks cl + 8 q
+// (q < CF_HEAD_DIM / 32). Row max and row sum are reduced over the 8 lanes of a row group with
+// shuffles; l_i is kept per thread (its own columns) and reduced once at the end.
+//
+// Constraints: CF_DTYPE = 2; CF_STAGES = 1 (separate K and V buffers already overlap each load
+// with half an iteration of math); CF_HEAD_DIM % 32 == 0, <= 256; CF_BLOCK_N % 8 == 0;
+// CF_BLOCK_M % (4 * CF_WARPS) == 0. head_dim (runtime) a multiple of 8, <= CF_HEAD_DIM.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 2
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 64
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 32
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 4
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 1
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0
+#endif
+
+#include "cf_simt.cuh"
+
+static_assert(CF_DTYPE == 2, "flash_fwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
+static_assert(CF_STAGES == 1, "flash_fwd_fp32: only CF_STAGES = 1");
+static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
+              "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
+static_assert(CF_BLOCK_N % 8 == 0, "flash_fwd_fp32: CF_BLOCK_N must be a multiple of 8");
+static_assert(CF_BLOCK_M % (4 * CF_WARPS) == 0,
+              "flash_fwd_fp32: CF_BLOCK_M must be a multiple of 4 * CF_WARPS");
+
+#define CF_FWD_FP32_SMEM_BYTES \
+  (4 * ((CF_BLOCK_M + 2 * CF_BLOCK_N) * (CF_HEAD_DIM + 4) + CF_BLOCK_M * (CF_BLOCK_N + 4)))
+
+namespace fwd32 {
+enum : int {
+  BM = CF_BLOCK_M,
+  BN = CF_BLOCK_N,
+  D = CF_HEAD_DIM,
+  WARPS = CF_WARPS,
+  NT = 32 * WARPS,
+  LDH = simt_ld(D),   // row stride of sQ, sK, sV
+  LDP = simt_ld(BN),  // row stride of sP
+};
+// All warps on rows, 4 x 8 lanes: the same thread owns the same rows of S and of acc.
+using TileS = SimtTile<BM, BN, 1, WARPS, 4>;     // S, P: BM x BN scalars
+using TileO = SimtTile<BM, D / 4, 4, WARPS, 4>;  // acc, O: BM x (D / 4) float4 chunks
+enum : int { TM = TileS::TM, TN = TileS::TN, TQ = TileO::TN, RL = TileS::RL, CL = TileS::CL };
+static_assert(TileS::WR == WARPS && TileO::WR == WARPS && TileO::RL == RL && TileO::TM == TM,
+              "S and acc must share their row layout");
+static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "smem formula");
+
+// -- mask S, online-softmax update in log2 units, P -> shared memory, rescale acc --------------
+// s: the thread's raw q.k; q_row: global query row of its row 0; k_col: global key of its col 0;
+// p_out: sP at (row 0, col 0) of the thread.
+__device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&acc)[TM][4 * TQ],
+                                             float (&m_i)[TM], float (&l_i)[TM], float* p_out,
+                                             int q_row, int k_col, int seqlen_k, int diag,
+                                             float scale_log2) {
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int r = q_row + RL * i;
+    const int last_key = CF_CAUSAL ? min(seqlen_k - 1, r + diag) : seqlen_k - 1;
+    float mx = -CF_INF;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      s[i][j] = (k_col + CL * j <= last_key) ? s[i][j] * scale_log2 : -CF_INF;
+      mx = fmaxf(mx, s[i][j]);
+    }
+#pragma unroll
+    for (int off = 1; off < CL; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float m_new = fmaxf(m_i[i], mx);
+    const float base = (m_new == -CF_INF) ? 0.f : m_new;  // row saw no key yet: P = 0, no NaN
+    const float alpha = simt_exp2(m_i[i] - base);        // 0 when m_i = -inf
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const float p = simt_exp2(s[i][j] - base);
+      sum += p;
+      p_out[(RL * i) * LDP + CL * j] = p;
+    }
+    l_i[i] = fmaf(l_i[i], alpha, sum);
+    m_i[i] = m_new;
+#pragma unroll
+    for (int d = 0; d < 4 * TQ; ++d) acc[i][d] *= alpha;
+  }
+}
+}  // namespace fwd32
+
+extern "C" __global__ void __launch_bounds__(fwd32::NT)
+    flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
+              const elem_t* __restrict__ v, elem_t* __restrict__ o, float* __restrict__ m_out,
+              float* __restrict__ l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+              int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
+              long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
+              long long stride_vn, long long stride_vh, long long stride_ob, long long stride_om,
+              long long stride_oh, float scale_log2) {
+  using namespace fwd32;
+  CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* sQ = reinterpret_cast<float*>(smem);
+  float* sK = sQ + BM * LDH;
+  float* sV = sK + BN * LDH;
+  float* sP = sV + BN * LDH;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / heads_per_kv;
+  const elem_t* q_tile = q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm;
+  const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
+  const elem_t* v_head = v + b * stride_vb + hk * stride_vh;
+
+  // -- key range: causal tiles entirely above the diagonal are skipped
+  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag
+  const int n_end = CF_CAUSAL ? min(seqlen_k, min(m0 + BM, seqlen_q) + diag) : seqlen_k;
+  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+
+  const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
+  const int col0 = TileS::col0(warp, lane);  // S column / acc chunk of j, q = 0 (step CL)
+
+  float acc[TM][4 * TQ];
+  float m_i[TM], l_i[TM];  // running max (log2 units); this thread's share of the row sum
+  simt_zero(acc);
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    m_i[i] = -CF_INF;
+    l_i[i] = 0.f;
+  }
+
+  // -- prologue: group {Q, K_0}, group {V_0}
+  simt_load_tile<BM, D, NT>(sQ, LDH, q_tile, stride_qm, seqlen_q - m0, head_dim, q, tid);
+  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sK, LDH, k_head, stride_kn, seqlen_k, head_dim, k, tid);
+  cp_async_commit();
+  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sV, LDH, v_head, stride_vn, seqlen_k, head_dim, v, tid);
+  cp_async_commit();
+
+  // Invariant at the top of iteration t: the two newest cp.async groups are {K_t} (with Q
+  // when t = 0) and {V_t}; every commit below happens on every iteration (maybe empty).
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = t * BN;
+    cp_async_wait<1>();  // K_t (and Q) landed; V_t may still be in flight
+    __syncthreads();
+
+    // -- S = Q K_t^T over the true head_dim
+    float s[TM][TN];
+    simt_zero(s);
+    simt_mm_nt<TM, TN>(s, sQ + row0 * LDH, RL * LDH, sK + col0 * LDH, CL * LDH, head_dim);
+    __syncthreads();  // every warp is done with sK
+    if (t + 1 < n_tiles)
+      simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)(n0 + BN) * stride_kn, stride_kn,
+                                seqlen_k - (n0 + BN), head_dim, k, tid);
+    cp_async_commit();
+
+    softmax_tile(s, acc, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, seqlen_k, diag,
+                 scale_log2);
+
+    cp_async_wait<1>();  // V_t landed (K_{t+1} may still be in flight)
+    __syncthreads();     // ... for every thread; sP complete
+
+    // -- acc += P V_t
+    simt_mm_nn<TM, TQ, BN>(acc, sP + row0 * LDP, RL * LDP, sV + 4 * col0, LDH, 4 * CL);
+    __syncthreads();  // every warp is done with sV and sP
+    if (t + 1 < n_tiles)
+      simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)(n0 + BN) * stride_vn, stride_vn,
+                                seqlen_k - (n0 + BN), head_dim, v, tid);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+
+  // -- epilogue: l = sum over the row's lanes; O = acc / l (0 for a row that saw no key)
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    float l = l_i[i];
+#pragma unroll
+    for (int off = 1; off < CL; off *= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+    const int r = m0 + row0 + RL * i;
+    if (r < seqlen_q) {
+      elem_t* o_row = o + b * stride_ob + h * stride_oh + (cf_i64)r * stride_om;
+#pragma unroll
+      for (int qc = 0; qc < TQ; ++qc) {
+        const int col = 4 * (col0 + CL * qc);
+        if (col < head_dim) {
+          float4 out = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (l > 0.f)
+            out = make_float4(acc[i][4 * qc + 0] / l, acc[i][4 * qc + 1] / l,
+                              acc[i][4 * qc + 2] / l, acc[i][4 * qc + 3] / l);
+          *reinterpret_cast<float4*>(o_row + col) = out;
+        }
+      }
+      if (col0 == 0) {
+        const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + r;
+        m_out[stat] = m_i[i] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
+        l_out[stat] = l;
+      }
+    }
+  }
+}

@@ -1,0 +1,347 @@
+"""Shared pieces of the GPU tests: inputs, device transfer, spec names, the error rule.
+
+Nothing here touches a GPU at import time (cupy, torch and jax are imported inside the
+functions that need them), so the GPU test modules import and skip cleanly on a CPU-only
+machine.
+
+The rule every comparison applies is FlashAttention's (``cuflash.reference.compare``):
+``err(ours) <= 2 * err(naive in the same dtype) + atol`` per output, with the float64
+reference as truth. The softmax statistics m and l are judged differently, see
+``STATS_RTOL``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from cuflash import reference, specs
+
+# JAX grabs 75% of GPU memory at its first GPU call unless told otherwise; CuPy and torch
+# share the device in the same process. Read when JAX's backend starts, so set it early.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
+DTYPES = tuple(NP_DTYPES)
+HEAD_DIMS = tuple(range(8, 257, 8))  # every head_dim the library accepts
+
+# m and l are float32 functions of the scores. The kernels compute every score in float32
+# from the (exactly representable) products of the 16-bit inputs and never round scores or
+# P to 16 bits before taking the max and the sum, so, unlike o, the stats carry no 16-bit
+# rounding: their error is float32 accumulation order plus ex2.approx, ~1e-6 relative.
+# The naive same-dtype baseline does round its scores to 16 bits, so "2 x naive" would be a
+# far looser bound than needed; we compare m and l directly with the float64 reference:
+# |got - ref| <= rtol * max(1, |ref|). A real bug (a missed key tile, a wrong rescale, a
+# wrong mask) moves l or m by far more than 1e-3; -inf / 0 of key-less rows must match exactly.
+STATS_RTOL = {"float16": 1e-3, "bfloat16": 1e-3, "float32": 1e-4}
+
+
+def np_dtype(dtype: str) -> np.dtype:
+    return NP_DTYPES[dtype]
+
+
+def short(dtype: str) -> str:
+    return specs.DTYPE_SHORT[dtype]
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+
+def rng_for(seed: int | None = None) -> np.random.Generator:
+    """A fresh generator: new entropy each call unless a seed (e.g. drawn by hypothesis) is given."""
+    return np.random.default_rng(seed)
+
+
+def randn(rng: np.random.Generator, shape: tuple, dtype: str) -> np.ndarray:
+    """Standard-normal host array rounded to dtype (never all zeros)."""
+    return rng.standard_normal(shape, dtype=np.float32).astype(np_dtype(dtype))
+
+
+def random_qkv(rng, *, batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype):
+    """Host (q, k, v) in dtype: q (b, s_q, h, d), k and v (b, s_k, h_kv, d)."""
+    q = randn(rng, (batch, seqlen_q, heads, head_dim), dtype)
+    k = randn(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
+    v = randn(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
+    return q, k, v
+
+
+# -- host <-> device ---------------------------------------------------------------------------
+
+
+def _torch_cuda(a: np.ndarray):
+    import torch
+
+    if a.dtype == BF16:  # torch.from_numpy does not know ml_dtypes.bfloat16: move the bits
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).cuda()
+    return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def _cupy_bf16(a: np.ndarray):
+    """bf16 for the CuPy path: CuPy 14 holds ml_dtypes.bfloat16 natively; if this build
+    does not, go through torch and DLPack, and as a last resort hand cuflash the torch tensor
+    itself (its interop imports it)."""
+    import cupy
+
+    try:
+        return cupy.asarray(a)
+    except Exception:
+        pass
+    t = _torch_cuda(a)
+    try:
+        return cupy.from_dlpack(t)
+    except Exception:
+        return t
+
+
+def jax_gpu_device():
+    """JAX's first GPU, or skip the test when this JAX has no CUDA backend."""
+    import pytest
+
+    jax = pytest.importorskip("jax")
+    try:
+        return jax.devices("gpu")[0]
+    except Exception as exc:  # RuntimeError: unknown backend 'gpu'
+        pytest.skip(f"JAX has no GPU backend here ({exc})")
+
+
+def to_gpu(a: np.ndarray, framework: str = "cupy", *, heads_first: bool = False):
+    """Copy a host (b, s, h, d) array to the GPU as a ``framework`` array.
+
+    ``heads_first``: store it as a contiguous (b, h, s, d) buffer and return the
+    ``transpose`` view back to (b, s, h, d) (strided seq / head axes, as attention layers
+    often produce). Not for JAX, whose arrays have no strides.
+    """
+    host = np.ascontiguousarray(a.transpose(0, 2, 1, 3)) if heads_first else np.ascontiguousarray(a)
+    if framework == "cupy":
+        import cupy
+
+        x = _cupy_bf16(host) if host.dtype == BF16 else cupy.asarray(host)
+    elif framework == "torch":
+        x = _torch_cuda(host)
+    elif framework == "jax":
+        if heads_first:
+            raise ValueError("JAX arrays have no strides; heads_first is for cupy / torch")
+        import jax
+
+        return jax.device_put(host, jax_gpu_device())
+    else:
+        raise ValueError(f"framework: expected cupy, torch or jax, got {framework!r}")
+    if heads_first:
+        return x.transpose(1, 2) if _is_torch(x) else x.transpose(0, 2, 1, 3)
+    return x
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def to_host(x: Any, dtype: str | None = None) -> np.ndarray:
+    """Any supported array (numpy, cupy, torch, jax; bf16 included) -> a numpy array.
+
+    ``dtype``: the logical dtype, to reinterpret 16-bit storage that arrived as (u)int16.
+    """
+    root = type(x).__module__.split(".")[0]
+    if root == "cupy":
+        out = _cupy_to_host(x)
+    elif root == "torch":
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            out = t.view(torch.int16).cpu().numpy().view(BF16)
+        else:
+            out = t.cpu().numpy()
+    else:  # numpy, jax (np.asarray gives ml_dtypes.bfloat16 for JAX bf16)
+        out = np.asarray(x)
+    if dtype is not None and out.dtype != np_dtype(dtype) and out.dtype.kind in "iu":
+        out = out.view(np_dtype(dtype))
+    return out
+
+
+def _cupy_to_host(x) -> np.ndarray:
+    import cupy
+
+    try:
+        return cupy.asnumpy(x)
+    except Exception:  # a CuPy without host bf16 conversion: move the bits
+        if x.dtype.itemsize != 2:
+            raise
+        return cupy.asnumpy(x.view(cupy.uint16)).view(BF16)
+
+
+def synchronize() -> None:
+    import cupy
+
+    cupy.cuda.Device().synchronize()
+
+
+# -- spec names (for failure messages) --------------------------------------------------------
+
+
+def _facts():
+    from cuflash import launch
+
+    return launch.device_facts(0)  # with the smem budget override in force now
+
+
+def forward_spec_name(dtype: str, head_dim: int, causal: bool) -> str:
+    try:
+        return specs.select_forward(_facts(), dtype, head_dim, causal).name
+    except Exception as exc:  # the message must not hide the real failure
+        return f"<no forward spec: {exc}>"
+
+
+def backward_spec_name(dtype: str, head_dim: int, causal: bool, deterministic: bool) -> str:
+    try:
+        facts = _facts()
+        names = [specs.select_backward(facts, dtype, head_dim, causal, deterministic).name]
+        if deterministic:
+            names.append(specs.select_backward_dq(facts, dtype, head_dim, causal).name)
+        return "+".join(names)
+    except Exception as exc:
+        return f"<no backward spec: {exc}>"
+
+
+def describe(q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, softmax_scale,
+             **extra) -> str:
+    b, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    parts = [f"{short(dtype)} b{b} sq{sq} sk{sk} h{h}/{hkv} d{d}",
+             "causal" if causal else "full", f"scale={softmax_scale}"]
+    parts += [f"{key}={value}" for key, value in extra.items()]
+    return " ".join(parts)
+
+
+# -- the rule ------------------------------------------------------------------------------------
+
+
+def assert_matches_reference(name: str, got, ref, naive, *, dtype: str, label: str) -> None:
+    """err(got) <= 2 * err(naive) + atol against the float64 ref; NaN never passes."""
+    got = np.asarray(got)
+    if got.shape != np.shape(ref):
+        raise AssertionError(f"{name} [{label}]: shape {got.shape}, expected {np.shape(ref)}")
+    report = reference.compare(name, got, ref, naive, atol=reference.default_atol(np_dtype(dtype)))
+    assert report.ok, f"{report} [{label}]"
+
+
+def stats_error(got, ref) -> float:
+    """max |got - ref| / max(1, |ref|); equal values (including infinities) count 0,
+    an infinity on one side only counts inf, NaN in got gives NaN."""
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if got.size == 0:
+        return 0.0
+    if np.isnan(got).any():
+        return math.nan
+    with np.errstate(invalid="ignore"):
+        rel = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
+    rel = np.where(np.isinf(got) | np.isinf(ref), np.inf, rel)
+    return float(np.where(got == ref, 0.0, rel).max())
+
+
+def assert_stats_match(name: str, got, ref, *, dtype: str, label: str) -> None:
+    got = np.asarray(got)
+    if got.shape != np.shape(ref):
+        raise AssertionError(f"{name} [{label}]: shape {got.shape}, expected {np.shape(ref)}")
+    if got.dtype != np.float32:
+        raise AssertionError(f"{name} [{label}]: dtype {got.dtype}, expected float32")
+    err, rtol = stats_error(got, ref), STATS_RTOL[dtype]
+    assert err <= rtol, f"{name}: relative err {err:.3g} vs rtol {rtol:g} FAIL [{label}]"
+
+
+def assert_forward_matches_reference(q, k, v, o, m, l, *, dtype: str, causal: bool,
+                                     softmax_scale=None, label: str = "") -> None:
+    """o, m, l (host arrays) against the float64 reference of host q, k, v (b, s, h, d)."""
+    kw = dict(causal=causal, softmax_scale=softmax_scale)
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, **kw)
+    o_naive = reference.attention_naive(q, k, v, dtype=np_dtype(dtype), **kw)
+    label = f"{forward_spec_name(dtype, q.shape[3], causal)}; {label}"
+    assert_matches_reference("o", o, o_ref, o_naive, dtype=dtype, label=label)
+    assert_stats_match("m", m, m_ref, dtype=dtype, label=label)
+    assert_stats_match("l", l, l_ref, dtype=dtype, label=label)
+
+
+def assert_backward_matches_reference(do, q, k, v, dq, dk, dv, *, dtype: str, causal: bool,
+                                      deterministic: bool, softmax_scale=None,
+                                      label: str = "") -> None:
+    """dq, dk, dv (host arrays) against the float64 reference gradients of sum(do * o)."""
+    kw = dict(causal=causal, softmax_scale=softmax_scale)
+    refs = reference.attention_backward_reference(do, q, k, v, **kw)
+    naives = reference.attention_backward_naive(do, q, k, v, dtype=np_dtype(dtype), **kw)
+    label = f"{backward_spec_name(dtype, q.shape[3], causal, deterministic)}; {label}"
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives):
+        assert_matches_reference(name, got, ref, naive, dtype=dtype, label=label)
+
+
+def assert_no_nan(label: str, **arrays) -> None:
+    for name, a in arrays.items():
+        bad = int(np.isnan(np.asarray(a, dtype=np.float64)).sum())
+        assert bad == 0, f"{name}: {bad} NaN element(s) [{label}]"
+
+
+# -- running the library on device inputs ------------------------------------------------------
+
+
+def run_forward(q, k, v, *, dtype: str, causal: bool, softmax_scale=None,
+                framework: str = "cupy", heads_first: bool = False):
+    """Host inputs -> cuflash.attention_forward on the GPU -> (device o, stats, host o, m, l)."""
+    import cuflash
+
+    gq, gk, gv = (to_gpu(x, framework, heads_first=heads_first) for x in (q, k, v))
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, softmax_scale=softmax_scale)
+    return o, stats, to_host(o, dtype), to_host(stats.m), to_host(stats.l)
+
+
+# -- compiling ahead, in parallel ---------------------------------------------------------------
+
+PRECOMPILE_LOG: list[str] = []
+
+
+def precompile(spec_list: Iterable, device_id: int = 0) -> dict[str, str]:
+    """Compile the given KernelSpecs on a thread pool before the tests need them.
+
+    NVRTC runs outside the GIL, so on a 16-core host this cuts the suite's JIT time from
+    (specs x seconds) to about a sixteenth. Best effort: a spec that fails to compile is
+    reported here (returned and printed) and the test that needs it fails with the compiler's
+    own message when it compiles it again. CUFLASH_TEST_PRECOMPILE=0 turns this off.
+    """
+    if os.environ.get("CUFLASH_TEST_PRECOMPILE", "1") == "0":
+        return {}
+    from cuflash.compiler import get_kernel
+
+    unique = {s.name: s for s in spec_list}
+    failures: dict[str, str] = {}
+
+    def build(spec):
+        try:
+            get_kernel(spec, device_id)
+        except Exception as exc:  # reported below; the test compiles it again and fails
+            failures[spec.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    start = time.perf_counter()
+    workers = max(1, min(16, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(build, unique.values()))
+    line = (f"cuflash tests: precompiled {len(unique)} specs on {workers} threads in "
+            f"{time.perf_counter() - start:.1f} s, {len(failures)} failed")
+    PRECOMPILE_LOG.append(line)
+    print(line, file=sys.stderr)
+    for name, why in failures.items():
+        print(f"  {name}: {why}", file=sys.stderr)
+    return failures
+
+
+def selectable(select, *args):
+    """select(*args) or None when no tile configuration fits (not every budget fits all)."""
+    try:
+        return select(*args)
+    except ValueError:
+        return None

@@ -1,0 +1,145 @@
+"""cuflash.jax on the CPU backend: jax.grad against a jax.numpy reference, eager and jitted, vmap.
+
+Truth is ``jax.grad`` of a plain jax.numpy attention in float64 (under ``jax.enable_x64``);
+the same function in the test dtype gives the noise floor; the rule is
+``err(ours) <= 2 * err(naive) + atol`` (cuflash.reference.compare).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+import ml_dtypes  # noqa: E402
+
+import cuflash.jax as cj  # noqa: E402
+from cuflash.reference import compare, default_atol  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason="these tests cover the CPU backend")
+
+DTYPES = {"fp32": np.dtype(np.float32), "bf16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def _jnp_attention(q, k, v, causal):
+    """Textbook attention on (b, s, h, d) arrays in their own dtype; bottom-right causal."""
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    if causal:
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+        i, j = jnp.arange(seqlen_q)[:, None], jnp.arange(seqlen_k)[None, :]
+        s = jnp.where(j <= i + (seqlen_k - seqlen_q), s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(jnp.isnan(p), 0, p)  # rows that see no key: o = 0, as cuflash defines
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def _value_and_grads(attention, q, k, v, do):
+    o, vjp = jax.vjp(attention, q, k, v)
+    return (o, *vjp(do))
+
+
+def _inputs(shape, dtype, seed):
+    batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
+    rng = np.random.default_rng(seed)
+    sizes = [(batch, seqlen_q, heads, head_dim), (batch, seqlen_k, heads_kv, head_dim),
+             (batch, seqlen_k, heads_kv, head_dim), (batch, seqlen_q, heads, head_dim)]
+    return [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in sizes]
+
+
+def _truth(q, k, v, do, causal):
+    with jax.enable_x64(True):
+        args = [jnp.asarray(np.asarray(x, dtype=np.float64)) for x in (q, k, v, do)]
+        got = _value_and_grads(lambda q, k, v: _jnp_attention(q, k, v, causal), *args)
+        return [np.asarray(x) for x in got]
+
+
+def _check(ours, naive, truth, dtype):
+    for name, got, nv, ref in zip(("o", "dq", "dk", "dv"), ours, naive, truth):
+        assert got.dtype == dtype and got.shape == ref.shape
+        # default_atol is for values of order 1; dK, dV sum over many rows and a GQA group
+        atol = default_atol(dtype) * max(1.0, float(np.abs(ref).max(initial=0.0)))
+        report = compare(name, np.asarray(got, np.float64), ref, np.asarray(nv, np.float64),
+                         atol=atol)
+        assert report.ok, str(report)
+
+
+SHAPES = [  # (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
+    pytest.param((2, 37, 37, 4, 4, 32), id="mha-37"),
+    pytest.param((1, 45, 150, 4, 2, 24), id="gqa-45x150"),
+    pytest.param((2, 70, 33, 2, 1, 16), id="mqa-70x33"),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_jnp_reference(shape, causal, dtype, jit):
+    dtype = DTYPES[dtype]
+    q, k, v, do = (jnp.asarray(x) for x in _inputs(shape, dtype, seed=sum(shape) + causal))
+    ours_fn = lambda q, k, v, do: _value_and_grads(  # noqa: E731
+        lambda q, k, v: cj.flash_attention(q, k, v, causal=causal), q, k, v, do)
+    if jit:
+        ours_fn = jax.jit(ours_fn)
+    ours = ours_fn(q, k, v, do)
+    naive = _value_and_grads(lambda q, k, v: _jnp_attention(q, k, v, causal), q, k, v, do)
+    _check(ours, naive, _truth(q, k, v, do, causal), dtype)
+
+
+def test_jit_of_grad_of_scalar_loss_matches_eager():
+    q, k, v, w = (jnp.asarray(x) for x in _inputs((2, 30, 41, 4, 2, 16), np.float32, seed=1))
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.tanh(cj.flash_attention(q, k, v, causal=True, softmax_scale=0.3)) * w)
+
+    eager = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(eager, jitted):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_vmap_over_leading_axis(jit):
+    """vmap of forward and grad equals a loop; q, k batched, v shared (broadcast_all)."""
+    n = 3
+    q, k, v, do = _inputs((2, 19, 26, 4, 2, 16), np.float32, seed=2)
+    rng = np.random.default_rng(3)
+    qs = jnp.asarray(q[None] * rng.uniform(0.5, 2, (n, 1, 1, 1, 1)).astype(np.float32))
+    ks = jnp.asarray(k[None] + rng.standard_normal((n, *k.shape), dtype=np.float32))
+    v, do = jnp.asarray(v), jnp.asarray(do)
+
+    def one(q, k):
+        return _value_and_grads(lambda q, k, v: cj.flash_attention(q, k, v, causal=True),
+                                q, k, v, do)
+
+    batched = jax.vmap(one)
+    got = (jax.jit(batched) if jit else batched)(qs, ks)
+    for i in range(n):
+        want = one(qs[i], ks[i])
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_nested_vmap():
+    q, k, v, _ = _inputs((1, 9, 9, 2, 2, 8), np.float32, seed=4)
+    qs = jnp.asarray(np.stack([np.stack([q, 2 * q]), np.stack([-q, 0.5 * q])]))  # (2, 2, ...)
+    got = jax.vmap(jax.vmap(lambda q: cj.flash_attention(q, k, v)))(qs)
+    want = cj.flash_attention(qs[1, 0], k, v)
+    np.testing.assert_allclose(np.asarray(got[1, 0]), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_trace_time_validation():
+    q = jnp.zeros((1, 8, 4, 16), jnp.float32)
+    kv = jnp.zeros((1, 8, 3, 16), jnp.float32)  # 4 query heads do not group over 3 kv heads
+    with pytest.raises(ValueError, match="heads"):
+        jax.jit(cj.flash_attention)(q, kv, kv)
+
+
+def test_eager_output_is_a_jax_array():
+    q, k, v, _ = _inputs((1, 9, 9, 2, 2, 8), np.float32, seed=5)
+    o = cj.flash_attention(q, k, v)  # NumPy in: converted to JAX arrays first
+    assert isinstance(o, jax.Array) and o.shape == q.shape and o.dtype == np.float32
