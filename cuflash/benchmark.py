@@ -203,7 +203,7 @@ def _naive_runner(direction: str, cfg: Config, sets: list[Inputs], max_gib: floa
 
     score_bytes = cfg.batch * cfg.heads * cfg.seqlen * cfg.seqlen * 2
     if score_bytes > max_gib * GIB:
-        raise Skipped(f"its {score_bytes / GIB:.0f} GiB score matrix is over "
+        raise Skipped(f"its {score_bytes / GIB:.3g} GiB score matrix is over "
                       f"--naive-max-gib {max_gib:g}")
     if direction == "fwd":
         return Runner(lambda i: naive_attention(sets[i].q, sets[i].k, sets[i].v, cfg.causal))
@@ -242,7 +242,7 @@ def _prepare(impl: str, direction: str, cfg: Config, sets: list[Inputs], args):
     """
     import torch
 
-    start = time.perf_counter()
+    start, failed = time.perf_counter(), None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -251,7 +251,11 @@ def _prepare(impl: str, direction: str, cfg: Config, sets: list[Inputs], args):
                 out = runner.call(0)
             torch.cuda.synchronize()
         except Exception as exc:
-            return None, None, _failure(impl, exc, caught)
+            failed = _failure(impl, exc, caught)
+    if failed is not None:
+        if failed["status"] == "oom":  # the traceback's frames held tensors: collect them
+            _release_memory()
+        return None, None, failed
     return runner, out, {"first_call_s": round(time.perf_counter() - start, 4)}
 
 
@@ -419,10 +423,15 @@ def _time_impl(impl: str, prepared, direction: str, cfg: Config, sets: list[Inpu
             return rec
     else:
         runner, rec = prepared
+    failed = None
     try:
         rec.update(_time(runner, len(sets), args.timing))
     except Exception as exc:
-        return {**rec, **_failure(impl, exc)}
+        failed = {**rec, **_failure(impl, exc)}
+    if failed is not None:
+        runner = None
+        _release_memory()
+        return failed
     rec["status"] = "ok"
     rec["tflops"] = cfg.flops(direction) / (rec["ms_median"] * 1e-3) / 1e12
     return rec
@@ -632,8 +641,8 @@ def run_memory(args) -> int:
     _release_memory()
     png = None if args.no_plot else _plot("plot_memory", path)
     print(f"\nJSON: {path}" + (f"\nPNG:  {png}" if png else ""))
-    print(f"peak = torch max_memory_allocated + CuPy pool peak, inputs included; "
-          f"ms = median forward time")
+    print("peak = torch max_memory_allocated + CuPy pool peak, inputs included; "
+          "ms = median forward time")
     print("\n".join(_memory_table(rows)))
     return 0
 
@@ -684,13 +693,15 @@ def _table(rows: list[dict], impls) -> list[str]:
             + f" | {'cf/fa':>5} {'cf/cudnn':>8} | {'max|diff|':>9}  note")
     lines = ["", "TFLOP/s (higher is better)", head, "-" * len(head)]
     for r in sorted(rows, key=_table_key):
-        cells = "".join(f"{_cell(r['impls'].get(i)) if r['impls'] else CELL.get(r['status'], '-'):>8}"
-                        for i in impls)
+        texts = [_cell(r["impls"].get(i)) if r["impls"] else CELL.get(r["status"], "-")
+                 for i in impls]
+        cells = "".join(f"{t:>8}" for t in texts)
         ratio = {p: (f"{r['ratios'][p]:.2f}" if p in r.get("ratios", {}) else "-")
                  for p in ("cuflash/flash", "cuflash/cudnn")}
         val = r.get("validation") or {}
         diff = val.get("max_abs_diff")
-        note = {"INVALID": f"INVALID vs {val.get('reference')}", "error": f"error: {r.get('error')}",
+        note = {"INVALID": f"INVALID vs {val.get('reference')}",
+                "error": f"error: {r.get('error')}",
                 "skipped": f"skipped: {r.get('error')}"}.get(r["status"], "")
         if not note and val.get("status") == "not validated":
             note = f"not validated ({val.get('reason')})"
@@ -729,7 +740,8 @@ def _print_notes(rows: list[dict], path: Path, png: Path | None) -> None:
 def _memory_cell(r: dict) -> str:
     if r.get("status") != "ok":
         return CELL.get(r.get("status"), "?") + f" ({r.get('error', '')[:80]})"
-    return f"{r['peak_bytes'] / GIB:8.3f} GiB {r['ms_median']:9.2f} ms"
+    return (f"{r['peak_bytes'] / GIB:8.3f} GiB {r['ms_median']:9.2f} ms"
+            + (f"  ({r['note']})" if r.get("note") else ""))
 
 
 def _memory_table(rows: list[dict]) -> list[str]:
@@ -816,7 +828,8 @@ def _environment(args, kind: str) -> dict:
     props = torch.cuda.get_device_properties(dev)
     name = torch.cuda.get_device_name(dev)
     return {
-        "kind": kind, "device": name, "device_slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
+        "kind": kind, "device": name,
+        "device_slug": re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"),
         "capability": f"sm_{props.major}{props.minor}", "sm_count": props.multi_processor_count,
         "total_memory_bytes": props.total_memory,
         "l2_bytes": getattr(props, "L2_cache_size", 50 * 2**20),

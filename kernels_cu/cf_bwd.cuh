@@ -72,6 +72,15 @@ __device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, cf_i
 }
 
 // -- ldmatrix wrappers on swizzled tiles (CPR chunks per row) ----------------------------------
+// Preconditions, which let the lane-dependent part of every address be a loop invariant of a
+// few registers instead of one register per (row, chunk) the caller touches:
+//  * row0 / krow0 % 8 == 0: every swizzle depends on row & 7 only, so the tile's row0 part is
+//    a plain offset of row0 * CPR * 8 elements;
+//  * a column shift may be folded into `tile` (pass tile + col_base, chunk index relative to
+//    it) when col_base / 8 is a multiple of 8 chunks (of 4 when CPR % 8 == 4, of 2 when
+//    CPR == 2): the swizzle XORs only the low 3 (2, 1) bits of the chunk index, so
+//    (B + j) ^ f == B + (j ^ f) for such a B.
+
 // A operand (16 x 16, row-major) = tile rows row0..+15 (the M dimension), chunks kc, kc+1
 // (the K dimension). Pattern X, non-trans:
 //   r[0] = (rows 0-7, k 0-7) = a0, r[1] = (rows 8-15, k 0-7) = a1,
@@ -79,8 +88,8 @@ __device__ __forceinline__ void load_tile_async(elem_t* s, const elem_t* g, cf_i
 template <int CPR>
 __device__ __forceinline__ void ldsm_a(cf_u32 r[4], const elem_t* tile, int row0, int kc,
                                        int lane) {
-  const int row = row0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4(r, tile + bwd_swizzle<CPR>(row, kc + (lane >> 4)) * 8);
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4(r, tile + row0 * (CPR * 8) + bwd_swizzle<CPR>(row, kc + (lane >> 4)) * 8);
 }
 
 // B operands of two n8 tiles from tile rows row0..+15 stored as (n, k): row = n, chunks kc,
@@ -90,8 +99,8 @@ __device__ __forceinline__ void ldsm_a(cf_u32 r[4], const elem_t* tile, int row0
 template <int CPR>
 __device__ __forceinline__ void ldsm_b(cf_u32 r[4], const elem_t* tile, int row0, int kc,
                                        int lane) {
-  const int row = row0 + (lane & 7) + (lane >> 4) * 8;
-  ldmatrix_x4(r, tile + bwd_swizzle<CPR>(row, kc + ((lane >> 3) & 1)) * 8);
+  const int row = (lane & 7) + (lane >> 4) * 8;
+  ldmatrix_x4(r, tile + row0 * (CPR * 8) + bwd_swizzle<CPR>(row, kc + ((lane >> 3) & 1)) * 8);
 }
 
 // B operands of two n8 tiles from tile rows krow0..+15 stored as (k, n): row = k, chunks
@@ -101,8 +110,8 @@ __device__ __forceinline__ void ldsm_b(cf_u32 r[4], const elem_t* tile, int row0
 template <int CPR>
 __device__ __forceinline__ void ldsm_b_trans(cf_u32 r[4], const elem_t* tile, int krow0,
                                              int nc, int lane) {
-  const int row = krow0 + (lane & 7) + ((lane >> 3) & 1) * 8;
-  ldmatrix_x4_trans(r, tile + bwd_swizzle<CPR>(row, nc + (lane >> 4)) * 8);
+  const int row = (lane & 7) + ((lane >> 3) & 1) * 8;
+  ldmatrix_x4_trans(r, tile + krow0 * (CPR * 8) + bwd_swizzle<CPR>(row, nc + (lane >> 4)) * 8);
 }
 
 // A operand (16 x 16) from a tile stored transposed, rows krow0..+15 = K, chunks mc, mc+1 = M.
@@ -112,8 +121,9 @@ __device__ __forceinline__ void ldsm_b_trans(cf_u32 r[4], const elem_t* tile, in
 template <int CPR>
 __device__ __forceinline__ void ldsm_a_trans(cf_u32 r[4], const elem_t* tile, int krow0, int mc,
                                              int lane) {
-  const int row = krow0 + (lane & 7) + (lane >> 4) * 8;
-  ldmatrix_x4_trans(r, tile + bwd_swizzle<CPR>(row, mc + ((lane >> 3) & 1)) * 8);
+  const int row = (lane & 7) + (lane >> 4) * 8;
+  ldmatrix_x4_trans(r,
+                    tile + krow0 * (CPR * 8) + bwd_swizzle<CPR>(row, mc + ((lane >> 3) & 1)) * 8);
 }
 
 // -- fragments ---------------------------------------------------------------------------------

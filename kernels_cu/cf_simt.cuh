@@ -13,6 +13,10 @@
 //       simt_mm_nt  acc[i][j]      += sum_k A[row_i][k] * B[col_j][k]      (S = Q K^T, dP = dO V^T)
 //       simt_mm_nn  acc[i][4q + e] += sum_k A[row_i][k] * B[k][4 chunk_q + e]  (O += P V, dQ, dK, dV)
 //     A is always read as float4 along k, B as float4 along k (nt) or along columns (nn);
+//   * accuracy: sums are two-level everywhere (blocks of 8 products inside a dot over head_dim,
+//     per-tile sums merged into the accumulators across tiles: simt_mm_nn_merge), because one
+//     running fp32 sum over head_dim or over thousands of keys is several times less accurate
+//     than the blocked sums of a BLAS "naive" reference, which the error rule compares against;
 //   * exp2 is `simt_exp2`, a < 1 ulp software exp2 (CUDA's exp2f is ex2.approx.f32, 2 ulp).
 // Shared-memory pointers handed to these helpers must point into the kernel's dynamic shared
 // memory (the helpers are force-inlined, so the compiler emits LDS).
@@ -21,7 +25,7 @@
 #include "cf_common.cuh"
 
 #ifndef CF_SIMT_UNROLL_NT
-#define CF_SIMT_UNROLL_NT 2
+#define CF_SIMT_UNROLL_NT 1
 #endif
 #ifndef CF_SIMT_UNROLL_NN
 #define CF_SIMT_UNROLL_NN 1
@@ -97,31 +101,45 @@ __device__ __forceinline__ float simt_f4_at(const float4& v, int e) {
 
 // acc[i][j] += sum_{k < kdim} a[i * a_step + k] * b[j * b_step + k]; kdim a multiple of 8.
 // `a` points at the thread's row 0 of A, `b` at its column 0 of B (a row of the B tile).
+// Accuracy: every 8 consecutive products are summed on their own and then added to acc
+// (two-level summation), so the rounding error grows like (8 + kdim / 8) ulp instead of the
+// kdim ulp of one running sum; this keeps S and dP as accurate as a blocked BLAS dot.
 template <int TM, int TN>
 __device__ __forceinline__ void simt_mm_nt(float (&acc)[TM][TN], const float* a, int a_step,
                                            const float* b, int b_step, int kdim) {
 #pragma unroll SIMT_UNROLL_NT
-  for (int k = 0; k < kdim; k += 4) {
-    float4 av[TM], bv[TN];
+  for (int k = 0; k < kdim; k += 8) {
+    float t[TM][TN];
 #pragma unroll
-    for (int i = 0; i < TM; ++i) av[i] = *reinterpret_cast<const float4*>(a + i * a_step + k);
+    for (int half = 0; half < 2; ++half) {
+      float4 av[TM], bv[TN];
 #pragma unroll
-    for (int j = 0; j < TN; ++j) bv[j] = *reinterpret_cast<const float4*>(b + j * b_step + k);
+      for (int i = 0; i < TM; ++i)
+        av[i] = *reinterpret_cast<const float4*>(a + i * a_step + k + 4 * half);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
+      for (int j = 0; j < TN; ++j)
+        bv[j] = *reinterpret_cast<const float4*>(b + j * b_step + k + 4 * half);
 #pragma unroll
-      for (int j = 0; j < TN; ++j) {
-        acc[i][j] = fmaf(av[i].x, bv[j].x, acc[i][j]);
-        acc[i][j] = fmaf(av[i].y, bv[j].y, acc[i][j]);
-        acc[i][j] = fmaf(av[i].z, bv[j].z, acc[i][j]);
-        acc[i][j] = fmaf(av[i].w, bv[j].w, acc[i][j]);
+      for (int i = 0; i < TM; ++i) {
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          t[i][j] = half == 0 ? av[i].x * bv[j].x : fmaf(av[i].x, bv[j].x, t[i][j]);
+          t[i][j] = fmaf(av[i].y, bv[j].y, t[i][j]);
+          t[i][j] = fmaf(av[i].z, bv[j].z, t[i][j]);
+          t[i][j] = fmaf(av[i].w, bv[j].w, t[i][j]);
+        }
       }
     }
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] += t[i][j];
   }
 }
 
 // acc[i][4q + e] += sum_{k < KDIM} a[i * a_step + k] * b[k * ldb + q * b_step + e]; KDIM % 4 == 0.
 // `a` points at the thread's row 0 of A, `b` at its first float4 column chunk of B's row 0.
+// One running sum per output: use it on a fresh (zeroed) acc, or through simt_mm_nn_merge.
 template <int TM, int TQ, int KDIM>
 __device__ __forceinline__ void simt_mm_nn(float (&acc)[TM][4 * TQ], const float* a, int a_step,
                                            const float* b, int ldb, int b_step) {
@@ -149,6 +167,43 @@ __device__ __forceinline__ void simt_mm_nn(float (&acc)[TM][4 * TQ], const float
         }
       }
     }
+  }
+}
+
+// Largest divisor qp of tq with tm * 4 * qp <= max_regs (at least 1): the float4 chunks that
+// simt_mm_nn_merge sums per pass.
+__host__ __device__ constexpr int simt_pass_chunks(int tm, int tq, int max_regs) {
+  int best = 1;
+  for (int qp = 1; qp <= tq; ++qp)
+    if (tq % qp == 0 && tm * 4 * qp <= max_regs) best = qp;
+  return best;
+}
+
+// acc[i][4q + e] = acc[i][4q + e] * scale[i] (SCALED) + sum_{k < KDIM} a[i][k] * b[k][chunk q]
+// with a, b as in simt_mm_nn. The product of one call (one tile) is summed in a fresh register
+// block, QP chunks per pass, and merged into acc with one rounding: acc becomes a sum of
+// per-tile sums (two-level summation), so its error no longer grows with the number of tiles
+// (a single running sum over 4096 keys is ~3x less accurate than a blocked BLAS product).
+// The A rows are re-read once per pass.
+template <int TM, int TQ, int KDIM, int QP, bool SCALED>
+__device__ __forceinline__ void simt_mm_nn_merge(float (&acc)[TM][4 * TQ], const float (&scale)[TM],
+                                                 const float* a, int a_step, const float* b,
+                                                 int ldb, int b_step) {
+  static_assert(TQ % QP == 0, "passes must cover the chunks exactly");
+#pragma unroll
+  for (int q0 = 0; q0 < TQ; q0 += QP) {
+    float t[TM][4 * QP];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int e = 0; e < 4 * QP; ++e) t[i][e] = 0.f;
+    simt_mm_nn<TM, QP, KDIM>(t, a, a_step, b + q0 * b_step, ldb, b_step);
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int e = 0; e < 4 * QP; ++e)
+        acc[i][4 * q0 + e] = SCALED ? fmaf(acc[i][4 * q0 + e], scale[i], t[i][e])
+                                    : acc[i][4 * q0 + e] + t[i][e];
   }
 }
 

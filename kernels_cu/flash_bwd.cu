@@ -76,11 +76,14 @@
 #ifndef CF_DCHUNK
 #define CF_DCHUNK 128
 #endif
-// Query columns of S^T / dP^T held in registers at once (internal; the host never sees it).
+// Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
+// CF_BWD_MSUB = query columns of S^T / dP^T held in registers at once (MSUB / 2 floats each per
+// thread). 32 when the dK + dV accumulators are large (a chunk of >= 96 columns), else 64:
+// with 64 at chunk 128, ptxas (NVRTC 13.5) needs all 255 registers and spills a few.
+// CF_BWD_KUNROLL = unroll factor of the head_dim k-loop of S^T / dP^T.
 #ifndef CF_BWD_MSUB
-#define CF_BWD_MSUB 64
+#define CF_BWD_MSUB ((CF_DCHUNK < CF_HEAD_DIM ? CF_DCHUNK : CF_HEAD_DIM) >= 96 ? 32 : 64)
 #endif
-
 #ifndef CF_BWD_KUNROLL
 #define CF_BWD_KUNROLL 2
 #endif
@@ -101,6 +104,7 @@ enum : int {
   kMS = CF_BLOCK_M < CF_BWD_MSUB ? CF_BLOCK_M : CF_BWD_MSUB,
   kCPR = kD / 8,  // 16-byte chunks per D-tile row
   kSCPR = kBM / 8,  // 16-byte chunks per sdS row
+  kKUnroll = CF_BWD_KUNROLL,  // a name: nvcc does not expand macros in #pragma unroll
   kPW = kDC % 64 == 0 ? 64 : 32,  // dQ piece width
   kSmemBytes =
       (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 + 2 * kStages * kBM * 4,
@@ -111,6 +115,10 @@ static_assert(kBM % 16 == 0 && kBM >= 16 && kBM <= 128, "flash_bwd: CF_BLOCK_M i
 static_assert(kMS % 16 == 0 && kBM % kMS == 0, "flash_bwd: CF_BWD_MSUB must divide CF_BLOCK_M");
 static_assert(kD % 32 == 0 && kD <= 256, "flash_bwd: CF_HEAD_DIM a multiple of 32 up to 256");
 static_assert(CF_DCHUNK % 32 == 0 && CF_DCHUNK <= 128, "flash_bwd: CF_DCHUNK in {32,64,96,128}");
+// c0 = chunk * CF_DCHUNK is then 0 or a multiple of 64 columns, which the column-shifted
+// ldmatrix addressing relies on (cf_bwd.cuh); the dQ pieces start at multiples of kPW columns.
+static_assert(CF_DCHUNK % 64 == 0 || CF_DCHUNK >= CF_HEAD_DIM,
+              "flash_bwd: a chunk narrower than head_dim must be a multiple of 64 columns");
 static_assert(kStages == 1 || kStages == 2, "flash_bwd: CF_STAGES is 1 or 2");
 }  // namespace bwd
 
@@ -160,7 +168,7 @@ __device__ __forceinline__ void bwd_subtile(
   // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
   // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
   const int ksteps = (head_dim + 15) >> 4;
-#pragma unroll CF_BWD_KUNROLL
+#pragma unroll kKUnroll
   for (int kk = 0; kk < ksteps; ++kk) {
     cf_u32 ka[4], va[4];
     // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
@@ -213,10 +221,10 @@ __device__ __forceinline__ void bwd_subtile(
         cf_u32 ob[4], qb[4];
         // ob / qb: B = dO / Q, queries qs+16ks..+15 (k) x cols c0+16jj..+15 (n), .trans: regs =
         // (k0-7,n0-7) (k8-15,n0-7) -> n-tile 2jj; (k0-7,n8-15) (k8-15,n8-15) -> n-tile 2jj+1
-        ldsm_b_trans<kCPR>(ob, tdO, qs + 16 * ks, (c0 >> 3) + 2 * jj, lane);
+        ldsm_b_trans<kCPR>(ob, tdO + c0, qs + 16 * ks, 2 * jj, lane);
         mma_16816(acc_dv[2 * jj], pa, ob[0], ob[1]);
         mma_16816(acc_dv[2 * jj + 1], pa, ob[2], ob[3]);
-        ldsm_b_trans<kCPR>(qb, tQ, qs + 16 * ks, (c0 >> 3) + 2 * jj, lane);
+        ldsm_b_trans<kCPR>(qb, tQ + c0, qs + 16 * ks, 2 * jj, lane);
         mma_16816(acc_dk[2 * jj], dsa, qb[0], qb[1]);
         mma_16816(acc_dk[2 * jj + 1], dsa, qb[2], qb[3]);
       }
@@ -250,7 +258,7 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
     if (qr0 >= seqlen_q || col0 >= head_dim) continue;
     float acc[kPW / 8][4];
     zero_acc(acc);
-#pragma unroll
+#pragma unroll 1
     for (int ks = 0; ks < kBN / 16; ++ks) {
       // dS rows of keys >= seqlen_k are 0, and (causal) so are keys after the piece's last
       // visible key; keys grow with ks, so stop there.
@@ -266,7 +274,7 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
           cf_u32 kb[4];
           // kb: B = K, keys 16ks..+15 (k) x cols col0+16jj..+15 (n), .trans: regs =
           // (k0-7,n0-7) (k8-15,n0-7) -> n-tile 2jj; (k0-7,n8-15) (k8-15,n8-15) -> 2jj+1
-          ldsm_b_trans<kCPR>(kb, sK, 16 * ks, (col0 >> 3) + 2 * jj, lane);
+          ldsm_b_trans<kCPR>(kb, sK + col0, 16 * ks, 2 * jj, lane);
           mma_16816(acc[2 * jj], a, kb[0], kb[1]);
           mma_16816(acc[2 * jj + 1], a, kb[2], kb[3]);
         }

@@ -78,6 +78,7 @@ enum : int {
   kThreads = 32 * CF_WARPS,
   kStages = CF_STAGES,
   kNS = CF_BLOCK_N < CF_BWD_NSUB ? CF_BLOCK_N : CF_BWD_NSUB,
+  kKUnroll = CF_BWD_KUNROLL,  // a name: nvcc does not expand macros in #pragma unroll
   kCPR = kD / 8,  // 16-byte chunks per tile row
   kSmemBytes = (2 * kBM + 2 * kStages * kBN) * kD * 2,
 };
@@ -112,7 +113,7 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
   // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
   // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
   const int ksteps = (head_dim + 15) >> 4;
-#pragma unroll CF_BWD_KUNROLL
+#pragma unroll kKUnroll
   for (int kk = 0; kk < ksteps; ++kk) {
     cf_u32 qa[4], oa[4];
     // qa / oa: A = Q / dO rows sqrow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)

@@ -9,7 +9,7 @@
 //     P  = exp2(S * scale_log2 - lse2)          (0 where masked: key >= seqlen_k, causal,
 //                                                query >= seqlen_q; lse2 = +inf rows give 0)
 //     dS = P * (dP - delta)
-//     acc += dS K_j
+//     acc += dS K_j                               (summed alone per tile, then merged)
 //   dq = softmax_scale * acc for rows < seqlen_q, columns < head_dim (0 for rows that see no key).
 // Keys are visited in a fixed order, so dq is bitwise reproducible.
 //
@@ -86,10 +86,12 @@ enum : int {
 };
 using Tile1 = SimtTile<BM, BN, 1, WARPS>;     // S, dP, P, dS
 using TileQ = SimtTile<BM, D / 4, 4, WARPS>;  // acc, dq
+// acc chunks per merge pass (<= 32 registers of per-tile sums)
+enum : int { QPQ = simt_pass_chunks(TileQ::TM, TileQ::TN, 32) };
 static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES, "smem formula");
 }  // namespace bwd_dq32
 
-extern "C" __global__ void __launch_bounds__(bwd_dq32::NT)
+extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, 1)
     flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                  const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
                  const float* __restrict__ lse2, const float* __restrict__ delta,
@@ -140,6 +142,9 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT)
   const int rq = TileQ::row0(warp, lane), cq = TileQ::col0(warp, lane);
   float acc[TileQ::TM][4 * TileQ::TN];
   simt_zero(acc);
+  float no_scale[TileQ::TM];  // unused by the unscaled merge
+#pragma unroll
+  for (int i = 0; i < TileQ::TM; ++i) no_scale[i] = 1.f;
 
   // -- prologue: group {Q, dO, V_0}, group {K_0}
   simt_load_tile<BM, D, NT>(sQ, LDH, q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm,
@@ -191,9 +196,10 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT)
     }
     __syncthreads();  // sdS complete
 
-    // -- acc += dS K_t
-    simt_mm_nn<TileQ::TM, TileQ::TN, BN>(acc, sdS + rq * LDS, TileQ::RL * LDS, sK + 4 * cq, LDH,
-                                         4 * TileQ::CL);
+    // -- acc += dS K_t (the tile's sum is formed on its own, then merged)
+    simt_mm_nn_merge<TileQ::TM, TileQ::TN, BN, QPQ, false>(acc, no_scale, sdS + rq * LDS,
+                                                           TileQ::RL * LDS, sK + 4 * cq, LDH,
+                                                           4 * TileQ::CL);
     __syncthreads();  // every warp is done with sK and sdS
     if (t + 1 < n_tiles)
       simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)(n0 + BN) * stride_kn, stride_kn,

@@ -9,7 +9,7 @@
 //     P  = exp2(S * scale_log2 - lse2_i)    (0 where masked: key >= seqlen_k, causal,
 //                                            query >= seqlen_q; lse2 = +inf rows give 0)
 //     dS = P * (dP - delta_i)
-//     dV_c += P^T dO_i[:, c],  dK_c += dS^T Q_i[:, c]
+//     dV_c += P^T dO_i[:, c],  dK_c += dS^T Q_i[:, c]   (each tile summed alone, then merged)
 //     CF_DQ_ATOMIC: dq_accum[:, c] += softmax_scale * dS K[:, c]   (float atomics)
 //   dK = softmax_scale * dK_c, dV = dV_c written for every key row < seqlen_k, every column
 //   of the chunk < head_dim (zeros where no query sees the key).
@@ -39,7 +39,7 @@
 //   Tile3  dQ                BLOCK_M x DCHUNK / 4 float4 chunks (per query tile)
 // Registers: dK + dV hold 2 * BLOCK_N * DCHUNK / (32 * WARPS) floats per thread.
 //
-// Constraints: CF_DTYPE = 2; CF_STAGES = 1; CF_HEAD_DIM % 32 == 0, <= 256; CF_DCHUNK % 32 == 0
+// Constraints: CF_DTYPE = 2; CF_STAGES = 1; CF_HEAD_DIM % 32 == 0, <= 256; CF_DCHUNK % 8 == 0
 // and CF_HEAD_DIM % CF_DCHUNK == 0 (so a chunk never leaves the tile); CF_BLOCK_M % 8 == 0,
 // CF_BLOCK_N % 8 == 0; each Tile must have a layout (a static_assert says which failed; it holds
 // when BLOCK_M and BLOCK_N are multiples of 4 * CF_WARPS, and DCHUNK / 4 of 8).
@@ -81,8 +81,8 @@ static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE 
 static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
 static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
               "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
-static_assert(CF_DCHUNK % 32 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
-              "flash_bwd_fp32: CF_DCHUNK must be a multiple of 32 that divides CF_HEAD_DIM");
+static_assert(CF_DCHUNK % 8 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
+              "flash_bwd_fp32: CF_DCHUNK must be a multiple of 8 that divides CF_HEAD_DIM");
 static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
               "flash_bwd_fp32: CF_BLOCK_M and CF_BLOCK_N must be multiples of 8");
 
@@ -105,6 +105,8 @@ enum : int {
 using Tile1 = SimtTile<BM, BN, 1, WARPS>;      // S, dP, P, dS
 using Tile2 = SimtTile<BN, DC / 4, 4, WARPS>;  // dK, dV chunk
 using Tile3 = SimtTile<BM, DC / 4, 4, WARPS>;  // dQ chunk
+// dK, dV chunks per merge pass (<= 32 registers of per-tile sums)
+enum : int { QP2 = simt_pass_chunks(Tile2::TM, Tile2::TN, 32) };
 static_assert(4 * (2 * (BM + BN) * LDH + 2 * BN * LDT + BM * LDS) == CF_BWD_FP32_SMEM_BYTES,
               "smem formula");
 
@@ -139,7 +141,7 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 }
 }  // namespace bwd32
 
-extern "C" __global__ void __launch_bounds__(bwd32::NT)
+extern "C" __global__ void __launch_bounds__(bwd32::NT, 1)
     flash_bwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
               const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
               const float* __restrict__ lse2, const float* __restrict__ delta,
@@ -196,6 +198,9 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT)
   float dk_acc[Tile2::TM][4 * Tile2::TN], dv_acc[Tile2::TM][4 * Tile2::TN];
   simt_zero(dk_acc);
   simt_zero(dv_acc);
+  float no_scale[Tile2::TM];  // unused by the unscaled merge
+#pragma unroll
+  for (int i = 0; i < Tile2::TM; ++i) no_scale[i] = 1.f;
 
   for (int it = 0; it < n_iters; ++it) {
     const int g = it / tiles_per_head;
@@ -219,11 +224,11 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT)
     }
     __syncthreads();  // sPt, sdSt, sdS complete
 
-    // -- phase 2: dV += P^T dO[:, chunk], dK += dS^T Q[:, chunk]
-    simt_mm_nn<Tile2::TM, Tile2::TN, BM>(dv_acc, sPt + r2 * LDT, Tile2::RL * LDT,
-                                         sdO + c0 + 4 * q2, LDH, 4 * Tile2::CL);
-    simt_mm_nn<Tile2::TM, Tile2::TN, BM>(dk_acc, sdSt + r2 * LDT, Tile2::RL * LDT,
-                                         sQ + c0 + 4 * q2, LDH, 4 * Tile2::CL);
+    // -- phase 2: dV += P^T dO[:, chunk], dK += dS^T Q[:, chunk] (per-tile sums, then merged)
+    simt_mm_nn_merge<Tile2::TM, Tile2::TN, BM, QP2, false>(
+        dv_acc, no_scale, sPt + r2 * LDT, Tile2::RL * LDT, sdO + c0 + 4 * q2, LDH, 4 * Tile2::CL);
+    simt_mm_nn_merge<Tile2::TM, Tile2::TN, BM, QP2, false>(
+        dk_acc, no_scale, sdSt + r2 * LDT, Tile2::RL * LDT, sQ + c0 + 4 * q2, LDH, 4 * Tile2::CL);
     __syncthreads();  // every warp is done with sQ, sdO
 
     // -- prefetch the next query tile (overlaps the dQ pass)

@@ -9,7 +9,7 @@
 //     S = Q K_j^T * scale_log2, masked (key >= seqlen_k, causal j > i + seqlen_k - seqlen_q) to -inf
 //     m_new = max(m_i, rowmax S); base = m_new, or 0 while m_new = -inf (no NaN from -inf - -inf)
 //     P = exp2(S - base); alpha = exp2(m_i - base); l_i = l_i * alpha + rowsum P
-//     acc = acc * alpha + P V_j; m_i = m_new
+//     acc = acc * alpha + P V_j; m_i = m_new  (P V_j summed on its own, then merged: two-level)
 //   O = acc / l_i (0 when l_i = 0); m_out = m_i * LN2 (natural log, -inf for a row that sees
 //   no key); l_out = l_i.
 //
@@ -88,15 +88,24 @@ enum : int {
 // All warps on rows, 4 x 8 lanes: the same thread owns the same rows of S and of acc.
 using TileS = SimtTile<BM, BN, 1, WARPS, 4>;     // S, P: BM x BN scalars
 using TileO = SimtTile<BM, D / 4, 4, WARPS, 4>;  // acc, O: BM x (D / 4) float4 chunks
-enum : int { TM = TileS::TM, TN = TileS::TN, TQ = TileO::TN, RL = TileS::RL, CL = TileS::CL };
-static_assert(TileS::WR == WARPS && TileO::WR == WARPS && TileO::RL == RL && TileO::TM == TM,
+enum : int {
+  TM = TileS::TM,
+  TN = TileS::TN,
+  TQ = TileO::TN,
+  RL = TileS::RL,
+  CL = TileS::CL,
+  QP = simt_pass_chunks(TM, TQ, 32),  // acc chunks per P V pass (<= 32 registers of tile sums)
+};
+static_assert((int)TileS::WR == (int)WARPS && (int)TileO::WR == (int)WARPS &&
+                  (int)TileO::RL == (int)RL && (int)TileO::TM == (int)TM,
               "S and acc must share their row layout");
 static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "smem formula");
 
-// -- mask S, online-softmax update in log2 units, P -> shared memory, rescale acc --------------
+// -- mask S, online-softmax update in log2 units, P -> shared memory -----------------------------
 // s: the thread's raw q.k; q_row: global query row of its row 0; k_col: global key of its col 0;
-// p_out: sP at (row 0, col 0) of the thread.
-__device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&acc)[TM][4 * TQ],
+// p_out: sP at (row 0, col 0) of the thread. Returns in alpha the factor exp2(m_old - m_new)
+// that acc must be rescaled by (done by the P V merge).
+__device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[TM],
                                              float (&m_i)[TM], float (&l_i)[TM], float* p_out,
                                              int q_row, int k_col, int seqlen_k, int diag,
                                              float scale_log2) {
@@ -114,7 +123,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&acc)[TM
     for (int off = 1; off < CL; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     const float m_new = fmaxf(m_i[i], mx);
     const float base = (m_new == -CF_INF) ? 0.f : m_new;  // row saw no key yet: P = 0, no NaN
-    const float alpha = simt_exp2(m_i[i] - base);        // 0 when m_i = -inf
+    alpha[i] = simt_exp2(m_i[i] - base);                 // 0 when m_i = -inf
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
@@ -122,15 +131,13 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&acc)[TM
       sum += p;
       p_out[(RL * i) * LDP + CL * j] = p;
     }
-    l_i[i] = fmaf(l_i[i], alpha, sum);
+    l_i[i] = fmaf(l_i[i], alpha[i], sum);
     m_i[i] = m_new;
-#pragma unroll
-    for (int d = 0; d < 4 * TQ; ++d) acc[i][d] *= alpha;
   }
 }
 }  // namespace fwd32
 
-extern "C" __global__ void __launch_bounds__(fwd32::NT)
+extern "C" __global__ void __launch_bounds__(fwd32::NT, 1)
     flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
               const elem_t* __restrict__ v, elem_t* __restrict__ o, float* __restrict__ m_out,
               float* __restrict__ l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
@@ -194,14 +201,16 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT)
                                 seqlen_k - (n0 + BN), head_dim, k, tid);
     cp_async_commit();
 
-    softmax_tile(s, acc, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, seqlen_k, diag,
+    float alpha[TM];
+    softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, seqlen_k, diag,
                  scale_log2);
 
     cp_async_wait<1>();  // V_t landed (K_{t+1} may still be in flight)
     __syncthreads();     // ... for every thread; sP complete
 
-    // -- acc += P V_t
-    simt_mm_nn<TM, TQ, BN>(acc, sP + row0 * LDP, RL * LDP, sV + 4 * col0, LDH, 4 * CL);
+    // -- acc = acc * alpha + P V_t (the tile's sum is formed on its own, then merged)
+    simt_mm_nn_merge<TM, TQ, BN, QP, true>(acc, alpha, sP + row0 * LDP, RL * LDP, sV + 4 * col0,
+                                           LDH, 4 * CL);
     __syncthreads();  // every warp is done with sV and sP
     if (t + 1 < n_tiles)
       simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)(n0 + BN) * stride_vn, stride_vn,

@@ -56,7 +56,7 @@ def short(dtype: str) -> str:
 
 
 def rng_for(seed: int | None = None) -> np.random.Generator:
-    """A fresh generator: new entropy each call unless a seed (e.g. drawn by hypothesis) is given."""
+    """A fresh generator: new entropy on each call unless given a seed (drawn by hypothesis)."""
     return np.random.default_rng(seed)
 
 
@@ -324,7 +324,7 @@ def precompile(spec_list: Iterable, device_id: int = 0) -> dict[str, str]:
         try:
             get_kernel(spec, device_id)
         except Exception as exc:  # reported below; the test compiles it again and fails
-            failures[spec.name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            failures[spec.name] = f"{type(exc).__name__}: {str(exc)[:1500]}"
 
     start = time.perf_counter()
     workers = max(1, min(16, os.cpu_count() or 1))

@@ -54,16 +54,13 @@ def check_configs():
 
 
 def bench_configs():
-    out = []
-    for causal in (0, 1):
-        for (w, n, s) in [(8, 64, 2), (4, 64, 2), (8, 128, 2), (4, 128, 2), (8, 32, 2)]:
-            out.append(("bf16", 128, w, n, s, causal, ()))
-        out.append(("bf16", 128, 4, 64, 2, causal, ("CF_FWD_Q_IN_REGS=0", "CF_FWD_MIN_BLOCKS=2")))
-        out.append(("bf16", 128, 8, 64, 2, causal, ("CF_FWD_LDSM_AHEAD=1",)))
-        out.append(("bf16", 128, 8, 64, 2, causal, ("CF_FWD_LDSM_AHEAD=3",)))
-        for (w, n, s) in [(8, 128, 2), (8, 64, 2), (4, 64, 2)]:
-            out.append(("bf16", 64, w, n, s, causal, ()))
-    return out
+    tiles = {64: [(4, 64, 2), (8, 128, 2), (4, 128, 2), (8, 64, 2)],
+             96: [(4, 64, 2), (8, 64, 2)],
+             128: [(8, 64, 2), (4, 64, 2), (8, 128, 2), (4, 32, 2)],
+             192: [(8, 64, 2), (4, 32, 2)],
+             256: [(8, 64, 2), (4, 32, 2), (8, 32, 2)]}
+    return [("bf16", d, w, n, s, causal, ()) for causal in (0, 1) for d, ts in tiles.items()
+            for (w, n, s) in ts]
 
 
 def smem_bytes(c):
@@ -276,23 +273,25 @@ def bench(cubins, configs, out_lines):
     for d in sorted({c[1] for c in configs}):
         for causal in (0, 1):
             for sq in (1024, 4096, 16384):
-                B, H = 16384 // sq, 2048 // d
+                B, H = 16384 // sq, 2048 // d  # 16k tokens, hidden 2048 (FA2's benchmark)
                 q, k, v = make_qkv(B, H, H, sq, sq, d, torch.bfloat16, False, gen)
                 flops = 4 * B * H * sq * sq * d / (2 if causal else 1)  # QK^T and PV
-                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    f = lambda: F.scaled_dot_product_attention(
-                        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                        is_causal=bool(causal))
-                    t_ref = time_ms(f)
-                line = f"d{d} causal{causal} B{B} H{H} S{sq}: torch-flash {flops / t_ref / 1e9:6.1f}"
+                f = lambda: F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                    is_causal=bool(causal))
                 o = torch.empty_like(q)
-                for c in configs:
-                    if c[1] != d or c[5] != causal:
-                        continue
-                    t = time_ms(lambda: run_fwd(c, cubins, q, k, v, d ** -0.5, o))
-                    rows.append((cfg_name(c), sq, flops / t / 1e9))
-                    line += f" | {cfg_name(c)[9:]} {flops / t / 1e9:6.1f}"
-                print(line + "  TFLOP/s", flush=True)
+                tf = {}
+                for rep in range(2):  # twice, interleaved: the spread is the noise
+                    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                        tf.setdefault("torch-flash", []).append(flops / time_ms(f) / 1e9)
+                    for c in configs:
+                        if c[1] == d and c[5] == causal:
+                            t = time_ms(lambda: run_fwd(c, cubins, q, k, v, d ** -0.5, o))
+                            tf.setdefault(cfg_name(c)[9:], []).append(flops / t / 1e9)
+                line = f"d{d} c{causal} B{B} H{H} S{sq}:" + " |".join(
+                    f" {name.replace(f'd{d}_', '')} {a:.0f}/{b:.0f}" for name, (a, b) in tf.items())
+                rows.append(line)
+                print(line, flush=True)
                 out_lines.append(line)
     return rows
 

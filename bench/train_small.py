@@ -1,0 +1,302 @@
+"""Train a small transformer with cuflash.torch and with torch's SDPA; compare the loss curves.
+
+The "done when" check of the framework adapters:
+
+    python bench/train_small.py --out bench/results          # GPU: 2 layers, d_model 512,
+                                                              # 8 heads, seqlen 1024, bf16
+    python bench/train_small.py --tiny --out /tmp/train       # CPU-sized smoke run
+
+Both models start from the same initial weights and see the same batches (a synthetic
+next-token task with learnable structure: each token is followed by a fixed successor 90% of
+the time, so the loss falls quickly). Each is trained ``--steps`` steps with AdamW under
+bf16 autocast, eagerly and under ``torch.compile`` (skip with ``--no-compile``). Printed and
+written to ``OUT/train_small.json``: both loss curves per mode, the max |loss difference|,
+median step times. With ``--jax`` a JAX version (jax.jit, cuflash.jax vs a jax.numpy
+attention) runs too, when the JAX backend supports cuflash under jit (the CPU backend; on
+GPU jit needs the XLA FFI custom call cuflash does not have yet, recorded as skipped).
+
+Exit status 1 if a max |loss difference| exceeds ``--tolerance``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+FULL = dict(layers=2, d_model=512, heads=8, seqlen=1024, batch=8, vocab=4096)
+TINY = dict(layers=2, d_model=64, heads=4, seqlen=48, batch=2, vocab=64)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def make_batches(cfg: dict, steps: int, seed: int) -> np.ndarray:
+    """(steps, batch, seqlen + 1) int64 tokens: a fixed successor 90% of the time, else random."""
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(cfg["vocab"])
+    shape = (steps, cfg["batch"], cfg["seqlen"] + 1)
+    tokens = np.empty(shape, dtype=np.int64)
+    tokens[..., 0] = rng.integers(cfg["vocab"], size=shape[:2])
+    noise = rng.integers(cfg["vocab"], size=shape)
+    keep = rng.random(shape) < 0.9
+    for t in range(1, shape[-1]):
+        tokens[..., t] = np.where(keep[..., t], successor[tokens[..., t - 1]], noise[..., t])
+    return tokens
+
+
+# -- torch model -----------------------------------------------------------------------------
+
+
+def build_torch_model(cfg: dict, attention: str):
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    import cuflash.torch as ct
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = cfg["heads"]
+            self.qkv = nn.Linear(cfg["d_model"], 3 * cfg["d_model"], bias=False)
+            self.proj = nn.Linear(cfg["d_model"], cfg["d_model"], bias=False)
+            self.attention = attention
+
+        def forward(self, x):
+            b, s, d = x.shape
+            # (b, s, 3, heads, head_dim): q, k, v are strided views, no copies for cuflash
+            qkv = self.qkv(x).view(b, s, 3, self.heads, d // self.heads)
+            q, k, v = qkv.unbind(2)
+            if self.attention == "cuflash":
+                o = ct.flash_attention(q, k, v, causal=True)
+            else:
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                   v.transpose(1, 2), is_causal=True)
+                o = o.transpose(1, 2)
+            return self.proj(o.reshape(b, s, d))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(cfg["d_model"]), nn.LayerNorm(cfg["d_model"])
+            self.attn = Attention()
+            self.mlp = nn.Sequential(nn.Linear(cfg["d_model"], 4 * cfg["d_model"]), nn.GELU(),
+                                     nn.Linear(4 * cfg["d_model"], cfg["d_model"]))
+
+        def forward(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(cfg["vocab"], cfg["d_model"])
+            self.pos = nn.Parameter(torch.randn(cfg["seqlen"], cfg["d_model"]) * 0.02)
+            self.blocks = nn.ModuleList(Block() for _ in range(cfg["layers"]))
+            self.ln = nn.LayerNorm(cfg["d_model"])
+            self.head = nn.Linear(cfg["d_model"], cfg["vocab"], bias=False)
+
+        def forward(self, tokens, targets):
+            x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+            for block in self.blocks:
+                x = block(x)
+            logits = self.head(self.ln(x)).float()
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    return Model()
+
+
+def set_attention(model, attention: str) -> None:
+    for block in model.blocks:
+        block.attn.attention = attention
+
+
+def train_torch(model, batches, device: str, compile_: bool, lr: float):
+    """Losses and step times (ms) of one run; the model is trained in place."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(tokens):
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    fn = torch.compile(step, fullgraph=False) if compile_ else step
+    losses, times = [], []
+    for tokens in batches:
+        start = time.perf_counter()
+        loss = fn(tokens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+        losses.append(float(loss))
+    return losses, times
+
+
+def run_torch(cfg: dict, args) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    init = build_torch_model(cfg, "sdpa").to(device)
+    batches = torch.from_numpy(make_batches(cfg, args.steps, args.seed)).to(device)
+    modes = ["eager"] + ([] if args.no_compile else ["compile"])
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+           or "cpu", "modes": {}}
+    for mode in modes:
+        curves = {}
+        for attention in ("sdpa", "cuflash"):
+            if mode == "compile":
+                torch._dynamo.reset()
+            model = copy.deepcopy(init)
+            set_attention(model, attention)
+            losses, times = train_torch(model, batches, device, mode == "compile", args.lr)
+            curves[attention] = {"losses": losses, "median_step_ms": statistics.median(times),
+                                 "first_step_ms": times[0]}
+        diff = max(abs(a - b) for a, b in zip(curves["sdpa"]["losses"],
+                                              curves["cuflash"]["losses"]))
+        out["modes"][mode] = {**curves, "max_abs_loss_diff": diff}
+    return out
+
+
+# -- jax -------------------------------------------------------------------------------------
+
+
+def run_jax(cfg: dict, args) -> dict:
+    """The same comparison in JAX under jax.jit (plain SGD, bf16 activations)."""
+    import jax
+    import jax.numpy as jnp
+
+    import cuflash.jax as cj
+
+    if jax.default_backend() != "cpu":
+        return {"skipped": f"cuflash.jax under jax.jit needs the XLA FFI custom call on "
+                           f"{jax.default_backend()} (not implemented)"}
+    d, h, vocab = cfg["d_model"], cfg["heads"], cfg["vocab"]
+    key = jax.random.PRNGKey(args.seed)
+    keys = iter(jax.random.split(key, 4 + 4 * cfg["layers"]))
+
+    def dense(n_in, n_out):
+        return jax.random.normal(next(keys), (n_in, n_out), jnp.float32) / math.sqrt(n_in)
+
+    params = {"embed": jax.random.normal(next(keys), (vocab, d)) * 0.02,
+              "pos": jax.random.normal(next(keys), (cfg["seqlen"], d)) * 0.02,
+              "head": dense(d, vocab),
+              "blocks": [{"qkv": dense(d, 3 * d), "proj": dense(d, d), "up": dense(d, 4 * d),
+                          "down": dense(4 * d, d)} for _ in range(cfg["layers"])]}
+
+    def reference_attention(q, k, v):
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+        n = q.shape[1]
+        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    def norm(x):
+        x = x.astype(jnp.float32)
+        return ((x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5))
+
+    def loss_fn(params, tokens, attention):
+        inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        x = params["embed"][inp] + params["pos"][: inp.shape[1]]
+        bf = jnp.bfloat16
+        for blk in params["blocks"]:
+            qkv = (norm(x).astype(bf) @ blk["qkv"].astype(bf)).reshape(*inp.shape, 3, h, d // h)
+            o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(*inp.shape, d)
+            x = x + (o @ blk["proj"].astype(bf)).astype(jnp.float32)
+            up = jax.nn.gelu(norm(x).astype(bf) @ blk["up"].astype(bf))
+            x = x + (up @ blk["down"].astype(bf)).astype(jnp.float32)
+        logits = norm(x) @ params["head"]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, tgt[..., None], axis=-1).mean()
+
+    batches = jnp.asarray(make_batches(cfg, args.steps, args.seed))
+    curves = {}
+    for name, attention in (("jnp", reference_attention),
+                            ("cuflash", lambda q, k, v: cj.flash_attention(q, k, v, causal=True))):
+        @jax.jit
+        def step(params, tokens, attention=attention):
+            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, attention)
+            return jax.tree.map(lambda p, g: p - args.jax_lr * g, params, grads), loss
+
+        p, losses = params, []
+        for tokens in batches:
+            p, loss = step(p, tokens)
+            losses.append(float(loss))
+        curves[name] = {"losses": losses}
+    diff = max(abs(a - b) for a, b in zip(curves["jnp"]["losses"], curves["cuflash"]["losses"]))
+    return {"backend": jax.default_backend(), **curves, "max_abs_loss_diff": diff}
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def _print_curves(title: str, curves: dict, names: tuple[str, str]) -> None:
+    a, b = names
+    print(f"\n{title}\n step  {a:>10} {b:>10}")
+    for i, (x, y) in enumerate(zip(curves[a]["losses"], curves[b]["losses"])):
+        if i < 5 or i % 10 == 9 or i == len(curves[a]["losses"]) - 1:
+            print(f" {i:4d}  {x:10.5f} {y:10.5f}")
+    print(f" max |loss difference| = {curves['max_abs_loss_diff']:.3g}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized model and data")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--jax-lr", type=float, default=0.2)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--jax", action="store_true", help="also run the JAX comparison")
+    parser.add_argument("--tolerance", type=float, default=0.05,
+                        help="max |loss difference| allowed (bf16 training noise)")
+    args = parser.parse_args(argv)
+    cfg = TINY if args.tiny else FULL
+    start = time.perf_counter()
+    result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "config": {**cfg, "steps": args.steps, "seed": args.seed, "lr": args.lr,
+                         "dtype": "bfloat16 autocast"},
+              "torch": run_torch(cfg, args)}
+    print(f"device: {result['torch']['device']}; config: {result['config']}")
+    for mode, curves in result["torch"]["modes"].items():
+        _print_curves(f"torch, {mode}", curves, ("sdpa", "cuflash"))
+        print(f" median step ms: sdpa {curves['sdpa']['median_step_ms']:.2f}, "
+              f"cuflash {curves['cuflash']['median_step_ms']:.2f}")
+    diffs = [c["max_abs_loss_diff"] for c in result["torch"]["modes"].values()]
+    if args.jax:
+        result["jax"] = run_jax(cfg, args)
+        if "skipped" in result["jax"]:
+            print(f"\njax: skipped: {result['jax']['skipped']}")
+        else:
+            _print_curves("jax, jit", result["jax"], ("jnp", "cuflash"))
+            diffs.append(result["jax"]["max_abs_loss_diff"])
+    result["seconds"] = time.perf_counter() - start
+    result["ok"] = all(d <= args.tolerance for d in diffs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "train_small.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"\n{'ok' if result['ok'] else 'FAIL'}: max |loss difference| {max(diffs):.3g} "
+          f"(tolerance {args.tolerance}); {result['seconds']:.1f} s; wrote {path}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
