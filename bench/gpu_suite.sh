@@ -40,9 +40,10 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
         --junitxml="$OUT/results/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     sanitize)
-      run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize.py
-      TAIL_LINES=12 run_stage racecheck compute-sanitizer --tool racecheck --racecheck-report all \
-        --error-exitcode 1 $PY bench/sanitize.py --quick ;;
+      run_stage memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer --tool memcheck \
+        --error-exitcode 1 $PY bench/sanitize.py
+      TAIL_LINES=12 run_stage racecheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+        --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py --quick ;;
     bench)
       run_stage bench $PY -m cuflash bench --quick --out-dir "$OUT/results" ;;
     memory)

@@ -150,7 +150,7 @@ def _to_rows(x: np.ndarray, heads_kv: int) -> np.ndarray:
     """(b, s, heads, d), any dtype and strides -> float32 C-contiguous (b, heads_kv, s*group, d)."""
     b, s, h, d = x.shape
     x5 = x.reshape(b, s, heads_kv, h // heads_kv, d).transpose(0, 2, 1, 3, 4)  # a view
-    return np.ascontiguousarray(x5, dtype=_F32).reshape(b, heads_kv, -1, d)
+    return np.ascontiguousarray(x5, dtype=_F32).reshape(b, heads_kv, s * (h // heads_kv), d)
 
 
 def _from_rows(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -166,7 +166,7 @@ def _stats_to_rows(x: np.ndarray, heads_kv: int) -> np.ndarray:
     """(b, heads, s) -> float32 (b, heads_kv, s*group), the row order of ``_to_rows``."""
     b, h, s = x.shape
     x4 = x.reshape(b, heads_kv, h // heads_kv, s).transpose(0, 1, 3, 2)
-    return np.ascontiguousarray(x4, dtype=_F32).reshape(b, heads_kv, -1)
+    return np.ascontiguousarray(x4, dtype=_F32).reshape(b, heads_kv, s * (h // heads_kv))
 
 
 def _stats_from_rows(rows: np.ndarray, heads: int) -> np.ndarray:

@@ -2,8 +2,8 @@
 // loads, the warp-level S = Q K^T and O += P V products on tensor cores, masking, the
 // online-softmax update and the O epilogue.
 //
-// Macro-free on purpose: every shape is a template argument, so a later kernel (decode,
-// split-KV) can reuse these with its own tiles. Conventions, for every helper:
+// Every shape is a template argument (the one macro is the CF_FWD_LDSM_AHEAD tuning knob), so
+// a later kernel (decode, split-KV) can reuse these with its own tiles. Conventions:
 // - A tile in shared memory holds rows of CHUNKS 16-byte chunks (CHUNKS = head_dim / 8), no
 //   padding; chunk c of row r sits at swizzle_chunk<CHUNKS>(r, c) (cf_common.cuh). The
 //   swizzle depends only on r % 8, so any band of rows starting at a multiple of 8 can be

@@ -25,9 +25,21 @@
 // Tiles. CF_BLOCK_N = 16 * CF_WARPS; warp w owns key rows 16 w .. 16 w + 15 of the block for the
 // whole kernel (S^T, dP^T rows, dK and dV rows). Query tiles are processed in sub-tiles of
 // MSUB = min(CF_BLOCK_M, CF_BWD_MSUB) columns so S^T and dP^T take MSUB / 2 floats per thread
-// each. dQ: after a query tile, every warp's dS^T rows sit in shared memory; the
-// CF_BLOCK_M x CF_DCHUNK dQ update is cut into pieces of 16 query rows x PW columns
-// (PW = 64, or 32 when CF_DCHUNK is not a multiple of 64) dealt round-robin to the warps.
+// each; a warp skips a sub-tile whose P^T block is all zero (causal, tails). dQ: after a query
+// tile, every warp's dS^T rows sit in shared memory; the CF_BLOCK_M x CF_DCHUNK dQ update is
+// cut into pieces of 16 query rows x PW columns (PW = 64, or 32 when the chunk is not a
+// multiple of 64 columns) dealt round-robin to the warps, each piece added to dq_accum with
+// red.global.add.v2.f32 (sm_90; two scalar atomics before).
+//
+// Registers per thread: dK + dV accumulators min(CF_DCHUNK, CF_HEAD_DIM) floats, S^T + dP^T
+// MSUB floats, a dQ piece PW / 2 floats (not live at the same time as S^T / dP^T). With
+// chunk 128 this is 128 + 32 (+ addresses): 230-250 registers, no spills (NVRTC 13.5, sm_80
+// and sm_90; bench/dev/compile_bwd_sweep.py checks every configuration).
+//
+// Pipeline (per query tile `it`): wait for its cp.async group, __syncthreads (publishes it and
+// frees the other stage), issue tile it+1 into the other stage (2 stages), compute, and with
+// CF_DQ_ATOMIC a second __syncthreads before the dQ pieces read sdS. 1 stage: tile it+1 is
+// issued after the last read of stage 0 (after the second barrier, or a barrier of its own).
 //
 // Shared memory (bytes), all dynamic, in this order:
 //   sK, sV   CF_BLOCK_N x CF_HEAD_DIM each            (resident, loaded once)
@@ -48,6 +60,12 @@
 // heads, head_dim), zeroed by the launcher, receives dQ already times softmax_scale.
 // Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
 // Every dk / dv element of a row < seqlen_k is written (zeros for keys no query sees).
+//
+// Host contract (docs/kernel_abi.md): head_dim a multiple of 8 with 8 <= head_dim <=
+// CF_HEAD_DIM; row starts of q, k, v, dout 16-byte aligned and of dk, dv 4-byte aligned;
+// CF_DCHUNK a multiple of 64 unless it covers the whole bucket (the host's 64 or
+// min(CF_HEAD_DIM, 128)); heads == heads_kv * heads_per_kv; dq_accum zeroed when
+// CF_DQ_ATOMIC (it may be null otherwise); seqlen_q, seqlen_k >= 1 and their sum < 2^31.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1

@@ -29,10 +29,23 @@
 //   chunks swizzled by swizzle_chunk<CF_HEAD_DIM / 8>; rows past seqlen_q / seqlen_k and
 //   columns past head_dim are zero-filled.
 //
+// Registers per thread: dQ accumulator CF_HEAD_DIM / 2 floats, S + dP NSUB floats; at
+// head_dim 256 that is 128 + 32 (+ addresses): ~225 registers, no spills (NVRTC 13.5, sm_80
+// and sm_90; bench/dev/compile_bwd_sweep.py checks every configuration).
+//
+// Pipeline (per key tile `it`): wait for its cp.async group, __syncthreads (publishes it and
+// frees the other stage), issue tile it+1 into the other stage (2 stages), compute; 1 stage:
+// a second __syncthreads after the compute, then tile it+1 is issued.
+//
 // Layouts: q, dout, dq (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_kv,
 // head_dim); strides in elements, head_dim contiguous. lse2, delta float32 (batch, heads,
 // seqlen_q), lse2 in log2 units (+inf for a row that sees no key, so its dq is 0).
 // Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+// Every dq element of a row < seqlen_q, column < head_dim is written.
+//
+// Host contract (docs/kernel_abi.md): head_dim a multiple of 8 with 8 <= head_dim <=
+// CF_HEAD_DIM; row starts of q, k, v, dout 16-byte aligned and of dq 4-byte aligned;
+// heads == heads_kv * heads_per_kv; seqlen_q + seqlen_k < 2^31.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
