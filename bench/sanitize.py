@@ -106,6 +106,19 @@ def to_host(x, dtype: str) -> np.ndarray:
     return out.view(NP_DTYPES[dtype]) if out.dtype.kind in "iu" else out
 
 
+# The error rule's slack, as in tests/gpu_helpers.py (ULP_SLACK, which says why):
+# atol = default_atol + ULP_SLACK * eps(dtype) * max(1, max |ref| over the call's outputs).
+ULP_SLACK = {"float32": 64.0, "float16": 0.5, "bfloat16": 0.5}
+
+
+def rule_atol(dtype: str, *refs: np.ndarray) -> float:
+    from cuflash import reference
+
+    eps = float(ml_dtypes.finfo(NP_DTYPES[dtype]).eps)
+    magnitude = max([float(np.abs(r).max()) for r in refs if r.size], default=0.0)
+    return reference.default_atol(NP_DTYPES[dtype]) + ULP_SLACK[dtype] * eps * max(1.0, magnitude)
+
+
 def spec_names(dtype: str, head_dim: int, causal: bool) -> str:
     from cuflash import launch, specs
 
@@ -141,17 +154,17 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     cupy.cuda.Device().synchronize()  # sanitizer reports land on this case
     seconds = time.perf_counter() - start
 
-    atol = reference.default_atol(nd)
     o_ref = reference.attention_reference(q, k, v, causal=causal)[0]
     o_naive = reference.attention_naive(q, k, v, causal=causal, dtype=nd)
-    reports = [reference.compare("o", to_host(o, dtype), o_ref, o_naive, atol=atol)]
+    reports = [reference.compare("o", to_host(o, dtype), o_ref, o_naive,
+                                 atol=rule_atol(dtype, o_ref))]
     g_ref = reference.attention_backward_reference(do, q, k, v, causal=causal)
     g_naive = reference.attention_backward_naive(do, q, k, v, causal=causal, dtype=nd)
     for det, got in grads.items():
         mode = "det" if det else "atomic"
         for name, g, r, n in zip(("dq", "dk", "dv"), got, g_ref, g_naive):
             reports.append(reference.compare(f"{name}/{mode}", to_host(g, dtype), r, n,
-                                             atol=atol))
+                                             atol=rule_atol(dtype, *g_ref)))
     ok = all(r.ok for r in reports)
     worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / r.bound)
     line = (f"{'ok  ' if ok else 'FAIL'} {dtype:8s} d{head_dim:<3d} "

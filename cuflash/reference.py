@@ -106,16 +106,25 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None):
     return np.ascontiguousarray(o), m, l
 
 
-def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None):
+def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None, o=None):
     """Analytic float64 gradients of sum(do * o). Returns (dq, dk, dv) in float64.
 
-    Uses the softmax Jacobian directly, dS = P * (dP - rowsum(P * dP)), independent of the
-    delta = rowsum(dO * O) identity the fast paths use. dK, dV are summed over each group.
+    Without ``o``: the true gradients, from the softmax Jacobian directly,
+    dS = P * (dP - rowsum(P * dP)), independent of the delta identity the fast paths use.
+    With ``o`` (the forward output as a FlashAttention backward receives it, e.g. rounded to
+    a 16-bit dtype): delta = rowsum(dO * o) in float64, i.e. the exact FlashAttention-2
+    backward given that o. The two differ only by o's rounding, which FlashAttention's dS
+    inherits; tests of a backward judge it against the latter (see tests/test_cpu_numerics.py).
+    dK, dV are summed over each GQA group.
     """
     q_h, k_h, p, _, _, scale, group = _reference_probs(q, k, causal, softmax_scale)
     v_h, do_h = _heads_first(v, group, _F64), _heads_first(do, 1, _F64)
     dp = np.matmul(do_h, v_h.swapaxes(-1, -2))
-    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    if o is None:
+        delta = (p * dp).sum(axis=-1, keepdims=True)
+    else:
+        delta = (do_h * _heads_first(o, 1, _F64)).sum(axis=-1)[..., None]
+    ds = p * (dp - delta)
     dq = np.matmul(ds, k_h) * scale
     dk = np.matmul(ds.swapaxes(-1, -2), q_h) * scale
     dv = np.matmul(p.swapaxes(-1, -2), do_h)

@@ -143,13 +143,14 @@ def smem_bytes(spec: KernelSpec) -> int:
 
 
 def _smem_fp32(spec: KernelSpec) -> int:
+    """The float32 SIMT kernels pad each shared row by 4 floats against bank conflicts."""
     m, n, d = spec.block_m, spec.block_n, spec.head_dim
-    if spec.kind == "fwd":
-        return (m + 2 * n) * d * 4
-    if spec.kind == "bwd":
-        return (2 * n * d + 2 * m * d + n * m) * 4 + 2 * m * 4
-    if spec.kind == "bwd_dq":
-        return (2 * m + 2 * n) * d * 4
+    if spec.kind == "fwd":  # Q, K, V tiles + the P tile
+        return 4 * ((m + 2 * n) * (d + 4) + m * (n + 4))
+    if spec.kind == "bwd":  # Q, dO, K, V tiles + P^T, dS^T + dS
+        return 4 * (2 * (m + n) * (d + 4) + 2 * n * (m + 4) + m * (n + 4))
+    if spec.kind == "bwd_dq":  # Q, dO, K, V tiles + dS
+        return 4 * (2 * (m + n) * (d + 4) + m * (n + 4))
     raise ValueError(f"unknown kernel kind {spec.kind!r}")
 
 
@@ -209,10 +210,11 @@ _FWD16 = {
 _BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 # bwd_dq, 16-bit: (warps, block_n, stages).
 _BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
-# float32 (SIMT): (warps, block_m or block_n, stages) per kind.
-_FWD32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
-_BWD32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
-_BWDDQ32 = [(4, 32, 1), (4, 16, 1), (2, 16, 1), (1, 16, 1)]
+# float32 (SIMT, one stage): (warps, block_m, block_n). The kernels need block_m and block_n
+# multiples of 8 and of 4 * warps; the last entry of each fits head_dim 256 in 48 KB.
+_FWD32 = [(4, 64, 32), (4, 32, 16), (2, 16, 16), (1, 16, 8)]
+_BWD32 = [(4, 32, 32), (2, 16, 16), (1, 8, 16), (1, 8, 8)]
+_BWDDQ32 = [(4, 32, 32), (4, 16, 16), (2, 16, 8), (1, 8, 8)]
 
 
 def _size_class(head_dim: int) -> str:
@@ -232,13 +234,12 @@ def _first_fitting(candidates: Iterator[KernelSpec], budget: int, what: str) -> 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool) -> KernelSpec:
     bucket = head_dim_bucket(head_dim)
     if dtype == "float32":
-        table = _FWD32
-        make = lambda w, n, s: KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
+        candidates = (KernelSpec("fwd", dtype, bucket, m, n, w, 1, causal)
+                      for w, m, n in _FWD32)
     else:
-        table = _FWD16[_size_class(bucket)]
-        make = lambda w, n, s: KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
-    return _first_fitting((make(*c) for c in table), facts.smem_optin,
-                          f"forward {dtype} head_dim {head_dim}")
+        candidates = (KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
+                      for w, n, s in _FWD16[_size_class(bucket)])
+    return _first_fitting(candidates, facts.smem_optin, f"forward {dtype} head_dim {head_dim}")
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
@@ -248,9 +249,12 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     # dK + dV accumulators hold dchunk floats per thread: at most 128, split evenly
     # (160 -> 2 x 80, 256 -> 2 x 128); S and dP are recomputed once per chunk.
     dchunk = bucket // -(-bucket // 128)
-    table = _BWD32 if dtype == "float32" else _BWD16
-    specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
-                        dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in table)
+    if dtype == "float32":
+        specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
+                            dq_atomic=not deterministic, dchunk=dchunk) for w, m, n in _BWD32)
+    else:
+        specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
+                            dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in _BWD16)
     return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")
 
 
@@ -258,8 +262,12 @@ def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,
                        causal: bool) -> KernelSpec:
     """The deterministic dQ pass."""
     bucket = head_dim_bucket(head_dim)
-    table = _BWDDQ32 if dtype == "float32" else _BWDDQ16
-    specs = (KernelSpec("bwd_dq", dtype, bucket, 16 * w, n, w, s, causal) for w, n, s in table)
+    if dtype == "float32":
+        specs = (KernelSpec("bwd_dq", dtype, bucket, m, n, w, 1, causal)
+                 for w, m, n in _BWDDQ32)
+    else:
+        specs = (KernelSpec("bwd_dq", dtype, bucket, 16 * w, n, w, s, causal)
+                 for w, n, s in _BWDDQ16)
     return _first_fitting(specs, facts.smem_optin, f"backward dq {dtype} head_dim {head_dim}")
 
 

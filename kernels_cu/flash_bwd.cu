@@ -94,6 +94,9 @@
 #ifndef CF_DCHUNK
 #define CF_DCHUNK 128
 #endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0  // cache key only
+#endif
 // Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
 // CF_BWD_MSUB = query columns of S^T / dP^T held in registers at once (MSUB / 2 floats each per
 // thread). 32 when the dK + dV accumulators are large (a chunk of >= 96 columns), else 64:

@@ -68,6 +68,9 @@
 #ifndef CF_CAUSAL
 #define CF_CAUSAL 0
 #endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0  // cache key only
+#endif
 // Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
 // CF_BWD_NSUB = keys of S / dP held in registers at once (NSUB / 2 floats each per thread);
 // CF_BWD_KUNROLL = unroll factor of the head_dim k-loop of S / dP; 1 from head_dim 192, where

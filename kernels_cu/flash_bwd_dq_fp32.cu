@@ -13,7 +13,8 @@
 //   dq = softmax_scale * acc for rows < seqlen_q, columns < head_dim (0 for rows that see no key).
 // Keys are visited in a fixed order, so dq is bitwise reproducible.
 //
-// Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile, .y = head, .z = batch.
+// Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile (reversed when causal,
+// so the tiles with the most keys start first), .y = head, .z = batch.
 // Block = 32 * CF_WARPS threads.
 // Layouts: q, dout, dq (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_kv,
 // head_dim); element strides, head_dim contiguous, rows 16-byte aligned. lse2, delta
@@ -58,8 +59,18 @@
 #ifndef CF_CAUSAL
 #define CF_CAUSAL 0
 #endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK CF_HEAD_DIM  // flash_bwd only; unused here
+#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
+#endif
+// Tuning knob of the fp32 files only (not part of the ABI; the launcher never sets it):
+#ifndef CF_FP32_MIN_BLOCKS
+#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
 #endif
 
 #include "cf_simt.cuh"
@@ -91,7 +102,7 @@ enum : int { QPQ = simt_pass_chunks(TileQ::TM, TileQ::TN, 32) };
 static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES, "smem formula");
 }  // namespace bwd_dq32
 
-extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, 1)
+extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                  const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
                  const float* __restrict__ lse2, const float* __restrict__ delta,
@@ -112,7 +123,9 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, 1)
   float* sdS = sV + BN * LDH;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  // causal: reversed tile order, so the tiles with the most keys start first
+  const int m_tile = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / heads_per_kv;
   const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
   const elem_t* v_head = v + b * stride_vb + hk * stride_vh;

@@ -74,6 +74,10 @@
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
 #endif
+// Tuning knob of the fp32 files only (not part of the ABI; the launcher never sets it):
+#ifndef CF_FP32_MIN_BLOCKS
+#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
+#endif
 
 #include "cf_simt.cuh"
 
@@ -141,7 +145,7 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 }
 }  // namespace bwd32
 
-extern "C" __global__ void __launch_bounds__(bwd32::NT, 1)
+extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
               const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
               const float* __restrict__ lse2, const float* __restrict__ delta,

@@ -21,6 +21,10 @@
 #define CF_DTYPE 1
 #endif
 
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0  // cache key only
+#endif
+
 #include "cf_common.cuh"
 
 namespace bwd_pre {

@@ -13,8 +13,9 @@
 //   O = acc / l_i (0 when l_i = 0); m_out = m_i * LN2 (natural log, -inf for a row that sees
 //   no key); l_out = l_i.
 //
-// Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile, .y = query head h
-// (kv head h / heads_per_kv), .z = batch. Block = 32 * CF_WARPS threads.
+// Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile (reversed when causal,
+// so the tiles with the most keys start first), .y = query head h (kv head h / heads_per_kv),
+// .z = batch. Block = 32 * CF_WARPS threads.
 // Layouts: q, k, v, o (batch, seq, heads, head_dim) with element strides; head_dim contiguous,
 // rows 16-byte aligned. m_out, l_out (batch, heads, seqlen_q) contiguous. Offsets are 64-bit.
 //
@@ -58,8 +59,18 @@
 #ifndef CF_CAUSAL
 #define CF_CAUSAL 0
 #endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK CF_HEAD_DIM  // flash_bwd only; unused here
+#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
+#endif
+// Tuning knob of the fp32 files only (not part of the ABI; the launcher never sets it):
+#ifndef CF_FP32_MIN_BLOCKS
+#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
 #endif
 
 #include "cf_simt.cuh"
@@ -137,7 +148,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 }
 }  // namespace fwd32
 
-extern "C" __global__ void __launch_bounds__(fwd32::NT, 1)
+extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
               const elem_t* __restrict__ v, elem_t* __restrict__ o, float* __restrict__ m_out,
               float* __restrict__ l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
@@ -154,7 +165,9 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, 1)
   float* sP = sV + BN * LDH;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  // causal: reversed tile order, so the tiles with the most keys start first
+  const int m_tile = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / heads_per_kv;
   const elem_t* q_tile = q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm;
   const elem_t* k_head = k + b * stride_kb + hk * stride_kh;

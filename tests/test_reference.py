@@ -191,6 +191,33 @@ def test_naive_rounds_intermediates_not_only_inputs():
     assert naive > 1.5 * once
 
 
+def test_naive_follows_the_framework_recipe():
+    """fp16 naive, spelled out: matmuls accumulate in float32 and round; S * scale rounds;
+    softmax in float32 over the rounded scores; P rounds; O = P V rounds (bit-exact)."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((1, 9, 1, 16)).astype(np.float16) for _ in range(3))
+    f32 = np.float32
+    r16 = lambda x: x.astype(np.float16).astype(f32)  # noqa: E731
+    s = r16(r16(q[0, :, 0].astype(f32) @ k[0, :, 0].astype(f32).T) * f32(0.3))
+    e = np.exp(s - s.max(axis=1, keepdims=True))
+    p = r16(e / e.sum(axis=1, keepdims=True))
+    o = (p @ v[0, :, 0].astype(f32)).astype(np.float16)
+    np.testing.assert_array_equal(attention_naive(q, k, v, softmax_scale=0.3, dtype=np.float16)[0, :, 0], o)
+
+
+def test_backward_given_o():
+    """o=exact output reproduces the true gradients; a perturbed o moves dS by P * delta shift."""
+    rng = np.random.default_rng(6)
+    q, k, v, do = (rng.standard_normal((2, 7, 2, 8)) for _ in range(4))
+    o = attention_reference(q, k, v, causal=True)[0]
+    exact = attention_backward_reference(do, q, k, v, causal=True)
+    for a, b in zip(exact, attention_backward_reference(do, q, k, v, causal=True, o=o)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    shifted = attention_backward_reference(do, q, k, v, causal=True, o=o + 1e-3)
+    dv_unchanged = np.array_equal(shifted[2], exact[2])
+    assert dv_unchanged and not np.allclose(shifted[0], exact[0], rtol=0, atol=1e-6)
+
+
 def test_compare_rule():
     ref = np.array([1.0, 2.0, -np.inf])
     naive = np.array([1.1, 2.0, -np.inf])

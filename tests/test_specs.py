@@ -27,11 +27,13 @@ def test_every_head_dim_fits_every_budget(budget_kib, dtype, causal):
             assert spec.smem_bytes <= budget_kib * KIB, spec.name
             assert spec.head_dim >= head_dim and spec.head_dim % 32 == 0, spec.name
             assert spec.causal == causal and spec.dtype == dtype
-            if spec.kind in ("fwd", "bwd_dq"):
+            if dtype == "float32":  # SIMT layout constraints of the fp32 kernels
+                assert spec.block_m % (4 * spec.warps) == 0 and spec.block_n % 8 == 0
+            elif spec.kind in ("fwd", "bwd_dq"):  # a warp owns 16 query rows
                 assert spec.block_m == 16 * spec.warps
-            if spec.kind == "bwd":
+            elif spec.kind == "bwd":  # a warp owns 16 keys
                 assert spec.block_n == 16 * spec.warps
-                assert spec.dchunk <= 128 and spec.head_dim % spec.dchunk == 0
+                assert spec.dchunk <= 128 and spec.head_dim % spec.dchunk == 0, spec.name
 
 
 def test_larger_budget_never_picks_smaller_tiles():

@@ -9,6 +9,7 @@ GQA references expand the kv heads with ``repeat_interleave``; bottom-right caus
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -132,7 +133,13 @@ def _loss(q, k, v, w):
     return (torch.tanh(o) * w).sum()  # pointwise ops around the custom op, for the compiler
 
 
-@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+NO_CXX = shutil.which("g++") is None and shutil.which("c++") is None
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("inductor", marks=pytest.mark.skipif(NO_CXX, reason="inductor needs a C++ "
+                                                      "compiler on the CPU")),
+    "aot_eager"])
 def test_torch_compile_fullgraph(backend):
     """fullgraph=True fails on any graph break; inductor needs a C++ compiler (gcc here).
 
