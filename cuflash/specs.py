@@ -246,9 +246,10 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
     bucket = head_dim_bucket(head_dim)
-    # dK + dV accumulators hold dchunk floats per thread: at most 128, split evenly
-    # (160 -> 2 x 80, 256 -> 2 x 128); S and dP are recomputed once per chunk.
-    dchunk = bucket // -(-bucket // 128)
+    # dK + dV accumulators hold dchunk floats per thread, so at most 128 columns per block;
+    # S and dP are recomputed once per chunk. The tensor-core kernel takes chunks of 128
+    # (the last one partial: 160 -> 128 + 32); the fp32 kernel needs a divisor (160 -> 2 x 80).
+    dchunk = bucket // -(-bucket // 128) if dtype == "float32" else min(bucket, 128)
     if dtype == "float32":
         specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, n in _BWD32)

@@ -54,32 +54,46 @@ __device__ __forceinline__ void ldsm_x4_trans(cf_u32 (&r)[4], cf_u32 addr) {
 constexpr int kLdsmAhead = CF_FWD_LDSM_AHEAD;
 
 // -- global -> shared: tiles of ROWS x CHUNKS 16-byte chunks, swizzled, zero-filled ------------
-// kTpr threads share a row (kTpr = the largest power of two dividing CHUNKS: 4 to 32 chunks),
-// so each thread keeps kPerRow fixed columns c0 + kTpr * k and steps down kStep rows per pass;
-// a warp reads whole 64..512-byte row segments (coalesced). The per-thread source pointer is
-// computed once; a tile costs one 64-bit multiply, then adds. Since kTpr >= the swizzle group,
-// chunk c0 + kTpr * k lands kTpr * k chunks after chunk c0 in every row (the XOR only touches
-// the low bits), and when kStep % 8 == 0 the swizzle key of a thread's rows never changes.
+// kTpr threads share a row: the largest power of two that divides CHUNKS and leaves at least
+// 8 rows per pass (kTpr <= THREADS / 8), so 4 to 32. Each thread keeps the kPerRow columns
+// c0 + kTpr * k and steps down kStep rows per pass; a warp reads whole 64..512-byte row
+// segments (coalesced). Because kStep % 8 == 0, a thread's rows all share one swizzle key, and
+// the swizzled chunk of column c0 + kTpr * k is kTpr * kRep * (k / kRep) + xo[k % kRep] with
+// kRep = max(1, G / kTpr) per-thread offsets xo (G, the swizzle group, is 8 or 4 chunks; the
+// XOR only touches the low log2(G) bits): destinations are compile-time offsets from one
+// per-thread base, which keeps small blocks (1-2 warps copying many chunks each) from holding
+// one address per chunk. The source pointer is computed once; a tile costs one 64-bit multiply.
 template <int ROWS, int CHUNKS, int THREADS>
 struct TileLoader {
-  static constexpr int kTpr = CHUNKS & -CHUNKS;
+  static constexpr int kPow2 = CHUNKS & -CHUNKS;
+  static constexpr int kTpr = kPow2 < THREADS / 8 ? kPow2 : THREADS / 8;
+  static constexpr int kGroup = (CHUNKS % 8 == 0) ? 8 : 4;
+  static constexpr int kRep = kTpr >= kGroup ? 1 : kGroup / kTpr;
   static constexpr int kPerRow = CHUNKS / kTpr;
   static constexpr int kStep = THREADS / kTpr;
   static constexpr int kPasses = (ROWS + kStep - 1) / kStep;
   static constexpr int kRowBytes = CHUNKS * 16;
-  static_assert(THREADS % kTpr == 0 && kTpr >= ((CHUNKS % 8 == 0) ? 8 : 4), "loader layout");
+  static_assert(kTpr >= 4 && THREADS % kTpr == 0 && kStep % 8 == 0 && kPerRow % kRep == 0,
+                "loader layout");
 
   const elem_t* src;       // row row0, column chunk c0, of row 0 of the tensor (this head)
   const elem_t* fallback;  // row 0 of the tensor: a mapped address for zero-fill copies
   cf_i64 stride;           // elements between rows
-  int row0, c0;
-  unsigned col_ok;  // bit k: chunk c0 + kTpr * k starts below head_dim
+  int row0;
+  cf_u32 dst[kRep];  // byte offset in a tile of (row0, swizzled column c0 + kTpr * r)
+  unsigned col_ok;   // bit k: chunk c0 + kTpr * k starts below head_dim
+  bool full_width;   // head_dim fills the whole tile row (block-uniform)
 
   __device__ __forceinline__ TileLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
                                         int tid)
-      : fallback(base), stride(stride_row), row0(tid / kTpr), c0(tid % kTpr), col_ok(0) {
+      : fallback(base), stride(stride_row), row0(tid / kTpr), col_ok(0),
+        full_width(head_dim >= CHUNKS * 8) {
+    const int c0 = tid % kTpr;
+    const int key = (kGroup == 8) ? (row0 & 7) : ((row0 >> 1) & 3);  // as in swizzle_chunk
     src = cf_pinned(base + row0 * stride_row + c0 * 8);
     fallback = cf_pinned(fallback);
+#pragma unroll
+    for (int r = 0; r < kRep; ++r) dst[r] = (row0 * CHUNKS + ((c0 + kTpr * r) ^ key)) * 16;
 #pragma unroll
     for (int k = 0; k < kPerRow; ++k) col_ok |= (unsigned)((c0 + kTpr * k) * 8 < head_dim) << k;
   }
@@ -87,20 +101,34 @@ struct TileLoader {
   // Copies tensor rows first_row .. first_row + ROWS - 1 into `tile`; rows at or past
   // first_row + rows_valid and columns >= head_dim become zeros. The caller guarantees
   // that row 0 of the tensor exists (the fallback source of zero-fill copies).
+  // A full tile (every row and column in range: all K/V tiles but the last when head_dim is
+  // the bucket) takes the unpredicated path: each copy is one LDGSTS with immediate offsets.
   __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
     const elem_t* g = src + first_row * stride;
-    unsigned char* dst0 = tile + swizzle_chunk<CHUNKS>(row0, c0) * 16;
+    if (full_width && rows_valid >= ROWS) {
+#pragma unroll
+      for (int p = 0; p < kPasses; ++p) {
+        if (ROWS % kStep == 0 || row0 + p * kStep < ROWS) {
+#pragma unroll
+          for (int k = 0; k < kPerRow; ++k)
+            cp_async_16(tile + dst[k % kRep] + (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16,
+                        g + kTpr * k * 8, true);
+        }
+        g += kStep * stride;
+      }
+      return;
+    }
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const int row = row0 + p * kStep;
       if (ROWS % kStep == 0 || row < ROWS) {
-        unsigned char* dst = (kStep % 8 == 0) ? dst0 + p * kStep * kRowBytes
-                                              : tile + swizzle_chunk<CHUNKS>(row, c0) * 16;
         const bool row_ok = row < rows_valid;
 #pragma unroll
         for (int k = 0; k < kPerRow; ++k) {
           const bool valid = row_ok && ((col_ok >> k) & 1u);
-          cp_async_16(dst + kTpr * k * 16, valid ? g + kTpr * k * 8 : fallback, valid);
+          unsigned char* d =
+              tile + dst[k % kRep] + (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16;
+          cp_async_16(d, valid ? g + kTpr * k * 8 : fallback, valid);
         }
       }
       g += kStep * stride;

@@ -33,7 +33,11 @@ def test_every_head_dim_fits_every_budget(budget_kib, dtype, causal):
                 assert spec.block_m == 16 * spec.warps
             elif spec.kind == "bwd":  # a warp owns 16 keys
                 assert spec.block_n == 16 * spec.warps
-                assert spec.dchunk <= 128 and spec.head_dim % spec.dchunk == 0, spec.name
+                assert spec.dchunk <= 128, spec.name
+                if dtype == "float32":
+                    assert spec.head_dim % spec.dchunk == 0, spec.name
+                else:
+                    assert spec.dchunk % 64 == 0 or spec.dchunk == spec.head_dim, spec.name
 
 
 def test_larger_budget_never_picks_smaller_tiles():
