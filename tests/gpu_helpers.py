@@ -255,17 +255,19 @@ def rule_atol(dtype: str, scale: float) -> float:
 
 
 def assert_matches_reference(name: str, got, ref, naive, *, dtype: str, label: str,
-                             scale: float | None = None) -> None:
+                             scale: float | None = None, allowance: float = 0.0) -> None:
     """err(got) <= 2 * err(naive) + atol against the float64 ref; NaN never passes.
 
     ``scale``: the magnitude for the atol slack (default max|ref|; see ULP_SLACK).
+    ``allowance``: an error the algorithm has by design, added to atol (see
+    ``stored_o_allowance``).
     """
     got = np.asarray(got)
     if got.shape != np.shape(ref):
         raise AssertionError(f"{name} [{label}]: shape {got.shape}, expected {np.shape(ref)}")
-    atol = rule_atol(dtype, magnitude(ref) if scale is None else scale)
+    atol = rule_atol(dtype, magnitude(ref) if scale is None else scale) + allowance
     report = reference.compare(name, got, ref, naive, atol=atol)
-    assert report.ok, f"{report} [{label}]"
+    assert report.ok, f"{report} [{label}; atol {atol:.3g}]"
 
 
 def stats_error(got, ref) -> float:
@@ -305,26 +307,55 @@ def assert_forward_matches_reference(q, k, v, o, m, l, *, dtype: str, causal: bo
     assert_stats_match("l", l, l_ref, dtype=dtype, label=label)
 
 
-def backward_references(do, q, k, v, *, dtype: str, causal: bool, softmax_scale=None):
-    """((dq, dk, dv) float64 truth, (dq, dk, dv) naive in dtype) for host inputs."""
+def stored_o_allowance(do, q, k, v, o, *, causal: bool, softmax_scale=None):
+    """max |dX(FlashAttention, exact arithmetic, given the stored o) - dX(truth)| for dq, dk, dv.
+
+    FlashAttention's backward takes ``delta_i = sum_d dO_id * O_id`` from the o that the
+    forward stored (rounded to the dtype), where the truth has ``sum_j P_ij dP_ij``. The naive
+    baseline never forms delta, so this error is not in its noise floor, and it is not small
+    where the softmax is peaked: with few keys, softmax_scale 1 and head_dim 216, fp16 dq
+    came out 9x naive from it (in the CPU path). By design, so it is added to atol, computed
+    exactly: ``dS`` shifts by ``-P_ij * ddelta_i`` with ``ddelta = rowsum(dO * (o - o_true))``,
+    hence ``dq_i`` by ``-scale * ddelta_i * sum_j P_ij k_j`` (attention with v = k) and ``dk``
+    by ``-scale * P^T (ddelta * q)`` (what the reference returns as dv for dO = ddelta * q).
+    dv does not involve delta. ``o``: the forward's output (host, in the dtype).
+    """
+    kw = dict(causal=causal, softmax_scale=softmax_scale)
+    scale = reference._resolve_scale(softmax_scale, q.shape[3])
+    o_true = reference.attention_reference(q, k, v, **kw)[0]
+    ddelta = np.sum(do.astype(np.float64) * (o.astype(np.float64) - o_true), axis=-1,
+                    keepdims=True)  # (b, s_q, h, 1)
+    dq_shift = scale * ddelta * reference.attention_reference(q, k, k, **kw)[0]
+    dk_shift = scale * reference.attention_backward_reference(ddelta * q.astype(np.float64),
+                                                              q, k, v, **kw)[2]
+    return magnitude(dq_shift), magnitude(dk_shift), 0.0
+
+
+def backward_references(do, q, k, v, o, *, dtype: str, causal: bool, softmax_scale=None):
+    """(truth, naive, allowance): float64 (dq, dk, dv), the same in dtype computed naively,
+    and ``stored_o_allowance`` for the forward's output o (all host arrays)."""
     kw = dict(causal=causal, softmax_scale=softmax_scale)
     return (reference.attention_backward_reference(do, q, k, v, **kw),
-            reference.attention_backward_naive(do, q, k, v, dtype=np_dtype(dtype), **kw))
+            reference.attention_backward_naive(do, q, k, v, dtype=np_dtype(dtype), **kw),
+            stored_o_allowance(do, q, k, v, o, **kw))
 
 
-def assert_backward_matches_reference(do, q, k, v, dq, dk, dv, *, dtype: str, causal: bool,
+def assert_backward_matches_reference(do, q, k, v, o, dq, dk, dv, *, dtype: str, causal: bool,
                                       deterministic: bool, softmax_scale=None,
                                       label: str = "", references=None) -> None:
-    """dq, dk, dv (host arrays) against the float64 reference gradients of sum(do * o).
+    """dq, dk, dv (host arrays) against the float64 reference gradients of sum(do * o);
+    o is the forward's output the backward consumed.
 
     ``references``: what ``backward_references`` returned for these inputs, to reuse it.
     """
-    refs, naives = references or backward_references(do, q, k, v, dtype=dtype, causal=causal,
-                                                     softmax_scale=softmax_scale)
+    refs, naives, allowances = references or backward_references(
+        do, q, k, v, o, dtype=dtype, causal=causal, softmax_scale=softmax_scale)
     label = f"{backward_spec_name(dtype, q.shape[3], causal, deterministic)}; {label}"
     scale = magnitude(*refs)
-    for name, got, ref, naive in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives):
-        assert_matches_reference(name, got, ref, naive, dtype=dtype, label=label, scale=scale)
+    for name, got, ref, naive, allowance in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives,
+                                                allowances):
+        assert_matches_reference(name, got, ref, naive, dtype=dtype, label=label, scale=scale,
+                                 allowance=allowance)
 
 
 def assert_no_nan(label: str, **arrays) -> None:

@@ -125,7 +125,7 @@ def _assert_stats_tight(name: str, got, ref) -> None:
     assert err.max(initial=0.0) <= STATS_RTOL, f"{name}: relative err {err.max():.3g}"
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=120)
 @given(case=cases())
 def test_forward_matches_reference(case: Case):
     q, k, v, _ = case.inputs()
@@ -161,7 +161,7 @@ FEW_KEYS_RTOL = {
 }
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=120)
 @given(case=cases(seqlen_k=(MIN_KEYS, 150)))
 def test_backward_matches_reference(case: Case):
     q, k, v, do = case.inputs()
@@ -174,7 +174,7 @@ def test_backward_matches_reference(case: Case):
         _assert_rule(name, got, ref, naive, case.dtype)
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=60)
 @given(case=cases(seqlen_k=(1, MIN_KEYS - 1)))
 def test_backward_with_few_keys(case: Case):
     """|got - ref| <= FEW_KEYS_RTOL * max(1, max|ref|) when rows see fewer than MIN_KEYS keys."""
@@ -189,7 +189,7 @@ def test_backward_with_few_keys(case: Case):
         assert err <= bound, f"{name}: err {err:.3g} vs bound {bound:.3g}"
 
 
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=30)
 @given(case=cases(max_len=80), block_n=st.sampled_from([8, 24, 100]))
 def test_tiles_do_not_change_the_math(case: Case, block_n: int):
     """Different tilings agree to float32 rounding (fp32 inputs, tile-sized tolerances)."""
