@@ -321,7 +321,7 @@ def stored_o_allowance(do, q, k, v, o, *, causal: bool, softmax_scale=None):
     dv does not involve delta. ``o``: the forward's output (host, in the dtype).
     """
     kw = dict(causal=causal, softmax_scale=softmax_scale)
-    scale = reference._resolve_scale(softmax_scale, q.shape[3])
+    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else softmax_scale
     o_true = reference.attention_reference(q, k, v, **kw)[0]
     ddelta = np.sum(do.astype(np.float64) * (o.astype(np.float64) - o_true), axis=-1,
                     keepdims=True)  # (b, s_q, h, 1)
