@@ -10,7 +10,8 @@ with dQ by atomics and the deterministic backward (flash_bwd + flash_bwd_dq), on
 seqlen_q 150, seqlen_k 300, 2 query heads sharing 1 kv head. Then bfloat16 with head_dim
 bucket - 8 (the padded columns), and one causal case (200 queries over 130 keys: the first
 70 rows see no key). Each case prints one line: the specs it ran, the largest error against
-the float64 reference relative to its bound (cuflash.reference's rule), and the time.
+the float64 reference relative to its bound (the GPU tests' rule, from tests/gpu_helpers.py),
+and the time.
 
 The shapes are small on purpose: racecheck instruments every shared-memory access, and a
 handful of blocks per launch keeps the whole run to a few minutes. They are not smaller:
@@ -34,13 +35,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")  # before torch is imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a source checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # a source checkout; the tests' error rule
 
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-NP_DTYPES = {"bfloat16": BF16, "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+import gpu_helpers as gh  # noqa: E402  (inputs, transfers and the error rule of the GPU tests)
+
 SHAPE = dict(batch=1, seqlen_q=150, seqlen_k=300, heads=2, heads_kv=1)
 CAUSAL_SEQLENS = (200, 130)  # seqlen_q > seqlen_k: 70 rows that see no key
 
@@ -75,50 +76,6 @@ def seqlens(causal: bool) -> tuple[int, int]:
     return CAUSAL_SEQLENS if causal else (SHAPE["seqlen_q"], SHAPE["seqlen_k"])
 
 
-def to_gpu(a: np.ndarray):
-    """A CuPy array (CuPy 14 holds bfloat16); bf16 through torch if this CuPy cannot."""
-    import cupy
-
-    try:
-        return cupy.asarray(a)
-    except Exception:
-        if a.dtype != BF16:
-            raise
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).cuda()
-    try:
-        return cupy.from_dlpack(t)
-    except Exception:
-        return t
-
-
-def to_host(x, dtype: str) -> np.ndarray:
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        t = x.detach()
-        return (t.view(torch.int16).cpu().numpy().view(BF16) if t.dtype == torch.bfloat16
-                else t.cpu().numpy())
-    import cupy
-
-    out = cupy.asnumpy(x)
-    return out.view(NP_DTYPES[dtype]) if out.dtype.kind in "iu" else out
-
-
-# The error rule's slack, as in tests/gpu_helpers.py (ULP_SLACK, which says why):
-# atol = default_atol + ULP_SLACK * eps(dtype) * max(1, max |ref| over the call's outputs).
-ULP_SLACK = {"float32": 64.0, "float16": 0.5, "bfloat16": 0.5}
-
-
-def rule_atol(dtype: str, *refs: np.ndarray) -> float:
-    from cuflash import reference
-
-    eps = float(ml_dtypes.finfo(NP_DTYPES[dtype]).eps)
-    magnitude = max([float(np.abs(r).max()) for r in refs if r.size], default=0.0)
-    return reference.default_atol(NP_DTYPES[dtype]) + ULP_SLACK[dtype] * eps * max(1.0, magnitude)
-
-
 def spec_names(dtype: str, head_dim: int, causal: bool) -> str:
     from cuflash import launch, specs
 
@@ -137,15 +94,13 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     import cuflash
     from cuflash import reference
 
-    rng = np.random.default_rng()
-    nd = NP_DTYPES[dtype]
-    b, h, hkv = SHAPE["batch"], SHAPE["heads"], SHAPE["heads_kv"]
+    rng = gh.rng_for()
     sq, sk = seqlens(causal)
-    q = rng.standard_normal((b, sq, h, head_dim), dtype=np.float32).astype(nd)
-    k, v = (rng.standard_normal((b, sk, hkv, head_dim), dtype=np.float32).astype(nd)
-            for _ in range(2))
-    do = rng.standard_normal(q.shape, dtype=np.float32).astype(nd)
-    gq, gk, gv, gdo = (to_gpu(x) for x in (q, k, v, do))
+    q, k, v = gh.random_qkv(rng, batch=SHAPE["batch"], seqlen_q=sq, seqlen_k=sk,
+                            heads=SHAPE["heads"], heads_kv=SHAPE["heads_kv"],
+                            head_dim=head_dim, dtype=dtype)
+    do = gh.randn(rng, q.shape, dtype)
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
 
     start = time.perf_counter()
     o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
@@ -154,17 +109,19 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     cupy.cuda.Device().synchronize()  # sanitizer reports land on this case
     seconds = time.perf_counter() - start
 
+    o_host = gh.to_host(o, dtype)
     o_ref = reference.attention_reference(q, k, v, causal=causal)[0]
-    o_naive = reference.attention_naive(q, k, v, causal=causal, dtype=nd)
-    reports = [reference.compare("o", to_host(o, dtype), o_ref, o_naive,
-                                 atol=rule_atol(dtype, o_ref))]
-    g_ref = reference.attention_backward_reference(do, q, k, v, causal=causal)
-    g_naive = reference.attention_backward_naive(do, q, k, v, causal=causal, dtype=nd)
+    o_naive = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype))
+    reports = [reference.compare("o", o_host, o_ref, o_naive,
+                                 atol=gh.rule_atol(dtype, gh.magnitude(o_ref)))]
+    refs, naives, allowances = gh.backward_references(do, q, k, v, o_host, dtype=dtype,
+                                                      causal=causal)
+    atol = gh.rule_atol(dtype, gh.magnitude(*refs))
     for det, got in grads.items():
         mode = "det" if det else "atomic"
-        for name, g, r, n in zip(("dq", "dk", "dv"), got, g_ref, g_naive):
-            reports.append(reference.compare(f"{name}/{mode}", to_host(g, dtype), r, n,
-                                             atol=rule_atol(dtype, *g_ref)))
+        for name, g, r, n, a in zip(("dq", "dk", "dv"), got, refs, naives, allowances):
+            reports.append(reference.compare(f"{name}/{mode}", gh.to_host(g, dtype), r, n,
+                                             atol=atol + a))
     ok = all(r.ok for r in reports)
     worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / r.bound)
     line = (f"{'ok  ' if ok else 'FAIL'} {dtype:8s} d{head_dim:<3d} "

@@ -64,8 +64,9 @@ LN2 = 0.6931471805599453  # ln(2): converts the log2-unit row max back to natura
 _F32 = np.float32
 
 # Query rows per tile on the CPU. Larger than a kernel's block_m because each step is a stack
-# of BLAS calls: on 2 cores, (2, 4096, 8, 128) float32 forward + backward took 7.8 s with
-# 128 x 128 tiles, 6.0 s with 512 x 128 and 5.2 s with 512 x 256 (block_m x block_n).
+# of small BLAS calls: on 2 cores of a Xeon host (OpenBLAS, 2 threads), (2, 4096, 8, 128)
+# float32 forward + backward took 7.8 s with 128 x 128 tiles, 6.0 s with 512 x 128 and 5.2 s
+# with 512 x 256 (block_m x block_n), in one session; runs vary by about +-25%.
 BLOCK_M_CPU = 512
 
 
@@ -218,7 +219,8 @@ def flash_forward_cpu(
     for i0 in range(0, seqlen_q, block_m):  # one iteration = one kernel block per (b, h)
         i1 = min(i0 + block_m, seqlen_q)
         rows = slice(i0 * tiling.group, i1 * tiling.group)
-        m_i, l_i, acc = _forward_tile(q_rows[:, :, rows], k_rows, v_rows, i0, i1, scale_log2, tiling)
+        q_t = q_rows[:, :, rows]
+        m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling)
         # -- epilogue: O = acc / l_i, m back to natural log; unseen rows: O = 0, m = -inf
         seen = l_i > 0
         o_rows[:, :, rows] = acc / np.where(seen, l_i, _F32(1))[..., None]
@@ -257,6 +259,21 @@ def _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling):
 
 
 # -- backward ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BackwardRows:
+    """Per-query-row operands of the backward, in the merged GQA row order.
+
+    q, do, dq_acc: float32 (b, heads_kv, seqlen_q * group, d); lse2, delta: float32
+    (b, heads_kv, seqlen_q * group). dq_acc accumulates dS @ K (not yet times the scale).
+    """
+
+    q: np.ndarray
+    do: np.ndarray
+    lse2: np.ndarray
+    delta: np.ndarray
+    dq_acc: np.ndarray
 
 
 def flash_backward_cpu(
@@ -323,21 +340,6 @@ def flash_backward_cpu(
     return dq, dk, dv
 
 
-@dataclass(frozen=True)
-class _BackwardRows:
-    """Per-query-row operands of the backward, in the merged GQA row order.
-
-    q, do, dq_acc: float32 (b, heads_kv, seqlen_q * group, d); lse2, delta: float32
-    (b, heads_kv, seqlen_q * group). dq_acc accumulates dS @ K (not yet times the scale).
-    """
-
-    q: np.ndarray
-    do: np.ndarray
-    lse2: np.ndarray
-    delta: np.ndarray
-    dq_acc: np.ndarray
-
-
 def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling):
     """The query loop of key block [j0, j1): returns (dK_j / softmax_scale, dV_j).
 
@@ -352,10 +354,10 @@ def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling):
         # -- P = exp2(s * scale_log2 - lse2): 0 on hidden keys and on rows with l == 0
         s = np.matmul(q_t, k_j.swapaxes(-1, -2))
         s *= scale_log2
+        if tiling.needs_mask(i0, j1):
+            tiling.mask(s, i0, j0, -np.inf)
         s -= rows.lse2[:, :, r, None]
         p = np.exp2(s, out=s)
-        if tiling.needs_mask(i0, j1):
-            tiling.mask(p, i0, j0, 0.0)
         # -- dV_j += P^T dO;  dS = P * (dP - delta) with dP = dO V^T
         dv_j += np.matmul(p.swapaxes(-1, -2), do_t)
         ds = np.matmul(do_t, v_j.swapaxes(-1, -2))

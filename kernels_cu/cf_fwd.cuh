@@ -17,7 +17,7 @@
 
 #if CF_DTYPE != 2
 
-// -- shared-memory addressing ----------------------------------------------------------------
+// -- shared-memory addressing ---------------------------------------------------------------------
 // ldmatrix on 32-bit shared-space addresses. The compile-time parts of an address are added to
 // a base that the compiler cannot see through (cf_opaque), so they stay `add`s that ptxas folds
 // into the LDSM immediate; otherwise NVVM proves the bits disjoint, emits `or`, and every
@@ -53,7 +53,7 @@ __device__ __forceinline__ void ldsm_x4_trans(cf_u32 (&r)[4], cf_u32 addr) {
 #endif
 constexpr int kLdsmAhead = CF_FWD_LDSM_AHEAD;
 
-// -- global -> shared: tiles of ROWS x CHUNKS 16-byte chunks, swizzled, zero-filled ------------
+// -- global -> shared: tiles of ROWS x CHUNKS 16-byte chunks, swizzled, zero-filled ---------------
 // kTpr threads share a row: the largest power of two that divides CHUNKS and leaves at least
 // 8 rows per pass (kTpr <= THREADS / 8), so 4 to 32. Each thread keeps the kPerRow columns
 // c0 + kTpr * k and steps down kStep rows per pass; a warp reads whole 64..512-byte row
@@ -110,9 +110,10 @@ struct TileLoader {
       for (int p = 0; p < kPasses; ++p) {
         if (ROWS % kStep == 0 || row0 + p * kStep < ROWS) {
 #pragma unroll
-          for (int k = 0; k < kPerRow; ++k)
-            cp_async_16(tile + dst[k % kRep] + (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16,
-                        g + kTpr * k * 8, true);
+          for (int k = 0; k < kPerRow; ++k) {
+            const int fixed = (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16;
+            cp_async_16(tile + dst[k % kRep] + fixed, g + kTpr * k * 8, true);
+          }
         }
         g += kStep * stride;
       }
@@ -126,9 +127,8 @@ struct TileLoader {
 #pragma unroll
         for (int k = 0; k < kPerRow; ++k) {
           const bool valid = row_ok && ((col_ok >> k) & 1u);
-          unsigned char* d =
-              tile + dst[k % kRep] + (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16;
-          cp_async_16(d, valid ? g + kTpr * k * 8 : fallback, valid);
+          const int fixed = (p * kStep * CHUNKS + kTpr * kRep * (k / kRep)) * 16;
+          cp_async_16(tile + dst[k % kRep] + fixed, valid ? g + kTpr * k * 8 : fallback, valid);
         }
       }
       g += kStep * stride;
@@ -136,14 +136,14 @@ struct TileLoader {
   }
 };
 
-// -- per-lane ldmatrix addressing -------------------------------------------------------------
+// -- per-lane ldmatrix addressing -----------------------------------------------------------------
 // Every ldmatrix_x4 here reads a 16 x 16 block: 16 rows of a band (a multiple of 8 from the
 // tile start) and chunks 2c, 2c + 1. Lane L gives the address of one row and one of the two
 // chunks (half = 0 or 1); two orders of the four 8x8 matrices are used:
 //   ROW_MAJOR4 (Q as A, V as B with .trans): lane L -> row L & 15, half L >> 4:
-//     r0 = (rows 0-7, chunk 2c)  r1 = (rows 8-15, 2c)  r2 = (rows 0-7, 2c+1)  r3 = (rows 8-15, 2c+1)
+//     r0 = (rows 0-7, chunk 2c) r1 = (rows 8-15, 2c) r2 = (rows 0-7, 2c+1) r3 = (rows 8-15, 2c+1)
 //   !ROW_MAJOR4 (K as B, no .trans): lane L -> row (L & 7) + 8 (L >> 4), half (L >> 3) & 1:
-//     r0 = (rows 0-7, chunk 2c)  r1 = (rows 0-7, 2c+1)  r2 = (rows 8-15, 2c)  r3 = (rows 8-15, 2c+1)
+//     r0 = (rows 0-7, chunk 2c) r1 = (rows 0-7, 2c+1) r2 = (rows 8-15, 2c) r3 = (rows 8-15, 2c+1)
 // so that each mma's two B registers are adjacent (no register moves).
 // The swizzled chunk (2c + half) ^ key(row) equals (2c & ~(G-1)) + (((2c & (G-1)) | half) ^ key)
 // for the swizzle group G (8 or 4 chunks): a lane needs only G/2 offsets, off[c % (G/2)], and
@@ -166,7 +166,7 @@ struct LdsmLane {
   static __device__ __forceinline__ cf_u32 fixed(int c) { return ((2 * c) & ~(kGroup - 1)) * 16; }
 };
 
-// -- Q fragments: the warp's 16 x (16 * KSTEPS) band as mma A operands --------------------------
+// -- Q fragments: the warp's 16 x (16 * KSTEPS) band as mma A operands ----------------------------
 template <int KSTEPS, int CHUNKS>
 __device__ __forceinline__ void load_q_frags(cf_u32 (&qf)[KSTEPS][4], cf_u32 q_band,
                                              const LdsmLane<CHUNKS, true>& ln) {
@@ -179,7 +179,7 @@ __device__ __forceinline__ void load_q_frags(cf_u32 (&qf)[KSTEPS][4], cf_u32 q_b
   }
 }
 
-// -- S = Q K^T: 16 rows x (8 * NT) keys, fp32, C layout ------------------------------------------
+// -- S = Q K^T: 16 rows x (8 * NT) keys, fp32, C layout -------------------------------------------
 // Q comes from registers (Q_REGS, qf[KSTEPS][4]) or is re-read from the band in shared memory
 // each k-step (qf unused) to save KSTEPS * 4 registers at large head_dim. Steps x = kk * NP + np
 // (k-step kk, key pair np) each take one K ldmatrix_x4 and two mma; loads run kLdsmAhead ahead.
@@ -229,7 +229,7 @@ __device__ __forceinline__ void warp_qk(float (&s)[NT][4], const cf_u32 (&qf)[QF
   }
 }
 
-// -- O += P V: P (16 x 8 * NT, from the S registers) times V (8 * NT keys x 8 * DT dims) ---------
+// -- O += P V: P (16 x 8 * NT, from the S registers) times V (8 * NT keys x 8 * DT dims) ----------
 // Steps x = kk * DP + dp (k-step kk of 16 keys, d pair dp) each take one V ldmatrix_x4 and
 // two mma; loads run kLdsmAhead ahead.
 template <int NT, int DT, int CHUNKS>
@@ -271,7 +271,7 @@ __device__ __forceinline__ void warp_pv(float (&acc)[DT][4], const float (&p)[NT
   }
 }
 
-// -- mask: a key is visible to row r iff key < lim[r] ----------------------------------------------
+// -- mask: a key is visible to row r iff key < lim[r] ---------------------------------------------
 // Raw scores. `key0` is the key index of this thread's column 0 in n-tile 0 (tile start +
 // 2 * tig); lim[r] = seqlen_k, or min(seqlen_k, row + seqlen_k - seqlen_q + 1) when causal.
 template <int NT>
@@ -286,7 +286,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[NT][4], int key0, const i
     }
 }
 
-// -- online softmax (FA-2 Alg. 1 lines 8-10), in place: raw scores S become P -----------------------
+// -- online softmax (FA-2 Alg. 1 lines 8-10), in place: raw scores S become P ---------------------
 // In log2 units, s = S * scale_log2:
 //   m_new = max(m_i, rowmax(s)); P = exp2(s - m_new); l_i = l_i * exp2(m_i - m_new) + rowsum(P);
 //   acc *= exp2(m_i - m_new).
@@ -331,7 +331,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2
   }
 }
 
-// -- epilogue: O = acc * inv_l through the warp's own 16-row band of shared memory ---------------
+// -- epilogue: O = acc * inv_l through the warp's own 16-row band of shared memory ----------------
 // The band (the warp's Q rows, no longer read) is rewritten with the O values in the same
 // swizzled layout, then read back as 16-byte chunks for coalesced 16-byte global stores of
 // rows < rows_valid and columns < head_dim. Only this warp touches the band: __syncwarp

@@ -316,7 +316,9 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
   }
 }
 
-extern "C" __global__ void __launch_bounds__(bwd::kThreads) flash_bwd(
+// minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
+// 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
+extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
     const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,

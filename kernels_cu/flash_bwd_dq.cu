@@ -187,7 +187,9 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads) flash_bwd_dq(
+// minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
+// 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
+extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
     const float* __restrict__ delta, elem_t* __restrict__ dq, int seqlen_q, int seqlen_k,

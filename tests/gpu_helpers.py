@@ -179,12 +179,6 @@ def _cupy_to_host(x) -> np.ndarray:
         return cupy.asnumpy(x.view(cupy.uint16)).view(BF16)
 
 
-def synchronize() -> None:
-    import cupy
-
-    cupy.cuda.Device().synchronize()
-
-
 # -- spec names (for failure messages) --------------------------------------------------------
 
 

@@ -40,12 +40,12 @@ _REGS_RE = re.compile(r"Used (\d+) registers")
 _FUNC_RE = re.compile(r"Compiling entry function '(\w+)'")
 
 
-def configs(kernel: str, head_dims, modes) -> list[dict[str, int]]:
+def configs(kernel: str, head_dims, modes, dtypes=(0, 1)) -> list[dict[str, int]]:
     """The define sets of one kernel family."""
     out = []
     if kernel == "pre":
         return [dict(CF_DTYPE=d) for d in (0, 1, 2)]
-    for dtype, d, (causal, atomic) in itertools.product((0, 1), head_dims, modes):
+    for dtype, d, (causal, atomic) in itertools.product(dtypes, head_dims, modes):
         if kernel == "bwd":
             for dchunk in sorted({min(d, 128), 64}):
                 for bn, bm, st in itertools.product((16, 32, 64, 128), (16, 32, 64, 128), (1, 2)):
@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--kernel", choices=("bwd", "dq", "pre", "all"), default="all")
     ap.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"])
     ap.add_argument("--head-dim", type=int, nargs="+", default=list(HEAD_DIMS))
+    ap.add_argument("--dtype", type=int, nargs="+", default=[0, 1], help="CF_DTYPE values (0, 1)")
     ap.add_argument("--all-modes", action="store_true",
                     help="also causal 0 and dq_atomic 0 (default: causal 1, atomic 1 only)")
     ap.add_argument("--define", action="append", default=[],
@@ -118,7 +119,7 @@ def main() -> int:
     modes = [(1, 1)] + ([(0, 1), (1, 0), (0, 0)] if args.all_modes else [])
     kernels = ("pre", "dq", "bwd") if args.kernel == "all" else (args.kernel,)
     jobs = [(FILES[k], arch, cfg, extra) for k in kernels for arch in args.arch
-            for cfg in configs(k, args.head_dim, modes)]
+            for cfg in configs(k, args.head_dim, modes, tuple(args.dtype))]
     print(f"{len(jobs)} compiles on {args.jobs} processes", flush=True)
     start = time.time()
     results = []

@@ -58,7 +58,8 @@ def main() -> int:
     jobs = [(arch, dt, d, w, n, s, c, tuple(a.define)) for arch, dt, d, w, n, s, c in
             itertools.product(a.arch, a.dtype, a.d, a.warps, a.n, a.stages, a.causal)]
     bad = []
-    print(f"{'arch':6} {'dt':4} {'d':>3} {'w':>2} {'n':>4} {'s':>2} {'c':>2}  regs stack spill_st spill_ld")
+    print(f"{'arch':6} {'dt':4} {'d':>3} {'w':>2} {'n':>4} {'s':>2} {'c':>2}"
+          "  regs stack spill_st spill_ld")
     with ProcessPoolExecutor(a.j) as ex:
         for job, res, log in ex.map(compile_one, jobs):
             arch, dt, d, w, n, s, c, _ = job
