@@ -49,3 +49,15 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"needs a CUDA GPU via CuPy: {reason}")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def smem_budget():
+    """Call with a budget in KiB to plan tiles for it; reset to the device's afterwards."""
+    from cuflash import specs
+
+    def set_kib(kib: int | None) -> None:
+        specs.set_smem_budget(None if kib is None else kib * specs.KIB)
+
+    yield set_kib
+    specs.set_smem_budget(None)

@@ -79,17 +79,6 @@ def test_module_specs_compile():
         f"  {name}: {why}" for name, why in PRECOMPILE_FAILURES.items())
 
 
-@pytest.fixture
-def smem_budget():
-    """Call with a budget in KiB to plan tiles for it; reset to the device's afterwards."""
-
-    def set_kib(kib: int | None) -> None:
-        specs.set_smem_budget(None if kib is None else kib * KIB)
-
-    yield set_kib
-    specs.set_smem_budget(None)
-
-
 class Problem:
     """Host inputs, their GPU copies, and the forward's o and stats on the GPU."""
 

@@ -67,17 +67,6 @@ def test_module_specs_compile():
         f"  {name}: {why}" for name, why in PRECOMPILE_FAILURES.items())
 
 
-@pytest.fixture
-def smem_budget():
-    """Call with a budget in KiB to plan tiles for it; reset to the device's afterwards."""
-
-    def set_kib(kib: int | None) -> None:
-        specs.set_smem_budget(None if kib is None else kib * KIB)
-
-    yield set_kib
-    specs.set_smem_budget(None)
-
-
 def _check(q, k, v, *, dtype, causal, softmax_scale=None, framework="cupy", heads_first=False,
            **extra):
     """Run the forward on the GPU and assert o, m, l against the reference."""
