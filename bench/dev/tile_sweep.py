@@ -1,13 +1,12 @@
 """Time candidate tile shapes for one problem, to justify (or change) the tables in specs.py.
 
-    python bench/dev/tile_sweep.py --kind fwd --head-dim 128 --seqlen 16384 [--causal]
+    python bench/dev/tile_sweep.py --kind fwd --head-dim 64 128 --seqlen 4096 16384 --causal both
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
 
 For each candidate the selector is pinned to that KernelSpec (monkeypatched), the output is
 checked against torch SDPA's flash backend once, then timed: median of CUDA-event timings
-after warm-up. batch*seqlen = 16k tokens and heads*head_dim = 2048, as in the benchmark.
+after warm-up, with SDPA's flash (FA-2) and cuDNN backends timed first in the same run. batch*seqlen = 16k tokens and heads*head_dim = 2048, as in the benchmark.
 Prints TFLOP/s per candidate (FLOPs = 4*B*H*S*S*D, halved when causal, x2.5 backward).
-Written for the next GPU session; not yet run.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from cuflash.specs import KernelSpec
 
 # (warps, block_n, stages) for fwd; (warps, block_m, stages) for bwd: block_m (fwd) and
 # block_n (bwd) are 16 * warps, as the kernels require.
-FWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (8, 64, 1), (8, 32, 2), (4, 128, 2), (4, 64, 2),
+FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), (8, 32, 2), (4, 128, 2), (4, 64, 2),
                   (4, 32, 2)]
 BWD_CANDIDATES = [(4, 64, 2), (4, 64, 1), (4, 128, 1), (8, 64, 2), (8, 64, 1), (2, 64, 2),
                   (4, 32, 2)]
@@ -51,47 +50,85 @@ def time_ms(fn, reps=20, warmup=3):
     return statistics.median(times)
 
 
-def main():
+def sdpa_ms(q, k, v, do, causal, kind, backend):
+    """Median time of torch SDPA with one backend, on the same tensors (the peer, same run)."""
     import torch
     import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel(backend):
+        if kind == "fwd":
+            return time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+        qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
+        out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+        dot = do.transpose(1, 2)
+        return time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), dot, retain_graph=True))
+
+
+def sweep(kind, dtype_name, d, s, causal):
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend
 
     import cuflash
     from cuflash.launch import device_facts
 
+    batch, heads = max(1, 16384 // s), 2048 // d
+    dt = getattr(torch, dtype_name)
+    q, k, v, do = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt) for _ in range(4))
+    flops = 4 * batch * heads * s * s * d / (2 if causal else 1)
+    flops *= 2.5 if kind == "bwd" else 1
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                         v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    print(f"--- {kind} {dtype_name} d{d} seqlen {s} batch {batch} heads {heads}"
+          f"{' causal' if causal else ''}")
+    for label, backend in (("sdpa_flash (FA-2)", SDPBackend.FLASH_ATTENTION),
+                           ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            ms = sdpa_ms(q, k, v, do, causal, kind, backend)
+            print(f"{label:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms")
+        except Exception as exc:  # a backend may refuse a shape; say so and go on
+            print(f"{label:<52} unavailable: {type(exc).__name__}: {str(exc)[:80]}")
+    budget = device_facts(q.device.index).smem_optin
+    saved = specs.select_forward, specs.select_backward
+    try:
+        for spec in candidate_specs(kind, dtype_name, d, causal):
+            if spec.smem_bytes > budget:
+                print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
+                continue
+            pin = (lambda sp: lambda *a, **kw: sp)(spec)
+            if kind == "fwd":
+                specs.select_forward = pin
+                o, stats = cuflash.attention_forward(q, k, v, causal=causal)
+                err = (o.float() - ref.float()).abs().max().item()
+                ms = time_ms(lambda: cuflash.attention_forward(q, k, v, causal=causal))
+            else:
+                specs.select_forward = saved[0]
+                o, stats = cuflash.attention_forward(q, k, v, causal=causal)
+                err = (o.float() - ref.float()).abs().max().item()
+                specs.select_backward = pin
+                ms = time_ms(lambda: cuflash.attention_backward(do, q, k, v, o, stats,
+                                                                causal=causal))
+            print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
+                  f"max|o - sdpa| {err:.1e}", flush=True)
+    finally:
+        specs.select_forward, specs.select_backward = saved
+
+
+def main():
     p = argparse.ArgumentParser()
     p.add_argument("--kind", choices=["fwd", "bwd"], default="fwd")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=16384)
-    p.add_argument("--causal", action="store_true")
+    p.add_argument("--head-dim", type=int, nargs="+", default=[128])
+    p.add_argument("--seqlen", type=int, nargs="+", default=[16384])
+    p.add_argument("--causal", choices=["no", "yes", "both"], default="no")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
-    d, s = args.head_dim, args.seqlen
-    batch, heads = max(1, 16384 // s), 2048 // d
-    dt = getattr(torch, args.dtype)
-    q, k, v, do = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt) for _ in range(4))
-    flops = 4 * batch * heads * s * s * d / (2 if args.causal else 1)
-    flops *= 2.5 if args.kind == "bwd" else 1
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                         v.transpose(1, 2), is_causal=args.causal).transpose(1, 2)
-    budget = device_facts(q.device.index).smem_optin
-    for spec in candidate_specs(args.kind, args.dtype, d, args.causal):
-        if spec.smem_bytes > budget:
-            print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
-            continue
-        pin = (lambda sp: lambda *a, **k: sp)(spec)
-        if args.kind == "fwd":
-            specs.select_forward = pin
-            o, stats = cuflash.attention_forward(q, k, v, causal=args.causal)
-            err = (o.float() - ref.float()).abs().max().item()
-            ms = time_ms(lambda: cuflash.attention_forward(q, k, v, causal=args.causal))
-        else:
-            specs.select_backward = pin
-            o, stats = cuflash.attention_forward(q, k, v, causal=args.causal)
-            err = (o.float() - ref.float()).abs().max().item()
-            ms = time_ms(lambda: cuflash.attention_backward(do, q, k, v, o, stats,
-                                                            causal=args.causal))
-        print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
-              f"max|o - sdpa| {err:.1e}")
+    causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
+    for d in args.head_dim:
+        for s in args.seqlen:
+            for causal in causals:
+                sweep(args.kind, args.dtype, d, s, causal)
 
 
 if __name__ == "__main__":
