@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -45,7 +46,9 @@ def cmd_info(args) -> int:
     from .compiler import get_kernel
     from .launch import device_facts
 
-    print(f"kernel cache: {cupy.cuda.compiler.get_cache_dir()}")
+    # CuPy's documented default; CuPy 14 no longer exposes a getter for it.
+    cache = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
+    print(f"kernel cache: {cache}")
     facts = device_facts(cupy.cuda.Device().id)
     print(f"GPU: {facts.name} {facts.arch}, {facts.sm_count} SMs, "
           f"{facts.smem_optin // 1024} KB opt-in shared memory per block"
