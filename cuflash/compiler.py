@@ -8,13 +8,14 @@ GPU needed, and parses ptxas' register / spill / shared-memory report.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .specs import KernelSpec
+from .specs import KernelSpec, compile_arch
 
 
 @lru_cache(maxsize=1)
@@ -52,8 +53,9 @@ def nvrtc_options(spec: KernelSpec) -> list[str]:
 
 @dataclass
 class LoadedKernel:
-    function: object  # cupy.RawKernel
+    function: object  # cupy.RawKernel, or cupy.cuda.function.Function (arch-specific)
     seconds: float  # wall time of the first get (compile, or disk-cache hit)
+    module: object = None  # keeps the module that owns ``function`` loaded
 
 
 _loaded: dict[tuple[str, int], LoadedKernel] = {}
@@ -69,17 +71,71 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
 
     start = time.perf_counter()
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
-                                backend="nvrtc")
-        function = module.get_function(spec.entry)
-        if spec.smem_bytes > 48 * 1024:
-            function.max_dynamic_shared_size_bytes = spec.smem_bytes
+        arch = f"sm_{cupy.cuda.Device(device_id).compute_capability}"
+        if compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
+            module, function = _load_arch_specific(spec, compile_arch(spec, arch))
+        else:
+            module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
+                                    backend="nvrtc")
+            function = module.get_function(spec.entry)
+            if spec.smem_bytes > 48 * 1024:
+                function.max_dynamic_shared_size_bytes = spec.smem_bytes
         if spec.kind == "bwd_pre":  # the module's second kernel, loaded with the first
             convert = module.get_function("flash_bwd_dq_convert")
             _loaded[(spec.name + ":convert", device_id)] = LoadedKernel(convert, 0.0)
-    loaded = LoadedKernel(function, time.perf_counter() - start)
+    loaded = LoadedKernel(function, time.perf_counter() - start, module)
     _loaded[key] = loaded
     return loaded
+
+
+def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
+    """NVRTC straight to a cubin for ``arch`` (e.g. "sm_90a"), cached on disk beside CuPy's.
+
+    CuPy's RawModule appends its own ``-arch=sm_XX`` and cannot build arch-specific
+    (``sm_90a``) code, which wgmma needs; the options mirror CuPy's (``-ftz=true``).
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "-ftz=true"]
+    source = read_source(spec)
+    key = hashlib.sha256("\0".join([source, *opts, str(nvrtc.getVersion())]).encode())
+    cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    path = cache_dir / f"cuflash_{spec.name}_{arch}_{key.hexdigest()[:24]}.cubin"
+    if path.is_file():
+        return path.read_bytes()
+    program = nvrtc.createProgram(source, spec.source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, opts)
+        except Exception as exc:
+            raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
+                               f"{nvrtc.getProgramLog(program)}") from exc
+        cubin = nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    try:  # a cache that cannot be written only costs a recompile next time
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(cubin)
+        tmp.replace(path)
+    except OSError:
+        pass
+    return cubin
+
+
+def _load_arch_specific(spec: KernelSpec, arch: str):
+    """(module, function) for a spec compiled for an arch-specific target."""
+    from cupy.cuda import function as cuda_function
+    from cupy_backends.cuda.api import driver
+
+    module = cuda_function.Module()
+    module.load(_nvrtc_cubin(spec, arch))
+    function = module.get_function(spec.entry)
+    if spec.smem_bytes > 48 * 1024:
+        driver.funcSetAttribute(function.ptr,
+                                driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                spec.smem_bytes)
+    return module, function
 
 
 def get_convert_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
@@ -139,7 +195,8 @@ def compile_report(spec: KernelSpec, arch: str) -> list[CompileReport]:
     start = time.perf_counter()
     program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
     try:
-        opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        opts = nvrtc_options(spec) + [f"--gpu-architecture={compile_arch(spec, arch)}",
+                                      "--ptxas-options=-v"]
         try:
             nvrtc.compileProgram(program, opts)
         except Exception as exc:

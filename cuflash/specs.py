@@ -37,9 +37,10 @@ DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 
-KINDS = ("fwd", "bwd", "bwd_dq", "bwd_pre")
+KINDS = ("fwd", "fwd90", "bwd", "bwd_dq", "bwd_pre")
 ENTRY = {
     "fwd": "flash_fwd",
+    "fwd90": "flash_fwd_sm90",
     "bwd": "flash_bwd",
     "bwd_dq": "flash_bwd_dq",
     "bwd_pre": "flash_bwd_preprocess",
@@ -102,6 +103,8 @@ class KernelSpec:
         """The ``kernels_cu`` file that holds this kernel."""
         if self.kind == "bwd_pre":
             return "flash_bwd_pre.cu"
+        if self.kind == "fwd90":
+            return "flash_fwd_sm90.cu"
         base = {"fwd": "flash_fwd", "bwd": "flash_bwd", "bwd_dq": "flash_bwd_dq"}[self.kind]
         return base + ("_fp32.cu" if self.dtype == "float32" else ".cu")
 
@@ -133,7 +136,7 @@ def smem_bytes(spec: KernelSpec) -> int:
         return 0
     if spec.dtype == "float32":
         return _smem_fp32(spec)
-    if spec.kind == "fwd":  # Q tile + K and V tiles per stage, 2-byte elements
+    if spec.kind in ("fwd", "fwd90"):  # Q tile + K and V tiles per stage, 2-byte elements
         return (m + 2 * s * n) * d * 2
     if spec.kind == "bwd":  # K, V tiles; Q, dO stages; dS^T tile; lse2, delta per stage
         return (2 * n * d + 2 * s * m * d + n * m) * 2 + 2 * s * m * 4
@@ -217,6 +220,25 @@ _BWD32 = [(4, 32, 32), (2, 16, 16), (1, 8, 16), (1, 8, 8)]
 _BWDDQ32 = [(4, 32, 32), (4, 16, 16), (2, 16, 8), (1, 8, 8)]
 
 
+# fwd90 (Hopper wgmma, flash_fwd_sm90.cu), 16-bit, by head-dim bucket: (warps, block_n, stages);
+# block_m = 16 * warps = 64 query rows per warpgroup. Buckets without an entry, and budgets
+# where none fits, use the portable mma.sync kernel.
+_FWD90 = {64: [(8, 128, 2), (8, 64, 2)], 128: [(8, 128, 2), (8, 64, 2)], 256: [(8, 64, 2)]}
+
+# Architectures with wgmma (compute capability 9.0 exactly: sm_90a code runs nowhere else).
+WGMMA_ARCHS = ("sm_90",)
+
+
+def uses_wgmma(facts: DeviceFacts) -> bool:
+    """Whether Hopper-only kernels are picked (``CUFLASH_DISABLE_WGMMA=1`` turns them off)."""
+    return facts.arch in WGMMA_ARCHS and os.environ.get("CUFLASH_DISABLE_WGMMA", "") != "1"
+
+
+def compile_arch(spec: KernelSpec, arch: str) -> str:
+    """The NVRTC target for ``spec`` on ``arch``: the arch-specific sm_90a for wgmma kernels."""
+    return arch + "a" if spec.kind == "fwd90" else arch
+
+
 def _size_class(head_dim: int) -> str:
     return "small" if head_dim <= 64 else "mid" if head_dim <= 128 else "large"
 
@@ -233,6 +255,11 @@ def _first_fitting(candidates: Iterator[KernelSpec], budget: int, what: str) -> 
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool) -> KernelSpec:
     bucket = head_dim_bucket(head_dim)
+    if dtype != "float32" and uses_wgmma(facts) and bucket in _FWD90:
+        for w, n, s in _FWD90[bucket]:  # Hopper first; else the portable kernel below
+            spec = KernelSpec("fwd90", dtype, bucket, 16 * w, n, w, s, causal)
+            if spec.smem_bytes <= facts.smem_optin:
+                return spec
     if dtype == "float32":
         candidates = (KernelSpec("fwd", dtype, bucket, m, n, w, 1, causal)
                       for w, m, n in _FWD32)

@@ -64,3 +64,16 @@ ptxas         .     8 bytes stack frame, 12 bytes spill stores, 16 bytes spill l
 ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 456 bytes cmem[0]"""
     r = parse_ptxas_log(log)["flash_fwd"]
     assert r == dict(registers=255, stack=8, spill_stores=12, spill_loads=16, smem=1024)
+
+
+def test_wgmma_header_is_current():
+    """cf_wgmma.cuh is generated; a hand edit or a stale copy would drift from its generator."""
+    import importlib.util
+
+    from cuflash.compiler import kernels_dir
+
+    path = kernels_dir() / "cf_wgmma_gen.py"
+    module_spec = importlib.util.spec_from_file_location("cf_wgmma_gen", path)
+    gen = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(gen)
+    assert (kernels_dir() / "cf_wgmma.cuh").read_text() == gen.render()

@@ -29,7 +29,7 @@ def test_every_head_dim_fits_every_budget(budget_kib, dtype, causal):
             assert spec.causal == causal and spec.dtype == dtype
             if dtype == "float32":  # SIMT layout constraints of the fp32 kernels
                 assert spec.block_m % (4 * spec.warps) == 0 and spec.block_n % 8 == 0
-            elif spec.kind in ("fwd", "bwd_dq"):  # a warp owns 16 query rows
+            elif spec.kind in ("fwd", "fwd90", "bwd_dq"):  # a warp owns 16 query rows
                 assert spec.block_m == 16 * spec.warps
             elif spec.kind == "bwd":  # a warp owns 16 keys
                 assert spec.block_n == 16 * spec.warps
@@ -49,10 +49,20 @@ def test_larger_budget_never_picks_smaller_tiles():
             assert areas == sorted(areas), [t.name for t in tiles]
 
 
-def test_h100_picks_the_big_tiles_for_bf16_d128():
+def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     spec = specs.select_forward(facts(227), "bfloat16", 128, False)
-    assert (spec.block_m, spec.block_n, spec.stages) == (128, 64, 2)
-    assert spec.name == "fwd_bf16_d128_m128_n64_w8_s2"
+    assert spec.name == "fwd90_bf16_d128_m128_n128_w8_s2"
+    assert specs.compile_arch(spec, "sm_90") == "sm_90a"
+
+
+def test_wgmma_only_on_sm90_and_only_whole_panels(monkeypatch):
+    a100 = DeviceFacts(name="a100", arch="sm_80", sm_count=108, smem_optin=163 * KIB)
+    assert specs.select_forward(a100, "bfloat16", 128, False).name == "fwd_bf16_d128_m128_n64_w8_s2"
+    assert specs.select_forward(facts(227), "bfloat16", 96, False).kind == "fwd"
+    assert specs.select_forward(facts(227), "float32", 128, False).kind == "fwd"
+    assert specs.select_forward(facts(99), "float16", 64, True).kind == "fwd90"
+    monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
+    assert specs.select_forward(facts(227), "bfloat16", 128, False).kind == "fwd"
 
 
 def test_names_are_unique_and_canonical():
@@ -60,7 +70,7 @@ def test_names_are_unique_and_canonical():
     names = [s.name for s in all_specs]
     assert len(names) == len(set(names))
     causal = specs.select_forward(facts(99), "float16", 40, True)
-    assert causal.name.startswith("fwd_fp16_d64_") and causal.name.endswith("_causal")
+    assert causal.name.startswith("fwd90_fp16_d64_") and causal.name.endswith("_causal")
 
 
 def test_spec_defines_match_abi():

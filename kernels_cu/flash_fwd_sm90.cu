@@ -1,0 +1,294 @@
+// flash_fwd_sm90.cu -- FlashAttention-2 forward for float16 / bfloat16 on Hopper warpgroup MMA
+// (wgmma, sm_90a). Same algorithm, outputs, masking and host contract as flash_fwd.cu (read
+// its header); what differs is how the two products run:
+//   S = Q K^T: wgmma m64n(CF_BLOCK_N)k16 with Q and K read by the tensor cores straight from
+//              shared memory (descriptors), no ldmatrix;
+//   O += P V:  wgmma m64n(CF_HEAD_DIM)k16 with P from registers (the S accumulators rounded to
+//              16 bits are already the A fragments) and V from shared memory, transposed.
+//
+// Grid: as flash_fwd.cu, (ceil(seqlen_q / CF_BLOCK_M), heads, batch), q tiles reversed when
+// causal. Block: CF_WARPS = 4 * warpgroups threads x 32; CF_BLOCK_M = 64 * warpgroups: warpgroup
+// g owns query rows 64g .. 64g + 63 of the tile, and within it warp w (of 4) rows 16w .. 16w+15,
+// so the per-thread softmax state is exactly flash_fwd.cu's (cf_fwd.cuh is reused).
+//
+// Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1], the same total as flash_fwd.cu:
+//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 bytes,
+// but each tile is stored as CF_HEAD_DIM / 64 panels of 64 columns (128-byte rows): panel p
+// holds columns 64p .. 64p + 63 of every row, row r at r * 128 bytes, its 16-byte chunk c at
+// (c ^ (r % 8)) * 16. This is wgmma's 128-byte swizzle (address bits 4-6 XOR bits 7-9) when
+// every panel starts 1024-byte aligned, which holds because tiles are multiples of 8 rows and
+// the dynamic shared memory base is 1024-byte aligned (checked: trap otherwise).
+//   Descriptors: Q and K are K-major (head_dim contiguous): 8-row core groups 1024 bytes apart
+//   (SBO), the k-step of 16 columns moves the start address 32 bytes inside the panel (the
+//   swizzle is applied to the final address). V is B of O += P V with N = head_dim contiguous,
+//   i.e. MN-major: LBO = the panel stride (next 64 columns), SBO = 1024 (next 8 keys).
+//
+// Pipeline: K and V tiles stream through CF_STAGES = 2 stages with cp.async, as in
+// flash_fwd.cu; the cp.async writes reach the tensor cores' (async) proxy through
+// fence.proxy.async before the barrier that publishes a stage. The two warpgroups run their
+// wgmma and softmax phases independently between barriers, so one's softmax overlaps the
+// other's matrix products.
+//
+// Supported buckets: CF_HEAD_DIM in {64, 128, 256} (whole panels); others use flash_fwd.cu.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 8
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M (16 * CF_WARPS)
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 128
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0
+#endif
+// Test knob for the V descriptor (the MN-major strides): 1 swaps LBO and SBO.
+#ifndef CF_SM90_V_SWAP
+#define CF_SM90_V_SWAP 0
+#endif
+
+#include "cf_common.cuh"
+#include "cf_fwd.cuh"
+#include "cf_wgmma.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
+              "head-dim bucket: whole 64-column panels");
+static_assert(CF_WARPS % 4 == 0 && CF_BLOCK_M == 16 * CF_WARPS, "64 query rows per warpgroup");
+static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
+static_assert(CF_STAGES == 2, "2 K/V stages");
+
+namespace sm90 {
+enum : int {
+  kThreads = 32 * CF_WARPS,
+  kChunks = CF_HEAD_DIM / 8,  // 16-byte chunks per tile row
+  kPanels = CF_HEAD_DIM / 64,
+  kNT = CF_BLOCK_N / 8,   // S n-tiles per thread
+  kDT = CF_HEAD_DIM / 8,  // O n-tiles per thread
+  kKSteps = CF_HEAD_DIM / 16,
+  kSmemBytes = (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2,
+  kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
+};
+}  // namespace sm90
+
+// -- wgmma shared-memory descriptors (128-byte swizzle) ---------------------------------------
+__device__ __forceinline__ cf_u64 sm90_desc(cf_u32 saddr, cf_u32 lbo_bytes, cf_u32 sbo_bytes) {
+  return (cf_u64)((saddr & 0x3FFFF) >> 4) | ((cf_u64)(lbo_bytes >> 4) << 16) |
+         ((cf_u64)(sbo_bytes >> 4) << 32) | (1ull << 62);
+}
+
+// -- global -> shared: ROWS x CF_HEAD_DIM tile into 64-column swizzled panels ------------------
+// Thread t copies chunk column c0 = t % kChunks of rows t / kChunks + k * kStep; kStep is a
+// multiple of 8, so a thread's rows share one swizzle key and all its destinations are
+// compile-time offsets from one base.
+template <int ROWS>
+struct PanelLoader {
+  enum : int { kStep = sm90::kThreads / sm90::kChunks, kPasses = (ROWS + kStep - 1) / kStep };
+  static_assert(kStep % 8 == 0, "rows per pass must keep the swizzle key");
+  const elem_t* src;  // (row0, c0) of row 0 of this head
+  const elem_t* fallback;
+  cf_i64 stride;
+  int row0;
+  cf_u32 dst;  // byte offset of (row0, c0) in a tile
+  bool col_ok;
+
+  __device__ __forceinline__ PanelLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
+                                         int tid)
+      : fallback(base), stride(stride_row), row0(tid / sm90::kChunks) {
+    const int c0 = tid % sm90::kChunks;
+    src = cf_pinned(base + row0 * stride_row + c0 * 8);
+    fallback = cf_pinned(fallback);
+    dst = (c0 >> 3) * (ROWS * 128) + row0 * 128 + (((c0 & 7) ^ (row0 & 7)) << 4);
+    col_ok = c0 * 8 < head_dim;
+  }
+
+  __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
+    const elem_t* g = src + first_row * stride;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int row = row0 + p * kStep;
+      if (ROWS % kStep == 0 || row < ROWS) {
+        const bool valid = col_ok && row < rows_valid;
+        cp_async_16(tile + dst + p * kStep * 128, valid ? g : fallback, valid);
+      }
+      g += kStep * stride;
+    }
+  }
+};
+
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// S = Q K^T for this warpgroup's 64 rows: kKSteps wgmma of 16 columns.
+__device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, cf_u32 k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < sm90::kKSteps; ++kk) {
+    const cf_u32 col = (kk & 3) * 32;  // bytes inside the 128-byte row of panel kk / 4
+    const cf_u64 da = sm90_desc(q_wg + (kk >> 2) * (CF_BLOCK_M * 128) + col, 16, 1024);
+    const cf_u64 db = sm90_desc(k_tile + (kk >> 2) * (CF_BLOCK_N * 128) + col, 16, 1024);
+#if CF_BLOCK_N == 64
+    wgmma_ss_n64(s, da, db, kk > 0);
+#elif CF_BLOCK_N == 128
+    wgmma_ss_n128(s, da, db, kk > 0);
+#else
+    wgmma_ss_n256(s, da, db, kk > 0);
+#endif
+  }
+}
+
+// O += P V: CF_BLOCK_N / 16 wgmma, P packed from the S registers (C layout = A layout).
+__device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float (&p)[sm90::kNT][4],
+                                        cf_u32 v_tile) {
+  constexpr cf_u32 kPanelStride = CF_BLOCK_N * 128;
+  constexpr cf_u32 kLbo = CF_SM90_V_SWAP ? 1024 : kPanelStride;
+  constexpr cf_u32 kSbo = CF_SM90_V_SWAP ? kPanelStride : 1024;
+#pragma unroll
+  for (int kk = 0; kk < sm90::kNT / 2; ++kk) {
+    cf_u32 a[4];
+    a[0] = pack2(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    const cf_u64 db = sm90_desc(v_tile + kk * 16 * 128, kLbo, kSbo);  // keys 16kk ..
+#if CF_HEAD_DIM == 64
+    wgmma_rs_n64(acc, a, db, 1);
+#elif CF_HEAD_DIM == 128
+    wgmma_rs_n128(acc, a, db, 1);
+#else
+    wgmma_rs_n256(acc, a, db, 1);
+#endif
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
+    flash_fwd_sm90(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
+                   float* l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+                   int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
+                   long long stride_kb, long long stride_kn, long long stride_kh,
+                   long long stride_vb, long long stride_vn, long long stride_vh,
+                   long long stride_ob, long long stride_om, long long stride_oh,
+                   float scale_log2) {
+  using namespace sm90;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  if (threadIdx.x == 0 && (smem_addr(smem) & 1023u) != 0) __trap();  // the swizzle needs it
+  unsigned char* s_q = smem;
+  unsigned char* s_k = smem + CF_BLOCK_M * CF_HEAD_DIM * 2;
+  unsigned char* s_v = s_k + CF_STAGES * kTileKV;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
+  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
+  const int q0 = tile_m * CF_BLOCK_M;
+
+  const elem_t* q_head = q + b * stride_qb + h * stride_qh;
+  const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
+  const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
+
+  int kv_end = seqlen_k, full_end = seqlen_k;
+  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
+  if (CF_CAUSAL) {
+    const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
+    kv_end = min(seqlen_k, max(0, q_last + diag + 1));
+    full_end = min(seqlen_k, max(0, q0 + diag + 1));
+  }
+  const int n_tiles = (kv_end + CF_BLOCK_N - 1) / CF_BLOCK_N;
+
+  const int row0 = q0 + warp * 16 + group;  // this thread's rows: row0, row0 + 8
+  int lim[2] = {seqlen_k, seqlen_k};
+  if (CF_CAUSAL) {
+    lim[0] = min(seqlen_k, row0 + diag + 1);
+    lim[1] = min(seqlen_k, row0 + 8 + diag + 1);
+  }
+
+  float acc[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f};
+
+  const cf_u32 q_wg = smem_addr(s_q) + wg * 64 * 128;  // this warpgroup's rows in panel 0
+  const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
+  const PanelLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
+  const PanelLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+
+  if (n_tiles > 0) {  // prologue: one group [Q + K(last) + V(last)]
+    const int j = n_tiles - 1;
+    const PanelLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
+    load_q.load(s_q, q0, seqlen_q - q0);
+    load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
+    load_v.load(s_v, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
+    cp_async_commit();
+  }
+
+#pragma unroll 1
+  for (int it = 0; it < n_tiles; ++it) {
+    const int j = n_tiles - 1 - it;
+    const int stage = it & 1;
+    const cf_u32 k_cur = s_k_sa + stage * kTileKV, v_cur = s_v_sa + stage * kTileKV;
+
+    cp_async_wait<0>();   // tile j landed (this thread's copies) ...
+    fence_proxy_async();  // ... and is visible to the tensor cores' proxy
+    __syncthreads();      // everyone's copies; and tile j+1's stage is free again
+    if (j > 0) {
+      const int next_row = (j - 1) * CF_BLOCK_N;
+      load_k.load(s_k + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
+      load_v.load(s_v + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
+    }
+    cp_async_commit();
+
+    float s[kNT][4];
+    wgmma_fence();
+    sm90_qk(s, q_wg, k_cur);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+
+    if ((j + 1) * CF_BLOCK_N > full_end) mask_scores(s, j * CF_BLOCK_N + 2 * tig, lim);
+    online_softmax(s, m_i, l_i, acc, scale_log2);
+
+    wgmma_fence();
+    sm90_pv(acc, s, v_cur);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(acc);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band
+
+  float l_row[2], inv_l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l_row[r] = quad_sum(l_i[r]);
+    inv_l[r] = l_row[r] > 0.f ? __frcp_rn(l_row[r]) : 0.f;
+  }
+  const int band_q0 = q0 + warp * 16;
+  unsigned char* band = s_q + warp * 16 * CF_HEAD_DIM * 2;  // 16 rows of scratch per warp
+  store_o_band<kDT, kChunks>(o + b * stride_ob + (cf_i64)band_q0 * stride_om + h * stride_oh,
+                             stride_om, seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
+  if (tig == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row < seqlen_q) {
+        const cf_i64 idx = ((cf_i64)b * heads + h) * seqlen_q + row;
+        m_out[idx] = m_i[r] * CF_LN2;
+        l_out[idx] = l_row[r];
+      }
+    }
+  }
+}
