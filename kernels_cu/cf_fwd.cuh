@@ -298,11 +298,11 @@ __device__ __forceinline__ void mask_scores(float (&s)[NT][4], int key0, const i
 // the rescale factor is 0 instead of NaN.
 // The acc rescale is unconditional: skipping it behind a warp vote when every factor is 1
 // measured ~10% slower on an H100 (the branch splits the FMULs from the P V mma stream).
-template <int NT, int DT>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2],
-                                               float (&l_i)[2], float (&acc)[DT][4],
-                                               float scale_log2) {
-  float alpha[2];
+//
+// softmax_rows: the row update, in place (S becomes P); returns the rescale factors in alpha.
+template <int NT>
+__device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&m_i)[2], float (&l_i)[2],
+                                             float (&alpha)[2], float scale_log2) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -CF_INF;
@@ -321,7 +321,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2
     }
     l_i[r] = l_i[r] * alpha[r] + sum;
   }
-  // -- rescale acc by exp2(m_old - m_new)
+}
+
+// rescale_acc: acc *= exp2(m_old - m_new), row by row.
+template <int DT>
+__device__ __forceinline__ void rescale_acc(float (&acc)[DT][4], const float (&alpha)[2]) {
 #pragma unroll
   for (int d = 0; d < DT; ++d) {
     acc[d][0] *= alpha[0];
@@ -329,6 +333,15 @@ __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2
     acc[d][2] *= alpha[1];
     acc[d][3] *= alpha[1];
   }
+}
+
+template <int NT, int DT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2],
+                                               float (&l_i)[2], float (&acc)[DT][4],
+                                               float scale_log2) {
+  float alpha[2];
+  softmax_rows(s, m_i, l_i, alpha, scale_log2);
+  rescale_acc(acc, alpha);
 }
 
 // -- epilogue: O = acc * inv_l through the warp's own 16-row band of shared memory ----------------

@@ -147,6 +147,30 @@ def test_forward_every_smem_budget(smem_budget, budget_kib, head_dim, causal, dt
     _check(q, k, v, dtype=dtype, causal=causal, smem=f"{budget_kib}K")
 
 
+# -- both 16-bit kernels on a Hopper GPU ----------------------------------------------------
+# On sm_90 the selector prefers the wgmma kernel (flash_fwd_sm90.cu) for head-dim buckets 64,
+# 128 and 256; CUFLASH_DISABLE_WGMMA=1 brings back the portable mma.sync kernel, which every
+# other GPU runs, so both stay tested here.
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 256, 120), ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS.get)
+@pytest.mark.parametrize("dtype", ("bfloat16", "float16"), ids=gh.short)
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "portable"])
+def test_forward_both_kernels(monkeypatch, wgmma, dtype, causal, head_dim):
+    from cuflash import launch
+
+    if wgmma and not specs.uses_wgmma(launch.device_facts(0)):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    if not wgmma:
+        monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
+    spec = specs.select_forward(launch.device_facts(0), dtype, head_dim, causal)
+    assert (spec.kind == "fwd90") == wgmma, spec.name
+    q, k, v = gh.random_qkv(gh.rng_for(), batch=2, seqlen_q=300, seqlen_k=277, heads=4,
+                            heads_kv=2, head_dim=head_dim, dtype=dtype)
+    _check(q, k, v, dtype=dtype, causal=causal, kernel=spec.name)
+
+
 # -- rows that see no key ------------------------------------------------------------------
 
 
