@@ -1,21 +1,25 @@
-"""Train a small transformer with cuflash.torch and with torch's SDPA; compare the loss curves.
+"""Train a small transformer with cuflash and with the framework's own attention; compare losses.
 
 The "done when" check of the framework adapters:
 
     python bench/train_small.py --out bench/results          # GPU: 2 layers, d_model 512,
                                                               # 8 heads, seqlen 1024, bf16
     python bench/train_small.py --tiny --out /tmp/train       # CPU-sized smoke run
+    python bench/train_small.py --framework jax ...           # torch | jax | both (default)
 
-Both models start from the same initial weights and see the same batches (a synthetic
-next-token task with learnable structure: each token is followed by a fixed successor 90% of
-the time, so the loss falls quickly). Each is trained ``--steps`` steps with AdamW under
-bf16 autocast, eagerly and under ``torch.compile`` (skip with ``--no-compile``). Printed and
-written to ``OUT/train_small.json``: both loss curves per mode, the max |loss difference|,
-median step times. With ``--jax`` a JAX version (jax.jit, cuflash.jax vs a jax.numpy
-attention) runs too, when the JAX backend supports cuflash under jit (the CPU backend; on
-GPU jit needs the XLA FFI custom call cuflash does not have yet, recorded as skipped).
+Both models of a pair start from the same initial weights and see the same batches (a
+synthetic next-token task with learnable structure: each token is followed by a fixed
+successor 90% of the time, so the loss falls quickly), for ``--steps`` steps.
 
-Exit status 1 if a max |loss difference| exceeds ``--tolerance``.
+* torch: cuflash.torch vs torch's SDPA, AdamW under bf16 autocast, eagerly and under
+  ``torch.compile`` (skip with ``--no-compile``).
+* jax: cuflash.jax vs a plain jax.numpy attention, the whole training step under
+  ``jax.jit`` (cuflash runs as an XLA FFI custom call, on XLA's stream on a GPU), bf16
+  matmuls and attention with float32 master weights, Adam.
+
+Printed and written to ``OUT/train_small.json``: both loss curves per framework and mode, the
+max |loss difference|, median step times. Exit status 1 if a max |loss difference| exceeds
+``--tolerance``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.util
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -178,70 +184,116 @@ def run_torch(cfg: dict, args) -> dict:
 # -- jax -------------------------------------------------------------------------------------
 
 
-def run_jax(cfg: dict, args) -> dict:
-    """The same comparison in JAX under jax.jit (plain SGD, bf16 activations)."""
+def init_jax_params(cfg: dict, seed: int) -> dict:
+    """Float32 master weights; the same for both attentions."""
     import jax
     import jax.numpy as jnp
 
-    import cuflash.jax as cj
-
-    if jax.default_backend() != "cpu":
-        return {"skipped": f"cuflash.jax under jax.jit needs the XLA FFI custom call on "
-                           f"{jax.default_backend()} (not implemented)"}
-    d, h, vocab = cfg["d_model"], cfg["heads"], cfg["vocab"]
-    key = jax.random.PRNGKey(args.seed)
-    keys = iter(jax.random.split(key, 4 + 4 * cfg["layers"]))
+    d, vocab = cfg["d_model"], cfg["vocab"]
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 4 + 4 * cfg["layers"]))
 
     def dense(n_in, n_out):
         return jax.random.normal(next(keys), (n_in, n_out), jnp.float32) / math.sqrt(n_in)
 
-    params = {"embed": jax.random.normal(next(keys), (vocab, d)) * 0.02,
-              "pos": jax.random.normal(next(keys), (cfg["seqlen"], d)) * 0.02,
-              "head": dense(d, vocab),
-              "blocks": [{"qkv": dense(d, 3 * d), "proj": dense(d, d), "up": dense(d, 4 * d),
-                          "down": dense(4 * d, d)} for _ in range(cfg["layers"])]}
+    return {"embed": jax.random.normal(next(keys), (vocab, d)) * 0.02,
+            "pos": jax.random.normal(next(keys), (cfg["seqlen"], d)) * 0.02,
+            "head": dense(d, vocab),
+            "blocks": [{"qkv": dense(d, 3 * d), "proj": dense(d, d), "up": dense(d, 4 * d),
+                        "down": dense(4 * d, d)} for _ in range(cfg["layers"])]}
 
-    def reference_attention(q, k, v):
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
-        n = q.shape[1]
-        s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
-        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+def jnp_causal_attention(q, k, v):
+    """Plain attention on (b, s, h, d): scores and softmax in float32, as SDPA's math path."""
+    import jax
+    import jax.numpy as jnp
+
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    n = q.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s / math.sqrt(q.shape[-1]), -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(q.dtype), v)
+
+
+def jax_loss(params, tokens, attention, heads: int):
+    """Next-token cross entropy of a pre-norm transformer; bf16 matmuls, float32 residual."""
+    import jax
+    import jax.numpy as jnp
+
+    bf = jnp.bfloat16
+    inp, tgt = tokens[:, :-1], tokens[:, 1:]
+    d = params["embed"].shape[1]
 
     def norm(x):
-        x = x.astype(jnp.float32)
-        return ((x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5))
+        return (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-5)
 
-    def loss_fn(params, tokens, attention):
-        inp, tgt = tokens[:, :-1], tokens[:, 1:]
-        x = params["embed"][inp] + params["pos"][: inp.shape[1]]
-        bf = jnp.bfloat16
-        for blk in params["blocks"]:
-            qkv = (norm(x).astype(bf) @ blk["qkv"].astype(bf)).reshape(*inp.shape, 3, h, d // h)
-            o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(*inp.shape, d)
-            x = x + (o @ blk["proj"].astype(bf)).astype(jnp.float32)
-            up = jax.nn.gelu(norm(x).astype(bf) @ blk["up"].astype(bf))
-            x = x + (up @ blk["down"].astype(bf)).astype(jnp.float32)
-        logits = norm(x) @ params["head"]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, tgt[..., None], axis=-1).mean()
+    x = params["embed"][inp] + params["pos"][: inp.shape[1]]
+    for blk in params["blocks"]:
+        # (b, s, 3, heads, head_dim): q, k, v slices of one projection, bf16 into attention
+        qkv = (norm(x).astype(bf) @ blk["qkv"].astype(bf)).reshape(*inp.shape, 3, heads, -1)
+        o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(*inp.shape, d)
+        x = x + (o @ blk["proj"].astype(bf)).astype(jnp.float32)
+        up = jax.nn.gelu(norm(x).astype(bf) @ blk["up"].astype(bf))
+        x = x + (up @ blk["down"].astype(bf)).astype(jnp.float32)
+    logp = jax.nn.log_softmax(norm(x) @ params["head"], axis=-1)
+    return -jnp.take_along_axis(logp, tgt[..., None], axis=-1).mean()
 
-    batches = jnp.asarray(make_batches(cfg, args.steps, args.seed))
+
+def make_jax_step(attention, heads: int, lr: float):
+    """One jitted Adam step (as torch's AdamW with weight_decay 0)."""
+    import jax
+    import jax.numpy as jnp
+
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    @jax.jit
+    def step(params, moments, t, tokens):
+        loss, grads = jax.value_and_grad(jax_loss)(params, tokens, attention, heads)
+        m, v = moments
+        m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+        v = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+        t = t + 1
+        scale = lr * jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        params = jax.tree.map(lambda p, m, v: p - scale * m / (jnp.sqrt(v) + eps), params, m, v)
+        return params, (m, v), t, loss
+
+    return step
+
+
+def train_jax(params, batches, attention, heads: int, lr: float):
+    """Losses and step times (ms) of one run from ``params`` (not modified)."""
+    import jax
+    import jax.numpy as jnp
+
+    step = make_jax_step(attention, heads, lr)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    moments, t = (zeros, zeros), jnp.zeros((), jnp.float32)
+    losses, times = [], []
+    for tokens in batches:
+        start = time.perf_counter()
+        params, moments, t, loss = step(params, moments, t, tokens)
+        losses.append(float(loss))  # waits for the step
+        times.append((time.perf_counter() - start) * 1e3)
+    return losses, times
+
+
+def run_jax(cfg: dict, args) -> dict:
+    """cuflash.jax vs jax.numpy attention, trained under jax.jit on JAX's default backend."""
+    import jax
+
+    import cuflash.jax as cj
+
+    params = init_jax_params(cfg, args.seed)
+    batches = jax.numpy.asarray(make_batches(cfg, args.steps, args.seed).astype(np.int32))
+    attentions = {"jnp": jnp_causal_attention,
+                  "cuflash": lambda q, k, v: cj.flash_attention(q, k, v, causal=True)}
     curves = {}
-    for name, attention in (("jnp", reference_attention),
-                            ("cuflash", lambda q, k, v: cj.flash_attention(q, k, v, causal=True))):
-        @jax.jit
-        def step(params, tokens, attention=attention):
-            loss, grads = jax.value_and_grad(loss_fn)(params, tokens, attention)
-            return jax.tree.map(lambda p, g: p - args.jax_lr * g, params, grads), loss
-
-        p, losses = params, []
-        for tokens in batches:
-            p, loss = step(p, tokens)
-            losses.append(float(loss))
-        curves[name] = {"losses": losses}
+    for name, attention in attentions.items():
+        losses, times = train_jax(params, batches, attention, cfg["heads"], args.lr)
+        curves[name] = {"losses": losses, "median_step_ms": statistics.median(times),
+                        "first_step_ms": times[0]}
     diff = max(abs(a - b) for a, b in zip(curves["jnp"]["losses"], curves["cuflash"]["losses"]))
-    return {"backend": jax.default_backend(), **curves, "max_abs_loss_diff": diff}
+    device = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(device, "device_kind", str(device)),
+            "modes": {"jit": {**curves, "max_abs_loss_diff": diff}}}
 
 
 # -- main ------------------------------------------------------------------------------------
@@ -256,38 +308,59 @@ def _print_curves(title: str, curves: dict, names: tuple[str, str]) -> None:
     print(f" max |loss difference| = {curves['max_abs_loss_diff']:.3g}")
 
 
+def _report(name: str, part: dict, names: tuple[str, str]) -> list[float]:
+    """Print one framework's curves; its max |loss difference| per mode."""
+    for mode, curves in part["modes"].items():
+        _print_curves(f"{name}, {mode}", curves, names)
+        a, b = names
+        print(f" median step ms: {a} {curves[a]['median_step_ms']:.2f}, "
+              f"{b} {curves[b]['median_step_ms']:.2f}")
+    return [c["max_abs_loss_diff"] for c in part["modes"].values()]
+
+
+def _wanted(framework: str, choice: str, result: dict) -> bool:
+    """Run ``framework``? Asked for by name it must be importable; under "both" a missing
+    one is recorded as skipped (so the GPU suite still runs on a machine without it)."""
+    if choice not in (framework, "both"):
+        return False
+    if choice == "both" and importlib.util.find_spec(framework) is None:
+        result[framework] = {"skipped": f"{framework} is not installed"}
+        print(f"\n{framework}: skipped, not installed")
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model and data")
+    parser.add_argument("--framework", choices=("torch", "jax", "both"), default="both")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--jax-lr", type=float, default=0.2)
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--jax", action="store_true", help="also run the JAX comparison")
+    parser.add_argument("--no-compile", action="store_true", help="torch: eager mode only")
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="max |loss difference| allowed (bf16 training noise)")
     args = parser.parse_args(argv)
+    # JAX would take 75% of GPU memory at its first GPU call; torch and CuPy share the device
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     cfg = TINY if args.tiny else FULL
     start = time.perf_counter()
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "config": {**cfg, "steps": args.steps, "seed": args.seed, "lr": args.lr,
-                         "dtype": "bfloat16 autocast"},
-              "torch": run_torch(cfg, args)}
-    print(f"device: {result['torch']['device']}; config: {result['config']}")
-    for mode, curves in result["torch"]["modes"].items():
-        _print_curves(f"torch, {mode}", curves, ("sdpa", "cuflash"))
-        print(f" median step ms: sdpa {curves['sdpa']['median_step_ms']:.2f}, "
-              f"cuflash {curves['cuflash']['median_step_ms']:.2f}")
-    diffs = [c["max_abs_loss_diff"] for c in result["torch"]["modes"].values()]
-    if args.jax:
+                         "dtype": "bfloat16"}}
+    print(f"config: {result['config']}")
+    diffs = []
+    if _wanted("torch", args.framework, result):
+        result["torch"] = run_torch(cfg, args)
+        print(f"\ntorch device: {result['torch']['device']}")
+        diffs += _report("torch", result["torch"], ("sdpa", "cuflash"))
+    if _wanted("jax", args.framework, result):
         result["jax"] = run_jax(cfg, args)
-        if "skipped" in result["jax"]:
-            print(f"\njax: skipped: {result['jax']['skipped']}")
-        else:
-            _print_curves("jax, jit", result["jax"], ("jnp", "cuflash"))
-            diffs.append(result["jax"]["max_abs_loss_diff"])
+        print(f"\njax backend: {result['jax']['backend']} ({result['jax']['device']})")
+        diffs += _report("jax", result["jax"], ("jnp", "cuflash"))
+    if not diffs:
+        raise SystemExit("nothing was trained: neither torch nor jax is importable")
     result["seconds"] = time.perf_counter() - start
     result["ok"] = all(d <= args.tolerance for d in diffs)
     args.out.mkdir(parents=True, exist_ok=True)

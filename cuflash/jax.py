@@ -8,78 +8,111 @@ What runs where (docs/frameworks.md has the full table):
   rules JAX calls with concrete arrays): straight through ``cuflash.attention_forward`` /
   ``attention_backward``. CPU arrays run the NumPy path, GPU arrays the CUDA kernels, ordered
   after JAX's pending work through the DLPack stream handshake (see ``cuflash.interop``).
-* Traced arrays on the CPU backend (inside ``jax.jit``, ``jax.vmap``, ``lax.scan`` ...): a
-  ``jax.pure_callback`` into the NumPy path, with the result shapes and dtypes declared.
-  ``vmap_method="broadcast_all"``: a vmapped call hands the callback arrays with extra leading
-  axes (every argument tiled to the full batch), and the callback folds all leading axes into
-  the batch axis, so a vmap is one call over a bigger batch instead of a Python loop
-  (``"sequential"``) over the vmapped axis.
-* Traced arrays on a GPU backend: not implemented. Running the kernels inside an XLA
-  computation needs an XLA FFI custom call (launching on XLA's stream with no host round trip),
-  which cuflash does not have yet; such calls raise ``NotImplementedError`` at trace time
-  rather than silently copying the data to the host and back.
+* Traced arrays (inside ``jax.jit``, ``jax.vmap``, ``lax.scan`` ...): a ``jax.ffi.ffi_call``
+  to the XLA FFI targets ``cuflash_attention_fwd`` / ``cuflash_attention_bwd``, written in
+  Python with ctypes (``cuflash.xla_ffi``) and registered for two platforms:
+
+  - CUDA: the handler wraps XLA's device buffers as CuPy arrays (no copies), makes XLA's
+    stream CuPy's current stream and launches the kernels there, writing straight into XLA's
+    result buffers. No host round trip; ordered like any XLA op.
+  - cpu: the same call frame, viewed as NumPy arrays, runs the NumPy path.
+
+  ``vmap_method="broadcast_all"``: a vmapped call hands the target arrays with extra leading
+  axes (every argument tiled to the full batch), and the target folds all leading axes into
+  the batch axis, so a vmap is one call over a bigger batch instead of a loop
+  (``"sequential"``) over the vmapped axis. Shapes and dtypes are validated at trace time
+  with the errors an eager call raises; the handler validates again (alignment, CUDA limits)
+  and reports a failure as an XLA error, raised by JAX as an ``XlaRuntimeError``.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, validate
+from . import api, validate, xla_ffi
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention"]
 
 _VMAP_METHOD = "broadcast_all"
-_GPU_UNDER_TRACE = (
-    "cuflash.jax.flash_attention was traced (jax.jit, jax.vmap, lax.scan, ...) for the {backend} "
-    "backend: running cuflash's CUDA kernels inside an XLA computation needs an XLA FFI "
-    "custom call, which is not implemented yet. Call it eagerly on concrete GPU arrays "
-    "(jax.grad / jax.vjp of an un-jitted function also works), or trace it for the CPU backend."
-)
+_FORWARD_TARGET = "cuflash_attention_fwd"
+_BACKWARD_TARGET = "cuflash_attention_bwd"
 
 
 def _is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _require_cpu_backend() -> None:
-    """Under tracing we only know the backend the computation will be lowered for by default."""
-    backend = jax.default_backend()
-    if backend != "cpu":
-        raise NotImplementedError(_GPU_UNDER_TRACE.format(backend=backend))
+# -- the XLA FFI targets: run by XLA on its own buffers; leading axes come from vmap ------------
 
 
-def _fold_leading(x: np.ndarray, ndim: int) -> np.ndarray:
-    """(*lead, batch, ...) with ``ndim`` trailing axes -> (prod(lead) * batch, ...), no copy."""
-    return x.reshape((-1,) + x.shape[x.ndim - ndim + 1:])
+def _target_options(call: xla_ffi.Call) -> dict:
+    return {"causal": bool(call.attrs["causal"]),
+            "softmax_scale": float(call.attrs["softmax_scale"])}
 
 
-# -- host callbacks (NumPy path); extra leading axes come from vmap ------------------------------
+def _forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
+    """(q, k, v) -> (o, m, l), written into XLA's result buffers."""
+    views = [b.folded(4) for b in call.args + call.rets[:1]] + [b.folded(3) for b in call.rets[1:]]
+    options = _target_options(call)
+    if on_cuda:
+        from .launch import flash_forward_gpu
+
+        with call.on_cuda_stream() as device_id:
+            q, k, v, o, m, l = (b.as_cupy(device_id) for b in views)
+            problem = validate.check_forward(q, k, v, **options)
+            flash_forward_gpu(q, k, v, dtype=problem.dtype, out=(o, m, l), **options)
+        return
+    from .cpu import flash_forward_cpu
+
+    q, k, v, o, m, l = (b.as_numpy() for b in views)
+    validate.check_forward(q, k, v, **options)
+    # The NumPy path allocates its outputs; one O(n) copy next to its O(n^2) work.
+    for result, value in zip((o, m, l), flash_forward_cpu(q, k, v, **options)):
+        np.copyto(result, value)
 
 
-def _host_forward(q, k, v, *, causal: bool, softmax_scale: float):
-    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
-    lead = q.shape[:-4]
-    o, stats = api.attention_forward(_fold_leading(q, 4), _fold_leading(k, 4),
-                                     _fold_leading(v, 4), causal=causal,
-                                     softmax_scale=softmax_scale)
-    batch, seqlen_q, heads, _ = q.shape[-4:]
-    stats_shape = lead + (batch, heads, seqlen_q)
-    return o.reshape(q.shape), stats.m.reshape(stats_shape), stats.l.reshape(stats_shape)
+def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
+    """(do, q, k, v, o, m, l) -> (dq, dk, dv), written into XLA's result buffers."""
+    views = ([b.folded(4) for b in call.args[:5]] + [b.folded(3) for b in call.args[5:]]
+             + [b.folded(4) for b in call.rets])
+    options = _target_options(call)
+    if on_cuda:
+        from .launch import flash_backward_gpu
+
+        with call.on_cuda_stream() as device_id:
+            do, q, k, v, o, m, l, dq, dk, dv = (b.as_cupy(device_id) for b in views)
+            problem = validate.check_backward(do, q, k, v, o, m, l, **options)
+            # dq's float32 accumulator comes from CuPy's pool, stream-ordered on XLA's stream
+            flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype, out=(dq, dk, dv),
+                               **options)
+        return
+    from .cpu import flash_backward_cpu
+
+    do, q, k, v, o, m, l, dq, dk, dv = (b.as_numpy() for b in views)
+    validate.check_backward(do, q, k, v, o, m, l, **options)
+    for result, value in zip((dq, dk, dv), flash_backward_cpu(do, q, k, v, o, m, l, **options)):
+        np.copyto(result, value)  # as in the forward: the NumPy path allocates
 
 
-def _host_backward(do, q, k, v, o, m, l, *, causal: bool, softmax_scale: float):
-    do, q, k, v, o, m, l = (np.asarray(x) for x in (do, q, k, v, o, m, l))
-    folded = [_fold_leading(x, 4) for x in (do, q, k, v, o)]
-    stats = SoftmaxStats(_fold_leading(m, 3), _fold_leading(l, 3))
-    dq, dk, dv = api.attention_backward(*folded, stats, causal=causal,
-                                        softmax_scale=softmax_scale)
-    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+@lru_cache(maxsize=None)
+def _register_targets() -> None:
+    """Register both targets for XLA:CPU and XLA:GPU (CUDA), once per process. Registering
+    for CUDA on a machine without it only queues the registration; nothing imports CuPy."""
+    for platform, on_cuda in (("cpu", False), ("CUDA", True)):
+        xla_ffi.register(_FORWARD_TARGET, partial(_forward_target, on_cuda=on_cuda), platform)
+        xla_ffi.register(_BACKWARD_TARGET, partial(_backward_target, on_cuda=on_cuda), platform)
+
+
+def _ffi_attributes(causal: bool, softmax_scale: float) -> dict:
+    # float64 so that a jitted call uses exactly the eager call's scale (the kernels round it
+    # to float32 themselves, the NumPy path does not)
+    return {"causal": bool(causal), "softmax_scale": np.float64(softmax_scale)}
 
 
 # -- forward and backward on JAX arrays ----------------------------------------------------------
@@ -104,13 +137,13 @@ def _forward(q, k, v, causal: bool, softmax_scale: float):
     if _is_concrete(q, k, v):
         o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
         return o, stats.m, stats.l
-    _require_cpu_backend()
     # the same errors, at trace time, that an eager call would raise
     validate.check_forward(*(_shape_only(x) for x in (q, k, v)), causal=causal,
                            softmax_scale=softmax_scale)
+    _register_targets()
     specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), _stats_spec(q), _stats_spec(q))
-    return jax.pure_callback(partial(_host_forward, causal=causal, softmax_scale=softmax_scale),
-                             specs, q, k, v, vmap_method=_VMAP_METHOD)
+    call = jax.ffi.ffi_call(_FORWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
+    return tuple(call(q, k, v, **_ffi_attributes(causal, softmax_scale)))
 
 
 def _backward(do, q, k, v, o, m, l, causal: bool, softmax_scale: float):
@@ -118,10 +151,10 @@ def _backward(do, q, k, v, o, m, l, causal: bool, softmax_scale: float):
     if _is_concrete(do, q, k, v, o, m, l):
         return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l), causal=causal,
                                       softmax_scale=softmax_scale)
-    _require_cpu_backend()
+    _register_targets()
     specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    return jax.pure_callback(partial(_host_backward, causal=causal, softmax_scale=softmax_scale),
-                             specs, do, q, k, v, o, m, l, vmap_method=_VMAP_METHOD)
+    call = jax.ffi.ffi_call(_BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
+    return tuple(call(do, q, k, v, o, m, l, **_ffi_attributes(causal, softmax_scale)))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -159,8 +192,7 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     Differentiable in q, k, v (residuals q, k, v, o and the float32 statistics m, l; the
     attention probabilities are recomputed in the backward pass). Works eagerly on CPU and
     GPU arrays, and under ``jax.jit`` / ``jax.grad`` / ``jax.vmap`` (any number of leading
-    vmapped axes) on the CPU backend; traced for a GPU backend it raises
-    ``NotImplementedError`` (no XLA FFI custom call yet).
+    vmapped axes) on the CPU and CUDA backends, through an XLA FFI custom call.
     """
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a Python bool (static), got {type(causal).__name__}")

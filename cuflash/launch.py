@@ -34,7 +34,11 @@ def _empty(shape, storage_dtype, logical: str = "float32"):
     """A new CuPy array; NaN-filled when poisoning is on (the kernel must overwrite it)."""
     import cupy
 
-    out = cupy.empty(shape, dtype=storage_dtype)
+    return _poisoned(cupy.empty(shape, dtype=storage_dtype), logical)
+
+
+def _poisoned(out, logical: str = "float32"):
+    """``out`` NaN-filled when poisoning is on (also caller-given outputs, ``out=``)."""
     if poison_enabled() and out.size:
         if logical in _NAN_BITS:
             out.view(np.uint16).fill(_NAN_BITS[logical])
@@ -82,17 +86,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float):
+def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
-    ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16.
+    ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
+    optional (o, m, l) to write into instead (the XLA FFI target passes XLA's result buffers,
+    C-contiguous, of the shapes and dtypes this function would allocate).
     """
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     device_id = q.device.id
-    o = _empty(q.shape, q.dtype, dtype)
-    m = _empty((batch, heads, seqlen_q), np.float32)
-    l = _empty((batch, heads, seqlen_q), np.float32)
+    if out is not None:
+        o, m, l = _poisoned(out[0], dtype), _poisoned(out[1]), _poisoned(out[2])
+    else:
+        o = _empty(q.shape, q.dtype, dtype)
+        m = _empty((batch, heads, seqlen_q), np.float32)
+        l = _empty((batch, heads, seqlen_q), np.float32)
     if o.size == 0:
         return o, m, l
     if seqlen_k == 0:  # every row sees no key
@@ -112,16 +121,22 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
 
 
 def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
-                       softmax_scale: float, deterministic: bool = False):
-    """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l."""
+                       softmax_scale: float, deterministic: bool = False, out=None):
+    """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l.
+
+    ``out``: an optional (dq, dk, dv) to write into instead of new arrays (as in the forward).
+    """
     import cupy
 
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     device_id = q.device.id
-    dq = _empty(q.shape, q.dtype, dtype)
-    dk = _empty(k.shape, k.dtype, dtype)
-    dv = _empty(v.shape, v.dtype, dtype)
+    if out is not None:
+        dq, dk, dv = (_poisoned(t, dtype) for t in out)
+    else:
+        dq = _empty(q.shape, q.dtype, dtype)
+        dk = _empty(k.shape, k.dtype, dtype)
+        dv = _empty(v.shape, v.dtype, dtype)
     if dq.size == 0 and dk.size == 0:
         return dq, dk, dv
     if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or heads == 0:

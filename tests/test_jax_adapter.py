@@ -1,5 +1,10 @@
 """cuflash.jax on the CPU backend: jax.grad against a jax.numpy reference, eager and jitted, vmap.
 
+Under ``jax.jit`` cuflash runs as an XLA FFI custom call whose handler is a ctypes callback
+(``cuflash.xla_ffi``); on the CPU backend the same call-frame decoding runs the NumPy path,
+so these tests exercise the FFI plumbing (buffers, attributes, metadata query, errors) that
+the CUDA target shares.
+
 Truth is ``jax.vjp`` of a plain jax.numpy attention in float64 (jitted, under
 ``jax.enable_x64``). The noise floor is ``cuflash.reference``'s naive attention in the test
 dtype (every intermediate rounded, as op-by-op autograd rounds; a jitted jax.numpy version in
@@ -158,3 +163,95 @@ def test_eager_output_is_a_jax_array():
     q, k, v, _ = _inputs((1, 9, 9, 2, 2, 8), np.float32, seed=5)
     o = cj.flash_attention(q, k, v)  # NumPy in: converted to JAX arrays first
     assert isinstance(o, jax.Array) and o.shape == q.shape and o.dtype == np.float32
+
+
+# -- the XLA FFI plumbing (cuflash.xla_ffi), exercised on XLA:CPU ------------------------------
+
+
+def test_jit_lowers_to_the_ffi_targets_not_a_host_callback():
+    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    fn = jax.jit(jax.grad(lambda q: cj.flash_attention(q, q, q, causal=True).sum()))
+    text = fn.lower(q).as_text()
+    assert "cuflash_attention_fwd" in text and "cuflash_attention_bwd" in text
+    assert "callback" not in text
+
+
+def test_handler_error_is_raised_by_jax_and_the_process_goes_on():
+    """A failure inside the handler comes back as an XLA error with the handler's message."""
+    cj._register_targets()
+    q = jnp.ones((1, 8, 4, 16), jnp.float32)
+    kv = jnp.ones((1, 8, 3, 16), jnp.float32)  # heads 4 do not group over 3 kv heads
+    specs = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+             *[jax.ShapeDtypeStruct((1, 4, 8), jnp.float32)] * 2)
+    call = jax.ffi.ffi_call(cj._FORWARD_TARGET, specs, vmap_method="broadcast_all")
+    with pytest.raises(Exception, match="cuflash_attention_fwd: ValueError: .*heads"):
+        jax.block_until_ready(jax.jit(lambda q, kv: call(q, kv, kv, causal=False,
+                                                         softmax_scale=np.float64(0.25)))(q, kv))
+    o = jax.jit(cj.flash_attention)(q, q, q)  # still works
+    assert np.isfinite(np.asarray(o)).all()
+
+
+_SEEN = []
+
+
+def _echo_target(call):
+    """result = arg * scale + offset, recording what the handler decoded."""
+    (x,), (out,) = call.args, call.rets
+    _SEEN.append((x.dtype, x.shape, dict(call.attrs)))
+    a, o = x.as_numpy(), out.as_numpy()
+    o[...] = (a.astype(np.float64) * call.attrs["scale"] + call.attrs["offset"]).astype(o.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_ffi_call_frame_decoding(dtype):
+    from cuflash import xla_ffi
+
+    xla_ffi.register("cuflash_test_echo", _echo_target, "cpu")
+    dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    x = jnp.asarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4).astype(dtype))
+    call = jax.ffi.ffi_call("cuflash_test_echo", jax.ShapeDtypeStruct(x.shape, x.dtype))
+    _SEEN.clear()
+    got = jax.jit(lambda x: call(x, scale=np.float32(0.5), offset=np.int64(3), flag=True))(x)
+    np.testing.assert_array_equal(np.asarray(got, np.float64),
+                                  np.asarray(x, np.float64) * 0.5 + 3)
+    assert _SEEN == [(dtype, (2, 3, 4), {"flag": True, "offset": 3, "scale": 0.5})]
+
+
+def test_zero_size_buffers_under_jit():
+    q = jnp.ones((1, 5, 2, 8), jnp.float32)
+    empty = jnp.ones((1, 0, 2, 8), jnp.float32)  # seqlen_k = 0: o = 0, zero gradients
+    fn = jax.jit(jax.value_and_grad(lambda q, k: cj.flash_attention(q, k, k).sum(),
+                                    argnums=(0, 1)))
+    value, (dq, dk) = fn(q, empty)
+    assert float(value) == 0 and not np.asarray(dq).any() and dk.shape == empty.shape
+    assert jax.jit(cj.flash_attention)(q[:0], q[:0], q[:0]).shape == (0, 5, 2, 8)
+
+
+def test_inside_lax_scan():
+    xs = jnp.asarray(np.random.default_rng(6).standard_normal((3, 1, 7, 2, 8), dtype=np.float32))
+    total = jax.jit(lambda xs: jax.lax.scan(
+        lambda c, x: (c + cj.flash_attention(x, x, x).sum(), None), 0.0, xs)[0])(xs)
+    want = sum(float(cj.flash_attention(x, x, x).sum()) for x in xs)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+
+
+def test_xla_api_calls_from_the_handler():
+    """The handler calls XLA's API through function pointers (as the CUDA target does for its
+    stream). XLA:CPU has no stream: XLA_FFI_Stream_Get returns an error, which we read,
+    destroy and raise, with XLA's message."""
+    from cuflash import xla_ffi
+
+    seen = []
+
+    def stream_probe(call):
+        try:
+            call.stream()
+        except xla_ffi.FfiCallError as exc:
+            seen.append(str(exc))
+        call.rets[0].as_numpy()[...] = call.args[0].as_numpy()
+
+    xla_ffi.register("cuflash_test_stream_probe", stream_probe, "cpu")
+    x = jnp.arange(4.0, dtype=jnp.float32)
+    call = jax.ffi.ffi_call("cuflash_test_stream_probe", jax.ShapeDtypeStruct(x.shape, x.dtype))
+    np.testing.assert_array_equal(np.asarray(jax.jit(call)(x)), np.asarray(x))
+    assert len(seen) == 1 and seen[0].startswith("XLA_FFI_Stream_Get: ") and len(seen[0]) > 20
