@@ -13,15 +13,9 @@
 //
 // Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1], the same total as flash_fwd.cu:
 //   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 bytes,
-// but each tile is stored as CF_HEAD_DIM / 64 panels of 64 columns (128-byte rows): panel p
-// holds columns 64p .. 64p + 63 of every row, row r at r * 128 bytes, its 16-byte chunk c at
-// (c ^ (r % 8)) * 16. This is wgmma's 128-byte swizzle (address bits 4-6 XOR bits 7-9) when
-// every panel starts 1024-byte aligned, which holds because tiles are multiples of 8 rows and
-// the dynamic shared memory base is 1024-byte aligned (checked: trap otherwise).
-//   Descriptors: Q and K are K-major (head_dim contiguous): 8-row core groups 1024 bytes apart
-//   (SBO), the k-step of 16 columns moves the start address 32 bytes inside the panel (the
-//   swizzle is applied to the final address). V is B of O += P V with N = head_dim contiguous,
-//   i.e. MN-major: LBO = the panel stride (next 64 columns), SBO = 1024 (next 8 keys).
+// but each tile is stored in the 64-column panel layout of cf_sm90.cuh (wgmma's 128-byte
+// swizzle), which the tensor cores read through descriptors: Q and K as K-major operands
+// (head_dim contiguous), V as the MN-major B of O += P V (N = head_dim contiguous).
 //
 // Pipeline: K and V tiles stream through CF_STAGES = 2 stages with cp.async, as in
 // flash_fwd.cu; the cp.async writes reach the tensor cores' (async) proxy through
@@ -55,14 +49,10 @@
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
 #endif
-// Test knob for the V descriptor (the MN-major strides): 1 swaps LBO and SBO.
-#ifndef CF_SM90_V_SWAP
-#define CF_SM90_V_SWAP 0
-#endif
 
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
-#include "cf_wgmma.cuh"
+#include "cf_sm90.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
@@ -84,62 +74,15 @@ enum : int {
 };
 }  // namespace sm90
 
-// -- wgmma shared-memory descriptors (128-byte swizzle) ---------------------------------------
-__device__ __forceinline__ cf_u64 sm90_desc(cf_u32 saddr, cf_u32 lbo_bytes, cf_u32 sbo_bytes) {
-  return (cf_u64)((saddr & 0x3FFFF) >> 4) | ((cf_u64)(lbo_bytes >> 4) << 16) |
-         ((cf_u64)(sbo_bytes >> 4) << 32) | (1ull << 62);
-}
-
-// -- global -> shared: ROWS x CF_HEAD_DIM tile into 64-column swizzled panels ------------------
-// Thread t copies chunk column c0 = t % kChunks of rows t / kChunks + k * kStep; kStep is a
-// multiple of 8, so a thread's rows share one swizzle key and all its destinations are
-// compile-time offsets from one base.
 template <int ROWS>
-struct PanelLoader {
-  enum : int { kStep = sm90::kThreads / sm90::kChunks, kPasses = (ROWS + kStep - 1) / kStep };
-  static_assert(kStep % 8 == 0, "rows per pass must keep the swizzle key");
-  const elem_t* src;  // (row0, c0) of row 0 of this head
-  const elem_t* fallback;
-  cf_i64 stride;
-  int row0;
-  cf_u32 dst;  // byte offset of (row0, c0) in a tile
-  bool col_ok;
-
-  __device__ __forceinline__ PanelLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
-                                         int tid)
-      : fallback(base), stride(stride_row), row0(tid / sm90::kChunks) {
-    const int c0 = tid % sm90::kChunks;
-    src = cf_pinned(base + row0 * stride_row + c0 * 8);
-    fallback = cf_pinned(fallback);
-    dst = (c0 >> 3) * (ROWS * 128) + row0 * 128 + (((c0 & 7) ^ (row0 & 7)) << 4);
-    col_ok = c0 * 8 < head_dim;
-  }
-
-  __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
-    const elem_t* g = src + first_row * stride;
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p) {
-      const int row = row0 + p * kStep;
-      if (ROWS % kStep == 0 || row < ROWS) {
-        const bool valid = col_ok && row < rows_valid;
-        cp_async_16(tile + dst + p * kStep * 128, valid ? g : fallback, valid);
-      }
-      g += kStep * stride;
-    }
-  }
-};
-
-__device__ __forceinline__ void fence_proxy_async() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
+using Sm90Loader = PanelLoader<ROWS, sm90::kChunks, sm90::kThreads>;
 
 // S = Q K^T for this warpgroup's 64 rows: kKSteps wgmma of 16 columns.
 __device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, cf_u32 k_tile) {
 #pragma unroll
   for (int kk = 0; kk < sm90::kKSteps; ++kk) {
-    const cf_u32 col = (kk & 3) * 32;  // bytes inside the 128-byte row of panel kk / 4
-    const cf_u64 da = sm90_desc(q_wg + (kk >> 2) * (CF_BLOCK_M * 128) + col, 16, 1024);
-    const cf_u64 db = sm90_desc(k_tile + (kk >> 2) * (CF_BLOCK_N * 128) + col, 16, 1024);
+    const cf_u64 da = sm90_desc_kmajor<CF_BLOCK_M>(q_wg, kk);
+    const cf_u64 db = sm90_desc_kmajor<CF_BLOCK_N>(k_tile, kk);
 #if CF_BLOCK_N == 64
     wgmma_ss_n64(s, da, db, kk > 0);
 #elif CF_BLOCK_N == 128
@@ -153,9 +96,6 @@ __device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, c
 // O += P V: CF_BLOCK_N / 16 wgmma, P packed from the S registers (C layout = A layout).
 __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float (&p)[sm90::kNT][4],
                                         cf_u32 v_tile) {
-  constexpr cf_u32 kPanelStride = CF_BLOCK_N * 128;
-  constexpr cf_u32 kLbo = CF_SM90_V_SWAP ? 1024 : kPanelStride;
-  constexpr cf_u32 kSbo = CF_SM90_V_SWAP ? kPanelStride : 1024;
 #pragma unroll
   for (int kk = 0; kk < sm90::kNT / 2; ++kk) {
     cf_u32 a[4];
@@ -163,7 +103,7 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float 
     a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
     a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
     a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-    const cf_u64 db = sm90_desc(v_tile + kk * 16 * 128, kLbo, kSbo);  // keys 16kk ..
+    const cf_u64 db = sm90_desc_mnmajor<CF_BLOCK_N>(v_tile, kk);  // keys 16kk ..
 #if CF_HEAD_DIM == 64
     wgmma_rs_n64(acc, a, db, 1);
 #elif CF_HEAD_DIM == 128
@@ -185,7 +125,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
-  if (threadIdx.x == 0 && (smem_addr(smem) & 1023u) != 0) __trap();  // the swizzle needs it
+  sm90_require_aligned(smem);
   unsigned char* s_q = smem;
   unsigned char* s_k = smem + CF_BLOCK_M * CF_HEAD_DIM * 2;
   unsigned char* s_v = s_k + CF_STAGES * kTileKV;
@@ -223,12 +163,12 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   const cf_u32 q_wg = smem_addr(s_q) + wg * 64 * 128;  // this warpgroup's rows in panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
-  const PanelLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
-  const PanelLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+  const Sm90Loader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
+  const Sm90Loader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
 
   if (n_tiles > 0) {  // prologue: one group [Q + K(last) + V(last)]
     const int j = n_tiles - 1;
-    const PanelLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
+    const Sm90Loader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
     load_v.load(s_v, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);

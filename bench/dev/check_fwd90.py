@@ -1,7 +1,7 @@
 """Dev check of the Hopper forward (kernels_cu/flash_fwd_sm90.cu) on an H100: correctness
 against a float64 reference over awkward shapes, then timings beside SDPA's FA-2 and cuDNN.
 
-    python bench/dev/check_fwd90.py [--variant V_SWAP=1] [--bench]
+    python bench/dev/check_fwd90.py [--variant NAME=VALUE] [--bench]
 
 --variant adds a -D define (tuning / layout knobs of the kernel) to every compile, so several
 variants can be checked in one GPU call. Error rule: max|o - ref| <= 2 max|naive - ref| + 1e-3.
@@ -129,7 +129,7 @@ def bench() -> None:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--variant", default=None, help="e.g. V_SWAP=1 (adds -DCF_SM90_V_SWAP=1)")
+    p.add_argument("--variant", default=None, help="NAME=VALUE adds -DCF_SM90_NAME=VALUE")
     p.add_argument("--bench", action="store_true")
     p.add_argument("--no-check", action="store_true")
     args = p.parse_args()

@@ -1,0 +1,89 @@
+// cf_sm90.cuh -- shared-memory tiles for the Hopper (wgmma, sm_90a) kernels: the 64-column
+// panel layout with wgmma's 128-byte swizzle, its descriptors, and the global -> shared loader.
+//
+// Panel layout: a ROWS x head_dim tile is stored as head_dim / 64 panels of 64 columns
+// (128-byte rows): panel p holds columns 64p .. 64p + 63 of every row, row r at r * 128 bytes,
+// its 16-byte chunk c at (c ^ (r % 8)) * 16. This is wgmma's 128-byte swizzle (address bits
+// 4-6 XOR bits 7-9) when each panel starts 1024-byte aligned (tiles of a multiple of 8 rows
+// in a 1024-byte aligned dynamic shared memory base; the kernels check the base).
+// Descriptors (PTX ISA, "matrix descriptor"; 128-byte swizzle):
+//   K-major operand (the contraction dim contiguous, e.g. Q or K as A/B of Q K^T): 8-row core
+//   groups are 1024 bytes apart (SBO); a k-step of 16 columns moves the start address 32 bytes
+//   inside the panel (the swizzle applies to the final address), the next panel every 4 steps.
+//   MN-major operand (M or N contiguous, e.g. V as B of P V): LBO = the panel stride (the next
+//   64 columns of M / N), SBO = 1024 (the next 8 rows of K); a k-step of 16 rows moves the
+//   start address 16 * 128 bytes.
+#pragma once
+#include "cf_common.cuh"
+#include "cf_wgmma.cuh"
+
+__device__ __forceinline__ cf_u64 sm90_desc(cf_u32 saddr, cf_u32 lbo_bytes, cf_u32 sbo_bytes) {
+  return (cf_u64)((saddr & 0x3FFFF) >> 4) | ((cf_u64)(lbo_bytes >> 4) << 16) |
+         ((cf_u64)(sbo_bytes >> 4) << 32) | (1ull << 62);
+}
+// K-major operand: k-step kk of a tile of ROWS rows starting at `tile` (+ a row offset).
+template <int ROWS>
+__device__ __forceinline__ cf_u64 sm90_desc_kmajor(cf_u32 tile, int kk) {
+  return sm90_desc(tile + (kk >> 2) * (ROWS * 128) + (kk & 3) * 32, 16, 1024);
+}
+// MN-major operand: k-step kk (rows 16kk ..) of a tile of ROWS rows (panel stride ROWS * 128).
+template <int ROWS>
+__device__ __forceinline__ cf_u64 sm90_desc_mnmajor(cf_u32 tile, int kk) {
+  return sm90_desc(tile + kk * 16 * 128, ROWS * 128, 1024);
+}
+
+// Writes done by the generic proxy (cp.async, st.shared) visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+// Traps unless the dynamic shared memory starts 1024-byte aligned (the swizzle needs it).
+__device__ __forceinline__ void sm90_require_aligned(const void* smem) {
+  if (threadIdx.x == 0 && (smem_addr(smem) & 1023u) != 0) __trap();
+}
+
+// Byte offset of element (row, col) of a panel-layout tile of ROWS rows.
+template <int ROWS>
+__device__ __forceinline__ cf_u32 sm90_offset(int row, int col) {
+  return (col >> 6) * (ROWS * 128) + row * 128 + ((((col >> 3) & 7) ^ (row & 7)) << 4) +
+         (col & 7) * 2;
+}
+
+// -- global -> shared: ROWS x (8 * CHUNKS) tile into panels, cp.async, zero-filled ------------
+// Thread t copies chunk column c0 = t % CHUNKS of rows t / CHUNKS + k * kStep; kStep is a
+// multiple of 8, so a thread's rows share one swizzle key and all its destinations are
+// compile-time offsets from one base. Rows >= rows_valid and columns >= head_dim become zeros.
+template <int ROWS, int CHUNKS, int THREADS>
+struct PanelLoader {
+  enum : int { kStep = THREADS / CHUNKS, kPasses = (ROWS + kStep - 1) / kStep };
+  static_assert(kStep % 8 == 0, "rows per pass must keep the swizzle key");
+  const elem_t* src;  // (row0, c0) of row 0 of this head
+  const elem_t* fallback;
+  cf_i64 stride;
+  int row0;
+  cf_u32 dst;  // byte offset of (row0, c0) in a tile
+  bool col_ok;
+
+  __device__ __forceinline__ PanelLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
+                                         int tid)
+      : fallback(base), stride(stride_row), row0(tid / CHUNKS) {
+    const int c0 = tid % CHUNKS;
+    src = base + row0 * stride_row + c0 * 8;
+    asm volatile("" : "+l"(src));  // keep the pointer in registers (see cf_pinned)
+    dst = (c0 >> 3) * (ROWS * 128) + row0 * 128 + (((c0 & 7) ^ (row0 & 7)) << 4);
+    col_ok = c0 * 8 < head_dim;
+  }
+
+  __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
+    const elem_t* g = src + first_row * stride;
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int row = row0 + p * kStep;
+      if (ROWS % kStep == 0 || row < ROWS) {
+        const bool valid = col_ok && row < rows_valid;
+        cp_async_16(tile + dst + p * kStep * 128, valid ? g : fallback, valid);
+      }
+      g += kStep * stride;
+    }
+  }
+};
