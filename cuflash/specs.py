@@ -37,10 +37,11 @@ DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 
-KINDS = ("fwd", "fwd90", "bwd", "bwd_dq", "bwd_pre")
+KINDS = ("fwd", "fwd90", "bwd", "bwd90", "bwd_dq", "bwd_pre")
 ENTRY = {
     "fwd": "flash_fwd",
     "fwd90": "flash_fwd_sm90",
+    "bwd90": "flash_bwd_sm90",
     "bwd": "flash_bwd",
     "bwd_dq": "flash_bwd_dq",
     "bwd_pre": "flash_bwd_preprocess",
@@ -88,7 +89,7 @@ class KernelSpec:
         if self.kind != "bwd_pre":
             parts += [f"d{self.head_dim}", f"m{self.block_m}", f"n{self.block_n}",
                       f"w{self.warps}", f"s{self.stages}"]
-        if self.kind == "bwd":
+        if self.kind in ("bwd", "bwd90"):
             parts += [f"c{self.dchunk}", "atomic" if self.dq_atomic else "nodq"]
         if self.causal:
             parts.append("causal")
@@ -103,8 +104,8 @@ class KernelSpec:
         """The ``kernels_cu`` file that holds this kernel."""
         if self.kind == "bwd_pre":
             return "flash_bwd_pre.cu"
-        if self.kind == "fwd90":
-            return "flash_fwd_sm90.cu"
+        if self.kind in ("fwd90", "bwd90"):
+            return {"fwd90": "flash_fwd_sm90.cu", "bwd90": "flash_bwd_sm90.cu"}[self.kind]
         base = {"fwd": "flash_fwd", "bwd": "flash_bwd", "bwd_dq": "flash_bwd_dq"}[self.kind]
         return base + ("_fp32.cu" if self.dtype == "float32" else ".cu")
 
@@ -124,7 +125,7 @@ class KernelSpec:
             d.update(CF_HEAD_DIM=self.head_dim, CF_BLOCK_M=self.block_m,
                      CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
                      CF_CAUSAL=int(self.causal))
-        if self.kind == "bwd":
+        if self.kind in ("bwd", "bwd90"):
             d.update(CF_DQ_ATOMIC=int(self.dq_atomic), CF_DCHUNK=self.dchunk)
         return d
 
@@ -138,11 +139,20 @@ def smem_bytes(spec: KernelSpec) -> int:
         return _smem_fp32(spec)
     if spec.kind in ("fwd", "fwd90"):  # Q tile + K and V tiles per stage, 2-byte elements
         return (m + 2 * s * n) * d * 2
-    if spec.kind == "bwd":  # K, V tiles; Q, dO stages; dS^T tile; lse2, delta per stage
+    if spec.kind == "bwd":  # K, V tiles; Q, dO stages; dS^T (+ P^T) tile; lse2, delta per stage
+        return (2 * n * d + 2 * s * m * d + (2 if bwd_split_layout(spec) else 1) * n * m) * 2 \
+            + 2 * s * m * 4
+    if spec.kind == "bwd90":  # K, V; Q, dO stages; dS^T; lse2, delta per stage
         return (2 * n * d + 2 * s * m * d + n * m) * 2 + 2 * s * m * 4
     if spec.kind == "bwd_dq":  # Q, dO tiles + K and V tiles per stage
         return (2 * m + 2 * s * n) * d * 2
     raise ValueError(f"unknown kernel kind {spec.kind!r}")
+
+
+def bwd_split_layout(spec: KernelSpec) -> bool:
+    """flash_bwd.cu's CF_BWD_SPLIT: 8 warps, one chunk of head_dim <= 128 (16-bit only)."""
+    return (spec.kind == "bwd" and spec.dtype != "float32" and spec.warps == 8
+            and spec.dchunk >= spec.head_dim and spec.head_dim <= 128)
 
 
 def _smem_fp32(spec: KernelSpec) -> int:
@@ -209,8 +219,13 @@ _FWD16 = {
     "large": [(8, 64, 2), (8, 32, 2), (4, 32, 2), (4, 32, 1), (2, 32, 1), (2, 16, 1),
               (1, 16, 1)],  # head_dim <= 256
 }
-# bwd, 16-bit: (warps, block_m, stages).
+# bwd, 16-bit: (warps, block_m, stages). 8 warps (block_n 128) at head_dim <= 128 is the split
+# layout of flash_bwd.cu (S^T / dP^T by 4 x 2 warps over (keys, queries), P^T and dS^T through
+# shared memory, dK / dV by 4 x 2 warps over (keys, columns)); the others own 16 keys per warp.
+# H100 bf16 16k d128 (2026-11-23, bench/dev/NOTES.md): split w8 m64 s2 vs 141 TFLOP/s for
+# w4 m64 s2. It needs 161 KB at d128, 97 KB at d64: smaller budgets fall through.
 _BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
+_BWD16_SPLIT = [(8, 64, 2)]  # head_dim <= 128, tried before _BWD16
 # bwd_dq, 16-bit: (warps, block_n, stages).
 _BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 # float32 (SIMT, one stage): (warps, block_m, block_n). The kernels need block_m and block_n
@@ -225,6 +240,11 @@ _BWDDQ32 = [(4, 32, 32), (4, 16, 16), (2, 16, 8), (1, 8, 8)]
 # where none fits, use the portable mma.sync kernel.
 _FWD90 = {64: [(8, 128, 2), (8, 64, 2)], 128: [(8, 128, 2), (8, 64, 2)], 256: [(8, 64, 2)]}
 
+# bwd90 (Hopper wgmma, flash_bwd_sm90.cu), 16-bit, dQ by atomics: block_m candidates by
+# head-dim bucket; 128 keys, 2 warpgroups, 2 stages (the deterministic mode and the other
+# buckets use flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
+_BWD90 = {64: (128, 64), 128: (64,)}
+
 # Architectures with wgmma (compute capability 9.0 exactly: sm_90a code runs nowhere else).
 WGMMA_ARCHS = ("sm_90",)
 
@@ -236,7 +256,7 @@ def uses_wgmma(facts: DeviceFacts) -> bool:
 
 def compile_arch(spec: KernelSpec, arch: str) -> str:
     """The NVRTC target for ``spec`` on ``arch``: the arch-specific sm_90a for wgmma kernels."""
-    return arch + "a" if spec.kind == "fwd90" else arch
+    return arch + "a" if spec.kind in ("fwd90", "bwd90") else arch
 
 
 def _size_class(head_dim: int) -> str:
@@ -273,6 +293,12 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
     bucket = head_dim_bucket(head_dim)
+    if dtype != "float32" and not deterministic and uses_wgmma(facts) and bucket in _BWD90:
+        for block_m in _BWD90[bucket]:  # Hopper first; else the portable kernels below
+            spec = KernelSpec("bwd90", dtype, bucket, block_m, 128, 8, 2, causal,
+                              dq_atomic=True, dchunk=bucket)
+            if spec.smem_bytes <= facts.smem_optin:
+                return spec
     # dK + dV accumulators hold dchunk floats per thread, so at most 128 columns per block;
     # S and dP are recomputed once per chunk. The tensor-core kernel takes chunks of 128
     # (the last one partial: 160 -> 128 + 32); the fp32 kernel needs a divisor (160 -> 2 x 80).
@@ -281,8 +307,9 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, n in _BWD32)
     else:
+        tiles = (_BWD16_SPLIT if bucket <= 128 else []) + _BWD16
         specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
-                            dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in _BWD16)
+                            dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in tiles)
     return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")
 
 

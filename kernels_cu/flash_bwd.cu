@@ -31,6 +31,26 @@
 // multiple of 64 columns) dealt round-robin to the warps, each piece added to dq_accum with
 // red.global.add.v2.f32 (sm_90; two scalar atomics before).
 //
+// Split layout (CF_BWD_SPLIT: 8 warps, CF_BLOCK_N 128, CF_BLOCK_M 64, head_dim <= 128 in one
+// chunk). Owning 16 keys per warp, every Q / dO fragment feeds only 2 mma and the kernel is
+// shared-memory bound (bench/dev/NOTES.md). Here warp w = 2 wk + wh works in three phases per
+// query tile, the work split as in FlashAttention-2's backward:
+//   1. S^T, P^T, dP^T, dS^T for keys 32 wk .. +31 x queries 32 wh .. +31 (4 x 2 warps over
+//      (keys, queries); 4 ldmatrix.x4 per 8 mma); P^T and dS^T go to shared memory (sP, sdS).
+//   2. (barrier) dV += P^T dO, dK += dS^T Q for keys 32 wk .. +31 x columns (D/2) wh .. of all
+//      64 queries: 4 x 2 warps over (keys, columns), A from sP / sdS; at D = 128 6 ldmatrix.x4
+//      per 16 mma. dK + dV accumulators: D floats per thread.
+//   3. dQ += dS K * scale: warps over (query rows, columns) of the tile (2 x 4 when D % 64 == 0,
+//      else 4 x 2), A from sdS (.trans), B from sK, then red.global.add.v2 as below.
+// 128 keys per block halve the dQ atomics per FLOP against 64. P^T is rounded to elem_t before
+// dS^T = P^T (dP^T - delta) is formed (the packed P^T is what fits in the registers beside dK,
+// dV; it is also the P^T that dV uses). Shared memory adds a second CF_BLOCK_N x CF_BLOCK_M
+// tile, sP, before sdS:
+//   SMEM = (2*CF_BLOCK_N*CF_HEAD_DIM + 2*CF_STAGES*CF_BLOCK_M*CF_HEAD_DIM
+//           + 2*CF_BLOCK_N*CF_BLOCK_M) * 2 + 2*CF_STAGES*CF_BLOCK_M*4
+//   (164864 B at head_dim 128 with 2 stages: fits the A100's 163 KB, one block per SM.)
+// Barriers per query tile: the pipeline's top one, and one between phases 1 and 2.
+//
 // Registers per thread: dK + dV accumulators min(CF_DCHUNK, CF_HEAD_DIM) floats, S^T + dP^T
 // MSUB floats, a dQ piece PW / 2 floats (not live at the same time as S^T / dP^T). With
 // chunk 128 this is 128 + 32 (+ addresses): 230-250 registers, no spills (NVRTC 13.5, sm_80
@@ -114,6 +134,21 @@
 #ifndef CF_BWD_SPLIT_KUNROLL
 #define CF_BWD_SPLIT_KUNROLL 2
 #endif
+#ifndef CF_BWD_SPLIT_QGD
+#define CF_BWD_SPLIT_QGD (CF_HEAD_DIM % 64 == 0 ? 4 : 2)
+#endif
+#ifndef CF_BWD_SPLIT_DQ_ACC
+#define CF_BWD_SPLIT_DQ_ACC 1
+#endif
+#ifndef CF_BWD_SPLIT_PIPE
+#define CF_BWD_SPLIT_PIPE 0
+#endif
+#ifndef CF_BWD_SPLIT_S_ACC2
+#define CF_BWD_SPLIT_S_ACC2 0
+#endif
+#ifndef CF_BWD_SPLIT_DQ_FIRST
+#define CF_BWD_SPLIT_DQ_FIRST 0
+#endif
 #ifndef CF_BWD_SPLIT
 #define CF_BWD_SPLIT (CF_WARPS == 8 && CF_DCHUNK >= CF_HEAD_DIM && CF_HEAD_DIM <= 128)
 #endif
@@ -142,10 +177,11 @@ enum : int {
   kKW = 32,  // keys per warp (rows kKW wk ..): S^T, dP^T, dK, dV
   kQW = kBM / 2,  // queries per warp in S^T / dP^T (columns kQW wh ..)
   kDW = kD / 2,  // dK / dV columns per warp (kDW wh ..)
-  kQGD = kD % 64 == 0 ? 4 : 2,  // dQ: warps across the columns ...
+  kQGD = CF_BWD_SPLIT_QGD,  // dQ: warps across the columns ...
   kQR = kBM / (8 / kQGD),  // ... each owning kQR query rows
   kQC = kD / kQGD,  // ... x kQC columns
   kSplitKUnroll = CF_BWD_SPLIT_KUNROLL,
+  kQAcc = CF_BWD_SPLIT_DQ_ACC,  // dQ partial accumulators
 };
 
 static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
@@ -158,8 +194,9 @@ static_assert(CF_DCHUNK % 32 == 0 && CF_DCHUNK <= 128, "flash_bwd: CF_DCHUNK in 
 static_assert(CF_DCHUNK % 64 == 0 || CF_DCHUNK >= CF_HEAD_DIM,
               "flash_bwd: a chunk narrower than head_dim must be a multiple of 64 columns");
 static_assert(kStages == 1 || kStages == 2, "flash_bwd: CF_STAGES is 1 or 2");
-static_assert(!CF_BWD_SPLIT || (kWarps == 8 && kBM == 64 && kD <= 128 && kDC == kD),
-              "flash_bwd: the split layout is 8 warps, CF_BLOCK_M 64, one chunk of <= 128");
+static_assert(!CF_BWD_SPLIT || (kWarps == 8 && (kBM == 64 || kBM == 128) && kD <= 128 &&
+                                kDC == kD),
+              "flash_bwd: the split layout is 8 warps, CF_BLOCK_M 64 or 128, one chunk <= 128");
 }  // namespace bwd
 
 // Vectorised float atomic add of a column pair (8-byte aligned: head_dim and col are even).
@@ -489,27 +526,74 @@ __device__ __forceinline__ void split_store_frag(elem_t* tile, const cf_u32 a[4]
 // -- acc = X Y^T for one warp: kKW rows krow0.. of the resident sX (K or V) against kQW rows
 // qrow0.. of the query tile tY (Q or dO), contracted over the whole bucket (columns >= head_dim
 // are zero in both tiles). Per 16-column step: 2 + kQW / 16 ldmatrix.x4 feed 2 * kQW / 8 mma.
+// One 16-column step of split_scores into acc.
+__device__ __forceinline__ void split_scores_step(float (&acc)[2][bwd::kQW / 8][4],
+                                                  const elem_t* sX, const elem_t* tY, int krow0,
+                                                  int qrow0, int kk, int lane) {
+  using namespace bwd;
+  cf_u32 a[2][4];  // A = X rows krow0 + 16 mi .. +15, columns 16 kk .. +15
+  ldsm_a<kCPR>(a[0], sX, krow0, 2 * kk, lane);
+  ldsm_a<kCPR>(a[1], sX, krow0 + 16, 2 * kk, lane);
+#pragma unroll
+  for (int j = 0; j < kQW / 16; ++j) {
+    cf_u32 bq[4];  // B = Y^T: rows qrow0 + 16 j .. +15 (n), columns 16 kk .. +15 (k)
+    ldsm_b<kCPR>(bq, tY, qrow0 + 16 * j, 2 * kk, lane);
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      mma_16816(acc[mi][2 * j], a[mi], bq[0], bq[1]);
+      mma_16816(acc[mi][2 * j + 1], a[mi], bq[2], bq[3]);
+    }
+  }
+}
+
 __device__ __forceinline__ void split_scores(float (&acc)[2][bwd::kQW / 8][4], const elem_t* sX,
                                              const elem_t* tY, int krow0, int qrow0, int lane) {
   using namespace bwd;
   zero_acc(acc[0]);
   zero_acc(acc[1]);
-#pragma unroll kSplitKUnroll
+#if CF_BWD_SPLIT_S_ACC2
+  // Even and odd steps into separate accumulators: twice the independent mma chains.
+  float acc2[2][kQW / 8][4];
+  zero_acc(acc2[0]);
+  zero_acc(acc2[1]);
+#pragma unroll 1
+  for (int kk = 0; kk < kD / 16; kk += 2) {
+    split_scores_step(acc, sX, tY, krow0, qrow0, kk, lane);
+    split_scores_step(acc2, sX, tY, krow0, qrow0, kk + 1, lane);
+  }
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int n = 0; n < kQW / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mi][n][e] += acc2[mi][n][e];
+#elif CF_BWD_SPLIT_PIPE
+  // Fragments of step kk + 1 are loaded before the mma of step kk (two register buffers), so
+  // the ldmatrix latency hides behind the previous step's mma.
+  cf_u32 a[2][2][4], bq[2][kQW / 16][4];
+  auto load = [&](int kk, int buf) {
+    ldsm_a<kCPR>(a[buf][0], sX, krow0, 2 * kk, lane);
+    ldsm_a<kCPR>(a[buf][1], sX, krow0 + 16, 2 * kk, lane);
+#pragma unroll
+    for (int j = 0; j < kQW / 16; ++j) ldsm_b<kCPR>(bq[buf][j], tY, qrow0 + 16 * j, 2 * kk, lane);
+  };
+  load(0, 0);
+#pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk) {
-    cf_u32 a[2][4];  // A = X rows krow0 + 16 mi .. +15, columns 16 kk .. +15
-    ldsm_a<kCPR>(a[0], sX, krow0, 2 * kk, lane);
-    ldsm_a<kCPR>(a[1], sX, krow0 + 16, 2 * kk, lane);
+    if (kk + 1 < kD / 16) load(kk + 1, (kk + 1) & 1);
 #pragma unroll
     for (int j = 0; j < kQW / 16; ++j) {
-      cf_u32 bq[4];  // B = Y^T: rows qrow0 + 16 j .. +15 (n), columns 16 kk .. +15 (k)
-      ldsm_b<kCPR>(bq, tY, qrow0 + 16 * j, 2 * kk, lane);
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi) {
-        mma_16816(acc[mi][2 * j], a[mi], bq[0], bq[1]);
-        mma_16816(acc[mi][2 * j + 1], a[mi], bq[2], bq[3]);
+        mma_16816(acc[mi][2 * j], a[kk & 1][mi], bq[kk & 1][j][0], bq[kk & 1][j][1]);
+        mma_16816(acc[mi][2 * j + 1], a[kk & 1][mi], bq[kk & 1][j][2], bq[kk & 1][j][3]);
       }
     }
   }
+#else
+#pragma unroll kSplitKUnroll
+  for (int kk = 0; kk < kD / 16; ++kk) split_scores_step(acc, sX, tY, krow0, qrow0, kk, lane);
+#endif
 }
 
 // -- phase 1, one warp: S^T, P^T, dP^T, dS^T for keys krow0..+31 of the block x queries
@@ -661,9 +745,12 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
   if (CF_CAUSAL) last_key = min(last_key, m0 + qr0 + kQR - 1 + causal_off);
   if (last_key < n0) return;
   const int nks = (last_key - n0) / 16 + 1;
-  float acc[kQR / 16][kQC / 8][4];
+  // kQAcc partial sums over alternating key steps: more independent mma chains.
+  float acc[kQAcc][kQR / 16][kQC / 8][4];
 #pragma unroll
-  for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[mi]);
+  for (int p = 0; p < kQAcc; ++p)
+#pragma unroll
+    for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[p][mi]);
 #pragma unroll
   for (int ks = 0; ks < kBN / 16; ++ks) {
     if (ks >= nks) break;
@@ -677,11 +764,19 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
       ldsm_b_trans<kCPR>(kb, sK, 16 * ks, qc0 / 8 + 2 * jj, lane);
 #pragma unroll
       for (int mi = 0; mi < kQR / 16; ++mi) {
-        mma_16816(acc[mi][2 * jj], a[mi], kb[0], kb[1]);
-        mma_16816(acc[mi][2 * jj + 1], a[mi], kb[2], kb[3]);
+        mma_16816(acc[ks % kQAcc][mi][2 * jj], a[mi], kb[0], kb[1]);
+        mma_16816(acc[ks % kQAcc][mi][2 * jj + 1], a[mi], kb[2], kb[3]);
       }
     }
   }
+#pragma unroll
+  for (int p = 1; p < kQAcc; ++p)
+#pragma unroll
+    for (int mi = 0; mi < kQR / 16; ++mi)
+#pragma unroll
+      for (int n = 0; n < kQC / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][mi][n][e] += acc[p][mi][n][e];
   const int grp = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < kQR / 16; ++mi) {
@@ -694,8 +789,8 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
         const int row = m0 + qr0 + 16 * mi + grp + 8 * half;
         if (row < seqlen_q)
           atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
-                      acc[mi][n][2 * half] * softmax_scale,
-                      acc[mi][n][2 * half + 1] * softmax_scale);
+                      acc[0][mi][n][2 * half] * softmax_scale,
+                      acc[0][mi][n][2 * half + 1] * softmax_scale);
       }
     }
   }
@@ -805,6 +900,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
                key0, m0 + kQW * wh, seqlen_q, seqlen_k, causal_off, scale_log2, lane);
     __syncthreads();  // sP, sdS complete
 
+    // -- phase 3 (first when CF_BWD_SPLIT_DQ_FIRST): dQ
+    float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
+    if (CF_DQ_ATOMIC && CF_BWD_SPLIT_DQ_FIRST)
+      split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
+               causal_off, softmax_scale, warp, lane);
+
     // -- phase 2: dK, dV over the query steps that can see this warp's keys
     int ks_lo = 0, ks_hi = 0;
     if (key0 < seqlen_k) {
@@ -814,11 +915,9 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     split_dkdv(sP, sdS, tQ, tdO, acc_dk, acc_dv, krow0, kDW * wh, ks_lo, ks_hi, lane);
 
     // -- phase 3: dQ
-    if (CF_DQ_ATOMIC) {
-      float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
+    if (CF_DQ_ATOMIC && !CF_BWD_SPLIT_DQ_FIRST)
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
                causal_off, softmax_scale, warp, lane);
-    }
     if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0
       if (it + 1 < n_iter) {

@@ -1,0 +1,327 @@
+// flash_bwd_sm90.cu -- FlashAttention-2 backward (dK, dV, and dQ by float atomics) for
+// float16 / bfloat16 on Hopper warpgroup MMA (wgmma, sm_90a). A drop-in for flash_bwd.cu with
+// CF_DQ_ATOMIC = 1 and one head-dim chunk: same parameters, grid, inputs (lse2, delta from
+// flash_bwd_pre.cu) and outputs; read that file's header for the algorithm and contract.
+//
+// Block: 2 warpgroups (256 threads) own CF_BLOCK_N = 128 keys; warpgroup g the keys
+// n0 + 64g .. + 63 (S^T, dP^T, dK, dV rows), warp w of it the 16 keys 16w .. of those.
+// Grid (ceil(seqlen_k / 128), heads_kv, batch). The block loops over the query heads of its
+// GQA group and over the query tiles of CF_BLOCK_M rows (64; 128 at head_dim 64) that can see
+// its keys; per tile:
+//   S^T  = K Q^T      wgmma m64n(CF_BLOCK_M), K and Q from shared memory (K-major)
+//   dP^T = V dO^T     wgmma m64n(CF_BLOCK_M), V and dO from shared memory (K-major)
+//   P^T  = exp2(S^T * scale_log2 - lse2), dS^T = P^T * (dP^T - delta)   (registers)
+//   dV  += P^T dO     wgmma m64n(D), P^T from registers, dO MN-major from shared memory
+//   dK  += dS^T Q     wgmma m64n(D), dS^T from registers, Q MN-major
+//   dQ   = dS K       wgmma m64n64 with dS^T stored to shared memory (both operands MN-major):
+//                     CF_BLOCK_M 128 (head_dim 64): warpgroup g computes query rows 64g ..;
+//                     head_dim 128: warpgroup g computes dQ columns 64g .. over all 128 keys;
+//                     head_dim 64, CF_BLOCK_M 64: warpgroup g computes all columns over its
+//                     own 64 keys (both add to dq_accum);
+//                     then red.global.add into dq_accum (times softmax_scale).
+// and at the end dK *= softmax_scale. dK, dV accumulate on chip over the whole loop.
+//
+// Shared memory (the panel layout of cf_sm90.cuh; base 1024-byte aligned):
+//   sK, sV      128 x CF_HEAD_DIM each (resident)
+//   sQ, sdO     2 stages x CF_BLOCK_M x CF_HEAD_DIM each (cp.async double buffer)
+//   sdS         128 keys x CF_BLOCK_M queries (dS^T; panels of 64 queries)
+//   sLse, sDelta  2 stages x CF_BLOCK_M floats each
+//   SMEM = (2 * 128 * D + 2 * 2 * M * D + 128 * M) * 2 + 2 * 2 * M * 4 bytes
+// The host's formula is specs.smem_bytes (kind "bwd90").
+//
+// Supported: CF_HEAD_DIM 64 or 128 (whole panels, one chunk); others use flash_bwd.cu.
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 64
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 8
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N (16 * CF_WARPS)
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2
+#endif
+#ifndef CF_CAUSAL
+#define CF_CAUSAL 0
+#endif
+#ifndef CF_DQ_ATOMIC
+#define CF_DQ_ATOMIC 1
+#endif
+#ifndef CF_DCHUNK
+#define CF_DCHUNK CF_HEAD_DIM
+#endif
+#ifndef CF_SOURCE_HASH
+#define CF_SOURCE_HASH 0
+#endif
+
+#include "cf_common.cuh"
+#include "cf_sm90.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128, "head-dim bucket 64 or 128");
+static_assert((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) && CF_WARPS == 8 &&
+                  CF_BLOCK_N == 128 && CF_STAGES == 2,
+              "tiles: 64 queries (128 at head_dim 64) x 128 keys, 2 warpgroups, 2 stages");
+static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
+
+namespace bwd90 {
+enum : int {
+  kD = CF_HEAD_DIM,
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kThreads = 32 * CF_WARPS,
+  kChunks = kD / 8,
+  kKSteps = kD / 16,       // k-steps of S^T, dP^T (over head_dim)
+  kQSteps = kBM / 16,      // k-steps of dV, dK (over the tile's queries)
+  kNT = kBM / 8,           // S^T n-tiles per thread (8 queries each)
+  kDT = kD / 8,            // dK, dV n-tiles per thread
+  kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
+  kTileK = kBN * kD * 2,   // bytes of K (or V)
+  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + kBN * kBM) * 2 + 2 * 2 * kBM * 4,
+};
+}  // namespace bwd90
+
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
+    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
+    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
+    const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
+    elem_t* __restrict__ dv, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
+    long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
+    long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
+    long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
+    long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
+    float softmax_scale) {
+  using namespace bwd90;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  sm90_require_aligned(smem);
+  unsigned char* sK = smem;
+  unsigned char* sV = sK + kTileK;
+  unsigned char* sQ = sV + kTileK;       // 2 stages
+  unsigned char* sdO = sQ + 2 * kTileQ;  // 2 stages
+  unsigned char* sdS = sdO + 2 * kTileQ;
+  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM * 2);  // 2 stages x kBM
+  float* sDelta = sLse + 2 * kBM;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
+  const int b = blockIdx.z, kvh = blockIdx.y, n0 = blockIdx.x * kBN;
+  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
+
+  const int m_tiles = (seqlen_q + kBM - 1) / kBM;
+  int m_first = 0;
+  if (CF_CAUSAL) {
+    const int i_min = n0 - diag;  // first query row that sees key n0
+    m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
+  }
+  const int tiles_per_head = m_tiles - m_first;
+  const int n_iter = heads_per_kv * tiles_per_head;
+
+  typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
+  typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
+  const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
+  const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
+
+  // Issue iteration it's copies into stage st: Q and dO tiles (cp.async), lse2 and delta
+  // (plain loads; past seqlen_q they become 0, harmless: those Q and dO rows are zeros).
+  auto load_query_tile = [&](int it, int st) {
+    const int g = it / tiles_per_head;
+    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+    const int h = kvh * heads_per_kv + g;
+    const QLoad lq(q + b * stride_qb + h * stride_qh, stride_qm, head_dim, tid);
+    lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
+    const QLoad ldo(dout + b * stride_dob + h * stride_doh, stride_dom, head_dim, tid);
+    ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
+    if (tid < 2 * kBM) {
+      const int r = tid % kBM, row = m0 + r;
+      const float* src = (tid < kBM ? lse2 : delta) + ((cf_i64)b * heads + h) * seqlen_q + row;
+      (tid < kBM ? sLse : sDelta)[st * kBM + r] = row < seqlen_q ? *src : 0.f;
+    }
+  };
+
+  float acc_dk[kDT][4], acc_dv[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
+
+  const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
+  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
+  const int key_row = n0 + wg * 64 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
+
+  if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
+    const KVLoad lk(k_head, stride_kn, head_dim, tid);
+    lk.load(sK, n0, seqlen_k - n0);
+    const KVLoad lv(v_head, stride_vn, head_dim, tid);
+    lv.load(sV, n0, seqlen_k - n0);
+    load_query_tile(0, 0);
+    cp_async_commit();
+  }
+
+#pragma unroll 1
+  for (int it = 0; it < n_iter; ++it) {
+    const int st = it & 1;
+    const int g = it / tiles_per_head;
+    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+    const int h = kvh * heads_per_kv + g;
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // tile it is visible; stage st ^ 1 and sdS are free
+    if (it + 1 < n_iter) load_query_tile(it + 1, st ^ 1);
+    cp_async_commit();
+
+    const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
+    // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
+    float s[kNT][4], dp[kNT][4];
+#if CF_BLOCK_M == 64
+#define CF_WGMMA_SCORES wgmma_ss_n64
+#else
+#define CF_WGMMA_SCORES wgmma_ss_n128
+#endif
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      CF_WGMMA_SCORES(s, sm90_desc_kmajor<kBN>(sK_sa + wg * 64 * 128, kk),
+                      sm90_desc_kmajor<kBM>(q_tile, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      CF_WGMMA_SCORES(dp, sm90_desc_kmajor<kBN>(sV_sa + wg * 64 * 128, kk),
+                      sm90_desc_kmajor<kBM>(do_tile, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+    wgmma_fence_regs(dp);
+
+    // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    // Masked: causal (some key of the block comes after some query of the tile) or the keys
+    // tail (zero K rows give S = 0 but P = exp2(-lse2), which must not reach dQ).
+    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
+    cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+      const int col = 8 * t + 2 * tig;
+      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float p[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float l = (e & 1) ? lse.y : lse.x;
+        p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -l));
+        if (masked) {
+          const int key = key_row + 8 * (e >> 1);
+          if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
+        }
+        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
+      }
+      // C fragment of n-tile t -> half of the A fragment of query step t / 2
+      const int kq = t >> 1, hi = (t & 1) * 2;
+      pa[kq][hi] = pack2(p[0], p[1]);
+      pa[kq][hi + 1] = pack2(p[2], p[3]);
+      dsa[kq][hi] = pack2(ds[0], ds[1]);
+      dsa[kq][hi + 1] = pack2(ds[2], ds[3]);
+      // dS^T to shared memory (row = key in the block, column = query) for the dQ product
+      const int r = wg * 64 + (warp & 3) * 16 + group;
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = dsa[kq][hi];
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = dsa[kq][hi + 1];
+    }
+    fence_proxy_async();  // the dS^T stores, for the dQ wgmma after the barrier
+
+    // -- dV += P^T dO, dK += dS^T Q (queries are the contraction dim: dO, Q are MN-major)
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq) {
+#if CF_HEAD_DIM == 64
+      wgmma_rs_n64(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+      wgmma_rs_n64(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+#else
+      wgmma_rs_n128(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+      wgmma_rs_n128(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+#endif
+    }
+    wgmma_commit();
+    __syncthreads();  // every warpgroup's dS^T is in shared memory
+
+    // -- dQ = dS K: A = dS (M = queries, contiguous in sdS), B = K (N = head_dim, contiguous)
+    float dq[8][4];
+#if CF_BLOCK_M == 128
+    // warpgroup wg: queries 64 wg .. (panel wg of sdS), all 64 columns, all 128 keys
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * kBN * 128, kk),
+                      sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
+    const int dq_col0 = 0, dq_row0 = m0 + 64 * wg;
+#elif CF_HEAD_DIM == 128
+    // warpgroup wg: columns 64 wg .. (panel wg of K), all 128 keys (8 k-steps)
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                      sm90_desc_mnmajor<kBN>(sK_sa + wg * kBN * 128, kk), kk > 0);
+    const int dq_col0 = 64 * wg, dq_row0 = m0;
+#else
+    // warpgroup wg: all 64 columns, over its own 64 keys (4 k-steps); both add to dq_accum
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * 64 * 128, kk),
+                      sm90_desc_mnmajor<kBN>(sK_sa + wg * 64 * 128, kk), kk > 0);
+    const int dq_col0 = 0, dq_row0 = m0;
+#endif
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(dq);
+    wgmma_fence_regs(acc_dv);
+    wgmma_fence_regs(acc_dk);
+
+    // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
+    // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
+    float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = dq_row0 + (warp & 3) * 16 + group + 8 * rr;
+      if (row < seqlen_q) {
+        float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          if (dq_col0 + 8 * t + 2 * tig < head_dim)
+            red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
+                     dq[t][2 * rr + 1] * softmax_scale);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = key_row + 8 * rr;
+    if (row < seqlen_k) {
+      elem_t* dk_row = dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn;
+      elem_t* dv_row = dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim) {
+          *reinterpret_cast<cf_u32*>(dk_row + col) =
+              pack2(acc_dk[t][2 * rr] * softmax_scale, acc_dk[t][2 * rr + 1] * softmax_scale);
+          *reinterpret_cast<cf_u32*>(dv_row + col) =
+              pack2(acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
+        }
+      }
+    }
+  }
+}
