@@ -54,6 +54,11 @@ def _module_specs():
                                       det) for det in (False, True)]
                 out.append(gh.selectable(specs.select_backward_dq, f, dtype, BUDGET_HEAD_DIM,
                                          causal))
+        for bucket in specs.HEAD_DIM_BUCKETS:  # test_backward_every_head_dim_every_budget
+            causal = _every_budget_causal(bucket)
+            out += [gh.selectable(specs.select_backward, f, "bfloat16", bucket, causal, det)
+                    for det in (False, True)]
+            out.append(gh.selectable(specs.select_backward_dq, f, "bfloat16", bucket, causal))
     return [s for s in out if s is not None]
 
 
@@ -194,6 +199,48 @@ def test_backward_d256_every_smem_budget(smem_budget, budget_kib, causal, dtype)
     smem_budget(budget_kib)
     for deterministic in (False, True):
         problem.check(deterministic, smem=f"{budget_kib}K")
+
+
+# -- every head_dim at every shared-memory budget ---------------------------------------------
+
+
+def _every_budget_causal(head_dim: int) -> bool:
+    return head_dim % 64 == 0  # causal for 4 of the 32 head_dims (d64, d128, d192, d256)
+
+
+@pytest.mark.parametrize("budget_kib", specs.BUDGETS_KIB, ids=lambda b: f"smem{b}K")
+@pytest.mark.parametrize("head_dim", gh.HEAD_DIMS, ids=lambda d: f"d{d}")
+def test_backward_every_head_dim_every_budget(smem_budget, budget_kib, head_dim):
+    """bf16, both modes, the tiles each budget gets (the forward runs at the device's)."""
+    causal = _every_budget_causal(head_dim)
+    problem = Problem(gh.rng_for(), batch=1, seqlen_q=131, seqlen_k=141, heads=2, heads_kv=1,
+                      head_dim=head_dim, dtype="bfloat16", causal=causal)
+    smem_budget(budget_kib)
+    for deterministic in (False, True):
+        problem.check(deterministic, smem=f"{budget_kib}K")
+
+
+# -- both 16-bit backward kernels on a Hopper GPU -------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", (64, 128, 120, 56), ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [False, True], ids=CAUSAL_IDS.get)
+@pytest.mark.parametrize("dtype", BUDGET_DTYPES, ids=gh.short)
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "portable"])
+def test_backward_both_kernels(monkeypatch, wgmma, dtype, causal, head_dim):
+    """On sm_90 the atomic mode prefers flash_bwd_sm90.cu for buckets 64 and 128;
+    CUFLASH_DISABLE_WGMMA=1 brings back flash_bwd.cu, which other GPUs run."""
+    from cuflash import launch
+
+    if wgmma and not specs.uses_wgmma(launch.device_facts(0)):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    if not wgmma:
+        monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
+    spec = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal, False)
+    assert (spec.kind == "bwd90") == wgmma, spec.name
+    problem = Problem(gh.rng_for(), batch=2, seqlen_q=300, seqlen_k=277, heads=4, heads_kv=2,
+                      head_dim=head_dim, dtype=dtype, causal=causal)
+    problem.check(False, kernel=spec.name)
 
 
 # -- determinism --------------------------------------------------------------------------------
