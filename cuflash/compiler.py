@@ -103,16 +103,7 @@ def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
     path = cache_dir / f"cuflash_{spec.name}_{arch}_{key.hexdigest()[:24]}.cubin"
     if path.is_file():
         return path.read_bytes()
-    program = nvrtc.createProgram(source, spec.source, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, opts)
-        except Exception as exc:
-            raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
-                               f"{nvrtc.getProgramLog(program)}") from exc
-        cubin = nvrtc.getCUBIN(program)
-    finally:
-        nvrtc.destroyProgram(program)
+    _, cubin = _nvrtc_compile(spec, arch, opts)
     try:  # a cache that cannot be written only costs a recompile next time
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -121,6 +112,22 @@ def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
     except OSError:
         pass
     return cubin
+
+
+def _nvrtc_compile(spec: KernelSpec, arch: str, opts: list[str]) -> tuple[str, bytes]:
+    """One NVRTC compilation of ``spec``'s source -> (log, cubin); a failure raises with the log."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, opts)
+        except Exception as exc:
+            raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
+                               f"{nvrtc.getProgramLog(program)}") from exc
+        return nvrtc.getProgramLog(program), nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
 
 
 def _load_arch_specific(spec: KernelSpec, arch: str):
@@ -190,21 +197,10 @@ def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
 
 def compile_report(spec: KernelSpec, arch: str) -> list[CompileReport]:
     """Compile ``spec`` for ``arch`` (e.g. "sm_90") with NVRTC and report each kernel."""
-    from cupy_backends.cuda.libs import nvrtc
-
     start = time.perf_counter()
-    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
-    try:
-        opts = nvrtc_options(spec) + [f"--gpu-architecture={compile_arch(spec, arch)}",
-                                      "--ptxas-options=-v"]
-        try:
-            nvrtc.compileProgram(program, opts)
-        except Exception as exc:
-            raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
-                               f"{nvrtc.getProgramLog(program)}") from exc
-        log = nvrtc.getProgramLog(program)
-    finally:
-        nvrtc.destroyProgram(program)
+    opts = nvrtc_options(spec) + [f"--gpu-architecture={compile_arch(spec, arch)}",
+                                  "--ptxas-options=-v"]
+    log, _ = _nvrtc_compile(spec, arch, opts)
     seconds = time.perf_counter() - start
     return [CompileReport(spec=spec.name, arch=arch, function=fn, registers=r["registers"],
                           stack_bytes=r["stack"], spill_stores=r["spill_stores"],

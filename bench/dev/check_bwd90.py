@@ -11,14 +11,13 @@ math in the inputs' dtype through torch autograd (scores in float32).
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 import torch.nn.functional as F
 
 import cuflash
 from cuflash import specs
 from cuflash.launch import device_facts
+from devtools import SHAPES, random_inputs, time_ms
 
 
 def attention(q, k, v, causal, scale, dtype):
@@ -43,11 +42,6 @@ def grads(q, k, v, do, causal, scale, dtype):
     return torch.autograd.grad(out, leaves, do.to(out.dtype))
 
 
-SHAPES = [  # (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
-    (2, 256, 256, 4, 4, 128), (1, 1000, 777, 3, 1, 128), (2, 130, 515, 4, 2, 64),
-    (1, 517, 129, 2, 2, 64), (1, 2048, 2048, 2, 2, 128), (3, 1, 70, 2, 2, 128),
-    (1, 200, 200, 2, 2, 120), (1, 90, 333, 2, 1, 56), (2, 64, 128, 2, 2, 128),
-]
 
 
 def check() -> int:
@@ -55,10 +49,7 @@ def check() -> int:
     for dtype in (torch.bfloat16, torch.float16):
         for b, sq, sk, h, hk, d in SHAPES:
             for causal in (False, True):
-                q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-                k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-                v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-                do = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+                q, k, v, do = random_inputs((b, sq, sk, h, hk, d), dtype, with_do=True)
                 scale = d ** -0.5
                 name = str(dtype).split(".")[1]
                 spec = specs.select_backward(device_facts(0), name, d, causal, False)
@@ -79,21 +70,6 @@ def check() -> int:
                       flush=True)
     return failures
 
-
-def time_ms(fn, reps=20, warmup=3):
-    """Median CUDA-event time of calls enqueued back to back (host ahead of the GPU)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    torch.cuda._sleep(50_000_000)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def bench() -> None:

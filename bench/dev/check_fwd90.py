@@ -10,14 +10,13 @@ variants can be checked in one GPU call. Error rule: max|o - ref| <= 2 max|naive
 from __future__ import annotations
 
 import argparse
-import statistics
-
 import torch
 import torch.nn.functional as F
 
 import cuflash
 from cuflash import compiler, specs
 from cuflash.launch import device_facts
+from devtools import SHAPES, random_inputs, time_ms
 
 
 def add_define(define: str | None) -> None:
@@ -56,11 +55,6 @@ def naive(q, k, v, causal, scale):
     return (p @ vt).transpose(1, 2)
 
 
-SHAPES = [  # (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
-    (2, 256, 256, 4, 4, 128), (1, 1000, 777, 3, 1, 128), (2, 130, 515, 4, 2, 64),
-    (1, 517, 129, 2, 2, 64), (1, 64, 300, 2, 1, 256), (1, 333, 333, 2, 2, 256),
-    (1, 2048, 2048, 2, 2, 128), (3, 1, 70, 2, 2, 128), (1, 200, 200, 2, 2, 120),
-]
 
 
 def check() -> int:
@@ -68,9 +62,7 @@ def check() -> int:
     for dtype in (torch.bfloat16, torch.float16):
         for b, sq, sk, h, hk, d in SHAPES:
             for causal in (False, True):
-                q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-                k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-                v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+                q, k, v = random_inputs((b, sq, sk, h, hk, d), dtype)
                 scale = d ** -0.5
                 spec = specs.select_forward(device_facts(0),
                                             str(dtype).split(".")[1], d, causal)
@@ -84,22 +76,6 @@ def check() -> int:
                       f"err {err:.2e} naive {floor:.2e}", flush=True)
     return failures
 
-
-def time_ms(fn, reps=30, warmup=5):
-    """Median CUDA-event time of calls enqueued back to back (the host keeps ahead, as in
-    training), as cuflash/benchmark.py does: per-call host overhead is not counted."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU work so the host gets ahead of the queue
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def bench() -> None:
