@@ -222,10 +222,11 @@ _FWD16 = {
 # bwd, 16-bit: (warps, block_m, stages). 8 warps (block_n 128) at head_dim <= 128 is the split
 # layout of flash_bwd.cu (S^T / dP^T by 4 x 2 warps over (keys, queries), P^T and dS^T through
 # shared memory, dK / dV by 4 x 2 warps over (keys, columns)); the others own 16 keys per warp.
-# H100 bf16 16k d128 (2026-11-23, bench/dev/NOTES.md): split w8 m64 s2 vs 141 TFLOP/s for
-# w4 m64 s2. It needs 161 KB at d128, 97 KB at d64: smaller budgets fall through.
+# H100 bf16 16k (2026-11-23, bench/dev/NOTES.md): d128 split m64 218 TFLOP/s vs 139 for w4 m64
+# s2; d64 split m128 210, split m64 191, w4 m64 147 (FA-2: 306, 287). Split needs 161 KB at
+# d128 (m64) and at d64 (m128), 97 KB at d64 (m64): smaller budgets fall through.
 _BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
-_BWD16_SPLIT = [(8, 64, 2)]  # head_dim <= 128, tried before _BWD16
+_BWD16_SPLIT = {64: [(8, 128, 2), (8, 64, 2)], 128: [(8, 64, 2)]}  # by bucket, before _BWD16
 # bwd_dq, 16-bit: (warps, block_n, stages).
 _BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 # float32 (SIMT, one stage): (warps, block_m, block_n). The kernels need block_m and block_n
@@ -307,7 +308,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, n in _BWD32)
     else:
-        tiles = (_BWD16_SPLIT if bucket <= 128 else []) + _BWD16
+        split = next((t for limit, t in _BWD16_SPLIT.items() if bucket <= limit), [])
+        tiles = split + _BWD16
         specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in tiles)
     return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")

@@ -31,14 +31,15 @@
 // multiple of 64 columns) dealt round-robin to the warps, each piece added to dq_accum with
 // red.global.add.v2.f32 (sm_90; two scalar atomics before).
 //
-// Split layout (CF_BWD_SPLIT: 8 warps, CF_BLOCK_N 128, CF_BLOCK_M 64, head_dim <= 128 in one
-// chunk). Owning 16 keys per warp, every Q / dO fragment feeds only 2 mma and the kernel is
+// Split layout (CF_BWD_SPLIT: 8 warps, CF_BLOCK_N 128, CF_BLOCK_M 64 or 128, head_dim <= 128 in
+// one chunk). Owning 16 keys per warp, every Q / dO fragment feeds only 2 mma and the kernel is
 // shared-memory bound (bench/dev/NOTES.md). Here warp w = 2 wk + wh works in three phases per
 // query tile, the work split as in FlashAttention-2's backward:
-//   1. S^T, P^T, dP^T, dS^T for keys 32 wk .. +31 x queries 32 wh .. +31 (4 x 2 warps over
-//      (keys, queries); 4 ldmatrix.x4 per 8 mma); P^T and dS^T go to shared memory (sP, sdS).
+//   1. S^T, P^T, dP^T, dS^T for keys 32 wk .. +31 x queries (M/2) wh .. (4 x 2 warps over
+//      (keys, queries), M = CF_BLOCK_M; at M = 64 4 ldmatrix.x4 per 8 mma); P^T and dS^T go to
+//      shared memory (sP, sdS).
 //   2. (barrier) dV += P^T dO, dK += dS^T Q for keys 32 wk .. +31 x columns (D/2) wh .. of all
-//      64 queries: 4 x 2 warps over (keys, columns), A from sP / sdS; at D = 128 6 ldmatrix.x4
+//      M queries: 4 x 2 warps over (keys, columns), A from sP / sdS; at D = 128 6 ldmatrix.x4
 //      per 16 mma. dK + dV accumulators: D floats per thread.
 //   3. dQ += dS K * scale: warps over (query rows, columns) of the tile (2 x 4 when D % 64 == 0,
 //      else 4 x 2), A from sdS (.trans), B from sK, then red.global.add.v2 as below.
@@ -131,26 +132,30 @@
 // The layout follows from the tiles (the host's smem formula mirrors this test, specs.py
 // bwd_split_layout): 8 warps over 128 keys with the whole head_dim <= 128 in one chunk is the
 // split layout (see "Split layout" above); everything else the 16-keys-per-warp layout.
+#ifndef CF_BWD_SPLIT
+#define CF_BWD_SPLIT (CF_WARPS == 8 && CF_DCHUNK >= CF_HEAD_DIM && CF_HEAD_DIM <= 128)
+#endif
+// Split-layout knobs (the host never sets them; bench/dev/NOTES.md has their timings):
+// CF_BWD_SPLIT_PIPE = how split_scores walks head_dim: 1 fully unrolled with the next step's
+// fragments loaded ahead of the current step's mma; 3 the same in a rolled two-step loop
+// (head_dim 128, where 1 spills in some modes); 0 a plain loop unrolled CF_BWD_SPLIT_KUNROLL
+// times. H100 bf16 16k: d64 m128 200 TFLOP/s with 0, 217 with 1 (m64: 183, 196); d128 216 with
+// 0, 222 with 1 (+P_RELOAD), 218 with 3 (+P_RELOAD): the d128 ones within run-to-run noise.
+// CF_BWD_SPLIT_P_RELOAD = 1: P^T is read back from sP to form dS^T instead of being kept packed
+// in 16 registers while dP^T accumulates; what lets PIPE 1 fit beside the 128 accumulators of
+// head_dim 128 without spilling.
+// CF_BWD_SPLIT_QGD = warps across the dQ columns (the other 8 / QGD across its rows).
+#ifndef CF_BWD_SPLIT_PIPE
+#define CF_BWD_SPLIT_PIPE (CF_HEAD_DIM > 96 ? 3 : 1)
+#endif
 #ifndef CF_BWD_SPLIT_KUNROLL
 #define CF_BWD_SPLIT_KUNROLL 2
 #endif
+#ifndef CF_BWD_SPLIT_P_RELOAD
+#define CF_BWD_SPLIT_P_RELOAD (CF_HEAD_DIM > 96)
+#endif
 #ifndef CF_BWD_SPLIT_QGD
 #define CF_BWD_SPLIT_QGD (CF_HEAD_DIM % 64 == 0 ? 4 : 2)
-#endif
-#ifndef CF_BWD_SPLIT_DQ_ACC
-#define CF_BWD_SPLIT_DQ_ACC 1
-#endif
-#ifndef CF_BWD_SPLIT_PIPE
-#define CF_BWD_SPLIT_PIPE 0
-#endif
-#ifndef CF_BWD_SPLIT_S_ACC2
-#define CF_BWD_SPLIT_S_ACC2 0
-#endif
-#ifndef CF_BWD_SPLIT_DQ_FIRST
-#define CF_BWD_SPLIT_DQ_FIRST 0
-#endif
-#ifndef CF_BWD_SPLIT
-#define CF_BWD_SPLIT (CF_WARPS == 8 && CF_DCHUNK >= CF_HEAD_DIM && CF_HEAD_DIM <= 128)
 #endif
 
 #include "cf_bwd.cuh"
@@ -181,7 +186,6 @@ enum : int {
   kQR = kBM / (8 / kQGD),  // ... each owning kQR query rows
   kQC = kD / kQGD,  // ... x kQC columns
   kSplitKUnroll = CF_BWD_SPLIT_KUNROLL,
-  kQAcc = CF_BWD_SPLIT_DQ_ACC,  // dQ partial accumulators
 };
 
 static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
@@ -523,6 +527,17 @@ __device__ __forceinline__ void split_store_frag(elem_t* tile, const cf_u32 a[4]
   *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8)) = a[3];
 }
 
+// The inverse of split_store_frag: the same lane reads back the 4 registers it stored.
+__device__ __forceinline__ void split_load_frag(cf_u32 a[4], const elem_t* tile, int row0,
+                                                int col0, int lane) {
+  using namespace bwd;
+  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
+  a[0] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col));
+  a[1] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col));
+  a[2] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col + 8));
+  a[3] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8));
+}
+
 // -- acc = X Y^T for one warp: kKW rows krow0.. of the resident sX (K or V) against kQW rows
 // qrow0.. of the query tile tY (Q or dO), contracted over the whole bucket (columns >= head_dim
 // are zero in both tiles). Per 16-column step: 2 + kQW / 16 ldmatrix.x4 feed 2 * kQW / 8 mma.
@@ -551,22 +566,34 @@ __device__ __forceinline__ void split_scores(float (&acc)[2][bwd::kQW / 8][4], c
   using namespace bwd;
   zero_acc(acc[0]);
   zero_acc(acc[1]);
-#if CF_BWD_SPLIT_S_ACC2
-  // Even and odd steps into separate accumulators: twice the independent mma chains.
-  float acc2[2][kQW / 8][4];
-  zero_acc(acc2[0]);
-  zero_acc(acc2[1]);
+#if CF_BWD_SPLIT_PIPE == 3
+  // Two fragment buffers in a rolled loop of two steps: step kk + 1's fragments load while
+  // step kk's mma run (kD / 16 is even for every bucket).
+  cf_u32 a[2][2][4], bq[2][kQW / 16][4];
+  auto load = [&](int kk, int buf) {
+    ldsm_a<kCPR>(a[buf][0], sX, krow0, 2 * kk, lane);
+    ldsm_a<kCPR>(a[buf][1], sX, krow0 + 16, 2 * kk, lane);
+#pragma unroll
+    for (int j = 0; j < kQW / 16; ++j) ldsm_b<kCPR>(bq[buf][j], tY, qrow0 + 16 * j, 2 * kk, lane);
+  };
+  auto mma_step = [&](int buf) {
+#pragma unroll
+    for (int j = 0; j < kQW / 16; ++j) {
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        mma_16816(acc[mi][2 * j], a[buf][mi], bq[buf][j][0], bq[buf][j][1]);
+        mma_16816(acc[mi][2 * j + 1], a[buf][mi], bq[buf][j][2], bq[buf][j][3]);
+      }
+    }
+  };
+  load(0, 0);
 #pragma unroll 1
   for (int kk = 0; kk < kD / 16; kk += 2) {
-    split_scores_step(acc, sX, tY, krow0, qrow0, kk, lane);
-    split_scores_step(acc2, sX, tY, krow0, qrow0, kk + 1, lane);
+    load(kk + 1, 1);
+    mma_step(0);
+    if (kk + 2 < kD / 16) load(kk + 2, 0);
+    mma_step(1);
   }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int n = 0; n < kQW / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][n][e] += acc2[mi][n][e];
 #elif CF_BWD_SPLIT_PIPE
   // Fragments of step kk + 1 are loaded before the mma of step kk (two register buffers), so
   // the ldmatrix latency hides behind the previous step's mma.
@@ -661,6 +688,15 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
   // that dV uses; 0 wherever masked, so dS^T is too)
   float dp[2][kQW / 8][4];
   split_scores(dp, sV, tdO, krow0, qcol0, lane);
+#if CF_BWD_SPLIT_P_RELOAD
+  // P^T back from sP (each lane reads only what it stored: no barrier): the 16 registers of the
+  // packed P^T are then free while dP^T is accumulated.
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int ks = 0; ks < kQW / 16; ++ks)
+      split_load_frag(pa[mi][ks], sP, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+#endif
 #pragma unroll
   for (int n = 0; n < kQW / 8; ++n) {
     const float2 dlt = *reinterpret_cast<const float2*>(tDelta + qcol0 + 8 * n + 2 * tig);
@@ -745,12 +781,9 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
   if (CF_CAUSAL) last_key = min(last_key, m0 + qr0 + kQR - 1 + causal_off);
   if (last_key < n0) return;
   const int nks = (last_key - n0) / 16 + 1;
-  // kQAcc partial sums over alternating key steps: more independent mma chains.
-  float acc[kQAcc][kQR / 16][kQC / 8][4];
+  float acc[kQR / 16][kQC / 8][4];
 #pragma unroll
-  for (int p = 0; p < kQAcc; ++p)
-#pragma unroll
-    for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[p][mi]);
+  for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[mi]);
 #pragma unroll
   for (int ks = 0; ks < kBN / 16; ++ks) {
     if (ks >= nks) break;
@@ -764,19 +797,11 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
       ldsm_b_trans<kCPR>(kb, sK, 16 * ks, qc0 / 8 + 2 * jj, lane);
 #pragma unroll
       for (int mi = 0; mi < kQR / 16; ++mi) {
-        mma_16816(acc[ks % kQAcc][mi][2 * jj], a[mi], kb[0], kb[1]);
-        mma_16816(acc[ks % kQAcc][mi][2 * jj + 1], a[mi], kb[2], kb[3]);
+        mma_16816(acc[mi][2 * jj], a[mi], kb[0], kb[1]);
+        mma_16816(acc[mi][2 * jj + 1], a[mi], kb[2], kb[3]);
       }
     }
   }
-#pragma unroll
-  for (int p = 1; p < kQAcc; ++p)
-#pragma unroll
-    for (int mi = 0; mi < kQR / 16; ++mi)
-#pragma unroll
-      for (int n = 0; n < kQC / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[0][mi][n][e] += acc[p][mi][n][e];
   const int grp = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < kQR / 16; ++mi) {
@@ -789,8 +814,8 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
         const int row = m0 + qr0 + 16 * mi + grp + 8 * half;
         if (row < seqlen_q)
           atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
-                      acc[0][mi][n][2 * half] * softmax_scale,
-                      acc[0][mi][n][2 * half + 1] * softmax_scale);
+                      acc[mi][n][2 * half] * softmax_scale,
+                      acc[mi][n][2 * half + 1] * softmax_scale);
       }
     }
   }
@@ -900,12 +925,6 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
                key0, m0 + kQW * wh, seqlen_q, seqlen_k, causal_off, scale_log2, lane);
     __syncthreads();  // sP, sdS complete
 
-    // -- phase 3 (first when CF_BWD_SPLIT_DQ_FIRST): dQ
-    float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
-    if (CF_DQ_ATOMIC && CF_BWD_SPLIT_DQ_FIRST)
-      split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
-               causal_off, softmax_scale, warp, lane);
-
     // -- phase 2: dK, dV over the query steps that can see this warp's keys
     int ks_lo = 0, ks_hi = 0;
     if (key0 < seqlen_k) {
@@ -915,9 +934,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     split_dkdv(sP, sdS, tQ, tdO, acc_dk, acc_dv, krow0, kDW * wh, ks_lo, ks_hi, lane);
 
     // -- phase 3: dQ
-    if (CF_DQ_ATOMIC && !CF_BWD_SPLIT_DQ_FIRST)
+    if (CF_DQ_ATOMIC) {
+      float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
                causal_off, softmax_scale, warp, lane);
+    }
     if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0
       if (it + 1 < n_iter) {

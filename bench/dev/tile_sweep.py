@@ -21,8 +21,12 @@ from cuflash.specs import KernelSpec
 # block_n (bwd) are 16 * warps, as the kernels require.
 FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), (8, 32, 2), (4, 128, 2), (4, 64, 2),
                   (4, 32, 2)]
-BWD_CANDIDATES = [(4, 64, 2), (4, 64, 1), (4, 128, 1), (8, 64, 2), (8, 64, 1), (2, 64, 2),
-                  (4, 32, 2)]
+# 8 warps at head_dim <= 128 is flash_bwd.cu's split layout; (4, 64, 2) the 16-keys-per-warp
+# kernel that the table chose before it.
+BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
+
+
+LABEL_SUFFIX = ""  # "+NAME=VALUE,..." when --define adds knobs
 
 
 def candidate_specs(kind, dtype, head_dim, causal):
@@ -110,7 +114,7 @@ def sweep(kind, dtype_name, d, s, causal):
                 specs.select_backward = pin
                 ms = time_ms(lambda: cuflash.attention_backward(do, q, k, v, o, stats,
                                                                 causal=causal))
-            print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
+            print(f"{spec.name + LABEL_SUFFIX:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
                   f"max|o - sdpa| {err:.1e}", flush=True)
     finally:
         specs.select_forward, specs.select_backward = saved
@@ -123,7 +127,22 @@ def main():
     p.add_argument("--seqlen", type=int, nargs="+", default=[16384])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="no")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--candidates", nargs="+", default=None, metavar="W,M_OR_N,S",
+                   help="replace the candidate list of --kind (e.g. 8,64,2)")
+    p.add_argument("--define", action="append", default=[],
+                   help="extra NAME=VALUE compiled into every candidate (kernel-internal knobs "
+                        "such as CF_BWD_SPLIT_KUNROLL=1); the labels get a '+NAME=VALUE' suffix")
     args = p.parse_args()
+    if args.candidates:
+        tiles = [tuple(int(x) for x in c.split(",")) for c in args.candidates]
+        FWD_CANDIDATES[:] = BWD_CANDIDATES[:] = tiles
+    if args.define:
+        from cuflash import compiler
+
+        base_options = compiler.nvrtc_options
+        compiler.nvrtc_options = lambda spec: base_options(spec) + [f"-D{d}" for d in args.define]
+        global LABEL_SUFFIX
+        LABEL_SUFFIX = "+" + ",".join(args.define)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     for d in args.head_dim:
         for s in args.seqlen:
