@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -408,6 +408,29 @@ def precompile(spec_list: Iterable, device_id: int = 0) -> dict[str, str]:
     for name, why in failures.items():
         print(f"  {name}: {why}", file=sys.stderr)
     return failures
+
+
+def gpu_module_env(module_specs: Callable[[], Iterable] | None = None,
+                   failures: dict[str, str] | None = None) -> Iterator[None]:
+    """Body of a GPU test module's autouse fixture: outputs NaN-poisoned, the device's own
+    shared-memory budget, and ``module_specs()`` compiled ahead (failures into ``failures``)."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CUFLASH_POISON", "1")
+        mp.delenv("CUFLASH_SMEM_BUDGET", raising=False)
+        specs.set_smem_budget(None)
+        if module_specs is not None:
+            failures.update(precompile(module_specs()))
+        yield
+    specs.set_smem_budget(None)
+
+
+def assert_precompiled(failures: dict[str, str]) -> None:
+    """Every spec precompiled for a module built (the tests that use a failed one also fail,
+    with the compiler's log; this lists them all in one place)."""
+    assert not failures, "specs that failed to compile:\n" + "\n".join(
+        f"  {name}: {why}" for name, why in failures.items())
 
 
 def selectable(select, *args):

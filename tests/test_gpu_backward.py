@@ -62,26 +62,17 @@ def _module_specs():
     return [s for s in out if s is not None]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gpu_env():
-    """Poisoned outputs, the device's own smem budget, kernels compiled ahead."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CUFLASH_POISON", "1")
-        mp.delenv("CUFLASH_SMEM_BUDGET", raising=False)
-        specs.set_smem_budget(None)
-        PRECOMPILE_FAILURES.update(gh.precompile(_module_specs()))
-        yield
-    specs.set_smem_budget(None)
-
-
 PRECOMPILE_FAILURES: dict[str, str] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gpu_env():
+    """Poisoned outputs, the device's own smem budget, kernels compiled ahead."""
+    yield from gh.gpu_module_env(_module_specs, PRECOMPILE_FAILURES)
+
+
 def test_module_specs_compile():
-    """Every spec precompiled for this module built (the tests that use a failed one also
-    fail, with the compiler's log; this lists them all in one place)."""
-    assert not PRECOMPILE_FAILURES, "specs that failed to compile:\n" + "\n".join(
-        f"  {name}: {why}" for name, why in PRECOMPILE_FAILURES.items())
+    gh.assert_precompiled(PRECOMPILE_FAILURES)
 
 
 class Problem:

@@ -32,10 +32,7 @@ CHAIN = 40
 
 @pytest.fixture(scope="module", autouse=True)
 def gpu_env():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CUFLASH_POISON", "1")
-        mp.delenv("CUFLASH_SMEM_BUDGET", raising=False)
-        yield
+    yield from gh.gpu_module_env()
 
 
 def _inputs(dtype):
