@@ -4,15 +4,19 @@
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
 
 For each candidate the selector is pinned to that KernelSpec (monkeypatched), the output is
-checked against torch SDPA's flash backend once, then timed: median of CUDA-event timings
-after warm-up, with SDPA's flash (FA-2) and cuDNN backends timed first in the same run. batch*seqlen = 16k tokens and heads*head_dim = 2048, as in the benchmark.
+checked against torch SDPA's flash backend once, then timed: median of CUDA-event timings of
+calls enqueued back to back after warm-up (devtools.time_ms), with SDPA's flash (FA-2) and
+cuDNN backends timed first in the same run. batch*seqlen = 16k tokens and heads*head_dim =
+2048, as in the benchmark. (Before 2026-11-23 17:30 UTC each call was synchronized, which put
+cuflash's host overhead on the GPU timeline; the NOTES tables of that day used that method.)
 Prints TFLOP/s per candidate (FLOPs = 4*B*H*S*S*D, halved when causal, x2.5 backward).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+
+from devtools import time_ms
 
 from cuflash import specs
 from cuflash.specs import KernelSpec
@@ -37,21 +41,6 @@ def candidate_specs(kind, dtype, head_dim, causal):
     return [KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal, dq_atomic=True,
                        dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
 
-
-def time_ms(fn, reps=20, warmup=3):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def sdpa_ms(q, k, v, do, causal, kind, backend):
