@@ -38,6 +38,9 @@ DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 
 KINDS = ("fwd", "fwd90", "bwd", "bwd90", "bwd_dq", "bwd_pre")
+# Hopper-only kinds: wgmma code, compiled for the arch-specific target (sm_90a), one source
+# file for both 16-bit dtypes.
+SM90_KINDS = {"fwd90": "flash_fwd_sm90.cu", "bwd90": "flash_bwd_sm90.cu"}
 ENTRY = {
     "fwd": "flash_fwd",
     "fwd90": "flash_fwd_sm90",
@@ -104,8 +107,8 @@ class KernelSpec:
         """The ``kernels_cu`` file that holds this kernel."""
         if self.kind == "bwd_pre":
             return "flash_bwd_pre.cu"
-        if self.kind in ("fwd90", "bwd90"):
-            return {"fwd90": "flash_fwd_sm90.cu", "bwd90": "flash_bwd_sm90.cu"}[self.kind]
+        if self.kind in SM90_KINDS:
+            return SM90_KINDS[self.kind]
         base = {"fwd": "flash_fwd", "bwd": "flash_bwd", "bwd_dq": "flash_bwd_dq"}[self.kind]
         return base + ("_fp32.cu" if self.dtype == "float32" else ".cu")
 
@@ -257,7 +260,7 @@ def uses_wgmma(facts: DeviceFacts) -> bool:
 
 def compile_arch(spec: KernelSpec, arch: str) -> str:
     """The NVRTC target for ``spec`` on ``arch``: the arch-specific sm_90a for wgmma kernels."""
-    return arch + "a" if spec.kind in ("fwd90", "bwd90") else arch
+    return arch + "a" if spec.kind in SM90_KINDS else arch
 
 
 def _size_class(head_dim: int) -> str:
