@@ -278,16 +278,29 @@ def export_array(arr: Any, like: Imported) -> Any:
 
 @contextlib.contextmanager
 def _torch_stream(index: int) -> Iterator[None]:
-    import cupy
     import torch
 
-    stream = torch.cuda.current_stream(index)
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: the CUDA stream protocol
-        external = cupy.cuda.Stream.from_external(stream)
-    else:  # older CuPy (ExternalStream is deprecated from 14 on)
-        external = cupy.cuda.ExternalStream(stream.cuda_stream, index)
-    with external:
+    with external_stream(torch.cuda.current_stream(index).cuda_stream, index):
         yield
+
+
+class _StreamHandle:
+    """A raw CUstream behind the CUDA stream protocol (``cupy.cuda.Stream.from_external``)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
+def external_stream(ptr: int, device_id: int) -> Any:
+    """A CuPy stream object for someone else's CUstream ``ptr`` (torch's, XLA's)."""
+    import cupy
+
+    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: the CUDA stream protocol
+        return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
+    return cupy.cuda.ExternalStream(ptr, device_id)  # older CuPy (deprecated from 14 on)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from .interop import external_stream
+
 try:  # ml_dtypes is a dependency of jax
     import ml_dtypes
 
@@ -246,26 +248,8 @@ class Call:
         import cupy
 
         device_id = self.device_id()
-        with cupy.cuda.Device(device_id), _external_stream(self.stream(), device_id):
+        with cupy.cuda.Device(device_id), external_stream(self.stream(), device_id):
             yield device_id
-
-
-class _StreamHandle:
-    """A raw CUstream behind the CUDA stream protocol (``cupy.cuda.Stream.from_external``)."""
-
-    def __init__(self, ptr: int):
-        self.ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.ptr)
-
-
-def _external_stream(ptr: int, device_id: int):
-    import cupy
-
-    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14
-        return cupy.cuda.Stream.from_external(_StreamHandle(ptr))
-    return cupy.cuda.ExternalStream(ptr, device_id)  # older CuPy (deprecated from 14 on)
 
 
 def _buffers(size: int, types, pointers, kind: str, buffer_type: int) -> list[BufferView]:
