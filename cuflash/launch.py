@@ -1,24 +1,261 @@
-"""Launching the CUDA kernels on CuPy arrays: pointers, strides, grids, the current stream.
+"""Launching a plan's kernels on raw device pointers, on a given CUDA stream.
 
-Pure functions of arrays: ``flash_forward_gpu`` -> (o, m, l) and ``flash_backward_gpu`` ->
-(dq, dk, dv). The caller (``api``) has validated the inputs and made the caller's stream
-CuPy's current stream; every launch here goes on that stream. Parameter order is the one in
-docs/kernel_abi.md.
+The hot path of every GPU call, whatever the caller's framework: an :class:`Operand` per
+(batch, seqlen, heads, head_dim) tensor (its address and strides in elements), the float32
+statistics as addresses (contiguous (batch, heads, seqlen_q)), one scratch workspace for the
+backward, and the stream. Kernel parameters are packed into one buffer in the order of
+docs/kernel_abi.md and handed to ``cuLaunchKernel`` (``CU_LAUNCH_PARAM_BUFFER_POINTER``):
+no CuPy arrays, no DLPack, no selection on a repeated call (``plan`` memoizes).
+
+``flash_forward_gpu`` / ``flash_backward_gpu`` are the same on CuPy arrays (they allocate
+the outputs); ``cuflash.torch`` and the XLA FFI targets call ``run_forward`` /
+``run_backward`` with their own allocations.
 """
 
 from __future__ import annotations
 
-import math
+import ctypes
 import os
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
+from . import plan as planning
 from . import specs
 from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
 
 LOG2E = 1.4426950408889634
+# Turing (sm_75) and older have no bf16 mma / cp.async; the portable kernels need sm_80.
+MIN_ARCH = 80
+
+
+class LaunchError(RuntimeError):
+    """A kernel launch the driver refused, with the spec, grid and problem that were asked."""
+
+
+class Operand(NamedTuple):
+    """A (batch, seqlen, heads, head_dim) tensor on the device: address and element strides."""
+
+    ptr: int
+    stride_b: int
+    stride_m: int
+    stride_h: int
+    itemsize: int
+
+    def batch_slice(self, b0: int) -> int:
+        """The address of batch entry ``b0``."""
+        return self.ptr + b0 * self.stride_b * self.itemsize
+
+
+def cupy_operand(a) -> Operand:
+    item = a.itemsize
+    sb, sm, sh = (s // item for s in a.strides[:3])
+    return Operand(a.data.ptr, sb, sm, sh, item)
+
+
+# -- device facts --------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _device_facts(device_id: int) -> DeviceFacts:
+    import cupy
+
+    dev = cupy.cuda.Device(device_id)
+    attrs = dev.attributes
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return DeviceFacts(name=name, arch=f"sm_{dev.compute_capability}",
+                       sm_count=attrs["MultiProcessorCount"],
+                       smem_optin=attrs["MaxSharedMemoryPerBlockOptin"])
+
+
+def device_facts(device_id: int) -> DeviceFacts:
+    """The device's facts, with the shared-memory budget override applied."""
+    facts = _device_facts(device_id)
+    if int(facts.arch[3:]) < MIN_ARCH:
+        raise RuntimeError(f"cuflash needs compute capability 8.0 or newer (mma.sync bf16, "
+                           f"cp.async); {facts.name} is {facts.arch}")
+    return facts.with_budget(specs.smem_budget_override())
+
+
+def forward_plan(shape: planning.Shape, device_id: int) -> planning.ForwardPlan:
+    return planning.forward_plan(shape, device_id, device_facts)
+
+
+def backward_plan(shape: planning.Shape, device_id: int,
+                  deterministic: bool) -> planning.BackwardPlan:
+    return planning.backward_plan(shape, device_id, device_facts, deterministic)
+
+
+# -- parameter buffers ---------------------------------------------------------------------
+# Each entry point's parameters, one letter each: p pointer, i int, q long long, f float.
+_SIGNATURES = {
+    "fwd": "pppppp" "iiiii" + "q" * 12 + "f",
+    "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff",
+    "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp",  # + kv_splits, dk_accum, dv_accum
+    "bwd_dq": "ppppppp" "iiiii" + "q" * 18 + "ff",
+    "bwd_pre": "pppppp" "iii" + "q" * 6,
+    "convert": "pp" "iii" "qqq",
+}
+_SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
+_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong,
+           "f": ctypes.c_float}
+_PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
+
+
+@lru_cache(maxsize=None)
+def _param_struct(signature: str) -> type:
+    """A ctypes struct whose layout is the kernel's parameter buffer (C alignment rules)."""
+    fields = [(f"a{i}", _CTYPES[c]) for i, c in enumerate(signature)]
+    return type(f"Params_{signature}", (ctypes.Structure,), {"_fields_": fields})
+
+
+@lru_cache(maxsize=None)
+def _function_ptr(spec: KernelSpec, device_id: int, convert: bool = False) -> int:
+    """CUfunction of the spec's entry (or of the preprocess module's dQ convert)."""
+    loaded = get_convert_kernel(spec, device_id) if convert else get_kernel(spec, device_id)
+    function = loaded.function
+    return int(getattr(function, "kernel", function).ptr)  # RawKernel or Function
+
+
+def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
+            stream: int, what: str, convert: bool = False) -> None:
+    from cupy_backends.cuda.api import driver
+
+    spec = launch.spec
+    function = _function_ptr(spec, device_id, convert)
+    params = _param_struct(signature)(*args)
+    size = ctypes.c_size_t(ctypes.sizeof(params))
+    extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(params),
+                                  _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
+    threads = specs.PRE_THREADS if convert else spec.threads
+    smem = 0 if convert else spec.smem_bytes
+    gx, gy, _ = launch.grid
+    try:
+        driver.launchKernel(function, gx, gy, grid_z, threads, 1, 1, smem, stream, 0,
+                            ctypes.addressof(extra))
+    except Exception as exc:  # CUDADriverError: say which kernel, grid and problem
+        name = "flash_bwd_dq_convert" if convert else spec.name
+        raise LaunchError(f"cuflash: launching {name} (grid {(gx, gy, grid_z)}, {threads} "
+                          f"threads, {smem} B shared memory) for {what} failed: {exc}") from exc
+
+
+def _batch_slices(launch: planning.Launch, batch: int):
+    """(first batch entry, grid z) for each launch that together cover the batch."""
+    per = launch.batch_per_launch
+    z_per_batch = launch.grid[2] // per
+    for b0 in range(0, batch, per):
+        yield b0, min(per, batch - b0) * z_per_batch
+
+
+def _describe(shape: planning.Shape) -> str:
+    return (f"q ({shape.batch}, {shape.seqlen_q}, {shape.heads}, {shape.head_dim}), "
+            f"k/v seqlen {shape.seqlen_k} heads {shape.heads_kv}, {shape.dtype}, "
+            f"causal={shape.causal}")
+
+
+def _strides(*ops: Operand) -> tuple:
+    return tuple(s for op in ops for s in (op.stride_b, op.stride_m, op.stride_h))
+
+
+def _at(op: Operand, b0: int) -> int:
+    return op.batch_slice(b0)
+
+
+# -- forward -------------------------------------------------------------------------------
+
+
+def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
+                m: int, l: int, softmax_scale: float, stream: int, device_id: int) -> None:
+    """Enqueue the forward on ``stream``: o, m, l written (every element of a non-empty call).
+
+    The caller handles the calls with nothing to compute (``Shape.empty``) itself.
+    """
+    s = plan.shape
+    stats_row = 4 * s.heads * s.seqlen_q  # bytes of one batch entry of m / l
+    tail = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim,
+            *_strides(q, k, v, o), softmax_scale * LOG2E)
+    signature = _SIGNATURES[plan.kernel.spec.kind]
+    for b0, grid_z in _batch_slices(plan.kernel, s.batch):
+        args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(o, b0), m + b0 * stats_row,
+                l + b0 * stats_row, *tail)
+        _launch(plan.kernel, device_id, grid_z, signature, args, stream, _describe(s))
+
+
+# -- backward ------------------------------------------------------------------------------
+
+
+def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operand,
+                 v: Operand, o: Operand, m: int, l: int, dq: Operand, dk: Operand,
+                 dv: Operand, softmax_scale: float, workspace: int, stream: int,
+                 device_id: int) -> None:
+    """Enqueue the backward on ``stream``. ``workspace``: the address of at least
+    ``plan.backward_workspace(plan).total_bytes`` scratch bytes on the device, ordered on
+    ``stream`` (the caller keeps it alive until the work is done)."""
+    from cupy_backends.cuda.api import runtime
+
+    s = plan.shape
+    ws = planning.backward_workspace(plan)
+    if ws.zeroed_bytes:
+        runtime.memsetAsync(workspace, 0, ws.zeroed_bytes, stream)
+    what = _describe(s)
+    stats_row = 4 * s.heads * s.seqlen_q
+    delta, lse2 = workspace + ws.delta, workspace + ws.lse2
+
+    # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l)
+    for b0, z in _batch_slices(plan.pre, s.batch):
+        st = b0 * stats_row
+        args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
+                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do))
+        _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, what)
+
+    # -- dK, dV (and dQ by atomics unless deterministic)
+    main = plan.main
+    dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
+    scalars = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim)
+    scales = (softmax_scale * LOG2E, softmax_scale)
+    signature = _SIGNATURES[main.spec.kind]
+    q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
+    for b0, z in _batch_slices(main, s.batch):
+        st = b0 * stats_row
+        args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
+                dq_accum + b0 * q_row if dq_accum else 0, _at(dk, b0), _at(dv, b0),
+                *scalars, *_strides(q, k, v, do, dk, dv), *scales)
+        if main.spec.kind == "bwd90":
+            accum = ws.dk_accum is not None and plan.kv_splits > 1
+            args += (plan.kv_splits,
+                     workspace + ws.dk_accum + b0 * kv_row if accum else 0,
+                     workspace + ws.dv_accum + b0 * kv_row if accum else 0)
+        _launch(main, device_id, z, signature, args, stream, what)
+
+    if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
+        for b0, z in _batch_slices(plan.dq, s.batch):
+            st = b0 * stats_row
+            args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
+                    _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales)
+            _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, what)
+    else:
+        _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
+                 stream, what)
+    if plan.kv_convert is not None:
+        for accum, out in ((ws.dk_accum, dk), (ws.dv_accum, dv)):
+            _convert(plan.kv_convert, workspace + accum, kv_row, out, s.seqlen_k, s.heads_kv,
+                     s, device_id, stream, what)
+
+
+def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, seqlen: int,
+             heads: int, s: planning.Shape, device_id: int, stream: int, what: str) -> None:
+    """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides."""
+    for b0, z in _batch_slices(launch, s.batch):
+        args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, s.head_dim,
+                out.stride_b, out.stride_m, out.stride_h)
+        _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, what,
+                convert=True)
+
+
+# -- on CuPy arrays ------------------------------------------------------------------------
 
 
 def poison_enabled() -> bool:
@@ -47,76 +284,49 @@ def _poisoned(out, logical: str = "float32"):
     return out
 
 
-@lru_cache(maxsize=None)
-def _device_facts(device_id: int) -> DeviceFacts:
+def shape_of(q, k, dtype: str, causal: bool) -> planning.Shape:
+    batch, seqlen_q, heads, head_dim = q.shape
+    return planning.Shape(batch, seqlen_q, k.shape[1], heads, k.shape[2], head_dim, dtype,
+                          bool(causal))
+
+
+def _current_stream() -> int:
     import cupy
 
-    dev = cupy.cuda.Device(device_id)
-    attrs = dev.attributes
-    props = cupy.cuda.runtime.getDeviceProperties(device_id)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    return DeviceFacts(name=name, arch=f"sm_{dev.compute_capability}",
-                       sm_count=attrs["MultiProcessorCount"],
-                       smem_optin=attrs["MaxSharedMemoryPerBlockOptin"])
+    return cupy.cuda.get_current_stream().ptr
 
 
-def device_facts(device_id: int) -> DeviceFacts:
-    """The device's facts, with the shared-memory budget override applied."""
-    facts = _device_facts(device_id)
-    if int(facts.arch[3:]) < 80:
-        raise RuntimeError(f"cuflash needs compute capability 8.0 or newer (mma.sync bf16, "
-                           f"cp.async); {facts.name} is {facts.arch}")
-    return facts.with_budget(specs.smem_budget_override())
-
-
-def _strides(a) -> tuple[np.int64, np.int64, np.int64]:
-    """(batch, seq, head) strides in elements of a (batch, seq, heads, head_dim) array."""
-    return tuple(np.int64(s // a.itemsize) for s in a.strides[:3])
-
-
-def _launch(spec: KernelSpec, device_id: int, grid, args) -> None:
-    import cupy
-
-    kernel = get_kernel(spec, device_id).function
-    kernel(grid, (spec.threads,), args, shared_mem=spec.smem_bytes,
-           stream=cupy.cuda.get_current_stream())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def fill_no_key_forward(o, m, l) -> None:
+    """seqlen_k == 0: every row sees no key (o = 0, m = -inf, l = 0)."""
+    o.view(np.uint16 if o.itemsize == 2 else np.float32).fill(0)
+    m.fill(-np.inf)
+    l.fill(0)
 
 
 def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
     ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
-    optional (o, m, l) to write into instead (the XLA FFI target passes XLA's result buffers,
-    C-contiguous, of the shapes and dtypes this function would allocate).
+    optional (o, m, l) to write into instead (C-contiguous, of the shapes and dtypes this
+    function would allocate).
     """
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    device_id = q.device.id
+    batch, seqlen_q, heads, _ = q.shape
     if out is not None:
         o, m, l = _poisoned(out[0], dtype), _poisoned(out[1]), _poisoned(out[2])
     else:
         o = _empty(q.shape, q.dtype, dtype)
         m = _empty((batch, heads, seqlen_q), np.float32)
         l = _empty((batch, heads, seqlen_q), np.float32)
+    shape = shape_of(q, k, dtype, causal)
     if o.size == 0:
         return o, m, l
-    if seqlen_k == 0:  # every row sees no key
-        o.view(np.uint16 if o.itemsize == 2 else np.float32).fill(0)
-        m.fill(-np.inf)
-        l.fill(0)
+    if shape.seqlen_k == 0:
+        fill_no_key_forward(o, m, l)
         return o, m, l
-    spec = specs.select_forward(device_facts(device_id), dtype, head_dim, causal)
-    grid = (_cdiv(seqlen_q, spec.block_m), heads, batch)
-    args = (q, k, v, o, m, l,
-            np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads),
-            np.int32(heads // heads_kv), np.int32(head_dim),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-            np.float32(softmax_scale * LOG2E))
-    _launch(spec, device_id, grid, args)
+    device_id = q.device.id
+    run_forward(forward_plan(shape, device_id), cupy_operand(q), cupy_operand(k),
+                cupy_operand(v), cupy_operand(o), m.data.ptr, l.data.ptr, softmax_scale,
+                _current_stream(), device_id)
     return o, m, l
 
 
@@ -128,56 +338,24 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     """
     import cupy
 
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    device_id = q.device.id
     if out is not None:
         dq, dk, dv = (_poisoned(t, dtype) for t in out)
     else:
         dq = _empty(q.shape, q.dtype, dtype)
         dk = _empty(k.shape, k.dtype, dtype)
         dv = _empty(v.shape, v.dtype, dtype)
+    shape = shape_of(q, k, dtype, causal)
     if dq.size == 0 and dk.size == 0:
         return dq, dk, dv
-    if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or heads == 0:
+    if shape.empty:
         for t in (dq, dk, dv):  # zero bits are +0.0 in every float format
             t.view(np.uint8).fill(0)
         return dq, dk, dv
-
-    facts = device_facts(device_id)
-    scalars_qk = (np.int32(seqlen_q), np.int32(seqlen_k), np.int32(heads),
-                  np.int32(heads // heads_kv), np.int32(head_dim))
-    scale_args = (np.float32(softmax_scale * LOG2E), np.float32(softmax_scale))
-
-    # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l)
-    pre = specs.select_backward_pre(dtype)
-    delta = cupy.empty((batch, heads, seqlen_q), np.float32)
-    lse2 = cupy.empty((batch, heads, seqlen_q), np.float32)
-    pre_grid = (_cdiv(seqlen_q, specs.PRE_ROWS), heads, batch)
-    _launch(pre, device_id, pre_grid,
-            (o, do, m, l, delta, lse2, np.int32(seqlen_q), np.int32(heads),
-             np.int32(head_dim), *_strides(o), *_strides(do)))
-
-    # -- dK, dV (and dQ by atomics unless deterministic)
-    spec = specs.select_backward(facts, dtype, head_dim, causal, deterministic)
-    dq_accum = None if deterministic else cupy.zeros((batch, seqlen_q, heads, head_dim),
-                                                     np.float32)
-    n_chunks = _cdiv(head_dim, spec.dchunk)
-    grid = (_cdiv(seqlen_k, spec.block_n), heads_kv, batch * n_chunks)
-    _launch(spec, device_id, grid,
-            (q, k, v, do, lse2, delta, dq_accum if dq_accum is not None else np.uint64(0), dk, dv,
-             *scalars_qk, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-             *_strides(dk), *_strides(dv), *scale_args))
-
-    if deterministic:  # -- dQ by its own pass over query tiles: no atomics
-        dq_spec = specs.select_backward_dq(facts, dtype, head_dim, causal)
-        grid = (_cdiv(seqlen_q, dq_spec.block_m), heads, batch)
-        _launch(dq_spec, device_id, grid,
-                (q, k, v, do, lse2, delta, dq, *scalars_qk, *_strides(q), *_strides(k),
-                 *_strides(v), *_strides(do), *_strides(dq), *scale_args))
-    else:
-        convert = get_convert_kernel(pre, device_id).function
-        convert(pre_grid, (pre.threads,),
-                (dq_accum, dq, np.int32(seqlen_q), np.int32(heads), np.int32(head_dim),
-                 *_strides(dq)), stream=cupy.cuda.get_current_stream())
+    device_id = q.device.id
+    plan = backward_plan(shape, device_id, deterministic)
+    workspace = cupy.empty(planning.backward_workspace(plan).total_bytes, np.uint8)
+    run_backward(plan, *(cupy_operand(x) for x in (do, q, k, v, o)), m.data.ptr, l.data.ptr,
+                 *(cupy_operand(x) for x in (dq, dk, dv)), softmax_scale, workspace.data.ptr,
+                 _current_stream(), device_id)
     return dq, dk, dv
+

@@ -47,10 +47,14 @@ from .interop import Device, Imported, element_strides, import_array
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
 ROW_ALIGNMENT = 16  # bytes; the kernels' vector loads (cp.async 16 B, ldmatrix rows)
-# CUDA limits the forward grid (q tiles, heads, batch) puts on heads and batch (gridDim.y/z),
-# and the int32 kernel arguments put on lengths.
+# CUDA limits: heads is a grid axis (gridDim.y <= 65535); lengths are int32 kernel arguments
+# whose tile arithmetic (a row plus a tile, a query row plus the causal offset seqlen_k -
+# seqlen_q) must not overflow, hence 2^30 rather than 2^31.
 MAX_GRID_YZ = 65535
-MAX_INT32 = 2**31 - 1
+MAX_SEQLEN = 2**30 - 1
+_LIMIT_REASON = {"heads": "a CUDA grid axis",
+                 "seqlen_q": "int32 tile arithmetic in the kernels",
+                 "seqlen_k": "int32 tile arithmetic in the kernels"}
 
 _LAYOUT = "(batch, seqlen, heads, head_dim)"
 
@@ -212,12 +216,13 @@ def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
 
 
 def _check_cuda_limits(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> None:
-    for what, value, limit in (("batch", batch, MAX_GRID_YZ), ("heads", heads, MAX_GRID_YZ),
-                               ("seqlen_q", seqlen_q, MAX_INT32),
-                               ("seqlen_k", seqlen_k, MAX_INT32)):
+    """Limits of the CUDA kernels. batch has none: the plan splits a batch that would exceed
+    a grid axis into several launches (``plan.MAX_GRID_YZ``)."""
+    for what, value, limit in (("heads", heads, MAX_GRID_YZ), ("seqlen_q", seqlen_q, MAX_SEQLEN),
+                               ("seqlen_k", seqlen_k, MAX_SEQLEN)):
         if value > limit:
-            raise ValueError(f"q: expected {what} <= {limit} on CUDA (kernel grid / int32 "
-                             f"arguments), got {value}")
+            raise ValueError(f"q: expected {what} <= {limit} on CUDA ({_LIMIT_REASON[what]}), "
+                             f"got {value}")
 
 
 def check_alignment(array: Any, name: str) -> None:

@@ -5,9 +5,10 @@
 //
 // Block: 2 warpgroups (256 threads) own CF_BLOCK_N = 128 keys; warpgroup g the keys
 // n0 + 64g .. + 63 (S^T, dP^T, dK, dV rows), warp w of it the 16 keys 16w .. of those.
-// Grid (ceil(seqlen_k / 128), heads_kv, batch). The block loops over the query heads of its
-// GQA group and over the query tiles of CF_BLOCK_M rows (64; 128 at head_dim 64) that can see
-// its keys; per tile:
+// Grid (ceil(seqlen_k / 128), heads_kv, batch * kv_splits). The block loops over its share of
+// the query heads of its GQA group (all of them when kv_splits = 1; heads_per_kv / kv_splits
+// of them otherwise) and over the query tiles of CF_BLOCK_M rows (64; 128 at head_dim 64) that
+// can see its keys; per tile:
 //   S^T  = K Q^T      wgmma m64n(CF_BLOCK_M), K and Q from shared memory (K-major)
 //   dP^T = V dO^T     wgmma m64n(CF_BLOCK_M), V and dO from shared memory (K-major)
 //   P^T  = exp2(S^T * scale_log2 - lse2), dS^T = P^T * (dP^T - delta)   (registers)
@@ -19,7 +20,11 @@
 //                     head_dim 64, CF_BLOCK_M 64: warpgroup g computes all columns over its
 //                     own 64 keys (both add to dq_accum);
 //                     then red.global.add into dq_accum (times softmax_scale).
-// and at the end dK *= softmax_scale. dK, dV accumulate on chip over the whole loop.
+// and at the end dK *= softmax_scale. dK, dV accumulate on chip over the whole loop; with
+// kv_splits = 1 the block writes dk, dv, otherwise it adds them into the float32 dk_accum,
+// dv_accum (batch, seqlen_k, heads_kv, head_dim), which flash_bwd_dq_convert then writes out.
+// The split keeps GQA from starving the SMs (one block per kv head would serialize a group's
+// query heads); the launcher picks kv_splits (plan.kv_head_splits), a divisor of heads_per_kv.
 //
 // Shared memory (the panel layout of cf_sm90.cuh; base 1024-byte aligned):
 //   sK, sV      128 x CF_HEAD_DIM each (resident)
@@ -103,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale) {
+    float softmax_scale, int kv_splits, float* __restrict__ dk_accum,
+    float* __restrict__ dv_accum) {
   using namespace bwd90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -118,7 +124,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  const int b = blockIdx.z, kvh = blockIdx.y, n0 = blockIdx.x * kBN;
+  const int b = blockIdx.z / kv_splits, kvh = blockIdx.y, n0 = blockIdx.x * kBN;
+  const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
+  const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
   const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
 
   const int m_tiles = (seqlen_q + kBM - 1) / kBM;
@@ -128,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
   }
   const int tiles_per_head = m_tiles - m_first;
-  const int n_iter = heads_per_kv * tiles_per_head;
+  const int n_iter = split_heads * tiles_per_head;
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
@@ -140,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   auto load_query_tile = [&](int it, int st) {
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
+    const int h = h_first + g;
     const QLoad lq(q + b * stride_qb + h * stride_qh, stride_qm, head_dim, tid);
     lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
     const QLoad ldo(dout + b * stride_dob + h * stride_doh, stride_dom, head_dim, tid);
@@ -176,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const int st = it & 1;
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
+    const int h = h_first + g;
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // tile it is visible; stage st ^ 1 and sdS are free
@@ -309,7 +317,18 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     const int row = key_row + 8 * rr;
-    if (row < seqlen_k) {
+    if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
+      const cf_i64 at = (((cf_i64)b * seqlen_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim) {
+          red_add2(dk_accum + at + col, acc_dk[t][2 * rr] * softmax_scale,
+                   acc_dk[t][2 * rr + 1] * softmax_scale);
+          red_add2(dv_accum + at + col, acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
+        }
+      }
+    } else if (row < seqlen_k) {
       elem_t* dk_row = dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn;
       elem_t* dv_row = dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll

@@ -315,12 +315,21 @@ def test_alignment_ignores_unit_axes_and_empty_arrays():
     validate.check_alignment(rand((2, 3, 4, 8), "float32").transpose(0, 2, 1, 3), "q")
 
 
-def test_cuda_grid_limits():
-    q = np.empty((65536, 1, 1, 8), np.float16)
-    with pytest.raises(ValueError, match=r"^q: expected batch <= 65535 on CUDA"):
-        validate.check_forward(as_cuda(q), as_cuda(q), as_cuda(q), causal=False,
+def test_cuda_limits():
+    """heads is a grid axis; lengths stop at 2^30 (int32 tile arithmetic); batch has no
+    limit (the plan splits its launches, tests/test_plan.py)."""
+    big_batch = np.empty((65536, 1, 1, 8), np.float16)
+    validate.check_forward(*(as_cuda(big_batch),) * 3, causal=False, softmax_scale=None)
+    heads = np.empty((1, 1, 65536, 8), np.float16)
+    with pytest.raises(ValueError, match=r"^q: expected heads <= 65535 on CUDA"):
+        validate.check_forward(*(as_cuda(heads),) * 3, causal=False, softmax_scale=None)
+    validate.check_forward(heads, heads, heads, causal=False, softmax_scale=None)  # the host
+    row = np.empty((1, 1, 1, 8), np.float16)
+    long_k = np.lib.stride_tricks.as_strided(row, (1, 2**30, 1, 8), (0, 0, 0, 2))
+    with pytest.raises(ValueError, match=r"^q: expected seqlen_k <= 1073741823 on CUDA "
+                                         r"\(int32 tile arithmetic"):
+        validate.check_forward(as_cuda(row), as_cuda(long_k), as_cuda(long_k), causal=False,
                                softmax_scale=None)
-    validate.check_forward(q, q, q, causal=False, softmax_scale=None)  # fine on the host
 
 
 # -- accepted inputs: the Problem ------------------------------------------------------------

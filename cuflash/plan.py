@@ -1,0 +1,240 @@
+"""What runs for one attention call: kernels, grids and scratch space, as plain data.
+
+``plan_forward`` / ``plan_backward`` are pure functions of the call's shape facts
+(:class:`Shape`) and the device's facts (``specs.DeviceFacts``): no GPU, no arrays, no
+environment reads, so they are tested on the CPU and anyone (API, framework adapters, tests,
+benchmarks) can ask which specs a call runs. ``forward_plan`` / ``backward_plan`` memoize them
+per (shape, device, configuration), so a repeated call costs one dictionary lookup.
+
+CUDA's grid limits are part of the plan: a grid axis over the batch that would exceed 65535
+blocks is split into several launches over slices of the batch (``batch_per_launch``), so no
+batch size that validation accepts can fail to launch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import specs
+from .specs import DeviceFacts, KernelSpec
+
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
+SCRATCH_ALIGN = 256  # bytes; every scratch array starts on this boundary
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _aligned(nbytes: int) -> int:
+    return _cdiv(nbytes, SCRATCH_ALIGN) * SCRATCH_ALIGN
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The facts of a call that decide its kernels and grids (strides and pointers do not)."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads: int
+    heads_kv: int
+    head_dim: int
+    dtype: str
+    causal: bool
+
+    @classmethod
+    def of(cls, problem) -> "Shape":
+        """From a ``validate.Problem`` (or anything with the same attributes)."""
+        return cls(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads,
+                   problem.heads_kv, problem.head_dim, problem.dtype, problem.causal)
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.heads // self.heads_kv if self.heads_kv else 1
+
+    @property
+    def empty(self) -> bool:
+        """Nothing for a kernel to do (every output is empty or a fixed fill)."""
+        return 0 in (self.batch, self.seqlen_q, self.seqlen_k, self.heads)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the spec, the grid for ``batch_per_launch`` batch entries."""
+
+    spec: KernelSpec
+    grid: tuple[int, int, int]
+    batch_per_launch: int  # grid z covers this many batch entries (times z_per_batch)
+
+    @property
+    def label(self) -> str:
+        return self.spec.name
+
+
+def _launch(spec: KernelSpec, grid_xy: tuple[int, int], batch: int, z_per_batch: int = 1
+            ) -> Launch:
+    """Grid (x, y, batch * z_per_batch), the batch split so that grid z stays <= 65535."""
+    per_launch = max(1, min(batch, MAX_GRID_YZ // z_per_batch))
+    return Launch(spec, (grid_xy[0], grid_xy[1], per_launch * z_per_batch), per_launch)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    shape: Shape
+    kernel: Launch
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return (self.kernel.label,)
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    """preprocess -> main (dK, dV; dQ by atomics unless deterministic) -> dq pass or convert.
+
+    ``kv_splits`` > 1 (Hopper kernel, GQA): the query heads of a kv head are divided among
+    that many blocks, which add their dK, dV into float32 accumulators; ``kv_convert`` then
+    writes dk, dv. Scratch (one workspace, ``workspace_bytes``): the zeroed accumulators
+    first (dq_accum, then dk_accum, dv_accum), then delta and lse2.
+    """
+
+    shape: Shape
+    deterministic: bool
+    pre: Launch
+    main: Launch
+    dq: Launch | None  # the deterministic dQ pass
+    dq_convert: Launch | None  # dq_accum -> dq
+    kv_splits: int
+    kv_convert: Launch | None  # dk_accum, dv_accum -> dk, dv
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(x.label for x in (self.pre, self.main, self.dq) if x is not None)
+
+    @property
+    def n_chunks(self) -> int:
+        return _cdiv(self.shape.head_dim, self.main.spec.dchunk)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Byte offsets into one scratch allocation (see ``BackwardPlan``)."""
+
+    dq_accum: int | None
+    dk_accum: int | None
+    dv_accum: int | None
+    delta: int
+    lse2: int
+    zeroed_bytes: int  # the accumulators, set to 0 before the main kernel
+    total_bytes: int
+
+
+def workspace(shape: Shape, deterministic: bool, kv_accum: bool) -> Workspace:
+    """Layout of the backward's scratch; ``kv_accum``: room for the dK, dV accumulators."""
+    b, sq, sk, h, hkv, d = (shape.batch, shape.seqlen_q, shape.seqlen_k, shape.heads,
+                            shape.heads_kv, shape.head_dim)
+    offset = 0
+    dq_accum = dk_accum = dv_accum = None
+    if not deterministic:
+        dq_accum, offset = offset, offset + _aligned(4 * b * sq * h * d)
+    if kv_accum:
+        dk_accum, offset = offset, offset + _aligned(4 * b * sk * hkv * d)
+        dv_accum, offset = offset, offset + _aligned(4 * b * sk * hkv * d)
+    zeroed = offset
+    stats = _aligned(4 * b * h * sq)
+    return Workspace(dq_accum, dk_accum, dv_accum, delta=zeroed, lse2=zeroed + stats,
+                     zeroed_bytes=zeroed, total_bytes=zeroed + 2 * stats)
+
+
+def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:
+    """The workspace for any plan of this shape on any device (room for the dK, dV
+    accumulators whenever there is grouped-query attention): for callers that must size
+    scratch before the device is known (the XLA FFI targets, at trace time)."""
+    return workspace(shape, deterministic, kv_accum=shape.heads_per_kv > 1)
+
+
+def backward_workspace(plan: BackwardPlan) -> Workspace:
+    return workspace(plan.shape, plan.deterministic, kv_accum=plan.kv_splits > 1)
+
+
+# -- the pure planners ---------------------------------------------------------------------
+
+def plan_forward(shape: Shape, facts: DeviceFacts) -> ForwardPlan:
+    spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal)
+    grid_xy = (_cdiv(shape.seqlen_q, spec.block_m), shape.heads)
+    return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
+
+
+def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
+    """How many blocks share the query heads of one kv head in the Hopper backward.
+
+    One block per (key tile, kv head) loops over every query head of its group, so GQA
+    16/4 at batch 1 fills 128 blocks where MHA fills 512: too few for 132 SMs once causal
+    rows thin out. Split the group until there are about two waves of blocks (or one
+    query head per block); each split costs one float32 add of its dK, dV tile.
+    """
+    if spec.kind != "bwd90" or shape.heads_per_kv == 1 or sm_count <= 0:
+        return 1
+    blocks = _cdiv(shape.seqlen_k, spec.block_n) * shape.heads_kv * shape.batch
+    splits = 1
+    for candidate in range(1, shape.heads_per_kv + 1):
+        if shape.heads_per_kv % candidate:
+            continue
+        splits = candidate
+        if blocks * candidate >= 2 * sm_count:
+            break
+    return splits
+
+
+def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool) -> BackwardPlan:
+    dtype, d, causal = shape.dtype, shape.head_dim, shape.causal
+    pre_spec = specs.select_backward_pre(dtype)
+    rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
+    pre = _launch(pre_spec, rows_grid, shape.batch)
+    spec = specs.select_backward(facts, dtype, d, causal, deterministic)
+    n_chunks = _cdiv(d, spec.dchunk)
+    splits = kv_head_splits(shape, spec, facts.sm_count)
+    main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,
+                   z_per_batch=n_chunks * splits)
+    dq = dq_convert = kv_convert = None
+    if deterministic:
+        dq_spec = specs.select_backward_dq(facts, dtype, d, causal)
+        dq = _launch(dq_spec, (_cdiv(shape.seqlen_q, dq_spec.block_m), shape.heads),
+                     shape.batch)
+    else:
+        dq_convert = pre
+    if splits > 1:
+        kv_convert = _launch(pre_spec, (_cdiv(shape.seqlen_k, specs.PRE_ROWS), shape.heads_kv),
+                             shape.batch)
+    return BackwardPlan(shape, deterministic, pre, main, dq, dq_convert, splits, kv_convert)
+
+
+# -- memoized, with the configuration that the environment may change ----------------------
+
+_forward_plans: dict = {}
+_backward_plans: dict = {}
+
+
+def configuration() -> tuple:
+    """What besides the device changes a plan: the shared-memory budget override and the
+    wgmma switch (read here, once per call, so the planners stay pure)."""
+    return (specs.smem_budget_override(), os.environ.get("CUFLASH_DISABLE_WGMMA", ""))
+
+
+def forward_plan(shape: Shape, device_id: int, facts_of) -> ForwardPlan:
+    """``plan_forward`` memoized; ``facts_of(device_id)`` gives the device's facts on a miss."""
+    key = (shape, device_id, configuration())
+    plan = _forward_plans.get(key)
+    if plan is None:
+        plan = _forward_plans[key] = plan_forward(shape, facts_of(device_id))
+    return plan
+
+
+def backward_plan(shape: Shape, device_id: int, facts_of, deterministic: bool) -> BackwardPlan:
+    key = (shape, device_id, deterministic, configuration())
+    plan = _backward_plans.get(key)
+    if plan is None:
+        plan = _backward_plans[key] = plan_backward(shape, facts_of(device_id), deterministic)
+    return plan

@@ -1,0 +1,106 @@
+"""The planner as a pure function: kernels, grids, batch slices, GQA splits, scratch layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuflash import plan, specs
+from cuflash.plan import Shape
+
+H200 = specs.DeviceFacts(name="H200", arch="sm_90", sm_count=132, smem_optin=227 * specs.KIB)
+A100 = specs.DeviceFacts(name="A100", arch="sm_80", sm_count=108, smem_optin=163 * specs.KIB)
+
+
+def shape(batch=1, seqlen_q=4096, seqlen_k=4096, heads=16, heads_kv=16, head_dim=128,
+          dtype="bfloat16", causal=True) -> Shape:
+    return Shape(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype, causal)
+
+
+def test_forward_plan_names_the_selected_spec_and_grid():
+    p = plan.plan_forward(shape(batch=3), H200)
+    spec = specs.select_forward(H200, "bfloat16", 128, True)
+    assert p.kernel.spec == spec and p.labels == (spec.name,)
+    assert p.kernel.grid == (4096 // spec.block_m, 16, 3)
+    assert p.kernel.batch_per_launch == 3
+
+
+def test_backward_plan_stages():
+    atomic = plan.plan_backward(shape(), H200, deterministic=False)
+    assert atomic.main.spec.kind == "bwd90" and atomic.dq is None
+    assert atomic.dq_convert is atomic.pre and atomic.labels[0].startswith("bwd_pre")
+    det = plan.plan_backward(shape(), H200, deterministic=True)
+    assert det.main.spec.kind == "bwd" and det.dq.spec.kind == "bwd_dq"
+    assert det.dq_convert is None and det.kv_splits == 1
+
+
+@pytest.mark.parametrize("batch", [65535, 65536, 200_001])
+def test_large_batches_are_split_over_launches(batch):
+    """Grid z <= 65535 always; the launches together cover every batch entry (issue: a
+    backward with head-dim chunks at batch > 32767 used to fail with a bare driver error)."""
+    s = shape(batch=batch, seqlen_q=8, seqlen_k=8, heads=2, heads_kv=2, head_dim=256)
+    fwd = plan.plan_forward(s, A100)
+    bwd = plan.plan_backward(s, A100, deterministic=False)
+    assert bwd.n_chunks == 2
+    for launch, z_per_batch in ((fwd.kernel, 1), (bwd.main, bwd.n_chunks), (bwd.pre, 1)):
+        assert launch.grid[2] <= plan.MAX_GRID_YZ
+        assert launch.grid[2] == launch.batch_per_launch * z_per_batch
+        covered = sum(min(launch.batch_per_launch, batch - b0)
+                      for b0 in range(0, batch, launch.batch_per_launch))
+        assert covered == batch
+
+
+@pytest.mark.parametrize("heads,heads_kv,seqlen,expect", [
+    (16, 4, 4096, 4),    # 32 key tiles x 4 kv heads = 128 blocks: split to one head each
+    (16, 16, 4096, 1),   # MHA: nothing to split
+    (32, 8, 16384, 1),   # 128 key tiles x 8 = 1024 blocks: already several waves
+    (16, 1, 4096, 16),   # MQA: 32 blocks, split to 512
+    (12, 4, 2048, 3),    # 16 x 4 = 64 blocks: the largest divisor of 3
+])
+def test_gqa_backward_splits_query_heads_until_two_waves(heads, heads_kv, seqlen, expect):
+    s = shape(heads=heads, heads_kv=heads_kv, seqlen_q=seqlen, seqlen_k=seqlen)
+    p = plan.plan_backward(s, H200, deterministic=False)
+    assert p.kv_splits == expect
+    assert (s.heads_per_kv % p.kv_splits) == 0
+    assert p.main.grid[2] == s.batch * p.kv_splits
+    assert (p.kv_convert is not None) == (expect > 1)
+
+
+def test_gqa_split_only_on_the_hopper_kernel():
+    s = shape(heads=16, heads_kv=4)
+    assert plan.plan_backward(s, A100, deterministic=False).kv_splits == 1
+    assert plan.plan_backward(s, H200, deterministic=True).kv_splits == 1
+
+
+def test_workspace_layout():
+    s = shape(batch=2, seqlen_q=100, seqlen_k=70, heads=8, heads_kv=2, head_dim=64)
+    ws = plan.workspace(s, deterministic=False, kv_accum=True)
+    assert ws.dq_accum == 0
+    assert ws.dk_accum >= 4 * 2 * 100 * 8 * 64 and ws.dv_accum >= ws.dk_accum + 4 * 2 * 70 * 2 * 64
+    assert ws.zeroed_bytes == ws.delta and ws.lse2 >= ws.delta + 4 * 2 * 8 * 100
+    assert all(x % plan.SCRATCH_ALIGN == 0 for x in (ws.dk_accum, ws.dv_accum, ws.delta, ws.lse2))
+    det = plan.workspace(s, deterministic=True, kv_accum=False)
+    assert det.dq_accum is None and det.zeroed_bytes == 0
+    bound = plan.workspace_bound(s, deterministic=False)
+    for p in (plan.plan_backward(s, H200, False), plan.plan_backward(s, A100, False)):
+        assert plan.backward_workspace(p).total_bytes <= bound.total_bytes
+
+
+def test_memoized_plans_follow_the_configuration(monkeypatch):
+    facts_calls = []
+
+    def facts_of(device_id):
+        facts_calls.append(device_id)
+        return H200.with_budget(specs.smem_budget_override())
+
+    s = shape(seqlen_q=77, seqlen_k=77)
+    first = plan.forward_plan(s, 0, facts_of)
+    assert plan.forward_plan(s, 0, facts_of) is first and facts_calls == [0]
+    monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
+    assert plan.forward_plan(s, 0, facts_of).kernel.spec.kind == "fwd"
+    monkeypatch.delenv("CUFLASH_DISABLE_WGMMA")
+    specs.set_smem_budget(48 * specs.KIB)
+    try:
+        small = plan.forward_plan(s, 0, facts_of)
+        assert small.kernel.spec.smem_bytes <= 48 * specs.KIB
+    finally:
+        specs.set_smem_budget(None)
