@@ -52,6 +52,19 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
                               deterministic=deterministic)
 
 
+def _fast_backend(arrays, causal, softmax_scale):
+    """fastpath's backend for these arrays, or None (imported only once a call could use it)."""
+    if type(arrays[0]).__module__.split(".")[0] not in ("torch", "cupy"):
+        return None
+    global fastpath
+    from . import fastpath
+
+    return fastpath.backend_for(arrays, causal, softmax_scale)
+
+
+fastpath = None  # cuflash.fastpath, imported on the first torch or CuPy call
+
+
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
     """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
 
@@ -77,6 +90,10 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         (o, stats): o like q (a new array of the caller's type, dtype and device);
         stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l.
     """
+    fast = _fast_backend((q, k, v), causal, softmax_scale)
+    if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
+        o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
+        return o, SoftmaxStats(m, l)
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
@@ -109,6 +126,10 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
                         f"got {type(stats).__name__}")
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    fast = _fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
+    if fast is not None:
+        return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal, softmax_scale,
+                                 deterministic)
     names = ("do", "q", "k", "v", "o")
     ido, iq, ik, iv, io = (import_array(x, n) for x, n in zip((do, q, k, v, o), names))
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")

@@ -271,10 +271,10 @@ def _empty(shape, storage_dtype, logical: str = "float32"):
     """A new CuPy array; NaN-filled when poisoning is on (the kernel must overwrite it)."""
     import cupy
 
-    return _poisoned(cupy.empty(shape, dtype=storage_dtype), logical)
+    return poison(cupy.empty(shape, dtype=storage_dtype), logical)
 
 
-def _poisoned(out, logical: str = "float32"):
+def poison(out, logical: str = "float32"):
     """``out`` NaN-filled when poisoning is on (also caller-given outputs, ``out=``)."""
     if poison_enabled() and out.size:
         if logical in _NAN_BITS:
@@ -312,7 +312,7 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     """
     batch, seqlen_q, heads, _ = q.shape
     if out is not None:
-        o, m, l = _poisoned(out[0], dtype), _poisoned(out[1]), _poisoned(out[2])
+        o, m, l = poison(out[0], dtype), poison(out[1]), poison(out[2])
     else:
         o = _empty(q.shape, q.dtype, dtype)
         m = _empty((batch, heads, seqlen_q), np.float32)
@@ -339,7 +339,7 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     import cupy
 
     if out is not None:
-        dq, dk, dv = (_poisoned(t, dtype) for t in out)
+        dq, dk, dv = (poison(t, dtype) for t in out)
     else:
         dq = _empty(q.shape, q.dtype, dtype)
         dk = _empty(k.shape, k.dtype, dtype)

@@ -1,0 +1,260 @@
+"""The CUDA kernels on torch tensors and CuPy arrays with as little host work per call as possible.
+
+What a repeated call does: one dictionary lookup of the arrays' layout (shapes, strides,
+dtypes, devices, flags) for the validated problem, one for the plan, the outputs and the
+backward's scratch from the framework's own allocator (torch's caching allocator, so
+``torch.cuda.memory_allocated`` counts them and CUDA graphs capture them; CuPy's pool), and
+the launches on the framework's current stream. No DLPack, no host synchronization, so a
+torch call can be captured by ``torch.cuda.graph``. A layout seen for the first time goes
+through the full ``cuflash.validate`` checks, which raise the errors the API documents.
+
+A :class:`Backend` is what differs between frameworks; ``forward`` / ``backward`` are shared.
+Import this module only where the framework is installed (callers import it lazily).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import launch, validate
+from .plan import Shape, backward_workspace
+
+_MAX_LAYOUTS = 4096  # validated layouts kept per direction; more and the cache starts over
+
+
+class Backend:
+    """One framework's arrays: layout key, operand, allocation, stream, device guard."""
+
+    float32 = uint8 = None  # the framework's dtype objects
+
+    def layout(self, x) -> tuple: ...
+    def operand(self, x) -> launch.Operand: ...
+    def ptr(self, x) -> int: ...
+    def empty(self, shape, dtype, like): ...
+    def fill(self, x, value: float): ...
+    def poison(self, x): ...
+    def device_index(self, x) -> int: ...
+    def stream(self) -> int: ...
+    def on_device(self, index: int): ...
+
+
+class _Torch(Backend):
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        self.float32, self.uint8 = torch.float32, torch.uint8
+
+    def layout(self, t):
+        return (t.shape, t.stride(), t.dtype, t.device)
+
+    def operand(self, t):
+        sb, sm, sh = t.stride()[:3]
+        return launch.Operand(t.data_ptr(), sb, sm, sh, t.element_size())
+
+    def ptr(self, t):
+        return t.data_ptr()
+
+    def empty(self, shape, dtype, like):
+        return self.torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+
+    def fill(self, t, value):
+        t.fill_(value)
+
+    def poison(self, t):
+        t.fill_(float("nan"))
+
+    def device_index(self, t):
+        return t.device.index
+
+    def stream(self):
+        return self.torch.cuda.current_stream().cuda_stream
+
+    def on_device(self, index):
+        if index == self.torch.cuda.current_device():
+            return contextlib.nullcontext()
+        return self.torch.cuda.device(index)
+
+
+class _Cupy(Backend):
+    def __init__(self):
+        import cupy
+
+        self.cupy = cupy
+        self.float32, self.uint8 = np.float32, np.uint8
+
+    def layout(self, a):
+        return (a.shape, a.strides, a.dtype, a.device.id)
+
+    def operand(self, a):
+        return launch.cupy_operand(a)
+
+    def ptr(self, a):
+        return a.data.ptr
+
+    def empty(self, shape, dtype, like):
+        with self.cupy.cuda.Device(like.device.id):
+            return self.cupy.empty(shape, dtype=dtype or like.dtype)
+
+    def fill(self, a, value):
+        if value == 0:  # zero bits are +0.0 in every float format (bfloat16 included)
+            a.view(np.uint8).fill(0)
+        else:
+            a.fill(value)
+
+    def poison(self, a):
+        launch.poison(a, np.dtype(a.dtype).name)
+
+    def device_index(self, a):
+        return a.device.id
+
+    def stream(self):
+        return self.cupy.cuda.get_current_stream().ptr
+
+    def on_device(self, index):
+        if index == self.cupy.cuda.runtime.getDevice():
+            return contextlib.nullcontext()
+        return self.cupy.cuda.Device(index)
+
+
+class _Lazy:
+    """A backend made on first use, so importing this module imports neither framework."""
+
+    def __init__(self, make):
+        self._make, self._backend = make, None
+
+    def __getattr__(self, name):
+        if self._backend is None:
+            self._backend = self._make()
+        return getattr(self._backend, name)
+
+
+TORCH = _Lazy(_Torch)
+CUPY = _Lazy(_Cupy)
+
+_forward_problems: dict = {}
+_backward_problems: dict = {}
+
+
+def _remember(cache: dict, key: tuple, problem: validate.Problem) -> validate.Problem:
+    if len(cache) >= _MAX_LAYOUTS:
+        cache.clear()
+    cache[key] = problem
+    return problem
+
+
+def _aligned(backend: Backend, *arrays) -> bool:
+    """Data pointers on 16-byte boundaries (the strides were checked with the layout)."""
+    return all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0 for x in arrays)
+
+
+def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> validate.Problem:
+    key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v))
+    problem = _forward_problems.get(key)
+    if problem is not None and _aligned(backend, q, k, v):
+        return problem
+    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    return _remember(_forward_problems, key, problem)
+
+
+def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
+                     softmax_scale) -> validate.Problem:
+    key = (causal, softmax_scale, *map(backend.layout, (do, q, k, v, o, m, l)))
+    problem = _backward_problems.get(key)
+    if problem is not None and _aligned(backend, do, q, k, v, o):
+        return problem
+    problem = validate.check_backward(do, q, k, v, o, m, l, causal=causal,
+                                      softmax_scale=softmax_scale)
+    return _remember(_backward_problems, key, problem)
+
+
+def _new(backend: Backend, shape, dtype, like):
+    out = backend.empty(shape, dtype, like)
+    if launch.poison_enabled():
+        backend.poison(out)
+    return out
+
+
+def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
+    """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q)."""
+    problem = forward_problem(backend, q, k, v, causal, softmax_scale)
+    batch, seqlen_q, heads, _ = q.shape
+    f32 = backend.float32
+    o = _new(backend, q.shape, None, q)
+    m = _new(backend, (batch, heads, seqlen_q), f32, q)
+    l = _new(backend, (batch, heads, seqlen_q), f32, q)
+    shape = Shape.of(problem)
+    if shape.empty:
+        if shape.seqlen_k == 0:  # every row sees no key
+            backend.fill(o, 0), backend.fill(m, float("-inf")), backend.fill(l, 0)
+        return o, m, l
+    index = backend.device_index(q)
+    with backend.on_device(index):
+        launch.run_forward(launch.forward_plan(shape, index), backend.operand(q),
+                           backend.operand(k), backend.operand(v), backend.operand(o),
+                           backend.ptr(m), backend.ptr(l), problem.softmax_scale,
+                           backend.stream(), index)
+    return o, m, l
+
+
+def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
+             deterministic: bool) -> tuple:
+    """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v."""
+    problem = backward_problem(backend, do, q, k, v, o, m, l, causal, softmax_scale)
+    dq, dk, dv = (_new(backend, x.shape, None, x) for x in (q, k, v))
+    shape = Shape.of(problem)
+    if shape.empty:  # zero bits are +0.0 in every float format
+        for x in (dq, dk, dv):
+            backend.fill(x, 0)
+        return dq, dk, dv
+    index = backend.device_index(q)
+    with backend.on_device(index):
+        plan = launch.backward_plan(shape, index, deterministic)
+        workspace = backend.empty((backward_workspace(plan).total_bytes,), backend.uint8, q)
+        launch.run_backward(plan, *map(backend.operand, (do, q, k, v, o)), backend.ptr(m),
+                            backend.ptr(l), *map(backend.operand, (dq, dk, dv)),
+                            problem.softmax_scale, backend.ptr(workspace), backend.stream(),
+                            index)
+    return dq, dk, dv
+
+
+# -- which calls may take this path --------------------------------------------------------
+
+_backends: dict = {}  # array type -> Backend or None
+
+
+def _backend_of_type(cls) -> Backend | None:
+    root = cls.__module__.split(".")[0]
+    if root == "torch":
+        import torch
+
+        return TORCH if issubclass(cls, torch.Tensor) else None
+    if root == "cupy":
+        import cupy
+
+        return CUPY if issubclass(cls, cupy.ndarray) else None
+    return None
+
+
+def backend_for(arrays, causal, softmax_scale) -> Backend | None:
+    """The backend when every array is a CUDA array of one fast framework and the flags have
+    their exact types (``1 == True`` and ``True == 1.0`` would share a cache key); else None,
+    and the caller takes the general path, which validates everything and raises."""
+    if type(causal) is not bool or not (softmax_scale is None or type(softmax_scale) is float):
+        return None
+    cls = type(arrays[0])
+    backend = _backends.get(cls, False)
+    if backend is False:
+        backend = _backends[cls] = _backend_of_type(cls)
+    if backend is None or any(type(x) is not cls for x in arrays):
+        return None
+    if backend is TORCH:
+        import torch
+
+        if not all(x.is_cuda for x in arrays):
+            return None
+        if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+            return None  # the general path says what to do instead
+    return backend
