@@ -2,7 +2,8 @@
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
-#                                            (default: info check tests sanitize bench)
+#                                            workloads train_gqa host
+#                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
 # installed (the device image has them); cuflash itself is used from the checkout
@@ -15,7 +16,7 @@ mkdir -p "$OUT/logs" "$OUT/results"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-stages=${*:-info check tests sanitize bench}
+stages=${*:-info check tests sanitize bench workloads}
 summary=$OUT/summary.txt
 : >"$summary"
 
@@ -50,6 +51,14 @@ for stage in $stages; do
       run_stage memory $PY -m cuflash bench --memory --out-dir "$OUT/results" ;;
     train)
       run_stage train $PY bench/train_small.py --out "$OUT/results" ;;
+    train_gqa)  # GQA model at a real width: step time vs SDPA, eager and compiled
+      run_stage train_gqa $PY bench/train_small.py --gqa --steps "${TRAIN_STEPS:-20}" \
+        --out "$OUT/results" ;;
+    workloads)  # host time per call, GQA/MQA, short sequences, JAX under jit, beside peers
+      run_stage workloads $PY bench/real_workloads.py --out "$OUT/results" \
+        ${WORKLOADS_SKIP:+--skip $WORKLOADS_SKIP} ;;
+    host)  # where the host time of a call goes (cProfile)
+      run_stage host $PY bench/dev/host_overhead.py ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac

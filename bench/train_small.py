@@ -43,6 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 FULL = dict(layers=2, d_model=512, heads=8, seqlen=1024, batch=8, vocab=4096)
 TINY = dict(layers=2, d_model=64, heads=4, seqlen=48, batch=2, vocab=64)
+# grouped-query attention at a real model's width (the real-workloads issue's step-time check)
+GQA = dict(layers=4, d_model=2048, heads=16, kv_heads=4, seqlen=4096, batch=1, vocab=4096)
+TINY_GQA = dict(layers=2, d_model=64, heads=4, kv_heads=2, seqlen=48, batch=2, vocab=64)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -76,20 +79,24 @@ def build_torch_model(cfg: dict, attention: str):
         def __init__(self):
             super().__init__()
             self.heads = cfg["heads"]
-            self.qkv = nn.Linear(cfg["d_model"], 3 * cfg["d_model"], bias=False)
+            self.kv_heads = cfg.get("kv_heads", self.heads)
+            head_dim = cfg["d_model"] // self.heads
+            self.qkv = nn.Linear(cfg["d_model"], (self.heads + 2 * self.kv_heads) * head_dim,
+                                 bias=False)
             self.proj = nn.Linear(cfg["d_model"], cfg["d_model"], bias=False)
             self.attention = attention
 
         def forward(self, x):
             b, s, d = x.shape
-            # (b, s, 3, heads, head_dim): q, k, v are strided views, no copies for cuflash
-            qkv = self.qkv(x).view(b, s, 3, self.heads, d // self.heads)
-            q, k, v = qkv.unbind(2)
+            # (b, s, heads + 2 kv_heads, head_dim): q, k, v are strided views, no copies
+            qkv = self.qkv(x).view(b, s, self.heads + 2 * self.kv_heads, d // self.heads)
+            q, k, v = qkv.split((self.heads, self.kv_heads, self.kv_heads), dim=2)
             if self.attention == "cuflash":
                 o = ct.flash_attention(q, k, v, causal=True)
             else:
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                   v.transpose(1, 2), is_causal=True)
+                                                   v.transpose(1, 2), is_causal=True,
+                                                   enable_gqa=self.kv_heads != self.heads)
                 o = o.transpose(1, 2)
             return self.proj(o.reshape(b, s, d))
 
@@ -334,6 +341,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--tiny", action="store_true", help="CPU-sized model and data")
+    parser.add_argument("--gqa", action="store_true",
+                        help="torch only: 4 layers, d_model 2048, 16 heads / 4 kv heads, "
+                             "seqlen 4096 (with --tiny: a CPU-sized GQA model)")
     parser.add_argument("--framework", choices=("torch", "jax", "both"), default="both")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -344,7 +354,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # JAX would take 75% of GPU memory at its first GPU call; torch and CuPy share the device
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    cfg = TINY if args.tiny else FULL
+    cfg = {(False, False): FULL, (True, False): TINY, (False, True): GQA,
+           (True, True): TINY_GQA}[(args.tiny, args.gqa)]
+    if args.gqa:
+        args.framework = "torch"  # the jax model here has no GQA
     start = time.perf_counter()
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "config": {**cfg, "steps": args.steps, "seed": args.seed, "lr": args.lr,
@@ -364,7 +377,7 @@ def main(argv=None) -> int:
     result["seconds"] = time.perf_counter() - start
     result["ok"] = all(d <= args.tolerance for d in diffs)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "train_small.json"
+    path = args.out / ("train_gqa.json" if args.gqa else "train_small.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"\n{'ok' if result['ok'] else 'FAIL'}: max |loss difference| {max(diffs):.3g} "
           f"(tolerance {args.tolerance}); {result['seconds']:.1f} s; wrote {path}")
