@@ -106,10 +106,14 @@ _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PAR
 
 
 @lru_cache(maxsize=None)
-def _param_struct(signature: str) -> type:
-    """A ctypes struct whose layout is the kernel's parameter buffer (C alignment rules)."""
+def _param_struct(signature: str) -> tuple[type, int]:
+    """A ctypes struct whose layout is the kernel's parameter buffer (C alignment rules), and
+    the buffer's size: up to the end of the last parameter, without the struct's tail padding
+    (the driver refuses a buffer larger than the kernel's parameters)."""
     fields = [(f"a{i}", _CTYPES[c]) for i, c in enumerate(signature)]
-    return type(f"Params_{signature}", (ctypes.Structure,), {"_fields_": fields})
+    struct = type(f"Params_{signature}", (ctypes.Structure,), {"_fields_": fields})
+    last = getattr(struct, fields[-1][0])
+    return struct, last.offset + last.size
 
 
 @lru_cache(maxsize=None)
@@ -126,8 +130,9 @@ def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str
 
     spec = launch.spec
     function = _function_ptr(spec, device_id, convert)
-    params = _param_struct(signature)(*args)
-    size = ctypes.c_size_t(ctypes.sizeof(params))
+    struct, nbytes = _param_struct(signature)
+    params = struct(*args)
+    size = ctypes.c_size_t(nbytes)
     extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(params),
                                   _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
     threads = specs.PRE_THREADS if convert else spec.threads

@@ -104,3 +104,14 @@ def test_memoized_plans_follow_the_configuration(monkeypatch):
         assert small.kernel.spec.smem_bytes <= 48 * specs.KIB
     finally:
         specs.set_smem_budget(None)
+
+
+def test_parameter_buffers_end_at_the_last_parameter():
+    """The driver refuses a parameter buffer longer than the kernel's parameters (it said
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES for the struct's 4 bytes of tail padding)."""
+    from cuflash import launch
+
+    _, fwd = launch._param_struct(launch._SIGNATURES["fwd"])
+    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4  # ints padded to the long longs' alignment
+    _, convert = launch._param_struct(launch._SIGNATURES["convert"])
+    assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8
