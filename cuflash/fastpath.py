@@ -46,6 +46,10 @@ class _Torch(Backend):
 
         self.torch = torch
         self.float32, self.uint8 = torch.float32, torch.uint8
+        # torch's own C entry for the current stream's handle (what Triton launches on):
+        # a fraction of current_stream().cuda_stream's cost, which builds a Stream object
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        self._raw_stream = raw or (lambda index: torch.cuda.current_stream(index).cuda_stream)
 
     def layout(self, t):
         return (t.shape, t.stride(), t.dtype, t.device)
@@ -70,7 +74,7 @@ class _Torch(Backend):
         return t.device.index
 
     def stream(self):
-        return self.torch.cuda.current_stream().cuda_stream
+        return self._raw_stream(self.torch.cuda.current_device())
 
     def on_device(self, index):
         if index == self.torch.cuda.current_device():
@@ -119,30 +123,34 @@ class _Cupy(Backend):
         return self.cupy.cuda.Device(index)
 
 
-class _Lazy:
-    """A backend made on first use, so importing this module imports neither framework."""
-
-    def __init__(self, make):
-        self._make, self._backend = make, None
-
-    def __getattr__(self, name):
-        if self._backend is None:
-            self._backend = self._make()
-        return getattr(self._backend, name)
+_instances: dict = {}
 
 
-TORCH = _Lazy(_Torch)
-CUPY = _Lazy(_Cupy)
+def _instance(cls) -> Backend:
+    """The one backend of a kind, made on first use (so importing this module imports
+    neither framework)."""
+    backend = _instances.get(cls)
+    if backend is None:
+        backend = _instances[cls] = cls()
+    return backend
+
+
+def torch_backend() -> Backend:
+    return _instance(_Torch)
+
+
+def cupy_backend() -> Backend:
+    return _instance(_Cupy)
 
 _forward_problems: dict = {}
 _backward_problems: dict = {}
 
 
-def _remember(cache: dict, key: tuple, problem: validate.Problem) -> validate.Problem:
+def _remember(cache: dict, key: tuple, problem: validate.Problem) -> tuple:
     if len(cache) >= _MAX_LAYOUTS:
         cache.clear()
-    cache[key] = problem
-    return problem
+    known = cache[key] = (problem, Shape.of(problem))
+    return known
 
 
 def _aligned(backend: Backend, *arrays) -> bool:
@@ -150,21 +158,22 @@ def _aligned(backend: Backend, *arrays) -> bool:
     return all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0 for x in arrays)
 
 
-def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> validate.Problem:
+def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
+    """(validated problem, its plan Shape), from the memo when the layout was seen before."""
     key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v))
-    problem = _forward_problems.get(key)
-    if problem is not None and _aligned(backend, q, k, v):
-        return problem
+    known = _forward_problems.get(key)
+    if known is not None and _aligned(backend, q, k, v):
+        return known
     problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return _remember(_forward_problems, key, problem)
 
 
 def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
-                     softmax_scale) -> validate.Problem:
+                     softmax_scale) -> tuple:
     key = (causal, softmax_scale, *map(backend.layout, (do, q, k, v, o, m, l)))
-    problem = _backward_problems.get(key)
-    if problem is not None and _aligned(backend, do, q, k, v, o):
-        return problem
+    known = _backward_problems.get(key)
+    if known is not None and _aligned(backend, do, q, k, v, o):
+        return known
     problem = validate.check_backward(do, q, k, v, o, m, l, causal=causal,
                                       softmax_scale=softmax_scale)
     return _remember(_backward_problems, key, problem)
@@ -179,13 +188,12 @@ def _new(backend: Backend, shape, dtype, like):
 
 def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
     """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q)."""
-    problem = forward_problem(backend, q, k, v, causal, softmax_scale)
+    problem, shape = forward_problem(backend, q, k, v, causal, softmax_scale)
     batch, seqlen_q, heads, _ = q.shape
     f32 = backend.float32
     o = _new(backend, q.shape, None, q)
     m = _new(backend, (batch, heads, seqlen_q), f32, q)
     l = _new(backend, (batch, heads, seqlen_q), f32, q)
-    shape = Shape.of(problem)
     if shape.empty:
         if shape.seqlen_k == 0:  # every row sees no key
             backend.fill(o, 0), backend.fill(m, float("-inf")), backend.fill(l, 0)
@@ -202,9 +210,8 @@ def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
 def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
              deterministic: bool) -> tuple:
     """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v."""
-    problem = backward_problem(backend, do, q, k, v, o, m, l, causal, softmax_scale)
+    problem, shape = backward_problem(backend, do, q, k, v, o, m, l, causal, softmax_scale)
     dq, dk, dv = (_new(backend, x.shape, None, x) for x in (q, k, v))
-    shape = Shape.of(problem)
     if shape.empty:  # zero bits are +0.0 in every float format
         for x in (dq, dk, dv):
             backend.fill(x, 0)
@@ -230,11 +237,11 @@ def _backend_of_type(cls) -> Backend | None:
     if root == "torch":
         import torch
 
-        return TORCH if issubclass(cls, torch.Tensor) else None
+        return torch_backend() if issubclass(cls, torch.Tensor) else None
     if root == "cupy":
         import cupy
 
-        return CUPY if issubclass(cls, cupy.ndarray) else None
+        return cupy_backend() if issubclass(cls, cupy.ndarray) else None
     return None
 
 
@@ -250,11 +257,9 @@ def backend_for(arrays, causal, softmax_scale) -> Backend | None:
         backend = _backends[cls] = _backend_of_type(cls)
     if backend is None or any(type(x) is not cls for x in arrays):
         return None
-    if backend is TORCH:
-        import torch
-
+    if isinstance(backend, _Torch):
         if not all(x.is_cuda for x in arrays):
             return None
-        if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
+        if backend.torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
             return None  # the general path says what to do instead
     return backend

@@ -95,7 +95,7 @@ _SIGNATURES = {
     "fwd": "pppppp" "iiiii" + "q" * 12 + "f",
     "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff",
     "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp",  # + kv_splits, dk_accum, dv_accum
-    "bwd_dq": "ppppppp" "iiiii" + "q" * 18 + "ff",
+    "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff",
     "bwd_pre": "pppppp" "iii" + "q" * 6,
     "convert": "pp" "iii" "qqq",
 }
@@ -124,10 +124,14 @@ def _function_ptr(spec: KernelSpec, device_id: int, convert: bool = False) -> in
     return int(getattr(function, "kernel", function).ptr)  # RawKernel or Function
 
 
-def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
-            stream: int, what: str, convert: bool = False) -> None:
-    from cupy_backends.cuda.api import driver
+_driver = None  # cupy_backends.cuda.api.driver, imported at the first launch
 
+
+def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
+            stream: int, shape: planning.Shape, convert: bool = False) -> None:
+    global _driver
+    if _driver is None:
+        from cupy_backends.cuda.api import driver as _driver
     spec = launch.spec
     function = _function_ptr(spec, device_id, convert)
     struct, nbytes = _param_struct(signature)
@@ -139,12 +143,12 @@ def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str
     smem = 0 if convert else spec.smem_bytes
     gx, gy, _ = launch.grid
     try:
-        driver.launchKernel(function, gx, gy, grid_z, threads, 1, 1, smem, stream, 0,
-                            ctypes.addressof(extra))
+        _driver.launchKernel(function, gx, gy, grid_z, threads, 1, 1, smem, stream, 0,
+                             ctypes.addressof(extra))
     except Exception as exc:  # CUDADriverError: say which kernel, grid and problem
         name = "flash_bwd_dq_convert" if convert else spec.name
         raise LaunchError(f"cuflash: launching {name} (grid {(gx, gy, grid_z)}, {threads} "
-                          f"threads, {smem} B shared memory) for {what} failed: {exc}") from exc
+                          f"threads, {smem} B shared memory) for {_describe(shape)} failed: {exc}") from exc
 
 
 def _batch_slices(launch: planning.Launch, batch: int):
@@ -186,7 +190,7 @@ def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, 
     for b0, grid_z in _batch_slices(plan.kernel, s.batch):
         args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(o, b0), m + b0 * stats_row,
                 l + b0 * stats_row, *tail)
-        _launch(plan.kernel, device_id, grid_z, signature, args, stream, _describe(s))
+        _launch(plan.kernel, device_id, grid_z, signature, args, stream, s)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -205,7 +209,6 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     ws = planning.backward_workspace(plan)
     if ws.zeroed_bytes:
         runtime.memsetAsync(workspace, 0, ws.zeroed_bytes, stream)
-    what = _describe(s)
     stats_row = 4 * s.heads * s.seqlen_q
     delta, lse2 = workspace + ws.delta, workspace + ws.lse2
 
@@ -214,7 +217,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
                 s.seqlen_q, s.heads, s.head_dim, *_strides(o, do))
-        _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, what)
+        _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
     main = plan.main
@@ -233,30 +236,30 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * kv_row if accum else 0)
-        _launch(main, device_id, z, signature, args, stream, what)
+        _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
         for b0, z in _batch_slices(plan.dq, s.batch):
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
                     _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales)
-            _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, what)
+            _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
-                 stream, what)
+                 stream)
     if plan.kv_convert is not None:
         for accum, out in ((ws.dk_accum, dk), (ws.dv_accum, dv)):
             _convert(plan.kv_convert, workspace + accum, kv_row, out, s.seqlen_k, s.heads_kv,
-                     s, device_id, stream, what)
+                     s, device_id, stream)
 
 
 def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, seqlen: int,
-             heads: int, s: planning.Shape, device_id: int, stream: int, what: str) -> None:
+             heads: int, s: planning.Shape, device_id: int, stream: int) -> None:
     """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides."""
     for b0, z in _batch_slices(launch, s.batch):
         args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, s.head_dim,
                 out.stride_b, out.stride_m, out.stride_h)
-        _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, what,
+        _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, s,
                 convert=True)
 
 

@@ -49,7 +49,7 @@ def _forward_impl(q, k, v, causal: bool, softmax_scale: float):
     if q.is_cuda:
         from . import fastpath
 
-        return fastpath.forward(fastpath.TORCH, q, k, v, causal, softmax_scale)
+        return fastpath.forward(fastpath.torch_backend(), q, k, v, causal, softmax_scale)
     o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     return o, stats.m, stats.l
 
@@ -60,7 +60,8 @@ def _backward_impl(do, q, k, v, o, m, l, causal: bool, softmax_scale: float,
     if q.is_cuda:
         from . import fastpath
 
-        return fastpath.backward(fastpath.TORCH, do, q, k, v, o, m, l, causal, softmax_scale, deterministic)
+        return fastpath.backward(fastpath.torch_backend(), do, q, k, v, o, m, l, causal,
+                                 softmax_scale, deterministic)
     return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l), causal=causal,
                                   softmax_scale=softmax_scale, deterministic=deterministic)
 

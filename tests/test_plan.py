@@ -115,3 +115,30 @@ def test_parameter_buffers_end_at_the_last_parameter():
     assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4  # ints padded to the long longs' alignment
     _, convert = launch._param_struct(launch._SIGNATURES["convert"])
     assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8
+
+
+_ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),
+                ("fwd90", "flash_fwd_sm90.cu"), ("bwd", "flash_bwd.cu"),
+                ("bwd", "flash_bwd_fp32.cu"), ("bwd90", "flash_bwd_sm90.cu"),
+                ("bwd_dq", "flash_bwd_dq.cu"), ("bwd_dq", "flash_bwd_dq_fp32.cu"),
+                ("bwd_pre", "flash_bwd_pre.cu"), ("convert", "flash_bwd_pre.cu")]
+_ENTRY_NAMES = {"convert": "flash_bwd_dq_convert", "bwd_pre": "flash_bwd_preprocess"}
+
+
+@pytest.mark.parametrize("kind,filename", _ENTRY_FILES)
+def test_parameter_signatures_match_the_kernel_sources(kind, filename):
+    """Each launcher signature, letter by letter, against the entry point's declaration."""
+    import re
+
+    from cuflash import compiler, launch
+
+    entry = _ENTRY_NAMES.get(kind) or specs.ENTRY[kind]
+    source = (compiler.kernels_dir() / filename).read_text()
+    match = re.search(rf"\b{entry}\(([^)]*)\)\s*{{", source)
+    assert match, f"{entry} not found in {filename}"
+    letters = ""
+    for param in match.group(1).split(","):
+        param = param.strip()
+        letters += ("p" if "*" in param else "q" if "long long" in param
+                    else "f" if param.startswith("float") else "i")
+    assert letters == launch._SIGNATURES[kind]
