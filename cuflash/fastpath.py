@@ -146,10 +146,10 @@ _forward_problems: dict = {}
 _backward_problems: dict = {}
 
 
-def _remember(cache: dict, key: tuple, problem: validate.Problem) -> tuple:
+def _remember(cache: dict, key: tuple, known: tuple) -> tuple:
     if len(cache) >= _MAX_LAYOUTS:
         cache.clear()
-    known = cache[key] = (problem, Shape.of(problem))
+    cache[key] = known
     return known
 
 
@@ -159,13 +159,19 @@ def _aligned(backend: Backend, *arrays) -> bool:
 
 
 def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
-    """(validated problem, its plan Shape), from the memo when the layout was seen before."""
+    """(validated problem, its plan Shape, the kernel parameters the layout fixes), from the
+    memo when the layout was seen before."""
     key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v))
     known = _forward_problems.get(key)
     if known is not None and _aligned(backend, q, k, v):
         return known
     problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    return _remember(_forward_problems, key, problem)
+    shape = Shape.of(problem)
+    _, seqlen_q, heads, head_dim = q.shape  # o: contiguous
+    o_strides = (seqlen_q * heads * head_dim, heads * head_dim, head_dim)
+    strides = tuple(s for x in (q, k, v) for s in backend.operand(x)[1:4]) + o_strides
+    tail = launch.forward_tail(shape, strides, problem.softmax_scale)
+    return _remember(_forward_problems, key, (problem, shape, tail))
 
 
 def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
@@ -176,34 +182,35 @@ def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
         return known
     problem = validate.check_backward(do, q, k, v, o, m, l, causal=causal,
                                       softmax_scale=softmax_scale)
-    return _remember(_backward_problems, key, problem)
+    return _remember(_backward_problems, key, (problem, Shape.of(problem)))
 
 
-def _new(backend: Backend, shape, dtype, like):
+def _new(backend: Backend, shape, dtype, like, poison: bool):
     out = backend.empty(shape, dtype, like)
-    if launch.poison_enabled():
+    if poison:
         backend.poison(out)
     return out
 
 
 def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
     """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q)."""
-    problem, shape = forward_problem(backend, q, k, v, causal, softmax_scale)
+    problem, shape, tail = forward_problem(backend, q, k, v, causal, softmax_scale)
     batch, seqlen_q, heads, _ = q.shape
-    f32 = backend.float32
-    o = _new(backend, q.shape, None, q)
-    m = _new(backend, (batch, heads, seqlen_q), f32, q)
-    l = _new(backend, (batch, heads, seqlen_q), f32, q)
+    f32, poison = backend.float32, launch.poison_enabled()
+    o = _new(backend, q.shape, None, q, poison)
+    m = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
+    l = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
     if shape.empty:
         if shape.seqlen_k == 0:  # every row sees no key
             backend.fill(o, 0), backend.fill(m, float("-inf")), backend.fill(l, 0)
         return o, m, l
     index = backend.device_index(q)
+    ptr = backend.ptr
     with backend.on_device(index):
-        launch.run_forward(launch.forward_plan(shape, index), backend.operand(q),
-                           backend.operand(k), backend.operand(v), backend.operand(o),
-                           backend.ptr(m), backend.ptr(l), problem.softmax_scale,
-                           backend.stream(), index)
+        launch.launch_forward(launch.forward_plan(shape, index),
+                              (ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), tail,
+                              o.itemsize,
+                              backend.stream(), index)
     return o, m, l
 
 
@@ -211,7 +218,8 @@ def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
              deterministic: bool) -> tuple:
     """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v."""
     problem, shape = backward_problem(backend, do, q, k, v, o, m, l, causal, softmax_scale)
-    dq, dk, dv = (_new(backend, x.shape, None, x) for x in (q, k, v))
+    poison = launch.poison_enabled()
+    dq, dk, dv = (_new(backend, x.shape, None, x, poison) for x in (q, k, v))
     if shape.empty:  # zero bits are +0.0 in every float format
         for x in (dq, dk, dv):
             backend.fill(x, 0)

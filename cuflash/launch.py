@@ -176,21 +176,40 @@ def _at(op: Operand, b0: int) -> int:
 # -- forward -------------------------------------------------------------------------------
 
 
+def forward_tail(shape: planning.Shape, strides: tuple, softmax_scale: float) -> tuple:
+    """The forward's parameters after the six addresses: everything a layout fixes.
+
+    ``strides``: (batch, seq, head) element strides of q, k, v and o, in that order.
+    """
+    s = shape
+    return (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim, *strides,
+            softmax_scale * LOG2E)
+
+
+def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsize: int,
+                   stream: int, device_id: int) -> None:
+    """Enqueue the forward: ``ptrs`` = addresses of q, k, v, o, m, l; ``tail`` from
+    ``forward_tail``. Every element of o, m, l is written (for a non-empty call: the caller
+    handles ``Shape.empty`` itself)."""
+    s, kernel = plan.shape, plan.kernel
+    signature = _SIGNATURES[kernel.spec.kind]
+    if kernel.batch_per_launch >= s.batch:  # the common case: one launch
+        _launch(kernel, device_id, kernel.grid[2], signature, ptrs + tail, stream, s)
+        return
+    stats_row = 4 * s.heads * s.seqlen_q  # bytes of one batch entry of m / l
+    # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o)
+    steps = (*(tail[5 + 3 * i] * itemsize for i in range(4)), stats_row, stats_row)
+    for b0, grid_z in _batch_slices(kernel, s.batch):
+        args = tuple(p + b0 * step for p, step in zip(ptrs, steps)) + tail
+        _launch(kernel, device_id, grid_z, signature, args, stream, s)
+
+
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
                 m: int, l: int, softmax_scale: float, stream: int, device_id: int) -> None:
-    """Enqueue the forward on ``stream``: o, m, l written (every element of a non-empty call).
-
-    The caller handles the calls with nothing to compute (``Shape.empty``) itself.
-    """
-    s = plan.shape
-    stats_row = 4 * s.heads * s.seqlen_q  # bytes of one batch entry of m / l
-    tail = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim,
-            *_strides(q, k, v, o), softmax_scale * LOG2E)
-    signature = _SIGNATURES[plan.kernel.spec.kind]
-    for b0, grid_z in _batch_slices(plan.kernel, s.batch):
-        args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(o, b0), m + b0 * stats_row,
-                l + b0 * stats_row, *tail)
-        _launch(plan.kernel, device_id, grid_z, signature, args, stream, s)
+    """``launch_forward`` on operands."""
+    tail = forward_tail(plan.shape, _strides(q, k, v, o), softmax_scale)
+    launch_forward(plan, (q.ptr, k.ptr, v.ptr, o.ptr, m, l), tail, q.itemsize, stream,
+                   device_id)
 
 
 # -- backward ------------------------------------------------------------------------------
