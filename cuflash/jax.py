@@ -28,7 +28,7 @@ What runs where (docs/frameworks.md has the full table):
 from __future__ import annotations
 
 import math
-from functools import lru_cache, partial
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -100,10 +100,10 @@ def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
         np.copyto(result, value)  # as in the forward: the NumPy path allocates
 
 
-@lru_cache(maxsize=None)
 def _register_targets() -> None:
-    """Register both targets for XLA:CPU and XLA:GPU (CUDA), once per process. Registering
-    for CUDA on a machine without it only queues the registration; nothing imports CuPy."""
+    """Register both targets for XLA:CPU and XLA:GPU (CUDA), once per process (later calls
+    return at once; ``xla_ffi.register`` is thread-safe). Registering for CUDA on a machine
+    without it only queues the registration; nothing imports CuPy."""
     for platform, on_cuda in (("cpu", False), ("CUDA", True)):
         xla_ffi.register(_FORWARD_TARGET, partial(_forward_target, on_cuda=on_cuda), platform)
         xla_ffi.register(_BACKWARD_TARGET, partial(_backward_target, on_cuda=on_cuda), platform)
