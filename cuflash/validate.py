@@ -8,7 +8,8 @@ They return a :class:`Problem`, the facts dispatch needs, or raise:
 * ``TypeError`` for a wrong kind of thing: not an array, an unsupported or mixed dtype,
   arrays of different frameworks, ``causal`` not a bool, ``softmax_scale`` not a real number;
 * ``ValueError`` for a wrong value: ndim, shapes that do not fit together, head_dim outside
-  the supported set, arrays on different devices, ``softmax_scale`` not finite and positive,
+  the supported set, arrays on different devices, ``softmax_scale`` not finite and positive
+  or outside what float32 can carry (``MIN_SCALE`` to ``MAX_SCALE``),
   CUDA rows not 16-byte aligned, a non-contiguous head_dim (from ``import_array``).
 
 Every message starts with the argument's name, then what was expected and what came, e.g.
@@ -42,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .cpu import LOG2E
 from .interop import Device, Imported, element_strides, import_array
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -55,6 +57,11 @@ MAX_SEQLEN = 2**30 - 1
 _LIMIT_REASON = {"heads": "a CUDA grid axis",
                  "seqlen_q": "int32 tile arithmetic in the kernels",
                  "seqlen_k": "int32 tile arithmetic in the kernels"}
+# The kernels take softmax_scale * log2(e) and softmax_scale as float32 (flushing subnormals
+# to zero): outside this range they would get inf or 0, i.e. NaN or uniform attention.
+_F32_INFO = np.finfo(np.float32)
+MIN_SCALE = float(_F32_INFO.tiny)
+MAX_SCALE = float(np.nextafter(np.float32(float(_F32_INFO.max) / LOG2E), np.float32(0)))
 
 _LAYOUT = "(batch, seqlen, heads, head_dim)"
 
@@ -145,6 +152,10 @@ def _check_scale(softmax_scale: Any, head_dim: int) -> float:
     scale = float(softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"softmax_scale: expected a finite positive real number, got {scale!r}")
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise ValueError(f"softmax_scale: expected a value the float32 kernels can use, from "
+                         f"{MIN_SCALE:.4g} to {MAX_SCALE:.4g} (float32's smallest normal "
+                         f"number to its largest divided by log2(e)), got {scale!r}")
     return scale
 
 
