@@ -7,6 +7,8 @@ with validation and the caller's array type.
 
 from __future__ import annotations
 
+import sys
+
 from . import validate
 from .interop import caller_stream, export_array, import_array
 from .stats import SoftmaxStats
@@ -65,6 +67,21 @@ def _fast_backend(arrays, causal, softmax_scale):
 fastpath = None  # cuflash.fastpath, imported on the first torch or CuPy call
 
 
+def _refuse_untracked_gradients(named) -> None:
+    """A torch tensor that requires grad, with grad mode on, expects autograd to see this
+    call; the framework-neutral API would silently drop that gradient."""
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
+    if torch is None or not torch.is_grad_enabled():
+        return
+    for x, name in named:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise TypeError(
+                f"{name}: expected a tensor that does not require grad (cuflash.attention "
+                f"records no autograd graph, so the gradient would be lost), got one with "
+                f"requires_grad=True; use cuflash.torch.flash_attention for gradients, or "
+                f"call under torch.no_grad() / pass {name}.detach()")
+
+
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
     """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
 
@@ -86,10 +103,15 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         causal: mask keys after the query's position, aligned bottom-right (see below).
         softmax_scale: multiplies q @ k^T before the softmax; default 1 / sqrt(head_dim).
 
+    PyTorch tensors that require grad (with grad mode on) are refused: this function records
+    no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /
+    ``jax.grad`` use ``cuflash.jax.flash_attention``.
+
     Returns:
         (o, stats): o like q (a new array of the caller's type, dtype and device);
         stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l.
     """
+    _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     fast = _fast_backend((q, k, v), causal, softmax_scale)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
@@ -124,8 +146,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     if not isinstance(stats, SoftmaxStats):
         raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
                         f"got {type(stats).__name__}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    deterministic = validate.check_bool(deterministic, "deterministic")
     fast = _fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
     if fast is not None:
         return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal, softmax_scale,

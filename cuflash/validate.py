@@ -99,7 +99,7 @@ def check_forward(q, k, v, *, causal, softmax_scale) -> Problem:
     batch, seqlen_q, heads, head_dim = q.array.shape
     _, seqlen_k, heads_kv, _ = k.array.shape
     _check_qkv_shapes(q, k, v)
-    scale = _check_scale(softmax_scale, head_dim)
+    scale = check_scale(softmax_scale, head_dim)
     if q.is_cuda:
         _check_cuda_limits(batch, heads, seqlen_q, seqlen_k)
         for x, name in named:
@@ -137,15 +137,24 @@ def _type_name(x: Any) -> str:
     return type(x).__name__
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """A flag (``causal``, ``deterministic``): a bool or NumPy bool, never a truthy object
+    (``causal="false"`` must not mean causal)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {_type_name(value)} {value!r}")
+
+
 def _check_causal(causal: Any) -> bool:
-    if isinstance(causal, (bool, np.bool_)):
-        return bool(causal)
-    raise TypeError(f"causal: expected a bool, got {_type_name(causal)} {causal!r}")
+    return check_bool(causal, "causal")
 
 
-def _check_scale(softmax_scale: Any, head_dim: int) -> float:
+def check_scale(softmax_scale: Any, head_dim: int) -> float:
+    """The resolved softmax_scale as a float: ``None`` means ``1 / sqrt(head_dim)``; otherwise
+    a real (not bool), finite, positive number in float32's range. For a head_dim outside the
+    supported set the default is a placeholder 1.0: the shape checks reject that head_dim."""
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return 1.0 / math.sqrt(head_dim) if head_dim in SUPPORTED_HEAD_DIMS else 1.0
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
                         f"got {_type_name(softmax_scale)} {softmax_scale!r}")
