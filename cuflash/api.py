@@ -120,8 +120,10 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
         o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array)
-        return export_array(o, like=iq), SoftmaxStats(export_array(m, like=iq),
-                                                      export_array(l, like=iq))
+        stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
+                             causal=problem.causal, softmax_scale=problem.softmax_scale,
+                             shape_q=validate.shape_q(problem), shape_kv=validate.shape_kv(problem))
+        return export_array(o, like=iq), stats
 
 
 def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = False,
@@ -135,7 +137,9 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     Args:
         do: gradient of the loss w.r.t. o, shaped and typed like q.
         q, k, v, o: as passed to / returned by ``attention_forward``.
-        stats: the ``SoftmaxStats`` that ``attention_forward`` returned.
+        stats: the ``SoftmaxStats`` that ``attention_forward`` returned. It records the
+            forward's causal, softmax_scale and shapes; a backward call that differs raises
+            ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not checked).
         causal, softmax_scale: the values the forward pass used.
         deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
             are bitwise identical run to run (somewhat slower). The CPU path always is.
@@ -156,6 +160,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
                                       softmax_scale=softmax_scale)
+    validate.check_stats_origin(stats, problem)
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
                            im.array, il.array, deterministic)

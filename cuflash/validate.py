@@ -126,6 +126,35 @@ def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -
     return problem
 
 
+def shape_q(problem: Problem) -> tuple[int, int, int, int]:
+    return (problem.batch, problem.seqlen_q, problem.heads, problem.head_dim)
+
+
+def shape_kv(problem: Problem) -> tuple[int, int, int, int]:
+    return (problem.batch, problem.seqlen_k, problem.heads_kv, problem.head_dim)
+
+
+def check_stats_origin(stats: Any, problem: Problem) -> None:
+    """``ValueError`` unless the backward's problem matches the forward that made ``stats``
+    (fields left ``None`` in hand-built stats are not checked)."""
+    recorded = [("causal", stats.causal, problem.causal),
+                ("softmax_scale", stats.softmax_scale, problem.softmax_scale),
+                ("q", stats.shape_q, shape_q(problem)),
+                ("k", stats.shape_kv, shape_kv(problem))]
+    for name, forward, backward in recorded:
+        if forward is None or _same_for_the_kernels(name, forward, backward):
+            continue
+        what = "shape " if name in ("q", "k") else ""
+        raise ValueError(f"{name}: expected {what}{forward!r} as in the forward pass that made "
+                         f"stats, got {backward!r}; the gradients would be wrong")
+
+
+def _same_for_the_kernels(name: str, forward: Any, backward: Any) -> bool:
+    if name == "softmax_scale":  # compared in float32: 1 / sqrt(8) and 8 ** -0.5 agree there
+        return bool(np.float32(forward) == np.float32(backward))
+    return forward == backward
+
+
 # -- single checks -------------------------------------------------------------------------
 
 
