@@ -126,6 +126,10 @@ def _check_array(x, name: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{name}: expected a 4-D array (batch, seqlen, heads, head_dim), "
                          f"got {x.ndim}-D with shape {tuple(x.shape)}")
+    # checked before jnp.asarray, which would turn a NumPy float64 into float32 silently
+    if np.dtype(x.dtype).name not in validate.SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, "
+                        f"got {np.dtype(x.dtype).name}")
 
 
 # -- forward and backward on JAX arrays ----------------------------------------------------------
