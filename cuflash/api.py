@@ -115,14 +115,17 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     fast = _fast_backend((q, k, v), causal, softmax_scale)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
-        return o, SoftmaxStats(m, l)
+        scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
+        return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
+                               shape_q=tuple(q.shape), shape_kv=tuple(k.shape))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
         o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array)
         stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
                              causal=problem.causal, softmax_scale=problem.softmax_scale,
-                             shape_q=validate.shape_q(problem), shape_kv=validate.shape_kv(problem))
+                             shape_q=validate.shape_q(problem),
+                             shape_kv=validate.shape_kv(problem))
         return export_array(o, like=iq), stats
 
 
@@ -153,6 +156,9 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     deterministic = validate.check_bool(deterministic, "deterministic")
     fast = _fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
     if fast is not None:
+        validate.check_stats_origin(stats, causal, validate.check_scale(softmax_scale,
+                                                                        q.shape[-1]),
+                                    tuple(q.shape), tuple(k.shape))
         return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal, softmax_scale,
                                  deterministic)
     names = ("do", "q", "k", "v", "o")
@@ -160,7 +166,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
                                       softmax_scale=softmax_scale)
-    validate.check_stats_origin(stats, problem)
+    validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
+                                validate.shape_q(problem), validate.shape_kv(problem))
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
                            im.array, il.array, deterministic)

@@ -134,13 +134,15 @@ def shape_kv(problem: Problem) -> tuple[int, int, int, int]:
     return (problem.batch, problem.seqlen_k, problem.heads_kv, problem.head_dim)
 
 
-def check_stats_origin(stats: Any, problem: Problem) -> None:
-    """``ValueError`` unless the backward's problem matches the forward that made ``stats``
-    (fields left ``None`` in hand-built stats are not checked)."""
-    recorded = [("causal", stats.causal, problem.causal),
-                ("softmax_scale", stats.softmax_scale, problem.softmax_scale),
-                ("q", stats.shape_q, shape_q(problem)),
-                ("k", stats.shape_kv, shape_kv(problem))]
+def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: tuple,
+                       kv_shape: tuple) -> None:
+    """``ValueError`` unless the backward's causal, resolved softmax_scale and shapes match
+    the forward that made ``stats`` (fields left ``None`` in hand-built stats are not
+    checked)."""
+    recorded = [("causal", stats.causal, causal),
+                ("softmax_scale", stats.softmax_scale, softmax_scale),
+                ("q", stats.shape_q, tuple(q_shape)),
+                ("k", stats.shape_kv, tuple(kv_shape))]
     for name, forward, backward in recorded:
         if forward is None or _same_for_the_kernels(name, forward, backward):
             continue
