@@ -7,6 +7,8 @@ with validation and the caller's array type.
 
 from __future__ import annotations
 
+import sys
+
 from . import validate
 from .interop import caller_stream, export_array, import_array
 from .stats import SoftmaxStats
@@ -65,6 +67,21 @@ def _fast_backend(arrays, causal, softmax_scale):
 fastpath = None  # cuflash.fastpath, imported on the first torch or CuPy call
 
 
+def _refuse_untracked_gradients(named) -> None:
+    """A torch tensor that requires grad, with grad mode on, expects autograd to see this
+    call; the framework-neutral API would silently drop that gradient."""
+    torch = sys.modules.get("torch")  # a torch tensor means torch is imported already
+    if torch is None or not torch.is_grad_enabled():
+        return
+    for x, name in named:
+        if isinstance(x, torch.Tensor) and x.requires_grad:
+            raise TypeError(
+                f"{name}: expected a tensor that does not require grad (cuflash.attention "
+                f"records no autograd graph, so the gradient would be lost), got one with "
+                f"requires_grad=True; use cuflash.torch.flash_attention for gradients, or "
+                f"call under torch.no_grad() / pass {name}.detach()")
+
+
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
     """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
 
@@ -86,20 +103,30 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         causal: mask keys after the query's position, aligned bottom-right (see below).
         softmax_scale: multiplies q @ k^T before the softmax; default 1 / sqrt(head_dim).
 
+    PyTorch tensors that require grad (with grad mode on) are refused: this function records
+    no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /
+    ``jax.grad`` use ``cuflash.jax.flash_attention``.
+
     Returns:
         (o, stats): o like q (a new array of the caller's type, dtype and device);
         stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l.
     """
+    _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     fast = _fast_backend((q, k, v), causal, softmax_scale)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
-        return o, SoftmaxStats(m, l)
+        scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
+        return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
+                               shape_q=tuple(q.shape), shape_kv=tuple(k.shape))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
         o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array)
-        return export_array(o, like=iq), SoftmaxStats(export_array(m, like=iq),
-                                                      export_array(l, like=iq))
+        stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
+                             causal=problem.causal, softmax_scale=problem.softmax_scale,
+                             shape_q=validate.shape_q(problem),
+                             shape_kv=validate.shape_kv(problem))
+        return export_array(o, like=iq), stats
 
 
 def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = False,
@@ -113,7 +140,9 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     Args:
         do: gradient of the loss w.r.t. o, shaped and typed like q.
         q, k, v, o: as passed to / returned by ``attention_forward``.
-        stats: the ``SoftmaxStats`` that ``attention_forward`` returned.
+        stats: the ``SoftmaxStats`` that ``attention_forward`` returned. It records the
+            forward's causal, softmax_scale and shapes; a backward call that differs raises
+            ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not checked).
         causal, softmax_scale: the values the forward pass used.
         deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
             are bitwise identical run to run (somewhat slower). The CPU path always is.
@@ -124,10 +153,12 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     if not isinstance(stats, SoftmaxStats):
         raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
                         f"got {type(stats).__name__}")
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    deterministic = validate.check_bool(deterministic, "deterministic")
     fast = _fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
     if fast is not None:
+        validate.check_stats_origin(stats, causal, validate.check_scale(softmax_scale,
+                                                                        q.shape[-1]),
+                                    tuple(q.shape), tuple(k.shape))
         return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal, softmax_scale,
                                  deterministic)
     names = ("do", "q", "k", "v", "o")
@@ -135,6 +166,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
                                       softmax_scale=softmax_scale)
+    validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
+                                validate.shape_q(problem), validate.shape_kv(problem))
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
                            im.array, il.array, deterministic)

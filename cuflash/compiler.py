@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -101,17 +103,50 @@ def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
     key = hashlib.sha256("\0".join([source, *opts, str(nvrtc.getVersion())]).encode())
     cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
     path = cache_dir / f"cuflash_{spec.name}_{arch}_{key.hexdigest()[:24]}.cubin"
-    if path.is_file():
-        return path.read_bytes()
-    _, cubin = _nvrtc_compile(spec, arch, opts)
+    cubin = read_cached_cubin(path)
+    if cubin is None:
+        _, cubin = _nvrtc_compile(spec, arch, opts)
+        write_cached_cubin(path, cubin)
+    return cubin
+
+
+# A cached cubin is this header, then the cubin: a half-written or damaged file (another
+# process or thread writing, a full disk, a crash) reads as a miss, never as code to load.
+_CACHE_MAGIC = b"cuflash-cubin-v1"
+_CACHE_HEADER = struct.Struct(f"<{len(_CACHE_MAGIC)}sQ32s")  # magic, size, sha256
+
+
+def read_cached_cubin(path: Path) -> bytes | None:
+    """The cubin stored at ``path``, or None when absent, unreadable or failing its check."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if len(data) < _CACHE_HEADER.size:
+        return None
+    magic, size, digest = _CACHE_HEADER.unpack_from(data)
+    cubin = data[_CACHE_HEADER.size:]
+    if magic != _CACHE_MAGIC or size != len(cubin) or hashlib.sha256(cubin).digest() != digest:
+        return None
+    return cubin
+
+
+def write_cached_cubin(path: Path, cubin: bytes) -> None:
+    """Store ``cubin`` at ``path`` atomically: a temporary file of its own in the same
+    directory (unique per writer, threads included), then a rename over ``path``."""
+    header = _CACHE_HEADER.pack(_CACHE_MAGIC, len(cubin), hashlib.sha256(cubin).digest())
     try:  # a cache that cannot be written only costs a recompile next time
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(cubin)
-        tmp.replace(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header + cubin)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     except OSError:
         pass
-    return cubin
 
 
 def _nvrtc_compile(spec: KernelSpec, arch: str, opts: list[str]) -> tuple[str, bytes]:

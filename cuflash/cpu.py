@@ -25,10 +25,16 @@ same number in either unit system. While a row has seen no key its ``m_i`` is ``
 is replaced by ``m_safe = 0`` so that ``-inf - -inf`` never makes a NaN; a row that never
 sees a key ends with O = 0, m = -inf, l = 0.
 
+NaN, as in the kernels: the row max ignores NaN scores (``fmax``, the kernels' ``fmaxf``),
+but ``exp2(NaN)`` makes l_i and acc NaN, so a NaN in a score a row sees gives that row
+O = NaN, l = NaN (m: the max of its other scores), and the backward's lse2 = NaN spreads it
+to the row's dQ and to dK, dV of every key the row sees. "Sees no key" is ``l == 0``, never
+``not l > 0``, so a NaN row is not mistaken for one.
+
 Backward (FlashAttention-2 Alg. 2; ``flash_bwd``, grid = key blocks x heads_kv x batch). One
 K/V block walks the query tiles that can see it, keeping dK_j and dV_j on chip:
 
-    delta = rowsum(dO * O);  lse2 = m * LOG2E + log2(l)   (+inf where l == 0)
+    delta = rowsum(dO * O);  lse2 = m * LOG2E + log2(l)   (+inf where l == 0; NaN if l is)
     for each query tile that sees block [j0, j1):
         p    = exp2((Q_tile @ K_j^T) * scale_log2 - lse2)  # P recomputed, exactly softmax
         p    = 0 where masked                              # (and 0 on rows with l == 0)
@@ -222,9 +228,9 @@ def flash_forward_cpu(
         q_t = q_rows[:, :, rows]
         m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling)
         # -- epilogue: O = acc / l_i, m back to natural log; unseen rows: O = 0, m = -inf
-        seen = l_i > 0
-        o_rows[:, :, rows] = acc / np.where(seen, l_i, _F32(1))[..., None]
-        m_rows[:, :, rows] = np.where(seen, m_i * _F32(LN2), _F32(-np.inf))
+        unseen = l_i == 0  # a NaN l_i (a NaN score) is seen: O stays NaN
+        o_rows[:, :, rows] = acc / np.where(unseen, _F32(1), l_i)[..., None]
+        m_rows[:, :, rows] = np.where(unseen, _F32(-np.inf), m_i * _F32(LN2))
         l_rows[:, :, rows] = l_i
 
     _from_rows(o_rows, o)
@@ -246,7 +252,7 @@ def _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling):
         if tiling.needs_mask(i0, j1):
             tiling.mask(s, i0, j0, -np.inf)
         # -- online softmax: new row max, then rescale l_i and acc by exp2(m_old - m_new)
-        m_new = np.maximum(m_i, s.max(axis=-1))
+        m_new = np.fmax(m_i, np.fmax.reduce(s, axis=-1))  # NaN-ignoring, as fmaxf
         m_safe = np.where(m_new == -np.inf, _F32(0), m_new)  # row saw no key yet: no NaN
         alpha = np.exp2(m_i - m_safe)
         s -= m_safe[..., None]
@@ -313,8 +319,8 @@ def flash_backward_cpu(
     # -- preprocess (flash_bwd_preprocess): delta = rowsum(dO * O); lse2 in log2 units
     delta = np.einsum("bshd,bshd->bhs", do.astype(_F32), o.astype(_F32))
     m_f32, l_f32 = m.astype(_F32), l.astype(_F32)
-    with np.errstate(divide="ignore"):
-        lse2 = np.where(l_f32 > 0, m_f32 * _F32(LOG2E) + np.log2(l_f32), _F32(np.inf))
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN l (a NaN score) stays NaN
+        lse2 = np.where(l_f32 == 0, _F32(np.inf), m_f32 * _F32(LOG2E) + np.log2(l_f32))
     rows = _BackwardRows(
         q=_to_rows(q, heads_kv),
         do=_to_rows(do, heads_kv),

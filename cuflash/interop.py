@@ -122,8 +122,10 @@ def framework_of(x: Any, name: str) -> Framework:
 
         if isinstance(x, jax.core.Tracer):
             raise TypeError(
-                f"{name}: got a JAX tracer ({_type_name(x)}); cuflash runs eagerly on concrete "
-                "arrays, call it outside jax.jit / jax.grad"
+                f"{name}: got a JAX tracer ({_type_name(x)}); cuflash.attention* need concrete "
+                "arrays (call them outside jax.jit / jax.grad); inside jax.jit, jax.grad or "
+                "jax.vmap use cuflash.jax.flash_attention, which has a custom VJP and an XLA "
+                "FFI custom call"
             )
         if isinstance(x, jax.Array):
             return Framework.JAX

@@ -27,8 +27,7 @@ What runs where (docs/frameworks.md has the full table):
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache, partial
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +53,11 @@ def _is_concrete(*xs) -> bool:
 def _target_options(call: xla_ffi.Call) -> dict:
     return {"causal": bool(call.attrs["causal"]),
             "softmax_scale": float(call.attrs["softmax_scale"])}
+
+
+def _deterministic(call: xla_ffi.Call) -> bool:
+    """The backward's ``deterministic`` attribute (absent in calls lowered before it existed)."""
+    return bool(call.attrs.get("deterministic", False))
 
 
 def _forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
@@ -90,7 +94,7 @@ def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
             problem = validate.check_backward(do, q, k, v, o, m, l, **options)
             # dq's float32 accumulator comes from CuPy's pool, stream-ordered on XLA's stream
             flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype, out=(dq, dk, dv),
-                               **options)
+                               deterministic=_deterministic(call), **options)
         return
     from .cpu import flash_backward_cpu
 
@@ -100,10 +104,10 @@ def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
         np.copyto(result, value)  # as in the forward: the NumPy path allocates
 
 
-@lru_cache(maxsize=None)
 def _register_targets() -> None:
-    """Register both targets for XLA:CPU and XLA:GPU (CUDA), once per process. Registering
-    for CUDA on a machine without it only queues the registration; nothing imports CuPy."""
+    """Register both targets for XLA:CPU and XLA:GPU (CUDA), once per process (later calls
+    return at once; ``xla_ffi.register`` is thread-safe). Registering for CUDA on a machine
+    without it only queues the registration; nothing imports CuPy."""
     for platform, on_cuda in (("cpu", False), ("CUDA", True)):
         xla_ffi.register(_FORWARD_TARGET, partial(_forward_target, on_cuda=on_cuda), platform)
         xla_ffi.register(_BACKWARD_TARGET, partial(_backward_target, on_cuda=on_cuda), platform)
@@ -113,6 +117,19 @@ def _ffi_attributes(causal: bool, softmax_scale: float) -> dict:
     # float64 so that a jitted call uses exactly the eager call's scale (the kernels round it
     # to float32 themselves, the NumPy path does not)
     return {"causal": bool(causal), "softmax_scale": np.float64(softmax_scale)}
+
+
+def _check_array(x, name: str) -> None:
+    """A JAX array (or tracer) or a NumPy array: what the core API takes, traced or not."""
+    if not isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray)):
+        raise TypeError(f"{name}: expected a jax.Array or numpy.ndarray, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected a 4-D array (batch, seqlen, heads, head_dim), "
+                         f"got {x.ndim}-D with shape {tuple(x.shape)}")
+    # checked before jnp.asarray, which would turn a NumPy float64 into float32 silently
+    if np.dtype(x.dtype).name not in validate.SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: expected dtype float16, bfloat16 or float32, "
+                        f"got {np.dtype(x.dtype).name}")
 
 
 # -- forward and backward on JAX arrays ----------------------------------------------------------
@@ -146,36 +163,38 @@ def _forward(q, k, v, causal: bool, softmax_scale: float):
     return tuple(call(q, k, v, **_ffi_attributes(causal, softmax_scale)))
 
 
-def _backward(do, q, k, v, o, m, l, causal: bool, softmax_scale: float):
+def _backward(do, q, k, v, o, m, l, causal: bool, softmax_scale: float, deterministic: bool):
     """(dq, dk, dv) for concrete or traced arrays."""
     if _is_concrete(do, q, k, v, o, m, l):
         return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l), causal=causal,
-                                      softmax_scale=softmax_scale)
+                                      softmax_scale=softmax_scale, deterministic=deterministic)
     _register_targets()
     specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     call = jax.ffi.ffi_call(_BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
-    return tuple(call(do, q, k, v, o, m, l, **_ffi_attributes(causal, softmax_scale)))
+    return tuple(call(do, q, k, v, o, m, l, deterministic=bool(deterministic),
+                      **_ffi_attributes(causal, softmax_scale)))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q, k, v, causal: bool, softmax_scale: float):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _flash(q, k, v, causal: bool, softmax_scale: float, deterministic: bool):
     return _forward(q, k, v, causal, softmax_scale)[0]
 
 
-def _flash_fwd(q, k, v, causal, softmax_scale):
+def _flash_fwd(q, k, v, causal, softmax_scale, deterministic):
     o, m, l = _forward(q, k, v, causal, softmax_scale)
     return o, (q, k, v, o, m, l)
 
 
-def _flash_bwd(causal, softmax_scale, residuals, do):
+def _flash_bwd(causal, softmax_scale, deterministic, residuals, do):
     q, k, v, o, m, l = residuals
-    return tuple(_backward(do, q, k, v, o, m, l, causal, softmax_scale))
+    return tuple(_backward(do, q, k, v, o, m, l, causal, softmax_scale, deterministic))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                    deterministic: bool = False):
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v`` with a custom VJP.
 
     Args:
@@ -184,7 +203,11 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype; heads a multiple of heads_kv.
         causal: mask keys after the query's position, bottom-right aligned when
             seqlen_q != seqlen_k (see ``cuflash.attention_forward``). A Python bool (static).
-        softmax_scale: default ``1 / sqrt(head_dim)``. A Python float (static).
+        softmax_scale: default ``1 / sqrt(head_dim)``. A Python float (static), finite,
+            positive and within float32's range (not a bool or a string).
+        deterministic: the backward computes dQ without atomics, so gradients are bitwise
+            identical run to run on CUDA (somewhat slower; the CPU path always is). A Python
+            bool (static); under jit it is the FFI attribute ``deterministic``.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), q's dtype.
@@ -192,14 +215,14 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     Differentiable in q, k, v (residuals q, k, v, o and the float32 statistics m, l; the
     attention probabilities are recomputed in the backward pass). Works eagerly on CPU and
     GPU arrays, and under ``jax.jit`` / ``jax.grad`` / ``jax.vmap`` (any number of leading
-    vmapped axes) on the CPU and CUDA backends, through an XLA FFI custom call.
+    vmapped axes) on the CPU and CUDA backends, through an XLA FFI custom call. A NaN in a
+    visible score shows as NaN in that row's output and gradients. Bad arguments raise
+    ``TypeError`` / ``ValueError`` naming the argument, as the core API does.
     """
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a Python bool (static), got {type(causal).__name__}")
-    if jnp.ndim(q) != 4:
-        raise ValueError(f"q: expected a 4-D array (batch, seqlen_q, heads, head_dim), "
-                         f"got shape {jnp.shape(q)}")
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_array(x, name)
+    causal = validate.check_bool(causal, "causal")
+    deterministic = validate.check_bool(deterministic, "deterministic")
+    scale = validate.check_scale(softmax_scale, q.shape[-1])
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
-    head_dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
-    return _flash(q, k, v, bool(causal), scale)
+    return _flash(q, k, v, causal, scale, deterministic)

@@ -70,14 +70,16 @@ def _sum_group(dx: np.ndarray, group: int) -> np.ndarray:
 def _softmax_rows(s: np.ndarray, visible: np.ndarray):
     """Masked softmax over the last axis in the dtype of s; returns (p, m, l).
 
-    A row with no visible key gets p = 0, m = -inf, l = 0 (no NaN).
+    A row with no visible key gets p = 0, m = -inf, l = 0 (no NaN). A NaN among a row's
+    visible scores makes its l and every p NaN (as torch's softmax); m ignores NaN (fmax, as
+    the kernels' fmaxf).
     """
     s = np.where(visible, s, -np.inf)
-    m = np.max(s, axis=-1, initial=-np.inf)
+    m = np.fmax.reduce(s, axis=-1, initial=-np.inf)
     m_safe = np.where(np.isfinite(m), m, 0).astype(s.dtype)
     e = np.exp(s - m_safe[..., None])
     l = e.sum(axis=-1)
-    p = e / np.where(l > 0, l, 1)[..., None]
+    p = e / np.where(l == 0, 1, l)[..., None]
     return p, m, l
 
 

@@ -14,10 +14,24 @@ class SoftmaxStats:
     the row may see (natural-log units; ``-inf`` for a row that sees no key).
     ``l``: float32 (batch, heads, seqlen_q), ``sum_j exp(score_j - m)`` (0 for such a row).
     Both are arrays of the caller's type and device.
+
+    The other fields record the forward call the statistics came from, so that
+    ``attention_backward`` can refuse a call that does not match it (another ``causal``,
+    ``softmax_scale`` or k / v shape would silently give wrong gradients).
+    ``attention_forward`` fills them in; ``SoftmaxStats(m, l)`` built by hand leaves them
+    ``None``, which means "not known, not checked".
+
+    ``causal``: the forward's flag. ``softmax_scale``: its resolved scale (the default
+    ``1 / sqrt(head_dim)`` written out). ``shape_q``, ``shape_kv``: the shapes of q and of
+    k / v, (batch, seqlen, heads, head_dim).
     """
 
     m: Any
     l: Any
+    causal: bool | None = None
+    softmax_scale: float | None = None
+    shape_q: tuple[int, ...] | None = None
+    shape_kv: tuple[int, ...] | None = None
 
     @property
     def lse(self) -> Any:

@@ -5,7 +5,8 @@ Import it explicitly (``import cuflash.torch``); ``import cuflash`` never import
 Two registered operators, both ``torch.library.custom_op`` with a fake (meta) implementation so
 that ``torch.compile`` traces through them without a graph break:
 
-* ``cuflash::flash_fwd(q, k, v, causal, softmax_scale) -> (o, m, l)``
+* ``cuflash::flash_fwd(q, k, v, causal, softmax_scale, deterministic=False) -> (o, m, l)``
+  (``deterministic`` is not used by the forward; autograd hands it to ``flash_bwd``)
 * ``cuflash::flash_bwd(do, q, k, v, o, m, l, causal, softmax_scale, deterministic)
   -> (dq, dk, dv)``
 
@@ -26,20 +27,16 @@ any other tensor; only torch's memory statistics do not count them.
 
 from __future__ import annotations
 
-import math
+import numbers
 
 import torch
 
-from . import api
+from . import api, validate
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
 
 _CUDA_ROW_ALIGN = 16  # bytes; docs/kernel_abi.md: every row start is 16-byte aligned
-
-
-def _resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
 
 # -- the implementations: CUDA tensors on the fast path, CPU tensors through the API ----------
@@ -91,13 +88,14 @@ class _EagerFlashAttention(torch.autograd.Function):
 
 @torch.library.custom_op("cuflash::flash_fwd", mutates_args=())
 def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-               softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               softmax_scale: float, deterministic: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, m, l): o like q (contiguous), m and l float32 (batch, heads, seqlen_q)."""
     return _forward_impl(q, k, v, causal, softmax_scale)
 
 
 @_flash_fwd.register_fake
-def _(q, k, v, causal, softmax_scale):
+def _(q, k, v, causal, softmax_scale, deterministic=False):
     batch, seqlen_q, heads, _ = q.shape
     stats_shape = (batch, heads, seqlen_q)
     return (q.new_empty(q.shape), q.new_empty(stats_shape, dtype=torch.float32),
@@ -136,17 +134,19 @@ def _kernel_ready(do: torch.Tensor) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, softmax_scale = inputs
+    q, k, v, causal, softmax_scale, *rest = inputs
     o, m, l = output
     ctx.save_for_backward(q, k, v, o, m, l)
     ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.deterministic = bool(rest[0]) if rest else False
     ctx.mark_non_differentiable(m, l)
 
 
 def _backward(ctx, do, dm, dl):
     q, k, v, o, m, l = ctx.saved_tensors
-    dq, dk, dv = _flash_bwd(do, q, k, v, o, m, l, ctx.causal, ctx.softmax_scale, False)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, m, l, ctx.causal, ctx.softmax_scale,
+                            ctx.deterministic)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("cuflash::flash_fwd", _backward, setup_context=_setup_context)
@@ -155,8 +155,29 @@ torch.library.register_autograd("cuflash::flash_fwd", _backward, setup_context=_
 # -- public functions -------------------------------------------------------------------------
 
 
+def _check_tensors(named: list[tuple[object, str]]) -> None:
+    """torch.Tensors on one device. A meta tensor among real ones would send the op to its
+    fake implementation, which returns uninitialised memory; all-meta is shape inference."""
+    for t, name in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    first, first_name = named[0]
+    for t, name in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected a tensor on {first.device} like {first_name}, "
+                             f"got {t.device}")
+
+
+def _resolve_deterministic(deterministic: bool | None) -> bool:
+    """None follows ``torch.use_deterministic_algorithms``; a bool is taken as given."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return validate.check_bool(deterministic, "deterministic")
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    softmax_scale: float | None = None) -> torch.Tensor:
+                    softmax_scale: float | None = None,
+                    deterministic: bool | None = None) -> torch.Tensor:
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v``, differentiable.
 
     Args:
@@ -164,9 +185,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             or a CUDA device; head_dim a multiple of 8 up to 256 and contiguous (stride 1).
         k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype and device; heads a multiple
             of heads_kv (MQA / GQA).
-        causal: mask keys after the query's position, bottom-right aligned when
+        causal: a bool: mask keys after the query's position, bottom-right aligned when
             seqlen_q != seqlen_k (see ``cuflash.attention_forward``).
-        softmax_scale: default ``1 / sqrt(head_dim)``.
+        softmax_scale: default ``1 / sqrt(head_dim)``; else a finite positive real number
+            (not a bool or a string) that float32 can carry.
+        deterministic: the backward computes dQ without atomics, so gradients are bitwise
+            identical run to run on CUDA (somewhat slower; the CPU path always is). ``None``
+            (default) follows ``torch.are_deterministic_algorithms_enabled()`` at this call.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device; allocated by
@@ -174,37 +199,64 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     Gradients flow to q, k and v through ``cuflash::flash_bwd``. Works eagerly, under
     autograd and inside ``torch.compile(fullgraph=True)``. On CUDA it runs on torch's current
-    stream.
+    stream. A NaN in a visible score shows as NaN in that row's output and gradients. Bad
+    arguments raise ``TypeError`` / ``ValueError`` naming the argument, as the core API does.
     """
-    scale = _resolve_scale(softmax_scale, q.shape[-1])
-    if not torch.compiler.is_compiling():
-        return _EagerFlashAttention.apply(q, k, v, bool(causal), scale, False)
-    o, _, _ = _flash_fwd(q, k, v, bool(causal), scale)
+    _check_tensors([(q, "q"), (k, "k"), (v, "v")])
+    causal = validate.check_bool(causal, "causal")
+    head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
+    scale = validate.check_scale(softmax_scale, head_dim)
+    deterministic = _resolve_deterministic(deterministic)
+    # all-meta tensors go to the op, whose fake implementation infers the shapes
+    if not torch.compiler.is_compiling() and q.device.type != "meta":
+        return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
+    o, _, _ = _flash_fwd(q, k, v, causal, scale, deterministic)
     return o
 
 
+def _check_sdpa_extras(attn_mask, dropout_p, enable_gqa) -> None:
+    """The SDPA arguments cuflash cannot serve raise; the values it serves pass."""
+    if attn_mask is not None:
+        raise ValueError(f"attn_mask: cuflash computes unmasked or causal attention only, "
+                         f"expected None, got {type(attn_mask).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a real number, got {type(dropout_p).__name__}")
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p: cuflash has no dropout, expected 0.0, got {dropout_p!r}")
+    validate.check_bool(enable_gqa, "enable_gqa")
+
+
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 *, is_causal: bool = False,
-                                 scale: float | None = None) -> torch.Tensor:
-    """``torch.nn.functional.scaled_dot_product_attention``'s layout: (batch, heads, seq, dim).
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``'s signature and layout.
 
     query (batch, heads, seqlen_q, head_dim), key and value (batch, heads_kv, seqlen_k,
     head_dim); returns (batch, heads, seqlen_q, head_dim). No copies: the inputs are passed as
     ``.transpose(1, 2)`` views (the kernels take strides) and the result is a transposed view
     of cuflash's (batch, seqlen_q, heads, head_dim) output, so it is not contiguous.
-    heads_kv < heads is grouped-query attention (torch spells this ``enable_gqa=True``).
 
-    No ``attn_mask`` or ``dropout_p``: cuflash computes exact, unmasked or causal attention.
+    Every SDPA argument is accepted; values cuflash cannot serve raise ``ValueError``: an
+    ``attn_mask`` other than None, ``dropout_p`` other than 0, and (as torch does)
+    heads != heads_kv without ``enable_gqa=True``. Determinism follows
+    ``torch.use_deterministic_algorithms``.
 
     Causal alignment: torch's ``is_causal`` aligns the mask to the top-left corner, cuflash to
     the bottom-right. The two agree when seqlen_q == seqlen_k; for seqlen_q != seqlen_k this
     raises ``ValueError`` rather than silently computing a different mask (call
     ``flash_attention(..., causal=True)`` for the bottom-right mask).
     """
+    _check_tensors([(query, "query"), (key, "key"), (value, "value")])
+    _check_sdpa_extras(attn_mask, dropout_p, enable_gqa)
+    is_causal = validate.check_bool(is_causal, "is_causal")
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         if t.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, seq, head_dim), "
                              f"got shape {tuple(t.shape)}")
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"key: expected {query.shape[1]} heads like query (or enable_gqa=True "
+                         f"for grouped-query attention), got {key.shape[1]}")
     if is_causal and query.shape[2] != key.shape[2]:
         raise ValueError(
             f"is_causal with seqlen_q ({query.shape[2]}) != seqlen_k ({key.shape[2]}): torch "

@@ -8,7 +8,8 @@ They return a :class:`Problem`, the facts dispatch needs, or raise:
 * ``TypeError`` for a wrong kind of thing: not an array, an unsupported or mixed dtype,
   arrays of different frameworks, ``causal`` not a bool, ``softmax_scale`` not a real number;
 * ``ValueError`` for a wrong value: ndim, shapes that do not fit together, head_dim outside
-  the supported set, arrays on different devices, ``softmax_scale`` not finite and positive,
+  the supported set, arrays on different devices, ``softmax_scale`` not finite and positive
+  or outside what float32 can carry (``MIN_SCALE`` to ``MAX_SCALE``),
   CUDA rows not 16-byte aligned, a non-contiguous head_dim (from ``import_array``).
 
 Every message starts with the argument's name, then what was expected and what came, e.g.
@@ -42,6 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .cpu import LOG2E
 from .interop import Device, Imported, element_strides, import_array
 
 SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
@@ -55,6 +57,11 @@ MAX_SEQLEN = 2**30 - 1
 _LIMIT_REASON = {"heads": "a CUDA grid axis",
                  "seqlen_q": "int32 tile arithmetic in the kernels",
                  "seqlen_k": "int32 tile arithmetic in the kernels"}
+# The kernels take softmax_scale * log2(e) and softmax_scale as float32 (flushing subnormals
+# to zero): outside this range they would get inf or 0, i.e. NaN or uniform attention.
+_F32_INFO = np.finfo(np.float32)
+MIN_SCALE = float(_F32_INFO.tiny)
+MAX_SCALE = float(np.nextafter(np.float32(float(_F32_INFO.max) / LOG2E), np.float32(0)))
 
 _LAYOUT = "(batch, seqlen, heads, head_dim)"
 
@@ -92,7 +99,7 @@ def check_forward(q, k, v, *, causal, softmax_scale) -> Problem:
     batch, seqlen_q, heads, head_dim = q.array.shape
     _, seqlen_k, heads_kv, _ = k.array.shape
     _check_qkv_shapes(q, k, v)
-    scale = _check_scale(softmax_scale, head_dim)
+    scale = check_scale(softmax_scale, head_dim)
     if q.is_cuda:
         _check_cuda_limits(batch, heads, seqlen_q, seqlen_k)
         for x, name in named:
@@ -119,6 +126,37 @@ def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -
     return problem
 
 
+def shape_q(problem: Problem) -> tuple[int, int, int, int]:
+    return (problem.batch, problem.seqlen_q, problem.heads, problem.head_dim)
+
+
+def shape_kv(problem: Problem) -> tuple[int, int, int, int]:
+    return (problem.batch, problem.seqlen_k, problem.heads_kv, problem.head_dim)
+
+
+def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: tuple,
+                       kv_shape: tuple) -> None:
+    """``ValueError`` unless the backward's causal, resolved softmax_scale and shapes match
+    the forward that made ``stats`` (fields left ``None`` in hand-built stats are not
+    checked)."""
+    recorded = [("causal", stats.causal, causal),
+                ("softmax_scale", stats.softmax_scale, softmax_scale),
+                ("q", stats.shape_q, tuple(q_shape)),
+                ("k", stats.shape_kv, tuple(kv_shape))]
+    for name, forward, backward in recorded:
+        if forward is None or _same_for_the_kernels(name, forward, backward):
+            continue
+        what = "shape " if name in ("q", "k") else ""
+        raise ValueError(f"{name}: expected {what}{forward!r} as in the forward pass that made "
+                         f"stats, got {backward!r}; the gradients would be wrong")
+
+
+def _same_for_the_kernels(name: str, forward: Any, backward: Any) -> bool:
+    if name == "softmax_scale":  # compared in float32: 1 / sqrt(8) and 8 ** -0.5 agree there
+        return bool(np.float32(forward) == np.float32(backward))
+    return forward == backward
+
+
 # -- single checks -------------------------------------------------------------------------
 
 
@@ -130,21 +168,34 @@ def _type_name(x: Any) -> str:
     return type(x).__name__
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """A flag (``causal``, ``deterministic``): a bool or NumPy bool, never a truthy object
+    (``causal="false"`` must not mean causal)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {_type_name(value)} {value!r}")
+
+
 def _check_causal(causal: Any) -> bool:
-    if isinstance(causal, (bool, np.bool_)):
-        return bool(causal)
-    raise TypeError(f"causal: expected a bool, got {_type_name(causal)} {causal!r}")
+    return check_bool(causal, "causal")
 
 
-def _check_scale(softmax_scale: Any, head_dim: int) -> float:
+def check_scale(softmax_scale: Any, head_dim: int) -> float:
+    """The resolved softmax_scale as a float: ``None`` means ``1 / sqrt(head_dim)``; otherwise
+    a real (not bool), finite, positive number in float32's range. For a head_dim outside the
+    supported set the default is a placeholder 1.0: the shape checks reject that head_dim."""
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
+        return 1.0 / math.sqrt(head_dim) if head_dim in SUPPORTED_HEAD_DIMS else 1.0
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
                         f"got {_type_name(softmax_scale)} {softmax_scale!r}")
     scale = float(softmax_scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"softmax_scale: expected a finite positive real number, got {scale!r}")
+    if not MIN_SCALE <= scale <= MAX_SCALE:
+        raise ValueError(f"softmax_scale: expected a value the float32 kernels can use, from "
+                         f"{MIN_SCALE:.4g} to {MAX_SCALE:.4g} (float32's smallest normal "
+                         f"number to its largest divided by log2(e)), got {scale!r}")
     return scale
 
 

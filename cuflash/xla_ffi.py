@@ -20,8 +20,9 @@ What the callback does with a call frame:
 * any stage but EXECUTE: nothing to do (we register an execute-only handler anyway).
 * EXECUTE: decode the buffers and attributes into a :class:`Call` and run the Python
   function. Any exception becomes an ``XLA_FFI_Error`` (XLA raises it in Python as an
-  ``XlaRuntimeError`` with our message); nothing escapes the callback, which ctypes would
-  only print before returning NULL, i.e. "success" with unwritten outputs.
+  ``XlaRuntimeError`` with our message). Nothing escapes the callback: ctypes would print it
+  and hand XLA an unwritten return value. If even reporting fails, the handler returns an
+  error made in advance (``_ReserveError``); it never returns success after a failure.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
+import threading
 import traceback
 from ctypes import POINTER, Structure, c_char_p, c_int, c_int64, c_size_t, c_uint32, c_void_p
 from dataclasses import dataclass
@@ -333,47 +336,138 @@ def _fill_metadata(frame: CallFrame) -> None:
 _MIN_FRAME_SIZE = struct_size(CallFrame, "attrs")
 
 
+class _ReserveError:
+    """One XLA_FFI_Error made in advance, for a failure that leaves no way to make one.
+
+    A handler must never return NULL (success) after a failure, and an exception escaping a
+    ctypes callback returns garbage that XLA dereferences. When reporting a failure itself
+    fails (no API in the frame, ``create_error`` raising, even formatting the message
+    raising), the handler returns this error instead. It is made from the first API pointer
+    a frame carries (XLA's registration-time metadata query has one) and remade after use;
+    XLA takes ownership of each one returned.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.api = None  # the XLA_FFI_Api the reserve came from
+        self._error = None
+
+    def refill(self, api) -> None:
+        if not api or self._error:
+            return
+        with self._lock:
+            if not self._error:
+                self.api = api
+                self._error = create_error(api, "cuflash XLA FFI handler failed, and reporting "
+                                           "the failure failed too (see the log)")
+
+    def take(self) -> int | None:
+        with self._lock:
+            error, self._error = self._error, None
+        return error
+
+
+_RESERVE = _ReserveError()
+
+
+def _frame(frame_ptr) -> CallFrame:
+    frame = frame_ptr.contents  # raises ValueError for a NULL frame
+    _RESERVE.refill(frame.api)
+    return frame
+
+
+def _report(name: str, frame: CallFrame, exc: BaseException) -> int:
+    """A new XLA_FFI_Error for ``exc`` (message and traceback); raises if none can be made."""
+    detail = traceback.format_exc()
+    code = ERROR_INVALID_ARGUMENT if isinstance(exc, (TypeError, ValueError)) else ERROR_INTERNAL
+    # the message, traceback included, reaches the caller as JAX's runtime error
+    error = create_error(frame.api, f"{name}: {type(exc).__name__}: {exc}\n{detail}", code)
+    if not error:
+        raise FfiCallError(f"{name}: no XLA API in the call frame to report an error through")
+    return error
+
+
+def _run(name: str, execute: Callable[[Call], None], frame_ptr) -> int | None:
+    """The handler's work: None for success, else an XLA_FFI_Error; may raise."""
+    frame = _frame(frame_ptr)
+    try:
+        if frame.struct_size < _MIN_FRAME_SIZE:
+            raise ValueError(f"XLA_FFI_CallFrame of {frame.struct_size} bytes, expected at "
+                             f"least {_MIN_FRAME_SIZE}")
+        if frame.extension_start and frame.extension_start.contents.type == EXTENSION_METADATA:
+            _fill_metadata(frame)
+        elif frame.stage == STAGE_EXECUTE:
+            execute(decode(frame))
+        return None
+    except BaseException as exc:  # noqa: BLE001 - nothing may unwind into XLA
+        return _report(name, frame, exc)
+
+
+def _last_resort(name: str) -> int:
+    """The reserve error (or, without one, a clean abort): never success after a failure."""
+    try:
+        log.error("XLA FFI target %s failed and could not report it:\n%s", name,
+                  traceback.format_exc())
+    except BaseException:  # noqa: BLE001 - logging itself failed; carry on
+        pass
+    error = _RESERVE.take()
+    if error:
+        return error
+    try:
+        error = create_error(_RESERVE.api, f"{name}: the handler failed (see the log)")
+    except BaseException:  # noqa: BLE001
+        error = None
+    if error:
+        return error
+    # No XLA API was ever seen: returning NULL would claim success with unwritten results.
+    os.write(2, f"cuflash: XLA FFI target {name} failed with no way to report it to XLA; "
+                "aborting\n".encode())
+    os.abort()
+
+
 def make_handler(name: str, execute: Callable[[Call], None]):
-    """The ctypes callback for ``execute``; keep the returned object alive while XLA may call it."""
+    """The ctypes callback for ``execute``; keep the returned object alive while XLA may call it.
+
+    Every path returns None (success) or an XLA_FFI_Error: an exception that escaped a ctypes
+    callback would hand XLA an unwritten return value.
+    """
 
     def handler(frame_ptr):
-        frame = frame_ptr.contents
         try:
-            if frame.struct_size < _MIN_FRAME_SIZE:
-                return create_error(frame.api, f"{name}: XLA_FFI_CallFrame of {frame.struct_size} "
-                                    f"bytes, expected at least {_MIN_FRAME_SIZE}",
-                                    ERROR_INVALID_ARGUMENT)
-            if frame.extension_start and frame.extension_start.contents.type == EXTENSION_METADATA:
-                _fill_metadata(frame)
-                return None
-            if frame.stage != STAGE_EXECUTE:
-                return None
-            execute(decode(frame))
-            return None
-        except BaseException as exc:  # noqa: BLE001 - nothing may unwind into XLA
-            detail = traceback.format_exc()
-            code = ERROR_INVALID_ARGUMENT if isinstance(exc, (TypeError, ValueError)) \
-                else ERROR_INTERNAL
-            # the message, traceback included, reaches the caller as JAX's runtime error
-            error = create_error(frame.api, f"{name}: {type(exc).__name__}: {exc}\n{detail}", code)
-            if error is None:  # no API to report through: the log is all we have
-                log.error("XLA FFI target %s failed (no XLA API to report it):\n%s", name, detail)
-            return error
+            return _run(name, execute, frame_ptr)
+        except BaseException:  # noqa: BLE001 - reporting failed; see _last_resort
+            return _last_resort(name)
 
     return HANDLER(handler)
 
 
-# ctypes callbacks must outlive every computation that may call them: keep them for good.
-_HANDLERS: dict[tuple[str, str], Any] = {}
+# Every callback handed to XLA, kept for the process's life: XLA holds its address from the
+# moment register_ffi_target is called, even if that call then fails.
+_CALLBACKS: list[Any] = []
+# (name, platform) pairs XLA accepted; written only after register_ffi_target returned.
+_REGISTERED: set[tuple[str, str]] = set()
+_REGISTRATION_LOCK = threading.Lock()
 
 
 def register(name: str, execute: Callable[[Call], None], platform: str) -> None:
-    """Register ``execute`` as FFI target ``name`` for ``platform`` ("cpu", "CUDA"); once."""
+    """Register ``execute`` as FFI target ``name`` for ``platform`` ("cpu", "CUDA"), once.
+
+    Thread-safe: the first jitted calls of several threads may arrive together, and a second
+    registration of a name is refused by XLA (or, worse, replaces a callback XLA holds). A
+    registration that raised is retried by the next call.
+    """
     import jax
 
-    if (name, platform) in _HANDLERS:
-        return
-    callback = make_handler(name, execute)
-    _HANDLERS[(name, platform)] = callback
-    address = ctypes.cast(callback, c_void_p).value
-    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform=platform)
+    with _REGISTRATION_LOCK:
+        if (name, platform) in _REGISTERED:
+            return
+        callback = make_handler(name, execute)
+        _CALLBACKS.append(callback)
+        address = ctypes.cast(callback, c_void_p).value
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform=platform)
+        _REGISTERED.add((name, platform))
+
+
+def registered(name: str, platform: str) -> bool:
+    """Whether XLA accepted target ``name`` for ``platform`` in this process."""
+    return (name, platform) in _REGISTERED

@@ -181,7 +181,7 @@ def test_sdpa_entry_point_is_zero_copy(monkeypatch):
         return real_forward(q, k, v, **kwargs)
 
     monkeypatch.setattr(cuflash.api, "attention_forward", spy)
-    out = ct.scaled_dot_product_attention(query, key, value, scale=0.3)
+    out = ct.scaled_dot_product_attention(query, key, value, scale=0.3, enable_gqa=True)
     for (ptr, strides), t in zip(seen, (query, key, value)):
         assert ptr == t.data_ptr()
         assert strides == t.transpose(1, 2).stride()
