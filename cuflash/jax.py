@@ -27,6 +27,7 @@ What runs where (docs/frameworks.md has the full table):
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import jax
@@ -34,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import api, validate, xla_ffi
+from . import launch as launch_mod
+from . import plan as planning
+from .plan import Shape
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention"]
@@ -65,12 +69,7 @@ def _forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     views = [b.folded(4) for b in call.args + call.rets[:1]] + [b.folded(3) for b in call.rets[1:]]
     options = _target_options(call)
     if on_cuda:
-        from .launch import flash_forward_gpu
-
-        with call.on_cuda_stream() as device_id:
-            q, k, v, o, m, l = (b.as_cupy(device_id) for b in views)
-            problem = validate.check_forward(q, k, v, **options)
-            flash_forward_gpu(q, k, v, dtype=problem.dtype, out=(o, m, l), **options)
+        _cuda_forward(call, views, options)
         return
     from .cpu import flash_forward_cpu
 
@@ -84,17 +83,10 @@ def _forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
 def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     """(do, q, k, v, o, m, l) -> (dq, dk, dv), written into XLA's result buffers."""
     views = ([b.folded(4) for b in call.args[:5]] + [b.folded(3) for b in call.args[5:]]
-             + [b.folded(4) for b in call.rets])
+             + [b.folded(4) for b in call.rets[:3]])  # rets[3]: the CUDA kernels' scratch
     options = _target_options(call)
     if on_cuda:
-        from .launch import flash_backward_gpu
-
-        with call.on_cuda_stream() as device_id:
-            do, q, k, v, o, m, l, dq, dk, dv = (b.as_cupy(device_id) for b in views)
-            problem = validate.check_backward(do, q, k, v, o, m, l, **options)
-            # dq's float32 accumulator comes from CuPy's pool, stream-ordered on XLA's stream
-            flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype, out=(dq, dk, dv),
-                               deterministic=_deterministic(call), **options)
+        _cuda_backward(call, views, call.rets[3], options)
         return
     from .cpu import flash_backward_cpu
 
@@ -102,6 +94,106 @@ def _backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     validate.check_backward(do, q, k, v, o, m, l, **options)
     for result, value in zip((dq, dk, dv), flash_backward_cpu(do, q, k, v, o, m, l, **options)):
         np.copyto(result, value)  # as in the forward: the NumPy path allocates
+
+
+# -- the CUDA targets' hot path: validate and plan once per call signature --------------------
+# XLA hands the same shapes, dtypes and attributes to every execution of a compiled call, so
+# the checks, the plan and the kernel parameters a layout fixes are memoized by them; an
+# execution then reads the addresses and the stream and launches (no CuPy arrays).
+
+_cuda_calls: dict = {}
+
+
+def _signature(views, options: dict, *extra) -> tuple:
+    return (*((b.dtype, b.shape) for b in views), options["causal"], options["softmax_scale"],
+            *extra)
+
+
+def _contiguous(b: xla_ffi.BufferView) -> launch_mod.Operand:
+    _, seqlen, heads, head_dim = b.shape
+    return launch_mod.Operand(b.data, seqlen * heads * head_dim, heads * head_dim, head_dim,
+                              b.dtype.itemsize)
+
+
+def _check_addresses(views) -> None:
+    """XLA aligns its buffers far beyond 16 bytes; checked anyway, it costs nothing."""
+    for b in views:
+        if b.data % validate.ROW_ALIGNMENT and b.nbytes:
+            raise ValueError(f"XLA buffer at {b.data:#x} is not {validate.ROW_ALIGNMENT}-byte "
+                             "aligned, which the CUDA kernels need")
+
+
+def _cuda_forward(call: xla_ffi.Call, views, options: dict) -> None:
+    key = _signature(views, options, "fwd")
+    known = _cuda_calls.get(key)
+    device_id = call.device_id()
+    if known is None:  # the full checks, once per signature
+        q, k, v = (b.as_cupy(device_id) for b in views[:3])
+        problem = validate.check_forward(q, k, v, **options)
+        shape = Shape.of(problem)
+        strides = tuple(x for b in views[:4] for x in _contiguous(b)[1:4])
+        known = _cuda_calls[key] = (shape, launch_mod.forward_tail(shape, strides,
+                                                                   problem.softmax_scale))
+    shape, tail = known
+    _check_addresses(views)
+    o, m, l = views[3:]
+    if shape.empty:
+        if o.nbytes:
+            with call.on_cuda_stream():
+                launch_mod.fill_no_key_forward(*(b.as_cupy(device_id) for b in (o, m, l)))
+        return
+    with _current_device(device_id):
+        plan = launch_mod.forward_plan(shape, device_id)
+        launch_mod.launch_forward(plan, tuple(b.data for b in views), tail,
+                                  views[0].dtype.itemsize, call.stream(), device_id)
+
+
+def _cuda_backward(call: xla_ffi.Call, views, scratch: xla_ffi.BufferView, options) -> None:
+    deterministic = _deterministic(call)
+    key = _signature(views, options, "bwd", deterministic)
+    known = _cuda_calls.get(key)
+    device_id = call.device_id()
+    if known is None:
+        do, q, k, v, o, m, l = (b.as_cupy(device_id) for b in views[:7])
+        problem = validate.check_backward(do, q, k, v, o, m, l, **options)
+        known = _cuda_calls[key] = (Shape.of(problem), problem.softmax_scale)
+    shape, scale = known
+    _check_addresses(views)
+    dq, dk, dv = views[7:]
+    if shape.empty:
+        with call.on_cuda_stream():
+            for b in (dq, dk, dv):
+                if b.nbytes:
+                    b.as_cupy(device_id).view(np.uint8).fill(0)
+        return
+    with _current_device(device_id):
+        plan = launch_mod.backward_plan(shape, device_id, deterministic)
+        need = planning.backward_workspace(plan).total_bytes
+        if scratch.nbytes < need:
+            raise AssertionError(f"scratch of {scratch.nbytes} bytes, the plan needs {need}")
+        ops = [_contiguous(b) for b in views[:5]] + [_contiguous(b) for b in views[7:]]
+        launch_mod.run_backward(plan, *ops[:5], views[5].data, views[6].data, *ops[5:], scale,
+                                scratch.data, call.stream(), device_id)
+
+
+def _current_device(device_id: int):
+    import cupy
+
+    if cupy.cuda.runtime.getDevice() == device_id:
+        return contextlib.nullcontext()
+    return cupy.cuda.Device(device_id)
+
+
+def _scratch_spec(q, k, deterministic: bool) -> jax.ShapeDtypeStruct:
+    """Scratch for the CUDA backward, as a result XLA allocates (on its stream, freed after):
+    ``plan.workspace_bound`` of the problem, which holds for any device. vmap tiles leading
+    axes onto this result too, so each entry is sized for one unfolded call, plus slack for
+    the folded call's region alignment."""
+    *lead, batch, seqlen_q, heads, head_dim = q.shape
+    shape = Shape(batch, seqlen_q, k.shape[-3], heads, k.shape[-2], head_dim, "float32", False)
+    nbytes = (planning.workspace_bound(shape, deterministic).total_bytes
+              + 8 * planning.SCRATCH_ALIGN)
+    return jax.ShapeDtypeStruct((*lead, nbytes), jnp.uint8)
 
 
 def _register_targets() -> None:
@@ -170,9 +262,10 @@ def _backward(do, q, k, v, o, m, l, causal: bool, softmax_scale: float, determin
                                       softmax_scale=softmax_scale, deterministic=deterministic)
     _register_targets()
     specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    specs += (_scratch_spec(q, k, deterministic),)
     call = jax.ffi.ffi_call(_BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
     return tuple(call(do, q, k, v, o, m, l, deterministic=bool(deterministic),
-                      **_ffi_attributes(causal, softmax_scale)))
+                      **_ffi_attributes(causal, softmax_scale))[:3])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
