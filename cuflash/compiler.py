@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .specs import KernelSpec, compile_arch
+from .specs import KernelSpec, compile_arch, forced_arch
 
 
 @lru_cache(maxsize=1)
@@ -72,7 +72,9 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     start = time.perf_counter()
     with cupy.cuda.Device(device_id):
         arch = f"sm_{cupy.cuda.Device(device_id).compute_capability}"
-        if compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
+        if forced_arch() not in (None, arch):  # planned as an older GPU: its PTX, JIT-compiled
+            module, function = _load_ptx(spec, forced_arch())
+        elif compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
             module, function = _load_arch_specific(spec, compile_arch(spec, arch))
         else:
             module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
@@ -137,6 +139,43 @@ def _load_arch_specific(spec: KernelSpec, arch: str):
 
     module = cuda_function.Module()
     module.load(_nvrtc_cubin(spec, arch))
+    function = module.get_function(spec.entry)
+    if spec.smem_bytes > 48 * 1024:
+        driver.funcSetAttribute(function.ptr,
+                                driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                spec.smem_bytes)
+    return module, function
+
+
+def _nvrtc_ptx(spec: KernelSpec, arch: str) -> bytes:
+    """NVRTC to PTX for ``arch``'s virtual target (sm_75 -> compute_75), not cached.
+
+    For ``CUFLASH_FORCE_ARCH``: the driver JIT-compiles this PTX for the GPU that is present,
+    so an H200 runs exactly the code a Turing GPU would (CF_TURING and all).
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = nvrtc_options(spec) + [f"--gpu-architecture=compute_{arch[3:]}", "-ftz=true"]
+    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, opts)
+        except Exception as exc:
+            raise RuntimeError(f"{spec.name} for compute_{arch[3:]} failed to compile:\n"
+                               f"{nvrtc.getProgramLog(program)}") from exc
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return ptx if isinstance(ptx, bytes) else ptx.encode()
+
+
+def _load_ptx(spec: KernelSpec, arch: str):
+    """(module, function) for ``spec`` built as ``arch``'s PTX (see ``_nvrtc_ptx``)."""
+    from cupy.cuda import function as cuda_function
+    from cupy_backends.cuda.api import driver
+
+    module = cuda_function.Module()
+    module.load(_nvrtc_ptx(spec, arch))
     function = module.get_function(spec.entry)
     if spec.smem_bytes > 48 * 1024:
         driver.funcSetAttribute(function.ptr,
