@@ -60,10 +60,24 @@ def run_parallel(fn: Callable, items: Sequence, jobs: int, label: str) -> list:
     return results
 
 
+def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
+                   head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
+    """The specs ``facts``' GPU selects, for the given dtypes and head_dims (default: all)."""
+    chosen = specs.all_specs(facts)
+    if dtypes:
+        chosen = [s for s in chosen if s.dtype in dtypes]
+    if head_dims:
+        buckets = {specs.head_dim_bucket(d) for d in head_dims}
+        chosen = [s for s in chosen if s.kind == "bwd_pre" or s.head_dim in buckets]
+    return chosen
+
+
 # -- compile reports (no GPU) -------------------------------------------------------------------
 
-def compile_work(archs: Sequence[str], all_budgets: bool) -> list[tuple[KernelSpec, str]]:
-    """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets)."""
+def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
+                 head_dims: Sequence[int] | None = None) -> list[tuple[KernelSpec, str]]:
+    """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
+    optionally only for some dtypes and head_dims."""
     work = []
     for arch in archs:
         limit = specs.ARCH_SMEM_OPTIN[arch]
@@ -71,7 +85,7 @@ def compile_work(archs: Sequence[str], all_budgets: bool) -> list[tuple[KernelSp
             b * specs.KIB for b in specs.BUDGETS_KIB if b * specs.KIB <= limit]
         seen: set[str] = set()
         for budget in budgets:
-            for spec in specs.all_specs(specs.facts_for_arch(arch, budget)):
+            for spec in selected_specs(specs.facts_for_arch(arch, budget), dtypes, head_dims):
                 if spec.name not in seen:
                     seen.add(spec.name)
                     work.append((spec, arch))
@@ -97,18 +111,6 @@ def report_one(item: tuple[KernelSpec, str]):
 
 
 # -- warmup: fill the caches a GPU's first calls read ----------------------------------------------
-
-def warmup_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
-                 head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
-    """The specs ``facts``' GPU selects, for the given dtypes and head_dims (default: all)."""
-    chosen = specs.all_specs(facts)
-    if dtypes:
-        chosen = [s for s in chosen if s.dtype in dtypes]
-    if head_dims:
-        buckets = {specs.head_dim_bucket(d) for d in head_dims}
-        chosen = [s for s in chosen if s.kind == "bwd_pre" or s.head_dim in buckets]
-    return chosen
-
 
 def warm_one(item: tuple[KernelSpec, int]) -> float:
     """A worker: load one spec on the device the way a first call does; seconds it took.

@@ -181,7 +181,15 @@ def cmd_compile(args) -> int:
     archs = _archs(args.arch)
     if archs is None:
         return 2
-    work = aot.compile_work(archs, args.all_budgets)
+    try:
+        work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim)
+    except ValueError as exc:  # a head_dim outside 8..256
+        print(f"compile: {exc}", file=sys.stderr)
+        return 2
+    if not work:
+        print(f"compile: no kernel for {', '.join(args.dtype)} on {', '.join(archs)}",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     results = aot.run_parallel(aot.report_one, work, args.jobs,
                                f"compiling {len(work)} specs for {', '.join(archs)}")
@@ -249,7 +257,7 @@ def cmd_warmup(args) -> int:
     try:
         for dtype in args.dtype or ():
             specs.check_dtype(facts, dtype)
-        work = aot.warmup_specs(facts, args.dtype, args.head_dim)
+        work = aot.selected_specs(facts, args.dtype, args.head_dim)
     except ValueError as exc:
         print(f"warmup: {exc}", file=sys.stderr)
         return 2
@@ -284,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeatable; default: the GPU's own")
     p.add_argument("--all-budgets", action="store_true",
                    help="also the specs of every smaller shared-memory budget (48K..)")
+    p.add_argument("--dtype", action="append", choices=specs.DTYPES, help="repeatable; default: all")
+    p.add_argument("--head-dim", action="append", type=int, help="repeatable; default: all")
     p.add_argument("-j", "--jobs", **jobs)
     p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's row")
     p.add_argument("--json", help="write every kernel's row as JSON here")
