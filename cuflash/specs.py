@@ -236,10 +236,14 @@ _FWD16 = {
 # d128 (m64) and at d64 (m128), 97 KB at d64 (m64): smaller budgets fall through.
 _BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 _BWD16_SPLIT = {64: [(8, 128, 2), (8, 64, 2)], 128: [(8, 64, 2)]}  # by bucket, before _BWD16
-# Turing: sm_75's ptxas takes about 10 registers more than sm_80's for these kernels; at
-# (4, 64, 1), head_dim 64, causal with dQ atomics, that is 24 bytes of spills (NVRTC 13.5).
-# Only budgets under the T4's 64 KB reach that tile.
-_BWD16_TURING_SPILLS = [(4, 64, 1)]
+# Tiles one arch's ptxas spills (NVRTC 13.5, tests/test_compile.py), by (arch, head-dim
+# bucket); the selector skips them there. Both are reached only under the arch's own shared
+# memory (CUFLASH_SMEM_BUDGET), and both spill in the causal dQ-atomic variant at 255 registers.
+_BWD16_SPILLS = {
+    ("sm_75", 64): [(4, 64, 1)],  # 24 B spilled (sm_75 takes ~10 registers more than sm_80)
+    ("sm_120", 128): [(2, 32, 1)],  # 12 B spilled (sm_80 and sm_90: none)
+    ("sm_121", 128): [(2, 32, 1)],  # sm_120's instruction set and ptxas
+}
 # bwd_dq, 16-bit: (warps, block_n, stages).
 _BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 # float32 (SIMT, one stage): (warps, block_m, block_n). The kernels need block_m and block_n
@@ -398,8 +402,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     else:
         split = next((t for limit, t in _BWD16_SPLIT.items() if bucket <= limit), [])
         tiles = split + _BWD16
-        if arch_number(facts.arch) < 80:
-            tiles = [t for t in tiles if t not in _BWD16_TURING_SPILLS]
+        spills = _BWD16_SPILLS.get((facts.arch, bucket), [])
+        tiles = [t for t in tiles if t not in spills]
         specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in tiles)
     return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")

@@ -204,3 +204,17 @@ def test_forced_arch_plans_as_the_older_gpu(monkeypatch):
     monkeypatch.setenv("CUFLASH_FORCE_ARCH", "turing")
     with pytest.raises(ValueError, match="CUFLASH_FORCE_ARCH: expected one of sm_75"):
         specs.forced_arch()
+
+
+def test_tiles_an_arch_spills_are_skipped_there_only():
+    at_48k = {a: specs.facts_for_arch(a, 48 * KIB) for a in ("sm_75", "sm_80", "sm_120")}
+    pick = {a: specs.select_backward(f, "float16", 128, True, False) for a, f in at_48k.items()}
+    assert (pick["sm_80"].block_m, pick["sm_80"].warps) == (32, 2)
+    assert (pick["sm_120"].block_m, pick["sm_120"].warps) == (16, 2)
+    d64 = {a: specs.select_backward(f, "float16", 64, True, False) for a, f in at_48k.items()}
+    assert (d64["sm_80"].block_m, d64["sm_80"].stages) == (64, 1)
+    assert (d64["sm_75"].block_m, d64["sm_75"].stages) == (32, 1)
+    # Turing: 64-column chunks where 128 would leave a partial last chunk
+    t4 = specs.facts_for_arch("sm_75")
+    assert [specs.select_backward(t4, "float16", d, False, False).dchunk
+            for d in (128, 160, 192, 224, 256)] == [128, 64, 128, 64, 128]
