@@ -392,9 +392,10 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     # S and dP are recomputed once per chunk. The tensor-core kernel takes chunks of 128
     # (the last one partial: 160 -> 128 + 32); the fp32 kernel needs a divisor (160 -> 2 x 80).
     dchunk = bucket // -(-bucket // 128) if dtype == "float32" else min(bucket, 128)
-    if dtype != "float32" and arch_number(facts.arch) < 80 and bucket % dchunk:
-        # Turing: with a partial last chunk (160 -> 128 + 32, 224 -> 128 + 96) sm_75's ptxas
-        # spills 8-16 bytes at 255 registers (2026-11, NVRTC 13.5); chunks of 64 take 200.
+    if dtype != "float32" and arch_number(facts.arch) < 80 and bucket > 128 and bucket % 64:
+        # Turing: where the last chunk of 128 would be 32 or 96 columns (160 -> 128 + 32,
+        # 224 -> 128 + 96) sm_75's ptxas spills 8-16 bytes at 255 registers (NVRTC 13.5);
+        # chunks of 64 take 200.
         dchunk = 64
     if dtype == "float32":
         specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
