@@ -60,6 +60,8 @@ def run_parallel(fn: Callable, items: Sequence, jobs: int, label: str) -> list:
     return results
 
 
+# -- which specs -----------------------------------------------------------------------------------
+
 def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
                    head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
     """The specs ``facts``' GPU selects, for the given dtypes and head_dims (default: all)."""
