@@ -1,4 +1,7 @@
-"""``python -m cuflash``: info, check, compile, bench."""
+"""``python -m cuflash``: info, check, compile, warmup, bench.
+
+Commands import only what they use (``info`` imports no framework), so the CLI answers fast.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,11 @@ import platform
 import sys
 import time
 
+from . import __version__, environment, specs
+
 
 def _gpu_available() -> bool:
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    return environment.gpu_unavailable_reason() is None
 
 
 # -- info ----------------------------------------------------------------------------------
@@ -24,40 +24,45 @@ def _gpu_available() -> bool:
 def cmd_info(args) -> int:
     import numpy
 
-    import cuflash
-
     from .compiler import kernels_dir
 
-    print(f"cuflash {cuflash.__version__}  python {platform.python_version()}  "
-          f"numpy {numpy.__version__}")
-    for mod in ("cupy", "torch", "jax"):
-        try:
-            version = __import__(mod).__version__
-        except Exception:
-            version = "not installed"
-        print(f"{mod:>6}: {version}")
+    print(f"cuflash {__version__}  python {platform.python_version()}  numpy {numpy.__version__}")
+    for module in ("cupy", "torch", "jax"):
+        print(f"{module:>6}: {environment.installed_version(module) or 'not installed'}")
     print(f"kernels: {kernels_dir()}")
-    if not _gpu_available():
-        print("GPU: none usable; CPU arrays run the NumPy path")
+    print(f"NVRTC: {environment.nvrtc_unavailable_reason() or _nvrtc_version()}")
+    reason = environment.gpu_unavailable_reason()
+    if reason:
+        print(f"GPU: none usable: {reason}. CPU arrays run the NumPy path.")
         return 0
     import cupy
 
-    from . import specs
-    from .compiler import get_kernel
     from .launch import device_facts
 
-    # CuPy's documented default; CuPy 14 no longer exposes a getter for it.
-    cache = os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))
-    print(f"kernel cache: {cache}")
-    facts = device_facts(cupy.cuda.Device().id)
-    print(f"GPU: {facts.name} {facts.arch}, {facts.sm_count} SMs, "
+    device_id = cupy.cuda.Device().id
+    facts = device_facts(device_id)
+    print(f"GPU {device_id}: {facts.name} {facts.arch}, {facts.sm_count} SMs, "
           f"{facts.smem_optin // 1024} KB opt-in shared memory per block"
           + (" (budget override)" if specs.smem_budget_override() else ""))
-    spec = specs.select_forward(facts, "bfloat16", 128, False)
-    loaded = get_kernel(spec, cupy.cuda.Device().id)
-    print(f"first load of {spec.name}: {loaded.seconds:.2f} s "
-          f"(compile, or a hit in CuPy's disk cache)")
+    print(f"dtypes: {', '.join(specs.arch_dtypes(facts.arch))}; Hopper (wgmma) kernels: "
+          f"{'yes' if specs.uses_wgmma(facts) else 'no'}")
+    print(f"kernel cache: {environment.kernel_cache_dir()} "
+          f"(fill it with: python -m cuflash warmup)")
+    if args.load:
+        from .compiler import get_kernel
+
+        spec = specs.select_forward(facts, specs.arch_dtypes(facts.arch)[0], 128, False)
+        loaded = get_kernel(spec, device_id)
+        print(f"first load of {spec.name}: {loaded.seconds:.2f} s "
+              f"(compile, or a hit in the disk cache)")
     return 0
+
+
+def _nvrtc_version() -> str:
+    from cupy_backends.cuda.libs import nvrtc
+
+    major, minor = nvrtc.getVersion()
+    return f"{major}.{minor}"
 
 
 # -- check ---------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ def _to_host(x):
 def cmd_check(args) -> int:
     import numpy as np
 
-    on_gpu = _gpu_available() and not args.cpu
+    on_gpu = not args.cpu and _gpu_available()
     if on_gpu:
         try:
             import torch  # noqa: F401  (CUDA tensors are built through torch for the check)
@@ -164,50 +169,144 @@ def cmd_check(args) -> int:
     return 0 if failures == 0 else 1
 
 
-# -- compile -------------------------------------------------------------------------------
-
-def _report_one(item):
-    from .compiler import compile_report
-
-    spec, arch = item
-    return compile_report(spec, arch)
-
+# -- compile: every spec of an arch through NVRTC, no GPU ----------------------------------------
 
 def cmd_compile(args) -> int:
-    from concurrent.futures import ProcessPoolExecutor
+    from . import aot
 
-    from . import specs
-
-    archs = args.arch or ["sm_80", "sm_86", "sm_89", "sm_90"]
-    work = []
-    for arch in archs:
-        budgets = [None] if not args.all_budgets else [
-            b * specs.KIB for b in specs.BUDGETS_KIB if b * specs.KIB <= specs.ARCH_SMEM_OPTIN[arch]]
-        seen = set()
-        for budget in budgets:
-            for spec in specs.all_specs(specs.facts_for_arch(arch, budget)):
-                if spec.name not in seen:
-                    seen.add(spec.name)
-                    work.append((spec, arch))
+    reason = environment.nvrtc_unavailable_reason()
+    if reason:
+        print(f"compile: {reason}", file=sys.stderr)
+        return 2
+    archs = _archs(args.arch)
+    if archs is None:
+        return 2
+    try:
+        work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim)
+    except ValueError as exc:  # a head_dim outside 8..256
+        print(f"compile: {exc}", file=sys.stderr)
+        return 2
+    if not work:
+        print(f"compile: no kernel for {', '.join(args.dtype)} on {', '.join(archs)}",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        reports = [r for batch in pool.map(_report_one, work) for r in batch]
-    bad = 0
-    print(f"{'arch':<6} {'spec':<52} {'function':<22} {'regs':>4} {'stack':>5} "
-          f"{'spill':>5} {'smem':>7}")
-    for r in reports:
-        over = r.dynamic_smem + r.static_smem > specs.ARCH_SMEM_OPTIN[r.arch]
-        flag = r.spills > 0 or r.stack_bytes > 0 or over
-        bad += flag
-        print(f"{r.arch:<6} {r.spec:<52} {r.function:<22} {r.registers:>4} {r.stack_bytes:>5} "
-              f"{r.spills:>5} {r.dynamic_smem + r.static_smem:>7}" + ("  <-- FAIL" if flag else ""))
+    results = aot.run_parallel(aot.report_one, work, args.jobs,
+                               f"compiling {len(work)} specs for {', '.join(archs)}")
+    reports = [r for batch in results for r in batch]
+    failed = [r for r in reports if isinstance(r, aot.CompileFailure)]
+    reports = [r for r in reports if not isinstance(r, aot.CompileFailure)]
+    for f in failed:
+        print(f"{f.arch} {f.spec}: FAILED to compile\n{f.error}")
+    bad = [r for r in reports if _over_limits(r)]
+    if args.verbose or bad:
+        _print_table(reports if args.verbose else bad)
     print(f"{len(work)} specs, {len(reports)} kernels compiled for {', '.join(archs)} in "
-          f"{time.perf_counter() - start:.0f} s; "
-          + ("zero spills, all within shared memory" if not bad else f"{bad} FAILED"))
+          f"{time.perf_counter() - start:.0f} s; max {max((r.registers for r in reports), default=0)}"
+          f" registers; " + ("zero spills, all within shared memory" if not (bad or failed)
+                             else f"{len(bad) + len(failed)} FAILED"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.__dict__ for r in reports], f, indent=1)
-    return 1 if bad else 0
+    return 1 if bad or failed else 0
+
+
+def _archs(requested: list[str] | None) -> list[str] | None:
+    """--arch values (``all``: every known arch); without any, the GPU's own arch."""
+    if requested:
+        return list(specs.ARCH_SMEM_OPTIN) if "all" in requested else list(dict.fromkeys(requested))
+    reason = environment.gpu_unavailable_reason()
+    if reason:
+        print(f"compile: give --arch ({', '.join(specs.ARCH_SMEM_OPTIN)} or all); there is no "
+              f"GPU to take it from: {reason}", file=sys.stderr)
+        return None
+    import cupy
+
+    return [f"sm_{cupy.cuda.Device().compute_capability}"]
+
+
+def _over_limits(r) -> bool:
+    return (r.spills > 0 or r.stack_bytes > 0
+            or r.dynamic_smem + r.static_smem > specs.ARCH_SMEM_OPTIN[r.arch])
+
+
+def _print_table(reports) -> None:
+    print(f"{'arch':<6} {'spec':<52} {'function':<22} {'regs':>4} {'stack':>5} "
+          f"{'spill':>5} {'smem':>7}")
+    for r in reports:
+        print(f"{r.arch:<6} {r.spec:<52} {r.function:<22} {r.registers:>4} {r.stack_bytes:>5} "
+              f"{r.spills:>5} {r.dynamic_smem + r.static_smem:>7}"
+              + ("  <-- FAIL" if _over_limits(r) else ""))
+
+
+# -- warmup: fill the kernel caches this GPU's first calls read -----------------------------------
+
+def cmd_warmup(args) -> int:
+    from . import aot
+
+    reason = environment.gpu_unavailable_reason() or environment.nvrtc_unavailable_reason()
+    if reason:
+        print(f"warmup: needs a usable GPU: {reason}", file=sys.stderr)
+        return 2
+    import cupy
+
+    from .launch import device_facts
+
+    device_id = cupy.cuda.Device().id
+    facts = device_facts(device_id)
+    try:
+        for dtype in args.dtype or ():
+            specs.check_dtype(facts, dtype)
+        work = aot.selected_specs(facts, args.dtype, args.head_dim)
+    except ValueError as exc:
+        print(f"warmup: {exc}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    seconds = aot.run_parallel(aot.warm_one, [(spec, device_id) for spec in work], args.jobs,
+                               f"compiling {len(work)} kernels for {facts.name} ({facts.arch})")
+    print(f"{len(work)} kernels ready for {facts.name} in {time.perf_counter() - start:.0f} s "
+          f"({sum(s < 0.5 for s in seconds)} loaded in under 0.5 s: already cached) in "
+          f"{environment.kernel_cache_dir()}")
+    return 0
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cuflash",
+        description="cuflash: exact FlashAttention forward and backward for any DLPack array.")
+    parser.add_argument("--version", action="version", version=f"cuflash {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="command")
+    p = sub.add_parser("info", help="versions, the GPU (or why none is usable), kernel cache")
+    p.add_argument("--load", action="store_true", help="also time the first load of one kernel")
+    p.set_defaults(fn=cmd_info)
+    p = sub.add_parser("check", help="forward + backward vs the float64 reference")
+    p.add_argument("--cpu", action="store_true", help="check the CPU path even with a GPU")
+    p.set_defaults(fn=cmd_check)
+    jobs = dict(type=int, default=os.cpu_count() or 1,
+                help="parallel NVRTC processes (default: one per CPU)")
+    p = sub.add_parser("compile", help="compile every kernel spec for an arch with NVRTC and "
+                                       "check for spills (no GPU needed)")
+    p.add_argument("--arch", action="append", choices=[*specs.ARCH_SMEM_OPTIN, "all"],
+                   help="repeatable; default: the GPU's own")
+    p.add_argument("--all-budgets", action="store_true",
+                   help="also the specs of every smaller shared-memory budget (48K..)")
+    p.add_argument("--dtype", action="append", choices=specs.DTYPES, help="repeatable; default: all")
+    p.add_argument("--head-dim", action="append", type=int, help="repeatable; default: all")
+    p.add_argument("-j", "--jobs", **jobs)
+    p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's row")
+    p.add_argument("--json", help="write every kernel's row as JSON here")
+    p.set_defaults(fn=cmd_compile)
+    p = sub.add_parser("warmup", help="compile the kernels this GPU selects into the cache "
+                                      "its first calls read")
+    p.add_argument("--dtype", action="append", choices=specs.DTYPES, help="repeatable; default: all")
+    p.add_argument("--head-dim", action="append", type=int, help="repeatable; default: all")
+    p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="parallel processes, each with a CUDA context (default: up to 8)")
+    p.set_defaults(fn=cmd_warmup)
+    sub.add_parser("bench", help="benchmark against torch SDPA (GPU); bench --help for flags")
+    return parser
 
 
 def main(argv=None) -> int:
@@ -216,21 +315,11 @@ def main(argv=None) -> int:
         from .benchmark import main as bench_main
 
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m cuflash")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, GPU facts, kernel cache").set_defaults(fn=cmd_info)
-    p = sub.add_parser("check", help="forward + backward vs the float64 reference")
-    p.add_argument("--cpu", action="store_true", help="check the CPU path even with a GPU")
-    p.set_defaults(fn=cmd_check)
-    p = sub.add_parser("compile", help="compile every kernel spec with NVRTC (no GPU needed)")
-    p.add_argument("--arch", action="append", help="sm_80, sm_86, sm_89, sm_90 (repeatable)")
-    p.add_argument("--all-budgets", action="store_true",
-                   help="also the specs of every smaller shared-memory budget (48K..)")
-    p.add_argument("-j", "--jobs", type=int, default=2)
-    p.add_argument("--json", help="write the table as JSON here")
-    p.set_defaults(fn=cmd_compile)
-    sub.add_parser("bench", help="benchmark against torch SDPA (GPU); bench --help for flags")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.print_help()
+        return 0
     return args.fn(args)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .specs import KernelSpec, compile_arch
+from .specs import KernelSpec, compile_arch, forced_arch
 
 
 @lru_cache(maxsize=1)
@@ -65,7 +65,7 @@ _loaded: dict[tuple[str, int], LoadedKernel] = {}
 
 def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     """The spec's entry point on this device, compiled on first use."""
-    key = (spec.name, device_id)
+    key = (spec.name, device_id, forced_arch())  # a forced arch loads other code
     hit = _loaded.get(key)
     if hit is not None:
         return hit
@@ -74,7 +74,9 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     start = time.perf_counter()
     with cupy.cuda.Device(device_id):
         arch = f"sm_{cupy.cuda.Device(device_id).compute_capability}"
-        if compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
+        if forced_arch() not in (None, arch):  # planned as an older GPU: its PTX, JIT-compiled
+            module, function = _load_ptx(spec, forced_arch())
+        elif compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
             module, function = _load_arch_specific(spec, compile_arch(spec, arch))
         else:
             module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
@@ -84,7 +86,8 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
                 function.max_dynamic_shared_size_bytes = spec.smem_bytes
         if spec.kind == "bwd_pre":  # the module's second kernel, loaded with the first
             convert = module.get_function("flash_bwd_dq_convert")
-            _loaded[(spec.name + ":convert", device_id)] = LoadedKernel(convert, 0.0)
+            _loaded[(spec.name + ":convert", device_id, forced_arch())] = \
+                LoadedKernel(convert, 0.0)
     loaded = LoadedKernel(function, time.perf_counter() - start, module)
     _loaded[key] = loaded
     return loaded
@@ -180,10 +183,47 @@ def _load_arch_specific(spec: KernelSpec, arch: str):
     return module, function
 
 
+def _nvrtc_ptx(spec: KernelSpec, arch: str) -> bytes:
+    """NVRTC to PTX for ``arch``'s virtual target (sm_75 -> compute_75), not cached.
+
+    For ``CUFLASH_FORCE_ARCH``: the driver JIT-compiles this PTX for the GPU that is present,
+    so an H200 runs exactly the code a Turing GPU would (CF_TURING and all).
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = nvrtc_options(spec) + [f"--gpu-architecture=compute_{arch[3:]}", "-ftz=true"]
+    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
+    try:
+        try:
+            nvrtc.compileProgram(program, opts)
+        except Exception as exc:
+            raise RuntimeError(f"{spec.name} for compute_{arch[3:]} failed to compile:\n"
+                               f"{nvrtc.getProgramLog(program)}") from exc
+        ptx = nvrtc.getPTX(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    return ptx if isinstance(ptx, bytes) else ptx.encode()
+
+
+def _load_ptx(spec: KernelSpec, arch: str):
+    """(module, function) for ``spec`` built as ``arch``'s PTX (see ``_nvrtc_ptx``)."""
+    from cupy.cuda import function as cuda_function
+    from cupy_backends.cuda.api import driver
+
+    module = cuda_function.Module()
+    module.load(_nvrtc_ptx(spec, arch))
+    function = module.get_function(spec.entry)
+    if spec.smem_bytes > 48 * 1024:
+        driver.funcSetAttribute(function.ptr,
+                                driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                spec.smem_bytes)
+    return module, function
+
+
 def get_convert_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     """``flash_bwd_dq_convert``, which lives in the preprocess module."""
     get_kernel(spec, device_id)
-    return _loaded[(spec.name + ":convert", device_id)]
+    return _loaded[(spec.name + ":convert", device_id, forced_arch())]
 
 
 # -- ahead of time: NVRTC for any arch, no GPU ------------------------------------------------

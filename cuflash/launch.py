@@ -27,10 +27,6 @@ from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
 
 LOG2E = 1.4426950408889634
-# Turing (sm_75) and older have no bf16 mma / cp.async; the portable kernels need sm_80.
-MIN_ARCH = 80
-
-
 class LaunchError(RuntimeError):
     """A kernel launch the driver refused, with the spec, grid and problem that were asked."""
 
@@ -73,10 +69,7 @@ def _device_facts(device_id: int) -> DeviceFacts:
 
 def device_facts(device_id: int) -> DeviceFacts:
     """The device's facts, with the shared-memory budget override applied."""
-    facts = _device_facts(device_id)
-    if int(facts.arch[3:]) < MIN_ARCH:
-        raise RuntimeError(f"cuflash needs compute capability 8.0 or newer (mma.sync bf16, "
-                           f"cp.async); {facts.name} is {facts.arch}")
+    facts = specs.usable_facts(_device_facts(device_id))  # refuses pre-Turing GPUs
     return facts.with_budget(specs.smem_budget_override())
 
 
@@ -117,7 +110,7 @@ def _param_struct(signature: str) -> tuple[type, int]:
 
 
 @lru_cache(maxsize=None)
-def _function_ptr(spec: KernelSpec, device_id: int, convert: bool = False) -> int:
+def _function_ptr(spec: KernelSpec, device_id: int, convert: bool, forced_arch) -> int:
     """CUfunction of the spec's entry (or of the preprocess module's dQ convert)."""
     loaded = get_convert_kernel(spec, device_id) if convert else get_kernel(spec, device_id)
     function = loaded.function
@@ -133,7 +126,7 @@ def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str
     if _driver is None:
         from cupy_backends.cuda.api import driver as _driver
     spec = launch.spec
-    function = _function_ptr(spec, device_id, convert)
+    function = _function_ptr(spec, device_id, convert, specs.forced_arch())
     struct, nbytes = _param_struct(signature)
     params = struct(*args)
     size = ctypes.c_size_t(nbytes)

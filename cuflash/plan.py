@@ -190,7 +190,7 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
 
 def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool) -> BackwardPlan:
     dtype, d, causal = shape.dtype, shape.head_dim, shape.causal
-    pre_spec = specs.select_backward_pre(dtype)
+    pre_spec = specs.select_backward_pre(dtype, facts)
     rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
     pre = _launch(pre_spec, rows_grid, shape.batch)
     spec = specs.select_backward(facts, dtype, d, causal, deterministic)
@@ -218,9 +218,10 @@ _backward_plans: dict = {}
 
 
 def configuration() -> tuple:
-    """What besides the device changes a plan: the shared-memory budget override and the
-    wgmma switch (read here, once per call, so the planners stay pure)."""
-    return (specs.smem_budget_override(), os.environ.get("CUFLASH_DISABLE_WGMMA", ""))
+    """What besides the device changes a plan: the shared-memory budget override, the wgmma
+    switch and a forced arch (read here, once per call, so the planners stay pure)."""
+    return (specs.smem_budget_override(), os.environ.get("CUFLASH_DISABLE_WGMMA", ""),
+            os.environ.get("CUFLASH_FORCE_ARCH", ""))
 
 
 def forward_plan(shape: Shape, device_id: int, facts_of) -> ForwardPlan:

@@ -20,16 +20,22 @@ from typing import Iterator
 KIB = 1024
 
 # Opt-in shared memory per block of the GPUs we plan for (CUDA programming guide, table of
-# technical specifications): T4 (sm_75) 64 KB; A100 (sm_80) 163 KB; RTX 30xx / A10 (sm_86)
-# and RTX 40xx / L4 (sm_89) 99 KB; H100 / H200 (sm_90) 227 KB. 48 KB is the limit without
-# opt-in, the floor every kernel must fit.
+# technical specifications): T4 / RTX 20xx (sm_75) 64 KB; A100 (sm_80) and Jetson Orin (sm_87)
+# 163 KB; RTX 30xx / A10 (sm_86) and RTX 40xx / L4 (sm_89) 99 KB; H100 / H200 (sm_90) and
+# B200 / GB300 (sm_100, sm_103) 227 KB; RTX 50xx / RTX PRO 6000 (sm_120) and DGX Spark
+# (sm_121) 99 KB. 48 KB is the limit without opt-in, the floor every kernel must fit.
 BUDGETS_KIB = (48, 64, 99, 163, 227)
 ARCH_SMEM_OPTIN = {
+    "sm_75": 64 * KIB,
     "sm_80": 163 * KIB,
     "sm_86": 99 * KIB,
     "sm_87": 163 * KIB,
     "sm_89": 99 * KIB,
     "sm_90": 227 * KIB,
+    "sm_100": 227 * KIB,
+    "sm_103": 227 * KIB,
+    "sm_120": 99 * KIB,
+    "sm_121": 99 * KIB,
 }
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -230,6 +236,14 @@ _FWD16 = {
 # d128 (m64) and at d64 (m128), 97 KB at d64 (m64): smaller budgets fall through.
 _BWD16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 _BWD16_SPLIT = {64: [(8, 128, 2), (8, 64, 2)], 128: [(8, 64, 2)]}  # by bucket, before _BWD16
+# Tiles one arch's ptxas spills (NVRTC 13.5, tests/test_compile.py), by (arch, head-dim
+# bucket); the selector skips them there. Both are reached only under the arch's own shared
+# memory (CUFLASH_SMEM_BUDGET), and both spill in the causal dQ-atomic variant at 255 registers.
+_BWD16_SPILLS = {
+    ("sm_75", 64): [(4, 64, 1)],  # 24 B spilled (sm_75 takes ~10 registers more than sm_80)
+    ("sm_120", 128): [(2, 32, 1)],  # 12 B spilled (sm_80 and sm_90: none)
+    ("sm_121", 128): [(2, 32, 1)],  # sm_120's instruction set and ptxas
+}
 # bwd_dq, 16-bit: (warps, block_n, stages).
 _BWDDQ16 = [(4, 64, 2), (4, 64, 1), (4, 32, 1), (2, 32, 1), (2, 16, 1), (1, 16, 1)]
 # float32 (SIMT, one stage): (warps, block_m, block_n). The kernels need block_m and block_n
@@ -257,6 +271,75 @@ def uses_wgmma(facts: DeviceFacts) -> bool:
     """Whether Hopper-only kernels are picked (``CUFLASH_DISABLE_WGMMA=1`` turns them off)."""
     return facts.arch in WGMMA_ARCHS and os.environ.get("CUFLASH_DISABLE_WGMMA", "") != "1"
 
+# -- which GPUs ------------------------------------------------------------------------------
+# The portable kernels need ldmatrix and mma.sync: compute capability 7.5 (Turing) or newer.
+# 8.0 and later (Blackwell included) run them as written; Turing runs them through the
+# CF_TURING wrappers of cf_common.cuh (two m16n8k8 per m16n8k16, synchronous copies), which
+# have no bfloat16.
+MIN_ARCH = 75
+TURING_DTYPES = ("float16", "float32")
+
+
+def arch_number(arch: str) -> int:
+    """"sm_90" -> 90 (the compute capability as major * 10 + minor)."""
+    if not (arch.startswith("sm_") and arch[3:].isdigit()):
+        raise ValueError(f"arch: expected 'sm_' and a compute capability such as 'sm_90', "
+                         f"got {arch!r}")
+    return int(arch[3:])
+
+
+def arch_unsupported_reason(arch: str) -> str | None:
+    """None when cuflash's kernels run on ``arch``, else why not (one sentence)."""
+    if arch_number(arch) < MIN_ARCH:
+        return (f"{arch} is older than Turing: cuflash's kernels need tensor cores with "
+                f"ldmatrix and mma.sync, compute capability 7.5 or newer")
+    return None
+
+
+def arch_dtypes(arch: str) -> tuple[str, ...]:
+    """The dtypes cuflash's GPU kernels take on ``arch``: Turing has no bfloat16."""
+    return TURING_DTYPES if arch_number(arch) < 80 else DTYPES
+
+
+def check_dtype(facts: DeviceFacts, dtype: str) -> None:
+    """Raise ``ValueError`` with the reason when ``facts``' GPU has no kernel for ``dtype``."""
+    if dtype not in arch_dtypes(facts.arch):
+        raise ValueError(f"dtype: {dtype} needs compute capability 8.0 or newer; {facts.name} "
+                         f"is {facts.arch} (Turing), which runs "
+                         f"{' and '.join(arch_dtypes(facts.arch))}")
+
+
+def forced_arch() -> str | None:
+    """``CUFLASH_FORCE_ARCH`` (e.g. "sm_75"): plan and build as on that GPU (testing aid)."""
+    raw = os.environ.get("CUFLASH_FORCE_ARCH", "").strip()
+    if not raw:
+        return None
+    if raw not in ARCH_SMEM_OPTIN:
+        raise ValueError(f"CUFLASH_FORCE_ARCH: expected one of {', '.join(ARCH_SMEM_OPTIN)}, "
+                         f"got {raw!r}")
+    return raw
+
+
+def usable_facts(facts: DeviceFacts) -> DeviceFacts:
+    """The facts cuflash plans with on this GPU; raises ``RuntimeError`` if it cannot run.
+
+    With ``CUFLASH_FORCE_ARCH`` set, an older arch's: its name, its shared memory (the smaller
+    of the two) and, in ``compiler.get_kernel``, its kernels, built as PTX for that arch and
+    JIT-compiled by the driver. Only an older, non-arch-specific target can run that way, so
+    forcing a newer arch or sm_90 (whose wgmma kernels are sm_90a) on another GPU raises.
+    """
+    reason = arch_unsupported_reason(facts.arch)
+    if reason:
+        raise RuntimeError(f"cuflash cannot use {facts.name}: {reason}")
+    forced = forced_arch()
+    if forced is None or forced == facts.arch:
+        return facts
+    if arch_number(forced) > arch_number(facts.arch) or forced in WGMMA_ARCHS:
+        raise RuntimeError(f"CUFLASH_FORCE_ARCH={forced} cannot run on {facts.name} "
+                           f"({facts.arch}): only an older arch other than sm_90 can be forced")
+    return replace(facts, name=f"{facts.name} as {forced}", arch=forced,
+                   smem_optin=min(facts.smem_optin, ARCH_SMEM_OPTIN[forced]))
+
 
 def compile_arch(spec: KernelSpec, arch: str) -> str:
     """The NVRTC target for ``spec`` on ``arch``: the arch-specific sm_90a for wgmma kernels."""
@@ -278,6 +361,7 @@ def _first_fitting(candidates: Iterator[KernelSpec], budget: int, what: str) -> 
 
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool) -> KernelSpec:
+    check_dtype(facts, dtype)
     bucket = head_dim_bucket(head_dim)
     if dtype != "float32" and uses_wgmma(facts) and bucket in _FWD90:
         for w, n, s in _FWD90[bucket]:  # Hopper first; else the portable kernel below
@@ -296,6 +380,7 @@ def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool) 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
+    check_dtype(facts, dtype)
     bucket = head_dim_bucket(head_dim)
     if dtype != "float32" and not deterministic and uses_wgmma(facts) and bucket in _BWD90:
         for block_m in _BWD90[bucket]:  # Hopper first; else the portable kernels below
@@ -307,12 +392,19 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     # S and dP are recomputed once per chunk. The tensor-core kernel takes chunks of 128
     # (the last one partial: 160 -> 128 + 32); the fp32 kernel needs a divisor (160 -> 2 x 80).
     dchunk = bucket // -(-bucket // 128) if dtype == "float32" else min(bucket, 128)
+    if dtype != "float32" and arch_number(facts.arch) < 80 and bucket > 128 and bucket % 64:
+        # Turing: where the last chunk of 128 would be 32 or 96 columns (160 -> 128 + 32,
+        # 224 -> 128 + 96) sm_75's ptxas spills 8-16 bytes at 255 registers (NVRTC 13.5);
+        # chunks of 64 take 200.
+        dchunk = 64
     if dtype == "float32":
         specs = (KernelSpec("bwd", dtype, bucket, m, n, w, 1, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, n in _BWD32)
     else:
         split = next((t for limit, t in _BWD16_SPLIT.items() if bucket <= limit), [])
         tiles = split + _BWD16
+        spills = _BWD16_SPILLS.get((facts.arch, bucket), [])
+        tiles = [t for t in tiles if t not in spills]
         specs = (KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal,
                             dq_atomic=not deterministic, dchunk=dchunk) for w, m, s in tiles)
     return _first_fitting(specs, facts.smem_optin, f"backward {dtype} head_dim {head_dim}")
@@ -321,6 +413,7 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
 def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,
                        causal: bool) -> KernelSpec:
     """The deterministic dQ pass."""
+    check_dtype(facts, dtype)
     bucket = head_dim_bucket(head_dim)
     if dtype == "float32":
         specs = (KernelSpec("bwd_dq", dtype, bucket, m, n, w, 1, causal)
@@ -331,16 +424,18 @@ def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,
     return _first_fitting(specs, facts.smem_optin, f"backward dq {dtype} head_dim {head_dim}")
 
 
-def select_backward_pre(dtype: str) -> KernelSpec:
+def select_backward_pre(dtype: str, facts: DeviceFacts | None = None) -> KernelSpec:
     """The elementwise preprocess / dQ-convert kernels (no tiles)."""
+    if facts is not None:
+        check_dtype(facts, dtype)
     return KernelSpec("bwd_pre", dtype)
 
 
 def all_specs(facts: DeviceFacts) -> list[KernelSpec]:
     """Every spec the selector can pick on this device, for ahead-of-time compile checks."""
     specs: dict[str, KernelSpec] = {}
-    for dtype in DTYPES:
-        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype))
+    for dtype in arch_dtypes(facts.arch):
+        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype, facts))
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 for spec in (select_forward(facts, dtype, bucket, causal),
@@ -354,6 +449,6 @@ def all_specs(facts: DeviceFacts) -> list[KernelSpec]:
 def facts_for_arch(arch: str, budget: int | None = None) -> DeviceFacts:
     """Facts of a hypothetical GPU of this arch, for compiling without one."""
     if arch not in ARCH_SMEM_OPTIN:
-        raise ValueError(f"arch: expected one of {sorted(ARCH_SMEM_OPTIN)}, got {arch!r}")
+        raise ValueError(f"arch: expected one of {', '.join(ARCH_SMEM_OPTIN)}, got {arch!r}")
     return DeviceFacts(name=arch, arch=arch, sm_count=0,
                        smem_optin=ARCH_SMEM_OPTIN[arch]).with_budget(budget)

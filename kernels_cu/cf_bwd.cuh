@@ -25,8 +25,15 @@
 #endif
 
 // -- 4-byte asynchronous copy (lse2 / delta rows are not 16-byte aligned) ----------------------
+// (synchronous on Turing, as cp_async_16 in cf_common.cuh).
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+#if CF_TURING
+  cf_u32 x;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(x) : "l"(src));
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(x));
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src));
+#endif
 }
 
 // -- swizzle of any tile whose rows hold CPR 16-byte chunks -------------------------------------

@@ -19,6 +19,20 @@ typedef long long cf_i64;
 #define CF_LN2 0.6931471805599453f    // ln(2): converts a log2-unit max back to natural log
 #define CF_INF __int_as_float(0x7f800000)
 
+// -- architecture ----------------------------------------------------------------------------
+// The kernels are written for sm_80 (cp.async, mma.sync m16n8k16, bf16). Turing (sm_75) has
+// ldmatrix and the fp16 mma.sync m16n8k8 but none of those three, so CF_TURING swaps in the
+// few wrappers below (cp.async -> a synchronous copy, m16n8k16 -> two m16n8k8, a scalar
+// f16x2 pack); no kernel body changes. bfloat16 is refused on the host (specs.arch_dtypes).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define CF_TURING 1
+#else
+#define CF_TURING 0
+#endif
+#if CF_TURING && CF_DTYPE == 1
+#error "bfloat16 needs compute capability 8.0 (Turing has no bf16 tensor cores or conversions)"
+#endif
+
 #if CF_DTYPE == 2
 typedef float elem_t;
 #else
@@ -57,7 +71,12 @@ __device__ __forceinline__ elem_t float_to_elem(float f) {
 // This is the register format of mma.sync A/B fragments (lower column index in the low half).
 __device__ __forceinline__ cf_u32 pack2(float lo, float hi) {
   cf_u32 r;
-#if CF_DTYPE == 0
+#if CF_DTYPE == 0 && CF_TURING  // the paired cvt is sm_80+
+  cf_u16 l16, h16;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(l16) : "f"(lo));
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h16) : "f"(hi));
+  asm("mov.b32 %0, {%1, %2};" : "=r"(r) : "h"(l16), "h"(h16));
+#elif CF_DTYPE == 0
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
 #else
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -73,7 +92,18 @@ __device__ __forceinline__ cf_u32 pack2(float lo, float hi) {
 //   C (16x8 fp32):  c0,c1 = (group, 2tig..+1)  c2,c3 = (group+8, 2tig..+1)
 __device__ __forceinline__ void mma_16816(float c[4], const cf_u32 a[4], const cf_u32 b0,
                                           const cf_u32 b1) {
-#if CF_DTYPE == 0
+#if CF_TURING  // k = 0..7 (a0, a1, b0), then k = 8..15 (a2, a3, b1): the same C fragment
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(b0));
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[2]), "r"(a[3]), "r"(b1));
+#elif CF_DTYPE == 0
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};"
@@ -120,6 +150,23 @@ __device__ __forceinline__ void ldmatrix_x2_trans(cf_u32 r[2], const void* p) {
 // -- asynchronous global -> shared copies (sm_80+) ---------------------------------------
 // Copies 16 bytes, or writes 16 zero bytes when `valid` is false (tails, head_dim padding);
 // a false copy reads nothing from `src`, but `src` must still be a mapped address.
+// On Turing the copy is synchronous (load, then store to shared memory) and the group
+// commit / wait are no-ops: a copy that lands at issue is one of the orders an asynchronous
+// copy may take, and every kernel already puts a __syncthreads between a wait and the reads
+// of other threads. The asm is volatile like ldmatrix's, so it keeps its place among them.
+#if CF_TURING
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  cf_u32 x = 0, y = 0, z = 0, w = 0;
+  if (valid)
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(x), "=r"(y), "=r"(z), "=r"(w) : "l"(src));
+  asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};"
+               ::"r"(smem_addr(dst)), "r"(x), "r"(y), "r"(z), "r"(w));
+}
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
@@ -129,6 +176,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
+#endif
 
 // -- swizzled tile layout -----------------------------------------------------------------
 // A tile row of `chunks_per_row` 16-byte chunks (head_dim / 8 for 16-bit data). The chunk

@@ -121,3 +121,100 @@ def test_kernel_spec_is_hashable_and_frozen():
     assert {spec: 1}[spec] == 1
     with pytest.raises(Exception):
         spec.block_m = 32
+
+
+# -- which GPUs -------------------------------------------------------------------------------
+
+def _gpu(arch: str, smem_kib: int, name: str = "gpu") -> DeviceFacts:
+    return DeviceFacts(name=name, arch=arch, sm_count=40, smem_optin=smem_kib * KIB)
+
+
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100",
+                                  "sm_103", "sm_110", "sm_120", "sm_121"])
+def test_every_gpu_with_ldmatrix_mma_is_accepted(arch, monkeypatch):
+    monkeypatch.delenv("CUFLASH_FORCE_ARCH", raising=False)
+    assert specs.arch_unsupported_reason(arch) is None
+    f = _gpu(arch, specs.ARCH_SMEM_OPTIN.get(arch, 227 * KIB) // KIB)
+    assert specs.usable_facts(f) == f
+    spec = specs.select_forward(f, "float16", 128, True)
+    assert spec.kind == ("fwd90" if arch == "sm_90" else "fwd")  # wgmma stays sm_90a-only
+    assert spec.smem_bytes <= f.smem_optin
+
+
+@pytest.mark.parametrize("arch", ["sm_70", "sm_61", "sm_52"])
+def test_pre_turing_is_refused_with_the_reason(arch):
+    assert "7.5" in specs.arch_unsupported_reason(arch)
+    with pytest.raises(RuntimeError, match=f"{arch} is older than Turing"):
+        specs.usable_facts(_gpu(arch, 96, name="V100"))
+
+
+def test_arch_name_must_be_sm_and_a_number():
+    for bad in ("90", "sm90", "sm_9x", "compute_90"):
+        with pytest.raises(ValueError, match="arch: expected 'sm_'"):
+            specs.arch_number(bad)
+
+
+def test_turing_plans_fp16_fp32_in_64k_and_refuses_bf16():
+    t4 = _gpu("sm_75", 64, name="Tesla T4")
+    assert specs.arch_dtypes("sm_75") == ("float16", "float32")
+    for dtype in ("float16", "float32"):
+        for head_dim in HEAD_DIMS:
+            for spec in (specs.select_forward(t4, dtype, head_dim, True),
+                         specs.select_backward(t4, dtype, head_dim, True, False),
+                         specs.select_backward_dq(t4, dtype, head_dim, False)):
+                assert spec.kind in ("fwd", "bwd", "bwd_dq") and spec.smem_bytes <= 64 * KIB
+    calls = [lambda: specs.select_forward(t4, "bfloat16", 64, False),
+             lambda: specs.select_backward(t4, "bfloat16", 64, False, False),
+             lambda: specs.select_backward_dq(t4, "bfloat16", 64, False),
+             lambda: specs.select_backward_pre("bfloat16", t4)]
+    for call in calls:
+        with pytest.raises(ValueError, match="bfloat16 needs compute capability 8.0.*Tesla T4"):
+            call()
+    assert {s.dtype for s in specs.all_specs(specs.facts_for_arch("sm_75"))} == {
+        "float16", "float32"}
+
+
+def test_blackwell_plans_portable_kernels_by_its_shared_memory():
+    b200, rtx5090 = specs.facts_for_arch("sm_100"), specs.facts_for_arch("sm_120")
+    assert {s.kind for s in specs.all_specs(b200)} == {"fwd", "bwd", "bwd_dq", "bwd_pre"}
+    # same shared memory, same tiles: B200 as an H100 without wgmma, RTX 5090 as an RTX 4090
+    h100, rtx4090 = specs.facts_for_arch("sm_90"), specs.facts_for_arch("sm_89")
+    for dtype in specs.DTYPES:
+        assert specs.select_backward(b200, dtype, 128, True, True) == \
+            specs.select_backward(h100, dtype, 128, True, True)
+        assert specs.select_forward(rtx5090, dtype, 96, False) == \
+            specs.select_forward(rtx4090, dtype, 96, False)
+
+
+def test_forced_arch_plans_as_the_older_gpu(monkeypatch):
+    h200 = _gpu("sm_90", 227, name="NVIDIA H200")
+    monkeypatch.setenv("CUFLASH_FORCE_ARCH", "sm_75")
+    forced = specs.usable_facts(h200)
+    assert (forced.arch, forced.smem_optin, forced.name) == ("sm_75", 64 * KIB,
+                                                              "NVIDIA H200 as sm_75")
+    assert specs.select_forward(forced, "float16", 128, False).kind == "fwd"
+    monkeypatch.setenv("CUFLASH_FORCE_ARCH", "sm_80")
+    assert specs.usable_facts(h200).smem_optin == 163 * KIB
+    monkeypatch.setenv("CUFLASH_FORCE_ARCH", "sm_90")
+    assert specs.usable_facts(h200) == h200  # forcing the device's own arch changes nothing
+    for newer, device in (("sm_100", h200), ("sm_90", _gpu("sm_100", 227))):
+        monkeypatch.setenv("CUFLASH_FORCE_ARCH", newer)
+        with pytest.raises(RuntimeError, match=f"CUFLASH_FORCE_ARCH={newer} cannot run"):
+            specs.usable_facts(device)
+    monkeypatch.setenv("CUFLASH_FORCE_ARCH", "turing")
+    with pytest.raises(ValueError, match="CUFLASH_FORCE_ARCH: expected one of sm_75"):
+        specs.forced_arch()
+
+
+def test_tiles_an_arch_spills_are_skipped_there_only():
+    at_48k = {a: specs.facts_for_arch(a, 48 * KIB) for a in ("sm_75", "sm_80", "sm_120")}
+    pick = {a: specs.select_backward(f, "float16", 128, True, False) for a, f in at_48k.items()}
+    assert (pick["sm_80"].block_m, pick["sm_80"].warps) == (32, 2)
+    assert (pick["sm_120"].block_m, pick["sm_120"].warps) == (16, 2)
+    d64 = {a: specs.select_backward(f, "float16", 64, True, False) for a, f in at_48k.items()}
+    assert (d64["sm_80"].block_m, d64["sm_80"].stages) == (64, 1)
+    assert (d64["sm_75"].block_m, d64["sm_75"].stages) == (32, 1)
+    # Turing: 64-column chunks where 128 would leave a partial last chunk
+    t4 = specs.facts_for_arch("sm_75")
+    assert [specs.select_backward(t4, "float16", d, False, False).dchunk
+            for d in (128, 160, 192, 224, 256)] == [128, 64, 128, 64, 128]

@@ -1,0 +1,126 @@
+"""Ahead-of-time builds: compile reports for any arch, and warming a GPU's kernel caches.
+
+Both run many NVRTC compilations in a pool of processes started with ``spawn``, never
+``fork``: a forked child of a process whose threads (JAX's, CuPy's) hold locks can deadlock.
+A running count with the elapsed time goes to stderr while they work.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from . import specs
+from .specs import DeviceFacts, KernelSpec
+
+
+class Progress:
+    """``label: 37/195, 21 s`` on stderr: rewritten in place on a terminal, else a line
+    every ``every_s`` seconds and at the end (logs stay short)."""
+
+    def __init__(self, total: int, label: str, stream=None, every_s: float = 10.0):
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self.start = self.last = time.perf_counter()
+        self.every_s = every_s
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if self.tty or now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            end = "\n" if self.done == self.total or not self.tty else ""
+            self.stream.write(f"\r{self.label}: {self.done}/{self.total}, "
+                              f"{now - self.start:.0f} s{end}")
+            self.stream.flush()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run_parallel(fn: Callable, items: Sequence, jobs: int, label: str) -> list:
+    """``[fn(item) for item in items]`` over ``jobs`` spawned processes, with progress.
+
+    ``fn`` must be a module-level function (spawned workers import it by name).
+    """
+    progress = Progress(len(items), label)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        results: list = [None] * len(items)
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            progress.step()
+    return results
+
+
+# -- which specs -----------------------------------------------------------------------------------
+
+def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
+                   head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
+    """The specs ``facts``' GPU selects, for the given dtypes and head_dims (default: all)."""
+    chosen = specs.all_specs(facts)
+    if dtypes:
+        chosen = [s for s in chosen if s.dtype in dtypes]
+    if head_dims:
+        buckets = {specs.head_dim_bucket(d) for d in head_dims}
+        chosen = [s for s in chosen if s.kind == "bwd_pre" or s.head_dim in buckets]
+    return chosen
+
+
+# -- compile reports (no GPU) -------------------------------------------------------------------
+
+def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
+                 head_dims: Sequence[int] | None = None) -> list[tuple[KernelSpec, str]]:
+    """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
+    optionally only for some dtypes and head_dims."""
+    work = []
+    for arch in archs:
+        limit = specs.ARCH_SMEM_OPTIN[arch]
+        budgets = [None] if not all_budgets else [
+            b * specs.KIB for b in specs.BUDGETS_KIB if b * specs.KIB <= limit]
+        seen: set[str] = set()
+        for budget in budgets:
+            for spec in selected_specs(specs.facts_for_arch(arch, budget), dtypes, head_dims):
+                if spec.name not in seen:
+                    seen.add(spec.name)
+                    work.append((spec, arch))
+    return work
+
+
+@dataclass(frozen=True)
+class CompileFailure:
+    spec: str
+    arch: str
+    error: str
+
+
+def report_one(item: tuple[KernelSpec, str]):
+    """A worker: ptxas reports of one (spec, arch), or a ``CompileFailure`` with the log."""
+    from .compiler import compile_report
+
+    spec, arch = item
+    try:
+        return compile_report(spec, arch)
+    except RuntimeError as exc:
+        return [CompileFailure(spec.name, arch, str(exc))]
+
+
+# -- warmup: fill the caches a GPU's first calls read ----------------------------------------------
+
+def warm_one(item: tuple[KernelSpec, int]) -> float:
+    """A worker: load one spec on the device the way a first call does; seconds it took.
+
+    ``get_kernel`` is the very path a call takes, so it fills the same caches: CuPy's
+    RawModule disk cache for the portable kernels, cuflash's cubin cache for sm_90a ones.
+    """
+    from .compiler import get_kernel
+
+    spec, device_id = item
+    return get_kernel(spec, device_id).seconds
