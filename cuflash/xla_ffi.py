@@ -357,7 +357,10 @@ class _ReserveError:
             return
         with self._lock:
             if not self._error:
-                self.api = api
+                # a copy of the pointer's value: ``frame.api`` is a view into the call frame,
+                # which XLA reuses once the call returns
+                address = ctypes.cast(api, c_void_p).value
+                self.api = ctypes.cast(c_void_p(address), POINTER(Api))
                 self._error = create_error(api, "cuflash XLA FFI handler failed, and reporting "
                                            "the failure failed too (see the log)")
 
