@@ -68,24 +68,32 @@ def source_of(rank: int, source: int) -> Source:
     return Source.EARLIER if source < rank else Source.LATER
 
 
-def visible_block(source: Source, shard_len: int, *, causal: bool, layout: str) -> Block | None:
+def visible_block(source: Source, q_len: int, kv_len: int, *, causal: bool,
+                  layout: str) -> Block | None:
     """The block a rank computes against a K/V shard from ``source``; None when no query of
-    this rank sees any of its keys. ``shard_len`` is the tokens per rank (q and kv alike)."""
+    this rank sees any of its keys. ``q_len`` / ``kv_len``: tokens per shard (equal when
+    causal: the ring then runs self-attention over one sharded sequence)."""
     check_layout(layout)
-    every = slice(0, shard_len)
+    every_q, every_kv = slice(0, q_len), slice(0, kv_len)
     if not causal:
-        return Block(every, every, causal=False)
+        return Block(every_q, every_kv, causal=False)
+    if q_len != kv_len:
+        raise ValueError(f"causal ring attention shards one sequence: expected q and k/v "
+                         f"shards of equal length, got {q_len} and {kv_len}")
     if source is Source.SELF:
         # both shards list the same positions in increasing order: an ordinary causal square
-        return Block(every, every, causal=True)
+        return Block(every_q, every_kv, causal=True)
     if layout == "contiguous":
-        return Block(every, every, causal=False) if source is Source.EARLIER else None
-    half = shard_len // 2
+        return Block(every_q, every_kv, causal=False) if source is Source.EARLIER else None
+    if q_len % 2:
+        raise ValueError(f"zigzag shards hold two equal chunks: expected an even shard "
+                         f"length, got {q_len}")
+    half = q_len // 2
     if source is Source.EARLIER:
         # source chunks s < r and 2W-1-s > 2W-1-r: all our queries see its front chunk only
-        return Block(every, slice(0, half), causal=False)
+        return Block(every_q, slice(0, half), causal=False)
     # source chunks s > r and 2W-1-s < 2W-1-r: only our back chunk sees them, all of them
-    return Block(slice(half, shard_len), every, causal=False)
+    return Block(slice(half, q_len), every_kv, causal=False)
 
 
 # -- sharding a sequence ------------------------------------------------------------------

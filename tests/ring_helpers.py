@@ -1,0 +1,96 @@
+"""Shared by the ring-attention tests: cases, inputs, and the float64 acceptance rule.
+
+A ``RingCase`` names one problem (full-sequence shapes, dtype, causal, layout, world size);
+``inputs`` draws fresh normal q, k, v, dO for it; ``assert_ring_matches`` judges a ring's
+gathered o, dq, dk, dv by FlashAttention's rule (``err <= 2 * err(naive) + atol``, atol scaled
+by max|ref|) against the float64 reference, the backward given the o it returned (as in
+tests/test_cpu_numerics.py), and also checks o against the one-device cuflash result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import ml_dtypes
+import numpy as np
+
+import cuflash
+from cuflash.reference import (
+    attention_backward_naive,
+    attention_backward_reference,
+    attention_naive,
+    attention_reference,
+    compare,
+    default_atol,
+)
+
+DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16),
+          "bf16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclass(frozen=True)
+class RingCase:
+    world_size: int
+    seqlen: int  # of the whole sequence; a multiple of 2 * world_size for zigzag
+    causal: bool
+    layout: str = "zigzag"
+    dtype: str = "fp32"
+    batch: int = 1
+    heads: int = 4
+    heads_kv: int = 2
+    head_dim: int = 16
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        mask = "causal" if self.causal else "full"
+        return (f"w{self.world_size}_{self.layout}_{mask}_{self.dtype}_s{self.seqlen}"
+                f"_h{self.heads}x{self.heads_kv}_d{self.head_dim}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RingCase":
+        return cls(**json.loads(text))
+
+    def inputs(self):
+        """(q, k, v, do) NumPy arrays of the whole sequence in the case's dtype."""
+        rng = np.random.default_rng(self.seed)
+        dtype = DTYPES[self.dtype]
+        b, s, d = self.batch, self.seqlen, self.head_dim
+
+        def draw(heads):
+            return rng.standard_normal((b, s, heads, d)).astype(dtype)
+
+        return draw(self.heads), draw(self.heads_kv), draw(self.heads_kv), draw(self.heads)
+
+
+def _assert_rule(name, got, ref, naive, dtype) -> None:
+    atol = default_atol(dtype) * max(1.0, float(np.abs(ref).max(initial=0.0)))
+    report = compare(name, got, ref, naive, atol=atol)
+    assert report.ok, str(report)
+
+
+def assert_ring_matches(case: RingCase, o, dq=None, dk=None, dv=None) -> None:
+    """Judge the ring's full-sequence results (NumPy, the case's dtype) for ``case``."""
+    q, k, v, do = case.inputs()
+    dtype = DTYPES[case.dtype]
+    where = f"[{case.name}] "
+    assert o.dtype == dtype, where + f"o dtype {o.dtype}"
+    o_ref, _, _ = attention_reference(q, k, v, causal=case.causal)
+    _assert_rule(where + "o", o, o_ref, attention_naive(q, k, v, causal=case.causal,
+                                                        dtype=dtype), dtype)
+    o_one, _ = cuflash.attention_forward(q, k, v, causal=case.causal)  # one device
+    # same kernels, other summation order: a few units of the dtype's eps apart
+    slack = 8 * float(ml_dtypes.finfo(dtype).eps) * max(1.0, float(np.abs(o_ref).max()))
+    np.testing.assert_allclose(o.astype(np.float32), o_one.astype(np.float32), atol=slack,
+                               rtol=0, err_msg=where + "o vs one device")
+    if dq is None:
+        return
+    refs = attention_backward_reference(do, q, k, v, causal=case.causal, o=o)
+    naives = attention_backward_naive(do, q, k, v, causal=case.causal, dtype=dtype)
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives):
+        assert got.dtype == dtype, where + f"{name} dtype {got.dtype}"
+        _assert_rule(where + name, got, ref, naive, dtype)
