@@ -67,8 +67,14 @@ class RingCase:
         return draw(self.heads), draw(self.heads_kv), draw(self.heads_kv), draw(self.heads)
 
 
-def _assert_rule(name, got, ref, naive, dtype) -> None:
-    atol = default_atol(dtype) * max(1.0, float(np.abs(ref).max(initial=0.0)))
+def _assert_rule(name, got, ref, naive, dtype, block_roundings: int = 0) -> None:
+    scale = max(1.0, float(np.abs(ref).max(initial=0.0)))
+    atol = default_atol(dtype) * scale
+    # A ring's gradient is a float32 sum of per-block gradients that attention_backward has
+    # already rounded to the input dtype: each adds at most one unit roundoff of its size
+    # (<= about max|ref|) beyond what one call on the whole sequence rounds. In float32 this
+    # is nothing; in bf16 it is 4e-3 * max|ref| per block (see docs/distributed.md).
+    atol += block_roundings * float(ml_dtypes.finfo(dtype).eps) / 2 * scale
     report = compare(name, got, ref, naive, atol=atol)
     assert report.ok, str(report)
 
@@ -91,6 +97,7 @@ def assert_ring_matches(case: RingCase, o, dq=None, dk=None, dv=None) -> None:
         return
     refs = attention_backward_reference(do, q, k, v, causal=case.causal, o=o)
     naives = attention_backward_naive(do, q, k, v, causal=case.causal, dtype=dtype)
+    extra = case.world_size if case.world_size > 1 else 0  # W rounded blocks, then one more
     for name, got, ref, naive in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives):
         assert got.dtype == dtype, where + f"{name} dtype {got.dtype}"
-        _assert_rule(where + name, got, ref, naive, dtype)
+        _assert_rule(where + name, got, ref, naive, dtype, block_roundings=extra)
