@@ -41,11 +41,13 @@ class RingCase:
     heads_kv: int = 2
     head_dim: int = 16
     seed: int = 0
+    seqlen_kv: int | None = None  # keys, when not ``seqlen`` (no mask only)
 
     @property
     def name(self) -> str:
         mask = "causal" if self.causal else "full"
-        return (f"w{self.world_size}_{self.layout}_{mask}_{self.dtype}_s{self.seqlen}"
+        kv = f"x{self.seqlen_kv}" if self.seqlen_kv else ""
+        return (f"w{self.world_size}_{self.layout}_{mask}_{self.dtype}_s{self.seqlen}{kv}"
                 f"_h{self.heads}x{self.heads_kv}_d{self.head_dim}")
 
     def to_json(self) -> str:
@@ -59,12 +61,13 @@ class RingCase:
         """(q, k, v, do) NumPy arrays of the whole sequence in the case's dtype."""
         rng = np.random.default_rng(self.seed)
         dtype = DTYPES[self.dtype]
-        b, s, d = self.batch, self.seqlen, self.head_dim
+        b, d, s_kv = self.batch, self.head_dim, self.seqlen_kv or self.seqlen
 
-        def draw(heads):
-            return rng.standard_normal((b, s, heads, d)).astype(dtype)
+        def draw(seqlen, heads):
+            return rng.standard_normal((b, seqlen, heads, d)).astype(dtype)
 
-        return draw(self.heads), draw(self.heads_kv), draw(self.heads_kv), draw(self.heads)
+        return (draw(self.seqlen, self.heads), draw(s_kv, self.heads_kv),
+                draw(s_kv, self.heads_kv), draw(self.seqlen, self.heads))
 
 
 def _assert_rule(name, got, ref, naive, dtype, block_roundings: int = 0) -> None:
@@ -79,13 +82,17 @@ def _assert_rule(name, got, ref, naive, dtype, block_roundings: int = 0) -> None
     assert report.ok, str(report)
 
 
-def assert_ring_matches(case: RingCase, o, dq=None, dk=None, dv=None) -> None:
-    """Judge the ring's full-sequence results (NumPy, the case's dtype) for ``case``."""
+def assert_ring_matches(case: RingCase, o, dq=None, dk=None, dv=None, lse=None) -> None:
+    """Judge the ring's full-sequence results (NumPy, the case's dtype; lse float32 (batch,
+    heads, seqlen)) for ``case``."""
     q, k, v, do = case.inputs()
     dtype = DTYPES[case.dtype]
     where = f"[{case.name}] "
     assert o.dtype == dtype, where + f"o dtype {o.dtype}"
-    o_ref, _, _ = attention_reference(q, k, v, causal=case.causal)
+    o_ref, m_ref, l_ref = attention_reference(q, k, v, causal=case.causal)
+    if lse is not None:  # float32 statistics merged in float32: a few ulp of float32
+        np.testing.assert_allclose(lse, m_ref + np.log(l_ref), rtol=1e-5, atol=1e-5,
+                                   err_msg=where + "lse")
     _assert_rule(where + "o", o, o_ref, attention_naive(q, k, v, causal=case.causal,
                                                         dtype=dtype), dtype)
     o_one, _ = cuflash.attention_forward(q, k, v, causal=case.causal)  # one device

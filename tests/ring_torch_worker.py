@@ -3,7 +3,7 @@
 Joins a gloo process group (``INIT``, a file:// or tcp:// URL), then for every case in the
 JSON-lines file ``CASES`` cuts its shard of the case's inputs, runs
 ``cuflash.distributed.torch.ring_attention`` forward and backward, and writes its shard of
-o, dq, dk, dv (as float32, exact for every input dtype) to ``OUT/<case>_r<rank>.npz``.
+o, dq, dk, dv (as float32, exact for every input dtype) and lse to ``OUT/<case>_r<rank>.npz``.
 A case whose world_size is smaller than WORLD runs on world / world_size disjoint strided
 subgroups at once (ranks g, g + n, g + 2n, ...), so rings over non-world groups are tested;
 each rank writes under its rank within its subgroup plus ``_g<group>``.
@@ -53,10 +53,11 @@ def run_case(case: RingCase, rank: int, world: int, out_dir: str) -> None:
     q, k, v, do = (_to_torch(x) for x in shards)
     for x in (q, k, v):
         x.requires_grad_()
-    o = ring_attention(q, k, v, causal=case.causal, layout=case.layout, group=group)
+    o, lse = ring_attention(q, k, v, causal=case.causal, layout=case.layout, group=group,
+                            return_lse=True)
     o.backward(do)
     results = {name: t.detach().float().numpy() for name, t in
-               (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad))}
+               (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad), ("lse", lse))}
     suffix = "" if group is None else f"_g{g}"
     np.savez(os.path.join(out_dir, f"{case.name}_r{ring_rank}{suffix}.npz"), **results)
 

@@ -34,6 +34,7 @@ CASES = [
     RingCase(2, 24, causal=True, dtype="fp32", seed=21),
     RingCase(2, 20, causal=True, dtype="bf16", heads=4, heads_kv=1, seed=22),
     RingCase(2, 16, causal=False, dtype="fp32", head_dim=32, seed=23),
+    RingCase(2, 16, causal=False, dtype="fp32", seqlen_kv=28, seed=28),
     RingCase(4, 32, causal=True, dtype="fp32", seed=24),
     RingCase(4, 40, causal=True, dtype="bf16", batch=2, seed=25),
     RingCase(4, 24, causal=True, layout="contiguous", dtype="fp32", seed=26),
@@ -61,7 +62,8 @@ def test_ring_matches_reference(launched, case):
     shards = [np.load(launched / f"{case.name}_r{r}.npz") for r in range(case.world_size)]
     results = [gather_sequence([s[name] for s in shards], layout=case.layout)
                .astype(DTYPES[case.dtype]) for name in ("o", "dq", "dk", "dv")]
-    assert_ring_matches(case, *results)
+    lse = gather_sequence([s["lse"] for s in shards], layout=case.layout, axis=2)
+    assert_ring_matches(case, *results, lse=lse)
 
 
 def test_bad_arguments_are_refused_at_trace_time():

@@ -26,12 +26,12 @@ except ImportError:  # run from the repository root as a package
     from tests.ring_helpers import RingCase, assert_ring_matches
 
 
-def _blocks(rank, world_size, seqlen, causal, layout):
+def _blocks(rank, world_size, seqlen, causal, layout, seqlen_kv=None):
     """(step, source, block) of every step of ``rank``."""
-    shard = seqlen // world_size
+    q_len, kv_len = seqlen // world_size, (seqlen_kv or seqlen) // world_size
     for step in range(world_size):
         source = ring_source(rank, step, world_size)
-        yield step, source, visible_block(source_of(rank, source), shard, shard,
+        yield step, source, visible_block(source_of(rank, source), q_len, kv_len,
                                           causal=causal, layout=layout)
 
 
@@ -110,7 +110,7 @@ def _serial_ring(case: RingCase):
     outs, lses = [], []
     for r in range(W):
         o_acc = lse_acc = None
-        for _, src, block in _blocks(r, W, case.seqlen, case.causal, layout):
+        for _, src, block in _blocks(r, W, case.seqlen, case.causal, layout, case.seqlen_kv):
             if block is None:
                 continue
             rows = block.q_rows
@@ -128,7 +128,7 @@ def _serial_ring(case: RingCase):
     dk = [np.zeros(x.shape, np.float32) for x in k]
     dv = [np.zeros(x.shape, np.float32) for x in v]
     for r in range(W):
-        for _, src, block in _blocks(r, W, case.seqlen, case.causal, layout):
+        for _, src, block in _blocks(r, W, case.seqlen, case.causal, layout, case.seqlen_kv):
             if block is None:
                 continue
             rows, keys = block.q_rows, block.kv_rows
@@ -147,14 +147,15 @@ def _serial_ring(case: RingCase):
 
 @st.composite
 def ring_cases(draw):
-    world_size = draw(st.integers(1, 4))
+    world_size, causal = draw(st.integers(1, 4)), draw(st.booleans())
     heads_kv = draw(st.sampled_from([1, 2]))
     return RingCase(
         world_size=world_size, seqlen=2 * world_size * draw(st.integers(2, 6)),
-        causal=draw(st.booleans()), layout=draw(st.sampled_from(["zigzag", "contiguous"])),
+        causal=causal, layout=draw(st.sampled_from(["zigzag", "contiguous"])),
         dtype=draw(st.sampled_from(["fp32", "fp16", "bf16"])), batch=draw(st.integers(1, 2)),
         heads=heads_kv * draw(st.sampled_from([1, 2])), heads_kv=heads_kv,
-        head_dim=draw(st.sampled_from([8, 32])), seed=draw(st.integers(0, 2**16)))
+        head_dim=draw(st.sampled_from([8, 32])), seed=draw(st.integers(0, 2**16)),
+        seqlen_kv=None if causal else 2 * world_size * draw(st.integers(1, 6)))
 
 
 @settings(max_examples=40)

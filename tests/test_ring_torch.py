@@ -41,12 +41,14 @@ CASES = {
         RingCase(2, 20, causal=True, dtype="bf16", heads=4, heads_kv=1, seed=1),
         RingCase(2, 18, causal=True, layout="contiguous", dtype="fp32", seed=2),
         RingCase(2, 16, causal=False, dtype="bf16", head_dim=32, seed=3),
+        RingCase(2, 16, causal=False, dtype="fp32", seqlen_kv=28, seed=9),  # cross lengths
     ],
     4: [
         RingCase(4, 32, causal=True, dtype="fp32", seed=4),
         RingCase(4, 40, causal=True, dtype="bf16", batch=2, seed=5),
         RingCase(4, 24, causal=True, layout="contiguous", dtype="bf16", seed=6),
         RingCase(4, 16, causal=False, dtype="fp16", heads=2, heads_kv=2, seed=7),
+        RingCase(4, 24, causal=False, dtype="bf16", seqlen_kv=40, seed=10),
         # two rings of 2 inside a world of 4: ranks {0, 2} and {1, 3} (process subgroups)
         RingCase(2, 24, causal=True, dtype="fp32", heads=6, heads_kv=2, seed=8),
     ],
@@ -86,8 +88,9 @@ def launched(request, tmp_path_factory):
 def _gathered(tmp: Path, case: RingCase, suffix: str = ""):
     shards = [np.load(tmp / f"{case.name}_r{r}{suffix}.npz") for r in range(case.world_size)]
     dtype = DTYPES[case.dtype]
-    return [gather_sequence([s[name] for s in shards], layout=case.layout).astype(dtype)
-            for name in ("o", "dq", "dk", "dv")]
+    results = [gather_sequence([s[name] for s in shards], layout=case.layout).astype(dtype)
+               for name in ("o", "dq", "dk", "dv")]
+    return results + [gather_sequence([s["lse"] for s in shards], layout=case.layout, axis=2)]
 
 
 def test_ring_matches_reference(launched):
