@@ -114,3 +114,47 @@ def test_errors_without_a_process_group():
         ring_attention(x[0], x, x)
     with pytest.raises(ValueError, match="layout: expected one of"):
         ring_attention(x, x, x, layout="striped")
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-process gloo group inside the test process, destroyed afterwards."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_world_of_one_is_flash_attention(world_of_one, causal):
+    import torch
+
+    from cuflash.distributed.torch import ring_attention
+    from cuflash.torch import flash_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 11, h, 16) for h in (4, 2, 2))  # odd length: fine with one rank
+    do = torch.randn(2, 11, 4, 16)
+    grads = []
+    for fn in (ring_attention, flash_attention):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = fn(*leaves, causal=causal)
+        o.backward(do)
+        grads.append([o.detach()] + [x.grad for x in leaves])
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_shapes_the_plan_cannot_split_are_refused(world_of_one):
+    import torch
+
+    from cuflash.distributed.torch import ring_attention
+
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="equal length, got 4 and 6"):
+        ring_attention(q, k, k, causal=True)
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        ring_attention(q, q, q, causal=1)
+    ring_attention(q, k, k, causal=False)  # cross lengths without a mask are fine

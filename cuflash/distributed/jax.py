@@ -26,7 +26,7 @@ from jax import lax
 
 from .. import jax as cuflash_jax
 from ..merge import merge_attention
-from .plan import Block, Source, check_layout, visible_block
+from .plan import Block, Source, check_layout, check_shards, visible_block
 
 __all__ = ["ring_attention"]
 
@@ -179,9 +179,8 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = False,
         if jnp.ndim(x) != 4:
             raise ValueError(f"{name}: expected a 4-D array (batch, shard_len, heads, "
                              f"head_dim), got shape {jnp.shape(x)}")
-    sources = [Source.SELF] if lax.axis_size(axis_name) == 1 else list(Source)
-    for source in sources:  # shape errors at trace time, before any collective
-        visible_block(source, q.shape[1], k.shape[1], causal=causal, layout=layout)
+    check_shards(q.shape[1], k.shape[1], lax.axis_size(axis_name), causal=causal,
+                 layout=layout)  # errors at trace time, before any collective
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     o, lse = _ring(q, k, v, axis_name, causal, scale, layout)
     return (o, lse) if return_lse else o

@@ -96,6 +96,14 @@ def visible_block(source: Source, q_len: int, kv_len: int, *, causal: bool,
     return Block(slice(half, q_len), every_kv, causal=False)
 
 
+def check_shards(q_len: int, kv_len: int, world_size: int, *, causal: bool, layout: str) -> None:
+    """Raise the plan's ValueError now, before any transfer, if some step of a ring of
+    ``world_size`` could not be planned for shards of these lengths."""
+    sources = [Source.SELF] if world_size == 1 else list(Source)
+    for source in sources:
+        visible_block(source, q_len, kv_len, causal=causal, layout=layout)
+
+
 # -- sharding a sequence ------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .. import api
 from ..merge import merge_attention
 from ..stats import SoftmaxStats
-from .plan import Block, check_layout, ring_source, source_of, visible_block
+from .plan import Block, check_layout, check_shards, ring_source, source_of, visible_block
 
 __all__ = ["ring_attention"]
 
@@ -207,7 +207,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     check_layout(layout)
     ring = _Ring.of(group)
-    ring.block(1 % ring.world_size, q.shape[1], k.shape[1], causal, layout)  # shape errors now
+    check_shards(q.shape[1], k.shape[1], ring.world_size, causal=causal, layout=layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     # torch.distributed sends whole buffers: a strided view is copied once here
     k, v = k.contiguous(), v.contiguous()
