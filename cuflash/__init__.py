@@ -6,6 +6,7 @@ same algorithm. Results come back in the caller's own array type, zero-copy.
 """
 
 from .api import attention, attention_backward, attention_forward
+from .merge import merge_attention
 from .stats import SoftmaxStats
 
 __version__ = "0.1.0"
@@ -15,5 +16,6 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "merge_attention",
     "__version__",
 ]
