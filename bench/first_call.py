@@ -58,7 +58,7 @@ def child(dtype: str, head_dim: int, causal: bool) -> dict:
     cuflash.attention_backward(do, q, k, v, o, stats, causal=causal)
     cupy.cuda.Device().synchronize()
     t_bwd = time.perf_counter()
-    loads = {name: round(k.seconds, 3) for (name, _), k in compiler._loaded.items()
+    loads = {name: round(k.seconds, 3) for (name, *_), k in compiler._loaded.items()
              if not name.endswith(":convert")}
     return dict(import_s=t_import - t0, forward_s=t_fwd - t_import, backward_s=t_bwd - t_fwd,
                 total_s=t_bwd - t0, kernel_load_s=loads)
