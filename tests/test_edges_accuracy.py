@@ -81,6 +81,9 @@ def test_cpu_backward_at_large_logits(max_logit):
 
 
 @pytest.mark.gpu
+@pytest.mark.xfail(strict=True, reason="issue 9 item 7 is open: on an H200 (2026-12-01) dq's "
+                   "error was 2.55 / 450 / 3.4e4 at max|logit| 1e4 / 1e5 / 1e6 against torch "
+                   "float32's 0.0029 / 0.022 / 0.27, both backward modes")
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("max_logit", MAX_LOGITS, ids=lambda x: f"{x:g}")
 def test_gpu_backward_at_large_logits(max_logit, deterministic):

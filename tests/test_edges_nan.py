@@ -83,9 +83,20 @@ def test_nan_rule_matches_torch_autograd(case_id, which, index, causal):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(t.grad.numpy()), err_msg=name)
 
 
+def _gpu_nan_xfail(case_id: str):
+    """The kernels do not follow the rule yet where it failed on an H200 (2026-12-01): a NaN
+    in q's row or in a key a causal row sees gave finite o in that row (16 of 576 o elements
+    for the q-row case)."""
+    if case_id in ("q-row", "k-key-causal", "k-last-key-causal"):
+        return pytest.mark.xfail(strict=True, reason="issue 9 item 8: the CUDA kernels' row max "
+                                 "drops NaN scores; not yet fixed in the kernels")
+    return ()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("case_id, which, index, causal", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case_id, which, index, causal",
+                         [pytest.param(*c, marks=_gpu_nan_xfail(c[0]), id=c[0]) for c in CASES])
 def test_gpu_follows_the_nan_rule(case_id, which, index, causal, deterministic):
     a = inputs(which, index)
     g = {name: to_gpu(x) for name, x in a.items()}
