@@ -51,8 +51,10 @@ def test_unknown_arch_lists_the_choices(capsys):
 
 
 def test_compile_without_cupy_says_what_to_install(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "cupy_backends", None)  # import raises ImportError
-    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.nvrtc", None)
+    # import raises ImportError, also where an earlier test imported the real package
+    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs",
+                 "cupy_backends.cuda.libs.nvrtc"):
+        monkeypatch.setitem(sys.modules, name, None)
     assert cli.main(["compile", "--arch", "sm_80"]) == 2
     err = capsys.readouterr().err
     assert "CuPy is not installed" in err and "cuflash[cuda13]" in err
