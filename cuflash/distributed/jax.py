@@ -68,7 +68,7 @@ def _block_backward(block: Block | None, do, q, k, v, o, m, l, scale: float):
     if block is not None:
         r, c = block.q_rows, block.kv_rows
         dq, dk, dv = cuflash_jax._backward(do[:, r], q[:, r], k[:, c], v[:, c], o[:, r],
-                                           m[:, :, r], l[:, :, r], block.causal, scale)
+                                           m[:, :, r], l[:, :, r], block.causal, scale, False)
         grads = [grads[0].at[:, r].set(dq.astype(jnp.float32)),
                  grads[1].at[:, c].set(dk.astype(jnp.float32)),
                  grads[2].at[:, c].set(dv.astype(jnp.float32))]
