@@ -109,12 +109,22 @@ def _param_struct(signature: str) -> tuple[type, int]:
     return struct, last.offset + last.size
 
 
-@lru_cache(maxsize=None)
-def _function_ptr(spec: KernelSpec, device_id: int, convert: bool, forced_arch) -> int:
+# (CUfunction, the loaded kernel that owns it) by (id of a plan's spec, device, convert). The
+# plans (memoized for the process's life, one per configuration, a forced arch included) keep
+# their specs alive, so ids are stable; holding the loaded kernel keeps its module loaded even
+# if the compiler's cache is cleared (tests do), so the address stays valid.
+_functions: dict = {}
+
+
+def _function_ptr(spec: KernelSpec, device_id: int, convert: bool) -> int:
     """CUfunction of the spec's entry (or of the preprocess module's dQ convert)."""
-    loaded = get_convert_kernel(spec, device_id) if convert else get_kernel(spec, device_id)
-    function = loaded.function
-    return int(getattr(function, "kernel", function).ptr)  # RawKernel or Function
+    key = (id(spec), device_id, convert)
+    hit = _functions.get(key)
+    if hit is None:
+        loaded = get_convert_kernel(spec, device_id) if convert else get_kernel(spec, device_id)
+        function = loaded.function
+        hit = _functions[key] = (int(getattr(function, "kernel", function).ptr), loaded, spec)
+    return hit[0]
 
 
 _driver = None  # cupy_backends.cuda.api.driver, imported at the first launch
@@ -126,7 +136,7 @@ def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str
     if _driver is None:
         from cupy_backends.cuda.api import driver as _driver
     spec = launch.spec
-    function = _function_ptr(spec, device_id, convert, specs.forced_arch())
+    function = _function_ptr(spec, device_id, convert)
     struct, nbytes = _param_struct(signature)
     params = struct(*args)
     size = ctypes.c_size_t(nbytes)

@@ -217,11 +217,20 @@ _forward_plans: dict = {}
 _backward_plans: dict = {}
 
 
+# os.environ's own dict (bytes keys on POSIX): one plain lookup per variable, where
+# os.environ.get encodes the key and decodes the value on every call (a per-call cost here).
+_ENVIRON = getattr(os.environ, "_data", None)
+_ENV_KEYS = ("CUFLASH_SMEM_BUDGET", "CUFLASH_DISABLE_WGMMA", "CUFLASH_FORCE_ARCH")
+_RAW_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_KEYS) if _ENVIRON is not None else ()
+
+
 def configuration() -> tuple:
-    """What besides the device changes a plan: the shared-memory budget override, the wgmma
-    switch and a forced arch (read here, once per call, so the planners stay pure)."""
-    return (specs.smem_budget_override(), os.environ.get("CUFLASH_DISABLE_WGMMA", ""),
-            os.environ.get("CUFLASH_FORCE_ARCH", ""))
+    """What besides the device changes a plan: the shared-memory budget set in Python, and
+    the raw values of the variables that override the budget, switch wgmma off and force an
+    arch (read here, once per call, so the planners stay pure; parsed on a plan miss)."""
+    if _ENVIRON is not None:
+        return (specs._budget_override, *map(_ENVIRON.get, _RAW_KEYS))
+    return (specs._budget_override, *map(os.environ.get, _ENV_KEYS))
 
 
 def forward_plan(shape: Shape, device_id: int, facts_of) -> ForwardPlan:
