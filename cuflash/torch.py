@@ -14,15 +14,18 @@ that ``torch.compile`` traces through them without a graph break:
 and calls ``flash_bwd``: the probabilities are recomputed, never stored. Double backward is
 not supported (``flash_bwd`` has no autograd formula; torch raises if one is needed).
 
-Where things run: CPU tensors run cuflash's NumPy path inside the operator (synchronously),
-CUDA tensors run the CUDA kernels on ``torch.cuda.current_stream()`` of the tensors' device,
-so ordering is exactly that of a native torch operator (streams, CUDA graphs aside: the
-kernels are launched by CuPy and are not capturable unless CuPy's launches are).
+Eager calls go through an ``autograd.Function`` with the same forward and backward (cheaper
+per call than the custom-op dispatch); ``torch.compile`` traces the operators.
 
-Memory: outputs (o, m, l, dq, dk, dv) are allocated by cuflash, not by torch's caching
-allocator: on CUDA by CuPy's memory pool, on the CPU by NumPy, and handed to torch through
-DLPack without a copy. torch keeps them alive through the DLPack capsule. They behave like
-any other tensor; only torch's memory statistics do not count them.
+Where things run: CPU tensors run cuflash's NumPy path (synchronously). CUDA tensors run the
+kernels through ``cuflash.fastpath``: validated layouts and plans are memoized, the launches
+go on ``torch.cuda.current_stream()`` of the tensors' device, so ordering is that of a
+native torch operator, and nothing synchronizes the host, so ``torch.cuda.graph`` and
+``torch.compile(mode="reduce-overhead")`` capture them (tests/test_gpu_host_path.py).
+
+Memory: on CUDA, outputs (o, m, l, dq, dk, dv) and the backward's scratch come from torch's
+caching allocator (``torch.cuda.memory_allocated`` counts them); on the CPU from NumPy,
+handed over through DLPack without a copy.
 """
 
 from __future__ import annotations
@@ -194,8 +197,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             (default) follows ``torch.are_deterministic_algorithms_enabled()`` at this call.
 
     Returns:
-        o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device; allocated by
-        cuflash (CuPy's pool on CUDA, NumPy on the CPU) and handed over through DLPack.
+        o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device (from torch's
+        caching allocator on CUDA).
 
     Gradients flow to q, k and v through ``cuflash::flash_bwd``. Works eagerly, under
     autograd and inside ``torch.compile(fullgraph=True)``. On CUDA it runs on torch's current
