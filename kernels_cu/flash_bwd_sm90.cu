@@ -124,7 +124,12 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  const int b = blockIdx.z / kv_splits, kvh = blockIdx.y, n0 = blockIdx.x * kBN;
+  // Causal: the key tiles seen by the most queries (the first ones) start first across all
+  // kv heads (blocks launch x-fastest; read (x, y) as one index with heads fastest).
+  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
+  const int key_tile = CF_CAUSAL ? (int)(linear / gridDim.y) : (int)blockIdx.x;
+  const int kvh = CF_CAUSAL ? (int)(linear % gridDim.y) : (int)blockIdx.y;
+  const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
   const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)

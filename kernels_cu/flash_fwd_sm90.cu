@@ -132,8 +132,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
+  // Causal: the tiles with the most keys start first across all heads (the blocks launch
+  // x-fastest, so read the (x, y) pair as one index with heads varying fastest): a
+  // longest-first order that keeps the last wave short.
+  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
+  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - linear / gridDim.y) : (int)blockIdx.x;
+  const int h = CF_CAUSAL ? (int)(linear % gridDim.y) : (int)blockIdx.y;
+  const int b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
 
   const elem_t* q_head = q + b * stride_qb + h * stride_qh;
