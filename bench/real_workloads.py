@@ -14,6 +14,8 @@ DIR/real_workloads.png when matplotlib is there):
   with the query heads (4 * B * H * S^2 * D, halved for causal, x 3.5 for fwd+bwd).
 * short: seqlen 1024 and 2048, batch 16, heads 16, head_dim 64 / 128, causal and not:
   forward and backward alone, cuflash vs SDPA's flash backend (FlashAttention-2).
+* long: 16k tokens at seqlen 4k / 16k, head_dim 64 / 128, causal and not, forward and
+  backward: cuflash, SDPA's flash backend (FlashAttention-2) and cuDNN.
 * jax: head_dim 128, seqlen 4k / 16k: the jitted forward and forward+backward of
   cuflash.jax against the same kernels through cuflash.torch; both back to back (JAX by
   wall clock over 10 enqueued calls, torch by CUDA events), i.e. throughput.
@@ -238,7 +240,41 @@ def section_jax(args) -> dict:
     return out
 
 
-SECTIONS = {"host": section_host, "gqa": section_gqa, "short": section_short, "jax": section_jax}
+def section_long(args) -> dict:
+    """The issue tables' shapes: 16k tokens (batch = 16k / seqlen), 16 heads, bf16."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    peers = {"fa2": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    print("\n== long sequences, 16k tokens, 16 heads, bf16: TFLOP/s fwd | bwd "
+          "(cuflash / FA-2 / cuDNN)")
+    for d in (64, 128):
+        for seqlen in (4096, 16384):
+            for causal in (False, True):
+                batch = 16384 // seqlen
+                q, k, v = (rand(batch, seqlen, 16, d, grad=True) for _ in range(3))
+                do = rand(batch, seqlen, 16, d)
+                flops = 4 * batch * 16 * seqlen * seqlen * d / (2 if causal else 1)
+                qn, kn, vn = (x.detach() for x in (q, k, v))
+                row = {}
+                for name, attn in (("cuflash", cuflash_torch), ("fa2", sdpa), ("cudnn", sdpa)):
+                    with sdpa_kernel(peers.get(name, SDPBackend.FLASH_ATTENTION)):
+                        fwd = time_ms(lambda: attn(qn, kn, vn, causal), reps=10, inner=2)
+                        o = attn(q, k, v, causal)
+                        bwd = time_ms(lambda: torch.autograd.grad(o, (q, k, v), do,
+                                                                  retain_graph=True),
+                                      reps=10, inner=2)
+                    row[name] = {"fwd_tflops": flops / fwd / 1e9,
+                                 "bwd_tflops": 2.5 * flops / bwd / 1e9}
+                out[f"d{d}_s{seqlen}{'_causal' if causal else ''}"] = row
+                print(f"d{d} {seqlen:>5} {'causal' if causal else 'full  '}: fwd "
+                      + " / ".join(f"{row[n]['fwd_tflops']:5.0f}" for n in row) + "   bwd "
+                      + " / ".join(f"{row[n]['bwd_tflops']:5.0f}" for n in row))
+    return out
+
+
+SECTIONS = {"host": section_host, "gqa": section_gqa, "short": section_short, "jax": section_jax,
+            "long": section_long}
 
 
 def plot(result: dict, path: Path) -> None:
