@@ -112,6 +112,25 @@ def cuflash_torch(q, k, v, causal):
     return ct.flash_attention(q, k, v, causal=causal)
 
 
+class _NoopAttention(torch.autograd.Function):
+    """The floor of any Python autograd.Function on CUDA tensors: one output allocated in
+    the forward, three gradients in the backward, no kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _noop_attention(q, k, v, causal):
+    return _NoopAttention.apply(q, k, v)
+
+
 # -- sections -------------------------------------------------------------------------------
 
 
@@ -121,6 +140,7 @@ def section_host(args) -> dict:
     do = rand(*shape)
     qn, kn, vn = (x.detach() for x in (q, k, v))
     rows = {
+        "autograd.Function floor fwd+bwd": fwd_bwd(_noop_attention, q, k, v, do, True),
         "cuflash.torch forward": lambda: cuflash_torch(qn, kn, vn, True),
         "sdpa forward": lambda: sdpa(qn, kn, vn, True),
         "cuflash.torch fwd+bwd": fwd_bwd(cuflash_torch, q, k, v, do, True),
