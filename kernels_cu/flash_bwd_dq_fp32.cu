@@ -192,6 +192,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     __syncthreads();
 
     // -- S = Q K_t^T; P = exp2(S * scale_log2 - lse2); dS = P * (dP - delta) to sdS
+    // (the same S sum and the same one-FFMA exponent as the forward: see flash_bwd_fp32.cu)
     {
       float s[Tile1::TM][Tile1::TN];
       simt_zero(s);

@@ -117,6 +117,11 @@ static_assert(4 * (2 * (BM + BN) * LDH + 2 * BN * LDT + BM * LDS) == CF_BWD_FP32
 // -- P = exp2(S * scale_log2 - lse2), dS = P * (dP - delta), masked; to sPt, sdSt, sdS ---------
 // s, dp: the thread's Tile1 block; q_row / k_col: global query row / key of its (0, 0);
 // r_loc / c_loc: the same in tile coordinates.
+// The exponent fmaf(s, scale_log2, -lse2) must round like the forward's fmaf(s, scale_log2,
+// -m_i) (flash_fwd_fp32.cu, softmax_tile, says why), and s is the same simt_mm_nt sum: at
+// large logits a per-element difference between this P and the forward's is amplified in dQ.
+// Masked keys take p = 0 by a select, so a NaN score a row does not see is never used; a
+// row whose lse2 is NaN (a NaN score it sees) gets NaN P on the keys it sees.
 __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN],
                                           const float (&dp)[Tile1::TM][Tile1::TN],
                                           const float* lse2_bh, const float* delta_bh,

@@ -2,6 +2,8 @@
 // (Dao 2023, Algorithm 2), for every CF_DTYPE (0 fp16, 1 bf16, 2 fp32):
 //
 //   flash_bwd_preprocess:  delta[b, h, i] = sum_d float(dO[b, i, h, d]) * float(O[b, i, h, d])
+//                          (compensated: as accurate as a dot product in twice float32's
+//                          precision rounded once, see dot2_step)
 //                          lse2[b, h, i]  = m[b, h, i] * LOG2E + log2(l[b, h, i])   (log2 units)
 //                                           or +inf when l == 0 (a row that sees no key), so
 //                                           the backward's P = exp2(score * scale_log2 - lse2)
@@ -68,6 +70,35 @@ __device__ __forceinline__ void store8(elem_t* p, const float x[8]) {
 #endif
 }
 
+// -- delta in twice the working precision (Ogita, Rump, Oishi 2005, "Dot2") ------------------
+// Why: dQ = softmax_scale * sum_j dS_j k_j with dS_j = P_j (dP_j - delta). When every key
+// shares a large component (max|logit| large), that component multiplies sum_j dS_j =
+// sum_j P_j dP_j - delta, which is 0 only if delta equals the backward's sum_j P_j dP_j; any
+// rounding error of delta itself is amplified by max|logit| / |q| (issue #9 item 7). A plain
+// fp32 sum of head_dim products carries ~head_dim / 8 ulp; this one ~1 ulp, for a few more
+// flops in a memory-bound kernel. At max|logit| 1e6 (tests/test_edges_accuracy.py) an
+// emulation of the fp32 kernels gave dq 1.74x torch float32's error with the plain sum and
+// 1.35x with this one.
+// (hi, lo) += x * y: p + pe = x * y exactly (FMA), s + se = hi + p exactly (TwoSum); the
+// intrinsics keep the compiler from contracting or reordering any of it.
+__device__ __forceinline__ void dot2_step(float& hi, float& lo, float x, float y) {
+  const float p = __fmul_rn(x, y);
+  const float pe = fmaf(x, y, -p);
+  const float s = __fadd_rn(hi, p);
+  const float bb = __fsub_rn(s, hi);
+  const float se = __fadd_rn(__fsub_rn(hi, __fsub_rn(s, bb)), __fsub_rn(p, bb));
+  hi = s;
+  lo = __fadd_rn(lo, __fadd_rn(pe, se));
+}
+// (hi, lo) += (hi2, lo2)
+__device__ __forceinline__ void dot2_merge(float& hi, float& lo, float hi2, float lo2) {
+  const float s = __fadd_rn(hi, hi2);
+  const float bb = __fsub_rn(s, hi);
+  const float se = __fadd_rn(__fsub_rn(hi, __fsub_rn(s, bb)), __fsub_rn(hi2, bb));
+  hi = s;
+  lo = __fadd_rn(lo, __fadd_rn(lo2, se));
+}
+
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_preprocess(
     const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ m,
     const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
@@ -83,8 +114,9 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
-    // -- delta_i = rowsum(dO_i * O_i), 8 lanes per row then a 3-step butterfly
-    float acc = 0.f;
+    // -- delta_i = rowsum(dO_i * O_i), 8 lanes per row then a 3-step butterfly, each lane
+    // and each merge keeping the sum as an unevaluated pair hi + lo
+    float hi = 0.f, lo = 0.f;
     if (i < seqlen_q) {
       const elem_t* o_row = o_head + i * stride_om;
       const elem_t* do_row = do_head + i * stride_dom;
@@ -93,12 +125,15 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
         load8(x, o_row + c);
         load8(y, do_row + c);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc = fmaf(x[e], y[e], acc);
+        for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);
       }
     }
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+#pragma unroll
+    for (int off = 1; off < kLanesPerRow; off *= 2)
+      dot2_merge(hi, lo, __shfl_xor_sync(0xffffffffu, hi, off),
+                 __shfl_xor_sync(0xffffffffu, lo, off));
+    // an inf product makes lo NaN (inf - inf); keep hi then, as a plain sum would
+    const float acc = fabsf(hi) < CF_INF ? hi + lo : hi;
     if (i < seqlen_q) {
       if (sub == 0) delta[stat + i] = acc;
       // -- lse2_i = m_i log2(e) + log2(l_i), +inf for a row that sees no key

@@ -231,12 +231,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   }
   cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
 
-  // -- epilogue: O = acc / l_i (0 for a row that saw no key), m and l per row
+  // -- epilogue: O = acc / l_i (0 for a row that saw no key: l_i == 0 exactly; a NaN l_i from
+  // a NaN score the row sees gives NaN, as in cpu.py), m and l per row
   float l_row[2], inv_l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l_row[r] = quad_sum(l_i[r]);
-    inv_l[r] = l_row[r] > 0.f ? __frcp_rn(l_row[r]) : 0.f;
+    inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;
   store_o_band<kDT, kChunks>(o + b * stride_ob + (cf_i64)band_q0 * stride_om + h * stride_oh,

@@ -3,15 +3,18 @@
 // Why not tensor cores: TF32 misses the fp32 error rule, so every product here is a plain
 // fp32 FFMA out of shared memory (helpers in cf_simt.cuh), exp2 is the < 1 ulp simt_exp2.
 //
-// Algorithm (per query tile; scores in log2 units, s = q.k * scale_log2):
+// Algorithm (per query tile; m_i in log2 units, S raw q.k):
 //   m_i = -inf, l_i = 0, acc = 0
 //   for each key tile K_j, V_j (causal: only tiles that hold a key some row of the tile sees):
-//     S = Q K_j^T * scale_log2, masked (key >= seqlen_k, causal j > i + seqlen_k - seqlen_q) to -inf
-//     m_new = max(m_i, rowmax S); base = m_new, or 0 while m_new = -inf (no NaN from -inf - -inf)
-//     P = exp2(S - base); alpha = exp2(m_i - base); l_i = l_i * alpha + rowsum P
+//     S = Q K_j^T, masked (key >= seqlen_k, causal j > i + seqlen_k - seqlen_q) to -inf
+//     m_new = max(m_i, rowmax S * scale_log2); base = m_new, or 0 while m_new = -inf (no NaN
+//     from -inf - -inf)
+//     P = exp2(fmaf(S, scale_log2, -base)) (one rounding: the backward's exponent, see
+//     softmax_tile); alpha = exp2(m_i - base); l_i = l_i * alpha + rowsum P
 //     acc = acc * alpha + P V_j; m_i = m_new  (P V_j summed on its own, then merged: two-level)
-//   O = acc / l_i (0 when l_i = 0); m_out = m_i * LN2 (natural log, -inf for a row that sees
-//   no key); l_out = l_i.
+//   O = acc / l_i (0 when l_i == 0, NaN when l_i is: a NaN score the row sees); m_out = m_i * LN2
+//   (natural log, -inf for a row that sees no key); l_out = l_i * exp2(m_i - m_out * LOG2E),
+//   i.e. l relative to the stored m (see the epilogue).
 //
 // Grid: (ceil(seqlen_q / BLOCK_M), heads, batch); blockIdx.x = query tile (reversed when causal,
 // so the tiles with the most keys start first), .y = query head h (kv head h / heads_per_kv),
@@ -116,6 +119,27 @@ static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "s
 // s: the thread's raw q.k; q_row: global query row of its row 0; k_col: global key of its col 0;
 // p_out: sP at (row 0, col 0) of the thread. Returns in alpha the factor exp2(m_old - m_new)
 // that acc must be rescaled by (done by the P V merge).
+//
+// The exponent is ONE FFMA, fmaf(s, scale_log2, -base), as in flash_bwd_fp32 / flash_bwd_dq_fp32
+// (fmaf(s, scale_log2, -lse2)) and the 16-bit kernels; the row max is taken on the raw scores
+// and scaled once (needs scale_log2 > 0, which the host guarantees). Why it must match
+// (issue #9 item 7): dQ = softmax_scale * sum_j dS_j k_j, and at large logits every k_j
+// shares a large component (max|logit| / |q|), which cancels only if sum_j dS_j = 0, i.e. if
+// delta = rowsum(dO * O) (from the forward's P) equals sum_j P_j dP_j with the backward's P.
+// A row-constant factor on P cancels there; a per-element mismatch does not. This kernel used
+// to round s * scale_log2 first and then subtract base (two roundings), while the backward
+// rounds once: the exponents then differ per element by up to half an ulp of |s * scale_log2|,
+// i.e. a relative error of |s| * 2^-24 in P (6e-4 at |s| = 1e4), which the shared component
+// amplifies: dq came out 2.55 / 450 / 3.4e4 relative (torch float32: 0.0029 / 0.022 / 0.27)
+// at max|logit| 1e4 / 1e5 / 1e6 on an H200. An emulation of these kernels' float32
+// operations in NumPy reproduced those three numbers to 3 digits; with the one-FFMA exponent
+// (and the stats fixes in the epilogue and flash_bwd_pre) it gives dq within 1.6x of torch
+// float32 at all three. The S products themselves are already bit-identical: forward and
+// backward both sum q.k with simt_mm_nt over the same head_dim order.
+// NaN: fmaxf drops a NaN score from the row max (m is the max of the row's other scores,
+// as in cpu.py and the reference), but exp2(NaN) makes P, l_i and acc NaN; the epilogue then
+// writes o = NaN (only l_i == 0 means "sees no key"). Masked scores are replaced by -inf
+// before use, so a NaN the row does not see is never used.
 __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[TM],
                                              float (&m_i)[TM], float (&l_i)[TM], float* p_out,
                                              int q_row, int k_col, int seqlen_k, int diag,
@@ -127,18 +151,18 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
     float mx = -CF_INF;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      s[i][j] = (k_col + CL * j <= last_key) ? s[i][j] * scale_log2 : -CF_INF;
+      s[i][j] = (k_col + CL * j <= last_key) ? s[i][j] : -CF_INF;
       mx = fmaxf(mx, s[i][j]);
     }
 #pragma unroll
     for (int off = 1; off < CL; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float m_new = fmaxf(m_i[i], mx);
+    const float m_new = fmaxf(m_i[i], mx * scale_log2);
     const float base = (m_new == -CF_INF) ? 0.f : m_new;  // row saw no key yet: P = 0, no NaN
     alpha[i] = simt_exp2(m_i[i] - base);                 // 0 when m_i = -inf
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      const float p = simt_exp2(s[i][j] - base);
+      const float p = simt_exp2(fmaf(s[i][j], scale_log2, -base));
       sum += p;
       p_out[(RL * i) * LDP + CL * j] = p;
     }
@@ -232,7 +256,13 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   }
   cp_async_wait<0>();
 
-  // -- epilogue: l = sum over the row's lanes; O = acc / l (0 for a row that saw no key)
+  // -- epilogue: l = sum over the row's lanes; O = acc / l (0 for a row that saw no key, l == 0;
+  // NaN where l is NaN: a NaN score the row sees). The stored m is m_i * LN2 rounded, and the
+  // backward rebuilds lse2 = m * LOG2E + log2(l) from it; storing l relative to that m,
+  // l * exp2(m_i - m * LOG2E) (the difference is one FFMA, exact product), makes lse2 equal
+  // m_i + log2(l) up to its own final rounding: at max|logit| 1e6 the round trip alone put a
+  // row-constant error of up to ~5% on the backward's P (dk 1.55x torch float32's error in
+  // the emulation, 0.89x with this). It is also what the API promises: l = sum exp(score - m).
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     float l = l_i[i];
@@ -241,12 +271,13 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     const int r = m0 + row0 + RL * i;
     if (r < seqlen_q) {
       elem_t* o_row = o + b * stride_ob + h * stride_oh + (cf_i64)r * stride_om;
+      const bool seen = l != 0.f;  // NaN l is seen
 #pragma unroll
       for (int qc = 0; qc < TQ; ++qc) {
         const int col = 4 * (col0 + CL * qc);
         if (col < head_dim) {
           float4 out = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (l > 0.f)
+          if (seen)
             out = make_float4(acc[i][4 * qc + 0] / l, acc[i][4 * qc + 1] / l,
                               acc[i][4 * qc + 2] / l, acc[i][4 * qc + 3] / l);
           *reinterpret_cast<float4*>(o_row + col) = out;
@@ -254,8 +285,10 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
       }
       if (col0 == 0) {
         const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + r;
-        m_out[stat] = m_i[i] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
-        l_out[stat] = l;
+        const float m = m_i[i] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
+        m_out[stat] = m;
+        // a row that saw no key (m = -inf) keeps l = 0 (-inf - -inf would be NaN)
+        l_out[stat] = seen ? l * simt_exp2(fmaf(-m, CF_LOG2E, m_i[i])) : 0.f;
       }
     }
   }

@@ -219,7 +219,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l_row[r] = quad_sum(l_i[r]);
-    inv_l[r] = l_row[r] > 0.f ? __frcp_rn(l_row[r]) : 0.f;
+    inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;
   unsigned char* band = s_q + warp * 16 * CF_HEAD_DIM * 2;  // 16 rows of scratch per warp

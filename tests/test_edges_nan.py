@@ -83,21 +83,13 @@ def test_nan_rule_matches_torch_autograd(case_id, which, index, causal):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(t.grad.numpy()), err_msg=name)
 
 
-def _gpu_nan_xfail(case_id: str):
-    """The kernels do not follow the rule yet where it failed on an H200 (2026-12-01): a NaN
-    in q's row or in a key a causal row sees gave finite o in that row (16 of 576 o elements
-    for the q-row case)."""
-    if case_id in ("q-row", "k-key-causal", "k-last-key-causal"):
-        return pytest.mark.xfail(strict=True, reason="issue 9 item 8: the CUDA kernels' row max "
-                                 "drops NaN scores; not yet fixed in the kernels")
-    return ()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("case_id, which, index, causal",
-                         [pytest.param(*c, marks=_gpu_nan_xfail(c[0]), id=c[0]) for c in CASES])
+@pytest.mark.parametrize("case_id, which, index, causal", CASES, ids=[c[0] for c in CASES])
 def test_gpu_follows_the_nan_rule(case_id, which, index, causal, deterministic):
+    """float32: the SIMT kernels. The q-row and causal k cases failed on an H200 (2026-12-01):
+    the fp32 forward's epilogue took "not l > 0" for "sees no key" and wrote o = 0 where l was
+    NaN; it now tests l == 0, as cpu.py does."""
     a = inputs(which, index)
     g = {name: to_gpu(x) for name, x in a.items()}
     o, stats = cuflash.attention_forward(g["q"], g["k"], g["v"], causal=causal)
@@ -105,3 +97,30 @@ def test_gpu_follows_the_nan_rule(case_id, which, index, causal, deterministic):
                                        deterministic=deterministic)
     got = [to_host(x) for x in (o, stats.l, *grads)]
     assert_same_nan_rule(got, expected(a, causal))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("head_dim", [8, 64])  # 64: on Hopper the wgmma forward and backward
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case_id, which, index, causal", CASES, ids=[c[0] for c in CASES])
+def test_gpu_16bit_kernels_follow_the_nan_pattern(case_id, which, index, causal, dtype, head_dim,
+                                                  deterministic):
+    """The tensor-core kernels: the same NaN pattern as the float64 reference on the same
+    (16-bit) inputs. Only the pattern: their finite values are judged by the accuracy tests."""
+    from gpu_helpers import np_dtype
+
+    shapes = {"q": SHAPE_Q[:3] + (head_dim,), "do": SHAPE_Q[:3] + (head_dim,),
+              "k": SHAPE_KV[:3] + (head_dim,), "v": SHAPE_KV[:3] + (head_dim,)}
+    rng = np.random.default_rng(1)
+    a = {name: rng.standard_normal(shape).astype(np_dtype(dtype)) for name, shape in shapes.items()}
+    a[which][index] = np.nan
+    g = {name: to_gpu(x) for name, x in a.items()}
+    o, stats = cuflash.attention_forward(g["q"], g["k"], g["v"], causal=causal)
+    grads = cuflash.attention_backward(g["do"], g["q"], g["k"], g["v"], o, stats, causal=causal,
+                                       deterministic=deterministic)
+    got = [to_host(o, dtype), to_host(stats.l)] + [to_host(x, dtype) for x in grads]
+    want = expected({name: x.astype(np.float32) for name, x in a.items()}, causal)
+    for name, gx, w in zip(("o", "l", "dq", "dk", "dv"), got, want):
+        np.testing.assert_array_equal(np.isnan(np.asarray(gx, dtype=np.float64)), np.isnan(w),
+                                      err_msg=f"{name}: NaN pattern ({dtype})")
