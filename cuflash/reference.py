@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .constants import default_softmax_scale
+
 _F32 = np.float32
 _F64 = np.float64
 
@@ -34,7 +36,7 @@ _F64 = np.float64
 def _resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is not None:
         return float(softmax_scale)
-    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    return default_softmax_scale(head_dim)
 
 
 def _group(q: np.ndarray, k: np.ndarray) -> int:

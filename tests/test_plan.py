@@ -130,9 +130,10 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     """Each launcher signature, letter by letter, against the entry point's declaration."""
     import re
 
-    from cuflash import compiler, launch
+    from cuflash import compiler, launch, registry
 
-    entry = _ENTRY_NAMES.get(kind) or specs.ENTRY[kind]
+    entry = _ENTRY_NAMES.get(kind) or next(v.entry for v in registry.VARIANTS
+                                           if (v.kind, v.source) == (kind, filename))
     source = (compiler.kernels_dir() / filename).read_text()
     match = re.search(rf"\b{entry}\(([^)]*)\)\s*{{", source)
     assert match, f"{entry} not found in {filename}"
