@@ -76,15 +76,16 @@ def seqlens(causal: bool) -> tuple[int, int]:
     return CAUSAL_SEQLENS if causal else (SHAPE["seqlen_q"], SHAPE["seqlen_k"])
 
 
-def spec_names(dtype: str, head_dim: int, causal: bool) -> str:
-    from cuflash import launch, specs
+def plan_labels(q, k, dtype: str, causal: bool) -> str:
+    """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
+    from cuflash import launch
 
-    facts = launch.device_facts(0)
-    names = [specs.select_forward(facts, dtype, head_dim, causal).name,
-             specs.select_backward(facts, dtype, head_dim, causal, False).name,
-             specs.select_backward(facts, dtype, head_dim, causal, True).name,
-             specs.select_backward_dq(facts, dtype, head_dim, causal).name]
-    return " ".join(names)
+    shape = launch.shape_of(q, k, dtype, causal)
+    labels = list(launch.forward_plan(shape, 0).labels)
+    for deterministic in (False, True):
+        labels += [x for x in launch.backward_plan(shape, 0, deterministic).labels
+                   if x not in labels]
+    return " ".join(labels)
 
 
 def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
@@ -126,7 +127,7 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / r.bound)
     line = (f"{'ok  ' if ok else 'FAIL'} {dtype:8s} d{head_dim:<3d} "
             f"{'causal' if causal else 'full  '} {seconds:6.2f}s  worst {worst}  "
-            f"[{spec_names(dtype, head_dim, causal)}]")
+            f"[{plan_labels(q, k, dtype, causal)}]")
     if not ok:
         line += "\n     " + "\n     ".join(str(r) for r in reports if not r.ok)
     return ok, line

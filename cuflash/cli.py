@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from . import __version__, environment, specs
 
@@ -50,8 +51,12 @@ def cmd_info(args) -> int:
           f"(fill it with: python -m cuflash warmup)")
     if args.load:
         from .compiler import get_kernel
+        from .launch import forward_plan
+        from .plan import Shape
 
-        spec = specs.select_forward(facts, specs.arch_dtypes(facts.arch)[0], 128, False)
+        shape = Shape(batch=1, seqlen_q=1, seqlen_k=1, heads=1, heads_kv=1, head_dim=128,
+                      dtype=specs.arch_dtypes(facts.arch)[0], causal=False)
+        spec = forward_plan(shape, device_id).kernel.spec
         loaded = get_kernel(spec, device_id)
         print(f"first load of {spec.name}: {loaded.seconds:.2f} s "
               f"(compile, or a hit in the disk cache)")
@@ -270,6 +275,28 @@ def cmd_warmup(args) -> int:
     return 0
 
 
+# -- bench: the benchmark of the source tree --------------------------------------------------
+
+def bench_dir() -> Path | None:
+    """``bench/`` beside the package in a source checkout (the benchmark does not ship)."""
+    path = Path(__file__).resolve().parent.parent / "bench"
+    return path if (path / "attention_sweep.py").is_file() else None
+
+
+def run_bench(argv: list[str]) -> int:
+    """``bench/attention_sweep.py`` with ``argv``, when run from a checkout."""
+    where = bench_dir()
+    if where is None:
+        print("python -m cuflash bench: the benchmark ships with the source tree only "
+              "(bench/attention_sweep.py in a clone of the repository); this cuflash is "
+              f"installed at {Path(__file__).resolve().parent} without it", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(where))  # the sweep imports plot_results.py beside it
+    import attention_sweep
+
+    return attention_sweep.main(argv)
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,16 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1),
                    help="parallel processes, each with a CUDA context (default: up to 8)")
     p.set_defaults(fn=cmd_warmup)
-    sub.add_parser("bench", help="benchmark against torch SDPA (GPU); bench --help for flags")
+    sub.add_parser("bench", help="benchmark against torch SDPA (GPU; from a source checkout: "
+                                 "bench/attention_sweep.py); bench --help for flags")
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmark owns its flags (python -m cuflash bench --help)
-        from .benchmark import main as bench_main
-
-        return bench_main(argv[1:])
+        return run_bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd is None:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from cuflash import plan as planning
 from cuflash import reference, specs
 
 # JAX grabs 75% of GPU memory at its first GPU call unless told otherwise; CuPy and torch
@@ -179,31 +180,56 @@ def _cupy_to_host(x) -> np.ndarray:
         return cupy.asnumpy(x.view(cupy.uint16)).view(BF16)
 
 
-# -- spec names (for failure messages) --------------------------------------------------------
+# -- which kernels run: the plan's labels ----------------------------------------------------
+# The labels come from the plan the library itself runs (cuflash.plan), never from a second
+# call of the selector, so a failure message names the kernels that produced the output.
 
 
-def _facts():
-    from cuflash import launch
-
-    return launch.device_facts(0)  # with the smem budget override in force now
+def label_shape(dtype: str, head_dim: int, causal: bool) -> planning.Shape:
+    """A one-row problem: which kernels a plan runs depends on dtype, head_dim, causal alone."""
+    return planning.Shape(batch=1, seqlen_q=1, seqlen_k=1, heads=1, heads_kv=1,
+                          head_dim=head_dim, dtype=dtype, causal=causal)
 
 
 def forward_spec_name(dtype: str, head_dim: int, causal: bool) -> str:
+    """The labels of the forward plan the device runs now (smem budget override included)."""
+    from cuflash import launch
+
     try:
-        return specs.select_forward(_facts(), dtype, head_dim, causal).name
+        return "+".join(launch.forward_plan(label_shape(dtype, head_dim, causal), 0).labels)
     except Exception as exc:  # the message must not hide the real failure
-        return f"<no forward spec: {exc}>"
+        return f"<no forward plan: {exc}>"
 
 
 def backward_spec_name(dtype: str, head_dim: int, causal: bool, deterministic: bool) -> str:
+    from cuflash import launch
+
     try:
-        facts = _facts()
-        names = [specs.select_backward(facts, dtype, head_dim, causal, deterministic).name]
-        if deterministic:
-            names.append(specs.select_backward_dq(facts, dtype, head_dim, causal).name)
-        return "+".join(names)
+        plan = launch.backward_plan(label_shape(dtype, head_dim, causal), 0, deterministic)
+        return "+".join(plan.labels)
     except Exception as exc:
-        return f"<no backward spec: {exc}>"
+        return f"<no backward plan: {exc}>"
+
+
+def planned_specs(facts, cfg, dtype: str, head_dim: int, causal: bool, *, forward: bool = True,
+                  backward: tuple[bool, ...] = (False, True)) -> list:
+    """The KernelSpecs the plans of one problem run on ``facts`` with ``cfg`` (a
+    ``cuflash.config.Config``): the forward and the backward in each deterministic mode given.
+    A plan for which no tile fits ``facts``' budget contributes nothing."""
+    shape = label_shape(dtype, head_dim, causal)
+    out = []
+    if forward:
+        try:
+            out.append(planning.plan_forward(shape, facts, cfg).kernel.spec)
+        except ValueError:
+            pass
+    for deterministic in backward:
+        try:
+            plan = planning.plan_backward(shape, facts, deterministic, cfg)
+        except ValueError:
+            continue
+        out += [launch.spec for launch in (plan.pre, plan.main, plan.dq) if launch is not None]
+    return out
 
 
 def describe(q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, softmax_scale,
@@ -431,11 +457,3 @@ def assert_precompiled(failures: dict[str, str]) -> None:
     with the compiler's log; this lists them all in one place)."""
     assert not failures, "specs that failed to compile:\n" + "\n".join(
         f"  {name}: {why}" for name, why in failures.items())
-
-
-def selectable(select, *args):
-    """select(*args) or None when no tile configuration fits (not every budget fits all)."""
-    try:
-        return select(*args)
-    except ValueError:
-        return None

@@ -29,7 +29,7 @@ def random_inputs(shape, dtype, with_do=False):
 
 def time_ms(fn, reps=30, warmup=5):
     """Median CUDA-event time of calls enqueued back to back (the host keeps ahead, as in
-    training), as cuflash/benchmark.py does: per-call host overhead is not counted."""
+    training), as bench/attention_sweep.py does: per-call host overhead is not counted."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()

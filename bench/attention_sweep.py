@@ -1,4 +1,7 @@
-"""``python -m cuflash bench``: cuflash against torch SDPA (flash, cuDNN, efficient) and naive.
+"""cuflash against torch SDPA (flash, cuDNN, efficient) and naive attention.
+
+    python bench/attention_sweep.py [--quick | --memory] ...   (or, in a checkout,
+    python -m cuflash bench ...)
 
 Two runs (bench/README.md has the long form):
 
@@ -11,7 +14,8 @@ Two runs (bench/README.md has the long form):
 Each configuration is validated once (cuflash vs torch's flash backend, else cuDNN, ...)
 before anything is timed. An exception in one configuration is recorded and the sweep goes
 on; a wall-clock budget stops launching new rows. Results: a JSON with every number, a PNG
-(``bench/plot_results.py``), and the compact table printed last. torch and CuPy are imported
+(``plot_results.py``, beside this file), and the compact table printed last. Each row's
+"spec" is the labels of the plan cuflash ran it by (``cuflash.plan``). torch and CuPy are imported
 inside functions only, so ``--help`` works on a machine without them.
 """
 
@@ -360,22 +364,20 @@ def _row_header(cfg: Config, direction: str, args) -> dict:
 
 
 def _spec_name(cfg: Config, direction: str, args) -> str:
-    """The cuflash KernelSpec name(s) the dispatcher picks for this row."""
+    """The labels of the plan cuflash runs this row by (its KernelSpec names, '+'-joined)."""
     try:
         import torch
 
-        from . import specs
-        from .launch import device_facts
+        from cuflash import launch
+        from cuflash.plan import Shape
 
-        facts = device_facts(torch.cuda.current_device())
-        dtype = DTYPES[cfg.dtype]
+        shape = Shape(batch=cfg.batch, seqlen_q=cfg.seqlen, seqlen_k=cfg.seqlen,
+                      heads=cfg.heads, heads_kv=cfg.heads, head_dim=cfg.head_dim,
+                      dtype=DTYPES[cfg.dtype], causal=cfg.causal)
+        device = torch.cuda.current_device()
         if direction == "fwd":
-            return specs.select_forward(facts, dtype, cfg.head_dim, cfg.causal).name
-        names = [specs.select_backward(facts, dtype, cfg.head_dim, cfg.causal,
-                                       args.deterministic).name]
-        if args.deterministic:
-            names.append(specs.select_backward_dq(facts, dtype, cfg.head_dim, cfg.causal).name)
-        return "+".join(names)
+            return "+".join(launch.forward_plan(shape, device).labels)
+        return "+".join(launch.backward_plan(shape, device, bool(args.deterministic)).labels)
     except Exception as exc:
         return f"unknown ({_first_line(exc)})"
 
@@ -785,10 +787,12 @@ def _finite(x):
 
 
 def _plot(function: str, json_path: Path) -> Path | None:
-    """bench/plot_results.py's ``function`` on the JSON; a note instead when it cannot run."""
+    """plot_results.py's ``function`` on the JSON; a note instead when it cannot run."""
     png = json_path.with_suffix(".png")
     try:
-        getattr(_plot_module(), function)(json_path, png)
+        import plot_results  # beside this file: bench/ is on sys.path when this file runs
+
+        getattr(plot_results, function)(json_path, png)
     except ImportError as exc:
         print(f"plot skipped ({exc}); later: python bench/plot_results.py {json_path}")
         return None
@@ -796,19 +800,6 @@ def _plot(function: str, json_path: Path) -> Path | None:
         print(f"plot failed: {_first_line(exc)}")
         return None
     return png
-
-
-def _plot_module():
-    import importlib.util
-
-    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        path = root / "bench" / "plot_results.py"
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("cuflash_plot_results", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-    raise ImportError("bench/plot_results.py not found next to the package or in the cwd")
 
 
 # -- environment, arguments, main ------------------------------------------------------------
@@ -873,7 +864,7 @@ def _length(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cuflash bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python bench/attention_sweep.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="cuflash vs torch SDPA (flash, cuDNN, efficient) and naive attention: "
                     "TFLOP/s sweep, or peak memory with --memory. Needs a CUDA GPU and torch.",
         epilog="default sweep: bf16 fp16 x head_dim 64 128 256 x seqlen 1k..16k x causal 0 1 x "
@@ -947,5 +938,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_memory(args) if args.memory else run_sweep(args)
 
 
-if __name__ == "__main__":  # python -m cuflash.benchmark ARGS (same as python -m cuflash bench)
+if __name__ == "__main__":  # python bench/attention_sweep.py ARGS (or python -m cuflash bench)
     sys.exit(main())
