@@ -41,13 +41,11 @@ from typing import Any, Callable
 IMPLS = ("cuflash", "flash", "cudnn", "efficient", "naive")
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                  "efficient": "EFFICIENT_ATTENTION"}
-# cuflash is validated against the first of these that runs the configuration.
-REFERENCES = ("flash", "cudnn", "efficient", "naive")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-# Validation: o passes when |cuflash - ref| <= tol + tol * |ref| element by element (a
-# 1-ulp rounding difference of a bf16 value near 4 is 0.016); each gradient passes when
-# max |cuflash - ref| <= tol * max(1, max |ref|). A wrong kernel misses by far more.
-TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2}
+# Validation: cuflash.testing's rule (err <= 2 * err(naive same dtype) + atol against float64)
+# on batch entry 0, head 0 of input set 0: one head's outputs depend on that head alone
+# (heads_kv = heads here), and one head keeps the float64 truth (seqlen^2 scores) small.
+VALIDATED = "float64 reference, batch 0 head 0 (cuflash.testing rule)"
 
 FULL_SWEEP = {"dtypes": ("bf16", "fp16"), "head_dims": (64, 128, 256),
               "seqlens": (1024, 2048, 4096, 8192, 16384)}
@@ -329,29 +327,52 @@ def _reps(est_ms: float, timing: Timing) -> int:
     return reps
 
 
-def _validate(ours, ref, ref_name: str | None, dtype: str) -> dict:
-    """cuflash's first output against the reference's, on the same inputs (rule: TOLERANCE)."""
-    tol = TOLERANCE[dtype]
-    if ours is None or ref is None:
-        why = "cuflash failed" if ours is None else "no reference ran"
-        return {"status": "not validated", "reason": why, "reference": ref_name,
-                "max_abs_diff": None, "tolerance": tol}
-    single = not isinstance(ours, (tuple, list))
-    names = ("o",) if single else ("dq", "dk", "dv")
-    ours, ref = ((ours,), (ref,)) if single else (ours, ref)
-    ok, per = True, {}
-    for name, a, b in zip(names, ours, ref):
-        a, b = a.detach().float(), b.detach().float()
-        diff = (a - b).abs()
-        per[name] = diff.max().item()
-        if name == "o":
-            ok &= not bool((~(diff <= tol + tol * b.abs())).any())  # NaN fails too
-        else:
-            ok &= per[name] <= tol * max(1.0, b.abs().max().item())
-        del a, b, diff
-    worst = max(per.values(), key=lambda x: math.inf if math.isnan(x) else x)
-    return {"status": "ok" if ok else "INVALID", "reference": ref_name, "max_abs_diff": worst,
-            "per_output": per, "tolerance": tol}
+def _validate(ours, cfg: Config, direction: str, inputs: Inputs) -> dict:
+    """cuflash's output on ``inputs`` (o, or (dq, dk, dv)) by cuflash.testing's rule, on
+    (batch 0, head 0): the truth in float64 and the naive attention in the row's dtype, both
+    with torch on the GPU. The backward's stored-o allowance is left out: it needs the float64
+    truth of a second product and is negligible for these unpeaked standard-normal inputs."""
+    from cuflash import testing
+
+    if ours is None:
+        return {"status": "not validated", "reason": "cuflash failed", "reference": VALIDATED,
+                "max_abs_diff": None}
+    dtype = DTYPES[cfg.dtype]
+    head = tuple(x[:1, :, :1] for x in (inputs.q, inputs.k, inputs.v, inputs.do))
+    truth = _head_outputs(direction, cfg.causal, *(x.double() for x in head))
+    naive = _head_outputs(direction, cfg.causal, *head)
+    got = (ours,) if direction == "fwd" else tuple(ours)
+    names = ("o",) if direction == "fwd" else ("dq", "dk", "dv")
+    host = [[_to_numpy(x[:1, :, :1]) for x in group] for group in (got, truth, naive)]
+    scale = testing.magnitude(*host[1])  # one slack for dq, dk, dv, as the tests do
+    reports = [testing.judge(n, g, t, nv, dtype=dtype, scale=scale)
+               for n, g, t, nv in zip(names, *host)]
+    ok = all(r.ok for r in reports)
+    worst = max((r.err for r in reports), key=lambda x: math.inf if math.isnan(x) else x)
+    return {"status": "ok" if ok else "INVALID", "reference": VALIDATED, "max_abs_diff": worst,
+            "per_output": {r.name: {"err": r.err, "bound": r.bound, "naive_err": r.naive_err}
+                           for r in reports}}
+
+
+def _head_outputs(direction: str, causal: bool, q, k, v, do):
+    """naive_attention's o, or its (dq, dk, dv) for sum(do * o), in the inputs' dtype."""
+    import torch
+
+    if direction == "fwd":
+        return (naive_attention(q, k, v, causal),)
+    leaves = tuple(x.detach().requires_grad_() for x in (q, k, v))
+    return torch.autograd.grad(naive_attention(*leaves, causal), leaves, do)
+
+
+def _to_numpy(x):
+    """A torch tensor as a host array in its own precision (bfloat16 as ml_dtypes')."""
+    import ml_dtypes
+    import torch
+
+    x = x.detach().cpu()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return x.numpy()
 
 
 # -- one row: (config, direction) ------------------------------------------------------------
@@ -384,26 +405,17 @@ def _spec_name(cfg: Config, direction: str, args) -> str:
 
 def _run_row(cfg: Config, direction: str, sets: list[Inputs], args) -> dict:
     row = _row_header(cfg, direction, args)
-    prepared, outs, tried = {}, {}, {}
-    # -- validate before timing: cuflash's first call, then the first reference that runs
+    prepared = {}
+    # -- validate before timing: cuflash's first call against the float64 truth
     if "cuflash" in args.impls:
-        for impl in ("cuflash",) + REFERENCES:
-            runner, out, rec = _prepare(impl, direction, cfg, sets, args)
-            if runner is None:
-                tried[impl] = rec
-                if impl in args.impls:
-                    row["impls"][impl] = rec
-                if impl == "cuflash":
-                    break
-                continue
-            prepared[impl], outs[impl] = (runner, rec), out
-            if impl != "cuflash":
-                break
-        runner = out = None  # outs holds the outputs until validated
-        ref = next((i for i in REFERENCES if i in outs), None)
-        row["validation"] = _validate(outs.get("cuflash"), outs.get(ref), ref, cfg.dtype)
-        row["validation"]["tried"] = {i: r["error"] for i, r in tried.items() if i != "cuflash"}
-        outs.clear()
+        runner, out, rec = _prepare("cuflash", direction, cfg, sets, args)
+        if runner is None:
+            row["impls"]["cuflash"] = rec
+        else:
+            prepared["cuflash"] = (runner, rec)
+        row["validation"] = _validate(out, cfg, direction, sets[0])
+        runner = out = None
+        _release_memory()  # the float64 truth's scores
         if row["validation"]["status"] == "INVALID":
             row["status"] = "INVALID"
     # -- time each implementation, releasing it before the next
@@ -675,7 +687,7 @@ def _progress_line(row: dict, elapsed: float) -> str:
     val = row.get("validation") or {}
     check = ""
     if val.get("max_abs_diff") is not None:
-        check = f"  max|diff| {val['max_abs_diff']:.1e} vs {val['reference']} {val['status']}"
+        check = f"  err {val['max_abs_diff']:.1e} vs float64 {val['status']}"
     elif val:
         check = f"  {val['status']}"
     extra = f"  ERROR {row['error']}" if row.get("error") else ""
@@ -702,7 +714,7 @@ def _table(rows: list[dict], impls) -> list[str]:
                  for p in ("cuflash/flash", "cuflash/cudnn")}
         val = r.get("validation") or {}
         diff = val.get("max_abs_diff")
-        note = {"INVALID": f"INVALID vs {val.get('reference')}",
+        note = {"INVALID": "INVALID (over the cuflash.testing bound)",
                 "error": f"error: {r.get('error')}",
                 "skipped": f"skipped: {r.get('error')}"}.get(r["status"], "")
         if not note and val.get("status") == "not validated":
@@ -829,7 +841,7 @@ def _environment(args, kind: str) -> dict:
         "cudnn": torch.backends.cudnn.version(), "cupy": cupy_version,
         "cuflash": cuflash.__version__, "python": platform.python_version(),
         "argv": args.argv, "flop_formula": FLOP_FORMULA, "timing": asdict(args.timing),
-        "tolerance": TOLERANCE, "impls": list(args.impls),
+        "validation": VALIDATED, "impls": list(args.impls),
     }
 
 
