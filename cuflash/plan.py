@@ -166,10 +166,13 @@ def backward_workspace(plan: BackwardPlan) -> Workspace:
 _DEFAULT = Config()
 
 
-def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT) -> ForwardPlan:
+def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
+                 spec: KernelSpec | None = None) -> ForwardPlan:
+    """``spec``: run this kernel instead of the selector's choice (tuning runs, bench/dev)."""
     facts = facts.with_budget(cfg.smem_budget)
-    spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
-                                wgmma=cfg.wgmma)
+    if spec is None:
+        spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
+                                    wgmma=cfg.wgmma)
     grid_xy = (_cdiv(shape.seqlen_q, spec.block_m), shape.heads)
     return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
 
@@ -196,13 +199,18 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
 
 
 def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
-                  cfg: Config = _DEFAULT) -> BackwardPlan:
+                  cfg: Config = _DEFAULT, *, spec: KernelSpec | None = None) -> BackwardPlan:
+    """``spec``: the dK/dV kernel to run instead of the selector's choice (tuning runs); its
+    ``dq_atomic`` must be ``not deterministic``."""
     dtype, d, causal = shape.dtype, shape.head_dim, shape.causal
+    if spec is not None and spec.dq_atomic == deterministic:
+        raise ValueError(f"plan_backward: {spec.name} does not match deterministic={deterministic}")
     facts = facts.with_budget(cfg.smem_budget)
     pre_spec = specs.select_backward_pre(dtype, facts)
     rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
     pre = _launch(pre_spec, rows_grid, shape.batch)
-    spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma)
+    if spec is None:
+        spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma)
     n_chunks = _cdiv(d, spec.dchunk)
     splits = kv_head_splits(shape, spec, facts.sm_count)
     main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,

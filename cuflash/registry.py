@@ -224,16 +224,16 @@ BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query 
 BWD_DQ16 = {b: (_fwd16(4, 64, 2), _fwd16(4, 64, 1), _fwd16(4, 32, 1), _fwd16(2, 32, 1),
                 _fwd16(2, 16, 1), _fwd16(1, 16, 1)) for b in BUCKETS}
 
-# float32 (SIMT, one stage). Chosen with the cost model of bench/dev/compile_sweep.py's
-# float32 ranking (FFMA per shared load, occupancy, reuse), not timed; the last of each
-# fits head_dim 256 in 48 KB.
-_MODEL = "cost model (bench/dev/compile_sweep.py --rank-fp32), not timed"
+# float32 (SIMT, one stage). Not timed: the first of each is the largest tile that compiled
+# without spills when the fp32 kernels landed (9e9994e; the cost-model proposals of the
+# compile sweep of that commit were not adopted); the last fits head_dim 256 in 48 KB.
+_FIRST32 = "largest spill-free tile when the fp32 kernels landed (9e9994e); not timed"
 _LAST = "fits head_dim 256 in 48 KB"
-FWD32 = {b: (_t(4, 64, 32, 1, _MODEL), _t(4, 32, 16, 1), _t(2, 16, 16, 1), _t(1, 16, 8, 1, _LAST))
+FWD32 = {b: (_t(4, 64, 32, 1, _FIRST32), _t(4, 32, 16, 1), _t(2, 16, 16, 1), _t(1, 16, 8, 1, _LAST))
          for b in BUCKETS}
-BWD32 = {b: (_t(4, 32, 32, 1, _MODEL), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
+BWD32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
          for b in BUCKETS}
-BWD_DQ32 = {b: (_t(4, 32, 32, 1, _MODEL), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
+BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
                 _t(1, 8, 8, 1, _LAST)) for b in BUCKETS}
 
 # The elementwise kernels: no head-dim bucket, no tiles (PRE_ROWS rows per block).
