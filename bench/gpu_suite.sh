@@ -46,9 +46,9 @@ for stage in $stages; do
       TAIL_LINES=12 run_stage racecheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
         --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py --quick ;;
     bench)
-      run_stage bench $PY -m cuflash bench --quick --out-dir "$OUT/results" ;;
+      run_stage bench $PY bench/attention_sweep.py --quick --out-dir "$OUT/results" ;;
     memory)
-      run_stage memory $PY -m cuflash bench --memory --out-dir "$OUT/results" ;;
+      run_stage memory $PY bench/attention_sweep.py --memory --out-dir "$OUT/results" ;;
     train)
       run_stage train $PY bench/train_small.py --out "$OUT/results" ;;
     train_gqa)  # GQA model at a real width: step time vs SDPA, eager and compiled

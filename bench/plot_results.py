@@ -1,4 +1,4 @@
-"""Plots of ``python -m cuflash bench`` results; needs matplotlib (imported when plotting).
+"""Plots of ``bench/attention_sweep.py`` results; needs matplotlib (imported when plotting).
 
     python bench/plot_results.py bench/results/attention_<device>_<date>.json [out.png]
     python bench/plot_results.py bench/results/memory_<device>_<date>.json [out.png]

@@ -13,7 +13,7 @@ zig-zag shard of one sequence (``cuflash.distributed``) and runs
 
 Per world size: validate once (a short sequence, every rank's shard of o, dq, dk, dv against
 one-GPU ``cuflash.torch.flash_attention`` on the whole sequence; tolerance as in
-``cuflash.benchmark``: 2e-2 relative for bf16), then per sequence length warm up and time
+``bench/attention_sweep.py``: 2e-2 relative for bf16), then per sequence length warm up and time
 forward and forward+backward with CUDA events on the current stream, a barrier before each
 call, the slowest rank's time per call, and the median over calls. Throughput is compared
 with world size 1 at the same sequence length (where that fits in one GPU's memory).
@@ -51,7 +51,7 @@ import cuflash  # noqa: E402
 from cuflash.distributed import shard_sequence  # noqa: E402
 from cuflash.distributed.torch import ring_attention  # noqa: E402
 
-BF16_TOL = 2e-2  # cuflash.benchmark's bf16 tolerance
+BF16_TOL = 2e-2  # bench/attention_sweep.py's bf16 tolerance
 
 
 def _tokens(text: str) -> int:

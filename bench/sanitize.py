@@ -10,7 +10,7 @@ with dQ by atomics and the deterministic backward (flash_bwd + flash_bwd_dq), on
 seqlen_q 150, seqlen_k 300, 2 query heads sharing 1 kv head. Then bfloat16 with head_dim
 bucket - 8 (the padded columns), and one causal case (200 queries over 130 keys: the first
 70 rows see no key). Each case prints one line: the specs it ran, the largest error against
-the float64 reference relative to its bound (the GPU tests' rule, from tests/gpu_helpers.py),
+the float64 reference relative to its bound (the package's rule, cuflash.testing),
 and the time.
 
 The shapes are small on purpose: racecheck instruments every shared-memory access, and a
@@ -76,15 +76,16 @@ def seqlens(causal: bool) -> tuple[int, int]:
     return CAUSAL_SEQLENS if causal else (SHAPE["seqlen_q"], SHAPE["seqlen_k"])
 
 
-def spec_names(dtype: str, head_dim: int, causal: bool) -> str:
-    from cuflash import launch, specs
+def plan_labels(q, k, dtype: str, causal: bool) -> str:
+    """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
+    from cuflash import launch
 
-    facts = launch.device_facts(0)
-    names = [specs.select_forward(facts, dtype, head_dim, causal).name,
-             specs.select_backward(facts, dtype, head_dim, causal, False).name,
-             specs.select_backward(facts, dtype, head_dim, causal, True).name,
-             specs.select_backward_dq(facts, dtype, head_dim, causal).name]
-    return " ".join(names)
+    shape = launch.shape_of(q, k, dtype, causal)
+    labels = list(launch.forward_plan(shape, 0).labels)
+    for deterministic in (False, True):
+        labels += [x for x in launch.backward_plan(shape, 0, deterministic).labels
+                   if x not in labels]
+    return " ".join(labels)
 
 
 def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
@@ -92,7 +93,7 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     import cupy
 
     import cuflash
-    from cuflash import reference
+    from cuflash import reference, testing
 
     rng = gh.rng_for()
     sq, sk = seqlens(causal)
@@ -112,21 +113,20 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     o_host = gh.to_host(o, dtype)
     o_ref = reference.attention_reference(q, k, v, causal=causal)[0]
     o_naive = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype))
-    reports = [reference.compare("o", o_host, o_ref, o_naive,
-                                 atol=gh.rule_atol(dtype, gh.magnitude(o_ref)))]
-    refs, naives, allowances = gh.backward_references(do, q, k, v, o_host, dtype=dtype,
-                                                      causal=causal)
-    atol = gh.rule_atol(dtype, gh.magnitude(*refs))
+    reports = [testing.judge("o", o_host, o_ref, o_naive, dtype=dtype)]
+    refs, naives, allowances = testing.backward_references(do, q, k, v, o_host, dtype=dtype,
+                                                           causal=causal)
+    scale = testing.magnitude(*refs)
     for det, got in grads.items():
         mode = "det" if det else "atomic"
         for name, g, r, n, a in zip(("dq", "dk", "dv"), got, refs, naives, allowances):
-            reports.append(reference.compare(f"{name}/{mode}", gh.to_host(g, dtype), r, n,
-                                             atol=atol + a))
+            reports.append(testing.judge(f"{name}/{mode}", gh.to_host(g, dtype), r, n,
+                                         dtype=dtype, scale=scale, allowance=a))
     ok = all(r.ok for r in reports)
     worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / r.bound)
     line = (f"{'ok  ' if ok else 'FAIL'} {dtype:8s} d{head_dim:<3d} "
             f"{'causal' if causal else 'full  '} {seconds:6.2f}s  worst {worst}  "
-            f"[{spec_names(dtype, head_dim, causal)}]")
+            f"[{plan_labels(q, k, dtype, causal)}]")
     if not ok:
         line += "\n     " + "\n     ".join(str(r) for r in reports if not r.ok)
     return ok, line

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .constants import SMEM_FLOOR
 from .specs import KernelSpec, compile_arch, forced_arch
 
 
@@ -82,7 +83,7 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
             module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
                                     backend="nvrtc")
             function = module.get_function(spec.entry)
-            if spec.smem_bytes > 48 * 1024:
+            if spec.smem_bytes > SMEM_FLOOR:  # above it the kernel must opt in
                 function.max_dynamic_shared_size_bytes = spec.smem_bytes
         if spec.kind == "bwd_pre":  # the module's second kernel, loaded with the first
             convert = module.get_function("flash_bwd_dq_convert")
@@ -176,7 +177,7 @@ def _load_arch_specific(spec: KernelSpec, arch: str):
     module = cuda_function.Module()
     module.load(_nvrtc_cubin(spec, arch))
     function = module.get_function(spec.entry)
-    if spec.smem_bytes > 48 * 1024:
+    if spec.smem_bytes > SMEM_FLOOR:  # above it the kernel must opt in
         driver.funcSetAttribute(function.ptr,
                                 driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 spec.smem_bytes)
@@ -213,7 +214,7 @@ def _load_ptx(spec: KernelSpec, arch: str):
     module = cuda_function.Module()
     module.load(_nvrtc_ptx(spec, arch))
     function = module.get_function(spec.entry)
-    if spec.smem_bytes > 48 * 1024:
+    if spec.smem_bytes > SMEM_FLOOR:  # above it the kernel must opt in
         driver.funcSetAttribute(function.ptr,
                                 driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                 spec.smem_bytes)

@@ -59,12 +59,12 @@ seqlen_k array is ever built. The kernels pad the last key block and mask column
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-LOG2E = 1.4426950408889634  # log2(e): scores are kept in log2 units inside the block loop
+from .constants import LOG2E  # scores are kept in log2 units, as in the kernels
+
 LN2 = 0.6931471805599453  # ln(2): converts the log2-unit row max back to natural log
 
 _F32 = np.float32
@@ -74,11 +74,6 @@ _F32 = np.float32
 # float32 forward + backward took 7.8 s with 128 x 128 tiles, 6.0 s with 512 x 128 and 5.2 s
 # with 512 x 256 (block_m x block_n), in one session; runs vary by about +-25%.
 BLOCK_M_CPU = 512
-
-
-def default_softmax_scale(head_dim: int) -> float:
-    """1 / sqrt(head_dim); 1.0 for head_dim 0, where every score is 0 anyway."""
-    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
 # -- problem geometry ----------------------------------------------------------------------

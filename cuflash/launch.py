@@ -26,7 +26,7 @@ from . import specs
 from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
 
-LOG2E = 1.4426950408889634
+from .constants import LOG2E
 class LaunchError(RuntimeError):
     """A kernel launch the driver refused, with the spec, grid and problem that were asked."""
 

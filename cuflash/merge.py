@@ -23,11 +23,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .constants import DTYPES
 from .interop import Framework, framework_of
 
 __all__ = ["merge_attention"]
 
-_O_DTYPES = ("float16", "bfloat16", "float32")
+_O_DTYPES = DTYPES  # the dtypes every path takes
 
 
 def merge_attention(outputs: Sequence[Any], lses: Sequence[Any]) -> tuple[Any, Any]:

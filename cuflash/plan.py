@@ -1,10 +1,12 @@
 """What runs for one attention call: kernels, grids and scratch space, as plain data.
 
 ``plan_forward`` / ``plan_backward`` are pure functions of the call's shape facts
-(:class:`Shape`) and the device's facts (``specs.DeviceFacts``): no GPU, no arrays, no
-environment reads, so they are tested on the CPU and anyone (API, framework adapters, tests,
-benchmarks) can ask which specs a call runs. ``forward_plan`` / ``backward_plan`` memoize them
-per (shape, device, configuration), so a repeated call costs one dictionary lookup.
+(:class:`Shape`), the device's facts (``specs.DeviceFacts``) and the configuration
+(``config.Config``: budget, wgmma switch): no GPU, no arrays, no environment reads, so they
+are tested on the CPU and anyone (API, framework adapters, tests, benchmarks) can ask which
+specs a call runs (``ForwardPlan.labels``, ``BackwardPlan.labels``). ``forward_plan`` /
+``backward_plan`` memoize them per (shape, device, raw configuration), so a repeated call
+costs one dictionary lookup.
 
 CUDA's grid limits are part of the plan: a grid axis over the batch that would exceed 65535
 blocks is split into several launches over slices of the batch (``batch_per_launch``), so no
@@ -13,10 +15,10 @@ batch size that validation accepts can fail to launch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from . import specs
+from . import config, specs
+from .config import Config
 from .specs import DeviceFacts, KernelSpec
 
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
@@ -161,8 +163,16 @@ def backward_workspace(plan: BackwardPlan) -> Workspace:
 
 # -- the pure planners ---------------------------------------------------------------------
 
-def plan_forward(shape: Shape, facts: DeviceFacts) -> ForwardPlan:
-    spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal)
+_DEFAULT = Config()
+
+
+def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
+                 spec: KernelSpec | None = None) -> ForwardPlan:
+    """``spec``: run this kernel instead of the selector's choice (tuning runs, bench/dev)."""
+    facts = facts.with_budget(cfg.smem_budget)
+    if spec is None:
+        spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
+                                    wgmma=cfg.wgmma)
     grid_xy = (_cdiv(shape.seqlen_q, spec.block_m), shape.heads)
     return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
 
@@ -188,12 +198,19 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
     return splits
 
 
-def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool) -> BackwardPlan:
+def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
+                  cfg: Config = _DEFAULT, *, spec: KernelSpec | None = None) -> BackwardPlan:
+    """``spec``: the dK/dV kernel to run instead of the selector's choice (tuning runs); its
+    ``dq_atomic`` must be ``not deterministic``."""
     dtype, d, causal = shape.dtype, shape.head_dim, shape.causal
+    if spec is not None and spec.dq_atomic == deterministic:
+        raise ValueError(f"plan_backward: {spec.name} does not match deterministic={deterministic}")
+    facts = facts.with_budget(cfg.smem_budget)
     pre_spec = specs.select_backward_pre(dtype, facts)
     rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
     pre = _launch(pre_spec, rows_grid, shape.batch)
-    spec = specs.select_backward(facts, dtype, d, causal, deterministic)
+    if spec is None:
+        spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma)
     n_chunks = _cdiv(d, spec.dchunk)
     splits = kv_head_splits(shape, spec, facts.sm_count)
     main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,
@@ -217,34 +234,27 @@ _forward_plans: dict = {}
 _backward_plans: dict = {}
 
 
-# os.environ's own dict (bytes keys on POSIX): one plain lookup per variable, where
-# os.environ.get encodes the key and decodes the value on every call (a per-call cost here).
-_ENVIRON = getattr(os.environ, "_data", None)
-_ENV_KEYS = ("CUFLASH_SMEM_BUDGET", "CUFLASH_DISABLE_WGMMA", "CUFLASH_FORCE_ARCH")
-_RAW_KEYS = tuple(os.environ.encodekey(k) for k in _ENV_KEYS) if _ENVIRON is not None else ()
-
-
 def configuration() -> tuple:
-    """What besides the device changes a plan: the shared-memory budget set in Python, and
-    the raw values of the variables that override the budget, switch wgmma off and force an
-    arch (read here, once per call, so the planners stay pure; parsed on a plan miss)."""
-    if _ENVIRON is not None:
-        return (specs._budget_override, *map(_ENVIRON.get, _RAW_KEYS))
-    return (specs._budget_override, *map(os.environ.get, _ENV_KEYS))
+    """What besides the device changes a plan, as the raw values (``config.raw``): read here,
+    once per call, so the planners stay pure; parsed into a ``Config`` on a plan miss."""
+    return config.raw()
 
 
 def forward_plan(shape: Shape, device_id: int, facts_of) -> ForwardPlan:
     """``plan_forward`` memoized; ``facts_of(device_id)`` gives the device's facts on a miss."""
-    key = (shape, device_id, configuration())
+    raw = config.raw()
+    key = (shape, device_id, raw)
     plan = _forward_plans.get(key)
     if plan is None:
-        plan = _forward_plans[key] = plan_forward(shape, facts_of(device_id))
+        plan = _forward_plans[key] = plan_forward(shape, facts_of(device_id), config.parse(raw))
     return plan
 
 
 def backward_plan(shape: Shape, device_id: int, facts_of, deterministic: bool) -> BackwardPlan:
-    key = (shape, device_id, deterministic, configuration())
+    raw = config.raw()
+    key = (shape, device_id, deterministic, raw)
     plan = _backward_plans.get(key)
     if plan is None:
-        plan = _backward_plans[key] = plan_backward(shape, facts_of(device_id), deterministic)
+        plan = _backward_plans[key] = plan_backward(shape, facts_of(device_id), deterministic,
+                                                    config.parse(raw))
     return plan

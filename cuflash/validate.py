@@ -43,12 +43,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .cpu import LOG2E
+from .constants import DTYPES, LOG2E, ROW_ALIGNMENT, default_softmax_scale
 from .interop import Device, Imported, element_strides, import_array
 
-SUPPORTED_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+SUPPORTED_DTYPES: tuple[str, ...] = DTYPES
 SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
-ROW_ALIGNMENT = 16  # bytes; the kernels' vector loads (cp.async 16 B, ldmatrix rows)
 # CUDA limits: heads is a grid axis (gridDim.y <= 65535); lengths are int32 kernel arguments
 # whose tile arithmetic (a row plus a tile, a query row plus the causal offset seqlen_k -
 # seqlen_q) must not overflow, hence 2^30 rather than 2^31.
@@ -185,7 +184,7 @@ def check_scale(softmax_scale: Any, head_dim: int) -> float:
     a real (not bool), finite, positive number in float32's range. For a head_dim outside the
     supported set the default is a placeholder 1.0: the shape checks reject that head_dim."""
     if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim in SUPPORTED_HEAD_DIMS else 1.0
+        return default_softmax_scale(head_dim) if head_dim in SUPPORTED_HEAD_DIMS else 1.0
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
                         f"got {_type_name(softmax_scale)} {softmax_scale!r}")

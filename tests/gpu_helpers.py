@@ -4,16 +4,14 @@ Nothing here touches a GPU at import time (cupy, torch and jax are imported insi
 functions that need them), so the GPU test modules import and skip cleanly on a CPU-only
 machine.
 
-The rule every comparison applies is FlashAttention's (``cuflash.reference.compare``):
-``err(ours) <= 2 * err(naive in the same dtype) + atol`` per output, with the float64
-reference as truth; atol is ``default_atol(dtype)`` plus a small slack at the output's
-magnitude (``ULP_SLACK`` says why). The softmax statistics m and l are judged differently,
-see ``STATS_RTOL``.
+The rule every comparison applies is the package's one acceptance rule, ``cuflash.testing``
+(FlashAttention's ``err(ours) <= 2 * err(naive in the same dtype) + atol`` per output against
+the float64 reference, the ULP slack, the stats rule); the helpers here only run it and
+label failures with the kernels the plan ran.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -23,7 +21,10 @@ from typing import Any, Callable, Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
-from cuflash import reference, specs
+from cuflash import plan as planning
+from cuflash import reference, specs, testing
+from cuflash.testing import (EPS, STATS_RTOL, ULP_SLACK, backward_references,  # noqa: F401
+                             magnitude, rule_atol, stats_error, stored_o_allowance)
 
 # JAX grabs 75% of GPU memory at its first GPU call unless told otherwise; CuPy and torch
 # share the device in the same process. Read when JAX's backend starts, so set it early.
@@ -33,18 +34,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": BF16, "float32": np.dtype(np.float32)}
 DTYPES = tuple(NP_DTYPES)
 HEAD_DIMS = tuple(range(8, 257, 8))  # every head_dim the library accepts
-
-# m and l are float32 functions of the scores. The kernels compute every score in float32
-# from the (exactly representable) products of the 16-bit inputs and never round scores or
-# P to 16 bits before taking the max and the sum, so, unlike o, the stats carry no 16-bit
-# rounding: their error is float32 accumulation order plus ex2.approx, ~1e-6 relative.
-# The naive same-dtype baseline does round its scores to 16 bits, so "2 x naive" would be a
-# far looser bound than needed; we compare m and l directly with the float64 reference:
-# |got - ref| <= rtol * max(1, |ref|), rtol 1e-3 for 16-bit inputs and 1e-4 for float32, both
-# two orders above the expected error. A real bug (a missed key tile, a wrong rescale, a
-# wrong mask) moves l or m by far more than 1e-3; -inf / 0 of key-less rows must match exactly.
-STATS_RTOL = {"float16": 1e-3, "bfloat16": 1e-3, "float32": 1e-4}
-
 
 def np_dtype(dtype: str) -> np.dtype:
     return NP_DTYPES[dtype]
@@ -179,31 +168,56 @@ def _cupy_to_host(x) -> np.ndarray:
         return cupy.asnumpy(x.view(cupy.uint16)).view(BF16)
 
 
-# -- spec names (for failure messages) --------------------------------------------------------
+# -- which kernels run: the plan's labels ----------------------------------------------------
+# The labels come from the plan the library itself runs (cuflash.plan), never from a second
+# call of the selector, so a failure message names the kernels that produced the output.
 
 
-def _facts():
-    from cuflash import launch
-
-    return launch.device_facts(0)  # with the smem budget override in force now
+def label_shape(dtype: str, head_dim: int, causal: bool) -> planning.Shape:
+    """A one-row problem: which kernels a plan runs depends on dtype, head_dim, causal alone."""
+    return planning.Shape(batch=1, seqlen_q=1, seqlen_k=1, heads=1, heads_kv=1,
+                          head_dim=head_dim, dtype=dtype, causal=causal)
 
 
 def forward_spec_name(dtype: str, head_dim: int, causal: bool) -> str:
+    """The labels of the forward plan the device runs now (smem budget override included)."""
+    from cuflash import launch
+
     try:
-        return specs.select_forward(_facts(), dtype, head_dim, causal).name
+        return "+".join(launch.forward_plan(label_shape(dtype, head_dim, causal), 0).labels)
     except Exception as exc:  # the message must not hide the real failure
-        return f"<no forward spec: {exc}>"
+        return f"<no forward plan: {exc}>"
 
 
 def backward_spec_name(dtype: str, head_dim: int, causal: bool, deterministic: bool) -> str:
+    from cuflash import launch
+
     try:
-        facts = _facts()
-        names = [specs.select_backward(facts, dtype, head_dim, causal, deterministic).name]
-        if deterministic:
-            names.append(specs.select_backward_dq(facts, dtype, head_dim, causal).name)
-        return "+".join(names)
+        plan = launch.backward_plan(label_shape(dtype, head_dim, causal), 0, deterministic)
+        return "+".join(plan.labels)
     except Exception as exc:
-        return f"<no backward spec: {exc}>"
+        return f"<no backward plan: {exc}>"
+
+
+def planned_specs(facts, cfg, dtype: str, head_dim: int, causal: bool, *, forward: bool = True,
+                  backward: tuple[bool, ...] = (False, True)) -> list:
+    """The KernelSpecs the plans of one problem run on ``facts`` with ``cfg`` (a
+    ``cuflash.config.Config``): the forward and the backward in each deterministic mode given.
+    A plan for which no tile fits ``facts``' budget contributes nothing."""
+    shape = label_shape(dtype, head_dim, causal)
+    out = []
+    if forward:
+        try:
+            out.append(planning.plan_forward(shape, facts, cfg).kernel.spec)
+        except ValueError:
+            pass
+    for deterministic in backward:
+        try:
+            plan = planning.plan_backward(shape, facts, deterministic, cfg)
+        except ValueError:
+            continue
+        out += [launch.spec for launch in (plan.pre, plan.main, plan.dq) if launch is not None]
+    return out
 
 
 def describe(q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, softmax_scale,
@@ -218,36 +232,6 @@ def describe(q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, softmax_sca
 
 # -- the rule ------------------------------------------------------------------------------------
 
-# Slack added to the rule's atol, in units of the dtype's epsilon at the outputs' magnitude:
-# atol = default_atol(dtype) + ULP_SLACK[dtype] * eps(dtype) * max(1, magnitude), where the
-# magnitude is max|ref| over the outputs of the call (o; or dq, dk and dv together, since
-# their rounding noise comes from the same P and dP: dK of a single key is 0 in truth, yet
-# carries noise at the scale of dV).
-# Why: "2 x naive" compares two random errors, and on small problems (a few keys or query
-# rows, so a max over few elements) or steep softmaxes (softmax_scale 1 with head_dim 256:
-# logits ~ +-50) the naive result is sometimes lucky. Running cuflash's CPU path (the same
-# blockwise algorithm, exp2 with scale * log2(e), delta = rowsum(dO * O)) on 800 drawn
-# problems failed the bare rule in ~1% of them: float32 outputs up to 2.8x naive (needing up
-# to 17 eps * magnitude of slack; e.g. dk of a single key, which is 0 in truth, where naive
-# is exactly 0 and ours carries the delta identity's cancellation noise), and one bf16 dq at
-# 1.1x naive. The slack is far below what any real defect produces (a missed tile, a wrong
-# mask or rescale, a race, bf16 accumulation: errors of 1e-3 to 1 relative): 64 eps * |ref|
-# is 8e-6 relative in float32, and half a bf16 / fp16 unit at the output's magnitude is the
-# rounding every stored output carries anyway (FlashAttention-3's tests add a similar term).
-ULP_SLACK = {"float32": 64.0, "float16": 0.5, "bfloat16": 0.5}
-EPS = {name: float(ml_dtypes.finfo(dt).eps) for name, dt in NP_DTYPES.items()}
-
-
-def magnitude(*refs) -> float:
-    """max |x| over the given arrays (0 for empty ones)."""
-    return max([float(np.abs(r).max()) for r in refs if np.size(r)], default=0.0)
-
-
-def rule_atol(dtype: str, scale: float) -> float:
-    """The atol of ``err <= 2 * naive_err + atol`` for outputs of magnitude ``scale``."""
-    return reference.default_atol(np_dtype(dtype)) + ULP_SLACK[dtype] * EPS[dtype] * max(1.0, scale)
-
-
 def assert_matches_reference(name: str, got, ref, naive, *, dtype: str, label: str,
                              scale: float | None = None, allowance: float = 0.0) -> None:
     """err(got) <= 2 * err(naive) + atol against the float64 ref; NaN never passes.
@@ -259,24 +243,8 @@ def assert_matches_reference(name: str, got, ref, naive, *, dtype: str, label: s
     got = np.asarray(got)
     if got.shape != np.shape(ref):
         raise AssertionError(f"{name} [{label}]: shape {got.shape}, expected {np.shape(ref)}")
-    atol = rule_atol(dtype, magnitude(ref) if scale is None else scale) + allowance
-    report = reference.compare(name, got, ref, naive, atol=atol)
-    assert report.ok, f"{report} [{label}; atol {atol:.3g}]"
-
-
-def stats_error(got, ref) -> float:
-    """max |got - ref| / max(1, |ref|); equal values (including infinities) count 0,
-    an infinity on one side only counts inf, NaN in got gives NaN."""
-    got = np.asarray(got, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if got.size == 0:
-        return 0.0
-    if np.isnan(got).any():
-        return math.nan
-    with np.errstate(invalid="ignore"):
-        rel = np.abs(got - ref) / np.maximum(1.0, np.abs(ref))
-    rel = np.where(np.isinf(got) | np.isinf(ref), np.inf, rel)
-    return float(np.where(got == ref, 0.0, rel).max())
+    report = testing.judge(name, got, ref, naive, dtype=dtype, scale=scale, allowance=allowance)
+    assert report.ok, f"{report} [{label}]"
 
 
 def assert_stats_match(name: str, got, ref, *, dtype: str, label: str) -> None:
@@ -285,8 +253,8 @@ def assert_stats_match(name: str, got, ref, *, dtype: str, label: str) -> None:
         raise AssertionError(f"{name} [{label}]: shape {got.shape}, expected {np.shape(ref)}")
     if got.dtype != np.float32:
         raise AssertionError(f"{name} [{label}]: dtype {got.dtype}, expected float32")
-    err, rtol = stats_error(got, ref), STATS_RTOL[dtype]
-    assert err <= rtol, f"{name}: relative err {err:.3g} vs rtol {rtol:g} FAIL [{label}]"
+    report = testing.judge_stats(name, got, ref, dtype=dtype)
+    assert report.ok, f"{name}: relative err {report.err:.3g} vs rtol {report.bound:g} FAIL [{label}]"
 
 
 def assert_forward_matches_reference(q, k, v, o, m, l, *, dtype: str, causal: bool,
@@ -299,39 +267,6 @@ def assert_forward_matches_reference(q, k, v, o, m, l, *, dtype: str, causal: bo
     assert_matches_reference("o", o, o_ref, o_naive, dtype=dtype, label=label)
     assert_stats_match("m", m, m_ref, dtype=dtype, label=label)
     assert_stats_match("l", l, l_ref, dtype=dtype, label=label)
-
-
-def stored_o_allowance(do, q, k, v, o, *, causal: bool, softmax_scale=None):
-    """max |dX(FlashAttention, exact arithmetic, given the stored o) - dX(truth)| for dq, dk, dv.
-
-    FlashAttention's backward takes ``delta_i = sum_d dO_id * O_id`` from the o that the
-    forward stored (rounded to the dtype), where the truth has ``sum_j P_ij dP_ij``. The naive
-    baseline never forms delta, so this error is not in its noise floor, and it is not small
-    where the softmax is peaked: with few keys, softmax_scale 1 and head_dim 216, fp16 dq
-    came out 9x naive from it (in the CPU path). By design, so it is added to atol, computed
-    exactly: ``dS`` shifts by ``-P_ij * ddelta_i`` with ``ddelta = rowsum(dO * (o - o_true))``,
-    hence ``dq_i`` by ``-scale * ddelta_i * sum_j P_ij k_j`` (attention with v = k) and ``dk``
-    by ``-scale * P^T (ddelta * q)`` (what the reference returns as dv for dO = ddelta * q).
-    dv does not involve delta. ``o``: the forward's output (host, in the dtype).
-    """
-    kw = dict(causal=causal, softmax_scale=softmax_scale)
-    scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else softmax_scale
-    o_true = reference.attention_reference(q, k, v, **kw)[0]
-    ddelta = np.sum(do.astype(np.float64) * (o.astype(np.float64) - o_true), axis=-1,
-                    keepdims=True)  # (b, s_q, h, 1)
-    dq_shift = scale * ddelta * reference.attention_reference(q, k, k, **kw)[0]
-    dk_shift = scale * reference.attention_backward_reference(ddelta * q.astype(np.float64),
-                                                              q, k, v, **kw)[2]
-    return magnitude(dq_shift), magnitude(dk_shift), 0.0
-
-
-def backward_references(do, q, k, v, o, *, dtype: str, causal: bool, softmax_scale=None):
-    """(truth, naive, allowance): float64 (dq, dk, dv), the same in dtype computed naively,
-    and ``stored_o_allowance`` for the forward's output o (all host arrays)."""
-    kw = dict(causal=causal, softmax_scale=softmax_scale)
-    return (reference.attention_backward_reference(do, q, k, v, **kw),
-            reference.attention_backward_naive(do, q, k, v, dtype=np_dtype(dtype), **kw),
-            stored_o_allowance(do, q, k, v, o, **kw))
 
 
 def assert_backward_matches_reference(do, q, k, v, o, dq, dk, dv, *, dtype: str, causal: bool,
@@ -431,11 +366,3 @@ def assert_precompiled(failures: dict[str, str]) -> None:
     with the compiler's log; this lists them all in one place)."""
     assert not failures, "specs that failed to compile:\n" + "\n".join(
         f"  {name}: {why}" for name, why in failures.items())
-
-
-def selectable(select, *args):
-    """select(*args) or None when no tile configuration fits (not every budget fits all)."""
-    try:
-        return select(*args)
-    except ValueError:
-        return None

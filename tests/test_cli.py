@@ -181,3 +181,16 @@ def test_gpu_reason_without_cupy_says_cpu_needs_none(monkeypatch):
 def test_installed_version_reads_metadata_without_importing():
     assert environment.installed_version("numpy") is not None
     assert environment.installed_version("surely-not-a-package") is None
+
+
+def test_bench_runs_the_source_tree_sweep(capsys):
+    """``bench`` runs bench/attention_sweep.py from a checkout (--help needs no GPU or torch)."""
+    assert cli.bench_dir() is not None
+    assert cli.main(["bench", "--help"]) == 0
+    assert "python bench/attention_sweep.py" in capsys.readouterr().out
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmark_is(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "bench_dir", lambda: None)
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "ships with the source tree only" in capsys.readouterr().err

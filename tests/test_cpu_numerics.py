@@ -25,7 +25,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cuflash.cpu import default_softmax_scale, flash_backward_cpu, flash_forward_cpu
+from cuflash.constants import default_softmax_scale
+from cuflash.cpu import flash_backward_cpu, flash_forward_cpu
 from cuflash.reference import (
     attention_backward_naive,
     attention_backward_reference,

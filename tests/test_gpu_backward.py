@@ -35,31 +35,24 @@ BUDGET_HEAD_DIM = 256
 
 
 def _module_specs():
-    from cuflash import launch
+    """The specs the plans of this module's problems run (cuflash.plan), compiled ahead."""
+    from cuflash import config, launch
 
-    facts = launch.device_facts(0)
-    out = [specs.select_backward_pre(dtype) for dtype in specs.DTYPES]
-    for dtype in specs.DTYPES:  # what hypothesis may draw: every spec at the device's budget
+    facts, cfg = launch.device_facts(0), config.current()
+    out = []
+    for dtype in specs.arch_dtypes(facts.arch):  # what hypothesis may draw: the device's budget
         for bucket in specs.HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                out += [gh.selectable(specs.select_forward, facts, dtype, bucket, causal),
-                        gh.selectable(specs.select_backward_dq, facts, dtype, bucket, causal)]
-                out += [gh.selectable(specs.select_backward, facts, dtype, bucket, causal, det)
-                        for det in (False, True)]
+                out += gh.planned_specs(facts, cfg, dtype, bucket, causal)
     for kib in specs.BUDGETS_KIB:
         f = facts.with_budget(kib * KIB)
         for dtype in BUDGET_DTYPES:
             for causal in (False, True):
-                out += [gh.selectable(specs.select_backward, f, dtype, BUDGET_HEAD_DIM, causal,
-                                      det) for det in (False, True)]
-                out.append(gh.selectable(specs.select_backward_dq, f, dtype, BUDGET_HEAD_DIM,
-                                         causal))
+                out += gh.planned_specs(f, cfg, dtype, BUDGET_HEAD_DIM, causal, forward=False)
         for bucket in specs.HEAD_DIM_BUCKETS:  # test_backward_every_head_dim_every_budget
-            causal = _every_budget_causal(bucket)
-            out += [gh.selectable(specs.select_backward, f, "bfloat16", bucket, causal, det)
-                    for det in (False, True)]
-            out.append(gh.selectable(specs.select_backward_dq, f, "bfloat16", bucket, causal))
-    return [s for s in out if s is not None]
+            out += gh.planned_specs(f, cfg, "bfloat16", bucket, _every_budget_causal(bucket),
+                                    forward=False)
+    return out
 
 
 PRECOMPILE_FAILURES: dict[str, str] = {}
@@ -227,7 +220,7 @@ def test_backward_both_kernels(monkeypatch, wgmma, dtype, causal, head_dim):
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
     if not wgmma:
         monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
-    spec = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal, False)
+    spec = launch.backward_plan(gh.label_shape(dtype, head_dim, causal), 0, False).main.spec
     assert (spec.kind == "bwd90") == wgmma, spec.name
     problem = Problem(gh.rng_for(), batch=2, seqlen_q=300, seqlen_k=277, heads=4, heads_kv=2,
                       head_dim=head_dim, dtype=dtype, causal=causal)

@@ -32,17 +32,19 @@ CAUSAL_IDS = {False: "full", True: "causal"}
 
 
 def _module_specs():
-    from cuflash import launch
+    """The specs the forward plans of this module's problems run (cuflash.plan)."""
+    from cuflash import config, launch
 
-    facts = launch.device_facts(0)
-    out = [gh.selectable(specs.select_forward, facts, dtype, bucket, causal)
-           for dtype in specs.DTYPES for bucket in specs.HEAD_DIM_BUCKETS
-           for causal in (False, True)]
+    facts, cfg = launch.device_facts(0), config.current()
+    out = [spec for dtype in specs.arch_dtypes(facts.arch) for bucket in specs.HEAD_DIM_BUCKETS
+           for causal in (False, True)
+           for spec in gh.planned_specs(facts, cfg, dtype, bucket, causal, backward=())]
     for kib in specs.BUDGETS_KIB:
         budget_facts = facts.with_budget(kib * KIB)
-        out += [gh.selectable(specs.select_forward, budget_facts, dtype, d, causal)
-                for dtype in BUDGET_DTYPES for d in BUDGET_HEAD_DIMS for causal in (False, True)]
-    return [s for s in out if s is not None]
+        out += [spec for dtype in BUDGET_DTYPES for d in BUDGET_HEAD_DIMS
+                for causal in (False, True)
+                for spec in gh.planned_specs(budget_facts, cfg, dtype, d, causal, backward=())]
+    return out
 
 
 PRECOMPILE_FAILURES: dict[str, str] = {}
@@ -155,7 +157,7 @@ def test_forward_both_kernels(monkeypatch, wgmma, dtype, causal, head_dim):
         pytest.skip("the wgmma kernel needs an sm_90 GPU")
     if not wgmma:
         monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
-    spec = specs.select_forward(launch.device_facts(0), dtype, head_dim, causal)
+    spec = launch.forward_plan(gh.label_shape(dtype, head_dim, causal), 0).kernel.spec
     assert (spec.kind == "fwd90") == wgmma, spec.name
     q, k, v = gh.random_qkv(gh.rng_for(), batch=2, seqlen_q=300, seqlen_k=277, heads=4,
                             heads_kv=2, head_dim=head_dim, dtype=dtype)

@@ -32,19 +32,17 @@ HEAD_DIMS = (32, 40, 64, 96, 128, 136, 160, 192, 224, 256)
 
 
 def _module_specs():
-    from cuflash import launch
+    """The specs the plans run as on a T4 (the fixture has forced sm_75), budgets 64K and 48K."""
+    from cuflash import config, launch
 
+    cfg = config.current()
     out = []
     for kib in (64, 48):
         facts = launch.device_facts(0).with_budget(kib * KIB)
         for dtype in TURING_DTYPES:
             for d in HEAD_DIMS:
                 for causal in (False, True):
-                    out += [specs.select_forward(facts, dtype, d, causal),
-                            specs.select_backward(facts, dtype, d, causal, False),
-                            specs.select_backward(facts, dtype, d, causal, True),
-                            specs.select_backward_dq(facts, dtype, d, causal)]
-        out += [specs.select_backward_pre(dtype) for dtype in TURING_DTYPES]
+                    out += gh.planned_specs(facts, cfg, dtype, d, causal)
     return out
 
 

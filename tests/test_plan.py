@@ -130,9 +130,10 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     """Each launcher signature, letter by letter, against the entry point's declaration."""
     import re
 
-    from cuflash import compiler, launch
+    from cuflash import compiler, launch, registry
 
-    entry = _ENTRY_NAMES.get(kind) or specs.ENTRY[kind]
+    entry = _ENTRY_NAMES.get(kind) or next(v.entry for v in registry.VARIANTS
+                                           if (v.kind, v.source) == (kind, filename))
     source = (compiler.kernels_dir() / filename).read_text()
     match = re.search(rf"\b{entry}\(([^)]*)\)\s*{{", source)
     assert match, f"{entry} not found in {filename}"
@@ -142,3 +143,19 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
         letters += ("p" if "*" in param else "q" if "long long" in param
                     else "f" if param.startswith("float") else "i")
     assert letters == launch._SIGNATURES[kind]
+
+
+def test_plans_take_the_configuration_and_a_pinned_spec():
+    from cuflash.config import Config
+
+    s = shape(seqlen_q=300, seqlen_k=300)
+    assert plan.plan_forward(s, H200, Config(wgmma=False)).kernel.spec.kind == "fwd"
+    small = plan.plan_forward(s, H200, Config(smem_budget=48 * specs.KIB)).kernel.spec
+    assert small.smem_bytes <= 48 * specs.KIB
+    pinned = specs.select_forward(A100, s.dtype, s.head_dim, s.causal).with_knobs(CF_FWD_MIN_BLOCKS=2)
+    p = plan.plan_forward(s, H200, spec=pinned)
+    assert p.kernel.spec is pinned and p.kernel.grid[0] == -(-300 // pinned.block_m)
+    det = specs.select_backward(A100, s.dtype, s.head_dim, s.causal, True)
+    assert plan.plan_backward(s, H200, True, spec=det).main.spec is det
+    with pytest.raises(ValueError, match="deterministic"):
+        plan.plan_backward(s, H200, False, spec=det)

@@ -55,14 +55,24 @@ def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     assert specs.compile_arch(spec, "sm_90") == "sm_90a"
 
 
-def test_wgmma_only_on_sm90_and_only_whole_panels(monkeypatch):
+def test_wgmma_only_on_sm90_and_only_whole_panels():
     a100 = DeviceFacts(name="a100", arch="sm_80", sm_count=108, smem_optin=163 * KIB)
     assert specs.select_forward(a100, "bfloat16", 128, False).name == "fwd_bf16_d128_m128_n64_w8_s2"
     assert specs.select_forward(facts(227), "bfloat16", 96, False).kind == "fwd"
     assert specs.select_forward(facts(227), "float32", 128, False).kind == "fwd"
     assert specs.select_forward(facts(99), "float16", 64, True).kind == "fwd90"
+    assert specs.select_forward(facts(227), "bfloat16", 128, False, wgmma=False).kind == "fwd"
+
+
+def test_the_selector_reads_no_environment(monkeypatch):
+    """The wgmma switch and the budget come in as arguments; the caller reads the environment."""
+    from cuflash import config
+
     monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
-    assert specs.select_forward(facts(227), "bfloat16", 128, False).kind == "fwd"
+    monkeypatch.setenv("CUFLASH_SMEM_BUDGET", "48K")
+    assert specs.select_forward(facts(227), "bfloat16", 128, False).kind == "fwd90"
+    assert config.current() == config.Config(smem_budget=48 * KIB, wgmma=False)
+    assert not specs.uses_wgmma(facts(227))
 
 
 def test_names_are_unique_and_canonical():
@@ -117,10 +127,32 @@ def test_no_budget_fits_raises_with_reason():
 
 
 def test_kernel_spec_is_hashable_and_frozen():
-    spec = KernelSpec("fwd", "bfloat16", 64, 64, 64, 4, 2, False)
+    spec = KernelSpec(kind="fwd", dtype="bfloat16", head_dim=64, block_m=64, block_n=64,
+                      warps=4, stages=2)
     assert {spec: 1}[spec] == 1
     with pytest.raises(Exception):
         spec.block_m = 32
+    with pytest.raises(TypeError):  # keyword construction only: no positional tuples
+        KernelSpec("fwd", "bfloat16")
+
+
+def test_knobs_are_part_of_the_name_and_the_defines():
+    base = specs.select_backward(facts(227), "bfloat16", 128, False, True)
+    tuned = base.with_knobs(CF_BWD_MSUB=16)
+    assert tuned.name == base.name + "_bwd_msub16" and tuned != base
+    assert tuned.defines == {**base.defines, "CF_BWD_MSUB": 16}
+    assert tuned.smem_bytes == base.smem_bytes and tuned.source == base.source
+    with pytest.raises(ValueError, match="knobs"):
+        base.with_knobs(CF_HEAD_DIM=64)  # the spec's own defines are its fields
+
+
+def test_every_registry_tile_says_why():
+    from cuflash import registry
+
+    for variant in registry.VARIANTS:
+        for bucket, tiles in variant.tiles.items():
+            assert tiles, (variant.kind, bucket)
+            assert all(t.why for t in tiles), (variant.kind, bucket)
 
 
 # -- which GPUs -------------------------------------------------------------------------------

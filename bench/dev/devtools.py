@@ -1,4 +1,4 @@
-"""Pieces the GPU dev checks share (check_fwd90.py, check_bwd90.py): shapes, inputs, timing."""
+"""Pieces the GPU dev scripts share (tile_sweep.py): timing, a pinned kernel's run."""
 
 from __future__ import annotations
 
@@ -6,30 +6,9 @@ import statistics
 
 import torch
 
-# (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim): tails both ways, GQA, one query,
-# head_dim below its bucket (120, 56).
-SHAPES = [
-    (2, 256, 256, 4, 4, 128), (1, 1000, 777, 3, 1, 128), (2, 130, 515, 4, 2, 64),
-    (1, 517, 129, 2, 2, 64), (1, 64, 300, 2, 1, 256), (1, 333, 333, 2, 2, 256),
-    (1, 2048, 2048, 2, 2, 128), (3, 1, 70, 2, 2, 128), (1, 200, 200, 2, 2, 120),
-    (1, 90, 333, 2, 1, 56),
-]
-
-
-def random_inputs(shape, dtype, with_do=False):
-    """Fresh standard-normal q, k, v (and do) on the GPU for one SHAPES entry."""
-    b, sq, sk, h, hk, d = shape
-    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-    k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-    v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
-    if not with_do:
-        return q, k, v
-    return q, k, v, torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
-
-
 def time_ms(fn, reps=30, warmup=5):
     """Median CUDA-event time of calls enqueued back to back (the host keeps ahead, as in
-    training), as cuflash/benchmark.py does: per-call host overhead is not counted."""
+    training), as bench/attention_sweep.py does: per-call host overhead is not counted."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -42,3 +21,53 @@ def time_ms(fn, reps=30, warmup=5):
         end.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+# -- one pinned kernel through the library's launcher -----------------------------------------
+# A tuning run must time the tile it names: cuflash memoizes its plans, so swapping the
+# selector does nothing after the first call. Instead build the plan with the spec pinned
+# (cuflash.plan's ``spec=``; extra -D defines as ``spec.with_knobs(...)``, which are in the
+# spec's name and cache key) and launch it on torch's current stream.
+
+def _operand(t):
+    from cuflash.launch import Operand
+
+    return Operand(t.data_ptr(), *t.stride()[:3], t.element_size())
+
+
+def _shape(q, k, causal):
+    from cuflash.plan import Shape
+
+    b, sq, h, d = q.shape
+    return Shape(batch=b, seqlen_q=sq, seqlen_k=k.shape[1], heads=h, heads_kv=k.shape[2],
+                 head_dim=d, dtype=str(q.dtype).split(".")[1], causal=causal)
+
+
+def pinned_forward(spec, q, k, v, causal):
+    """(o, m, l) of the forward run with ``spec`` (torch tensors on the GPU)."""
+    from cuflash import launch, plan
+
+    device = q.device.index
+    p = plan.plan_forward(_shape(q, k, causal), launch.device_facts(device), spec=spec)
+    o = torch.empty_like(q)
+    m, l = (torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
+                        dtype=torch.float32) for _ in range(2))
+    launch.run_forward(p, *map(_operand, (q, k, v, o)), m.data_ptr(), l.data_ptr(),
+                       q.shape[3] ** -0.5, torch.cuda.current_stream().cuda_stream, device)
+    return o, m, l
+
+
+def pinned_backward(spec, do, q, k, v, o, m, l, causal):
+    """(dq, dk, dv) of the backward run with ``spec`` as its dK/dV kernel."""
+    from cuflash import launch, plan
+
+    device = q.device.index
+    p = plan.plan_backward(_shape(q, k, causal), launch.device_facts(device),
+                           not spec.dq_atomic, spec=spec)
+    workspace = torch.empty(plan.backward_workspace(p).total_bytes, device=q.device,
+                            dtype=torch.uint8)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    launch.run_backward(p, *map(_operand, (do, q, k, v, o)), m.data_ptr(), l.data_ptr(),
+                        *map(_operand, (dq, dk, dv)), q.shape[3] ** -0.5,
+                        workspace.data_ptr(), torch.cuda.current_stream().cuda_stream, device)
+    return dq, dk, dv

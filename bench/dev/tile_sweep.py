@@ -3,8 +3,9 @@
     python bench/dev/tile_sweep.py --kind fwd --head-dim 64 128 --seqlen 4096 16384 --causal both
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
 
-For each candidate the selector is pinned to that KernelSpec (monkeypatched), the output is
-checked against torch SDPA's flash backend once, then timed: median of CUDA-event timings of
+For each candidate the plan is built with that KernelSpec pinned (cuflash.plan's ``spec=``,
+devtools.pinned_forward / pinned_backward; --define adds knobs to the spec, so its name and
+cache key say so), the output is checked against torch SDPA's flash backend once, then timed: median of CUDA-event timings of
 calls enqueued back to back after warm-up (devtools.time_ms), with SDPA's flash (FA-2) and
 cuDNN backends timed first in the same run. batch*seqlen = 16k tokens and heads*head_dim =
 2048, as in the benchmark. (Before 2026-11-23 17:30 UTC each call was synchronized, which put
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from devtools import time_ms
+from devtools import pinned_backward, pinned_forward, time_ms
 
 from cuflash import specs
 from cuflash.specs import KernelSpec
@@ -30,16 +31,19 @@ FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), 
 BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 
 
-LABEL_SUFFIX = ""  # "+NAME=VALUE,..." when --define adds knobs
+KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
 
 
 def candidate_specs(kind, dtype, head_dim, causal):
     bucket = specs.head_dim_bucket(head_dim)
     if kind == "fwd":
-        return [KernelSpec("fwd", dtype, bucket, 16 * w, n, w, s, causal)
-                for w, n, s in FWD_CANDIDATES]
-    return [KernelSpec("bwd", dtype, bucket, m, 16 * w, w, s, causal, dq_atomic=True,
-                       dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
+        out = [KernelSpec(kind="fwd", dtype=dtype, head_dim=bucket, block_m=16 * w, block_n=n,
+                          warps=w, stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
+    else:
+        out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
+                          warps=w, stages=s, causal=causal, dq_atomic=True,
+                          dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
+    return [spec.with_knobs(**KNOBS) for spec in out]
 
 
 
@@ -64,7 +68,6 @@ def sweep(kind, dtype_name, d, s, causal):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
 
-    import cuflash
     from cuflash.launch import device_facts
 
     batch, heads = max(1, 16384 // s), 2048 // d
@@ -84,29 +87,20 @@ def sweep(kind, dtype_name, d, s, causal):
         except Exception as exc:  # a backend may refuse a shape; say so and go on
             print(f"{label:<52} unavailable: {type(exc).__name__}: {str(exc)[:80]}")
     budget = device_facts(q.device.index).smem_optin
-    saved = specs.select_forward, specs.select_backward
-    try:
-        for spec in candidate_specs(kind, dtype_name, d, causal):
-            if spec.smem_bytes > budget:
-                print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
-                continue
-            pin = (lambda sp: lambda *a, **kw: sp)(spec)
-            if kind == "fwd":
-                specs.select_forward = pin
-                o, stats = cuflash.attention_forward(q, k, v, causal=causal)
-                err = (o.float() - ref.float()).abs().max().item()
-                ms = time_ms(lambda: cuflash.attention_forward(q, k, v, causal=causal))
-            else:
-                specs.select_forward = saved[0]
-                o, stats = cuflash.attention_forward(q, k, v, causal=causal)
-                err = (o.float() - ref.float()).abs().max().item()
-                specs.select_backward = pin
-                ms = time_ms(lambda: cuflash.attention_backward(do, q, k, v, o, stats,
-                                                                causal=causal))
-            print(f"{spec.name + LABEL_SUFFIX:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
-                  f"max|o - sdpa| {err:.1e}", flush=True)
-    finally:
-        specs.select_forward, specs.select_backward = saved
+    o, m, l = pinned_forward(specs.select_forward(device_facts(q.device.index), dtype_name, d,
+                                                  causal), q, k, v, causal)
+    for spec in candidate_specs(kind, dtype_name, d, causal):
+        if spec.smem_bytes > budget:
+            print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
+            continue
+        if kind == "fwd":
+            o, m, l = pinned_forward(spec, q, k, v, causal)
+            ms = time_ms(lambda: pinned_forward(spec, q, k, v, causal))
+        else:
+            ms = time_ms(lambda: pinned_backward(spec, do, q, k, v, o, m, l, causal))
+        err = (o.float() - ref.float()).abs().max().item()
+        print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
+              f"max|o - sdpa| {err:.1e}", flush=True)
 
 
 def main():
@@ -120,18 +114,14 @@ def main():
                    help="replace the candidate list of --kind (e.g. 8,64,2)")
     p.add_argument("--define", action="append", default=[],
                    help="extra NAME=VALUE compiled into every candidate (kernel-internal knobs "
-                        "such as CF_BWD_SPLIT_KUNROLL=1); the labels get a '+NAME=VALUE' suffix")
+                        "such as CF_BWD_SPLIT_KUNROLL=1), as KernelSpec knobs: in the name")
     args = p.parse_args()
     if args.candidates:
         tiles = [tuple(int(x) for x in c.split(",")) for c in args.candidates]
         FWD_CANDIDATES[:] = BWD_CANDIDATES[:] = tiles
-    if args.define:
-        from cuflash import compiler
-
-        base_options = compiler.nvrtc_options
-        compiler.nvrtc_options = lambda spec: base_options(spec) + [f"-D{d}" for d in args.define]
-        global LABEL_SUFFIX
-        LABEL_SUFFIX = "+" + ",".join(args.define)
+    for define in args.define:
+        name, value = define.split("=")
+        KNOBS[name] = int(value)
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
     for d in args.head_dim:
         for s in args.seqlen:

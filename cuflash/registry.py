@@ -1,0 +1,273 @@
+"""Every kernel variant cuflash can run, as data: the one table selection reads.
+
+A ``Variant`` is one entry point of one ``kernels_cu`` file: the direction it serves, the
+dtypes and architectures it takes, its compile target, its shared-memory formula and, per
+head-dim bucket, its candidate tiles in order of preference. Each ``Tile`` says ``why`` it is
+there: the measurement that chose it (bench/dev/NOTES.md), or "fits only" (a smaller fallback
+for smaller shared-memory budgets, never timed against its neighbours).
+
+``specs.select`` walks ``VARIANTS`` in order and returns the first tile of the first variant
+that serves the problem and fits the device's shared memory: a Hopper-only variant first, so
+where none of its tiles fits (or wgmma is off) the portable kernel runs.
+
+Geometry the kernels require: the 16-bit forward and dQ kernels own 16 query rows per warp
+(block_m = 16 * warps), the 16-bit dK/dV kernel 16 keys per warp (block_n = 16 * warps); the
+float32 SIMT kernels need block_m and block_n multiples of 8 and of 4 * warps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from .archs import WGMMA_ARCHS, arch_number
+from .constants import DTYPES
+
+HALF = ("float16", "bfloat16")
+FLOAT = ("float32",)
+
+# Rows per block of the two elementwise backward kernels (preprocess, dQ convert).
+PRE_ROWS = 64
+PRE_THREADS = 128
+
+
+@dataclass(frozen=True)
+class Tile:
+    warps: int
+    block_m: int
+    block_n: int
+    stages: int
+    why: str
+    # Archs whose ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py):
+    # the selector skips it there.
+    spills_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: str  # the KernelSpec kind, the first word of its name
+    direction: str  # "forward", "backward" (dK, dV; dQ by atomics or not), "backward_dq", "backward_pre"
+    source: str  # the kernels_cu file
+    entry: str  # its extern "C" entry point
+    dtypes: tuple[str, ...]
+    smem: Callable  # (spec) -> dynamic shared memory of one block, the kernel header's formula
+    tiles: Mapping[int, tuple[Tile, ...]]  # by head-dim bucket; a bucket absent: not served
+    wgmma: bool = False  # Hopper-only: compiled for sm_90a, runs on WGMMA_ARCHS alone
+    dq_atomic_only: bool = False  # backward: serves only the dQ-by-atomics (non-deterministic) mode
+    dchunk: Callable | None = None  # backward: (dtype, arch, bucket) -> dK/dV columns per block
+
+    @property
+    def target(self) -> str:
+        """The NVRTC target: "sm_90a" (arch-specific wgmma code) or "device" (the GPU's arch)."""
+        return "sm_90a" if self.wgmma else "device"
+
+    def serves(self, direction: str, dtype: str, arch: str, bucket: int, deterministic: bool,
+               wgmma: bool) -> bool:
+        return (direction == self.direction and dtype in self.dtypes and bucket in self.tiles
+                and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS))
+                and not (deterministic and self.dq_atomic_only))
+
+    def candidates(self, bucket: int, arch: str) -> tuple[Tile, ...]:
+        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on)
+
+
+# -- shared-memory formulas (each the one in its kernel's header) --------------------------
+
+def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
+    return (s.block_m + 2 * s.stages * s.block_n) * s.head_dim * 2
+
+
+def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta
+    m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
+    return (2 * n * d + 2 * st * m * d + (2 if bwd_split_layout(s) else 1) * n * m) * 2 \
+        + 2 * st * m * 4
+
+
+def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T; lse2, delta per stage
+    m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
+    return (2 * n * d + 2 * st * m * d + n * m) * 2 + 2 * st * m * 4
+
+
+def _smem_bwd_dq16(s) -> int:  # Q, dO tiles + K and V tiles per stage
+    return (2 * s.block_m + 2 * s.stages * s.block_n) * s.head_dim * 2
+
+
+# The float32 SIMT kernels pad each shared row by 4 floats against bank conflicts.
+def _smem_fwd32(s) -> int:  # Q, K, V tiles + the P tile
+    m, n, d = s.block_m, s.block_n, s.head_dim
+    return 4 * ((m + 2 * n) * (d + 4) + m * (n + 4))
+
+
+def _smem_bwd32(s) -> int:  # Q, dO, K, V tiles + P^T, dS^T + dS
+    m, n, d = s.block_m, s.block_n, s.head_dim
+    return 4 * (2 * (m + n) * (d + 4) + 2 * n * (m + 4) + m * (n + 4))
+
+
+def _smem_bwd_dq32(s) -> int:  # Q, dO, K, V tiles + dS
+    m, n, d = s.block_m, s.block_n, s.head_dim
+    return 4 * (2 * (m + n) * (d + 4) + m * (n + 4))
+
+
+def _smem_none(s) -> int:  # elementwise: registers only
+    return 0
+
+
+def bwd_split_layout(spec) -> bool:
+    """flash_bwd.cu's CF_BWD_SPLIT: 8 warps, one chunk of head_dim <= 128 (16-bit only)."""
+    return (spec.kind == "bwd" and spec.dtype != "float32" and spec.warps == 8
+            and spec.dchunk >= spec.head_dim and spec.head_dim <= 128)
+
+
+# -- dK/dV columns per block ---------------------------------------------------------------
+# dK + dV accumulators hold dchunk floats per thread, so at most 128 columns per block; S and
+# dP are recomputed once per chunk.
+
+def _dchunk_bwd16(dtype: str, arch: str, bucket: int) -> int:
+    """Chunks of 128, the last one partial (160 -> 128 + 32)."""
+    if arch_number(arch) < 80 and bucket > 128 and bucket % 64:
+        # Turing: where the last chunk of 128 would be 32 or 96 columns (160 -> 128 + 32,
+        # 224 -> 128 + 96) sm_75's ptxas spills 8-16 bytes at 255 registers (NVRTC 13.5);
+        # chunks of 64 take 200.
+        return 64
+    return min(bucket, 128)
+
+
+def _dchunk_bwd32(dtype: str, arch: str, bucket: int) -> int:
+    """The fp32 kernel needs a divisor of the bucket (160 -> 2 x 80)."""
+    return bucket // -(-bucket // 128)
+
+
+def _dchunk_whole(dtype: str, arch: str, bucket: int) -> int:
+    return bucket
+
+
+# -- tiles ---------------------------------------------------------------------------------
+
+BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+FITS = "fits only"
+
+
+def _by_limit(rows: Mapping[int, tuple[Tile, ...]]) -> dict[int, tuple[Tile, ...]]:
+    """{largest bucket: tiles} -> tiles for every bucket up to that limit."""
+    return {b: next(t for limit, t in sorted(rows.items()) if b <= limit) for b in BUCKETS}
+
+
+def _t(warps, block_m, block_n, stages, why=FITS, spills_on=()) -> Tile:
+    return Tile(warps, block_m, block_n, stages, why, tuple(spills_on))
+
+
+def _fwd16(warps, block_n, stages, why=FITS) -> Tile:  # a warp owns 16 query rows
+    return _t(warps, 16 * warps, block_n, stages, why)
+
+
+def _bwd16(warps, block_m, stages, why=FITS, spills_on=()) -> Tile:  # a warp owns 16 keys
+    return _t(warps, block_m, 16 * warps, stages, why, spills_on)
+
+
+# fwd, 16-bit. S holds block_n/2 floats per thread and O holds head_dim/2, so wide key tiles
+# only for small head_dim; block_n 128 spills at head_dim >= 192 (NOTES, forward tiles).
+_FWD16_TAIL = (_fwd16(4, 32, 2), _fwd16(4, 32, 1), _fwd16(2, 32, 1))
+FWD16 = _by_limit({
+    64: (_fwd16(8, 128, 2, "widest key tile where S and O leave registers to spare; not timed "
+                           "(NOTES' d64 row timed (4, 128, 2): 288 TFLOP/s, FA-2 305)"),
+         _fwd16(8, 64, 2), _fwd16(4, 64, 2), *_FWD16_TAIL, _fwd16(1, 16, 1)),
+    128: (_fwd16(8, 64, 2, "H100 bf16 d128 16k: 328 TFLOP/s (FA-2 337; (8, 128, 2) measured "
+                           "343 on an older loader, NOTES' forward tiles); 128 x 64 leaves room "
+                           "for 2 blocks/SM in 227 KB"),
+          _fwd16(4, 64, 2, "H100 bf16 d128 4k: 325 TFLOP/s, 1k: 283 (NOTES' forward tiles)"),
+          *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
+    256: (_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward tiles)"),
+          _fwd16(8, 32, 2), *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
+})
+
+# fwd90 (Hopper wgmma): 2 warpgroups x 64 query rows. Buckets without an entry use the
+# portable kernel.
+_FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
+                                "(NOTES' wgmma kernels)")
+FWD90 = {64: (_FWD90_WIDE, _fwd16(8, 64, 2)), 128: (_FWD90_WIDE, _fwd16(8, 64, 2)),
+         256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
+
+# bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout of flash_bwd.cu
+# (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp.
+# The split needs 161 KB at d128 (m64) and at d64 (m128), 97 KB at d64 (m64).
+_BWD16_OWN = (_bwd16(4, 64, 2, "the 16-keys-per-warp kernel: H100 bf16 d128 16k 139.4 TFLOP/s, "
+                               "d64 147.0 (NOTES' split layout, 'before')"),
+              _bwd16(4, 64, 1), _bwd16(4, 32, 1), _bwd16(2, 32, 1), _bwd16(2, 16, 1),
+              _bwd16(1, 16, 1))
+_SPLIT_M128 = _bwd16(8, 128, 2, "split layout, H100 bf16 d64 16k: 209.6 TFLOP/s vs 190.6 (m64) "
+                                "and 147.0 (w4 m64 s2) (NOTES' split layout)")
+_SPLIT_M64 = _bwd16(8, 64, 2, "split layout, H100 bf16 d128 16k: 218.3 TFLOP/s vs 139.4 for "
+                              "w4 m64 s2; d64: 190.6 (NOTES' split layout)")
+
+
+def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
+    split = (_SPLIT_M128, _SPLIT_M64) if bucket <= 64 else (_SPLIT_M64,) if bucket <= 128 else ()
+    own = list(_BWD16_OWN)
+    if bucket == 64:  # 24 B spilled (sm_75 takes ~10 registers more than sm_80)
+        own[1] = _bwd16(4, 64, 1, spills_on=("sm_75",))
+    if bucket == 128:  # 12 B spilled on sm_120 (and sm_121, its instruction set); sm_80, sm_90: none
+        own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
+    return (*split, *own)
+
+
+BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
+
+# bwd90 (Hopper wgmma): 128 keys, 2 warpgroups, 2 stages; dQ by atomics only (the
+# deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
+BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query tiles, "
+                                 "0.74-0.77x with 64 (NOTES' wgmma kernels)"),
+              _t(8, 64, 128, 2)),
+         128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
+                                 "(NOTES' wgmma kernels)"),)}
+
+# bwd_dq, 16-bit: (warps, block_n, stages), 16 query rows per warp.
+BWD_DQ16 = {b: (_fwd16(4, 64, 2), _fwd16(4, 64, 1), _fwd16(4, 32, 1), _fwd16(2, 32, 1),
+                _fwd16(2, 16, 1), _fwd16(1, 16, 1)) for b in BUCKETS}
+
+# float32 (SIMT, one stage). Not timed: the first of each is the largest tile that compiled
+# without spills when the fp32 kernels landed (9e9994e; the cost-model proposals of the
+# compile sweep of that commit were not adopted); the last fits head_dim 256 in 48 KB.
+_FIRST32 = "largest spill-free tile when the fp32 kernels landed (9e9994e); not timed"
+_LAST = "fits head_dim 256 in 48 KB"
+FWD32 = {b: (_t(4, 64, 32, 1, _FIRST32), _t(4, 32, 16, 1), _t(2, 16, 16, 1), _t(1, 16, 8, 1, _LAST))
+         for b in BUCKETS}
+BWD32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
+         for b in BUCKETS}
+BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
+                _t(1, 8, 8, 1, _LAST)) for b in BUCKETS}
+
+# The elementwise kernels: no head-dim bucket, no tiles (PRE_ROWS rows per block).
+PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
+
+
+# -- the registry: selection order within each direction -------------------------------------
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd16, FWD90,
+            wgmma=True),
+    Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16),
+    Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32),
+    Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
+            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole),
+    Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
+            dchunk=_dchunk_bwd16),
+    Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
+            dchunk=_dchunk_bwd32),
+    Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,
+            BWD_DQ16),
+    Variant("bwd_dq", "backward_dq", "flash_bwd_dq_fp32.cu", "flash_bwd_dq", FLOAT,
+            _smem_bwd_dq32, BWD_DQ32),
+    Variant("bwd_pre", "backward_pre", "flash_bwd_pre.cu", "flash_bwd_preprocess", DTYPES,
+            _smem_none, PRE),
+)
+
+KINDS = tuple(dict.fromkeys(v.kind for v in VARIANTS))
+_BY_KIND_DTYPE = {(v.kind, dtype): v for v in VARIANTS for dtype in v.dtypes}
+
+
+def variant_of(kind: str, dtype: str) -> Variant:
+    """The registry row of a spec's (kind, dtype)."""
+    try:
+        return _BY_KIND_DTYPE[(kind, dtype)]
+    except KeyError:
+        raise ValueError(f"unknown kernel kind {kind!r} for {dtype}") from None
