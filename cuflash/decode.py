@@ -19,7 +19,6 @@ NumPy mirror in ``decode_cpu``) and hands back the caller's array type.
 from __future__ import annotations
 
 import ctypes
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -272,3 +271,260 @@ def run_decode(plan: DecodePlan, ptrs: tuple, strides: tuple, causal: bool,
         _launch(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
                 4 * COMBINE_WARPS * plan.num_splits, _COMBINE_SIGNATURE, args, stream,
                 f"flash_decode_combine for {s}")
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeProblem:
+    """The validated facts of one ``attention_with_kvcache`` call."""
+
+    shape: DecodeShape
+    causal: bool
+    softmax_scale: float
+    num_splits: int | None  # None: automatic
+    device: tuple
+
+
+def check_num_splits(num_splits) -> int | None:
+    """None or 0 (automatic, FlashAttention-2's 0), or an int from 1 to MAX_SPLITS."""
+    if num_splits is None:
+        return None
+    if isinstance(num_splits, (bool, np.bool_)) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits: expected None or an int, got {type(num_splits).__name__} "
+                        f"{num_splits!r}")
+    if not 0 <= int(num_splits) <= MAX_SPLITS:
+        raise ValueError(f"num_splits: expected 0 (automatic) to {MAX_SPLITS}, got {num_splits}")
+    return int(num_splits) or None
+
+
+def check_decode(q: Imported, k: Imported, v: Imported, seqlens: Imported | None, *, causal,
+                 softmax_scale, num_splits) -> DecodeProblem:
+    """Every check of ``attention_with_kvcache``; raises TypeError / ValueError naming the
+    argument. Nothing is allocated or launched before this returns."""
+    causal = validate.check_bool(causal, "causal")
+    named = [(q, "q"), (k, "k_cache"), (v, "v_cache")]
+    validate._check_ndim(q, "q", 4, "(batch, q_len, heads, head_dim)")
+    for x, name in named[1:]:
+        validate._check_ndim(x, name, 4, "(batch, seqlen_cache, heads_kv, head_dim)")
+    validate._check_same_place(named)
+    dtype = validate._check_dtypes(named)
+    batch, q_len, heads, head_dim = q.array.shape
+    _, seqlen_cache, heads_kv, _ = k.array.shape
+    _check_shapes(tuple(q.array.shape), tuple(k.array.shape), tuple(v.array.shape))
+    scale = validate.check_scale(softmax_scale, head_dim)
+    splits = check_num_splits(num_splits)
+    if seqlens is not None:
+        _check_seqlens(seqlens, q, batch, seqlen_cache)
+    shape = DecodeShape(batch, q_len, seqlen_cache, heads, heads_kv, head_dim, dtype)
+    if q.is_cuda:
+        for x, name in named:
+            validate.check_alignment(x.array, name)
+        tiles = _cdiv(shape.rows, row_bucket(shape.rows)) if heads_kv else 0
+        if batch * heads_kv * tiles > MAX_GRID_X or seqlen_cache > validate.MAX_SEQLEN:
+            raise ValueError(f"q: batch * heads_kv * ceil(q_len * heads / heads_kv / 8) must be "
+                             f"<= {MAX_GRID_X} and seqlen_cache <= {validate.MAX_SEQLEN} on "
+                             f"CUDA, got {batch * heads_kv * tiles} and {seqlen_cache}")
+    return DecodeProblem(shape, causal, scale, splits, q.device)
+
+
+def _check_shapes(q: tuple, k: tuple, v: tuple) -> None:
+    batch, q_len, heads, head_dim = q
+    if not q_len <= MAX_Q_LEN:
+        raise ValueError(f"q: expected q_len (axis 1) from 1 to {MAX_Q_LEN} for decoding, got "
+                         f"{q_len} in shape {q}; use cuflash.attention_forward for prefill")
+    if head_dim not in validate.SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
+                         f"in shape {q}")
+    if k[0] != batch or k[3] != head_dim:
+        raise ValueError(f"k_cache: expected (batch {batch}, seqlen_cache, heads_kv, head_dim "
+                         f"{head_dim}) like q {q}, got {k}")
+    if v != k:
+        raise ValueError(f"v_cache: expected shape {k} like k_cache, got {v}")
+    heads_kv = k[2]
+    if (heads_kv == 0 and heads > 0) or (heads_kv and heads % heads_kv):
+        raise ValueError(f"k_cache: expected heads_kv >= 1 dividing q's {heads} heads "
+                         f"(grouped-query attention), got {heads_kv} in shape {k}")
+
+
+def _check_seqlens(seqlens: Imported, q: Imported, batch: int, seqlen_cache: int) -> None:
+    validate._check_same_place([(q, "q"), (seqlens, "cache_seqlens")])
+    a = seqlens.array
+    if np.dtype(a.dtype) != np.int32:
+        raise TypeError(f"cache_seqlens: expected int32, got {np.dtype(a.dtype).name}")
+    if tuple(a.shape) != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape ({batch},) (one length per batch "
+                         f"entry), got {tuple(a.shape)}")
+    if batch > 1 and a.strides[0] != 4:
+        raise ValueError(f"cache_seqlens: expected a contiguous int32 array, got stride "
+                         f"{a.strides[0]} bytes")
+    if not seqlens.is_cuda and batch and (a.min() < 0 or a.max() > seqlen_cache):
+        # host arrays only: on CUDA this would be a host sync (values are clamped there)
+        raise ValueError(f"cache_seqlens: expected values from 0 to seqlen_cache "
+                         f"{seqlen_cache}, got min {a.min()} and max {a.max()}")
+
+
+# -- the public function -----------------------------------------------------------------------
+
+_CAUSAL_PICTURE = """
+    Causal masks align to the bottom-right of each sequence's valid keys (FlashAttention-2):
+    query i of q_len sees cache position j iff j <= cache_seqlens[b] - q_len + i.
+
+        q_len = 3, cache_seqlens[b] = 6 (cache positions 6.. are never read)
+          j: 0 1 2 3 4 5 | 6 7
+        q0:  x x x x . . | . .
+        q1:  x x x x x . | . .
+        q2:  x x x x x x | . .
+"""
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens=None, causal: bool = False,
+                           softmax_scale: float | None = None, num_splits: int | None = None,
+                           return_softmax_lse: bool = False):
+    """Attention of a few new queries against a K/V cache (decoding), split over the keys.
+
+    Args:
+        q: (batch, q_len, heads, head_dim), q_len from 1 to 8; float16, bfloat16 or
+            float32, head_dim a multiple of 8 up to 256, head_dim contiguous.
+        k_cache, v_cache: (batch, seqlen_cache, heads_kv, head_dim), same dtype and device;
+            heads a multiple of heads_kv (query head h reads kv head h // (heads // heads_kv)).
+            Read only; nothing is appended (see docs/decode.md for what is missing).
+        cache_seqlens: None (every entry holds seqlen_cache keys) or an int32 (batch,) array
+            of the framework and device of q: entry b attends to cache positions
+            [0, cache_seqlens[b]). Host values outside [0, seqlen_cache] raise ValueError;
+            on CUDA they are not checked (that would sync the host) and are clamped.
+        causal: bottom-right causal mask within each entry's valid length (below).
+        softmax_scale: default 1 / sqrt(head_dim).
+        num_splits: None or 0 picks the number of key splits from the problem and the GPU
+            (1 on the CPU); n >= 1 asks for at most n splits (1: no split, no combine).
+        return_softmax_lse: also return the float32 (batch, heads, q_len) log-sum-exp.
+
+    Returns:
+        o like q (a new array of the caller's type, dtype and device), or (o, lse) with
+        ``return_softmax_lse``. A row that sees no key (cache_seqlens[b] == 0, or causal with
+        cache_seqlens[b] < q_len) gets o = 0 and lse = -inf.
+
+    CUDA torch and CuPy arrays run on the framework's current stream with its allocator
+    and no host sync (a torch call can be captured in a CUDA graph).
+    """
+    from .api import _refuse_untracked_gradients
+
+    named = [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")]
+    if cache_seqlens is not None:
+        named.append((cache_seqlens, "cache_seqlens"))
+    _refuse_untracked_gradients(named)
+    return_softmax_lse = validate.check_bool(return_softmax_lse, "return_softmax_lse")
+    fast = _fast_backend([x for x, _ in named])
+    if fast is not None:
+        o, lse = _decode_gpu(fast, q, k_cache, v_cache, cache_seqlens, causal, softmax_scale,
+                             num_splits)
+        return (o, lse) if return_softmax_lse else o
+    imported = [import_array(x, name) for x, name in named]
+    iq, ik, iv = imported[:3]
+    iseq = imported[3] if cache_seqlens is not None else None
+    problem = check_decode(iq, ik, iv, iseq, causal=causal, softmax_scale=softmax_scale,
+                           num_splits=num_splits)
+    with caller_stream(iq):
+        if iq.is_cuda:
+            from . import fastpath
+
+            o, lse = _decode_gpu(fastpath.cupy_backend(), iq.array, ik.array, iv.array,
+                                 None if iseq is None else iseq.array, causal, softmax_scale,
+                                 num_splits, problem)
+        else:
+            o, lse = _decode_cpu(problem, iq.array, ik.array, iv.array,
+                                 None if iseq is None else iseq.array)
+        o = export_array(o, like=iq)
+        return (o, export_array(lse, like=iq)) if return_softmax_lse else o
+
+
+attention_with_kvcache.__doc__ += _CAUSAL_PICTURE
+
+
+def _fast_backend(arrays):
+    """fastpath's backend for CUDA torch / CuPy arrays of one type, else None."""
+    if type(arrays[0]).__module__.split(".")[0] not in ("torch", "cupy"):
+        return None
+    from . import fastpath
+
+    return fastpath.backend_for(arrays, False, None)
+
+
+def _decode_cpu(problem: DecodeProblem, q, k, v, seqlens):
+    from .decode_cpu import decode_forward_cpu
+
+    s = problem.shape
+    splits, per = split_keys(s.seqlen_cache, problem.num_splits or 1)
+    return decode_forward_cpu(q, k, v, seqlens, causal=problem.causal,
+                              softmax_scale=problem.softmax_scale, splits=splits,
+                              keys_per_split=per)
+
+
+# -- CUDA: validated once per layout, then pointers and a launch --------------------------------
+
+_problems: dict = {}
+_plans: dict = {}
+_MAX_LAYOUTS = 4096
+
+
+def _problem(backend, q, k, v, seqlens, causal, softmax_scale, num_splits) -> DecodeProblem:
+    layouts = tuple(backend.layout(x) for x in (q, k, v))
+    key = (type(causal), causal, type(softmax_scale), softmax_scale, type(num_splits),
+           num_splits, layouts, None if seqlens is None else backend.layout(seqlens))
+    known = _problems.get(key)
+    if known is not None and all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0
+                                 for x in (q, k, v)):
+        return known
+    named = [(q, "q"), (k, "k_cache"), (v, "v_cache")]
+    iq, ik, iv = (import_array(x, n) for x, n in named)
+    iseq = None if seqlens is None else import_array(seqlens, "cache_seqlens")
+    problem = check_decode(iq, ik, iv, iseq, causal=causal, softmax_scale=softmax_scale,
+                           num_splits=num_splits)
+    if len(_problems) >= _MAX_LAYOUTS:
+        _problems.clear()
+    _problems[key] = problem
+    return problem
+
+
+def decode_plan(shape: DecodeShape, num_splits: int | None, device_id: int) -> DecodePlan:
+    """``plan_decode`` memoized per (shape, num_splits, device)."""
+    key = (shape, num_splits, device_id)
+    plan = _plans.get(key)
+    if plan is None:
+        from .launch import device_facts
+        from .specs import check_dtype
+
+        facts = device_facts(device_id)
+        check_dtype(facts, shape.dtype)
+        plan = _plans[key] = plan_decode(shape, facts.sm_count, num_splits)
+    return plan
+
+
+def _decode_gpu(backend, q, k, v, seqlens, causal, softmax_scale, num_splits,
+                problem: DecodeProblem | None = None):
+    """(o, lse) on CUDA arrays of ``backend``'s framework, on its current stream."""
+    from .launch import poison_enabled
+
+    if problem is None:
+        problem = _problem(backend, q, k, v, seqlens, causal, softmax_scale, num_splits)
+    s = problem.shape
+    o = backend.empty(q.shape, None, q)
+    lse = backend.empty((s.batch, s.heads, s.q_len), backend.float32, q)
+    if poison_enabled():
+        backend.poison(o), backend.poison(lse)
+    if s.empty:
+        return o, lse
+    index = backend.device_index(q)
+    with backend.on_device(index):
+        plan = decode_plan(s, problem.num_splits, index)
+        workspace = (backend.empty((plan.workspace_bytes,), backend.uint8, q)
+                     if plan.workspace_bytes else None)
+        ops = [backend.operand(x) for x in (q, k, v)]
+        strides = tuple(x for op in ops for x in op[1:4])
+        strides += (s.q_len * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim)  # o
+        ptrs = (*(op.ptr for op in ops), 0 if seqlens is None else backend.ptr(seqlens),
+                backend.ptr(o), backend.ptr(lse))
+        run_decode(plan, ptrs, strides, problem.causal, problem.softmax_scale,
+                   0 if workspace is None else backend.ptr(workspace), backend.stream(), index)
+    return o, lse
