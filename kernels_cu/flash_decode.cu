@@ -259,7 +259,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                    long long stride_ob, long long stride_om, long long stride_oh,
                    float scale_log2) {
   using namespace decode;
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // float4 stores below
   const DecodeBlock blk = decode_block(cache_seqlens, q_len, heads, heads_kv, seqlen_cache,
                                        keys_per_split, row_tiles, causal);
   const int lane = threadIdx.x & 31;
@@ -397,7 +397,7 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
                      elem_t* __restrict__ o, float* __restrict__ lse,
                      int batch, int q_len, int heads, int head_dim, int num_splits,
                      long long stride_ob, long long stride_om, long long stride_oh) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // float4 stores below
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long long rows = (long long)batch * q_len * heads;
   const long long row = (long long)blockIdx.x * CF_COMBINE_WARPS + warp;  // (b, i, h)

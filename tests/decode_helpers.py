@@ -100,3 +100,42 @@ def describe(case: dict) -> str:
     return (f"{c['dtype']} b{c['batch']} q_len{c['q_len']} h{c['heads']}/{c['heads_kv']} "
             f"d{c['head_dim']} cache{c['seqlen_cache']} lens={c['cache_seqlens']} "
             f"causal={c['causal']} splits={c['num_splits']} scale={c['softmax_scale']}")
+
+
+# -- host <-> device (imported lazily; nothing here runs on a CPU-only machine) ----------------
+
+
+def to_device(a: np.ndarray, framework: str = "cupy"):
+    """A host array (bf16 included) as a CUDA cupy array or torch tensor."""
+    a = np.ascontiguousarray(a)
+    if framework == "torch":
+        import torch
+
+        if a.dtype == NP_DTYPES["bfloat16"]:  # torch.from_numpy does not know ml_dtypes
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).cuda()
+        return torch.from_numpy(a).cuda()
+    import cupy
+
+    try:
+        return cupy.asarray(a)
+    except Exception:  # a CuPy without ml_dtypes.bfloat16: through torch and DLPack
+        return cupy.from_dlpack(to_device(a, "torch"))
+
+
+def to_host(x) -> np.ndarray:
+    root = type(x).__module__.split(".")[0]
+    if root == "torch":
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).cpu().numpy().view(NP_DTYPES["bfloat16"])
+        return t.cpu().numpy()
+    if root == "cupy":
+        import cupy
+
+        try:
+            return cupy.asnumpy(x)
+        except Exception:
+            return cupy.asnumpy(x.view(cupy.uint16)).view(NP_DTYPES["bfloat16"])
+    return np.asarray(x)
