@@ -18,7 +18,8 @@ of the cache, clipped to the entry's valid length L_b = cache_seqlens[b]:
 
 Combine (``flash_decode_combine``; cuflash.merge_attention's math):
 
-    m = max_s lse_s;  w_s = exp(lse_s - m);  lse = m + log(sum_s w_s);  o = sum_s w_s o_s / sum_s w_s
+    m = max_s lse_s;  w_s = exp(lse_s - m);  lse = m + log(sum_s w_s)
+    o = sum_s w_s o_s / sum_s w_s
 
 One split is written directly (no combine), as in the kernel. The kernel's block also splits
 its keys among lane groups that it merges the same way at the end; here one block of

@@ -426,8 +426,10 @@ flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__
   const long long part_stride = rows * head_dim;  // one split's o
   for (int d = lane; d < head_dim; d += 32) {
     float a = 0.f;
-    for (int s = 0; s < num_splits; ++s) a = fmaf(w[s], o_part[s * part_stride + row * head_dim + d], a);
-    o[b * stride_ob + (long long)i * stride_om + (long long)h * stride_oh + d] = float_to_elem(a * inv);
+    const float* part = o_part + row * head_dim + d;
+    for (int s = 0; s < num_splits; ++s) a = fmaf(w[s], part[s * part_stride], a);
+    o[b * stride_ob + (long long)i * stride_om + (long long)h * stride_oh + d] =
+        float_to_elem(a * inv);
   }
   if (lane == 0) lse[lse_row] = total == 0.f ? -DEC_INF : m_safe + logf(total);
 }

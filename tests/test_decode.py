@@ -155,7 +155,8 @@ def test_plan_fills_the_gpu_with_long_splits(batch, cache, heads_kv):
     blocks = plan.grid[0] * plan.grid[1]
     assert blocks >= min(132 * 2, batch * heads_kv * cache // decode.MIN_KEYS_PER_SPLIT)
     assert plan.num_splits == 1 or plan.keys_per_split >= decode.MIN_KEYS_PER_SPLIT
-    assert (plan.num_splits - 1) * plan.keys_per_split < cache <= plan.num_splits * plan.keys_per_split
+    per = plan.keys_per_split
+    assert (plan.num_splits - 1) * per < cache <= plan.num_splits * per
     assert plan.spec.rows == (4 if heads_kv == 8 else 1)  # the GQA group shares one K/V read
     assert (plan.combine_grid is None) == (plan.num_splits == 1)
     assert plan.spec.smem_bytes <= 48 * 1024
