@@ -6,6 +6,7 @@ same algorithm. Results come back in the caller's own array type, zero-copy.
 """
 
 from .api import attention, attention_backward, attention_forward
+from .decode import attention_with_kvcache  # decoding against a K/V cache (issue #16)
 from .merge import merge_attention
 from .stats import SoftmaxStats
 
@@ -16,6 +17,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "attention_with_kvcache",
     "merge_attention",
     "__version__",
 ]

@@ -1,0 +1,185 @@
+"""cuflash.attention_with_kvcache on the CPU path (the NumPy mirror of the split-KV kernel),
+its validation, and the pure planner of the CUDA kernels.
+
+Hypothesis draws batch, q_len 1-8, heads / heads_kv (GQA), head_dim, cache lengths (zeros,
+lengths that are multiples of nothing), causal, dtype and num_splits; o must pass
+``err <= 2 * err(naive same dtype) + atol`` against the float64 reference of each batch
+entry's valid keys, lse a float32-tight check (tests/decode_helpers.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cuflash
+from cuflash import decode
+
+try:
+    import decode_helpers as dh
+except ImportError:  # tests/ collected as a package
+    from tests import decode_helpers as dh
+
+
+@settings(max_examples=120)
+@given(dh.decode_cases())
+def test_cpu_matches_float64_reference(case):
+    q, k, v, lens = dh.make_inputs(case)
+    o, lse = cuflash.attention_with_kvcache(
+        q, k, v, cache_seqlens=lens, causal=case["causal"], softmax_scale=case["softmax_scale"],
+        num_splits=case["num_splits"], return_softmax_lse=True)
+    assert lse.dtype == np.float32
+    dh.assert_decode_matches(o, lse, q, k, v, lens, causal=case["causal"],
+                             softmax_scale=case["softmax_scale"], dtype=case["dtype"],
+                             label=dh.describe(case))
+
+
+def test_splits_agree_with_one_split():
+    """Splitting changes only float32 rounding (the combine is exact math)."""
+    case = dict(batch=2, q_len=4, heads=8, heads_kv=2, head_dim=64, seqlen_cache=1000,
+                cache_seqlens=[1000, 333], causal=True, dtype="float32", seed=1)
+    q, k, v, lens = dh.make_inputs(case)
+    one = cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lens, causal=True, num_splits=1,
+                                         return_softmax_lse=True)
+    for n in (2, 5, 17, 256):
+        many = cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lens, causal=True,
+                                              num_splits=n, return_softmax_lse=True)
+        np.testing.assert_allclose(many[0], one[0], rtol=0, atol=2e-6)
+        np.testing.assert_allclose(many[1], one[1], rtol=1e-6, atol=0)
+
+
+def test_rows_that_see_no_key():
+    """cache_seqlens 0, and causal with fewer valid keys than queries: o = 0, lse = -inf."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 4, 2, 16), np.float32)
+    k = rng.standard_normal((2, 5, 1, 16), np.float32)
+    o, lse = cuflash.attention_with_kvcache(q, k, k, cache_seqlens=np.array([0, 2], np.int32),
+                                            causal=True, return_softmax_lse=True)
+    assert (o[0] == 0).all() and (lse[0] == -np.inf).all()
+    assert (o[1, :2] == 0).all() and (lse[1, :, :2] == -np.inf).all()  # queries 0, 1
+    assert np.isfinite(lse[1, :, 2:]).all()
+
+
+def test_other_frameworks_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 4, 32), np.float32)
+    k = rng.standard_normal((1, 50, 2, 32), np.float32)
+    want = cuflash.attention_with_kvcache(q, k, k, causal=True)
+    got = cuflash.attention_with_kvcache(torch.from_numpy(q), torch.from_numpy(k),
+                                         torch.from_numpy(k), causal=True,
+                                         cache_seqlens=torch.tensor([50], dtype=torch.int32))
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_array_equal(got.numpy(), want)
+    jnp = pytest.importorskip("jax.numpy")
+    o, lse = cuflash.attention_with_kvcache(jnp.asarray(q), jnp.asarray(k), jnp.asarray(k),
+                                            causal=True, return_softmax_lse=True)
+    assert type(o).__module__.startswith("jax") and lse.shape == (1, 4, 2)
+    np.testing.assert_array_equal(np.asarray(o), want)
+
+
+def test_empty_problems():
+    k = np.ones((2, 7, 1, 8), np.float32)
+    o, lse = cuflash.attention_with_kvcache(np.ones((2, 0, 2, 8), np.float32), k, k,
+                                            return_softmax_lse=True)
+    assert o.shape == (2, 0, 2, 8) and lse.shape == (2, 2, 0)
+    k0 = np.ones((2, 0, 1, 8), np.float32)
+    o, lse = cuflash.attention_with_kvcache(np.ones((2, 1, 2, 8), np.float32), k0, k0,
+                                            return_softmax_lse=True)
+    assert (o == 0).all() and (lse == -np.inf).all()
+
+
+# -- validation: TypeError / ValueError naming the argument ------------------------------------
+
+def _args(**over):
+    a = dict(q=np.ones((2, 1, 4, 16), np.float32), k_cache=np.ones((2, 10, 2, 16), np.float32),
+             v_cache=np.ones((2, 10, 2, 16), np.float32))
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over, kw, err, words", [
+    (dict(q=np.ones((2, 9, 4, 16), np.float32)), {}, ValueError, ["q:", "q_len", "9"]),
+    (dict(q=np.ones((2, 4, 16), np.float32)), {}, ValueError, ["q:", "4-D"]),
+    (dict(k_cache=np.ones((2, 10, 3, 16), np.float32), v_cache=np.ones((2, 10, 3, 16),
+                                                                        np.float32)), {},
+     ValueError, ["k_cache:", "heads_kv"]),
+    (dict(v_cache=np.ones((2, 11, 2, 16), np.float32)), {}, ValueError, ["v_cache:"]),
+    (dict(k_cache=np.ones((2, 10, 2, 16), np.float16)), {}, TypeError, ["k_cache:", "float32"]),
+    (dict(q=np.ones((2, 1, 4, 12), np.float32), k_cache=np.ones((2, 10, 2, 12), np.float32),
+          v_cache=np.ones((2, 10, 2, 12), np.float32)), {}, ValueError, ["q:", "head_dim"]),
+    ({}, dict(cache_seqlens=np.array([1, 2], np.int64)), TypeError, ["cache_seqlens:", "int32"]),
+    ({}, dict(cache_seqlens=np.array([1, 2, 3], np.int32)), ValueError, ["cache_seqlens:"]),
+    ({}, dict(cache_seqlens=np.array([1, 11], np.int32)), ValueError, ["cache_seqlens:", "11"]),
+    ({}, dict(cache_seqlens=np.array([-1, 1], np.int32)), ValueError, ["cache_seqlens:"]),
+    ({}, dict(cache_seqlens=[1, 2]), TypeError, ["cache_seqlens:"]),
+    ({}, dict(num_splits=1.5), TypeError, ["num_splits:"]),
+    ({}, dict(num_splits=True), TypeError, ["num_splits:"]),
+    ({}, dict(num_splits=257), ValueError, ["num_splits:", "257"]),
+    ({}, dict(num_splits=-1), ValueError, ["num_splits:"]),
+    ({}, dict(causal="yes"), TypeError, ["causal:"]),
+    ({}, dict(softmax_scale=-1.0), ValueError, ["softmax_scale:"]),
+    ({}, dict(return_softmax_lse=1), TypeError, ["return_softmax_lse:"]),
+])
+def test_bad_input_raises_naming_the_argument(over, kw, err, words):
+    args = _args(**over)
+    before = {name: a.copy() for name, a in args.items()}
+    with pytest.raises(err) as info:
+        cuflash.attention_with_kvcache(**args, **kw)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    for name, a in args.items():  # nothing written
+        np.testing.assert_array_equal(a, before[name])
+
+
+def test_unsupported_keywords_are_not_accepted():
+    """Not yet: in-place append, paged KV, windows, softcap, alibi (docs/decode.md)."""
+    for kw in ("k", "block_table", "window_size", "softcap", "alibi_slopes", "rotary_cos"):
+        with pytest.raises(TypeError):
+            cuflash.attention_with_kvcache(**_args(), **{kw: None})
+
+
+# -- the planner (pure) ------------------------------------------------------------------------
+
+def _shape(batch, cache, heads_kv, heads=32, q_len=1, head_dim=128, dtype="bfloat16"):
+    return decode.DecodeShape(batch, q_len, cache, heads, heads_kv, head_dim, dtype)
+
+
+@pytest.mark.parametrize("batch, cache, heads_kv", [(1, 32768, 32), (8, 8192, 32),
+                                                    (32, 4096, 32), (8, 8192, 8),
+                                                    (64, 2048, 32)])
+def test_plan_fills_the_gpu_with_long_splits(batch, cache, heads_kv):
+    plan = decode.plan_decode(_shape(batch, cache, heads_kv), sm_count=132)
+    blocks = plan.grid[0] * plan.grid[1]
+    assert blocks >= min(132 * 2, batch * heads_kv * cache // decode.MIN_KEYS_PER_SPLIT)
+    assert plan.num_splits == 1 or plan.keys_per_split >= decode.MIN_KEYS_PER_SPLIT
+    per = plan.keys_per_split
+    assert (plan.num_splits - 1) * per < cache <= plan.num_splits * per
+    assert plan.spec.rows == (4 if heads_kv == 8 else 1)  # the GQA group shares one K/V read
+    assert (plan.combine_grid is None) == (plan.num_splits == 1)
+    assert plan.spec.smem_bytes <= 48 * 1024
+
+
+def test_plan_user_splits_and_row_tiles():
+    plan = decode.plan_decode(_shape(2, 100, 1, heads=16, q_len=3), sm_count=132, num_splits=7)
+    assert plan.num_splits <= 7 and plan.num_splits * plan.keys_per_split >= 100
+    assert plan.spec.rows == 8 and plan.row_tiles == 6  # 48 rows per kv head
+    assert plan.workspace_bytes >= 4 * plan.num_splits * 2 * 3 * 16 * (128 + 1)
+    assert decode.plan_decode(_shape(2, 0, 1), 132).num_splits == 1
+    assert decode.plan_decode(_shape(2, 10**6, 1), 132, num_splits=1).combine_grid is None
+
+
+@given(st.integers(0, 10**6), st.integers(1, 300), st.integers(1, 256))
+def test_split_keys_cover_the_cache(seqlen, want, step):
+    splits, per = decode.split_keys(seqlen, want, step)
+    assert 1 <= splits <= max(1, want)
+    if seqlen:
+        assert per % step == 0 and (splits - 1) * per < seqlen <= splits * per
+
+
+def test_spec_names_and_buckets():
+    spec = decode.select_decode("bfloat16", 72, 3)
+    assert (spec.head_dim, spec.rows) == (128, 4) and spec.name == "decode_bf16_d128_r4_k4_w4"
+    assert len({s.name for s in decode.all_decode_specs()}) == 48

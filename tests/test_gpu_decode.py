@@ -1,0 +1,168 @@
+"""The CUDA split-KV decode kernels (flash_decode.cu) against the float64 reference (``gpu``).
+
+Outputs start as NaN (CUFLASH_POISON=1 for the module), so an element the kernels do not
+write fails. o is judged by ``err <= 2 * err(naive same dtype) + atol``, lse by a float32-tight
+relative check (tests/decode_helpers.py), each batch entry against its own valid keys.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import cuflash
+from cuflash import decode
+
+try:
+    import decode_helpers as dh
+except ImportError:  # tests/ collected as a package
+    from tests import decode_helpers as dh
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def poison_and_precompile():
+    """Outputs poisoned with NaN; every decode spec of the device compiled on a thread pool
+    (NVRTC runs outside the GIL) before hypothesis draws them."""
+    from cuflash import compiler, launch, specs
+
+    old = os.environ.get("CUFLASH_POISON")
+    os.environ["CUFLASH_POISON"] = "1"
+    arch = launch.device_facts(0).arch
+    work = decode.all_decode_specs(specs.arch_dtypes(arch))
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
+    yield
+    if old is None:
+        os.environ.pop("CUFLASH_POISON", None)
+    else:
+        os.environ["CUFLASH_POISON"] = old
+
+
+def _dtypes_here():
+    from cuflash import launch, specs
+
+    return specs.arch_dtypes(launch.device_facts(0).arch)
+
+
+def _run(case, framework="cupy", **extra):
+    q, k, v, lens = dh.make_inputs(case)
+    dev = [dh.to_device(x, framework) for x in (q, k, v)]
+    dlens = None if lens is None else dh.to_device(lens, framework)
+    o, lse = cuflash.attention_with_kvcache(
+        *dev, cache_seqlens=dlens, causal=case["causal"], softmax_scale=case["softmax_scale"],
+        num_splits=case["num_splits"], return_softmax_lse=True, **extra)
+    dh.assert_decode_matches(dh.to_host(o), dh.to_host(lse), q, k, v, lens,
+                             causal=case["causal"], softmax_scale=case["softmax_scale"],
+                             dtype=case["dtype"], label=dh.describe(case))
+    return o, lse
+
+
+@settings(max_examples=80, suppress_health_check=[HealthCheck.too_slow])
+@given(dh.decode_cases(max_cache=700))
+def test_gpu_matches_float64_reference(case):
+    if case["dtype"] not in _dtypes_here():
+        return
+    _run(case)
+
+
+# Long caches: the automatic split count (several splits on any GPU with more than a few SMs),
+# the issue's layouts at small batch, GQA groups of 1, 4 and 8 and q_len 1 and 4.
+LONG = [(1, 1, 5000, 8, 8, 128), (2, 1, 4099, 8, 2, 128), (1, 4, 3000, 16, 2, 64),
+        (3, 1, 2500, 8, 1, 256), (2, 2, 6001, 4, 4, 64)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch, q_len, cache, heads, heads_kv, head_dim", LONG)
+def test_gpu_long_caches(batch, q_len, cache, heads, heads_kv, head_dim, causal, dtype):
+    if dtype not in _dtypes_here():
+        pytest.skip(f"{dtype} not on this GPU")
+    rng = np.random.default_rng()
+    lens = [int(x) for x in rng.integers(0, cache + 1, batch)]
+    lens[0] = cache  # one full entry
+    case = dict(batch=batch, q_len=q_len, heads=heads, heads_kv=heads_kv, head_dim=head_dim,
+                seqlen_cache=cache, cache_seqlens=lens, causal=causal, dtype=dtype,
+                num_splits=None, softmax_scale=None, seed=int(rng.integers(2**32)))
+    _run(case)
+
+
+def test_gpu_splits_agree_and_plan_splits():
+    case = dict(batch=1, q_len=2, heads=8, heads_kv=2, head_dim=128, seqlen_cache=8000,
+                cache_seqlens=None, causal=True, dtype="float32", num_splits=1,
+                softmax_scale=None, seed=3)
+    o1, l1 = _run(case)
+    plan = decode.decode_plan(decode.DecodeShape(1, 2, 8000, 8, 2, 128, "float32"), None, 0)
+    assert plan.num_splits > 1, plan  # the automatic plan splits this one
+    for n in (None, 3, 64):
+        o, lse = _run(dict(case, num_splits=n))
+        np.testing.assert_allclose(dh.to_host(o), dh.to_host(o1), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(dh.to_host(lse), dh.to_host(l1), rtol=2e-6, atol=0)
+
+
+def test_gpu_strided_views():
+    """A (batch, heads, seq, dim) cache passed as .transpose(1, 2) is read in place."""
+    cupy = pytest.importorskip("cupy")
+    case = dict(batch=2, q_len=3, heads=4, heads_kv=2, head_dim=64, seqlen_cache=900,
+                cache_seqlens=[900, 17], causal=True, dtype="float16", num_splits=None,
+                softmax_scale=None, seed=5)
+    q, k, v, lens = dh.make_inputs(case)
+    gk = cupy.asarray(np.ascontiguousarray(k.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    gv = cupy.asarray(np.ascontiguousarray(v.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+    o, lse = cuflash.attention_with_kvcache(cupy.asarray(q), gk, gv,
+                                            cache_seqlens=cupy.asarray(lens), causal=True,
+                                            return_softmax_lse=True)
+    dh.assert_decode_matches(cupy.asnumpy(o), cupy.asnumpy(lse), q, k, v, lens, causal=True,
+                             softmax_scale=None, dtype="float16", label="strided")
+
+
+def test_gpu_torch_and_cuda_graph():
+    """torch tensors: torch's allocator and stream, no host sync: capturable in a graph."""
+    torch = pytest.importorskip("torch")
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=4, q_len=1, heads=16, heads_kv=4, head_dim=128, seqlen_cache=4096,
+                cache_seqlens=[4096, 1000, 1, 0], causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=7)
+    _run(case, "torch")  # eager, against the reference
+    q, k, v, lens = dh.make_inputs(case)
+    tq, tk, tv, tl = (dh.to_device(x, "torch") for x in (q, k, v, lens))
+    call = lambda: cuflash.attention_with_kvcache(tq, tk, tv, cache_seqlens=tl, causal=True,
+                                                  return_softmax_lse=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compile, plan, layouts) off the capture
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph, lse_graph = call()
+    q2, _, _, _ = dh.make_inputs(dict(case, seed=8))
+    tq.copy_(dh.to_device(q2, "torch"))
+    tl.copy_(torch.tensor([10, 4096, 300, 2], dtype=torch.int32, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    lens2 = np.array([10, 4096, 300, 2], np.int32)
+    dh.assert_decode_matches(dh.to_host(o_graph), dh.to_host(lse_graph), q2, k, v, lens2,
+                             causal=True, softmax_scale=None, dtype=dtype, label="graph replay")
+
+
+def test_gpu_jax_through_dlpack():
+    jax = pytest.importorskip("jax")
+    try:
+        device = jax.devices("gpu")[0]
+    except Exception as exc:
+        pytest.skip(f"JAX has no GPU backend here ({exc})")
+    case = dict(batch=2, q_len=1, heads=8, heads_kv=2, head_dim=64, seqlen_cache=1500,
+                cache_seqlens=[1500, 700], causal=False, dtype="float32", num_splits=None,
+                softmax_scale=None, seed=9)
+    q, k, v, lens = dh.make_inputs(case)
+    o, lse = cuflash.attention_with_kvcache(
+        *(jax.device_put(x, device) for x in (q, k, v)),
+        cache_seqlens=jax.device_put(lens, device), return_softmax_lse=True)
+    dh.assert_decode_matches(np.asarray(o), np.asarray(lse), q, k, v, lens, causal=False,
+                             softmax_scale=None, dtype="float32", label="jax")
