@@ -75,6 +75,7 @@ class DecodeSpec:
     entry: str = "flash_decode_split"
     source: str = "flash_decode.cu"
     causal: bool = False  # a run-time argument of this kernel; here for spec-table code
+    target: str = "device"  # built for the GPU's own arch (specs.compile_arch)
 
     @property
     def name(self) -> str:

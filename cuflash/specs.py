@@ -105,6 +105,11 @@ class KernelSpec:
         return self.variant.source
 
     @property
+    def target(self) -> str:
+        """"sm_90a" (arch-specific wgmma code) or "device" (the GPU's own arch)."""
+        return self.variant.target
+
+    @property
     def threads(self) -> int:
         return PRE_THREADS if self.kind == "bwd_pre" else 32 * self.warps
 
@@ -133,7 +138,7 @@ def smem_bytes(spec: KernelSpec) -> int:
 
 def compile_arch(spec: KernelSpec, arch: str) -> str:
     """The NVRTC target for ``spec`` on ``arch``: the arch-specific sm_90a for wgmma kernels."""
-    return arch + "a" if spec.variant.target == "sm_90a" else arch
+    return arch + "a" if spec.target == "sm_90a" else arch
 
 
 def head_dim_bucket(head_dim: int) -> int:
