@@ -40,6 +40,9 @@ def test_warmup_leaves_nothing_for_the_first_call_to_compile(tmp_path, dtype, he
     env = dict(os.environ, CUPY_CACHE_DIR=str(tmp_path))
     env.pop("CUFLASH_FORCE_ARCH", None)
     env.pop("CUFLASH_SMEM_BUDGET", None)
+    # poisoning (CUFLASH_POISON=1, as the GPU suite runs) fills outputs with CuPy's own fill
+    # kernels, which CuPy compiles into the same cache: not cuflash's kernels, not warmup's
+    env.pop("CUFLASH_POISON", None)
     warm = subprocess.run([sys.executable, "-m", "cuflash", "warmup", "--dtype", dtype,
                            "--head-dim", str(head_dim)], env=env, capture_output=True,
                           text=True, timeout=600)
