@@ -225,8 +225,13 @@ def flash_forward_cpu(
         # -- epilogue: O = acc / l_i, m back to natural log; unseen rows: O = 0, m = -inf
         unseen = l_i == 0  # a NaN l_i (a NaN score) is seen: O stays NaN
         o_rows[:, :, rows] = acc / np.where(unseen, _F32(1), l_i)[..., None]
-        m_rows[:, :, rows] = np.where(unseen, _F32(-np.inf), m_i * _F32(LN2))
-        l_rows[:, :, rows] = l_i
+        m_nat = np.where(unseen, _F32(-np.inf), m_i * _F32(LN2))
+        m_rows[:, :, rows] = m_nat
+        # l relative to the stored m (as flash_fwd_fp32 does): the backward's lse2, rebuilt
+        # from the stored m and l, then matches this loop's m_i + log2(l_i) to one rounding
+        with np.errstate(invalid="ignore"):
+            l_rows[:, :, rows] = np.where(unseen, l_i,
+                                          l_i * np.exp2(m_i - m_nat * _F32(LOG2E)))
 
     _from_rows(o_rows, o)
     m[...] = _stats_from_rows(m_rows, heads)
@@ -312,7 +317,11 @@ def flash_backward_cpu(
     scale_log2 = _F32(softmax_scale * LOG2E)
 
     # -- preprocess (flash_bwd_preprocess): delta = rowsum(dO * O); lse2 in log2 units
-    delta = np.einsum("bshd,bshd->bhs", do.astype(_F32), o.astype(_F32))
+    # to float32's last bit (a float64 sum, as the kernels' compensated one): delta must be
+    # sum_j P_j dP_j of the P recomputed below, or dQ = sum_j dS_j k_j picks up the
+    # difference times k, which large logits amplify
+    delta = np.einsum("bshd,bshd->bhs", do.astype(np.float64),
+                      o.astype(np.float64)).astype(_F32)
     m_f32, l_f32 = m.astype(_F32), l.astype(_F32)
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN l (a NaN score) stays NaN
         lse2 = np.where(l_f32 == 0, _F32(np.inf), m_f32 * _F32(LOG2E) + np.log2(l_f32))

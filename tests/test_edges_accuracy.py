@@ -62,7 +62,9 @@ def _setup(max_logit):
     return q, k, v, do, scale
 
 
-# Open at 1e6 (dq 0.79 vs torch float32 0.27). Not the lse2 rebuild: with the forward's own
+# Open at 1e6 on the CPU path: dq 2.1x torch float32's error (was 2.9x before the stored l
+# was made relative to the stored m and delta summed in float64, 2026-12-01; the CUDA
+# kernels, which form each exponent with one FFMA, pass at every magnitude on an H200). Not the lse2 rebuild: with the forward's own
 # log2 lse2 the CPU gradients came out bitwise the same (a row-constant offset of P scales dS
 # by 1 + eps and keeps sum_j dS_j = 0). The amplified quantity is the consistency of delta =
 # rowsum(dO * O) with the backward's P: the float64 FlashAttention-2 backward given our stored
