@@ -18,7 +18,6 @@ NumPy mirror in ``decode_cpu``) and hands back the caller's array type.
 
 from __future__ import annotations
 
-import ctypes
 import numbers
 from dataclasses import dataclass
 
@@ -236,20 +235,9 @@ def _functions_of(spec: DecodeSpec, device_id: int) -> tuple[int, int]:
 
 def _launch(function: int, grid, threads: int, smem: int, signature: str, args, stream: int,
             what: str) -> None:
-    from cupy_backends.cuda.api import driver
+    from .launch import launch_function
 
-    from .launch import LaunchError, _param_struct
-
-    struct, nbytes = _param_struct(signature)
-    params = struct(*args)
-    size = ctypes.c_size_t(nbytes)
-    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(params), 2, ctypes.addressof(size), 0)
-    try:
-        driver.launchKernel(function, *grid, threads, 1, 1, smem, stream, 0,
-                            ctypes.addressof(extra))
-    except Exception as exc:
-        raise LaunchError(f"cuflash: launching {what} (grid {grid}, {threads} threads, {smem} "
-                          f"B shared memory) failed: {exc}") from exc
+    launch_function(function, grid, threads, smem, signature, args, stream, lambda: what)
 
 
 def run_decode(plan: DecodePlan, ptrs: tuple, strides: tuple, causal: bool,

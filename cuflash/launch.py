@@ -130,28 +130,35 @@ def _function_ptr(spec: KernelSpec, device_id: int, convert: bool) -> int:
 _driver = None  # cupy_backends.cuda.api.driver, imported at the first launch
 
 
-def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
-            stream: int, shape: planning.Shape, convert: bool = False) -> None:
+def launch_function(function: int, grid: tuple, threads: int, smem: int, signature: str,
+                    args: tuple, stream: int, what) -> None:
+    """One ``cuLaunchKernel`` of CUfunction ``function`` with ``args`` packed by
+    ``signature`` into one parameter buffer. ``what()`` describes the launch for an error."""
     global _driver
     if _driver is None:
         from cupy_backends.cuda.api import driver as _driver
-    spec = launch.spec
-    function = _function_ptr(spec, device_id, convert)
     struct, nbytes = _param_struct(signature)
     params = struct(*args)
     size = ctypes.c_size_t(nbytes)
     extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(params),
                                   _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
-    threads = specs.PRE_THREADS if convert else spec.threads
-    smem = 0 if convert else spec.smem_bytes
-    gx, gy, _ = launch.grid
     try:
-        _driver.launchKernel(function, gx, gy, grid_z, threads, 1, 1, smem, stream, 0,
+        _driver.launchKernel(function, *grid, threads, 1, 1, smem, stream, 0,
                              ctypes.addressof(extra))
     except Exception as exc:  # CUDADriverError: say which kernel, grid and problem
-        name = "flash_bwd_dq_convert" if convert else spec.name
-        raise LaunchError(f"cuflash: launching {name} (grid {(gx, gy, grid_z)}, {threads} "
-                          f"threads, {smem} B shared memory) for {_describe(shape)} failed: {exc}") from exc
+        raise LaunchError(f"cuflash: launching {what()} (grid {tuple(grid)}, {threads} "
+                          f"threads, {smem} B shared memory) failed: {exc}") from exc
+
+
+def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
+            stream: int, shape: planning.Shape, convert: bool = False) -> None:
+    spec = launch.spec
+    threads = specs.PRE_THREADS if convert else spec.threads
+    smem = 0 if convert else spec.smem_bytes
+    name = "flash_bwd_dq_convert" if convert else spec.name
+    launch_function(_function_ptr(spec, device_id, convert), (*launch.grid[:2], grid_z),
+                    threads, smem, signature, args, stream,
+                    lambda: f"{name} for {_describe(shape)}")
 
 
 def _batch_slices(launch: planning.Launch, batch: int):

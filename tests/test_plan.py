@@ -159,3 +159,43 @@ def test_plans_take_the_configuration_and_a_pinned_spec():
     assert plan.plan_backward(s, H200, True, spec=det).main.spec is det
     with pytest.raises(ValueError, match="deterministic"):
         plan.plan_backward(s, H200, False, spec=det)
+
+
+def test_launch_packs_parameters_in_kernel_order(monkeypatch):
+    """What reaches cuLaunchKernel, through a stand-in driver: the grid, the block, and a
+    parameter buffer holding each argument at its C offset (pointers and long longs on
+    8-byte boundaries) and ending at the last parameter."""
+    import ctypes
+    import struct
+
+    from cuflash import launch
+
+    seen = {}
+
+    class FakeDriver:
+        @staticmethod
+        def launchKernel(f, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+            words = (ctypes.c_void_p * 5).from_address(extra)
+            size = ctypes.c_size_t.from_address(words[3]).value
+            seen.update(f=f, grid=(gx, gy, gz), block=(bx, by, bz), smem=smem, stream=stream,
+                        params=params, keys=(words[0], words[2], words[4]),
+                        buffer=ctypes.string_at(words[1], size))
+
+    monkeypatch.setattr(launch, "_driver", FakeDriver)
+    args = (0x1000, 0x2000, 0x3000, 7, 9, 5)
+    launch.launch_function(0xF00, (3, 2, 1), 128, 0, "ppp" "iii", args, 0x77, lambda: "x")
+    assert seen["grid"] == (3, 2, 1) and seen["block"] == (128, 1, 1)
+    assert seen["f"] == 0xF00 and seen["stream"] == 0x77 and seen["params"] == 0
+    assert seen["keys"] == (1, 2, None)  # BUFFER_POINTER, BUFFER_SIZE, END
+    assert seen["buffer"] == struct.pack("<QQQiii", *args)
+
+    class RefusingDriver:
+        @staticmethod
+        def launchKernel(*_):
+            raise RuntimeError("CUDA_ERROR_INVALID_VALUE")
+
+    monkeypatch.setattr(launch, "_driver", RefusingDriver)
+    with pytest.raises(launch.LaunchError, match=r"launching fwd_x for q \(1, 2, 3, 4\).*"
+                                                 r"INVALID_VALUE"):
+        launch.launch_function(1, (1, 1, 1), 32, 0, "i", (1,), 0,
+                               lambda: "fwd_x for q (1, 2, 3, 4)")
