@@ -55,7 +55,7 @@
 // Registers per thread: dK + dV accumulators min(CF_DCHUNK, CF_HEAD_DIM) floats, S^T + dP^T
 // MSUB floats, a dQ piece PW / 2 floats (not live at the same time as S^T / dP^T). With
 // chunk 128 this is 128 + 32 (+ addresses): 230-250 registers, no spills (NVRTC 13.5, sm_80
-// and sm_90; bench/dev/compile_bwd_sweep.py checks every configuration).
+// and sm_90; bench/dev/compile_sweep.py checks every configuration).
 //
 // Pipeline (per query tile `it`): wait for its cp.async group, __syncthreads (publishes it and
 // frees the other stage), issue tile it+1 into the other stage (2 stages), compute, and with

@@ -31,7 +31,7 @@
 //
 // Registers per thread: dQ accumulator CF_HEAD_DIM / 2 floats, S + dP NSUB floats; at
 // head_dim 256 that is 128 + 32 (+ addresses): ~225 registers, no spills (NVRTC 13.5, sm_80
-// and sm_90; bench/dev/compile_bwd_sweep.py checks every configuration).
+// and sm_90; bench/dev/compile_sweep.py checks every configuration).
 //
 // Pipeline (per key tile `it`): wait for its cp.async group, __syncthreads (publishes it and
 // frees the other stage), issue tile it+1 into the other stage (2 stages), compute; 1 stage:
