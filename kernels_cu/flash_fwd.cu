@@ -50,7 +50,8 @@
 // Measured (H100 SXM, bf16, 16k tokens, hidden 2048, TFLOP/s; PyTorch's FA-2 SDPA beside):
 // d128 non-causal seqlen 16k: n128 w8 343 (FA-2 337), n64 w8 328, n64 w4 322; seqlen 1k:
 // n64 w4 283 (FA-2 312). d128 causal 16k: n128 w8 338 (FA-2 312). d256 16k: n64 w8 331 (FA-2
-// 321). Details in bench/dev/NOTES.md (the script that measured them, check_fwd_gpu.py, is retired).
+// 321). Details in bench/dev/NOTES.md (the script that measured them, check_fwd_gpu.py,
+// is retired).
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1  // 0 = float16, 1 = bfloat16 (2 = float32 lives in flash_fwd_fp32.cu)
