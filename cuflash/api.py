@@ -40,13 +40,17 @@ def _flash_fwd(problem: validate.Problem, q, k, v):
                              softmax_scale=problem.softmax_scale)
 
 
-def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool):
-    """(dq, dk, dv) on backend arrays of the problem's device."""
+def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
+               stats_of_these_scores: bool = False):
+    """(dq, dk, dv) on backend arrays of the problem's device. ``stats_of_these_scores``:
+    m, l are the forward's own for these q, k (the CPU path may then use that the rows of
+    dS sum to zero; see ``cpu._key_center``)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_backward_cpu
 
         return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
-                                  softmax_scale=problem.softmax_scale)
+                                  softmax_scale=problem.softmax_scale,
+                                  center_keys=stats_of_these_scores)
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
@@ -170,7 +174,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
                                 validate.shape_q(problem), validate.shape_kv(problem))
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
-                           im.array, il.array, deterministic)
+                           im.array, il.array, deterministic, stats.recorded)
         return tuple(export_array(g, like=iq) for g in grads)
 
 

@@ -295,13 +295,16 @@ def flash_backward_cpu(
     softmax_scale: float,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
+    center_keys: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FlashAttention-2 backward on NumPy arrays, block by block like ``flash_bwd``.
 
     do, o: like q (any strides); m, l: the float32 (batch, heads, seqlen_q) statistics of the
     forward pass. Returns dq (like q), dk, dv (like k), C-contiguous in the input dtype, with
     float32 accumulation. dK and dV are summed over the query heads sharing a kv head. Rows
-    that see no key (l == 0) contribute nothing and get dq = 0.
+    that see no key (l == 0) contribute nothing and get dq = 0. ``center_keys``: m, l are
+    the forward's own for these q, k, so dQ may use keys centred on their mean (more accurate
+    at large logits; ``_key_center`` says why); leave False for other statistics.
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
     if do.shape != q.shape or o.shape != q.shape:
@@ -334,11 +337,12 @@ def flash_backward_cpu(
     )
     k_rows, v_rows = _to_rows(k, heads_kv), _to_rows(v, heads_kv)
     dk_rows, dv_rows = np.empty_like(k_rows), np.empty_like(v_rows)
+    k_center = _key_center(k_rows) if center_keys else None
 
     for j0 in range(0, seqlen_k, block_n):  # one iteration = one kernel block per (b, h_kv)
         j1 = min(j0 + block_n, seqlen_k)
         dk_j, dv_j = _backward_block(rows, k_rows[:, :, j0:j1], v_rows[:, :, j0:j1], j0, j1,
-                                     scale_log2, tiling)
+                                     scale_log2, tiling, k_center)
         dk_rows[:, :, j0:j1] = dk_j * _F32(softmax_scale)
         dv_rows[:, :, j0:j1] = dv_j
 
@@ -350,7 +354,24 @@ def flash_backward_cpu(
     return dq, dk, dv
 
 
-def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling):
+def _key_center(k_rows: np.ndarray) -> np.ndarray:
+    """The mean of each (batch, kv head)'s finite keys, (b, heads_kv, 1, d) float32.
+
+    When m, l are the forward's statistics of these very scores, every row of dS sums to 0
+    (sum_j P_ij (dP_ij - delta_i) = delta_i - delta_i), so dQ_i = sum_j dS_ij k_j =
+    sum_j dS_ij (k_j - c) for any vector c. With c near the keys the float32 product no
+    longer carries a component the keys share, which times the rounding left in sum_j dS_ij
+    dominates dQ when logits are large (keys sharing a large direction). With other
+    statistics (ring attention passes the global ones for a block of keys) the row sums are
+    not 0 and the keys are used as they are. Non-finite keys are left out of the mean, so c
+    is finite and a NaN key still spreads only to the rows that see it.
+    """
+    finite = np.isfinite(k_rows)
+    count = np.maximum(finite.sum(axis=2, keepdims=True), 1)
+    return (np.where(finite, k_rows, 0).sum(axis=2, keepdims=True) / count).astype(_F32)
+
+
+def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling, k_center):
     """The query loop of key block [j0, j1): returns (dK_j / softmax_scale, dV_j).
 
     Summing over rows sums over the query heads of each group, which is the GQA reduction.
@@ -375,5 +396,5 @@ def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling):
         ds *= p
         # -- dK_j += dS^T Q;  dQ += dS K_j (both times softmax_scale later)
         dk_j += np.matmul(ds.swapaxes(-1, -2), q_t)
-        rows.dq_acc[:, :, r] += np.matmul(ds, k_j)
+        rows.dq_acc[:, :, r] += np.matmul(ds, k_j if k_center is None else k_j - k_center)
     return dk_j, dv_j

@@ -34,6 +34,11 @@ class SoftmaxStats:
     shape_kv: tuple[int, ...] | None = None
 
     @property
+    def recorded(self) -> bool:
+        """Made by ``attention_forward`` (its call recorded), not built by hand."""
+        return self.causal is not None
+
+    @property
     def lse(self) -> Any:
         """Log-sum-exp ``m + log(l)`` per row, for libraries that keep that instead."""
         from .interop import xp_log
