@@ -16,8 +16,8 @@ The score modifiers (issue #14, docs/masks.md) are checked by ``check_modifiers`
 ``window`` a pair of ints >= -1 (TypeError / ValueError), ``softcap`` a real number >= 0
 that float32 can carry, ``alibi_slopes`` float32 (heads,) or (batch, heads) and ``sinks``
 float32 (heads,), arrays of q's framework and device with finite values. On CUDA any of them
-raises ``ValueError`` (not yet in the kernels), after the checks of kind, dtype and shape
-and before anything reads device memory. ``window=(-1, -1)`` and ``softcap=0`` mean off.
+raises ``ValueError`` (not yet in the kernels) after the checks of window and softcap,
+before the per-head arrays are imported or read. ``window=(-1, -1)`` and ``softcap=0`` mean off.
 
 Every message starts with the argument's name, then what was expected and what came, e.g.
 ``stats.m: expected float32 (2, 8, 128), got float16 (2, 8, 128)``.
@@ -175,25 +175,23 @@ def _values(x: Any) -> tuple | None:
 
 def check_modifiers(q: Any, problem: Problem, *, window=None, softcap=None, alibi_slopes=None,
                     sinks=None) -> Modifiers:
-    """Validate the score modifiers for ``problem`` (q: its imported query array)."""
+    """Validate the score modifiers for ``problem`` (q: its imported query array).
+
+    On CUDA, any modifier that is on raises right after the scalar checks: the per-head
+    arrays are then neither imported nor read (whatever their framework or device)."""
     q = _imported(q, "q")
+    window, softcap = check_window(window), check_softcap(softcap)
+    if q.is_cuda:
+        given = Modifiers(window, softcap, alibi_slopes, sinks).first
+        if given is not None:
+            raise ValueError(f"{given}: not yet supported by the CUDA kernels (issue #14); "
+                             f"CPU arrays run it")
     heads, batch = problem.heads, problem.batch
-    modifiers = Modifiers(
-        window=check_window(window),
-        softcap=check_softcap(softcap),
+    return Modifiers(
+        window=window, softcap=softcap,
         alibi_slopes=_check_head_array(alibi_slopes, "alibi_slopes", q,
                                        [(heads,), (batch, heads)], "heads, or batch x heads"),
         sinks=_check_head_array(sinks, "sinks", q, [(heads,)], "heads"))
-    if q.is_cuda and modifiers.first is not None:
-        raise ValueError(f"{modifiers.first}: not yet supported by the CUDA kernels "
-                         f"(issue #14); CPU arrays run it")
-    for name in ("alibi_slopes", "sinks"):
-        x = getattr(modifiers, name)
-        if x is not None and not np.isfinite(x).all():
-            bad = np.asarray(x)[~np.isfinite(x)]
-            raise ValueError(f"{name}: expected finite values, got {bad.size} that are not "
-                             f"(first: {float(bad.ravel()[0])!r})")
-    return modifiers
 
 
 def check_window(window: Any) -> tuple[int, int] | None:
@@ -242,6 +240,11 @@ def _check_head_array(x: Any, name: str, q: Imported, shapes: list, layout: str)
         expected = " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name}: expected shape {expected} ({layout}), got "
                          f"{_shape(imported)}")
+    finite = np.isfinite(imported.array)
+    if not finite.all():
+        bad = imported.array[~finite]
+        raise ValueError(f"{name}: expected finite values, got {bad.size} that are not "
+                         f"(first: {float(bad.ravel()[0])!r})")
     return imported.array
 
 
