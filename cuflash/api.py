@@ -27,6 +27,10 @@ _CAUSAL_PICTURE = """
 """
 
 
+def _cpu_kwargs(modifiers: validate.Modifiers) -> dict:
+    return {} if modifiers is validate.NO_MODIFIERS else modifiers.cpu_kwargs()
+
+
 def _flash_fwd(problem: validate.Problem, q, k, v,
                modifiers: validate.Modifiers = validate.NO_MODIFIERS):
     """(o, m, l) on backend arrays of the problem's device. Score modifiers run on the CPU
@@ -35,7 +39,7 @@ def _flash_fwd(problem: validate.Problem, q, k, v,
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
-                                 softmax_scale=problem.softmax_scale, **modifiers.cpu_kwargs())
+                                 softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers))
     assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_forward_gpu
 
@@ -54,7 +58,7 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
 
         return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
                                   softmax_scale=problem.softmax_scale,
-                                  center_keys=stats_of_these_scores, **modifiers.cpu_kwargs())
+                                  center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers))
     assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_backward_gpu
 
@@ -89,6 +93,9 @@ def _refuse_untracked_gradients(named) -> None:
                 f"records no autograd graph, so the gradient would be lost), got one with "
                 f"requires_grad=True; use cuflash.torch.flash_attention for gradients, or "
                 f"call under torch.no_grad() / pass {name}.detach()")
+
+
+_OFF = validate.NO_MODIFIERS.record()  # SoftmaxStats' record of a call without modifiers
 
 
 def _plain(window, softcap, alibi_slopes, sinks) -> bool:
@@ -151,14 +158,15 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
                                shape_q=tuple(q.shape), shape_kv=tuple(k.shape))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
-    modifiers = validate.check_modifiers(iq, problem, window=window, softcap=softcap,
-                                         alibi_slopes=alibi_slopes, sinks=sinks)
+    modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
+        iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
         o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array, modifiers)
         stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
                              causal=problem.causal, softmax_scale=problem.softmax_scale,
                              shape_q=validate.shape_q(problem),
-                             shape_kv=validate.shape_kv(problem), **modifiers.record())
+                             shape_kv=validate.shape_kv(problem),
+                             **(_OFF if plain else modifiers.record()))
         return export_array(o, like=iq), stats
 
 
@@ -205,8 +213,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
                                       softmax_scale=softmax_scale)
-    modifiers = validate.check_modifiers(iq, problem, window=window, softcap=softcap,
-                                         alibi_slopes=alibi_slopes, sinks=sinks)
+    modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
+        iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
                                 validate.shape_q(problem), validate.shape_kv(problem),
                                 modifiers)

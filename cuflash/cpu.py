@@ -71,7 +71,7 @@ seqlen_k array is ever built. The kernels pad the last key block and mask column
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -155,6 +155,8 @@ class _Tiling:
     def needs_mask(self, i0: int, i1: int, j0: int, j1: int) -> bool:
         """True unless every query row of [i0, i1) sees every key of [j0, j1): the corner
         pairs (i0, j1 - 1) and (i1 - 1, j0) are the ones the mask could hide."""
+        if self.left < 0 and self.right < 0:
+            return False
         return not (self.visible(i0, j1 - 1) and self.visible(i1 - 1, j0))
 
     def mask(self, x: np.ndarray, i0: int, j0: int, fill: float) -> None:
@@ -164,7 +166,7 @@ class _Tiling:
         np.copyto(x, _F32(fill), where=~self.visible(i, j))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Scores:
     """Raw products Q K^T -> the scores the softmax sees, in log2 units (one helper, as a
     kernel's score transform): ``x = softmax_scale * q.k``; softcap: ``softcap * tanh(x /
@@ -178,10 +180,10 @@ class _Scores:
     offset: int
     softcap: float | None = None
     alibi: np.ndarray | None = None
+    scale_log2: np.float32 = field(init=False)  # softmax_scale * LOG2E
 
-    @property
-    def scale_log2(self) -> np.float32:
-        return _F32(self.softmax_scale * LOG2E)
+    def __post_init__(self) -> None:
+        self.scale_log2 = _F32(self.softmax_scale * LOG2E)
 
     @property
     def plain(self) -> bool:
