@@ -466,3 +466,17 @@ def test_modifiers_skip_fastpath(monkeypatch):
         o, stats = cuflash.attention_forward(q, k, v, **{name: GOOD[name]})
         cuflash.attention_backward(do, q, k, v, o, stats, **{name: GOOD[name]})
     assert len(calls) == 2
+
+
+def test_torch_cpu_tensors():
+    """torch CPU tensors run the CPU path; dsinks comes back as a torch tensor; per-head
+    arrays must be of q's framework."""
+    torch = pytest.importorskip("torch")
+    q, k, v, do = (torch.from_numpy(x) for x in _arrays(np.float32))
+    mods = dict(GOOD, alibi_slopes=torch.from_numpy(GOOD["alibi_slopes"]),
+                sinks=torch.from_numpy(GOOD["sinks"]))
+    o, stats = cuflash.attention_forward(q, k, v, **mods)
+    grads = cuflash.attention_backward(do, q, k, v, o, stats, **mods)
+    assert all(isinstance(g, torch.Tensor) for g in grads) and grads[3].shape == (H,)
+    with pytest.raises(TypeError, match=r"^sinks: expected a torch array like q, got numpy"):
+        cuflash.attention_forward(q, k, v, sinks=GOOD["sinks"])
