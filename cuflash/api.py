@@ -27,13 +27,20 @@ _CAUSAL_PICTURE = """
 """
 
 
-def _flash_fwd(problem: validate.Problem, q, k, v):
-    """(o, m, l) on backend arrays of the problem's device."""
+def _cpu_kwargs(modifiers: validate.Modifiers) -> dict:
+    return {} if modifiers is validate.NO_MODIFIERS else modifiers.cpu_kwargs()
+
+
+def _flash_fwd(problem: validate.Problem, q, k, v,
+               modifiers: validate.Modifiers = validate.NO_MODIFIERS):
+    """(o, m, l) on backend arrays of the problem's device. Score modifiers run on the CPU
+    only so far (``validate.check_modifiers`` refuses them on CUDA)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
-                                 softmax_scale=problem.softmax_scale)
+                                 softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers))
+    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_forward_gpu
 
     return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
@@ -41,16 +48,18 @@ def _flash_fwd(problem: validate.Problem, q, k, v):
 
 
 def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
-               stats_of_these_scores: bool = False):
-    """(dq, dk, dv) on backend arrays of the problem's device. ``stats_of_these_scores``:
-    m, l are the forward's own for these q, k (the CPU path may then use that the rows of
-    dS sum to zero; see ``cpu._key_center``)."""
+               stats_of_these_scores: bool = False,
+               modifiers: validate.Modifiers = validate.NO_MODIFIERS):
+    """(dq, dk, dv), and dsinks with sinks, on backend arrays of the problem's device.
+    ``stats_of_these_scores``: m, l are the forward's own for these q, k (the CPU path may
+    then use that the rows of dS sum to zero; see ``cpu._key_center``)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_backward_cpu
 
         return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
                                   softmax_scale=problem.softmax_scale,
-                                  center_keys=stats_of_these_scores)
+                                  center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers))
+    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
@@ -86,16 +95,28 @@ def _refuse_untracked_gradients(named) -> None:
                 f"call under torch.no_grad() / pass {name}.detach()")
 
 
-def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+_OFF = validate.NO_MODIFIERS.record()  # SoftmaxStats' record of a call without modifiers
+
+
+def _plain(window, softcap, alibi_slopes, sinks) -> bool:
+    """No score modifier given (the only calls fastpath serves)."""
+    return window is None and softcap is None and alibi_slopes is None and sinks is None
+
+
+def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+              window=None, softcap=None, alibi_slopes=None, sinks=None):
     """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
 
     Same arguments as ``attention_forward``; returns only the output ``o``.
     """
-    o, _ = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    o, _ = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                             window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                             sinks=sinks)
     return o
 
 
-def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
+                      window=None, softcap=None, alibi_slopes=None, sinks=None):
     """Attention forward pass, returning the output and the softmax statistics.
 
     Args:
@@ -106,6 +127,17 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
             multiple of heads_kv (MQA/GQA: query head h reads kv head h // (heads // heads_kv)).
         causal: mask keys after the query's position, aligned bottom-right (see below).
         softmax_scale: multiplies q @ k^T before the softmax; default 1 / sqrt(head_dim).
+        window: (left, right) ints >= -1, a sliding window as in FlashAttention-2: query i
+            sees key j iff i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q +
+            right (-1: that side unbounded); with causal, right is 0. Default None (off).
+        softcap: a real >= 0; scores become softcap * tanh(score / softcap) (score =
+            softmax_scale * q.k) before ALiBi and the masks. None or 0: off.
+        alibi_slopes: float32 (heads,) or (batch, heads); adds
+            -slope * |i + seqlen_k - seqlen_q - j| to each score. Default None.
+        sinks: float32 (heads,), one logit per head that joins each row's softmax
+            normalizer but has no value vector. Default None.
+        The four modifiers (docs/masks.md) run on CPU arrays only so far: on CUDA arrays
+        they raise ``ValueError`` before anything is allocated.
 
     PyTorch tensors that require grad (with grad mode on) are refused: this function records
     no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /
@@ -113,10 +145,12 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
 
     Returns:
         (o, stats): o like q (a new array of the caller's type, dtype and device);
-        stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l.
+        stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l
+        (with sinks, the sink is one more logit in each row's m and l).
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
-    fast = _fast_backend((q, k, v), causal, softmax_scale)
+    plain = _plain(window, softcap, alibi_slopes, sinks)
+    fast = _fast_backend((q, k, v), causal, softmax_scale) if plain else None
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
         scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
@@ -124,17 +158,21 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
                                shape_q=tuple(q.shape), shape_kv=tuple(k.shape))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
+    modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
+        iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
-        o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array)
+        o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array, modifiers)
         stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
                              causal=problem.causal, softmax_scale=problem.softmax_scale,
                              shape_q=validate.shape_q(problem),
-                             shape_kv=validate.shape_kv(problem))
+                             shape_kv=validate.shape_kv(problem),
+                             **(_OFF if plain else modifiers.record()))
         return export_array(o, like=iq), stats
 
 
 def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = False,
-                       softmax_scale: float | None = None, deterministic: bool = False):
+                       softmax_scale: float | None = None, deterministic: bool = False,
+                       window=None, softcap=None, alibi_slopes=None, sinks=None):
     """Gradients of attention from the forward's output and softmax statistics.
 
     Recomputes the attention probabilities block by block from q, k and ``stats`` (m, l);
@@ -145,20 +183,25 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
         do: gradient of the loss w.r.t. o, shaped and typed like q.
         q, k, v, o: as passed to / returned by ``attention_forward``.
         stats: the ``SoftmaxStats`` that ``attention_forward`` returned. It records the
-            forward's causal, softmax_scale and shapes; a backward call that differs raises
-            ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not checked).
-        causal, softmax_scale: the values the forward pass used.
+            forward's causal, softmax_scale, shapes and score modifiers; a backward call
+            that differs raises ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not
+            checked).
+        causal, softmax_scale, window, softcap, alibi_slopes, sinks: the values the
+            forward pass used.
         deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
             are bitwise identical run to run (somewhat slower). The CPU path always is.
 
     Returns:
-        (dq, dk, dv) shaped and typed like q, k, v.
+        (dq, dk, dv) shaped and typed like q, k, v; with sinks also dsinks, float32
+        (heads,), the gradient of the sink logits: (dq, dk, dv, dsinks).
     """
     if not isinstance(stats, SoftmaxStats):
         raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
                         f"got {type(stats).__name__}")
     deterministic = validate.check_bool(deterministic, "deterministic")
-    fast = _fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
+    plain = _plain(window, softcap, alibi_slopes, sinks)
+    fast = (_fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale) if plain
+            else None)
     if fast is not None:
         validate.check_stats_origin(stats, causal, validate.check_scale(softmax_scale,
                                                                         q.shape[-1]),
@@ -170,11 +213,14 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
                                       softmax_scale=softmax_scale)
+    modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
+        iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
-                                validate.shape_q(problem), validate.shape_kv(problem))
+                                validate.shape_q(problem), validate.shape_kv(problem),
+                                modifiers)
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
-                           im.array, il.array, deterministic, stats.recorded)
+                           im.array, il.array, deterministic, stats.recorded, modifiers)
         return tuple(export_array(g, like=iq) for g in grads)
 
 

@@ -43,6 +43,18 @@ K/V block walks the query tiles that can see it, keeping dK_j and dV_j on chip:
         dK_j += ds^T @ Q_tile                              # times softmax_scale at the end
         dQ_tile += ds @ K_j                                # times softmax_scale at the end
 
+Score modifiers (issue #14, docs/masks.md; the CPU path only so far). Three places, as in
+a kernel: ``_Tiling`` is the mask policy, one ``visible(i, j)`` (causal and the sliding
+``window``) from which the tile ranges of both loops and the tile-level mask follow, so
+tiles no visible pair touches are never visited; ``_Scores.apply`` turns Q K^T into the
+scores the softmax sees (``softmax_scale``, then ``softcap * tanh(x / softcap)``, then ALiBi's
+``- slope * |i + seqlen_k - seqlen_q - j|``, in log2 units), and returns the tanh the
+backward's softcap derivative needs; ``_fold_sink`` adds the per-head sink logit to m_i and
+l_i after a row's last K/V block (a key with no value: acc is only rescaled), so the stored
+m, l include it and the backward's lse2 already normalizes over it. The backward adds
+``ds *= 1 - t^2`` for softcap and dsinks = -sum_rows P_sink * delta from the preprocess's
+lse2 and delta.
+
 Grouped-query attention never expands K or V. Q (batch, seqlen_q, heads, head_dim) is viewed
 as (batch, seqlen_q, heads_kv, group, head_dim) and copied once to float32 "rows" (batch,
 heads_kv, seqlen_q * group, head_dim), row ``r = i * group + g`` (query i, head g of the
@@ -59,7 +71,7 @@ seqlen_k array is ever built. The kernels pad the last key block and mask column
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -81,40 +93,122 @@ BLOCK_M_CPU = 512
 
 @dataclass(frozen=True)
 class _Tiling:
-    """Which (query tile, key block) pairs exist and which need the causal mask."""
+    """The mask policy and the block ranges it implies, in one place.
+
+    ``visible(i, j)`` is the whole policy; the rest follows from it: which key blocks a
+    query tile visits (``key_blocks``, the forward), which query tiles a key block visits
+    (``query_tiles``, the backward), whether a tile needs the mask at all (``needs_mask``)
+    and the tile-level apply (``mask``, for S; the backward's S^T is the same tile read
+    transposed). Tiles that no visible pair touches are never visited, so the work of a
+    windowed call scales with the window. ``left`` / ``right`` bound the key's distance
+    from the query's bottom-right diagonal (-1: unbounded); causal is ``right = 0``.
+    """
 
     seqlen_q: int
     seqlen_k: int
     group: int  # query heads per kv head
-    causal: bool
     block_m: int
     block_n: int
+    left: int = -1
+    right: int = -1
+
+    @classmethod
+    def of(cls, seqlen_q: int, seqlen_k: int, group: int, *, causal: bool,
+           window: tuple[int, int] | None, block_m: int, block_n: int) -> "_Tiling":
+        """causal and a window (left, right) intersect: causal caps right at 0."""
+        left, right = (-1, -1) if window is None else window
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        return cls(seqlen_q, seqlen_k, group, block_m, block_n, left, right)
 
     @property
     def offset(self) -> int:
-        """Bottom-right alignment: query i sees key j iff j <= i + offset."""
+        """Bottom-right alignment: the diagonal of query i is key i + offset."""
         return self.seqlen_k - self.seqlen_q
 
-    def key_end(self, i1: int) -> int:
-        """End of the keys that query rows < i1 can see (the forward's causal early exit)."""
-        return min(self.seqlen_k, max(i1 + self.offset, 0)) if self.causal else self.seqlen_k
+    def visible(self, i, j):
+        """Query i sees key j iff i + offset - left <= j <= i + offset + right (ints or
+        broadcasting arrays)."""
+        d = j - (i + self.offset)
+        seen = True
+        if self.left >= 0:
+            seen = seen & (d >= -self.left)
+        if self.right >= 0:
+            seen = seen & (d <= self.right)
+        return seen
 
-    def query_start(self, j0: int) -> int:
-        """Start of the first query tile that can see key j0 (the backward's first tile)."""
-        if not self.causal:
-            return 0
-        i_lo = min(max(j0 - self.offset, 0), self.seqlen_q)
-        return i_lo - i_lo % self.block_m
+    def key_blocks(self, i0: int, i1: int) -> range:
+        """Starts of the key blocks that query rows [i0, i1) see (the forward's K/V loop):
+        from the block holding the first row's first key to the last row's last key."""
+        lo = max(i0 + self.offset - self.left, 0) if self.left >= 0 else 0
+        hi = (min(max(i1 + self.offset + self.right, 0), self.seqlen_k) if self.right >= 0
+              else self.seqlen_k)
+        return range(lo - lo % self.block_n, hi, self.block_n) if lo < hi else range(0)
 
-    def needs_mask(self, i0: int, j1: int) -> bool:
-        """True unless the tile's first query row (i0) sees the block's last key (j1 - 1)."""
-        return self.causal and j1 - 1 > i0 + self.offset
+    def query_tiles(self, j0: int, j1: int) -> range:
+        """Starts of the query tiles that see some key of [j0, j1) (the backward's loop)."""
+        lo = max(j0 - self.offset - self.right, 0) if self.right >= 0 else 0
+        hi = (min(max(j1 - self.offset + self.left, 0), self.seqlen_q) if self.left >= 0
+              else self.seqlen_q)
+        return range(lo - lo % self.block_m, hi, self.block_m) if lo < hi else range(0)
+
+    def needs_mask(self, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """True unless every query row of [i0, i1) sees every key of [j0, j1): the corner
+        pairs (i0, j1 - 1) and (i1 - 1, j0) are the ones the mask could hide."""
+        if self.left < 0 and self.right < 0:
+            return False
+        return not (self.visible(i0, j1 - 1) and self.visible(i1 - 1, j0))
 
     def mask(self, x: np.ndarray, i0: int, j0: int, fill: float) -> None:
         """x[..., r, c] = fill where key j0 + c is hidden from query i0 + r // group."""
         i = i0 + np.arange(x.shape[-2])[:, None] // self.group
         j = j0 + np.arange(x.shape[-1])[None, :]
-        np.copyto(x, _F32(fill), where=j > i + self.offset)
+        np.copyto(x, _F32(fill), where=~self.visible(i, j))
+
+
+@dataclass(slots=True)
+class _Scores:
+    """Raw products Q K^T -> the scores the softmax sees, in log2 units (one helper, as a
+    kernel's score transform): ``x = softmax_scale * q.k``; softcap: ``softcap * tanh(x /
+    softcap)``; ALiBi: ``- slope_h * |i + offset - j|``; then times LOG2E.
+
+    ``alibi``: float32 (batch or 1, heads_kv, group) slopes times LOG2E, in the row order of
+    ``_to_rows`` (row r of a tile is query i0 + r // group, head r % group of the group).
+    """
+
+    softmax_scale: float
+    offset: int
+    softcap: float | None = None
+    alibi: np.ndarray | None = None
+    scale_log2: np.float32 = field(init=False)  # softmax_scale * LOG2E
+
+    def __post_init__(self) -> None:
+        self.scale_log2 = _F32(self.softmax_scale * LOG2E)
+
+    @property
+    def plain(self) -> bool:
+        """No softcap: the rows of dS sum to 0 (``_key_center`` may be used)."""
+        return self.softcap is None
+
+    def apply(self, s: np.ndarray, i0: int, j0: int) -> np.ndarray | None:
+        """Transform s (b, heads_kv, rows, cols) of query tile i0, key block j0 in place;
+        return t = tanh(x / softcap) with softcap (dS's factor is 1 - t^2), else None."""
+        t = None
+        if self.softcap is None:
+            s *= self.scale_log2  # exactly the plain path: one rounding of s * scale_log2
+        else:
+            s *= _F32(self.softmax_scale / self.softcap)  # x / softcap
+            t = np.tanh(s)
+            np.multiply(t, _F32(self.softcap * LOG2E), out=s)
+        if self.alibi is not None:
+            rows, cols = s.shape[-2:]
+            group = self.alibi.shape[-1]
+            i = i0 + np.arange(rows, dtype=np.int64)[:, None] // group
+            j = j0 + np.arange(cols, dtype=np.int64)[None, :]
+            distance = np.abs(i + self.offset - j).astype(_F32)
+            slopes = np.tile(self.alibi, rows // group)[..., None]  # (b, h_kv, rows, 1)
+            s -= slopes * distance
+        return t
 
 
 # -- validation and layout -----------------------------------------------------------------
@@ -146,6 +240,34 @@ def _check_qkv(q, k, v, block_m: int, block_n: int) -> tuple[int, ...]:
     if block_m < 1 or block_n < 1:
         raise ValueError(f"block_m and block_n must be positive, got {block_m}, {block_n}")
     return batch, seqlen_q, seqlen_k, heads, heads_kv
+
+
+def _check_modifiers(window, softcap, alibi_slopes, sinks, batch: int, heads: int) -> None:
+    """Shapes of the score modifiers (the API validates them fully, ``validate.py``)."""
+    if window is not None and (len(window) != 2 or min(window) < -1):
+        raise ValueError(f"window must be (left, right) with entries >= -1, got {window!r}")
+    if softcap is not None and not softcap >= 0:
+        raise ValueError(f"softcap must be >= 0 (0 or None: off), got {softcap!r}")
+    if alibi_slopes is not None and alibi_slopes.shape not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must be ({heads},) or ({batch}, {heads}), "
+                         f"got {alibi_slopes.shape}")
+    if sinks is not None and sinks.shape != (heads,):
+        raise ValueError(f"sinks must be ({heads},), got {sinks.shape}")
+
+
+def _log2_units(x: np.ndarray) -> np.ndarray:
+    """Per-head logits or slopes times LOG2E, rounded once to float32."""
+    return (np.asarray(x, dtype=np.float64) * LOG2E).astype(_F32)
+
+
+def _head_rows(x: np.ndarray | None, heads_kv: int) -> np.ndarray | None:
+    """(heads,) or (batch, heads) -> float32 (batch or 1, heads_kv, group) in log2 units:
+    head kv * group + g at [.., kv, g], so ``np.tile(_, n)`` lists a tile's rows in the
+    order of ``_to_rows`` (row r: query r // group, head r % group of the group)."""
+    if x is None:
+        return None
+    x = x.reshape(-1 if x.ndim == 2 else 1, x.shape[-1])
+    return _log2_units(x).reshape(x.shape[0], heads_kv, x.shape[1] // heads_kv)
 
 
 def _to_rows(x: np.ndarray, heads_kv: int) -> np.ndarray:
@@ -189,6 +311,10 @@ def flash_forward_cpu(
     *,
     causal: bool,
     softmax_scale: float,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -202,15 +328,26 @@ def flash_forward_cpu(
     Returns o (batch, seqlen_q, heads, head_dim) in the input dtype, and float32 m, l of shape
     (batch, heads, seqlen_q): m the row max of softmax_scale * q.k over visible keys (natural
     log), l = sum exp(score - m). A row that sees no key gets o = 0, m = -inf, l = 0.
+
+    Score modifiers (docs/masks.md; each None when off): ``window`` (left, right) keeps key
+    j of query i iff i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right
+    (-1: unbounded; causal is right = 0); ``softcap`` > 0 (0 is off); ``alibi_slopes``
+    float32 (heads,) or (batch, heads); ``sinks`` float32 (heads,), a logit per head that
+    joins each row's m and l but has no value: m = max(row max, sink), l counts
+    exp(sink - m) too, so a row that sees no key gets o = 0, m = sink, l = 1.
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
+    _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
     o = np.zeros(q.shape, dtype=q.dtype)
     m = np.full((batch, heads, seqlen_q), -np.inf, dtype=_F32)
     l = np.zeros((batch, heads, seqlen_q), dtype=_F32)
-    if m.size == 0 or seqlen_k == 0:
+    if m.size == 0 or seqlen_k == 0 and sinks is None:
         return o, m, l  # no row sees a key
-    tiling = _Tiling(seqlen_q, seqlen_k, heads // heads_kv, causal, block_m, block_n)
-    scale_log2 = _F32(softmax_scale * LOG2E)
+    tiling = _Tiling.of(seqlen_q, seqlen_k, heads // heads_kv, causal=causal, window=window,
+                        block_m=block_m, block_n=block_n)
+    scores = _Scores(softmax_scale, tiling.offset, softcap or None,
+                     _head_rows(alibi_slopes, heads_kv))
+    sink2 = _head_rows(sinks, heads_kv)  # (1, heads_kv, group), log2 units
     q_rows = _to_rows(q, heads_kv)  # (b, heads_kv, seqlen_q * group, d)
     k_rows, v_rows = _to_rows(k, heads_kv), _to_rows(v, heads_kv)  # (b, heads_kv, seqlen_k, d)
     o_rows = np.empty(q_rows.shape, dtype=_F32)
@@ -221,7 +358,9 @@ def flash_forward_cpu(
         i1 = min(i0 + block_m, seqlen_q)
         rows = slice(i0 * tiling.group, i1 * tiling.group)
         q_t = q_rows[:, :, rows]
-        m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling)
+        m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling)
+        if sink2 is not None:  # -- the sink joins m_i and l_i after the last K/V block
+            m_i, l_i = _fold_sink(m_i, l_i, acc, np.tile(sink2, i1 - i0))
         # -- epilogue: O = acc / l_i, m back to natural log; unseen rows: O = 0, m = -inf
         unseen = l_i == 0  # a NaN l_i (a NaN score) is seen: O stays NaN
         o_rows[:, :, rows] = acc / np.where(unseen, _F32(1), l_i)[..., None]
@@ -239,17 +378,17 @@ def flash_forward_cpu(
     return o, m, l
 
 
-def _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling):
+def _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling):
     """The K/V loop of query tile [i0, i1). Returns (m_i in log2 units, l_i, acc)."""
     m_i = np.full(q_t.shape[:3], -np.inf, dtype=_F32)
     l_i = np.zeros(q_t.shape[:3], dtype=_F32)
     acc = np.zeros(q_t.shape, dtype=_F32)  # invariant: acc = sum_j exp2(s_j - m_i) V_j
-    for j0 in range(0, tiling.key_end(i1), tiling.block_n):
+    for j0 in tiling.key_blocks(i0, i1):
         j1 = min(j0 + tiling.block_n, tiling.seqlen_k)
-        # -- s = Q K^T in log2 units; hidden keys -> -inf
+        # -- s = Q K^T in log2 units (scale, softcap, ALiBi); hidden keys -> -inf
         s = np.matmul(q_t, k_rows[:, :, j0:j1].swapaxes(-1, -2))
-        s *= scale_log2
-        if tiling.needs_mask(i0, j1):
+        scores.apply(s, i0, j0)
+        if tiling.needs_mask(i0, i1, j0, j1):
             tiling.mask(s, i0, j0, -np.inf)
         # -- online softmax: new row max, then rescale l_i and acc by exp2(m_old - m_new)
         m_new = np.fmax(m_i, np.fmax.reduce(s, axis=-1))  # NaN-ignoring, as fmaxf
@@ -262,6 +401,16 @@ def _forward_tile(q_t, k_rows, v_rows, i0, i1, scale_log2, tiling):
         acc += np.matmul(p, v_rows[:, :, j0:j1])
         m_i = m_new
     return m_i, l_i, acc
+
+
+def _fold_sink(m_i, l_i, acc, sink2):
+    """Fold the sink logit (log2 units, one per row) into m_i and l_i as one more key whose
+    value is 0: rescale l_i and acc to the new max, add exp2(sink2 - m_new) to l_i. A row
+    that saw no key (m_i = -inf) gets m_i = sink2, l_i = 1, acc = 0."""
+    m_new = np.fmax(m_i, sink2)
+    alpha = np.exp2(m_i - m_new)
+    acc *= alpha[..., None]
+    return m_new, alpha * l_i + np.exp2(sink2 - m_new)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -293,10 +442,14 @@ def flash_backward_cpu(
     *,
     causal: bool,
     softmax_scale: float,
+    window: tuple[int, int] | None = None,
+    softcap: float | None = None,
+    alibi_slopes: np.ndarray | None = None,
+    sinks: np.ndarray | None = None,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
     center_keys: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """FlashAttention-2 backward on NumPy arrays, block by block like ``flash_bwd``.
 
     do, o: like q (any strides); m, l: the float32 (batch, heads, seqlen_q) statistics of the
@@ -305,19 +458,28 @@ def flash_backward_cpu(
     that see no key (l == 0) contribute nothing and get dq = 0. ``center_keys``: m, l are
     the forward's own for these q, k, so dQ may use keys centred on their mean (more accurate
     at large logits; ``_key_center`` says why); leave False for other statistics.
+
+    Score modifiers as in ``flash_forward_cpu`` (the forward's m, l must come from the same
+    ones). softcap multiplies dS by 1 - tanh(x / softcap)^2. With ``sinks`` the result has a
+    fourth entry, float32 dsinks (heads,): -sum over batch and rows of P_sink * delta.
+    Keys are centred only without softcap and sinks (the rows of dS then sum to 0).
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
     if do.shape != q.shape or o.shape != q.shape:
         raise ValueError(f"do {do.shape} and o {o.shape} must have the shape of q {q.shape}")
     if m.shape != (batch, heads, seqlen_q) or l.shape != m.shape:
         raise ValueError(f"m {m.shape}, l {l.shape} must be (batch, heads, seqlen_q)")
+    _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
     dq = np.zeros(q.shape, dtype=q.dtype)
     dk = np.zeros(k.shape, dtype=k.dtype)
     dv = np.zeros(v.shape, dtype=v.dtype)
-    if batch * heads * seqlen_q == 0 or seqlen_k == 0:
-        return dq, dk, dv
-    tiling = _Tiling(seqlen_q, seqlen_k, heads // heads_kv, causal, block_m, block_n)
-    scale_log2 = _F32(softmax_scale * LOG2E)
+    dsinks = () if sinks is None else (np.zeros(heads, dtype=_F32),)
+    if batch * heads * seqlen_q == 0 or seqlen_k == 0 and sinks is None:
+        return dq, dk, dv, *dsinks
+    tiling = _Tiling.of(seqlen_q, seqlen_k, heads // heads_kv, causal=causal, window=window,
+                        block_m=block_m, block_n=block_n)
+    scores = _Scores(softmax_scale, tiling.offset, softcap or None,
+                     _head_rows(alibi_slopes, heads_kv))
 
     # -- preprocess (flash_bwd_preprocess): delta = rowsum(dO * O); lse2 in log2 units
     # to float32's last bit (a float64 sum, as the kernels' compensated one): delta must be
@@ -328,6 +490,8 @@ def flash_backward_cpu(
     m_f32, l_f32 = m.astype(_F32), l.astype(_F32)
     with np.errstate(divide="ignore", invalid="ignore"):  # NaN l (a NaN score) stays NaN
         lse2 = np.where(l_f32 == 0, _F32(np.inf), m_f32 * _F32(LOG2E) + np.log2(l_f32))
+    if sinks is not None:
+        dsinks = (_sink_grad(sinks, lse2, delta),)
     rows = _BackwardRows(
         q=_to_rows(q, heads_kv),
         do=_to_rows(do, heads_kv),
@@ -337,12 +501,13 @@ def flash_backward_cpu(
     )
     k_rows, v_rows = _to_rows(k, heads_kv), _to_rows(v, heads_kv)
     dk_rows, dv_rows = np.empty_like(k_rows), np.empty_like(v_rows)
-    k_center = _key_center(k_rows) if center_keys else None
+    plain = scores.plain and sinks is None  # rows of dS sum to 0 (see _key_center)
+    k_center = _key_center(k_rows) if center_keys and plain else None
 
     for j0 in range(0, seqlen_k, block_n):  # one iteration = one kernel block per (b, h_kv)
         j1 = min(j0 + block_n, seqlen_k)
         dk_j, dv_j = _backward_block(rows, k_rows[:, :, j0:j1], v_rows[:, :, j0:j1], j0, j1,
-                                     scale_log2, tiling, k_center)
+                                     scores, tiling, k_center)
         dk_rows[:, :, j0:j1] = dk_j * _F32(softmax_scale)
         dv_rows[:, :, j0:j1] = dv_j
 
@@ -351,7 +516,15 @@ def flash_backward_cpu(
     _from_rows(dq_acc, dq)
     _from_rows(dk_rows, dk)
     _from_rows(dv_rows, dv)
-    return dq, dk, dv
+    return dq, dk, dv, *dsinks
+
+
+def _sink_grad(sinks, lse2, delta):
+    """dsinks (heads,) float32 = -sum_{b,i} P_sink * delta, P_sink = exp2(sink2 - lse2):
+    the sink's dS (its dP is 0: no value), reduced per head (float64 sum here; a kernel
+    would reduce per block in float32 and add the blocks' sums)."""
+    p_sink = np.exp2(_log2_units(sinks)[None, :, None] - lse2)
+    return (-(p_sink * delta).sum(axis=(0, 2), dtype=np.float64)).astype(_F32)
 
 
 def _key_center(k_rows: np.ndarray) -> np.ndarray:
@@ -371,21 +544,21 @@ def _key_center(k_rows: np.ndarray) -> np.ndarray:
     return (np.where(finite, k_rows, 0).sum(axis=2, keepdims=True) / count).astype(_F32)
 
 
-def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling, k_center):
+def _backward_block(rows, k_j, v_j, j0, j1, scores, tiling, k_center):
     """The query loop of key block [j0, j1): returns (dK_j / softmax_scale, dV_j).
 
     Summing over rows sums over the query heads of each group, which is the GQA reduction.
     """
     dk_j = np.zeros(k_j.shape, dtype=_F32)
     dv_j = np.zeros(v_j.shape, dtype=_F32)
-    for i0 in range(tiling.query_start(j0), tiling.seqlen_q, tiling.block_m):
+    for i0 in tiling.query_tiles(j0, j1):
         i1 = min(i0 + tiling.block_m, tiling.seqlen_q)
         r = slice(i0 * tiling.group, i1 * tiling.group)
         q_t, do_t = rows.q[:, :, r], rows.do[:, :, r]
-        # -- P = exp2(s * scale_log2 - lse2): 0 on hidden keys and on rows with l == 0
+        # -- P = exp2(scores(s) - lse2): 0 on hidden keys and on rows with l == 0
         s = np.matmul(q_t, k_j.swapaxes(-1, -2))
-        s *= scale_log2
-        if tiling.needs_mask(i0, j1):
+        t = scores.apply(s, i0, j0)
+        if tiling.needs_mask(i0, i1, j0, j1):
             tiling.mask(s, i0, j0, -np.inf)
         s -= rows.lse2[:, :, r, None]
         p = np.exp2(s, out=s)
@@ -394,6 +567,8 @@ def _backward_block(rows, k_j, v_j, j0, j1, scale_log2, tiling, k_center):
         ds = np.matmul(do_t, v_j.swapaxes(-1, -2))
         ds -= rows.delta[:, :, r, None]
         ds *= p
+        if t is not None:  # softcap: d(score)/dx = 1 - tanh(x / softcap)^2
+            ds *= 1 - t * t
         # -- dK_j += dS^T Q;  dQ += dS K_j (both times softmax_scale later)
         dk_j += np.matmul(ds.swapaxes(-1, -2), q_t)
         rows.dq_acc[:, :, r] += np.matmul(ds, k_j if k_center is None else k_j - k_center)

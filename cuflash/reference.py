@@ -15,9 +15,29 @@ Conventions are those of the library: q (batch, seqlen_q, heads, head_dim), k an
 (batch, seqlen_k, heads_kv, head_dim), query head h reads kv head h // (heads // heads_kv),
 causal masks are bottom-right aligned (query i sees key j iff j <= i + seqlen_k - seqlen_q),
 and a row that sees no key has o = 0, m = -inf, l = 0 and zero gradients.
+
+The score modifiers of issue #14 (docs/masks.md) are keyword arguments of every function
+here, each off by default. With ``offset = seqlen_k - seqlen_q`` and the raw score
+``x_ij = softmax_scale * q_i . k_j``, row i of the softmax runs over
+
+    s_ij = softcap * tanh(x_ij / softcap)         (x_ij itself without softcap)
+           - slope_h * |i + offset - j|           (ALiBi, with alibi_slopes)
+    for the keys j that ``visible(i, j)``:
+        causal:            j <= i + offset
+        window (lo, hi):   i + offset - lo <= j <= i + offset + hi   (-1: that side unbounded)
+    plus, with sinks, one more logit ``sinks_h`` that has no value vector:
+
+    m_i = max(max_j s_ij, sinks_h)       l_i = sum_j exp(s_ij - m_i) + exp(sinks_h - m_i)
+    P_ij = exp(s_ij - m_i) / l_i         o_i = sum_j P_ij v_j
+
+and the gradients are those of ``sum(do * o)``: ``dsinks_h = -sum_{b,i} P_i,sink delta_i``
+with ``P_i,sink = exp(sinks_h - m_i) / l_i`` and ``delta_i = sum_j P_ij dP_ij``; softcap
+multiplies dS by its derivative ``1 - tanh(x_ij / softcap)^2``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -45,13 +65,35 @@ def _group(q: np.ndarray, k: np.ndarray) -> int:
     return heads // heads_kv
 
 
-def _visible(seqlen_q: int, seqlen_k: int, causal: bool) -> np.ndarray:
-    """(seqlen_q, seqlen_k) bool: query i sees key j (bottom-right aligned when causal)."""
-    if not causal:
-        return np.ones((seqlen_q, seqlen_k), dtype=bool)
+def _visible(seqlen_q: int, seqlen_k: int, causal: bool, window=None) -> np.ndarray:
+    """(seqlen_q, seqlen_k) bool: query i sees key j. With d = j - (i + seqlen_k - seqlen_q),
+    the key's distance right of the query's bottom-right diagonal: causal needs d <= 0, a
+    window (left, right) needs -left <= d <= right (a side of -1 is unbounded)."""
     i = np.arange(seqlen_q)[:, None]
     j = np.arange(seqlen_k)[None, :]
-    return j <= i + (seqlen_k - seqlen_q)
+    d = j - (i + (seqlen_k - seqlen_q))
+    left, right = (-1, -1) if window is None else window
+    visible = np.ones((seqlen_q, seqlen_k), dtype=bool)
+    if causal:
+        visible &= d <= 0
+    if left >= 0:
+        visible &= d >= -left
+    if right >= 0:
+        visible &= d <= right
+    return visible
+
+
+def _alibi_distance(seqlen_q: int, seqlen_k: int) -> np.ndarray:
+    """(seqlen_q, seqlen_k) |i + seqlen_k - seqlen_q - j| as float64."""
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    return np.abs(i + (seqlen_k - seqlen_q) - j).astype(_F64)
+
+
+def _per_head(x, batch: int, heads: int) -> np.ndarray:
+    """(heads,) or (batch, heads) -> float64 (batch or 1, heads, 1, 1) for (b, h, sq, sk)."""
+    x = np.asarray(x, dtype=_F64)
+    return x.reshape((x.shape[0] if x.ndim == 2 else 1), heads, 1, 1)
 
 
 def _heads_first(x: np.ndarray, group: int, dtype) -> np.ndarray:
@@ -66,49 +108,103 @@ def _sum_group(dx: np.ndarray, group: int) -> np.ndarray:
     return dx.reshape(b, h // group, group, s, d).sum(axis=2).transpose(0, 2, 1, 3)
 
 
-def _softmax_rows(s: np.ndarray, visible: np.ndarray):
-    """Masked softmax over the last axis in the dtype of s; returns (p, m, l).
+def _softmax_rows(s: np.ndarray, visible: np.ndarray, sinks=None):
+    """Masked softmax over the last axis in the dtype of s; returns (p, m, l, p_sink).
 
     A row with no visible key gets p = 0, m = -inf, l = 0 (no NaN). A NaN among a row's
     visible scores makes its l and every p NaN (as torch's softmax); m ignores NaN (fmax, as
-    the kernels' fmaxf).
+    the kernels' fmaxf). ``sinks`` (heads,): one more logit per row, in m and l, without a
+    value; p_sink (b, h, sq) is its probability (None without sinks).
     """
     s = np.where(visible, s, -np.inf)
     m = np.fmax.reduce(s, axis=-1, initial=-np.inf)
+    sink = None
+    if sinks is not None:
+        sink = np.asarray(sinks, dtype=s.dtype).reshape(1, -1, 1)
+        m = np.fmax(m, sink)
     m_safe = np.where(np.isfinite(m), m, 0).astype(s.dtype)
     e = np.exp(s - m_safe[..., None])
     l = e.sum(axis=-1)
-    p = e / np.where(l == 0, 1, l)[..., None]
-    return p, m, l
+    e_sink = None if sink is None else np.exp(sink - m_safe)
+    if e_sink is not None:
+        l = l + e_sink
+    l_safe = np.where(l == 0, 1, l)
+    p = e / l_safe[..., None]
+    return p, m, l, (None if e_sink is None else e_sink / l_safe)
+
+
+@dataclass(frozen=True)
+class _Modifiers:
+    """The score modifiers of one call (docs/masks.md), each None when off."""
+
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi_slopes: np.ndarray | None = None  # (heads,) or (batch, heads)
+    sinks: np.ndarray | None = None  # (heads,)
+
+
+def _modifiers(window, softcap, alibi_slopes, sinks) -> _Modifiers:
+    return _Modifiers(window=None if window is None else tuple(window),
+                      softcap=float(softcap) if softcap else None,
+                      alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+def _scores(x, mods: _Modifiers, rnd=None):
+    """(s, t): raw scores x (b, h, sq, sk) -> softcap, then ALiBi; t = tanh(x / softcap)
+    (None without softcap), for the backward's derivative 1 - t^2. ``rnd`` rounds every
+    intermediate to a dtype (the naive baseline); None keeps float64."""
+    rnd = rnd or (lambda y: y)
+    t = None
+    if mods.softcap is not None:
+        cap = x.dtype.type(mods.softcap)
+        t = rnd(np.tanh(rnd(x / cap)))
+        x = rnd(t * cap)
+    if mods.alibi_slopes is not None:
+        b, h, sq, sk = x.shape
+        bias = _per_head(mods.alibi_slopes, b, h) * _alibi_distance(sq, sk)
+        x = rnd(x - bias.astype(x.dtype))
+    return x, t
 
 
 # -- float64 truth -------------------------------------------------------------------------
 
 
-def _reference_probs(q, k, causal, softmax_scale):
-    """Float64 (q_h, k_h, p, m, l, scale, group) shared by the forward and backward references."""
+def _reference_probs(q, k, causal, softmax_scale, mods: _Modifiers):
+    """Float64 (q_h, k_h, p, m, l, p_sink, t, scale, group) shared by the forward and
+    backward references."""
     group = _group(q, k)
     scale = _resolve_scale(softmax_scale, q.shape[3])
     q_h, k_h = _heads_first(q, 1, _F64), _heads_first(k, group, _F64)
-    s = np.matmul(q_h, k_h.swapaxes(-1, -2)) * scale
-    p, m, l = _softmax_rows(s, _visible(q.shape[1], k.shape[1], causal))
-    return q_h, k_h, p, m, l, scale, group
+    s, t = _scores(np.matmul(q_h, k_h.swapaxes(-1, -2)) * scale, mods)
+    visible = _visible(q.shape[1], k.shape[1], causal, mods.window)
+    p, m, l, p_sink = _softmax_rows(s, visible, mods.sinks)
+    return q_h, k_h, p, m, l, p_sink, t, scale, group
 
 
-def attention_reference(q, k, v, *, causal=False, softmax_scale=None):
+def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window=None,
+                        softcap=None, alibi_slopes=None, sinks=None):
     """Float64 attention with a materialized softmax. Returns (o, m, l).
 
     o: float64 (batch, seqlen_q, heads, head_dim). m, l: float64 (batch, heads, seqlen_q),
-    m the row max of softmax_scale * q.k over visible keys, l = sum exp(score - m).
-    softmax_scale None means 1 / sqrt(head_dim). GQA repeats each kv head for its group.
+    m the row max of the scores over visible keys, l = sum exp(score - m); with sinks the
+    sink is one more logit of the row in both: m = max(max_j s_ij, sinks_h),
+    l = sum_j exp(s_ij - m) + exp(sinks_h - m), and o = sum_j exp(s_ij - m) / l * v_j.
+    Scores: s_ij = softcap * tanh(x_ij / softcap) - slope_h * |i + seqlen_k - seqlen_q - j|
+    with x_ij = softmax_scale * q_i . k_j (each term only when given); window (left, right)
+    keeps keys i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (-1:
+    unbounded), intersected with causal. softmax_scale None means 1 / sqrt(head_dim).
+    softcap None or 0 is off. GQA repeats each kv head for its group.
     """
-    _, _, p, m, l, _, group = _reference_probs(q, k, causal, softmax_scale)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    _, _, p, m, l, _, _, _, group = _reference_probs(q, k, causal, softmax_scale, mods)
     o = np.matmul(p, _heads_first(v, group, _F64)).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(o), m, l
 
 
-def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None, o=None):
-    """Analytic float64 gradients of sum(do * o). Returns (dq, dk, dv) in float64.
+def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None, o=None,
+                                 window=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Analytic float64 gradients of sum(do * o). Returns (dq, dk, dv), and dsinks (heads,)
+    after them when ``sinks`` is given; all float64.
 
     Without ``o``: the true gradients, from the softmax Jacobian directly,
     dS = P * (dP - rowsum(P * dP)), independent of the delta identity the fast paths use.
@@ -116,9 +212,13 @@ def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=Non
     a 16-bit dtype): delta = rowsum(dO * o) in float64, i.e. the exact FlashAttention-2
     backward given that o. The two differ only by o's rounding, which FlashAttention's dS
     inherits; tests of a backward judge it against the latter (see tests/test_cpu_numerics.py).
-    dK, dV are summed over each GQA group.
+    dK, dV are summed over each GQA group. Modifiers as in ``attention_reference``:
+    softcap multiplies dS by 1 - tanh(x / softcap)^2; the sink, a logit without a value
+    (dP_sink = 0), gets dsinks_h = sum_{b,i} P_i,sink (0 - delta_i).
     """
-    q_h, k_h, p, _, _, scale, group = _reference_probs(q, k, causal, softmax_scale)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    q_h, k_h, p, _, _, p_sink, t, scale, group = _reference_probs(q, k, causal,
+                                                                  softmax_scale, mods)
     v_h, do_h = _heads_first(v, group, _F64), _heads_first(do, 1, _F64)
     dp = np.matmul(do_h, v_h.swapaxes(-1, -2))
     if o is None:
@@ -126,11 +226,16 @@ def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=Non
     else:
         delta = (do_h * _heads_first(o, 1, _F64)).sum(axis=-1)[..., None]
     ds = p * (dp - delta)
+    if t is not None:
+        ds = ds * (1 - t * t)
     dq = np.matmul(ds, k_h) * scale
     dk = np.matmul(ds.swapaxes(-1, -2), q_h) * scale
     dv = np.matmul(p.swapaxes(-1, -2), do_h)
     dq = np.ascontiguousarray(dq.transpose(0, 2, 1, 3))
-    return dq, _sum_group(dk, group), _sum_group(dv, group)
+    grads = (dq, _sum_group(dk, group), _sum_group(dv, group))
+    if p_sink is None:
+        return grads
+    return (*grads, -(p_sink * delta[..., 0]).sum(axis=(0, 2)))
 
 
 # -- the same computation in a given dtype (the noise floor) ------------------------------
@@ -146,28 +251,36 @@ def _rounder(dtype):
     return lambda x: np.asarray(x, dtype=_F32).astype(dtype).astype(_F32)
 
 
-def _naive_probs(q, k, causal, softmax_scale, rnd):
-    """(q_h, k_h, p, m, l, scale, group) as a framework computes them in the rounded dtype.
+def _naive_probs(q, k, causal, softmax_scale, rnd, mods: _Modifiers):
+    """(q_h, k_h, p, m, l, p_sink, t, scale, group) as a framework computes them in the
+    rounded dtype.
 
     Matmuls accumulate in float32 and round to dtype; the multiply by the (float32) scale
-    rounds; softmax runs in float32 on the rounded scores and P is rounded to dtype.
+    rounds, and so does each step of softcap and the ALiBi subtraction; softmax runs in
+    float32 on the rounded scores (and the float32 sinks) and P is rounded to dtype.
     """
     group = _group(q, k)
     scale = _resolve_scale(softmax_scale, q.shape[3])
     q_h, k_h = rnd(_heads_first(q, 1, _F32)), rnd(_heads_first(k, group, _F32))
     s = rnd(rnd(np.matmul(q_h, k_h.swapaxes(-1, -2))) * _F32(scale))
-    p, m, l = _softmax_rows(s, _visible(q.shape[1], k.shape[1], causal))
-    return q_h, k_h, rnd(p), m, l, _F32(scale), group
+    s, t = _scores(s, mods, rnd)
+    visible = _visible(q.shape[1], k.shape[1], causal, mods.window)
+    p, m, l, p_sink = _softmax_rows(s, visible, mods.sinks)
+    p_sink = None if p_sink is None else rnd(p_sink)
+    return q_h, k_h, rnd(p), m, l, p_sink, t, _F32(scale), group
 
 
-def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_stats=False):
+def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_stats=False,
+                    window=None, softcap=None, alibi_slopes=None, sinks=None):
     """Plain attention with inputs and every intermediate rounded to dtype.
 
     Returns o in dtype (batch, seqlen_q, heads, head_dim); with return_stats also the
-    float32 (m, l) a float32 softmax over the rounded scores produces.
+    float32 (m, l) a float32 softmax over the rounded scores produces. Modifiers as in
+    ``attention_reference``.
     """
     rnd = _rounder(dtype)
-    _, _, p, m, l, _, group = _naive_probs(q, k, causal, softmax_scale, rnd)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    _, _, p, m, l, _, _, _, group = _naive_probs(q, k, causal, softmax_scale, rnd, mods)
     o = rnd(np.matmul(p, rnd(_heads_first(v, group, _F32)))).transpose(0, 2, 1, 3)
     o = np.ascontiguousarray(o).astype(dtype)
     if return_stats:
@@ -175,26 +288,38 @@ def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_
     return o
 
 
-def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, dtype):
-    """Gradients of sum(do * o) as autograd in dtype computes them. Returns (dq, dk, dv).
+def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, dtype,
+                             window=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Gradients of sum(do * o) as autograd in dtype computes them. Returns (dq, dk, dv),
+    and float32 dsinks (heads,) after them when ``sinks`` is given.
 
     Each product is a float32-accumulated matmul rounded to dtype; the softmax backward runs
-    in float32 on the rounded P and dP and rounds dS; repeated kv heads' gradients are
-    rounded per head and then summed (in float32, rounded once) like a framework's expand.
+    in float32 on the rounded P and dP and rounds dS (and its softcap factor); repeated kv
+    heads' gradients are rounded per head and then summed (in float32, rounded once) like a
+    framework's expand. The sink's dS is rounded per row and summed in float32 (the float32
+    parameter's gradient).
     """
     rnd = _rounder(dtype)
-    q_h, k_h, p, _, _, scale, group = _naive_probs(q, k, causal, softmax_scale, rnd)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    q_h, k_h, p, _, _, p_sink, t, scale, group = _naive_probs(q, k, causal, softmax_scale,
+                                                              rnd, mods)
     v_h, do_h = rnd(_heads_first(v, group, _F32)), rnd(_heads_first(do, 1, _F32))
     dv = rnd(np.matmul(p.swapaxes(-1, -2), do_h))
     dp = rnd(np.matmul(do_h, v_h.swapaxes(-1, -2)))
-    ds = rnd(p * (dp - (p * dp).sum(axis=-1, keepdims=True)))
+    delta = (p * dp).sum(axis=-1, keepdims=True)
+    ds = rnd(p * (dp - delta))
+    if t is not None:
+        ds = rnd(ds * rnd(1 - t * t))
     ds = rnd(ds * scale)
     dq = rnd(np.matmul(ds, k_h))
     dk = rnd(np.matmul(ds.swapaxes(-1, -2), q_h))
     dq = np.ascontiguousarray(dq.transpose(0, 2, 1, 3)).astype(dtype)
     dk = np.ascontiguousarray(rnd(_sum_group(dk, group))).astype(dtype)
     dv = np.ascontiguousarray(rnd(_sum_group(dv, group))).astype(dtype)
-    return dq, dk, dv
+    if p_sink is None:
+        return dq, dk, dv
+    dsinks = rnd(-p_sink * delta[..., 0]).sum(axis=(0, 2), dtype=_F32)
+    return dq, dk, dv, dsinks
 
 
 # The acceptance rule (compare, default_atol, ErrorReport) lives in cuflash/testing.py;

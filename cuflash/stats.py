@@ -24,6 +24,12 @@ class SoftmaxStats:
     ``causal``: the forward's flag. ``softmax_scale``: its resolved scale (the default
     ``1 / sqrt(head_dim)`` written out). ``shape_q``, ``shape_kv``: the shapes of q and of
     k / v, (batch, seqlen, heads, head_dim).
+
+    Score modifiers (docs/masks.md), recorded the same way; in stats made by
+    ``attention_forward`` ``None`` means the modifier was off. ``window``: (left, right);
+    ``softcap``: a float; ``alibi_slopes``, ``sinks``: (shape, values) of the float32 arrays.
+    With sinks, ``m`` and ``l`` include the sink as one more logit of each row (``m`` is
+    at least the sink, ``l`` counts ``exp(sink - m)``), so ``lse`` normalizes over it too.
     """
 
     m: Any
@@ -32,6 +38,10 @@ class SoftmaxStats:
     softmax_scale: float | None = None
     shape_q: tuple[int, ...] | None = None
     shape_kv: tuple[int, ...] | None = None
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi_slopes: tuple | None = None
+    sinks: tuple | None = None
 
     @property
     def recorded(self) -> bool:

@@ -12,6 +12,13 @@ They return a :class:`Problem`, the facts dispatch needs, or raise:
   or outside what float32 can carry (``MIN_SCALE`` to ``MAX_SCALE``),
   CUDA rows not 16-byte aligned, a non-contiguous head_dim (from ``import_array``).
 
+The score modifiers (issue #14, docs/masks.md) are checked by ``check_modifiers``:
+``window`` a pair of ints >= -1 (TypeError / ValueError), ``softcap`` a real number >= 0
+that float32 can carry, ``alibi_slopes`` float32 (heads,) or (batch, heads) and ``sinks``
+float32 (heads,), arrays of q's framework and device with finite values. On CUDA any of them
+raises ``ValueError`` (not yet in the kernels) after the checks of window and softcap,
+before the per-head arrays are imported or read. ``window=(-1, -1)`` and ``softcap=0`` mean off.
+
 Every message starts with the argument's name, then what was expected and what came, e.g.
 ``stats.m: expected float32 (2, 8, 128), got float16 (2, 8, 128)``.
 
@@ -125,6 +132,122 @@ def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -
     return problem
 
 
+@dataclass(frozen=True, eq=False)
+class Modifiers:
+    """The validated score modifiers of one call (docs/masks.md); None means off.
+
+    ``alibi_slopes`` and ``sinks`` are backend arrays (float32; host arrays so far, since
+    CUDA refuses them).
+    """
+
+    window: tuple[int, int] | None = None
+    softcap: float | None = None
+    alibi_slopes: Any = None
+    sinks: Any = None
+
+    NAMES = ("window", "softcap", "alibi_slopes", "sinks")
+
+    @property
+    def first(self) -> str | None:
+        """The first modifier that is on, in argument order (for error messages)."""
+        return next((n for n in self.NAMES if getattr(self, n) is not None), None)
+
+    def cpu_kwargs(self) -> dict:
+        """Keyword arguments of ``cpu.flash_forward_cpu`` / ``flash_backward_cpu``."""
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def record(self) -> dict:
+        """What ``SoftmaxStats`` keeps of them: hashable, compared by ``check_stats_origin``
+        (an array as (shape, values))."""
+        arrays = {name: _values(getattr(self, name)) for name in ("alibi_slopes", "sinks")}
+        return dict(window=self.window, softcap=self.softcap, **arrays)
+
+
+NO_MODIFIERS = Modifiers()
+
+
+def _values(x: Any) -> tuple | None:
+    if x is None:
+        return None
+    host = np.asarray(x, dtype=np.float32)
+    return tuple(host.shape), tuple(host.ravel().tolist())
+
+
+def check_modifiers(q: Any, problem: Problem, *, window=None, softcap=None, alibi_slopes=None,
+                    sinks=None) -> Modifiers:
+    """Validate the score modifiers for ``problem`` (q: its imported query array).
+
+    On CUDA, any modifier that is on raises right after the scalar checks: the per-head
+    arrays are then neither imported nor read (whatever their framework or device)."""
+    q = _imported(q, "q")
+    window, softcap = check_window(window), check_softcap(softcap)
+    if q.is_cuda:
+        given = Modifiers(window, softcap, alibi_slopes, sinks).first
+        if given is not None:
+            raise ValueError(f"{given}: not yet supported by the CUDA kernels (issue #14); "
+                             f"CPU arrays run it")
+    heads, batch = problem.heads, problem.batch
+    return Modifiers(
+        window=window, softcap=softcap,
+        alibi_slopes=_check_head_array(alibi_slopes, "alibi_slopes", q,
+                                       [(heads,), (batch, heads)], "heads, or batch x heads"),
+        sinks=_check_head_array(sinks, "sinks", q, [(heads,)], "heads"))
+
+
+def check_window(window: Any) -> tuple[int, int] | None:
+    """``None`` or a pair (left, right) of ints >= -1 (-1: unbounded); (-1, -1) is None."""
+    if window is None:
+        return None
+    expected = "a pair (left, right) of ints >= -1 (-1: unbounded) or None"
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window: expected {expected}, got {_type_name(window)} {window!r}")
+    for side in window:
+        if isinstance(side, (bool, np.bool_)) or not isinstance(side, numbers.Integral):
+            raise TypeError(f"window: expected {expected}, got {_type_name(side)} {side!r} "
+                            f"in {window!r}")
+    left, right = (int(side) for side in window)
+    if left < -1 or right < -1:
+        raise ValueError(f"window: expected {expected}, got {(left, right)!r}")
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def check_softcap(softcap: Any) -> float | None:
+    """``None`` or a real number: 0 (off, as FlashAttention's default) or a positive one in
+    float32's range (the kernels will divide the float32 scores by it)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap: expected a real number >= 0 or None, "
+                        f"got {_type_name(softcap)} {softcap!r}")
+    cap = float(softcap)
+    if cap == 0:
+        return None
+    if not (math.isfinite(cap) and MIN_SCALE <= cap <= float(_F32_INFO.max)):
+        raise ValueError(f"softcap: expected 0 (off) or a finite positive number float32 "
+                         f"can carry ({MIN_SCALE:.4g} to {float(_F32_INFO.max):.4g}), got {cap!r}")
+    return cap
+
+
+def _check_head_array(x: Any, name: str, q: Imported, shapes: list, layout: str) -> Any:
+    """A float32 per-head array of q's framework and device, of one of ``shapes``."""
+    if x is None:
+        return None
+    imported = _imported(x, name)
+    _check_same_place([(q, "q"), (imported, name)])
+    if _dtype_name(imported) != "float32":
+        raise TypeError(f"{name}: expected dtype float32, got {_dtype_name(imported)}")
+    if _shape(imported) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{name}: expected shape {expected} ({layout}), got "
+                         f"{_shape(imported)}")
+    finite = np.isfinite(imported.array)
+    if not finite.all():
+        bad = imported.array[~finite]
+        raise ValueError(f"{name}: expected finite values, got {bad.size} that are not "
+                         f"(first: {float(bad.ravel()[0])!r})")
+    return imported.array
+
+
 def shape_q(problem: Problem) -> tuple[int, int, int, int]:
     return (problem.batch, problem.seqlen_q, problem.heads, problem.head_dim)
 
@@ -134,10 +257,10 @@ def shape_kv(problem: Problem) -> tuple[int, int, int, int]:
 
 
 def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: tuple,
-                       kv_shape: tuple) -> None:
-    """``ValueError`` unless the backward's causal, resolved softmax_scale and shapes match
-    the forward that made ``stats`` (fields left ``None`` in hand-built stats are not
-    checked)."""
+                       kv_shape: tuple, modifiers: Modifiers = NO_MODIFIERS) -> None:
+    """``ValueError`` unless the backward's causal, resolved softmax_scale, shapes and score
+    modifiers match the forward that made ``stats`` (hand-built stats, whose fields are
+    ``None``, are not checked; in recorded ones a modifier of ``None`` was off)."""
     recorded = [("causal", stats.causal, causal),
                 ("softmax_scale", stats.softmax_scale, softmax_scale),
                 ("q", stats.shape_q, tuple(q_shape)),
@@ -148,6 +271,23 @@ def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: 
         what = "shape " if name in ("q", "k") else ""
         raise ValueError(f"{name}: expected {what}{forward!r} as in the forward pass that made "
                          f"stats, got {backward!r}; the gradients would be wrong")
+    if stats.recorded:
+        _check_modifiers_origin(stats, modifiers)
+
+
+def _check_modifiers_origin(stats: Any, modifiers: Modifiers) -> None:
+    for name, backward in modifiers.record().items():
+        forward = getattr(stats, name, None)
+        if forward == backward:
+            continue
+        if name in ("alibi_slopes", "sinks"):
+            said = {None: "none"}
+            raise ValueError(f"{name}: expected the values of the forward pass that made stats "
+                             f"({said.get(forward, 'an array')}), got "
+                             f"{said.get(backward, 'other values')}; the gradients would be "
+                             f"wrong")
+        raise ValueError(f"{name}: expected {forward!r} as in the forward pass that made stats "
+                         f"(None: off), got {backward!r}; the gradients would be wrong")
 
 
 def _same_for_the_kernels(name: str, forward: Any, backward: Any) -> bool:

@@ -254,3 +254,132 @@ def test_default_atol_is_small_and_per_dtype():
         assert default_atol(dtype) < float(ml_dtypes.finfo(dtype).eps) / 4
     with pytest.raises(TypeError):
         default_atol(np.float64)
+
+
+# -- score modifiers (docs/masks.md): window, softcap, ALiBi, sinks ---------------------------
+
+
+def _rows_loop_modified(q, k, v, causal, scale, window, softcap, alibi, sinks):
+    """(o, m, l) by loops over (batch, head, query), straight from docs/masks.md."""
+    b, sq, h, d = q.shape
+    sk, group = k.shape[1], h // k.shape[2]
+    left, right = window if window is not None else (-1, -1)
+    o, m, l = np.zeros((b, sq, h, d)), np.full((b, h, sq), -math.inf), np.zeros((b, h, sq))
+    for bi, hi, i in np.ndindex(b, h, sq):
+        diag = i + sk - sq  # the key on the query's bottom-right diagonal
+        keys = [j for j in range(sk) if (not causal or j <= diag)
+                and (left < 0 or j >= diag - left) and (right < 0 or j <= diag + right)]
+        scores = []
+        for j in keys:
+            x = scale * float(np.dot(q[bi, i, hi], k[bi, j, hi // group]))
+            if softcap:
+                x = softcap * math.tanh(x / softcap)
+            if alibi is not None:
+                x -= float(alibi[bi, hi] if alibi.ndim == 2 else alibi[hi]) * abs(diag - j)
+            scores.append(x)
+        logits = scores + ([float(sinks[hi])] if sinks is not None else [])
+        if not logits:
+            continue
+        mx = max(logits)
+        total = math.fsum(math.exp(s - mx) for s in logits)
+        for s, j in zip(scores, keys):
+            o[bi, i, hi] += math.exp(s - mx) / total * v[bi, j, hi // group]
+        m[bi, hi, i], l[bi, hi, i] = mx, total
+    return o, m, l
+
+
+@st.composite
+def modifiers(draw, batch: int, heads: int) -> dict:
+    side = st.sampled_from([-1, 0, 1, 2, 5])
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    alibi_shape = draw(st.sampled_from([None, (heads,), (batch, heads)]))
+    return dict(
+        window=draw(st.one_of(st.none(), st.tuples(side, side))),
+        softcap=draw(st.sampled_from([None, 0.0, 0.7, 5.0])),
+        alibi_slopes=None if alibi_shape is None else rng.uniform(0, 1, alibi_shape),
+        sinks=rng.standard_normal(heads) * 2 if draw(st.booleans()) else None,
+    )
+
+
+@settings(deadline=None, max_examples=40)
+@given(data=st.data(), seqlen_q=st.integers(1, 7), seqlen_k=st.integers(0, 7),
+       group=st.sampled_from([1, 2]), causal=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_modified_forward_matches_row_loops(data, seqlen_q, seqlen_k, group, causal, seed):
+    rng = np.random.default_rng(seed)
+    b, hkv, d, scale = 2, 2, 4, 0.9
+    q = rng.standard_normal((b, seqlen_q, hkv * group, d))
+    k, v = (rng.standard_normal((b, seqlen_k, hkv, d)) for _ in range(2))
+    mods = data.draw(modifiers(b, hkv * group))
+    got = attention_reference(q, k, v, causal=causal, softmax_scale=scale, **mods)
+    want = _rows_loop_modified(q, k, v, causal, scale, **{
+        "window": mods["window"], "softcap": mods["softcap"], "alibi": mods["alibi_slopes"],
+        "sinks": mods["sinks"]})
+    for name, x, y in zip("oml", got, want):
+        np.testing.assert_array_equal(np.isinf(x), np.isinf(y), err_msg=name)
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def _fd_check(params: dict, wrt: dict, loss, eps=1e-6):
+    """Central differences of loss(**params) w.r.t. each array named in wrt vs wrt[name]."""
+    for name, grad in wrt.items():
+        x = params[name]
+        fd = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            keep = x[idx]
+            x[idx] = keep + eps
+            up = loss(**params)
+            x[idx] = keep - eps
+            down = loss(**params)
+            x[idx] = keep
+            fd[idx] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("mods", [
+    dict(window=(1, 0)),
+    dict(window=(2, 1), softcap=0.8),
+    dict(alibi_slopes=np.array([0.5, 0.25])),
+    dict(sinks=np.array([0.3, -1.0])),
+    dict(window=(1, 1), softcap=1.5, alibi_slopes=np.array([[0.5, 0.1], [0.2, 0.9]]),
+         sinks=np.array([1.0, 2.0])),
+], ids=["window", "window-softcap", "alibi", "sinks", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_modified_gradients_match_finite_differences(mods, causal):
+    """dq, dk, dv (and dsinks) of sum(do * o) vs central differences, all float64; with
+    GQA (2 query heads, 1 kv head) and seqlen_q != seqlen_k."""
+    rng = np.random.default_rng(7)
+    scale = 0.7
+    q = rng.standard_normal((2, 4, 2, 3))
+    k, v = (rng.standard_normal((2, 5, 1, 3)) for _ in range(2))
+    do = rng.standard_normal(q.shape)
+    mods = {name: (np.array(x, dtype=np.float64) if isinstance(x, np.ndarray) else x)
+            for name, x in mods.items()}
+    grads = attention_backward_reference(do, q, k, v, causal=causal, softmax_scale=scale,
+                                         **mods)
+    assert len(grads) == (4 if "sinks" in mods else 3)
+    fixed = {n: x for n, x in mods.items() if n != "sinks"}
+
+    def loss(q, k, v, sinks=None):
+        o = attention_reference(q, k, v, causal=causal, softmax_scale=scale, sinks=sinks,
+                                **fixed)[0]
+        return float(np.sum(do * o))
+
+    params = dict(q=q, k=k, v=v, **({"sinks": mods["sinks"]} if "sinks" in mods else {}))
+    _fd_check(params, dict(zip(params, grads)), loss)
+
+
+def test_naive_with_modifiers_is_the_dtype_noise_floor():
+    """The naive baseline takes the same modifiers and stays near the float64 truth."""
+    rng = np.random.default_rng(8)
+    q, k, v, do = (rng.standard_normal((2, 30, 2, 16)).astype(np.float16) for _ in range(4))
+    mods = dict(window=(6, 2), softcap=3.0, alibi_slopes=np.float32([0.3, 0.05]),
+                sinks=np.float32([0.5, 2.0]))
+    o = attention_naive(q, k, v, dtype=np.float16, **mods)
+    err = np.abs(o.astype(np.float64) - attention_reference(q, k, v, **mods)[0]).max()
+    assert 1e-5 < err < 3e-2
+    naive = attention_backward_naive(do, q, k, v, dtype=np.float16, **mods)
+    truth = attention_backward_reference(do, q, k, v, **mods)
+    assert len(naive) == len(truth) == 4 and naive[3].dtype == np.float32
+    for g, ref in zip(naive, truth):
+        err = np.abs(g.astype(np.float64) - ref).max()
+        assert err < 0.1 * max(1.0, np.abs(ref).max())
