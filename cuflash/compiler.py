@@ -76,9 +76,9 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     with cupy.cuda.Device(device_id):
         arch = f"sm_{cupy.cuda.Device(device_id).compute_capability}"
         if forced_arch() not in (None, arch):  # planned as an older GPU: its PTX, JIT-compiled
-            module, function = _load_ptx(spec, forced_arch())
+            module, function = _load_module(spec, _nvrtc_ptx(spec, forced_arch()))
         elif compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
-            module, function = _load_arch_specific(spec, compile_arch(spec, arch))
+            module, function = _load_module(spec, _nvrtc_cubin(spec, compile_arch(spec, arch)))
         else:
             module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
                                     backend="nvrtc")
@@ -153,8 +153,10 @@ def write_cached_cubin(path: Path, cubin: bytes) -> None:
         pass
 
 
-def _nvrtc_compile(spec: KernelSpec, arch: str, opts: list[str]) -> tuple[str, bytes]:
-    """One NVRTC compilation of ``spec``'s source -> (log, cubin); a failure raises with the log."""
+def _nvrtc_compile(spec: KernelSpec, arch: str, opts: list[str],
+                   ptx: bool = False) -> tuple[str, bytes]:
+    """One NVRTC compilation of ``spec``'s source -> (log, cubin), or (log, PTX) for a virtual
+    target (``ptx=True``); a failure raises with the log."""
     from cupy_backends.cuda.libs import nvrtc
 
     program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
@@ -164,18 +166,19 @@ def _nvrtc_compile(spec: KernelSpec, arch: str, opts: list[str]) -> tuple[str, b
         except Exception as exc:
             raise RuntimeError(f"{spec.name} for {arch} failed to compile:\n"
                                f"{nvrtc.getProgramLog(program)}") from exc
-        return nvrtc.getProgramLog(program), nvrtc.getCUBIN(program)
+        image = nvrtc.getPTX(program) if ptx else nvrtc.getCUBIN(program)
+        return nvrtc.getProgramLog(program), image if isinstance(image, bytes) else image.encode()
     finally:
         nvrtc.destroyProgram(program)
 
 
-def _load_arch_specific(spec: KernelSpec, arch: str):
-    """(module, function) for a spec compiled for an arch-specific target."""
+def _load_module(spec: KernelSpec, image: bytes):
+    """(module, function) for a cubin or PTX image of ``spec``, opted in to its shared memory."""
     from cupy.cuda import function as cuda_function
     from cupy_backends.cuda.api import driver
 
     module = cuda_function.Module()
-    module.load(_nvrtc_cubin(spec, arch))
+    module.load(image)
     function = module.get_function(spec.entry)
     if spec.smem_bytes > SMEM_FLOOR:  # above it the kernel must opt in
         driver.funcSetAttribute(function.ptr,
@@ -190,35 +193,9 @@ def _nvrtc_ptx(spec: KernelSpec, arch: str) -> bytes:
     For ``CUFLASH_FORCE_ARCH``: the driver JIT-compiles this PTX for the GPU that is present,
     so an H200 runs exactly the code a Turing GPU would (CF_TURING and all).
     """
-    from cupy_backends.cuda.libs import nvrtc
-
-    opts = nvrtc_options(spec) + [f"--gpu-architecture=compute_{arch[3:]}", "-ftz=true"]
-    program = nvrtc.createProgram(read_source(spec), spec.source, [], [])
-    try:
-        try:
-            nvrtc.compileProgram(program, opts)
-        except Exception as exc:
-            raise RuntimeError(f"{spec.name} for compute_{arch[3:]} failed to compile:\n"
-                               f"{nvrtc.getProgramLog(program)}") from exc
-        ptx = nvrtc.getPTX(program)
-    finally:
-        nvrtc.destroyProgram(program)
-    return ptx if isinstance(ptx, bytes) else ptx.encode()
-
-
-def _load_ptx(spec: KernelSpec, arch: str):
-    """(module, function) for ``spec`` built as ``arch``'s PTX (see ``_nvrtc_ptx``)."""
-    from cupy.cuda import function as cuda_function
-    from cupy_backends.cuda.api import driver
-
-    module = cuda_function.Module()
-    module.load(_nvrtc_ptx(spec, arch))
-    function = module.get_function(spec.entry)
-    if spec.smem_bytes > SMEM_FLOOR:  # above it the kernel must opt in
-        driver.funcSetAttribute(function.ptr,
-                                driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                spec.smem_bytes)
-    return module, function
+    target = f"compute_{arch[3:]}"
+    opts = nvrtc_options(spec) + [f"--gpu-architecture={target}", "-ftz=true"]
+    return _nvrtc_compile(spec, target, opts, ptx=True)[1]
 
 
 def get_convert_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
