@@ -43,6 +43,7 @@ inside the function that handles an array of that framework.
 from __future__ import annotations
 
 import contextlib
+import sys
 import enum
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -342,9 +343,19 @@ def caller_stream(imported: Imported) -> Iterator[None]:
             yield
 
 
-def array_namespace(x: Any) -> Any:
-    """The array module of ``x``'s framework: numpy, cupy, torch or jax.numpy."""
-    framework = framework_of(x, "x")
+def array_namespace(x: Any, name: str = "x", *, tracers: bool = False) -> Any:
+    """The array module of ``x``'s framework: numpy, cupy, torch or jax.numpy. ``tracers``:
+    a JAX tracer counts as a JAX array (for code written in plain jax.numpy, which runs
+    under jit; the attention kernels' eager path refuses tracers). Raises ``TypeError``
+    naming ``name`` for anything that is not an array."""
+    if tracers and "jax" in sys.modules:
+        import jax
+
+        if isinstance(x, jax.core.Tracer):
+            import jax.numpy as jnp
+
+            return jnp
+    framework = framework_of(x, name)
     if framework is Framework.NUMPY:
         return np
     if framework is Framework.CUPY:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .constants import DTYPES
-from .interop import Framework, framework_of
+from .interop import array_namespace
 
 __all__ = ["merge_attention"]
 
@@ -113,29 +113,6 @@ def _numpy_dtype(name: str) -> np.dtype:
 # -- validation ------------------------------------------------------------------------------
 
 
-def namespace_of(x: Any, name: str) -> Any:
-    """numpy, cupy, torch or jax.numpy for x; JAX tracers count as JAX arrays here (the merge
-    is plain jax.numpy, so it runs under jit, unlike the attention kernels' eager path)."""
-    roots = {c.__module__.split(".")[0] for c in type(x).__mro__}
-    if roots & {"jax", "jaxlib"}:
-        import jax
-
-        if isinstance(x, (jax.Array, jax.core.Tracer)):
-            import jax.numpy as jnp
-
-            return jnp
-    framework = framework_of(x, name)  # TypeError naming the argument for non-arrays
-    if framework is Framework.NUMPY:
-        return np
-    if framework is Framework.CUPY:
-        import cupy
-
-        return cupy
-    import torch
-
-    return torch
-
-
 def _dtype_name(x: Any) -> str:
     return str(x.dtype).removeprefix("torch.")
 
@@ -159,7 +136,7 @@ def _check_parts(outputs: Sequence[Any], lses: Sequence[Any]) -> tuple[Any, str]
             raise TypeError(f"{name}: expected a non-empty list or tuple of arrays, got {got}")
     if len(outputs) != len(lses):
         raise ValueError(f"lses: expected one per output ({len(outputs)}), got {len(lses)}")
-    xp = namespace_of(outputs[0], "outputs[0]")
+    xp = array_namespace(outputs[0], "outputs[0]", tracers=True)
     shape = tuple(outputs[0].shape)
     if len(shape) != 4:
         raise ValueError(f"outputs[0]: expected (batch, seqlen_q, heads, head_dim), got shape "
@@ -170,7 +147,7 @@ def _check_parts(outputs: Sequence[Any], lses: Sequence[Any]) -> tuple[Any, str]
     for i, (o_i, lse_i) in enumerate(zip(outputs, lses)):
         for x, name, want_shape in ((o_i, f"outputs[{i}]", shape),
                                     (lse_i, f"lses[{i}]", (batch, heads, seqlen_q))):
-            if namespace_of(x, name) is not xp:
+            if array_namespace(x, name, tracers=True) is not xp:
                 raise TypeError(f"{name}: expected a {xp.__name__} array like outputs[0], "
                                 f"got {type(x).__name__}")
             if tuple(x.shape) != want_shape:

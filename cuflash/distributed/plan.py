@@ -170,9 +170,9 @@ def _take(x: Any, start: int, stop: int, axis: int) -> Any:
 
 
 def _concatenate(parts: list, axis: int) -> Any:
-    from ..merge import namespace_of
+    from ..interop import array_namespace
 
-    xp = namespace_of(parts[0], "x")
+    xp = array_namespace(parts[0], "x", tracers=True)
     if xp.__name__ == "torch":
         return xp.cat(parts, dim=axis).contiguous()
     return xp.concatenate(parts, axis=axis)
