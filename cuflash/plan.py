@@ -98,8 +98,8 @@ class BackwardPlan:
 
     ``kv_splits`` > 1 (Hopper kernel, GQA): the query heads of a kv head are divided among
     that many blocks, which add their dK, dV into float32 accumulators; ``kv_convert`` then
-    writes dk, dv. Scratch (one workspace, ``workspace_bytes``): the zeroed accumulators
-    first (dq_accum, then dk_accum, dv_accum), then delta and lse2.
+    writes dk, dv. Scratch (one workspace, ``scratch``): the zeroed accumulators first
+    (dq_accum, then dk_accum, dv_accum), then delta and lse2.
     """
 
     shape: Shape
@@ -110,6 +110,7 @@ class BackwardPlan:
     dq_convert: Launch | None  # dq_accum -> dq
     kv_splits: int
     kv_convert: Launch | None  # dk_accum, dv_accum -> dk, dv
+    scratch: "Workspace"  # laid out once with the plan, not on every call
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -158,7 +159,7 @@ def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:
 
 
 def backward_workspace(plan: BackwardPlan) -> Workspace:
-    return workspace(plan.shape, plan.deterministic, kv_accum=plan.kv_splits > 1)
+    return plan.scratch
 
 
 # -- the pure planners ---------------------------------------------------------------------
@@ -225,7 +226,8 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
     if splits > 1:
         kv_convert = _launch(pre_spec, (_cdiv(shape.seqlen_k, specs.PRE_ROWS), shape.heads_kv),
                              shape.batch)
-    return BackwardPlan(shape, deterministic, pre, main, dq, dq_convert, splits, kv_convert)
+    return BackwardPlan(shape, deterministic, pre, main, dq, dq_convert, splits, kv_convert,
+                        workspace(shape, deterministic, kv_accum=splits > 1))
 
 
 # -- memoized, with the configuration that the environment may change ----------------------
