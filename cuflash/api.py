@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import validate
+from . import fastpath, validate
 from .interop import caller_stream, export_array, import_array
 from .stats import SoftmaxStats
 
@@ -68,16 +68,10 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
 
 
 def _fast_backend(arrays, causal, softmax_scale):
-    """fastpath's backend for these arrays, or None (imported only once a call could use it)."""
+    """fastpath's backend for these arrays, or None (NumPy and JAX arrays never take it)."""
     if type(arrays[0]).__module__.split(".")[0] not in ("torch", "cupy"):
         return None
-    global fastpath
-    from . import fastpath
-
     return fastpath.backend_for(arrays, causal, softmax_scale)
-
-
-fastpath = None  # cuflash.fastpath, imported on the first torch or CuPy call
 
 
 def _refuse_untracked_gradients(named) -> None:
