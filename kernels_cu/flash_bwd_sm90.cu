@@ -69,6 +69,7 @@
 
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128, "head-dim bucket 64 or 128");
@@ -124,11 +125,13 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  // Causal: the key tiles seen by the most queries (the first ones) start first across all
-  // kv heads (blocks launch x-fastest; read (x, y) as one index with heads fastest).
-  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
-  const int key_tile = CF_CAUSAL ? (int)(linear / gridDim.y) : (int)blockIdx.x;
-  const int kvh = CF_CAUSAL ? (int)(linear % gridDim.y) : (int)blockIdx.y;
+  // Causal: the key tiles seen by the most queries (the first ones) start first
+  // (cf_tile_order.cuh); a kv head's blocks stream Q, dO (16-bit) and dQ (float32 atomics)
+  // of its query heads.
+  const TileOrder order = causal_tile_order(
+      (long long)seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
+  const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
+  const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
