@@ -34,7 +34,18 @@
 //   SMEM = (2 * 128 * D + 2 * 2 * M * D + 128 * M) * 2 + 2 * 2 * M * 4 bytes
 // The host's formula is specs.smem_bytes (kind "bwd90").
 //
-// Supported: CF_HEAD_DIM 64 or 128 (whole panels, one chunk); others use flash_bwd.cu.
+// head_dim 256 (the role split): dK and dV of 64 keys x 256 columns are 128 floats per thread
+// each, too many for one warpgroup to hold both, so the block owns CF_BLOCK_N = 64 keys and
+// the two warpgroups split the work by role rather than by keys:
+//   warpgroup 0: S^T = K Q^T, P^T (to sP, in its register order), dK += dS^T Q (dS^T from sdS)
+//   warpgroup 1: dP^T = V dO^T, dS^T = P^T (dP^T - delta) (to sdS), dV += P^T dO
+//   both:        dQ = dS K, warpgroup g columns 128g .. in two wgmma of 64 columns
+// acc holds dK in warpgroup 0 and dV in warpgroup 1. Shared memory adds sP (64 x 64 float32 P^T
+// in thread order, 16 KB, so dS^T is formed from unrounded P as in the other layouts):
+// 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 16 (sP) + 1 KB = 217 KB.
+//
+// Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
+// split); others use flash_bwd.cu.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
@@ -72,10 +83,14 @@
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
-static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128, "head-dim bucket 64 or 128");
-static_assert((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) && CF_WARPS == 8 &&
-                  CF_BLOCK_N == 128 && CF_STAGES == 2,
-              "tiles: 64 queries (128 at head_dim 64) x 128 keys, 2 warpgroups, 2 stages");
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
+              "head-dim bucket 64, 128 or 256");
+#define CF_ROLE_SPLIT (CF_HEAD_DIM == 256)
+static_assert(CF_ROLE_SPLIT ? (CF_BLOCK_M == 64 && CF_BLOCK_N == 64)
+                            : ((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) &&
+                               CF_BLOCK_N == 128),
+              "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 256");
+static_assert(CF_WARPS == 8 && CF_STAGES == 2, "2 warpgroups, 2 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
 
 namespace bwd90 {
@@ -91,7 +106,8 @@ enum : int {
   kDT = kD / 8,            // dK, dV n-tiles per thread
   kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (or V)
-  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + kBN * kBM) * 2 + 2 * 2 * kBM * 4,
+  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (CF_ROLE_SPLIT ? 3 : 1) * kBN * kBM) * 2 +
+               2 * 2 * kBM * 4,
 };
 }  // namespace bwd90
 
@@ -122,6 +138,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   unsigned char* sdS = sdO + 2 * kTileQ;
   float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM * 2);  // 2 stages x kBM
   float* sDelta = sLse + 2 * kBM;
+  float2* sP = reinterpret_cast<float2*>(sDelta + 2 * kBM);  // role split: [16][128] P^T pairs
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
@@ -168,15 +185,21 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     }
   };
 
+  const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
+  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
+#if CF_ROLE_SPLIT
+  float acc[kDT][4];  // dK (warpgroup 0) or dV (warpgroup 1)
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  const int key_row = n0 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
+#else
   float acc_dk[kDT][4], acc_dv[kDT][4];
 #pragma unroll
   for (int d = 0; d < kDT; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
-
-  const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
-  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
   const int key_row = n0 + wg * 64 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
+#endif
 
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
@@ -200,6 +223,102 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     cp_async_commit();
 
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
+#if CF_ROLE_SPLIT
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
+    const int wt = tid & 127;  // thread within the warpgroup: its slot in sP
+    // -- warpgroup 0: S^T = K Q^T; warpgroup 1: dP^T = V dO^T (64 keys x 64 queries each)
+    float x[kNT][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n64(x, sm90_desc_kmajor<kBN>(wg == 0 ? sK_sa : sV_sa, kk),
+                   sm90_desc_kmajor<kBM>(wg == 0 ? q_tile : do_tile, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(x);
+    if (wg == 0) {  // P^T, masked, to sP in this thread's register order
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+        float p[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+          if (masked) {
+            const int key = key_row + 8 * (e >> 1);
+            if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
+          }
+        }
+        sP[(2 * t) * 128 + wt] = make_float2(p[0], p[1]);
+        sP[(2 * t + 1) * 128 + wt] = make_float2(p[2], p[3]);
+      }
+    }
+    __syncthreads();  // sP written
+    if (wg == 1) {  // dS^T = P^T (dP^T - delta) to sdS; dV += P^T dO
+      cf_u32 pa[kQSteps][4];
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+        const float2 a = sP[(2 * t) * 128 + wt], c = sP[(2 * t + 1) * 128 + wt];
+        const int kq = t >> 1, hi = (t & 1) * 2;
+        pa[kq][hi] = pack2(a.x, a.y);
+        pa[kq][hi + 1] = pack2(c.x, c.y);
+        const int r = (warp & 3) * 16 + group;
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) =
+            pack2(a.x * (x[t][0] - dl.x), a.y * (x[t][1] - dl.y));
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) =
+            pack2(c.x * (x[t][2] - dl.x), c.y * (x[t][3] - dl.y));
+      }
+      fence_proxy_async();  // the dS^T stores, for the dK and dQ wgmma after the barrier
+      wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < kQSteps; ++kq)
+        wgmma_rs_n256(acc, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+      wgmma_commit();
+    }
+    __syncthreads();  // dS^T in shared memory
+    if (wg == 0) {  // dK += dS^T Q: A = dS^T (K-major: queries contiguous), B = Q (MN-major)
+      wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < kQSteps; ++kq)
+        wgmma_ss_kmn_n256(acc, sm90_desc_kmajor<kBN>(sdS_sa, kq),
+                          sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+      wgmma_commit();
+    }
+    // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
+    float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
+#pragma unroll 1
+    for (int c = 0; c < 2; ++c) {
+      float dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(dq);
+      const int dq_col0 = 128 * wg + 64 * c;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int row = m0 + (warp & 3) * 16 + group + 8 * rr;
+        if (row < seqlen_q) {
+          float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            if (dq_col0 + 8 * t + 2 * tig < head_dim)
+              red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
+                       dq[t][2 * rr + 1] * softmax_scale);
+          }
+        }
+      }
+    }
+    wgmma_fence_regs(acc);
+#else
     // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
     float s[kNT][4], dp[kNT][4];
 #if CF_BLOCK_M == 64
@@ -318,8 +437,38 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         }
       }
     }
+#endif
   }
   cp_async_wait<0>();
+
+#if CF_ROLE_SPLIT
+  // -- warpgroup 0 writes dK (times softmax_scale), warpgroup 1 dV; rows key_row, key_row + 8
+  const float out_scale = wg == 0 ? softmax_scale : 1.f;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = key_row + 8 * rr;
+    if (row < seqlen_k && kv_splits > 1) {
+      const cf_i64 at = (((cf_i64)b * seqlen_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim)
+          red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+      }
+    } else if (row < seqlen_k) {
+      elem_t* dst = wg == 0 ? dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn
+                            : dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim)
+          *reinterpret_cast<cf_u32*>(dst + col) =
+              pack2(acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+      }
+    }
+  }
+#else
 
   // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
 #pragma unroll
@@ -351,4 +500,5 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
       }
     }
   }
+#endif
 }
