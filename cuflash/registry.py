@@ -83,10 +83,10 @@ def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split);
         + 2 * st * m * 4
 
 
-def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T (+ float32 P^T at d256); lse2, delta
+def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T (+ P^T at d256); lse2, delta
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
     role_split = d == 256
-    return (2 * n * d + 2 * st * m * d + (3 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
+    return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
 
 
 def _smem_bwd_dq16(s) -> int:  # Q, dO tiles + K and V tiles per stage

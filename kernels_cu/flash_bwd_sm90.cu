@@ -36,13 +36,12 @@
 //
 // head_dim 256 (the role split): dK and dV of 64 keys x 256 columns are 128 floats per thread
 // each, too many for one warpgroup to hold both, so the block owns CF_BLOCK_N = 64 keys and
-// the two warpgroups split the work by role rather than by keys:
-//   warpgroup 0: S^T = K Q^T, P^T (to sP, in its register order), dK += dS^T Q (dS^T from sdS)
-//   warpgroup 1: dP^T = V dO^T, dS^T = P^T (dP^T - delta) (to sdS), dV += P^T dO
-//   both:        dQ = dS K, warpgroup g columns 128g .. in two wgmma of 64 columns
-// acc holds dK in warpgroup 0 and dV in warpgroup 1. Shared memory adds sP (64 x 64 float32 P^T
-// in thread order, 16 KB, so dS^T is formed from unrounded P as in the other layouts):
-// 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 16 (sP) + 1 KB = 217 KB.
+// the warpgroups split the queries for the scores and the roles for the accumulators:
+//   both:         S^T, dP^T for the 64 keys x the warpgroup's 32 queries (wgmma m64n32),
+//                 P^T and dS^T to shared memory (sP, sdS: row = key, column = query)
+//   warpgroup 0:  dK += dS^T Q      warpgroup 1:  dV += P^T dO   (acc holds dK or dV)
+//   both:         dQ = dS K, warpgroup g columns 128g .. in two wgmma of 64 columns
+// Shared memory: 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 8 (P^T) + 1 KB = 209 KB.
 //
 // Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
 // split); others use flash_bwd.cu.
@@ -106,7 +105,7 @@ enum : int {
   kDT = kD / 8,            // dK, dV n-tiles per thread
   kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (or V)
-  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (CF_ROLE_SPLIT ? 3 : 1) * kBN * kBM) * 2 +
+  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (CF_ROLE_SPLIT ? 2 : 1) * kBN * kBM) * 2 +
                2 * 2 * kBM * 4,
 };
 }  // namespace bwd90
@@ -136,9 +135,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   unsigned char* sQ = sV + kTileK;       // 2 stages
   unsigned char* sdO = sQ + 2 * kTileQ;  // 2 stages
   unsigned char* sdS = sdO + 2 * kTileQ;
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM * 2);  // 2 stages x kBM
+  unsigned char* sP = sdS + kBN * kBM * 2;  // role split: P^T, laid out like dS^T
+  float* sLse = reinterpret_cast<float*>(sP + (CF_ROLE_SPLIT ? kBN * kBM * 2 : 0));  // 2 x kBM
   float* sDelta = sLse + 2 * kBM;
-  float2* sP = reinterpret_cast<float2*>(sDelta + 2 * kBM);  // role split: [16][128] P^T pairs
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
@@ -186,7 +185,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   };
 
   const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
-  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
+  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS), sP_sa = smem_addr(sP);
 #if CF_ROLE_SPLIT
   float acc[kDT][4];  // dK (warpgroup 0) or dV (warpgroup 1)
 #pragma unroll
@@ -224,71 +223,57 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
 #if CF_ROLE_SPLIT
-    const float* lse_t = sLse + st * kBM;
-    const float* delta_t = sDelta + st * kBM;
-    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
-    const int wt = tid & 127;  // thread within the warpgroup: its slot in sP
-    // -- warpgroup 0: S^T = K Q^T; warpgroup 1: dP^T = V dO^T (64 keys x 64 queries each)
-    float x[kNT][4];
+    // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
+    const int qw = 32 * wg;
+    float x[4][4], dp[4][4];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
-      wgmma_ss_n64(x, sm90_desc_kmajor<kBN>(wg == 0 ? sK_sa : sV_sa, kk),
-                   sm90_desc_kmajor<kBM>(wg == 0 ? q_tile : do_tile, kk), kk > 0);
+      wgmma_ss_n32(x, sm90_desc_kmajor<kBN>(sK_sa, kk),
+                   sm90_desc_kmajor<kBM>(q_tile + qw * 128, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n32(dp, sm90_desc_kmajor<kBN>(sV_sa, kk),
+                   sm90_desc_kmajor<kBM>(do_tile + qw * 128, kk), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(x);
-    if (wg == 0) {  // P^T, masked, to sP in this thread's register order
+    wgmma_fence_regs(dp);
+    // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
+    const int r = (warp & 3) * 16 + group;
 #pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
-        float p[4];
+    for (int t = 0; t < 4; ++t) {
+      const int col = qw + 8 * t + 2 * tig;
+      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float p[4], ds[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-          if (masked) {
-            const int key = key_row + 8 * (e >> 1);
-            if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
-          }
+      for (int e = 0; e < 4; ++e) {
+        p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+        if (masked) {
+          const int key = key_row + 8 * (e >> 1);
+          if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
         }
-        sP[(2 * t) * 128 + wt] = make_float2(p[0], p[1]);
-        sP[(2 * t + 1) * 128 + wt] = make_float2(p[2], p[3]);
+        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
       }
+      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
+      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = pack2(ds[2], ds[3]);
     }
-    __syncthreads();  // sP written
-    if (wg == 1) {  // dS^T = P^T (dP^T - delta) to sdS; dV += P^T dO
-      cf_u32 pa[kQSteps][4];
+    fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
+    __syncthreads();
+    // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
+    // B MN-major: head_dim contiguous; the 64 queries are the contraction)
+    wgmma_fence();
 #pragma unroll
-      for (int t = 0; t < kNT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
-        const float2 a = sP[(2 * t) * 128 + wt], c = sP[(2 * t + 1) * 128 + wt];
-        const int kq = t >> 1, hi = (t & 1) * 2;
-        pa[kq][hi] = pack2(a.x, a.y);
-        pa[kq][hi + 1] = pack2(c.x, c.y);
-        const int r = (warp & 3) * 16 + group;
-        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) =
-            pack2(a.x * (x[t][0] - dl.x), a.y * (x[t][1] - dl.y));
-        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) =
-            pack2(c.x * (x[t][2] - dl.x), c.y * (x[t][3] - dl.y));
-      }
-      fence_proxy_async();  // the dS^T stores, for the dK and dQ wgmma after the barrier
-      wgmma_fence();
-#pragma unroll
-      for (int kq = 0; kq < kQSteps; ++kq)
-        wgmma_rs_n256(acc, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
-      wgmma_commit();
-    }
-    __syncthreads();  // dS^T in shared memory
-    if (wg == 0) {  // dK += dS^T Q: A = dS^T (K-major: queries contiguous), B = Q (MN-major)
-      wgmma_fence();
-#pragma unroll
-      for (int kq = 0; kq < kQSteps; ++kq)
-        wgmma_ss_kmn_n256(acc, sm90_desc_kmajor<kBN>(sdS_sa, kq),
-                          sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
-      wgmma_commit();
-    }
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_kmn_n256(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
+                        sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+    wgmma_commit();
     // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
     float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
 #pragma unroll 1

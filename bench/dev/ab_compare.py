@@ -62,16 +62,20 @@ def main():
     p.add_argument("trees", nargs="*")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out")
+    p.add_argument("--head-dims", default="64,128,256", help="comma-separated")
     p.add_argument("--worker", action="store_true")
     args = p.parse_args()
+    dims = {int(d) for d in args.head_dims.split(",")}
+    shapes = [s for s in SHAPES if s[0] in dims]
     if args.worker:
-        return worker(SHAPES)
+        return worker(shapes)
     old, new = (os.path.abspath(t) for t in args.trees)
     best = {}
     for r in range(args.rounds):
         for tag, tree in (("old", old), ("new", new)):
             env = dict(os.environ, PYTHONPATH=tree)
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"],
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                                  "--head-dims", args.head_dims],
                                  env=env, cwd=tree, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-3000:])
@@ -87,7 +91,7 @@ def main():
     table = []
     print(f"{'d':>4} {'n':>6} {'causal':>6} | {'fwd old':>8} {'new':>8} {'x':>6} |"
           f" {'bwd old':>8} {'new':>8} {'x':>6}")
-    for d, n, c in SHAPES:
+    for d, n, c in shapes:
         o, w = best[("old", d, n, c)], best[("new", d, n, c)]
         fx, bx = w["fwd_tflops"] / o["fwd_tflops"], w["bwd_tflops"] / o["bwd_tflops"]
         table.append({"head_dim": d, "seqlen": n, "causal": c, "old": o, "new": w,
