@@ -220,9 +220,9 @@ BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query 
               _t(8, 64, 128, 2)),
          128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                  "(NOTES' wgmma kernels)"),),
-         256: (_t(8, 64, 64, 2, "the role split (217 KB; 64 keys is what fits beside resident "
-                                "K, V and two Q, dO stages): H200 bf16 d256 16k 231 TFLOP/s, "
-                                "causal 240; 3.3x the portable kernel (70) (bench/results/"
+         256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
+                                "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
+                                "causal 260; 3.6x the portable kernel (70) (bench/results/"
                                 "2026-12-01_h200/session2)"),)}
 
 # bwd_dq, 16-bit: (warps, block_n, stages), 16 query rows per warp.
