@@ -186,3 +186,22 @@ def test_the_name_needs_no_flash_attn_package():
     model.set_attn_implementation("sdpa")
     model.set_attn_implementation(NAME)
     assert model.config._attn_implementation == NAME
+
+
+@pytest.mark.gpu
+def test_cuda_llama_unpadded_on_the_kernels_and_padded_refused():
+    """On CUDA: an unpadded batch runs the dense kernels (bf16 logits within twice the
+    eager-vs-sdpa gap); a padded batch raises the varlen ValueError (no silent fallback)."""
+    model = _model(CONFIGS["llama-gqa"]()).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 97, (3, 40), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    gap = _gap(model, ids, mask)
+    eager = _logits(model, "eager", ids, mask)
+    ours = _logits(model, NAME, ids, mask)
+    err = float((ours - eager).abs().max())
+    bound = 2 * gap + 1e-2 * float(eager.abs().max())
+    assert err <= bound, f"err {err:.3g} vs bound {bound:.3g} (gap {gap:.3g})"
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match="^varlen: not yet supported by the CUDA kernels"):
+        _logits(model, NAME, ids, mask)

@@ -390,3 +390,15 @@ def test_backward_refuses_another_layout_or_dense_stats():
                                           *rest)
     with pytest.raises(TypeError, match="^stats: expected the VarlenStats"):
         cuflash.attention_varlen_backward(do, *positional, o, (stats.m, stats.l), *rest)
+
+
+@pytest.mark.gpu
+def test_cupy_arrays_are_refused():
+    import cupy
+
+    args = {name: cupy.asarray(x) if isinstance(x, np.ndarray) else x
+            for name, x in _good().items()}
+    args = {**args, "q": args["q"].astype(cupy.float16), "k": args["k"].astype(cupy.float16),
+            "v": args["v"].astype(cupy.float16)}
+    with pytest.raises(ValueError, match=r"^varlen: not yet supported by the CUDA kernels"):
+        cuflash.attention_varlen_forward(**args)
