@@ -289,7 +289,8 @@ class _VarlenAttention(torch.autograd.Function):
                                             sinks=None if sinks is None else sinks.detach())
         ctx.save_for_backward(q, k, v, o, stats.m, stats.l, sinks)
         ctx.layout, ctx.options, ctx.deterministic = layout, options, deterministic
-        ctx.stats_record = dataclasses.replace(stats, m=None, l=None)  # the forward's call, for the check
+        # the forward's call without its arrays, so the backward's origin check still runs
+        ctx.stats_record = dataclasses.replace(stats, m=None, l=None)
         lse = stats.lse
         ctx.mark_non_differentiable(lse)
         return o, lse

@@ -4,8 +4,9 @@ transformers' own eager and sdpa paths (CPU, float32; skipped without transforme
 For each model (Llama with GQA, Mistral with a sliding window, Gemma 2 with soft-capping
 and alternating windows, gpt-oss with sinks and windows): logits at the valid positions
 of a left-padded and a right-padded batch within the gap transformers' own paths have
-(eager vs sdpa, times 2, plus a small floor; the floor alone for models without sdpa), the same greedy generations as eager, and gradients of a loss
-through the model (weights, and the sinks) close to eager's.
+(eager vs sdpa, times 2, plus a small floor; the floor alone for models without sdpa),
+the same greedy generations as eager, and gradients of a loss through the model
+(weights, and the sinks) close to eager's.
 """
 
 from __future__ import annotations
