@@ -268,3 +268,78 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     o = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                         causal=is_causal, softmax_scale=scale)
     return o.transpose(1, 2)
+
+
+# -- variable lengths (issue #14; docs/varlen.md) ---------------------------------------------
+
+import dataclasses  # noqa: E402  (kept with the code that uses it: this section is appended)
+
+__all__.append("flash_attention_varlen")
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Autograd for ``cuflash.attention_varlen_forward``: saves q, k, v, o and the
+    statistics and calls ``attention_varlen_backward``; sinks get their gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, layout, options, deterministic):
+        from .varlen import attention_varlen_forward
+
+        o, stats = attention_varlen_forward(q, k, v, *layout, **options,
+                                            sinks=None if sinks is None else sinks.detach())
+        ctx.save_for_backward(q, k, v, o, stats.m, stats.l, sinks)
+        ctx.layout, ctx.options, ctx.deterministic = layout, options, deterministic
+        # the forward's call without its arrays, so the backward's origin check still runs
+        ctx.stats_record = dataclasses.replace(stats, m=None, l=None)
+        lse = stats.lse
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        from .varlen import attention_varlen_backward
+
+        q, k, v, o, m, l, sinks = ctx.saved_tensors
+        stats = dataclasses.replace(ctx.stats_record, m=m, l=l)
+        grads = attention_varlen_backward(_kernel_ready(do), q, k, v, o, stats, *ctx.layout,
+                                          **ctx.options, deterministic=ctx.deterministic,
+                                          sinks=None if sinks is None else sinks.detach())
+        dsinks = grads[3].to(sinks.dtype) if sinks is not None else None
+        return grads[0], grads[1], grads[2], dsinks, None, None, None
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, *,
+                           seqused_k: torch.Tensor | None = None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None, deterministic: bool | None = None,
+                           return_lse: bool = False):
+    """Differentiable variable-length attention (``flash_attn_varlen_func``'s layout).
+
+    q (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim); cu_seqlens_q,
+    cu_seqlens_k int32 (batch + 1,) tensors on q's device; the other arguments as in
+    ``cuflash.attention_varlen_forward`` (causal, windows and ALiBi bottom-right per
+    sequence). ``sinks`` float32 (heads,) may require grad: it gets its gradient, summed
+    over every sequence; alibi_slopes get none (constants, as in FlashAttention).
+
+    Returns o (total_q, heads, head_dim); with ``return_lse=True`` (o, lse), lse float32
+    (heads, total_q) = m + log(l) (-inf for a row that sees no key), not differentiable.
+
+    CPU tensors run cuflash's NumPy path; CUDA tensors raise ``ValueError`` until the
+    kernels take per-sequence offsets (issue #14). Not traced by ``torch.compile`` yet
+    (an ``autograd.Function`` without a custom op: a graph break).
+    """
+    named = [(q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"),
+             (cu_seqlens_k, "cu_seqlens_k")]
+    named += [(x, n) for x, n in ((seqused_k, "seqused_k"), (alibi_slopes, "alibi_slopes"),
+                                  (sinks, "sinks")) if x is not None]
+    _check_tensors(named)
+    validate.check_bool(return_lse, "return_lse")
+    options = dict(seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
+                   window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    layout = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    o, lse = _VarlenAttention.apply(q, k, v, sinks, layout, options,
+                                    _resolve_deterministic(deterministic))
+    return (o, lse) if return_lse else o
