@@ -109,7 +109,7 @@ class DecodeSpec:
     @property
     def min_blocks(self) -> int:
         """Resident blocks per SM the kernel's __launch_bounds__ asks of ptxas (kMinBlocks)."""
-        return 4 if self.rows <= 2 else 3 if self.rows == 4 else 2
+        return 4 if self.rows == 1 else 3 if self.rows <= 4 else 2
 
     @property
     def bytes_in_flight(self) -> int:

@@ -120,9 +120,10 @@ enum : int {
   kStep = kGroups * kKeys,  // keys per block per step
   // Resident blocks per SM asked of ptxas: a register cap of 65536 / (kMinBlocks * kThreads)
   // (128, 170, 256). Without a minimum ptxas picked 56-80 registers for one row and spilled
-  // (NVRTC 13.5, sm_80 / sm_120); eight rows need about 250. decode.DecodeSpec.min_blocks
+  // (NVRTC 13.5, sm_80 / sm_120); two rows with 8 keys spill at 128 since the mask and
+  // ALiBi terms (RowScores) joined; eight rows need about 250. decode.DecodeSpec.min_blocks
   // is the same formula (the split heuristic counts on it).
-  kMinBlocks = kRows <= 2 ? 4 : kRows == 4 ? 3 : 2,
+  kMinBlocks = kRows == 1 ? 4 : kRows <= 4 ? 3 : 2,
 };
 static_assert(kDim == 32 || kDim == 64 || kDim == 128 || kDim == 256, "CF_HEAD_DIM");
 static_assert(kRows == 1 || kRows == 2 || kRows == 4 || kRows == 8, "CF_ROWS");
