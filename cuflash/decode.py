@@ -18,15 +18,13 @@ NumPy mirror in ``decode_cpu``) and hands back the caller's array type.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import validate
-from .decode_checks import (MAX_GRID_X, MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
-                            DecodeProblem, DecodeShape, check_decode, check_num_splits)
-from .interop import Imported, caller_stream, export_array, import_array
+# re-exported: the plan's names that tests, benchmarks and docs use from here
+from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
+                            DecodeProblem, DecodeShape, check_decode)
+from .interop import caller_stream, export_array, import_array
 
 __all__ = ["attention_with_kvcache"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import validate
-from .interop import Imported
+from .interop import Framework, Imported
 
 MAX_Q_LEN = 8  # query rows per sequence the decode kernel takes (speculative decoding)
 MAX_SPLITS = 256  # the combine keeps one weight per split in shared memory
@@ -211,9 +211,10 @@ def _check_new(k_new: Imported | None, v_new: Imported | None, q: Imported, k: I
 
 
 def _check_writable(k: Imported, v: Imported) -> None:
-    """An append writes into the caches: host arrays must be writable (JAX arrays are not)."""
+    """An append writes into the caches: they must be writable. JAX arrays are immutable
+    (on a GPU their DLPack view would be writable, but writing it would break JAX)."""
     for x, name in ((k, "k_cache"), (v, "v_cache")):
-        if not x.is_cuda and not x.array.flags.writeable:
+        if x.framework is Framework.JAX or (not x.is_cuda and not x.array.flags.writeable):
             raise ValueError(f"{name}: expected a writable array (k_new / v_new are appended "
                              f"in place), got a read-only {x.framework.value} array")
 

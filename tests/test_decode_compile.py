@@ -40,3 +40,21 @@ def test_every_decode_spec_compiles_without_spills(arch):
            for r in reports
            if r.spills or r.stack_bytes or r.dynamic_smem + r.static_smem > 48 * 1024]
     assert not bad, "\n".join(bad)
+
+
+def test_params_struct_matches_the_launch_signature():
+    """flash_decode.cu's DecodeParams, field by field, against decode._PARAMS_SIGNATURE (the
+    launch packs the struct from it; a mismatch would shift every later argument)."""
+    import re
+
+    src = (compiler.kernels_dir() / "flash_decode.cu").read_text()
+    body = src[src.index("struct DecodeParams {"):]
+    body = re.sub(r"//[^\n]*", "", body[:body.index("};")])
+    codes = []
+    for decl in body.split(";")[:-1]:
+        decl = decl.strip().split("{", 1)[-1].strip()
+        kind = ("p" if "*" in decl else "q" if decl.startswith("long long") else
+                "i" if decl.startswith("int") else "f" if decl.startswith("float") else "?")
+        names = decl.split(",")
+        codes += [kind] * len(names)
+    assert "".join(codes) == decode._PARAMS_SIGNATURE
