@@ -76,10 +76,11 @@ def check_num_splits(num_splits) -> int | None:
 def check_decode(q: Imported, k: Imported, v: Imported, seqlens: Imported | None, *,
                  causal, softmax_scale, num_splits, block_table: Imported | None = None,
                  k_new: Imported | None = None, v_new: Imported | None = None,
-                 window=None, softcap=None, alibi_slopes: Imported | None = None
-                 ) -> DecodeProblem:
+                 window=None, softcap=None, alibi_slopes: Imported | None = None,
+                 in_place: bool = True) -> DecodeProblem:
     """Every check of ``attention_with_kvcache``. Nothing is allocated or launched before
-    this returns."""
+    this returns. ``in_place`` False: the caller appends k_new / v_new itself (cuflash.jax
+    returns new caches), so the caches need not be writable."""
     causal = validate.check_bool(causal, "causal")
     named = [(q, "q"), (k, "k_cache"), (v, "v_cache")]
     validate._check_ndim(q, "q", 4, "(batch, q_len, heads, head_dim)")
@@ -102,7 +103,8 @@ def check_decode(q: Imported, k: Imported, v: Imported, seqlens: Imported | None
     seqlen_new = 0
     if k_new is not None or v_new is not None:
         seqlen_new = _check_new(k_new, v_new, q, k, dtype, seqlens)
-        _check_writable(k, v)
+        if in_place:
+            _check_writable(k, v)
     if seqlens is not None:
         _check_seqlens(seqlens, q, batch, seqlen_cache, seqlen_new)
     alibi = _check_alibi(alibi_slopes, q, batch, heads)

@@ -268,3 +268,73 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     o = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                         causal=is_causal, softmax_scale=scale)
     return o.transpose(1, 2)
+
+
+# -- decoding against a K/V cache (issue #16) ---------------------------------------------------
+# One more operator, ``cuflash::kvcache_decode``, for torch.compile: it declares that it writes
+# k_cache / v_cache (the append), so the compiler orders it after earlier writes of the
+# caches and never reuses a stale copy. Eager calls skip the operator dispatch and go straight
+# to cuflash.attention_with_kvcache (the fast path: torch's stream and allocator, no sync).
+
+
+@torch.library.custom_op("cuflash::kvcache_decode", mutates_args=("k_cache", "v_cache"))
+def _kvcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    k_new: torch.Tensor | None, v_new: torch.Tensor | None,
+                    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+                    alibi_slopes: torch.Tensor | None, causal: bool,
+                    softmax_scale: float | None, window_left: int, window_right: int,
+                    softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import decode
+
+    return decode.attention_with_kvcache(
+        q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
+        block_table=block_table, alibi_slopes=alibi_slopes, causal=causal,
+        softmax_scale=softmax_scale, window=(window_left, window_right), softcap=softcap,
+        num_splits=num_splits, return_softmax_lse=True)
+
+
+@_kvcache_decode.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table, alibi_slopes, causal,
+      softmax_scale, window_left, window_right, softcap, num_splits):
+    batch, q_len, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                           k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                           cache_seqlens: torch.Tensor | None = None,
+                           block_table: torch.Tensor | None = None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           num_splits: int | None = None, return_softmax_lse: bool = False):
+    """``cuflash.attention_with_kvcache`` for torch tensors, traceable by ``torch.compile``
+    (one operator that mutates k_cache / v_cache; no graph break) and capturable in CUDA
+    graphs. Arguments, results and errors as there (docs/decode.md); no autograd (decoding
+    needs no gradients: a tensor that requires grad raises TypeError)."""
+    tensors = [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")] + [
+        (t, n) for t, n in ((k_new, "k_new"), (v_new, "v_new"), (cache_seqlens, "cache_seqlens"),
+                            (block_table, "block_table"), (alibi_slopes, "alibi_slopes"))
+        if t is not None]
+    _check_tensors(tensors)
+    if not torch.compiler.is_compiling():
+        from . import decode
+
+        return decode.attention_with_kvcache(
+            q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
+            block_table=block_table, causal=causal, softmax_scale=softmax_scale, window=window,
+            softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+            return_softmax_lse=return_softmax_lse)
+    # -- traced: scalars checked here (the operator's schema takes plain ints and floats)
+    causal = validate.check_bool(causal, "causal")
+    return_softmax_lse = validate.check_bool(return_softmax_lse, "return_softmax_lse")
+    left, right = validate.check_window(window) or (-1, -1)
+    from .decode_checks import check_num_splits
+
+    o, lse = _kvcache_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                             alibi_slopes, causal, softmax_scale, left, right,
+                             validate.check_softcap(softcap) or 0.0,
+                             check_num_splits(num_splits) or 0)
+    return (o, lse) if return_softmax_lse else o
+
+
+__all__ += ["attention_with_kvcache"]
