@@ -268,3 +268,29 @@ def test_gpu_torch_graph_with_append_and_pages():
     dh.assert_decode_matches(dh.to_host(o_graph), dh.to_host(lse_graph), step["q"], want_k,
                              want_v, lens + 1, causal=True, softmax_scale=None, dtype=dtype,
                              label="graph replay, paged append")
+
+
+def test_gpu_torch_compiled_adapter():
+    """cuflash.torch.attention_with_kvcache traced by torch.compile (fullgraph) on CUDA
+    tensors: the mutating operator appends into the device caches."""
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=2, q_len=2, heads=8, heads_kv=2, head_dim=64, seqlen_cache=1000,
+                cache_seqlens=None, causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=14, page_size=32, seqlen_new=2, window=None,
+                softcap=None, alibi=None)
+    case["cache_seqlens"] = [500, 998]
+    kw, truth = dh.make_kvcache_inputs(case)
+    t = {n: dh.to_device(x, "torch") for n, x in kw.items() if isinstance(x, np.ndarray)}
+    step = torch.compile(lambda **a: ct.attention_with_kvcache(**a, causal=True,
+                                                               return_softmax_lse=True),
+                         fullgraph=True)
+    o, lse = step(**t)
+    dh.assert_decode_matches(dh.to_host(o), dh.to_host(lse), kw["q"], truth["k"], truth["v"],
+                             truth["lens"], causal=True, softmax_scale=None, dtype=dtype,
+                             label="torch.compile")
+    got = dh.logical(dh.to_host(t["k_cache"]), kw["block_table"])
+    for b, n in enumerate(truth["lens"]):
+        np.testing.assert_array_equal(got[b, :n], truth["k"][b, :n])
