@@ -478,7 +478,10 @@ def _flag_key(flags: dict) -> tuple:
 def _problem(backend, q, k, v, given: dict, flags: dict) -> DecodeProblem:
     key = (_flag_key(flags), tuple(backend.layout(x) for x in (q, k, v)),
            tuple((name, backend.layout(x)) for name, x in given.items()))
-    known = _problems.get(key)
+    try:
+        known = _problems.get(key)
+    except TypeError:  # an unhashable flag (say a dict window): validation says what is wrong
+        known = key = None
     if known is not None and all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0
                                  for x in (q, k, v, given.get("k_new"), given.get("v_new"))
                                  if x is not None):
@@ -487,7 +490,8 @@ def _problem(backend, q, k, v, given: dict, flags: dict) -> DecodeProblem:
     problem = _check({n: import_array(x, n) for n, x in named.items()}, flags)
     if len(_problems) >= _MAX_LAYOUTS:
         _problems.clear()
-    _problems[key] = problem
+    if key is not None:
+        _problems[key] = problem
     return problem
 
 
