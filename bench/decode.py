@@ -150,7 +150,6 @@ def bench_main_row(torch, batch: int, cache: int, heads_kv: int, reps: int,
     row["of_copy"] = ours / copy_tb_s if ours else None
     row["done"] = bool(ours and row["of_copy"] >= COPY_FRACTION
                        and (cudnn is None or row["vs_cudnn"] >= CUDNN_RATIO))
-    del q, k, v, want, impls
     torch.cuda.empty_cache()
     return row
 
@@ -186,7 +185,6 @@ def bench_paged(torch, batch: int, cache: int, heads_kv: int, reps: int) -> dict
         call = lambda: cuflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lens,
                                                       block_table=table)
         row["paged"][page] = _time(torch, call, want, kv_bytes, reps)
-        del kp, vp
     torch.cuda.empty_cache()
     return row
 
@@ -204,7 +202,6 @@ def bench_qlen(torch, batch: int, cache: int, heads_kv: int, reps: int) -> dict:
         result["plan"] = _plan_of(torch, decode.DecodeShape(batch, q_len, cache, HEADS,
                                                             heads_kv, HEAD_DIM, "bfloat16"))
         row["q_len"][q_len] = result
-        del q, k, v
     torch.cuda.empty_cache()
     return row
 
@@ -217,7 +214,6 @@ def copy_bandwidth(torch, reps: int) -> float:
     for _ in range(3):
         dst.copy_(src)
     ms = _events_ms(torch, lambda: [dst.copy_(src) for _ in range(CALLS)], reps)
-    del src, dst
     torch.cuda.empty_cache()
     return 2 * n / ms / 1e9
 
