@@ -78,6 +78,7 @@ class DecodeSpec:
     rows: int  # query rows per block (CF_ROWS)
     keys: int  # key rows per lane group per step (CF_KEYS)
     stages: int = 1  # steps of K/V loads in flight (CF_STAGES)
+    min_blocks: int = 0  # resident blocks per SM asked of ptxas (CF_MIN_BLOCKS); 0: by rows
     warps: int = WARPS
     kind: str = "decode"
     entry: str = "flash_decode_split"
@@ -88,7 +89,7 @@ class DecodeSpec:
     @property
     def name(self) -> str:
         return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}"
-                f"_k{self.keys}_s{self.stages}_w{self.warps}")
+                f"_k{self.keys}_s{self.stages}_b{self.min_blocks}_w{self.warps}")
 
     @property
     def threads(self) -> int:
@@ -104,10 +105,10 @@ class DecodeSpec:
         """Keys per block per loop step (kStep)."""
         return self.key_groups * self.keys
 
-    @property
-    def min_blocks(self) -> int:
-        """Resident blocks per SM the kernel's __launch_bounds__ asks of ptxas (kMinBlocks)."""
-        return 4 if self.rows == 1 else 3 if self.rows <= 4 else 2
+    def __post_init__(self):
+        if not self.min_blocks:  # register cap 65536 / (min_blocks * 128): 128, 170, 256
+            object.__setattr__(self, "min_blocks",
+                               4 if self.rows == 1 else 3 if self.rows <= 4 else 2)
 
     @property
     def bytes_in_flight(self) -> int:
@@ -124,7 +125,7 @@ class DecodeSpec:
     def defines(self) -> dict[str, int]:
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_KEYS": self.keys, "CF_STAGES": self.stages,
-                "CF_WARPS": self.warps}
+                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -225,11 +226,13 @@ def auto_splits(base_blocks: int, seqlen_cache: int, step: int, sm_count: int,
     return best
 
 
-def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None) -> DecodePlan:
+def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None,
+                spec: DecodeSpec | None = None) -> DecodePlan:
     """Pure: the spec, grids and scratch of one call. ``num_splits`` None or 0: automatic
-    (``auto_splits``); else at most that many (``split_keys``)."""
+    (``auto_splits``); else at most that many (``split_keys``). ``spec``: pinned instead of
+    ``select_decode``'s (bench/dev/decode_variants.py times candidates that way)."""
     s = shape
-    spec = select_decode(s.dtype, s.head_dim, s.rows)
+    spec = spec or select_decode(s.dtype, s.head_dim, s.rows)
     row_tiles = _cdiv(s.rows, spec.rows)
     blocks = s.batch * s.heads_kv * row_tiles
     if num_splits:

@@ -83,6 +83,9 @@
 #ifndef CF_WARPS
 #define CF_WARPS 4
 #endif
+#ifndef CF_MIN_BLOCKS  // resident blocks per SM asked of ptxas (see kMinBlocks)
+#define CF_MIN_BLOCKS (CF_ROWS == 1 ? 4 : CF_ROWS <= 4 ? 3 : 2)
+#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
@@ -121,9 +124,9 @@ enum : int {
   // Resident blocks per SM asked of ptxas: a register cap of 65536 / (kMinBlocks * kThreads)
   // (128, 170, 256). Without a minimum ptxas picked 56-80 registers for one row and spilled
   // (NVRTC 13.5, sm_80 / sm_120); two rows with 8 keys spill at 128 since the mask and
-  // ALiBi terms (RowScores) joined; eight rows need about 250. decode.DecodeSpec.min_blocks
-  // is the same formula (the split heuristic counts on it).
-  kMinBlocks = kRows == 1 ? 4 : kRows <= 4 ? 3 : 2,
+  // ALiBi terms (RowScores) joined; eight rows need about 250. decode.select_decode picks
+  // it (the split heuristic counts on it); the default here is the same formula.
+  kMinBlocks = CF_MIN_BLOCKS,
 };
 static_assert(kDim == 32 || kDim == 64 || kDim == 128 || kDim == 256, "CF_HEAD_DIM");
 static_assert(kRows == 1 || kRows == 2 || kRows == 4 || kRows == 8, "CF_ROWS");

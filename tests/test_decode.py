@@ -211,7 +211,7 @@ def test_split_keys_cover_the_cache(seqlen, want, step):
 def test_spec_names_and_buckets():
     spec = decode.select_decode("bfloat16", 72, 3)
     assert (spec.head_dim, spec.rows) == (128, 4)
-    assert spec.name == "decode_bf16_d128_r4_k2_s2_w4"  # GQA groups of 4: two stages
+    assert spec.name == "decode_bf16_d128_r4_k2_s2_b3_w4"  # GQA groups of 4: two stages
     assert len({s.name for s in decode.all_decode_specs()}) == 48
 
 
