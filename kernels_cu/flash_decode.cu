@@ -333,14 +333,20 @@ struct RowScores {
   float softcap_log2;  // 0: no softcap
   bool alibi;
 
-  // -- s = softcap * tanh(x / softcap) - slope * |diag - j|, in log2 units; hidden: -inf
+  // -- s = softcap * tanh(x / softcap) - slope * |diag - j|, in log2 units; hidden: -inf.
+  // kMods false: neither softcap nor ALiBi is on (the key loop is instantiated for both, so
+  // plain attention pays for neither test per score).
+  template <bool kMods>
   __device__ __forceinline__ float apply(float dot, int j, int r) const {
     float s = dot;
-    // tanhf, not tanh.approx: its 2^-11 relative error would be visible in float32 outputs
-    if (softcap_log2 != 0.f) s = softcap_log2 * tanhf(dot);
-    if (alibi) s -= slope_log2[r] * fabsf((float)(diag[r] - j));
+    if (kMods) {
+      // tanhf, not tanh.approx: its 2^-11 relative error would show in float32 outputs
+      if (softcap_log2 != 0.f) s = softcap_log2 * tanhf(dot);
+      if (alibi) s -= slope_log2[r] * fabsf((float)(diag[r] - j));
+    }
     return (j >= lo[r] && j < hi[r]) ? s : -DEC_INF;
   }
+  __device__ __forceinline__ bool modified() const { return softcap_log2 != 0.f || alibi; }
 };
 
 __device__ __forceinline__ RowScores row_scores(const DecodeParams& p, const DecodeBlock& blk) {
@@ -421,6 +427,7 @@ __device__ __forceinline__ void load_step(KeyStep& st, const int row[decode::kKe
   }
 }
 
+template <bool kMods>
 __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int key_end, int grp,
                                              const float qf[decode::kRows][8],
                                              const RowScores& rs, float m_i[decode::kRows],
@@ -440,7 +447,7 @@ __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int ke
 #pragma unroll
       for (int e = 0; e < 8; ++e) dot = fmaf(qf[r][e], kf[e], dot);
       dot = row_sum(dot);
-      s[c][r] = j < key_end ? rs.apply(dot, j, r) : -DEC_INF;
+      s[c][r] = j < key_end ? rs.template apply<kMods>(dot, j, r) : -DEC_INF;
     }
   }
   softmax_update(s, m_i, l_i, acc);  // s now holds p
@@ -455,6 +462,47 @@ __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int ke
       for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(s[c][r], vf[e], acc[r][e]);
     }
   }
+}
+
+// The split block's key loop: keys [blk.key_begin, blk.key_end) folded into m_i, l_i, acc.
+template <bool kMods>
+__device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBlock& blk,
+                                         const RowScores& rs, const float qf[decode::kRows][8],
+                                         int col, int grp, bool col_ok,
+                                         float m_i[decode::kRows], float l_i[decode::kRows],
+                                         float acc[decode::kRows][8]) {
+  using namespace decode;
+  const CacheRows cache = cache_rows(p, blk.b);
+  const elem_t* k_base = p.k + entry_offset(p, blk.b, p.stride_kb) +
+                         (long long)blk.h_kv * p.stride_kh + col;
+  const elem_t* v_base = p.v + entry_offset(p, blk.b, p.stride_vb) +
+                         (long long)blk.h_kv * p.stride_vh + col;
+  const int begin = blk.key_begin, end = blk.key_end;
+  int row[kKeys];
+  key_rows(row, cache, begin, end, grp);
+#if CF_STAGES == 1
+  for (int step = begin; step < end; step += kStep) {  // block-uniform
+    KeyStep st;
+    load_step(st, row, k_base, v_base, p.stride_kn, p.stride_vn, step, end, grp, col_ok);
+    key_rows(row, cache, step + kStep, end, grp);  // next step's rows, behind this step's loads
+    compute_step<kMods>(st, step, end, grp, qf, rs, m_i, l_i, acc);
+  }
+#else
+  // -- two steps in flight: step n + 1 is loading while step n is computed
+  KeyStep a, b;
+  load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, begin, end, grp, col_ok);
+  key_rows(row, cache, begin + kStep, end, grp);
+  for (int step = begin; step < end; step += 2 * kStep) {  // block-uniform
+    load_step(b, row, k_base, v_base, p.stride_kn, p.stride_vn, step + kStep, end, grp, col_ok);
+    key_rows(row, cache, step + 2 * kStep, end, grp);
+    compute_step<kMods>(a, step, end, grp, qf, rs, m_i, l_i, acc);
+    if (step + kStep >= end) break;
+    load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, step + 2 * kStep, end, grp,
+              col_ok);
+    key_rows(row, cache, step + 3 * kStep, end, grp);
+    compute_step<kMods>(b, step + kStep, end, grp, qf, rs, m_i, l_i, acc);
+  }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(decode::kThreads, decode::kMinBlocks)
@@ -489,37 +537,11 @@ flash_decode_split(const DecodeParams p) {
     for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
   }
 
-  const CacheRows cache = cache_rows(p, blk.b);
-  const elem_t* k_base = p.k + entry_offset(p, blk.b, p.stride_kb) +
-                         (long long)blk.h_kv * p.stride_kh + col;
-  const elem_t* v_base = p.v + entry_offset(p, blk.b, p.stride_vb) +
-                         (long long)blk.h_kv * p.stride_vh + col;
-  const int begin = blk.key_begin, end = blk.key_end;
-  int row[kKeys];
-  key_rows(row, cache, begin, end, grp);
-#if CF_STAGES == 1
-  for (int step = begin; step < end; step += kStep) {  // block-uniform
-    KeyStep st;
-    load_step(st, row, k_base, v_base, p.stride_kn, p.stride_vn, step, end, grp, col_ok);
-    key_rows(row, cache, step + kStep, end, grp);  // next step's rows, behind this step's loads
-    compute_step(st, step, end, grp, qf, rs, m_i, l_i, acc);
-  }
-#else
-  // -- two steps in flight: step n + 1 is loading while step n is computed
-  KeyStep a, b;
-  load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, begin, end, grp, col_ok);
-  key_rows(row, cache, begin + kStep, end, grp);
-  for (int step = begin; step < end; step += 2 * kStep) {  // block-uniform
-    load_step(b, row, k_base, v_base, p.stride_kn, p.stride_vn, step + kStep, end, grp, col_ok);
-    key_rows(row, cache, step + 2 * kStep, end, grp);
-    compute_step(a, step, end, grp, qf, rs, m_i, l_i, acc);
-    if (step + kStep >= end) break;
-    load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, step + 2 * kStep, end, grp,
-              col_ok);
-    key_rows(row, cache, step + 3 * kStep, end, grp);
-    compute_step(b, step + kStep, end, grp, qf, rs, m_i, l_i, acc);
-  }
-#endif
+  // -- the key loop, without the softcap / ALiBi terms unless one is on (block-uniform)
+  if (rs.modified())
+    key_loop<true>(p, blk, rs, qf, col, grp, col_ok, m_i, l_i, acc);
+  else
+    key_loop<false>(p, blk, rs, qf, col, grp, col_ok, m_i, l_i, acc);
 
   // -- merge the key groups through shared memory: [group][row] acc (D floats), m_i, l_i
   float* sm_acc = smem;
