@@ -43,18 +43,18 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power
 # Registers per thread grow with rows (q and acc: 16 floats per row) and with keys x stages
 # (K and V in flight: 8 registers per key for 16-bit, 16 for float32); these keep every
 # spec within its register cap (65536 / (min_blocks * 128)) with zero spills
-# (tests/test_decode_compile.py). Why two stages from 4 rows up: see _STAGES_WHY.
+# (tests/test_decode_compile.py). Reasoned, not yet measured (bench/dev/decode_variants.py):
+# Why two stages from 4 rows up: one row costs a lane about 50 instructions per 16-byte K
+# chunk (and its V chunk), four rows about 160: 8 + 8 conversions, 2 x 8 x rows FMAs (q.k
+# and p.v), log2(head_dim / 8) shuffles and adds per row, the masked online softmax per row.
+# An H200 SM must take in 16.5 bytes per clock (4.3 TB/s / 132 SMs / 1.98 GHz), one warp's
+# 1 KB of K+V chunks every 62 clocks, 248 issue slots of its 4 schedulers: four rows keep
+# them about 65% busy, so a warp that waits for its loads and then computes has loads in
+# flight only a third of the time (the measured GQA row, group 4, ran at 1.91 TB/s against
+# 4.13 for one row; the latency-bound combine of the time was the other suspect). Two
+# stages issue step n + 1's loads before step n's arithmetic, so every warp always has a
+# step in flight. Eight rows (about 320 slots) stay issue-bound in SIMT: tensor cores.
 _KEYS = {1: ((8, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((2, 2), (1, 2)), 8: ((1, 2), (1, 1))}
-_STAGES_WHY = """
-One row costs a lane about 50 instructions per 16-byte K chunk (and its V chunk), four rows
-about 160: 8 + 8 conversions, 2 x 8 x rows FMAs (q.k and p.v), log2(head_dim / 8) shuffles
-and adds per row, the masked online softmax per row. An H200 SM must take in 16.5 bytes per
-clock (4.3 TB/s / 132 SMs / 1.98 GHz), one warp's 1 KB of K+V chunks every 62 clocks, or
-248 issue slots of its 4 schedulers: four rows keep the schedulers 65% busy, so a warp that
-waits for its loads, then computes, has loads in flight only a third of the time; with one
-stage the measured GQA row (group 4) ran at 1.91 TB/s against 4.13 for one row. Two stages
-issue step n + 1's loads before step n's arithmetic, so every warp always has a step in
-flight. Eight rows (320 slots) stay issue-bound in SIMT: that needs tensor cores."""
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
