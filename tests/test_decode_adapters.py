@@ -86,3 +86,25 @@ def test_jax_eager_with_a_functional_append():
     with pytest.raises(ValueError, match="v_new:"):
         cj.attention_with_kvcache(j["q"], j["k_cache"], j["v_cache"], k_new=j["k_new"],
                                   cache_seqlens=j["cache_seqlens"], block_table=j["block_table"])
+
+
+def test_torch_compiled_read_only_step_uses_the_non_mutating_operator():
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    kw, truth = dh.make_kvcache_inputs(dict(CASE, seqlen_new=0))
+    want = cuflash.attention_with_kvcache(**kw, causal=True)
+    t = {n: torch.from_numpy(x) for n, x in kw.items() if isinstance(x, np.ndarray)}
+    torch._dynamo.reset()
+    gm = []
+
+    def backend(graph, example_inputs):
+        gm.append(graph)
+        return graph.forward
+
+    step = torch.compile(lambda **a: ct.attention_with_kvcache(**a, causal=True, window=(30, 0),
+                                                               softcap=5.0),
+                         backend=backend, fullgraph=True)
+    np.testing.assert_allclose(step(**t).numpy(), want, rtol=0, atol=1e-6)
+    code = gm[0].code
+    assert "cuflash.kvcache_decode" in code and "append" not in code, code
