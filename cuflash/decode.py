@@ -43,7 +43,7 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power
 # Registers per thread grow with rows (q and acc: 16 floats per row) and with keys x stages
 # (K and V in flight: 8 registers per key for 16-bit, 16 for float32); these keep every
 # spec within its register cap (65536 / (min_blocks * 128)) with zero spills
-# (tests/test_decode_compile.py). Reasoned, not yet measured (bench/dev/decode_variants.py):
+# (tests/test_decode_compile.py). Reasoned first (below), then measured where noted:
 # Why two stages from 4 rows up: one row costs a lane about 50 instructions per 16-byte K
 # chunk (and its V chunk), four rows about 160: 8 + 8 conversions, 2 x 8 x rows FMAs (q.k
 # and p.v), log2(head_dim / 8) shuffles and adds per row, the masked online softmax per row.
@@ -54,7 +54,11 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power
 # 4.13 for one row; the latency-bound combine of the time was the other suspect). Two
 # stages issue step n + 1's loads before step n's arithmetic, so every warp always has a
 # step in flight. Eight rows (about 320 slots) stay issue-bound in SIMT: tensor cores.
-_KEYS = {1: ((8, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((2, 2), (1, 2)), 8: ((1, 2), (1, 1))}
+# Measured (H200, bf16 d128, bench/dev/decode_variants.py, 2026-12-01): at 4 rows (GQA 8,
+# 8k, 8 kv heads) one stage of 4 keys at 3 blocks per SM beat the two-stage guess, 3.11 TB/s
+# against 2.90 (the best of 18 spill-free variants; cuDNN 4.08); at 1 row (1, 32k, 32) keys
+# 4 to 8 at 4 blocks all reach 4.24-4.30.
+_KEYS = {1: ((8, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((4, 1), (1, 2)), 8: ((1, 2), (1, 1))}
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
