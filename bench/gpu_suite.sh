@@ -2,7 +2,7 @@
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
-#                                            workloads train_gqa host
+#                                            workloads train_gqa host decode ab modifiers
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -59,6 +59,13 @@ for stage in $stages; do
         ${WORKLOADS_SKIP:+--skip $WORKLOADS_SKIP} ;;
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;
+    decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling
+      run_stage decode $PY bench/decode.py --out "$OUT/results/decode.json" ;;
+    ab)  # kernel TFLOP/s of an older tree ($AB_OLD, e.g. a git archive) against this one
+      run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
+        --out "$OUT/results/ab.json" ;;
+    modifiers)  # what window / softcap / ALiBi / sinks cost against plain attention
+      run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac
