@@ -50,6 +50,8 @@ class _Torch(Backend):
         # a fraction of current_stream().cuda_stream's cost, which builds a Stream object
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = raw or (lambda index: torch.cuda.current_stream(index).cuda_stream)
+        # the current device's index without torch.cuda.current_device()'s Python wrapper
+        self._current = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
 
     def layout(self, t):
         # get_device(): the index as an int (-1 off CUDA), cheaper than building t.device
@@ -63,7 +65,8 @@ class _Torch(Backend):
         return t.data_ptr()
 
     def empty(self, shape, dtype, like):
-        return self.torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+        # an int device is a CUDA ordinal: no torch.device object built per allocation
+        return self.torch.empty(shape, dtype=dtype or like.dtype, device=like.get_device())
 
     def fill(self, t, value):
         t.fill_(value)
@@ -72,14 +75,14 @@ class _Torch(Backend):
         t.fill_(float("nan"))
 
     def device_index(self, t):
-        return t.device.index
+        return t.get_device()
 
     def stream(self):
-        return self._raw_stream(self.torch.cuda.current_device())
+        return self._raw_stream(self._current())
 
     def on_device(self, index):
-        if index == self.torch.cuda.current_device():
-            return contextlib.nullcontext()
+        if index == self._current():
+            return _NO_SWITCH
         return self.torch.cuda.device(index)
 
 
@@ -120,10 +123,11 @@ class _Cupy(Backend):
 
     def on_device(self, index):
         if index == self.cupy.cuda.runtime.getDevice():
-            return contextlib.nullcontext()
+            return _NO_SWITCH
         return self.cupy.cuda.Device(index)
 
 
+_NO_SWITCH = contextlib.nullcontext()  # reusable: nullcontext keeps no state
 _instances: dict = {}
 
 
