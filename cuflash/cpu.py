@@ -273,7 +273,7 @@ def _check_qkv(q, k, v, block_m: int, block_n: int) -> tuple[int, ...]:
         raise TypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
     batch, seqlen_q, heads, head_dim = q.shape
     if k.shape[:3] != v.shape[:3]:  # v may have its own head_dim_v
-        raise ValueError(f"k and v must have the same (batch, seqlen_k, heads_kv), got "
+        raise ValueError(f"k and v must have the same shape but for v's head_dim_v, got "
                          f"{k.shape} and {v.shape}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k {k.shape} does not match q {q.shape} in batch or head_dim")
