@@ -55,6 +55,12 @@ m, l include it and the backward's lse2 already normalizes over it. The backward
 ``ds *= 1 - t^2`` for softcap and dsinks = -sum_rows P_sink * delta from the preprocess's
 lse2 and delta.
 
+Issue #15 (docs/block_sparse.md, docs/dropout.md): a block mask joins ``_Tiling`` (tiles
+that every (batch, head) has masked are skipped by both loops, the rest get the expanded mask
+as -inf with causal / window); dropout multiplies the tile's p by Z / (1 - p) after l_i
+has summed it (forward), and scales dP and the P of dV (backward), Z regenerated per tile by
+``_Dropout`` from cuflash.philox. v and o may have their own head_dim_v.
+
 Grouped-query attention never expands K or V. Q (batch, seqlen_q, heads, head_dim) is viewed
 as (batch, seqlen_q, heads_kv, group, head_dim) and copied once to float32 "rows" (batch,
 heads_kv, seqlen_q * group, head_dim), row ``r = i * group + g`` (query i, head g of the

@@ -19,6 +19,11 @@ float32 (heads,), arrays of q's framework and device with finite values. On CUDA
 raises ``ValueError`` (not yet in the kernels) after the checks of window and softcap,
 before the per-head arrays are imported or read. ``window=(-1, -1)`` and ``softcap=0`` mean off.
 
+Issue #15: CPU arrays take any head_dim from 1 to 256 and a head_dim_v of v (and o, do)
+that differs from q's; CUDA arrays need head_dim in ``SUPPORTED_HEAD_DIMS`` and head_dim_v ==
+head_dim (ValueError naming q or v otherwise). Dropout and block masks are checked by
+``cuflash.dropout_sparse_checks``.
+
 Every message starts with the argument's name, then what was expected and what came, e.g.
 ``stats.m: expected float32 (2, 8, 128), got float16 (2, 8, 128)``.
 
