@@ -115,7 +115,8 @@ extern "C" __global__ void cf_philox_test_keep4(unsigned char* keep, int rows, i
                                                 unsigned int offset, unsigned int threshold) {
   // blockIdx.x = 16 x 8 piece, blockIdx.y = b * heads + h; 32 threads
   const int pieces_per_row = cols / 8;
-  const unsigned int row0 = (blockIdx.x / pieces_per_row) * 16, col0 = (blockIdx.x % pieces_per_row) * 8;
+  const unsigned int row0 = (blockIdx.x / pieces_per_row) * 16;
+  const unsigned int col0 = (blockIdx.x % pieces_per_row) * 8;
   const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
   const unsigned int r0 = row0 + g, c0 = col0 + 2 * t;
   const cf_dropout d{seed_lo, seed_hi, offset, threshold};

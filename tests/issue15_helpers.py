@@ -48,6 +48,8 @@ class Case:
     mask_heads: bool = True  # the block mask has a heads axis (else 1: broadcast)
     window: tuple[int, int] | None = None
     softcap: float | None = None
+    alibi: bool = False  # (heads,) slopes
+    sinks: bool = False  # (heads,) sink logits
 
     @property
     def heads(self) -> int:
@@ -70,6 +72,11 @@ class Case:
         """Keyword arguments shared by the CPU path and the reference."""
         opts = dict(causal=self.causal, softmax_scale=self.scale, window=self.window,
                     softcap=self.softcap)
+        rng = np.random.default_rng(self.seed + 2)
+        if self.alibi:
+            opts["alibi_slopes"] = (2.0 ** -rng.uniform(0, 8, self.heads)).astype(np.float32)
+        if self.sinks:
+            opts["sinks"] = (rng.standard_normal(self.heads) * 2).astype(np.float32)
         if self.dropout_p:
             opts.update(dropout_p=self.dropout_p, dropout_seed=self.dropout_seed,
                         dropout_offset=self.dropout_offset)
@@ -133,15 +140,21 @@ def check_backward(case: Case) -> None:
     grads = cpu.flash_backward_cpu(do, q, k, v, o, m, l, **opts, **case.tiles())
     refs = reference.attention_backward_reference(do, q, k, v, **opts, o=o)
     naives = reference.attention_backward_naive(do, q, k, v, **opts, dtype=case.dtype)
-    magnitude = testing.magnitude(*refs)
+    assert len(grads) == len(refs) == len(naives) == (4 if case.sinks else 3)
+    magnitude = testing.magnitude(*refs[:3])
     counts = np.broadcast_to(case.visible(), (case.batch, case.heads, case.seqlen_q,
                                               case.seqlen_k)).sum(axis=-1)
     few = bool(((counts > 0) & (counts < MIN_KEYS)).any())
-    for name, got, ref, naive, like in zip(("dq", "dk", "dv"), grads, refs, naives, (q, k, v)):
-        assert got.shape == like.shape and got.dtype == case.dtype, name
+    for name, got, ref, naive, like in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives,
+                                           (q, k, v, None)):
+        if like is None:  # dsinks: float32 (heads,), judged at its own magnitude
+            assert got.dtype == np.float32 and got.shape == (case.heads,)
+        else:
+            assert got.shape == like.shape and got.dtype == case.dtype, name
+        scale = testing.magnitude(ref) if like is None else magnitude
         bound = testing.judge(name, got, ref, naive, dtype=np.dtype(case.dtype).name,
-                              scale=magnitude).bound
+                              scale=scale).bound
         if few:
-            bound = max(bound, FEW_KEYS_RTOL[np.dtype(case.dtype)] * max(1.0, magnitude))
+            bound = max(bound, FEW_KEYS_RTOL[np.dtype(case.dtype)] * max(1.0, scale))
         err = np.abs(got.astype(np.float64) - ref).max(initial=0.0)
         assert err <= bound, f"{name}: err {err:.3g} vs bound {bound:.3g} ({case})"

@@ -44,7 +44,9 @@ def sparse_cases(draw) -> Case:
                 mask_heads=draw(st.booleans()),
                 window=draw(st.one_of(st.none(), st.tuples(SIDE, SIDE))),
                 dropout_p=draw(st.sampled_from([0.0, 0.0, 0.3])),
-                dropout_seed=draw(st.integers(0, 2**64 - 1)))
+                dropout_seed=draw(st.integers(0, 2**64 - 1)),
+                softcap=draw(st.sampled_from([None, None, 5.0])), alibi=draw(st.booleans()),
+                sinks=draw(st.booleans()))
 
 
 @settings(max_examples=150)

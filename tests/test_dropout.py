@@ -119,7 +119,8 @@ def dropout_cases(draw) -> Case:
                 dropout_seed=draw(st.integers(0, 2**64 - 1)),
                 dropout_offset=draw(st.integers(0, 2**32 - 1)),
                 window=draw(st.one_of(st.none(), st.tuples(SIDE, SIDE))),
-                softcap=draw(st.sampled_from([None, None, 5.0])))
+                softcap=draw(st.sampled_from([None, None, 5.0])),
+                alibi=draw(st.booleans()), sinks=draw(st.booleans()))
 
 
 @settings(max_examples=150)
@@ -224,18 +225,28 @@ def test_api_matches_reference_with_materialised_mask():
     np.testing.assert_array_equal(again, o)  # bit for bit
 
 
-BAD = [
-    (dict(dropout_p=1.0, dropout_seed=1), ValueError, r"^dropout_p: expected a real number in \[0, 1\), got 1\.0"),
+SEED_RANGE = "from 0 to 18446744073709551615"
+BAD = [  # (keywords, exception, message pattern)
+    (dict(dropout_p=1.0, dropout_seed=1), ValueError,
+     r"^dropout_p: expected a real number in \[0, 1\), got 1\.0"),
     (dict(dropout_p=-0.1, dropout_seed=1), ValueError, r"^dropout_p: expected .*got -0\.1"),
-    (dict(dropout_p=float("nan"), dropout_seed=1), ValueError, r"^dropout_p: expected .*got nan"),
-    (dict(dropout_p="0.1", dropout_seed=1), TypeError, r"^dropout_p: expected a real number .*got str"),
+    (dict(dropout_p=float("nan"), dropout_seed=1), ValueError,
+     r"^dropout_p: expected .*got nan"),
+    (dict(dropout_p="0.1", dropout_seed=1), TypeError,
+     r"^dropout_p: expected a real number .*got str"),
     (dict(dropout_p=True, dropout_seed=1), TypeError, r"^dropout_p: expected .*got bool"),
-    (dict(dropout_p=0.1), TypeError, r"^dropout_seed: expected an int .*dropout_p > 0 needs one.*got NoneType"),
-    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError, r"^dropout_seed: expected an int .*got float"),
-    (dict(dropout_p=0.1, dropout_seed=-1), ValueError, r"^dropout_seed: expected an int from 0 to 18446744073709551615, got -1"),
-    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError, r"^dropout_seed: .*got 18446744073709551616"),
-    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset=2**32), ValueError, r"^dropout_offset: expected an int from 0 to 4294967295, got 4294967296"),
-    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset="3"), TypeError, r"^dropout_offset: expected an int .*got str"),
+    (dict(dropout_p=0.1), TypeError,
+     r"^dropout_seed: expected an int .*dropout_p > 0 needs one.*got NoneType"),
+    (dict(dropout_p=0.1, dropout_seed=1.5), TypeError,
+     r"^dropout_seed: expected an int .*got float"),
+    (dict(dropout_p=0.1, dropout_seed=-1), ValueError,
+     rf"^dropout_seed: expected an int {SEED_RANGE}, got -1"),
+    (dict(dropout_p=0.1, dropout_seed=2**64), ValueError,
+     r"^dropout_seed: .*got 18446744073709551616"),
+    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset=2**32), ValueError,
+     r"^dropout_offset: expected an int from 0 to 4294967295, got 4294967296"),
+    (dict(dropout_p=0.1, dropout_seed=1, dropout_offset="3"), TypeError,
+     r"^dropout_offset: expected an int .*got str"),
 ]
 
 
