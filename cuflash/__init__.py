@@ -8,6 +8,7 @@ same algorithm. Results come back in the caller's own array type, zero-copy.
 from .api import attention, attention_backward, attention_forward
 from .decode import attention_with_kvcache  # decoding against a K/V cache (issue #16)
 from .merge import merge_attention
+from .philox import dropout_mask  # the kept-mask of a dropout call (issue #15)
 from .stats import SoftmaxStats
 from .varlen import (VarlenStats, attention_varlen, attention_varlen_backward,  # issue #14
                      attention_varlen_forward)
@@ -24,6 +25,7 @@ __all__ = [
     "attention_varlen_backward",
     "attention_varlen_forward",
     "attention_with_kvcache",
+    "dropout_mask",
     "merge_attention",
     "__version__",
 ]

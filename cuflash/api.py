@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import fastpath, validate
+from . import block_sparse, dropout_sparse_checks, fastpath, validate
 from .interop import caller_stream, export_array, import_array
 from .stats import SoftmaxStats
 
@@ -32,15 +32,18 @@ def _cpu_kwargs(modifiers: validate.Modifiers) -> dict:
 
 
 def _flash_fwd(problem: validate.Problem, q, k, v,
-               modifiers: validate.Modifiers = validate.NO_MODIFIERS):
-    """(o, m, l) on backend arrays of the problem's device. Score modifiers run on the CPU
-    only so far (``validate.check_modifiers`` refuses them on CUDA)."""
+               modifiers: validate.Modifiers = validate.NO_MODIFIERS, extra: dict | None = None):
+    """(o, m, l) on backend arrays of the problem's device. Score modifiers and ``extra``
+    (dropout, block mask: ``dropout_sparse_checks.check``) run on the CPU only so far (their
+    checks refuse them on CUDA)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
-                                 softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers))
+                                 softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers),
+                                 **(extra or {}))
     assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
+    assert not extra, "dropout_sparse_checks refuses dropout and block masks on CUDA"
     from .launch import flash_forward_gpu
 
     return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
@@ -49,7 +52,7 @@ def _flash_fwd(problem: validate.Problem, q, k, v,
 
 def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
                stats_of_these_scores: bool = False,
-               modifiers: validate.Modifiers = validate.NO_MODIFIERS):
+               modifiers: validate.Modifiers = validate.NO_MODIFIERS, extra: dict | None = None):
     """(dq, dk, dv), and dsinks with sinks, on backend arrays of the problem's device.
     ``stats_of_these_scores``: m, l are the forward's own for these q, k (the CPU path may
     then use that the rows of dS sum to zero; see ``cpu._key_center``)."""
@@ -58,8 +61,10 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
 
         return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
                                   softmax_scale=problem.softmax_scale,
-                                  center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers))
+                                  center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers),
+                                  **(extra or {}))
     assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
+    assert not extra, "dropout_sparse_checks refuses dropout and block masks on CUDA"
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
@@ -98,19 +103,25 @@ def _plain(window, softcap, alibi_slopes, sinks) -> bool:
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-              window=None, softcap=None, alibi_slopes=None, sinks=None):
+              window=None, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0,
+              dropout_seed=None, dropout_offset=0, block_mask=None,
+              block_size=block_sparse.BLOCK_SIZE):
     """Exact scaled dot-product attention ``softmax(softmax_scale * q @ k^T) @ v``.
 
     Same arguments as ``attention_forward``; returns only the output ``o``.
     """
     o, _ = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
                              window=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                             sinks=sinks)
+                             sinks=sinks, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                             dropout_offset=dropout_offset, block_mask=block_mask,
+                             block_size=block_size)
     return o
 
 
 def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-                      window=None, softcap=None, alibi_slopes=None, sinks=None):
+                      window=None, softcap=None, alibi_slopes=None, sinks=None, dropout_p=0.0,
+                      dropout_seed=None, dropout_offset=0, block_mask=None,
+                      block_size=block_sparse.BLOCK_SIZE):
     """Attention forward pass, returning the output and the softmax statistics.
 
     Args:
@@ -132,6 +143,21 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
             normalizer but has no value vector. Default None.
         The four modifiers (docs/masks.md) run on CPU arrays only so far: on CUDA arrays
         they raise ``ValueError`` before anything is allocated.
+        dropout_p: a real in [0, 1) (docs/dropout.md): each probability P[b, h, i, j] is
+            kept with probability 1 - dropout_p and then scaled by 1 / (1 - dropout_p), or
+            set to 0; stats m, l stay those of the undropped softmax. Default 0 (off).
+        dropout_seed: int in [0, 2^64), required when dropout_p > 0; dropout_offset: int in
+            [0, 2^32), default 0. The kept-mask is a pure function of (seed, offset, b, h, i,
+            j) (Philox4x32-10, ``cuflash.dropout_mask`` materialises it); pass the same
+            values to ``attention_backward``, and a new offset (or seed) for a new mask.
+        block_mask: bool (batch or 1, heads or 1, ceil(seqlen_q / block_size[0]),
+            ceil(seqlen_k / block_size[1])) array of q's framework and device
+            (docs/block_sparse.md); query i sees key j only where
+            block_mask[b, h, i // block_m, j // block_n] is True, on top of causal and window.
+            Default None. block_size: (block_m, block_n), default (128, 128).
+        Dropout and block_mask run on CPU arrays only so far (ValueError on CUDA arrays).
+        v (and o) may have their own head_dim_v, and head_dim may be any of 1 to 256, on CPU
+        arrays; CUDA arrays need head_dim_v == head_dim, a multiple of 8.
 
     PyTorch tensors that require grad (with grad mode on) are refused: this function records
     no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /
@@ -143,8 +169,10 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         (with sinks, the sink is one more logit in each row's m and l).
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
+    plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
     plain = _plain(window, softcap, alibi_slopes, sinks)
-    fast = _fast_backend((q, k, v), causal, softmax_scale) if plain else None
+    fast = (_fast_backend((q, k, v), causal, softmax_scale) if plain and plain_extra
+            else None)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
         scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
@@ -154,8 +182,11 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
         iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    extra = dropout_sparse_checks.check(
+        iq, problem, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset, block_mask=block_mask, block_size=block_size)
     with caller_stream(iq):  # export inside: the DLPack handshake names this stream
-        o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array, modifiers)
+        o, m, l = _flash_fwd(problem, iq.array, ik.array, iv.array, modifiers, extra)
         stats = SoftmaxStats(export_array(m, like=iq), export_array(l, like=iq),
                              causal=problem.causal, softmax_scale=problem.softmax_scale,
                              shape_q=validate.shape_q(problem),
@@ -166,7 +197,9 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
 
 def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = False,
                        softmax_scale: float | None = None, deterministic: bool = False,
-                       window=None, softcap=None, alibi_slopes=None, sinks=None):
+                       window=None, softcap=None, alibi_slopes=None, sinks=None,
+                       dropout_p=0.0, dropout_seed=None, dropout_offset=0, block_mask=None,
+                       block_size=block_sparse.BLOCK_SIZE):
     """Gradients of attention from the forward's output and softmax statistics.
 
     Recomputes the attention probabilities block by block from q, k and ``stats`` (m, l);
@@ -180,8 +213,10 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
             forward's causal, softmax_scale, shapes and score modifiers; a backward call
             that differs raises ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not
             checked).
-        causal, softmax_scale, window, softcap, alibi_slopes, sinks: the values the
-            forward pass used.
+        causal, softmax_scale, window, softcap, alibi_slopes, sinks, dropout_p,
+            dropout_seed, dropout_offset, block_mask, block_size: the values the forward
+            pass used (dropout's mask is regenerated from them, never stored; they are not
+            yet recorded in ``stats``, so other values are not caught).
         deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
             are bitwise identical run to run (somewhat slower). The CPU path always is.
 
@@ -193,9 +228,10 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
         raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
                         f"got {type(stats).__name__}")
     deterministic = validate.check_bool(deterministic, "deterministic")
+    plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
     plain = _plain(window, softcap, alibi_slopes, sinks)
-    fast = (_fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale) if plain
-            else None)
+    fast = (_fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
+            if plain and plain_extra else None)
     if fast is not None:
         validate.check_stats_origin(stats, causal, validate.check_scale(softmax_scale,
                                                                         q.shape[-1]),
@@ -212,9 +248,12 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
                                 validate.shape_q(problem), validate.shape_kv(problem),
                                 modifiers)
+    extra = dropout_sparse_checks.check(
+        iq, problem, dropout_p=dropout_p, dropout_seed=dropout_seed,
+        dropout_offset=dropout_offset, block_mask=block_mask, block_size=block_size)
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
-                           im.array, il.array, deterministic, stats.recorded, modifiers)
+                           im.array, il.array, deterministic, stats.recorded, modifiers, extra)
         return tuple(export_array(g, like=iq) for g in grads)
 
 

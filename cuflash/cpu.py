@@ -55,6 +55,12 @@ m, l include it and the backward's lse2 already normalizes over it. The backward
 ``ds *= 1 - t^2`` for softcap and dsinks = -sum_rows P_sink * delta from the preprocess's
 lse2 and delta.
 
+Issue #15 (docs/block_sparse.md, docs/dropout.md): a block mask joins ``_Tiling`` (tiles
+that every (batch, head) has masked are skipped by both loops, the rest get the expanded mask
+as -inf with causal / window); dropout multiplies the tile's p by Z / (1 - p) after l_i
+has summed it (forward), and scales dP and the P of dV (backward), Z regenerated per tile by
+``_Dropout`` from cuflash.philox. v and o may have their own head_dim_v.
+
 Grouped-query attention never expands K or V. Q (batch, seqlen_q, heads, head_dim) is viewed
 as (batch, seqlen_q, heads_kv, group, head_dim) and copied once to float32 "rows" (batch,
 heads_kv, seqlen_q * group, head_dim), row ``r = i * group + g`` (query i, head g of the
@@ -75,6 +81,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import block_sparse, philox
 from .constants import LOG2E  # scores are kept in log2 units, as in the kernels
 
 LN2 = 0.6931471805599453  # ln(2): converts the log2-unit row max back to natural log
@@ -111,15 +118,17 @@ class _Tiling:
     block_n: int
     left: int = -1
     right: int = -1
+    blocks: block_sparse.TileMask | None = None  # the block-sparse mask (issue #15)
 
     @classmethod
     def of(cls, seqlen_q: int, seqlen_k: int, group: int, *, causal: bool,
-           window: tuple[int, int] | None, block_m: int, block_n: int) -> "_Tiling":
+           window: tuple[int, int] | None, block_m: int, block_n: int,
+           blocks: block_sparse.TileMask | None = None) -> "_Tiling":
         """causal and a window (left, right) intersect: causal caps right at 0."""
         left, right = (-1, -1) if window is None else window
         if causal:
             right = 0 if right < 0 else min(right, 0)
-        return cls(seqlen_q, seqlen_k, group, block_m, block_n, left, right)
+        return cls(seqlen_q, seqlen_k, group, block_m, block_n, left, right, blocks)
 
     @property
     def offset(self) -> int:
@@ -164,6 +173,45 @@ class _Tiling:
         i = i0 + np.arange(x.shape[-2])[:, None] // self.group
         j = j0 + np.arange(x.shape[-1])[None, :]
         np.copyto(x, _F32(fill), where=~self.visible(i, j))
+
+    def skips(self, i0: int, i1: int, j0: int, j1: int) -> bool:
+        """The block mask hides the whole tile from every (batch, head): never visit it."""
+        return self.blocks is not None and self.blocks.skips(i0, i1, j0, j1)
+
+    def mask_tile(self, s: np.ndarray, i0: int, i1: int, j0: int, j1: int) -> None:
+        """s = -inf where hidden: the causal / window policy, then the block mask."""
+        if self.needs_mask(i0, i1, j0, j1):
+            self.mask(s, i0, j0, -np.inf)
+        hidden = None if self.blocks is None else self.blocks.rows_mask(i0, i1, j0, j1)
+        if hidden is not None:
+            np.copyto(s, _F32(-np.inf), where=~hidden)
+
+
+@dataclass(frozen=True)
+class _Dropout:
+    """Dropout on P (docs/dropout.md): the kept-mask of a tile from cuflash.philox, in the
+    row order of ``_to_rows``, times 1 / (1 - p). Regenerated, never stored."""
+
+    p: float
+    seed: int
+    offset: int
+    batch: int
+    heads: int
+    heads_kv: int
+
+    @classmethod
+    def of(cls, dropout_p, seed, offset, batch, heads, heads_kv) -> "_Dropout | None":
+        p = philox.check_dropout(dropout_p, seed, offset)
+        return cls(p, seed, offset, batch, heads, heads_kv) if p > 0 else None
+
+    def factor(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        """float32 (b, heads_kv, (i1 - i0) * group, j1 - j0): kept / (1 - p), else 0."""
+        keep = philox.keep_mask_tile(self.batch, self.heads, range(i0, i1), range(j0, j1),
+                                     dropout_p=self.p, seed=self.seed, offset=self.offset)
+        group = self.heads // self.heads_kv
+        keep = keep.reshape(self.batch, self.heads_kv, group, i1 - i0, j1 - j0)
+        keep = keep.transpose(0, 1, 3, 2, 4).reshape(self.batch, self.heads_kv, -1, j1 - j0)
+        return keep * _F32(1.0 / (1.0 - self.p))
 
 
 @dataclass(slots=True)
@@ -230,8 +278,9 @@ def _check_qkv(q, k, v, block_m: int, block_n: int) -> tuple[int, ...]:
     if q.dtype not in _supported_dtypes():
         raise TypeError(f"unsupported dtype {q.dtype}: use float16, bfloat16 or float32")
     batch, seqlen_q, heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if k.shape[:3] != v.shape[:3]:  # v may have its own head_dim_v
+        raise ValueError(f"k and v must have the same shape but for v's head_dim_v, got "
+                         f"{k.shape} and {v.shape}")
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k {k.shape} does not match q {q.shape} in batch or head_dim")
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -253,6 +302,18 @@ def _check_modifiers(window, softcap, alibi_slopes, sinks, batch: int, heads: in
                          f"got {alibi_slopes.shape}")
     if sinks is not None and sinks.shape != (heads,):
         raise ValueError(f"sinks must be ({heads},), got {sinks.shape}")
+
+
+def _tile_mask(block_mask, block_size, q_shape, k_shape) -> block_sparse.TileMask | None:
+    """The block mask, checked against q (b, sq, heads, d) and k (b, sk, heads_kv, d)."""
+    if block_mask is None:
+        return None
+    batch, seqlen_q, heads, _ = q_shape
+    mask = block_sparse.check_block_mask(block_mask, block_size, batch, heads, seqlen_q,
+                                         k_shape[1])
+    heads_kv = k_shape[2]
+    return block_sparse.TileMask(mask, block_sparse.check_block_size(block_size), heads_kv,
+                                 heads // heads_kv if heads_kv else 1)
 
 
 def _log2_units(x: np.ndarray) -> np.ndarray:
@@ -315,6 +376,11 @@ def flash_forward_cpu(
     softcap: float | None = None,
     alibi_slopes: np.ndarray | None = None,
     sinks: np.ndarray | None = None,
+    block_mask: np.ndarray | None = None,
+    block_size: tuple[int, int] = block_sparse.BLOCK_SIZE,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int = 0,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -335,22 +401,31 @@ def flash_forward_cpu(
     float32 (heads,) or (batch, heads); ``sinks`` float32 (heads,), a logit per head that
     joins each row's m and l but has no value: m = max(row max, sink), l counts
     exp(sink - m) too, so a row that sees no key gets o = 0, m = sink, l = 1.
+
+    Issue #15: v (and o) may have their own head_dim_v; any head_dim >= 1. ``block_mask``
+    (docs/block_sparse.md): bool (batch|1, heads|1, ceil(seqlen_q / block_size[0]),
+    ceil(seqlen_k / block_size[1])); its False blocks are hidden too and tiles they cover
+    for every (batch, head) are never visited. ``dropout_p`` in [0, 1) with ``dropout_seed``
+    and ``dropout_offset`` (docs/dropout.md): P is multiplied by the kept-mask of
+    ``cuflash.philox`` and 1 / (1 - dropout_p) before P V; m and l stay undropped.
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
     _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
-    o = np.zeros(q.shape, dtype=q.dtype)
+    blocks = _tile_mask(block_mask, block_size, q.shape, k.shape)
+    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv)
+    o = np.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
     m = np.full((batch, heads, seqlen_q), -np.inf, dtype=_F32)
     l = np.zeros((batch, heads, seqlen_q), dtype=_F32)
     if m.size == 0 or seqlen_k == 0 and sinks is None:
         return o, m, l  # no row sees a key
     tiling = _Tiling.of(seqlen_q, seqlen_k, heads // heads_kv, causal=causal, window=window,
-                        block_m=block_m, block_n=block_n)
+                        block_m=block_m, block_n=block_n, blocks=blocks)
     scores = _Scores(softmax_scale, tiling.offset, softcap or None,
                      _head_rows(alibi_slopes, heads_kv))
     sink2 = _head_rows(sinks, heads_kv)  # (1, heads_kv, group), log2 units
     q_rows = _to_rows(q, heads_kv)  # (b, heads_kv, seqlen_q * group, d)
     k_rows, v_rows = _to_rows(k, heads_kv), _to_rows(v, heads_kv)  # (b, heads_kv, seqlen_k, d)
-    o_rows = np.empty(q_rows.shape, dtype=_F32)
+    o_rows = np.empty(q_rows.shape[:3] + v_rows.shape[3:], dtype=_F32)
     m_rows = np.empty(q_rows.shape[:3], dtype=_F32)
     l_rows = np.empty(q_rows.shape[:3], dtype=_F32)
 
@@ -358,7 +433,7 @@ def flash_forward_cpu(
         i1 = min(i0 + block_m, seqlen_q)
         rows = slice(i0 * tiling.group, i1 * tiling.group)
         q_t = q_rows[:, :, rows]
-        m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling)
+        m_i, l_i, acc = _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling, dropout)
         if sink2 is not None:  # -- the sink joins m_i and l_i after the last K/V block
             m_i, l_i = _fold_sink(m_i, l_i, acc, np.tile(sink2, i1 - i0))
         # -- epilogue: O = acc / l_i, m back to natural log; unseen rows: O = 0, m = -inf
@@ -378,25 +453,29 @@ def flash_forward_cpu(
     return o, m, l
 
 
-def _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling):
+def _forward_tile(q_t, k_rows, v_rows, i0, i1, scores, tiling, dropout=None):
     """The K/V loop of query tile [i0, i1). Returns (m_i in log2 units, l_i, acc)."""
     m_i = np.full(q_t.shape[:3], -np.inf, dtype=_F32)
     l_i = np.zeros(q_t.shape[:3], dtype=_F32)
-    acc = np.zeros(q_t.shape, dtype=_F32)  # invariant: acc = sum_j exp2(s_j - m_i) V_j
+    # invariant: acc = sum_j exp2(s_j - m_i) Z_j / (1 - p) V_j (Z_j = 1 without dropout)
+    acc = np.zeros(q_t.shape[:3] + v_rows.shape[3:], dtype=_F32)
     for j0 in tiling.key_blocks(i0, i1):
         j1 = min(j0 + tiling.block_n, tiling.seqlen_k)
+        if tiling.skips(i0, i1, j0, j1):  # block-sparse: the tile is never loaded
+            continue
         # -- s = Q K^T in log2 units (scale, softcap, ALiBi); hidden keys -> -inf
         s = np.matmul(q_t, k_rows[:, :, j0:j1].swapaxes(-1, -2))
         scores.apply(s, i0, j0)
-        if tiling.needs_mask(i0, i1, j0, j1):
-            tiling.mask(s, i0, j0, -np.inf)
+        tiling.mask_tile(s, i0, i1, j0, j1)
         # -- online softmax: new row max, then rescale l_i and acc by exp2(m_old - m_new)
         m_new = np.fmax(m_i, np.fmax.reduce(s, axis=-1))  # NaN-ignoring, as fmaxf
         m_safe = np.where(m_new == -np.inf, _F32(0), m_new)  # row saw no key yet: no NaN
         alpha = np.exp2(m_i - m_safe)
         s -= m_safe[..., None]
         p = np.exp2(s, out=s)
-        l_i = alpha * l_i + p.sum(axis=-1)
+        l_i = alpha * l_i + p.sum(axis=-1)  # the undropped softmax's l
+        if dropout is not None:  # -- dropout acts on P V only
+            p *= dropout.factor(i0, i1, j0, j1)
         acc *= alpha[..., None]
         acc += np.matmul(p, v_rows[:, :, j0:j1])
         m_i = m_new
@@ -446,6 +525,11 @@ def flash_backward_cpu(
     softcap: float | None = None,
     alibi_slopes: np.ndarray | None = None,
     sinks: np.ndarray | None = None,
+    block_mask: np.ndarray | None = None,
+    block_size: tuple[int, int] = block_sparse.BLOCK_SIZE,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+    dropout_offset: int = 0,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
     center_keys: bool = False,
@@ -463,13 +547,20 @@ def flash_backward_cpu(
     ones). softcap multiplies dS by 1 - tanh(x / softcap)^2. With ``sinks`` the result has a
     fourth entry, float32 dsinks (heads,): -sum over batch and rows of P_sink * delta.
     Keys are centred only without softcap and sinks (the rows of dS then sum to 0).
+    block_mask, block_size, dropout_p, dropout_seed, dropout_offset: as in the forward
+    (the same values); dropout regenerates the forward's mask: dV = (P Z / (1 - p))^T dO,
+    dP = (dO V^T) Z / (1 - p), dS = P (dP - delta).
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
-    if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {do.shape} and o {o.shape} must have the shape of q {q.shape}")
+    o_shape = q.shape[:3] + v.shape[3:]
+    if do.shape != o_shape or o.shape != o_shape:
+        raise ValueError(f"do {do.shape} and o {o.shape} must have the shape {o_shape} "
+                         f"(q's with v's head_dim)")
     if m.shape != (batch, heads, seqlen_q) or l.shape != m.shape:
         raise ValueError(f"m {m.shape}, l {l.shape} must be (batch, heads, seqlen_q)")
     _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
+    blocks = _tile_mask(block_mask, block_size, q.shape, k.shape)
+    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv)
     dq = np.zeros(q.shape, dtype=q.dtype)
     dk = np.zeros(k.shape, dtype=k.dtype)
     dv = np.zeros(v.shape, dtype=v.dtype)
@@ -477,7 +568,7 @@ def flash_backward_cpu(
     if batch * heads * seqlen_q == 0 or seqlen_k == 0 and sinks is None:
         return dq, dk, dv, *dsinks
     tiling = _Tiling.of(seqlen_q, seqlen_k, heads // heads_kv, causal=causal, window=window,
-                        block_m=block_m, block_n=block_n)
+                        block_m=block_m, block_n=block_n, blocks=blocks)
     scores = _Scores(softmax_scale, tiling.offset, softcap or None,
                      _head_rows(alibi_slopes, heads_kv))
 
@@ -507,7 +598,7 @@ def flash_backward_cpu(
     for j0 in range(0, seqlen_k, block_n):  # one iteration = one kernel block per (b, h_kv)
         j1 = min(j0 + block_n, seqlen_k)
         dk_j, dv_j = _backward_block(rows, k_rows[:, :, j0:j1], v_rows[:, :, j0:j1], j0, j1,
-                                     scores, tiling, k_center)
+                                     scores, tiling, k_center, dropout)
         dk_rows[:, :, j0:j1] = dk_j * _F32(softmax_scale)
         dv_rows[:, :, j0:j1] = dv_j
 
@@ -544,7 +635,7 @@ def _key_center(k_rows: np.ndarray) -> np.ndarray:
     return (np.where(finite, k_rows, 0).sum(axis=2, keepdims=True) / count).astype(_F32)
 
 
-def _backward_block(rows, k_j, v_j, j0, j1, scores, tiling, k_center):
+def _backward_block(rows, k_j, v_j, j0, j1, scores, tiling, k_center, dropout=None):
     """The query loop of key block [j0, j1): returns (dK_j / softmax_scale, dV_j).
 
     Summing over rows sums over the query heads of each group, which is the GQA reduction.
@@ -553,18 +644,23 @@ def _backward_block(rows, k_j, v_j, j0, j1, scores, tiling, k_center):
     dv_j = np.zeros(v_j.shape, dtype=_F32)
     for i0 in tiling.query_tiles(j0, j1):
         i1 = min(i0 + tiling.block_m, tiling.seqlen_q)
+        if tiling.skips(i0, i1, j0, j1):  # block-sparse: the tile is never loaded
+            continue
         r = slice(i0 * tiling.group, i1 * tiling.group)
         q_t, do_t = rows.q[:, :, r], rows.do[:, :, r]
         # -- P = exp2(scores(s) - lse2): 0 on hidden keys and on rows with l == 0
         s = np.matmul(q_t, k_j.swapaxes(-1, -2))
         t = scores.apply(s, i0, j0)
-        if tiling.needs_mask(i0, i1, j0, j1):
-            tiling.mask(s, i0, j0, -np.inf)
+        tiling.mask_tile(s, i0, i1, j0, j1)
         s -= rows.lse2[:, :, r, None]
         p = np.exp2(s, out=s)
-        # -- dV_j += P^T dO;  dS = P * (dP - delta) with dP = dO V^T
-        dv_j += np.matmul(p.swapaxes(-1, -2), do_t)
+        # -- dropout: the forward's mask regenerated; Z / (1 - p) scales P V and so dP
+        z = None if dropout is None else dropout.factor(i0, i1, j0, j1)
+        # -- dV_j += (P Z)^T dO;  dS = P * (dP - delta) with dP = (dO V^T) Z
+        dv_j += np.matmul((p if z is None else p * z).swapaxes(-1, -2), do_t)
         ds = np.matmul(do_t, v_j.swapaxes(-1, -2))
+        if z is not None:
+            ds *= z
         ds -= rows.delta[:, :, r, None]
         ds *= p
         if t is not None:  # softcap: d(score)/dx = 1 - tanh(x / softcap)^2

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import block_sparse, philox
 from .constants import default_softmax_scale
 
 _F32 = np.float32
@@ -141,12 +142,52 @@ class _Modifiers:
     softcap: float | None = None
     alibi_slopes: np.ndarray | None = None  # (heads,) or (batch, heads)
     sinks: np.ndarray | None = None  # (heads,)
+    # issue #15 (docs/block_sparse.md, docs/dropout.md)
+    block_mask: np.ndarray | None = None  # bool (batch|1, heads|1, n_q_blocks, n_k_blocks)
+    block_size: tuple[int, int] = block_sparse.BLOCK_SIZE
+    dropout_p: float = 0.0
+    dropout_mask: np.ndarray | None = None  # bool (batch, heads, seqlen_q, seqlen_k): kept
+    dropout_seed: int | None = None
+    dropout_offset: int = 0
 
 
-def _modifiers(window, softcap, alibi_slopes, sinks) -> _Modifiers:
+def _modifiers(window, softcap, alibi_slopes, sinks, **issue15) -> _Modifiers:
+    """``issue15``: block_mask, block_size, dropout_p, dropout_mask, dropout_seed,
+    dropout_offset (the arguments of the same names of the public functions)."""
     return _Modifiers(window=None if window is None else tuple(window),
                       softcap=float(softcap) if softcap else None,
-                      alibi_slopes=alibi_slopes, sinks=sinks)
+                      alibi_slopes=alibi_slopes, sinks=sinks, **issue15)
+
+
+def _issue15(block_mask, block_size, dropout_p, dropout_mask, dropout_seed, dropout_offset):
+    return dict(block_mask=block_mask, block_size=tuple(block_size), dropout_p=float(dropout_p),
+                dropout_mask=dropout_mask, dropout_seed=dropout_seed,
+                dropout_offset=dropout_offset)
+
+
+def _visible_all(q, k, causal, mods: _Modifiers) -> np.ndarray:
+    """bool (batch|1, heads|1, seqlen_q, seqlen_k): causal, window and the block mask."""
+    sq, sk = q.shape[1], k.shape[1]
+    visible = _visible(sq, sk, causal, mods.window)
+    if mods.block_mask is None:
+        return visible
+    mask = block_sparse.check_block_mask(mods.block_mask, mods.block_size, q.shape[0],
+                                         q.shape[2], sq, sk)
+    return visible & block_sparse.expand(mask, mods.block_size, range(sq), range(sk))
+
+
+def _dropout_factor(q, k, mods: _Modifiers, dtype):
+    """None without dropout, else (batch, heads, seqlen_q, seqlen_k) kept / (1 - dropout_p)
+    in dtype: P times it is the dropped P. The mask is ``mods.dropout_mask`` if given, else
+    the one ``philox.dropout_mask`` makes from the seed and offset."""
+    if mods.dropout_p == 0 and mods.dropout_mask is None:
+        return None
+    keep = mods.dropout_mask
+    if keep is None:
+        keep = philox.dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1],
+                                   dropout_p=mods.dropout_p, seed=mods.dropout_seed,
+                                   offset=mods.dropout_offset)
+    return np.asarray(keep, dtype=bool).astype(dtype) * dtype(1.0 / (1.0 - mods.dropout_p))
 
 
 def _scores(x, mods: _Modifiers, rnd=None):
@@ -176,13 +217,15 @@ def _reference_probs(q, k, causal, softmax_scale, mods: _Modifiers):
     scale = _resolve_scale(softmax_scale, q.shape[3])
     q_h, k_h = _heads_first(q, 1, _F64), _heads_first(k, group, _F64)
     s, t = _scores(np.matmul(q_h, k_h.swapaxes(-1, -2)) * scale, mods)
-    visible = _visible(q.shape[1], k.shape[1], causal, mods.window)
+    visible = _visible_all(q, k, causal, mods)
     p, m, l, p_sink = _softmax_rows(s, visible, mods.sinks)
     return q_h, k_h, p, m, l, p_sink, t, scale, group
 
 
 def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window=None,
-                        softcap=None, alibi_slopes=None, sinks=None):
+                        softcap=None, alibi_slopes=None, sinks=None, block_mask=None,
+                        block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0, dropout_seed=None,
+                        dropout_offset=0, dropout_mask=None):
     """Float64 attention with a materialized softmax. Returns (o, m, l).
 
     o: float64 (batch, seqlen_q, heads, head_dim). m, l: float64 (batch, heads, seqlen_q),
@@ -193,16 +236,30 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window=Non
     with x_ij = softmax_scale * q_i . k_j (each term only when given); window (left, right)
     keeps keys i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (-1:
     unbounded), intersected with causal. softmax_scale None means 1 / sqrt(head_dim).
-    softcap None or 0 is off. GQA repeats each kv head for its group.
+    softcap None or 0 is off. GQA repeats each kv head for its group. v (and o) may have
+    their own head_dim_v.
+
+    Issue #15: ``block_mask`` (docs/block_sparse.md), bool (batch|1, heads|1,
+    ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)) at ``block_size`` (block_m, block_n),
+    hides the keys of its False blocks too. Dropout (docs/dropout.md): with ``dropout_p`` > 0
+    o = sum_j P_ij Z_ij / (1 - dropout_p) v_j, Z the kept-mask ``dropout_mask`` (bool (batch,
+    heads, seqlen_q, seqlen_k)) or, without it, ``philox.dropout_mask`` of (dropout_seed,
+    dropout_offset); m and l stay those of the undropped softmax.
     """
-    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks, **_issue15(
+        block_mask, block_size, dropout_p, dropout_mask, dropout_seed, dropout_offset))
     _, _, p, m, l, _, _, _, group = _reference_probs(q, k, causal, softmax_scale, mods)
+    z = _dropout_factor(q, k, mods, _F64)
+    p = p if z is None else p * z
     o = np.matmul(p, _heads_first(v, group, _F64)).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(o), m, l
 
 
 def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=None, o=None,
-                                 window=None, softcap=None, alibi_slopes=None, sinks=None):
+                                 window=None, softcap=None, alibi_slopes=None, sinks=None,
+                                 block_mask=None, block_size=block_sparse.BLOCK_SIZE,
+                                 dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                                 dropout_mask=None):
     """Analytic float64 gradients of sum(do * o). Returns (dq, dk, dv), and dsinks (heads,)
     after them when ``sinks`` is given; all float64.
 
@@ -215,12 +272,19 @@ def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=Non
     dK, dV are summed over each GQA group. Modifiers as in ``attention_reference``:
     softcap multiplies dS by 1 - tanh(x / softcap)^2; the sink, a logit without a value
     (dP_sink = 0), gets dsinks_h = sum_{b,i} P_i,sink (0 - delta_i).
+    block_mask and dropout as in ``attention_reference``: with the dropout factor
+    Z / (1 - p), dV = (P Z / (1 - p))^T dO and dP = (dO V^T) Z / (1 - p); dS = P (dP - delta)
+    as before, with P the undropped probabilities.
     """
-    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks, **_issue15(
+        block_mask, block_size, dropout_p, dropout_mask, dropout_seed, dropout_offset))
     q_h, k_h, p, _, _, p_sink, t, scale, group = _reference_probs(q, k, causal,
                                                                   softmax_scale, mods)
     v_h, do_h = _heads_first(v, group, _F64), _heads_first(do, 1, _F64)
     dp = np.matmul(do_h, v_h.swapaxes(-1, -2))
+    z = _dropout_factor(q, k, mods, _F64)
+    p_v = p if z is None else p * z  # what multiplied V in the forward
+    dp = dp if z is None else dp * z
     if o is None:
         delta = (p * dp).sum(axis=-1, keepdims=True)
     else:
@@ -230,7 +294,7 @@ def attention_backward_reference(do, q, k, v, *, causal=False, softmax_scale=Non
         ds = ds * (1 - t * t)
     dq = np.matmul(ds, k_h) * scale
     dk = np.matmul(ds.swapaxes(-1, -2), q_h) * scale
-    dv = np.matmul(p.swapaxes(-1, -2), do_h)
+    dv = np.matmul(p_v.swapaxes(-1, -2), do_h)
     dq = np.ascontiguousarray(dq.transpose(0, 2, 1, 3))
     grads = (dq, _sum_group(dk, group), _sum_group(dv, group))
     if p_sink is None:
@@ -264,23 +328,29 @@ def _naive_probs(q, k, causal, softmax_scale, rnd, mods: _Modifiers):
     q_h, k_h = rnd(_heads_first(q, 1, _F32)), rnd(_heads_first(k, group, _F32))
     s = rnd(rnd(np.matmul(q_h, k_h.swapaxes(-1, -2))) * _F32(scale))
     s, t = _scores(s, mods, rnd)
-    visible = _visible(q.shape[1], k.shape[1], causal, mods.window)
+    visible = _visible_all(q, k, causal, mods)
     p, m, l, p_sink = _softmax_rows(s, visible, mods.sinks)
     p_sink = None if p_sink is None else rnd(p_sink)
     return q_h, k_h, rnd(p), m, l, p_sink, t, _F32(scale), group
 
 
 def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_stats=False,
-                    window=None, softcap=None, alibi_slopes=None, sinks=None):
+                    window=None, softcap=None, alibi_slopes=None, sinks=None, block_mask=None,
+                    block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0, dropout_seed=None,
+                    dropout_offset=0, dropout_mask=None):
     """Plain attention with inputs and every intermediate rounded to dtype.
 
     Returns o in dtype (batch, seqlen_q, heads, head_dim); with return_stats also the
     float32 (m, l) a float32 softmax over the rounded scores produces. Modifiers as in
-    ``attention_reference``.
+    ``attention_reference`` (dropout: the rounded P times the mask and 1 / (1 - p), rounded,
+    as a framework's dropout layer).
     """
     rnd = _rounder(dtype)
-    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks, **_issue15(
+        block_mask, block_size, dropout_p, dropout_mask, dropout_seed, dropout_offset))
     _, _, p, m, l, _, _, _, group = _naive_probs(q, k, causal, softmax_scale, rnd, mods)
+    z = _dropout_factor(q, k, mods, _F32)
+    p = p if z is None else rnd(p * z)
     o = rnd(np.matmul(p, rnd(_heads_first(v, group, _F32)))).transpose(0, 2, 1, 3)
     o = np.ascontiguousarray(o).astype(dtype)
     if return_stats:
@@ -289,7 +359,10 @@ def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_
 
 
 def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, dtype,
-                             window=None, softcap=None, alibi_slopes=None, sinks=None):
+                             window=None, softcap=None, alibi_slopes=None, sinks=None,
+                             block_mask=None, block_size=block_sparse.BLOCK_SIZE,
+                             dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+                             dropout_mask=None):
     """Gradients of sum(do * o) as autograd in dtype computes them. Returns (dq, dk, dv),
     and float32 dsinks (heads,) after them when ``sinks`` is given.
 
@@ -297,15 +370,19 @@ def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, d
     in float32 on the rounded P and dP and rounds dS (and its softcap factor); repeated kv
     heads' gradients are rounded per head and then summed (in float32, rounded once) like a
     framework's expand. The sink's dS is rounded per row and summed in float32 (the float32
-    parameter's gradient).
+    parameter's gradient). Dropout: dV from the rounded dropped P, dP times the mask and
+    1 / (1 - p), rounded.
     """
     rnd = _rounder(dtype)
-    mods = _modifiers(window, softcap, alibi_slopes, sinks)
+    mods = _modifiers(window, softcap, alibi_slopes, sinks, **_issue15(
+        block_mask, block_size, dropout_p, dropout_mask, dropout_seed, dropout_offset))
     q_h, k_h, p, _, _, p_sink, t, scale, group = _naive_probs(q, k, causal, softmax_scale,
                                                               rnd, mods)
     v_h, do_h = rnd(_heads_first(v, group, _F32)), rnd(_heads_first(do, 1, _F32))
-    dv = rnd(np.matmul(p.swapaxes(-1, -2), do_h))
+    z = _dropout_factor(q, k, mods, _F32)
+    dv = rnd(np.matmul((p if z is None else rnd(p * z)).swapaxes(-1, -2), do_h))
     dp = rnd(np.matmul(do_h, v_h.swapaxes(-1, -2)))
+    dp = dp if z is None else rnd(dp * z)
     delta = (p * dp).sum(axis=-1, keepdims=True)
     ds = rnd(p * (dp - delta))
     if t is not None:

@@ -19,6 +19,11 @@ float32 (heads,), arrays of q's framework and device with finite values. On CUDA
 raises ``ValueError`` (not yet in the kernels) after the checks of window and softcap,
 before the per-head arrays are imported or read. ``window=(-1, -1)`` and ``softcap=0`` mean off.
 
+Issue #15: CPU arrays take any head_dim from 1 to 256 and a head_dim_v of v (and o, do)
+that differs from q's; CUDA arrays need head_dim in ``SUPPORTED_HEAD_DIMS`` and head_dim_v ==
+head_dim (ValueError naming q or v otherwise). Dropout and block masks are checked by
+``cuflash.dropout_sparse_checks``.
+
 Every message starts with the argument's name, then what was expected and what came, e.g.
 ``stats.m: expected float32 (2, 8, 128), got float16 (2, 8, 128)``.
 
@@ -54,7 +59,10 @@ from .constants import DTYPES, LOG2E, ROW_ALIGNMENT, default_softmax_scale
 from .interop import Device, Imported, element_strides, import_array
 
 SUPPORTED_DTYPES: tuple[str, ...] = DTYPES
-SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))  # the CUDA kernels'
+# The CPU path (and the reference) take any head_dim, and a head_dim_v of v (and o) that
+# differs from q and k's (issue #15); the CUDA kernels need SUPPORTED_HEAD_DIMS, v like k.
+CPU_HEAD_DIMS = range(1, 257)
 # CUDA limits: heads is a grid axis (gridDim.y <= 65535); lengths are int32 kernel arguments
 # whose tile arithmetic (a row plus a tile, a query row plus the causal offset seqlen_k -
 # seqlen_q) must not overflow, hence 2^30 rather than 2^31.
@@ -121,8 +129,9 @@ def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -
     do, q, k, v, o = (_imported(x, n) for x, n in zip((do, q, k, v, o), "do q k v o".split()))
     m, l = _imported(stats_m, "stats.m"), _imported(stats_l, "stats.l")
     problem = check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    o_shape = _shape(q)[:3] + _shape(v)[3:]  # (batch, seqlen_q, heads, head_dim_v)
     for x, name in ((do, "do"), (o, "o")):
-        _check_like_q(x, name, q, problem.dtype)
+        _check_like_q(x, name, q, problem.dtype, o_shape)
     stats_shape = (problem.batch, problem.heads, problem.seqlen_q)
     for x, name in ((m, "stats.m"), (l, "stats.l")):
         _check_stats(x, name, q, stats_shape)
@@ -324,7 +333,7 @@ def check_scale(softmax_scale: Any, head_dim: int) -> float:
     a real (not bool), finite, positive number in float32's range. For a head_dim outside the
     supported set the default is a placeholder 1.0: the shape checks reject that head_dim."""
     if softmax_scale is None:
-        return default_softmax_scale(head_dim) if head_dim in SUPPORTED_HEAD_DIMS else 1.0
+        return default_softmax_scale(head_dim) if head_dim in CPU_HEAD_DIMS else 1.0
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
                         f"got {_type_name(softmax_scale)} {softmax_scale!r}")
@@ -387,12 +396,13 @@ def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
         if _shape(x)[0] != batch:
             raise ValueError(f"{name}: expected batch {batch} like q {_shape(q)}, "
                              f"got {_shape(x)[0]} in shape {_shape(x)}")
-        if _shape(x)[3] != head_dim:
-            raise ValueError(f"{name}: expected head_dim {head_dim} like q {_shape(q)}, "
-                             f"got {_shape(x)[3]} in shape {_shape(x)}")
-    if _shape(v) != _shape(k):
-        raise ValueError(f"v: expected shape {_shape(k)} like k (batch, seqlen_k, heads_kv, "
-                         f"head_dim), got {_shape(v)}")
+    if _shape(k)[3] != head_dim:
+        raise ValueError(f"k: expected head_dim {head_dim} like q {_shape(q)}, "
+                         f"got {_shape(k)[3]} in shape {_shape(k)}")
+    if _shape(v)[:3] != _shape(k)[:3]:
+        b, s, h = _shape(k)[:3]
+        raise ValueError(f"v: expected shape ({b}, {s}, {h}, head_dim_v) like k (batch, "
+                         f"seqlen_k, heads_kv), got {_shape(v)}")
     heads_kv = _shape(k)[2]
     if heads_kv == 0 and heads > 0:
         raise ValueError(f"k: expected heads_kv >= 1 dividing q's {heads} heads, got 0 heads "
@@ -400,9 +410,26 @@ def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
     if heads_kv and heads % heads_kv:
         raise ValueError(f"k: expected heads_kv dividing q's {heads} heads (grouped-query "
                          f"attention), got {heads_kv} in shape {_shape(k)}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
-                         f"in shape {_shape(q)}")
+    if q.is_cuda and head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256 on CUDA (CPU "
+                         f"arrays take any from 1 to 256; issue #15), got {head_dim} in "
+                         f"shape {_shape(q)}")
+    if head_dim not in CPU_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim from 1 to 256, got {head_dim} in shape "
+                         f"{_shape(q)}")
+    _check_head_dim_v(q, v)
+
+
+def _check_head_dim_v(q: Imported, v: Imported) -> None:
+    """v's head_dim_v: q's on CUDA (the kernels' single head_dim), 1 to 256 on the CPU."""
+    head_dim, head_dim_v = _shape(q)[3], _shape(v)[3]
+    if q.is_cuda and head_dim_v != head_dim:
+        raise ValueError(f"v: expected head_dim {head_dim} like q on CUDA (head_dim_v != "
+                         f"head_dim is not yet supported by the CUDA kernels (issue #15); CPU "
+                         f"arrays run it), got {head_dim_v} in shape {_shape(v)}")
+    if head_dim_v not in CPU_HEAD_DIMS:
+        raise ValueError(f"v: expected head_dim_v from 1 to 256, got {head_dim_v} in shape "
+                         f"{_shape(v)}")
 
 
 def _check_cuda_limits(batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> None:
@@ -435,12 +462,15 @@ def check_alignment(array: Any, name: str) -> None:
                 f"({stride} bytes on axis {axis})")
 
 
-def _check_like_q(x: Imported, name: str, q: Imported, dtype: str) -> None:
+def _check_like_q(x: Imported, name: str, q: Imported, dtype: str, shape=None) -> None:
+    """dtype and place of q; ``shape`` (default q's): o and do have v's head_dim_v."""
     _check_same_place([(q, "q"), (x, name)])
     if _dtype_name(x) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} like q, got {_dtype_name(x)}")
-    if _shape(x) != _shape(q):
-        raise ValueError(f"{name}: expected shape {_shape(q)} like q, got {_shape(x)}")
+    shape = _shape(q) if shape is None else shape
+    if _shape(x) != shape:
+        like = "like q" if shape == _shape(q) else "(q's with v's head_dim_v)"
+        raise ValueError(f"{name}: expected shape {shape} {like}, got {_shape(x)}")
 
 
 def _check_stats(x: Imported, name: str, q: Imported, shape: tuple) -> None:

@@ -50,7 +50,7 @@ def malformed(draw, with_backward=False, with_deterministic=False):
     if defect == "ndim":
         arrays[name] = draw(st.sampled_from([arrays[name][0], arrays[name][None]]))
     elif defect == "head_dim":
-        d = draw(st.sampled_from([0, 4, 12, 100, 264]))
+        d = draw(st.sampled_from([0, 264, 300]))  # the CPU takes 1..256 (issue #15)
         arrays = {n: _rand(a.shape[:3] + (d,), dtype, rng) for n, a in arrays.items()}
     elif defect == "dtype":
         bad = draw(st.sampled_from(["float64", "int32", "int8"]))

@@ -1,0 +1,59 @@
+"""Validation of the issue #15 arguments of the public API: dropout and the block mask.
+
+``check`` runs after ``validate.check_forward`` / ``check_backward`` (so the shapes are
+known) and before anything is allocated. Scalars first (TypeError / ValueError naming the
+argument), then CUDA's refusal (the kernels have neither yet), then the block mask's array.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import block_sparse, philox
+from .interop import Imported, import_array
+
+
+def is_off(dropout_p: Any, block_mask: Any) -> bool:
+    """Neither dropout nor a block mask was asked for (0 / 0.0 / None); anything else,
+    including a wrongly typed value, goes through ``check``."""
+    no_dropout = dropout_p is None or (type(dropout_p) in (int, float) and dropout_p == 0)
+    return no_dropout and block_mask is None
+
+
+def check(q: Imported, problem: Any, *, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
+          block_mask=None, block_size=block_sparse.BLOCK_SIZE) -> dict:
+    """The keyword arguments of ``cpu.flash_forward_cpu`` / ``flash_backward_cpu`` for these
+    arguments; raises on bad values, and ValueError on CUDA arrays when any is on."""
+    p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, dropout_seed,
+                             dropout_offset)
+    size = block_sparse.check_block_size(block_size)
+    if q.is_cuda:
+        if p > 0:
+            raise ValueError("dropout_p: not yet supported by the CUDA kernels (issue #15); "
+                             f"CPU arrays run it, got {p!r} for a CUDA array")
+        if block_mask is not None:
+            raise ValueError("block_mask: not yet supported by the CUDA kernels (issue #15); "
+                             "CPU arrays run it")
+    kwargs = {}
+    if p > 0:
+        kwargs.update(dropout_p=p, dropout_seed=int(dropout_seed),
+                      dropout_offset=int(dropout_offset or 0))
+    if block_mask is not None:
+        kwargs.update(block_mask=_host_block_mask(block_mask, q, problem, size),
+                      block_size=size)
+    return kwargs
+
+
+def _host_block_mask(block_mask: Any, q: Imported, problem: Any, size) -> np.ndarray:
+    imported = block_mask if isinstance(block_mask, Imported) else import_array(
+        block_mask, "block_mask")
+    if imported.framework is not q.framework:
+        raise TypeError(f"block_mask: expected a {q.framework.value} array like q, got "
+                        f"{imported.framework.value}")
+    if imported.device != q.device:
+        raise ValueError(f"block_mask: expected an array on {q.device[0]}:{q.device[1]} like "
+                         f"q, got {imported.device[0]}:{imported.device[1]}")
+    return block_sparse.check_block_mask(np.asarray(imported.array), size, problem.batch,
+                                         problem.heads, problem.seqlen_q, problem.seqlen_k)

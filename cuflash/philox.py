@@ -1,0 +1,140 @@
+"""Philox4x32-10 and the dropout mask it defines: the spec the kernels' cf_philox.cuh follows.
+
+Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) maps a
+128-bit counter and a 64-bit key to 128 random bits with ten rounds of two 32x32->64-bit
+multiplies. Counter-based: any element's bits are a pure function of its coordinates, so a
+kernel tile, the CPU path's tiles and the backward all regenerate the same mask without
+storing it or sharing state.
+
+The dropout layout (docs/dropout.md has the picture and the kernel's side of it). For the
+element (b, h, i, j) -- batch, query head, query row, key column -- of a call with
+``heads`` query heads:
+
+    key     = (seed mod 2^32, seed >> 32)
+    counter = (j >> 1, i >> 1, b * heads + h, offset)
+    bits    = philox4x32_10(counter, key)[2 * (i & 1) + (j & 1)]
+    kept    = bits >= threshold(dropout_p),   threshold = floor(dropout_p * 2^32)
+
+so one Philox call covers a 2 x 2 square of (query, key) pairs. That square is symmetric in
+i and j on purpose: the forward holds S (queries as rows) and the backward S^T (keys as
+rows), and in both an mma thread's fragment pairs two adjacent columns with rows g and g + 8;
+two lanes (xor 4) sharing a square each compute one call and swap two words.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Philox4x32 multipliers and Weyl key increments (Random123's PHILOX_M4x32_0/1, PHILOX_W32_0/1).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+ROUNDS = 10
+
+_U32 = np.uint32
+_U64 = np.uint64
+_MASK32 = _U64(0xFFFFFFFF)
+
+
+def _mulhilo(a: int, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hi, lo) 32-bit halves of the exact 64-bit product a * b (b uint32, any shape)."""
+    product = _U64(a) * b.astype(_U64)
+    return (product >> _U64(32)).astype(_U32), (product & _MASK32).astype(_U32)
+
+
+def philox4x32_10(counter, key) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four 32-bit output words of Philox4x32-10, elementwise.
+
+    counter: four uint32 arrays (broadcasting) c0..c3; key: two uint32 values (k0, k1).
+    Returns four uint32 arrays of the broadcast shape. Exact integer arithmetic throughout.
+    """
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c, dtype=_U32) for c in counter))
+    k0, k1 = int(key[0]) & 0xFFFFFFFF, int(key[1]) & 0xFFFFFFFF
+    with np.errstate(over="ignore"):
+        for _ in range(ROUNDS):
+            hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+            hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ _U32(k0), lo1, hi0 ^ c3 ^ _U32(k1), lo0
+            k0, k1 = (k0 + PHILOX_W0) & 0xFFFFFFFF, (k1 + PHILOX_W1) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+# -- the dropout layout ------------------------------------------------------------------------
+
+MAX_SEED = 2**64 - 1
+MAX_OFFSET = 2**32 - 1
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """The uint32 threshold t: an element is kept iff its 32 bits are >= t, so it is kept with
+    probability 1 - t / 2^32, within 2^-32 of 1 - dropout_p (t = floor(p * 2^32), p < 1)."""
+    return min(int(np.floor(float(dropout_p) * 2.0**32)), 2**32 - 1)
+
+
+def dropout_bits(b, h, i, j, *, heads: int, seed: int, offset: int = 0) -> np.ndarray:
+    """uint32 random bits of the elements (b, h, i, j) (integer arrays, broadcasting).
+
+    The layout of the module docstring: a 2 x 2 square of (i, j) per Philox call."""
+    b, h, i, j = (np.asarray(x, dtype=np.int64) for x in (b, h, i, j))
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    counter = ((j >> 1).astype(_U32), (i >> 1).astype(_U32),
+               (b * heads + h).astype(_U32), _U32(offset))
+    words = philox4x32_10(counter, key)
+    word = 2 * (i & 1) + (j & 1)
+    return np.choose(np.broadcast_to(word, words[0].shape), words)
+
+
+def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_p: float,
+                   seed: int, offset: int = 0) -> np.ndarray:
+    """bool (batch, heads, len(rows), len(cols)): True where element (b, h, i, j) is kept."""
+    b = np.arange(batch)[:, None, None, None]
+    h = np.arange(heads)[None, :, None, None]
+    i = np.asarray(rows)[None, None, :, None]
+    j = np.asarray(cols)[None, None, None, :]
+    bits = dropout_bits(b, h, i, j, heads=heads, seed=seed, offset=offset)
+    return bits >= _U32(keep_threshold(dropout_p))
+
+
+def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, dropout_p: float,
+                 seed: int, offset: int = 0) -> np.ndarray:
+    """The kept-mask of a whole attention call, bool (batch, heads, seqlen_q, seqlen_k).
+
+    True where the probability P[b, h, i, j] is kept (and scaled by 1 / (1 - dropout_p)),
+    False where it is dropped: exactly the elements every cuflash path keeps for this
+    (dropout_p, seed, offset). Materialises batch * heads * seqlen_q * seqlen_k booleans, so
+    it is for tests and small shapes; the attention paths regenerate it tile by tile.
+    """
+    for name, value in (("batch", batch), ("heads", heads), ("seqlen_q", seqlen_q),
+                        ("seqlen_k", seqlen_k)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    check_dropout(dropout_p, seed, offset)
+    return keep_mask_tile(batch, heads, range(seqlen_q), range(seqlen_k),
+                          dropout_p=dropout_p, seed=seed, offset=offset)
+
+
+def check_dropout(dropout_p, seed, offset) -> float:
+    """Validate (dropout_p, seed, offset); return dropout_p as a float.
+
+    dropout_p: a real in [0, 1) (TypeError if not a real, ValueError if out of range);
+    seed: an int in [0, 2^64) (required when dropout_p > 0); offset: an int in [0, 2^32)."""
+    import numbers
+
+    if isinstance(dropout_p, (bool, np.bool_)) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p: expected a real number in [0, 1), "
+                        f"got {type(dropout_p).__name__} {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p: expected a real number in [0, 1), got {p!r}")
+    for name, value, limit, required in (("dropout_seed", seed, MAX_SEED, p > 0),
+                                         ("dropout_offset", offset, MAX_OFFSET, False)):
+        if value is None and not required:
+            continue
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an int from 0 to {limit}"
+                            f"{' (dropout_p > 0 needs one)' if required else ''}, "
+                            f"got {type(value).__name__} {value!r}")
+        if not 0 <= int(value) <= limit:
+            raise ValueError(f"{name}: expected an int from 0 to {limit}, got {int(value)}")
+    return p

@@ -1,0 +1,131 @@
+// cf_philox.cuh -- Philox4x32-10 and the dropout mask of issue #15 (docs/dropout.md).
+//
+// The device side of cuflash/philox.py, bit for bit: the NumPy version is the spec, tests/
+// test_dropout_device.py compiles this header with NVRTC (CPU) and compares its bits with
+// NumPy's on a GPU. No kernel includes it yet.
+//
+// Layout, for element (b, h, i, j) -- batch, query head, query row, key column -- of a call
+// with `heads` query heads, seed (64 bits) and offset (32 bits):
+//   key     = (seed & 0xffffffff, seed >> 32)
+//   counter = (j >> 1, i >> 1, b * heads + h, offset)
+//   bits    = philox4x32_10(counter, key).word[2 * (i & 1) + (j & 1)]
+//   kept    = bits >= threshold,  threshold = floor(dropout_p * 2^32) (host-computed)
+// One call covers a 2 x 2 square of (i, j). An mma.sync / wgmma C fragment gives lane
+// (g = lane / 4, t = lane % 4) rows {g, g + 8} and columns {2t, 2t + 1} of each 16 x 8 piece;
+// the square of row g is shared with lane ^ 4 (row g ^ 1): one lane computes the square of
+// its row g, the other the square of its row g + 8, and they swap two words
+// (`cf_dropout_keep4`). The backward's S^T fragment (keys as rows) is the same picture with
+// i and j exchanged, which the symmetric square keeps at one call per four elements.
+#pragma once
+
+#ifndef CF_PHILOX_ROUNDS
+#define CF_PHILOX_ROUNDS 10
+#endif
+
+// Philox4x32 multipliers and Weyl key increments (Random123's PHILOX_M4x32_0/1, PHILOX_W32_0/1).
+#define CF_PHILOX_M0 0xD2511F53u
+#define CF_PHILOX_M1 0xCD9E8D57u
+#define CF_PHILOX_W0 0x9E3779B9u
+#define CF_PHILOX_W1 0xBB67AE85u
+
+struct cf_philox_words {
+  unsigned int x, y, z, w;
+};
+
+__device__ __forceinline__ cf_philox_words cf_philox4x32_10(cf_philox_words c, unsigned int k0,
+                                                             unsigned int k1) {
+#pragma unroll
+  for (int round = 0; round < CF_PHILOX_ROUNDS; ++round) {
+    // -- one round: two 32 x 32 -> 64-bit products, halves crossed with the key
+    const unsigned int hi0 = __umulhi(CF_PHILOX_M0, c.x), lo0 = CF_PHILOX_M0 * c.x;
+    const unsigned int hi1 = __umulhi(CF_PHILOX_M1, c.z), lo1 = CF_PHILOX_M1 * c.z;
+    c = cf_philox_words{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+    k0 += CF_PHILOX_W0;  // the Weyl key bump (unsigned: wraps mod 2^32)
+    k1 += CF_PHILOX_W1;
+  }
+  return c;
+}
+
+// The dropout stream of one call: key and offset, fixed for a whole launch.
+struct cf_dropout {
+  unsigned int k0, k1;      // seed & 0xffffffff, seed >> 32
+  unsigned int offset;      // the call's offset (counter word 3)
+  unsigned int threshold;   // kept iff bits >= threshold
+};
+
+// The four words of the 2 x 2 square holding (i, j) for head bh = b * heads + h:
+// word 2 * (i & 1) + (j & 1) belongs to (i, j).
+__device__ __forceinline__ cf_philox_words cf_dropout_square(const cf_dropout& d, unsigned int bh,
+                                                             unsigned int i, unsigned int j) {
+  return cf_philox4x32_10(cf_philox_words{j >> 1, i >> 1, bh, d.offset}, d.k0, d.k1);
+}
+
+// The random bits of one element (the reference form; a kernel uses cf_dropout_keep4).
+__device__ __forceinline__ unsigned int cf_dropout_bits(const cf_dropout& d, unsigned int bh,
+                                                        unsigned int i, unsigned int j) {
+  const cf_philox_words s = cf_dropout_square(d, bh, i, j);
+  const unsigned int word = 2u * (i & 1u) + (j & 1u);
+  return word == 0 ? s.x : word == 1 ? s.y : word == 2 ? s.z : s.w;
+}
+
+// Kept flags of a C fragment's four elements (rows r0 = row0 + g and r0 + 8, columns c0 =
+// col0 + 2t and c0 + 1) with one Philox call per lane: lane pairs (g, g ^ 1) are lanes
+// (L, L ^ 4). The lane with even g computes the square of rows (g, g + 1) at r0; the odd
+// one the square of rows (g + 7, g + 8) at r0 + 8; each sends the other the two words of
+// the partner's row. keep[0], keep[1]: (r0, c0), (r0, c0 + 1); keep[2], keep[3]: (r0 + 8, ...).
+// row0 is a multiple of 16 and col0 of 2; every lane of the warp must call it (shuffle).
+__device__ __forceinline__ void cf_dropout_keep4(const cf_dropout& d, unsigned int bh,
+                                                 unsigned int r0, unsigned int c0, bool keep[4]) {
+  const bool odd = r0 & 1u;
+  const unsigned int mine_row = odd ? r0 + 8u : r0;  // the row whose square this lane computes
+  const cf_philox_words s = cf_dropout_square(d, bh, mine_row, c0);
+  // words of row parity 0 are (x, y), of parity 1 (z, w)
+  const unsigned int own0 = odd ? s.z : s.x, own1 = odd ? s.w : s.y;          // row mine_row
+  const unsigned int give0 = odd ? s.x : s.z, give1 = odd ? s.y : s.w;        // row mine_row ^ 1
+  const unsigned int got0 = __shfl_xor_sync(0xffffffffu, give0, 4);
+  const unsigned int got1 = __shfl_xor_sync(0xffffffffu, give1, 4);
+  // even lane: own = row r0, got = row r0 + 8 (partner computed rows r0 + 7 / r0 + 8);
+  // odd lane: own = row r0 + 8, got = row r0 (partner computed rows r0 - 1 / r0)
+  const unsigned int a0 = odd ? got0 : own0, a1 = odd ? got1 : own1;  // row r0
+  const unsigned int b0 = odd ? own0 : got0, b1 = odd ? own1 : got1;  // row r0 + 8
+  keep[0] = a0 >= d.threshold;
+  keep[1] = a1 >= d.threshold;
+  keep[2] = b0 >= d.threshold;
+  keep[3] = b1 >= d.threshold;
+}
+
+// Test entry (compiled by tests/test_dropout_device.py, used by no kernel): bits[n] for
+// element n of a (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form
+// for a 16-row-aligned grid (rows % 16 == 0, cols % 8 == 0), one warp per 16 x 8 piece.
+#ifdef CF_PHILOX_TEST
+extern "C" __global__ void cf_philox_test_bits(unsigned int* bits, int batch, int heads, int rows,
+                                               int cols, unsigned int seed_lo,
+                                               unsigned int seed_hi, unsigned int offset) {
+  const long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const long long total = (long long)batch * heads * rows * cols;
+  if (n >= total) return;
+  const unsigned int j = n % cols, i = (n / cols) % rows;
+  const unsigned int bh = (unsigned int)(n / ((long long)cols * rows));  // b * heads + h
+  const cf_dropout d{seed_lo, seed_hi, offset, 0u};
+  bits[n] = cf_dropout_bits(d, bh, i, j);
+}
+
+extern "C" __global__ void cf_philox_test_keep4(unsigned char* keep, int rows, int cols,
+                                                unsigned int seed_lo, unsigned int seed_hi,
+                                                unsigned int offset, unsigned int threshold) {
+  // blockIdx.x = 16 x 8 piece, blockIdx.y = b * heads + h; 32 threads
+  const int pieces_per_row = cols / 8;
+  const unsigned int row0 = (blockIdx.x / pieces_per_row) * 16;
+  const unsigned int col0 = (blockIdx.x % pieces_per_row) * 8;
+  const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const unsigned int r0 = row0 + g, c0 = col0 + 2 * t;
+  const cf_dropout d{seed_lo, seed_hi, offset, threshold};
+  bool k[4];
+  cf_dropout_keep4(d, blockIdx.y, r0, c0, k);
+  unsigned char* base = keep + (long long)blockIdx.y * rows * cols;
+  base[r0 * cols + c0] = k[0];
+  base[r0 * cols + c0 + 1] = k[1];
+  base[(r0 + 8) * cols + c0] = k[2];
+  base[(r0 + 8) * cols + c0 + 1] = k[3];
+}
+#endif
