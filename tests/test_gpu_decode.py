@@ -34,7 +34,7 @@ def poison_and_precompile():
     old = os.environ.get("CUFLASH_POISON")
     os.environ["CUFLASH_POISON"] = "1"
     arch = launch.device_facts(0).arch
-    work = decode.all_decode_specs(specs.arch_dtypes(arch))
+    work = decode.all_decode_specs(specs.arch_dtypes(arch), arch)
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
     yield
