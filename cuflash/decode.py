@@ -224,7 +224,9 @@ MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row til
 #   stays <= 64 keys (its scores: 64 keys x 16 rows = 32 registers a lane); two stages keep
 #   one 32 KB tile loading per block, three resident blocks ~96 KB per SM (Little's law wants
 #   ~33 KB on an H200; the slack covers blocks that are computing). Where the warp's share
-#   would pass 64 keys the tile shrinks and the ring deepens to keep >= 24 KB loading.
+#   would pass 64 keys the tile shrinks and the ring deepens to keep >= 24 KB loading. D 128
+#   at 32 rows takes 32-key tiles and 3 stages (16 keys a warp, 32 KB loading): 64-key tiles
+#   spilled there on sm_120 at 168 registers (NVRTC 13).
 # * warps split the rows into bands of 16, the rest of them split each tile's keys; D 256
 #   at 16 rows takes two warps of 16 keys (acc alone is 128 registers a lane).
 # * min_blocks 3 (170 registers a lane at 4 warps) except where a lane holds more: D 256 at
@@ -237,7 +239,7 @@ MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row til
 _MMA_TILES = {
     (32, 16): (256, 2, 4, 3), (32, 32): (128, 3, 4, 3), (32, 64): (64, 5, 4, 3),
     (64, 16): (128, 2, 4, 3), (64, 32): (128, 2, 4, 3), (64, 64): (64, 3, 4, 2),
-    (128, 16): (64, 2, 4, 3), (128, 32): (64, 2, 4, 3), (128, 64): (64, 2, 4, 2),
+    (128, 16): (64, 2, 4, 3), (128, 32): (32, 3, 4, 3), (128, 64): (64, 2, 4, 2),
     (256, 16): (32, 2, 2, 3), (256, 32): (32, 2, 4, 2),
 }
 
