@@ -64,8 +64,9 @@ def _pinned_call(torch, spec, q, k, v):
 def _variants(args, decode, selected, ints, rows_needed):
     """The specs to time for one problem: SIMT grid, or --mma's (plus two references: the
     selected spec and the SIMT spec of the problem's rows)."""
-    if not args.mma:
-        return [decode.DecodeSpec("bfloat16", HEAD_DIM, selected.rows, keys, stages, blocks)
+    if not args.mma:  # the SIMT row bucket, whichever split select_decode picked
+        simt_rows = decode.row_bucket(rows_needed)
+        return [decode.DecodeSpec("bfloat16", HEAD_DIM, simt_rows, keys, stages, blocks)
                 for keys, stages, blocks in itertools.product(
                     ints(args.keys), ints(args.stages), ints(args.min_blocks))]
     rows = selected.rows if isinstance(selected, decode.DecodeMmaSpec) else 16
