@@ -25,6 +25,7 @@ from . import validate
 from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
                             DecodeProblem, DecodeShape, check_decode)
 from .interop import caller_stream, export_array, import_array
+from .specs import DeviceFacts
 
 __all__ = ["attention_with_kvcache"]
 
@@ -132,6 +133,126 @@ class DecodeSpec:
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
 
 
+@dataclass(frozen=True)
+class DecodeMmaSpec:
+    """One compilation of flash_decode_mma.cu: the split kernel on tensor cores (``rows`` per
+    block in bands of 16, K/V tiles of ``block_n`` keys in a cp.async ring of ``stages``), with
+    flash_decode.cu's append and combine. fp16 / bf16 only. Same duck type as DecodeSpec
+    (the plan and the launch use ``rows``, ``step``, ``threads``, ``min_blocks``,
+    ``smem_bytes``)."""
+
+    dtype: str
+    head_dim: int  # bucket: 32, 64, 128 or 256
+    block_n: int  # keys per tile (CF_BLOCK_N): a multiple of 16 * key_parts
+    stages: int = 2  # tiles in the ring (CF_STAGES)
+    warps: int = WARPS
+    min_blocks: int = 3  # resident blocks per SM asked of ptxas (CF_MIN_BLOCKS)
+    rows: int = 16  # query rows per block (CF_ROWS): 16, 32 or 64, bands of one mma M
+    kind: str = "decode"
+    entry: str = "flash_decode_split"
+    source: str = "flash_decode_mma.cu"
+    causal: bool = False  # a run-time argument of this kernel; here for spec-table code
+    target: str = "device"
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "bfloat16"):
+            raise ValueError(f"dtype: the tensor-core decode takes float16 or bfloat16, "
+                             f"got {self.dtype}")
+        if self.rows not in MMA_ROW_BUCKETS or self.warps % (self.rows // 16):
+            raise ValueError(f"rows: expected one of {MMA_ROW_BUCKETS} with warps a multiple "
+                             f"of rows / 16, got rows {self.rows}, warps {self.warps}")
+        if self.block_n % (16 * self.key_parts):
+            raise ValueError(f"block_n: expected a multiple of 16 * key_parts = "
+                             f"{16 * self.key_parts}, got {self.block_n}")
+        if self.stages < 2:
+            raise ValueError(f"stages: expected at least 2 (a ring), got {self.stages}")
+
+    @property
+    def name(self) -> str:
+        return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}_n{self.block_n}"
+                f"_s{self.stages}_b{self.min_blocks}_w{self.warps}_mma")
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def key_parts(self) -> int:
+        """Warps that share one 16-row band, each taking block_n / key_parts keys a tile."""
+        return self.warps // (self.rows // 16)
+
+    @property
+    def step(self) -> int:
+        """Keys per loop step: one tile (split boundaries are whole tiles)."""
+        return self.block_n
+
+    @property
+    def tile_bytes(self) -> int:
+        """K and V bytes of one tile."""
+        return 2 * self.block_n * self.head_dim * 2
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """K and V bytes one block has requested and not yet used while it computes a
+        tile: the other stages - 1 tiles of the ring."""
+        return (self.stages - 1) * self.tile_bytes
+
+    @property
+    def smem_bytes(self) -> int:
+        """max(Q (rows x D) + the K and V rings, the key parts' merge: key_parts x rows x
+        (D + 2) floats), flash_decode_mma.cu's kSmemBytes."""
+        ring = self.rows * self.head_dim * 2 + self.stages * self.tile_bytes
+        return max(ring, 4 * self.key_parts * self.rows * (self.head_dim + 2))
+
+    @property
+    def defines(self) -> dict[str, int]:
+        return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
+                "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
+                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
+
+
+# The tensor-core split from this many rows per block (q_len x group) up, for 16-bit data.
+# One or two rows stay SIMT: they reach the copy ceiling there (H200, bf16 d128, 2026-12-01:
+# 4.24-4.30 TB/s of 4.24). From four rows the SIMT kernel is issue-bound (3.11 TB/s at
+# group 4, q_len 4 at 71% of q_len 1 per byte, q_len 8 at 36%); three rows take the same
+# 160-odd instructions per chunk as four (the row bucket is 4). Not yet timed on a GPU.
+MMA_MIN_ROWS = 3
+MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row tiles
+# (block_n, stages, warps, min_blocks) by (head_dim bucket, rows bucket). Reasoned, not yet
+# timed (bench/dev/decode_variants.py --mma times the alternatives in one GPU call):
+# * 32 KB of K + V per tile (block_n x D x 2 x 2 bytes) where a warp's share of the tile
+#   stays <= 64 keys (its scores: 64 keys x 16 rows = 32 registers a lane); two stages keep
+#   one 32 KB tile loading per block, three resident blocks ~96 KB per SM (Little's law wants
+#   ~33 KB on an H200; the slack covers blocks that are computing). Where the warp's share
+#   would pass 64 keys the tile shrinks and the ring deepens to keep >= 24 KB loading. D 128
+#   at 32 rows takes 32-key tiles and 3 stages (16 keys a warp, 32 KB loading): 64-key tiles
+#   spilled there on sm_120 at 168 registers (NVRTC 13).
+# * warps split the rows into bands of 16, the rest of them split each tile's keys; D 256
+#   at 16 rows takes two warps of 16 keys (acc alone is 128 registers a lane).
+# * min_blocks 3 (170 registers a lane at 4 warps) except where a lane holds more: D 256 at
+#   4 warps (235 registers), and 64 rows at D 64 / 128, where one warp takes all 64 keys of
+#   a tile (they spilled at 168 registers on sm_90, NVRTC 13). D 256 stops at 32 rows (64
+#   spilled at 255): its 64-row problems take two row tiles.
+# * shared memory 44-96 KB: 2-5 blocks in an H100 / H200 SM (227 KB), 1-3 in an A100's
+#   (164 KB), 1-2 in sm_86 / sm_89 / sm_120's (99 KB per block); Turing's 64 KB hold none,
+#   so select_decode falls back to SIMT there.
+_MMA_TILES = {
+    (32, 16): (256, 2, 4, 3), (32, 32): (128, 3, 4, 3), (32, 64): (64, 5, 4, 3),
+    (64, 16): (128, 2, 4, 3), (64, 32): (128, 2, 4, 3), (64, 64): (64, 3, 4, 2),
+    (128, 16): (64, 2, 4, 3), (128, 32): (32, 3, 4, 3), (128, 64): (64, 2, 4, 2),
+    (256, 16): (32, 2, 2, 3), (256, 32): (32, 2, 4, 2),
+}
+
+
+def mma_spec(dtype: str, head_dim: int, rows: int) -> DecodeMmaSpec:
+    """The tensor-core spec of ``_MMA_TILES`` for rows query rows per kv head: pure."""
+    d = head_dim_bucket(head_dim)
+    buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES]
+    r = next((b for b in buckets if rows <= b), buckets[-1])
+    block_n, stages, warps, min_blocks = _MMA_TILES[d, r]
+    return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r)
+
+
 def head_dim_bucket(head_dim: int) -> int:
     return next(b for b in HEAD_DIM_BUCKETS if head_dim <= b)
 
@@ -141,17 +262,34 @@ def row_bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if rows <= b), ROW_BUCKETS[-1])
 
 
-def select_decode(dtype: str, head_dim: int, rows: int) -> DecodeSpec:
-    """The spec for (dtype, head_dim, q_len * heads_per_kv rows): pure."""
+def _has_mma(arch: str | None) -> bool:
+    """The tensor-core split is built for sm_80 and newer (cp.async, bf16 mma.sync)."""
+    return arch is None or int(arch.removeprefix("sm_").rstrip("a")) >= 80
+
+
+def select_decode(dtype: str, head_dim: int, rows: int,
+                  facts: DeviceFacts | None = None) -> DecodeSpec | DecodeMmaSpec:
+    """The spec for (dtype, head_dim, q_len * heads_per_kv rows): pure. 16-bit data with
+    MMA_MIN_ROWS rows or more takes the tensor-core split, on sm_80 and newer where its
+    shared memory fits the device's opt-in limit (``facts`` None: not checked)."""
+    d = head_dim_bucket(head_dim)
+    if dtype != "float32" and rows >= MMA_MIN_ROWS:
+        spec = mma_spec(dtype, d, rows)
+        if facts is None or (_has_mma(facts.arch) and spec.smem_bytes <= facts.smem_optin):
+            return spec
     r = row_bucket(rows)
     keys, stages = _KEYS[r][1 if dtype == "float32" else 0]
-    return DecodeSpec(dtype, head_dim_bucket(head_dim), r, keys, stages)
+    return DecodeSpec(dtype, d, r, keys, stages)
 
 
-def all_decode_specs(dtypes=("float16", "bfloat16", "float32")) -> list[DecodeSpec]:
-    """Every spec ``select_decode`` can return (for compile checks and warm-up)."""
-    return [select_decode(dtype, d, r) for dtype in dtypes for d in HEAD_DIM_BUCKETS
-            for r in ROW_BUCKETS]
+def all_decode_specs(dtypes=("float16", "bfloat16", "float32"), arch: str | None = None) -> list:
+    """Every spec ``select_decode`` can return (for compile checks and warm-up); ``arch``:
+    only those for that arch (no tensor-core split before sm_80)."""
+    simt = [DecodeSpec(dtype, d, r, *_KEYS[r][1 if dtype == "float32" else 0])
+            for dtype in dtypes for d in HEAD_DIM_BUCKETS for r in ROW_BUCKETS]
+    mma = [mma_spec(dtype, d, r) for dtype in dtypes if dtype != "float32" and _has_mma(arch)
+           for d in HEAD_DIM_BUCKETS for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES]
+    return simt + mma
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -164,7 +302,7 @@ class DecodePlan:
     float32 lse_part (num_splits, batch, heads, q_len)."""
 
     shape: DecodeShape
-    spec: DecodeSpec
+    spec: DecodeSpec | DecodeMmaSpec
     row_tiles: int
     num_splits: int
     keys_per_split: int
@@ -231,12 +369,15 @@ def auto_splits(base_blocks: int, seqlen_cache: int, step: int, sm_count: int,
 
 
 def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None,
-                spec: DecodeSpec | None = None) -> DecodePlan:
+                spec: DecodeSpec | DecodeMmaSpec | None = None,
+                facts: DeviceFacts | None = None) -> DecodePlan:
     """Pure: the spec, grids and scratch of one call. ``num_splits`` None or 0: automatic
-    (``auto_splits``); else at most that many (``split_keys``). ``spec``: pinned instead of
-    ``select_decode``'s (bench/dev/decode_variants.py times candidates that way)."""
+    (``auto_splits``, counting the spec's own blocks: 16 rows and ``min_blocks`` per SM for
+    the tensor-core split); else at most that many (``split_keys``). ``spec``: pinned
+    instead of ``select_decode``'s (bench/dev/decode_variants.py times candidates that way).
+    ``facts``: the device's arch and shared-memory limit, for ``select_decode``."""
     s = shape
-    spec = spec or select_decode(s.dtype, s.head_dim, s.rows)
+    spec = spec or select_decode(s.dtype, s.head_dim, s.rows, facts)
     row_tiles = _cdiv(s.rows, spec.rows)
     blocks = s.batch * s.heads_kv * row_tiles
     if num_splits:
@@ -264,7 +405,7 @@ _PARAMS_SIGNATURE = "p" * 12 + "i" * 17 + "q" * 18 + "f" * 2
 _functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, append, keep)
 
 
-def _functions_of(spec: DecodeSpec, device_id: int) -> tuple[int, int, int]:
+def _functions_of(spec: DecodeSpec | DecodeMmaSpec, device_id: int) -> tuple[int, int, int]:
     from .compiler import get_kernel
     from .specs import forced_arch
 
@@ -512,7 +653,8 @@ def decode_plan(shape: DecodeShape, num_splits: int | None, device_id: int) -> D
 
         facts = device_facts(device_id)
         check_dtype(facts, shape.dtype)
-        plan = _plans[key] = plan_decode(shape, facts.sm_count, num_splits)
+        plan = _plans[key] = plan_decode(shape, facts.sm_count, num_splits,
+                                         facts=facts)
     return plan
 
 

@@ -34,7 +34,10 @@ Combine (``flash_decode_combine``; cuflash.merge_attention's math):
 
 One split is written directly (no combine), as in the kernel. The kernel's block also splits
 its keys among lane groups that it merges the same way at the end; here one block of
-``block_n`` keys at a time plays that part.
+``block_n`` keys at a time plays that part. The tensor-core split (flash_decode_mma.cu, 16-bit
+data from 3 rows) runs the same loop over tiles of keys, with its key parts in warps, and
+rounds p to the input dtype before ``p @ V_j`` (l_i sums the float32 p), as the prefill
+kernels do.
 """
 
 from __future__ import annotations

@@ -86,6 +86,9 @@
 #ifndef CF_MIN_BLOCKS  // resident blocks per SM asked of ptxas (see kMinBlocks)
 #define CF_MIN_BLOCKS (CF_ROWS == 1 ? 4 : CF_ROWS <= 4 ? 3 : 2)
 #endif
+#ifndef CF_DECODE_MMA  // 1: included by flash_decode_mma.cu, which brings its own split kernel
+#define CF_DECODE_MMA 0
+#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
@@ -100,14 +103,8 @@ typedef unsigned int dec_u32;
 #define DEC_LN2 0.6931471805599453f
 #define DEC_INF __int_as_float(0x7f800000)
 
-#if CF_DTYPE == 2
-typedef float elem_t;
-#else
-typedef dec_u16 elem_t;  // raw fp16 / bf16 bits
-#endif
-#if CF_DTYPE == 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "bfloat16 needs compute capability 8.0"
-#endif
+#include "cf_common.cuh"  // elem_t, float_to_elem; the tensor-core split (flash_decode_mma.cu)
+                           // also takes its mma / ldmatrix / cp.async wrappers from it
 
 namespace decode {
 // Compile-time constants as enumerators (NVRTC would emit namespace-scope constexpr
@@ -129,8 +126,10 @@ enum : int {
   kMinBlocks = CF_MIN_BLOCKS,
 };
 static_assert(kDim == 32 || kDim == 64 || kDim == 128 || kDim == 256, "CF_HEAD_DIM");
+#if !CF_DECODE_MMA
 static_assert(kRows == 1 || kRows == 2 || kRows == 4 || kRows == 8, "CF_ROWS");
 static_assert(kStages == 1 || kStages == 2, "CF_STAGES");
+#endif
 }  // namespace decode
 
 // Every argument of the three kernels; decode.py's _PARAMS builds the same C layout.
@@ -220,21 +219,6 @@ __device__ __forceinline__ void chunk_to_float(const Chunk8& c, float f[8]) {
   }
 #endif
 }
-
-__device__ __forceinline__ elem_t float_to_elem(float f) {
-#if CF_DTYPE == 0
-  dec_u16 r;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-#elif CF_DTYPE == 1
-  dec_u16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-  return r;
-#else
-  return f;
-#endif
-}
-
 
 // Raw copy of 8 elements (the append kernel): 16 bytes, 32 for float32.
 __device__ __forceinline__ void copy_chunk(elem_t* dst, const elem_t* src) {
@@ -326,10 +310,13 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
   return blk;
 }
 
-// Per-row score terms kept in registers: the visible key range, ALiBi's slope and diagonal.
+// Score terms of kN rows kept in registers: the visible key range, ALiBi's slope and
+// diagonal. The SIMT split holds every row of its block (kN = CF_ROWS); a tensor-core lane
+// holds the two rows of its mma C fragment (kN = 2).
+template <int kN>
 struct RowScores {
-  int lo[decode::kRows], hi[decode::kRows], diag[decode::kRows];
-  float slope_log2[decode::kRows];  // 0 without ALiBi
+  int lo[kN], hi[kN], diag[kN];
+  float slope_log2[kN];  // 0 without ALiBi
   float softcap_log2;  // 0: no softcap
   bool alibi;
 
@@ -349,20 +336,67 @@ struct RowScores {
   __device__ __forceinline__ bool modified() const { return softcap_log2 != 0.f || alibi; }
 };
 
-__device__ __forceinline__ RowScores row_scores(const DecodeParams& p, const DecodeBlock& blk) {
-  RowScores rs;
+// The terms of block rows rows[0..kN) (indices into the block's row tile).
+template <int kN>
+__device__ __forceinline__ RowScores<kN> row_scores(const DecodeParams& p, const DecodeBlock& blk,
+                                                    const int (&rows)[kN]) {
+  RowScores<kN> rs;
   rs.softcap_log2 = p.softcap_log2;
   rs.alibi = p.alibi_slopes != nullptr;
 #pragma unroll
-  for (int r = 0; r < decode::kRows; ++r) {
-    rs.lo[r] = blk.row_key_begin(r);
-    rs.hi[r] = blk.row_key_end(r);
-    rs.diag[r] = blk.diag(r);
-    rs.slope_log2[r] = rs.alibi && blk.row_valid(r)
+  for (int n = 0; n < kN; ++n) {
+    const int r = rows[n];
+    rs.lo[n] = blk.row_key_begin(r);
+    rs.hi[n] = blk.row_key_end(r);
+    rs.diag[n] = blk.diag(r);
+    rs.slope_log2[n] = rs.alibi && blk.row_valid(r)
         ? p.alibi_slopes[(long long)blk.b * p.alibi_stride_b + blk.head(r)] * DEC_LOG2E : 0.f;
   }
   return rs;
 }
+
+// -- the block's rows out: merge the partial (m_i, l_i, acc) of kParts parts -----------------
+// Shared memory holds, per part g and tile row r: acc at sm_acc[(g * kTileRows + r) * kDim],
+// m_i at sm_m[g * kTileRows + r], l_i at sm_l[...] (log2 units). Each thread finishes
+// (row, column) elements: O = acc / l, lse in natural log; written to o / lse with one split,
+// else to the float32 partials of the combine.
+template <int kParts, int kTileRows>
+__device__ __forceinline__ void write_block_rows(const DecodeParams& p, const DecodeBlock& blk,
+                                                 const float* sm_acc, const float* sm_m,
+                                                 const float* sm_l, int threads) {
+  using namespace decode;
+  const int split = blockIdx.y;
+  for (int idx = threadIdx.x; idx < kTileRows * kDim; idx += threads) {
+    const int r = idx / kDim, d = idx % kDim;
+    if (!blk.row_valid(r) || d >= p.head_dim) continue;
+    float m = -DEC_INF;
+    for (int g = 0; g < kParts; ++g) m = fmaxf(m, sm_m[g * kTileRows + r]);
+    const float m_safe = m == -DEC_INF ? 0.f : m;
+    float l = 0.f, a = 0.f;
+    for (int g = 0; g < kParts; ++g) {
+      const float w = exp2f(sm_m[g * kTileRows + r] - m_safe);
+      l += w * sm_l[g * kTileRows + r];
+      a += w * sm_acc[(g * kTileRows + r) * kDim + d];
+    }
+    // __fdividef: no IEEE-division subroutine call (its ABI spills registers); l <= seqlen
+    // is far below 2^126, where it would flush to 0. A NaN l (a NaN score) stays NaN.
+    const float out = l == 0.f ? 0.f : __fdividef(a, l);
+    const float row_lse = l == 0.f ? -DEC_INF : (m_safe + log2f(l)) * DEC_LN2;
+    const int i = blk.query(r), h = blk.head(r);
+    if (p.num_splits == 1) {
+      p.o[blk.b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh + d] =
+          float_to_elem(out);
+      if (d == 0) p.lse[((long long)blk.b * p.heads + h) * p.q_len + i] = row_lse;
+    } else {
+      const long long prow = ((long long)split * p.batch + blk.b) * p.q_len + i;  // (s, b, i)
+      p.o_part[(prow * p.heads + h) * p.head_dim + d] = out;
+      if (d == 0)
+        p.lse_part[(((long long)split * p.batch + blk.b) * p.heads + h) * p.q_len + i] = row_lse;
+    }
+  }
+}
+
+#if !CF_DECODE_MMA  // -- the SIMT split kernel -----------------------------------------------
 
 // Sum over the kLanes lanes that share a key row (aligned groups of a power of two).
 __device__ __forceinline__ float row_sum(float x) {
@@ -430,7 +464,8 @@ __device__ __forceinline__ void load_step(KeyStep& st, const int row[decode::kKe
 template <bool kMods>
 __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int key_end, int grp,
                                              const float qf[decode::kRows][8],
-                                             const RowScores& rs, float m_i[decode::kRows],
+                                             const RowScores<decode::kRows>& rs,
+                                             float m_i[decode::kRows],
                                              float l_i[decode::kRows],
                                              float acc[decode::kRows][8]) {
   using namespace decode;
@@ -467,7 +502,8 @@ __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int ke
 // The split block's key loop: keys [blk.key_begin, blk.key_end) folded into m_i, l_i, acc.
 template <bool kMods>
 __device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBlock& blk,
-                                         const RowScores& rs, const float qf[decode::kRows][8],
+                                         const RowScores<decode::kRows>& rs,
+                                         const float qf[decode::kRows][8],
                                          int col, int grp, bool col_ok,
                                          float m_i[decode::kRows], float l_i[decode::kRows],
                                          float acc[decode::kRows][8]) {
@@ -510,7 +546,10 @@ flash_decode_split(const DecodeParams p) {
   using namespace decode;
   extern __shared__ __align__(16) float smem[];  // float4 stores below
   const DecodeBlock blk = decode_block(p);
-  const RowScores rs = row_scores(p, blk);
+  int tile_rows[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) tile_rows[r] = r;
+  const RowScores<kRows> rs = row_scores(p, blk, tile_rows);
   const int lane = threadIdx.x & 31;
   const int col = (lane % kLanes) * 8;  // this thread's 8 columns
   const int grp = (threadIdx.x >> 5) * (32 / kLanes) + lane / kLanes;  // its key group
@@ -559,37 +598,9 @@ flash_decode_split(const DecodeParams p) {
   }
   __syncthreads();
 
-  // -- epilogue: each thread finishes (row, column) elements; O = acc / l, lse in natural log
-  const int split = blockIdx.y;
-  for (int idx = threadIdx.x; idx < kRows * kDim; idx += kThreads) {
-    const int r = idx / kDim, d = idx % kDim;
-    if (!blk.row_valid(r) || d >= p.head_dim) continue;
-    float m = -DEC_INF;
-    for (int g = 0; g < kGroups; ++g) m = fmaxf(m, sm_m[g * kRows + r]);
-    const float m_safe = m == -DEC_INF ? 0.f : m;
-    float l = 0.f, a = 0.f;
-    for (int g = 0; g < kGroups; ++g) {
-      const float w = exp2f(sm_m[g * kRows + r] - m_safe);
-      l += w * sm_l[g * kRows + r];
-      a += w * sm_acc[(g * kRows + r) * kDim + d];
-    }
-    // __fdividef: no IEEE-division subroutine call (its ABI spills registers); l <= seqlen
-    // is far below 2^126, where it would flush to 0. A NaN l (a NaN score) stays NaN.
-    const float out = l == 0.f ? 0.f : __fdividef(a, l);
-    const float row_lse = l == 0.f ? -DEC_INF : (m_safe + log2f(l)) * DEC_LN2;
-    const int i = blk.query(r), h = blk.head(r);
-    if (p.num_splits == 1) {
-      p.o[blk.b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh + d] =
-          float_to_elem(out);
-      if (d == 0) p.lse[((long long)blk.b * p.heads + h) * p.q_len + i] = row_lse;
-    } else {
-      const long long prow = ((long long)split * p.batch + blk.b) * p.q_len + i;  // (s, b, i)
-      p.o_part[(prow * p.heads + h) * p.head_dim + d] = out;
-      if (d == 0)
-        p.lse_part[(((long long)split * p.batch + blk.b) * p.heads + h) * p.q_len + i] = row_lse;
-    }
-  }
+  write_block_rows<kGroups, kRows>(p, blk, sm_acc, sm_m, sm_l, kThreads);
 }
+#endif  // !CF_DECODE_MMA
 
 // -- combine: one warp per (b, i, h) row ------------------------------------------------------
 __device__ __forceinline__ float warp_max(float x) {

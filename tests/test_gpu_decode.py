@@ -34,7 +34,7 @@ def poison_and_precompile():
     old = os.environ.get("CUFLASH_POISON")
     os.environ["CUFLASH_POISON"] = "1"
     arch = launch.device_facts(0).arch
-    work = decode.all_decode_specs(specs.arch_dtypes(arch))
+    work = decode.all_decode_specs(specs.arch_dtypes(arch), arch)
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
     yield
@@ -90,6 +90,62 @@ def test_gpu_long_caches(batch, q_len, cache, heads, heads_kv, head_dim, causal,
                 seqlen_cache=cache, cache_seqlens=lens, causal=causal, dtype=dtype,
                 num_splits=None, softmax_scale=None, seed=int(rng.integers(2**32)))
     _run(case)
+
+
+# The tensor-core split (flash_decode_mma.cu): 16-bit rows from 3 to 128 per kv head (bands
+# of 16, one to four per warp set; 128 rows take two row tiles), every head_dim bucket,
+# lengths that are not multiples of the 64-key tiles, the automatic split count.
+MMA_ROWS = [(3, 1), (1, 4), (2, 4), (4, 4), (8, 4), (1, 32), (3, 8), (8, 8), (8, 16)]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 128, 256])
+@pytest.mark.parametrize("q_len, group", MMA_ROWS, ids=[f"q{q}g{g}" for q, g in MMA_ROWS])
+def test_gpu_tensor_core_rows(q_len, group, head_dim, dtype):
+    if dtype not in _dtypes_here():
+        pytest.skip(f"{dtype} not on this GPU")
+    rng = np.random.default_rng()
+    heads_kv = 2
+    case = dict(batch=2, q_len=q_len, heads=heads_kv * group, heads_kv=heads_kv,
+                head_dim=head_dim, seqlen_cache=3001, cache_seqlens=[3001, 77], causal=True,
+                dtype=dtype, num_splits=None, softmax_scale=None,
+                seed=int(rng.integers(2**32)))
+    shape = decode.DecodeShape(2, q_len, 3001, heads_kv * group, heads_kv, head_dim, dtype)
+    plan = decode.decode_plan(shape, None, 0)
+    assert isinstance(plan.spec, decode.DecodeMmaSpec), plan.spec.name
+    _run(case)
+    _run(dict(case, causal=False, num_splits=1, cache_seqlens=None))  # no combine
+
+
+def test_gpu_tensor_core_and_simt_agree():
+    """One problem on both split kernels (the SIMT spec pinned in the plan): the same rows
+    within the rounding of P to 16 bits."""
+    from cuflash import fastpath, launch
+
+    torch = pytest.importorskip("torch")
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=2, q_len=2, heads=16, heads_kv=4, head_dim=128, seqlen_cache=2000,
+                cache_seqlens=None, causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=21)
+    q, k, v, _ = dh.make_inputs(case)
+    tq, tk, tv = (dh.to_device(x, "torch") for x in (q, k, v))
+    backend = fastpath.torch_backend()
+    flags = dict(causal=True, softmax_scale=None, window=None, softcap=None, num_splits=None)
+    problem = decode._problem(backend, tq, tk, tv, {}, flags)
+    sms = launch.device_facts(0).sm_count
+    outs = []
+    for spec in (decode.select_decode(dtype, 128, 8), decode.DecodeSpec(dtype, 128, 8, 1, 2)):
+        plan = decode.plan_decode(problem.shape, sms, spec=spec)
+        o = torch.full_like(tq, float("nan"))
+        lse = torch.full((2, 16, 2), float("nan"), dtype=torch.float32, device="cuda")
+        work = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device="cuda")
+        ops = decode._operands(backend, tq, tk, tv, {}, o, lse, problem.shape)
+        decode.run_decode(plan, problem, ops, work.data_ptr(), backend.stream(), 0)
+        torch.cuda.synchronize()
+        dh.assert_decode_matches(dh.to_host(o), dh.to_host(lse), q, k, v, None, causal=True,
+                                 softmax_scale=None, dtype=dtype, label=spec.name)
+        outs.append(o.float())
+    assert float((outs[0] - outs[1]).abs().max()) <= 2e-2
 
 
 def test_gpu_splits_agree_and_plan_splits():
@@ -204,7 +260,8 @@ def test_gpu_kvcache_features_match_float64_reference(case):
 
 # Long paged caches with the automatic split count, every page size the docs promise.
 @pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
-@pytest.mark.parametrize("heads, heads_kv, q_len", [(8, 8, 1), (8, 2, 1), (8, 2, 3)])
+@pytest.mark.parametrize("heads, heads_kv, q_len", [(8, 8, 1), (8, 2, 1), (8, 2, 3),
+                                                   (16, 2, 8), (32, 1, 2)])
 def test_gpu_paged_long_caches(page_size, heads, heads_kv, q_len):
     dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
     rng = np.random.default_rng()
@@ -220,12 +277,14 @@ def test_gpu_paged_long_caches(page_size, heads, heads_kv, q_len):
                                   dict(softcap=30.0), dict(alibi="batch_heads"),
                                   dict(window=(1000, 0), softcap=5.0, alibi="heads")],
                          ids=["window-left", "window-right", "softcap", "alibi", "all"])
-def test_gpu_modifiers_on_long_caches(mods):
+@pytest.mark.parametrize("q_len, heads", [(1, 4), (2, 16), (8, 32)],
+                         ids=["simt", "mma16", "mma64"])  # rows 1, 8, 64 per kv head
+def test_gpu_modifiers_on_long_caches(mods, q_len, heads):
     dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
-    case = dict(batch=2, q_len=2, heads=16, heads_kv=4, head_dim=128, seqlen_cache=6000,
-                cache_seqlens=[6000, 2500], causal=True, dtype=dtype, num_splits=None,
-                softmax_scale=None, seed=11, page_size=None, seqlen_new=0, window=None,
-                softcap=None, alibi=None)
+    case = dict(batch=2, q_len=q_len, heads=heads, heads_kv=4, head_dim=128,
+                seqlen_cache=6000, cache_seqlens=[6000, 2500], causal=True, dtype=dtype,
+                num_splits=None, softmax_scale=None, seed=11, page_size=None, seqlen_new=0,
+                window=None, softcap=None, alibi=None)
     case.update(mods)
     _run_kvcache(case)
 

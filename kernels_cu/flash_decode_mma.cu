@@ -1,0 +1,323 @@
+// flash_decode_mma.cu -- the split-KV decode kernel on tensor cores, for blocks of 3 to 64
+// query rows (q_len x the query heads of one kv group), fp16 / bf16 only. The append and
+// combine kernels, DecodeParams, DecodeBlock (which keys and rows a block owns), RowScores
+// (softcap, ALiBi, causal / window mask) and the block epilogue come from flash_decode.cu,
+// so the two split kernels share one plan (cuflash/decode.py), one scratch layout and one
+// combine. The NumPy mirror of the math is cuflash/decode_cpu.py.
+//
+// Why: the SIMT split kernel spends 2 x 8 x rows FMAs per 16-byte K chunk and its V chunk per
+// lane; from 4 rows up it is issue-bound (H200, bf16 d128: GQA group 4 at 2.9-3.1 TB/s
+// against 4.24 for one row). With mma.sync m16n8k16 a warp does 16 rows x 16 keys x 16
+// columns in one instruction: per 16 keys and head_dim 128 a warp issues 32 mma, about
+// 24 ldmatrix and ~60 softmax instructions for 8 KB of K+V, where an H200 SM has ~500
+// clocks (16.5 B / clock) to take those bytes in: the loads, not the issue slots, bound it.
+//
+// flash_decode_split  grid (batch * heads_kv * row_tiles, num_splits), CF_WARPS warps, as the
+//   SIMT kernel: blockIdx.x = (b * heads_kv + h_kv) * row_tiles + row tile (CF_ROWS rows
+//   each, row r = i * group + g; padded rows are zero and see no key), blockIdx.y = split.
+//   -- Keys [key_begin, key_end) of the split go through shared memory in tiles of
+//   CF_BLOCK_N keys, CF_STAGES tiles in a ring filled by cp.async (16 B per copy, zeros past
+//   key_end and past head_dim): while tile t is computed, tiles t + 1 .. t + stages - 1 are
+//   in flight. That ring is what keeps HBM busy (FlashAttention-2's multistage mainloop).
+//   -- The rows are kBands = CF_ROWS / 16 bands of 16 (one mma M). Warp w computes band
+//   w % kBands against keys part w / kBands of every tile (kWarpKeys = block_n * kBands /
+//   warps keys), and keeps its own m_i, l_i, acc (16 rows x D, fp32, mma C layout):
+//   S = Q K^T (Q read from shared memory by ldmatrix, never scaled in 16 bits: the fp32
+//   scores are), the RowScores terms and mask, the online softmax (log2 units,
+//   FlashAttention-2 Alg. 1), P rounded to 16 bits, acc += P V. No barrier between warps
+//   inside a tile; one __syncthreads per tile guards the ring. The key parts are merged at
+//   the end through shared memory (write_block_rows). K and V are read from HBM once per
+//   block whatever the band count: 64 rows (MQA, or a group of 8 at q_len 8) cost no more
+//   bytes than 16.
+//
+// Bytes in flight (H200: 132 SMs, ~4.3 TB/s copy, ~1 us loaded latency: Little's law wants
+// ~33 KB per SM): a tile is CF_BLOCK_N x D x 2 (K, V) x 2 bytes, 32 KB for the default
+// (64 keys at D 128); with 2 stages one tile is always loading, and ptxas / shared memory
+// allow CF_MIN_BLOCKS (3 at D <= 128) blocks per SM: ~96 KB per SM, three times the need,
+// so a block that is computing does not starve the SM. bench/dev/decode_variants.py --mma
+// times the other tiles / stages / warps.
+//
+// Shared memory (dynamic): max(Q CF_ROWS x D + K and V rings 2 x stages x block_n x D, in
+// 16-bit, swizzled rows of D / 8 16-byte chunks; merge: key parts x CF_ROWS x (D + 2)
+// floats): 68 KB at D 128, 16 rows, 64 keys, 2 stages (cuflash/decode.py's
+// DecodeMmaSpec.smem_bytes is the same formula).
+
+#ifndef CF_DTYPE
+#define CF_DTYPE 1
+#endif
+#ifndef CF_HEAD_DIM
+#define CF_HEAD_DIM 128
+#endif
+#ifndef CF_BLOCK_N
+#define CF_BLOCK_N 64  // keys per tile (per ring stage)
+#endif
+#ifndef CF_STAGES
+#define CF_STAGES 2  // tiles in the ring
+#endif
+#ifndef CF_WARPS
+#define CF_WARPS 4
+#endif
+#ifndef CF_MIN_BLOCKS
+#define CF_MIN_BLOCKS 3
+#endif
+#ifndef CF_ROWS
+#define CF_ROWS 16  // rows per block: 16, 32 or 64, bands of one mma M (16 rows) each
+#endif
+#define CF_DECODE_MMA 1
+#include "flash_decode.cu"
+
+#if CF_DTYPE == 2
+#error "the tensor-core decode takes fp16 / bf16; float32 runs the SIMT split kernel"
+#endif
+
+namespace mma_decode {
+enum : int {
+  kDim = CF_HEAD_DIM,
+  kChunks = kDim / 8,  // 16-byte chunks per row
+  kBlockN = CF_BLOCK_N,
+  kStages = CF_STAGES,
+  kWarps = CF_WARPS,
+  kThreads = 32 * kWarps,
+  kTileRows = CF_ROWS,
+  kBands = kTileRows / 16,  // 16-row bands: warp w computes band w % kBands ...
+  kKeyParts = kWarps / kBands,  // ... for keys part w / kBands of every tile
+  kWarpKeys = kBlockN / kKeyParts,  // keys of a tile each warp owns
+  kNT = kWarpKeys / 8,  // n8 score tiles per warp
+  kDT = kDim / 8,  // n8 accumulator tiles
+  kTileBytes = kBlockN * kDim * 2,  // one of K or V, one stage
+  kQBytes = kTileRows * kDim * 2,
+  kRingBytes = 2 * kStages * kTileBytes,
+  kMergeBytes = kKeyParts * kTileRows * (kDim + 2) * 4,
+  kSmemBytes = kQBytes + kRingBytes > kMergeBytes ? kQBytes + kRingBytes : kMergeBytes,
+  kRowsPerPass = kThreads / kChunks,  // tile rows the block copies per pass
+  kLoads = kBlockN / kRowsPerPass,  // K (and V) copies per thread per tile
+};
+static_assert(kTileRows % 16 == 0 && kWarps % kBands == 0, "CF_ROWS: bands of 16 over warps");
+static_assert(kWarpKeys % 16 == 0, "CF_BLOCK_N: 16 keys per warp at least (one mma K step)");
+static_assert(kThreads % kChunks == 0 && kBlockN % kRowsPerPass == 0, "tile copy shape");
+static_assert(kStages >= 2, "CF_STAGES: a ring of at least two tiles");
+}  // namespace mma_decode
+
+// -- K / V tiles: cp.async from the cache rows into the swizzled ring --------------------------
+// Thread t copies chunk t % kChunks of rows t / kChunks + n * kRowsPerPass. Its cache rows
+// (block_table loads when paged) are looked up a tile ahead, while copies are in flight.
+__device__ __forceinline__ void tile_rows(int (&row)[mma_decode::kLoads], const CacheRows& cache,
+                                          int key0, int key_end) {
+  using namespace mma_decode;
+#pragma unroll
+  for (int n = 0; n < kLoads; ++n) {
+    const int j = key0 + threadIdx.x / kChunks + n * kRowsPerPass;
+    row[n] = j < key_end ? cache.row(j) : 0;
+  }
+}
+
+__device__ __forceinline__ void load_tile(unsigned char* k_tile, unsigned char* v_tile,
+                                          const int (&row)[mma_decode::kLoads],
+                                          const elem_t* k_head, const elem_t* v_head,
+                                          long long stride_kn, long long stride_vn, int key0,
+                                          int key_end, int head_dim) {
+  using namespace mma_decode;
+  const int ch = threadIdx.x % kChunks;
+  const bool col_ok = ch * 8 < head_dim;
+#pragma unroll
+  for (int n = 0; n < kLoads; ++n) {
+    const int r = threadIdx.x / kChunks + n * kRowsPerPass;
+    const bool ok = col_ok && key0 + r < key_end;
+    const int off = swizzle_chunk<kChunks>(r, ch) * 16;
+    // a false copy writes zeros and reads nothing; its source is still a mapped address
+    cp_async_16(k_tile + off, ok ? k_head + (long long)row[n] * stride_kn + ch * 8 : k_head, ok);
+    cp_async_16(v_tile + off, ok ? v_head + (long long)row[n] * stride_vn + ch * 8 : v_head, ok);
+  }
+}
+
+// The block's kTileRows Q rows (zeros for padded rows and columns), unscaled.
+__device__ __forceinline__ void load_q(unsigned char* q_tile, const DecodeParams& p,
+                                       const DecodeBlock& blk) {
+  using namespace mma_decode;
+  for (int c = threadIdx.x; c < kTileRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, ch = c % kChunks;
+    const bool ok = blk.row_valid(r) && ch * 8 < p.head_dim;
+    const elem_t* src = p.q + blk.b * p.stride_qb + (long long)blk.query(r) * p.stride_qm +
+                        (long long)blk.head(r) * p.stride_qh + ch * 8;
+    cp_async_16(q_tile + swizzle_chunk<kChunks>(r, ch) * 16, ok ? src : p.q, ok);
+  }
+}
+
+// -- one warp, one tile: S = Q K^T, masked online softmax, acc += P V ---------------------------
+// Warp w: rows band * 16 .. +15 (band = w % kBands), keys part * kWarpKeys .. of the tile
+// (part = w / kBands). Lane = 4 * group + tig holds band rows group (r = 0) and group + 8
+// (r = 1) of the C fragments.
+template <bool kMods>
+__device__ __forceinline__ void warp_tile(const unsigned char* q_tile, const unsigned char* k_tile,
+                                          const unsigned char* v_tile, int key0, int key_end,
+                                          const RowScores<2>& rs, float scale_q, float (&m_i)[2],
+                                          float (&l_i)[2], float (&acc)[mma_decode::kDT][4]) {
+  using namespace mma_decode;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int band_row = (warp % kBands) * 16, wkey = (warp / kBands) * kWarpKeys;
+  const int mat = lane >> 3, mrow = lane & 7;  // the 8x8 matrix and row this lane addresses
+  const int tig = lane & 3;
+  // -- S = Q K^T: Q matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15) are a0..a3; K matrices
+  // (keys 0-7 | 8-15) x (cols 0-7 | 8-15) give b0, b1 of keys 0-7, then of keys 8-15
+  float s[kNT][4];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kDim / 16; ++kk) {
+    cf_u32 a[4];
+    const int q_row = band_row + (mat & 1) * 8 + mrow;
+    ldmatrix_x4(a, q_tile + swizzle_chunk<kChunks>(q_row, 2 * kk + (mat >> 1)) * 16);
+#pragma unroll
+    for (int np = 0; np < kWarpKeys / 16; ++np) {
+      cf_u32 b[4];
+      const int key = wkey + 16 * np + (mat >> 1) * 8 + mrow;
+      ldmatrix_x4(b, k_tile + swizzle_chunk<kChunks>(key, 2 * kk + (mat & 1)) * 16);
+      mma_16816(s[2 * np], a, b[0], b[1]);
+      mma_16816(s[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+  // -- scores in log2 units, modifiers, mask (keys past the split's end: -inf)
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key0 + wkey + 8 * j + 2 * tig + (e & 1);
+      s[j][e] = key < key_end ? rs.template apply<kMods>(s[j][e] * scale_q, key, e >> 1)
+                              : -DEC_INF;
+    }
+  }
+  // -- online softmax per row: the row's max over the quad, rescale l_i and acc
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m_new = m_i[r];
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) m_new = fmaxf(m_new, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    m_new = quad_max(m_new);
+    const float m_safe = m_new == -DEC_INF ? 0.f : m_new;  // no key seen yet: no -inf - -inf
+    const float alpha = exp2f(m_i[r] - m_safe);
+    float rowsum = 0.f;  // this lane's share; the quad's shares are summed at the end
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+      s[j][2 * r] = exp2f(s[j][2 * r] - m_safe);
+      s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - m_safe);
+      rowsum += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    l_i[r] = alpha * l_i[r] + rowsum;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      acc[dt][2 * r] *= alpha;
+      acc[dt][2 * r + 1] *= alpha;
+    }
+    m_i[r] = m_new;
+  }
+  // -- acc += P V: P's C fragments of keys 16 kk .. +15 are the A fragment; V matrices
+  // (keys 0-7 | 8-15) x (cols 0-7 | 8-15), transposed, give b0, b1 of two column tiles
+#pragma unroll
+  for (int kk = 0; kk < kWarpKeys / 16; ++kk) {
+    const cf_u32 a[4] = {pack2(s[2 * kk][0], s[2 * kk][1]), pack2(s[2 * kk][2], s[2 * kk][3]),
+                         pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                         pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    const int key = wkey + 16 * kk + (mat & 1) * 8 + mrow;
+#pragma unroll
+    for (int dp = 0; dp < kDim / 16; ++dp) {
+      cf_u32 b[4];
+      ldmatrix_x4_trans(b, v_tile + swizzle_chunk<kChunks>(key, 2 * dp + (mat >> 1)) * 16);
+      mma_16816(acc[2 * dp], a, b[0], b[1]);
+      mma_16816(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The split's key loop: tiles of kBlockN keys through the cp.async ring.
+template <bool kMods>
+__device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBlock& blk,
+                                         const RowScores<2>& rs, unsigned char* smem,
+                                         float (&m_i)[2], float (&l_i)[2],
+                                         float (&acc)[mma_decode::kDT][4]) {
+  using namespace mma_decode;
+  const unsigned char* q_tile = smem;
+  unsigned char* k_ring = smem + kQBytes;
+  unsigned char* v_ring = k_ring + kStages * kTileBytes;
+  const CacheRows cache = cache_rows(p, blk.b);
+  const elem_t* k_head = p.k + entry_offset(p, blk.b, p.stride_kb) + blk.h_kv * p.stride_kh;
+  const elem_t* v_head = p.v + entry_offset(p, blk.b, p.stride_vb) + blk.h_kv * p.stride_vh;
+  const int begin = blk.key_begin, end = blk.key_end;
+  const int tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;  // block-uniform
+  int row[kLoads];
+  // -- prologue: tiles 0 .. stages - 2 in flight (Q's copies ride in the first group)
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < tiles) {
+      tile_rows(row, cache, begin + t * kBlockN, end);
+      load_tile(k_ring + t * kTileBytes, v_ring + t * kTileBytes, row, k_head, v_head,
+                p.stride_kn, p.stride_vn, begin + t * kBlockN, end, p.head_dim);
+    }
+    cp_async_commit();
+  }
+  tile_rows(row, cache, begin + (kStages - 1) * kBlockN, end);
+  int slot = 0, next_slot = kStages - 1;
+  for (int t = 0; t < tiles; ++t) {
+    cp_async_wait<kStages - 2>();  // tile t has landed (this thread's copies) ...
+    __syncthreads();  // ... everyone's; and every warp is done with tile t - 1's slot
+    // -- refill the slot tile t - 1 used with tile t + stages - 1
+    const int next = t + kStages - 1;
+    if (next < tiles)
+      load_tile(k_ring + next_slot * kTileBytes, v_ring + next_slot * kTileBytes, row, k_head,
+                v_head, p.stride_kn, p.stride_vn, begin + next * kBlockN, end, p.head_dim);
+    cp_async_commit();  // an empty group past the end keeps the wait count right
+    if (next + 1 < tiles) tile_rows(row, cache, begin + (next + 1) * kBlockN, end);
+    warp_tile<kMods>(q_tile, k_ring + slot * kTileBytes, v_ring + slot * kTileBytes,
+                     begin + t * kBlockN, end, rs, p.scale_q, m_i, l_i, acc);
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+    next_slot = next_slot + 1 == kStages ? 0 : next_slot + 1;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(mma_decode::kThreads, CF_MIN_BLOCKS)
+flash_decode_split(const DecodeParams p) {
+  using namespace mma_decode;
+  // (named apart from the combine kernel's `smem`: one translation unit; both start at the
+  // block's dynamic shared memory)
+  extern __shared__ __align__(128) unsigned char tiles_smem[];
+  unsigned char* smem = tiles_smem;
+  CF_REQUIRE_SMEM(kSmemBytes);
+  const DecodeBlock blk = decode_block(p);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = lane >> 2, tig = lane & 3;
+  const int band_row = (warp % kBands) * 16, part = warp / kBands;
+  const int lane_rows[2] = {band_row + group, band_row + group + 8};
+  const RowScores<2> rs = row_scores(p, blk, lane_rows);
+
+  load_q(smem, p, blk);  // committed with the first tile's copies
+  float m_i[2] = {-DEC_INF, -DEC_INF}, l_i[2] = {0.f, 0.f}, acc[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+
+  // -- the key loop, without the softcap / ALiBi terms unless one is on (block-uniform)
+  if (rs.modified())
+    key_loop<true>(p, blk, rs, smem, m_i, l_i, acc);
+  else
+    key_loop<false>(p, blk, rs, smem, m_i, l_i, acc);
+
+  // -- merge the key parts through shared memory (over the ring): [part][row] acc, m_i, l_i
+  cp_async_wait<0>();
+  __syncthreads();
+  float* sm_acc = reinterpret_cast<float*>(smem);
+  float* sm_m = sm_acc + kKeyParts * kTileRows * kDim;
+  float* sm_l = sm_m + kKeyParts * kTileRows;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = part * kTileRows + lane_rows[r];
+    const float l = quad_sum(l_i[r]);
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+      *reinterpret_cast<float2*>(sm_acc + row * kDim + 8 * dt + 2 * tig) =
+          make_float2(acc[dt][2 * r], acc[dt][2 * r + 1]);
+    if (tig == 0) {
+      sm_m[row] = m_i[r];
+      sm_l[row] = l;
+    }
+  }
+  __syncthreads();
+  write_block_rows<kKeyParts, kTileRows>(p, blk, sm_acc, sm_m, sm_l, kThreads);
+}
