@@ -236,10 +236,14 @@ MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row til
 # * shared memory 44-96 KB: 2-5 blocks in an H100 / H200 SM (227 KB), 1-3 in an A100's
 #   (164 KB), 1-2 in sm_86 / sm_89 / sm_120's (99 KB per block); Turing's 64 KB hold none,
 #   so select_decode falls back to SIMT there.
+# Measured (H200, bf16 d128, 16 rows = GQA group 4 at q_len 1-4, bench/dev/decode_variants.py
+# --mma, 2026-12-01): 2 blocks per SM beat 3, because the split rule fills the larger wave
+# with more, shorter splits: (64, 2k, 8 kv heads) 4.07 TB/s at 1 split vs 3.56 at 3; (1, 32k,
+# 8) 2.93 at 32 splits vs 2.76 at 47; (8, 8k, 8) 3.65 either way (the SIMT kernel: 3.10).
 _MMA_TILES = {
     (32, 16): (256, 2, 4, 3), (32, 32): (128, 3, 4, 3), (32, 64): (64, 5, 4, 3),
     (64, 16): (128, 2, 4, 3), (64, 32): (128, 2, 4, 3), (64, 64): (64, 3, 4, 2),
-    (128, 16): (64, 2, 4, 3), (128, 32): (32, 3, 4, 3), (128, 64): (64, 2, 4, 2),
+    (128, 16): (64, 2, 4, 2), (128, 32): (32, 3, 4, 3), (128, 64): (64, 2, 4, 2),
     (256, 16): (32, 2, 2, 3), (256, 32): (32, 2, 4, 2),
 }
 

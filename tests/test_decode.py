@@ -149,8 +149,8 @@ def _shape(batch, cache, heads_kv, heads=32, q_len=1, head_dim=128, dtype="bfloa
 
 
 @pytest.mark.parametrize("batch, cache, heads_kv, splits", [
-    (1, 32768, 32, 16), (8, 8192, 32, 2), (32, 4096, 32, 1), (8, 8192, 8, 6), (64, 2048, 32, 1),
-    (64, 2048, 8, 3), (1, 32768, 8, 47), (1, 1024, 1, 4)])
+    (1, 32768, 32, 16), (8, 8192, 32, 2), (32, 4096, 32, 1), (8, 8192, 8, 4), (64, 2048, 32, 1),
+    (64, 2048, 8, 1), (1, 32768, 8, 32), (1, 1024, 1, 4)])
 def test_plan_fills_whole_waves_with_few_splits(batch, cache, heads_kv, splits):
     """The issue's rows on an H200 (132 SMs): the fewest splits that fill 95% of the last wave
     of resident blocks (decode.auto_splits says why), splits of whole steps >= 256 keys."""
@@ -218,7 +218,7 @@ def test_spec_names_and_buckets():
     assert spec.name == "decode_fp32_d128_r4_k1_s2_b3_w4"
     spec = decode.select_decode("bfloat16", 72, 2)
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
-    assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b3_w4_mma"
+    assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b2_w4_mma"
     # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype
     assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 11
     assert len(decode.all_decode_specs(arch="sm_75")) == 48
