@@ -31,20 +31,31 @@ def _cpu_kwargs(modifiers: validate.Modifiers) -> dict:
     return {} if modifiers is validate.NO_MODIFIERS else modifiers.cpu_kwargs()
 
 
+def _gpu_kwargs(modifiers: validate.Modifiers) -> dict:
+    """The modifiers for ``launch``: slopes and sinks as C-contiguous CuPy arrays."""
+    if modifiers is validate.NO_MODIFIERS:
+        return {}
+    import cupy
+
+    kw = modifiers.cpu_kwargs()
+    for name in ("alibi_slopes", "sinks"):
+        if kw[name] is not None:
+            kw[name] = cupy.ascontiguousarray(kw[name])
+    return kw
+
+
 def _flash_fwd(problem: validate.Problem, q, k, v,
                modifiers: validate.Modifiers = validate.NO_MODIFIERS):
-    """(o, m, l) on backend arrays of the problem's device. Score modifiers run on the CPU
-    only so far (``validate.check_modifiers`` refuses them on CUDA)."""
+    """(o, m, l) on backend arrays of the problem's device."""
     if problem.device[0] == "cpu":
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
                                  softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers))
-    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_forward_gpu
 
     return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
-                             softmax_scale=problem.softmax_scale)
+                             softmax_scale=problem.softmax_scale, **_gpu_kwargs(modifiers))
 
 
 def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
@@ -59,12 +70,11 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
         return flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
                                   softmax_scale=problem.softmax_scale,
                                   center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers))
-    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
                               causal=problem.causal, softmax_scale=problem.softmax_scale,
-                              deterministic=deterministic)
+                              deterministic=deterministic, **_gpu_kwargs(modifiers))
 
 
 def _fast_backend(arrays, causal, softmax_scale):
@@ -130,8 +140,9 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
             -slope * |i + seqlen_k - seqlen_q - j| to each score. Default None.
         sinks: float32 (heads,), one logit per head that joins each row's softmax
             normalizer but has no value vector. Default None.
-        The four modifiers (docs/masks.md) run on CPU arrays only so far: on CUDA arrays
-        they raise ``ValueError`` before anything is allocated.
+        The four modifiers (docs/masks.md) run on CPU and CUDA arrays; on CUDA a kernel
+        family that lacks one (float32 so far) raises ``ValueError`` before any output is
+        written. The JAX adapter does not take them yet.
 
     PyTorch tensors that require grad (with grad mode on) are refused: this function records
     no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /

@@ -106,9 +106,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
 #endif
@@ -159,6 +156,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_mask.cuh"
 
 namespace bwd {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -389,7 +387,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale) {
+    float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -831,7 +829,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale) {
+    float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];

@@ -65,9 +65,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
@@ -83,6 +80,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_mask.cuh"
 
 namespace bwd_dq {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -197,7 +195,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     long long stride_qh, long long stride_kb, long long stride_kn, long long stride_kh,
     long long stride_vb, long long stride_vn, long long stride_vh, long long stride_dob,
     long long stride_dom, long long stride_doh, long long stride_dqb, long long stride_dqm,
-    long long stride_dqh, float scale_log2, float softmax_scale) {
+    long long stride_dqh, float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];

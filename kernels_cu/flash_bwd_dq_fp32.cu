@@ -56,9 +56,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
 #endif
@@ -74,6 +71,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_dq_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_dq_fp32: only CF_STAGES = 1");
@@ -112,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
                  long long stride_vb, long long stride_vn, long long stride_vh,
                  long long stride_dob, long long stride_dom, long long stride_doh,
                  long long stride_dqb, long long stride_dqm, long long stride_dqh,
-                 float scale_log2, float softmax_scale) {
+                 float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd_dq32;
   CF_REQUIRE_SMEM(CF_BWD_DQ_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];

@@ -62,9 +62,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
 #endif
@@ -80,6 +77,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
@@ -162,7 +160,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
               long long stride_dob, long long stride_dom, long long stride_doh,
               long long stride_dkb, long long stride_dkn, long long stride_dkh,
               long long stride_dvb, long long stride_dvn, long long stride_dvh,
-              float scale_log2, float softmax_scale) {
+              float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd32;
   CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];

@@ -54,9 +54,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
 #endif
@@ -69,6 +66,7 @@
 
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128, "head-dim bucket 64 or 128");
@@ -109,7 +107,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
     float softmax_scale, int kv_splits, float* __restrict__ dk_accum,
-    float* __restrict__ dv_accum) {
+    float* __restrict__ dv_accum, CF_MOD_PARAMS) {
   using namespace bwd90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);

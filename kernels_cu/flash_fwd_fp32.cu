@@ -59,9 +59,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
 #endif
@@ -77,6 +74,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_fwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_fwd_fp32: only CF_STAGES = 1");
@@ -179,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
               int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
               long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
               long long stride_vn, long long stride_vh, long long stride_ob, long long stride_om,
-              long long stride_oh, float scale_log2) {
+              long long stride_oh, float scale_log2, CF_MOD_PARAMS, const float* sinks) {
   using namespace fwd32;
   CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
