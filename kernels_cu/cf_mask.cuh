@@ -71,6 +71,10 @@ struct MaskPolicy {
            : CF_LOCAL ? min(seqlen_k, i + off + right + 1)
                       : seqlen_k;
   }
+  // key_end(i) before the seqlen_k clip (no clip at all without a right bound: INT_MAX).
+  __device__ __forceinline__ int key_limit(int i) const {
+    return CF_CAUSAL ? i + off + 1 : CF_LOCAL ? i + off + right + 1 : 0x7fffffff;
+  }
   __device__ __forceinline__ int query_begin(int j) const {
     return CF_CAUSAL ? max(0, j - off) : CF_LOCAL ? max(0, j - off - right) : 0;
   }

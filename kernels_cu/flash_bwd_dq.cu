@@ -112,13 +112,13 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
                                            const elem_t* tV, float (&acc)[bwd_dq::kD / 8][4],
                                            const float lse[2], const float dlt[2], int ns,
                                            int key0, int row0, int sqrow0, int seqlen_k,
-                                           int head_dim, int causal_off, float scale_log2,
-                                           int lane) {
+                                           int head_dim, const MaskPolicy& mask,
+                                           const ScoreMods& mods, float scale_log2, int lane) {
   using namespace bwd_dq;
   const int grp = lane >> 2, tig = lane & 3;
-  // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or (causal) the
-  // first key after the last visible key of the warp's last row.
-  if (key0 >= seqlen_k || (CF_CAUSAL && key0 > row0 + 15 + causal_off)) return;
+  // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or no visible
+  // pair (cf_mask.cuh).
+  if (key0 >= seqlen_k || !mask.any(row0, row0 + 15, key0, key0 + kNS - 1)) return;
 
   // -- S = Q K^T, dP = dO V^T over the whole head_dim (16 x kNS per warp)
   float s[kNS / 8][4], dp[kNS / 8][4];
@@ -148,21 +148,21 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
     }
   }
 
-  // -- P = exp2(S scale_log2 - lse2_i), masked; dS = P (dP - delta_i)
+  // -- S modified (cf_mask.cuh); P = exp2(S scale_log2 - lse2_i), masked;
+  // dS = P (dP - delta_i) (times softcap's 1 - tanh^2)
   // C element e of n-tile n: row = row0 + grp + 8 (e >> 1), key = key0 + 8 n + 2 tig + (e & 1).
-  const bool need_mask =
-      key0 + kNS > seqlen_k || (CF_CAUSAL && key0 + kNS - 1 > row0 + causal_off);
+  const bool need_mask = !mask.full(row0, row0 + 15, key0, key0 + kNS - 1);
 #pragma unroll
   for (int n = 0; n < kNS / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
+      const int row = row0 + grp + 8 * (e >> 1);
+      const int key = key0 + 8 * n + 2 * tig + (e & 1);
+      float t = 0.f;
+      if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], row, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -lse[e >> 1]));
-      if (need_mask) {
-        const int row = row0 + grp + 8 * (e >> 1);
-        const int key = key0 + 8 * n + 2 * tig + (e & 1);
-        if (key >= seqlen_k || (CF_CAUSAL && key > row + causal_off)) p = 0.f;
-      }
-      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]);
+      if (need_mask && !mask.visible(row, key)) p = 0.f;
+      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]) * softcap_grad(t);
     }
   }
 
@@ -208,17 +208,14 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   const int grp = lane >> 2;
   const int m0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / heads_per_kv;
-  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
   const int row0 = m0 + 16 * warp;
 
-  // -- key tiles this query tile can see: [0, n_tiles)
-  int n_tiles = (seqlen_k + kBN - 1) / kBN;
-  if (CF_CAUSAL) {
-    const int last_row = (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1;
-    const int last_key = last_row + causal_off;  // last key the tile's last row sees
-    const int t = last_key < 0 ? 0 : last_key / kBN + 1;
-    n_tiles = t < n_tiles ? t : n_tiles;
-  }
+  // -- key tiles this query tile can see: [tiles.begin, tiles.end) (cf_mask.cuh)
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const KeyTiles tiles =
+      key_tiles<kBN>(mask, m0, (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1);
+  const int n_tiles = tiles.end - tiles.begin;
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
   float lse[2], dlt[2];
@@ -235,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
   const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
   auto load_kv_tile = [&](int it, int st) {
-    const int n0 = it * kBN;
+    const int n0 = (tiles.begin + it) * kBN;
     load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
                                    seqlen_k - n0, head_dim, tid);
     load_tile_async<kBN, kThreads>(sV + st * kBN * kD, v_head + n0 * stride_vn, stride_vn,
@@ -272,8 +269,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     if (row0 < seqlen_q) {
 #pragma unroll 1
       for (int ns = 0; ns < kBN; ns += kNS)
-        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, it * kBN + ns, row0, 16 * warp, seqlen_k,
-                   head_dim, causal_off, scale_log2, lane);
+        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, (tiles.begin + it) * kBN + ns, row0,
+                   16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
     }
     if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0
