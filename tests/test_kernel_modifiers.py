@@ -82,15 +82,28 @@ def test_hopper_and_portable_families_take_every_modifier():
         assert small.mods == ALL and small.smem_bytes <= kib * specs.KIB
 
 
+def test_float32_family_takes_every_modifier():
+    for deterministic in (False, True):
+        p = plan.plan_backward(shape(dtype="float32", mods=ALL), A100, deterministic)
+        assert p.main.spec.mods == ModFlags(window=True, softcap=True, alibi=True)
+    assert plan.plan_forward(shape(dtype="float32", mods=ALL), A100).kernel.spec.mods == ALL
+
+
 @pytest.mark.parametrize("name", ["window", "softcap", "alibi", "sinks"])
-def test_float32_family_refuses_naming_modifier_and_family(name):
-    mods = ModFlags(**{name: True})
+def test_a_family_without_a_modifier_refuses_naming_both(monkeypatch, name):
+    """Every family has every modifier today; one that lacks one (a new family, say) must
+    refuse with ValueError naming modifier and family, not fall back to another family."""
+    from dataclasses import replace
+
+    from cuflash import registry
+
+    lacking = tuple(replace(v, modifiers=tuple(m for m in v.modifiers if m != name))
+                    if v.source == "flash_fwd_fp32.cu" else v for v in registry.VARIANTS)
+    monkeypatch.setattr(specs, "VARIANTS", lacking)
     with pytest.raises(ValueError, match=rf"^{name}: not supported by the fwd kernel for "
                                          r"float32 \(flash_fwd_fp32.cu\)"):
-        plan.plan_forward(shape(dtype="float32", mods=mods), A100)
-    if name != "sinks":  # the backward's main kernel reads lse2: sinks need nothing there
-        with pytest.raises(ValueError, match=rf"^{name}: not supported by the bwd kernel"):
-            plan.plan_backward(shape(dtype="float32", mods=mods), A100, False)
+        specs.select_forward(A100, "float32", 64, False, mods=ModFlags(**{name: True}))
+    specs.select_forward(A100, "float32", 64, False)  # without it: fine
 
 
 def test_plans_differ_by_modifiers():
@@ -137,12 +150,16 @@ def _modifier_specs(arch: str) -> list:
             for bucket in specs.HEAD_DIM_BUCKETS:
                 for causal in (False, True):
                     kw = dict(mods=mods)
-                    for spec in (specs.select_forward(f, "bfloat16", bucket, causal, **kw),
-                                 specs.select_backward(f, "bfloat16", bucket, causal, False, **kw),
-                                 specs.select_backward(f, "bfloat16", bucket, causal, True, **kw),
-                                 specs.select_backward_dq(f, "bfloat16", bucket, causal, **kw)):
-                        out.setdefault(spec.name, spec)
-        out.setdefault("pre", specs.select_backward_pre("bfloat16", f, mods=ALL))
+                    for dtype in ("bfloat16", "float32"):
+                        for spec in (
+                                specs.select_forward(f, dtype, bucket, causal, **kw),
+                                specs.select_backward(f, dtype, bucket, causal, False, **kw),
+                                specs.select_backward(f, dtype, bucket, causal, True, **kw),
+                                specs.select_backward_dq(f, dtype, bucket, causal, **kw)):
+                            out.setdefault(spec.name, spec)
+        for dtype in ("bfloat16", "float32"):
+            spec = specs.select_backward_pre(dtype, f, mods=ALL)
+            out.setdefault(spec.name, spec)
     return list(out.values())
 
 
