@@ -161,8 +161,18 @@ __device__ __forceinline__ void mask_s(float (&s)[NT][4], int key0, const RowBou
 // On a raw score S = q.k, keeping raw units: with c = softcap / softmax_scale,
 //   softcap: S' = c tanh(S / c)          (= softcap tanh(x / softcap) / softmax_scale)
 //   ALiBi:   S' -= (slope / softmax_scale) |i + off - j|
-// tanh is the accurate tanhf: tanh.approx's 2^-11 relative error, times a score of tens in
-// log2 units, moves P by a percent.
+// tanh: not tanh.approx, whose 2^-11 relative error, times a score of tens in log2 units,
+// moves P by a percent. float32 kernels: tanhf. 16-bit kernels: 1 - 2 / (2^(2x log2 e) + 1)
+// with ex2.approx, about 1e-7 absolute (the score moves by softcap * 1e-7, far below the
+// 16-bit rounding of P) in a few instructions: tanhf's registers made the d224 forward spill.
+__device__ __forceinline__ float cf_tanh(float x) {
+#if CF_DTYPE == 2
+  return tanhf(x);
+#else
+  return 1.f - 2.f * __frcp_rn(fast_exp2(x * (2.f * CF_LOG2E)) + 1.f);  // inf -> 1, 0 -> -1
+#endif
+}
+
 struct ScoreMods {
   float cap, inv_cap, slope;
   int off;
@@ -177,7 +187,7 @@ struct ScoreMods {
   // S' for query i, key j; tanh_out = tanh(S / c) for the backward's derivative 1 - t^2.
   __device__ __forceinline__ float apply(float s, int i, int j, float& tanh_out) const {
     if (CF_SOFTCAP) {
-      tanh_out = tanhf(s * inv_cap);
+      tanh_out = cf_tanh(s * inv_cap);
       s = cap * tanh_out;
     }
     if (CF_ALIBI) s -= slope * (float)abs(i + off - j);
