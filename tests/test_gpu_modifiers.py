@@ -226,3 +226,33 @@ def test_window_skips_tiles():
         return cupy.cuda.get_elapsed_time(start, stop)
 
     assert timed(window=(255, 0)) * 8 < timed()
+
+
+def test_torch_cuda_modifiers_and_sink_gradient():
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16,
+                           requires_grad=True)
+               for shape in ((2, 131, 6, 64), (2, 203, 2, 64), (2, 203, 2, 64)))
+    sinks = torch.randn(6, generator=gen, device="cuda", requires_grad=True)
+    slopes = torch.rand(6, generator=gen, device="cuda")
+    kw = dict(causal=True, window=(50, -1), softcap=4.0)
+    o = ct.flash_attention(q, k, v, alibi_slopes=slopes, sinks=sinks, **kw)
+    do = torch.randn(o.shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+    o.backward(do)
+    host = [gh.to_host(x.detach(), "bfloat16") for x in (q, k, v)]
+    mods = dict(kw, alibi_slopes=slopes.cpu().numpy(), sinks=sinks.detach().cpu().numpy())
+    o_ref, _, _ = reference.attention_reference(*host, **mods)
+    o_nv = reference.attention_naive(*host, dtype=gh.np_dtype("bfloat16"), **mods)
+    gh.assert_matches_reference("o", gh.to_host(o.detach(), "bfloat16"), o_ref, o_nv,
+                                dtype="bfloat16", label="torch")
+    refs = reference.attention_backward_reference(gh.to_host(do, "bfloat16"), *host,
+                                                  o=gh.to_host(o.detach(), "bfloat16"), **mods)
+    naives = reference.attention_backward_naive(gh.to_host(do, "bfloat16"), *host,
+                                                dtype=gh.np_dtype("bfloat16"), **mods)
+    got = (q.grad, k.grad, v.grad, sinks.grad)
+    for name, g, ref, naive in zip(("dq", "dk", "dv", "dsinks"), got, refs, naives):
+        host_g = gh.to_host(g) if name == "dsinks" else gh.to_host(g, "bfloat16")
+        _judge(name, host_g, ref, naive, "bfloat16", testing.magnitude(ref), False)
