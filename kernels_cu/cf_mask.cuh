@@ -36,7 +36,7 @@
 #ifndef CF_SINKS
 #define CF_SINKS 0
 #endif
-#define CF_CAUSAL (CF_MASK == 1)  // the pre-window spelling, still read by older comments
+#define CF_CAUSAL (CF_MASK == 1)  // spelled out for the kernels' tile orders (longest first)
 #define CF_LOCAL (CF_MASK == 2)
 #define CF_SCORE_MODS (CF_SOFTCAP || CF_ALIBI)
 
@@ -100,10 +100,13 @@ struct KeyTiles {
 };
 template <int BLOCK_N>
 __device__ __forceinline__ KeyTiles key_tiles(const MaskPolicy& mask, int q0, int q_last) {
-  const int kv_end = max(0, mask.key_end(q_last));
   const int kv_begin = mask.key_begin(q0);
   KeyTiles t;
-  t.end = (kv_end + BLOCK_N - 1) / BLOCK_N;
+  t.end = (mask.seqlen_k + BLOCK_N - 1) / BLOCK_N;
+  if (CF_CAUSAL || CF_LOCAL) {  // up to the tile of the last row's last visible key
+    const int last_key = mask.key_limit(q_last) - 1;
+    t.end = min(t.end, last_key < 0 ? 0 : last_key / BLOCK_N + 1);
+  }
   t.begin = CF_LOCAL ? min(kv_begin / BLOCK_N, t.end) : 0;
   return t;
 }
