@@ -174,3 +174,17 @@ def test_modifier_specs_compile_without_spills(arch):
     bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
            f"{r.stack_bytes} B stack" for r in reports if r.spills or r.stack_bytes]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("kw", [dict(window=(3, 0)), dict(softcap=2.0),
+                                dict(alibi_slopes="ones"), dict(sinks="zeros")])
+def test_jax_adapter_refuses_modifiers_by_name(kw):
+    jnp = pytest.importorskip("jax.numpy")
+    import cuflash.jax as cj
+
+    q = jnp.ones((1, 8, 2, 16))
+    kw = {n: (getattr(jnp, x)(2) if isinstance(x, str) else x) for n, x in kw.items()}
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=rf"^{name}: cuflash.jax.flash_attention does not"):
+        cj.flash_attention(q, q, q, **kw)
+    assert cj.flash_attention(q, q, q, window=(-1, -1), softcap=0).shape == q.shape
