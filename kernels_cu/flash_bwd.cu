@@ -79,7 +79,9 @@
 // heads_kv, head_dim), strides in elements, head_dim contiguous. lse2, delta float32
 // (batch, heads, seqlen_q), lse2 in log2 units. dq_accum float32 contiguous (batch, seqlen_q,
 // heads, head_dim), zeroed by the launcher, receives dQ already times softmax_scale.
-// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q. The
+// mask (causal or a local window), the query / key tile ranges and the score modifiers
+// (softcap with its 1 - tanh^2 in dS, ALiBi) come from cf_mask.cuh (docs/masks.md).
 // Every dk / dv element of a row < seqlen_k is written (zeros for keys no query sees).
 //
 // Host contract (docs/kernel_abi.md): head_dim a multiple of 8 with 8 <= head_dim <=

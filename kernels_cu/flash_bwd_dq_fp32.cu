@@ -37,6 +37,9 @@
 // Constraints: CF_DTYPE = 2; CF_STAGES = 1; CF_HEAD_DIM % 32 == 0, <= 256; CF_BLOCK_M % 8 == 0,
 // CF_BLOCK_N % 8 == 0; each Tile must have a layout (holds when BLOCK_M and BLOCK_N are
 // multiples of 4 * CF_WARPS).
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2

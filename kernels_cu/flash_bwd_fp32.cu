@@ -43,6 +43,9 @@
 // and CF_HEAD_DIM % CF_DCHUNK == 0 (so a chunk never leaves the tile); CF_BLOCK_M % 8 == 0,
 // CF_BLOCK_N % 8 == 0; each Tile must have a layout (a static_assert says which failed; it holds
 // when BLOCK_M and BLOCK_N are multiples of 4 * CF_WARPS, and DCHUNK / 4 of 8).
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2

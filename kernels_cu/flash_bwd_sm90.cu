@@ -35,6 +35,9 @@
 // The host's formula is specs.smem_bytes (kind "bwd90").
 //
 // Supported: CF_HEAD_DIM 64 or 128 (whole panels, one chunk); others use flash_bwd.cu.
+//
+// Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
+// docs/masks.md), as in flash_bwd.cu.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1

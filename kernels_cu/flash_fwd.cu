@@ -32,9 +32,11 @@
 // Registers per thread: acc = CF_HEAD_DIM / 2 floats, S / P = CF_BLOCK_N / 2 floats, Q fragments
 // = CF_HEAD_DIM / 4 words when held (CF_HEAD_DIM <= 128).
 //
-// Masking: keys >= seqlen_k; causal is bottom-right aligned (query i sees key j iff
-// j <= i + seqlen_k - seqlen_q). Key tiles wholly above the diagonal are never visited;
-// only tiles that reach past the first row's limit or past seqlen_k are masked.
+// Masking and score modifiers come from cf_mask.cuh (CF_MASK none / causal / local window,
+// CF_SOFTCAP, CF_ALIBI, CF_SINKS; docs/masks.md): keys >= seqlen_k; causal is bottom-right
+// aligned (query i sees key j iff j <= i + seqlen_k - seqlen_q). Key tiles no row of the tile
+// sees are never visited (key_tiles); only tiles that straddle an edge are masked. With sinks
+// the epilogue folds the sink into m and l (fold_sink).
 //
 // Outputs: o (batch, seqlen_q, heads, head_dim) = acc / l_i (0 where l_i == 0); m_out and
 // l_out, float32 (batch, heads, seqlen_q): m_out = m_i * LN2 in natural-log units (max_j of

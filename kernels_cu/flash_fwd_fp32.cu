@@ -40,6 +40,9 @@
 // Constraints: CF_DTYPE = 2; CF_STAGES = 1 (separate K and V buffers already overlap each load
 // with half an iteration of math); CF_HEAD_DIM % 32 == 0, <= 256; CF_BLOCK_N % 8 == 0;
 // CF_BLOCK_M % (4 * CF_WARPS) == 0. head_dim (runtime) a multiple of 8, <= CF_HEAD_DIM.
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi, sinks):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2

@@ -24,6 +24,8 @@
 // other's matrix products.
 //
 // Supported buckets: CF_HEAD_DIM in {64, 128, 256} (whole panels); others use flash_fwd.cu.
+//
+// Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
