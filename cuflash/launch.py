@@ -60,6 +60,7 @@ class ModArgs(NamedTuple):
     window_left: int = 0
     window_right: int = 0
     softcap_raw: float = 0.0
+    softcap_inv: float = 0.0
     raw_per_score: float = 0.0
     alibi: int = 0
     stride_alibi_b: int = 0
@@ -69,8 +70,8 @@ class ModArgs(NamedTuple):
     def kernel_args(self, b0: int = 0) -> tuple:
         """CF_MOD_PARAMS for a launch whose batch starts at entry ``b0``."""
         alibi = self.alibi + 4 * b0 * self.stride_alibi_b if self.alibi else 0
-        return (self.window_left, self.window_right, self.softcap_raw, self.raw_per_score,
-                alibi, self.stride_alibi_b)
+        return (self.window_left, self.window_right, self.softcap_raw, self.softcap_inv,
+                self.raw_per_score, alibi, self.stride_alibi_b)
 
 
 PLAIN = ModArgs()
@@ -85,7 +86,8 @@ def mod_args(shape: planning.Shape, window, softcap, softmax_scale: float, alibi
     if effective is not None:
         unbounded = shape.seqlen_q + shape.seqlen_k  # bounds nothing (cf_mask.cuh)
         left, right = (unbounded if side < 0 else min(side, unbounded) for side in effective)
-    return ModArgs(left, right, float(softcap) / softmax_scale if softcap else 0.0,
+    cap_raw = float(softcap) / softmax_scale if softcap else 0.0
+    return ModArgs(left, right, cap_raw, 1.0 / cap_raw if softcap else 0.0,
                    1.0 / softmax_scale, alibi, stride_alibi_b, sinks, dsinks)
 
 
@@ -123,9 +125,10 @@ def backward_plan(shape: planning.Shape, device_id: int,
 # -- parameter buffers ---------------------------------------------------------------------
 # Each entry point's parameters, one letter each: p pointer, i int, q long long, f float.
 # MODS: the score modifiers' arguments every attention kernel takes last (cf_mask.cuh's
-# CF_MOD_PARAMS: window_left, window_right, softcap_raw, raw_per_score, alibi_slopes,
-# stride_alibi_b); the forwards then take the sinks, the preprocess sinks and dsinks.
-MODS = "iiffpq"
+# CF_MOD_PARAMS: window_left, window_right, softcap_raw, softcap_inv, raw_per_score,
+# alibi_slopes, stride_alibi_b); the forwards then take the sinks, the preprocess sinks and
+# dsinks.
+MODS = "iifffpq"
 _SIGNATURES = {
     "fwd": "pppppp" "iiiii" + "q" * 12 + "f" + MODS + "p",
     "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff" + MODS,

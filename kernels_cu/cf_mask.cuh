@@ -16,6 +16,8 @@
 //   int window_left, int window_right   local only: both >= 0 (the host replaces an unbounded
 //                                       side by seqlen_q + seqlen_k, which bounds nothing)
 //   float softcap_raw                   softcap / softmax_scale (raw q.k units), CF_SOFTCAP
+//   float softcap_inv                   softmax_scale / softcap: from the parameter bank, not
+//                                       a register (1 / softcap_raw in-kernel spilled bwd90)
 //   float raw_per_score                 1 / softmax_scale: a slope in raw units, CF_ALIBI
 //   const float* alibi_slopes           (batch, heads) or (heads,) float32, CF_ALIBI
 //   long long stride_alibi_b            0 for (heads,)
@@ -43,10 +45,11 @@
 // The modifier parameters of every attention entry point (kernel_abi.md), and their names for
 // the constructors below.
 #define CF_MOD_PARAMS                                                                   \
-  int window_left, int window_right, float softcap_raw, float raw_per_score,           \
+  int window_left, int window_right, float softcap_raw, float softcap_inv,             \
+      float raw_per_score,                                                              \
       const float *alibi_slopes, long long stride_alibi_b
-#define CF_MOD_ARGS window_left, window_right, softcap_raw, raw_per_score, alibi_slopes, \
-      stride_alibi_b
+#define CF_MOD_ARGS window_left, window_right, softcap_raw, softcap_inv, raw_per_score, \
+      alibi_slopes, stride_alibi_b
 
 // -- mask policy and block ranges ------------------------------------------------------------
 // Query i sees keys [key_begin(i), key_end(i)) (key_end includes the seqlen_k edge); key j is
@@ -184,7 +187,7 @@ struct ScoreMods {
       : cap(softcap_raw), inv_cap(0.f), slope(0.f), off(seqlen_k - seqlen_q) {
     (void)window_left;
     (void)window_right;
-    if (CF_SOFTCAP) inv_cap = 1.f / softcap_raw;
+    if (CF_SOFTCAP) inv_cap = softcap_inv;
     if (CF_ALIBI) slope = alibi_slopes[b * stride_alibi_b + h] * raw_per_score;
   }
   // S' for query i, key j; tanh_out = tanh(S / c) for the backward's derivative 1 - t^2.

@@ -144,11 +144,11 @@
 // in 16 registers while dP^T accumulates; what lets PIPE 1 fit beside the 128 accumulators of
 // head_dim 128 without spilling.
 // CF_BWD_SPLIT_QGD = warps across the dQ columns (the other 8 / QGD across its rows).
-// Score modifiers (cf_mask.cuh) take registers too: their specs use the leaner settings, one
-// step down at each head_dim (ALiBi with softcap spilled up to 96 B otherwise).
+// Score modifiers (cf_mask.cuh) take registers too: their specs use the plain loop (PIPE 0)
+// at every head_dim (ALiBi with softcap spilled up to 268 B with 1 or 3).
 #ifndef CF_BWD_SPLIT_PIPE
 #if CF_SOFTCAP || CF_ALIBI
-#define CF_BWD_SPLIT_PIPE (CF_HEAD_DIM > 96 ? 0 : 3)
+#define CF_BWD_SPLIT_PIPE 0
 #else
 #define CF_BWD_SPLIT_PIPE (CF_HEAD_DIM > 96 ? 3 : 1)
 #endif

@@ -121,8 +121,8 @@ def test_mod_args():
     m = launch.mod_args(s, (3, 5), 30.0, 0.125, alibi=0x1000, stride_alibi_b=8, sinks=0x2000)
     assert (m.window_left, m.window_right) == (3, 0)  # causal: right = 0
     assert m.softcap_raw == 240.0 and m.raw_per_score == 8.0
-    assert m.kernel_args(0) == (3, 0, 240.0, 8.0, 0x1000, 8)
-    assert m.kernel_args(2)[4] == 0x1000 + 2 * 8 * 4  # a batch slice's slopes
+    assert m.kernel_args(0) == (3, 0, 240.0, 1 / 240.0, 8.0, 0x1000, 8)
+    assert m.kernel_args(2)[5] == 0x1000 + 2 * 8 * 4  # a batch slice's slopes
     wide = launch.mod_args(shape(seqlen_q=10, seqlen_k=20), (-1, 4), None, 1.0)
     assert (wide.window_left, wide.window_right, wide.softcap_raw) == (30, 4, 0.0)
     assert launch.mod_args(shape(seqlen_q=10, seqlen_k=20), (100, 2), 0, 1.0).window_left == 30

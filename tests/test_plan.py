@@ -112,8 +112,8 @@ def test_parameter_buffers_end_at_the_last_parameter():
     from cuflash import launch
 
     _, fwd = launch._param_struct(launch._SIGNATURES["fwd"])
-    # ints padded to the long longs' alignment; then the modifiers (iiff, p, q) and sinks (p)
-    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 4 * 4 + 4 + 8 + 8 + 8
+    # ints padded to the long longs' alignment; then the modifiers (iifff, p, q), sinks (p)
+    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8
     _, convert = launch._param_struct(launch._SIGNATURES["convert"])
     assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8
 
