@@ -6,7 +6,10 @@ are checked on the GPU by tests/test_gpu_modifiers.py.
 
 import os
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cuflash import aot, launch, plan, specs
 from cuflash.config import Config
@@ -188,3 +191,99 @@ def test_jax_adapter_refuses_modifiers_by_name(kw):
     with pytest.raises(ValueError, match=rf"^{name}: cuflash.jax.flash_attention does not"):
         cj.flash_attention(q, q, q, **kw)
     assert cj.flash_attention(q, q, q, window=(-1, -1), softcap=0).shape == q.shape
+
+
+# -- the block-range arithmetic of cf_mask.cuh, transcribed, against the reference's mask ---------
+# The kernels cannot run here; their range formulas can. These mirror MaskPolicy, key_tiles and
+# query_tiles line by line (every division there has a non-negative dividend, so // is C's /).
+
+class _Mask:
+    def __init__(self, mode, sq, sk, left, right):
+        self.mode, self.sq, self.sk, self.off = mode, sq, sk, sk - sq
+        self.left, self.right = left, right
+
+    def visible(self, i, j):
+        causal, local = self.mode == 1, self.mode == 2
+        return not (j >= self.sk or (causal and j > i + self.off) or
+                    (local and (j > i + self.off + self.right or j < i + self.off - self.left)))
+
+    def key_begin(self, i):
+        return max(0, i + self.off - self.left) if self.mode == 2 else 0
+
+    def key_end(self, i):
+        return (min(self.sk, i + self.off + 1) if self.mode == 1 else
+                min(self.sk, i + self.off + self.right + 1) if self.mode == 2 else self.sk)
+
+    def key_limit(self, i):
+        return (i + self.off + 1 if self.mode == 1 else
+                i + self.off + self.right + 1 if self.mode == 2 else 2**31 - 1)
+
+    def query_end(self, j):
+        return min(self.sq, max(0, j - self.off + self.left + 1)) if self.mode == 2 else self.sq
+
+    def full(self, r0, r1, k0, k1):
+        return k1 < self.key_end(r0) and (self.mode != 2 or k0 >= self.key_begin(r1))
+
+    def any(self, r0, r1, k0, k1):
+        return ((self.mode != 1 or k0 <= r1 + self.off) and
+                (self.mode != 2 or (k0 <= r1 + self.off + self.right
+                                    and k1 >= r0 + self.off - self.left)))
+
+    def key_tiles(self, bn, q0, q_last):
+        end = (self.sk + bn - 1) // bn
+        if self.mode in (1, 2):
+            last_key = self.key_limit(q_last) - 1
+            end = min(end, 0 if last_key < 0 else last_key // bn + 1)
+        begin = min(self.key_begin(q0) // bn, end) if self.mode == 2 else 0
+        return begin, end
+
+    def query_tiles(self, bm, n0, n_last):
+        m_tiles = (self.sq + bm - 1) // bm
+        first, end = 0, m_tiles
+        if self.mode in (1, 2):
+            i_min = n0 - self.off - (self.right if self.mode == 2 else 0)
+            first = m_tiles if i_min >= self.sq else i_min // bm if i_min > 0 else 0
+        if self.mode == 2:
+            end = max(first, (self.query_end(n_last) + bm - 1) // bm)
+        return first, end
+
+
+def _kernel_mask(sq, sk, causal, window):
+    """The mask mode and run-time bounds the launcher passes (plan / launch.mod_args)."""
+    effective = plan.effective_window(window, causal)
+    if effective is None:
+        return _Mask(1 if causal else 0, sq, sk, 0, 0)
+    args = launch.mod_args(shape(seqlen_q=sq, seqlen_k=sk, causal=causal), window, None, 1.0)
+    return _Mask(2, sq, sk, args.window_left, args.window_right)
+
+
+@settings(deadline=None, max_examples=300)
+@given(sq=st.integers(1, 90), sk=st.integers(1, 90), causal=st.booleans(),
+       window=st.one_of(st.none(), st.tuples(st.integers(-1, 40), st.integers(-1, 40))),
+       bm=st.sampled_from([16, 32, 64]), bn=st.sampled_from([16, 32, 64]))
+def test_tile_ranges_cover_every_visible_pair(sq, sk, causal, window, bm, bn):
+    from cuflash import reference
+
+    visible = reference._visible(sq, sk, causal, window)
+    mask = _kernel_mask(sq, sk, causal, window)
+    for i in range(sq):
+        for j in range(sk):
+            assert mask.visible(i, j) == bool(visible[i, j]), (i, j)
+    for q0 in range(0, sq, bm):  # forward / dQ: the key tiles of a query tile
+        q_last = min(q0 + bm, sq) - 1
+        begin, end = mask.key_tiles(bn, q0, q_last)
+        for j in np.nonzero(visible[q0:q_last + 1].any(axis=0))[0]:
+            assert begin <= j // bn < end, (q0, j)
+        for t in range(begin, end):
+            k0, k1 = t * bn, t * bn + bn - 1
+            if mask.full(q0, q_last, k0, k1):  # no mask applied: every pair must be visible
+                assert visible[q0:q_last + 1, k0:k1 + 1].all() and k1 < sk
+    for n0 in range(0, sk, bn):  # backward: the query tiles of a key block
+        n_last = min(n0 + bn, sk) - 1
+        first, end = mask.query_tiles(bm, n0, n_last)
+        for i in np.nonzero(visible[:, n0:n_last + 1].any(axis=1))[0]:
+            assert first <= i // bm < end, (n0, i)
+        for r0 in range(0, sq, 16):  # a warp's sub-tile skipped by any() sees nothing
+            r1 = min(r0 + 16, sq) - 1
+            if not mask.any(r0, r1, n0, n_last):
+                assert not visible[r0:r1 + 1, n0:n_last + 1].any()
