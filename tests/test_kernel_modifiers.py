@@ -222,7 +222,10 @@ class _Mask:
         return min(self.sq, max(0, j - self.off + self.left + 1)) if self.mode == 2 else self.sq
 
     def full(self, r0, r1, k0, k1):
-        return k1 < self.key_end(r0) and (self.mode != 2 or k0 >= self.key_begin(r1))
+        causal, local = self.mode == 1, self.mode == 2
+        return not (k1 >= self.sk or (causal and k1 > r0 + self.off) or
+                    (local and (k1 > r0 + self.off + self.right
+                                or k0 < r1 + self.off - self.left)))
 
     def any(self, r0, r1, k0, k1):
         return ((self.mode != 1 or k0 <= r1 + self.off) and
