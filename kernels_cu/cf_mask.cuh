@@ -86,10 +86,11 @@ struct MaskPolicy {
   }
   // Every (i, j) in rows r0..r1 x keys k0..k1 (inclusive) visible: no mask needed.
   __device__ __forceinline__ bool full(int r0, int r1, int k0, int k1) const {
-    // (k1 < key_end(r0) && k0 >= key_begin(r1), spelled as the kernels had it: the min()
-    // form cost the sm_120 backward 12 B of spills)
+    // k1 < key_end(r0) && k0 >= key_begin(r1). Plain and causal are spelled as the kernels
+    // had them (the min() form cost the sm_120 backward 12 B of spills); local keeps the
+    // min() / max() form (the spelled-out one spilled 8 B in the sm_90 backward). ptxas.
     return !(k1 >= seqlen_k || (CF_CAUSAL && k1 > r0 + off) ||
-             (CF_LOCAL && (k1 > r0 + off + right || k0 < r1 + off - left)));
+             (CF_LOCAL && !(k1 < key_end(r0) && k0 >= key_begin(r1))));
   }
   // Some (i, j) in rows r0..r1 x keys k0..k1 visible (a tile worth computing). Conservative
   // at the seqlen edges (the caller bounds rows and keys by the lengths itself).
