@@ -31,23 +31,34 @@ def _cpu_kwargs(modifiers: validate.Modifiers) -> dict:
     return {} if modifiers is validate.NO_MODIFIERS else modifiers.cpu_kwargs()
 
 
+def _gpu_kwargs(modifiers: validate.Modifiers) -> dict:
+    """The modifiers for ``launch``: slopes and sinks as C-contiguous CuPy arrays."""
+    if modifiers is validate.NO_MODIFIERS:
+        return {}
+    import cupy
+
+    kw = modifiers.cpu_kwargs()
+    for name in ("alibi_slopes", "sinks"):
+        if kw[name] is not None:
+            kw[name] = cupy.ascontiguousarray(kw[name])
+    return kw
+
+
 def _flash_fwd(problem: validate.Problem, q, k, v,
                modifiers: validate.Modifiers = validate.NO_MODIFIERS, extra: dict | None = None):
-    """(o, m, l) on backend arrays of the problem's device. Score modifiers and ``extra``
-    (dropout, block mask: ``dropout_sparse_checks.check``) run on the CPU only so far (their
-    checks refuse them on CUDA)."""
+    """(o, m, l) on backend arrays of the problem's device. ``extra`` (dropout, block mask:
+    ``dropout_sparse_checks.check``) runs on the CPU only so far (its checks refuse CUDA)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
                                  softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers),
                                  **(extra or {}))
-    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     assert not extra, "dropout_sparse_checks refuses dropout and block masks on CUDA"
     from .launch import flash_forward_gpu
 
     return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
-                             softmax_scale=problem.softmax_scale)
+                             softmax_scale=problem.softmax_scale, **_gpu_kwargs(modifiers))
 
 
 def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
@@ -63,13 +74,12 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
                                   softmax_scale=problem.softmax_scale,
                                   center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers),
                                   **(extra or {}))
-    assert modifiers.first is None, "check_modifiers refuses score modifiers on CUDA"
     assert not extra, "dropout_sparse_checks refuses dropout and block masks on CUDA"
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
                               causal=problem.causal, softmax_scale=problem.softmax_scale,
-                              deterministic=deterministic)
+                              deterministic=deterministic, **_gpu_kwargs(modifiers))
 
 
 def _fast_backend(arrays, causal, softmax_scale):
@@ -141,8 +151,8 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
             -slope * |i + seqlen_k - seqlen_q - j| to each score. Default None.
         sinks: float32 (heads,), one logit per head that joins each row's softmax
             normalizer but has no value vector. Default None.
-        The four modifiers (docs/masks.md) run on CPU arrays only so far: on CUDA arrays
-        they raise ``ValueError`` before anything is allocated.
+        The four modifiers (docs/masks.md) run on CPU and CUDA arrays (every kernel
+        family); the JAX adapter does not take them yet.
         dropout_p: a real in [0, 1) (docs/dropout.md): each probability P[b, h, i, j] is
             kept with probability 1 - dropout_p and then scaled by 1 / (1 - dropout_p), or
             set to 0; stats m, l stay those of the undropped softmax. Default 0 (off).

@@ -286,8 +286,18 @@ def _flash_bwd(causal, softmax_scale, deterministic, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _refuse_modifiers(window, softcap, alibi_slopes, sinks) -> None:
+    """The score modifiers are not wired through the XLA FFI targets yet (issue #14)."""
+    given = validate.Modifiers(validate.check_window(window), validate.check_softcap(softcap),
+                               alibi_slopes, sinks).first
+    if given is not None:
+        raise ValueError(f"{given}: cuflash.jax.flash_attention does not take score modifiers "
+                         f"yet (issue #14); cuflash.attention_forward runs them eagerly")
+
+
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-                    deterministic: bool = False):
+                    deterministic: bool = False, window=None, softcap=None, alibi_slopes=None,
+                    sinks=None):
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v`` with a custom VJP.
 
     Args:
@@ -301,6 +311,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         deterministic: the backward computes dQ without atomics, so gradients are bitwise
             identical run to run on CUDA (somewhat slower; the CPU path always is). A Python
             bool (static); under jit it is the FFI attribute ``deterministic``.
+        window, softcap, alibi_slopes, sinks: the score modifiers (docs/masks.md) are not
+            in the JAX adapter yet: anything but their off values raises ``ValueError``
+            naming the argument (``cuflash.attention_forward`` runs them on JAX CPU arrays).
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), q's dtype.
@@ -314,6 +327,7 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     """
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_array(x, name)
+    _refuse_modifiers(window, softcap, alibi_slopes, sinks)
     causal = validate.check_bool(causal, "causal")
     deterministic = validate.check_bool(deterministic, "deterministic")
     scale = validate.check_scale(softmax_scale, q.shape[-1])

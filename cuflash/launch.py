@@ -51,6 +51,46 @@ def cupy_operand(a) -> Operand:
     return Operand(a.data.ptr, sb, sm, sh, item)
 
 
+class ModArgs(NamedTuple):
+    """The score modifiers' run-time kernel arguments (docs/kernel_abi.md, cf_mask.cuh):
+    window bounds (local mask mode; an unbounded side as seqlen_q + seqlen_k), the softcap
+    and the slopes' scale in raw q.k units, device addresses of the float32 slopes (batch
+    stride in elements, 0 for (heads,)), sinks and dsinks (0 when off)."""
+
+    window_left: int = 0
+    window_right: int = 0
+    softcap_raw: float = 0.0
+    softcap_inv: float = 0.0
+    raw_per_score: float = 0.0
+    alibi: int = 0
+    stride_alibi_b: int = 0
+    sinks: int = 0
+    dsinks: int = 0
+
+    def kernel_args(self, b0: int = 0) -> tuple:
+        """CF_MOD_PARAMS for a launch whose batch starts at entry ``b0``."""
+        alibi = self.alibi + 4 * b0 * self.stride_alibi_b if self.alibi else 0
+        return (self.window_left, self.window_right, self.softcap_raw, self.softcap_inv,
+                self.raw_per_score, alibi, self.stride_alibi_b)
+
+
+PLAIN = ModArgs()
+
+
+def mod_args(shape: planning.Shape, window, softcap, softmax_scale: float, alibi: int = 0,
+             stride_alibi_b: int = 0, sinks: int = 0, dsinks: int = 0) -> ModArgs:
+    """``ModArgs`` of a call: ``window`` as the user gave it (``plan.effective_window``
+    folds causal in), ``softcap`` in score units (None or 0: off)."""
+    left = right = 0
+    effective = planning.effective_window(window, shape.causal)
+    if effective is not None:
+        unbounded = shape.seqlen_q + shape.seqlen_k  # bounds nothing (cf_mask.cuh)
+        left, right = (unbounded if side < 0 else min(side, unbounded) for side in effective)
+    cap_raw = float(softcap) / softmax_scale if softcap else 0.0
+    return ModArgs(left, right, cap_raw, 1.0 / cap_raw if softcap else 0.0,
+                   1.0 / softmax_scale, alibi, stride_alibi_b, sinks, dsinks)
+
+
 # -- device facts --------------------------------------------------------------------------
 
 
@@ -84,12 +124,17 @@ def backward_plan(shape: planning.Shape, device_id: int,
 
 # -- parameter buffers ---------------------------------------------------------------------
 # Each entry point's parameters, one letter each: p pointer, i int, q long long, f float.
+# MODS: the score modifiers' arguments every attention kernel takes last (cf_mask.cuh's
+# CF_MOD_PARAMS: window_left, window_right, softcap_raw, softcap_inv, raw_per_score,
+# alibi_slopes, stride_alibi_b); the forwards then take the sinks, the preprocess sinks and
+# dsinks.
+MODS = "iifffpq"
 _SIGNATURES = {
-    "fwd": "pppppp" "iiiii" + "q" * 12 + "f",
-    "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff",
-    "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp",  # + kv_splits, dk_accum, dv_accum
-    "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff",
-    "bwd_pre": "pppppp" "iii" + "q" * 6,
+    "fwd": "pppppp" "iiiii" + "q" * 12 + "f" + MODS + "p",
+    "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff" + MODS,
+    "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp" + MODS,  # + kv_splits, dk/dv_accum
+    "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS,
+    "bwd_pre": "pppppp" "iii" + "q" * 6 + "pp",
     "convert": "pp" "iii" "qqq",
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
@@ -197,29 +242,32 @@ def forward_tail(shape: planning.Shape, strides: tuple, softmax_scale: float) ->
 
 
 def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsize: int,
-                   stream: int, device_id: int) -> None:
+                   stream: int, device_id: int, mods: ModArgs = PLAIN) -> None:
     """Enqueue the forward: ``ptrs`` = addresses of q, k, v, o, m, l; ``tail`` from
-    ``forward_tail``. Every element of o, m, l is written (for a non-empty call: the caller
-    handles ``Shape.empty`` itself)."""
+    ``forward_tail``; ``mods`` the score modifiers' arguments. Every element of o, m, l is
+    written (for a non-empty call: the caller handles ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
     signature = _SIGNATURES[kernel.spec.kind]
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
-        _launch(kernel, device_id, kernel.grid[2], signature, ptrs + tail, stream, s)
+        args = ptrs + tail + mods.kernel_args() + (mods.sinks,)
+        _launch(kernel, device_id, kernel.grid[2], signature, args, stream, s)
         return
     stats_row = 4 * s.heads * s.seqlen_q  # bytes of one batch entry of m / l
     # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o)
     steps = (*(tail[5 + 3 * i] * itemsize for i in range(4)), stats_row, stats_row)
     for b0, grid_z in _batch_slices(kernel, s.batch):
         args = tuple(p + b0 * step for p, step in zip(ptrs, steps)) + tail
+        args += mods.kernel_args(b0) + (mods.sinks,)
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
-                m: int, l: int, softmax_scale: float, stream: int, device_id: int) -> None:
+                m: int, l: int, softmax_scale: float, stream: int, device_id: int,
+                mods: ModArgs = PLAIN) -> None:
     """``launch_forward`` on operands."""
     tail = forward_tail(plan.shape, _strides(q, k, v, o), softmax_scale)
     launch_forward(plan, (q.ptr, k.ptr, v.ptr, o.ptr, m, l), tail, q.itemsize, stream,
-                   device_id)
+                   device_id, mods)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -228,10 +276,11 @@ def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, 
 def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operand,
                  v: Operand, o: Operand, m: int, l: int, dq: Operand, dk: Operand,
                  dv: Operand, softmax_scale: float, workspace: int, stream: int,
-                 device_id: int) -> None:
+                 device_id: int, mods: ModArgs = PLAIN) -> None:
     """Enqueue the backward on ``stream``. ``workspace``: the address of at least
     ``plan.backward_workspace(plan).total_bytes`` scratch bytes on the device, ordered on
-    ``stream`` (the caller keeps it alive until the work is done)."""
+    ``stream`` (the caller keeps it alive until the work is done). With sinks,
+    ``mods.dsinks`` (float32 (heads,)) must be zeroed on ``stream`` by the caller."""
     from cupy_backends.cuda.api import runtime
 
     s = plan.shape
@@ -245,7 +294,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     for b0, z in _batch_slices(plan.pre, s.batch):
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
-                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do))
+                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks)
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
@@ -265,13 +314,15 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * kv_row if accum else 0)
+        args += mods.kernel_args(b0)
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
         for b0, z in _batch_slices(plan.dq, s.batch):
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
-                    _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales)
+                    _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales,
+                    *mods.kernel_args(b0))
             _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
@@ -321,10 +372,11 @@ def poison(out, logical: str = "float32"):
     return out
 
 
-def shape_of(q, k, dtype: str, causal: bool) -> planning.Shape:
+def shape_of(q, k, dtype: str, causal: bool, mods: specs.ModFlags = specs.NO_MODS
+             ) -> planning.Shape:
     batch, seqlen_q, heads, head_dim = q.shape
     return planning.Shape(batch, seqlen_q, k.shape[1], heads, k.shape[2], head_dim, dtype,
-                          bool(causal))
+                          bool(causal), mods)
 
 
 def _current_stream() -> int:
@@ -333,66 +385,99 @@ def _current_stream() -> int:
     return cupy.cuda.get_current_stream().ptr
 
 
-def fill_no_key_forward(o, m, l) -> None:
-    """seqlen_k == 0: every row sees no key (o = 0, m = -inf, l = 0)."""
+def fill_no_key_forward(o, m, l, sinks=None) -> None:
+    """seqlen_k == 0: every row sees no key (o = 0, m = -inf, l = 0; with sinks m = sink,
+    l = 1: the sink is the row's only score)."""
     o.view(np.uint16 if o.itemsize == 2 else np.float32).fill(0)
-    m.fill(-np.inf)
-    l.fill(0)
+    if sinks is None:
+        m.fill(-np.inf)
+        l.fill(0)
+    else:
+        m[...] = sinks.astype(np.float32)[None, :, None]
+        l.fill(1)
 
 
-def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None):
+def _modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
+                  softmax_scale: float, dsinks=None) -> ModArgs:
+    """``ModArgs`` for CuPy float32 slopes / sinks (C-contiguous, validated by the caller)."""
+    alibi = stride = 0
+    if alibi_slopes is not None:
+        alibi, stride = alibi_slopes.data.ptr, (shape.heads if alibi_slopes.ndim == 2 else 0)
+    return mod_args(shape, window, softcap, softmax_scale, alibi, stride,
+                    sinks.data.ptr if sinks is not None else 0,
+                    dsinks.data.ptr if dsinks is not None else 0)
+
+
+def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None,
+                      window=None, softcap=None, alibi_slopes=None, sinks=None):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
     ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
     optional (o, m, l) to write into instead (C-contiguous, of the shapes and dtypes this
-    function would allocate).
+    function would allocate). ``window``, ``softcap``, ``alibi_slopes``, ``sinks``: the
+    score modifiers (docs/masks.md), validated by the caller; the arrays C-contiguous
+    float32 CuPy arrays on q's device. A modifier the kernel family lacks raises
+    ``ValueError`` before any output is touched.
     """
     batch, seqlen_q, heads, _ = q.shape
+    device_id = q.device.id
+    shape = shape_of(q, k, dtype, causal,
+                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal))
+    plan = None
+    if not shape.empty:
+        plan = forward_plan(shape, device_id)  # the selector's ValueError comes first
     if out is not None:
         o, m, l = poison(out[0], dtype), poison(out[1]), poison(out[2])
     else:
         o = _empty(q.shape, q.dtype, dtype)
         m = _empty((batch, heads, seqlen_q), np.float32)
         l = _empty((batch, heads, seqlen_q), np.float32)
-    shape = shape_of(q, k, dtype, causal)
     if o.size == 0:
         return o, m, l
     if shape.seqlen_k == 0:
-        fill_no_key_forward(o, m, l)
+        fill_no_key_forward(o, m, l, sinks)
         return o, m, l
-    device_id = q.device.id
-    run_forward(forward_plan(shape, device_id), cupy_operand(q), cupy_operand(k),
-                cupy_operand(v), cupy_operand(o), m.data.ptr, l.data.ptr, softmax_scale,
-                _current_stream(), device_id)
+    mods = _modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale)
+    run_forward(plan, cupy_operand(q), cupy_operand(k), cupy_operand(v), cupy_operand(o),
+                m.data.ptr, l.data.ptr, softmax_scale, _current_stream(), device_id, mods)
     return o, m, l
 
 
 def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
-                       softmax_scale: float, deterministic: bool = False, out=None):
-    """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l.
+                       softmax_scale: float, deterministic: bool = False, out=None,
+                       window=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l; with
+    sinks (dq, dk, dv, dsinks), dsinks float32 (heads,).
 
     ``out``: an optional (dq, dk, dv) to write into instead of new arrays (as in the forward).
+    The modifiers as in ``flash_forward_gpu``.
     """
     import cupy
 
+    device_id = q.device.id
+    shape = shape_of(q, k, dtype, causal,
+                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal))
+    plan = None
+    if not shape.empty:
+        plan = backward_plan(shape, device_id, deterministic)  # ValueError before writing
     if out is not None:
         dq, dk, dv = (poison(t, dtype) for t in out)
     else:
         dq = _empty(q.shape, q.dtype, dtype)
         dk = _empty(k.shape, k.dtype, dtype)
         dv = _empty(v.shape, v.dtype, dtype)
-    shape = shape_of(q, k, dtype, causal)
+    # dsinks: the preprocess adds each block's share with atomics, so it starts at zero
+    dsinks = None if sinks is None else cupy.zeros(sinks.shape, np.float32)
+    grads = (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
     if dq.size == 0 and dk.size == 0:
-        return dq, dk, dv
-    if shape.empty:
+        return grads
+    if shape.empty:  # with sinks: o = 0 for rows that see no key, so delta and dsinks are 0
         for t in (dq, dk, dv):  # zero bits are +0.0 in every float format
             t.view(np.uint8).fill(0)
-        return dq, dk, dv
-    device_id = q.device.id
-    plan = backward_plan(shape, device_id, deterministic)
+        return grads
     workspace = cupy.empty(planning.backward_workspace(plan).total_bytes, np.uint8)
+    mods = _modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale, dsinks)
     run_backward(plan, *(cupy_operand(x) for x in (do, q, k, v, o)), m.data.ptr, l.data.ptr,
                  *(cupy_operand(x) for x in (dq, dk, dv)), softmax_scale, workspace.data.ptr,
-                 _current_stream(), device_id)
-    return dq, dk, dv
-
+                 _current_stream(), device_id, mods)
+    return grads

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import config, specs
 from .config import Config
-from .specs import DeviceFacts, KernelSpec
+from .specs import NO_MODS, DeviceFacts, KernelSpec, ModFlags
 
 MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z
 SCRATCH_ALIGN = 256  # bytes; every scratch array starts on this boundary
@@ -45,12 +45,13 @@ class Shape:
     head_dim: int
     dtype: str
     causal: bool
+    mods: ModFlags = NO_MODS  # the score modifiers that are on (their kernels' knobs)
 
     @classmethod
-    def of(cls, problem) -> "Shape":
+    def of(cls, problem, mods: ModFlags = NO_MODS) -> "Shape":
         """From a ``validate.Problem`` (or anything with the same attributes)."""
         return cls(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads,
-                   problem.heads_kv, problem.head_dim, problem.dtype, problem.causal)
+                   problem.heads_kv, problem.head_dim, problem.dtype, problem.causal, mods)
 
     @property
     def heads_per_kv(self) -> int:
@@ -162,6 +163,25 @@ def backward_workspace(plan: BackwardPlan) -> Workspace:
     return plan.scratch
 
 
+def effective_window(window, causal: bool) -> tuple[int, int] | None:
+    """The window the kernels' local mask mode runs, with causal folded in (its right bound
+    becomes 0, FlashAttention-2's ``causal = window (left, 0)``), or None when the window
+    adds nothing (off, or unbounded on the left under causal: plain causal)."""
+    if window is None or tuple(window) == (-1, -1):
+        return None
+    left, right = window
+    if causal:
+        return None if left < 0 else (left, 0)
+    return (left, right)
+
+
+def mod_flags(window, softcap, alibi_slopes, sinks, causal: bool) -> ModFlags:
+    """The kernels' compile-time knobs of a call's modifiers (None / 0: off)."""
+    return ModFlags(window=effective_window(window, causal) is not None,
+                    softcap=bool(softcap), alibi=alibi_slopes is not None,
+                    sinks=sinks is not None)
+
+
 # -- the pure planners ---------------------------------------------------------------------
 
 _DEFAULT = Config()
@@ -173,7 +193,7 @@ def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
     facts = facts.with_budget(cfg.smem_budget)
     if spec is None:
         spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
-                                    wgmma=cfg.wgmma)
+                                    wgmma=cfg.wgmma, mods=shape.mods)
     grid_xy = (_cdiv(shape.seqlen_q, spec.block_m), shape.heads)
     return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
 
@@ -207,18 +227,19 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
     if spec is not None and spec.dq_atomic == deterministic:
         raise ValueError(f"plan_backward: {spec.name} does not match deterministic={deterministic}")
     facts = facts.with_budget(cfg.smem_budget)
-    pre_spec = specs.select_backward_pre(dtype, facts)
+    pre_spec = specs.select_backward_pre(dtype, facts, mods=shape.mods)
     rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
     pre = _launch(pre_spec, rows_grid, shape.batch)
     if spec is None:
-        spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma)
+        spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma,
+                                     mods=shape.mods)
     n_chunks = _cdiv(d, spec.dchunk)
     splits = kv_head_splits(shape, spec, facts.sm_count)
     main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,
                    z_per_batch=n_chunks * splits)
     dq = dq_convert = kv_convert = None
     if deterministic:
-        dq_spec = specs.select_backward_dq(facts, dtype, d, causal)
+        dq_spec = specs.select_backward_dq(facts, dtype, d, causal, mods=shape.mods)
         dq = _launch(dq_spec, (_cdiv(shape.seqlen_q, dq_spec.block_m), shape.heads),
                      shape.batch)
     else:

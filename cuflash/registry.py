@@ -55,6 +55,9 @@ class Variant:
     wgmma: bool = False  # Hopper-only: compiled for sm_90a, runs on WGMMA_ARCHS alone
     dq_atomic_only: bool = False  # backward: serves only the dQ-by-atomics (non-deterministic) mode
     dchunk: Callable | None = None  # backward: (dtype, arch, bucket) -> dK/dV columns per block
+    # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
+    # one raises (never a silent fallback to a slower family).
+    modifiers: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -246,24 +249,29 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 
 
 # -- the registry: selection order within each direction -------------------------------------
+# Every modifier; the backward's main kernels need nothing for sinks (they read lse2), the
+# preprocess computes dsinks.
+ALL_MODS = ("window", "softcap", "alibi", "sinks")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd16, FWD90,
-            wgmma=True),
-    Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16),
-    Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32),
+            wgmma=True, modifiers=ALL_MODS),
+    Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
+            modifiers=ALL_MODS),
+    Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
+            modifiers=ALL_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
-            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole),
+            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16),
+            dchunk=_dchunk_bwd16, modifiers=ALL_MODS),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
-            dchunk=_dchunk_bwd32),
+            dchunk=_dchunk_bwd32, modifiers=ALL_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,
-            BWD_DQ16),
+            BWD_DQ16, modifiers=ALL_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq_fp32.cu", "flash_bwd_dq", FLOAT,
-            _smem_bwd_dq32, BWD_DQ32),
+            _smem_bwd_dq32, BWD_DQ32, modifiers=ALL_MODS),
     Variant("bwd_pre", "backward_pre", "flash_bwd_pre.cu", "flash_bwd_preprocess", DTYPES,
-            _smem_none, PRE),
+            _smem_none, PRE, modifiers=ALL_MODS),
 )
 
 KINDS = tuple(dict.fromkeys(v.kind for v in VARIANTS))

@@ -45,7 +45,37 @@ class DeviceFacts:
 
 
 _CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
-                 "CF_CAUSAL", "CF_DQ_ATOMIC", "CF_DCHUNK", "CF_SOURCE_HASH")
+                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_DQ_ATOMIC", "CF_DCHUNK",
+                 "CF_SOURCE_HASH")
+
+
+@dataclass(frozen=True)
+class ModFlags:
+    """Which score modifiers (docs/masks.md) a call uses: compile-time knobs of its kernels
+    (their values, window bounds, softcap, slopes, sinks, are run-time arguments).
+    ``window``: a sliding window, the kernels' local mask mode (with causal, right = 0)."""
+
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
+
+    @property
+    def on(self) -> tuple[str, ...]:
+        return tuple(n for n in ("window", "softcap", "alibi", "sinks") if getattr(self, n))
+
+    def for_direction(self, direction: str) -> "ModFlags":
+        """The flags a direction's kernel is compiled with: the backward's main and dQ
+        kernels read lse2, so sinks change nothing there; the preprocess only needs sinks
+        (for dsinks)."""
+        if direction == "forward":
+            return self
+        if direction == "backward_pre":
+            return ModFlags(sinks=self.sinks)
+        return replace(self, sinks=False)
+
+
+NO_MODS = ModFlags()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +96,7 @@ class KernelSpec:
     causal: bool = False
     dq_atomic: bool = False  # bwd only
     dchunk: int = 0  # bwd only: head-dim columns of dK/dV per block
+    mods: ModFlags = NO_MODS
     knobs: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
@@ -88,6 +119,7 @@ class KernelSpec:
             parts += [f"c{self.dchunk}", "atomic" if self.dq_atomic else "nodq"]
         if self.causal:
             parts.append("causal")
+        parts += ["local" if name == "window" else name for name in self.mods.on]
         parts += [f"{key[3:].lower()}{value}" for key, value in self.knobs]
         return "_".join(parts)
 
@@ -123,9 +155,14 @@ class KernelSpec:
         """The -D values the kernel source is compiled with (docs/kernel_abi.md)."""
         d = {"CF_DTYPE": DTYPE_CODE[self.dtype]}
         if self.kind != "bwd_pre":
+            mask = 2 if self.mods.window else 1 if self.causal else 0  # cf_mask.cuh
             d.update(CF_HEAD_DIM=self.head_dim, CF_BLOCK_M=self.block_m,
                      CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
-                     CF_CAUSAL=int(self.causal))
+                     CF_MASK=mask)
+        for name, define in (("softcap", "CF_SOFTCAP"), ("alibi", "CF_ALIBI"),
+                             ("sinks", "CF_SINKS")):
+            if getattr(self.mods, name):  # only when on: plain specs keep their defines
+                d[define] = 1
         if self.kind in ("bwd", "bwd90"):
             d.update(CF_DQ_ATOMIC=int(self.dq_atomic), CF_DCHUNK=self.dchunk)
         d.update(self.knobs)
@@ -163,17 +200,21 @@ _WHAT = {"forward": "forward", "backward": "backward", "backward_dq": "backward 
 
 
 def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal: bool = False,
-           *, deterministic: bool = False, wgmma: bool = True) -> KernelSpec:
+           *, deterministic: bool = False, wgmma: bool = True,
+           mods: ModFlags = NO_MODS) -> KernelSpec:
     """The first tile, of the first registry variant serving the problem, that fits
-    ``facts.smem_optin``; ``wgmma=False`` leaves the Hopper-only variants out."""
+    ``facts.smem_optin``; ``wgmma=False`` leaves the Hopper-only variants out. A variant
+    that serves the problem but not one of ``mods`` raises ``ValueError`` naming both."""
     check_dtype(facts, dtype)
     bucket = 0 if direction == "backward_pre" else head_dim_bucket(head_dim)
+    mods = mods.for_direction(direction)
     tried = []
     for variant in VARIANTS:
         if not variant.serves(direction, dtype, facts.arch, bucket, deterministic, wgmma):
             continue
+        _check_modifiers(variant, mods, dtype)
         for tile in variant.candidates(bucket, facts.arch):
-            spec = _spec(variant, tile, dtype, bucket, causal, deterministic, facts.arch)
+            spec = _spec(variant, tile, dtype, bucket, causal, deterministic, facts.arch, mods)
             if spec.smem_bytes <= facts.smem_optin:
                 return spec
             tried.append(f"{spec.name} ({spec.smem_bytes} B)")
@@ -181,40 +222,51 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
                      f"fits {facts.smem_optin} bytes of shared memory; tried {', '.join(tried)}")
 
 
+def _check_modifiers(variant: Variant, mods: ModFlags, dtype: str) -> None:
+    missing = [name for name in mods.on if name not in variant.modifiers]
+    if missing:
+        raise ValueError(f"{missing[0]}: not supported by the {variant.kind} kernel for {dtype} "
+                         f"({variant.source}) yet (issue #14); CPU arrays run it")
+
+
 def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, deterministic: bool,
-          arch: str) -> KernelSpec:
+          arch: str, mods: ModFlags = NO_MODS) -> KernelSpec:
     if variant.direction == "backward_pre":
-        return KernelSpec(kind=variant.kind, dtype=dtype)
+        return KernelSpec(kind=variant.kind, dtype=dtype, mods=mods)
     backward = variant.direction == "backward"
+    # A window is the local mask mode, which holds causal as right = 0 (cf_mask.cuh).
     return KernelSpec(kind=variant.kind, dtype=dtype, head_dim=bucket, block_m=tile.block_m,
-                      block_n=tile.block_n, warps=tile.warps, stages=tile.stages, causal=causal,
+                      block_n=tile.block_n, warps=tile.warps, stages=tile.stages,
+                      causal=causal and not mods.window, mods=mods,
                       dq_atomic=backward and not deterministic,
                       dchunk=variant.dchunk(dtype, arch, bucket) if backward else 0)
 
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
-                   wgmma: bool = True) -> KernelSpec:
-    return select("forward", facts, dtype, head_dim, causal, wgmma=wgmma)
+                   wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
+    return select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods)
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
-                    deterministic: bool, *, wgmma: bool = True) -> KernelSpec:
+                    deterministic: bool, *, wgmma: bool = True,
+                    mods: ModFlags = NO_MODS) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
     return select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
-                  wgmma=wgmma)
+                  wgmma=wgmma, mods=mods)
 
 
 def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,
-                       causal: bool) -> KernelSpec:
+                       causal: bool, *, mods: ModFlags = NO_MODS) -> KernelSpec:
     """The deterministic dQ pass."""
-    return select("backward_dq", facts, dtype, head_dim, causal)
+    return select("backward_dq", facts, dtype, head_dim, causal, mods=mods)
 
 
-def select_backward_pre(dtype: str, facts: DeviceFacts | None = None) -> KernelSpec:
+def select_backward_pre(dtype: str, facts: DeviceFacts | None = None, *,
+                        mods: ModFlags = NO_MODS) -> KernelSpec:
     """The elementwise preprocess / dQ-convert kernels (no tiles)."""
     if facts is None:
-        return KernelSpec(kind="bwd_pre", dtype=dtype)
-    return select("backward_pre", facts, dtype, 0)
+        return KernelSpec(kind="bwd_pre", dtype=dtype, mods=ModFlags(sinks=mods.sinks))
+    return select("backward_pre", facts, dtype, 0, mods=mods)
 
 
 def all_specs(facts: DeviceFacts, *, wgmma: bool = True) -> list[KernelSpec]:

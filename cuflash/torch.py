@@ -86,6 +86,40 @@ class _EagerFlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _ModifiedFlashAttention(torch.autograd.Function):
+    """Calls with score modifiers (window, softcap, ALiBi, sinks; docs/masks.md): the general
+    API path on CPU and CUDA tensors (fastpath serves plain calls only). The sinks get a
+    gradient; ALiBi slopes none (constants, as in FlashAttention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, softmax_scale, deterministic, window, softcap,
+                alibi_slopes, sinks):
+        mods = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                         **mods)
+        ctx.save_for_backward(q, k, v, o, stats.m, stats.l, alibi_slopes, sinks)
+        ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
+        ctx.window, ctx.softcap = window, softcap
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, m, l, alibi_slopes, sinks = ctx.saved_tensors
+        grads = api.attention_backward(
+            _kernel_ready(do), q, k, v, o, SoftmaxStats(m, l), causal=ctx.causal,
+            softmax_scale=ctx.softmax_scale, deterministic=ctx.deterministic,
+            window=ctx.window, softcap=ctx.softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        dsinks = grads[3] if sinks is not None else None
+        return (*grads[:3], None, None, None, None, None, None, dsinks)
+
+
+@torch.compiler.disable  # the general API path is not traceable: a graph break
+def _modified_attention(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes,
+                        sinks):
+    return _ModifiedFlashAttention.apply(q, k, v, causal, scale, deterministic, window,
+                                         softcap, alibi_slopes, sinks)
+
+
 # -- the operators ----------------------------------------------------------------------------
 
 
@@ -180,7 +214,9 @@ def _resolve_deterministic(deterministic: bool | None) -> bool:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     softmax_scale: float | None = None,
-                    deterministic: bool | None = None) -> torch.Tensor:
+                    deterministic: bool | None = None, window=None, softcap=None,
+                    alibi_slopes: torch.Tensor | None = None,
+                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v``, differentiable.
 
     Args:
@@ -195,6 +231,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         deterministic: the backward computes dQ without atomics, so gradients are bitwise
             identical run to run on CUDA (somewhat slower; the CPU path always is). ``None``
             (default) follows ``torch.are_deterministic_algorithms_enabled()`` at this call.
+        window, softcap, alibi_slopes, sinks: the score modifiers of
+            ``cuflash.attention_forward`` (docs/masks.md); alibi_slopes and sinks float32
+            tensors on q's device. ``sinks`` gets a gradient (float32 (heads,)), the slopes
+            none. With any of them the call takes the general API path (eagerly: under
+            ``torch.compile`` it is a graph break).
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device (from torch's
@@ -210,6 +251,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
     scale = validate.check_scale(softmax_scale, head_dim)
     deterministic = _resolve_deterministic(deterministic)
+    if not api._plain(window, softcap, alibi_slopes, sinks):
+        return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
+                                   alibi_slopes, sinks)
     # all-meta tensors go to the op, whose fake implementation infers the shapes
     if not torch.compiler.is_compiling() and q.device.type != "meta":
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)

@@ -15,9 +15,10 @@ They return a :class:`Problem`, the facts dispatch needs, or raise:
 The score modifiers (issue #14, docs/masks.md) are checked by ``check_modifiers``:
 ``window`` a pair of ints >= -1 (TypeError / ValueError), ``softcap`` a real number >= 0
 that float32 can carry, ``alibi_slopes`` float32 (heads,) or (batch, heads) and ``sinks``
-float32 (heads,), arrays of q's framework and device with finite values. On CUDA any of them
-raises ``ValueError`` (not yet in the kernels) after the checks of window and softcap,
-before the per-head arrays are imported or read. ``window=(-1, -1)`` and ``softcap=0`` mean off.
+float32 (heads,), arrays of q's framework and device with finite values. On CUDA a kernel
+family that lacks a modifier raises ``ValueError`` naming both when the call is planned
+(``specs.select``), before any output is written. ``window=(-1, -1)`` and ``softcap=0`` mean
+off.
 
 Issue #15: CPU arrays take any head_dim from 1 to 256 and a head_dim_v of v (and o, do)
 that differs from q's; CUDA arrays need head_dim in ``SUPPORTED_HEAD_DIMS`` and head_dim_v ==
@@ -145,8 +146,7 @@ def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -
 class Modifiers:
     """The validated score modifiers of one call (docs/masks.md); None means off.
 
-    ``alibi_slopes`` and ``sinks`` are backend arrays (float32; host arrays so far, since
-    CUDA refuses them).
+    ``alibi_slopes`` and ``sinks`` are backend arrays (float32 NumPy or CuPy, on q's device).
     """
 
     window: tuple[int, int] | None = None
@@ -178,6 +178,8 @@ NO_MODIFIERS = Modifiers()
 def _values(x: Any) -> tuple | None:
     if x is None:
         return None
+    if not isinstance(x, np.ndarray) and hasattr(x, "get"):  # CuPy: copy to the host
+        x = x.get()
     host = np.asarray(x, dtype=np.float32)
     return tuple(host.shape), tuple(host.ravel().tolist())
 
@@ -186,15 +188,10 @@ def check_modifiers(q: Any, problem: Problem, *, window=None, softcap=None, alib
                     sinks=None) -> Modifiers:
     """Validate the score modifiers for ``problem`` (q: its imported query array).
 
-    On CUDA, any modifier that is on raises right after the scalar checks: the per-head
-    arrays are then neither imported nor read (whatever their framework or device)."""
+    On CUDA the kernels run them (a kernel family that lacks one raises ``ValueError``
+    when the call is planned, before any output is written)."""
     q = _imported(q, "q")
     window, softcap = check_window(window), check_softcap(softcap)
-    if q.is_cuda:
-        given = Modifiers(window, softcap, alibi_slopes, sinks).first
-        if given is not None:
-            raise ValueError(f"{given}: not yet supported by the CUDA kernels (issue #14); "
-                             f"CPU arrays run it")
     heads, batch = problem.heads, problem.batch
     return Modifiers(
         window=window, softcap=softcap,

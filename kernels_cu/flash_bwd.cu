@@ -79,7 +79,9 @@
 // heads_kv, head_dim), strides in elements, head_dim contiguous. lse2, delta float32
 // (batch, heads, seqlen_q), lse2 in log2 units. dq_accum float32 contiguous (batch, seqlen_q,
 // heads, head_dim), zeroed by the launcher, receives dQ already times softmax_scale.
-// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q. The
+// mask (causal or a local window), the query / key tile ranges and the score modifiers
+// (softcap with its 1 - tanh^2 in dS, ALiBi) come from cf_mask.cuh (docs/masks.md).
 // Every dk / dv element of a row < seqlen_k is written (zeros for keys no query sees).
 //
 // Host contract (docs/kernel_abi.md): head_dim a multiple of 8 with 8 <= head_dim <=
@@ -105,9 +107,6 @@
 #endif
 #ifndef CF_STAGES
 #define CF_STAGES 2
-#endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
 #endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
@@ -145,20 +144,27 @@
 // in 16 registers while dP^T accumulates; what lets PIPE 1 fit beside the 128 accumulators of
 // head_dim 128 without spilling.
 // CF_BWD_SPLIT_QGD = warps across the dQ columns (the other 8 / QGD across its rows).
+// Score modifiers (cf_mask.cuh) take registers too: their specs use the plain loop (PIPE 0)
+// at every head_dim (ALiBi with softcap spilled up to 268 B with 1 or 3).
 #ifndef CF_BWD_SPLIT_PIPE
+#if CF_SOFTCAP || CF_ALIBI
+#define CF_BWD_SPLIT_PIPE 0
+#else
 #define CF_BWD_SPLIT_PIPE (CF_HEAD_DIM > 96 ? 3 : 1)
+#endif
 #endif
 #ifndef CF_BWD_SPLIT_KUNROLL
 #define CF_BWD_SPLIT_KUNROLL 2
 #endif
 #ifndef CF_BWD_SPLIT_P_RELOAD
-#define CF_BWD_SPLIT_P_RELOAD (CF_HEAD_DIM > 96)
+#define CF_BWD_SPLIT_P_RELOAD (CF_HEAD_DIM > 96 || CF_SOFTCAP || CF_ALIBI)
 #endif
 #ifndef CF_BWD_SPLIT_QGD
 #define CF_BWD_SPLIT_QGD (CF_HEAD_DIM % 64 == 0 ? 4 : 2)
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_mask.cuh"
 
 namespace bwd {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -221,13 +227,14 @@ __device__ __forceinline__ void bwd_subtile(
     const elem_t* sK, const elem_t* sV, const elem_t* tQ, const elem_t* tdO, const float* tLse,
     const float* tDelta, elem_t* sdS, float (&acc_dk)[bwd::kDC / 8][4],
     float (&acc_dv)[bwd::kDC / 8][4], int qs, int q0, int krow0, int key0, int c0,
-    int seqlen_q, int seqlen_k, int head_dim, int causal_off, float scale_log2, int lane) {
+    int seqlen_q, int seqlen_k, int head_dim, const MaskPolicy& mask, const ScoreMods& mods,
+    float scale_log2, int lane) {
   using namespace bwd;
   const int grp = lane >> 2, tig = lane & 3;
   // Skip when every P^T entry of this warp's 16 x kMS block is 0: queries all past seqlen_q,
-  // keys all past seqlen_k, or (causal) the first key after the last query's last visible key.
+  // keys all past seqlen_k, or no visible pair (cf_mask.cuh).
   const bool active = q0 < seqlen_q && key0 < seqlen_k &&
-                      (!CF_CAUSAL || key0 <= q0 + kMS - 1 + causal_off);
+                      mask.any(q0, q0 + kMS - 1, key0, key0 + 15);
   if (!active) {
     if (CF_DQ_ATOMIC) {  // the dQ pieces read every row of sdS: leave zeros
 #pragma unroll
@@ -270,23 +277,24 @@ __device__ __forceinline__ void bwd_subtile(
     }
   }
 
-  // -- P^T = exp2(S^T scale_log2 - lse2_q), masked; dS^T = P^T (dP^T - delta_q)
+  // -- S^T modified (cf_mask.cuh); P^T = exp2(S^T scale_log2 - lse2_q), masked;
+  // dS^T = P^T (dP^T - delta_q) (times softcap's 1 - tanh^2)
   // C element e of n-tile n: key = key0 + grp + 8 (e >> 1), query = q0 + 8 n + 2 tig + (e & 1).
-  const bool need_mask = key0 + 16 > seqlen_k || (CF_CAUSAL && key0 + 15 > q0 + causal_off);
+  const bool need_mask = !mask.full(q0, q0 + kMS - 1, key0, key0 + 15);
 #pragma unroll
   for (int n = 0; n < kMS / 8; ++n) {
     const float2 lse = *reinterpret_cast<const float2*>(tLse + qs + 8 * n + 2 * tig);
     const float2 dlt = *reinterpret_cast<const float2*>(tDelta + qs + 8 * n + 2 * tig);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
+      const int key = key0 + grp + 8 * (e >> 1);
+      const int qi = q0 + 8 * n + 2 * tig + (e & 1);
+      float t = 0.f;
+      if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], qi, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-      if (need_mask) {
-        const int key = key0 + grp + 8 * (e >> 1);
-        const int qi = q0 + 8 * n + 2 * tig + (e & 1);
-        if (key >= seqlen_k || (CF_CAUSAL && key > qi + causal_off)) p = 0.f;
-      }
+      if (need_mask && !mask.visible(qi, key)) p = 0.f;
       s[n][e] = p;
-      dp[n][e] = p * (dp[n][e] - ((e & 1) ? dlt.y : dlt.x));
+      dp[n][e] = p * (dp[n][e] - ((e & 1) ? dlt.y : dlt.x)) * softcap_grad(t);
     }
   }
 
@@ -327,8 +335,8 @@ __device__ __forceinline__ void bwd_subtile(
 __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* sK, float* dq_rows,
                                               cf_i64 dq_row_stride, int m0, int n0, int c0,
                                               int seqlen_q, int seqlen_k, int head_dim,
-                                              int causal_off, float softmax_scale, int warp,
-                                              int lane) {
+                                              const MaskPolicy& mask, float softmax_scale,
+                                              int warp, int lane) {
   using namespace bwd;
   constexpr int kNPC = kDC / kPW;               // pieces per row band
   constexpr int kPieces = (kBM / 16) * kNPC;
@@ -341,10 +349,11 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
     zero_acc(acc);
 #pragma unroll 1
     for (int ks = 0; ks < kBN / 16; ++ks) {
-      // dS rows of keys >= seqlen_k are 0, and (causal) so are keys after the piece's last
-      // visible key; keys grow with ks, so stop there.
+      // dS rows of keys >= seqlen_k are 0, and so are keys after the piece's last visible
+      // key (causal, window); keys grow with ks, so stop there. (Keys before a window's
+      // first visible key are zeros too, not skipped.)
       if (n0 + 16 * ks >= seqlen_k) break;
-      if (CF_CAUSAL && n0 + 16 * ks > qr0 + 15 + causal_off) break;
+      if ((CF_CAUSAL || CF_LOCAL) && n0 + 16 * ks >= mask.key_limit(qr0 + 15)) break;
       cf_u32 a[4];
       // a: A = dS, queries qr0..+15 (m) x keys 16ks..+15 (k), from dS^T rows 16ks..+15, .trans:
       // regs = (k0-7,m0-7)^T (k0-7,m8-15)^T (k8-15,m0-7)^T (k8-15,m8-15)^T = a0 a1 a2 a3
@@ -389,7 +398,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale) {
+    float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -407,16 +416,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   const int kvh = blockIdx.y;
   const int n0 = blockIdx.x * kBN;
   const int c0 = chunk * CF_DCHUNK;
-  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0..: [m_first, m_tiles) for each head of the group
-  const int m_tiles = (seqlen_q + kBM - 1) / kBM;
-  int m_first = 0;
-  if (CF_CAUSAL) {
-    const int i_min = n0 - causal_off;  // first query row that sees key n0
-    m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
-  }
-  const int tiles_per_head = m_tiles - m_first;
+  // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
+  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
+  const int m_first = qt.first;
+  const int tiles_per_head = qt.end - qt.first;
   const int n_iter = heads_per_kv * tiles_per_head;
 
   // Issue the cp.async copies of iteration `it` (head group member g, query tile m0) into
@@ -477,10 +482,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const float* tLse = sLse + st * kBM;
     const float* tDelta = sDelta + st * kBM;
 
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
 #pragma unroll 1
     for (int qs = 0; qs < kBM; qs += kMS)
       bwd_subtile(sK, sV, tQ, tdO, tLse, tDelta, sdS, acc_dk, acc_dv, qs, m0 + qs, 16 * warp,
-                  n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, causal_off, scale_log2, lane);
+                  n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, mask, mods, scale_log2,
+                  lane);
 
     if (CF_DQ_ATOMIC) {
       __syncthreads();  // sdS complete; the Q / dO stage is no longer read in this iteration
@@ -490,7 +497,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
       }
       float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
       bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
-                    head_dim, causal_off, softmax_scale, warp, lane);
+                    head_dim, mask, softmax_scale, warp, lane);
       // sdS is rewritten only after the next iteration's top barrier.
     } else if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0
@@ -630,12 +637,12 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
                                            const elem_t* tdO, const float* tLse,
                                            const float* tDelta, elem_t* sP, elem_t* sdS,
                                            int krow0, int qcol0, int key0, int q0, int seqlen_q,
-                                           int seqlen_k, int causal_off, float scale_log2,
-                                           int lane) {
+                                           int seqlen_k, const MaskPolicy& mask,
+                                           const ScoreMods& mods, float scale_log2, int lane) {
   using namespace bwd;
   const int grp = lane >> 2, tig = lane & 3;
   const bool active = q0 < seqlen_q && key0 < seqlen_k &&
-                      (!CF_CAUSAL || key0 <= q0 + kQW - 1 + causal_off);
+                      mask.any(q0, q0 + kQW - 1, key0, key0 + kKW - 1);
   if (!active) {
     const cf_u32 zero[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
@@ -653,22 +660,30 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
   // key = key0 + 16 mi + grp + 8 (e >> 1), query = q0 + 8 n + 2 tig + (e & 1).
   float s[2][kQW / 8][4];
   split_scores(s, sK, tQ, krow0, qcol0, lane);
-  const bool need_mask =
-      key0 + kKW > seqlen_k || (CF_CAUSAL && key0 + kKW - 1 > q0 + causal_off);
+  const bool need_mask = !mask.full(q0, q0 + kQW - 1, key0, key0 + kKW - 1);
+  // softcap: 1 - tanh^2 per element waits in sdS (rounded to elem_t, as P^T is) where this
+  // lane later writes dS^T: no registers held across the dP^T products
 #pragma unroll
   for (int n = 0; n < kQW / 8; ++n) {
     const float2 lse = *reinterpret_cast<const float2*>(tLse + qcol0 + 8 * n + 2 * tig);
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi) {
+      float t[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+        const int key = key0 + 16 * mi + grp + 8 * (e >> 1);
+        const int qi = q0 + 8 * n + 2 * tig + (e & 1);
+        if (CF_SCORE_MODS) s[mi][n][e] = mods.apply(s[mi][n][e], qi, key, t[e]);
         float p = fast_exp2(fmaf(s[mi][n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-        if (need_mask) {
-          const int key = key0 + 16 * mi + grp + 8 * (e >> 1);
-          const int qi = q0 + 8 * n + 2 * tig + (e & 1);
-          if (key >= seqlen_k || (CF_CAUSAL && key > qi + causal_off)) p = 0.f;
-        }
+        if (need_mask && !mask.visible(qi, key)) p = 0.f;
         s[mi][n][e] = p;
+      }
+      if (CF_SOFTCAP) {
+        const int row = krow0 + 16 * mi + grp, col = qcol0 + 8 * n + 2 * tig;
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(row, col)) =
+            pack2(softcap_grad(t[0]), softcap_grad(t[1]));
+        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(row + 8, col)) =
+            pack2(softcap_grad(t[2]), softcap_grad(t[3]));
       }
     }
   }
@@ -710,6 +725,17 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
       dp[mi][n][1] = p_lo.y * (dp[mi][n][1] - dlt.y);
       dp[mi][n][2] = p_hi.x * (dp[mi][n][2] - dlt.x);
       dp[mi][n][3] = p_hi.y * (dp[mi][n][3] - dlt.y);
+      if (CF_SOFTCAP) {  // dS^T *= 1 - tanh^2 (the factors rounded to elem_t, as P^T is)
+        const int row = krow0 + 16 * mi + grp, col = qcol0 + 8 * n + 2 * tig;
+        const float2 g_lo =
+            unpack2(*reinterpret_cast<const cf_u32*>(sdS + swz_elem<kSCPR>(row, col)));
+        const float2 g_hi =
+            unpack2(*reinterpret_cast<const cf_u32*>(sdS + swz_elem<kSCPR>(row + 8, col)));
+        dp[mi][n][0] *= g_lo.x;
+        dp[mi][n][1] *= g_lo.y;
+        dp[mi][n][2] *= g_hi.x;
+        dp[mi][n][3] *= g_hi.y;
+      }
     }
   }
 #pragma unroll
@@ -770,15 +796,15 @@ __device__ __forceinline__ void split_dkdv(const elem_t* sP, const elem_t* sdS, 
 // kQR kQC / 128 mma. dq_rows as in bwd_dq_atomic.
 __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, float* dq_rows,
                                          cf_i64 dq_row_stride, int m0, int n0, int seqlen_q,
-                                         int seqlen_k, int head_dim, int causal_off,
+                                         int seqlen_k, int head_dim, const MaskPolicy& mask,
                                          float softmax_scale, int warp, int lane) {
   using namespace bwd;
   const int qr0 = kQR * (warp / kQGD), qc0 = kQC * (warp % kQGD);
   if (m0 + qr0 >= seqlen_q || qc0 >= head_dim) return;
-  // Key steps that can hold a nonzero dS: keys < seqlen_k and (causal) keys visible to the
-  // last row of the piece.
+  // Key steps that can hold a nonzero dS: keys < seqlen_k and (causal, window) keys visible
+  // to the last row of the piece.
   int last_key = min(seqlen_k, n0 + kBN) - 1;
-  if (CF_CAUSAL) last_key = min(last_key, m0 + qr0 + kQR - 1 + causal_off);
+  if (CF_CAUSAL || CF_LOCAL) last_key = min(last_key, mask.key_limit(m0 + qr0 + kQR - 1) - 1);
   if (last_key < n0) return;
   const int nks = (last_key - n0) / 16 + 1;
   float acc[kQR / 16][kQC / 8][4];
@@ -831,7 +857,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale) {
+    float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -848,16 +874,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   const int b = blockIdx.z;  // one chunk: head_dim <= CF_DCHUNK
   const int kvh = blockIdx.y;
   const int n0 = blockIdx.x * kBN;
-  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0..: [m_first, m_tiles) for each head of the group
-  const int m_tiles = (seqlen_q + kBM - 1) / kBM;
-  int m_first = 0;
-  if (CF_CAUSAL) {
-    const int i_min = n0 - causal_off;  // first query row that sees key n0
-    m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
-  }
-  const int tiles_per_head = m_tiles - m_first;
+  // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
+  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
+  const int m_first = qt.first;
+  const int tiles_per_head = qt.end - qt.first;
   const int n_iter = heads_per_kv * tiles_per_head;
 
   // cp.async copies of iteration `it` into stage `st`, as in the 16-keys-per-warp kernel.
@@ -921,15 +943,19 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const elem_t* tdO = sdO + st * kBM * kD;
 
     // -- phase 1: P^T, dS^T of this warp's 32 keys x kQW queries into sP, sdS
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
     split_p_ds(sK, sV, tQ, tdO, sLse + st * kBM, sDelta + st * kBM, sP, sdS, krow0, kQW * wh,
-               key0, m0 + kQW * wh, seqlen_q, seqlen_k, causal_off, scale_log2, lane);
+               key0, m0 + kQW * wh, seqlen_q, seqlen_k, mask, mods, scale_log2, lane);
     __syncthreads();  // sP, sdS complete
 
     // -- phase 2: dK, dV over the query steps that can see this warp's keys
     int ks_lo = 0, ks_hi = 0;
     if (key0 < seqlen_k) {
       ks_hi = min(kBM / 16, (seqlen_q - m0 + 15) / 16);
-      if (CF_CAUSAL) ks_lo = max(0, (key0 - causal_off - m0) / 16);  // first visible query
+      // first query step that sees one of this warp's keys (causal, window)
+      if (CF_CAUSAL || CF_LOCAL) ks_lo = max(0, (mask.query_begin(key0) - m0) / 16);
+      // past the last one (window)
+      if (CF_LOCAL) ks_hi = min(ks_hi, (mask.query_end(key0 + kKW - 1) - m0 + 15) / 16);
     }
     split_dkdv(sP, sdS, tQ, tdO, acc_dk, acc_dv, krow0, kDW * wh, ks_lo, ks_hi, lane);
 
@@ -937,7 +963,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     if (CF_DQ_ATOMIC) {
       float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
-               causal_off, softmax_scale, warp, lane);
+               mask, softmax_scale, warp, lane);
     }
     if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0

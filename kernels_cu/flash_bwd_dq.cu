@@ -40,7 +40,9 @@
 // Layouts: q, dout, dq (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, heads_kv,
 // head_dim); strides in elements, head_dim contiguous. lse2, delta float32 (batch, heads,
 // seqlen_q), lse2 in log2 units (+inf for a row that sees no key, so its dq is 0).
-// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+// Causal is bottom-right aligned: query i sees key j iff j <= i + seqlen_k - seqlen_q. The
+// mask (causal or a local window), the query / key tile ranges and the score modifiers
+// (softcap with its 1 - tanh^2 in dS, ALiBi) come from cf_mask.cuh (docs/masks.md).
 // Every dq element of a row < seqlen_q, column < head_dim is written.
 //
 // Host contract (docs/kernel_abi.md): head_dim a multiple of 8 with 8 <= head_dim <=
@@ -65,9 +67,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
@@ -83,6 +82,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_mask.cuh"
 
 namespace bwd_dq {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -114,13 +114,13 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
                                            const elem_t* tV, float (&acc)[bwd_dq::kD / 8][4],
                                            const float lse[2], const float dlt[2], int ns,
                                            int key0, int row0, int sqrow0, int seqlen_k,
-                                           int head_dim, int causal_off, float scale_log2,
-                                           int lane) {
+                                           int head_dim, const MaskPolicy& mask,
+                                           const ScoreMods& mods, float scale_log2, int lane) {
   using namespace bwd_dq;
   const int grp = lane >> 2, tig = lane & 3;
-  // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or (causal) the
-  // first key after the last visible key of the warp's last row.
-  if (key0 >= seqlen_k || (CF_CAUSAL && key0 > row0 + 15 + causal_off)) return;
+  // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or no visible
+  // pair (cf_mask.cuh).
+  if (key0 >= seqlen_k || !mask.any(row0, row0 + 15, key0, key0 + kNS - 1)) return;
 
   // -- S = Q K^T, dP = dO V^T over the whole head_dim (16 x kNS per warp)
   float s[kNS / 8][4], dp[kNS / 8][4];
@@ -150,21 +150,21 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
     }
   }
 
-  // -- P = exp2(S scale_log2 - lse2_i), masked; dS = P (dP - delta_i)
+  // -- S modified (cf_mask.cuh); P = exp2(S scale_log2 - lse2_i), masked;
+  // dS = P (dP - delta_i) (times softcap's 1 - tanh^2)
   // C element e of n-tile n: row = row0 + grp + 8 (e >> 1), key = key0 + 8 n + 2 tig + (e & 1).
-  const bool need_mask =
-      key0 + kNS > seqlen_k || (CF_CAUSAL && key0 + kNS - 1 > row0 + causal_off);
+  const bool need_mask = !mask.full(row0, row0 + 15, key0, key0 + kNS - 1);
 #pragma unroll
   for (int n = 0; n < kNS / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
+      const int row = row0 + grp + 8 * (e >> 1);
+      const int key = key0 + 8 * n + 2 * tig + (e & 1);
+      float t = 0.f;
+      if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], row, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -lse[e >> 1]));
-      if (need_mask) {
-        const int row = row0 + grp + 8 * (e >> 1);
-        const int key = key0 + 8 * n + 2 * tig + (e & 1);
-        if (key >= seqlen_k || (CF_CAUSAL && key > row + causal_off)) p = 0.f;
-      }
-      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]);
+      if (need_mask && !mask.visible(row, key)) p = 0.f;
+      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]) * softcap_grad(t);
     }
   }
 
@@ -197,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     long long stride_qh, long long stride_kb, long long stride_kn, long long stride_kh,
     long long stride_vb, long long stride_vn, long long stride_vh, long long stride_dob,
     long long stride_dom, long long stride_doh, long long stride_dqb, long long stride_dqm,
-    long long stride_dqh, float scale_log2, float softmax_scale) {
+    long long stride_dqh, float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -210,17 +210,14 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   const int grp = lane >> 2;
   const int m0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
   const int kvh = h / heads_per_kv;
-  const int causal_off = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + causal_off
   const int row0 = m0 + 16 * warp;
 
-  // -- key tiles this query tile can see: [0, n_tiles)
-  int n_tiles = (seqlen_k + kBN - 1) / kBN;
-  if (CF_CAUSAL) {
-    const int last_row = (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1;
-    const int last_key = last_row + causal_off;  // last key the tile's last row sees
-    const int t = last_key < 0 ? 0 : last_key / kBN + 1;
-    n_tiles = t < n_tiles ? t : n_tiles;
-  }
+  // -- key tiles this query tile can see: [tiles.begin, tiles.end) (cf_mask.cuh)
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const KeyTiles tiles =
+      key_tiles<kBN>(mask, m0, (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1);
+  const int n_tiles = tiles.end - tiles.begin;
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
   float lse[2], dlt[2];
@@ -237,7 +234,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
   const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
   auto load_kv_tile = [&](int it, int st) {
-    const int n0 = it * kBN;
+    const int n0 = (tiles.begin + it) * kBN;
     load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
                                    seqlen_k - n0, head_dim, tid);
     load_tile_async<kBN, kThreads>(sV + st * kBN * kD, v_head + n0 * stride_vn, stride_vn,
@@ -274,8 +271,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     if (row0 < seqlen_q) {
 #pragma unroll 1
       for (int ns = 0; ns < kBN; ns += kNS)
-        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, it * kBN + ns, row0, 16 * warp, seqlen_k,
-                   head_dim, causal_off, scale_log2, lane);
+        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, (tiles.begin + it) * kBN + ns, row0,
+                   16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
     }
     if (kStages == 1) {
       __syncthreads();  // every warp is done with stage 0

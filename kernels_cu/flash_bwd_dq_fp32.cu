@@ -37,6 +37,9 @@
 // Constraints: CF_DTYPE = 2; CF_STAGES = 1; CF_HEAD_DIM % 32 == 0, <= 256; CF_BLOCK_M % 8 == 0,
 // CF_BLOCK_N % 8 == 0; each Tile must have a layout (holds when BLOCK_M and BLOCK_N are
 // multiples of 4 * CF_WARPS).
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2
@@ -56,9 +59,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
 #endif
@@ -74,6 +74,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_dq_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_dq_fp32: only CF_STAGES = 1");
@@ -112,7 +113,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
                  long long stride_vb, long long stride_vn, long long stride_vh,
                  long long stride_dob, long long stride_dom, long long stride_doh,
                  long long stride_dqb, long long stride_dqm, long long stride_dqh,
-                 float scale_log2, float softmax_scale) {
+                 float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd_dq32;
   CF_REQUIRE_SMEM(CF_BWD_DQ_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -130,15 +131,17 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
   const elem_t* v_head = v + b * stride_vb + hk * stride_vh;
 
-  // -- key range: causal tiles entirely above the diagonal are skipped
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag
-  const int n_end = CF_CAUSAL ? min(seqlen_k, min(m0 + BM, seqlen_q) + diag) : seqlen_k;
-  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const KeyTiles tiles = key_tiles<BN>(mask, m0, min(m0 + BM, seqlen_q) - 1);
+  const int n_tiles = tiles.end - tiles.begin;
+  const int n_first = tiles.begin * BN;
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
-  // -- the thread's Tile1 rows: lse2 (+inf past seqlen_q -> P = 0), delta, last visible key
+  // -- the thread's Tile1 rows: lse2 (+inf past seqlen_q -> P = 0), delta, visible keys
   const int r1 = Tile1::row0(warp, lane), c1 = Tile1::col0(warp, lane);
   float lse[Tile1::TM], dlt[Tile1::TM];
-  int last_key[Tile1::TM];
+  int first_key[Tile1::TM], end_key[Tile1::TM];
   {
     const cf_i64 bh = ((cf_i64)b * heads + h) * seqlen_q;
 #pragma unroll
@@ -148,7 +151,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
       lse[i] = row_ok ? lse2[bh + r] : CF_INF;
       dlt[i] = row_ok ? delta[bh + r] : 0.f;
       // a row past seqlen_q sees nothing
-      last_key[i] = !row_ok ? -1 : CF_CAUSAL ? min(seqlen_k - 1, r + diag) : seqlen_k - 1;
+      first_key[i] = mask.key_begin(r);
+      end_key[i] = !row_ok ? 0 : mask.key_end(r);
     }
   }
 
@@ -165,15 +169,19 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   simt_load_tile<BM, D, NT>(sdO, LDH,
                             dout + b * stride_dob + h * stride_doh + (cf_i64)m0 * stride_dom,
                             stride_dom, seqlen_q - m0, head_dim, dout, tid);
-  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sV, LDH, v_head, stride_vn, seqlen_k, head_dim, v, tid);
+  if (n_tiles > 0)
+    simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
+                              seqlen_k - n_first, head_dim, v, tid);
   cp_async_commit();
-  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sK, LDH, k_head, stride_kn, seqlen_k, head_dim, k, tid);
+  if (n_tiles > 0)
+    simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)n_first * stride_kn, stride_kn,
+                              seqlen_k - n_first, head_dim, k, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {V_t} (with Q, dO
   // when t = 0) and {K_t}; every commit below happens on every iteration (maybe empty).
   for (int t = 0; t < n_tiles; ++t) {
-    const int n0 = t * BN;
+    const int n0 = n_first + t * BN;
     cp_async_wait<1>();  // V_t (and Q, dO) landed; K_t may still be in flight
     __syncthreads();
 
@@ -202,9 +210,13 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
       for (int i = 0; i < Tile1::TM; ++i) {
 #pragma unroll
         for (int j = 0; j < Tile1::TN; ++j) {
-          const bool ok = n0 + c1 + Tile1::CL * j <= last_key[i];
-          const float p = ok ? simt_exp2(fmaf(s[i][j], scale_log2, -lse[i])) : 0.f;
-          sdS[(r1 + Tile1::RL * i) * LDS + c1 + Tile1::CL * j] = p * (dp[i][j] - dlt[i]);
+          const int key = n0 + c1 + Tile1::CL * j;
+          const bool ok = key < end_key[i] && (!CF_LOCAL || key >= first_key[i]);
+          float x = s[i][j], th = 0.f;
+          if (CF_SCORE_MODS) x = mods.apply(x, m0 + r1 + Tile1::RL * i, key, th);
+          const float p = ok ? simt_exp2(fmaf(x, scale_log2, -lse[i])) : 0.f;
+          sdS[(r1 + Tile1::RL * i) * LDS + c1 + Tile1::CL * j] =
+              p * (dp[i][j] - dlt[i]) * softcap_grad(th);
         }
       }
     }

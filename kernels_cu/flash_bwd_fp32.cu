@@ -43,6 +43,9 @@
 // and CF_HEAD_DIM % CF_DCHUNK == 0 (so a chunk never leaves the tile); CF_BLOCK_M % 8 == 0,
 // CF_BLOCK_N % 8 == 0; each Tile must have a layout (a static_assert says which failed; it holds
 // when BLOCK_M and BLOCK_N are multiples of 4 * CF_WARPS, and DCHUNK / 4 of 8).
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2
@@ -62,9 +65,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
 #endif
@@ -80,6 +80,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
@@ -127,20 +128,24 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
                                           const float* lse2_bh, const float* delta_bh,
                                           float* sPt, float* sdSt, float* sdS, int q_row,
                                           int k_col, int r_loc, int c_loc, int seqlen_q,
-                                          int seqlen_k, int diag, float scale_log2) {
+                                          const MaskPolicy& mask, const ScoreMods& mods,
+                                          float scale_log2) {
 #pragma unroll
   for (int i = 0; i < Tile1::TM; ++i) {
     const int r = q_row + Tile1::RL * i;
     const bool row_ok = r < seqlen_q;
     const float lse = row_ok ? lse2_bh[r] : CF_INF;
     const float dlt = row_ok ? delta_bh[r] : 0.f;
-    const int last_key = CF_CAUSAL ? min(seqlen_k - 1, r + diag) : seqlen_k - 1;
+    const int lo = mask.key_begin(r), hi = mask.key_end(r);  // visible keys [lo, hi)
     const int rr = r_loc + Tile1::RL * i;
 #pragma unroll
     for (int j = 0; j < Tile1::TN; ++j) {
-      const bool ok = row_ok && (k_col + Tile1::CL * j <= last_key);
-      const float p = ok ? simt_exp2(fmaf(s[i][j], scale_log2, -lse)) : 0.f;
-      const float ds = p * (dp[i][j] - dlt);
+      const int key = k_col + Tile1::CL * j;
+      const bool ok = row_ok && key < hi && (!CF_LOCAL || key >= lo);
+      float x = s[i][j], t = 0.f;
+      if (CF_SCORE_MODS) x = mods.apply(x, r, key, t);  // softcap, ALiBi (cf_mask.cuh)
+      const float p = ok ? simt_exp2(fmaf(x, scale_log2, -lse)) : 0.f;
+      const float ds = p * (dp[i][j] - dlt) * softcap_grad(t);
       const int cc = c_loc + Tile1::CL * j;
       sPt[cc * LDT + rr] = p;
       sdSt[cc * LDT + rr] = ds;
@@ -162,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
               long long stride_dob, long long stride_dom, long long stride_doh,
               long long stride_dkb, long long stride_dkn, long long stride_dkh,
               long long stride_dvb, long long stride_dvn, long long stride_dvh,
-              float scale_log2, float softmax_scale) {
+              float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
   using namespace bwd32;
   CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -180,10 +185,11 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int c0 = chunk * DC;  // first head_dim column of this block's dK, dV (and dQ)
   const int n0 = blockIdx.x * BN, hk = blockIdx.y;
 
-  // -- query tiles that see a key of this block: all, or causal rows i >= n0 - diag
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag
-  const int mt_begin = CF_CAUSAL ? max(0, n0 - diag) / BM : 0;
-  const int tiles_per_head = max(0, (seqlen_q + BM - 1) / BM - mt_begin);
+  // -- query tiles that see a key of this block: [mt_begin, qt.end) (cf_mask.cuh)
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const QueryTiles qt = query_tiles<BM>(mask, n0, min(n0 + BN, seqlen_k) - 1);
+  const int mt_begin = qt.first;
+  const int tiles_per_head = max(0, qt.end - mt_begin);
   const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
 
   const elem_t* k_blk = k + b * stride_kb + hk * stride_kh + (cf_i64)n0 * stride_kn;
@@ -228,8 +234,9 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       simt_mm_nt<Tile1::TM, Tile1::TN>(dp, sdO + r1 * LDH, Tile1::RL * LDH, sV + c1 * LDH,
                                        Tile1::CL * LDH, head_dim);
       const cf_i64 bh = ((cf_i64)b * heads + h) * seqlen_q;
+      const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
       p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, seqlen_q,
-                seqlen_k, diag, scale_log2);
+                mask, mods, scale_log2);
     }
     __syncthreads();  // sPt, sdSt, sdS complete
 

@@ -8,6 +8,9 @@
 //                                           or +inf when l == 0 (a row that sees no key), so
 //                                           the backward's P = exp2(score * scale_log2 - lse2)
 //                                           is 0 there.
+//   (CF_SINKS = 1)         dsinks[h] -= sum_{b, i} exp2(sinks[h] * LOG2E - lse2[b, h, i]) *
+//                          delta[b, h, i]  (docs/masks.md: the sink's P times its dP - delta,
+//                          dP_sink = 0), one float atomic per warp; dsinks zeroed by the host.
 //   flash_bwd_dq_convert:  dq[b, i, h, d] = elem_t(dq_accum[b, i, h, d])  (dq_accum already
 //                          holds dQ times softmax_scale; it is float32, contiguous).
 //
@@ -23,6 +26,9 @@
 #define CF_DTYPE 1
 #endif
 
+#ifndef CF_SINKS
+#define CF_SINKS 0
+#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
@@ -103,7 +109,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
     const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ m,
     const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
     int seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
-    long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh) {
+    long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh,
+    const float* __restrict__ sinks, float* __restrict__ dsinks) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;  // position inside the row's lane group
   const int slot = threadIdx.x / kLanesPerRow;
@@ -111,6 +118,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   const elem_t* o_head = o + b * stride_ob + h * stride_oh;
   const elem_t* do_head = dout + b * stride_dob + h * stride_doh;
   const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q;
+  const float sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
+  float dsink = 0.f;  // this thread's share of dsinks[h] (CF_SINKS)
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
@@ -139,9 +148,16 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
       // -- lse2_i = m_i log2(e) + log2(l_i), +inf for a row that sees no key
       if (sub == 1) {
         const float li = l[stat + i];
-        lse2[stat + i] = li == 0.f ? CF_INF : fmaf(m[stat + i], CF_LOG2E, log2f(li));
+        const float lse = li == 0.f ? CF_INF : fmaf(m[stat + i], CF_LOG2E, log2f(li));
+        lse2[stat + i] = lse;
+        if (CF_SINKS) dsink -= exp2f(sink2 - lse) * acc;  // P_sink (0 - delta_i)
       }
     }
+  }
+  if (CF_SINKS) {  // -- dsinks[h] += the warp's sum (every lane takes part in the shuffles)
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) dsink += __shfl_xor_sync(0xffffffffu, dsink, off);
+    if ((threadIdx.x & 31) == 0) atomicAdd(dsinks + h, dsink);
   }
 }
 

@@ -45,6 +45,9 @@
 //
 // Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
 // split); others use flash_bwd.cu.
+//
+// Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
+// docs/masks.md), as in flash_bwd.cu.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
@@ -64,9 +67,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 1
 #endif
@@ -79,6 +79,7 @@
 
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
+#include "cf_mask.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
@@ -125,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
     float softmax_scale, int kv_splits, float* __restrict__ dk_accum,
-    float* __restrict__ dv_accum) {
+    float* __restrict__ dv_accum, CF_MOD_PARAMS) {
   using namespace bwd90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -151,15 +152,12 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  const int m_tiles = (seqlen_q + kBM - 1) / kBM;
-  int m_first = 0;
-  if (CF_CAUSAL) {
-    const int i_min = n0 - diag;  // first query row that sees key n0
-    m_first = i_min >= seqlen_q ? m_tiles : i_min > 0 ? i_min / kBM : 0;
-  }
-  const int tiles_per_head = m_tiles - m_first;
+  // -- the query tiles that see keys n0..: [m_first, qt.end) per query head (cf_mask.cuh)
+  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
+  const int m_first = qt.first;
+  const int tiles_per_head = qt.end - qt.first;
   const int n_iter = split_heads * tiles_per_head;
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
@@ -242,7 +240,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
     const float* lse_t = sLse + st * kBM;
     const float* delta_t = sDelta + st * kBM;
-    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
+    // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail.
+    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
     const int r = (warp & 3) * 16 + group;
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
@@ -252,12 +252,12 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
       float p[4], ds[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
+        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
+        float th = 0.f;
+        if (CF_SCORE_MODS) x[t][e] = mods.apply(x[t][e], qi, key, th);
         p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-        if (masked) {
-          const int key = key_row + 8 * (e >> 1);
-          if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
-        }
-        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
+        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
       }
       *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
       *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
@@ -328,9 +328,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
     const float* lse_t = sLse + st * kBM;
     const float* delta_t = sDelta + st * kBM;
-    // Masked: causal (some key of the block comes after some query of the tile) or the keys
-    // tail (zero K rows give S = 0 but P = exp2(-lse2), which must not reach dQ).
-    const bool masked = (CF_CAUSAL && m0 + diag < n0 + kBN - 1) || n0 + kBN > seqlen_k;
+    // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail (zero
+    // K rows give S = 0 but P = exp2(-lse2), which must not reach dQ).
+    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
     cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
@@ -341,12 +342,12 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float l = (e & 1) ? lse.y : lse.x;
+        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
+        float th = 0.f;
+        if (CF_SCORE_MODS) s[t][e] = mods.apply(s[t][e], qi, key, th);
         p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -l));
-        if (masked) {
-          const int key = key_row + 8 * (e >> 1);
-          if (key >= seqlen_k || (CF_CAUSAL && key > m0 + col + (e & 1) + diag)) p[e] = 0.f;
-        }
-        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
+        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
       }
       // C fragment of n-tile t -> half of the A fragment of query step t / 2
       const int kq = t >> 1, hi = (t & 1) * 2;

@@ -32,9 +32,11 @@
 // Registers per thread: acc = CF_HEAD_DIM / 2 floats, S / P = CF_BLOCK_N / 2 floats, Q fragments
 // = CF_HEAD_DIM / 4 words when held (CF_HEAD_DIM <= 128).
 //
-// Masking: keys >= seqlen_k; causal is bottom-right aligned (query i sees key j iff
-// j <= i + seqlen_k - seqlen_q). Key tiles wholly above the diagonal are never visited;
-// only tiles that reach past the first row's limit or past seqlen_k are masked.
+// Masking and score modifiers come from cf_mask.cuh (CF_MASK none / causal / local window,
+// CF_SOFTCAP, CF_ALIBI, CF_SINKS; docs/masks.md): keys >= seqlen_k; causal is bottom-right
+// aligned (query i sees key j iff j <= i + seqlen_k - seqlen_q). Key tiles no row of the tile
+// sees are never visited (key_tiles); only tiles that straddle an edge are masked. With sinks
+// the epilogue folds the sink into m and l (fold_sink).
 //
 // Outputs: o (batch, seqlen_q, heads, head_dim) = acc / l_i (0 where l_i == 0); m_out and
 // l_out, float32 (batch, heads, seqlen_q): m_out = m_i * LN2 in natural-log units (max_j of
@@ -71,9 +73,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 0  // backward only; unused here
 #endif
@@ -95,6 +94,7 @@
 
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd.cu is the 16-bit kernel");
 static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
@@ -121,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
               long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
               long long stride_kn, long long stride_kh, long long stride_vb, long long stride_vn,
               long long stride_vh, long long stride_ob, long long stride_om, long long stride_oh,
-              float scale_log2) {
+              float scale_log2, CF_MOD_PARAMS, const float* sinks) {
   extern __shared__ __align__(128) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   unsigned char* s_q = smem;                                   // CF_BLOCK_M rows
@@ -138,23 +138,17 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
   const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
 
-  // -- key range: tiles [0, n_tiles) are visited; keys < full_end are visible to every row
-  int kv_end = seqlen_k, full_end = seqlen_k;
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
-  if (CF_CAUSAL) {
-    const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
-    kv_end = min(seqlen_k, max(0, q_last + diag + 1));
-    full_end = min(seqlen_k, max(0, q0 + diag + 1));
-  }
-  const int n_tiles = (kv_end + CF_BLOCK_N - 1) / CF_BLOCK_N;
+  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end) are visited, last first; a tile
+  // of keys [full_begin, full_end) is visible to every row and needs no mask
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
+  const KeyTiles tiles = key_tiles<CF_BLOCK_N>(mask, q0, q_last);
+  const int full_end = mask.key_end(q0), full_begin = mask.key_begin(q_last);
+  const int n_tiles = tiles.end - tiles.begin;
 
-  // Visible keys of this thread's two rows: key < lim[r].
-  const int row0 = q0 + warp * 16 + group;  // rows row0 and row0 + 8
-  int lim[2] = {seqlen_k, seqlen_k};
-  if (CF_CAUSAL) {
-    lim[0] = min(seqlen_k, row0 + diag + 1);
-    lim[1] = min(seqlen_k, row0 + 8 + diag + 1);
-  }
+  const int row0 = q0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
+  const RowBounds rows(mask, row0);
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   float acc[kDT][4];
 #pragma unroll
@@ -174,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
   // -- prologue: groups [Q + K(last)], [V(last)]
   if (n_tiles > 0) {
-    const int j = n_tiles - 1;
+    const int j = tiles.end - 1;
     const TileLoader<CF_BLOCK_M, kChunks, kThreads> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
@@ -190,7 +184,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    const int j = n_tiles - 1 - it;  // key tile: keys j * CF_BLOCK_N ..
+    const int j = tiles.end - 1 - it;  // key tile: keys j * CF_BLOCK_N ..
     const int stage = (CF_STAGES == 2) ? (it & 1) : 0;
     const cf_u32 k_cur = s_k_sa + stage * kTileK, v_cur = s_v_sa + stage * kTileK;
     const int next_row = (j - 1) * CF_BLOCK_N;  // first key of tile j-1, loaded when j > 0
@@ -201,23 +195,25 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     else cp_async_wait<1>();                  // in flight: [K(j)], [V(j)]
     __syncthreads();
     if (CF_STAGES == 2) {  // prefetch tile j-1 into the other stage (read by tile j+1: done)
-      if (j > 0) {
+      if (j > tiles.begin) {
         load_k.load(s_k + (stage ^ 1) * kTileK, next_row, next_valid);
         load_v.load(s_v + (stage ^ 1) * kTileK, next_row, next_valid);
       }
       cp_async_commit();  // always, so that every iteration sees one group in flight
     }
 
-    // -- S = Q K(j)^T, masked, then P = exp2(S * scale_log2 - m_new)
+    // -- S = Q K(j)^T, modified, masked, then P = exp2(S * scale_log2 - m_new)
     float s[kNT][4];
     warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band_sa, k_cur, lane_qv, lane_k);
-    if ((j + 1) * CF_BLOCK_N > full_end) mask_scores(s, j * CF_BLOCK_N + 2 * tig, lim);
+    modify_s(s, mods, row0, j * CF_BLOCK_N + 2 * tig);
+    if ((j + 1) * CF_BLOCK_N > full_end || (CF_LOCAL && j * CF_BLOCK_N < full_begin))
+      mask_s(s, j * CF_BLOCK_N + 2 * tig, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
 
     if (CF_STAGES == 1) {
       cp_async_wait<0>();  // V(j) landed
       __syncthreads();     // ... and every warp is done with K(j): load K(j-1) in its place
-      if (j > 0) load_k.load(s_k, next_row, next_valid);
+      if (j > tiles.begin) load_k.load(s_k, next_row, next_valid);
       cp_async_commit();
     }
 
@@ -226,7 +222,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
     if (CF_STAGES == 1) {
       __syncthreads();  // every warp is done with V(j): load V(j-1) in its place
-      if (j > 0) load_v.load(s_v, next_row, next_valid);
+      if (j > tiles.begin) load_v.load(s_v, next_row, next_valid);
       cp_async_commit();
     }
   }
@@ -236,8 +232,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   // a NaN score the row sees gives NaN, as in cpu.py), m and l per row
   float l_row[2], inv_l[2];
 #pragma unroll
+  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
+  if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[h]);
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l_row[r] = quad_sum(l_i[r]);
     inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;

@@ -40,6 +40,9 @@
 // Constraints: CF_DTYPE = 2; CF_STAGES = 1 (separate K and V buffers already overlap each load
 // with half an iteration of math); CF_HEAD_DIM % 32 == 0, <= 256; CF_BLOCK_N % 8 == 0;
 // CF_BLOCK_M % (4 * CF_WARPS) == 0. head_dim (runtime) a multiple of 8, <= CF_HEAD_DIM.
+//
+// Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi, sinks):
+// cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 2
@@ -59,9 +62,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 1
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_DQ_ATOMIC
 #define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
 #endif
@@ -77,6 +77,7 @@
 #endif
 
 #include "cf_simt.cuh"
+#include "cf_mask.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_fwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_fwd_fp32: only CF_STAGES = 1");
@@ -142,16 +143,18 @@ static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "s
 // before use, so a NaN the row does not see is never used.
 __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[TM],
                                              float (&m_i)[TM], float (&l_i)[TM], float* p_out,
-                                             int q_row, int k_col, int seqlen_k, int diag,
-                                             float scale_log2) {
+                                             int q_row, int k_col, const MaskPolicy& mask,
+                                             const ScoreMods& mods, float scale_log2) {
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int r = q_row + RL * i;
-    const int last_key = CF_CAUSAL ? min(seqlen_k - 1, r + diag) : seqlen_k - 1;
+    const int lo = mask.key_begin(r), hi = mask.key_end(r);  // visible keys [lo, hi)
     float mx = -CF_INF;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
-      s[i][j] = (k_col + CL * j <= last_key) ? s[i][j] : -CF_INF;
+      const int key = k_col + CL * j;
+      if (CF_SCORE_MODS) s[i][j] = mods.apply(s[i][j], r, key);  // softcap, ALiBi
+      s[i][j] = (key < hi && (!CF_LOCAL || key >= lo)) ? s[i][j] : -CF_INF;
       mx = fmaxf(mx, s[i][j]);
     }
 #pragma unroll
@@ -179,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
               int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
               long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
               long long stride_vn, long long stride_vh, long long stride_ob, long long stride_om,
-              long long stride_oh, float scale_log2) {
+              long long stride_oh, float scale_log2, CF_MOD_PARAMS, const float* sinks) {
   using namespace fwd32;
   CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -197,10 +200,12 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
   const elem_t* v_head = v + b * stride_vb + hk * stride_vh;
 
-  // -- key range: causal tiles entirely above the diagonal are skipped
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag
-  const int n_end = CF_CAUSAL ? min(seqlen_k, min(m0 + BM, seqlen_q) + diag) : seqlen_k;
-  const int n_tiles = n_end > 0 ? (n_end + BN - 1) / BN : 0;
+  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const KeyTiles tiles = key_tiles<BN>(mask, m0, min(m0 + BM, seqlen_q) - 1);
+  const int n_tiles = tiles.end - tiles.begin;
+  const int n_first = tiles.begin * BN;  // first key of the first visited tile
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
   const int col0 = TileS::col0(warp, lane);  // S column / acc chunk of j, q = 0 (step CL)
@@ -216,15 +221,19 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
 
   // -- prologue: group {Q, K_0}, group {V_0}
   simt_load_tile<BM, D, NT>(sQ, LDH, q_tile, stride_qm, seqlen_q - m0, head_dim, q, tid);
-  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sK, LDH, k_head, stride_kn, seqlen_k, head_dim, k, tid);
+  if (n_tiles > 0)
+    simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)n_first * stride_kn, stride_kn,
+                              seqlen_k - n_first, head_dim, k, tid);
   cp_async_commit();
-  if (n_tiles > 0) simt_load_tile<BN, D, NT>(sV, LDH, v_head, stride_vn, seqlen_k, head_dim, v, tid);
+  if (n_tiles > 0)
+    simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
+                              seqlen_k - n_first, head_dim, v, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {K_t} (with Q
   // when t = 0) and {V_t}; every commit below happens on every iteration (maybe empty).
   for (int t = 0; t < n_tiles; ++t) {
-    const int n0 = t * BN;
+    const int n0 = n_first + t * BN;
     cp_async_wait<1>();  // K_t (and Q) landed; V_t may still be in flight
     __syncthreads();
 
@@ -239,7 +248,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     cp_async_commit();
 
     float alpha[TM];
-    softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, seqlen_k, diag,
+    softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, mask, mods,
                  scale_log2);
 
     cp_async_wait<1>();  // V_t landed (K_{t+1} may still be in flight)
@@ -268,6 +277,13 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     float l = l_i[i];
 #pragma unroll
     for (int off = 1; off < CL; off *= 2) l += __shfl_xor_sync(0xffffffffu, l, off);
+    float sink_scale = 1.f;  // sinks: the sink joins m and l, acc scales (cf_mask.cuh)
+    if (CF_SINKS) {
+      const float sink2 = sinks[h] * CF_LOG2E, m_new = fmaxf(m_i[i], sink2);
+      sink_scale = simt_exp2(m_i[i] - m_new);  // 0 for a row that saw no key
+      l = fmaf(l, sink_scale, simt_exp2(sink2 - m_new));
+      m_i[i] = m_new;
+    }
     const int r = m0 + row0 + RL * i;
     if (r < seqlen_q) {
       elem_t* o_row = o + b * stride_ob + h * stride_oh + (cf_i64)r * stride_om;
@@ -278,8 +294,10 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
         if (col < head_dim) {
           float4 out = make_float4(0.f, 0.f, 0.f, 0.f);
           if (seen)
-            out = make_float4(acc[i][4 * qc + 0] / l, acc[i][4 * qc + 1] / l,
-                              acc[i][4 * qc + 2] / l, acc[i][4 * qc + 3] / l);
+            out = make_float4(acc[i][4 * qc + 0] * sink_scale / l,
+                              acc[i][4 * qc + 1] * sink_scale / l,
+                              acc[i][4 * qc + 2] * sink_scale / l,
+                              acc[i][4 * qc + 3] * sink_scale / l);
           *reinterpret_cast<float4*>(o_row + col) = out;
         }
       }

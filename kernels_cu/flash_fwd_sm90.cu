@@ -24,6 +24,8 @@
 // other's matrix products.
 //
 // Supported buckets: CF_HEAD_DIM in {64, 128, 256} (whole panels); others use flash_fwd.cu.
+//
+// Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
@@ -43,9 +45,6 @@
 #ifndef CF_STAGES
 #define CF_STAGES 2
 #endif
-#ifndef CF_CAUSAL
-#define CF_CAUSAL 0
-#endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0
 #endif
@@ -53,6 +52,7 @@
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
 #include "cf_sm90.cuh"
+#include "cf_mask.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
@@ -122,7 +122,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
                    long long stride_kb, long long stride_kn, long long stride_kh,
                    long long stride_vb, long long stride_vn, long long stride_vh,
                    long long stride_ob, long long stride_om, long long stride_oh,
-                   float scale_log2) {
+                   float scale_log2, CF_MOD_PARAMS, const float* sinks) {
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -145,21 +145,17 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
   const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
 
-  int kv_end = seqlen_k, full_end = seqlen_k;
-  const int diag = seqlen_k - seqlen_q;  // query i sees key j iff j <= i + diag (causal)
-  if (CF_CAUSAL) {
-    const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
-    kv_end = min(seqlen_k, max(0, q_last + diag + 1));
-    full_end = min(seqlen_k, max(0, q0 + diag + 1));
-  }
-  const int n_tiles = (kv_end + CF_BLOCK_N - 1) / CF_BLOCK_N;
+  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end), last first; keys
+  // [full_begin, full_end) are visible to every row of the tile
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
+  const KeyTiles tiles = key_tiles<CF_BLOCK_N>(mask, q0, q_last);
+  const int full_end = mask.key_end(q0), full_begin = mask.key_begin(q_last);
+  const int n_tiles = tiles.end - tiles.begin;
 
   const int row0 = q0 + warp * 16 + group;  // this thread's rows: row0, row0 + 8
-  int lim[2] = {seqlen_k, seqlen_k};
-  if (CF_CAUSAL) {
-    lim[0] = min(seqlen_k, row0 + diag + 1);
-    lim[1] = min(seqlen_k, row0 + 8 + diag + 1);
-  }
+  const RowBounds rows(mask, row0);
+  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   float acc[kDT][4];
 #pragma unroll
@@ -172,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const Sm90Loader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
 
   if (n_tiles > 0) {  // prologue: one group [Q + K(last) + V(last)]
-    const int j = n_tiles - 1;
+    const int j = tiles.end - 1;
     const Sm90Loader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
@@ -182,14 +178,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    const int j = n_tiles - 1 - it;
+    const int j = tiles.end - 1 - it;
     const int stage = it & 1;
     const cf_u32 k_cur = s_k_sa + stage * kTileKV, v_cur = s_v_sa + stage * kTileKV;
 
     cp_async_wait<0>();   // tile j landed (this thread's copies) ...
     fence_proxy_async();  // ... and is visible to the tensor cores' proxy
     __syncthreads();      // everyone's copies; and tile j+1's stage is free again
-    if (j > 0) {
+    if (j > tiles.begin) {
       const int next_row = (j - 1) * CF_BLOCK_N;
       load_k.load(s_k + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
       load_v.load(s_v + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
@@ -203,7 +199,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(s);
 
-    if ((j + 1) * CF_BLOCK_N > full_end) mask_scores(s, j * CF_BLOCK_N + 2 * tig, lim);
+    modify_s(s, mods, row0, j * CF_BLOCK_N + 2 * tig);
+    if ((j + 1) * CF_BLOCK_N > full_end || (CF_LOCAL && j * CF_BLOCK_N < full_begin))
+      mask_s(s, j * CF_BLOCK_N + 2 * tig, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
 
     wgmma_fence();
@@ -217,8 +215,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   float l_row[2], inv_l[2];
 #pragma unroll
+  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
+  if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[h]);
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l_row[r] = quad_sum(l_i[r]);
     inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;

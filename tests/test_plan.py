@@ -112,7 +112,8 @@ def test_parameter_buffers_end_at_the_last_parameter():
     from cuflash import launch
 
     _, fwd = launch._param_struct(launch._SIGNATURES["fwd"])
-    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4  # ints padded to the long longs' alignment
+    # ints padded to the long longs' alignment; then the modifiers (iifff, p, q), sinks (p)
+    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8
     _, convert = launch._param_struct(launch._SIGNATURES["convert"])
     assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8
 
@@ -135,6 +136,10 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     entry = _ENTRY_NAMES.get(kind) or next(v.entry for v in registry.VARIANTS
                                            if (v.kind, v.source) == (kind, filename))
     source = (compiler.kernels_dir() / filename).read_text()
+    # the modifier parameters every attention kernel takes, as cf_mask.cuh spells them
+    mask_header = (compiler.kernels_dir() / "cf_mask.cuh").read_text()
+    mod_params = re.search(r"#define CF_MOD_PARAMS\s*\\\n(.*?)\n#define", mask_header, re.S)
+    source = source.replace("CF_MOD_PARAMS", re.sub(r"\\\n", " ", mod_params.group(1)))
     match = re.search(rf"\b{entry}\(([^)]*)\)\s*{{", source)
     assert match, f"{entry} not found in {filename}"
     letters = ""

@@ -86,7 +86,7 @@ def test_names_are_unique_and_canonical():
 def test_spec_defines_match_abi():
     spec = specs.select_backward(facts(163), "bfloat16", 256, True, deterministic=False)
     d = spec.defines
-    assert d["CF_DTYPE"] == 1 and d["CF_HEAD_DIM"] == 256 and d["CF_CAUSAL"] == 1
+    assert d["CF_DTYPE"] == 1 and d["CF_HEAD_DIM"] == 256 and d["CF_MASK"] == 1
     assert d["CF_DQ_ATOMIC"] == 1 and d["CF_DCHUNK"] == 128
     assert spec.source == "flash_bwd.cu" and spec.entry == "flash_bwd"
     assert specs.select_backward_pre("float32").source == "flash_bwd_pre.cu"

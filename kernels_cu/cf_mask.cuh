@@ -1,0 +1,256 @@
+// cf_mask.cuh -- which (query, key) pairs a kernel visits and how their scores are modified:
+// the block range of a tile, the mask policy and the score modifiers, in one place for every
+// attention kernel (docs/masks.md is the spec; cuflash/cpu.py's _Tiling and _Scores mirror it).
+//
+// Compile-time knobs (part of the spec's name, so the cache key; docs/kernel_abi.md):
+//   CF_MASK     0 none, 1 causal, 2 local (a sliding window; with causal the host passes
+//               right = 0). Causal: query i sees key j iff j <= i + off; local iff
+//               i + off - left <= j <= i + off + right, off = seqlen_k - seqlen_q.
+//   CF_SOFTCAP  1: s = softcap * tanh(x / softcap) on the scaled score x (docs/masks.md)
+//   CF_ALIBI    1: s -= slope_h * |i + off - j|
+//   CF_SINKS    1: the forward folds a per-head sink logit into m and l (cf_fwd.cuh)
+// With all of them 0 (or CF_MASK 1) every helper reduces to the code the kernels had before:
+// the extra terms are `if (CF_...)` on constants and vanish.
+//
+// Runtime arguments (every attention kernel takes them after its own, in this order):
+//   int window_left, int window_right   local only: both >= 0 (the host replaces an unbounded
+//                                       side by seqlen_q + seqlen_k, which bounds nothing)
+//   float softcap_raw                   softcap / softmax_scale (raw q.k units), CF_SOFTCAP
+//   float softcap_inv                   softmax_scale / softcap: from the parameter bank, not
+//                                       a register (1 / softcap_raw in-kernel spilled bwd90)
+//   float raw_per_score                 1 / softmax_scale: a slope in raw units, CF_ALIBI
+//   const float* alibi_slopes           (batch, heads) or (heads,) float32, CF_ALIBI
+//   long long stride_alibi_b            0 for (heads,)
+// Scores stay in raw units (q.k) until the kernels multiply by scale_log2, as before, so the
+// online softmax, lse2 and P = exp2(S * scale_log2 - lse2) do not change.
+#pragma once
+#include "cf_common.cuh"
+
+#ifndef CF_MASK
+#define CF_MASK 0
+#endif
+#ifndef CF_SOFTCAP
+#define CF_SOFTCAP 0
+#endif
+#ifndef CF_ALIBI
+#define CF_ALIBI 0
+#endif
+#ifndef CF_SINKS
+#define CF_SINKS 0
+#endif
+#define CF_CAUSAL (CF_MASK == 1)  // spelled out for the kernels' tile orders (longest first)
+#define CF_LOCAL (CF_MASK == 2)
+#define CF_SCORE_MODS (CF_SOFTCAP || CF_ALIBI)
+
+// The modifier parameters of every attention entry point (kernel_abi.md), and their names for
+// the constructors below.
+#define CF_MOD_PARAMS                                                                   \
+  int window_left, int window_right, float softcap_raw, float softcap_inv,             \
+      float raw_per_score,                                                              \
+      const float *alibi_slopes, long long stride_alibi_b
+#define CF_MOD_ARGS window_left, window_right, softcap_raw, softcap_inv, raw_per_score, \
+      alibi_slopes, stride_alibi_b
+
+// -- mask policy and block ranges ------------------------------------------------------------
+// Query i sees keys [key_begin(i), key_end(i)) (key_end includes the seqlen_k edge); key j is
+// seen by queries [query_begin(j), query_end(j)). A tile of rows r0..r1 x keys k0..k1 needs no
+// mask iff every pair is visible (full()). Ranges may be empty (end <= begin).
+struct MaskPolicy {
+  int seqlen_q, seqlen_k, off, left, right;
+
+  __device__ __forceinline__ MaskPolicy(int sq, int sk, int wl, int wr)
+      : seqlen_q(sq), seqlen_k(sk), off(sk - sq), left(wl), right(wr) {}
+
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    return !(j >= seqlen_k || (CF_CAUSAL && j > i + off) ||
+             (CF_LOCAL && (j > i + off + right || j < i + off - left)));
+  }
+  __device__ __forceinline__ int key_begin(int i) const {
+    return CF_LOCAL ? max(0, i + off - left) : 0;
+  }
+  // May be negative (no key): callers that need a count clamp it.
+  __device__ __forceinline__ int key_end(int i) const {
+    return CF_CAUSAL ? min(seqlen_k, i + off + 1)
+           : CF_LOCAL ? min(seqlen_k, i + off + right + 1)
+                      : seqlen_k;
+  }
+  // key_end(i) before the seqlen_k clip (no clip at all without a right bound: INT_MAX).
+  __device__ __forceinline__ int key_limit(int i) const {
+    return CF_CAUSAL ? i + off + 1 : CF_LOCAL ? i + off + right + 1 : 0x7fffffff;
+  }
+  __device__ __forceinline__ int query_begin(int j) const {
+    return CF_CAUSAL ? max(0, j - off) : CF_LOCAL ? max(0, j - off - right) : 0;
+  }
+  __device__ __forceinline__ int query_end(int j) const {
+    return CF_LOCAL ? min(seqlen_q, max(0, j - off + left + 1)) : seqlen_q;
+  }
+  // Every (i, j) in rows r0..r1 x keys k0..k1 (inclusive) visible: no mask needed.
+  __device__ __forceinline__ bool full(int r0, int r1, int k0, int k1) const {
+    // k1 < key_end(r0) && k0 >= key_begin(r1). Plain and causal are spelled as the kernels
+    // had them (the min() form cost the sm_120 backward 12 B of spills); local keeps the
+    // min() / max() form (the spelled-out one spilled 8 B in the sm_90 backward). ptxas.
+    return !(k1 >= seqlen_k || (CF_CAUSAL && k1 > r0 + off) ||
+             (CF_LOCAL && !(k1 < key_end(r0) && k0 >= key_begin(r1))));
+  }
+  // Some (i, j) in rows r0..r1 x keys k0..k1 visible (a tile worth computing). Conservative
+  // at the seqlen edges (the caller bounds rows and keys by the lengths itself).
+  __device__ __forceinline__ bool any(int r0, int r1, int k0, int k1) const {
+    return (!CF_CAUSAL || k0 <= r1 + off) &&
+           (!CF_LOCAL || (k0 <= r1 + off + right && k1 >= r0 + off - left));
+  }
+};
+
+// The key tiles a query tile visits: [tile_begin, tile_end) of block_n keys each, for rows
+// q0..q_last (q_last the tile's last row below seqlen_q).
+struct KeyTiles {
+  int begin, end;
+};
+template <int BLOCK_N>
+__device__ __forceinline__ KeyTiles key_tiles(const MaskPolicy& mask, int q0, int q_last) {
+  const int kv_begin = mask.key_begin(q0);
+  KeyTiles t;
+  t.end = (mask.seqlen_k + BLOCK_N - 1) / BLOCK_N;
+  if (CF_CAUSAL || CF_LOCAL) {  // up to the tile of the last row's last visible key
+    const int last_key = mask.key_limit(q_last) - 1;
+    t.end = min(t.end, last_key < 0 ? 0 : last_key / BLOCK_N + 1);
+  }
+  t.begin = CF_LOCAL ? min(kv_begin / BLOCK_N, t.end) : 0;
+  return t;
+}
+
+// The query tiles (of BLOCK_M rows) that see a key of n0..n_last: [first, end).
+struct QueryTiles {
+  int first, end;
+};
+template <int BLOCK_M>
+__device__ __forceinline__ QueryTiles query_tiles(const MaskPolicy& mask, int n0, int n_last) {
+  const int m_tiles = (mask.seqlen_q + BLOCK_M - 1) / BLOCK_M;
+  QueryTiles t;
+  t.first = 0;
+  t.end = m_tiles;
+  if (CF_CAUSAL || CF_LOCAL) {
+    const int i_min = CF_CAUSAL ? n0 - mask.off : n0 - mask.off - mask.right;
+    t.first = i_min >= mask.seqlen_q ? m_tiles : i_min > 0 ? i_min / BLOCK_M : 0;
+  }
+  if (CF_LOCAL) t.end = max(t.first, (mask.query_end(n_last) + BLOCK_M - 1) / BLOCK_M);
+  return t;
+}
+
+// -- S tiles in the mma C layout ---------------------------------------------------------------
+// A warp's 16 rows x 8 * NT keys: this thread holds rows row0 (elements 0, 1) and row0 + 8
+// (2, 3) of n-tile t, keys key0 + 8 t + {0, 1} (key0 = tile start + 2 * tig). The 16-bit
+// forwards (mma.sync and wgmma) and the dQ kernel share it.
+
+// Visible keys of the thread's two rows: [lo[r], hi[r]) (hi may be negative).
+struct RowBounds {
+  int lo[2], hi[2];
+  __device__ __forceinline__ RowBounds(const MaskPolicy& mask, int row0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      lo[r] = mask.key_begin(row0 + 8 * r);
+      hi[r] = mask.key_end(row0 + 8 * r);
+    }
+  }
+};
+
+// Masked scores become -inf (the forward's softmax turns them into P = 0).
+template <int NT>
+__device__ __forceinline__ void mask_s(float (&s)[NT][4], int key0, const RowBounds& rb) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int key = key0 + 8 * t + e;
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (key >= rb.hi[r] || (CF_LOCAL && key < rb.lo[r])) s[t][2 * r + e] = -CF_INF;
+    }
+}
+
+// -- score modifiers -------------------------------------------------------------------------
+// On a raw score S = q.k, keeping raw units: with c = softcap / softmax_scale,
+//   softcap: S' = c tanh(S / c)          (= softcap tanh(x / softcap) / softmax_scale)
+//   ALiBi:   S' -= (slope / softmax_scale) |i + off - j|
+// tanh: not tanh.approx, whose 2^-11 relative error, times a score of tens in log2 units,
+// moves P by a percent. float32 kernels: tanhf. 16-bit kernels: 1 - 2 / (2^(2x log2 e) + 1)
+// with ex2.approx, about 1e-7 absolute (the score moves by softcap * 1e-7, far below the
+// 16-bit rounding of P) in a few instructions: tanhf's registers made the d224 forward spill.
+__device__ __forceinline__ float cf_tanh(float x) {
+#if CF_DTYPE == 2
+  return tanhf(x);
+#else
+  return 1.f - 2.f * __frcp_rn(fast_exp2(x * (2.f * CF_LOG2E)) + 1.f);  // inf -> 1, 0 -> -1
+#endif
+}
+
+struct ScoreMods {
+  float cap, inv_cap, slope;
+  int off;
+
+  __device__ __forceinline__ ScoreMods(CF_MOD_PARAMS, int b, int h, int seqlen_q, int seqlen_k)
+      : cap(softcap_raw), inv_cap(0.f), slope(0.f), off(seqlen_k - seqlen_q) {
+    (void)window_left;
+    (void)window_right;
+    if (CF_SOFTCAP) inv_cap = softcap_inv;
+    if (CF_ALIBI) slope = alibi_slopes[b * stride_alibi_b + h] * raw_per_score;
+  }
+  // S' for query i, key j; tanh_out = tanh(S / c) for the backward's derivative 1 - t^2.
+  __device__ __forceinline__ float apply(float s, int i, int j, float& tanh_out) const {
+    if (CF_SOFTCAP) {
+      tanh_out = cf_tanh(s * inv_cap);
+      s = cap * tanh_out;
+    }
+    if (CF_ALIBI) s -= slope * (float)abs(i + off - j);
+    return s;
+  }
+  __device__ __forceinline__ float apply(float s, int i, int j) const {
+    float t;
+    return apply(s, i, j, t);
+  }
+};
+
+// Softcap's derivative factor for dS: 1 - tanh^2 (1 without softcap).
+__device__ __forceinline__ float softcap_grad(float tanh_s) {
+  return CF_SOFTCAP ? 1.f - tanh_s * tanh_s : 1.f;
+}
+
+// Score modifiers on a C-layout S tile (see mask_s).
+template <int NT>
+__device__ __forceinline__ void modify_s(float (&s)[NT][4], const ScoreMods& mods, int row0,
+                                         int key0) {
+  if (!CF_SCORE_MODS) return;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[t][e] = mods.apply(s[t][e], row0 + 8 * (e >> 1), key0 + 8 * t + (e & 1));
+}
+
+// -- attention sinks (forward epilogue) --------------------------------------------------------
+// After a row's last key tile the sink joins m and l as one more score with a zero value
+// (docs/masks.md): m = max(m, sink), l = l * exp2(m_old - m) + exp2(sink - m); acc is scaled by
+// the returned exp2(m_old - m). m2 in log2 units (scaled scores), sink a natural-log logit.
+// A row that saw no key (m2 = -inf) gets m = sink, l = 1, acc = 0.
+__device__ __forceinline__ float fold_sink_row(float& m2, float& l, float sink) {
+  const float sink2 = sink * CF_LOG2E;
+  const float m_new = fmaxf(m2, sink2);
+  const float alpha = fast_exp2(m2 - m_new);
+  l = l * alpha + fast_exp2(sink2 - m_new);
+  m2 = m_new;
+  return alpha;
+}
+
+// The C-layout rows (see mask_s): l holds the quad-reduced row sums.
+template <int DT>
+__device__ __forceinline__ void fold_sink(float (&m_i)[2], float (&l)[2], float (&acc)[DT][4],
+                                          float sink) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float alpha = fold_sink_row(m_i[r], l[r], sink);
+#pragma unroll
+    for (int d = 0; d < DT; ++d) {
+      acc[d][2 * r] *= alpha;
+      acc[d][2 * r + 1] *= alpha;
+    }
+  }
+}
