@@ -176,10 +176,13 @@ NO_MODIFIERS = Modifiers()
 
 
 def _values(x: Any) -> tuple | None:
+    """A host array as (shape, values); a device array as (shape, ("device", address)): its
+    identity, since reading the values back would synchronize the host with the GPU on every
+    call (and break CUDA-graph capture). The backward must then pass the same array."""
     if x is None:
         return None
-    if not isinstance(x, np.ndarray) and hasattr(x, "get"):  # CuPy: copy to the host
-        x = x.get()
+    if not isinstance(x, np.ndarray) and hasattr(x, "data") and hasattr(x.data, "ptr"):
+        return tuple(x.shape), ("device", int(x.data.ptr))
     host = np.asarray(x, dtype=np.float32)
     return tuple(host.shape), tuple(host.ravel().tolist())
 
@@ -246,11 +249,12 @@ def _check_head_array(x: Any, name: str, q: Imported, shapes: list, layout: str)
         expected = " or ".join(str(s) for s in shapes)
         raise ValueError(f"{name}: expected shape {expected} ({layout}), got "
                          f"{_shape(imported)}")
-    finite = np.isfinite(imported.array)
-    if not finite.all():
-        bad = imported.array[~finite]
-        raise ValueError(f"{name}: expected finite values, got {bad.size} that are not "
-                         f"(first: {float(bad.ravel()[0])!r})")
+    if not imported.is_cuda:  # on a GPU, checking would synchronize every call: NaN / inf
+        finite = np.isfinite(imported.array)  # there propagate like NaN in q (README, NaN)
+        if not finite.all():
+            bad = imported.array[~finite]
+            raise ValueError(f"{name}: expected finite values, got {bad.size} that are not "
+                             f"(first: {float(bad.ravel()[0])!r})")
     return imported.array
 
 
