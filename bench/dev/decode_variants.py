@@ -20,23 +20,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-CALLS, HEADS, HEAD_DIM = 10, 32, 128
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: decode.py's timer
+from decode import CALLS, _events_ms as _median_ms  # noqa: E402  (graphs of CALLS calls)
 
-
-def _median_ms(torch, fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / CALLS)
-    return statistics.median(times)
+HEADS, HEAD_DIM = 32, 128
 
 
 def _pinned_call(torch, spec, q, k, v):
