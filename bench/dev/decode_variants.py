@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: decode.py's timer
-from decode import CALLS, _events_ms as _median_ms  # noqa: E402  (graphs of CALLS calls)
+from decode import _events_ms as _median_ms, _graph_of  # noqa: E402  (CALLS per graph)
 
 HEADS, HEAD_DIM = 32, 128
 
@@ -112,16 +112,7 @@ def _time_problem(torch, args, batch, cache, heads_kv, q_len, ints, arch, smem_o
             continue
         call, plan = _pinned_call(torch, spec, q, k, v)
         diff = float((call().float() - want.float()).abs().max())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(CALLS):
-                call()
-        ms = _median_ms(torch, graph.replay, args.reps)
+        ms = _median_ms(torch, _graph_of(torch, call).replay, args.reps)
         flag = "" if diff <= 2e-2 else f"  WRONG (max diff {diff:.3g})"
         print(f"{spec.name:40s} {split.registers:4d} regs  {kv_bytes / ms / 1e9:5.2f} TB/s  "
               f"splits {plan.num_splits:3d}  blocks {plan.grid[0] * plan.grid[1]:5d}{flag}")
