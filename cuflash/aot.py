@@ -103,7 +103,7 @@ def decode_specs(arch: str, dtypes: Sequence[str] | None = None,
 
     allowed = [d for d in ("float16", "bfloat16", "float32")
                if (not dtypes or d in dtypes) and not (d == "bfloat16" and arch == "sm_75")]
-    chosen = decode.all_decode_specs(allowed)
+    chosen = decode.all_decode_specs(allowed, arch)
     if head_dims:
         buckets = {decode.head_dim_bucket(d) for d in head_dims}
         chosen = [s for s in chosen if s.head_dim in buckets]
