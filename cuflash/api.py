@@ -107,6 +107,11 @@ def _refuse_untracked_gradients(named) -> None:
 _OFF = validate.NO_MODIFIERS.record()  # SoftmaxStats' record of a call without modifiers
 
 
+def _present(*arrays) -> tuple:
+    """The modifier arrays that were given (they join the fast path's framework check)."""
+    return tuple(x for x in arrays if x is not None)
+
+
 def _plain(window, softcap, alibi_slopes, sinks) -> bool:
     """No score modifier given (the only calls fastpath serves)."""
     return window is None and softcap is None and alibi_slopes is None and sinks is None
@@ -181,13 +186,22 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
     plain = _plain(window, softcap, alibi_slopes, sinks)
-    fast = (_fast_backend((q, k, v), causal, softmax_scale) if plain and plain_extra
-            else None)
+    fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks)), causal, softmax_scale)
+            if plain_extra else None)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
-        o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
-        scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
-        return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
-                               shape_q=tuple(q.shape), shape_kv=tuple(k.shape))
+        if plain:
+            o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
+            record = _OFF
+        else:
+            done = fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window,
+                                             softcap, alibi_slopes, sinks)
+            if done is not None:
+                o, m, l, (window, softcap) = done  # as validated
+                record = validate.Modifiers(window, softcap, alibi_slopes, sinks).record()
+        if plain or done is not None:
+            scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
+            return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
+                                   shape_q=tuple(q.shape), shape_kv=tuple(k.shape), **record)
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
@@ -240,14 +254,23 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     deterministic = validate.check_bool(deterministic, "deterministic")
     plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
     plain = _plain(window, softcap, alibi_slopes, sinks)
-    fast = (_fast_backend((do, q, k, v, o, stats.m, stats.l), causal, softmax_scale)
-            if plain and plain_extra else None)
+    arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks))
+    fast = _fast_backend(arrays, causal, softmax_scale) if plain_extra else None
     if fast is not None:
-        validate.check_stats_origin(stats, causal, validate.check_scale(softmax_scale,
-                                                                        q.shape[-1]),
-                                    tuple(q.shape), tuple(k.shape))
-        return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal, softmax_scale,
-                                 deterministic)
+        scale = validate.check_scale(softmax_scale, q.shape[-1])
+        if plain:
+            validate.check_stats_origin(stats, causal, scale, tuple(q.shape), tuple(k.shape))
+            return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal,
+                                     softmax_scale, deterministic)
+        given = validate.Modifiers(validate.check_window(window),
+                                   validate.check_softcap(softcap), alibi_slopes, sinks)
+        validate.check_stats_origin(stats, causal, scale, tuple(q.shape), tuple(k.shape),
+                                    given)
+        grads = fastpath.backward_modified(fast, do, q, k, v, o, stats.m, stats.l, causal,
+                                           softmax_scale, deterministic, window, softcap,
+                                           alibi_slopes, sinks)
+        if grads is not None:
+            return grads
     names = ("do", "q", "k", "v", "o")
     ido, iq, ik, iv, io = (import_array(x, n) for x, n in zip((do, q, k, v, o), names))
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")

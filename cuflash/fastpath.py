@@ -19,6 +19,7 @@ import contextlib
 import numpy as np
 
 from . import launch, validate
+from . import plan as planning
 from .plan import Shape, backward_workspace
 
 _MAX_LAYOUTS = 4096  # validated layouts kept per direction; more and the cache starts over
@@ -238,6 +239,117 @@ def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
                             problem.softmax_scale, backend.ptr(workspace), backend.stream(),
                             index)
     return dq, dk, dv
+
+
+# -- calls with score modifiers (window, softcap, ALiBi slopes, sinks; docs/masks.md) -------
+# The same path with the modifiers' layouts in the memo key: the validated window and softcap,
+# the plan Shape (its ModFlags pick the kernels) and the kernel tail are remembered; the slopes'
+# and sinks' addresses are read per call. Layouts this path does not take (non-contiguous
+# slopes or sinks, calls with nothing to compute) return None: the general path serves them.
+
+_modified_problems: dict = {}
+
+
+def _mod_layout(backend: Backend, x):
+    return None if x is None else backend.layout(x)
+
+
+def _contiguous(x) -> bool:
+    is_contiguous = getattr(x, "is_contiguous", None)  # torch; CuPy has flags
+    return is_contiguous() if is_contiguous is not None else x.flags.c_contiguous
+
+
+def _modified_problem(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
+                      alibi_slopes, sinks, direction: str, extra=()) -> tuple | None:
+    key = (direction, causal, softmax_scale, window if window is None else tuple(window),
+           softcap, _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
+           *map(backend.layout, (q, k, v, *extra)))
+    known = _modified_problems.get(key)
+    if known is not None and _aligned(backend, q, k, v, *extra[:2]):
+        return known
+    if direction == "forward":
+        problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    else:  # extra: do, o, m, l
+        problem = validate.check_backward(*extra[:1], q, k, v, *extra[1:], causal=causal,
+                                          softmax_scale=softmax_scale)
+    mods = validate.check_modifiers(q, problem, window=window, softcap=softcap,
+                                    alibi_slopes=alibi_slopes, sinks=sinks)
+    if any(x is not None and not _contiguous(x) for x in (alibi_slopes, sinks)):
+        return None
+    flags = planning.mod_flags(mods.window, mods.softcap, alibi_slopes, sinks, problem.causal)
+    shape = Shape.of(problem, flags)
+    if shape.empty:
+        return None
+    known = (problem, shape, mods.window, mods.softcap)
+    if direction == "forward":
+        _, seqlen_q, heads, head_dim = q.shape  # o: contiguous
+        o_strides = (seqlen_q * heads * head_dim, heads * head_dim, head_dim)
+        strides = tuple(s for x in (q, k, v) for s in backend.operand(x)[1:4]) + o_strides
+        known += (launch.forward_tail(shape, strides, problem.softmax_scale),)
+    return _remember(_modified_problems, key, known)
+
+
+def _mod_args(backend: Backend, shape, window, softcap, softmax_scale, alibi_slopes, sinks,
+              dsinks=None) -> launch.ModArgs:
+    alibi = stride = 0
+    if alibi_slopes is not None:
+        alibi, stride = backend.ptr(alibi_slopes), (shape.heads if alibi_slopes.ndim == 2 else 0)
+    return launch.mod_args(shape, window, softcap, softmax_scale, alibi, stride,
+                           0 if sinks is None else backend.ptr(sinks),
+                           0 if dsinks is None else backend.ptr(dsinks))
+
+
+def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
+                     alibi_slopes, sinks) -> tuple | None:
+    """(o, m, l, (window, softcap)) like ``forward`` for a call with score modifiers, or
+    None when the general path must take it (raises the API's errors for bad arguments)."""
+    known = _modified_problem(backend, q, k, v, causal, softmax_scale, window, softcap,
+                              alibi_slopes, sinks, "forward")
+    if known is None:
+        return None
+    problem, shape, window, softcap, tail = known
+    batch, seqlen_q, heads, _ = q.shape
+    f32, poison = backend.float32, launch.poison_enabled()
+    o = _new(backend, q.shape, None, q, poison)
+    m = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
+    l = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
+    index = backend.device_index(q)
+    ptr = backend.ptr
+    with backend.on_device(index):
+        plan = launch.forward_plan(shape, index)
+        mods = _mod_args(backend, shape, window, softcap, problem.softmax_scale, alibi_slopes,
+                         sinks)
+        launch.launch_forward(plan, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), tail,
+                              o.itemsize, backend.stream(), index, mods)
+    return o, m, l, (window, softcap)
+
+
+def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
+                      deterministic: bool, window, softcap, alibi_slopes, sinks
+                      ) -> tuple | None:
+    """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers, or None."""
+    known = _modified_problem(backend, q, k, v, causal, softmax_scale, window, softcap,
+                              alibi_slopes, sinks, "backward", (do, o, m, l))
+    if known is None:
+        return None
+    problem, shape, window, softcap = known
+    poison = launch.poison_enabled()
+    dq, dk, dv = (_new(backend, x.shape, None, x, poison) for x in (q, k, v))
+    dsinks = None
+    if sinks is not None:  # the preprocess adds each block's share: it starts at zero
+        dsinks = backend.empty(tuple(sinks.shape), backend.float32, sinks)
+        backend.fill(dsinks, 0)
+    index = backend.device_index(q)
+    with backend.on_device(index):
+        plan = launch.backward_plan(shape, index, deterministic)
+        workspace = backend.empty((backward_workspace(plan).total_bytes,), backend.uint8, q)
+        mods = _mod_args(backend, shape, window, softcap, problem.softmax_scale, alibi_slopes,
+                         sinks, dsinks)
+        launch.run_backward(plan, *map(backend.operand, (do, q, k, v, o)), backend.ptr(m),
+                            backend.ptr(l), *map(backend.operand, (dq, dk, dv)),
+                            problem.softmax_scale, backend.ptr(workspace), backend.stream(),
+                            index, mods)
+    return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 
 
 # -- which calls may take this path --------------------------------------------------------

@@ -87,8 +87,8 @@ class _EagerFlashAttention(torch.autograd.Function):
 
 
 class _ModifiedFlashAttention(torch.autograd.Function):
-    """Calls with score modifiers (window, softcap, ALiBi, sinks; docs/masks.md): the general
-    API path on CPU and CUDA tensors (fastpath serves plain calls only). The sinks get a
+    """Calls with score modifiers (window, softcap, ALiBi, sinks; docs/masks.md), through the
+    API (on CUDA its fastpath: torch's allocator and current stream). The sinks get a
     gradient; ALiBi slopes none (constants, as in FlashAttention)."""
 
     @staticmethod

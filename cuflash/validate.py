@@ -182,7 +182,9 @@ def _values(x: Any) -> tuple | None:
     if x is None:
         return None
     if not isinstance(x, np.ndarray) and hasattr(x, "data") and hasattr(x.data, "ptr"):
-        return tuple(x.shape), ("device", int(x.data.ptr))
+        return tuple(x.shape), ("device", int(x.data.ptr))  # CuPy
+    if getattr(x, "is_cuda", False) and hasattr(x, "data_ptr"):  # a torch CUDA tensor
+        return tuple(x.shape), ("device", int(x.data_ptr()))
     host = np.asarray(x, dtype=np.float32)
     return tuple(host.shape), tuple(host.ravel().tolist())
 

@@ -432,18 +432,22 @@ def test_cuda_off_values_are_not_refused():
     assert mods.first is None
 
 
-def test_modifiers_skip_fastpath(monkeypatch):
-    """fastpath serves only calls without modifiers; with any, api takes the general path."""
+def test_modifier_arrays_join_the_fast_path_check(monkeypatch):
+    """Calls with modifiers may take fastpath too (CUDA torch / CuPy arrays); the slopes and
+    sinks are among the arrays that must all be of the fast framework, and NumPy arrays (for
+    which _fast_backend says None) take the general path and get the CPU's results."""
     calls = []
-    monkeypatch.setattr(api, "_fast_backend", lambda *a: calls.append(a))
+    monkeypatch.setattr(api, "_fast_backend", lambda arrays, *a: calls.append(arrays))
     q, k, v, do = _arrays(np.float32)
-    o, stats = cuflash.attention_forward(q, k, v)
-    cuflash.attention_backward(do, q, k, v, o, stats)
-    assert len(calls) == 2
     for name in NAMES:
         o, stats = cuflash.attention_forward(q, k, v, **{name: GOOD[name]})
         cuflash.attention_backward(do, q, k, v, o, stats, **{name: GOOD[name]})
-    assert len(calls) == 2
+        given = GOOD[name] if isinstance(GOOD[name], np.ndarray) else None
+        forward, backward = calls[-2:]
+        assert len(forward) == 3 + (given is not None) and len(backward) == 7 + (given is not None)
+        if given is not None:
+            assert forward[-1] is given and backward[-1] is given
+        assert o.shape == q.shape  # the general path ran
 
 
 def test_torch_cpu_tensors():
