@@ -169,7 +169,8 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         problem = validate.check_backward(do, q, k, v, o, m, l, causal=options.causal,
                                           softmax_scale=options.softmax_scale)
         mods = options.check(q, problem, extra)
-        dq, dk, dv = (b.as_cupy(device_id) for b in outputs[:3])
+        dq, dk, dv = (launch_mod.poison(b.as_cupy(device_id), problem.dtype)  # tests' NaN
+                      for b in outputs[:3])
         dsinks = outputs[4].as_cupy(device_id) if options.sinks else None
         shape = launch_mod.shape_of(q, k, problem.dtype, problem.causal, planning.mod_flags(
             mods.window, mods.softcap, mods.alibi_slopes, mods.sinks, problem.causal))
