@@ -17,6 +17,9 @@ What runs where (docs/frameworks.md has the full table):
     result buffers. No host round trip; ordered like any XLA op.
   - cpu: the same call frame, viewed as NumPy arrays, runs the NumPy path.
 
+  Calls with score modifiers (window, softcap, ALiBi slopes, sinks) take targets of their
+  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged.
+
   ``vmap_method="broadcast_all"``: a vmapped call hands the target arrays with extra leading
   axes (every argument tiled to the full batch), and the target folds all leading axes into
   the batch axis, so a vmap is one call over a bigger batch instead of a loop
