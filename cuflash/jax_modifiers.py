@@ -161,8 +161,8 @@ def _cpu_backward(inputs, outputs, options: Options) -> None:
 
 def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
                    deterministic: bool) -> None:
-    """``launch.flash_backward_gpu`` with XLA's result buffers and scratch (a CuPy workspace
-    would come from CuPy's pool, outside the memory XLA has reserved)."""
+    """What ``launch.flash_backward_gpu`` does, into XLA's result buffers and with XLA's
+    scratch (its CuPy workspace would come from CuPy's pool, outside XLA's memory budget)."""
     with call.on_cuda_stream() as device_id:
         arrays = [b.as_cupy(device_id) for b in inputs]
         (do, q, k, v, o, m, l), extra = arrays[:7], arrays[7:]
@@ -188,11 +188,11 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         need = planning.backward_workspace(plan).total_bytes
         if scratch.nbytes < need:
             raise AssertionError(f"scratch of {scratch.nbytes} bytes, the plan needs {need}")
+        slopes = mods.alibi_slopes  # (batch, heads) from cuflash.jax; (heads,) taken too
         args = launch_mod.mod_args(
             shape, mods.window, mods.softcap, problem.softmax_scale,
-            alibi=mods.alibi_slopes.data.ptr if mods.alibi_slopes is not None else 0,
-            stride_alibi_b=problem.heads if extra and options.alibi and extra[0].ndim == 2
-            else 0,
+            alibi=slopes.data.ptr if slopes is not None else 0,
+            stride_alibi_b=problem.heads if slopes is not None and slopes.ndim == 2 else 0,
             sinks=mods.sinks.data.ptr if mods.sinks is not None else 0,
             dsinks=dsinks.data.ptr if dsinks is not None else 0)
         operands = [launch_mod.cupy_operand(x) for x in (do, q, k, v, o, dq, dk, dv)]
