@@ -17,6 +17,9 @@ What runs where (docs/frameworks.md has the full table):
     result buffers. No host round trip; ordered like any XLA op.
   - cpu: the same call frame, viewed as NumPy arrays, runs the NumPy path.
 
+  Calls with score modifiers (window, softcap, ALiBi slopes, sinks) take targets of their
+  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged.
+
   ``vmap_method="broadcast_all"``: a vmapped call hands the target arrays with extra leading
   axes (every argument tiled to the full batch), and the target folds all leading axes into
   the batch axis, so a vmap is one call over a bigger batch instead of a loop
@@ -34,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, validate, xla_ffi
+from . import api, jax_modifiers, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 from .plan import Shape
@@ -286,13 +289,105 @@ def _flash_bwd(causal, softmax_scale, deterministic, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _refuse_modifiers(window, softcap, alibi_slopes, sinks) -> None:
-    """The score modifiers are not wired through the XLA FFI targets yet (issue #14)."""
-    given = validate.Modifiers(validate.check_window(window), validate.check_softcap(softcap),
-                               alibi_slopes, sinks).first
-    if given is not None:
-        raise ValueError(f"{given}: cuflash.jax.flash_attention does not take score modifiers "
-                         f"yet (issue #14); cuflash.attention_forward runs them eagerly")
+# -- calls with score modifiers (docs/masks.md): their own targets, cuflash.jax_modifiers ---
+
+
+def _forward_mods(q, k, v, slopes, sinks, options: jax_modifiers.Options):
+    """(o, m, l) of a call with modifiers, for concrete or traced arrays."""
+    if _is_concrete(q, k, v, slopes, sinks):
+        o, stats = api.attention_forward(q, k, v, **_api_options(options, slopes, sinks))
+        return o, stats.m, stats.l
+    jax_modifiers.register_targets()
+    specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), _stats_spec(q), _stats_spec(q))
+    call = jax.ffi.ffi_call(jax_modifiers.FORWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
+    return tuple(call(q, k, v, *_extra_operands(q, slopes, sinks), **options.attributes()))
+
+
+def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, options: jax_modifiers.Options,
+                   deterministic: bool):
+    """(dq, dk, dv), and dsinks with sinks, for concrete or traced arrays."""
+    if _is_concrete(do, q, k, v, o, m, l, slopes, sinks):
+        return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l),
+                                      deterministic=deterministic,
+                                      **_api_options(options, slopes, sinks))
+    jax_modifiers.register_targets()
+    specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    specs += (_scratch_spec(q, k, deterministic),)
+    if sinks is not None:
+        specs += (jax.ShapeDtypeStruct(sinks.shape, jnp.float32),)
+    call = jax.ffi.ffi_call(jax_modifiers.BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
+    grads = call(do, q, k, v, o, m, l, *_extra_operands(q, slopes, sinks),
+                 deterministic=bool(deterministic), **options.attributes())
+    return tuple(grads[:3]) + tuple(grads[4:])  # grads[3]: the CUDA kernels' scratch
+
+
+def _api_options(options: jax_modifiers.Options, slopes, sinks) -> dict:
+    return dict(causal=options.causal, softmax_scale=options.softmax_scale,
+                window=options.window, softcap=options.softcap, alibi_slopes=slopes,
+                sinks=sinks)
+
+
+def _extra_operands(q, slopes, sinks) -> list:
+    """The targets' optional operands. Slopes go as (batch, heads), so that vmap's leading
+    axes fold into the batch with q's (a (heads,) array would be tiled per vmapped entry,
+    not per batch entry)."""
+    extra = []
+    if slopes is not None:
+        extra.append(jnp.broadcast_to(slopes, (q.shape[0], q.shape[2])))
+    if sinks is not None:
+        extra.append(sinks)
+    return extra
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash_mods(q, k, v, slopes, sinks, options, deterministic):
+    return _forward_mods(q, k, v, slopes, sinks, options)[0]
+
+
+def _flash_mods_fwd(q, k, v, slopes, sinks, options, deterministic):
+    o, m, l = _forward_mods(q, k, v, slopes, sinks, options)
+    return o, (q, k, v, slopes, sinks, o, m, l)
+
+
+def _flash_mods_bwd(options, deterministic, residuals, do):
+    q, k, v, slopes, sinks, o, m, l = residuals
+    grads = _backward_mods(do, q, k, v, o, m, l, slopes, sinks, options, deterministic)
+    # sinks get their gradient (float32 (heads,)); ALiBi slopes none (constants, as in
+    # FlashAttention): None is JAX's zero cotangent
+    dsinks = grads[3] if sinks is not None else None
+    return (*grads[:3], None, dsinks)
+
+
+_flash_mods.defvjp(_flash_mods_fwd, _flash_mods_bwd)
+
+
+def _check_head_array(x, name: str) -> None:
+    """alibi_slopes / sinks: a JAX array (or tracer) or a NumPy array, checked before
+    ``jnp.asarray`` (which would turn float64 into float32 silently)."""
+    if x is not None and not isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray)):
+        raise TypeError(f"{name}: expected a jax.Array or numpy.ndarray, "
+                        f"got {type(x).__name__}")
+
+
+def _stand_in(x):
+    """Zeros with x's shape and dtype: for ``validate`` at trace time (values are checked
+    by the call itself: the API eagerly, the FFI handler under jit)."""
+    return None if x is None else np.zeros(x.shape, np.dtype(x.dtype))
+
+
+def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks
+                     ) -> jax_modifiers.Options:
+    """The core API's checks on shapes and dtypes, for concrete and traced arrays alike."""
+    for x, name in ((alibi_slopes, "alibi_slopes"), (sinks, "sinks")):
+        _check_head_array(x, name)
+    q0, k0, v0 = (_shape_only(x) for x in (q, k, v))
+    problem = validate.check_forward(q0, k0, v0, causal=causal, softmax_scale=scale)
+    mods = validate.check_modifiers(q0, problem, window=window, softcap=softcap,
+                                    alibi_slopes=_stand_in(alibi_slopes),
+                                    sinks=_stand_in(sinks))
+    return jax_modifiers.Options(causal=causal, softmax_scale=scale, window=mods.window,
+                                 softcap=mods.softcap, alibi=alibi_slopes is not None,
+                                 sinks=sinks is not None)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
@@ -311,28 +406,40 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         deterministic: the backward computes dQ without atomics, so gradients are bitwise
             identical run to run on CUDA (somewhat slower; the CPU path always is). A Python
             bool (static); under jit it is the FFI attribute ``deterministic``.
-        window, softcap, alibi_slopes, sinks: the score modifiers (docs/masks.md) are not
-            in the JAX adapter yet: anything but their off values raises ``ValueError``
-            naming the argument (``cuflash.attention_forward`` runs them on JAX CPU arrays).
+        window, softcap, alibi_slopes, sinks: the score modifiers of
+            ``cuflash.attention_forward`` (docs/masks.md). ``window`` (a pair of ints) and
+            ``softcap`` (a real) are static; ``alibi_slopes`` float32 (heads,) or
+            (batch, heads) and ``sinks`` float32 (heads,) are arrays (JAX or NumPy).
+            ``sinks`` gets a gradient, float32 (heads,); the slopes get none (a zero
+            cotangent: constants, as in FlashAttention).
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), q's dtype.
 
-    Differentiable in q, k, v (residuals q, k, v, o and the float32 statistics m, l; the
-    attention probabilities are recomputed in the backward pass). Works eagerly on CPU and
-    GPU arrays, and under ``jax.jit`` / ``jax.grad`` / ``jax.vmap`` (any number of leading
-    vmapped axes) on the CPU and CUDA backends, through an XLA FFI custom call. A NaN in a
+    Differentiable in q, k, v (and sinks), with residuals q, k, v, o and the float32
+    statistics m, l (the attention probabilities are recomputed in the backward pass).
+    Works eagerly on CPU and GPU arrays, and under ``jax.jit`` / ``jax.grad`` / ``jax.vmap``
+    (any number of leading vmapped axes) on the CPU and CUDA backends, through an XLA FFI
+    custom call (calls with modifiers: ``cuflash.jax_modifiers``' targets). A NaN in a
     visible score shows as NaN in that row's output and gradients. Bad arguments raise
-    ``TypeError`` / ``ValueError`` naming the argument, as the core API does.
+    ``TypeError`` / ``ValueError`` naming the argument, as the core API does, at trace time
+    (values of traced slopes / sinks, e.g. their finiteness, are checked when the call runs,
+    and a failure there is raised by JAX as an ``XlaRuntimeError``).
     """
     for x, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_array(x, name)
-    _refuse_modifiers(window, softcap, alibi_slopes, sinks)
     causal = validate.check_bool(causal, "causal")
     deterministic = validate.check_bool(deterministic, "deterministic")
     scale = validate.check_scale(softmax_scale, q.shape[-1])
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
-    return _flash(q, k, v, causal, scale, deterministic)
+    window, softcap = validate.check_window(window), validate.check_softcap(softcap)
+    if window is None and softcap is None and alibi_slopes is None and sinks is None:
+        q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
+        return _flash(q, k, v, causal, scale, deterministic)
+    options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
+    sinks = None if sinks is None else jnp.asarray(sinks)
+    return _flash_mods(q, k, v, slopes, sinks, options, deterministic)
 
 
 # -- decoding against a K/V cache (issue #16) ---------------------------------------------------

@@ -196,6 +196,19 @@ class BufferView:
         lead = int(np.prod(self.shape[: len(self.shape) - ndim + 1], dtype=np.int64))
         return BufferView(self.dtype, self.data, (lead,) + self.shape[len(self.shape) - ndim + 1:])
 
+    def entries(self, ndim: int) -> list["BufferView"]:
+        """One view per entry of the leading axes (from vmap's broadcast_all) before the last
+        ``ndim``, in row-major order; ``[self]`` when there are none. For a call that cannot
+        fold those axes into its batch (one sink per head, whatever the batch)."""
+        if len(self.shape) <= ndim:
+            return [self]
+        split = len(self.shape) - ndim
+        count = int(np.prod(self.shape[:split], dtype=np.int64))
+        inner = self.shape[split:]
+        step = int(np.prod(inner, dtype=np.int64)) * self.dtype.itemsize
+        return [BufferView(self.dtype, self.data + i * step if self.data else 0, inner)
+                for i in range(count)]
+
     def as_numpy(self) -> np.ndarray:
         """A writable NumPy view of host memory (the CPU platform); no copy."""
         if self.nbytes == 0:

@@ -1,0 +1,210 @@
+"""The XLA FFI targets of ``cuflash.jax.flash_attention`` calls with score modifiers.
+
+Plain calls keep their own targets (``cuflash_attention_fwd`` / ``_bwd`` in cuflash.jax),
+untouched: same operands, attributes and memoized CUDA hot path. A call with a window,
+softcap, ALiBi slopes or sinks (docs/masks.md) goes to these two instead:
+
+* ``cuflash_attention_fwd_mods``: (q, k, v, [slopes], [sinks]) -> (o, m, l)
+* ``cuflash_attention_bwd_mods``: (do, q, k, v, o, m, l, [slopes], [sinks])
+  -> (dq, dk, dv, scratch, [dsinks])
+
+The attributes ``alibi`` and ``sinks`` (bools) say which optional operands are present;
+``window_left`` / ``window_right`` (-1 -1: off) and ``softcap`` (0: off) are static, as
+``causal`` and ``softmax_scale`` are. Slopes always arrive as (batch, heads): the caller
+broadcasts (heads,) ones, so vmap's leading axes fold into the batch like q's.
+
+Sinks are one logit per head for the whole batch (and dsinks one sum over it), so a vmapped
+call with sinks cannot fold its leading axes into the batch: the handler runs one call per
+leading entry, each with its own sinks, dsinks and scratch (a loop of launches on the same
+stream, not a loop in Python over JAX calls).
+
+The handlers validate every execution (the plain targets memoize by signature; calls with
+modifiers pay the checks' host time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import validate, xla_ffi
+from . import launch as launch_mod
+from . import plan as planning
+
+FORWARD_TARGET = "cuflash_attention_fwd_mods"
+BACKWARD_TARGET = "cuflash_attention_bwd_mods"
+
+
+@dataclass(frozen=True)
+class Options:
+    """The static part of a call: what the attributes carry."""
+
+    causal: bool
+    softmax_scale: float
+    window: tuple[int, int] | None
+    softcap: float | None
+    alibi: bool
+    sinks: bool
+
+    def attributes(self) -> dict:
+        left, right = self.window or (-1, -1)
+        # float64 so that a jitted call uses exactly the eager call's values
+        return {"causal": self.causal, "softmax_scale": np.float64(self.softmax_scale),
+                "window_left": np.int64(left), "window_right": np.int64(right),
+                "softcap": np.float64(self.softcap or 0.0), "alibi": self.alibi,
+                "sinks": self.sinks}
+
+    @classmethod
+    def of(cls, call: xla_ffi.Call) -> "Options":
+        a = call.attrs
+        return cls(causal=bool(a["causal"]), softmax_scale=float(a["softmax_scale"]),
+                   window=validate.check_window((int(a["window_left"]),
+                                                 int(a["window_right"]))),
+                   softcap=validate.check_softcap(float(a["softcap"])),
+                   alibi=bool(a["alibi"]), sinks=bool(a["sinks"]))
+
+    def extra_ndims(self) -> list[int]:
+        """ndim of the optional operands, in order: slopes (batch, heads), sinks (heads,)."""
+        return [2] * self.alibi + [1] * self.sinks
+
+    def check(self, q, problem: validate.Problem, extra) -> validate.Modifiers:
+        """``validate.check_modifiers`` on the optional operands (backend arrays)."""
+        extra = list(extra)
+        slopes = extra.pop(0) if self.alibi else None
+        sinks = extra.pop(0) if self.sinks else None
+        return validate.check_modifiers(q, problem, window=self.window, softcap=self.softcap,
+                                        alibi_slopes=slopes, sinks=sinks)
+
+
+def _calls(buffers, ndims, split: bool) -> list[list[xla_ffi.BufferView]]:
+    """The buffers of each call to run: vmap's leading axes folded into the batch (one call),
+    or with ``split`` one call per leading entry."""
+    if not split:
+        return [[b.folded(n) for b, n in zip(buffers, ndims)]]
+    return [list(views) for views in zip(*(b.entries(n) for b, n in zip(buffers, ndims)))]
+
+
+# -- forward -------------------------------------------------------------------------------
+
+
+def forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
+    """(q, k, v, [slopes], [sinks]) -> (o, m, l), written into XLA's result buffers."""
+    options = Options.of(call)
+    ndims = [4, 4, 4] + options.extra_ndims() + [4, 3, 3]
+    for views in _calls(call.args + call.rets, ndims, split=options.sinks):
+        if on_cuda:
+            _cuda_forward(call, views, options)
+        else:
+            _cpu_forward(views, options)
+
+
+def _cpu_forward(views, options: Options) -> None:
+    from .cpu import flash_forward_cpu
+
+    arrays = [b.as_numpy() for b in views]
+    (q, k, v), extra, outs = arrays[:3], arrays[3:-3], arrays[-3:]
+    problem = validate.check_forward(q, k, v, causal=options.causal,
+                                     softmax_scale=options.softmax_scale)
+    mods = options.check(q, problem, extra)
+    results = flash_forward_cpu(q, k, v, causal=problem.causal,
+                                softmax_scale=problem.softmax_scale, **mods.cpu_kwargs())
+    for out, value in zip(outs, results):  # the NumPy path allocates its outputs
+        np.copyto(out, value)
+
+
+def _cuda_forward(call: xla_ffi.Call, views, options: Options) -> None:
+    with call.on_cuda_stream() as device_id:
+        arrays = [b.as_cupy(device_id) for b in views]
+        (q, k, v), extra, outs = arrays[:3], arrays[3:-3], arrays[-3:]
+        problem = validate.check_forward(q, k, v, causal=options.causal,
+                                         softmax_scale=options.softmax_scale)
+        mods = options.check(q, problem, extra)
+        # writes into XLA's buffers on XLA's stream (CuPy's current one here)
+        launch_mod.flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
+                                     softmax_scale=problem.softmax_scale, out=tuple(outs),
+                                     **mods.cpu_kwargs())
+
+
+# -- backward ------------------------------------------------------------------------------
+
+
+def backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
+    """(do, q, k, v, o, m, l, [slopes], [sinks]) -> (dq, dk, dv, scratch, [dsinks])."""
+    options = Options.of(call)
+    deterministic = bool(call.attrs["deterministic"])
+    ndims = ([4] * 5 + [3, 3] + options.extra_ndims() + [4, 4, 4, 1]
+             + [1] * options.sinks)
+    for views in _calls(call.args + call.rets, ndims, split=options.sinks):
+        n_in = 7 + options.alibi + options.sinks
+        inputs, outputs = views[:n_in], views[n_in:]
+        if on_cuda:
+            _cuda_backward(call, inputs, outputs, options, deterministic)
+        else:
+            _cpu_backward(inputs, outputs, options)
+
+
+def _cpu_backward(inputs, outputs, options: Options) -> None:
+    from .cpu import flash_backward_cpu
+
+    arrays = [b.as_numpy() for b in inputs]
+    (do, q, k, v, o, m, l), extra = arrays[:7], arrays[7:]
+    problem = validate.check_backward(do, q, k, v, o, m, l, causal=options.causal,
+                                      softmax_scale=options.softmax_scale)
+    mods = options.check(q, problem, extra)
+    grads = flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
+                               softmax_scale=problem.softmax_scale, **mods.cpu_kwargs())
+    results = [b.as_numpy() for b in outputs[:3] + outputs[4:]]  # outputs[3]: CUDA scratch
+    for out, value in zip(results, grads, strict=True):
+        np.copyto(out, value)
+
+
+def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
+                   deterministic: bool) -> None:
+    """What ``launch.flash_backward_gpu`` does, into XLA's result buffers and with XLA's
+    scratch (its CuPy workspace would come from CuPy's pool, outside XLA's memory budget)."""
+    with call.on_cuda_stream() as device_id:
+        arrays = [b.as_cupy(device_id) for b in inputs]
+        (do, q, k, v, o, m, l), extra = arrays[:7], arrays[7:]
+        problem = validate.check_backward(do, q, k, v, o, m, l, causal=options.causal,
+                                          softmax_scale=options.softmax_scale)
+        mods = options.check(q, problem, extra)
+        dq, dk, dv = (launch_mod.poison(b.as_cupy(device_id), problem.dtype)  # tests' NaN
+                      for b in outputs[:3])
+        dsinks = outputs[4].as_cupy(device_id) if options.sinks else None
+        shape = launch_mod.shape_of(q, k, problem.dtype, problem.causal, planning.mod_flags(
+            mods.window, mods.softcap, mods.alibi_slopes, mods.sinks, problem.causal))
+        plan = None
+        if not shape.empty:  # the selector's ValueError before anything is written
+            plan = launch_mod.backward_plan(shape, device_id, deterministic)
+        if dsinks is not None:  # the preprocess adds each block's share with atomics
+            dsinks.fill(0)
+        if shape.empty:  # with sinks: rows that see no key have o = 0, so dsinks is 0
+            for t in (dq, dk, dv):
+                if t.size:
+                    t.view(np.uint8).fill(0)
+            return
+        scratch = outputs[3]
+        need = planning.backward_workspace(plan).total_bytes
+        if scratch.nbytes < need:
+            raise AssertionError(f"scratch of {scratch.nbytes} bytes, the plan needs {need}")
+        slopes = mods.alibi_slopes  # (batch, heads) from cuflash.jax; (heads,) taken too
+        args = launch_mod.mod_args(
+            shape, mods.window, mods.softcap, problem.softmax_scale,
+            alibi=slopes.data.ptr if slopes is not None else 0,
+            stride_alibi_b=problem.heads if slopes is not None and slopes.ndim == 2 else 0,
+            sinks=mods.sinks.data.ptr if mods.sinks is not None else 0,
+            dsinks=dsinks.data.ptr if dsinks is not None else 0)
+        operands = [launch_mod.cupy_operand(x) for x in (do, q, k, v, o, dq, dk, dv)]
+        launch_mod.run_backward(plan, *operands[:5], m.data.ptr, l.data.ptr, *operands[5:],
+                                problem.softmax_scale, scratch.data, call.stream(), device_id,
+                                args)
+
+
+def register_targets() -> None:
+    """Both targets for XLA:CPU and XLA:CUDA, once per process (as cuflash.jax's own)."""
+    from functools import partial
+
+    for platform, on_cuda in (("cpu", False), ("CUDA", True)):
+        xla_ffi.register(FORWARD_TARGET, partial(forward_target, on_cuda=on_cuda), platform)
+        xla_ffi.register(BACKWARD_TARGET, partial(backward_target, on_cuda=on_cuda), platform)
