@@ -157,7 +157,7 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         sinks: float32 (heads,), one logit per head that joins each row's softmax
             normalizer but has no value vector. Default None.
         The four modifiers (docs/masks.md) run on CPU and CUDA arrays (every kernel
-        family); the JAX adapter does not take them yet.
+        family), and through ``cuflash.torch`` and ``cuflash.jax``.
         dropout_p: a real in [0, 1) (docs/dropout.md): each probability P[b, h, i, j] is
             kept with probability 1 - dropout_p and then scaled by 1 / (1 - dropout_p), or
             set to 0; stats m, l stay those of the undropped softmax. Default 0 (off).

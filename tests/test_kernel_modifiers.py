@@ -179,20 +179,6 @@ def test_modifier_specs_compile_without_spills(arch):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("kw", [dict(window=(3, 0)), dict(softcap=2.0),
-                                dict(alibi_slopes="ones"), dict(sinks="zeros")])
-def test_jax_adapter_refuses_modifiers_by_name(kw):
-    jnp = pytest.importorskip("jax.numpy")
-    import cuflash.jax as cj
-
-    q = jnp.ones((1, 8, 2, 16))
-    kw = {n: (getattr(jnp, x)(2) if isinstance(x, str) else x) for n, x in kw.items()}
-    name = next(iter(kw))
-    with pytest.raises(ValueError, match=rf"^{name}: cuflash.jax.flash_attention does not"):
-        cj.flash_attention(q, q, q, **kw)
-    assert cj.flash_attention(q, q, q, window=(-1, -1), softcap=0).shape == q.shape
-
-
 # -- the block-range arithmetic of cf_mask.cuh, transcribed, against the reference's mask ---------
 # The kernels cannot run here; their range formulas can. These mirror MaskPolicy, key_tiles and
 # query_tiles line by line (every division there has a non-negative dividend, so // is C's /).
