@@ -60,7 +60,8 @@ for stage in $stages; do
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling
-      run_stage decode $PY bench/decode.py --out "$OUT/results/decode.json" ;;
+      run_stage decode $PY bench/decode.py --out "$OUT/results/decode.json" \
+        ${DECODE_PARTS:+--parts $DECODE_PARTS} ;;
     ab)  # kernel TFLOP/s of an older tree ($AB_OLD, e.g. a git archive) against this one
       run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
         --out "$OUT/results/ab.json" ;;
