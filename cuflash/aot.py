@@ -91,7 +91,23 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
                 if spec.name not in seen:
                     seen.add(spec.name)
                     work.append((spec, arch))
+        work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
     return work
+
+
+def decode_specs(arch: str, dtypes: Sequence[str] | None = None,
+                 head_dims: Sequence[int] | None = None) -> list:
+    """The KV-cache decode kernels (cuflash.decode) built for ``arch``: every spec its
+    selector can return, for the dtypes the arch has (Turing has no bfloat16)."""
+    from . import decode
+
+    allowed = [d for d in ("float16", "bfloat16", "float32")
+               if (not dtypes or d in dtypes) and not (d == "bfloat16" and arch == "sm_75")]
+    chosen = decode.all_decode_specs(allowed)
+    if head_dims:
+        buckets = {decode.head_dim_bucket(d) for d in head_dims}
+        chosen = [s for s in chosen if s.head_dim in buckets]
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -18,37 +18,49 @@ NumPy mirror in ``decode_cpu``) and hands back the caller's array type.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import validate
-from .interop import Imported, caller_stream, export_array, import_array
+# re-exported: the plan's names that tests, benchmarks and docs use from here
+from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
+                            DecodeProblem, DecodeShape, check_decode)
+from .interop import caller_stream, export_array, import_array
 
 __all__ = ["attention_with_kvcache"]
 
-MAX_Q_LEN = 8  # query rows per sequence the decode kernel takes (speculative decoding)
-MAX_SPLITS = 256  # the combine keeps one weight per split in shared memory
 # Below this many keys a split's fixed cost (Q load, the group merge, a partial o written
 # and read back) is no longer small against its K/V bytes: 256 keys of bf16 head_dim 128 are
-# 128 KB of K + V. Not yet tuned on a GPU.
+# 128 KB of K + V against 512 B of partial o. Not yet tuned on a GPU.
 MIN_KEYS_PER_SPLIT = 256
-# Splits are added until there are about this many blocks per SM: a 128-thread block holds
-# at most 2 * CF_KEYS 16-byte loads per thread in flight, and several resident blocks per SM
-# (plus a second wave to hide the tail) are what keeps HBM busy. Not yet tuned on a GPU.
-BLOCKS_PER_SM = 8
+# auto_splits stops adding splits once this fraction of the resident-block slots of the
+# last wave is busy (see auto_splits).
+WAVE_FILL = 0.95
 WARPS = 4
 COMBINE_WARPS = 4  # flash_decode.cu's CF_COMBINE_WARPS
-MAX_GRID_X = 2**31 - 1
 ROW_BUCKETS = (1, 2, 4, 8)
 HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power of two
-# Keys each lane group loads per step, by rows per block: (16-bit, float32). Registers per
-# thread grow with rows (q and acc: 16 floats per row) and with keys (K and V in flight:
-# 8 registers per key for 16-bit, 16 for float32); these keep every spec under 255
-# registers with zero spills (tests/test_decode_compile.py).
-_KEYS = {1: (8, 4), 2: (8, 4), 4: (4, 2), 8: (2, 1)}
+# (keys, stages) each lane group loads per step, by rows per block: (16-bit, float32).
+# Registers per thread grow with rows (q and acc: 16 floats per row) and with keys x stages
+# (K and V in flight: 8 registers per key for 16-bit, 16 for float32); these keep every
+# spec within its register cap (65536 / (min_blocks * 128)) with zero spills
+# (tests/test_decode_compile.py). Reasoned first (below), then measured where noted:
+# Why two stages from 4 rows up: one row costs a lane about 50 instructions per 16-byte K
+# chunk (and its V chunk), four rows about 160: 8 + 8 conversions, 2 x 8 x rows FMAs (q.k
+# and p.v), log2(head_dim / 8) shuffles and adds per row, the masked online softmax per row.
+# An H200 SM must take in 16.5 bytes per clock (4.3 TB/s / 132 SMs / 1.98 GHz), one warp's
+# 1 KB of K+V chunks every 62 clocks, 248 issue slots of its 4 schedulers: four rows keep
+# them about 65% busy, so a warp that waits for its loads and then computes has loads in
+# flight only a third of the time (the measured GQA row, group 4, ran at 1.91 TB/s against
+# 4.13 for one row; the latency-bound combine of the time was the other suspect). Two
+# stages issue step n + 1's loads before step n's arithmetic, so every warp always has a
+# step in flight. Eight rows (about 320 slots) stay issue-bound in SIMT: tensor cores.
+# Measured (H200, bf16 d128, bench/dev/decode_variants.py, 2026-12-01): at 4 rows (GQA 8,
+# 8k, 8 kv heads) one stage of 4 keys at 3 blocks per SM beat the two-stage guess, 3.11 TB/s
+# against 2.90 (the best of 18 spill-free variants; cuDNN 4.08); at 1 row (1, 32k, 32) keys
+# 4 to 8 at 4 blocks all reach 4.24-4.30.
+_KEYS = {1: ((8, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((4, 1), (1, 2)), 8: ((1, 2), (1, 1))}
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 LOG2E = 1.4426950408889634
 
@@ -69,6 +81,8 @@ class DecodeSpec:
     head_dim: int  # bucket: 32, 64, 128 or 256
     rows: int  # query rows per block (CF_ROWS)
     keys: int  # key rows per lane group per step (CF_KEYS)
+    stages: int = 1  # steps of K/V loads in flight (CF_STAGES)
+    min_blocks: int = 0  # resident blocks per SM asked of ptxas (CF_MIN_BLOCKS); 0: by rows
     warps: int = WARPS
     kind: str = "decode"
     entry: str = "flash_decode_split"
@@ -79,7 +93,7 @@ class DecodeSpec:
     @property
     def name(self) -> str:
         return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}"
-                f"_k{self.keys}_w{self.warps}")
+                f"_k{self.keys}_s{self.stages}_b{self.min_blocks}_w{self.warps}")
 
     @property
     def threads(self) -> int:
@@ -95,6 +109,17 @@ class DecodeSpec:
         """Keys per block per loop step (kStep)."""
         return self.key_groups * self.keys
 
+    def __post_init__(self):
+        if not self.min_blocks:  # register cap 65536 / (min_blocks * 128): 128, 170, 256
+            object.__setattr__(self, "min_blocks",
+                               4 if self.rows == 1 else 3 if self.rows <= 4 else 2)
+
+    @property
+    def bytes_in_flight(self) -> int:
+        """K and V bytes one block has requested and not yet used, at most: 8 elements per
+        thread per key row, keys x stages steps."""
+        return self.threads * 8 * _ITEMSIZE[self.dtype] * 2 * self.keys * self.stages
+
     @property
     def smem_bytes(self) -> int:
         """kGroups * CF_ROWS * (D + 2) floats: every key group's acc, m_i, l_i."""
@@ -103,7 +128,8 @@ class DecodeSpec:
     @property
     def defines(self) -> dict[str, int]:
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
-                "CF_ROWS": self.rows, "CF_KEYS": self.keys, "CF_WARPS": self.warps}
+                "CF_ROWS": self.rows, "CF_KEYS": self.keys, "CF_STAGES": self.stages,
+                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -118,8 +144,8 @@ def row_bucket(rows: int) -> int:
 def select_decode(dtype: str, head_dim: int, rows: int) -> DecodeSpec:
     """The spec for (dtype, head_dim, q_len * heads_per_kv rows): pure."""
     r = row_bucket(rows)
-    keys = _KEYS[r][1 if dtype == "float32" else 0]
-    return DecodeSpec(dtype, head_dim_bucket(head_dim), r, keys)
+    keys, stages = _KEYS[r][1 if dtype == "float32" else 0]
+    return DecodeSpec(dtype, head_dim_bucket(head_dim), r, keys, stages)
 
 
 def all_decode_specs(dtypes=("float16", "bfloat16", "float32")) -> list[DecodeSpec]:
@@ -129,26 +155,6 @@ def all_decode_specs(dtypes=("float16", "bfloat16", "float32")) -> list[DecodeSp
 
 
 # -- the plan ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeShape:
-    batch: int
-    q_len: int
-    seqlen_cache: int
-    heads: int
-    heads_kv: int
-    head_dim: int
-    dtype: str
-
-    @property
-    def rows(self) -> int:
-        """Query rows per kv head: q_len queries times the heads of a kv group."""
-        return self.q_len * (self.heads // self.heads_kv if self.heads_kv else 1)
-
-    @property
-    def empty(self) -> bool:
-        return 0 in (self.batch, self.q_len, self.heads)
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,14 @@ class DecodePlan:
     keys_per_split: int
     grid: tuple[int, int, int]
     combine_grid: tuple[int, int, int] | None
+    append_grid: tuple[int, int, int] | None  # k_new / v_new into the cache, first
     lse_offset: int
     workspace_bytes: int
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return (self.spec.name,) + (("decode_combine",) if self.combine_grid else ())
+        return ((("decode_append",) if self.append_grid else ()) + (self.spec.name,)
+                + (("decode_combine",) if self.combine_grid else ()))
 
 
 def split_keys(seqlen_cache: int, num_splits: int, step: int = 1) -> tuple[int, int]:
@@ -181,45 +189,82 @@ def split_keys(seqlen_cache: int, num_splits: int, step: int = 1) -> tuple[int, 
     return _cdiv(seqlen_cache, per), per
 
 
-def auto_splits(blocks: int, seqlen_cache: int, sm_count: int) -> int:
-    """Splits so that there are about BLOCKS_PER_SM blocks per SM, each split at least
-    MIN_KEYS_PER_SPLIT keys of the cache, at most MAX_SPLITS."""
-    if sm_count <= 0 or blocks <= 0:
+def wave_fill(blocks: int, slots: int) -> float:
+    """Busy fraction of the resident-block slots over the waves ``blocks`` take."""
+    return blocks / (_cdiv(blocks, slots) * slots) if blocks and slots else 0.0
+
+
+def auto_splits(base_blocks: int, seqlen_cache: int, step: int, sm_count: int,
+                min_blocks: int) -> int:
+    """The fewest key splits whose blocks fill WAVE_FILL of the last wave, each split at
+    least MIN_KEYS_PER_SPLIT keys, at most MAX_SPLITS; the best-filling count if none does.
+
+    Why waves of resident blocks, with the H200's numbers (132 SMs, 4.3 TB/s measured copy,
+    about 1 us of loaded DRAM latency): Little's law wants 4.3 MB in flight, 33 KB per SM.
+    A resident block keeps ``spec.bytes_in_flight`` requested (8-32 KB; ptxas guarantees
+    ``spec.min_blocks`` of them per SM), so an SM with its min_blocks blocks is saturated,
+    and one with fewer is not. Every block has the same bytes to read and the blocks of a
+    wave share the bandwidth evenly, so they finish together: what is lost is the empty
+    slots of the last wave (1 - wave_fill). The old rule (8 blocks per SM) gave (1, 32k, 32)
+    1024 blocks, 1.94 waves of 528 slots, and (8, 8k, 32) 1280 blocks, 2.4 waves: a last
+    wave 40% full, measured 4.13 TB/s against 4.43 for (32, 4k, 32)'s full waves. This rule
+    gives (1, 32k, 32) 16 splits (512 blocks, 97% of one wave) and (8, 8k, 32) 2 splits.
+    Fewer splits also mean less partial o written and merged by the combine kernel. If the
+    GPU keeps more than min_blocks per SM resident, the grid is simply less than a wave and
+    every SM still holds at least min_blocks - 1 blocks."""
+    if sm_count <= 0 or base_blocks <= 0:
         return 1
-    want = _cdiv(BLOCKS_PER_SM * sm_count, blocks)
-    return max(1, min(want, MAX_SPLITS, seqlen_cache // MIN_KEYS_PER_SPLIT))
+    slots = sm_count * min_blocks
+    most = max(1, min(MAX_SPLITS, seqlen_cache // MIN_KEYS_PER_SPLIT))
+    best, best_fill, seen = 1, -1.0, set()
+    for want in range(1, most + 1):
+        splits = split_keys(seqlen_cache, want, step)[0]
+        if splits in seen:
+            continue
+        seen.add(splits)
+        fill = wave_fill(base_blocks * splits, slots)
+        if fill >= WAVE_FILL:
+            return splits
+        if fill > best_fill + 1e-9:
+            best, best_fill = splits, fill
+    return best
 
 
-def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None) -> DecodePlan:
+def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None,
+                spec: DecodeSpec | None = None) -> DecodePlan:
     """Pure: the spec, grids and scratch of one call. ``num_splits`` None or 0: automatic
-    (``auto_splits``); else at most that many (``split_keys``)."""
+    (``auto_splits``); else at most that many (``split_keys``). ``spec``: pinned instead of
+    ``select_decode``'s (bench/dev/decode_variants.py times candidates that way)."""
     s = shape
-    spec = select_decode(s.dtype, s.head_dim, s.rows)
+    spec = spec or select_decode(s.dtype, s.head_dim, s.rows)
     row_tiles = _cdiv(s.rows, spec.rows)
     blocks = s.batch * s.heads_kv * row_tiles
     if num_splits:
         splits, per = split_keys(s.seqlen_cache, num_splits)
     else:
-        splits, per = split_keys(s.seqlen_cache, auto_splits(blocks, s.seqlen_cache, sm_count),
-                                 spec.step)
+        want = auto_splits(blocks, s.seqlen_cache, spec.step, sm_count, spec.min_blocks)
+        splits, per = split_keys(s.seqlen_cache, want, spec.step)
     combine_grid = lse_offset = workspace = None
     if splits > 1:
         rows_out = s.batch * s.q_len * s.heads
         combine_grid = (_cdiv(rows_out, COMBINE_WARPS), 1, 1)
         lse_offset = _cdiv(4 * splits * rows_out * s.head_dim, 256) * 256
         workspace = lse_offset + 4 * splits * rows_out
+    chunks = s.batch * s.seqlen_new * s.heads_kv * (s.head_dim // 8)  # one thread each
+    append_grid = (_cdiv(chunks, spec.threads), 1, 1) if chunks else None
     return DecodePlan(s, spec, row_tiles, splits, per, (blocks, splits, 1), combine_grid,
-                      lse_offset or 0, workspace or 0)
+                      append_grid, lse_offset or 0, workspace or 0)
 
 
 # -- launching on raw pointers -----------------------------------------------------------------
 
-_SPLIT_SIGNATURE = "pppppppp" + "i" * 10 + "q" * 12 + "f"
-_COMBINE_SIGNATURE = "pppp" + "iiiii" + "qqq"
-_functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, loaded kernel)
+# flash_decode.cu's DecodeParams: 12 pointers, 17 ints, 18 strides, 2 floats (320 bytes, no
+# tail padding). Every kernel of the file takes it whole.
+_PARAMS_SIGNATURE = "p" * 12 + "i" * 17 + "q" * 18 + "f" * 2
+_functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, append, keep)
 
 
-def _functions_of(spec: DecodeSpec, device_id: int) -> tuple[int, int]:
+def _functions_of(spec: DecodeSpec, device_id: int) -> tuple[int, int, int]:
     from .compiler import get_kernel
     from .specs import forced_arch
 
@@ -228,207 +273,178 @@ def _functions_of(spec: DecodeSpec, device_id: int) -> tuple[int, int]:
     if hit is None:
         loaded = get_kernel(spec, device_id)
         combine = loaded.module.get_function("flash_decode_combine")
+        append = loaded.module.get_function("flash_decode_append")
         ptr = lambda f: int(getattr(f, "kernel", f).ptr)  # RawKernel or Function
-        hit = _functions[key] = (ptr(loaded.function), ptr(combine), loaded, combine)
-    return hit[0], hit[1]
-
-
-def _launch(function: int, grid, threads: int, smem: int, signature: str, args, stream: int,
-            what: str) -> None:
-    from .launch import launch_function
-
-    launch_function(function, grid, threads, smem, signature, args, stream, lambda: what)
-
-
-def run_decode(plan: DecodePlan, ptrs: tuple, strides: tuple, causal: bool,
-               softmax_scale: float, workspace: int, stream: int, device_id: int) -> None:
-    """Enqueue the decode on ``stream``. ``ptrs``: q, k, v, cache_seqlens (0 for none), o,
-    lse; ``strides``: (batch, seq, head) element strides of q, k, v, o; ``workspace``: the
-    address of ``plan.workspace_bytes`` scratch bytes (unused when num_splits == 1)."""
-    s, spec = plan.shape, plan.spec
-    split_fn, combine_fn = _functions_of(spec, device_id)
-    q, k, v, seqlens, o, lse = ptrs
-    o_part, lse_part = (workspace, workspace + plan.lse_offset) if plan.combine_grid else (0, 0)
-    args = (q, k, v, seqlens, o, lse, o_part, lse_part, s.batch, s.q_len, s.heads, s.heads_kv,
-            s.head_dim, s.seqlen_cache, plan.num_splits, plan.keys_per_split, plan.row_tiles,
-            int(causal), *strides, softmax_scale * LOG2E)
-    _launch(split_fn, plan.grid, spec.threads, spec.smem_bytes, _SPLIT_SIGNATURE, args, stream,
-            f"{spec.name} for {s}")
-    if plan.combine_grid:
-        args = (o_part, lse_part, o, lse, s.batch, s.q_len, s.heads, s.head_dim,
-                plan.num_splits, *strides[9:12])
-        _launch(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
-                4 * COMBINE_WARPS * plan.num_splits, _COMBINE_SIGNATURE, args, stream,
-                f"flash_decode_combine for {s}")
-
-
-# -- validation --------------------------------------------------------------------------------
+        hit = _functions[key] = (ptr(loaded.function), ptr(combine), ptr(append),
+                                 (loaded, combine, append))
+    return hit[:3]
 
 
 @dataclass(frozen=True)
-class DecodeProblem:
-    """The validated facts of one ``attention_with_kvcache`` call."""
+class DecodeOperands:
+    """Addresses (0: absent) and (batch, seq, head) element strides of one call's arrays.
+    Paged caches: the "batch" stride of k / v is the page stride."""
 
-    shape: DecodeShape
-    causal: bool
-    softmax_scale: float
-    num_splits: int | None  # None: automatic
-    device: tuple
-
-
-def check_num_splits(num_splits) -> int | None:
-    """None or 0 (automatic, FlashAttention-2's 0), or an int from 1 to MAX_SPLITS."""
-    if num_splits is None:
-        return None
-    if isinstance(num_splits, (bool, np.bool_)) or not isinstance(num_splits, numbers.Integral):
-        raise TypeError(f"num_splits: expected None or an int, got {type(num_splits).__name__} "
-                        f"{num_splits!r}")
-    if not 0 <= int(num_splits) <= MAX_SPLITS:
-        raise ValueError(f"num_splits: expected 0 (automatic) to {MAX_SPLITS}, got {num_splits}")
-    return int(num_splits) or None
-
-
-def check_decode(q: Imported, k: Imported, v: Imported, seqlens: Imported | None, *, causal,
-                 softmax_scale, num_splits) -> DecodeProblem:
-    """Every check of ``attention_with_kvcache``; raises TypeError / ValueError naming the
-    argument. Nothing is allocated or launched before this returns."""
-    causal = validate.check_bool(causal, "causal")
-    named = [(q, "q"), (k, "k_cache"), (v, "v_cache")]
-    validate._check_ndim(q, "q", 4, "(batch, q_len, heads, head_dim)")
-    for x, name in named[1:]:
-        validate._check_ndim(x, name, 4, "(batch, seqlen_cache, heads_kv, head_dim)")
-    validate._check_same_place(named)
-    dtype = validate._check_dtypes(named)
-    batch, q_len, heads, head_dim = q.array.shape
-    _, seqlen_cache, heads_kv, _ = k.array.shape
-    _check_shapes(tuple(q.array.shape), tuple(k.array.shape), tuple(v.array.shape))
-    scale = validate.check_scale(softmax_scale, head_dim)
-    splits = check_num_splits(num_splits)
-    if seqlens is not None:
-        _check_seqlens(seqlens, q, batch, seqlen_cache)
-    shape = DecodeShape(batch, q_len, seqlen_cache, heads, heads_kv, head_dim, dtype)
-    if q.is_cuda:
-        for x, name in named:
-            validate.check_alignment(x.array, name)
-        tiles = _cdiv(shape.rows, row_bucket(shape.rows)) if heads_kv else 0
-        if batch * heads_kv * tiles > MAX_GRID_X or seqlen_cache > validate.MAX_SEQLEN:
-            raise ValueError(f"q: batch * heads_kv * ceil(q_len * heads / heads_kv / 8) must be "
-                             f"<= {MAX_GRID_X} and seqlen_cache <= {validate.MAX_SEQLEN} on "
-                             f"CUDA, got {batch * heads_kv * tiles} and {seqlen_cache}")
-    return DecodeProblem(shape, causal, scale, splits, q.device)
+    q: int
+    k: int
+    v: int
+    o: int
+    lse: int
+    strides_q: tuple
+    strides_k: tuple
+    strides_v: tuple
+    strides_o: tuple
+    cache_seqlens: int = 0
+    block_table: int = 0
+    alibi_slopes: int = 0
+    k_new: int = 0
+    v_new: int = 0
+    strides_k_new: tuple = (0, 0, 0)
+    strides_v_new: tuple = (0, 0, 0)
 
 
-def _check_shapes(q: tuple, k: tuple, v: tuple) -> None:
-    batch, q_len, heads, head_dim = q
-    if not q_len <= MAX_Q_LEN:
-        raise ValueError(f"q: expected q_len (axis 1) from 1 to {MAX_Q_LEN} for decoding, got "
-                         f"{q_len} in shape {q}; use cuflash.attention_forward for prefill")
-    if head_dim not in validate.SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
-                         f"in shape {q}")
-    if k[0] != batch or k[3] != head_dim:
-        raise ValueError(f"k_cache: expected (batch {batch}, seqlen_cache, heads_kv, head_dim "
-                         f"{head_dim}) like q {q}, got {k}")
-    if v != k:
-        raise ValueError(f"v_cache: expected shape {k} like k_cache, got {v}")
-    heads_kv = k[2]
-    if (heads_kv == 0 and heads > 0) or (heads_kv and heads % heads_kv):
-        raise ValueError(f"k_cache: expected heads_kv >= 1 dividing q's {heads} heads "
-                         f"(grouped-query attention), got {heads_kv} in shape {k}")
+def _params(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands,
+            workspace: int) -> tuple:
+    """DecodeParams, field by field (flash_decode.cu's order)."""
+    s = plan.shape
+    o_part, lse_part = (workspace, workspace + plan.lse_offset) if plan.combine_grid else (0, 0)
+    left, right = problem.window or (-1, -1)
+    if problem.softcap:  # q * scale / softcap; the kernel's tanh, then * softcap * LOG2E
+        scale_q, softcap_log2 = problem.softmax_scale / problem.softcap, problem.softcap * LOG2E
+    else:
+        scale_q, softcap_log2 = problem.softmax_scale * LOG2E, 0.0
+    max_pages = s.seqlen_cache // s.page_size if s.page_size else 0
+    return (ops.q, ops.k, ops.v, ops.k_new, ops.v_new, ops.cache_seqlens, ops.block_table,
+            ops.alibi_slopes, ops.o, ops.lse, o_part, lse_part,
+            s.batch, s.q_len, s.heads, s.heads_kv, s.head_dim, s.seqlen_cache, s.seqlen_new,
+            s.page_size, problem.num_pages, max_pages, plan.num_splits, plan.keys_per_split,
+            plan.row_tiles, int(problem.causal), left, right,
+            s.heads if problem.alibi_per_batch else 0,
+            *ops.strides_q, *ops.strides_k, *ops.strides_v, *ops.strides_o,
+            *ops.strides_k_new, *ops.strides_v_new, scale_q, softcap_log2)
 
 
-def _check_seqlens(seqlens: Imported, q: Imported, batch: int, seqlen_cache: int) -> None:
-    validate._check_same_place([(q, "q"), (seqlens, "cache_seqlens")])
-    a = seqlens.array
-    if np.dtype(a.dtype) != np.int32:
-        raise TypeError(f"cache_seqlens: expected int32, got {np.dtype(a.dtype).name}")
-    if tuple(a.shape) != (batch,):
-        raise ValueError(f"cache_seqlens: expected shape ({batch},) (one length per batch "
-                         f"entry), got {tuple(a.shape)}")
-    if batch > 1 and a.strides[0] != 4:
-        raise ValueError(f"cache_seqlens: expected a contiguous int32 array, got stride "
-                         f"{a.strides[0]} bytes")
-    if not seqlens.is_cuda and batch and (a.min() < 0 or a.max() > seqlen_cache):
-        # host arrays only: on CUDA this would be a host sync (values are clamped there)
-        raise ValueError(f"cache_seqlens: expected values from 0 to seqlen_cache "
-                         f"{seqlen_cache}, got min {a.min()} and max {a.max()}")
+def run_decode(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands, workspace: int,
+               stream: int, device_id: int) -> None:
+    """Enqueue the decode on ``stream``: append (with k_new), split, combine (more than one
+    split). ``workspace``: the address of ``plan.workspace_bytes`` scratch bytes."""
+    from .launch import launch_function
+
+    s, spec = plan.shape, plan.spec
+    split_fn, combine_fn, append_fn = _functions_of(spec, device_id)
+    args = _params(plan, problem, ops, workspace)
+    what = lambda name: (lambda: f"{name} for {s}")
+    if plan.append_grid:
+        launch_function(append_fn, plan.append_grid, spec.threads, 0, _PARAMS_SIGNATURE, args,
+                        stream, what("flash_decode_append"))
+    if s.empty:  # an append with no query rows
+        return
+    launch_function(split_fn, plan.grid, spec.threads, spec.smem_bytes, _PARAMS_SIGNATURE, args,
+                    stream, what(spec.name))
+    if plan.combine_grid:
+        launch_function(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
+                        4 * COMBINE_WARPS * plan.num_splits, _PARAMS_SIGNATURE, args, stream,
+                        what("flash_decode_combine"))
 
 
 # -- the public function -----------------------------------------------------------------------
 
 _CAUSAL_PICTURE = """
-    Causal masks align to the bottom-right of each sequence's valid keys (FlashAttention-2):
-    query i of q_len sees cache position j iff j <= cache_seqlens[b] - q_len + i.
+    Causal masks align to the bottom-right of each sequence's valid keys (FlashAttention-2),
+    the appended ones included: with L = cache_seqlens[b] + seqlen_new, query i of q_len sees
+    cache position j iff j <= L - q_len + i.
 
-        q_len = 3, cache_seqlens[b] = 6 (cache positions 6.. are never read)
+        q_len = 3, L = 6 (cache positions 6.. are never read)
           j: 0 1 2 3 4 5 | 6 7
         q0:  x x x x . . | . .
         q1:  x x x x x . | . .
         q2:  x x x x x x | . .
 """
 
+_OPTIONAL = ("cache_seqlens", "block_table", "k_new", "v_new", "alibi_slopes")
 
-def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens=None, causal: bool = False,
-                           softmax_scale: float | None = None, num_splits: int | None = None,
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqlens=None,
+                           block_table=None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes=None, num_splits: int | None = None,
                            return_softmax_lse: bool = False):
     """Attention of a few new queries against a K/V cache (decoding), split over the keys.
 
     Args:
         q: (batch, q_len, heads, head_dim), q_len from 1 to 8; float16, bfloat16 or
             float32, head_dim a multiple of 8 up to 256, head_dim contiguous.
-        k_cache, v_cache: (batch, seqlen_cache, heads_kv, head_dim), same dtype and device;
-            heads a multiple of heads_kv (query head h reads kv head h // (heads // heads_kv)).
-            Read only; nothing is appended (see docs/decode.md for what is missing).
+        k_cache, v_cache: (batch, seqlen_cache, heads_kv, head_dim), or with ``block_table``
+            (num_pages, page_size, heads_kv, head_dim), page_size a multiple of 16; same
+            dtype and device as q; heads a multiple of heads_kv (query head h reads kv head
+            h // (heads // heads_kv)). Written only by an append.
+        k_new, v_new: None, or (batch, seqlen_new, heads_kv, head_dim) keys and values
+            written into the caches at positions [cache_seqlens[b], + seqlen_new) before
+            attending (FlashAttention-2's ``k``, ``v``): the new keys are visible and causal
+            aligns to the new length. Needs ``cache_seqlens``, which is not updated.
         cache_seqlens: None (every entry holds seqlen_cache keys) or an int32 (batch,) array
             of the framework and device of q: entry b attends to cache positions
-            [0, cache_seqlens[b]). Host values outside [0, seqlen_cache] raise ValueError;
-            on CUDA they are not checked (that would sync the host) and are clamped.
+            [0, cache_seqlens[b] + seqlen_new). Host values outside [0, seqlen_cache -
+            seqlen_new] raise ValueError; on CUDA they are not checked (that would sync the
+            host) and are clamped.
+        block_table: None, or int32 (batch, max_pages): position j of entry b is row
+            j % page_size of page block_table[b, j // page_size]; seqlen_cache is
+            max_pages * page_size. Host page ids outside [0, num_pages) raise ValueError;
+            on CUDA they are clamped.
         causal: bottom-right causal mask within each entry's valid length (below).
         softmax_scale: default 1 / sqrt(head_dim).
+        window, softcap, alibi_slopes: docs/masks.md's score modifiers, with the offset
+            cache_seqlens[b] + seqlen_new - q_len per entry.
         num_splits: None or 0 picks the number of key splits from the problem and the GPU
             (1 on the CPU); n >= 1 asks for at most n splits (1: no split, no combine).
         return_softmax_lse: also return the float32 (batch, heads, q_len) log-sum-exp.
 
     Returns:
         o like q (a new array of the caller's type, dtype and device), or (o, lse) with
-        ``return_softmax_lse``. A row that sees no key (cache_seqlens[b] == 0, or causal with
-        cache_seqlens[b] < q_len) gets o = 0 and lse = -inf.
+        ``return_softmax_lse``. A row that sees no key (an empty entry, or causal with fewer
+        valid keys than queries) gets o = 0 and lse = -inf.
 
     CUDA torch and CuPy arrays run on the framework's current stream with its allocator
-    and no host sync (a torch call can be captured in a CUDA graph).
+    and no host sync (a torch call, append included, can be captured in a CUDA graph).
     """
     from .api import _refuse_untracked_gradients
 
+    given = dict(zip(_OPTIONAL, (cache_seqlens, block_table, k_new, v_new, alibi_slopes)))
     named = [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")]
-    if cache_seqlens is not None:
-        named.append((cache_seqlens, "cache_seqlens"))
+    named += [(x, name) for name, x in given.items() if x is not None]
     _refuse_untracked_gradients(named)
     return_softmax_lse = validate.check_bool(return_softmax_lse, "return_softmax_lse")
+    flags = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                 num_splits=num_splits)
     fast = _fast_backend([x for x, _ in named])
     if fast is not None:
-        o, lse = _decode_gpu(fast, q, k_cache, v_cache, cache_seqlens, causal, softmax_scale,
-                             num_splits)
+        o, lse = _decode_gpu(fast, q, k_cache, v_cache, given, flags)
         return (o, lse) if return_softmax_lse else o
-    imported = [import_array(x, name) for x, name in named]
-    iq, ik, iv = imported[:3]
-    iseq = imported[3] if cache_seqlens is not None else None
-    problem = check_decode(iq, ik, iv, iseq, causal=causal, softmax_scale=softmax_scale,
-                           num_splits=num_splits)
+    imported = {name: import_array(x, name) for x, name in named}
+    problem = _check(imported, flags)
+    iq = imported["q"]
     with caller_stream(iq):
+        arrays = {name: x.array for name, x in imported.items()}
         if iq.is_cuda:
             from . import fastpath
 
-            o, lse = _decode_gpu(fastpath.cupy_backend(), iq.array, ik.array, iv.array,
-                                 None if iseq is None else iseq.array, causal, softmax_scale,
-                                 num_splits, problem)
+            o, lse = _decode_gpu(fastpath.cupy_backend(), arrays.pop("q"),
+                                 arrays.pop("k_cache"), arrays.pop("v_cache"), arrays, flags,
+                                 problem)
         else:
-            o, lse = _decode_cpu(problem, iq.array, ik.array, iv.array,
-                                 None if iseq is None else iseq.array)
+            o, lse = _decode_cpu(problem, arrays)
         o = export_array(o, like=iq)
         return (o, export_array(lse, like=iq)) if return_softmax_lse else o
 
 
 attention_with_kvcache.__doc__ += _CAUSAL_PICTURE
+
+
+def _check(imported: dict, flags: dict) -> DecodeProblem:
+    return check_decode(imported["q"], imported["k_cache"], imported["v_cache"],
+                        imported.get("cache_seqlens"), block_table=imported.get("block_table"),
+                        k_new=imported.get("k_new"), v_new=imported.get("v_new"),
+                        alibi_slopes=imported.get("alibi_slopes"), **flags)
 
 
 def _fast_backend(arrays):
@@ -440,14 +456,17 @@ def _fast_backend(arrays):
     return fastpath.backend_for(arrays, False, None)
 
 
-def _decode_cpu(problem: DecodeProblem, q, k, v, seqlens):
+def _decode_cpu(problem: DecodeProblem, arrays: dict):
     from .decode_cpu import decode_forward_cpu
 
     s = problem.shape
     splits, per = split_keys(s.seqlen_cache, problem.num_splits or 1)
-    return decode_forward_cpu(q, k, v, seqlens, causal=problem.causal,
-                              softmax_scale=problem.softmax_scale, splits=splits,
-                              keys_per_split=per)
+    return decode_forward_cpu(
+        arrays["q"], arrays["k_cache"], arrays["v_cache"], arrays.get("cache_seqlens"),
+        causal=problem.causal, softmax_scale=problem.softmax_scale, splits=splits,
+        keys_per_split=per, block_table=arrays.get("block_table"), k_new=arrays.get("k_new"),
+        v_new=arrays.get("v_new"), window=problem.window, softcap=problem.softcap,
+        alibi_slopes=arrays.get("alibi_slopes"))
 
 
 # -- CUDA: validated once per layout, then pointers and a launch --------------------------------
@@ -457,22 +476,29 @@ _plans: dict = {}
 _MAX_LAYOUTS = 4096
 
 
-def _problem(backend, q, k, v, seqlens, causal, softmax_scale, num_splits) -> DecodeProblem:
-    layouts = tuple(backend.layout(x) for x in (q, k, v))
-    key = (type(causal), causal, type(softmax_scale), softmax_scale, type(num_splits),
-           num_splits, layouts, None if seqlens is None else backend.layout(seqlens))
-    known = _problems.get(key)
+def _flag_key(flags: dict) -> tuple:
+    """Flags as a cache key that keeps 1 and True (and 1.0) apart."""
+    return tuple((name, type(v), v if not isinstance(v, list) else tuple(v))
+                 for name, v in sorted(flags.items()))
+
+
+def _problem(backend, q, k, v, given: dict, flags: dict) -> DecodeProblem:
+    key = (_flag_key(flags), tuple(backend.layout(x) for x in (q, k, v)),
+           tuple((name, backend.layout(x)) for name, x in given.items()))
+    try:
+        known = _problems.get(key)
+    except TypeError:  # an unhashable flag (say a dict window): validation says what is wrong
+        known = key = None
     if known is not None and all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0
-                                 for x in (q, k, v)):
+                                 for x in (q, k, v, given.get("k_new"), given.get("v_new"))
+                                 if x is not None):
         return known
-    named = [(q, "q"), (k, "k_cache"), (v, "v_cache")]
-    iq, ik, iv = (import_array(x, n) for x, n in named)
-    iseq = None if seqlens is None else import_array(seqlens, "cache_seqlens")
-    problem = check_decode(iq, ik, iv, iseq, causal=causal, softmax_scale=softmax_scale,
-                           num_splits=num_splits)
+    named = {"q": q, "k_cache": k, "v_cache": v, **given}
+    problem = _check({n: import_array(x, n) for n, x in named.items()}, flags)
     if len(_problems) >= _MAX_LAYOUTS:
         _problems.clear()
-    _problems[key] = problem
+    if key is not None:
+        _problems[key] = problem
     return problem
 
 
@@ -490,30 +516,42 @@ def decode_plan(shape: DecodeShape, num_splits: int | None, device_id: int) -> D
     return plan
 
 
-def _decode_gpu(backend, q, k, v, seqlens, causal, softmax_scale, num_splits,
+def _operands(backend, q, k, v, given: dict, o, lse, s: DecodeShape) -> DecodeOperands:
+    strides = lambda x: tuple(backend.operand(x)[1:4])
+    ptr = lambda name: backend.ptr(given[name]) if given.get(name) is not None else 0
+    new = {}
+    if given.get("k_new") is not None:
+        new = dict(k_new=ptr("k_new"), v_new=ptr("v_new"),
+                   strides_k_new=strides(given["k_new"]), strides_v_new=strides(given["v_new"]))
+    return DecodeOperands(
+        backend.ptr(q), backend.ptr(k), backend.ptr(v), backend.ptr(o), backend.ptr(lse),
+        strides(q), strides(k), strides(v),
+        (s.q_len * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim),
+        cache_seqlens=ptr("cache_seqlens"), block_table=ptr("block_table"),
+        alibi_slopes=ptr("alibi_slopes"), **new)
+
+
+def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
                 problem: DecodeProblem | None = None):
     """(o, lse) on CUDA arrays of ``backend``'s framework, on its current stream."""
     from .launch import poison_enabled
 
+    given = {name: x for name, x in given.items() if x is not None}
     if problem is None:
-        problem = _problem(backend, q, k, v, seqlens, causal, softmax_scale, num_splits)
+        problem = _problem(backend, q, k, v, given, flags)
     s = problem.shape
     o = backend.empty(q.shape, None, q)
     lse = backend.empty((s.batch, s.heads, s.q_len), backend.float32, q)
     if poison_enabled():
         backend.poison(o), backend.poison(lse)
-    if s.empty:
+    if s.empty and not s.seqlen_new:
         return o, lse
     index = backend.device_index(q)
     with backend.on_device(index):
         plan = decode_plan(s, problem.num_splits, index)
         workspace = (backend.empty((plan.workspace_bytes,), backend.uint8, q)
                      if plan.workspace_bytes else None)
-        ops = [backend.operand(x) for x in (q, k, v)]
-        strides = tuple(x for op in ops for x in op[1:4])
-        strides += (s.q_len * s.heads * s.head_dim, s.heads * s.head_dim, s.head_dim)  # o
-        ptrs = (*(op.ptr for op in ops), 0 if seqlens is None else backend.ptr(seqlens),
-                backend.ptr(o), backend.ptr(lse))
-        run_decode(plan, ptrs, strides, problem.causal, problem.softmax_scale,
-                   0 if workspace is None else backend.ptr(workspace), backend.stream(), index)
+        ops = _operands(backend, q, k, v, given, o, lse, s)
+        run_decode(plan, problem, ops, 0 if workspace is None else backend.ptr(workspace),
+                   backend.stream(), index)
     return o, lse

@@ -333,3 +333,68 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     scale = validate.check_scale(softmax_scale, q.shape[-1])
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
     return _flash(q, k, v, causal, scale, deterministic)
+
+
+# -- decoding against a K/V cache (issue #16) ---------------------------------------------------
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqlens=None,
+                           block_table=None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes=None, num_splits: int | None = None,
+                           return_softmax_lse: bool = False):
+    """``cuflash.attention_with_kvcache`` for JAX arrays (docs/decode.md), eager calls only.
+
+    JAX arrays are immutable, so an append is functional: with ``k_new`` / ``v_new`` the
+    caches are updated out of place (``.at[].set`` through ``block_table`` when paged) and
+    returned after the results: ``(o, k_cache, v_cache)``, or ``(o, lse, k_cache, v_cache)``
+    with ``return_softmax_lse``. Other arguments, results and errors as the core call.
+    Traced arrays (``jax.jit``) raise TypeError: there is no XLA FFI target for decoding yet.
+    """
+    from . import decode
+    from .decode_checks import check_decode
+    from .interop import import_array
+
+    given = {n: x for n, x in dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new,
+                                     v_new=v_new, cache_seqlens=cache_seqlens,
+                                     block_table=block_table, alibi_slopes=alibi_slopes).items()
+             if x is not None}
+    if not _is_concrete(*given.values()):
+        traced = next(n for n, x in given.items() if not _is_concrete(x))
+        raise TypeError(f"{traced}: expected a concrete array (an eager call), got a tracer; "
+                        f"cuflash.jax.attention_with_kvcache has no XLA FFI target for "
+                        f"jax.jit yet (docs/decode.md)")
+    imported = {n: import_array(x, n) for n, x in given.items()}
+    check_decode(imported["q"], imported["k_cache"], imported["v_cache"],
+                 imported.get("cache_seqlens"), block_table=imported.get("block_table"),
+                 k_new=imported.get("k_new"), v_new=imported.get("v_new"),
+                 alibi_slopes=imported.get("alibi_slopes"), causal=causal,
+                 softmax_scale=softmax_scale, window=window, softcap=softcap,
+                 num_splits=num_splits, in_place=False)
+    if k_new is not None:
+        k_cache = _append_functional(k_cache, k_new, cache_seqlens, block_table)
+        v_cache = _append_functional(v_cache, v_new, cache_seqlens, block_table)
+        cache_seqlens = jnp.asarray(cache_seqlens) + jnp.int32(k_new.shape[1])
+    out = decode.attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
+        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, num_splits=num_splits, return_softmax_lse=return_softmax_lse)
+    if k_new is None:
+        return out
+    return (*out, k_cache, v_cache) if return_softmax_lse else (out, k_cache, v_cache)
+
+
+def _append_functional(cache, new, cache_seqlens, block_table):
+    """cache with new[b, t] at position cache_seqlens[b] + t (through the page table)."""
+    batch, n = new.shape[:2]
+    pos = jnp.asarray(cache_seqlens)[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    entry = jnp.broadcast_to(jnp.arange(batch)[:, None], pos.shape)
+    cache, new = jnp.asarray(cache), jnp.asarray(new)
+    if block_table is None:
+        return cache.at[entry, pos].set(new)
+    page_size = cache.shape[1]
+    pages = jnp.asarray(block_table)[entry, pos // page_size]
+    return cache.at[pages, pos % page_size].set(new)
+
+
+__all__ += ["attention_with_kvcache"]

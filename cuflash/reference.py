@@ -325,3 +325,113 @@ def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, d
 # The acceptance rule (compare, default_atol, ErrorReport) lives in cuflash/testing.py;
 # these names stay importable from here for existing callers.
 from .testing import ErrorReport, compare, default_atol  # noqa: E402, F401
+
+
+# -- variable lengths (issue #14, docs/varlen.md) -----------------------------------------
+#
+# Packed layout, as FlashAttention-2's varlen functions: q (total_q, heads, head_dim) holds
+# the queries of sequence b in rows cu_seqlens_q[b] : cu_seqlens_q[b + 1], k and v
+# (total_k, heads_kv, head_dim) its keys in rows cu_seqlens_k[b] : cu_seqlens_k[b] + n_k(b),
+# n_k(b) = seqused_k[b] if given, else cu_seqlens_k[b + 1] - cu_seqlens_k[b]. Each sequence
+# is one dense problem (causal, window and ALiBi aligned bottom-right within it); the
+# statistics are (heads, total_q). The spec is literally that loop over sequences.
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k=None):
+    """(b, query rows, key rows) per sequence, as slices into the packed arrays."""
+    cu_q = np.asarray(cu_seqlens_q, dtype=np.int64)
+    cu_k = np.asarray(cu_seqlens_k, dtype=np.int64)
+    for b in range(len(cu_q) - 1):
+        n_k = cu_k[b + 1] - cu_k[b] if seqused_k is None else int(seqused_k[b])
+        yield b, slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + n_k)
+
+
+def _sequence_kwargs(kwargs: dict, b: int) -> dict:
+    """The dense call's keywords for sequence b: (batch, heads) ALiBi slopes -> row b."""
+    slopes = kwargs.get("alibi_slopes")
+    if slopes is not None and np.ndim(slopes) == 2:
+        return {**kwargs, "alibi_slopes": np.asarray(slopes)[b]}
+    return kwargs
+
+
+def _varlen_forward(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, dtype, kwargs):
+    """Run ``dense(q_b, k_b, v_b, **kwargs) -> (o_b, m_b, l_b)`` per sequence and pack."""
+    total_q, heads, _ = q.shape
+    o = np.zeros(q.shape, dtype=dtype)
+    m = np.full((heads, total_q), -np.inf)
+    l = np.zeros((heads, total_q))
+    for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        if rq.stop == rq.start:
+            continue
+        o_b, m_b, l_b = dense(q[None, rq], k[None, rk], v[None, rk], **_sequence_kwargs(kwargs, b))
+        o[rq], m[:, rq], l[:, rq] = o_b[0], m_b[0], l_b[0]
+    return o, m, l
+
+
+def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
+                               causal=False, softmax_scale=None, window=None, softcap=None,
+                               alibi_slopes=None, sinks=None):
+    """Float64 variable-length attention: ``attention_reference`` on each sequence.
+
+    q (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim); cu_seqlens_q,
+    cu_seqlens_k (batch + 1,) offsets of each sequence; seqused_k (batch,) keys used per
+    sequence (default: all of its rows). Returns float64 o (total_q, heads, head_dim) and
+    m, l (heads, total_q). Modifiers as in ``attention_reference``, per sequence
+    (alibi_slopes (batch, heads): row b for sequence b).
+    """
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, sinks=sinks)
+    return _varlen_forward(attention_reference, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                           seqused_k, _F64, kwargs)
+
+
+def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
+                           causal=False, softmax_scale=None, dtype, window=None, softcap=None,
+                           alibi_slopes=None, sinks=None):
+    """``attention_naive`` per sequence: o (total_q, heads, head_dim) in dtype."""
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype, return_stats=True)
+    return _varlen_forward(attention_naive, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                           dtype, kwargs)[0]
+
+
+def _varlen_backward(dense, do, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, dtype, o,
+                     kwargs):
+    """Run ``dense(do_b, q_b, k_b, v_b, **kwargs)`` per sequence; pack dq, dk, dv and sum
+    dsinks over the sequences. Keys past seqused_k get zero gradients."""
+    dq, dk, dv = (np.zeros(x.shape, dtype=dtype) for x in (q, k, v))
+    dsinks = None if kwargs.get("sinks") is None else np.zeros(q.shape[1])
+    for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        if rq.stop == rq.start:
+            continue
+        extra = {} if o is None else {"o": o[None, rq]}
+        grads = dense(do[None, rq], q[None, rq], k[None, rk], v[None, rk],
+                      **_sequence_kwargs(kwargs, b), **extra)
+        dq[rq], dk[rk], dv[rk] = grads[0][0], grads[1][0], grads[2][0]
+        if dsinks is not None:
+            dsinks = dsinks + grads[3]
+    return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
+
+
+def attention_varlen_backward_reference(do, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
+                                        seqused_k=None, causal=False, softmax_scale=None,
+                                        o=None, window=None, softcap=None, alibi_slopes=None,
+                                        sinks=None):
+    """Float64 gradients, ``attention_backward_reference`` per sequence: (dq, dk, dv), and
+    dsinks (heads,) summed over the sequences when ``sinks`` is given. ``o``: the packed
+    forward output (see ``attention_backward_reference``)."""
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, sinks=sinks)
+    return _varlen_backward(attention_backward_reference, do, q, k, v, cu_seqlens_q,
+                            cu_seqlens_k, seqused_k, _F64, o, kwargs)
+
+
+def attention_varlen_backward_naive(do, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
+                                    seqused_k=None, causal=False, softmax_scale=None, dtype,
+                                    window=None, softcap=None, alibi_slopes=None, sinks=None):
+    """``attention_backward_naive`` per sequence, gradients in dtype (dsinks float32)."""
+    kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype)
+    grads = _varlen_backward(attention_backward_naive, do, q, k, v, cu_seqlens_q,
+                             cu_seqlens_k, seqused_k, dtype, None, kwargs)
+    return grads if sinks is None else (*grads[:3], grads[3].astype(_F32))

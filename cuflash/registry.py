@@ -86,9 +86,10 @@ def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split);
         + 2 * st * m * 4
 
 
-def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T; lse2, delta per stage
+def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T (+ P^T at d256); lse2, delta
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
-    return (2 * n * d + 2 * st * m * d + n * m) * 2 + 2 * st * m * 4
+    role_split = d == 256
+    return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
 
 
 def _smem_bwd_dq16(s) -> int:  # Q, dO tiles + K and V tiles per stage
@@ -215,13 +216,17 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
 
 BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
-# bwd90 (Hopper wgmma): 128 keys, 2 warpgroups, 2 stages; dQ by atomics only (the
+# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics only (the
 # deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
 BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query tiles, "
                                  "0.74-0.77x with 64 (NOTES' wgmma kernels)"),
               _t(8, 64, 128, 2)),
          128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
-                                 "(NOTES' wgmma kernels)"),)}
+                                 "(NOTES' wgmma kernels)"),),
+         256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
+                                "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
+                                "causal 260; 3.6x the portable kernel (70) (bench/results/"
+                                "2026-12-01_h200/session2)"),)}
 
 # bwd_dq, 16-bit: (warps, block_n, stages), 16 query rows per warp.
 BWD_DQ16 = {b: (_fwd16(4, 64, 2), _fwd16(4, 64, 1), _fwd16(4, 32, 1), _fwd16(2, 32, 1),

@@ -312,3 +312,184 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     o = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                         causal=is_causal, softmax_scale=scale)
     return o.transpose(1, 2)
+
+
+# -- variable lengths (issue #14; docs/varlen.md) ---------------------------------------------
+
+import dataclasses  # noqa: E402  (kept with the code that uses it: this section is appended)
+
+__all__.append("flash_attention_varlen")
+
+
+class _VarlenAttention(torch.autograd.Function):
+    """Autograd for ``cuflash.attention_varlen_forward``: saves q, k, v, o and the
+    statistics and calls ``attention_varlen_backward``; sinks get their gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, layout, options, deterministic):
+        from .varlen import attention_varlen_forward
+
+        o, stats = attention_varlen_forward(q, k, v, *layout, **options,
+                                            sinks=None if sinks is None else sinks.detach())
+        ctx.save_for_backward(q, k, v, o, stats.m, stats.l, sinks)
+        ctx.layout, ctx.options, ctx.deterministic = layout, options, deterministic
+        # the forward's call without its arrays, so the backward's origin check still runs
+        ctx.stats_record = dataclasses.replace(stats, m=None, l=None)
+        lse = stats.lse
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        from .varlen import attention_varlen_backward
+
+        q, k, v, o, m, l, sinks = ctx.saved_tensors
+        stats = dataclasses.replace(ctx.stats_record, m=m, l=l)
+        grads = attention_varlen_backward(_kernel_ready(do), q, k, v, o, stats, *ctx.layout,
+                                          **ctx.options, deterministic=ctx.deterministic,
+                                          sinks=None if sinks is None else sinks.detach())
+        dsinks = grads[3].to(sinks.dtype) if sinks is not None else None
+        return grads[0], grads[1], grads[2], dsinks, None, None, None
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, *,
+                           seqused_k: torch.Tensor | None = None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           sinks: torch.Tensor | None = None, deterministic: bool | None = None,
+                           return_lse: bool = False):
+    """Differentiable variable-length attention (``flash_attn_varlen_func``'s layout).
+
+    q (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim); cu_seqlens_q,
+    cu_seqlens_k int32 (batch + 1,) tensors on q's device; the other arguments as in
+    ``cuflash.attention_varlen_forward`` (causal, windows and ALiBi bottom-right per
+    sequence). ``sinks`` float32 (heads,) may require grad: it gets its gradient, summed
+    over every sequence; alibi_slopes get none (constants, as in FlashAttention).
+
+    Returns o (total_q, heads, head_dim); with ``return_lse=True`` (o, lse), lse float32
+    (heads, total_q) = m + log(l) (-inf for a row that sees no key), not differentiable.
+
+    CPU tensors run cuflash's NumPy path; CUDA tensors raise ``ValueError`` until the
+    kernels take per-sequence offsets (issue #14). Not traced by ``torch.compile`` yet
+    (an ``autograd.Function`` without a custom op: a graph break).
+    """
+    named = [(q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"),
+             (cu_seqlens_k, "cu_seqlens_k")]
+    named += [(x, n) for x, n in ((seqused_k, "seqused_k"), (alibi_slopes, "alibi_slopes"),
+                                  (sinks, "sinks")) if x is not None]
+    _check_tensors(named)
+    validate.check_bool(return_lse, "return_lse")
+    options = dict(seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
+                   window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    layout = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    o, lse = _VarlenAttention.apply(q, k, v, sinks, layout, options,
+                                    _resolve_deterministic(deterministic))
+    return (o, lse) if return_lse else o
+
+
+# -- decoding against a K/V cache (issue #16) ---------------------------------------------------
+# Two operators for torch.compile: ``cuflash::kvcache_append_decode`` declares that it writes
+# k_cache / v_cache (the append), so the compiler orders it after earlier writes of the
+# caches; ``cuflash::kvcache_decode`` (no k_new) declares no mutation, so a read-only step
+# never makes the functionalization pass copy the caches. Eager calls skip the operator
+# dispatch and go straight to cuflash.attention_with_kvcache (torch's stream and allocator,
+# no sync).
+
+
+def _kvcache_impl(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                  alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
+                  num_splits):
+    from . import decode
+
+    return decode.attention_with_kvcache(
+        q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
+        block_table=block_table, alibi_slopes=alibi_slopes, causal=causal,
+        softmax_scale=softmax_scale, window=(window_left, window_right), softcap=softcap,
+        num_splits=num_splits, return_softmax_lse=True)
+
+
+def _kvcache_fake(q, *args):
+    batch, q_len, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, q_len), dtype=torch.float32)
+
+
+@torch.library.custom_op("cuflash::kvcache_append_decode", mutates_args=("k_cache", "v_cache"))
+def _kvcache_append_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_new: torch.Tensor, v_new: torch.Tensor,
+                           cache_seqlens: torch.Tensor, block_table: torch.Tensor | None,
+                           alibi_slopes: torch.Tensor | None, causal: bool,
+                           softmax_scale: float | None, window_left: int, window_right: int,
+                           softcap: float, num_splits: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_impl(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
+                         alibi_slopes, causal, softmax_scale, window_left, window_right,
+                         softcap, num_splits)
+
+
+@torch.library.custom_op("cuflash::kvcache_decode", mutates_args=())
+def _kvcache_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    cache_seqlens: torch.Tensor | None, block_table: torch.Tensor | None,
+                    alibi_slopes: torch.Tensor | None, causal: bool,
+                    softmax_scale: float | None, window_left: int, window_right: int,
+                    softcap: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kvcache_impl(q, k_cache, v_cache, None, None, cache_seqlens, block_table,
+                         alibi_slopes, causal, softmax_scale, window_left, window_right,
+                         softcap, num_splits)
+
+
+_kvcache_append_decode.register_fake(_kvcache_fake)
+_kvcache_decode.register_fake(_kvcache_fake)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
+                           k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                           cache_seqlens: torch.Tensor | None = None,
+                           block_table: torch.Tensor | None = None, causal: bool = False,
+                           softmax_scale: float | None = None, window=None, softcap=None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           num_splits: int | None = None, return_softmax_lse: bool = False):
+    """``cuflash.attention_with_kvcache`` for torch tensors, traceable by ``torch.compile``
+    (one operator that mutates k_cache / v_cache; no graph break) and capturable in CUDA
+    graphs. Arguments, results and errors as there (docs/decode.md); no autograd (decoding
+    needs no gradients: a tensor that requires grad raises TypeError). Under torch.compile,
+    k_new and v_new go together with cache_seqlens (the operator's schema requires them)."""
+    tensors = [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")] + [
+        (t, n) for t, n in ((k_new, "k_new"), (v_new, "v_new"), (cache_seqlens, "cache_seqlens"),
+                            (block_table, "block_table"), (alibi_slopes, "alibi_slopes"))
+        if t is not None]
+    _check_tensors(tensors)
+    if not torch.compiler.is_compiling():
+        from . import decode
+
+        return decode.attention_with_kvcache(
+            q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
+            block_table=block_table, causal=causal, softmax_scale=softmax_scale, window=window,
+            softcap=softcap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+            return_softmax_lse=return_softmax_lse)
+    # -- traced: scalars checked here (the operator's schema takes plain ints and floats)
+    causal = validate.check_bool(causal, "causal")
+    return_softmax_lse = validate.check_bool(return_softmax_lse, "return_softmax_lse")
+    left, right = validate.check_window(window) or (-1, -1)
+    from .decode_checks import check_num_splits
+
+    scalars = (causal, softmax_scale, left, right, validate.check_softcap(softcap) or 0.0,
+               check_num_splits(num_splits) or 0)
+    if k_new is None and v_new is None:
+        o, lse = _kvcache_decode(q, k_cache, v_cache, cache_seqlens, block_table, alibi_slopes,
+                                 *scalars)
+    else:
+        if k_new is None or v_new is None:  # the eager call's messages
+            missing, given = ("k_new", "v_new") if k_new is None else ("v_new", "k_new")
+            raise ValueError(f"{missing}: expected an array with {given} (both or neither), "
+                             f"got None")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens: expected the int32 lengths the new keys are "
+                             "appended at (k_new / v_new given), got None")
+        o, lse = _kvcache_append_decode(q, k_cache, v_cache, k_new, v_new, cache_seqlens,
+                                        block_table, alibi_slopes, *scalars)
+    return (o, lse) if return_softmax_lse else o
+
+
+__all__ += ["attention_with_kvcache"]

@@ -34,7 +34,17 @@
 //   SMEM = (2 * 128 * D + 2 * 2 * M * D + 128 * M) * 2 + 2 * 2 * M * 4 bytes
 // The host's formula is specs.smem_bytes (kind "bwd90").
 //
-// Supported: CF_HEAD_DIM 64 or 128 (whole panels, one chunk); others use flash_bwd.cu.
+// head_dim 256 (the role split): dK and dV of 64 keys x 256 columns are 128 floats per thread
+// each, too many for one warpgroup to hold both, so the block owns CF_BLOCK_N = 64 keys and
+// the warpgroups split the queries for the scores and the roles for the accumulators:
+//   both:         S^T, dP^T for the 64 keys x the warpgroup's 32 queries (wgmma m64n32),
+//                 P^T and dS^T to shared memory (sP, sdS: row = key, column = query)
+//   warpgroup 0:  dK += dS^T Q      warpgroup 1:  dV += P^T dO   (acc holds dK or dV)
+//   both:         dQ = dS K, warpgroup g columns 128g .. in two wgmma of 64 columns
+// Shared memory: 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 8 (P^T) + 1 KB = 209 KB.
+//
+// Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
+// split); others use flash_bwd.cu.
 //
 // Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
 // docs/masks.md), as in flash_bwd.cu.
@@ -70,12 +80,17 @@
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
-static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128, "head-dim bucket 64 or 128");
-static_assert((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) && CF_WARPS == 8 &&
-                  CF_BLOCK_N == 128 && CF_STAGES == 2,
-              "tiles: 64 queries (128 at head_dim 64) x 128 keys, 2 warpgroups, 2 stages");
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
+              "head-dim bucket 64, 128 or 256");
+#define CF_ROLE_SPLIT (CF_HEAD_DIM == 256)
+static_assert(CF_ROLE_SPLIT ? (CF_BLOCK_M == 64 && CF_BLOCK_N == 64)
+                            : ((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) &&
+                               CF_BLOCK_N == 128),
+              "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 256");
+static_assert(CF_WARPS == 8 && CF_STAGES == 2, "2 warpgroups, 2 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
 
 namespace bwd90 {
@@ -91,7 +106,8 @@ enum : int {
   kDT = kD / 8,            // dK, dV n-tiles per thread
   kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (or V)
-  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + kBN * kBM) * 2 + 2 * 2 * kBM * 4,
+  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (CF_ROLE_SPLIT ? 2 : 1) * kBN * kBM) * 2 +
+               2 * 2 * kBM * 4,
 };
 }  // namespace bwd90
 
@@ -120,16 +136,19 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   unsigned char* sQ = sV + kTileK;       // 2 stages
   unsigned char* sdO = sQ + 2 * kTileQ;  // 2 stages
   unsigned char* sdS = sdO + 2 * kTileQ;
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM * 2);  // 2 stages x kBM
+  unsigned char* sP = sdS + kBN * kBM * 2;  // role split: P^T, laid out like dS^T
+  float* sLse = reinterpret_cast<float*>(sP + (CF_ROLE_SPLIT ? kBN * kBM * 2 : 0));  // 2 x kBM
   float* sDelta = sLse + 2 * kBM;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  // Causal: the key tiles seen by the most queries (the first ones) start first across all
-  // kv heads (blocks launch x-fastest; read (x, y) as one index with heads fastest).
-  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
-  const int key_tile = CF_CAUSAL ? (int)(linear / gridDim.y) : (int)blockIdx.x;
-  const int kvh = CF_CAUSAL ? (int)(linear % gridDim.y) : (int)blockIdx.y;
+  // Causal: the key tiles seen by the most queries (the first ones) start first
+  // (cf_tile_order.cuh); a kv head's blocks stream Q, dO (16-bit) and dQ (float32 atomics)
+  // of its query heads.
+  const TileOrder order = causal_tile_order(
+      (long long)seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
+  const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
+  const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
@@ -163,15 +182,21 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     }
   };
 
+  const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
+  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS), sP_sa = smem_addr(sP);
+#if CF_ROLE_SPLIT
+  float acc[kDT][4];  // dK (warpgroup 0) or dV (warpgroup 1)
+#pragma unroll
+  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  const int key_row = n0 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
+#else
   float acc_dk[kDT][4], acc_dv[kDT][4];
 #pragma unroll
   for (int d = 0; d < kDT; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
-
-  const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
-  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
   const int key_row = n0 + wg * 64 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
+#endif
 
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
@@ -195,6 +220,90 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     cp_async_commit();
 
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
+#if CF_ROLE_SPLIT
+    // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
+    const int qw = 32 * wg;
+    float x[4][4], dp[4][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n32(x, sm90_desc_kmajor<kBN>(sK_sa, kk),
+                   sm90_desc_kmajor<kBM>(q_tile + qw * 128, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n32(dp, sm90_desc_kmajor<kBN>(sV_sa, kk),
+                   sm90_desc_kmajor<kBM>(do_tile + qw * 128, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(x);
+    wgmma_fence_regs(dp);
+    // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail.
+    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
+    const int r = (warp & 3) * 16 + group;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int col = qw + 8 * t + 2 * tig;
+      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float p[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
+        float th = 0.f;
+        if (CF_SCORE_MODS) x[t][e] = mods.apply(x[t][e], qi, key, th);
+        p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+      }
+      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
+      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
+      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = pack2(ds[2], ds[3]);
+    }
+    fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
+    __syncthreads();
+    // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
+    // B MN-major: head_dim contiguous; the 64 queries are the contraction)
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_kmn_n256(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
+                        sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+    wgmma_commit();
+    // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
+    float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
+#pragma unroll 1
+    for (int c = 0; c < 2; ++c) {
+      float dq[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(dq);
+      const int dq_col0 = 128 * wg + 64 * c;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int row = m0 + (warp & 3) * 16 + group + 8 * rr;
+        if (row < seqlen_q) {
+          float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            if (dq_col0 + 8 * t + 2 * tig < head_dim)
+              red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
+                       dq[t][2 * rr + 1] * softmax_scale);
+          }
+        }
+      }
+    }
+    wgmma_fence_regs(acc);
+#else
     // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
     float s[kNT][4], dp[kNT][4];
 #if CF_BLOCK_M == 64
@@ -314,8 +423,38 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         }
       }
     }
+#endif
   }
   cp_async_wait<0>();
+
+#if CF_ROLE_SPLIT
+  // -- warpgroup 0 writes dK (times softmax_scale), warpgroup 1 dV; rows key_row, key_row + 8
+  const float out_scale = wg == 0 ? softmax_scale : 1.f;
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = key_row + 8 * rr;
+    if (row < seqlen_k && kv_splits > 1) {
+      const cf_i64 at = (((cf_i64)b * seqlen_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim)
+          red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+      }
+    } else if (row < seqlen_k) {
+      elem_t* dst = wg == 0 ? dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn
+                            : dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim)
+          *reinterpret_cast<cf_u32*>(dst + col) =
+              pack2(acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+      }
+    }
+  }
+#else
 
   // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
 #pragma unroll
@@ -347,4 +486,5 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
       }
     }
   }
+#endif
 }

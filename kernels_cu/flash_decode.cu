@@ -4,17 +4,21 @@
 // (0 fp16, 1 bf16, 2 fp32). The NumPy mirror is cuflash/decode_cpu.py.
 //
 // Decoding reads the whole cache once per step, so it is bound by memory bandwidth, and the
-// parallelism comes from the key axis. Two kernels:
+// parallelism comes from the key axis. Three kernels, all taking one DecodeParams:
 //
+//   flash_decode_append   (only with k_new / v_new) grid (ceil(batch * seqlen_new * heads_kv
+//     * head_dim / 8 / kThreads)), one thread per 8 elements: copies k_new[b, t], v_new[b, t]
+//     into the cache at position cache_seqlens[b] + t (through block_table when paged),
+//     before the split kernel on the same stream reads it.
 //   flash_decode_split    grid (batch * heads_kv * row_tiles, num_splits), CF_WARPS warps.
 //     blockIdx.x = (b * heads_kv + h_kv) * row_tiles + row tile, blockIdx.y = split.
 //     One block streams keys [split * keys_per_split, +keys_per_split) of kv head h_kv of
-//     batch entry b (clipped to that entry's cache_seqlens[b]) for CF_ROWS query rows: the
-//     query heads of the kv group times the q_len queries, row r = i * group + g (query i,
-//     head h_kv * group + g), so K/V are read once per group. rows = q_len * group; more
-//     than CF_ROWS rows take several row tiles (each re-reads the key range).
-//     Writes o and lse directly when num_splits == 1; else the normalized partial o
-//     (float32) and its lse for the combine.
+//     batch entry b (clipped to that entry's valid length and to the keys its rows can see)
+//     for CF_ROWS query rows: the query heads of the kv group times the q_len queries, row
+//     r = i * group + g (query i, head h_kv * group + g), so K/V are read once per group.
+//     rows = q_len * group; more than CF_ROWS rows take several row tiles (each re-reads
+//     the key range). Writes o and lse directly when num_splits == 1; else the normalized
+//     partial o (float32) and its lse for the combine.
 //   flash_decode_combine  grid (ceil(batch * q_len * heads / CF_COMBINE_WARPS)), one warp
 //     per query row: lse = log(sum_s exp(lse_s)), o = sum_s exp(lse_s - lse) * o_s (the
 //     math of cuflash.merge_attention), o in elem_t, lse float32.
@@ -23,12 +27,21 @@
 //   kLanes = D / 8 lanes share one key row, each holding 8 consecutive columns (one 16-byte
 //   load for 16-bit data, two for float32); a warp covers 32 / kLanes key rows per load, the
 //   block kGroups = CF_WARPS * 32 / kLanes "key groups". Per step each group loads CF_KEYS K
-//   rows and CF_KEYS V rows (all issued before any is used: 2 * CF_KEYS independent 16-byte
-//   loads per thread in flight), group g taking keys step + c * kGroups + g. Scores are dot
-//   products reduced over the kLanes lanes by shuffles; every group keeps its own m_i, l_i,
-//   acc per row (online softmax, FlashAttention-2 Alg. 1, in log2 units: scores are
-//   multiplied by scale_log2 = softmax_scale * LOG2E and exponentiated with exp2). The
+//   rows and CF_KEYS V rows (all issued before any is used), group g taking keys
+//   step + c * kGroups + g. With CF_STAGES 2 the loads of step n + 1 are issued before step
+//   n is computed (register double buffering): specs with many rows spend long enough on
+//   the arithmetic of a step that, without it, their warps would stop loading meanwhile.
+//   Scores are dot products reduced over the kLanes lanes by shuffles; every group keeps
+//   its own m_i, l_i, acc per row (online softmax, FlashAttention-2 Alg. 1, in log2 units:
+//   q is pre-multiplied by softmax_scale * LOG2E and scores exponentiated with exp2). The
 //   groups are merged at the end through shared memory.
+//
+// Scores (docs/masks.md, FlashAttention's order: scale, softcap, ALiBi, mask), per row r of
+// query i with the diagonal key diag = L - q_len + i (L: the entry's valid length):
+//   s = softcap * tanh(scale * q.k / softcap)    (q pre-scaled by scale / softcap)
+//   s -= slope_h * |diag - j|                    (alibi_slopes)
+//   visible iff lo_r <= j < hi_r: causal hi = diag + 1; window (left, right) lo = diag - left,
+//   hi = diag + right + 1 (-1: unbounded); always 0 <= j < L.
 //
 // Shared memory (dynamic, split kernel): kGroups * CF_ROWS * (D + 2) floats (every group's
 // acc, m_i and l_i for the final merge): at most 34 KB at 4 warps. Combine kernel:
@@ -36,14 +49,21 @@
 //
 // Layouts (strides in elements, head_dim contiguous, rows 16-byte aligned):
 //   q, o       (batch, q_len, heads, head_dim)
-//   k, v       (batch, seqlen_cache, heads_kv, head_dim)
-//   cache_seqlens int32 (batch,) or null (every entry holds seqlen_cache keys); values are
-//              clamped to [0, seqlen_cache] (never checked on the device: no host sync)
+//   k, v       contiguous: (batch, seqlen_cache, heads_kv, head_dim), any strides;
+//              paged: (num_pages, page_size, heads_kv, head_dim) with stride_kb ==
+//              page_size * stride_kn, so cache row page * page_size + offset is one index
+//   block_table int32 (batch, max_pages) or null: position j of entry b is row
+//              block_table[b, j / page_size] * page_size + j % page_size (page ids clamped
+//              to [0, num_pages), never checked on the device)
+//   k_new, v_new (batch, seqlen_new, heads_kv, head_dim) appended at cache_seqlens[b]
+//   cache_seqlens int32 (batch,) or null (every entry holds seqlen_cache keys); the valid
+//              length is cache_seqlens[b] + seqlen_new, clamped to [0, seqlen_cache] (never
+//              checked on the device: no host sync)
+//   alibi_slopes float32 (heads,) or (batch, heads) (alibi_stride_b 0 or heads), or null
 //   lse        float32 (batch, heads, q_len), natural log; -inf for a row that sees no key
 //   o_part     float32 (num_splits, batch, q_len, heads, head_dim), contiguous
 //   lse_part   float32 (num_splits, batch, heads, q_len), contiguous
-// Causal (bottom-right within each entry's valid length L = cache_seqlens[b]): query i sees
-// key j iff j <= L - q_len + i. A row that sees no key: o = 0, lse = -inf.
+// A row that sees no key: o = 0, lse = -inf.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
@@ -57,14 +77,21 @@
 #ifndef CF_KEYS
 #define CF_KEYS 4  // key rows per group per step
 #endif
+#ifndef CF_STAGES
+#define CF_STAGES 1  // steps of K/V loads in flight: 1 or 2 (register double buffering)
+#endif
 #ifndef CF_WARPS
 #define CF_WARPS 4
+#endif
+#ifndef CF_MIN_BLOCKS  // resident blocks per SM asked of ptxas (see kMinBlocks)
+#define CF_MIN_BLOCKS (CF_ROWS == 1 ? 4 : CF_ROWS <= 4 ? 3 : 2)
 #endif
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
 
 #define CF_COMBINE_WARPS 4
+#define CF_COMBINE_BATCH 8  // splits whose partial o are loaded before any is used
 
 typedef unsigned short dec_u16;
 typedef unsigned int dec_u32;
@@ -89,18 +116,53 @@ enum : int {
   kDim = CF_HEAD_DIM,
   kRows = CF_ROWS,
   kKeys = CF_KEYS,
+  kStages = CF_STAGES,
   kThreads = 32 * CF_WARPS,
   kLanes = kDim / 8,  // lanes per key row
   kGroups = kThreads / kLanes,  // key rows per block per load
   kStep = kGroups * kKeys,  // keys per block per step
   // Resident blocks per SM asked of ptxas: a register cap of 65536 / (kMinBlocks * kThreads)
   // (128, 170, 256). Without a minimum ptxas picked 56-80 registers for one row and spilled
-  // (NVRTC 13.5, sm_80 / sm_120); eight rows need about 250.
-  kMinBlocks = kRows <= 2 ? 4 : kRows == 4 ? 3 : 2,
+  // (NVRTC 13.5, sm_80 / sm_120); two rows with 8 keys spill at 128 since the mask and
+  // ALiBi terms (RowScores) joined; eight rows need about 250. decode.select_decode picks
+  // it (the split heuristic counts on it); the default here is the same formula.
+  kMinBlocks = CF_MIN_BLOCKS,
 };
 static_assert(kDim == 32 || kDim == 64 || kDim == 128 || kDim == 256, "CF_HEAD_DIM");
 static_assert(kRows == 1 || kRows == 2 || kRows == 4 || kRows == 8, "CF_ROWS");
+static_assert(kStages == 1 || kStages == 2, "CF_STAGES");
 }  // namespace decode
+
+// Every argument of the three kernels; decode.py's _PARAMS builds the same C layout.
+struct DecodeParams {
+  const elem_t* q;
+  elem_t* k;  // written only by flash_decode_append
+  elem_t* v;
+  const elem_t* k_new;
+  const elem_t* v_new;
+  const int* cache_seqlens;
+  const int* block_table;
+  const float* alibi_slopes;
+  elem_t* o;
+  float* lse;
+  float* o_part;
+  float* lse_part;
+  int batch, q_len, heads, heads_kv, head_dim;
+  int seqlen_cache;  // keys an entry can hold (paged: max_pages * page_size)
+  int seqlen_new;  // keys appended by this call (0: none)
+  int page_size, num_pages, max_pages;
+  int num_splits, keys_per_split, row_tiles;
+  int causal, window_left, window_right;  // -1: that side unbounded
+  int alibi_stride_b;  // 0: slopes (heads,); heads: (batch, heads)
+  long long stride_qb, stride_qm, stride_qh;
+  long long stride_kb, stride_kn, stride_kh;  // paged: stride_kb is the page stride
+  long long stride_vb, stride_vn, stride_vh;
+  long long stride_ob, stride_om, stride_oh;
+  long long stride_knb, stride_knm, stride_knh;  // k_new
+  long long stride_vnb, stride_vnm, stride_vnh;  // v_new
+  float scale_q;  // q multiplier: softmax_scale * LOG2E, or softmax_scale / softcap
+  float softcap_log2;  // softcap * LOG2E; 0: no softcap
+};
 
 // -- 8 consecutive elements: raw load (kept raw while in flight), then floats ------------------
 #if CF_DTYPE == 2
@@ -173,42 +235,133 @@ __device__ __forceinline__ elem_t float_to_elem(float f) {
 #endif
 }
 
-// -- which keys and rows a block owns ---------------------------------------------------------
+
+// Raw copy of 8 elements (the append kernel): 16 bytes, 32 for float32.
+__device__ __forceinline__ void copy_chunk(elem_t* dst, const elem_t* src) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = ldg_nc_v4(src);
+#if CF_DTYPE == 2
+  d[1] = ldg_nc_v4(src + 4);
+#endif
+}
+
+// -- where cache position j of batch entry b lives ---------------------------------------------
+// Contiguous: row j of the entry (the caller adds b * stride_kb). Paged: row
+// page * page_size + j % page_size of the (num_pages * page_size)-row cache.
+struct CacheRows {
+  const int* table;  // block_table[b, :], or null (contiguous)
+  int page_size, num_pages;
+
+  __device__ __forceinline__ int row(int j) const {
+    if (table == nullptr) return j;
+    const int page = min(max(__ldg(table + j / page_size), 0), num_pages - 1);
+    return page * page_size + j % page_size;
+  }
+};
+
+__device__ __forceinline__ CacheRows cache_rows(const DecodeParams& p, int b) {
+  CacheRows c;
+  c.table = p.block_table ? p.block_table + (long long)b * p.max_pages : nullptr;
+  c.page_size = p.page_size;
+  c.num_pages = p.num_pages;
+  return c;
+}
+
+// Offset (elements) of entry b's cache in k / v: 0 when paged (the rows say where).
+__device__ __forceinline__ long long entry_offset(const DecodeParams& p, int b, long long stride_b) {
+  return p.block_table ? 0 : (long long)b * stride_b;
+}
+
+// -- which keys and rows a block owns, and the mask policy -----------------------------------
 struct DecodeBlock {
   int b, h_kv, group, q_len, row0, rows;  // rows of the whole (b, h_kv) problem
-  int seqlen;  // valid keys of entry b
-  int key_begin, key_end;  // this split's keys, clipped to seqlen
-  bool causal;
+  int seqlen;  // valid keys of entry b, appended ones included
+  int key_begin, key_end;  // this split's keys, clipped to the keys its rows can see
+  int causal, window_left, window_right;
 
   __device__ __forceinline__ bool row_valid(int r) const { return row0 + r < rows; }
   __device__ __forceinline__ int query(int r) const { return (row0 + r) / group; }
   __device__ __forceinline__ int head(int r) const { return h_kv * group + (row0 + r) % group; }
-  // end (exclusive) of the keys row r sees: the mask policy, bottom-right within seqlen
+  // the key on query i's diagonal: bottom-right alignment within the valid keys
+  __device__ __forceinline__ int diag(int r) const { return seqlen - q_len + query(r); }
+  // keys row r sees: [row_key_begin, row_key_end) (visible(i, j) of docs/masks.md)
+  __device__ __forceinline__ int row_key_begin(int r) const {
+    return window_left >= 0 ? max(0, diag(r) - window_left) : 0;
+  }
   __device__ __forceinline__ int row_key_end(int r) const {
     if (!row_valid(r)) return 0;
-    if (!causal) return seqlen;
-    return max(0, min(seqlen, seqlen - q_len + query(r) + 1));
+    int end = seqlen;
+    if (causal) end = min(end, diag(r) + 1);
+    if (window_right >= 0) end = min(end, diag(r) + window_right + 1);
+    return max(0, end);
   }
 };
 
-__device__ __forceinline__ DecodeBlock decode_block(const int* cache_seqlens, int q_len,
-                                                    int heads, int heads_kv, int seqlen_cache,
-                                                    int keys_per_split, int row_tiles,
-                                                    int causal) {
+__device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
   DecodeBlock blk;
-  const int bh = blockIdx.x / row_tiles;
-  blk.b = bh / heads_kv;
-  blk.h_kv = bh % heads_kv;
-  blk.group = heads / heads_kv;
-  blk.q_len = q_len;
-  blk.rows = q_len * blk.group;
-  blk.row0 = (blockIdx.x % row_tiles) * decode::kRows;
-  int len = cache_seqlens ? cache_seqlens[blk.b] : seqlen_cache;
-  blk.seqlen = max(0, min(len, seqlen_cache));
-  blk.key_begin = blockIdx.y * keys_per_split;
-  blk.key_end = min(blk.key_begin + keys_per_split, blk.seqlen);
-  blk.causal = causal != 0;
+  const int bh = blockIdx.x / p.row_tiles;
+  blk.b = bh / p.heads_kv;
+  blk.h_kv = bh % p.heads_kv;
+  blk.group = p.heads / p.heads_kv;
+  blk.q_len = p.q_len;
+  blk.rows = p.q_len * blk.group;
+  blk.row0 = (blockIdx.x % p.row_tiles) * decode::kRows;
+  const int len = (p.cache_seqlens ? p.cache_seqlens[blk.b] : p.seqlen_cache) + p.seqlen_new;
+  blk.seqlen = max(0, min(len, p.seqlen_cache));
+  blk.causal = p.causal;
+  blk.window_left = p.window_left;
+  blk.window_right = p.window_right;
+  // -- the split's keys, clipped to the union of what the rows see (a window skips the rest)
+  int lo = blk.seqlen, hi = 0;
+#pragma unroll
+  for (int r = 0; r < decode::kRows; ++r) {
+    if (blk.row_valid(r) && blk.row_key_begin(r) < blk.row_key_end(r)) {
+      lo = min(lo, blk.row_key_begin(r));
+      hi = max(hi, blk.row_key_end(r));
+    }
+  }
+  const int begin = blockIdx.y * p.keys_per_split;
+  blk.key_begin = max(begin, lo);
+  blk.key_end = min(min(begin + p.keys_per_split, blk.seqlen), hi);
   return blk;
+}
+
+// Per-row score terms kept in registers: the visible key range, ALiBi's slope and diagonal.
+struct RowScores {
+  int lo[decode::kRows], hi[decode::kRows], diag[decode::kRows];
+  float slope_log2[decode::kRows];  // 0 without ALiBi
+  float softcap_log2;  // 0: no softcap
+  bool alibi;
+
+  // -- s = softcap * tanh(x / softcap) - slope * |diag - j|, in log2 units; hidden: -inf.
+  // kMods false: neither softcap nor ALiBi is on (the key loop is instantiated for both, so
+  // plain attention pays for neither test per score).
+  template <bool kMods>
+  __device__ __forceinline__ float apply(float dot, int j, int r) const {
+    float s = dot;
+    if (kMods) {
+      // tanhf, not tanh.approx: its 2^-11 relative error would show in float32 outputs
+      if (softcap_log2 != 0.f) s = softcap_log2 * tanhf(dot);
+      if (alibi) s -= slope_log2[r] * fabsf((float)(diag[r] - j));
+    }
+    return (j >= lo[r] && j < hi[r]) ? s : -DEC_INF;
+  }
+  __device__ __forceinline__ bool modified() const { return softcap_log2 != 0.f || alibi; }
+};
+
+__device__ __forceinline__ RowScores row_scores(const DecodeParams& p, const DecodeBlock& blk) {
+  RowScores rs;
+  rs.softcap_log2 = p.softcap_log2;
+  rs.alibi = p.alibi_slopes != nullptr;
+#pragma unroll
+  for (int r = 0; r < decode::kRows; ++r) {
+    rs.lo[r] = blk.row_key_begin(r);
+    rs.hi[r] = blk.row_key_end(r);
+    rs.diag[r] = blk.diag(r);
+    rs.slope_log2[r] = rs.alibi && blk.row_valid(r)
+        ? p.alibi_slopes[(long long)blk.b * p.alibi_stride_b + blk.head(r)] * DEC_LOG2E : 0.f;
+  }
+  return rs;
 }
 
 // Sum over the kLanes lanes that share a key row (aligned groups of a power of two).
@@ -245,40 +398,134 @@ __device__ __forceinline__ void softmax_update(float s[decode::kKeys][decode::kR
   }
 }
 
+// -- one step of keys: step + c * kGroups + grp for c < kKeys -----------------------------------
+struct KeyStep {
+  Chunk8 k[decode::kKeys], v[decode::kKeys];
+};
+
+// The cache rows of a step's keys (0 past key_end). Paged, these are block_table loads: they
+// are issued one step ahead, while the previous step's K/V loads are in flight.
+__device__ __forceinline__ void key_rows(int row[decode::kKeys], const CacheRows& cache, int step,
+                                         int key_end, int grp) {
+#pragma unroll
+  for (int c = 0; c < decode::kKeys; ++c) {
+    const int j = step + c * decode::kGroups + grp;
+    row[c] = j < key_end ? cache.row(j) : 0;
+  }
+}
+
+// Issue every K and V load of a step before any is used.
+__device__ __forceinline__ void load_step(KeyStep& st, const int row[decode::kKeys],
+                                          const elem_t* k_base, const elem_t* v_base,
+                                          long long stride_kn, long long stride_vn, int step,
+                                          int key_end, int grp, bool col_ok) {
+#pragma unroll
+  for (int c = 0; c < decode::kKeys; ++c) {
+    const bool ok = step + c * decode::kGroups + grp < key_end && col_ok;
+    st.k[c] = load_chunk(k_base + (long long)row[c] * stride_kn, ok);
+    st.v[c] = load_chunk(v_base + (long long)row[c] * stride_vn, ok);
+  }
+}
+
+template <bool kMods>
+__device__ __forceinline__ void compute_step(const KeyStep& st, int step, int key_end, int grp,
+                                             const float qf[decode::kRows][8],
+                                             const RowScores& rs, float m_i[decode::kRows],
+                                             float l_i[decode::kRows],
+                                             float acc[decode::kRows][8]) {
+  using namespace decode;
+  // -- s = q . k in log2 units, reduced over the row's lanes; hidden keys -> -inf
+  float s[kKeys][kRows];
+#pragma unroll
+  for (int c = 0; c < kKeys; ++c) {
+    float kf[8];
+    chunk_to_float(st.k[c], kf);
+    const int j = step + c * kGroups + grp;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float dot = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dot = fmaf(qf[r][e], kf[e], dot);
+      dot = row_sum(dot);
+      s[c][r] = j < key_end ? rs.template apply<kMods>(dot, j, r) : -DEC_INF;
+    }
+  }
+  softmax_update(s, m_i, l_i, acc);  // s now holds p
+  // -- acc += p @ V
+#pragma unroll
+  for (int c = 0; c < kKeys; ++c) {
+    float vf[8];
+    chunk_to_float(st.v[c], vf);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(s[c][r], vf[e], acc[r][e]);
+    }
+  }
+}
+
+// The split block's key loop: keys [blk.key_begin, blk.key_end) folded into m_i, l_i, acc.
+template <bool kMods>
+__device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBlock& blk,
+                                         const RowScores& rs, const float qf[decode::kRows][8],
+                                         int col, int grp, bool col_ok,
+                                         float m_i[decode::kRows], float l_i[decode::kRows],
+                                         float acc[decode::kRows][8]) {
+  using namespace decode;
+  const CacheRows cache = cache_rows(p, blk.b);
+  const elem_t* k_base = p.k + entry_offset(p, blk.b, p.stride_kb) +
+                         (long long)blk.h_kv * p.stride_kh + col;
+  const elem_t* v_base = p.v + entry_offset(p, blk.b, p.stride_vb) +
+                         (long long)blk.h_kv * p.stride_vh + col;
+  const int begin = blk.key_begin, end = blk.key_end;
+  int row[kKeys];
+  key_rows(row, cache, begin, end, grp);
+#if CF_STAGES == 1
+  for (int step = begin; step < end; step += kStep) {  // block-uniform
+    KeyStep st;
+    load_step(st, row, k_base, v_base, p.stride_kn, p.stride_vn, step, end, grp, col_ok);
+    key_rows(row, cache, step + kStep, end, grp);  // next step's rows, behind this step's loads
+    compute_step<kMods>(st, step, end, grp, qf, rs, m_i, l_i, acc);
+  }
+#else
+  // -- two steps in flight: step n + 1 is loading while step n is computed
+  KeyStep a, b;
+  load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, begin, end, grp, col_ok);
+  key_rows(row, cache, begin + kStep, end, grp);
+  for (int step = begin; step < end; step += 2 * kStep) {  // block-uniform
+    load_step(b, row, k_base, v_base, p.stride_kn, p.stride_vn, step + kStep, end, grp, col_ok);
+    key_rows(row, cache, step + 2 * kStep, end, grp);
+    compute_step<kMods>(a, step, end, grp, qf, rs, m_i, l_i, acc);
+    if (step + kStep >= end) break;
+    load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, step + 2 * kStep, end, grp,
+              col_ok);
+    key_rows(row, cache, step + 3 * kStep, end, grp);
+    compute_step<kMods>(b, step + kStep, end, grp, qf, rs, m_i, l_i, acc);
+  }
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(decode::kThreads, decode::kMinBlocks)
-flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-                   const elem_t* __restrict__ v, const int* __restrict__ cache_seqlens,
-                   elem_t* __restrict__ o, float* __restrict__ lse,
-                   float* __restrict__ o_part, float* __restrict__ lse_part,
-                   int batch, int q_len, int heads, int heads_kv, int head_dim,
-                   int seqlen_cache, int num_splits, int keys_per_split, int row_tiles,
-                   int causal,
-                   long long stride_qb, long long stride_qm, long long stride_qh,
-                   long long stride_kb, long long stride_kn, long long stride_kh,
-                   long long stride_vb, long long stride_vn, long long stride_vh,
-                   long long stride_ob, long long stride_om, long long stride_oh,
-                   float scale_log2) {
+flash_decode_split(const DecodeParams p) {
   using namespace decode;
   extern __shared__ __align__(16) float smem[];  // float4 stores below
-  const DecodeBlock blk = decode_block(cache_seqlens, q_len, heads, heads_kv, seqlen_cache,
-                                       keys_per_split, row_tiles, causal);
+  const DecodeBlock blk = decode_block(p);
+  const RowScores rs = row_scores(p, blk);
   const int lane = threadIdx.x & 31;
   const int col = (lane % kLanes) * 8;  // this thread's 8 columns
   const int grp = (threadIdx.x >> 5) * (32 / kLanes) + lane / kLanes;  // its key group
-  const bool col_ok = col < head_dim;
+  const bool col_ok = col < p.head_dim;
 
-  // -- the Q rows (times scale_log2) and each row's key end stay in registers
+  // -- the Q rows (times scale_q) stay in registers for the whole key loop
   float qf[kRows][8];
-  int row_end[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const bool ok = blk.row_valid(r) && col_ok;
-    const elem_t* p = q + blk.b * stride_qb + (long long)blk.query(r) * stride_qm +
-                      (long long)blk.head(r) * stride_qh + col;
-    chunk_to_float(load_chunk(p, ok), qf[r]);
+    const elem_t* ptr = p.q + blk.b * p.stride_qb + (long long)blk.query(r) * p.stride_qm +
+                        (long long)blk.head(r) * p.stride_qh + col;
+    chunk_to_float(load_chunk(ptr, ok), qf[r]);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) qf[r][e] *= scale_log2;
-    row_end[r] = blk.row_key_end(r);
+    for (int e = 0; e < 8; ++e) qf[r][e] *= p.scale_q;
   }
 
   float m_i[kRows], l_i[kRows], acc[kRows][8];
@@ -290,47 +537,11 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
   }
 
-  const elem_t* k_base = k + blk.b * stride_kb + (long long)blk.h_kv * stride_kh + col;
-  const elem_t* v_base = v + blk.b * stride_vb + (long long)blk.h_kv * stride_vh + col;
-  for (int step = blk.key_begin; step < blk.key_end; step += kStep) {  // block-uniform
-    // -- issue every K and V load of the step before using any
-    Chunk8 kc[kKeys], vc[kKeys];
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) {
-      const int j = step + c * kGroups + grp;
-      const bool ok = j < blk.key_end && col_ok;
-      kc[c] = load_chunk(k_base + (long long)j * stride_kn, ok);
-      vc[c] = load_chunk(v_base + (long long)j * stride_vn, ok);
-    }
-    // -- s = q . k in log2 units, reduced over the row's lanes; hidden keys -> -inf
-    float s[kKeys][kRows];
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) {
-      float kf[8];
-      chunk_to_float(kc[c], kf);
-      const int j = step + c * kGroups + grp;
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        float dot = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dot = fmaf(qf[r][e], kf[e], dot);
-        dot = row_sum(dot);
-        s[c][r] = (j < blk.key_end && j < row_end[r]) ? dot : -DEC_INF;
-      }
-    }
-    softmax_update(s, m_i, l_i, acc);  // s now holds p
-    // -- acc += p @ V
-#pragma unroll
-    for (int c = 0; c < kKeys; ++c) {
-      float vf[8];
-      chunk_to_float(vc[c], vf);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[r][e] = fmaf(s[c][r], vf[e], acc[r][e]);
-      }
-    }
-  }
+  // -- the key loop, without the softcap / ALiBi terms unless one is on (block-uniform)
+  if (rs.modified())
+    key_loop<true>(p, blk, rs, qf, col, grp, col_ok, m_i, l_i, acc);
+  else
+    key_loop<false>(p, blk, rs, qf, col, grp, col_ok, m_i, l_i, acc);
 
   // -- merge the key groups through shared memory: [group][row] acc (D floats), m_i, l_i
   float* sm_acc = smem;
@@ -352,7 +563,7 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
   const int split = blockIdx.y;
   for (int idx = threadIdx.x; idx < kRows * kDim; idx += kThreads) {
     const int r = idx / kDim, d = idx % kDim;
-    if (!blk.row_valid(r) || d >= head_dim) continue;
+    if (!blk.row_valid(r) || d >= p.head_dim) continue;
     float m = -DEC_INF;
     for (int g = 0; g < kGroups; ++g) m = fmaxf(m, sm_m[g * kRows + r]);
     const float m_safe = m == -DEC_INF ? 0.f : m;
@@ -367,15 +578,15 @@ flash_decode_split(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
     const float out = l == 0.f ? 0.f : __fdividef(a, l);
     const float row_lse = l == 0.f ? -DEC_INF : (m_safe + log2f(l)) * DEC_LN2;
     const int i = blk.query(r), h = blk.head(r);
-    if (num_splits == 1) {
-      o[blk.b * stride_ob + (long long)i * stride_om + (long long)h * stride_oh + d] =
+    if (p.num_splits == 1) {
+      p.o[blk.b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh + d] =
           float_to_elem(out);
-      if (d == 0) lse[((long long)blk.b * heads + h) * q_len + i] = row_lse;
+      if (d == 0) p.lse[((long long)blk.b * p.heads + h) * p.q_len + i] = row_lse;
     } else {
-      const long long row = ((long long)split * batch + blk.b) * q_len + i;  // (s, b, i)
-      o_part[(row * heads + h) * head_dim + d] = out;
+      const long long prow = ((long long)split * p.batch + blk.b) * p.q_len + i;  // (s, b, i)
+      p.o_part[(prow * p.heads + h) * p.head_dim + d] = out;
       if (d == 0)
-        lse_part[(((long long)split * batch + blk.b) * heads + h) * q_len + i] = row_lse;
+        p.lse_part[(((long long)split * p.batch + blk.b) * p.heads + h) * p.q_len + i] = row_lse;
     }
   }
 }
@@ -392,44 +603,89 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// The combine reads num_splits partial rows per output row. Its loads are issued
+// CF_COMBINE_BATCH splits at a time, 16 bytes per lane: a loop of one dependent load per
+// split and column would be latency-bound (32 splits x 4 columns x ~0.7 us) and, for one
+// long sequence, as slow as a sixth of the split kernel.
 extern "C" __global__ void __launch_bounds__(32 * CF_COMBINE_WARPS)
-flash_decode_combine(const float* __restrict__ o_part, const float* __restrict__ lse_part,
-                     elem_t* __restrict__ o, float* __restrict__ lse,
-                     int batch, int q_len, int heads, int head_dim, int num_splits,
-                     long long stride_ob, long long stride_om, long long stride_oh) {
-  extern __shared__ __align__(16) float smem[];  // float4 stores below
+flash_decode_combine(const DecodeParams p) {
+  extern __shared__ __align__(16) float smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const long long rows = (long long)batch * q_len * heads;
+  const int n = p.num_splits;
+  const long long rows = (long long)p.batch * p.q_len * p.heads;
   const long long row = (long long)blockIdx.x * CF_COMBINE_WARPS + warp;  // (b, i, h)
   if (row >= rows) return;  // warp-uniform; no block barrier below
-  const int h = (int)(row % heads), i = (int)((row / heads) % q_len);
-  const int b = (int)(row / ((long long)heads * q_len));
-  const long long lse_row = ((long long)b * heads + h) * q_len + i;
-  const long long lse_stride = (long long)batch * heads * q_len;  // one split's lse
-  float* w = smem + warp * num_splits;
+  const int h = (int)(row % p.heads), i = (int)((row / p.heads) % p.q_len);
+  const int b = (int)(row / ((long long)p.heads * p.q_len));
+  const long long lse_row = ((long long)b * p.heads + h) * p.q_len + i;
+  const long long lse_stride = (long long)p.batch * p.heads * p.q_len;  // one split's lse
+  float* w = smem + warp * n;
 
   // -- m = max_s lse_s; w_s = exp(lse_s - m); total = sum_s w_s
   float m = -DEC_INF;
-  for (int s = lane; s < num_splits; s += 32) m = fmaxf(m, lse_part[s * lse_stride + lse_row]);
+  for (int s = lane; s < n; s += 32) m = fmaxf(m, p.lse_part[s * lse_stride + lse_row]);
   m = warp_max(m);
   const float m_safe = m == -DEC_INF ? 0.f : m;  // every split saw no key: weights 0
   float total = 0.f;
-  for (int s = lane; s < num_splits; s += 32) {
-    w[s] = exp2f((lse_part[s * lse_stride + lse_row] - m_safe) * DEC_LOG2E);
+  for (int s = lane; s < n; s += 32) {
+    w[s] = exp2f((p.lse_part[s * lse_stride + lse_row] - m_safe) * DEC_LOG2E);
     total += w[s];
   }
   total = warp_sum(total);
   __syncwarp();
   const float inv = total == 0.f ? 0.f : __fdividef(1.f, total);  // total <= num_splits
 
-  // -- o = sum_s w_s * o_s / total, lse = m + log(total)
-  const long long part_stride = rows * head_dim;  // one split's o
-  for (int d = lane; d < head_dim; d += 32) {
-    float a = 0.f;
-    const float* part = o_part + row * head_dim + d;
-    for (int s = 0; s < num_splits; ++s) a = fmaf(w[s], part[s * part_stride], a);
-    o[b * stride_ob + (long long)i * stride_om + (long long)h * stride_oh + d] =
-        float_to_elem(a * inv);
+  // -- o = sum_s w_s * o_s / total: lane owns columns d .. d + 3 (head_dim % 8 == 0)
+  const long long part_stride = rows * p.head_dim;  // one split's o
+  elem_t* out = p.o + b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh;
+  for (int d = lane * 4; d < p.head_dim; d += 128) {
+    const float4* part = reinterpret_cast<const float4*>(p.o_part + row * p.head_dim + d);
+    const long long step = part_stride / 4;  // float4s per split
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < n; s0 += CF_COMBINE_BATCH) {
+      float4 x[CF_COMBINE_BATCH];
+#pragma unroll
+      for (int u = 0; u < CF_COMBINE_BATCH; ++u)
+        x[u] = s0 + u < n ? __ldg(part + (s0 + u) * step) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < CF_COMBINE_BATCH; ++u) {
+        const float wu = s0 + u < n ? w[s0 + u] : 0.f;
+        a.x = fmaf(wu, x[u].x, a.x);
+        a.y = fmaf(wu, x[u].y, a.y);
+        a.z = fmaf(wu, x[u].z, a.z);
+        a.w = fmaf(wu, x[u].w, a.w);
+      }
+    }
+    out[d] = float_to_elem(a.x * inv);
+    out[d + 1] = float_to_elem(a.y * inv);
+    out[d + 2] = float_to_elem(a.z * inv);
+    out[d + 3] = float_to_elem(a.w * inv);
   }
-  if (lane == 0) lse[lse_row] = total == 0.f ? -DEC_INF : m_safe + logf(total);
+  if (lane == 0) p.lse[lse_row] = total == 0.f ? -DEC_INF : m_safe + logf(total);
+}
+
+// -- append: k_new / v_new into the cache at cache_seqlens[b] + t ------------------------------
+// Runs before flash_decode_split on the same stream, so the split kernel's (non-coherent)
+// loads see the new keys. Positions outside [0, seqlen_cache) are skipped (the split kernel
+// clamps the length the same way).
+extern "C" __global__ void __launch_bounds__(decode::kThreads)
+flash_decode_append(const DecodeParams p) {
+  const int chunks = p.head_dim / 8;
+  const long long total = (long long)p.batch * p.seqlen_new * p.heads_kv * chunks;
+  const long long idx = (long long)blockIdx.x * decode::kThreads + threadIdx.x;
+  if (idx >= total) return;
+  const int c = (int)(idx % chunks);
+  long long rest = idx / chunks;
+  const int h = (int)(rest % p.heads_kv);
+  rest /= p.heads_kv;
+  const int t = (int)(rest % p.seqlen_new);
+  const int b = (int)(rest / p.seqlen_new);
+  const int pos = p.cache_seqlens[b] + t;
+  if (pos < 0 || pos >= p.seqlen_cache) return;
+  const long long row = cache_rows(p, b).row(pos);
+  const int col = c * 8;
+  copy_chunk(p.k + entry_offset(p, b, p.stride_kb) + row * p.stride_kn + h * p.stride_kh + col,
+             p.k_new + b * p.stride_knb + t * p.stride_knm + h * p.stride_knh + col);
+  copy_chunk(p.v + entry_offset(p, b, p.stride_vb) + row * p.stride_vn + h * p.stride_vh + col,
+             p.v_new + b * p.stride_vnb + t * p.stride_vnm + h * p.stride_vnh + col);
 }

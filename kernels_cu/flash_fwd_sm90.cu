@@ -53,6 +53,7 @@
 #include "cf_fwd.cuh"
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
@@ -132,12 +133,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
-  // Causal: the tiles with the most keys start first across all heads (the blocks launch
-  // x-fastest, so read the (x, y) pair as one index with heads varying fastest): a
-  // longest-first order that keeps the last wave short.
-  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
-  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - linear / gridDim.y) : (int)blockIdx.x;
-  const int h = CF_CAUSAL ? (int)(linear % gridDim.y) : (int)blockIdx.y;
+  // Causal: the query tiles with the most keys start first, over all heads
+  // (cf_tile_order.cuh says why the forward takes one chunk).
+  const TileOrder order = causal_tile_order(0);
+  const int tile_m = CF_CAUSAL ? (int)gridDim.x - 1 - order.tile_rank : (int)blockIdx.x;
+  const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
 

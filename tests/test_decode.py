@@ -135,8 +135,9 @@ def test_bad_input_raises_naming_the_argument(over, kw, err, words):
 
 
 def test_unsupported_keywords_are_not_accepted():
-    """Not yet: in-place append, paged KV, windows, softcap, alibi (docs/decode.md)."""
-    for kw in ("k", "block_table", "window_size", "softcap", "alibi_slopes", "rotary_cos"):
+    """Not yet (docs/decode.md): rotary embedding on append, attention sinks, FA-2's
+    cache_batch_idx; and FlashAttention-2's other names are not aliases."""
+    for kw in ("k", "v", "window_size", "rotary_cos", "sinks", "cache_batch_idx"):
         with pytest.raises(TypeError):
             cuflash.attention_with_kvcache(**_args(), **{kw: None})
 
@@ -147,19 +148,47 @@ def _shape(batch, cache, heads_kv, heads=32, q_len=1, head_dim=128, dtype="bfloa
     return decode.DecodeShape(batch, q_len, cache, heads, heads_kv, head_dim, dtype)
 
 
-@pytest.mark.parametrize("batch, cache, heads_kv", [(1, 32768, 32), (8, 8192, 32),
-                                                    (32, 4096, 32), (8, 8192, 8),
-                                                    (64, 2048, 32)])
-def test_plan_fills_the_gpu_with_long_splits(batch, cache, heads_kv):
+@pytest.mark.parametrize("batch, cache, heads_kv, splits", [
+    (1, 32768, 32, 16), (8, 8192, 32, 2), (32, 4096, 32, 1), (8, 8192, 8, 6), (64, 2048, 32, 1),
+    (64, 2048, 8, 3), (1, 32768, 8, 49), (1, 1024, 1, 4)])
+def test_plan_fills_whole_waves_with_few_splits(batch, cache, heads_kv, splits):
+    """The issue's rows on an H200 (132 SMs): the fewest splits that fill 95% of the last wave
+    of resident blocks (decode.auto_splits says why), splits of whole steps >= 256 keys."""
     plan = decode.plan_decode(_shape(batch, cache, heads_kv), sm_count=132)
+    assert plan.num_splits == splits, plan
+    slots = 132 * plan.spec.min_blocks
     blocks = plan.grid[0] * plan.grid[1]
-    assert blocks >= min(132 * 2, batch * heads_kv * cache // decode.MIN_KEYS_PER_SPLIT)
+    assert decode.wave_fill(blocks, slots) >= decode.WAVE_FILL or \
+        plan.keys_per_split < 2 * decode.MIN_KEYS_PER_SPLIT  # no room for more splits
     assert plan.num_splits == 1 or plan.keys_per_split >= decode.MIN_KEYS_PER_SPLIT
+    assert plan.keys_per_split % plan.spec.step == 0
     per = plan.keys_per_split
     assert (plan.num_splits - 1) * per < cache <= plan.num_splits * per
-    assert plan.spec.rows == (4 if heads_kv == 8 else 1)  # the GQA group shares one K/V read
+    assert plan.spec.rows == {32: 1, 8: 4, 1: 8}[heads_kv]  # a GQA group shares one K/V read
     assert (plan.combine_grid is None) == (plan.num_splits == 1)
     assert plan.spec.smem_bytes <= 48 * 1024
+
+
+@given(st.integers(1, 5000), st.integers(0, 200000), st.sampled_from([16, 32, 64, 128]),
+       st.integers(1, 200), st.integers(2, 4))
+def test_auto_splits_is_bounded_and_never_worse_than_one_split(base, cache, step, sms, per_sm):
+    splits = decode.auto_splits(base, cache, step, sms, per_sm)
+    assert 1 <= splits <= max(1, min(decode.MAX_SPLITS, cache // decode.MIN_KEYS_PER_SPLIT))
+    slots = sms * per_sm
+    one = decode.wave_fill(base, slots)
+    got = decode.wave_fill(base * splits, slots)
+    assert got >= min(one, decode.WAVE_FILL) - 1e-9
+    if splits > 1:  # a split was only added because one split left the wave emptier
+        assert one < decode.WAVE_FILL
+
+
+def test_plan_appends_first_and_sizes_the_append_grid():
+    shape = decode.DecodeShape(3, 2, 4096, 8, 2, 128, "float16", page_size=16, seqlen_new=2)
+    plan = decode.plan_decode(shape, sm_count=132)
+    assert plan.labels[0] == "decode_append"
+    assert plan.append_grid[0] * plan.spec.threads >= 3 * 2 * 2 * 128 // 8
+    assert decode.plan_decode(decode.DecodeShape(3, 2, 4096, 8, 2, 128, "float16"),
+                              132).append_grid is None
 
 
 def test_plan_user_splits_and_row_tiles():
@@ -181,5 +210,113 @@ def test_split_keys_cover_the_cache(seqlen, want, step):
 
 def test_spec_names_and_buckets():
     spec = decode.select_decode("bfloat16", 72, 3)
-    assert (spec.head_dim, spec.rows) == (128, 4) and spec.name == "decode_bf16_d128_r4_k4_w4"
+    assert (spec.head_dim, spec.rows) == (128, 4)
+    assert spec.name == "decode_bf16_d128_r4_k4_s1_b3_w4"  # GQA groups of 4: measured best
     assert len({s.name for s in decode.all_decode_specs()}) == 48
+
+
+# -- paged caches, in-place append, window / softcap / ALiBi -----------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(dh.kvcache_cases())
+def test_cpu_kvcache_features_match_float64_reference(case):
+    """Paged (shuffled pages, one unused), appended keys, modifiers, drawn together."""
+    kw, truth = dh.make_kvcache_inputs(case)
+    before_pages = kw["k_cache"].copy()
+    o, lse = cuflash.attention_with_kvcache(
+        **kw, causal=case["causal"], softmax_scale=case["softmax_scale"],
+        num_splits=case["num_splits"], return_softmax_lse=True)
+    mods = {n: truth[n] for n in ("window", "softcap", "alibi_slopes") if n in truth}
+    dh.assert_decode_matches(o, lse, kw["q"], truth["k"], truth["v"], truth["lens"],
+                             causal=case["causal"], softmax_scale=case["softmax_scale"],
+                             dtype=case["dtype"], label=dh.describe(case), **mods)
+    if case["seqlen_new"]:  # the append wrote exactly the new rows, in place
+        changed = (kw["k_cache"] != before_pages).any(axis=(-1, -2))
+        assert changed.sum() <= case["batch"] * case["seqlen_new"]
+        got = dh.logical(kw["k_cache"], kw.get("block_table"))
+        for b, n in enumerate(kw["cache_seqlens"]):
+            np.testing.assert_array_equal(got[b, n:n + case["seqlen_new"]], kw["k_new"][b])
+
+
+def test_append_is_in_place_for_torch_cpu_and_refused_for_jax():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 1, 4, 16), np.float32)
+    k = rng.standard_normal((2, 10, 2, 16), np.float32)
+    new = rng.standard_normal((2, 1, 2, 16), np.float32)
+    lens = np.array([3, 9], np.int32)
+    tk, tv = torch.from_numpy(k.copy()), torch.from_numpy(k.copy())
+    cuflash.attention_with_kvcache(torch.from_numpy(q), tk, tv, k_new=torch.from_numpy(new),
+                                   v_new=torch.from_numpy(new),
+                                   cache_seqlens=torch.from_numpy(lens))
+    assert torch.equal(tk[0, 3], torch.from_numpy(new[0, 0]))
+    assert torch.equal(tv[1, 9], torch.from_numpy(new[1, 0]))
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(ValueError, match="k_cache: expected a writable"):
+        cuflash.attention_with_kvcache(jnp.asarray(q), jnp.asarray(k), jnp.asarray(k),
+                                       k_new=jnp.asarray(new), v_new=jnp.asarray(new),
+                                       cache_seqlens=jnp.asarray(lens))
+
+
+def test_paged_equals_contiguous_exactly_in_float32():
+    """Same keys, other storage: the same result up to float32 summation order (the gathered
+    cache is padded to whole pages, which changes NumPy's matmul blocking)."""
+    case = dict(batch=3, q_len=2, heads=8, heads_kv=2, head_dim=64, seqlen_cache=300,
+                cache_seqlens=[300, 17, 0], causal=True, dtype="float32", seed=4)
+    q, k, v, lens = dh.make_inputs(case)
+    want = cuflash.attention_with_kvcache(q, k, v, cache_seqlens=lens, causal=True)
+    for page in (16, 48, 256):
+        kp, vp, table = dh.paged(k, v, page, np.random.default_rng(page))
+        got = cuflash.attention_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=table,
+                                             causal=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def _paged_args(**over):
+    a = dict(q=np.ones((2, 1, 4, 16), np.float32), k_cache=np.ones((5, 16, 2, 16), np.float32),
+             v_cache=np.ones((5, 16, 2, 16), np.float32),
+             block_table=np.array([[0, 1], [2, 3]], np.int32),
+             cache_seqlens=np.array([3, 20], np.int32))
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize("over, err, words", [
+    (dict(block_table=np.array([[0, 1], [2, 3]], np.int64)), TypeError, ["block_table:", "int32"]),
+    (dict(block_table=np.array([[0, 1]], np.int32)), ValueError, ["block_table:", "(2, max_pages)"]),
+    (dict(block_table=np.array([[0, 1], [2, 5]], np.int32)), ValueError, ["block_table:", "4"]),
+    (dict(block_table=np.array([[0, 1], [2, -1]], np.int32)), ValueError, ["block_table:"]),
+    (dict(block_table=np.array([[0, 9, 1], [2, 9, 3]], np.int32)[:, ::2]), ValueError,
+     ["block_table:", "contiguous"]),
+    (dict(k_cache=np.ones((5, 24, 2, 16), np.float32), v_cache=np.ones((5, 24, 2, 16), np.float32)),
+     ValueError, ["k_cache:", "multiple of 16", "24"]),
+    (dict(cache_seqlens=np.array([3, 33], np.int32)), ValueError, ["cache_seqlens:", "32"]),
+    (dict(k_new=np.ones((2, 1, 2, 16), np.float32)), ValueError, ["v_new:", "k_new"]),
+    (dict(k_new=np.ones((2, 1, 2, 16), np.float32), v_new=np.ones((2, 1, 2, 8), np.float32)),
+     ValueError, ["v_new:"]),
+    (dict(k_new=np.ones((2, 1, 3, 16), np.float32), v_new=np.ones((2, 1, 3, 16), np.float32)),
+     ValueError, ["k_new:", "heads_kv 2"]),
+    (dict(k_new=np.ones((2, 1, 2, 16), np.float16), v_new=np.ones((2, 1, 2, 16), np.float16)),
+     TypeError, ["k_new:", "float32"]),
+    (dict(k_new=np.ones((2, 13, 2, 16), np.float32), v_new=np.ones((2, 13, 2, 16), np.float32)),
+     ValueError, ["cache_seqlens:", "seqlen_new 13"]),
+    (dict(k_new=np.ones((2, 1, 2, 16), np.float32), v_new=np.ones((2, 1, 2, 16), np.float32),
+          cache_seqlens=None), ValueError, ["cache_seqlens:", "None"]),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, ["alibi_slopes:", "(4,)"]),
+    (dict(alibi_slopes=np.ones(4, np.float64)), TypeError, ["alibi_slopes:", "float32"]),
+    (dict(alibi_slopes=np.array([1, 1, np.inf, 1], np.float32)), ValueError, ["alibi_slopes:"]),
+    (dict(window=(1,)), TypeError, ["window:"]),
+    (dict(window=(-2, 0)), ValueError, ["window:"]),
+    (dict(softcap=-1.0), ValueError, ["softcap:"]),
+    (dict(softcap="big"), TypeError, ["softcap:"]),
+])
+def test_bad_paged_append_and_modifier_input(over, err, words):
+    args = _paged_args(**over)
+    before = {n: a.copy() for n, a in args.items() if isinstance(a, np.ndarray)}
+    with pytest.raises(err) as info:
+        cuflash.attention_with_kvcache(**args)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    for name, a in before.items():  # nothing written, the caches included
+        np.testing.assert_array_equal(args[name], a)

@@ -166,3 +166,131 @@ def test_gpu_jax_through_dlpack():
         cache_seqlens=jax.device_put(lens, device), return_softmax_lse=True)
     dh.assert_decode_matches(np.asarray(o), np.asarray(lse), q, k, v, lens, causal=False,
                              softmax_scale=None, dtype="float32", label="jax")
+
+
+# -- paged caches, in-place append, window / softcap / ALiBi on the kernels ---------------------
+
+
+def _run_kvcache(case, framework="cupy"):
+    """attention_with_kvcache on device copies of make_kvcache_inputs; checks o, lse and,
+    with an append, that the device caches hold the new keys (and nothing else changed)."""
+    kw, truth = dh.make_kvcache_inputs(case)
+    dev = {n: (dh.to_device(x, framework) if isinstance(x, np.ndarray) else x)
+           for n, x in kw.items()}
+    o, lse = cuflash.attention_with_kvcache(
+        **dev, causal=case["causal"], softmax_scale=case["softmax_scale"],
+        num_splits=case["num_splits"], return_softmax_lse=True)
+    mods = {n: truth[n] for n in ("window", "softcap", "alibi_slopes") if n in truth}
+    dh.assert_decode_matches(dh.to_host(o), dh.to_host(lse), kw["q"], truth["k"], truth["v"],
+                             truth["lens"], causal=case["causal"],
+                             softmax_scale=case["softmax_scale"], dtype=case["dtype"],
+                             label=dh.describe(case), **mods)
+    if case.get("seqlen_new"):
+        table = kw.get("block_table")
+        for name, want in (("k_cache", truth["k"]), ("v_cache", truth["v"])):
+            got = dh.logical(dh.to_host(dev[name]), table)
+            for b, n in enumerate(truth["lens"]):  # every valid position, appended ones included
+                np.testing.assert_array_equal(got[b, :n], want[b, :n], err_msg=name)
+    return o, lse
+
+
+@settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(dh.kvcache_cases(max_cache=600))
+def test_gpu_kvcache_features_match_float64_reference(case):
+    if case["dtype"] not in _dtypes_here():
+        return
+    _run_kvcache(case)
+
+
+# Long paged caches with the automatic split count, every page size the docs promise.
+@pytest.mark.parametrize("page_size", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("heads, heads_kv, q_len", [(8, 8, 1), (8, 2, 1), (8, 2, 3)])
+def test_gpu_paged_long_caches(page_size, heads, heads_kv, q_len):
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    rng = np.random.default_rng()
+    case = dict(batch=3, q_len=q_len, heads=heads, heads_kv=heads_kv, head_dim=128,
+                seqlen_cache=5000, cache_seqlens=[4998, int(rng.integers(0, 4998)), 1],
+                causal=True, dtype=dtype, num_splits=None, softmax_scale=None,
+                seed=int(rng.integers(2**32)), page_size=page_size, seqlen_new=2,
+                window=None, softcap=None, alibi=None)
+    _run_kvcache(case)
+
+
+@pytest.mark.parametrize("mods", [dict(window=(300, 0)), dict(window=(-1, 5)),
+                                  dict(softcap=30.0), dict(alibi="batch_heads"),
+                                  dict(window=(1000, 0), softcap=5.0, alibi="heads")],
+                         ids=["window-left", "window-right", "softcap", "alibi", "all"])
+def test_gpu_modifiers_on_long_caches(mods):
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=2, q_len=2, heads=16, heads_kv=4, head_dim=128, seqlen_cache=6000,
+                cache_seqlens=[6000, 2500], causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=11, page_size=None, seqlen_new=0, window=None,
+                softcap=None, alibi=None)
+    case.update(mods)
+    _run_kvcache(case)
+
+
+def test_gpu_torch_graph_with_append_and_pages():
+    """A decode step as a serving loop runs it: append one token into a paged cache, attend,
+    captured once in a CUDA graph and replayed with new q, k_new, v_new and lengths."""
+    torch = pytest.importorskip("torch")
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=3, q_len=1, heads=16, heads_kv=4, head_dim=128, seqlen_cache=3000,
+                cache_seqlens=[2000, 10, 0], causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=12, page_size=64, seqlen_new=1, window=None,
+                softcap=None, alibi=None)
+    kw, _ = dh.make_kvcache_inputs(case)
+    dev = {n: dh.to_device(x, "torch") for n, x in kw.items() if isinstance(x, np.ndarray)}
+    call = lambda: cuflash.attention_with_kvcache(**dev, causal=True, return_softmax_lse=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compile, plan, layouts) off the capture
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph, lse_graph = call()
+    # -- a new step: new inputs copied into the captured buffers, then one replay
+    k_pages, v_pages = (dh.to_host(dev[n]) for n in ("k_cache", "v_cache"))
+    rng = np.random.default_rng(13)
+    step = {n: rng.standard_normal(kw[n].shape, np.float32).astype(kw[n].dtype)
+            for n in ("q", "k_new", "v_new")}
+    lens = np.array([2001, 2999, 5], np.int32)
+    for n, x in step.items():
+        dev[n].copy_(dh.to_device(x, "torch"))
+    dev["cache_seqlens"].copy_(dh.to_device(lens, "torch"))
+    graph.replay()
+    torch.cuda.synchronize()
+    table = kw["block_table"]
+    want_k, want_v = dh.logical(k_pages, table).copy(), dh.logical(v_pages, table).copy()
+    for b, n in enumerate(lens):
+        want_k[b, n], want_v[b, n] = step["k_new"][b, 0], step["v_new"][b, 0]
+    dh.assert_decode_matches(dh.to_host(o_graph), dh.to_host(lse_graph), step["q"], want_k,
+                             want_v, lens + 1, causal=True, softmax_scale=None, dtype=dtype,
+                             label="graph replay, paged append")
+
+
+def test_gpu_torch_compiled_adapter():
+    """cuflash.torch.attention_with_kvcache traced by torch.compile (fullgraph) on CUDA
+    tensors: the mutating operator appends into the device caches."""
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    dtype = "bfloat16" if "bfloat16" in _dtypes_here() else "float16"
+    case = dict(batch=2, q_len=2, heads=8, heads_kv=2, head_dim=64, seqlen_cache=1000,
+                cache_seqlens=None, causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=14, page_size=32, seqlen_new=2, window=None,
+                softcap=None, alibi=None)
+    case["cache_seqlens"] = [500, 998]
+    kw, truth = dh.make_kvcache_inputs(case)
+    t = {n: dh.to_device(x, "torch") for n, x in kw.items() if isinstance(x, np.ndarray)}
+    step = torch.compile(lambda **a: ct.attention_with_kvcache(**a, causal=True,
+                                                               return_softmax_lse=True),
+                         fullgraph=True)
+    o, lse = step(**t)
+    dh.assert_decode_matches(dh.to_host(o), dh.to_host(lse), kw["q"], truth["k"], truth["v"],
+                             truth["lens"], causal=True, softmax_scale=None, dtype=dtype,
+                             label="torch.compile")
+    got = dh.logical(dh.to_host(t["k_cache"]), kw["block_table"])
+    for b, n in enumerate(truth["lens"]):
+        np.testing.assert_array_equal(got[b, :n], truth["k"][b, :n])

@@ -1,0 +1,107 @@
+"""Kernel time of two cuflash trees side by side: did a change make a kernel slower?
+
+    python bench/dev/ab_compare.py OLD_TREE NEW_TREE [--rounds 3] [--out ab.json]
+
+Each tree (a directory holding ``cuflash/`` and ``kernels_cu/``, e.g. a ``git archive`` of the
+old commit) runs in its own subprocess, alternating round by round so clock drift hits both
+alike. A worker times ``attention_forward`` and ``attention_backward`` on torch bf16 tensors with
+CUDA events (median of 20 after 5 warm-up calls) at FlashAttention-2's benchmark shapes (16k
+tokens, heads * head_dim = 2048). The table prints the best round of each tree and new/old.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+SHAPES = [(d, n, c) for d in (64, 128, 256) for n in (1024, 4096, 16384) for c in (False, True)]
+TOKENS, WIDTH = 16384, 2048
+
+
+def flops(d, n, causal, heads, batch):
+    return 4 * batch * heads * n * n * d / (2 if causal else 1)
+
+
+def worker(shapes):
+    import torch
+    import cuflash
+
+    def timed(fn):
+        for _ in range(5):
+            fn()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    rows = []
+    for d, n, causal in shapes:
+        heads, batch = WIDTH // d, max(1, TOKENS // n)
+        q, k, v, do = (torch.randn(batch, n, heads, d, device="cuda", dtype=torch.bfloat16)
+                       for _ in range(4))
+        o, stats = cuflash.attention_forward(q, k, v, causal=causal)
+        fwd = timed(lambda: cuflash.attention_forward(q, k, v, causal=causal))
+        bwd = timed(lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal))
+        f = flops(d, n, causal, heads, batch)
+        rows.append({"head_dim": d, "seqlen": n, "causal": causal,
+                     "fwd_tflops": f / fwd / 1e9, "bwd_tflops": 2.5 * f / bwd / 1e9})
+        del q, k, v, do, o, stats
+    print(json.dumps(rows))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("trees", nargs="*")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    p.add_argument("--head-dims", default="64,128,256", help="comma-separated")
+    p.add_argument("--worker", action="store_true")
+    args = p.parse_args()
+    dims = {int(d) for d in args.head_dims.split(",")}
+    shapes = [s for s in SHAPES if s[0] in dims]
+    if args.worker:
+        return worker(shapes)
+    old, new = (os.path.abspath(t) for t in args.trees)
+    best = {}
+    for r in range(args.rounds):
+        for tag, tree in (("old", old), ("new", new)):
+            env = dict(os.environ, PYTHONPATH=tree)
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                                  "--head-dims", args.head_dims],
+                                 env=env, cwd=tree, capture_output=True, text=True)
+            if out.returncode:
+                print(out.stderr[-3000:])
+                raise SystemExit(f"{tag} worker failed")
+            line = out.stdout.strip().splitlines()[-1]
+            print(f"round {r} {tag}: {line}", flush=True)  # kept even if a later round dies
+            for row in json.loads(line):
+                key = (tag, row["head_dim"], row["seqlen"], row["causal"])
+                prev = best.get(key)
+                for m in ("fwd_tflops", "bwd_tflops"):
+                    row[m] = max(row[m], prev[m]) if prev else row[m]
+                best[key] = row
+    table = []
+    print(f"{'d':>4} {'n':>6} {'causal':>6} | {'fwd old':>8} {'new':>8} {'x':>6} |"
+          f" {'bwd old':>8} {'new':>8} {'x':>6}")
+    for d, n, c in shapes:
+        o, w = best[("old", d, n, c)], best[("new", d, n, c)]
+        fx, bx = w["fwd_tflops"] / o["fwd_tflops"], w["bwd_tflops"] / o["bwd_tflops"]
+        table.append({"head_dim": d, "seqlen": n, "causal": c, "old": o, "new": w,
+                      "fwd_ratio": fx, "bwd_ratio": bx})
+        print(f"{d:>4} {n:>6} {str(c):>6} | {o['fwd_tflops']:8.1f} {w['fwd_tflops']:8.1f} "
+              f"{fx:6.3f} | {o['bwd_tflops']:8.1f} {w['bwd_tflops']:8.1f} {bx:6.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rounds": args.rounds, "rows": table}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""cuflash as an attention implementation of Hugging Face transformers (issue #14).
+
+    import cuflash.transformers  # registers the implementation "cufa"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="cufa")
+
+Importing this module registers ``ATTN_IMPLEMENTATION`` with transformers' ``AttentionInterface``
+(the attention function) and ``AttentionMaskInterface`` (the mask the model builds for it).
+The name has no "flash" in it: transformers 5 takes any implementation name containing
+"flash" for a request of the flash-attn package (or a hub kernel) and tries to load that.
+
+The mask is FlashAttention's: the model hands us the 2-D padding mask (batch, kv_len), True
+for real tokens, or None when nothing is padded; causal, sliding windows, soft-capping and
+sinks come from the arguments. Each call then takes one of three routes:
+
+* no padding and no score modifier: ``cuflash.torch.flash_attention`` (dense; CUDA kernels);
+* padding (or packed sequences, found from ``position_ids`` or given as ``cu_seq_lens_*``):
+  the valid tokens are gathered into FlashAttention-2's packed varlen layout, attended with
+  ``cuflash.torch.flash_attention_varlen`` and scattered back (padded query rows get 0);
+* a sliding window, soft-capping or sinks without padding: the varlen call with one
+  sequence per batch row (the dense torch function does not take the modifiers here yet).
+
+Causal masks align bottom-right per sequence, which is transformers' alignment when the
+queries are the last tokens (prefill and decoding, left padding, right padding without a
+cache). GQA runs without repeating K and V. Dropout is not supported (raises).
+
+Where it runs: the dense route on CPU and CUDA; the varlen route (padding, windows,
+soft-capping, sinks) on CPU tensors only until the CUDA kernels take them (issue #14),
+raising ``ValueError`` on CUDA rather than falling back.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from .torch import flash_attention, flash_attention_varlen
+
+__all__ = ["ATTN_IMPLEMENTATION", "attention_forward", "register"]
+
+ATTN_IMPLEMENTATION = "cufa"
+
+
+def _window(sliding_window, causal: bool):
+    """transformers' sliding window of n tokens (a query sees itself and the n - 1 before
+    it, as its sdpa mask ``q - n < k <= q``) as cuflash's (left, right)."""
+    if sliding_window is None:
+        return None
+    left = int(sliding_window) - 1
+    return (left, -1 if causal else left)
+
+
+def _check_supported(dropout, kwargs) -> None:
+    if dropout:
+        raise ValueError(f"dropout: cuflash has no attention dropout, expected 0.0, got "
+                         f"{dropout!r}; set config.attention_dropout = 0.0 or call model.eval()")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions: cuflash never forms the attention matrix; use "
+                         "attn_implementation='eager' to get attention weights")
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      is_causal: bool | None = None, s_aux: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, **kwargs):
+    """transformers' attention-function signature: query (batch, heads, seqlen_q,
+    head_dim), key and value (batch, heads_kv, seqlen_k, head_dim), attention_mask the 2-D
+    padding mask or None. Returns (output (batch, seqlen_q, heads, head_dim), None)."""
+    _check_supported(dropout, kwargs)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask: expected the 2-D padding mask (batch, kv_len) that "
+                         f"the '{ATTN_IMPLEMENTATION}' mask function builds, got shape "
+                         f"{tuple(attention_mask.shape)}")
+    causal = bool(module.is_causal if is_causal is None else is_causal)
+    options = dict(causal=causal, softmax_scale=scaling,
+                   window=_window(sliding_window, causal), softcap=softcap or None,
+                   sinks=None if s_aux is None else s_aux.float())
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (batch, seqlen, heads, d)
+    if attention_mask is not None:
+        return _padded(q, k, v, attention_mask.bool(), options), None
+    packed = _packed_offsets(q, k, position_ids, kwargs)
+    if packed is not None:
+        return _varlen(q, k, v, *packed, options), None
+    if options["window"] is None and options["softcap"] is None and options["sinks"] is None:
+        return flash_attention(q, k, v, causal=causal, softmax_scale=scaling), None
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    return _varlen(q, k, v, rows * seqlen_q, rows * seqlen_k, options), None
+
+
+def _varlen(q, k, v, cu_q, cu_k, options):
+    """Sequences laid out back to back along (batch * seqlen): pack, attend, unpack."""
+    batch, seqlen_q = q.shape[:2]
+    flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+    max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
+    o = flash_attention_varlen(*flat, cu_q, cu_k, max_q, max_k, **options)
+    return o.reshape(batch, seqlen_q, *o.shape[1:])
+
+
+def _offsets(valid: torch.Tensor) -> torch.Tensor:
+    """int32 (batch + 1,) offsets of the valid tokens of each row, packed."""
+    counts = valid.sum(dim=1, dtype=torch.int32)
+    return torch.nn.functional.pad(counts.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def _padded(q, k, v, mask, options):
+    """Gather the valid tokens (mask True) into the packed layout, attend, scatter back.
+
+    The queries are the last seqlen_q positions of the mask (they are the newest tokens);
+    a static cache longer than the mask is cut to it, as transformers' flash path does."""
+    batch, seqlen_q = q.shape[:2]
+    k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]
+    valid_q = mask[:, -seqlen_q:]
+    index_q, index_k = valid_q.reshape(-1).nonzero()[:, 0], mask.reshape(-1).nonzero()[:, 0]
+    q_p = q.reshape(-1, *q.shape[2:]).index_select(0, index_q)
+    k_p, v_p = (x.reshape(-1, *x.shape[2:]).index_select(0, index_k) for x in (k, v))
+    cu_q, cu_k = _offsets(valid_q), _offsets(mask)
+    max_q, max_k = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_q, cu_k))
+    o_p = flash_attention_varlen(q_p, k_p, v_p, cu_q, cu_k, max_q, max_k, **options)
+    o = o_p.new_zeros(batch * seqlen_q, *o_p.shape[1:]).index_copy(0, index_q, o_p)
+    return o.reshape(batch, seqlen_q, *o.shape[1:])
+
+
+def _packed_offsets(q, k, position_ids, kwargs):
+    """(cu_q, cu_k) when several sequences are packed into one row without padding
+    ("padding-free" training): given as cu_seq_lens_q / cu_seq_lens_k, or found where
+    position_ids do not step by 1. None for an ordinary batch."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        return cu_q.to(torch.int32), cu_k.to(torch.int32)
+    if position_ids is None or q.shape[0] != 1 or q.shape[1] != k.shape[1] or q.shape[1] < 2:
+        return None
+    pos = position_ids.reshape(-1)
+    if pos.numel() != q.shape[1]:
+        return None
+    breaks = (torch.diff(pos) != 1).nonzero()[:, 0] + 1  # where a new sequence starts
+    if breaks.numel() == 0:
+        return None
+    ends = torch.tensor([0, pos.numel()], device=pos.device)
+    cu = torch.cat([ends[:1], breaks, ends[1:]]).to(torch.int32)
+    return cu, cu
+
+
+def register() -> None:
+    """Register (again) the attention and mask functions under ``ATTN_IMPLEMENTATION``."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+
+
+register()

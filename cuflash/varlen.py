@@ -1,0 +1,301 @@
+"""Variable-length attention: many sequences of different lengths packed into one array.
+
+FlashAttention-2's ``flash_attn_varlen_func`` layout (docs/varlen.md): q (total_q, heads,
+head_dim) holds every sequence's queries back to back, k and v (total_k, heads_kv, head_dim)
+their keys; ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32, batch + 1) are the offsets where
+each sequence starts. Each sequence is its own attention problem::
+
+    cu_seqlens_q = [0, 3, 3, 7]        q rows: | s0 s0 s0 | s2 s2 s2 s2 |   (s1 is empty)
+    cu_seqlens_k = [0, 5, 6, 8]        k rows: | s0 s0 s0 s0 s0 | s1 | s2 s2 |
+
+Causal masks, windows and ALiBi align bottom-right within each sequence (query i of
+sequence b sees key j iff j <= i + n_k(b) - n_q(b)). The statistics are (heads, total_q).
+
+Runs on CPU arrays (the NumPy path, ``varlen_cpu``); CUDA arrays raise ``ValueError`` before
+anything is allocated until the kernels take per-sequence offsets.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import validate
+from .api import _refuse_untracked_gradients
+from .interop import Imported, caller_stream, export_array, import_array
+from .stats import SoftmaxStats
+from .varlen_cpu import Seqlens, varlen_backward_cpu, varlen_forward_cpu
+
+__all__ = ["VarlenStats", "attention_varlen", "attention_varlen_backward",
+           "attention_varlen_forward"]
+
+_PACKED = "(total, heads, head_dim)"
+
+
+@dataclass(frozen=True)
+class VarlenStats(SoftmaxStats):
+    """``SoftmaxStats`` of a varlen forward: m, l float32 (heads, total_q); ``seqlens``
+    records (cu_seqlens_q, cu_seqlens_k, keys used per sequence) as tuples, so that a
+    backward with another layout is refused (its gradients would be wrong)."""
+
+    seqlens: tuple | None = None
+
+
+@dataclass(frozen=True)
+class _VarlenCall:
+    """The validated facts of one varlen call."""
+
+    q: Imported
+    k: Imported
+    v: Imported
+    seqlens: Seqlens
+    problem: validate.Problem  # batch = number of sequences, seqlen_* = the max_seqlen_*
+    modifiers: validate.Modifiers
+
+    @property
+    def shapes(self) -> tuple[tuple, tuple]:
+        return tuple(self.q.array.shape), tuple(self.k.array.shape)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
+    """q (total_q, heads, head_dim), k and v (total_k, heads_kv, head_dim); returns dtype."""
+    named = [(q, "q"), (k, "k"), (v, "v")]
+    for x, name in named:
+        if x.array.ndim != 3:
+            raise ValueError(f"{name}: expected a 3-D array {_PACKED}, got {x.array.ndim}-D "
+                             f"with shape {tuple(x.array.shape)}")
+    validate._check_same_place(named)
+    dtype = validate._check_dtypes(named)
+    _, heads, head_dim = q.array.shape
+    if tuple(v.array.shape) != tuple(k.array.shape):
+        raise ValueError(f"v: expected shape {tuple(k.array.shape)} like k (total_k, heads_kv, "
+                         f"head_dim), got {tuple(v.array.shape)}")
+    _, heads_kv, head_dim_k = k.array.shape
+    if head_dim_k != head_dim:
+        raise ValueError(f"k: expected head_dim {head_dim} like q {tuple(q.array.shape)}, got "
+                         f"{head_dim_k} in shape {tuple(k.array.shape)}")
+    if heads_kv == 0 or heads % heads_kv:
+        raise ValueError(f"k: expected heads_kv >= 1 dividing q's {heads} heads (grouped-query "
+                         f"attention), got {heads_kv} in shape {tuple(k.array.shape)}")
+    if head_dim not in validate.SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
+                         f"in shape {tuple(q.array.shape)}")
+    return dtype
+
+
+def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None) -> np.ndarray:
+    """cu_seqlens: int32 (batch + 1,) of q's framework and device, starting at 0,
+    non-decreasing, ending at ``total``. Returns an int64 host copy."""
+    imported = _imported_int32(x, name, q)
+    cu = imported.array
+    if cu.ndim != 1 or cu.shape[0] < 1 or batch is not None and cu.shape[0] != batch + 1:
+        want = "(batch + 1,) with batch >= 0" if batch is None else f"({batch + 1},) like " \
+               f"cu_seqlens_q (batch + 1)"
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(cu.shape)}")
+    cu = cu.astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(f"{name}: expected the first offset to be 0, got {int(cu[0])}")
+    steps = np.diff(cu)
+    if (steps < 0).any():
+        at = int(np.argmax(steps < 0))
+        raise ValueError(f"{name}: expected non-decreasing offsets, got {int(cu[at])} then "
+                         f"{int(cu[at + 1])} at index {at}")
+    if cu[-1] != total:
+        what = "q" if name.endswith("_q") else "k"
+        raise ValueError(f"{name}: expected the last offset to equal {what}'s {total} rows "
+                         f"(total), got {int(cu[-1])}")
+    return cu
+
+
+def _imported_int32(x: Any, name: str, q: Imported) -> Imported:
+    imported = validate._imported(x, name)
+    validate._check_same_place([(q, "q"), (imported, name)])
+    dtype = validate._dtype_name(imported)
+    if dtype != "int32":
+        raise TypeError(f"{name}: expected dtype int32, got {dtype}")
+    return imported
+
+
+def _check_max_seqlen(value: Any, name: str, lengths: np.ndarray) -> int:
+    """An int (not bool) >= every sequence's length (FlashAttention sizes its grid by it)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    longest = int(lengths.max(initial=0))
+    if int(value) < longest:
+        raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), "
+                         f"got {int(value)}")
+    return int(value)
+
+
+def _check_seqused(x: Any, q: Imported, lengths_k: np.ndarray) -> np.ndarray:
+    """seqused_k: None (every key) or int32 (batch,), 0 <= used <= the sequence's keys."""
+    if x is None:
+        return lengths_k
+    imported = _imported_int32(x, "seqused_k", q)
+    used = imported.array
+    if tuple(used.shape) != lengths_k.shape:
+        raise ValueError(f"seqused_k: expected shape {lengths_k.shape} (batch,), got "
+                         f"{tuple(used.shape)}")
+    used = used.astype(np.int64)
+    bad = np.nonzero((used < 0) | (used > lengths_k))[0]
+    if bad.size:
+        b = int(bad[0])
+        raise ValueError(f"seqused_k: expected 0 <= seqused_k[b] <= the sequence's keys "
+                         f"(cu_seqlens_k[b + 1] - cu_seqlens_k[b]), got {int(used[b])} for "
+                         f"b = {b} with {int(lengths_k[b])} keys")
+    return used
+
+
+def _refuse_cuda(q: Imported) -> None:
+    if q.is_cuda:
+        raise ValueError("varlen: not yet supported by the CUDA kernels (issue #14); CPU "
+                         "arrays run it (cuflash.attention_forward takes padded CUDA batches)")
+
+
+def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                 seqused_k, causal, softmax_scale, modifiers: dict) -> _VarlenCall:
+    """Validate a varlen call; raise before anything is allocated or written."""
+    iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
+    dtype = _check_packed(iq, ik, iv)
+    _refuse_cuda(iq)
+    causal = validate.check_bool(causal, "causal")
+    total_q, heads, head_dim = iq.array.shape
+    total_k, heads_kv, _ = ik.array.shape
+    scale = validate.check_scale(softmax_scale, head_dim)
+    cu_q = _check_offsets(cu_seqlens_q, "cu_seqlens_q", iq, total_q, None)
+    cu_k = _check_offsets(cu_seqlens_k, "cu_seqlens_k", iq, total_k, len(cu_q) - 1)
+    seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", np.diff(cu_q))
+    seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", np.diff(cu_k))
+    used_k = _check_seqused(seqused_k, iq, np.diff(cu_k))
+    problem = validate.Problem(batch=len(cu_q) - 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
+                               causal=causal, softmax_scale=scale, device=iq.device)
+    checked = validate.check_modifiers(iq, problem, **modifiers)
+    return _VarlenCall(iq, ik, iv, Seqlens(cu_q, cu_k, used_k), problem, checked)
+
+
+# -- public functions ----------------------------------------------------------------------
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                     seqused_k=None, causal: bool = False, softmax_scale: float | None = None,
+                     window=None, softcap=None, alibi_slopes=None, sinks=None):
+    """Variable-length attention; same arguments as ``attention_varlen_forward``, returns o."""
+    o, _ = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, seqused_k=seqused_k, causal=causal,
+                                    softmax_scale=softmax_scale, window=window, softcap=softcap,
+                                    alibi_slopes=alibi_slopes, sinks=sinks)
+    return o
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                             *, seqused_k=None, causal: bool = False,
+                             softmax_scale: float | None = None, window=None, softcap=None,
+                             alibi_slopes=None, sinks=None):
+    """Forward pass of variable-length attention, FlashAttention-2's varlen semantics.
+
+    Args:
+        q: (total_q, heads, head_dim), the queries of every sequence back to back; a NumPy,
+            PyTorch or JAX CPU array, float16, bfloat16 or float32, head_dim a multiple of 8
+            up to 256 with stride 1.
+        k, v: (total_k, heads_kv, head_dim), same dtype and device; heads a multiple of
+            heads_kv (GQA: query head h reads kv head h // (heads // heads_kv)).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) arrays of q's framework and device:
+            sequence b owns q rows cu_seqlens_q[b] : cu_seqlens_q[b + 1] and k, v rows
+            cu_seqlens_k[b] : cu_seqlens_k[b + 1]. They start at 0, never decrease and end at
+            total_q / total_k. Empty sequences (equal neighbours) are allowed.
+        max_seqlen_q, max_seqlen_k: ints >= the longest query / key sequence.
+        seqused_k: optional int32 (batch,): sequence b attends to only its first
+            seqused_k[b] keys (the causal diagonal and windows align to that many keys).
+        causal, softmax_scale, window, softcap, alibi_slopes, sinks: as in
+            ``cuflash.attention_forward``, applied within each sequence; alibi_slopes may
+            be (heads,) or (batch, heads).
+
+    Returns:
+        (o, stats): o (total_q, heads, head_dim) like q; stats a ``VarlenStats`` with
+        float32 m, l of shape (heads, total_q). A query row that sees no key gets o = 0,
+        m = -inf, l = 0 (with sinks m = sink, l = 1).
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument before anything is written;
+    CUDA arrays raise ``ValueError`` (not yet in the kernels).
+    """
+    _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
+    call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
+                        modifiers=dict(window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, sinks=sinks))
+    problem = call.problem
+    o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array, call.seqlens,
+                                 causal=problem.causal, softmax_scale=problem.softmax_scale,
+                                 **call.modifiers.cpu_kwargs())
+    shape_q, shape_kv = call.shapes
+    with caller_stream(call.q):
+        stats = VarlenStats(export_array(m, like=call.q), export_array(l, like=call.q),
+                            causal=problem.causal, softmax_scale=problem.softmax_scale,
+                            shape_q=shape_q, shape_kv=shape_kv, seqlens=call.seqlens.record(),
+                            **call.modifiers.record())
+        return export_array(o, like=call.q), stats
+
+
+def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k, *, seqused_k=None,
+                              causal: bool = False, softmax_scale: float | None = None,
+                              deterministic: bool = False, window=None, softcap=None,
+                              alibi_slopes=None, sinks=None):
+    """Gradients of variable-length attention from the forward's o and statistics.
+
+    do, o: (total_q, heads, head_dim) like q; stats: the ``VarlenStats`` of
+    ``attention_varlen_forward`` (or a hand-built ``SoftmaxStats(m, l)`` with float32
+    C-contiguous (heads, total_q) arrays, not checked against the forward). The other
+    arguments are the forward's; a recorded forward that differs raises ``ValueError``.
+    ``deterministic`` is accepted for symmetry (the CPU path always is).
+
+    Returns (dq, dk, dv) like q, k, v (keys past seqused_k get 0), and float32 dsinks
+    (heads,), summed over every sequence, when ``sinks`` is given.
+    """
+    if not isinstance(stats, SoftmaxStats):
+        raise TypeError(f"stats: expected the VarlenStats returned by attention_varlen_forward"
+                        f", got {type(stats).__name__}")
+    validate.check_bool(deterministic, "deterministic")
+    _refuse_untracked_gradients([(do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o")])
+    call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                        seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
+                        modifiers=dict(window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, sinks=sinks))
+    ido, io = import_array(do, "do"), import_array(o, "o")
+    im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
+    for x, name in ((ido, "do"), (io, "o")):
+        validate._check_like_q(x, name, call.q, call.problem.dtype)
+    stats_shape = (call.problem.heads, call.q.array.shape[0])
+    for x, name in ((im, "stats.m"), (il, "stats.l")):
+        validate._check_stats(x, name, call.q, stats_shape)
+    _check_origin(stats, call)
+    problem = call.problem
+    grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array, io.array,
+                                im.array, il.array, call.seqlens, causal=problem.causal,
+                                softmax_scale=problem.softmax_scale,
+                                center_keys=stats.recorded, **call.modifiers.cpu_kwargs())
+    with caller_stream(call.q):
+        return tuple(export_array(g, like=call.q) for g in grads)
+
+
+def _check_origin(stats: SoftmaxStats, call: _VarlenCall) -> None:
+    """The recorded forward's causal, scale, shapes, modifiers and sequence layout."""
+    shape_q, shape_kv = call.shapes
+    validate.check_stats_origin(stats, call.problem.causal, call.problem.softmax_scale,
+                                shape_q, shape_kv, call.modifiers)
+    recorded = getattr(stats, "seqlens", None)
+    if stats.recorded and recorded != call.seqlens.record():
+        names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")
+        if recorded is None:
+            raise ValueError("stats: expected the VarlenStats of attention_varlen_forward, got "
+                             "the SoftmaxStats of a dense forward")
+        name = next(n for n, a, b in zip(names, recorded, call.seqlens.record()) if a != b)
+        raise ValueError(f"{name}: expected the sequence layout of the forward pass that made "
+                         f"stats, got another; the gradients would be wrong")

@@ -1,0 +1,208 @@
+"""cuflash.transformers: small random models run with attn_implementation="cufa" against
+transformers' own eager and sdpa paths (CPU, float32; skipped without transformers).
+
+For each model (Llama with GQA, Mistral with a sliding window, Gemma 2 with soft-capping
+and alternating windows, gpt-oss with sinks and windows): logits at the valid positions
+of a left-padded and a right-padded batch within the gap transformers' own paths have
+(eager vs sdpa, times 2, plus a small floor; the floor alone for models without sdpa),
+the same greedy generations as eager, and gradients of a loss through the model
+(weights, and the sinks) close to eager's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cuflash.transformers as cft  # noqa: E402
+
+NAME = cft.ATTN_IMPLEMENTATION
+LENGTHS = (11, 6, 14, 1)  # valid tokens per row of a batch padded to 14
+SEQ = 14
+FLOOR = 1e-5  # relative to max |logit|: float32 noise of a 2-layer model's logits
+
+
+def _small(config_cls, **extra):
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=64, pad_token_id=0, attention_dropout=0.0)
+    return config_cls(**{**common, **extra})
+
+
+def _configs():
+    out = {"llama-gqa": lambda: _small(transformers.LlamaConfig),
+           "mistral-window": lambda: _small(transformers.MistralConfig, sliding_window=5)}
+    if hasattr(transformers, "Gemma2Config"):
+        out["gemma2-softcap-windows"] = lambda: _small(
+            transformers.Gemma2Config, sliding_window=4, attn_logit_softcapping=2.0,
+            final_logit_softcapping=None, query_pre_attn_scalar=16,
+            layer_types=["sliding_attention", "full_attention"])
+    if hasattr(transformers, "GptOssConfig"):
+        out["gptoss-sinks"] = lambda: _small(
+            transformers.GptOssConfig, sliding_window=4, num_local_experts=4,
+            num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+    return out
+
+
+CONFIGS = _configs()
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if hasattr(model.model.layers[0].self_attn, "sinks"):  # gpt-oss inits sinks to 0: vary
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=1.0)
+    return model.eval()
+
+
+def _batch(padding_side: str, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (len(LENGTHS), SEQ), generator=gen)
+    mask = torch.zeros(len(LENGTHS), SEQ, dtype=torch.long)
+    for row, n in enumerate(LENGTHS):
+        if padding_side == "left":
+            mask[row, SEQ - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _logits(model, impl, ids, mask):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.double()
+
+
+def _supports_sdpa(model) -> bool:
+    return bool(getattr(model, "_supports_sdpa", False))
+
+
+def _gap(model, ids, mask) -> float:
+    """max |eager - sdpa| at valid positions. Gemma 2 and gpt-oss have no sdpa path (and
+    their eager float64 run gives NaN rows here), so for them the gap is 0 and the bound is
+    the floor alone, which is tighter than any gap measured on the other models."""
+    if not _supports_sdpa(model):
+        return 0.0
+    valid = mask.bool()
+    eager = _logits(model, "eager", ids, mask)
+    return float((eager - _logits(model, "sdpa", ids, mask))[valid].abs().max())
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("which", CONFIGS)
+def test_logits_at_valid_positions(which, padding_side):
+    model = _model(CONFIGS[which]())
+    ids, mask = _batch(padding_side)
+    valid = mask.bool()
+    gap = _gap(model, ids, mask)
+    eager = _logits(model, "eager", ids, mask)
+    ours = _logits(model, NAME, ids, mask)
+    assert model.config._attn_implementation == NAME
+    err = float((ours - eager)[valid].abs().max())
+    bound = 2 * gap + FLOOR * float(eager[valid].abs().max())
+    assert err <= bound, f"{which} {padding_side}: err {err:.3g} vs bound {bound:.3g} " \
+                         f"(gap {gap:.3g})"
+
+
+def test_padding_changes_nothing_at_valid_positions():
+    """The issue's failure: a left-padded row's logits equal the same tokens run alone."""
+    model = _model(CONFIGS["llama-gqa"]())
+    ids, mask = _batch("left")
+    batch = _logits(model, NAME, ids, mask)
+    for row, n in enumerate(LENGTHS):
+        alone = _logits(model, NAME, ids[row:row + 1, SEQ - n:], None)
+        torch.testing.assert_close(batch[row, SEQ - n:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", CONFIGS)
+def test_greedy_generation_matches_eager(which):
+    model = _model(CONFIGS[which]())
+    ids, mask = _batch("left", seed=2)
+    out = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            out[impl] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                       do_sample=False, pad_token_id=0)
+    assert torch.equal(out["eager"], out[NAME]), f"{out['eager']}\n{out[NAME]}"
+
+
+@pytest.mark.parametrize("which", CONFIGS)
+def test_backward_through_the_model(which):
+    """Gradients of a loss over the valid positions match eager's (weights and sinks)."""
+    ids, mask = _batch("right", seed=3)
+    grads = {}
+    for impl in ("eager", NAME):
+        model = _model(CONFIGS[which]())
+        model.set_attn_implementation(impl)
+        model.train()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[mask.bool()].logsumexp(-1).sum().backward()
+        attn = model.model.layers[0].self_attn
+        grads[impl] = {name: p.grad.clone() for name, p in attn.named_parameters()}
+    for name, want in grads["eager"].items():
+        got = grads[NAME][name]
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()),
+                                   msg=lambda m: f"{which} {name}: {m}")
+
+
+def test_packed_sequences_from_position_ids():
+    """Padding-free packing (one row, position_ids restarting at 0): each sequence attends
+    only to itself, as if run alone."""
+    model = _model(CONFIGS["mistral-window"]())
+    ids, _ = _batch("right", seed=4)
+    a, b = ids[0, :9], ids[2, :7]
+    packed = torch.cat([a, b])[None]
+    position_ids = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        out = model(input_ids=packed, position_ids=position_ids).logits
+        alone = [model(input_ids=x[None]).logits for x in (a, b)]
+    torch.testing.assert_close(out[0], torch.cat([alone[0][0], alone[1][0]]), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_dropout_and_attention_weights_are_refused():
+    config = CONFIGS["llama-gqa"]()
+    config.attention_dropout = 0.1
+    model = _model(config)
+    model.set_attn_implementation(NAME)
+    model.train()
+    ids, mask = _batch("left")
+    with pytest.raises(ValueError, match="^dropout: cuflash has no attention dropout"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_the_name_needs_no_flash_attn_package():
+    """The registered name loads through from_config and set_attn_implementation without
+    transformers reaching for the flash-attn package (its name has no "flash")."""
+    assert "flash" not in NAME
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama-gqa"](),
+                                                          attn_implementation=NAME)
+    assert model.config._attn_implementation == NAME
+    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(NAME)
+    assert model.config._attn_implementation == NAME
+
+
+@pytest.mark.gpu
+def test_cuda_llama_unpadded_on_the_kernels_and_padded_refused():
+    """On CUDA: an unpadded batch runs the dense kernels (bf16 logits within twice the
+    eager-vs-sdpa gap); a padded batch raises the varlen ValueError (no silent fallback)."""
+    model = _model(CONFIGS["llama-gqa"]()).to("cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 97, (3, 40), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    gap = _gap(model, ids, mask)
+    eager = _logits(model, "eager", ids, mask)
+    ours = _logits(model, NAME, ids, mask)
+    err = float((ours - eager).abs().max())
+    bound = 2 * gap + 1e-2 * float(eager.abs().max())
+    assert err <= bound, f"err {err:.3g} vs bound {bound:.3g} (gap {gap:.3g})"
+    mask[0, :5] = 0
+    with pytest.raises(ValueError, match="^varlen: not yet supported by the CUDA kernels"):
+        _logits(model, NAME, ids, mask)
