@@ -250,8 +250,8 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 
 # -- the registry: selection order within each direction -------------------------------------
 # Every modifier; the backward's main kernels need nothing for sinks (they read lse2), the
-# preprocess computes dsinks.
-ALL_MODS = ("window", "softcap", "alibi", "sinks")
+# preprocess computes dsinks. "varlen": packed sequences (cf_seq.cuh's CF_VARLEN).
+ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd16, FWD90,
