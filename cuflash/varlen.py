@@ -11,8 +11,11 @@ each sequence starts. Each sequence is its own attention problem::
 Causal masks, windows and ALiBi align bottom-right within each sequence (query i of
 sequence b sees key j iff j <= i + n_k(b) - n_q(b)). The statistics are (heads, total_q).
 
-Runs on CPU arrays (the NumPy path, ``varlen_cpu``); CUDA arrays raise ``ValueError`` before
-anything is allocated until the kernels take per-sequence offsets.
+Runs on CPU arrays (the NumPy path, ``varlen_cpu``) and on CUDA arrays (every kernel family
+compiled with ``CF_VARLEN``: ``kernels_cu/cf_seq.cuh`` reads each sequence's offsets and
+lengths; ``varlen_gpu`` launches them). The offsets are validated on the host: on CUDA that
+is one small device-to-host copy per call (FlashAttention trusts them instead; a wrong
+offset there reads out of bounds, here it raises).
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class _VarlenCall:
     seqlens: Seqlens
     problem: validate.Problem  # batch = number of sequences, seqlen_* = the max_seqlen_*
     modifiers: validate.Modifiers
+    # the offsets as the caller's int32 backend arrays (cu_q, cu_k, seqused_k or None): the
+    # CUDA kernels read these
+    offsets: tuple = ()
 
     @property
     def shapes(self) -> tuple[tuple, tuple]:
@@ -89,16 +95,24 @@ def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
     return dtype
 
 
-def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None) -> np.ndarray:
+def _host_int64(imported: Imported) -> np.ndarray:
+    """A host int64 copy (CUDA: one device-to-host copy, ordered on the current stream)."""
+    array = imported.array
+    return (array.get() if imported.is_cuda else np.asarray(array)).astype(np.int64)
+
+
+def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None
+                   ) -> tuple[np.ndarray, Any]:
     """cu_seqlens: int32 (batch + 1,) of q's framework and device, starting at 0,
-    non-decreasing, ending at ``total``. Returns an int64 host copy."""
+    non-decreasing, ending at ``total``. Returns an int64 host copy and the backend array."""
     imported = _imported_int32(x, name, q)
     cu = imported.array
     if cu.ndim != 1 or cu.shape[0] < 1 or batch is not None and cu.shape[0] != batch + 1:
         want = "(batch + 1,) with batch >= 0" if batch is None else f"({batch + 1},) like " \
                f"cu_seqlens_q (batch + 1)"
         raise ValueError(f"{name}: expected shape {want}, got {tuple(cu.shape)}")
-    cu = cu.astype(np.int64)
+    device_array = cu
+    cu = _host_int64(imported)
     if cu[0] != 0:
         raise ValueError(f"{name}: expected the first offset to be 0, got {int(cu[0])}")
     steps = np.diff(cu)
@@ -110,7 +124,7 @@ def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None
         what = "q" if name.endswith("_q") else "k"
         raise ValueError(f"{name}: expected the last offset to equal {what}'s {total} rows "
                          f"(total), got {int(cu[-1])}")
-    return cu
+    return cu, device_array
 
 
 def _imported_int32(x: Any, name: str, q: Imported) -> Imported:
@@ -133,29 +147,37 @@ def _check_max_seqlen(value: Any, name: str, lengths: np.ndarray) -> int:
     return int(value)
 
 
-def _check_seqused(x: Any, q: Imported, lengths_k: np.ndarray) -> np.ndarray:
-    """seqused_k: None (every key) or int32 (batch,), 0 <= used <= the sequence's keys."""
+def _check_seqused(x: Any, q: Imported, lengths_k: np.ndarray) -> tuple[np.ndarray, Any]:
+    """seqused_k: None (every key) or int32 (batch,), 0 <= used <= the sequence's keys.
+    Returns the keys each sequence uses (int64, host) and the backend array (or None)."""
     if x is None:
-        return lengths_k
+        return lengths_k, None
     imported = _imported_int32(x, "seqused_k", q)
     used = imported.array
     if tuple(used.shape) != lengths_k.shape:
         raise ValueError(f"seqused_k: expected shape {lengths_k.shape} (batch,), got "
                          f"{tuple(used.shape)}")
-    used = used.astype(np.int64)
+    device_array = used
+    used = _host_int64(imported)
     bad = np.nonzero((used < 0) | (used > lengths_k))[0]
     if bad.size:
         b = int(bad[0])
         raise ValueError(f"seqused_k: expected 0 <= seqused_k[b] <= the sequence's keys "
                          f"(cu_seqlens_k[b + 1] - cu_seqlens_k[b]), got {int(used[b])} for "
                          f"b = {b} with {int(lengths_k[b])} keys")
-    return used
+    return used, device_array
 
 
-def _refuse_cuda(q: Imported) -> None:
-    if q.is_cuda:
-        raise ValueError("varlen: not yet supported by the CUDA kernels (issue #14); CPU "
-                         "arrays run it (cuflash.attention_forward takes padded CUDA batches)")
+def _check_cuda(named, total_q: int, total_k: int, heads: int, seqlen_q: int,
+                seqlen_k: int) -> None:
+    """The CUDA kernels' limits and row alignment for packed (total, heads, head_dim) arrays."""
+    validate._check_cuda_limits(1, heads, seqlen_q, seqlen_k)
+    for what, total in (("q", total_q), ("k", total_k)):
+        if total > validate.MAX_SEQLEN:
+            raise ValueError(f"{what}: expected at most {validate.MAX_SEQLEN} rows (total) on "
+                             f"CUDA (int32 row arithmetic in the kernels), got {total}")
+    for x, name in named:  # as a batch of one: the row and head strides must be aligned
+        validate.check_alignment(x.array[None], name)
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
@@ -163,21 +185,24 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     """Validate a varlen call; raise before anything is allocated or written."""
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     dtype = _check_packed(iq, ik, iv)
-    _refuse_cuda(iq)
     causal = validate.check_bool(causal, "causal")
     total_q, heads, head_dim = iq.array.shape
     total_k, heads_kv, _ = ik.array.shape
     scale = validate.check_scale(softmax_scale, head_dim)
-    cu_q = _check_offsets(cu_seqlens_q, "cu_seqlens_q", iq, total_q, None)
-    cu_k = _check_offsets(cu_seqlens_k, "cu_seqlens_k", iq, total_k, len(cu_q) - 1)
+    cu_q, cu_q_array = _check_offsets(cu_seqlens_q, "cu_seqlens_q", iq, total_q, None)
+    cu_k, cu_k_array = _check_offsets(cu_seqlens_k, "cu_seqlens_k", iq, total_k, len(cu_q) - 1)
     seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", np.diff(cu_q))
     seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", np.diff(cu_k))
-    used_k = _check_seqused(seqused_k, iq, np.diff(cu_k))
+    used_k, used_array = _check_seqused(seqused_k, iq, np.diff(cu_k))
+    if iq.is_cuda:
+        _check_cuda([(iq, "q"), (ik, "k"), (iv, "v")], total_q, total_k, heads, seqlen_q,
+                    seqlen_k)
     problem = validate.Problem(batch=len(cu_q) - 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
                                causal=causal, softmax_scale=scale, device=iq.device)
     checked = validate.check_modifiers(iq, problem, **modifiers)
-    return _VarlenCall(iq, ik, iv, Seqlens(cu_q, cu_k, used_k), problem, checked)
+    return _VarlenCall(iq, ik, iv, Seqlens(cu_q, cu_k, used_k), problem, checked,
+                       (cu_q_array, cu_k_array, used_array))
 
 
 # -- public functions ----------------------------------------------------------------------
@@ -202,7 +227,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
     Args:
         q: (total_q, heads, head_dim), the queries of every sequence back to back; a NumPy,
-            PyTorch or JAX CPU array, float16, bfloat16 or float32, head_dim a multiple of 8
+            PyTorch or JAX array (CPU or CUDA; CUDA rows 16-byte aligned), float16,
+            bfloat16 or float32, head_dim a multiple of 8
             up to 256 with stride 1.
         k, v: (total_k, heads_kv, head_dim), same dtype and device; heads a multiple of
             heads_kv (GQA: query head h reads kv head h // (heads // heads_kv)).
@@ -222,8 +248,9 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         float32 m, l of shape (heads, total_q). A query row that sees no key gets o = 0,
         m = -inf, l = 0 (with sinks m = sink, l = 1).
 
-    Raises ``TypeError`` / ``ValueError`` naming the argument before anything is written;
-    CUDA arrays raise ``ValueError`` (not yet in the kernels).
+    Raises ``TypeError`` / ``ValueError`` naming the argument before anything is written.
+    CUDA arrays run the kernels (docs/varlen.md); their offsets are copied to the host once
+    for validation.
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -231,11 +258,17 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                         modifiers=dict(window=window, softcap=softcap,
                                        alibi_slopes=alibi_slopes, sinks=sinks))
     problem = call.problem
-    o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array, call.seqlens,
-                                 causal=problem.causal, softmax_scale=problem.softmax_scale,
-                                 **call.modifiers.cpu_kwargs())
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
+        if call.q.is_cuda:
+            from .varlen_gpu import varlen_forward_gpu
+
+            o, m, l = varlen_forward_gpu(call)
+        else:
+            o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array,
+                                         call.seqlens, causal=problem.causal,
+                                         softmax_scale=problem.softmax_scale,
+                                         **call.modifiers.cpu_kwargs())
         stats = VarlenStats(export_array(m, like=call.q), export_array(l, like=call.q),
                             causal=problem.causal, softmax_scale=problem.softmax_scale,
                             shape_q=shape_q, shape_kv=shape_kv, seqlens=call.seqlens.record(),
@@ -254,7 +287,8 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     ``attention_varlen_forward`` (or a hand-built ``SoftmaxStats(m, l)`` with float32
     C-contiguous (heads, total_q) arrays, not checked against the forward). The other
     arguments are the forward's; a recorded forward that differs raises ``ValueError``.
-    ``deterministic`` is accepted for symmetry (the CPU path always is).
+    ``deterministic``: on CUDA, dQ by its own pass without atomics (bitwise reproducible);
+    the CPU path always is.
 
     Returns (dq, dk, dv) like q, k, v (keys past seqused_k get 0), and float32 dsinks
     (heads,), summed over every sequence, when ``sinks`` is given.
@@ -262,7 +296,7 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     if not isinstance(stats, SoftmaxStats):
         raise TypeError(f"stats: expected the VarlenStats returned by attention_varlen_forward"
                         f", got {type(stats).__name__}")
-    validate.check_bool(deterministic, "deterministic")
+    deterministic = validate.check_bool(deterministic, "deterministic")
     _refuse_untracked_gradients([(do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o")])
     call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
@@ -272,16 +306,26 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     for x, name in ((ido, "do"), (io, "o")):
         validate._check_like_q(x, name, call.q, call.problem.dtype)
+        if x.is_cuda:
+            validate.check_alignment(x.array[None], name)
     stats_shape = (call.problem.heads, call.q.array.shape[0])
     for x, name in ((im, "stats.m"), (il, "stats.l")):
         validate._check_stats(x, name, call.q, stats_shape)
     _check_origin(stats, call)
     problem = call.problem
-    grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array, io.array,
-                                im.array, il.array, call.seqlens, causal=problem.causal,
-                                softmax_scale=problem.softmax_scale,
-                                center_keys=stats.recorded, **call.modifiers.cpu_kwargs())
     with caller_stream(call.q):
+        if call.q.is_cuda:
+            from .varlen_gpu import varlen_backward_gpu
+
+            grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
+                                        deterministic)
+        else:
+            grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array,
+                                        io.array, im.array, il.array, call.seqlens,
+                                        causal=problem.causal,
+                                        softmax_scale=problem.softmax_scale,
+                                        center_keys=stats.recorded,
+                                        **call.modifiers.cpu_kwargs())
         return tuple(export_array(g, like=call.q) for g in grads)
 
 
