@@ -98,7 +98,8 @@ def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
 def _host_int64(imported: Imported) -> np.ndarray:
     """A host int64 copy (CUDA: one device-to-host copy, ordered on the current stream)."""
     array = imported.array
-    return (array.get() if imported.is_cuda else np.asarray(array)).astype(np.int64)
+    host = array if isinstance(array, np.ndarray) else array.get()
+    return host.astype(np.int64)
 
 
 def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None
