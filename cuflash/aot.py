@@ -11,7 +11,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from . import specs
@@ -77,9 +77,15 @@ def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
 # -- compile reports (no GPU) -------------------------------------------------------------------
 
 def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
-                 head_dims: Sequence[int] | None = None) -> list[tuple[KernelSpec, str]]:
+                 head_dims: Sequence[int] | None = None, *, varlen: bool = False
+                 ) -> list[tuple[KernelSpec, str]]:
     """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
-    optionally only for some dtypes and head_dims."""
+    optionally only for some dtypes and head_dims. ``varlen``: those specs compiled for
+    packed sequences instead (the selector picks the same tiles; no decode kernels)."""
+    if varlen:
+        work = compile_work(archs, all_budgets, dtypes, head_dims)
+        return [(replace(spec, mods=replace(spec.mods, varlen=True)), arch)
+                for spec, arch in work if spec.kind in specs.KINDS]
     work = []
     for arch in archs:
         limit = specs.ARCH_SMEM_OPTIN[arch]
