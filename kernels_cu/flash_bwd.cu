@@ -435,10 +435,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh + m0 * stride_qm,
+                                   q + seq.q_offset(b, stride_qb, stride_qm) +
+                                       h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh + m0 * stride_dom,
+                                   dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                       h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     const cf_i64 stat = seq.stats(h) + m0;
     for (int i = tid; i < kBM; i += kThreads) {
@@ -458,9 +460,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) + kvh * stride_kh + n0 * stride_kn,
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) +
+                                           kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) + kvh * stride_vh + n0 * stride_vn,
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) +
+                                           kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
@@ -513,9 +517,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
-  store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) + kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
+  store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+                kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
             n0 + 16 * warp, seqlen_k, c0, head_dim, lane);
-  store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) + kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
+  store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+                kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
             seqlen_k, c0, head_dim, lane);
 }
 
@@ -895,10 +901,12 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh + m0 * stride_qm,
+                                   q + seq.q_offset(b, stride_qb, stride_qm) +
+                                       h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh + m0 * stride_dom,
+                                   dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                       h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     const cf_i64 stat = seq.stats(h) + m0;
     for (int i = tid; i < kBM; i += kThreads) {
@@ -924,9 +932,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) + kvh * stride_kh + n0 * stride_kn,
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) +
+                                           kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) + kvh * stride_vh + n0 * stride_vn,
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) +
+                                           kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
@@ -984,9 +994,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
-    store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) + kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
+    store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+                  kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-    store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) + kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
+    store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+                  kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
   }
 }

@@ -250,9 +250,11 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- prologue: Q, dO (resident) and key tile 0 in one cp.async group
   if (n_tiles > 0) {
-    load_tile_async<kBM, kThreads>(sQ, q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh + m0 * stride_qm,
+    load_tile_async<kBM, kThreads>(sQ, q + seq.q_offset(b, stride_qb, stride_qm) +
+                                           h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO, dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh + m0 * stride_dom,
+    load_tile_async<kBM, kThreads>(sdO, dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                            h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     load_kv_tile(0, 0);
     cp_async_commit();
@@ -289,6 +291,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
   // a row that sees no key gets zeros)
-  store_acc(dq + seq.q_offset(b, stride_dqb, stride_dqm) + h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
+  store_acc(dq + seq.q_offset(b, stride_dqb, stride_dqm) +
+                h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
             0, head_dim, lane);
 }

@@ -108,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                  const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
                  const float* __restrict__ lse2, const float* __restrict__ delta,
-                 elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
+                 elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k, int heads,
+                 int heads_per_kv,
                  int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
                  long long stride_kb, long long stride_kn, long long stride_kh,
                  long long stride_vb, long long stride_vn, long long stride_vh,
@@ -168,10 +169,12 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) no_scale[i] = 1.f;
 
   // -- prologue: group {Q, dO, V_0}, group {K_0}
-  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh + (cf_i64)m0 * stride_qm,
+  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(b, stride_qb, stride_qm) +
+                                         h * stride_qh + (cf_i64)m0 * stride_qm,
                             stride_qm, seqlen_q - m0, head_dim, q, tid);
   simt_load_tile<BM, D, NT>(sdO, LDH,
-                            dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh + (cf_i64)m0 * stride_dom,
+                            dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                h * stride_doh + (cf_i64)m0 * stride_dom,
                             stride_dom, seqlen_q - m0, head_dim, dout, tid);
   if (n_tiles > 0)
     simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
@@ -243,7 +246,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) {
     const int r = m0 + rq + TileQ::RL * i;
     if (r < seqlen_q) {
-      elem_t* dq_row = dq + seq.q_offset(b, stride_dqb, stride_dqm) + h * stride_dqh + (cf_i64)r * stride_dqm;
+      elem_t* dq_row = dq + seq.q_offset(b, stride_dqb, stride_dqm) +
+                           h * stride_dqh + (cf_i64)r * stride_dqm;
 #pragma unroll
       for (int qc = 0; qc < TileQ::TN; ++qc) {
         const int col = 4 * (cq + TileQ::CL * qc);

@@ -175,9 +175,11 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = h_first + g;
-    const QLoad lq(q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh, stride_qm, head_dim, tid);
+    const QLoad lq(q + seq.q_offset(b, stride_qb, stride_qm) +
+                       h * stride_qh, stride_qm, head_dim, tid);
     lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
-    const QLoad ldo(dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh, stride_dom, head_dim, tid);
+    const QLoad ldo(dout + seq.q_offset(b, stride_dob, stride_dom) +
+                        h * stride_doh, stride_dom, head_dim, tid);
     ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
     if (tid < 2 * kBM) {
       const int r = tid % kBM, row = m0 + r;
@@ -447,8 +449,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
           red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
       }
     } else if (row < seqlen_k) {
-      elem_t* dst = wg == 0 ? dk + seq.k_offset(b, stride_dkb, stride_dkn) + kvh * stride_dkh + (cf_i64)row * stride_dkn
-                            : dv + seq.k_offset(b, stride_dvb, stride_dvn) + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+      elem_t* dst = wg == 0 ? dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+                                  kvh * stride_dkh + (cf_i64)row * stride_dkn
+                            : dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+                                  kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;
@@ -476,8 +480,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         }
       }
     } else if (row < seqlen_k) {
-      elem_t* dk_row = dk + seq.k_offset(b, stride_dkb, stride_dkn) + kvh * stride_dkh + (cf_i64)row * stride_dkn;
-      elem_t* dv_row = dv + seq.k_offset(b, stride_dvb, stride_dvn) + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+      elem_t* dk_row = dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+                           kvh * stride_dkh + (cf_i64)row * stride_dkn;
+      elem_t* dv_row = dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+                           kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;

@@ -118,7 +118,8 @@ constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     flash_fwd(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
-              float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv, int head_dim,
+              float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
+              int head_dim,
               long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
               long long stride_kn, long long stride_kh, long long stride_vb, long long stride_vn,
               long long stride_vh, long long stride_ob, long long stride_om, long long stride_oh,
