@@ -29,43 +29,45 @@
   const int *cu_seqlens_q, const int *cu_seqlens_k, const int *seqused_k, int total_q
 #define CF_SEQ_ARGS cu_seqlens_q, cu_seqlens_k, seqused_k, total_q
 
-// One batch entry: its lengths, the packed row of its row 0 and its statistics.
+// One batch entry: its lengths, the packed row of its row 0 and its statistics. The dense
+// expressions are spelled exactly as the kernels had them (same code, same registers).
 struct SeqInfo {
   int seqlen_q, seqlen_k;  // this sequence's own lengths (the mask aligns bottom-right on them)
-  cf_i64 row_q, row_k;     // row 0 in a packed (rows, heads, head_dim) array: dense b * seqlen
-  cf_i64 stats0;           // index of (head 0, row 0) in m, l, delta, lse2
-  int stats_h;             // ... and the step from one head to the next
+  int b, heads;            // dense: the batch entry and the heads (statistics (b, h, row))
+  int q_begin, k_begin;    // varlen: cu_seqlens_q[b], cu_seqlens_k[b]
+  int total_q;             // varlen: the statistics' head stride
 
   // max_q, max_k: the kernel's seqlen arguments (dense: the lengths; varlen: the grid's).
-  __device__ __forceinline__ SeqInfo(int b, int heads, int max_q, int max_k, CF_SEQ_PARAMS) {
+  __device__ __forceinline__ SeqInfo(int b_, int heads_, int max_q, int max_k, CF_SEQ_PARAMS)
+      : b(b_), heads(heads_), q_begin(0), k_begin(0), total_q(total_q) {
     if (CF_VARLEN) {
-      const int q_begin = cu_seqlens_q[b], k_begin = cu_seqlens_k[b];
+      q_begin = cu_seqlens_q[b];
+      k_begin = cu_seqlens_k[b];
       seqlen_q = cu_seqlens_q[b + 1] - q_begin;
       seqlen_k = seqused_k ? seqused_k[b] : cu_seqlens_k[b + 1] - k_begin;
-      row_q = q_begin;
-      row_k = k_begin;
-      stats0 = q_begin;  // (heads, total_q)
-      stats_h = total_q;
     } else {
-      (void)cu_seqlens_q, (void)cu_seqlens_k, (void)seqused_k, (void)total_q;
+      (void)cu_seqlens_q, (void)cu_seqlens_k, (void)seqused_k;
       seqlen_q = max_q;
       seqlen_k = max_k;
-      row_q = (cf_i64)b * max_q;
-      row_k = (cf_i64)b * max_k;
-      stats0 = (cf_i64)b * heads * max_q;  // (batch, heads, seqlen_q)
-      stats_h = max_q;
     }
   }
-  // Index of (head h, row 0) in m, l, delta, lse2.
-  __device__ __forceinline__ cf_i64 stats(int h) const { return stats0 + (cf_i64)h * stats_h; }
+  // Index of (head h, row 0) in m, l, delta, lse2: (heads, total_q) or (batch, heads, seqlen_q).
+  __device__ __forceinline__ cf_i64 stats(int h) const {
+    return CF_VARLEN ? (cf_i64)h * total_q + q_begin : ((cf_i64)b * heads + h) * seqlen_q;
+  }
+  // Row 0 in a packed, contiguous (rows, heads, head_dim) array (dq_accum, dk_accum, dv_accum).
+  __device__ __forceinline__ cf_i64 row_q() const {
+    return CF_VARLEN ? (cf_i64)q_begin : (cf_i64)b * seqlen_q;
+  }
+  __device__ __forceinline__ cf_i64 row_k() const {
+    return CF_VARLEN ? (cf_i64)k_begin : (cf_i64)b * seqlen_k;
+  }
   // Element offset of row 0 of this entry in a q-side (o, dO, dq) or k-side (v, dk, dv)
   // operand with batch stride stride_b and row stride stride_m.
-  __device__ __forceinline__ cf_i64 q_offset(int b, long long stride_b,
-                                             long long stride_m) const {
-    return CF_VARLEN ? row_q * stride_m : (cf_i64)b * stride_b;
+  __device__ __forceinline__ cf_i64 q_offset(long long stride_b, long long stride_m) const {
+    return CF_VARLEN ? q_begin * stride_m : b * stride_b;
   }
-  __device__ __forceinline__ cf_i64 k_offset(int b, long long stride_b,
-                                             long long stride_m) const {
-    return CF_VARLEN ? row_k * stride_m : (cf_i64)b * stride_b;
+  __device__ __forceinline__ cf_i64 k_offset(long long stride_b, long long stride_m) const {
+    return CF_VARLEN ? k_begin * stride_m : b * stride_b;
   }
 };

@@ -435,11 +435,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(b, stride_qb, stride_qm) +
+                                   q + seq.q_offset(stride_qb, stride_qm) +
                                        h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                   dout + seq.q_offset(stride_dob, stride_dom) +
                                        h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     const cf_i64 stat = seq.stats(h) + m0;
@@ -460,10 +460,10 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) +
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
                                            kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) +
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
                                            kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
@@ -503,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
         load_query_tile(it + 1, 0);
         cp_async_commit();
       }
-      float* dq_rows = dq_accum + (seq.row_q * heads + h) * head_dim;
+      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
       bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
                     head_dim, mask, softmax_scale, warp, lane);
       // sdS is rewritten only after the next iteration's top barrier.
@@ -517,10 +517,10 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
-  store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+  store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
                 kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
             n0 + 16 * warp, seqlen_k, c0, head_dim, lane);
-  store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+  store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
                 kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
             seqlen_k, c0, head_dim, lane);
 }
@@ -901,11 +901,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(b, stride_qb, stride_qm) +
+                                   q + seq.q_offset(stride_qb, stride_qm) +
                                        h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                   dout + seq.q_offset(stride_dob, stride_dom) +
                                        h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     const cf_i64 stat = seq.stats(h) + m0;
@@ -932,10 +932,10 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(b, stride_kb, stride_kn) +
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
                                            kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(b, stride_vb, stride_vn) +
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
                                            kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
@@ -978,7 +978,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
     // -- phase 3: dQ
     if (CF_DQ_ATOMIC) {
-      float* dq_rows = dq_accum + (seq.row_q * heads + h) * head_dim;
+      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
                mask, softmax_scale, warp, lane);
     }
@@ -994,10 +994,10 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
-    store_acc(dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+    store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
                   kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-    store_acc(dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+    store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
                   kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
   }

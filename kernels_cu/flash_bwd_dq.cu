@@ -235,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     }
   }
 
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + kvh * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + kvh * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
   auto load_kv_tile = [&](int it, int st) {
     const int n0 = (tiles.begin + it) * kBN;
     load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
@@ -250,10 +250,10 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- prologue: Q, dO (resident) and key tile 0 in one cp.async group
   if (n_tiles > 0) {
-    load_tile_async<kBM, kThreads>(sQ, q + seq.q_offset(b, stride_qb, stride_qm) +
+    load_tile_async<kBM, kThreads>(sQ, q + seq.q_offset(stride_qb, stride_qm) +
                                            h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO, dout + seq.q_offset(b, stride_dob, stride_dom) +
+    load_tile_async<kBM, kThreads>(sdO, dout + seq.q_offset(stride_dob, stride_dom) +
                                             h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     load_kv_tile(0, 0);
@@ -291,7 +291,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
   // a row that sees no key gets zeros)
-  store_acc(dq + seq.q_offset(b, stride_dqb, stride_dqm) +
+  store_acc(dq + seq.q_offset(stride_dqb, stride_dqm) +
                 h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
             0, head_dim, lane);
 }

@@ -133,8 +133,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
   if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
   const int hk = h / heads_per_kv;
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + hk * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + hk * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -169,11 +169,11 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) no_scale[i] = 1.f;
 
   // -- prologue: group {Q, dO, V_0}, group {K_0}
-  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(b, stride_qb, stride_qm) +
+  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
                                          h * stride_qh + (cf_i64)m0 * stride_qm,
                             stride_qm, seqlen_q - m0, head_dim, q, tid);
   simt_load_tile<BM, D, NT>(sdO, LDH,
-                            dout + seq.q_offset(b, stride_dob, stride_dom) +
+                            dout + seq.q_offset(stride_dob, stride_dom) +
                                 h * stride_doh + (cf_i64)m0 * stride_dom,
                             stride_dom, seqlen_q - m0, head_dim, dout, tid);
   if (n_tiles > 0)
@@ -246,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) {
     const int r = m0 + rq + TileQ::RL * i;
     if (r < seqlen_q) {
-      elem_t* dq_row = dq + seq.q_offset(b, stride_dqb, stride_dqm) +
+      elem_t* dq_row = dq + seq.q_offset(stride_dqb, stride_dqm) +
                            h * stride_dqh + (cf_i64)r * stride_dqm;
 #pragma unroll
       for (int qc = 0; qc < TileQ::TN; ++qc) {

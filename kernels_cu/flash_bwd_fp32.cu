@@ -196,9 +196,9 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int tiles_per_head = max(0, qt.end - mt_begin);
   const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
 
-  const elem_t* k_blk = k + seq.k_offset(b, stride_kb, stride_kn) +
+  const elem_t* k_blk = k + seq.k_offset(stride_kb, stride_kn) +
                             hk * stride_kh + (cf_i64)n0 * stride_kn;
-  const elem_t* v_blk = v + seq.k_offset(b, stride_vb, stride_vn) +
+  const elem_t* v_blk = v + seq.k_offset(stride_vb, stride_vn) +
                             hk * stride_vh + (cf_i64)n0 * stride_vn;
 
   // -- prologue: one group {K, V, Q_0, dO_0}
@@ -206,11 +206,11 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   simt_load_tile<BN, D, NT>(sV, LDH, v_blk, stride_vn, seqlen_k - n0, head_dim, v, tid);
   if (n_iters > 0) {
     const int h = hk * heads_per_kv, m0 = mt_begin * BM;
-    simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(b, stride_qb, stride_qm) +
+    simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
                                            h * stride_qh + (cf_i64)m0 * stride_qm,
                               stride_qm, seqlen_q - m0, head_dim, q, tid);
     simt_load_tile<BM, D, NT>(sdO, LDH,
-                              dout + seq.q_offset(b, stride_dob, stride_dom) +
+                              dout + seq.q_offset(stride_dob, stride_dom) +
                                   h * stride_doh + (cf_i64)m0 * stride_dom,
                               stride_dom, seqlen_q - m0, head_dim, dout, tid);
   }
@@ -261,11 +261,11 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       const int hn = hk * heads_per_kv + gn;
       const int mn = (mt_begin + it + 1 - gn * tiles_per_head) * BM;
       simt_load_tile<BM, D, NT>(sQ, LDH,
-                                q + seq.q_offset(b, stride_qb, stride_qm) +
+                                q + seq.q_offset(stride_qb, stride_qm) +
                                     hn * stride_qh + (cf_i64)mn * stride_qm,
                                 stride_qm, seqlen_q - mn, head_dim, q, tid);
       simt_load_tile<BM, D, NT>(sdO, LDH,
-                                dout + seq.q_offset(b, stride_dob, stride_dom) +
+                                dout + seq.q_offset(stride_dob, stride_dom) +
                                     hn * stride_doh + (cf_i64)mn * stride_dom,
                                 stride_dom, seqlen_q - mn, head_dim, dout, tid);
     }
@@ -283,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       for (int i = 0; i < Tile3::TM; ++i) {
         const int r = m0 + r3 + Tile3::RL * i;
         if (r < seqlen_q) {
-          float* dq_row = dq_accum + ((seq.row_q + r) * heads + h) * head_dim;
+          float* dq_row = dq_accum + ((seq.row_q() + r) * heads + h) * head_dim;
 #pragma unroll
           for (int qc = 0; qc < Tile3::TN; ++qc) {
             const int col = c0 + 4 * (q3 + Tile3::CL * qc);
@@ -304,9 +304,9 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < Tile2::TM; ++i) {
     const int n = n0 + r2 + Tile2::RL * i;
     if (n < seqlen_k) {
-      elem_t* dk_row = dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
                            hk * stride_dkh + (cf_i64)n * stride_dkn;
-      elem_t* dv_row = dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
                            hk * stride_dvh + (cf_i64)n * stride_dvn;
 #pragma unroll
       for (int qc = 0; qc < Tile2::TN; ++qc) {

@@ -120,8 +120,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(b, heads, max_seqlen_q, 0, CF_SEQ_ARGS);  // (the keys are unused)
   const int seqlen_q = seq.seqlen_q;
-  const elem_t* o_head = o + seq.q_offset(b, stride_ob, stride_om) + h * stride_oh;
-  const elem_t* do_head = dout + seq.q_offset(b, stride_dob, stride_dom) + h * stride_doh;
+  const elem_t* o_head = o + seq.q_offset(stride_ob, stride_om) + h * stride_oh;
+  const elem_t* do_head = dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
   const cf_i64 stat = seq.stats(h);
   const float sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
   float dsink = 0.f;  // this thread's share of dsinks[h] (CF_SINKS)

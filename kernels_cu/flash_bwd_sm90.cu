@@ -166,8 +166,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + kvh * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + kvh * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
 
   // Issue iteration it's copies into stage st: Q and dO tiles (cp.async), lse2 and delta
   // (plain loads; past seqlen_q they become 0, harmless: those Q and dO rows are zeros).
@@ -175,10 +175,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = h_first + g;
-    const QLoad lq(q + seq.q_offset(b, stride_qb, stride_qm) +
+    const QLoad lq(q + seq.q_offset(stride_qb, stride_qm) +
                        h * stride_qh, stride_qm, head_dim, tid);
     lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
-    const QLoad ldo(dout + seq.q_offset(b, stride_dob, stride_dom) +
+    const QLoad ldo(dout + seq.q_offset(stride_dob, stride_dom) +
                         h * stride_doh, stride_dom, head_dim, tid);
     ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
     if (tid < 2 * kBM) {
@@ -281,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
                         sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
     wgmma_commit();
     // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
-    float* dq_head = dq_accum + (seq.row_q * heads + h) * head_dim;
+    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll 1
     for (int c = 0; c < 2; ++c) {
       float dq[8][4];
@@ -415,7 +415,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
     // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
     // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
-    float* dq_head = dq_accum + (seq.row_q * heads + h) * head_dim;
+    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = dq_row0 + (warp & 3) * 16 + group + 8 * rr;
@@ -440,7 +440,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   for (int rr = 0; rr < 2; ++rr) {
     const int row = key_row + 8 * rr;
     if (row < seqlen_k && kv_splits > 1) {
-      const cf_i64 at = ((seq.row_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
       float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
@@ -449,9 +449,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
           red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
       }
     } else if (row < seqlen_k) {
-      elem_t* dst = wg == 0 ? dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+      elem_t* dst = wg == 0 ? dk + seq.k_offset(stride_dkb, stride_dkn) +
                                   kvh * stride_dkh + (cf_i64)row * stride_dkn
-                            : dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+                            : dv + seq.k_offset(stride_dvb, stride_dvn) +
                                   kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
@@ -469,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   for (int rr = 0; rr < 2; ++rr) {
     const int row = key_row + 8 * rr;
     if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
-      const cf_i64 at = ((seq.row_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;
@@ -480,9 +480,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         }
       }
     } else if (row < seqlen_k) {
-      elem_t* dk_row = dk + seq.k_offset(b, stride_dkb, stride_dkn) +
+      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
                            kvh * stride_dkh + (cf_i64)row * stride_dkn;
-      elem_t* dv_row = dv + seq.k_offset(b, stride_dvb, stride_dvn) +
+      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
                            kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {

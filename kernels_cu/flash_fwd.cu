@@ -139,9 +139,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
   if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
 
-  const elem_t* q_head = q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh;  // row 0
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + h_kv * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + h_kv * stride_vh;
+  const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;  // row 0
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end) are visited, last first; a tile
   // of keys [full_begin, full_end) is visible to every row and needs no mask
@@ -244,7 +244,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;
-  const cf_i64 o_band = seq.q_offset(b, stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
+  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
   store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
                              stride_om, seqlen_q - band_q0, head_dim, q_band, acc, inv_l, lane);
   if (tig == 0) {

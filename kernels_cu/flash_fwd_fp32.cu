@@ -202,10 +202,10 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
   if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
   const int hk = h / heads_per_kv;
-  const elem_t* q_tile = q + seq.q_offset(b, stride_qb, stride_qm) +
+  const elem_t* q_tile = q + seq.q_offset(stride_qb, stride_qm) +
                              h * stride_qh + (cf_i64)m0 * stride_qm;
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + hk * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + hk * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -293,7 +293,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     }
     const int r = m0 + row0 + RL * i;
     if (r < seqlen_q) {
-      elem_t* o_row = o + seq.q_offset(b, stride_ob, stride_om) +
+      elem_t* o_row = o + seq.q_offset(stride_ob, stride_om) +
                           h * stride_oh + (cf_i64)r * stride_om;
       const bool seen = l != 0.f;  // NaN l is seen
 #pragma unroll

@@ -145,9 +145,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
   if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
 
-  const elem_t* q_head = q + seq.q_offset(b, stride_qb, stride_qm) + h * stride_qh;
-  const elem_t* k_head = k + seq.k_offset(b, stride_kb, stride_kn) + h_kv * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(b, stride_vb, stride_vn) + h_kv * stride_vh;
+  const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end), last first; keys
   // [full_begin, full_end) are visible to every row of the tile
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   }
   const int band_q0 = q0 + warp * 16;
   unsigned char* band = s_q + warp * 16 * CF_HEAD_DIM * 2;  // 16 rows of scratch per warp
-  const cf_i64 o_band = seq.q_offset(b, stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
+  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
   store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
                              stride_om, seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
   if (tig == 0) {
