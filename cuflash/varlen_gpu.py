@@ -6,7 +6,7 @@ memoized; a kernel family that lacks a modifier raises before anything is alloca
 allocate o and the (heads, total_q) statistics, launch. The kernels read each sequence's
 offsets and lengths on the device (``kernels_cu/cf_seq.cuh``): packed operands go in as a
 batch of one with stride_b 0, the grid covers max_seqlen tiles and tiles past a sequence's
-own length exit at once. Nothing here reads the offsets (validation already copied them).
+own length exit at once. Nothing reads the offsets on the host (no sync).
 """
 
 from __future__ import annotations

@@ -353,8 +353,8 @@ def test_bad_arguments_are_named(name, change, err, words):
 
 
 def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
-    """CUDA arrays (simulated: every import reports device cuda:0) are validated (offsets
-    copied to the host once) and handed to varlen_gpu; the CPU path never runs for them."""
+    """CUDA arrays (simulated: every import reports device cuda:0) are validated without
+    reading the offsets (no host sync) and handed to varlen_gpu; the CPU path never runs."""
     from cuflash import varlen_gpu
 
     real = varlen.import_array
@@ -382,8 +382,14 @@ def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
     good = _good()
     cuflash.attention_varlen_forward(**good)
     (call,) = seen
-    assert call.offsets[0] is not None and call.offsets[2] is None
-    np.testing.assert_array_equal(call.seqlens.cu_q, good["cu_seqlens_q"])
+    assert call.offsets[0] is good["cu_seqlens_q"] and call.offsets[2] is None
+    assert call.seqlens is None and call.record[0] == "device"  # never read on the host
+    assert (call.problem.batch, call.problem.seqlen_q, call.problem.seqlen_k) == (3, 7, 5)
+    # the CUDA checks that need no values: max lengths >= 1 when there are rows, alignment
+    with pytest.raises(ValueError, match="^max_seqlen_q: expected an int >= the longest"):
+        cuflash.attention_varlen_forward(**{**good, "max_seqlen_q": 0})
+    with pytest.raises(ValueError, match="^cu_seqlens_k: expected shape"):
+        cuflash.attention_varlen_forward(**{**good, "cu_seqlens_k": np.int32([0, 8])})
 
 
 def test_backward_refuses_another_layout_or_dense_stats():
