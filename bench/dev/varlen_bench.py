@@ -6,8 +6,8 @@
 Per row: the dense call on (batch, seqlen, heads, head_dim) and the varlen call on the same
 sequences packed (cu_seqlens = 0, seqlen, 2 seqlen, ...), forward and backward median
 milliseconds (CUDA events, 3 warmups, 10 timed calls) and varlen / dense (target <= 1.05).
-Both through the public API on torch CUDA tensors: the varlen call's time includes its
-validation's one device-to-host copy of the offsets. Then mixed lengths (informational):
+Both through the public API on torch CUDA tensors (the varlen call never syncs: its offsets
+stay on the device). Then mixed lengths (informational):
 varlen on random lengths vs dense padded to the longest. Prints the specs the plans ran.
 """
 
