@@ -17,7 +17,7 @@ float32 SIMT kernels need block_m and block_n multiples of 8 and of 4 * warps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from .archs import WGMMA_ARCHS, arch_number
@@ -41,6 +41,8 @@ class Tile:
     # Archs whose ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py):
     # the selector skips it there.
     spills_on: tuple[str, ...] = ()
+    # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then.
+    spills_when: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,11 @@ class Variant:
                 and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS))
                 and not (deterministic and self.dq_atomic_only))
 
-    def candidates(self, bucket: int, arch: str) -> tuple[Tile, ...]:
-        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on)
+    def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset()
+                   ) -> tuple[Tile, ...]:
+        """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
+        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
+                     and not any(knobs.issuperset(when) for when in t.spills_when))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -218,8 +223,11 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
 # bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics only (the
 # deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
-BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query tiles, "
-                                 "0.74-0.77x with 64 (NOTES' wgmma kernels)"),
+BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
+                                         "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
+                      # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
+                      # live in registers where dense ones are constants); m64 has 199
+                      spills_when=(("causal", "varlen"),)),
               _t(8, 64, 128, 2)),
          128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                  "(NOTES' wgmma kernels)"),),

@@ -217,7 +217,8 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
         if not variant.serves(direction, dtype, facts.arch, bucket, deterministic, wgmma):
             continue
         _check_modifiers(variant, mods, dtype)
-        for tile in variant.candidates(bucket, facts.arch):
+        knobs = frozenset(mods.on + (("causal",) if causal else ()))
+        for tile in variant.candidates(bucket, facts.arch, knobs):
             spec = _spec(variant, tile, dtype, bucket, causal, deterministic, facts.arch, mods)
             if spec.smem_bytes <= facts.smem_optin:
                 return spec

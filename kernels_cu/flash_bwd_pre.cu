@@ -189,8 +189,13 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
     for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
       const float4 a = *reinterpret_cast<const float4*>(src + c);
       const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);
+#if CF_DTYPE == 2  // a plain copy (through store8's array, NVRTC put it on the stack: varlen)
+      reinterpret_cast<float4*>(dst + c)[0] = a;
+      reinterpret_cast<float4*>(dst + c)[1] = bb;
+#else
       const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
       store8(dst + c, x);
+#endif
     }
   }
 }

@@ -43,6 +43,13 @@ def test_varlen_picks_the_dense_tiles_under_its_own_name(facts, dtype, causal):
         assert "CF_VARLEN" not in dense.defines
 
 
+def test_hopper_backward_d64_causal_varlen_takes_the_tile_that_does_not_spill():
+    dense = specs.select_backward(H100, "bfloat16", 64, True, False)
+    packed = specs.select_backward(H100, "bfloat16", 64, True, False, mods=VARLEN)
+    assert (dense.block_m, packed.block_m) == (128, 64)
+    assert specs.select_backward(H100, "bfloat16", 64, False, False, mods=VARLEN).block_m == 128
+
+
 def test_backward_pre_keeps_varlen_and_sinks():
     flags = ModFlags(window=True, softcap=True, sinks=True, varlen=True)
     assert flags.for_direction("backward_pre") == ModFlags(sinks=True, varlen=True)
