@@ -274,17 +274,22 @@ def select_backward_pre(dtype: str, facts: DeviceFacts | None = None, *,
     return select("backward_pre", facts, dtype, 0, mods=mods)
 
 
-def all_specs(facts: DeviceFacts, *, wgmma: bool = True) -> list[KernelSpec]:
-    """Every spec the selector can pick on this device, for ahead-of-time compile checks."""
+def all_specs(facts: DeviceFacts, *, wgmma: bool = True,
+              mods: ModFlags = NO_MODS) -> list[KernelSpec]:
+    """Every spec the selector can pick on this device (for calls with ``mods``), for
+    ahead-of-time compile checks."""
     specs: dict[str, KernelSpec] = {}
+    m = mods
     for dtype in arch_dtypes(facts.arch):
-        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype, facts))
+        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype, facts, mods=m))
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                for spec in (select_forward(facts, dtype, bucket, causal, wgmma=wgmma),
-                             select_backward(facts, dtype, bucket, causal, False, wgmma=wgmma),
-                             select_backward(facts, dtype, bucket, causal, True, wgmma=wgmma),
-                             select_backward_dq(facts, dtype, bucket, causal)):
+                for spec in (select_forward(facts, dtype, bucket, causal, wgmma=wgmma, mods=m),
+                             select_backward(facts, dtype, bucket, causal, False, wgmma=wgmma,
+                                             mods=m),
+                             select_backward(facts, dtype, bucket, causal, True, wgmma=wgmma,
+                                             mods=m),
+                             select_backward_dq(facts, dtype, bucket, causal, mods=m)):
                     specs.setdefault(spec.name, spec)
     return list(specs.values())
 
