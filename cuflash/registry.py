@@ -226,8 +226,9 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
-                      # live in registers where dense ones are constants); m64 has 199
-                      spills_when=(("causal", "varlen"),)),
+                      # live in registers where dense ones are constants); m64 has 199.
+                      # Also softcap + ALiBi on packed sequences (20 B with a window).
+                      spills_when=(("causal", "varlen"), ("softcap", "alibi", "varlen"))),
               _t(8, 64, 128, 2)),
          128: (replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                          "(NOTES' wgmma kernels)"),
