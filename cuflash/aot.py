@@ -63,9 +63,10 @@ def run_parallel(fn: Callable, items: Sequence, jobs: int, label: str) -> list:
 # -- which specs -----------------------------------------------------------------------------------
 
 def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
-                   head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
+                   head_dims: Sequence[int] | None = None,
+                   mods: specs.ModFlags = specs.NO_MODS) -> list[KernelSpec]:
     """The specs ``facts``' GPU selects, for the given dtypes and head_dims (default: all)."""
-    chosen = specs.all_specs(facts)
+    chosen = specs.all_specs(facts, mods=mods)
     if dtypes:
         chosen = [s for s in chosen if s.dtype in dtypes]
     if head_dims:
@@ -77,9 +78,12 @@ def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
 # -- compile reports (no GPU) -------------------------------------------------------------------
 
 def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
-                 head_dims: Sequence[int] | None = None) -> list[tuple[KernelSpec, str]]:
+                 head_dims: Sequence[int] | None = None, *, varlen: bool = False
+                 ) -> list[tuple[KernelSpec, str]]:
     """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
-    optionally only for some dtypes and head_dims."""
+    optionally only for some dtypes and head_dims. ``varlen``: those specs compiled for
+    packed sequences instead (what the selector picks for varlen calls; no decode kernels)."""
+    mods = specs.ModFlags(varlen=varlen)
     work = []
     for arch in archs:
         limit = specs.ARCH_SMEM_OPTIN[arch]
@@ -87,11 +91,13 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
             b * specs.KIB for b in specs.BUDGETS_KIB if b * specs.KIB <= limit]
         seen: set[str] = set()
         for budget in budgets:
-            for spec in selected_specs(specs.facts_for_arch(arch, budget), dtypes, head_dims):
+            for spec in selected_specs(specs.facts_for_arch(arch, budget), dtypes, head_dims,
+                                       mods):
                 if spec.name not in seen:
                     seen.add(spec.name)
                     work.append((spec, arch))
-        work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
+        if not varlen:
+            work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
     return work
 
 

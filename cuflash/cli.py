@@ -186,7 +186,8 @@ def cmd_compile(args) -> int:
     if archs is None:
         return 2
     try:
-        work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim)
+        work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim,
+                                varlen=args.varlen)
     except ValueError as exc:  # a head_dim outside 8..256
         print(f"compile: {exc}", file=sys.stderr)
         return 2
@@ -323,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", **jobs)
     p.add_argument("-v", "--verbose", action="store_true", help="print every kernel's row")
     p.add_argument("--json", help="write every kernel's row as JSON here")
+    p.add_argument("--varlen", action="store_true",
+                   help="the same specs compiled for packed sequences (CF_VARLEN, no decode)")
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("warmup", help="compile the kernels this GPU selects into the cache "
                                       "its first calls read")

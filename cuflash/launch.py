@@ -77,6 +77,33 @@ class ModArgs(NamedTuple):
 PLAIN = ModArgs()
 
 
+class SeqArgs(NamedTuple):
+    """The sequence layout's run-time kernel arguments (cf_seq.cuh's CF_SEQ_PARAMS): device
+    addresses of the int32 ``cu_seqlens_q``, ``cu_seqlens_k`` (batch + 1,) and ``seqused_k``
+    (batch,) (0: none), and q's rows ``total_q`` (the statistics' head stride). ``DENSE``
+    (all 0) for a (batch, seqlen, ...) call, whose kernels never read them."""
+
+    cu_seqlens_q: int = 0
+    cu_seqlens_k: int = 0
+    seqused_k: int = 0
+    total_q: int = 0
+
+    @property
+    def varlen(self) -> bool:
+        return bool(self.cu_seqlens_q)
+
+    def kernel_args(self, b0: int = 0) -> tuple:
+        """CF_SEQ_PARAMS for a launch whose batch starts at entry ``b0``: a varlen slice
+        only moves the offsets (rows and statistics are addressed through them)."""
+        if not self.varlen:
+            return (0, 0, 0, 0)
+        used = self.seqused_k + 4 * b0 if self.seqused_k else 0
+        return (self.cu_seqlens_q + 4 * b0, self.cu_seqlens_k + 4 * b0, used, self.total_q)
+
+
+DENSE = SeqArgs()
+
+
 def mod_args(shape: planning.Shape, window, softcap, softmax_scale: float, alibi: int = 0,
              stride_alibi_b: int = 0, sinks: int = 0, dsinks: int = 0) -> ModArgs:
     """``ModArgs`` of a call: ``window`` as the user gave it (``plan.effective_window``
@@ -127,15 +154,19 @@ def backward_plan(shape: planning.Shape, device_id: int,
 # MODS: the score modifiers' arguments every attention kernel takes last (cf_mask.cuh's
 # CF_MOD_PARAMS: window_left, window_right, softcap_raw, softcap_inv, raw_per_score,
 # alibi_slopes, stride_alibi_b); the forwards then take the sinks, the preprocess sinks and
-# dsinks.
+# dsinks. SEQ: the sequence layout every attention kernel and the preprocess take last
+# (cf_seq.cuh's CF_SEQ_PARAMS: cu_seqlens_q, cu_seqlens_k, seqused_k, total_q); the convert
+# takes one cu_seqlens.
 MODS = "iifffpq"
+SEQ = "pppi"
 _SIGNATURES = {
-    "fwd": "pppppp" "iiiii" + "q" * 12 + "f" + MODS + "p",
-    "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff" + MODS,
-    "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp" + MODS,  # + kv_splits, dk/dv_accum
-    "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS,
-    "bwd_pre": "pppppp" "iii" + "q" * 6 + "pp",
-    "convert": "pp" "iii" "qqq",
+    "fwd": "pppppp" "iiiii" + "q" * 12 + "f" + MODS + "p" + SEQ,
+    "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff" + MODS + SEQ,
+    # + kv_splits, dk/dv_accum
+    "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ipp" + MODS + SEQ,
+    "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS + SEQ,
+    "bwd_pre": "pppppp" "iii" + "q" * 6 + "pp" + SEQ,
+    "convert": "pp" "iii" "qqq" "p",
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 _CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong,
@@ -242,32 +273,36 @@ def forward_tail(shape: planning.Shape, strides: tuple, softmax_scale: float) ->
 
 
 def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsize: int,
-                   stream: int, device_id: int, mods: ModArgs = PLAIN) -> None:
+                   stream: int, device_id: int, mods: ModArgs = PLAIN,
+                   seq: SeqArgs = DENSE) -> None:
     """Enqueue the forward: ``ptrs`` = addresses of q, k, v, o, m, l; ``tail`` from
-    ``forward_tail``; ``mods`` the score modifiers' arguments. Every element of o, m, l is
-    written (for a non-empty call: the caller handles ``Shape.empty`` itself)."""
+    ``forward_tail``; ``mods`` the score modifiers' arguments; ``seq`` the varlen layout.
+    Every element of o, m, l is written (for a non-empty call: the caller handles
+    ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
     signature = _SIGNATURES[kernel.spec.kind]
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
-        args = ptrs + tail + mods.kernel_args() + (mods.sinks,)
+        args = ptrs + tail + mods.kernel_args() + (mods.sinks,) + seq.kernel_args()
         _launch(kernel, device_id, kernel.grid[2], signature, args, stream, s)
         return
-    stats_row = 4 * s.heads * s.seqlen_q  # bytes of one batch entry of m / l
-    # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o)
-    steps = (*(tail[5 + 3 * i] * itemsize for i in range(4)), stats_row, stats_row)
+    # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o; one
+    # entry of m / l); varlen slices move only the offsets (seq.kernel_args)
+    stats_row = 0 if seq.varlen else 4 * s.heads * s.seqlen_q
+    steps = (*(0 if seq.varlen else tail[5 + 3 * i] * itemsize for i in range(4)),
+             stats_row, stats_row)
     for b0, grid_z in _batch_slices(kernel, s.batch):
         args = tuple(p + b0 * step for p, step in zip(ptrs, steps)) + tail
-        args += mods.kernel_args(b0) + (mods.sinks,)
+        args += mods.kernel_args(b0) + (mods.sinks,) + seq.kernel_args(b0)
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
                 m: int, l: int, softmax_scale: float, stream: int, device_id: int,
-                mods: ModArgs = PLAIN) -> None:
-    """``launch_forward`` on operands."""
+                mods: ModArgs = PLAIN, seq: SeqArgs = DENSE) -> None:
+    """``launch_forward`` on operands (varlen: packed operands with stride_b 0)."""
     tail = forward_tail(plan.shape, _strides(q, k, v, o), softmax_scale)
     launch_forward(plan, (q.ptr, k.ptr, v.ptr, o.ptr, m, l), tail, q.itemsize, stream,
-                   device_id, mods)
+                   device_id, mods, seq)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -276,25 +311,30 @@ def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, 
 def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operand,
                  v: Operand, o: Operand, m: int, l: int, dq: Operand, dk: Operand,
                  dv: Operand, softmax_scale: float, workspace: int, stream: int,
-                 device_id: int, mods: ModArgs = PLAIN) -> None:
+                 device_id: int, mods: ModArgs = PLAIN, seq: SeqArgs = DENSE) -> None:
     """Enqueue the backward on ``stream``. ``workspace``: the address of at least
     ``plan.backward_workspace(plan).total_bytes`` scratch bytes on the device, ordered on
     ``stream`` (the caller keeps it alive until the work is done). With sinks,
-    ``mods.dsinks`` (float32 (heads,)) must be zeroed on ``stream`` by the caller."""
+    ``mods.dsinks`` (float32 (heads,)) must be zeroed on ``stream`` by the caller. Varlen
+    (``seq``): packed operands with stride_b 0; with seqused_k the caller zeroes dk and dv
+    (keys past seqused_k are no block's)."""
     from cupy_backends.cuda.api import runtime
 
     s = plan.shape
     ws = planning.backward_workspace(plan)
     if ws.zeroed_bytes:
         runtime.memsetAsync(workspace, 0, ws.zeroed_bytes, stream)
-    stats_row = 4 * s.heads * s.seqlen_q
+    # bytes from one batch entry to the next in the statistics and accumulators (varlen: 0,
+    # the kernels address packed rows through seq's offsets)
+    stats_row = 0 if seq.varlen else 4 * s.heads * s.seqlen_q
     delta, lse2 = workspace + ws.delta, workspace + ws.lse2
 
     # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l)
     for b0, z in _batch_slices(plan.pre, s.batch):
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
-                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks)
+                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks,
+                *seq.kernel_args(b0))
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
@@ -304,6 +344,8 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     scales = (softmax_scale * LOG2E, softmax_scale)
     signature = _SIGNATURES[main.spec.kind]
     q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
+    if seq.varlen:
+        q_row = kv_row = 0
     for b0, z in _batch_slices(main, s.batch):
         st = b0 * stats_row
         args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
@@ -314,7 +356,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * kv_row if accum else 0)
-        args += mods.kernel_args(b0)
+        args += mods.kernel_args(b0) + seq.kernel_args(b0)
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
@@ -322,23 +364,26 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
                     _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales,
-                    *mods.kernel_args(b0))
+                    *mods.kernel_args(b0), *seq.kernel_args(b0))
             _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
-                 stream)
+                 stream, seq.cu_seqlens_q)
     if plan.kv_convert is not None:
         for accum, out in ((ws.dk_accum, dk), (ws.dv_accum, dv)):
             _convert(plan.kv_convert, workspace + accum, kv_row, out, s.seqlen_k, s.heads_kv,
-                     s, device_id, stream)
+                     s, device_id, stream, seq.cu_seqlens_k)
 
 
 def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, seqlen: int,
-             heads: int, s: planning.Shape, device_id: int, stream: int) -> None:
-    """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides."""
+             heads: int, s: planning.Shape, device_id: int, stream: int,
+             cu_seqlens: int = 0) -> None:
+    """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides
+    (varlen: (total, heads, head_dim), rows by ``cu_seqlens``, whole sequences)."""
     for b0, z in _batch_slices(launch, s.batch):
         args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, s.head_dim,
-                out.stride_b, out.stride_m, out.stride_h)
+                out.stride_b, out.stride_m, out.stride_h,
+                cu_seqlens + 4 * b0 if cu_seqlens else 0)
         _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, s,
                 convert=True)
 

@@ -35,7 +35,11 @@ def _aligned(nbytes: int) -> int:
 
 @dataclass(frozen=True)
 class Shape:
-    """The facts of a call that decide its kernels and grids (strides and pointers do not)."""
+    """The facts of a call that decide its kernels and grids (strides and pointers do not).
+
+    Varlen (``mods.varlen``, docs/varlen.md): ``batch`` sequences packed into ``total_q``
+    query and ``total_k`` key rows; ``seqlen_q`` / ``seqlen_k`` are the max lengths, which
+    size the grids (the kernels read each sequence's own from cu_seqlens)."""
 
     batch: int
     seqlen_q: int
@@ -46,6 +50,8 @@ class Shape:
     dtype: str
     causal: bool
     mods: ModFlags = NO_MODS  # the score modifiers that are on (their kernels' knobs)
+    total_q: int = 0  # varlen only: rows of q and of k
+    total_k: int = 0
 
     @classmethod
     def of(cls, problem, mods: ModFlags = NO_MODS) -> "Shape":
@@ -58,9 +64,19 @@ class Shape:
         return self.heads // self.heads_kv if self.heads_kv else 1
 
     @property
+    def rows_q(self) -> int:
+        """Rows of q over the whole batch (the statistics have heads * rows_q entries)."""
+        return self.total_q if self.mods.varlen else self.batch * self.seqlen_q
+
+    @property
+    def rows_k(self) -> int:
+        return self.total_k if self.mods.varlen else self.batch * self.seqlen_k
+
+    @property
     def empty(self) -> bool:
         """Nothing for a kernel to do (every output is empty or a fixed fill)."""
-        return 0 in (self.batch, self.seqlen_q, self.seqlen_k, self.heads)
+        return 0 in (self.batch, self.seqlen_q, self.seqlen_k, self.heads, self.rows_q,
+                     self.rows_k)
 
 
 @dataclass(frozen=True)
@@ -137,17 +153,17 @@ class Workspace:
 
 def workspace(shape: Shape, deterministic: bool, kv_accum: bool) -> Workspace:
     """Layout of the backward's scratch; ``kv_accum``: room for the dK, dV accumulators."""
-    b, sq, sk, h, hkv, d = (shape.batch, shape.seqlen_q, shape.seqlen_k, shape.heads,
-                            shape.heads_kv, shape.head_dim)
+    rows_q, rows_k, h, hkv, d = (shape.rows_q, shape.rows_k, shape.heads, shape.heads_kv,
+                                 shape.head_dim)
     offset = 0
     dq_accum = dk_accum = dv_accum = None
     if not deterministic:
-        dq_accum, offset = offset, offset + _aligned(4 * b * sq * h * d)
+        dq_accum, offset = offset, offset + _aligned(4 * rows_q * h * d)
     if kv_accum:
-        dk_accum, offset = offset, offset + _aligned(4 * b * sk * hkv * d)
-        dv_accum, offset = offset, offset + _aligned(4 * b * sk * hkv * d)
+        dk_accum, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
+        dv_accum, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
     zeroed = offset
-    stats = _aligned(4 * b * h * sq)
+    stats = _aligned(4 * h * rows_q)
     return Workspace(dq_accum, dk_accum, dv_accum, delta=zeroed, lse2=zeroed + stats,
                      zeroed_bytes=zeroed, total_bytes=zeroed + 2 * stats)
 
@@ -208,7 +224,10 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
     """
     if spec.kind != "bwd90" or shape.heads_per_kv == 1 or sm_count <= 0:
         return 1
-    blocks = _cdiv(shape.seqlen_k, spec.block_n) * shape.heads_kv * shape.batch
+    if shape.mods.varlen:  # the key tiles the sequences have, about (not the grid's)
+        blocks = _cdiv(shape.total_k, spec.block_n) * shape.heads_kv
+    else:
+        blocks = _cdiv(shape.seqlen_k, spec.block_n) * shape.heads_kv * shape.batch
     splits = 1
     for candidate in range(1, shape.heads_per_kv + 1):
         if shape.heads_per_kv % candidate:

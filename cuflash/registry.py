@@ -17,7 +17,7 @@ float32 SIMT kernels need block_m and block_n multiples of 8 and of 4 * warps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from .archs import WGMMA_ARCHS, arch_number
@@ -41,6 +41,8 @@ class Tile:
     # Archs whose ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py):
     # the selector skips it there.
     spills_on: tuple[str, ...] = ()
+    # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then.
+    spills_when: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,11 @@ class Variant:
                 and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS))
                 and not (deterministic and self.dq_atomic_only))
 
-    def candidates(self, bucket: int, arch: str) -> tuple[Tile, ...]:
-        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on)
+    def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset()
+                   ) -> tuple[Tile, ...]:
+        """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
+        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
+                     and not any(knobs.issuperset(when) for when in t.spills_when))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -218,11 +223,18 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
 # bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics only (the
 # deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
-BWD90 = {64: (_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query tiles, "
-                                 "0.74-0.77x with 64 (NOTES' wgmma kernels)"),
+BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
+                                         "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
+                      # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
+                      # live in registers where dense ones are constants); m64 has 199.
+                      # Also softcap + ALiBi on packed sequences (20 B with a window).
+                      spills_when=(("causal", "varlen"), ("softcap", "alibi", "varlen"))),
               _t(8, 64, 128, 2)),
-         128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
-                                 "(NOTES' wgmma kernels)"),),
+         128: (replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
+                                         "(NOTES' wgmma kernels)"),
+                       # softcap + ALiBi: 8 B spilled (causal, dense), 48 B on packed
+                       # sequences: the portable kernel takes those calls
+                       spills_when=(("softcap", "alibi"),)),),
          256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"
@@ -239,6 +251,9 @@ _FIRST32 = "largest spill-free tile when the fp32 kernels landed (9e9994e); not 
 _LAST = "fits head_dim 256 in 48 KB"
 FWD32 = {b: (_t(4, 64, 32, 1, _FIRST32), _t(4, 32, 16, 1), _t(2, 16, 16, 1), _t(1, 16, 8, 1, _LAST))
          for b in BUCKETS}
+# d256 with softcap + ALiBi (+ window, sinks) on packed sequences: 255 registers + 8 B spilled
+FWD32[256] = (replace(FWD32[256][0], spills_when=(("softcap", "alibi", "varlen"),)),
+              *FWD32[256][1:])
 BWD32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
          for b in BUCKETS}
 BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
@@ -250,8 +265,8 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 
 # -- the registry: selection order within each direction -------------------------------------
 # Every modifier; the backward's main kernels need nothing for sinks (they read lse2), the
-# preprocess computes dsinks.
-ALL_MODS = ("window", "softcap", "alibi", "sinks")
+# preprocess computes dsinks. "varlen": packed sequences (cf_seq.cuh's CF_VARLEN).
+ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd16, FWD90,

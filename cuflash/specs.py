@@ -45,24 +45,28 @@ class DeviceFacts:
 
 
 _CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
-                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_DQ_ATOMIC", "CF_DCHUNK",
-                 "CF_SOURCE_HASH")
+                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_VARLEN", "CF_DQ_ATOMIC",
+                 "CF_DCHUNK", "CF_SOURCE_HASH")
 
 
 @dataclass(frozen=True)
 class ModFlags:
     """Which score modifiers (docs/masks.md) a call uses: compile-time knobs of its kernels
     (their values, window bounds, softcap, slopes, sinks, are run-time arguments).
-    ``window``: a sliding window, the kernels' local mask mode (with causal, right = 0)."""
+    ``window``: a sliding window, the kernels' local mask mode (with causal, right = 0).
+    ``varlen``: packed sequences with cu_seqlens (docs/varlen.md; cf_seq.cuh's CF_VARLEN),
+    not a score modifier but a knob of every kernel the same way."""
 
     window: bool = False
     softcap: bool = False
     alibi: bool = False
     sinks: bool = False
+    varlen: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
-        return tuple(n for n in ("window", "softcap", "alibi", "sinks") if getattr(self, n))
+        return tuple(n for n in ("window", "softcap", "alibi", "sinks", "varlen")
+                     if getattr(self, n))
 
     def for_direction(self, direction: str) -> "ModFlags":
         """The flags a direction's kernel is compiled with: the backward's main and dQ
@@ -71,7 +75,7 @@ class ModFlags:
         if direction == "forward":
             return self
         if direction == "backward_pre":
-            return ModFlags(sinks=self.sinks)
+            return ModFlags(sinks=self.sinks, varlen=self.varlen)
         return replace(self, sinks=False)
 
 
@@ -160,7 +164,7 @@ class KernelSpec:
                      CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
                      CF_MASK=mask)
         for name, define in (("softcap", "CF_SOFTCAP"), ("alibi", "CF_ALIBI"),
-                             ("sinks", "CF_SINKS")):
+                             ("sinks", "CF_SINKS"), ("varlen", "CF_VARLEN")):
             if getattr(self.mods, name):  # only when on: plain specs keep their defines
                 d[define] = 1
         if self.kind in ("bwd", "bwd90"):
@@ -213,7 +217,8 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
         if not variant.serves(direction, dtype, facts.arch, bucket, deterministic, wgmma):
             continue
         _check_modifiers(variant, mods, dtype)
-        for tile in variant.candidates(bucket, facts.arch):
+        knobs = frozenset(mods.on + (("causal",) if causal else ()))
+        for tile in variant.candidates(bucket, facts.arch, knobs):
             spec = _spec(variant, tile, dtype, bucket, causal, deterministic, facts.arch, mods)
             if spec.smem_bytes <= facts.smem_optin:
                 return spec
@@ -265,21 +270,26 @@ def select_backward_pre(dtype: str, facts: DeviceFacts | None = None, *,
                         mods: ModFlags = NO_MODS) -> KernelSpec:
     """The elementwise preprocess / dQ-convert kernels (no tiles)."""
     if facts is None:
-        return KernelSpec(kind="bwd_pre", dtype=dtype, mods=ModFlags(sinks=mods.sinks))
+        return KernelSpec(kind="bwd_pre", dtype=dtype, mods=mods.for_direction("backward_pre"))
     return select("backward_pre", facts, dtype, 0, mods=mods)
 
 
-def all_specs(facts: DeviceFacts, *, wgmma: bool = True) -> list[KernelSpec]:
-    """Every spec the selector can pick on this device, for ahead-of-time compile checks."""
+def all_specs(facts: DeviceFacts, *, wgmma: bool = True,
+              mods: ModFlags = NO_MODS) -> list[KernelSpec]:
+    """Every spec the selector can pick on this device (for calls with ``mods``), for
+    ahead-of-time compile checks."""
     specs: dict[str, KernelSpec] = {}
+    m = mods
     for dtype in arch_dtypes(facts.arch):
-        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype, facts))
+        specs.setdefault(f"pre{dtype}", select_backward_pre(dtype, facts, mods=m))
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                for spec in (select_forward(facts, dtype, bucket, causal, wgmma=wgmma),
-                             select_backward(facts, dtype, bucket, causal, False, wgmma=wgmma),
-                             select_backward(facts, dtype, bucket, causal, True, wgmma=wgmma),
-                             select_backward_dq(facts, dtype, bucket, causal)):
+                for spec in (select_forward(facts, dtype, bucket, causal, wgmma=wgmma, mods=m),
+                             select_backward(facts, dtype, bucket, causal, False, wgmma=wgmma,
+                                             mods=m),
+                             select_backward(facts, dtype, bucket, causal, True, wgmma=wgmma,
+                                             mods=m),
+                             select_backward_dq(facts, dtype, bucket, causal, mods=m)):
                     specs.setdefault(spec.name, spec)
     return list(specs.values())
 

@@ -371,8 +371,9 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns o (total_q, heads, head_dim); with ``return_lse=True`` (o, lse), lse float32
     (heads, total_q) = m + log(l) (-inf for a row that sees no key), not differentiable.
 
-    CPU tensors run cuflash's NumPy path; CUDA tensors raise ``ValueError`` until the
-    kernels take per-sequence offsets (issue #14). Not traced by ``torch.compile`` yet
+    CPU tensors run cuflash's NumPy path, CUDA tensors the kernels on torch's current
+    stream (the offsets are copied to the host once per call for validation).
+    ``deterministic``: dQ without atomics on CUDA. Not traced by ``torch.compile`` yet
     (an ``autograd.Function`` without a custom op: a graph break).
     """
     named = [(q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"),

@@ -23,9 +23,8 @@ Causal masks align bottom-right per sequence, which is transformers' alignment w
 queries are the last tokens (prefill and decoding, left padding, right padding without a
 cache). GQA runs without repeating K and V. Dropout is not supported (raises).
 
-Where it runs: the dense route on CPU and CUDA; the varlen route (padding, windows,
-soft-capping, sinks) on CPU tensors only until the CUDA kernels take them (issue #14),
-raising ``ValueError`` on CUDA rather than falling back.
+Where it runs: both routes on CPU and CUDA tensors (the varlen route on CUDA runs the
+kernels compiled with CF_VARLEN, docs/varlen.md).
 """
 
 from __future__ import annotations

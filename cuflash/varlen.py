@@ -11,8 +11,11 @@ each sequence starts. Each sequence is its own attention problem::
 Causal masks, windows and ALiBi align bottom-right within each sequence (query i of
 sequence b sees key j iff j <= i + n_k(b) - n_q(b)). The statistics are (heads, total_q).
 
-Runs on CPU arrays (the NumPy path, ``varlen_cpu``); CUDA arrays raise ``ValueError`` before
-anything is allocated until the kernels take per-sequence offsets.
+Runs on CPU arrays (the NumPy path, ``varlen_cpu``) and on CUDA arrays (every kernel family
+compiled with ``CF_VARLEN``: ``kernels_cu/cf_seq.cuh`` reads each sequence's offsets and
+lengths; ``varlen_gpu`` launches them). On CPU arrays every offset value is checked; on CUDA
+arrays only their types, shapes and devices: the values stay on the device (no copy, no host
+sync) and are trusted, as FlashAttention does (docs/varlen.md).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ _PACKED = "(total, heads, head_dim)"
 class VarlenStats(SoftmaxStats):
     """``SoftmaxStats`` of a varlen forward: m, l float32 (heads, total_q); ``seqlens``
     records (cu_seqlens_q, cu_seqlens_k, keys used per sequence) as tuples, so that a
-    backward with another layout is refused (its gradients would be wrong)."""
+    backward with another layout is refused (its gradients would be wrong). On CUDA, where
+    the offsets are never read on the host, it records the offset arrays' addresses and the
+    max lengths instead (another array is refused; the same array rewritten is not seen)."""
 
     seqlens: tuple | None = None
 
@@ -51,9 +56,13 @@ class _VarlenCall:
     q: Imported
     k: Imported
     v: Imported
-    seqlens: Seqlens
+    seqlens: Seqlens | None  # host copies, checked (CPU arrays only)
     problem: validate.Problem  # batch = number of sequences, seqlen_* = the max_seqlen_*
     modifiers: validate.Modifiers
+    # the offsets as the caller's int32 backend arrays (cu_q, cu_k, seqused_k or None): the
+    # CUDA kernels read these
+    offsets: tuple = ()
+    record: tuple = ()  # what VarlenStats remember of the layout (see _check_origin)
 
     @property
     def shapes(self) -> tuple[tuple, tuple]:
@@ -89,16 +98,21 @@ def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
     return dtype
 
 
-def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None) -> np.ndarray:
-    """cu_seqlens: int32 (batch + 1,) of q's framework and device, starting at 0,
-    non-decreasing, ending at ``total``. Returns an int64 host copy."""
+def _offsets(x: Any, name: str, q: Imported, length: int | None) -> Imported:
+    """cu_seqlens / seqused_k: an int32 1-D array of q's framework and device, of
+    ``length`` entries (None: any length >= 1)."""
     imported = _imported_int32(x, name, q)
-    cu = imported.array
-    if cu.ndim != 1 or cu.shape[0] < 1 or batch is not None and cu.shape[0] != batch + 1:
-        want = "(batch + 1,) with batch >= 0" if batch is None else f"({batch + 1},) like " \
-               f"cu_seqlens_q (batch + 1)"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(cu.shape)}")
-    cu = cu.astype(np.int64)
+    shape = tuple(imported.array.shape)
+    if len(shape) != 1 or shape[0] < 1 or length is not None and shape[0] != length:
+        want = {"cu_seqlens_q": "(batch + 1,) with batch >= 0",
+                "cu_seqlens_k": f"({length},) like cu_seqlens_q (batch + 1)",
+                "seqused_k": f"({length},) (batch,)"}[name]
+        raise ValueError(f"{name}: expected shape {want}, got {shape}")
+    return imported
+
+
+def _check_offset_values(cu: np.ndarray, name: str, total: int) -> None:
+    """Host offsets: starting at 0, non-decreasing, ending at ``total``."""
     if cu[0] != 0:
         raise ValueError(f"{name}: expected the first offset to be 0, got {int(cu[0])}")
     steps = np.diff(cu)
@@ -110,7 +124,6 @@ def _check_offsets(x: Any, name: str, q: Imported, total: int, batch: int | None
         what = "q" if name.endswith("_q") else "k"
         raise ValueError(f"{name}: expected the last offset to equal {what}'s {total} rows "
                          f"(total), got {int(cu[-1])}")
-    return cu
 
 
 def _imported_int32(x: Any, name: str, q: Imported) -> Imported:
@@ -122,10 +135,16 @@ def _imported_int32(x: Any, name: str, q: Imported) -> Imported:
     return imported
 
 
-def _check_max_seqlen(value: Any, name: str, lengths: np.ndarray) -> int:
-    """An int (not bool) >= every sequence's length (FlashAttention sizes its grid by it)."""
+def _check_max_seqlen(value: Any, name: str, lengths: np.ndarray | None, total: int) -> int:
+    """An int (not bool) >= every sequence's length (FlashAttention sizes its grid by it);
+    ``lengths`` None (CUDA: the offsets stay on the device): >= 1 when there are rows."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if lengths is None:
+        if int(value) < (1 if total else 0):
+            raise ValueError(f"{name}: expected an int >= the longest sequence (>= 1 with "
+                             f"{total} rows), got {int(value)}")
+        return int(value)
     longest = int(lengths.max(initial=0))
     if int(value) < longest:
         raise ValueError(f"{name}: expected an int >= the longest sequence ({longest}), "
@@ -133,51 +152,90 @@ def _check_max_seqlen(value: Any, name: str, lengths: np.ndarray) -> int:
     return int(value)
 
 
-def _check_seqused(x: Any, q: Imported, lengths_k: np.ndarray) -> np.ndarray:
-    """seqused_k: None (every key) or int32 (batch,), 0 <= used <= the sequence's keys."""
-    if x is None:
-        return lengths_k
-    imported = _imported_int32(x, "seqused_k", q)
-    used = imported.array
-    if tuple(used.shape) != lengths_k.shape:
-        raise ValueError(f"seqused_k: expected shape {lengths_k.shape} (batch,), got "
-                         f"{tuple(used.shape)}")
-    used = used.astype(np.int64)
+def _check_seqused(used: np.ndarray, lengths_k: np.ndarray) -> None:
+    """Host seqused_k: 0 <= used <= the sequence's keys."""
     bad = np.nonzero((used < 0) | (used > lengths_k))[0]
     if bad.size:
         b = int(bad[0])
         raise ValueError(f"seqused_k: expected 0 <= seqused_k[b] <= the sequence's keys "
                          f"(cu_seqlens_k[b + 1] - cu_seqlens_k[b]), got {int(used[b])} for "
                          f"b = {b} with {int(lengths_k[b])} keys")
-    return used
 
 
-def _refuse_cuda(q: Imported) -> None:
-    if q.is_cuda:
-        raise ValueError("varlen: not yet supported by the CUDA kernels (issue #14); CPU "
-                         "arrays run it (cuflash.attention_forward takes padded CUDA batches)")
+def _host_seqlens(cu_q: Imported, cu_k: Imported, used: Imported | None, total_q: int,
+                  total_k: int) -> Seqlens:
+    """The CPU path's offsets, checked value by value."""
+    host_q, host_k = (np.asarray(x.array).astype(np.int64) for x in (cu_q, cu_k))
+    _check_offset_values(host_q, "cu_seqlens_q", total_q)
+    _check_offset_values(host_k, "cu_seqlens_k", total_k)
+    lengths_k = np.diff(host_k)
+    if used is None:
+        return Seqlens(host_q, host_k, lengths_k)
+    host_used = np.asarray(used.array).astype(np.int64)
+    _check_seqused(host_used, lengths_k)
+    return Seqlens(host_q, host_k, host_used)
+
+
+def _device_record(offsets: tuple, max_q: int, max_k: int) -> tuple:
+    """What VarlenStats remember of a CUDA call's layout without reading it: the offset
+    arrays' addresses and the max lengths."""
+    def address(x) -> int | None:
+        if x is None:
+            return None
+        return int(x.data.ptr) if hasattr(x.data, "ptr") else x.ctypes.data
+
+    return ("device", *map(address, offsets), max_q, max_k)
+
+
+def _check_cuda(named, total_q: int, total_k: int, heads: int, seqlen_q: int,
+                seqlen_k: int) -> None:
+    """The CUDA kernels' limits and row alignment for packed (total, heads, head_dim) arrays."""
+    validate._check_cuda_limits(1, heads, seqlen_q, seqlen_k)
+    for what, total in (("q", total_q), ("k", total_k)):
+        if total > validate.MAX_SEQLEN:
+            raise ValueError(f"{what}: expected at most {validate.MAX_SEQLEN} rows (total) on "
+                             f"CUDA (int32 row arithmetic in the kernels), got {total}")
+    for x, name in named:  # as a batch of one: the row and head strides must be aligned
+        validate.check_alignment(x.array[None], name)
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                  seqused_k, causal, softmax_scale, modifiers: dict) -> _VarlenCall:
-    """Validate a varlen call; raise before anything is allocated or written."""
+    """Validate a varlen call; raise before anything is allocated or written.
+
+    CPU arrays: every offset value is checked. CUDA arrays: types, shapes and devices only;
+    the values stay on the device (no host copy, no sync), trusted as FlashAttention does.
+    """
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     dtype = _check_packed(iq, ik, iv)
-    _refuse_cuda(iq)
     causal = validate.check_bool(causal, "causal")
     total_q, heads, head_dim = iq.array.shape
     total_k, heads_kv, _ = ik.array.shape
     scale = validate.check_scale(softmax_scale, head_dim)
-    cu_q = _check_offsets(cu_seqlens_q, "cu_seqlens_q", iq, total_q, None)
-    cu_k = _check_offsets(cu_seqlens_k, "cu_seqlens_k", iq, total_k, len(cu_q) - 1)
-    seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", np.diff(cu_q))
-    seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", np.diff(cu_k))
-    used_k = _check_seqused(seqused_k, iq, np.diff(cu_k))
-    problem = validate.Problem(batch=len(cu_q) - 1, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+    cu_q = _offsets(cu_seqlens_q, "cu_seqlens_q", iq, None)
+    batch = cu_q.array.shape[0] - 1
+    cu_k = _offsets(cu_seqlens_k, "cu_seqlens_k", iq, batch + 1)
+    used = None if seqused_k is None else _offsets(seqused_k, "seqused_k", iq, batch)
+    offsets = tuple(None if x is None else x.array for x in (cu_q, cu_k, used))
+    if iq.is_cuda:
+        seqlens = None
+        seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", None, total_q)
+        seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", None, total_k)
+        _check_cuda([(iq, "q"), (ik, "k"), (iv, "v")], total_q, total_k, heads, seqlen_q,
+                    seqlen_k)
+        record = _device_record(offsets, seqlen_q, seqlen_k)
+    else:
+        seqlens = _host_seqlens(cu_q, cu_k, used, total_q, total_k)
+        seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", np.diff(seqlens.cu_q),
+                                     total_q)
+        seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", np.diff(seqlens.cu_k),
+                                     total_k)
+        record = seqlens.record()
+    problem = validate.Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                                heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
                                causal=causal, softmax_scale=scale, device=iq.device)
     checked = validate.check_modifiers(iq, problem, **modifiers)
-    return _VarlenCall(iq, ik, iv, Seqlens(cu_q, cu_k, used_k), problem, checked)
+    return _VarlenCall(iq, ik, iv, seqlens, problem, checked, offsets, record)
 
 
 # -- public functions ----------------------------------------------------------------------
@@ -202,7 +260,8 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
 
     Args:
         q: (total_q, heads, head_dim), the queries of every sequence back to back; a NumPy,
-            PyTorch or JAX CPU array, float16, bfloat16 or float32, head_dim a multiple of 8
+            PyTorch or JAX array (CPU or CUDA; CUDA rows 16-byte aligned), float16,
+            bfloat16 or float32, head_dim a multiple of 8
             up to 256 with stride 1.
         k, v: (total_k, heads_kv, head_dim), same dtype and device; heads a multiple of
             heads_kv (GQA: query head h reads kv head h // (heads // heads_kv)).
@@ -222,8 +281,9 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         float32 m, l of shape (heads, total_q). A query row that sees no key gets o = 0,
         m = -inf, l = 0 (with sinks m = sink, l = 1).
 
-    Raises ``TypeError`` / ``ValueError`` naming the argument before anything is written;
-    CUDA arrays raise ``ValueError`` (not yet in the kernels).
+    Raises ``TypeError`` / ``ValueError`` naming the argument before anything is written.
+    CUDA arrays run the kernels (docs/varlen.md); their offsets are not read on the host
+    (no sync): wrong values there are not detected, as in FlashAttention.
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -231,14 +291,20 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
                         modifiers=dict(window=window, softcap=softcap,
                                        alibi_slopes=alibi_slopes, sinks=sinks))
     problem = call.problem
-    o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array, call.seqlens,
-                                 causal=problem.causal, softmax_scale=problem.softmax_scale,
-                                 **call.modifiers.cpu_kwargs())
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
+        if call.q.is_cuda:
+            from .varlen_gpu import varlen_forward_gpu
+
+            o, m, l = varlen_forward_gpu(call)
+        else:
+            o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array,
+                                         call.seqlens, causal=problem.causal,
+                                         softmax_scale=problem.softmax_scale,
+                                         **call.modifiers.cpu_kwargs())
         stats = VarlenStats(export_array(m, like=call.q), export_array(l, like=call.q),
                             causal=problem.causal, softmax_scale=problem.softmax_scale,
-                            shape_q=shape_q, shape_kv=shape_kv, seqlens=call.seqlens.record(),
+                            shape_q=shape_q, shape_kv=shape_kv, seqlens=call.record,
                             **call.modifiers.record())
         return export_array(o, like=call.q), stats
 
@@ -254,7 +320,8 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     ``attention_varlen_forward`` (or a hand-built ``SoftmaxStats(m, l)`` with float32
     C-contiguous (heads, total_q) arrays, not checked against the forward). The other
     arguments are the forward's; a recorded forward that differs raises ``ValueError``.
-    ``deterministic`` is accepted for symmetry (the CPU path always is).
+    ``deterministic``: on CUDA, dQ by its own pass without atomics (bitwise reproducible);
+    the CPU path always is.
 
     Returns (dq, dk, dv) like q, k, v (keys past seqused_k get 0), and float32 dsinks
     (heads,), summed over every sequence, when ``sinks`` is given.
@@ -262,7 +329,7 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     if not isinstance(stats, SoftmaxStats):
         raise TypeError(f"stats: expected the VarlenStats returned by attention_varlen_forward"
                         f", got {type(stats).__name__}")
-    validate.check_bool(deterministic, "deterministic")
+    deterministic = validate.check_bool(deterministic, "deterministic")
     _refuse_untracked_gradients([(do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o")])
     call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
@@ -272,16 +339,26 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     for x, name in ((ido, "do"), (io, "o")):
         validate._check_like_q(x, name, call.q, call.problem.dtype)
+        if x.is_cuda:
+            validate.check_alignment(x.array[None], name)
     stats_shape = (call.problem.heads, call.q.array.shape[0])
     for x, name in ((im, "stats.m"), (il, "stats.l")):
         validate._check_stats(x, name, call.q, stats_shape)
     _check_origin(stats, call)
     problem = call.problem
-    grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array, io.array,
-                                im.array, il.array, call.seqlens, causal=problem.causal,
-                                softmax_scale=problem.softmax_scale,
-                                center_keys=stats.recorded, **call.modifiers.cpu_kwargs())
     with caller_stream(call.q):
+        if call.q.is_cuda:
+            from .varlen_gpu import varlen_backward_gpu
+
+            grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
+                                        deterministic)
+        else:
+            grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array,
+                                        io.array, im.array, il.array, call.seqlens,
+                                        causal=problem.causal,
+                                        softmax_scale=problem.softmax_scale,
+                                        center_keys=stats.recorded,
+                                        **call.modifiers.cpu_kwargs())
         return tuple(export_array(g, like=call.q) for g in grads)
 
 
@@ -291,11 +368,13 @@ def _check_origin(stats: SoftmaxStats, call: _VarlenCall) -> None:
     validate.check_stats_origin(stats, call.problem.causal, call.problem.softmax_scale,
                                 shape_q, shape_kv, call.modifiers)
     recorded = getattr(stats, "seqlens", None)
-    if stats.recorded and recorded != call.seqlens.record():
+    if stats.recorded and recorded != call.record:
         names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")
         if recorded is None:
             raise ValueError("stats: expected the VarlenStats of attention_varlen_forward, got "
                              "the SoftmaxStats of a dense forward")
-        name = next(n for n, a, b in zip(names, recorded, call.seqlens.record()) if a != b)
+        pairs = zip(names, recorded[-5:-2], call.record[-5:-2]) if recorded[0] == "device" \
+            else zip(names, recorded, call.record)
+        name = next((n for n, a, b in pairs if a != b), "max_seqlen_q")
         raise ValueError(f"{name}: expected the sequence layout of the forward pass that made "
                          f"stats, got another; the gradients would be wrong")

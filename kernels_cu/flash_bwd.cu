@@ -165,6 +165,7 @@
 
 #include "cf_bwd.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 namespace bwd {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -392,13 +393,13 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
     const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
     int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
     long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale, CF_MOD_PARAMS) {
+    float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -415,6 +416,9 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   const int chunk = blockIdx.z % n_chunks, b = blockIdx.z / n_chunks;
   const int kvh = blockIdx.y;
   const int n0 = blockIdx.x * kBN;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const int c0 = chunk * CF_DCHUNK;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
@@ -431,12 +435,14 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + b * stride_qb + h * stride_qh + m0 * stride_qm,
+                                   q + seq.q_offset(stride_qb, stride_qm) +
+                                       h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + b * stride_dob + h * stride_doh + m0 * stride_dom,
+                                   dout + seq.q_offset(stride_dob, stride_dom) +
+                                       h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
-    const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + m0;
+    const cf_i64 stat = seq.stats(h) + m0;
     for (int i = tid; i < kBM; i += kThreads) {
       if (m0 + i < seqlen_q) {
         cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
@@ -454,9 +460,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + b * stride_kb + kvh * stride_kh + n0 * stride_kn,
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
+                                           kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + b * stride_vb + kvh * stride_vh + n0 * stride_vn,
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
+                                           kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
@@ -495,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
         load_query_tile(it + 1, 0);
         cp_async_commit();
       }
-      float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
+      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
       bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
                     head_dim, mask, softmax_scale, warp, lane);
       // sdS is rewritten only after the next iteration's top barrier.
@@ -509,9 +517,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
-  store_acc(dk + b * stride_dkb + kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
+  store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
+                kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
             n0 + 16 * warp, seqlen_k, c0, head_dim, lane);
-  store_acc(dv + b * stride_dvb + kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
+  store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
+                kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
             seqlen_k, c0, head_dim, lane);
 }
 
@@ -851,13 +861,13 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
     const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
     int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
     long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale, CF_MOD_PARAMS) {
+    float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -874,6 +884,9 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   const int b = blockIdx.z;  // one chunk: head_dim <= CF_DCHUNK
   const int kvh = blockIdx.y;
   const int n0 = blockIdx.x * kBN;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
   // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
@@ -888,12 +901,14 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = kvh * heads_per_kv + g;
     load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + b * stride_qb + h * stride_qh + m0 * stride_qm,
+                                   q + seq.q_offset(stride_qb, stride_qm) +
+                                       h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
     load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + b * stride_dob + h * stride_doh + m0 * stride_dom,
+                                   dout + seq.q_offset(stride_dob, stride_dom) +
+                                       h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
-    const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + m0;
+    const cf_i64 stat = seq.stats(h) + m0;
     for (int i = tid; i < kBM; i += kThreads) {
       if (m0 + i < seqlen_q) {
         cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
@@ -917,9 +932,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + b * stride_kb + kvh * stride_kh + n0 * stride_kn,
+    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
+                                           kvh * stride_kh + n0 * stride_kn,
                                    stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + b * stride_vb + kvh * stride_vh + n0 * stride_vn,
+    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
+                                           kvh * stride_vh + n0 * stride_vn,
                                    stride_vn, seqlen_k - n0, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
@@ -961,7 +978,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
     // -- phase 3: dQ
     if (CF_DQ_ATOMIC) {
-      float* dq_rows = dq_accum + ((cf_i64)b * seqlen_q * heads + h) * head_dim;
+      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
                mask, softmax_scale, warp, lane);
     }
@@ -977,9 +994,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi) {
-    store_acc(dk + b * stride_dkb + kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
+    store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
+                  kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-    store_acc(dv + b * stride_dvb + kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
+    store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
+                  kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
               key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
   }
 }

@@ -83,6 +83,7 @@
 
 #include "cf_bwd.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 namespace bwd_dq {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -192,12 +193,12 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
 extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
-    const float* __restrict__ delta, elem_t* __restrict__ dq, int seqlen_q, int seqlen_k,
+    const float* __restrict__ delta, elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k,
     int heads, int heads_per_kv, int head_dim, long long stride_qb, long long stride_qm,
     long long stride_qh, long long stride_kb, long long stride_kn, long long stride_kh,
     long long stride_vb, long long stride_vn, long long stride_vh, long long stride_dob,
     long long stride_dom, long long stride_doh, long long stride_dqb, long long stride_dqm,
-    long long stride_dqh, float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
+    long long stride_dqh, float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -209,6 +210,9 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = lane >> 2;
   const int m0 = blockIdx.x * kBM, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
   const int kvh = h / heads_per_kv;
   const int row0 = m0 + 16 * warp;
 
@@ -222,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
   float lse[2], dlt[2];
   {
-    const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q;
+    const cf_i64 stat = seq.stats(h);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + grp + 8 * half;
@@ -231,8 +235,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     }
   }
 
-  const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
   auto load_kv_tile = [&](int it, int st) {
     const int n0 = (tiles.begin + it) * kBN;
     load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
@@ -246,9 +250,11 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- prologue: Q, dO (resident) and key tile 0 in one cp.async group
   if (n_tiles > 0) {
-    load_tile_async<kBM, kThreads>(sQ, q + b * stride_qb + h * stride_qh + m0 * stride_qm,
+    load_tile_async<kBM, kThreads>(sQ, q + seq.q_offset(stride_qb, stride_qm) +
+                                           h * stride_qh + m0 * stride_qm,
                                    stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO, dout + b * stride_dob + h * stride_doh + m0 * stride_dom,
+    load_tile_async<kBM, kThreads>(sdO, dout + seq.q_offset(stride_dob, stride_dom) +
+                                            h * stride_doh + m0 * stride_dom,
                                    stride_dom, seqlen_q - m0, head_dim, tid);
     load_kv_tile(0, 0);
     cp_async_commit();
@@ -285,6 +291,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
 
   // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
   // a row that sees no key gets zeros)
-  store_acc(dq + b * stride_dqb + h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
+  store_acc(dq + seq.q_offset(stride_dqb, stride_dqm) +
+                h * stride_dqh, stride_dqm, acc, softmax_scale, row0, seqlen_q,
             0, head_dim, lane);
 }

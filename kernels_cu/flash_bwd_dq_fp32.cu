@@ -75,6 +75,7 @@
 
 #include "cf_simt.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_dq_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_dq_fp32: only CF_STAGES = 1");
@@ -107,13 +108,14 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
                  const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
                  const float* __restrict__ lse2, const float* __restrict__ delta,
-                 elem_t* __restrict__ dq, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+                 elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k, int heads,
+                 int heads_per_kv,
                  int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
                  long long stride_kb, long long stride_kn, long long stride_kh,
                  long long stride_vb, long long stride_vn, long long stride_vh,
                  long long stride_dob, long long stride_dom, long long stride_doh,
                  long long stride_dqb, long long stride_dqm, long long stride_dqh,
-                 float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
+                 float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd_dq32;
   CF_REQUIRE_SMEM(CF_BWD_DQ_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -127,9 +129,12 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   // causal: reversed tile order, so the tiles with the most keys start first
   const int m_tile = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
   const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
   const int hk = h / heads_per_kv;
-  const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + hk * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -143,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   float lse[Tile1::TM], dlt[Tile1::TM];
   int first_key[Tile1::TM], end_key[Tile1::TM];
   {
-    const cf_i64 bh = ((cf_i64)b * heads + h) * seqlen_q;
+    const cf_i64 bh = seq.stats(h);
 #pragma unroll
     for (int i = 0; i < Tile1::TM; ++i) {
       const int r = m0 + r1 + Tile1::RL * i;
@@ -164,10 +169,12 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) no_scale[i] = 1.f;
 
   // -- prologue: group {Q, dO, V_0}, group {K_0}
-  simt_load_tile<BM, D, NT>(sQ, LDH, q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm,
+  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
+                                         h * stride_qh + (cf_i64)m0 * stride_qm,
                             stride_qm, seqlen_q - m0, head_dim, q, tid);
   simt_load_tile<BM, D, NT>(sdO, LDH,
-                            dout + b * stride_dob + h * stride_doh + (cf_i64)m0 * stride_dom,
+                            dout + seq.q_offset(stride_dob, stride_dom) +
+                                h * stride_doh + (cf_i64)m0 * stride_dom,
                             stride_dom, seqlen_q - m0, head_dim, dout, tid);
   if (n_tiles > 0)
     simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
@@ -239,7 +246,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) {
     const int r = m0 + rq + TileQ::RL * i;
     if (r < seqlen_q) {
-      elem_t* dq_row = dq + b * stride_dqb + h * stride_dqh + (cf_i64)r * stride_dqm;
+      elem_t* dq_row = dq + seq.q_offset(stride_dqb, stride_dqm) +
+                           h * stride_dqh + (cf_i64)r * stride_dqm;
 #pragma unroll
       for (int qc = 0; qc < TileQ::TN; ++qc) {
         const int col = 4 * (cq + TileQ::CL * qc);

@@ -81,6 +81,7 @@
 
 #include "cf_simt.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
@@ -160,14 +161,14 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
               const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
               const float* __restrict__ lse2, const float* __restrict__ delta,
               float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-              int seqlen_q, int seqlen_k, int heads, int heads_per_kv, int head_dim,
+              int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv, int head_dim,
               long long stride_qb, long long stride_qm, long long stride_qh,
               long long stride_kb, long long stride_kn, long long stride_kh,
               long long stride_vb, long long stride_vn, long long stride_vh,
               long long stride_dob, long long stride_dom, long long stride_doh,
               long long stride_dkb, long long stride_dkn, long long stride_dkh,
               long long stride_dvb, long long stride_dvn, long long stride_dvh,
-              float scale_log2, float softmax_scale, CF_MOD_PARAMS) {
+              float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd32;
   CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -184,6 +185,9 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int chunk = blockIdx.z % n_chunks, b = blockIdx.z / n_chunks;
   const int c0 = chunk * DC;  // first head_dim column of this block's dK, dV (and dQ)
   const int n0 = blockIdx.x * BN, hk = blockIdx.y;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
 
   // -- query tiles that see a key of this block: [mt_begin, qt.end) (cf_mask.cuh)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -192,18 +196,22 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int tiles_per_head = max(0, qt.end - mt_begin);
   const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
 
-  const elem_t* k_blk = k + b * stride_kb + hk * stride_kh + (cf_i64)n0 * stride_kn;
-  const elem_t* v_blk = v + b * stride_vb + hk * stride_vh + (cf_i64)n0 * stride_vn;
+  const elem_t* k_blk = k + seq.k_offset(stride_kb, stride_kn) +
+                            hk * stride_kh + (cf_i64)n0 * stride_kn;
+  const elem_t* v_blk = v + seq.k_offset(stride_vb, stride_vn) +
+                            hk * stride_vh + (cf_i64)n0 * stride_vn;
 
   // -- prologue: one group {K, V, Q_0, dO_0}
   simt_load_tile<BN, D, NT>(sK, LDH, k_blk, stride_kn, seqlen_k - n0, head_dim, k, tid);
   simt_load_tile<BN, D, NT>(sV, LDH, v_blk, stride_vn, seqlen_k - n0, head_dim, v, tid);
   if (n_iters > 0) {
     const int h = hk * heads_per_kv, m0 = mt_begin * BM;
-    simt_load_tile<BM, D, NT>(sQ, LDH, q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm,
+    simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
+                                           h * stride_qh + (cf_i64)m0 * stride_qm,
                               stride_qm, seqlen_q - m0, head_dim, q, tid);
     simt_load_tile<BM, D, NT>(sdO, LDH,
-                              dout + b * stride_dob + h * stride_doh + (cf_i64)m0 * stride_dom,
+                              dout + seq.q_offset(stride_dob, stride_dom) +
+                                  h * stride_doh + (cf_i64)m0 * stride_dom,
                               stride_dom, seqlen_q - m0, head_dim, dout, tid);
   }
   cp_async_commit();
@@ -233,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
                                        Tile1::CL * LDH, head_dim);
       simt_mm_nt<Tile1::TM, Tile1::TN>(dp, sdO + r1 * LDH, Tile1::RL * LDH, sV + c1 * LDH,
                                        Tile1::CL * LDH, head_dim);
-      const cf_i64 bh = ((cf_i64)b * heads + h) * seqlen_q;
+      const cf_i64 bh = seq.stats(h);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
       p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, seqlen_q,
                 mask, mods, scale_log2);
@@ -253,10 +261,12 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       const int hn = hk * heads_per_kv + gn;
       const int mn = (mt_begin + it + 1 - gn * tiles_per_head) * BM;
       simt_load_tile<BM, D, NT>(sQ, LDH,
-                                q + b * stride_qb + hn * stride_qh + (cf_i64)mn * stride_qm,
+                                q + seq.q_offset(stride_qb, stride_qm) +
+                                    hn * stride_qh + (cf_i64)mn * stride_qm,
                                 stride_qm, seqlen_q - mn, head_dim, q, tid);
       simt_load_tile<BM, D, NT>(sdO, LDH,
-                                dout + b * stride_dob + hn * stride_doh + (cf_i64)mn * stride_dom,
+                                dout + seq.q_offset(stride_dob, stride_dom) +
+                                    hn * stride_doh + (cf_i64)mn * stride_dom,
                                 stride_dom, seqlen_q - mn, head_dim, dout, tid);
     }
     cp_async_commit();
@@ -273,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       for (int i = 0; i < Tile3::TM; ++i) {
         const int r = m0 + r3 + Tile3::RL * i;
         if (r < seqlen_q) {
-          float* dq_row = dq_accum + (((cf_i64)b * seqlen_q + r) * heads + h) * head_dim;
+          float* dq_row = dq_accum + ((seq.row_q() + r) * heads + h) * head_dim;
 #pragma unroll
           for (int qc = 0; qc < Tile3::TN; ++qc) {
             const int col = c0 + 4 * (q3 + Tile3::CL * qc);
@@ -294,8 +304,10 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < Tile2::TM; ++i) {
     const int n = n0 + r2 + Tile2::RL * i;
     if (n < seqlen_k) {
-      elem_t* dk_row = dk + b * stride_dkb + hk * stride_dkh + (cf_i64)n * stride_dkn;
-      elem_t* dv_row = dv + b * stride_dvb + hk * stride_dvh + (cf_i64)n * stride_dvn;
+      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
+                           hk * stride_dkh + (cf_i64)n * stride_dkn;
+      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
+                           hk * stride_dvh + (cf_i64)n * stride_dvn;
 #pragma unroll
       for (int qc = 0; qc < Tile2::TN; ++qc) {
         const int col = c0 + 4 * (q2 + Tile2::CL * qc);

@@ -20,7 +20,9 @@
 // read in 128-byte pieces), 16 rows per pass, 4 passes. m, l, delta, lse2 are float32
 // contiguous (batch, heads, seqlen_q); m in natural-log units. O, dO, dq are (batch, seqlen_q,
 // heads, head_dim) with strides in elements, head_dim (a multiple of 8) contiguous and every
-// row start 16-byte aligned.
+// row start 16-byte aligned. CF_VARLEN (cf_seq.cuh): the rows of entry b are packed at
+// cu_seqlens_q[b] (the convert's cu_seqlens: q's for dQ, k's for dK, dV), the statistics are
+// (heads, total_q), and seqlen_q is the grid's max length.
 
 #ifndef CF_DTYPE
 #define CF_DTYPE 1
@@ -34,6 +36,7 @@
 #endif
 
 #include "cf_common.cuh"
+#include "cf_seq.cuh"  // CF_VARLEN: packed rows, statistics (heads, total_q)
 
 namespace bwd_pre {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -108,16 +111,18 @@ __device__ __forceinline__ void dot2_merge(float& hi, float& lo, float hi2, floa
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_preprocess(
     const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ m,
     const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
-    int seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
+    int max_seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
     long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh,
-    const float* __restrict__ sinks, float* __restrict__ dsinks) {
+    const float* __restrict__ sinks, float* __restrict__ dsinks, CF_SEQ_PARAMS) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;  // position inside the row's lane group
   const int slot = threadIdx.x / kLanesPerRow;
   const int h = blockIdx.y, b = blockIdx.z;
-  const elem_t* o_head = o + b * stride_ob + h * stride_oh;
-  const elem_t* do_head = dout + b * stride_dob + h * stride_doh;
-  const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q;
+  const SeqInfo seq(b, heads, max_seqlen_q, 0, CF_SEQ_ARGS);  // (the keys are unused)
+  const int seqlen_q = seq.seqlen_q;
+  const elem_t* o_head = o + seq.q_offset(stride_ob, stride_om) + h * stride_oh;
+  const elem_t* do_head = dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
+  const cf_i64 stat = seq.stats(h);
   const float sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
   float dsink = 0.f;  // this thread's share of dsinks[h] (CF_SINKS)
 #pragma unroll
@@ -162,25 +167,35 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
 }
 
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_convert(
-    const float* __restrict__ dq_accum, elem_t* __restrict__ dq, int seqlen_q, int heads,
-    int head_dim, long long stride_dqb, long long stride_dqm, long long stride_dqh) {
+    const float* __restrict__ dq_accum, elem_t* __restrict__ dq, int max_seqlen, int heads,
+    int head_dim, long long stride_dqb, long long stride_dqm, long long stride_dqh,
+    const int* __restrict__ cu_seqlens) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;
   const int slot = threadIdx.x / kLanesPerRow;
   const int h = blockIdx.y, b = blockIdx.z;
-  elem_t* dq_head = dq + b * stride_dqb + h * stride_dqh;
+  // this entry's rows (varlen: cu_seqlens[b] .. cu_seqlens[b + 1], whole: the convert of dK,
+  // dV also writes the zeros of keys past seqused_k) and its row 0 in the packed accumulator
+  const int seqlen_q = CF_VARLEN ? cu_seqlens[b + 1] - cu_seqlens[b] : max_seqlen;
+  const cf_i64 row0 = CF_VARLEN ? (cf_i64)cu_seqlens[b] : (cf_i64)b * max_seqlen;
+  elem_t* dq_head = dq + (CF_VARLEN ? row0 * stride_dqm : b * stride_dqb) + h * stride_dqh;
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
     if (i >= seqlen_q) continue;
-    // dq_accum is contiguous (batch, seqlen_q, heads, head_dim)
-    const float* src = dq_accum + (((cf_i64)b * seqlen_q + i) * heads + h) * head_dim;
+    // dq_accum is contiguous (batch, seqlen_q, heads, head_dim) (varlen: (total_q, ...))
+    const float* src = dq_accum + ((row0 + i) * heads + h) * head_dim;
     elem_t* dst = dq_head + i * stride_dqm;
     for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
       const float4 a = *reinterpret_cast<const float4*>(src + c);
       const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);
+#if CF_DTYPE == 2  // a plain copy (through store8's array, NVRTC put it on the stack: varlen)
+      reinterpret_cast<float4*>(dst + c)[0] = a;
+      reinterpret_cast<float4*>(dst + c)[1] = bb;
+#else
       const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
       store8(dst + c, x);
+#endif
     }
   }
 }

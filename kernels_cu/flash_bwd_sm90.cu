@@ -80,6 +80,7 @@
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
@@ -119,14 +120,14 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
     const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
     int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
     long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
     long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
     long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
     long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
     float softmax_scale, int kv_splits, float* __restrict__ dk_accum,
-    float* __restrict__ dv_accum, CF_MOD_PARAMS) {
+    float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -146,10 +147,13 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   // (cf_tile_order.cuh); a kv head's blocks stream Q, dO (16-bit) and dQ (float32 atomics)
   // of its query heads.
   const TileOrder order = causal_tile_order(
-      (long long)seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
+      (long long)max_seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
   const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
   const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -162,8 +166,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
-  const elem_t* k_head = k + b * stride_kb + kvh * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + kvh * stride_vh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
 
   // Issue iteration it's copies into stage st: Q and dO tiles (cp.async), lse2 and delta
   // (plain loads; past seqlen_q they become 0, harmless: those Q and dO rows are zeros).
@@ -171,13 +175,15 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
     const int h = h_first + g;
-    const QLoad lq(q + b * stride_qb + h * stride_qh, stride_qm, head_dim, tid);
+    const QLoad lq(q + seq.q_offset(stride_qb, stride_qm) +
+                       h * stride_qh, stride_qm, head_dim, tid);
     lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
-    const QLoad ldo(dout + b * stride_dob + h * stride_doh, stride_dom, head_dim, tid);
+    const QLoad ldo(dout + seq.q_offset(stride_dob, stride_dom) +
+                        h * stride_doh, stride_dom, head_dim, tid);
     ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
     if (tid < 2 * kBM) {
       const int r = tid % kBM, row = m0 + r;
-      const float* src = (tid < kBM ? lse2 : delta) + ((cf_i64)b * heads + h) * seqlen_q + row;
+      const float* src = (tid < kBM ? lse2 : delta) + seq.stats(h) + row;
       (tid < kBM ? sLse : sDelta)[st * kBM + r] = row < seqlen_q ? *src : 0.f;
     }
   };
@@ -275,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
                         sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
     wgmma_commit();
     // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
-    float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
+    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll 1
     for (int c = 0; c < 2; ++c) {
       float dq[8][4];
@@ -409,7 +415,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
     // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
     // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
-    float* dq_head = dq_accum + (((cf_i64)b * seqlen_q) * heads + h) * head_dim;
+    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = dq_row0 + (warp & 3) * 16 + group + 8 * rr;
@@ -434,7 +440,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   for (int rr = 0; rr < 2; ++rr) {
     const int row = key_row + 8 * rr;
     if (row < seqlen_k && kv_splits > 1) {
-      const cf_i64 at = (((cf_i64)b * seqlen_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
       float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
@@ -443,8 +449,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
           red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
       }
     } else if (row < seqlen_k) {
-      elem_t* dst = wg == 0 ? dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn
-                            : dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+      elem_t* dst = wg == 0 ? dk + seq.k_offset(stride_dkb, stride_dkn) +
+                                  kvh * stride_dkh + (cf_i64)row * stride_dkn
+                            : dv + seq.k_offset(stride_dvb, stride_dvn) +
+                                  kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;
@@ -461,7 +469,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   for (int rr = 0; rr < 2; ++rr) {
     const int row = key_row + 8 * rr;
     if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
-      const cf_i64 at = (((cf_i64)b * seqlen_k + row) * (heads / heads_per_kv) + kvh) * head_dim;
+      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;
@@ -472,8 +480,10 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         }
       }
     } else if (row < seqlen_k) {
-      elem_t* dk_row = dk + b * stride_dkb + kvh * stride_dkh + (cf_i64)row * stride_dkn;
-      elem_t* dv_row = dv + b * stride_dvb + kvh * stride_dvh + (cf_i64)row * stride_dvn;
+      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
+                           kvh * stride_dkh + (cf_i64)row * stride_dkn;
+      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
+                           kvh * stride_dvh + (cf_i64)row * stride_dvn;
 #pragma unroll
       for (int t = 0; t < kDT; ++t) {
         const int col = 8 * t + 2 * tig;

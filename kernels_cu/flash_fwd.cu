@@ -95,6 +95,7 @@
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd.cu is the 16-bit kernel");
 static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
@@ -117,11 +118,12 @@ constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     flash_fwd(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
-              float* l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv, int head_dim,
+              float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
+              int head_dim,
               long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
               long long stride_kn, long long stride_kh, long long stride_vb, long long stride_vn,
               long long stride_vh, long long stride_ob, long long stride_om, long long stride_oh,
-              float scale_log2, CF_MOD_PARAMS, const float* sinks) {
+              float scale_log2, CF_MOD_PARAMS, const float* sinks, CF_SEQ_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   unsigned char* s_q = smem;                                   // CF_BLOCK_M rows
@@ -133,10 +135,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
 
-  const elem_t* q_head = q + b * stride_qb + h * stride_qh;  // row 0 of this (batch, head)
-  const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
+  const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;  // row 0
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end) are visited, last first; a tile
   // of keys [full_begin, full_end) is visible to every row and needs no mask
@@ -239,14 +244,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
   }
   const int band_q0 = q0 + warp * 16;
-  store_o_band<kDT, kChunks>(o + b * stride_ob + (cf_i64)band_q0 * stride_om + h * stride_oh,
+  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
+  store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
                              stride_om, seqlen_q - band_q0, head_dim, q_band, acc, inv_l, lane);
   if (tig == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 8 * r;
       if (row < seqlen_q) {
-        const cf_i64 idx = ((cf_i64)b * heads + h) * seqlen_q + row;
+        const cf_i64 idx = seq.stats(h) + row;
         m_out[idx] = m_i[r] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
         l_out[idx] = l_row[r];
       }

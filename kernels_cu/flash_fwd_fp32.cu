@@ -78,6 +78,7 @@
 
 #include "cf_simt.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 static_assert(CF_DTYPE == 2, "flash_fwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "flash_fwd_fp32: only CF_STAGES = 1");
@@ -178,11 +179,13 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
               const elem_t* __restrict__ v, elem_t* __restrict__ o, float* __restrict__ m_out,
-              float* __restrict__ l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+              float* __restrict__ l_out, int max_seqlen_q, int max_seqlen_k, int heads,
+              int heads_per_kv,
               int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
               long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
               long long stride_vn, long long stride_vh, long long stride_ob, long long stride_om,
-              long long stride_oh, float scale_log2, CF_MOD_PARAMS, const float* sinks) {
+              long long stride_oh, float scale_log2, CF_MOD_PARAMS, const float* sinks,
+              CF_SEQ_PARAMS) {
   using namespace fwd32;
   CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];
@@ -195,10 +198,14 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   // causal: reversed tile order, so the tiles with the most keys start first
   const int m_tile = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
   const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
   const int hk = h / heads_per_kv;
-  const elem_t* q_tile = q + b * stride_qb + h * stride_qh + (cf_i64)m0 * stride_qm;
-  const elem_t* k_head = k + b * stride_kb + hk * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + hk * stride_vh;
+  const elem_t* q_tile = q + seq.q_offset(stride_qb, stride_qm) +
+                             h * stride_qh + (cf_i64)m0 * stride_qm;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
@@ -286,7 +293,8 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     }
     const int r = m0 + row0 + RL * i;
     if (r < seqlen_q) {
-      elem_t* o_row = o + b * stride_ob + h * stride_oh + (cf_i64)r * stride_om;
+      elem_t* o_row = o + seq.q_offset(stride_ob, stride_om) +
+                          h * stride_oh + (cf_i64)r * stride_om;
       const bool seen = l != 0.f;  // NaN l is seen
 #pragma unroll
       for (int qc = 0; qc < TQ; ++qc) {
@@ -302,7 +310,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
         }
       }
       if (col0 == 0) {
-        const cf_i64 stat = ((cf_i64)b * heads + h) * seqlen_q + r;
+        const cf_i64 stat = seq.stats(h) + r;
         const float m = m_i[i] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
         m_out[stat] = m;
         // a row that saw no key (m = -inf) keeps l = 0 (-inf - -inf would be NaN)

@@ -53,6 +53,7 @@
 #include "cf_fwd.cuh"
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
+#include "cf_seq.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
@@ -117,12 +118,12 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float 
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
-                   float* l_out, int seqlen_q, int seqlen_k, int heads, int heads_per_kv,
+                   float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
                    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
                    long long stride_kb, long long stride_kn, long long stride_kh,
                    long long stride_vb, long long stride_vn, long long stride_vh,
                    long long stride_ob, long long stride_om, long long stride_oh,
-                   float scale_log2, CF_MOD_PARAMS, const float* sinks) {
+                   float scale_log2, CF_MOD_PARAMS, const float* sinks, CF_SEQ_PARAMS) {
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -140,10 +141,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
 
-  const elem_t* q_head = q + b * stride_qb + h * stride_qh;
-  const elem_t* k_head = k + b * stride_kb + h_kv * stride_kh;
-  const elem_t* v_head = v + b * stride_vb + h_kv * stride_vh;
+  const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
   // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end), last first; keys
   // [full_begin, full_end) are visible to every row of the tile
@@ -223,14 +227,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   }
   const int band_q0 = q0 + warp * 16;
   unsigned char* band = s_q + warp * 16 * CF_HEAD_DIM * 2;  // 16 rows of scratch per warp
-  store_o_band<kDT, kChunks>(o + b * stride_ob + (cf_i64)band_q0 * stride_om + h * stride_oh,
+  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
+  store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
                              stride_om, seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
   if (tig == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + 8 * r;
       if (row < seqlen_q) {
-        const cf_i64 idx = ((cf_i64)b * heads + h) * seqlen_q + row;
+        const cf_i64 idx = seq.stats(h) + row;
         m_out[idx] = m_i[r] * CF_LN2;
         l_out[idx] = l_row[r];
       }

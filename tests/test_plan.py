@@ -113,9 +113,10 @@ def test_parameter_buffers_end_at_the_last_parameter():
 
     _, fwd = launch._param_struct(launch._SIGNATURES["fwd"])
     # ints padded to the long longs' alignment; then the modifiers (iifff, p, q), sinks (p)
-    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8
+    # ... and the sequence layout (ppp, i)
+    assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8 + 3 * 8 + 4
     _, convert = launch._param_struct(launch._SIGNATURES["convert"])
-    assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8
+    assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8 + 8  # + cu_seqlens
 
 
 _ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),
@@ -140,6 +141,10 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     mask_header = (compiler.kernels_dir() / "cf_mask.cuh").read_text()
     mod_params = re.search(r"#define CF_MOD_PARAMS\s*\\\n(.*?)\n#define", mask_header, re.S)
     source = source.replace("CF_MOD_PARAMS", re.sub(r"\\\n", " ", mod_params.group(1)))
+    # ... and the sequence layout's (cf_seq.cuh)
+    seq_header = (compiler.kernels_dir() / "cf_seq.cuh").read_text()
+    seq_params = re.search(r"#define CF_SEQ_PARAMS\s*\\\n(.*?)\n", seq_header, re.S)
+    source = source.replace("CF_SEQ_PARAMS", seq_params.group(1))
     match = re.search(rf"\b{entry}\(([^)]*)\)\s*{{", source)
     assert match, f"{entry} not found in {filename}"
     letters = ""

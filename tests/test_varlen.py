@@ -6,12 +6,14 @@
   seqused_k), GQA, dtypes, causal and any combination of the score modifiers.
 * The varlen reference itself: finite differences of its forward against its backward,
   and equal-length sequences against the dense reference.
-* Validation: every bad argument raises TypeError / ValueError naming it; CUDA arrays are
-  refused before anything is allocated; a backward with another layout is refused.
+* Validation: every bad argument raises TypeError / ValueError naming it; CUDA arrays go
+  to the kernels (tests/test_gpu_varlen.py runs them); a backward with another layout is
+  refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -350,10 +352,13 @@ def test_bad_arguments_are_named(name, change, err, words):
     assert words in str(info.value), str(info.value)
 
 
-def test_cuda_arrays_are_refused_before_anything_is_allocated(monkeypatch):
-    """CUDA arrays (simulated: every import reports device cuda:0) raise the issue's
-    ValueError before the CPU path or any allocation runs."""
+def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
+    """CUDA arrays (simulated: every import reports device cuda:0) are validated without
+    reading the offsets (no host sync) and handed to varlen_gpu; the CPU path never runs."""
+    from cuflash import varlen_gpu
+
     real = varlen.import_array
+    seen = []
 
     def on_cuda(x, name):
         imported = real(x, name)
@@ -362,11 +367,29 @@ def test_cuda_arrays_are_refused_before_anything_is_allocated(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the CPU path ran for CUDA arrays")
 
+    def gpu_forward(call):
+        seen.append(call)
+        q = call.q.array
+        stats = np.zeros((q.shape[1], q.shape[0]), np.float32)
+        return np.zeros_like(q), stats, stats
+
     monkeypatch.setattr(varlen, "import_array", on_cuda)
+    monkeypatch.setattr(varlen.validate, "import_array", on_cuda)  # the offsets' import
     monkeypatch.setattr(varlen, "varlen_forward_cpu", must_not_run)
-    with pytest.raises(ValueError, match=r"^varlen: not yet supported by the CUDA kernels "
-                                         r"\(issue #14\)"):
-        cuflash.attention_varlen_forward(**_good())
+    monkeypatch.setattr(varlen_gpu, "varlen_forward_gpu", gpu_forward)
+    monkeypatch.setattr(varlen, "export_array", lambda x, like: x)
+    monkeypatch.setattr(varlen, "caller_stream", lambda imported: contextlib.nullcontext())
+    good = _good()
+    cuflash.attention_varlen_forward(**good)
+    (call,) = seen
+    assert call.offsets[0] is good["cu_seqlens_q"] and call.offsets[2] is None
+    assert call.seqlens is None and call.record[0] == "device"  # never read on the host
+    assert (call.problem.batch, call.problem.seqlen_q, call.problem.seqlen_k) == (3, 7, 5)
+    # the CUDA checks that need no values: max lengths >= 1 when there are rows, alignment
+    with pytest.raises(ValueError, match="^max_seqlen_q: expected an int >= the longest"):
+        cuflash.attention_varlen_forward(**{**good, "max_seqlen_q": 0})
+    with pytest.raises(ValueError, match="^cu_seqlens_k: expected shape"):
+        cuflash.attention_varlen_forward(**{**good, "cu_seqlens_k": np.int32([0, 8])})
 
 
 def test_backward_refuses_another_layout_or_dense_stats():

@@ -1,0 +1,135 @@
+"""Varlen against dense at equal total tokens on the GPU (issue #14's target: within 5%).
+
+    python bench/dev/varlen_bench.py [--tokens 16384] [--head-dim 128] [--dtype bfloat16]
+                                     [--heads 16] [--heads-kv 16]
+
+Per row: the dense call on (batch, seqlen, heads, head_dim) and the varlen call on the same
+sequences packed (cu_seqlens = 0, seqlen, 2 seqlen, ...), forward and backward median
+milliseconds (CUDA events, 3 warmups, 10 timed calls) and varlen / dense (target <= 1.05).
+Both through the public API on torch CUDA tensors (the varlen call never syncs: its offsets
+stay on the device). Then mixed lengths (informational):
+varlen on random lengths vs dense padded to the longest. Prints the specs the plans ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def _time(fn, warmup: int = 3, reps: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return float(np.median(times))
+
+
+def _pair(batch, seqlen, heads, heads_kv, head_dim, dtype, causal):
+    """(dense fwd, dense bwd, varlen fwd, varlen bwd) ms for batch sequences of seqlen."""
+    import torch
+
+    import cuflash
+
+    dt = getattr(torch, dtype)
+    q = torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(batch, seqlen, heads_kv, head_dim, device="cuda", dtype=dt)
+    v, do = torch.randn_like(k), torch.randn_like(q)
+    o, stats = cuflash.attention_forward(q, k, v, causal=causal)
+    pq, pk, pv, pdo = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v, do))
+    cu = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * seqlen
+    po, pstats = cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, seqlen, seqlen,
+                                                  causal=causal)
+    return (_time(lambda: cuflash.attention_forward(q, k, v, causal=causal)),
+            _time(lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal)),
+            _time(lambda: cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, seqlen, seqlen,
+                                                           causal=causal)),
+            _time(lambda: cuflash.attention_varlen_backward(pdo, pq, pk, pv, po, pstats, cu,
+                                                            cu, seqlen, seqlen,
+                                                            causal=causal)))
+
+
+def _mixed(tokens, heads, heads_kv, head_dim, dtype, seed=0):
+    """Random lengths summing to about ``tokens``: varlen fwd / bwd vs dense padded."""
+    import torch
+
+    import cuflash
+
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(int(rng.integers(64, 4096)))
+    lengths[-1] -= sum(lengths) - tokens
+    longest, batch = max(lengths), len(lengths)
+    dt = getattr(torch, dtype)
+    pq = torch.randn(tokens, heads, head_dim, device="cuda", dtype=dt)
+    pk = torch.randn(tokens, heads_kv, head_dim, device="cuda", dtype=dt)
+    pv, pdo = torch.randn_like(pk), torch.randn_like(pq)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device="cuda",
+                      dtype=torch.int32)
+    po, pstats = cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, longest, longest,
+                                                  causal=True)
+    q = torch.randn(batch, longest, heads, head_dim, device="cuda", dtype=dt)
+    k = torch.randn(batch, longest, heads_kv, head_dim, device="cuda", dtype=dt)
+    v, do = torch.randn_like(k), torch.randn_like(q)
+    o, stats = cuflash.attention_forward(q, k, v, causal=True)
+    return batch, longest, (
+        _time(lambda: cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, longest, longest,
+                                                       causal=True)),
+        _time(lambda: cuflash.attention_varlen_backward(pdo, pq, pk, pv, po, pstats, cu, cu,
+                                                        longest, longest, causal=True)),
+        _time(lambda: cuflash.attention_forward(q, k, v, causal=True)),
+        _time(lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=True)))
+
+
+def _specs(tokens, heads, heads_kv, head_dim, dtype):
+    from dataclasses import replace
+
+    from cuflash import launch, plan
+    from cuflash.specs import ModFlags
+
+    shape = plan.Shape(tokens // 2048, 2048, 2048, heads, heads_kv, head_dim, dtype, True)
+    packed = replace(shape, mods=ModFlags(varlen=True), total_q=tokens, total_k=tokens)
+    for label, s in (("dense", shape), ("varlen", packed)):
+        f = launch.forward_plan(s, 0)
+        b = launch.backward_plan(s, 0, False)
+        print(f"  {label}: {', '.join(f.labels + b.labels)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--heads-kv", type=int, default=16)
+    args = ap.parse_args()
+    h, hkv, d, dt = args.heads, args.heads_kv, args.head_dim, args.dtype
+    print(f"{args.tokens} tokens, d{d}, {dt}, {h}/{hkv} heads; ms (varlen / dense)")
+    worst = 0.0
+    for causal in (False, True):
+        for seqlen in (512, 2048, 8192):
+            batch = args.tokens // seqlen
+            df, db, vf, vb = _pair(batch, seqlen, h, hkv, d, dt, causal)
+            worst = max(worst, vf / df, vb / db)
+            print(f"{'causal' if causal else 'full':6s} {batch:3d} x {seqlen:5d}  fwd dense "
+                  f"{df:7.3f} varlen {vf:7.3f} ({vf / df:.3f})   bwd dense {db:7.3f} varlen "
+                  f"{vb:7.3f} ({vb / db:.3f})")
+    print(f"worst varlen / dense: {worst:.3f} (target <= 1.05)")
+    batch, longest, (vf, vb, pf, pb) = _mixed(args.tokens, h, hkv, d, dt)
+    print(f"mixed lengths, causal: {batch} sequences (longest {longest}): varlen fwd {vf:.3f} "
+          f"bwd {vb:.3f}; dense padded to {longest}: fwd {pf:.3f} bwd {pb:.3f}")
+    _specs(args.tokens, h, hkv, d, dt)
+
+
+if __name__ == "__main__":
+    main()
