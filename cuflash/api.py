@@ -189,19 +189,15 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks)), causal, softmax_scale)
             if plain_extra else None)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
-        if plain:
-            o, m, l = fastpath.forward(fast, q, k, v, causal, softmax_scale)
-            record = _OFF
-        else:
-            done = fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window,
-                                             softcap, alibi_slopes, sinks)
-            if done is not None:
-                o, m, l, (window, softcap) = done  # as validated
-                record = validate.Modifiers(window, softcap, alibi_slopes, sinks).record()
-        if plain or done is not None:
+        done = (fastpath.forward(fast, q, k, v, causal, softmax_scale) if plain else
+                fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
+                                          alibi_slopes, sinks))
+        if done is not None:  # None: a layout the general path serves
+            o, m, l = done[:3]
             scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
             return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
-                                   shape_q=tuple(q.shape), shape_kv=tuple(k.shape), **record)
+                                   shape_q=tuple(q.shape), shape_kv=tuple(k.shape),
+                                   **(_OFF if plain else done[3].record()))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(

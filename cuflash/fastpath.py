@@ -173,11 +173,16 @@ def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
         return known
     problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     shape = Shape.of(problem)
-    _, seqlen_q, heads, head_dim = q.shape  # o: contiguous
+    return _remember(_forward_problems, key,
+                     (problem, shape, _forward_tail(backend, q, k, v, shape, problem)))
+
+
+def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
+    """The forward kernel's parameters a layout fixes (o is written contiguous)."""
+    _, seqlen_q, heads, head_dim = q.shape
     o_strides = (seqlen_q * heads * head_dim, heads * head_dim, head_dim)
     strides = tuple(s for x in (q, k, v) for s in backend.operand(x)[1:4]) + o_strides
-    tail = launch.forward_tail(shape, strides, problem.softmax_scale)
-    return _remember(_forward_problems, key, (problem, shape, tail))
+    return launch.forward_tail(shape, strides, problem.softmax_scale)
 
 
 def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
@@ -282,27 +287,15 @@ def _modified_problem(backend: Backend, q, k, v, causal, softmax_scale, window, 
         return None
     known = (problem, shape, mods.window, mods.softcap)
     if direction == "forward":
-        _, seqlen_q, heads, head_dim = q.shape  # o: contiguous
-        o_strides = (seqlen_q * heads * head_dim, heads * head_dim, head_dim)
-        strides = tuple(s for x in (q, k, v) for s in backend.operand(x)[1:4]) + o_strides
-        known += (launch.forward_tail(shape, strides, problem.softmax_scale),)
+        known += (_forward_tail(backend, q, k, v, shape, problem),)
     return _remember(_modified_problems, key, known)
-
-
-def _mod_args(backend: Backend, shape, window, softcap, softmax_scale, alibi_slopes, sinks,
-              dsinks=None) -> launch.ModArgs:
-    alibi = stride = 0
-    if alibi_slopes is not None:
-        alibi, stride = backend.ptr(alibi_slopes), (shape.heads if alibi_slopes.ndim == 2 else 0)
-    return launch.mod_args(shape, window, softcap, softmax_scale, alibi, stride,
-                           0 if sinks is None else backend.ptr(sinks),
-                           0 if dsinks is None else backend.ptr(dsinks))
 
 
 def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
                      alibi_slopes, sinks) -> tuple | None:
-    """(o, m, l, (window, softcap)) like ``forward`` for a call with score modifiers, or
-    None when the general path must take it (raises the API's errors for bad arguments)."""
+    """(o, m, l, the validated ``validate.Modifiers``) like ``forward`` for a call with score
+    modifiers, or None when the general path must take it (raises the API's errors for bad
+    arguments)."""
     known = _modified_problem(backend, q, k, v, causal, softmax_scale, window, softcap,
                               alibi_slopes, sinks, "forward")
     if known is None:
@@ -317,11 +310,11 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     ptr = backend.ptr
     with backend.on_device(index):
         plan = launch.forward_plan(shape, index)
-        mods = _mod_args(backend, shape, window, softcap, problem.softmax_scale, alibi_slopes,
-                         sinks)
+        mods = launch.modifiers_of(shape, window, softcap, alibi_slopes, sinks,
+                                    problem.softmax_scale, ptr=ptr)
         launch.launch_forward(plan, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), tail,
                               o.itemsize, backend.stream(), index, mods)
-    return o, m, l, (window, softcap)
+    return o, m, l, validate.Modifiers(window, softcap, alibi_slopes, sinks)
 
 
 def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
@@ -343,8 +336,8 @@ def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_sc
     with backend.on_device(index):
         plan = launch.backward_plan(shape, index, deterministic)
         workspace = backend.empty((backward_workspace(plan).total_bytes,), backend.uint8, q)
-        mods = _mod_args(backend, shape, window, softcap, problem.softmax_scale, alibi_slopes,
-                         sinks, dsinks)
+        mods = launch.modifiers_of(shape, window, softcap, alibi_slopes, sinks,
+                                    problem.softmax_scale, dsinks, ptr=backend.ptr)
         launch.run_backward(plan, *map(backend.operand, (do, q, k, v, o)), backend.ptr(m),
                             backend.ptr(l), *map(backend.operand, (dq, dk, dv)),
                             problem.softmax_scale, backend.ptr(workspace), backend.stream(),

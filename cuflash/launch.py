@@ -442,15 +442,21 @@ def fill_no_key_forward(o, m, l, sinks=None) -> None:
         l.fill(1)
 
 
-def _modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
-                  softmax_scale: float, dsinks=None) -> ModArgs:
-    """``ModArgs`` for CuPy float32 slopes / sinks (C-contiguous, validated by the caller)."""
+def _cupy_ptr(a) -> int:
+    return a.data.ptr
+
+
+def modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
+                  softmax_scale: float, dsinks=None, ptr=_cupy_ptr) -> ModArgs:
+    """``ModArgs`` for float32 slopes / sinks (C-contiguous, validated by the caller);
+    ``ptr`` reads an array's device address (CuPy's by default; fastpath passes its
+    framework's)."""
     alibi = stride = 0
     if alibi_slopes is not None:
-        alibi, stride = alibi_slopes.data.ptr, (shape.heads if alibi_slopes.ndim == 2 else 0)
+        alibi, stride = ptr(alibi_slopes), (shape.heads if alibi_slopes.ndim == 2 else 0)
     return mod_args(shape, window, softcap, softmax_scale, alibi, stride,
-                    sinks.data.ptr if sinks is not None else 0,
-                    dsinks.data.ptr if dsinks is not None else 0)
+                    ptr(sinks) if sinks is not None else 0,
+                    ptr(dsinks) if dsinks is not None else 0)
 
 
 def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None,
@@ -482,7 +488,7 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     if shape.seqlen_k == 0:
         fill_no_key_forward(o, m, l, sinks)
         return o, m, l
-    mods = _modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale)
+    mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale)
     run_forward(plan, cupy_operand(q), cupy_operand(k), cupy_operand(v), cupy_operand(o),
                 m.data.ptr, l.data.ptr, softmax_scale, _current_stream(), device_id, mods)
     return o, m, l
@@ -521,7 +527,7 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
             t.view(np.uint8).fill(0)
         return grads
     workspace = cupy.empty(planning.backward_workspace(plan).total_bytes, np.uint8)
-    mods = _modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale, dsinks)
+    mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale, dsinks)
     run_backward(plan, *(cupy_operand(x) for x in (do, q, k, v, o)), m.data.ptr, l.data.ptr,
                  *(cupy_operand(x) for x in (dq, dk, dv)), softmax_scale, workspace.data.ptr,
                  _current_stream(), device_id, mods)

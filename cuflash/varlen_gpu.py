@@ -52,7 +52,7 @@ def _modifiers(call, shape: planning.Shape, dsinks=None) -> launch.ModArgs:
     kw = call.modifiers.cpu_kwargs()
     arrays = {n: None if kw[n] is None else cupy.ascontiguousarray(kw[n])
               for n in ("alibi_slopes", "sinks")}
-    return launch._modifiers_of(shape, kw["window"], kw["softcap"], arrays["alibi_slopes"],
+    return launch.modifiers_of(shape, kw["window"], kw["softcap"], arrays["alibi_slopes"],
                                 arrays["sinks"], call.problem.softmax_scale, dsinks), arrays
 
 
