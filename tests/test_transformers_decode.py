@@ -241,3 +241,33 @@ def test_cuda_greedy_generation_matches_sdpa(which, decode_calls):
     margin = float((top2[rows, 0] - top2[rows, 1]).max())
     assert margin <= 1e-2 * float(logits.abs().max()), \
         f"{which}: tokens differ at step {step} with a top-2 margin of {margin:.3g}"
+
+
+def _bench_generate():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generate_runs_on_the_cpu(tmp_path, capsys):
+    """bench/generate.py end to end on a tiny float32 model on the CPU (a smoke test of its
+    code, not a benchmark): tokens checked, every implementation timed, JSON written."""
+    import json
+
+    out = tmp_path / "generate.json"
+    bench = _bench_generate()
+    assert bench.main(["--device", "cpu", "--dtype", "float32", "--layers", "2", "--hidden",
+                       "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--vocab",
+                       str(VOCAB), "--prompts", "12", "--batches", "2", "--new-tokens", "5",
+                       "--reps", "1", "--out", str(out)]) == 0
+    row, = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    assert {row["tokens"][i]["match"] for i in bench.IMPLS} == {"yes"}
+    assert all(row[i]["steps"] == 4 and row[i]["ms_per_token"] > 0 for i in bench.IMPLS)
+    assert "cufa/sdpa" in capsys.readouterr().out
+    assert cft.DECODE_MAX_Q_LEN > 0  # cufa_dense turned the route off only while it ran
