@@ -190,8 +190,24 @@ def test_gradients_keep_the_dense_route(decode_calls):
     torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-5)
 
 
+def test_cross_attention_takes_decode_without_the_causal_mask(decode_calls):
+    """is_causal False (an encoder-decoder's cross-attention: 2 decoder tokens against 7
+    encoder states) runs decode unmasked, as SDPA without a mask."""
+    module = torch.nn.Module()
+    module.is_causal = False
+    q = torch.randn(3, 4, 2, 16)
+    k, v = (torch.randn(3, 2, 7, 16) for _ in range(2))
+    o, _ = cft.attention_forward(module, q, k, v, None, scaling=0.3)
+    assert decode_calls == [(3, 2, 4, 16)]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, scale=0.3, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-5)
+
+
 def _cuda_model(which, dtype):
-    return _model(CONFIGS[which]()).to("cuda", dtype)
+    model = _model(CONFIGS[which]()).to("cuda", dtype)
+    model.generation_config.eos_token_id = None  # both runs the full length, even after a tie
+    return model
 
 
 @pytest.mark.gpu
