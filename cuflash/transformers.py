@@ -1,4 +1,5 @@
-"""cuflash as an attention implementation of Hugging Face transformers (issue #14).
+"""cuflash as an attention implementation of Hugging Face transformers (issue #14;
+the decode route, issue #16).
 
     import cuflash.transformers  # registers the implementation "cufa"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="cufa")
@@ -50,9 +51,9 @@ ATTN_IMPLEMENTATION = "cufa"
 # packs q_len x group query rows per kv head into one block (up to 64 rows with tensor
 # cores, 32 at head_dim 256; docs/decode.md), so Llama-style groups of 4-8 at q_len 8
 # still read K/V once; more rows take several row tiles, each re-reading the key range,
-# which is still no more than the dense kernel reads (one block per query head). Longer
-# queries (prefill, chunked prefill) are compute-bound: the dense kernels. Read at call
-# time, so a benchmark can set it to 0 to time the dense route.
+# which is still no more than the dense kernel reads (one block per query head, each
+# reading its kv head's K/V). Longer queries (prefill, chunked prefill) take the dense
+# kernels. Read at call time, so a benchmark can set it to 0 to time the dense route.
 DECODE_MAX_Q_LEN = MAX_Q_LEN
 
 
