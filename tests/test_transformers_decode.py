@@ -287,3 +287,15 @@ def test_bench_generate_runs_on_the_cpu(tmp_path, capsys):
     assert all(row[i]["steps"] == 4 and row[i]["ms_per_token"] > 0 for i in bench.IMPLS)
     assert "cufa/sdpa" in capsys.readouterr().out
     assert cft.DECODE_MAX_Q_LEN > 0  # cufa_dense turned the route off only while it ran
+
+
+def test_bench_generate_help_needs_no_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "generate.py"
+    out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--new-tokens" in out.stdout and "per-token latency" in out.stdout
