@@ -2,7 +2,8 @@
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
-#                                            workloads train_gqa host decode ab modifiers
+#                                            workloads train_gqa host decode generate ab
+#                                            modifiers
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -62,6 +63,9 @@ for stage in $stages; do
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling
       run_stage decode $PY bench/decode.py --out "$OUT/results/decode.json" \
         ${DECODE_PARTS:+--parts $DECODE_PARTS} ;;
+    generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
+      run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
+        ${GENERATE_ARGS:-} ;;
     ab)  # kernel TFLOP/s of an older tree ($AB_OLD, e.g. a git archive) against this one
       run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
         --out "$OUT/results/ab.json" ;;

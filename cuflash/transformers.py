@@ -1,4 +1,5 @@
-"""cuflash as an attention implementation of Hugging Face transformers (issue #14).
+"""cuflash as an attention implementation of Hugging Face transformers (issue #14;
+the decode route, issue #16).
 
     import cuflash.transformers  # registers the implementation "cufa"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="cufa")
@@ -10,12 +11,16 @@ The name has no "flash" in it: transformers 5 takes any implementation name cont
 
 The mask is FlashAttention's: the model hands us the 2-D padding mask (batch, kv_len), True
 for real tokens, or None when nothing is padded; causal, sliding windows, soft-capping and
-sinks come from the arguments. Each call then takes one of three routes:
+sinks come from the arguments. Each call takes one of these routes (``choose_route``):
 
-* no padding and no score modifier: ``cuflash.torch.flash_attention`` (dense; CUDA kernels);
 * padding (or packed sequences, found from ``position_ids`` or given as ``cu_seq_lens_*``):
   the valid tokens are gathered into FlashAttention-2's packed varlen layout, attended with
   ``cuflash.torch.flash_attention_varlen`` and scattered back (padded query rows get 0);
+* decoding (no padding, at most ``DECODE_MAX_Q_LEN`` queries against more keys than
+  queries, i.e. a K/V cache, no sinks, nothing that needs a gradient):
+  ``cuflash.torch.attention_with_kvcache``, the split-KV decode kernel (docs/decode.md),
+  reading transformers' (batch, heads_kv, seq, head_dim) cache in place;
+* no padding and no score modifier: ``cuflash.torch.flash_attention`` (dense; CUDA kernels);
 * a sliding window, soft-capping or sinks without padding: the varlen call with one
   sequence per batch row (the dense torch function does not take the modifiers here yet).
 
@@ -23,8 +28,9 @@ Causal masks align bottom-right per sequence, which is transformers' alignment w
 queries are the last tokens (prefill and decoding, left padding, right padding without a
 cache). GQA runs without repeating K and V. Dropout is not supported (raises).
 
-Where it runs: both routes on CPU and CUDA tensors (the varlen route on CUDA runs the
-kernels compiled with CF_VARLEN, docs/varlen.md).
+Where it runs: every route on CPU and CUDA tensors (the varlen route on CUDA runs the
+kernels compiled with CF_VARLEN, docs/varlen.md; the decode route on the CPU runs the
+NumPy mirror of the decode kernel, cuflash/decode_cpu.py).
 """
 
 from __future__ import annotations
@@ -33,11 +39,22 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from .torch import flash_attention, flash_attention_varlen
+from .decode_checks import MAX_Q_LEN
+from .torch import attention_with_kvcache, flash_attention, flash_attention_varlen
 
-__all__ = ["ATTN_IMPLEMENTATION", "attention_forward", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "DECODE_MAX_Q_LEN", "attention_forward", "choose_route",
+           "register"]
 
 ATTN_IMPLEMENTATION = "cufa"
+# Queries per call that take the decode kernel: all it takes (decode_checks.MAX_Q_LEN, a
+# generation step or a speculative-decoding check of up to 8 drafted tokens). The kernel
+# packs q_len x group query rows per kv head into one block (up to 64 rows with tensor
+# cores, 32 at head_dim 256; docs/decode.md), so Llama-style groups of 4-8 at q_len 8
+# still read K/V once; more rows take several row tiles, each re-reading the key range,
+# which is still no more than the dense kernel reads (one block per query head, each
+# reading its kv head's K/V). Longer queries (prefill, chunked prefill) take the dense
+# kernels. Read at call time, so a benchmark can set it to 0 to time the dense route.
+DECODE_MAX_Q_LEN = MAX_Q_LEN
 
 
 def _window(sliding_window, causal: bool):
@@ -76,17 +93,49 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     options = dict(causal=causal, softmax_scale=scaling,
                    window=_window(sliding_window, causal), softcap=softcap or None,
                    sinks=None if s_aux is None else s_aux.float())
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (batch, seqlen, heads, d)
-    if attention_mask is not None:
+    # (batch, seqlen, heads, d) views, no copy: transformers' caches are (batch, heads_kv,
+    # seq, d), so head_dim stays contiguous, which is all cuflash asks of the strides
+    # (interop._check_last_axis; decode._operands passes the other three strides
+    # to the kernel, and check_alignment wants them 16-byte multiples: head_dim % 8 == 0).
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    packed = None if attention_mask is not None else _packed_offsets(q, k, position_ids, kwargs)
+    route = choose_route(
+        padded=attention_mask is not None, packed=packed is not None, seqlen_q=q.shape[1],
+        seqlen_k=k.shape[1], same_head_dims=k.shape == v.shape, sinks=s_aux is not None,
+        modifiers=options["window"] is not None or options["softcap"] is not None,
+        needs_grad=any(x.requires_grad for x in (q, k, v)))
+    if route == "padded":
         return _padded(q, k, v, attention_mask.bool(), options), None
-    packed = _packed_offsets(q, k, position_ids, kwargs)
-    if packed is not None:
+    if route == "packed":
         return _varlen(q, k, v, *packed, options), None
-    if options["window"] is None and options["softcap"] is None and options["sinks"] is None:
+    if route == "decode":
+        return attention_with_kvcache(q, k, v, causal=causal, softmax_scale=scaling,
+                                      window=options["window"],
+                                      softcap=options["softcap"]), None
+    if route == "dense":
         return flash_attention(q, k, v, causal=causal, softmax_scale=scaling), None
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     return _varlen(q, k, v, rows * seqlen_q, rows * seqlen_k, options), None
+
+
+def choose_route(*, padded: bool, packed: bool, seqlen_q: int, seqlen_k: int,
+                 same_head_dims: bool, sinks: bool, modifiers: bool, needs_grad: bool) -> str:
+    """Which cuflash call serves one attention call (pure; the module docstring says why):
+    "padded", "packed" (varlen with offsets), "decode" (the K/V-cache kernel), "dense", or
+    "rows" (varlen, one sequence per batch row: window / softcap / sinks).
+
+    Decode wants a cache (more keys than queries), at most DECODE_MAX_Q_LEN queries, K and V
+    of one shape (its v_cache is k_cache's shape), no sinks (it has none yet) and no
+    gradient (it has no backward: a training step with a cache keeps the dense route)."""
+    if padded:
+        return "padded"
+    if packed:
+        return "packed"
+    if (seqlen_q <= DECODE_MAX_Q_LEN and seqlen_k > seqlen_q and same_head_dims
+            and not sinks and not needs_grad):
+        return "decode"
+    return "rows" if modifiers or sinks else "dense"
 
 
 def _varlen(q, k, v, cu_q, cu_k, options):
