@@ -18,7 +18,8 @@ What runs where (docs/frameworks.md has the full table):
   - cpu: the same call frame, viewed as NumPy arrays, runs the NumPy path.
 
   Calls with score modifiers (window, softcap, ALiBi slopes, sinks) take targets of their
-  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged.
+  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged; decoding against a
+  K/V cache (``attention_with_kvcache``) takes ``cuflash.jax_decode``'s.
 
   ``vmap_method="broadcast_all"``: a vmapped call hands the target arrays with extra leading
   axes (every argument tiled to the full batch), and the target folds all leading axes into
