@@ -455,7 +455,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache
     ``jax.jit`` / ``lax.fori_loop`` / ``lax.scan`` / ``jax.vmap``.
 
     JAX arrays are immutable, so an append is functional: with ``k_new`` / ``v_new`` the
-    caches are updated out of place (``.at[].set`` through ``block_table`` when paged) and
+    updated caches (eagerly made with ``.at[].set``, through ``block_table`` when paged) are
     returned after the results: ``(o, k_cache, v_cache)``, or ``(o, lse, k_cache, v_cache)``
     with ``return_softmax_lse``. ``cache_seqlens`` is the length before the append and is
     not updated (add ``k_new.shape[1]`` for the next step). Other arguments, results and
