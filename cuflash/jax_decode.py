@@ -141,8 +141,9 @@ def scratch_bytes(shape: DecodeShape, num_splits: int | None) -> int:
         return 0  # nothing runs (as in the eager call)
     need = 0
     for device_id in _local_cuda_devices():
-        plan = decode.decode_plan(shape, num_splits, device_id)
-        decode._functions_of(plan.spec, device_id)  # compile and load now, not in a capture
+        with _on_device(device_id):  # CuPy loads a module's functions on the current device
+            plan = decode.decode_plan(shape, num_splits, device_id)
+            decode._functions_of(plan.spec, device_id)  # now, not in a graph capture
         need = max(need, plan.workspace_bytes)
     return need
 

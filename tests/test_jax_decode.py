@@ -7,6 +7,7 @@ and the command-buffer trait. CUDA: tests/test_gpu_jax_decode.py.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import numpy as np
@@ -235,6 +236,7 @@ def test_scratch_is_the_largest_plan_of_the_local_gpus(monkeypatch):
     plans = {0: decode.plan_decode(shape, 132), 1: decode.plan_decode(shape, 16)}
     loaded = []
     monkeypatch.setattr(jax_decode, "_local_cuda_devices", lambda: (0, 1))
+    monkeypatch.setattr(jax_decode, "_on_device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(decode, "decode_plan", lambda s, n, device_id: plans[device_id])
     monkeypatch.setattr(decode, "_functions_of", lambda spec, d: loaded.append((spec, d)))
     need = jax_decode.scratch_bytes(shape, None)
