@@ -169,6 +169,19 @@ def test_jit_automatic_splits_use_xla_scratch_gpu(jax_gpu, batch, q_len, cache, 
     _check_jit(jax, device, case)
 
 
+def test_jit_scratch_traced_too_small_raises_gpu(jax_gpu, monkeypatch):
+    """Traced as if without a GPU backend (no scratch), a problem that splits raises a clear
+    error when it runs instead of writing past XLA's buffer."""
+    jax, device = jax_gpu
+    case = dict(batch=1, q_len=1, heads=8, heads_kv=8, head_dim=128, seqlen_cache=5000,
+                cache_seqlens=None, causal=False, dtype="float32", num_splits=None,
+                softmax_scale=None, seed=1)
+    kw, _ = dh.make_kvcache_inputs(case)
+    monkeypatch.setattr(jax_decode, "_local_cuda_devices", lambda: ())
+    with pytest.raises(Exception, match="scratch: the plan on CUDA device"):
+        jax.block_until_ready(jax.jit(_step(case))(_on_device(jax, device, kw)))
+
+
 # -- a decode loop -----------------------------------------------------------------------------
 
 
