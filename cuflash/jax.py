@@ -18,7 +18,8 @@ What runs where (docs/frameworks.md has the full table):
   - cpu: the same call frame, viewed as NumPy arrays, runs the NumPy path.
 
   Calls with score modifiers (window, softcap, ALiBi slopes, sinks) take targets of their
-  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged.
+  own, ``cuflash.jax_modifiers``, so plain calls keep theirs unchanged; decoding against a
+  K/V cache (``attention_with_kvcache``) takes ``cuflash.jax_decode``'s.
 
   ``vmap_method="broadcast_all"``: a vmapped call hands the target arrays with extra leading
   axes (every argument tiled to the full batch), and the target folds all leading axes into
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, jax_modifiers, validate, xla_ffi
+from . import api, jax_decode, jax_modifiers, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 from .plan import Shape
@@ -450,45 +451,78 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache
                            softmax_scale: float | None = None, window=None, softcap=None,
                            alibi_slopes=None, num_splits: int | None = None,
                            return_softmax_lse: bool = False):
-    """``cuflash.attention_with_kvcache`` for JAX arrays (docs/decode.md), eager calls only.
+    """``cuflash.attention_with_kvcache`` for JAX arrays (docs/decode.md), eagerly and under
+    ``jax.jit`` / ``lax.fori_loop`` / ``lax.scan`` / ``jax.vmap``.
 
     JAX arrays are immutable, so an append is functional: with ``k_new`` / ``v_new`` the
-    caches are updated out of place (``.at[].set`` through ``block_table`` when paged) and
+    updated caches (eagerly made with ``.at[].set``, through ``block_table`` when paged) are
     returned after the results: ``(o, k_cache, v_cache)``, or ``(o, lse, k_cache, v_cache)``
-    with ``return_softmax_lse``. Other arguments, results and errors as the core call.
-    Traced arrays (``jax.jit``) raise TypeError: there is no XLA FFI target for decoding yet.
-    """
-    from . import decode
-    from .decode_checks import check_decode
-    from .interop import import_array
+    with ``return_softmax_lse``. ``cache_seqlens`` is the length before the append and is
+    not updated (add ``k_new.shape[1]`` for the next step). Other arguments, results and
+    errors as the core call.
 
+    Under ``jax.jit`` (any argument a tracer) the call is the XLA FFI target of
+    ``cuflash.jax_decode``: on CUDA the eager call's kernels and splits on XLA's stream,
+    with no host sync, capturable in XLA's CUDA graphs; on the CPU the NumPy path. An
+    append writes into the caches in place when XLA can give their buffers to the call
+    (donated caches, or caches carried through a loop), else into copies. Shapes, dtypes
+    and flags are checked at trace time with the eager errors; values (lengths, page ids)
+    are checked on the CPU when the call runs (raised by JAX as ``XlaRuntimeError``) and
+    clamped on CUDA, as in an eager CUDA call. ``jax.vmap`` runs one call per vmapped entry.
+    """
     given = {n: x for n, x in dict(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new,
                                      v_new=v_new, cache_seqlens=cache_seqlens,
                                      block_table=block_table, alibi_slopes=alibi_slopes).items()
              if x is not None}
-    if not _is_concrete(*given.values()):
-        traced = next(n for n, x in given.items() if not _is_concrete(x))
-        raise TypeError(f"{traced}: expected a concrete array (an eager call), got a tracer; "
-                        f"cuflash.jax.attention_with_kvcache has no XLA FFI target for "
-                        f"jax.jit yet (docs/decode.md)")
+    return_softmax_lse = validate.check_bool(return_softmax_lse, "return_softmax_lse")
+    flags = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                 num_splits=num_splits)
+    if _is_concrete(*given.values()):
+        o, lse, caches = _kvcache_eager(given, flags)
+    else:
+        o, lse, caches = _kvcache_traced(given, flags)
+    out = (o, lse) if return_softmax_lse else (o,)
+    out += caches
+    return out[0] if len(out) == 1 else out
+
+
+def _kvcache_eager(given: dict, flags: dict):
+    """(o, lse, new caches or ()) of concrete arrays, through the framework-neutral call."""
+    from . import decode
+    from .decode_checks import check_decode
+    from .interop import import_array
+
     imported = {n: import_array(x, n) for n, x in given.items()}
     check_decode(imported["q"], imported["k_cache"], imported["v_cache"],
                  imported.get("cache_seqlens"), block_table=imported.get("block_table"),
                  k_new=imported.get("k_new"), v_new=imported.get("v_new"),
-                 alibi_slopes=imported.get("alibi_slopes"), causal=causal,
-                 softmax_scale=softmax_scale, window=window, softcap=softcap,
-                 num_splits=num_splits, in_place=False)
-    if k_new is not None:
-        k_cache = _append_functional(k_cache, k_new, cache_seqlens, block_table)
-        v_cache = _append_functional(v_cache, v_new, cache_seqlens, block_table)
-        cache_seqlens = jnp.asarray(cache_seqlens) + jnp.int32(k_new.shape[1])
-    out = decode.attention_with_kvcache(
-        q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table,
-        causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-        alibi_slopes=alibi_slopes, num_splits=num_splits, return_softmax_lse=return_softmax_lse)
-    if k_new is None:
-        return out
-    return (*out, k_cache, v_cache) if return_softmax_lse else (out, k_cache, v_cache)
+                 alibi_slopes=imported.get("alibi_slopes"), in_place=False, **flags)
+    k_cache, v_cache, seqlens = given["k_cache"], given["v_cache"], given.get("cache_seqlens")
+    table = given.get("block_table")
+    if "k_new" in given:
+        k_cache = _append_functional(k_cache, given["k_new"], seqlens, table)
+        v_cache = _append_functional(v_cache, given["v_new"], seqlens, table)
+        seqlens = jnp.asarray(seqlens) + jnp.int32(given["k_new"].shape[1])
+    o, lse = decode.attention_with_kvcache(
+        given["q"], k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+        alibi_slopes=given.get("alibi_slopes"), return_softmax_lse=True, **flags)
+    return o, lse, (k_cache, v_cache) if "k_new" in given else ()
+
+
+def _kvcache_traced(given: dict, flags: dict):
+    """(o, lse, new caches or ()) with a tracer among the arrays: the XLA FFI target.
+    Checked first on stand-ins with each array's shape and dtype (before ``jnp.asarray``,
+    which would turn a NumPy float64 / int64 into float32 / int32 silently)."""
+    for name, x in given.items():
+        _check_head_array(x, name)  # a JAX array, tracer or NumPy array
+    four_d = ("q", "k_cache", "v_cache", "k_new", "v_new")
+    stand_ins = {n: _shape_only(x) if n in four_d and x.ndim else _stand_in(x)
+                 for n, x in given.items()}
+    problem = jax_decode.check(stand_ins, flags)
+    options = jax_decode.Options.of(problem, given)
+    results = jax_decode.ffi_call({n: jnp.asarray(x) for n, x in given.items()}, problem,
+                                  options)
+    return results[0], results[1], tuple(results[2:])
 
 
 def _append_functional(cache, new, cache_seqlens, block_table):

@@ -14,9 +14,12 @@ What the callback does with a call frame:
 
 * metadata query (``extension_start`` is an ``XLA_FFI_Metadata_Extension``): XLA asks, at
   registration, which API version the handler was built for and its traits. We answer with
-  the running XLA's own version (we read nothing it lacks) and no traits (in particular not
-  command-buffer compatible: our launches may allocate and compile, so XLA must not capture
-  them in a CUDA graph).
+  the running XLA's own version (we read nothing it lacks) and, by default, no traits: not
+  command-buffer compatible, because most of our launches may allocate and compile, so XLA
+  must not capture them in a CUDA graph. A target whose handler only launches on XLA's
+  stream (kernels loaded at trace time, scratch from XLA, no host sync) registers with
+  ``command_buffer=True`` (``XLA_FFI_HANDLER_TRAITS_COMMAND_BUFFER_COMPATIBLE``): XLA may then
+  run the handler once while capturing a graph and replay the graph without calling it.
 * any stage but EXECUTE: nothing to do (we register an execute-only handler anyway).
 * EXECUTE: decode the buffers and attributes into a :class:`Call` and run the Python
   function. Any exception becomes an ``XLA_FFI_Error`` (XLA raises it in Python as an
@@ -56,6 +59,7 @@ EXTENSION_METADATA = 1  # XLA_FFI_Extension_Type
 STAGE_EXECUTE = 3  # XLA_FFI_ExecutionStage
 ARG_BUFFER = RET_BUFFER = 1  # XLA_FFI_ArgType / XLA_FFI_RetType
 ATTR_SCALAR = 3  # XLA_FFI_AttrType
+TRAIT_COMMAND_BUFFER_COMPATIBLE = 1  # XLA_FFI_Handler_TraitsBits
 ERROR_INVALID_ARGUMENT, ERROR_INTERNAL = 3, 13  # XLA_FFI_Error_Code
 
 # XLA_FFI_DataType (= xla::PrimitiveType) -> NumPy, for the types a buffer or scalar may have
@@ -331,7 +335,7 @@ def _check(api, error: int | None, what: str) -> None:
     raise FfiCallError(f"{what}: {text}")
 
 
-def _fill_metadata(frame: CallFrame) -> None:
+def _fill_metadata(frame: CallFrame, traits: int = 0) -> None:
     extension = ctypes.cast(frame.extension_start, POINTER(MetadataExtension)).contents
     metadata = extension.metadata.contents
     if frame.api:
@@ -341,7 +345,7 @@ def _fill_metadata(frame: CallFrame) -> None:
         major, minor = 0, 1
     metadata.api_version = ApiVersion(struct_size(ApiVersion, "minor_version"), None, major,
                                       minor)
-    metadata.traits = 0  # not command-buffer (CUDA graph) compatible
+    metadata.traits = traits  # 0: not command-buffer (CUDA graph) compatible
     if metadata.struct_size >= struct_size(Metadata, "state_type_id"):
         metadata.state_type_id = 0  # XLA_FFI_UNKNOWN_TYPE_ID: a stateless handler
 
@@ -403,7 +407,7 @@ def _report(name: str, frame: CallFrame, exc: BaseException) -> int:
     return error
 
 
-def _run(name: str, execute: Callable[[Call], None], frame_ptr) -> int | None:
+def _run(name: str, execute: Callable[[Call], None], frame_ptr, traits: int = 0) -> int | None:
     """The handler's work: None for success, else an XLA_FFI_Error; may raise."""
     frame = _frame(frame_ptr)
     try:
@@ -411,7 +415,7 @@ def _run(name: str, execute: Callable[[Call], None], frame_ptr) -> int | None:
             raise ValueError(f"XLA_FFI_CallFrame of {frame.struct_size} bytes, expected at "
                              f"least {_MIN_FRAME_SIZE}")
         if frame.extension_start and frame.extension_start.contents.type == EXTENSION_METADATA:
-            _fill_metadata(frame)
+            _fill_metadata(frame, traits)
         elif frame.stage == STAGE_EXECUTE:
             execute(decode(frame))
         return None
@@ -441,16 +445,18 @@ def _last_resort(name: str) -> int:
     os.abort()
 
 
-def make_handler(name: str, execute: Callable[[Call], None]):
+def make_handler(name: str, execute: Callable[[Call], None], *, command_buffer: bool = False):
     """The ctypes callback for ``execute``; keep the returned object alive while XLA may call it.
 
     Every path returns None (success) or an XLA_FFI_Error: an exception that escaped a ctypes
-    callback would hand XLA an unwritten return value.
+    callback would hand XLA an unwritten return value. ``command_buffer``: declare the
+    handler command-buffer (CUDA graph) compatible (see the module docstring).
     """
+    traits = TRAIT_COMMAND_BUFFER_COMPATIBLE if command_buffer else 0
 
     def handler(frame_ptr):
         try:
-            return _run(name, execute, frame_ptr)
+            return _run(name, execute, frame_ptr, traits)
         except BaseException:  # noqa: BLE001 - reporting failed; see _last_resort
             return _last_resort(name)
 
@@ -465,8 +471,10 @@ _REGISTERED: set[tuple[str, str]] = set()
 _REGISTRATION_LOCK = threading.Lock()
 
 
-def register(name: str, execute: Callable[[Call], None], platform: str) -> None:
-    """Register ``execute`` as FFI target ``name`` for ``platform`` ("cpu", "CUDA"), once.
+def register(name: str, execute: Callable[[Call], None], platform: str, *,
+             command_buffer: bool = False) -> None:
+    """Register ``execute`` as FFI target ``name`` for ``platform`` ("cpu", "CUDA"), once;
+    ``command_buffer`` as in ``make_handler``.
 
     Thread-safe: the first jitted calls of several threads may arrive together, and a second
     registration of a name is refused by XLA (or, worse, replaces a callback XLA holds). A
@@ -477,7 +485,7 @@ def register(name: str, execute: Callable[[Call], None], platform: str) -> None:
     with _REGISTRATION_LOCK:
         if (name, platform) in _REGISTERED:
             return
-        callback = make_handler(name, execute)
+        callback = make_handler(name, execute, command_buffer=command_buffer)
         _CALLBACKS.append(callback)
         address = ctypes.cast(callback, c_void_p).value
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(address), platform=platform)
