@@ -392,7 +392,7 @@ def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None
     combine_grid = lse_offset = workspace = None
     if splits > 1:
         rows_out = s.batch * s.q_len * s.heads
-        combine_grid = (_cdiv(rows_out, COMBINE_WARPS), 1, 1)
+        combine_grid = (rows_out, 1, 1)  # one block of COMBINE_WARPS warps per row
         lse_offset = _cdiv(4 * splits * rows_out * s.head_dim, 256) * 256
         workspace = lse_offset + 4 * splits * rows_out
     chunks = s.batch * s.seqlen_new * s.heads_kv * (s.head_dim // 8)  # one thread each
@@ -488,7 +488,7 @@ def run_decode(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands, wo
                     stream, what(spec.name))
     if plan.combine_grid:
         launch_function(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
-                        4 * COMBINE_WARPS * plan.num_splits, _PARAMS_SIGNATURE, args, stream,
+                        4 * COMBINE_WARPS * (spec.head_dim + 2), _PARAMS_SIGNATURE, args, stream,
                         what("flash_decode_combine"))
 
 

@@ -21,12 +21,14 @@ the facts (SM count, arch) of each local GPU (the largest). The handler plans wi
 memoized ``decode.decode_plan`` as an eager call, so a jitted call runs exactly the eager
 call's kernels and splits; a device that needs more scratch than was traced for raises.
 
-CUDA: the handler is declared command-buffer compatible, so XLA may capture it in a CUDA
-graph. It only launches on XLA's stream: the kernels are compiled and loaded at trace time
-(module loading is not allowed while a stream is captured), the checks and the plan are
-memoized per signature, nothing is allocated, no device value is read and the host never
-waits. ``CUFLASH_XLA_COMMAND_BUFFER=0`` (read when the target is first registered) registers
-it without the trait instead, so XLA runs it outside its graphs.
+CUDA: the handler only launches on XLA's stream: the kernels are compiled and loaded at
+trace time (module loading is not allowed while a stream is captured), the checks and the
+plan are memoized per signature, nothing is allocated, no device value is read and the host
+never waits. It is registered without XLA's command-buffer trait, like cuflash's other
+targets, so XLA runs it between its CUDA graphs: with the trait declared, XLA (JAX 0.11,
+H200, 2026-12-01) still left it out of every command buffer, even forced, so capture is not
+claimed. ``CUFLASH_XLA_COMMAND_BUFFER=1`` (read when the target is first registered)
+declares the trait, for trying newer XLA versions.
 
 CPU: the same call frame as NumPy arrays runs the NumPy path of the eager call, host values
 (lengths, page ids) checked as there.
@@ -289,8 +291,8 @@ def _on_device(device_id: int):
 
 def register_targets() -> None:
     """The target for XLA:CPU and XLA:CUDA, once per process (as cuflash.jax's own). The
-    CUDA one is command-buffer compatible unless CUFLASH_XLA_COMMAND_BUFFER=0."""
-    graphs = os.environ.get("CUFLASH_XLA_COMMAND_BUFFER", "1") != "0"
+    CUDA one declares XLA's command-buffer trait only with CUFLASH_XLA_COMMAND_BUFFER=1."""
+    graphs = os.environ.get("CUFLASH_XLA_COMMAND_BUFFER", "0") == "1"
     xla_ffi.register(TARGET, functools.partial(target, on_cuda=False), "cpu")
     xla_ffi.register(TARGET, functools.partial(target, on_cuda=True), "CUDA",
                      command_buffer=graphs)

@@ -12,6 +12,8 @@ float32 plus 1% of the largest logit, and greedy tokens equal to sdpa's up to a 
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -126,8 +128,12 @@ def _stepped_logits(model, impl, prompt, steps):
     model.set_attn_implementation(impl)
     cache = transformers.DynamicCache(config=model.config)
     chunks = [prompt, *steps]
+    # transformers 5.x renamed forward's past_key_values to cache; take whichever it has
+    # (an unknown keyword would be swallowed by **kwargs and every step run cacheless)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else \
+        "past_key_values"
     with torch.no_grad():
-        logits = [model(input_ids=c, cache=cache, use_cache=True).logits
+        logits = [model(input_ids=c, use_cache=True, **{name: cache}).logits
                   for c in chunks]
     return torch.cat(logits, dim=1).double()
 

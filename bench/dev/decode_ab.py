@@ -4,7 +4,7 @@ without extra -D flags, and an older copy of the kernel source (kernels_cu/<file
     python bench/dev/decode_ab.py --rows 1,32768,8 8,8192,8 64,2048,8 --q-len 1 \
         --variant v0:flash_decode_mma_v0.cu:64,2,2 new::64,2,2 new_nol2::64,2,2:CF_X_L2=0
 
-A variant is label:source(empty: current):block_n,stages,min_blocks[:NAME=VALUE,...].
+A variant is label:source(empty: current):block_n,stages,min_blocks[,warps][:NAME=VALUE,...].
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ def _spec_class():
         def defines(self):
             return {**super().defines, **dict(self.extra)}
     return Variant
+
+
+_REPORTS: dict = {}  # spec name -> the split kernel's report (a cached cubin has no log)
+
+
+def _report(compiler, spec, arch):
+    if spec.name not in _REPORTS:
+        _REPORTS[spec.name] = ([r for r in compiler.compile_report(spec, arch)
+                                if r.function == "flash_decode_split"] or [None])[0]
+    return _REPORTS[spec.name]
 
 
 def main(argv=None) -> int:
@@ -72,9 +82,9 @@ def main(argv=None) -> int:
                 label, source, tiles = parts[0], parts[1], parts[2]
                 extra = tuple((a, int(b)) for a, b in (x.split("=") for x in parts[3].split(","))
                               ) if len(parts) > 3 else ()
-                block_n, stages, blocks = (int(x) for x in tiles.split(","))
+                block_n, stages, blocks, *w = (int(x) for x in tiles.split(","))
                 try:
-                    spec = Variant("bfloat16", HEAD_DIM, block_n, stages, base.warps, blocks,
+                    spec = Variant("bfloat16", HEAD_DIM, block_n, stages, w[0] if w else base.warps, blocks,
                                    base.rows, source=source or "flash_decode_mma.cu",
                                    label=label, extra=extra)
                 except ValueError as e:
@@ -82,9 +92,7 @@ def main(argv=None) -> int:
                     continue
                 specs.append(spec)
             with ThreadPoolExecutor(8) as pool:  # NVRTC outside the GIL
-                reps = list(pool.map(lambda x: ([r for r in compiler.compile_report(x, arch)
-                                                 if r.function == "flash_decode_split"] or [None])[0],
-                                     specs))
+                reps = list(pool.map(lambda x: _report(compiler, x, arch), specs))
             specs, reps = zip(*[(x, r) for x, r in zip(specs, reps) if r is not None])
             specs = list(zip(specs, reps))
             results = {s.name: [] for s, _ in specs}

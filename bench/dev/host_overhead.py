@@ -1,6 +1,6 @@
 """Host (Python) time per cuflash call on a GPU, and where it goes (cProfile).
 
-    python bench/dev/host_overhead.py [--calls 300]
+    python bench/dev/host_overhead.py [--calls 300] [--decode]
 
 Tiny shapes, so the GPU work is negligible and a call's wall time is its host overhead:
 validation, layout lookup, plan lookup, allocation, launch.
@@ -22,7 +22,12 @@ import cuflash.torch as ct
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--decode", action="store_true",
+                   help="decoding instead: attention_with_kvcache and transformers' attention "
+                        "functions (cufa vs sdpa) at q_len 1 against a 4k GQA cache")
     args = p.parse_args()
+    if args.decode:
+        return decode_overhead(args.calls)
     q, k, v, do = (torch.randn(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
                    for _ in range(4))
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
@@ -64,6 +69,51 @@ def main():
         torch.cuda.synchronize()
         print(f"--- {name}: top functions by own time")
         pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+
+
+def decode_overhead(calls: int) -> None:
+    """Host time of one decode-step attention call, the way transformers' generation makes
+    it: (batch, heads, 1, d) queries against (batch, heads_kv, L, d) caches. A cache that
+    grows by one key per step is a new layout each step (as with DynamicCache)."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import cuflash.transformers as cftr
+
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=4, training=False)
+    mk = lambda h, n: torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16)
+    q, k, v = mk(16, 1), mk(4, 4096), mk(4, 4096)
+    grow = [(mk(4, 4096 + i), mk(4, 4096 + i)) for i in range(8)]
+    step = iter(range(10**9))
+    cases = {
+        "cuflash.torch decode": lambda: ct.attention_with_kvcache(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True),
+        "cufa attention fn": lambda: cftr.attention_forward(module, q, k, v, None),
+        "cufa fn, growing cache": lambda: cftr.attention_forward(
+            module, q, *grow[next(step) % 8], None),
+        "sdpa attention fn": lambda: sdpa_attention_forward(module, q, k, v, None),
+        "sdpa fn, growing cache": lambda: sdpa_attention_forward(
+            module, q, *grow[next(step) % 8], None),
+    }
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        print(f"{name:<24} {(time.perf_counter() - start) / calls * 1e6:8.1f} us per call")
+    for name in ("cufa attention fn", "cufa fn, growing cache"):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- {name}: top functions by own time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
