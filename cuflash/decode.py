@@ -37,7 +37,7 @@ MIN_KEYS_PER_SPLIT = 256
 # last wave is busy (see auto_splits).
 WAVE_FILL = 0.95
 WARPS = 4
-COMBINE_WARPS = 4  # flash_decode.cu's CF_COMBINE_WARPS
+COMBINE_WARPS = 8  # flash_decode.cu's CF_COMBINE_WARPS
 ROW_BUCKETS = (1, 2, 4, 8)
 HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power of two
 # (keys, stages) each lane group loads per step, by rows per block: (16-bit, float32).
@@ -58,8 +58,9 @@ HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power
 # Measured (H200, bf16 d128, bench/dev/decode_variants.py, 2026-12-01): at 4 rows (GQA 8,
 # 8k, 8 kv heads) one stage of 4 keys at 3 blocks per SM beat the two-stage guess, 3.11 TB/s
 # against 2.90 (the best of 18 spill-free variants; cuDNN 4.08); at 1 row (1, 32k, 32) keys
-# 4 to 8 at 4 blocks all reach 4.24-4.30.
-_KEYS = {1: ((8, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((4, 1), (1, 2)), 8: ((1, 2), (1, 1))}
+# 4 to 8 at 4 blocks all reach 4.24-4.30. A later run of the same (session 3): 1 row takes 4
+# keys, 4.25 TB/s at (1, 32k, 32) and 4.51 at (64, 2k, 32) against 8 keys' 4.12 and 4.48.
+_KEYS = {1: ((4, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((4, 1), (1, 2)), 8: ((1, 2), (1, 1))}
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -240,10 +241,13 @@ MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row til
 # --mma, 2026-12-01): 2 blocks per SM beat 3, because the split rule fills the larger wave
 # with more, shorter splits: (64, 2k, 8 kv heads) 4.07 TB/s at 1 split vs 3.56 at 3; (1, 32k,
 # 8) 2.93 at 32 splits vs 2.76 at 47; (8, 8k, 8) 3.65 either way (the SIMT kernel: 3.10).
+# 32 rows (GQA group 4 at q_len 8, D 128) take 8 warps of 16 keys (two bands x four key
+# parts) in one block per SM: 2.43 / 1.91 TB/s at (8, 8k, 8) / (1, 32k, 8) against 2.30-2.35
+# / 1.68 for 32-key tiles in 3 stages at 3 blocks (bench/dev/decode_ab.py, session 3).
 _MMA_TILES = {
     (32, 16): (256, 2, 4, 3), (32, 32): (128, 3, 4, 3), (32, 64): (64, 5, 4, 3),
     (64, 16): (128, 2, 4, 3), (64, 32): (128, 2, 4, 3), (64, 64): (64, 3, 4, 2),
-    (128, 16): (64, 2, 4, 2), (128, 32): (32, 3, 4, 3), (128, 64): (64, 2, 4, 2),
+    (128, 16): (64, 2, 4, 2), (128, 32): (64, 2, 8, 1), (128, 64): (64, 2, 4, 2),
     (256, 16): (32, 2, 2, 3), (256, 32): (32, 2, 4, 2),
 }
 

@@ -93,8 +93,8 @@
 #define CF_SOURCE_HASH 0  // cache key only
 #endif
 
-#define CF_COMBINE_WARPS 4
-#define CF_COMBINE_BATCH 8  // splits whose partial o are loaded before any is used
+#define CF_COMBINE_WARPS 8
+#define CF_COMBINE_BATCH 4  // splits per warp whose partial o are loaded before any is used
 
 typedef unsigned short dec_u16;
 typedef unsigned int dec_u32;
@@ -616,38 +616,45 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // The combine is a short kernel after a long one: its time is the latency of its dependent
 // loads. So each of a block's warps takes every CF_COMBINE_WARPS-th split and issues the lse
-// and partial-o loads of CF_COMBINE_BATCH of its splits before using any (one round trip up
-// to CF_COMBINE_WARPS x CF_COMBINE_BATCH = 32 splits), folding them into its own running
+// and partial-o loads of kCombineBatch of its splits before using any (one round trip up
+// to CF_COMBINE_WARPS x kCombineBatch = 32 splits at D <= 128), folding them into its own running
 // (m, l, acc); the warps' states are then merged through shared memory. (One warp per row,
 // reading the lse first and the partial o in batches after, took 4.6-5.6 us for 16-32
 // splits, H200, 2026-12-01: a tenth of a 32k-key GQA decode.)
-// Lane owns the 4 columns lane * 4 + 128 c of each chunk c (head_dim % 8 == 0).
-enum : int { kCombineChunks = (CF_HEAD_DIM + 127) / 128 };
+// Lane owns the 4 columns lane * 4 + 128 c of each chunk c (head_dim % 8 == 0); with two
+// chunks (head_dim 256) a batch is half as many splits: 16 floats a lane in flight either way
+// (8 warps of 4 splits, not 4 of 8: ptxas (NVRTC 13) capped the kernel at 56-72 registers for
+// sm_75 / sm_120 and the larger batch spilled there).
+enum : int {
+  kCombineChunks = (CF_HEAD_DIM + 127) / 128,
+  kCombineBatch = CF_COMBINE_BATCH / kCombineChunks,
+};
 
-extern "C" __global__ void __launch_bounds__(32 * CF_COMBINE_WARPS)
+// (min blocks 1: without it ptxas (NVRTC 13, sm_90) held the head_dim 256 combine to 48
+// registers and spilled)
+extern "C" __global__ void __launch_bounds__(32 * CF_COMBINE_WARPS, 1)
 flash_decode_combine(const DecodeParams p) {
   extern __shared__ __align__(16) float smem[];  // [warp][head_dim] acc, [warp] m, [warp] l
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = p.num_splits;
   const long long rows = (long long)p.batch * p.q_len * p.heads;
-  const long long row = blockIdx.x;  // (b, i, h)
-  const int h = (int)(row % p.heads), i = (int)((row / p.heads) % p.q_len);
-  const int b = (int)(row / ((long long)p.heads * p.q_len));
+  const int row = blockIdx.x;  // (b, i, h); 32-bit: a 64-bit division is a called routine
+  const int h = row % p.heads, i = (row / p.heads) % p.q_len, b = row / (p.heads * p.q_len);
   const long long lse_row = ((long long)b * p.heads + h) * p.q_len + i;
   const long long lse_stride = (long long)p.batch * p.heads * p.q_len;  // one split's lse
   const long long part_stride = rows * p.head_dim;  // one split's o
-  const float* part_row = p.o_part + row * p.head_dim;
+  const float* part_row = p.o_part + (long long)row * p.head_dim;
 
   // -- this warp's splits warp, warp + W, ...: running max m (log2 units), sum l, acc
   float m = -DEC_INF, l = 0.f;
   float4 acc[kCombineChunks];
 #pragma unroll
   for (int c = 0; c < kCombineChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = warp; s0 < n; s0 += CF_COMBINE_WARPS * CF_COMBINE_BATCH) {
-    float lse[CF_COMBINE_BATCH];
-    float4 x[CF_COMBINE_BATCH][kCombineChunks];
+  for (int s0 = warp; s0 < n; s0 += CF_COMBINE_WARPS * kCombineBatch) {
+    float lse[kCombineBatch];
+    float4 x[kCombineBatch][kCombineChunks];
 #pragma unroll
-    for (int u = 0; u < CF_COMBINE_BATCH; ++u) {  // every load of the batch first
+    for (int u = 0; u < kCombineBatch; ++u) {  // every load of the batch first
       const int s = s0 + u * CF_COMBINE_WARPS;
       lse[u] = s < n ? __ldg(p.lse_part + s * lse_stride + lse_row) * DEC_LOG2E : -DEC_INF;
 #pragma unroll
@@ -660,17 +667,17 @@ flash_decode_combine(const DecodeParams p) {
     }
     float m_new = m;
 #pragma unroll
-    for (int u = 0; u < CF_COMBINE_BATCH; ++u) m_new = fmaxf(m_new, lse[u]);
+    for (int u = 0; u < kCombineBatch; ++u) m_new = fmaxf(m_new, lse[u]);
     const float m_safe = m_new == -DEC_INF ? 0.f : m_new;  // no split saw a key yet
-    const float keep = exp2f(m - m_safe);
+    const float keep = fast_exp2(m - m_safe);
     l *= keep;
 #pragma unroll
     for (int c = 0; c < kCombineChunks; ++c) {
       acc[c].x *= keep, acc[c].y *= keep, acc[c].z *= keep, acc[c].w *= keep;
     }
 #pragma unroll
-    for (int u = 0; u < CF_COMBINE_BATCH; ++u) {
-      const float w = exp2f(lse[u] - m_safe);  // 0 for a split that saw no key
+    for (int u = 0; u < kCombineBatch; ++u) {
+      const float w = fast_exp2(lse[u] - m_safe);  // 0 for a split that saw no key
       l += w;
 #pragma unroll
       for (int c = 0; c < kCombineChunks; ++c) {
@@ -702,7 +709,7 @@ flash_decode_combine(const DecodeParams p) {
   float f[CF_COMBINE_WARPS], total = 0.f;
 #pragma unroll
   for (int w = 0; w < CF_COMBINE_WARPS; ++w) {
-    f[w] = exp2f(sm_m[w] - m_safe);
+    f[w] = fast_exp2(sm_m[w] - m_safe);
     total += f[w] * sm_l[w];
   }
   // __fdividef: total <= num_splits, far from the range where it flushes
@@ -714,7 +721,8 @@ flash_decode_combine(const DecodeParams p) {
     for (int w = 0; w < CF_COMBINE_WARPS; ++w) a = fmaf(f[w], sm_acc[w * p.head_dim + d], a);
     out[d] = float_to_elem(a * inv);
   }
-  if (threadIdx.x == 0) p.lse[lse_row] = total == 0.f ? -DEC_INF : (m_safe + log2f(total)) * DEC_LN2;
+  if (threadIdx.x == 0)
+    p.lse[lse_row] = total == 0.f ? -DEC_INF : (m_safe + __log2f(total)) * DEC_LN2;
 }
 
 // -- append: k_new / v_new into the cache at cache_seqlens[b] + t ------------------------------

@@ -4,7 +4,7 @@ without extra -D flags, and an older copy of the kernel source (kernels_cu/<file
     python bench/dev/decode_ab.py --rows 1,32768,8 8,8192,8 64,2048,8 --q-len 1 \
         --variant v0:flash_decode_mma_v0.cu:64,2,2 new::64,2,2 new_nol2::64,2,2:CF_X_L2=0
 
-A variant is label:source(empty: current):block_n,stages,min_blocks[,warps][:NAME=VALUE,...].
+A variant is label:source(empty: current):block_n,stages,min_blocks[,warps[,rows]][:NAME=VALUE,...].
 """
 
 from __future__ import annotations
@@ -85,7 +85,8 @@ def main(argv=None) -> int:
                 block_n, stages, blocks, *w = (int(x) for x in tiles.split(","))
                 try:
                     spec = Variant("bfloat16", HEAD_DIM, block_n, stages, w[0] if w else base.warps, blocks,
-                                   base.rows, source=source or "flash_decode_mma.cu",
+                                   w[1] if len(w) > 1 else base.rows,
+                                   source=source or "flash_decode_mma.cu",
                                    label=label, extra=extra)
                 except ValueError as e:
                     print(f"   {label} {tiles}: refused ({e})")
