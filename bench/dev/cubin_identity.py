@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     before = json.loads(args.path.read_text())
     if args.sources:  # the saved hashes of specs from other files are not compared
         names = {f"{s.name}@{a}" for s, a in work}
-        before = {k: v for k, v in before.items() if k in names or k not in hashes}
         before = {k: v for k, v in before.items() if k in names}
     changed = sorted(k for k in hashes.keys() & before.keys() if hashes[k] != before[k])
     new, gone = sorted(hashes.keys() - before.keys()), sorted(before.keys() - hashes.keys())
