@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import validate
+from . import config, validate
+from .api import _refuse_untracked_gradients
+from .launch import launch_function, poison_enabled
 # re-exported: the plan's names that tests, benchmarks and docs use from here
 from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
                             DecodeProblem, DecodeShape, check_decode)
@@ -415,9 +417,8 @@ _functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, ap
 
 def _functions_of(spec: DecodeSpec | DecodeMmaSpec, device_id: int) -> tuple[int, int, int]:
     from .compiler import get_kernel
-    from .specs import forced_arch
 
-    key = (spec.name, device_id, forced_arch())
+    key = (spec.name, device_id, config.raw())  # a forced arch loads other code
     hit = _functions.get(key)
     if hit is None:
         loaded = get_kernel(spec, device_id)
@@ -477,11 +478,13 @@ def run_decode(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands, wo
                stream: int, device_id: int) -> None:
     """Enqueue the decode on ``stream``: append (with k_new), split, combine (more than one
     split). ``workspace``: the address of ``plan.workspace_bytes`` scratch bytes."""
-    from .launch import launch_function
+    _enqueue(plan, _functions_of(plan.spec, device_id), _params(plan, problem, ops, workspace),
+             stream)
 
+
+def _enqueue(plan: DecodePlan, functions: tuple, args: tuple, stream: int) -> None:
     s, spec = plan.shape, plan.spec
-    split_fn, combine_fn, append_fn = _functions_of(spec, device_id)
-    args = _params(plan, problem, ops, workspace)
+    split_fn, combine_fn, append_fn = functions
     what = lambda name: (lambda: f"{name} for {s}")
     if plan.append_grid:
         launch_function(append_fn, plan.append_grid, spec.threads, 0, _PARAMS_SIGNATURE, args,
@@ -556,8 +559,6 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache
     CUDA torch and CuPy arrays run on the framework's current stream with its allocator
     and no host sync (a torch call, append included, can be captured in a CUDA graph).
     """
-    from .api import _refuse_untracked_gradients
-
     given = dict(zip(_OPTIONAL, (cache_seqlens, block_table, k_new, v_new, alibi_slopes)))
     named = [(q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")]
     named += [(x, name) for name, x in given.items() if x is not None]
@@ -631,16 +632,28 @@ def _flag_key(flags: dict) -> tuple:
                  for name, v in sorted(flags.items()))
 
 
-def _problem(backend, q, k, v, given: dict, flags: dict) -> DecodeProblem:
-    key = (_flag_key(flags), tuple(backend.layout(x) for x in (q, k, v)),
+def _problem_key(backend, q, k, v, given: dict, flags: dict):
+    """The memo key of a call's layout and flags, or None for an unhashable flag (say a dict
+    window: validation says what is wrong)."""
+    key = (_flag_key(flags), backend.layout(q), backend.layout(k), backend.layout(v),
            tuple((name, backend.layout(x)) for name, x in given.items()))
     try:
-        known = _problems.get(key)
-    except TypeError:  # an unhashable flag (say a dict window): validation says what is wrong
-        known = key = None
-    if known is not None and all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0
-                                 for x in (q, k, v, given.get("k_new"), given.get("v_new"))
-                                 if x is not None):
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _aligned(backend, q, k, v, given: dict) -> bool:
+    """Rows 16-byte aligned (a memo hit skips the checks that say so)."""
+    return all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0
+               for x in (q, k, v, given.get("k_new"), given.get("v_new")) if x is not None)
+
+
+def _problem(backend, q, k, v, given: dict, flags: dict) -> DecodeProblem:
+    key = _problem_key(backend, q, k, v, given, flags)
+    known = _problems.get(key) if key is not None else None
+    if known is not None and _aligned(backend, q, k, v, given):
         return known
     named = {"q": q, "k_cache": k, "v_cache": v, **given}
     problem = _check({n: import_array(x, n) for n, x in named.items()}, flags)
@@ -681,27 +694,70 @@ def _operands(backend, q, k, v, given: dict, o, lse, s: DecodeShape) -> DecodeOp
         alibi_slopes=ptr("alibi_slopes"), **new)
 
 
+@dataclass(frozen=True)
+class _Bound:
+    """A validated layout's launch without its addresses: what a repeated call reuses."""
+
+    problem: DecodeProblem
+    plan: DecodePlan
+    functions: tuple  # (split, combine, append) CUfunctions on the layout's device
+    static: tuple  # DecodeParams after its 12 pointers
+    lse_shape: tuple
+
+
+_bound: dict = {}
+
+
+def _bind(backend, q, k, v, given: dict, problem: DecodeProblem, index: int) -> _Bound:
+    s = problem.shape
+    plan = decode_plan(s, problem.num_splits, index)
+    ops = _operands(backend, q, k, v, given, q, q, s)  # (o, lse: any array; addresses dropped)
+    static = _params(plan, problem, ops, 0)[12:]
+    return _Bound(problem, plan, _functions_of(plan.spec, index), static,
+                  (s.batch, s.heads, s.q_len))
+
+
 def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
                 problem: DecodeProblem | None = None):
-    """(o, lse) on CUDA arrays of ``backend``'s framework, on its current stream."""
-    from .launch import poison_enabled
-
+    """(o, lse) on CUDA arrays of ``backend``'s framework, on its current stream. A layout
+    seen before (same flags, shapes, strides, dtypes, device and configuration) skips the
+    checks and the plan: only the addresses are new (the host time of a decode step)."""
     given = {name: x for name, x in given.items() if x is not None}
+    index = backend.device_index(q)
+    key = bound = None
     if problem is None:
-        problem = _problem(backend, q, k, v, given, flags)
-    s = problem.shape
+        key = _problem_key(backend, q, k, v, given, flags)
+        if key is not None:
+            key = (key, config.raw())
+            bound = _bound.get(key)
+            if bound is not None and not _aligned(backend, q, k, v, given):
+                bound = None  # the checks say which row is misaligned
+    if bound is None:
+        problem = problem or _problem(backend, q, k, v, given, flags)
+        with backend.on_device(index):
+            bound = _bind(backend, q, k, v, given, problem, index)
+        if key is not None:
+            if len(_bound) >= _MAX_LAYOUTS:
+                _bound.clear()
+            _bound[key] = bound
+    plan = bound.plan
     o = backend.empty(q.shape, None, q)
-    lse = backend.empty((s.batch, s.heads, s.q_len), backend.float32, q)
+    lse = backend.empty(bound.lse_shape, backend.float32, q)
     if poison_enabled():
         backend.poison(o), backend.poison(lse)
+    s = plan.shape
     if s.empty and not s.seqlen_new:
         return o, lse
-    index = backend.device_index(q)
+    ptr = backend.ptr
+    address = lambda name: ptr(given[name]) if name in given else 0
     with backend.on_device(index):
-        plan = decode_plan(s, problem.num_splits, index)
-        workspace = (backend.empty((plan.workspace_bytes,), backend.uint8, q)
-                     if plan.workspace_bytes else None)
-        ops = _operands(backend, q, k, v, given, o, lse, s)
-        run_decode(plan, problem, ops, 0 if workspace is None else backend.ptr(workspace),
-                   backend.stream(), index)
+        part = part_lse = 0
+        if plan.workspace_bytes:
+            workspace = backend.empty((plan.workspace_bytes,), backend.uint8, q)
+            part = ptr(workspace)
+            part_lse = part + plan.lse_offset
+        args = (ptr(q), ptr(k), ptr(v), address("k_new"), address("v_new"),
+                address("cache_seqlens"), address("block_table"), address("alibi_slopes"),
+                ptr(o), ptr(lse), part, part_lse) + bound.static
+        _enqueue(plan, bound.functions, args, backend.stream())
     return o, lse

@@ -34,7 +34,7 @@ import numbers
 
 import torch
 
-from . import api, validate
+from . import api, decode, validate
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
@@ -402,8 +402,6 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def _kvcache_impl(q, k_cache, v_cache, k_new, v_new, cache_seqlens, block_table,
                   alibi_slopes, causal, softmax_scale, window_left, window_right, softcap,
                   num_splits):
-    from . import decode
-
     return decode.attention_with_kvcache(
         q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
         block_table=block_table, alibi_slopes=alibi_slopes, causal=causal,
@@ -462,8 +460,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         if t is not None]
     _check_tensors(tensors)
     if not torch.compiler.is_compiling():
-        from . import decode
-
         return decode.attention_with_kvcache(
             q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens,
             block_table=block_table, causal=causal, softmax_scale=softmax_scale, window=window,
