@@ -1,0 +1,131 @@
+"""The CUDA host path of attention_with_kvcache on the CPU, with a NumPy stand-in for the
+framework backend and the launches recorded instead of run: a repeated layout (the bound
+launch reused) must pack exactly the arguments a fresh plan packs, with the new call's
+addresses, and a changed layout must be planned again."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+from cuflash import decode, launch
+
+
+class NumpyBackend:
+    """fastpath's Backend duck type over host arrays (addresses are host addresses)."""
+
+    float32, uint8 = np.float32, np.uint8
+
+    def layout(self, a):
+        return (a.shape, a.strides, a.dtype, 0)
+
+    def operand(self, a):
+        item = a.itemsize
+        return launch.Operand(a.ctypes.data, *(s // item for s in a.strides[:3]), item)
+
+    def ptr(self, a):
+        return a.ctypes.data
+
+    def empty(self, shape, dtype, like):
+        return np.empty(shape, dtype=dtype or like.dtype)
+
+    def poison(self, a):
+        a.fill(np.nan)
+
+    def device_index(self, a):
+        return 0
+
+    def stream(self):
+        return 1234
+
+    def on_device(self, index):
+        return contextlib.nullcontext()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls = []
+    monkeypatch.setattr(decode, "launch_function",
+                        lambda fn, grid, threads, smem, sig, args, stream, what:
+                        calls.append((fn, grid, threads, smem, args, stream)))
+    monkeypatch.setattr(decode, "_functions_of", lambda spec, device: (11, 22, 33))
+    monkeypatch.setattr("cuflash.launch.device_facts", lambda index: _FACTS)
+    decode._bound.clear(), decode._problems.clear(), decode._plans.clear()
+    return calls
+
+
+_FACTS = launch.DeviceFacts(name="test", arch="sm_90", sm_count=132, smem_optin=227 * 1024)
+
+
+def _arrays(rng, batch, q_len, cache, heads, heads_kv, dim=64):
+    q = rng.standard_normal((batch, q_len, heads, dim)).astype(np.float16)
+    k = rng.standard_normal((batch, heads_kv, cache, dim)).astype(np.float16).transpose(0, 2, 1, 3)
+    v = rng.standard_normal((batch, heads_kv, cache, dim)).astype(np.float16).transpose(0, 2, 1, 3)
+    return q, k, v
+
+
+def _expected(backend, q, k, v, given, flags, o, lse, workspace):
+    problem = decode._problem(backend, q, k, v, given, flags)
+    plan = decode.decode_plan(problem.shape, problem.num_splits, 0)
+    ops = decode._operands(backend, q, k, v, given, o, lse, problem.shape)
+    return plan, decode._params(plan, problem, ops, workspace)
+
+
+@pytest.mark.parametrize("cache, splits", [(300, 1), (5000, None)])
+def test_repeated_layout_packs_what_a_fresh_plan_packs(launches, cache, splits):
+    rng = np.random.default_rng(0)
+    backend = NumpyBackend()
+    flags = dict(causal=True, softmax_scale=None, window=(64, 0), softcap=None,
+                 num_splits=splits)
+    lens = np.array([cache - 7, cache], dtype=np.int32)
+    for call in range(3):  # the first call binds the layout, the others reuse it
+        q, k, v = _arrays(rng, 2, 2, cache, 8, 2)
+        given = {"cache_seqlens": lens, "block_table": None}
+        launches.clear()
+        o, lse = decode._decode_gpu(backend, q, k, v, given, flags)
+        assert len(decode._bound) == 1
+        split = next(c for c in launches if c[0] == 11)
+        workspace = split[4][10]  # o_part: the scratch's address (0 without splits)
+        plan, want = _expected(backend, q, k, v, {"cache_seqlens": lens}, flags, o, lse,
+                               workspace)
+        assert split[4] == want, f"call {call}"
+        assert (split[1], split[2], split[3]) == (plan.grid, plan.spec.threads,
+                                                  plan.spec.smem_bytes)
+        assert split[5] == 1234
+        assert [c[0] for c in launches] == [11] + ([22] if plan.combine_grid else [])
+        assert o.shape == q.shape and lse.shape == (2, 8, 2)
+
+
+def test_a_new_layout_is_planned_again(launches):
+    rng = np.random.default_rng(1)
+    backend = NumpyBackend()
+    flags = dict(causal=False, softmax_scale=None, window=None, softcap=None, num_splits=None)
+    for cache in (256, 257, 256):
+        q, k, v = _arrays(rng, 1, 1, cache, 4, 4)
+        launches.clear()
+        o, lse = decode._decode_gpu(backend, q, k, v, {}, flags)
+        plan, want = _expected(backend, q, k, v, {}, flags, o, lse, launches[0][4][10])
+        assert launches[0][4] == want
+    assert len(decode._bound) == 2
+
+
+def test_a_misaligned_address_is_checked_again(launches, monkeypatch):
+    """A hit skips the checks, so it must not skip the alignment they enforce (on CUDA
+    arrays; host arrays are not checked for it, so here: the checks run again)."""
+    rng = np.random.default_rng(2)
+    backend = NumpyBackend()
+    checked, real = [], decode._check
+    monkeypatch.setattr(decode, "_check", lambda *a: checked.append(1) or real(*a))
+    flags = dict(causal=False, softmax_scale=None, window=None, softcap=None, num_splits=None)
+    q, k, v = _arrays(rng, 1, 1, 256, 4, 4)
+    decode._decode_gpu(backend, q, k, v, {}, flags)
+    decode._decode_gpu(backend, q.copy(), k, v, {}, flags)
+    assert len(checked) == 1
+    storage = np.empty(q.size + 8, dtype=q.dtype)
+    start = next(i for i in range(8) if (storage[i:].ctypes.data % 16) == 2)
+    shifted = storage[start:start + q.size].reshape(q.shape)  # same layout, 2 bytes off
+    shifted[...] = q
+    decode._decode_gpu(backend, shifted, k, v, {}, flags)
+    assert len(checked) == 2
