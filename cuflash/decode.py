@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import config, validate
+from .constants import LOG2E
 from .api import _refuse_untracked_gradients
 from .launch import launch_function, poison_enabled
 # re-exported: the plan's names that tests, benchmarks and docs use from here
@@ -66,7 +67,6 @@ _KEYS = {1: ((4, 1), (4, 1)), 2: ((8, 1), (4, 1)), 4: ((4, 1), (1, 2)), 8: ((1, 
 _DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-LOG2E = 1.4426950408889634
 
 
 def _cdiv(a: int, b: int) -> int:
