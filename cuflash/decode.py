@@ -485,14 +485,15 @@ def run_decode(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands, wo
 def _enqueue(plan: DecodePlan, functions: tuple, args: tuple, stream: int) -> None:
     s, spec = plan.shape, plan.spec
     split_fn, combine_fn, append_fn = functions
-    what = lambda name: (lambda: f"{name} for {s}")
+    # a launch error's description, formatted only then (spec.name is built, not stored)
+    what = lambda kernel: (lambda: f"{getattr(kernel, 'name', kernel)} for {s}")
     if plan.append_grid:
         launch_function(append_fn, plan.append_grid, spec.threads, 0, _PARAMS_SIGNATURE, args,
                         stream, what("flash_decode_append"))
     if s.empty:  # an append with no query rows
         return
     launch_function(split_fn, plan.grid, spec.threads, spec.smem_bytes, _PARAMS_SIGNATURE, args,
-                    stream, what(spec.name))
+                    stream, what(spec))
     if plan.combine_grid:
         launch_function(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
                         4 * COMBINE_WARPS * (spec.head_dim + 2), _PARAMS_SIGNATURE, args, stream,
