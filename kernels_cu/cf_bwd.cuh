@@ -174,3 +174,15 @@ __device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const fl
     }
   }
 }
+
+// -- dQ atomics: a column pair added to the float dq_accum --------------------------------------
+// red.global.add.v2.f32 on sm_90+ (one vector reduction), two scalar atomics before. p is
+// 8-byte aligned: head_dim and the column are even.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
