@@ -97,6 +97,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
@@ -500,35 +501,17 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
-  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
-  const int m_first = qt.first;
-  const int tiles_per_head = qt.end - qt.first;
-  const int n_iter = heads_per_kv * tiles_per_head;
+  // -- the query tiles that can see keys n0.., for each head of the group (cf_bwd_stream.cuh)
+  const QueryTileWalk<kBM> walk(mask, n0, min(n0 + kBN, seqlen_k) - 1, kvh, heads_per_kv);
+  const int n_iter = walk.n_iter;
 
-  // cp.async copies of iteration `it` into stage `st`, as in the 16-keys-per-warp kernel.
+  // The cp.async copies of iteration `it` into stage `st` (cf_bwd_stream.cuh).
+  const QueryOperands qops{q, dout, lse2, delta, stride_qb, stride_qm, stride_qh,
+                           stride_dob, stride_dom, stride_doh};
   auto load_query_tile = [&](int it, int st) {
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
-    load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(stride_qb, stride_qm) +
-                                       h * stride_qh + m0 * stride_qm,
-                                   stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(stride_dob, stride_dom) +
-                                       h * stride_doh + m0 * stride_dom,
-                                   stride_dom, seqlen_q - m0, head_dim, tid);
-    const cf_i64 stat = seq.stats(h) + m0;
-    for (int i = tid; i < kBM; i += kThreads) {
-      if (m0 + i < seqlen_q) {
-        cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
-        cp_async_4(sDelta + st * kBM + i, delta + stat + i);
-      } else {
-        sLse[st * kBM + i] = CF_INF;
-        sDelta[st * kBM + i] = 0.f;
-      }
-    }
+    int m0, h;
+    walk.tile(it, m0, h);
+    load_query_stage<kBM, kThreads>(qops, seq, h, m0, sQ, sdO, sLse, sDelta, st, head_dim, tid);
   };
 
   // Warp w = 2 wk + wh: keys krow0 = 32 wk .. +31 of the block in every phase; queries
@@ -553,20 +536,13 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     cp_async_commit();
   }
 
-  // Pipeline invariant as in the 16-keys-per-warp kernel; the top barrier also guarantees
-  // that every warp is done reading sP / sdS of iteration it-1.
+  // The query tiles stream through the stages (cf_bwd_stream.cuh); the top barrier also
+  // guarantees that every warp is done reading sP / sdS of iteration it-1.
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kStages == 2 && it + 1 < n_iter) {
-      load_query_tile(it + 1, (it + 1) & 1);
-      cp_async_commit();
-    }
-    const int st = kStages == 2 ? (it & 1) : 0;
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
+    const int st = stream_top<kStages>(it, n_iter, load_query_tile);
+    int m0, h;
+    walk.tile(it, m0, h);
     const elem_t* tQ = sQ + st * kBM * kD;
     const elem_t* tdO = sdO + st * kBM * kD;
 
@@ -593,13 +569,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
       split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
                mask, softmax_scale, warp, lane);
     }
-    if (kStages == 1) {
-      __syncthreads();  // every warp is done with stage 0
-      if (it + 1 < n_iter) {
-        load_query_tile(it + 1, 0);
-        cp_async_commit();
-      }
-    }
+    stream_refill<kStages>(it, n_iter, load_query_tile);
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
