@@ -1,5 +1,5 @@
 // cf_bwd.cuh -- tensor-core helpers shared by the fp16/bf16 backward kernels
-// (flash_bwd.cu: dK, dV and atomic dQ; flash_bwd_dq.cu: deterministic dQ).
+// (flash_bwd.cu and flash_bwd_split.cu: dK, dV and atomic dQ; flash_bwd_dq.cu: deterministic dQ).
 //
 // Vocabulary. A "D-tile" is a shared-memory tile of ROWS rows x CF_HEAD_DIM 16-bit columns,
 // row-major, each row made of CF_HEAD_DIM / 8 16-byte chunks placed by `swizzle_chunk`

@@ -82,6 +82,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
@@ -260,18 +261,10 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     cp_async_commit();
   }
 
-  // Pipeline invariant: at the top of iteration `it` the only cp.async group in flight holds
-  // key tile `it`; the barrier after the wait publishes it and guarantees every warp is done
-  // with iteration it-1, whose stage (2 stages) is then refilled with tile it+1.
+  // The key tiles stream through the stages (cf_bwd_stream.cuh).
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kStages == 2 && it + 1 < n_tiles) {
-      load_kv_tile(it + 1, (it + 1) & 1);
-      cp_async_commit();
-    }
-    const int st = kStages == 2 ? (it & 1) : 0;
+    const int st = stream_top<kStages>(it, n_tiles, load_kv_tile);
     const elem_t* tK = sK + st * kBN * kD;
     const elem_t* tV = sV + st * kBN * kD;
     if (row0 < seqlen_q) {
@@ -280,13 +273,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
         dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, (tiles.begin + it) * kBN + ns, row0,
                    16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
     }
-    if (kStages == 1) {
-      __syncthreads();  // every warp is done with stage 0
-      if (it + 1 < n_tiles) {
-        load_kv_tile(it + 1, 0);
-        cp_async_commit();
-      }
-    }
+    stream_refill<kStages>(it, n_tiles, load_kv_tile);
   }
 
   // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
