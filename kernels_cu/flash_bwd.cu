@@ -180,31 +180,7 @@ __device__ __forceinline__ void bwd_subtile(
 
   // -- S^T = K Q^T and dP^T = V dO^T over the whole head_dim (16 x kMS per warp)
   float s[kMS / 8][4], dp[kMS / 8][4];
-  zero_acc(s);
-  zero_acc(dp);
-  // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
-  // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
-  const int ksteps = (head_dim + 15) >> 4;
-#pragma unroll kKUnroll
-  for (int kk = 0; kk < ksteps; ++kk) {
-    cf_u32 ka[4], va[4];
-    // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
-    // (r0-7,c8-15) (r8-15,c8-15)
-    ldsm_a<kCPR>(ka, sK, krow0, 2 * kk, lane);
-    ldsm_a<kCPR>(va, sV, krow0, 2 * kk, lane);
-#pragma unroll
-    for (int j = 0; j < kMS / 16; ++j) {
-      cf_u32 qb[4], ob[4];
-      // qb / ob: B = Q^T / dO^T, queries qs+16j..+15 (n), cols 16kk..+15 (k): regs =
-      // (q0-7,k0-7) (q0-7,k8-15) -> n-tile 2j; (q8-15,k0-7) (q8-15,k8-15) -> n-tile 2j+1
-      ldsm_b<kCPR>(qb, tQ, qs + 16 * j, 2 * kk, lane);
-      mma_16816(s[2 * j], ka, qb[0], qb[1]);
-      mma_16816(s[2 * j + 1], ka, qb[2], qb[3]);
-      ldsm_b<kCPR>(ob, tdO, qs + 16 * j, 2 * kk, lane);
-      mma_16816(dp[2 * j], va, ob[0], ob[1]);
-      mma_16816(dp[2 * j + 1], va, ob[2], ob[3]);
-    }
-  }
+  scores_and_dp<kMS, kKUnroll>(s, dp, sK, sV, krow0, tQ, tdO, qs, head_dim, lane);
 
   // -- S^T modified (cf_mask.cuh); P^T = exp2(S^T scale_log2 - lse2_q), masked;
   // dS^T = P^T (dP^T - delta_q) (times softcap's 1 - tanh^2)
