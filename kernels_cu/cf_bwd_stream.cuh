@@ -42,7 +42,7 @@ __device__ __forceinline__ void stream_refill(int it, int n_tiles, Load& load) {
   }
 }
 
-// -- the query tiles a key block visits (the dK/dV kernels) --------------------------------------
+// -- the query tiles a key block visits (the dK/dV kernels) ---------------------------------------
 // Iteration it = g * per_head + t: query head kvh * heads_per_kv + g of the block's GQA group
 // (GQA by index mapping: the dK / dV sums stay on chip), query tile first + t of those that can
 // see keys n0 .. n_last (cf_mask.cuh's query_tiles).
@@ -67,7 +67,29 @@ struct QueryTileWalk {
   }
 };
 
-// -- one query tile into a stage (the dK/dV kernels) ---------------------------------------------
+// -- the resident key block (the dK/dV kernels) ---------------------------------------------------
+// The key side of a dK/dV kernel's parameters: k, v (batch, seqlen_k, heads_kv, head_dim).
+struct KeyOperands {
+  const elem_t* k;
+  const elem_t* v;
+  long long stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh;
+};
+
+// K and V rows n0 .. n0 + BN - 1 of kv head kvh (rows past seqlen_k zero-filled) into sK / sV.
+// NT threads; commits nothing.
+template <int BN, int NT>
+__device__ __forceinline__ void load_key_block(const KeyOperands& g, const SeqInfo& seq, int kvh,
+                                               int n0, elem_t* sK, elem_t* sV, int head_dim,
+                                               int tid) {
+  load_tile_async<BN, NT>(sK, g.k + seq.k_offset(g.stride_kb, g.stride_kn) +
+                                  kvh * g.stride_kh + n0 * g.stride_kn,
+                          g.stride_kn, seq.seqlen_k - n0, head_dim, tid);
+  load_tile_async<BN, NT>(sV, g.v + seq.k_offset(g.stride_vb, g.stride_vn) +
+                                  kvh * g.stride_vh + n0 * g.stride_vn,
+                          g.stride_vn, seq.seqlen_k - n0, head_dim, tid);
+}
+
+// -- one query tile into a stage (the dK/dV kernels) ----------------------------------------------
 // The query side of a dK/dV kernel's parameters: q, dout (batch, seqlen_q, heads, head_dim),
 // lse2 and delta (cf_seq.cuh's statistics layout).
 struct QueryOperands {

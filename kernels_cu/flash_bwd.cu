@@ -343,12 +343,9 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
-                                           kvh * stride_kh + n0 * stride_kn,
-                                   stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
-                                           kvh * stride_vh + n0 * stride_vn,
-                                   stride_vn, seqlen_k - n0, head_dim, tid);
+    const KeyOperands kops{k, v, stride_kb, stride_kn, stride_kh,
+                           stride_vb, stride_vn, stride_vh};
+    load_key_block<kBN, kThreads>(kops, seq, kvh, n0, sK, sV, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
   }
