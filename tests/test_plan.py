@@ -122,7 +122,8 @@ def test_parameter_buffers_end_at_the_last_parameter():
 _ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),
                 ("fwd90", "flash_fwd_sm90.cu"), ("bwd", "flash_bwd.cu"),
                 ("bwd", "flash_bwd_split.cu"), ("bwd", "flash_bwd_fp32.cu"),
-                ("bwd90", "flash_bwd_sm90.cu"), ("bwd_dq", "flash_bwd_dq.cu"), ("bwd_dq", "flash_bwd_dq_fp32.cu"),
+                ("bwd90", "flash_bwd_sm90.cu"), ("bwd_dq", "flash_bwd_dq.cu"),
+                ("bwd_dq", "flash_bwd_dq_fp32.cu"),
                 ("bwd_pre", "flash_bwd_pre.cu"), ("convert", "flash_bwd_pre.cu")]
 _ENTRY_NAMES = {"convert": "flash_bwd_dq_convert", "bwd_pre": "flash_bwd_preprocess"}
 
