@@ -10,6 +10,12 @@
 //   into stage 0 once every warp is done reading it).
 // Invariant: at the top of iteration `it` the only group in flight holds tile `it`; the barrier
 // after the wait both publishes it and guarantees that every warp is done with iteration it-1.
+//
+// For the dK/dV kernels (a block of keys against the query tiles that can see it) the header
+// also owns which query tile iteration `it` is (QueryTileWalk: heads of the GQA group x query
+// tiles) and the loads of both sides (load_key_block: resident K, V; load_query_stage: Q, dO,
+// lse2, delta of one query tile). Address arithmetic is spelled as the kernels had it, in the
+// same order, so moving it here left every cubin bit-identical.
 #pragma once
 
 #include "cf_bwd.cuh"

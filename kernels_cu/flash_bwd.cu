@@ -1,5 +1,6 @@
 // flash_bwd.cu -- FlashAttention-2 backward (Dao 2023, Algorithm 2), fp16 / bf16 on tensor cores:
-// dK and dV for one block of keys, and (CF_DQ_ATOMIC = 1) dQ accumulated with float atomics.
+// dK and dV for one block of keys, 16 keys per warp, and (CF_DQ_ATOMIC = 1) dQ accumulated with
+// float atomics.
 //
 // Algorithm. For the keys j of this block and every query i that can see them:
 //   S^T = K Q^T                                   (raw scores q_i . k_j, fp32)
@@ -40,10 +41,11 @@
 // chunk 128 this is 128 + 32 (+ addresses): 230-250 registers, no spills (NVRTC 13.5, sm_80
 // and sm_90; bench/dev/compile_sweep.py checks every configuration).
 //
-// Pipeline (per query tile `it`): wait for its cp.async group, __syncthreads (publishes it and
-// frees the other stage), issue tile it+1 into the other stage (2 stages), compute, and with
-// CF_DQ_ATOMIC a second __syncthreads before the dQ pieces read sdS. 1 stage: tile it+1 is
-// issued after the last read of stage 0 (after the second barrier, or a barrier of its own).
+// Pipeline (per query tile `it`, cf_bwd_stream.cuh): wait for its cp.async group,
+// __syncthreads (publishes it and frees the other stage), issue tile it+1 into the other stage
+// (2 stages), compute, and with CF_DQ_ATOMIC a second __syncthreads before the dQ pieces read
+// sdS. 1 stage: tile it+1 is issued after the last read of stage 0 (after the second barrier,
+// or a barrier of its own).
 //
 // Shared memory (bytes), all dynamic, in this order:
 //   sK, sV   CF_BLOCK_N x CF_HEAD_DIM each            (resident, loaded once)
