@@ -229,8 +229,9 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
 
 BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
-# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics only (the
-# deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
+# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics
+# only (the deterministic mode runs the portable kernels, flash_bwd.cu / flash_bwd_split.cu).
+# 128 queries per tile only at head_dim 64 (registers).
 BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
