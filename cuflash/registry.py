@@ -60,6 +60,13 @@ class Variant:
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
     # one raises (never a silent fallback to a slower family).
     modifiers: tuple[str, ...] = ()
+    # backward: the file of the split layout (bwd_split_layout), a kernel of its own with the
+    # same entry point and parameters; ``source`` holds every other tile
+    split_source: str | None = None
+
+    def source_of(self, spec) -> str:
+        """The kernels_cu file that holds ``spec``'s kernel: the tiles choose the layout."""
+        return self.split_source if self.split_source and bwd_split_layout(spec) else self.source
 
     @property
     def target(self) -> str:
@@ -122,7 +129,7 @@ def _smem_none(s) -> int:  # elementwise: registers only
 
 
 def bwd_split_layout(spec) -> bool:
-    """flash_bwd.cu's CF_BWD_SPLIT: 8 warps, one chunk of head_dim <= 128 (16-bit only)."""
+    """flash_bwd_split.cu's tiles: 8 warps, one chunk of head_dim <= 128 (16-bit only)."""
     return (spec.kind == "bwd" and spec.dtype != "float32" and spec.warps == 8
             and spec.dchunk >= spec.head_dim and spec.head_dim <= 128)
 
@@ -196,8 +203,9 @@ _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-
 FWD90 = {64: (_FWD90_WIDE, _fwd16(8, 64, 2)), 128: (_FWD90_WIDE, _fwd16(8, 64, 2)),
          256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
 
-# bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout of flash_bwd.cu
-# (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp.
+# bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
+# (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp
+# (flash_bwd.cu).
 # The split needs 161 KB at d128 (m64) and at d64 (m128), 97 KB at d64 (m64).
 _BWD16_OWN = (_bwd16(4, 64, 2, "the 16-keys-per-warp kernel: H100 bf16 d128 16k 139.4 TFLOP/s, "
                                "d64 147.0 (NOTES' split layout, 'before')"),
@@ -221,8 +229,9 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
 
 BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
-# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics only (the
-# deterministic mode uses flash_bwd.cu). 128 queries per tile only at head_dim 64 (registers).
+# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics
+# only (the deterministic mode runs the portable kernels, flash_bwd.cu / flash_bwd_split.cu).
+# 128 queries per tile only at head_dim 64 (registers).
 BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
@@ -278,7 +287,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
             BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16, modifiers=ALL_MODS),
+            dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_source="flash_bwd_split.cu"),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
             dchunk=_dchunk_bwd32, modifiers=ALL_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,

@@ -138,7 +138,7 @@ class KernelSpec:
     @property
     def source(self) -> str:
         """The ``kernels_cu`` file that holds this kernel."""
-        return self.variant.source
+        return self.variant.source_of(self)
 
     @property
     def target(self) -> str:

@@ -1,5 +1,5 @@
 // cf_bwd.cuh -- tensor-core helpers shared by the fp16/bf16 backward kernels
-// (flash_bwd.cu: dK, dV and atomic dQ; flash_bwd_dq.cu: deterministic dQ).
+// (flash_bwd.cu and flash_bwd_split.cu: dK, dV and atomic dQ; flash_bwd_dq.cu: deterministic dQ).
 //
 // Vocabulary. A "D-tile" is a shared-memory tile of ROWS rows x CF_HEAD_DIM 16-bit columns,
 // row-major, each row made of CF_HEAD_DIM / 8 16-byte chunks placed by `swizzle_chunk`
@@ -151,6 +151,44 @@ __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
   for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 }
 
+// -- two products of one warp in one loop: S = A B^T and dP = A' B'^T ---------------------------
+// 16 rows arow0.. of the tiles a (K or Q) and a2 (V or dO) against N rows brow0.. of b (Q or K)
+// and b2 (dO or V), all D-tiles, contracted over head_dim: s = a b^T and dp = a2 b2^T, each
+// 16 x N (N / 2 floats per thread). The 16-column k-steps stop at head_dim (columns >= head_dim
+// are zero-filled, so a partial last step is exact); no register array is indexed by kk, so
+// the loop is only partly unrolled (UNROLL). Used transposed by flash_bwd.cu (S^T = K Q^T,
+// dP^T = V dO^T) and as written by flash_bwd_dq.cu (S = Q K^T, dP = dO V^T).
+template <int N, int UNROLL>
+__device__ __forceinline__ void scores_and_dp(float (&s)[N / 8][4], float (&dp)[N / 8][4],
+                                              const elem_t* a, const elem_t* a2, int arow0,
+                                              const elem_t* b, const elem_t* b2, int brow0,
+                                              int head_dim, int lane) {
+  constexpr int CPR = CF_HEAD_DIM / 8;
+  zero_acc(s);
+  zero_acc(dp);
+  const int ksteps = (head_dim + 15) >> 4;
+#pragma unroll UNROLL
+  for (int kk = 0; kk < ksteps; ++kk) {
+    cf_u32 fa[4], fa2[4];
+    // A fragments, rows arow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
+    // (r0-7,c8-15) (r8-15,c8-15)
+    ldsm_a<CPR>(fa, a, arow0, 2 * kk, lane);
+    ldsm_a<CPR>(fa2, a2, arow0, 2 * kk, lane);
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) {
+      cf_u32 fb[4], fb2[4];
+      // B fragments, rows brow0+16j..+15 (n), cols 16kk..+15 (k): regs =
+      // (n0-7,k0-7) (n0-7,k8-15) -> n-tile 2j; (n8-15,k0-7) (n8-15,k8-15) -> n-tile 2j+1
+      ldsm_b<CPR>(fb, b, brow0 + 16 * j, 2 * kk, lane);
+      mma_16816(s[2 * j], fa, fb[0], fb[1]);
+      mma_16816(s[2 * j + 1], fa, fb[2], fb[3]);
+      ldsm_b<CPR>(fb2, b2, brow0 + 16 * j, 2 * kk, lane);
+      mma_16816(dp[2 * j], fa2, fb2[0], fb2[1]);
+      mma_16816(dp[2 * j + 1], fa2, fb2[2], fb2[3]);
+    }
+  }
+}
+
 // Store the 16 x (8 N) C tiles of one warp as elem_t, times `scale`, at rows row0 + g and
 // row0 + g + 8, columns col0 + 8 n + 2 t .. +1; rows >= rows_valid and columns >= head_dim are
 // skipped (head_dim is a multiple of 8, so a column pair is stored whole or not at all).
@@ -173,4 +211,16 @@ __device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const fl
             pack2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
     }
   }
+}
+
+// -- dQ atomics: a column pair added to the float dq_accum --------------------------------------
+// red.global.add.v2.f32 on sm_90+ (one vector reduction), two scalar atomics before. p is
+// 8-byte aligned: head_dim and the column are even.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }

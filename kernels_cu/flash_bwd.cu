@@ -1,5 +1,6 @@
 // flash_bwd.cu -- FlashAttention-2 backward (Dao 2023, Algorithm 2), fp16 / bf16 on tensor cores:
-// dK and dV for one block of keys, and (CF_DQ_ATOMIC = 1) dQ accumulated with float atomics.
+// dK and dV for one block of keys, 16 keys per warp, and (CF_DQ_ATOMIC = 1) dQ accumulated with
+// float atomics.
 //
 // Algorithm. For the keys j of this block and every query i that can see them:
 //   S^T = K Q^T                                   (raw scores q_i . k_j, fp32)
@@ -31,36 +32,20 @@
 // multiple of 64 columns) dealt round-robin to the warps, each piece added to dq_accum with
 // red.global.add.v2.f32 (sm_90; two scalar atomics before).
 //
-// Split layout (CF_BWD_SPLIT: 8 warps, CF_BLOCK_N 128, CF_BLOCK_M 64 or 128, head_dim <= 128 in
-// one chunk). Owning 16 keys per warp, every Q / dO fragment feeds only 2 mma and the kernel is
-// shared-memory bound (bench/dev/NOTES.md). Here warp w = 2 wk + wh works in three phases per
-// query tile, the work split as in FlashAttention-2's backward:
-//   1. S^T, P^T, dP^T, dS^T for keys 32 wk .. +31 x queries (M/2) wh .. (4 x 2 warps over
-//      (keys, queries), M = CF_BLOCK_M; at M = 64 4 ldmatrix.x4 per 8 mma); P^T and dS^T go to
-//      shared memory (sP, sdS).
-//   2. (barrier) dV += P^T dO, dK += dS^T Q for keys 32 wk .. +31 x columns (D/2) wh .. of all
-//      M queries: 4 x 2 warps over (keys, columns), A from sP / sdS; at D = 128 6 ldmatrix.x4
-//      per 16 mma. dK + dV accumulators: D floats per thread.
-//   3. dQ += dS K * scale: warps over (query rows, columns) of the tile (2 x 4 when D % 64 == 0,
-//      else 4 x 2), A from sdS (.trans), B from sK, then red.global.add.v2 as below.
-// 128 keys per block halve the dQ atomics per FLOP against 64. P^T is rounded to elem_t before
-// dS^T = P^T (dP^T - delta) is formed (the packed P^T is what fits in the registers beside dK,
-// dV; it is also the P^T that dV uses). Shared memory adds a second CF_BLOCK_N x CF_BLOCK_M
-// tile, sP, before sdS:
-//   SMEM = (2*CF_BLOCK_N*CF_HEAD_DIM + 2*CF_STAGES*CF_BLOCK_M*CF_HEAD_DIM
-//           + 2*CF_BLOCK_N*CF_BLOCK_M) * 2 + 2*CF_STAGES*CF_BLOCK_M*4
-//   (164864 B at head_dim 128 with 2 stages: fits the A100's 163 KB, one block per SM.)
-// Barriers per query tile: the pipeline's top one, and one between phases 1 and 2.
+// The split layout (8 warps over 128 keys, FlashAttention-2's work split across three
+// phases) is its own kernel, flash_bwd_split.cu; the registry picks it for 8 warps with the
+// whole head_dim <= 128 in one chunk (registry.bwd_split_layout), this file for the rest.
 //
 // Registers per thread: dK + dV accumulators min(CF_DCHUNK, CF_HEAD_DIM) floats, S^T + dP^T
 // MSUB floats, a dQ piece PW / 2 floats (not live at the same time as S^T / dP^T). With
 // chunk 128 this is 128 + 32 (+ addresses): 230-250 registers, no spills (NVRTC 13.5, sm_80
 // and sm_90; bench/dev/compile_sweep.py checks every configuration).
 //
-// Pipeline (per query tile `it`): wait for its cp.async group, __syncthreads (publishes it and
-// frees the other stage), issue tile it+1 into the other stage (2 stages), compute, and with
-// CF_DQ_ATOMIC a second __syncthreads before the dQ pieces read sdS. 1 stage: tile it+1 is
-// issued after the last read of stage 0 (after the second barrier, or a barrier of its own).
+// Pipeline (per query tile `it`, cf_bwd_stream.cuh): wait for its cp.async group,
+// __syncthreads (publishes it and frees the other stage), issue tile it+1 into the other stage
+// (2 stages), compute, and with CF_DQ_ATOMIC a second __syncthreads before the dQ pieces read
+// sdS. 1 stage: tile it+1 is issued after the last read of stage 0 (after the second barrier,
+// or a barrier of its own).
 //
 // Shared memory (bytes), all dynamic, in this order:
 //   sK, sV   CF_BLOCK_N x CF_HEAD_DIM each            (resident, loaded once)
@@ -128,42 +113,9 @@
 #ifndef CF_BWD_KUNROLL
 #define CF_BWD_KUNROLL 2
 #endif
-// The layout follows from the tiles (the host's smem formula mirrors this test, specs.py
-// bwd_split_layout): 8 warps over 128 keys with the whole head_dim <= 128 in one chunk is the
-// split layout (see "Split layout" above); everything else the 16-keys-per-warp layout.
-#ifndef CF_BWD_SPLIT
-#define CF_BWD_SPLIT (CF_WARPS == 8 && CF_DCHUNK >= CF_HEAD_DIM && CF_HEAD_DIM <= 128)
-#endif
-// Split-layout knobs (the host never sets them; bench/dev/NOTES.md has their timings):
-// CF_BWD_SPLIT_PIPE = how split_scores walks head_dim: 1 fully unrolled with the next step's
-// fragments loaded ahead of the current step's mma; 3 the same in a rolled two-step loop
-// (head_dim 128, where 1 spills in some modes); 0 a plain loop unrolled CF_BWD_SPLIT_KUNROLL
-// times. H100 bf16 16k: d64 m128 200 TFLOP/s with 0, 217 with 1 (m64: 183, 196); d128 216 with
-// 0, 222 with 1 (+P_RELOAD), 218 with 3 (+P_RELOAD): the d128 ones within run-to-run noise.
-// CF_BWD_SPLIT_P_RELOAD = 1: P^T is read back from sP to form dS^T instead of being kept packed
-// in 16 registers while dP^T accumulates; what lets PIPE 1 fit beside the 128 accumulators of
-// head_dim 128 without spilling.
-// CF_BWD_SPLIT_QGD = warps across the dQ columns (the other 8 / QGD across its rows).
-// Score modifiers (cf_mask.cuh) take registers too: their specs use the plain loop (PIPE 0)
-// at every head_dim (ALiBi with softcap spilled up to 268 B with 1 or 3).
-#ifndef CF_BWD_SPLIT_PIPE
-#if CF_SOFTCAP || CF_ALIBI
-#define CF_BWD_SPLIT_PIPE 0
-#else
-#define CF_BWD_SPLIT_PIPE (CF_HEAD_DIM > 96 ? 3 : 1)
-#endif
-#endif
-#ifndef CF_BWD_SPLIT_KUNROLL
-#define CF_BWD_SPLIT_KUNROLL 2
-#endif
-#ifndef CF_BWD_SPLIT_P_RELOAD
-#define CF_BWD_SPLIT_P_RELOAD (CF_HEAD_DIM > 96 || CF_SOFTCAP || CF_ALIBI)
-#endif
-#ifndef CF_BWD_SPLIT_QGD
-#define CF_BWD_SPLIT_QGD (CF_HEAD_DIM % 64 == 0 ? 4 : 2)
-#endif
 
 #include "cf_bwd.cuh"
+#include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
@@ -183,16 +135,7 @@ enum : int {
   kSCPR = kBM / 8,  // 16-byte chunks per sdS row
   kKUnroll = CF_BWD_KUNROLL,  // a name: nvcc does not expand macros in #pragma unroll
   kPW = kDC % 64 == 0 ? 64 : 32,  // dQ piece width
-  kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + (CF_BWD_SPLIT ? 2 : 1) * kBN * kBM) * 2 +
-               2 * kStages * kBM * 4,
-  // split layout (CF_BWD_SPLIT): warp w = 2 wk + wh
-  kKW = 32,  // keys per warp (rows kKW wk ..): S^T, dP^T, dK, dV
-  kQW = kBM / 2,  // queries per warp in S^T / dP^T (columns kQW wh ..)
-  kDW = kD / 2,  // dK / dV columns per warp (kDW wh ..)
-  kQGD = CF_BWD_SPLIT_QGD,  // dQ: warps across the columns ...
-  kQR = kBM / (8 / kQGD),  // ... each owning kQR query rows
-  kQC = kD / kQGD,  // ... x kQC columns
-  kSplitKUnroll = CF_BWD_SPLIT_KUNROLL,
+  kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 + 2 * kStages * kBM * 4,
 };
 
 static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
@@ -205,20 +148,7 @@ static_assert(CF_DCHUNK % 32 == 0 && CF_DCHUNK <= 128, "flash_bwd: CF_DCHUNK in 
 static_assert(CF_DCHUNK % 64 == 0 || CF_DCHUNK >= CF_HEAD_DIM,
               "flash_bwd: a chunk narrower than head_dim must be a multiple of 64 columns");
 static_assert(kStages == 1 || kStages == 2, "flash_bwd: CF_STAGES is 1 or 2");
-static_assert(!CF_BWD_SPLIT || (kWarps == 8 && (kBM == 64 || kBM == 128) && kD <= 128 &&
-                                kDC == kD),
-              "flash_bwd: the split layout is 8 warps, CF_BLOCK_M 64 or 128, one chunk <= 128");
 }  // namespace bwd
-
-// Vectorised float atomic add of a column pair (8-byte aligned: head_dim and col are even).
-__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
-#else
-  atomicAdd(p, x);
-  atomicAdd(p + 1, y);
-#endif
-}
 
 // -- one query sub-tile for one warp: S^T, dP^T, P^T, dS^T; dV, dK updates; dS^T to smem -----
 // tQ / tdO / tLse / tDelta: this query tile's stage; qs: first column of the sub-tile inside
@@ -252,31 +182,7 @@ __device__ __forceinline__ void bwd_subtile(
 
   // -- S^T = K Q^T and dP^T = V dO^T over the whole head_dim (16 x kMS per warp)
   float s[kMS / 8][4], dp[kMS / 8][4];
-  zero_acc(s);
-  zero_acc(dp);
-  // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
-  // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
-  const int ksteps = (head_dim + 15) >> 4;
-#pragma unroll kKUnroll
-  for (int kk = 0; kk < ksteps; ++kk) {
-    cf_u32 ka[4], va[4];
-    // ka / va: A = K / V rows krow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
-    // (r0-7,c8-15) (r8-15,c8-15)
-    ldsm_a<kCPR>(ka, sK, krow0, 2 * kk, lane);
-    ldsm_a<kCPR>(va, sV, krow0, 2 * kk, lane);
-#pragma unroll
-    for (int j = 0; j < kMS / 16; ++j) {
-      cf_u32 qb[4], ob[4];
-      // qb / ob: B = Q^T / dO^T, queries qs+16j..+15 (n), cols 16kk..+15 (k): regs =
-      // (q0-7,k0-7) (q0-7,k8-15) -> n-tile 2j; (q8-15,k0-7) (q8-15,k8-15) -> n-tile 2j+1
-      ldsm_b<kCPR>(qb, tQ, qs + 16 * j, 2 * kk, lane);
-      mma_16816(s[2 * j], ka, qb[0], qb[1]);
-      mma_16816(s[2 * j + 1], ka, qb[2], qb[3]);
-      ldsm_b<kCPR>(ob, tdO, qs + 16 * j, 2 * kk, lane);
-      mma_16816(dp[2 * j], va, ob[0], ob[1]);
-      mma_16816(dp[2 * j + 1], va, ob[2], ob[3]);
-    }
-  }
+  scores_and_dp<kMS, kKUnroll>(s, dp, sK, sV, krow0, tQ, tdO, qs, head_dim, lane);
 
   // -- S^T modified (cf_mask.cuh); P^T = exp2(S^T scale_log2 - lse2_q), masked;
   // dS^T = P^T (dP^T - delta_q) (times softcap's 1 - tanh^2)
@@ -386,8 +292,6 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
   }
 }
 
-#if !CF_BWD_SPLIT
-// minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
@@ -422,36 +326,17 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
   const int c0 = chunk * CF_DCHUNK;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
-  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
-  const int m_first = qt.first;
-  const int tiles_per_head = qt.end - qt.first;
-  const int n_iter = heads_per_kv * tiles_per_head;
+  // -- the query tiles that can see keys n0.., for each head of the group (cf_bwd_stream.cuh)
+  const QueryTileWalk<kBM> walk(mask, n0, min(n0 + kBN, seqlen_k) - 1, kvh, heads_per_kv);
+  const int n_iter = walk.n_iter;
 
-  // Issue the cp.async copies of iteration `it` (head group member g, query tile m0) into
-  // stage `st`: Q and dO tiles, lse2 and delta of the tile's rows (+inf and 0 past seqlen_q).
+  // The cp.async copies of iteration `it` into stage `st` (cf_bwd_stream.cuh).
+  const QueryOperands qops{q, dout, lse2, delta, stride_qb, stride_qm, stride_qh,
+                           stride_dob, stride_dom, stride_doh};
   auto load_query_tile = [&](int it, int st) {
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
-    load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(stride_qb, stride_qm) +
-                                       h * stride_qh + m0 * stride_qm,
-                                   stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(stride_dob, stride_dom) +
-                                       h * stride_doh + m0 * stride_dom,
-                                   stride_dom, seqlen_q - m0, head_dim, tid);
-    const cf_i64 stat = seq.stats(h) + m0;
-    for (int i = tid; i < kBM; i += kThreads) {
-      if (m0 + i < seqlen_q) {
-        cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
-        cp_async_4(sDelta + st * kBM + i, delta + stat + i);
-      } else {
-        sLse[st * kBM + i] = CF_INF;
-        sDelta[st * kBM + i] = 0.f;
-      }
-    }
+    int m0, h;
+    walk.tile(it, m0, h);
+    load_query_stage<kBM, kThreads>(qops, seq, h, m0, sQ, sdO, sLse, sDelta, st, head_dim, tid);
   };
 
   float acc_dk[kDC / 8][4], acc_dv[kDC / 8][4];  // this warp's 16 keys x kDC chunk columns
@@ -460,31 +345,20 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
 
   // -- prologue: K, V (resident) and query tile 0 in one cp.async group
   if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
-                                           kvh * stride_kh + n0 * stride_kn,
-                                   stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
-                                           kvh * stride_vh + n0 * stride_vn,
-                                   stride_vn, seqlen_k - n0, head_dim, tid);
+    const KeyOperands kops{k, v, stride_kb, stride_kn, stride_kh,
+                           stride_vb, stride_vn, stride_vh};
+    load_key_block<kBN, kThreads>(kops, seq, kvh, n0, sK, sV, head_dim, tid);
     load_query_tile(0, 0);
     cp_async_commit();
   }
 
-  // Pipeline invariant: at the top of iteration `it` the only cp.async group in flight is the
-  // one holding query tile `it`. The barrier after the wait both publishes it and guarantees
-  // that every warp is done with iteration it-1, whose stage (2 stages) is then refilled.
+  // The query tiles stream through the stages (cf_bwd_stream.cuh); with CF_DQ_ATOMIC the one
+  // stage is refilled after the barrier that the dQ pieces need anyway.
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kStages == 2 && it + 1 < n_iter) {
-      load_query_tile(it + 1, (it + 1) & 1);
-      cp_async_commit();
-    }
-    const int st = kStages == 2 ? (it & 1) : 0;
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
+    const int st = stream_top<kStages>(it, n_iter, load_query_tile);
+    int m0, h;
+    walk.tile(it, m0, h);
     const elem_t* tQ = sQ + st * kBM * kD;
     const elem_t* tdO = sdO + st * kBM * kD;
     const float* tLse = sLse + st * kBM;
@@ -507,12 +381,8 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
       bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
                     head_dim, mask, softmax_scale, warp, lane);
       // sdS is rewritten only after the next iteration's top barrier.
-    } else if (kStages == 1) {
-      __syncthreads();  // every warp is done with stage 0
-      if (it + 1 < n_iter) {
-        load_query_tile(it + 1, 0);
-        cp_async_commit();
-      }
+    } else {
+      stream_refill<kStages>(it, n_iter, load_query_tile);
     }
   }
 
@@ -524,482 +394,3 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
                 kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
             seqlen_k, c0, head_dim, lane);
 }
-
-#else  // CF_BWD_SPLIT: the split layout (header, "Split layout")
-
-// The two elem_t of a packed pair as floats (.x = bits 0..15, as pack2 puts them).
-__device__ __forceinline__ float2 unpack2(cf_u32 r) {
-  return make_float2(elem_to_float((elem_t)(r & 0xffffu)), elem_to_float((elem_t)(r >> 16)));
-}
-
-// Store one 16 x 16 A fragment (rows row0 + grp, +8 x columns col0 + 2 tig, +8) into sP / sdS
-// (kBM / 8 chunks per row) at its elements' positions: one 4-byte store per register.
-__device__ __forceinline__ void split_store_frag(elem_t* tile, const cf_u32 a[4], int row0,
-                                                 int col0, int lane) {
-  using namespace bwd;
-  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row, col)) = a[0];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col)) = a[1];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row, col + 8)) = a[2];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8)) = a[3];
-}
-
-// The inverse of split_store_frag: the same lane reads back the 4 registers it stored.
-__device__ __forceinline__ void split_load_frag(cf_u32 a[4], const elem_t* tile, int row0,
-                                                int col0, int lane) {
-  using namespace bwd;
-  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
-  a[0] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col));
-  a[1] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col));
-  a[2] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col + 8));
-  a[3] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8));
-}
-
-// -- acc = X Y^T for one warp: kKW rows krow0.. of the resident sX (K or V) against kQW rows
-// qrow0.. of the query tile tY (Q or dO), contracted over the whole bucket (columns >= head_dim
-// are zero in both tiles). Per 16-column step: 2 + kQW / 16 ldmatrix.x4 feed 2 * kQW / 8 mma.
-// One 16-column step of split_scores into acc.
-__device__ __forceinline__ void split_scores_step(float (&acc)[2][bwd::kQW / 8][4],
-                                                  const elem_t* sX, const elem_t* tY, int krow0,
-                                                  int qrow0, int kk, int lane) {
-  using namespace bwd;
-  cf_u32 a[2][4];  // A = X rows krow0 + 16 mi .. +15, columns 16 kk .. +15
-  ldsm_a<kCPR>(a[0], sX, krow0, 2 * kk, lane);
-  ldsm_a<kCPR>(a[1], sX, krow0 + 16, 2 * kk, lane);
-#pragma unroll
-  for (int j = 0; j < kQW / 16; ++j) {
-    cf_u32 bq[4];  // B = Y^T: rows qrow0 + 16 j .. +15 (n), columns 16 kk .. +15 (k)
-    ldsm_b<kCPR>(bq, tY, qrow0 + 16 * j, 2 * kk, lane);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      mma_16816(acc[mi][2 * j], a[mi], bq[0], bq[1]);
-      mma_16816(acc[mi][2 * j + 1], a[mi], bq[2], bq[3]);
-    }
-  }
-}
-
-__device__ __forceinline__ void split_scores(float (&acc)[2][bwd::kQW / 8][4], const elem_t* sX,
-                                             const elem_t* tY, int krow0, int qrow0, int lane) {
-  using namespace bwd;
-  zero_acc(acc[0]);
-  zero_acc(acc[1]);
-#if CF_BWD_SPLIT_PIPE == 3
-  // Two fragment buffers in a rolled loop of two steps: step kk + 1's fragments load while
-  // step kk's mma run (kD / 16 is even for every bucket).
-  cf_u32 a[2][2][4], bq[2][kQW / 16][4];
-  auto load = [&](int kk, int buf) {
-    ldsm_a<kCPR>(a[buf][0], sX, krow0, 2 * kk, lane);
-    ldsm_a<kCPR>(a[buf][1], sX, krow0 + 16, 2 * kk, lane);
-#pragma unroll
-    for (int j = 0; j < kQW / 16; ++j) ldsm_b<kCPR>(bq[buf][j], tY, qrow0 + 16 * j, 2 * kk, lane);
-  };
-  auto mma_step = [&](int buf) {
-#pragma unroll
-    for (int j = 0; j < kQW / 16; ++j) {
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        mma_16816(acc[mi][2 * j], a[buf][mi], bq[buf][j][0], bq[buf][j][1]);
-        mma_16816(acc[mi][2 * j + 1], a[buf][mi], bq[buf][j][2], bq[buf][j][3]);
-      }
-    }
-  };
-  load(0, 0);
-#pragma unroll 1
-  for (int kk = 0; kk < kD / 16; kk += 2) {
-    load(kk + 1, 1);
-    mma_step(0);
-    if (kk + 2 < kD / 16) load(kk + 2, 0);
-    mma_step(1);
-  }
-#elif CF_BWD_SPLIT_PIPE
-  // Fragments of step kk + 1 are loaded before the mma of step kk (two register buffers), so
-  // the ldmatrix latency hides behind the previous step's mma.
-  cf_u32 a[2][2][4], bq[2][kQW / 16][4];
-  auto load = [&](int kk, int buf) {
-    ldsm_a<kCPR>(a[buf][0], sX, krow0, 2 * kk, lane);
-    ldsm_a<kCPR>(a[buf][1], sX, krow0 + 16, 2 * kk, lane);
-#pragma unroll
-    for (int j = 0; j < kQW / 16; ++j) ldsm_b<kCPR>(bq[buf][j], tY, qrow0 + 16 * j, 2 * kk, lane);
-  };
-  load(0, 0);
-#pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk) {
-    if (kk + 1 < kD / 16) load(kk + 1, (kk + 1) & 1);
-#pragma unroll
-    for (int j = 0; j < kQW / 16; ++j) {
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        mma_16816(acc[mi][2 * j], a[kk & 1][mi], bq[kk & 1][j][0], bq[kk & 1][j][1]);
-        mma_16816(acc[mi][2 * j + 1], a[kk & 1][mi], bq[kk & 1][j][2], bq[kk & 1][j][3]);
-      }
-    }
-  }
-#else
-#pragma unroll kSplitKUnroll
-  for (int kk = 0; kk < kD / 16; ++kk) split_scores_step(acc, sX, tY, krow0, qrow0, kk, lane);
-#endif
-}
-
-// -- phase 1, one warp: S^T, P^T, dP^T, dS^T for keys krow0..+31 of the block x queries
-// qcol0..+kQW-1 of the tile; P^T and dS^T (elem_t) to sP / sdS. key0 = n0 + krow0 and
-// q0 = m0 + qcol0 are absolute. A block whose P^T is all zero (tails, causal) writes zeros.
-__device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, const elem_t* tQ,
-                                           const elem_t* tdO, const float* tLse,
-                                           const float* tDelta, elem_t* sP, elem_t* sdS,
-                                           int krow0, int qcol0, int key0, int q0, int seqlen_q,
-                                           int seqlen_k, const MaskPolicy& mask,
-                                           const ScoreMods& mods, float scale_log2, int lane) {
-  using namespace bwd;
-  const int grp = lane >> 2, tig = lane & 3;
-  const bool active = q0 < seqlen_q && key0 < seqlen_k &&
-                      mask.any(q0, q0 + kQW - 1, key0, key0 + kKW - 1);
-  if (!active) {
-    const cf_u32 zero[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-      for (int ks = 0; ks < kQW / 16; ++ks) {
-        split_store_frag(sP, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-        split_store_frag(sdS, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-      }
-    }
-    return;
-  }
-
-  // -- S^T = K Q^T; P^T = exp2(S^T scale_log2 - lse2_q), masked. C element e of tile (mi, n):
-  // key = key0 + 16 mi + grp + 8 (e >> 1), query = q0 + 8 n + 2 tig + (e & 1).
-  float s[2][kQW / 8][4];
-  split_scores(s, sK, tQ, krow0, qcol0, lane);
-  const bool need_mask = !mask.full(q0, q0 + kQW - 1, key0, key0 + kKW - 1);
-  // softcap: 1 - tanh^2 per element waits in sdS (rounded to elem_t, as P^T is) where this
-  // lane later writes dS^T: no registers held across the dP^T products
-#pragma unroll
-  for (int n = 0; n < kQW / 8; ++n) {
-    const float2 lse = *reinterpret_cast<const float2*>(tLse + qcol0 + 8 * n + 2 * tig);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      float t[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key0 + 16 * mi + grp + 8 * (e >> 1);
-        const int qi = q0 + 8 * n + 2 * tig + (e & 1);
-        if (CF_SCORE_MODS) s[mi][n][e] = mods.apply(s[mi][n][e], qi, key, t[e]);
-        float p = fast_exp2(fmaf(s[mi][n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-        if (need_mask && !mask.visible(qi, key)) p = 0.f;
-        s[mi][n][e] = p;
-      }
-      if (CF_SOFTCAP) {
-        const int row = krow0 + 16 * mi + grp, col = qcol0 + 8 * n + 2 * tig;
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(row, col)) =
-            pack2(softcap_grad(t[0]), softcap_grad(t[1]));
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(row + 8, col)) =
-            pack2(softcap_grad(t[2]), softcap_grad(t[3]));
-      }
-    }
-  }
-  // P^T leaves registers as elem_t pairs (the A-fragment packing): 16 registers instead of 32
-  // while dP^T is accumulated, the difference between fitting beside dK / dV and spilling.
-  cf_u32 pa[2][kQW / 16][4];
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ks = 0; ks < kQW / 16; ++ks) {
-      c_to_a(pa[mi][ks], s[mi][2 * ks], s[mi][2 * ks + 1]);
-      split_store_frag(sP, pa[mi][ks], krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-    }
-  }
-
-  // -- dP^T = V dO^T; dS^T = P^T (dP^T - delta_q), with P^T as rounded to elem_t (the same P^T
-  // that dV uses; 0 wherever masked, so dS^T is too)
-  float dp[2][kQW / 8][4];
-  split_scores(dp, sV, tdO, krow0, qcol0, lane);
-#if CF_BWD_SPLIT_P_RELOAD
-  // P^T back from sP (each lane reads only what it stored: no barrier): the 16 registers of the
-  // packed P^T are then free while dP^T is accumulated.
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-    for (int ks = 0; ks < kQW / 16; ++ks)
-      split_load_frag(pa[mi][ks], sP, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-#endif
-#pragma unroll
-  for (int n = 0; n < kQW / 8; ++n) {
-    const float2 dlt = *reinterpret_cast<const float2*>(tDelta + qcol0 + 8 * n + 2 * tig);
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-      // C tile n = columns 8 (n & 1).. of A fragment n >> 1: rows g in register 2 (n & 1),
-      // rows g + 8 in register 2 (n & 1) + 1
-      const float2 p_lo = unpack2(pa[mi][n >> 1][2 * (n & 1)]);
-      const float2 p_hi = unpack2(pa[mi][n >> 1][2 * (n & 1) + 1]);
-      dp[mi][n][0] = p_lo.x * (dp[mi][n][0] - dlt.x);
-      dp[mi][n][1] = p_lo.y * (dp[mi][n][1] - dlt.y);
-      dp[mi][n][2] = p_hi.x * (dp[mi][n][2] - dlt.x);
-      dp[mi][n][3] = p_hi.y * (dp[mi][n][3] - dlt.y);
-      if (CF_SOFTCAP) {  // dS^T *= 1 - tanh^2 (the factors rounded to elem_t, as P^T is)
-        const int row = krow0 + 16 * mi + grp, col = qcol0 + 8 * n + 2 * tig;
-        const float2 g_lo =
-            unpack2(*reinterpret_cast<const cf_u32*>(sdS + swz_elem<kSCPR>(row, col)));
-        const float2 g_hi =
-            unpack2(*reinterpret_cast<const cf_u32*>(sdS + swz_elem<kSCPR>(row + 8, col)));
-        dp[mi][n][0] *= g_lo.x;
-        dp[mi][n][1] *= g_lo.y;
-        dp[mi][n][2] *= g_hi.x;
-        dp[mi][n][3] *= g_hi.y;
-      }
-    }
-  }
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-#pragma unroll
-    for (int ks = 0; ks < kQW / 16; ++ks) {
-      cf_u32 dsa[4];
-      c_to_a(dsa, dp[mi][2 * ks], dp[mi][2 * ks + 1]);
-      split_store_frag(sdS, dsa, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-    }
-  }
-}
-
-// -- phase 2, one warp: dV += P^T dO, dK += dS^T Q for keys krow0..+31 x columns dcol0..
-// +kDW-1, contracted over the tile's queries 16 ks_lo .. 16 ks_hi - 1 (the others have P^T =
-// dS^T = 0). A operands from sP / sdS (every warp's phase 1 is behind a barrier), B from the
-// query tile. Per 16 queries: 2 + kDW / 16 ldmatrix.x4 feed kDW / 4 mma, for each of dV, dK.
-__device__ __forceinline__ void split_dkdv(const elem_t* sP, const elem_t* sdS, const elem_t* tQ,
-                                           const elem_t* tdO, float (&acc_dk)[2][bwd::kDW / 8][4],
-                                           float (&acc_dv)[2][bwd::kDW / 8][4], int krow0,
-                                           int dcol0, int ks_lo, int ks_hi, int lane) {
-  using namespace bwd;
-#pragma unroll
-  for (int ks = 0; ks < kBM / 16; ++ks) {
-    if (ks < ks_lo || ks >= ks_hi) continue;
-    cf_u32 pa[2][4];  // A = P^T: keys krow0 + 16 mi .. +15 x queries 16 ks .. +15
-    ldsm_a<kSCPR>(pa[0], sP, krow0, 2 * ks, lane);
-    ldsm_a<kSCPR>(pa[1], sP, krow0 + 16, 2 * ks, lane);
-#pragma unroll
-    for (int jj = 0; jj < kDW / 16; ++jj) {
-      cf_u32 ob[4];  // B = dO: queries 16 ks .. +15 (k) x columns dcol0 + 16 jj .. +15 (n)
-      ldsm_b_trans<kCPR>(ob, tdO, 16 * ks, dcol0 / 8 + 2 * jj, lane);
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        mma_16816(acc_dv[mi][2 * jj], pa[mi], ob[0], ob[1]);
-        mma_16816(acc_dv[mi][2 * jj + 1], pa[mi], ob[2], ob[3]);
-      }
-    }
-    cf_u32 dsa[2][4];  // A = dS^T, same positions
-    ldsm_a<kSCPR>(dsa[0], sdS, krow0, 2 * ks, lane);
-    ldsm_a<kSCPR>(dsa[1], sdS, krow0 + 16, 2 * ks, lane);
-#pragma unroll
-    for (int jj = 0; jj < kDW / 16; ++jj) {
-      cf_u32 qb[4];  // B = Q, as dO above
-      ldsm_b_trans<kCPR>(qb, tQ, 16 * ks, dcol0 / 8 + 2 * jj, lane);
-#pragma unroll
-      for (int mi = 0; mi < 2; ++mi) {
-        mma_16816(acc_dk[mi][2 * jj], dsa[mi], qb[0], qb[1]);
-        mma_16816(acc_dk[mi][2 * jj + 1], dsa[mi], qb[2], qb[3]);
-      }
-    }
-  }
-}
-
-// -- phase 3, one warp: dQ[m0 + qr0 .. +kQR-1, qc0 .. +kQC-1] += dS K * softmax_scale, with
-// atomics into dq_accum; warp w owns rows kQR (w / kQGD) and columns kQC (w % kQGD) of the
-// tile. dS from sdS (.trans), K from sK. Per 16 keys: kQR / 16 + kQC / 16 ldmatrix.x4 feed
-// kQR kQC / 128 mma. dq_rows as in bwd_dq_atomic.
-__device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, float* dq_rows,
-                                         cf_i64 dq_row_stride, int m0, int n0, int seqlen_q,
-                                         int seqlen_k, int head_dim, const MaskPolicy& mask,
-                                         float softmax_scale, int warp, int lane) {
-  using namespace bwd;
-  const int qr0 = kQR * (warp / kQGD), qc0 = kQC * (warp % kQGD);
-  if (m0 + qr0 >= seqlen_q || qc0 >= head_dim) return;
-  // Key steps that can hold a nonzero dS: keys < seqlen_k and (causal, window) keys visible
-  // to the last row of the piece.
-  int last_key = min(seqlen_k, n0 + kBN) - 1;
-  if (CF_CAUSAL || CF_LOCAL) last_key = min(last_key, mask.key_limit(m0 + qr0 + kQR - 1) - 1);
-  if (last_key < n0) return;
-  const int nks = (last_key - n0) / 16 + 1;
-  float acc[kQR / 16][kQC / 8][4];
-#pragma unroll
-  for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[mi]);
-#pragma unroll
-  for (int ks = 0; ks < kBN / 16; ++ks) {
-    if (ks >= nks) break;
-    cf_u32 a[kQR / 16][4];  // A = dS: rows qr0 + 16 mi .. +15 x keys 16 ks .. +15, from dS^T
-#pragma unroll
-    for (int mi = 0; mi < kQR / 16; ++mi)
-      ldsm_a_trans<kSCPR>(a[mi], sdS, 16 * ks, qr0 / 8 + 2 * mi, lane);
-#pragma unroll
-    for (int jj = 0; jj < kQC / 16; ++jj) {
-      cf_u32 kb[4];  // B = K: keys 16 ks .. +15 (k) x columns qc0 + 16 jj .. +15 (n)
-      ldsm_b_trans<kCPR>(kb, sK, 16 * ks, qc0 / 8 + 2 * jj, lane);
-#pragma unroll
-      for (int mi = 0; mi < kQR / 16; ++mi) {
-        mma_16816(acc[mi][2 * jj], a[mi], kb[0], kb[1]);
-        mma_16816(acc[mi][2 * jj + 1], a[mi], kb[2], kb[3]);
-      }
-    }
-  }
-  const int grp = lane >> 2, tig = lane & 3;
-#pragma unroll
-  for (int mi = 0; mi < kQR / 16; ++mi) {
-#pragma unroll
-    for (int n = 0; n < kQC / 8; ++n) {
-      const int col = qc0 + 8 * n + 2 * tig;
-      if (col >= head_dim) continue;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = m0 + qr0 + 16 * mi + grp + 8 * half;
-        if (row < seqlen_q)
-          atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
-                      acc[mi][n][2 * half] * softmax_scale,
-                      acc[mi][n][2 * half + 1] * softmax_scale);
-      }
-    }
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
-    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
-    const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
-    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-    long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
-    long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
-    long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
-    long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
-  using namespace bwd;
-  CF_REQUIRE_SMEM(kSmemBytes);
-  extern __shared__ __align__(16) unsigned char cf_smem[];
-  elem_t* sK = reinterpret_cast<elem_t*>(cf_smem);
-  elem_t* sV = sK + kBN * kD;
-  elem_t* sQ = sV + kBN * kD;                 // kStages x kBM x kD
-  elem_t* sdO = sQ + kStages * kBM * kD;      // kStages x kBM x kD
-  elem_t* sP = sdO + kStages * kBM * kD;      // kBN x kBM: P^T of the current query tile
-  elem_t* sdS = sP + kBN * kBM;               // kBN x kBM: dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // kStages x kBM
-  float* sDelta = sLse + kStages * kBM;                     // kStages x kBM
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int b = blockIdx.z;  // one chunk: head_dim <= CF_DCHUNK
-  const int kvh = blockIdx.y;
-  const int n0 = blockIdx.x * kBN;
-  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
-  if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
-  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-
-  // -- the query tiles that can see keys n0..: [m_first, m_end) for each head of the group
-  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
-  const int m_first = qt.first;
-  const int tiles_per_head = qt.end - qt.first;
-  const int n_iter = heads_per_kv * tiles_per_head;
-
-  // cp.async copies of iteration `it` into stage `st`, as in the 16-keys-per-warp kernel.
-  auto load_query_tile = [&](int it, int st) {
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
-    load_tile_async<kBM, kThreads>(sQ + st * kBM * kD,
-                                   q + seq.q_offset(stride_qb, stride_qm) +
-                                       h * stride_qh + m0 * stride_qm,
-                                   stride_qm, seqlen_q - m0, head_dim, tid);
-    load_tile_async<kBM, kThreads>(sdO + st * kBM * kD,
-                                   dout + seq.q_offset(stride_dob, stride_dom) +
-                                       h * stride_doh + m0 * stride_dom,
-                                   stride_dom, seqlen_q - m0, head_dim, tid);
-    const cf_i64 stat = seq.stats(h) + m0;
-    for (int i = tid; i < kBM; i += kThreads) {
-      if (m0 + i < seqlen_q) {
-        cp_async_4(sLse + st * kBM + i, lse2 + stat + i);
-        cp_async_4(sDelta + st * kBM + i, delta + stat + i);
-      } else {
-        sLse[st * kBM + i] = CF_INF;
-        sDelta[st * kBM + i] = 0.f;
-      }
-    }
-  };
-
-  // Warp w = 2 wk + wh: keys krow0 = 32 wk .. +31 of the block in every phase; queries
-  // kQW wh .. of the tile in phase 1; dK / dV columns kDW wh .. in phase 2.
-  const int wk = warp >> 1, wh = warp & 1;
-  const int krow0 = kKW * wk, key0 = n0 + krow0;
-  float acc_dk[2][kDW / 8][4], acc_dv[2][kDW / 8][4];
-  zero_acc(acc_dk[0]);
-  zero_acc(acc_dk[1]);
-  zero_acc(acc_dv[0]);
-  zero_acc(acc_dv[1]);
-
-  // -- prologue: K, V (resident) and query tile 0 in one cp.async group
-  if (n_iter > 0) {
-    load_tile_async<kBN, kThreads>(sK, k + seq.k_offset(stride_kb, stride_kn) +
-                                           kvh * stride_kh + n0 * stride_kn,
-                                   stride_kn, seqlen_k - n0, head_dim, tid);
-    load_tile_async<kBN, kThreads>(sV, v + seq.k_offset(stride_vb, stride_vn) +
-                                           kvh * stride_vh + n0 * stride_vn,
-                                   stride_vn, seqlen_k - n0, head_dim, tid);
-    load_query_tile(0, 0);
-    cp_async_commit();
-  }
-
-  // Pipeline invariant as in the 16-keys-per-warp kernel; the top barrier also guarantees
-  // that every warp is done reading sP / sdS of iteration it-1.
-#pragma unroll 1
-  for (int it = 0; it < n_iter; ++it) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kStages == 2 && it + 1 < n_iter) {
-      load_query_tile(it + 1, (it + 1) & 1);
-      cp_async_commit();
-    }
-    const int st = kStages == 2 ? (it & 1) : 0;
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
-    const int h = kvh * heads_per_kv + g;
-    const elem_t* tQ = sQ + st * kBM * kD;
-    const elem_t* tdO = sdO + st * kBM * kD;
-
-    // -- phase 1: P^T, dS^T of this warp's 32 keys x kQW queries into sP, sdS
-    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
-    split_p_ds(sK, sV, tQ, tdO, sLse + st * kBM, sDelta + st * kBM, sP, sdS, krow0, kQW * wh,
-               key0, m0 + kQW * wh, seqlen_q, seqlen_k, mask, mods, scale_log2, lane);
-    __syncthreads();  // sP, sdS complete
-
-    // -- phase 2: dK, dV over the query steps that can see this warp's keys
-    int ks_lo = 0, ks_hi = 0;
-    if (key0 < seqlen_k) {
-      ks_hi = min(kBM / 16, (seqlen_q - m0 + 15) / 16);
-      // first query step that sees one of this warp's keys (causal, window)
-      if (CF_CAUSAL || CF_LOCAL) ks_lo = max(0, (mask.query_begin(key0) - m0) / 16);
-      // past the last one (window)
-      if (CF_LOCAL) ks_hi = min(ks_hi, (mask.query_end(key0 + kKW - 1) - m0 + 15) / 16);
-    }
-    split_dkdv(sP, sdS, tQ, tdO, acc_dk, acc_dv, krow0, kDW * wh, ks_lo, ks_hi, lane);
-
-    // -- phase 3: dQ
-    if (CF_DQ_ATOMIC) {
-      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
-      split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
-               mask, softmax_scale, warp, lane);
-    }
-    if (kStages == 1) {
-      __syncthreads();  // every warp is done with stage 0
-      if (it + 1 < n_iter) {
-        load_query_tile(it + 1, 0);
-        cp_async_commit();
-      }
-    }
-  }
-
-  // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
-#pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-    store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
-                  kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
-              key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-    store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
-                  kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
-              key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-  }
-}
-#endif  // CF_BWD_SPLIT

@@ -82,6 +82,7 @@
 #endif
 
 #include "cf_bwd.cuh"
+#include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
@@ -125,31 +126,7 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
 
   // -- S = Q K^T, dP = dO V^T over the whole head_dim (16 x kNS per warp)
   float s[kNS / 8][4], dp[kNS / 8][4];
-  zero_acc(s);
-  zero_acc(dp);
-  // 16-column k-steps up to head_dim (columns >= head_dim are zero-filled, so a partial
-  // last step is exact); no register array is indexed by kk, so it is only partly unrolled.
-  const int ksteps = (head_dim + 15) >> 4;
-#pragma unroll kKUnroll
-  for (int kk = 0; kk < ksteps; ++kk) {
-    cf_u32 qa[4], oa[4];
-    // qa / oa: A = Q / dO rows sqrow0..+15, cols 16kk..+15: regs = (r0-7,c0-7) (r8-15,c0-7)
-    // (r0-7,c8-15) (r8-15,c8-15)
-    ldsm_a<kCPR>(qa, sQ, sqrow0, 2 * kk, lane);
-    ldsm_a<kCPR>(oa, sdO, sqrow0, 2 * kk, lane);
-#pragma unroll
-    for (int j = 0; j < kNS / 16; ++j) {
-      cf_u32 kb[4], vb[4];
-      // kb / vb: B = K^T / V^T, keys ns+16j..+15 (n), cols 16kk..+15 (k): regs =
-      // (n0-7,k0-7) (n0-7,k8-15) -> n-tile 2j; (n8-15,k0-7) (n8-15,k8-15) -> n-tile 2j+1
-      ldsm_b<kCPR>(kb, tK, ns + 16 * j, 2 * kk, lane);
-      mma_16816(s[2 * j], qa, kb[0], kb[1]);
-      mma_16816(s[2 * j + 1], qa, kb[2], kb[3]);
-      ldsm_b<kCPR>(vb, tV, ns + 16 * j, 2 * kk, lane);
-      mma_16816(dp[2 * j], oa, vb[0], vb[1]);
-      mma_16816(dp[2 * j + 1], oa, vb[2], vb[3]);
-    }
-  }
+  scores_and_dp<kNS, kKUnroll>(s, dp, sQ, sdO, sqrow0, tK, tV, ns, head_dim, lane);
 
   // -- S modified (cf_mask.cuh); P = exp2(S scale_log2 - lse2_i), masked;
   // dS = P (dP - delta_i) (times softcap's 1 - tanh^2)
@@ -260,18 +237,10 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
     cp_async_commit();
   }
 
-  // Pipeline invariant: at the top of iteration `it` the only cp.async group in flight holds
-  // key tile `it`; the barrier after the wait publishes it and guarantees every warp is done
-  // with iteration it-1, whose stage (2 stages) is then refilled with tile it+1.
+  // The key tiles stream through the stages (cf_bwd_stream.cuh).
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<0>();
-    __syncthreads();
-    if (kStages == 2 && it + 1 < n_tiles) {
-      load_kv_tile(it + 1, (it + 1) & 1);
-      cp_async_commit();
-    }
-    const int st = kStages == 2 ? (it & 1) : 0;
+    const int st = stream_top<kStages>(it, n_tiles, load_kv_tile);
     const elem_t* tK = sK + st * kBN * kD;
     const elem_t* tV = sV + st * kBN * kD;
     if (row0 < seqlen_q) {
@@ -280,13 +249,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
         dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, (tiles.begin + it) * kBN + ns, row0,
                    16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
     }
-    if (kStages == 1) {
-      __syncthreads();  // every warp is done with stage 0
-      if (it + 1 < n_tiles) {
-        load_kv_tile(it + 1, 0);
-        cp_async_commit();
-      }
-    }
+    stream_refill<kStages>(it, n_tiles, load_kv_tile);
   }
 
   // -- epilogue: dq = acc * softmax_scale, rows < seqlen_q, cols < head_dim (all of them:
