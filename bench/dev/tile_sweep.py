@@ -26,8 +26,8 @@ from cuflash.specs import KernelSpec
 # block_n (bwd) are 16 * warps, as the kernels require.
 FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), (8, 32, 2), (4, 128, 2), (4, 64, 2),
                   (4, 32, 2)]
-# 8 warps at head_dim <= 128 is flash_bwd.cu's split layout; (4, 64, 2) the 16-keys-per-warp
-# kernel that the table chose before it.
+# 8 warps at head_dim <= 128 is the split layout (flash_bwd_split.cu); (4, 64, 2) the
+# 16-keys-per-warp kernel (flash_bwd.cu) that the table chose before it.
 BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 
 
