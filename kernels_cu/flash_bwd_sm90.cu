@@ -49,33 +49,13 @@
 // Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
 // docs/masks.md), as in flash_bwd.cu.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
+#ifndef CF_WARPS
+#define CF_WARPS 8  // two warpgroups of 64 keys (cf_config.cuh defaults to 4)
 #endif
 #ifndef CF_BLOCK_M
-#define CF_BLOCK_M 64
+#define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)
 #endif
-#ifndef CF_WARPS
-#define CF_WARPS 8
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N (16 * CF_WARPS)
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 1
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK CF_HEAD_DIM
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
+#include "cf_config_bwd.cuh"
 
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
