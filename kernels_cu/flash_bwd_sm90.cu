@@ -118,6 +118,24 @@ __device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_
 template <int T>
 __device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
 
+// P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
+// query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
+// dS = P (dP - delta) times the softcap's derivative.
+__device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
+                                              float2 dl, int key_row, int q_col, bool masked,
+                                              const MaskPolicy& mask, const ScoreMods& mods,
+                                              float scale_log2, float (&p)[4], float (&ds)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
+    float th = 0.f;
+    if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
+    p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+    if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+    ds[e] = p[e] * (dp[e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
     const elem_t* __restrict__ dout, const float* __restrict__ lse2,
@@ -258,15 +276,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
-          float th = 0.f;
-          if (CF_SCORE_MODS) x[t][e] = mods.apply(x[t][e], qi, key, th);
-          p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-          if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-          ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-        }
+        p_ds_fragment(x[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
+                      p, ds);
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
         *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
@@ -347,16 +358,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float l = (e & 1) ? lse.y : lse.x;
-          const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
-          float th = 0.f;
-          if (CF_SCORE_MODS) s[t][e] = mods.apply(s[t][e], qi, key, th);
-          p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -l));
-          if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-          ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-        }
+        p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
+                      p, ds);
         // C fragment of n-tile t -> half of the A fragment of query step t / 2
         const int kq = t >> 1, hi = (t & 1) * 2;
         pa[kq][hi] = pack2(p[0], p[1]);
