@@ -118,6 +118,41 @@ __device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_
 template <int T>
 __device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
 
+// S^T and dP^T by accumulator shape: m64n32 (the role split's 32 queries), n64, n128.
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[4][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n32(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[8][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n64(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n128(d, desc_a, desc_b, scale_d);
+}
+
+// S^T = K Q^T and dP^T = V dO^T (both layouts): the keys at byte k_off of sK / sV (K-major
+// panels of kBN rows), the queries at q_off of the Q / dO stage (kBM rows); done and fenced.
+template <int T>
+__device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf_u32 sK, cf_u32 sV,
+                                         cf_u32 k_off, cf_u32 q, cf_u32 dout, cf_u32 q_off) {
+  using namespace bwd90;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    wgmma_ss_acc(s, sm90_desc_kmajor<kBN>(sK + k_off, kk), sm90_desc_kmajor<kBM>(q + q_off, kk),
+                 kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    wgmma_ss_acc(dp, sm90_desc_kmajor<kBN>(sV + k_off, kk),
+                 sm90_desc_kmajor<kBM>(dout + q_off, kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_regs(s);
+  wgmma_fence_regs(dp);
+}
+
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative.
@@ -250,19 +285,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
       const int qw = 32 * wg;
       float x[4][4], dp[4][4];
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        wgmma_ss_n32(x, sm90_desc_kmajor<kBN>(sK_sa, kk),
-                     sm90_desc_kmajor<kBM>(q_tile + qw * 128, kk), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        wgmma_ss_n32(dp, sm90_desc_kmajor<kBN>(sV_sa, kk),
-                     sm90_desc_kmajor<kBM>(do_tile + qw * 128, kk), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_regs(x);
-      wgmma_fence_regs(dp);
+      scores_t(x, dp, sK_sa, sV_sa, 0, q_tile, do_tile, qw * 128);
       // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
       const float* lse_t = sLse + st * kBM;
       const float* delta_t = sDelta + st * kBM;
@@ -325,24 +348,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     } else {
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
       float s[kNT][4], dp[kNT][4];
-#if CF_BLOCK_M == 64
-#define CF_WGMMA_SCORES wgmma_ss_n64
-#else
-#define CF_WGMMA_SCORES wgmma_ss_n128
-#endif
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        CF_WGMMA_SCORES(s, sm90_desc_kmajor<kBN>(sK_sa + wg * 64 * 128, kk),
-                        sm90_desc_kmajor<kBM>(q_tile, kk), kk > 0);
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk)
-        CF_WGMMA_SCORES(dp, sm90_desc_kmajor<kBN>(sV_sa + wg * 64 * 128, kk),
-                        sm90_desc_kmajor<kBM>(do_tile, kk), kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_regs(s);
-      wgmma_fence_regs(dp);
+      scores_t(s, dp, sK_sa, sV_sa, wg * 64 * 128, q_tile, do_tile, 0);
 
       // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
       const float* lse_t = sLse + st * kBM;
