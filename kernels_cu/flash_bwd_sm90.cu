@@ -153,6 +153,24 @@ __device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf
   wgmma_fence_regs(dp);
 }
 
+// dq_accum += softmax_scale * one m64n64 dQ result (both layouts): this thread's rows row,
+// row + 8, columns col0 + 8t + 2tig, +1; dq_head is the head's (batch entry's) row 0.
+__device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, int row, int col0,
+                                       int tig, int seqlen_q, int heads, int head_dim,
+                                       float softmax_scale) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (row + 8 * rr < seqlen_q) {
+      float* dst = dq_head + (cf_i64)(row + 8 * rr) * heads * head_dim + col0 + 2 * tig;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        if (col0 + 8 * t + 2 * tig < head_dim)
+          red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale, dq[t][2 * rr + 1] * softmax_scale);
+      }
+    }
+  }
+}
+
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative.
@@ -329,20 +347,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_fence_regs(dq);
-        const int dq_col0 = 128 * wg + 64 * c;
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int row = m0 + (warp & 3) * 16 + group + 8 * rr;
-          if (row < seqlen_q) {
-            float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
-#pragma unroll
-            for (int t = 0; t < 8; ++t) {
-              if (dq_col0 + 8 * t + 2 * tig < head_dim)
-                red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
-                         dq[t][2 * rr + 1] * softmax_scale);
-            }
-          }
-        }
+        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64 * c, tig, seqlen_q, heads,
+               head_dim, softmax_scale);
       }
       wgmma_fence_regs(acc);
     } else {
@@ -422,19 +428,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
       // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
       // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
       float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
-#pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int row = dq_row0 + (warp & 3) * 16 + group + 8 * rr;
-        if (row < seqlen_q) {
-          float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
-#pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            if (dq_col0 + 8 * t + 2 * tig < head_dim)
-              red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
-                       dq[t][2 * rr + 1] * softmax_scale);
-          }
-        }
-      }
+      add_dq(dq, dq_head, dq_row0 + (warp & 3) * 16 + group, dq_col0, tig, seqlen_q, heads,
+             head_dim, softmax_scale);
     }
   }
   cp_async_wait<0>();
