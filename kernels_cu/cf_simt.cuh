@@ -35,7 +35,7 @@ static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
               "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
 
 #ifndef CF_FP32_MIN_BLOCKS
-#define CF_FP32_MIN_BLOCKS 1  // the fp32 kernels' __launch_bounds__ min blocks per SM (caps registers)
+#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM of the fp32 kernels
 #endif
 #ifndef CF_SIMT_UNROLL_NT
 #define CF_SIMT_UNROLL_NT 1
