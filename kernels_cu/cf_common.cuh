@@ -3,13 +3,11 @@
 // Everything here is header-free on purpose: NVRTC compiles it with no CUDA include
 // directory (no cuda_fp16.h / cuda_bf16.h), so 16-bit values are kept as raw bits
 // (`unsigned short`) and converted with PTX `cvt`. Compile-time configuration comes from
-// -D defines that Python sets (see docs/kernel_abi.md); the defaults below let a file
+// -D defines that Python sets (see docs/kernel_abi.md); cf_config.cuh's defaults let a file
 // compile standalone with `nvcc -arch=sm_90 -c kernels_cu/flash_fwd.cu`.
 #pragma once
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1  // 0 = float16, 1 = bfloat16, 2 = float32
-#endif
+#include "cf_config.cuh"  // CF_DTYPE picks elem_t below
 
 typedef unsigned short cf_u16;
 typedef unsigned int cf_u32;

@@ -24,20 +24,8 @@
 // Scores stay in raw units (q.k) until the kernels multiply by scale_log2, as before, so the
 // online softmax, lse2 and P = exp2(S * scale_log2 - lse2) do not change.
 #pragma once
-#include "cf_common.cuh"
+#include "cf_common.cuh"  // and cf_config.cuh: CF_MASK, CF_SOFTCAP, CF_ALIBI, CF_SINKS
 
-#ifndef CF_MASK
-#define CF_MASK 0
-#endif
-#ifndef CF_SOFTCAP
-#define CF_SOFTCAP 0
-#endif
-#ifndef CF_ALIBI
-#define CF_ALIBI 0
-#endif
-#ifndef CF_SINKS
-#define CF_SINKS 0
-#endif
 #define CF_CAUSAL (CF_MASK == 1)  // spelled out for the kernels' tile orders (longest first)
 #define CF_LOCAL (CF_MASK == 2)
 #define CF_SCORE_MODS (CF_SOFTCAP || CF_ALIBI)

@@ -19,11 +19,7 @@
 //   const int* seqused_k                              int32 (batch,) or null, CF_VARLEN
 //   int total_q                                       rows of q (the statistics' head stride)
 #pragma once
-#include "cf_common.cuh"
-
-#ifndef CF_VARLEN
-#define CF_VARLEN 0
-#endif
+#include "cf_common.cuh"  // and cf_config.cuh: CF_VARLEN
 
 #define CF_SEQ_PARAMS \
   const int *cu_seqlens_q, const int *cu_seqlens_k, const int *seqused_k, int total_q

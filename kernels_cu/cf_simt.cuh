@@ -22,8 +22,21 @@
 // memory (the helpers are force-inlined, so the compiler emits LDS).
 #pragma once
 
-#include "cf_common.cuh"
+// The float32 files include this header first, so a standalone compile of one is float32
+// (cf_config.cuh's default is bfloat16).
+#ifndef CF_DTYPE
+#define CF_DTYPE 2
+#endif
+#include "cf_common.cuh"  // and cf_config.cuh
 
+static_assert(CF_DTYPE == 2, "the SIMT kernels are the float32 ones (CF_DTYPE = 2)");
+static_assert(CF_STAGES == 1, "the float32 kernels take only CF_STAGES = 1");
+static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
+              "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
+
+#ifndef CF_FP32_MIN_BLOCKS
+#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM of the fp32 kernels
+#endif
 #ifndef CF_SIMT_UNROLL_NT
 #define CF_SIMT_UNROLL_NT 1
 #endif

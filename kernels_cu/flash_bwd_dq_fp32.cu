@@ -41,46 +41,10 @@
 // Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
 // cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 2
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M 64
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 32
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 1
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 0  // flash_bwd only; unused here
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK CF_HEAD_DIM  // flash_bwd only; unused here
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
-// Tuning knob of the fp32 files only (not part of the ABI; the launcher never sets it):
-#ifndef CF_FP32_MIN_BLOCKS
-#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
-#endif
-
-#include "cf_simt.cuh"
+#include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
-static_assert(CF_DTYPE == 2, "flash_bwd_dq_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
-static_assert(CF_STAGES == 1, "flash_bwd_dq_fp32: only CF_STAGES = 1");
-static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
-              "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
 static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
               "flash_bwd_dq_fp32: CF_BLOCK_M and CF_BLOCK_N must be multiples of 8");
 

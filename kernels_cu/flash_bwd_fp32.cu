@@ -47,46 +47,11 @@
 // Masking (causal or a local window, tile ranges) and score modifiers (softcap, ALiBi):
 // cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 2
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M 32
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 32
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 1
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 1
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK CF_HEAD_DIM
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
-// Tuning knob of the fp32 files only (not part of the ABI; the launcher never sets it):
-#ifndef CF_FP32_MIN_BLOCKS
-#define CF_FP32_MIN_BLOCKS 1  // __launch_bounds__ min blocks per SM (caps registers)
-#endif
-
-#include "cf_simt.cuh"
+#include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
+#include "cf_config_bwd.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 
-static_assert(CF_DTYPE == 2, "flash_bwd_fp32.cu is the float32 kernel (CF_DTYPE = 2)");
-static_assert(CF_STAGES == 1, "flash_bwd_fp32: only CF_STAGES = 1");
-static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
-              "CF_HEAD_DIM must be a multiple of 32 in [32, 256]");
 static_assert(CF_DCHUNK % 8 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
               "flash_bwd_fp32: CF_DCHUNK must be a multiple of 8 that divides CF_HEAD_DIM");
 static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
@@ -102,6 +67,7 @@ enum : int {
   BN = CF_BLOCK_N,
   D = CF_HEAD_DIM,
   DC = CF_DCHUNK,
+  DQ_ATOMIC = CF_DQ_ATOMIC,  // phase 3: also add dQ into dq_accum (0: flash_bwd_dq does)
   WARPS = CF_WARPS,
   NT = 32 * WARPS,
   LDH = simt_ld(D),   // row stride of sQ, sdO, sK, sV
@@ -271,9 +237,8 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
     }
     cp_async_commit();
 
-#if CF_DQ_ATOMIC
     // -- phase 3: dq_accum[:, chunk] += softmax_scale * dS K[:, chunk]
-    {
+    if constexpr (DQ_ATOMIC) {
       const int r3 = Tile3::row0(warp, lane), q3 = Tile3::col0(warp, lane);
       float dq[Tile3::TM][4 * Tile3::TN];
       simt_zero(dq);
@@ -295,7 +260,6 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
         }
       }
     }
-#endif
   }
   cp_async_wait<0>();  // nothing may still be landing in shared memory when the block exits
 

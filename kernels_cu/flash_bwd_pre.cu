@@ -24,17 +24,7 @@
 // cu_seqlens_q[b] (the convert's cu_seqlens: q's for dQ, k's for dK, dV), the statistics are
 // (heads, total_q), and seqlen_q is the grid's max length.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-
-#ifndef CF_SINKS
-#define CF_SINKS 0
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // cache key only
-#endif
-
+#include "cf_config.cuh"  // CF_DTYPE, CF_SINKS, CF_VARLEN
 #include "cf_common.cuh"
 #include "cf_seq.cuh"  // CF_VARLEN: packed rows, statistics (heads, total_q)
 

@@ -49,33 +49,13 @@
 // Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
 // docs/masks.md), as in flash_bwd.cu.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
+#ifndef CF_WARPS
+#define CF_WARPS 8  // two warpgroups of 64 keys (cf_config.cuh defaults to 4)
 #endif
 #ifndef CF_BLOCK_M
-#define CF_BLOCK_M 64
+#define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)
 #endif
-#ifndef CF_WARPS
-#define CF_WARPS 8
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N (16 * CF_WARPS)
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 1
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK CF_HEAD_DIM
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
+#include "cf_config_bwd.cuh"
 
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
@@ -86,10 +66,10 @@
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
               "head-dim bucket 64, 128 or 256");
-#define CF_ROLE_SPLIT (CF_HEAD_DIM == 256)
-static_assert(CF_ROLE_SPLIT ? (CF_BLOCK_M == 64 && CF_BLOCK_N == 64)
-                            : ((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) &&
-                               CF_BLOCK_N == 128),
+static_assert(CF_HEAD_DIM == 256  // the role split
+                  ? (CF_BLOCK_M == 64 && CF_BLOCK_N == 64)
+                  : ((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) &&
+                     CF_BLOCK_N == 128),
               "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 256");
 static_assert(CF_WARPS == 8 && CF_STAGES == 2, "2 warpgroups, 2 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
@@ -107,13 +87,106 @@ enum : int {
   kDT = kD / 8,            // dK, dV n-tiles per thread
   kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (or V)
-  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (CF_ROLE_SPLIT ? 2 : 1) * kBN * kBM) * 2 +
+  kRoleSplit = kD == 256,  // the head_dim 256 layout (header): the warpgroups split the roles
+  kWgKeys = kRoleSplit ? 0 : 64,  // keys before warpgroup 1's (the role split: they share)
+  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (kRoleSplit ? 2 : 1) * kBN * kBM) * 2 +
                2 * 2 * kBM * 4,
 };
 }  // namespace bwd90
 
 __device__ __forceinline__ void red_add2(float* p, float x, float y) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+}
+
+// dK, dV products by accumulator shape (m64nN, N = 8 x n-tiles): both layouts' code then
+// type-checks at every head-dim bucket, so `if constexpr (kRoleSplit)` can pick one in this
+// plain kernel. The shapes no bucket issues are declared only (named in the discarded layout).
+__device__ __forceinline__ void wgmma_rs_acc(float (&d)[8][4], const cf_u32 (&a)[4],
+                                             cf_u64 desc_b, int scale_d) {
+  wgmma_rs_n64(d, a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_rs_acc(float (&d)[16][4], const cf_u32 (&a)[4],
+                                             cf_u64 desc_b, int scale_d) {
+  wgmma_rs_n128(d, a, desc_b, scale_d);
+}
+template <int T>
+__device__ void wgmma_rs_acc(float (&d)[T][4], const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d);
+__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_a, cf_u64 desc_b,
+                                                 int scale_d) {
+  wgmma_ss_kmn_n256(d, desc_a, desc_b, scale_d);
+}
+template <int T>
+__device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
+
+// S^T and dP^T by accumulator shape: m64n32 (the role split's 32 queries), n64, n128.
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[4][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n32(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[8][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n64(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n128(d, desc_a, desc_b, scale_d);
+}
+
+// S^T = K Q^T and dP^T = V dO^T (both layouts): the keys at byte k_off of sK / sV (K-major
+// panels of kBN rows), the queries at q_off of the Q / dO stage (kBM rows); done and fenced.
+template <int T>
+__device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf_u32 sK, cf_u32 sV,
+                                         cf_u32 k_off, cf_u32 q, cf_u32 dout, cf_u32 q_off) {
+  using namespace bwd90;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    wgmma_ss_acc(s, sm90_desc_kmajor<kBN>(sK + k_off, kk), sm90_desc_kmajor<kBM>(q + q_off, kk),
+                 kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk)
+    wgmma_ss_acc(dp, sm90_desc_kmajor<kBN>(sV + k_off, kk),
+                 sm90_desc_kmajor<kBM>(dout + q_off, kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_regs(s);
+  wgmma_fence_regs(dp);
+}
+
+// dq_accum += softmax_scale * one m64n64 dQ result (both layouts): this thread's rows row,
+// row + 8, columns col0 + 8t + 2tig, +1; dq_head is the head's (batch entry's) row 0.
+__device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, int row, int col0,
+                                       int tig, int seqlen_q, int heads, int head_dim,
+                                       float softmax_scale) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (row + 8 * rr < seqlen_q) {
+      float* dst = dq_head + (cf_i64)(row + 8 * rr) * heads * head_dim + col0 + 2 * tig;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        if (col0 + 8 * t + 2 * tig < head_dim)
+          red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale, dq[t][2 * rr + 1] * softmax_scale);
+      }
+    }
+  }
+}
+
+// P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
+// query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
+// dS = P (dP - delta) times the softcap's derivative.
+__device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
+                                              float2 dl, int key_row, int q_col, bool masked,
+                                              const MaskPolicy& mask, const ScoreMods& mods,
+                                              float scale_log2, float (&p)[4], float (&ds)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
+    float th = 0.f;
+    if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
+    p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+    if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+    ds[e] = p[e] * (dp[e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
@@ -138,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
   unsigned char* sdO = sQ + 2 * kTileQ;  // 2 stages
   unsigned char* sdS = sdO + 2 * kTileQ;
   unsigned char* sP = sdS + kBN * kBM * 2;  // role split: P^T, laid out like dS^T
-  float* sLse = reinterpret_cast<float*>(sP + (CF_ROLE_SPLIT ? kBN * kBM * 2 : 0));  // 2 x kBM
+  float* sLse = reinterpret_cast<float*>(sP + (kRoleSplit ? kBN * kBM * 2 : 0));  // 2 x kBM
   float* sDelta = sLse + 2 * kBM;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -190,19 +263,19 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
 
   const cf_u32 sK_sa = smem_addr(sK), sV_sa = smem_addr(sV), sQ_sa = smem_addr(sQ);
   const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS), sP_sa = smem_addr(sP);
-#if CF_ROLE_SPLIT
-  float acc[kDT][4];  // dK (warpgroup 0) or dV (warpgroup 1)
+  // role split: acc, dK (warpgroup 0) or dV (warpgroup 1); key split: acc_dk and acc_dv. The
+  // other layout's are never touched (no registers).
+  float acc[kDT][4], acc_dk[kDT][4], acc_dv[kDT][4];
+  if constexpr (kRoleSplit) {
 #pragma unroll
-  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-  const int key_row = n0 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
-#else
-  float acc_dk[kDT][4], acc_dv[kDT][4];
+    for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  } else {
 #pragma unroll
-  for (int d = 0; d < kDT; ++d)
+    for (int d = 0; d < kDT; ++d)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
-  const int key_row = n0 + wg * 64 + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
-#endif
+      for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
+  }
+  const int key_row = n0 + wg * kWgKeys + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
 
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
@@ -226,275 +299,202 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
     cp_async_commit();
 
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
-#if CF_ROLE_SPLIT
-    // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
-    const int qw = 32 * wg;
-    float x[4][4], dp[4][4];
-    wgmma_fence();
+    if constexpr (kRoleSplit) {
+      // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
+      const int qw = 32 * wg;
+      float x[4][4], dp[4][4];
+      scores_t(x, dp, sK_sa, sV_sa, 0, q_tile, do_tile, qw * 128);
+      // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
+      const float* lse_t = sLse + st * kBM;
+      const float* delta_t = sDelta + st * kBM;
+      // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail.
+      const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+      const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
+      const int r = (warp & 3) * 16 + group;
 #pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      wgmma_ss_n32(x, sm90_desc_kmajor<kBN>(sK_sa, kk),
-                   sm90_desc_kmajor<kBM>(q_tile + qw * 128, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      wgmma_ss_n32(dp, sm90_desc_kmajor<kBN>(sV_sa, kk),
-                   sm90_desc_kmajor<kBM>(do_tile + qw * 128, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_regs(x);
-    wgmma_fence_regs(dp);
-    // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
-    const float* lse_t = sLse + st * kBM;
-    const float* delta_t = sDelta + st * kBM;
-    // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail.
-    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
-    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
-    const int r = (warp & 3) * 16 + group;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int col = qw + 8 * t + 2 * tig;
-      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
-      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
-      float p[4], ds[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
-        float th = 0.f;
-        if (CF_SCORE_MODS) x[t][e] = mods.apply(x[t][e], qi, key, th);
-        p[e] = fast_exp2(fmaf(x[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+      for (int t = 0; t < 4; ++t) {
+        const int col = qw + 8 * t + 2 * tig;
+        const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+        const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+        float p[4], ds[4];
+        p_ds_fragment(x[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
+                      p, ds);
+        *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
+        *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = pack2(ds[2], ds[3]);
       }
-      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
-      *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
-      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
-      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = pack2(ds[2], ds[3]);
-    }
-    fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
-    __syncthreads();
-    // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
-    // B MN-major: head_dim contiguous; the 64 queries are the contraction)
-    wgmma_fence();
-#pragma unroll
-    for (int kq = 0; kq < kQSteps; ++kq)
-      wgmma_ss_kmn_n256(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
-                        sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
-    wgmma_commit();
-    // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
-    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
-#pragma unroll 1
-    for (int c = 0; c < 2; ++c) {
-      float dq[8][4];
+      fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
+      __syncthreads();
+      // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
+      // B MN-major: head_dim contiguous; the 64 queries are the contraction)
       wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < kQSteps; ++kq)
+        wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
+                         sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+      wgmma_commit();
+      // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
+      float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+#pragma unroll 1
+      for (int c = 0; c < 2; ++c) {
+        float dq[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_regs(dq);
+        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64 * c, tig, seqlen_q, heads,
+               head_dim, softmax_scale);
+      }
+      wgmma_fence_regs(acc);
+    } else {
+      // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
+      float s[kNT][4], dp[kNT][4];
+      scores_t(s, dp, sK_sa, sV_sa, wg * 64 * 128, q_tile, do_tile, 0);
+
+      // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
+      const float* lse_t = sLse + st * kBM;
+      const float* delta_t = sDelta + st * kBM;
+      // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail (zero
+      // K rows give S = 0 but P = exp2(-lse2), which must not reach dQ).
+      const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+      const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
+      cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+        const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+        float p[4], ds[4];
+        p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
+                      p, ds);
+        // C fragment of n-tile t -> half of the A fragment of query step t / 2
+        const int kq = t >> 1, hi = (t & 1) * 2;
+        pa[kq][hi] = pack2(p[0], p[1]);
+        pa[kq][hi + 1] = pack2(p[2], p[3]);
+        dsa[kq][hi] = pack2(ds[0], ds[1]);
+        dsa[kq][hi + 1] = pack2(ds[2], ds[3]);
+        // dS^T to shared memory (row = key in the block, column = query) for the dQ product
+        const int r = wg * 64 + (warp & 3) * 16 + group;
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = dsa[kq][hi];
+        *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = dsa[kq][hi + 1];
+      }
+      fence_proxy_async();  // the dS^T stores, for the dQ wgmma after the barrier
+
+      // -- dV += P^T dO, dK += dS^T Q (queries are the contraction dim: dO, Q are MN-major)
+      wgmma_fence();
+#pragma unroll
+      for (int kq = 0; kq < kQSteps; ++kq) {
+        wgmma_rs_acc(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+        wgmma_rs_acc(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+      }
+      wgmma_commit();
+      __syncthreads();  // every warpgroup's dS^T is in shared memory
+
+      // -- dQ = dS K: A = dS (M = queries, contiguous in sdS), B = K (N = head_dim, contiguous)
+      float dq[8][4];
+#if CF_BLOCK_M == 128
+      // warpgroup wg: queries 64 wg .. (panel wg of sdS), all 64 columns, all 128 keys
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * kBN * 128, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
+      const int dq_col0 = 0, dq_row0 = m0 + 64 * wg;
+#elif CF_HEAD_DIM == 128
+      // warpgroup wg: columns 64 wg .. (panel wg of K), all 128 keys (8 k-steps)
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk)
         wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
+                        sm90_desc_mnmajor<kBN>(sK_sa + wg * kBN * 128, kk), kk > 0);
+      const int dq_col0 = 64 * wg, dq_row0 = m0;
+#else
+      // warpgroup wg: all 64 columns, over its own 64 keys (4 k-steps); both add to dq_accum
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * 64 * 128, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa + wg * 64 * 128, kk), kk > 0);
+      const int dq_col0 = 0, dq_row0 = m0;
+#endif
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_regs(dq);
-      const int dq_col0 = 128 * wg + 64 * c;
+      wgmma_fence_regs(acc_dv);
+      wgmma_fence_regs(acc_dk);
+
+      // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
+      // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
+      float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+      add_dq(dq, dq_head, dq_row0 + (warp & 3) * 16 + group, dq_col0, tig, seqlen_q, heads,
+             head_dim, softmax_scale);
+    }
+  }
+  cp_async_wait<0>();
+
+  if constexpr (kRoleSplit) {
+    // -- warpgroup 0 writes dK (times softmax_scale), warpgroup 1 dV; rows key_row, key_row + 8
+    const float out_scale = wg == 0 ? softmax_scale : 1.f;
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        const int row = m0 + (warp & 3) * 16 + group + 8 * rr;
-        if (row < seqlen_q) {
-          float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = key_row + 8 * rr;
+      if (row < seqlen_k && kv_splits > 1) {
+        const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
+        float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
 #pragma unroll
-          for (int t = 0; t < 8; ++t) {
-            if (dq_col0 + 8 * t + 2 * tig < head_dim)
-              red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
-                       dq[t][2 * rr + 1] * softmax_scale);
+        for (int t = 0; t < kDT; ++t) {
+          const int col = 8 * t + 2 * tig;
+          if (col < head_dim)
+            red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+        }
+      } else if (row < seqlen_k) {
+        elem_t* dst = wg == 0 ? dk + seq.k_offset(stride_dkb, stride_dkn) +
+                                    kvh * stride_dkh + (cf_i64)row * stride_dkn
+                              : dv + seq.k_offset(stride_dvb, stride_dvn) +
+                                    kvh * stride_dvh + (cf_i64)row * stride_dvn;
+#pragma unroll
+        for (int t = 0; t < kDT; ++t) {
+          const int col = 8 * t + 2 * tig;
+          if (col < head_dim)
+            *reinterpret_cast<cf_u32*>(dst + col) =
+                pack2(acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
+        }
+      }
+    }
+  } else {
+    // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = key_row + 8 * rr;
+      if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
+        const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
+#pragma unroll
+        for (int t = 0; t < kDT; ++t) {
+          const int col = 8 * t + 2 * tig;
+          if (col < head_dim) {
+            red_add2(dk_accum + at + col, acc_dk[t][2 * rr] * softmax_scale,
+                     acc_dk[t][2 * rr + 1] * softmax_scale);
+            red_add2(dv_accum + at + col, acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
+          }
+        }
+      } else if (row < seqlen_k) {
+        elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
+                             kvh * stride_dkh + (cf_i64)row * stride_dkn;
+        elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
+                             kvh * stride_dvh + (cf_i64)row * stride_dvn;
+#pragma unroll
+        for (int t = 0; t < kDT; ++t) {
+          const int col = 8 * t + 2 * tig;
+          if (col < head_dim) {
+            *reinterpret_cast<cf_u32*>(dk_row + col) =
+                pack2(acc_dk[t][2 * rr] * softmax_scale, acc_dk[t][2 * rr + 1] * softmax_scale);
+            *reinterpret_cast<cf_u32*>(dv_row + col) =
+                pack2(acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
           }
         }
       }
     }
-    wgmma_fence_regs(acc);
-#else
-    // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
-    float s[kNT][4], dp[kNT][4];
-#if CF_BLOCK_M == 64
-#define CF_WGMMA_SCORES wgmma_ss_n64
-#else
-#define CF_WGMMA_SCORES wgmma_ss_n128
-#endif
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      CF_WGMMA_SCORES(s, sm90_desc_kmajor<kBN>(sK_sa + wg * 64 * 128, kk),
-                      sm90_desc_kmajor<kBM>(q_tile, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk)
-      CF_WGMMA_SCORES(dp, sm90_desc_kmajor<kBN>(sV_sa + wg * 64 * 128, kk),
-                      sm90_desc_kmajor<kBM>(do_tile, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_regs(s);
-    wgmma_fence_regs(dp);
-
-    // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
-    const float* lse_t = sLse + st * kBM;
-    const float* delta_t = sDelta + st * kBM;
-    // Masked: some pair of the block hidden by the mask (cf_mask.cuh), or the keys tail (zero
-    // K rows give S = 0 but P = exp2(-lse2), which must not reach dQ).
-    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
-    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
-    cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-      const int col = 8 * t + 2 * tig;
-      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
-      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
-      float p[4], ds[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float l = (e & 1) ? lse.y : lse.x;
-        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
-        float th = 0.f;
-        if (CF_SCORE_MODS) s[t][e] = mods.apply(s[t][e], qi, key, th);
-        p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -l));
-        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-        ds[e] = p[e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-      }
-      // C fragment of n-tile t -> half of the A fragment of query step t / 2
-      const int kq = t >> 1, hi = (t & 1) * 2;
-      pa[kq][hi] = pack2(p[0], p[1]);
-      pa[kq][hi + 1] = pack2(p[2], p[3]);
-      dsa[kq][hi] = pack2(ds[0], ds[1]);
-      dsa[kq][hi + 1] = pack2(ds[2], ds[3]);
-      // dS^T to shared memory (row = key in the block, column = query) for the dQ product
-      const int r = wg * 64 + (warp & 3) * 16 + group;
-      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = dsa[kq][hi];
-      *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r + 8, col)) = dsa[kq][hi + 1];
-    }
-    fence_proxy_async();  // the dS^T stores, for the dQ wgmma after the barrier
-
-    // -- dV += P^T dO, dK += dS^T Q (queries are the contraction dim: dO, Q are MN-major)
-    wgmma_fence();
-#pragma unroll
-    for (int kq = 0; kq < kQSteps; ++kq) {
-#if CF_HEAD_DIM == 64
-      wgmma_rs_n64(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
-      wgmma_rs_n64(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
-#else
-      wgmma_rs_n128(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
-      wgmma_rs_n128(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
-#endif
-    }
-    wgmma_commit();
-    __syncthreads();  // every warpgroup's dS^T is in shared memory
-
-    // -- dQ = dS K: A = dS (M = queries, contiguous in sdS), B = K (N = head_dim, contiguous)
-    float dq[8][4];
-#if CF_BLOCK_M == 128
-    // warpgroup wg: queries 64 wg .. (panel wg of sdS), all 64 columns, all 128 keys
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * kBN * 128, kk),
-                      sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
-    const int dq_col0 = 0, dq_row0 = m0 + 64 * wg;
-#elif CF_HEAD_DIM == 128
-    // warpgroup wg: columns 64 wg .. (panel wg of K), all 128 keys (8 k-steps)
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                      sm90_desc_mnmajor<kBN>(sK_sa + wg * kBN * 128, kk), kk > 0);
-    const int dq_col0 = 64 * wg, dq_row0 = m0;
-#else
-    // warpgroup wg: all 64 columns, over its own 64 keys (4 k-steps); both add to dq_accum
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * 64 * 128, kk),
-                      sm90_desc_mnmajor<kBN>(sK_sa + wg * 64 * 128, kk), kk > 0);
-    const int dq_col0 = 0, dq_row0 = m0;
-#endif
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_regs(dq);
-    wgmma_fence_regs(acc_dv);
-    wgmma_fence_regs(acc_dk);
-
-    // dq rows: this warp's 16 queries (warp & 3) from dq_row0, columns dq_col0 + 8t + 2tig
-    // dq_accum is (batch, seqlen_q, heads, head_dim) with the true head_dim
-    float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int row = dq_row0 + (warp & 3) * 16 + group + 8 * rr;
-      if (row < seqlen_q) {
-        float* dst = dq_head + (cf_i64)row * heads * head_dim + dq_col0 + 2 * tig;
-#pragma unroll
-        for (int t = 0; t < 8; ++t) {
-          if (dq_col0 + 8 * t + 2 * tig < head_dim)
-            red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale,
-                     dq[t][2 * rr + 1] * softmax_scale);
-        }
-      }
-    }
-#endif
   }
-  cp_async_wait<0>();
-
-#if CF_ROLE_SPLIT
-  // -- warpgroup 0 writes dK (times softmax_scale), warpgroup 1 dV; rows key_row, key_row + 8
-  const float out_scale = wg == 0 ? softmax_scale : 1.f;
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int row = key_row + 8 * rr;
-    if (row < seqlen_k && kv_splits > 1) {
-      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
-      float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        if (col < head_dim)
-          red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
-      }
-    } else if (row < seqlen_k) {
-      elem_t* dst = wg == 0 ? dk + seq.k_offset(stride_dkb, stride_dkn) +
-                                  kvh * stride_dkh + (cf_i64)row * stride_dkn
-                            : dv + seq.k_offset(stride_dvb, stride_dvn) +
-                                  kvh * stride_dvh + (cf_i64)row * stride_dvn;
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        if (col < head_dim)
-          *reinterpret_cast<cf_u32*>(dst + col) =
-              pack2(acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
-      }
-    }
-  }
-#else
-
-  // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int row = key_row + 8 * rr;
-    if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
-      const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        if (col < head_dim) {
-          red_add2(dk_accum + at + col, acc_dk[t][2 * rr] * softmax_scale,
-                   acc_dk[t][2 * rr + 1] * softmax_scale);
-          red_add2(dv_accum + at + col, acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
-        }
-      }
-    } else if (row < seqlen_k) {
-      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
-                           kvh * stride_dkh + (cf_i64)row * stride_dkn;
-      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
-                           kvh * stride_dvh + (cf_i64)row * stride_dvn;
-#pragma unroll
-      for (int t = 0; t < kDT; ++t) {
-        const int col = 8 * t + 2 * tig;
-        if (col < head_dim) {
-          *reinterpret_cast<cf_u32*>(dk_row + col) =
-              pack2(acc_dk[t][2 * rr] * softmax_scale, acc_dk[t][2 * rr + 1] * softmax_scale);
-          *reinterpret_cast<cf_u32*>(dv_row + col) =
-              pack2(acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
-        }
-      }
-    }
-  }
-#endif
 }

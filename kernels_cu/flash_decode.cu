@@ -65,32 +65,18 @@
 //   lse_part   float32 (num_splits, batch, heads, q_len), contiguous
 // A row that sees no key: o = 0, lse = -inf.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128  // bucket: 32, 64, 128 or 256
-#endif
+#include "cf_config.cuh"  // CF_DTYPE, CF_HEAD_DIM (32, 64, 128 or 256), CF_WARPS, CF_STAGES
 #ifndef CF_ROWS
 #define CF_ROWS 1  // query rows per block: 1, 2, 4 or 8
 #endif
 #ifndef CF_KEYS
 #define CF_KEYS 4  // key rows per group per step
 #endif
-#ifndef CF_STAGES
-#define CF_STAGES 1  // steps of K/V loads in flight: 1 or 2 (register double buffering)
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
 #ifndef CF_MIN_BLOCKS  // resident blocks per SM asked of ptxas (see kMinBlocks)
 #define CF_MIN_BLOCKS (CF_ROWS == 1 ? 4 : CF_ROWS <= 4 ? 3 : 2)
 #endif
 #ifndef CF_DECODE_MMA  // 1: included by flash_decode_mma.cu, which brings its own split kernel
 #define CF_DECODE_MMA 0
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // cache key only
 #endif
 
 #define CF_COMBINE_WARPS 8
@@ -516,29 +502,29 @@ __device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBloc
   const int begin = blk.key_begin, end = blk.key_end;
   int row[kKeys];
   key_rows(row, cache, begin, end, grp);
-#if CF_STAGES == 1
-  for (int step = begin; step < end; step += kStep) {  // block-uniform
-    KeyStep st;
-    load_step(st, row, k_base, v_base, p.stride_kn, p.stride_vn, step, end, grp, col_ok);
-    key_rows(row, cache, step + kStep, end, grp);  // next step's rows, behind this step's loads
-    compute_step<kMods>(st, step, end, grp, qf, rs, m_i, l_i, acc);
+  if constexpr (kStages == 1) {
+    for (int step = begin; step < end; step += kStep) {  // block-uniform
+      KeyStep st;
+      load_step(st, row, k_base, v_base, p.stride_kn, p.stride_vn, step, end, grp, col_ok);
+      key_rows(row, cache, step + kStep, end, grp);  // next step's rows, behind this step's loads
+      compute_step<kMods>(st, step, end, grp, qf, rs, m_i, l_i, acc);
+    }
+  } else {
+    // -- two steps in flight: step n + 1 is loading while step n is computed
+    KeyStep a, b;
+    load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, begin, end, grp, col_ok);
+    key_rows(row, cache, begin + kStep, end, grp);
+    for (int step = begin; step < end; step += 2 * kStep) {  // block-uniform
+      load_step(b, row, k_base, v_base, p.stride_kn, p.stride_vn, step + kStep, end, grp, col_ok);
+      key_rows(row, cache, step + 2 * kStep, end, grp);
+      compute_step<kMods>(a, step, end, grp, qf, rs, m_i, l_i, acc);
+      if (step + kStep >= end) break;
+      load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, step + 2 * kStep, end, grp,
+                col_ok);
+      key_rows(row, cache, step + 3 * kStep, end, grp);
+      compute_step<kMods>(b, step + kStep, end, grp, qf, rs, m_i, l_i, acc);
+    }
   }
-#else
-  // -- two steps in flight: step n + 1 is loading while step n is computed
-  KeyStep a, b;
-  load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, begin, end, grp, col_ok);
-  key_rows(row, cache, begin + kStep, end, grp);
-  for (int step = begin; step < end; step += 2 * kStep) {  // block-uniform
-    load_step(b, row, k_base, v_base, p.stride_kn, p.stride_vn, step + kStep, end, grp, col_ok);
-    key_rows(row, cache, step + 2 * kStep, end, grp);
-    compute_step<kMods>(a, step, end, grp, qf, rs, m_i, l_i, acc);
-    if (step + kStep >= end) break;
-    load_step(a, row, k_base, v_base, p.stride_kn, p.stride_vn, step + 2 * kStep, end, grp,
-              col_ok);
-    key_rows(row, cache, step + 3 * kStep, end, grp);
-    compute_step<kMods>(b, step + kStep, end, grp, qf, rs, m_i, l_i, acc);
-  }
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(decode::kThreads, decode::kMinBlocks)

@@ -42,21 +42,7 @@
 // floats): 68 KB at D 128, 16 rows, 64 keys, 2 stages (cuflash/decode.py's
 // DecodeMmaSpec.smem_bytes is the same formula).
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 64  // keys per tile (per ring stage)
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2  // tiles in the ring
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
+#include "cf_config.cuh"  // CF_DTYPE, CF_HEAD_DIM, CF_WARPS, CF_BLOCK_N, CF_STAGES
 #ifndef CF_MIN_BLOCKS
 #define CF_MIN_BLOCKS 3
 #endif

@@ -55,33 +55,7 @@
 // 321). Details in bench/dev/NOTES.md (the script that measured them, check_fwd_gpu.py,
 // is retired).
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1  // 0 = float16, 1 = bfloat16 (2 = float32 lives in flash_fwd_fp32.cu)
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 8
-#endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M (16 * CF_WARPS)
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 64
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 0  // backward only; unused here
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK CF_HEAD_DIM  // backward only; unused here
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
+#include "cf_config.cuh"
 // Tuning knobs of this file only (not part of the ABI; the launcher never sets them). Both
 // defaults won on an H100: d128 w4 n64 with Q re-read and 2 blocks/SM, or with 3 to 4 blocks
 // of fewer registers (MIN_BLOCKS 3 / 4), all ran 2-10% slower than the defaults.

@@ -27,27 +27,10 @@
 //
 // Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
 #ifndef CF_WARPS
-#define CF_WARPS 8
+#define CF_WARPS 8  // two warpgroups (cf_config.cuh defaults to 4)
 #endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M (16 * CF_WARPS)
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 128
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0
-#endif
+#include "cf_config.cuh"
 
 #include "cf_common.cuh"
 #include "cf_fwd.cuh"
