@@ -4,8 +4,8 @@
 // so a default here only decides what a standalone `nvcc -arch=sm_90 -c kernels_cu/FILE.cu`
 // builds: bfloat16, head_dim 128, 4 warps, 16 query rows and 16 keys per warp, two stages.
 // A file that takes only other values sets its own default before including this one:
-// cf_simt.cuh CF_DTYPE 2 for the float32 files, the Hopper files CF_WARPS 8 (and
-// flash_bwd_sm90.cu CF_BLOCK_M 64). The decode-only knobs (CF_ROWS, CF_KEYS, CF_MIN_BLOCKS)
+// cf_simt.cuh CF_DTYPE 2 for the float32 files, the Hopper files and flash_bwd_split.cu
+// CF_WARPS 8 (flash_bwd_sm90.cu and flash_bwd_split.cu also CF_BLOCK_M 64). The decode-only knobs (CF_ROWS, CF_KEYS, CF_MIN_BLOCKS)
 // stay in flash_decode.cu / flash_decode_mma.cu; the backward-only ones are in
 // cf_config_bwd.cuh, so forward compilations do not see them.
 #pragma once

@@ -75,33 +75,7 @@
 // min(CF_HEAD_DIM, 128)); heads == heads_kv * heads_per_kv; dq_accum zeroed when
 // CF_DQ_ATOMIC (it may be null otherwise); seqlen_q, seqlen_k >= 1 and their sum < 2^31.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M 64
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N (16 * CF_WARPS)
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 1
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK 128
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // cache key only
-#endif
+#include "cf_config_bwd.cuh"  // the ABI defaults (the registry passes them all)
 // Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
 // CF_BWD_MSUB = query columns of S^T / dP^T held in registers at once (MSUB / 2 floats each per
 // thread). 32 when the dK + dV accumulators are large (a chunk of >= 96 columns), else 64:

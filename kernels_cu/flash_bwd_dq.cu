@@ -49,27 +49,7 @@
 // CF_HEAD_DIM; row starts of q, k, v, dout 16-byte aligned and of dq 4-byte aligned;
 // heads == heads_kv * heads_per_kv; seqlen_q + seqlen_k < 2^31.
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
-#endif
-#ifndef CF_WARPS
-#define CF_WARPS 4
-#endif
-#ifndef CF_BLOCK_M
-#define CF_BLOCK_M (16 * CF_WARPS)
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N 64
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // cache key only
-#endif
+#include "cf_config.cuh"  // the ABI defaults (the registry passes them all)
 // Internal tuning knobs (the host never sets them; the smem formula does not depend on them):
 // CF_BWD_NSUB = keys of S / dP held in registers at once (NSUB / 2 floats each per thread);
 // CF_BWD_KUNROLL = unroll factor of the head_dim k-loop of S / dP; 1 from head_dim 192, where

@@ -41,33 +41,13 @@
 // floats, packed P^T 16 registers unless reloaded (CF_BWD_SPLIT_P_RELOAD): no spills (NVRTC
 // 13.5, sm_80 and sm_90; bench/dev/compile_sweep.py checks every configuration).
 
-#ifndef CF_DTYPE
-#define CF_DTYPE 1
-#endif
-#ifndef CF_HEAD_DIM
-#define CF_HEAD_DIM 128
+#ifndef CF_WARPS
+#define CF_WARPS 8  // the split layout is 8 warps (cf_config.cuh defaults to 4)
 #endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64
 #endif
-#ifndef CF_WARPS
-#define CF_WARPS 8
-#endif
-#ifndef CF_BLOCK_N
-#define CF_BLOCK_N (16 * CF_WARPS)
-#endif
-#ifndef CF_STAGES
-#define CF_STAGES 2
-#endif
-#ifndef CF_DQ_ATOMIC
-#define CF_DQ_ATOMIC 1
-#endif
-#ifndef CF_DCHUNK
-#define CF_DCHUNK 128
-#endif
-#ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // cache key only
-#endif
+#include "cf_config_bwd.cuh"  // the other ABI defaults (the registry passes them all)
 // Tuning knobs (the host never sets them; the smem formula does not depend on them; the
 // timings behind their defaults: bench/dev/bwd_variants.md):
 // CF_BWD_SPLIT_PIPE = how split_scores walks head_dim (kPipe* below): 1 fully unrolled with the
