@@ -411,7 +411,8 @@ def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None
 
 # flash_decode.cu's DecodeParams: 12 pointers, 17 ints, 18 strides, 2 floats (320 bytes, no
 # tail padding). Every kernel of the file takes it whole.
-_PARAMS_SIGNATURE = "p" * 12 + "i" * 17 + "q" * 18 + "f" * 2
+_POINTERS = 12  # DecodeParams begins with its arrays' addresses
+_PARAMS_SIGNATURE = "p" * _POINTERS + "i" * 17 + "q" * 18 + "f" * 2
 _functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, append, keep)
 
 
@@ -702,7 +703,7 @@ class _Bound:
     problem: DecodeProblem
     plan: DecodePlan
     functions: tuple  # (split, combine, append) CUfunctions on the layout's device
-    static: tuple  # DecodeParams after its 12 pointers
+    static: tuple  # DecodeParams after its _POINTERS addresses
     lse_shape: tuple
 
 
@@ -713,7 +714,7 @@ def _bind(backend, q, k, v, given: dict, problem: DecodeProblem, index: int) -> 
     s = problem.shape
     plan = decode_plan(s, problem.num_splits, index)
     ops = _operands(backend, q, k, v, given, q, q, s)  # (o, lse: any array; addresses dropped)
-    static = _params(plan, problem, ops, 0)[12:]
+    static = _params(plan, problem, ops, 0)[_POINTERS:]
     return _Bound(problem, plan, _functions_of(plan.spec, index), static,
                   (s.batch, s.heads, s.q_len))
 
