@@ -204,7 +204,13 @@ def planned_specs(facts, cfg, dtype: str, head_dim: int, causal: bool, *, forwar
     """The KernelSpecs the plans of one problem run on ``facts`` with ``cfg`` (a
     ``cuflash.config.Config``): the forward and the backward in each deterministic mode given.
     A plan for which no tile fits ``facts``' budget contributes nothing."""
-    shape = label_shape(dtype, head_dim, causal)
+    return shape_specs(label_shape(dtype, head_dim, causal), facts, cfg, forward=forward,
+                       backward=backward)
+
+
+def shape_specs(shape: planning.Shape, facts, cfg, *, forward: bool = True,
+                backward: tuple[bool, ...] = (False, True)) -> list:
+    """``planned_specs`` for a given ``planning.Shape`` (score modifiers, varlen)."""
     out = []
     if forward:
         try:
@@ -218,6 +224,22 @@ def planned_specs(facts, cfg, dtype: str, head_dim: int, causal: bool, *, forwar
             continue
         out += [launch.spec for launch in (plan.pre, plan.main, plan.dq) if launch is not None]
     return out
+
+
+def family_fixture(families):
+    """A fixture over kernel families ``(id, smem budget KiB or None, wgmma)``: the budget
+    set and the Hopper kernels switched off for the test, restored after."""
+    import pytest
+
+    @pytest.fixture(params=families, ids=[f[0] for f in families])
+    def family(request, monkeypatch):
+        _, kib, wgmma = request.param
+        specs.set_smem_budget(kib * specs.KIB if kib else None)
+        if not wgmma:
+            monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
+        yield request.param[0]
+        specs.set_smem_budget(None)
+    return family
 
 
 def describe(q: np.ndarray, k: np.ndarray, dtype: str, causal: bool, softmax_scale,

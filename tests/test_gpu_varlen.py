@@ -60,13 +60,7 @@ def _module_specs():
                 for head_dim in head_dims:
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype,
                                        options.get("causal", False), flags, 1, 1)
-                    try:
-                        out.append(plan.plan_forward(shape, f, cfg).kernel.spec)
-                        for det in (False, True):
-                            p = plan.plan_backward(shape, f, det, cfg)
-                            out += [x.spec for x in (p.pre, p.main, p.dq) if x is not None]
-                    except ValueError:
-                        pass
+                    out += gh.shape_specs(shape, f, cfg)
     return out
 
 
@@ -82,14 +76,7 @@ def test_module_specs_compile():
     gh.assert_precompiled(PRECOMPILE_FAILURES)
 
 
-@pytest.fixture(params=FAMILIES, ids=[f[0] for f in FAMILIES])
-def family(request, monkeypatch):
-    _, kib, wgmma = request.param
-    specs.set_smem_budget(kib * specs.KIB if kib else None)
-    if not wgmma:
-        monkeypatch.setenv("CUFLASH_DISABLE_WGMMA", "1")
-    yield request.param[0]
-    specs.set_smem_budget(None)
+family = gh.family_fixture(FAMILIES)
 
 
 # -- helpers -----------------------------------------------------------------------------------
