@@ -19,6 +19,30 @@ import cuflash
 import cuflash.torch as ct
 
 
+def _report(cases: dict, calls: int, profiled: tuple, rows: int) -> None:
+    """Host microseconds per call of every case (back to back after a warm-up, one
+    synchronize at the end), then cProfile's top functions of the ``profiled`` cases."""
+    width = max(map(len, cases)) + 2
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        print(f"{name:<{width}} {(time.perf_counter() - start) / calls * 1e6:8.1f} us per call")
+    for name in profiled:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            cases[name]()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- {name}: top functions by own time")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=300)
@@ -51,24 +75,7 @@ def main():
         "sdpa forward (peer)": lambda: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
     }
-    for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.calls):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{name:<22} {(time.perf_counter() - start) / args.calls * 1e6:8.1f} us per call")
-    for name in ("fastpath backward", "torch fwd+bwd"):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            cases[name]()
-        prof.disable()
-        torch.cuda.synchronize()
-        print(f"--- {name}: top functions by own time")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    _report(cases, args.calls, ("fastpath backward", "torch fwd+bwd"), 14)
 
 
 def decode_overhead(calls: int) -> None:
@@ -96,24 +103,7 @@ def decode_overhead(calls: int) -> None:
         "sdpa fn, growing cache": lambda: sdpa_attention_forward(
             module, q, *grow[next(step) % 8], None),
     }
-    for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{name:<24} {(time.perf_counter() - start) / calls * 1e6:8.1f} us per call")
-    for name in ("cufa attention fn", "cufa fn, growing cache"):
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            cases[name]()
-        prof.disable()
-        torch.cuda.synchronize()
-        print(f"--- {name}: top functions by own time")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    _report(cases, calls, ("cufa attention fn", "cufa fn, growing cache"), 25)
 
 
 if __name__ == "__main__":
