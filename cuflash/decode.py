@@ -18,12 +18,13 @@ NumPy mirror in ``decode_cpu``) and hands back the caller's array type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import config, validate
 from .constants import LOG2E
 from .api import _refuse_untracked_gradients
 from .launch import launch_function, poison_enabled
+from .replay import Replay, addresses
 # re-exported: the plan's names that tests, benchmarks and docs use from here
 from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
                             DecodeProblem, DecodeShape, check_decode)
@@ -698,25 +699,34 @@ def _operands(backend, q, k, v, given: dict, o, lse, s: DecodeShape) -> DecodeOp
 
 @dataclass(frozen=True)
 class _Bound:
-    """A validated layout's launch without its addresses: what a repeated call reuses."""
+    """A validated layout's launches recorded on stand-in addresses (``cuflash.replay``):
+    what a repeated call reuses."""
 
     problem: DecodeProblem
     plan: DecodePlan
-    functions: tuple  # (split, combine, append) CUfunctions on the layout's device
-    static: tuple  # DecodeParams after its _POINTERS addresses
+    replay: Replay  # on (q, k, v, k_new, v_new, cache_seqlens, block_table, alibi, o, lse, scratch)
     lse_shape: tuple
 
 
 _bound: dict = {}
+_ARRAYS = ("q", "k", "v", "k_new", "v_new", "cache_seqlens", "block_table", "alibi_slopes")
 
 
 def _bind(backend, q, k, v, given: dict, problem: DecodeProblem, index: int) -> _Bound:
     s = problem.shape
     plan = decode_plan(s, problem.num_splits, index)
     ops = _operands(backend, q, k, v, given, q, q, s)  # (o, lse: any array; addresses dropped)
-    static = _params(plan, problem, ops, 0)[_POINTERS:]
-    return _Bound(problem, plan, _functions_of(plan.spec, index), static,
-                  (s.batch, s.heads, s.q_len))
+    at = addresses(len(_ARRAYS) + 3)
+    present = {"q", "k", "v", *given}  # absent arrays stay 0
+    ptrs = {name: at[i] if name in present else 0 for i, name in enumerate(_ARRAYS)}
+    ops = replace(ops, q=ptrs["q"], k=ptrs["k"], v=ptrs["v"], k_new=ptrs["k_new"],
+                  v_new=ptrs["v_new"], cache_seqlens=ptrs["cache_seqlens"],
+                  block_table=ptrs["block_table"], alibi_slopes=ptrs["alibi_slopes"],
+                  o=at[8], lse=at[9])
+    functions = _functions_of(plan.spec, index)
+    args = _params(plan, problem, ops, at[10] if plan.workspace_bytes else 0)
+    replay = Replay.record(lambda stream: _enqueue(plan, functions, args, stream))
+    return _Bound(problem, plan, replay, (s.batch, s.heads, s.q_len))
 
 
 def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
@@ -753,13 +763,11 @@ def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
     ptr = backend.ptr
     address = lambda name: ptr(given[name]) if name in given else 0
     with backend.on_device(index):
-        part = part_lse = 0
-        if plan.workspace_bytes:
-            workspace = backend.empty((plan.workspace_bytes,), backend.uint8, q)
-            part = ptr(workspace)
-            part_lse = part + plan.lse_offset
-        args = (ptr(q), ptr(k), ptr(v), address("k_new"), address("v_new"),
-                address("cache_seqlens"), address("block_table"), address("alibi_slopes"),
-                ptr(o), ptr(lse), part, part_lse) + bound.static
-        _enqueue(plan, bound.functions, args, backend.stream())
+        workspace = scratch = 0
+        if plan.workspace_bytes:  # held until the launches are enqueued
+            scratch = backend.empty((plan.workspace_bytes,), backend.uint8, q)
+            workspace = ptr(scratch)
+        bound.replay((ptr(q), ptr(k), ptr(v), address("k_new"), address("v_new"),
+                      address("cache_seqlens"), address("block_table"),
+                      address("alibi_slopes"), ptr(o), ptr(lse), workspace), backend.stream())
     return o, lse

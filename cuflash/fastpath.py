@@ -15,12 +15,14 @@ Import this module only where the framework is installed (callers import it lazi
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import numpy as np
 
 from . import launch, validate
 from . import plan as planning
 from .plan import Shape, backward_workspace
+from .replay import Replay, addresses
 
 _MAX_LAYOUTS = 4096  # validated layouts kept per direction; more and the cache starts over
 
@@ -53,6 +55,8 @@ class _Torch(Backend):
         self._raw_stream = raw or (lambda index: torch.cuda.current_stream(index).cuda_stream)
         # the current device's index without torch.cuda.current_device()'s Python wrapper
         self._current = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
+        # the tensor methods themselves: no Python frame per address or device index
+        self.ptr, self.device_index = torch.Tensor.data_ptr, torch.Tensor.get_device
 
     def layout(self, t):
         # get_device(): the index as an int (-1 off CUDA), cheaper than building t.device
@@ -61,9 +65,6 @@ class _Torch(Backend):
     def operand(self, t):
         sb, sm, sh = t.stride()[:3]
         return launch.Operand(t.data_ptr(), sb, sm, sh, t.element_size())
-
-    def ptr(self, t):
-        return t.data_ptr()
 
     def empty(self, shape, dtype, like):
         # an int device is a CUDA ordinal: no torch.device object built per allocation
@@ -74,9 +75,6 @@ class _Torch(Backend):
 
     def poison(self, t):
         t.fill_(float("nan"))
-
-    def device_index(self, t):
-        return t.get_device()
 
     def stream(self):
         return self._raw_stream(self._current())
@@ -148,11 +146,25 @@ def torch_backend() -> Backend:
 def cupy_backend() -> Backend:
     return _instance(_Cupy)
 
-_forward_problems: dict = {}
-_backward_problems: dict = {}
+
+# Per direction, validated layouts -> a _Call: the problem, its plan Shape and the recorded
+# launches (cuflash.replay), so a repeated call does one lookup, its allocations, its
+# addresses and the launches.
+_forward_calls: dict = {}
+_backward_calls: dict = {}
+_modified_calls: dict = {}
 
 
-def _remember(cache: dict, key: tuple, known: tuple) -> tuple:
+class _Call(NamedTuple):
+    problem: object  # validate.ForwardProblem / BackwardProblem
+    shape: Shape
+    replay: Replay | None  # None: nothing to launch (Shape.empty)
+    window: object = None  # the validated modifiers (the modified path)
+    softcap: object = None
+    backward: dict = None  # a forward's: dO's layout, flags -> the backward's call (_Call, bytes)
+
+
+def _remember(cache: dict, key: tuple, known):
     if len(cache) >= _MAX_LAYOUTS:
         cache.clear()
     cache[key] = known
@@ -164,19 +176,6 @@ def _aligned(backend: Backend, *arrays) -> bool:
     return all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0 for x in arrays)
 
 
-def forward_problem(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
-    """(validated problem, its plan Shape, the kernel parameters the layout fixes), from the
-    memo when the layout was seen before."""
-    key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v))
-    known = _forward_problems.get(key)
-    if known is not None and _aligned(backend, q, k, v):
-        return known
-    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    shape = Shape.of(problem)
-    return _remember(_forward_problems, key,
-                     (problem, shape, _forward_tail(backend, q, k, v, shape, problem)))
-
-
 def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
     """The forward kernel's parameters a layout fixes (o is written contiguous)."""
     _, seqlen_q, heads, head_dim = q.shape
@@ -185,15 +184,70 @@ def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
     return launch.forward_tail(shape, strides, problem.softmax_scale)
 
 
-def backward_problem(backend: Backend, do, q, k, v, o, m, l, causal,
-                     softmax_scale) -> tuple:
-    key = (causal, softmax_scale, *map(backend.layout, (do, q, k, v, o, m, l)))
-    known = _backward_problems.get(key)
+def _record_forward(backend: Backend, q, k, v, shape, problem, mods=None) -> Replay:
+    """The forward's launches on stand-ins for (q, k, v, o, m, l[, alibi, sinks])."""
+    index = backend.device_index(q)
+    tail = _forward_tail(backend, q, k, v, shape, problem)
+    with backend.on_device(index):
+        plan = launch.forward_plan(shape, index)  # the selector's ValueError comes first
+        stand_in = addresses(8)
+        args = (launch.PLAIN,) if mods is None else (mods(stand_in[6], stand_in[7]),)
+        return Replay.record(lambda stream: launch.launch_forward(
+            plan, stand_in[:6], tail, backend.operand(q).itemsize, stream, index, *args))
+
+
+def _record_backward(backend: Backend, do, q, k, v, o, shape, problem, deterministic,
+                     mods=None) -> tuple[Replay, int]:
+    """The backward's launches on stand-ins for (do, q, k, v, o, m, l, dq, dk, dv, workspace
+    [, alibi, sinks, dsinks]), and the workspace's size in bytes."""
+    index = backend.device_index(q)
+    with backend.on_device(index):
+        plan = launch.backward_plan(shape, index, deterministic)
+    at = addresses(14)
+    operands = [launch.Operand(at[i], *backend.operand(x)[1:]) for i, x in
+                enumerate((do, q, k, v, o))]
+    operands += [launch.Operand(at[7 + i], *_contiguous_strides(x), backend.operand(x).itemsize)
+                 for i, x in enumerate((q, k, v))]  # dq, dk, dv: new, contiguous
+    args = (launch.PLAIN,) if mods is None else (mods(at[11], at[12], at[13]),)
+    replay = Replay.record(lambda stream: launch.run_backward(
+        plan, *operands[:5], at[5], at[6], *operands[5:], problem.softmax_scale, at[10],
+        stream, index, *args))
+    return replay, backward_workspace(plan).total_bytes
+
+
+def _contiguous_strides(x) -> tuple:
+    """(stride_b, stride_m, stride_h) in elements of a new contiguous array shaped like x."""
+    _, seqlen, heads, head_dim = x.shape
+    return (seqlen * heads * head_dim, heads * head_dim, head_dim)
+
+
+def _forward_call(backend: Backend, q, k, v, causal, softmax_scale) -> _Call:
+    key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v),
+           planning.configuration())
+    known = _forward_calls.get(key)
+    if known is not None and _aligned(backend, q, k, v):
+        return known
+    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    shape = Shape.of(problem)
+    replay = None if shape.empty else _record_forward(backend, q, k, v, shape, problem)
+    return _remember(_forward_calls, key, _Call(problem, shape, replay, backward={}))
+
+
+def _backward_call(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
+                   deterministic: bool) -> tuple[_Call, int]:
+    key = (causal, softmax_scale, deterministic, *map(backend.layout, (do, q, k, v, o, m, l)),
+           planning.configuration())
+    known = _backward_calls.get(key)
     if known is not None and _aligned(backend, do, q, k, v, o):
         return known
     problem = validate.check_backward(do, q, k, v, o, m, l, causal=causal,
                                       softmax_scale=softmax_scale)
-    return _remember(_backward_problems, key, (problem, Shape.of(problem)))
+    shape = Shape.of(problem)
+    if shape.empty:
+        return _remember(_backward_calls, key, (_Call(problem, shape, None), 0))
+    replay, workspace = _record_backward(backend, do, q, k, v, o, shape, problem,
+                                         deterministic)
+    return _remember(_backward_calls, key, (_Call(problem, shape, replay), workspace))
 
 
 def _new(backend: Backend, shape, dtype, like, poison: bool):
@@ -203,56 +257,77 @@ def _new(backend: Backend, shape, dtype, like, poison: bool):
     return out
 
 
+def _forward_outputs(backend: Backend, q, poison: bool) -> tuple:
+    batch, seqlen_q, heads, _ = q.shape
+    f32 = backend.float32
+    return (_new(backend, q.shape, None, q, poison),
+            _new(backend, (batch, heads, seqlen_q), f32, q, poison),
+            _new(backend, (batch, heads, seqlen_q), f32, q, poison))
+
+
 def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
     """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q)."""
-    problem, shape, tail = forward_problem(backend, q, k, v, causal, softmax_scale)
-    batch, seqlen_q, heads, _ = q.shape
-    f32, poison = backend.float32, launch.poison_enabled()
-    o = _new(backend, q.shape, None, q, poison)
-    m = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
-    l = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
-    if shape.empty:
-        if shape.seqlen_k == 0:  # every row sees no key
+    return forward_with_call(backend, q, k, v, causal, softmax_scale)[:3]
+
+
+def forward_with_call(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
+    """(o, m, l, the layout's ``_Call``): hand the call to ``backward`` (``forward_call``)
+    and the backward skips the layouts of q, k, v, o, m, l (an autograd pair's case)."""
+    call = _forward_call(backend, q, k, v, causal, softmax_scale)
+    o, m, l = _forward_outputs(backend, q, launch.poison_enabled())
+    if call.replay is None:
+        if call.shape.seqlen_k == 0:  # every row sees no key
             backend.fill(o, 0), backend.fill(m, float("-inf")), backend.fill(l, 0)
-        return o, m, l
-    index = backend.device_index(q)
+        return o, m, l, call
     ptr = backend.ptr
-    with backend.on_device(index):
-        launch.launch_forward(launch.forward_plan(shape, index),
-                              (ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), tail,
-                              o.itemsize,
-                              backend.stream(), index)
-    return o, m, l
+    with backend.on_device(backend.device_index(q)):
+        call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), backend.stream())
+    return o, m, l, call
+
+
+def _backward_after(forward_call: _Call, backend: Backend, do, q, k, v, o, m, l, causal,
+                    softmax_scale, deterministic: bool) -> tuple:
+    """``_backward_call`` for the outputs of ``forward_call`` (whose layouts it fixed): only
+    dO's layout is new."""
+    key = (backend.layout(do), deterministic, planning.configuration())
+    known = forward_call.backward.get(key)
+    if known is not None and _aligned(backend, do):
+        return known
+    known = _backward_call(backend, do, q, k, v, o, m, l, causal, softmax_scale,
+                           deterministic)
+    forward_call.backward[key] = known
+    return known
 
 
 def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
-             deterministic: bool) -> tuple:
-    """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v."""
-    problem, shape = backward_problem(backend, do, q, k, v, o, m, l, causal, softmax_scale)
+             deterministic: bool, forward_call: _Call | None = None) -> tuple:
+    """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v.
+    ``forward_call``: from ``forward_with_call`` when o, m, l are that call's outputs."""
+    if forward_call is None:
+        call, workspace_bytes = _backward_call(backend, do, q, k, v, o, m, l, causal,
+                                               softmax_scale, deterministic)
+    else:
+        call, workspace_bytes = _backward_after(forward_call, backend, do, q, k, v, o, m, l,
+                                                causal, softmax_scale, deterministic)
     poison = launch.poison_enabled()
     dq, dk, dv = (_new(backend, x.shape, None, x, poison) for x in (q, k, v))
-    if shape.empty:  # zero bits are +0.0 in every float format
+    if call.replay is None:  # zero bits are +0.0 in every float format
         for x in (dq, dk, dv):
             backend.fill(x, 0)
         return dq, dk, dv
-    index = backend.device_index(q)
-    with backend.on_device(index):
-        plan = launch.backward_plan(shape, index, deterministic)
-        workspace = backend.empty((backward_workspace(plan).total_bytes,), backend.uint8, q)
-        launch.run_backward(plan, *map(backend.operand, (do, q, k, v, o)), backend.ptr(m),
-                            backend.ptr(l), *map(backend.operand, (dq, dk, dv)),
-                            problem.softmax_scale, backend.ptr(workspace), backend.stream(),
-                            index)
+    ptr = backend.ptr
+    with backend.on_device(backend.device_index(q)):
+        workspace = backend.empty((workspace_bytes,), backend.uint8, q)
+        call.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(dq),
+                     ptr(dk), ptr(dv), ptr(workspace)), backend.stream())
     return dq, dk, dv
 
 
 # -- calls with score modifiers (window, softcap, ALiBi slopes, sinks; docs/masks.md) -------
 # The same path with the modifiers' layouts in the memo key: the validated window and softcap,
-# the plan Shape (its ModFlags pick the kernels) and the kernel tail are remembered; the slopes'
-# and sinks' addresses are read per call. Layouts this path does not take (non-contiguous
+# the plan Shape (its ModFlags pick the kernels) and the recorded launches are remembered; the
+# slopes' and sinks' addresses are new per call. Layouts this path does not take (non-contiguous
 # slopes or sinks, calls with nothing to compute) return None: the general path serves them.
-
-_modified_problems: dict = {}
 
 
 def _mod_layout(backend: Backend, x):
@@ -264,12 +339,14 @@ def _contiguous(x) -> bool:
     return is_contiguous() if is_contiguous is not None else x.flags.c_contiguous
 
 
-def _modified_problem(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
-                      alibi_slopes, sinks, direction: str, extra=()) -> tuple | None:
-    key = (direction, causal, softmax_scale, window if window is None else tuple(window),
-           softcap, _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
-           *map(backend.layout, (q, k, v, *extra)))
-    known = _modified_problems.get(key)
+def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
+                   alibi_slopes, sinks, direction: str, extra=(),
+                   deterministic: bool = False) -> tuple | None:
+    key = (direction, causal, softmax_scale, deterministic,
+           window if window is None else tuple(window), softcap,
+           _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
+           *map(backend.layout, (q, k, v, *extra)), planning.configuration())
+    known = _modified_calls.get(key)
     if known is not None and _aligned(backend, q, k, v, *extra[:2]):
         return known
     if direction == "forward":
@@ -285,10 +362,29 @@ def _modified_problem(backend: Backend, q, k, v, causal, softmax_scale, window, 
     shape = Shape.of(problem, flags)
     if shape.empty:
         return None
-    known = (problem, shape, mods.window, mods.softcap)
+    mod_args = _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks)
     if direction == "forward":
-        known += (_forward_tail(backend, q, k, v, shape, problem),)
-    return _remember(_modified_problems, key, known)
+        replay, workspace = _record_forward(backend, q, k, v, shape, problem, mod_args), 0
+    else:
+        do, o = extra[:2]
+        replay, workspace = _record_backward(backend, do, q, k, v, o, shape, problem,
+                                             deterministic, mod_args)
+    known = (_Call(problem, shape, replay, mods.window, mods.softcap), workspace)
+    return _remember(_modified_calls, key, known)
+
+
+_DSINKS = object()  # stands for the dsinks a backward call allocates
+
+
+def _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks):
+    """``args(alibi_at, sinks_at[, dsinks_at])``: the call's ``launch.ModArgs`` with stand-in
+    addresses for the slopes, the sinks and (backward) the sinks' gradient."""
+    def args(alibi_at, sinks_at, dsinks_at=None):
+        at = {id(alibi_slopes): alibi_at, id(sinks): sinks_at, id(_DSINKS): dsinks_at}
+        dsinks = _DSINKS if dsinks_at is not None and sinks is not None else None
+        return launch.modifiers_of(shape, mods.window, mods.softcap, alibi_slopes, sinks,
+                                   problem.softmax_scale, dsinks, ptr=lambda x: at[id(x)])
+    return args
 
 
 def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
@@ -296,52 +392,42 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     """(o, m, l, the validated ``validate.Modifiers``) like ``forward`` for a call with score
     modifiers, or None when the general path must take it (raises the API's errors for bad
     arguments)."""
-    known = _modified_problem(backend, q, k, v, causal, softmax_scale, window, softcap,
-                              alibi_slopes, sinks, "forward")
+    known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
+                           alibi_slopes, sinks, "forward")
     if known is None:
         return None
-    problem, shape, window, softcap, tail = known
-    batch, seqlen_q, heads, _ = q.shape
-    f32, poison = backend.float32, launch.poison_enabled()
-    o = _new(backend, q.shape, None, q, poison)
-    m = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
-    l = _new(backend, (batch, heads, seqlen_q), f32, q, poison)
-    index = backend.device_index(q)
+    call = known[0]
+    o, m, l = _forward_outputs(backend, q, launch.poison_enabled())
     ptr = backend.ptr
-    with backend.on_device(index):
-        plan = launch.forward_plan(shape, index)
-        mods = launch.modifiers_of(shape, window, softcap, alibi_slopes, sinks,
-                                    problem.softmax_scale, ptr=ptr)
-        launch.launch_forward(plan, (ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l)), tail,
-                              o.itemsize, backend.stream(), index, mods)
-    return o, m, l, validate.Modifiers(window, softcap, alibi_slopes, sinks)
+    optional = lambda x: ptr(x) if x is not None else 0
+    with backend.on_device(backend.device_index(q)):
+        call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), optional(alibi_slopes),
+                     optional(sinks)), backend.stream())
+    return o, m, l, validate.Modifiers(call.window, call.softcap, alibi_slopes, sinks)
 
 
 def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
                       deterministic: bool, window, softcap, alibi_slopes, sinks
                       ) -> tuple | None:
     """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers, or None."""
-    known = _modified_problem(backend, q, k, v, causal, softmax_scale, window, softcap,
-                              alibi_slopes, sinks, "backward", (do, o, m, l))
+    known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
+                           alibi_slopes, sinks, "backward", (do, o, m, l), deterministic)
     if known is None:
         return None
-    problem, shape, window, softcap = known
+    call, workspace_bytes = known
     poison = launch.poison_enabled()
     dq, dk, dv = (_new(backend, x.shape, None, x, poison) for x in (q, k, v))
     dsinks = None
     if sinks is not None:  # the preprocess adds each block's share: it starts at zero
         dsinks = backend.empty(tuple(sinks.shape), backend.float32, sinks)
         backend.fill(dsinks, 0)
-    index = backend.device_index(q)
-    with backend.on_device(index):
-        plan = launch.backward_plan(shape, index, deterministic)
-        workspace = backend.empty((backward_workspace(plan).total_bytes,), backend.uint8, q)
-        mods = launch.modifiers_of(shape, window, softcap, alibi_slopes, sinks,
-                                    problem.softmax_scale, dsinks, ptr=backend.ptr)
-        launch.run_backward(plan, *map(backend.operand, (do, q, k, v, o)), backend.ptr(m),
-                            backend.ptr(l), *map(backend.operand, (dq, dk, dv)),
-                            problem.softmax_scale, backend.ptr(workspace), backend.stream(),
-                            index, mods)
+    ptr = backend.ptr
+    optional = lambda x: ptr(x) if x is not None else 0
+    with backend.on_device(backend.device_index(q)):
+        workspace = backend.empty((workspace_bytes,), backend.uint8, q)
+        call.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(dq),
+                     ptr(dk), ptr(dv), ptr(workspace), optional(alibi_slopes),
+                     optional(sinks), optional(dsinks)), backend.stream())
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 
 

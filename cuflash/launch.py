@@ -14,8 +14,11 @@ the outputs); ``cuflash.torch`` and the XLA FFI targets call ``run_forward`` /
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import struct
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -169,20 +172,72 @@ _SIGNATURES = {
     "convert": "pp" "iii" "qqq" "p",
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
-_CTYPES = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong,
-           "f": ctypes.c_float}
+_FORMATS = {"p": "P", "i": "i", "q": "q", "f": "f"}  # struct's native (C) alignment
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
+_MAX_PARAM_BYTES = 4096  # cuLaunchKernel's classic limit; our kernels take < 400
 
 
 @lru_cache(maxsize=None)
-def _param_struct(signature: str) -> tuple[type, int]:
-    """A ctypes struct whose layout is the kernel's parameter buffer (C alignment rules), and
-    the buffer's size: up to the end of the last parameter, without the struct's tail padding
-    (the driver refuses a buffer larger than the kernel's parameters)."""
-    fields = [(f"a{i}", _CTYPES[c]) for i, c in enumerate(signature)]
-    struct = type(f"Params_{signature}", (ctypes.Structure,), {"_fields_": fields})
-    last = getattr(struct, fields[-1][0])
-    return struct, last.offset + last.size
+def param_packer(signature: str) -> struct.Struct:
+    """The kernel's parameter buffer as a ``struct.Struct`` in native mode, which lays the
+    fields out by the C alignment rules and adds no tail padding (the driver refuses a
+    buffer larger than the kernel's parameters)."""
+    packer = struct.Struct("@" + "".join(_FORMATS[c] for c in signature))
+    assert packer.size <= _MAX_PARAM_BYTES
+    return packer
+
+
+class _ParamBuffer(threading.local):
+    """Each thread's parameter buffer and the ``extra`` array that points at it: the
+    driver copies the parameters during ``cuLaunchKernel``, so one buffer per thread is
+    reused by every launch of that thread."""
+
+    def __init__(self):
+        self.data = (ctypes.c_char * _MAX_PARAM_BYTES)()
+        self.size = ctypes.c_size_t(0)
+        self.extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(self.data),
+                                           _PARAM_BUFFER_SIZE, ctypes.addressof(self.size),
+                                           _PARAM_END)
+        self.extra_address = ctypes.addressof(self.extra)
+
+
+_params = _ParamBuffer()
+
+
+# -- recording (cuflash.replay): the launches a call would make, not made --------------------
+
+
+class Record(NamedTuple):
+    """A launch (or, ``function`` None, a memset of ``args[0]``) that was recorded."""
+
+    function: int | None
+    grid: tuple
+    threads: int
+    smem: int
+    signature: str
+    args: tuple
+    what: object = None
+    memset_bytes: int = 0
+
+
+RECORDED_STREAM = -1  # the stream a recorded call is given (a replay gets the real one)
+
+
+class _Recording(threading.local):
+    records: list | None = None
+
+
+_recording = _Recording()
+
+
+@contextlib.contextmanager
+def recording():
+    """Launches and memsets of this thread are appended to the yielded list, not run."""
+    previous, _recording.records = _recording.records, []
+    try:
+        yield _recording.records
+    finally:
+        _recording.records = previous
 
 
 # (CUfunction, the loaded kernel that owns it) by (id of a plan's spec, device, convert). The
@@ -203,27 +258,54 @@ def _function_ptr(spec: KernelSpec, device_id: int, convert: bool) -> int:
     return hit[0]
 
 
-_driver = None  # cupy_backends.cuda.api.driver, imported at the first launch
+_driver = _runtime = None  # cupy_backends.cuda.api's driver and runtime, at the first launch
+
+
+def _import_cuda():
+    global _driver, _runtime
+    from cupy_backends.cuda.api import driver, runtime
+
+    _driver, _runtime = driver, runtime
+
+
+def launch_packed(function: int, grid: tuple, threads: int, smem: int,
+                  packer: struct.Struct, args, stream: int, what) -> None:
+    """One ``cuLaunchKernel`` of CUfunction ``function``, ``args`` packed by ``packer``
+    (``param_packer``). ``what()`` describes the launch for an error."""
+    if _driver is None:
+        _import_cuda()
+    buffer = _params
+    packer.pack_into(buffer.data, 0, *args)
+    buffer.size.value = packer.size
+    try:
+        _driver.launchKernel(function, grid[0], grid[1], grid[2], threads, 1, 1, smem, stream,
+                             0, buffer.extra_address)
+    except Exception as exc:  # CUDADriverError: say which kernel, grid and problem
+        raise LaunchError(f"cuflash: launching {what()} (grid {tuple(grid)}, {threads} "
+                          f"threads, {smem} B shared memory) failed: {exc}") from exc
 
 
 def launch_function(function: int, grid: tuple, threads: int, smem: int, signature: str,
                     args: tuple, stream: int, what) -> None:
     """One ``cuLaunchKernel`` of CUfunction ``function`` with ``args`` packed by
-    ``signature`` into one parameter buffer. ``what()`` describes the launch for an error."""
-    global _driver
-    if _driver is None:
-        from cupy_backends.cuda.api import driver as _driver
-    struct, nbytes = _param_struct(signature)
-    params = struct(*args)
-    size = ctypes.c_size_t(nbytes)
-    extra = (ctypes.c_void_p * 5)(_PARAM_BUFFER_POINTER, ctypes.addressof(params),
-                                  _PARAM_BUFFER_SIZE, ctypes.addressof(size), _PARAM_END)
-    try:
-        _driver.launchKernel(function, *grid, threads, 1, 1, smem, stream, 0,
-                             ctypes.addressof(extra))
-    except Exception as exc:  # CUDADriverError: say which kernel, grid and problem
-        raise LaunchError(f"cuflash: launching {what()} (grid {tuple(grid)}, {threads} "
-                          f"threads, {smem} B shared memory) failed: {exc}") from exc
+    ``signature`` into one parameter buffer (or recorded, under ``recording``)."""
+    records = _recording.records
+    if records is not None:
+        records.append(Record(function, tuple(grid), threads, smem, signature, tuple(args),
+                              what))
+        return
+    launch_packed(function, grid, threads, smem, param_packer(signature), args, stream, what)
+
+
+def memset_async(ptr: int, nbytes: int, stream: int) -> None:
+    """Zero ``nbytes`` at device address ``ptr`` on ``stream`` (or record it)."""
+    records = _recording.records
+    if records is not None:
+        records.append(Record(None, (), 0, 0, "", (ptr,), memset_bytes=nbytes))
+        return
+    if _runtime is None:
+        _import_cuda()
+    _runtime.memsetAsync(ptr, 0, nbytes, stream)
 
 
 def _launch(launch: planning.Launch, device_id: int, grid_z: int, signature: str, args,
@@ -318,12 +400,10 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     ``mods.dsinks`` (float32 (heads,)) must be zeroed on ``stream`` by the caller. Varlen
     (``seq``): packed operands with stride_b 0; with seqused_k the caller zeroes dk and dv
     (keys past seqused_k are no block's)."""
-    from cupy_backends.cuda.api import runtime
-
     s = plan.shape
     ws = planning.backward_workspace(plan)
     if ws.zeroed_bytes:
-        runtime.memsetAsync(workspace, 0, ws.zeroed_bytes, stream)
+        memset_async(workspace, ws.zeroed_bytes, stream)
     # bytes from one batch entry to the next in the statistics and accumulators (varlen: 0,
     # the kernels address packed rows through seq's offsets)
     stats_row = 0 if seq.varlen else 4 * s.heads * s.seqlen_q

@@ -73,7 +73,14 @@ class _EagerFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, deterministic):
-        o, m, l = _forward_impl(q, k, v, causal, softmax_scale)
+        ctx.call = None  # on CUDA the layout's call: the backward then skips most lookups
+        if q.is_cuda:
+            from . import fastpath
+
+            o, m, l, ctx.call = fastpath.forward_with_call(fastpath.torch_backend(), q, k, v,
+                                                           causal, softmax_scale)
+        else:
+            o, m, l = _forward_impl(q, k, v, causal, softmax_scale)
         ctx.save_for_backward(q, k, v, o, m, l)
         ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
         return o
@@ -81,8 +88,15 @@ class _EagerFlashAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, m, l = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(do, q, k, v, o, m, l, ctx.causal, ctx.softmax_scale,
-                                    ctx.deterministic)
+        if ctx.call is not None:
+            from . import fastpath
+
+            dq, dk, dv = fastpath.backward(fastpath.torch_backend(), _kernel_ready(do), q, k,
+                                           v, o, m, l, ctx.causal, ctx.softmax_scale,
+                                           ctx.deterministic, forward_call=ctx.call)
+        else:
+            dq, dk, dv = _backward_impl(do, q, k, v, o, m, l, ctx.causal, ctx.softmax_scale,
+                                        ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
@@ -160,6 +174,8 @@ def _kernel_ready(do: torch.Tensor) -> torch.Tensor:
     autograd chooses the layout of dO: ``o.sum()`` hands back an expanded tensor whose strides
     are all 0, a transposed loss a transposed gradient. Those are copied here.
     """
+    if do.is_contiguous() and do.data_ptr() % _CUDA_ROW_ALIGN == 0:  # the usual dO
+        return do
     if do.numel() == 0:
         return do
     strides_ok = do.shape[-1] <= 1 or do.stride(-1) == 1
@@ -246,6 +262,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     stream. A NaN in a visible score shows as NaN in that row's output and gradients. Bad
     arguments raise ``TypeError`` / ``ValueError`` naming the argument, as the core API does.
     """
+    if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and q.is_cuda
+            and k.is_cuda and v.is_cuda and q.get_device() == k.get_device() == v.get_device()
+            and q.dim() == 4 and type(causal) is bool and window is None and softcap is None
+            and alibi_slopes is None and sinks is None and not torch.compiler.is_compiling()):
+        return _eager_cuda(q, k, v, causal, softmax_scale, deterministic)
     _check_tensors([(q, "q"), (k, "k"), (v, "v")])
     causal = validate.check_bool(causal, "causal")
     head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
@@ -259,6 +280,22 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
     o, _, _ = _flash_fwd(q, k, v, causal, scale, deterministic)
     return o
+
+
+_Tensor = torch.Tensor  # exactly: subclasses (Parameter, tensor wrappers) take the full path
+
+
+def _eager_cuda(q, k, v, causal: bool, softmax_scale, deterministic) -> torch.Tensor:
+    """``flash_attention`` for plain CUDA tensors on one device with no score modifiers, as
+    eager calls make it: the fewest checks that keep its errors (the layout's are the fast
+    path's), and no autograd node when no gradient is asked for."""
+    scale = validate.check_scale(softmax_scale, q.shape[-1])
+    deterministic = _resolve_deterministic(deterministic)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
+    from . import fastpath
+
+    return fastpath.forward(fastpath.torch_backend(), q, k, v, causal, scale)[0]
 
 
 def _check_sdpa_extras(attn_mask, dropout_p, enable_gqa) -> None:

@@ -5,51 +5,19 @@ addresses, and a changed layout must be planned again."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
 from cuflash import decode, launch
-
-
-class NumpyBackend:
-    """fastpath's Backend duck type over host arrays (addresses are host addresses)."""
-
-    float32, uint8 = np.float32, np.uint8
-
-    def layout(self, a):
-        return (a.shape, a.strides, a.dtype, 0)
-
-    def operand(self, a):
-        item = a.itemsize
-        return launch.Operand(a.ctypes.data, *(s // item for s in a.strides[:3]), item)
-
-    def ptr(self, a):
-        return a.ctypes.data
-
-    def empty(self, shape, dtype, like):
-        return np.empty(shape, dtype=dtype or like.dtype)
-
-    def poison(self, a):
-        a.fill(np.nan)
-
-    def device_index(self, a):
-        return 0
-
-    def stream(self):
-        return 1234
-
-    def on_device(self, index):
-        return contextlib.nullcontext()
+from host_backend import NumpyBackend
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    calls = []
-    monkeypatch.setattr(decode, "launch_function",
-                        lambda fn, grid, threads, smem, sig, args, stream, what:
-                        calls.append((fn, grid, threads, smem, args, stream)))
+    calls = []  # the replayed launches, packed but not run
+    monkeypatch.setattr(launch, "launch_packed",
+                        lambda fn, grid, threads, smem, packer, args, stream, what:
+                        calls.append((fn, tuple(grid), threads, smem, tuple(args), stream)))
     monkeypatch.setattr(decode, "_functions_of", lambda spec, device: (11, 22, 33))
     monkeypatch.setattr("cuflash.launch.device_facts", lambda index: _FACTS)
     decode._bound.clear(), decode._problems.clear(), decode._plans.clear()
@@ -129,3 +97,28 @@ def test_a_misaligned_address_is_checked_again(launches, monkeypatch):
     shifted[...] = q
     decode._decode_gpu(backend, shifted, k, v, {}, flags)
     assert len(checked) == 2
+
+
+def test_a_paged_append_replays_every_address(launches):
+    """Append, page table, ALiBi slopes and cache lengths: each launch (append, split,
+    combine) of a replay carries this call's addresses in every slot."""
+    rng = np.random.default_rng(3)
+    backend = NumpyBackend()
+    flags = dict(causal=True, softmax_scale=None, window=None, softcap=None, num_splits=4)
+    for call in range(3):
+        q = rng.standard_normal((2, 1, 8, 64)).astype(np.float16)
+        k_pages, v_pages = (rng.standard_normal((6, 16, 2, 64)).astype(np.float16)
+                            for _ in range(2))
+        given = {"cache_seqlens": np.array([20, 30], np.int32),
+                 "block_table": rng.permutation(6).reshape(2, 3).astype(np.int32),
+                 "k_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
+                 "v_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
+                 "alibi_slopes": rng.random(8).astype(np.float32)}
+        launches.clear()
+        o, lse = decode._decode_gpu(backend, q, k_pages, v_pages, given, flags)
+        workspace = next(c for c in launches if c[0] == 11)[4][10]
+        plan, want = _expected(backend, q, k_pages, v_pages, given, flags, o, lse, workspace)
+        assert plan.combine_grid and workspace != 0
+        assert [c[0] for c in launches] == [33, 11, 22], f"call {call}"
+        assert all(c[4] == want for c in launches), f"call {call}"
+    assert len(decode._bound) == 1

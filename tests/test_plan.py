@@ -111,12 +111,40 @@ def test_parameter_buffers_end_at_the_last_parameter():
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES for the struct's 4 bytes of tail padding)."""
     from cuflash import launch
 
-    _, fwd = launch._param_struct(launch._SIGNATURES["fwd"])
+    fwd = launch.param_packer(launch._SIGNATURES["fwd"]).size
     # ints padded to the long longs' alignment; then the modifiers (iifff, p, q), sinks (p)
     # ... and the sequence layout (ppp, i)
     assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8 + 3 * 8 + 4
-    _, convert = launch._param_struct(launch._SIGNATURES["convert"])
+    convert = launch.param_packer(launch._SIGNATURES["convert"]).size
     assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8 + 8  # + cu_seqlens
+
+
+def launch_signatures() -> dict:
+    from cuflash import decode, launch
+
+    return {**launch._SIGNATURES, "decode": decode._PARAMS_SIGNATURE}
+
+
+@pytest.mark.parametrize("kind", sorted(launch_signatures()))
+def test_parameter_buffers_are_laid_out_as_c_structs(kind):
+    """struct's native mode packs every entry point's parameters byte for byte as a C
+    compiler lays out the same fields (ctypes.Structure): offsets, padding, values."""
+    import ctypes
+
+    from cuflash import launch
+
+    signature = launch_signatures()[kind]
+    types = {"p": ctypes.c_void_p, "i": ctypes.c_int, "q": ctypes.c_longlong,
+             "f": ctypes.c_float}
+    fields = [(f"a{i}", types[c]) for i, c in enumerate(signature)]
+    as_c = type("Params", (ctypes.Structure,), {"_fields_": fields})
+    values = [(i + 1) * (8 if c == "p" else 1) if c != "f" else 0.5 + i
+              for i, c in enumerate(signature)]
+    packer = launch.param_packer(signature)
+    last = getattr(as_c, fields[-1][0])
+    assert packer.size == last.offset + last.size
+    assert packer.pack(*values) == bytes(as_c(*values))[:packer.size]
+
 
 
 _ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),

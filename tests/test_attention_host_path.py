@@ -1,0 +1,172 @@
+"""The CUDA host path of attention (``cuflash.fastpath``) on the CPU, with NumPy arrays
+standing in for a framework's CUDA arrays and the launches captured instead of run.
+
+A call replays the launches recorded for its layout (``cuflash.replay``): they must be the
+launches that the launch code makes when called directly with the call's own addresses
+(every kernel, grid, scalar and address, the workspace memset included), call after call,
+for every plan shape: one launch or a batch split over launches, atomics or deterministic
+dQ, split kv heads with their converts, float32, and the score modifiers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cuflash import fastpath, launch, replay, validate
+from cuflash import plan as planning
+from host_backend import NumpyBackend
+
+_H200 = launch.DeviceFacts(name="test", arch="sm_90", sm_count=132, smem_optin=227 * 1024)
+_A100 = launch.DeviceFacts(name="test", arch="sm_80", sm_count=108, smem_optin=163 * 1024)
+_STREAM = 1234
+
+
+@pytest.fixture
+def device(monkeypatch):
+    """Launches and memsets captured as (function, grid, threads, smem, args) / (address,
+    bytes); kernel addresses from the specs' names; the device's facts settable."""
+    captured, facts = [], {"facts": _H200}
+
+    def packed(function, grid, threads, smem, packer, args, stream, what):
+        assert stream == _STREAM
+        packer.pack(*args)  # every argument fits its C type
+        captured.append((function, tuple(grid), threads, smem, tuple(args)))
+
+    def memset(ptr, nbytes, stream):
+        records = launch._recording.records
+        if records is not None:  # the reference run records, the replay captures
+            return records.append(launch.Record(None, (), 0, 0, "", (ptr,),
+                                                memset_bytes=nbytes))
+        assert stream == _STREAM
+        captured.append(("memset", ptr, nbytes))
+
+    monkeypatch.setattr(launch, "launch_packed", packed)
+    monkeypatch.setattr(launch, "memset_async", memset)
+    monkeypatch.setattr(launch, "_function_ptr",
+                        lambda spec, index, convert: hash((spec.name, convert)) & 0xFFFFFF)
+    monkeypatch.setattr(launch, "device_facts", lambda index: facts["facts"])
+    for cache in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
+                  planning._forward_plans, planning._backward_plans):
+        cache.clear()
+    yield captured, facts
+    for cache in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
+                  planning._forward_plans, planning._backward_plans):
+        cache.clear()
+
+
+def _as_captured(records: list) -> list:
+    return [("memset", r.args[0], r.memset_bytes) if r.function is None else
+            (r.function, r.grid, r.threads, r.smem, r.args) for r in records]
+
+
+def _operand(a) -> launch.Operand:
+    return NumpyBackend().operand(a)
+
+
+def _inputs(rng, shape_q, shape_kv, dtype, transposed_k=False):
+    q = rng.standard_normal(shape_q).astype(dtype)
+    k = rng.standard_normal(shape_kv).astype(dtype)
+    if transposed_k:  # (batch, heads, seq, dim) storage read in place
+        b, s, h, d = shape_kv
+        k = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    v = rng.standard_normal(shape_kv).astype(dtype)
+    return q, k, v
+
+
+_CASES = [  # (facts, q shape, kv shape, dtype, causal, deterministic, transposed k)
+    ("h200", (2, 100, 8, 64), (2, 130, 8, 64), np.float16, True, False, False),
+    ("h200", (1, 256, 16, 128), (1, 256, 4, 128), np.float16, True, False, True),
+    ("h200", (1, 64, 16, 128), (1, 512, 1, 128), np.float16, False, True, False),
+    ("h200", (3, 40, 4, 32), (3, 40, 2, 32), np.float32, False, False, False),
+    ("a100", (2, 70, 4, 256), (2, 90, 4, 256), np.float16, True, False, False),
+    ("a100", (2, 70, 4, 96), (2, 90, 2, 96), np.float16, False, True, False),
+    ("h200", (70000, 2, 1, 32), (70000, 2, 1, 32), np.float16, False, False, False),
+]
+
+
+@pytest.mark.parametrize("case", _CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_replayed_launches_are_the_direct_launches(device, case):
+    captured, facts = device
+    name, shape_q, shape_kv, dtype, causal, deterministic, transposed = case
+    facts["facts"] = _H200 if name == "h200" else _A100
+    backend, rng = NumpyBackend(), np.random.default_rng(0)
+    for call in range(3):  # the first call records the layout; the others replay it
+        q, k, v = _inputs(rng, shape_q, shape_kv, dtype, transposed)
+        captured.clear()
+        o, m, l = fastpath.forward(backend, q, k, v, causal, None)
+        problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=None)
+        plan = launch.forward_plan(planning.Shape.of(problem), 0)
+        with launch.recording() as direct:
+            launch.run_forward(plan, *map(_operand, (q, k, v, o)), m.ctypes.data,
+                               l.ctypes.data, problem.softmax_scale, _STREAM, 0)
+        assert captured == _as_captured(direct), f"forward, call {call}"
+        if shape_q[0] > 1000:
+            assert len(captured) > 1  # the grid's batch split over launches
+
+        do = rng.standard_normal(shape_q).astype(dtype)
+        captured.clear()
+        dq, dk, dv = fastpath.backward(backend, do, q, k, v, o, m, l, causal, None,
+                                       deterministic)
+        plan = launch.backward_plan(planning.Shape.of(problem), 0, deterministic)
+        workspace = _workspace_address(captured, plan)
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, workspace, _STREAM, 0)
+        assert captured == _as_captured(direct), f"backward, call {call}"
+    assert len(fastpath._forward_calls) == len(fastpath._backward_calls) == 1
+
+
+def _workspace_address(captured: list, plan) -> int:
+    """The replay's workspace: the preprocess writes delta at its start (argument 4)."""
+    pre = next(c for c in captured if c[0] != "memset")
+    return pre[4][4] - planning.backward_workspace(plan).delta
+
+
+def test_the_score_modifiers_replay_their_addresses(device):
+    captured, _ = device
+    backend, rng = NumpyBackend(), np.random.default_rng(1)
+    mods = dict(window=(32, 0), softcap=None)
+    for call in range(3):
+        q, k, v = _inputs(rng, (2, 96, 8, 64), (2, 96, 4, 64), np.float16)
+        slopes = rng.random((2, 8)).astype(np.float32)
+        sinks = rng.standard_normal(8).astype(np.float32)
+        captured.clear()
+        o, m, l, checked = fastpath.forward_modified(backend, q, k, v, True, None,
+                                                     alibi_slopes=slopes, sinks=sinks, **mods)
+        problem = validate.check_forward(q, k, v, causal=True, softmax_scale=None)
+        shape = planning.Shape.of(problem, planning.mod_flags(
+            checked.window, checked.softcap, slopes, sinks, True))
+        args = launch.modifiers_of(shape, checked.window, checked.softcap, slopes, sinks,
+                                   problem.softmax_scale, ptr=lambda a: a.ctypes.data)
+        with launch.recording() as direct:
+            launch.run_forward(launch.forward_plan(shape, 0), *map(_operand, (q, k, v, o)),
+                               m.ctypes.data, l.ctypes.data, problem.softmax_scale,
+                               _STREAM, 0, args)
+        assert captured == _as_captured(direct), f"forward, call {call}"
+
+        do = rng.standard_normal(q.shape).astype(np.float16)
+        captured.clear()
+        dq, dk, dv, dsinks = fastpath.backward_modified(
+            backend, do, q, k, v, o, m, l, True, None, False, alibi_slopes=slopes,
+            sinks=sinks, **mods)
+        plan = launch.backward_plan(shape, 0, False)
+        pre = next(c for c in captured if c[0] != "memset")
+        args = launch.modifiers_of(shape, checked.window, checked.softcap, slopes, sinks,
+                                   problem.softmax_scale, dsinks, ptr=lambda a: a.ctypes.data)
+        assert pre[4][-5] == dsinks.ctypes.data  # the preprocess's dsinks: this call's
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, _workspace_address(captured, plan),
+                                _STREAM, 0, args)
+        assert captured == _as_captured(direct), f"backward, call {call}"
+    assert len(fastpath._modified_calls) == 2
+
+
+def test_a_stand_in_address_is_an_index_and_an_offset():
+    a = replay.Address(3) + 16
+    b = 8 + a + 4
+    assert (b.index, b.offset) == (3, 28) and bool(replay.Address(0))
+    with pytest.raises(TypeError):
+        replay.Address(1) + 0.5
