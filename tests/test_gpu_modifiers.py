@@ -135,7 +135,8 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
     q, k, v, do, causal, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k)
     label = f"{family} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **_on_gpu(mods))
+    gmods = _on_gpu(mods)  # the same slopes and sinks arrays for the backward (stats check)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
     o_host = gh.to_host(o, dtype)
     o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
     o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
@@ -146,7 +147,7 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
     few = _few_keys(seqlen_q, seqlen_k, causal, mods["window"])
     for deterministic in (False, True):
         grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                           deterministic=deterministic, **_on_gpu(mods))
+                                           deterministic=deterministic, **gmods)
         refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host,
                                                       **mods)
         naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
@@ -165,13 +166,14 @@ def test_every_head_dim_with_all_modifiers(family, head_dim):
     case = CASES[-1]
     q, k, v, do, causal, mods = _inputs(rng, case, "bfloat16", 77, 301, head_dim=head_dim)
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **_on_gpu(mods))
+    gmods = _on_gpu(mods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
     o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal, **mods)
     o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype("bfloat16"),
                                      **mods)
     gh.assert_matches_reference("o", gh.to_host(o, "bfloat16"), o_ref, o_nv, dtype="bfloat16",
                                 label=f"{family} d{head_dim}")
-    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal, **_on_gpu(mods))
+    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal, **gmods)
     gh.assert_no_nan(f"{family} d{head_dim}", **{n: gh.to_host(g) for n, g in
                                                  zip(("dq", "dk", "dv", "dsinks"), grads)})
 

@@ -65,17 +65,26 @@ def main():
 
     tb = fastpath.torch_backend()
     ot, mt, lt = fastpath.forward(tb, q, k, v, True, None)
+    import cupy
+
+    cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
+    co, cstats = cuflash.attention_forward(cq, ck, cv, causal=True)
     cases = {
         "fastpath backward": lambda: fastpath.backward(tb, do, q, k, v, ot, mt, lt, True, None,
                                                       False),
         "torch fwd only (grad)": lambda: ct.flash_attention(qg, kg, vg, causal=True),
+        "torch forward (no grad)": lambda: ct.flash_attention(q, k, v, causal=True),
         "forward": lambda: cuflash.attention_forward(q, k, v),
         "backward": lambda: cuflash.attention_backward(do, q, k, v, o, stats),
+        "cupy API forward": lambda: cuflash.attention_forward(cq, ck, cv, causal=True),
+        "cupy API backward": lambda: cuflash.attention_backward(cdo, cq, ck, cv, co, cstats,
+                                                                causal=True),
         "torch fwd+bwd": fwd_bwd,
         "sdpa forward (peer)": lambda: torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
     }
-    _report(cases, args.calls, ("fastpath backward", "torch fwd+bwd"), 14)
+    _report(cases, args.calls, ("torch forward (no grad)", "cupy API forward",
+                                "cupy API backward", "torch fwd+bwd"), 16)
 
 
 def decode_overhead(calls: int) -> None:
