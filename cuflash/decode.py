@@ -571,7 +571,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache
                  num_splits=num_splits)
     fast = _fast_backend([x for x, _ in named])
     if fast is not None:
-        o, lse = _decode_gpu(fast, q, k_cache, v_cache, given, flags)
+        o, lse = decode_cuda(fast, q, k_cache, v_cache, given, flags)
         return (o, lse) if return_softmax_lse else o
     imported = {name: import_array(x, name) for x, name in named}
     problem = _check(imported, flags)
@@ -581,7 +581,7 @@ def attention_with_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache
         if iq.is_cuda:
             from . import fastpath
 
-            o, lse = _decode_gpu(fastpath.cupy_backend(), arrays.pop("q"),
+            o, lse = decode_cuda(fastpath.cupy_backend(), arrays.pop("q"),
                                  arrays.pop("k_cache"), arrays.pop("v_cache"), arrays, flags,
                                  problem)
         else:
@@ -630,9 +630,10 @@ _MAX_LAYOUTS = 4096
 
 
 def _flag_key(flags: dict) -> tuple:
-    """Flags as a cache key that keeps 1 and True (and 1.0) apart."""
+    """Flags as a cache key that keeps 1 and True (and 1.0) apart (in the dict's order: the
+    callers build it in one order, and another order only misses the cache)."""
     return tuple((name, type(v), v if not isinstance(v, list) else tuple(v))
-                 for name, v in sorted(flags.items()))
+                 for name, v in flags.items())
 
 
 def _problem_key(backend, q, k, v, given: dict, flags: dict):
@@ -710,6 +711,7 @@ class _Bound:
 
 _bound: dict = {}
 _ARRAYS = ("q", "k", "v", "k_new", "v_new", "cache_seqlens", "block_table", "alibi_slopes")
+_ABSENT = (0,) * (len(_ARRAYS) - 3)  # the optional arrays' addresses when none is given
 
 
 def _bind(backend, q, k, v, given: dict, problem: DecodeProblem, index: int) -> _Bound:
@@ -729,12 +731,13 @@ def _bind(backend, q, k, v, given: dict, problem: DecodeProblem, index: int) -> 
     return _Bound(problem, plan, replay, (s.batch, s.heads, s.q_len))
 
 
-def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
+def decode_cuda(backend, q, k, v, given: dict, flags: dict,
                 problem: DecodeProblem | None = None):
     """(o, lse) on CUDA arrays of ``backend``'s framework, on its current stream. A layout
     seen before (same flags, shapes, strides, dtypes, device and configuration) skips the
     checks and the plan: only the addresses are new (the host time of a decode step)."""
-    given = {name: x for name, x in given.items() if x is not None}
+    if given:
+        given = {name: x for name, x in given.items() if x is not None}
     index = backend.device_index(q)
     key = bound = None
     if problem is None:
@@ -761,13 +764,13 @@ def _decode_gpu(backend, q, k, v, given: dict, flags: dict,
     if s.empty and not s.seqlen_new:
         return o, lse
     ptr = backend.ptr
-    address = lambda name: ptr(given[name]) if name in given else 0
+    optional = (tuple(ptr(given[name]) if name in given else 0 for name in _ARRAYS[3:])
+                if given else _ABSENT)
     with backend.on_device(index):
         workspace = scratch = 0
         if plan.workspace_bytes:  # held until the launches are enqueued
             scratch = backend.empty((plan.workspace_bytes,), backend.uint8, q)
             workspace = ptr(scratch)
-        bound.replay((ptr(q), ptr(k), ptr(v), address("k_new"), address("v_new"),
-                      address("cache_seqlens"), address("block_table"),
-                      address("alibi_slopes"), ptr(o), ptr(lse), workspace), backend.stream())
+        bound.replay((ptr(q), ptr(k), ptr(v), *optional, ptr(o), ptr(lse), workspace),
+                     backend.stream())
     return o, lse

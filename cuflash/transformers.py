@@ -39,6 +39,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from . import decode, fastpath
 from .decode_checks import MAX_Q_LEN
 from .torch import attention_with_kvcache, flash_attention, flash_attention_varlen
 
@@ -109,14 +110,26 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if route == "packed":
         return _varlen(q, k, v, *packed, options), None
     if route == "decode":
-        return attention_with_kvcache(q, k, v, causal=causal, softmax_scale=scaling,
-                                      window=options["window"],
-                                      softcap=options["softcap"]), None
+        return _decode(q, k, v, causal, scaling, options["window"], options["softcap"]), None
     if route == "dense":
         return flash_attention(q, k, v, causal=causal, softmax_scale=scaling), None
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     return _varlen(q, k, v, rows * seqlen_q, rows * seqlen_k, options), None
+
+
+def _decode(q, k, v, causal: bool, scaling, window, softcap) -> torch.Tensor:
+    """The decode route: eager CUDA calls go straight to the decode kernel's host path
+    (a generation step makes one call per layer, and its host time is the step's), others
+    through ``cuflash.torch.attention_with_kvcache`` (traceable by torch.compile)."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        backend = fastpath.backend_for((q, k, v), False, None)  # None: not plain CUDA
+        if backend is not None:
+            flags = dict(causal=causal, softmax_scale=scaling, window=window, softcap=softcap,
+                         num_splits=None)
+            return decode.decode_cuda(backend, q, k, v, {}, flags)[0]
+    return attention_with_kvcache(q, k, v, causal=causal, softmax_scale=scaling,
+                                  window=window, softcap=softcap)
 
 
 def choose_route(*, padded: bool, packed: bool, seqlen_q: int, seqlen_k: int,

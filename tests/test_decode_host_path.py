@@ -52,7 +52,7 @@ def test_repeated_layout_packs_what_a_fresh_plan_packs(launches, cache, splits):
         q, k, v = _arrays(rng, 2, 2, cache, 8, 2)
         given = {"cache_seqlens": lens, "block_table": None}
         launches.clear()
-        o, lse = decode._decode_gpu(backend, q, k, v, given, flags)
+        o, lse = decode.decode_cuda(backend, q, k, v, given, flags)
         assert len(decode._bound) == 1
         split = next(c for c in launches if c[0] == 11)
         workspace = split[4][10]  # o_part: the scratch's address (0 without splits)
@@ -73,7 +73,7 @@ def test_a_new_layout_is_planned_again(launches):
     for cache in (256, 257, 256):
         q, k, v = _arrays(rng, 1, 1, cache, 4, 4)
         launches.clear()
-        o, lse = decode._decode_gpu(backend, q, k, v, {}, flags)
+        o, lse = decode.decode_cuda(backend, q, k, v, {}, flags)
         plan, want = _expected(backend, q, k, v, {}, flags, o, lse, launches[0][4][10])
         assert launches[0][4] == want
     assert len(decode._bound) == 2
@@ -88,14 +88,14 @@ def test_a_misaligned_address_is_checked_again(launches, monkeypatch):
     monkeypatch.setattr(decode, "_check", lambda *a: checked.append(1) or real(*a))
     flags = dict(causal=False, softmax_scale=None, window=None, softcap=None, num_splits=None)
     q, k, v = _arrays(rng, 1, 1, 256, 4, 4)
-    decode._decode_gpu(backend, q, k, v, {}, flags)
-    decode._decode_gpu(backend, q.copy(), k, v, {}, flags)
+    decode.decode_cuda(backend, q, k, v, {}, flags)
+    decode.decode_cuda(backend, q.copy(), k, v, {}, flags)
     assert len(checked) == 1
     storage = np.empty(q.size + 8, dtype=q.dtype)
     start = next(i for i in range(8) if (storage[i:].ctypes.data % 16) == 2)
     shifted = storage[start:start + q.size].reshape(q.shape)  # same layout, 2 bytes off
     shifted[...] = q
-    decode._decode_gpu(backend, shifted, k, v, {}, flags)
+    decode.decode_cuda(backend, shifted, k, v, {}, flags)
     assert len(checked) == 2
 
 
@@ -115,7 +115,7 @@ def test_a_paged_append_replays_every_address(launches):
                  "v_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
                  "alibi_slopes": rng.random(8).astype(np.float32)}
         launches.clear()
-        o, lse = decode._decode_gpu(backend, q, k_pages, v_pages, given, flags)
+        o, lse = decode.decode_cuda(backend, q, k_pages, v_pages, given, flags)
         workspace = next(c for c in launches if c[0] == 11)[4][10]
         plan, want = _expected(backend, q, k_pages, v_pages, given, flags, o, lse, workspace)
         assert plan.combine_grid and workspace != 0

@@ -73,13 +73,13 @@ def _tokens(shape, seed):
 @pytest.fixture
 def decode_calls(monkeypatch):
     """The q shapes of every call that took the decode route."""
-    calls, real = [], cft.attention_with_kvcache
+    calls, real = [], cft._decode
 
     def spy(q, *args, **kwargs):
         calls.append(tuple(q.shape))
         return real(q, *args, **kwargs)
 
-    monkeypatch.setattr(cft, "attention_with_kvcache", spy)
+    monkeypatch.setattr(cft, "_decode", spy)
     return calls
 
 
