@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from . import validate
-from .api import _refuse_untracked_gradients
+from . import validate, varlen_fastpath
+from .api import _fast_backend, _present, _refuse_untracked_gradients
 from .interop import Imported, caller_stream, export_array, import_array
 from .stats import SoftmaxStats
 from .varlen_cpu import Seqlens, varlen_backward_cpu, varlen_forward_cpu
+from .varlen_fastpath import Layout
 
 __all__ = ["VarlenStats", "attention_varlen", "attention_varlen_backward",
            "attention_varlen_forward"]
@@ -176,7 +177,7 @@ def _host_seqlens(cu_q: Imported, cu_k: Imported, used: Imported | None, total_q
     return Seqlens(host_q, host_k, host_used)
 
 
-def _device_record(offsets: tuple, max_q: int, max_k: int) -> tuple:
+def device_record(offsets: tuple, max_q: int, max_k: int) -> tuple:
     """What VarlenStats remember of a CUDA call's layout without reading it: the offset
     arrays' addresses and the max lengths."""
     def address(x) -> int | None:
@@ -184,7 +185,12 @@ def _device_record(offsets: tuple, max_q: int, max_k: int) -> tuple:
             return None
         return int(x.data.ptr) if hasattr(x.data, "ptr") else x.ctypes.data
 
-    return ("device", *map(address, offsets), max_q, max_k)
+    return addresses_record(tuple(map(address, offsets)), max_q, max_k)
+
+
+def addresses_record(addresses: tuple, max_q: int, max_k: int) -> tuple:
+    """``device_record`` from the offsets' addresses (cu_q, cu_k, seqused_k or None)."""
+    return ("device", *addresses, max_q, max_k)
 
 
 def _check_cuda(named, total_q: int, total_k: int, heads: int, seqlen_q: int,
@@ -223,7 +229,7 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", None, total_k)
         _check_cuda([(iq, "q"), (ik, "k"), (iv, "v")], total_q, total_k, heads, seqlen_q,
                     seqlen_k)
-        record = _device_record(offsets, seqlen_q, seqlen_k)
+        record = device_record(offsets, seqlen_q, seqlen_k)
     else:
         seqlens = _host_seqlens(cu_q, cu_k, used, total_q, total_k)
         seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", np.diff(seqlens.cu_q),
@@ -286,10 +292,16 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     (no sync): wrong values there are not detected, as in FlashAttention.
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
+    layout = Layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
+                    softmax_scale, window, softcap, alibi_slopes, sinks)
+    fast = _fast_backend((q, k, v, *_present(*layout.arrays())), causal, softmax_scale)
+    if fast is not None:  # CUDA torch / CuPy arrays: a known layout replays its launches
+        done = varlen_fastpath.forward(fast, q, k, v, layout)
+        if done is not None:
+            o, m, l, fields = done
+            return o, VarlenStats(m, l, **fields)
     call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
-                        modifiers=dict(window=window, softcap=softcap,
-                                       alibi_slopes=alibi_slopes, sinks=sinks))
+                        **layout.checked())
     problem = call.problem
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
@@ -331,20 +343,17 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
                         f", got {type(stats).__name__}")
     deterministic = validate.check_bool(deterministic, "deterministic")
     _refuse_untracked_gradients([(do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o")])
-    call = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
-                        modifiers=dict(window=window, softcap=softcap,
-                                       alibi_slopes=alibi_slopes, sinks=sinks))
-    ido, io = import_array(do, "do"), import_array(o, "o")
-    im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
-    for x, name in ((ido, "do"), (io, "o")):
-        validate._check_like_q(x, name, call.q, call.problem.dtype)
-        if x.is_cuda:
-            validate.check_alignment(x.array[None], name)
-    stats_shape = (call.problem.heads, call.q.array.shape[0])
-    for x, name in ((im, "stats.m"), (il, "stats.l")):
-        validate._check_stats(x, name, call.q, stats_shape)
-    _check_origin(stats, call)
+    layout = Layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
+                    softmax_scale, window, softcap, alibi_slopes, sinks)
+    fast = _fast_backend((do, q, k, v, o, stats.m, stats.l, *_present(*layout.arrays())),
+                         causal, softmax_scale)
+    if fast is not None:  # CUDA torch / CuPy arrays: a known layout replays its launches
+        grads = varlen_fastpath.backward(fast, do, q, k, v, o, stats, layout, deterministic)
+        if grads is not None:
+            return grads
+    call, ido, io, im, il = _check_backward(do, q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k,
+                                            max_seqlen_q, max_seqlen_k, **layout.checked())
+    check_origin(stats, call.problem, call.shapes, call.modifiers, call.record)
     problem = call.problem
     with caller_stream(call.q):
         if call.q.is_cuda:
@@ -362,19 +371,41 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
         return tuple(export_array(g, like=call.q) for g in grads)
 
 
-def _check_origin(stats: SoftmaxStats, call: _VarlenCall) -> None:
-    """The recorded forward's causal, scale, shapes, modifiers and sequence layout."""
-    shape_q, shape_kv = call.shapes
-    validate.check_stats_origin(stats, call.problem.causal, call.problem.softmax_scale,
-                                shape_q, shape_kv, call.modifiers)
+def check_varlen_backward(do, q, k, v, o, stats, *args, **kwargs) -> _VarlenCall:
+    """``check_varlen`` and the backward's own arrays (do, o, stats.m, stats.l): shapes,
+    dtypes, devices, row alignment; not the statistics' origin (``check_origin``)."""
+    return _check_backward(do, q, k, v, o, stats, *args, **kwargs)[0]
+
+
+def _check_backward(do, q, k, v, o, stats, *args, **kwargs) -> tuple:
+    call = check_varlen(q, k, v, *args, **kwargs)
+    ido, io = import_array(do, "do"), import_array(o, "o")
+    im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
+    for x, name in ((ido, "do"), (io, "o")):
+        validate._check_like_q(x, name, call.q, call.problem.dtype)
+        if x.is_cuda:
+            validate.check_alignment(x.array[None], name)
+    stats_shape = (call.problem.heads, call.q.array.shape[0])
+    for x, name in ((im, "stats.m"), (il, "stats.l")):
+        validate._check_stats(x, name, call.q, stats_shape)
+    return call, ido, io, im, il
+
+
+def check_origin(stats: SoftmaxStats, problem: validate.Problem, shapes: tuple,
+                 modifiers: validate.Modifiers, record: tuple) -> None:
+    """The recorded forward's causal, scale, shapes, modifiers and sequence layout
+    (``record``: this call's, as ``_VarlenCall.record``)."""
+    shape_q, shape_kv = shapes
+    validate.check_stats_origin(stats, problem.causal, problem.softmax_scale, shape_q,
+                                shape_kv, modifiers)
     recorded = getattr(stats, "seqlens", None)
-    if stats.recorded and recorded != call.record:
+    if stats.recorded and recorded != record:
         names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")
         if recorded is None:
             raise ValueError("stats: expected the VarlenStats of attention_varlen_forward, got "
                              "the SoftmaxStats of a dense forward")
-        pairs = zip(names, recorded[-5:-2], call.record[-5:-2]) if recorded[0] == "device" \
-            else zip(names, recorded, call.record)
+        pairs = zip(names, recorded[-5:-2], record[-5:-2]) if recorded[0] == "device" \
+            else zip(names, recorded, record)
         name = next((n for n, a, b in pairs if a != b), "max_seqlen_q")
         raise ValueError(f"{name}: expected the sequence layout of the forward pass that made "
                          f"stats, got another; the gradients would be wrong")
