@@ -539,3 +539,7 @@ def _append_functional(cache, new, cache_seqlens, block_table):
 
 
 __all__ += ["attention_with_kvcache"]
+
+from .jax_varlen import flash_attention_varlen  # noqa: E402  (imports this module lazily)
+
+__all__ += ["flash_attention_varlen"]

@@ -409,7 +409,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (heads, total_q) = m + log(l) (-inf for a row that sees no key), not differentiable.
 
     CPU tensors run cuflash's NumPy path, CUDA tensors the kernels on torch's current
-    stream (the offsets are copied to the host once per call for validation).
+    stream (the offsets stay on the device and are trusted, as in FlashAttention: no host
+    sync; docs/varlen.md).
     ``deterministic``: dQ without atomics on CUDA. Not traced by ``torch.compile`` yet
     (an ``autograd.Function`` without a custom op: a graph break).
     """

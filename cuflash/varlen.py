@@ -206,11 +206,14 @@ def _check_cuda(named, total_q: int, total_k: int, heads: int, seqlen_q: int,
 
 
 def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                 seqused_k, causal, softmax_scale, modifiers: dict) -> _VarlenCall:
+                 seqused_k, causal, softmax_scale, modifiers: dict,
+                 values_known: bool = True) -> _VarlenCall:
     """Validate a varlen call; raise before anything is allocated or written.
 
     CPU arrays: every offset value is checked. CUDA arrays: types, shapes and devices only;
     the values stay on the device (no host copy, no sync), trusted as FlashAttention does.
+    ``values_known=False``: the offsets are stand-ins for traced arrays (``cuflash.jax`` at
+    trace time): shapes and dtypes only, as on CUDA.
     """
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     dtype = _check_packed(iq, ik, iv)
@@ -223,12 +226,13 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     cu_k = _offsets(cu_seqlens_k, "cu_seqlens_k", iq, batch + 1)
     used = None if seqused_k is None else _offsets(seqused_k, "seqused_k", iq, batch)
     offsets = tuple(None if x is None else x.array for x in (cu_q, cu_k, used))
-    if iq.is_cuda:
+    if iq.is_cuda or not values_known:
         seqlens = None
         seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", None, total_q)
         seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", None, total_k)
-        _check_cuda([(iq, "q"), (ik, "k"), (iv, "v")], total_q, total_k, heads, seqlen_q,
-                    seqlen_k)
+        if iq.is_cuda:
+            _check_cuda([(iq, "q"), (ik, "k"), (iv, "v")], total_q, total_k, heads, seqlen_q,
+                        seqlen_k)
         record = device_record(offsets, seqlen_q, seqlen_k)
     else:
         seqlens = _host_seqlens(cu_q, cu_k, used, total_q, total_k)

@@ -1,6 +1,6 @@
 """cuflash.torch.flash_attention_varlen: autograd on CPU tensors against the float64 varlen
-reference (q, k, v and the sinks' gradient), the lse it returns, validation, and the
-CUDA refusal (a ``gpu`` test)."""
+reference (q, k, v and the sinks' gradient), the lse it returns, validation, and the same
+on CUDA tensors (a ``gpu`` test)."""
 
 from __future__ import annotations
 
@@ -89,8 +89,35 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
-def test_cuda_tensors_raise_before_anything_runs():
-    q, k, v, _, _ = (x.detach().cuda() for x in _inputs(torch.float16))
-    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device="cuda") for c in (CU_Q, CU_K))
-    with pytest.raises(ValueError, match=r"^varlen: not yet supported by the CUDA kernels"):
-        cft.flash_attention_varlen(q, k, v, cu_q, cu_k, MAX_Q, MAX_K, causal=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autograd_matches_reference(dtype):
+    """CUDA tensors through autograd (the varlen kernels, through cuflash.varlen_fastpath
+    from the second call of a layout on): outputs, lse and gradients, sinks included."""
+    q, k, v, do, sinks = _inputs(dtype, head_dim=64)
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (CU_Q, CU_K))
+    mods = dict(causal=True, window=(16, -1), softcap=4.0)
+    arrays = [_host(x) for x in (q, k, v, do)]
+    kw = dict(mods, sinks=_host(sinks))
+    np_dtype, name = arrays[0].dtype, str(dtype).removeprefix("torch.")
+    o_ref = reference.attention_varlen_reference(*arrays[:3], CU_Q, CU_K, **kw)[0]
+    o_nv = reference.attention_varlen_naive(*arrays[:3], CU_Q, CU_K, **kw, dtype=np_dtype)
+    for call in range(2):  # the first call validates and records the layout, the second replays
+        gq, gk, gv, gs = (x.detach().cuda().requires_grad_() for x in (q, k, v, sinks))
+        o = cft.flash_attention_varlen(gq, gk, gv, cu_q.cuda(), cu_k.cuda(), MAX_Q, MAX_K,
+                                       sinks=gs, **mods)
+        o.backward(do.cuda())
+        assert o.is_cuda and o.dtype == dtype
+        report = testing.judge("o", _host(o.cpu()), o_ref, o_nv, dtype=name)
+        assert report.ok, f"call {call}: {report}"
+        o_host = _host(o.cpu())
+        refs = reference.attention_varlen_backward_reference(arrays[3], *arrays[:3], CU_Q,
+                                                             CU_K, **kw, o=o_host)
+        naives = reference.attention_varlen_backward_naive(arrays[3], *arrays[:3], CU_Q,
+                                                           CU_K, **kw, dtype=np_dtype)
+        scale = testing.magnitude(*refs[:3])
+        for label, x, ref, naive in zip(("dq", "dk", "dv"), (gq, gk, gv), refs, naives):
+            report = testing.judge(label, _host(x.grad.cpu()), ref, naive, dtype=name,
+                                   scale=scale)
+            assert report.ok, f"call {call}: {report}"
+        report = testing.judge("dsinks", gs.grad.cpu().numpy(), refs[3], naives[3], dtype=name)
+        assert report.ok, f"call {call}: {report}"
