@@ -166,6 +166,24 @@ def test_packed_sequences_from_position_ids():
                                atol=1e-5)
 
 
+def test_packed_positions_are_read_once_per_tensor(monkeypatch):
+    """Finding packed sequences reads position_ids on the host (a sync on CUDA): done once
+    for the tensor a model hands to all its layers, again when the tensor changes."""
+    import cuflash.transformers as cft
+
+    reads, real = [], cft._offsets_of
+    monkeypatch.setattr(cft, "_offsets_of", lambda pos: reads.append(1) or real(pos))
+    q = k = torch.zeros(1, 16, 2, 8)
+    positions = torch.cat([torch.arange(9), torch.arange(7)])[None]
+    first = cft._packed_offsets(q, k, positions, {})
+    for _ in range(3):  # the other layers of the same forward
+        assert cft._packed_offsets(q, k, positions, {}) is first
+    assert len(reads) == 1 and first[0].tolist() == [0, 9, 16]
+    positions[0, 9:] = torch.arange(9, 16)  # rewritten in place: one sequence now
+    assert cft._packed_offsets(q, k, positions, {}) is None and len(reads) == 2
+    assert cft._packed_offsets(q, k, positions.clone(), {}) is None and len(reads) == 3
+
+
 def test_dropout_and_attention_weights_are_refused():
     config = CONFIGS["llama-gqa"]()
     config.attention_dropout = 0.1
