@@ -31,6 +31,7 @@ handed over through DLPack without a copy.
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import torch
 
@@ -389,6 +390,95 @@ class _VarlenAttention(torch.autograd.Function):
         return grads[0], grads[1], grads[2], dsinks, None, None, None
 
 
+# Under torch.compile the same forward and backward as two operators (a fake implementation
+# each, so the compiler traces through them without a graph break), with the window and
+# softcap flattened into scalars (-1 -1: no window; 0: no softcap).
+
+
+def _varlen_options(max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
+                    window_right, softcap, seqused_k, alibi_slopes) -> dict:
+    window = None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
+    return dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, seqused_k=seqused_k,
+                causal=causal, softmax_scale=softmax_scale, window=window,
+                softcap=softcap or None, alibi_slopes=alibi_slopes)
+
+
+@torch.library.custom_op("cuflash::varlen_fwd", mutates_args=())
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                   seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                   causal: bool, softmax_scale: float, window_left: int, window_right: int,
+                   softcap: float, deterministic: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, m, l): o like q, m and l float32 (heads, total_q). ``deterministic`` is not used
+    by the forward; autograd hands it to the backward."""
+    from .varlen import attention_varlen_forward
+
+    options = _varlen_options(max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
+                              window_right, softcap, seqused_k, alibi_slopes)
+    o, stats = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, **options,
+                                        sinks=sinks)
+    return o, stats.m, stats.l
+
+
+@_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks, *scalars):
+    stats = (q.shape[1], q.shape[0])
+    return (q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32),
+            q.new_empty(stats, dtype=torch.float32))
+
+
+@torch.library.custom_op("cuflash::varlen_bwd", mutates_args=())
+def _varlen_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   o: torch.Tensor, m: torch.Tensor, l: torch.Tensor,
+                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                   seqused_k: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+                   sinks: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                   causal: bool, softmax_scale: float, window_left: int, window_right: int,
+                   softcap: float, deterministic: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dsinks); dsinks float32 (heads,), or empty without sinks."""
+    from .varlen import attention_varlen_backward
+
+    options = _varlen_options(max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_left,
+                              window_right, softcap, seqused_k, alibi_slopes)
+    grads = attention_varlen_backward(_kernel_ready(do), q, k, v, o, SoftmaxStats(m, l),
+                                      cu_seqlens_q, cu_seqlens_k, **options, sinks=sinks,
+                                      deterministic=deterministic)
+    dsinks = grads[3] if sinks is not None else q.new_empty((0,), dtype=torch.float32)
+    return grads[0], grads[1], grads[2], dsinks
+
+
+@_varlen_bwd_op.register_fake
+def _(do, q, k, v, o, m, l, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks,
+      *scalars):
+    heads = 0 if sinks is None else sinks.shape[0]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_empty((heads,), dtype=torch.float32))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, seqused_k, alibi_slopes, sinks = inputs[:8]
+    o, m, l = output
+    ctx.save_for_backward(q, k, v, o, m, l, cu_q, cu_k, seqused_k, alibi_slopes, sinks)
+    ctx.scalars, ctx.deterministic = inputs[8:-1], inputs[-1]  # the max lengths ... softcap
+    ctx.mark_non_differentiable(m, l)
+
+
+def _varlen_backward(ctx, do, dm, dl):
+    q, k, v, o, m, l, cu_q, cu_k, seqused_k, alibi_slopes, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = _varlen_bwd_op(do, q, k, v, o, m, l, cu_q, cu_k, seqused_k,
+                                        alibi_slopes, sinks, *ctx.scalars, ctx.deterministic)
+    return (dq, dk, dv, None, None, None, None,
+            None if sinks is None else dsinks.to(sinks.dtype), *(None,) * len(ctx.scalars),
+            None)
+
+
+torch.library.register_autograd("cuflash::varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+
+
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, *,
@@ -411,8 +501,9 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     CPU tensors run cuflash's NumPy path, CUDA tensors the kernels on torch's current
     stream (the offsets stay on the device and are trusted, as in FlashAttention: no host
     sync; docs/varlen.md).
-    ``deterministic``: dQ without atomics on CUDA. Not traced by ``torch.compile`` yet
-    (an ``autograd.Function`` without a custom op: a graph break).
+    ``deterministic``: dQ without atomics on CUDA. Under ``torch.compile`` the call is the
+    operators ``cuflash::varlen_fwd`` / ``varlen_bwd`` (no graph break); eager calls take an
+    ``autograd.Function`` with the same forward and backward (less host time).
     """
     named = [(q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"),
              (cu_seqlens_k, "cu_seqlens_k")]
@@ -420,11 +511,19 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   (sinks, "sinks")) if x is not None]
     _check_tensors(named)
     validate.check_bool(return_lse, "return_lse")
+    deterministic = _resolve_deterministic(deterministic)
+    if torch.compiler.is_compiling():  # the operators: no graph break
+        left, right = validate.check_window(window) or (-1, -1)
+        o, m, l = _varlen_fwd_op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, alibi_slopes, sinks,
+            max_seqlen_q, max_seqlen_k, validate.check_bool(causal, "causal"),
+            validate.check_scale(softmax_scale, q.shape[-1]), left, right,
+            float(validate.check_softcap(softcap) or 0.0), deterministic)
+        return (o, m + torch.log(l)) if return_lse else o
     options = dict(seqused_k=seqused_k, causal=causal, softmax_scale=softmax_scale,
                    window=window, softcap=softcap, alibi_slopes=alibi_slopes)
     layout = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    o, lse = _VarlenAttention.apply(q, k, v, sinks, layout, options,
-                                    _resolve_deterministic(deterministic))
+    o, lse = _VarlenAttention.apply(q, k, v, sinks, layout, options, deterministic)
     return (o, lse) if return_lse else o
 
 

@@ -121,3 +121,44 @@ def test_cuda_autograd_matches_reference(dtype):
             assert report.ok, f"call {call}: {report}"
         report = testing.judge("dsinks", gs.grad.cpu().numpy(), refs[3], naives[3], dtype=name)
         assert report.ok, f"call {call}: {report}"
+
+
+def test_operators_pass_opcheck():
+    q, k, v, do, sinks = (x.detach() for x in _inputs(torch.float32, head_dim=16))
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (CU_Q, CU_K))
+    scalars = (MAX_Q, MAX_K, True, 0.25, 16, -1, 4.0, False)
+    args = (q, k, v, cu_q, cu_k, None, None, sinks, *scalars)
+    torch.library.opcheck(torch.ops.cuflash.varlen_fwd.default, args)
+    o, m, l = torch.ops.cuflash.varlen_fwd(*args)
+    torch.library.opcheck(torch.ops.cuflash.varlen_bwd.default,
+                          (do, q, k, v, o, m, l, cu_q, cu_k, None, None, sinks, *scalars))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """The operators under torch.compile(fullgraph=True) (a graph break fails it): output,
+    lse and gradients (sinks included) equal the eager autograd.Function's."""
+    torch._dynamo.reset()
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in (CU_Q, CU_K))
+    used = torch.tensor([60, 11, 0, 25], dtype=torch.int32)
+
+    def loss(q, k, v, sinks):
+        o, lse = cft.flash_attention_varlen(q, k, v, cu_q, cu_k, MAX_Q, MAX_K, seqused_k=used,
+                                            causal=True, window=(16, -1), softcap=4.0,
+                                            sinks=sinks, return_lse=True)
+        return (torch.tanh(o) * 1.5).sum() + torch.nan_to_num(lse, neginf=0.0).sum()
+
+    def grads(fn):
+        q, k, v, _, sinks = _inputs(torch.float32, head_dim=16, seed=3)
+        value = fn(q, k, v, sinks)
+        value.backward()
+        return [value.detach(), q.grad, k.grad, v.grad, sinks.grad]
+
+    eager = grads(loss)
+    q, k, v, _, sinks = _inputs(torch.float32, head_dim=16, seed=3)
+    explanation = torch._dynamo.explain(loss)(q, k, v, sinks)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "cuflash.varlen_fwd" in explanation.graphs[0].code  # the operator, traced
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
