@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
 #                                            workloads train_gqa host decode generate ab
-#                                            modifiers
+#                                            modifiers varlen
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -71,6 +71,8 @@ for stage in $stages; do
         --out "$OUT/results/ab.json" ;;
     modifiers)  # what window / softcap / ALiBi / sinks cost against plain attention
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
+    varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
+      run_stage varlen $PY bench/dev/varlen_bench.py ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac
