@@ -46,6 +46,15 @@ ENV_KEYS = ("CUFLASH_SMEM_BUDGET", "CUFLASH_DISABLE_WGMMA", "CUFLASH_FORCE_ARCH"
 _RAW_KEYS = tuple(os.environ.encodekey(k) for k in ENV_KEYS) if _ENVIRON is not None else ()
 
 
+def env_reader(name: str):
+    """A per-call reader of one variable's raw value (bytes or str; None when unset), from
+    os.environ's own dict where it has one (no key encoding per call)."""
+    if _ENVIRON is not None:
+        key = os.environ.encodekey(name)
+        return lambda: _ENVIRON.get(key)
+    return lambda: os.environ.get(name)
+
+
 def raw() -> tuple:
     """The Python-set budget and the variables' raw values: cheap, for memo keys."""
     if _ENVIRON is not None:

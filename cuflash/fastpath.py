@@ -335,6 +335,14 @@ def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
 # slopes or sinks, calls with nothing to compute) return None: the general path serves them.
 
 
+def typed(value):
+    """A modifier's value as a memo key that keeps 1, 1.0 and True apart (the checks accept
+    some of them and refuse others), lists as tuples."""
+    if isinstance(value, (tuple, list)):
+        return tuple(map(typed, value))
+    return (type(value), value)
+
+
 def _mod_layout(backend: Backend, x):
     return None if x is None else backend.layout(x)
 
@@ -348,7 +356,7 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
                    alibi_slopes, sinks, direction: str, extra=(),
                    deterministic: bool = False) -> tuple | None:
     key = (direction, causal, softmax_scale, deterministic,
-           window if window is None else tuple(window), softcap,
+           typed(window), typed(softcap),
            _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
            *map(backend.layout, (q, k, v, *extra)), planning.configuration())
     known = _modified_calls.get(key)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import struct
 import threading
 from functools import lru_cache
@@ -24,8 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import config, specs
 from . import plan as planning
-from . import specs
 from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
 
@@ -473,13 +472,10 @@ def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, 
 
 def poison_enabled() -> bool:
     """Tests set CUFLASH_POISON=1 so every output starts as NaN and an unwritten element shows."""
-    if _ENVIRON is not None:  # os.environ's own dict: no key encoding per call
-        return _ENVIRON.get(_POISON_KEY) == b"1"
-    return os.environ.get("CUFLASH_POISON", "") == "1"
+    return _poison_value() in (b"1", "1")
 
 
-_ENVIRON = getattr(os.environ, "_data", None)
-_POISON_KEY = os.environ.encodekey("CUFLASH_POISON") if _ENVIRON is not None else None
+_poison_value = config.env_reader("CUFLASH_POISON")
 
 
 # NaN bit patterns by logical dtype; 16-bit data may be stored as uint16 in CuPy (bfloat16).

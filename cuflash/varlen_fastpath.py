@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 from . import launch, validate
 from . import plan as planning
-from .fastpath import Backend, _aligned, _contiguous, _modifier_stand_ins, _new, _remember
+from .fastpath import (Backend, _aligned, _contiguous, _modifier_stand_ins, _new, _remember,
+                       typed)
 from .replay import Replay, addresses
 
 _calls: dict = {}
@@ -78,7 +79,7 @@ def _key(backend: Backend, direction: str, arrays: tuple, layout: Layout, *more)
     if any(x is not None and not _contiguous(x) for x in layout.arrays()):
         return None
     key = (direction, layout.max_q, layout.max_k, layout.causal, layout.softmax_scale,
-           None if window is None else tuple(window), layout.softcap, *more,
+           typed(window), typed(layout.softcap), *more,
            *(None if x is None else backend.layout(x) for x in arrays + layout.arrays()),
            planning.configuration())
     try:

@@ -151,3 +151,15 @@ def test_calls_the_general_path_serves_are_left_to_it(device):
     assert not varlen_fastpath._calls
     with pytest.raises(ValueError, match="max_seqlen_q"):  # the general path's checks
         varlen_fastpath.forward(backend, q, k, v, layout._replace(max_q=5))
+
+
+def test_a_remembered_layout_does_not_pass_a_value_the_checks_refuse(device):
+    """softcap True equals 1.0 as a number; the memo key keeps them apart, so True still
+    gets the checks' TypeError after a call with 1.0."""
+    backend, rng = NumpyBackend(), np.random.default_rng(3)
+    q, k, v, cu_q, cu_k = _arrays(rng, [10, 20], [10, 20], 2, 2)
+    layout = varlen_fastpath.Layout(cu_q, cu_k, 20, 20, None, False, None, None, 1.0, None,
+                                    None)
+    assert varlen_fastpath.forward(backend, q, k, v, layout) is not None
+    with pytest.raises(TypeError, match="^softcap: expected a real number"):
+        varlen_fastpath.forward(backend, q, k, v, layout._replace(softcap=True))
