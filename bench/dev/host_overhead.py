@@ -69,7 +69,14 @@ def main():
 
     cq, ck, cv, cdo = (cupy.from_dlpack(x) for x in (q, k, v, do))
     co, cstats = cuflash.attention_forward(cq, ck, cv, causal=True)
+    pq, pk, pv, pdo = (x.reshape(-1, *x.shape[2:]) for x in (q, k, v, do))
+    cu = torch.tensor([0, 50, 128], dtype=torch.int32, device="cuda")
+    po, pstats = cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, 78, 78, causal=True)
     cases = {
+        "varlen forward": lambda: cuflash.attention_varlen_forward(pq, pk, pv, cu, cu, 78, 78,
+                                                                  causal=True),
+        "varlen backward": lambda: cuflash.attention_varlen_backward(
+            pdo, pq, pk, pv, po, pstats, cu, cu, 78, 78, causal=True),
         "fastpath backward": lambda: fastpath.backward(tb, do, q, k, v, ot, mt, lt, True, None,
                                                       False),
         "torch fwd only (grad)": lambda: ct.flash_attention(qg, kg, vg, causal=True),
@@ -84,7 +91,7 @@ def main():
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
     }
     _report(cases, args.calls, ("torch forward (no grad)", "cupy API forward",
-                                "cupy API backward", "torch fwd+bwd"), 16)
+                                "cupy API backward", "torch fwd+bwd", "varlen backward"), 16)
 
 
 def decode_overhead(calls: int) -> None:
