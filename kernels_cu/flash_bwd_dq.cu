@@ -65,6 +65,7 @@
 #include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 namespace bwd_dq {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -147,15 +148,8 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
 
 // minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
-extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1) flash_bwd_dq(
-    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
-    const float* __restrict__ delta, elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k,
-    int heads, int heads_per_kv, int head_dim, long long stride_qb, long long stride_qm,
-    long long stride_qh, long long stride_kb, long long stride_kn, long long stride_kh,
-    long long stride_vb, long long stride_vn, long long stride_vh, long long stride_dob,
-    long long stride_dom, long long stride_doh, long long stride_dqb, long long stride_dqm,
-    long long stride_dqh, float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];

@@ -44,6 +44,7 @@
 #include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
               "flash_bwd_dq_fp32: CF_BLOCK_M and CF_BLOCK_N must be multiples of 8");
@@ -69,17 +70,7 @@ static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES,
 }  // namespace bwd_dq32
 
 extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd_dq(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-                 const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
-                 const float* __restrict__ lse2, const float* __restrict__ delta,
-                 elem_t* __restrict__ dq, int max_seqlen_q, int max_seqlen_k, int heads,
-                 int heads_per_kv,
-                 int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-                 long long stride_kb, long long stride_kn, long long stride_kh,
-                 long long stride_vb, long long stride_vn, long long stride_vh,
-                 long long stride_dob, long long stride_dom, long long stride_doh,
-                 long long stride_dqb, long long stride_dqm, long long stride_dqh,
-                 float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd_dq32;
   CF_REQUIRE_SMEM(CF_BWD_DQ_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];

@@ -51,6 +51,7 @@
 #include "cf_config_bwd.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 static_assert(CF_DCHUNK % 8 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
               "flash_bwd_fp32: CF_DCHUNK must be a multiple of 8 that divides CF_HEAD_DIM");
@@ -123,18 +124,7 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 }  // namespace bwd32
 
 extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-              const elem_t* __restrict__ v, const elem_t* __restrict__ dout,
-              const float* __restrict__ lse2, const float* __restrict__ delta,
-              float* __restrict__ dq_accum, elem_t* __restrict__ dk, elem_t* __restrict__ dv,
-              int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv, int head_dim,
-              long long stride_qb, long long stride_qm, long long stride_qh,
-              long long stride_kb, long long stride_kn, long long stride_kh,
-              long long stride_vb, long long stride_vn, long long stride_vh,
-              long long stride_dob, long long stride_dom, long long stride_doh,
-              long long stride_dkb, long long stride_dkn, long long stride_dkh,
-              long long stride_dvb, long long stride_dvn, long long stride_dvh,
-              float scale_log2, float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd32;
   CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
   extern __shared__ __align__(16) unsigned char smem[];

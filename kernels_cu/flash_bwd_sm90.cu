@@ -61,6 +61,7 @@
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
@@ -189,18 +190,9 @@ __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4
   }
 }
 
-extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1) flash_bwd_sm90(
-    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
-    const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
-    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-    long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
-    long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
-    long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
-    long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale, int kv_splits, float* __restrict__ dk_accum,
-    float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
+    flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
+                   float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);

@@ -80,6 +80,7 @@
 #include "cf_bwd_stream.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 namespace bwd {
 // Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
@@ -449,17 +450,8 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
   }
 }
 
-extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1) flash_bwd(
-    const elem_t* __restrict__ q, const elem_t* __restrict__ k, const elem_t* __restrict__ v,
-    const elem_t* __restrict__ dout, const float* __restrict__ lse2,
-    const float* __restrict__ delta, float* __restrict__ dq_accum, elem_t* __restrict__ dk,
-    elem_t* __restrict__ dv, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
-    int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-    long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
-    long long stride_vn, long long stride_vh, long long stride_dob, long long stride_dom,
-    long long stride_doh, long long stride_dkb, long long stride_dkn, long long stride_dkh,
-    long long stride_dvb, long long stride_dvn, long long stride_dvh, float scale_log2,
-    float softmax_scale, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];

@@ -70,6 +70,7 @@
 #include "cf_fwd.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd.cu is the 16-bit kernel");
 static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
@@ -91,13 +92,8 @@ constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
-    flash_fwd(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
-              float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
-              int head_dim,
-              long long stride_qb, long long stride_qm, long long stride_qh, long long stride_kb,
-              long long stride_kn, long long stride_kh, long long stride_vb, long long stride_vn,
-              long long stride_vh, long long stride_ob, long long stride_om, long long stride_oh,
-              float scale_log2, CF_MOD_PARAMS, const float* sinks, CF_SEQ_PARAMS) {
+    flash_fwd(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
+              CF_SEQ_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   unsigned char* s_q = smem;                                   // CF_BLOCK_M rows

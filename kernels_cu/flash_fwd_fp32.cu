@@ -47,6 +47,7 @@
 #include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 
 static_assert(CF_BLOCK_N % 8 == 0, "flash_fwd_fp32: CF_BLOCK_N must be a multiple of 8");
 static_assert(CF_BLOCK_M % (4 * CF_WARPS) == 0,
@@ -141,14 +142,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 }  // namespace fwd32
 
 extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
-    flash_fwd(const elem_t* __restrict__ q, const elem_t* __restrict__ k,
-              const elem_t* __restrict__ v, elem_t* __restrict__ o, float* __restrict__ m_out,
-              float* __restrict__ l_out, int max_seqlen_q, int max_seqlen_k, int heads,
-              int heads_per_kv,
-              int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-              long long stride_kb, long long stride_kn, long long stride_kh, long long stride_vb,
-              long long stride_vn, long long stride_vh, long long stride_ob, long long stride_om,
-              long long stride_oh, float scale_log2, CF_MOD_PARAMS, const float* sinks,
+    flash_fwd(CF_FWD_PARAMS(__restrict__), CF_MOD_PARAMS, const float* sinks,
               CF_SEQ_PARAMS) {
   using namespace fwd32;
   CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);

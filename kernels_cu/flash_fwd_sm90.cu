@@ -37,6 +37,7 @@
 #include "cf_sm90.cuh"
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
+#include "cf_params.cuh"
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
@@ -100,13 +101,8 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float 
 }
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
-    flash_fwd_sm90(const elem_t* q, const elem_t* k, const elem_t* v, elem_t* o, float* m_out,
-                   float* l_out, int max_seqlen_q, int max_seqlen_k, int heads, int heads_per_kv,
-                   int head_dim, long long stride_qb, long long stride_qm, long long stride_qh,
-                   long long stride_kb, long long stride_kn, long long stride_kh,
-                   long long stride_vb, long long stride_vn, long long stride_vh,
-                   long long stride_ob, long long stride_om, long long stride_oh,
-                   float scale_log2, CF_MOD_PARAMS, const float* sinks, CF_SEQ_PARAMS) {
+    flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
+                   CF_SEQ_PARAMS) {
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);

@@ -166,6 +166,12 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     entry = _ENTRY_NAMES.get(kind) or next(v.entry for v in registry.VARIANTS if v.kind == kind
                                            and filename in (v.source, v.split_source))
     source = (compiler.kernels_dir() / filename).read_text()
+    # the entry points' own parameter lists, as cf_params.cuh spells them (R: a qualifier)
+    params_header = (compiler.kernels_dir() / "cf_params.cuh").read_text()
+    for name, body in re.findall(r"#define (CF_\w+_PARAMS)(?:\(R\))?\s*\\\n(.*?)\n\n",
+                                 params_header + "\n\n", re.S):
+        body = re.sub(r"\\\n", " ", body).replace(" R ", " ")
+        source = re.sub(rf"\b{name}\b(\([^)]*\))?", lambda _: body, source)
     # the modifier parameters every attention kernel takes, as cf_mask.cuh spells them
     mask_header = (compiler.kernels_dir() / "cf_mask.cuh").read_text()
     mod_params = re.search(r"#define CF_MOD_PARAMS\s*\\\n(.*?)\n#define", mask_header, re.S)
