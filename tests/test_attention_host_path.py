@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cuflash import fastpath, launch, replay, validate
 from cuflash import plan as planning
@@ -21,11 +23,10 @@ _A100 = launch.DeviceFacts(name="test", arch="sm_80", sm_count=108, smem_optin=1
 _STREAM = 1234
 
 
-@pytest.fixture
-def device(monkeypatch):
+def _patch_device(mp, captured: list, facts: dict) -> None:
     """Launches and memsets captured as (function, grid, threads, smem, args) / (address,
-    bytes); kernel addresses from the specs' names; the device's facts settable."""
-    captured, facts = [], {"facts": _H200}
+    bytes); kernel addresses from the specs' names; the device's facts from ``facts``; the
+    memos emptied."""
 
     def packed(function, grid, threads, smem, packer, args, stream, what):
         assert stream == _STREAM
@@ -40,18 +41,26 @@ def device(monkeypatch):
         assert stream == _STREAM
         captured.append(("memset", ptr, nbytes))
 
-    monkeypatch.setattr(launch, "launch_packed", packed)
-    monkeypatch.setattr(launch, "memset_async", memset)
-    monkeypatch.setattr(launch, "_function_ptr",
-                        lambda spec, index, convert: hash((spec.name, convert)) & 0xFFFFFF)
-    monkeypatch.setattr(launch, "device_facts", lambda index: facts["facts"])
+    mp.setattr(launch, "launch_packed", packed)
+    mp.setattr(launch, "memset_async", memset)
+    mp.setattr(launch, "_function_ptr",
+               lambda spec, index, convert: hash((spec.name, convert)) & 0xFFFFFF)
+    mp.setattr(launch, "device_facts", lambda index: facts["facts"])
+    _clear_memos()
+
+
+def _clear_memos() -> None:
     for cache in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
                   planning._forward_plans, planning._backward_plans):
         cache.clear()
+
+
+@pytest.fixture
+def device(monkeypatch):
+    captured, facts = [], {"facts": _H200}
+    _patch_device(monkeypatch, captured, facts)
     yield captured, facts
-    for cache in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                  planning._forward_plans, planning._backward_plans):
-        cache.clear()
+    _clear_memos()
 
 
 def _as_captured(records: list) -> list:
@@ -86,11 +95,18 @@ _CASES = [  # (facts, q shape, kv shape, dtype, causal, deterministic, transpose
 
 @pytest.mark.parametrize("case", _CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
 def test_replayed_launches_are_the_direct_launches(device, case):
+    _replay_case(device, case)
+    assert len(fastpath._forward_calls) == len(fastpath._backward_calls) == 1
+
+
+def _replay_case(device, case, calls: int = 3) -> None:
+    """``calls`` calls of one layout, fresh arrays each: the first records the layout, the
+    others replay it; each must launch what the launch code launches for its own arrays."""
     captured, facts = device
     name, shape_q, shape_kv, dtype, causal, deterministic, transposed = case
     facts["facts"] = _H200 if name == "h200" else _A100
     backend, rng = NumpyBackend(), np.random.default_rng(0)
-    for call in range(3):  # the first call records the layout; the others replay it
+    for call in range(calls):
         q, k, v = _inputs(rng, shape_q, shape_kv, dtype, transposed)
         captured.clear()
         o, m, l = fastpath.forward(backend, q, k, v, causal, None)
@@ -114,7 +130,27 @@ def test_replayed_launches_are_the_direct_launches(device, case):
                                 l.ctypes.data, *map(_operand, (dq, dk, dv)),
                                 problem.softmax_scale, workspace, _STREAM, 0)
         assert captured == _as_captured(direct), f"backward, call {call}"
-    assert len(fastpath._forward_calls) == len(fastpath._backward_calls) == 1
+
+
+@settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 3), seqlen_q=st.integers(1, 160), seqlen_k=st.integers(1, 160),
+       heads_kv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+       head_dim=st.sampled_from([8, 32, 64, 72, 128, 256]),
+       dtype=st.sampled_from([np.float16, np.float32]), causal=st.booleans(),
+       deterministic=st.booleans(), facts=st.sampled_from(["h200", "a100"]),
+       transposed=st.booleans())
+def test_replays_equal_direct_launches_for_drawn_problems(batch, seqlen_q, seqlen_k, heads_kv,
+                                                          group, head_dim, dtype, causal,
+                                                          deterministic, facts, transposed):
+    with pytest.MonkeyPatch.context() as mp:
+        device = ([], {"facts": _H200})
+        _patch_device(mp, *device)
+        try:
+            _replay_case(device, (facts, (batch, seqlen_q, heads_kv * group, head_dim),
+                                  (batch, seqlen_k, heads_kv, head_dim), dtype, causal,
+                                  deterministic, transposed), calls=2)
+        finally:
+            _clear_memos()
 
 
 def _workspace_address(captured: list, plan) -> int:
@@ -170,3 +206,4 @@ def test_a_stand_in_address_is_an_index_and_an_offset():
     assert (b.index, b.offset) == (3, 28) and bool(replay.Address(0))
     with pytest.raises(TypeError):
         replay.Address(1) + 0.5
+
