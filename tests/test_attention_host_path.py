@@ -207,3 +207,20 @@ def test_a_stand_in_address_is_an_index_and_an_offset():
     with pytest.raises(TypeError):
         replay.Address(1) + 0.5
 
+
+
+def test_the_cpu_host_profile_runs():
+    """bench/dev/host_profile_cpu.py (the host path's Python cost without a GPU) runs, in its
+    own process: it stubs the launcher for good."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    script = Path(__file__).resolve().parents[1] / "bench" / "dev" / "host_profile_cpu.py"
+    done = subprocess.run([sys.executable, str(script), "--calls", "20", "--profile",
+                           "varlen backward", "--rows", "3"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    for case in ("fastpath forward", "decode_cuda", "varlen backward"):
+        assert case in done.stdout
