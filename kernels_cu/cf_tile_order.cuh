@@ -15,6 +15,8 @@
 // later chunk's heavy tiles start late and run alone at the end.
 #pragma once
 
+#include "cf_mask.cuh"  // CF_CAUSAL
+
 // The L2 bytes one chunk's streamed tensors may take (H100/H200 have 50 MB of L2; the rest
 // is left to the tiles that stay resident and to the other operands).
 #define CF_TILE_ORDER_L2_BYTES (24ll << 20)
@@ -36,4 +38,11 @@ __device__ __forceinline__ TileOrder causal_tile_order(long long head_bytes) {
   const int in_chunk = min(chunk, heads - first);
   const int r = linear - first * tiles;
   return TileOrder{r / in_chunk, first + r % in_chunk};
+}
+
+// The portable forward and the float32 kernels (x = query tile, y = head, z = batch): a causal
+// grid starts its last query tile first (it sees the most keys). The Hopper kernels use
+// causal_tile_order above; the key-major backward kernels walk query tiles themselves.
+__device__ __forceinline__ int query_tile_longest_first() {
+  return CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
 }

@@ -71,6 +71,7 @@
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 #include "cf_params.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd.cu is the 16-bit kernel");
 static_assert(CF_HEAD_DIM % 32 == 0 && CF_HEAD_DIM >= 32 && CF_HEAD_DIM <= 256,
@@ -102,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = lane >> 2, tig = lane & 3;
-  const int tile_m = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int tile_m = query_tile_longest_first();  // cf_tile_order.cuh
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / heads_per_kv;
   const int q0 = tile_m * CF_BLOCK_M;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);

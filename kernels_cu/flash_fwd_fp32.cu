@@ -48,6 +48,7 @@
 #include "cf_mask.cuh"
 #include "cf_seq.cuh"
 #include "cf_params.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_BLOCK_N % 8 == 0, "flash_fwd_fp32: CF_BLOCK_N must be a multiple of 8");
 static_assert(CF_BLOCK_M % (4 * CF_WARPS) == 0,
@@ -153,8 +154,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   float* sP = sV + BN * LDH;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  // causal: reversed tile order, so the tiles with the most keys start first
-  const int m_tile = CF_CAUSAL ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x;
+  const int m_tile = query_tile_longest_first();  // cf_tile_order.cuh
   const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
