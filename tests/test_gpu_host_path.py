@@ -112,6 +112,48 @@ def test_repeated_call_checks_the_pointer_each_time():
         cuflash.attention_forward(shifted, k, v)
 
 
+def test_eager_lane_without_gradients_equals_the_autograd_call():
+    """Plain CUDA tensors without gradients skip the autograd node; the output equals the
+    autograd call's bitwise, and repeated calls of a layout replay one recorded call."""
+    import cuflash.torch as ct
+    from cuflash import fastpath
+
+    q, k, v = (_randn(2, 200, 8, 64) for _ in range(3))
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    fastpath._forward_calls.clear()
+    plain = ct.flash_attention(q, k, v, causal=True)
+    tracked = ct.flash_attention(qg, kg, vg, causal=True)
+    with torch.no_grad():
+        under_no_grad = ct.flash_attention(qg, kg, vg, causal=True)
+    assert plain.grad_fn is None and under_no_grad.grad_fn is None
+    assert tracked.grad_fn is not None
+    assert torch.equal(plain, tracked.detach()) and torch.equal(plain, under_no_grad)
+    for _ in range(3):
+        again = ct.flash_attention(q.clone(), k.clone(), v.clone(), causal=True)
+    assert torch.equal(again, plain) and len(fastpath._forward_calls) == 1
+
+
+def test_backward_after_forward_reuses_the_forward_call():
+    """The autograd pair's backward looks up only dO's layout on the forward's call; its
+    gradients equal the core API's backward on the same tensors bitwise (deterministic)."""
+    import cuflash.torch as ct
+
+    q, k, v = (_randn(1, 300, 8, 128).requires_grad_() for _ in range(3))
+    do = _randn(1, 300, 8, 128)
+    for _ in range(2):  # the first call records, the second replays
+        for x in (q, k, v):
+            x.grad = None
+        o = ct.flash_attention(q, k, v, causal=True, deterministic=True)
+        o.backward(do)
+        with torch.no_grad():
+            o_api, stats = cuflash.attention_forward(q.detach(), k.detach(), v.detach(),
+                                                     causal=True)
+            want = cuflash.attention_backward(do, q.detach(), k.detach(), v.detach(), o_api,
+                                              stats, causal=True, deterministic=True)
+        for got, ref in zip((q.grad, k.grad, v.grad), want):
+            assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("heads,heads_kv", [(16, 4), (16, 1), (12, 4)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gqa_backward_with_split_query_heads(heads, heads_kv, dtype):
