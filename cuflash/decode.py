@@ -24,6 +24,7 @@ from . import config, validate
 from .constants import LOG2E
 from .api import _refuse_untracked_gradients
 from .launch import launch_function, poison_enabled
+from .fastpath import typed
 from .replay import Replay, addresses
 # re-exported: the plan's names that tests, benchmarks and docs use from here
 from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
@@ -630,10 +631,9 @@ _MAX_LAYOUTS = 4096
 
 
 def _flag_key(flags: dict) -> tuple:
-    """Flags as a cache key that keeps 1 and True (and 1.0) apart (in the dict's order: the
-    callers build it in one order, and another order only misses the cache)."""
-    return tuple((name, type(v), v if not isinstance(v, list) else tuple(v))
-                 for name, v in flags.items())
+    """Flags as a cache key that keeps 1 and True (and 1.0) apart (``fastpath.typed``), in
+    the dict's order: the callers build it in one order, and another only misses the cache."""
+    return tuple((name, typed(v)) for name, v in flags.items())
 
 
 def _problem_key(backend, q, k, v, given: dict, flags: dict):

@@ -176,6 +176,11 @@ def _remember(cache: dict, key: tuple, known):
     return known
 
 
+def optional_ptr(backend: Backend, x) -> int:
+    """An optional array's address, 0 when absent (the kernels' "off")."""
+    return 0 if x is None else backend.ptr(x)
+
+
 def _aligned(backend: Backend, *arrays) -> bool:
     """Data pointers on 16-byte boundaries (the strides were checked with the layout)."""
     return all(backend.ptr(x) % validate.ROW_ALIGNMENT == 0 for x in arrays)
@@ -412,10 +417,10 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     call = known[0]
     o, m, l = _forward_outputs(backend, q, launch.poison_enabled())
     ptr = backend.ptr
-    optional = lambda x: ptr(x) if x is not None else 0
     with backend.on_device(backend.device_index(q)):
-        call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), optional(alibi_slopes),
-                     optional(sinks)), backend.stream())
+        call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l),
+                     optional_ptr(backend, alibi_slopes), optional_ptr(backend, sinks)),
+                    backend.stream())
     return o, m, l, validate.Modifiers(call.window, call.softcap, alibi_slopes, sinks)
 
 
@@ -435,12 +440,12 @@ def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_sc
         dsinks = backend.empty(tuple(sinks.shape), backend.float32, sinks)
         backend.fill(dsinks, 0)
     ptr = backend.ptr
-    optional = lambda x: ptr(x) if x is not None else 0
     with backend.on_device(backend.device_index(q)):
         workspace = backend.empty((workspace_bytes,), backend.uint8, q)
         call.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(dq),
-                     ptr(dk), ptr(dv), ptr(workspace), optional(alibi_slopes),
-                     optional(sinks), optional(dsinks)), backend.stream())
+                     ptr(dk), ptr(dv), ptr(workspace), optional_ptr(backend, alibi_slopes),
+                     optional_ptr(backend, sinks), optional_ptr(backend, dsinks)),
+                    backend.stream())
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 
 

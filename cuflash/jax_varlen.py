@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import validate, xla_ffi
+from .api import _present as present
 from .stats import SoftmaxStats
 
 FORWARD_TARGET = "cuflash_attention_varlen_fwd"
@@ -143,18 +144,12 @@ def register_targets() -> None:
 # -- forward and backward on JAX arrays ----------------------------------------------------
 
 
-def _concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
-
-
-def _present(*xs) -> list:
-    return [x for x in xs if x is not None]
-
-
 def _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options: Options):
     """(o, m, l) for concrete or traced arrays."""
+    from .jax import _is_concrete
+
     optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks)
-    if _concrete(q, k, v, cu_q, cu_k, used, slopes, sinks):
+    if _is_concrete(q, k, v, cu_q, cu_k, used, slopes, sinks):
         from .varlen import attention_varlen_forward
 
         o, stats = attention_varlen_forward(q, k, v, cu_q, cu_k, options.max_q, options.max_k,
@@ -164,15 +159,17 @@ def _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options: Options):
     stats = jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), jnp.float32)
     specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), stats, stats)
     call = jax.ffi.ffi_call(FORWARD_TARGET, specs, vmap_method="sequential")
-    return tuple(call(q, k, v, cu_q, cu_k, *_present(used, slopes, sinks),
+    return tuple(call(q, k, v, cu_q, cu_k, *present(used, slopes, sinks),
                       **options.attributes()))
 
 
 def _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, options: Options,
               deterministic: bool):
     """(dq, dk, dv[, dsinks]) for concrete or traced arrays."""
+    from .jax import _is_concrete
+
     optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks)
-    if _concrete(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks):
+    if _is_concrete(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks):
         from .varlen import attention_varlen_backward
 
         return attention_varlen_backward(do, q, k, v, o, SoftmaxStats(m, l), cu_q, cu_k,
@@ -183,7 +180,7 @@ def _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, options: Op
     if sinks is not None:
         specs += (jax.ShapeDtypeStruct(sinks.shape, jnp.float32),)
     call = jax.ffi.ffi_call(BACKWARD_TARGET, specs, vmap_method="sequential")
-    return tuple(call(do, q, k, v, o, m, l, cu_q, cu_k, *_present(used, slopes, sinks),
+    return tuple(call(do, q, k, v, o, m, l, cu_q, cu_k, *present(used, slopes, sinks),
                       deterministic=bool(deterministic), **options.attributes()))
 
 
@@ -214,28 +211,15 @@ _varlen.defvjp(_varlen_fwd, _varlen_bwd)
 # -- the public function ---------------------------------------------------------------------
 
 
-def _check_array(x, name: str) -> None:
-    """A JAX array (or tracer) or a NumPy array, checked before ``jnp.asarray`` (which would
-    turn float64 into float32 and int64 into int32 silently)."""
-    if x is not None and not isinstance(x, (jax.Array, jax.core.Tracer, np.ndarray)):
-        raise TypeError(f"{name}: expected a jax.Array or numpy.ndarray, "
-                        f"got {type(x).__name__}")
-
-
-def _stand_in(x):
-    """A NumPy array with x's shape and dtype (zeros: no values are read at trace time)."""
-    return None if x is None else np.zeros(x.shape, np.dtype(x.dtype))
-
-
 def _check(named: dict, max_q, max_k, causal, scale, window, softcap) -> Options:
     """The core API's checks on shapes, dtypes and flags, on stand-ins: the same errors at
     trace time as an eager call (offset values are the handler's: checked on the CPU when
     the call runs, trusted on CUDA)."""
-    from .jax import _shape_only
+    from .jax import _check_head_array, _shape_only, _stand_in
     from .varlen import check_varlen
 
     for name, x in named.items():
-        _check_array(x, name)
+        _check_head_array(x, name)  # a JAX array, tracer or NumPy array
     s = {name: _stand_in(x) for name, x in named.items()}
     for name in ("q", "k", "v"):  # no storage for the big ones
         if named[name].ndim == 3:

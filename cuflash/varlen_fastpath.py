@@ -21,7 +21,7 @@ from typing import NamedTuple
 from . import launch, validate
 from . import plan as planning
 from .fastpath import (Backend, _aligned, _contiguous, _modifier_stand_ins, _new, _remember,
-                       typed)
+                       optional_ptr, typed)
 from .replay import Replay, addresses
 
 _calls: dict = {}
@@ -108,11 +108,7 @@ def _record(backend: Backend, layout: Layout, max_q: int, max_k: int) -> tuple:
 
     used = layout.seqused_k
     return addresses_record((backend.ptr(layout.cu_q), backend.ptr(layout.cu_k),
-                             None if used is None else backend.ptr(used)), max_q, max_k)
-
-
-def _optional(backend: Backend, x) -> int:
-    return 0 if x is None else backend.ptr(x)
+                             optional_ptr(backend, used) or None), max_q, max_k)
 
 
 # -- forward -----------------------------------------------------------------------------------
@@ -136,9 +132,9 @@ def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
     ptr = backend.ptr
     with backend.on_device(backend.device_index(q)):
         known.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(layout.cu_q),
-                      ptr(layout.cu_k), _optional(backend, layout.seqused_k),
-                      _optional(backend, layout.alibi_slopes),
-                      _optional(backend, layout.sinks)), backend.stream())
+                      ptr(layout.cu_k), optional_ptr(backend, layout.seqused_k),
+                      optional_ptr(backend, layout.alibi_slopes),
+                      optional_ptr(backend, layout.sinks)), backend.stream())
     return o, m, l, _stats_fields(backend, known, layout)
 
 
@@ -213,9 +209,9 @@ def backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
         workspace = backend.empty((known.workspace_bytes,), backend.uint8, q)
         known.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(stats.m), ptr(stats.l),
                       ptr(dq), ptr(dk), ptr(dv), ptr(workspace), ptr(layout.cu_q),
-                      ptr(layout.cu_k), _optional(backend, layout.seqused_k),
-                      _optional(backend, layout.alibi_slopes),
-                      _optional(backend, layout.sinks), _optional(backend, dsinks)),
+                      ptr(layout.cu_k), optional_ptr(backend, layout.seqused_k),
+                      optional_ptr(backend, layout.alibi_slopes),
+                      optional_ptr(backend, layout.sinks), optional_ptr(backend, dsinks)),
                      backend.stream())
     return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
 
