@@ -33,16 +33,14 @@ def _patch_device(mp, captured: list, facts: dict) -> None:
         packer.pack(*args)  # every argument fits its C type
         captured.append((function, tuple(grid), threads, smem, tuple(args)))
 
-    def memset(ptr, nbytes, stream):
-        records = launch._recording.records
-        if records is not None:  # the reference run records, the replay captures
-            return records.append(launch.Record(None, (), 0, 0, "", (ptr,),
-                                                memset_bytes=nbytes))
-        assert stream == _STREAM
-        captured.append(("memset", ptr, nbytes))
+    class Runtime:  # the CUDA runtime's memset, captured (launch.memset_async records itself)
+        @staticmethod
+        def memsetAsync(ptr, value, nbytes, stream):
+            assert stream == _STREAM and value == 0
+            captured.append(("memset", ptr, nbytes))
 
     mp.setattr(launch, "launch_packed", packed)
-    mp.setattr(launch, "memset_async", memset)
+    mp.setattr(launch, "_runtime", Runtime)
     mp.setattr(launch, "_function_ptr",
                lambda spec, index, convert: hash((spec.name, convert)) & 0xFFFFFF)
     mp.setattr(launch, "device_facts", lambda index: facts["facts"])

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
-import time
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/: real_workloads
 
-import cuflash
-import cuflash.torch as ct
+import torch  # noqa: E402
+
+import cuflash  # noqa: E402
+import cuflash.torch as ct  # noqa: E402
+from real_workloads import host_us  # noqa: E402  (the one host-time measurement)
 
 
 def _report(cases: dict, calls: int, profiled: tuple, rows: int) -> None:
@@ -24,14 +28,7 @@ def _report(cases: dict, calls: int, profiled: tuple, rows: int) -> None:
     synchronize at the end), then cProfile's top functions of the ``profiled`` cases."""
     width = max(map(len, cases)) + 2
     for name, fn in cases.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        print(f"{name:<{width}} {(time.perf_counter() - start) / calls * 1e6:8.1f} us per call")
+        print(f"{name:<{width}} {host_us(fn, calls):8.1f} us per call")
     for name in profiled:
         prof = cProfile.Profile()
         prof.enable()
