@@ -82,11 +82,22 @@ def _key(backend: Backend, direction: str, arrays: tuple, layout: Layout, *more)
            typed(window), typed(layout.softcap), *more,
            *(None if x is None else backend.layout(x) for x in arrays + layout.arrays()),
            planning.configuration())
+    return key
+
+
+def _keep(key, known: _Known) -> _Known:
     try:
-        hash(key)
+        return _remember(_calls, key, known)
+    except TypeError:  # a flag the checks took but that cannot key a memo: not remembered
+        return known
+
+
+def _known(key) -> _Known | None:
+    """The memo's entry, or None (also for an unhashable flag: the checks say what is wrong)."""
+    try:
+        return _calls.get(key)
     except TypeError:
         return None
-    return key
 
 
 def _packed(backend: Backend, x, at) -> launch.Operand:
@@ -119,7 +130,7 @@ def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
     key = _key(backend, "forward", (q, k, v), layout)
     if key is None:
         return None
-    known = _calls.get(key)
+    known = _known(key)
     if known is None or not _aligned(backend, q, k, v):
         known = _learn_forward(backend, q, k, v, layout, key)
         if known is None:
@@ -172,7 +183,7 @@ def _learn_forward(backend: Backend, q, k, v, layout: Layout, key) -> _Known | N
         plan, *ops, at["m"], at["l"], call.problem.softmax_scale, stream, index, mods, seq))
     known = _Known(call.problem, call.shapes, call.modifiers.window, call.modifiers.softcap,
                    replay)
-    return _remember(_calls, key, known)
+    return _keep(key, known)
 
 
 # -- backward ----------------------------------------------------------------------------------
@@ -186,7 +197,7 @@ def backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     key = _key(backend, "backward", (do, q, k, v, o, stats.m, stats.l), layout, deterministic)
     if key is None:
         return None
-    known = _calls.get(key)
+    known = _known(key)
     if known is None or not _aligned(backend, do, q, k, v, o):
         known = _learn_backward(backend, do, q, k, v, o, stats, layout, deterministic, key)
         if known is None:
@@ -243,4 +254,4 @@ def _learn_backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
         stream, index, mods, seq))
     known = _Known(call.problem, call.shapes, call.modifiers.window, call.modifiers.softcap,
                    replay, planning.backward_workspace(plan).total_bytes)
-    return _remember(_calls, key, known)
+    return _keep(key, known)
