@@ -41,11 +41,17 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage tests timeout "${SUITE_TIME_BUDGET:-540}" \
         $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
         --junitxml="$OUT/results/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
-    sanitize)
+    sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
       run_stage memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer --tool memcheck \
         --error-exitcode 1 $PY bench/sanitize.py
+      CUFLASH_DISABLE_WGMMA=1 run_stage memcheck_portable timeout "${SANITIZE_TIME:-150}" \
+        compute-sanitizer --tool memcheck --error-exitcode 1 $PY bench/sanitize.py \
+        --dtypes bfloat16
       TAIL_LINES=12 run_stage racecheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
-        --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py --quick ;;
+        --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py --quick
+      CUFLASH_DISABLE_WGMMA=1 TAIL_LINES=12 run_stage racecheck_portable \
+        timeout "${SANITIZE_TIME:-150}" compute-sanitizer --tool racecheck \
+        --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py --quick --dtypes bfloat16 ;;
     bench)
       run_stage bench $PY bench/attention_sweep.py --quick --out-dir "$OUT/results" ;;
     memory)

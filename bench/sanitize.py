@@ -9,7 +9,12 @@ Cases: for each head-dim bucket (32 ... 256), bfloat16 and float32: the forward,
 with dQ by atomics and the deterministic backward (flash_bwd + flash_bwd_dq), on batch 1,
 seqlen_q 150, seqlen_k 300, 2 query heads sharing 1 kv head. Then bfloat16 with head_dim
 bucket - 8 (the padded columns), and one causal case (200 queries over 130 keys: the first
-70 rows see no key). Each case prints one line: the specs it ran, the largest error against
+70 rows see no key). Then the paths the dense cases do not reach: every score modifier at
+once (window, softcap, ALiBi per batch entry, sinks with their gradient), packed variable
+lengths (three causal sequences), and decode (a paged cache with an append, GQA, three
+splits and the combine; then 16 query heads per kv head, the tensor-core split). Run it once
+more with CUFLASH_DISABLE_WGMMA=1 for the portable 16-bit kernels on a Hopper GPU.
+Each case prints one line: the specs it ran, the largest error against
 the float64 reference relative to its bound (the package's rule, cuflash.testing),
 and the time.
 
@@ -62,13 +67,17 @@ def parse_args(argv=None):
 
 
 def cases(args):
-    """(dtype, head_dim, causal) in run order."""
+    """(kind, dtype, head_dim, causal) in run order; kind picks the runner (RUNNERS)."""
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     buckets = [int(d) for d in args.head_dims.split(",") if d.strip()]
-    out = [(dtype, d, False) for d in buckets for dtype in dtypes]
+    out = [("dense", dtype, d, False) for d in buckets for dtype in dtypes]
     if not args.quick:
-        out += [("bfloat16", d - 8, False) for d in buckets]  # columns head_dim..bucket padded
-        out.append(("bfloat16", 128, True))  # causal, GQA, rows without keys
+        out += [("dense", "bfloat16", d - 8, False) for d in buckets]  # padded columns
+        out.append(("dense", "bfloat16", 128, True))  # causal, GQA, rows without keys
+    extra_dims = (64, 128) if args.quick else (64, 128, 256)
+    out += [("modifiers", dtype, d, False) for d in extra_dims for dtype in dtypes]
+    out += [("varlen", dtype, 128, True) for dtype in dtypes]
+    out += [("decode", dtype, 128, True) for dtype in dtypes]
     return out
 
 
@@ -76,11 +85,20 @@ def seqlens(causal: bool) -> tuple[int, int]:
     return CAUSAL_SEQLENS if causal else (SHAPE["seqlen_q"], SHAPE["seqlen_k"])
 
 
-def plan_labels(q, k, dtype: str, causal: bool) -> str:
+def plan_labels(q, k, dtype: str, causal: bool, mods: dict | None = None,
+                varlen: bool = False) -> str:
     """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
-    from cuflash import launch
+    from dataclasses import replace
 
-    shape = launch.shape_of(q, k, dtype, causal)
+    from cuflash import launch, plan
+
+    mods = mods or {}
+    flags = plan.mod_flags(mods.get("window"), mods.get("softcap"), mods.get("alibi_slopes"),
+                           mods.get("sinks"), causal)
+    if varlen:  # packed (total, heads, head_dim): the planner needs only the flag and head_dim
+        flags = replace(flags, varlen=True)
+        q, k = q[None], k[None]
+    shape = launch.shape_of(q, k, dtype, causal, flags)
     labels = list(launch.forward_plan(shape, 0).labels)
     for deterministic in (False, True):
         labels += [x for x in launch.backward_plan(shape, 0, deterministic).labels
@@ -88,7 +106,7 @@ def plan_labels(q, k, dtype: str, causal: bool) -> str:
     return " ".join(labels)
 
 
-def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+def run_dense(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     """Forward, backward (atomic), backward (deterministic); -> (ok, summary line)."""
     import cupy
 
@@ -132,6 +150,161 @@ def run_case(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     return ok, line
 
 
+def _summary(kind: str, dtype: str, head_dim: int, causal: bool, seconds: float, reports,
+             labels: str) -> tuple[bool, str]:
+    ok = all(r.ok for r in reports)
+    worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / max(r.bound, 1e-300))
+    line = (f"{'ok  ' if ok else 'FAIL'} {kind:9s} {dtype:8s} d{head_dim:<3d} "
+            f"{'causal' if causal else 'full  '} {seconds:6.2f}s  worst {worst}  [{labels}]")
+    if not ok:
+        line += "\n     " + "\n     ".join(str(r) for r in reports if not r.ok)
+    return ok, line
+
+
+def _judge_grads(reports, mode, dtype, grads, refs, naives) -> None:
+    """dq, dk, dv (and dsinks) against the float64 truth given the forward's stored o."""
+    scale = testing_module().magnitude(*refs[:3])
+    for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
+        host = gh.to_host(got) if name == "dsinks" else gh.to_host(got, dtype)
+        s = testing_module().magnitude(ref) if name == "dsinks" else scale
+        reports.append(testing_module().judge(f"{name}/{mode}", host, ref, naive, dtype=dtype,
+                                              scale=s))
+
+
+def testing_module():
+    from cuflash import testing
+
+    return testing
+
+
+def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """Window (60, 20), softcap 4, ALiBi per (batch, head), sinks: forward, both backwards."""
+    import cupy
+
+    import cuflash
+    from cuflash import reference
+
+    rng = gh.rng_for()
+    sq, sk = seqlens(causal)
+    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=sq, seqlen_k=sk, heads=SHAPE["heads"],
+                            heads_kv=SHAPE["heads_kv"], head_dim=head_dim, dtype=dtype)
+    do = gh.randn(rng, q.shape, dtype)
+    mods = dict(window=(60, 20), softcap=4.0,
+                alibi_slopes=rng.uniform(0.0, 0.5, (2, SHAPE["heads"])).astype(np.float32),
+                sinks=rng.normal(0.0, 2.0, (SHAPE["heads"],)).astype(np.float32))
+    gmods = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in mods.items()}
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    start = time.perf_counter()
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+    grads = {det: cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                             deterministic=det, **gmods) for det in (False, True)}
+    cupy.cuda.Device().synchronize()
+    seconds = time.perf_counter() - start
+    o_host = gh.to_host(o, dtype)
+    testing = testing_module()
+    reports = [testing.judge("o", o_host, reference.attention_reference(
+        q, k, v, causal=causal, **mods)[0], reference.attention_naive(
+        q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods), dtype=dtype)]
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **mods)
+    for det, got in grads.items():
+        _judge_grads(reports, "det" if det else "atomic", dtype, got, refs, naives)
+    return _summary("modifiers", dtype, head_dim, causal, seconds, reports,
+                    plan_labels(q, k, dtype, causal, mods))
+
+
+VARLEN_Q, VARLEN_K = (37, 150, 64), (64, 300, 64)  # packed sequences (causal: bottom-right)
+
+
+def run_varlen(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """Three packed sequences: forward, both backwards (cu_seqlens on the device)."""
+    import cupy
+
+    import cuflash
+    from cuflash import reference
+
+    rng = gh.rng_for()
+    h, hk = SHAPE["heads"], SHAPE["heads_kv"]
+    q = gh.randn(rng, (sum(VARLEN_Q), h, head_dim), dtype)
+    k, v = (gh.randn(rng, (sum(VARLEN_K), hk, head_dim), dtype) for _ in range(2))
+    do = gh.randn(rng, q.shape, dtype)
+    cu_q, cu_k = (np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
+                  for n in (VARLEN_Q, VARLEN_K))
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gcu_q, gcu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
+    lens = (max(VARLEN_Q), max(VARLEN_K))
+    start = time.perf_counter()
+    o, stats = cuflash.attention_varlen_forward(gq, gk, gv, gcu_q, gcu_k, *lens, causal=causal)
+    grads = {det: cuflash.attention_varlen_backward(gdo, gq, gk, gv, o, stats, gcu_q, gcu_k,
+                                                    *lens, causal=causal, deterministic=det)
+             for det in (False, True)}
+    cupy.cuda.Device().synchronize()
+    seconds = time.perf_counter() - start
+    o_host = gh.to_host(o, dtype)
+    testing = testing_module()
+    reports = [testing.judge("o", o_host, reference.attention_varlen_reference(
+        q, k, v, cu_q, cu_k, causal=causal)[0], reference.attention_varlen_naive(
+        q, k, v, cu_q, cu_k, causal=causal, dtype=gh.np_dtype(dtype)), dtype=dtype)]
+    refs = reference.attention_varlen_backward_reference(do, q, k, v, cu_q, cu_k,
+                                                         causal=causal, o=o_host)
+    naives = reference.attention_varlen_backward_naive(do, q, k, v, cu_q, cu_k, causal=causal,
+                                                       dtype=gh.np_dtype(dtype))
+    for det, got in grads.items():
+        _judge_grads(reports, "det" if det else "atomic", dtype, got, refs, naives)
+    return _summary("varlen", dtype, head_dim, causal, seconds, reports,
+                    plan_labels(q, k, dtype, causal, varlen=True))
+
+
+# Decode: a paged cache with an append, GQA 4, three splits and the combine, softcap and
+# ALiBi; then 16 query heads on one kv head (16 rows: the tensor-core split), one split.
+DECODE_CASES = (
+    dict(batch=2, q_len=2, heads=4, heads_kv=1, seqlen_cache=300, cache_seqlens=[150, 290],
+         seqlen_new=2, page_size=32, num_splits=3, softcap=5.0, alibi="heads"),
+    dict(batch=1, q_len=1, heads=16, heads_kv=1, seqlen_cache=300, cache_seqlens=None,
+         num_splits=None),
+)
+
+
+def run_decode(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """attention_with_kvcache on DECODE_CASES: o and lse against the float64 truth."""
+    import cupy
+
+    import cuflash
+    import decode_helpers as dh
+
+    from cuflash import decode
+
+    testing = testing_module()
+    reports, seconds, labels = [], 0.0, []
+    planned_before = set(decode._plans)  # the plans this case adds name its kernels
+    for n, fixed in enumerate(DECODE_CASES):
+        case = dict(head_dim=head_dim, causal=causal, dtype=dtype, softmax_scale=None,
+                    seed=1234 + n, **fixed)
+        kw, truth = dh.make_kvcache_inputs(case)
+        dev = {name: (dh.to_device(x) if isinstance(x, np.ndarray) else x)
+               for name, x in kw.items()}
+        start = time.perf_counter()
+        o, lse = cuflash.attention_with_kvcache(**dev, causal=causal,
+                                                num_splits=case["num_splits"],
+                                                return_softmax_lse=True)
+        cupy.cuda.Device().synchronize()
+        seconds += time.perf_counter() - start
+        labels += [x for key, p in decode._plans.items() if key not in planned_before
+                   for x in p.labels if x not in labels]
+        mods = {m: truth[m] for m in ("window", "softcap", "alibi_slopes") if m in truth}
+        o_ref, _, o_naive = dh.references(kw["q"], truth["k"], truth["v"], truth["lens"],
+                                          causal=causal, softmax_scale=None, dtype=dtype,
+                                          **mods)
+        reports.append(testing.judge(f"o/decode{n}", dh.to_host(o), o_ref, o_naive,
+                                     dtype=dtype))
+    return _summary("decode", dtype, head_dim, causal, seconds, reports, " ".join(labels))
+
+
+RUNNERS = {"dense": run_dense, "modifiers": run_modifiers, "varlen": run_varlen,
+           "decode": run_decode}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.no_poison:
@@ -150,12 +323,13 @@ def main(argv=None) -> int:
           f"{seqlens(False)}, causal {seqlens(True)}, heads {SHAPE['heads']}/"
           f"{SHAPE['heads_kv']}, smem budget {args.smem_kib or 'device'}", flush=True)
     failed = 0
-    for dtype, head_dim, causal in cases(args):
+    for kind, dtype, head_dim, causal in cases(args):
         try:
-            ok, line = run_case(dtype, head_dim, causal)
+            ok, line = RUNNERS[kind](dtype, head_dim, causal)
         except Exception as exc:  # keep going: the sanitizer log should cover every case
             ok = False
-            line = f"ERROR {dtype} d{head_dim} causal={causal}: {type(exc).__name__}: {exc}"
+            line = (f"ERROR {kind} {dtype} d{head_dim} causal={causal}: "
+                    f"{type(exc).__name__}: {exc}")
         failed += not ok
         print(line, flush=True)
     print(f"{len(cases(args)) - failed} ok, {failed} failed", flush=True)

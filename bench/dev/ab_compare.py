@@ -4,9 +4,14 @@
 
 Each tree (a directory holding ``cuflash/`` and ``kernels_cu/``, e.g. a ``git archive`` of the
 old commit) runs in its own subprocess, alternating round by round so clock drift hits both
-alike. A worker times ``attention_forward`` and ``attention_backward`` on torch bf16 tensors with
-CUDA events (median of 20 after 5 warm-up calls) at FlashAttention-2's benchmark shapes (16k
-tokens, heads * head_dim = 2048). The table prints the best round of each tree and new/old.
+alike. A worker times ``attention_forward`` and ``attention_backward`` on torch bf16 tensors
+with CUDA events (median of 12 groups of 5 calls, after 5 warm-up calls) at FlashAttention-2's
+benchmark shapes (16k tokens, heads * head_dim = 2048). The table prints the best round of
+each tree and new/old.
+
+Kernel time, not host time: before each timed group of calls the GPU sleeps (``torch.cuda.
+_sleep``) long enough for the host to enqueue the whole group, so an older tree's slower
+host path cannot leave the GPU idle inside the measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import sys
 
 SHAPES = [(d, n, c) for d in (64, 128, 256) for n in (1024, 4096, 16384) for c in (False, True)]
 TOKENS, WIDTH = 16384, 2048
+# Calls per timed group, and the GPU's sleep before it: 2e7 cycles (about 10 ms at 2 GHz)
+# cover five calls of the slowest host path measured (about 0.5 ms each, 2026-12-01).
+GROUP_CALLS, QUEUE_CYCLES = 5, 20_000_000
 
 
 def flops(d, n, causal, heads, batch):
@@ -30,17 +38,19 @@ def worker(shapes):
     import torch
     import cuflash
 
-    def timed(fn):
+    def timed(fn, reps=12, calls=GROUP_CALLS):
         for _ in range(5):
             fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(20)]
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         for s, e in zip(starts, ends):
+            torch.cuda._sleep(QUEUE_CYCLES)  # the host enqueues the group meanwhile
             s.record()
-            fn()
+            for _ in range(calls):
+                fn()
             e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+            e.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / calls
 
     rows = []
     for d, n, causal in shapes:
