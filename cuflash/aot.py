@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from . import specs
+from .constants import DTYPES
 from .specs import DeviceFacts, KernelSpec
 
 
@@ -107,7 +108,7 @@ def decode_specs(arch: str, dtypes: Sequence[str] | None = None,
     selector can return, for the dtypes the arch has (Turing has no bfloat16)."""
     from . import decode
 
-    allowed = [d for d in ("float16", "bfloat16", "float32")
+    allowed = [d for d in DTYPES
                if (not dtypes or d in dtypes) and not (d == "bfloat16" and arch == "sm_75")]
     chosen = decode.all_decode_specs(allowed, arch)
     if head_dims:

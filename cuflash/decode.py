@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from . import config, validate
-from .constants import LOG2E
+from .constants import DTYPES, LOG2E
 from .api import _refuse_untracked_gradients
 from .launch import launch_function, poison_enabled
 from .fastpath import typed
@@ -294,7 +294,7 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     return DecodeSpec(dtype, d, r, keys, stages)
 
 
-def all_decode_specs(dtypes=("float16", "bfloat16", "float32"), arch: str | None = None) -> list:
+def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
     """Every spec ``select_decode`` can return (for compile checks and warm-up); ``arch``:
     only those for that arch (no tensor-core split before sm_80)."""
     simt = [DecodeSpec(dtype, d, r, *_KEYS[r][1 if dtype == "float32" else 0])

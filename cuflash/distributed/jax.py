@@ -17,7 +17,6 @@ one shape. Only jit-compiled use is supported (shard_map traces its body).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .. import jax as cuflash_jax
+from ..constants import default_softmax_scale
 from ..merge import merge_attention
 from .plan import Block, Source, check_layout, check_shards, visible_block
 
@@ -181,6 +181,7 @@ def ring_attention(q, k, v, *, axis_name: str, causal: bool = False,
                              f"head_dim), got shape {jnp.shape(x)}")
     check_shards(q.shape[1], k.shape[1], lax.axis_size(axis_name), causal=causal,
                  layout=layout)  # errors at trace time, before any collective
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = (default_softmax_scale(q.shape[-1]) if softmax_scale is None
+             else float(softmax_scale))
     o, lse = _ring(q, k, v, axis_name, causal, scale, layout)
     return (o, lse) if return_lse else o

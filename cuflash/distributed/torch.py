@@ -21,13 +21,13 @@ the host. Every rank must pass shards of the same shape and dtype.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from .. import api
+from ..constants import default_softmax_scale
 from ..merge import merge_attention
 from ..stats import SoftmaxStats
 from .plan import Block, check_layout, check_shards, ring_source, source_of, visible_block
@@ -208,7 +208,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     check_layout(layout)
     ring = _Ring.of(group)
     check_shards(q.shape[1], k.shape[1], ring.world_size, causal=causal, layout=layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    scale = (default_softmax_scale(q.shape[-1]) if softmax_scale is None
+             else float(softmax_scale))
     # torch.distributed sends whole buffers: a strided view is copied once here
     k, v = k.contiguous(), v.contiguous()
     o, lse = _RingAttention.apply(q, k, v, ring, causal, scale, layout, deterministic)
