@@ -69,13 +69,7 @@ __device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, c
   for (int kk = 0; kk < sm90::kKSteps; ++kk) {
     const cf_u64 da = sm90_desc_kmajor<CF_BLOCK_M>(q_wg, kk);
     const cf_u64 db = sm90_desc_kmajor<CF_BLOCK_N>(k_tile, kk);
-#if CF_BLOCK_N == 64
-    wgmma_ss_n64(s, da, db, kk > 0);
-#elif CF_BLOCK_N == 128
-    wgmma_ss_n128(s, da, db, kk > 0);
-#else
-    wgmma_ss_n256(s, da, db, kk > 0);
-#endif
+    wgmma_ss<CF_BLOCK_N>(s, da, db, kk > 0);
   }
 }
 
@@ -90,13 +84,7 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float 
     a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
     a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     const cf_u64 db = sm90_desc_mnmajor<CF_BLOCK_N>(v_tile, kk);  // keys 16kk ..
-#if CF_HEAD_DIM == 64
-    wgmma_rs_n64(acc, a, db, 1);
-#elif CF_HEAD_DIM == 128
-    wgmma_rs_n128(acc, a, db, 1);
-#else
-    wgmma_rs_n256(acc, a, db, 1);
-#endif
+    wgmma_rs<CF_HEAD_DIM>(acc, a, db, 1);
   }
 }
 
