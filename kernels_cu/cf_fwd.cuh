@@ -1,9 +1,11 @@
-// cf_fwd.cuh -- building blocks of the 16-bit forward kernel (flash_fwd.cu): swizzled tile
-// loads, the warp-level S = Q K^T and O += P V products on tensor cores, masking, the
-// online-softmax update and the O epilogue.
+// cf_fwd.cuh -- building blocks of the 16-bit forward kernels (flash_fwd.cu, flash_fwd_sm90.cu):
+// swizzled tile loads, the warp-level S = Q K^T and O += P V products on tensor cores, the
+// query tile (the key tiles it visits, which of them are masked), the online-softmax update
+// and the epilogue.
 //
-// Every shape is a template argument (the one macro is the CF_FWD_LDSM_AHEAD tuning knob), so
-// a later kernel (decode, split-KV) can reuse these with its own tiles. Conventions:
+// Every shape is a template argument (the one tuning macro is CF_FWD_LDSM_AHEAD; the query
+// tile and the epilogue follow the mask and modifier defines through cf_mask.cuh), so a later
+// kernel (decode, split-KV) can reuse these with its own tiles. Conventions:
 // - A tile in shared memory holds rows of CHUNKS 16-byte chunks (CHUNKS = head_dim / 8), no
 //   padding; chunk c of row r sits at swizzle_chunk<CHUNKS>(r, c) (cf_common.cuh). The
 //   swizzle depends only on r % 8, so any band of rows starting at a multiple of 8 can be
@@ -14,6 +16,8 @@
 // - Scores and the running max m_i are in log2 units (scores * scale_log2).
 #pragma once
 #include "cf_common.cuh"
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
 
 #if CF_DTYPE != 2
 
@@ -271,19 +275,55 @@ __device__ __forceinline__ void warp_pv(float (&acc)[DT][4], const float (&p)[NT
   }
 }
 
-// -- mask: a key is visible to row r iff key < lim[r] ---------------------------------------------
-// Raw scores. `key0` is the key index of this thread's column 0 in n-tile 0 (tile start +
-// 2 * tig); lim[r] = seqlen_k, or min(seqlen_k, row + seqlen_k - seqlen_q + 1) when causal.
-template <int NT>
-__device__ __forceinline__ void mask_scores(float (&s)[NT][4], int key0, const int (&lim)[2]) {
+// -- one query tile: the key tiles it visits, which of them are masked, this thread's rows -------
+// Rows q0 .. q0 + BLOCK_M - 1 of one (batch entry, head), warp w owning rows 16w .. 16w + 15.
+// The mainloop visits key tiles [tiles.begin, tiles.end) of BLOCK_N keys (key_tiles), last
+// first. Keys [full_begin, full_end) are visible to every row: a tile inside them needs no mask.
+template <int BLOCK_M, int BLOCK_N>
+struct FwdQueryTile {
+  SeqInfo seq;
+  int h, q0, q_last;
+  MaskPolicy mask;
+  KeyTiles tiles;
+  int full_end, full_begin;
+  int row0, tig;  // this thread's rows: row0 and row0 + 8; its key columns: 2 * tig ..
+  ScoreMods mods;
+
+  // group = lane >> 2, tig = lane & 3 (the C layout).
+  __device__ __forceinline__ FwdQueryTile(const SeqInfo& seq_, int b, int h_, int q0_, int warp,
+                                          int group, int tig_, CF_MOD_PARAMS)
+      : seq(seq_), h(h_), q0(q0_), q_last(min(q0_ + BLOCK_M, seq_.seqlen_q) - 1),
+        mask(seq_.seqlen_q, seq_.seqlen_k, window_left, window_right),
+        tiles(key_tiles<BLOCK_N>(mask, q0, q_last)),
+        full_end(mask.key_end(q0)), full_begin(mask.key_begin(q_last)),
+        row0(q0 + warp * 16 + group), tig(tig_),
+        mods(CF_MOD_ARGS, b, h_, seq_.seqlen_q, seq_.seqlen_k) {}
+
+  __device__ __forceinline__ int n_tiles() const { return tiles.end - tiles.begin; }
+  // Key tile j straddles an edge of the visible keys.
+  __device__ __forceinline__ bool needs_mask(int j) const {
+    return (j + 1) * BLOCK_N > full_end || (CF_LOCAL && j * BLOCK_N < full_begin);
+  }
+  // The raw scores of key tile j (C layout): modified, then masked where needed. rows: the
+  // caller's RowBounds(mask, row0), kept out of this struct: its arrays, indexed in loops not
+  // yet unrolled, would keep the whole struct in memory until late and change the code.
+  template <int NT>
+  __device__ __forceinline__ void modify_and_mask(float (&s)[NT][4], int j,
+                                                  const RowBounds& rows) const {
+    modify_s(s, mods, row0, j * BLOCK_N + 2 * tig);
+    if (needs_mask(j)) mask_s(s, j * BLOCK_N + 2 * tig, rows);
+  }
+};
+
+// The softmax state of this thread's two rows before the first key tile.
+template <int DT>
+__device__ __forceinline__ void init_rows(float (&acc)[DT][4], float (&m_i)[2], float (&l_i)[2]) {
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int key = key0 + 8 * t + e;
-      if (key >= lim[0]) s[t][e] = -CF_INF;
-      if (key >= lim[1]) s[t][2 + e] = -CF_INF;
-    }
+  for (int d = 0; d < DT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+  m_i[0] = -CF_INF;
+  m_i[1] = -CF_INF;
+  l_i[0] = 0.f;
+  l_i[1] = 0.f;
 }
 
 // -- online softmax (FA-2 Alg. 1 lines 8-10), in place: raw scores S become P ---------------------
@@ -374,6 +414,41 @@ __device__ __forceinline__ void store_o_band(elem_t* o_band, cf_i64 stride_om, i
     const uint4 v = *reinterpret_cast<const uint4*>(band + swizzle_chunk<CHUNKS>(row, chunk) * 16);
     if (row < rows_valid && chunk * 8 < head_dim)
       *reinterpret_cast<uint4*>(o_band + row * stride_om + chunk * 8) = v;
+  }
+}
+
+// -- the forward's epilogue: O = acc / l, and m and l per row ------------------------------------
+// o: row 0 of the tensor. s_q: the Q tile, no longer read by any warp; the warp's own 16 rows
+// stage its O band (store_o_band). With sinks the sink joins m and l first (fold_sink). A row
+// that saw no key (l == 0 exactly) gets o = 0; a NaN l (from a NaN score the row sees) gives a
+// NaN o, as in cpu.py.
+template <int DT, int CHUNKS, int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ void store_forward_epilogue(
+    const FwdQueryTile<BLOCK_M, BLOCK_N>& tile, float (&acc)[DT][4], float (&m_i)[2],
+    const float (&l_i)[2], const float* sinks, elem_t* o, long long stride_ob,
+    long long stride_om, long long stride_oh, float* m_out, float* l_out, int head_dim,
+    unsigned char* s_q, int warp, int lane) {
+  float l_row[2], inv_l[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
+  if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[tile.h]);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;
+  const int band_q0 = tile.q0 + warp * 16;
+  unsigned char* band = s_q + warp * 16 * CHUNKS * 16;
+  const cf_i64 o_band = tile.seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
+  store_o_band<DT, CHUNKS>(o + o_band + tile.h * stride_oh, stride_om,
+                           tile.seq.seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
+  if (tile.tig == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = tile.row0 + 8 * r;
+      if (row < tile.seq.seqlen_q) {
+        const cf_i64 idx = tile.seq.stats(tile.h) + row;
+        m_out[idx] = m_i[r] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
+        l_out[idx] = l_row[r];
+      }
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 """Writes cf_wgmma.cuh: the wgmma (sm_90a) inline-asm wrappers, one per accumulator width.
 
-    python kernels_cu/cf_wgmma_gen.py        (tests/test_wgmma_header.py checks it is current)
+    python kernels_cu/cf_wgmma_gen.py        (tests/test_compile.py checks it is current)
 
 An m64nNk16 wgmma names N / 2 accumulator registers one by one in its asm operand list, so the
 wrappers are generated rather than written out by hand.
@@ -26,6 +26,7 @@ HEADER = """\
 //   wgmma_ss_kmn_nN: A K-major, B MN-major, both from shared memory (imm-trans-b = 1).
 //   wgmma_rs_nN: A from registers (the mma.sync m16n8k16 A fragment of the warp's 16 rows),
 //                B from shared memory, MN-major (transposed: imm-trans-b = 1).
+//   wgmma_ss<N>, wgmma_rs<N>: wgmma_ss_nN, wgmma_rs_nN for a width N that is a tile define.
 // scale_d = 0 overwrites D, 1 accumulates. Operands are issued asynchronously: the caller
 // brackets them with wgmma_fence / wgmma_commit / wgmma_wait and fences the accumulator
 // registers (wgmma_fence_regs) so the compiler cannot move their uses across the wait.
@@ -100,8 +101,26 @@ __device__ __forceinline__ void wgmma_rs_n{n}(float (&d)[{n // 8}][4], const cf_
 """
 
 
+def by_width(kind: str, params: str, args: str) -> str:
+    """wgmma_{kind}<N>: picks wgmma_{kind}_nN at compile time. The branches not taken are not
+    instantiated (d is dependent), so each width's call sees its own array shape."""
+    cases = "\n  else ".join(f"if constexpr (N == {n}) wgmma_{kind}_n{n}(d, {args});"
+                              for n in WIDTHS)
+    widths = " || ".join(f"N == {n}" for n in WIDTHS)
+    return f"""
+template <int N>
+__device__ __forceinline__ void wgmma_{kind}(float (&d)[N / 8][4],
+                                             {params}) {{
+  static_assert({widths}, "wgmma_{kind}: no wrapper of this width");
+  {cases}
+}}
+"""
+
+
 def render() -> str:
     body = "".join(wrapper_ss(n) + wrapper_rs(n) for n in WIDTHS)
+    body += by_width("ss", "cf_u64 desc_a, cf_u64 desc_b, int scale_d", "desc_a, desc_b, scale_d")
+    body += by_width("rs", "const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d", "a, desc_b, scale_d")
     body += "".join(wrapper_ss(n, 1, 1) for n in MN_WIDTHS)
     body += "".join(wrapper_ss(n, 0, 1) for n in KMN_WIDTHS)
     return HEADER + body

@@ -389,28 +389,28 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
 
       // -- dQ = dS K: A = dS (M = queries, contiguous in sdS), B = K (N = head_dim, contiguous)
       float dq[8][4];
-#if CF_BLOCK_M == 128
-      // warpgroup wg: queries 64 wg .. (panel wg of sdS), all 64 columns, all 128 keys
+      int dq_col0 = 0, dq_row0 = m0;
+      if constexpr (kBM == 128) {
+        // warpgroup wg: queries 64 wg .. (panel wg of sdS), all 64 columns, all 128 keys
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * kBN * 128, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
-      const int dq_col0 = 0, dq_row0 = m0 + 64 * wg;
-#elif CF_HEAD_DIM == 128
-      // warpgroup wg: columns 64 wg .. (panel wg of K), all 128 keys (8 k-steps)
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * kBN * 128, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
+        dq_row0 = m0 + 64 * wg;
+      } else if constexpr (kD == 128) {
+        // warpgroup wg: columns 64 wg .. (panel wg of K), all 128 keys (8 k-steps)
 #pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa + wg * kBN * 128, kk), kk > 0);
-      const int dq_col0 = 64 * wg, dq_row0 = m0;
-#else
-      // warpgroup wg: all 64 columns, over its own 64 keys (4 k-steps); both add to dq_accum
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa + wg * kBN * 128, kk), kk > 0);
+        dq_col0 = 64 * wg;
+      } else {
+        // warpgroup wg: all 64 columns, over its own 64 keys (4 k-steps); both add to dq_accum
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
-        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * 64 * 128, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa + wg * 64 * 128, kk), kk > 0);
-      const int dq_col0 = 0, dq_row0 = m0;
-#endif
+        for (int kk = 0; kk < 4; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa + wg * 64 * 128, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa + wg * 64 * 128, kk), kk > 0);
+      }
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_regs(dq);

@@ -35,8 +35,8 @@
 // Masking and score modifiers come from cf_mask.cuh (CF_MASK none / causal / local window,
 // CF_SOFTCAP, CF_ALIBI, CF_SINKS; docs/masks.md): keys >= seqlen_k; causal is bottom-right
 // aligned (query i sees key j iff j <= i + seqlen_k - seqlen_q). Key tiles no row of the tile
-// sees are never visited (key_tiles); only tiles that straddle an edge are masked. With sinks
-// the epilogue folds the sink into m and l (fold_sink).
+// sees are never visited; only tiles that straddle an edge are masked (cf_fwd.cuh's
+// FwdQueryTile). With sinks the epilogue folds the sink into m and l (fold_sink).
 //
 // Outputs: o (batch, seqlen_q, heads, head_dim) = acc / l_i (0 where l_i == 0); m_out and
 // l_out, float32 (batch, heads, seqlen_q): m_out = m_i * LN2 in natural-log units (max_j of
@@ -114,22 +114,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
-  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end) are visited, last first; a tile
-  // of keys [full_begin, full_end) is visible to every row and needs no mask
-  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
-  const KeyTiles tiles = key_tiles<CF_BLOCK_N>(mask, q0, q_last);
-  const int full_end = mask.key_end(q0), full_begin = mask.key_begin(q_last);
-  const int n_tiles = tiles.end - tiles.begin;
+  const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, warp, group, tig,
+                                                  CF_MOD_ARGS);
+  const RowBounds rows(tile.mask, tile.row0);  // for mask_s
+  const KeyTiles tiles = tile.tiles;  // visited last first
+  const int n_tiles = tile.n_tiles();
 
-  const int row0 = q0 + warp * 16 + group;  // this thread's rows: row0 and row0 + 8
-  const RowBounds rows(mask, row0);
-  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
-
-  float acc[kDT][4];
-#pragma unroll
-  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-  float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f};
+  float acc[kDT][4], m_i[2], l_i[2];
+  init_rows(acc, m_i, l_i);
 
   const LdsmLane<kChunks, true> lane_qv(lane);   // Q (A) and V (B, .trans) fragments
   const LdsmLane<kChunks, false> lane_k(lane);   // K (B) fragments
@@ -181,9 +173,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     // -- S = Q K(j)^T, modified, masked, then P = exp2(S * scale_log2 - m_new)
     float s[kNT][4];
     warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band_sa, k_cur, lane_qv, lane_k);
-    modify_s(s, mods, row0, j * CF_BLOCK_N + 2 * tig);
-    if ((j + 1) * CF_BLOCK_N > full_end || (CF_LOCAL && j * CF_BLOCK_N < full_begin))
-      mask_s(s, j * CF_BLOCK_N + 2 * tig, rows);
+    tile.modify_and_mask(s, j, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
 
     if (CF_STAGES == 1) {
@@ -204,29 +194,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   }
   cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
 
-  // -- epilogue: O = acc / l_i (0 for a row that saw no key: l_i == 0 exactly; a NaN l_i from
-  // a NaN score the row sees gives NaN, as in cpu.py), m and l per row
-  float l_row[2], inv_l[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
-  if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[h]);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
-  }
-  const int band_q0 = q0 + warp * 16;
-  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
-  store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
-                             stride_om, seqlen_q - band_q0, head_dim, q_band, acc, inv_l, lane);
-  if (tig == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 8 * r;
-      if (row < seqlen_q) {
-        const cf_i64 idx = seq.stats(h) + row;
-        m_out[idx] = m_i[r] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
-        l_out[idx] = l_row[r];
-      }
-    }
-  }
+  store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
+                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane);
 }

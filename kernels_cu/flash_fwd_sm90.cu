@@ -69,13 +69,7 @@ __device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, c
   for (int kk = 0; kk < sm90::kKSteps; ++kk) {
     const cf_u64 da = sm90_desc_kmajor<CF_BLOCK_M>(q_wg, kk);
     const cf_u64 db = sm90_desc_kmajor<CF_BLOCK_N>(k_tile, kk);
-#if CF_BLOCK_N == 64
-    wgmma_ss_n64(s, da, db, kk > 0);
-#elif CF_BLOCK_N == 128
-    wgmma_ss_n128(s, da, db, kk > 0);
-#else
-    wgmma_ss_n256(s, da, db, kk > 0);
-#endif
+    wgmma_ss<CF_BLOCK_N>(s, da, db, kk > 0);
   }
 }
 
@@ -90,13 +84,7 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float 
     a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
     a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
     const cf_u64 db = sm90_desc_mnmajor<CF_BLOCK_N>(v_tile, kk);  // keys 16kk ..
-#if CF_HEAD_DIM == 64
-    wgmma_rs_n64(acc, a, db, 1);
-#elif CF_HEAD_DIM == 128
-    wgmma_rs_n128(acc, a, db, 1);
-#else
-    wgmma_rs_n256(acc, a, db, 1);
-#endif
+    wgmma_rs<CF_HEAD_DIM>(acc, a, db, 1);
   }
 }
 
@@ -128,22 +116,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
 
-  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end), last first; keys
-  // [full_begin, full_end) are visible to every row of the tile
-  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const int q_last = min(q0 + CF_BLOCK_M, seqlen_q) - 1;
-  const KeyTiles tiles = key_tiles<CF_BLOCK_N>(mask, q0, q_last);
-  const int full_end = mask.key_end(q0), full_begin = mask.key_begin(q_last);
-  const int n_tiles = tiles.end - tiles.begin;
+  const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, warp, group, tig,
+                                                  CF_MOD_ARGS);
+  const RowBounds rows(tile.mask, tile.row0);  // for mask_s
+  const KeyTiles tiles = tile.tiles;  // visited last first
+  const int n_tiles = tile.n_tiles();
 
-  const int row0 = q0 + warp * 16 + group;  // this thread's rows: row0, row0 + 8
-  const RowBounds rows(mask, row0);
-  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
-
-  float acc[kDT][4];
-#pragma unroll
-  for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
-  float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f};
+  float acc[kDT][4], m_i[2], l_i[2];
+  init_rows(acc, m_i, l_i);
 
   const cf_u32 q_wg = smem_addr(s_q) + wg * 64 * 128;  // this warpgroup's rows in panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
@@ -182,9 +162,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(s);
 
-    modify_s(s, mods, row0, j * CF_BLOCK_N + 2 * tig);
-    if ((j + 1) * CF_BLOCK_N > full_end || (CF_LOCAL && j * CF_BLOCK_N < full_begin))
-      mask_s(s, j * CF_BLOCK_N + 2 * tig, rows);
+    tile.modify_and_mask(s, j, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
 
     wgmma_fence();
@@ -196,28 +174,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   cp_async_wait<0>();
   __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band
 
-  float l_row[2], inv_l[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
-  if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[h]);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;  // NaN l (a NaN score): NaN o
-  }
-  const int band_q0 = q0 + warp * 16;
-  unsigned char* band = s_q + warp * 16 * CF_HEAD_DIM * 2;  // 16 rows of scratch per warp
-  const cf_i64 o_band = seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
-  store_o_band<kDT, kChunks>(o + o_band + h * stride_oh,
-                             stride_om, seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
-  if (tig == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + 8 * r;
-      if (row < seqlen_q) {
-        const cf_i64 idx = seq.stats(h) + row;
-        m_out[idx] = m_i[r] * CF_LN2;
-        l_out[idx] = l_row[r];
-      }
-    }
-  }
+  store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
+                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane);
 }
