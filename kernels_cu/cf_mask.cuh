@@ -242,3 +242,23 @@ __device__ __forceinline__ void fold_sink(float (&m_i)[2], float (&l)[2], float 
     }
   }
 }
+
+// -- the mask chosen at run time (decode) -----------------------------------------------------
+// One decode kernel serves every mask: its blocks hold a few rows and compute their key range
+// once, so the mode costs nothing per key. The same visibility as MaskPolicy, for a query
+// whose diagonal key (i + off) is d: causal keys <= d; window d - left <= j <= d + right
+// (-1: that side unbounded); always 0 <= j < seqlen_k.
+struct RuntimeMask {
+  int seqlen_k, causal, left, right;
+
+  __device__ __forceinline__ int key_begin(int d) const {
+    return left >= 0 ? max(0, d - left) : 0;
+  }
+  // >= 0; may be <= key_begin (no key)
+  __device__ __forceinline__ int key_end(int d) const {
+    int end = seqlen_k;
+    if (causal) end = min(end, d + 1);
+    if (right >= 0) end = min(end, d + right + 1);
+    return max(0, end);
+  }
+};

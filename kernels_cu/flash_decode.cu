@@ -82,15 +82,9 @@
 #define CF_COMBINE_WARPS 8
 #define CF_COMBINE_BATCH 4  // splits per warp whose partial o are loaded before any is used
 
-typedef unsigned short dec_u16;
-typedef unsigned int dec_u32;
-
-#define DEC_LOG2E 1.4426950408889634f
-#define DEC_LN2 0.6931471805599453f
-#define DEC_INF __int_as_float(0x7f800000)
-
-#include "cf_common.cuh"  // elem_t, float_to_elem; the tensor-core split (flash_decode_mma.cu)
-                           // also takes its mma / ldmatrix / cp.async wrappers from it
+#include "cf_common.cuh"  // elem_t, float_to_elem, CF_LOG2E; the tensor-core split
+                           // (flash_decode_mma.cu) takes its mma / cp.async wrappers from it
+#include "cf_mask.cuh"    // RuntimeMask: the visible keys of a row
 
 namespace decode {
 // Compile-time constants as enumerators (NVRTC would emit namespace-scope constexpr
@@ -182,10 +176,10 @@ __device__ __forceinline__ Chunk8 load_chunk(const elem_t* p, bool ok) {
   return c;
 }
 
-__device__ __forceinline__ float half_bits_to_float(dec_u32 bits) {
+__device__ __forceinline__ float half_bits_to_float(cf_u32 bits) {
 #if CF_DTYPE == 0
   float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((dec_u16)bits));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((cf_u16)bits));
   return f;
 #else
   return __uint_as_float(bits << 16);  // bf16 is the top half of a float32
@@ -197,7 +191,7 @@ __device__ __forceinline__ void chunk_to_float(const Chunk8& c, float f[8]) {
   f[0] = c.lo.x; f[1] = c.lo.y; f[2] = c.lo.z; f[3] = c.lo.w;
   f[4] = c.hi.x; f[5] = c.hi.y; f[6] = c.hi.z; f[7] = c.hi.w;
 #else
-  const dec_u32 w[4] = {c.u.x, c.u.y, c.u.z, c.u.w};
+  const cf_u32 w[4] = {c.u.x, c.u.y, c.u.z, c.u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     f[2 * i] = half_bits_to_float(w[i] & 0xffffu);
@@ -247,23 +241,17 @@ struct DecodeBlock {
   int b, h_kv, group, q_len, row0, rows;  // rows of the whole (b, h_kv) problem
   int seqlen;  // valid keys of entry b, appended ones included
   int key_begin, key_end;  // this split's keys, clipped to the keys its rows can see
-  int causal, window_left, window_right;
+  RuntimeMask mask;  // which keys a row sees (cf_mask.cuh)
 
   __device__ __forceinline__ bool row_valid(int r) const { return row0 + r < rows; }
   __device__ __forceinline__ int query(int r) const { return (row0 + r) / group; }
   __device__ __forceinline__ int head(int r) const { return h_kv * group + (row0 + r) % group; }
   // the key on query i's diagonal: bottom-right alignment within the valid keys
   __device__ __forceinline__ int diag(int r) const { return seqlen - q_len + query(r); }
-  // keys row r sees: [row_key_begin, row_key_end) (visible(i, j) of docs/masks.md)
-  __device__ __forceinline__ int row_key_begin(int r) const {
-    return window_left >= 0 ? max(0, diag(r) - window_left) : 0;
-  }
+  // keys row r sees: [row_key_begin, row_key_end) (cf_mask.cuh)
+  __device__ __forceinline__ int row_key_begin(int r) const { return mask.key_begin(diag(r)); }
   __device__ __forceinline__ int row_key_end(int r) const {
-    if (!row_valid(r)) return 0;
-    int end = seqlen;
-    if (causal) end = min(end, diag(r) + 1);
-    if (window_right >= 0) end = min(end, diag(r) + window_right + 1);
-    return max(0, end);
+    return row_valid(r) ? mask.key_end(diag(r)) : 0;
   }
 };
 
@@ -278,9 +266,7 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeParams& p) {
   blk.row0 = (blockIdx.x % p.row_tiles) * decode::kRows;
   const int len = (p.cache_seqlens ? p.cache_seqlens[blk.b] : p.seqlen_cache) + p.seqlen_new;
   blk.seqlen = max(0, min(len, p.seqlen_cache));
-  blk.causal = p.causal;
-  blk.window_left = p.window_left;
-  blk.window_right = p.window_right;
+  blk.mask = RuntimeMask{blk.seqlen, p.causal, p.window_left, p.window_right};
   // -- the split's keys, clipped to the union of what the rows see (a window skips the rest)
   int lo = blk.seqlen, hi = 0;
 #pragma unroll
@@ -317,7 +303,7 @@ struct RowScores {
       if (softcap_log2 != 0.f) s = softcap_log2 * tanhf(dot);
       if (alibi) s -= slope_log2[r] * fabsf((float)(diag[r] - j));
     }
-    return (j >= lo[r] && j < hi[r]) ? s : -DEC_INF;
+    return (j >= lo[r] && j < hi[r]) ? s : -CF_INF;
   }
   __device__ __forceinline__ bool modified() const { return softcap_log2 != 0.f || alibi; }
 };
@@ -336,7 +322,7 @@ __device__ __forceinline__ RowScores<kN> row_scores(const DecodeParams& p, const
     rs.hi[n] = blk.row_key_end(r);
     rs.diag[n] = blk.diag(r);
     rs.slope_log2[n] = rs.alibi && blk.row_valid(r)
-        ? p.alibi_slopes[(long long)blk.b * p.alibi_stride_b + blk.head(r)] * DEC_LOG2E : 0.f;
+        ? p.alibi_slopes[(long long)blk.b * p.alibi_stride_b + blk.head(r)] * CF_LOG2E : 0.f;
   }
   return rs;
 }
@@ -355,9 +341,9 @@ __device__ __forceinline__ void write_block_rows(const DecodeParams& p, const De
   for (int idx = threadIdx.x; idx < kTileRows * kDim; idx += threads) {
     const int r = idx / kDim, d = idx % kDim;
     if (!blk.row_valid(r) || d >= p.head_dim) continue;
-    float m = -DEC_INF;
+    float m = -CF_INF;
     for (int g = 0; g < kParts; ++g) m = fmaxf(m, sm_m[g * kTileRows + r]);
-    const float m_safe = m == -DEC_INF ? 0.f : m;
+    const float m_safe = m == -CF_INF ? 0.f : m;
     float l = 0.f, a = 0.f;
     for (int g = 0; g < kParts; ++g) {
       const float w = exp2f(sm_m[g * kTileRows + r] - m_safe);
@@ -367,7 +353,7 @@ __device__ __forceinline__ void write_block_rows(const DecodeParams& p, const De
     // __fdividef: no IEEE-division subroutine call (its ABI spills registers); l <= seqlen
     // is far below 2^126, where it would flush to 0. A NaN l (a NaN score) stays NaN.
     const float out = l == 0.f ? 0.f : __fdividef(a, l);
-    const float row_lse = l == 0.f ? -DEC_INF : (m_safe + log2f(l)) * DEC_LN2;
+    const float row_lse = l == 0.f ? -CF_INF : (m_safe + log2f(l)) * CF_LN2;
     const int i = blk.query(r), h = blk.head(r);
     if (p.num_splits == 1) {
       p.o[blk.b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh + d] =
@@ -402,7 +388,7 @@ __device__ __forceinline__ void softmax_update(float s[decode::kKeys][decode::kR
     float m_new = m_i[r];
 #pragma unroll
     for (int c = 0; c < kKeys; ++c) m_new = fmaxf(m_new, s[c][r]);  // NaN-ignoring, like fmax
-    const float m_safe = m_new == -DEC_INF ? 0.f : m_new;  // no key seen yet: no -inf - -inf
+    const float m_safe = m_new == -CF_INF ? 0.f : m_new;  // no key seen yet: no -inf - -inf
     // -- rescale l_i and acc by exp2(m_old - m_new)
     const float alpha = exp2f(m_i[r] - m_safe);
     float rowsum = 0.f;
@@ -468,7 +454,7 @@ __device__ __forceinline__ void compute_step(const KeyStep& st, int step, int ke
 #pragma unroll
       for (int e = 0; e < 8; ++e) dot = fmaf(qf[r][e], kf[e], dot);
       dot = row_sum(dot);
-      s[c][r] = j < key_end ? rs.template apply<kMods>(dot, j, r) : -DEC_INF;
+      s[c][r] = j < key_end ? rs.template apply<kMods>(dot, j, r) : -CF_INF;
     }
   }
   softmax_update(s, m_i, l_i, acc);  // s now holds p
@@ -556,7 +542,7 @@ flash_decode_split(const DecodeParams p) {
   float m_i[kRows], l_i[kRows], acc[kRows][8];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    m_i[r] = -DEC_INF;
+    m_i[r] = -CF_INF;
     l_i[r] = 0.f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[r][e] = 0.f;
@@ -632,7 +618,7 @@ flash_decode_combine(const DecodeParams p) {
   const float* part_row = p.o_part + (long long)row * p.head_dim;
 
   // -- this warp's splits warp, warp + W, ...: running max m (log2 units), sum l, acc
-  float m = -DEC_INF, l = 0.f;
+  float m = -CF_INF, l = 0.f;
   float4 acc[kCombineChunks];
 #pragma unroll
   for (int c = 0; c < kCombineChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -642,7 +628,7 @@ flash_decode_combine(const DecodeParams p) {
 #pragma unroll
     for (int u = 0; u < kCombineBatch; ++u) {  // every load of the batch first
       const int s = s0 + u * CF_COMBINE_WARPS;
-      lse[u] = s < n ? __ldg(p.lse_part + s * lse_stride + lse_row) * DEC_LOG2E : -DEC_INF;
+      lse[u] = s < n ? __ldg(p.lse_part + s * lse_stride + lse_row) * CF_LOG2E : -CF_INF;
 #pragma unroll
       for (int c = 0; c < kCombineChunks; ++c) {
         const int d = 128 * c + 4 * lane;
@@ -654,7 +640,7 @@ flash_decode_combine(const DecodeParams p) {
     float m_new = m;
 #pragma unroll
     for (int u = 0; u < kCombineBatch; ++u) m_new = fmaxf(m_new, lse[u]);
-    const float m_safe = m_new == -DEC_INF ? 0.f : m_new;  // no split saw a key yet
+    const float m_safe = m_new == -CF_INF ? 0.f : m_new;  // no split saw a key yet
     const float keep = fast_exp2(m - m_safe);
     l *= keep;
 #pragma unroll
@@ -688,10 +674,10 @@ flash_decode_combine(const DecodeParams p) {
   }
   if (lane == 0) sm_m[warp] = m, sm_l[warp] = l;
   __syncthreads();
-  float m_all = -DEC_INF;
+  float m_all = -CF_INF;
 #pragma unroll
   for (int w = 0; w < CF_COMBINE_WARPS; ++w) m_all = fmaxf(m_all, sm_m[w]);
-  const float m_safe = m_all == -DEC_INF ? 0.f : m_all;
+  const float m_safe = m_all == -CF_INF ? 0.f : m_all;
   float f[CF_COMBINE_WARPS], total = 0.f;
 #pragma unroll
   for (int w = 0; w < CF_COMBINE_WARPS; ++w) {
@@ -708,7 +694,7 @@ flash_decode_combine(const DecodeParams p) {
     out[d] = float_to_elem(a * inv);
   }
   if (threadIdx.x == 0)
-    p.lse[lse_row] = total == 0.f ? -DEC_INF : (m_safe + __log2f(total)) * DEC_LN2;
+    p.lse[lse_row] = total == 0.f ? -CF_INF : (m_safe + __log2f(total)) * CF_LN2;
 }
 
 // -- append: k_new / v_new into the cache at cache_seqlens[b] + t ------------------------------

@@ -169,7 +169,7 @@ __device__ __forceinline__ void warp_tile(const unsigned char* q_tile, const uns
     for (int e = 0; e < 4; ++e) {
       const int key = key0 + wkey + 8 * j + 2 * tig + (e & 1);
       s[j][e] = key < key_end ? rs.template apply<kMods>(s[j][e] * scale_q, key, e >> 1)
-                              : -DEC_INF;
+                              : -CF_INF;
     }
   }
   // -- online softmax per row: the row's max over the quad, rescale l_i and acc
@@ -179,7 +179,7 @@ __device__ __forceinline__ void warp_tile(const unsigned char* q_tile, const uns
 #pragma unroll
     for (int j = 0; j < kNT; ++j) m_new = fmaxf(m_new, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
     m_new = quad_max(m_new);
-    const float m_safe = m_new == -DEC_INF ? 0.f : m_new;  // no key seen yet: no -inf - -inf
+    const float m_safe = m_new == -CF_INF ? 0.f : m_new;  // no key seen yet: no -inf - -inf
     const float alpha = exp2f(m_i[r] - m_safe);
     float rowsum = 0.f;  // this lane's share; the quad's shares are summed at the end
 #pragma unroll
@@ -275,7 +275,7 @@ flash_decode_split(const DecodeParams p) {
   const RowScores<2> rs = row_scores(p, blk, lane_rows);
 
   load_q(smem, p, blk);  // committed with the first tile's copies
-  float m_i[2] = {-DEC_INF, -DEC_INF}, l_i[2] = {0.f, 0.f}, acc[kDT][4];
+  float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f}, acc[kDT][4];
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
 
