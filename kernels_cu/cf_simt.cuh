@@ -419,8 +419,9 @@ __device__ __forceinline__ SimtRowStats simt_row_stats(const float* lse2_bh, con
 
 // P and dS of score x = q.k of query i, key j (seen: visible): P = exp2(x' * scale_log2 - lse2),
 // x' with the score modifiers, or 0; dS = P * (dP - delta) * softcap'(x). The exponent is one
-// FFMA like the forward's (flash_fwd_fp32.cu, softmax_tile, says why). Masked keys take P = 0
-// by a select, so a NaN score a row does not see is never used.
+// FFMA and x the same simt_mm_nt sum as the forward's (flash_fwd_fp32.cu, softmax_tile, says
+// why): at large logits a per-element difference between the two P is amplified in dQ.
+// Masked keys take P = 0 by a select, so a NaN score a row does not see is never used.
 struct SimtPdS {
   float p, ds;
 };

@@ -125,6 +125,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     __syncthreads();
 
     // -- S = Q K_t^T; P = exp2(S * scale_log2 - lse2); dS = P * (dP - delta) to sdS
+    // (the same S sum and one-FFMA exponent as the forward: simt_p_ds)
     {
       float s[Tile1::TM][Tile1::TN];
       simt_mm_nt_tile<Tile1, D>(s, sQ, sK, r1, c1, head_dim);

@@ -78,7 +78,7 @@ static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "s
 // p_out: sP at (row 0, col 0) of the thread. Returns in alpha the factor exp2(m_old - m_new)
 // that acc must be rescaled by (done by the P V merge).
 //
-// The exponent is ONE FFMA, fmaf(s, scale_log2, -base), as in flash_bwd_fp32 / flash_bwd_dq_fp32
+// The exponent is ONE FFMA, fmaf(s, scale_log2, -base), as in the float32 backward's simt_p_ds
 // (fmaf(s, scale_log2, -lse2)) and the 16-bit kernels; the row max is taken on the raw scores
 // and scaled once (needs scale_log2 > 0, which the host guarantees). Why it must match
 // (issue #9 item 7): dQ = softmax_scale * sum_j dS_j k_j, and at large logits every k_j
