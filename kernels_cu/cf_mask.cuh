@@ -88,6 +88,18 @@ struct MaskPolicy {
   }
 };
 
+// The keys query row i sees, [lo, hi): contains(j) is visible(i, j) for every key j >= 0.
+// A row past seqlen_q (row_ok false) sees none (hi = 0).
+struct KeyRange {
+  int lo, hi;
+  __device__ __forceinline__ bool contains(int j) const {
+    return j < hi && (!CF_LOCAL || j >= lo);
+  }
+};
+__device__ __forceinline__ KeyRange key_range(const MaskPolicy& mask, int i, bool row_ok = true) {
+  return KeyRange{mask.key_begin(i), row_ok ? mask.key_end(i) : 0};
+}
+
 // The key tiles a query tile visits: [tile_begin, tile_end) of block_n keys each, for rows
 // q0..q_last (q_last the tile's last row below seqlen_q).
 struct KeyTiles {

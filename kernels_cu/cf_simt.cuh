@@ -28,6 +28,9 @@
 #define CF_DTYPE 2
 #endif
 #include "cf_common.cuh"  // and cf_config.cuh
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
+#include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 2, "the SIMT kernels are the float32 ones (CF_DTYPE = 2)");
 static_assert(CF_STAGES == 1, "the float32 kernels take only CF_STAGES = 1");
@@ -50,6 +53,18 @@ enum : int { SIMT_UNROLL_NT = CF_SIMT_UNROLL_NT, SIMT_UNROLL_NN = CF_SIMT_UNROLL
 // 4 floats of padding keep rows 16-byte aligned and put 8 consecutive rows in 8 different
 // 16-byte bank groups. Every fp32 shared-memory formula is built from this.
 __host__ __device__ constexpr int simt_ld(int width) { return width + 4; }
+
+// The knobs every float32 kernel is built on; each kernel's namespace adds its own.
+namespace simt_cfg {
+enum : int {
+  BM = CF_BLOCK_M,
+  BN = CF_BLOCK_N,
+  D = CF_HEAD_DIM,
+  WARPS = CF_WARPS,
+  NT = 32 * WARPS,
+  LDH = simt_ld(D),  // row stride of the head_dim-wide tiles (Q, K, V, dO)
+};
+}  // namespace simt_cfg
 
 // -- thread layout of a product tile ------------------------------------------------------
 // A tile of ROWS x COLS outputs (COLS counted in UNITs: scalars for S-shaped tiles, float4
@@ -228,6 +243,17 @@ __device__ __forceinline__ void simt_zero(float (&acc)[TM][TN]) {
     for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
 }
 
+// acc = A B^T on the thread's block of a Tile (S = Q K^T, dP = dO V^T): A and B are
+// head_dim-wide tiles, row0 / col0 the thread's first row of A / of B.
+template <class Tile, int D>
+__device__ __forceinline__ void simt_mm_nt_tile(float (&acc)[Tile::TM][Tile::TN], const float* a,
+                                                const float* b, int row0, int col0,
+                                                int head_dim) {
+  simt_zero(acc);
+  simt_mm_nt<Tile::TM, Tile::TN>(acc, a + row0 * simt_ld(D), Tile::RL * simt_ld(D),
+                                 b + col0 * simt_ld(D), Tile::CL * simt_ld(D), head_dim);
+}
+
 // -- global -> shared tile copy --------------------------------------------------------------
 __host__ __device__ constexpr int simt_pow2_ceil(int x) { return x <= 1 ? 1 : 2 * simt_pow2_ceil((x + 1) / 2); }
 
@@ -270,6 +296,33 @@ __device__ __forceinline__ void simt_load_tile(float* s, int lds, const float* g
   }
 }
 
+// One head of a (batch, seq, heads, head_dim) operand: row r at head + r * stride_m, rows
+// [0, rows) in the sequence; `base` is the tensor (the address a zero-filling copy points at).
+struct SimtRows {
+  const float* head;
+  const float* base;
+  cf_i64 stride_m;
+  int rows;
+};
+__device__ __forceinline__ SimtRows simt_q_rows(const float* t, const SeqInfo& seq,
+                                                long long stride_b, long long stride_m,
+                                                long long stride_h, int h) {
+  return SimtRows{t + seq.q_offset(stride_b, stride_m) + h * stride_h, t, stride_m, seq.seqlen_q};
+}
+__device__ __forceinline__ SimtRows simt_k_rows(const float* t, const SeqInfo& seq,
+                                                long long stride_b, long long stride_m,
+                                                long long stride_h, int hk) {
+  return SimtRows{t + seq.k_offset(stride_b, stride_m) + hk * stride_h, t, stride_m, seq.seqlen_k};
+}
+
+// Rows r0 .. r0 + ROWS - 1 of g into a head_dim-wide shared tile (simt_load_tile).
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void simt_load_rows(float* s, const SimtRows& g, int r0, int head_dim,
+                                               int tid) {
+  simt_load_tile<ROWS, D, NT>(s, simt_ld(D), g.head + (cf_i64)r0 * g.stride_m, g.stride_m,
+                              g.rows - r0, head_dim, g.base, tid);
+}
+
 // -- accurate exp2 ---------------------------------------------------------------------------
 // 2^x with < 1 ulp error over the whole float range (checked against float64 on 3.2M
 // points, max 0.94 ulp), correct 0 / subnormal / inf results, NaN in -> NaN out.
@@ -293,4 +346,90 @@ __device__ __forceinline__ float simt_exp2(float x) {
   p = fmaf(p, f, 1.0f);
   const int j1 = j >> 1, j2 = j - j1;  // both in [-76, 65]: normal powers of two
   return (p * __int_as_float((j1 + 127) << 23)) * __int_as_float((j2 + 127) << 23);
+}
+
+// -- kernel setup ----------------------------------------------------------------------------
+// The kernel's dynamic shared memory, handed out in order; traps unless the launch gave it
+// `bytes` (the kernel's formula).
+struct SimtSmem {
+  float* next;
+  __device__ __forceinline__ explicit SimtSmem(cf_u32 bytes) {
+    CF_REQUIRE_SMEM(bytes);
+    extern __shared__ __align__(16) unsigned char smem[];
+    next = reinterpret_cast<float*>(smem);
+  }
+  __device__ __forceinline__ float* take(int floats) {
+    float* p = next;
+    next += floats;
+    return p;
+  }
+};
+
+// A backward block's shared memory: the query tile (Q, dO: BM rows) and the key tile (K, V:
+// BN rows) first, then what the kernel takes.
+template <int BM, int BN, int D>
+struct SimtBwdSmem : SimtSmem {
+  float *q, *dout, *k, *v;
+  __device__ __forceinline__ explicit SimtBwdSmem(cf_u32 bytes)
+      : SimtSmem(bytes), q(take(BM * simt_ld(D))), dout(take(BM * simt_ld(D))),
+        k(take(BN * simt_ld(D))), v(take(BN * simt_ld(D))) {}
+};
+
+// A block of the forward or the dQ pass: one query tile of one head. Grid (query tiles, heads,
+// batch), the longest tile first when causal (cf_tile_order.cuh). It walks the kv head's K and
+// V rows over the key tiles its rows see: n_tiles tiles of BN keys from key n_first.
+template <int BM, int BN>
+struct SimtQueryBlock {
+  int m0, h, b, hk;
+  SeqInfo seq;
+  SimtRows k_rows, v_rows;
+  MaskPolicy mask;
+  KeyTiles tiles;
+  int n_tiles, n_first;
+  ScoreMods mods;
+  __device__ __forceinline__ SimtQueryBlock(int heads, int heads_per_kv, int max_q, int max_k,
+                                            const float* k, long long stride_kb,
+                                            long long stride_kn, long long stride_kh,
+                                            const float* v, long long stride_vb,
+                                            long long stride_vn, long long stride_vh,
+                                            CF_MOD_PARAMS, CF_SEQ_PARAMS)
+      : m0(query_tile_longest_first() * BM), h(blockIdx.y), b(blockIdx.z),
+        hk(h / heads_per_kv),
+        seq(b, heads, max_q, max_k, CF_SEQ_ARGS),
+        k_rows(simt_k_rows(k, seq, stride_kb, stride_kn, stride_kh, hk)),
+        v_rows(simt_k_rows(v, seq, stride_vb, stride_vn, stride_vh, hk)),
+        mask(seq.seqlen_q, seq.seqlen_k, window_left, window_right),
+        tiles(key_tiles<BN>(mask, m0, min(m0 + BM, seq.seqlen_q) - 1)),
+        n_tiles(tiles.end - tiles.begin),
+        n_first(tiles.begin * BN),
+        mods(CF_MOD_ARGS, b, h, seq.seqlen_q, seq.seqlen_k) {}
+  // A varlen tile past its sequence (the grid covers the longest one): the block exits.
+  __device__ __forceinline__ bool idle() const { return CF_VARLEN && m0 >= seq.seqlen_q; }
+};
+
+// -- backward: P and dS of one score ---------------------------------------------------------
+// lse2 and delta of query row r: +inf and 0 past seqlen_q (row_ok false), so P = dS = 0 there.
+struct SimtRowStats {
+  float lse2, delta;
+};
+__device__ __forceinline__ SimtRowStats simt_row_stats(const float* lse2_bh, const float* delta_bh,
+                                                       int r, bool row_ok) {
+  return SimtRowStats{row_ok ? lse2_bh[r] : CF_INF, row_ok ? delta_bh[r] : 0.f};
+}
+
+// P and dS of score x = q.k of query i, key j (seen: visible): P = exp2(x' * scale_log2 - lse2),
+// x' with the score modifiers, or 0; dS = P * (dP - delta) * softcap'(x). The exponent is one
+// FFMA and x the same simt_mm_nt sum as the forward's (flash_fwd_fp32.cu, softmax_tile, says
+// why): at large logits a per-element difference between the two P is amplified in dQ.
+// Masked keys take P = 0 by a select, so a NaN score a row does not see is never used.
+struct SimtPdS {
+  float p, ds;
+};
+__device__ __forceinline__ SimtPdS simt_p_ds(float x, float dp, bool seen, int i, int j,
+                                             const SimtRowStats& st, const ScoreMods& mods,
+                                             float scale_log2) {
+  float t = 0.f;
+  if (CF_SCORE_MODS) x = mods.apply(x, i, j, t);  // softcap, ALiBi (cf_mask.cuh)
+  const float p = seen ? simt_exp2(fmaf(x, scale_log2, -st.lse2)) : 0.f;
+  return SimtPdS{p, p * (dp - st.delta) * softcap_grad(t)};
 }

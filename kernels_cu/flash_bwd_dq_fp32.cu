@@ -42,10 +42,7 @@
 // cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
 #include "cf_params.cuh"
-#include "cf_tile_order.cuh"
 
 static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
               "flash_bwd_dq_fp32: CF_BLOCK_M and CF_BLOCK_N must be multiples of 8");
@@ -54,15 +51,8 @@ static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
   (4 * (2 * (CF_BLOCK_M + CF_BLOCK_N) * (CF_HEAD_DIM + 4) + CF_BLOCK_M * (CF_BLOCK_N + 4)))
 
 namespace bwd_dq32 {
-enum : int {
-  BM = CF_BLOCK_M,
-  BN = CF_BLOCK_N,
-  D = CF_HEAD_DIM,
-  WARPS = CF_WARPS,
-  NT = 32 * WARPS,
-  LDH = simt_ld(D),   // row stride of sQ, sdO, sK, sV
-  LDS = simt_ld(BN),  // row stride of sdS
-};
+using namespace simt_cfg;
+enum : int { LDS = simt_ld(BN) };  // row stride of sdS
 using Tile1 = SimtTile<BM, BN, 1, WARPS>;     // S, dP, P, dS
 using TileQ = SimtTile<BM, D / 4, 4, WARPS>;  // acc, dq
 // acc chunks per merge pass (<= 32 registers of per-tile sums)
@@ -73,46 +63,30 @@ static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES,
 extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd_dq32;
-  CF_REQUIRE_SMEM(CF_BWD_DQ_FP32_SMEM_BYTES);
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* sQ = reinterpret_cast<float*>(smem);
-  float* sdO = sQ + BM * LDH;
-  float* sK = sdO + BM * LDH;
-  float* sV = sK + BN * LDH;
-  float* sdS = sV + BN * LDH;
+  // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
+  const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
+                                   stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
+                                   CF_MOD_ARGS, CF_SEQ_ARGS);
+  if (blk.idle()) return;
+  SimtBwdSmem<BM, BN, D> smem(CF_BWD_DQ_FP32_SMEM_BYTES);
+  float *sQ = smem.q, *sdO = smem.dout, *sK = smem.k, *sV = smem.v;
+  float* sdS = smem.take(BM * LDS);
 
+  const int m0 = blk.m0, h = blk.h;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m_tile = query_tile_longest_first();  // cf_tile_order.cuh
-  const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
-  if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
-  const int hk = h / heads_per_kv;
-  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
 
-  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
-  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const KeyTiles tiles = key_tiles<BN>(mask, m0, min(m0 + BM, seqlen_q) - 1);
-  const int n_tiles = tiles.end - tiles.begin;
-  const int n_first = tiles.begin * BN;
-  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
-
-  // -- the thread's Tile1 rows: lse2 (+inf past seqlen_q -> P = 0), delta, visible keys
+  // -- the thread's Tile1 rows: lse2, delta and visible keys (none past seqlen_q: P = 0)
   const int r1 = Tile1::row0(warp, lane), c1 = Tile1::col0(warp, lane);
-  float lse[Tile1::TM], dlt[Tile1::TM];
-  int first_key[Tile1::TM], end_key[Tile1::TM];
+  SimtRowStats stats[Tile1::TM];
+  KeyRange keys[Tile1::TM];
   {
-    const cf_i64 bh = seq.stats(h);
+    const cf_i64 bh = blk.seq.stats(h);
 #pragma unroll
     for (int i = 0; i < Tile1::TM; ++i) {
       const int r = m0 + r1 + Tile1::RL * i;
-      const bool row_ok = r < seqlen_q;
-      lse[i] = row_ok ? lse2[bh + r] : CF_INF;
-      dlt[i] = row_ok ? delta[bh + r] : 0.f;
-      // a row past seqlen_q sees nothing
-      first_key[i] = mask.key_begin(r);
-      end_key[i] = !row_ok ? 0 : mask.key_end(r);
+      const bool row_ok = r < blk.seq.seqlen_q;
+      stats[i] = simt_row_stats(lse2 + bh, delta + bh, r, row_ok);
+      keys[i] = key_range(blk.mask, r, row_ok);
     }
   }
 
@@ -124,61 +98,45 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < TileQ::TM; ++i) no_scale[i] = 1.f;
 
   // -- prologue: group {Q, dO, V_0}, group {K_0}
-  simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
-                                         h * stride_qh + (cf_i64)m0 * stride_qm,
-                            stride_qm, seqlen_q - m0, head_dim, q, tid);
-  simt_load_tile<BM, D, NT>(sdO, LDH,
-                            dout + seq.q_offset(stride_dob, stride_dom) +
-                                h * stride_doh + (cf_i64)m0 * stride_dom,
-                            stride_dom, seqlen_q - m0, head_dim, dout, tid);
-  if (n_tiles > 0)
-    simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
-                              seqlen_k - n_first, head_dim, v, tid);
+  simt_load_rows<BM, D, NT>(sQ, simt_q_rows(q, blk.seq, stride_qb, stride_qm, stride_qh, h), m0,
+                            head_dim, tid);
+  simt_load_rows<BM, D, NT>(sdO, simt_q_rows(dout, blk.seq, stride_dob, stride_dom, stride_doh, h),
+                            m0, head_dim, tid);
+  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, blk.n_first, head_dim, tid);
   cp_async_commit();
-  if (n_tiles > 0)
-    simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)n_first * stride_kn, stride_kn,
-                              seqlen_k - n_first, head_dim, k, tid);
+  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, blk.n_first, head_dim, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {V_t} (with Q, dO
   // when t = 0) and {K_t}; every commit below happens on every iteration (maybe empty).
-  for (int t = 0; t < n_tiles; ++t) {
-    const int n0 = n_first + t * BN;
+  for (int t = 0; t < blk.n_tiles; ++t) {
+    const int n0 = blk.n_first + t * BN;
     cp_async_wait<1>();  // V_t (and Q, dO) landed; K_t may still be in flight
     __syncthreads();
 
     // -- dP = dO V_t^T
     float dp[Tile1::TM][Tile1::TN];
-    simt_zero(dp);
-    simt_mm_nt<Tile1::TM, Tile1::TN>(dp, sdO + r1 * LDH, Tile1::RL * LDH, sV + c1 * LDH,
-                                     Tile1::CL * LDH, head_dim);
+    simt_mm_nt_tile<Tile1, D>(dp, sdO, sV, r1, c1, head_dim);
     __syncthreads();  // every warp is done with sV
-    if (t + 1 < n_tiles)
-      simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)(n0 + BN) * stride_vn, stride_vn,
-                                seqlen_k - (n0 + BN), head_dim, v, tid);
+    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n0 + BN, head_dim, tid);
     cp_async_commit();
 
     cp_async_wait<1>();  // K_t landed (V_{t+1} may still be in flight)
     __syncthreads();
 
     // -- S = Q K_t^T; P = exp2(S * scale_log2 - lse2); dS = P * (dP - delta) to sdS
-    // (the same S sum and the same one-FFMA exponent as the forward: see flash_bwd_fp32.cu)
+    // (the same S sum and one-FFMA exponent as the forward: simt_p_ds)
     {
       float s[Tile1::TM][Tile1::TN];
-      simt_zero(s);
-      simt_mm_nt<Tile1::TM, Tile1::TN>(s, sQ + r1 * LDH, Tile1::RL * LDH, sK + c1 * LDH,
-                                       Tile1::CL * LDH, head_dim);
+      simt_mm_nt_tile<Tile1, D>(s, sQ, sK, r1, c1, head_dim);
 #pragma unroll
       for (int i = 0; i < Tile1::TM; ++i) {
 #pragma unroll
         for (int j = 0; j < Tile1::TN; ++j) {
           const int key = n0 + c1 + Tile1::CL * j;
-          const bool ok = key < end_key[i] && (!CF_LOCAL || key >= first_key[i]);
-          float x = s[i][j], th = 0.f;
-          if (CF_SCORE_MODS) x = mods.apply(x, m0 + r1 + Tile1::RL * i, key, th);
-          const float p = ok ? simt_exp2(fmaf(x, scale_log2, -lse[i])) : 0.f;
           sdS[(r1 + Tile1::RL * i) * LDS + c1 + Tile1::CL * j] =
-              p * (dp[i][j] - dlt[i]) * softcap_grad(th);
+              simt_p_ds(s[i][j], dp[i][j], keys[i].contains(key), m0 + r1 + Tile1::RL * i, key,
+                        stats[i], blk.mods, scale_log2).ds;
         }
       }
     }
@@ -189,9 +147,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
                                                            TileQ::RL * LDS, sK + 4 * cq, LDH,
                                                            4 * TileQ::CL);
     __syncthreads();  // every warp is done with sK and sdS
-    if (t + 1 < n_tiles)
-      simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)(n0 + BN) * stride_kn, stride_kn,
-                                seqlen_k - (n0 + BN), head_dim, k, tid);
+    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n0 + BN, head_dim, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -200,8 +156,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
 #pragma unroll
   for (int i = 0; i < TileQ::TM; ++i) {
     const int r = m0 + rq + TileQ::RL * i;
-    if (r < seqlen_q) {
-      elem_t* dq_row = dq + seq.q_offset(stride_dqb, stride_dqm) +
+    if (r < blk.seq.seqlen_q) {
+      elem_t* dq_row = dq + blk.seq.q_offset(stride_dqb, stride_dqm) +
                            h * stride_dqh + (cf_i64)r * stride_dqm;
 #pragma unroll
       for (int qc = 0; qc < TileQ::TN; ++qc) {

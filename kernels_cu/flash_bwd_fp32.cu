@@ -49,8 +49,6 @@
 
 #include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
 #include "cf_config_bwd.cuh"
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
 #include "cf_params.cuh"
 
 static_assert(CF_DCHUNK % 8 == 0 && CF_HEAD_DIM % CF_DCHUNK == 0,
@@ -63,17 +61,12 @@ static_assert(CF_BLOCK_M % 8 == 0 && CF_BLOCK_N % 8 == 0,
         2 * CF_BLOCK_N * (CF_BLOCK_M + 4) + CF_BLOCK_M * (CF_BLOCK_N + 4)))
 
 namespace bwd32 {
+using namespace simt_cfg;
 enum : int {
-  BM = CF_BLOCK_M,
-  BN = CF_BLOCK_N,
-  D = CF_HEAD_DIM,
   DC = CF_DCHUNK,
   DQ_ATOMIC = CF_DQ_ATOMIC,  // phase 3: also add dQ into dq_accum (0: flash_bwd_dq does)
-  WARPS = CF_WARPS,
-  NT = 32 * WARPS,
-  LDH = simt_ld(D),   // row stride of sQ, sdO, sK, sV
-  LDT = simt_ld(BM),  // row stride of sPt, sdSt (rows = keys)
-  LDS = simt_ld(BN),  // row stride of sdS (rows = queries)
+  LDT = simt_ld(BM),         // row stride of sPt, sdSt (rows = keys)
+  LDS = simt_ld(BN),         // row stride of sdS (rows = queries)
 };
 using Tile1 = SimtTile<BM, BN, 1, WARPS>;      // S, dP, P, dS
 using Tile2 = SimtTile<BN, DC / 4, 4, WARPS>;  // dK, dV chunk
@@ -85,39 +78,31 @@ static_assert(4 * (2 * (BM + BN) * LDH + 2 * BN * LDT + BM * LDS) == CF_BWD_FP32
 
 // -- P = exp2(S * scale_log2 - lse2), dS = P * (dP - delta), masked; to sPt, sdSt, sdS ---------
 // s, dp: the thread's Tile1 block; q_row / k_col: global query row / key of its (0, 0);
-// r_loc / c_loc: the same in tile coordinates.
-// The exponent fmaf(s, scale_log2, -lse2) must round like the forward's fmaf(s, scale_log2,
-// -m_i) (flash_fwd_fp32.cu, softmax_tile, says why), and s is the same simt_mm_nt sum: at
-// large logits a per-element difference between this P and the forward's is amplified in dQ.
-// Masked keys take p = 0 by a select, so a NaN score a row does not see is never used; a
-// row whose lse2 is NaN (a NaN score it sees) gets NaN P on the keys it sees.
+// r_loc / c_loc: the same in tile coordinates. P and dS of one score: simt_p_ds (cf_simt.cuh);
+// a row whose lse2 is NaN (a NaN score it sees) gets NaN P on the keys it sees.
 __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN],
                                           const float (&dp)[Tile1::TM][Tile1::TN],
                                           const float* lse2_bh, const float* delta_bh,
                                           float* sPt, float* sdSt, float* sdS, int q_row,
-                                          int k_col, int r_loc, int c_loc, int seqlen_q,
+                                          int k_col, int r_loc, int c_loc,
                                           const MaskPolicy& mask, const ScoreMods& mods,
                                           float scale_log2) {
 #pragma unroll
   for (int i = 0; i < Tile1::TM; ++i) {
     const int r = q_row + Tile1::RL * i;
-    const bool row_ok = r < seqlen_q;
-    const float lse = row_ok ? lse2_bh[r] : CF_INF;
-    const float dlt = row_ok ? delta_bh[r] : 0.f;
-    const int lo = mask.key_begin(r), hi = mask.key_end(r);  // visible keys [lo, hi)
+    const bool row_ok = r < mask.seqlen_q;
+    const SimtRowStats st = simt_row_stats(lse2_bh, delta_bh, r, row_ok);
+    const KeyRange keys = key_range(mask, r, row_ok);
     const int rr = r_loc + Tile1::RL * i;
 #pragma unroll
     for (int j = 0; j < Tile1::TN; ++j) {
       const int key = k_col + Tile1::CL * j;
-      const bool ok = row_ok && key < hi && (!CF_LOCAL || key >= lo);
-      float x = s[i][j], t = 0.f;
-      if (CF_SCORE_MODS) x = mods.apply(x, r, key, t);  // softcap, ALiBi (cf_mask.cuh)
-      const float p = ok ? simt_exp2(fmaf(x, scale_log2, -lse)) : 0.f;
-      const float ds = p * (dp[i][j] - dlt) * softcap_grad(t);
+      const SimtPdS pds =
+          simt_p_ds(s[i][j], dp[i][j], keys.contains(key), r, key, st, mods, scale_log2);
       const int cc = c_loc + Tile1::CL * j;
-      sPt[cc * LDT + rr] = p;
-      sdSt[cc * LDT + rr] = ds;
-      sdS[rr * LDS + cc] = ds;
+      sPt[cc * LDT + rr] = pds.p;
+      sdSt[cc * LDT + rr] = pds.ds;
+      sdS[rr * LDS + cc] = pds.ds;
     }
   }
 }
@@ -126,15 +111,10 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd32;
-  CF_REQUIRE_SMEM(CF_BWD_FP32_SMEM_BYTES);
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* sQ = reinterpret_cast<float*>(smem);
-  float* sdO = sQ + BM * LDH;
-  float* sK = sdO + BM * LDH;
-  float* sV = sK + BN * LDH;
-  float* sPt = sV + BN * LDH;
-  float* sdSt = sPt + BN * LDT;
-  float* sdS = sdSt + BN * LDT;
+  SimtBwdSmem<BM, BN, D> smem(CF_BWD_FP32_SMEM_BYTES);
+  float *sQ = smem.q, *sdO = smem.dout, *sK = smem.k, *sV = smem.v;
+  float *sPt = smem.take(BN * LDT), *sdSt = smem.take(BN * LDT);  // P^T, dS^T
+  float* sdS = smem.take(BM * LDS);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n_chunks = (head_dim + DC - 1) / DC;
@@ -151,25 +131,23 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int mt_begin = qt.first;
   const int tiles_per_head = max(0, qt.end - mt_begin);
   const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
-
-  const elem_t* k_blk = k + seq.k_offset(stride_kb, stride_kn) +
-                            hk * stride_kh + (cf_i64)n0 * stride_kn;
-  const elem_t* v_blk = v + seq.k_offset(stride_vb, stride_vn) +
-                            hk * stride_vh + (cf_i64)n0 * stride_vn;
+  // query head and first query row of iteration it
+  auto head_of = [&](int it) { return hk * heads_per_kv + it / tiles_per_head; };
+  auto row_of = [&](int it) { return (mt_begin + it % tiles_per_head) * BM; };
+  auto load_query_tile = [&](int it) {  // Q, dO of iteration it
+    const int h = head_of(it), m0 = row_of(it);
+    simt_load_rows<BM, D, NT>(sQ, simt_q_rows(q, seq, stride_qb, stride_qm, stride_qh, h), m0,
+                              head_dim, tid);
+    simt_load_rows<BM, D, NT>(sdO, simt_q_rows(dout, seq, stride_dob, stride_dom, stride_doh, h),
+                              m0, head_dim, tid);
+  };
 
   // -- prologue: one group {K, V, Q_0, dO_0}
-  simt_load_tile<BN, D, NT>(sK, LDH, k_blk, stride_kn, seqlen_k - n0, head_dim, k, tid);
-  simt_load_tile<BN, D, NT>(sV, LDH, v_blk, stride_vn, seqlen_k - n0, head_dim, v, tid);
-  if (n_iters > 0) {
-    const int h = hk * heads_per_kv, m0 = mt_begin * BM;
-    simt_load_tile<BM, D, NT>(sQ, LDH, q + seq.q_offset(stride_qb, stride_qm) +
-                                           h * stride_qh + (cf_i64)m0 * stride_qm,
-                              stride_qm, seqlen_q - m0, head_dim, q, tid);
-    simt_load_tile<BM, D, NT>(sdO, LDH,
-                              dout + seq.q_offset(stride_dob, stride_dom) +
-                                  h * stride_doh + (cf_i64)m0 * stride_dom,
-                              stride_dom, seqlen_q - m0, head_dim, dout, tid);
-  }
+  simt_load_rows<BN, D, NT>(sK, simt_k_rows(k, seq, stride_kb, stride_kn, stride_kh, hk), n0,
+                            head_dim, tid);
+  simt_load_rows<BN, D, NT>(sV, simt_k_rows(v, seq, stride_vb, stride_vn, stride_vh, hk), n0,
+                            head_dim, tid);
+  if (n_iters > 0) load_query_tile(0);
   cp_async_commit();
 
   const int r1 = Tile1::row0(warp, lane), c1 = Tile1::col0(warp, lane);
@@ -182,25 +160,19 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   for (int i = 0; i < Tile2::TM; ++i) no_scale[i] = 1.f;
 
   for (int it = 0; it < n_iters; ++it) {
-    const int g = it / tiles_per_head;
-    const int h = hk * heads_per_kv + g;
-    const int m0 = (mt_begin + it - g * tiles_per_head) * BM;
+    const int h = head_of(it), m0 = row_of(it);
     cp_async_wait<0>();  // Q_it, dO_it (and K, V) landed
     __syncthreads();     // ... for every thread; the previous dQ pass is done with sdS
 
     // -- phase 1: S = Q K^T, dP = dO V^T over the true head_dim; P, dS to shared memory
     {
       float s[Tile1::TM][Tile1::TN], dp[Tile1::TM][Tile1::TN];
-      simt_zero(s);
-      simt_zero(dp);
-      simt_mm_nt<Tile1::TM, Tile1::TN>(s, sQ + r1 * LDH, Tile1::RL * LDH, sK + c1 * LDH,
-                                       Tile1::CL * LDH, head_dim);
-      simt_mm_nt<Tile1::TM, Tile1::TN>(dp, sdO + r1 * LDH, Tile1::RL * LDH, sV + c1 * LDH,
-                                       Tile1::CL * LDH, head_dim);
+      simt_mm_nt_tile<Tile1, D>(s, sQ, sK, r1, c1, head_dim);
+      simt_mm_nt_tile<Tile1, D>(dp, sdO, sV, r1, c1, head_dim);
       const cf_i64 bh = seq.stats(h);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
-      p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, seqlen_q,
-                mask, mods, scale_log2);
+      p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, mask, mods,
+                scale_log2);
     }
     __syncthreads();  // sPt, sdSt, sdS complete
 
@@ -212,19 +184,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
     __syncthreads();  // every warp is done with sQ, sdO
 
     // -- prefetch the next query tile (overlaps the dQ pass)
-    if (it + 1 < n_iters) {
-      const int gn = (it + 1) / tiles_per_head;
-      const int hn = hk * heads_per_kv + gn;
-      const int mn = (mt_begin + it + 1 - gn * tiles_per_head) * BM;
-      simt_load_tile<BM, D, NT>(sQ, LDH,
-                                q + seq.q_offset(stride_qb, stride_qm) +
-                                    hn * stride_qh + (cf_i64)mn * stride_qm,
-                                stride_qm, seqlen_q - mn, head_dim, q, tid);
-      simt_load_tile<BM, D, NT>(sdO, LDH,
-                                dout + seq.q_offset(stride_dob, stride_dom) +
-                                    hn * stride_doh + (cf_i64)mn * stride_dom,
-                                stride_dom, seqlen_q - mn, head_dim, dout, tid);
-    }
+    if (it + 1 < n_iters) load_query_tile(it + 1);
     cp_async_commit();
 
     // -- phase 3: dq_accum[:, chunk] += softmax_scale * dS K[:, chunk]

@@ -45,10 +45,7 @@
 // cf_mask.cuh (docs/masks.md); tanh is the accurate tanhf here.
 
 #include "cf_simt.cuh"  // first: float32 defaults, the float32 constraints
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
 #include "cf_params.cuh"
-#include "cf_tile_order.cuh"
 
 static_assert(CF_BLOCK_N % 8 == 0, "flash_fwd_fp32: CF_BLOCK_N must be a multiple of 8");
 static_assert(CF_BLOCK_M % (4 * CF_WARPS) == 0,
@@ -58,15 +55,8 @@ static_assert(CF_BLOCK_M % (4 * CF_WARPS) == 0,
   (4 * ((CF_BLOCK_M + 2 * CF_BLOCK_N) * (CF_HEAD_DIM + 4) + CF_BLOCK_M * (CF_BLOCK_N + 4)))
 
 namespace fwd32 {
-enum : int {
-  BM = CF_BLOCK_M,
-  BN = CF_BLOCK_N,
-  D = CF_HEAD_DIM,
-  WARPS = CF_WARPS,
-  NT = 32 * WARPS,
-  LDH = simt_ld(D),   // row stride of sQ, sK, sV
-  LDP = simt_ld(BN),  // row stride of sP
-};
+using namespace simt_cfg;
+enum : int { LDP = simt_ld(BN) };  // row stride of sP
 // All warps on rows, 4 x 8 lanes: the same thread owns the same rows of S and of acc.
 using TileS = SimtTile<BM, BN, 1, WARPS, 4>;     // S, P: BM x BN scalars
 using TileO = SimtTile<BM, D / 4, 4, WARPS, 4>;  // acc, O: BM x (D / 4) float4 chunks
@@ -88,7 +78,7 @@ static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "s
 // p_out: sP at (row 0, col 0) of the thread. Returns in alpha the factor exp2(m_old - m_new)
 // that acc must be rescaled by (done by the P V merge).
 //
-// The exponent is ONE FFMA, fmaf(s, scale_log2, -base), as in flash_bwd_fp32 / flash_bwd_dq_fp32
+// The exponent is ONE FFMA, fmaf(s, scale_log2, -base), as in the float32 backward's simt_p_ds
 // (fmaf(s, scale_log2, -lse2)) and the 16-bit kernels; the row max is taken on the raw scores
 // and scaled once (needs scale_log2 > 0, which the host guarantees). Why it must match
 // (issue #9 item 7): dQ = softmax_scale * sum_j dS_j k_j, and at large logits every k_j
@@ -115,13 +105,13 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int r = q_row + RL * i;
-    const int lo = mask.key_begin(r), hi = mask.key_end(r);  // visible keys [lo, hi)
+    const KeyRange keys = key_range(mask, r);
     float mx = -CF_INF;
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int key = k_col + CL * j;
       if (CF_SCORE_MODS) s[i][j] = mods.apply(s[i][j], r, key);  // softcap, ALiBi
-      s[i][j] = (key < hi && (!CF_LOCAL || key >= lo)) ? s[i][j] : -CF_INF;
+      s[i][j] = keys.contains(key) ? s[i][j] : -CF_INF;
       mx = fmaxf(mx, s[i][j]);
     }
 #pragma unroll
@@ -146,32 +136,19 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_fwd(CF_FWD_PARAMS(__restrict__), CF_MOD_PARAMS, const float* sinks,
               CF_SEQ_PARAMS) {
   using namespace fwd32;
-  CF_REQUIRE_SMEM(CF_FWD_FP32_SMEM_BYTES);
-  extern __shared__ __align__(16) unsigned char smem[];
-  float* sQ = reinterpret_cast<float*>(smem);
-  float* sK = sQ + BM * LDH;
-  float* sV = sK + BN * LDH;
-  float* sP = sV + BN * LDH;
+  // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
+  const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
+                                   stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
+                                   CF_MOD_ARGS, CF_SEQ_ARGS);
+  if (blk.idle()) return;
+  SimtSmem smem(CF_FWD_FP32_SMEM_BYTES);
+  float* sQ = smem.take(BM * LDH);
+  float *sK = smem.take(BN * LDH), *sV = smem.take(BN * LDH);
+  float* sP = smem.take(BM * LDP);
 
+  const int m0 = blk.m0, h = blk.h, seqlen_q = blk.seq.seqlen_q;
+  const int n_tiles = blk.n_tiles, n_first = blk.n_first;  // hidden key tiles are skipped
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int m_tile = query_tile_longest_first();  // cf_tile_order.cuh
-  const int m0 = m_tile * BM, h = blockIdx.y, b = blockIdx.z;
-  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
-  if (CF_VARLEN && m0 >= seqlen_q) return;  // the grid covers the longest sequence
-  const int hk = h / heads_per_kv;
-  const elem_t* q_tile = q + seq.q_offset(stride_qb, stride_qm) +
-                             h * stride_qh + (cf_i64)m0 * stride_qm;
-  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + hk * stride_kh;
-  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + hk * stride_vh;
-
-  // -- key range (cf_mask.cuh): tiles [tiles.begin, tiles.end); hidden tiles are skipped
-  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const KeyTiles tiles = key_tiles<BN>(mask, m0, min(m0 + BM, seqlen_q) - 1);
-  const int n_tiles = tiles.end - tiles.begin;
-  const int n_first = tiles.begin * BN;  // first key of the first visited tile
-  const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
-
   const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
   const int col0 = TileS::col0(warp, lane);  // S column / acc chunk of j, q = 0 (step CL)
 
@@ -185,14 +162,11 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   }
 
   // -- prologue: group {Q, K_0}, group {V_0}
-  simt_load_tile<BM, D, NT>(sQ, LDH, q_tile, stride_qm, seqlen_q - m0, head_dim, q, tid);
-  if (n_tiles > 0)
-    simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)n_first * stride_kn, stride_kn,
-                              seqlen_k - n_first, head_dim, k, tid);
+  simt_load_rows<BM, D, NT>(sQ, simt_q_rows(q, blk.seq, stride_qb, stride_qm, stride_qh, h), m0,
+                            head_dim, tid);
+  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n_first, head_dim, tid);
   cp_async_commit();
-  if (n_tiles > 0)
-    simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)n_first * stride_vn, stride_vn,
-                              seqlen_k - n_first, head_dim, v, tid);
+  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n_first, head_dim, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {K_t} (with Q
@@ -204,17 +178,14 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
 
     // -- S = Q K_t^T over the true head_dim
     float s[TM][TN];
-    simt_zero(s);
-    simt_mm_nt<TM, TN>(s, sQ + row0 * LDH, RL * LDH, sK + col0 * LDH, CL * LDH, head_dim);
+    simt_mm_nt_tile<TileS, D>(s, sQ, sK, row0, col0, head_dim);
     __syncthreads();  // every warp is done with sK
-    if (t + 1 < n_tiles)
-      simt_load_tile<BN, D, NT>(sK, LDH, k_head + (cf_i64)(n0 + BN) * stride_kn, stride_kn,
-                                seqlen_k - (n0 + BN), head_dim, k, tid);
+    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n0 + BN, head_dim, tid);
     cp_async_commit();
 
     float alpha[TM];
-    softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, mask, mods,
-                 scale_log2);
+    softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, blk.mask,
+                 blk.mods, scale_log2);
 
     cp_async_wait<1>();  // V_t landed (K_{t+1} may still be in flight)
     __syncthreads();     // ... for every thread; sP complete
@@ -223,9 +194,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     simt_mm_nn_merge<TM, TQ, BN, QP, true>(acc, alpha, sP + row0 * LDP, RL * LDP, sV + 4 * col0,
                                            LDH, 4 * CL);
     __syncthreads();  // every warp is done with sV and sP
-    if (t + 1 < n_tiles)
-      simt_load_tile<BN, D, NT>(sV, LDH, v_head + (cf_i64)(n0 + BN) * stride_vn, stride_vn,
-                                seqlen_k - (n0 + BN), head_dim, v, tid);
+    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n0 + BN, head_dim, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -251,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     }
     const int r = m0 + row0 + RL * i;
     if (r < seqlen_q) {
-      elem_t* o_row = o + seq.q_offset(stride_ob, stride_om) +
+      elem_t* o_row = o + blk.seq.q_offset(stride_ob, stride_om) +
                           h * stride_oh + (cf_i64)r * stride_om;
       const bool seen = l != 0.f;  // NaN l is seen
 #pragma unroll
@@ -268,7 +237,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
         }
       }
       if (col0 == 0) {
-        const cf_i64 stat = seq.stats(h) + r;
+        const cf_i64 stat = blk.seq.stats(h) + r;
         const float m = m_i[i] * CF_LN2;  // log2 units -> natural log; -inf stays -inf
         m_out[stat] = m;
         // a row that saw no key (m = -inf) keeps l = 0 (-inf - -inf would be NaN)
