@@ -4,10 +4,10 @@
 
 Each tree (a directory holding ``cuflash/`` and ``kernels_cu/``, e.g. a ``git archive`` of the
 old commit) runs in its own subprocess, alternating round by round so clock drift hits both
-alike. A worker times ``attention_forward`` and ``attention_backward`` on torch bf16 tensors
-with CUDA events (median of 12 groups of 5 calls, after 5 warm-up calls) at FlashAttention-2's
-benchmark shapes (16k tokens, heads * head_dim = 2048). The table prints the best round of
-each tree and new/old.
+alike. A worker times ``attention_forward`` and ``attention_backward`` on torch tensors (bf16
+unless ``--dtype``) with CUDA events (median of 12 groups of 5 calls, after 5 warm-up calls)
+at FlashAttention-2's benchmark shapes (16k tokens, heads * head_dim = 2048). The table prints
+the best round of each tree and new/old.
 
 Kernel time, not host time: before each timed group of calls the GPU sleeps (``torch.cuda.
 _sleep``) long enough for the host to enqueue the whole group, so an older tree's slower
@@ -34,9 +34,11 @@ def flops(d, n, causal, heads, batch):
     return 4 * batch * heads * n * n * d / (2 if causal else 1)
 
 
-def worker(shapes):
+def worker(shapes, dtype_name):
     import torch
     import cuflash
+
+    dtype = getattr(torch, dtype_name)
 
     def timed(fn, reps=12, calls=GROUP_CALLS):
         for _ in range(5):
@@ -55,7 +57,7 @@ def worker(shapes):
     rows = []
     for d, n, causal in shapes:
         heads, batch = WIDTH // d, max(1, TOKENS // n)
-        q, k, v, do = (torch.randn(batch, n, heads, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v, do = (torch.randn(batch, n, heads, d, device="cuda", dtype=dtype)
                        for _ in range(4))
         o, stats = cuflash.attention_forward(q, k, v, causal=causal)
         fwd = timed(lambda: cuflash.attention_forward(q, k, v, causal=causal))
@@ -73,19 +75,23 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out")
     p.add_argument("--head-dims", default="64,128,256", help="comma-separated")
+    p.add_argument("--seqlens", default="1024,4096,16384", help="comma-separated")
+    p.add_argument("--dtype", default="bfloat16", help="torch dtype name (bfloat16, float32)")
     p.add_argument("--worker", action="store_true")
     args = p.parse_args()
     dims = {int(d) for d in args.head_dims.split(",")}
-    shapes = [s for s in SHAPES if s[0] in dims]
+    lens = {int(n) for n in args.seqlens.split(",")}
+    shapes = [s for s in SHAPES if s[0] in dims and s[1] in lens]
     if args.worker:
-        return worker(shapes)
+        return worker(shapes, args.dtype)
     old, new = (os.path.abspath(t) for t in args.trees)
     best = {}
     for r in range(args.rounds):
         for tag, tree in (("old", old), ("new", new)):
             env = dict(os.environ, PYTHONPATH=tree)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                                  "--head-dims", args.head_dims],
+                                  "--head-dims", args.head_dims, "--seqlens", args.seqlens,
+                                  "--dtype", args.dtype],
                                  env=env, cwd=tree, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-3000:])
@@ -110,7 +116,7 @@ def main():
               f"{fx:6.3f} | {o['bwd_tflops']:8.1f} {w['bwd_tflops']:8.1f} {bx:6.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rounds": args.rounds, "rows": table}, f, indent=1)
+            json.dump({"rounds": args.rounds, "dtype": args.dtype, "rows": table}, f, indent=1)
 
 
 if __name__ == "__main__":
