@@ -24,6 +24,21 @@
 #error "cf_bwd.cuh is the fp16/bf16 tensor-core path; float32 uses cf_simt.cuh"
 #endif
 
+// -- the tile a kernel is compiled for ---------------------------------------------------------
+// Enumerators, not constexpr variables: NVRTC would emit namespace-scope ones as .global data.
+// Each kernel's namespace adds its own constants (`using namespace bwd_tile` inside it).
+namespace bwd_tile {
+enum : int {
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kD = CF_HEAD_DIM,
+  kWarps = CF_WARPS,
+  kThreads = 32 * CF_WARPS,
+  kStages = CF_STAGES,
+  kCPR = kD / 8,  // 16-byte chunks per D-tile row
+};
+}  // namespace bwd_tile
+
 // -- 4-byte asynchronous copy (lse2 / delta rows are not 16-byte aligned) ----------------------
 // (synchronous on Turing, as cp_async_16 in cf_common.cuh).
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
@@ -144,6 +159,28 @@ __device__ __forceinline__ void c_to_a(cf_u32 a[4], const float lo[4], const flo
   a[3] = pack2(hi[2], hi[3]);
 }
 
+// One 16 x 16 A fragment (rows row0 + g, +8 x columns col0 + 2 t, +8) to / from a swizzled
+// tile of CPR chunks per row, at its elements' positions: one 4-byte access per register. A
+// lane reads back exactly what it stored.
+template <int CPR>
+__device__ __forceinline__ void store_frag(elem_t* tile, const cf_u32 a[4], int row0, int col0,
+                                           int lane) {
+  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
+  *reinterpret_cast<cf_u32*>(tile + swz_elem<CPR>(row, col)) = a[0];
+  *reinterpret_cast<cf_u32*>(tile + swz_elem<CPR>(row + 8, col)) = a[1];
+  *reinterpret_cast<cf_u32*>(tile + swz_elem<CPR>(row, col + 8)) = a[2];
+  *reinterpret_cast<cf_u32*>(tile + swz_elem<CPR>(row + 8, col + 8)) = a[3];
+}
+template <int CPR>
+__device__ __forceinline__ void load_frag(cf_u32 a[4], const elem_t* tile, int row0, int col0,
+                                          int lane) {
+  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
+  a[0] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<CPR>(row, col));
+  a[1] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<CPR>(row + 8, col));
+  a[2] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<CPR>(row, col + 8));
+  a[3] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<CPR>(row + 8, col + 8));
+}
+
 // Zero an accumulator array of N C tiles.
 template <int N>
 __device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
@@ -189,15 +226,14 @@ __device__ __forceinline__ void scores_and_dp(float (&s)[N / 8][4], float (&dp)[
   }
 }
 
-// Store the 16 x (8 N) C tiles of one warp as elem_t, times `scale`, at rows row0 + g and
-// row0 + g + 8, columns col0 + 8 n + 2 t .. +1; rows >= rows_valid and columns >= head_dim are
-// skipped (head_dim is a multiple of 8, so a column pair is stored whole or not at all).
-// `g` is row 0, column 0 of the output block; row stride `stride_row` elements; each pair is
-// one 4-byte store (the row starts are 16-byte aligned, columns even).
-template <int N>
-__device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const float (&acc)[N][4],
-                                          float scale, int row0, int rows_valid, int col0,
-                                          int head_dim, int lane) {
+// -- a warp's C tiles out ---------------------------------------------------------------------
+// The 16 x (8 N) C tiles of one warp as column pairs: put(row, col, x, y) for rows row0 + g and
+// row0 + g + 8 below rows_valid, columns col0 + 8 n + 2 t .. +1 below head_dim (a multiple of
+// 8, so a pair is whole or out). put scales x, y itself: after its address (atomics) or before
+// (a store's right-hand side), as the kernels always had it (the cubins depend on the order).
+template <int N, class Put>
+__device__ __forceinline__ void put_acc(const float (&acc)[N][4], int row0, int rows_valid,
+                                        int col0, int head_dim, int lane, Put put) {
   const int grp = lane >> 2, tig = lane & 3;
 #pragma unroll
   for (int n = 0; n < N; ++n) {
@@ -206,11 +242,20 @@ __device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const fl
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + grp + 8 * half;
-      if (row < rows_valid)
-        *reinterpret_cast<cf_u32*>(g + (cf_i64)row * stride_row + col) =
-            pack2(acc[n][2 * half] * scale, acc[n][2 * half + 1] * scale);
+      if (row < rows_valid) put(row, col, acc[n][2 * half], acc[n][2 * half + 1]);
     }
   }
+}
+
+// put_acc times `scale` as elem_t into `g` (row 0, column 0 of the output block; row stride
+// `stride_row` elements): each pair one 4-byte store (row starts 16-byte aligned, columns even).
+template <int N>
+__device__ __forceinline__ void store_acc(elem_t* g, cf_i64 stride_row, const float (&acc)[N][4],
+                                          float scale, int row0, int rows_valid, int col0,
+                                          int head_dim, int lane) {
+  put_acc(acc, row0, rows_valid, col0, head_dim, lane, [&](int row, int col, float x, float y) {
+    *reinterpret_cast<cf_u32*>(g + (cf_i64)row * stride_row + col) = pack2(x * scale, y * scale);
+  });
 }
 
 // -- dQ atomics: a column pair added to the float dq_accum --------------------------------------
@@ -223,4 +268,14 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
   atomicAdd(p, x);
   atomicAdd(p + 1, y);
 #endif
+}
+
+// put_acc times `scale` added into the float `g` (dq_accum; row stride `stride_row` floats).
+template <int N>
+__device__ __forceinline__ void atomic_acc(float* g, cf_i64 stride_row, const float (&acc)[N][4],
+                                           float scale, int row0, int rows_valid, int col0,
+                                           int head_dim, int lane) {
+  put_acc(acc, row0, rows_valid, col0, head_dim, lane, [&](int row, int col, float x, float y) {
+    atomic_add2(g + (cf_i64)row * stride_row + col, x * scale, y * scale);
+  });
 }

@@ -13,9 +13,11 @@
 //
 // For the dK/dV kernels (a block of keys against the query tiles that can see it) the header
 // also owns which query tile iteration `it` is (QueryTileWalk: heads of the GQA group x query
-// tiles) and the loads of both sides (load_key_block: resident K, V; load_query_stage: Q, dO,
-// lse2, delta of one query tile). Address arithmetic is spelled as the kernels had it, in the
-// same order, so moving it here left every cubin bit-identical.
+// tiles), the loads of both sides (load_key_block: resident K, V; load_query_stage: Q, dO,
+// lse2, delta of one query tile), the shared-memory layout (KeyBlockSmem), the walk through
+// the stages (QueryStream) and the dK, dV stores (store_dk_dv): each kernel keeps only its
+// mainloop. Address arithmetic is spelled as the kernels had it, in the same order, so moving
+// it here left every cubin bit-identical.
 #pragma once
 
 #include "cf_bwd.cuh"
@@ -50,15 +52,13 @@ __device__ __forceinline__ void stream_refill(int it, int n_tiles, Load& load) {
 
 // -- the query tiles a key block visits (the dK/dV kernels) ---------------------------------------
 // Iteration it = g * per_head + t: query head kvh * heads_per_kv + g of the block's GQA group
-// (GQA by index mapping: the dK / dV sums stay on chip), query tile first + t of those that can
-// see keys n0 .. n_last (cf_mask.cuh's query_tiles).
+// (GQA by index mapping: the dK / dV sums stay on chip), query tile qt.first + t of those that
+// see the block's keys (cf_mask.cuh's query_tiles_of).
 template <int BM>
 struct QueryTileWalk {
   int first, per_head, n_iter, kvh, heads_per_kv;
 
-  __device__ __forceinline__ QueryTileWalk(const MaskPolicy& mask, int n0, int n_last, int kvh_,
-                                           int heads_per_kv_) {
-    const QueryTiles qt = query_tiles<BM>(mask, n0, n_last);
+  __device__ __forceinline__ QueryTileWalk(const QueryTiles& qt, int kvh_, int heads_per_kv_) {
     first = qt.first;
     per_head = qt.end - qt.first;
     kvh = kvh_;
@@ -80,6 +80,9 @@ struct KeyOperands {
   const elem_t* v;
   long long stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh;
 };
+// ... from the kernel's parameters (CF_BWD_PARAMS), as CF_MOD_ARGS / CF_SEQ_ARGS
+#define CF_BWD_KEY_ARGS \
+  KeyOperands{k, v, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh}
 
 // K and V rows n0 .. n0 + BN - 1 of kv head kvh (rows past seqlen_k zero-filled) into sK / sV.
 // NT threads; commits nothing.
@@ -105,6 +108,9 @@ struct QueryOperands {
   const float* delta;
   long long stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, stride_doh;
 };
+#define CF_BWD_QUERY_ARGS                                                                 \
+  QueryOperands{q, dout, lse2, delta, stride_qb, stride_qm, stride_qh, stride_dob, stride_dom, \
+                stride_doh}
 
 // Q and dO rows m0 .. m0 + BM - 1 of query head h (rows past seqlen_q zero-filled) into stage
 // st of sQ / sdO, and their lse2 and delta into stage st of sLse / sDelta: +inf and 0 past
@@ -134,4 +140,114 @@ __device__ __forceinline__ void load_query_stage(const QueryOperands& g, const S
       sDelta[st * BM + i] = 0.f;
     }
   }
+}
+
+// -- a dK/dV kernel's shared memory ---------------------------------------------------------------
+// In this order: sK, sV (BN x D each, resident); sQ, sdO (STAGES x BM x D each, streamed); NS
+// tiles of BN x BM (the score tiles of the current query tile: dS^T, after P^T when NS = 2);
+// sLse, sDelta (STAGES x BM floats each). kBytes is the kernel header's SMEM formula, checked
+// against the launch's dynamic shared memory.
+template <int BM, int BN, int STAGES, int NS>
+struct KeyBlockSmem {
+  enum : int {
+    kBytes = (2 * BN * CF_HEAD_DIM + 2 * STAGES * BM * CF_HEAD_DIM + NS * BN * BM) * 2 +
+             2 * STAGES * BM * 4,
+  };
+  elem_t *sK, *sV, *sQ, *sdO, *sS;
+  float *sLse, *sDelta;
+
+  __device__ __forceinline__ explicit KeyBlockSmem(unsigned char* base)
+      : sK(reinterpret_cast<elem_t*>(base)),
+        sV(sK + BN * CF_HEAD_DIM),
+        sQ(sV + BN * CF_HEAD_DIM),
+        sdO(sQ + STAGES * BM * CF_HEAD_DIM),
+        sS(sdO + STAGES * BM * CF_HEAD_DIM),
+        sLse(reinterpret_cast<float*>(sS + NS * BN * BM)),
+        sDelta(sLse + STAGES * BM) {
+    CF_REQUIRE_SMEM(kBytes);
+  }
+};
+
+// -- the query side of a dK/dV kernel: the walk through the stages --------------------------------
+// Iteration it's tile in its stage: query head h, first row m0, and the stage's Q, dO, lse2, delta.
+struct QueryStage {
+  int m0, h;
+  const elem_t* q;
+  const elem_t* dout;
+  const float* lse;
+  const float* delta;
+};
+
+// The tiles of `walk` streamed through the stages of `sm`: begin() issues the prologue group,
+// top(it) / refill(it) are stream_top / stream_refill, and (it, st) issues iteration it's
+// copies into stage st. It holds references, as the lambda it replaced did: holding copies of
+// the walk and the operands changed 14 split-layout cubins.
+template <int BM, int BN, int NT, int STAGES, class Smem>
+struct QueryStream {
+  const QueryTileWalk<BM>& walk;
+  const QueryOperands& g;
+  const SeqInfo& seq;
+  const Smem& sm;
+  int head_dim, tid;
+
+  __device__ __forceinline__ QueryStream(const QueryTileWalk<BM>& walk_, const QueryOperands& g_,
+                                         const SeqInfo& seq_, const Smem& sm_, int head_dim_,
+                                         int tid_)
+      : walk(walk_),
+        g(g_),
+        seq(seq_),
+        sm(sm_),
+        head_dim(head_dim_),
+        tid(tid_) {}
+
+  __device__ __forceinline__ void operator()(int it, int st) const {
+    int m0, h;
+    walk.tile(it, m0, h);
+    load_query_stage<BM, NT>(g, seq, h, m0, sm.sQ, sm.sdO, sm.sLse, sm.sDelta, st, head_dim, tid);
+  }
+  // The prologue: K, V rows n0.. of kv head kvh (resident) and query tile 0 in one cp.async
+  // group; nothing when no query tile sees the block.
+  __device__ __forceinline__ void begin(const KeyOperands& kops, int kvh, int n0) const {
+    if (walk.n_iter > 0) {
+      load_key_block<BN, NT>(kops, seq, kvh, n0, sm.sK, sm.sV, head_dim, tid);
+      (*this)(0, 0);
+      cp_async_commit();
+    }
+  }
+  __device__ __forceinline__ QueryStage top(int it) const {
+    const int st = stream_top<STAGES>(it, walk.n_iter, *this);
+    QueryStage t;
+    walk.tile(it, t.m0, t.h);
+    t.q = sm.sQ + st * BM * CF_HEAD_DIM;
+    t.dout = sm.sdO + st * BM * CF_HEAD_DIM;
+    t.lse = sm.sLse + st * BM;
+    t.delta = sm.sDelta + st * BM;
+    return t;
+  }
+  __device__ __forceinline__ void refill(int it) const {
+    stream_refill<STAGES>(it, walk.n_iter, *this);
+  }
+};
+
+// -- the key side's outputs -----------------------------------------------------------------------
+// dk, dv (batch, seqlen_k, heads_kv, head_dim).
+struct KeyGrads {
+  elem_t* dk;
+  elem_t* dv;
+  long long stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh;
+};
+#define CF_BWD_GRAD_ARGS \
+  KeyGrads{dk, dv, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh}
+
+// dK = acc_dk * softmax_scale, dV = acc_dv of one warp's 16 keys row0.. x columns col0..
+// of kv head kvh (rows < seqlen_k, columns < head_dim).
+template <int N>
+__device__ __forceinline__ void store_dk_dv(const KeyGrads& g, const SeqInfo& seq, int kvh,
+                                            const float (&acc_dk)[N][4],
+                                            const float (&acc_dv)[N][4], float softmax_scale,
+                                            int row0, int col0, int head_dim, int lane) {
+  store_acc(g.dk + seq.k_offset(g.stride_dkb, g.stride_dkn) + kvh * g.stride_dkh, g.stride_dkn,
+            acc_dk, softmax_scale, row0, seq.seqlen_k, col0, head_dim, lane);
+  store_acc(g.dv + seq.k_offset(g.stride_dvb, g.stride_dvn) + kvh * g.stride_dvh, g.stride_dvn,
+            acc_dv, 1.f, row0, seq.seqlen_k, col0, head_dim, lane);
 }

@@ -136,6 +136,65 @@ __device__ __forceinline__ QueryTiles query_tiles(const MaskPolicy& mask, int n0
   return t;
 }
 
+// The same two ranges for a whole tile: query tile m0 (BLOCK_M rows) and key block n0
+// (BLOCK_N keys); the rows / keys past seqlen_q / seqlen_k take no part.
+template <int BLOCK_N, int BLOCK_M>
+__device__ __forceinline__ KeyTiles key_tiles_of(const MaskPolicy& mask, int m0) {
+  return key_tiles<BLOCK_N>(mask, m0, min(m0 + BLOCK_M, mask.seqlen_q) - 1);
+}
+template <int BLOCK_M, int BLOCK_N>
+__device__ __forceinline__ QueryTiles query_tiles_of(const MaskPolicy& mask, int n0) {
+  return query_tiles<BLOCK_M>(mask, n0, min(n0 + BLOCK_N, mask.seqlen_k) - 1);
+}
+
+// -- steps inside a tile: the slices of keys or queries worth computing ------------------------
+// The key steps of STEP keys from n0 end at the first one that rows up to q_last cannot see:
+// past seqlen_k or (causal, window) past the last row's last visible key (keys before a
+// window's first visible key are not counted out). Two spellings, each the code its kernel had
+// (a rolled loop that tests every step; a count for an unrolled loop): for_key_steps calls
+// body(s) for s = 0 .. < STEPS up to there.
+template <int STEP, int STEPS, class Body>
+__device__ __forceinline__ void for_key_steps(const MaskPolicy& mask, int n0, int q_last,
+                                              Body body) {
+#pragma unroll 1
+  for (int s = 0; s < STEPS; ++s) {
+    if (n0 + STEP * s >= mask.seqlen_k) break;
+    if ((CF_CAUSAL || CF_LOCAL) && n0 + STEP * s >= mask.key_limit(q_last)) break;
+    body(s);
+  }
+}
+// key_steps: the steps s < end() of keys n0 .. n_end - 1 (none when !any()).
+template <int STEP>
+struct KeySteps {
+  int n0, last_key;
+  __device__ __forceinline__ bool any() const { return last_key >= n0; }
+  __device__ __forceinline__ int end() const { return (last_key - n0) / STEP + 1; }
+};
+template <int STEP>
+__device__ __forceinline__ KeySteps<STEP> key_steps(const MaskPolicy& mask, int n0, int n_end,
+                                                    int q_last) {
+  int last_key = min(mask.seqlen_k, n_end) - 1;
+  if (CF_CAUSAL || CF_LOCAL) last_key = min(last_key, mask.key_limit(q_last) - 1);
+  return KeySteps<STEP>{n0, last_key};
+}
+
+// The query steps m0 + STEP s .. of the ROWS-row query tile at m0 that see one of keys
+// k0 .. k_last: lo <= s < hi (none when k0 >= seqlen_k; rows past seqlen_q count out).
+struct QuerySteps {
+  int lo, hi;
+};
+template <int STEP, int ROWS>
+__device__ __forceinline__ QuerySteps query_steps(const MaskPolicy& mask, int m0, int k0,
+                                                  int k_last) {
+  QuerySteps s{0, 0};
+  if (k0 < mask.seqlen_k) {
+    s.hi = min(ROWS / STEP, (mask.seqlen_q - m0 + STEP - 1) / STEP);
+    if (CF_CAUSAL || CF_LOCAL) s.lo = max(0, (mask.query_begin(k0) - m0) / STEP);
+    if (CF_LOCAL) s.hi = min(s.hi, (mask.query_end(k_last) - m0 + STEP - 1) / STEP);
+  }
+  return s;
+}
+
 // -- S tiles in the mma C layout ---------------------------------------------------------------
 // A warp's 16 rows x 8 * NT keys: this thread holds rows row0 (elements 0, 1) and row0 + 8
 // (2, 3) of n-tile t, keys key0 + 8 t + {0, 1} (key0 = tile start + 2 * tig). The 16-bit

@@ -88,30 +88,19 @@
 #define CF_BWD_KUNROLL 2
 #endif
 
-#include "cf_bwd.cuh"
-#include "cf_bwd_stream.cuh"
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
+#include "cf_bwd_stream.cuh"  // and cf_bwd.cuh, cf_mask.cuh, cf_seq.cuh
 #include "cf_params.cuh"
 
 namespace bwd {
-// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
-// variables as .global data.
+using namespace bwd_tile;  // kBM, kBN, kD, kWarps, kThreads, kStages, kCPR
 enum : int {
-  kBM = CF_BLOCK_M,
-  kBN = CF_BLOCK_N,
-  kD = CF_HEAD_DIM,
-  kWarps = CF_WARPS,
-  kThreads = 32 * CF_WARPS,
-  kStages = CF_STAGES,
   kDC = CF_DCHUNK < CF_HEAD_DIM ? CF_DCHUNK : CF_HEAD_DIM,  // chunk columns held
   kMS = CF_BLOCK_M < CF_BWD_MSUB ? CF_BLOCK_M : CF_BWD_MSUB,
-  kCPR = kD / 8,  // 16-byte chunks per D-tile row
   kSCPR = kBM / 8,  // 16-byte chunks per sdS row
   kKUnroll = CF_BWD_KUNROLL,  // a name: nvcc does not expand macros in #pragma unroll
   kPW = kDC % 64 == 0 ? 64 : 32,  // dQ piece width
-  kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + kBN * kBM) * 2 + 2 * kStages * kBM * 4,
 };
+using Smem = KeyBlockSmem<kBM, kBN, kStages, 1>;  // sdS after sQ, sdO
 
 static_assert(kBN == 16 * kWarps, "flash_bwd: CF_BLOCK_N must be 16 * CF_WARPS");
 static_assert(kBM % 16 == 0 && kBM >= 16 && kBM <= 128, "flash_bwd: CF_BLOCK_M in 16..128");
@@ -143,14 +132,9 @@ __device__ __forceinline__ void bwd_subtile(
                       mask.any(q0, q0 + kMS - 1, key0, key0 + 15);
   if (!active) {
     if (CF_DQ_ATOMIC) {  // the dQ pieces read every row of sdS: leave zeros
+      const cf_u32 zero[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-      for (int ks = 0; ks < kMS / 16; ++ks) {
-        const int col = qs + 16 * ks + 2 * tig;
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col)) = 0u;
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col)) = 0u;
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col + 8)) = 0u;
-        *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col + 8)) = 0u;
-      }
+      for (int ks = 0; ks < kMS / 16; ++ks) store_frag<kSCPR>(sdS, zero, krow0, qs + 16 * ks, lane);
     }
     return;
   }
@@ -200,13 +184,8 @@ __device__ __forceinline__ void bwd_subtile(
         mma_16816(acc_dk[2 * jj + 1], dsa, qb[2], qb[3]);
       }
     }
-    if (CF_DQ_ATOMIC) {  // dS^T (elem_t) to smem, A-fragment element positions
-      const int col = qs + 16 * ks + 2 * tig;
-      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col)) = dsa[0];
-      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col)) = dsa[1];
-      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp, col + 8)) = dsa[2];
-      *reinterpret_cast<cf_u32*>(sdS + swz_elem<kSCPR>(krow0 + grp + 8, col + 8)) = dsa[3];
-    }
+    if (CF_DQ_ATOMIC)  // dS^T (elem_t) to smem, A-fragment element positions
+      store_frag<kSCPR>(sdS, dsa, krow0, qs + 16 * ks, lane);
   }
 }
 
@@ -216,26 +195,20 @@ __device__ __forceinline__ void bwd_subtile(
 // column 0); consecutive query rows are heads * head_dim floats apart.
 __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* sK, float* dq_rows,
                                               cf_i64 dq_row_stride, int m0, int n0, int c0,
-                                              int seqlen_q, int seqlen_k, int head_dim,
+                                              int seqlen_q, int head_dim,
                                               const MaskPolicy& mask, float softmax_scale,
                                               int warp, int lane) {
   using namespace bwd;
   constexpr int kNPC = kDC / kPW;               // pieces per row band
   constexpr int kPieces = (kBM / 16) * kNPC;
-  const int grp = lane >> 2, tig = lane & 3;
   for (int p = warp; p < kPieces; p += kWarps) {
     const int pr = p / kNPC;
     const int qr0 = m0 + 16 * pr, col0 = c0 + kPW * (p - pr * kNPC);
     if (qr0 >= seqlen_q || col0 >= head_dim) continue;
     float acc[kPW / 8][4];
     zero_acc(acc);
-#pragma unroll 1
-    for (int ks = 0; ks < kBN / 16; ++ks) {
-      // dS rows of keys >= seqlen_k are 0, and so are keys after the piece's last visible
-      // key (causal, window); keys grow with ks, so stop there. (Keys before a window's
-      // first visible key are zeros too, not skipped.)
-      if (n0 + 16 * ks >= seqlen_k) break;
-      if ((CF_CAUSAL || CF_LOCAL) && n0 + 16 * ks >= mask.key_limit(qr0 + 15)) break;
+    // dS is 0 from the first key step that the piece's rows cannot see on (cf_mask.cuh)
+    for_key_steps<16, kBN / 16>(mask, n0, qr0 + 15, [&](int ks) {
       cf_u32 a[4];
       // a: A = dS, queries qr0..+15 (m) x keys 16ks..+15 (k), from dS^T rows 16ks..+15, .trans:
       // regs = (k0-7,m0-7)^T (k0-7,m8-15)^T (k8-15,m0-7)^T (k8-15,m8-15)^T = a0 a1 a2 a3
@@ -251,35 +224,18 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
           mma_16816(acc[2 * jj + 1], a, kb[2], kb[3]);
         }
       }
-    }
-#pragma unroll
-    for (int n = 0; n < kPW / 8; ++n) {
-      const int col = col0 + 8 * n + 2 * tig;
-      if (col >= head_dim) continue;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = qr0 + grp + 8 * half;
-        if (row < seqlen_q)
-          atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
-                      acc[n][2 * half] * softmax_scale, acc[n][2 * half + 1] * softmax_scale);
-      }
-    }
+    });
+    atomic_acc(dq_rows, dq_row_stride, acc, softmax_scale, qr0, seqlen_q, col0, head_dim, lane);
   }
 }
 
+// minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
     flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd;
-  CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
-  elem_t* sK = reinterpret_cast<elem_t*>(cf_smem);
-  elem_t* sV = sK + kBN * kD;
-  elem_t* sQ = sV + kBN * kD;                // kStages x kBM x kD
-  elem_t* sdO = sQ + kStages * kBM * kD;      // kStages x kBM x kD
-  elem_t* sdS = sdO + kStages * kBM * kD;     // kBN x kBM
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // kStages x kBM
-  float* sDelta = sLse + kStages * kBM;                     // kStages x kBM
+  const Smem sm(cf_smem);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int n_chunks = (head_dim + CF_DCHUNK - 1) / CF_DCHUNK;
@@ -292,71 +248,46 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
   const int c0 = chunk * CF_DCHUNK;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0.., for each head of the group (cf_bwd_stream.cuh)
-  const QueryTileWalk<kBM> walk(mask, n0, min(n0 + kBN, seqlen_k) - 1, kvh, heads_per_kv);
+  // -- the query tiles that see keys n0.., for each head of the group (cf_bwd_stream.cuh)
+  const QueryOperands qops = CF_BWD_QUERY_ARGS;
+  const QueryTileWalk<kBM> walk(query_tiles_of<kBM, kBN>(mask, n0), kvh, heads_per_kv);
+  const QueryStream<kBM, kBN, kThreads, kStages, Smem> stream(walk, qops, seq, sm, head_dim, tid);
   const int n_iter = walk.n_iter;
-
-  // The cp.async copies of iteration `it` into stage `st` (cf_bwd_stream.cuh).
-  const QueryOperands qops{q, dout, lse2, delta, stride_qb, stride_qm, stride_qh,
-                           stride_dob, stride_dom, stride_doh};
-  auto load_query_tile = [&](int it, int st) {
-    int m0, h;
-    walk.tile(it, m0, h);
-    load_query_stage<kBM, kThreads>(qops, seq, h, m0, sQ, sdO, sLse, sDelta, st, head_dim, tid);
-  };
 
   float acc_dk[kDC / 8][4], acc_dv[kDC / 8][4];  // this warp's 16 keys x kDC chunk columns
   zero_acc(acc_dk);
   zero_acc(acc_dv);
 
-  // -- prologue: K, V (resident) and query tile 0 in one cp.async group
-  if (n_iter > 0) {
-    const KeyOperands kops{k, v, stride_kb, stride_kn, stride_kh,
-                           stride_vb, stride_vn, stride_vh};
-    load_key_block<kBN, kThreads>(kops, seq, kvh, n0, sK, sV, head_dim, tid);
-    load_query_tile(0, 0);
-    cp_async_commit();
-  }
+  stream.begin(CF_BWD_KEY_ARGS, kvh, n0);  // K, V and query tile 0
 
-  // The query tiles stream through the stages (cf_bwd_stream.cuh); with CF_DQ_ATOMIC the one
-  // stage is refilled after the barrier that the dQ pieces need anyway.
+  // With CF_DQ_ATOMIC the one stage is refilled after the barrier that the dQ pieces need
+  // anyway.
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it) {
-    const int st = stream_top<kStages>(it, n_iter, load_query_tile);
-    int m0, h;
-    walk.tile(it, m0, h);
-    const elem_t* tQ = sQ + st * kBM * kD;
-    const elem_t* tdO = sdO + st * kBM * kD;
-    const float* tLse = sLse + st * kBM;
-    const float* tDelta = sDelta + st * kBM;
-
-    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
+    const QueryStage t = stream.top(it);
+    const ScoreMods mods(CF_MOD_ARGS, b, t.h, seqlen_q, seqlen_k);  // per query head (ALiBi)
 #pragma unroll 1
     for (int qs = 0; qs < kBM; qs += kMS)
-      bwd_subtile(sK, sV, tQ, tdO, tLse, tDelta, sdS, acc_dk, acc_dv, qs, m0 + qs, 16 * warp,
-                  n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, mask, mods, scale_log2,
-                  lane);
+      bwd_subtile(sm.sK, sm.sV, t.q, t.dout, t.lse, t.delta, sm.sS, acc_dk, acc_dv, qs, t.m0 + qs,
+                  16 * warp, n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, mask, mods,
+                  scale_log2, lane);
 
     if (CF_DQ_ATOMIC) {
       __syncthreads();  // sdS complete; the Q / dO stage is no longer read in this iteration
       if (kStages == 1 && it + 1 < n_iter) {
-        load_query_tile(it + 1, 0);
+        stream(it + 1, 0);
         cp_async_commit();
       }
-      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
-      bwd_dq_atomic(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, c0, seqlen_q, seqlen_k,
+      float* dq_rows = dq_accum + (seq.row_q() * heads + t.h) * head_dim;
+      bwd_dq_atomic(sm.sS, sm.sK, dq_rows, (cf_i64)heads * head_dim, t.m0, n0, c0, seqlen_q,
                     head_dim, mask, softmax_scale, warp, lane);
       // sdS is rewritten only after the next iteration's top barrier.
     } else {
-      stream_refill<kStages>(it, n_iter, load_query_tile);
+      stream.refill(it);
     }
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
-  store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
-                kvh * stride_dkh, stride_dkn, acc_dk, softmax_scale,
-            n0 + 16 * warp, seqlen_k, c0, head_dim, lane);
-  store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
-                kvh * stride_dvh, stride_dvn, acc_dv, 1.f, n0 + 16 * warp,
-            seqlen_k, c0, head_dim, lane);
+  store_dk_dv(CF_BWD_GRAD_ARGS, seq, kvh, acc_dk, acc_dv, softmax_scale, n0 + 16 * warp, c0,
+              head_dim, lane);
 }

@@ -61,28 +61,18 @@
 #define CF_BWD_KUNROLL (CF_HEAD_DIM >= 192 ? 1 : 2)
 #endif
 
-#include "cf_bwd.cuh"
-#include "cf_bwd_stream.cuh"
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
+#include "cf_bwd_stream.cuh"  // and cf_bwd.cuh, cf_mask.cuh, cf_seq.cuh
 #include "cf_params.cuh"
 
 namespace bwd_dq {
-// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
-// variables as .global data.
+using namespace bwd_tile;  // kBM, kBN, kD, kWarps, kThreads, kStages, kCPR
 enum : int {
-  kBM = CF_BLOCK_M,
-  kBN = CF_BLOCK_N,
-  kD = CF_HEAD_DIM,
-  kThreads = 32 * CF_WARPS,
-  kStages = CF_STAGES,
   kNS = CF_BLOCK_N < CF_BWD_NSUB ? CF_BLOCK_N : CF_BWD_NSUB,
   kKUnroll = CF_BWD_KUNROLL,  // a name: nvcc does not expand macros in #pragma unroll
-  kCPR = kD / 8,  // 16-byte chunks per tile row
   kSmemBytes = (2 * kBM + 2 * kStages * kBN) * kD * 2,
 };
 
-static_assert(kBM == 16 * CF_WARPS, "flash_bwd_dq: CF_BLOCK_M must be 16 * CF_WARPS");
+static_assert(kBM == 16 * kWarps, "flash_bwd_dq: CF_BLOCK_M must be 16 * CF_WARPS");
 static_assert(kBN % 16 == 0 && kBN >= 16, "flash_bwd_dq: CF_BLOCK_N a multiple of 16");
 static_assert(kNS % 16 == 0 && kBN % kNS == 0, "flash_bwd_dq: CF_BWD_NSUB must divide CF_BLOCK_N");
 static_assert(kD % 32 == 0 && kD <= 256, "flash_bwd_dq: CF_HEAD_DIM a multiple of 32 up to 256");
@@ -169,8 +159,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
 
   // -- key tiles this query tile can see: [tiles.begin, tiles.end) (cf_mask.cuh)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const KeyTiles tiles =
-      key_tiles<kBN>(mask, m0, (m0 + kBM < seqlen_q ? m0 + kBM : seqlen_q) - 1);
+  const KeyTiles tiles = key_tiles_of<kBN, kBM>(mask, m0);
   const int n_tiles = tiles.end - tiles.begin;
   const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 

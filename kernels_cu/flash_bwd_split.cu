@@ -76,25 +76,13 @@
 #define CF_BWD_SPLIT_QGD (CF_HEAD_DIM % 64 == 0 ? 4 : 2)
 #endif
 
-#include "cf_bwd.cuh"
-#include "cf_bwd_stream.cuh"
-#include "cf_mask.cuh"
-#include "cf_seq.cuh"
+#include "cf_bwd_stream.cuh"  // and cf_bwd.cuh, cf_mask.cuh, cf_seq.cuh
 #include "cf_params.cuh"
 
 namespace bwd {
-// Compile-time constants as enumerators: NVRTC would emit namespace-scope constexpr
-// variables as .global data.
+using namespace bwd_tile;  // kBM, kBN, kD, kWarps, kThreads, kStages, kCPR
 enum : int {
-  kBM = CF_BLOCK_M,
-  kBN = CF_BLOCK_N,
-  kD = CF_HEAD_DIM,
-  kWarps = CF_WARPS,
-  kThreads = 32 * CF_WARPS,
-  kStages = CF_STAGES,
-  kCPR = kD / 8,  // 16-byte chunks per D-tile row
   kSCPR = kBM / 8,  // 16-byte chunks per sP / sdS row
-  kSmemBytes = (2 * kBN * kD + 2 * kStages * kBM * kD + 2 * kBN * kBM) * 2 + 2 * kStages * kBM * 4,
   // warp w = 2 wk + wh
   kKW = 32,  // keys per warp (rows kKW wk ..): S^T, dP^T, dK, dV
   kQW = kBM / 2,  // queries per warp in S^T / dP^T (columns kQW wh ..)
@@ -118,35 +106,13 @@ static_assert(kD % 32 == 0 && kD <= 128 && CF_DCHUNK >= kD,
 static_assert(kStages == 1 || kStages == 2, "flash_bwd_split: CF_STAGES is 1 or 2");
 static_assert(kPipe == kPipePlain || kPipe == kPipeAhead || kPipe == kPipeAheadRolled,
               "flash_bwd_split: CF_BWD_SPLIT_PIPE is 0, 1 or 3");
+using Smem = KeyBlockSmem<kBM, kBN, kStages, 2>;  // sP, sdS after sQ, sdO
 }  // namespace bwd
 
 
 // The two elem_t of a packed pair as floats (.x = bits 0..15, as pack2 puts them).
 __device__ __forceinline__ float2 unpack2(cf_u32 r) {
   return make_float2(elem_to_float((elem_t)(r & 0xffffu)), elem_to_float((elem_t)(r >> 16)));
-}
-
-// Store one 16 x 16 A fragment (rows row0 + grp, +8 x columns col0 + 2 tig, +8) into sP / sdS
-// (kBM / 8 chunks per row) at its elements' positions: one 4-byte store per register.
-__device__ __forceinline__ void split_store_frag(elem_t* tile, const cf_u32 a[4], int row0,
-                                                 int col0, int lane) {
-  using namespace bwd;
-  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row, col)) = a[0];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col)) = a[1];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row, col + 8)) = a[2];
-  *reinterpret_cast<cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8)) = a[3];
-}
-
-// The inverse of split_store_frag: the same lane reads back the 4 registers it stored.
-__device__ __forceinline__ void split_load_frag(cf_u32 a[4], const elem_t* tile, int row0,
-                                                int col0, int lane) {
-  using namespace bwd;
-  const int row = row0 + (lane >> 2), col = col0 + 2 * (lane & 3);
-  a[0] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col));
-  a[1] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col));
-  a[2] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row, col + 8));
-  a[3] = *reinterpret_cast<const cf_u32*>(tile + swz_elem<kSCPR>(row + 8, col + 8));
 }
 
 // -- acc = X Y^T for one warp: kKW rows krow0.. of the resident sX (K or V) against kQW rows
@@ -252,8 +218,8 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
     for (int mi = 0; mi < 2; ++mi) {
 #pragma unroll
       for (int ks = 0; ks < kQW / 16; ++ks) {
-        split_store_frag(sP, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
-        split_store_frag(sdS, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+        store_frag<kSCPR>(sP, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+        store_frag<kSCPR>(sdS, zero, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
       }
     }
     return;
@@ -298,7 +264,7 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
 #pragma unroll
     for (int ks = 0; ks < kQW / 16; ++ks) {
       c_to_a(pa[mi][ks], s[mi][2 * ks], s[mi][2 * ks + 1]);
-      split_store_frag(sP, pa[mi][ks], krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+      store_frag<kSCPR>(sP, pa[mi][ks], krow0 + 16 * mi, qcol0 + 16 * ks, lane);
     }
   }
 
@@ -313,7 +279,7 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
     for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
       for (int ks = 0; ks < kQW / 16; ++ks)
-        split_load_frag(pa[mi][ks], sP, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+        load_frag<kSCPR>(pa[mi][ks], sP, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
   }
 #pragma unroll
   for (int n = 0; n < kQW / 8; ++n) {
@@ -347,7 +313,7 @@ __device__ __forceinline__ void split_p_ds(const elem_t* sK, const elem_t* sV, c
     for (int ks = 0; ks < kQW / 16; ++ks) {
       cf_u32 dsa[4];
       c_to_a(dsa, dp[mi][2 * ks], dp[mi][2 * ks + 1]);
-      split_store_frag(sdS, dsa, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
+      store_frag<kSCPR>(sdS, dsa, krow0 + 16 * mi, qcol0 + 16 * ks, lane);
     }
   }
 }
@@ -399,17 +365,15 @@ __device__ __forceinline__ void split_dkdv(const elem_t* sP, const elem_t* sdS, 
 // kQR kQC / 128 mma. dq_rows as in bwd_dq_atomic.
 __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, float* dq_rows,
                                          cf_i64 dq_row_stride, int m0, int n0, int seqlen_q,
-                                         int seqlen_k, int head_dim, const MaskPolicy& mask,
+                                         int head_dim, const MaskPolicy& mask,
                                          float softmax_scale, int warp, int lane) {
   using namespace bwd;
   const int qr0 = kQR * (warp / kQGD), qc0 = kQC * (warp % kQGD);
   if (m0 + qr0 >= seqlen_q || qc0 >= head_dim) return;
-  // Key steps that can hold a nonzero dS: keys < seqlen_k and (causal, window) keys visible
-  // to the last row of the piece.
-  int last_key = min(seqlen_k, n0 + kBN) - 1;
-  if (CF_CAUSAL || CF_LOCAL) last_key = min(last_key, mask.key_limit(m0 + qr0 + kQR - 1) - 1);
-  if (last_key < n0) return;
-  const int nks = (last_key - n0) / 16 + 1;
+  // the key steps that can hold a nonzero dS (cf_mask.cuh)
+  const KeySteps<16> steps = key_steps<16>(mask, n0, n0 + kBN, m0 + qr0 + kQR - 1);
+  if (!steps.any()) return;
+  const int nks = steps.end();
   float acc[kQR / 16][kQC / 8][4];
 #pragma unroll
   for (int mi = 0; mi < kQR / 16; ++mi) zero_acc(acc[mi]);
@@ -431,38 +395,19 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
       }
     }
   }
-  const int grp = lane >> 2, tig = lane & 3;
 #pragma unroll
-  for (int mi = 0; mi < kQR / 16; ++mi) {
-#pragma unroll
-    for (int n = 0; n < kQC / 8; ++n) {
-      const int col = qc0 + 8 * n + 2 * tig;
-      if (col >= head_dim) continue;
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int row = m0 + qr0 + 16 * mi + grp + 8 * half;
-        if (row < seqlen_q)
-          atomic_add2(dq_rows + (cf_i64)row * dq_row_stride + col,
-                      acc[mi][n][2 * half] * softmax_scale,
-                      acc[mi][n][2 * half + 1] * softmax_scale);
-      }
-    }
-  }
+  for (int mi = 0; mi < kQR / 16; ++mi)
+    atomic_acc(dq_rows, dq_row_stride, acc[mi], softmax_scale, m0 + qr0 + 16 * mi, seqlen_q, qc0,
+               head_dim, lane);
 }
 
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
     flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
   using namespace bwd;
-  CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
-  elem_t* sK = reinterpret_cast<elem_t*>(cf_smem);
-  elem_t* sV = sK + kBN * kD;
-  elem_t* sQ = sV + kBN * kD;                 // kStages x kBM x kD
-  elem_t* sdO = sQ + kStages * kBM * kD;      // kStages x kBM x kD
-  elem_t* sP = sdO + kStages * kBM * kD;      // kBN x kBM: P^T of the current query tile
-  elem_t* sdS = sP + kBN * kBM;               // kBN x kBM: dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBN * kBM);  // kStages x kBM
-  float* sDelta = sLse + kStages * kBM;                     // kStages x kBM
+  const Smem sm(cf_smem);
+  elem_t* sP = sm.sS;               // kBN x kBM: P^T of the current query tile
+  elem_t* sdS = sm.sS + kBN * kBM;  // kBN x kBM: dS^T
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int b = blockIdx.z;  // one chunk: head_dim <= CF_DCHUNK
@@ -473,18 +418,11 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
   if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
-  // -- the query tiles that can see keys n0.., for each head of the group (cf_bwd_stream.cuh)
-  const QueryTileWalk<kBM> walk(mask, n0, min(n0 + kBN, seqlen_k) - 1, kvh, heads_per_kv);
+  // -- the query tiles that see keys n0.., for each head of the group (cf_bwd_stream.cuh)
+  const QueryOperands qops = CF_BWD_QUERY_ARGS;
+  const QueryTileWalk<kBM> walk(query_tiles_of<kBM, kBN>(mask, n0), kvh, heads_per_kv);
+  const QueryStream<kBM, kBN, kThreads, kStages, Smem> stream(walk, qops, seq, sm, head_dim, tid);
   const int n_iter = walk.n_iter;
-
-  // The cp.async copies of iteration `it` into stage `st` (cf_bwd_stream.cuh).
-  const QueryOperands qops{q, dout, lse2, delta, stride_qb, stride_qm, stride_qh,
-                           stride_dob, stride_dom, stride_doh};
-  auto load_query_tile = [&](int it, int st) {
-    int m0, h;
-    walk.tile(it, m0, h);
-    load_query_stage<kBM, kThreads>(qops, seq, h, m0, sQ, sdO, sLse, sDelta, st, head_dim, tid);
-  };
 
   // Warp w = 2 wk + wh: keys krow0 = 32 wk .. +31 of the block in every phase; queries
   // kQW wh .. of the tile in phase 1; dK / dV columns kDW wh .. in phase 2.
@@ -496,59 +434,37 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
   zero_acc(acc_dv[0]);
   zero_acc(acc_dv[1]);
 
-  // -- prologue: K, V (resident) and query tile 0 in one cp.async group
-  if (n_iter > 0) {
-    const KeyOperands kops{k, v, stride_kb, stride_kn, stride_kh,
-                           stride_vb, stride_vn, stride_vh};
-    load_key_block<kBN, kThreads>(kops, seq, kvh, n0, sK, sV, head_dim, tid);
-    load_query_tile(0, 0);
-    cp_async_commit();
-  }
+  stream.begin(CF_BWD_KEY_ARGS, kvh, n0);  // K, V and query tile 0
 
-  // The query tiles stream through the stages (cf_bwd_stream.cuh); the top barrier also
-  // guarantees that every warp is done reading sP / sdS of iteration it-1.
+  // The top barrier of each iteration also guarantees that every warp is done reading sP / sdS
+  // of iteration it-1.
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it) {
-    const int st = stream_top<kStages>(it, n_iter, load_query_tile);
-    int m0, h;
-    walk.tile(it, m0, h);
-    const elem_t* tQ = sQ + st * kBM * kD;
-    const elem_t* tdO = sdO + st * kBM * kD;
+    const QueryStage t = stream.top(it);
 
     // -- phase 1: P^T, dS^T of this warp's 32 keys x kQW queries into sP, sdS
-    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
-    split_p_ds(sK, sV, tQ, tdO, sLse + st * kBM, sDelta + st * kBM, sP, sdS, krow0, kQW * wh,
-               key0, m0 + kQW * wh, seqlen_q, seqlen_k, mask, mods, scale_log2, lane);
+    const ScoreMods mods(CF_MOD_ARGS, b, t.h, seqlen_q, seqlen_k);  // per query head (ALiBi)
+    split_p_ds(sm.sK, sm.sV, t.q, t.dout, t.lse, t.delta, sP, sdS, krow0, kQW * wh, key0,
+               t.m0 + kQW * wh, seqlen_q, seqlen_k, mask, mods, scale_log2, lane);
     __syncthreads();  // sP, sdS complete
 
-    // -- phase 2: dK, dV over the query steps that can see this warp's keys
-    int ks_lo = 0, ks_hi = 0;
-    if (key0 < seqlen_k) {
-      ks_hi = min(kBM / 16, (seqlen_q - m0 + 15) / 16);
-      // first query step that sees one of this warp's keys (causal, window)
-      if (CF_CAUSAL || CF_LOCAL) ks_lo = max(0, (mask.query_begin(key0) - m0) / 16);
-      // past the last one (window)
-      if (CF_LOCAL) ks_hi = min(ks_hi, (mask.query_end(key0 + kKW - 1) - m0 + 15) / 16);
-    }
-    split_dkdv(sP, sdS, tQ, tdO, acc_dk, acc_dv, krow0, kDW * wh, ks_lo, ks_hi, lane);
+    // -- phase 2: dK, dV over the query steps that see this warp's keys (cf_mask.cuh)
+    const QuerySteps qs = query_steps<16, kBM>(mask, t.m0, key0, key0 + kKW - 1);
+    split_dkdv(sP, sdS, t.q, t.dout, acc_dk, acc_dv, krow0, kDW * wh, qs.lo, qs.hi, lane);
 
     // -- phase 3: dQ
     if (CF_DQ_ATOMIC) {
-      float* dq_rows = dq_accum + (seq.row_q() * heads + h) * head_dim;
-      split_dq(sdS, sK, dq_rows, (cf_i64)heads * head_dim, m0, n0, seqlen_q, seqlen_k, head_dim,
-               mask, softmax_scale, warp, lane);
+      float* dq_rows = dq_accum + (seq.row_q() * heads + t.h) * head_dim;
+      split_dq(sdS, sm.sK, dq_rows, (cf_i64)heads * head_dim, t.m0, n0, seqlen_q, head_dim, mask,
+               softmax_scale, warp, lane);
     }
-    stream_refill<kStages>(it, n_iter, load_query_tile);
+    stream.refill(it);
   }
 
   // -- epilogue: dK = acc_dk * softmax_scale, dV = acc_dv, rows < seqlen_k, cols < head_dim
+  const KeyGrads grads = CF_BWD_GRAD_ARGS;
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi) {
-    store_acc(dk + seq.k_offset(stride_dkb, stride_dkn) +
-                  kvh * stride_dkh, stride_dkn, acc_dk[mi], softmax_scale,
-              key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-    store_acc(dv + seq.k_offset(stride_dvb, stride_dvn) +
-                  kvh * stride_dvh, stride_dvn, acc_dv[mi], 1.f,
-              key0 + 16 * mi, seqlen_k, kDW * wh, head_dim, lane);
-  }
+  for (int mi = 0; mi < 2; ++mi)
+    store_dk_dv(grads, seq, kvh, acc_dk[mi], acc_dv[mi], softmax_scale, key0 + 16 * mi, kDW * wh,
+                head_dim, lane);
 }
