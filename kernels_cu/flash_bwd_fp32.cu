@@ -127,7 +127,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
 
   // -- query tiles that see a key of this block: [mt_begin, qt.end) (cf_mask.cuh)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
-  const QueryTiles qt = query_tiles<BM>(mask, n0, min(n0 + BN, seqlen_k) - 1);
+  const QueryTiles qt = query_tiles_of<BM, BN>(mask, n0);
   const int mt_begin = qt.first;
   const int tiles_per_head = max(0, qt.end - mt_begin);
   const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest

@@ -224,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
 
   // -- the query tiles that see keys n0..: [m_first, qt.end) per query head (cf_mask.cuh)
-  const QueryTiles qt = query_tiles<kBM>(mask, n0, min(n0 + kBN, seqlen_k) - 1);
+  const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);
   const int m_first = qt.first;
   const int tiles_per_head = qt.end - qt.first;
   const int n_iter = split_heads * tiles_per_head;
