@@ -42,6 +42,9 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
         --junitxml="$OUT/results/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
+      run_stage sanitize_warm $PY bench/sanitize.py --warm  # compiled in parallel, not under
+      CUFLASH_DISABLE_WGMMA=1 run_stage sanitize_warm_portable $PY bench/sanitize.py --warm \
+        --dtypes bfloat16                                  # the sanitizer, one by one
       run_stage memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer --tool memcheck \
         --error-exitcode 1 $PY bench/sanitize.py
       CUFLASH_DISABLE_WGMMA=1 run_stage memcheck_portable timeout "${SANITIZE_TIME:-150}" \

@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="comma-separated head-dim buckets (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="skip the padded head_dim and causal cases")
+    p.add_argument("--warm", action="store_true",
+                   help="only compile every case's kernels, in parallel, and exit: run this "
+                        "outside the sanitizer first (it would otherwise compile one by one)")
     p.add_argument("--no-poison", action="store_true",
                    help="do not NaN-fill outputs first (for --tool initcheck)")
     p.add_argument("--smem-kib", type=int, default=None,
@@ -85,9 +88,9 @@ def seqlens(causal: bool) -> tuple[int, int]:
     return CAUSAL_SEQLENS if causal else (SHAPE["seqlen_q"], SHAPE["seqlen_k"])
 
 
-def plan_labels(q, k, dtype: str, causal: bool, mods: dict | None = None,
-                varlen: bool = False) -> str:
-    """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
+def case_plans(q, k, dtype: str, causal: bool, mods: dict | None = None,
+               varlen: bool = False) -> list:
+    """The forward plan and both backward plans of a case, as the library makes them."""
     from dataclasses import replace
 
     from cuflash import launch, plan
@@ -99,11 +102,44 @@ def plan_labels(q, k, dtype: str, causal: bool, mods: dict | None = None,
         flags = replace(flags, varlen=True)
         q, k = q[None], k[None]
     shape = launch.shape_of(q, k, dtype, causal, flags)
-    labels = list(launch.forward_plan(shape, 0).labels)
-    for deterministic in (False, True):
-        labels += [x for x in launch.backward_plan(shape, 0, deterministic).labels
-                   if x not in labels]
+    return [launch.forward_plan(shape, 0)] + [launch.backward_plan(shape, 0, deterministic)
+                                              for deterministic in (False, True)]
+
+
+def plan_labels(q, k, dtype: str, causal: bool, mods: dict | None = None,
+                varlen: bool = False) -> str:
+    """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
+    labels = []
+    for p in case_plans(q, k, dtype, causal, mods, varlen):
+        labels += [x for x in p.labels if x not in labels]
     return " ".join(labels)
+
+
+def warm(args) -> int:
+    """Compile the kernels of every dense, modifier and varlen case in parallel (decode's
+    few compile during the run)."""
+    from cuflash import aot
+
+    specs_by_name = {}
+    for kind, dtype, head_dim, causal in cases(args):
+        if kind == "decode":
+            continue
+        sq, sk = seqlens(causal)
+        batch = 2 if kind == "modifiers" else 1
+        q = np.empty((batch, sq, SHAPE["heads"], head_dim), np.float32)
+        k = np.empty((batch, sk, SHAPE["heads_kv"], head_dim), np.float32)
+        mods = modifier_args(gh.rng_for()) if kind == "modifiers" else None
+        if kind == "varlen":
+            q, k = q[0], k[0]
+        for p in case_plans(q, k, dtype, causal, mods, kind == "varlen"):
+            for x in (getattr(p, f, None) for f in ("kernel", "pre", "main", "dq", "dq_convert",
+                                                     "kv_convert")):
+                if x is not None:
+                    specs_by_name[x.spec.name] = x.spec
+    work = [(spec, 0) for spec in specs_by_name.values()]
+    aot.run_parallel(aot.warm_one, work, os.cpu_count() or 2, f"warming {len(work)} kernels")
+    print(f"{len(work)} kernels compiled", flush=True)
+    return 0
 
 
 def run_dense(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
@@ -177,6 +213,14 @@ def testing_module():
     return testing
 
 
+def modifier_args(rng) -> dict:
+    """Every modifier at once: window (60, 20), softcap 4, ALiBi per (batch entry, head) of a
+    batch of 2, sinks."""
+    return dict(window=(60, 20), softcap=4.0,
+                alibi_slopes=rng.uniform(0.0, 0.5, (2, SHAPE["heads"])).astype(np.float32),
+                sinks=rng.normal(0.0, 2.0, (SHAPE["heads"],)).astype(np.float32))
+
+
 def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     """Window (60, 20), softcap 4, ALiBi per (batch, head), sinks: forward, both backwards."""
     import cupy
@@ -189,9 +233,7 @@ def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=sq, seqlen_k=sk, heads=SHAPE["heads"],
                             heads_kv=SHAPE["heads_kv"], head_dim=head_dim, dtype=dtype)
     do = gh.randn(rng, q.shape, dtype)
-    mods = dict(window=(60, 20), softcap=4.0,
-                alibi_slopes=rng.uniform(0.0, 0.5, (2, SHAPE["heads"])).astype(np.float32),
-                sinks=rng.normal(0.0, 2.0, (SHAPE["heads"],)).astype(np.float32))
+    mods = modifier_args(rng)
     gmods = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in mods.items()}
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
     start = time.perf_counter()
@@ -322,6 +364,8 @@ def main(argv=None) -> int:
     print(f"cuflash sanitize run on {name}: batch {SHAPE['batch']}, (seqlen_q, seqlen_k) "
           f"{seqlens(False)}, causal {seqlens(True)}, heads {SHAPE['heads']}/"
           f"{SHAPE['heads_kv']}, smem budget {args.smem_kib or 'device'}", flush=True)
+    if args.warm:
+        return warm(args)
     failed = 0
     for kind, dtype, head_dim, causal in cases(args):
         try:
