@@ -224,6 +224,13 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
         own[1] = _bwd16(4, 64, 1, spills_on=("sm_75",))
     if bucket == 128:  # 12 B spilled on sm_120 (and sm_121, its instruction set); sm_80, sm_90: none
         own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
+    # 12 B spilled on sm_120 with causal (255 registers) since the backward's helpers moved to
+    # cf_bwd*.cuh (2026-12-02; before: 253 and 255 registers, no spill); sm_80, sm_90: cubins
+    # unchanged
+    if bucket == 160:
+        own[1] = _bwd16(4, 64, 1, spills_on=("sm_120", "sm_121"))
+    if bucket == 192:
+        own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
     return (*split, *own)
 
 
@@ -265,6 +272,9 @@ FWD32[256] = (replace(FWD32[256][0], spills_when=(("softcap", "alibi", "varlen")
               *FWD32[256][1:])
 BWD32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
          for b in BUCKETS}
+# 8 B spilled on sm_75 (255 registers) since the float32 kernels' helpers moved to cf_simt.cuh
+# (2026-12-02): Turing's d256 takes the 8-key tile after it
+BWD32[256] = (*BWD32[256][:2], replace(BWD32[256][2], spills_on=("sm_75",)), BWD32[256][3])
 BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
                 _t(1, 8, 8, 1, _LAST)) for b in BUCKETS}
 
