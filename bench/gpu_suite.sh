@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
-#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests sanitize bench memory train
+#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
+#                                            memory train
 #                                            workloads train_gqa host decode generate ab
+#                                            decode_ab
 #                                            modifiers varlen
 #                                            (default: info check tests sanitize bench workloads)
 #
@@ -41,6 +43,14 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage tests timeout "${SUITE_TIME_BUDGET:-540}" \
         $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
         --junitxml="$OUT/results/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
+    tests1|tests2)  # the suite in two halves by file name (the whole took ~12 min on an
+      # H200 on 2026-12-02, more than one 10-minute device call): test files before
+      # test_gpu_jax_decode.py, then the rest
+      files=$(ls tests/test_*.py | sort | awk -v part="$stage" \
+        '(part == "tests1") == ($0 < "tests/test_gpu_jax_decode.py")')
+      CUFLASH_POISON=1 run_stage "$stage" timeout "${SUITE_TIME_BUDGET:-540}" \
+        $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
+        --junitxml="$OUT/results/gpu_$stage.xml" $files ;;
     sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
       run_stage sanitize_warm $PY bench/sanitize.py --warm  # compiled in parallel, not under
       CUFLASH_DISABLE_WGMMA=1 run_stage sanitize_warm_portable $PY bench/sanitize.py --warm \
@@ -78,6 +88,10 @@ for stage in $stages; do
     ab)  # kernel TFLOP/s of an older tree ($AB_OLD, e.g. a git archive) against this one
       run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
         --out "$OUT/results/ab.json" ;;
+    decode_ab)  # decode bandwidth of an older tree ($AB_OLD) and of this one, in one process each
+      run_stage decode_ab bash -c "PYTHONPATH=$(realpath "${AB_OLD:-.old}") $PY bench/decode.py \
+        --parts main --out $OUT/results/decode_old.json && $PY bench/decode.py --parts main \
+        --out $OUT/results/decode_new.json" ;;
     modifiers)  # what window / softcap / ALiBi / sinks cost against plain attention
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
