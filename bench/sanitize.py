@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # a source checkout; the tests'
 import numpy as np  # noqa: E402
 
 import gpu_helpers as gh  # noqa: E402  (inputs, transfers and the error rule of the GPU tests)
+from cuflash import reference, testing  # noqa: E402  (no GPU at import; gh imports them too)
 
 SHAPE = dict(batch=1, seqlen_q=150, seqlen_k=300, heads=2, heads_kv=1)
 CAUSAL_SEQLENS = (200, 130)  # seqlen_q > seqlen_k: 70 rows that see no key
@@ -147,7 +148,6 @@ def run_dense(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     import cupy
 
     import cuflash
-    from cuflash import reference, testing
 
     rng = gh.rng_for()
     sq, sk = seqlens(causal)
@@ -176,14 +176,8 @@ def run_dense(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
         for name, g, r, n, a in zip(("dq", "dk", "dv"), got, refs, naives, allowances):
             reports.append(testing.judge(f"{name}/{mode}", gh.to_host(g, dtype), r, n,
                                          dtype=dtype, scale=scale, allowance=a))
-    ok = all(r.ok for r in reports)
-    worst = max(reports, key=lambda r: np.inf if not r.ok else r.err / r.bound)
-    line = (f"{'ok  ' if ok else 'FAIL'} {dtype:8s} d{head_dim:<3d} "
-            f"{'causal' if causal else 'full  '} {seconds:6.2f}s  worst {worst}  "
-            f"[{plan_labels(q, k, dtype, causal)}]")
-    if not ok:
-        line += "\n     " + "\n     ".join(str(r) for r in reports if not r.ok)
-    return ok, line
+    return _summary("dense", dtype, head_dim, causal, seconds, reports,
+                    plan_labels(q, k, dtype, causal))
 
 
 def _summary(kind: str, dtype: str, head_dim: int, causal: bool, seconds: float, reports,
@@ -199,18 +193,12 @@ def _summary(kind: str, dtype: str, head_dim: int, causal: bool, seconds: float,
 
 def _judge_grads(reports, mode, dtype, grads, refs, naives) -> None:
     """dq, dk, dv (and dsinks) against the float64 truth given the forward's stored o."""
-    scale = testing_module().magnitude(*refs[:3])
+    scale = testing.magnitude(*refs[:3])
     for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
         host = gh.to_host(got) if name == "dsinks" else gh.to_host(got, dtype)
-        s = testing_module().magnitude(ref) if name == "dsinks" else scale
-        reports.append(testing_module().judge(f"{name}/{mode}", host, ref, naive, dtype=dtype,
+        s = testing.magnitude(ref) if name == "dsinks" else scale
+        reports.append(testing.judge(f"{name}/{mode}", host, ref, naive, dtype=dtype,
                                               scale=s))
-
-
-def testing_module():
-    from cuflash import testing
-
-    return testing
 
 
 def modifier_args(rng) -> dict:
@@ -226,7 +214,6 @@ def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     import cupy
 
     import cuflash
-    from cuflash import reference
 
     rng = gh.rng_for()
     sq, sk = seqlens(causal)
@@ -243,7 +230,6 @@ def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     cupy.cuda.Device().synchronize()
     seconds = time.perf_counter() - start
     o_host = gh.to_host(o, dtype)
-    testing = testing_module()
     reports = [testing.judge("o", o_host, reference.attention_reference(
         q, k, v, causal=causal, **mods)[0], reference.attention_naive(
         q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods), dtype=dtype)]
@@ -264,7 +250,6 @@ def run_varlen(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     import cupy
 
     import cuflash
-    from cuflash import reference
 
     rng = gh.rng_for()
     h, hk = SHAPE["heads"], SHAPE["heads_kv"]
@@ -284,7 +269,6 @@ def run_varlen(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     cupy.cuda.Device().synchronize()
     seconds = time.perf_counter() - start
     o_host = gh.to_host(o, dtype)
-    testing = testing_module()
     reports = [testing.judge("o", o_host, reference.attention_varlen_reference(
         q, k, v, cu_q, cu_k, causal=causal)[0], reference.attention_varlen_naive(
         q, k, v, cu_q, cu_k, causal=causal, dtype=gh.np_dtype(dtype)), dtype=dtype)]
@@ -317,7 +301,6 @@ def run_decode(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
 
     from cuflash import decode
 
-    testing = testing_module()
     reports, seconds, labels = [], 0.0, []
     planned_before = set(decode._plans)  # the plans this case adds name its kernels
     for n, fixed in enumerate(DECODE_CASES):
