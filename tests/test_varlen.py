@@ -416,12 +416,22 @@ def test_backward_refuses_another_layout_or_dense_stats():
 
 
 @pytest.mark.gpu
-def test_cupy_arrays_are_refused():
+def test_cupy_arrays_run_on_the_device():
+    """CuPy arrays (an empty sequence among them) take the CUDA kernels and come back as CuPy
+    arrays on the same device, matching the float64 reference by the 2x-naive rule."""
     import cupy
 
-    args = {name: cupy.asarray(x) if isinstance(x, np.ndarray) else x
-            for name, x in _good().items()}
-    args = {**args, "q": args["q"].astype(cupy.float16), "k": args["k"].astype(cupy.float16),
-            "v": args["v"].astype(cupy.float16)}
-    with pytest.raises(ValueError, match=r"^varlen: not yet supported by the CUDA kernels"):
-        cuflash.attention_varlen_forward(**args)
+    args = _good()
+    q, k, v = (args[n].astype(np.float16) for n in ("q", "k", "v"))
+    rest = {n: args[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")}
+    device_rest = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x
+                   for n, x in rest.items()}
+    o, stats = cuflash.attention_varlen_forward(cupy.asarray(q), cupy.asarray(k),
+                                                cupy.asarray(v), **device_rest)
+    assert isinstance(o, cupy.ndarray) and isinstance(stats.m, cupy.ndarray)
+    assert o.device.id == stats.l.device.id == cupy.cuda.Device().id
+    ref_args = (rest["cu_seqlens_q"], rest["cu_seqlens_k"])
+    o_ref = reference.attention_varlen_reference(q, k, v, *ref_args)[0]
+    o_naive = reference.attention_varlen_naive(q, k, v, *ref_args, dtype=np.float16)
+    report = testing.judge("o", cupy.asnumpy(o), o_ref, o_naive, dtype="float16")
+    assert report.ok, str(report)
