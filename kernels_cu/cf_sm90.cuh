@@ -87,3 +87,55 @@ struct PanelLoader {
     }
   }
 };
+
+// -- the forward's two products for one warpgroup's 64 query rows --------------------------
+#if CF_DTYPE != 2
+// S = Q K^T: HEAD_DIM / 16 wgmma of 16 columns; Q (Q_ROWS rows) and K in panel layout.
+template <int Q_ROWS, int BLOCK_N, int HEAD_DIM>
+__device__ __forceinline__ void sm90_qk(float (&s)[BLOCK_N / 8][4], cf_u32 q_wg, cf_u32 k_tile) {
+#pragma unroll
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    const cf_u64 da = sm90_desc_kmajor<Q_ROWS>(q_wg, kk);
+    const cf_u64 db = sm90_desc_kmajor<BLOCK_N>(k_tile, kk);
+    wgmma_ss<BLOCK_N>(s, da, db, kk > 0);
+  }
+}
+
+// P packed to 16 bits as wgmma A fragments: the S accumulators' C layout is the A layout.
+template <int BLOCK_N>
+__device__ __forceinline__ void sm90_pack_p(cf_u32 (&a)[BLOCK_N / 16][4],
+                                            const float (&p)[BLOCK_N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+    a[kk][0] = pack2(p[2 * kk][0], p[2 * kk][1]);
+    a[kk][1] = pack2(p[2 * kk][2], p[2 * kk][3]);
+    a[kk][2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[kk][3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+  }
+}
+
+// O += P V: BLOCK_N / 16 wgmma with P from registers (packed) and V (MN-major) from shared.
+template <int BLOCK_N, int HEAD_DIM>
+__device__ __forceinline__ void sm90_pv_packed(float (&acc)[HEAD_DIM / 8][4],
+                                               const cf_u32 (&a)[BLOCK_N / 16][4], cf_u32 v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+    wgmma_rs<HEAD_DIM>(acc, a[kk], sm90_desc_mnmajor<BLOCK_N>(v_tile, kk), 1);  // keys 16kk ..
+}
+
+// O += P V with P the S registers, packed one k-step at a time.
+template <int BLOCK_N, int HEAD_DIM>
+__device__ __forceinline__ void sm90_pv(float (&acc)[HEAD_DIM / 8][4],
+                                        const float (&p)[BLOCK_N / 8][4], cf_u32 v_tile) {
+#pragma unroll
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+    cf_u32 a[4];
+    a[0] = pack2(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    const cf_u64 db = sm90_desc_mnmajor<BLOCK_N>(v_tile, kk);  // keys 16kk ..
+    wgmma_rs<HEAD_DIM>(acc, a, db, 1);
+  }
+}
+#endif  // CF_DTYPE != 2

@@ -63,31 +63,6 @@ enum : int {
 template <int ROWS>
 using Sm90Loader = PanelLoader<ROWS, sm90::kChunks, sm90::kThreads>;
 
-// S = Q K^T for this warpgroup's 64 rows: kKSteps wgmma of 16 columns.
-__device__ __forceinline__ void sm90_qk(float (&s)[sm90::kNT][4], cf_u32 q_wg, cf_u32 k_tile) {
-#pragma unroll
-  for (int kk = 0; kk < sm90::kKSteps; ++kk) {
-    const cf_u64 da = sm90_desc_kmajor<CF_BLOCK_M>(q_wg, kk);
-    const cf_u64 db = sm90_desc_kmajor<CF_BLOCK_N>(k_tile, kk);
-    wgmma_ss<CF_BLOCK_N>(s, da, db, kk > 0);
-  }
-}
-
-// O += P V: CF_BLOCK_N / 16 wgmma, P packed from the S registers (C layout = A layout).
-__device__ __forceinline__ void sm90_pv(float (&acc)[sm90::kDT][4], const float (&p)[sm90::kNT][4],
-                                        cf_u32 v_tile) {
-#pragma unroll
-  for (int kk = 0; kk < sm90::kNT / 2; ++kk) {
-    cf_u32 a[4];
-    a[0] = pack2(p[2 * kk][0], p[2 * kk][1]);
-    a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
-    a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-    const cf_u64 db = sm90_desc_mnmajor<CF_BLOCK_N>(v_tile, kk);  // keys 16kk ..
-    wgmma_rs<CF_HEAD_DIM>(acc, a, db, 1);
-  }
-}
-
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
                    CF_SEQ_PARAMS) {
@@ -157,7 +132,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
     float s[kNT][4];
     wgmma_fence();
-    sm90_qk(s, q_wg, k_cur);
+    sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, k_cur);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(s);
@@ -166,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     online_softmax(s, m_i, l_i, acc, scale_log2);
 
     wgmma_fence();
-    sm90_pv(acc, s, v_cur);
+    sm90_pv<CF_BLOCK_N, CF_HEAD_DIM>(acc, s, v_cur);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
