@@ -60,13 +60,15 @@ class Variant:
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
     # one raises (never a silent fallback to a slower family).
     modifiers: tuple[str, ...] = ()
-    # backward: the file of the split layout (bwd_split_layout), a kernel of its own with the
-    # same entry point and parameters; ``source`` holds every other tile
+    # the file of a second layout (bwd_split_layout, fwd90_warp_specialized), a kernel of its
+    # own with the same entry point and parameters; ``source`` holds every other tile
     split_source: str | None = None
 
     def source_of(self, spec) -> str:
         """The kernels_cu file that holds ``spec``'s kernel: the tiles choose the layout."""
-        return self.split_source if self.split_source and bwd_split_layout(spec) else self.source
+        if self.split_source and (bwd_split_layout(spec) or fwd90_warp_specialized(spec)):
+            return self.split_source
+        return self.source
 
     @property
     def target(self) -> str:
@@ -90,6 +92,10 @@ class Variant:
 
 def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
     return (s.block_m + 2 * s.stages * s.block_n) * s.head_dim * 2
+
+
+def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized
+    return _smem_fwd16(s) + (128 if fwd90_warp_specialized(s) else 0)
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta
@@ -126,6 +132,11 @@ def _smem_bwd_dq32(s) -> int:  # Q, dO, K, V tiles + dS
 
 def _smem_none(s) -> int:  # elementwise: registers only
     return 0
+
+
+def fwd90_warp_specialized(spec) -> bool:
+    """flash_fwd_sm90_ws.cu's tiles: a producer warpgroup beside two 64-row consumers."""
+    return spec.kind == "fwd90" and spec.warps == 12
 
 
 def bwd_split_layout(spec) -> bool:
@@ -197,11 +208,23 @@ FWD16 = _by_limit({
 })
 
 # fwd90 (Hopper wgmma): 2 warpgroups x 64 query rows. Buckets without an entry use the
-# portable kernel.
+# portable kernel. 12 warps: flash_fwd_sm90_ws.cu, a producer warpgroup beside the two
+# (fwd90_warp_specialized), first where it fits; 8 warps: flash_fwd_sm90.cu.
+_WS = "warp-specialized, not yet timed against flash_fwd_sm90.cu"
+
+
+def _ws(block_n, stages, why=_WS) -> Tile:
+    # softcap + ALiBi: 104-152 B spilled at 232 registers (causal; NVRTC 13.5): those calls
+    # take flash_fwd_sm90.cu
+    return replace(_t(12, 128, block_n, stages, why), spills_when=(("softcap", "alibi"),))
+
+
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
                                 "(NOTES' wgmma kernels)")
-FWD90 = {64: (_FWD90_WIDE, _fwd16(8, 64, 2)), 128: (_FWD90_WIDE, _fwd16(8, 64, 2)),
-         256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
+FWD90 = {64: (_ws(128, 3), _FWD90_WIDE, _fwd16(8, 64, 2)),
+         128: (_ws(128, 3), _ws(128, 2), _FWD90_WIDE, _fwd16(8, 64, 2)),
+         256: (_ws(64, 2),
+               _fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"))}
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp
@@ -288,8 +311,8 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd16, FWD90,
-            wgmma=True, modifiers=ALL_MODS),
+    Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,
+            wgmma=True, modifiers=ALL_MODS, split_source="flash_fwd_sm90_ws.cu"),
     Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
             modifiers=ALL_MODS),
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,

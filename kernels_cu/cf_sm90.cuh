@@ -50,28 +50,38 @@ __device__ __forceinline__ cf_u32 sm90_offset(int row, int col) {
 }
 
 // -- global -> shared: ROWS x (8 * CHUNKS) tile into panels, cp.async, zero-filled ------------
-// Thread t copies chunk column c0 = t % CHUNKS of rows t / CHUNKS + k * kStep; kStep is a
-// multiple of 8, so a thread's rows share one swizzle key and all its destinations are
-// compile-time offsets from one base. Rows >= rows_valid and columns >= head_dim become zeros.
+// kTpr threads share a row (all CHUNKS of it, or THREADS / 8 so a pass covers 8 rows); thread
+// t copies chunks c0 + k * kTpr (c0 = t % kTpr) of rows t / kTpr + p * kStep. kStep and kTpr
+// are multiples of 8, so all of a thread's chunks share one swizzle key and all its
+// destinations are compile-time offsets from one base. Rows >= rows_valid and columns >=
+// head_dim become zeros.
 template <int ROWS, int CHUNKS, int THREADS>
 struct PanelLoader {
-  enum : int { kStep = THREADS / CHUNKS, kPasses = (ROWS + kStep - 1) / kStep };
-  static_assert(kStep % 8 == 0, "rows per pass must keep the swizzle key");
+  enum : int {
+    kTpr = CHUNKS < THREADS / 8 ? CHUNKS : THREADS / 8,
+    kPerRow = CHUNKS / kTpr,
+    kStep = THREADS / kTpr,
+    kPasses = (ROWS + kStep - 1) / kStep
+  };
+  static_assert(kStep % 8 == 0 && kTpr % 8 == 0 && CHUNKS % kTpr == 0,
+                "rows per pass and chunks per thread must keep the swizzle key");
   const elem_t* src;  // (row0, c0) of row 0 of this head
   const elem_t* fallback;
   cf_i64 stride;
   int row0;
   cf_u32 dst;  // byte offset of (row0, c0) in a tile
-  bool col_ok;
+  bool col_ok;   // this thread's first chunk lies inside head_dim
+  int col_room;  // head_dim - 8 * c0: chunk k lies inside when 8 * k * kTpr < col_room
 
   __device__ __forceinline__ PanelLoader(const elem_t* base, cf_i64 stride_row, int head_dim,
                                          int tid)
-      : fallback(base), stride(stride_row), row0(tid / CHUNKS) {
-    const int c0 = tid % CHUNKS;
+      : fallback(base), stride(stride_row), row0(tid / kTpr) {
+    const int c0 = tid % kTpr;
     src = base + row0 * stride_row + c0 * 8;
     asm volatile("" : "+l"(src));  // keep the pointer in registers (see cf_pinned)
     dst = (c0 >> 3) * (ROWS * 128) + row0 * 128 + (((c0 & 7) ^ (row0 & 7)) << 4);
     col_ok = c0 * 8 < head_dim;
+    if (kPerRow > 1) col_room = head_dim - c0 * 8;
   }
 
   __device__ __forceinline__ void load(unsigned char* tile, int first_row, int rows_valid) const {
@@ -80,8 +90,12 @@ struct PanelLoader {
     for (int p = 0; p < kPasses; ++p) {
       const int row = row0 + p * kStep;
       if (ROWS % kStep == 0 || row < ROWS) {
-        const bool valid = col_ok && row < rows_valid;
-        cp_async_16(tile + dst + p * kStep * 128, valid ? g : fallback, valid);
+#pragma unroll
+        for (int k = 0; k < kPerRow; ++k) {
+          const bool valid = (k == 0 ? col_ok : 8 * k * kTpr < col_room) && row < rows_valid;
+          cp_async_16(tile + dst + p * kStep * 128 + k * (kTpr / 8) * (ROWS * 128),
+                      valid ? g + k * kTpr * 8 : fallback, valid);
+        }
       }
       g += kStep * stride;
     }
@@ -139,3 +153,48 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[HEAD_DIM / 8][4],
   }
 }
 #endif  // CF_DTYPE != 2
+
+// -- warp specialization: mbarriers, named barriers, register reallocation ----------------
+// An mbarrier (8 bytes of shared memory) completes a phase when `count` arrivals have come;
+// waiting on a phase's parity acquires what the arriving threads released before arriving.
+__device__ __forceinline__ void mbar_init(cf_u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(cf_u32 bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(cf_u32 bar, int parity) {
+  cf_u32 done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+// Arrives on `bar` once every cp.async this thread issued so far has landed (the barrier's
+// count includes this arrival: .noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(cf_u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+// mbarrier.init visible to the other threads (and to the async proxy) before first use.
+__device__ __forceinline__ void mbar_fence_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// A barrier among `threads` threads only (ids 1..15; __syncthreads is barrier 0).
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// The warpgroup's registers per thread from here on (a multiple of 8 in 24..256; the
+// kernel's __launch_bounds__ must give ptxas the entry count, or it ignores these).
+template <int REGS>
+__device__ __forceinline__ void regs_dealloc() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void regs_alloc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REGS));
+}

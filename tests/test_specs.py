@@ -2,7 +2,7 @@
 
 import pytest
 
-from cuflash import specs
+from cuflash import registry, specs
 from cuflash.specs import KIB, DeviceFacts, KernelSpec
 
 HEAD_DIMS = list(range(8, 257, 8))
@@ -29,6 +29,8 @@ def test_every_head_dim_fits_every_budget(budget_kib, dtype, causal):
             assert spec.causal == causal and spec.dtype == dtype
             if dtype == "float32":  # SIMT layout constraints of the fp32 kernels
                 assert spec.block_m % (4 * spec.warps) == 0 and spec.block_n % 8 == 0
+            elif registry.fwd90_warp_specialized(spec):  # + a producer warpgroup
+                assert spec.block_m == 16 * (spec.warps - 4)
             elif spec.kind in ("fwd", "fwd90", "bwd_dq"):  # a warp owns 16 query rows
                 assert spec.block_m == 16 * spec.warps
             elif spec.kind == "bwd":  # a warp owns 16 keys

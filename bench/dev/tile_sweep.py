@@ -36,9 +36,10 @@ KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every can
 
 def candidate_specs(kind, dtype, head_dim, causal):
     bucket = specs.head_dim_bucket(head_dim)
-    if kind == "fwd":
-        out = [KernelSpec(kind="fwd", dtype=dtype, head_dim=bucket, block_m=16 * w, block_n=n,
-                          warps=w, stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
+    if kind in ("fwd", "fwd90"):  # fwd90: 128 query rows (8 warps, or 12: warp-specialized)
+        out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket,
+                          block_m=128 if kind == "fwd90" else 16 * w, block_n=n, warps=w,
+                          stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,
@@ -55,7 +56,7 @@ def sdpa_ms(q, k, v, do, causal, kind, backend):
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with sdpa_kernel(backend):
-        if kind == "fwd":
+        if kind != "bwd":
             return time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
         qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
         out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
@@ -93,7 +94,7 @@ def sweep(kind, dtype_name, d, s, causal):
         if spec.smem_bytes > budget:
             print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
             continue
-        if kind == "fwd":
+        if kind != "bwd":
             o, m, l = pinned_forward(spec, q, k, v, causal)
             ms = time_ms(lambda: pinned_forward(spec, q, k, v, causal))
         else:
@@ -105,7 +106,7 @@ def sweep(kind, dtype_name, d, s, causal):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", choices=["fwd", "bwd"], default="fwd")
+    p.add_argument("--kind", choices=["fwd", "fwd90", "bwd"], default="fwd")
     p.add_argument("--head-dim", type=int, nargs="+", default=[128])
     p.add_argument("--seqlen", type=int, nargs="+", default=[16384])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="no")

@@ -1,0 +1,227 @@
+// flash_fwd_sm90_ws.cu -- the Hopper forward, warp-specialized: one warpgroup copies K and V
+// tiles into a ring of shared-memory stages while two others compute, and each computing
+// warpgroup overlaps its softmax with its own tensor-core work (FlashAttention-3's producer /
+// consumer split and intra-warpgroup pipelining; Shah et al. 2024). Same outputs, masks,
+// modifiers and host contract as flash_fwd_sm90.cu (read its header); what differs:
+//
+// Block: 3 warpgroups (CF_WARPS = 12), CF_BLOCK_M = 128.
+//   warpgroup 0, the producer: 40 registers a thread (setmaxnreg); copies Q once, then key
+//     tile after key tile, last first, K and V of a tile into stage it % CF_STAGES with
+//     cp.async. It waits for its own copies, makes them visible to the tensor cores' proxy
+//     and arrives on the stage's k_full / v_full mbarrier; before refilling a stage it waits
+//     on the stage's empty mbarrier.
+//   warpgroups 1 and 2, the consumers: 232 registers; rows 64(g - 1) .. + 63 of the tile.
+//     Step it issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1) back to back, then runs
+//     the softmax of S(it) while the P V product is still on the tensor cores; only then it
+//     waits for P V, rescales O by the new row max and releases the stage of it - 1.
+//     No __syncthreads: the consumers meet once, at a named barrier before the epilogue (the
+//     O staging bands overlap the other warpgroup's Q rows).
+//
+// Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel layout (cf_sm90.cuh):
+//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 + 128 bytes.
+
+#include "cf_config.cuh"
+
+#include "cf_common.cuh"
+#include "cf_fwd.cuh"
+#include "cf_sm90.cuh"
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
+#include "cf_params.cuh"
+#include "cf_tile_order.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90_ws.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
+              "head-dim bucket: whole 64-column panels");
+static_assert(CF_WARPS == 12 && CF_BLOCK_M == 128, "a producer and two 64-row consumers");
+static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
+static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
+
+namespace ws {
+enum : int {
+  kProducerThreads = 128,
+  kConsumerThreads = 256,
+  kChunks = CF_HEAD_DIM / 8,  // 16-byte chunks per tile row
+  kNT = CF_BLOCK_N / 8,       // S n-tiles per thread
+  kDT = CF_HEAD_DIM / 8,      // O n-tiles per thread
+  kTileQ = CF_BLOCK_M * CF_HEAD_DIM * 2,
+  kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
+  kBarriers = kTileQ + 2 * CF_STAGES * kTileKV,
+  kSmemBytes = kBarriers + 128,
+  kProducerRegs = 40,  // 128 * 40 + 256 * 232 <= 65536: the register file
+  kConsumerRegs = 232,
+  kConsumerBarrier = 1,  // the named barrier the consumers meet at
+  kTurnBarrier = 2,      // 2 + g: consumer warpgroup g may issue its products
+};
+// Ping-pong scheduling of the two consumer warpgroups (a knob: CF_FWD_PINGPONG=0 turns it off).
+#ifndef CF_FWD_PINGPONG
+#define CF_FWD_PINGPONG 1
+#endif
+constexpr bool kPingPong = CF_FWD_PINGPONG;
+}  // namespace ws
+
+template <int ROWS>
+using WsLoader = PanelLoader<ROWS, ws::kChunks, ws::kProducerThreads>;
+
+// The mbarriers: q_full, then k_full, v_full and empty per stage.
+struct StageBarriers {
+  cf_u32 base;
+  __device__ __forceinline__ cf_u32 q_full() const { return base; }
+  __device__ __forceinline__ cf_u32 k_full(int s) const { return base + 8 * (1 + s); }
+  __device__ __forceinline__ cf_u32 v_full(int s) const { return base + 8 * (1 + CF_STAGES + s); }
+  __device__ __forceinline__ cf_u32 empty(int s) const {
+    return base + 8 * (1 + 2 * CF_STAGES + s);
+  }
+};
+
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
+    flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
+                   CF_SEQ_PARAMS) {
+  using namespace ws;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  sm90_require_aligned(smem);
+  unsigned char* s_q = smem;
+  unsigned char* s_k = smem + kTileQ;
+  unsigned char* s_v = s_k + CF_STAGES * kTileKV;
+  const StageBarriers bars{smem_addr(smem + kBarriers)};
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2;
+  // Causal: the query tiles with the most keys start first, over all heads
+  // (cf_tile_order.cuh says why the forward takes one chunk).
+  const TileOrder order = causal_tile_order(0);
+  const int tile_m = CF_CAUSAL ? (int)gridDim.x - 1 - order.tile_rank : (int)blockIdx.x;
+  const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
+  const int b = blockIdx.z, h_kv = h / heads_per_kv;
+  const int q0 = tile_m * CF_BLOCK_M;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+  if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
+
+  // Consumer warp w (0..7) owns rows 16w .. 16w + 15, as in flash_fwd_sm90.cu; the producer
+  // uses the tile only for its key range.
+  const int cwarp = max(warp - 4, 0), group = lane >> 2, tig = lane & 3;
+  const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                  CF_MOD_ARGS);
+  const KeyTiles tiles = tile.tiles;  // visited last first
+  const int n_tiles = tile.n_tiles();
+
+  if (tid == 0) {
+    mbar_init(bars.q_full(), kProducerThreads);
+    for (int s = 0; s < CF_STAGES; ++s) {
+      mbar_init(bars.k_full(s), kProducerThreads);
+      mbar_init(bars.v_full(s), kProducerThreads);
+      mbar_init(bars.empty(s), kConsumerThreads / 32);  // one arrival per consumer warp
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- the producer ------------------------------------------------------
+    regs_dealloc<kProducerRegs>();
+    if (n_tiles == 0) return;
+    const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
+    const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+    const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
+    const WsLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
+    const WsLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+    {
+      const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
+      load_q.load(s_q, q0, seqlen_q - q0);
+      mbar_arrive_cp_async(bars.q_full());
+    }
+#pragma unroll 1
+    for (int it = 0; it < n_tiles; ++it) {
+      const int j = tiles.end - 1 - it, stage = it % CF_STAGES, round = it / CF_STAGES;
+      if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
+      const int row = j * CF_BLOCK_N;
+      load_k.load(s_k + stage * kTileKV, row, seqlen_k - row);
+      mbar_arrive_cp_async(bars.k_full(stage));  // when this thread's copies have landed
+      load_v.load(s_v + stage * kTileKV, row, seqlen_k - row);
+      mbar_arrive_cp_async(bars.v_full(stage));
+    }
+    cp_async_commit();  // leave with no copy in flight
+    cp_async_wait<0>();
+    return;
+  }
+
+  // ---- the consumers ---------------------------------------------------------------------
+  regs_alloc<kConsumerRegs>();
+  const RowBounds rows(tile.mask, tile.row0);  // for mask_s
+  const int me = wg - 1;                        // 0 or 1
+  float acc[kDT][4], m_i[2], l_i[2];
+  init_rows(acc, m_i, l_i);
+  const cf_u32 q_wg = smem_addr(s_q) + me * 64 * 128;  // this warpgroup's rows, panel 0
+  const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
+  // Copies land through the generic proxy; the tensor cores read through the async one.
+  const auto wait_for = [](cf_u32 bar, int parity) {
+    mbar_wait(bar, parity);
+    fence_proxy_async();
+  };
+  // Ping-pong: the two warpgroups take turns issuing their products, so one's softmax runs
+  // while the other's matrix products hold the tensor cores. Warpgroup 1 opens the first turn.
+  const auto my_turn = [me] {
+    if constexpr (kPingPong) named_bar_sync(kTurnBarrier + me, kConsumerThreads);
+  };
+  const auto their_turn = [me] {
+    if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + 1 - me, kConsumerThreads);
+  };
+
+  if (n_tiles > 0) {
+    if (kPingPong && me == 1) their_turn();
+    cf_u32 p16[kNT / 2][4];  // P of the previous step, the A operand of its P V product
+    float s[kNT][4];
+    float alpha[2];
+    wait_for(bars.q_full(), 0);
+    wait_for(bars.k_full(0), 0);
+    my_turn();
+    wgmma_fence();
+    sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa);
+    wgmma_commit();
+    their_turn();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+    tile.modify_and_mask(s, tiles.end - 1, rows);
+    softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+    sm90_pack_p<CF_BLOCK_N>(p16, s);
+
+#pragma unroll 1
+    for (int it = 1; it < n_tiles; ++it) {
+      const int j = tiles.end - 1 - it, stage = it % CF_STAGES;
+      const int prev = (it - 1) % CF_STAGES;
+      wait_for(bars.k_full(stage), (it / CF_STAGES) & 1);
+      wait_for(bars.v_full(prev), ((it - 1) / CF_STAGES) & 1);
+      my_turn();
+      wgmma_fence();
+      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + stage * kTileKV);
+      wgmma_commit();
+      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
+      wgmma_commit();
+      their_turn();
+      wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
+      wgmma_fence_regs(s);
+      tile.modify_and_mask(s, j, rows);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      wgmma_wait<0>();
+      wgmma_fence_regs(acc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
+      rescale_acc(acc, alpha);
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+    }
+    const int last = (n_tiles - 1) % CF_STAGES;
+    wait_for(bars.v_full(last), ((n_tiles - 1) / CF_STAGES) & 1);
+    my_turn();
+    wgmma_fence();
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + last * kTileKV);
+    wgmma_commit();
+    their_turn();
+    wgmma_wait<0>();
+    wgmma_fence_regs(acc);
+  }
+  named_bar_sync(kConsumerBarrier, kConsumerThreads);  // both done reading Q: O staging next
+
+  store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
+                                      stride_oh, m_out, l_out, head_dim, s_q, cwarp, lane);
+}
