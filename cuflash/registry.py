@@ -43,6 +43,8 @@ class Tile:
     spills_on: tuple[str, ...] = ()
     # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then.
     spills_when: tuple[tuple[str, ...], ...] = ()
+    # Knob sets under which a later tile of the list measured faster: skipped then.
+    slower_when: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class Variant:
                    ) -> tuple[Tile, ...]:
         """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
         return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
-                     and not any(knobs.issuperset(when) for when in t.spills_when))
+                     and not any(knobs.issuperset(when)
+                                 for when in (*t.spills_when, *t.slower_when)))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -210,10 +213,10 @@ FWD16 = _by_limit({
 # fwd90 (Hopper wgmma): 2 warpgroups x 64 query rows. Buckets without an entry use the
 # portable kernel. 12 warps: flash_fwd_sm90_ws.cu, a producer warpgroup beside the two
 # (fwd90_warp_specialized), first where it fits; 8 warps: flash_fwd_sm90.cu.
-_WS = "warp-specialized, not yet timed against flash_fwd_sm90.cu"
+_SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call7.log"
 
 
-def _ws(block_n, stages, why=_WS) -> Tile:
+def _ws(block_n, stages, why) -> Tile:
     # softcap + ALiBi: 104-152 B spilled at 232 registers (causal; NVRTC 13.5): those calls
     # take flash_fwd_sm90.cu
     return replace(_t(12, 128, block_n, stages, why), spills_when=(("softcap", "alibi"),))
@@ -221,10 +224,20 @@ def _ws(block_n, stages, why=_WS) -> Tile:
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
                                 "(NOTES' wgmma kernels)")
-FWD90 = {64: (_ws(128, 3), _FWD90_WIDE, _fwd16(8, 64, 2)),
-         128: (_ws(128, 3), _ws(128, 2), _FWD90_WIDE, _fwd16(8, 64, 2)),
-         256: (_ws(64, 2),
-               _fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"))}
+# d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP).
+FWD90 = {
+    64: (replace(_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s vs 355/379/377 "
+                             f"for (8, 128, 64, 2) ({_SWEEP})"),
+                 # causal 1k/4k: 238/345 vs 275/363 for (8, 128, 64, 2)
+                 slower_when=(("causal",),)),
+         _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
+                          f"for (8, 128, 128, 2) ({_SWEEP})"),
+         _FWD90_WIDE),
+    # (12, 128, 128, 2), for smaller budgets: -4% to +7% against (8, 128, 128, 2): not listed
+    128: (_ws(128, 3, f"H200 bf16 d128 1k/4k/16k: 522/608/579 TFLOP/s, causal 361/523/545; "
+                      f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})"),
+          _FWD90_WIDE, _fwd16(8, 64, 2)),
+    256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp

@@ -53,7 +53,8 @@ def test_larger_budget_never_picks_smaller_tiles():
 
 def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     spec = specs.select_forward(facts(227), "bfloat16", 128, False)
-    assert spec.name == "fwd90_bf16_d128_m128_n128_w8_s2"
+    assert spec.name == "fwd90_bf16_d128_m128_n128_w12_s3"  # warp-specialized
+    assert spec.source == "flash_fwd_sm90_ws.cu" and spec.threads == 384
     assert specs.compile_arch(spec, "sm_90") == "sm_90a"
 
 
