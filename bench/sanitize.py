@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="comma-separated dtypes (default: bfloat16,float32)")
     p.add_argument("--head-dims", default="32,64,96,128,160,192,224,256",
                    help="comma-separated head-dim buckets (default: all)")
+    p.add_argument("--seqlen-k", type=int, default=None,
+                   help="keys of the dense cases (default 300, 3 tiles of 128; the "
+                        "warp-specialized forward's 3-stage ring first reuses a stage at 4)")
     p.add_argument("--quick", action="store_true",
                    help="skip the padded head_dim and causal cases")
     p.add_argument("--warm", action="store_true",
@@ -340,6 +343,8 @@ def main(argv=None) -> int:
 
     from cuflash import specs
 
+    if args.seqlen_k:
+        SHAPE["seqlen_k"] = args.seqlen_k
     cupy.cuda.set_allocator(None)  # one cudaMalloc per array (see the module docstring)
     specs.set_smem_budget(None if args.smem_kib is None else args.smem_kib * specs.KIB)
     props = cupy.cuda.runtime.getDeviceProperties(0)
