@@ -43,8 +43,6 @@ class Tile:
     spills_on: tuple[str, ...] = ()
     # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then.
     spills_when: tuple[tuple[str, ...], ...] = ()
-    # Knob sets under which a later tile of the list measured faster: skipped then.
-    slower_when: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,8 +85,7 @@ class Variant:
                    ) -> tuple[Tile, ...]:
         """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
         return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
-                     and not any(knobs.issuperset(when)
-                                 for when in (*t.spills_when, *t.slower_when)))
+                     and not any(knobs.issuperset(when) for when in t.spills_when))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -138,8 +135,8 @@ def _smem_none(s) -> int:  # elementwise: registers only
 
 
 def fwd90_warp_specialized(spec) -> bool:
-    """flash_fwd_sm90_ws.cu's tiles: a producer warpgroup beside two 64-row consumers."""
-    return spec.kind == "fwd90" and spec.warps == 12
+    """flash_fwd_sm90_ws.cu's tiles: a producer warpgroup beside 64-row consumers."""
+    return spec.kind == "fwd90" and spec.block_m == 16 * (spec.warps - 4)
 
 
 def bwd_split_layout(spec) -> bool:
@@ -216,27 +213,32 @@ FWD16 = _by_limit({
 _SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call7.log"
 
 
-def _ws(block_n, stages, why) -> Tile:
-    # softcap + ALiBi: 104-152 B spilled at 232 registers (causal; NVRTC 13.5): those calls
-    # take flash_fwd_sm90.cu
-    return replace(_t(12, 128, block_n, stages, why), spills_when=(("softcap", "alibi"),))
+def _ws(block_n, stages, why, consumers=2) -> Tile:
+    """A warp-specialized tile: a producer warpgroup and `consumers` of 64 query rows each.
+    softcap + ALiBi: 104-152 B spilled at 232 registers (causal; NVRTC 13.5): those calls
+    take flash_fwd_sm90.cu."""
+    return replace(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
+                   spills_when=(("softcap", "alibi"),))
 
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
                                 "(NOTES' wgmma kernels)")
-# d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP).
+_SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call9.log"
 FWD90 = {
-    64: (replace(_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s vs 355/379/377 "
-                             f"for (8, 128, 64, 2) ({_SWEEP})"),
-                 # causal 1k/4k: 238/345 vs 275/363 for (8, 128, 64, 2)
-                 slower_when=(("causal",),)),
+    # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
+    # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
+    64: (_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 364/473/480 TFLOP/s, causal 219/381/426; "
+                     f"(12, 128, 128, 3): 351/410/417, causal 237/345/381; (8, 128, 64, 2): "
+                     f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
                           f"for (8, 128, 128, 2) ({_SWEEP})"),
          _FWD90_WIDE),
-    # (12, 128, 128, 2), for smaller budgets: -4% to +7% against (8, 128, 128, 2): not listed
+    # (12, 128, 128, 2), for smaller budgets: -4% to +7% against (8, 128, 128, 2): not listed;
+    # (16, 192, 64, 3-4), three consumers: 0.81-1.02x of (12, 128, 128, 3) (_SWEEP2)
     128: (_ws(128, 3, f"H200 bf16 d128 1k/4k/16k: 522/608/579 TFLOP/s, causal 361/523/545; "
                       f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})"),
           _FWD90_WIDE, _fwd16(8, 64, 2)),
+    # d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP)
     256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu

@@ -4,18 +4,20 @@
 // consumer split and intra-warpgroup pipelining; Shah et al. 2024). Same outputs, masks,
 // modifiers and host contract as flash_fwd_sm90.cu (read its header); what differs:
 //
-// Block: 3 warpgroups (CF_WARPS = 12), CF_BLOCK_M = 128.
-//   warpgroup 0, the producer: 40 registers a thread (setmaxnreg); copies Q once, then key
+// Block: a producer warpgroup and C = CF_BLOCK_M / 64 consumers (C = 2 or 3; CF_WARPS = 4 + 4C).
+//   warpgroup 0, the producer: 40 registers a thread (32 when C = 3; setmaxnreg); copies Q once, then key
 //     tile after key tile, last first, K and V of a tile into stage it % CF_STAGES with
 //     cp.async. It waits for its own copies, makes them visible to the tensor cores' proxy
 //     and arrives on the stage's k_full / v_full mbarrier; before refilling a stage it waits
 //     on the stage's empty mbarrier.
-//   warpgroups 1 and 2, the consumers: 232 registers; rows 64(g - 1) .. + 63 of the tile.
+//   warpgroups 1 .. C, the consumers: 232 registers (160 when C = 3); rows 64(g - 1) .. + 63.
 //     Step it issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1) back to back, then runs
 //     the softmax of S(it) while the P V product is still on the tensor cores; only then it
 //     waits for P V, rescales O by the new row max and releases the stage of it - 1.
-//     No __syncthreads: the consumers meet once, at a named barrier before the epilogue (the
-//     O staging bands overlap the other warpgroup's Q rows).
+//     They take turns issuing their products (ping-pong, round robin), so one's softmax runs
+//     while another's products hold the tensor cores. No __syncthreads: the consumers meet
+//     once, at a named barrier before the epilogue (the O staging bands overlap other
+//     warpgroups' Q rows).
 //
 // Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel layout (cf_sm90.cuh):
 //   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 + 128 bytes.
@@ -33,14 +35,16 @@
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90_ws.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
               "head-dim bucket: whole 64-column panels");
-static_assert(CF_WARPS == 12 && CF_BLOCK_M == 128, "a producer and two 64-row consumers");
+static_assert((CF_BLOCK_M == 128 || CF_BLOCK_M == 192) && CF_WARPS == 4 + CF_BLOCK_M / 16,
+              "a producer and two or three 64-row consumers");
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 
 namespace ws {
 enum : int {
+  kConsumers = CF_BLOCK_M / 64,
   kProducerThreads = 128,
-  kConsumerThreads = 256,
+  kConsumerThreads = 128 * kConsumers,
   kChunks = CF_HEAD_DIM / 8,  // 16-byte chunks per tile row
   kNT = CF_BLOCK_N / 8,       // S n-tiles per thread
   kDT = CF_HEAD_DIM / 8,      // O n-tiles per thread
@@ -48,12 +52,13 @@ enum : int {
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
   kBarriers = kTileQ + 2 * CF_STAGES * kTileKV,
   kSmemBytes = kBarriers + 128,
-  kProducerRegs = 40,  // 128 * 40 + 256 * 232 <= 65536: the register file
-  kConsumerRegs = 232,
+  // 128 * 40 + 256 * 232 and 128 * 32 + 384 * 160 fit the register file (65536)
+  kProducerRegs = kConsumers == 2 ? 40 : 32,
+  kConsumerRegs = kConsumers == 2 ? 232 : 160,
   kConsumerBarrier = 1,  // the named barrier the consumers meet at
   kTurnBarrier = 2,      // 2 + g: consumer warpgroup g may issue its products
 };
-// Ping-pong scheduling of the two consumer warpgroups (a knob: CF_FWD_PINGPONG=0 turns it off).
+// Turn-taking of the consumer warpgroups (a knob: CF_FWD_PINGPONG=0 turns it off).
 #ifndef CF_FWD_PINGPONG
 #define CF_FWD_PINGPONG 1
 #endif
@@ -149,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // ---- the consumers ---------------------------------------------------------------------
   regs_alloc<kConsumerRegs>();
   const RowBounds rows(tile.mask, tile.row0);  // for mask_s
-  const int me = wg - 1;                        // 0 or 1
+  const int me = wg - 1;                        // 0 .. kConsumers - 1
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
   const cf_u32 q_wg = smem_addr(s_q) + me * 64 * 128;  // this warpgroup's rows, panel 0
@@ -159,17 +164,18 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     mbar_wait(bar, parity);
     fence_proxy_async();
   };
-  // Ping-pong: the two warpgroups take turns issuing their products, so one's softmax runs
-  // while the other's matrix products hold the tensor cores. Warpgroup 1 opens the first turn.
+  // Turns: a warpgroup issues its products once the previous one (round robin) has issued
+  // its own; the last warpgroup opens the first turn. Each turn barrier counts two
+  // warpgroups: the one that waits and the one that hands the turn over.
   const auto my_turn = [me] {
-    if constexpr (kPingPong) named_bar_sync(kTurnBarrier + me, kConsumerThreads);
+    if constexpr (kPingPong) named_bar_sync(kTurnBarrier + me, 256);
   };
   const auto their_turn = [me] {
-    if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + 1 - me, kConsumerThreads);
+    if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + (me + 1) % kConsumers, 256);
   };
 
   if (n_tiles > 0) {
-    if (kPingPong && me == 1) their_turn();
+    if (kPingPong && me == kConsumers - 1) their_turn();
     cf_u32 p16[kNT / 2][4];  // P of the previous step, the A operand of its P V product
     float s[kNT][4];
     float alpha[2];

@@ -34,11 +34,16 @@ BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
 
 
+def _block_m(kind: str, warps: int) -> int:
+    """16 query rows per warp; fwd90 past 8 warps is warp-specialized: 4 of them copy."""
+    return 16 * (warps - 4) if kind == "fwd90" and warps > 8 else 16 * warps
+
+
 def candidate_specs(kind, dtype, head_dim, causal):
     bucket = specs.head_dim_bucket(head_dim)
-    if kind in ("fwd", "fwd90"):  # fwd90: 128 query rows (8 warps, or 12: warp-specialized)
+    if kind in ("fwd", "fwd90"):
         out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket,
-                          block_m=128 if kind == "fwd90" else 16 * w, block_n=n, warps=w,
+                          block_m=_block_m(kind, w), block_n=n, warps=w,
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
