@@ -215,10 +215,11 @@ _SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call7.log"
 
 def _ws(block_n, stages, why, consumers=2) -> Tile:
     """A warp-specialized tile: a producer warpgroup and `consumers` of 64 query rows each.
-    softcap + ALiBi: 104-152 B spilled at 232 registers (causal; NVRTC 13.5): those calls
-    take flash_fwd_sm90.cu."""
+    Spills (NVRTC 13.5), whose calls take the next tile: softcap + ALiBi, 104-152 B at 232
+    consumer registers; causal on packed sequences, 24 B in the producer's 40 (48 B in all;
+    more producer registers and fewer consumer ones remove it at d128, not yet timed)."""
     return replace(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
-                   spills_when=(("softcap", "alibi"),))
+                   spills_when=(("softcap", "alibi"), ("causal", "varlen")))
 
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "

@@ -22,6 +22,16 @@ def _shape(batch=3, max_q=300, max_k=500, total_q=700, total_k=1000, causal=True
                       total_q, total_k)
 
 
+def _spills_packed(spec) -> bool:
+    """The registry skips ``spec``'s tile on packed sequences with its knobs (spills_when)."""
+    if spec.kind == "bwd_pre":
+        return False
+    knobs = {"varlen", *(("causal",) if spec.causal else ())}
+    tile = next(t for t in spec.variant.tiles[spec.head_dim] if (t.warps, t.block_m, t.block_n,
+                t.stages) == (spec.warps, spec.block_m, spec.block_n, spec.stages))
+    return any(knobs.issuperset(when) for when in tile.spills_when)
+
+
 def test_every_family_serves_varlen():
     assert all("varlen" in v.modifiers for v in registry.VARIANTS)
 
@@ -30,13 +40,19 @@ def test_every_family_serves_varlen():
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_picks_the_dense_tiles_under_its_own_name(facts, dtype, causal):
-    """The sequence layout changes no tile: the same choice, `_varlen` in the name (the
-    cache key) and CF_VARLEN=1 among the defines; dense specs do not define it at all."""
+    """The sequence layout changes no tile (unless the registry records that the dense tile
+    spills on packed sequences): the same choice, `_varlen` in the name (the cache key) and
+    CF_VARLEN=1 among the defines; dense specs do not define it at all."""
     for direction, kw in (("forward", {}), ("backward", dict(deterministic=False)),
                           ("backward", dict(deterministic=True)), ("backward_dq", {}),
                           ("backward_pre", {})):
         dense = specs.select(direction, facts, dtype, 128, causal, **kw)
         packed = specs.select(direction, facts, dtype, 128, causal, mods=VARLEN, **kw)
+        if _spills_packed(dense):  # the next tile of the list, with the same layout rules
+            assert (packed.kind, packed.dtype) == (dense.kind, dense.dtype)
+            assert packed.name.endswith("_varlen") and packed.defines["CF_VARLEN"] == 1
+            assert not _spills_packed(replace(packed, mods=dense.mods))
+            continue
         assert replace(packed, mods=dense.mods) == dense
         assert packed.name == dense.name + "_varlen"
         assert packed.defines == {**dense.defines, "CF_VARLEN": 1}
