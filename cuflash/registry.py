@@ -210,7 +210,7 @@ FWD16 = _by_limit({
 # fwd90 (Hopper wgmma): 2 warpgroups x 64 query rows. Buckets without an entry use the
 # portable kernel. 12 warps: flash_fwd_sm90_ws.cu, a producer warpgroup beside the two
 # (fwd90_warp_specialized), first where it fits; 8 warps: flash_fwd_sm90.cu.
-_SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call7.log"
+_SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call9.log"
 
 
 def _ws(block_n, stages, why, consumers=2) -> Tile:
@@ -224,7 +224,7 @@ def _ws(block_n, stages, why, consumers=2) -> Tile:
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
                                 "(NOTES' wgmma kernels)")
-_SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call9.log"
+_SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call12.log"
 FWD90 = {
     # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
     # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
