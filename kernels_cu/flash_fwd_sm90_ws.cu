@@ -4,12 +4,15 @@
 // consumer split and intra-warpgroup pipelining; Shah et al. 2024). Same outputs, masks,
 // modifiers and host contract as flash_fwd_sm90.cu (read its header); what differs:
 //
-// Block: a producer warpgroup and C = CF_BLOCK_M / 64 consumers (C = 2 or 3; CF_WARPS = 4 + 4C).
-//   warpgroup 0, the producer: 40 registers a thread (32 when C = 3; setmaxnreg); copies Q once, then key
-//     tile after key tile, last first, K and V of a tile into stage it % CF_STAGES with
-//     cp.async. It waits for its own copies, makes them visible to the tensor cores' proxy
-//     and arrives on the stage's k_full / v_full mbarrier; before refilling a stage it waits
-//     on the stage's empty mbarrier.
+// Block: a producer warpgroup and C = CF_BLOCK_M / 64 consumers (C = 2 or 3;
+// CF_WARPS = 4 + 4C).
+//   warpgroup 0, the producer: 40 registers a thread (32 when C = 3; setmaxnreg); copies Q
+//     once, then key tile after key tile, last first, K and V of a tile into stage
+//     it % CF_STAGES with cp.async, each followed by cp.async.mbarrier.arrive on the stage's
+//     k_full / v_full mbarrier (it completes when every producer thread's copies have
+//     landed); before refilling a stage it waits on the stage's empty mbarrier. A consumer
+//     that has waited on k_full / v_full fences the generic proxy (cp.async's writes) against
+//     the async one (wgmma's reads).
 //   warpgroups 1 .. C, the consumers: 232 registers (160 when C = 3); rows 64(g - 1) .. + 63.
 //     Step it issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1) back to back, then runs
 //     the softmax of S(it) while the P V product is still on the tensor cores; only then it
