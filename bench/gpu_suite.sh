@@ -5,7 +5,7 @@
 #                                            memory train
 #                                            workloads train_gqa host decode generate ab
 #                                            decode_ab
-#                                            modifiers varlen
+#                                            modifiers varlen fwd90_tiles
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -92,6 +92,11 @@ for stage in $stages; do
       run_stage decode_ab bash -c "PYTHONPATH=$(realpath "${AB_OLD:-.old}") $PY bench/decode.py \
         --parts main --out $OUT/results/decode_old.json && $PY bench/decode.py --parts main \
         --out $OUT/results/decode_new.json" ;;
+    fwd90_tiles)  # the Hopper forward's tiles side by side (8 warps: flash_fwd_sm90.cu; 12 / 16:
+      # the warp-specialized kernel with 2 / 3 consumers), SDPA's flash and cuDNN first
+      run_stage fwd90_tiles bash -c "cd bench/dev && $PY tile_sweep.py --kind fwd90 \
+        --head-dim 64 128 256 --seqlen 1024 4096 16384 --causal both \
+        --candidates ${FWD90_TILES:-8,128,2 8,64,2 12,128,3 16,128,3}" ;;
     modifiers)  # what window / softcap / ALiBi / sinks cost against plain attention
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
