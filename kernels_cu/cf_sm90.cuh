@@ -115,17 +115,23 @@ __device__ __forceinline__ void sm90_qk(float (&s)[BLOCK_N / 8][4], cf_u32 q_wg,
   }
 }
 
-// P packed to 16 bits as wgmma A fragments: the S accumulators' C layout is the A layout.
+// K-step kk of P packed to 16 bits as a wgmma A fragment: the S accumulators' C layout is
+// the A layout.
+template <int NT>
+__device__ __forceinline__ void sm90_pack_kstep(cf_u32 (&a)[4], const float (&p)[NT][4],
+                                                int kk) {
+  a[0] = pack2(p[2 * kk][0], p[2 * kk][1]);
+  a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
+  a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+  a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+
+// All of P packed, for a P V product issued later (the registers must outlive it).
 template <int BLOCK_N>
 __device__ __forceinline__ void sm90_pack_p(cf_u32 (&a)[BLOCK_N / 16][4],
                                             const float (&p)[BLOCK_N / 8][4]) {
 #pragma unroll
-  for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-    a[kk][0] = pack2(p[2 * kk][0], p[2 * kk][1]);
-    a[kk][1] = pack2(p[2 * kk][2], p[2 * kk][3]);
-    a[kk][2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[kk][3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
-  }
+  for (int kk = 0; kk < BLOCK_N / 16; ++kk) sm90_pack_kstep(a[kk], p, kk);
 }
 
 // O += P V: BLOCK_N / 16 wgmma with P from registers (packed) and V (MN-major) from shared.
@@ -144,10 +150,7 @@ __device__ __forceinline__ void sm90_pv(float (&acc)[HEAD_DIM / 8][4],
 #pragma unroll
   for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
     cf_u32 a[4];
-    a[0] = pack2(p[2 * kk][0], p[2 * kk][1]);
-    a[1] = pack2(p[2 * kk][2], p[2 * kk][3]);
-    a[2] = pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]);
-    a[3] = pack2(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    sm90_pack_kstep(a, p, kk);
     const cf_u64 db = sm90_desc_mnmajor<BLOCK_N>(v_tile, kk);  // keys 16kk ..
     wgmma_rs<HEAD_DIM>(acc, a, db, 1);
   }
