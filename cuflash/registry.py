@@ -60,15 +60,14 @@ class Variant:
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
     # one raises (never a silent fallback to a slower family).
     modifiers: tuple[str, ...] = ()
-    # the file of a second layout (bwd_split_layout, fwd90_warp_specialized), a kernel of its
-    # own with the same entry point and parameters; ``source`` holds every other tile
+    # a second layout: the tiles it takes (a predicate on the spec) and the file of its kernel,
+    # with the same entry point and parameters; ``source`` holds every other tile
+    split_layout: Callable | None = None
     split_source: str | None = None
 
     def source_of(self, spec) -> str:
         """The kernels_cu file that holds ``spec``'s kernel: the tiles choose the layout."""
-        if self.split_source and (bwd_split_layout(spec) or fwd90_warp_specialized(spec)):
-            return self.split_source
-        return self.source
+        return self.split_source if self.split_layout and self.split_layout(spec) else self.source
 
     @property
     def target(self) -> str:
@@ -328,7 +327,8 @@ ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,
-            wgmma=True, modifiers=ALL_MODS, split_source="flash_fwd_sm90_ws.cu"),
+            wgmma=True, modifiers=ALL_MODS, split_layout=fwd90_warp_specialized,
+            split_source="flash_fwd_sm90_ws.cu"),
     Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
             modifiers=ALL_MODS),
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
@@ -336,7 +336,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
             BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_source="flash_bwd_split.cu"),
+            dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_layout=bwd_split_layout,
+            split_source="flash_bwd_split.cu"),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
             dchunk=_dchunk_bwd32, modifiers=ALL_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,

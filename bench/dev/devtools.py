@@ -23,6 +23,12 @@ def time_ms(fn, reps=30, warmup=5):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def fwd_block_m(kind: str, warps: int) -> int:
+    """Query rows of a forward tile of ``warps`` warps: 16 per warp, but a fwd90 tile past 8
+    warps is warp-specialized (registry.fwd90_warp_specialized): 4 of its warps copy."""
+    return 16 * (warps - 4) if kind == "fwd90" and warps > 8 else 16 * warps
+
+
 # -- one pinned kernel through the library's launcher -----------------------------------------
 # A tuning run must time the tile it names: cuflash memoizes its plans, so swapping the
 # selector does nothing after the first call. Instead build the plan with the spec pinned

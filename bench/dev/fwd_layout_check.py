@@ -16,7 +16,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from devtools import pinned_forward
+from devtools import fwd_block_m, pinned_forward
 
 from cuflash import specs
 from cuflash.specs import KernelSpec
@@ -28,9 +28,8 @@ SHAPES = [(2, 1000, 1000, 8, 8), (1, 333, 1531, 8, 2), (3, 1, 700, 4, 4), (1, 40
 def spec_of(text: str, head_dim: int, causal: bool) -> KernelSpec:
     kind, tile = text.split(":")
     w, n, s = (int(x) for x in tile.split(","))
-    m = 16 * (w - 4) if kind == "fwd90" and w > 8 else 16 * w  # past 8: 4 warps copy
     return KernelSpec(kind=kind, dtype="bfloat16", head_dim=specs.head_dim_bucket(head_dim),
-                      block_m=m, block_n=n, warps=w, stages=s, causal=causal)
+                      block_m=fwd_block_m(kind, w), block_n=n, warps=w, stages=s, causal=causal)
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from devtools import pinned_backward, pinned_forward, time_ms
+from devtools import fwd_block_m, pinned_backward, pinned_forward, time_ms
 
 from cuflash import specs
 from cuflash.specs import KernelSpec
@@ -34,16 +34,11 @@ BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
 
 
-def _block_m(kind: str, warps: int) -> int:
-    """16 query rows per warp; fwd90 past 8 warps is warp-specialized: 4 of them copy."""
-    return 16 * (warps - 4) if kind == "fwd90" and warps > 8 else 16 * warps
-
-
 def candidate_specs(kind, dtype, head_dim, causal):
     bucket = specs.head_dim_bucket(head_dim)
     if kind in ("fwd", "fwd90"):
         out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket,
-                          block_m=_block_m(kind, w), block_n=n, warps=w,
+                          block_m=fwd_block_m(kind, w), block_n=n, warps=w,
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
