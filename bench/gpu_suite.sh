@@ -5,7 +5,7 @@
 #                                            memory train
 #                                            workloads train_gqa host decode generate ab
 #                                            decode_ab
-#                                            modifiers varlen fwd90_tiles
+#                                            modifiers varlen fwd90_tiles bwd90_tiles
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -97,6 +97,11 @@ for stage in $stages; do
       run_stage fwd90_tiles bash -c "cd bench/dev && $PY tile_sweep.py --kind fwd90 \
         --head-dim 64 128 256 --seqlen 1024 4096 16384 --causal both \
         --candidates ${FWD90_TILES:-8,128,2 8,64,2 12,128,3 16,128,3}" ;;
+    bwd90_tiles)  # the Hopper backward (flash_bwd_sm90.cu) beside SDPA's flash and cuDNN;
+      # BWD90_AB=NAME=VALUE times each tile again with that knob (an A/B in the same run)
+      run_stage bwd90_tiles bash -c "cd bench/dev && $PY tile_sweep.py --kind bwd90 \
+        --head-dim 64 128 256 --seqlen ${BWD90_SEQLENS:-1024 4096 16384} --causal both \
+        --dtype ${BWD90_DTYPE:-bfloat16} ${BWD90_AB:+--variant $BWD90_AB}" ;;
     modifiers)  # what window / softcap / ALiBi / sinks cost against plain attention
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)

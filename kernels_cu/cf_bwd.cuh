@@ -39,18 +39,6 @@ enum : int {
 };
 }  // namespace bwd_tile
 
-// -- 4-byte asynchronous copy (lse2 / delta rows are not 16-byte aligned) ----------------------
-// (synchronous on Turing, as cp_async_16 in cf_common.cuh).
-__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
-#if CF_TURING
-  cf_u32 x;
-  asm volatile("ld.global.u32 %0, [%1];" : "=r"(x) : "l"(src));
-  asm volatile("st.shared.u32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(x));
-#else
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src));
-#endif
-}
-
 // -- swizzle of any tile whose rows hold CPR 16-byte chunks -------------------------------------
 // CPR % 4 == 0: cf_common's swizzle_chunk. CPR == 2 (the 16-column dS^T tile of block_m = 16,
 // 32-byte rows, 4 rows per 128-byte bank line): XOR bit 0 of the chunk with bit 2 of the row,

@@ -176,6 +176,29 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #endif
 
+// -- 4-byte asynchronous copy (lse2 / delta rows are not 16-byte aligned) ----------------------
+// (synchronous on Turing, as cp_async_16). cp_async_4_zfill: a false copy writes 0 and reads
+// nothing from `src` (still a mapped address).
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
+#if CF_TURING
+  cf_u32 x;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(x) : "l"(src));
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(x));
+#else
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src));
+#endif
+}
+__device__ __forceinline__ void cp_async_4_zfill(void* dst, const void* src, bool valid) {
+#if CF_TURING
+  cf_u32 x = 0;
+  if (valid) asm volatile("ld.global.u32 %0, [%1];" : "=r"(x) : "l"(src));
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(smem_addr(dst)), "r"(x));
+#else
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+#endif
+}
+
 // -- swizzled tile layout -----------------------------------------------------------------
 // A tile row of `chunks_per_row` 16-byte chunks (head_dim / 8 for 16-bit data). The chunk
 // index is XORed with a function of the row so that the 8 rows one ldmatrix phase reads

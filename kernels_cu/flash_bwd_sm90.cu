@@ -234,8 +234,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
 
-  // Issue iteration it's copies into stage st: Q and dO tiles (cp.async), lse2 and delta
-  // (plain loads; past seqlen_q they become 0, harmless: those Q and dO rows are zeros).
+  // Issue iteration it's copies into stage st: Q and dO tiles, lse2 and delta (cp.async; past
+  // seqlen_q they become 0, harmless: those Q and dO rows are zeros).
   auto load_query_tile = [&](int it, int st) {
     const int g = it / tiles_per_head;
     const int m0 = (m_first + it - g * tiles_per_head) * kBM;
@@ -246,10 +246,12 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     const QLoad ldo(dout + seq.q_offset(stride_dob, stride_dom) +
                         h * stride_doh, stride_dom, head_dim, tid);
     ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
-    if (tid < 2 * kBM) {
+    if (tid < 2 * kBM) {  // asynchronous too: a plain load here stalled warpgroup 0 (and, at
+      // the next barrier, the block) for a global-memory latency every tile
       const int r = tid % kBM, row = m0 + r;
-      const float* src = (tid < kBM ? lse2 : delta) + seq.stats(h) + row;
-      (tid < kBM ? sLse : sDelta)[st * kBM + r] = row < seqlen_q ? *src : 0.f;
+      const float* stats = (tid < kBM ? lse2 : delta) + seq.stats(h);
+      cp_async_4_zfill((tid < kBM ? sLse : sDelta) + st * kBM + r,
+                       stats + (row < seqlen_q ? row : 0), row < seqlen_q);
     }
   };
 

@@ -2,6 +2,7 @@
 
     python bench/dev/tile_sweep.py --kind fwd --head-dim 64 128 --seqlen 4096 16384 --causal both
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
+    python bench/dev/tile_sweep.py --kind bwd90 --head-dim 128 --define CF_BWD90_OVERLAP=0
 
 For each candidate the plan is built with that KernelSpec pinned (cuflash.plan's ``spec=``,
 devtools.pinned_forward / pinned_backward; --define adds knobs to the spec, so its name and
@@ -29,9 +30,13 @@ FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), 
 # 8 warps at head_dim <= 128 is the split layout (flash_bwd_split.cu); (4, 64, 2) the
 # 16-keys-per-warp kernel (flash_bwd.cu) that the table chose before it.
 BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
+# bwd90 (flash_bwd_sm90.cu): 8 warps, 2 stages; block_m 64 (128 at head_dim 64), block_n 128
+# (64 at head_dim 256), as the registry's tiles.
+BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2)]
 
 
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
+VARIANTS: list[dict[str, int]] = []  # --variant NAME=VALUE: each candidate again with it
 
 
 def candidate_specs(kind, dtype, head_dim, causal):
@@ -40,11 +45,17 @@ def candidate_specs(kind, dtype, head_dim, causal):
         out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket,
                           block_m=fwd_block_m(kind, w), block_n=n, warps=w,
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
+    elif kind == "bwd90":
+        out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, block_m=m,
+                          block_n=64 if bucket == 256 else 128, warps=w, stages=s, causal=causal,
+                          dq_atomic=True, dchunk=bucket)
+               for w, m, s in BWD90_CANDIDATES if m == 64 or bucket == 64]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,
                           dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
-    return [spec.with_knobs(**KNOBS) for spec in out]
+    out = [spec.with_knobs(**KNOBS) for spec in out]
+    return out + [spec.with_knobs(**variant) for variant in VARIANTS for spec in out]
 
 
 
@@ -75,15 +86,19 @@ def sweep(kind, dtype_name, d, s, causal):
     dt = getattr(torch, dtype_name)
     q, k, v, do = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt) for _ in range(4))
     flops = 4 * batch * heads * s * s * d / (2 if causal else 1)
-    flops *= 2.5 if kind == "bwd" else 1
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                         v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+    backward = kind in ("bwd", "bwd90")
+    flops *= 2.5 if backward else 1
+    qg, kg, vg = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+    ref_grads = [g.transpose(1, 2) for g in
+                 torch.autograd.grad(ref, (qg, kg, vg), do.transpose(1, 2))] if backward else []
+    ref = ref.detach().transpose(1, 2)
     print(f"--- {kind} {dtype_name} d{d} seqlen {s} batch {batch} heads {heads}"
           f"{' causal' if causal else ''}")
     for label, backend in (("sdpa_flash (FA-2)", SDPBackend.FLASH_ATTENTION),
                            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
-            ms = sdpa_ms(q, k, v, do, causal, kind, backend)
+            ms = sdpa_ms(q, k, v, do, causal, "bwd" if backward else kind, backend)
             print(f"{label:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms")
         except Exception as exc:  # a backend may refuse a shape; say so and go on
             print(f"{label:<52} unavailable: {type(exc).__name__}: {str(exc)[:80]}")
@@ -94,19 +109,23 @@ def sweep(kind, dtype_name, d, s, causal):
         if spec.smem_bytes > budget:
             print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
             continue
-        if kind != "bwd":
+        if not backward:
             o, m, l = pinned_forward(spec, q, k, v, causal)
             ms = time_ms(lambda: pinned_forward(spec, q, k, v, causal))
+            err = f"max|o - sdpa| {(o.float() - ref.float()).abs().max().item():.1e}"
         else:
+            grads = pinned_backward(spec, do, q, k, v, o, m, l, causal)
             ms = time_ms(lambda: pinned_backward(spec, do, q, k, v, o, m, l, causal))
-        err = (o.float() - ref.float()).abs().max().item()
-        print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  "
-              f"max|o - sdpa| {err:.1e}", flush=True)
+            err = "max|dq, dk, dv - sdpa| / max|sdpa| " + " ".join(
+                f"{((g.float() - r.float()).abs().max() / r.float().abs().max()).item():.1e}"
+                for g, r in zip(grads, ref_grads))
+        print(f"{spec.name:<52} {flops / ms / 1e9:7.1f} TFLOP/s  {ms:8.3f} ms  {err}",
+              flush=True)
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kind", choices=["fwd", "fwd90", "bwd"], default="fwd")
+    p.add_argument("--kind", choices=["fwd", "fwd90", "bwd", "bwd90"], default="fwd")
     p.add_argument("--head-dim", type=int, nargs="+", default=[128])
     p.add_argument("--seqlen", type=int, nargs="+", default=[16384])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="no")
@@ -116,10 +135,16 @@ def main():
     p.add_argument("--define", action="append", default=[],
                    help="extra NAME=VALUE compiled into every candidate (kernel-internal knobs "
                         "such as CF_BWD_SPLIT_KUNROLL=1), as KernelSpec knobs: in the name")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=VALUE: also time every candidate with this knob, in the same run "
+                        "(an A/B of a kernel-internal knob)")
     args = p.parse_args()
+    for variant in args.variant:
+        name, value = variant.split("=")
+        VARIANTS.append({name: int(value)})
     if args.candidates:
         tiles = [tuple(int(x) for x in c.split(",")) for c in args.candidates]
-        FWD_CANDIDATES[:] = BWD_CANDIDATES[:] = tiles
+        FWD_CANDIDATES[:] = BWD_CANDIDATES[:] = BWD90_CANDIDATES[:] = tiles
     for define in args.define:
         name, value = define.split("=")
         KNOBS[name] = int(value)
