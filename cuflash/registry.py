@@ -212,13 +212,14 @@ FWD16 = _by_limit({
 _SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call9.log"
 
 
-def _ws(block_n, stages, why, consumers=2) -> Tile:
+def _ws(block_n, stages, why, consumers=2, spills_when=()) -> Tile:
     """A warp-specialized tile: a producer warpgroup and `consumers` of 64 query rows each.
     Spills (NVRTC 13.5), whose calls take the next tile: softcap + ALiBi, 104-152 B at 232
     consumer registers; causal on packed sequences, 24 B in the producer's 40 (48 B in all;
-    more producer registers and fewer consumer ones remove it at d128, not yet timed)."""
+    more producer registers and fewer consumer ones remove it at d128, not yet timed); and
+    the tile's own `spills_when`."""
     return replace(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
-                   spills_when=(("softcap", "alibi"), ("causal", "varlen")))
+                   spills_when=(("softcap", "alibi"), ("causal", "varlen"), *spills_when))
 
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
@@ -227,16 +228,23 @@ _SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call12.log
 FWD90 = {
     # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
     # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
+    # Causal with softcap (44-72 B) or ALiBi (24 B) spills three consumers' 160 registers:
+    # two consumers take those calls.
     64: (_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 364/473/480 TFLOP/s, causal 219/381/426; "
                      f"(12, 128, 128, 3): 351/410/417, causal 237/345/381; (8, 128, 64, 2): "
-                     f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3),
+                     f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3,
+             spills_when=(("causal", "softcap"), ("causal", "alibi"))),
+         _ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s, causal 238/345/384 "
+                     f"({_SWEEP})"),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
                           f"for (8, 128, 128, 2) ({_SWEEP})"),
          _FWD90_WIDE),
     # (12, 128, 128, 2), for smaller budgets: -4% to +7% against (8, 128, 128, 2): not listed;
     # (16, 192, 64, 3-4), three consumers: 0.81-1.02x of (12, 128, 128, 3) (_SWEEP2)
+    # causal ALiBi: 24 B spilled (the next tile takes it)
     128: (_ws(128, 3, f"H200 bf16 d128 1k/4k/16k: 522/608/579 TFLOP/s, causal 361/523/545; "
-                      f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})"),
+                      f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})",
+              spills_when=(("causal", "alibi"),)),
           _FWD90_WIDE, _fwd16(8, 64, 2)),
     # d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP)
     256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
@@ -262,6 +270,10 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
         own[1] = _bwd16(4, 64, 1, spills_on=("sm_75",))
     if bucket == 128:  # 12 B spilled on sm_120 (and sm_121, its instruction set); sm_80, sm_90: none
         own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
+        # softcap + ALiBi together (no model we know pairs them): 16-24 B spilled on sm_90,
+        # not causal, since tanh is tanh.approx (2026-12-02); sm_80 none, but the registry
+        # cannot say both. The Hopper default (bwd90) is clean; this is its deterministic mode.
+        split = (replace(_SPLIT_M64, spills_when=(("softcap", "alibi"),)),)
     # 12 B spilled on sm_120 with causal (255 registers) since the backward's helpers moved to
     # cf_bwd*.cuh (2026-12-02; before: 253 and 255 registers, no spill); sm_80, sm_90: cubins
     # unchanged
@@ -281,14 +293,14 @@ BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 12
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
                       # live in registers where dense ones are constants); m64 has 199.
-                      # Also softcap + ALiBi on packed sequences (20 B with a window).
-                      spills_when=(("causal", "varlen"), ("softcap", "alibi", "varlen"))),
+                      # (Softcap + ALiBi on packed sequences spilled 20 B until tanh became
+                      # tanh.approx, 2026-12-02: now none.)
+                      spills_when=(("causal", "varlen"),)),
               _t(8, 64, 128, 2)),
-         128: (replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
-                                         "(NOTES' wgmma kernels)"),
-                       # softcap + ALiBi: 8 B spilled (causal, dense), 48 B on packed
-                       # sequences: the portable kernel takes those calls
-                       spills_when=(("softcap", "alibi"),)),),
+         # softcap + ALiBi spilled 8-48 B here (the portable kernel took those calls) until
+         # tanh became tanh.approx (2026-12-02): now 255 registers, none spilled
+         128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
+                                 "(NOTES' wgmma kernels)"),),
          256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"

@@ -230,15 +230,18 @@ __device__ __forceinline__ void mask_s(float (&s)[NT][4], int key0, const RowBou
 // On a raw score S = q.k, keeping raw units: with c = softcap / softmax_scale,
 //   softcap: S' = c tanh(S / c)          (= softcap tanh(x / softcap) / softmax_scale)
 //   ALiBi:   S' -= (slope / softmax_scale) |i + off - j|
-// tanh: not tanh.approx, whose 2^-11 relative error, times a score of tens in log2 units,
-// moves P by a percent. float32 kernels: tanhf. 16-bit kernels: 1 - 2 / (2^(2x log2 e) + 1)
-// with ex2.approx, about 1e-7 absolute (the score moves by softcap * 1e-7, far below the
-// 16-bit rounding of P) in a few instructions: tanhf's registers made the d224 forward spill.
+// tanh: float32 kernels, tanhf. 16-bit kernels, tanh.approx.f32: one SFU op (the softmax's
+// exp2 is the other), where 1 - 2 / (2^(2x log2 e) + 1) took two (ex2, rcp) and made a softcap
+// forward about 2x plain attention on an H200 (the SFU, not the tensor cores, set the pace).
+// Its relative error, about 2^-11, moves the capped score by at most softcap * 2^-11: a quarter
+// of the 16-bit rounding of that score (2^-9 relative) which any 16-bit pipeline incurs.
 __device__ __forceinline__ float cf_tanh(float x) {
 #if CF_DTYPE == 2
   return tanhf(x);
 #else
-  return 1.f - 2.f * __frcp_rn(fast_exp2(x * (2.f * CF_LOG2E)) + 1.f);  // inf -> 1, 0 -> -1
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 #endif
 }
 
@@ -266,6 +269,14 @@ struct ScoreMods {
     float t;
     return apply(s, i, j, t);
   }
+  // The same at float positions q_pos = i + off and key = j (exact below 2^24): ALiBi's distance
+  // by a float subtract, with no int-to-float conversion per score, a quarter-rate op like the
+  // softmax's exp2 (it made ALiBi cost 16% of an H200 forward).
+  __device__ __forceinline__ float apply_at(float s, float q_pos, float key) const {
+    if (CF_SOFTCAP) s = cap * cf_tanh(s * inv_cap);
+    if (CF_ALIBI) s -= slope * fabsf(q_pos - key);
+    return s;
+  }
 };
 
 // Softcap's derivative factor for dS: 1 - tanh^2 (1 without softcap).
@@ -278,11 +289,12 @@ template <int NT>
 __device__ __forceinline__ void modify_s(float (&s)[NT][4], const ScoreMods& mods, int row0,
                                          int key0) {
   if (!CF_SCORE_MODS) return;
+  const float q_pos = (float)(row0 + mods.off), key = (float)key0;  // two conversions per tile
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
     for (int e = 0; e < 4; ++e)
-      s[t][e] = mods.apply(s[t][e], row0 + 8 * (e >> 1), key0 + 8 * t + (e & 1));
+      s[t][e] = mods.apply_at(s[t][e], q_pos + 8.f * (e >> 1), key + (8.f * t + (e & 1)));
 }
 
 // -- attention sinks (forward epilogue) --------------------------------------------------------

@@ -2,10 +2,12 @@
 
     python bench/dev/modifiers_overhead.py [--seqlen 4096] [--head-dim 128] [--dtype bfloat16]
 
-Per row: forward and forward+backward median milliseconds (CUDA events, 3 warmups, 10 timed
-calls) of plain causal attention and of each modifier (softcap, ALiBi, sinks, all three), and
-the ratio to plain (target: <= 1.10); then a sliding window of 4096 at seqlen 32k against full
-causal (target: >= 6x faster). Batch 1, 16 heads (GQA 16/4). Prints the specs the plans ran.
+Per row: forward and forward+backward median milliseconds of plain attention (causal, then
+not) and of each modifier (softcap, ALiBi, sinks, all three), and the ratio to plain (target:
+<= 1.10); then a sliding window of 4096 at seqlen 32k against full causal (target: >= 6x
+faster). Batch 1, 16 heads (GQA 16/4). Kernel time: CUDA events around calls enqueued back to
+back behind a GPU sleep (as bench/dev/devtools.time_ms), so host time is not counted (before
+2026-12-02 each call was synchronized, which added the host path to every row alike).
 """
 
 from __future__ import annotations
@@ -16,19 +18,20 @@ import numpy as np
 
 
 def _time(fn, warmup: int = 3, reps: int = 10) -> float:
-    import cupy
+    import torch
 
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    torch.cuda._sleep(100_000_000)  # ~50 ms: the host enqueues every call before the GPU starts
+    for start, stop in events:
         start.record()
         fn()
         stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    torch.cuda.synchronize()
+    return float(np.median([start.elapsed_time(stop) for start, stop in events]))
 
 
 def _inputs(seqlen: int, head_dim: int, dtype: str, heads: int = 16, heads_kv: int = 4):
@@ -44,15 +47,15 @@ def _inputs(seqlen: int, head_dim: int, dtype: str, heads: int = 16, heads_kv: i
     return q, k, v, do, slopes, sinks
 
 
-def _row(label: str, q, k, v, do, **mods) -> tuple[float, float]:
+def _row(label: str, q, k, v, do, causal: bool = True, **mods) -> tuple[float, float]:
     import cuflash
 
     def fwd():
-        return cuflash.attention_forward(q, k, v, causal=True, **mods)
+        return cuflash.attention_forward(q, k, v, causal=causal, **mods)
 
     def fwd_bwd():
         o2, s2 = fwd()
-        cuflash.attention_backward(do, q, k, v, o2, s2, causal=True, **mods)
+        cuflash.attention_backward(do, q, k, v, o2, s2, causal=causal, **mods)
 
     return _time(fwd), _time(fwd_bwd)
 
@@ -67,13 +70,15 @@ def main() -> None:
     rows = {"plain causal": {}, "softcap 30": dict(softcap=30.0),
             "alibi": dict(alibi_slopes=slopes), "sinks": dict(sinks=sinks),
             "softcap+alibi+sinks": dict(softcap=30.0, alibi_slopes=slopes, sinks=sinks)}
-    base = None
-    print(f"seqlen {args.seqlen}, d{args.head_dim}, {args.dtype}, 16/4 heads, causal")
-    for label, mods in rows.items():
-        f, fb = _row(label, q, k, v, do, **mods)
-        base = base or (f, fb)
-        print(f"{label:22s} fwd {f:8.3f} ms ({f / base[0]:.2f}x)   fwd+bwd {fb:8.3f} ms "
-              f"({fb / base[1]:.2f}x)")
+    for causal in (True, False):
+        base = None
+        print(f"seqlen {args.seqlen}, d{args.head_dim}, {args.dtype}, 16/4 heads"
+              f"{', causal' if causal else ''}")
+        for label, mods in rows.items():
+            f, fb = _row(label, q, k, v, do, causal, **mods)
+            base = base or (f, fb)
+            print(f"{label.replace('plain causal', 'plain'):22s} fwd {f:8.3f} ms "
+                  f"({f / base[0]:.2f}x)   fwd+bwd {fb:8.3f} ms ({fb / base[1]:.2f}x)")
     q, k, v, do, _, _ = _inputs(32768, args.head_dim, args.dtype)
     f_full, fb_full = _row("causal 32k", q, k, v, do)
     f_win, fb_win = _row("window 4096", q, k, v, do, window=(4095, 0))
