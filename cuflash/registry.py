@@ -41,7 +41,8 @@ class Tile:
     # Archs whose ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py):
     # the selector skips it there.
     spills_on: tuple[str, ...] = ()
-    # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then.
+    # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then. A
+    # set may name an arch (("sm_120", "softcap")): then only there.
     spills_when: tuple[tuple[str, ...], ...] = ()
 
 
@@ -83,8 +84,9 @@ class Variant:
     def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset()
                    ) -> tuple[Tile, ...]:
         """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
+        context = knobs | {arch}
         return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
-                     and not any(knobs.issuperset(when) for when in t.spills_when))
+                     and not any(context.issuperset(when) for when in t.spills_when))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -182,6 +184,15 @@ def _t(warps, block_m, block_n, stages, why=FITS, spills_on=()) -> Tile:
     return Tile(warps, block_m, block_n, stages, why, tuple(spills_on))
 
 
+def _only_on(archs, *knob_sets) -> tuple[tuple[str, ...], ...]:
+    """spills_when entries: each knob set, on these archs only."""
+    return tuple((arch, *knobs) for arch in archs for knobs in knob_sets)
+
+
+_BLACKWELL = ("sm_100", "sm_103")
+_BLACKWELL_CONSUMER = ("sm_120", "sm_121")  # one instruction set
+
+
 def _fwd16(warps, block_n, stages, why=FITS) -> Tile:  # a warp owns 16 query rows
     return _t(warps, 16 * warps, block_n, stages, why)
 
@@ -202,7 +213,12 @@ FWD16 = _by_limit({
                            "for 2 blocks/SM in 227 KB"),
           _fwd16(4, 64, 2, "H100 bf16 d128 4k: 325 TFLOP/s, 1k: 283 (NOTES' forward tiles)"),
           *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
-    256: (_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward tiles)"),
+    # window + softcap or ALiBi, ALiBi on packed sequences, causal softcap on packed
+    # sequences: 8-48 B spilled on sm_100 (bench/dev/NOTES.md, modifier spills audit)
+    256: (replace(_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward "
+                                   "tiles)"),
+                  spills_when=_only_on(_BLACKWELL, ("window", "softcap"), ("window", "alibi"),
+                                       ("alibi", "varlen"), ("causal", "softcap", "varlen"))),
           _fwd16(8, 32, 2), *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
 })
 
@@ -228,12 +244,14 @@ _SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call12.log
 FWD90 = {
     # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
     # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
-    # Causal with softcap (44-72 B) or ALiBi (24 B) spills three consumers' 160 registers:
-    # two consumers take those calls.
+    # Three consumers' 160 registers spill with causal softcap (44 B) or ALiBi (24 B), softcap
+    # on packed sequences (36 B), a window with softcap (64-124 B) or ALiBi (280 B): two
+    # consumers take those calls.
     64: (_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 364/473/480 TFLOP/s, causal 219/381/426; "
                      f"(12, 128, 128, 3): 351/410/417, causal 237/345/381; (8, 128, 64, 2): "
                      f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3,
-             spills_when=(("causal", "softcap"), ("causal", "alibi"))),
+             spills_when=(("causal", "softcap"), ("causal", "alibi"), ("softcap", "varlen"),
+                          ("window", "softcap"), ("window", "alibi"))),
          _ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s, causal 238/345/384 "
                      f"({_SWEEP})"),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
@@ -270,17 +288,28 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
         own[1] = _bwd16(4, 64, 1, spills_on=("sm_75",))
     if bucket == 128:  # 12 B spilled on sm_120 (and sm_121, its instruction set); sm_80, sm_90: none
         own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
-        # softcap + ALiBi together (no model we know pairs them): 16-24 B spilled on sm_90,
-        # not causal, since tanh is tanh.approx (2026-12-02); sm_80 none, but the registry
-        # cannot say both. The Hopper default (bwd90) is clean; this is its deterministic mode.
-        split = (replace(_SPLIT_M64, spills_when=(("softcap", "alibi"),)),)
+        # Modifier spills, the tile skipped only there (bench/dev/NOTES.md, 2026-12-02):
+        # softcap + ALiBi, 16-24 B on sm_90 since tanh is tanh.approx (the Hopper default,
+        # bwd90, is clean: this is its deterministic mode); causal softcap 12 B on sm_120 since
+        # tanh.approx; ALiBi 16-40 B on sm_75 (before it too); a window with softcap (sm_75,
+        # sm_120) or ALiBi (sm_120), 12-24 B.
+        split = (replace(_SPLIT_M64, spills_when=(("sm_90", "softcap", "alibi"),)),)
+        own[1] = replace(own[1], spills_when=_only_on(
+            _BLACKWELL_CONSUMER, ("causal", "softcap"), ("window", "softcap"), ("window", "alibi")))
+        own[2] = replace(own[2], spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
+        own[3] = replace(own[3], spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
     # 12 B spilled on sm_120 with causal (255 registers) since the backward's helpers moved to
     # cf_bwd*.cuh (2026-12-02; before: 253 and 255 registers, no spill); sm_80, sm_90: cubins
     # unchanged
     if bucket == 160:
         own[1] = _bwd16(4, 64, 1, spills_on=("sm_120", "sm_121"))
-    if bucket == 192:
-        own[3] = _bwd16(2, 32, 1, spills_on=("sm_120", "sm_121"))
+    if bucket == 192:  # and ALiBi (16-40 B, before tanh.approx too), windowed softcap on sm_75
+        own[3] = replace(_bwd16(2, 32, 1, spills_on=("sm_120", "sm_121")),
+                         spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
+    if bucket == 256:  # softcap: 12-20 B on sm_120 (causal 12 B before tanh.approx)
+        own[3] = replace(own[3], spills_when=_only_on(_BLACKWELL_CONSUMER, ("softcap",)))
+    if bucket in (192, 256):  # softcap: 12 B on sm_100
+        own[0] = replace(own[0], spills_when=_only_on(_BLACKWELL, ("softcap",)))
     return (*split, *own)
 
 
@@ -299,8 +328,10 @@ BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 12
               _t(8, 64, 128, 2)),
          # softcap + ALiBi spilled 8-48 B here (the portable kernel took those calls) until
          # tanh became tanh.approx (2026-12-02): now 255 registers, none spilled
-         128: (_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
-                                 "(NOTES' wgmma kernels)"),),
+         # causal ALiBi on packed sequences: 20 B spilled (the portable kernel takes it)
+         128: (replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
+                                         "(NOTES' wgmma kernels)"),
+                       spills_when=(("causal", "alibi", "varlen"),)),),
          256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"

@@ -142,10 +142,13 @@ try:
 except ImportError:
     HAVE_NVRTC = bool(os.environ.get("CI"))  # CI must not skip (it then fails the import)
 
-# all, pairs that spill where all four do not, and each alone (the warp-specialized forward
-# spilled with causal softcap or ALiBi alone)
+# all; each alone; and the pairs that spilled a selected tile where all four did not (the
+# warp-specialized forward: causal softcap or ALiBi, softcap on packed sequences, a window
+# with softcap or ALiBi; the Hopper backward: causal ALiBi on packed sequences)
 COMBOS = (ALL, ModFlags(softcap=True, alibi=True), ModFlags(window=True),
-          ModFlags(softcap=True), ModFlags(alibi=True), ModFlags(sinks=True))
+          ModFlags(softcap=True), ModFlags(alibi=True), ModFlags(sinks=True),
+          ModFlags(softcap=True, varlen=True), ModFlags(alibi=True, varlen=True),
+          ModFlags(window=True, softcap=True), ModFlags(window=True, alibi=True))
 
 
 def _modifier_specs(arch: str) -> list:
