@@ -270,8 +270,9 @@ struct ScoreMods {
     return apply(s, i, j, t);
   }
   // The same at float positions q_pos = i + off and key = j (exact below 2^24): ALiBi's distance
-  // by a float subtract, with no int-to-float conversion per score, a quarter-rate op like the
-  // softmax's exp2 (it made ALiBi cost 16% of an H200 forward).
+  // by a float subtract, with no int-to-float conversion (a quarter-rate op) per score. An H200
+  // d128 4k causal forward went from 1.16x to 1.12x plain with it; the rest of ALiBi's cost
+  // is elsewhere.
   __device__ __forceinline__ float apply_at(float s, float q_pos, float key) const {
     if (CF_SOFTCAP) s = cap * cf_tanh(s * inv_cap);
     if (CF_ALIBI) s -= slope * fabsf(q_pos - key);
