@@ -38,11 +38,10 @@ class Tile:
     block_n: int
     stages: int
     why: str
-    # Archs whose ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py):
-    # the selector skips it there.
-    spills_on: tuple[str, ...] = ()
-    # Knob sets under which ptxas spills it (("causal", "varlen"): both on): skipped then. A
-    # set may name an arch (("sm_120", "softcap")): then only there.
+    # When ptxas spills this tile in this bucket (NVRTC 13.5, tests/test_compile.py,
+    # tests/test_kernel_modifiers.py), the selector skips it: each entry a set of the call's
+    # knobs and arch, all of which must hold (("causal", "varlen"); ("sm_120", "softcap");
+    # ("sm_75",): always on sm_75).
     spills_when: tuple[tuple[str, ...], ...] = ()
 
 
@@ -85,8 +84,8 @@ class Variant:
                    ) -> tuple[Tile, ...]:
         """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
         context = knobs | {arch}
-        return tuple(t for t in self.tiles[bucket] if arch not in t.spills_on
-                     and not any(context.issuperset(when) for when in t.spills_when))
+        return tuple(t for t in self.tiles[bucket]
+                     if not any(context.issuperset(when) for when in t.spills_when))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -180,13 +179,18 @@ def _by_limit(rows: Mapping[int, tuple[Tile, ...]]) -> dict[int, tuple[Tile, ...
     return {b: next(t for limit, t in sorted(rows.items()) if b <= limit) for b in BUCKETS}
 
 
-def _t(warps, block_m, block_n, stages, why=FITS, spills_on=()) -> Tile:
-    return Tile(warps, block_m, block_n, stages, why, tuple(spills_on))
-
-
 def _only_on(archs, *knob_sets) -> tuple[tuple[str, ...], ...]:
-    """spills_when entries: each knob set, on these archs only."""
-    return tuple((arch, *knobs) for arch in archs for knobs in knob_sets)
+    """spills_when entries: each knob set, on these archs only (no set: always there)."""
+    return tuple((arch, *knobs) for arch in archs for knobs in (knob_sets or ((),)))
+
+
+def _t(warps, block_m, block_n, stages, why=FITS, spills_on=()) -> Tile:
+    return Tile(warps, block_m, block_n, stages, why, _only_on(spills_on))
+
+
+def _also(tile: Tile, *spills_when: tuple[str, ...]) -> Tile:
+    """``tile`` skipped under these sets too."""
+    return replace(tile, spills_when=(*tile.spills_when, *spills_when))
 
 
 _BLACKWELL = ("sm_100", "sm_103")
@@ -215,10 +219,10 @@ FWD16 = _by_limit({
           *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
     # window + softcap or ALiBi, ALiBi on packed sequences, causal softcap on packed
     # sequences: 8-48 B spilled on sm_100 (bench/dev/NOTES.md, modifier spills audit)
-    256: (replace(_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward "
-                                   "tiles)"),
-                  spills_when=_only_on(_BLACKWELL, ("window", "softcap"), ("window", "alibi"),
-                                       ("alibi", "varlen"), ("causal", "softcap", "varlen"))),
+    256: (_also(_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward "
+                                 "tiles)"),
+                *_only_on(_BLACKWELL, ("window", "softcap"), ("window", "alibi"),
+                          ("alibi", "varlen"), ("causal", "softcap", "varlen"))),
           _fwd16(8, 32, 2), *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
 })
 
@@ -234,8 +238,8 @@ def _ws(block_n, stages, why, consumers=2, spills_when=()) -> Tile:
     consumer registers; causal on packed sequences, 24 B in the producer's 40 (48 B in all;
     more producer registers and fewer consumer ones remove it at d128, not yet timed); and
     the tile's own `spills_when`."""
-    return replace(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
-                   spills_when=(("softcap", "alibi"), ("causal", "varlen"), *spills_when))
+    return _also(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
+                 ("softcap", "alibi"), ("causal", "varlen"), *spills_when)
 
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
@@ -293,23 +297,23 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
         # bwd90, is clean: this is its deterministic mode); causal softcap 12 B on sm_120 since
         # tanh.approx; ALiBi 16-40 B on sm_75 (before it too); a window with softcap (sm_75,
         # sm_120) or ALiBi (sm_120), 12-24 B.
-        split = (replace(_SPLIT_M64, spills_when=(("sm_90", "softcap", "alibi"),)),)
-        own[1] = replace(own[1], spills_when=_only_on(
-            _BLACKWELL_CONSUMER, ("causal", "softcap"), ("window", "softcap"), ("window", "alibi")))
-        own[2] = replace(own[2], spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
-        own[3] = replace(own[3], spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
+        split = (_also(_SPLIT_M64, ("sm_90", "softcap", "alibi")),)
+        own[1] = _also(own[1], *_only_on(_BLACKWELL_CONSUMER, ("causal", "softcap"),
+                                         ("window", "softcap"), ("window", "alibi")))
+        own[2] = _also(own[2], *_only_on(("sm_75",), ("alibi",), ("window", "softcap")))
+        own[3] = _also(own[3], *_only_on(("sm_75",), ("alibi",), ("window", "softcap")))
     # 12 B spilled on sm_120 with causal (255 registers) since the backward's helpers moved to
     # cf_bwd*.cuh (2026-12-02; before: 253 and 255 registers, no spill); sm_80, sm_90: cubins
     # unchanged
     if bucket == 160:
         own[1] = _bwd16(4, 64, 1, spills_on=("sm_120", "sm_121"))
     if bucket == 192:  # and ALiBi (16-40 B, before tanh.approx too), windowed softcap on sm_75
-        own[3] = replace(_bwd16(2, 32, 1, spills_on=("sm_120", "sm_121")),
-                         spills_when=(("sm_75", "alibi"), ("sm_75", "window", "softcap")))
+        own[3] = _also(_bwd16(2, 32, 1, spills_on=("sm_120", "sm_121")),
+                       *_only_on(("sm_75",), ("alibi",), ("window", "softcap")))
     if bucket == 256:  # softcap: 12-20 B on sm_120 (causal 12 B before tanh.approx)
-        own[3] = replace(own[3], spills_when=_only_on(_BLACKWELL_CONSUMER, ("softcap",)))
+        own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("softcap",)))
     if bucket in (192, 256):  # softcap: 12 B on sm_100
-        own[0] = replace(own[0], spills_when=_only_on(_BLACKWELL, ("softcap",)))
+        own[0] = _also(own[0], *_only_on(_BLACKWELL, ("softcap",)))
     return (*split, *own)
 
 
@@ -349,13 +353,13 @@ _LAST = "fits head_dim 256 in 48 KB"
 FWD32 = {b: (_t(4, 64, 32, 1, _FIRST32), _t(4, 32, 16, 1), _t(2, 16, 16, 1), _t(1, 16, 8, 1, _LAST))
          for b in BUCKETS}
 # d256 with softcap + ALiBi (+ window, sinks) on packed sequences: 255 registers + 8 B spilled
-FWD32[256] = (replace(FWD32[256][0], spills_when=(("softcap", "alibi", "varlen"),)),
+FWD32[256] = (_also(FWD32[256][0], ("softcap", "alibi", "varlen")),
               *FWD32[256][1:])
 BWD32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(2, 16, 16, 1), _t(1, 8, 16, 1), _t(1, 8, 8, 1, _LAST))
          for b in BUCKETS}
 # 8 B spilled on sm_75 (255 registers) since the float32 kernels' helpers moved to cf_simt.cuh
 # (2026-12-02): Turing's d256 takes the 8-key tile after it
-BWD32[256] = (*BWD32[256][:2], replace(BWD32[256][2], spills_on=("sm_75",)), BWD32[256][3])
+BWD32[256] = (*BWD32[256][:2], _also(BWD32[256][2], ("sm_75",)), BWD32[256][3])
 BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
                 _t(1, 8, 8, 1, _LAST)) for b in BUCKETS}
 

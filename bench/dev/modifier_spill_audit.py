@@ -2,10 +2,9 @@
 
     python bench/dev/modifier_spill_audit.py sm_90,sm_80 [--singles]
 
-For each arch, head-dim bucket, causal or not, and dtype the arch runs, and for each modifier
-set (the pairs that have spilled a selected tile, then each alone; --singles: only those),
-the forward, backward (both dQ modes) and dQ specs the selector picks are compiled by NVRTC
-(no GPU). Prints each spec that spills, then the count. tests/test_kernel_modifiers.py does
+For each arch and each modifier set (the pairs that have spilled a selected tile, then each
+alone; --singles: only those), every spec the selector picks (aot.selected_specs: each dtype,
+head-dim bucket, causal or not, every kernel a call runs) is compiled by NVRTC (no GPU). Prints each spec that spills, then the count. tests/test_kernel_modifiers.py does
 the same for sm_80 and sm_90 in CI; this covers the archs CI does not (bench/dev/NOTES.md,
 "Modifier spills audit").
 """
@@ -23,29 +22,18 @@ PAIRS = [dict(softcap=True, varlen=True), dict(window=True, softcap=True),
 SINGLES = [dict(softcap=True), dict(alibi=True)]
 
 
-def selected(arch: str, sets) -> dict:
+def selected(arch: str, sets) -> list:
+    """(spec, arch) for every spec the selector picks on ``arch`` for any of ``sets``."""
     facts = specs.facts_for_arch(arch)
-    out = {}
-    for kw in sets:
-        mods = ModFlags(**kw)
-        for bucket in specs.HEAD_DIM_BUCKETS:
-            for causal in (False, True):
-                for dtype in specs.arch_dtypes(arch):
-                    for spec in (specs.select_forward(facts, dtype, bucket, causal, mods=mods),
-                                 specs.select_backward(facts, dtype, bucket, causal, False,
-                                                       mods=mods),
-                                 specs.select_backward(facts, dtype, bucket, causal, True,
-                                                       mods=mods),
-                                 specs.select_backward_dq(facts, dtype, bucket, causal,
-                                                          mods=mods)):
-                        out.setdefault((spec.name, arch), spec)
-    return out
+    picked = {spec.name: spec for kw in sets
+              for spec in aot.selected_specs(facts, mods=ModFlags(**kw))}
+    return [(spec, arch) for spec in picked.values()]
 
 
 def main() -> int:
     archs = sys.argv[1].split(",")
     sets = SINGLES if "--singles" in sys.argv else PAIRS + SINGLES
-    work = [(spec, arch) for arch in archs for (_, arch), spec in selected(arch, sets).items()]
+    work = [item for arch in archs for item in selected(arch, sets)]
     results = aot.run_parallel(aot.report_one, work, 2, f"{len(work)} specs")
     bad = [r for batch in results for r in batch
            if isinstance(r, aot.CompileFailure) or r.spills or r.stack_bytes]

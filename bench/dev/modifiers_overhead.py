@@ -5,8 +5,8 @@
 Per row: forward and forward+backward median milliseconds of plain attention (causal, then
 not) and of each modifier (softcap, ALiBi, sinks, all three), and the ratio to plain (target:
 <= 1.10); then a sliding window of 4096 at seqlen 32k against full causal (target: >= 6x
-faster). Batch 1, 16 heads (GQA 16/4). Kernel time: CUDA events around calls enqueued back to
-back behind a GPU sleep (as bench/dev/devtools.time_ms), so host time is not counted (before
+faster). Batch 1, 16 heads (GQA 16/4). Kernel time: devtools.time_ms, CUDA events around calls
+enqueued back to back behind a GPU sleep, so host time is not counted (before
 2026-12-02 each call was synchronized, which added the host path to every row alike).
 """
 
@@ -15,23 +15,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-
-
-def _time(fn, warmup: int = 3, reps: int = 10) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    torch.cuda._sleep(100_000_000)  # ~50 ms: the host enqueues every call before the GPU starts
-    for start, stop in events:
-        start.record()
-        fn()
-        stop.record()
-    torch.cuda.synchronize()
-    return float(np.median([start.elapsed_time(stop) for start, stop in events]))
+from devtools import time_ms  # kernel time: calls queued behind a GPU sleep
 
 
 def _inputs(seqlen: int, head_dim: int, dtype: str, heads: int = 16, heads_kv: int = 4):
@@ -57,7 +41,7 @@ def _row(label: str, q, k, v, do, causal: bool = True, **mods) -> tuple[float, f
         o2, s2 = fwd()
         cuflash.attention_backward(do, q, k, v, o2, s2, causal=causal, **mods)
 
-    return _time(fwd), _time(fwd_bwd)
+    return time_ms(fwd, reps=10, warmup=3), time_ms(fwd_bwd, reps=10, warmup=3)
 
 
 def main() -> None:
