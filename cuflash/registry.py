@@ -104,8 +104,12 @@ def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split);
         + 2 * st * m * 4
 
 
-def _smem_bwd90(s) -> int:  # K, V; Q, dO stages; dS^T (+ P^T at d256); lse2, delta
+def _smem_bwd90(s) -> int:
+    """K, V; Q, dO stages; dS^T (+ P^T at d256); lse2, delta. Warp-specialized: two dS^T
+    buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
+    if bwd90_warp_specialized(s):
+        return (2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128
     role_split = d == 256
     return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
 
@@ -137,6 +141,11 @@ def _smem_none(s) -> int:  # elementwise: registers only
 def fwd90_warp_specialized(spec) -> bool:
     """flash_fwd_sm90_ws.cu's tiles: a producer warpgroup beside 64-row consumers."""
     return spec.kind == "fwd90" and spec.block_m == 16 * (spec.warps - 4)
+
+
+def bwd90_warp_specialized(spec) -> bool:
+    """flash_bwd_sm90_ws.cu's tiles: a producer warpgroup beside the two 64-key consumers."""
+    return spec.kind == "bwd90" and spec.warps == 12
 
 
 def bwd_split_layout(spec) -> bool:
@@ -319,10 +328,15 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
 
 BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
-# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 warpgroups, 2 stages; dQ by atomics
-# only (the deterministic mode runs the portable kernels, flash_bwd.cu / flash_bwd_split.cu).
-# 128 queries per tile only at head_dim 64 (registers).
-BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
+# bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 computing warpgroups, 2 stages; dQ
+# by atomics only (the deterministic mode runs the portable kernels, flash_bwd.cu /
+# flash_bwd_split.cu). 128 queries per tile only at head_dim 64 (registers).
+# 12 warps: flash_bwd_sm90_ws.cu (bwd90_warp_specialized), a producer warpgroup beside the
+# two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (same log).
+_BWD90_WS_LOG = "bench/results/2026-12-02_h200/session4/bwd90_ws_sweep_call4.log"
+BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 329/343 TFLOP/s, causal 293/332; "
+                                  f"(8, 128, 128, 2): 301/316, causal 280/316 ({_BWD90_WS_LOG})"),
+              replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
                       # live in registers where dense ones are constants); m64 has 199.
@@ -333,7 +347,9 @@ BWD90 = {64: (replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 12
          # softcap + ALiBi spilled 8-48 B here (the portable kernel took those calls) until
          # tanh became tanh.approx (2026-12-02): now 255 registers, none spilled
          # causal ALiBi on packed sequences: 20 B spilled (the portable kernel takes it)
-         128: (replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
+         128: (_t(12, 64, 128, 2, f"H200 bf16 d128 4k/16k: 375/378 TFLOP/s, causal 335/383; "
+                                  f"(8, 64, 128, 2): 344/357, causal 306/351 ({_BWD90_WS_LOG})"),
+               replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                          "(NOTES' wgmma kernels)"),
                        spills_when=(("causal", "alibi", "varlen"),)),),
          256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
@@ -381,7 +397,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
             modifiers=ALL_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
-            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS),
+            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS,
+            split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu"),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
             dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_layout=bwd_split_layout,
             split_source="flash_bwd_split.cu"),

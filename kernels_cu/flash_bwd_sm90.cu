@@ -63,6 +63,7 @@
 #include "cf_seq.cuh"
 #include "cf_params.cuh"
 #include "cf_tile_order.cuh"
+#include "cf_bwd90.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
@@ -94,101 +95,6 @@ enum : int {
                2 * 2 * kBM * 4,
 };
 }  // namespace bwd90
-
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
-}
-
-// dK, dV products by accumulator shape (m64nN, N = 8 x n-tiles): both layouts' code then
-// type-checks at every head-dim bucket, so `if constexpr (kRoleSplit)` can pick one in this
-// plain kernel. The shapes no bucket issues are declared only (named in the discarded layout).
-__device__ __forceinline__ void wgmma_rs_acc(float (&d)[8][4], const cf_u32 (&a)[4],
-                                             cf_u64 desc_b, int scale_d) {
-  wgmma_rs_n64(d, a, desc_b, scale_d);
-}
-__device__ __forceinline__ void wgmma_rs_acc(float (&d)[16][4], const cf_u32 (&a)[4],
-                                             cf_u64 desc_b, int scale_d) {
-  wgmma_rs_n128(d, a, desc_b, scale_d);
-}
-template <int T>
-__device__ void wgmma_rs_acc(float (&d)[T][4], const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d);
-__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_a, cf_u64 desc_b,
-                                                 int scale_d) {
-  wgmma_ss_kmn_n256(d, desc_a, desc_b, scale_d);
-}
-template <int T>
-__device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
-
-// S^T and dP^T by accumulator shape: m64n32 (the role split's 32 queries), n64, n128.
-__device__ __forceinline__ void wgmma_ss_acc(float (&d)[4][4], cf_u64 desc_a, cf_u64 desc_b,
-                                             int scale_d) {
-  wgmma_ss_n32(d, desc_a, desc_b, scale_d);
-}
-__device__ __forceinline__ void wgmma_ss_acc(float (&d)[8][4], cf_u64 desc_a, cf_u64 desc_b,
-                                             int scale_d) {
-  wgmma_ss_n64(d, desc_a, desc_b, scale_d);
-}
-__device__ __forceinline__ void wgmma_ss_acc(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
-                                             int scale_d) {
-  wgmma_ss_n128(d, desc_a, desc_b, scale_d);
-}
-
-// S^T = K Q^T and dP^T = V dO^T (both layouts): the keys at byte k_off of sK / sV (K-major
-// panels of kBN rows), the queries at q_off of the Q / dO stage (kBM rows); done and fenced.
-template <int T>
-__device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf_u32 sK, cf_u32 sV,
-                                         cf_u32 k_off, cf_u32 q, cf_u32 dout, cf_u32 q_off) {
-  using namespace bwd90;
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk)
-    wgmma_ss_acc(s, sm90_desc_kmajor<kBN>(sK + k_off, kk), sm90_desc_kmajor<kBM>(q + q_off, kk),
-                 kk > 0);
-#pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk)
-    wgmma_ss_acc(dp, sm90_desc_kmajor<kBN>(sV + k_off, kk),
-                 sm90_desc_kmajor<kBM>(dout + q_off, kk), kk > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
-  wgmma_fence_regs(s);
-  wgmma_fence_regs(dp);
-}
-
-// dq_accum += softmax_scale * one m64n64 dQ result (both layouts): this thread's rows row,
-// row + 8, columns col0 + 8t + 2tig, +1; dq_head is the head's (batch entry's) row 0.
-__device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, int row, int col0,
-                                       int tig, int seqlen_q, int heads, int head_dim,
-                                       float softmax_scale) {
-#pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    if (row + 8 * rr < seqlen_q) {
-      float* dst = dq_head + (cf_i64)(row + 8 * rr) * heads * head_dim + col0 + 2 * tig;
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {
-        if (col0 + 8 * t + 2 * tig < head_dim)
-          red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale, dq[t][2 * rr + 1] * softmax_scale);
-      }
-    }
-  }
-}
-
-// P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
-// query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
-// dS = P (dP - delta) times the softcap's derivative.
-__device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
-                                              float2 dl, int key_row, int q_col, bool masked,
-                                              const MaskPolicy& mask, const ScoreMods& mods,
-                                              float scale_log2, float (&p)[4], float (&ds)[4]) {
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
-    float th = 0.f;
-    if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
-    p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-    if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-    ds[e] = p[e] * (dp[e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-  }
-}
 
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
@@ -297,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
       const int qw = 32 * wg;
       float x[4][4], dp[4][4];
-      scores_t(x, dp, sK_sa, sV_sa, 0, q_tile, do_tile, qw * 128);
+      scores_t<kBN, kBM>(x, dp, sK_sa, sV_sa, 0, q_tile, do_tile, qw * 128);
       // -- P^T and dS^T (rounded to 16 bits) to sP and sdS: row = key, column = query
       const float* lse_t = sLse + st * kBM;
       const float* delta_t = sDelta + st * kBM;
@@ -348,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     } else {
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
       float s[kNT][4], dp[kNT][4];
-      scores_t(s, dp, sK_sa, sV_sa, wg * 64 * 128, q_tile, do_tile, 0);
+      scores_t<kBN, kBM>(s, dp, sK_sa, sV_sa, wg * 64 * 128, q_tile, do_tile, 0);
 
       // -- P^T and dS^T in registers; column t holds queries m0 + 8t + 2tig, +1
       const float* lse_t = sLse + st * kBM;
@@ -458,37 +364,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       }
     }
   } else {
-    // -- dK (times softmax_scale) and dV: rows key_row, key_row + 8; columns 8t + 2tig, +1
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int row = key_row + 8 * rr;
-      if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
-        const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
-#pragma unroll
-        for (int t = 0; t < kDT; ++t) {
-          const int col = 8 * t + 2 * tig;
-          if (col < head_dim) {
-            red_add2(dk_accum + at + col, acc_dk[t][2 * rr] * softmax_scale,
-                     acc_dk[t][2 * rr + 1] * softmax_scale);
-            red_add2(dv_accum + at + col, acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
-          }
-        }
-      } else if (row < seqlen_k) {
-        elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) +
-                             kvh * stride_dkh + (cf_i64)row * stride_dkn;
-        elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) +
-                             kvh * stride_dvh + (cf_i64)row * stride_dvn;
-#pragma unroll
-        for (int t = 0; t < kDT; ++t) {
-          const int col = 8 * t + 2 * tig;
-          if (col < head_dim) {
-            *reinterpret_cast<cf_u32*>(dk_row + col) =
-                pack2(acc_dk[t][2 * rr] * softmax_scale, acc_dk[t][2 * rr + 1] * softmax_scale);
-            *reinterpret_cast<cf_u32*>(dv_row + col) =
-                pack2(acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
-          }
-        }
-      }
-    }
+    store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,
+                kv_splits, dk_accum, dv_accum, dk, stride_dkb, stride_dkn, stride_dkh, dv,
+                stride_dvb, stride_dvn, stride_dvh, softmax_scale);
   }
 }

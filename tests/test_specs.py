@@ -58,6 +58,16 @@ def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     assert specs.compile_arch(spec, "sm_90") == "sm_90a"
 
 
+def test_h100_picks_the_warp_specialized_backward_at_d64_and_d128():
+    for d, block_m in ((64, 128), (128, 64)):
+        for causal in (False, True):
+            spec = specs.select_backward(facts(227), "bfloat16", d, causal, False, wgmma=True)
+            assert (spec.kind, spec.warps, spec.block_m) == ("bwd90", 12, block_m)
+            assert spec.source == "flash_bwd_sm90_ws.cu" and spec.threads == 384
+    spec = specs.select_backward(facts(227), "bfloat16", 256, False, False, wgmma=True)
+    assert spec.source == "flash_bwd_sm90.cu"  # the role split keeps the plain kernel
+
+
 def test_wgmma_only_on_sm90_and_only_whole_panels():
     a100 = DeviceFacts(name="a100", arch="sm_80", sm_count=108, smem_optin=163 * KIB)
     assert specs.select_forward(a100, "bfloat16", 128, False).name == "fwd_bf16_d128_m128_n64_w8_s2"

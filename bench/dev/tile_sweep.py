@@ -31,8 +31,15 @@ FWD_CANDIDATES = [(8, 128, 2), (8, 128, 1), (8, 64, 3), (8, 64, 2), (8, 64, 1), 
 # 16-keys-per-warp kernel (flash_bwd.cu) that the table chose before it.
 BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 # bwd90 (flash_bwd_sm90.cu): 8 warps, 2 stages; block_m 64 (128 at head_dim 64), block_n 128
-# (64 at head_dim 256), as the registry's tiles.
-BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2)]
+# (64 at head_dim 256), as the registry's tiles. 12 warps: flash_bwd_sm90_ws.cu (head_dim 64
+# with block_m 128, head_dim 128 with 64).
+BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2), (12, 64, 2), (12, 128, 2), (12, 64, 3), (12, 128, 3)]
+
+
+def _bwd90_fits(warps, block_m, bucket):
+    if warps == 12:
+        return (bucket, block_m) in ((64, 128), (128, 64))
+    return block_m == 64 or bucket == 64
 
 
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
@@ -49,7 +56,7 @@ def candidate_specs(kind, dtype, head_dim, causal):
         out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, block_m=m,
                           block_n=64 if bucket == 256 else 128, warps=w, stages=s, causal=causal,
                           dq_atomic=True, dchunk=bucket)
-               for w, m, s in BWD90_CANDIDATES if m == 64 or bucket == 64]
+               for w, m, s in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket)]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,

@@ -1,0 +1,155 @@
+// cf_bwd90.cuh -- pieces the Hopper backward kernels share (flash_bwd_sm90.cu, and its
+// warp-specialized form flash_bwd_sm90_ws.cu): the wgmma shapes by accumulator size, the two
+// score products, P and dS of a fragment, dQ atomics and the dK, dV epilogue of the layout
+// where each warpgroup owns 64 keys. Read flash_bwd_sm90.cu's header for the algorithm.
+#pragma once
+#include "cf_common.cuh"
+#include "cf_sm90.cuh"
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
+
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(x), "f"(y) : "memory");
+}
+
+// dK, dV products by accumulator shape (m64nN, N = 8 x n-tiles): both layouts' code then
+// type-checks at every head-dim bucket, so `if constexpr (kRoleSplit)` can pick one in this
+// plain kernel. The shapes no bucket issues are declared only (named in the discarded layout).
+__device__ __forceinline__ void wgmma_rs_acc(float (&d)[8][4], const cf_u32 (&a)[4],
+                                             cf_u64 desc_b, int scale_d) {
+  wgmma_rs_n64(d, a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_rs_acc(float (&d)[16][4], const cf_u32 (&a)[4],
+                                             cf_u64 desc_b, int scale_d) {
+  wgmma_rs_n128(d, a, desc_b, scale_d);
+}
+template <int T>
+__device__ void wgmma_rs_acc(float (&d)[T][4], const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d);
+__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_a, cf_u64 desc_b,
+                                                 int scale_d) {
+  wgmma_ss_kmn_n256(d, desc_a, desc_b, scale_d);
+}
+template <int T>
+__device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
+
+// S^T and dP^T by accumulator shape: m64n32 (the role split's 32 queries), n64, n128.
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[4][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n32(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[8][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n64(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_acc(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  wgmma_ss_n128(d, desc_a, desc_b, scale_d);
+}
+
+// Issues X^T = A B^T over head_dim for 64 rows of A (a K-major tile of A_ROWS rows, from
+// byte a_off) and the B_ROWS-row tile at b (from byte b_off): S^T = K Q^T, dP^T = V dO^T.
+template <int A_ROWS, int B_ROWS, int T>
+__device__ __forceinline__ void issue_scores_t(float (&x)[T][4], cf_u32 a, cf_u32 a_off, cf_u32 b,
+                                               cf_u32 b_off) {
+#pragma unroll
+  for (int kk = 0; kk < CF_HEAD_DIM / 16; ++kk)
+    wgmma_ss_acc(x, sm90_desc_kmajor<A_ROWS>(a + a_off, kk), sm90_desc_kmajor<B_ROWS>(b + b_off, kk),
+                 kk > 0);
+}
+
+// S^T = K Q^T and dP^T = V dO^T (both layouts of flash_bwd_sm90.cu): the keys at byte k_off of
+// sK / sV (K-major panels of KEY_ROWS rows), the queries at q_off of the Q / dO stage (Q_ROWS
+// rows); done and fenced.
+template <int KEY_ROWS, int Q_ROWS, int T>
+__device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf_u32 sK, cf_u32 sV,
+                                         cf_u32 k_off, cf_u32 q, cf_u32 dout, cf_u32 q_off) {
+  wgmma_fence();
+  issue_scores_t<KEY_ROWS, Q_ROWS>(s, sK, k_off, q, q_off);
+  issue_scores_t<KEY_ROWS, Q_ROWS>(dp, sV, k_off, dout, q_off);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_regs(s);
+  wgmma_fence_regs(dp);
+}
+
+// dq_accum += softmax_scale * one m64n64 dQ result (both layouts): this thread's rows row,
+// row + 8, columns col0 + 8t + 2tig, +1; dq_head is the head's (batch entry's) row 0.
+__device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, int row, int col0,
+                                       int tig, int seqlen_q, int heads, int head_dim,
+                                       float softmax_scale) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    if (row + 8 * rr < seqlen_q) {
+      float* dst = dq_head + (cf_i64)(row + 8 * rr) * heads * head_dim + col0 + 2 * tig;
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {
+        if (col0 + 8 * t + 2 * tig < head_dim)
+          red_add2(dst + 8 * t, dq[t][2 * rr] * softmax_scale, dq[t][2 * rr + 1] * softmax_scale);
+      }
+    }
+  }
+}
+
+// P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
+// query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
+// dS = P (dP - delta) times the softcap's derivative.
+__device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
+                                              float2 dl, int key_row, int q_col, bool masked,
+                                              const MaskPolicy& mask, const ScoreMods& mods,
+                                              float scale_log2, float (&p)[4], float (&ds)[4]) {
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
+    float th = 0.f;
+    if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
+    p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+    if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+    ds[e] = p[e] * (dp[e] - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+  }
+}
+
+// The key-split layout's dK (times softmax_scale) and dV, this thread's rows key_row,
+// key_row + 8, columns 8t + 2tig, +1: written to dk, dv (kv_splits = 1), or added into the
+// float32 dk_accum, dv_accum (batch, seqlen_k, heads_kv, head_dim) that a split shares.
+template <int DT>
+__device__ __forceinline__ void store_dk_dv(const float (&acc_dk)[DT][4],
+                                            const float (&acc_dv)[DT][4], int key_row, int tig,
+                                            const SeqInfo& seq, int seqlen_k, int heads_kv,
+                                            int kvh, int head_dim, int kv_splits,
+                                            float* dk_accum, float* dv_accum, elem_t* dk,
+                                            cf_i64 stride_dkb, cf_i64 stride_dkn,
+                                            cf_i64 stride_dkh, elem_t* dv, cf_i64 stride_dvb,
+                                            cf_i64 stride_dvn, cf_i64 stride_dvh,
+                                            float softmax_scale) {
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = key_row + 8 * rr;
+    if (row < seqlen_k && kv_splits > 1) {  // add this block's share into the accumulators
+      const cf_i64 at = ((seq.row_k() + row) * heads_kv + kvh) * head_dim;
+#pragma unroll
+      for (int t = 0; t < DT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim) {
+          red_add2(dk_accum + at + col, acc_dk[t][2 * rr] * softmax_scale,
+                   acc_dk[t][2 * rr + 1] * softmax_scale);
+          red_add2(dv_accum + at + col, acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
+        }
+      }
+    } else if (row < seqlen_k) {
+      elem_t* dk_row = dk + seq.k_offset(stride_dkb, stride_dkn) + kvh * stride_dkh +
+                       (cf_i64)row * stride_dkn;
+      elem_t* dv_row = dv + seq.k_offset(stride_dvb, stride_dvn) + kvh * stride_dvh +
+                       (cf_i64)row * stride_dvn;
+#pragma unroll
+      for (int t = 0; t < DT; ++t) {
+        const int col = 8 * t + 2 * tig;
+        if (col < head_dim) {
+          *reinterpret_cast<cf_u32*>(dk_row + col) =
+              pack2(acc_dk[t][2 * rr] * softmax_scale, acc_dk[t][2 * rr + 1] * softmax_scale);
+          *reinterpret_cast<cf_u32*>(dv_row + col) =
+              pack2(acc_dv[t][2 * rr], acc_dv[t][2 * rr + 1]);
+        }
+      }
+    }
+  }
+}

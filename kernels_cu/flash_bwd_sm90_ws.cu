@@ -1,0 +1,383 @@
+// flash_bwd_sm90_ws.cu -- the Hopper backward, warp-specialized: a producer warpgroup copies
+// Q, dO and their statistics into a ring of stages, so the two computing warpgroups issue no
+// copy and meets the other at one named barrier a tile (FlashAttention-3's producer /
+// consumer split; Shah et al. 2024). Same parameters, grid,
+// outputs, masks and modifiers as flash_bwd_sm90.cu in its key-split layout (head_dim 64 with
+// 128-query tiles, head_dim 128 with 64): read its header for the algorithm. What differs:
+//
+// Block: 12 warps.
+//   warpgroup 0, the producer (setmaxnreg: 40 registers a thread): warps 0 and 1 copy K
+//     once, then per tile Q (q_full); warp 3 copies V once, then per tile dO (do_full); into
+//     stage it % CF_STAGES with cp.async, each tile followed by cp.async.mbarrier.arrive, then
+//     lse2 (delta) by plain loads and stores and an ordinary arrival (racecheck follows that
+//     order for the consumers' plain reads; it reported the cp.async one as a race). Before
+//     refilling a stage they wait on its empty mbarrier. Warp 2 has nothing to do.
+//   warpgroups 1, 2, the consumers (232 registers): warpgroup 1 + g owns keys n0 + 64g ..
+//     + 63. Per tile: S^T = K Q^T and dP^T = V dO^T issued; P^T and dS^T = P^T (dP^T - delta)
+//     (CF_BWD_WS_OVERLAP=1: P^T while dP^T runs, dS^T while dV runs; it spills at head_dim
+//     128 and measured slower); dV += P^T dO issued; dS^T to shared memory (two buffers,
+//     alternating); dK += dS^T Q issued; the consumers meet at a named
+//     barrier (every key's dS^T is in); dQ = dS K issued (head_dim 128: warpgroup g columns
+//     64g ..; head_dim 64: query rows 64g ..); all waited; the stage released; dQ added into
+//     dq_accum by float atomics.
+//   No __syncthreads after the prologue.
+//   Tried and not kept: dQ through shared memory and bulk reduce-adds (cp.reduce.async.bulk,
+//   FlashAttention-3's way) was 0.75x the atomics on an H200 (bench/dev/bwd_variants.md).
+//
+// Shared memory (panel layout of cf_sm90.cuh; 1024-byte aligned base):
+//   sK, sV (resident) | sQ, sdO: CF_STAGES stages each | sdS^T: 2 buffers | lse2, delta:
+//   CF_STAGES x CF_BLOCK_M floats each | 128 bytes of mbarriers.
+//   SMEM = (2 * 128 * D + 2 * S * M * D + 2 * 128 * M) * 2 + 2 * S * M * 4 + 128
+//   (specs: registry._smem_bwd90)
+
+#ifndef CF_WARPS
+#define CF_WARPS 12  // a producer warpgroup and two consumers
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 64  // 128 at head_dim 64
+#endif
+#include "cf_config_bwd.cuh"
+
+#include "cf_common.cuh"
+#include "cf_sm90.cuh"
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
+#include "cf_params.cuh"
+#include "cf_tile_order.cuh"
+#include "cf_bwd90.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_ws.cu is a 16-bit kernel");
+static_assert((CF_HEAD_DIM == 64 && CF_BLOCK_M == 128) || (CF_HEAD_DIM == 128 && CF_BLOCK_M == 64),
+              "the key-split layout: head_dim 64 x 128 queries, head_dim 128 x 64");
+static_assert(CF_BLOCK_N == 128 && CF_WARPS == 12 && CF_STAGES >= 2 && CF_STAGES <= 3,
+              "128 keys, a producer and two consumer warpgroups, 2 or 3 stages");
+static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_accum, one chunk");
+
+// P^T computed while dP^T runs and dS^T while dV runs (1, an A/B knob: 32 B spilled at
+// head_dim 128 at 232 consumer registers), or both after both products (0).
+#ifndef CF_BWD_WS_OVERLAP
+#define CF_BWD_WS_OVERLAP 0
+#endif
+
+namespace bwd90ws {
+constexpr bool kOverlap = CF_BWD_WS_OVERLAP;
+enum : int {
+  kD = CF_HEAD_DIM,
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kChunks = kD / 8,
+  kQSteps = kBM / 16,  // k-steps of dV, dK (over the tile's queries)
+  kNT = kBM / 8,       // S^T n-tiles per thread
+  kDT = kD / 8,        // dK, dV n-tiles per thread
+  kTileQ = kBM * kD * 2,
+  kTileK = kBN * kD * 2,
+  kTileDS = kBN * kBM * 2,
+  kStages = CF_STAGES,
+  kConsumerThreads = 256,
+  kOffV = kTileK,
+  kOffQ = 2 * kTileK,
+  kOffDO = kOffQ + kStages * kTileQ,
+  kOffDS = kOffDO + kStages * kTileQ,
+  kOffLse = kOffDS + 2 * kTileDS,
+  kOffDelta = kOffLse + kStages * kBM * 4,
+  kOffBar = kOffDelta + kStages * kBM * 4,
+  kSmemBytes = kOffBar + 128,
+  // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
+  kProducerRegs = 40,
+  kConsumerRegs = 232,
+  kDsBarrier = 1,  // the named barrier where the consumers meet once dS^T is in
+};
+}  // namespace bwd90ws
+
+// The block's mbarriers.
+struct BwdBarriers {
+  cf_u32 base;
+  __device__ __forceinline__ cf_u32 k_v_full() const { return base; }
+  __device__ __forceinline__ cf_u32 q_full(int s) const { return base + 8 * (1 + s); }
+  __device__ __forceinline__ cf_u32 do_full(int s) const {
+    return base + 8 * (1 + CF_STAGES + s);
+  }
+  __device__ __forceinline__ cf_u32 stage_empty(int s) const {
+    return base + 8 * (1 + 2 * CF_STAGES + s);
+  }
+};
+
+// The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn.
+struct TileWalk {
+  int m0, h, m_begin, m_end;
+  __device__ __forceinline__ TileWalk(int first, int end, int h_first)
+      : m0(first * CF_BLOCK_M), h(h_first), m_begin(first * CF_BLOCK_M), m_end(end * CF_BLOCK_M) {}
+  __device__ __forceinline__ void next() {
+    m0 += CF_BLOCK_M;
+    if (m0 >= m_end) {
+      m0 = m_begin;
+      ++h;
+    }
+  }
+};
+
+// A ROWS x head_dim tile of 16-bit rows (from row first_row of `rows`) into the panel layout
+// at shared address `tile`, by `threads` threads (8 a row, a multiple of 32) with cp.async;
+// rows past rows_valid and columns past head_dim become zeros. The passes are not unrolled:
+// the producer has few registers.
+template <int ROWS>
+__device__ __forceinline__ void copy_tile(cf_u32 tile, const elem_t* rows, cf_i64 stride,
+                                          int first_row, int rows_valid, int head_dim, int t,
+                                          int threads) {
+  const int c0 = t & 7, step = threads >> 3;
+  int row = t >> 3;
+  const elem_t* g = rows + (cf_i64)(first_row + row) * stride + c0 * 8;
+#pragma unroll 1
+  for (; row < ROWS; row += step, g += step * stride) {
+    const cf_u32 dst = tile + row * 128 + ((c0 ^ (row & 7)) << 4);
+#pragma unroll
+    for (int k = 0; k < CF_HEAD_DIM / 64; ++k) {
+      const bool ok = row < rows_valid && (c0 + 8 * k) * 8 < head_dim;
+      cp_async_16_to(dst + k * ROWS * 128, ok ? g + 64 * k : rows, ok);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
+    flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
+                   float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+  using namespace bwd90ws;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  sm90_require_aligned(smem);
+  const BwdBarriers bars{smem_addr(smem + kOffBar)};
+  // The roles find their tiles after setmaxnreg (values live across the producer's must fit
+  // in its registers).
+#define CF_BWD_WS_TILES                                               \
+  unsigned char* sK = smem;                                           \
+  unsigned char* sV = smem + kOffV;                                   \
+  unsigned char* sQ = smem + kOffQ;                                   \
+  unsigned char* sdO = smem + kOffDO;                                 \
+  unsigned char* sdS = smem + kOffDS;                                 \
+  float* sLse = reinterpret_cast<float*>(smem + kOffLse);             \
+  float* sDelta = reinterpret_cast<float*>(smem + kOffDelta);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2;
+  // The block's work, as flash_bwd_sm90.cu: key tile kvh's keys n0 .., its query heads from
+  // h_first (each role works it out after its setmaxnreg, as the tiles).
+// An opaque 0 per role keeps the compiler from hoisting the two roles' identical copies
+// above the branch (across setmaxnreg).
+#define CF_BWD_WS_BLOCK_WORK                                                                   \
+  int role_zero = 0;                                                                          \
+  asm volatile("" : "+r"(role_zero));                                                         \
+  const int splits = kv_splits + role_zero;                                                   \
+  const TileOrder order = causal_tile_order((long long)max_seqlen_q * head_dim *             \
+                                            (2 * sizeof(elem_t) + 4) * (heads_per_kv / splits)); \
+  const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x + role_zero;            \
+  const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y + role_zero;                      \
+  const int b = (blockIdx.z + role_zero) / splits, n0 = key_tile * kBN;                       \
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);                       \
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;                                 \
+  const int split_heads = heads_per_kv / splits;                                             \
+  const int h_first = kvh * heads_per_kv + ((blockIdx.z + role_zero) % splits) * split_heads; \
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);                      \
+  const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);                                   \
+  const int m_first = qt.first, tiles_per_head = qt.end - qt.first;                           \
+  /* the grid covers the longest sequence: a block past this one's keys has no work */       \
+  const int n_iter = CF_VARLEN && n0 >= seqlen_k ? 0 : split_heads * tiles_per_head;
+
+
+  if (tid == 0) {
+    mbar_init(bars.k_v_full(), 96);  // warps 0, 1 and 3
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bars.q_full(s), 2 * 64);   // warps 0, 1: their copies, then their stores
+      mbar_init(bars.do_full(s), 2 * 32);  // warp 3
+      // every consumer thread arrives: one arrival per warp after __syncwarp was as correct,
+      // but racecheck reported the other lanes' reads of the statistics as racing the refill
+      mbar_init(bars.stage_empty(s), kConsumerThreads);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- the producer ------------------------------------------------------
+    regs_dealloc<kProducerRegs>();
+    if (warp != 2) {  // warps 0, 1: K, then Q and lse2; warp 3: V, then dO and delta
+      CF_BWD_WS_BLOCK_WORK
+      CF_BWD_WS_TILES
+      if (n_iter == 0) return;
+      const bool q_side = warp < 2;
+      const int t = q_side ? tid : lane, threads = q_side ? 64 : 32;
+      const elem_t* kv_head = q_side ? k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh
+                                     : v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
+      copy_tile<kBN>(smem_addr(q_side ? sK : sV), kv_head, q_side ? stride_kn : stride_vn, n0,
+                     seqlen_k - n0, head_dim, t, threads);
+      mbar_arrive_cp_async(bars.k_v_full());
+      TileWalk walk(m_first, qt.end, h_first);
+#pragma unroll 1
+      for (int it = 0; it < n_iter; ++it, walk.next()) {
+        const int st = it % kStages, round = it / kStages;
+        if (round > 0) mbar_wait(bars.stage_empty(st), (round - 1) & 1);
+        const int m0 = walk.m0, h = walk.h;
+        // rows past seqlen_q become zeros (Q, dO) and 0 (lse2, delta): harmless
+        const elem_t* rows = q_side ? q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh
+                                    : dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
+        copy_tile<kBM>(smem_addr((q_side ? sQ : sdO) + st * kTileQ), rows,
+                       q_side ? stride_qm : stride_dom, m0, seqlen_q - m0, head_dim, t, threads);
+        const float* stats = (q_side ? lse2 : delta) + seq.stats(h);
+        float* s_stats = (q_side ? sLse : sDelta) + st * kBM;
+        mbar_arrive_cp_async(q_side ? bars.q_full(st) : bars.do_full(st));
+        // the statistics by plain loads and stores (the consumers read them with plain
+        // loads; the producer can afford to wait), then a second, ordinary arrival
+#pragma unroll 1
+        for (int r = t; r < kBM; r += threads) s_stats[r] = m0 + r < seqlen_q ? stats[m0 + r] : 0.f;
+        mbar_arrive(q_side ? bars.q_full(st) : bars.do_full(st));
+      }
+      cp_async_commit();  // leave with no copy in flight
+      cp_async_wait<0>();
+    }
+    return;
+  }
+
+  // ---- the consumers -----------------------------------------------------------------------
+  regs_alloc<kConsumerRegs>();
+  CF_BWD_WS_BLOCK_WORK
+  CF_BWD_WS_TILES
+  const int me = wg - 1, cwarp = warp & 3, group = lane >> 2, tig = lane & 3;
+  const cf_u32 sK_base = smem_addr(sK), sV_base = smem_addr(sV), sQ_sa = smem_addr(sQ);
+  const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
+  float acc_dk[kDT][4], acc_dv[kDT][4];
+#pragma unroll
+  for (int d = 0; d < kDT; ++d)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[d][e] = acc_dv[d][e] = 0.f;
+  const int key_row = n0 + me * 64 + cwarp * 16 + group;  // this thread's keys: +0, +8
+  const int r_in_block = me * 64 + cwarp * 16 + group;    // the same, from n0
+  const auto wait_for = [](cf_u32 bar, int parity) {  // copies (generic proxy) -> wgmma
+    mbar_wait(bar, parity);
+    fence_proxy_async();
+  };
+  if (n_iter > 0) wait_for(bars.k_v_full(), 0);
+
+  TileWalk walk(m_first, qt.end, h_first);
+#pragma unroll 1
+  for (int it = 0; it < n_iter; ++it, walk.next()) {
+    const int st = it % kStages, phase = (it / kStages) & 1;
+    const int m0 = walk.m0, h = walk.h;
+    cf_u32 sK_sa = sK_base, sV_sa = sV_base;
+    asm volatile("" : "+r"(sK_sa), "+r"(sV_sa));  // descriptors per tile, not hoisted (registers)
+    const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
+    const cf_u32 ds_buf = sdS_sa + (it & 1) * kTileDS;
+
+    // -- S^T = K Q^T, dP^T = V dO^T for this warpgroup's 64 keys
+    float s[kNT][4], dp[kNT][4];
+    wait_for(bars.q_full(st), phase);
+    wgmma_fence();
+    issue_scores_t<kBN, kBM>(s, sK_sa, me * 64 * 128, q_tile, 0);
+    wgmma_commit();
+    wait_for(bars.do_full(st), phase);
+    issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
+    wgmma_commit();
+
+    // -- P^T (kOverlap: while dP^T runs); s becomes P^T times the softcap's derivative
+    if constexpr (kOverlap)
+      wgmma_wait<1>();
+    else
+      wgmma_wait<0>();
+    wgmma_fence_regs(s);
+    if constexpr (!kOverlap) wgmma_fence_regs(dp);
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    unsigned char* ds_tile = smem + kOffDS + (it & 1) * kTileDS;
+    // Masked: some pair of the block hidden by the mask, or the keys tail (zero K rows give
+    // S = 0 but P = exp2(-lse2), which must not reach dQ).
+    const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+    const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
+    cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
+    // dS^T = P^T (dP^T - delta) of n-tile t: to registers (the A operand of dK) and to sdS^T
+    const auto ds_of = [&](int t) {
+      const int col = 8 * t + 2 * tig;
+      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) ds[e] = s[t][e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
+      const int kq = t >> 1, hi = (t & 1) * 2;
+      dsa[kq][hi] = pack2(ds[0], ds[1]);
+      dsa[kq][hi + 1] = pack2(ds[2], ds[3]);
+      *reinterpret_cast<cf_u32*>(ds_tile + sm90_offset<kBN>(r_in_block, col)) = dsa[kq][hi];
+      *reinterpret_cast<cf_u32*>(ds_tile + sm90_offset<kBN>(r_in_block + 8, col)) =
+          dsa[kq][hi + 1];
+    };
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) {
+      const int col = 8 * t + 2 * tig;
+      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
+        float th = 0.f;
+        if (CF_SCORE_MODS) s[t][e] = mods.apply(s[t][e], qi, key, th);
+        p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
+        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+        s[t][e] = p[e] * softcap_grad(th);
+      }
+      const int kq = t >> 1, hi = (t & 1) * 2;
+      pa[kq][hi] = pack2(p[0], p[1]);
+      pa[kq][hi + 1] = pack2(p[2], p[3]);
+      if constexpr (!kOverlap) ds_of(t);
+    }
+
+    // -- dV += P^T dO (queries are the contraction: dO MN-major)
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_rs_acc(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+    wgmma_commit();
+    if constexpr (kOverlap) {  // dS^T while dV runs
+      wgmma_wait<1>();
+      wgmma_fence_regs(dp);
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) ds_of(t);
+    }
+    fence_proxy_async();  // the dS^T stores, for the dQ wgmma after the barrier
+
+    // -- dK += dS^T Q
+    wgmma_fence();
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_rs_acc(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+    wgmma_commit();
+    named_bar_sync(kDsBarrier, kConsumerThreads);  // every key's dS^T is in
+    wgmma_wait<1>();  // dV is done: P^T's registers are free for dQ's
+    wgmma_fence_regs(acc_dv);
+
+    // -- dQ = dS K: A = dS (queries contiguous in sdS^T), B = K (head_dim contiguous)
+    float dq[8][4];
+    int dq_row0 = 0, dq_col0 = 0;  // this warpgroup's part of the tile's dQ
+    wgmma_fence();
+    if constexpr (kBM == 128) {  // head_dim 64: query rows 64 me .., all 128 keys
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf + me * kBN * 128, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
+      dq_row0 = 64 * me;
+    } else {  // head_dim 128: columns 64 me .. (panel me of K), all 128 keys
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa + me * kBN * 128, kk), kk > 0);
+      dq_col0 = 64 * me;
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(dq);
+    wgmma_fence_regs(acc_dv);
+    wgmma_fence_regs(acc_dk);
+    mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
+
+    // -- dQ into dq_accum (times softmax_scale)
+    add_dq(dq, dq_accum + (seq.row_q() * heads + h) * head_dim, m0 + dq_row0 + cwarp * 16 + group,
+           dq_col0, tig, seqlen_q, heads, head_dim, softmax_scale);
+  }
+
+  store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,
+              kv_splits, dk_accum, dv_accum, dk, stride_dkb, stride_dkn, stride_dkh, dv,
+              stride_dvb, stride_dvn, stride_dvh, softmax_scale);
+}
