@@ -145,34 +145,50 @@ class Workspace:
     dq_accum: int | None
     dk_accum: int | None
     dv_accum: int | None
+    dq_semaphore: int | None  # ordered dQ: an int per (batch, head, query tile)
     delta: int
     lse2: int
     zeroed_bytes: int  # the accumulators, set to 0 before the main kernel
     total_bytes: int
 
 
-def workspace(shape: Shape, deterministic: bool, kv_accum: bool) -> Workspace:
-    """Layout of the backward's scratch; ``kv_accum``: room for the dK, dV accumulators."""
+def semaphore_count(shape: Shape, block_m: int) -> int:
+    """Ordered dQ's semaphores: one per (batch entry, head, query tile of block_m rows) of
+    the longest sequence."""
+    return shape.batch * shape.heads * _cdiv(shape.seqlen_q, block_m)
+
+
+def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
+              semaphore_tiles: int = 0) -> Workspace:
+    """Layout of the backward's scratch: ``dq_accum``, ``kv_accum``: room for the dQ and the
+    dK, dV accumulators; ``semaphore_tiles``: the query tile of ordered dQ's semaphores (0:
+    none)."""
     rows_q, rows_k, h, hkv, d = (shape.rows_q, shape.rows_k, shape.heads, shape.heads_kv,
                                  shape.head_dim)
     offset = 0
-    dq_accum = dk_accum = dv_accum = None
-    if not deterministic:
-        dq_accum, offset = offset, offset + _aligned(4 * rows_q * h * d)
+    dq = dk = dv = semaphores = None
+    if dq_accum:
+        dq, offset = offset, offset + _aligned(4 * rows_q * h * d)
     if kv_accum:
-        dk_accum, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
-        dv_accum, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
+        dk, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
+        dv, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
+    if semaphore_tiles:
+        semaphores = offset
+        offset += _aligned(4 * semaphore_count(shape, semaphore_tiles))
     zeroed = offset
     stats = _aligned(4 * h * rows_q)
-    return Workspace(dq_accum, dk_accum, dv_accum, delta=zeroed, lse2=zeroed + stats,
+    return Workspace(dq, dk, dv, semaphores, delta=zeroed, lse2=zeroed + stats,
                      zeroed_bytes=zeroed, total_bytes=zeroed + 2 * stats)
 
 
 def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:
     """The workspace for any plan of this shape on any device (room for the dK, dV
-    accumulators whenever there is grouped-query attention): for callers that must size
-    scratch before the device is known (the XLA FFI targets, at trace time)."""
-    return workspace(shape, deterministic, kv_accum=shape.heads_per_kv > 1)
+    accumulators whenever there is grouped-query attention; deterministic: for either mode,
+    the ordered one's dQ accumulator and semaphores of the smallest query tile, 64): for
+    callers that must size scratch before the device is known (the XLA FFI targets, at
+    trace time)."""
+    return workspace(shape, dq_accum=True, kv_accum=shape.heads_per_kv > 1,
+                     semaphore_tiles=64 if deterministic else 0)
 
 
 def backward_workspace(plan: BackwardPlan) -> Workspace:
@@ -222,8 +238,8 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
     rows thin out. Split the group until there are about two waves of blocks (or one
     query head per block); each split costs one float32 add of its dK, dV tile.
     """
-    if spec.kind != "bwd90" or shape.heads_per_kv == 1 or sm_count <= 0:
-        return 1
+    if spec.kind != "bwd90" or shape.heads_per_kv == 1 or sm_count <= 0 or spec.dq_ordered:
+        return 1  # (ordered dQ: the splits' float adds into dK, dV would not be)
     if shape.mods.varlen:  # the key tiles the sequences have, about (not the grid's)
         blocks = _cdiv(shape.total_k, spec.block_n) * shape.heads_kv
     else:
@@ -241,9 +257,9 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
 def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
                   cfg: Config = _DEFAULT, *, spec: KernelSpec | None = None) -> BackwardPlan:
     """``spec``: the dK/dV kernel to run instead of the selector's choice (tuning runs); its
-    ``dq_atomic`` must be ``not deterministic``."""
+    ``deterministic`` must match it (``spec.deterministic``)."""
     dtype, d, causal = shape.dtype, shape.head_dim, shape.causal
-    if spec is not None and spec.dq_atomic == deterministic:
+    if spec is not None and spec.deterministic != deterministic:
         raise ValueError(f"plan_backward: {spec.name} does not match deterministic={deterministic}")
     facts = facts.with_budget(cfg.smem_budget)
     pre_spec = specs.select_backward_pre(dtype, facts, mods=shape.mods)
@@ -257,7 +273,7 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
     main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,
                    z_per_batch=n_chunks * splits)
     dq = dq_convert = kv_convert = None
-    if deterministic:
+    if deterministic and not spec.dq_ordered:
         dq_spec = specs.select_backward_dq(facts, dtype, d, causal, mods=shape.mods)
         dq = _launch(dq_spec, (_cdiv(shape.seqlen_q, dq_spec.block_m), shape.heads),
                      shape.batch)
@@ -267,7 +283,8 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
         kv_convert = _launch(pre_spec, (_cdiv(shape.seqlen_k, specs.PRE_ROWS), shape.heads_kv),
                              shape.batch)
     return BackwardPlan(shape, deterministic, pre, main, dq, dq_convert, splits, kv_convert,
-                        workspace(shape, deterministic, kv_accum=splits > 1))
+                        workspace(shape, dq_accum=dq is None, kv_accum=splits > 1,
+                                  semaphore_tiles=spec.block_m if spec.dq_ordered else 0))
 
 
 # -- memoized, with the configuration that the environment may change ----------------------

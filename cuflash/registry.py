@@ -55,7 +55,10 @@ class Variant:
     smem: Callable  # (spec) -> dynamic shared memory of one block, the kernel header's formula
     tiles: Mapping[int, tuple[Tile, ...]]  # by head-dim bucket; a bucket absent: not served
     wgmma: bool = False  # Hopper-only: compiled for sm_90a, runs on WGMMA_ARCHS alone
-    dq_atomic_only: bool = False  # backward: serves only the dQ-by-atomics (non-deterministic) mode
+    # backward: dQ by atomics only; the deterministic mode only through the tiles that
+    # ``ordered_dq(tile, knobs)`` accepts (dQ added in key-tile order), none when it is None
+    dq_atomic_only: bool = False
+    ordered_dq: Callable | None = None
     dchunk: Callable | None = None  # backward: (dtype, arch, bucket) -> dK/dV columns per block
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
     # one raises (never a silent fallback to a slower family).
@@ -78,14 +81,16 @@ class Variant:
                wgmma: bool) -> bool:
         return (direction == self.direction and dtype in self.dtypes and bucket in self.tiles
                 and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS))
-                and not (deterministic and self.dq_atomic_only))
+                and not (deterministic and self.dq_atomic_only and not self.ordered_dq))
 
-    def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset()
-                   ) -> tuple[Tile, ...]:
+    def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset(),
+                   deterministic: bool = False) -> tuple[Tile, ...]:
         """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
         context = knobs | {arch}
         return tuple(t for t in self.tiles[bucket]
-                     if not any(context.issuperset(when) for when in t.spills_when))
+                     if not any(context.issuperset(when) for when in t.spills_when)
+                     and not (deterministic and self.dq_atomic_only
+                              and not (self.ordered_dq and self.ordered_dq(t, knobs))))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -329,8 +334,9 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
 BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 
 # bwd90 (Hopper wgmma): 128 keys (64 at head_dim 256), 2 computing warpgroups, 2 stages; dQ
-# by atomics only (the deterministic mode runs the portable kernels, flash_bwd.cu /
-# flash_bwd_split.cu). 128 queries per tile only at head_dim 64 (registers).
+# by atomics. The deterministic mode: the warp-specialized tiles add dQ in key-tile order
+# (spec.dq_ordered); elsewhere it runs the portable kernels (flash_bwd.cu, flash_bwd_split.cu
+# and flash_bwd_dq.cu). 128 queries per tile only at head_dim 64 (registers).
 # 12 warps: flash_bwd_sm90_ws.cu (bwd90_warp_specialized), a producer warpgroup beside the
 # two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (same log).
 _BWD90_WS_LOG = "bench/results/2026-12-02_h200/session4/bwd90_ws_sweep_call4.log"
@@ -379,6 +385,13 @@ BWD32[256] = (*BWD32[256][:2], _also(BWD32[256][2], ("sm_75",)), BWD32[256][3])
 BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
                 _t(1, 8, 8, 1, _LAST)) for b in BUCKETS}
 
+def _ordered_dq(tile: Tile, knobs: frozenset) -> bool:
+    """bwd90's tiles with ordered dQ (the deterministic mode): the warp-specialized ones,
+    without a window (the key tiles a query tile waits for must be exactly those that visit
+    it; for windows that is not shown yet, so they keep the portable kernels)."""
+    return tile.warps == 12 and "window" not in knobs
+
+
 # The elementwise kernels: no head-dim bucket, no tiles (PRE_ROWS rows per block).
 PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 
@@ -398,7 +411,8 @@ VARIANTS: tuple[Variant, ...] = (
             modifiers=ALL_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
             BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS,
-            split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu"),
+            split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu",
+            ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
             dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_layout=bwd_split_layout,
             split_source="flash_bwd_split.cu"),

@@ -99,6 +99,9 @@ class KernelSpec:
     stages: int = 1
     causal: bool = False
     dq_atomic: bool = False  # bwd only
+    # bwd90 only, with dq_atomic: blocks add dQ in key-tile order (a semaphore per query tile),
+    # which makes the sums bitwise repeatable: the Hopper deterministic mode
+    dq_ordered: bool = False
     dchunk: int = 0  # bwd only: head-dim columns of dK/dV per block
     mods: ModFlags = NO_MODS
     knobs: tuple[tuple[str, int], ...] = ()
@@ -120,12 +123,18 @@ class KernelSpec:
             parts += [f"d{self.head_dim}", f"m{self.block_m}", f"n{self.block_n}",
                       f"w{self.warps}", f"s{self.stages}"]
         if self.kind in ("bwd", "bwd90"):
-            parts += [f"c{self.dchunk}", "atomic" if self.dq_atomic else "nodq"]
+            parts += [f"c{self.dchunk}",
+                      "ordered" if self.dq_ordered else "atomic" if self.dq_atomic else "nodq"]
         if self.causal:
             parts.append("causal")
         parts += ["local" if name == "window" else name for name in self.mods.on]
         parts += [f"{key[3:].lower()}{value}" for key, value in self.knobs]
         return "_".join(parts)
+
+    @property
+    def deterministic(self) -> bool:
+        """A backward kernel whose sums are bitwise repeatable: no dQ atomics, or ordered ones."""
+        return not self.dq_atomic or self.dq_ordered
 
     @cached_property
     def variant(self) -> Variant:
@@ -169,6 +178,8 @@ class KernelSpec:
                 d[define] = 1
         if self.kind in ("bwd", "bwd90"):
             d.update(CF_DQ_ATOMIC=int(self.dq_atomic), CF_DCHUNK=self.dchunk)
+            if self.dq_ordered:
+                d["CF_DQ_ORDERED"] = 1
         d.update(self.knobs)
         return d
 
@@ -218,7 +229,7 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
             continue
         _check_modifiers(variant, mods, dtype)
         knobs = frozenset(mods.on + (("causal",) if causal else ()))
-        for tile in variant.candidates(bucket, facts.arch, knobs):
+        for tile in variant.candidates(bucket, facts.arch, knobs, deterministic):
             spec = _spec(variant, tile, dtype, bucket, causal, deterministic, facts.arch, mods)
             if spec.smem_bytes <= facts.smem_optin:
                 return spec
@@ -243,7 +254,8 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
     return KernelSpec(kind=variant.kind, dtype=dtype, head_dim=bucket, block_m=tile.block_m,
                       block_n=tile.block_n, warps=tile.warps, stages=tile.stages,
                       causal=causal and not mods.window, mods=mods,
-                      dq_atomic=backward and not deterministic,
+                      dq_atomic=backward and (not deterministic or variant.dq_atomic_only),
+                      dq_ordered=backward and deterministic and variant.dq_atomic_only,
                       dchunk=variant.dchunk(dtype, arch, bucket) if backward else 0)
 
 

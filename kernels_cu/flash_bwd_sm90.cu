@@ -75,6 +75,9 @@ static_assert(CF_HEAD_DIM == 256  // the role split
               "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 256");
 static_assert(CF_WARPS == 8 && CF_STAGES == 2, "2 warpgroups, 2 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
+#if defined(CF_DQ_ORDERED) && CF_DQ_ORDERED
+#error "ordered dQ (the deterministic mode) is flash_bwd_sm90_ws.cu's"
+#endif
 
 namespace bwd90 {
 enum : int {
@@ -98,8 +101,10 @@ enum : int {
 
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
-                   float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+                   float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
+                   CF_SEQ_PARAMS) {
   using namespace bwd90;
+  (void)dq_semaphore;  // ordered dQ is flash_bwd_sm90_ws.cu's
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   sm90_require_aligned(smem);

@@ -1,17 +1,19 @@
 // flash_bwd_sm90_ws.cu -- the Hopper backward, warp-specialized: a producer warpgroup copies
 // Q, dO and their statistics into a ring of stages, so the two computing warpgroups issue no
-// copy and meets the other at one named barrier a tile (FlashAttention-3's producer /
-// consumer split; Shah et al. 2024). Same parameters, grid,
-// outputs, masks and modifiers as flash_bwd_sm90.cu in its key-split layout (head_dim 64 with
-// 128-query tiles, head_dim 128 with 64): read its header for the algorithm. What differs:
+// copies and meet each other at one named barrier a tile (FlashAttention-3's producer /
+// consumer split; Shah et al. 2024). Same parameters, grid, outputs, masks and modifiers as
+// flash_bwd_sm90.cu in its key-split layout (head_dim 64 with 128-query tiles, head_dim 128
+// with 64): read its header for the algorithm. What differs:
 //
 // Block: 12 warps.
 //   warpgroup 0, the producer (setmaxnreg: 40 registers a thread): warps 0 and 1 copy K
 //     once, then per tile Q (q_full); warp 3 copies V once, then per tile dO (do_full); into
 //     stage it % CF_STAGES with cp.async, each tile followed by cp.async.mbarrier.arrive, then
-//     lse2 (delta) by plain loads and stores and an ordinary arrival (racecheck follows that
-//     order for the consumers' plain reads; it reported the cp.async one as a race). Before
-//     refilling a stage they wait on its empty mbarrier. Warp 2 has nothing to do.
+//     lse2 (delta) by plain loads and stores and an ordinary arrival. Before refilling a stage
+//     they wait on its empty mbarrier, on which every consumer thread arrives (racecheck
+//     reported the consumers' reads of the statistics as racing the refill while one lane a
+//     warp arrived after __syncwarp; the statistics were cp.async copies then, and whether
+//     those would pass now was not tested). Warp 2 has nothing to do.
 //   warpgroups 1, 2, the consumers (232 registers): warpgroup 1 + g owns keys n0 + 64g ..
 //     + 63. Per tile: S^T = K Q^T and dP^T = V dO^T issued; P^T and dS^T = P^T (dP^T - delta)
 //     (CF_BWD_WS_OVERLAP=1: P^T while dP^T runs, dS^T while dV runs; it spills at head_dim
@@ -19,7 +21,7 @@
 //     alternating); dK += dS^T Q issued; the consumers meet at a named
 //     barrier (every key's dS^T is in); dQ = dS K issued (head_dim 128: warpgroup g columns
 //     64g ..; head_dim 64: query rows 64g ..); all waited; the stage released; dQ added into
-//     dq_accum by float atomics.
+//     dq_accum by float atomics (CF_DQ_ORDERED: in key-tile order, below).
 //   No __syncthreads after the prologue.
 //   Tried and not kept: dQ through shared memory and bulk reduce-adds (cp.reduce.async.bulk,
 //   FlashAttention-3's way) was 0.75x the atomics on an H200 (bench/dev/bwd_variants.md).
@@ -59,7 +61,17 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #define CF_BWD_WS_OVERLAP 0
 #endif
 
+// Ordered dQ (the deterministic mode, spec.dq_ordered): the key tiles that see a query tile
+// add their dQ into it one after another, in key-tile order, through a semaphore per (batch
+// entry, head, query tile) in the zeroed workspace: float sums in a fixed order, bitwise
+// repeatable. A block only waits for blocks of smaller key tiles of its head, which start
+// before it (grid x, or the causal rank, grows with the key tile), so the wait ends.
+#ifndef CF_DQ_ORDERED
+#define CF_DQ_ORDERED 0
+#endif
+
 namespace bwd90ws {
+constexpr bool kOrdered = CF_DQ_ORDERED;
 constexpr bool kOverlap = CF_BWD_WS_OVERLAP;
 enum : int {
   kD = CF_HEAD_DIM,
@@ -85,7 +97,8 @@ enum : int {
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
   kConsumerRegs = 232,
-  kDsBarrier = 1,  // the named barrier where the consumers meet once dS^T is in
+  kDsBarrier = 1,     // the named barrier where the consumers meet once dS^T is in
+  kOrderBarrier = 2,  // ordered dQ: the consumers meet before and after their adds
 };
 }  // namespace bwd90ws
 
@@ -101,6 +114,22 @@ struct BwdBarriers {
     return base + 8 * (1 + 2 * CF_STAGES + s);
   }
 };
+
+// Spins until *sem == turn (acquire: the adds of the turns before are visible). After about
+// ten seconds it stops waiting rather than hang the GPU (a turn that never comes would be a
+// bug; the sums stay right, only their order would vary). A trap here costs the consumers
+// 1.3-1.8 KB of spills (NVRTC 13.5).
+__device__ __forceinline__ void wait_for_turn(const int* sem, int turn) {
+  for (int spins = 0; spins < (1 << 27); ++spins) {
+    int now;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
+    if (now == turn) return;
+    __nanosleep(64);
+  }
+}
+__device__ __forceinline__ void store_release(int* sem, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(sem), "r"(value) : "memory");
+}
 
 // The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn.
 struct TileWalk {
@@ -140,7 +169,8 @@ __device__ __forceinline__ void copy_tile(cf_u32 tile, const elem_t* rows, cf_i6
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
-                   float* __restrict__ dv_accum, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+                   float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
+                   CF_SEQ_PARAMS) {
   using namespace bwd90ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -372,9 +402,23 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_fence_regs(acc_dk);
     mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
 
-    // -- dQ into dq_accum (times softmax_scale)
+    // -- dQ into dq_accum (times softmax_scale); ordered: after the key tiles before this
+    // one that see this query tile, then pass the turn on
+    int* sem = nullptr;
+    int turn = 0;
+    if constexpr (kOrdered) {
+      turn = key_tile - key_tiles_of<kBN, kBM>(mask, m0).begin;
+      sem = dq_semaphore + ((cf_i64)b * heads + h) * ((max_seqlen_q + kBM - 1) / kBM) + m0 / kBM;
+      if (tid == 128) wait_for_turn(sem, turn);
+      named_bar_sync(kOrderBarrier, kConsumerThreads);
+    }
     add_dq(dq, dq_accum + (seq.row_q() * heads + h) * head_dim, m0 + dq_row0 + cwarp * 16 + group,
            dq_col0, tig, seqlen_q, heads, head_dim, softmax_scale);
+    if constexpr (kOrdered) {
+      __threadfence();  // this thread's adds are performed before the turn passes
+      named_bar_sync(kOrderBarrier, kConsumerThreads);
+      if (tid == 128) store_release(sem, turn + 1);
+    }
   }
 
   store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,

@@ -28,9 +28,13 @@ def test_backward_plan_stages():
     atomic = plan.plan_backward(shape(), H200, deterministic=False)
     assert atomic.main.spec.kind == "bwd90" and atomic.dq is None
     assert atomic.dq_convert is atomic.pre and atomic.labels[0].startswith("bwd_pre")
-    det = plan.plan_backward(shape(), H200, deterministic=True)
-    assert det.main.spec.kind == "bwd" and det.dq.spec.kind == "bwd_dq"
-    assert det.dq_convert is None and det.kv_splits == 1
+    det = plan.plan_backward(shape(), H200, deterministic=True)  # ordered dQ on Hopper
+    assert det.main.spec.kind == "bwd90" and det.main.spec.dq_ordered and det.dq is None
+    assert det.dq_convert is det.pre and det.kv_splits == 1
+    assert det.scratch.dq_semaphore is not None
+    portable = plan.plan_backward(shape(), A100, deterministic=True)
+    assert portable.main.spec.kind == "bwd" and portable.dq.spec.kind == "bwd_dq"
+    assert portable.dq_convert is None and portable.kv_splits == 1
 
 
 @pytest.mark.parametrize("batch", [65535, 65536, 200_001])
@@ -73,16 +77,22 @@ def test_gqa_split_only_on_the_hopper_kernel():
 
 def test_workspace_layout():
     s = shape(batch=2, seqlen_q=100, seqlen_k=70, heads=8, heads_kv=2, head_dim=64)
-    ws = plan.workspace(s, deterministic=False, kv_accum=True)
+    ws = plan.workspace(s, dq_accum=True, kv_accum=True)
     assert ws.dq_accum == 0
     assert ws.dk_accum >= 4 * 2 * 100 * 8 * 64 and ws.dv_accum >= ws.dk_accum + 4 * 2 * 70 * 2 * 64
     assert ws.zeroed_bytes == ws.delta and ws.lse2 >= ws.delta + 4 * 2 * 8 * 100
     assert all(x % plan.SCRATCH_ALIGN == 0 for x in (ws.dk_accum, ws.dv_accum, ws.delta, ws.lse2))
-    det = plan.workspace(s, deterministic=True, kv_accum=False)
-    assert det.dq_accum is None and det.zeroed_bytes == 0
-    bound = plan.workspace_bound(s, deterministic=False)
-    for p in (plan.plan_backward(s, H200, False), plan.plan_backward(s, A100, False)):
-        assert plan.backward_workspace(p).total_bytes <= bound.total_bytes
+    det = plan.workspace(s, dq_accum=False, kv_accum=False)
+    assert det.dq_accum is None and det.dq_semaphore is None and det.zeroed_bytes == 0
+    ordered = plan.workspace(s, dq_accum=True, kv_accum=False, semaphore_tiles=64)
+    assert ordered.dq_semaphore >= 4 * 2 * 100 * 8 * 64  # after dq_accum
+    assert ordered.delta - ordered.dq_semaphore >= 4 * 2 * 8 * 2  # batch, heads, 2 tiles
+    assert ordered.zeroed_bytes == ordered.delta  # the semaphores start at 0
+    for deterministic in (False, True):
+        bound = plan.workspace_bound(s, deterministic)
+        for p in (plan.plan_backward(s, H200, deterministic),
+                  plan.plan_backward(s, A100, deterministic)):
+            assert plan.backward_workspace(p).total_bytes <= bound.total_bytes
 
 
 def test_memoized_plans_follow_the_configuration(monkeypatch):
@@ -150,7 +160,8 @@ def test_parameter_buffers_are_laid_out_as_c_structs(kind):
 _ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),
                 ("fwd90", "flash_fwd_sm90.cu"), ("bwd", "flash_bwd.cu"),
                 ("bwd", "flash_bwd_split.cu"), ("bwd", "flash_bwd_fp32.cu"),
-                ("bwd90", "flash_bwd_sm90.cu"), ("bwd_dq", "flash_bwd_dq.cu"),
+                ("bwd90", "flash_bwd_sm90.cu"), ("bwd90", "flash_bwd_sm90_ws.cu"),
+                ("bwd_dq", "flash_bwd_dq.cu"),
                 ("bwd_dq", "flash_bwd_dq_fp32.cu"),
                 ("bwd_pre", "flash_bwd_pre.cu"), ("convert", "flash_bwd_pre.cu")]
 _ENTRY_NAMES = {"convert": "flash_bwd_dq_convert", "bwd_pre": "flash_bwd_preprocess"}

@@ -62,7 +62,14 @@ def test_varlen_picks_the_dense_tiles_under_its_own_name(facts, dtype, causal):
 def test_hopper_backward_d64_causal_varlen_takes_the_tile_that_does_not_spill():
     dense = specs.select_backward(H100, "bfloat16", 64, True, False)
     packed = specs.select_backward(H100, "bfloat16", 64, True, False, mods=VARLEN)
-    assert (dense.block_m, packed.block_m) == (128, 64)
+    # the warp-specialized tile (12 warps) does not spill with either
+    assert (dense.warps, dense.block_m) == (packed.warps, packed.block_m) == (12, 128)
+    # behind it, the 8-warp 128-query tile (which spills on causal packed sequences) is
+    # skipped for the 64-query one
+    variant = specs.variant_of("bwd90", "bfloat16")
+    eight = [t for t in variant.candidates(64, "sm_90", frozenset({"causal", "varlen"}))
+             if t.warps == 8]
+    assert eight[0].block_m == 64
     assert specs.select_backward(H100, "bfloat16", 64, False, False, mods=VARLEN).block_m == 128
 
 
@@ -92,7 +99,7 @@ def test_plan_grids_cover_the_longest_sequence_and_scratch_the_total_rows():
 def test_dense_workspace_is_unchanged():
     dense = plan.Shape(3, 300, 500, 8, 2, 128, "bfloat16", True)
     assert dense.rows_q == 900 and dense.rows_k == 1500
-    ws = plan.workspace(dense, False, kv_accum=True)
+    ws = plan.workspace(dense, dq_accum=True, kv_accum=True)
     assert ws.dk_accum == plan._aligned(4 * 900 * 8 * 128)
 
 

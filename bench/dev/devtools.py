@@ -69,7 +69,7 @@ def pinned_backward(spec, do, q, k, v, o, m, l, causal):
 
     device = q.device.index
     p = plan.plan_backward(_shape(q, k, causal), launch.device_facts(device),
-                           not spec.dq_atomic, spec=spec)
+                           spec.deterministic, spec=spec)
     workspace = torch.empty(plan.backward_workspace(p).total_bytes, device=q.device,
                             dtype=torch.uint8)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

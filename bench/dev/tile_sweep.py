@@ -17,6 +17,7 @@ Prints TFLOP/s per candidate (FLOPs = 4*B*H*S*S*D, halved when causal, x2.5 back
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from devtools import fwd_block_m, pinned_backward, pinned_forward, time_ms
 
@@ -43,6 +44,7 @@ def _bwd90_fits(warps, block_m, bucket):
 
 
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
+ORDERED: list[bool] = []  # --ordered: also the deterministic (ordered dQ) bwd90 tiles
 VARIANTS: list[dict[str, int]] = []  # --variant NAME=VALUE: each candidate again with it
 
 
@@ -61,6 +63,8 @@ def candidate_specs(kind, dtype, head_dim, causal):
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,
                           dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
+    if ORDERED and kind == "bwd90":  # each warp-specialized tile again in the deterministic mode
+        out += [replace(spec, dq_ordered=True) for spec in out if spec.warps == 12]
     out = [spec.with_knobs(**KNOBS) for spec in out]
     return out + [spec.with_knobs(**variant) for variant in VARIANTS for spec in out]
 
@@ -145,7 +149,12 @@ def main():
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=VALUE: also time every candidate with this knob, in the same run "
                         "(an A/B of a kernel-internal knob)")
+    p.add_argument("--ordered", action="store_true",
+                   help="bwd90: also time each warp-specialized tile with ordered dQ (the "
+                        "deterministic mode)")
     args = p.parse_args()
+    if args.ordered:
+        ORDERED.append(True)
     for variant in args.variant:
         name, value = variant.split("=")
         VARIANTS.append({name: int(value)})
