@@ -164,7 +164,7 @@ SEQ = "pppi"
 _SIGNATURES = {
     "fwd": "pppppp" "iiiii" + "q" * 12 + "f" + MODS + "p" + SEQ,
     "bwd": "ppppppppp" "iiiii" + "q" * 18 + "ff" + MODS + SEQ,
-    # + kv_splits, dk/dv_accum
+    # + kv_splits, dk/dv_accum, dq_semaphore
     "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ippp" + MODS + SEQ,
     "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS + SEQ,
     "bwd_pre": "pppppp" "iii" + "q" * 6 + "pp" + SEQ,
@@ -432,9 +432,9 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
                 *scalars, *_strides(q, k, v, do, dk, dv), *scales)
         if main.spec.kind == "bwd90":
             accum = ws.dk_accum is not None and plan.kv_splits > 1
-            # ordered dQ: the semaphores of batch entries b0 .. (heads x query tiles each)
-            tiles_q = -(-s.seqlen_q // main.spec.block_m)
-            semaphores = (workspace + ws.dq_semaphore + 4 * b0 * s.heads * tiles_q
+            # ordered dQ: the semaphores of batch entries b0 ..
+            semaphores = (workspace + ws.dq_semaphore
+                          + 4 * b0 * planning.semaphores_per_entry(s, main.spec.block_m)
                           if ws.dq_semaphore is not None else 0)
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,

@@ -152,10 +152,10 @@ class Workspace:
     total_bytes: int
 
 
-def semaphore_count(shape: Shape, block_m: int) -> int:
-    """Ordered dQ's semaphores: one per (batch entry, head, query tile of block_m rows) of
-    the longest sequence."""
-    return shape.batch * shape.heads * _cdiv(shape.seqlen_q, block_m)
+def semaphores_per_entry(shape: Shape, block_m: int) -> int:
+    """Ordered dQ's semaphores of one batch entry: one per (head, query tile of block_m rows
+    of the longest sequence), as the kernel indexes them."""
+    return shape.heads * _cdiv(shape.seqlen_q, block_m)
 
 
 def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
@@ -174,7 +174,7 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
         dv, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
     if semaphore_tiles:
         semaphores = offset
-        offset += _aligned(4 * semaphore_count(shape, semaphore_tiles))
+        offset += _aligned(4 * shape.batch * semaphores_per_entry(shape, semaphore_tiles))
     zeroed = offset
     stats = _aligned(4 * h * rows_q)
     return Workspace(dq, dk, dv, semaphores, delta=zeroed, lse2=zeroed + stats,

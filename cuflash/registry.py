@@ -55,9 +55,9 @@ class Variant:
     smem: Callable  # (spec) -> dynamic shared memory of one block, the kernel header's formula
     tiles: Mapping[int, tuple[Tile, ...]]  # by head-dim bucket; a bucket absent: not served
     wgmma: bool = False  # Hopper-only: compiled for sm_90a, runs on WGMMA_ARCHS alone
-    # backward: dQ by atomics only; the deterministic mode only through the tiles that
-    # ``ordered_dq(tile, knobs)`` accepts (dQ added in key-tile order), none when it is None
-    dq_atomic_only: bool = False
+    # backward, how the deterministic mode runs. None: dK, dV without dQ, then the dQ pass
+    # (backward_dq). A predicate (tile, knobs): dQ always by atomics, deterministic only on
+    # the tiles it accepts, which add them in key-tile order (spec.dq_ordered).
     ordered_dq: Callable | None = None
     dchunk: Callable | None = None  # backward: (dtype, arch, bucket) -> dK/dV columns per block
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
@@ -77,20 +77,19 @@ class Variant:
         """The NVRTC target: "sm_90a" (arch-specific wgmma code) or "device" (the GPU's arch)."""
         return "sm_90a" if self.wgmma else "device"
 
-    def serves(self, direction: str, dtype: str, arch: str, bucket: int, deterministic: bool,
-               wgmma: bool) -> bool:
+    def serves(self, direction: str, dtype: str, arch: str, bucket: int, wgmma: bool) -> bool:
         return (direction == self.direction and dtype in self.dtypes and bucket in self.tiles
-                and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS))
-                and not (deterministic and self.dq_atomic_only and not self.ordered_dq))
+                and (not self.wgmma or (wgmma and arch in WGMMA_ARCHS)))
 
     def candidates(self, bucket: int, arch: str, knobs: frozenset = frozenset(),
                    deterministic: bool = False) -> tuple[Tile, ...]:
-        """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names)."""
+        """The tiles to try, in order; ``knobs``: the call's ("causal", modifier names);
+        ``deterministic``: only those with a deterministic mode (``ordered_dq``)."""
         context = knobs | {arch}
         return tuple(t for t in self.tiles[bucket]
                      if not any(context.issuperset(when) for when in t.spills_when)
-                     and not (deterministic and self.dq_atomic_only
-                              and not (self.ordered_dq and self.ordered_dq(t, knobs))))
+                     and not (deterministic and self.ordered_dq
+                              and not self.ordered_dq(t, knobs)))
 
 
 # -- shared-memory formulas (each the one in its kernel's header) --------------------------
@@ -410,7 +409,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
             modifiers=ALL_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
-            BWD90, wgmma=True, dq_atomic_only=True, dchunk=_dchunk_whole, modifiers=ALL_MODS,
+            BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=ALL_MODS,
             split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu",
             ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,

@@ -225,7 +225,7 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
     mods = mods.for_direction(direction)
     tried = []
     for variant in VARIANTS:
-        if not variant.serves(direction, dtype, facts.arch, bucket, deterministic, wgmma):
+        if not variant.serves(direction, dtype, facts.arch, bucket, wgmma):
             continue
         _check_modifiers(variant, mods, dtype)
         knobs = frozenset(mods.on + (("causal",) if causal else ()))
@@ -250,12 +250,13 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
     if variant.direction == "backward_pre":
         return KernelSpec(kind=variant.kind, dtype=dtype, mods=mods)
     backward = variant.direction == "backward"
+    ordered = variant.ordered_dq is not None  # its deterministic mode: ordered dQ atomics
     # A window is the local mask mode, which holds causal as right = 0 (cf_mask.cuh).
     return KernelSpec(kind=variant.kind, dtype=dtype, head_dim=bucket, block_m=tile.block_m,
                       block_n=tile.block_n, warps=tile.warps, stages=tile.stages,
                       causal=causal and not mods.window, mods=mods,
-                      dq_atomic=backward and (not deterministic or variant.dq_atomic_only),
-                      dq_ordered=backward and deterministic and variant.dq_atomic_only,
+                      dq_atomic=backward and (not deterministic or ordered),
+                      dq_ordered=backward and deterministic and ordered,
                       dchunk=variant.dchunk(dtype, arch, bucket) if backward else 0)
 
 
