@@ -5,7 +5,7 @@
 #                                            memory train
 #                                            workloads train_gqa host decode generate ab
 #                                            decode_ab
-#                                            modifiers varlen fwd90_tiles bwd90_tiles
+#                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -106,6 +106,12 @@ for stage in $stages; do
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
       run_stage varlen $PY bench/dev/varlen_bench.py ;;
+    det)  # the deterministic backward against the default (issue 13: at most 20% slower):
+      # its bitwise tests, then TFLOP/s through the public API
+      CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=3 -p no:cacheprovider \
+        tests/test_gpu_backward.py tests/test_edges_gpu.py -k "determin or det or every_head_dim"
+      run_stage det_speed bash -c "cd bench/dev && $PY det_compare.py 128 64" ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac

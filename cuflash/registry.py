@@ -247,12 +247,10 @@ _SWEEP = "bench/results/2026-12-02_h200/session2/fwd90_ws_sweep_call9.log"
 
 def _ws(block_n, stages, why, consumers=2, spills_when=()) -> Tile:
     """A warp-specialized tile: a producer warpgroup and `consumers` of 64 query rows each.
-    Spills (NVRTC 13.5), whose calls take the next tile: softcap + ALiBi, 104-152 B at 232
-    consumer registers; causal on packed sequences, 24 B in the producer's 40 (48 B in all;
-    more producer registers and fewer consumer ones remove it at d128, not yet timed); and
-    the tile's own `spills_when`."""
-    return _also(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why),
-                 ("softcap", "alibi"), ("causal", "varlen"), *spills_when)
+    With two consumers no modifier set spills (NVRTC 13.5; causal calls with ALiBi or packed
+    sequences give the producer 48 registers, kernel ws::kProducerRegs); a tile's own
+    `spills_when` lists what does."""
+    return _also(_t(4 + 4 * consumers, 64 * consumers, block_n, stages, why), *spills_when)
 
 
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
@@ -261,14 +259,14 @@ _SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call12.log
 FWD90 = {
     # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
     # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
-    # Three consumers' 160 registers spill with causal softcap (44 B) or ALiBi (24 B), softcap
-    # on packed sequences (36 B), a window with softcap (64-124 B) or ALiBi (280 B): two
-    # consumers take those calls.
+    # Three consumers' 160 registers spill with causal softcap (44 B), ALiBi (24 B) or packed
+    # sequences (24 B), softcap on packed sequences (12 B), a window with softcap (16-32 B) or
+    # ALiBi (132-160 B) (NVRTC 13.5, 2026-12-02): two consumers take those calls.
     64: (_ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 364/473/480 TFLOP/s, causal 219/381/426; "
                      f"(12, 128, 128, 3): 351/410/417, causal 237/345/381; (8, 128, 64, 2): "
                      f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3,
-             spills_when=(("causal", "softcap"), ("causal", "alibi"), ("softcap", "varlen"),
-                          ("window", "softcap"), ("window", "alibi"))),
+             spills_when=(("causal", "softcap"), ("causal", "alibi"), ("causal", "varlen"),
+                          ("softcap", "varlen"), ("window", "softcap"), ("window", "alibi"))),
          _ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s, causal 238/345/384 "
                      f"({_SWEEP})"),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
@@ -276,10 +274,8 @@ FWD90 = {
          _FWD90_WIDE),
     # (12, 128, 128, 2), for smaller budgets: -4% to +7% against (8, 128, 128, 2): not listed;
     # (16, 192, 64, 3-4), three consumers: 0.81-1.02x of (12, 128, 128, 3) (_SWEEP2)
-    # causal ALiBi: 24 B spilled (the next tile takes it)
     128: (_ws(128, 3, f"H200 bf16 d128 1k/4k/16k: 522/608/579 TFLOP/s, causal 361/523/545; "
-                      f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})",
-              spills_when=(("causal", "alibi"),)),
+                      f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})"),
           _FWD90_WIDE, _fwd16(8, 64, 2)),
     # d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP)
     256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}

@@ -6,14 +6,15 @@
 //
 // Block: a producer warpgroup and C = CF_BLOCK_M / 64 consumers (C = 2 or 3;
 // CF_WARPS = 4 + 4C).
-//   warpgroup 0, the producer: 40 registers a thread (32 when C = 3; setmaxnreg); copies Q
-//     once, then key tile after key tile, last first, K and V of a tile into stage
+//   warpgroup 0, the producer: 40 registers a thread (32 when C = 3, 48 for some causal
+//     calls; setmaxnreg, ws::kProducerRegs); copies Q once, then key tile after key tile, last first, K and V of a tile into stage
 //     it % CF_STAGES with cp.async, each followed by cp.async.mbarrier.arrive on the stage's
 //     k_full / v_full mbarrier (it completes when every producer thread's copies have
 //     landed); before refilling a stage it waits on the stage's empty mbarrier. A consumer
 //     that has waited on k_full / v_full fences the generic proxy (cp.async's writes) against
 //     the async one (wgmma's reads).
-//   warpgroups 1 .. C, the consumers: 232 registers (160 when C = 3); rows 64(g - 1) .. + 63.
+//   warpgroups 1 .. C, the consumers: the registers left (232, 160 when C = 3, 224 beside a
+//     48-register producer); rows 64(g - 1) .. + 63.
 //     Step it issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1) back to back, then runs
 //     the softmax of S(it) while the P V product is still on the tensor cores; only then it
 //     waits for P V, rescales O by the new row max and releases the stage of it - 1.
@@ -43,6 +44,12 @@ static_assert((CF_BLOCK_M == 128 || CF_BLOCK_M == 192) && CF_WARPS == 4 + CF_BLO
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 
+// The producer's registers (setmaxnreg; a knob, 0: 40 with two consumers, 32 with three);
+// the consumers take what is left of the block's registers.
+#ifndef CF_FWD_WS_PRODUCER_REGS
+#define CF_FWD_WS_PRODUCER_REGS 0
+#endif
+
 namespace ws {
 enum : int {
   kConsumers = CF_BLOCK_M / 64,
@@ -55,9 +62,17 @@ enum : int {
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
   kBarriers = kTileQ + 2 * CF_STAGES * kTileKV,
   kSmemBytes = kBarriers + 128,
-  // 128 * 40 + 256 * 232 and 128 * 32 + 384 * 160 fit the register file (65536)
-  kProducerRegs = kConsumers == 2 ? 40 : 32,
-  kConsumerRegs = kConsumers == 2 ? 232 : 160,
+  // what the launch gives the block: 65536 registers shared by its threads, in steps of 8
+  kBlockRegs = 32 * CF_WARPS * (65536 / (32 * CF_WARPS) / 8 * 8),
+  // the consumers take what the producer leaves (40 + 232 with two, 32 + 160 with three).
+  // Causal with ALiBi or packed sequences: 48 + 224, where 40 spilled 24 B in the producer
+  // (NVRTC 13.5) and the consumers fit 224 without a spill.
+  kProducerRegs = CF_FWD_WS_PRODUCER_REGS ? CF_FWD_WS_PRODUCER_REGS
+                  : kConsumers == 3                           ? 32
+                  : CF_CAUSAL && (CF_ALIBI || CF_VARLEN)      ? 48
+                                                              : 40,
+  kConsumerRegsLeft = (kBlockRegs - 128 * kProducerRegs) / kConsumerThreads / 8 * 8,
+  kConsumerRegs = kConsumerRegsLeft > 240 ? 240 : kConsumerRegsLeft,
   kConsumerBarrier = 1,  // the named barrier the consumers meet at
   kTurnBarrier = 2,      // 2 + g: consumer warpgroup g may issue its products
 };
