@@ -72,7 +72,7 @@ for stage in $stages; do
     train)
       run_stage train $PY bench/train_small.py --out "$OUT/results" ;;
     train_gqa)  # GQA model at a real width: step time vs SDPA, eager and compiled
-      run_stage train_gqa $PY bench/train_small.py --gqa --steps "${TRAIN_STEPS:-20}" \
+      run_stage train_gqa $PY bench/train_small.py --gqa --steps "${TRAIN_STEPS:-20}" --lr "${TRAIN_LR:-1e-4}" \
         --out "$OUT/results" ;;
     workloads)  # host time per call, GQA/MQA, short sequences, JAX under jit, beside peers
       run_stage workloads $PY bench/real_workloads.py --out "$OUT/results" \

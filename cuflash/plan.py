@@ -145,7 +145,7 @@ class Workspace:
     dq_accum: int | None
     dk_accum: int | None
     dv_accum: int | None
-    dq_semaphore: int | None  # ordered dQ: an int per (batch, head, query tile)
+    dq_semaphore: int | None  # ordered dQ: two ints per (batch, head, query tile)
     delta: int
     lse2: int
     zeroed_bytes: int  # the accumulators, set to 0 before the main kernel
@@ -154,8 +154,9 @@ class Workspace:
 
 def semaphores_per_entry(shape: Shape, block_m: int) -> int:
     """Ordered dQ's semaphores of one batch entry: one per (head, query tile of block_m rows
-    of the longest sequence), as the kernel indexes them."""
-    return shape.heads * _cdiv(shape.seqlen_q, block_m)
+    of the longest sequence, half of the tile's dQ: each computing warpgroup adds its own), as
+    the kernel indexes them."""
+    return shape.heads * _cdiv(shape.seqlen_q, block_m) * 2
 
 
 def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,

@@ -334,9 +334,9 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 # and flash_bwd_dq.cu). 128 queries per tile only at head_dim 64 (registers).
 # 12 warps: flash_bwd_sm90_ws.cu (bwd90_warp_specialized), a producer warpgroup beside the
 # two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (same log).
-_BWD90_WS_LOG = "bench/results/2026-12-02_h200/session4/bwd90_ws_sweep_call4.log"
-BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 329/343 TFLOP/s, causal 293/332; "
-                                  f"(8, 128, 128, 2): 301/316, causal 280/316 ({_BWD90_WS_LOG})"),
+_BWD90_WS_LOG = "bench/results/2026-12-02_h200/session5/bwd90_sweep_bf16_call4.log"
+BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s, causal 317/361; "
+                                  f"(8, 128, 128, 2): 303/316, causal 282/317 ({_BWD90_WS_LOG})"),
               replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
@@ -348,8 +348,8 @@ BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 329/343 TFLOP/s, causa
          # softcap + ALiBi spilled 8-48 B here (the portable kernel took those calls) until
          # tanh became tanh.approx (2026-12-02): now 255 registers, none spilled
          # causal ALiBi on packed sequences: 20 B spilled (the portable kernel takes it)
-         128: (_t(12, 64, 128, 2, f"H200 bf16 d128 4k/16k: 375/378 TFLOP/s, causal 335/383; "
-                                  f"(8, 64, 128, 2): 344/357, causal 306/351 ({_BWD90_WS_LOG})"),
+         128: (_t(12, 64, 128, 2, f"H200 bf16 d128 4k/16k: 412/430 TFLOP/s, causal 365/424; "
+                                  f"(8, 64, 128, 2): 348/362, causal 305/351 ({_BWD90_WS_LOG})"),
                replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                          "(NOTES' wgmma kernels)"),
                        spills_when=(("causal", "alibi", "varlen"),)),),

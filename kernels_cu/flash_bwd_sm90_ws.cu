@@ -1,7 +1,7 @@
 // flash_bwd_sm90_ws.cu -- the Hopper backward, warp-specialized: a producer warpgroup copies
 // Q, dO and their statistics into a ring of stages, so the two computing warpgroups issue no
-// copies and meet each other at one named barrier a tile (FlashAttention-3's producer /
-// consumer split; Shah et al. 2024). Same parameters, grid, outputs, masks and modifiers as
+// copies and take turns on the tensor cores (FlashAttention-3's producer / consumer split
+// and ping-pong; Shah et al. 2024). Same parameters, grid, outputs, masks and modifiers as
 // flash_bwd_sm90.cu in its key-split layout (head_dim 64 with 128-query tiles, head_dim 128
 // with 64): read its header for the algorithm. What differs:
 //
@@ -15,20 +15,24 @@
 //     warp arrived after __syncwarp; the statistics were cp.async copies then, and whether
 //     those would pass now was not tested). Warp 2 has nothing to do.
 //   warpgroups 1, 2, the consumers (232 registers): warpgroup 1 + g owns keys n0 + 64g ..
-//     + 63. Per tile: S^T = K Q^T and dP^T = V dO^T issued; P^T and dS^T = P^T (dP^T - delta)
-//     (CF_BWD_WS_OVERLAP=1: P^T while dP^T runs, dS^T while dV runs; it spills at head_dim
-//     128 and measured slower); dV += P^T dO issued; dS^T to shared memory (two buffers,
-//     alternating); dK += dS^T Q issued; the consumers meet at a named
-//     barrier (every key's dS^T is in); dQ = dS K issued (head_dim 128: warpgroup g columns
-//     64g ..; head_dim 64: query rows 64g ..); all waited; the stage released; dQ added into
-//     dq_accum by float atomics (CF_DQ_ORDERED: in key-tile order, below).
+//     + 63. Per tile it: S^T = K Q^T and dP^T = V dO^T issued and waited; P^T and
+//     dS^T = P^T (dP^T - delta); dS^T to shared memory (buffer it & 1, once ds_empty says both
+//     warpgroups have read it for dQ(it - 2)), then an arrival on ds_full; dV += P^T dO and
+//     dK += dS^T Q issued; then dQ of the PREVIOUS tile, dS K from buffer (it - 1) & 1
+//     (head_dim 128: warpgroup g columns 64g ..; head_dim 64: query rows 64g ..) once ds_full
+//     says both halves are in; all waited; the stage released; dQ(it - 1) added into
+//     dq_accum by float atomics (CF_DQ_ORDERED: in a fixed key-tile order, below). Deferring
+//     dQ by a tile lets the warpgroups drift apart instead of meeting at a barrier every
+//     tile, and they take turns issuing their products (CF_BWD_WS_PINGPONG), so one's
+//     P^T / dS^T and atomics run under the other's products.
 //   No __syncthreads after the prologue.
 //   Tried and not kept: dQ through shared memory and bulk reduce-adds (cp.reduce.async.bulk,
 //   FlashAttention-3's way) was 0.75x the atomics on an H200 (bench/dev/bwd_variants.md).
 //
 // Shared memory (panel layout of cf_sm90.cuh; 1024-byte aligned base):
 //   sK, sV (resident) | sQ, sdO: CF_STAGES stages each | sdS^T: 2 buffers | lse2, delta:
-//   CF_STAGES x CF_BLOCK_M floats each | 128 bytes of mbarriers.
+//   CF_STAGES x CF_BLOCK_M floats each | 128 bytes of mbarriers (k_v_full; q_full, do_full,
+//   stage_empty per stage; ds_full, ds_empty per dS^T buffer).
 //   SMEM = (2 * 128 * D + 2 * S * M * D + 2 * 128 * M) * 2 + 2 * S * M * 4 + 128
 //   (specs: registry._smem_bwd90)
 
@@ -51,20 +55,20 @@
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_ws.cu is a 16-bit kernel");
 static_assert((CF_HEAD_DIM == 64 && CF_BLOCK_M == 128) || (CF_HEAD_DIM == 128 && CF_BLOCK_M == 64),
               "the key-split layout: head_dim 64 x 128 queries, head_dim 128 x 64");
-static_assert(CF_BLOCK_N == 128 && CF_WARPS == 12 && CF_STAGES >= 2 && CF_STAGES <= 3,
+static_assert(CF_BLOCK_N == 128 && CF_WARPS == 12 && CF_STAGES >= 2 && CF_STAGES <= 3 &&
+                  8 * (5 + 3 * CF_STAGES) <= 128,
               "128 keys, a producer and two consumer warpgroups, 2 or 3 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_accum, one chunk");
 
-// P^T computed while dP^T runs and dS^T while dV runs (1, an A/B knob: 32 B spilled at
-// head_dim 128 at 232 consumer registers), or both after both products (0).
-#ifndef CF_BWD_WS_OVERLAP
-#define CF_BWD_WS_OVERLAP 0
+// Turn-taking of the two consumer warpgroups (a knob: CF_BWD_WS_PINGPONG=0 turns it off).
+#ifndef CF_BWD_WS_PINGPONG
+#define CF_BWD_WS_PINGPONG 1
 #endif
 
 // Ordered dQ (the deterministic mode, spec.dq_ordered): the key tiles that see a query tile
 // add their dQ into it one after another, in a fixed key-tile order, through a semaphore per
-// (batch entry, head, query tile) in the zeroed workspace: float sums in a fixed order,
-// bitwise repeatable. A block only waits for blocks of its head that start before it, so
+// (batch entry, head, query tile, consumer warpgroup: each adds its own half of the tile) in
+// the zeroed workspace: float sums in a fixed order, bitwise repeatable. A block only waits for blocks of its head that start before it, so
 // the wait ends:
 //   not causal: ascending key tiles (grid x);
 //   causal: descending, and the blocks start lightest key tile first (the last key tile
@@ -79,7 +83,7 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
-constexpr bool kOverlap = CF_BWD_WS_OVERLAP;
+constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
@@ -104,8 +108,8 @@ enum : int {
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
   kConsumerRegs = 232,
-  kDsBarrier = 1,     // the named barrier where the consumers meet once dS^T is in
-  kOrderBarrier = 2,  // ordered dQ: the consumers meet before and after their adds
+  kOrderBarrier = 1,  // 1 + g, ordered dQ: warpgroup g meets before and after its adds
+  kTurnBarrier = 3,   // 3 + g: consumer warpgroup g may issue its products
 };
 }  // namespace bwd90ws
 
@@ -119,6 +123,11 @@ struct BwdBarriers {
   }
   __device__ __forceinline__ cf_u32 stage_empty(int s) const {
     return base + 8 * (1 + 2 * CF_STAGES + s);
+  }
+  // dS^T buffer b (of two): both warpgroups have written their keys / read it for dQ
+  __device__ __forceinline__ cf_u32 ds_full(int b) const { return base + 8 * (1 + 3 * CF_STAGES + b); }
+  __device__ __forceinline__ cf_u32 ds_empty(int b) const {
+    return base + 8 * (3 + 3 * CF_STAGES + b);
   }
 };
 
@@ -231,6 +240,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       // but racecheck reported the other lanes' reads of the statistics as racing the refill
       mbar_init(bars.stage_empty(s), kConsumerThreads);
     }
+    for (int buf = 0; buf < 2; ++buf) {
+      mbar_init(bars.ds_full(buf), kConsumerThreads);
+      mbar_init(bars.ds_empty(buf), kConsumerThreads);
+    }
     mbar_fence_init();
   }
   __syncthreads();
@@ -294,7 +307,73 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   };
   if (n_iter > 0) wait_for(bars.k_v_full(), 0);
 
+  // Turns (CF_BWD_WS_PINGPONG): the warpgroups take turns issuing their products, so one's
+  // P^T / dS^T and dQ adds run while the other's products hold the tensor cores; warpgroup 1
+  // opens the first turn. Each turn barrier counts the warpgroup that waits and the one that
+  // hands the turn over.
+  const auto my_turn = [me] {
+    if constexpr (kPingPong) named_bar_sync(kTurnBarrier + me, kConsumerThreads);
+  };
+  const auto their_turn = [me] {
+    if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + (me ^ 1), kConsumerThreads);
+  };
+  if (kPingPong && n_iter > 0 && me == 1) their_turn();
+
+  // dQ of the previous tile: issued after this tile's dV and dK, from dS^T buffer
+  // (it - 1) & 1 once both warpgroups have written it (ds_full); added into dq_accum once
+  // done; the buffer is free again when both have read it (ds_empty).
+  const auto issue_dq = [&](float (&dq)[8][4], int prev) {
+    // prev < 0, the first tile: a dry run on K and V (resident, never written), discarded;
+    // a conditional product here made the compiler keep dq in local memory (128 B)
+    cf_u32 ds_buf = sK_base;
+    if (prev >= 0) {
+      mbar_wait(bars.ds_full(prev & 1), (prev >> 1) & 1);  // both halves of dS^T(prev) are in
+      ds_buf = sdS_sa + (prev & 1) * kTileDS;
+    }
+    cf_u32 sK_sa = sK_base;
+    asm volatile("" : "+r"(sK_sa));
+    if constexpr (kBM == 128) {  // head_dim 64: query rows 64 me .., all 128 keys
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf + me * kBN * 128, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
+    } else {  // head_dim 128: columns 64 me .. (panel me of K), all 128 keys
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk)
+        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf, kk),
+                        sm90_desc_mnmajor<kBN>(sK_sa + me * kBN * 128, kk), kk > 0);
+    }
+    wgmma_commit();
+  };
+  // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
+  // tiles before this one that see this query tile, then pass the turn on.
+  const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
+    const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
+    int* sem = nullptr;
+    int turn = 0;
+    // Each warpgroup adds its own half of the tile (columns or rows), so each half has its
+    // own semaphore and the warpgroups do not wait for each other.
+    const bool leader = (tid & 127) == 0;
+    if constexpr (kOrdered) {
+      const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
+      turn = CF_CAUSAL ? seen_by.end - 1 - key_tile : key_tile - seen_by.begin;
+      sem = dq_semaphore +
+            (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
+      if (leader) wait_for_turn(sem, turn);
+      named_bar_sync(kOrderBarrier + me, 128);
+    }
+    add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
+           pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
+           softmax_scale);
+    if constexpr (kOrdered) {
+      __threadfence();  // this thread's adds are performed before the turn passes
+      named_bar_sync(kOrderBarrier + me, 128);
+      if (leader) store_release(sem, turn + 1);
+    }
+  };
+
   TileWalk walk(m_first, qt.end, h_first);
+  int pm0 = 0, ph = 0;  // the previous tile's query rows and head
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it, walk.next()) {
     const int st = it % kStages, phase = (it / kStages) & 1;
@@ -302,133 +381,88 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     cf_u32 sK_sa = sK_base, sV_sa = sV_base;
     asm volatile("" : "+r"(sK_sa), "+r"(sV_sa));  // descriptors per tile, not hoisted (registers)
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
-    const cf_u32 ds_buf = sdS_sa + (it & 1) * kTileDS;
 
     // -- S^T = K Q^T, dP^T = V dO^T for this warpgroup's 64 keys
     float s[kNT][4], dp[kNT][4];
     wait_for(bars.q_full(st), phase);
+    wait_for(bars.do_full(st), phase);
+    my_turn();
     wgmma_fence();
     issue_scores_t<kBN, kBM>(s, sK_sa, me * 64 * 128, q_tile, 0);
-    wgmma_commit();
-    wait_for(bars.do_full(st), phase);
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
     wgmma_commit();
-
-    // -- P^T (kOverlap: while dP^T runs); s becomes P^T times the softcap's derivative
-    if constexpr (kOverlap)
-      wgmma_wait<1>();
-    else
-      wgmma_wait<0>();
+    their_turn();
+    wgmma_wait<0>();
     wgmma_fence_regs(s);
-    if constexpr (!kOverlap) wgmma_fence_regs(dp);
+    wgmma_fence_regs(dp);
+
+    // -- P^T and dS^T; s becomes P^T times the softcap's derivative
     const float* lse_t = sLse + st * kBM;
     const float* delta_t = sDelta + st * kBM;
+    // dS^T buffer it & 1: free once both warpgroups have read it for dQ(it - 2)
+    if (it >= 2) mbar_wait(bars.ds_empty(it & 1), ((it - 2) >> 1) & 1);
     unsigned char* ds_tile = smem + kOffDS + (it & 1) * kTileDS;
     // Masked: some pair of the block hidden by the mask, or the keys tail (zero K rows give
     // S = 0 but P = exp2(-lse2), which must not reach dQ).
     const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
     const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
     cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
-    // dS^T = P^T (dP^T - delta) of n-tile t: to registers (the A operand of dK) and to sdS^T
-    const auto ds_of = [&](int t) {
-      const int col = 8 * t + 2 * tig;
-      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
-      float ds[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) ds[e] = s[t][e] * (dp[t][e] - ((e & 1) ? dl.y : dl.x));
+    for (int t = 0; t < kNT; ++t) {
+      const int col = 8 * t + 2 * tig;
+      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
+      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float p[4], ds[4];
+      p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2, p,
+                    ds);
+      // to registers (the A operands of dV, dK) and dS^T to shared memory (dQ's)
       const int kq = t >> 1, hi = (t & 1) * 2;
+      pa[kq][hi] = pack2(p[0], p[1]);
+      pa[kq][hi + 1] = pack2(p[2], p[3]);
       dsa[kq][hi] = pack2(ds[0], ds[1]);
       dsa[kq][hi + 1] = pack2(ds[2], ds[3]);
       *reinterpret_cast<cf_u32*>(ds_tile + sm90_offset<kBN>(r_in_block, col)) = dsa[kq][hi];
       *reinterpret_cast<cf_u32*>(ds_tile + sm90_offset<kBN>(r_in_block + 8, col)) =
           dsa[kq][hi + 1];
-    };
-#pragma unroll
-    for (int t = 0; t < kNT; ++t) {
-      const int col = 8 * t + 2 * tig;
-      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
-      float p[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = key_row + 8 * (e >> 1), qi = m0 + col + (e & 1);
-        float th = 0.f;
-        if (CF_SCORE_MODS) s[t][e] = mods.apply(s[t][e], qi, key, th);
-        p[e] = fast_exp2(fmaf(s[t][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
-        if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-        s[t][e] = p[e] * softcap_grad(th);
-      }
-      const int kq = t >> 1, hi = (t & 1) * 2;
-      pa[kq][hi] = pack2(p[0], p[1]);
-      pa[kq][hi + 1] = pack2(p[2], p[3]);
-      if constexpr (!kOverlap) ds_of(t);
     }
+    fence_proxy_async();  // the dS^T stores, for the dQ wgmma
+    mbar_arrive(bars.ds_full(it & 1));
 
-    // -- dV += P^T dO (queries are the contraction: dO MN-major)
+    // -- dV += P^T dO, dK += dS^T Q (queries are the contraction: dO, Q MN-major), then dQ of
+    // the previous tile
+    my_turn();
     wgmma_fence();
 #pragma unroll
     for (int kq = 0; kq < kQSteps; ++kq)
       wgmma_rs_acc(acc_dv, pa[kq], sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
-    wgmma_commit();
-    if constexpr (kOverlap) {  // dS^T while dV runs
-      wgmma_wait<1>();
-      wgmma_fence_regs(dp);
-#pragma unroll
-      for (int t = 0; t < kNT; ++t) ds_of(t);
-    }
-    fence_proxy_async();  // the dS^T stores, for the dQ wgmma after the barrier
-
-    // -- dK += dS^T Q
-    wgmma_fence();
 #pragma unroll
     for (int kq = 0; kq < kQSteps; ++kq)
       wgmma_rs_acc(acc_dk, dsa[kq], sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
     wgmma_commit();
-    named_bar_sync(kDsBarrier, kConsumerThreads);  // every key's dS^T is in
-    wgmma_wait<1>();  // dV is done: P^T's registers are free for dQ's
-    wgmma_fence_regs(acc_dv);
-
-    // -- dQ = dS K: A = dS (queries contiguous in sdS^T), B = K (head_dim contiguous)
     float dq[8][4];
-    int dq_row0 = 0, dq_col0 = 0;  // this warpgroup's part of the tile's dQ
-    wgmma_fence();
-    if constexpr (kBM == 128) {  // head_dim 64: query rows 64 me .., all 128 keys
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf + me * kBN * 128, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa, kk), kk > 0);
-      dq_row0 = 64 * me;
-    } else {  // head_dim 128: columns 64 me .. (panel me of K), all 128 keys
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk)
-        wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(ds_buf, kk),
-                        sm90_desc_mnmajor<kBN>(sK_sa + me * kBN * 128, kk), kk > 0);
-      dq_col0 = 64 * me;
-    }
-    wgmma_commit();
+    issue_dq(dq, it - 1);
+    their_turn();
     wgmma_wait<0>();
-    wgmma_fence_regs(dq);
     wgmma_fence_regs(acc_dv);
     wgmma_fence_regs(acc_dk);
+    wgmma_fence_regs(dq);
     mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
-
-    // -- dQ into dq_accum (times softmax_scale); ordered: after the key tiles before this
-    // one that see this query tile, then pass the turn on
-    int* sem = nullptr;
-    int turn = 0;
-    if constexpr (kOrdered) {
-      const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, m0);
-      turn = CF_CAUSAL ? seen_by.end - 1 - key_tile : key_tile - seen_by.begin;
-      sem = dq_semaphore + ((cf_i64)b * heads + h) * ((max_seqlen_q + kBM - 1) / kBM) + m0 / kBM;
-      if (tid == 128) wait_for_turn(sem, turn);
-      named_bar_sync(kOrderBarrier, kConsumerThreads);
+    if (it > 0) {
+      mbar_arrive(bars.ds_empty((it - 1) & 1));
+      add_dq_of(dq, pm0, ph);
     }
-    add_dq(dq, dq_accum + (seq.row_q() * heads + h) * head_dim, m0 + dq_row0 + cwarp * 16 + group,
-           dq_col0, tig, seqlen_q, heads, head_dim, softmax_scale);
-    if constexpr (kOrdered) {
-      __threadfence();  // this thread's adds are performed before the turn passes
-      named_bar_sync(kOrderBarrier, kConsumerThreads);
-      if (tid == 128) store_release(sem, turn + 1);
-    }
+    pm0 = m0;
+    ph = h;
+  }
+  if (n_iter > 0) {  // the last tile's dQ
+    float dq[8][4];
+    my_turn();
+    wgmma_fence();
+    issue_dq(dq, n_iter - 1);
+    their_turn();
+    wgmma_wait<0>();
+    wgmma_fence_regs(dq);
+    add_dq_of(dq, pm0, ph);
   }
 
   store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,
