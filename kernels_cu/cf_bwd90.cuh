@@ -90,37 +90,6 @@ __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, 
   }
 }
 
-__device__ __forceinline__ void red_add4(float* p, float x, float y, float z, float w) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x), "f"(y), "f"(z),
-               "f"(w)
-               : "memory");
-}
-
-// add_dq with half the atomics: lanes tig and tig ^ 1 swap a pair, so the even one holds
-// four consecutive columns of row `row` and the odd one four of row + 8, each added by one
-// 16-byte red. Every lane of the warp must call it (shuffles).
-__device__ __forceinline__ void add_dq_paired(const float (&dq)[8][4], float* dq_head, int row,
-                                              int col0, int tig, int seqlen_q, int heads,
-                                              int head_dim, float softmax_scale) {
-  const bool odd = tig & 1;
-  const int my_row = row + (odd ? 8 : 0);
-  const int col = col0 + 2 * (tig & ~1);  // + 8t: the first of the four columns
-  float* dst = dq_head + (cf_i64)my_row * heads * head_dim + col;
-  const bool row_ok = my_row < seqlen_q;
-#pragma unroll
-  for (int t = 0; t < 8; ++t) {
-    // the even lane sends its row + 8 pair, the odd one its row pair
-    const float send0 = odd ? dq[t][0] : dq[t][2], send1 = odd ? dq[t][1] : dq[t][3];
-    const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
-    const float got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-    const float a = odd ? got0 : dq[t][0], b = odd ? got1 : dq[t][1];
-    const float c = odd ? dq[t][2] : got0, d = odd ? dq[t][3] : got1;
-    if (row_ok && col + 8 * t < head_dim)
-      red_add4(dst + 8 * t, a * softmax_scale, b * softmax_scale, c * softmax_scale,
-               d * softmax_scale);
-  }
-}
-
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative.

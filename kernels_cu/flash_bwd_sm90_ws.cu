@@ -64,10 +64,6 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_BWD_WS_PINGPONG
 #define CF_BWD_WS_PINGPONG 1
 #endif
-// dQ atomics as 16-byte reds of four columns (1, add_dq_paired) or 8-byte ones of two (0).
-#ifndef CF_BWD_WS_RED_V4
-#define CF_BWD_WS_RED_V4 0
-#endif
 
 // Ordered dQ (the deterministic mode, spec.dq_ordered): the key tiles that see a query tile
 // add their dQ into it one after another, in a fixed key-tile order, through a semaphore per
@@ -88,7 +84,6 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
-constexpr bool kRedV4 = CF_BWD_WS_RED_V4;
 enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
@@ -367,14 +362,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (leader) wait_for_turn(sem, turn);
       named_bar_sync(kOrderBarrier + me, 128);
     }
-    if constexpr (kRedV4)
-      add_dq_paired(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
-                    pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
-                    softmax_scale);
-    else
-      add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
-             pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
-             softmax_scale);
+    add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
+           pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
+           softmax_scale);
     if constexpr (kOrdered) {
       __threadfence();  // this thread's adds are performed before the turn passes
       named_bar_sync(kOrderBarrier + me, 128);
