@@ -2,7 +2,7 @@
 
     python bench/dev/tile_sweep.py --kind fwd --head-dim 64 128 --seqlen 4096 16384 --causal both
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
-    python bench/dev/tile_sweep.py --kind bwd90 --head-dim 128 --define CF_BWD90_OVERLAP=0
+    python bench/dev/tile_sweep.py --kind bwd90 --head-dim 128 --variant CF_BWD_WS_PINGPONG=0
 
 For each candidate the plan is built with that KernelSpec pinned (cuflash.plan's ``spec=``,
 devtools.pinned_forward / pinned_backward; --define adds knobs to the spec, so its name and
