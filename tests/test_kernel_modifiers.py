@@ -285,3 +285,22 @@ def test_tile_ranges_cover_every_visible_pair(sq, sk, causal, window, bm, bn):
             r1 = min(r0 + 16, sq) - 1
             if not mask.any(r0, r1, n0, n_last):
                 assert not visible[r0:r1 + 1, n0:n_last + 1].any()
+
+
+@settings(deadline=None, max_examples=300)
+@given(sq=st.integers(1, 300), sk=st.integers(1, 300), causal=st.booleans(),
+       bm=st.sampled_from([64, 128]), bn=st.sampled_from([64, 128]))
+def test_ordered_dq_turns_number_the_visiting_key_tiles(sq, sk, causal, bm, bn):
+    """Ordered dQ (flash_bwd_sm90_ws.cu, deterministic mode, no window): key tile t adds into
+    query tile q at turn t - begin (ascending) or end - 1 - t (causal, descending), with
+    [begin, end) = key_tiles(q). The turns are a permutation of 0 .. count - 1 only if the key
+    tiles whose query range holds q are exactly that range: a gap would leave a turn that never
+    comes, an extra tile a turn taken twice."""
+    mask = _kernel_mask(sq, sk, causal, None)
+    for q0 in range(0, sq, bm):
+        begin, end = mask.key_tiles(bn, q0, min(q0 + bm, sq) - 1)
+        visiting = [n0 // bn for n0 in range(0, sk, bn)
+                    if q0 // bm in range(*mask.query_tiles(bm, n0, min(n0 + bn, sk) - 1))]
+        assert visiting == list(range(begin, end)), (q0, visiting, begin, end)
+        turns = sorted((end - 1 - t) if causal else (t - begin) for t in visiting)
+        assert turns == list(range(len(visiting)))
