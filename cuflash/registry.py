@@ -333,7 +333,8 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 # (spec.dq_ordered); elsewhere it runs the portable kernels (flash_bwd.cu, flash_bwd_split.cu
 # and flash_bwd_dq.cu). 128 queries per tile only at head_dim 64 (registers).
 # 12 warps: flash_bwd_sm90_ws.cu (bwd90_warp_specialized), a producer warpgroup beside the
-# two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (same log).
+# two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (session 4's
+# bwd90_ws_sweep_call4.log, before the turns; not timed since).
 _BWD90_WS_LOG = "bench/results/2026-12-02_h200/session5/bwd90_sweep_bf16_call4.log"
 BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s, causal 317/361; "
                                   f"(8, 128, 128, 2): 303/316, causal 282/317 ({_BWD90_WS_LOG})"),

@@ -68,8 +68,8 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 // Ordered dQ (the deterministic mode, spec.dq_ordered): the key tiles that see a query tile
 // add their dQ into it one after another, in a fixed key-tile order, through a semaphore per
 // (batch entry, head, query tile, consumer warpgroup: each adds its own half of the tile) in
-// the zeroed workspace: float sums in a fixed order, bitwise repeatable. A block only waits for blocks of its head that start before it, so
-// the wait ends:
+// the zeroed workspace: float sums in a fixed order, bitwise repeatable. A block only waits
+// for blocks of its head that start before it, so the wait ends:
 //   not causal: ascending key tiles (grid x);
 //   causal: descending, and the blocks start lightest key tile first (the last key tile
 //     first: the reverse of the atomic mode's order). Key tile j starts at its diagonal query
@@ -125,7 +125,9 @@ struct BwdBarriers {
     return base + 8 * (1 + 2 * CF_STAGES + s);
   }
   // dS^T buffer b (of two): both warpgroups have written their keys / read it for dQ
-  __device__ __forceinline__ cf_u32 ds_full(int b) const { return base + 8 * (1 + 3 * CF_STAGES + b); }
+  __device__ __forceinline__ cf_u32 ds_full(int b) const {
+    return base + 8 * (1 + 3 * CF_STAGES + b);
+  }
   __device__ __forceinline__ cf_u32 ds_empty(int b) const {
     return base + 8 * (3 + 3 * CF_STAGES + b);
   }

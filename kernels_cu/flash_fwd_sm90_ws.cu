@@ -7,12 +7,12 @@
 // Block: a producer warpgroup and C = CF_BLOCK_M / 64 consumers (C = 2 or 3;
 // CF_WARPS = 4 + 4C).
 //   warpgroup 0, the producer: 40 registers a thread (32 when C = 3, 48 for some causal
-//     calls; setmaxnreg, ws::kProducerRegs); copies Q once, then key tile after key tile, last first, K and V of a tile into stage
-//     it % CF_STAGES with cp.async, each followed by cp.async.mbarrier.arrive on the stage's
-//     k_full / v_full mbarrier (it completes when every producer thread's copies have
-//     landed); before refilling a stage it waits on the stage's empty mbarrier. A consumer
-//     that has waited on k_full / v_full fences the generic proxy (cp.async's writes) against
-//     the async one (wgmma's reads).
+//     calls; setmaxnreg, ws::kProducerRegs); copies Q once, then key tile after key tile,
+//     last first, K and V of a tile into stage it % CF_STAGES with cp.async, each followed
+//     by cp.async.mbarrier.arrive on the stage's k_full / v_full mbarrier (it completes when
+//     every producer thread's copies have landed); before refilling a stage it waits on the
+//     stage's empty mbarrier. A consumer that has waited on k_full / v_full fences the
+//     generic proxy (cp.async's writes) against the async one (wgmma's reads).
 //   warpgroups 1 .. C, the consumers: the registers left (232, 160 when C = 3, 224 beside a
 //     48-register producer); rows 64(g - 1) .. + 63.
 //     Step it issues S(it) = Q K(it)^T and O += P(it - 1) V(it - 1) back to back, then runs
@@ -44,8 +44,8 @@ static_assert((CF_BLOCK_M == 128 || CF_BLOCK_M == 192) && CF_WARPS == 4 + CF_BLO
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 
-// The producer's registers (setmaxnreg; a knob, 0: 40 with two consumers, 32 with three);
-// the consumers take what is left of the block's registers.
+// The producer's registers (setmaxnreg; a knob, 0: ws::kProducerRegs's default); the
+// consumers take what is left of the block's registers.
 #ifndef CF_FWD_WS_PRODUCER_REGS
 #define CF_FWD_WS_PRODUCER_REGS 0
 #endif
