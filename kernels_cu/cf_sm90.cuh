@@ -37,12 +37,6 @@ __device__ __forceinline__ void fence_proxy_async() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-// cp_async_16 (cf_common.cuh) to a shared-memory address.
-__device__ __forceinline__ void cp_async_16_to(cf_u32 dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-
 // Traps unless the dynamic shared memory starts 1024-byte aligned (the swizzle needs it).
 __device__ __forceinline__ void sm90_require_aligned(const void* smem) {
   if (threadIdx.x == 0 && (smem_addr(smem) & 1023u) != 0) __trap();
