@@ -99,7 +99,8 @@ class KernelSpec:
     stages: int = 1
     causal: bool = False
     dq_atomic: bool = False  # bwd only
-    # bwd90 only, with dq_atomic: blocks add dQ in key-tile order (a semaphore per query tile),
+    # bwd90 only, with dq_atomic: blocks add dQ in a fixed key-tile order (semaphores per query
+    # tile, plan.semaphores_per_entry),
     # which makes the sums bitwise repeatable: the Hopper deterministic mode
     dq_ordered: bool = False
     dchunk: int = 0  # bwd only: head-dim columns of dK/dV per block
