@@ -80,9 +80,18 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
+// Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
+// barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
+// ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn.
+// CF_DQ_LATE_RELEASE=1 (a knob) makes that fence and store after the next tile's score
+// products are issued, so the fence's wait for the adds runs under them.
+#ifndef CF_DQ_LATE_RELEASE
+#define CF_DQ_LATE_RELEASE 0
+#endif
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
+constexpr bool kLateRelease = CF_DQ_ORDERED && CF_DQ_LATE_RELEASE;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 enum : int {
   kD = CF_HEAD_DIM,
@@ -145,8 +154,12 @@ __device__ __forceinline__ void wait_for_turn(const int* sem, int turn) {
     __nanosleep(64);
   }
 }
-__device__ __forceinline__ void store_release(int* sem, int value) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(sem), "r"(value) : "memory");
+// After a barrier that ordered the warpgroup's adds before this thread: the adds are
+// performed at gpu scope before sem becomes value.
+__device__ __forceinline__ void fence_and_release(int* sem, int value) {
+  asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.b32 [%0], %1;" ::"l"(sem),
+               "r"(value)
+               : "memory");
 }
 
 // The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn.
@@ -347,6 +360,16 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     wgmma_commit();
   };
+  // Ordered dQ: the turn this warpgroup's leader has yet to pass on (late release).
+  const bool leader = (tid & 127) == 0;
+  int* pending_sem = nullptr;
+  int pending_turn = 0;
+  const auto release_pending = [&] {
+    if (kLateRelease && leader && pending_sem != nullptr) {
+      fence_and_release(pending_sem, pending_turn);
+      pending_sem = nullptr;
+    }
+  };
   // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
   // tiles before this one that see this query tile, then pass the turn on.
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
@@ -355,7 +378,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     int turn = 0;
     // Each warpgroup adds its own half of the tile (columns or rows), so each half has its
     // own semaphore and the warpgroups do not wait for each other.
-    const bool leader = (tid & 127) == 0;
     if constexpr (kOrdered) {
       const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
       turn = CF_CAUSAL ? seen_by.end - 1 - key_tile : key_tile - seen_by.begin;
@@ -368,9 +390,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
            pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
            softmax_scale);
     if constexpr (kOrdered) {
-      __threadfence();  // this thread's adds are performed before the turn passes
-      named_bar_sync(kOrderBarrier + me, 128);
-      if (leader) store_release(sem, turn + 1);
+      named_bar_sync(kOrderBarrier + me, 128);  // every thread's adds, before the leader's fence
+      if (kLateRelease) {
+        pending_sem = sem;
+        pending_turn = turn + 1;
+      } else if (leader) {
+        fence_and_release(sem, turn + 1);
+      }
     }
   };
 
@@ -394,6 +420,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
     wgmma_commit();
     their_turn();
+    release_pending();  // the last tile's dQ turn, while the products run
     wgmma_wait<0>();
     wgmma_fence_regs(s);
     wgmma_fence_regs(dp);
@@ -465,6 +492,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
     add_dq_of(dq, pm0, ph);
+    release_pending();
   }
 
   store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,
