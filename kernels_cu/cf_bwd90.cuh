@@ -72,45 +72,11 @@ __device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf
   wgmma_fence_regs(dp);
 }
 
-__device__ __forceinline__ void red_add4(float* p, float x, float y, float z, float w) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x), "f"(y), "f"(z),
-               "f"(w)
-               : "memory");
-}
-
-// dQ atomics of 16 bytes (a knob: CF_DQ_RED_V4=1): lanes tig and tig ^ 1 swap a pair, so
-// each holds four columns of one row, and a thread issues half the reds.
-#ifndef CF_DQ_RED_V4
-#define CF_DQ_RED_V4 0
-#endif
-
 // dq_accum += softmax_scale * one m64n64 dQ result (both layouts): this thread's rows row,
 // row + 8, columns col0 + 8t + 2tig, +1; dq_head is the head's (batch entry's) row 0.
 __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, int row, int col0,
                                        int tig, int seqlen_q, int heads, int head_dim,
                                        float softmax_scale) {
-  if (CF_DQ_RED_V4 && (head_dim & 3) == 0) {
-    // even tig keeps row (columns 2tig .. 2tig + 3 of each 8), odd tig row + 8 (2tig - 2 ..)
-    const bool odd = tig & 1;
-    const int my_row = row + (odd ? 8 : 0), col = col0 + 2 * (tig & ~1);
-    float* dst = dq_head + (cf_i64)my_row * heads * head_dim + col;
-#pragma unroll
-    for (int t = 0; t < 8; ++t) {
-      // selects, not dq[t][odd ? ..]: a runtime index would put dq in local memory
-      const float r0 = dq[t][0] * softmax_scale, r1 = dq[t][1] * softmax_scale;
-      const float r8 = dq[t][2] * softmax_scale, r9 = dq[t][3] * softmax_scale;
-      const float ra = __shfl_xor_sync(0xffffffffu, odd ? r0 : r8, 1);
-      const float rb = __shfl_xor_sync(0xffffffffu, odd ? r1 : r9, 1);
-      const float x0 = odd ? r8 : r0, x1 = odd ? r9 : r1;
-      if (my_row < seqlen_q && col + 8 * t < head_dim) {
-        if (odd)
-          red_add4(dst + 8 * t, ra, rb, x0, x1);
-        else
-          red_add4(dst + 8 * t, x0, x1, ra, rb);
-      }
-    }
-    return;
-  }
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
     if (row + 8 * rr < seqlen_q) {

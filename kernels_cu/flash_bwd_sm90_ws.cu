@@ -64,6 +64,11 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_BWD_WS_PINGPONG
 #define CF_BWD_WS_PINGPONG 1
 #endif
+// Reading the softmax statistics a fragment ahead of their use (a knob: 0 reads each where
+// it is used).
+#ifndef CF_BWD_STATS_AHEAD
+#define CF_BWD_STATS_AHEAD 1
+#endif
 
 // Ordered dQ (the deterministic mode, spec.dq_ordered): the key tiles that see a query tile
 // add their dQ into it one after another, in a fixed key-tile order, through a semaphore per
@@ -82,17 +87,16 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #endif
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
-// ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn.
-// CF_DQ_LATE_RELEASE=1 (a knob) makes that fence and store after the next tile's score
-// products are issued, so the fence's wait for the adds runs under them.
-#ifndef CF_DQ_LATE_RELEASE
-#define CF_DQ_LATE_RELEASE 0
-#endif
+// ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn; a
+// __threadfence by every thread before the barrier cost the mode about 15% (H200, d128 4k).
+// Passing the turn a tile later, after the next score products were issued, deadlocked: a
+// warpgroup holding a turn could wait at the ping-pong barrier for its partner, which waited
+// for that turn through another block.
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
-constexpr bool kLateRelease = CF_DQ_ORDERED && CF_DQ_LATE_RELEASE;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
+constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
 enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
@@ -360,16 +364,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     wgmma_commit();
   };
-  // Ordered dQ: the turn this warpgroup's leader has yet to pass on (late release).
-  const bool leader = (tid & 127) == 0;
-  int* pending_sem = nullptr;
-  int pending_turn = 0;
-  const auto release_pending = [&] {
-    if (kLateRelease && leader && pending_sem != nullptr) {
-      fence_and_release(pending_sem, pending_turn);
-      pending_sem = nullptr;
-    }
-  };
   // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
   // tiles before this one that see this query tile, then pass the turn on.
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
@@ -378,6 +372,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     int turn = 0;
     // Each warpgroup adds its own half of the tile (columns or rows), so each half has its
     // own semaphore and the warpgroups do not wait for each other.
+    const bool leader = (tid & 127) == 0;
     if constexpr (kOrdered) {
       const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
       turn = CF_CAUSAL ? seen_by.end - 1 - key_tile : key_tile - seen_by.begin;
@@ -391,12 +386,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
            softmax_scale);
     if constexpr (kOrdered) {
       named_bar_sync(kOrderBarrier + me, 128);  // every thread's adds, before the leader's fence
-      if (kLateRelease) {
-        pending_sem = sem;
-        pending_turn = turn + 1;
-      } else if (leader) {
-        fence_and_release(sem, turn + 1);
-      }
+      if (leader) fence_and_release(sem, turn + 1);
     }
   };
 
@@ -420,14 +410,20 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
     wgmma_commit();
     their_turn();
-    release_pending();  // the last tile's dQ turn, while the products run
+    // CF_BWD_STATS_AHEAD: the statistics one fragment ahead of their use, the first while
+    // the products run (else each is read where used)
+    const float* lse_t = sLse + st * kBM;
+    const float* delta_t = sDelta + st * kBM;
+    float2 lse_next{}, dl_next{};
+    if constexpr (kStatsAhead) {
+      lse_next = *reinterpret_cast<const float2*>(lse_t + 2 * tig);
+      dl_next = *reinterpret_cast<const float2*>(delta_t + 2 * tig);
+    }
     wgmma_wait<0>();
     wgmma_fence_regs(s);
     wgmma_fence_regs(dp);
 
     // -- P^T and dS^T; s becomes P^T times the softcap's derivative
-    const float* lse_t = sLse + st * kBM;
-    const float* delta_t = sDelta + st * kBM;
     // dS^T buffer it & 1: free once both warpgroups have read it for dQ(it - 2)
     if (it >= 2) mbar_wait(bars.ds_empty(it & 1), ((it - 2) >> 1) & 1);
     unsigned char* ds_tile = smem + kOffDS + (it & 1) * kTileDS;
@@ -439,8 +435,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 #pragma unroll
     for (int t = 0; t < kNT; ++t) {
       const int col = 8 * t + 2 * tig;
-      const float2 lse = *reinterpret_cast<const float2*>(lse_t + col);
-      const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
+      float2 lse = lse_next, dl = dl_next;
+      if (!kStatsAhead) {
+        lse = *reinterpret_cast<const float2*>(lse_t + col);
+        dl = *reinterpret_cast<const float2*>(delta_t + col);
+      } else if (t + 1 < kNT) {
+        lse_next = *reinterpret_cast<const float2*>(lse_t + col + 8);
+        dl_next = *reinterpret_cast<const float2*>(delta_t + col + 8);
+      }
       float p[4], ds[4];
       p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2, p,
                     ds);
@@ -492,7 +494,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
     add_dq_of(dq, pm0, ph);
-    release_pending();
   }
 
   store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,
