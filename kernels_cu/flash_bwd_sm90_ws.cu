@@ -82,6 +82,15 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 //     did: in descending order nobody waits. In ascending order each key tile waited those
 //     steps for the one before, which idled about half the blocks (H200 d128 causal:
 //     0.47-0.54x the atomic mode, 2026-12-02).
+//   not causal, no window, fixed lengths, n_k <= kRotateMaxKeyTiles key tiles and at least as
+//     many query tiles (n_q): key tile j starts its walk at query tile j n_q / n_k and wraps
+//     around, so the key tiles reach a query tile at different steps; they add in the order
+//     they reach it (descending j, cyclically, from the last key tile that starts at or
+//     before it). In ascending order all key tiles met at query tile 0 and each waited for
+//     the one before (a chain of n_k handoffs). Each tile now waits for one that reached the
+//     query tile earlier, in a cycle that closes through the head's last key tile: it ends
+//     only if all of a head's key tiles run at once, which blocks dispatched in index order
+//     allow when n_k is well below the number of SMs (hence the bound).
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
@@ -95,6 +104,8 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
+constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARLEN;
+constexpr int kRotateMaxKeyTiles = 64;  // the smallest Hopper part has 78 SMs
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
 enum : int {
@@ -166,17 +177,20 @@ __device__ __forceinline__ void fence_and_release(int* sem, int value) {
                : "memory");
 }
 
-// The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn.
+// The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn,
+// each head's from tile `start` on, wrapping around to first.
 struct TileWalk {
-  int m0, h, m_begin, m_end;
-  __device__ __forceinline__ TileWalk(int first, int end, int h_first)
-      : m0(first * CF_BLOCK_M), h(h_first), m_begin(first * CF_BLOCK_M), m_end(end * CF_BLOCK_M) {}
+  int m0, h, m_begin, m_end, m_start;
+  __device__ __forceinline__ TileWalk(int first, int end, int h_first, int start)
+      : m0(start * CF_BLOCK_M),
+        h(h_first),
+        m_begin(first * CF_BLOCK_M),
+        m_end(end * CF_BLOCK_M),
+        m_start(start * CF_BLOCK_M) {}
   __device__ __forceinline__ void next() {
     m0 += CF_BLOCK_M;
-    if (m0 >= m_end) {
-      m0 = m_begin;
-      ++h;
-    }
+    if (m0 >= m_end) m0 = m_begin;
+    if (m0 == m_start) ++h;
   }
 };
 
@@ -246,6 +260,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);                      \
   const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);                                   \
   const int m_first = qt.first, tiles_per_head = qt.end - qt.first;                           \
+  /* ordered dQ: where this key tile starts its walk (kRotatable, above) */                    \
+  const int n_k = (int)gridDim.x + role_zero;                                                 \
+  const bool rotate = kRotatable && n_k <= kRotateMaxKeyTiles && tiles_per_head >= n_k;       \
+  const int m_start = rotate ? m_first + key_tile * tiles_per_head / n_k : m_first;           \
   /* the grid covers the longest sequence: a block past this one's keys has no work */       \
   const int n_iter = CF_VARLEN && n0 >= seqlen_k ? 0 : split_heads * tiles_per_head;
 
@@ -280,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       copy_tile<kBN>(smem_addr(q_side ? sK : sV), kv_head, q_side ? stride_kn : stride_vn, n0,
                      seqlen_k - n0, head_dim, t, threads);
       mbar_arrive_cp_async(bars.k_v_full());
-      TileWalk walk(m_first, qt.end, h_first);
+      TileWalk walk(m_first, qt.end, h_first, m_start);
 #pragma unroll 1
       for (int it = 0; it < n_iter; ++it, walk.next()) {
         const int st = it % kStages, round = it / kStages;
@@ -375,7 +393,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     const bool leader = (tid & 127) == 0;
     if constexpr (kOrdered) {
       const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
-      turn = CF_CAUSAL ? seen_by.end - 1 - key_tile : key_tile - seen_by.begin;
+      if (CF_CAUSAL) {
+        turn = seen_by.end - 1 - key_tile;
+      } else if (rotate) {  // after the key tiles from the last one starting at or before it
+        const int q = pm0 / kBM - m_first;
+        const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
+        turn = first_in - key_tile + (first_in < key_tile ? n_k : 0);
+      } else {
+        turn = key_tile - seen_by.begin;
+      }
       sem = dq_semaphore +
             (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
       if (leader) wait_for_turn(sem, turn);
@@ -390,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
   };
 
-  TileWalk walk(m_first, qt.end, h_first);
+  TileWalk walk(m_first, qt.end, h_first, m_start);
   int pm0 = 0, ph = 0;  // the previous tile's query rows and head
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it, walk.next()) {

@@ -304,3 +304,26 @@ def test_ordered_dq_turns_number_the_visiting_key_tiles(sq, sk, causal, bm, bn):
         assert visiting == list(range(begin, end)), (q0, visiting, begin, end)
         turns = sorted((end - 1 - t) if causal else (t - begin) for t in visiting)
         assert turns == list(range(len(visiting)))
+
+
+@settings(deadline=None, max_examples=300)
+@given(n_q=st.integers(1, 160), n_k=st.integers(1, 64))
+def test_rotated_ordered_dq_turns_follow_the_walks(n_q, n_k):
+    """Ordered dQ, not causal (flash_bwd_sm90_ws.cu): key tile j walks the query tiles from
+    j n_q / n_k on, wrapping around, and adds into query tile q at turn
+    (first_in - j) mod n_k, first_in the last key tile that starts at or before q. The turns
+    must number the key tiles in the order their walks reach q (with all key tiles running,
+    each then waits only for a tile that got there at an earlier step: no cycle of waits),
+    and each walk must reach every query tile once."""
+    if n_q < n_k:  # the kernel keeps the ascending order there
+        return
+    start = [j * n_q // n_k for j in range(n_k)]
+    walks = [[(s + i) % n_q for i in range(n_q)] for s in start]
+    for q in range(n_q):
+        first_in = ((q + 1) * n_k + n_q - 1) // n_q - 1
+        turns = [first_in - j + (n_k if first_in < j else 0) for j in range(n_k)]
+        steps = [walks[j].index(q) for j in range(n_k)]
+        assert sorted(turns) == list(range(n_k))
+        by_step = sorted(range(n_k), key=lambda j: steps[j])
+        assert [turns[j] for j in by_step] == list(range(n_k))
+    assert all(sorted(w) == list(range(n_q)) for w in walks)
