@@ -270,8 +270,21 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
-    return select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
+    spec = select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
                   wgmma=wgmma, mods=mods)
+    limit = ordered_rotation_limit(facts)
+    if spec.dq_ordered and limit and not (spec.causal or mods.window or mods.varlen):
+        spec = spec.with_knobs(CF_DQ_ROTATE_KEY_TILES=limit)
+    return spec
+
+
+def ordered_rotation_limit(facts: DeviceFacts) -> int:
+    """Ordered dQ without a mask (flash_bwd_sm90_ws.cu): the most key tiles a head may have
+    for its key tiles to start spread over the query tiles. They then wait for each other in
+    a cycle, which ends only if all of them are resident at once: at most half the SMs that
+    this device (or MIG instance) has, and 64 (measured on an H200). 0 (no SM count known):
+    never (the kernel's default; the spec then carries no knob)."""
+    return min(64, facts.sm_count // 2)
 
 
 def select_backward_dq(facts: DeviceFacts, dtype: str, head_dim: int,

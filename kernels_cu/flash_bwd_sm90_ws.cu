@@ -82,15 +82,19 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 //     did: in descending order nobody waits. In ascending order each key tile waited those
 //     steps for the one before, which idled about half the blocks (H200 d128 causal:
 //     0.47-0.54x the atomic mode, 2026-12-02).
-//   not causal, no window, fixed lengths, n_k <= kRotateMaxKeyTiles key tiles and at least as
-//     many query tiles (n_q): key tile j starts its walk at query tile j n_q / n_k and wraps
+//   not causal, no window, fixed lengths, n_k <= CF_DQ_ROTATE_KEY_TILES key tiles and at least
+//     as many query tiles (n_q): key tile j starts its walk at query tile j n_q / n_k and wraps
 //     around, so the key tiles reach a query tile at different steps; they add in the order
 //     they reach it (descending j, cyclically, from the last key tile that starts at or
 //     before it). In ascending order all key tiles met at query tile 0 and each waited for
 //     the one before (a chain of n_k handoffs). Each tile now waits for one that reached the
 //     query tile earlier, in a cycle that closes through the head's last key tile: it ends
 //     only if all of a head's key tiles run at once, which blocks dispatched in index order
-//     allow when n_k is well below the number of SMs (hence the bound).
+//     allow when n_k is well below the number of SMs: the host sets the bound from the
+//     device's SM count (specs.ordered_rotation_limit; 0, the default, never rotates).
+#ifndef CF_DQ_ROTATE_KEY_TILES
+#define CF_DQ_ROTATE_KEY_TILES 0
+#endif
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
@@ -105,7 +109,7 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
 constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARLEN;
-constexpr int kRotateMaxKeyTiles = 64;  // the smallest Hopper part has 78 SMs
+constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
 enum : int {

@@ -150,13 +150,34 @@ def test_kernel_spec_is_hashable_and_frozen():
 
 
 def test_knobs_are_part_of_the_name_and_the_defines():
-    base = specs.select_backward(facts(227), "bfloat16", 128, False, True)
+    base = specs.select_backward(facts(227), "bfloat16", 128, True, True)  # causal: no knob
     tuned = base.with_knobs(CF_BWD_MSUB=16)
     assert tuned.name == base.name + "_bwd_msub16" and tuned != base
     assert tuned.defines == {**base.defines, "CF_BWD_MSUB": 16}
     assert tuned.smem_bytes == base.smem_bytes and tuned.source == base.source
     with pytest.raises(ValueError, match="knobs"):
         base.with_knobs(CF_HEAD_DIM=64)  # the spec's own defines are its fields
+
+
+def test_ordered_dq_rotates_only_where_all_key_tiles_fit_on_the_gpu():
+    """The deterministic Hopper backward without a mask starts its key tiles spread over the
+    query tiles only up to half the device's SMs (at most 64) key tiles a head: beyond what
+    can be resident at once its blocks would wait for each other in a cycle."""
+    def ordered(sm_count, causal=False, mods=specs.NO_MODS):
+        f = DeviceFacts(name="h", arch="sm_90", sm_count=sm_count, smem_optin=227 * KIB)
+        spec = specs.select_backward(f, "bfloat16", 128, causal, True, mods=mods)
+        assert spec.dq_ordered or mods.window  # (a window takes the portable dQ pass)
+        return spec.defines.get("CF_DQ_ROTATE_KEY_TILES")
+
+    assert ordered(132) == 64 and ordered(114) == 57 and ordered(16) == 8
+    assert ordered(0) is None  # no SM count known: the kernel's default, never
+    assert ordered(132, causal=True) is None
+    assert ordered(132, mods=specs.ModFlags(window=True)) is None
+    assert ordered(132, mods=specs.ModFlags(varlen=True)) is None
+    atomic = specs.select_backward(DeviceFacts(name="h", arch="sm_90", sm_count=132,
+                                               smem_optin=227 * KIB), "bfloat16", 128, False,
+                                   False)
+    assert "CF_DQ_ROTATE_KEY_TILES" not in atomic.defines
 
 
 def test_every_registry_tile_says_why():
