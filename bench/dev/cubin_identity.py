@@ -12,6 +12,10 @@ lists the specs whose cubin changed, appeared or vanished (by spec name) and exi
 any did. A refactor that should not change any kernel must come out empty: then it needs no
 GPU A/B. CF_SOURCE_HASH (a cache key, unused by the code) is held fixed so that editing a
 source does not change every option list.
+
+Edits that only move lines (a comment added above the kernel) still change the cubins' bytes,
+though not their machine code (2026-12-02: flash_bwd_sm90_ws.cu, every spec flagged, SASS
+identical): after such an edit, compare the disassembly (`nvdisasm -c`, addresses stripped).
 """
 
 from __future__ import annotations
