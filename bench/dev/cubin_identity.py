@@ -14,9 +14,9 @@ GPU A/B. CF_SOURCE_HASH (a cache key, unused by the code) is held fixed so that 
 source does not change every option list.
 
 Edits that only move lines (a comment added above the kernel) still change the cubins' bytes,
-though not their machine code (2026-12-02: a comment block added to flash_bwd_sm90_ws.cu
-flagged all 88 of its sm_90 specs; the d128 SASS compared equal): after such an edit, compare
-the disassembly (`nvdisasm -c`, addresses stripped).
+though not their machine code (2026-12-02: a comment block and an unused #define added to
+flash_bwd_sm90_ws.cu changed the bytes of its d128 cubin, whose SASS stayed the same): after
+such an edit, compare the disassembly (`nvdisasm -c`, addresses stripped).
 """
 
 from __future__ import annotations
