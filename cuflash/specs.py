@@ -270,12 +270,19 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
-    spec = select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
-                  wgmma=wgmma, mods=mods)
+    return with_ordered_rotation(select("backward", facts, dtype, head_dim, causal,
+                                        deterministic=deterministic, wgmma=wgmma, mods=mods),
+                                 facts)
+
+
+def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
+    """``spec`` with this device's rotation limit where it applies: ordered dQ, not causal,
+    no window, no packed sequences, a known SM count (else ``spec`` as it is)."""
     limit = ordered_rotation_limit(facts)
-    if spec.dq_ordered and limit and not (spec.causal or mods.window or mods.varlen):
-        spec = spec.with_knobs(CF_DQ_ROTATE_KEY_TILES=limit)
-    return spec
+    mods = spec.mods
+    if not spec.dq_ordered or not limit or spec.causal or mods.window or mods.varlen:
+        return spec
+    return spec.with_knobs(CF_DQ_ROTATE_KEY_TILES=limit)
 
 
 def ordered_rotation_limit(facts: DeviceFacts) -> int:

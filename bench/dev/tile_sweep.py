@@ -44,7 +44,7 @@ def _bwd90_fits(warps, block_m, bucket):
 
 
 KNOBS: dict[str, int] = {}  # --define NAME=VALUE: extra -D defines of every candidate
-ORDERED: list[int] = []  # --ordered: also the deterministic (ordered dQ) bwd90 tiles
+ORDERED: list = []  # --ordered: this GPU's DeviceFacts; also the deterministic (ordered dQ) tiles
 VARIANTS: list[dict[str, int]] = []  # --variant NAME=VALUE: each candidate again with it
 
 
@@ -64,10 +64,9 @@ def candidate_specs(kind, dtype, head_dim, causal):
                           warps=w, stages=s, causal=causal, dq_atomic=True,
                           dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
     if ORDERED and kind == "bwd90":  # each warp-specialized tile again in the deterministic mode
-        # (with the rotated walk where the selector would give it: specs.select_backward)
-        limit = {} if causal or not ORDERED[0] else {"CF_DQ_ROTATE_KEY_TILES": ORDERED[0]}
-        out += [replace(spec, dq_ordered=True).with_knobs(**limit) for spec in out
-                if spec.warps == 12]
+        # (with this GPU's rotated walk where the selector would give it)
+        out += [specs.with_ordered_rotation(replace(spec, dq_ordered=True), ORDERED[0])
+                for spec in out if spec.warps == 12]
     out = [spec.with_knobs(**KNOBS) for spec in out]
     return out + [spec.with_knobs(**variant) for variant in VARIANTS for spec in out]
 
@@ -160,10 +159,10 @@ def main():
                    help="bwd90: also time each warp-specialized tile with ordered dQ (the "
                         "deterministic mode)")
     args = p.parse_args()
-    if args.ordered:  # the rotation limit of this GPU (0: none)
+    if args.ordered:
         from cuflash.launch import device_facts
 
-        ORDERED.append(specs.ordered_rotation_limit(device_facts(0)))
+        ORDERED.append(device_facts(0))
     for variant in args.variant:
         name, value = variant.split("=")
         VARIANTS.append({name: int(value)})
