@@ -11,7 +11,7 @@ import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from . import specs
@@ -92,11 +92,15 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
             b * specs.KIB for b in specs.BUDGETS_KIB if b * specs.KIB <= limit]
         seen: set[str] = set()
         for budget in budgets:
-            for spec in selected_specs(specs.facts_for_arch(arch, budget), dtypes, head_dims,
-                                       mods):
-                if spec.name not in seen:
-                    seen.add(spec.name)
-                    work.append((spec, arch))
+            facts = specs.facts_for_arch(arch, budget)
+            # a hypothetical GPU has no SM count, so the ordered dQ kernels come without
+            # their rotated walk: compile that form too, as a large GPU selects it
+            large = replace(facts, sm_count=128)
+            for spec in selected_specs(facts, dtypes, head_dims, mods):
+                for form in (spec, specs.with_ordered_rotation(spec, large)):
+                    if form.name not in seen:
+                        seen.add(form.name)
+                        work.append((form, arch))
         if not varlen:
             work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
     return work
