@@ -2,7 +2,8 @@
 
 ``check`` runs after ``validate.check_forward`` / ``check_backward`` (so the shapes are
 known) and before anything is allocated. Scalars first (TypeError / ValueError naming the
-argument), then CUDA's refusal (the kernels have neither yet), then the block mask's array.
+argument), then CUDA's refusal of dropout (the kernels lack it yet), then the block mask's
+array (on CUDA it stays on the device: the kernels read it).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def is_off(dropout_p: Any, block_mask: Any) -> bool:
 
 def check(q: Imported, problem: Any, *, dropout_p=0.0, dropout_seed=None, dropout_offset=0,
           block_mask=None, block_size=block_sparse.BLOCK_SIZE) -> dict:
-    """The keyword arguments of ``cpu.flash_forward_cpu`` / ``flash_backward_cpu`` for these
-    arguments; raises on bad values, and ValueError on CUDA arrays when any is on."""
+    """The keyword arguments of ``cpu.flash_forward_cpu`` / ``flash_backward_cpu`` (or, on
+    CUDA, of ``launch.flash_forward_gpu`` / ``flash_backward_gpu``) for these arguments;
+    raises on bad values, and ValueError for dropout on CUDA arrays."""
     p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, dropout_seed,
                              dropout_offset)
     size = block_sparse.check_block_size(block_size)
@@ -33,20 +35,17 @@ def check(q: Imported, problem: Any, *, dropout_p=0.0, dropout_seed=None, dropou
         if p > 0:
             raise ValueError("dropout_p: not yet supported by the CUDA kernels (issue #15); "
                              f"CPU arrays run it, got {p!r} for a CUDA array")
-        if block_mask is not None:
-            raise ValueError("block_mask: not yet supported by the CUDA kernels (issue #15); "
-                             "CPU arrays run it")
     kwargs = {}
     if p > 0:
         kwargs.update(dropout_p=p, dropout_seed=int(dropout_seed),
                       dropout_offset=int(dropout_offset or 0))
     if block_mask is not None:
-        kwargs.update(block_mask=_host_block_mask(block_mask, q, problem, size),
-                      block_size=size)
+        checked = _device_block_mask if q.is_cuda else _host_block_mask
+        kwargs.update(block_mask=checked(block_mask, q, problem, size), block_size=size)
     return kwargs
 
 
-def _host_block_mask(block_mask: Any, q: Imported, problem: Any, size) -> np.ndarray:
+def _imported_mask(block_mask: Any, q: Imported) -> Imported:
     imported = block_mask if isinstance(block_mask, Imported) else import_array(
         block_mask, "block_mask")
     if imported.framework is not q.framework:
@@ -55,5 +54,23 @@ def _host_block_mask(block_mask: Any, q: Imported, problem: Any, size) -> np.nda
     if imported.device != q.device:
         raise ValueError(f"block_mask: expected an array on {q.device[0]}:{q.device[1]} like "
                          f"q, got {imported.device[0]}:{imported.device[1]}")
+    return imported
+
+
+def _device_block_mask(block_mask: Any, q: Imported, problem: Any, size):
+    """The mask as a C-contiguous uint8 CuPy array on q's device (a copy only when the
+    caller's is not contiguous: one byte per block), checked like the host one."""
+    mask = _imported_mask(block_mask, q).array
+    # the shape and dtype checks of the host path, on a stand-in of the same shape and dtype
+    block_sparse.check_block_mask(np.empty(mask.shape, dtype=mask.dtype), size,
+                                  problem.batch, problem.heads, problem.seqlen_q,
+                                  problem.seqlen_k)
+    import cupy
+
+    return cupy.ascontiguousarray(mask).view(cupy.uint8)
+
+
+def _host_block_mask(block_mask: Any, q: Imported, problem: Any, size) -> np.ndarray:
+    imported = _imported_mask(block_mask, q)
     return block_sparse.check_block_mask(np.asarray(imported.array), size, problem.batch,
                                          problem.heads, problem.seqlen_q, problem.seqlen_k)

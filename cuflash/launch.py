@@ -106,6 +106,41 @@ class SeqArgs(NamedTuple):
 DENSE = SeqArgs()
 
 
+class BlockMaskArgs(NamedTuple):
+    """A block mask's run-time kernel arguments (cf_mask.cuh's CF_BSP_PARAMS): the device
+    address of the uint8 mask (batch | 1, heads | 1, n_q_blocks, n_k_blocks), rows
+    contiguous; its batch and head strides in bytes (0 where the axis broadcasts); its row
+    stride (n_k_blocks); the block size. Only block-sparse kernels take them."""
+
+    ptr: int
+    stride_b: int
+    stride_h: int
+    stride_row: int
+    block_m: int
+    block_n: int
+
+    def kernel_args(self, b0: int = 0) -> tuple:
+        return (self.ptr + b0 * self.stride_b, self.stride_b, self.stride_h, self.stride_row,
+                self.block_m, self.block_n)
+
+    def check_tiles(self, *kernel_specs) -> None:
+        """Each kernel's tiles must lie inside single blocks (cf_mask.cuh): ValueError
+        naming block_size otherwise, before anything is launched."""
+        for spec in kernel_specs:
+            if spec is not None and (self.block_m % spec.block_m or self.block_n % spec.block_n):
+                raise ValueError(
+                    f"block_size: expected multiples of the kernel's tile "
+                    f"({spec.block_m}, {spec.block_n}) on CUDA ({spec.name}; multiples of 128 "
+                    f"suit every kernel), got ({self.block_m}, {self.block_n})")
+
+
+def block_mask_args(mask, block_size) -> BlockMaskArgs:
+    """``BlockMaskArgs`` of a C-contiguous uint8 / bool CuPy mask of 4 dimensions."""
+    batch, heads, _, n_k_blocks = mask.shape
+    return BlockMaskArgs(mask.data.ptr, 0 if batch == 1 else mask.strides[0],
+                         0 if heads == 1 else mask.strides[1], n_k_blocks, *block_size)
+
+
 def mod_args(shape: planning.Shape, window, softcap, softmax_scale: float, alibi: int = 0,
              stride_alibi_b: int = 0, sinks: int = 0, dsinks: int = 0) -> ModArgs:
     """``ModArgs`` of a call: ``window`` as the user gave it (``plan.effective_window``
@@ -171,6 +206,13 @@ _SIGNATURES = {
     "convert": "pp" "iii" "qqq" "p",
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
+BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
+
+
+def signature_of(spec, kind: str | None = None) -> str:
+    """The parameter letters of ``spec``'s entry point (``kind``: of another table row)."""
+    signature = _SIGNATURES[kind or spec.kind]
+    return signature + BSP if spec.mods.block_sparse else signature
 _FORMATS = {"p": "P", "i": "i", "q": "q", "f": "f"}  # struct's native (C) alignment
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
 _MAX_PARAM_BYTES = 4096  # cuLaunchKernel's classic limit; our kernels take < 400
@@ -355,15 +397,16 @@ def forward_tail(shape: planning.Shape, strides: tuple, softmax_scale: float) ->
 
 def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsize: int,
                    stream: int, device_id: int, mods: ModArgs = PLAIN,
-                   seq: SeqArgs = DENSE) -> None:
+                   seq: SeqArgs = DENSE, bsp: BlockMaskArgs | None = None) -> None:
     """Enqueue the forward: ``ptrs`` = addresses of q, k, v, o, m, l; ``tail`` from
     ``forward_tail``; ``mods`` the score modifiers' arguments; ``seq`` the varlen layout.
     Every element of o, m, l is written (for a non-empty call: the caller handles
     ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
-    signature = _SIGNATURES[kernel.spec.kind]
+    signature = signature_of(kernel.spec)
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
         args = ptrs + tail + mods.kernel_args() + (mods.sinks,) + seq.kernel_args()
+        args += bsp.kernel_args() if bsp else ()
         _launch(kernel, device_id, kernel.grid[2], signature, args, stream, s)
         return
     # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o; one
@@ -374,16 +417,18 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     for b0, grid_z in _batch_slices(kernel, s.batch):
         args = tuple(p + b0 * step for p, step in zip(ptrs, steps)) + tail
         args += mods.kernel_args(b0) + (mods.sinks,) + seq.kernel_args(b0)
+        args += bsp.kernel_args(b0) if bsp else ()
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
                 m: int, l: int, softmax_scale: float, stream: int, device_id: int,
-                mods: ModArgs = PLAIN, seq: SeqArgs = DENSE) -> None:
+                mods: ModArgs = PLAIN, seq: SeqArgs = DENSE,
+                bsp: BlockMaskArgs | None = None) -> None:
     """``launch_forward`` on operands (varlen: packed operands with stride_b 0)."""
     tail = forward_tail(plan.shape, _strides(q, k, v, o), softmax_scale)
     launch_forward(plan, (q.ptr, k.ptr, v.ptr, o.ptr, m, l), tail, q.itemsize, stream,
-                   device_id, mods, seq)
+                   device_id, mods, seq, bsp)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -392,7 +437,8 @@ def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, 
 def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operand,
                  v: Operand, o: Operand, m: int, l: int, dq: Operand, dk: Operand,
                  dv: Operand, softmax_scale: float, workspace: int, stream: int,
-                 device_id: int, mods: ModArgs = PLAIN, seq: SeqArgs = DENSE) -> None:
+                 device_id: int, mods: ModArgs = PLAIN, seq: SeqArgs = DENSE,
+                 bsp: BlockMaskArgs | None = None) -> None:
     """Enqueue the backward on ``stream``. ``workspace``: the address of at least
     ``plan.backward_workspace(plan).total_bytes`` scratch bytes on the device, ordered on
     ``stream`` (the caller keeps it alive until the work is done). With sinks,
@@ -421,7 +467,8 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
     scalars = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim)
     scales = (softmax_scale * LOG2E, softmax_scale)
-    signature = _SIGNATURES[main.spec.kind]
+    signature = signature_of(main.spec)
+    bsp_args = bsp.kernel_args if bsp else (lambda b0: ())
     q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
     if seq.varlen:
         q_row = kv_row = 0
@@ -439,7 +486,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * kv_row if accum else 0, semaphores)
-        args += mods.kernel_args(b0) + seq.kernel_args(b0)
+        args += mods.kernel_args(b0) + seq.kernel_args(b0) + bsp_args(b0)
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
@@ -447,8 +494,8 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
                     _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales,
-                    *mods.kernel_args(b0), *seq.kernel_args(b0))
-            _launch(plan.dq, device_id, z, _SIGNATURES["bwd_dq"], args, stream, s)
+                    *mods.kernel_args(b0), *seq.kernel_args(b0), *bsp_args(b0))
+            _launch(plan.dq, device_id, z, signature_of(plan.dq.spec), args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
                  stream, seq.cu_seqlens_q)
@@ -546,7 +593,8 @@ def modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
 
 
 def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None,
-                      window=None, softcap=None, alibi_slopes=None, sinks=None):
+                      window=None, softcap=None, alibi_slopes=None, sinks=None,
+                      block_mask=None, block_size=None):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
     ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
@@ -554,15 +602,20 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     function would allocate). ``window``, ``softcap``, ``alibi_slopes``, ``sinks``: the
     score modifiers (docs/masks.md), validated by the caller; the arrays C-contiguous
     float32 CuPy arrays on q's device. A modifier the kernel family lacks raises
-    ``ValueError`` before any output is touched.
+    ``ValueError`` before any output is touched. ``block_mask``: a validated C-contiguous
+    bool / uint8 CuPy array (docs/block_sparse.md) of ``block_size``.
     """
     batch, seqlen_q, heads, _ = q.shape
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
-                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal))
-    plan = None
+                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
+                                        block_mask is not None))
+    plan = bsp = None
     if not shape.empty:
         plan = forward_plan(shape, device_id)  # the selector's ValueError comes first
+        if block_mask is not None:
+            bsp = block_mask_args(block_mask, block_size)
+            bsp.check_tiles(plan.kernel.spec)
     if out is not None:
         o, m, l = poison(out[0], dtype), poison(out[1]), poison(out[2])
     else:
@@ -576,27 +629,33 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
         return o, m, l
     mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale)
     run_forward(plan, cupy_operand(q), cupy_operand(k), cupy_operand(v), cupy_operand(o),
-                m.data.ptr, l.data.ptr, softmax_scale, _current_stream(), device_id, mods)
+                m.data.ptr, l.data.ptr, softmax_scale, _current_stream(), device_id, mods,
+                bsp=bsp)
     return o, m, l
 
 
 def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
                        softmax_scale: float, deterministic: bool = False, out=None,
-                       window=None, softcap=None, alibi_slopes=None, sinks=None):
+                       window=None, softcap=None, alibi_slopes=None, sinks=None,
+                       block_mask=None, block_size=None):
     """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l; with
     sinks (dq, dk, dv, dsinks), dsinks float32 (heads,).
 
     ``out``: an optional (dq, dk, dv) to write into instead of new arrays (as in the forward).
-    The modifiers as in ``flash_forward_gpu``.
+    The modifiers and the block mask as in ``flash_forward_gpu``.
     """
     import cupy
 
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
-                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal))
-    plan = None
+                     planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
+                                        block_mask is not None))
+    plan = bsp = None
     if not shape.empty:
         plan = backward_plan(shape, device_id, deterministic)  # ValueError before writing
+        if block_mask is not None:
+            bsp = block_mask_args(block_mask, block_size)
+            bsp.check_tiles(plan.main.spec, plan.dq.spec if plan.dq is not None else None)
     if out is not None:
         dq, dk, dv = (poison(t, dtype) for t in out)
     else:
@@ -616,5 +675,5 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale, dsinks)
     run_backward(plan, *(cupy_operand(x) for x in (do, q, k, v, o)), m.data.ptr, l.data.ptr,
                  *(cupy_operand(x) for x in (dq, dk, dv)), softmax_scale, workspace.data.ptr,
-                 _current_stream(), device_id, mods)
+                 _current_stream(), device_id, mods, bsp=bsp)
     return grads

@@ -208,11 +208,12 @@ def effective_window(window, causal: bool) -> tuple[int, int] | None:
     return (left, right)
 
 
-def mod_flags(window, softcap, alibi_slopes, sinks, causal: bool) -> ModFlags:
+def mod_flags(window, softcap, alibi_slopes, sinks, causal: bool,
+              block_sparse: bool = False) -> ModFlags:
     """The kernels' compile-time knobs of a call's modifiers (None / 0: off)."""
     return ModFlags(window=effective_window(window, causal) is not None,
                     softcap=bool(softcap), alibi=alibi_slopes is not None,
-                    sinks=sinks is not None)
+                    sinks=sinks is not None, block_sparse=block_sparse)
 
 
 # -- the pure planners ---------------------------------------------------------------------

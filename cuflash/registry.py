@@ -112,8 +112,9 @@ def _smem_bwd90(s) -> int:
     """K, V; Q, dO stages; dS^T (+ P^T at d256); lse2, delta. Warp-specialized: two dS^T
     buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
-    if bwd90_warp_specialized(s):
-        return (2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128
+    if bwd90_warp_specialized(s):  # + each stage's tile under a block mask
+        return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128
+                + (8 * st if s.mods.block_sparse else 0))
     role_split = d == 256
     return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
 
@@ -266,7 +267,9 @@ FWD90 = {
                      f"(12, 128, 128, 3): 351/410/417, causal 237/345/381; (8, 128, 64, 2): "
                      f"353/379/380, causal 271/359/360 ({_SWEEP2})", consumers=3,
              spills_when=(("causal", "softcap"), ("causal", "alibi"), ("causal", "varlen"),
-                          ("softcap", "varlen"), ("window", "softcap"), ("window", "alibi"))),
+                          ("softcap", "varlen"), ("window", "softcap"), ("window", "alibi"),
+                          # not a spill: its 192 query rows straddle 128-query mask blocks
+                          ("block_sparse",))),
          _ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s, causal 238/345/384 "
                      f"({_SWEEP})"),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
@@ -336,8 +339,12 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 # two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (session 4's
 # bwd90_ws_sweep_call4.log, before the turns; not timed since).
 _BWD90_WS_LOG = "bench/results/2026-12-02_h200/session5/bwd90_sweep_bf16_call4.log"
-BWD90 = {64: (_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s, causal 317/361; "
-                                  f"(8, 128, 128, 2): 303/316, causal 282/317 ({_BWD90_WS_LOG})"),
+BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s, causal "
+                                        f"317/361; (8, 128, 128, 2): 303/316, causal 282/317 "
+                                        f"({_BWD90_WS_LOG})"),
+                    # causal under a block mask: 8 B spilled (NVRTC 13.5), with no modifier
+                    # only; a 48-register producer left the consumers 224 and 60-76 B
+                    ("causal", "block_sparse")),
               replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),
                       # causal varlen: 255 registers + 8 B spilled (its lengths and offsets
@@ -385,7 +392,7 @@ def _ordered_dq(tile: Tile, knobs: frozenset) -> bool:
     """bwd90's tiles with ordered dQ (the deterministic mode): the warp-specialized ones,
     without a window (the key tiles a query tile waits for must be exactly those that visit
     it; for windows that is not shown yet, so they keep the portable kernels)."""
-    return tile.warps == 12 and "window" not in knobs
+    return tile.warps == 12 and "window" not in knobs and "block_sparse" not in knobs
 
 
 # The elementwise kernels: no head-dim bucket, no tiles (PRE_ROWS rows per block).
@@ -396,26 +403,28 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 # Every modifier; the backward's main kernels need nothing for sinks (they read lse2), the
 # preprocess computes dsinks. "varlen": packed sequences (cf_seq.cuh's CF_VARLEN).
 ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
+# Block masks (docs/block_sparse.md): the kernels whose tile loops skip masked tiles.
+SPARSE = (*ALL_MODS, "block_sparse")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,
-            wgmma=True, modifiers=ALL_MODS, split_layout=fwd90_warp_specialized,
+            wgmma=True, modifiers=SPARSE, split_layout=fwd90_warp_specialized,
             split_source="flash_fwd_sm90_ws.cu"),
     Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
-            modifiers=ALL_MODS),
+            modifiers=SPARSE),
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
             modifiers=ALL_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
-            BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=ALL_MODS,
+            BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=SPARSE,
             split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu",
             ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16, modifiers=ALL_MODS, split_layout=bwd_split_layout,
+            dchunk=_dchunk_bwd16, modifiers=SPARSE, split_layout=bwd_split_layout,
             split_source="flash_bwd_split.cu"),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
             dchunk=_dchunk_bwd32, modifiers=ALL_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,
-            BWD_DQ16, modifiers=ALL_MODS),
+            BWD_DQ16, modifiers=SPARSE),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq_fp32.cu", "flash_bwd_dq", FLOAT,
             _smem_bwd_dq32, BWD_DQ32, modifiers=ALL_MODS),
     Variant("bwd_pre", "backward_pre", "flash_bwd_pre.cu", "flash_bwd_preprocess", DTYPES,

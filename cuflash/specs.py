@@ -45,7 +45,8 @@ class DeviceFacts:
 
 
 _CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
-                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_VARLEN", "CF_DQ_ATOMIC",
+                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_VARLEN", "CF_BLOCK_SPARSE",
+                 "CF_DQ_ATOMIC",
                  "CF_DCHUNK", "CF_SOURCE_HASH")
 
 
@@ -55,17 +56,19 @@ class ModFlags:
     (their values, window bounds, softcap, slopes, sinks, are run-time arguments).
     ``window``: a sliding window, the kernels' local mask mode (with causal, right = 0).
     ``varlen``: packed sequences with cu_seqlens (docs/varlen.md; cf_seq.cuh's CF_VARLEN),
-    not a score modifier but a knob of every kernel the same way."""
+    not a score modifier but a knob of every kernel the same way. ``block_sparse``: a block
+    mask skips whole tiles (docs/block_sparse.md; cf_mask.cuh's CF_BLOCK_SPARSE)."""
 
     window: bool = False
     softcap: bool = False
     alibi: bool = False
     sinks: bool = False
     varlen: bool = False
+    block_sparse: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
-        return tuple(n for n in ("window", "softcap", "alibi", "sinks", "varlen")
+        return tuple(n for n in ("window", "softcap", "alibi", "sinks", "varlen", "block_sparse")
                      if getattr(self, n))
 
     def for_direction(self, direction: str) -> "ModFlags":
@@ -74,7 +77,7 @@ class ModFlags:
         (for dsinks)."""
         if direction == "forward":
             return self
-        if direction == "backward_pre":
+        if direction == "backward_pre":  # elementwise: no tiles to skip
             return ModFlags(sinks=self.sinks, varlen=self.varlen)
         return replace(self, sinks=False)
 
@@ -174,7 +177,8 @@ class KernelSpec:
                      CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
                      CF_MASK=mask)
         for name, define in (("softcap", "CF_SOFTCAP"), ("alibi", "CF_ALIBI"),
-                             ("sinks", "CF_SINKS"), ("varlen", "CF_VARLEN")):
+                             ("sinks", "CF_SINKS"), ("varlen", "CF_VARLEN"),
+                             ("block_sparse", "CF_BLOCK_SPARSE")):
             if getattr(self.mods, name):  # only when on: plain specs keep their defines
                 d[define] = 1
         if self.kind in ("bwd", "bwd90"):
@@ -242,8 +246,10 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
 def _check_modifiers(variant: Variant, mods: ModFlags, dtype: str) -> None:
     missing = [name for name in mods.on if name not in variant.modifiers]
     if missing:
-        raise ValueError(f"{missing[0]}: not supported by the {variant.kind} kernel for {dtype} "
-                         f"({variant.source}) yet (issue #14); CPU arrays run it")
+        name = "block_mask" if missing[0] == "block_sparse" else missing[0]
+        issue = "#15" if missing[0] == "block_sparse" else "#14"
+        raise ValueError(f"{name}: not supported by the {variant.kind} kernel for {dtype} "
+                         f"({variant.source}) yet (issue {issue}); CPU arrays run it")
 
 
 def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, deterministic: bool,

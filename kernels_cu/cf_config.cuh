@@ -43,6 +43,9 @@
 #ifndef CF_SINKS
 #define CF_SINKS 0  // 1: the forwards fold per-head sinks into m, l; the preprocess: dsinks
 #endif
+#ifndef CF_BLOCK_SPARSE
+#define CF_BLOCK_SPARSE 0  // 1: a block mask skips whole tiles (cf_mask.cuh, docs/block_sparse.md)
+#endif
 #ifndef CF_VARLEN
 #define CF_VARLEN 0  // 1: packed sequences, rows found through cu_seqlens
 #endif

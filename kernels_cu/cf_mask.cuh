@@ -147,6 +147,167 @@ __device__ __forceinline__ QueryTiles query_tiles_of(const MaskPolicy& mask, int
   return query_tiles<BLOCK_M>(mask, n0, min(n0 + BLOCK_N, mask.seqlen_k) - 1);
 }
 
+// -- block-sparse attention (CF_BLOCK_SPARSE; docs/block_sparse.md) ----------------------------
+// One byte per block of block_m queries x block_n keys, per (batch, query head): 0 hides the
+// block. The host picks kernels whose tiles divide the blocks (block_m a multiple of the
+// query tile, block_n of the key tile), so a tile is kept or skipped whole: no element mask,
+// and a skipped tile is never loaded. The kernels take CF_BSP_PARAMS right after
+// CF_SEQ_PARAMS (nothing when off, so dense kernels keep their parameters and code):
+//   const unsigned char* block_mask   (batch | 1, heads | 1, n_q_blocks, n_k_blocks), rows
+//                                     contiguous; at batch entry b0 for a batch slice
+//   long long bsp_stride_b, bsp_stride_h   bytes; 0 for an axis of length 1 (broadcast)
+//   int bsp_stride_row                n_k_blocks
+//   int bsp_block_m, bsp_block_n      the block size
+// The tile cursors below are warp-collective (a ballot over 32 tiles a step): every lane of
+// the warp calls them with the same arguments.
+struct BlockMask {
+  const unsigned char* base;
+  long long stride_b, stride_h;
+  int stride_row, block_m, block_n;
+};
+#if CF_BLOCK_SPARSE
+#define CF_BSP_PARAMS                                                                 \
+  , const unsigned char *__restrict__ block_mask, long long bsp_stride_b,             \
+      long long bsp_stride_h, int bsp_stride_row, int bsp_block_m, int bsp_block_n
+#define CF_BSP_MASK \
+  BlockMask{block_mask, bsp_stride_b, bsp_stride_h, bsp_stride_row, bsp_block_m, bsp_block_n}
+#else
+#define CF_BSP_PARAMS
+#define CF_BSP_MASK BlockMask{nullptr, 0, 0, 0, 1, 1}
+#endif
+
+// The kept key tiles of one query tile (rows q0 ..) of head h within [begin, end): without a
+// block mask, all of them.
+template <int BLOCK_N>
+struct KeptKeyTiles {
+  const unsigned char* row;  // the query block's row of the mask
+  int block_n, begin, end;
+
+  __device__ __forceinline__ KeptKeyTiles(const BlockMask& bm, int b, int h, int q0,
+                                          const KeyTiles& t)
+      : row(CF_BLOCK_SPARSE ? bm.base + b * bm.stride_b + h * bm.stride_h +
+                                  (long long)(q0 / bm.block_m) * bm.stride_row
+                            : nullptr),
+        block_n(bm.block_n),
+        begin(t.begin),
+        end(t.end) {}
+  __device__ __forceinline__ bool kept(int j) const {
+    return !CF_BLOCK_SPARSE || row[j * BLOCK_N / block_n] != 0;
+  }
+  // How many (warp-collective).
+  __device__ __forceinline__ int count() const {
+    if (!CF_BLOCK_SPARSE) return end - begin;
+    const int lane = threadIdx.x & 31;
+    int n = 0;
+#pragma unroll 1
+    for (int j0 = begin; j0 < end; j0 += 32) {
+      const int j = j0 + lane;
+      n += __popc(__ballot_sync(0xffffffffu, j < end && kept(j)));
+    }
+    return n;
+  }
+  // The last kept tile below j, or begin - 1 (warp-collective): below(end) is the first one
+  // a kernel visiting last first runs.
+  __device__ __forceinline__ int below(int j) const {
+    if (!CF_BLOCK_SPARSE) return j - 1;
+    const int lane = threadIdx.x & 31;
+#pragma unroll 1
+    for (; j > begin; j -= 32) {
+      const int t = j - 1 - lane;  // lane l looks at j - 1 - l: the lowest hit is the highest tile
+      const unsigned hit = __ballot_sync(0xffffffffu, t >= begin && kept(t));
+      if (hit) return j - __ffs(hit);
+    }
+    return begin - 1;
+  }
+  // The first kept tile above j, or end (warp-collective): above(begin - 1) starts an
+  // ascending visit.
+  __device__ __forceinline__ int above(int j) const {
+    if (!CF_BLOCK_SPARSE) return j + 1;
+    const int lane = threadIdx.x & 31;
+#pragma unroll 1
+    for (++j; j < end; j += 32) {
+      const int t = j + lane;
+      const unsigned hit = __ballot_sync(0xffffffffu, t < end && kept(t));
+      if (hit) return j + __ffs(hit) - 1;
+    }
+    return end;
+  }
+};
+
+// The it-th kept key tile, first to last, for kernels whose pipeline asks for iteration it
+// and, to prefetch, it + 1 (the dQ kernels): a cursor keeps the two latest answers, so the
+// callers ask for it or it + 1 of the last asked-for iteration (warp-collective).
+template <int BLOCK_N>
+struct AscendingKeyTiles {
+  KeptKeyTiles<BLOCK_N> kept;
+  mutable int last_it, last_j, prev_j;
+
+  __device__ __forceinline__ AscendingKeyTiles(const KeptKeyTiles<BLOCK_N>& k)
+      : kept(k), last_it(-1), last_j(k.begin - 1), prev_j(k.begin - 1) {}
+  __device__ __forceinline__ int operator()(int it) const {
+    if (!CF_BLOCK_SPARSE) return kept.begin + it;
+    if (it == last_it + 1) {
+      prev_j = last_j;
+      last_j = kept.above(last_j);
+      last_it = it;
+    }
+    return it == last_it ? last_j : prev_j;
+  }
+};
+
+// The kept (query head, query tile) pairs of one key tile (keys n0 ..) in a backward's walk:
+// index t = g * per_head + i is head h_first + g, query tile first + i, for t in [0, n).
+template <int BLOCK_M>
+struct KeptQueryTiles {
+  const unsigned char* col;  // the key block's column of head h_first's mask
+  int stride_h;              // < 2^31: one head's blocks (the host checks the mask's size)
+  int stride_row, block_m, first, per_head, n;
+
+  __device__ __forceinline__ KeptQueryTiles(const BlockMask& bm, int b, int h_first, int n0,
+                                            const QueryTiles& qt, int heads)
+      : col(CF_BLOCK_SPARSE ? bm.base + b * bm.stride_b + h_first * bm.stride_h + n0 / bm.block_n
+                            : nullptr),
+        stride_h((int)bm.stride_h),
+        stride_row(bm.stride_row),
+        block_m(bm.block_m),
+        first(qt.first),
+        per_head(qt.end - qt.first),
+        n(heads * (qt.end - qt.first)) {}
+  __device__ __forceinline__ bool kept(int t) const {
+    if (!CF_BLOCK_SPARSE) return true;
+    const int g = t / per_head, m = first + t - g * per_head;
+    return col[g * stride_h + (m * BLOCK_M / block_m) * stride_row] != 0;
+  }
+  // Index t's query head offset g (from h_first) and first row m0.
+  __device__ __forceinline__ void tile(int t, int& m0, int& g) const {
+    g = t / per_head;
+    m0 = (first + t - g * per_head) * BLOCK_M;
+  }
+  __device__ __forceinline__ int count() const {
+    if (!CF_BLOCK_SPARSE) return n;
+    const int lane = threadIdx.x & 31;
+    int c = 0;
+#pragma unroll 1
+    for (int t0 = 0; t0 < n; t0 += 32) {
+      const int t = t0 + lane;
+      c += __popc(__ballot_sync(0xffffffffu, t < n && kept(t)));
+    }
+    return c;
+  }
+  // The first kept index above t, or n (warp-collective): above(-1) is the first visited.
+  __device__ __forceinline__ int above(int t) const {
+    if (!CF_BLOCK_SPARSE) return t + 1;
+    const int lane = threadIdx.x & 31;
+#pragma unroll 1
+    for (++t; t < n; t += 32) {
+      const int u = t + lane;
+      const unsigned hit = __ballot_sync(0xffffffffu, u < n && kept(u));
+      if (hit) return t + __ffs(hit) - 1;
+    }
+    return n;
+  }
+};
+
 // -- steps inside a tile: the slices of keys or queries worth computing ------------------------
 // The key steps of STEP keys from n0 end at the first one that rows up to q_last cannot see:
 // past seqlen_k or (causal, window) past the last row's last visible key (keys before a

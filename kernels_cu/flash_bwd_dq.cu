@@ -139,7 +139,7 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
 // minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
 extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
-    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -160,7 +160,9 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
   // -- key tiles this query tile can see: [tiles.begin, tiles.end) (cf_mask.cuh)
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
   const KeyTiles tiles = key_tiles_of<kBN, kBM>(mask, m0);
-  const int n_tiles = tiles.end - tiles.begin;
+  const KeptKeyTiles<kBN> kept(CF_BSP_MASK, b, h, m0, tiles);  // all: no block mask
+  const int n_tiles = kept.count();
+  const AscendingKeyTiles<kBN> key_tile(kept);  // iteration it's key tile
   const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
@@ -178,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
   auto load_kv_tile = [&](int it, int st) {
-    const int n0 = (tiles.begin + it) * kBN;
+    const int n0 = key_tile(it) * kBN;
     load_tile_async<kBN, kThreads>(sK + st * kBN * kD, k_head + n0 * stride_kn, stride_kn,
                                    seqlen_k - n0, head_dim, tid);
     load_tile_async<kBN, kThreads>(sV + st * kBN * kD, v_head + n0 * stride_vn, stride_vn,
@@ -209,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
     if (row0 < seqlen_q) {
 #pragma unroll 1
       for (int ns = 0; ns < kBN; ns += kNS)
-        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, (tiles.begin + it) * kBN + ns, row0,
+        dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, key_tile(it) * kBN + ns, row0,
                    16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
     }
     stream_refill<kStages>(it, n_tiles, load_kv_tile);

@@ -102,7 +102,7 @@ enum : int {
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
-                   CF_SEQ_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd90;
   (void)dq_semaphore;  // ordered dQ is flash_bwd_sm90_ws.cu's
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -138,18 +138,21 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);
   const int m_first = qt.first;
   const int tiles_per_head = qt.end - qt.first;
-  const int n_iter = split_heads * tiles_per_head;
+  // Walk index t = g * tiles_per_head + i: head h_first + g, query tile m_first + i; under a
+  // block mask the kept ones only.
+  const KeptQueryTiles<kBM> kept(CF_BSP_MASK, b, h_first, n0, qt, split_heads);
+  const int n_iter = kept.count();
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
 
-  // Issue iteration it's copies into stage st: Q and dO tiles, lse2 and delta (cp.async; past
+  // Issue walk index t's copies into stage st: Q and dO tiles, lse2 and delta (cp.async; past
   // seqlen_q they become 0, harmless: those Q and dO rows are zeros).
-  auto load_query_tile = [&](int it, int st) {
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+  auto load_query_tile = [&](int t, int st) {
+    const int g = t / tiles_per_head;
+    const int m0 = (m_first + t - g * tiles_per_head) * kBM;
     const int h = h_first + g;
     const QLoad lq(q + seq.q_offset(stride_qb, stride_qm) +
                        h * stride_qh, stride_qm, head_dim, tid);
@@ -182,25 +185,27 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   }
   const int key_row = n0 + wg * kWgKeys + (warp & 3) * 16 + group;  // this thread's keys: +0, +8
 
+  int t_cur = kept.above(-1);  // the walk index of iteration it
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
     lk.load(sK, n0, seqlen_k - n0);
     const KVLoad lv(v_head, stride_vn, head_dim, tid);
     lv.load(sV, n0, seqlen_k - n0);
-    load_query_tile(0, 0);
+    load_query_tile(t_cur, 0);
     cp_async_commit();
   }
 
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it) {
     const int st = it & 1;
-    const int g = it / tiles_per_head;
-    const int m0 = (m_first + it - g * tiles_per_head) * kBM;
+    const int t_next = kept.above(t_cur);
+    const int g = t_cur / tiles_per_head;
+    const int m0 = (m_first + t_cur - g * tiles_per_head) * kBM;
     const int h = h_first + g;
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // tile it is visible; stage st ^ 1 and sdS are free
-    if (it + 1 < n_iter) load_query_tile(it + 1, st ^ 1);
+    if (it + 1 < n_iter) load_query_tile(t_next, st ^ 1);
     cp_async_commit();
 
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
@@ -336,6 +341,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       add_dq(dq, dq_head, dq_row0 + (warp & 3) * 16 + group, dq_col0, tig, seqlen_q, heads,
              head_dim, softmax_scale);
     }
+    t_cur = t_next;
   }
   cp_async_wait<0>();
 

@@ -98,6 +98,7 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
+static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile passes its turn");
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
 // ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn; a
@@ -133,7 +134,9 @@ enum : int {
   kOffLse = kOffDS + 2 * kTileDS,
   kOffDelta = kOffLse + kStages * kBM * 4,
   kOffBar = kOffDelta + kStages * kBM * 4,
-  kSmemBytes = kOffBar + 128,
+  // under a block mask, each stage's (query rows, head), which the producer picks
+  kOffTiles = kOffBar + 128,
+  kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
   kConsumerRegs = 232,
@@ -224,7 +227,7 @@ __device__ __forceinline__ void copy_tile(cf_u32 tile, const elem_t* rows, cf_i6
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
-                   CF_SEQ_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd90ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -239,7 +242,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   unsigned char* sdO = smem + kOffDO;                                 \
   unsigned char* sdS = smem + kOffDS;                                 \
   float* sLse = reinterpret_cast<float*>(smem + kOffLse);             \
-  float* sDelta = reinterpret_cast<float*>(smem + kOffDelta);
+  float* sDelta = reinterpret_cast<float*>(smem + kOffDelta);        \
+  int* sTiles = reinterpret_cast<int*>(smem + kOffTiles);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2;
@@ -269,8 +273,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int n_k = (int)gridDim.x + role_zero;                                                 \
   const bool rotate = kRotatable && n_k <= kRotateMaxKeyTiles && tiles_per_head >= n_k;       \
   const int m_start = rotate ? m_first + key_tile * tiles_per_head / n_k : m_first;           \
+  /* block mask: the kept (head, query tile) pairs (ordered dQ never takes one) */            \
+  const KeptQueryTiles<kBM> kept(CF_BSP_MASK, b, h_first, n0, qt, split_heads);              \
   /* the grid covers the longest sequence: a block past this one's keys has no work */       \
-  const int n_iter = CF_VARLEN && n0 >= seqlen_k ? 0 : split_heads * tiles_per_head;
+  const int n_iter = CF_VARLEN && n0 >= seqlen_k ? 0 : kept.count();
 
 
   if (tid == 0) {
@@ -304,11 +310,23 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
                      seqlen_k - n0, head_dim, t, threads);
       mbar_arrive_cp_async(bars.k_v_full());
       TileWalk walk(m_first, qt.end, h_first, m_start);
+      int kept_t = kept.above(-1);  // block mask: the walk's index of this tile
 #pragma unroll 1
-      for (int it = 0; it < n_iter; ++it, walk.next()) {
+      // (under a block mask the walk's end bounds the loop: one register fewer than n_iter)
+      for (int it = 0; CF_BLOCK_SPARSE ? kept_t < kept.n : it < n_iter; ++it, walk.next()) {
         const int st = it % kStages, round = it / kStages;
         if (round > 0) mbar_wait(bars.stage_empty(st), (round - 1) & 1);
-        const int m0 = walk.m0, h = walk.h;
+        int m0 = walk.m0, h = walk.h;
+        if constexpr (CF_BLOCK_SPARSE) {
+          int g;
+          kept.tile(kept_t, m0, g);
+          h = h_first + g;
+          kept_t = kept.above(kept_t);
+          if (tid == 0) {  // for the consumers, released by the ordinary q_full arrival
+            sTiles[2 * st] = m0;
+            sTiles[2 * st + 1] = h;
+          }
+        }
         // rows past seqlen_q become zeros (Q, dO) and 0 (lse2, delta): harmless
         const elem_t* rows = q_side ? q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh
                                     : dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
@@ -426,7 +444,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 #pragma unroll 1
   for (int it = 0; it < n_iter; ++it, walk.next()) {
     const int st = it % kStages, phase = (it / kStages) & 1;
-    const int m0 = walk.m0, h = walk.h;
+    int m0 = walk.m0, h = walk.h;
     cf_u32 sK_sa = sK_base, sV_sa = sV_base;
     asm volatile("" : "+r"(sK_sa), "+r"(sV_sa));  // descriptors per tile, not hoisted (registers)
     const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
@@ -435,6 +453,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     float s[kNT][4], dp[kNT][4];
     wait_for(bars.q_full(st), phase);
     wait_for(bars.do_full(st), phase);
+    if constexpr (CF_BLOCK_SPARSE) {  // the tile the producer picked
+      m0 = sTiles[2 * st];
+      h = sTiles[2 * st + 1];
+    }
     my_turn();
     wgmma_fence();
     issue_scores_t<kBN, kBM>(s, sK_sa, me * 64 * 128, q_tile, 0);

@@ -402,7 +402,7 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
 }
 
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
-    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd;
   extern __shared__ __align__(16) unsigned char cf_smem[];
   const Smem sm(cf_smem);
@@ -420,7 +420,8 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
 
   // -- the query tiles that see keys n0.., for each head of the group (cf_bwd_stream.cuh)
   const QueryOperands qops = CF_BWD_QUERY_ARGS;
-  const QueryTileWalk<kBM> walk(query_tiles_of<kBM, kBN>(mask, n0), kvh, heads_per_kv);
+  const QueryTileWalk<kBM> walk(query_tiles_of<kBM, kBN>(mask, n0), kvh, heads_per_kv,
+                                CF_BSP_MASK, b, n0);
   const QueryStream<kBM, kBN, kThreads, kStages, Smem> stream(walk, qops, seq, sm, head_dim, tid);
   const int n_iter = walk.n_iter;
 

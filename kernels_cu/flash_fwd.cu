@@ -94,7 +94,7 @@ constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     flash_fwd(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-              CF_SEQ_PARAMS) {
+              CF_SEQ_PARAMS CF_BSP_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   unsigned char* s_q = smem;                                   // CF_BLOCK_M rows
@@ -118,7 +118,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
                                                   CF_MOD_ARGS);
   const RowBounds rows(tile.mask, tile.row0);  // for mask_s
   const KeyTiles tiles = tile.tiles;  // visited last first
-  const int n_tiles = tile.n_tiles();
+  const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
+  const int n_tiles = kept.count();
 
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
@@ -135,8 +136,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const KVLoader load_v(v_head, stride_vn, head_dim, tid);
 
   // -- prologue: groups [Q + K(last)], [V(last)]
+  int j = kept.below(tiles.end);  // the key tile this iteration computes
   if (n_tiles > 0) {
-    const int j = tiles.end - 1;
     const TileLoader<CF_BLOCK_M, kChunks, kThreads> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
@@ -152,10 +153,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    const int j = tiles.end - 1 - it;  // key tile: keys j * CF_BLOCK_N ..
+    const int next = kept.below(j);  // the next key tile, loaded when >= tiles.begin
     const int stage = (CF_STAGES == 2) ? (it & 1) : 0;
     const cf_u32 k_cur = s_k_sa + stage * kTileK, v_cur = s_v_sa + stage * kTileK;
-    const int next_row = (j - 1) * CF_BLOCK_N;  // first key of tile j-1, loaded when j > 0
+    const int next_row = next * CF_BLOCK_N;
     const int next_valid = seqlen_k - next_row;
 
     // -- wait for K(j) (STAGES 2: and V(j)); the barrier also frees the stage written next
@@ -163,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     else cp_async_wait<1>();                  // in flight: [K(j)], [V(j)]
     __syncthreads();
     if (CF_STAGES == 2) {  // prefetch tile j-1 into the other stage (read by tile j+1: done)
-      if (j > tiles.begin) {
+      if (next >= tiles.begin) {
         load_k.load(s_k + (stage ^ 1) * kTileK, next_row, next_valid);
         load_v.load(s_v + (stage ^ 1) * kTileK, next_row, next_valid);
       }
@@ -179,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     if (CF_STAGES == 1) {
       cp_async_wait<0>();  // V(j) landed
       __syncthreads();     // ... and every warp is done with K(j): load K(j-1) in its place
-      if (j > tiles.begin) load_k.load(s_k, next_row, next_valid);
+      if (next >= tiles.begin) load_k.load(s_k, next_row, next_valid);
       cp_async_commit();
     }
 
@@ -188,9 +189,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
     if (CF_STAGES == 1) {
       __syncthreads();  // every warp is done with V(j): load V(j-1) in its place
-      if (j > tiles.begin) load_v.load(s_v, next_row, next_valid);
+      if (next >= tiles.begin) load_v.load(s_v, next_row, next_valid);
       cp_async_commit();
     }
+    j = next;
   }
   cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
 

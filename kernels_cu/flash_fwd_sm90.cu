@@ -65,7 +65,7 @@ using Sm90Loader = PanelLoader<ROWS, sm90::kChunks, sm90::kThreads>;
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-                   CF_SEQ_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -95,7 +95,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
                                                   CF_MOD_ARGS);
   const RowBounds rows(tile.mask, tile.row0);  // for mask_s
   const KeyTiles tiles = tile.tiles;  // visited last first
-  const int n_tiles = tile.n_tiles();
+  const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
+  const int n_tiles = kept.count();
 
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
@@ -105,8 +106,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const Sm90Loader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
   const Sm90Loader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
 
+  int j = kept.below(tiles.end);  // the tile this iteration computes
   if (n_tiles > 0) {  // prologue: one group [Q + K(last) + V(last)]
-    const int j = tiles.end - 1;
     const Sm90Loader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
@@ -116,15 +117,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    const int j = tiles.end - 1 - it;
+    const int next = kept.below(j);
     const int stage = it & 1;
     const cf_u32 k_cur = s_k_sa + stage * kTileKV, v_cur = s_v_sa + stage * kTileKV;
 
     cp_async_wait<0>();   // tile j landed (this thread's copies) ...
     fence_proxy_async();  // ... and is visible to the tensor cores' proxy
     __syncthreads();      // everyone's copies; and tile j+1's stage is free again
-    if (j > tiles.begin) {
-      const int next_row = (j - 1) * CF_BLOCK_N;
+    if (next >= tiles.begin) {
+      const int next_row = next * CF_BLOCK_N;
       load_k.load(s_k + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
       load_v.load(s_v + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
     }
@@ -145,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
+    j = next;
   }
   cp_async_wait<0>();
   __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band

@@ -67,8 +67,10 @@ enum : int {
   // the consumers take what the producer leaves (40 + 232 with two, 32 + 160 with three).
   // Causal with ALiBi or packed sequences: 48 + 224, where 40 spilled 24 B in the producer
   // (NVRTC 13.5) and the consumers fit 224 without a spill.
+  // Under a block mask the producer's tile cursor needs 56 (48 spilled 8 B, 40 24 B at d128).
   kProducerRegs = CF_FWD_WS_PRODUCER_REGS ? CF_FWD_WS_PRODUCER_REGS
                   : kConsumers == 3                           ? 32
+                  : CF_BLOCK_SPARSE                           ? 56
                   : CF_CAUSAL && (CF_ALIBI || CF_VARLEN)      ? 48
                                                               : 40,
   kConsumerRegsLeft = (kBlockRegs - 128 * kProducerRegs) / kConsumerThreads / 8 * 8,
@@ -99,7 +101,7 @@ struct StageBarriers {
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-                   CF_SEQ_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -128,7 +130,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
                                                   CF_MOD_ARGS);
   const KeyTiles tiles = tile.tiles;  // visited last first
-  const int n_tiles = tile.n_tiles();
+  const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
+  const int n_tiles = kept.count();
 
   if (tid == 0) {
     mbar_init(bars.q_full(), kProducerThreads);
@@ -154,9 +157,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       load_q.load(s_q, q0, seqlen_q - q0);
       mbar_arrive_cp_async(bars.q_full());
     }
+    int j = kept.below(tiles.end);
 #pragma unroll 1
-    for (int it = 0; it < n_tiles; ++it) {
-      const int j = tiles.end - 1 - it, stage = it % CF_STAGES, round = it / CF_STAGES;
+    for (int it = 0; it < n_tiles; ++it, j = kept.below(j)) {
+      const int stage = it % CF_STAGES, round = it / CF_STAGES;
       if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
       const int row = j * CF_BLOCK_N;
       load_k.load(s_k + stage * kTileKV, row, seqlen_k - row);
@@ -206,13 +210,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     their_turn();
     wgmma_wait<0>();
     wgmma_fence_regs(s);
-    tile.modify_and_mask(s, tiles.end - 1, rows);
+    int j = kept.below(tiles.end);
+    tile.modify_and_mask(s, j, rows);
     softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
     sm90_pack_p<CF_BLOCK_N>(p16, s);
 
 #pragma unroll 1
     for (int it = 1; it < n_tiles; ++it) {
-      const int j = tiles.end - 1 - it, stage = it % CF_STAGES;
+      j = kept.below(j);
+      const int stage = it % CF_STAGES;
       const int prev = (it - 1) % CF_STAGES;
       wait_for(bars.k_full(stage), (it / CF_STAGES) & 1);
       wait_for(bars.v_full(prev), ((it - 1) / CF_STAGES) & 1);

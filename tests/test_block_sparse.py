@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import api, block_sparse, cpu, reference
+from cuflash import api, block_sparse, cpu, dropout_sparse_checks, reference
 from cuflash.interop import Framework, Imported
 from issue15_helpers import DTYPES, Case, check_backward, check_forward
 
@@ -206,7 +206,9 @@ def test_api_rejects_a_mask_of_another_framework():
         cuflash.attention_forward(q, k, v, block_mask=mask, block_size=(16, 16))
 
 
-def test_cuda_refuses_block_masks_before_allocating(monkeypatch):
+def test_cuda_checks_the_mask_before_allocating(monkeypatch):
+    """On CUDA the mask stays on the device (the kernels read it); its shape is checked
+    first, before anything is allocated or launched."""
     q, k, v, _ = _arrays()
 
     def forbidden(*args, **kwargs):
@@ -217,9 +219,11 @@ def test_cuda_refuses_block_masks_before_allocating(monkeypatch):
                                                  device=("cuda", 0)))
     monkeypatch.setattr(api, "_flash_fwd", forbidden)
     monkeypatch.setattr(api, "_fast_backend", forbidden)
-    with pytest.raises(ValueError, match=r"^block_mask: not yet supported by the CUDA kernels "
-                                         r"\(issue #15\)"):
-        cuflash.attention_forward(q, k, v, block_mask=np.ones((2, 4, 1, 1), bool))
+    monkeypatch.setattr(dropout_sparse_checks, "import_array",
+                        lambda x, name: Imported(array=x, framework=Framework.CUPY,
+                                                 device=("cuda", 0)))
+    with pytest.raises(ValueError, match=r"^block_mask: expected shape \(2 or 1, 4 or 1, 1, 1\)"):
+        cuflash.attention_forward(q, k, v, block_mask=np.ones((2, 4, 2, 2), bool))
 
 
 def test_expand_and_block_count():
@@ -229,12 +233,3 @@ def test_expand_and_block_count():
     assert full[0, 0].astype(int).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0],
                                                [0, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
     assert block_sparse.n_blocks(129, 128) == 2 and block_sparse.n_blocks(0, 128) == 0
-
-
-@pytest.mark.gpu
-def test_cuda_refuses_block_masks_on_a_gpu():
-    import cupy
-
-    q = cupy.asarray(_arrays()[0])
-    with pytest.raises(ValueError, match=r"^block_mask: not yet supported by the CUDA kernels"):
-        cuflash.attention_forward(q, q, q, block_mask=cupy.ones((1, 1, 1, 1), bool))

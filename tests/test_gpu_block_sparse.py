@@ -1,0 +1,195 @@
+"""Block-sparse attention (docs/block_sparse.md) in the CUDA kernels against the float64
+reference with the mask expanded (``gpu`` tests).
+
+The 16-bit kernel families that take a block mask: the Hopper wgmma kernels (wgmma on; the
+warp-specialized ones at head_dim 64 / 128, the others at 256), the portable kernels
+(wgmma off, and at a 100 KiB budget, which picks smaller tiles), each backward in both
+deterministic modes (deterministic runs the portable dK/dV kernel and the dQ pass). Random
+masks with rows and key blocks that see nothing, batch and head axes broadcast or not, GQA,
+causal, the score modifiers on top, odd lengths. Outputs are NaN-poisoned; the rule is
+cuflash.testing's ``err <= 2 * err(naive same dtype) + atol``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import reference, specs, testing
+
+try:
+    import gpu_helpers as gh
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+
+pytestmark = pytest.mark.gpu
+
+FAMILIES = [("own", None, True), ("portable", None, False), ("100k", 100, False)]
+# (name, causal, block_size, mask axes (batch, heads) kept or broadcast, density, modifiers)
+CASES = [
+    ("dense_axes", False, (128, 128), (True, True), 0.5, {}),
+    ("causal", True, (128, 128), (True, True), 0.6, {}),
+    ("broadcast", False, (128, 256), (False, False), 0.4, {}),
+    ("heads_only", True, (256, 128), (False, True), 0.5, {}),
+    ("window+alibi", False, (128, 128), (True, True), 0.6,
+     {"window": (300, 90), "alibi_slopes": "heads"}),
+    ("softcap+sinks", True, (128, 128), (True, False), 0.5, {"softcap": 4.0, "sinks": True}),
+]
+# (seqlen_q, seqlen_k): odd lengths, both orders, several blocks each way
+LENGTHS = [(389, 389), (300, 777), (777, 260)]
+
+
+def _mask(rng, shape, density):
+    """A random mask with at least one hidden block and one kept block per (batch, head)."""
+    mask = rng.random(shape) < density
+    mask[..., 0, -1] = False
+    mask[..., -1, 0] = True
+    return mask
+
+
+def _inputs(rng, case, dtype, seqlen_q, seqlen_k, head_dim=64, batch=2, heads=6, heads_kv=2):
+    _, causal, block_size, (per_batch, per_head), density, extra = case
+    q, k, v = gh.random_qkv(rng, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                            heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype)
+    do = gh.randn(rng, q.shape, dtype)
+    blocks = (-(-seqlen_q // block_size[0]), -(-seqlen_k // block_size[1]))
+    mask = _mask(rng, (batch if per_batch else 1, heads if per_head else 1, *blocks), density)
+    mods = {"window": extra.get("window"), "softcap": extra.get("softcap")}
+    if extra.get("alibi_slopes"):
+        mods["alibi_slopes"] = rng.uniform(0.01, 0.3, (heads,)).astype(np.float32)
+    if extra.get("sinks"):
+        mods["sinks"] = rng.normal(0.0, 2.0, (heads,)).astype(np.float32)
+    return q, k, v, do, causal, mask, block_size, mods
+
+
+def _module_specs():
+    from cuflash import config, launch, plan
+
+    facts, out = launch.device_facts(0), []
+    for _, kib, wgmma in FAMILIES:
+        f = facts.with_budget(kib * specs.KIB if kib else None)
+        cfg = config.Config(wgmma=wgmma)
+        for case in CASES:
+            extra = case[5]
+            flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
+                                   extra.get("alibi_slopes"), extra.get("sinks"), case[1],
+                                   block_sparse=True)
+            for dtype in ("float16", "bfloat16"):
+                for head_dim in (64, 128, 256):
+                    shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, case[1], flags)
+                    out += gh.shape_specs(shape, f, cfg)
+    return out
+
+
+PRECOMPILE_FAILURES: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_env():
+    yield from gh.gpu_module_env(_module_specs, PRECOMPILE_FAILURES)
+
+
+def test_module_specs_compile():
+    gh.assert_precompiled(PRECOMPILE_FAILURES)
+
+
+family = gh.family_fixture(FAMILIES)
+
+
+def _on_gpu(mods: dict) -> dict:
+    import cupy
+
+    return {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in mods.items()}
+
+
+def _check(family, case, dtype, seqlen_q, seqlen_k, head_dim):
+    import cupy
+
+    rng = gh.rng_for()
+    q, k, v, do, causal, mask, block_size, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                                          head_dim=head_dim)
+    label = f"{family} {case[0]} {gh.describe(q, k, dtype, causal, None)} bs={block_size}"
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gmask, gmods = cupy.asarray(mask), _on_gpu(mods)
+    sparse = dict(block_mask=mask, block_size=block_size)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, block_mask=gmask,
+                                         block_size=block_size, **gmods)
+    o_host = gh.to_host(o, dtype)
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods,
+                                                        **sparse)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods,
+                                     **sparse)
+    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype=dtype, label=label)
+    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
+    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods,
+                                                  **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **mods, **sparse)
+    scale = testing.magnitude(*refs[:3])
+    for deterministic in (False, True):
+        grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                           deterministic=deterministic, block_mask=gmask,
+                                           block_size=block_size, **gmods)
+        for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
+            host = gh.to_host(got) if name == "dsinks" else gh.to_host(got, dtype)
+            s = testing.magnitude(ref) if name == "dsinks" else scale
+            gh.assert_matches_reference(name, host, ref, naive, dtype=dtype, scale=s,
+                                        label=f"det={deterministic} {label}")
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seqlen_k):
+    _check(family, case, dtype, seqlen_q, seqlen_k, 64)
+
+
+@pytest.mark.parametrize("head_dim", [32, 128, 256])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[CASES[1][0], CASES[4][0]])
+def test_head_dims(family, case, head_dim):
+    _check(family, case, "bfloat16", 300, 555, head_dim)
+
+
+def test_a_full_mask_equals_dense():
+    """Every block kept: the same bits as the dense call (the kernels differ only by the
+    tile cursor, which then visits every tile in the same order)."""
+    import cupy
+
+    rng = gh.rng_for()
+    q, k, v = (gh.to_gpu(x) for x in gh.random_qkv(rng, batch=1, seqlen_q=700, seqlen_k=700,
+                                                   heads=4, heads_kv=4, head_dim=128,
+                                                   dtype="bfloat16"))
+    mask = cupy.ones((1, 1, 6, 6), dtype=bool)
+    dense, _ = cuflash.attention_forward(q, k, v, causal=True)
+    sparse, _ = cuflash.attention_forward(q, k, v, causal=True, block_mask=mask)
+    assert cupy.array_equal(dense.view(cupy.uint16), sparse.view(cupy.uint16))
+
+
+def test_block_size_that_splits_a_tile_is_refused():
+    import cupy
+
+    q = cupy.asarray(gh.randn(gh.rng_for(), (1, 256, 2, 64), "float16"))
+    mask = cupy.ones((1, 1, 8, 8), dtype=bool)
+    with pytest.raises(ValueError, match=r"^block_size: expected multiples of the kernel's tile"):
+        cuflash.attention_forward(q, q, q, block_mask=mask, block_size=(32, 32))
+
+
+def test_torch_tensors_and_a_float32_refusal():
+    torch = pytest.importorskip("torch")
+    rng = gh.rng_for()
+    q, k, v = (gh.to_gpu(x, "torch") for x in gh.random_qkv(
+        rng, batch=1, seqlen_q=300, seqlen_k=300, heads=2, heads_kv=2, head_dim=64,
+        dtype="float16"))
+    mask = torch.rand((1, 2, 3, 3), device="cuda") < 0.5
+    mask[..., -1, 0] = True
+    o, _ = cuflash.attention_forward(q, k, v, block_mask=mask)
+    assert isinstance(o, torch.Tensor) and o.shape == q.shape
+    o_ref, _, _ = reference.attention_reference(*(gh.to_host(x, "float16") for x in (q, k, v)),
+                                                block_mask=mask.cpu().numpy())
+    assert np.abs(gh.to_host(o, "float16") - o_ref).max() < 2e-2
+    with pytest.raises(ValueError, match=r"^block_mask: not supported by the fwd kernel for "
+                                         r"float32"):
+        cuflash.attention_forward(q.float(), k.float(), v.float(), block_mask=mask)
