@@ -136,8 +136,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const KVLoader load_v(v_head, stride_vn, head_dim, tid);
 
   // -- prologue: groups [Q + K(last)], [V(last)]
-  int j = kept.below(tiles.end);  // the key tile this iteration computes
+  // The key tile each iteration computes: last first (dense: spelled as before the block
+  // mask, without the loop-carried cursor)
+  int j_kept = kept.below(tiles.end);
   if (n_tiles > 0) {
+    const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
     const TileLoader<CF_BLOCK_M, kChunks, kThreads> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
@@ -153,7 +156,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
 
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
-    const int next = kept.below(j);  // the next key tile, loaded when >= tiles.begin
+    const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+    const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;  // loaded when >= tiles.begin
     const int stage = (CF_STAGES == 2) ? (it & 1) : 0;
     const cf_u32 k_cur = s_k_sa + stage * kTileK, v_cur = s_v_sa + stage * kTileK;
     const int next_row = next * CF_BLOCK_N;
@@ -192,7 +196,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
       if (next >= tiles.begin) load_v.load(s_v, next_row, next_valid);
       cp_async_commit();
     }
-    j = next;
+    j_kept = next;
   }
   cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
 

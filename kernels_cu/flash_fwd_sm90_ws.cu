@@ -157,9 +157,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       load_q.load(s_q, q0, seqlen_q - q0);
       mbar_arrive_cp_async(bars.q_full());
     }
-    int j = kept.below(tiles.end);
+    int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
 #pragma unroll 1
-    for (int it = 0; it < n_tiles; ++it, j = kept.below(j)) {
+    for (int it = 0; it < n_tiles; ++it) {
+      const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+      if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
       const int stage = it % CF_STAGES, round = it / CF_STAGES;
       if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
       const int row = j * CF_BLOCK_N;
@@ -210,14 +212,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     their_turn();
     wgmma_wait<0>();
     wgmma_fence_regs(s);
-    int j = kept.below(tiles.end);
-    tile.modify_and_mask(s, j, rows);
+    int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
+    tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
     softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
     sm90_pack_p<CF_BLOCK_N>(p16, s);
 
 #pragma unroll 1
     for (int it = 1; it < n_tiles; ++it) {
-      j = kept.below(j);
+      if (CF_BLOCK_SPARSE) j_kept = kept.below(j_kept);
+      const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
       const int stage = it % CF_STAGES;
       const int prev = (it - 1) % CF_STAGES;
       wait_for(bars.k_full(stage), (it / CF_STAGES) & 1);
