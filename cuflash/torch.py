@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from . import api, decode, validate
+from . import api, block_sparse, decode, validate
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
@@ -102,37 +102,43 @@ class _EagerFlashAttention(torch.autograd.Function):
 
 
 class _ModifiedFlashAttention(torch.autograd.Function):
-    """Calls with score modifiers (window, softcap, ALiBi, sinks; docs/masks.md), through the
-    API (on CUDA its fastpath: torch's allocator and current stream). The sinks get a
-    gradient; ALiBi slopes none (constants, as in FlashAttention)."""
+    """Calls with score modifiers (window, softcap, ALiBi, sinks; docs/masks.md) or a block
+    mask (docs/block_sparse.md), through the API (on CUDA its fastpath where it serves the
+    call: torch's allocator and current stream). The sinks get a gradient; ALiBi slopes and
+    the block mask none (constants, as in FlashAttention)."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, deterministic, window, softcap,
-                alibi_slopes, sinks):
+                alibi_slopes, sinks, block_mask, block_size):
         mods = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        sparse = {} if block_mask is None else dict(block_mask=block_mask,
+                                                    block_size=block_size)
         o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                         **mods)
-        ctx.save_for_backward(q, k, v, o, stats.m, stats.l, alibi_slopes, sinks)
+                                         **mods, **sparse)
+        ctx.save_for_backward(q, k, v, o, stats.m, stats.l, alibi_slopes, sinks, block_mask)
         ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
-        ctx.window, ctx.softcap = window, softcap
+        ctx.window, ctx.softcap, ctx.block_size = window, softcap, block_size
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, m, l, alibi_slopes, sinks = ctx.saved_tensors
+        q, k, v, o, m, l, alibi_slopes, sinks, block_mask = ctx.saved_tensors
+        sparse = {} if block_mask is None else dict(block_mask=block_mask,
+                                                    block_size=ctx.block_size)
         grads = api.attention_backward(
             _kernel_ready(do), q, k, v, o, SoftmaxStats(m, l), causal=ctx.causal,
             softmax_scale=ctx.softmax_scale, deterministic=ctx.deterministic,
-            window=ctx.window, softcap=ctx.softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+            window=ctx.window, softcap=ctx.softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+            **sparse)
         dsinks = grads[3] if sinks is not None else None
-        return (*grads[:3], None, None, None, None, None, None, dsinks)
+        return (*grads[:3], None, None, None, None, None, None, dsinks, None, None)
 
 
 @torch.compiler.disable  # the general API path is not traceable: a graph break
 def _modified_attention(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes,
-                        sinks):
+                        sinks, block_mask=None, block_size=None):
     return _ModifiedFlashAttention.apply(q, k, v, causal, scale, deterministic, window,
-                                         softcap, alibi_slopes, sinks)
+                                         softcap, alibi_slopes, sinks, block_mask, block_size)
 
 
 # -- the operators ----------------------------------------------------------------------------
@@ -233,7 +239,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     softmax_scale: float | None = None,
                     deterministic: bool | None = None, window=None, softcap=None,
                     alibi_slopes: torch.Tensor | None = None,
-                    sinks: torch.Tensor | None = None) -> torch.Tensor:
+                    sinks: torch.Tensor | None = None,
+                    block_mask: torch.Tensor | None = None,
+                    block_size=block_sparse.BLOCK_SIZE) -> torch.Tensor:
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v``, differentiable.
 
     Args:
@@ -253,6 +261,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             tensors on q's device. ``sinks`` gets a gradient (float32 (heads,)), the slopes
             none. With any of them the call takes the general API path (eagerly: under
             ``torch.compile`` it is a graph break).
+        block_mask, block_size: block-sparse attention (``cuflash.attention_forward``,
+            docs/block_sparse.md): a bool tensor on q's device, (batch | 1, heads | 1,
+            ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)); no gradient. The general
+            API path too.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device (from torch's
@@ -266,16 +278,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and q.is_cuda
             and k.is_cuda and v.is_cuda and q.get_device() == k.get_device() == v.get_device()
             and q.dim() == 4 and type(causal) is bool and window is None and softcap is None
-            and alibi_slopes is None and sinks is None and not torch.compiler.is_compiling()):
+            and alibi_slopes is None and sinks is None and block_mask is None
+            and not torch.compiler.is_compiling()):
         return _eager_cuda(q, k, v, causal, softmax_scale, deterministic)
     _check_tensors([(q, "q"), (k, "k"), (v, "v")])
     causal = validate.check_bool(causal, "causal")
     head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
     scale = validate.check_scale(softmax_scale, head_dim)
     deterministic = _resolve_deterministic(deterministic)
-    if not api._plain(window, softcap, alibi_slopes, sinks):
+    if not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None:
         return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
-                                   alibi_slopes, sinks)
+                                   alibi_slopes, sinks, block_mask, block_size)
     # all-meta tensors go to the op, whose fake implementation infers the shapes
     if not torch.compiler.is_compiling() and q.device.type != "meta":
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)

@@ -385,6 +385,7 @@ struct SimtQueryBlock {
   SimtRows k_rows, v_rows;
   MaskPolicy mask;
   KeyTiles tiles;
+  KeptKeyTiles<BN> kept;  // under a block mask, the kept ones of tiles
   int n_tiles, n_first;
   ScoreMods mods;
   __device__ __forceinline__ SimtQueryBlock(int heads, int heads_per_kv, int max_q, int max_k,
@@ -392,7 +393,7 @@ struct SimtQueryBlock {
                                             long long stride_kn, long long stride_kh,
                                             const float* v, long long stride_vb,
                                             long long stride_vn, long long stride_vh,
-                                            CF_MOD_PARAMS, CF_SEQ_PARAMS)
+                                            CF_MOD_PARAMS, CF_SEQ_PARAMS, const BlockMask& bm)
       : m0(query_tile_longest_first() * BM), h(blockIdx.y), b(blockIdx.z),
         hk(h / heads_per_kv),
         seq(b, heads, max_q, max_k, CF_SEQ_ARGS),
@@ -400,7 +401,8 @@ struct SimtQueryBlock {
         v_rows(simt_k_rows(v, seq, stride_vb, stride_vn, stride_vh, hk)),
         mask(seq.seqlen_q, seq.seqlen_k, window_left, window_right),
         tiles(key_tiles<BN>(mask, m0, min(m0 + BM, seq.seqlen_q) - 1)),
-        n_tiles(tiles.end - tiles.begin),
+        kept(bm, b, h, m0, tiles),
+        n_tiles(kept.count()),
         n_first(tiles.begin * BN),
         mods(CF_MOD_ARGS, b, h, seq.seqlen_q, seq.seqlen_k) {}
   // A varlen tile past its sequence (the grid covers the longest one): the block exits.

@@ -61,12 +61,14 @@ static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES,
 }  // namespace bwd_dq32
 
 extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd_dq32;
   // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
   const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
                                    stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
-                                   CF_MOD_ARGS, CF_SEQ_ARGS);
+                                   CF_MOD_ARGS, CF_SEQ_ARGS, CF_BSP_MASK);
+  const AscendingKeyTiles<BN> key_tile(blk.kept);  // iteration t's key tile
+  const int first0 = CF_BLOCK_SPARSE ? key_tile(0) * BN : blk.n_first;  // its keys
   if (blk.idle()) return;
   SimtBwdSmem<BM, BN, D> smem(CF_BWD_DQ_FP32_SMEM_BYTES);
   float *sQ = smem.q, *sdO = smem.dout, *sK = smem.k, *sV = smem.v;
@@ -102,15 +104,16 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
                             head_dim, tid);
   simt_load_rows<BM, D, NT>(sdO, simt_q_rows(dout, blk.seq, stride_dob, stride_dom, stride_doh, h),
                             m0, head_dim, tid);
-  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, blk.n_first, head_dim, tid);
+  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, first0, head_dim, tid);
   cp_async_commit();
-  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, blk.n_first, head_dim, tid);
+  if (blk.n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, first0, head_dim, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {V_t} (with Q, dO
   // when t = 0) and {K_t}; every commit below happens on every iteration (maybe empty).
   for (int t = 0; t < blk.n_tiles; ++t) {
-    const int n0 = blk.n_first + t * BN;
+    const int n0 = CF_BLOCK_SPARSE ? key_tile(t) * BN : blk.n_first + t * BN;
+    const int next0 = CF_BLOCK_SPARSE && t + 1 < blk.n_tiles ? key_tile(t + 1) * BN : n0 + BN;
     cp_async_wait<1>();  // V_t (and Q, dO) landed; K_t may still be in flight
     __syncthreads();
 
@@ -118,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
     float dp[Tile1::TM][Tile1::TN];
     simt_mm_nt_tile<Tile1, D>(dp, sdO, sV, r1, c1, head_dim);
     __syncthreads();  // every warp is done with sV
-    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n0 + BN, head_dim, tid);
+    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, next0, head_dim, tid);
     cp_async_commit();
 
     cp_async_wait<1>();  // K_t landed (V_{t+1} may still be in flight)
@@ -147,7 +150,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
                                                            TileQ::RL * LDS, sK + 4 * cq, LDH,
                                                            4 * TileQ::CL);
     __syncthreads();  // every warp is done with sK and sdS
-    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n0 + BN, head_dim, tid);
+    if (t + 1 < blk.n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, next0, head_dim, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();

@@ -109,7 +109,7 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 }  // namespace bwd32
 
 extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace bwd32;
   SimtBwdSmem<BM, BN, D> smem(CF_BWD_FP32_SMEM_BYTES);
   float *sQ = smem.q, *sdO = smem.dout, *sK = smem.k, *sV = smem.v;
@@ -130,10 +130,23 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const QueryTiles qt = query_tiles_of<BM, BN>(mask, n0);
   const int mt_begin = qt.first;
   const int tiles_per_head = max(0, qt.end - mt_begin);
-  const int n_iters = heads_per_kv * tiles_per_head;  // (g, query tile) pairs, g slowest
+  // (g, query tile) pairs, g slowest; under a block mask the kept ones, iteration it the
+  // it-th: a cursor keeps the two latest answers (the loop asks for it, then it + 1)
+  const KeptQueryTiles<BM> kept(CF_BSP_MASK, b, hk * heads_per_kv, n0, qt, heads_per_kv);
+  const int n_iters = CF_BLOCK_SPARSE ? kept.count() : heads_per_kv * tiles_per_head;
+  int last_it = -1, last_t = -1, prev_t = -1;
+  auto walk_index = [&](int it) {
+    if (!CF_BLOCK_SPARSE) return it;
+    if (it == last_it + 1) {
+      prev_t = last_t;
+      last_t = kept.above(last_t);
+      last_it = it;
+    }
+    return it == last_it ? last_t : prev_t;
+  };
   // query head and first query row of iteration it
-  auto head_of = [&](int it) { return hk * heads_per_kv + it / tiles_per_head; };
-  auto row_of = [&](int it) { return (mt_begin + it % tiles_per_head) * BM; };
+  auto head_of = [&](int it) { return hk * heads_per_kv + walk_index(it) / tiles_per_head; };
+  auto row_of = [&](int it) { return (mt_begin + walk_index(it) % tiles_per_head) * BM; };
   auto load_query_tile = [&](int it) {  // Q, dO of iteration it
     const int h = head_of(it), m0 = row_of(it);
     simt_load_rows<BM, D, NT>(sQ, simt_q_rows(q, seq, stride_qb, stride_qm, stride_qh, h), m0,

@@ -134,12 +134,12 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 
 extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_fwd(CF_FWD_PARAMS(__restrict__), CF_MOD_PARAMS, const float* sinks,
-              CF_SEQ_PARAMS) {
+              CF_SEQ_PARAMS CF_BSP_PARAMS) {
   using namespace fwd32;
   // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
   const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
                                    stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
-                                   CF_MOD_ARGS, CF_SEQ_ARGS);
+                                   CF_MOD_ARGS, CF_SEQ_ARGS, CF_BSP_MASK);
   if (blk.idle()) return;
   SimtSmem smem(CF_FWD_FP32_SMEM_BYTES);
   float* sQ = smem.take(BM * LDH);
@@ -148,6 +148,8 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
 
   const int m0 = blk.m0, h = blk.h, seqlen_q = blk.seq.seqlen_q;
   const int n_tiles = blk.n_tiles, n_first = blk.n_first;  // hidden key tiles are skipped
+  const AscendingKeyTiles<BN> key_tile(blk.kept);            // iteration t's key tile
+  const int first0 = CF_BLOCK_SPARSE ? key_tile(0) * BN : n_first;  // the first tile's keys
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
   const int col0 = TileS::col0(warp, lane);  // S column / acc chunk of j, q = 0 (step CL)
@@ -164,15 +166,16 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   // -- prologue: group {Q, K_0}, group {V_0}
   simt_load_rows<BM, D, NT>(sQ, simt_q_rows(q, blk.seq, stride_qb, stride_qm, stride_qh, h), m0,
                             head_dim, tid);
-  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n_first, head_dim, tid);
+  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sK, blk.k_rows, first0, head_dim, tid);
   cp_async_commit();
-  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n_first, head_dim, tid);
+  if (n_tiles > 0) simt_load_rows<BN, D, NT>(sV, blk.v_rows, first0, head_dim, tid);
   cp_async_commit();
 
   // Invariant at the top of iteration t: the two newest cp.async groups are {K_t} (with Q
   // when t = 0) and {V_t}; every commit below happens on every iteration (maybe empty).
   for (int t = 0; t < n_tiles; ++t) {
-    const int n0 = n_first + t * BN;
+    const int n0 = CF_BLOCK_SPARSE ? key_tile(t) * BN : n_first + t * BN;
+    const int next0 = CF_BLOCK_SPARSE && t + 1 < n_tiles ? key_tile(t + 1) * BN : n0 + BN;
     cp_async_wait<1>();  // K_t (and Q) landed; V_t may still be in flight
     __syncthreads();
 
@@ -180,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     float s[TM][TN];
     simt_mm_nt_tile<TileS, D>(s, sQ, sK, row0, col0, head_dim);
     __syncthreads();  // every warp is done with sK
-    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, n0 + BN, head_dim, tid);
+    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sK, blk.k_rows, next0, head_dim, tid);
     cp_async_commit();
 
     float alpha[TM];
@@ -194,7 +197,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     simt_mm_nn_merge<TM, TQ, BN, QP, true>(acc, alpha, sP + row0 * LDP, RL * LDP, sV + 4 * col0,
                                            LDH, 4 * CL);
     __syncthreads();  // every warp is done with sV and sP
-    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, n0 + BN, head_dim, tid);
+    if (t + 1 < n_tiles) simt_load_rows<BN, D, NT>(sV, blk.v_rows, next0, head_dim, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();

@@ -1,9 +1,9 @@
 """Block-sparse attention (docs/block_sparse.md) in the CUDA kernels against the float64
 reference with the mask expanded (``gpu`` tests).
 
-The 16-bit kernel families that take a block mask: the Hopper wgmma kernels (wgmma on; the
-warp-specialized ones at head_dim 64 / 128, the others at 256), the portable kernels
-(wgmma off, and at a 100 KiB budget, which picks smaller tiles), each backward in both
+Every kernel family: the Hopper wgmma kernels (wgmma on; the warp-specialized ones at
+head_dim 64 / 128, the others at 256), the portable 16-bit kernels (wgmma off, and at a
+100 KiB budget, which picks smaller tiles), the float32 SIMT kernels; each backward in both
 deterministic modes (deterministic runs the portable dK/dV kernel and the dQ pass). Random
 masks with rows and key blocks that see nothing, batch and head axes broadcast or not, GQA,
 causal, the score modifiers on top, odd lengths. Outputs are NaN-poisoned; the rule is
@@ -75,7 +75,7 @@ def _module_specs():
             flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
                                    extra.get("alibi_slopes"), extra.get("sinks"), case[1],
                                    block_sparse=True)
-            for dtype in ("float16", "bfloat16"):
+            for dtype in ("float16", "bfloat16", "float32"):
                 for head_dim in (64, 128, 256):
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, case[1], flags)
                     out += gh.shape_specs(shape, f, cfg)
@@ -141,9 +141,11 @@ def _check(family, case, dtype, seqlen_q, seqlen_k, head_dim):
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seqlen_k):
+    if dtype == "float32" and family != "own":
+        pytest.skip("float32 has one kernel family (the SIMT kernels)")
     _check(family, case, dtype, seqlen_q, seqlen_k, 64)
 
 
@@ -177,7 +179,7 @@ def test_block_size_that_splits_a_tile_is_refused():
         cuflash.attention_forward(q, q, q, block_mask=mask, block_size=(32, 32))
 
 
-def test_torch_tensors_and_a_float32_refusal():
+def test_torch_tensors_float16_and_float32():
     torch = pytest.importorskip("torch")
     rng = gh.rng_for()
     q, k, v = (gh.to_gpu(x, "torch") for x in gh.random_qkv(
@@ -190,6 +192,38 @@ def test_torch_tensors_and_a_float32_refusal():
     o_ref, _, _ = reference.attention_reference(*(gh.to_host(x, "float16") for x in (q, k, v)),
                                                 block_mask=mask.cpu().numpy())
     assert np.abs(gh.to_host(o, "float16") - o_ref).max() < 2e-2
-    with pytest.raises(ValueError, match=r"^block_mask: not supported by the fwd kernel for "
-                                         r"float32"):
-        cuflash.attention_forward(q.float(), k.float(), v.float(), block_mask=mask)
+    o32, _ = cuflash.attention_forward(q.float(), k.float(), v.float(), block_mask=mask)
+    assert np.abs(gh.to_host(o32) - o_ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_autograd(causal):
+    """cuflash.torch.flash_attention with a block mask: output and gradients of q, k, v
+    against the reference, through autograd (the general API path)."""
+    torch = pytest.importorskip("torch")
+    import cuflash.torch as ct
+
+    rng = gh.rng_for()
+    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=333, seqlen_k=300, heads=4, heads_kv=2,
+                            head_dim=64, dtype="bfloat16")
+    do = gh.randn(rng, q.shape, "bfloat16")
+    mask = _mask(rng, (2, 1, 3, 3), 0.5)
+    tq, tk, tv = (gh.to_gpu(x, "torch").requires_grad_() for x in (q, k, v))
+    o = ct.flash_attention(tq, tk, tv, causal=causal,
+                           block_mask=torch.from_numpy(mask).cuda())
+    o.backward(gh.to_gpu(do, "torch"))
+    sparse = dict(block_mask=mask, block_size=(128, 128))
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal, **sparse)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype("bfloat16"),
+                                     **sparse)
+    gh.assert_matches_reference("o", gh.to_host(o.detach(), "bfloat16"), o_ref, o_nv,
+                                dtype="bfloat16", label="torch")
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal,
+                                                  o=gh.to_host(o.detach(), "bfloat16"),
+                                                  **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype("bfloat16"), **sparse)
+    scale = testing.magnitude(*refs)
+    for name, t, ref, naive in zip(("dq", "dk", "dv"), (tq, tk, tv), refs, naives):
+        gh.assert_matches_reference(name, gh.to_host(t.grad, "bfloat16"), ref, naive,
+                                    dtype="bfloat16", scale=scale, label="torch")
