@@ -202,7 +202,7 @@ _SIGNATURES = {
     # + kv_splits, dk/dv_accum, dq_semaphore
     "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ippp" + MODS + SEQ,
     "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS + SEQ,
-    "bwd_pre": "pppppp" "iii" + "q" * 6 + "pp" + SEQ,
+    "bwd_pre": "pppppp" "iii" + "q" * 6 + "ppp" + SEQ,  # + dq_zero
     "convert": "pp" "iii" "qqq" "p",
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
@@ -447,31 +447,34 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     (keys past seqused_k are no block's)."""
     s = plan.shape
     ws = planning.backward_workspace(plan)
-    if ws.zeroed_bytes:
-        memset_async(workspace, ws.zeroed_bytes, stream)
+    # the preprocess zeroes the dQ accumulator (the region's start) as it reads those rows;
+    # the memset takes the rest (dK, dV accumulators, semaphores)
+    dq_zeroed = ws.dq_accum_bytes if ws.dq_accum is not None else 0
+    if ws.zeroed_bytes > dq_zeroed:
+        memset_async(workspace + dq_zeroed, ws.zeroed_bytes - dq_zeroed, stream)
     # bytes from one batch entry to the next in the statistics and accumulators (varlen: 0,
     # the kernels address packed rows through seq's offsets)
     stats_row = 0 if seq.varlen else 4 * s.heads * s.seqlen_q
     delta, lse2 = workspace + ws.delta, workspace + ws.lse2
+    dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
+    q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
+    if seq.varlen:
+        q_row = kv_row = 0
 
-    # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l)
+    # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l), dq_accum = 0
     for b0, z in _batch_slices(plan.pre, s.batch):
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
                 s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks,
-                *seq.kernel_args(b0))
+                dq_accum + b0 * q_row if dq_accum else 0, *seq.kernel_args(b0))
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
     main = plan.main
-    dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
     scalars = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim)
     scales = (softmax_scale * LOG2E, softmax_scale)
     signature = signature_of(main.spec)
     bsp_args = bsp.kernel_args if bsp else (lambda b0: ())
-    q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
-    if seq.varlen:
-        q_row = kv_row = 0
     for b0, z in _batch_slices(main, s.batch):
         st = b0 * stats_row
         args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,

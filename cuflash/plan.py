@@ -150,6 +150,7 @@ class Workspace:
     lse2: int
     zeroed_bytes: int  # the accumulators, set to 0 before the main kernel
     total_bytes: int
+    dq_accum_bytes: int = 0  # the dQ accumulator's share of them, from offset 0
 
 
 def semaphores_per_entry(shape: Shape, block_m: int) -> int:
@@ -168,8 +169,9 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
                                  shape.head_dim)
     offset = 0
     dq = dk = dv = semaphores = None
+    dq_bytes = _aligned(4 * rows_q * h * d) if dq_accum else 0
     if dq_accum:
-        dq, offset = offset, offset + _aligned(4 * rows_q * h * d)
+        dq, offset = offset, offset + dq_bytes
     if kv_accum:
         dk, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
         dv, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
@@ -179,7 +181,8 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
     zeroed = offset
     stats = _aligned(4 * h * rows_q)
     return Workspace(dq, dk, dv, semaphores, delta=zeroed, lse2=zeroed + stats,
-                     zeroed_bytes=zeroed, total_bytes=zeroed + 2 * stats)
+                     zeroed_bytes=zeroed, total_bytes=zeroed + 2 * stats,
+                     dq_accum_bytes=dq_bytes)
 
 
 def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:

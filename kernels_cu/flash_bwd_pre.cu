@@ -8,6 +8,9 @@
 //                                           or +inf when l == 0 (a row that sees no key), so
 //                                           the backward's P = exp2(score * scale_log2 - lse2)
 //                                           is 0 there.
+//                          dq_zero[b, i, h, :] = 0 when dq_zero is given: the dQ accumulator
+//                          (float32, contiguous, the true head_dim) starts at zero here, in
+//                          the pass that reads those rows anyway, instead of by a memset.
 //   (CF_SINKS = 1)         dsinks[h] -= sum_{b, i} exp2(sinks[h] * LOG2E - lse2[b, h, i]) *
 //                          delta[b, h, i]  (docs/masks.md: the sink's P times its dP - delta,
 //                          dP_sink = 0), one float atomic per warp; dsinks zeroed by the host.
@@ -103,7 +106,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
     const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
     int max_seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
     long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh,
-    const float* __restrict__ sinks, float* __restrict__ dsinks, CF_SEQ_PARAMS) {
+    const float* __restrict__ sinks, float* __restrict__ dsinks, float* __restrict__ dq_zero,
+    CF_SEQ_PARAMS) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;  // position inside the row's lane group
   const int slot = threadIdx.x / kLanesPerRow;
@@ -124,10 +128,15 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
     if (i < seqlen_q) {
       const elem_t* o_row = o_head + i * stride_om;
       const elem_t* do_row = do_head + i * stride_dom;
+      float* zero_row = dq_zero ? dq_zero + ((seq.row_q() + i) * heads + h) * head_dim : nullptr;
       for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
         float x[8], y[8];
         load8(x, o_row + c);
         load8(y, do_row + c);
+        if (zero_row) {
+          reinterpret_cast<float4*>(zero_row + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+          reinterpret_cast<float4*>(zero_row + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);
       }
