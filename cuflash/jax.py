@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, jax_decode, jax_modifiers, validate, xla_ffi
+from . import api, block_sparse, jax_decode, jax_modifiers, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 from .plan import Shape
@@ -293,42 +293,44 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # -- calls with score modifiers (docs/masks.md): their own targets, cuflash.jax_modifiers ---
 
 
-def _forward_mods(q, k, v, slopes, sinks, options: jax_modifiers.Options):
-    """(o, m, l) of a call with modifiers, for concrete or traced arrays."""
-    if _is_concrete(q, k, v, slopes, sinks):
-        o, stats = api.attention_forward(q, k, v, **_api_options(options, slopes, sinks))
+def _forward_mods(q, k, v, slopes, sinks, mask, options: jax_modifiers.Options):
+    """(o, m, l) of a call with modifiers (or a block mask), for concrete or traced arrays."""
+    if _is_concrete(q, k, v, slopes, sinks, mask):
+        o, stats = api.attention_forward(q, k, v, **_api_options(options, slopes, sinks, mask))
         return o, stats.m, stats.l
     jax_modifiers.register_targets()
     specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), _stats_spec(q), _stats_spec(q))
     call = jax.ffi.ffi_call(jax_modifiers.FORWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
-    return tuple(call(q, k, v, *_extra_operands(q, slopes, sinks), **options.attributes()))
+    return tuple(call(q, k, v, *_extra_operands(q, slopes, sinks, mask),
+                      **options.attributes()))
 
 
-def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, options: jax_modifiers.Options,
+def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, options: jax_modifiers.Options,
                    deterministic: bool):
     """(dq, dk, dv), and dsinks with sinks, for concrete or traced arrays."""
-    if _is_concrete(do, q, k, v, o, m, l, slopes, sinks):
+    if _is_concrete(do, q, k, v, o, m, l, slopes, sinks, mask):
         return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l),
                                       deterministic=deterministic,
-                                      **_api_options(options, slopes, sinks))
+                                      **_api_options(options, slopes, sinks, mask))
     jax_modifiers.register_targets()
     specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     specs += (_scratch_spec(q, k, deterministic),)
     if sinks is not None:
         specs += (jax.ShapeDtypeStruct(sinks.shape, jnp.float32),)
     call = jax.ffi.ffi_call(jax_modifiers.BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
-    grads = call(do, q, k, v, o, m, l, *_extra_operands(q, slopes, sinks),
+    grads = call(do, q, k, v, o, m, l, *_extra_operands(q, slopes, sinks, mask),
                  deterministic=bool(deterministic), **options.attributes())
     return tuple(grads[:3]) + tuple(grads[4:])  # grads[3]: the CUDA kernels' scratch
 
 
-def _api_options(options: jax_modifiers.Options, slopes, sinks) -> dict:
+def _api_options(options: jax_modifiers.Options, slopes, sinks, mask=None) -> dict:
+    sparse = {} if mask is None else dict(block_mask=mask, block_size=options.block_size)
     return dict(causal=options.causal, softmax_scale=options.softmax_scale,
                 window=options.window, softcap=options.softcap, alibi_slopes=slopes,
-                sinks=sinks)
+                sinks=sinks, **sparse)
 
 
-def _extra_operands(q, slopes, sinks) -> list:
+def _extra_operands(q, slopes, sinks, mask=None) -> list:
     """The targets' optional operands. Slopes go as (batch, heads), so that vmap's leading
     axes fold into the batch with q's (a (heads,) array would be tiled per vmapped entry,
     not per batch entry)."""
@@ -337,26 +339,28 @@ def _extra_operands(q, slopes, sinks) -> list:
         extra.append(jnp.broadcast_to(slopes, (q.shape[0], q.shape[2])))
     if sinks is not None:
         extra.append(sinks)
+    if mask is not None:
+        extra.append(mask)
     return extra
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash_mods(q, k, v, slopes, sinks, options, deterministic):
-    return _forward_mods(q, k, v, slopes, sinks, options)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic):
+    return _forward_mods(q, k, v, slopes, sinks, mask, options)[0]
 
 
-def _flash_mods_fwd(q, k, v, slopes, sinks, options, deterministic):
-    o, m, l = _forward_mods(q, k, v, slopes, sinks, options)
-    return o, (q, k, v, slopes, sinks, o, m, l)
+def _flash_mods_fwd(q, k, v, slopes, sinks, mask, options, deterministic):
+    o, m, l = _forward_mods(q, k, v, slopes, sinks, mask, options)
+    return o, (q, k, v, slopes, sinks, mask, o, m, l)
 
 
 def _flash_mods_bwd(options, deterministic, residuals, do):
-    q, k, v, slopes, sinks, o, m, l = residuals
-    grads = _backward_mods(do, q, k, v, o, m, l, slopes, sinks, options, deterministic)
-    # sinks get their gradient (float32 (heads,)); ALiBi slopes none (constants, as in
-    # FlashAttention): None is JAX's zero cotangent
+    q, k, v, slopes, sinks, mask, o, m, l = residuals
+    grads = _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, options, deterministic)
+    # sinks get their gradient (float32 (heads,)); ALiBi slopes and the block mask none
+    # (constants, as in FlashAttention): None is JAX's zero cotangent
     dsinks = grads[3] if sinks is not None else None
-    return (*grads[:3], None, dsinks)
+    return (*grads[:3], None, dsinks, None)
 
 
 _flash_mods.defvjp(_flash_mods_fwd, _flash_mods_bwd)
@@ -376,24 +380,31 @@ def _stand_in(x):
     return None if x is None else np.zeros(x.shape, np.dtype(x.dtype))
 
 
-def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks
+def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks,
+                     block_mask=None, block_size=block_sparse.BLOCK_SIZE
                      ) -> jax_modifiers.Options:
     """The core API's checks on shapes and dtypes, for concrete and traced arrays alike."""
-    for x, name in ((alibi_slopes, "alibi_slopes"), (sinks, "sinks")):
+    for x, name in ((alibi_slopes, "alibi_slopes"), (sinks, "sinks"),
+                    (block_mask, "block_mask")):
         _check_head_array(x, name)
     q0, k0, v0 = (_shape_only(x) for x in (q, k, v))
     problem = validate.check_forward(q0, k0, v0, causal=causal, softmax_scale=scale)
     mods = validate.check_modifiers(q0, problem, window=window, softcap=softcap,
                                     alibi_slopes=_stand_in(alibi_slopes),
                                     sinks=_stand_in(sinks))
+    size = block_sparse.check_block_size(block_size)
+    if block_mask is not None:
+        block_sparse.check_block_mask(_stand_in(block_mask), size, problem.batch,
+                                      problem.heads, problem.seqlen_q, problem.seqlen_k)
     return jax_modifiers.Options(causal=causal, softmax_scale=scale, window=mods.window,
                                  softcap=mods.softcap, alibi=alibi_slopes is not None,
-                                 sinks=sinks is not None)
+                                 sinks=sinks is not None, block_mask=block_mask is not None,
+                                 block_size=size)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
                     deterministic: bool = False, window=None, softcap=None, alibi_slopes=None,
-                    sinks=None):
+                    sinks=None, block_mask=None, block_size=block_sparse.BLOCK_SIZE):
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v`` with a custom VJP.
 
     Args:
@@ -413,6 +424,10 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
             (batch, heads) and ``sinks`` float32 (heads,) are arrays (JAX or NumPy).
             ``sinks`` gets a gradient, float32 (heads,); the slopes get none (a zero
             cotangent: constants, as in FlashAttention).
+        block_mask, block_size: block-sparse attention (``cuflash.attention_forward``,
+            docs/block_sparse.md): a bool array (JAX or NumPy) of shape (batch | 1,
+            heads | 1, ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)); ``block_size``
+            static. No gradient.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), q's dtype.
@@ -433,14 +448,17 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     deterministic = validate.check_bool(deterministic, "deterministic")
     scale = validate.check_scale(softmax_scale, q.shape[-1])
     window, softcap = validate.check_window(window), validate.check_softcap(softcap)
-    if window is None and softcap is None and alibi_slopes is None and sinks is None:
+    if (window is None and softcap is None and alibi_slopes is None and sinks is None
+            and block_mask is None):
         q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
         return _flash(q, k, v, causal, scale, deterministic)
-    options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks)
+    options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks,
+                               block_mask, block_size)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
     sinks = None if sinks is None else jnp.asarray(sinks)
-    return _flash_mods(q, k, v, slopes, sinks, options, deterministic)
+    mask = None if block_mask is None else jnp.asarray(block_mask)
+    return _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic)
 
 
 # -- decoding against a K/V cache (issue #16) ---------------------------------------------------

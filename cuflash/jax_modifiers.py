@@ -4,11 +4,12 @@ Plain calls keep their own targets (``cuflash_attention_fwd`` / ``_bwd`` in cufl
 untouched: same operands, attributes and memoized CUDA hot path. A call with a window,
 softcap, ALiBi slopes or sinks (docs/masks.md) goes to these two instead:
 
-* ``cuflash_attention_fwd_mods``: (q, k, v, [slopes], [sinks]) -> (o, m, l)
-* ``cuflash_attention_bwd_mods``: (do, q, k, v, o, m, l, [slopes], [sinks])
+* ``cuflash_attention_fwd_mods``: (q, k, v, [slopes], [sinks], [block_mask]) -> (o, m, l)
+* ``cuflash_attention_bwd_mods``: (do, q, k, v, o, m, l, [slopes], [sinks], [block_mask])
   -> (dq, dk, dv, scratch, [dsinks])
 
-The attributes ``alibi`` and ``sinks`` (bools) say which optional operands are present;
+The attributes ``alibi``, ``sinks`` and ``block_mask`` (bools) say which optional operands
+are present (a block mask, docs/block_sparse.md, with its ``block_m`` / ``block_n``);
 ``window_left`` / ``window_right`` (-1 -1: off) and ``softcap`` (0: off) are static, as
 ``causal`` and ``softmax_scale`` are. Slopes always arrive as (batch, heads): the caller
 broadcasts (heads,) ones, so vmap's leading axes fold into the batch like q's.
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import validate, xla_ffi
+from . import block_sparse, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 
@@ -46,6 +47,8 @@ class Options:
     softcap: float | None
     alibi: bool
     sinks: bool
+    block_mask: bool = False
+    block_size: tuple[int, int] = block_sparse.BLOCK_SIZE
 
     def attributes(self) -> dict:
         left, right = self.window or (-1, -1)
@@ -53,7 +56,8 @@ class Options:
         return {"causal": self.causal, "softmax_scale": np.float64(self.softmax_scale),
                 "window_left": np.int64(left), "window_right": np.int64(right),
                 "softcap": np.float64(self.softcap or 0.0), "alibi": self.alibi,
-                "sinks": self.sinks}
+                "sinks": self.sinks, "block_mask": self.block_mask,
+                "block_m": np.int64(self.block_size[0]), "block_n": np.int64(self.block_size[1])}
 
     @classmethod
     def of(cls, call: xla_ffi.Call) -> "Options":
@@ -62,11 +66,14 @@ class Options:
                    window=validate.check_window((int(a["window_left"]),
                                                  int(a["window_right"]))),
                    softcap=validate.check_softcap(float(a["softcap"])),
-                   alibi=bool(a["alibi"]), sinks=bool(a["sinks"]))
+                   alibi=bool(a["alibi"]), sinks=bool(a["sinks"]),
+                   block_mask=bool(a["block_mask"]),
+                   block_size=(int(a["block_m"]), int(a["block_n"])))
 
     def extra_ndims(self) -> list[int]:
-        """ndim of the optional operands, in order: slopes (batch, heads), sinks (heads,)."""
-        return [2] * self.alibi + [1] * self.sinks
+        """ndim of the optional operands, in order: slopes (batch, heads), sinks (heads,),
+        the block mask (batch | 1, heads | 1, query blocks, key blocks)."""
+        return [2] * self.alibi + [1] * self.sinks + [4] * self.block_mask
 
     def check(self, q, problem: validate.Problem, extra) -> validate.Modifiers:
         """``validate.check_modifiers`` on the optional operands (backend arrays)."""
@@ -75,6 +82,17 @@ class Options:
         sinks = extra.pop(0) if self.sinks else None
         return validate.check_modifiers(q, problem, window=self.window, softcap=self.softcap,
                                         alibi_slopes=slopes, sinks=sinks)
+
+    def sparse_kwargs(self, problem: validate.Problem, extra) -> dict:
+        """The block mask's keyword arguments (checked; the last optional operand)."""
+        if not self.block_mask:
+            return {}
+        mask = extra[-1]
+        # the shape and dtype checks on a stand-in (the array may be a CuPy view of XLA's)
+        block_sparse.check_block_mask(np.empty(mask.shape, mask.dtype), self.block_size,
+                                      problem.batch, problem.heads, problem.seqlen_q,
+                                      problem.seqlen_k)
+        return {"block_mask": mask, "block_size": self.block_size}
 
 
 def _calls(buffers, ndims, split: bool) -> list[list[xla_ffi.BufferView]]:
@@ -108,7 +126,8 @@ def _cpu_forward(views, options: Options) -> None:
                                      softmax_scale=options.softmax_scale)
     mods = options.check(q, problem, extra)
     results = flash_forward_cpu(q, k, v, causal=problem.causal,
-                                softmax_scale=problem.softmax_scale, **mods.cpu_kwargs())
+                                softmax_scale=problem.softmax_scale, **mods.cpu_kwargs(),
+                                **options.sparse_kwargs(problem, extra))
     for out, value in zip(outs, results):  # the NumPy path allocates its outputs
         np.copyto(out, value)
 
@@ -123,7 +142,7 @@ def _cuda_forward(call: xla_ffi.Call, views, options: Options) -> None:
         # writes into XLA's buffers on XLA's stream (CuPy's current one here)
         launch_mod.flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
                                      softmax_scale=problem.softmax_scale, out=tuple(outs),
-                                     **mods.cpu_kwargs())
+                                     **mods.cpu_kwargs(), **options.sparse_kwargs(problem, extra))
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -136,7 +155,7 @@ def backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     ndims = ([4] * 5 + [3, 3] + options.extra_ndims() + [4, 4, 4, 1]
              + [1] * options.sinks)
     for views in _calls(call.args + call.rets, ndims, split=options.sinks):
-        n_in = 7 + options.alibi + options.sinks
+        n_in = 7 + options.alibi + options.sinks + options.block_mask
         inputs, outputs = views[:n_in], views[n_in:]
         if on_cuda:
             _cuda_backward(call, inputs, outputs, options, deterministic)
@@ -153,7 +172,8 @@ def _cpu_backward(inputs, outputs, options: Options) -> None:
                                       softmax_scale=options.softmax_scale)
     mods = options.check(q, problem, extra)
     grads = flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
-                               softmax_scale=problem.softmax_scale, **mods.cpu_kwargs())
+                               softmax_scale=problem.softmax_scale, **mods.cpu_kwargs(),
+                               **options.sparse_kwargs(problem, extra))
     results = [b.as_numpy() for b in outputs[:3] + outputs[4:]]  # outputs[3]: CUDA scratch
     for out, value in zip(results, grads, strict=True):
         np.copyto(out, value)
@@ -169,14 +189,22 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         problem = validate.check_backward(do, q, k, v, o, m, l, causal=options.causal,
                                           softmax_scale=options.softmax_scale)
         mods = options.check(q, problem, extra)
+        sparse = options.sparse_kwargs(problem, extra)
         dq, dk, dv = (launch_mod.poison(b.as_cupy(device_id), problem.dtype)  # tests' NaN
                       for b in outputs[:3])
         dsinks = outputs[4].as_cupy(device_id) if options.sinks else None
         shape = launch_mod.shape_of(q, k, problem.dtype, problem.causal, planning.mod_flags(
-            mods.window, mods.softcap, mods.alibi_slopes, mods.sinks, problem.causal))
-        plan = None
+            mods.window, mods.softcap, mods.alibi_slopes, mods.sinks, problem.causal,
+            options.block_mask))
+        plan = bsp = None
         if not shape.empty:  # the selector's ValueError before anything is written
             plan = launch_mod.backward_plan(shape, device_id, deterministic)
+            if sparse:
+                import cupy
+
+                bsp = launch_mod.block_mask_args(
+                    cupy.ascontiguousarray(sparse["block_mask"]), options.block_size)
+                bsp.check_tiles(plan.main.spec, plan.dq.spec if plan.dq is not None else None)
         if dsinks is not None:  # the preprocess adds each block's share with atomics
             dsinks.fill(0)
         if shape.empty:  # with sinks: rows that see no key have o = 0, so dsinks is 0
@@ -198,7 +226,7 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         operands = [launch_mod.cupy_operand(x) for x in (do, q, k, v, o, dq, dk, dv)]
         launch_mod.run_backward(plan, *operands[:5], m.data.ptr, l.data.ptr, *operands[5:],
                                 problem.softmax_scale, scratch.data, call.stream(), device_id,
-                                args)
+                                args, bsp=bsp)
 
 
 def register_targets() -> None:

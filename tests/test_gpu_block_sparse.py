@@ -227,3 +227,41 @@ def test_torch_autograd(causal):
     for name, t, ref, naive in zip(("dq", "dk", "dv"), (tq, tk, tv), refs, naives):
         gh.assert_matches_reference(name, gh.to_host(t.grad, "bfloat16"), ref, naive,
                                     dtype="bfloat16", scale=scale, label="torch")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_jax_grad(jit):
+    """cuflash.jax.flash_attention with a block mask, eagerly and under jax.jit: the output
+    and the gradients of q, k, v against the reference."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import cuflash.jax as cj
+
+    rng = gh.rng_for()
+    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2,
+                            head_dim=64, dtype="bfloat16")
+    do = gh.randn(rng, q.shape, "bfloat16")
+    mask = _mask(rng, (1, 4, 3, 3), 0.5)
+    jq, jk, jv, jdo = (gh.to_gpu(x, "jax") for x in (q, k, v, do))
+    jmask = jax.device_put(mask, gh.jax_gpu_device())
+
+    def loss(q_, k_, v_):
+        o_ = cj.flash_attention(q_, k_, v_, causal=True, block_mask=jmask)
+        return jnp.sum(o_.astype(jnp.float32) * jdo.astype(jnp.float32)), o_
+
+    step = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+    (_, o), grads = (jax.jit(step) if jit else step)(jq, jk, jv)
+    sparse = dict(block_mask=mask, block_size=(128, 128))
+    o_host = gh.to_host(o, "bfloat16")
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=True, **sparse)
+    o_nv = reference.attention_naive(q, k, v, causal=True, dtype=gh.np_dtype("bfloat16"),
+                                     **sparse)
+    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype="bfloat16", label="jax")
+    refs = reference.attention_backward_reference(do, q, k, v, causal=True, o=o_host, **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=True,
+                                                dtype=gh.np_dtype("bfloat16"), **sparse)
+    scale = testing.magnitude(*refs)
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        gh.assert_matches_reference(name, gh.to_host(got, "bfloat16"), ref, naive,
+                                    dtype="bfloat16", scale=scale, label=f"jax jit={jit}")

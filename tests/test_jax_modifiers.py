@@ -220,3 +220,38 @@ def test_non_finite_sinks():
     with pytest.raises(Exception, match="sinks: expected finite values"):
         jax.block_until_ready(jax.jit(lambda q, s: cj.flash_attention(q, q, q, sinks=s))(
             q, sink))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("causal, sinks", [(False, False), (True, True)])
+def test_block_mask_values_and_gradients(causal, sinks, jit):
+    """A block mask (docs/block_sparse.md; no gradient), alone and with sinks, eagerly and
+    through the FFI target, against the reference with the mask expanded."""
+    dtype = DTYPES["float32"]
+    q, k, v, do, _, sink = _inputs((2, 37, 45, 4, 2, 16), dtype, None, sinks, seed=11)
+    rng = np.random.default_rng(12)
+    mask = rng.random((2, 1, 3, 3)) < 0.5
+    mask[..., 0] = True
+    size = (16, 16)
+
+    def forward_and_vjp(q, k, v, do, mask, *s):
+        o, vjp = jax.vjp(lambda q, k, v, *s: cj.flash_attention(
+            q, k, v, causal=causal, block_mask=mask, block_size=size,
+            sinks=s[0] if s else None), q, k, v, *s)
+        return (o, *vjp(do))
+
+    fn = jax.jit(forward_and_vjp) if jit else forward_and_vjp
+    args = [jnp.asarray(x) for x in (q, k, v, do, mask)] + ([jnp.asarray(sink)] if sinks else [])
+    got = [np.asarray(x) for x in fn(*args)]
+    sparse = dict(block_mask=mask, block_size=size, sinks=sink)
+    o_ref = reference.attention_reference(q, k, v, causal=causal, **sparse)[0]
+    o_naive = reference.attention_naive(q, k, v, causal=causal, dtype=dtype, **sparse)
+    assert testing.judge("o", got[0], o_ref, o_naive, dtype="float32").ok
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=got[0],
+                                                  **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal, dtype=dtype,
+                                                **sparse)
+    scale = testing.magnitude(*refs[:3])
+    for name, g, ref, naive in zip(("dq", "dk", "dv"), got[1:4], refs, naives):
+        report = testing.judge(name, g, ref, naive, dtype="float32", scale=scale)
+        assert report.ok, str(report)
