@@ -11,7 +11,7 @@ seqlen_q 150, seqlen_k 300, 2 query heads sharing 1 kv head. Then bfloat16 with 
 bucket - 8 (the padded columns), and one causal case (200 queries over 130 keys: the first
 70 rows see no key). Then the paths the dense cases do not reach: every score modifier at
 once (window, softcap, ALiBi per batch entry, sinks with their gradient), packed variable
-lengths (three causal sequences), and decode (a paged cache with an append, GQA, three
+lengths (three causal sequences), a block mask (every loop skips a tile), and decode (a paged cache with an append, GQA, three
 splits and the combine; then 16 query heads per kv head, the tensor-core split). Run it once
 more with CUFLASH_DISABLE_WGMMA=1 for the portable 16-bit kernels on a Hopper GPU.
 Each case prints one line: the specs it ran, the largest error against
@@ -68,6 +68,9 @@ def parse_args(argv=None):
                         "outside the sanitizer first (it would otherwise compile one by one)")
     p.add_argument("--no-poison", action="store_true",
                    help="do not NaN-fill outputs first (for --tool initcheck)")
+    p.add_argument("--kinds", default=None,
+                   help="comma-separated case kinds to run (dense, modifiers, varlen, sparse, "
+                        "decode; default: all)")
     p.add_argument("--smem-kib", type=int, default=None,
                    help="plan tiles for this shared-memory budget in KiB (default: the device's)")
     return p.parse_args(argv)
@@ -84,7 +87,12 @@ def cases(args):
     extra_dims = (64, 128) if args.quick else (64, 128, 256)
     out += [("modifiers", dtype, d, False) for d in extra_dims for dtype in dtypes]
     out += [("varlen", dtype, 128, True) for dtype in dtypes]
+    out += [("sparse", dtype, d, False) for d in extra_dims for dtype in dtypes]
+    out.append(("sparse", "bfloat16", 128, True))
     out += [("decode", dtype, 128, True) for dtype in dtypes]
+    if args.kinds:
+        kinds = {x.strip() for x in args.kinds.split(",")}
+        out = [case for case in out if case[0] in kinds]
     return out
 
 
@@ -93,7 +101,7 @@ def seqlens(causal: bool) -> tuple[int, int]:
 
 
 def case_plans(q, k, dtype: str, causal: bool, mods: dict | None = None,
-               varlen: bool = False) -> list:
+               varlen: bool = False, sparse: bool = False) -> list:
     """The forward plan and both backward plans of a case, as the library makes them."""
     from dataclasses import replace
 
@@ -101,7 +109,7 @@ def case_plans(q, k, dtype: str, causal: bool, mods: dict | None = None,
 
     mods = mods or {}
     flags = plan.mod_flags(mods.get("window"), mods.get("softcap"), mods.get("alibi_slopes"),
-                           mods.get("sinks"), causal)
+                           mods.get("sinks"), causal, sparse)
     if varlen:  # packed (total, heads, head_dim): the planner needs only the flag and head_dim
         flags = replace(flags, varlen=True)
         q, k = q[None], k[None]
@@ -111,10 +119,10 @@ def case_plans(q, k, dtype: str, causal: bool, mods: dict | None = None,
 
 
 def plan_labels(q, k, dtype: str, causal: bool, mods: dict | None = None,
-                varlen: bool = False) -> str:
+                varlen: bool = False, sparse: bool = False) -> str:
     """The kernels the case ran, from the plans the library ran them by (cuflash.plan)."""
     labels = []
-    for p in case_plans(q, k, dtype, causal, mods, varlen):
+    for p in case_plans(q, k, dtype, causal, mods, varlen, sparse):
         labels += [x for x in p.labels if x not in labels]
     return " ".join(labels)
 
@@ -135,7 +143,7 @@ def warm(args) -> int:
         mods = modifier_args(gh.rng_for()) if kind == "modifiers" else None
         if kind == "varlen":
             q, k = q[0], k[0]
-        for p in case_plans(q, k, dtype, causal, mods, kind == "varlen"):
+        for p in case_plans(q, k, dtype, causal, mods, kind == "varlen", kind == "sparse"):
             for x in (getattr(p, f, None) for f in ("kernel", "pre", "main", "dq", "dq_convert",
                                                      "kv_convert")):
                 if x is not None:
@@ -245,6 +253,48 @@ def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
                     plan_labels(q, k, dtype, causal, mods))
 
 
+# A block mask of 128 x 128 blocks over the dense shape (150 x 300, or causal 200 x 130):
+# per head, hidden blocks in every block row and column, so every loop skips a tile.
+SPARSE_BLOCKS = np.array([[[[1, 0, 1], [0, 1, 1]], [[0, 1, 1], [1, 0, 1]]]], dtype=bool)
+
+
+def run_sparse(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
+    """A block mask (docs/block_sparse.md): forward, both backwards."""
+    import cupy
+
+    import cuflash
+
+    rng = gh.rng_for()
+    sq, sk = seqlens(causal)
+    q, k, v = gh.random_qkv(rng, batch=SHAPE["batch"], seqlen_q=sq, seqlen_k=sk,
+                            heads=SHAPE["heads"], heads_kv=SHAPE["heads_kv"],
+                            head_dim=head_dim, dtype=dtype)
+    do = gh.randn(rng, q.shape, dtype)
+    mask = SPARSE_BLOCKS[:, :SHAPE["heads"], :-(-sq // 128), :-(-sk // 128)]
+    sparse = dict(block_mask=mask, block_size=(128, 128))
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gsparse = dict(block_mask=cupy.asarray(mask), block_size=(128, 128))
+    start = time.perf_counter()
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gsparse)
+    grads = {det: cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                             deterministic=det, **gsparse)
+             for det in (False, True)}
+    cupy.cuda.Device().synchronize()
+    seconds = time.perf_counter() - start
+    o_host = gh.to_host(o, dtype)
+    reports = [testing.judge("o", o_host, reference.attention_reference(
+        q, k, v, causal=causal, **sparse)[0], reference.attention_naive(
+        q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **sparse), dtype=dtype)]
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host,
+                                                  **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **sparse)
+    for det, got in grads.items():
+        _judge_grads(reports, "det" if det else "atomic", dtype, got, refs, naives)
+    return _summary("sparse", dtype, head_dim, causal, seconds, reports,
+                    plan_labels(q, k, dtype, causal, sparse=True))
+
+
 VARLEN_Q, VARLEN_K = (37, 150, 64), (64, 300, 64)  # packed sequences (causal: bottom-right)
 
 
@@ -330,7 +380,7 @@ def run_decode(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
 
 
 RUNNERS = {"dense": run_dense, "modifiers": run_modifiers, "varlen": run_varlen,
-           "decode": run_decode}
+           "sparse": run_sparse, "decode": run_decode}
 
 
 def main(argv=None) -> int:
