@@ -11,8 +11,9 @@ seqlen_q 150, seqlen_k 300, 2 query heads sharing 1 kv head. Then bfloat16 with 
 bucket - 8 (the padded columns), and one causal case (200 queries over 130 keys: the first
 70 rows see no key). Then the paths the dense cases do not reach: every score modifier at
 once (window, softcap, ALiBi per batch entry, sinks with their gradient), packed variable
-lengths (three causal sequences), a block mask (every loop skips a tile), and decode (a paged cache with an append, GQA, three
-splits and the combine; then 16 query heads per kv head, the tensor-core split). Run it once
+lengths (three causal sequences), a block mask (every loop skips a tile), and decode (a
+paged cache with an append, GQA, three splits and the combine; then 16 query heads per kv
+head, the tensor-core split). Run it once
 more with CUFLASH_DISABLE_WGMMA=1 for the portable 16-bit kernels on a Hopper GPU.
 Each case prints one line: the specs it ran, the largest error against
 the float64 reference relative to its bound (the package's rule, cuflash.testing),
