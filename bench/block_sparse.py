@@ -1,11 +1,13 @@
 """Block-sparse attention against dense on the GPU (issue #15): forward and backward time of
 the same call with a random block mask of a given density, CUDA-event medians after warm-up.
 
-    python bench/block_sparse.py [--seqlen 16384] [--density 0.1] [--json out.json]
+    python bench/block_sparse.py [--seqlen 16384] [--density 0.1] [--flex] [--json out.json]
 
 Dense FLOPs are 4 B H S^2 D (x2.5 backward); the sparse call's "dense-equivalent" speed-up is
 dense time / sparse time, next to the kept fraction of blocks (the ideal speed-up is about
-1 / kept).
+1 / kept). ``--flex``: the same mask through torch's FlexAttention (``flex_attention``
+compiled, a ``BlockMask`` of the same 128 x 128 blocks), in the same process, forward and
+forward+backward on torch tensors beside cuflash.torch's.
 """
 
 from __future__ import annotations
@@ -33,7 +35,66 @@ def _median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     return float(np.median(times))
 
 
-def run(batch, heads, seqlen, head_dim, density, causal, dtype, block) -> dict:
+def _torch_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return float(np.median(times))
+
+
+def _flex(q, k, v, do, mask, causal, block) -> dict:
+    """FlexAttention and cuflash.torch on the same torch tensors and block mask: forward,
+    and forward + backward (ms)."""
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import cuflash.torch as ct
+
+    tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2).contiguous().transpose(1, 2)
+                       for x in (q, k, v, do))  # (b, s, h, d), torch's own copies
+    tmask = torch.from_dlpack(mask)
+
+    def keep(b, h, q_idx, kv_idx):
+        seen = tmask[b, h, q_idx // block, kv_idx // block]
+        return seen & (kv_idx <= q_idx) if causal else seen
+
+    b, s, h, _ = tq.shape
+    bm = create_block_mask(keep, b, h, s, s, device="cuda", BLOCK_SIZE=block)
+    flex = torch.compile(flex_attention)
+
+    def flex_fwd(req=False):  # flex takes (b, h, s, d)
+        qq, kk, vv = (x.detach().transpose(1, 2).requires_grad_(req) for x in (tq, tk, tv))
+        return flex(qq, kk, vv, block_mask=bm), (qq, kk, vv)
+
+    def flex_step():
+        o, ins = flex_fwd(True)
+        o.backward(tdo.transpose(1, 2))
+
+    def ours_fwd(req=False):
+        qq, kk, vv = (x.detach().requires_grad_(req) for x in (tq, tk, tv))
+        return ct.flash_attention(qq, kk, vv, causal=causal, block_mask=tmask,
+                                  block_size=(block, block))
+
+    def ours_step():
+        ours_fwd(True).backward(tdo)
+
+    with torch.no_grad():
+        f_fwd, c_fwd = _torch_ms(lambda: flex_fwd()), _torch_ms(lambda: ours_fwd())
+    return {"flex_fwd_ms": f_fwd, "cuflash_torch_fwd_ms": c_fwd,
+            "flex_fwdbwd_ms": _torch_ms(flex_step), "cuflash_torch_fwdbwd_ms":
+            _torch_ms(ours_step)}
+
+
+def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False) -> dict:
     import cupy
 
     import cuflash
@@ -56,6 +117,8 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block) -> dict:
         out[f"{name}_bwd_ms"] = _median_ms(
             lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                                block_mask=bm))
+    if flex:
+        out.update(_flex(q, k, v, do, mask, causal, block))
     flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
     out["dense_fwd_tflops"] = flops / out["dense_fwd_ms"] / 1e9
     out["dense_bwd_tflops"] = 2.5 * flops / out["dense_bwd_ms"] / 1e9
@@ -72,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--block", type=int, default=128)
+    p.add_argument("--flex", action="store_true", help="FlexAttention beside (torch)")
+    p.add_argument("--causal", default="0,1", help="comma-separated 0 / 1")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import cupy
@@ -80,10 +145,15 @@ def main(argv=None) -> int:
 
     rows = []
     for d in (int(x) for x in args.head_dims.split(",")):
-        for causal in (False, True):
+        for causal in (bool(int(c)) for c in args.causal.split(",")):
             r = run(args.batch, args.heads, args.seqlen, d, args.density, causal,
-                    ml_dtypes.bfloat16, args.block)
+                    ml_dtypes.bfloat16, args.block, args.flex)
             rows.append(r)
+            if args.flex:
+                print(f"d{d} {'causal' if causal else 'full  '} FlexAttention / cuflash.torch: "
+                      f"fwd {r['flex_fwd_ms']:.3f} / {r['cuflash_torch_fwd_ms']:.3f} ms, "
+                      f"fwd+bwd {r['flex_fwdbwd_ms']:.3f} / {r['cuflash_torch_fwdbwd_ms']:.3f}"
+                      f" ms", flush=True)
             print(f"d{d} {'causal' if causal else 'full  '} kept {r['kept']:.3f}: "
                   f"fwd {r['dense_fwd_ms']:.3f} -> {r['sparse_fwd_ms']:.3f} ms "
                   f"({r['speedup_fwd']:.2f}x; dense {r['dense_fwd_tflops']:.0f} TFLOP/s), "
