@@ -186,14 +186,15 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         (with sinks, the sink is one more logit in each row's m and l).
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
-    plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
-    plain = _plain(window, softcap, alibi_slopes, sinks)
-    fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks)), causal, softmax_scale)
-            if plain_extra else None)
+    # the fast path takes a block mask (as one more modifier), not dropout
+    no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
+    plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
+    fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks, block_mask)), causal,
+                          softmax_scale) if no_dropout else None)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         done = (fastpath.forward(fast, q, k, v, causal, softmax_scale) if plain else
                 fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
-                                          alibi_slopes, sinks))
+                                          alibi_slopes, sinks, block_mask, block_size))
         if done is not None:  # None: a layout the general path serves
             o, m, l = done[:3]
             scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
@@ -250,10 +251,10 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
         raise TypeError(f"stats: expected the SoftmaxStats returned by attention_forward, "
                         f"got {type(stats).__name__}")
     deterministic = validate.check_bool(deterministic, "deterministic")
-    plain_extra = dropout_sparse_checks.is_off(dropout_p, block_mask)
-    plain = _plain(window, softcap, alibi_slopes, sinks)
-    arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks))
-    fast = _fast_backend(arrays, causal, softmax_scale) if plain_extra else None
+    no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
+    plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
+    arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks, block_mask))
+    fast = _fast_backend(arrays, causal, softmax_scale) if no_dropout else None
     if fast is not None:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
         if plain:
@@ -266,7 +267,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
                                     given)
         grads = fastpath.backward_modified(fast, do, q, k, v, o, stats.m, stats.l, causal,
                                            softmax_scale, deterministic, window, softcap,
-                                           alibi_slopes, sinks)
+                                           alibi_slopes, sinks, block_mask, block_size)
         if grads is not None:
             return grads
     names = ("do", "q", "k", "v", "o")

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import launch, validate
+from . import block_sparse, launch, validate
 from . import plan as planning
 from .plan import Shape, backward_workspace
 from .replay import Replay, addresses
@@ -194,26 +194,35 @@ def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
     return launch.forward_tail(shape, strides, problem.softmax_scale)
 
 
-def _record_forward(backend: Backend, q, k, v, shape, problem, mods=None) -> Replay:
-    """The forward's launches on stand-ins for (q, k, v, o, m, l[, alibi, sinks])."""
+def _record_forward(backend: Backend, q, k, v, shape, problem, mods=None,
+                    sparse=None) -> Replay:
+    """The forward's launches on stand-ins for (q, k, v, o, m, l[, alibi, sinks[, block
+    mask]]); ``sparse``: ``bsp(mask_at)``, the block mask's arguments at a stand-in."""
     index = backend.device_index(q)
     tail = _forward_tail(backend, q, k, v, shape, problem)
     with backend.on_device(index):
         plan = launch.forward_plan(shape, index)  # the selector's ValueError comes first
-        stand_in = addresses(8)
+        stand_in = addresses(9)
         args = (launch.PLAIN,) if mods is None else (mods(stand_in[6], stand_in[7]),)
+        bsp = None if sparse is None else sparse(stand_in[8])
+        if bsp is not None:
+            bsp.check_tiles(plan.kernel.spec)
         return Replay.record(lambda stream: launch.launch_forward(
-            plan, stand_in[:6], tail, backend.operand(q).itemsize, stream, index, *args))
+            plan, stand_in[:6], tail, backend.operand(q).itemsize, stream, index, *args,
+            bsp=bsp))
 
 
 def _record_backward(backend: Backend, do, q, k, v, o, shape, problem, deterministic,
-                     mods=None) -> tuple[Replay, int]:
+                     mods=None, sparse=None) -> tuple[Replay, int]:
     """The backward's launches on stand-ins for (do, q, k, v, o, m, l, dq, dk, dv, workspace
-    [, alibi, sinks, dsinks]), and the workspace's size in bytes."""
+    [, alibi, sinks, dsinks[, block mask]]), and the workspace's size in bytes."""
     index = backend.device_index(q)
     with backend.on_device(index):
         plan = launch.backward_plan(shape, index, deterministic)
-    at = addresses(14)
+    at = addresses(15)
+    bsp = None if sparse is None else sparse(at[14])
+    if bsp is not None:
+        bsp.check_tiles(plan.main.spec, plan.dq.spec if plan.dq is not None else None)
     operands = [launch.Operand(at[i], *backend.operand(x)[1:]) for i, x in
                 enumerate((do, q, k, v, o))]
     operands += [launch.Operand(at[7 + i], *_contiguous_strides(x), backend.operand(x).itemsize)
@@ -221,7 +230,7 @@ def _record_backward(backend: Backend, do, q, k, v, o, shape, problem, determini
     args = (launch.PLAIN,) if mods is None else (mods(at[11], at[12], at[13]),)
     replay = Replay.record(lambda stream: launch.run_backward(
         plan, *operands[:5], at[5], at[6], *operands[5:], problem.softmax_scale, at[10],
-        stream, index, *args))
+        stream, index, *args, bsp=bsp))
     return replay, backward_workspace(plan).total_bytes
 
 
@@ -359,10 +368,12 @@ def _contiguous(x) -> bool:
 
 def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
                    alibi_slopes, sinks, direction: str, extra=(),
-                   deterministic: bool = False) -> tuple | None:
+                   deterministic: bool = False, block_mask=None,
+                   block_size=block_sparse.BLOCK_SIZE) -> tuple | None:
     key = (direction, causal, softmax_scale, deterministic,
            typed(window), typed(softcap),
            _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
+           _mod_layout(backend, block_mask), typed(block_size),
            *map(backend.layout, (q, k, v, *extra)), planning.configuration())
     known = _modified_calls.get(key)
     if known is not None and _aligned(backend, q, k, v, *extra[:2]):
@@ -374,24 +385,54 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
                                           softmax_scale=softmax_scale)
     mods = validate.check_modifiers(q, problem, window=window, softcap=softcap,
                                     alibi_slopes=alibi_slopes, sinks=sinks)
-    if any(x is not None and not _contiguous(x) for x in (alibi_slopes, sinks)):
+    sparse = None
+    if block_mask is not None:
+        size = block_sparse.check_block_size(block_size)
+        # the shape and dtype checks, on a stand-in of the mask's shape and dtype
+        block_sparse.check_block_mask(np.empty(tuple(block_mask.shape), _np_dtype(block_mask)),
+                                      size, problem.batch, problem.heads, problem.seqlen_q,
+                                      problem.seqlen_k)
+        batch, heads, _, n_k = block_mask.shape
+        stride_b, stride_h = (int(s) for s in _byte_strides(block_mask)[:2])
+
+        def sparse(mask_at):
+            return launch.BlockMaskArgs(mask_at, 0 if batch == 1 else stride_b,
+                                        0 if heads == 1 else stride_h, n_k, *size)
+    if any(x is not None and not _contiguous(x) for x in (alibi_slopes, sinks, block_mask)):
         return None
-    flags = planning.mod_flags(mods.window, mods.softcap, alibi_slopes, sinks, problem.causal)
+    flags = planning.mod_flags(mods.window, mods.softcap, alibi_slopes, sinks, problem.causal,
+                               block_mask is not None)
     shape = Shape.of(problem, flags)
     if shape.empty:
         return None
     mod_args = _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks)
     if direction == "forward":
-        replay, workspace = _record_forward(backend, q, k, v, shape, problem, mod_args), 0
+        replay = _record_forward(backend, q, k, v, shape, problem, mod_args, sparse)
+        workspace = 0
     else:
         do, o = extra[:2]
         replay, workspace = _record_backward(backend, do, q, k, v, o, shape, problem,
-                                             deterministic, mod_args)
+                                             deterministic, mod_args, sparse)
     known = (_Call(problem, shape, replay, mods.window, mods.softcap), workspace)
     return _remember(_modified_calls, key, known)
 
 
 _DSINKS = object()  # stands for the dsinks a backward call allocates
+
+
+def _np_dtype(x) -> np.dtype:
+    """x's dtype as NumPy's (torch.bool -> bool), for the checks' messages."""
+    name = str(x.dtype).split(".")[-1]
+    try:
+        return np.dtype(name)
+    except TypeError:  # a type NumPy does not know (bfloat16 without ml_dtypes): not bool
+        return np.dtype(np.float16)
+
+
+def _byte_strides(x) -> tuple:
+    """Strides in bytes (torch counts elements; a bool element is one byte either way)."""
+    strides = x.stride() if callable(getattr(x, "stride", None)) else x.strides
+    return tuple(strides)
 
 
 def _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks):
@@ -406,12 +447,14 @@ def _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks):
 
 
 def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
-                     alibi_slopes, sinks) -> tuple | None:
+                     alibi_slopes, sinks, block_mask=None,
+                     block_size=block_sparse.BLOCK_SIZE) -> tuple | None:
     """(o, m, l, the validated ``validate.Modifiers``) like ``forward`` for a call with score
-    modifiers, or None when the general path must take it (raises the API's errors for bad
-    arguments)."""
+    modifiers or a block mask, or None when the general path must take it (raises the API's
+    errors for bad arguments)."""
     known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
-                           alibi_slopes, sinks, "forward")
+                           alibi_slopes, sinks, "forward", block_mask=block_mask,
+                           block_size=block_size)
     if known is None:
         return None
     call = known[0]
@@ -419,17 +462,21 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     ptr = backend.ptr
     with backend.on_device(backend.device_index(q)):
         call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l),
-                     optional_ptr(backend, alibi_slopes), optional_ptr(backend, sinks)),
+                     optional_ptr(backend, alibi_slopes), optional_ptr(backend, sinks),
+                     optional_ptr(backend, block_mask)),
                     backend.stream())
     return o, m, l, validate.Modifiers(call.window, call.softcap, alibi_slopes, sinks)
 
 
 def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
-                      deterministic: bool, window, softcap, alibi_slopes, sinks
+                      deterministic: bool, window, softcap, alibi_slopes, sinks,
+                      block_mask=None, block_size=block_sparse.BLOCK_SIZE
                       ) -> tuple | None:
-    """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers, or None."""
+    """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers or a block
+    mask, or None."""
     known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
-                           alibi_slopes, sinks, "backward", (do, o, m, l), deterministic)
+                           alibi_slopes, sinks, "backward", (do, o, m, l), deterministic,
+                           block_mask, block_size)
     if known is None:
         return None
     call, workspace_bytes = known
@@ -444,7 +491,8 @@ def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_sc
         workspace = backend.empty((workspace_bytes,), backend.uint8, q)
         call.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(dq),
                      ptr(dk), ptr(dv), ptr(workspace), optional_ptr(backend, alibi_slopes),
-                     optional_ptr(backend, sinks), optional_ptr(backend, dsinks)),
+                     optional_ptr(backend, sinks), optional_ptr(backend, dsinks),
+                     optional_ptr(backend, block_mask)),
                     backend.stream())
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 

@@ -199,6 +199,51 @@ def test_the_score_modifiers_replay_their_addresses(device):
     assert len(fastpath._modified_calls) == 2
 
 
+def test_a_block_mask_replays_its_address(device):
+    """Block-sparse calls take the fast path: the replay reads each call's mask (the last
+    pointer argument of the forward and the dK/dV kernel), as the direct launches do."""
+    captured, _ = device
+    backend, rng = NumpyBackend(), np.random.default_rng(2)
+    for call in range(3):
+        q, k, v = _inputs(rng, (2, 300, 4, 64), (2, 300, 2, 64), np.float16)
+        mask = rng.random((2, 1, 3, 3)) < 0.5  # a fresh array each call: a new address
+        captured.clear()
+        o, m, l, _ = fastpath.forward_modified(backend, q, k, v, False, None, None, None,
+                                               None, None, block_mask=mask)
+        problem = validate.check_forward(q, k, v, causal=False, softmax_scale=None)
+        shape = planning.Shape.of(problem, planning.mod_flags(None, None, None, None, False,
+                                                              True))
+        bsp = launch.block_mask_args(_HostMask(mask), (128, 128))
+        args = launch.modifiers_of(shape, None, None, None, None, problem.softmax_scale)
+        with launch.recording() as direct:
+            launch.run_forward(launch.forward_plan(shape, 0), *map(_operand, (q, k, v, o)),
+                               m.ctypes.data, l.ctypes.data, problem.softmax_scale,
+                               _STREAM, 0, args, bsp=bsp)
+        assert captured == _as_captured(direct), f"forward, call {call}"
+        assert captured[0][4][-6] == mask.ctypes.data
+
+        do = rng.standard_normal(q.shape).astype(np.float16)
+        captured.clear()
+        dq, dk, dv = fastpath.backward_modified(backend, do, q, k, v, o, m, l, False, None,
+                                                False, None, None, None, None, block_mask=mask)
+        plan = launch.backward_plan(shape, 0, False)
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, _workspace_address(captured, plan),
+                                _STREAM, 0, args, bsp=bsp)
+        assert captured == _as_captured(direct), f"backward, call {call}"
+    assert len(fastpath._modified_calls) == 2
+
+
+class _HostMask:
+    """A host bool array with CuPy's ``data.ptr`` (launch.block_mask_args reads it)."""
+
+    def __init__(self, a):
+        self.shape, self.strides = a.shape, a.strides
+        self.data = type("Data", (), {"ptr": a.ctypes.data})()
+
+
 def test_a_stand_in_address_is_an_index_and_an_offset():
     a = replay.Address(3) + 16
     b = 8 + a + 4
