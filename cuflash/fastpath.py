@@ -387,6 +387,8 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
                                     alibi_slopes=alibi_slopes, sinks=sinks)
     sparse = None
     if block_mask is not None:
+        if backend.device_index(block_mask) != backend.device_index(q):
+            return None  # the general path names the devices
         size = block_sparse.check_block_size(block_size)
         # the shape and dtype checks, on a stand-in of the mask's shape and dtype
         block_sparse.check_block_mask(np.empty(tuple(block_mask.shape), _np_dtype(block_mask)),
