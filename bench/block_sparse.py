@@ -19,36 +19,12 @@ import sys
 import numpy as np
 
 
-def _median_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    import cupy
+def _ms(fn) -> float:
+    """Median CUDA-event milliseconds of one call (real_workloads.time_ms, one call a
+    sample: the host time of a call counts, as a training loop sees it)."""
+    from real_workloads import time_ms
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
-
-
-def _torch_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return float(np.median(times))
+    return time_ms(fn, inner=1)
 
 
 def _flex(q, k, v, do, mask, causal, block) -> dict:
@@ -88,10 +64,10 @@ def _flex(q, k, v, do, mask, causal, block) -> dict:
         ours_fwd(True).backward(tdo)
 
     with torch.no_grad():
-        f_fwd, c_fwd = _torch_ms(lambda: flex_fwd()), _torch_ms(lambda: ours_fwd())
+        f_fwd, c_fwd = _ms(lambda: flex_fwd()), _ms(lambda: ours_fwd())
     return {"flex_fwd_ms": f_fwd, "cuflash_torch_fwd_ms": c_fwd,
-            "flex_fwdbwd_ms": _torch_ms(flex_step), "cuflash_torch_fwdbwd_ms":
-            _torch_ms(ours_step)}
+            "flex_fwdbwd_ms": _ms(flex_step), "cuflash_torch_fwdbwd_ms":
+            _ms(ours_step)}
 
 
 def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False) -> dict:
@@ -112,9 +88,9 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=Fals
            "density_asked": density, "kept": kept}
     for name, bm in (("dense", None), ("sparse", mask)):
         o, stats = cuflash.attention_forward(q, k, v, causal=causal, block_mask=bm)
-        out[f"{name}_fwd_ms"] = _median_ms(
+        out[f"{name}_fwd_ms"] = _ms(
             lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=bm))
-        out[f"{name}_bwd_ms"] = _median_ms(
+        out[f"{name}_bwd_ms"] = _ms(
             lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                                block_mask=bm))
     if flex:

@@ -223,35 +223,45 @@ def modifier_args(rng) -> dict:
 
 def run_modifiers(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     """Window (60, 20), softcap 4, ALiBi per (batch, head), sinks: forward, both backwards."""
+    rng = gh.rng_for()
+    return _run_with_extras("modifiers", rng, dtype, head_dim, causal, 2, modifier_args(rng))
+
+
+def _run_with_extras(kind: str, rng, dtype: str, head_dim: int, causal: bool, batch: int,
+                     extras: dict, sparse: bool = False) -> tuple[bool, str]:
+    """Forward and both backwards with ``extras`` (modifiers or a block mask: host arrays,
+    sent to the GPU for the call), judged against the reference given the same extras."""
     import cupy
 
     import cuflash
 
-    rng = gh.rng_for()
     sq, sk = seqlens(causal)
-    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=sq, seqlen_k=sk, heads=SHAPE["heads"],
+    q, k, v = gh.random_qkv(rng, batch=batch, seqlen_q=sq, seqlen_k=sk, heads=SHAPE["heads"],
                             heads_kv=SHAPE["heads_kv"], head_dim=head_dim, dtype=dtype)
     do = gh.randn(rng, q.shape, dtype)
-    mods = modifier_args(rng)
-    gmods = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in mods.items()}
+    gextras = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x
+               for n, x in extras.items()}
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
     start = time.perf_counter()
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gextras)
     grads = {det: cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                             deterministic=det, **gmods) for det in (False, True)}
+                                             deterministic=det, **gextras)
+             for det in (False, True)}
     cupy.cuda.Device().synchronize()
     seconds = time.perf_counter() - start
     o_host = gh.to_host(o, dtype)
     reports = [testing.judge("o", o_host, reference.attention_reference(
-        q, k, v, causal=causal, **mods)[0], reference.attention_naive(
-        q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods), dtype=dtype)]
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
+        q, k, v, causal=causal, **extras)[0], reference.attention_naive(
+        q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **extras), dtype=dtype)]
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host,
+                                                  **extras)
     naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **mods)
+                                                dtype=gh.np_dtype(dtype), **extras)
     for det, got in grads.items():
         _judge_grads(reports, "det" if det else "atomic", dtype, got, refs, naives)
-    return _summary("modifiers", dtype, head_dim, causal, seconds, reports,
-                    plan_labels(q, k, dtype, causal, mods))
+    mods = None if sparse else extras
+    return _summary(kind, dtype, head_dim, causal, seconds, reports,
+                    plan_labels(q, k, dtype, causal, mods, sparse=sparse))
 
 
 # A block mask of 128 x 128 blocks over the dense shape (150 x 300, or causal 200 x 130):
@@ -261,39 +271,10 @@ SPARSE_BLOCKS = np.array([[[[1, 0, 1], [0, 1, 1]], [[0, 1, 1], [1, 0, 1]]]], dty
 
 def run_sparse(dtype: str, head_dim: int, causal: bool) -> tuple[bool, str]:
     """A block mask (docs/block_sparse.md): forward, both backwards."""
-    import cupy
-
-    import cuflash
-
-    rng = gh.rng_for()
     sq, sk = seqlens(causal)
-    q, k, v = gh.random_qkv(rng, batch=SHAPE["batch"], seqlen_q=sq, seqlen_k=sk,
-                            heads=SHAPE["heads"], heads_kv=SHAPE["heads_kv"],
-                            head_dim=head_dim, dtype=dtype)
-    do = gh.randn(rng, q.shape, dtype)
     mask = SPARSE_BLOCKS[:, :SHAPE["heads"], :-(-sq // 128), :-(-sk // 128)]
-    sparse = dict(block_mask=mask, block_size=(128, 128))
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    gsparse = dict(block_mask=cupy.asarray(mask), block_size=(128, 128))
-    start = time.perf_counter()
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gsparse)
-    grads = {det: cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                             deterministic=det, **gsparse)
-             for det in (False, True)}
-    cupy.cuda.Device().synchronize()
-    seconds = time.perf_counter() - start
-    o_host = gh.to_host(o, dtype)
-    reports = [testing.judge("o", o_host, reference.attention_reference(
-        q, k, v, causal=causal, **sparse)[0], reference.attention_naive(
-        q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **sparse), dtype=dtype)]
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host,
-                                                  **sparse)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **sparse)
-    for det, got in grads.items():
-        _judge_grads(reports, "det" if det else "atomic", dtype, got, refs, naives)
-    return _summary("sparse", dtype, head_dim, causal, seconds, reports,
-                    plan_labels(q, k, dtype, causal, sparse=True))
+    return _run_with_extras("sparse", gh.rng_for(), dtype, head_dim, causal, SHAPE["batch"],
+                            dict(block_mask=mask, block_size=(128, 128)), sparse=True)
 
 
 VARLEN_Q, VARLEN_K = (37, 150, 64), (64, 300, 64)  # packed sequences (causal: bottom-right)

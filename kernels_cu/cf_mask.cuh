@@ -176,6 +176,31 @@ struct BlockMask {
 #define CF_BSP_MASK BlockMask{nullptr, 0, 0, 0, 1, 1}
 #endif
 
+// A cursor's ballots: how many t in [begin, end) are kept, and the first kept one after t
+// (or end), 32 at a time (warp-collective; Kept: kept(t)).
+template <class Kept>
+__device__ __forceinline__ int warp_count_kept(const Kept& k, int begin, int end) {
+  const int lane = threadIdx.x & 31;
+  int n = 0;
+#pragma unroll 1
+  for (int t0 = begin; t0 < end; t0 += 32) {
+    const int t = t0 + lane;
+    n += __popc(__ballot_sync(0xffffffffu, t < end && k.kept(t)));
+  }
+  return n;
+}
+template <class Kept>
+__device__ __forceinline__ int warp_next_kept(const Kept& k, int t, int end) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (++t; t < end; t += 32) {
+    const int u = t + lane;
+    const unsigned hit = __ballot_sync(0xffffffffu, u < end && k.kept(u));
+    if (hit) return t + __ffs(hit) - 1;
+  }
+  return end;
+}
+
 // The kept key tiles of one query tile (rows q0 ..) of head h within [begin, end): without a
 // block mask, all of them.
 template <int BLOCK_N>
@@ -196,15 +221,7 @@ struct KeptKeyTiles {
   }
   // How many (warp-collective).
   __device__ __forceinline__ int count() const {
-    if (!CF_BLOCK_SPARSE) return end - begin;
-    const int lane = threadIdx.x & 31;
-    int n = 0;
-#pragma unroll 1
-    for (int j0 = begin; j0 < end; j0 += 32) {
-      const int j = j0 + lane;
-      n += __popc(__ballot_sync(0xffffffffu, j < end && kept(j)));
-    }
-    return n;
+    return CF_BLOCK_SPARSE ? warp_count_kept(*this, begin, end) : end - begin;
   }
   // The last kept tile below j, or begin - 1 (warp-collective): below(end) is the first one
   // a kernel visiting last first runs.
@@ -222,15 +239,7 @@ struct KeptKeyTiles {
   // The first kept tile above j, or end (warp-collective): above(begin - 1) starts an
   // ascending visit.
   __device__ __forceinline__ int above(int j) const {
-    if (!CF_BLOCK_SPARSE) return j + 1;
-    const int lane = threadIdx.x & 31;
-#pragma unroll 1
-    for (++j; j < end; j += 32) {
-      const int t = j + lane;
-      const unsigned hit = __ballot_sync(0xffffffffu, t < end && kept(t));
-      if (hit) return j + __ffs(hit) - 1;
-    }
-    return end;
+    return CF_BLOCK_SPARSE ? warp_next_kept(*this, j, end) : j + 1;
   }
 };
 
@@ -284,27 +293,11 @@ struct KeptQueryTiles {
     m0 = (first + t - g * per_head) * BLOCK_M;
   }
   __device__ __forceinline__ int count() const {
-    if (!CF_BLOCK_SPARSE) return n;
-    const int lane = threadIdx.x & 31;
-    int c = 0;
-#pragma unroll 1
-    for (int t0 = 0; t0 < n; t0 += 32) {
-      const int t = t0 + lane;
-      c += __popc(__ballot_sync(0xffffffffu, t < n && kept(t)));
-    }
-    return c;
+    return CF_BLOCK_SPARSE ? warp_count_kept(*this, 0, n) : n;
   }
   // The first kept index above t, or n (warp-collective): above(-1) is the first visited.
   __device__ __forceinline__ int above(int t) const {
-    if (!CF_BLOCK_SPARSE) return t + 1;
-    const int lane = threadIdx.x & 31;
-#pragma unroll 1
-    for (++t; t < n; t += 32) {
-      const int u = t + lane;
-      const unsigned hit = __ballot_sync(0xffffffffu, u < n && kept(u));
-      if (hit) return t + __ffs(hit) - 1;
-    }
-    return n;
+    return CF_BLOCK_SPARSE ? warp_next_kept(*this, t, n) : t + 1;
   }
 };
 

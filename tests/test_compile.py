@@ -54,19 +54,24 @@ def test_every_spec_compiles_without_spills(arch):
     assert not bad, f"{len(bad)} of {len(reports)} kernels for {arch}:\n" + "\n".join(bad)
 
 
+def _assert_compiled_without_spills(work, what: str) -> None:
+    """Every (spec, arch) of ``work`` compiles, with no spill and no stack."""
+    results = aot.run_parallel(aot.report_one, work, 2, f"compiling {len(work)} {what} specs")
+    reports = [r for batch in results for r in batch]
+    failed = [f"{r.spec}: {r.error}" for r in reports if isinstance(r, aot.CompileFailure)]
+    assert not failed, "\n".join(failed)
+    bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
+           f"{r.stack_bytes} B stack" for r in reports if r.spills or r.stack_bytes]
+    assert not bad, f"{len(bad)} of {len(reports)} {what} kernels:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_varlen_specs_compile_without_spills(arch):
     """Every spec the arch selects, compiled for packed sequences (CF_VARLEN: cf_seq.cuh's
     offsets and per-sequence lengths): zero spills, like the dense ones."""
     work = aot.compile_work([arch], all_budgets=False, varlen=True)
     assert work and all(spec.name.endswith("_varlen") for spec, _ in work)
-    results = aot.run_parallel(aot.report_one, work, 2, f"compiling {len(work)} varlen specs")
-    reports = [r for batch in results for r in batch]
-    failed = [f"{r.spec}: {r.error}" for r in reports if isinstance(r, aot.CompileFailure)]
-    assert not failed, "\n".join(failed)
-    bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
-           f"{r.stack_bytes} B stack" for r in reports if r.spills or r.stack_bytes]
-    assert not bad, f"{len(bad)} of {len(reports)} kernels for {arch}:\n" + "\n".join(bad)
+    _assert_compiled_without_spills(work, f"varlen {arch}")
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -75,13 +80,7 @@ def test_block_sparse_specs_compile_without_spills(arch):
     tile cursors; docs/block_sparse.md): zero spills, like the dense ones."""
     work = aot.compile_work([arch], all_budgets=False, block_sparse=True)
     assert work and all(spec.name.endswith("_block_sparse") for spec, _ in work)
-    results = aot.run_parallel(aot.report_one, work, 2, f"compiling {len(work)} sparse specs")
-    reports = [r for batch in results for r in batch]
-    failed = [f"{r.spec}: {r.error}" for r in reports if isinstance(r, aot.CompileFailure)]
-    assert not failed, "\n".join(failed)
-    bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
-           f"{r.stack_bytes} B stack" for r in reports if r.spills or r.stack_bytes]
-    assert not bad, f"{len(bad)} of {len(reports)} kernels for {arch}:\n" + "\n".join(bad)
+    _assert_compiled_without_spills(work, f"block-sparse {arch}")
 
 
 def test_compile_plan_covers_every_tile_set():

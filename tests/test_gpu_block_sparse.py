@@ -196,37 +196,44 @@ def test_torch_tensors_float16_and_float32():
     assert np.abs(gh.to_host(o32) - o_ref).max() < 1e-3
 
 
+def _framework_inputs(mask_shape, seqlen_q, seqlen_k):
+    """bf16 q, k, v, do (batch 2, heads 4 / 2, head_dim 64) and a mask of mask_shape."""
+    rng = gh.rng_for()
+    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=4,
+                            heads_kv=2, head_dim=64, dtype="bfloat16")
+    return q, k, v, gh.randn(rng, q.shape, "bfloat16"), _mask(rng, mask_shape, 0.5)
+
+
+def _assert_like_reference(q, k, v, do, mask, causal, o, grads, label):
+    """o and (dq, dk, dv), host bf16, against the reference with the mask expanded."""
+    bf16 = gh.np_dtype("bfloat16")
+    sparse = dict(block_mask=mask, block_size=(128, 128))
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal, **sparse)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=bf16, **sparse)
+    gh.assert_matches_reference("o", o, o_ref, o_nv, dtype="bfloat16", label=label)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o, **sparse)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal, dtype=bf16,
+                                                **sparse)
+    scale = testing.magnitude(*refs)
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        gh.assert_matches_reference(name, got, ref, naive, dtype="bfloat16", scale=scale,
+                                    label=label)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_torch_autograd(causal):
     """cuflash.torch.flash_attention with a block mask: output and gradients of q, k, v
-    against the reference, through autograd (the general API path)."""
+    against the reference, through autograd."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct
 
-    rng = gh.rng_for()
-    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=333, seqlen_k=300, heads=4, heads_kv=2,
-                            head_dim=64, dtype="bfloat16")
-    do = gh.randn(rng, q.shape, "bfloat16")
-    mask = _mask(rng, (2, 1, 3, 3), 0.5)
+    q, k, v, do, mask = _framework_inputs((2, 1, 3, 3), 333, 300)
     tq, tk, tv = (gh.to_gpu(x, "torch").requires_grad_() for x in (q, k, v))
     o = ct.flash_attention(tq, tk, tv, causal=causal,
                            block_mask=torch.from_numpy(mask).cuda())
     o.backward(gh.to_gpu(do, "torch"))
-    sparse = dict(block_mask=mask, block_size=(128, 128))
-    o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal, **sparse)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype("bfloat16"),
-                                     **sparse)
-    gh.assert_matches_reference("o", gh.to_host(o.detach(), "bfloat16"), o_ref, o_nv,
-                                dtype="bfloat16", label="torch")
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal,
-                                                  o=gh.to_host(o.detach(), "bfloat16"),
-                                                  **sparse)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype("bfloat16"), **sparse)
-    scale = testing.magnitude(*refs)
-    for name, t, ref, naive in zip(("dq", "dk", "dv"), (tq, tk, tv), refs, naives):
-        gh.assert_matches_reference(name, gh.to_host(t.grad, "bfloat16"), ref, naive,
-                                    dtype="bfloat16", scale=scale, label="torch")
+    _assert_like_reference(q, k, v, do, mask, causal, gh.to_host(o.detach(), "bfloat16"),
+                           [gh.to_host(t.grad, "bfloat16") for t in (tq, tk, tv)], "torch")
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -238,11 +245,7 @@ def test_jax_grad(jit):
 
     import cuflash.jax as cj
 
-    rng = gh.rng_for()
-    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=300, seqlen_k=333, heads=4, heads_kv=2,
-                            head_dim=64, dtype="bfloat16")
-    do = gh.randn(rng, q.shape, "bfloat16")
-    mask = _mask(rng, (1, 4, 3, 3), 0.5)
+    q, k, v, do, mask = _framework_inputs((1, 4, 3, 3), 300, 333)
     jq, jk, jv, jdo = (gh.to_gpu(x, "jax") for x in (q, k, v, do))
     jmask = jax.device_put(mask, gh.jax_gpu_device())
 
@@ -252,16 +255,5 @@ def test_jax_grad(jit):
 
     step = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
     (_, o), grads = (jax.jit(step) if jit else step)(jq, jk, jv)
-    sparse = dict(block_mask=mask, block_size=(128, 128))
-    o_host = gh.to_host(o, "bfloat16")
-    o_ref, _, _ = reference.attention_reference(q, k, v, causal=True, **sparse)
-    o_nv = reference.attention_naive(q, k, v, causal=True, dtype=gh.np_dtype("bfloat16"),
-                                     **sparse)
-    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype="bfloat16", label="jax")
-    refs = reference.attention_backward_reference(do, q, k, v, causal=True, o=o_host, **sparse)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=True,
-                                                dtype=gh.np_dtype("bfloat16"), **sparse)
-    scale = testing.magnitude(*refs)
-    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
-        gh.assert_matches_reference(name, gh.to_host(got, "bfloat16"), ref, naive,
-                                    dtype="bfloat16", scale=scale, label=f"jax jit={jit}")
+    _assert_like_reference(q, k, v, do, mask, True, gh.to_host(o, "bfloat16"),
+                           [gh.to_host(g, "bfloat16") for g in grads], f"jax jit={jit}")
