@@ -383,6 +383,24 @@ def gpu_module_env(module_specs: Callable[[], Iterable] | None = None,
     specs.set_smem_budget(None)
 
 
+def module_setup(module_specs: Callable[[], Iterable]):
+    """(autouse module fixture, test) for a GPU test module: ``gpu_module_env`` with
+    ``module_specs`` compiled ahead, and the test that lists what failed to compile. Assign
+    them to module names (``gpu_env, test_module_specs_compile = gh.module_setup(...)``)."""
+    import pytest
+
+    failures: dict[str, str] = {}
+
+    @pytest.fixture(scope="module", autouse=True)
+    def gpu_env():
+        yield from gpu_module_env(module_specs, failures)
+
+    def test_module_specs_compile():
+        assert_precompiled(failures)
+
+    return gpu_env, test_module_specs_compile
+
+
 def assert_precompiled(failures: dict[str, str]) -> None:
     """Every spec precompiled for a module built (the tests that use a failed one also fail,
     with the compiler's log; this lists them all in one place)."""

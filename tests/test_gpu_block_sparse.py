@@ -82,18 +82,7 @@ def _module_specs():
     return out
 
 
-PRECOMPILE_FAILURES: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def gpu_env():
-    yield from gh.gpu_module_env(_module_specs, PRECOMPILE_FAILURES)
-
-
-def test_module_specs_compile():
-    gh.assert_precompiled(PRECOMPILE_FAILURES)
-
-
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 family = gh.family_fixture(FAMILIES)
 
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from cuflash import aot, launch, plan, specs
+from cuflash import launch, plan, specs
 from cuflash.config import Config
 from cuflash.specs import ModFlags
 
@@ -178,14 +178,12 @@ def _modifier_specs(arch: str) -> list:
 @pytest.mark.skipif(not HAVE_NVRTC, reason="CuPy's NVRTC is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_modifier_specs_compile_without_spills(arch):
-    work = [(spec, arch) for spec in _modifier_specs(arch)]
-    results = aot.run_parallel(aot.report_one, work, 2, f"{len(work)} modifier specs, {arch}")
-    reports = [r for batch in results for r in batch]
-    failed = [f"{r.spec}: {r.error}" for r in reports if isinstance(r, aot.CompileFailure)]
-    assert not failed, "\n".join(failed)
-    bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
-           f"{r.stack_bytes} B stack" for r in reports if r.spills or r.stack_bytes]
-    assert not bad, "\n".join(bad)
+    try:
+        from test_compile import _assert_compiled_without_spills
+    except ImportError:  # tests/ collected as a package
+        from tests.test_compile import _assert_compiled_without_spills
+    _assert_compiled_without_spills([(spec, arch) for spec in _modifier_specs(arch)],
+                                    f"modifier {arch}")
 
 
 # -- the block-range arithmetic of cf_mask.cuh, transcribed, against the reference's mask ---------
