@@ -61,7 +61,7 @@ struct QueryTileWalk {
   // tile() steps a cursor (warp-collective), so callers ask for it or it + 1 of the last
   // asked-for iteration, as the streams below do; the two latest answers are kept.
   KeptQueryTiles<BM> kept;
-  mutable int last_it, last_t, prev_it, prev_t;
+  mutable int last_it, last_t, prev_t;
 
   __device__ __forceinline__ QueryTileWalk(const QueryTiles& qt, int kvh_, int heads_per_kv_,
                                            const BlockMask& bm, int b, int n0)
@@ -71,14 +71,13 @@ struct QueryTileWalk {
     kvh = kvh_;
     heads_per_kv = heads_per_kv_;
     n_iter = CF_BLOCK_SPARSE ? kept.count() : heads_per_kv * per_head;
-    last_it = prev_it = last_t = prev_t = -1;
+    last_it = last_t = prev_t = -1;
   }
   // iteration it's query head and the first row of its tile
   __device__ __forceinline__ void tile(int it, int& m0, int& h) const {
     int t = it;
     if constexpr (CF_BLOCK_SPARSE) {
       if (it == last_it + 1) {
-        prev_it = last_it;
         prev_t = last_t;
         last_t = kept.above(last_t);
         last_it = it;
