@@ -36,18 +36,23 @@ def check_block_size(block_size) -> tuple[int, int]:
 
 
 def check_block_mask(block_mask, block_size, batch: int, heads: int, seqlen_q: int,
-                     seqlen_k: int) -> np.ndarray:
-    """A host bool array of shape (batch|1, heads|1, n_q_blocks, n_k_blocks); returns it."""
+                     seqlen_k: int):
+    """A bool array of shape (batch|1, heads|1, n_q_blocks, n_k_blocks); returns it. Any
+    framework's array (or a JAX tracer) is checked by its shape and dtype alone, in place;
+    anything else goes through ``np.asarray``."""
     block_m, block_n = check_block_size(block_size)
-    mask = np.asarray(block_mask)
-    if mask.dtype != np.bool_:
-        raise TypeError(f"block_mask: expected dtype bool, got {mask.dtype}")
+    mask = block_mask if hasattr(block_mask, "shape") and hasattr(block_mask, "dtype") \
+        else np.asarray(block_mask)
+    dtype = str(mask.dtype).split(".")[-1]  # torch.bool -> bool
+    if dtype != "bool":
+        raise TypeError(f"block_mask: expected dtype bool, got {dtype}")
+    shape = tuple(mask.shape)
     blocks = (n_blocks(seqlen_q, block_m), n_blocks(seqlen_k, block_n))
-    if (mask.ndim != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads)
-            or mask.shape[2:] != blocks):
+    if (len(shape) != 4 or shape[0] not in (1, batch) or shape[1] not in (1, heads)
+            or shape[2:] != blocks):
         raise ValueError(f"block_mask: expected shape ({batch} or 1, {heads} or 1, {blocks[0]}, "
                          f"{blocks[1]}) (batch, heads, ceil(seqlen_q / {block_m}), "
-                         f"ceil(seqlen_k / {block_n})), got {mask.shape}")
+                         f"ceil(seqlen_k / {block_n})), got {shape}")
     return mask
 
 

@@ -60,11 +60,9 @@ def _imported_mask(block_mask: Any, q: Imported) -> Imported:
 def _device_block_mask(block_mask: Any, q: Imported, problem: Any, size):
     """The mask as a C-contiguous uint8 CuPy array on q's device (a copy only when the
     caller's is not contiguous: one byte per block), checked like the host one."""
-    mask = _imported_mask(block_mask, q).array
-    # the shape and dtype checks of the host path, on a stand-in of the same shape and dtype
-    block_sparse.check_block_mask(np.empty(mask.shape, dtype=mask.dtype), size,
-                                  problem.batch, problem.heads, problem.seqlen_q,
-                                  problem.seqlen_k)
+    mask = block_sparse.check_block_mask(_imported_mask(block_mask, q).array, size,
+                                         problem.batch, problem.heads, problem.seqlen_q,
+                                         problem.seqlen_k)
     import cupy
 
     return cupy.ascontiguousarray(mask).view(cupy.uint8)

@@ -390,16 +390,12 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
         if backend.device_index(block_mask) != backend.device_index(q):
             return None  # the general path names the devices
         size = block_sparse.check_block_size(block_size)
-        # the shape and dtype checks, on a stand-in of the mask's shape and dtype
-        block_sparse.check_block_mask(np.empty(tuple(block_mask.shape), _np_dtype(block_mask)),
-                                      size, problem.batch, problem.heads, problem.seqlen_q,
-                                      problem.seqlen_k)
-        batch, heads, _, n_k = block_mask.shape
-        stride_b, stride_h = (int(s) for s in _byte_strides(block_mask)[:2])
+        block_sparse.check_block_mask(block_mask, size, problem.batch, problem.heads,
+                                      problem.seqlen_q, problem.seqlen_k)
+        mask_shape, mask_strides = tuple(block_mask.shape), _byte_strides(block_mask)
 
         def sparse(mask_at):
-            return launch.BlockMaskArgs(mask_at, 0 if batch == 1 else stride_b,
-                                        0 if heads == 1 else stride_h, n_k, *size)
+            return launch.block_mask_args_at(mask_at, mask_shape, mask_strides, size)
     if any(x is not None and not _contiguous(x) for x in (alibi_slopes, sinks, block_mask)):
         return None
     flags = planning.mod_flags(mods.window, mods.softcap, alibi_slopes, sinks, problem.causal,
@@ -420,15 +416,6 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
 
 
 _DSINKS = object()  # stands for the dsinks a backward call allocates
-
-
-def _np_dtype(x) -> np.dtype:
-    """x's dtype as NumPy's (torch.bool -> bool), for the checks' messages."""
-    name = str(x.dtype).split(".")[-1]
-    try:
-        return np.dtype(name)
-    except TypeError:  # a type NumPy does not know (bfloat16 without ml_dtypes): not bool
-        return np.dtype(np.float16)
 
 
 def _byte_strides(x) -> tuple:

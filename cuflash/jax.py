@@ -394,7 +394,7 @@ def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sink
                                     sinks=_stand_in(sinks))
     size = block_sparse.check_block_size(block_size)
     if block_mask is not None:
-        block_sparse.check_block_mask(_stand_in(block_mask), size, problem.batch,
+        block_sparse.check_block_mask(block_mask, size, problem.batch,
                                       problem.heads, problem.seqlen_q, problem.seqlen_k)
     return jax_modifiers.Options(causal=causal, softmax_scale=scale, window=mods.window,
                                  softcap=mods.softcap, alibi=alibi_slopes is not None,

@@ -87,11 +87,9 @@ class Options:
         """The block mask's keyword arguments (checked; the last optional operand)."""
         if not self.block_mask:
             return {}
-        mask = extra[-1]
-        # the shape and dtype checks on a stand-in (the array may be a CuPy view of XLA's)
-        block_sparse.check_block_mask(np.empty(mask.shape, mask.dtype), self.block_size,
-                                      problem.batch, problem.heads, problem.seqlen_q,
-                                      problem.seqlen_k)
+        mask = block_sparse.check_block_mask(extra[-1], self.block_size, problem.batch,
+                                             problem.heads, problem.seqlen_q,
+                                             problem.seqlen_k)
         return {"block_mask": mask, "block_size": self.block_size}
 
 

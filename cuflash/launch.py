@@ -136,9 +136,15 @@ class BlockMaskArgs(NamedTuple):
 
 def block_mask_args(mask, block_size) -> BlockMaskArgs:
     """``BlockMaskArgs`` of a C-contiguous uint8 / bool CuPy mask of 4 dimensions."""
-    batch, heads, _, n_k_blocks = mask.shape
-    return BlockMaskArgs(mask.data.ptr, 0 if batch == 1 else mask.strides[0],
-                         0 if heads == 1 else mask.strides[1], n_k_blocks, *block_size)
+    return block_mask_args_at(mask.data.ptr, mask.shape, mask.strides, block_size)
+
+
+def block_mask_args_at(ptr, shape, byte_strides, block_size) -> BlockMaskArgs:
+    """``BlockMaskArgs`` of a C-contiguous one-byte mask of ``shape`` at ``ptr`` (an
+    address, or fastpath's stand-in for one)."""
+    batch, heads, _, n_k_blocks = shape
+    return BlockMaskArgs(ptr, 0 if batch == 1 else int(byte_strides[0]),
+                         0 if heads == 1 else int(byte_strides[1]), n_k_blocks, *block_size)
 
 
 def mod_args(shape: planning.Shape, window, softcap, softmax_scale: float, alibi: int = 0,

@@ -57,33 +57,22 @@ __device__ __forceinline__ void stream_refill(int it, int n_tiles, Load& load) {
 template <int BM>
 struct QueryTileWalk {
   int first, per_head, n_iter, kvh, heads_per_kv;
-  // Under a block mask (CF_BLOCK_SPARSE) iteration it is the it-th kept pair of the walk:
-  // tile() steps a cursor (warp-collective), so callers ask for it or it + 1 of the last
-  // asked-for iteration, as the streams below do; the two latest answers are kept.
-  KeptQueryTiles<BM> kept;
-  mutable int last_it, last_t, prev_t;
+  // Under a block mask (CF_BLOCK_SPARSE) iteration it is the it-th kept pair of the walk
+  // (cf_mask.cuh's KeptSteps: callers ask for it or it + 1, as the streams below do).
+  KeptSteps<KeptQueryTiles<BM>> steps;
 
   __device__ __forceinline__ QueryTileWalk(const QueryTiles& qt, int kvh_, int heads_per_kv_,
                                            const BlockMask& bm, int b, int n0)
-      : kept(bm, b, kvh_ * heads_per_kv_, n0, qt, heads_per_kv_) {
+      : steps(KeptQueryTiles<BM>(bm, b, kvh_ * heads_per_kv_, n0, qt, heads_per_kv_), 0) {
     first = qt.first;
     per_head = qt.end - qt.first;
     kvh = kvh_;
     heads_per_kv = heads_per_kv_;
-    n_iter = CF_BLOCK_SPARSE ? kept.count() : heads_per_kv * per_head;
-    last_it = last_t = prev_t = -1;
+    n_iter = CF_BLOCK_SPARSE ? steps.kept.count() : heads_per_kv * per_head;
   }
   // iteration it's query head and the first row of its tile
   __device__ __forceinline__ void tile(int it, int& m0, int& h) const {
-    int t = it;
-    if constexpr (CF_BLOCK_SPARSE) {
-      if (it == last_it + 1) {
-        prev_t = last_t;
-        last_t = kept.above(last_t);
-        last_it = it;
-      }
-      t = it == last_it ? last_t : prev_t;
-    }
+    const int t = steps(it);
     const int g = t / per_head;
     m0 = (first + t - g * per_head) * BM;
     h = kvh * heads_per_kv + g;

@@ -243,24 +243,26 @@ struct KeptKeyTiles {
   }
 };
 
-// The it-th kept key tile, first to last, for kernels whose pipeline asks for iteration it
-// and, to prefetch, it + 1 (the dQ kernels): a cursor keeps the two latest answers, so the
-// callers ask for it or it + 1 of the last asked-for iteration (warp-collective).
-template <int BLOCK_N>
-struct AscendingKeyTiles {
-  KeptKeyTiles<BLOCK_N> kept;
-  mutable int last_it, last_j, prev_j;
+// The index of iteration it among the kept ones (KeptKeyTiles, KeptQueryTiles), first to
+// last, for pipelines that ask for iteration it and, to prefetch, it + 1: a cursor keeps
+// the two latest answers, so callers ask for it or it + 1 of the last asked-for iteration
+// (warp-collective). Without a block mask, first + it.
+template <class Kept>
+struct KeptSteps {
+  Kept kept;
+  int first;
+  mutable int last_it, last_t, prev_t;
 
-  __device__ __forceinline__ AscendingKeyTiles(const KeptKeyTiles<BLOCK_N>& k)
-      : kept(k), last_it(-1), last_j(k.begin - 1), prev_j(k.begin - 1) {}
+  __device__ __forceinline__ KeptSteps(const Kept& k, int first_)
+      : kept(k), first(first_), last_it(-1), last_t(first_ - 1), prev_t(first_ - 1) {}
   __device__ __forceinline__ int operator()(int it) const {
-    if (!CF_BLOCK_SPARSE) return kept.begin + it;
+    if (!CF_BLOCK_SPARSE) return first + it;
     if (it == last_it + 1) {
-      prev_j = last_j;
-      last_j = kept.above(last_j);
+      prev_t = last_t;
+      last_t = kept.above(last_t);
       last_it = it;
     }
-    return it == last_it ? last_j : prev_j;
+    return it == last_it ? last_t : prev_t;
   }
 };
 

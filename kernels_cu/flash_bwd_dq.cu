@@ -162,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
   const KeyTiles tiles = key_tiles_of<kBN, kBM>(mask, m0);
   const KeptKeyTiles<kBN> kept(CF_BSP_MASK, b, h, m0, tiles);  // all: no block mask
   const int n_tiles = kept.count();
-  const AscendingKeyTiles<kBN> key_tile(kept);  // iteration it's key tile
+  const KeptSteps<KeptKeyTiles<kBN>> key_tile(kept, kept.begin);  // iteration it's key tile
   const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
 
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)

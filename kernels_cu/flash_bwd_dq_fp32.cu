@@ -67,7 +67,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
   const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
                                    stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
                                    CF_MOD_ARGS, CF_SEQ_ARGS, CF_BSP_MASK);
-  const AscendingKeyTiles<BN> key_tile(blk.kept);  // iteration t's key tile
+  const KeptSteps<KeptKeyTiles<BN>> key_tile(blk.kept, blk.kept.begin);  // iteration t's tile
   const int first0 = CF_BLOCK_SPARSE ? key_tile(0) * BN : blk.n_first;  // its keys
   if (blk.idle()) return;
   SimtBwdSmem<BM, BN, D> smem(CF_BWD_DQ_FP32_SMEM_BYTES);

@@ -130,20 +130,10 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const QueryTiles qt = query_tiles_of<BM, BN>(mask, n0);
   const int mt_begin = qt.first;
   const int tiles_per_head = max(0, qt.end - mt_begin);
-  // (g, query tile) pairs, g slowest; under a block mask the kept ones, iteration it the
-  // it-th: a cursor keeps the two latest answers (the loop asks for it, then it + 1)
+  // (g, query tile) pairs, g slowest; under a block mask the kept ones (cf_mask.cuh)
   const KeptQueryTiles<BM> kept(CF_BSP_MASK, b, hk * heads_per_kv, n0, qt, heads_per_kv);
   const int n_iters = CF_BLOCK_SPARSE ? kept.count() : heads_per_kv * tiles_per_head;
-  int last_it = -1, last_t = -1, prev_t = -1;
-  auto walk_index = [&](int it) {
-    if (!CF_BLOCK_SPARSE) return it;
-    if (it == last_it + 1) {
-      prev_t = last_t;
-      last_t = kept.above(last_t);
-      last_it = it;
-    }
-    return it == last_it ? last_t : prev_t;
-  };
+  const KeptSteps<KeptQueryTiles<BM>> walk_index(kept, 0);  // iteration it's pair
   // query head and first query row of iteration it
   auto head_of = [&](int it) { return hk * heads_per_kv + walk_index(it) / tiles_per_head; };
   auto row_of = [&](int it) { return (mt_begin + walk_index(it) % tiles_per_head) * BM; };

@@ -148,7 +148,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
 
   const int m0 = blk.m0, h = blk.h, seqlen_q = blk.seq.seqlen_q;
   const int n_tiles = blk.n_tiles, n_first = blk.n_first;  // hidden key tiles are skipped
-  const AscendingKeyTiles<BN> key_tile(blk.kept);            // iteration t's key tile
+  const KeptSteps<KeptKeyTiles<BN>> key_tile(blk.kept, blk.kept.begin);  // iteration t's tile
   const int first0 = CF_BLOCK_SPARSE ? key_tile(0) * BN : n_first;  // the first tile's keys
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
