@@ -80,12 +80,13 @@ def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
 
 def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
                  head_dims: Sequence[int] | None = None, *, varlen: bool = False,
-                 block_sparse: bool = False) -> list[tuple[KernelSpec, str]]:
+                 block_sparse: bool = False,
+                 dropout: bool = False) -> list[tuple[KernelSpec, str]]:
     """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
     optionally only for some dtypes and head_dims. ``varlen``: those specs compiled for
     packed sequences instead (what the selector picks for varlen calls; no decode kernels);
-    ``block_sparse``: for block masks instead (likewise)."""
-    mods = specs.ModFlags(varlen=varlen, block_sparse=block_sparse)
+    ``block_sparse``: for block masks instead (likewise); ``dropout``: for dropout."""
+    mods = specs.ModFlags(varlen=varlen, block_sparse=block_sparse, dropout=dropout)
     work = []
     for arch in archs:
         limit = specs.ARCH_SMEM_OPTIN[arch]
@@ -102,7 +103,7 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
                     if form.name not in seen:
                         seen.add(form.name)
                         work.append((form, arch))
-        if not varlen and not block_sparse:
+        if not varlen and not block_sparse and not dropout:
             work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
     return work
 

@@ -47,14 +47,13 @@ def _gpu_kwargs(modifiers: validate.Modifiers) -> dict:
 def _flash_fwd(problem: validate.Problem, q, k, v,
                modifiers: validate.Modifiers = validate.NO_MODIFIERS, extra: dict | None = None):
     """(o, m, l) on backend arrays of the problem's device. ``extra``: dropout and the block
-    mask (``dropout_sparse_checks.check``; CUDA takes the block mask only)."""
+    mask (``dropout_sparse_checks.check``)."""
     if problem.device[0] == "cpu":
         from .cpu import flash_forward_cpu
 
         return flash_forward_cpu(q, k, v, causal=problem.causal,
                                  softmax_scale=problem.softmax_scale, **_cpu_kwargs(modifiers),
                                  **(extra or {}))
-    assert "dropout_p" not in (extra or {}), "dropout_sparse_checks refuses dropout on CUDA"
     from .launch import flash_forward_gpu
 
     return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
@@ -75,7 +74,6 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
                                   softmax_scale=problem.softmax_scale,
                                   center_keys=stats_of_these_scores, **_cpu_kwargs(modifiers),
                                   **(extra or {}))
-    assert "dropout_p" not in (extra or {}), "dropout_sparse_checks refuses dropout on CUDA"
     from .launch import flash_backward_gpu
 
     return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,

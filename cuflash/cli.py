@@ -187,7 +187,8 @@ def cmd_compile(args) -> int:
         return 2
     try:
         work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim,
-                                varlen=args.varlen, block_sparse=args.block_sparse)
+                                varlen=args.varlen, block_sparse=args.block_sparse,
+                                dropout=args.dropout)
     except ValueError as exc:  # a head_dim outside 8..256
         print(f"compile: {exc}", file=sys.stderr)
         return 2
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same specs compiled for packed sequences (CF_VARLEN, no decode)")
     p.add_argument("--block-sparse", action="store_true",
                    help="the same specs compiled for block masks (CF_BLOCK_SPARSE, no decode)")
+    p.add_argument("--dropout", action="store_true",
+                   help="the same specs compiled for dropout (CF_DROPOUT, no decode)")
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("warmup", help="compile the kernels this GPU selects into the cache "
                                       "its first calls read")

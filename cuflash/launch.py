@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import config, specs
+from . import config, philox, specs
 from . import plan as planning
 from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
@@ -134,6 +134,30 @@ class BlockMaskArgs(NamedTuple):
                     f"suit every kernel), got ({self.block_m}, {self.block_n})")
 
 
+class DropoutArgs(NamedTuple):
+    """A dropout call's run-time kernel arguments (cf_philox.cuh's CF_DROP_PARAMS): the
+    seed's two words, the offset, the keep threshold, 1 / (1 - dropout_p), and the heads
+    that turn a launch's first batch entry b0 into the Philox head index b0 * heads. Only
+    dropout kernels take them."""
+
+    seed_lo: int
+    seed_hi: int
+    offset: int
+    threshold: int
+    scale: float
+    heads: int
+
+    def kernel_args(self, b0: int = 0) -> tuple:
+        return (self.seed_lo, self.seed_hi, self.offset, self.threshold, self.scale,
+                b0 * self.heads)
+
+
+def dropout_args(dropout_p: float, seed: int, offset: int, heads: int) -> DropoutArgs:
+    """``DropoutArgs`` of a validated (dropout_p > 0, seed, offset) for ``heads`` query heads."""
+    return DropoutArgs(seed & 0xFFFFFFFF, seed >> 32, offset, philox.keep_threshold(dropout_p),
+                       1.0 / (1.0 - dropout_p), heads)
+
+
 def block_mask_args(mask, block_size) -> BlockMaskArgs:
     """``BlockMaskArgs`` of a C-contiguous uint8 / bool CuPy mask of 4 dimensions."""
     return block_mask_args_at(mask.data.ptr, mask.shape, mask.strides, block_size)
@@ -193,7 +217,8 @@ def backward_plan(shape: planning.Shape, device_id: int,
 
 
 # -- parameter buffers ---------------------------------------------------------------------
-# Each entry point's parameters, one letter each: p pointer, i int, q long long, f float.
+# Each entry point's parameters, one letter each: p pointer, i int, u unsigned int, q long
+# long, f float.
 # MODS: the score modifiers' arguments every attention kernel takes last (cf_mask.cuh's
 # CF_MOD_PARAMS: window_left, window_right, softcap_raw, softcap_inv, raw_per_score,
 # alibi_slopes, stride_alibi_b); the forwards then take the sinks, the preprocess sinks and
@@ -213,13 +238,16 @@ _SIGNATURES = {
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
+DROP = "uuuufi"  # cf_philox.cuh's CF_DROP_PARAMS, after those in dropout kernels only
 
 
 def signature_of(spec, kind: str | None = None) -> str:
     """The parameter letters of ``spec``'s entry point (``kind``: of another table row)."""
     signature = _SIGNATURES[kind or spec.kind]
-    return signature + BSP if spec.mods.block_sparse else signature
-_FORMATS = {"p": "P", "i": "i", "q": "q", "f": "f"}  # struct's native (C) alignment
+    signature += BSP if spec.mods.block_sparse else ""
+    return signature + DROP if spec.mods.dropout else signature
+# struct's native (C) alignment; u: unsigned int
+_FORMATS = {"p": "P", "i": "i", "u": "I", "q": "q", "f": "f"}
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
 _MAX_PARAM_BYTES = 4096  # cuLaunchKernel's classic limit; our kernels take < 400
 
@@ -403,9 +431,11 @@ def forward_tail(shape: planning.Shape, strides: tuple, softmax_scale: float) ->
 
 def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsize: int,
                    stream: int, device_id: int, mods: ModArgs = PLAIN,
-                   seq: SeqArgs = DENSE, bsp: BlockMaskArgs | None = None) -> None:
+                   seq: SeqArgs = DENSE, bsp: BlockMaskArgs | None = None,
+                   drop: DropoutArgs | None = None) -> None:
     """Enqueue the forward: ``ptrs`` = addresses of q, k, v, o, m, l; ``tail`` from
-    ``forward_tail``; ``mods`` the score modifiers' arguments; ``seq`` the varlen layout.
+    ``forward_tail``; ``mods`` the score modifiers' arguments; ``seq`` the varlen layout;
+    ``bsp``, ``drop``: a block mask's and dropout's arguments (their kernels only).
     Every element of o, m, l is written (for a non-empty call: the caller handles
     ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
@@ -413,6 +443,7 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
         args = ptrs + tail + mods.kernel_args() + (mods.sinks,) + seq.kernel_args()
         args += bsp.kernel_args() if bsp else ()
+        args += drop.kernel_args() if drop else ()
         _launch(kernel, device_id, kernel.grid[2], signature, args, stream, s)
         return
     # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o; one
@@ -424,17 +455,18 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
         args = tuple(p + b0 * step for p, step in zip(ptrs, steps)) + tail
         args += mods.kernel_args(b0) + (mods.sinks,) + seq.kernel_args(b0)
         args += bsp.kernel_args(b0) if bsp else ()
+        args += drop.kernel_args(b0) if drop else ()
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
                 m: int, l: int, softmax_scale: float, stream: int, device_id: int,
                 mods: ModArgs = PLAIN, seq: SeqArgs = DENSE,
-                bsp: BlockMaskArgs | None = None) -> None:
+                bsp: BlockMaskArgs | None = None, drop: DropoutArgs | None = None) -> None:
     """``launch_forward`` on operands (varlen: packed operands with stride_b 0)."""
     tail = forward_tail(plan.shape, _strides(q, k, v, o), softmax_scale)
     launch_forward(plan, (q.ptr, k.ptr, v.ptr, o.ptr, m, l), tail, q.itemsize, stream,
-                   device_id, mods, seq, bsp)
+                   device_id, mods, seq, bsp, drop)
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -444,7 +476,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
                  v: Operand, o: Operand, m: int, l: int, dq: Operand, dk: Operand,
                  dv: Operand, softmax_scale: float, workspace: int, stream: int,
                  device_id: int, mods: ModArgs = PLAIN, seq: SeqArgs = DENSE,
-                 bsp: BlockMaskArgs | None = None) -> None:
+                 bsp: BlockMaskArgs | None = None, drop: DropoutArgs | None = None) -> None:
     """Enqueue the backward on ``stream``. ``workspace``: the address of at least
     ``plan.backward_workspace(plan).total_bytes`` scratch bytes on the device, ordered on
     ``stream`` (the caller keeps it alive until the work is done). With sinks,
@@ -481,6 +513,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     scales = (softmax_scale * LOG2E, softmax_scale)
     signature = signature_of(main.spec)
     bsp_args = bsp.kernel_args if bsp else (lambda b0: ())
+    drop_args = drop.kernel_args if drop else (lambda b0: ())
     for b0, z in _batch_slices(main, s.batch):
         st = b0 * stats_row
         args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
@@ -495,7 +528,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * kv_row if accum else 0, semaphores)
-        args += mods.kernel_args(b0) + seq.kernel_args(b0) + bsp_args(b0)
+        args += mods.kernel_args(b0) + seq.kernel_args(b0) + bsp_args(b0) + drop_args(b0)
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
@@ -503,7 +536,8 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
                     _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales,
-                    *mods.kernel_args(b0), *seq.kernel_args(b0), *bsp_args(b0))
+                    *mods.kernel_args(b0), *seq.kernel_args(b0), *bsp_args(b0),
+                    *drop_args(b0))
             _launch(plan.dq, device_id, z, signature_of(plan.dq.spec), args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
@@ -603,7 +637,8 @@ def modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
 
 def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None,
                       window=None, softcap=None, alibi_slopes=None, sinks=None,
-                      block_mask=None, block_size=None):
+                      block_mask=None, block_size=None, dropout_p=0.0, dropout_seed=None,
+                      dropout_offset=0):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
     ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
@@ -612,13 +647,15 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     score modifiers (docs/masks.md), validated by the caller; the arrays C-contiguous
     float32 CuPy arrays on q's device. A modifier the kernel family lacks raises
     ``ValueError`` before any output is touched. ``block_mask``: a validated C-contiguous
-    bool / uint8 CuPy array (docs/block_sparse.md) of ``block_size``.
+    bool / uint8 CuPy array (docs/block_sparse.md) of ``block_size``. ``dropout_p`` > 0 with
+    ``dropout_seed``, ``dropout_offset``: validated (docs/dropout.md).
     """
     batch, seqlen_q, heads, _ = q.shape
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
-                                        block_mask is not None))
+                                        block_mask is not None, dropout_p > 0))
+    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, heads) if dropout_p else None
     plan = bsp = None
     if not shape.empty:
         plan = forward_plan(shape, device_id)  # the selector's ValueError comes first
@@ -639,26 +676,30 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale)
     run_forward(plan, cupy_operand(q), cupy_operand(k), cupy_operand(v), cupy_operand(o),
                 m.data.ptr, l.data.ptr, softmax_scale, _current_stream(), device_id, mods,
-                bsp=bsp)
+                bsp=bsp, drop=drop)
     return o, m, l
 
 
 def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
                        softmax_scale: float, deterministic: bool = False, out=None,
                        window=None, softcap=None, alibi_slopes=None, sinks=None,
-                       block_mask=None, block_size=None):
+                       block_mask=None, block_size=None, dropout_p=0.0, dropout_seed=None,
+                       dropout_offset=0):
     """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l; with
     sinks (dq, dk, dv, dsinks), dsinks float32 (heads,).
 
     ``out``: an optional (dq, dk, dv) to write into instead of new arrays (as in the forward).
-    The modifiers and the block mask as in ``flash_forward_gpu``.
+    The modifiers, the block mask and dropout as in ``flash_forward_gpu`` (dropout's mask
+    regenerated from the same seed and offset).
     """
     import cupy
 
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
-                                        block_mask is not None))
+                                        block_mask is not None, dropout_p > 0))
+    drop = (dropout_args(dropout_p, dropout_seed, dropout_offset, q.shape[2]) if dropout_p
+            else None)
     plan = bsp = None
     if not shape.empty:
         plan = backward_plan(shape, device_id, deterministic)  # ValueError before writing
@@ -684,5 +725,5 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     mods = modifiers_of(shape, window, softcap, alibi_slopes, sinks, softmax_scale, dsinks)
     run_backward(plan, *(cupy_operand(x) for x in (do, q, k, v, o)), m.data.ptr, l.data.ptr,
                  *(cupy_operand(x) for x in (dq, dk, dv)), softmax_scale, workspace.data.ptr,
-                 _current_stream(), device_id, mods, bsp=bsp)
+                 _current_stream(), device_id, mods, bsp=bsp, drop=drop)
     return grads

@@ -212,11 +212,11 @@ def effective_window(window, causal: bool) -> tuple[int, int] | None:
 
 
 def mod_flags(window, softcap, alibi_slopes, sinks, causal: bool,
-              block_sparse: bool = False) -> ModFlags:
+              block_sparse: bool = False, dropout: bool = False) -> ModFlags:
     """The kernels' compile-time knobs of a call's modifiers (None / 0: off)."""
     return ModFlags(window=effective_window(window, causal) is not None,
                     softcap=bool(softcap), alibi=alibi_slopes is not None,
-                    sinks=sinks is not None, block_sparse=block_sparse)
+                    sinks=sinks is not None, block_sparse=block_sparse, dropout=dropout)
 
 
 # -- the pure planners ---------------------------------------------------------------------

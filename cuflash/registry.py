@@ -269,7 +269,9 @@ FWD90 = {
              spills_when=(("causal", "softcap"), ("causal", "alibi"), ("causal", "varlen"),
                           ("softcap", "varlen"), ("window", "softcap"), ("window", "alibi"),
                           # not a spill: its 192 query rows straddle 128-query mask blocks
-                          ("block_sparse",))),
+                          ("block_sparse",),
+                          # causal dropout: 92 B spilled (NVRTC 13.5, 2026-12-02)
+                          ("causal", "dropout"))),
          _ws(128, 3, f"H200 bf16 d64 1k/4k/16k: 354/412/419 TFLOP/s, causal 238/345/384 "
                      f"({_SWEEP})"),
          _fwd16(8, 64, 2, f"H200 bf16 d64 causal 1k/4k/16k: 275/363/375 TFLOP/s vs 234/324/355 "
@@ -326,6 +328,15 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
         own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("softcap",)))
     if bucket in (192, 256):  # softcap: 12 B on sm_100
         own[0] = _also(own[0], *_only_on(_BLACKWELL, ("softcap",)))
+    # dropout: the split layout reloads P^T (dV's operand) for dS^T, which needs the undropped
+    # P^T as well; the 16-keys-per-warp kernel takes those calls
+    split = tuple(_also(t, ("dropout",)) for t in split)
+    # dropout on sm_120: 16-24 B spilled by (4, 64, 1) at d64 / d128, 8 B by causal (2, 32, 1)
+    # at d160 / d224 (NVRTC 13.5, 2026-12-02)
+    if bucket in (64, 128):
+        own[1] = _also(own[1], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
+    if bucket in (160, 224):
+        own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("causal", "dropout")))
     return (*split, *own)
 
 
@@ -403,8 +414,9 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 # Every modifier; the backward's main kernels need nothing for sinks (they read lse2), the
 # preprocess computes dsinks. "varlen": packed sequences (cf_seq.cuh's CF_VARLEN).
 ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
-# Block masks (docs/block_sparse.md): the kernels whose tile loops skip masked tiles.
-SPARSE = (*ALL_MODS, "block_sparse")
+# Block masks (docs/block_sparse.md): the kernels whose tile loops skip masked tiles; dropout
+# (docs/dropout.md): the kernels that drop P by a Philox mask (not on packed sequences yet).
+SPARSE = (*ALL_MODS, "block_sparse", "dropout")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,

@@ -57,7 +57,8 @@ class ModFlags:
     ``window``: a sliding window, the kernels' local mask mode (with causal, right = 0).
     ``varlen``: packed sequences with cu_seqlens (docs/varlen.md; cf_seq.cuh's CF_VARLEN),
     not a score modifier but a knob of every kernel the same way. ``block_sparse``: a block
-    mask skips whole tiles (docs/block_sparse.md; cf_mask.cuh's CF_BLOCK_SPARSE)."""
+    mask skips whole tiles (docs/block_sparse.md; cf_mask.cuh's CF_BLOCK_SPARSE). ``dropout``:
+    P is dropped by a Philox mask (docs/dropout.md; cf_philox.cuh's CF_DROPOUT)."""
 
     window: bool = False
     softcap: bool = False
@@ -65,11 +66,12 @@ class ModFlags:
     sinks: bool = False
     varlen: bool = False
     block_sparse: bool = False
+    dropout: bool = False
 
     @property
     def on(self) -> tuple[str, ...]:
-        return tuple(n for n in ("window", "softcap", "alibi", "sinks", "varlen", "block_sparse")
-                     if getattr(self, n))
+        return tuple(n for n in ("window", "softcap", "alibi", "sinks", "varlen", "block_sparse",
+                                 "dropout") if getattr(self, n))
 
     def for_direction(self, direction: str) -> "ModFlags":
         """The flags a direction's kernel is compiled with: the backward's main and dQ
@@ -77,7 +79,7 @@ class ModFlags:
         (for dsinks)."""
         if direction == "forward":
             return self
-        if direction == "backward_pre":  # elementwise: no tiles to skip
+        if direction == "backward_pre":  # elementwise: no tiles to skip, delta undropped
             return ModFlags(sinks=self.sinks, varlen=self.varlen)
         return replace(self, sinks=False)
 
@@ -178,7 +180,7 @@ class KernelSpec:
                      CF_MASK=mask)
         for name, define in (("softcap", "CF_SOFTCAP"), ("alibi", "CF_ALIBI"),
                              ("sinks", "CF_SINKS"), ("varlen", "CF_VARLEN"),
-                             ("block_sparse", "CF_BLOCK_SPARSE")):
+                             ("block_sparse", "CF_BLOCK_SPARSE"), ("dropout", "CF_DROPOUT")):
             if getattr(self.mods, name):  # only when on: plain specs keep their defines
                 d[define] = 1
         if self.kind in ("bwd", "bwd90"):
@@ -246,8 +248,8 @@ def select(direction: str, facts: DeviceFacts, dtype: str, head_dim: int, causal
 def _check_modifiers(variant: Variant, mods: ModFlags, dtype: str) -> None:
     missing = [name for name in mods.on if name not in variant.modifiers]
     if missing:
-        name = "block_mask" if missing[0] == "block_sparse" else missing[0]
-        issue = "#15" if missing[0] == "block_sparse" else "#14"
+        name = {"block_sparse": "block_mask", "dropout": "dropout_p"}.get(missing[0], missing[0])
+        issue = "#15" if missing[0] in ("block_sparse", "dropout") else "#14"
         raise ValueError(f"{name}: not supported by the {variant.kind} kernel for {dtype} "
                          f"({variant.source}) yet (issue {issue}); CPU arrays run it")
 

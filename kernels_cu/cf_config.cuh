@@ -46,6 +46,9 @@
 #ifndef CF_BLOCK_SPARSE
 #define CF_BLOCK_SPARSE 0  // 1: a block mask skips whole tiles (cf_mask.cuh, docs/block_sparse.md)
 #endif
+#ifndef CF_DROPOUT
+#define CF_DROPOUT 0  // 1: P is dropped by a Philox mask (cf_philox.cuh, docs/dropout.md)
+#endif
 #ifndef CF_VARLEN
 #define CF_VARLEN 0  // 1: packed sequences, rows found through cu_seqlens
 #endif

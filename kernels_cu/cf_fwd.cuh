@@ -421,19 +421,20 @@ __device__ __forceinline__ void store_o_band(elem_t* o_band, cf_i64 stride_om, i
 // o: row 0 of the tensor. s_q: the Q tile, no longer read by any warp; the warp's own 16 rows
 // stage its O band (store_o_band). With sinks the sink joins m and l first (fold_sink). A row
 // that saw no key (l == 0 exactly) gets o = 0; a NaN l (from a NaN score the row sees) gives a
-// NaN o, as in cpu.py.
+// NaN o, as in cpu.py. o_scale: dropout's 1 / (1 - p) (m and l stay those of the undropped P),
+// else 1.
 template <int DT, int CHUNKS, int BLOCK_M, int BLOCK_N>
 __device__ __forceinline__ void store_forward_epilogue(
     const FwdQueryTile<BLOCK_M, BLOCK_N>& tile, float (&acc)[DT][4], float (&m_i)[2],
     const float (&l_i)[2], const float* sinks, elem_t* o, long long stride_ob,
     long long stride_om, long long stride_oh, float* m_out, float* l_out, int head_dim,
-    unsigned char* s_q, int warp, int lane) {
+    unsigned char* s_q, int warp, int lane, float o_scale) {
   float l_row[2], inv_l[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) l_row[r] = quad_sum(l_i[r]);
   if (CF_SINKS) fold_sink(m_i, l_row, acc, sinks[tile.h]);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) : 0.f;
+  for (int r = 0; r < 2; ++r) inv_l[r] = l_row[r] != 0.f ? __frcp_rn(l_row[r]) * o_scale : 0.f;
   const int band_q0 = tile.q0 + warp * 16;
   unsigned char* band = s_q + warp * 16 * CHUNKS * 16;
   const cf_i64 o_band = tile.seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;

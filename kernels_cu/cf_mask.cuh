@@ -25,6 +25,7 @@
 // online softmax, lse2 and P = exp2(S * scale_log2 - lse2) do not change.
 #pragma once
 #include "cf_common.cuh"  // and cf_config.cuh: CF_MASK, CF_SOFTCAP, CF_ALIBI, CF_SINKS
+#include "cf_philox.cuh"  // dropout (CF_DROPOUT): the kernels' other per-element mask
 
 #define CF_CAUSAL (CF_MASK == 1)  // spelled out for the kernels' tile orders (longest first)
 #define CF_LOCAL (CF_MASK == 2)

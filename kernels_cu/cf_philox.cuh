@@ -2,7 +2,7 @@
 //
 // The device side of cuflash/philox.py, bit for bit: the NumPy version is the spec, tests/
 // test_dropout_device.py compiles this header with NVRTC (CPU) and compares its bits with
-// NumPy's on a GPU. No kernel includes it yet.
+// NumPy's on a GPU. The kernels take it through `Dropout` (CF_DROPOUT, below).
 //
 // Layout, for element (b, h, i, j) -- batch, query head, query row, key column -- of a call
 // with `heads` query heads, seed (64 bits) and offset (32 bits):
@@ -68,20 +68,29 @@ __device__ __forceinline__ unsigned int cf_dropout_bits(const cf_dropout& d, uns
   return word == 0 ? s.x : word == 1 ? s.y : word == 2 ? s.z : s.w;
 }
 
-// Kept flags of a C fragment's four elements (rows r0 = row0 + g and r0 + 8, columns c0 =
-// col0 + 2t and c0 + 1) with one Philox call per lane: lane pairs (g, g ^ 1) are lanes
-// (L, L ^ 4). The lane with even g computes the square of rows (g, g + 1) at r0; the odd
-// one the square of rows (g + 7, g + 8) at r0 + 8; each sends the other the two words of
-// the partner's row. keep[0], keep[1]: (r0, c0), (r0, c0 + 1); keep[2], keep[3]: (r0 + 8, ...).
-// row0 is a multiple of 16 and col0 of 2; every lane of the warp must call it (shuffle).
-__device__ __forceinline__ void cf_dropout_keep4(const cf_dropout& d, unsigned int bh,
-                                                 unsigned int r0, unsigned int c0, bool keep[4]) {
+// Kept flags of a C fragment's four elements with one Philox call per lane. The fragment's
+// rows r0 = row0 + g and r0 + 8, columns c0 = col0 + 2t and c0 + 1; keep[0], keep[1]: (r0, c0),
+// (r0, c0 + 1); keep[2], keep[3]: (r0 + 8, ...). KEYS_AS_ROWS: rows are keys and columns
+// queries (the backward's S^T), else rows are queries (S). Lane pairs (g, g ^ 1) are lanes
+// (L, L ^ 4): the lane with even g computes the square of rows (g, g + 1) at r0, the odd one
+// the square of rows (g + 7, g + 8) at r0 + 8; each sends the other the two words of the
+// partner's row. row0 is a multiple of 16 and col0 of 2; every lane of the warp must call it
+// (shuffle).
+template <bool KEYS_AS_ROWS>
+__device__ __forceinline__ void cf_dropout_keep4_rows(const cf_dropout& d, unsigned int bh,
+                                                      unsigned int r0, unsigned int c0,
+                                                      bool keep[4]) {
   const bool odd = r0 & 1u;
   const unsigned int mine_row = odd ? r0 + 8u : r0;  // the row whose square this lane computes
-  const cf_philox_words s = cf_dropout_square(d, bh, mine_row, c0);
-  // words of row parity 0 are (x, y), of parity 1 (z, w)
-  const unsigned int own0 = odd ? s.z : s.x, own1 = odd ? s.w : s.y;          // row mine_row
-  const unsigned int give0 = odd ? s.x : s.z, give1 = odd ? s.y : s.w;        // row mine_row ^ 1
+  const cf_philox_words s = KEYS_AS_ROWS ? cf_dropout_square(d, bh, c0, mine_row)
+                                         : cf_dropout_square(d, bh, mine_row, c0);
+  // word 2 * (i & 1) + (j & 1) of the square: rows of parity `rp`, columns of parity cp
+  const auto word = [&s](bool rp, bool cp) {
+    const unsigned int w = KEYS_AS_ROWS ? 2u * cp + rp : 2u * rp + cp;
+    return w == 0 ? s.x : w == 1 ? s.y : w == 2 ? s.z : s.w;
+  };
+  const unsigned int own0 = word(odd, 0), own1 = word(odd, 1);     // row mine_row
+  const unsigned int give0 = word(!odd, 0), give1 = word(!odd, 1);  // row mine_row ^ 1
   const unsigned int got0 = __shfl_xor_sync(0xffffffffu, give0, 4);
   const unsigned int got1 = __shfl_xor_sync(0xffffffffu, give1, 4);
   // even lane: own = row r0, got = row r0 + 8 (partner computed rows r0 + 7 / r0 + 8);
@@ -94,9 +103,92 @@ __device__ __forceinline__ void cf_dropout_keep4(const cf_dropout& d, unsigned i
   keep[3] = b1 >= d.threshold;
 }
 
-// Test entry (compiled by tests/test_dropout_device.py, used by no kernel): bits[n] for
-// element n of a (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form
-// for a 16-row-aligned grid (rows % 16 == 0, cols % 8 == 0), one warp per 16 x 8 piece.
+// The forward's form: rows are queries.
+__device__ __forceinline__ void cf_dropout_keep4(const cf_dropout& d, unsigned int bh,
+                                                 unsigned int r0, unsigned int c0, bool keep[4]) {
+  cf_dropout_keep4_rows<false>(d, bh, r0, c0, keep);
+}
+
+// -- the kernels' side (CF_DROPOUT; docs/dropout.md) ---------------------------------------
+// Dropout kernels take CF_DROP_PARAMS after CF_BSP_PARAMS (nothing when off, so other kernels
+// keep their parameters and code):
+//   unsigned int drop_k0, drop_k1     the seed's low and high words
+//   unsigned int drop_offset          counter word 3
+//   unsigned int drop_threshold       kept iff bits >= threshold
+//   float drop_scale                  1 / (1 - dropout_p)
+//   int drop_bh0                      b0 * heads for a launch over batch entries b0 ..
+#ifndef CF_DROPOUT
+#define CF_DROPOUT 0
+#endif
+#if CF_DROPOUT
+#define CF_DROP_PARAMS                                                                    \
+  , unsigned int drop_k0, unsigned int drop_k1, unsigned int drop_offset,                 \
+      unsigned int drop_threshold, float drop_scale, int drop_bh0
+#define CF_DROP \
+  Dropout { cf_dropout{drop_k0, drop_k1, drop_offset, drop_threshold}, drop_scale, drop_bh0 }
+#else
+#define CF_DROP_PARAMS
+#define CF_DROP \
+  Dropout {}
+#endif
+
+// A launch's dropout: which elements the fragments keep (every lane of the warp calls
+// keep_bits / drop_p: shuffles), and the scale of the kept ones. Without CF_DROPOUT everything is kept
+// and the scale is 1, as constants.
+struct Dropout {
+  cf_dropout d;
+  float scale_;
+  int bh0;
+  // the Philox head index of (b, h), b within the launch's batch slice
+  __device__ __forceinline__ unsigned int head(int b, int h, int heads) const {
+    return (unsigned int)(bh0 + b * heads + h);
+  }
+  __device__ __forceinline__ float scale() const { return CF_DROPOUT ? scale_ : 1.f; }
+  // One element (query i, key j): the float32 SIMT kernels' form (a Philox call each).
+  __device__ __forceinline__ bool kept(unsigned int bh, int i, int j) const {
+    return !CF_DROPOUT || cf_dropout_bits(d, bh, i, j) >= d.threshold;
+  }
+  // The kept flags of NT fragments side by side (fragment t: columns c0 + 8t, + 1), bit
+  // 4t + e for element e. A loop the compiler keeps rolled: one Philox chain at a time in
+  // registers, where NT unrolled chains side by side spilled the Hopper kernels.
+  template <int NT, bool KEYS_AS_ROWS = false>
+  __device__ __forceinline__ unsigned long long keep_bits(unsigned int bh, int r0,
+                                                          int c0) const {
+    static_assert(NT <= 16, "64 bits: 16 fragments of 4");
+    if (!CF_DROPOUT) return ~0ull;
+    unsigned long long bits = 0;
+#pragma unroll 1
+    for (int t = 0; t < NT; ++t) {
+      bool keep[4];
+      cf_dropout_keep4_rows<KEYS_AS_ROWS>(d, bh, r0, c0 + 8 * t, keep);
+      const unsigned int four = keep[0] | keep[1] << 1 | keep[2] << 2 | keep[3] << 3;
+      bits |= (unsigned long long)four << (4 * t);
+    }
+    return bits;
+  }
+  // Element e of fragment t in keep_bits' word.
+  __device__ __forceinline__ static bool bit(unsigned long long bits, int t, int e) {
+    return (bits >> (4 * t + e)) & 1;
+  }
+  // P of NT fragments in place (rows = queries r0, r0 + 8; fragment t: keys c0 + 8t, + 1):
+  // the dropped elements become 0, the kept ones keep their value (the forward scales O once,
+  // at the end).
+  template <int NT>
+  __device__ __forceinline__ void drop_p(float (&p)[NT][4], unsigned int bh, int r0,
+                                         int c0) const {
+    if (!CF_DROPOUT) return;
+    const unsigned long long bits = keep_bits<NT>(bh, r0, c0);
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[t][e] = bit(bits, t, e) ? p[t][e] : 0.f;
+  }
+};
+
+// Test entries (compiled by tests/test_dropout_device.py): bits[n] for element n of a
+// (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form for a 16-row-aligned
+// grid (rows % 16 == 0, cols % 8 == 0), one warp per 16 x 8 piece; keep4_t the backward's
+// form (keys as fragment rows: cols % 16 == 0, rows % 8 == 0), written query-major too.
 #ifdef CF_PHILOX_TEST
 extern "C" __global__ void cf_philox_test_bits(unsigned int* bits, int batch, int heads, int rows,
                                                int cols, unsigned int seed_lo,
@@ -127,5 +219,23 @@ extern "C" __global__ void cf_philox_test_keep4(unsigned char* keep, int rows, i
   base[r0 * cols + c0 + 1] = k[1];
   base[(r0 + 8) * cols + c0] = k[2];
   base[(r0 + 8) * cols + c0 + 1] = k[3];
+}
+extern "C" __global__ void cf_philox_test_keep4_t(unsigned char* keep, int rows, int cols,
+                                                  unsigned int seed_lo, unsigned int seed_hi,
+                                                  unsigned int offset, unsigned int threshold) {
+  // blockIdx.x = 16 keys x 8 queries piece, blockIdx.y = b * heads + h; 32 threads
+  const int pieces_per_row = rows / 8;  // query pieces per 16 keys
+  const unsigned int key0 = (blockIdx.x / pieces_per_row) * 16;
+  const unsigned int q0 = (blockIdx.x % pieces_per_row) * 8;
+  const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const unsigned int r0 = key0 + g, c0 = q0 + 2 * t;
+  const cf_dropout d{seed_lo, seed_hi, offset, threshold};
+  bool k[4];
+  cf_dropout_keep4_rows<true>(d, blockIdx.y, r0, c0, k);
+  unsigned char* base = keep + (long long)blockIdx.y * rows * cols;  // [query][key]
+  base[c0 * cols + r0] = k[0];
+  base[(c0 + 1) * cols + r0] = k[1];
+  base[c0 * cols + r0 + 8] = k[2];
+  base[(c0 + 1) * cols + r0 + 8] = k[3];
 }
 #endif

@@ -424,14 +424,20 @@ __device__ __forceinline__ SimtRowStats simt_row_stats(const float* lse2_bh, con
 // FFMA and x the same simt_mm_nt sum as the forward's (flash_fwd_fp32.cu, softmax_tile, says
 // why): at large logits a per-element difference between the two P is amplified in dQ.
 // Masked keys take P = 0 by a select, so a NaN score a row does not see is never used.
+// Dropout (docs/dropout.md; bh the Philox head): dS = P (dP Z / (1 - p) - delta), and the
+// returned p, dV's operand, is P Z / (1 - p).
 struct SimtPdS {
   float p, ds;
 };
 __device__ __forceinline__ SimtPdS simt_p_ds(float x, float dp, bool seen, int i, int j,
                                              const SimtRowStats& st, const ScoreMods& mods,
-                                             float scale_log2) {
+                                             float scale_log2, const Dropout& drop,
+                                             unsigned int bh) {
   float t = 0.f;
   if (CF_SCORE_MODS) x = mods.apply(x, i, j, t);  // softcap, ALiBi (cf_mask.cuh)
   const float p = seen ? simt_exp2(fmaf(x, scale_log2, -st.lse2)) : 0.f;
-  return SimtPdS{p, p * (dp - st.delta) * softcap_grad(t)};
+  if (!CF_DROPOUT) return SimtPdS{p, p * (dp - st.delta) * softcap_grad(t)};
+  const bool keep = drop.kept(bh, i, j);
+  return SimtPdS{keep ? p * drop.scale() : 0.f,
+                 p * ((keep ? dp * drop.scale() : 0.f) - st.delta) * softcap_grad(t)};
 }

@@ -123,7 +123,7 @@ __device__ __forceinline__ void bwd_subtile(
     const float* tDelta, elem_t* sdS, float (&acc_dk)[bwd::kDC / 8][4],
     float (&acc_dv)[bwd::kDC / 8][4], int qs, int q0, int krow0, int key0, int c0,
     int seqlen_q, int seqlen_k, int head_dim, const MaskPolicy& mask, const ScoreMods& mods,
-    float scale_log2, int lane) {
+    float scale_log2, const Dropout& drop, unsigned int bh, int lane) {
   using namespace bwd;
   const int grp = lane >> 2, tig = lane & 3;
   // Skip when every P^T entry of this warp's 16 x kMS block is 0: queries all past seqlen_q,
@@ -144,9 +144,11 @@ __device__ __forceinline__ void bwd_subtile(
   scores_and_dp<kMS, kKUnroll>(s, dp, sK, sV, krow0, tQ, tdO, qs, head_dim, lane);
 
   // -- S^T modified (cf_mask.cuh); P^T = exp2(S^T scale_log2 - lse2_q), masked;
-  // dS^T = P^T (dP^T - delta_q) (times softcap's 1 - tanh^2)
+  // dS^T = P^T (dP^T - delta_q) (times softcap's 1 - tanh^2); dropout (docs/dropout.md):
+  // dP^T Z / (1 - p) in dS^T, P^T Z / (1 - p) for dV.
   // C element e of n-tile n: key = key0 + grp + 8 (e >> 1), query = q0 + 8 n + 2 tig + (e & 1).
   const bool need_mask = !mask.full(q0, q0 + kMS - 1, key0, key0 + 15);
+  const unsigned long long keep = drop.keep_bits<kMS / 8, true>(bh, key0 + grp, q0 + 2 * tig);
 #pragma unroll
   for (int n = 0; n < kMS / 8; ++n) {
     const float2 lse = *reinterpret_cast<const float2*>(tLse + qs + 8 * n + 2 * tig);
@@ -159,8 +161,10 @@ __device__ __forceinline__ void bwd_subtile(
       if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], qi, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
       if (need_mask && !mask.visible(qi, key)) p = 0.f;
-      s[n][e] = p;
-      dp[n][e] = p * (dp[n][e] - ((e & 1) ? dlt.y : dlt.x)) * softcap_grad(t);
+      const bool kept = Dropout::bit(keep, n, e);
+      const float dpz = !CF_DROPOUT ? dp[n][e] : kept ? dp[n][e] * drop.scale() : 0.f;
+      s[n][e] = !CF_DROPOUT ? p : kept ? p * drop.scale() : 0.f;
+      dp[n][e] = p * (dpz - ((e & 1) ? dlt.y : dlt.x)) * softcap_grad(t);
     }
   }
 
@@ -232,7 +236,7 @@ __device__ __forceinline__ void bwd_dq_atomic(const elem_t* sdS, const elem_t* s
 // minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
-    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd;
   extern __shared__ __align__(16) unsigned char cf_smem[];
   const Smem sm(cf_smem);
@@ -247,6 +251,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
   if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
   const int c0 = chunk * CF_DCHUNK;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
 
   // -- the query tiles that see keys n0.., for each head of the group (cf_bwd_stream.cuh)
   const QueryOperands qops = CF_BWD_QUERY_ARGS;
@@ -271,7 +276,7 @@ extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
     for (int qs = 0; qs < kBM; qs += kMS)
       bwd_subtile(sm.sK, sm.sV, t.q, t.dout, t.lse, t.delta, sm.sS, acc_dk, acc_dv, qs, t.m0 + qs,
                   16 * warp, n0 + 16 * warp, c0, seqlen_q, seqlen_k, head_dim, mask, mods,
-                  scale_log2, lane);
+                  scale_log2, drop, drop.head(b, t.h, heads), lane);
 
     if (CF_DQ_ATOMIC) {
       __syncthreads();  // sdS complete; the Q / dO stage is no longer read in this iteration

@@ -88,7 +88,8 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
                                            const float lse[2], const float dlt[2], int ns,
                                            int key0, int row0, int sqrow0, int seqlen_k,
                                            int head_dim, const MaskPolicy& mask,
-                                           const ScoreMods& mods, float scale_log2, int lane) {
+                                           const ScoreMods& mods, float scale_log2,
+                                           const Dropout& drop, unsigned int bh, int lane) {
   using namespace bwd_dq;
   const int grp = lane >> 2, tig = lane & 3;
   // Skip when the warp's 16 x kNS block of P is all 0: keys past seqlen_k, or no visible
@@ -103,6 +104,8 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
   // dS = P (dP - delta_i) (times softcap's 1 - tanh^2)
   // C element e of n-tile n: row = row0 + grp + 8 (e >> 1), key = key0 + 8 n + 2 tig + (e & 1).
   const bool need_mask = !mask.full(row0, row0 + 15, key0, key0 + kNS - 1);
+  // dropout (docs/dropout.md): dS = P (dP Z / (1 - p) - delta)
+  const unsigned long long keep = drop.keep_bits<kNS / 8>(bh, row0 + grp, key0 + 2 * tig);
 #pragma unroll
   for (int n = 0; n < kNS / 8; ++n) {
 #pragma unroll
@@ -113,7 +116,10 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
       if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], row, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -lse[e >> 1]));
       if (need_mask && !mask.visible(row, key)) p = 0.f;
-      dp[n][e] = p * (dp[n][e] - dlt[e >> 1]) * softcap_grad(t);
+      const float dpz = !CF_DROPOUT         ? dp[n][e]
+                        : Dropout::bit(keep, n, e) ? dp[n][e] * drop.scale()
+                                                   : 0.f;
+      dp[n][e] = p * (dpz - dlt[e >> 1]) * softcap_grad(t);
     }
   }
 
@@ -139,7 +145,7 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
 // minBlocksPerSM = 1 lets ptxas use up to 255 registers: without it ptxas sometimes aims at
 // 168 (three 128-thread blocks per SM) and spills a few bytes (seen at head_dim 32, 192, 224).
 extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
-    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd_dq;
   CF_REQUIRE_SMEM(kSmemBytes);
   extern __shared__ __align__(16) unsigned char cf_smem[];
@@ -164,6 +170,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
   const int n_tiles = kept.count();
   const KeptSteps<KeptKeyTiles<kBN>> key_tile(kept, kept.begin);  // iteration it's key tile
   const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
 
   // lse2 and delta of this thread's two rows (+inf and 0 past seqlen_q: P = dS = 0 there)
   float lse[2], dlt[2];
@@ -212,7 +219,8 @@ extern "C" __global__ void __launch_bounds__(bwd_dq::kThreads, 1)
 #pragma unroll 1
       for (int ns = 0; ns < kBN; ns += kNS)
         dq_subtile(sQ, sdO, tK, tV, acc, lse, dlt, ns, key_tile(it) * kBN + ns, row0,
-                   16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, lane);
+                   16 * warp, seqlen_k, head_dim, mask, mods, scale_log2, drop,
+                   drop.head(b, h, heads), lane);
     }
     stream_refill<kStages>(it, n_tiles, load_kv_tile);
   }

@@ -61,13 +61,15 @@ static_assert(4 * (2 * (BM + BN) * LDH + BM * LDS) == CF_BWD_DQ_FP32_SMEM_BYTES,
 }  // namespace bwd_dq32
 
 extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
+    flash_bwd_dq(CF_BWD_DQ_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd_dq32;
   // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
   const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
                                    stride_kn, stride_kh, v, stride_vb, stride_vn, stride_vh,
                                    CF_MOD_ARGS, CF_SEQ_ARGS, CF_BSP_MASK);
   const KeptSteps<KeptKeyTiles<BN>> key_tile(blk.kept, blk.kept.begin);  // iteration t's tile
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  const unsigned int drop_bh = drop.head(blk.b, blk.h, heads);
   const int first0 = CF_BLOCK_SPARSE ? key_tile(0) * BN : blk.n_first;  // its keys
   if (blk.idle()) return;
   SimtBwdSmem<BM, BN, D> smem(CF_BWD_DQ_FP32_SMEM_BYTES);
@@ -139,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(bwd_dq32::NT, CF_FP32_MIN_BLOCKS)
           const int key = n0 + c1 + Tile1::CL * j;
           sdS[(r1 + Tile1::RL * i) * LDS + c1 + Tile1::CL * j] =
               simt_p_ds(s[i][j], dp[i][j], keys[i].contains(key), m0 + r1 + Tile1::RL * i, key,
-                        stats[i], blk.mods, scale_log2).ds;
+                        stats[i], blk.mods, scale_log2, drop, drop_bh).ds;
         }
       }
     }

@@ -86,7 +86,8 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
                                           float* sPt, float* sdSt, float* sdS, int q_row,
                                           int k_col, int r_loc, int c_loc,
                                           const MaskPolicy& mask, const ScoreMods& mods,
-                                          float scale_log2) {
+                                          float scale_log2, const Dropout& drop,
+                                          unsigned int bh) {
 #pragma unroll
   for (int i = 0; i < Tile1::TM; ++i) {
     const int r = q_row + Tile1::RL * i;
@@ -98,7 +99,8 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
     for (int j = 0; j < Tile1::TN; ++j) {
       const int key = k_col + Tile1::CL * j;
       const SimtPdS pds =
-          simt_p_ds(s[i][j], dp[i][j], keys.contains(key), r, key, st, mods, scale_log2);
+          simt_p_ds(s[i][j], dp[i][j], keys.contains(key), r, key, st, mods, scale_log2, drop,
+                    bh);
       const int cc = c_loc + Tile1::CL * j;
       sPt[cc * LDT + rr] = pds.p;
       sdSt[cc * LDT + rr] = pds.ds;
@@ -109,7 +111,7 @@ __device__ __forceinline__ void p_ds_tile(const float (&s)[Tile1::TM][Tile1::TN]
 }  // namespace bwd32
 
 extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
-    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd32;
   SimtBwdSmem<BM, BN, D> smem(CF_BWD_FP32_SMEM_BYTES);
   float *sQ = smem.q, *sdO = smem.dout, *sK = smem.k, *sV = smem.v;
@@ -119,6 +121,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n_chunks = (head_dim + DC - 1) / DC;
   const int chunk = blockIdx.z % n_chunks, b = blockIdx.z / n_chunks;
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
   const int c0 = chunk * DC;  // first head_dim column of this block's dK, dV (and dQ)
   const int n0 = blockIdx.x * BN, hk = blockIdx.y;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
@@ -175,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(bwd32::NT, CF_FP32_MIN_BLOCKS)
       const cf_i64 bh = seq.stats(h);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
       p_ds_tile(s, dp, lse2 + bh, delta + bh, sPt, sdSt, sdS, m0 + r1, n0 + c1, r1, c1, mask, mods,
-                scale_log2);
+                scale_log2, drop, drop.head(b, h, heads));
     }
     __syncthreads();  // sPt, sdSt, sdS complete
 

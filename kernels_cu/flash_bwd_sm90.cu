@@ -102,7 +102,7 @@ enum : int {
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd90;
   (void)dq_semaphore;  // ordered dQ is flash_bwd_sm90_ws.cu's
   extern __shared__ __align__(1024) unsigned char smem[];
@@ -133,6 +133,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const int split_heads = heads_per_kv / kv_splits;  // query heads of the group this block owns
   const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
   const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
 
   // -- the query tiles that see keys n0..: [m_first, qt.end) per query head (cf_mask.cuh)
   const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);
@@ -221,6 +222,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
       const int r = (warp & 3) * 16 + group;
+      const unsigned long long keep =  // dropout's kept flags (S^T: keys as rows)
+          drop.keep_bits<4, true>(drop.head(b, h, heads), key_row, m0 + qw + 2 * tig);
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const int col = qw + 8 * t + 2 * tig;
@@ -228,7 +231,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
         p_ds_fragment(x[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
-                      p, ds);
+                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop.scale());
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
         *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
@@ -274,6 +277,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);  // per query head (ALiBi)
       cf_u32 pa[kQSteps][4], dsa[kQSteps][4];
+      const unsigned long long keep =  // dropout's kept flags (S^T: keys as rows)
+          drop.keep_bits<kNT, true>(drop.head(b, h, heads), key_row, m0 + 2 * tig);
 #pragma unroll
       for (int t = 0; t < kNT; ++t) {
         const int col = 8 * t + 2 * tig;
@@ -281,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
         p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
-                      p, ds);
+                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop.scale());
         // C fragment of n-tile t -> half of the A fragment of query step t / 2
         const int kq = t >> 1, hi = (t & 1) * 2;
         pa[kq][hi] = pack2(p[0], p[1]);

@@ -227,7 +227,7 @@ __device__ __forceinline__ void copy_tile(cf_u32 tile, const elem_t* rows, cf_i6
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace bwd90ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -351,6 +351,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   regs_alloc<kConsumerRegs>();
   CF_BWD_WS_BLOCK_WORK
   CF_BWD_WS_TILES
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
   const int me = wg - 1, cwarp = warp & 3, group = lane >> 2, tig = lane & 3;
   const cf_u32 sK_base = smem_addr(sK), sV_base = smem_addr(sV), sQ_sa = smem_addr(sQ);
   const cf_u32 sdO_sa = smem_addr(sdO), sdS_sa = smem_addr(sdS);
@@ -463,6 +464,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
     wgmma_commit();
     their_turn();
+    // dropout's kept flags of the tile (S^T: keys as rows) while the products run
+    const unsigned long long keep =
+        drop.keep_bits<kNT, true>(drop.head(b, h, heads), key_row, m0 + 2 * tig);
     // CF_BWD_STATS_AHEAD: the statistics one fragment ahead of their use, the first while
     // the products run (else each is read where used)
     const float* lse_t = sLse + st * kBM;
@@ -498,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       }
       float p[4], ds[4];
       p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2, p,
-                    ds);
+                    ds, (unsigned int)(keep >> 4 * t) & 15u, drop.scale());
       // to registers (the A operands of dV, dK) and dS^T to shared memory (dQ's)
       const int kq = t >> 1, hi = (t & 1) * 2;
       pa[kq][hi] = pack2(p[0], p[1]);

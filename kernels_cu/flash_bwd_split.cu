@@ -402,7 +402,8 @@ __device__ __forceinline__ void split_dq(const elem_t* sdS, const elem_t* sK, fl
 }
 
 extern "C" __global__ void __launch_bounds__(bwd::kThreads, 1)
-    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS) {
+    flash_bwd(CF_BWD_PARAMS, CF_MOD_PARAMS, CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
+  static_assert(!CF_DROPOUT, "the split layout has no dropout (the registry skips it)");
   using namespace bwd;
   extern __shared__ __align__(16) unsigned char cf_smem[];
   const Smem sm(cf_smem);

@@ -94,7 +94,7 @@ constexpr int kTileK = CF_BLOCK_N * kRowBytes;  // bytes of one K (or V) stage
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     flash_fwd(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-              CF_SEQ_PARAMS CF_BSP_PARAMS) {
+              CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   unsigned char* s_q = smem;                                   // CF_BLOCK_M rows
@@ -120,6 +120,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   const KeyTiles tiles = tile.tiles;  // visited last first
   const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
   const int n_tiles = kept.count();
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  const unsigned int bh = drop.head(b, h, heads);
 
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
@@ -180,6 +182,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band_sa, k_cur, lane_qv, lane_k);
     tile.modify_and_mask(s, j, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
+    drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     if (CF_STAGES == 1) {
       cp_async_wait<0>();  // V(j) landed
@@ -201,5 +204,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
   cp_async_wait<0>();  // only empty groups can be left; keeps the Q band safe to reuse
 
   store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
-                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane);
+                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane,
+                                      drop.scale());
 }

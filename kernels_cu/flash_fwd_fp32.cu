@@ -101,7 +101,8 @@ static_assert(4 * ((BM + 2 * BN) * LDH + BM * LDP) == CF_FWD_FP32_SMEM_BYTES, "s
 __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[TM],
                                              float (&m_i)[TM], float (&l_i)[TM], float* p_out,
                                              int q_row, int k_col, const MaskPolicy& mask,
-                                             const ScoreMods& mods, float scale_log2) {
+                                             const ScoreMods& mods, float scale_log2,
+                                             const Dropout& drop, unsigned int bh) {
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     const int r = q_row + RL * i;
@@ -123,8 +124,8 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const float p = simt_exp2(fmaf(s[i][j], scale_log2, -base));
-      sum += p;
-      p_out[(RL * i) * LDP + CL * j] = p;
+      sum += p;  // l: the undropped sum
+      p_out[(RL * i) * LDP + CL * j] = drop.kept(bh, r, k_col + CL * j) ? p : 0.f;
     }
     l_i[i] = fmaf(l_i[i], alpha[i], sum);
     m_i[i] = m_new;
@@ -134,7 +135,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[TM][TN], float (&alpha)[
 
 extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
     flash_fwd(CF_FWD_PARAMS(__restrict__), CF_MOD_PARAMS, const float* sinks,
-              CF_SEQ_PARAMS CF_BSP_PARAMS) {
+              CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace fwd32;
   // -- query tile, sequence, key range and modifiers (cf_simt.cuh, cf_mask.cuh)
   const SimtQueryBlock<BM, BN> blk(heads, heads_per_kv, max_seqlen_q, max_seqlen_k, k, stride_kb,
@@ -153,6 +154,8 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int row0 = TileS::row0(warp, lane);  // tile row of the thread's row i = 0 (step RL)
   const int col0 = TileS::col0(warp, lane);  // S column / acc chunk of j, q = 0 (step CL)
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  const unsigned int bh = drop.head(blk.b, h, heads);
 
   float acc[TM][4 * TQ];
   float m_i[TM], l_i[TM];  // running max (log2 units); this thread's share of the row sum
@@ -188,7 +191,7 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
 
     float alpha[TM];
     softmax_tile(s, alpha, m_i, l_i, sP + row0 * LDP + col0, m0 + row0, n0 + col0, blk.mask,
-                 blk.mods, scale_log2);
+                 blk.mods, scale_log2, drop, bh);
 
     cp_async_wait<1>();  // V_t landed (K_{t+1} may still be in flight)
     __syncthreads();     // ... for every thread; sP complete
@@ -226,16 +229,17 @@ extern "C" __global__ void __launch_bounds__(fwd32::NT, CF_FP32_MIN_BLOCKS)
       elem_t* o_row = o + blk.seq.q_offset(stride_ob, stride_om) +
                           h * stride_oh + (cf_i64)r * stride_om;
       const bool seen = l != 0.f;  // NaN l is seen
+      const float o_scale = sink_scale * drop.scale();  // dropout: 1 / (1 - p)
 #pragma unroll
       for (int qc = 0; qc < TQ; ++qc) {
         const int col = 4 * (col0 + CL * qc);
         if (col < head_dim) {
           float4 out = make_float4(0.f, 0.f, 0.f, 0.f);
           if (seen)
-            out = make_float4(acc[i][4 * qc + 0] * sink_scale / l,
-                              acc[i][4 * qc + 1] * sink_scale / l,
-                              acc[i][4 * qc + 2] * sink_scale / l,
-                              acc[i][4 * qc + 3] * sink_scale / l);
+            out = make_float4(acc[i][4 * qc + 0] * o_scale / l,
+                              acc[i][4 * qc + 1] * o_scale / l,
+                              acc[i][4 * qc + 2] * o_scale / l,
+                              acc[i][4 * qc + 3] * o_scale / l);
           *reinterpret_cast<float4*>(o_row + col) = out;
         }
       }

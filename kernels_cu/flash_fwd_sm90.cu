@@ -65,7 +65,7 @@ using Sm90Loader = PanelLoader<ROWS, sm90::kChunks, sm90::kThreads>;
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace sm90;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -97,6 +97,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const KeyTiles tiles = tile.tiles;  // visited last first
   const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
   const int n_tiles = kept.count();
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  const unsigned int bh = drop.head(b, h, heads);
 
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
@@ -144,6 +146,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
     tile.modify_and_mask(s, j, rows);
     online_softmax(s, m_i, l_i, acc, scale_log2);
+    drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     wgmma_fence();
     sm90_pv<CF_BLOCK_N, CF_HEAD_DIM>(acc, s, v_cur);
@@ -156,5 +159,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band
 
   store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
-                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane);
+                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane,
+                                      drop.scale());
 }

@@ -101,7 +101,7 @@ struct StageBarriers {
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -178,6 +178,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // ---- the consumers ---------------------------------------------------------------------
   regs_alloc<kConsumerRegs>();
   const RowBounds rows(tile.mask, tile.row0);  // for mask_s
+  const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  const unsigned int bh = drop.head(b, h, heads);
   const int me = wg - 1;                        // 0 .. kConsumers - 1
   float acc[kDT][4], m_i[2], l_i[2];
   init_rows(acc, m_i, l_i);
@@ -215,6 +217,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
     tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
     softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+    drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
+                                      2 * tig);  // after l_i: m, l undropped
     sm90_pack_p<CF_BLOCK_N>(p16, s);
 
 #pragma unroll 1
@@ -241,6 +245,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       __syncwarp();
       if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
       rescale_acc(acc, alpha);
+      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
       sm90_pack_p<CF_BLOCK_N>(p16, s);
     }
     const int last = (n_tiles - 1) % CF_STAGES;
@@ -256,5 +261,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   named_bar_sync(kConsumerBarrier, kConsumerThreads);  // both done reading Q: O staging next
 
   store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
-                                      stride_oh, m_out, l_out, head_dim, s_q, cwarp, lane);
+                                      stride_oh, m_out, l_out, head_dim, s_q, cwarp, lane,
+                                      drop.scale());
 }

@@ -85,6 +85,15 @@ def test_block_sparse_specs_compile_without_spills(arch):
     _assert_compiled_without_spills(work, f"block-sparse {arch}")
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_dropout_specs_compile_without_spills(arch):
+    """Every spec the arch selects, compiled for dropout (CF_DROPOUT: cf_philox.cuh's
+    Philox mask in the softmax; docs/dropout.md): zero spills, like the dense ones."""
+    work = aot.compile_work([arch], all_budgets=False, dropout=True)
+    assert work and all("_dropout" in spec.name for spec, _ in work if spec.kind != "bwd_pre")
+    _assert_compiled_without_spills(work, f"dropout {arch}")
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}
