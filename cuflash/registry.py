@@ -331,10 +331,12 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
     # dropout: the split layout reloads P^T (dV's operand) for dS^T, which needs the undropped
     # P^T as well; the 16-keys-per-warp kernel takes those calls
     split = tuple(_also(t, ("dropout",)) for t in split)
-    # dropout on sm_120: 16-24 B spilled by (4, 64, 1) at d64 / d128, 8 B by causal (2, 32, 1)
-    # at d160 / d224 (NVRTC 13.5, 2026-12-02)
+    # dropout on sm_120: 16-24 B spilled by (4, 64, 1) at d64 / d128, 8 B by (4, 64, 2) at d64,
+    # 8 B by causal (2, 32, 1) at d160 / d224 (NVRTC 13.5, 2026-12-03)
     if bucket in (64, 128):
         own[1] = _also(own[1], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
+    if bucket == 64:
+        own[0] = _also(own[0], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
     if bucket in (160, 224):
         own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("causal", "dropout")))
     return (*split, *own)
@@ -416,29 +418,29 @@ PRE = {0: (_t(4, 0, 0, 1, f"elementwise, {PRE_ROWS} rows per block"),)}
 ALL_MODS = ("window", "softcap", "alibi", "sinks", "varlen")
 # Block masks (docs/block_sparse.md): the kernels whose tile loops skip masked tiles; dropout
 # (docs/dropout.md): the kernels that drop P by a Philox mask (not on packed sequences yet).
-SPARSE = (*ALL_MODS, "block_sparse", "dropout")
+TILE_MODS = (*ALL_MODS, "block_sparse", "dropout")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,
-            wgmma=True, modifiers=SPARSE, split_layout=fwd90_warp_specialized,
+            wgmma=True, modifiers=TILE_MODS, split_layout=fwd90_warp_specialized,
             split_source="flash_fwd_sm90_ws.cu"),
     Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
-            modifiers=SPARSE),
+            modifiers=TILE_MODS),
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
-            modifiers=SPARSE),
+            modifiers=TILE_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
-            BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=SPARSE,
+            BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=TILE_MODS,
             split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu",
             ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16, modifiers=SPARSE, split_layout=bwd_split_layout,
+            dchunk=_dchunk_bwd16, modifiers=TILE_MODS, split_layout=bwd_split_layout,
             split_source="flash_bwd_split.cu"),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
-            dchunk=_dchunk_bwd32, modifiers=SPARSE),
+            dchunk=_dchunk_bwd32, modifiers=TILE_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,
-            BWD_DQ16, modifiers=SPARSE),
+            BWD_DQ16, modifiers=TILE_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq_fp32.cu", "flash_bwd_dq", FLOAT,
-            _smem_bwd_dq32, BWD_DQ32, modifiers=SPARSE),
+            _smem_bwd_dq32, BWD_DQ32, modifiers=TILE_MODS),
     Variant("bwd_pre", "backward_pre", "flash_bwd_pre.cu", "flash_bwd_preprocess", DTYPES,
             _smem_none, PRE, modifiers=ALL_MODS),
 )

@@ -93,13 +93,13 @@ __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, 
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative. Dropout (docs/dropout.md): `keep`, bit e
-// for element e (Dropout::keep_bits), drop_scale 1 / (1 - p); dP becomes dP Z / (1 - p) and
-// the returned p, dV's operand, P Z / (1 - p).
+// for element e (Dropout::keep_bits); dP becomes dP Z / (1 - p) and the returned p, dV's
+// operand, P Z / (1 - p).
 __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
                                               float2 dl, int key_row, int q_col, bool masked,
                                               const MaskPolicy& mask, const ScoreMods& mods,
                                               float scale_log2, float (&p)[4], float (&ds)[4],
-                                              unsigned int keep, float drop_scale) {
+                                              unsigned int keep, const Dropout& drop) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
@@ -108,9 +108,8 @@ __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4
     p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
     if (masked && !mask.visible(qi, key)) p[e] = 0.f;
     const bool kept = (keep >> e) & 1;
-    const float dpz = !CF_DROPOUT ? dp[e] : kept ? dp[e] * drop_scale : 0.f;
-    ds[e] = p[e] * (dpz - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-    if (CF_DROPOUT) p[e] = kept ? p[e] * drop_scale : 0.f;
+    ds[e] = p[e] * (drop.apply(kept, dp[e]) - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+    p[e] = drop.apply(kept, p[e]);
   }
 }
 

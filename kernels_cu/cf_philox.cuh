@@ -14,7 +14,7 @@
 // (g = lane / 4, t = lane % 4) rows {g, g + 8} and columns {2t, 2t + 1} of each 16 x 8 piece;
 // the square of row g is shared with lane ^ 4 (row g ^ 1): one lane computes the square of
 // its row g, the other the square of its row g + 8, and they swap two words
-// (`cf_dropout_keep4`). The backward's S^T fragment (keys as rows) is the same picture with
+// (`cf_dropout_keep4_rows`). The backward's S^T fragment (keys as rows) is the same picture with
 // i and j exchanged, which the symmetric square keeps at one call per four elements.
 #pragma once
 
@@ -60,7 +60,7 @@ __device__ __forceinline__ cf_philox_words cf_dropout_square(const cf_dropout& d
   return cf_philox4x32_10(cf_philox_words{j >> 1, i >> 1, bh, d.offset}, d.k0, d.k1);
 }
 
-// The random bits of one element (the reference form; a kernel uses cf_dropout_keep4).
+// The random bits of one element (the reference form; a kernel uses Dropout::keep_bits).
 __device__ __forceinline__ unsigned int cf_dropout_bits(const cf_dropout& d, unsigned int bh,
                                                         unsigned int i, unsigned int j) {
   const cf_philox_words s = cf_dropout_square(d, bh, i, j);
@@ -101,12 +101,6 @@ __device__ __forceinline__ void cf_dropout_keep4_rows(const cf_dropout& d, unsig
   keep[1] = a1 >= d.threshold;
   keep[2] = b0 >= d.threshold;
   keep[3] = b1 >= d.threshold;
-}
-
-// The forward's form: rows are queries.
-__device__ __forceinline__ void cf_dropout_keep4(const cf_dropout& d, unsigned int bh,
-                                                 unsigned int r0, unsigned int c0, bool keep[4]) {
-  cf_dropout_keep4_rows<false>(d, bh, r0, c0, keep);
 }
 
 // -- the kernels' side (CF_DROPOUT; docs/dropout.md) ---------------------------------------
@@ -166,6 +160,11 @@ struct Dropout {
     }
     return bits;
   }
+  // x Z / (1 - p) for an element kept or not: the backward's dV operand (x = P) and its dP
+  // in dS = P (dP Z / (1 - p) - delta). x itself without CF_DROPOUT.
+  __device__ __forceinline__ float apply(bool kept, float x) const {
+    return !CF_DROPOUT ? x : kept ? x * scale_ : 0.f;
+  }
   // Element e of fragment t in keep_bits' word.
   __device__ __forceinline__ static bool bit(unsigned long long bits, int t, int e) {
     return (bits >> (4 * t + e)) & 1;
@@ -186,9 +185,9 @@ struct Dropout {
 };
 
 // Test entries (compiled by tests/test_dropout_device.py): bits[n] for element n of a
-// (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form for a 16-row-aligned
-// grid (rows % 16 == 0, cols % 8 == 0), one warp per 16 x 8 piece; keep4_t the backward's
-// form (keys as fragment rows: cols % 16 == 0, rows % 8 == 0), written query-major too.
+// (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form for a grid of
+// `rows` queries x `cols` keys, one warp per 16 x 8 piece, queries as fragment rows (rows % 16
+// == 0, cols % 8 == 0) or keys (cols % 16 == 0, rows % 8 == 0), written query-major.
 #ifdef CF_PHILOX_TEST
 extern "C" __global__ void cf_philox_test_bits(unsigned int* bits, int batch, int heads, int rows,
                                                int cols, unsigned int seed_lo,
@@ -204,38 +203,24 @@ extern "C" __global__ void cf_philox_test_bits(unsigned int* bits, int batch, in
 
 extern "C" __global__ void cf_philox_test_keep4(unsigned char* keep, int rows, int cols,
                                                 unsigned int seed_lo, unsigned int seed_hi,
-                                                unsigned int offset, unsigned int threshold) {
-  // blockIdx.x = 16 x 8 piece, blockIdx.y = b * heads + h; 32 threads
-  const int pieces_per_row = cols / 8;
-  const unsigned int row0 = (blockIdx.x / pieces_per_row) * 16;
-  const unsigned int col0 = (blockIdx.x % pieces_per_row) * 8;
+                                                unsigned int offset, unsigned int threshold,
+                                                int keys_as_rows) {
+  // blockIdx.x = a 16 x 8 piece of the fragment grid (16 fragment rows: queries, or keys
+  // with keys_as_rows), blockIdx.y = b * heads + h; 32 threads; keep is query-major
+  const int frag_cols = keys_as_rows ? rows : cols;
+  const unsigned int row0 = (blockIdx.x / (frag_cols / 8)) * 16;
+  const unsigned int col0 = (blockIdx.x % (frag_cols / 8)) * 8;
   const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
   const unsigned int r0 = row0 + g, c0 = col0 + 2 * t;
   const cf_dropout d{seed_lo, seed_hi, offset, threshold};
   bool k[4];
-  cf_dropout_keep4(d, blockIdx.y, r0, c0, k);
+  if (keys_as_rows) cf_dropout_keep4_rows<true>(d, blockIdx.y, r0, c0, k);
+  else cf_dropout_keep4_rows<false>(d, blockIdx.y, r0, c0, k);
   unsigned char* base = keep + (long long)blockIdx.y * rows * cols;
-  base[r0 * cols + c0] = k[0];
-  base[r0 * cols + c0 + 1] = k[1];
-  base[(r0 + 8) * cols + c0] = k[2];
-  base[(r0 + 8) * cols + c0 + 1] = k[3];
-}
-extern "C" __global__ void cf_philox_test_keep4_t(unsigned char* keep, int rows, int cols,
-                                                  unsigned int seed_lo, unsigned int seed_hi,
-                                                  unsigned int offset, unsigned int threshold) {
-  // blockIdx.x = 16 keys x 8 queries piece, blockIdx.y = b * heads + h; 32 threads
-  const int pieces_per_row = rows / 8;  // query pieces per 16 keys
-  const unsigned int key0 = (blockIdx.x / pieces_per_row) * 16;
-  const unsigned int q0 = (blockIdx.x % pieces_per_row) * 8;
-  const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
-  const unsigned int r0 = key0 + g, c0 = q0 + 2 * t;
-  const cf_dropout d{seed_lo, seed_hi, offset, threshold};
-  bool k[4];
-  cf_dropout_keep4_rows<true>(d, blockIdx.y, r0, c0, k);
-  unsigned char* base = keep + (long long)blockIdx.y * rows * cols;  // [query][key]
-  base[c0 * cols + r0] = k[0];
-  base[(c0 + 1) * cols + r0] = k[1];
-  base[c0 * cols + r0 + 8] = k[2];
-  base[(c0 + 1) * cols + r0 + 8] = k[3];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const unsigned int r = r0 + 8 * (e >> 1), c = c0 + (e & 1);  // fragment row, column
+    base[keys_as_rows ? c * cols + r : r * cols + c] = k[e];
+  }
 }
 #endif

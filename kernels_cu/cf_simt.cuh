@@ -436,8 +436,6 @@ __device__ __forceinline__ SimtPdS simt_p_ds(float x, float dp, bool seen, int i
   float t = 0.f;
   if (CF_SCORE_MODS) x = mods.apply(x, i, j, t);  // softcap, ALiBi (cf_mask.cuh)
   const float p = seen ? simt_exp2(fmaf(x, scale_log2, -st.lse2)) : 0.f;
-  if (!CF_DROPOUT) return SimtPdS{p, p * (dp - st.delta) * softcap_grad(t)};
-  const bool keep = drop.kept(bh, i, j);
-  return SimtPdS{keep ? p * drop.scale() : 0.f,
-                 p * ((keep ? dp * drop.scale() : 0.f) - st.delta) * softcap_grad(t)};
+  const bool kept = drop.kept(bh, i, j);  // true without CF_DROPOUT
+  return SimtPdS{drop.apply(kept, p), p * (drop.apply(kept, dp) - st.delta) * softcap_grad(t)};
 }

@@ -162,9 +162,8 @@ __device__ __forceinline__ void bwd_subtile(
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -((e & 1) ? lse.y : lse.x)));
       if (need_mask && !mask.visible(qi, key)) p = 0.f;
       const bool kept = Dropout::bit(keep, n, e);
-      const float dpz = !CF_DROPOUT ? dp[n][e] : kept ? dp[n][e] * drop.scale() : 0.f;
-      s[n][e] = !CF_DROPOUT ? p : kept ? p * drop.scale() : 0.f;
-      dp[n][e] = p * (dpz - ((e & 1) ? dlt.y : dlt.x)) * softcap_grad(t);
+      s[n][e] = drop.apply(kept, p);
+      dp[n][e] = p * (drop.apply(kept, dp[n][e]) - ((e & 1) ? dlt.y : dlt.x)) * softcap_grad(t);
     }
   }
 

@@ -116,9 +116,7 @@ __device__ __forceinline__ void dq_subtile(const elem_t* sQ, const elem_t* sdO, 
       if (CF_SCORE_MODS) s[n][e] = mods.apply(s[n][e], row, key, t);
       float p = fast_exp2(fmaf(s[n][e], scale_log2, -lse[e >> 1]));
       if (need_mask && !mask.visible(row, key)) p = 0.f;
-      const float dpz = !CF_DROPOUT         ? dp[n][e]
-                        : Dropout::bit(keep, n, e) ? dp[n][e] * drop.scale()
-                                                   : 0.f;
+      const float dpz = drop.apply(Dropout::bit(keep, n, e), dp[n][e]);
       dp[n][e] = p * (dpz - dlt[e >> 1]) * softcap_grad(t);
     }
   }

@@ -231,7 +231,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
         p_ds_fragment(x[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
-                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop.scale());
+                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop);
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r, col)) = pack2(p[0], p[1]);
         *reinterpret_cast<cf_u32*>(sP + sm90_offset<kBN>(r + 8, col)) = pack2(p[2], p[3]);
         *reinterpret_cast<cf_u32*>(sdS + sm90_offset<kBN>(r, col)) = pack2(ds[0], ds[1]);
@@ -286,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
         const float2 dl = *reinterpret_cast<const float2*>(delta_t + col);
         float p[4], ds[4];
         p_ds_fragment(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods, scale_log2,
-                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop.scale());
+                      p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop);
         // C fragment of n-tile t -> half of the A fragment of query step t / 2
         const int kq = t >> 1, hi = (t & 1) * 2;
         pa[kq][hi] = pack2(p[0], p[1]);

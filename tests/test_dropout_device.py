@@ -2,7 +2,7 @@
 
 CPU: NVRTC compiles the header's test entries for sm_75, sm_80, sm_90 and sm_120 with zero
 spills and no stack. GPU: the device bits equal NumPy's element for element (Random123's
-known answers included through the layout), and the fragment form ``cf_dropout_keep4`` (one
+known answers included through the layout), and the fragment form ``cf_dropout_keep4_rows`` (one
 Philox call per lane and two shuffles) gives the same kept-mask as ``cuflash.dropout_mask``.
 """
 
@@ -17,7 +17,7 @@ from cuflash import philox
 from cuflash.compiler import kernels_dir, parse_ptxas_log
 
 ARCHS = ["sm_75", "sm_80", "sm_90", "sm_120"]
-ENTRIES = ("cf_philox_test_bits", "cf_philox_test_keep4", "cf_philox_test_keep4_t")
+ENTRIES = ("cf_philox_test_bits", "cf_philox_test_keep4")
 
 
 def _source() -> str:
@@ -80,19 +80,20 @@ def test_device_bits_equal_numpy(seed, offset):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("entry", ["cf_philox_test_keep4", "cf_philox_test_keep4_t"])
+@pytest.mark.parametrize("keys_as_rows", [0, 1])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_fragment_form_equals_dropout_mask(p, entry):
+def test_fragment_form_equals_dropout_mask(p, keys_as_rows):
     """Both fragment forms: queries as rows (the forward's S) and keys as rows (S^T)."""
     import cupy
 
     batch, heads, rows, cols = 2, 2, 64, 48
     seed, offset = 2**40 + 3, 12
     keep = cupy.full(batch * heads * rows * cols, 7, dtype=cupy.uint8)  # poisoned
-    kernel = _module().get_function(entry)
+    kernel = _module().get_function("cf_philox_test_keep4")
     kernel(((rows // 16) * (cols // 8), batch * heads), (32,),
            (keep, np.int32(rows), np.int32(cols), np.uint32(seed & 0xFFFFFFFF),
-            np.uint32(seed >> 32), np.uint32(offset), np.uint32(philox.keep_threshold(p))))
+            np.uint32(seed >> 32), np.uint32(offset), np.uint32(philox.keep_threshold(p)),
+            np.int32(keys_as_rows)))
     want = philox.dropout_mask(batch, heads, rows, cols, dropout_p=p, seed=seed, offset=offset)
     np.testing.assert_array_equal(cupy.asnumpy(keep).reshape(want.shape), want.astype(np.uint8))
 
