@@ -2,8 +2,7 @@
 
 ``check`` runs after ``validate.check_forward`` / ``check_backward`` (so the shapes are
 known) and before anything is allocated. Scalars first (TypeError / ValueError naming the
-argument), then CUDA's refusal of dropout (its kernels are written, not yet run on a GPU), then
-the block mask's array (on CUDA it stays on the device: the kernels read it).
+argument), then the block mask's array (on CUDA it stays on the device: the kernels read it).
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ def check(q: Imported, problem: Any, *, dropout_p=0.0, dropout_seed=None, dropou
     p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, dropout_seed,
                              dropout_offset)
     size = block_sparse.check_block_size(block_size)
-    if q.is_cuda and p > 0:  # the kernels have it (CF_DROPOUT) but it has not run on a GPU yet
-        raise ValueError("dropout_p: not yet supported by the CUDA kernels (issue #15); "
-                         f"CPU arrays run it, got {p!r} for a CUDA array")
     kwargs = {}
     if p > 0:
         kwargs.update(dropout_p=p, dropout_seed=int(dropout_seed),

@@ -11,10 +11,13 @@
   reference's gradients against finite differences of its forward with a fixed mask; m and
   l are the undropped softmax's.
 * The API: results equal the reference with ``cuflash.dropout_mask``; bad arguments raise
-  TypeError / ValueError naming them before anything is written; CUDA arrays are refused.
+  TypeError / ValueError naming them before anything is written; CUDA arrays reach the
+  kernels' launcher with the validated arguments (tests/test_gpu_dropout.py runs them).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from dataclasses import replace
 
@@ -276,31 +279,32 @@ def _as_cuda(x) -> Imported:
     return Imported(array=x, framework=Framework.CUPY, device=("cuda", 0))
 
 
-def test_cuda_refuses_dropout_before_allocating(monkeypatch):
+def test_cuda_path_receives_the_dropout_arguments(monkeypatch):
+    """On CUDA arrays the validated (p, seed, offset) reach the kernels' launcher (never the
+    fast path, which has no dropout); the GPU side is tests/test_gpu_dropout.py."""
     q, k, v, do = _arrays()
     m, l = np.zeros((2, 4, 33), np.float32), np.ones((2, 4, 33), np.float32)
+    seen = []
+
+    def fake_fwd(problem, q_, k_, v_, modifiers, extra):
+        seen.append(extra)
+        return q_.copy(), m, l
+
+    def fake_bwd(problem, do_, q_, k_, v_, o_, m_, l_, deterministic, stats_of_these_scores,
+                 modifiers, extra):
+        seen.append(extra)
+        return q_.copy(), k_.copy(), v_.copy()
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("reached the compute path")
+        raise AssertionError("dropout took the fast path")
 
     monkeypatch.setattr(api, "import_array", lambda x, name: _as_cuda(x))
-    monkeypatch.setattr(api, "_flash_fwd", forbidden)
-    monkeypatch.setattr(api, "_flash_bwd", forbidden)
+    monkeypatch.setattr(api, "_flash_fwd", fake_fwd)
+    monkeypatch.setattr(api, "_flash_bwd", fake_bwd)
     monkeypatch.setattr(api, "_fast_backend", forbidden)
-    pattern = r"^dropout_p: not yet supported by the CUDA kernels \(issue #15\)"
-    kw = dict(dropout_p=0.1, dropout_seed=1)
-    with pytest.raises(ValueError, match=pattern):
-        cuflash.attention_forward(q, k, v, **kw)
-    with pytest.raises(ValueError, match=pattern):
-        cuflash.attention_backward(do, q, k, v, q.copy(), cuflash.SoftmaxStats(m, l), **kw)
-
-
-@pytest.mark.gpu
-def test_cuda_refuses_dropout_on_a_gpu():
-    import cupy
-
-    q = cupy.asarray(_arrays()[0])
-    with pytest.raises(ValueError, match=r"^dropout_p: not yet supported by the CUDA kernels"):
-        cuflash.attention_forward(q, q, q, dropout_p=0.1, dropout_seed=1)
-    o, _ = cuflash.attention_forward(q, q, q, dropout_p=0.0)  # 0 is off: the kernels run
-    assert o.shape == q.shape
+    monkeypatch.setattr(api, "caller_stream", lambda iq: contextlib.nullcontext())
+    monkeypatch.setattr(api, "export_array", lambda x, like: x)
+    kw = dict(dropout_p=0.1, dropout_seed=2**64 - 1, dropout_offset=7)
+    cuflash.attention_forward(q, k, v, **kw)
+    cuflash.attention_backward(do, q, k, v, q.copy(), cuflash.SoftmaxStats(m, l), **kw)
+    assert seen == [kw, kw]
