@@ -30,12 +30,11 @@ handed over through DLPack without a copy.
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
-from . import api, block_sparse, decode, validate
+from . import api, block_sparse, decode, dropout_sparse_checks, philox, validate
 from .stats import SoftmaxStats
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]
@@ -109,12 +108,16 @@ class _ModifiedFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, deterministic, window, softcap,
-                alibi_slopes, sinks, block_mask, block_size):
+                alibi_slopes, sinks, block_mask, block_size, dropout_p):
         mods = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         sparse = {} if block_mask is None else dict(block_mask=block_mask,
                                                     block_size=block_size)
+        ctx.dropout = {}
+        if dropout_p:  # drawn once here; the backward regenerates the same mask from them
+            seed, offset = philox_seed_offset(q.device)
+            ctx.dropout = dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=offset)
         o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                         **mods, **sparse)
+                                         **mods, **sparse, **ctx.dropout)
         ctx.save_for_backward(q, k, v, o, stats.m, stats.l, alibi_slopes, sinks, block_mask)
         ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
         ctx.window, ctx.softcap, ctx.block_size = window, softcap, block_size
@@ -129,16 +132,49 @@ class _ModifiedFlashAttention(torch.autograd.Function):
             _kernel_ready(do), q, k, v, o, SoftmaxStats(m, l), causal=ctx.causal,
             softmax_scale=ctx.softmax_scale, deterministic=ctx.deterministic,
             window=ctx.window, softcap=ctx.softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-            **sparse)
+            **sparse, **ctx.dropout)
         dsinks = grads[3] if sinks is not None else None
-        return (*grads[:3], None, None, None, None, None, None, dsinks, None, None)
+        return (*grads[:3], None, None, None, None, None, None, dsinks, None, None, None)
 
 
 @torch.compiler.disable  # the general API path is not traceable: a graph break
 def _modified_attention(q, k, v, causal, scale, deterministic, window, softcap, alibi_slopes,
-                        sinks, block_mask=None, block_size=None):
+                        sinks, block_mask=None, block_size=None, dropout_p=0.0):
     return _ModifiedFlashAttention.apply(q, k, v, causal, scale, deterministic, window,
-                                         softcap, alibi_slopes, sinks, block_mask, block_size)
+                                         softcap, alibi_slopes, sinks, block_mask, block_size,
+                                         dropout_p)
+
+
+# -- dropout's randomness: torch's generator (docs/dropout.md) --------------------------------
+
+_OFFSET_STEP = 4  # torch's Philox offsets advance in multiples of 4; one call takes one step
+_MASK64 = (1 << 64) - 1
+
+
+def philox_seed_offset(device: torch.device) -> tuple[int, int]:
+    """(dropout_seed, dropout_offset) for one call with dropout on ``device``, drawn from
+    torch's default generator of that device, so ``torch.manual_seed`` reproduces a run.
+
+    CUDA: the generator's seed and its Philox offset, which this advances by one step as
+    torch's own random operators do (the next call gets another mask). torch's offset has 64
+    bits and cuflash's 32: the high word is folded into the seed. A CUDA graph would freeze
+    these host values into every replay, so capture raises. CPU: 64 random bits from torch's
+    CPU generator, offset 0."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "dropout_p: expected no CUDA graph capture (cuflash draws dropout's seed "
+                "and offset on the host, and a graph would replay the same mask every "
+                "time), got a call during torch.cuda.graph capture; capture without "
+                "dropout or run this step eagerly")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gen = torch.cuda.default_generators[index]
+        seed, offset = gen.initial_seed(), gen.get_offset()
+        gen.set_offset(offset + _OFFSET_STEP)
+        seed ^= ((offset >> 32) * 0x9E3779B97F4A7C15) & _MASK64  # golden-ratio spread
+        return seed & _MASK64, offset & 0xFFFFFFFF
+    draw = torch.randint(0, 1 << 16, (4,), dtype=torch.int64)  # the CPU generator
+    return sum(int(w) << (16 * n) for n, w in enumerate(draw)), 0
 
 
 # -- the operators ----------------------------------------------------------------------------
@@ -241,7 +277,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                     alibi_slopes: torch.Tensor | None = None,
                     sinks: torch.Tensor | None = None,
                     block_mask: torch.Tensor | None = None,
-                    block_size=block_sparse.BLOCK_SIZE) -> torch.Tensor:
+                    block_size=block_sparse.BLOCK_SIZE,
+                    dropout_p: float = 0.0) -> torch.Tensor:
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v``, differentiable.
 
     Args:
@@ -265,6 +302,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             docs/block_sparse.md): a bool tensor on q's device, (batch | 1, heads | 1,
             ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)); no gradient. The general
             API path too.
+        dropout_p: a real in [0, 1): dropout on the attention probabilities (docs/dropout.md),
+            applied whenever it is above 0 (pass 0.0 in evaluation, as with torch's SDPA).
+            Its seed and offset come from torch's default generator of q's device
+            (``torch.manual_seed`` reproduces the mask; each call advances the generator);
+            the backward regenerates the same mask. Not under CUDA graph capture
+            (``ValueError``). The general API path (under ``torch.compile``, a graph break).
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device (from torch's
@@ -278,7 +321,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if (type(q) is _Tensor and type(k) is _Tensor and type(v) is _Tensor and q.is_cuda
             and k.is_cuda and v.is_cuda and q.get_device() == k.get_device() == v.get_device()
             and q.dim() == 4 and type(causal) is bool and window is None and softcap is None
-            and alibi_slopes is None and sinks is None and block_mask is None
+            and alibi_slopes is None and sinks is None
+            and dropout_sparse_checks.is_off(dropout_p, block_mask)
             and not torch.compiler.is_compiling()):
         return _eager_cuda(q, k, v, causal, softmax_scale, deterministic)
     _check_tensors([(q, "q"), (k, "k"), (v, "v")])
@@ -286,9 +330,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
     scale = validate.check_scale(softmax_scale, head_dim)
     deterministic = _resolve_deterministic(deterministic)
-    if not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None:
+    dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
+    if (not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None
+            or dropout_p):
         return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
-                                   alibi_slopes, sinks, block_mask, block_size)
+                                   alibi_slopes, sinks, block_mask, block_size, dropout_p)
     # all-meta tensors go to the op, whose fake implementation infers the shapes
     if not torch.compiler.is_compiling() and q.device.type != "meta":
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
@@ -317,10 +363,7 @@ def _check_sdpa_extras(attn_mask, dropout_p, enable_gqa) -> None:
     if attn_mask is not None:
         raise ValueError(f"attn_mask: cuflash computes unmasked or causal attention only, "
                          f"expected None, got {type(attn_mask).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p: expected a real number, got {type(dropout_p).__name__}")
-    if dropout_p != 0:
-        raise ValueError(f"dropout_p: cuflash has no dropout, expected 0.0, got {dropout_p!r}")
+    philox.check_dropout(dropout_p, 0, 0)  # TypeError / ValueError naming dropout_p
     validate.check_bool(enable_gqa, "enable_gqa")
 
 
@@ -336,9 +379,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     of cuflash's (batch, seqlen_q, heads, head_dim) output, so it is not contiguous.
 
     Every SDPA argument is accepted; values cuflash cannot serve raise ``ValueError``: an
-    ``attn_mask`` other than None, ``dropout_p`` other than 0, and (as torch does)
-    heads != heads_kv without ``enable_gqa=True``. Determinism follows
-    ``torch.use_deterministic_algorithms``.
+    ``attn_mask`` other than None and (as torch does) heads != heads_kv without
+    ``enable_gqa=True``. ``dropout_p`` is ``flash_attention``'s (torch's generator, as SDPA;
+    cuflash's own mask, not SDPA's). Determinism follows ``torch.use_deterministic_algorithms``.
 
     Causal alignment: torch's ``is_causal`` aligns the mask to the top-left corner, cuflash to
     the bottom-right. The two agree when seqlen_q == seqlen_k; for seqlen_q != seqlen_k this
@@ -361,7 +404,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             "aligns this mask top-left, cuflash bottom-right, and they differ; use "
             "cuflash.torch.flash_attention(q, k, v, causal=True) for the bottom-right mask")
     o = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                        causal=is_causal, softmax_scale=scale)
+                        causal=is_causal, softmax_scale=scale, dropout_p=dropout_p)
     return o.transpose(1, 2)
 
 

@@ -184,14 +184,39 @@ def test_packed_positions_are_read_once_per_tensor(monkeypatch):
     assert cft._packed_offsets(q, k, positions.clone(), {}) is None and len(reads) == 3
 
 
-def test_dropout_and_attention_weights_are_refused():
+def _dropout_model():
     config = CONFIGS["llama-gqa"]()
-    config.attention_dropout = 0.1
+    config.attention_dropout = 0.3
     model = _model(config)
     model.set_attn_implementation(NAME)
-    model.train()
+    return model.train()
+
+
+def test_attention_dropout_trains():
+    """config.attention_dropout reaches cuflash in training (torch's generator: the same
+    seed, the same logits; another seed, others), gradients flow, and model.eval() turns
+    it off (the logits of a model without dropout)."""
+    model = _dropout_model()
+    ids = _batch("left")[0][:, :SEQ]
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(model(input_ids=ids).logits)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    runs[0].float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    plain = _model(CONFIGS["llama-gqa"]())
+    plain.set_attn_implementation(NAME)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits,
+                                   plain(input_ids=ids).logits)
+
+
+def test_dropout_with_padding_is_refused():
+    model = _dropout_model()
     ids, mask = _batch("left")
-    with pytest.raises(ValueError, match="^dropout: cuflash has no attention dropout"):
+    with pytest.raises(ValueError, match="^dropout: cuflash's varlen kernels"):
         model(input_ids=ids, attention_mask=mask)
 
 
