@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import block_sparse, dropout_sparse_checks, fastpath, validate
+from . import block_sparse, dropout_sparse_checks, fastpath, head_pad, validate
 from .interop import caller_stream, export_array, import_array
 from .stats import SoftmaxStats
 
@@ -56,9 +56,15 @@ def _flash_fwd(problem: validate.Problem, q, k, v,
                                  **(extra or {}))
     from .launch import flash_forward_gpu
 
-    return flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
-                             softmax_scale=problem.softmax_scale, **_gpu_kwargs(modifiers),
-                             **(extra or {}))
+    head_dim_v = v.shape[3]
+    padded = head_pad.needed(problem.head_dim, head_dim_v)
+    if padded:  # head dims the kernels lack: zero-padded copies (cuflash/head_pad.py)
+        width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
+        q, k, v = (head_pad.pad(x, width) for x in (q, k, v))
+    o, m, l = flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
+                                softmax_scale=problem.softmax_scale, **_gpu_kwargs(modifiers),
+                                **(extra or {}))
+    return (head_pad.cut(o, head_dim_v) if padded else o), m, l
 
 
 def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: bool,
@@ -76,10 +82,28 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
                                   **(extra or {}))
     from .launch import flash_backward_gpu
 
-    return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
-                              causal=problem.causal, softmax_scale=problem.softmax_scale,
-                              deterministic=deterministic, **_gpu_kwargs(modifiers),
-                              **(extra or {}))
+    head_dim_v = v.shape[3]
+    padded = head_pad.needed(problem.head_dim, head_dim_v)
+    if padded:  # as in _flash_fwd; o's zero columns leave delta = rowsum(dO o) unchanged
+        width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
+        do, q, k, v, o = (head_pad.pad(x, width) for x in (do, q, k, v, o))
+    grads = flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
+                               causal=problem.causal, softmax_scale=problem.softmax_scale,
+                               deterministic=deterministic, **_gpu_kwargs(modifiers),
+                               **(extra or {}))
+    if not padded:
+        return grads
+    dims = (problem.head_dim, problem.head_dim, head_dim_v)
+    return (*(head_pad.cut(g, d) for g, d in zip(grads, dims)), *grads[3:])
+
+
+def _kernel_dims(q, v) -> bool:
+    """The kernels' own head dims (the fast path serves only those; the general path pads
+    the others). Malformed shapes count as fine: the fast path's validation names them."""
+    try:
+        return not head_pad.needed(int(q.shape[-1]), int(v.shape[-1]))
+    except (AttributeError, IndexError, TypeError):
+        return True
 
 
 def _fast_backend(arrays, causal, softmax_scale):
@@ -188,7 +212,7 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
     plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
     fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks, block_mask)), causal,
-                          softmax_scale) if no_dropout else None)
+                          softmax_scale) if no_dropout and _kernel_dims(q, v) else None)
     if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
         done = (fastpath.forward(fast, q, k, v, causal, softmax_scale) if plain else
                 fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
@@ -200,7 +224,8 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
                                    shape_q=tuple(q.shape), shape_kv=tuple(k.shape),
                                    **(_OFF if plain else done[3].record()))
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
-    problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale)
+    problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale,
+                                     padded_ok=True)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
         iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     extra = dropout_sparse_checks.check(
@@ -252,7 +277,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
     plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
     arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks, block_mask))
-    fast = _fast_backend(arrays, causal, softmax_scale) if no_dropout else None
+    fast = (_fast_backend(arrays, causal, softmax_scale) if no_dropout and _kernel_dims(q, v)
+            else None)
     if fast is not None:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
         if plain:
@@ -272,7 +298,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     ido, iq, ik, iv, io = (import_array(x, n) for x, n in zip((do, q, k, v, o), names))
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
     problem = validate.check_backward(ido, iq, ik, iv, io, im, il, causal=causal,
-                                      softmax_scale=softmax_scale)
+                                      softmax_scale=softmax_scale, padded_ok=True)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
         iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,

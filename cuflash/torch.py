@@ -46,7 +46,7 @@ _CUDA_ROW_ALIGN = 16  # bytes; docs/kernel_abi.md: every row start is 16-byte al
 
 
 def _forward_impl(q, k, v, causal: bool, softmax_scale: float):
-    if q.is_cuda:
+    if q.is_cuda and api._kernel_dims(q, v):  # others: the API pads (cuflash/head_pad.py)
         from . import fastpath
 
         return fastpath.forward(fastpath.torch_backend(), q, k, v, causal, softmax_scale)
@@ -57,7 +57,7 @@ def _forward_impl(q, k, v, causal: bool, softmax_scale: float):
 def _backward_impl(do, q, k, v, o, m, l, causal: bool, softmax_scale: float,
                    deterministic: bool):
     do = _kernel_ready(do)
-    if q.is_cuda:
+    if q.is_cuda and api._kernel_dims(q, v):
         from . import fastpath
 
         return fastpath.backward(fastpath.torch_backend(), do, q, k, v, o, m, l, causal,
@@ -192,7 +192,8 @@ def _flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 def _(q, k, v, causal, softmax_scale, deterministic=False):
     batch, seqlen_q, heads, _ = q.shape
     stats_shape = (batch, heads, seqlen_q)
-    return (q.new_empty(q.shape), q.new_empty(stats_shape, dtype=torch.float32),
+    return (q.new_empty((batch, seqlen_q, heads, v.shape[-1])),
+            q.new_empty(stats_shape, dtype=torch.float32),
             q.new_empty(stats_shape, dtype=torch.float32))
 
 
@@ -283,9 +284,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
     Args:
         q: (batch, seqlen_q, heads, head_dim) tensor, float16, bfloat16 or float32, on the CPU
-            or a CUDA device; head_dim a multiple of 8 up to 256 and contiguous (stride 1).
-        k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype and device; heads a multiple
-            of heads_kv (MQA / GQA).
+            or a CUDA device; head_dim from 1 to 256, contiguous (stride 1).
+        k, v: (batch, seqlen_k, heads_kv, head_dim) and (..., head_dim_v), same dtype and
+            device; heads a multiple of heads_kv (MQA / GQA); head_dim_v from 1 to 256. On
+            CUDA a head_dim that is not a multiple of 8, or head_dim_v != head_dim, runs the
+            kernels on zero-padded copies (cuflash/head_pad.py: the general API path, a
+            graph break under ``torch.compile``).
         causal: a bool: mask keys after the query's position, bottom-right aligned when
             seqlen_q != seqlen_k (see ``cuflash.attention_forward``).
         softmax_scale: default ``1 / sqrt(head_dim)``; else a finite positive real number
@@ -322,7 +326,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             and k.is_cuda and v.is_cuda and q.get_device() == k.get_device() == v.get_device()
             and q.dim() == 4 and type(causal) is bool and window is None and softcap is None
             and alibi_slopes is None and sinks is None
-            and dropout_sparse_checks.is_off(dropout_p, block_mask)
+            and dropout_sparse_checks.is_off(dropout_p, block_mask) and api._kernel_dims(q, v)
             and not torch.compiler.is_compiling()):
         return _eager_cuda(q, k, v, causal, softmax_scale, deterministic)
     _check_tensors([(q, "q"), (k, "k"), (v, "v")])
@@ -332,7 +336,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     deterministic = _resolve_deterministic(deterministic)
     dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
     if (not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None
-            or dropout_p):
+            or dropout_p or not api._kernel_dims(q, v)):
         return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
                                    alibi_slopes, sinks, block_mask, block_size, dropout_p)
     # all-meta tensors go to the op, whose fake implementation infers the shapes

@@ -20,9 +20,11 @@ family that lacks a modifier raises ``ValueError`` naming both when the call is 
 (``specs.select``), before any output is written. ``window=(-1, -1)`` and ``softcap=0`` mean
 off.
 
-Issue #15: CPU arrays take any head_dim from 1 to 256 and a head_dim_v of v (and o, do)
-that differs from q's; CUDA arrays need head_dim in ``SUPPORTED_HEAD_DIMS`` and head_dim_v ==
-head_dim (ValueError naming q or v otherwise). Dropout and block masks are checked by
+Issue #15: arrays take any head_dim from 1 to 256 and a head_dim_v of v (and o, do) that
+differs from q's. The CUDA kernels themselves need head_dim in ``SUPPORTED_HEAD_DIMS`` and
+head_dim_v == head_dim: the API's general path passes ``padded_ok=True`` and runs them on
+zero-padded copies (``cuflash.head_pad``); the fast paths and the JAX adapter keep the
+kernels' own dims (ValueError naming q or v otherwise). Dropout and block masks are checked by
 ``cuflash.dropout_sparse_checks``.
 
 Every message starts with the argument's name, then what was expected and what came, e.g.
@@ -57,6 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .constants import DTYPES, LOG2E, ROW_ALIGNMENT, default_softmax_scale
+from . import head_pad
 from .interop import Device, Imported, element_strides, import_array
 
 SUPPORTED_DTYPES: tuple[str, ...] = DTYPES
@@ -102,8 +105,11 @@ class Problem:
         return self.heads // self.heads_kv if self.heads_kv else 1
 
 
-def check_forward(q, k, v, *, causal, softmax_scale) -> Problem:
-    """Validate the forward's inputs; ``softmax_scale=None`` means ``1 / sqrt(head_dim)``."""
+def check_forward(q, k, v, *, causal, softmax_scale, padded_ok: bool = False) -> Problem:
+    """Validate the forward's inputs; ``softmax_scale=None`` means ``1 / sqrt(head_dim)``.
+    ``padded_ok``: CUDA arrays may have any head_dim and head_dim_v from 1 to 256 (the
+    caller runs the kernels on zero-padded copies, ``cuflash.head_pad``); their strides
+    are then not checked (the copies are aligned)."""
     q, k, v = _imported(q, "q"), _imported(k, "k"), _imported(v, "v")
     causal = _check_causal(causal)
     named = [(q, "q"), (k, "k"), (v, "v")]
@@ -113,30 +119,35 @@ def check_forward(q, k, v, *, causal, softmax_scale) -> Problem:
     dtype = _check_dtypes(named)
     batch, seqlen_q, heads, head_dim = q.array.shape
     _, seqlen_k, heads_kv, _ = k.array.shape
-    _check_qkv_shapes(q, k, v)
+    padded = padded_ok and head_pad.needed(head_dim, _shape(v)[3])
+    _check_qkv_shapes(q, k, v, kernel_dims=q.is_cuda and not padded)
     scale = check_scale(softmax_scale, head_dim)
     if q.is_cuda:
         _check_cuda_limits(batch, heads, seqlen_q, seqlen_k)
-        for x, name in named:
+        for x, name in named if not padded else ():
             check_alignment(x.array, name)
     return Problem(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, heads=heads,
                    heads_kv=heads_kv, head_dim=head_dim, dtype=dtype, causal=causal,
                    softmax_scale=scale, device=q.device)
 
 
-def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale) -> Problem:
+def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale,
+                   padded_ok: bool = False) -> Problem:
     """Validate the backward's inputs: the forward's checks, plus ``do`` and ``o`` like ``q``
-    and the statistics ``m``, ``l`` float32 C-contiguous (batch, heads, seqlen_q)."""
+    and the statistics ``m``, ``l`` float32 C-contiguous (batch, heads, seqlen_q).
+    ``padded_ok``: as in ``check_forward``."""
     do, q, k, v, o = (_imported(x, n) for x, n in zip((do, q, k, v, o), "do q k v o".split()))
     m, l = _imported(stats_m, "stats.m"), _imported(stats_l, "stats.l")
-    problem = check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    problem = check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                            padded_ok=padded_ok)
+    padded = padded_ok and head_pad.needed(_shape(q)[3], _shape(v)[3])
     o_shape = _shape(q)[:3] + _shape(v)[3:]  # (batch, seqlen_q, heads, head_dim_v)
     for x, name in ((do, "do"), (o, "o")):
         _check_like_q(x, name, q, problem.dtype, o_shape)
     stats_shape = (problem.batch, problem.heads, problem.seqlen_q)
     for x, name in ((m, "stats.m"), (l, "stats.l")):
         _check_stats(x, name, q, stats_shape)
-    if q.is_cuda:
+    if q.is_cuda and not padded:
         for x, name in ((do, "do"), (o, "o")):
             check_alignment(x.array, name)
     return problem
@@ -393,7 +404,8 @@ def _check_dtypes(named: Sequence[tuple[Imported, str]]) -> str:
     return dtype
 
 
-def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
+def _check_qkv_shapes(q: Imported, k: Imported, v: Imported, kernel_dims: bool) -> None:
+    """``kernel_dims``: the head dims must be the CUDA kernels' own (no padding)."""
     batch, _, heads, head_dim = _shape(q)
     for x, name in ((k, "k"), (v, "v")):
         if _shape(x)[0] != batch:
@@ -413,23 +425,25 @@ def _check_qkv_shapes(q: Imported, k: Imported, v: Imported) -> None:
     if heads_kv and heads % heads_kv:
         raise ValueError(f"k: expected heads_kv dividing q's {heads} heads (grouped-query "
                          f"attention), got {heads_kv} in shape {_shape(k)}")
-    if q.is_cuda and head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256 on CUDA (CPU "
-                         f"arrays take any from 1 to 256; issue #15), got {head_dim} in "
+    if kernel_dims and head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256 on this CUDA "
+                         f"path (cuflash.attention* and cuflash.torch.flash_attention take any "
+                         f"from 1 to 256, on zero-padded copies), got {head_dim} in "
                          f"shape {_shape(q)}")
     if head_dim not in CPU_HEAD_DIMS:
         raise ValueError(f"q: expected head_dim from 1 to 256, got {head_dim} in shape "
                          f"{_shape(q)}")
-    _check_head_dim_v(q, v)
+    _check_head_dim_v(q, v, kernel_dims)
 
 
-def _check_head_dim_v(q: Imported, v: Imported) -> None:
-    """v's head_dim_v: q's on CUDA (the kernels' single head_dim), 1 to 256 on the CPU."""
+def _check_head_dim_v(q: Imported, v: Imported, kernel_dims: bool) -> None:
+    """v's head_dim_v: q's on the kernels' own path (their single head_dim), else 1 to 256."""
     head_dim, head_dim_v = _shape(q)[3], _shape(v)[3]
-    if q.is_cuda and head_dim_v != head_dim:
-        raise ValueError(f"v: expected head_dim {head_dim} like q on CUDA (head_dim_v != "
-                         f"head_dim is not yet supported by the CUDA kernels (issue #15); CPU "
-                         f"arrays run it), got {head_dim_v} in shape {_shape(v)}")
+    if kernel_dims and head_dim_v != head_dim:
+        raise ValueError(f"v: expected head_dim {head_dim} like q on this CUDA path "
+                         f"(cuflash.attention* and cuflash.torch.flash_attention take a "
+                         f"head_dim_v != head_dim, on zero-padded copies), got {head_dim_v} "
+                         f"in shape {_shape(v)}")
     if head_dim_v not in CPU_HEAD_DIMS:
         raise ValueError(f"v: expected head_dim_v from 1 to 256, got {head_dim_v} in shape "
                          f"{_shape(v)}")

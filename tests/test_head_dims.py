@@ -3,12 +3,15 @@
 q and k have head_dim, v and o head_dim_v. The CPU path against the float64 reference,
 forward and backward, for hypothesis-drawn head dims and pairs (every value 1..256 is
 reachable), plus the named pairs of the issue ((192, 128): DeepSeek's multi-head latent
-attention; (64, 128)). Validation accepts them for CPU arrays and refuses, on CUDA, a
-head_dim that is not a multiple of 8 or a head_dim_v that differs. GPU tests: the refusal
-on a real device, and, once the kernels take them, the same sizes on the GPU.
+attention; (64, 128)). On CUDA the API runs the kernels on zero-padded copies
+(cuflash/head_pad.py): a CPU test replaces the kernels by the CPU path and checks what they
+receive and what comes back; the GPU tests draw the same sizes on a GPU (hypothesis), CuPy
+arrays and cuflash.torch. The fast paths keep refusing dims the kernels lack.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
@@ -16,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cuflash
-from cuflash import api, reference, validate
+from cuflash import api, head_pad, reference, validate
 from cuflash.interop import Framework, Imported
 from issue15_helpers import DTYPES, Case, check_backward, check_forward
 
@@ -87,35 +90,140 @@ def _as_cuda(x) -> Imported:
 
 
 @pytest.mark.parametrize("head_dim, head_dim_v, pattern", [
-    (60, 60, r"^q: expected head_dim a multiple of 8 from 8 to 256 on CUDA .*got 60"),
-    (192, 128, r"^v: expected head_dim 192 like q on CUDA \(head_dim_v != head_dim is not yet "
-               r"supported by the CUDA kernels \(issue #15\); CPU arrays run it\), got 128"),
+    (60, 60, r"^q: expected head_dim a multiple of 8 from 8 to 256 on this CUDA path .*got 60"),
+    (192, 128, r"^v: expected head_dim 192 like q on this CUDA path .*got 128"),
 ])
-def test_cuda_refuses_what_the_kernels_cannot(head_dim, head_dim_v, pattern):
+def test_kernel_paths_refuse_what_the_kernels_cannot(head_dim, head_dim_v, pattern):
+    """The fast paths and the JAX adapter validate without padding: the kernels' own dims."""
     q = np.zeros((1, 16, 2, head_dim), np.float16)
     v = np.zeros((1, 16, 2, head_dim_v), np.float16)
     with pytest.raises(ValueError, match=pattern):
         validate.check_forward(_as_cuda(q), _as_cuda(q), _as_cuda(v), causal=False,
                                softmax_scale=None)
+    validate.check_forward(_as_cuda(q), _as_cuda(q), _as_cuda(v), causal=False,
+                           softmax_scale=None, padded_ok=True)  # the API's general path
     validate.check_forward(q, q, v, causal=False, softmax_scale=None)  # the CPU takes it
 
 
-def test_cuda_refusal_through_the_api(monkeypatch):
-    q = np.zeros((1, 16, 2, 60), np.float16)
+def test_padding_arithmetic():
+    assert not head_pad.needed(64, 64) and head_pad.needed(60, 60)
+    assert head_pad.needed(192, 128) and head_pad.needed(128, 192)
+    assert [head_pad.kernel_dim(*p) for p in ((1, 1), (59, 59), (192, 128), (64, 128),
+                                                (3, 200), (256, 255))] == [8, 64, 192, 128,
+                                                                          200, 256]
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(59, 59), (192, 128), (64, 128), (3, 17)])
+def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head_dim_v):
+    """The API's CUDA branch with the kernels replaced by the CPU path: they receive q, k, v
+    (and do, o) padded to one multiple of 8, the caller's softmax_scale, and the results
+    cut back match the reference of the unpadded call."""
+    from cuflash import cpu, launch
+
+    seen = []
+
+    def fake_fwd(q, k, v, *, dtype, causal, softmax_scale, **kw):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1], softmax_scale))
+        return cpu.flash_forward_cpu(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+    def fake_bwd(do, q, k, v, o, m, l, *, dtype, causal, softmax_scale, deterministic, **kw):
+        seen.append((do.shape[-1], q.shape[-1], v.shape[-1], o.shape[-1]))
+        return cpu.flash_backward_cpu(do, q, k, v, o, m, l, causal=causal,
+                                      softmax_scale=softmax_scale)
+
+    monkeypatch.setattr(launch, "flash_forward_gpu", fake_fwd)
+    monkeypatch.setattr(launch, "flash_backward_gpu", fake_bwd)
     monkeypatch.setattr(api, "import_array", lambda x, name: _as_cuda(x))
-    monkeypatch.setattr(api, "_fast_backend", lambda *a: None)
-    with pytest.raises(ValueError, match=r"^q: expected head_dim a multiple of 8"):
-        cuflash.attention_forward(q, q, q)
+    monkeypatch.setattr(api, "caller_stream", lambda iq: contextlib.nullcontext())
+    monkeypatch.setattr(api, "export_array", lambda x, like: x)
+    rng = np.random.default_rng(head_dim)
+    q, k = (rng.standard_normal((2, n, 4, head_dim)).astype(np.float32) for n in (21, 34))
+    v = rng.standard_normal((2, 34, 4, head_dim_v)).astype(np.float32)
+    do = rng.standard_normal((2, 21, 4, head_dim_v)).astype(np.float32)
+    o, stats = cuflash.attention_forward(q, k, v, causal=True)
+    grads = cuflash.attention_backward(do, q, k, v, o, stats, causal=True)
+    width = head_pad.kernel_dim(head_dim, head_dim_v)
+    assert seen == [(width, width, width, 1 / np.sqrt(head_dim))] + [(width,) * 4]
+    assert o.shape == (2, 21, 4, head_dim_v) and o.flags.c_contiguous
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=True)
+    np.testing.assert_allclose(o, o_ref, atol=2e-6)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=True, o=o)
+    for got, want, x in zip(grads, refs, (q, k, v)):
+        assert got.shape == x.shape and got.flags.c_contiguous
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _gpu_check(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
+    """CuPy arrays through the API against the float64 reference (the GPU test rule)."""
+    import gpu_helpers as gh
+
+    from cuflash import testing
+
+    rng = gh.rng_for(seed)
+    q = gh.randn(rng, (2, seqlen_q, 4, head_dim), dtype)
+    k = gh.randn(rng, (2, seqlen_k, 2, head_dim), dtype)
+    v = gh.randn(rng, (2, seqlen_k, 2, head_dim_v), dtype)
+    do = gh.randn(rng, (2, seqlen_q, 4, head_dim_v), dtype)
+    label = f"d{head_dim}/{head_dim_v} {dtype} causal={causal} {seqlen_q}x{seqlen_k}"
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
+    o_host = gh.to_host(o, dtype)
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype))
+    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype=dtype, label=label)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype))
+    scale = testing.magnitude(*refs)
+    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal)
+    for name, got, ref, naive, x in zip(("dq", "dk", "dv"), grads, refs, naives, (q, k, v)):
+        assert got.shape == x.shape, (name, got.shape, label)
+        gh.assert_matches_reference(name, gh.to_host(got, dtype), ref, naive, dtype=dtype,
+                                    scale=scale, label=label)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim, head_dim_v", [(60, 60), (192, 128)])
-def test_cuda_refuses_on_a_gpu(head_dim, head_dim_v):
-    """Today's contract on a real device (fastpath included): ValueError, nothing launched.
-    When the kernels take these sizes this test becomes their accuracy test."""
-    import cupy
+@settings(max_examples=60, deadline=None)
+@given(head_dim=HEAD_DIM, head_dim_v=st.one_of(st.none(), HEAD_DIM),
+       dtype=st.sampled_from(["bfloat16", "float16", "float32"]), causal=st.booleans(),
+       seqlen_q=st.integers(1, 300), seqlen_k=st.integers(1, 300),
+       seed=st.integers(0, 2**31))
+def test_gpu_any_head_dims(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
+    _gpu_check(head_dim, head_dim if head_dim_v is None else head_dim_v, dtype, causal,
+               seqlen_q, seqlen_k, seed)
 
-    q = cupy.zeros((1, 16, 2, head_dim), cupy.float16)
-    v = cupy.zeros((1, 16, 2, head_dim_v), cupy.float16)
-    with pytest.raises(ValueError, match=r"^(q|v): expected head_dim"):
-        cuflash.attention_forward(q, q, v)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("head_dim, head_dim_v", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+def test_gpu_named_pairs(head_dim, head_dim_v, dtype):
+    _gpu_check(head_dim, head_dim_v, dtype, True, 333, 517, None)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_autograd_head_dim_v():
+    """cuflash.torch.flash_attention with (192, 128) and 59: o and gradients like the
+    reference (the general path pads), eagerly and under torch.compile (a graph break)."""
+    torch = pytest.importorskip("torch")
+    import gpu_helpers as gh
+
+    import cuflash.torch as ct
+
+    for head_dim, head_dim_v in ((192, 128), (59, 59)):
+        rng = gh.rng_for()
+        q = gh.randn(rng, (1, 200, 4, head_dim), "bfloat16")
+        k = gh.randn(rng, (1, 300, 2, head_dim), "bfloat16")
+        v = gh.randn(rng, (1, 300, 2, head_dim_v), "bfloat16")
+        do = gh.randn(rng, (1, 200, 4, head_dim_v), "bfloat16")
+        refs = reference.attention_backward_reference(do, q, k, v, causal=True)
+        o_ref, _, _ = reference.attention_reference(q, k, v, causal=True)
+        for fn in (ct.flash_attention, torch.compile(ct.flash_attention)):
+            leaves = [gh.to_gpu(x, "torch").requires_grad_() for x in (q, k, v)]
+            o = fn(*leaves, causal=True)
+            o.backward(gh.to_gpu(do, "torch"))
+            assert o.shape == (1, 200, 4, head_dim_v)
+            got = [gh.to_host(o.detach(), "bfloat16")] + [gh.to_host(x.grad, "bfloat16")
+                                                          for x in leaves]
+            for name, g, want in zip(("o", "dq", "dk", "dv"), got, [o_ref, *refs]):
+                err = np.abs(g.astype(np.float64) - want).max() / np.abs(want).max()
+                assert err < 2e-2, (name, head_dim, head_dim_v, err)

@@ -1,0 +1,51 @@
+"""Head dims the CUDA kernels lack (issue #15, docs/head_dims.md): zero-padded copies.
+
+The kernels take one head_dim for q, k and v, a multiple of 8 up to 256 (rows of 16-byte
+vectors). A CUDA call with another head_dim, or with v's head_dim_v != head_dim (DeepSeek's
+(192, 128)), runs them at ``kernel_dim``: q, k and v copied with zero columns appended. Zero
+columns change no score (q . k sums zeros) and give o zero columns, which are cut off; the
+backward pads do and o the same way (delta = rowsum(dO o) is unchanged) and cuts dq, dk, dv.
+softmax_scale stays the caller's (default 1 / sqrt(head_dim) of the unpadded q).
+
+The copies cost memory and time (about one extra read and write of q, k, v, o, and of dO in
+the backward, and the kernel runs at the padded width): the price of running at all, as
+FlashAttention-2 pads to a multiple of 8 in Python. ``needed`` is the one test for it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KERNEL_DIM_STEP = 8  # the kernels' head_dim granularity (16-byte rows of 16-bit elements)
+
+
+def needed(head_dim: int, head_dim_v: int) -> bool:
+    """True when the kernels cannot run these head dims as they are."""
+    return head_dim != head_dim_v or head_dim % KERNEL_DIM_STEP != 0
+
+
+def kernel_dim(head_dim: int, head_dim_v: int) -> int:
+    """The head_dim the kernels run: the larger of the two, rounded up to a multiple of 8."""
+    width = max(head_dim, head_dim_v)
+    return -(-width // KERNEL_DIM_STEP) * KERNEL_DIM_STEP
+
+
+def _xp(x):
+    """The array module of a backend array: NumPy's or CuPy's."""
+    if isinstance(x, np.ndarray):
+        return np
+    import cupy
+
+    return cupy
+
+
+def pad(x, width: int):
+    """A new contiguous array of x's module: ``x`` (..., d) with zero columns up to ``width``."""
+    out = _xp(x).zeros((*x.shape[:-1], width), dtype=x.dtype)
+    out[..., :x.shape[-1]] = x
+    return out
+
+
+def cut(x, width: int):
+    """The first ``width`` columns of a padded result, as a new contiguous array."""
+    return _xp(x).ascontiguousarray(x[..., :width])
