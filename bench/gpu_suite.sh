@@ -112,16 +112,18 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs --maxfail=3 -p no:cacheprovider \
         tests/test_gpu_backward.py tests/test_edges_gpu.py -k "determin or det or every_head_dim"
       run_stage det_speed bash -c "cd bench/dev && $PY det_compare.py 128 64" ;;
-    issue15)  # dropout and block-sparse: their gpu tests (the kept set exactly, the
-      # reference per family), then dropout's and the block mask's speed beside dense
+    issue15)  # dropout, block-sparse, padded head dims: their gpu tests (the kept set
+      # exactly, the reference per family); issue15_bench: their speed beside dense
       CUFLASH_POISON=1 run_stage issue15_tests timeout "${SUITE_TIME_BUDGET:-540}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=20 -p no:cacheprovider \
-        --junitxml="$OUT/results/gpu_issue15.xml" tests/test_dropout_device.py \
-        tests/test_gpu_dropout.py tests/test_gpu_block_sparse.py ;;
+        --junitxml="$OUT/results/gpu_issue15.xml" ${ISSUE15_TESTS:-tests/test_dropout_device.py \
+        tests/test_gpu_dropout.py tests/test_gpu_block_sparse.py tests/test_gpu_head_dims.py \
+        tests/test_torch_dropout.py} ;;
     issue15_bench)
       run_stage dropout_bench $PY bench/dropout.py --json "$OUT/results/dropout.json"
-      run_stage block_sparse_bench $PY bench/block_sparse.py --seqlen 16384 --head-dims 64,128 \
-        --flex --json "$OUT/results/block_sparse.json" ;;
+      run_stage head_dims_bench $PY bench/head_dims.py --json "$OUT/results/head_dims.json"
+      [ "${ISSUE15_SPARSE:-1}" = 1 ] && run_stage block_sparse_bench $PY bench/block_sparse.py \
+        --seqlen 16384 --head-dims 64,128 --flex --json "$OUT/results/block_sparse.json" ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac

@@ -183,8 +183,10 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         The four modifiers (docs/masks.md) run on CPU and CUDA arrays (every kernel
         family), and through ``cuflash.torch`` and ``cuflash.jax``.
         dropout_p: a real in [0, 1) (docs/dropout.md): each probability P[b, h, i, j] is
-            kept with probability 1 - dropout_p and then scaled by 1 / (1 - dropout_p), or
-            set to 0; stats m, l stay those of the undropped softmax. Default 0 (off).
+            kept with probability 1 - p and then scaled by 1 / (1 - p), or set to 0, where p
+            is dropout_p rounded to a multiple of 1/256 (``cuflash.philox.effective_p``; the
+            kernels compare random bytes); stats m, l stay those of the undropped softmax.
+            Default 0 (off).
         dropout_seed: int in [0, 2^64), required when dropout_p > 0; dropout_offset: int in
             [0, 2^32), default 0. The kept-mask is a pure function of (seed, offset, b, h, i,
             j) (Philox4x32-10, ``cuflash.dropout_mask`` materialises it); pass the same

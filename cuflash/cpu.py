@@ -190,7 +190,7 @@ class _Tiling:
 @dataclass(frozen=True)
 class _Dropout:
     """Dropout on P (docs/dropout.md): the kept-mask of a tile from cuflash.philox, in the
-    row order of ``_to_rows``, times 1 / (1 - p). Regenerated, never stored."""
+    row order of ``_to_rows``, times ``philox.keep_scale(p)``. Regenerated, never stored."""
 
     p: float
     seed: int
@@ -211,7 +211,7 @@ class _Dropout:
         group = self.heads // self.heads_kv
         keep = keep.reshape(self.batch, self.heads_kv, group, i1 - i0, j1 - j0)
         keep = keep.transpose(0, 1, 3, 2, 4).reshape(self.batch, self.heads_kv, -1, j1 - j0)
-        return keep * _F32(1.0 / (1.0 - self.p))
+        return keep * _F32(philox.keep_scale(self.p))
 
 
 @dataclass(slots=True)

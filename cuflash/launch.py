@@ -136,7 +136,7 @@ class BlockMaskArgs(NamedTuple):
 
 class DropoutArgs(NamedTuple):
     """A dropout call's run-time kernel arguments (cf_philox.cuh's CF_DROP_PARAMS): the
-    seed's two words, the offset, the keep threshold, 1 / (1 - dropout_p), and the heads
+    seed's two words, the offset, the byte threshold, ``philox.keep_scale``, and the heads
     that turn a launch's first batch entry b0 into the Philox head index b0 * heads. Only
     dropout kernels take them."""
 
@@ -155,7 +155,7 @@ class DropoutArgs(NamedTuple):
 def dropout_args(dropout_p: float, seed: int, offset: int, heads: int) -> DropoutArgs:
     """``DropoutArgs`` of a validated (dropout_p > 0, seed, offset) for ``heads`` query heads."""
     return DropoutArgs(seed & 0xFFFFFFFF, seed >> 32, offset, philox.keep_threshold(dropout_p),
-                       1.0 / (1.0 - dropout_p), heads)
+                       philox.keep_scale(dropout_p), heads)
 
 
 def block_mask_args(mask, block_size) -> BlockMaskArgs:

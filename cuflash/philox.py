@@ -10,15 +10,19 @@ The dropout layout (docs/dropout.md has the picture and the kernel's side of it)
 element (b, h, i, j) -- batch, query head, query row, key column -- of a call with
 ``heads`` query heads:
 
+    quad(x) = 4 * (x >> 4) + ((x >> 1) & 3)      slot(x) = (x & 1) + 2 * ((x >> 3) & 1)
     key     = (seed mod 2^32, seed >> 32)
-    counter = (j >> 1, i >> 1, b * heads + h, offset)
-    bits    = philox4x32_10(counter, key)[2 * (i & 1) + (j & 1)]
-    kept    = bits >= threshold(dropout_p),   threshold = floor(dropout_p * 2^32)
+    counter = (quad(j), quad(i), b * heads + h, offset)
+    byte    = byte slot(j) of word slot(i) of philox4x32_10(counter, key)
+    kept    = byte >= t,   t = keep_threshold(dropout_p) = round(256 * dropout_p) (1..255)
 
-so one Philox call covers a 2 x 2 square of (query, key) pairs. That square is symmetric in
-i and j on purpose: the forward holds S (queries as rows) and the backward S^T (keys as
-rows), and in both an mma thread's fragment pairs two adjacent columns with rows g and g + 8;
-two lanes (xor 4) sharing a square each compute one call and swap two words.
+so one Philox call gives the 16 bytes of a 4 x 4 block of (query, key) pairs: the rows
+{16a + 2u, + 1, + 8, + 9} and likewise the columns. That block is what two lanes of an mma
+warp (xor 4) hold of a C fragment across two adjacent 16 x 8 pieces, for S (queries as rows:
+the forward) and S^T (keys as rows: the backward) alike, so each lane makes one call per 16
+of its elements and the pair swaps halves. Eight bits per element make dropout_p a multiple
+of 1/256 (as FlashAttention-2's byte comparison does): the kept ones are scaled by
+``keep_scale`` = 256 / (256 - t), the inverse of the true keep probability.
 """
 
 from __future__ import annotations
@@ -67,22 +71,46 @@ MAX_OFFSET = 2**32 - 1
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """The uint32 threshold t: an element is kept iff its 32 bits are >= t, so it is kept with
-    probability 1 - t / 2^32, within 2^-32 of 1 - dropout_p (t = floor(p * 2^32), p < 1)."""
-    return min(int(np.floor(float(dropout_p) * 2.0**32)), 2**32 - 1)
+    """The byte threshold t: an element is kept iff its random byte is >= t, i.e. with
+    probability 1 - t / 256. t = round(256 * dropout_p), at least 1 when dropout_p > 0 and
+    at most 255, so the effective dropout_p is within 1/512 of the one asked for."""
+    p = float(dropout_p)
+    if p <= 0:
+        return 0
+    return min(max(int(np.floor(p * 256.0 + 0.5)), 1), 255)
 
 
-def dropout_bits(b, h, i, j, *, heads: int, seed: int, offset: int = 0) -> np.ndarray:
-    """uint32 random bits of the elements (b, h, i, j) (integer arrays, broadcasting).
+def effective_p(dropout_p: float) -> float:
+    """The dropout probability the mask has: keep_threshold(dropout_p) / 256."""
+    return keep_threshold(dropout_p) / 256.0
 
-    The layout of the module docstring: a 2 x 2 square of (i, j) per Philox call."""
+
+def keep_scale(dropout_p: float) -> float:
+    """The factor of the kept probabilities, 1 / (1 - effective_p): E[P Z scale] = P."""
+    return 256.0 / (256 - keep_threshold(dropout_p))
+
+
+def quad(x):
+    """The 4-index group of x: {16a + 2u, 16a + 2u + 1, 16a + 2u + 8, 16a + 2u + 9}."""
+    return 4 * (x >> 4) + ((x >> 1) & 3)
+
+
+def slot(x):
+    """x's place in its group: (x & 1) + 2 * ((x >> 3) & 1)."""
+    return (x & 1) + 2 * ((x >> 3) & 1)
+
+
+def dropout_bytes(b, h, i, j, *, heads: int, seed: int, offset: int = 0) -> np.ndarray:
+    """uint8 random bytes of the elements (b, h, i, j) (integer arrays, broadcasting).
+
+    The layout of the module docstring: a 4 x 4 block of (i, j) per Philox call."""
     b, h, i, j = (np.asarray(x, dtype=np.int64) for x in (b, h, i, j))
     key = (seed & 0xFFFFFFFF, seed >> 32)
-    counter = ((j >> 1).astype(_U32), (i >> 1).astype(_U32),
-               (b * heads + h).astype(_U32), _U32(offset))
+    counter = (quad(j).astype(_U32), quad(i).astype(_U32), (b * heads + h).astype(_U32),
+               _U32(offset))
     words = philox4x32_10(counter, key)
-    word = 2 * (i & 1) + (j & 1)
-    return np.choose(np.broadcast_to(word, words[0].shape), words)
+    word = np.choose(np.broadcast_to(slot(i), words[0].shape), words)
+    return ((word >> (8 * slot(j)).astype(_U32)) & _U32(0xFF)).astype(np.uint8)
 
 
 def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_p: float,
@@ -92,15 +120,15 @@ def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_
     h = np.arange(heads)[None, :, None, None]
     i = np.asarray(rows)[None, None, :, None]
     j = np.asarray(cols)[None, None, None, :]
-    bits = dropout_bits(b, h, i, j, heads=heads, seed=seed, offset=offset)
-    return bits >= _U32(keep_threshold(dropout_p))
+    values = dropout_bytes(b, h, i, j, heads=heads, seed=seed, offset=offset)
+    return values >= keep_threshold(dropout_p)
 
 
 def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, dropout_p: float,
                  seed: int, offset: int = 0) -> np.ndarray:
     """The kept-mask of a whole attention call, bool (batch, heads, seqlen_q, seqlen_k).
 
-    True where the probability P[b, h, i, j] is kept (and scaled by 1 / (1 - dropout_p)),
+    True where the probability P[b, h, i, j] is kept (and scaled by ``keep_scale``),
     False where it is dropped: exactly the elements every cuflash path keeps for this
     (dropout_p, seed, offset). Materialises batch * heads * seqlen_q * seqlen_k booleans, so
     it is for tests and small shapes; the attention paths regenerate it tile by tile.

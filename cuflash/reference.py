@@ -177,8 +177,9 @@ def _visible_all(q, k, causal, mods: _Modifiers) -> np.ndarray:
 
 
 def _dropout_factor(q, k, mods: _Modifiers, dtype):
-    """None without dropout, else (batch, heads, seqlen_q, seqlen_k) kept / (1 - dropout_p)
-    in dtype: P times it is the dropped P. The mask is ``mods.dropout_mask`` if given, else
+    """None without dropout, else (batch, heads, seqlen_q, seqlen_k) kept times
+    ``philox.keep_scale(dropout_p)`` (1 / (1 - p) for p a multiple of 1/256) in dtype: P
+    times it is the dropped P. The mask is ``mods.dropout_mask`` if given, else
     the one ``philox.dropout_mask`` makes from the seed and offset."""
     if mods.dropout_p == 0 and mods.dropout_mask is None:
         return None
@@ -187,7 +188,7 @@ def _dropout_factor(q, k, mods: _Modifiers, dtype):
         keep = philox.dropout_mask(q.shape[0], q.shape[2], q.shape[1], k.shape[1],
                                    dropout_p=mods.dropout_p, seed=mods.dropout_seed,
                                    offset=mods.dropout_offset)
-    return np.asarray(keep, dtype=bool).astype(dtype) * dtype(1.0 / (1.0 - mods.dropout_p))
+    return np.asarray(keep, dtype=bool).astype(dtype) * dtype(philox.keep_scale(mods.dropout_p))
 
 
 def _scores(x, mods: _Modifiers, rnd=None):
@@ -242,7 +243,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, window=Non
     Issue #15: ``block_mask`` (docs/block_sparse.md), bool (batch|1, heads|1,
     ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)) at ``block_size`` (block_m, block_n),
     hides the keys of its False blocks too. Dropout (docs/dropout.md): with ``dropout_p`` > 0
-    o = sum_j P_ij Z_ij / (1 - dropout_p) v_j, Z the kept-mask ``dropout_mask`` (bool (batch,
+    o = sum_j P_ij Z_ij s v_j, s = ``philox.keep_scale(dropout_p)`` (1 / (1 - p) with p
+    rounded to a multiple of 1/256), Z the kept-mask ``dropout_mask`` (bool (batch,
     heads, seqlen_q, seqlen_k)) or, without it, ``philox.dropout_mask`` of (dropout_seed,
     dropout_offset); m and l stay those of the undropped softmax.
     """
@@ -342,7 +344,7 @@ def attention_naive(q, k, v, *, causal=False, softmax_scale=None, dtype, return_
 
     Returns o in dtype (batch, seqlen_q, heads, head_dim); with return_stats also the
     float32 (m, l) a float32 softmax over the rounded scores produces. Modifiers as in
-    ``attention_reference`` (dropout: the rounded P times the mask and 1 / (1 - p), rounded,
+    ``attention_reference`` (dropout: the rounded P times the mask and keep_scale(p), rounded,
     as a framework's dropout layer).
     """
     rnd = _rounder(dtype)
@@ -371,7 +373,7 @@ def attention_backward_naive(do, q, k, v, *, causal=False, softmax_scale=None, d
     heads' gradients are rounded per head and then summed (in float32, rounded once) like a
     framework's expand. The sink's dS is rounded per row and summed in float32 (the float32
     parameter's gradient). Dropout: dV from the rounded dropped P, dP times the mask and
-    1 / (1 - p), rounded.
+    keep_scale(p), rounded.
     """
     rnd = _rounder(dtype)
     mods = _modifiers(window, softcap, alibi_slopes, sinks, **_issue15(

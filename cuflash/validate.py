@@ -347,7 +347,9 @@ def check_scale(softmax_scale: Any, head_dim: int) -> float:
     a real (not bool), finite, positive number in float32's range. For a head_dim outside the
     supported set the default is a placeholder 1.0: the shape checks reject that head_dim."""
     if softmax_scale is None:
-        return default_softmax_scale(head_dim) if head_dim in CPU_HEAD_DIMS else 1.0
+        # comparisons, not `in range`: under torch.compile head_dim may be symbolic
+        inside = CPU_HEAD_DIMS.start <= head_dim < CPU_HEAD_DIMS.stop
+        return default_softmax_scale(head_dim) if inside else 1.0
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale: expected a finite positive real number or None, "
                         f"got {_type_name(softmax_scale)} {softmax_scale!r}")

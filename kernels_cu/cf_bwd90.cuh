@@ -92,9 +92,9 @@ __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, 
 
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
-// dS = P (dP - delta) times the softcap's derivative. Dropout (docs/dropout.md): `keep`, bit e
-// for element e (Dropout::keep_bits); dP becomes dP Z / (1 - p) and the returned p, dV's
-// operand, P Z / (1 - p).
+// dS = P (dP - delta) times the softcap's derivative. Dropout (docs/dropout.md): `keep`, the
+// four bits of this fragment from Dropout::keep_bits (read with Dropout::bit); dP becomes
+// dP Z / (1 - p) and the returned p, dV's operand, P Z / (1 - p).
 __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
                                               float2 dl, int key_row, int q_col, bool masked,
                                               const MaskPolicy& mask, const ScoreMods& mods,
@@ -107,7 +107,7 @@ __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4
     if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
     p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
     if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-    const bool kept = (keep >> e) & 1;
+    const bool kept = Dropout::bit(keep, 0, e);  // keep: fragment t's four bits, at t = 0
     ds[e] = p[e] * (drop.apply(kept, dp[e]) - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
     p[e] = drop.apply(kept, p[e]);
   }

@@ -6,16 +6,18 @@
 //
 // Layout, for element (b, h, i, j) -- batch, query head, query row, key column -- of a call
 // with `heads` query heads, seed (64 bits) and offset (32 bits):
+//   quad(x) = 4 * (x >> 4) + ((x >> 1) & 3),  slot(x) = (x & 1) + 2 * ((x >> 3) & 1)
 //   key     = (seed & 0xffffffff, seed >> 32)
-//   counter = (j >> 1, i >> 1, b * heads + h, offset)
-//   bits    = philox4x32_10(counter, key).word[2 * (i & 1) + (j & 1)]
-//   kept    = bits >= threshold,  threshold = floor(dropout_p * 2^32) (host-computed)
-// One call covers a 2 x 2 square of (i, j). An mma.sync / wgmma C fragment gives lane
-// (g = lane / 4, t = lane % 4) rows {g, g + 8} and columns {2t, 2t + 1} of each 16 x 8 piece;
-// the square of row g is shared with lane ^ 4 (row g ^ 1): one lane computes the square of
-// its row g, the other the square of its row g + 8, and they swap two words
-// (`cf_dropout_keep4_rows`). The backward's S^T fragment (keys as rows) is the same picture with
-// i and j exchanged, which the symmetric square keeps at one call per four elements.
+//   counter = (quad(j), quad(i), b * heads + h, offset)
+//   byte    = byte slot(j) of word slot(i) of philox4x32_10(counter, key)
+//   kept    = byte >= threshold,  threshold = round(256 * dropout_p) (host-computed, 1..255)
+// One call gives a 4 x 4 block of (i, j): rows {16a + 2u, + 1, + 8, + 9}, columns likewise.
+// An mma.sync / wgmma C fragment gives lane (g = lane / 4, t = lane % 4) rows {g, g + 8} and
+// columns {2t, 2t + 1} of each 16 x 8 piece: lanes L and L ^ 4 (rows g, g ^ 1) together
+// hold one such block across two adjacent pieces, whether the rows are queries (the
+// forward's S) or keys (the backward's S^T). So each lane computes one block per two pairs
+// of pieces and the pair swaps halves (`Dropout::keep_bits`): one Philox call per 16
+// elements of a lane.
 #pragma once
 
 #ifndef CF_PHILOX_ROUNDS
@@ -50,57 +52,63 @@ __device__ __forceinline__ cf_philox_words cf_philox4x32_10(cf_philox_words c, u
 struct cf_dropout {
   unsigned int k0, k1;      // seed & 0xffffffff, seed >> 32
   unsigned int offset;      // the call's offset (counter word 3)
-  unsigned int threshold;   // kept iff bits >= threshold
+  unsigned int threshold;   // kept iff the element's byte >= threshold (0..255)
 };
 
-// The four words of the 2 x 2 square holding (i, j) for head bh = b * heads + h:
-// word 2 * (i & 1) + (j & 1) belongs to (i, j).
-__device__ __forceinline__ cf_philox_words cf_dropout_square(const cf_dropout& d, unsigned int bh,
-                                                             unsigned int i, unsigned int j) {
-  return cf_philox4x32_10(cf_philox_words{j >> 1, i >> 1, bh, d.offset}, d.k0, d.k1);
+__device__ __forceinline__ unsigned int cf_quad(unsigned int x) {
+  return ((x >> 4) << 2) | ((x >> 1) & 3u);
+}
+__device__ __forceinline__ unsigned int cf_slot(unsigned int x) {
+  return (x & 1u) | ((x >> 2) & 2u);
 }
 
-// The random bits of one element (the reference form; a kernel uses Dropout::keep_bits).
-__device__ __forceinline__ unsigned int cf_dropout_bits(const cf_dropout& d, unsigned int bh,
+// The 4 x 4 block of query quad qi and key quad qj for head bh = b * heads + h.
+__device__ __forceinline__ cf_philox_words cf_dropout_block(const cf_dropout& d, unsigned int bh,
+                                                            unsigned int qi, unsigned int qj) {
+  return cf_philox4x32_10(cf_philox_words{qj, qi, bh, d.offset}, d.k0, d.k1);
+}
+
+__device__ __forceinline__ unsigned int cf_word(const cf_philox_words& w, unsigned int n) {
+  return n == 0 ? w.x : n == 1 ? w.y : n == 2 ? w.z : w.w;
+}
+
+// The random byte of one element (the reference form; a kernel uses Dropout::keep_bits).
+__device__ __forceinline__ unsigned int cf_dropout_byte(const cf_dropout& d, unsigned int bh,
                                                         unsigned int i, unsigned int j) {
-  const cf_philox_words s = cf_dropout_square(d, bh, i, j);
-  const unsigned int word = 2u * (i & 1u) + (j & 1u);
-  return word == 0 ? s.x : word == 1 ? s.y : word == 2 ? s.z : s.w;
+  const cf_philox_words w = cf_dropout_block(d, bh, cf_quad(i), cf_quad(j));
+  return (cf_word(w, cf_slot(i)) >> (8u * cf_slot(j))) & 0xffu;
 }
 
-// Kept flags of a C fragment's four elements with one Philox call per lane. The fragment's
-// rows r0 = row0 + g and r0 + 8, columns c0 = col0 + 2t and c0 + 1; keep[0], keep[1]: (r0, c0),
-// (r0, c0 + 1); keep[2], keep[3]: (r0 + 8, ...). KEYS_AS_ROWS: rows are keys and columns
-// queries (the backward's S^T), else rows are queries (S). Lane pairs (g, g ^ 1) are lanes
-// (L, L ^ 4): the lane with even g computes the square of rows (g, g + 1) at r0, the odd one
-// the square of rows (g + 7, g + 8) at r0 + 8; each sends the other the two words of the
-// partner's row. row0 is a multiple of 16 and col0 of 2; every lane of the warp must call it
-// (shuffle).
+// Kept flags of eight bytes (two words: a fragment's rows g and g + 8), packed in a byte:
+// bit 2k + 1 for byte k of `lo`, bit 2k for byte k of `hi`. Four bytes at a time: the low
+// seven bits compare by a subtraction that cannot borrow across bytes, and the top bits
+// decide with the threshold's top bit: x >= t is x7 | d7 when t < 128, x7 & d7 otherwise,
+// i.e. majority(x7, d7, t < 128).
+__device__ __forceinline__ unsigned int cf_keep8(unsigned int lo, unsigned int hi,
+                                                 unsigned int low7x4, unsigned int small) {
+  const unsigned int h = 0x80808080u;
+  const unsigned int dl = (lo | h) - low7x4, dh = (hi | h) - low7x4;
+  const unsigned int gl = ((lo & dl) | ((lo | dl) & small)) & h;
+  const unsigned int gh = ((hi & dh) | ((hi | dh) & small)) & h;
+  const unsigned int pairs = (gl | (gh >> 1)) >> 6;  // byte k: bit 8k + 1 lo, 8k hi
+  return (pairs * 0x01041040u) >> 24;                 // the four 2-bit groups side by side
+}
+
+// The two row words of a lane for row slot s (rows s and s | 2 of the block): byte k of
+// each is the element in column slot k. Queries as rows: words s and s | 2. Keys as rows
+// (S^T): byte s (and s | 2) of each of the four words, a byte transpose.
 template <bool KEYS_AS_ROWS>
-__device__ __forceinline__ void cf_dropout_keep4_rows(const cf_dropout& d, unsigned int bh,
-                                                      unsigned int r0, unsigned int c0,
-                                                      bool keep[4]) {
-  const bool odd = r0 & 1u;
-  const unsigned int mine_row = odd ? r0 + 8u : r0;  // the row whose square this lane computes
-  const cf_philox_words s = KEYS_AS_ROWS ? cf_dropout_square(d, bh, c0, mine_row)
-                                         : cf_dropout_square(d, bh, mine_row, c0);
-  // word 2 * (i & 1) + (j & 1) of the square: rows of parity `rp`, columns of parity cp
-  const auto word = [&s](bool rp, bool cp) {
-    const unsigned int w = KEYS_AS_ROWS ? 2u * cp + rp : 2u * rp + cp;
-    return w == 0 ? s.x : w == 1 ? s.y : w == 2 ? s.z : s.w;
-  };
-  const unsigned int own0 = word(odd, 0), own1 = word(odd, 1);     // row mine_row
-  const unsigned int give0 = word(!odd, 0), give1 = word(!odd, 1);  // row mine_row ^ 1
-  const unsigned int got0 = __shfl_xor_sync(0xffffffffu, give0, 4);
-  const unsigned int got1 = __shfl_xor_sync(0xffffffffu, give1, 4);
-  // even lane: own = row r0, got = row r0 + 8 (partner computed rows r0 + 7 / r0 + 8);
-  // odd lane: own = row r0 + 8, got = row r0 (partner computed rows r0 - 1 / r0)
-  const unsigned int a0 = odd ? got0 : own0, a1 = odd ? got1 : own1;  // row r0
-  const unsigned int b0 = odd ? own0 : got0, b1 = odd ? own1 : got1;  // row r0 + 8
-  keep[0] = a0 >= d.threshold;
-  keep[1] = a1 >= d.threshold;
-  keep[2] = b0 >= d.threshold;
-  keep[3] = b1 >= d.threshold;
+__device__ __forceinline__ void cf_row_words(const cf_philox_words& w, unsigned int s,
+                                             unsigned int& lo, unsigned int& hi) {
+  if (!KEYS_AS_ROWS) {
+    lo = s ? w.y : w.x;
+    hi = s ? w.w : w.z;
+  } else {
+    const unsigned int sel = s | ((s + 4u) << 4) | ((s + 2u) << 8) | ((s + 6u) << 12);
+    const unsigned int a = __byte_perm(w.x, w.y, sel), b = __byte_perm(w.z, w.w, sel);
+    lo = __byte_perm(a, b, 0x5410);
+    hi = __byte_perm(a, b, 0x7632);
+  }
 }
 
 // -- the kernels' side (CF_DROPOUT; docs/dropout.md) ---------------------------------------
@@ -108,8 +116,8 @@ __device__ __forceinline__ void cf_dropout_keep4_rows(const cf_dropout& d, unsig
 // keep their parameters and code):
 //   unsigned int drop_k0, drop_k1     the seed's low and high words
 //   unsigned int drop_offset          counter word 3
-//   unsigned int drop_threshold       kept iff bits >= threshold
-//   float drop_scale                  1 / (1 - dropout_p)
+//   unsigned int drop_threshold       kept iff the element's byte >= threshold
+//   float drop_scale                  256 / (256 - threshold): 1 / the keep probability
 //   int drop_bh0                      b0 * heads for a launch over batch entries b0 ..
 #ifndef CF_DROPOUT
 #define CF_DROPOUT 0
@@ -140,34 +148,58 @@ struct Dropout {
   __device__ __forceinline__ float scale() const { return CF_DROPOUT ? scale_ : 1.f; }
   // One element (query i, key j): the float32 SIMT kernels' form (a Philox call each).
   __device__ __forceinline__ bool kept(unsigned int bh, int i, int j) const {
-    return !CF_DROPOUT || cf_dropout_bits(d, bh, i, j) >= d.threshold;
+    return !CF_DROPOUT || cf_dropout_byte(d, bh, i, j) >= d.threshold;
   }
-  // The kept flags of NT fragments side by side (fragment t: columns c0 + 8t, + 1), bit
-  // 4t + e for element e. A loop the compiler keeps rolled: one Philox chain at a time in
-  // registers, where NT unrolled chains side by side spilled the Hopper kernels.
+  // The kept flags of NT fragments side by side: rows r0 = (a multiple of 16) + g and
+  // r0 + 8, fragment t's columns c0 + 8t, + 1 (c0 = a multiple of 16 + 2 * (lane % 4)).
+  // KEYS_AS_ROWS: rows are keys and columns queries (S^T). Read them with bit(). Every lane
+  // of the warp calls it (shuffles). A rolled loop: one Philox chain in registers at a time
+  // (side by side they spilled the Hopper kernels); each pass makes two blocks (a lane
+  // computes one, its partner lane ^ 4 the other, and they swap the halves).
   template <int NT, bool KEYS_AS_ROWS = false>
   __device__ __forceinline__ unsigned long long keep_bits(unsigned int bh, int r0,
                                                           int c0) const {
-    static_assert(NT <= 16, "64 bits: 16 fragments of 4");
+    static_assert(NT == 2 || (NT % 4 == 0 && NT <= 16), "whole blocks, 64 bits");
     if (!CF_DROPOUT) return ~0ull;
+    const unsigned int s = r0 & 1, row_quad = cf_quad(r0);
+    const unsigned int col_quad0 = ((unsigned int)c0 >> 4 << 2) | (((unsigned int)c0 >> 1) & 3u);
+    const unsigned int low7x4 = (d.threshold & 0x7fu) * 0x01010101u;
+    const unsigned int small = d.threshold < 128u ? ~0u : 0u;
+    const auto block = [&](unsigned int col_quad) {
+      return KEYS_AS_ROWS ? cf_dropout_block(d, bh, col_quad, row_quad)
+                          : cf_dropout_block(d, bh, row_quad, col_quad);
+    };
+    if (NT == 2) {  // one block for the pair: both lanes compute it
+      unsigned int lo, hi;
+      cf_row_words<KEYS_AS_ROWS>(block(col_quad0), s, lo, hi);
+      return cf_keep8(lo, hi, low7x4, small);
+    }
     unsigned long long bits = 0;
 #pragma unroll 1
-    for (int t = 0; t < NT; ++t) {
-      bool keep[4];
-      cf_dropout_keep4_rows<KEYS_AS_ROWS>(d, bh, r0, c0 + 8 * t, keep);
-      const unsigned int four = keep[0] | keep[1] << 1 | keep[2] << 2 | keep[3] << 3;
-      bits |= (unsigned long long)four << (4 * t);
+    for (int m = 0; m < NT / 2; m += 2) {  // blocks m (lane with even row) and m + 1 (odd)
+      unsigned int own_lo, own_hi, give_lo, give_hi;
+      const cf_philox_words w = block(col_quad0 + 4u * (m + s));
+      cf_row_words<KEYS_AS_ROWS>(w, s, own_lo, own_hi);
+      cf_row_words<KEYS_AS_ROWS>(w, s ^ 1u, give_lo, give_hi);
+      const unsigned int got_lo = __shfl_xor_sync(0xffffffffu, give_lo, 4);
+      const unsigned int got_hi = __shfl_xor_sync(0xffffffffu, give_hi, 4);
+      const unsigned int first = s ? cf_keep8(got_lo, got_hi, low7x4, small)
+                                   : cf_keep8(own_lo, own_hi, low7x4, small);
+      const unsigned int second = s ? cf_keep8(own_lo, own_hi, low7x4, small)
+                                    : cf_keep8(got_lo, got_hi, low7x4, small);
+      bits = (bits >> 16) | (unsigned long long)(first | second << 8) << 48;
     }
-    return bits;
+    return NT == 16 ? bits : bits >> (64 - 4 * NT);
   }
   // x Z / (1 - p) for an element kept or not: the backward's dV operand (x = P) and its dP
   // in dS = P (dP Z / (1 - p) - delta). x itself without CF_DROPOUT.
   __device__ __forceinline__ float apply(bool kept, float x) const {
     return !CF_DROPOUT ? x : kept ? x * scale_ : 0.f;
   }
-  // Element e of fragment t in keep_bits' word.
+  // Element e of fragment t in keep_bits' word: e = 0, 1 row r0, columns c0 + 8t, + 1;
+  // e = 2, 3 row r0 + 8 (cf_keep8's order: column parity, then row r0 above r0 + 8).
   __device__ __forceinline__ static bool bit(unsigned long long bits, int t, int e) {
-    return (bits >> (4 * t + e)) & 1;
+    return (bits >> (4 * t + 2 * (e & 1) + 1 - (e >> 1))) & 1;
   }
   // P of NT fragments in place (rows = queries r0, r0 + 8; fragment t: keys c0 + 8t, + 1):
   // the dropped elements become 0, the kept ones keep their value (the forward scales O once,
@@ -184,43 +216,54 @@ struct Dropout {
   }
 };
 
-// Test entries (compiled by tests/test_dropout_device.py): bits[n] for element n of a
-// (batch, heads, rows, cols) grid, row-major; keep4[n] the fragment form for a grid of
-// `rows` queries x `cols` keys, one warp per 16 x 8 piece, queries as fragment rows (rows % 16
-// == 0, cols % 8 == 0) or keys (cols % 16 == 0, rows % 8 == 0), written query-major.
+// Test entries (compiled by tests/test_dropout_device.py): bytes[n] for element n of a
+// (batch, heads, rows, cols) grid, row-major; keep[n] from Dropout::keep_bits for a grid of
+// `rows` queries x `cols` keys, one warp per 16 x (8 nt) block of fragments (nt = 2, 4 or
+// 16), queries as fragment rows (rows % 16 == 0, cols % (8 nt) == 0) or keys (the reverse),
+// written query-major.
 #ifdef CF_PHILOX_TEST
-extern "C" __global__ void cf_philox_test_bits(unsigned int* bits, int batch, int heads, int rows,
-                                               int cols, unsigned int seed_lo,
-                                               unsigned int seed_hi, unsigned int offset) {
+extern "C" __global__ void cf_philox_test_bytes(unsigned int* bytes, int batch, int heads,
+                                                int rows, int cols, unsigned int seed_lo,
+                                                unsigned int seed_hi, unsigned int offset) {
   const long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x;
   const long long total = (long long)batch * heads * rows * cols;
   if (n >= total) return;
   const unsigned int j = n % cols, i = (n / cols) % rows;
   const unsigned int bh = (unsigned int)(n / ((long long)cols * rows));  // b * heads + h
   const cf_dropout d{seed_lo, seed_hi, offset, 0u};
-  bits[n] = cf_dropout_bits(d, bh, i, j);
+  bytes[n] = cf_dropout_byte(d, bh, i, j);
 }
 
-extern "C" __global__ void cf_philox_test_keep4(unsigned char* keep, int rows, int cols,
-                                                unsigned int seed_lo, unsigned int seed_hi,
-                                                unsigned int offset, unsigned int threshold,
-                                                int keys_as_rows) {
-  // blockIdx.x = a 16 x 8 piece of the fragment grid (16 fragment rows: queries, or keys
-  // with keys_as_rows), blockIdx.y = b * heads + h; 32 threads; keep is query-major
-  const int frag_cols = keys_as_rows ? rows : cols;
-  const unsigned int row0 = (blockIdx.x / (frag_cols / 8)) * 16;
-  const unsigned int col0 = (blockIdx.x % (frag_cols / 8)) * 8;
-  const unsigned int g = threadIdx.x / 4, t = threadIdx.x % 4;
-  const unsigned int r0 = row0 + g, c0 = col0 + 2 * t;
-  const cf_dropout d{seed_lo, seed_hi, offset, threshold};
-  bool k[4];
-  if (keys_as_rows) cf_dropout_keep4_rows<true>(d, blockIdx.y, r0, c0, k);
-  else cf_dropout_keep4_rows<false>(d, blockIdx.y, r0, c0, k);
+template <int NT, bool KEYS_AS_ROWS>
+__device__ void cf_philox_test_keep_block(unsigned char* keep, int rows, int cols,
+                                          const Dropout& drop) {
+  const int frag_cols = KEYS_AS_ROWS ? rows : cols;  // blockIdx.x: a 16 x 8NT block
+  const int row0 = (blockIdx.x / (frag_cols / (8 * NT))) * 16;
+  const int col0 = (blockIdx.x % (frag_cols / (8 * NT))) * 8 * NT;
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const unsigned long long bits =
+      drop.keep_bits<NT, KEYS_AS_ROWS>(blockIdx.y, row0 + g, col0 + 2 * t);
   unsigned char* base = keep + (long long)blockIdx.y * rows * cols;
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const unsigned int r = r0 + 8 * (e >> 1), c = c0 + (e & 1);  // fragment row, column
-    base[keys_as_rows ? c * cols + r : r * cols + c] = k[e];
+  for (int f = 0; f < NT; ++f)
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + 8 * (e >> 1), c = col0 + 8 * f + 2 * t + (e & 1);
+      base[KEYS_AS_ROWS ? c * cols + r : r * cols + c] = Dropout::bit(bits, f, e);
+    }
+}
+
+extern "C" __global__ void cf_philox_test_keep(unsigned char* keep, int rows, int cols,
+                                               unsigned int seed_lo, unsigned int seed_hi,
+                                               unsigned int offset, unsigned int threshold,
+                                               int keys_as_rows, int nt) {
+  const Dropout drop{cf_dropout{seed_lo, seed_hi, offset, threshold}, 1.f, 0};
+  if (keys_as_rows) {
+    if (nt == 2) cf_philox_test_keep_block<2, true>(keep, rows, cols, drop);
+    if (nt == 4) cf_philox_test_keep_block<4, true>(keep, rows, cols, drop);
+    if (nt == 16) cf_philox_test_keep_block<16, true>(keep, rows, cols, drop);
+  } else {
+    if (nt == 2) cf_philox_test_keep_block<2, false>(keep, rows, cols, drop);
+    if (nt == 4) cf_philox_test_keep_block<4, false>(keep, rows, cols, drop);
+    if (nt == 16) cf_philox_test_keep_block<16, false>(keep, rows, cols, drop);
   }
 }
 #endif

@@ -1,9 +1,11 @@
 """kernels_cu/cf_philox.cuh, the device side of cuflash/philox.py (issue #15, docs/dropout.md).
 
 CPU: NVRTC compiles the header's test entries for sm_75, sm_80, sm_90 and sm_120 with zero
-spills and no stack. GPU: the device bits equal NumPy's element for element (Random123's
-known answers included through the layout), and the fragment form ``cf_dropout_keep4_rows`` (one
-Philox call per lane and two shuffles) gives the same kept-mask as ``cuflash.dropout_mask``.
+spills and no stack; a NumPy model of ``Dropout::keep_bits`` (one 4 x 4 block per lane
+per pass, the halves swapped with lane ^ 4, cf_keep8's byte comparison and bit order) gives
+``cuflash.dropout_mask``'s flags, both fragment orientations. GPU: the device bytes equal
+NumPy's element for element, and ``keep_bits`` itself (2, 4 and 16 fragments side by side)
+gives the same kept-mask as ``cuflash.dropout_mask``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from cuflash import philox
 from cuflash.compiler import kernels_dir, parse_ptxas_log
 
 ARCHS = ["sm_75", "sm_80", "sm_90", "sm_120"]
-ENTRIES = ("cf_philox_test_bits", "cf_philox_test_keep4")
+ENTRIES = ("cf_philox_test_bytes", "cf_philox_test_keep")
 
 
 def _source() -> str:
-    return '#define CF_PHILOX_TEST 1\n#include "cf_philox.cuh"\n'
+    return '#define CF_PHILOX_TEST 1\n#define CF_DROPOUT 1\n#include "cf_philox.cuh"\n'
 
 
 def _nvrtc():
@@ -61,87 +63,127 @@ def _module():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed, offset", [(0, 0), (2**64 - 1, 2**32 - 1), (0x1234_5678_9ABC, 77)])
-def test_device_bits_equal_numpy(seed, offset):
+def test_device_bytes_equal_numpy(seed, offset):
     import cupy
 
     batch, heads, rows, cols = 2, 3, 37, 45
-    bits = cupy.zeros(batch * heads * rows * cols, dtype=cupy.uint32)
-    kernel = _module().get_function("cf_philox_test_bits")
+    got = cupy.full(batch * heads * rows * cols, 999, dtype=cupy.uint32)  # poisoned
+    kernel = _module().get_function("cf_philox_test_bytes")
     threads = 256
-    kernel(((bits.size + threads - 1) // threads,), (threads,),
-           (bits, np.int32(batch), np.int32(heads), np.int32(rows), np.int32(cols),
+    kernel(((got.size + threads - 1) // threads,), (threads,),
+           (got, np.int32(batch), np.int32(heads), np.int32(rows), np.int32(cols),
             np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32), np.uint32(offset)))
     b = np.arange(batch)[:, None, None, None]
     h = np.arange(heads)[None, :, None, None]
     i = np.arange(rows)[None, None, :, None]
     j = np.arange(cols)[None, None, None, :]
-    want = philox.dropout_bits(b, h, i, j, heads=heads, seed=seed, offset=offset)
-    np.testing.assert_array_equal(cupy.asnumpy(bits).reshape(want.shape), want)
+    want = philox.dropout_bytes(b, h, i, j, heads=heads, seed=seed, offset=offset)
+    np.testing.assert_array_equal(cupy.asnumpy(got).reshape(want.shape), want)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("nt", [2, 4, 16])
 @pytest.mark.parametrize("keys_as_rows", [0, 1])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_fragment_form_equals_dropout_mask(p, keys_as_rows):
-    """Both fragment forms: queries as rows (the forward's S) and keys as rows (S^T)."""
+def test_keep_bits_equal_dropout_mask(p, keys_as_rows, nt):
+    """keep_bits in both fragment orientations: queries as rows (the forward's S) and keys
+    as rows (S^T), for one block per lane pair (nt = 2) and for the swapped halves."""
     import cupy
 
-    batch, heads, rows, cols = 2, 2, 64, 48
+    batch, heads, rows, cols = 2, 2, 128, 256
     seed, offset = 2**40 + 3, 12
     keep = cupy.full(batch * heads * rows * cols, 7, dtype=cupy.uint8)  # poisoned
-    kernel = _module().get_function("cf_philox_test_keep4")
-    kernel(((rows // 16) * (cols // 8), batch * heads), (32,),
+    frag_rows, frag_cols = (cols, rows) if keys_as_rows else (rows, cols)
+    kernel = _module().get_function("cf_philox_test_keep")
+    kernel(((frag_rows // 16) * (frag_cols // (8 * nt)), batch * heads), (32,),
            (keep, np.int32(rows), np.int32(cols), np.uint32(seed & 0xFFFFFFFF),
             np.uint32(seed >> 32), np.uint32(offset), np.uint32(philox.keep_threshold(p)),
-            np.int32(keys_as_rows)))
+            np.int32(keys_as_rows), np.int32(nt)))
     want = philox.dropout_mask(batch, heads, rows, cols, dropout_p=p, seed=seed, offset=offset)
     np.testing.assert_array_equal(cupy.asnumpy(keep).reshape(want.shape), want.astype(np.uint8))
 
 
-def _keep4_model(keys_as_rows: bool, bh: int, row0: int, col0: int, *, heads: int, seed: int,
-                 offset: int, threshold: int) -> np.ndarray:
-    """cf_dropout_keep4_rows for one warp, step by step in NumPy: (32 lanes, 4) kept flags."""
+# -- a NumPy model of Dropout::keep_bits (the CPU checks the scheme, the GPU the code) -----
+
+def _words(b, h, qi, qj, *, heads, seed, offset):
+    """The four uint32 words of block (qi, qj) as Python ints."""
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    return [int(w) for w in philox.philox4x32_10((qj, qi, b * heads + h, offset), key)]
+
+
+def _row_words(words, s, keys_as_rows):
+    if not keys_as_rows:
+        return words[s], words[s | 2]
+    column = [sum(((w >> (8 * r)) & 0xFF) << (8 * k) for k, w in enumerate(words))
+              for r in (s, s | 2)]
+    return column[0], column[1]
+
+
+def _keep8(lo, hi, threshold):
+    """cf_keep8 with its arithmetic: bit 2k + 1 for byte k of lo, 2k for byte k of hi."""
+    h, mask = 0x80808080, 0xFFFFFFFF
+    low7x4 = (threshold & 0x7F) * 0x01010101
+    small = mask if threshold < 128 else 0
+    dl, dh = ((lo | h) - low7x4) & mask, ((hi | h) - low7x4) & mask
+    gl = ((lo & dl) | ((lo | dl) & small)) & h
+    gh = ((hi & dh) | ((hi | dh) & small)) & h
+    pairs = (gl | (gh >> 1)) >> 6
+    return ((pairs * 0x01041040) & mask) >> 24
+
+
+def _keep_bits_model(nt, keys_as_rows, bh, row0, col0, *, heads, seed, offset, threshold):
+    """keep_bits for one warp: 32 lanes' 64-bit words."""
     b, h = divmod(bh, heads)
-    words = np.zeros((32, 4), dtype=np.uint32)  # the square each lane computes
-    rows_parity = np.zeros(32, dtype=bool)
+    out = []
     for lane in range(32):
         g, t = divmod(lane, 4)
         r0, c0 = row0 + g, col0 + 2 * t
-        odd = bool(r0 & 1)
-        mine = r0 + 8 if odd else r0
-        q, k = (c0, mine) if keys_as_rows else (mine, c0)
-        q, k = q & ~1, k & ~1  # the square's corner
-        words[lane] = [philox.dropout_bits(b, h, q + qi, k + ki, heads=heads, seed=seed,
-                                           offset=offset) for qi in (0, 1) for ki in (0, 1)]
-        rows_parity[lane] = odd
+        s, row_quad = r0 & 1, int(philox.quad(r0))
+        col_quad0 = int(philox.quad(c0))
 
-    def word(lane, rp, cp):  # words[lane] is ordered (i & 1, j & 1) = 00, 01, 10, 11
-        return words[lane][2 * cp + rp if keys_as_rows else 2 * rp + cp]
+        def block(col_quad, rq=row_quad):
+            qi, qj = (col_quad, rq) if keys_as_rows else (rq, col_quad)
+            return _words(b, h, qi, qj, heads=heads, seed=seed, offset=offset)
 
-    keep = np.zeros((32, 4), dtype=bool)
-    for lane in range(32):
-        odd = rows_parity[lane]
-        own = (word(lane, odd, 0), word(lane, odd, 1))
-        got = (word(lane ^ 4, not rows_parity[lane ^ 4], 0),
-               word(lane ^ 4, not rows_parity[lane ^ 4], 1))
-        a, b_ = (got, own) if odd else (own, got)
-        keep[lane] = [w >= threshold for w in (*a, *b_)]
-    return keep
+        if nt == 2:
+            out.append(_keep8(*_row_words(block(col_quad0), s, keys_as_rows), threshold))
+            continue
+        bits = 0
+        for m in range(0, nt // 2, 2):
+            # this lane computes block m + s; its partner (lane ^ 4, slot s ^ 1) block m + 1 - s
+            own = _row_words(block(col_quad0 + 4 * (m + s)), s, keys_as_rows)
+            got = _row_words(block(col_quad0 + 4 * (m + 1 - s)), s, keys_as_rows)
+            first, second = (_keep8(*got, threshold), _keep8(*own, threshold)) if s else \
+                (_keep8(*own, threshold), _keep8(*got, threshold))
+            bits = (bits >> 16) | ((first | second << 8) << 48)
+        out.append(bits if nt == 16 else bits >> (64 - 4 * nt))
+    return out
 
 
+def _bit(bits, t, e):
+    """Dropout::bit."""
+    return (bits >> (4 * t + 2 * (e & 1) + 1 - (e >> 1))) & 1
+
+
+@pytest.mark.parametrize("nt", [2, 4, 8, 16])
 @pytest.mark.parametrize("keys_as_rows", [False, True])
-def test_lane_exchange_model_matches_the_mask(keys_as_rows):
-    """The shuffle scheme of cf_dropout_keep4_rows (CPU model): each lane's four flags are
-    those of its fragment elements in cuflash.dropout_mask, for both fragment orientations."""
-    heads, seed, offset, p = 3, 2**33 + 5, 9, 0.4
-    mask = philox.dropout_mask(2, heads, 48, 48, dropout_p=p, seed=seed, offset=offset)
-    for bh, row0, col0 in ((0, 0, 0), (4, 16, 8), (5, 32, 40)):
-        keep = _keep4_model(keys_as_rows, bh, row0, col0, heads=heads, seed=seed,
-                            offset=offset, threshold=philox.keep_threshold(p))
-        b, h = divmod(bh, heads)
-        for lane in range(32):
-            g, t = divmod(lane, 4)
-            for e in range(4):
-                r, c = row0 + g + 8 * (e >> 1), col0 + 2 * t + (e & 1)
-                q, k = (c, r) if keys_as_rows else (r, c)
-                assert keep[lane, e] == mask[b, h, q, k], (lane, e)
+def test_keep_bits_model_matches_the_mask(keys_as_rows, nt):
+    """Each lane's flags from the model are those of its fragment elements in
+    cuflash.dropout_mask, for both orientations, thresholds below and above 128."""
+    heads, seed, offset = 3, 2**33 + 5, 9
+    size = 16 * 8 + 16  # rows and columns: several 16-blocks each way
+    for p in (0.3, 0.7):
+        mask = philox.dropout_mask(2, heads, size, size, dropout_p=p, seed=seed, offset=offset)
+        for bh, row0, col0 in ((0, 0, 0), (4, 16, 16), (5, 128, 128 - 8 * nt + 16)):
+            col0 = max(0, min(col0, size - 8 * nt)) // 16 * 16
+            words = _keep_bits_model(nt, keys_as_rows, bh, row0, col0, heads=heads, seed=seed,
+                                     offset=offset, threshold=philox.keep_threshold(p))
+            b, h = divmod(bh, heads)
+            for lane in range(32):
+                g, t = divmod(lane, 4)
+                for f in range(nt):
+                    for e in range(4):
+                        r = row0 + g + 8 * (e >> 1)
+                        c = col0 + 8 * f + 2 * t + (e & 1)
+                        q, k = (c, r) if keys_as_rows else (r, c)
+                        assert _bit(words[lane], f, e) == mask[b, h, q, k], (lane, f, e, p)

@@ -153,77 +153,24 @@ def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def _gpu_check(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
-    """CuPy arrays through the API against the float64 reference (the GPU test rule)."""
-    import gpu_helpers as gh
-
-    from cuflash import testing
-
-    rng = gh.rng_for(seed)
-    q = gh.randn(rng, (2, seqlen_q, 4, head_dim), dtype)
-    k = gh.randn(rng, (2, seqlen_k, 2, head_dim), dtype)
-    v = gh.randn(rng, (2, seqlen_k, 2, head_dim_v), dtype)
-    do = gh.randn(rng, (2, seqlen_q, 4, head_dim_v), dtype)
-    label = f"d{head_dim}/{head_dim_v} {dtype} causal={causal} {seqlen_q}x{seqlen_k}"
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
-    o_host = gh.to_host(o, dtype)
-    o_ref, _, _ = reference.attention_reference(q, k, v, causal=causal)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype))
-    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype=dtype, label=label)
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype))
-    scale = testing.magnitude(*refs)
-    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal)
-    for name, got, ref, naive, x in zip(("dq", "dk", "dv"), grads, refs, naives, (q, k, v)):
-        assert got.shape == x.shape, (name, got.shape, label)
-        gh.assert_matches_reference(name, gh.to_host(got, dtype), ref, naive, dtype=dtype,
-                                    scale=scale, label=label)
-
-
-@pytest.mark.gpu
-@settings(max_examples=60, deadline=None)
-@given(head_dim=HEAD_DIM, head_dim_v=st.one_of(st.none(), HEAD_DIM),
-       dtype=st.sampled_from(["bfloat16", "float16", "float32"]), causal=st.booleans(),
-       seqlen_q=st.integers(1, 300), seqlen_k=st.integers(1, 300),
-       seed=st.integers(0, 2**31))
-def test_gpu_any_head_dims(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
-    _gpu_check(head_dim, head_dim if head_dim_v is None else head_dim_v, dtype, causal,
-               seqlen_q, seqlen_k, seed)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("head_dim, head_dim_v", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
-def test_gpu_named_pairs(head_dim, head_dim_v, dtype):
-    _gpu_check(head_dim, head_dim_v, dtype, True, 333, 517, None)
-
-
-@pytest.mark.gpu
-def test_gpu_torch_autograd_head_dim_v():
-    """cuflash.torch.flash_attention with (192, 128) and 59: o and gradients like the
-    reference (the general path pads), eagerly and under torch.compile (a graph break)."""
+def test_torch_compile_over_several_head_dims():
+    """A compiled cuflash.torch.flash_attention called with head dims that vary (dynamo then
+    makes them symbolic): padded pairs and the kernels' own widths, values and gradient
+    shapes like eager (CPU tensors)."""
     torch = pytest.importorskip("torch")
-    import gpu_helpers as gh
-
     import cuflash.torch as ct
 
-    for head_dim, head_dim_v in ((192, 128), (59, 59)):
-        rng = gh.rng_for()
-        q = gh.randn(rng, (1, 200, 4, head_dim), "bfloat16")
-        k = gh.randn(rng, (1, 300, 2, head_dim), "bfloat16")
-        v = gh.randn(rng, (1, 300, 2, head_dim_v), "bfloat16")
-        do = gh.randn(rng, (1, 200, 4, head_dim_v), "bfloat16")
-        refs = reference.attention_backward_reference(do, q, k, v, causal=True)
-        o_ref, _, _ = reference.attention_reference(q, k, v, causal=True)
-        for fn in (ct.flash_attention, torch.compile(ct.flash_attention)):
-            leaves = [gh.to_gpu(x, "torch").requires_grad_() for x in (q, k, v)]
+    compiled = torch.compile(ct.flash_attention)
+    for head_dim, head_dim_v in ((192, 128), (59, 59), (64, 64), (32, 32)):
+        gen = torch.Generator().manual_seed(head_dim)
+        q = torch.randn(1, 20, 2, head_dim, generator=gen)
+        k = torch.randn(1, 30, 2, head_dim, generator=gen)
+        v = torch.randn(1, 30, 2, head_dim_v, generator=gen)
+        outs = []
+        for fn in (ct.flash_attention, compiled):
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             o = fn(*leaves, causal=True)
-            o.backward(gh.to_gpu(do, "torch"))
-            assert o.shape == (1, 200, 4, head_dim_v)
-            got = [gh.to_host(o.detach(), "bfloat16")] + [gh.to_host(x.grad, "bfloat16")
-                                                          for x in leaves]
-            for name, g, want in zip(("o", "dq", "dk", "dv"), got, [o_ref, *refs]):
-                err = np.abs(g.astype(np.float64) - want).max() / np.abs(want).max()
-                assert err < 2e-2, (name, head_dim, head_dim_v, err)
+            o.sum().backward()
+            outs.append([o.detach()] + [x.grad for x in leaves])
+        for eager, comp in zip(*outs):
+            torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)

@@ -22,8 +22,9 @@ from cuflash import reference, testing  # noqa: E402
 P = 0.3
 
 
-def _inputs(device="cpu", dtype=torch.float32, shape_q=(2, 37, 4, 32), seqlen_k=53,
-            heads_kv=2, seed=7):
+def _inputs(device="cpu", dtype=torch.float32, shape_q=None, seqlen_k=53, heads_kv=2, seed=7):
+    """q, k, v, do; head_dim 64 on CUDA (the kernels tests/test_gpu_dropout.py compiled)."""
+    shape_q = shape_q or (2, 37, 4, 32 if device == "cpu" else 64)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(shape_q, generator=gen, dtype=torch.float32)
     k, v = (torch.randn((shape_q[0], seqlen_k, heads_kv, shape_q[3]), generator=gen,
@@ -110,6 +111,26 @@ def test_bad_dropout_p_is_refused(p, err, pattern):
                                         enable_gqa=True)
 
 
+def test_under_torch_compile(device="cpu"):
+    """A graph break at the dropout call (the general path); the compiled step equals the
+    eager one under the same seed, gradients included."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v, do = _inputs(device, dtype)
+
+    def step(q_, k_, v_):
+        return (ct.flash_attention(q_, k_, v_, causal=True, dropout_p=P) * do).sum()
+
+    results = []
+    for fn in (step, torch.compile(step)):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(17)
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [x.grad for x in leaves])
+    for eager, compiled in zip(*results):  # dQ's atomics: not bit for bit; another mask
+        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)  # would be O(1) off
+
+
 # -- CUDA tensors (the kernels) ---------------------------------------------------------------
 
 
@@ -138,19 +159,4 @@ def test_cuda_graph_capture_is_refused():
 
 @pytest.mark.gpu
 def test_cuda_under_torch_compile():
-    """A graph break at the dropout call (the general path); the compiled step equals the
-    eager one under the same seed, gradients included."""
-    q, k, v, do = _inputs("cuda", torch.bfloat16)
-
-    def step(q_, k_, v_):
-        return (ct.flash_attention(q_, k_, v_, causal=True, dropout_p=P) * do).sum()
-
-    results = []
-    for fn in (step, torch.compile(step)):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        torch.cuda.manual_seed(17)
-        loss = fn(*leaves)
-        loss.backward()
-        results.append([loss.detach()] + [x.grad for x in leaves])
-    for eager, compiled in zip(*results):  # dQ's atomics: not bit for bit; another mask
-        torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)  # would be O(1) off
+    test_under_torch_compile("cuda")
