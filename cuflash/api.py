@@ -83,9 +83,9 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
     from .launch import flash_backward_gpu
 
     head_dim_v = v.shape[3]
-    padded = head_pad.needed(problem.head_dim, head_dim_v)
+    width = _backward_width(problem, head_dim_v, deterministic, modifiers, extra)
+    padded = width != problem.head_dim or width != head_dim_v
     if padded:  # as in _flash_fwd; o's zero columns leave delta = rowsum(dO o) unchanged
-        width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
         do, q, k, v, o = (head_pad.pad(x, width) for x in (do, q, k, v, o))
     grads = flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
                                causal=problem.causal, softmax_scale=problem.softmax_scale,
@@ -95,6 +95,40 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
         return grads
     dims = (problem.head_dim, problem.head_dim, head_dim_v)
     return (*(head_pad.cut(g, d) for g, d in zip(grads, dims)), *grads[3:])
+
+
+def _backward_width(problem, head_dim_v: int, deterministic: bool, modifiers, extra) -> int:
+    """The head_dim a CUDA backward runs at: the kernels' width for these head dims, or a
+    wider one with the Hopper backward (``plan.backward_head_dim``)."""
+    from . import launch, plan
+
+    width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
+    extra = extra or {}
+    flags = plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
+                           modifiers.sinks, problem.causal,
+                           block_sparse=extra.get("block_mask") is not None,
+                           dropout=bool(extra.get("dropout_p")))
+    shape = plan.Shape(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads,
+                       problem.heads_kv, width, problem.dtype, problem.causal, flags)
+    return launch.backward_head_dim(shape, problem.device[1], deterministic)
+
+
+# head dims whose own backward is the Hopper one wherever there is one: nothing to widen
+_HOPPER_BACKWARD_DIMS = frozenset((64, 128, 256))
+
+
+def backward_as_is(q, causal, deterministic: bool, device_index: int) -> bool:
+    """A CUDA backward of q's head_dim runs at that width (no wider Hopper kernel to pad to:
+    ``plan.backward_head_dim``); the fast paths serve only those. q: a torch or CuPy array
+    whose head dims are the kernels' own."""
+    head_dim = int(q.shape[-1])
+    if head_dim in _HOPPER_BACKWARD_DIMS:
+        return True
+    from . import launch, plan
+
+    dtype = str(q.dtype).replace("torch.", "")
+    shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, bool(causal))
+    return launch.backward_head_dim(shape, device_index, deterministic) == head_dim
 
 
 def _kernel_dims(q, v) -> bool:
@@ -281,6 +315,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks, block_mask))
     fast = (_fast_backend(arrays, causal, softmax_scale) if no_dropout and _kernel_dims(q, v)
             else None)
+    if fast is not None and not backward_as_is(q, causal, deterministic, fast.device_index(q)):
+        fast = None  # a wider Hopper backward: the general path pads
     if fast is not None:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
         if plain:

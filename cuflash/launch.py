@@ -216,6 +216,11 @@ def backward_plan(shape: planning.Shape, device_id: int,
     return planning.backward_plan(shape, device_id, device_facts, deterministic)
 
 
+def backward_head_dim(shape: planning.Shape, device_id: int, deterministic: bool) -> int:
+    """``plan.backward_head_dim`` on this device (memoized)."""
+    return planning.backward_head_dim_for(shape, device_id, device_facts, deterministic)
+
+
 # -- parameter buffers ---------------------------------------------------------------------
 # Each entry point's parameters, one letter each: p pointer, i int, u unsigned int, q long
 # long, f float.

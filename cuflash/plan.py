@@ -292,6 +292,36 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
                                   semaphore_tiles=spec.block_m if spec.dq_ordered else 0))
 
 
+# Widths with a Hopper backward (bwd90), and how far a backward may be widened to reach one:
+# at head_dim 256 on an H200 it ran 252 TFLOP/s against the portable kernel's 70 (3.6x,
+# registry.BWD90), and at 192 the portable one ran 58 (session 9): zero columns that at most
+# double the FLOPs still leave it ahead.
+_HOPPER_BACKWARD_WIDTHS = (64, 128, 256)
+_MAX_WIDENING = 2
+
+
+def backward_head_dim(shape: Shape, facts: DeviceFacts, deterministic: bool,
+                      cfg: Config = _DEFAULT) -> int:
+    """The head_dim the backward of ``shape`` runs at: its own, or a wider one whose dK/dV
+    kernel is the Hopper one when its own width would run the portable one (the caller pads
+    with zero columns, cuflash/head_pad.py). Pure, like the planners."""
+    def main_kind(width: int) -> str | None:
+        try:
+            wider = Shape(shape.batch, shape.seqlen_q, shape.seqlen_k, shape.heads,
+                          shape.heads_kv, width, shape.dtype, shape.causal, shape.mods)
+            return plan_backward(wider, facts, deterministic, cfg).main.spec.kind
+        except ValueError:  # no tile fits this budget, or modifiers the family lacks
+            return None
+
+    own = shape.head_dim
+    if main_kind(own) == "bwd90":
+        return own
+    for width in _HOPPER_BACKWARD_WIDTHS:
+        if own < width <= _MAX_WIDENING * own and main_kind(width) == "bwd90":
+            return width
+    return own
+
+
 # -- memoized, with the configuration that the environment may change ----------------------
 
 _forward_plans: dict = {}
@@ -312,6 +342,20 @@ def forward_plan(shape: Shape, device_id: int, facts_of) -> ForwardPlan:
     if plan is None:
         plan = _forward_plans[key] = plan_forward(shape, facts_of(device_id), config.parse(raw))
     return plan
+
+
+_backward_widths: dict = {}
+
+
+def backward_head_dim_for(shape: Shape, device_id: int, facts_of, deterministic: bool) -> int:
+    """``backward_head_dim`` memoized like ``backward_plan``."""
+    raw = config.raw()
+    key = (shape, device_id, deterministic, raw)
+    width = _backward_widths.get(key)
+    if width is None:
+        width = _backward_widths[key] = backward_head_dim(shape, facts_of(device_id),
+                                                          deterministic, config.parse(raw))
+    return width
 
 
 def backward_plan(shape: Shape, device_id: int, facts_of, deterministic: bool) -> BackwardPlan:

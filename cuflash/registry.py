@@ -331,13 +331,16 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
     # dropout: the split layout reloads P^T (dV's operand) for dS^T, which needs the undropped
     # P^T as well; the 16-keys-per-warp kernel takes those calls
     split = tuple(_also(t, ("dropout",)) for t in split)
-    # dropout on sm_120: 16-24 B spilled by (4, 64, 1) at d64 / d128, 8 B by (4, 64, 2) at d64,
-    # 8 B by causal (2, 32, 1) at d160 / d224 (NVRTC 13.5, 2026-12-03)
+    # dropout on sm_120: 16-24 B spilled by (4, 64, 1) at d64 / d128, 8 B by (4, 64, 2) at d64
+    # (NVRTC 13.5, 2026-12-03, the first layout); with the second (one Philox block per 16
+    # elements, halves swapped) (2, 32, 1) spills 12 B at d160 / d224 and 8 B causal at d256
     if bucket in (64, 128):
         own[1] = _also(own[1], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
     if bucket == 64:
         own[0] = _also(own[0], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
     if bucket in (160, 224):
+        own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("dropout",)))
+    if bucket == 256:
         own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("causal", "dropout")))
     return (*split, *own)
 

@@ -57,7 +57,8 @@ def _forward_impl(q, k, v, causal: bool, softmax_scale: float):
 def _backward_impl(do, q, k, v, o, m, l, causal: bool, softmax_scale: float,
                    deterministic: bool):
     do = _kernel_ready(do)
-    if q.is_cuda and api._kernel_dims(q, v):
+    if (q.is_cuda and api._kernel_dims(q, v)
+            and api.backward_as_is(q, causal, deterministic, q.get_device())):
         from . import fastpath
 
         return fastpath.backward(fastpath.torch_backend(), do, q, k, v, o, m, l, causal,
@@ -338,7 +339,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     deterministic = _resolve_deterministic(deterministic)
     dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
     if (not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None
-            or dropout_p or not api._kernel_dims(q, v)):
+            or dropout_p or not api._kernel_dims(q, v) or _widened_backward(q, k, v, causal,
+                                                                            deterministic)):
         return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
                                    alibi_slopes, sinks, block_mask, block_size, dropout_p)
     # all-meta tensors go to the op, whose fake implementation infers the shapes
@@ -351,6 +353,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 _Tensor = torch.Tensor  # exactly: subclasses (Parameter, tensor wrappers) take the full path
 
 
+def _widened_backward(q, k, v, causal: bool, deterministic: bool) -> bool:
+    """An eager CUDA call whose backward runs wider on a Hopper kernel (the general path pads
+    it, ``plan.backward_head_dim``); under torch.compile the operators' backward decides."""
+    return (q.is_cuda and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and not api.backward_as_is(q, causal, deterministic, q.get_device()))
+
+
 def _eager_cuda(q, k, v, causal: bool, softmax_scale, deterministic) -> torch.Tensor:
     """``flash_attention`` for plain CUDA tensors on one device with no score modifiers, as
     eager calls make it: the fewest checks that keep its errors (the layout's are the fast
@@ -358,6 +368,9 @@ def _eager_cuda(q, k, v, causal: bool, softmax_scale, deterministic) -> torch.Te
     scale = validate.check_scale(softmax_scale, q.shape[-1])
     deterministic = _resolve_deterministic(deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if not api.backward_as_is(q, causal, deterministic, q.get_device()):
+            return _modified_attention(q, k, v, causal, scale, deterministic, None, None, None,
+                                       None)  # the general path widens the backward
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
     from . import fastpath
 

@@ -2,8 +2,9 @@
 the API and cuflash.torch run the kernels on zero-padded copies (cuflash/head_pad.py).
 
 CuPy arrays through the API against the float64 reference, forward and backward
-(hypothesis over head dims that pad to a dozen kernel widths, and the named pairs of
-tests/test_head_dims.py in every dtype), outputs NaN-poisoned, cuflash.testing's rule; and
+(hypothesis over head dims that pad to a dozen kernel widths, the named pairs of
+tests/test_head_dims.py in every dtype, and the kernel widths whose backward widens to a
+Hopper kernel), outputs NaN-poisoned, cuflash.testing's rule; and
 cuflash.torch.flash_attention with (192, 128) and 59, eagerly and under torch.compile.
 """
 
@@ -32,27 +33,36 @@ PAIRS = [(192, 128), (64, 128), (128, 64), (59, 59), (111, 111), (1, 1), (256, 2
 # one, the kernels of a dozen widths would take minutes).
 GPU_DIMS = (1, 3, 13, 59, 77, 111, 128, 200, 255)
 GPU_DTYPES = ("bfloat16", "float16", "float32")
+# kernel widths whose backward an H200 widens to a Hopper kernel (plan.backward_head_dim)
+WIDENED = (32, 96, 160, 192, 224)
 
 
 def _module_specs():
     from cuflash import config, launch, plan
 
     facts, cfg = launch.device_facts(0), config.Config()
-    pairs = {(a, b) for a in GPU_DIMS for b in GPU_DIMS} | set(PAIRS)
+    pairs = {(a, b) for a in GPU_DIMS for b in GPU_DIMS} | set(PAIRS) | {
+        (d, d) for d in WIDENED}
     widths = {head_pad.kernel_dim(a, b) for a, b in pairs}
     out = []
     for width in sorted(widths):
         for dtype in GPU_DTYPES:
             for causal in (False, True):
                 shape = plan.Shape(1, 1, 1, 1, 1, width, dtype, causal)
-                out += gh.shape_specs(shape, facts, cfg, backward=(False,))
+                out += gh.shape_specs(shape, facts, cfg, backward=())
+                for deterministic in (False, True):  # the backward at the width it runs
+                    wide = plan.backward_head_dim(shape, facts, deterministic, cfg)
+                    shape_b = plan.Shape(1, 1, 1, 1, 1, wide, dtype, causal)
+                    out += gh.shape_specs(shape_b, facts, cfg, forward=False,
+                                          backward=(deterministic,))
     return out
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-def _gpu_check(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
+def _gpu_check(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed,
+               deterministic=False):
     """CuPy arrays through the API against the float64 reference (the GPU test rule)."""
     rng = gh.rng_for(seed)
     q = gh.randn(rng, (2, seqlen_q, 4, head_dim), dtype)
@@ -70,11 +80,22 @@ def _gpu_check(head_dim, head_dim_v, dtype, causal, seqlen_q, seqlen_k, seed):
     naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
                                                 dtype=gh.np_dtype(dtype))
     scale = testing.magnitude(*refs)
-    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal)
+    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                       deterministic=deterministic)
     for name, got, ref, naive, x in zip(("dq", "dk", "dv"), grads, refs, naives, (q, k, v)):
         assert got.shape == x.shape, (name, got.shape, label)
         gh.assert_matches_reference(name, gh.to_host(got, dtype), ref, naive, dtype=dtype,
                                     scale=scale, label=label)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", WIDENED)
+def test_gpu_widened_backward(head_dim, dtype, causal, deterministic):
+    """The kernels' own widths whose backward runs wider (zero columns) on a Hopper kernel,
+    through the CuPy API (its fast path declines them) and both backward modes."""
+    _gpu_check(head_dim, head_dim, dtype, causal, 200, 333, None, deterministic)
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,12 +116,12 @@ def test_gpu_named_pairs(head_dim, head_dim_v, dtype):
 
 
 def test_gpu_torch_autograd_head_dim_v():
-    """cuflash.torch.flash_attention with (192, 128) and 59: o and gradients like the
+    """cuflash.torch.flash_attention with (192, 128), 59 and 192: o and gradients like the
     reference (the general path pads), eagerly and under torch.compile (a graph break)."""
     torch = pytest.importorskip("torch")
     import cuflash.torch as ct
 
-    for head_dim, head_dim_v in ((192, 128), (59, 59)):
+    for head_dim, head_dim_v in ((192, 128), (59, 59), (192, 192)):
         rng = gh.rng_for()
         q = gh.randn(rng, (1, 200, 4, head_dim), "bfloat16")
         k = gh.randn(rng, (1, 300, 2, head_dim), "bfloat16")

@@ -105,6 +105,26 @@ def test_kernel_paths_refuse_what_the_kernels_cannot(head_dim, head_dim_v, patte
     validate.check_forward(q, q, v, causal=False, softmax_scale=None)  # the CPU takes it
 
 
+def test_backward_widens_to_a_hopper_kernel():
+    """plan.backward_head_dim: on an H200 16-bit head dims whose own bucket runs the portable
+    backward widen to the next Hopper width within 2x; the Hopper widths, float32, the
+    deterministic 136..224 (no ordered Hopper kernel at 256) and an A100 stay."""
+    from cuflash import plan, specs
+
+    h200 = specs.DeviceFacts("H200", "sm_90", 132, 227 * specs.KIB)
+    a100 = specs.DeviceFacts("A100", "sm_80", 108, 163 * specs.KIB)
+
+    def width(facts, head_dim, dtype="bfloat16", deterministic=False):
+        shape = plan.Shape(1, 512, 512, 4, 4, head_dim, dtype, True)
+        return plan.backward_head_dim(shape, facts, deterministic)
+
+    assert [width(h200, d) for d in (32, 64, 96, 128, 160, 192, 256)] == [
+        64, 64, 128, 128, 256, 256, 256]
+    assert width(h200, 192, "float32") == 192 and width(h200, 16) == 16  # 64 > 2 x 16
+    assert width(h200, 192, deterministic=True) == 192
+    assert [width(a100, d) for d in (32, 96, 192)] == [32, 96, 192]
+
+
 def test_padding_arithmetic():
     assert not head_pad.needed(64, 64) and head_pad.needed(60, 60)
     assert head_pad.needed(192, 128) and head_pad.needed(128, 192)
@@ -113,11 +133,15 @@ def test_padding_arithmetic():
                                                                           200, 256]
 
 
-@pytest.mark.parametrize("head_dim, head_dim_v", [(59, 59), (192, 128), (64, 128), (3, 17)])
-def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head_dim_v):
+@pytest.mark.parametrize("head_dim, head_dim_v, widen", [
+    (59, 59, None), (192, 128, None), (64, 128, None), (3, 17, None),
+    (192, 192, 256),  # the Hopper backward at 256 (plan.backward_head_dim) for a 192 call
+    (59, 40, 128)])
+def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head_dim_v, widen):
     """The API's CUDA branch with the kernels replaced by the CPU path: they receive q, k, v
-    (and do, o) padded to one multiple of 8, the caller's softmax_scale, and the results
-    cut back match the reference of the unpadded call."""
+    (and do, o) padded to one multiple of 8 (the backward: to the planner's wider width
+    when it gives one), the caller's softmax_scale, and the results cut back match the
+    reference of the unpadded call."""
     from cuflash import cpu, launch
 
     seen = []
@@ -131,6 +155,8 @@ def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head
         return cpu.flash_backward_cpu(do, q, k, v, o, m, l, causal=causal,
                                       softmax_scale=softmax_scale)
 
+    monkeypatch.setattr(launch, "backward_head_dim",
+                        lambda shape, device_id, deterministic: widen or shape.head_dim)
     monkeypatch.setattr(launch, "flash_forward_gpu", fake_fwd)
     monkeypatch.setattr(launch, "flash_backward_gpu", fake_bwd)
     monkeypatch.setattr(api, "import_array", lambda x, name: _as_cuda(x))
@@ -143,7 +169,11 @@ def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head
     o, stats = cuflash.attention_forward(q, k, v, causal=True)
     grads = cuflash.attention_backward(do, q, k, v, o, stats, causal=True)
     width = head_pad.kernel_dim(head_dim, head_dim_v)
-    assert seen == [(width, width, width, 1 / np.sqrt(head_dim))] + [(width,) * 4]
+    if head_pad.needed(head_dim, head_dim_v):
+        assert seen[0] == (width, width, width, 1 / np.sqrt(head_dim))
+    else:  # the forward runs the caller's arrays
+        assert seen[0] == (head_dim, head_dim, head_dim_v, 1 / np.sqrt(head_dim))
+    assert seen[1] == (widen or width,) * 4
     assert o.shape == (2, 21, 4, head_dim_v) and o.flags.c_contiguous
     o_ref, _, _ = reference.attention_reference(q, k, v, causal=True)
     np.testing.assert_allclose(o, o_ref, atol=2e-6)
