@@ -273,6 +273,7 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
                              causal=problem.causal, softmax_scale=problem.softmax_scale,
                              shape_q=validate.shape_q(problem),
                              shape_kv=validate.shape_kv(problem),
+                             dropout=dropout_sparse_checks.dropout_record(extra),
                              **(_OFF if plain else modifiers.record()))
         return export_array(o, like=iq), stats
 
@@ -292,13 +293,13 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
         do: gradient of the loss w.r.t. o, shaped and typed like q.
         q, k, v, o: as passed to / returned by ``attention_forward``.
         stats: the ``SoftmaxStats`` that ``attention_forward`` returned. It records the
-            forward's causal, softmax_scale, shapes and score modifiers; a backward call
-            that differs raises ``ValueError`` (hand-built ``SoftmaxStats(m, l)`` are not
-            checked).
+            forward's causal, softmax_scale, shapes, score modifiers and dropout; a
+            backward call that differs raises ``ValueError`` (hand-built
+            ``SoftmaxStats(m, l)`` are not checked).
         causal, softmax_scale, window, softcap, alibi_slopes, sinks, dropout_p,
             dropout_seed, dropout_offset, block_mask, block_size: the values the forward
-            pass used (dropout's mask is regenerated from them, never stored; they are not
-            yet recorded in ``stats``, so other values are not caught).
+            pass used (dropout's mask is regenerated from them, never stored; other dropout
+            values than the recorded ones raise; the block mask is not recorded).
         deterministic: on CUDA, compute dQ by a separate pass without atomics, so results
             are bitwise identical run to run (somewhat slower). The CPU path always is.
 
@@ -317,6 +318,8 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
             else None)
     if fast is not None and not backward_as_is(q, causal, deterministic, fast.device_index(q)):
         fast = None  # a wider Hopper backward: the general path pads
+    if fast is not None and stats.dropout is not None:
+        fast = None  # the forward had dropout, this call none: the general path says so
     if fast is not None:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
         if plain:
@@ -345,6 +348,7 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     extra = dropout_sparse_checks.check(
         iq, problem, dropout_p=dropout_p, dropout_seed=dropout_seed,
         dropout_offset=dropout_offset, block_mask=block_mask, block_size=block_size)
+    dropout_sparse_checks.check_dropout_origin(stats, extra)
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
                            im.array, il.array, deterministic, stats.recorded, modifiers, extra)

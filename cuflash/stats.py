@@ -30,6 +30,9 @@ class SoftmaxStats:
     ``softcap``: a float; ``alibi_slopes``, ``sinks``: (shape, values) of the float32 arrays.
     With sinks, ``m`` and ``l`` include the sink as one more logit of each row (``m`` is
     at least the sink, ``l`` counts ``exp(sink - m)``), so ``lse`` normalizes over it too.
+
+    ``dropout``: (dropout_p, dropout_seed, dropout_offset) of a forward with dropout
+    (docs/dropout.md), ``None`` when it had none: the backward must regenerate that mask.
     """
 
     m: Any
@@ -42,6 +45,7 @@ class SoftmaxStats:
     softcap: float | None = None
     alibi_slopes: tuple | None = None
     sinks: tuple | None = None
+    dropout: tuple | None = None
 
     @property
     def recorded(self) -> bool:

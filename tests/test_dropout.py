@@ -284,6 +284,32 @@ def test_api_rejects_bad_arguments_and_writes_nothing(kw, err, pattern):
         np.testing.assert_array_equal(after, bits)
 
 
+@pytest.mark.parametrize("backward_kw, pattern", [
+    ({}, r"^dropout_p: expected 0.25 as in the forward pass that made stats, got 0.0"),
+    (dict(dropout_p=0.25, dropout_seed=8, dropout_offset=3),
+     r"^dropout_seed: expected 7 as in the forward pass that made stats, got 8"),
+    (dict(dropout_p=0.25, dropout_seed=7, dropout_offset=4),
+     r"^dropout_offset: expected 3 as in the forward pass that made stats, got 4"),
+    (dict(dropout_p=0.5, dropout_seed=7, dropout_offset=3), r"^dropout_p: expected 0.25"),
+])
+def test_backward_must_regenerate_the_forwards_mask(backward_kw, pattern):
+    """stats record the forward's dropout; a backward with other values raises before
+    anything is computed; the same values (and hand-built stats) pass."""
+    q, k, v, do = _arrays()
+    kw = dict(dropout_p=0.25, dropout_seed=7, dropout_offset=3)
+    o, stats = cuflash.attention_forward(q, k, v, **kw)
+    assert stats.dropout == (0.25, 7, 3)
+    with pytest.raises(ValueError, match=pattern):
+        cuflash.attention_backward(do, q, k, v, o, stats, **backward_kw)
+    cuflash.attention_backward(do, q, k, v, o, stats, **kw)
+    cuflash.attention_backward(do, q, k, v, o, cuflash.SoftmaxStats(stats.m, stats.l),
+                               **backward_kw)
+    _, plain = cuflash.attention_forward(q, k, v)
+    assert plain.dropout is None
+    with pytest.raises(ValueError, match=r"^dropout_p: expected 0.0 as in the forward"):
+        cuflash.attention_backward(do, q, k, v, o, plain, **kw)
+
+
 def _as_cuda(x) -> Imported:
     """A host array labelled as a CuPy array on cuda:0 (as tests/test_masks.py)."""
     return Imported(array=x, framework=Framework.CUPY, device=("cuda", 0))
