@@ -13,7 +13,6 @@ forward+backward on torch tensors beside cuflash.torch's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -115,8 +114,6 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="0,1", help="comma-separated 0 / 1")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    import cupy
-
     import ml_dtypes
 
     rows = []
@@ -137,10 +134,9 @@ def main(argv=None) -> int:
                   f"({r['speedup_bwd']:.2f}x; dense {r['dense_bwd_tflops']:.0f} TFLOP/s)",
                   flush=True)
     if args.json:
-        dev = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.decode() if isinstance(dev, bytes) else dev,
-                       "rows": rows}, f, indent=1)
+        from real_workloads import save_rows
+
+        save_rows(args.json, rows)
     return 0
 
 

@@ -11,7 +11,6 @@ FLOPs are 4 B H S^2 D forward (halved if causal), 2.5x for the backward.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -92,7 +91,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-sdpa", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    import cupy
     import ml_dtypes
 
     rows = []
@@ -113,10 +111,9 @@ def main(argv=None) -> int:
                              f"{r['sdpa_drop_step_ms']:.3f} ms")
                 print(line, flush=True)
     if args.json:
-        dev = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.decode() if isinstance(dev, bytes) else dev,
-                       "rows": rows}, f, indent=1)
+        from real_workloads import save_rows
+
+        save_rows(args.json, rows)
     return 0
 
 

@@ -12,7 +12,6 @@ FLOP as head_dim 192.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -80,7 +79,6 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="0,1")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    import cupy
     import ml_dtypes
 
     rows = []
@@ -95,10 +93,9 @@ def main(argv=None) -> int:
                   f"{r['fwd_ms']:.3f} ms {r['fwd_tflops']:.0f} TFLOP/s, bwd {r['bwd_ms']:.3f} "
                   f"ms {r['bwd_tflops']:.0f} TFLOP/s{sdpa}", flush=True)
     if args.json:
-        dev = cupy.cuda.runtime.getDeviceProperties(0)["name"]
-        with open(args.json, "w") as f:
-            json.dump({"device": dev.decode() if isinstance(dev, bytes) else dev,
-                       "rows": rows}, f, indent=1)
+        from real_workloads import save_rows
+
+        save_rows(args.json, rows)
     return 0
 
 

@@ -63,6 +63,12 @@ def time_ms(fn, reps: int = 20, inner: int = 5, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def save_rows(path, rows) -> None:
+    """The bench scripts' JSON: {"device": this GPU's name, "rows": rows} at ``path``."""
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(0), "rows": rows}, f, indent=1)
+
+
 def wall_ms(enqueue, block, calls: int = 10, reps: int = 5) -> float:
     """Median milliseconds per call for work on another framework's stream (JAX): ``calls``
     enqueued back to back, then ``block`` on the last result; wall clock, as torch's events

@@ -309,6 +309,38 @@ def assert_backward_matches_reference(do, q, k, v, o, dq, dk, dv, *, dtype: str,
                                  allowance=allowance)
 
 
+def assert_call_matches_reference(q, k, v, do, *, causal: bool, dtype: str, label: str,
+                                  host_kwargs: dict, gpu_kwargs: dict) -> None:
+    """One ``attention_forward`` on CuPy copies of host (q, k, v) and ``attention_backward``
+    in both modes against the float64 reference: o, m, l, then dq, dk, dv (and dsinks).
+    ``host_kwargs``: the keyword arguments (NumPy arrays) of the reference and the naive
+    computation; ``gpu_kwargs``: the same for the call (arrays on the GPU)."""
+    import cuflash
+
+    gq, gk, gv, gdo = (to_gpu(x) for x in (q, k, v, do))
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gpu_kwargs)
+    o_host = to_host(o, dtype)
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **host_kwargs)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=np_dtype(dtype),
+                                     **host_kwargs)
+    assert_matches_reference("o", o_host, o_ref, o_nv, dtype=dtype, label=label)
+    assert_stats_match("m", to_host(stats.m), m_ref, dtype=dtype, label=label)
+    assert_stats_match("l", to_host(stats.l), l_ref, dtype=dtype, label=label)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host,
+                                                  **host_kwargs)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=np_dtype(dtype), **host_kwargs)
+    scale = magnitude(*refs[:3])
+    for deterministic in (False, True):
+        grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                           deterministic=deterministic, **gpu_kwargs)
+        for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
+            host = to_host(got) if name == "dsinks" else to_host(got, dtype)
+            s = magnitude(ref) if name == "dsinks" else scale
+            assert_matches_reference(name, host, ref, naive, dtype=dtype, scale=s,
+                                     label=f"det={deterministic} {label}")
+
+
 def assert_no_nan(label: str, **arrays) -> None:
     for name, a in arrays.items():
         bad = int(np.isnan(np.asarray(a, dtype=np.float64)).sum())

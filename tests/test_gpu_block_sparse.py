@@ -99,34 +99,11 @@ def _check(family, case, dtype, seqlen_q, seqlen_k, head_dim):
     q, k, v, do, causal, mask, block_size, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k,
                                                           head_dim=head_dim)
     label = f"{family} {case[0]} {gh.describe(q, k, dtype, causal, None)} bs={block_size}"
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    gmask, gmods = cupy.asarray(mask), _on_gpu(mods)
     sparse = dict(block_mask=mask, block_size=block_size)
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, block_mask=gmask,
-                                         block_size=block_size, **gmods)
-    o_host = gh.to_host(o, dtype)
-    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods,
-                                                        **sparse)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods,
-                                     **sparse)
-    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype=dtype, label=label)
-    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
-    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
-
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods,
-                                                  **sparse)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **mods, **sparse)
-    scale = testing.magnitude(*refs[:3])
-    for deterministic in (False, True):
-        grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                           deterministic=deterministic, block_mask=gmask,
-                                           block_size=block_size, **gmods)
-        for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
-            host = gh.to_host(got) if name == "dsinks" else gh.to_host(got, dtype)
-            s = testing.magnitude(ref) if name == "dsinks" else scale
-            gh.assert_matches_reference(name, host, ref, naive, dtype=dtype, scale=s,
-                                        label=f"det={deterministic} {label}")
+    gpu_sparse = dict(block_mask=cupy.asarray(mask), block_size=block_size)
+    gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype=dtype, label=label,
+                                     host_kwargs={**mods, **sparse},
+                                     gpu_kwargs={**_on_gpu(mods), **gpu_sparse})
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
