@@ -142,8 +142,8 @@ SDPA_BAD = [
     ("attn-mask", {"attn_mask": torch.ones(12, 12, dtype=torch.bool)}, ValueError,
      r"^attn_mask: cuflash computes unmasked or causal attention only, expected None, "
      r"got Tensor"),
-    ("dropout", {"dropout_p": 0.1}, ValueError,
-     r"^dropout_p: cuflash has no dropout, expected 0\.0, got 0\.1"),
+    ("dropout-1", {"dropout_p": 1.0}, ValueError,
+     r"^dropout_p: expected a real number in \[0, 1\), got 1\.0"),
     ("dropout-str", {"dropout_p": "0"}, TypeError, r"^dropout_p: expected a real number"),
     ("is-causal-str", {"is_causal": "false"}, TypeError, r"^is_causal: expected a bool"),
     ("enable-gqa-int", {"enable_gqa": 1}, TypeError, r"^enable_gqa: expected a bool"),
