@@ -50,7 +50,8 @@ __device__ __forceinline__ cf_u32 sm90_offset(int row, int col) {
 }
 
 // -- global -> shared: ROWS x (8 * CHUNKS) tile into panels, cp.async, zero-filled ------------
-// kTpr threads share a row (all CHUNKS of it, or THREADS / 8 so a pass covers 8 rows); thread
+// kTpr threads share a row (all CHUNKS of it when they divide THREADS, else THREADS / 8 so a
+// pass covers 8 rows, else 8: head_dim 192's 24 chunks); thread
 // t copies chunks c0 + k * kTpr (c0 = t % kTpr) of rows t / kTpr + p * kStep. kStep and kTpr
 // are multiples of 8, so all of a thread's chunks share one swizzle key and all its
 // destinations are compile-time offsets from one base. Rows >= rows_valid and columns >=
@@ -58,7 +59,9 @@ __device__ __forceinline__ cf_u32 sm90_offset(int row, int col) {
 template <int ROWS, int CHUNKS, int THREADS>
 struct PanelLoader {
   enum : int {
-    kTpr = CHUNKS < THREADS / 8 ? CHUNKS : THREADS / 8,
+    kTpr = CHUNKS <= THREADS / 8 && THREADS % CHUNKS == 0 ? CHUNKS
+           : CHUNKS % (THREADS / 8) == 0                     ? THREADS / 8
+                                                            : 8,
     kPerRow = CHUNKS / kTpr,
     kStep = THREADS / kTpr,
     kPasses = (ROWS + kStep - 1) / kStep

@@ -23,7 +23,8 @@
 // wgmma and softmax phases independently between barriers, so one's softmax overlaps the
 // other's matrix products.
 //
-// Supported buckets: CF_HEAD_DIM in {64, 128, 256} (whole panels); others use flash_fwd.cu.
+// Supported buckets: CF_HEAD_DIM in {64, 128, 192, 256} (whole panels; 192 compiled, not yet
+// in the registry: not run on a GPU); others use flash_fwd.cu.
 //
 // Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
@@ -41,7 +42,8 @@
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90.cu is a 16-bit kernel");
-static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 192 ||
+                  CF_HEAD_DIM == 256,
               "head-dim bucket: whole 64-column panels");
 static_assert(CF_WARPS % 4 == 0 && CF_BLOCK_M == 16 * CF_WARPS, "64 query rows per warpgroup");
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
