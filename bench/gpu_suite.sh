@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
 #                                            memory train
 #                                            workloads train_gqa host decode generate ab
-#                                            decode_ab issue15 issue15_bench fwd90_d192
+#                                            decode_ab issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            (default: info check tests sanitize bench workloads)
 #
@@ -124,11 +124,13 @@ for stage in $stages; do
       run_stage head_dims_bench $PY bench/head_dims.py --json "$OUT/results/head_dims.json"
       [ "${ISSUE15_SPARSE:-1}" = 1 ] && run_stage block_sparse_bench $PY bench/block_sparse.py \
         --seqlen 16384 --head-dims 64,128 --flex --json "$OUT/results/block_sparse.json" ;;
-    fwd90_d192)  # the Hopper forward at head_dim 192 (not in the registry until this passes):
-      # its accuracy tests, then its speed beside the portable d192 tile, SDPA's flash, cuDNN
-      CUFLASH_POISON=1 run_stage fwd90_d192_tests timeout "${SUITE_TIME_BUDGET:-540}" \
-        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_fwd90_d192.py
+    hopper_d192)  # the Hopper kernels at head_dim 192 (not in the registry until this
+      # passes): their accuracy tests, then their speed beside SDPA's flash and cuDNN
+      CUFLASH_POISON=1 run_stage hopper_d192_tests timeout "${SUITE_TIME_BUDGET:-540}" \
+        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_hopper_d192.py
       run_stage fwd90_d192_speed bash -c "cd bench/dev && $PY tile_sweep.py --kind fwd90 \
+        --head-dim 192 --seqlen 4096 16384 --causal both --candidates 8,64,2"
+      run_stage bwd90_d192_speed bash -c "cd bench/dev && $PY tile_sweep.py --kind bwd90 \
         --head-dim 192 --seqlen 4096 16384 --causal both --candidates 8,64,2" ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;

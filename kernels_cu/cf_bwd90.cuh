@@ -25,6 +25,10 @@ __device__ __forceinline__ void wgmma_rs_acc(float (&d)[16][4], const cf_u32 (&a
 }
 template <int T>
 __device__ void wgmma_rs_acc(float (&d)[T][4], const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d);
+__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[24][4], cf_u64 desc_a, cf_u64 desc_b,
+                                                 int scale_d) {
+  wgmma_ss_kmn_n192(d, desc_a, desc_b, scale_d);
+}
 __device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_a, cf_u64 desc_b,
                                                  int scale_d) {
   wgmma_ss_kmn_n256(d, desc_a, desc_b, scale_d);

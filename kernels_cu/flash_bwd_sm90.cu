@@ -44,7 +44,8 @@
 // Shared memory: 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 8 (P^T) + 1 KB = 209 KB.
 //
 // Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
-// split); others use flash_bwd.cu.
+// split); 192 (the role split, warpgroup 1 computing one dQ panel) compiles but is not yet in
+// the registry (not run on a GPU); others use flash_bwd.cu.
 //
 // Masking and score modifiers: cf_mask.cuh (query_tiles, MaskPolicy::visible, ScoreMods;
 // docs/masks.md), as in flash_bwd.cu.
@@ -66,13 +67,14 @@
 #include "cf_bwd90.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90.cu is a 16-bit kernel");
-static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
-              "head-dim bucket 64, 128 or 256");
-static_assert(CF_HEAD_DIM == 256  // the role split
+static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 192 ||
+                  CF_HEAD_DIM == 256,
+              "head-dim bucket 64, 128, 192 or 256");
+static_assert(CF_HEAD_DIM >= 192  // the role split
                   ? (CF_BLOCK_M == 64 && CF_BLOCK_N == 64)
                   : ((CF_BLOCK_M == 64 || (CF_BLOCK_M == 128 && CF_HEAD_DIM == 64)) &&
                      CF_BLOCK_N == 128),
-              "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 256");
+              "tiles: 64 queries (128 at head_dim 64) x 128 keys; 64 x 64 at head_dim 192, 256");
 static_assert(CF_WARPS == 8 && CF_STAGES == 2, "2 warpgroups, 2 stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
 #if defined(CF_DQ_ORDERED) && CF_DQ_ORDERED
@@ -92,7 +94,7 @@ enum : int {
   kDT = kD / 8,            // dK, dV n-tiles per thread
   kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (or V)
-  kRoleSplit = kD == 256,  // the head_dim 256 layout (header): the warpgroups split the roles
+  kRoleSplit = kD >= 192,  // the head_dim 256 layout (header): the warpgroups split the roles
   kWgKeys = kRoleSplit ? 0 : 64,  // keys before warpgroup 1's (the role split: they share)
   kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (kRoleSplit ? 2 : 1) * kBN * kBM) * 2 +
                2 * 2 * kBM * 4,
@@ -248,9 +250,11 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
                          sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
       wgmma_commit();
       // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
+      // (head_dim 192: warpgroup 1 has the third panel only)
       float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll 1
       for (int c = 0; c < 2; ++c) {
+        if (kD < 256 && 2 * wg + c >= kD / 64) break;  // d256: never (its cubin unchanged)
         float dq[8][4];
         wgmma_fence();
 #pragma unroll

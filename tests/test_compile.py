@@ -94,19 +94,22 @@ def test_dropout_specs_compile_without_spills(arch):
     _assert_compiled_without_spills(work, f"dropout {arch}")
 
 
-# The Hopper forward at head_dim 192 (flash_fwd_sm90.cu, 2026-12-03): compiled, not yet run
-# on a GPU, so not in the registry (tests/test_gpu_fwd90_d192.py adds it for its run).
-FWD90_D192 = dict(kind="fwd90", head_dim=192, block_m=128, block_n=64, warps=8, stages=2)
+# The Hopper kernels at head_dim 192 (2026-12-03): compiled, not yet run on a GPU, so not in
+# the registry (tests/test_gpu_hopper_d192.py adds them for its run).
+HOPPER_D192 = (dict(kind="fwd90", head_dim=192, block_m=128, block_n=64, warps=8, stages=2),
+               dict(kind="bwd90", head_dim=192, block_m=64, block_n=64, warps=8, stages=2,
+                    dq_atomic=True, dchunk=192))
 
 
-def test_fwd90_head_dim_192_compiles_without_spills():
+def test_hopper_head_dim_192_compiles_without_spills():
     every = specs.ModFlags(window=True, softcap=True, alibi=True, sinks=True)
-    work = [(specs.KernelSpec(dtype=dtype, causal=causal, mods=mods, **FWD90_D192), "sm_90")
+    work = [(specs.KernelSpec(dtype=dtype, causal=causal, mods=mods, **tiles), "sm_90")
+            for tiles in HOPPER_D192
             for dtype, causal, mods in (("bfloat16", False, specs.NO_MODS),
                                         ("bfloat16", True, every),
                                         ("float16", True, specs.ModFlags(dropout=True)),
                                         ("bfloat16", False, specs.ModFlags(varlen=True)))]
-    _assert_compiled_without_spills(work, "fwd90 d192")
+    _assert_compiled_without_spills(work, "Hopper d192")
 
 
 def test_compile_plan_covers_every_tile_set():

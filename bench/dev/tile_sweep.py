@@ -56,7 +56,7 @@ def candidate_specs(kind, dtype, head_dim, causal):
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
     elif kind == "bwd90":
         out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, block_m=m,
-                          block_n=64 if bucket == 256 else 128, warps=w, stages=s, causal=causal,
+                          block_n=64 if bucket >= 192 else 128, warps=w, stages=s, causal=causal,
                           dq_atomic=True, dchunk=bucket)
                for w, m, s in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket)]
     else:
