@@ -332,9 +332,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         return _eager_cuda(q, k, v, causal, softmax_scale, deterministic)
     _check_tensors([(q, "q"), (k, "k"), (v, "v")])
     causal = validate.check_bool(causal, "causal")
-    # int(): under torch.compile a shape seen to vary becomes symbolic; the scale and the
-    # path chosen below need its value (a guard: one graph per head_dim)
-    head_dim = int(q.shape[-1]) if q.dim() else 0  # a 0-d q: the API's validation refuses it
+    head_dim = q.shape[-1] if q.dim() else 0  # a 0-d q is rejected by the API's validation
     scale = validate.check_scale(softmax_scale, head_dim)
     deterministic = _resolve_deterministic(deterministic)
     dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
