@@ -102,33 +102,37 @@ def _backward_width(problem, head_dim_v: int, deterministic: bool, modifiers, ex
     wider one with the Hopper backward (``plan.backward_head_dim``)."""
     from . import launch, plan
 
-    width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
     extra = extra or {}
     flags = plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
                            modifiers.sinks, problem.causal,
                            block_sparse=extra.get("block_mask") is not None,
                            dropout=bool(extra.get("dropout_p")))
-    # unit sizes: the kernel choice depends on none of them, and the memo stays small
-    shape = plan.Shape(1, 1, 1, 1, 1, width, problem.dtype, problem.causal, flags)
-    return launch.backward_head_dim(shape, problem.device[1], deterministic)
+    return _widest_backward(head_pad.kernel_dim(problem.head_dim, head_dim_v), problem.dtype,
+                            problem.causal, flags, problem.device[1], deterministic)
 
 
-# head dims whose own backward is the Hopper one wherever there is one: nothing to widen
-_HOPPER_BACKWARD_DIMS = frozenset((64, 128, 256))
+def _widest_backward(width: int, dtype: str, causal: bool, flags, device_index: int,
+                     deterministic: bool) -> int:
+    """``plan.backward_head_dim`` of a backward at ``width`` on this device. Unit sizes: the
+    kernel choice depends on none of them, and the memo stays small."""
+    from . import launch, plan
+
+    shape = plan.Shape(1, 1, 1, 1, 1, width, dtype, bool(causal), flags)
+    return launch.backward_head_dim(shape, device_index, deterministic)
 
 
 def backward_as_is(q, causal, deterministic: bool, device_index: int) -> bool:
     """A CUDA backward of q's head_dim runs at that width (no wider Hopper kernel to pad to:
     ``plan.backward_head_dim``); the fast paths serve only those. q: a torch or CuPy array
     whose head dims are the kernels' own."""
-    head_dim = int(q.shape[-1])
-    if head_dim in _HOPPER_BACKWARD_DIMS:
-        return True
-    from . import launch, plan
+    from . import plan
 
+    head_dim = int(q.shape[-1])
+    if head_dim in plan.HOPPER_BACKWARD_WIDTHS:  # never widened: skip the lookup (hot path)
+        return True
     dtype = str(q.dtype).replace("torch.", "")
-    shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, bool(causal))
-    return launch.backward_head_dim(shape, device_index, deterministic) == head_dim
+    return _widest_backward(head_dim, dtype, causal, plan.NO_MODS, device_index,
+                            deterministic) == head_dim
 
 
 def _kernel_dims(q, v) -> bool:
@@ -318,8 +322,6 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
             else None)
     if fast is not None and not backward_as_is(q, causal, deterministic, fast.device_index(q)):
         fast = None  # a wider Hopper backward: the general path pads
-    if fast is not None and stats.dropout is not None:
-        fast = None  # the forward had dropout, this call none: the general path says so
     if fast is not None:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
         if plain:
@@ -342,13 +344,12 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
                                       softmax_scale=softmax_scale, padded_ok=True)
     modifiers = validate.NO_MODIFIERS if plain else validate.check_modifiers(
         iq, problem, window=window, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-    validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
-                                validate.shape_q(problem), validate.shape_kv(problem),
-                                modifiers)
     extra = dropout_sparse_checks.check(
         iq, problem, dropout_p=dropout_p, dropout_seed=dropout_seed,
         dropout_offset=dropout_offset, block_mask=block_mask, block_size=block_size)
-    dropout_sparse_checks.check_dropout_origin(stats, extra)
+    validate.check_stats_origin(stats, problem.causal, problem.softmax_scale,
+                                validate.shape_q(problem), validate.shape_kv(problem),
+                                modifiers, dropout_sparse_checks.dropout_record(extra))
     with caller_stream(iq):
         grads = _flash_bwd(problem, ido.array, iq.array, ik.array, iv.array, io.array,
                            im.array, il.array, deterministic, stats.recorded, modifiers, extra)

@@ -47,24 +47,6 @@ def dropout_record(kwargs: dict) -> tuple | None:
     return (kwargs["dropout_p"], kwargs["dropout_seed"], kwargs["dropout_offset"])
 
 
-def check_dropout_origin(stats: Any, kwargs: dict) -> None:
-    """``ValueError`` unless a backward's dropout (``check``'s kwargs) is the forward's that
-    made ``stats`` (recorded stats only): another mask would give wrong gradients."""
-    if not stats.recorded:
-        return
-    forward, backward = stats.dropout, dropout_record(kwargs)
-    if forward == backward:
-        return
-    names = ("dropout_p", "dropout_seed", "dropout_offset")
-    if forward is None or backward is None:
-        name, want, got = "dropout_p", forward[0] if forward else 0.0, \
-            backward[0] if backward else 0.0
-    else:
-        name, want, got = next((n, f, b) for n, f, b in zip(names, forward, backward) if f != b)
-    raise ValueError(f"{name}: expected {want!r} as in the forward pass that made stats, got "
-                     f"{got!r}; the backward must regenerate the forward's dropout mask")
-
-
 def _imported_mask(block_mask: Any, q: Imported) -> Imported:
     imported = block_mask if isinstance(block_mask, Imported) else import_array(
         block_mask, "block_mask")

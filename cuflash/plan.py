@@ -296,7 +296,7 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
 # at head_dim 256 on an H200 it ran 252 TFLOP/s against the portable kernel's 70 (3.6x,
 # registry.BWD90), and at 192 the portable one ran 58 (session 9): zero columns that at most
 # double the FLOPs still leave it ahead.
-_HOPPER_BACKWARD_WIDTHS = (64, 128, 256)
+HOPPER_BACKWARD_WIDTHS = (64, 128, 256)
 _MAX_WIDENING = 2
 
 
@@ -316,7 +316,7 @@ def backward_head_dim(shape: Shape, facts: DeviceFacts, deterministic: bool,
     own = shape.head_dim
     if main_kind(own) == "bwd90":
         return own
-    for width in _HOPPER_BACKWARD_WIDTHS:
+    for width in HOPPER_BACKWARD_WIDTHS:
         if own < width <= _MAX_WIDENING * own and main_kind(width) == "bwd90":
             return width
     return own

@@ -366,9 +366,9 @@ def _eager_cuda(q, k, v, causal: bool, softmax_scale, deterministic) -> torch.Te
     scale = validate.check_scale(softmax_scale, q.shape[-1])
     deterministic = _resolve_deterministic(deterministic)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        if not api.backward_as_is(q, causal, deterministic, q.get_device()):
+        if _widened_backward(q, k, v, causal, deterministic):  # the general path pads it
             return _modified_attention(q, k, v, causal, scale, deterministic, None, None, None,
-                                       None)  # the general path widens the backward
+                                       None)
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
     from . import fastpath
 

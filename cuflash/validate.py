@@ -280,10 +280,12 @@ def shape_kv(problem: Problem) -> tuple[int, int, int, int]:
 
 
 def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: tuple,
-                       kv_shape: tuple, modifiers: Modifiers = NO_MODIFIERS) -> None:
-    """``ValueError`` unless the backward's causal, resolved softmax_scale, shapes and score
-    modifiers match the forward that made ``stats`` (hand-built stats, whose fields are
-    ``None``, are not checked; in recorded ones a modifier of ``None`` was off)."""
+                       kv_shape: tuple, modifiers: Modifiers = NO_MODIFIERS,
+                       dropout: tuple | None = None) -> None:
+    """``ValueError`` unless the backward's causal, resolved softmax_scale, shapes, score
+    modifiers and dropout ((p, seed, offset) or None) match the forward that made ``stats``
+    (hand-built stats, whose fields are ``None``, are not checked; in recorded ones a
+    modifier or dropout of ``None`` was off)."""
     recorded = [("causal", stats.causal, causal),
                 ("softmax_scale", stats.softmax_scale, softmax_scale),
                 ("q", stats.shape_q, tuple(q_shape)),
@@ -296,6 +298,20 @@ def check_stats_origin(stats: Any, causal: bool, softmax_scale: float, q_shape: 
                          f"stats, got {backward!r}; the gradients would be wrong")
     if stats.recorded:
         _check_modifiers_origin(stats, modifiers)
+        _check_dropout_origin(stats.dropout, dropout)
+
+
+def _check_dropout_origin(forward: tuple | None, backward: tuple | None) -> None:
+    """Another dropout mask than the forward's would give wrong gradients: name the first
+    of (dropout_p, dropout_seed, dropout_offset) that differs (p 0.0 when off)."""
+    if forward == backward:
+        return
+    off = (0.0, None, None)
+    names = ("dropout_p", "dropout_seed", "dropout_offset")
+    name, want, got = next((n, f, b) for n, f, b in zip(names, forward or off, backward or off)
+                           if f != b)
+    raise ValueError(f"{name}: expected {want!r} as in the forward pass that made stats, got "
+                     f"{got!r}; the backward must regenerate the forward's dropout mask")
 
 
 def _check_modifiers_origin(stats: Any, modifiers: Modifiers) -> None:
