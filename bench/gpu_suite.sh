@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
 #                                            memory train
-#                                            workloads train_gqa host decode generate ab
+#                                            workloads train_gqa train_profile host decode
+#                                            generate ab
 #                                            decode_ab issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            (default: info check tests sanitize bench workloads)
@@ -77,6 +78,10 @@ for stage in $stages; do
     workloads)  # host time per call, GQA/MQA, short sequences, JAX under jit, beside peers
       run_stage workloads $PY bench/real_workloads.py --out "$OUT/results" \
         ${WORKLOADS_SKIP:+--skip $WORKLOADS_SKIP} ;;
+    train_profile)  # the GQA model's training step, kernel by kernel, cuflash beside SDPA;
+      # and one attention forward+backward at the GQA shape (16/4, 4k, d128, causal)
+      run_stage train_profile $PY bench/dev/train_step_kernels.py
+      run_stage step_kernels $PY bench/dev/step_kernels.py --heads-kv 16 4 ;;
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling
