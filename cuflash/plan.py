@@ -295,8 +295,8 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
 # Widths with a Hopper backward (bwd90), and how far a backward may be widened to reach one:
 # at head_dim 256 on an H200 it ran 252 TFLOP/s against the portable kernel's 70 (3.6x,
 # registry.BWD90), and at 192 the portable one ran 58 (session 9): zero columns that at most
-# double the FLOPs still leave it ahead.
-HOPPER_BACKWARD_WIDTHS = (64, 128, 256)
+# double the FLOPs still leave it ahead. 192 has its own since session 10 (222-239 TFLOP/s).
+HOPPER_BACKWARD_WIDTHS = (64, 128, 192, 256)
 _MAX_WIDENING = 2
 
 

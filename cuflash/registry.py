@@ -257,6 +257,7 @@ def _ws(block_n, stages, why, consumers=2, spills_when=()) -> Tile:
 _FWD90_WIDE = _fwd16(8, 128, 2, "H100 bf16 d128 16k: 473 TFLOP/s, 1.16-1.48x FA-2 at 4k-16k "
                                 "(NOTES' wgmma kernels)")
 _SWEEP2 = "bench/results/2026-12-02_h200/session2/fwd90_ws_m192_sweep_call12.log"
+_D192_LOG = "bench/results/2026-12-03_h200/session10/call1_fwd90_d192_speed.log"
 FWD90 = {
     # three consumers at d64 (the softmax is a larger share of the work there): causal 1k
     # loses (219 TFLOP/s vs 271 for (8, 128, 64, 2)), every longer shape gains
@@ -282,6 +283,10 @@ FWD90 = {
     128: (_ws(128, 3, f"H200 bf16 d128 1k/4k/16k: 522/608/579 TFLOP/s, causal 361/523/545; "
                       f"(8, 128, 128, 2): 422/473/476, causal 319/432/463 ({_SWEEP})"),
           _FWD90_WIDE, _fwd16(8, 64, 2)),
+    # d192: three 64-column panels, P V as one m64n192 wgmma (first run 2026-12-03)
+    192: (_fwd16(8, 64, 2, f"H200 bf16 d192 4k/16k: 461/455 TFLOP/s, causal 434/460; cuDNN "
+                          f"692/712, 588/636 ({_D192_LOG}); the d256 kernel on zero-padded "
+                          f"copies had run 3.5x slower than cuDNN at 4k (session 9)"),),
     # d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP)
     256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
 
@@ -355,6 +360,7 @@ BWD16 = {b: _bwd16_tiles(b) for b in BUCKETS}
 # two; first where it fits (165 KB). Three stages: 0.98-1.02x of two (session 4's
 # bwd90_ws_sweep_call4.log, before the turns; not timed since).
 _BWD90_WS_LOG = "bench/results/2026-12-02_h200/session5/bwd90_sweep_bf16_call4.log"
+_BWD_D192_LOG = "bench/results/2026-12-03_h200/session10/call1_bwd90_d192_speed.log"
 BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s, causal "
                                         f"317/361; (8, 128, 128, 2): 303/316, causal 282/317 "
                                         f"({_BWD90_WS_LOG})"),
@@ -377,6 +383,10 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
                replace(_t(8, 64, 128, 2, "H100 bf16 d128: 331-351 TFLOP/s, 1.05-1.11x FA-2 "
                                          "(NOTES' wgmma kernels)"),
                        spills_when=(("causal", "alibi", "varlen"),)),),
+         # d192: the role split as at 256 (warpgroup 1 also one dQ panel; 161 KB)
+         192: (_t(8, 64, 64, 2, f"H200 bf16 d192 4k/16k: 222/232 TFLOP/s, causal 214/239; "
+                                f"cuDNN 329/302, 313/314 ({_BWD_D192_LOG}); widened to the "
+                                f"d256 kernel it had run about 189 per d192 FLOP"),),
          256: (_t(8, 64, 64, 2, "the role split (209 KB; 64 keys is what fits beside resident "
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"

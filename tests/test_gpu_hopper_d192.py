@@ -1,12 +1,10 @@
-"""The Hopper kernels at head_dim 192, written and compiled 2026-12-03, not yet in the
-registry because they have not run on a GPU: the forward (flash_fwd_sm90.cu, three 64-column
-panels, m64n192 wgmma for P V) and the backward (flash_bwd_sm90.cu's role split, as at 256:
-64 keys, warpgroup 0 dK, warpgroup 1 dV, warpgroup 1 one dQ panel). ``gpu`` tests on sm_90:
-the registry entries are added for the test, the plans must pick them, and o, m, l, dq, dk,
-dv match the float64 reference (head_dim 192 and 176, a partial bucket; causal or not; GQA;
-odd lengths; modifiers). When these pass, the entries go into registry.FWD90 / BWD90 with
-their measured speed (bench/dev/tile_sweep.py --kind fwd90 / bwd90 --head-dim 192).
-"""
+"""The Hopper kernels at head_dim 192 (in the registry since they passed here on an H200,
+2026-12-03): the forward (flash_fwd_sm90.cu, three 64-column panels, m64n192 wgmma for P V)
+and the backward (flash_bwd_sm90.cu's role split, as at 256: 64 keys, warpgroup 0 dK,
+warpgroup 1 dV, warpgroup 1 one dQ panel). ``gpu`` tests on sm_90: the plans must pick them,
+and o, m, l, dq, dk, dv match the float64 reference (head_dim 192 and 176, a partial bucket;
+causal or not; GQA; odd lengths; modifiers). The fixture pins the registry rows the tests
+were written against, so a later registry change keeps these kernels covered."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def test_kernel_paths_refuse_what_the_kernels_cannot(head_dim, head_dim_v, patte
 def test_backward_widens_to_a_hopper_kernel():
     """plan.backward_head_dim: on an H200 16-bit head dims whose own bucket runs the portable
     backward widen to the next Hopper width within 2x; the Hopper widths, float32, the
-    deterministic 136..224 (no ordered Hopper kernel at 256) and an A100 stay."""
+    deterministic 136..224 (no ordered Hopper kernel at 192 or 256) and an A100 stay."""
     from cuflash import plan, specs
 
     h200 = specs.DeviceFacts("H200", "sm_90", 132, 227 * specs.KIB)
@@ -118,8 +118,8 @@ def test_backward_widens_to_a_hopper_kernel():
         shape = plan.Shape(1, 512, 512, 4, 4, head_dim, dtype, True)
         return plan.backward_head_dim(shape, facts, deterministic)
 
-    assert [width(h200, d) for d in (32, 64, 96, 128, 160, 192, 256)] == [
-        64, 64, 128, 128, 256, 256, 256]
+    assert [width(h200, d) for d in (32, 64, 96, 128, 160, 192, 224, 256)] == [
+        64, 64, 128, 128, 192, 192, 256, 256]
     assert width(h200, 192, "float32") == 192 and width(h200, 16) == 16  # 64 > 2 x 16
     assert width(h200, 192, deterministic=True) == 192
     assert [width(a100, d) for d in (32, 96, 192)] == [32, 96, 192]
@@ -135,7 +135,7 @@ def test_padding_arithmetic():
 
 @pytest.mark.parametrize("head_dim, head_dim_v, widen", [
     (59, 59, None), (192, 128, None), (64, 128, None), (3, 17, None),
-    (192, 192, 256),  # the Hopper backward at 256 (plan.backward_head_dim) for a 192 call
+    (160, 160, 192),  # the Hopper backward at 192 (plan.backward_head_dim) for a 160 call
     (59, 40, 128)])
 def test_cuda_calls_run_the_kernels_on_padded_copies(monkeypatch, head_dim, head_dim_v, widen):
     """The API's CUDA branch with the kernels replaced by the CPU path: they receive q, k, v
