@@ -238,8 +238,8 @@ _SIGNATURES = {
     # + kv_splits, dk/dv_accum, dq_semaphore
     "bwd90": "ppppppppp" "iiiii" + "q" * 18 + "ff" "ippp" + MODS + SEQ,
     "bwd_dq": "ppppppp" "iiiii" + "q" * 15 + "ff" + MODS + SEQ,
-    "bwd_pre": "pppppp" "iii" + "q" * 6 + "ppp" + SEQ,  # + dq_zero
-    "convert": "pp" "iii" "qqq" "p",
+    "bwd_pre": "pppppp" "iii" + "q" * 6 + "ppp" "i" + SEQ,  # + dq_zero, dq_tile_d
+    "convert": "pp" "iii" "qqq" "p" "if",  # + tile_d, scale
 }
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
@@ -501,6 +501,10 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     delta, lse2 = workspace + ws.delta, workspace + ws.lse2
     dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
     q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
+    # the main kernel adds dQ into 64 x 64 pieces (spec.dq_tiled): their head-dim bucket
+    tile_d = plan.main.spec.head_dim if plan.main.spec.dq_tiled else 0
+    if tile_d:
+        q_row = planning.tiled_dq_entry_bytes(s, tile_d)
     if seq.varlen:
         q_row = kv_row = 0
 
@@ -509,7 +513,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
                 s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks,
-                dq_accum + b0 * q_row if dq_accum else 0, *seq.kernel_args(b0))
+                dq_accum + b0 * q_row if dq_accum else 0, tile_d, *seq.kernel_args(b0))
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
@@ -546,7 +550,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
             _launch(plan.dq, device_id, z, signature_of(plan.dq.spec), args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
-                 stream, seq.cu_seqlens_q)
+                 stream, seq.cu_seqlens_q, tile_d, softmax_scale)
     if plan.kv_convert is not None:
         for accum, out in ((ws.dk_accum, dk), (ws.dv_accum, dv)):
             _convert(plan.kv_convert, workspace + accum, kv_row, out, s.seqlen_k, s.heads_kv,
@@ -555,13 +559,14 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
 
 def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, seqlen: int,
              heads: int, s: planning.Shape, device_id: int, stream: int,
-             cu_seqlens: int = 0) -> None:
+             cu_seqlens: int = 0, tile_d: int = 0, scale: float = 1.0) -> None:
     """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides
-    (varlen: (total, heads, head_dim), rows by ``cu_seqlens``, whole sequences)."""
+    (varlen: (total, heads, head_dim), rows by ``cu_seqlens``, whole sequences); ``tile_d``:
+    the tiled dQ accumulator of that bucket instead, whose values ``scale`` multiplies."""
     for b0, z in _batch_slices(launch, s.batch):
         args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, s.head_dim,
                 out.stride_b, out.stride_m, out.stride_h,
-                cu_seqlens + 4 * b0 if cu_seqlens else 0)
+                cu_seqlens + 4 * b0 if cu_seqlens else 0, tile_d, scale if tile_d else 1.0)
         _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, s,
                 convert=True)
 

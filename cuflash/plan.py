@@ -160,16 +160,26 @@ def semaphores_per_entry(shape: Shape, block_m: int) -> int:
     return shape.heads * _cdiv(shape.seqlen_q, block_m) * 2
 
 
+def tiled_dq_entry_bytes(shape: Shape, tile_d: int) -> int:
+    """Bytes of one batch entry's tiled dQ accumulator (spec.dq_tiled; cf_common.cuh's
+    dq_piece_index): pieces of 64 rows x 64 columns over the rows rounded up to 64 and the
+    head-dim bucket ``tile_d``."""
+    return 4 * shape.heads * _cdiv(shape.seqlen_q, 64) * 64 * tile_d
+
+
 def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
-              semaphore_tiles: int = 0) -> Workspace:
+              semaphore_tiles: int = 0, dq_tile_d: int = 0) -> Workspace:
     """Layout of the backward's scratch: ``dq_accum``, ``kv_accum``: room for the dQ and the
     dK, dV accumulators; ``semaphore_tiles``: the query tile of ordered dQ's semaphores (0:
-    none)."""
+    none); ``dq_tile_d``: the dQ accumulator is tiled with that head-dim bucket (0: rows)."""
     rows_q, rows_k, h, hkv, d = (shape.rows_q, shape.rows_k, shape.heads, shape.heads_kv,
                                  shape.head_dim)
     offset = 0
     dq = dk = dv = semaphores = None
-    dq_bytes = _aligned(4 * rows_q * h * d) if dq_accum else 0
+    dq_bytes = 0
+    if dq_accum:  # (the tiled layout, never smaller, is for fixed lengths only)
+        dq_bytes = _aligned(shape.batch * tiled_dq_entry_bytes(shape, dq_tile_d) if dq_tile_d
+                            else 4 * rows_q * h * d)
     if dq_accum:
         dq, offset = offset, offset + dq_bytes
     if kv_accum:
@@ -191,8 +201,10 @@ def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:
     the ordered one's dQ accumulator and semaphores of the smallest query tile, 64): for
     callers that must size scratch before the device is known (the XLA FFI targets, at
     trace time)."""
+    d = shape.head_dim  # (a shape the kernels take: a multiple of 8 up to 256)
+    tile_d = specs.head_dim_bucket(d) if not shape.mods.varlen and d % 8 == 0 and d <= 256 else 0
     return workspace(shape, dq_accum=True, kv_accum=shape.heads_per_kv > 1,
-                     semaphore_tiles=64 if deterministic else 0)
+                     semaphore_tiles=64 if deterministic else 0, dq_tile_d=tile_d)
 
 
 def backward_workspace(plan: BackwardPlan) -> Workspace:
@@ -289,7 +301,8 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
                              shape.batch)
     return BackwardPlan(shape, deterministic, pre, main, dq, dq_convert, splits, kv_convert,
                         workspace(shape, dq_accum=dq is None, kv_accum=splits > 1,
-                                  semaphore_tiles=spec.block_m if spec.dq_ordered else 0))
+                                  semaphore_tiles=spec.block_m if spec.dq_ordered else 0,
+                                  dq_tile_d=spec.head_dim if spec.dq_tiled else 0))
 
 
 # Widths with a Hopper backward (bwd90), and how far a backward may be widened to reach one:

@@ -21,7 +21,7 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, KINDS, PRE_ROWS, PRE_THREADS, VARIANTS,  # noqa: F401
-                       Variant, bwd_split_layout, variant_of)
+                       Variant, bwd90_warp_specialized, bwd_split_layout, variant_of)
 
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -136,6 +136,12 @@ class KernelSpec:
         parts += ["local" if name == "window" else name for name in self.mods.on]
         parts += [f"{key[3:].lower()}{value}" for key, value in self.knobs]
         return "_".join(parts)
+
+    @property
+    def dq_tiled(self) -> bool:
+        """bwd90 adding dQ by bulk reduce-adds into the tiled accumulator (the knob
+        ``CF_DQ_BULK``; flash_bwd_sm90_ws.cu, cf_common.cuh's dq_piece_index)."""
+        return self.kind == "bwd90" and ("CF_DQ_BULK", 1) in self.knobs
 
     @property
     def deterministic(self) -> bool:
@@ -278,9 +284,20 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
-    return with_ordered_rotation(select("backward", facts, dtype, head_dim, causal,
-                                        deterministic=deterministic, wgmma=wgmma, mods=mods),
-                                 facts)
+    return with_bulk_dq(with_ordered_rotation(
+        select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
+               wgmma=wgmma, mods=mods), facts), facts)
+
+
+def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
+    """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
+    has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
+    Hopper backward in its atomic mode, on fixed lengths."""
+    if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or spec.dq_ordered
+            or not spec.dq_atomic or spec.mods.varlen):
+        return spec
+    bulk = spec.with_knobs(CF_DQ_BULK=1)
+    return bulk if bulk.smem_bytes <= facts.smem_optin else spec
 
 
 def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

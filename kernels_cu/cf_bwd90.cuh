@@ -94,6 +94,37 @@ __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, 
   }
 }
 
+// -- dQ by bulk reduce-adds (flash_bwd_sm90_ws.cu with CF_DQ_BULK; the layout: cf_common.cuh's
+// dq_piece_index) ---------------------------------------------------------------------------
+// This thread's 32 values of the m64n64 result into the piece at shared address `piece`.
+__device__ __forceinline__ void stage_dq_piece(const float (&dq)[8][4], cf_u32 piece, int warp,
+                                               int lane) {
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(
+                     piece + (cf_u32)(((t * 4 + warp) * 32 + lane) * 16)),
+                 "f"(dq[t][0]), "f"(dq[t][1]), "f"(dq[t][2]), "f"(dq[t][3])
+                 : "memory");
+}
+// global dst[0 .. bytes / 4) += the floats at shared src (the TMA unit's reduce-add; issued by
+// one thread after the writers' fence.proxy.async and a barrier), in this thread's bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, cf_u32 src, int bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   dst), "r"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// This thread's bulk groups done reading shared memory (the source may be rewritten).
+__device__ __forceinline__ void bulk_wait_read_all() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+// ... and their writes performed (before the block exits).
+__device__ __forceinline__ void bulk_wait_all() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative. Dropout (docs/dropout.md): `keep`, the

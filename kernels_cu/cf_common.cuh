@@ -247,3 +247,29 @@ __device__ __forceinline__ cf_u32 dynamic_smem_size() {
   do {                                                                  \
     if (threadIdx.x == 0 && dynamic_smem_size() < (cf_u32)(bytes)) __trap(); \
   } while (0)
+
+// -- the tiled dQ accumulator (flash_bwd_sm90_ws.cu with CF_DQ_BULK; flash_bwd_pre.cu) ------
+// The dQ accumulator is then laid out in pieces of 64 query rows x 64 columns, 16 KB each,
+// the order a warpgroup's m64n64 result leaves its registers in: piece (b, h, r / 64, c / 64)
+// of (batch, heads, ceil(max_seqlen_q / 64), head_dim bucket / 64), inside it element (r, c)
+// (r, c mod 64) at float dq_piece_index(r, c). So a warpgroup stages its tile's dQ with eight
+// 16-byte stores a thread (no bank conflicts) and one thread adds all of it with one
+// cp.reduce.async.bulk, instead of 16 float atomics a thread (docs/kernel_abi.md). The rows
+// past seqlen_q and the columns past head_dim of a piece collect what they collect: nothing
+// reads them. flash_bwd_pre.cu zeroes and converts this layout (dq_tile_d).
+//   the m64n64 C fragment: thread `lane` of warp w, n-tile t, element e holds row
+//   16 w + lane / 4 + 8 (e >> 1), column 8 t + 2 (lane % 4) + (e & 1)
+__host__ __device__ __forceinline__ int dq_piece_index(int r, int c) {
+  const int w = r >> 4, lane = (r & 7) * 4 + ((c >> 1) & 3), t = c >> 3;
+  return ((t * 4 + w) * 32 + lane) * 4 + 2 * ((r >> 3) & 1) + (c & 1);
+}
+enum : int { kDqPieceBytes = 64 * 64 * 4 };
+// The piece holding row i, column c of batch entry b, head h in a tiled accumulator of
+// head-dim bucket tile_d (rows of max_seqlen rounded up to 64).
+template <typename T>
+__device__ __forceinline__ T* dq_tile_piece(T* accum, int b, int h, int i, int c, int heads,
+                                            int max_seqlen, int tile_d) {
+  const long long row64s = (max_seqlen + 63) / 64;
+  return accum + ((((long long)b * heads + h) * row64s + i / 64) * (tile_d / 64) + c / 64) *
+                     (kDqPieceBytes / 4);
+}

@@ -11,11 +11,15 @@
 //                          dq_zero[b, i, h, :] = 0 when dq_zero is given: the dQ accumulator
 //                          (float32, contiguous, the true head_dim) starts at zero here, in
 //                          the pass that reads those rows anyway, instead of by a memset.
+//                          dq_tile_d > 0: the tiled accumulator of that head-dim bucket
+//                          (cf_common.cuh's dq_piece_index), the same elements at their
+//                          positions there.
 //   (CF_SINKS = 1)         dsinks[h] -= sum_{b, i} exp2(sinks[h] * LOG2E - lse2[b, h, i]) *
 //                          delta[b, h, i]  (docs/masks.md: the sink's P times its dP - delta,
 //                          dP_sink = 0), one float atomic per warp; dsinks zeroed by the host.
 //   flash_bwd_dq_convert:  dq[b, i, h, d] = elem_t(dq_accum[b, i, h, d])  (dq_accum already
-//                          holds dQ times softmax_scale; it is float32, contiguous).
+//                          holds dQ times softmax_scale; it is float32, contiguous); tile_d
+//                          > 0: elem_t(scale * the tiled accumulator's element (b, h, i, d)).
 //
 // Grid (ceil(seqlen_q / 64), heads, batch) for both, 128 threads, no shared memory.
 // blockIdx.x = tile of 64 query rows, blockIdx.y = head, blockIdx.z = batch. 8 threads share a
@@ -107,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
     int max_seqlen_q, int heads, int head_dim, long long stride_ob, long long stride_om,
     long long stride_oh, long long stride_dob, long long stride_dom, long long stride_doh,
     const float* __restrict__ sinks, float* __restrict__ dsinks, float* __restrict__ dq_zero,
-    CF_SEQ_PARAMS) {
+    int dq_tile_d, CF_SEQ_PARAMS) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;  // position inside the row's lane group
   const int slot = threadIdx.x / kLanesPerRow;
@@ -128,7 +132,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
     if (i < seqlen_q) {
       const elem_t* o_row = o_head + i * stride_om;
       const elem_t* do_row = do_head + i * stride_dom;
-      float* zero_row = dq_zero ? dq_zero + ((seq.row_q() + i) * heads + h) * head_dim : nullptr;
+      float* zero_row = dq_zero && !dq_tile_d
+                            ? dq_zero + ((seq.row_q() + i) * heads + h) * head_dim : nullptr;
       for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
         float x[8], y[8];
         load8(x, o_row + c);
@@ -136,6 +141,12 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
         if (zero_row) {
           reinterpret_cast<float4*>(zero_row + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
           reinterpret_cast<float4*>(zero_row + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        } else if (dq_zero) {  // tiled: columns c .. c + 7 are four pairs there
+          float* piece = dq_tile_piece(dq_zero, b, h, i, c, heads, max_seqlen_q, dq_tile_d);
+#pragma unroll
+          for (int j = 0; j < 8; j += 2)
+            *reinterpret_cast<float2*>(piece + dq_piece_index(i & 63, (c & 63) + j)) =
+                make_float2(0.f, 0.f);
         }
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);
@@ -168,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_convert(
     const float* __restrict__ dq_accum, elem_t* __restrict__ dq, int max_seqlen, int heads,
     int head_dim, long long stride_dqb, long long stride_dqm, long long stride_dqh,
-    const int* __restrict__ cu_seqlens) {
+    const int* __restrict__ cu_seqlens, int tile_d, float scale) {
   using namespace bwd_pre;
   const int sub = threadIdx.x % kLanesPerRow;
   const int slot = threadIdx.x / kLanesPerRow;
@@ -185,6 +196,21 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
     // dq_accum is contiguous (batch, seqlen_q, heads, head_dim) (varlen: (total_q, ...))
     const float* src = dq_accum + ((row0 + i) * heads + h) * head_dim;
     elem_t* dst = dq_head + i * stride_dqm;
+    if (tile_d) {  // the tiled dQ accumulator (fixed lengths), scaled here
+      for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
+        const float* piece = dq_tile_piece(dq_accum, b, h, i, c, heads, max_seqlen, tile_d);
+        float x[8];
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+          const float2 pair =
+              *reinterpret_cast<const float2*>(piece + dq_piece_index(i & 63, (c & 63) + j));
+          x[j] = pair.x * scale;
+          x[j + 1] = pair.y * scale;
+        }
+        store8(dst + c, x);
+      }
+      continue;
+    }
     for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
       const float4 a = *reinterpret_cast<const float4*>(src + c);
       const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);

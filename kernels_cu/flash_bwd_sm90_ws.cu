@@ -31,9 +31,11 @@
 //
 // Shared memory (panel layout of cf_sm90.cuh; 1024-byte aligned base):
 //   sK, sV (resident) | sQ, sdO: CF_STAGES stages each | sdS^T: 2 buffers | lse2, delta:
-//   CF_STAGES x CF_BLOCK_M floats each | 128 bytes of mbarriers (k_v_full; q_full, do_full,
-//   stage_empty per stage; ds_full, ds_empty per dS^T buffer).
+//   CF_STAGES x CF_BLOCK_M floats each | CF_DQ_BULK: a 16 KB dQ piece per consumer | 128
+//   bytes of mbarriers (k_v_full; q_full, do_full, stage_empty per stage; ds_full, ds_empty
+//   per dS^T buffer).
 //   SMEM = (2 * 128 * D + 2 * S * M * D + 2 * 128 * M) * 2 + 2 * S * M * 4 + 128
+//          (+ 32768 with CF_DQ_BULK)
 //   (specs: registry._smem_bwd90)
 
 #ifndef CF_WARPS
@@ -99,6 +101,21 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #define CF_DQ_ORDERED 0
 #endif
 static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile passes its turn");
+
+// dQ by bulk reduce-adds (a knob, CF_DQ_BULK=1; spec.dq_tiled): a warpgroup stages its dQ of a
+// tile in shared memory (cf_bwd90.cuh's stage_dq_piece, 8 16-byte stores a thread) and one of
+// its threads adds the 16 KB with one cp.reduce.async.bulk into the tiled dQ accumulator
+// (cf_common.cuh's dq_piece_index), instead of 16 red.global.add.v2 a thread with their
+// address and bounds arithmetic. The bulk add is issued after the next tile's first turn
+// barrier (which orders every thread's stores before it) and is waited on, for reading,
+// before the second (so the piece is free when the tile's dQ is staged); softmax_scale is
+// applied by the convert. Session 4 tried one bulk add per row of a row-major accumulator
+// (64 a tile): 0.75x the atomics.
+#ifndef CF_DQ_BULK
+#define CF_DQ_BULK 0
+#endif
+static_assert(!(CF_DQ_BULK && (CF_DQ_ORDERED || CF_VARLEN)),
+              "bulk dQ: the atomic mode on fixed-length sequences (tiles of 64 rows per entry)");
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
 // ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn; a
@@ -114,6 +131,7 @@ constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARL
 constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
+constexpr bool kBulk = CF_DQ_BULK;
 enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
@@ -133,7 +151,8 @@ enum : int {
   kOffDS = kOffDO + kStages * kTileQ,
   kOffLse = kOffDS + 2 * kTileDS,
   kOffDelta = kOffLse + kStages * kBM * 4,
-  kOffBar = kOffDelta + kStages * kBM * 4,
+  kOffDqPiece = kOffDelta + kStages * kBM * 4,  // CF_DQ_BULK: a dQ piece per warpgroup
+  kOffBar = kOffDqPiece + (kBulk ? 2 * kDqPieceBytes : 0),
   // under a block mask, each stage's (query rows, head), which the producer picks
   kOffTiles = kOffBar + 128,
   kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
@@ -379,6 +398,27 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + (me ^ 1), kConsumerThreads);
   };
   if (kPingPong && n_iter > 0 && me == 1) their_turn();
+  // CF_DQ_BULK: the warpgroup's piece, and where its staged dQ goes (set when staged). Each
+  // my_turn() is a barrier of the whole warpgroup (with turns off, bulk_sync is).
+  const bool leader = (tid & 127) == 0;
+  const cf_u32 dq_piece = smem_addr(smem + kOffDqPiece) + me * kDqPieceBytes;
+  float* staged_dq = nullptr;
+  const auto bulk_sync = [me] {
+    if constexpr (kBulk && !kPingPong) named_bar_sync(kOrderBarrier + me, 128);
+  };
+  // stage dQ of query tile pm0, head ph in the piece; it is added after the next barrier
+  const auto stage_dq = [&](const float (&dq)[8][4], int pm0, int ph) {
+    stage_dq_piece(dq, dq_piece, cwarp, lane);
+    fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
+    staged_dq = dq_tile_piece(dq_accum, b, ph, pm0 + (kBM == 128 ? 64 * me : 0),
+                              kBM == 128 ? 0 : 64 * me, heads, max_seqlen_q, kD);
+  };
+  const auto add_staged_dq = [&] {  // after a barrier that followed every thread's staging
+    if (kBulk && leader && staged_dq) {
+      bulk_reduce_add_f32(staged_dq, dq_piece, kDqPieceBytes);
+      bulk_commit();
+    }
+  };
 
   // dQ of the previous tile: issued after this tile's dV and dK, from dS^T buffer
   // (it - 1) & 1 once both warpgroups have written it (ds_full); added into dq_accum once
@@ -414,7 +454,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     int turn = 0;
     // Each warpgroup adds its own half of the tile (columns or rows), so each half has its
     // own semaphore and the warpgroups do not wait for each other.
-    const bool leader = (tid & 127) == 0;
     if constexpr (kOrdered) {
       const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
       if (CF_CAUSAL) {
@@ -459,6 +498,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       h = sTiles[2 * st + 1];
     }
     my_turn();
+    if constexpr (kBulk) {
+      bulk_sync();
+      add_staged_dq();  // the previous tile's stage: dQ of tile it - 2
+      staged_dq = nullptr;
+    }
     wgmma_fence();
     issue_scores_t<kBN, kBM>(s, sK_sa, me * 64 * 128, q_tile, 0);
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
@@ -518,7 +562,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
     // -- dV += P^T dO, dK += dS^T Q (queries are the contraction: dO, Q MN-major), then dQ of
     // the previous tile
+    if (kBulk && leader) bulk_wait_read_all();  // the piece free once the barrier passes
     my_turn();
+    bulk_sync();
     wgmma_fence();
 #pragma unroll
     for (int kq = 0; kq < kQSteps; ++kq)
@@ -537,7 +583,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
     if (it > 0) {
       mbar_arrive(bars.ds_empty((it - 1) & 1));
-      add_dq_of(dq, pm0, ph);
+      if constexpr (kBulk)
+        stage_dq(dq, pm0, ph);
+      else
+        add_dq_of(dq, pm0, ph);
     }
     pm0 = m0;
     ph = h;
@@ -545,12 +594,23 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   if (n_iter > 0) {  // the last tile's dQ
     float dq[8][4];
     my_turn();
+    bulk_sync();
+    add_staged_dq();
     wgmma_fence();
     issue_dq(dq, n_iter - 1);
     their_turn();
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
-    add_dq_of(dq, pm0, ph);
+    if constexpr (kBulk) {
+      if (leader) bulk_wait_read_all();
+      named_bar_sync(kOrderBarrier + me, 128);  // the piece is free
+      stage_dq(dq, pm0, ph);
+      named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
+      add_staged_dq();
+      if (leader) bulk_wait_all();
+    } else {
+      add_dq_of(dq, pm0, ph);
+    }
   }
 
   store_dk_dv(acc_dk, acc_dv, key_row, tig, seq, seqlen_k, heads / heads_per_kv, kvh, head_dim,

@@ -188,8 +188,8 @@ def test_the_score_modifiers_replay_their_addresses(device):
         pre = next(c for c in captured if c[0] != "memset")
         args = launch.modifiers_of(shape, checked.window, checked.softcap, slopes, sinks,
                                    problem.softmax_scale, dsinks, ptr=lambda a: a.ctypes.data)
-        # the preprocess's dsinks (then dq_zero and the SEQ arguments): this call's
-        assert pre[4][-6] == dsinks.ctypes.data
+        # the preprocess's dsinks (then dq_zero, dq_tile_d and the SEQ arguments): this call's
+        assert pre[4][-7] == dsinks.ctypes.data
         with launch.recording() as direct:
             launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
                                 l.ctypes.data, *map(_operand, (dq, dk, dv)),

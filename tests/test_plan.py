@@ -126,7 +126,7 @@ def test_parameter_buffers_end_at_the_last_parameter():
     # ... and the sequence layout (ppp, i)
     assert fwd == 6 * 8 + 5 * 4 + 4 + 12 * 8 + 4 + 5 * 4 + 8 + 8 + 8 + 3 * 8 + 4
     convert = launch.param_packer(launch._SIGNATURES["convert"]).size
-    assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8 + 8  # + cu_seqlens
+    assert convert == 2 * 8 + 3 * 4 + 4 + 3 * 8 + 8 + 4 + 4  # + cu_seqlens, tile_d, scale
 
 
 def launch_signatures() -> dict:

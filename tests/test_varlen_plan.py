@@ -179,10 +179,10 @@ def test_backward_launch_arguments(monkeypatch):
     assert kinds[0] == ("bwd_pre", False) and kinds[1][0] == p.main.spec.kind
     for kind, convert, sig, args in calls:
         assert len(args) == len(sig)
-        if convert:
-            assert args[-1] in (0x1000, 0x2000)
+        if convert:  # cu_seqlens, then the row layout (tile_d 0, scale 1)
+            assert args[-3] in (0x1000, 0x2000) and args[-2:] == (0, 1.0)
         else:
             assert args[-4:] == (0x1000, 0x2000, 0x3000, 700), kind
-    converts = [args[-1] for _, c, _, args in calls if c]
+    converts = [args[-3] for _, c, _, args in calls if c]
     assert converts[0] == 0x1000 and all(c == 0x2000 for c in converts[1:])
     assert len(converts) == (3 if p.kv_splits > 1 else 1)

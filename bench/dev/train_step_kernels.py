@@ -36,24 +36,34 @@ def step_fn(model, opt):
 
 
 def profile_steps(step, batches, steps: int) -> tuple[dict[str, float], float]:
-    """Microseconds per step of each kernel name, and the median wall time of a step (ms)."""
+    """Microseconds per step of each kernel name, and the median wall time of a step (ms).
+    Also prints the host's share: the time until step() returns (the GPU still working), and
+    the CUDA runtime / driver calls per step that can block the host or the GPU's queue."""
     for tokens in batches[:3]:
         step(tokens)
     torch.cuda.synchronize()
-    walls = []
+    walls, enqueue = [], []
     for tokens in batches[3:3 + steps]:
         start = time.perf_counter()
         step(tokens)
+        enqueue.append((time.perf_counter() - start) * 1e3)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - start) * 1e3)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for tokens in batches[:steps]:
             step(tokens)
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
+    runtime: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time / steps
+        elif event.name.startswith(("cuda", "cu")) and not event.name.startswith("cuLaunch"):
+            runtime[event.name][0] += 1
+            runtime[event.name][1] += event.cpu_time_total
+    print(f"   host: step() returns after {statistics.median(enqueue):.2f} ms (median)")
+    for name, (count, us) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"   host: {name}: {count / steps:.1f} calls, {us / steps:.1f} us a step")
     return dict(totals), statistics.median(walls)
 
 
