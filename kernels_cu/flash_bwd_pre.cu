@@ -12,8 +12,9 @@
 //                          (float32, contiguous, the true head_dim) starts at zero here, in
 //                          the pass that reads those rows anyway, instead of by a memset.
 //                          dq_tile_d > 0: the tiled accumulator of that head-dim bucket
-//                          (cf_common.cuh's dq_piece_index), the same elements at their
-//                          positions there.
+//                          (cf_common.cuh's dq_piece_index): the block's 64 rows are whole
+//                          pieces there, contiguous, zeroed by 16-byte stores (a float2 per
+//                          element pair at its position ran the kernel at twice its time).
 //   (CF_SINKS = 1)         dsinks[h] -= sum_{b, i} exp2(sinks[h] * LOG2E - lse2[b, h, i]) *
 //                          delta[b, h, i]  (docs/masks.md: the sink's P times its dP - delta,
 //                          dP_sink = 0), one float atomic per warp; dsinks zeroed by the host.
@@ -46,6 +47,7 @@ enum : int {
   kVec = 8,  // elements per thread per step (head_dim % 8 == 0)
 };
 }  // namespace bwd_pre
+static_assert(bwd_pre::kRows == 64, "a block's rows are one row of tiled dQ pieces");
 
 // 8 consecutive elements as floats (16-bit: one 16-byte load; float32: two).
 __device__ __forceinline__ void load8(float out[8], const elem_t* p) {
@@ -122,6 +124,12 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   const elem_t* do_head = dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
   const cf_i64 stat = seq.stats(h);
   const float sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
+  if (dq_zero && dq_tile_d) {  // the tiled dQ accumulator: this block's pieces, contiguous
+    float4* pieces = reinterpret_cast<float4*>(
+        dq_tile_piece(dq_zero, b, h, blockIdx.x * kRows, 0, heads, max_seqlen_q, dq_tile_d));
+    for (int k = threadIdx.x; k < (dq_tile_d / 64) * (kDqPieceBytes / 16); k += kThreads)
+      pieces[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   float dsink = 0.f;  // this thread's share of dsinks[h] (CF_SINKS)
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
@@ -141,12 +149,6 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
         if (zero_row) {
           reinterpret_cast<float4*>(zero_row + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
           reinterpret_cast<float4*>(zero_row + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        } else if (dq_zero) {  // tiled: columns c .. c + 7 are four pairs there
-          float* piece = dq_tile_piece(dq_zero, b, h, i, c, heads, max_seqlen_q, dq_tile_d);
-#pragma unroll
-          for (int j = 0; j < 8; j += 2)
-            *reinterpret_cast<float2*>(piece + dq_piece_index(i & 63, (c & 63) + j)) =
-                make_float2(0.f, 0.f);
         }
 #pragma unroll
         for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,6 +39,18 @@ def kernel_table(run, calls: int = 10) -> dict[str, float]:
     return dict(totals)
 
 
+def host_us(run, calls: int = 10) -> float:
+    """Microseconds of host time per call: ``calls`` enqueued back to back (too few to fill
+    the launch queue, so the host never waits for the GPU), timed by the host clock."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--heads-kv", type=int, nargs="+", default=[16, 4, 1])
@@ -53,7 +66,8 @@ def main() -> None:
             run = fwd_bwd(attn, q, k, v, do, True)
             wall = time_ms(run) * 1e3
             table = kernel_table(run)
-            print(f"-- {label}: wall {wall:.1f} us, kernels {sum(table.values()):.1f} us")
+            print(f"-- {label}: wall {wall:.1f} us, kernels {sum(table.values()):.1f} us, "
+                  f"host {host_us(run):.1f} us a call")
             for name, us in sorted(table.items(), key=lambda kv: -kv[1]):
                 print(f"   {us:8.1f} us  {name[:100]}")
 
