@@ -304,6 +304,25 @@ def forward_with_call(backend: Backend, q, k, v, causal, softmax_scale) -> tuple
     return o, m, l, call
 
 
+def forward_output(backend: Backend, q, k, v, causal, softmax_scale):
+    """o alone, for calls that want no statistics (no gradient): the kernel's m and l go to
+    one scratch allocation, which saves the host an allocator call (inference's host path)."""
+    call = _forward_call(backend, q, k, v, causal, softmax_scale)
+    o = _new(backend, q.shape, None, q, launch.poison_enabled())
+    if call.replay is None:
+        if call.shape.seqlen_k == 0:  # every row sees no key
+            backend.fill(o, 0)
+        return o
+    batch, seqlen_q, heads, _ = q.shape
+    rows = batch * heads * seqlen_q
+    stats = backend.empty((2 * rows,), backend.float32, q)  # written, never read
+    ptr = backend.ptr
+    with backend.on_device(backend.device_index(q)):
+        call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(stats), ptr(stats) + 4 * rows),
+                    backend.stream())
+    return o
+
+
 def _backward_after(forward_call: _Call, backend: Backend, do, q, k, v, o, m, l, causal,
                     softmax_scale, deterministic: bool) -> tuple:
     """``_backward_call`` for the outputs of ``forward_call`` (whose layouts it fixed): only

@@ -372,7 +372,7 @@ def _eager_cuda(q, k, v, causal: bool, softmax_scale, deterministic) -> torch.Te
         return _EagerFlashAttention.apply(q, k, v, causal, scale, deterministic)
     from . import fastpath
 
-    return fastpath.forward(fastpath.torch_backend(), q, k, v, causal, scale)[0]
+    return fastpath.forward_output(fastpath.torch_backend(), q, k, v, causal, scale)
 
 
 def _check_sdpa_extras(attn_mask, dropout_p, enable_gqa) -> None:

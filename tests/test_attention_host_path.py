@@ -130,6 +130,29 @@ def _replay_case(device, case, calls: int = 3) -> None:
         assert captured == _as_captured(direct), f"backward, call {call}"
 
 
+@pytest.mark.parametrize("case", [_CASES[0], _CASES[6]], ids=["h200", "batch-split"])
+def test_forward_output_launches_the_forward_with_one_stats_allocation(device, case):
+    """``fastpath.forward_output`` (no statistics asked for) launches what ``forward`` does,
+    with m and l the two halves of one scratch allocation (l = m + 4 * rows), in every
+    launch of a batch split over several."""
+    captured, facts = device
+    _, shape_q, shape_kv, dtype, causal, _, transposed = case
+    backend, rng = NumpyBackend(), np.random.default_rng(1)
+    q, k, v = _inputs(rng, shape_q, shape_kv, dtype, transposed)
+    for _ in range(2):  # recorded, then replayed
+        captured.clear()
+        o = fastpath.forward_output(backend, q, k, v, causal, None)
+        m = captured[0][4][4]  # the fwd signature's m, l: its fifth and sixth parameters
+        rows = shape_q[0] * shape_q[1] * shape_q[2]
+        problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=None)
+        plan = launch.forward_plan(planning.Shape.of(problem), 0)
+        with launch.recording() as direct:
+            launch.run_forward(plan, *map(_operand, (q, k, v, o)), m, m + 4 * rows,
+                               problem.softmax_scale, _STREAM, 0)
+        assert captured == _as_captured(direct)
+        assert all(args[5] - args[4] == 4 * rows for *_, args in captured)
+
+
 @settings(max_examples=30, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.integers(1, 3), seqlen_q=st.integers(1, 160), seqlen_k=st.integers(1, 160),
        heads_kv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
