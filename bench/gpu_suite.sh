@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
 #                                            memory train
-#                                            workloads train_gqa train_profile host decode
+#                                            workloads train_gqa train_profile issue10 host decode
 #                                            generate ab
 #                                            decode_ab issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -78,6 +78,14 @@ for stage in $stages; do
     workloads)  # host time per call, GQA/MQA, short sequences, JAX under jit, beside peers
       run_stage workloads $PY bench/real_workloads.py --out "$OUT/results" \
         ${WORKLOADS_SKIP:+--skip $WORKLOADS_SKIP} ;;
+    issue10)  # real workloads' done-when in one run: the CUDA-graph tests, then host time,
+      # GQA / MQA, 1k / 2k, JAX under jit, long sequences beside peers, and the GQA model's
+      # training step eager and compiled against SDPA
+      CUFLASH_POISON=1 run_stage graph_tests timeout 120 $PY -m pytest -m gpu -q -rfEs \
+        -p no:cacheprovider tests/test_gpu_host_path.py
+      run_stage workloads $PY bench/real_workloads.py --out "$OUT/results"
+      run_stage train_gqa $PY bench/train_small.py --gqa --steps "${TRAIN_STEPS:-20}" \
+        --lr "${TRAIN_LR:-1e-4}" --out "$OUT/results" ;;
     train_profile)  # the GQA model's training step, kernel by kernel, cuflash beside SDPA;
       # and one attention forward+backward at the GQA shape (16/4, 4k, d128, causal)
       run_stage train_profile $PY bench/dev/train_step_kernels.py

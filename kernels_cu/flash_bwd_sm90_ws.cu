@@ -406,12 +406,16 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const auto bulk_sync = [me] {
     if constexpr (kBulk && !kPingPong) named_bar_sync(kOrderBarrier + me, 128);
   };
-  // stage dQ of query tile pm0, head ph in the piece; it is added after the next barrier
+  // stage dQ of query tile pm0, head ph in the piece; it is added after the next barrier,
+  // unless all its rows are past seqlen_q (head_dim 64's second 64 rows of a 128-row tile:
+  // the accumulator has no piece there)
   const auto stage_dq = [&](const float (&dq)[8][4], int pm0, int ph) {
     stage_dq_piece(dq, dq_piece, cwarp, lane);
     fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
-    staged_dq = dq_tile_piece(dq_accum, b, ph, pm0 + (kBM == 128 ? 64 * me : 0),
-                              kBM == 128 ? 0 : 64 * me, heads, max_seqlen_q, kD);
+    const int row0 = pm0 + (kBM == 128 ? 64 * me : 0);
+    staged_dq = row0 < seqlen_q ? dq_tile_piece(dq_accum, b, ph, row0, kBM == 128 ? 0 : 64 * me,
+                                                heads, max_seqlen_q, kD)
+                                : nullptr;
   };
   const auto add_staged_dq = [&] {  // after a barrier that followed every thread's staging
     if (kBulk && leader && staged_dq) {
