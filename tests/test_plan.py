@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cuflash import plan, specs
 from cuflash.plan import Shape
@@ -93,6 +97,59 @@ def test_workspace_layout():
         for p in (plan.plan_backward(s, H200, deterministic),
                   plan.plan_backward(s, A100, deterministic)):
             assert plan.backward_workspace(p).total_bytes <= bound.total_bytes
+
+
+def test_bulk_dq_where_the_warp_specialized_backward_adds_atomically():
+    """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128 in its atomic
+    mode on fixed lengths gets the tiled dQ accumulator; the deterministic (ordered) mode,
+    packed sequences, the 8-warp kernels (head_dim 256, an A100's) and a budget without room
+    for the two 16 KB pieces keep the atomics."""
+    def main(facts, head_dim=128, deterministic=False, mods=specs.NO_MODS):
+        s = Shape(1, 4096, 4096, 16, 16, head_dim, "bfloat16", True, mods)
+        return plan.plan_backward(s, facts, deterministic).main.spec
+
+    for head_dim in (64, 128):
+        spec = main(H200, head_dim)
+        assert spec.warps == 12 and spec.dq_tiled
+        assert spec.smem_bytes == replace(spec, knobs=()).smem_bytes + 2 * 16384
+        assert not main(H200, head_dim, deterministic=True).dq_tiled
+        assert not main(H200, head_dim, mods=specs.ModFlags(varlen=True)).dq_tiled
+        assert main(H200, head_dim, mods=specs.ModFlags(dropout=True)).dq_tiled
+    assert not main(H200, 256).dq_tiled and not main(A100).dq_tiled
+    no_room = H200.with_budget(main(H200).smem_bytes - 1)
+    spec = main(no_room)
+    assert spec.warps == 12 and not spec.dq_tiled
+
+
+def test_tiled_dq_workspace_covers_whole_pieces():
+    """The tiled dQ accumulator: pieces of 64 rows x 64 columns over the rows rounded up to
+    64 and the head-dim bucket, per batch entry; at least the row layout's size."""
+    s = shape(batch=3, seqlen_q=130, seqlen_k=70, heads=8, heads_kv=2, head_dim=96)
+    assert plan.tiled_dq_entry_bytes(s, 128) == 4 * 8 * 192 * 128
+    tiled = plan.workspace(s, dq_accum=True, kv_accum=True, dq_tile_d=128)
+    rows = plan.workspace(s, dq_accum=True, kv_accum=True)
+    assert tiled.dq_accum_bytes >= 3 * plan.tiled_dq_entry_bytes(s, 128) > rows.dq_accum_bytes
+    assert tiled.dk_accum >= tiled.dq_accum_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 3), seqlen_q=st.integers(1, 700), seqlen_k=st.integers(1, 700),
+       heads_kv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
+       head_dim=st.sampled_from([8, 32, 64, 72, 96, 128, 192, 256]),
+       dtype=st.sampled_from(["bfloat16", "float16", "float32"]), causal=st.booleans(),
+       deterministic=st.booleans())
+def test_workspace_bound_holds_for_every_plan(batch, seqlen_q, seqlen_k, heads_kv, group,
+                                             head_dim, dtype, causal, deterministic):
+    """plan.workspace_bound (what the XLA FFI targets allocate before the device is known) is
+    at least every plan's workspace, the tiled dQ accumulator's included."""
+    s = Shape(batch, seqlen_q, seqlen_k, heads_kv * group, heads_kv, head_dim, dtype, causal)
+    bound = plan.workspace_bound(s, deterministic).total_bytes
+    for facts in (H200, A100, H200.with_budget(99 * specs.KIB)):
+        try:
+            p = plan.plan_backward(s, facts, deterministic)
+        except ValueError:  # no tile at this budget
+            continue
+        assert plan.backward_workspace(p).total_bytes <= bound, p.main.spec.name
 
 
 def test_memoized_plans_follow_the_configuration(monkeypatch):
