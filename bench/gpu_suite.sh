@@ -89,6 +89,7 @@ for stage in $stages; do
     train_profile)  # the GQA model's training step, kernel by kernel, cuflash beside SDPA;
       # and one attention forward+backward at the GQA shape (16/4, 4k, d128, causal)
       run_stage train_profile $PY bench/dev/train_step_kernels.py
+      run_stage train_profile_compiled $PY bench/dev/train_step_kernels.py --compile
       run_stage step_kernels $PY bench/dev/step_kernels.py --heads-kv 16 4 ;;
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;

@@ -1,7 +1,7 @@
 """Where the GPU time of one training step goes: bench/train_small.py's GQA model (eager),
 each kernel's time per step with cuflash.torch beside torch SDPA, from torch.profiler.
 
-    python bench/dev/train_step_kernels.py [--steps 5] [--top 25]
+    python bench/dev/train_step_kernels.py [--steps 5] [--top 25] [--compile]
 
 The step-time gap of issue #10 is this table's difference: the attention kernels' share and
 whatever else (copies, casts, reductions) one attention path adds around them.
@@ -71,6 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--compile", action="store_true", help="the step under torch.compile")
     args = p.parse_args()
     torch.manual_seed(0)
     init = build_torch_model(GQA, "sdpa").cuda()
@@ -80,7 +81,11 @@ def main() -> None:
         model = copy.deepcopy(init)
         set_attention(model, attention)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-        table, wall = profile_steps(step_fn(model, opt), batches, args.steps)
+        step = step_fn(model, opt)
+        if args.compile:
+            torch._dynamo.reset()
+            step = torch.compile(step)
+        table, wall = profile_steps(step, batches, args.steps)
         tables[attention] = table
         print(f"\n-- {attention}: wall {wall:.2f} ms a step, kernels "
               f"{sum(table.values()) / 1e3:.2f} ms")
