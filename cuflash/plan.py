@@ -180,7 +180,6 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
     if dq_accum:  # (the tiled layout, never smaller, is for fixed lengths only)
         dq_bytes = _aligned(shape.batch * tiled_dq_entry_bytes(shape, dq_tile_d) if dq_tile_d
                             else 4 * rows_q * h * d)
-    if dq_accum:
         dq, offset = offset, offset + dq_bytes
     if kv_accum:
         dk, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
