@@ -159,7 +159,7 @@ enum : int {
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
   kConsumerRegs = 232,
-  kOrderBarrier = 1,  // 1 + g, ordered dQ: warpgroup g meets before and after its adds
+  kOrderBarrier = 1,  // 1 + g: warpgroup g alone (ordered dQ around its adds; bulk dQ)
   kTurnBarrier = 3,   // 3 + g: consumer warpgroup g may issue its products
 };
 }  // namespace bwd90ws
