@@ -4,6 +4,7 @@
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
 #                                            memory train
 #                                            workloads train_gqa train_profile issue10 host decode
+#                                            pre_convert
 #                                            generate ab
 #                                            decode_ab issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -91,6 +92,12 @@ for stage in $stages; do
       run_stage train_profile $PY bench/dev/train_step_kernels.py
       run_stage train_profile_compiled $PY bench/dev/train_step_kernels.py --compile
       run_stage step_kernels $PY bench/dev/step_kernels.py --heads-kv 16 4 ;;
+    pre_convert)  # the backward's two elementwise kernels: us and TB/s beside cuDNN's; with
+      # an older checkout in .old (e.g. a git archive), the same from it
+      run_stage pre_convert $PY bench/dev/pre_convert_bench.py
+      if [ -d .old ]; then
+        run_stage pre_convert_old $PY bench/dev/pre_convert_bench.py --tree .old
+      fi ;;
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling

@@ -49,16 +49,34 @@ enum : int {
 }  // namespace bwd_pre
 static_assert(bwd_pre::kRows == 64, "a block's rows are one row of tiled dQ pieces");
 
-// 8 consecutive elements as floats (16-bit: one 16-byte load; float32: two).
-__device__ __forceinline__ void load8(float out[8], const elem_t* p) {
+// 8 consecutive elements in their storage form (16-bit: one 16-byte vector; float32: two).
+// The preprocess loads all of a lane's vectors first and converts them after, so every load
+// of the lane is in flight at once: the kernel is bound by memory latency, not arithmetic.
+struct Raw8 {
 #if CF_DTYPE == 2
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-  out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+  float4 a, b;
 #else
-  const uint4 r = *reinterpret_cast<const uint4*>(p);
-  const cf_u32 w[4] = {r.x, r.y, r.z, r.w};
+  uint4 a;
+#endif
+};
+
+__device__ __forceinline__ Raw8 load_raw8(const elem_t* p) {
+  Raw8 r;
+#if CF_DTYPE == 2
+  r.a = reinterpret_cast<const float4*>(p)[0];
+  r.b = reinterpret_cast<const float4*>(p)[1];
+#else
+  r.a = *reinterpret_cast<const uint4*>(p);
+#endif
+  return r;
+}
+
+__device__ __forceinline__ void unpack8(float out[8], const Raw8& r) {
+#if CF_DTYPE == 2
+  out[0] = r.a.x; out[1] = r.a.y; out[2] = r.a.z; out[3] = r.a.w;
+  out[4] = r.b.x; out[5] = r.b.y; out[6] = r.b.z; out[7] = r.b.w;
+#else
+  const cf_u32 w[4] = {r.a.x, r.a.y, r.a.z, r.a.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     out[2 * i] = elem_to_float((elem_t)(w[i] & 0xffffu));
@@ -107,6 +125,89 @@ __device__ __forceinline__ void dot2_merge(float& hi, float& lo, float hi2, floa
   lo = __fadd_rn(lo, __fadd_rn(lo2, se));
 }
 
+// One preprocess block's rows: the kernel's arguments resolved to its head and sequence.
+struct PreRows {
+  const elem_t* o_head;
+  const elem_t* do_head;
+  long long stride_om, stride_dom;
+  const float* m;
+  const float* l;
+  float* delta;
+  float* lse2;
+  float* dq_zero_head;  // the row-major dQ accumulator's (row 0, this head), or null
+  cf_i64 stat;          // (this head, row 0) in m, l, delta, lse2
+  int seqlen_q, head_dim, heads;
+  float sink2;          // sinks[h] in log2 units (CF_SINKS)
+};
+
+// The block's 64 rows, P passes of 16 rows at a time; lane `sub` of a row holds its vectors
+// v = 0 .. V-1 (columns (8 v + sub) 8 .. +7, head_dim <= 64 V). All 2 P V loads are issued
+// before any arithmetic: one vector per lane in flight (a loop over columns that computed
+// between loads) ran the kernel at 1.6 TB/s, well under the device's copy rate. P keeps the
+// loaded vectors at 64 registers. Returns the lane's share of dsinks[h] (CF_SINKS).
+template <int V>
+__device__ __forceinline__ float preprocess_rows(const PreRows& a, int sub, int slot) {
+  using namespace bwd_pre;
+  enum : int { kWords = CF_DTYPE == 2 ? 2 : 1, kP0 = 8 / (V * kWords), P = kP0 < 4 ? kP0 : 4 };
+  static_assert(P >= 1 && (kRows / kRowsPerPass) % P == 0, "passes come in whole groups");
+  float dsink = 0.f;
+#pragma unroll
+  for (int pass0 = 0; pass0 < kRows / kRowsPerPass; pass0 += P) {
+    Raw8 xo[P][V], xd[P][V];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int c = (v * kLanesPerRow + sub) * kVec;
+        xo[p][v] = xd[p][v] = Raw8{};
+        if (i < a.seqlen_q && c < a.head_dim) {
+          xo[p][v] = load_raw8(a.o_head + i * a.stride_om + c);
+          xd[p][v] = load_raw8(a.do_head + i * a.stride_dom + c);
+          if (a.dq_zero_head) {
+            float* z = a.dq_zero_head + (cf_i64)i * a.heads * a.head_dim + c;
+            reinterpret_cast<float4*>(z)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+            reinterpret_cast<float4*>(z)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+      // -- delta_i = rowsum(dO_i * O_i): each lane's columns in order, then a 3-step
+      // butterfly, each lane and each merge keeping the sum as an unevaluated pair hi + lo
+      // (zero vectors past head_dim or seqlen_q add exact zeros)
+      float hi = 0.f, lo = 0.f;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float x[8], y[8];
+        unpack8(x, xo[p][v]);
+        unpack8(y, xd[p][v]);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);
+      }
+#pragma unroll
+      for (int off = 1; off < kLanesPerRow; off *= 2)
+        dot2_merge(hi, lo, __shfl_xor_sync(0xffffffffu, hi, off),
+                   __shfl_xor_sync(0xffffffffu, lo, off));
+      // an inf product makes lo NaN (inf - inf); keep hi then, as a plain sum would
+      const float acc = fabsf(hi) < CF_INF ? hi + lo : hi;
+      if (i < a.seqlen_q) {
+        if (sub == 0) a.delta[a.stat + i] = acc;
+        // -- lse2_i = m_i log2(e) + log2(l_i), +inf for a row that sees no key
+        if (sub == 1) {
+          const float li = a.l[a.stat + i];
+          const float lse = li == 0.f ? CF_INF : fmaf(a.m[a.stat + i], CF_LOG2E, log2f(li));
+          a.lse2[a.stat + i] = lse;
+          if (CF_SINKS) dsink -= exp2f(a.sink2 - lse) * acc;  // P_sink (0 - delta_i)
+        }
+      }
+    }
+  }
+  return dsink;
+}
+
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_preprocess(
     const elem_t* __restrict__ o, const elem_t* __restrict__ dout, const float* __restrict__ m,
     const float* __restrict__ l, float* __restrict__ delta, float* __restrict__ lse2,
@@ -119,62 +220,83 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   const int slot = threadIdx.x / kLanesPerRow;
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(b, heads, max_seqlen_q, 0, CF_SEQ_ARGS);  // (the keys are unused)
-  const int seqlen_q = seq.seqlen_q;
-  const elem_t* o_head = o + seq.q_offset(stride_ob, stride_om) + h * stride_oh;
-  const elem_t* do_head = dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
-  const cf_i64 stat = seq.stats(h);
-  const float sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
   if (dq_zero && dq_tile_d) {  // the tiled dQ accumulator: this block's pieces, contiguous
     float4* pieces = reinterpret_cast<float4*>(
         dq_tile_piece(dq_zero, b, h, blockIdx.x * kRows, 0, heads, max_seqlen_q, dq_tile_d));
     for (int k = threadIdx.x; k < (dq_tile_d / 64) * (kDqPieceBytes / 16); k += kThreads)
       pieces[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  float dsink = 0.f;  // this thread's share of dsinks[h] (CF_SINKS)
-#pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
-    // -- delta_i = rowsum(dO_i * O_i), 8 lanes per row then a 3-step butterfly, each lane
-    // and each merge keeping the sum as an unevaluated pair hi + lo
-    float hi = 0.f, lo = 0.f;
-    if (i < seqlen_q) {
-      const elem_t* o_row = o_head + i * stride_om;
-      const elem_t* do_row = do_head + i * stride_dom;
-      float* zero_row = dq_zero && !dq_tile_d
-                            ? dq_zero + ((seq.row_q() + i) * heads + h) * head_dim : nullptr;
-      for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
-        float x[8], y[8];
-        load8(x, o_row + c);
-        load8(y, do_row + c);
-        if (zero_row) {
-          reinterpret_cast<float4*>(zero_row + c)[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-          reinterpret_cast<float4*>(zero_row + c)[1] = make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dot2_step(hi, lo, x[e], y[e]);
-      }
-    }
-#pragma unroll
-    for (int off = 1; off < kLanesPerRow; off *= 2)
-      dot2_merge(hi, lo, __shfl_xor_sync(0xffffffffu, hi, off),
-                 __shfl_xor_sync(0xffffffffu, lo, off));
-    // an inf product makes lo NaN (inf - inf); keep hi then, as a plain sum would
-    const float acc = fabsf(hi) < CF_INF ? hi + lo : hi;
-    if (i < seqlen_q) {
-      if (sub == 0) delta[stat + i] = acc;
-      // -- lse2_i = m_i log2(e) + log2(l_i), +inf for a row that sees no key
-      if (sub == 1) {
-        const float li = l[stat + i];
-        const float lse = li == 0.f ? CF_INF : fmaf(m[stat + i], CF_LOG2E, log2f(li));
-        lse2[stat + i] = lse;
-        if (CF_SINKS) dsink -= exp2f(sink2 - lse) * acc;  // P_sink (0 - delta_i)
-      }
-    }
+  PreRows rows;
+  rows.o_head = o + seq.q_offset(stride_ob, stride_om) + h * stride_oh;
+  rows.do_head = dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
+  rows.stride_om = stride_om;
+  rows.stride_dom = stride_dom;
+  rows.m = m;
+  rows.l = l;
+  rows.delta = delta;
+  rows.lse2 = lse2;
+  rows.dq_zero_head =
+      dq_zero && !dq_tile_d ? dq_zero + (seq.row_q() * heads + h) * head_dim : nullptr;
+  rows.stat = seq.stats(h);
+  rows.seqlen_q = seq.seqlen_q;
+  rows.head_dim = head_dim;
+  rows.heads = heads;
+  rows.sink2 = CF_SINKS ? sinks[h] * CF_LOG2E : 0.f;
+  float dsink;  // this thread's share of dsinks[h] (CF_SINKS)
+  switch ((head_dim + kLanesPerRow * kVec - 1) / (kLanesPerRow * kVec)) {  // uniform
+    case 1: dsink = preprocess_rows<1>(rows, sub, slot); break;
+    case 2: dsink = preprocess_rows<2>(rows, sub, slot); break;
+    case 3: dsink = preprocess_rows<3>(rows, sub, slot); break;
+    default: dsink = preprocess_rows<4>(rows, sub, slot); break;  // head_dim <= 256
   }
   if (CF_SINKS) {  // -- dsinks[h] += the warp's sum (every lane takes part in the shuffles)
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) dsink += __shfl_xor_sync(0xffffffffu, dsink, off);
     if ((threadIdx.x & 31) == 0) atomicAdd(dsinks + h, dsink);
+  }
+}
+
+// The tiled dQ accumulator (fixed lengths) to dq, scaled: the block's 64 rows, one 16 KB
+// piece (64 columns) at a time. The piece stores a row pair (r, r + 8), columns 8 t .. 8 t + 7
+// as 64 contiguous bytes (four float4 of consecutive C-fragment lanes; cf_common.cuh's
+// dq_piece_index); such a group is a thread's unit, t fastest across the threads, so each
+// thread reads whole sectors and eight threads write 128 contiguous bytes of a row. (A thread
+// per 8 columns of one row, reading float2 pairs at their indices, ran at 1.5 TB/s.)
+__device__ __forceinline__ void convert_tiled(const float* __restrict__ accum, elem_t* dq_head,
+                                              long long stride_dqm, int seqlen_q, int max_seqlen,
+                                              int heads, int head_dim, int tile_d, float scale) {
+  using namespace bwd_pre;
+  enum : int { kGroups = kDqPieceBytes / 64, kGroupsPerThread = kGroups / kThreads };
+  const int b = blockIdx.z, h = blockIdx.y, row0 = blockIdx.x * kRows;
+  for (int c0 = 0; c0 < tile_d && c0 < head_dim; c0 += 64) {
+    const float4* piece = reinterpret_cast<const float4*>(
+        dq_tile_piece(accum, b, h, row0, c0, heads, max_seqlen, tile_d));
+    float4 f[kGroupsPerThread][4];
+#pragma unroll
+    for (int g = 0; g < kGroupsPerThread; ++g) {
+      const int k = threadIdx.x + g * kThreads;
+      const int t = k % 8, w = (k / 8) % 4, r7 = k / 32;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) f[g][j] = piece[(t * 4 + w) * 32 + r7 * 4 + j];
+    }
+#pragma unroll
+    for (int g = 0; g < kGroupsPerThread; ++g) {
+      const int k = threadIdx.x + g * kThreads;
+      const int t = k % 8, w = (k / 8) % 4, r7 = k / 32;
+      const int c = c0 + 8 * t, r = row0 + 16 * w + r7;
+      if (c >= head_dim) continue;
+      // float4 j: (r, c + 2 j), (r, c + 2 j + 1), (r + 8, c + 2 j), (r + 8, c + 2 j + 1)
+      float top[8], bottom[8];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        top[2 * j] = f[g][j].x * scale;
+        top[2 * j + 1] = f[g][j].y * scale;
+        bottom[2 * j] = f[g][j].z * scale;
+        bottom[2 * j + 1] = f[g][j].w * scale;
+      }
+      if (r < seqlen_q) store8(dq_head + r * stride_dqm + c, top);
+      if (r + 8 < seqlen_q) store8(dq_head + (r + 8) * stride_dqm + c, bottom);
+    }
   }
 }
 
@@ -191,6 +313,11 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
   const int seqlen_q = CF_VARLEN ? cu_seqlens[b + 1] - cu_seqlens[b] : max_seqlen;
   const cf_i64 row0 = CF_VARLEN ? (cf_i64)cu_seqlens[b] : (cf_i64)b * max_seqlen;
   elem_t* dq_head = dq + (CF_VARLEN ? row0 * stride_dqm : b * stride_dqb) + h * stride_dqh;
+  if (tile_d) {  // the tiled dQ accumulator (fixed lengths), scaled here
+    convert_tiled(dq_accum, dq_head, stride_dqm, seqlen_q, max_seqlen, heads, head_dim, tile_d,
+                  scale);
+    return;
+  }
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
@@ -198,21 +325,6 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
     // dq_accum is contiguous (batch, seqlen_q, heads, head_dim) (varlen: (total_q, ...))
     const float* src = dq_accum + ((row0 + i) * heads + h) * head_dim;
     elem_t* dst = dq_head + i * stride_dqm;
-    if (tile_d) {  // the tiled dQ accumulator (fixed lengths), scaled here
-      for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
-        const float* piece = dq_tile_piece(dq_accum, b, h, i, c, heads, max_seqlen, tile_d);
-        float x[8];
-#pragma unroll
-        for (int j = 0; j < 8; j += 2) {
-          const float2 pair =
-              *reinterpret_cast<const float2*>(piece + dq_piece_index(i & 63, (c & 63) + j));
-          x[j] = pair.x * scale;
-          x[j + 1] = pair.y * scale;
-        }
-        store8(dst + c, x);
-      }
-      continue;
-    }
     for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
       const float4 a = *reinterpret_cast<const float4*>(src + c);
       const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);
