@@ -111,11 +111,15 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 // before the second (so the piece is free when the tile's dQ is staged); softmax_scale is
 // applied by the convert. Session 4 tried one bulk add per row of a row-major accumulator
 // (64 a tile): 0.75x the atomics.
+// With ordered dQ (CF_DQ_ORDERED) the add is not deferred: the warpgroup stages the piece at
+// the tile's end, and the leader waits for the turn, adds, waits for the add to be performed
+// (cp.async.bulk.wait_group 0), and passes the turn on (the deadlock below rules out holding
+// a turn into the next tile).
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
 #endif
-static_assert(!(CF_DQ_BULK && (CF_DQ_ORDERED || CF_VARLEN)),
-              "bulk dQ: the atomic mode on fixed-length sequences (tiles of 64 rows per entry)");
+static_assert(!(CF_DQ_BULK && CF_VARLEN),
+              "bulk dQ: fixed-length sequences (tiles of 64 rows per entry)");
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
 // ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn; a
@@ -471,8 +475,27 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       }
       sem = dq_semaphore +
             (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
-      if (leader) wait_for_turn(sem, turn);
-      named_bar_sync(kOrderBarrier + me, 128);
+      if constexpr (!kBulk) {  // (bulk: only the leader waits, below)
+        if (leader) wait_for_turn(sem, turn);
+        named_bar_sync(kOrderBarrier + me, 128);
+      }
+    }
+    if constexpr (kBulk && kOrdered) {  // the staged piece, added by the leader in its turn
+      stage_dq(dq, pm0, ph);
+      named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
+      if (leader) {
+        wait_for_turn(sem, turn);
+        fence_proxy_async_global();  // the turns before, for the bulk add
+        if (staged_dq) {
+          bulk_reduce_add_f32(staged_dq, dq_piece, kDqPieceBytes);
+          bulk_commit();
+          bulk_wait_all();  // performed, and the piece free
+        }
+        fence_proxy_async_global();  // the add, before the turn is passed on
+        fence_and_release(sem, turn + 1);
+      }
+      staged_dq = nullptr;
+      return;
     }
     add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
            pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
@@ -587,8 +610,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
     if (it > 0) {
       mbar_arrive(bars.ds_empty((it - 1) & 1));
-      if constexpr (kBulk)
-        stage_dq(dq, pm0, ph);
+      if constexpr (kBulk && !kOrdered)
+        stage_dq(dq, pm0, ph);  // added after the next tile's first barrier
       else
         add_dq_of(dq, pm0, ph);
     }
@@ -605,7 +628,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     their_turn();
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
-    if constexpr (kBulk) {
+    if constexpr (kBulk && !kOrdered) {
       if (leader) bulk_wait_read_all();
       named_bar_sync(kOrderBarrier + me, 128);  // the piece is free
       stage_dq(dq, pm0, ph);
