@@ -167,6 +167,15 @@ def tiled_dq_entry_bytes(shape: Shape, tile_d: int) -> int:
     return 4 * shape.heads * _cdiv(shape.seqlen_q, 64) * 64 * tile_d
 
 
+def tiled_dq_bytes(shape: Shape, tile_d: int) -> int:
+    """Bytes of the whole batch's tiled dQ accumulator. Packed sequences (varlen): piece rows
+    total_q // 64 + batch + 1, enough for cf_common.cuh's dq_tile_piece_packed, which starts
+    sequence b at piece row cu_seqlens_q[b] // 64 + b."""
+    if shape.mods.varlen:
+        return 4 * shape.heads * (shape.total_q // 64 + shape.batch + 1) * 64 * tile_d
+    return shape.batch * tiled_dq_entry_bytes(shape, tile_d)
+
+
 def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
               semaphore_tiles: int = 0, dq_tile_d: int = 0) -> Workspace:
     """Layout of the backward's scratch: ``dq_accum``, ``kv_accum``: room for the dQ and the
@@ -177,8 +186,8 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
     offset = 0
     dq = dk = dv = semaphores = None
     dq_bytes = 0
-    if dq_accum:  # (the tiled layout, never smaller, is for fixed lengths only)
-        dq_bytes = _aligned(shape.batch * tiled_dq_entry_bytes(shape, dq_tile_d) if dq_tile_d
+    if dq_accum:
+        dq_bytes = _aligned(tiled_dq_bytes(shape, dq_tile_d) if dq_tile_d
                             else 4 * rows_q * h * d)
         dq, offset = offset, offset + dq_bytes
     if kv_accum:
@@ -201,7 +210,7 @@ def workspace_bound(shape: Shape, deterministic: bool) -> Workspace:
     callers that must size scratch before the device is known (the XLA FFI targets, at
     trace time)."""
     d = shape.head_dim  # (a shape the kernels take: a multiple of 8 up to 256)
-    tile_d = specs.head_dim_bucket(d) if not shape.mods.varlen and d % 8 == 0 and d <= 256 else 0
+    tile_d = specs.head_dim_bucket(d) if d % 8 == 0 and d <= 256 else 0
     return workspace(shape, dq_accum=True, kv_accum=shape.heads_per_kv > 1,
                      semaphore_tiles=64 if deterministic else 0, dq_tile_d=tile_d)
 
@@ -288,6 +297,11 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
     splits = kv_head_splits(shape, spec, facts.sm_count)
     main = _launch(spec, (_cdiv(shape.seqlen_k, spec.block_n), shape.heads_kv), shape.batch,
                    z_per_batch=n_chunks * splits)
+    if spec.dq_tiled and shape.mods.varlen and main.batch_per_launch < shape.batch:
+        # packed sequences' dQ pieces are placed by the batch index, which a launch over a
+        # slice of the batch does not know: the row-major accumulator
+        spec = spec.without_knob("CF_DQ_BULK")
+        main = _launch(spec, main.grid[:2], shape.batch, z_per_batch=n_chunks * splits)
     dq = dq_convert = kv_convert = None
     if deterministic and not spec.dq_ordered:
         dq_spec = specs.select_backward_dq(facts, dtype, d, causal, mods=shape.mods)

@@ -122,6 +122,9 @@ class KernelSpec:
         """The same kernel compiled with extra ``-D`` defines (e.g. ``CF_BWD_MSUB=16``)."""
         return replace(self, knobs=tuple(sorted({**dict(self.knobs), **defines}.items())))
 
+    def without_knob(self, name: str) -> "KernelSpec":
+        return replace(self, knobs=tuple(kv for kv in self.knobs if kv[0] != name))
+
     @cached_property
     def name(self) -> str:
         parts = [self.kind, DTYPE_SHORT[self.dtype]]
@@ -292,9 +295,10 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
     has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
-    Hopper backward in its atomic mode, on fixed lengths."""
+    Hopper backward in its atomic mode (fixed or packed lengths; the ordered mode has them as
+    a knob, not yet measured faster)."""
     if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or spec.dq_ordered
-            or not spec.dq_atomic or spec.mods.varlen):
+            or not spec.dq_atomic):
         return spec
     bulk = spec.with_knobs(CF_DQ_BULK=1)
     return bulk if bulk.smem_bytes <= facts.smem_optin else spec

@@ -273,3 +273,14 @@ __device__ __forceinline__ T* dq_tile_piece(T* accum, int b, int h, int i, int c
   return accum + ((((long long)b * heads + h) * row64s + i / 64) * (tile_d / 64) + c / 64) *
                      (kDqPieceBytes / 4);
 }
+// Packed sequences (cf_seq.cuh's CF_VARLEN): sequence b's rows, packed from row q_begin, own
+// the piece rows q_begin / 64 + b + i / 64, laid out (piece row, head, head-dim piece). A
+// sequence of n rows needs ceil(n / 64) piece rows and the next one starts at least that many
+// later, so no two sequences share a piece; total_q / 64 + batch + 1 piece rows hold a batch
+// (cuflash/plan.py's tiled_dq_bytes). b must be the batch entry's index in the whole batch.
+template <typename T>
+__device__ __forceinline__ T* dq_tile_piece_packed(T* accum, int q_begin, int b, int h, int i,
+                                                   int c, int heads, int tile_d) {
+  const long long piece_row = q_begin / 64 + b + i / 64;
+  return accum + ((piece_row * heads + h) * (tile_d / 64) + c / 64) * (kDqPieceBytes / 4);
+}

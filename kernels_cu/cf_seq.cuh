@@ -66,4 +66,12 @@ struct SeqInfo {
   __device__ __forceinline__ cf_i64 k_offset(long long stride_b, long long stride_m) const {
     return CF_VARLEN ? k_begin * stride_m : b * stride_b;
   }
+  // The 64 x 64 piece of a tiled dQ accumulator (bucket tile_d) holding this entry's query
+  // row i, column c, head h (cf_common.cuh: dense and packed layouts).
+  template <typename T>
+  __device__ __forceinline__ T* dq_piece(T* accum, int h, int i, int c, int max_seqlen_q,
+                                         int tile_d) const {
+    return CF_VARLEN ? dq_tile_piece_packed(accum, q_begin, b, h, i, c, heads, tile_d)
+                     : dq_tile_piece(accum, b, h, i, c, heads, max_seqlen_q, tile_d);
+  }
 };

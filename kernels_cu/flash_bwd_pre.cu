@@ -12,9 +12,10 @@
 //                          (float32, contiguous, the true head_dim) starts at zero here, in
 //                          the pass that reads those rows anyway, instead of by a memset.
 //                          dq_tile_d > 0: the tiled accumulator of that head-dim bucket
-//                          (cf_common.cuh's dq_piece_index): the block's 64 rows are whole
-//                          pieces there, contiguous, zeroed by 16-byte stores (a float2 per
-//                          element pair at its position ran the kernel at twice its time).
+//                          (cf_common.cuh's dq_piece_index; packed sequences' layout there
+//                          too): the block's 64 rows are whole pieces, contiguous, zeroed by
+//                          16-byte stores (a float2 per element pair at its position ran the
+//                          kernel at twice its time).
 //   (CF_SINKS = 1)         dsinks[h] -= sum_{b, i} exp2(sinks[h] * LOG2E - lse2[b, h, i]) *
 //                          delta[b, h, i]  (docs/masks.md: the sink's P times its dP - delta,
 //                          dP_sink = 0), one float atomic per warp; dsinks zeroed by the host.
@@ -220,9 +221,11 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   const int slot = threadIdx.x / kLanesPerRow;
   const int h = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(b, heads, max_seqlen_q, 0, CF_SEQ_ARGS);  // (the keys are unused)
-  if (dq_zero && dq_tile_d) {  // the tiled dQ accumulator: this block's pieces, contiguous
+  // the tiled dQ accumulator: this block's pieces, contiguous (packed sequences: only a
+  // sequence's own rows have pieces)
+  if (dq_zero && dq_tile_d && (!CF_VARLEN || blockIdx.x * kRows < seq.seqlen_q)) {
     float4* pieces = reinterpret_cast<float4*>(
-        dq_tile_piece(dq_zero, b, h, blockIdx.x * kRows, 0, heads, max_seqlen_q, dq_tile_d));
+        seq.dq_piece(dq_zero, h, blockIdx.x * kRows, 0, max_seqlen_q, dq_tile_d));
     for (int k = threadIdx.x; k < (dq_tile_d / 64) * (kDqPieceBytes / 16); k += kThreads)
       pieces[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
@@ -256,21 +259,25 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_prepro
   }
 }
 
-// The tiled dQ accumulator (fixed lengths) to dq, scaled: the block's 64 rows, one 16 KB
+// The tiled dQ accumulator to dq, scaled: the block's 64 rows, one 16 KB
 // piece (64 columns) at a time. The piece stores a row pair (r, r + 8), columns 8 t .. 8 t + 7
 // as 64 contiguous bytes (four float4 of consecutive C-fragment lanes; cf_common.cuh's
 // dq_piece_index); such a group is a thread's unit, t fastest across the threads, so each
 // thread reads whole sectors and eight threads write 128 contiguous bytes of a row. (A thread
 // per 8 columns of one row, reading float2 pairs at their indices, ran at 1.5 TB/s.)
+// q_begin: packed sequences' (CF_VARLEN) first row of this entry.
 __device__ __forceinline__ void convert_tiled(const float* __restrict__ accum, elem_t* dq_head,
                                               long long stride_dqm, int seqlen_q, int max_seqlen,
-                                              int heads, int head_dim, int tile_d, float scale) {
+                                              int q_begin, int heads, int head_dim, int tile_d,
+                                              float scale) {
   using namespace bwd_pre;
   enum : int { kGroups = kDqPieceBytes / 64, kGroupsPerThread = kGroups / kThreads };
   const int b = blockIdx.z, h = blockIdx.y, row0 = blockIdx.x * kRows;
+  if (row0 >= seqlen_q) return;  // (packed: past this sequence, no pieces)
   for (int c0 = 0; c0 < tile_d && c0 < head_dim; c0 += 64) {
     const float4* piece = reinterpret_cast<const float4*>(
-        dq_tile_piece(accum, b, h, row0, c0, heads, max_seqlen, tile_d));
+        CF_VARLEN ? dq_tile_piece_packed(accum, q_begin, b, h, row0, c0, heads, tile_d)
+                  : dq_tile_piece(accum, b, h, row0, c0, heads, max_seqlen, tile_d));
     float4 f[kGroupsPerThread][4];
 #pragma unroll
     for (int g = 0; g < kGroupsPerThread; ++g) {
@@ -313,9 +320,9 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
   const int seqlen_q = CF_VARLEN ? cu_seqlens[b + 1] - cu_seqlens[b] : max_seqlen;
   const cf_i64 row0 = CF_VARLEN ? (cf_i64)cu_seqlens[b] : (cf_i64)b * max_seqlen;
   elem_t* dq_head = dq + (CF_VARLEN ? row0 * stride_dqm : b * stride_dqb) + h * stride_dqh;
-  if (tile_d) {  // the tiled dQ accumulator (fixed lengths), scaled here
-    convert_tiled(dq_accum, dq_head, stride_dqm, seqlen_q, max_seqlen, heads, head_dim, tile_d,
-                  scale);
+  if (tile_d) {  // the tiled dQ accumulator, scaled here
+    convert_tiled(dq_accum, dq_head, stride_dqm, seqlen_q, max_seqlen, (int)row0, heads,
+                  head_dim, tile_d, scale);
     return;
   }
 #pragma unroll

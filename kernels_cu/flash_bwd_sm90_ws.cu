@@ -109,8 +109,9 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 // address and bounds arithmetic. The bulk add is issued after the next tile's first turn
 // barrier (which orders every thread's stores before it) and is waited on, for reading,
 // before the second (so the piece is free when the tile's dQ is staged); softmax_scale is
-// applied by the convert. Session 4 tried one bulk add per row of a row-major accumulator
-// (64 a tile): 0.75x the atomics.
+// applied by the convert. Packed sequences place their pieces by cf_seq.cuh's dq_piece.
+// Session 4 tried one bulk add per row of a row-major accumulator (64 a tile): 0.75x the
+// atomics.
 // With ordered dQ (CF_DQ_ORDERED) the add is not deferred: the warpgroup stages the piece at
 // the tile's end, and the leader waits for the turn, adds, waits for the add to be performed
 // (cp.async.bulk.wait_group 0), and passes the turn on (the deadlock below rules out holding
@@ -118,8 +119,7 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
 #endif
-static_assert(!(CF_DQ_BULK && CF_VARLEN),
-              "bulk dQ: fixed-length sequences (tiles of 64 rows per entry)");
+
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
 // ordered before it, as CUTLASS's split-K semaphore relies on) and stores the next turn; a
@@ -417,9 +417,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     stage_dq_piece(dq, dq_piece, cwarp, lane);
     fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
     const int row0 = pm0 + (kBM == 128 ? 64 * me : 0);
-    staged_dq = row0 < seqlen_q ? dq_tile_piece(dq_accum, b, ph, row0, kBM == 128 ? 0 : 64 * me,
-                                                heads, max_seqlen_q, kD)
-                                : nullptr;
+    staged_dq = row0 < seqlen_q
+                    ? seq.dq_piece(dq_accum, ph, row0, kBM == 128 ? 0 : 64 * me, max_seqlen_q, kD)
+                    : nullptr;
   };
   const auto add_staged_dq = [&] {  // after a barrier that followed every thread's staging
     if (kBulk && leader && staged_dq) {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,19 +102,26 @@ def test_workspace_layout():
 
 def test_bulk_dq_where_the_warp_specialized_backward_adds_atomically():
     """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128 in its atomic
-    mode on fixed lengths gets the tiled dQ accumulator; the deterministic (ordered) mode,
-    packed sequences, the 8-warp kernels (head_dim 256, an A100's) and a budget without room
-    for the two 16 KB pieces keep the atomics."""
-    def main(facts, head_dim=128, deterministic=False, mods=specs.NO_MODS):
-        s = Shape(1, 4096, 4096, 16, 16, head_dim, "bfloat16", True, mods)
+    mode gets the tiled dQ accumulator, on fixed and packed lengths; the deterministic
+    (ordered) mode, the 8-warp kernels (head_dim 256, an A100's), a budget without room for
+    the two 16 KB pieces, and packed sequences whose batch needs several launches keep the
+    atomics."""
+    def main(facts, head_dim=128, deterministic=False, mods=specs.NO_MODS, batch=1):
+        s = Shape(batch, 4096, 4096, 16, 16, head_dim, "bfloat16", True, mods,
+                  total_q=4096 * batch if mods.varlen else 0,
+                  total_k=4096 * batch if mods.varlen else 0)
         return plan.plan_backward(s, facts, deterministic).main.spec
+
+    varlen = specs.ModFlags(varlen=True)
 
     for head_dim in (64, 128):
         spec = main(H200, head_dim)
         assert spec.warps == 12 and spec.dq_tiled
         assert spec.smem_bytes == replace(spec, knobs=()).smem_bytes + 2 * 16384
         assert not main(H200, head_dim, deterministic=True).dq_tiled
-        assert not main(H200, head_dim, mods=specs.ModFlags(varlen=True)).dq_tiled
+        assert main(H200, head_dim, mods=varlen).dq_tiled
+        sliced = main(H200, head_dim, mods=varlen, batch=plan.MAX_GRID_YZ + 1)
+        assert sliced.warps == 12 and not sliced.dq_tiled
         assert main(H200, head_dim, mods=specs.ModFlags(dropout=True)).dq_tiled
     assert not main(H200, 256).dq_tiled and not main(A100).dq_tiled
     no_room = H200.with_budget(main(H200).smem_bytes - 1)
@@ -132,17 +140,44 @@ def test_tiled_dq_workspace_covers_whole_pieces():
     assert tiled.dk_accum >= tiled.dq_accum_bytes
 
 
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=9),
+       heads=st.integers(1, 3), tile_d=st.sampled_from([64, 128, 192, 256]))
+def test_packed_dq_pieces_never_overlap_and_fit(lengths, heads, tile_d):
+    """Packed sequences' tiled dQ (cf_common.cuh's dq_tile_piece_packed, mirrored here):
+    sequence b's rows own piece rows cu_seqlens_q[b] // 64 + b + i // 64. No two sequences
+    share a piece, and every piece lies inside plan.tiled_dq_bytes."""
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+    s = Shape(len(lengths), max(max(lengths), 1), 8, heads, heads, tile_d, "bfloat16", False,
+              specs.ModFlags(varlen=True), total_q=int(cu[-1]), total_k=8 * len(lengths))
+    piece_bytes = 64 * 64 * 4
+    owner = {}
+    for b, n in enumerate(lengths):
+        for i in range(0, n, 64):
+            for h in range(heads):
+                for c in range(0, tile_d, 64):
+                    row = cu[b] // 64 + b + i // 64
+                    piece = (row * heads + h) * (tile_d // 64) + c // 64
+                    assert owner.setdefault(piece, b) == b, (piece, owner[piece], b)
+                    assert (piece + 1) * piece_bytes <= plan.tiled_dq_bytes(s, tile_d)
+
+
 @settings(max_examples=60, deadline=None)
 @given(batch=st.integers(1, 3), seqlen_q=st.integers(1, 700), seqlen_k=st.integers(1, 700),
        heads_kv=st.integers(1, 3), group=st.sampled_from([1, 2, 4]),
        head_dim=st.sampled_from([8, 32, 64, 72, 96, 128, 192, 256]),
        dtype=st.sampled_from(["bfloat16", "float16", "float32"]), causal=st.booleans(),
-       deterministic=st.booleans())
+       deterministic=st.booleans(), varlen=st.booleans())
 def test_workspace_bound_holds_for_every_plan(batch, seqlen_q, seqlen_k, heads_kv, group,
-                                             head_dim, dtype, causal, deterministic):
+                                             head_dim, dtype, causal, deterministic, varlen):
     """plan.workspace_bound (what the XLA FFI targets allocate before the device is known) is
-    at least every plan's workspace, the tiled dQ accumulator's included."""
-    s = Shape(batch, seqlen_q, seqlen_k, heads_kv * group, heads_kv, head_dim, dtype, causal)
+    at least every plan's workspace, the tiled dQ accumulator's included (packed sequences:
+    total rows below batch x the max lengths)."""
+    mods = specs.ModFlags(varlen=varlen)
+    totals = dict(total_q=batch * seqlen_q - (batch - 1), total_k=batch * seqlen_k - (batch - 1)
+                  ) if varlen else {}
+    s = Shape(batch, seqlen_q, seqlen_k, heads_kv * group, heads_kv, head_dim, dtype, causal,
+              mods, **totals)
     bound = plan.workspace_bound(s, deterministic).total_bytes
     for facts in (H200, A100, H200.with_budget(99 * specs.KIB)):
         try:
