@@ -307,6 +307,48 @@ __device__ __forceinline__ void convert_tiled(const float* __restrict__ accum, e
   }
 }
 
+// The row-major accumulator (dQ, or dK / dV of split kv heads) to 16-bit rows: as the
+// preprocess, all of a lane's loads for P passes first (V vectors of 8 floats per row,
+// head_dim <= 64 V; P keeps them at 64 registers), then the conversions and stores.
+template <int V>
+__device__ __forceinline__ void convert_rows(const float* __restrict__ accum_head,
+                                             elem_t* dq_head, long long stride_dqm,
+                                             int seqlen_q, int heads, int head_dim, int sub,
+                                             int slot) {
+  using namespace bwd_pre;
+  enum : int { kP0 = 8 / V, P = kP0 > 4 ? 4 : kP0 };
+#pragma unroll
+  for (int pass0 = 0; pass0 < kRows / kRowsPerPass; pass0 += P) {
+    float4 f[P][V][2];
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int c = (v * kLanesPerRow + sub) * kVec;
+        if (i < seqlen_q && c < head_dim) {
+          const float* src = accum_head + (cf_i64)i * heads * head_dim + c;
+          f[p][v][0] = reinterpret_cast<const float4*>(src)[0];
+          f[p][v][1] = reinterpret_cast<const float4*>(src)[1];
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int c = (v * kLanesPerRow + sub) * kVec;
+        if (i < seqlen_q && c < head_dim) {
+          const float4 a = f[p][v][0], bb = f[p][v][1];
+          const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
+          store8(dq_head + i * stride_dqm + c, x);
+        }
+      }
+    }
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_convert(
     const float* __restrict__ dq_accum, elem_t* __restrict__ dq, int max_seqlen, int heads,
     int head_dim, long long stride_dqb, long long stride_dqm, long long stride_dqh,
@@ -320,13 +362,25 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
   const int seqlen_q = CF_VARLEN ? cu_seqlens[b + 1] - cu_seqlens[b] : max_seqlen;
   const cf_i64 row0 = CF_VARLEN ? (cf_i64)cu_seqlens[b] : (cf_i64)b * max_seqlen;
   elem_t* dq_head = dq + (CF_VARLEN ? row0 * stride_dqm : b * stride_dqb) + h * stride_dqh;
-  if (tile_d) {  // the tiled dQ accumulator, scaled here
+  if (CF_DTYPE != 2 && tile_d) {  // the tiled dQ accumulator (16-bit dQ only), scaled here
     convert_tiled(dq_accum, dq_head, stride_dqm, seqlen_q, max_seqlen, (int)row0, heads,
                   head_dim, tile_d, scale);
     return;
   }
+#if CF_DTYPE != 2
+  const float* accum_head = dq_accum + (row0 * heads + h) * head_dim;
+  switch ((head_dim + kLanesPerRow * kVec - 1) / (kLanesPerRow * kVec)) {  // uniform
+    case 1: convert_rows<1>(accum_head, dq_head, stride_dqm, seqlen_q, heads, head_dim, sub,
+                            slot); break;
+    case 2: convert_rows<2>(accum_head, dq_head, stride_dqm, seqlen_q, heads, head_dim, sub,
+                            slot); break;
+    default: convert_rows<4>(accum_head, dq_head, stride_dqm, seqlen_q, heads, head_dim, sub,
+                             slot); break;  // head_dim <= 256
+  }
+  return;
+#endif
 #pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {  // float32: a plain copy
     const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
     if (i >= seqlen_q) continue;
     // dq_accum is contiguous (batch, seqlen_q, heads, head_dim) (varlen: (total_q, ...))

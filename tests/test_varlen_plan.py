@@ -150,7 +150,9 @@ def test_forward_launch_arguments(monkeypatch):
 
 def test_backward_launch_arguments(monkeypatch):
     """Varlen backward: every kernel gets the sequence arguments; scratch is not offset per
-    entry; the dQ convert takes cu_seqlens_q, the dK / dV convert cu_seqlens_k."""
+    entry; the dQ convert takes cu_seqlens_q (and the tiled accumulator's bucket and the
+    softmax scale where the main kernel adds dQ in pieces), the dK / dV convert cu_seqlens_k
+    (row layout, scale 1)."""
     calls = []
     monkeypatch.setattr(launch, "_launch", lambda kernel, dev, z, sig, args, stream, s,
                         convert=False: calls.append((kernel.spec.kind, convert, sig, args)))
@@ -177,10 +179,13 @@ def test_backward_launch_arguments(monkeypatch):
                         launch.PLAIN, seq)
     kinds = [(k, c) for k, c, _, _ in calls]
     assert kinds[0] == ("bwd_pre", False) and kinds[1][0] == p.main.spec.kind
+    tiled = (p.main.spec.head_dim, 0.1) if p.main.spec.dq_tiled else (0, 1.0)
+    assert p.main.spec.dq_tiled  # (H100: the 12-warp backward, bulk dQ)
     for kind, convert, sig, args in calls:
         assert len(args) == len(sig)
-        if convert:  # cu_seqlens, then the row layout (tile_d 0, scale 1)
-            assert args[-3] in (0x1000, 0x2000) and args[-2:] == (0, 1.0)
+        if convert:  # cu_seqlens, then tile_d and the scale
+            assert args[-3] in (0x1000, 0x2000)
+            assert args[-2:] == (tiled if args[-3] == 0x1000 else (0, 1.0))
         else:
             assert args[-4:] == (0x1000, 0x2000, 0x3000, 700), kind
     converts = [args[-3] for _, c, _, args in calls if c]
