@@ -454,36 +454,33 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     wgmma_commit();
   };
+  // Ordered dQ: the turn of this key tile at query tile pm0 (its place among the key tiles
+  // that see it) and the semaphore of (head ph, tile pm0, this warpgroup's half). Each
+  // warpgroup adds its own half of the tile (columns or rows), so each half has its own
+  // semaphore and the warpgroups do not wait for each other.
+  const auto turn_at = [&](int pm0) {
+    const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
+    if (CF_CAUSAL) return seen_by.end - 1 - key_tile;
+    if (rotate) {  // after the key tiles from the last one starting at or before it
+      const int q = pm0 / kBM - m_first;
+      const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
+      return first_in - key_tile + (first_in < key_tile ? n_k : 0);
+    }
+    return key_tile - seen_by.begin;
+  };
+  const auto semaphore_at = [&](int pm0, int ph) {
+    return dq_semaphore +
+           (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
+  };
   // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
   // tiles before this one that see this query tile, then pass the turn on.
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
-    const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
-    int* sem = nullptr;
-    int turn = 0;
-    // Each warpgroup adds its own half of the tile (columns or rows), so each half has its
-    // own semaphore and the warpgroups do not wait for each other.
-    if constexpr (kOrdered) {
-      const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
-      if (CF_CAUSAL) {
-        turn = seen_by.end - 1 - key_tile;
-      } else if (rotate) {  // after the key tiles from the last one starting at or before it
-        const int q = pm0 / kBM - m_first;
-        const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
-        turn = first_in - key_tile + (first_in < key_tile ? n_k : 0);
-      } else {
-        turn = key_tile - seen_by.begin;
-      }
-      sem = dq_semaphore +
-            (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
-      if constexpr (!kBulk) {  // (bulk: only the leader waits, below)
-        if (leader) wait_for_turn(sem, turn);
-        named_bar_sync(kOrderBarrier + me, 128);
-      }
-    }
     if constexpr (kBulk && kOrdered) {  // the staged piece, added by the leader in its turn
       stage_dq(dq, pm0, ph);
       named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
       if (leader) {
+        const int turn = turn_at(pm0);
+        int* sem = semaphore_at(pm0, ph);
         wait_for_turn(sem, turn);
         fence_proxy_async_global();  // the turns before, for the bulk add
         if (staged_dq) {
@@ -496,6 +493,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       }
       staged_dq = nullptr;
       return;
+    }
+    const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
+    int* sem = nullptr;
+    int turn = 0;
+    if constexpr (kOrdered) {
+      turn = turn_at(pm0);
+      sem = semaphore_at(pm0, ph);
+      if (leader) wait_for_turn(sem, turn);
+      named_bar_sync(kOrderBarrier + me, 128);
     }
     add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
            pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
