@@ -47,11 +47,12 @@ def main() -> None:
             for _ in range(calls):
                 run()
             torch.cuda.synchronize()
-        totals = defaultdict(float)
+        totals, counts = defaultdict(float), defaultdict(int)
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
                 totals[event.name] += event.device_time / calls
-        return totals
+                counts[event.name] += 1
+        return totals, {name: n // calls for name, n in counts.items()}
 
     print(f"cuflash from {root}")
     for b, h, hkv, s, d, causal in SHAPES:
@@ -75,13 +76,19 @@ def main() -> None:
         pre_bytes = 2 * b * s * h * d * 2 + b * rows64 * h * tile_d * 4
         conv_bytes = b * rows64 * h * tile_d * 4 + b * s * h * d * 2
         print(f"\n== batch {b}, heads {h}/{hkv}, seqlen {s}, head_dim {d}, causal {causal}")
-        table = kernel_us(cuflash_step)
+        # the dK / dV converts of split kv heads (GQA): float32 (b, s, hkv, d) to 16 bits each
+        kv_bytes = b * s * hkv * d * (4 + 2)
+        table, counts = kernel_us(cuflash_step)
         for name, nbytes in (("flash_bwd_preprocess", pre_bytes),
                              ("flash_bwd_dq_convert", conv_bytes)):
-            us = table.get(name, 0.0)
+            us, n = table.get(name, 0.0), counts.get(name, 0)
+            if name.endswith("convert") and n == 3:
+                nbytes += 2 * kv_bytes
             rate = nbytes / us / 1e6 if us else 0.0
-            print(f"   cuflash {name:24s} {us:8.1f} us  {rate:5.2f} TB/s  ({nbytes / 1e6:.0f} MB)")
-        for name, us in sorted(kernel_us(sdpa_step).items(), key=lambda kv: -kv[1]):
+            print(f"   cuflash {name:24s} x{n} {us:8.1f} us  {rate:5.2f} TB/s  "
+                  f"({nbytes / 1e6:.0f} MB)")
+        sdpa_table, _ = kernel_us(sdpa_step)
+        for name, us in sorted(sdpa_table.items(), key=lambda kv: -kv[1]):
             if any(key in name for key in ("dot_do_o", "convert_dq", "reduce_head", "Memset",
                                             "preprocess", "convert")):
                 print(f"   sdpa    {name[:60]:60s} {us:8.1f} us")
