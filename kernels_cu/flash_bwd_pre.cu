@@ -47,6 +47,12 @@ enum : int {
   kRowsPerPass = kThreads / kLanesPerRow,
   kVec = 8,  // elements per thread per step (head_dim % 8 == 0)
 };
+// The block's row of pass `pass` for thread slot `slot`; the first column of a lane's vector
+// v (lanes interleave: consecutive lanes on consecutive 8-element vectors of a row).
+__device__ __forceinline__ int lane_row(int pass, int slot) {
+  return blockIdx.x * kRows + pass * kRowsPerPass + slot;
+}
+__device__ __forceinline__ int lane_col(int v, int sub) { return (v * kLanesPerRow + sub) * kVec; }
 }  // namespace bwd_pre
 static_assert(bwd_pre::kRows == 64, "a block's rows are one row of tiled dQ pieces");
 
@@ -157,10 +163,10 @@ __device__ __forceinline__ float preprocess_rows(const PreRows& a, int sub, int 
     Raw8 xo[P][V], xd[P][V];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+      const int i = lane_row(pass0 + p, slot);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
-        const int c = (v * kLanesPerRow + sub) * kVec;
+        const int c = lane_col(v, sub);
         xo[p][v] = xd[p][v] = Raw8{};
         if (i < a.seqlen_q && c < a.head_dim) {
           xo[p][v] = load_raw8(a.o_head + i * a.stride_om + c);
@@ -175,7 +181,7 @@ __device__ __forceinline__ float preprocess_rows(const PreRows& a, int sub, int 
     }
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
+      const int i = lane_row(pass0 + p, slot);
       // -- delta_i = rowsum(dO_i * O_i): each lane's columns in order, then a 3-step
       // butterfly, each lane and each merge keeping the sum as an unevaluated pair hi + lo
       // (zero vectors past head_dim or seqlen_q add exact zeros)
@@ -319,32 +325,23 @@ __device__ __forceinline__ void convert_rows(const float* __restrict__ accum_hea
   enum : int { kP0 = 8 / V, P = kP0 > 4 ? 4 : kP0 };
 #pragma unroll
   for (int pass0 = 0; pass0 < kRows / kRowsPerPass; pass0 += P) {
-    float4 f[P][V][2];
+    float4 f[P * V][2];  // element e: pass pass0 + e / V, vector e % V
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int c = (v * kLanesPerRow + sub) * kVec;
-        if (i < seqlen_q && c < head_dim) {
-          const float* src = accum_head + (cf_i64)i * heads * head_dim + c;
-          f[p][v][0] = reinterpret_cast<const float4*>(src)[0];
-          f[p][v][1] = reinterpret_cast<const float4*>(src)[1];
-        }
+    for (int e = 0; e < P * V; ++e) {
+      const int i = lane_row(pass0 + e / V, slot), c = lane_col(e % V, sub);
+      if (i < seqlen_q && c < head_dim) {
+        const float4* src =
+            reinterpret_cast<const float4*>(accum_head + (cf_i64)i * heads * head_dim + c);
+        f[e][0] = src[0];
+        f[e][1] = src[1];
       }
     }
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int i = blockIdx.x * kRows + (pass0 + p) * kRowsPerPass + slot;
-#pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int c = (v * kLanesPerRow + sub) * kVec;
-        if (i < seqlen_q && c < head_dim) {
-          const float4 a = f[p][v][0], bb = f[p][v][1];
-          const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
-          store8(dq_head + i * stride_dqm + c, x);
-        }
-      }
+    for (int e = 0; e < P * V; ++e) {
+      const int i = lane_row(pass0 + e / V, slot), c = lane_col(e % V, sub);
+      const float x[8] = {f[e][0].x, f[e][0].y, f[e][0].z, f[e][0].w,
+                          f[e][1].x, f[e][1].y, f[e][1].z, f[e][1].w};
+      if (i < seqlen_q && c < head_dim) store8(dq_head + i * stride_dqm + c, x);
     }
   }
 }

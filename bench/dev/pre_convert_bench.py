@@ -3,9 +3,9 @@ microseconds per call and the bytes they move per second, from torch.profiler ov
 cuflash.torch forward+backward, at the shapes a training step meets. cuDNN's kernels of the
 same jobs (through SDPA) print beside them.
 
-    python bench/dev/pre_convert_bench.py [--tree OLD_CHECKOUT]
+    python bench/dev/pre_convert_bench.py
 
---tree imports cuflash from another checkout (an A/B: run once with, once without). Bytes:
+Bytes:
 the preprocess reads O and dO and zeroes the float32 dQ accumulator; the convert reads the
 accumulator and writes dQ (the accumulator's rows rounded up to 64; its width the head-dim
 bucket, taken here as head_dim rounded up to 64).
@@ -14,9 +14,12 @@ bucket, taken here as head_dim rounded up to 64).
 from __future__ import annotations
 
 import argparse
-import sys
-from collections import defaultdict
-from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from step_kernels import kernel_table  # (bench/dev: puts the checkout on sys.path)
+
+import cuflash.torch as ct
 
 SHAPES = (  # batch, heads, heads_kv, seqlen, head_dim, causal
     (1, 16, 4, 4096, 128, True),  # the GQA training model's layer (bench/train_small.py --gqa)
@@ -28,33 +31,7 @@ SHAPES = (  # batch, heads, heads_kv, seqlen, head_dim, causal
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tree", default=None, help="import cuflash from this checkout")
-    args = p.parse_args()
-    root = Path(args.tree).resolve() if args.tree else Path(__file__).resolve().parents[2]
-    sys.path.insert(0, str(root))
-    import torch
-    import torch.nn.functional as F
-    from torch.profiler import ProfilerActivity, profile
-
-    import cuflash.torch as ct
-
-    def kernel_us(run, calls=10):
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(calls):
-                run()
-            torch.cuda.synchronize()
-        totals, counts = defaultdict(float), defaultdict(int)
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                totals[event.name] += event.device_time / calls
-                counts[event.name] += 1
-        return totals, {name: n // calls for name, n in counts.items()}
-
-    print(f"cuflash from {root}")
+    argparse.ArgumentParser(description=__doc__).parse_args()
     for b, h, hkv, s, d, causal in SHAPES:
         def rand(heads, grad):
             return torch.randn(b, heads, s, d, device="cuda", dtype=torch.bfloat16,
@@ -75,20 +52,20 @@ def main() -> None:
         tile_d = -(-d // 64) * 64
         pre_bytes = 2 * b * s * h * d * 2 + b * rows64 * h * tile_d * 4
         conv_bytes = b * rows64 * h * tile_d * 4 + b * s * h * d * 2
-        print(f"\n== batch {b}, heads {h}/{hkv}, seqlen {s}, head_dim {d}, causal {causal}")
         # the dK / dV converts of split kv heads (GQA): float32 (b, s, hkv, d) to 16 bits each
         kv_bytes = b * s * hkv * d * (4 + 2)
-        table, counts = kernel_us(cuflash_step)
+        print(f"\n== batch {b}, heads {h}/{hkv}, seqlen {s}, head_dim {d}, causal {causal}")
+        counts: dict = {}
+        table = kernel_table(cuflash_step, launches=counts)
         for name, nbytes in (("flash_bwd_preprocess", pre_bytes),
                              ("flash_bwd_dq_convert", conv_bytes)):
-            us, n = table.get(name, 0.0), counts.get(name, 0)
+            us, n = table.get(name, 0.0), round(counts.get(name, 0))
             if name.endswith("convert") and n == 3:
                 nbytes += 2 * kv_bytes
             rate = nbytes / us / 1e6 if us else 0.0
             print(f"   cuflash {name:24s} x{n} {us:8.1f} us  {rate:5.2f} TB/s  "
                   f"({nbytes / 1e6:.0f} MB)")
-        sdpa_table, _ = kernel_us(sdpa_step)
-        for name, us in sorted(sdpa_table.items(), key=lambda kv: -kv[1]):
+        for name, us in sorted(kernel_table(sdpa_step).items(), key=lambda kv: -kv[1]):
             if any(key in name for key in ("dot_do_o", "convert_dq", "reduce_head", "Memset",
                                             "preprocess", "convert")):
                 print(f"   sdpa    {name[:60]:60s} {us:8.1f} us")

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from real_workloads import cuflash_torch, fwd_bwd, rand, sdpa, time_ms  # noqa: E402
 
 
-def kernel_table(run, calls: int = 10) -> dict[str, float]:
-    """Microseconds per call of each kernel name."""
+def kernel_table(run, calls: int = 10, launches: dict | None = None) -> dict[str, float]:
+    """Microseconds per call of each kernel name (``launches``, if given, gets each name's
+    launches per call)."""
     for _ in range(3):
         run()
     torch.cuda.synchronize()
@@ -36,6 +37,8 @@ def kernel_table(run, calls: int = 10) -> dict[str, float]:
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time / calls
+            if launches is not None:
+                launches[event.name] = launches.get(event.name, 0) + 1 / calls
     return dict(totals)
 
 
