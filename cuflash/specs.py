@@ -295,8 +295,7 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
     has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
-    Hopper backward in its atomic mode (fixed or packed lengths; the ordered mode has them as
-    a knob, not yet measured faster)."""
+    Hopper backward in its atomic mode (fixed or packed lengths)."""
     if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or spec.dq_ordered
             or not spec.dq_atomic):
         return spec

@@ -124,11 +124,6 @@ __device__ __forceinline__ void bulk_wait_read_all() {
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
-// Orders this thread's global accesses in the generic proxy with its bulk (async proxy) ones:
-// ordered dQ hands turns on through generic loads and stores around its bulk adds.
-__device__ __forceinline__ void fence_proxy_async_global() {
-  asm volatile("fence.proxy.async.global;" ::: "memory");
-}
 
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then

@@ -112,13 +112,13 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 // applied by the convert. Packed sequences place their pieces by cf_seq.cuh's dq_piece.
 // Session 4 tried one bulk add per row of a row-major accumulator (64 a tile): 0.75x the
 // atomics.
-// With ordered dQ (CF_DQ_ORDERED) the add is not deferred: the warpgroup stages the piece at
-// the tile's end, and the leader waits for the turn, adds, waits for the add to be performed
-// (cp.async.bulk.wait_group 0), and passes the turn on (the deadlock below rules out holding
-// a turn into the next tile).
+// Ordered dQ keeps its atomics: bulk adds inside the turn (the leader waits for the turn,
+// adds, waits for the add to be performed, passes the turn on) ran at 0.72-0.86x of them
+// (bench/dev/bwd_variants.md).
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
 #endif
+static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ: the atomic mode");
 
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
@@ -475,25 +475,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
   // tiles before this one that see this query tile, then pass the turn on.
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
-    if constexpr (kBulk && kOrdered) {  // the staged piece, added by the leader in its turn
-      stage_dq(dq, pm0, ph);
-      named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
-      if (leader) {
-        const int turn = turn_at(pm0);
-        int* sem = semaphore_at(pm0, ph);
-        wait_for_turn(sem, turn);
-        fence_proxy_async_global();  // the turns before, for the bulk add
-        if (staged_dq) {
-          bulk_reduce_add_f32(staged_dq, dq_piece, kDqPieceBytes);
-          bulk_commit();
-          bulk_wait_all();  // performed, and the piece free
-        }
-        fence_proxy_async_global();  // the add, before the turn is passed on
-        fence_and_release(sem, turn + 1);
-      }
-      staged_dq = nullptr;
-      return;
-    }
     const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
     int* sem = nullptr;
     int turn = 0;
@@ -616,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     mbar_arrive(bars.stage_empty(st));  // this thread is done with Q, dO and the statistics
     if (it > 0) {
       mbar_arrive(bars.ds_empty((it - 1) & 1));
-      if constexpr (kBulk && !kOrdered)
+      if constexpr (kBulk)
         stage_dq(dq, pm0, ph);  // added after the next tile's first barrier
       else
         add_dq_of(dq, pm0, ph);
@@ -634,7 +615,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     their_turn();
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
-    if constexpr (kBulk && !kOrdered) {
+    if constexpr (kBulk) {
       if (leader) bulk_wait_read_all();
       named_bar_sync(kOrderBarrier + me, 128);  // the piece is free
       stage_dq(dq, pm0, ph);
