@@ -113,7 +113,7 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 // Session 4 tried one bulk add per row of a row-major accumulator (64 a tile): 0.75x the
 // atomics.
 // Ordered dQ keeps its atomics: bulk adds inside the turn (the leader waits for the turn,
-// adds, waits for the add to be performed, passes the turn on) ran at 0.72-0.86x of them
+// adds, waits for the add to be performed, passes the turn on) ran at 0.80-0.86x of them
 // (bench/dev/bwd_variants.md).
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
