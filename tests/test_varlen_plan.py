@@ -179,8 +179,8 @@ def test_backward_launch_arguments(monkeypatch):
                         launch.PLAIN, seq)
     kinds = [(k, c) for k, c, _, _ in calls]
     assert kinds[0] == ("bwd_pre", False) and kinds[1][0] == p.main.spec.kind
-    tiled = (p.main.spec.head_dim, 0.1) if p.main.spec.dq_tiled else (0, 1.0)
     assert p.main.spec.dq_tiled  # (H100: the 12-warp backward, bulk dQ)
+    tiled = (p.main.spec.head_dim, 0.1)
     for kind, convert, sig, args in calls:
         assert len(args) == len(sig)
         if convert:  # cu_seqlens, then tile_d and the scale
