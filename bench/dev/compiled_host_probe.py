@@ -1,0 +1,123 @@
+"""Where the host time of a compiled training step with cuflash goes.
+
+    python bench/dev/compiled_host_probe.py [--steps 10] [--eager] [--rows 30]
+
+bench/train_small.py's GQA model, the step under ``torch.compile`` (or eager with --eager),
+cuflash's attention. Prints, per step: how often the fast path missed its memo (validation and
+recording again), the host microseconds spent inside cuflash's forward and backward
+implementations, the caching allocator's device allocations, then a cProfile of a few steps.
+Session 11 (2026-12-03) saw the compiled cuflash step's host return after 11.3 ms against
+SDPA's 6.9 ms, with the profiler putting about 300 us in each ``cuflash::flash_bwd`` call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import cuflash.torch as ct  # noqa: E402
+from cuflash import fastpath, validate  # noqa: E402
+from train_small import GQA, build_torch_model, make_batches, set_attention  # noqa: E402
+
+calls: Counter = Counter()
+host_us: dict = defaultdict(list)
+
+
+def _counted(module, name: str) -> None:
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+    setattr(module, name, wrapper)
+
+
+def _timed(module, name: str) -> None:
+    fn = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        host_us[name].append((time.perf_counter() - start) * 1e6)
+        return out
+    setattr(module, name, wrapper)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eager", action="store_true")
+    p.add_argument("--rows", type=int, default=30)
+    args = p.parse_args()
+    for name in ("check_forward", "check_backward"):
+        _counted(validate, name)
+    for name in ("_record_forward", "_record_backward"):
+        _counted(fastpath, name)
+    for name in ("_forward_impl", "_backward_impl"):
+        _timed(ct, name)
+    for name in ("forward_with_call", "backward"):
+        _timed(fastpath, name)
+    torch.manual_seed(0)
+    model = build_torch_model(GQA, "sdpa").cuda()
+    set_attention(model, "cuflash")
+    batches = torch.from_numpy(make_batches(GQA, args.steps + 3, 0)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(tokens):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fn = step if args.eager else torch.compile(step)
+    for tokens in batches[:3]:
+        fn(tokens)
+    torch.cuda.synchronize()
+    calls.clear()
+    host_us.clear()
+    stats0 = torch.cuda.memory_stats()
+    enqueue, walls = [], []
+    for tokens in batches[3:3 + args.steps]:
+        start = time.perf_counter()
+        fn(tokens)
+        enqueue.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) * 1e3)
+    stats1 = torch.cuda.memory_stats()
+    mode = "eager" if args.eager else "compiled"
+    print(f"{mode}: step {statistics.median(walls):.2f} ms, host returns after "
+          f"{statistics.median(enqueue):.2f} ms (medians of {args.steps})")
+    for name, count in sorted(calls.items()):
+        print(f"  {name}: {count / args.steps:.1f} a step")
+    for name, times in host_us.items():
+        print(f"  {name}: {len(times) / args.steps:.1f} a step, median {statistics.median(times):.1f}"
+              f" us, max {max(times):.1f} us")
+    for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"):
+        if key in stats1:
+            print(f"  allocator {key}: {(stats1[key] - stats0.get(key, 0)) / args.steps:.1f} a step")
+    prof = cProfile.Profile()
+    prof.enable()
+    for tokens in batches[3:6]:
+        fn(tokens)
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof)
+    print("\n-- cProfile, 3 steps, by own time")
+    stats.sort_stats("tottime").print_stats(args.rows)
+    print("\n-- cProfile, 3 steps, cumulative, cuflash and torch.library frames")
+    stats.sort_stats("cumtime").print_stats(r"cuflash|_library|custom_op|autograd", args.rows)
+
+
+if __name__ == "__main__":
+    main()
