@@ -136,8 +136,8 @@ def set_attention(model, attention: str) -> None:
         block.attn.attention = attention
 
 
-def train_torch(model, batches, device: str, compile_: bool, lr: float):
-    """Losses and step times (ms) of one run; the model is trained in place."""
+def torch_step(model, device: str, compile_: bool, lr: float):
+    """One training step of ``model`` (AdamW, bf16 autocast): tokens -> the detached loss."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -150,16 +150,26 @@ def train_torch(model, batches, device: str, compile_: bool, lr: float):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    fn = torch.compile(step, fullgraph=False) if compile_ else step
-    losses, times = [], []
-    for tokens in batches:
-        start = time.perf_counter()
-        loss = fn(tokens)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-        losses.append(float(loss))
-    return losses, times
+    return torch.compile(step, fullgraph=False) if compile_ else step
+
+
+def train_torch_interleaved(steps: dict, batches, device: str) -> dict:
+    """Each batch through every step function in turn (their order rotating from batch to
+    batch), so that clock and temperature drift reach every attention alike. Returns
+    name -> (losses, step times in ms); a step's time ends with a device synchronization."""
+    import torch
+
+    names = list(steps)
+    out = {name: ([], []) for name in names}
+    for i, tokens in enumerate(batches):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            loss = steps[name](tokens)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[name][1].append((time.perf_counter() - start) * 1e3)
+            out[name][0].append(float(loss))
+    return out
 
 
 def run_torch(cfg: dict, args) -> dict:
@@ -171,16 +181,22 @@ def run_torch(cfg: dict, args) -> dict:
     batches = torch.from_numpy(make_batches(cfg, args.steps, args.seed)).to(device)
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-           or "cpu", "modes": {}}
+           or "cpu", "modes": {},
+           "method": "the two models' steps interleaved batch by batch (order rotating); "
+                     "median over the steps after the first (compilation, warm-up)"}
     for mode in modes:
-        curves = {}
+        if mode == "compile":
+            torch._dynamo.reset()
+        steps = {}
         for attention in ("sdpa", "cuflash"):
-            if mode == "compile":
-                torch._dynamo.reset()
             model = copy.deepcopy(init)
             set_attention(model, attention)
-            losses, times = train_torch(model, batches, device, mode == "compile", args.lr)
-            curves[attention] = {"losses": losses, "median_step_ms": statistics.median(times),
+            steps[attention] = torch_step(model, device, mode == "compile", args.lr)
+        runs = train_torch_interleaved(steps, batches, device)
+        curves = {}
+        for attention, (losses, times) in runs.items():
+            curves[attention] = {"losses": losses,
+                                 "median_step_ms": statistics.median(times[1:] or times),
                                  "first_step_ms": times[0]}
         diff = max(abs(a - b) for a, b in zip(curves["sdpa"]["losses"],
                                               curves["cuflash"]["losses"]))
