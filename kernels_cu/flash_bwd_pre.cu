@@ -54,6 +54,14 @@ __device__ __forceinline__ int lane_row(int pass, int slot) {
 }
 __device__ __forceinline__ int lane_col(int v, int sub) { return (v * kLanesPerRow + sub) * kVec; }
 }  // namespace bwd_pre
+// Passes of rows whose loads a lane issues together (at most; 8 vectors a lane in all): more
+// loads in flight per thread against more registers, so fewer blocks per SM. One pass (64
+// registers, 8 blocks of 128 threads per SM) beat two and four (93-94 registers, 5 blocks) on
+// every shape of bench/dev/pre_variants.py (H200, 2026-12-03): at the GQA training layer 23.3
+// against 27.9 us, at (16, 16, 1024, d128) 75.0 against 84.9. A tuning knob.
+#ifndef CF_PRE_PASSES
+#define CF_PRE_PASSES 1
+#endif
 static_assert(bwd_pre::kRows == 64, "a block's rows are one row of tiled dQ pieces");
 
 // 8 consecutive elements in their storage form (16-bit: one 16-byte vector; float32: two).
@@ -150,12 +158,13 @@ struct PreRows {
 // The block's 64 rows, P passes of 16 rows at a time; lane `sub` of a row holds its vectors
 // v = 0 .. V-1 (columns (8 v + sub) 8 .. +7, head_dim <= 64 V). All 2 P V loads are issued
 // before any arithmetic: one vector per lane in flight (a loop over columns that computed
-// between loads) ran the kernel at 1.6 TB/s, well under the device's copy rate. P keeps the
-// loaded vectors at 64 registers. Returns the lane's share of dsinks[h] (CF_SINKS).
+// between loads) ran the kernel at 1.6 TB/s, well under the device's copy rate. P: at most
+// CF_PRE_PASSES. Returns the lane's share of dsinks[h] (CF_SINKS).
 template <int V>
 __device__ __forceinline__ float preprocess_rows(const PreRows& a, int sub, int slot) {
   using namespace bwd_pre;
-  enum : int { kWords = CF_DTYPE == 2 ? 2 : 1, kP0 = 8 / (V * kWords), P = kP0 < 4 ? kP0 : 4 };
+  enum : int { kWords = CF_DTYPE == 2 ? 2 : 1, kP0 = 8 / (V * kWords),
+              P = kP0 < CF_PRE_PASSES ? kP0 : CF_PRE_PASSES };
   static_assert(P >= 1 && (kRows / kRowsPerPass) % P == 0, "passes come in whole groups");
   float dsink = 0.f;
 #pragma unroll
