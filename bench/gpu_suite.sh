@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
 #                                            memory train
 #                                            workloads train_gqa train_profile issue10 host decode
-#                                            pre_convert
+#                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -97,7 +97,14 @@ for stage in $stages; do
       run_stage pre_convert $PY bench/dev/pre_convert_bench.py
       if [ -d .old ]; then
         run_stage pre_convert_old $PY bench/dev/pre_convert_bench.py --tree .old
-      fi ;;
+      fi
+      # the knobs CF_PRE_PASSES / CF_CONVERT_PASSES in variants, each launch alone
+      run_stage pre_variants bash -c "for sh in 1,16,4,4096,128 1,16,1,4096,128 \
+        16,16,16,1024,128 4,16,16,4096,64; do $PY bench/dev/pre_variants.py --shape \$sh; done" ;;
+    step_idle)  # the GQA model's step: device busy and idle time, cuflash beside SDPA; and
+      # where the compiled step's host time goes
+      run_stage train_profile $PY bench/dev/train_step_kernels.py
+      run_stage step_probe $PY bench/dev/compiled_host_probe.py --rows 15 ;;
     host)  # where the host time of a call goes (cProfile)
       run_stage host $PY bench/dev/host_overhead.py ;;
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling

@@ -62,6 +62,11 @@ __device__ __forceinline__ int lane_col(int v, int sub) { return (v * kLanesPerR
 #ifndef CF_PRE_PASSES
 #define CF_PRE_PASSES 1
 #endif
+// The same for the row-major convert (dK, dV of split kv heads; atomic dQ): not yet measured
+// below 4 (its grids are often small, where more loads a thread may pay).
+#ifndef CF_CONVERT_PASSES
+#define CF_CONVERT_PASSES 4
+#endif
 static_assert(bwd_pre::kRows == 64, "a block's rows are one row of tiled dQ pieces");
 
 // 8 consecutive elements in their storage form (16-bit: one 16-byte vector; float32: two).
@@ -331,7 +336,7 @@ __device__ __forceinline__ void convert_rows(const float* __restrict__ accum_hea
                                              int seqlen_q, int heads, int head_dim, int sub,
                                              int slot) {
   using namespace bwd_pre;
-  enum : int { kP0 = 8 / V, P = kP0 > 4 ? 4 : kP0 };
+  enum : int { kP0 = 8 / V, P = kP0 > CF_CONVERT_PASSES ? CF_CONVERT_PASSES : kP0 };
 #pragma unroll
   for (int pass0 = 0; pass0 < kRows / kRowsPerPass; pass0 += P) {
     float4 f[P * V][2];  // element e: pass pass0 + e / V, vector e % V

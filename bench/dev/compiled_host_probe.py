@@ -161,17 +161,20 @@ def main() -> None:
         " direct" if args.direct else "") + (" gc-freeze" if args.gc_freeze else "")
     print(f"{mode}: step {statistics.median(walls):.2f} ms, host returns after "
           f"{statistics.median(enqueue):.2f} ms (medians of {args.steps})")
-    for name, count in sorted(calls.items()):
-        print(f"  {name}: {count / args.steps:.1f} a step")
+    for name in ("check_forward", "check_backward", "_record_forward", "_record_backward"):
+        print(f"  memo misses: {name} {calls[name] / args.steps:.1f} a step")
     for name, times in host_us.items():
-        print(f"  {name}: {len(times) / args.steps:.1f} a step, median {statistics.median(times):.1f}"
-              f" us, max {max(times):.1f} us")
-    for key in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams"):
+        print(f"  {name}: {len(times) / args.steps:.1f} a step, "
+              f"median {statistics.median(times):.1f} us, max {max(times):.1f} us")
+    for key in ("num_device_alloc", "num_device_free", "num_alloc_retries",
+                "num_sync_all_streams"):
         if key in stats1:
-            print(f"  allocator {key}: {(stats1[key] - stats0.get(key, 0)) / args.steps:.1f} a step")
-    print(f"  gc: {len(gc_pauses) / args.steps:.1f} collections a step, "
-          f"{sum(us for _, us in gc_pauses) / args.steps:.0f} us a step, by generation "
-          f"{dict(Counter(g for g, _ in gc_pauses))}, longest {max((us for _, us in gc_pauses), default=0):.0f} us")
+            per_step = (stats1[key] - stats0.get(key, 0)) / args.steps
+            print(f"  allocator {key}: {per_step:.1f} a step")
+    pauses = [us for _, us in gc_pauses]
+    print(f"  gc: {len(pauses) / args.steps:.1f} collections a step, "
+          f"{sum(pauses) / args.steps:.0f} us a step, by generation "
+          f"{dict(Counter(g for g, _ in gc_pauses))}, longest {max(pauses, default=0):.0f} us")
     last = starts[-1]
     print("  last step's timeline (ms from the step's start: name entry-exit):")
     for name, t0, t1 in timeline:

@@ -1,13 +1,15 @@
 """The backward's preprocess in variants, side by side at one shape: CUDA-event medians.
 
     python bench/dev/pre_variants.py [--shape 1,16,4,4096,128] [--passes 4 2 1]
+        [--convert-passes 4 2 1]
 
 Each variant is the planner's preprocess launch with the knob ``CF_PRE_PASSES`` (how many passes
 of rows a lane loads together; kernels_cu/flash_bwd_pre.cu), launched alone with the
 arguments the backward gives it (dQ accumulator zeroed in the pass, tiled where the planner
 tiles it). Also: the preprocess without the zeroing plus a memset of the accumulator, and a
 device-to-device copy of as many bytes as the preprocess moves (the rate to aim at). The
-variants' delta and lse2 are checked bit-equal to the default's.
+variants' delta and lse2 are checked bit-equal to the default's. Where the plan converts split
+kv heads' dK, dV accumulators (GQA), the row-major convert too, with ``CF_CONVERT_PASSES``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="1,16,4,4096,128", help="batch,heads,heads_kv,seqlen,d")
     p.add_argument("--passes", type=int, nargs="+", default=[4, 2, 1])
+    p.add_argument("--convert-passes", type=int, nargs="+", default=[4, 2, 1])
     args = p.parse_args()
     b, h, hkv, s, d = map(int, args.shape.split(","))
     bf16 = torch.bfloat16
@@ -95,6 +98,23 @@ def main() -> None:
     memset = event_us(lambda: accum.zero_()) if accum is not None else 0.0
     print(f"no zeroing: {read_only:7.1f} us; + memset of the accumulator {memset:7.1f} us "
           f"= {read_only + memset:7.1f} us")
+    if plan.kv_convert is not None and ws.dk_accum is not None:
+        kv_row = 4 * s * hkv * d
+        workspace[ws.dk_accum: ws.dk_accum + b * kv_row].view(torch.float32).normal_()
+        dk = torch.empty_like(k)
+        dk_op = launch.Operand(dk.data_ptr(), *dk.stride()[:3], 2)
+        kv_bytes = b * s * hkv * d * (4 + 2)
+        first = None
+        for passes in args.convert_passes:
+            conv = dataclasses.replace(
+                plan.kv_convert, spec=plan.kv_convert.spec.with_knobs(CF_CONVERT_PASSES=passes))
+            us = event_us(lambda: launch._convert(conv, base + ws.dk_accum, kv_row, dk_op, s, hkv,
+                                                  shape, 0, stream))
+            out = dk.clone()
+            first = out if first is None else first
+            same = "bit-equal" if torch.equal(out, first) else "DIFFER"
+            print(f"kv convert, passes {passes}: {us:7.1f} us  {kv_bytes / us / 1e6:5.2f} TB/s  "
+                  f"grid {plan.kv_convert.grid}  {same}")
     src = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     copy = event_us(lambda: dst.copy_(src))

@@ -55,16 +55,32 @@ def profile_steps(step, batches, steps: int) -> tuple[dict[str, float], float]:
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
     runtime: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    spans = []  # (start, end) us of the device's kernels, copies and memsets
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[event.name] += event.device_time / steps
+            if "#" not in event.name:  # "Optimizer.step#AdamW.step": an annotation's span
+                spans.append((event.time_range.start, event.time_range.end))
         elif event.name.startswith(("cuda", "cu")) and not event.name.startswith("cuLaunch"):
             runtime[event.name][0] += 1
             runtime[event.name][1] += event.cpu_time_total
     print(f"   host: step() returns after {statistics.median(enqueue):.2f} ms (median)")
+    busy = _union_us(spans) / steps / 1e3
+    print(f"   device: busy {busy:.2f} ms a step (the union of its kernels' spans); "
+          f"idle {statistics.median(walls) - busy:.2f} ms of the median step")
     for name, (count, us) in sorted(runtime.items(), key=lambda kv: -kv[1][1])[:8]:
         print(f"   host: {name}: {count / steps:.1f} calls, {us / steps:.1f} us a step")
     return dict(totals), statistics.median(walls)
+
+
+def _union_us(spans: list) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def main() -> None:
