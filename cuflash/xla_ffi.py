@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import threading
 import traceback
@@ -70,10 +71,18 @@ if _BFLOAT16 is not None:
     _NUMPY_DTYPES[16] = _BFLOAT16
 
 
+_DTYPES = {code: np.dtype(t) for code, t in _NUMPY_DTYPES.items()}  # built once: per call hot
+# scalar attributes read straight from their address (the others through NumPy)
+_CTYPES = {1: ctypes.c_bool, 2: ctypes.c_int8, 3: ctypes.c_int16, 4: ctypes.c_int32,
+           5: ctypes.c_int64, 6: ctypes.c_uint8, 7: ctypes.c_uint16, 8: ctypes.c_uint32,
+           9: ctypes.c_uint64, 11: ctypes.c_float, 12: ctypes.c_double}
+
+
 def numpy_dtype(xla_dtype: int) -> np.dtype:
-    if xla_dtype not in _NUMPY_DTYPES:
+    dtype = _DTYPES.get(xla_dtype)
+    if dtype is None:
         raise TypeError(f"XLA data type {xla_dtype} (xla::PrimitiveType) is not supported here")
-    return np.dtype(_NUMPY_DTYPES[xla_dtype])
+    return dtype
 
 
 # -- structs of c_api.h (field names as in the header) ---------------------------------------
@@ -191,13 +200,14 @@ class BufferView:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        # math.prod of Python ints: a few times cheaper than np.prod, and exact
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def folded(self, ndim: int) -> "BufferView":
         """Leading axes (from vmap's broadcast_all) folded into the first of the last ``ndim``."""
         if len(self.shape) <= ndim:
             return self
-        lead = int(np.prod(self.shape[: len(self.shape) - ndim + 1], dtype=np.int64))
+        lead = math.prod(self.shape[: len(self.shape) - ndim + 1])
         return BufferView(self.dtype, self.data, (lead,) + self.shape[len(self.shape) - ndim + 1:])
 
     def entries(self, ndim: int) -> list["BufferView"]:
@@ -207,9 +217,9 @@ class BufferView:
         if len(self.shape) <= ndim:
             return [self]
         split = len(self.shape) - ndim
-        count = int(np.prod(self.shape[:split], dtype=np.int64))
+        count = math.prod(self.shape[:split])
         inner = self.shape[split:]
-        step = int(np.prod(inner, dtype=np.int64)) * self.dtype.itemsize
+        step = math.prod(inner) * self.dtype.itemsize
         return [BufferView(self.dtype, self.data + i * step if self.data else 0, inner)
                 for i in range(count)]
 
@@ -244,8 +254,8 @@ class Call:
 
     def stream(self) -> int:
         """The platform stream XLA runs this call on (a CUstream on CUDA)."""
-        args = StreamGetArgs(struct_size(StreamGetArgs, "stream"), None, self.ctx, None)
-        _check(self.api, _STREAM_GET(self.api.contents.XLA_FFI_Stream_Get)(ctypes.byref(args)),
+        args = StreamGetArgs(_STREAM_GET_ARGS_SIZE, None, self.ctx, None)
+        _check(self.api, _stream_get(self.api.contents.XLA_FFI_Stream_Get)(ctypes.byref(args)),
                "XLA_FFI_Stream_Get")
         return int(args.stream or 0)
 
@@ -253,6 +263,8 @@ class Call:
         """The CUDA device holding this call's buffers (read from a buffer's address)."""
         import cupy
 
+        if _visible_devices() == 1:  # the usual process: no driver query per call
+            return 0
         for view in self.rets + self.args:
             if view.data:
                 return int(cupy.cuda.runtime.pointerGetAttributes(view.data).device)
@@ -272,14 +284,37 @@ class Call:
             yield device_id
 
 
+_device_count: list = []  # the process's CUDA device count, read once (it cannot change)
+
+
+def _visible_devices() -> int:
+    if not _device_count:
+        import cupy
+
+        _device_count.append(cupy.cuda.runtime.getDeviceCount())
+    return _device_count[0]
+
+
+_STREAM_GET_ARGS_SIZE = struct_size(StreamGetArgs, "stream")
+_stream_getters: dict = {}  # XLA_FFI_Stream_Get's address -> its ctypes function
+
+
+def _stream_get(address: int):
+    """The ctypes function at ``address``, made once (making one costs more than calling it)."""
+    fn = _stream_getters.get(address)
+    if fn is None:
+        fn = _stream_getters[address] = _STREAM_GET(address)
+    return fn
+
+
 def _buffers(size: int, types, pointers, kind: str, buffer_type: int) -> list[BufferView]:
     views = []
     for i in range(size):
         if types[i] != buffer_type:
             raise TypeError(f"{kind} {i}: expected a buffer, got XLA FFI type {types[i]}")
-        buf = ctypes.cast(pointers[i], POINTER(Buffer)).contents
-        shape = tuple(int(buf.dims[d]) for d in range(buf.rank))
-        views.append(BufferView(numpy_dtype(buf.dtype), int(buf.data or 0), shape))
+        buf = Buffer.from_address(pointers[i])
+        shape = tuple(buf.dims[:buf.rank])  # a slice of a c_int64 pointer: Python ints
+        views.append(BufferView(numpy_dtype(buf.dtype), buf.data or 0, shape))
     return views
 
 
@@ -292,10 +327,14 @@ def _attributes(attrs: Attrs) -> dict[str, Any]:
         if attrs.types[i] != ATTR_SCALAR:
             raise TypeError(f"attribute {name!r}: only scalar attributes are supported, "
                             f"got XLA FFI attribute type {attrs.types[i]}")
-        scalar = ctypes.cast(attrs.attrs[i], POINTER(Scalar)).contents
-        dtype = numpy_dtype(scalar.dtype)
-        raw = ctypes.string_at(scalar.value, dtype.itemsize)
-        out[name] = np.frombuffer(raw, dtype=dtype)[0].item()
+        scalar = Scalar.from_address(attrs.attrs[i])
+        dtype = numpy_dtype(scalar.dtype)  # (raises for a type we do not know)
+        ctype = _CTYPES.get(scalar.dtype)
+        if ctype is not None:
+            out[name] = ctype.from_address(scalar.value).value
+        else:  # 16-bit floats
+            raw = ctypes.string_at(scalar.value, dtype.itemsize)
+            out[name] = np.frombuffer(raw, dtype=dtype)[0].item()
     return out
 
 
