@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cuflash.torch as ct  # noqa: E402
 from cuflash import fastpath, validate  # noqa: E402
 from train_small import GQA, build_torch_model, make_batches, set_attention  # noqa: E402
+from train_step_kernels import step_fn  # noqa: E402
 
 calls: Counter = Counter()
 host_us: dict = defaultdict(list)
@@ -126,15 +127,7 @@ def main() -> None:
     model = build_torch_model(GQA, "sdpa").cuda()
     set_attention(model, args.attention)
     batches = torch.from_numpy(make_batches(GQA, args.steps + 3, 0)).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-
-    def step(tokens):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = step_fn(model, torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0))
     fn = step if args.eager else torch.compile(step)
     for tokens in batches[:3]:
         fn(tokens)

@@ -16,30 +16,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from real_workloads import time_ms  # noqa: E402
+
 from cuflash import launch, validate  # noqa: E402
 from cuflash import plan as planning  # noqa: E402
 
 
-def event_us(fn, reps: int = 30, inner: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / inner)
-    return statistics.median(times)
+def event_us(fn) -> float:
+    return time_ms(fn, reps=30, inner=10) * 1e3
 
 
 def main() -> None:
