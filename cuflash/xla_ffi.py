@@ -71,7 +71,8 @@ if _BFLOAT16 is not None:
     _NUMPY_DTYPES[16] = _BFLOAT16
 
 
-_DTYPES = {code: np.dtype(t) for code, t in _NUMPY_DTYPES.items()}  # built once: per call hot
+# the dtype objects, built once: decode runs on every call
+_DTYPES = {code: np.dtype(t) for code, t in _NUMPY_DTYPES.items()}
 # scalar attributes read straight from their address (the others through NumPy)
 _CTYPES = {1: ctypes.c_bool, 2: ctypes.c_int8, 3: ctypes.c_int16, 4: ctypes.c_int32,
            5: ctypes.c_int64, 6: ctypes.c_uint8, 7: ctypes.c_uint16, 8: ctypes.c_uint32,
