@@ -232,11 +232,13 @@ FWD16 = _by_limit({
           _fwd16(4, 64, 2, "H100 bf16 d128 4k: 325 TFLOP/s, 1k: 283 (NOTES' forward tiles)"),
           *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
     # window + softcap or ALiBi, ALiBi on packed sequences, causal softcap on packed
-    # sequences: 8-48 B spilled on sm_100 (bench/dev/NOTES.md, modifier spills audit)
+    # sequences: 8-48 B spilled on sm_100 (bench/dev/NOTES.md, modifier spills audit); on
+    # sm_103 any softcap, 8-16 B (NVRTC 13, 2026-12-03)
     256: (_also(_fwd16(8, 64, 2, "H100 bf16 d256 16k: 331 TFLOP/s, FA-2 321 (NOTES' forward "
                                  "tiles)"),
                 *_only_on(_BLACKWELL, ("window", "softcap"), ("window", "alibi"),
-                          ("alibi", "varlen"), ("causal", "softcap", "varlen"))),
+                          ("alibi", "varlen"), ("causal", "softcap", "varlen")),
+                *_only_on(("sm_103",), ("softcap",))),
           _fwd16(8, 32, 2), *_FWD16_TAIL, _fwd16(2, 16, 1), _fwd16(1, 16, 1)),
 })
 
@@ -331,8 +333,10 @@ def _bwd16_tiles(bucket: int) -> tuple[Tile, ...]:
                        *_only_on(("sm_75",), ("alibi",), ("window", "softcap")))
     if bucket == 256:  # softcap: 12-20 B on sm_120 (causal 12 B before tanh.approx)
         own[3] = _also(own[3], *_only_on(_BLACKWELL_CONSUMER, ("softcap",)))
-    if bucket in (192, 256):  # softcap: 12 B on sm_100
+    if bucket in (192, 256):  # softcap: 12 B on sm_100; (4, 64, 1) too, 12 B on sm_100 and
+        # sm_103 (d192 in the deterministic mode, d256 atomic; NVRTC 13, 2026-12-03)
         own[0] = _also(own[0], *_only_on(_BLACKWELL, ("softcap",)))
+        own[1] = _also(own[1], *_only_on(_BLACKWELL, ("softcap",)))
     # dropout: the split layout reloads P^T (dV's operand) for dS^T, which needs the undropped
     # P^T as well; the 16-keys-per-warp kernel takes those calls
     split = tuple(_also(t, ("dropout",)) for t in split)

@@ -327,7 +327,7 @@ __device__ __forceinline__ void convert_tiled(const float* __restrict__ accum, e
   }
 }
 
-// The row-major accumulator (dQ, or dK / dV of split kv heads) to 16-bit rows: as the
+// The row-major accumulator (dQ, or dK / dV of split kv heads) to dq's rows: as the
 // preprocess, all of a lane's loads for P passes first (V vectors of 8 floats per row,
 // head_dim <= 64 V; P keeps them at 64 registers), then the conversions and stores.
 template <int V>
@@ -378,7 +378,8 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
                   head_dim, tile_d, scale);
     return;
   }
-#if CF_DTYPE != 2
+  // the row-major accumulator; float32 dQ is a copy through store8 (its own loop of float4
+  // copies spilled 16 B on sm_100 / sm_103 with packed sequences, NVRTC 13, 2026-12-03)
   const float* accum_head = dq_accum + (row0 * heads + h) * head_dim;
   switch ((head_dim + kLanesPerRow * kVec - 1) / (kLanesPerRow * kVec)) {  // uniform
     case 1: convert_rows<1>(accum_head, dq_head, stride_dqm, seqlen_q, heads, head_dim, sub,
@@ -387,26 +388,5 @@ extern "C" __global__ void __launch_bounds__(bwd_pre::kThreads) flash_bwd_dq_con
                             slot); break;
     default: convert_rows<4>(accum_head, dq_head, stride_dqm, seqlen_q, heads, head_dim, sub,
                              slot); break;  // head_dim <= 256
-  }
-  return;
-#endif
-#pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {  // float32: a plain copy
-    const int i = blockIdx.x * kRows + pass * kRowsPerPass + slot;
-    if (i >= seqlen_q) continue;
-    // dq_accum is contiguous (batch, seqlen_q, heads, head_dim) (varlen: (total_q, ...))
-    const float* src = dq_accum + ((row0 + i) * heads + h) * head_dim;
-    elem_t* dst = dq_head + i * stride_dqm;
-    for (int c = sub * kVec; c < head_dim; c += kLanesPerRow * kVec) {
-      const float4 a = *reinterpret_cast<const float4*>(src + c);
-      const float4 bb = *reinterpret_cast<const float4*>(src + c + 4);
-#if CF_DTYPE == 2  // a plain copy (through store8's array, NVRTC put it on the stack: varlen)
-      reinterpret_cast<float4*>(dst + c)[0] = a;
-      reinterpret_cast<float4*>(dst + c)[1] = bb;
-#else
-      const float x[8] = {a.x, a.y, a.z, a.w, bb.x, bb.y, bb.z, bb.w};
-      store8(dst + c, x);
-#endif
-    }
   }
 }
