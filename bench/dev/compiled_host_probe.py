@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import linecache
 import pstats
 import statistics
 import sys
@@ -103,10 +102,6 @@ def main() -> None:
     p.add_argument("--direct", action="store_true")
     p.add_argument("--gc-freeze", action="store_true")
     args = p.parse_args()
-    import torch._library.custom_ops as custom_ops
-    print("custom_ops.py lines 330-360 (torch", torch.__version__, "):")
-    for line in range(330, 361):
-        print(f"  {line}: {linecache.getline(custom_ops.__file__, line).rstrip()}")
     import torch._library.utils as library_utils
     for name in ("check_aliasing_constraint", "_c_check_aliasing_constraint"):
         if hasattr(library_utils, name):
