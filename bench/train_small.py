@@ -153,23 +153,45 @@ def torch_step(model, device: str, compile_: bool, lr: float):
     return torch.compile(step, fullgraph=False) if compile_ else step
 
 
-def train_torch_interleaved(steps: dict, batches, device: str) -> dict:
-    """Each batch through every step function in turn (their order rotating from batch to
-    batch), so that clock and temperature drift reach every attention alike. Returns
-    name -> (losses, step times in ms); a step's time ends with a device synchronization."""
+def train_torch_interleaved(steps: dict, batches, device: str, block: int = 1) -> dict:
+    """Every batch through every step function, in blocks of ``block`` consecutive batches:
+    each model takes the block's batches one after another, then the next model (the order
+    rotating from block to block), so that clock and temperature drift reach every
+    attention alike while a model's steps still follow its own steps, as in a training run
+    (a step that follows another model's finds the host's caches holding that model's code).
+    Returns name -> (losses, step times in ms, whether the step opened its block); a step's
+    time ends with a device synchronization."""
     import torch
 
     names = list(steps)
-    out = {name: ([], []) for name in names}
-    for i, tokens in enumerate(batches):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            loss = steps[name](tokens)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            out[name][1].append((time.perf_counter() - start) * 1e3)
-            out[name][0].append(float(loss))
+    out = {name: ([], [], []) for name in names}
+    for b, first in enumerate(range(0, len(batches), block)):
+        for name in names[b % len(names):] + names[:b % len(names)]:
+            for i in range(first, min(first + block, len(batches))):
+                start = time.perf_counter()
+                loss = steps[name](batches[i])
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                out[name][1].append((time.perf_counter() - start) * 1e3)
+                out[name][0].append(float(loss))
+                out[name][2].append(i == first)
     return out
+
+
+def step_summary(times: list, opens: list) -> dict:
+    """Medians of a model's step times: over the steps after the first (compilation,
+    warm-up), and over those that followed a step of the same model."""
+    steady = [t for t, o in zip(times[1:], opens[1:]) if not o]
+    return {"median_step_ms": statistics.median(times[1:] or times),
+            "median_steady_step_ms": statistics.median(steady) if steady else None,
+            "first_step_ms": times[0], "step_ms": times}
+
+
+def paired_difference(a: list, b: list) -> dict:
+    """b - a step by step (the same batch), after the first step: its median and the
+    fraction of steps where b was slower."""
+    d = [y - x for x, y in zip(a[1:], b[1:])]
+    return {"median_ms": statistics.median(d), "slower_fraction": sum(x > 0 for x in d) / len(d)}
 
 
 def run_torch(cfg: dict, args) -> dict:
@@ -182,8 +204,9 @@ def run_torch(cfg: dict, args) -> dict:
     modes = ["eager"] + ([] if args.no_compile else ["compile"])
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
            or "cpu", "modes": {},
-           "method": "the two models' steps interleaved batch by batch (order rotating); "
-                     "median over the steps after the first (compilation, warm-up)"}
+           "method": f"the two models' steps interleaved in blocks of {args.block} batches "
+                     "(order rotating); medians over the steps after the first "
+                     "(compilation, warm-up), and over those after a step of the same model"}
     for mode in modes:
         if mode == "compile":
             torch._dynamo.reset()
@@ -192,14 +215,13 @@ def run_torch(cfg: dict, args) -> dict:
             model = copy.deepcopy(init)
             set_attention(model, attention)
             steps[attention] = torch_step(model, device, mode == "compile", args.lr)
-        runs = train_torch_interleaved(steps, batches, device)
-        curves = {}
-        for attention, (losses, times) in runs.items():
-            curves[attention] = {"losses": losses,
-                                 "median_step_ms": statistics.median(times[1:] or times),
-                                 "first_step_ms": times[0]}
+        runs = train_torch_interleaved(steps, batches, device, args.block)
+        curves = {attention: {"losses": losses, **step_summary(times, opens)}
+                  for attention, (losses, times, opens) in runs.items()}
         diff = max(abs(a - b) for a, b in zip(curves["sdpa"]["losses"],
                                               curves["cuflash"]["losses"]))
+        curves["paired_cuflash_minus_sdpa"] = paired_difference(curves["sdpa"]["step_ms"],
+                                                                curves["cuflash"]["step_ms"])
         out["modes"][mode] = {**curves, "max_abs_loss_diff": diff}
     return out
 
@@ -338,6 +360,14 @@ def _report(name: str, part: dict, names: tuple[str, str]) -> list[float]:
         a, b = names
         print(f" median step ms: {a} {curves[a]['median_step_ms']:.2f}, "
               f"{b} {curves[b]['median_step_ms']:.2f}")
+        if curves[a].get("median_steady_step_ms") is not None:
+            print(f" after a step of the same model: {a} "
+                  f"{curves[a]['median_steady_step_ms']:.2f}, {b} "
+                  f"{curves[b]['median_steady_step_ms']:.2f}")
+        paired = curves.get(f"paired_{b}_minus_{a}")
+        if paired:
+            print(f" {b} - {a}, batch by batch: median {paired['median_ms']:+.3f} ms, "
+                  f"{b} slower on {100 * paired['slower_fraction']:.0f}% of the batches")
     return [c["max_abs_loss_diff"] for c in part["modes"].values()]
 
 
@@ -365,6 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--no-compile", action="store_true", help="torch: eager mode only")
+    parser.add_argument("--block", type=int, default=5,
+                        help="torch: consecutive batches a model takes before the other")
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="max |loss difference| allowed (bf16 training noise)")
     args = parser.parse_args(argv)
