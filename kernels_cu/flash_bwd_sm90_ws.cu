@@ -128,9 +128,23 @@ static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ: the atomic mode");
 // Passing the turn a tile later, after the next score products were issued, deadlocked: a
 // warpgroup holding a turn could wait at the ping-pong barrier for its partner, which waited
 // for that turn through another block.
+// The turn agent (CF_DQ_TURN_AGENT, default 1): the producer's idle warp 2 keeps the turns,
+// so no consumer spins on a semaphore or waits for a gpu-scope fence. It walks the same tiles
+// as the consumers and, for each warpgroup g, waits for the turn and arrives on
+// turn_granted(g); g's leader waits on that mbarrier, then g's barrier; every thread adds
+// and arrives on dq_added(g); the agent waits there (acquiring the adds at block scope),
+// fences at gpu scope and passes the turn on: the same release chain as the leader's
+// barrier and fence above. The turn is passed right after the adds, as before, so blocks
+// wait for each other as before; the fence's round trip and the spin leave the consumers'
+// path. H200, bf16 d128, same run: +2.3% to +6.3% over the leader's turns (2026-12-03,
+// bench/dev/bwd_variants.md).
+#ifndef CF_DQ_TURN_AGENT
+#define CF_DQ_TURN_AGENT 1
+#endif
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
+constexpr bool kTurnAgent = CF_DQ_ORDERED && CF_DQ_TURN_AGENT;
 constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARLEN;
 constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
@@ -186,6 +200,41 @@ struct BwdBarriers {
   __device__ __forceinline__ cf_u32 ds_empty(int b) const {
     return base + 8 * (3 + 3 * CF_STAGES + b);
   }
+  // ordered dQ's turn agent: warpgroup g may add / has issued its adds
+  __device__ __forceinline__ cf_u32 turn_granted(int g) const {
+    return base + 8 * (5 + 3 * CF_STAGES + g);
+  }
+  __device__ __forceinline__ cf_u32 dq_added(int g) const {
+    return base + 8 * (7 + 3 * CF_STAGES + g);
+  }
+};
+
+static_assert(!bwd90ws::kTurnAgent || 8 * (9 + 3 * CF_STAGES) <= 128,
+              "the turn agent's mbarriers fit the barrier area");
+
+// Ordered dQ: the turn of key tile key_tile at query tile pm0 (its place among the key tiles
+// that see it) and the semaphore of (head ph, tile pm0, warpgroup g's half). Each warpgroup
+// adds its own half of the tile (columns or rows), so each half has its own semaphore and the
+// warpgroups do not wait for each other.
+struct OrderedTurns {
+  MaskPolicy mask;
+  int key_tile, m_first, tiles_per_head, n_k, q_tiles;
+  bool rotate;
+  int* head_semaphores;  // batch entry b's, head 0
+
+  __device__ __forceinline__ int turn(int pm0) const {
+    const KeyTiles seen_by = key_tiles_of<CF_BLOCK_N, CF_BLOCK_M>(mask, pm0);
+    if (CF_CAUSAL) return seen_by.end - 1 - key_tile;
+    if (rotate) {  // after the key tiles from the last one starting at or before it
+      const int q = pm0 / CF_BLOCK_M - m_first;
+      const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
+      return first_in - key_tile + (first_in < key_tile ? n_k : 0);
+    }
+    return key_tile - seen_by.begin;
+  }
+  __device__ __forceinline__ int* semaphore(int pm0, int ph, int g) const {
+    return head_semaphores + ((cf_i64)ph * q_tiles + pm0 / CF_BLOCK_M) * 2 + g;
+  }
 };
 
 // Spins until *sem == turn (acquire: the adds of the turns before are visible). After about
@@ -206,6 +255,57 @@ __device__ __forceinline__ void fence_and_release(int* sem, int value) {
   asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.b32 [%0], %1;" ::"l"(sem),
                "r"(value)
                : "memory");
+}
+
+// Whether the phase of `parity` has completed (acquire, as mbar_wait), without waiting.
+__device__ __forceinline__ bool mbar_ready(cf_u32 bar, int parity) {
+  cf_u32 done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  return done != 0;
+}
+// Ordered dQ's turn agent (kTurnAgent): the whole warp runs it alike (its loads and waits
+// give every lane the same values), lane 0 acts. Warpgroup g's n-th add is for the walk's
+// n-th tile; the two warpgroups are served independently, each polled in turn, so one's
+// late turn never holds the other's (that would couple their waits across blocks).
+template <class Turns, class Bars>
+__device__ __forceinline__ void serve_turns(const Turns& turns, const Bars& bars, int n_iter,
+                                            int m_first, int tiles_per_head, int m_start,
+                                            int h_first, int lane) {
+  int n[2] = {0, 0};            // the add each warpgroup is at
+  bool granted[2] = {false, false};
+  int idle = 0;                 // polls without progress (a bound, as wait_for_turn's)
+#pragma unroll 1
+  while (n[0] < n_iter || n[1] < n_iter) {
+    bool progressed = false;
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      if (n[g] >= n_iter) continue;
+      // the walk's n-th tile (TileWalk's order: from m_start, wrapping, then the next head)
+      const int m0 = (m_first + (m_start - m_first + n[g]) % tiles_per_head) * CF_BLOCK_M;
+      const int h = h_first + n[g] / tiles_per_head;
+      int* sem = turns.semaphore(m0, h, g);
+      const int turn = turns.turn(m0);
+      if (!granted[g]) {
+        int now;
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
+        if (now == turn || idle > (1 << 27)) {  // (a turn that never comes: a bug; the sums
+          if (lane == 0) mbar_arrive(bars.turn_granted(g));  // stay right, their order not)
+          granted[g] = true;
+          progressed = true;
+        }
+      } else if (mbar_ready(bars.dq_added(g), n[g] & 1)) {  // its adds, acquired
+        if (lane == 0) fence_and_release(sem, turn + 1);
+        granted[g] = false;
+        ++n[g];
+        progressed = true;
+      }
+    }
+    idle = progressed ? 0 : idle + 1;
+    if (!progressed) __nanosleep(32);
+  }
 }
 
 // The tiles a block walks: query rows m0 of head h, the heads' tiles [first, end) in turn,
@@ -296,6 +396,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int n_k = (int)gridDim.x + role_zero;                                                 \
   const bool rotate = kRotatable && n_k <= kRotateMaxKeyTiles && tiles_per_head >= n_k;       \
   const int m_start = rotate ? m_first + key_tile * tiles_per_head / n_k : m_first;           \
+  const int q_tiles = (max_seqlen_q + kBM - 1) / kBM;                                         \
+  const OrderedTurns turns{mask, key_tile, m_first, tiles_per_head, n_k, q_tiles,              \
+                           rotate, dq_semaphore + (cf_i64)b * heads * q_tiles * 2};            \
   /* block mask: the kept (head, query tile) pairs (ordered dQ never takes one) */            \
   const KeptQueryTiles<kBM> kept(CF_BSP_MASK, b, h_first, n0, qt, split_heads);              \
   /* the grid covers the longest sequence: a block past this one's keys has no work */       \
@@ -315,12 +418,27 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       mbar_init(bars.ds_full(buf), kConsumerThreads);
       mbar_init(bars.ds_empty(buf), kConsumerThreads);
     }
+    if constexpr (kTurnAgent) {
+      for (int g = 0; g < 2; ++g) {
+        mbar_init(bars.turn_granted(g), 1);  // the agent's lane g
+        mbar_init(bars.dq_added(g), 128);    // every thread of warpgroup g
+      }
+    }
     mbar_fence_init();
   }
   __syncthreads();
 
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
+    // (warp read through a shuffle: ptxas then knows the branch is warp-uniform; with a
+    // plain warp == 2 it kept convergence state on the stack and spilled 20-52 B)
+    if constexpr (kTurnAgent) {
+      if (__shfl_sync(0xffffffffu, warp, 0) == 2) {
+        CF_BWD_WS_BLOCK_WORK
+        serve_turns(turns, bars, n_iter, m_first, tiles_per_head, m_start, h_first, lane);
+        return;
+      }
+    }
     if (warp != 2) {  // warps 0, 1: K, then Q and lse2; warp 3: V, then dO and delta
       CF_BWD_WS_BLOCK_WORK
       CF_BWD_WS_TILES
@@ -454,40 +572,28 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     wgmma_commit();
   };
-  // Ordered dQ: the turn of this key tile at query tile pm0 (its place among the key tiles
-  // that see it) and the semaphore of (head ph, tile pm0, this warpgroup's half). Each
-  // warpgroup adds its own half of the tile (columns or rows), so each half has its own
-  // semaphore and the warpgroups do not wait for each other.
-  const auto turn_at = [&](int pm0) {
-    const KeyTiles seen_by = key_tiles_of<kBN, kBM>(mask, pm0);
-    if (CF_CAUSAL) return seen_by.end - 1 - key_tile;
-    if (rotate) {  // after the key tiles from the last one starting at or before it
-      const int q = pm0 / kBM - m_first;
-      const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
-      return first_in - key_tile + (first_in < key_tile ? n_k : 0);
-    }
-    return key_tile - seen_by.begin;
-  };
-  const auto semaphore_at = [&](int pm0, int ph) {
-    return dq_semaphore +
-           (((cf_i64)b * heads + ph) * ((max_seqlen_q + kBM - 1) / kBM) + pm0 / kBM) * 2 + me;
-  };
   // dq_accum += dQ of query tile pm0, head ph (times softmax_scale); ordered: after the key
   // tiles before this one that see this query tile, then pass the turn on.
-  const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph) {
+  // n: the add's place in the walk (the turn agent's mbarrier phases)
+  const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph, int n) {
     const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
     int* sem = nullptr;
     int turn = 0;
-    if constexpr (kOrdered) {
-      turn = turn_at(pm0);
-      sem = semaphore_at(pm0, ph);
+    if constexpr (kTurnAgent) {
+      if (leader) mbar_wait(bars.turn_granted(me), n & 1);
+      named_bar_sync(kOrderBarrier + me, 128);
+    } else if constexpr (kOrdered) {
+      turn = turns.turn(pm0);
+      sem = turns.semaphore(pm0, ph, me);
       if (leader) wait_for_turn(sem, turn);
       named_bar_sync(kOrderBarrier + me, 128);
     }
     add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
            pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
            softmax_scale);
-    if constexpr (kOrdered) {
+    if constexpr (kTurnAgent) {
+      mbar_arrive(bars.dq_added(me));  // the agent passes the turn on
+    } else if constexpr (kOrdered) {
       named_bar_sync(kOrderBarrier + me, 128);  // every thread's adds, before the leader's fence
       if (leader) fence_and_release(sem, turn + 1);
     }
@@ -600,7 +706,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if constexpr (kBulk)
         stage_dq(dq, pm0, ph);  // added after the next tile's first barrier
       else
-        add_dq_of(dq, pm0, ph);
+        add_dq_of(dq, pm0, ph, it - 1);
     }
     pm0 = m0;
     ph = h;
@@ -623,7 +729,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       add_staged_dq();
       if (leader) bulk_wait_all();
     } else {
-      add_dq_of(dq, pm0, ph);
+      add_dq_of(dq, pm0, ph, n_iter - 1);
     }
   }
 
