@@ -270,13 +270,12 @@ __device__ __forceinline__ bool mbar_ready(cf_u32 bar, int parity) {
 // give every lane the same values), lane 0 acts. Warpgroup g's n-th add is for the walk's
 // n-th tile; the two warpgroups are served independently, each polled in turn, so one's
 // late turn never holds the other's (that would couple their waits across blocks).
-template <class Turns, class Bars>
-__device__ __forceinline__ void serve_turns(const Turns& turns, const Bars& bars, int n_iter,
-                                            int m_first, int tiles_per_head, int m_start,
-                                            int h_first, int lane) {
-  int n[2] = {0, 0};            // the add each warpgroup is at
+__device__ __forceinline__ void serve_turns(const OrderedTurns& turns, const BwdBarriers& bars,
+                                            int n_iter, int m_first, int tiles_per_head,
+                                            int m_start, int h_first, int lane) {
+  int n[2] = {0, 0};  // the add each warpgroup is at
   bool granted[2] = {false, false};
-  int idle = 0;                 // polls without progress (a bound, as wait_for_turn's)
+  int idle = 0;  // polls without progress (a bound, as wait_for_turn's)
 #pragma unroll 1
   while (n[0] < n_iter || n[1] < n_iter) {
     bool progressed = false;
