@@ -114,8 +114,9 @@ for stage in $stages; do
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;
     ab)  # kernel TFLOP/s of an older tree ($AB_OLD, e.g. a git archive) against this one
+      # (AB_ARGS: more options, e.g. --head-dims 256 --seqlens 4096,16384)
       run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
-        --out "$OUT/results/ab.json" ;;
+        --out "$OUT/results/ab.json" ${AB_ARGS:-} ;;
     decode_ab)  # decode bandwidth of an older tree ($AB_OLD) and of this one, in one process each
       run_stage decode_ab bash -c "PYTHONPATH=$(realpath "${AB_OLD:-.old}") $PY bench/decode.py \
         --parts main --out $OUT/results/decode_old.json && $PY bench/decode.py --parts main \

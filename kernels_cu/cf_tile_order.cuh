@@ -27,7 +27,8 @@ struct TileOrder {
 };
 
 // head_bytes: bytes a block of one head streams from global memory over the whole sequence
-// (all blocks of a head share them through L2); 0: one chunk of all heads.
+// (all blocks of a head share them through L2); 0: one chunk of all heads (the forward:
+// causal_tile_order_all_heads below).
 __device__ __forceinline__ TileOrder causal_tile_order(long long head_bytes) {
   const int tiles = (int)gridDim.x, heads = (int)gridDim.y;
   const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
@@ -38,6 +39,15 @@ __device__ __forceinline__ TileOrder causal_tile_order(long long head_bytes) {
   const int in_chunk = min(chunk, heads - first);
   const int r = linear - first * tiles;
   return TileOrder{r / in_chunk, first + r % in_chunk};
+}
+
+// The forward's order: one chunk of all heads. Spelled apart from causal_tile_order(0), whose
+// chunk arithmetic the compiler cannot fold (a 64-bit division and four 32-bit ones before
+// the first load).
+__device__ __forceinline__ TileOrder causal_tile_order_all_heads() {
+  const int heads = (int)gridDim.y;
+  const int linear = (int)(blockIdx.y * gridDim.x + blockIdx.x);
+  return TileOrder{linear / heads, linear % heads};
 }
 
 // The portable forward and the float32 kernels (x = query tile, y = head, z = batch): a causal

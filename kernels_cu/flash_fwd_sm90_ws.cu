@@ -115,7 +115,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int wg = warp >> 2;
   // Causal: the query tiles with the most keys start first, over all heads
   // (cf_tile_order.cuh says why the forward takes one chunk).
-  const TileOrder order = causal_tile_order(0);
+  const TileOrder order = causal_tile_order_all_heads();
   const int tile_m = CF_CAUSAL ? (int)gridDim.x - 1 - order.tile_rank : (int)blockIdx.x;
   const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z, h_kv = h / heads_per_kv;
