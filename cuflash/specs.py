@@ -295,9 +295,10 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
     has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
-    Hopper backward in its atomic mode (fixed or packed lengths)."""
-    if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or spec.dq_ordered
-            or not spec.dq_atomic):
+    Hopper backward, atomic or ordered (fixed or packed lengths; ordered: the turn agent
+    issues the adds in turn)."""
+    if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or not spec.dq_atomic
+            or (spec.dq_ordered and ("CF_DQ_TURN_AGENT", 0) in spec.knobs)):
         return spec
     bulk = spec.with_knobs(CF_DQ_BULK=1)
     return bulk if bulk.smem_bytes <= facts.smem_optin else spec

@@ -13,7 +13,8 @@
 //     they wait on its empty mbarrier, on which every consumer thread arrives (racecheck
 //     reported the consumers' reads of the statistics as racing the refill while one lane a
 //     warp arrived after __syncwarp; the statistics were cp.async copies then, and whether
-//     those would pass now was not tested). Warp 2 has nothing to do.
+//     those would pass now was not tested). Warp 2 keeps ordered dQ's turns (the turn
+//     agent, below); otherwise it has nothing to do.
 //   warpgroups 1, 2, the consumers (232 registers): warpgroup 1 + g owns keys n0 + 64g ..
 //     + 63. Per tile it: S^T = K Q^T and dP^T = V dO^T issued and waited; P^T and
 //     dS^T = P^T (dP^T - delta); dS^T to shared memory (buffer it & 1, once ds_empty says both
@@ -21,7 +22,8 @@
 //     dK += dS^T Q issued; then dQ of the PREVIOUS tile, dS K from buffer (it - 1) & 1
 //     (head_dim 128: warpgroup g columns 64g ..; head_dim 64: query rows 64g ..) once ds_full
 //     says both halves are in; all waited; the stage released; dQ(it - 1) added into
-//     dq_accum by float atomics (CF_DQ_ORDERED: in a fixed key-tile order, below). Deferring
+//     dq_accum by float atomics, or staged for a bulk reduce-add (CF_DQ_BULK, below; with
+//     CF_DQ_ORDERED, in a fixed key-tile order, issued by the turn agent). Deferring
 //     dQ by a tile lets the warpgroups drift apart instead of meeting at a barrier every
 //     tile, and they take turns issuing their products (CF_BWD_WS_PINGPONG), so one's
 //     P^T / dS^T and atomics run under the other's products.
@@ -112,13 +114,16 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 // applied by the convert. Packed sequences place their pieces by cf_seq.cuh's dq_piece.
 // Session 4 tried one bulk add per row of a row-major accumulator (64 a tile): 0.75x the
 // atomics.
-// Ordered dQ keeps its atomics: bulk adds inside the turn (the leader waits for the turn,
-// adds, waits for the add to be performed, passes the turn on) ran at 0.80-0.86x of them
-// (bench/dev/bwd_variants.md).
+// Ordered dQ with bulk adds (CF_DQ_BULK with CF_DQ_ORDERED): the consumers stage their
+// pieces as above and the turn agent (below) issues each add when the piece is staged and
+// its turn has come, waits for it to be performed, passes the turn on and frees the piece.
+// The consumers never wait for a turn, only for their piece to be free a tile later. H200,
+// bf16, same run: 1.06-1.13x the ordered atomics, 0.79-0.86x the atomic mode's bulk adds
+// (2026-12-03, bench/dev/bwd_variants.md). (The leader issuing the add inside its turn and
+// waiting for it had run at 0.80-0.86x the ordered atomics.)
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
 #endif
-static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ: the atomic mode");
 
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
@@ -150,6 +155,8 @@ constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
 constexpr bool kBulk = CF_DQ_BULK;
+constexpr bool kAgentAdds = kTurnAgent && kBulk;  // ordered bulk dQ: the agent adds
+static_assert(!(kBulk && kOrdered) || kTurnAgent, "ordered bulk dQ: the turn agent adds");
 enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
@@ -200,7 +207,8 @@ struct BwdBarriers {
   __device__ __forceinline__ cf_u32 ds_empty(int b) const {
     return base + 8 * (3 + 3 * CF_STAGES + b);
   }
-  // ordered dQ's turn agent: warpgroup g may add / has issued its adds
+  // ordered dQ's turn agent: warpgroup g may add / has issued its adds (kAgentAdds: g's dQ
+  // piece is free again / is staged)
   __device__ __forceinline__ cf_u32 turn_granted(int g) const {
     return base + 8 * (5 + 3 * CF_STAGES + g);
   }
@@ -301,6 +309,58 @@ __device__ __forceinline__ void serve_turns(const OrderedTurns& turns, const Bwd
         ++n[g];
         progressed = true;
       }
+    }
+    idle = progressed ? 0 : idle + 1;
+    if (!progressed) __nanosleep(32);
+  }
+}
+
+// Ordered bulk dQ's turn agent (kAgentAdds): as serve_turns, but the agent adds. For
+// warpgroup g's n-th add it waits until the piece is staged (dq_added(g)) and the turn has
+// come, adds the piece with one bulk reduce-add (lane 0), waits until the add is performed,
+// passes the turn on and frees the piece (turn_granted(g)). pieces: the first piece's shared
+// address; seq, dq_accum, seqlen_q, max_seqlen_q: where a piece goes (as the consumers'
+// stage_dq).
+__device__ __forceinline__ void serve_bulk_turns(const OrderedTurns& turns,
+                                                 const BwdBarriers& bars, int n_iter,
+                                                 int m_first, int tiles_per_head, int m_start,
+                                                 int h_first, int lane, const SeqInfo& seq,
+                                                 float* dq_accum, cf_u32 pieces,
+                                                 int max_seqlen_q) {
+  using namespace bwd90ws;
+  int n[2] = {0, 0};  // the add each warpgroup is at
+  int idle = 0;       // polls without progress (a bound, as wait_for_turn's)
+#pragma unroll 1
+  while (n[0] < n_iter || n[1] < n_iter) {
+    bool progressed = false;
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      if (n[g] >= n_iter || !mbar_ready(bars.dq_added(g), n[g] & 1)) continue;  // staged
+      const int m0 = (m_first + (m_start - m_first + n[g]) % tiles_per_head) * CF_BLOCK_M;
+      const int h = h_first + n[g] / tiles_per_head;
+      int* sem = turns.semaphore(m0, h, g);
+      const int turn = turns.turn(m0);
+      int now;
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
+      if (now != turn && idle <= (1 << 27)) continue;  // (a turn that never comes: a bug)
+      const int row0 = m0 + (kBM == 128 ? 64 * g : 0);
+      if (lane == 0) {
+        if (row0 < seq.seqlen_q) {  // (a piece wholly past seqlen_q has no place: no add)
+          // the earlier turns' adds (async proxy, acquired above) before this one's
+          asm volatile("fence.proxy.async.global;" ::: "memory");
+          bulk_reduce_add_f32(seq.dq_piece(dq_accum, h, row0, kBM == 128 ? 0 : 64 * g,
+                                           max_seqlen_q, kD),
+                              pieces + g * kDqPieceBytes, kDqPieceBytes);
+          bulk_commit();
+          bulk_wait_all();  // performed, then ordered before the release below
+          asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        fence_and_release(sem, turn + 1);
+        mbar_arrive(bars.turn_granted(g));  // the piece is free
+      }
+      __syncwarp();
+      ++n[g];
+      progressed = true;
     }
     idle = progressed ? 0 : idle + 1;
     if (!progressed) __nanosleep(32);
@@ -434,7 +494,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if constexpr (kTurnAgent) {
       if (__shfl_sync(0xffffffffu, warp, 0) == 2) {
         CF_BWD_WS_BLOCK_WORK
-        serve_turns(turns, bars, n_iter, m_first, tiles_per_head, m_start, h_first, lane);
+        if constexpr (kAgentAdds)
+          serve_bulk_turns(turns, bars, n_iter, m_first, tiles_per_head, m_start, h_first,
+                           lane, seq, dq_accum, smem_addr(smem + kOffDqPiece), max_seqlen_q);
+        else
+          serve_turns(turns, bars, n_iter, m_first, tiles_per_head, m_start, h_first, lane);
         return;
       }
     }
@@ -533,13 +597,17 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const auto stage_dq = [&](const float (&dq)[8][4], int pm0, int ph) {
     stage_dq_piece(dq, dq_piece, cwarp, lane);
     fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
+    if constexpr (kAgentAdds) {
+      mbar_arrive(bars.dq_added(me));  // staged: the agent adds it in its turn
+      return;
+    }
     const int row0 = pm0 + (kBM == 128 ? 64 * me : 0);
     staged_dq = row0 < seqlen_q
                     ? seq.dq_piece(dq_accum, ph, row0, kBM == 128 ? 0 : 64 * me, max_seqlen_q, kD)
                     : nullptr;
   };
   const auto add_staged_dq = [&] {  // after a barrier that followed every thread's staging
-    if (kBulk && leader && staged_dq) {
+    if (kBulk && !kAgentAdds && leader && staged_dq) {
       bulk_reduce_add_f32(staged_dq, dq_piece, kDqPieceBytes);
       bulk_commit();
     }
@@ -681,7 +749,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
     // -- dV += P^T dO, dK += dS^T Q (queries are the contraction: dO, Q MN-major), then dQ of
     // the previous tile
-    if (kBulk && leader) bulk_wait_read_all();  // the piece free once the barrier passes
+    if (kBulk && leader) {  // the piece free once the barrier passes
+      if constexpr (kAgentAdds) {
+        if (it >= 2) mbar_wait(bars.turn_granted(me), (it - 2) & 1);  // add it - 2 done
+      } else {
+        bulk_wait_read_all();
+      }
+    }
     my_turn();
     bulk_sync();
     wgmma_fence();
@@ -721,12 +795,20 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(dq);
     if constexpr (kBulk) {
-      if (leader) bulk_wait_read_all();
+      if (leader) {
+        if constexpr (kAgentAdds) {
+          if (n_iter >= 2) mbar_wait(bars.turn_granted(me), (n_iter - 2) & 1);
+        } else {
+          bulk_wait_read_all();
+        }
+      }
       named_bar_sync(kOrderBarrier + me, 128);  // the piece is free
-      stage_dq(dq, pm0, ph);
-      named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
-      add_staged_dq();
-      if (leader) bulk_wait_all();
+      stage_dq(dq, pm0, ph);  // kAgentAdds: the agent adds it (the block lives until it has)
+      if constexpr (!kAgentAdds) {
+        named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
+        add_staged_dq();
+        if (leader) bulk_wait_all();
+      }
     } else {
       add_dq_of(dq, pm0, ph, n_iter - 1);
     }

@@ -1,6 +1,8 @@
 """The Hopper backward's bulk dQ adds (flash_bwd_sm90_ws.cu with CF_DQ_BULK, spec.dq_tiled):
-on sm_90 the plans pick them for 16-bit head_dim 64 and 128; every bulk add stays inside its
-own 64 x 64 piece of the tiled accumulator, and the gradients match the float64 reference.
+on sm_90 the plans pick them for 16-bit head_dim 64 and 128, atomic and deterministic
+(ordered: the turn agent issues the adds); every bulk add stays inside its own 64 x 64 piece
+of the tiled accumulator, the gradients match the float64 reference, and the deterministic
+mode repeats bit for bit.
 
 The guard: the call runs on a workspace laid out as the plan's, with 64 KiB of -0.0 floats
 inserted right after the dQ accumulator (nothing else writes there: the preprocess zeroes
@@ -46,8 +48,9 @@ def _guarded(scratch: plan.Workspace) -> plan.Workspace:
 @pytest.mark.parametrize("seqlen_q", [130, 200, 64])
 @pytest.mark.parametrize("heads_kv", [4, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
 def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, heads_kv,
-                                                          causal):
+                                                          causal, deterministic):
     import cupy
 
     import cuflash
@@ -63,21 +66,33 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, h
     o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
     shape = plan.Shape(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, dtype, causal,
                        plan.mod_flags(None, None, None, None, causal))
-    p = launch.backward_plan(shape, 0, False)
-    assert p.main.spec.dq_tiled, p.main.spec.name
+    p = launch.backward_plan(shape, 0, deterministic)
+    assert p.main.spec.dq_tiled and p.main.spec.dq_ordered == deterministic, p.main.spec.name
     p = replace(p, scratch=_guarded(p.scratch))
-    workspace = cupy.empty(p.scratch.total_bytes, np.uint8)
-    guard = workspace[p.scratch.dq_accum_bytes - _GUARD:p.scratch.dq_accum_bytes].view(np.uint32)
-    guard.fill(0x80000000)  # -0.0: any bulk add of a float, +0.0 included, changes its bits
-    dq, dk, dv = (launch._empty(x.shape, x.dtype, dtype) for x in (gq, gk, gv))
     scale = 1.0 / np.sqrt(head_dim)
-    launch.run_backward(p, *(launch.cupy_operand(x) for x in (gdo, gq, gk, gv, o)),
-                        stats.m.data.ptr, stats.l.data.ptr,
-                        *(launch.cupy_operand(x) for x in (dq, dk, dv)), scale,
-                        workspace.data.ptr, launch._current_stream(), 0)
-    cupy.cuda.get_current_stream().synchronize()
-    changed = int((guard != np.uint32(0x80000000)).sum())
-    assert changed == 0, f"{p.main.spec.name}: {changed} guard words past the dQ pieces written"
+
+    def run():
+        workspace = cupy.empty(p.scratch.total_bytes, np.uint8)
+        guard = workspace[p.scratch.dq_accum_bytes - _GUARD:
+                          p.scratch.dq_accum_bytes].view(np.uint32)
+        guard.fill(0x80000000)  # -0.0: any bulk add of a float, +0.0 included, changes its bits
+        grads = [launch._empty(x.shape, x.dtype, dtype) for x in (gq, gk, gv)]
+        for g in grads:
+            g.view(np.uint16).fill(0x7fc1)  # poisoned: NaN in both 16-bit types
+        launch.run_backward(p, *(launch.cupy_operand(x) for x in (gdo, gq, gk, gv, o)),
+                            stats.m.data.ptr, stats.l.data.ptr,
+                            *(launch.cupy_operand(x) for x in grads), scale,
+                            workspace.data.ptr, launch._current_stream(), 0)
+        cupy.cuda.get_current_stream().synchronize()
+        changed = int((guard != np.uint32(0x80000000)).sum())
+        assert changed == 0, f"{p.main.spec.name}: {changed} guard words past the dQ pieces"
+        return grads
+
+    dq, dk, dv = run()
+    if deterministic:  # the ordered adds: the same bits again
+        for name, first, again in zip(("dq", "dk", "dv"), (dq, dk, dv), run()):
+            np.testing.assert_array_equal(gh.to_host(first, dtype), gh.to_host(again, dtype),
+                                          err_msg=f"{p.main.spec.name} {name}")
 
     label = f"{p.main.spec.name} seqlen_q {seqlen_q} heads_kv {heads_kv}"
     o_host = gh.to_host(o, dtype)

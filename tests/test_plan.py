@@ -101,11 +101,10 @@ def test_workspace_layout():
 
 
 def test_bulk_dq_where_the_warp_specialized_backward_adds_atomically():
-    """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128 in its atomic
-    mode gets the tiled dQ accumulator, on fixed and packed lengths; the deterministic
-    (ordered) mode, the 8-warp kernels (head_dim 256, an A100's), a budget without room for
-    the two 16 KB pieces, and packed sequences whose batch needs several launches keep the
-    atomics."""
+    """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128, atomic or
+    deterministic (ordered), gets the tiled dQ accumulator, on fixed and packed lengths; the
+    8-warp kernels (head_dim 256, an A100's), a budget without room for the two 16 KB pieces,
+    and packed sequences whose batch needs several launches keep the atomics."""
     def main(facts, head_dim=128, deterministic=False, mods=specs.NO_MODS, batch=1):
         s = Shape(batch, 4096, 4096, 16, 16, head_dim, "bfloat16", True, mods,
                   total_q=4096 * batch if mods.varlen else 0,
@@ -118,7 +117,8 @@ def test_bulk_dq_where_the_warp_specialized_backward_adds_atomically():
         spec = main(H200, head_dim)
         assert spec.warps == 12 and spec.dq_tiled
         assert spec.smem_bytes == replace(spec, knobs=()).smem_bytes + 2 * 16384
-        assert not main(H200, head_dim, deterministic=True).dq_tiled
+        ordered = main(H200, head_dim, deterministic=True)
+        assert ordered.dq_ordered and ordered.dq_tiled
         assert main(H200, head_dim, mods=varlen).dq_tiled
         sliced = main(H200, head_dim, mods=varlen, batch=plan.MAX_GRID_YZ + 1)
         assert sliced.warps == 12 and not sliced.dq_tiled

@@ -150,7 +150,9 @@ def test_kernel_spec_is_hashable_and_frozen():
 
 
 def test_knobs_are_part_of_the_name_and_the_defines():
-    base = specs.select_backward(facts(227), "bfloat16", 128, True, True)  # causal: no knob
+    # causal: no rotation knob; without the bulk dQ knob, none at all
+    base = specs.select_backward(facts(227), "bfloat16", 128, True, True).without_knob(
+        "CF_DQ_BULK")
     tuned = base.with_knobs(CF_BWD_MSUB=16)
     assert tuned.name == base.name + "_bwd_msub16" and tuned != base
     assert tuned.defines == {**base.defines, "CF_BWD_MSUB": 16}
