@@ -6,7 +6,7 @@
 #                                            workloads train_gqa train_profile issue10 host decode
 #                                            pre_convert step_idle
 #                                            generate ab
-#                                            decode_ab issue15 issue15_bench hopper_d192
+#                                            decode_ab fwd_ncu issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            (default: info check tests sanitize bench workloads)
 #
@@ -117,6 +117,15 @@ for stage in $stages; do
       # (AB_ARGS: more options, e.g. --head-dims 256 --seqlens 4096,16384)
       run_stage ab $PY bench/dev/ab_compare.py "${AB_OLD:-.old}" . --rounds "${AB_ROUNDS:-2}" \
         --out "$OUT/results/ab.json" ${AB_ARGS:-} ;;
+    fwd_ncu)  # one forward kernel under ncu (full set), from an older tree ($AB_OLD) and this
+      # one: FWD_NCU_ARGS picks the problem (default the head_dim 256 causal forward at 4k, the
+      # one row of #10's A/B that stayed 1-2% under the 2026-12-01 tree)
+      for tree in "${AB_OLD:-.old}" .; do
+        tag=$([ "$tree" = . ] && echo new || echo old)
+        run_stage "fwd_ncu_$tag" env PYTHONPATH="$(realpath "$tree")" ncu --clock-control none \
+          -k regex:flash_fwd -s 2 -c 1 --set full -o "$OUT/results/fwd_ncu_$tag" \
+          $PY bench/dev/fwd_profile.py ${FWD_NCU_ARGS:---head-dim 256 --seqlen 4096 --causal}
+      done ;;
     decode_ab)  # decode bandwidth of an older tree ($AB_OLD) and of this one, in one process each
       run_stage decode_ab bash -c "PYTHONPATH=$(realpath "${AB_OLD:-.old}") $PY bench/decode.py \
         --parts main --out $OUT/results/decode_old.json && $PY bench/decode.py --parts main \

@@ -1,0 +1,36 @@
+"""Run cuflash's forward a few times on one problem, for a profiler to watch (ncu): the
+A/B of one kernel between two trees (PYTHONPATH picks the tree).
+
+    PYTHONPATH=.old ncu --clock-control none -k regex:flash_fwd -c 1 --set full \
+        -o OUT/old python bench/dev/fwd_profile.py --head-dim 256 --seqlen 4096 --causal
+
+bf16, ab_compare.py's shapes: 16k tokens (batch = 16384 / seqlen), heads * head_dim = 2048.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=256)
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--calls", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+
+    import cuflash
+
+    batch, heads = 16384 // args.seqlen, 2048 // args.head_dim
+    q, k, v = (torch.randn((batch, args.seqlen, heads, args.head_dim), device="cuda",
+                           dtype=torch.bfloat16) for _ in range(3))
+    for _ in range(args.calls):
+        cuflash.attention_forward(q, k, v, causal=args.causal)
+    torch.cuda.synchronize()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
