@@ -249,11 +249,14 @@ struct OrderedTurns {
 // ten seconds it stops waiting rather than hang the GPU (a turn that never comes would be a
 // bug; the sums stay right, only their order would vary). A trap here costs the consumers
 // 1.3-1.8 KB of spills (NVRTC 13.5).
+__device__ __forceinline__ int load_acquire(const int* sem) {
+  int now;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
+  return now;
+}
 __device__ __forceinline__ void wait_for_turn(const int* sem, int turn) {
   for (int spins = 0; spins < (1 << 27); ++spins) {
-    int now;
-    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
-    if (now == turn) return;
+    if (load_acquire(sem) == turn) return;
     __nanosleep(64);
   }
 }
@@ -274,6 +277,22 @@ __device__ __forceinline__ bool mbar_ready(cf_u32 bar, int parity) {
       : "=r"(done) : "r"(bar), "r"(parity) : "memory");
   return done != 0;
 }
+// Warpgroup g's n-th add in the block's walk (TileWalk's order: from m_start, wrapping, then
+// the next head): its query rows and head, its semaphore and its turn there.
+struct WalkAdd {
+  int m0, h, turn;
+  int* sem;
+};
+__device__ __forceinline__ WalkAdd walk_add(const OrderedTurns& turns, int n, int g, int m_first,
+                                            int tiles_per_head, int m_start, int h_first) {
+  WalkAdd a;
+  a.m0 = (m_first + (m_start - m_first + n) % tiles_per_head) * CF_BLOCK_M;
+  a.h = h_first + n / tiles_per_head;
+  a.sem = turns.semaphore(a.m0, a.h, g);
+  a.turn = turns.turn(a.m0);
+  return a;
+}
+
 // Ordered dQ's turn agent (kTurnAgent): the whole warp runs it alike (its loads and waits
 // give every lane the same values), lane 0 acts. Warpgroup g's n-th add is for the walk's
 // n-th tile; the two warpgroups are served independently, each polled in turn, so one's
@@ -290,21 +309,15 @@ __device__ __forceinline__ void serve_turns(const OrderedTurns& turns, const Bwd
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
       if (n[g] >= n_iter) continue;
-      // the walk's n-th tile (TileWalk's order: from m_start, wrapping, then the next head)
-      const int m0 = (m_first + (m_start - m_first + n[g]) % tiles_per_head) * CF_BLOCK_M;
-      const int h = h_first + n[g] / tiles_per_head;
-      int* sem = turns.semaphore(m0, h, g);
-      const int turn = turns.turn(m0);
+      const WalkAdd add = walk_add(turns, n[g], g, m_first, tiles_per_head, m_start, h_first);
       if (!granted[g]) {
-        int now;
-        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
-        if (now == turn || idle > (1 << 27)) {  // (a turn that never comes: a bug; the sums
+        if (load_acquire(add.sem) == add.turn || idle > (1 << 27)) {  // (a turn that never comes: a bug; the sums
           if (lane == 0) mbar_arrive(bars.turn_granted(g));  // stay right, their order not)
           granted[g] = true;
           progressed = true;
         }
       } else if (mbar_ready(bars.dq_added(g), n[g] & 1)) {  // its adds, acquired
-        if (lane == 0) fence_and_release(sem, turn + 1);
+        if (lane == 0) fence_and_release(add.sem, add.turn + 1);
         granted[g] = false;
         ++n[g];
         progressed = true;
@@ -336,26 +349,23 @@ __device__ __forceinline__ void serve_bulk_turns(const OrderedTurns& turns,
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
       if (n[g] >= n_iter || !mbar_ready(bars.dq_added(g), n[g] & 1)) continue;  // staged
-      const int m0 = (m_first + (m_start - m_first + n[g]) % tiles_per_head) * CF_BLOCK_M;
-      const int h = h_first + n[g] / tiles_per_head;
-      int* sem = turns.semaphore(m0, h, g);
-      const int turn = turns.turn(m0);
-      int now;
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
-      if (now != turn && idle <= (1 << 27)) continue;  // (a turn that never comes: a bug)
-      const int row0 = m0 + (kBM == 128 ? 64 * g : 0);
+      const WalkAdd add = walk_add(turns, n[g], g, m_first, tiles_per_head, m_start, h_first);
+      // not yet its turn (after about 2^27 idle polls it goes on: a turn that never comes
+      // is a bug; the sums stay right, their order not)
+      if (load_acquire(add.sem) != add.turn && idle <= (1 << 27)) continue;
+      const int row0 = add.m0 + (kBM == 128 ? 64 * g : 0);
       if (lane == 0) {
         if (row0 < seq.seqlen_q) {  // (a piece wholly past seqlen_q has no place: no add)
           // the earlier turns' adds (async proxy, acquired above) before this one's
           asm volatile("fence.proxy.async.global;" ::: "memory");
-          bulk_reduce_add_f32(seq.dq_piece(dq_accum, h, row0, kBM == 128 ? 0 : 64 * g,
+          bulk_reduce_add_f32(seq.dq_piece(dq_accum, add.h, row0, kBM == 128 ? 0 : 64 * g,
                                            max_seqlen_q, kD),
                               pieces + g * kDqPieceBytes, kDqPieceBytes);
           bulk_commit();
           bulk_wait_all();  // performed, then ordered before the release below
           asm volatile("fence.proxy.async.global;" ::: "memory");
         }
-        fence_and_release(sem, turn + 1);
+        fence_and_release(add.sem, add.turn + 1);
         mbar_arrive(bars.turn_granted(g));  // the piece is free
       }
       __syncwarp();
