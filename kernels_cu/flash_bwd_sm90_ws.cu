@@ -311,8 +311,10 @@ __device__ __forceinline__ void serve_turns(const OrderedTurns& turns, const Bwd
       if (n[g] >= n_iter) continue;
       const WalkAdd add = walk_add(turns, n[g], g, m_first, tiles_per_head, m_start, h_first);
       if (!granted[g]) {
-        if (load_acquire(add.sem) == add.turn || idle > (1 << 27)) {  // (a turn that never comes: a bug; the sums
-          if (lane == 0) mbar_arrive(bars.turn_granted(g));  // stay right, their order not)
+        // (after about 2^27 idle polls it goes on: a turn that never comes is a bug; the
+        // sums stay right, their order not)
+        if (load_acquire(add.sem) == add.turn || idle > (1 << 27)) {
+          if (lane == 0) mbar_arrive(bars.turn_granted(g));
           granted[g] = true;
           progressed = true;
         }
