@@ -297,8 +297,7 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
     Hopper backward, atomic or ordered (fixed or packed lengths; ordered: the turn agent
     issues the adds in turn)."""
-    if (spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or not spec.dq_atomic
-            or (spec.dq_ordered and ("CF_DQ_TURN_AGENT", 0) in spec.knobs)):
+    if spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or not spec.dq_atomic:
         return spec
     bulk = spec.with_knobs(CF_DQ_BULK=1)
     return bulk if bulk.smem_bytes <= facts.smem_optin else spec

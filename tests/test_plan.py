@@ -100,7 +100,7 @@ def test_workspace_layout():
             assert plan.backward_workspace(p).total_bytes <= bound.total_bytes
 
 
-def test_bulk_dq_where_the_warp_specialized_backward_adds_atomically():
+def test_bulk_dq_in_the_warp_specialized_backward():
     """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128, atomic or
     deterministic (ordered), gets the tiled dQ accumulator, on fixed and packed lengths; the
     8-warp kernels (head_dim 256, an A100's), a budget without room for the two 16 KB pieces,
