@@ -4,12 +4,14 @@ A/B of one kernel between two trees (PYTHONPATH picks the tree).
     PYTHONPATH=.old ncu --clock-control none -k regex:flash_fwd -c 1 --set full \
         -o OUT/old python bench/dev/fwd_profile.py --head-dim 256 --seqlen 4096 --causal
 
-bf16, ab_compare.py's shapes: 16k tokens (batch = 16384 / seqlen), heads * head_dim = 2048.
+bf16, ab_compare.py's shapes (TOKENS tokens, heads * head_dim = WIDTH).
 """
 
 from __future__ import annotations
 
 import argparse
+
+from ab_compare import TOKENS, WIDTH  # the shapes of the A/B this profiles
 
 
 def main(argv=None) -> int:
@@ -23,7 +25,7 @@ def main(argv=None) -> int:
 
     import cuflash
 
-    batch, heads = 16384 // args.seqlen, 2048 // args.head_dim
+    batch, heads = TOKENS // args.seqlen, WIDTH // args.head_dim
     q, k, v = (torch.randn((batch, args.seqlen, heads, args.head_dim), device="cuda",
                            dtype=torch.bfloat16) for _ in range(3))
     for _ in range(args.calls):
