@@ -6,7 +6,8 @@ Sections (each prints a table; all go to DIR/real_workloads.json, and a plot to
 DIR/real_workloads.png when matplotlib is there):
 
 * host: microseconds of host time per call at a tiny shape (1, 128, 4, 64) bf16, where the
-  GPU work is negligible: N calls back to back, then one synchronize; cuflash.torch forward
+  GPU work is negligible: N calls back to back, then one synchronize, the rows taking turns
+  over 7 rounds (each row's median); cuflash.torch forward
   and forward+backward, the CuPy API forward and backward, cuflash.jax under jax.jit,
   torch SDPA forward and forward+backward beside them.
 * gqa: forward+backward at (batch 1, heads 16, seqlen 4096, head_dim 128, causal) with
@@ -96,6 +97,17 @@ def host_us(fn, calls: int = 400) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def host_us_rows(rows: dict, calls: int = 400, rounds: int = 7) -> dict:
+    """``host_us`` of every row, the rows taking turns round after round, each row's median
+    over the rounds: a drift of the host's speed during the run (one process measured SDPA's
+    forward at 22.8 us and, a minute later, 26.7) then falls on every row alike."""
+    times = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            times[name].append(host_us(fn, calls))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def rand(*shape, grad=False):
     return torch.randn(*shape, device="cuda", dtype=BF16).requires_grad_(grad)
 
@@ -159,9 +171,9 @@ def section_host(args) -> dict:
     rows["cupy API forward"] = lambda: cuflash.attention_forward(cq, ck, cv, causal=True)
     rows["cupy API backward"] = lambda: cuflash.attention_backward(cdo, cq, ck, cv, o, stats,
                                                                    causal=True)
-    out = {name: host_us(fn) for name, fn in rows.items()}
+    out = host_us_rows(rows)
     if "jax" not in args.skip:  # after the others: JAX's runtime threads share the host's cores
-        out.update({name: host_us(fn) for name, fn in _jax_host_rows(shape).items()})
+        out.update(host_us_rows(_jax_host_rows(shape)))
     print("\n== host time per call, (1, 128, 4, 64) bf16 causal, us")
     for name, us in out.items():
         print(f"{name:<26} {us:8.1f}")

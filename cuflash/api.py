@@ -151,6 +151,17 @@ def _fast_backend(arrays, causal, softmax_scale):
     return fastpath.backend_for(arrays, causal, softmax_scale)
 
 
+def _fast_stats(call, m, l) -> SoftmaxStats:
+    """The stats of a plain fast-path forward: its layout's record, built on the first call."""
+    record = call.caller_memo.get("stats")
+    if record is None:
+        problem = call.problem
+        record = call.caller_memo["stats"] = dict(
+            causal=problem.causal, softmax_scale=problem.softmax_scale,
+            shape_q=validate.shape_q(problem), shape_kv=validate.shape_kv(problem), **_OFF)
+    return SoftmaxStats.with_record(m, l, record)
+
+
 def _refuse_untracked_gradients(named) -> None:
     """A torch tensor that requires grad, with grad mode on, expects autograd to see this
     call; the framework-neutral API would silently drop that gradient."""
@@ -247,22 +258,25 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
         stats a ``SoftmaxStats`` with float32 (batch, heads, seqlen_q) arrays m and l
         (with sinks, the sink is one more logit in each row's m and l).
     """
-    _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
     # the fast path takes a block mask (as one more modifier), not dropout
     no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
     plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
-    fast = (_fast_backend((q, k, v, *_present(alibi_slopes, sinks, block_mask)), causal,
-                          softmax_scale) if no_dropout and _kernel_dims(q, v) else None)
-    if fast is not None:  # CUDA torch / CuPy arrays: the kernels with the least host work
-        done = (fastpath.forward(fast, q, k, v, causal, softmax_scale) if plain else
-                fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
-                                          alibi_slopes, sinks, block_mask, block_size))
+    arrays = (q, k, v) if plain else (q, k, v, *_present(alibi_slopes, sinks, block_mask))
+    fast = (_fast_backend(arrays, causal, softmax_scale) if no_dropout and _kernel_dims(q, v)
+            else None)
+    if fast is not None:  # CUDA torch / CuPy arrays, none requiring grad: the least host work
+        if plain:
+            o, m, l, call = fastpath.forward_with_call(fast, q, k, v, causal, softmax_scale)
+            return o, _fast_stats(call, m, l)
+        done = fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
+                                         alibi_slopes, sinks, block_mask, block_size)
         if done is not None:  # None: a layout the general path serves
-            o, m, l = done[:3]
+            o, m, l, modifiers = done
             scale = validate.check_scale(softmax_scale, q.shape[-1])  # validated by the call
             return o, SoftmaxStats(m, l, causal=causal, softmax_scale=scale,
                                    shape_q=tuple(q.shape), shape_kv=tuple(k.shape),
-                                   **(_OFF if plain else done[3].record()))
+                                   **modifiers.record())
+    _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])  # the fast path took none
     iq, ik, iv = import_array(q, "q"), import_array(k, "k"), import_array(v, "v")
     problem = validate.check_forward(iq, ik, iv, causal=causal, softmax_scale=softmax_scale,
                                      padded_ok=True)

@@ -36,6 +36,7 @@ class Backend:
     def operand(self, x) -> launch.Operand: ...
     def ptr(self, x) -> int: ...
     def empty(self, shape, dtype, like): ...
+    def empty_stats(self, shape, like) -> tuple: ...  # m and l, float32
     def fill(self, x, value: float): ...
     def poison(self, x): ...
     def device_index(self, x) -> int: ...
@@ -71,6 +72,9 @@ class _Torch(Backend):
         # parse than torch.empty (about a third less host time per allocation)
         return like.new_empty(shape) if dtype is None else like.new_empty(shape, dtype=dtype)
 
+    def empty_stats(self, shape, like):
+        return like.new_empty(shape, dtype=self.float32), like.new_empty(shape, dtype=self.float32)
+
     def fill(self, t, value):
         t.fill_(value)
 
@@ -95,7 +99,8 @@ class _Cupy(Backend):
         self._current = cupy.cuda.runtime.getDevice
 
     def layout(self, a):
-        return (a.shape, a.strides, a.dtype, a.device.id)
+        # data.device_id: the index as an int; a.device builds a Device object per access
+        return (a.shape, a.strides, a.dtype, a.data.device_id)
 
     def operand(self, a):
         return launch.cupy_operand(a)
@@ -104,11 +109,20 @@ class _Cupy(Backend):
         return a.data.ptr
 
     def empty(self, shape, dtype, like):
-        index = like.device.id
+        index = like.data.device_id
         if index == self._current():  # the usual case: no device switch and back
-            return self.cupy.empty(shape, dtype=dtype or like.dtype)
+            return self.cupy.ndarray(shape, dtype or like.dtype)
         with self.cupy.cuda.Device(index):
-            return self.cupy.empty(shape, dtype=dtype or like.dtype)
+            return self.cupy.ndarray(shape, dtype or like.dtype)
+
+    def empty_stats(self, shape, like):
+        # one allocation, two views: an allocation from CuPy's pool costs the host more
+        # than a view of memory already held
+        index, nbytes = like.data.device_id, 4 * _count(shape)
+        with self.on_device(index):
+            memory = self.cupy.cuda.alloc(2 * nbytes)
+        return (self.cupy.ndarray(shape, self.float32, memptr=memory),
+                self.cupy.ndarray(shape, self.float32, memptr=memory + nbytes))
 
     def fill(self, a, value):
         if value == 0:  # zero bits are +0.0 in every float format (bfloat16 included)
@@ -120,7 +134,7 @@ class _Cupy(Backend):
         launch.poison(a, np.dtype(a.dtype).name)
 
     def device_index(self, a):
-        return a.device.id
+        return a.data.device_id
 
     def stream(self):
         return self.cupy.cuda.get_current_stream().ptr
@@ -129,6 +143,13 @@ class _Cupy(Backend):
         if index == self._current():
             return _NO_SWITCH
         return self.cupy.cuda.Device(index)
+
+
+def _count(shape) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
 
 
 _NO_SWITCH = contextlib.nullcontext()  # reusable: nullcontext keeps no state
@@ -167,6 +188,7 @@ class _Call(NamedTuple):
     window: object = None  # the validated modifiers (the modified path)
     softcap: object = None
     backward: dict = None  # a forward's: dO's layout, flags -> the backward's call (_Call, bytes)
+    caller_memo: dict = None  # a forward's: what its caller derives once per layout
 
 
 def _remember(cache: dict, key: tuple, known):
@@ -249,7 +271,8 @@ def _forward_call(backend: Backend, q, k, v, causal, softmax_scale) -> _Call:
     problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     shape = Shape.of(problem)
     replay = None if shape.empty else _record_forward(backend, q, k, v, shape, problem)
-    return _remember(_forward_calls, key, _Call(problem, shape, replay, backward={}))
+    return _remember(_forward_calls, key,
+                     _Call(problem, shape, replay, backward={}, caller_memo={}))
 
 
 def _backward_call(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
@@ -278,10 +301,12 @@ def _new(backend: Backend, shape, dtype, like, poison: bool):
 
 def _forward_outputs(backend: Backend, q, poison: bool) -> tuple:
     batch, seqlen_q, heads, _ = q.shape
-    f32 = backend.float32
-    return (_new(backend, q.shape, None, q, poison),
-            _new(backend, (batch, heads, seqlen_q), f32, q, poison),
-            _new(backend, (batch, heads, seqlen_q), f32, q, poison))
+    o = backend.empty(q.shape, None, q)
+    m, l = backend.empty_stats((batch, heads, seqlen_q), q)
+    if poison:
+        for x in (o, m, l):
+            backend.poison(x)
+    return o, m, l
 
 
 def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:

@@ -47,6 +47,15 @@ class SoftmaxStats:
     sinks: tuple | None = None
     dropout: tuple | None = None
 
+    @classmethod
+    def with_record(cls, m, l, record: dict) -> "SoftmaxStats":
+        """Stats with ``record`` (every field but m and l) as their fields. Sets the instance
+        dict directly, as the frozen ``__init__`` does field by field: the host path of a
+        repeated call builds one of these per forward."""
+        stats = object.__new__(cls)
+        stats.__dict__.update(record, m=m, l=l)
+        return stats
+
     @property
     def recorded(self) -> bool:
         """Made by ``attention_forward`` (its call recorded), not built by hand."""

@@ -29,6 +29,10 @@ class NumpyBackend:
     def empty(self, shape, dtype, like):
         return np.empty(shape, dtype=dtype or like.dtype)
 
+    def empty_stats(self, shape, like):
+        both = np.empty((2, *shape), dtype=np.float32)  # one allocation, as CuPy's backend
+        return both[0], both[1]
+
     def fill(self, a, value):
         a.fill(value)
 
