@@ -153,8 +153,8 @@ def main():
                    help="extra NAME=VALUE compiled into every candidate (kernel-internal knobs "
                         "such as CF_BWD_SPLIT_KUNROLL=1), as KernelSpec knobs: in the name")
     p.add_argument("--variant", action="append", default=[],
-                   help="NAME=VALUE: also time every candidate with this knob, in the same run "
-                        "(an A/B of a kernel-internal knob)")
+                   help="NAME=VALUE[,NAME=VALUE...]: also time every candidate with these "
+                        "knobs, in the same run (an A/B of kernel-internal knobs)")
     p.add_argument("--ordered", action="store_true",
                    help="bwd90: also time each warp-specialized tile with ordered dQ (the "
                         "deterministic mode)")
@@ -163,9 +163,9 @@ def main():
         from cuflash.launch import device_facts
 
         ORDERED.append(device_facts(0))
-    for variant in args.variant:
-        name, value = variant.split("=")
-        VARIANTS.append({name: int(value)})
+    for variant in args.variant:  # NAME=VALUE[,NAME=VALUE...]: knobs set together
+        VARIANTS.append({name: int(value) for name, value in
+                         (knob.split("=") for knob in variant.split(","))})
     if args.candidates:
         tiles = [tuple(int(x) for x in c.split(",")) for c in args.candidates]
         FWD_CANDIDATES[:] = BWD_CANDIDATES[:] = BWD90_CANDIDATES[:] = tiles
