@@ -124,10 +124,6 @@ __device__ __forceinline__ void bulk_wait_read_all() {
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
-// All but this thread's newest bulk group performed.
-__device__ __forceinline__ void bulk_wait_all_but_newest() {
-  asm volatile("cp.async.bulk.wait_group 1;" ::: "memory");
-}
 
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then

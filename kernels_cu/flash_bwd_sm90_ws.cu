@@ -330,79 +330,6 @@ __device__ __forceinline__ void serve_turns(const OrderedTurns& turns, const Bwd
   }
 }
 
-// Ordered bulk dQ's agent, pipelined (CF_DQ_AGENT_PIPELINE=1): as serve_bulk_turns, but an
-// add is not waited for until the agent has issued the other warpgroup's next add (or has
-// nothing to issue): the two adds' round trips to L2 overlap. A warpgroup has at most one
-// add in flight (its piece is freed only after its add is performed).
-// CF_DQ_AGENT_PROBE (timing only, the order is lost), bits: 1 skips the turn waits, 2
-// releases a turn (and frees the piece) without waiting for the add.
-#ifndef CF_DQ_AGENT_PIPELINE
-#define CF_DQ_AGENT_PIPELINE 0
-#endif
-#ifndef CF_DQ_AGENT_PROBE
-#define CF_DQ_AGENT_PROBE 0
-#endif
-__device__ __forceinline__ void serve_bulk_turns_pipelined(
-    const OrderedTurns& turns, const BwdBarriers& bars, int n_iter, int m_first,
-    int tiles_per_head, int m_start, int h_first, int lane, const SeqInfo& seq,
-    float* dq_accum, cf_u32 pieces, int max_seqlen_q) {
-  using namespace bwd90ws;
-  int n[2] = {0, 0};  // the add each warpgroup is at
-  int in_flight = -1;  // the warpgroup whose add is issued and not yet waited for
-  int* flight_sem = nullptr;
-  int flight_turn = 0;
-  int idle = 0;
-  // the add in flight performed (and every one before it: bulk groups complete in order
-  // for the waits), then its turn passed on and its piece freed
-  const auto retire = [&](bool newer_issued) {
-    if (lane == 0) {
-      if (!(CF_DQ_AGENT_PROBE & 2)) {
-        if (newer_issued) bulk_wait_all_but_newest();
-        else bulk_wait_all();
-        asm volatile("fence.proxy.async.global;" ::: "memory");
-      }
-      fence_and_release(flight_sem, flight_turn + 1);
-      mbar_arrive(bars.turn_granted(in_flight));
-    }
-    __syncwarp();
-    in_flight = -1;
-  };
-#pragma unroll 1
-  while (n[0] < n_iter || n[1] < n_iter || in_flight >= 0) {
-    bool progressed = false;
-#pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      if (g == in_flight || n[g] >= n_iter || !mbar_ready(bars.dq_added(g), n[g] & 1))
-        continue;  // in flight, done, or not staged
-      const WalkAdd add = walk_add(turns, n[g], g, m_first, tiles_per_head, m_start, h_first);
-      if (!(CF_DQ_AGENT_PROBE & 1) && load_acquire(add.sem) != add.turn && idle <= (1 << 27))
-        continue;  // not yet its turn (as serve_bulk_turns)
-      const int row0 = add.m0 + (kBM == 128 ? 64 * g : 0);
-      if (lane == 0) {
-        if (row0 < seq.seqlen_q) {
-          asm volatile("fence.proxy.async.global;" ::: "memory");
-          bulk_reduce_add_f32(seq.dq_piece(dq_accum, add.h, row0, kBM == 128 ? 0 : 64 * g,
-                                           max_seqlen_q, kD),
-                              pieces + g * kDqPieceBytes, kDqPieceBytes);
-        }
-        bulk_commit();  // (an empty group without an add: the waits count groups)
-      }
-      if (in_flight >= 0) retire(true);
-      in_flight = g;
-      flight_sem = add.sem;
-      flight_turn = add.turn;
-      ++n[g];
-      progressed = true;
-    }
-    if (!progressed && in_flight >= 0) {  // nothing else to issue: wait for the one in flight
-      retire(false);
-      progressed = true;
-    }
-    idle = progressed ? 0 : idle + 1;
-    if (!progressed) __nanosleep(32);
-  }
-}
-
 // Ordered bulk dQ's turn agent (kAgentAdds): as serve_turns, but the agent adds. For
 // warpgroup g's n-th add it waits until the piece is staged (dq_added(g)) and the turn has
 // come, adds the piece with one bulk reduce-add (lane 0), waits until the add is performed,
@@ -579,11 +506,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if constexpr (kTurnAgent) {
       if (__shfl_sync(0xffffffffu, warp, 0) == 2) {
         CF_BWD_WS_BLOCK_WORK
-        if constexpr (kAgentAdds && CF_DQ_AGENT_PIPELINE)
-          serve_bulk_turns_pipelined(turns, bars, n_iter, m_first, tiles_per_head, m_start,
-                                     h_first, lane, seq, dq_accum,
-                                     smem_addr(smem + kOffDqPiece), max_seqlen_q);
-        else if constexpr (kAgentAdds)
+        if constexpr (kAgentAdds)
           serve_bulk_turns(turns, bars, n_iter, m_first, tiles_per_head, m_start, h_first,
                            lane, seq, dq_accum, smem_addr(smem + kOffDqPiece), max_seqlen_q);
         else
