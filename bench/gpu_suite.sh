@@ -8,6 +8,7 @@
 #                                            generate ab
 #                                            decode_ab fwd_ncu issue15 issue15_bench hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
+#                                            det_pieces
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -162,6 +163,14 @@ for stage in $stages; do
       run_stage head_dims_bench $PY bench/head_dims.py --json "$OUT/results/head_dims.json"
       [ "${ISSUE15_SPARSE:-1}" = 1 ] && run_stage block_sparse_bench $PY bench/block_sparse.py \
         --seqlen 16384 --head-dims 64,128 --flex --json "$OUT/results/block_sparse.json" ;;
+    det_pieces)  # ordered bulk dQ with two pieces a warpgroup (CF_DQ_PIECES=2, written
+      # 2026-12-04, not selected): the bulk-dQ tests (its guard, reference, bitwise repeat),
+      # then its speed beside one piece and the atomic mode, d64 and d128
+      CUFLASH_POISON=1 run_stage det_pieces_tests timeout 300 $PY -m pytest -m gpu -q -rfEs \
+        -p no:cacheprovider tests/test_gpu_bulk_dq.py
+      run_stage det_pieces_ab bash -c "cd bench/dev && $PY tile_sweep.py --kind bwd90 --ordered \
+        --head-dim 64 128 --seqlen 4096 16384 --causal both --candidates 12,64,2 12,128,2 \
+        --variant CF_DQ_BULK=1 --variant CF_DQ_BULK=1,CF_DQ_PIECES=2" ;;
     hopper_d192)  # the Hopper kernels at head_dim 192 (not in the registry until this
       # passes): their accuracy tests, then their speed beside SDPA's flash and cuDNN
       CUFLASH_POISON=1 run_stage hopper_d192_tests timeout "${SUITE_TIME_BUDGET:-540}" \

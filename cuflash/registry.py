@@ -113,8 +113,10 @@ def _smem_bwd90(s) -> int:
     buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
-        return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128
-                + (8 * st if s.mods.block_sparse else 0) + (2 * 64 * 64 * 4 if s.dq_tiled else 0))
+        pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
+        return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
+                + (8 * st if s.mods.block_sparse else 0)
+                + (2 * pieces * 64 * 64 * 4 if s.dq_tiled else 0))
     role_split = d >= 192  # flash_bwd_sm90.cu's kRoleSplit
     return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
 

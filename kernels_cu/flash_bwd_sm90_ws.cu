@@ -102,6 +102,14 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
+// Ordered bulk dQ's pieces per warpgroup (a knob, CF_DQ_PIECES=2; written 2026-12-04, not
+// yet run on a GPU): with two, a warpgroup stages a tile's dQ while the agent still adds the
+// one before, and waits only for the piece it staged a tile and a half earlier (with one,
+// half a tile: session 15's profile put the ordered mode's loss at that wait, at the turn
+// barrier). 32 KB more shared memory and a 256-byte barrier area (d128: 230,656 bytes).
+#ifndef CF_DQ_PIECES
+#define CF_DQ_PIECES 1
+#endif
 static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile passes its turn");
 
 // dQ by bulk reduce-adds (a knob, CF_DQ_BULK=1; spec.dq_tiled): a warpgroup stages its dQ of a
@@ -156,6 +164,8 @@ constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
 constexpr bool kBulk = CF_DQ_BULK;
 constexpr bool kAgentAdds = kTurnAgent && kBulk;  // ordered bulk dQ: the agent adds
+constexpr int kPieces = CF_DQ_PIECES;  // per warpgroup: 1, or 2 with kAgentAdds
+static_assert(kPieces == 1 || (kPieces == 2 && kAgentAdds), "two pieces: ordered bulk dQ");
 static_assert(!(kBulk && kOrdered) || kTurnAgent, "ordered bulk dQ: the turn agent adds");
 enum : int {
   kD = CF_HEAD_DIM,
@@ -177,9 +187,10 @@ enum : int {
   kOffLse = kOffDS + 2 * kTileDS,
   kOffDelta = kOffLse + kStages * kBM * 4,
   kOffDqPiece = kOffDelta + kStages * kBM * 4,  // CF_DQ_BULK: a dQ piece per warpgroup
-  kOffBar = kOffDqPiece + (kBulk ? 2 * kDqPieceBytes : 0),
+  kOffBar = kOffDqPiece + (kBulk ? 2 * kPieces * kDqPieceBytes : 0),
+  kBarBytes = kPieces == 1 ? 128 : 256,
   // under a block mask, each stage's (query rows, head), which the producer picks
-  kOffTiles = kOffBar + 128,
+  kOffTiles = kOffBar + kBarBytes,
   kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
@@ -215,9 +226,17 @@ struct BwdBarriers {
   __device__ __forceinline__ cf_u32 dq_added(int g) const {
     return base + 8 * (7 + 3 * CF_STAGES + g);
   }
+  // CF_DQ_PIECES 2: the same for g's piece `slot` (slot 0: the ones above)
+  __device__ __forceinline__ cf_u32 turn_granted(int g, int slot) const {
+    return turn_granted(g) + 32 * slot;
+  }
+  __device__ __forceinline__ cf_u32 dq_added(int g, int slot) const {
+    return dq_added(g) + 32 * slot;
+  }
 };
 
-static_assert(!bwd90ws::kTurnAgent || 8 * (9 + 3 * CF_STAGES) <= 128,
+static_assert(!bwd90ws::kTurnAgent ||
+                  8 * (9 + 3 * CF_STAGES + 4 * (bwd90ws::kPieces - 1)) <= bwd90ws::kBarBytes,
               "the turn agent's mbarriers fit the barrier area");
 
 // Ordered dQ: the turn of key tile key_tile at query tile pm0 (its place among the key tiles
@@ -350,7 +369,10 @@ __device__ __forceinline__ void serve_bulk_turns(const OrderedTurns& turns,
     bool progressed = false;
 #pragma unroll
     for (int g = 0; g < 2; ++g) {
-      if (n[g] >= n_iter || !mbar_ready(bars.dq_added(g), n[g] & 1)) continue;  // staged
+      // staged (kPieces 2: g's n-th add is of piece n & 1, its (n >> 1)-th use)
+      const int slot = kPieces == 1 ? 0 : n[g] & 1;
+      const cf_u32 staged = kPieces == 1 ? bars.dq_added(g) : bars.dq_added(g, slot);
+      if (n[g] >= n_iter || !mbar_ready(staged, (kPieces == 1 ? n[g] : n[g] >> 1) & 1)) continue;
       const WalkAdd add = walk_add(turns, n[g], g, m_first, tiles_per_head, m_start, h_first);
       // not yet its turn (after about 2^27 idle polls it goes on: a turn that never comes
       // is a bug; the sums stay right, their order not)
@@ -362,13 +384,15 @@ __device__ __forceinline__ void serve_bulk_turns(const OrderedTurns& turns,
           asm volatile("fence.proxy.async.global;" ::: "memory");
           bulk_reduce_add_f32(seq.dq_piece(dq_accum, add.h, row0, kBM == 128 ? 0 : 64 * g,
                                            max_seqlen_q, kD),
-                              pieces + g * kDqPieceBytes, kDqPieceBytes);
+                              pieces + (kPieces == 1 ? g : g + 2 * slot) * kDqPieceBytes,
+                              kDqPieceBytes);
           bulk_commit();
           bulk_wait_all();  // performed, then ordered before the release below
           asm volatile("fence.proxy.async.global;" ::: "memory");
         }
         fence_and_release(add.sem, add.turn + 1);
-        mbar_arrive(bars.turn_granted(g));  // the piece is free
+        // the piece is free
+        mbar_arrive(kPieces == 1 ? bars.turn_granted(g) : bars.turn_granted(g, slot));
       }
       __syncwarp();
       ++n[g];
@@ -491,8 +515,12 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     if constexpr (kTurnAgent) {
       for (int g = 0; g < 2; ++g) {
-        mbar_init(bars.turn_granted(g), 1);  // the agent's lane g
+        mbar_init(bars.turn_granted(g), 1);  // the agent's lane 0
         mbar_init(bars.dq_added(g), 128);    // every thread of warpgroup g
+        if constexpr (kPieces == 2) {
+          mbar_init(bars.turn_granted(g, 1), 1);
+          mbar_init(bars.dq_added(g, 1), 128);
+        }
       }
     }
     mbar_fence_init();
@@ -606,11 +634,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // stage dQ of query tile pm0, head ph in the piece; it is added after the next barrier,
   // unless all its rows are past seqlen_q (head_dim 64's second 64 rows of a 128-row tile:
   // the accumulator has no piece there)
-  const auto stage_dq = [&](const float (&dq)[8][4], int pm0, int ph) {
-    stage_dq_piece(dq, dq_piece, cwarp, lane);
+  // (n: the warpgroup's n-th piece; kPieces 2: into piece n & 1)
+  const auto stage_dq = [&](const float (&dq)[8][4], int pm0, int ph, int n) {
+    if constexpr (kPieces == 1)
+      stage_dq_piece(dq, dq_piece, cwarp, lane);
+    else
+      stage_dq_piece(dq, dq_piece + (n & 1) * 2 * kDqPieceBytes, cwarp, lane);
     fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
-    if constexpr (kAgentAdds) {
-      mbar_arrive(bars.dq_added(me));  // staged: the agent adds it in its turn
+    if constexpr (kAgentAdds) {  // staged: the agent adds it in its turn
+      mbar_arrive(kPieces == 1 ? bars.dq_added(me) : bars.dq_added(me, n & 1));
       return;
     }
     const int row0 = pm0 + (kBM == 128 ? 64 * me : 0);
@@ -762,8 +794,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     // -- dV += P^T dO, dK += dS^T Q (queries are the contraction: dO, Q MN-major), then dQ of
     // the previous tile
     if (kBulk && leader) {  // the piece free once the barrier passes
-      if constexpr (kAgentAdds) {
+      if constexpr (kAgentAdds && kPieces == 1) {
         if (it >= 2) mbar_wait(bars.turn_granted(me), (it - 2) & 1);  // add it - 2 done
+      } else if constexpr (kAgentAdds) {  // the piece staged next (it - 1): add it - 3 done
+        if (it >= 3) mbar_wait(bars.turn_granted(me, (it - 3) & 1), ((it - 3) >> 1) & 1);
       } else {
         bulk_wait_read_all();
       }
@@ -789,7 +823,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if (it > 0) {
       mbar_arrive(bars.ds_empty((it - 1) & 1));
       if constexpr (kBulk)
-        stage_dq(dq, pm0, ph);  // added after the next tile's first barrier
+        stage_dq(dq, pm0, ph, it - 1);  // added after the next tile's first barrier
       else
         add_dq_of(dq, pm0, ph, it - 1);
     }
@@ -808,14 +842,18 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_fence_regs(dq);
     if constexpr (kBulk) {
       if (leader) {
-        if constexpr (kAgentAdds) {
+        if constexpr (kAgentAdds && kPieces == 1) {
           if (n_iter >= 2) mbar_wait(bars.turn_granted(me), (n_iter - 2) & 1);
+        } else if constexpr (kAgentAdds) {
+          const int used = n_iter - 3;
+          if (used >= 0) mbar_wait(bars.turn_granted(me, used & 1), (used >> 1) & 1);
         } else {
           bulk_wait_read_all();
         }
       }
       named_bar_sync(kOrderBarrier + me, 128);  // the piece is free
-      stage_dq(dq, pm0, ph);  // kAgentAdds: the agent adds it (the block lives until it has)
+      stage_dq(dq, pm0, ph, n_iter - 1);  // kAgentAdds: the agent adds it (the block lives
+                                          // until it has)
       if constexpr (!kAgentAdds) {
         named_bar_sync(kOrderBarrier + me, 128);  // every thread's stores, before the add
         add_staged_dq();

@@ -2,7 +2,8 @@
 on sm_90 the plans pick them for 16-bit head_dim 64 and 128, atomic and deterministic
 (ordered: the turn agent issues the adds); every bulk add stays inside its own 64 x 64 piece
 of the tiled accumulator, the gradients match the float64 reference, and the deterministic
-mode repeats bit for bit.
+mode repeats bit for bit. The ordered mode runs again with two pieces a warpgroup
+(``CF_DQ_PIECES=2``, a knob the selector does not set yet).
 
 The guard: the call runs on a workspace laid out as the plan's, with 64 KiB of -0.0 floats
 inserted right after the dQ accumulator (nothing else writes there: the preprocess zeroes
@@ -48,9 +49,10 @@ def _guarded(scratch: plan.Workspace) -> plan.Workspace:
 @pytest.mark.parametrize("seqlen_q", [130, 200, 64])
 @pytest.mark.parametrize("heads_kv", [4, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "ordered"])
+@pytest.mark.parametrize("deterministic,pieces", [(False, 1), (True, 1), (True, 2)],
+                         ids=["atomic", "ordered", "ordered_2pieces"])
 def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, heads_kv,
-                                                          causal, deterministic):
+                                                          causal, deterministic, pieces):
     import cupy
 
     import cuflash
@@ -68,6 +70,8 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, h
                        plan.mod_flags(None, None, None, None, causal))
     p = launch.backward_plan(shape, 0, deterministic)
     assert p.main.spec.dq_tiled and p.main.spec.dq_ordered == deterministic, p.main.spec.name
+    if pieces == 2:  # the knob, not selected yet: two pieces a warpgroup (CF_DQ_PIECES)
+        p = replace(p, main=replace(p.main, spec=p.main.spec.with_knobs(CF_DQ_PIECES=2)))
     p = replace(p, scratch=_guarded(p.scratch))
     scale = 1.0 / np.sqrt(head_dim)
 
