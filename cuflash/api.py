@@ -214,7 +214,7 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
 
     Args:
         q: (batch, seqlen_q, heads, head_dim) array of any DLPack framework (NumPy, CuPy,
-            PyTorch, JAX), float16, bfloat16 or float32; head_dim a multiple of 8 up to 256.
+            PyTorch, JAX), float16, bfloat16 or float32; head_dim from 1 to 256.
             Any strides are accepted as long as head_dim is contiguous.
         k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype and device; heads must be a
             multiple of heads_kv (MQA/GQA: query head h reads kv head h // (heads // heads_kv)).
@@ -245,9 +245,10 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
             (docs/block_sparse.md); query i sees key j only where
             block_mask[b, h, i // block_m, j // block_n] is True, on top of causal and window.
             Default None. block_size: (block_m, block_n), default (128, 128).
-        Dropout and block_mask run on CPU arrays only so far (ValueError on CUDA arrays).
-        v (and o) may have their own head_dim_v, and head_dim may be any of 1 to 256, on CPU
-        arrays; CUDA arrays need head_dim_v == head_dim, a multiple of 8.
+        Dropout and block_mask run on CPU and CUDA arrays (every kernel family).
+        v (and o) may have their own head_dim_v (1 to 256). The CUDA kernels run multiples of
+        8 with head_dim_v == head_dim; other CUDA calls run them on zero-padded copies, at
+        the cost of the copies (docs/head_dims.md).
 
     PyTorch tensors that require grad (with grad mode on) are refused: this function records
     no autograd graph; ``cuflash.torch.flash_attention`` does. Inside ``jax.jit`` /

@@ -43,7 +43,7 @@ K/V block walks the query tiles that can see it, keeping dK_j and dV_j on chip:
         dK_j += ds^T @ Q_tile                              # times softmax_scale at the end
         dQ_tile += ds @ K_j                                # times softmax_scale at the end
 
-Score modifiers (issue #14, docs/masks.md; the CPU path only so far). Three places, as in
+Score modifiers (issue #14, docs/masks.md; the kernels have them too). Three places, as in
 a kernel: ``_Tiling`` is the mask policy, one ``visible(i, j)`` (causal and the sliding
 ``window``) from which the tile ranges of both loops and the tile-level mask follow, so
 tiles no visible pair touches are never visited; ``_Scores.apply`` turns Q K^T into the
