@@ -112,6 +112,23 @@ def test_hopper_head_dim_192_compiles_without_spills():
     _assert_compiled_without_spills(work, "Hopper d192")
 
 
+def test_ordered_bulk_dq_with_two_pieces_compiles_without_spills():
+    """The deterministic Hopper backward with two dQ pieces a warpgroup (the knob
+    CF_DQ_PIECES=2, not selected yet): d64 and d128, causal and not, plus packed sequences
+    and dropout; zero spills, and the shared memory the host computes fits sm_90."""
+    base = [specs.KernelSpec(kind="bwd90", dtype=dtype, head_dim=d, block_m=m, block_n=128,
+                             warps=12, stages=2, causal=causal, dq_atomic=True, dchunk=d,
+                             dq_ordered=True, mods=mods)
+            for d, m in ((64, 128), (128, 64))
+            for dtype, causal, mods in (("bfloat16", False, specs.NO_MODS),
+                                        ("float16", True, specs.NO_MODS),
+                                        ("bfloat16", True, specs.ModFlags(varlen=True)),
+                                        ("bfloat16", False, specs.ModFlags(dropout=True)))]
+    work = [(spec.with_knobs(CF_DQ_BULK=1, CF_DQ_PIECES=2), "sm_90") for spec in base]
+    assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
+    _assert_compiled_without_spills(work, "two-piece ordered bulk dQ")
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}
