@@ -15,6 +15,7 @@ Import this module only where the framework is installed (callers import it lazi
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -118,7 +119,7 @@ class _Cupy(Backend):
     def empty_stats(self, shape, like):
         # one allocation, two views: an allocation from CuPy's pool costs the host more
         # than a view of memory already held
-        index, nbytes = like.data.device_id, 4 * _count(shape)
+        index, nbytes = like.data.device_id, 4 * math.prod(shape)
         with self.on_device(index):
             memory = self.cupy.cuda.alloc(2 * nbytes)
         return (self.cupy.ndarray(shape, self.float32, memptr=memory),
@@ -143,13 +144,6 @@ class _Cupy(Backend):
         if index == self._current():
             return _NO_SWITCH
         return self.cupy.cuda.Device(index)
-
-
-def _count(shape) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count
 
 
 _NO_SWITCH = contextlib.nullcontext()  # reusable: nullcontext keeps no state
