@@ -166,6 +166,18 @@ def test_no_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+def test_cuda_kernels_are_registered_directly():
+    """The operators' CUDA kernels sit on the dispatcher's CUDA key (cuflash.torch
+    registers them without custom_op's checking wrapper); CPU tensors take custom_op's
+    kernel, and both keep the fake (Meta) kernel and the autograd formula."""
+    for name in ("cuflash::flash_fwd", "cuflash::flash_bwd"):
+        for key in ("CUDA", "Meta", "CompositeExplicitAutograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (name, key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("cuflash::flash_fwd", "Autograd")
+    assert "cuflash/torch.py" in torch._C._dispatch_dump("cuflash::flash_fwd").split(
+        "CUDA: registered at ")[1].split("\n")[0]
+
+
 def test_sdpa_entry_point_is_zero_copy(monkeypatch):
     """(b, h, s, d) in and out; the pure API sees transposed views of the caller's tensors."""
     batch, heads, heads_kv, seqlen_q, seqlen_k, head_dim = 2, 4, 2, 24, 40, 16
