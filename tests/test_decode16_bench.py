@@ -51,7 +51,9 @@ def _cpu_torch():
         setattr(shim, name, on_cpu(getattr(torch, name)))
     shim.cuda = types.SimpleNamespace(synchronize=lambda: None, empty_cache=lambda: None,
                                       get_device_name=lambda: "CPU stand-in",
-                                      current_device=lambda: 0)
+                                      current_device=lambda: 0,
+                                      current_stream=lambda *device: types.SimpleNamespace(
+                                          cuda_stream=0))
     return shim
 
 
@@ -73,6 +75,7 @@ def test_suite_runs_end_to_end_on_stand_ins(decode16, monkeypatch, tmp_path):
         return (lambda: q * 0), plan
 
     monkeypatch.setattr(decode16, "_pinned_call", pinned)
+    monkeypatch.setattr(decode, "run_decode", lambda *args: None)  # _split_only's launch
     monkeypatch.setattr(decode16, "_cudnn_call", lambda torch, q, k, v, gqa: lambda: q * 0)
     monkeypatch.setattr(decode16, "_graph_of", lambda torch, call: types.SimpleNamespace(
         replay=call))
@@ -90,4 +93,4 @@ def test_suite_runs_end_to_end_on_stand_ins(decode16, monkeypatch, tmp_path):
     errors = [r for r in data["results"] if "error" in r]
     assert not errors, errors
     variants = {r["variant"] for r in data["results"]}
-    assert {"cudnn", "selected", "l2a1", "pid", "r16x2", "splits/2"} <= variants
+    assert {"cudnn", "selected", "l2a1", "pid", "r16x2", "splits/2", "split-only"} <= variants
