@@ -6,7 +6,8 @@
 #                                            workloads train_gqa train_profile issue10 host decode
 #                                            pre_convert step_idle
 #                                            generate ab
-#                                            decode_ab fwd_ncu issue15 issue15_bench hopper_d192
+#                                            decode_ab decode16 fwd_ncu issue15 issue15_bench
+#                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces
 #                                            (default: info check tests sanitize bench workloads)
@@ -111,6 +112,14 @@ for stage in $stages; do
     decode)  # KV-cache decode bandwidth beside SDPA's backends and the copy ceiling
       run_stage decode $PY bench/decode.py --out "$OUT/results/decode.json" \
         ${DECODE_PARTS:+--parts $DECODE_PARTS} ;;
+    decode16)  # issue 16's candidate decode knobs: their float64-reference tests (at most
+      # 110 s), then their speed against the selection and SDPA's cuDNN (bench/dev/decode16.py,
+      # at most 170 s; results/decode16.json). Under 5 minutes together on an H200.
+      CUFLASH_POISON=1 run_stage decode16_tests timeout "${DECODE16_TEST_TIMEOUT:-110}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider \
+        tests/test_gpu_decode_candidates.py
+      run_stage decode16 timeout "${DECODE16_TIMEOUT:-170}" $PY bench/dev/decode_variants.py \
+        --decode16 --out "$OUT/results/decode16.json" ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;

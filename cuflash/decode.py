@@ -158,8 +158,13 @@ class DecodeMmaSpec:
     source: str = "flash_decode_mma.cu"
     causal: bool = False  # a run-time argument of this kernel; here for spec-table code
     target: str = "device"
+    # Candidates (issue 16, not yet timed; bench/dev/decode_variants.py --decode16 times them):
+    l2_ahead: int = 0  # CF_L2_AHEAD: tiles past the ring prefetched into L2 (contiguous)
+    page_ids: bool = False  # CF_PAGE_IDS: block_table loads a tile ahead, rows finished at use
 
     def __post_init__(self):
+        if self.l2_ahead < 0:
+            raise ValueError(f"l2_ahead: expected >= 0, got {self.l2_ahead}")
         if self.dtype not in ("float16", "bfloat16"):
             raise ValueError(f"dtype: the tensor-core decode takes float16 or bfloat16, "
                              f"got {self.dtype}")
@@ -175,7 +180,12 @@ class DecodeMmaSpec:
     @property
     def name(self) -> str:
         return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}_n{self.block_n}"
-                f"_s{self.stages}_b{self.min_blocks}_w{self.warps}_mma")
+                f"_s{self.stages}_b{self.min_blocks}_w{self.warps}_mma{self._knob_suffix}")
+
+    @property
+    def _knob_suffix(self) -> str:
+        """The candidate knobs that are on (none: the measured kernel's name)."""
+        return (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_pid" if self.page_ids else "")
 
     @property
     def threads(self) -> int:
@@ -211,9 +221,11 @@ class DecodeMmaSpec:
 
     @property
     def defines(self) -> dict[str, int]:
+        knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
-                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
+                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
+                **{name: value for name, value in knobs.items() if value}}
 
 
 # The tensor-core split from this many rows per block (q_len x group) up, for 16-bit data.
@@ -256,13 +268,26 @@ _MMA_TILES = {
 }
 
 
+# Rows per block at most, by head_dim bucket; more rows take several row tiles of that many,
+# each re-reading its split's K/V, from L2 when the row tiles run side by side (they are
+# neighbours in blockIdx.x). The candidate for GQA q_len 8 (32 rows at D 128, 62% of q_len 1
+# in one 8-warp block per SM, session 3) is {128: 16}: two 16-row tiles at 2 blocks per SM,
+# the shape that ran q_len 4 at 88%. Empty: every row bucket of _MMA_TILES is used.
+_MMA_MAX_ROWS: dict[int, int] = {}
+# DecodeMmaSpec's candidate knobs for every selected tensor-core spec, e.g. {"page_ids": True}
+# or {"l2_ahead": 1} once bench/dev/decode_variants.py --decode16 has timed them. Empty: the
+# kernel as measured in session 3.
+_MMA_KNOBS: dict = {}
+
+
 def mma_spec(dtype: str, head_dim: int, rows: int) -> DecodeMmaSpec:
     """The tensor-core spec of ``_MMA_TILES`` for rows query rows per kv head: pure."""
     d = head_dim_bucket(head_dim)
-    buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES]
+    cap = _MMA_MAX_ROWS.get(d, MMA_ROW_BUCKETS[-1])
+    buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES and b <= cap]
     r = next((b for b in buckets if rows <= b), buckets[-1])
     block_n, stages, warps, min_blocks = _MMA_TILES[d, r]
-    return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r)
+    return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r, **_MMA_KNOBS)
 
 
 def head_dim_bucket(head_dim: int) -> int:
@@ -301,7 +326,7 @@ def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
             for dtype in dtypes for d in HEAD_DIM_BUCKETS for r in ROW_BUCKETS]
     mma = [mma_spec(dtype, d, r) for dtype in dtypes if dtype != "float32" and _has_mma(arch)
            for d in HEAD_DIM_BUCKETS for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES]
-    return simt + mma
+    return simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
 
 
 # -- the plan ----------------------------------------------------------------------------------

@@ -49,6 +49,13 @@
 #ifndef CF_ROWS
 #define CF_ROWS 16  // rows per block: 16, 32 or 64, bands of one mma M (16 rows) each
 #endif
+// Candidate knobs (issue 16, written 2026-12-04, not yet timed; 0: the kernel as measured):
+#ifndef CF_L2_AHEAD  // tiles past the ring's newest one whose K/V lines are prefetched to L2
+#define CF_L2_AHEAD 0
+#endif
+#ifndef CF_PAGE_IDS  // 1: block_table loads branch-free a tile ahead, the row finished at use
+#define CF_PAGE_IDS 0
+#endif
 #define CF_DECODE_MMA 1
 #include "flash_decode.cu"
 
@@ -77,6 +84,10 @@ enum : int {
   kSmemBytes = kQBytes + kRingBytes > kMergeBytes ? kQBytes + kRingBytes : kMergeBytes,
   kRowsPerPass = kThreads / kChunks,  // tile rows the block copies per pass
   kLoads = kBlockN / kRowsPerPass,  // K (and V) copies per thread per tile
+  kL2Ahead = CF_L2_AHEAD,
+  kLineElems = 128 / 2,  // 16-bit elements per 128-byte L2 line
+  kRowLines = (kDim + kLineElems - 1) / kLineElems,  // lines per K (or V) row
+  kPageIds = CF_PAGE_IDS,
 };
 static_assert(kTileRows % 16 == 0 && kWarps % kBands == 0, "CF_ROWS: bands of 16 over warps");
 static_assert(kWarpKeys % 16 == 0, "CF_BLOCK_N: 16 keys per warp at least (one mma K step)");
@@ -259,6 +270,176 @@ __device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBloc
   }
 }
 
+// -- candidate key loop (CF_PAGE_IDS, CF_L2_AHEAD): the ring above, two changes ---------------
+// Why CF_PAGE_IDS: tile_rows finishes each row from its block_table load at once, in a branch
+// per row, so every warp sits out kLoads dependent loads between issuing a tile and computing
+// the previous one; with 8 warps per SM nothing hides that (paged GQA at 78-85% of contiguous,
+// H200 session 3, where the SIMT kernel's 16-20 warps per SM lose 1-2% with the same lookups
+// per byte). PageIdLookup issues the loads branch-free (the key clamped into the split) and
+// keeps the raw page ids; the row is finished when the tile is issued, a whole tile of compute
+// later. Power-of-two page sizes (every usual one) divide by a shift.
+// Why CF_L2_AHEAD: one block keeps one 32 KB tile loading whatever it computes (the ring's
+// other slot is being read), 64 KB per SM at 2 blocks; a prefetch.global.L2 of the lines of
+// tile t + kL2Ahead costs no register, no shared memory and no wait, so the DRAM sees more
+// bytes requested while the ring (and the carveout) stay as they are.
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Rows of the cache for a tile, from the cache map at once (the measured kernel's way).
+struct RowLookup {
+  CacheRows cache;
+  int row[mma_decode::kLoads];
+  __device__ __forceinline__ void look(int key0, int key_end) {
+    tile_rows(row, cache, key0, key_end);
+  }
+  __device__ __forceinline__ int at(int n, int) const { return row[n]; }
+};
+
+// Raw block_table entries a tile ahead; rows finished at use (contiguous: the key itself).
+struct PageIdLookup {
+  CacheRows cache;
+  int shift;  // log2(page_size), or -1 when it is not a power of two
+  int id[mma_decode::kLoads];
+
+  __device__ __forceinline__ int page_of(int j) const {
+    return shift >= 0 ? j >> shift : j / cache.page_size;
+  }
+  __device__ __forceinline__ void look(int key0, int key_end) {
+    using namespace mma_decode;
+    if (cache.table == nullptr || key0 >= key_end) return;  // block-uniform
+#pragma unroll
+    for (int n = 0; n < kLoads; ++n) {  // every load first, none used here
+      const int j = min(key0 + (int)threadIdx.x / kChunks + n * kRowsPerPass, key_end - 1);
+      id[n] = __ldg(cache.table + page_of(j));
+    }
+  }
+  __device__ __forceinline__ int at(int n, int j) const {
+    if (cache.table == nullptr) return j;
+    const int page = min(max(id[n], 0), cache.num_pages - 1);
+    const int offset = shift >= 0 ? j & (cache.page_size - 1) : j % cache.page_size;
+    return page * cache.page_size + offset;
+  }
+};
+
+__device__ __forceinline__ PageIdLookup page_id_lookup(const CacheRows& cache) {
+  PageIdLookup l;
+  l.cache = cache;
+  const int ps = cache.page_size;
+  l.shift = cache.table != nullptr && ps > 0 && (ps & (ps - 1)) == 0 ? __ffs(ps) - 1 : -1;
+  return l;
+}
+
+// load_tile with the rows of a lookup.
+template <class Lookup>
+__device__ __forceinline__ void load_tile_at(unsigned char* k_tile, unsigned char* v_tile,
+                                             const Lookup& rows, const elem_t* k_head,
+                                             const elem_t* v_head, long long stride_kn,
+                                             long long stride_vn, int key0, int key_end,
+                                             int head_dim) {
+  using namespace mma_decode;
+  const int ch = threadIdx.x % kChunks;
+  const bool col_ok = ch * 8 < head_dim;
+#pragma unroll
+  for (int n = 0; n < kLoads; ++n) {
+    const int r = threadIdx.x / kChunks + n * kRowsPerPass;
+    const bool ok = col_ok && key0 + r < key_end;
+    const long long row = rows.at(n, key0 + r);
+    const int off = swizzle_chunk<kChunks>(r, ch) * 16;
+    cp_async_16(k_tile + off, ok ? k_head + row * stride_kn + ch * 8 : k_head, ok);
+    cp_async_16(v_tile + off, ok ? v_head + row * stride_vn + ch * 8 : v_head, ok);
+  }
+}
+
+// The K and V lines of the tile at key0 into L2 (contiguous caches only: a paged tile's rows
+// are not known that early). Lines past head_dim are not touched.
+__device__ __forceinline__ void prefetch_tile(const elem_t* k_head, const elem_t* v_head,
+                                              long long stride_kn, long long stride_vn, int key0,
+                                              int key_end, int head_dim) {
+  using namespace mma_decode;
+  constexpr int kLines = kBlockN * kRowLines;  // of K (and of V) per tile
+#pragma unroll
+  for (int u = 0; u < (kLines + kThreads - 1) / kThreads; ++u) {
+    const int i = threadIdx.x + u * kThreads;
+    const int j = key0 + i / kRowLines, col = (i % kRowLines) * kLineElems;
+    if (i < kLines && j < key_end && col < head_dim) {
+      prefetch_l2(k_head + (long long)j * stride_kn + col);
+      prefetch_l2(v_head + (long long)j * stride_vn + col);
+    }
+  }
+}
+
+template <bool kMods, class Lookup>
+__device__ __forceinline__ void key_loop_candidate(const DecodeParams& p, const DecodeBlock& blk,
+                                                   const RowScores<2>& rs, unsigned char* smem,
+                                                   Lookup rows, float (&m_i)[2], float (&l_i)[2],
+                                                   float (&acc)[mma_decode::kDT][4]) {
+  using namespace mma_decode;
+  const unsigned char* q_tile = smem;
+  unsigned char* k_ring = smem + kQBytes;
+  unsigned char* v_ring = k_ring + kStages * kTileBytes;
+  const elem_t* k_head = p.k + entry_offset(p, blk.b, p.stride_kb) + blk.h_kv * p.stride_kh;
+  const elem_t* v_head = p.v + entry_offset(p, blk.b, p.stride_vb) + blk.h_kv * p.stride_vh;
+  const int begin = blk.key_begin, end = blk.key_end;
+  const int tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;  // block-uniform
+  const bool prefetch = kL2Ahead > 0 && p.block_table == nullptr;
+  const auto tile_at = [&](int t) { return begin + t * kBlockN; };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < tiles) {
+      rows.look(tile_at(t), end);
+      load_tile_at(k_ring + t * kTileBytes, v_ring + t * kTileBytes, rows, k_head, v_head,
+                   p.stride_kn, p.stride_vn, tile_at(t), end, p.head_dim);
+    }
+    cp_async_commit();
+  }
+#pragma unroll
+  for (int a = 0; a < kL2Ahead; ++a) {  // the tiles the loop would prefetch before its start
+    if (prefetch && kStages - 1 + a < tiles)
+      prefetch_tile(k_head, v_head, p.stride_kn, p.stride_vn, tile_at(kStages - 1 + a), end,
+                    p.head_dim);
+  }
+  rows.look(tile_at(kStages - 1), end);
+  int slot = 0, next_slot = kStages - 1;
+  for (int t = 0; t < tiles; ++t) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = t + kStages - 1;
+    if (next < tiles)
+      load_tile_at(k_ring + next_slot * kTileBytes, v_ring + next_slot * kTileBytes, rows,
+                   k_head, v_head, p.stride_kn, p.stride_vn, tile_at(next), end, p.head_dim);
+    cp_async_commit();
+    if (prefetch && next + kL2Ahead < tiles)
+      prefetch_tile(k_head, v_head, p.stride_kn, p.stride_vn, tile_at(next + kL2Ahead), end,
+                    p.head_dim);
+    if (next + 1 < tiles) rows.look(tile_at(next + 1), end);
+    warp_tile<kMods>(q_tile, k_ring + slot * kTileBytes, v_ring + slot * kTileBytes,
+                     tile_at(t), end, rs, p.scale_q, m_i, l_i, acc);
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+    next_slot = next_slot + 1 == kStages ? 0 : next_slot + 1;
+  }
+}
+
+// The key loop the knobs ask for: the measured one when both are 0.
+template <bool kMods>
+__device__ __forceinline__ void run_key_loop(const DecodeParams& p, const DecodeBlock& blk,
+                                             const RowScores<2>& rs, unsigned char* smem,
+                                             float (&m_i)[2], float (&l_i)[2],
+                                             float (&acc)[mma_decode::kDT][4]) {
+  using namespace mma_decode;
+  const CacheRows cache = cache_rows(p, blk.b);
+  if constexpr (kPageIds) {
+    key_loop_candidate<kMods>(p, blk, rs, smem, page_id_lookup(cache), m_i, l_i, acc);
+  } else if constexpr (kL2Ahead > 0) {
+    RowLookup rows;
+    rows.cache = cache;
+    key_loop_candidate<kMods>(p, blk, rs, smem, rows, m_i, l_i, acc);
+  } else {
+    key_loop<kMods>(p, blk, rs, smem, m_i, l_i, acc);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(mma_decode::kThreads, CF_MIN_BLOCKS)
 flash_decode_split(const DecodeParams p) {
   using namespace mma_decode;
@@ -281,9 +462,9 @@ flash_decode_split(const DecodeParams p) {
 
   // -- the key loop, without the softcap / ALiBi terms unless one is on (block-uniform)
   if (rs.modified())
-    key_loop<true>(p, blk, rs, smem, m_i, l_i, acc);
+    run_key_loop<true>(p, blk, rs, smem, m_i, l_i, acc);
   else
-    key_loop<false>(p, blk, rs, smem, m_i, l_i, acc);
+    run_key_loop<false>(p, blk, rs, smem, m_i, l_i, acc);
 
   // -- merge the key parts through shared memory (over the ring): [part][row] acc, m_i, l_i
   cp_async_wait<0>();

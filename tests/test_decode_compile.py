@@ -65,3 +65,29 @@ def test_params_struct_matches_the_launch_signature():
         names = decl.split(",")
         codes += [kind] * len(names)
     assert "".join(codes) == decode._PARAMS_SIGNATURE
+
+
+def _candidate_specs():
+    """Issue 16's candidate knobs (DecodeMmaSpec.l2_ahead / page_ids, not yet selected) on the
+    selected tensor-core tiles of every head_dim, and the 3-blocks-per-SM variant at D 128."""
+    from dataclasses import replace
+
+    base = [decode.mma_spec(dtype, d, r) for dtype in ("float16", "bfloat16")
+            for d in decode.HEAD_DIM_BUCKETS for r in decode.MMA_ROW_BUCKETS
+            if (d, r) in decode._MMA_TILES]
+    knobs = [dict(l2_ahead=1), dict(l2_ahead=2), dict(page_ids=True),
+             dict(l2_ahead=1, page_ids=True)]
+    extra = [decode.DecodeMmaSpec(dtype, 128, 64, 2, 4, 3, 16, l2_ahead=1)
+             for dtype in ("float16", "bfloat16")]
+    return [replace(s, **k) for s in base for k in knobs] + extra
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_120"])
+def test_candidate_knobs_compile_without_spills(arch):
+    work = _candidate_specs()
+    with ThreadPoolExecutor(2) as pool:
+        reports = [r for batch in pool.map(lambda s: compiler.compile_report(s, arch), work)
+                   for r in batch if r.function == "flash_decode_split"]
+    bad = [f"{r.spec}: {r.registers} regs, {r.spills} B spilled, {r.stack_bytes} B stack"
+           for r in reports if r.spills or r.stack_bytes]
+    assert not bad, "\n".join(bad)

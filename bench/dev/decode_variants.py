@@ -7,6 +7,8 @@ reasoning they come from now (docs/decode.md).
     python bench/dev/decode_variants.py --mma [--block-n 32,64,128] [--stages 2,3,4]
         [--warps 2,4] [--min-blocks 2,3]
 
+    python bench/dev/decode_variants.py --decode16 [--out decode16.json]
+
 SIMT variants: keys per step x stages x min_blocks at the selected row bucket. --mma: the
 tensor-core split's tile keys x ring stages x warps x min_blocks at its row bucket (16, 32
 or 64 rows), plus the selected spec and the SIMT spec of the same rows for reference.
@@ -14,6 +16,10 @@ For every (problem, q_len, variant): NVRTC's register / spill report for the dev
 (spilling variants, and those whose shared memory exceeds the device's, are skipped), the
 output checked against the selected spec's (max |diff| <= 2e-2), then the CUDA-event median
 of a CUDA graph of 10 calls; K+V TB/s, splits and blocks. --help works without a GPU.
+
+--decode16: issue 16's open rows in one process (bench/dev/decode16.py): the selection
+against its candidate specs and knobs at the GQA rows (beside SDPA's cuDNN), GQA q_len 2 / 4
+/ 8 and paged GQA, one compact table, under a minute or two of GPU time.
 """
 
 from __future__ import annotations
@@ -30,23 +36,27 @@ from decode import _events_ms as _median_ms, _graph_of  # noqa: E402  (CALLS per
 HEADS, HEAD_DIM = 32, 128
 
 
-def _pinned_call(torch, spec, q, k, v):
-    """cuflash's decode with ``spec`` pinned: the public call's launch path, other plan."""
+def _pinned_call(torch, spec, q, k, v, given=None, causal=False, num_splits=None):
+    """cuflash's decode with ``spec`` pinned: the public call's launch path, other plan.
+    ``given``: the optional arrays by name (cache_seqlens, block_table); ``num_splits``: at
+    most that many splits instead of auto_splits' count."""
     from cuflash import decode, fastpath, launch
 
+    given = given or {}
     backend = fastpath.torch_backend()
-    problem = decode._problem(backend, q, k, v, {}, dict(causal=False, softmax_scale=None,
-                                                         window=None, softcap=None,
-                                                         num_splits=None))
+    problem = decode._problem(backend, q, k, v, given, dict(causal=causal, softmax_scale=None,
+                                                            window=None, softcap=None,
+                                                            num_splits=None))
     index = torch.cuda.current_device()
-    plan = decode.plan_decode(problem.shape, launch.device_facts(index).sm_count, spec=spec)
+    plan = decode.plan_decode(problem.shape, launch.device_facts(index).sm_count, num_splits,
+                              spec=spec)
 
     def call():
         o = torch.empty_like(q)
         lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32,
                           device=q.device)
         work = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=q.device)
-        ops = decode._operands(backend, q, k, v, {}, o, lse, problem.shape)
+        ops = decode._operands(backend, q, k, v, given, o, lse, problem.shape)
         decode.run_decode(plan, problem, ops, work.data_ptr(), backend.stream(), index)
         return o
     return call, plan
@@ -131,7 +141,14 @@ def main(argv=None) -> int:
     parser.add_argument("--block-n", default="32,64,128", help="--mma: keys per tile")
     parser.add_argument("--warps", default="2,4", help="--mma: warps per block")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--decode16", action="store_true",
+                        help="issue 16's candidates at its open rows (bench/dev/decode16.py)")
+    parser.add_argument("--out", default=None, help="--decode16: JSON of every timing")
     args = parser.parse_args(argv)
+    if args.decode16:
+        from decode16 import run_suite  # bench/dev/, beside this file
+
+        return run_suite(args.reps, args.out)
     args.stages = args.stages or ("2,3,4" if args.mma else "1,2")
     import torch
 

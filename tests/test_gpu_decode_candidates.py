@@ -1,0 +1,96 @@
+"""Issue 16's candidate knobs of the tensor-core decode split (``decode._MMA_KNOBS``,
+``decode._MMA_MAX_ROWS``; not selected yet) against the float64 reference (``gpu``): a
+subset of tests/test_gpu_decode.py's tensor-core, paged and modifier cases, run once per
+knob set with the knobs switched on for every selected spec. Run by the ``decode16`` stage of
+bench/gpu_suite.sh before it times them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cuflash import decode
+
+try:
+    import test_gpu_decode as base
+except ImportError:  # tests/ collected as a package
+    from tests import test_gpu_decode as base
+
+pytestmark = pytest.mark.gpu
+
+KNOB_SETS = {
+    "l2a1": ({"l2_ahead": 1}, {}),
+    "pid": ({"page_ids": True}, {}),
+    "l2a2_pid": ({"l2_ahead": 2, "page_ids": True}, {}),
+    "r16x2": ({}, {128: 16}),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def precompile():
+    """Every spec the knob sets select here, compiled on a thread pool first (NVRTC runs
+    outside the GIL; one by one at first use they would take minutes)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace
+
+    from cuflash import compiler
+
+    work = {replace(decode.mma_spec(dtype, d, r), **spec_knobs) if not max_rows else
+            decode.mma_spec(dtype, d, min(r, max_rows.get(d, r)))
+            for spec_knobs, max_rows in KNOB_SETS.values()
+            for dtype in {_dtype()} for d in (64, 128, 256) for r in (16, 32, 64)}
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
+
+
+def _forget_plans():
+    """The decode memos (problems, plans, recorded launches) know nothing of the knobs."""
+    for memo in (decode._problems, decode._plans, decode._bound):
+        memo.clear()
+
+
+@pytest.fixture(params=list(KNOB_SETS), autouse=True)
+def knobs(request, monkeypatch):
+    spec_knobs, max_rows = KNOB_SETS[request.param]
+    monkeypatch.setenv("CUFLASH_POISON", "1")
+    monkeypatch.setattr(decode, "_MMA_KNOBS", spec_knobs)
+    monkeypatch.setattr(decode, "_MMA_MAX_ROWS", max_rows)
+    _forget_plans()
+    yield request.param
+    _forget_plans()
+
+
+def _dtype():
+    return "bfloat16" if "bfloat16" in base._dtypes_here() else "float16"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("q_len, group", [(1, 4), (2, 4), (8, 4), (8, 8)])
+def test_candidate_tensor_core_rows(q_len, group, head_dim, knobs):
+    spec_knobs, max_rows = KNOB_SETS[knobs]
+    shape = decode.DecodeShape(2, q_len, 3001, 2 * group, 2, head_dim, _dtype())
+    plan = decode.decode_plan(shape, None, 0)
+    assert all(getattr(plan.spec, k) == v for k, v in spec_knobs.items()), plan.spec.name
+    assert plan.spec.rows <= max_rows.get(head_dim, 64), plan.spec.name
+    base.test_gpu_tensor_core_rows(q_len, group, head_dim, _dtype())
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("heads, heads_kv, q_len", [(8, 2, 1), (8, 2, 3), (16, 2, 8)])
+def test_candidate_paged_long_caches(page_size, heads, heads_kv, q_len):
+    base.test_gpu_paged_long_caches(page_size, heads, heads_kv, q_len)
+
+
+@pytest.mark.parametrize("mods", [dict(window=(300, 0)), dict(window=(-1, 5)),
+                                  dict(softcap=30.0), dict(alibi="batch_heads"),
+                                  dict(window=(1000, 0), softcap=5.0, alibi="heads")],
+                         ids=["window-left", "window-right", "softcap", "alibi", "all"])
+@pytest.mark.parametrize("q_len, heads", [(2, 16), (8, 16)], ids=["mma16", "mma32"])
+def test_candidate_modifiers_on_long_caches(mods, q_len, heads):
+    base.test_gpu_modifiers_on_long_caches(mods, q_len, heads)
+
+
+def test_poison_is_on():
+    assert os.environ.get("CUFLASH_POISON") == "1"
