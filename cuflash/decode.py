@@ -278,15 +278,24 @@ _MMA_MAX_ROWS: dict[int, int] = {}
 # or {"l2_ahead": 1} once bench/dev/decode_variants.py --decode16 has timed them. Empty: the
 # kernel as measured in session 3.
 _MMA_KNOBS: dict = {}
+# Resident blocks per SM for paged caches, where they differ from _MMA_TILES': a paged block
+# waits on its page-table loads before each tile, and a third block per SM covers the wait.
+# H200, bf16 d128, (8, 8k, 8 kv heads) GQA q_len 1, pages shuffled (bench/dev/decode16.py,
+# session 16, call F), TB/s 3 / 2 blocks: pages of 16 3.17 / 2.96, 64 3.45 / 3.17, 256 3.41 /
+# 3.19 (contiguous 3.77 with 2, 3.67 with 3: contiguous keeps 2).
+_MMA_PAGED_MIN_BLOCKS = {(128, 16): 3}
 
 
-def mma_spec(dtype: str, head_dim: int, rows: int) -> DecodeMmaSpec:
-    """The tensor-core spec of ``_MMA_TILES`` for rows query rows per kv head: pure."""
+def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> DecodeMmaSpec:
+    """The tensor-core spec of ``_MMA_TILES`` for rows query rows per kv head (a paged
+    cache: ``_MMA_PAGED_MIN_BLOCKS``): pure."""
     d = head_dim_bucket(head_dim)
     cap = _MMA_MAX_ROWS.get(d, MMA_ROW_BUCKETS[-1])
     buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES and b <= cap]
     r = next((b for b in buckets if rows <= b), buckets[-1])
     block_n, stages, warps, min_blocks = _MMA_TILES[d, r]
+    if paged:
+        min_blocks = _MMA_PAGED_MIN_BLOCKS.get((d, r), min_blocks)
     return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r, **_MMA_KNOBS)
 
 
@@ -305,13 +314,15 @@ def _has_mma(arch: str | None) -> bool:
 
 
 def select_decode(dtype: str, head_dim: int, rows: int,
-                  facts: DeviceFacts | None = None) -> DecodeSpec | DecodeMmaSpec:
-    """The spec for (dtype, head_dim, q_len * heads_per_kv rows): pure. 16-bit data with
-    MMA_MIN_ROWS rows or more takes the tensor-core split, on sm_80 and newer where its
-    shared memory fits the device's opt-in limit (``facts`` None: not checked)."""
+                  facts: DeviceFacts | None = None,
+                  paged: bool = False) -> DecodeSpec | DecodeMmaSpec:
+    """The spec for (dtype, head_dim, q_len * heads_per_kv rows), ``paged`` for a paged
+    cache: pure. 16-bit data with MMA_MIN_ROWS rows or more takes the tensor-core split, on
+    sm_80 and newer where its shared memory fits the device's opt-in limit (``facts`` None:
+    not checked)."""
     d = head_dim_bucket(head_dim)
     if dtype != "float32" and rows >= MMA_MIN_ROWS:
-        spec = mma_spec(dtype, d, rows)
+        spec = mma_spec(dtype, d, rows, paged)
         if facts is None or (_has_mma(facts.arch) and spec.smem_bytes <= facts.smem_optin):
             return spec
     r = row_bucket(rows)
@@ -324,8 +335,9 @@ def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
     only those for that arch (no tensor-core split before sm_80)."""
     simt = [DecodeSpec(dtype, d, r, *_KEYS[r][1 if dtype == "float32" else 0])
             for dtype in dtypes for d in HEAD_DIM_BUCKETS for r in ROW_BUCKETS]
-    mma = [mma_spec(dtype, d, r) for dtype in dtypes if dtype != "float32" and _has_mma(arch)
-           for d in HEAD_DIM_BUCKETS for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES]
+    mma = [mma_spec(dtype, d, r, paged) for dtype in dtypes
+           if dtype != "float32" and _has_mma(arch) for d in HEAD_DIM_BUCKETS
+           for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES for paged in (False, True)]
     return simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
 
 
@@ -414,7 +426,7 @@ def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None
     instead of ``select_decode``'s (bench/dev/decode_variants.py times candidates that way).
     ``facts``: the device's arch and shared-memory limit, for ``select_decode``."""
     s = shape
-    spec = spec or select_decode(s.dtype, s.head_dim, s.rows, facts)
+    spec = spec or select_decode(s.dtype, s.head_dim, s.rows, facts, paged=s.page_size > 0)
     row_tiles = _cdiv(s.rows, spec.rows)
     blocks = s.batch * s.heads_kv * row_tiles
     if num_splits:

@@ -219,8 +219,9 @@ def test_spec_names_and_buckets():
     spec = decode.select_decode("bfloat16", 72, 2)
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
     assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b2_w4_mma"
-    # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype
-    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 11
+    # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, and
+    # one more each for paged caches (decode._MMA_PAGED_MIN_BLOCKS)
+    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 12
     assert len(decode.all_decode_specs(arch="sm_75")) == 48
 
 
@@ -270,6 +271,25 @@ def test_plan_counts_the_tensor_core_blocks():
     # q_len 8 with groups of 8 (64 rows) still reads K / V once per kv head
     plan = decode.plan_decode(_shape(2, 4096, 4, q_len=8), sm_count=132, facts=H200)
     assert plan.spec.rows == 64 and plan.row_tiles == 1
+
+
+def test_paged_gqa_takes_three_blocks_per_sm():
+    """decode._MMA_PAGED_MIN_BLOCKS: a paged cache's 16-row tensor-core split at head_dim
+    128 runs 3 blocks per SM (its page-table waits covered), a contiguous one 2; the split
+    count follows the spec's resident blocks; other buckets are the same either way."""
+    from dataclasses import replace
+
+    contiguous = _shape(8, 8192, 8)
+    paged = replace(contiguous, page_size=64)
+    flat = decode.plan_decode(contiguous, sm_count=132, facts=H200)
+    pages = decode.plan_decode(paged, sm_count=132, facts=H200)
+    assert flat.spec.min_blocks == 2 and pages.spec.min_blocks == 3
+    assert pages.spec == replace(flat.spec, min_blocks=3)
+    assert (flat.num_splits, pages.num_splits) == (4, 6)  # session 16's measured splits
+    for head_dim, rows in ((64, 16), (128, 32), (256, 16)):
+        assert decode.select_decode("bfloat16", head_dim, rows, H200, paged=True) == \
+            decode.select_decode("bfloat16", head_dim, rows, H200)
+    assert pages.spec in decode.all_decode_specs()  # compiled and warmed with the others
 
 
 @pytest.mark.parametrize("kw, words", [

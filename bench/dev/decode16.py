@@ -204,7 +204,8 @@ def part_gqa(suite: Suite) -> dict:
             if name == "selected":
                 base_tb[batch, cache, heads_kv] = entry.get("tb_s")
                 _other_splits(suite, problem, spec, plan, (q, k, v), want, kv_bytes, ref)
-                _split_only(suite, spec, (q, k, v), kv_bytes, ref)
+                # _split_only (below) is not run: its plan without the combine read or wrote
+                # out of bounds on the H200 (session 16, call E: an illegal address)
         del q, k, v
         torch.cuda.empty_cache()
     return base_tb
