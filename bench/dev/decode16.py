@@ -22,6 +22,7 @@ Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu):
   pid           CF_PAGE_IDS: block_table loads a tile ahead without a dependent use
   b3            3 blocks per SM (170 registers a thread)
   r16x2         32 rows (q_len 8) as two 16-row tiles (decode._MMA_MAX_ROWS = {128: 16})
+  s3 / s4 / w4b2  32 rows: a ring of 3 / 4 tiles, or two 4-warp blocks a SM (session 16)
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def _candidates(decode, rows: int) -> dict:
         r16 = decode.DecodeMmaSpec(DTYPE, HEAD_DIM, *decode._MMA_TILES[HEAD_DIM, 16], rows=16)
         out["r16x2"] = r16
         out["r16x2_l2a1"] = replace(r16, l2_ahead=1)
+        # more bytes in flight a SM than one 8-warp block's two 32 KB tiles: a deeper ring,
+        # or two 4-warp blocks (two bands x two key parts of 32 keys each)
+        out["s3"] = replace(base, stages=3)
+        out["s4"] = replace(base, stages=4)
+        out["w4b2"] = replace(base, warps=4, min_blocks=2)
     return out
 
 
