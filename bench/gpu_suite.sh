@@ -88,7 +88,7 @@ for stage in $stages; do
         -p no:cacheprovider tests/test_gpu_host_path.py
       run_stage workloads $PY bench/real_workloads.py --out "$OUT/results"
       run_stage train_gqa $PY bench/train_small.py --gqa --steps "${TRAIN_STEPS:-20}" \
-        --lr "${TRAIN_LR:-1e-4}" --out "$OUT/results" ;;
+        --lr "${TRAIN_LR:-1e-4}" --pipelined "${TRAIN_PIPELINED:-20}" --out "$OUT/results" ;;
     train_profile)  # the GQA model's training step, kernel by kernel, cuflash beside SDPA;
       # and one attention forward+backward at the GQA shape (16/4, 4k, d128, causal)
       run_stage train_profile $PY bench/dev/train_step_kernels.py

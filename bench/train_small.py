@@ -178,6 +178,29 @@ def train_torch_interleaved(steps: dict, batches, device: str, block: int = 1) -
     return out
 
 
+def train_torch_pipelined(steps: dict, batches, device: str, block: int,
+                          rounds: int = 4) -> dict:
+    """Milliseconds a step with the host running ahead, as a training loop that does not read
+    the loss every step: each model takes ``block`` steps with one device synchronization at
+    the end, in turns (the order alternating) over ``rounds`` rounds. The per-step timing of
+    train_torch_interleaved syncs after every step, so each step starts on an idle GPU and
+    its host time before the first kernels counts; here it overlaps the previous steps.
+    Returns name -> ms a step, one entry per round."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    names, out = list(steps), {name: [] for name in steps}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            start = time.perf_counter()
+            for i in range(block):
+                steps[name](batches[i % len(batches)])
+            sync()
+            out[name].append((time.perf_counter() - start) * 1e3 / block)
+    return out
+
+
 def step_summary(times: list, opens: list) -> dict:
     """Medians of a model's step times: over the steps after the first (compilation,
     warm-up), and over those that followed a step of the same model."""
@@ -222,6 +245,9 @@ def run_torch(cfg: dict, args) -> dict:
                                               curves["cuflash"]["losses"]))
         curves["paired_cuflash_minus_sdpa"] = paired_difference(curves["sdpa"]["step_ms"],
                                                                 curves["cuflash"]["step_ms"])
+        if args.pipelined:
+            curves["pipelined_ms"] = train_torch_pipelined(steps, batches, device,
+                                                           args.pipelined)
         out["modes"][mode] = {**curves, "max_abs_loss_diff": diff}
     return out
 
@@ -368,6 +394,11 @@ def _report(name: str, part: dict, names: tuple[str, str]) -> list[float]:
         if paired:
             print(f" {b} - {a}, batch by batch: median {paired['median_ms']:+.3f} ms, "
                   f"{b} slower on {100 * paired['slower_fraction']:.0f}% of the batches")
+        pipelined = curves.get("pipelined_ms")
+        if pipelined:
+            print(" pipelined (one sync a block), ms a step by round: " + "; ".join(
+                f"{n} {statistics.median(t):.2f} ({' '.join(f'{x:.2f}' for x in t)})"
+                for n, t in pipelined.items()))
     return [c["max_abs_loss_diff"] for c in part["modes"].values()]
 
 
@@ -397,6 +428,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="torch: eager mode only")
     parser.add_argument("--block", type=int, default=5,
                         help="torch: consecutive batches a model takes before the other")
+    parser.add_argument("--pipelined", type=int, default=0, metavar="STEPS",
+                        help="torch: also time blocks of STEPS steps with one device sync "
+                             "a block (the host running ahead), the models in turns")
     parser.add_argument("--tolerance", type=float, default=0.05,
                         help="max |loss difference| allowed (bf16 training noise)")
     args = parser.parse_args(argv)

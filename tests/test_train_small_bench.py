@@ -50,3 +50,19 @@ def test_blocks_keep_a_models_steps_together_and_rotate():
     assert summary["median_steady_step_ms"] == 1.5  # 1, 2
     paired = train_small.paired_difference([9.0, 1.0, 5.0], [0.0, 2.0, 4.0])
     assert paired == {"median_ms": 0.0, "slower_fraction": 0.5}
+
+
+def test_pipelined_blocks_alternate_and_cycle_the_batches():
+    order = []
+
+    def step_of(name):
+        def step(tokens):
+            order.append((name, tokens))
+        return step
+
+    out = train_small.train_torch_pipelined({"a": step_of("a"), "b": step_of("b")},
+                                            [1, 2], "cpu", block=3, rounds=2)
+    # round 0: a's block, then b's; round 1: b first; each block cycles the batches
+    assert order == [("a", 1), ("a", 2), ("a", 1), ("b", 1), ("b", 2), ("b", 1),
+                     ("b", 1), ("b", 2), ("b", 1), ("a", 1), ("a", 2), ("a", 1)]
+    assert set(out) == {"a", "b"} and all(len(t) == 2 and min(t) >= 0 for t in out.values())
