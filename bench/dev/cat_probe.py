@@ -4,8 +4,8 @@ inductor wrote for it in one compiled attention layer of each kind.
 
     python bench/dev/cat_probe.py [--source-out cat_kernels.txt]
 
-Prints microseconds per cat (CUDA events, median of 50 after warm-up) for dq, dk, dv of the
-GQA training shape (1, 4096, 16 / 4 / 4 heads, 128) laid out as cuflash returns them
+Prints microseconds per cat (devtools.time_ms: CUDA events, median of 50) for dq, dk, dv of
+the GQA training shape (1, 4096, 16 / 4 / 4 heads, 128) laid out as cuflash returns them
 (contiguous (b, s, h, d)) and as (b, h, s, d) memory seen through ``transpose(1, 2)``; then
 the cat kernels of one compiled layer with each attention, by profiler time, and their source.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -26,22 +25,13 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import cuflash.torch as ct  # noqa: E402
+from devtools import time_ms  # noqa: E402
 
 B, S, H, HKV, D = 1, 4096, 16, 4, 128
 
 
-def timed_us(fn, reps: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def timed_us(fn) -> float:
+    return time_ms(fn, reps=50) * 1e3
 
 
 def grads(layout: str):
