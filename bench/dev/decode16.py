@@ -210,41 +210,11 @@ def part_gqa(suite: Suite) -> dict:
             if name == "selected":
                 base_tb[batch, cache, heads_kv] = entry.get("tb_s")
                 _other_splits(suite, problem, spec, plan, (q, k, v), want, kv_bytes, ref)
-                # _split_only (below) is not run: its plan without the combine read or wrote
-                # out of bounds on the H200 (session 16, call E: an illegal address)
+                # (a split-only timing, its plan without the combine, read or wrote out of
+                # bounds on the H200 in session 16's call E and was removed)
         del q, k, v
         torch.cuda.empty_cache()
     return base_tb
-
-
-def _split_only(suite: Suite, spec, qkv, kv_bytes: int, ref) -> None:
-    """The selection's split kernel without its combine (o left unwritten, not checked): the
-    combine's share of a split row, which says whether folding it into the split pays."""
-    from cuflash import decode, fastpath
-
-    torch = suite.torch
-    q, k, v = qkv
-    backend = fastpath.torch_backend()
-    flags = dict(causal=False, softmax_scale=None, window=None, softcap=None, num_splits=None)
-    problem = decode._problem(backend, q, k, v, {}, flags)
-    plan = decode.plan_decode(problem.shape, suite.facts.sm_count, spec=spec)
-    if plan.combine_grid is None:
-        return
-    plan = replace(plan, combine_grid=None)
-
-    def call():
-        o = torch.empty_like(q)
-        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32,
-                          device=q.device)
-        work = torch.empty(plan.workspace_bytes, dtype=torch.uint8, device=q.device)
-        ops = decode._operands(backend, q, k, v, {}, o, lse, problem.shape)
-        decode.run_decode(plan, problem, ops, work.data_ptr(), backend.stream(), 0)
-        return o
-
-    result = _measure(torch, call, None, kv_bytes, suite.reps)
-    result["plan"] = f"splits {plan.num_splits}, no combine (o not written)"
-    suite.record("gqa", f"{q.shape[0]}/{k.shape[1]}/{k.shape[2]} q1", "split-only", spec,
-                 result, ref, "cuDNN")
 
 
 def _other_splits(suite: Suite, problem: str, spec, plan: str, qkv, want, kv_bytes: int,
@@ -345,7 +315,7 @@ def summary(results: list[dict]) -> list[str]:
     """Per problem: the selection and the fastest variant that checked out."""
     lines, problems = ["summary (fastest checked variant per problem):"], {}
     for r in results:
-        if "tb_s" in r and r["variant"] not in ("cudnn", "split-only"):
+        if "tb_s" in r and r["variant"] != "cudnn":
             problems.setdefault((r["part"], r["problem"]), []).append(r)
     for (part, problem), rows in problems.items():
         chosen = next((r["tb_s"] for r in rows if r["variant"] == "selected"), float("nan"))
