@@ -158,7 +158,7 @@ class DecodeMmaSpec:
     source: str = "flash_decode_mma.cu"
     causal: bool = False  # a run-time argument of this kernel; here for spec-table code
     target: str = "device"
-    # Candidates (issue 16, not yet timed; bench/dev/decode_variants.py --decode16 times them):
+    # Candidates (issue 16; timed in session 16, neither selected: docs/decode.md):
     l2_ahead: int = 0  # CF_L2_AHEAD: tiles past the ring prefetched into L2 (contiguous)
     page_ids: bool = False  # CF_PAGE_IDS: block_table loads a tile ahead, rows finished at use
 
@@ -270,13 +270,12 @@ _MMA_TILES = {
 
 # Rows per block at most, by head_dim bucket; more rows take several row tiles of that many,
 # each re-reading its split's K/V, from L2 when the row tiles run side by side (they are
-# neighbours in blockIdx.x). The candidate for GQA q_len 8 (32 rows at D 128, 62% of q_len 1
-# in one 8-warp block per SM, session 3) is {128: 16}: two 16-row tiles at 2 blocks per SM,
-# the shape that ran q_len 4 at 88%. Empty: every row bucket of _MMA_TILES is used.
+# neighbours in blockIdx.x). {128: 16} for GQA q_len 8 (32 rows at D 128 as two 16-row tiles)
+# ran 2.25 TB/s against the 32-row block's 2.43 at (1, 32k, 8) (session 16). Empty: every row
+# bucket of _MMA_TILES is used.
 _MMA_MAX_ROWS: dict[int, int] = {}
 # DecodeMmaSpec's candidate knobs for every selected tensor-core spec, e.g. {"page_ids": True}
-# or {"l2_ahead": 1} once bench/dev/decode_variants.py --decode16 has timed them. Empty: the
-# kernel as measured in session 3.
+# or {"l2_ahead": 1}. Empty: neither helped in session 16 (docs/decode.md).
 _MMA_KNOBS: dict = {}
 # Resident blocks per SM for paged caches, where they differ from _MMA_TILES': a paged block
 # waits on its page-table loads before each tile, and a third block per SM covers the wait.
