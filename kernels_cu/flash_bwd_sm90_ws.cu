@@ -102,11 +102,11 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_DQ_ORDERED
 #define CF_DQ_ORDERED 0
 #endif
-// Ordered bulk dQ's pieces per warpgroup (a knob, CF_DQ_PIECES=2; written 2026-12-04, not
-// yet run on a GPU): with two, a warpgroup stages a tile's dQ while the agent still adds the
-// one before, and waits only for the piece it staged a tile and a half earlier (with one,
-// half a tile: session 15's profile put the ordered mode's loss at that wait, at the turn
-// barrier). 32 KB more shared memory and a 256-byte barrier area (d128: 230,656 bytes).
+// Ordered bulk dQ's pieces per warpgroup (a knob, CF_DQ_PIECES=2, not selected): with two, a
+// warpgroup stages a tile's dQ while the agent still adds the one before, and waits only for
+// the piece it staged a tile and a half earlier (with one, half a tile). 32 KB more shared
+// memory and a 256-byte barrier area (d128: 230,656 bytes). H200, session 16: the same speed
+// as one piece (bench/dev/bwd_variants.md), so that wait was not where the time went.
 #ifndef CF_DQ_PIECES
 #define CF_DQ_PIECES 1
 #endif
