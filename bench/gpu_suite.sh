@@ -6,7 +6,8 @@
 #                                            workloads train_gqa train_profile issue10 host decode
 #                                            pre_convert step_idle
 #                                            generate ab
-#                                            decode_ab decode16 fwd_ncu issue15 issue15_bench
+#                                            decode_ab decode16 fwd_ncu fwd_times issue15
+#                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces
@@ -135,6 +136,18 @@ for stage in $stages; do
         run_stage "fwd_ncu_$tag" env PYTHONPATH="$(realpath "$tree")" ncu --clock-control none \
           -k regex:flash_fwd -s 2 -c 1 --set full -o "$OUT/results/fwd_ncu_$tag" \
           $PY bench/dev/fwd_profile.py ${FWD_NCU_ARGS:---head-dim 256 --seqlen 4096 --causal}
+      done ;;
+    fwd_times)  # forward kernel durations alone (ncu, one metric: no replay), an older tree
+      # ($AB_OLD) and this one in alternating turns; FWD_TIMES_ARGS picks the problem (default
+      # the head_dim 256 causal forward at 16k, #10's A/B row furthest under the older tree)
+      for turn in 1 2 3; do
+        for tree in "${AB_OLD:-.old}" .; do
+          tag=$([ "$tree" = . ] && echo new || echo old)
+          run_stage "fwd_times_${tag}_$turn" env PYTHONPATH="$(realpath "$tree")" ncu \
+            --clock-control none --cache-control none --metrics gpu__time_duration.sum -k regex:flash_fwd -s 2 \
+            --csv $PY bench/dev/fwd_profile.py --calls 12 \
+            ${FWD_TIMES_ARGS:---head-dim 256 --seqlen 16384 --causal}
+        done
       done ;;
     decode_ab)  # decode bandwidth of an older tree ($AB_OLD) and of this one, in one process each
       run_stage decode_ab bash -c "PYTHONPATH=$(realpath "${AB_OLD:-.old}") $PY bench/decode.py \

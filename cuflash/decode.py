@@ -259,11 +259,14 @@ MMA_ROW_BUCKETS = (16, 32, 64)  # rows per block; more rows take several row til
 # 8) 2.93 at 32 splits vs 2.76 at 47; (8, 8k, 8) 3.65 either way (the SIMT kernel: 3.10).
 # 32 rows (GQA group 4 at q_len 8, D 128) take 8 warps of 16 keys (two bands x four key
 # parts) in one block per SM: 2.43 / 1.91 TB/s at (8, 8k, 8) / (1, 32k, 8) against 2.30-2.35
-# / 1.68 for 32-key tiles in 3 stages at 3 blocks (bench/dev/decode_ab.py, session 3).
+# / 1.68 for 32-key tiles in 3 stages at 3 blocks (bench/dev/decode_ab.py, session 3). A ring
+# of 3 tiles there: 2.82 / 2.54 TB/s against 2 tiles' 2.75 / 2.43 (4 tiles 2.77 / 2.48;
+# bench/dev/decode16.py, H200, 2026-12-04, session 17 call 1). Where 3 tiles do not fit
+# (104 KB: sm_86 / sm_89 / sm_120), select_decode takes 2.
 _MMA_TILES = {
     (32, 16): (256, 2, 4, 3), (32, 32): (128, 3, 4, 3), (32, 64): (64, 5, 4, 3),
     (64, 16): (128, 2, 4, 3), (64, 32): (128, 2, 4, 3), (64, 64): (64, 3, 4, 2),
-    (128, 16): (64, 2, 4, 2), (128, 32): (64, 2, 8, 1), (128, 64): (64, 2, 4, 2),
+    (128, 16): (64, 2, 4, 2), (128, 32): (64, 3, 8, 1), (128, 64): (64, 2, 4, 2),
     (256, 16): (32, 2, 2, 3), (256, 32): (32, 2, 4, 2),
 }
 
@@ -320,13 +323,26 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     sm_80 and newer where its shared memory fits the device's opt-in limit (``facts`` None:
     not checked)."""
     d = head_dim_bucket(head_dim)
-    if dtype != "float32" and rows >= MMA_MIN_ROWS:
-        spec = mma_spec(dtype, d, rows, paged)
-        if facts is None or (_has_mma(facts.arch) and spec.smem_bytes <= facts.smem_optin):
-            return spec
+    if dtype != "float32" and rows >= MMA_MIN_ROWS and (facts is None or _has_mma(facts.arch)):
+        for spec in _with_two_stages(mma_spec(dtype, d, rows, paged)):
+            if facts is None or spec.smem_bytes <= facts.smem_optin:
+                return spec
     r = row_bucket(rows)
     keys, stages = _KEYS[r][1 if dtype == "float32" else 0]
     return DecodeSpec(dtype, d, r, keys, stages)
+
+
+# The smallest opt-in shared memory of a block among the tensor-core decode's archs (sm_86,
+# sm_89, sm_120: 99 KB).
+_SMALLEST_SMEM_OPTIN = 99 * 1024
+
+
+def _with_two_stages(spec: DecodeMmaSpec) -> tuple:
+    """spec, then, if some device may not hold it, the same with a ring of two tiles (a
+    smaller ring beats the SIMT kernel there)."""
+    if spec.stages == 2 or spec.smem_bytes <= _SMALLEST_SMEM_OPTIN:
+        return (spec,)
+    return spec, replace(spec, stages=2)
 
 
 def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
@@ -334,9 +350,9 @@ def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
     only those for that arch (no tensor-core split before sm_80)."""
     simt = [DecodeSpec(dtype, d, r, *_KEYS[r][1 if dtype == "float32" else 0])
             for dtype in dtypes for d in HEAD_DIM_BUCKETS for r in ROW_BUCKETS]
-    mma = [mma_spec(dtype, d, r, paged) for dtype in dtypes
-           if dtype != "float32" and _has_mma(arch) for d in HEAD_DIM_BUCKETS
-           for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES for paged in (False, True)]
+    mma = [spec for dtype in dtypes if dtype != "float32" and _has_mma(arch)
+           for d in HEAD_DIM_BUCKETS for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES
+           for paged in (False, True) for spec in _with_two_stages(mma_spec(dtype, d, r, paged))]
     return simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
 
 

@@ -170,7 +170,21 @@ def test_plan_fills_whole_waves_with_few_splits(batch, cache, heads_kv, splits):
     assert plan.spec.rows == {32: 1, 8: 16, 1: 32}[heads_kv]
     assert plan.row_tiles == 1
     assert (plan.combine_grid is None) == (plan.num_splits == 1)
-    assert plan.spec.smem_bytes <= (48 if heads_kv == 32 else 99) * 1024
+    # 32 rows take a ring of 3 tiles (104 KB; 2 where a block gets 99 KB: the test below)
+    assert plan.spec.smem_bytes <= {32: 48, 8: 99, 1: 104}[heads_kv] * 1024
+
+
+@pytest.mark.parametrize("arch, smem_kb, stages", [
+    ("sm_90", 227, 3), ("sm_80", 163, 3), ("sm_86", 99, 2), ("sm_89", 99, 2), ("sm_120", 99, 2)])
+def test_a_deep_ring_drops_to_two_tiles_where_it_does_not_fit(arch, smem_kb, stages):
+    """32 rows at head_dim 128 (GQA 4 at q_len 8): 3 tiles of K/V where the block's shared
+    memory holds them, else 2 (still the tensor-core kernel, not the SIMT fallback)."""
+    facts = specs.DeviceFacts("gpu", arch, 100, smem_kb * 1024)
+    spec = decode.select_decode("bfloat16", 128, 32, facts)
+    assert isinstance(spec, decode.DecodeMmaSpec)
+    assert (spec.rows, spec.stages) == (32, stages)
+    assert spec.smem_bytes <= facts.smem_optin
+    assert spec in decode.all_decode_specs(arch=arch)  # compiled by the spill audit
 
 
 @given(st.integers(1, 5000), st.integers(0, 200000), st.sampled_from([16, 32, 64, 128]),
@@ -220,8 +234,9 @@ def test_spec_names_and_buckets():
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
     assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b2_w4_mma"
     # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, and
-    # one more each for paged caches (decode._MMA_PAGED_MIN_BLOCKS)
-    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 12
+    # one more each for paged caches (decode._MMA_PAGED_MIN_BLOCKS) and for the two-tile twin
+    # of the 3-tile ring (32 rows at head_dim 128) on 99-KB devices
+    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 13
     assert len(decode.all_decode_specs(arch="sm_75")) == 48
 
 
@@ -242,7 +257,10 @@ def test_select_decode_takes_tensor_cores_from_three_16bit_rows(dtype, head_dim,
         most = 32 if spec.head_dim == 256 else 64
         assert spec.rows == min(most, max(16, 1 << (rows - 1).bit_length())), spec
         assert spec.block_n % (16 * spec.key_parts) == 0 and spec.stages >= 2
-        assert spec.smem_bytes <= 99 * 1024  # sm_86 / sm_89 / sm_120's opt-in limit
+        # sm_86 / sm_89 / sm_120's opt-in limit, but for 32 rows at head_dim 128 (a ring of 3
+        # tiles, 104 KB; test_a_deep_ring_drops_to_two_tiles_where_it_does_not_fit)
+        deep = (spec.head_dim, spec.rows) == (128, 32)
+        assert spec.smem_bytes <= (104 if deep else 99) * 1024
         assert spec.bytes_in_flight >= 16 * 1024  # a tile of K + V loading while one computes
     assert spec == decode.select_decode(dtype, head_dim, rows)  # no facts: the same choice
 

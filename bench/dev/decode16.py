@@ -20,9 +20,11 @@ shared memory are skipped. ``--help`` of decode_variants.py works without a GPU.
 Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu):
   l2a1 / l2a2   CF_L2_AHEAD: prefetch.global.L2 of the tiles 1 / 2 past the ring's newest
   pid           CF_PAGE_IDS: block_table loads a tile ahead without a dependent use
-  b3            3 blocks per SM (170 registers a thread)
+  b3            3 blocks per SM (170 registers a thread; the paged selection since session 16)
+  b3_pid        b3 with pid (paged)
   r16x2         32 rows (q_len 8) as two 16-row tiles (decode._MMA_MAX_ROWS = {128: 16})
-  s3 / s4 / w4b2  32 rows: a ring of 3 / 4 tiles, or two 4-warp blocks a SM (session 16)
+  s2 / s3 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 3 / 4 tiles (3 selected since
+                session 17), or two 4-warp blocks a SM with 2 / 3 (session 16)
 """
 
 from __future__ import annotations
@@ -58,15 +60,18 @@ def _candidates(decode, rows: int) -> dict:
     if base.rows == 16:
         out["b3"] = replace(base, min_blocks=3)
         out["b3_l2a1"] = replace(base, min_blocks=3, l2_ahead=1)
+        out["b3_pid"] = replace(base, min_blocks=3, page_ids=True)  # paged: both that helped
     if base.rows == 32:  # q_len 8 of group 4: two 16-row tiles instead of one 32-row block
         r16 = decode.DecodeMmaSpec(DTYPE, HEAD_DIM, *decode._MMA_TILES[HEAD_DIM, 16], rows=16)
         out["r16x2"] = r16
         out["r16x2_l2a1"] = replace(r16, l2_ahead=1)
         # more bytes in flight a SM than one 8-warp block's two 32 KB tiles: a deeper ring,
         # or two 4-warp blocks (two bands x two key parts of 32 keys each)
+        out["s2"] = replace(base, stages=2)  # the selection until session 17 (now 3)
         out["s3"] = replace(base, stages=3)
         out["s4"] = replace(base, stages=4)
-        out["w4b2"] = replace(base, warps=4, min_blocks=2)
+        out["w4b2"] = replace(base, warps=4, min_blocks=2, stages=2)
+        out["w4b2_s3"] = replace(base, warps=4, min_blocks=2, stages=3)
     return out
 
 
