@@ -286,19 +286,27 @@ _MMA_KNOBS: dict = {}
 # session 16, call F), TB/s 3 / 2 blocks: pages of 16 3.17 / 2.96, 64 3.45 / 3.17, 256 3.41 /
 # 3.19 (contiguous 3.77 with 2, 3.67 with 3: contiguous keeps 2).
 _MMA_PAGED_MIN_BLOCKS = {(128, 16): 3}
+# Knobs of every paged tensor-core spec: the page-table loads a tile ahead (CF_PAGE_IDS). With
+# 3 blocks per SM, same problem, pages of 16 / 64 / 256 (session 17 call 3, contiguous 3.75):
+# 3.47 / 3.52 / 3.52 TB/s against 3.17 / 3.42 / 3.43 without; with 2 blocks 3.18 / 3.24 /
+# 3.24 against 2.95 / 3.16 / 3.22. Timed at that bucket only; the float64-reference tests
+# ran it at head_dim 64 / 128 / 256 and 16 / 32 / 64 rows (tests/test_gpu_decode_candidates).
+_MMA_PAGED_KNOBS = {"page_ids": True}
 
 
 def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> DecodeMmaSpec:
     """The tensor-core spec of ``_MMA_TILES`` for rows query rows per kv head (a paged
-    cache: ``_MMA_PAGED_MIN_BLOCKS``): pure."""
+    cache: ``_MMA_PAGED_MIN_BLOCKS`` and ``_MMA_PAGED_KNOBS``): pure."""
     d = head_dim_bucket(head_dim)
     cap = _MMA_MAX_ROWS.get(d, MMA_ROW_BUCKETS[-1])
     buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES and b <= cap]
     r = next((b for b in buckets if rows <= b), buckets[-1])
     block_n, stages, warps, min_blocks = _MMA_TILES[d, r]
+    knobs = _MMA_KNOBS
     if paged:
         min_blocks = _MMA_PAGED_MIN_BLOCKS.get((d, r), min_blocks)
-    return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r, **_MMA_KNOBS)
+        knobs = {**_MMA_PAGED_KNOBS, **_MMA_KNOBS}
+    return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r, **knobs)
 
 
 def head_dim_bucket(head_dim: int) -> int:

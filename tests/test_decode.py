@@ -233,10 +233,10 @@ def test_spec_names_and_buckets():
     spec = decode.select_decode("bfloat16", 72, 2)
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
     assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b2_w4_mma"
-    # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, and
-    # one more each for paged caches (decode._MMA_PAGED_MIN_BLOCKS) and for the two-tile twin
-    # of the 3-tile ring (32 rows at head_dim 128) on 99-KB devices
-    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 13
+    # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, 11 more
+    # for paged caches (decode._MMA_PAGED_KNOBS), and the two-tile twins of the 3-tile ring
+    # (32 rows at head_dim 128; contiguous and paged) for 99-KB devices
+    assert len({s.name for s in decode.all_decode_specs()}) == 48 + 2 * 24
     assert len(decode.all_decode_specs(arch="sm_75")) == 48
 
 
@@ -291,10 +291,12 @@ def test_plan_counts_the_tensor_core_blocks():
     assert plan.spec.rows == 64 and plan.row_tiles == 1
 
 
-def test_paged_gqa_takes_three_blocks_per_sm():
+def test_paged_gqa_takes_three_blocks_per_sm_and_loads_page_ids_ahead():
     """decode._MMA_PAGED_MIN_BLOCKS: a paged cache's 16-row tensor-core split at head_dim
     128 runs 3 blocks per SM (its page-table waits covered), a contiguous one 2; the split
-    count follows the spec's resident blocks; other buckets are the same either way."""
+    count follows the spec's resident blocks. decode._MMA_PAGED_KNOBS: every paged
+    tensor-core spec loads its page ids a tile ahead, and differs from the contiguous one
+    in that alone at the other buckets."""
     from dataclasses import replace
 
     contiguous = _shape(8, 8192, 8)
@@ -302,11 +304,12 @@ def test_paged_gqa_takes_three_blocks_per_sm():
     flat = decode.plan_decode(contiguous, sm_count=132, facts=H200)
     pages = decode.plan_decode(paged, sm_count=132, facts=H200)
     assert flat.spec.min_blocks == 2 and pages.spec.min_blocks == 3
-    assert pages.spec == replace(flat.spec, min_blocks=3)
+    assert pages.spec == replace(flat.spec, min_blocks=3, page_ids=True)
+    assert not flat.spec.page_ids
     assert (flat.num_splits, pages.num_splits) == (4, 6)  # session 16's measured splits
     for head_dim, rows in ((64, 16), (128, 32), (256, 16)):
         assert decode.select_decode("bfloat16", head_dim, rows, H200, paged=True) == \
-            decode.select_decode("bfloat16", head_dim, rows, H200)
+            replace(decode.select_decode("bfloat16", head_dim, rows, H200), page_ids=True)
     assert pages.spec in decode.all_decode_specs()  # compiled and warmed with the others
 
 
