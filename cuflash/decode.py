@@ -161,6 +161,7 @@ class DecodeMmaSpec:
     # Candidates (issue 16; timed in session 16, neither selected: docs/decode.md):
     l2_ahead: int = 0  # CF_L2_AHEAD: tiles past the ring prefetched into L2 (contiguous)
     page_ids: bool = False  # CF_PAGE_IDS: block_table loads a tile ahead, rows finished at use
+    step_addr: bool = False  # CF_STEP_ADDR: contiguous caches' copy addresses stepped a tile
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -185,7 +186,8 @@ class DecodeMmaSpec:
     @property
     def _knob_suffix(self) -> str:
         """The candidate knobs that are on (none: the measured kernel's name)."""
-        return (f"_l2a{self.l2_ahead}" if self.l2_ahead else "") + ("_pid" if self.page_ids else "")
+        return ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") +
+                ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else ""))
 
     @property
     def threads(self) -> int:
@@ -221,7 +223,8 @@ class DecodeMmaSpec:
 
     @property
     def defines(self) -> dict[str, int]:
-        knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids)}
+        knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
+                 "CF_STEP_ADDR": int(self.step_addr)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,

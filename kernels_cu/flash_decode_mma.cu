@@ -56,6 +56,9 @@
 #ifndef CF_PAGE_IDS  // 1: block_table loads branch-free a tile ahead, the row finished at use
 #define CF_PAGE_IDS 0
 #endif
+#ifndef CF_STEP_ADDR  // 1: contiguous caches' copy addresses advance a tile's stride at a time
+#define CF_STEP_ADDR 0
+#endif
 #define CF_DECODE_MMA 1
 #include "flash_decode.cu"
 
@@ -88,6 +91,7 @@ enum : int {
   kLineElems = 128 / 2,  // 16-bit elements per 128-byte L2 line
   kRowLines = (kDim + kLineElems - 1) / kLineElems,  // lines per K (or V) row
   kPageIds = CF_PAGE_IDS,
+  kStepAddr = CF_STEP_ADDR,
 };
 static_assert(kTileRows % 16 == 0 && kWarps % kBands == 0, "CF_ROWS: bands of 16 over warps");
 static_assert(kWarpKeys % 16 == 0, "CF_BLOCK_N: 16 keys per warp at least (one mma K step)");
@@ -423,7 +427,91 @@ __device__ __forceinline__ void key_loop_candidate(const DecodeParams& p, const 
   }
 }
 
-// The key loop the knobs ask for: the measured one when both are 0.
+// -- candidate key loop (CF_STEP_ADDR): contiguous caches, copy addresses stepped ------------
+// Why: tile_rows and load_tile rebuild each copy's 64-bit source from its row index (a row
+// select, a 64-bit multiply, a select against the head pointer), kLoads x 2 copies a tile.
+// In the SASS of the 16-row d128 split (sm_90, NVRTC 13.0, session 17) the plain loop is
+// 927 instructions a warp a tile with 16 copies, the 32-row one 602 with 8: about 40
+// instructions a copy pair, ahead of the tile's mma in every warp's path. Here each thread
+// keeps the source of its first row and steps it by a tile's stride; the shared-memory
+// offsets are fixed per thread. Paged caches keep key_loop.
+struct SteppedCopies {
+  const elem_t* k;  // this thread's chunk of its first row in the next tile to issue
+  const elem_t* v;
+  long long k_pass, v_pass;  // elements between its copies of one tile (kRowsPerPass rows)
+  long long k_step, v_step;  // elements per tile (kBlockN rows)
+  int rows_left;  // keys of the split from its first row of the next tile on
+  int r0, ch;  // its first row of a tile, its 16-byte chunk of a row
+  bool col_ok;  // its chunk lies inside head_dim
+
+  // Issue the next tile into (k_tile, v_tile) and step to the one after.
+  __device__ __forceinline__ void issue(unsigned char* k_tile, unsigned char* v_tile,
+                                        const elem_t* k_head, const elem_t* v_head) {
+    using namespace mma_decode;
+#pragma unroll
+    for (int n = 0; n < kLoads; ++n) {
+      const bool ok = col_ok && n * kRowsPerPass < rows_left;
+      // rows 8 apart share a swizzle phase: then the offsets step by a constant
+      const int off = kRowsPerPass % 8 == 0
+                          ? swizzle_chunk<kChunks>(r0, ch) * 16 + n * kRowsPerPass * kChunks * 16
+                          : swizzle_chunk<kChunks>(r0 + n * kRowsPerPass, ch) * 16;
+      // a false copy writes zeros and reads nothing; its source is still a mapped address
+      cp_async_16(k_tile + off, ok ? k + n * k_pass : k_head, ok);
+      cp_async_16(v_tile + off, ok ? v + n * v_pass : v_head, ok);
+    }
+    k += k_step;
+    v += v_step;
+    rows_left -= kBlockN;
+  }
+};
+
+template <bool kMods>
+__device__ __forceinline__ void key_loop_stepped(const DecodeParams& p, const DecodeBlock& blk,
+                                                 const RowScores<2>& rs, unsigned char* smem,
+                                                 float (&m_i)[2], float (&l_i)[2],
+                                                 float (&acc)[mma_decode::kDT][4]) {
+  using namespace mma_decode;
+  const unsigned char* q_tile = smem;
+  unsigned char* k_ring = smem + kQBytes;
+  unsigned char* v_ring = k_ring + kStages * kTileBytes;
+  const elem_t* k_head = p.k + entry_offset(p, blk.b, p.stride_kb) + blk.h_kv * p.stride_kh;
+  const elem_t* v_head = p.v + entry_offset(p, blk.b, p.stride_vb) + blk.h_kv * p.stride_vh;
+  const int begin = blk.key_begin, end = blk.key_end;
+  const int tiles = end > begin ? (end - begin + kBlockN - 1) / kBlockN : 0;  // block-uniform
+  const int ch = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  SteppedCopies copies;
+  copies.k = k_head + (long long)(begin + r0) * p.stride_kn + ch * 8;
+  copies.v = v_head + (long long)(begin + r0) * p.stride_vn + ch * 8;
+  copies.k_pass = kRowsPerPass * p.stride_kn;
+  copies.v_pass = kRowsPerPass * p.stride_vn;
+  copies.k_step = kBlockN * p.stride_kn;
+  copies.v_step = kBlockN * p.stride_vn;
+  copies.rows_left = end - begin - r0;
+  copies.r0 = r0;
+  copies.ch = ch;
+  copies.col_ok = ch * 8 < p.head_dim;
+  // -- prologue: tiles 0 .. stages - 2 in flight (Q's copies ride in the first group)
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < tiles) copies.issue(k_ring + t * kTileBytes, v_ring + t * kTileBytes, k_head, v_head);
+    cp_async_commit();
+  }
+  int slot = 0, next_slot = kStages - 1;
+  for (int t = 0; t < tiles; ++t) {
+    cp_async_wait<kStages - 2>();  // tile t has landed (this thread's copies) ...
+    __syncthreads();  // ... everyone's; and every warp is done with tile t - 1's slot
+    if (t + kStages - 1 < tiles)  // refill the slot tile t - 1 used
+      copies.issue(k_ring + next_slot * kTileBytes, v_ring + next_slot * kTileBytes, k_head,
+                   v_head);
+    cp_async_commit();  // an empty group past the end keeps the wait count right
+    warp_tile<kMods>(q_tile, k_ring + slot * kTileBytes, v_ring + slot * kTileBytes,
+                     begin + t * kBlockN, end, rs, p.scale_q, m_i, l_i, acc);
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+    next_slot = next_slot + 1 == kStages ? 0 : next_slot + 1;
+  }
+}
+
+// The key loop the knobs ask for: the measured one when all are 0.
 template <bool kMods>
 __device__ __forceinline__ void run_key_loop(const DecodeParams& p, const DecodeBlock& blk,
                                              const RowScores<2>& rs, unsigned char* smem,
@@ -433,6 +521,11 @@ __device__ __forceinline__ void run_key_loop(const DecodeParams& p, const Decode
   const CacheRows cache = cache_rows(p, blk.b);
   if constexpr (kPageIds) {
     key_loop_candidate<kMods>(p, blk, rs, smem, page_id_lookup(cache), m_i, l_i, acc);
+  } else if constexpr (kStepAddr) {
+    if (cache.table == nullptr)  // block-uniform
+      key_loop_stepped<kMods>(p, blk, rs, smem, m_i, l_i, acc);
+    else
+      key_loop<kMods>(p, blk, rs, smem, m_i, l_i, acc);
   } else if constexpr (kL2Ahead > 0) {
     RowLookup rows;
     rows.cache = cache;

@@ -25,6 +25,7 @@ KNOB_SETS = {
     "pid": ({"page_ids": True}, {}),
     "l2a2_pid": ({"l2_ahead": 2, "page_ids": True}, {}),
     "r16x2": ({}, {128: 16}),
+    "sa": ({"step_addr": True}, {}),
 }
 
 

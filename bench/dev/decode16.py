@@ -20,6 +20,9 @@ shared memory are skipped. ``--help`` of decode_variants.py works without a GPU.
 Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu):
   l2a1 / l2a2   CF_L2_AHEAD: prefetch.global.L2 of the tiles 1 / 2 past the ring's newest
   pid           CF_PAGE_IDS: block_table loads a tile ahead without a dependent use
+  sa            CF_STEP_ADDR: a contiguous cache's copy addresses stepped a tile at a time
+                (session 17: 410 / 340 SASS instructions a warp a tile at 16 / 32 rows, d128,
+                against 617 / 456; not yet run on a GPU)
   b3            3 blocks per SM (170 registers a thread; the paged selection since session 16)
   b3_pid        b3 with pid (paged)
   r16x2         32 rows (q_len 8) as two 16-row tiles (decode._MMA_MAX_ROWS = {128: 16})
@@ -57,6 +60,7 @@ def _candidates(decode, rows: int) -> dict:
     out["l2a1"] = replace(base, l2_ahead=1)
     out["l2a2"] = replace(base, l2_ahead=2)
     out["pid"] = replace(base, page_ids=True)
+    out["sa"] = replace(base, step_addr=True)  # contiguous caches only (paged: the same loop)
     if base.rows == 16:
         out["b3"] = replace(base, min_blocks=3)
         out["b3_l2a1"] = replace(base, min_blocks=3, l2_ahead=1)
