@@ -30,6 +30,7 @@ from .replay import Replay, addresses
 from .decode_checks import (MAX_Q_LEN, MAX_SPLITS, PAGE_MULTIPLE,  # noqa: F401
                             DecodeProblem, DecodeShape, check_decode)
 from .interop import caller_stream, export_array, import_array
+from .archs import ARCH_SMEM_OPTIN
 from .specs import DeviceFacts
 
 __all__ = ["attention_with_kvcache"]
@@ -358,12 +359,15 @@ def _with_two_stages(spec: DecodeMmaSpec) -> tuple:
 
 def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
     """Every spec ``select_decode`` can return (for compile checks and warm-up); ``arch``:
-    only those for that arch (no tensor-core split before sm_80)."""
+    only those for that arch (no tensor-core split before sm_80, none above its opt-in
+    shared memory)."""
     simt = [DecodeSpec(dtype, d, r, *_KEYS[r][1 if dtype == "float32" else 0])
             for dtype in dtypes for d in HEAD_DIM_BUCKETS for r in ROW_BUCKETS]
     mma = [spec for dtype in dtypes if dtype != "float32" and _has_mma(arch)
            for d in HEAD_DIM_BUCKETS for r in MMA_ROW_BUCKETS if (d, r) in _MMA_TILES
            for paged in (False, True) for spec in _with_two_stages(mma_spec(dtype, d, r, paged))]
+    if arch is not None and arch in ARCH_SMEM_OPTIN:
+        mma = [spec for spec in mma if spec.smem_bytes <= ARCH_SMEM_OPTIN[arch]]
     return simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
 
 

@@ -1,9 +1,9 @@
 """Every decode spec (flash_decode.cu: append + split + combine; flash_decode_mma.cu: its
 tensor-core split with the same append and combine) compiles through NVRTC for sm_75, sm_80,
 sm_90 and sm_120 with zero register spills and no stack. SIMT specs fit 48 KB of shared
-memory; tensor-core specs (sm_80 and newer) the 99 KB an sm_86 / sm_89 / sm_120 block can opt
-in to, or, for a deeper ring, the 227 KB of an sm_90 block with its two-tile twin (the spec
-select_decode takes where the deeper ring does not fit, tested in test_decode.py) in the list.
+memory; tensor-core specs (sm_80 and newer) the arch's opt-in limit (all_decode_specs lists
+only those), and a deeper ring than 99 KB (sm_86 / sm_89 / sm_120's limit) has its two-tile
+twin in the list (the spec select_decode takes there, tested in test_decode.py).
 
 No GPU needed; about 210 small compilations (bfloat16 is not built for sm_75, which has
 none), a minute or two on 2 cores.
@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 
 from cuflash import compiler, decode
+from cuflash.archs import ARCH_SMEM_OPTIN
 
 try:
     from cupy_backends.cuda.libs import nvrtc  # noqa: F401
@@ -27,7 +28,6 @@ except ImportError:
 
 ARCHS = ["sm_75", "sm_80", "sm_90", "sm_120"]
 SMEM_OPTIN_SM120 = 99 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_86 / 89 / 120
-SMEM_OPTIN_SM90 = 227 * 1024
 
 
 def _dtypes(arch):
@@ -44,15 +44,11 @@ def test_every_decode_spec_compiles_without_spills(arch):
     functions = {(r.spec, r.function) for r in reports}
     assert len(functions) == 3 * len(work)  # flash_decode_append, _split and _combine
     names = {s.name for s in work}
-
-    def smem_cap(s):
-        if not isinstance(s, decode.DecodeMmaSpec):
-            return 48 * 1024
-        twin = replace(s, stages=2)
-        deep = s.stages > 2 and twin.name in names and twin.smem_bytes <= SMEM_OPTIN_SM120
-        return SMEM_OPTIN_SM90 if deep else SMEM_OPTIN_SM120
-
-    smem_cap = {s.name: smem_cap(s) for s in work}
+    for s in work:
+        if isinstance(s, decode.DecodeMmaSpec) and s.smem_bytes > SMEM_OPTIN_SM120:
+            assert replace(s, stages=2).name in names, s.name
+    smem_cap = {s.name: (ARCH_SMEM_OPTIN[arch] if isinstance(s, decode.DecodeMmaSpec)
+                         else 48 * 1024) for s in work}
     bad = [f"{r.spec}/{r.function}: {r.registers} regs, {r.spills} B spilled, "
            f"{r.stack_bytes} B stack, {r.dynamic_smem + r.static_smem} B smem"
            for r in reports
