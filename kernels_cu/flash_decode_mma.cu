@@ -430,38 +430,52 @@ __device__ __forceinline__ void key_loop_candidate(const DecodeParams& p, const 
 // -- candidate key loop (CF_STEP_ADDR): contiguous caches, copy addresses stepped ------------
 // Why: tile_rows and load_tile rebuild each copy's 64-bit source from its row index (a row
 // select, a 64-bit multiply, a select against the head pointer), kLoads x 2 copies a tile.
-// In the SASS of the 16-row d128 split (sm_90, NVRTC 13.0, session 17) the plain loop is
-// 927 instructions a warp a tile with 16 copies, the 32-row one 602 with 8: about 40
-// instructions a copy pair, ahead of the tile's mma in every warp's path. Here each thread
-// keeps the source of its first row and steps it by a tile's stride; the shared-memory
-// offsets are fixed per thread. Paged caches keep key_loop.
+// In the SASS of the d128 split (sm_90, NVRTC 13.0, session 17; the loop without score
+// modifiers, built for contiguous caches only) a warp issues 617 instructions a tile at 16
+// rows (16 copies) and 456 at 32 rows (8), ahead of the tile's mma in every warp's path.
+// Here each thread keeps the source of its first row and steps it by a tile's stride, with
+// fixed shared-memory offsets, and whole tiles skip the bounds tests: 359 and 321. Paged
+// caches keep key_loop.
 struct SteppedCopies {
   const elem_t* k;  // this thread's chunk of its first row in the next tile to issue
   const elem_t* v;
   long long k_pass, v_pass;  // elements between its copies of one tile (kRowsPerPass rows)
   long long k_step, v_step;  // elements per tile (kBlockN rows)
-  int rows_left;  // keys of the split from its first row of the next tile on
+  int keys_left;  // keys of the split from the next tile on (block-uniform)
   int r0, ch;  // its first row of a tile, its 16-byte chunk of a row
   bool col_ok;  // its chunk lies inside head_dim
 
-  // Issue the next tile into (k_tile, v_tile) and step to the one after.
+  // Issue the next tile into (k_tile, v_tile) and step to the one after. A whole tile
+  // inside the split (all but the last) needs no bounds test or source select a copy.
   __device__ __forceinline__ void issue(unsigned char* k_tile, unsigned char* v_tile,
                                         const elem_t* k_head, const elem_t* v_head) {
     using namespace mma_decode;
+    if (col_ok && keys_left >= kBlockN) {
 #pragma unroll
-    for (int n = 0; n < kLoads; ++n) {
-      const bool ok = col_ok && n * kRowsPerPass < rows_left;
-      // rows 8 apart share a swizzle phase: then the offsets step by a constant
-      const int off = kRowsPerPass % 8 == 0
-                          ? swizzle_chunk<kChunks>(r0, ch) * 16 + n * kRowsPerPass * kChunks * 16
-                          : swizzle_chunk<kChunks>(r0 + n * kRowsPerPass, ch) * 16;
-      // a false copy writes zeros and reads nothing; its source is still a mapped address
-      cp_async_16(k_tile + off, ok ? k + n * k_pass : k_head, ok);
-      cp_async_16(v_tile + off, ok ? v + n * v_pass : v_head, ok);
+      for (int n = 0; n < kLoads; ++n) {
+        cp_async_16(k_tile + offset(n), k + n * k_pass, true);
+        cp_async_16(v_tile + offset(n), v + n * v_pass, true);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kLoads; ++n) {
+        const bool ok = col_ok && r0 + n * kRowsPerPass < keys_left;
+        // a false copy writes zeros and reads nothing; its source is still a mapped address
+        cp_async_16(k_tile + offset(n), ok ? k + n * k_pass : k_head, ok);
+        cp_async_16(v_tile + offset(n), ok ? v + n * v_pass : v_head, ok);
+      }
     }
     k += k_step;
     v += v_step;
-    rows_left -= kBlockN;
+    keys_left -= kBlockN;
+  }
+  // Byte offset of copy n in a ring slot: rows 8 apart share a swizzle phase, so the
+  // offsets then step by a constant.
+  __device__ __forceinline__ int offset(int n) const {
+    using namespace mma_decode;
+    return kRowsPerPass % 8 == 0
+               ? swizzle_chunk<kChunks>(r0, ch) * 16 + n * kRowsPerPass * kChunks * 16
+               : swizzle_chunk<kChunks>(r0 + n * kRowsPerPass, ch) * 16;
   }
 };
 
@@ -486,7 +500,7 @@ __device__ __forceinline__ void key_loop_stepped(const DecodeParams& p, const De
   copies.v_pass = kRowsPerPass * p.stride_vn;
   copies.k_step = kBlockN * p.stride_kn;
   copies.v_step = kBlockN * p.stride_vn;
-  copies.rows_left = end - begin - r0;
+  copies.keys_left = end - begin;
   copies.r0 = r0;
   copies.ch = ch;
   copies.col_ok = ch * 8 < p.head_dim;

@@ -21,7 +21,7 @@ Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu):
   l2a1 / l2a2   CF_L2_AHEAD: prefetch.global.L2 of the tiles 1 / 2 past the ring's newest
   pid           CF_PAGE_IDS: block_table loads a tile ahead without a dependent use
   sa            CF_STEP_ADDR: a contiguous cache's copy addresses stepped a tile at a time
-                (session 17: 410 / 340 SASS instructions a warp a tile at 16 / 32 rows, d128,
+                (session 17: 359 / 321 SASS instructions a warp a tile at 16 / 32 rows, d128,
                 against 617 / 456; not yet run on a GPU)
   b3            3 blocks per SM (170 registers a thread; the paged selection since session 16)
   b3_pid        b3 with pid (paged)
