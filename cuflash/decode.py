@@ -344,15 +344,12 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     return DecodeSpec(dtype, d, r, keys, stages)
 
 
-# The smallest opt-in shared memory of a block among the tensor-core decode's archs (sm_86,
-# sm_89, sm_120: 99 KB).
-_SMALLEST_SMEM_OPTIN = 99 * 1024
-
-
 def _with_two_stages(spec: DecodeMmaSpec) -> tuple:
-    """spec, then, if some device may not hold it, the same with a ring of two tiles (a
-    smaller ring beats the SIMT kernel there)."""
-    if spec.stages == 2 or spec.smem_bytes <= _SMALLEST_SMEM_OPTIN:
+    """spec, then, if some arch's block cannot hold it (sm_86 / sm_89 / sm_120: 99 KB), the
+    same with a ring of two tiles: that keeps the tensor-core kernel there (not timed on
+    such a device)."""
+    smallest = min(v for arch, v in ARCH_SMEM_OPTIN.items() if _has_mma(arch))
+    if spec.stages == 2 or spec.smem_bytes <= smallest:
         return (spec,)
     return spec, replace(spec, stages=2)
 
