@@ -138,14 +138,16 @@ for stage in $stages; do
           $PY bench/dev/fwd_profile.py ${FWD_NCU_ARGS:---head-dim 256 --seqlen 4096 --causal}
       done ;;
     fwd_times)  # forward kernel durations alone (ncu, one metric: no replay), an older tree
-      # ($AB_OLD) and this one in alternating turns; FWD_TIMES_ARGS picks the problem (default
-      # the head_dim 256 causal forward at 16k, #10's A/B row furthest under the older tree)
+      # ($AB_OLD) and this one, three turns, the older first in odd turns; FWD_TIMES_ARGS picks
+      # the problem (default the head_dim 256 causal forward at 16k, #10's A/B row furthest
+      # under the older tree)
       for turn in 1 2 3; do
-        for tree in "${AB_OLD:-.old}" .; do
-          tag=$([ "$tree" = . ] && echo new || echo old)
+        order=$([ $((turn % 2)) = 1 ] && echo "old new" || echo "new old")
+        for tag in $order; do
+          tree=$([ "$tag" = new ] && echo . || echo "${AB_OLD:-.old}")
           run_stage "fwd_times_${tag}_$turn" env PYTHONPATH="$(realpath "$tree")" ncu \
-            --clock-control none --cache-control none --metrics gpu__time_duration.sum -k regex:flash_fwd -s 2 \
-            --csv $PY bench/dev/fwd_profile.py --calls 12 \
+            --clock-control none --cache-control none --metrics gpu__time_duration.sum \
+            -k regex:flash_fwd -s 2 --csv $PY bench/dev/fwd_profile.py --calls 12 \
             ${FWD_TIMES_ARGS:---head-dim 256 --seqlen 16384 --causal}
         done
       done ;;

@@ -344,12 +344,14 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     return DecodeSpec(dtype, d, r, keys, stages)
 
 
+# The least shared memory a block of a tensor-core arch can opt in to (sm_86 / 89 / 120).
+_SMALLEST_MMA_SMEM = min(v for arch, v in ARCH_SMEM_OPTIN.items() if _has_mma(arch))
+
+
 def _with_two_stages(spec: DecodeMmaSpec) -> tuple:
-    """spec, then, if some arch's block cannot hold it (sm_86 / sm_89 / sm_120: 99 KB), the
-    same with a ring of two tiles: that keeps the tensor-core kernel there (not timed on
-    such a device)."""
-    smallest = min(v for arch, v in ARCH_SMEM_OPTIN.items() if _has_mma(arch))
-    if spec.stages == 2 or spec.smem_bytes <= smallest:
+    """spec, then, if some arch's block cannot hold it, the same with a ring of two tiles:
+    that keeps the tensor-core kernel there (not timed on such a device)."""
+    if spec.stages == 2 or spec.smem_bytes <= _SMALLEST_MMA_SMEM:
         return (spec,)
     return spec, replace(spec, stages=2)
 

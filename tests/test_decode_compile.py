@@ -27,7 +27,7 @@ except ImportError:
                 allow_module_level=True)
 
 ARCHS = ["sm_75", "sm_80", "sm_90", "sm_120"]
-SMEM_OPTIN_SM120 = 99 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_86 / 89 / 120
+SMEM_OPTIN_SM120 = ARCH_SMEM_OPTIN["sm_120"]  # 99 KB, as sm_86 / sm_89
 
 
 def _dtypes(arch):
