@@ -281,9 +281,15 @@ _MMA_TILES = {
 # ran 2.25 TB/s against the 32-row block's 2.43 at (1, 32k, 8) (session 16). Empty: every row
 # bucket of _MMA_TILES is used.
 _MMA_MAX_ROWS: dict[int, int] = {}
-# DecodeMmaSpec's candidate knobs for every selected tensor-core spec, e.g. {"page_ids": True}
-# or {"l2_ahead": 1}. Empty: neither helped in session 16 (docs/decode.md).
-_MMA_KNOBS: dict = {}
+# Knobs of every contiguous tensor-core spec: a contiguous cache's copy addresses stepped a
+# tile at a time (CF_STEP_ADDR). H200, bf16 d128, 32 q heads, 8 kv heads, TB/s against the
+# plain loop (bench/dev/decode16.py, session 18 call 1): q_len 1 at (1, 32k) / (8, 8k) /
+# (32, 4k) / (64, 2k) 3.37 / 3.92 / 4.37 / 4.23 against 3.28 / 3.85 / 4.32 / 4.16; q_len 8
+# at (8, 8k) / (1, 32k) 3.22 / 2.81 against 2.79 / 2.54; MHA rows (SIMT) unchanged.
+_MMA_KNOBS: dict = {"step_addr": True}
+# Buckets (head_dim, rows) that keep the plain loop: step_addr spilled 8 B at (64, 32) on
+# sm_120 (3 blocks per SM, 168 registers; NVRTC 13.0), the only spill of any arch.
+_MMA_PLAIN_LOOP = {(64, 32)}
 # Resident blocks per SM for paged caches, where they differ from _MMA_TILES': a paged block
 # waits on its page-table loads before each tile, and a third block per SM covers the wait.
 # H200, bf16 d128, (8, 8k, 8 kv heads) GQA q_len 1, pages shuffled (bench/dev/decode16.py,
@@ -306,11 +312,21 @@ def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> Decod
     buckets = [b for b in MMA_ROW_BUCKETS if (d, b) in _MMA_TILES and b <= cap]
     r = next((b for b in buckets if rows <= b), buckets[-1])
     block_n, stages, warps, min_blocks = _MMA_TILES[d, r]
-    knobs = _MMA_KNOBS
+    knobs = mma_knobs(d, r, paged)
     if paged:
         min_blocks = _MMA_PAGED_MIN_BLOCKS.get((d, r), min_blocks)
-        knobs = {**_MMA_PAGED_KNOBS, **_MMA_KNOBS}
     return DecodeMmaSpec(dtype, d, block_n, stages, warps, min_blocks, r, **knobs)
+
+
+def mma_knobs(head_dim_bucket: int, rows_bucket: int, paged: bool = False) -> dict:
+    """The candidate knobs a selected tensor-core spec carries: a paged cache's own
+    (``_MMA_PAGED_KNOBS``; step_addr is contiguous-only), else ``_MMA_KNOBS`` less
+    step_addr where ``_MMA_PLAIN_LOOP`` says it spilled: pure."""
+    if paged:
+        return dict(_MMA_PAGED_KNOBS)
+    if (head_dim_bucket, rows_bucket) in _MMA_PLAIN_LOOP:
+        return {k: v for k, v in _MMA_KNOBS.items() if k != "step_addr"}
+    return dict(_MMA_KNOBS)
 
 
 def head_dim_bucket(head_dim: int) -> int:

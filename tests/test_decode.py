@@ -232,7 +232,8 @@ def test_spec_names_and_buckets():
     assert spec.name == "decode_fp32_d128_r4_k1_s2_b3_w4"
     spec = decode.select_decode("bfloat16", 72, 2)
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
-    assert decode.select_decode("bfloat16", 72, 3).name == "decode_bf16_d128_r16_n64_s2_b2_w4_mma"
+    assert decode.select_decode("bfloat16", 72, 3).name == \
+        "decode_bf16_d128_r16_n64_s2_b2_w4_mma_sa"
     # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, 11 more
     # for paged caches (decode._MMA_PAGED_KNOBS), and the two-tile twins of the 3-tile ring
     # (32 rows at head_dim 128; contiguous and paged) for 99-KB devices
@@ -296,7 +297,8 @@ def test_paged_gqa_takes_three_blocks_per_sm_and_loads_page_ids_ahead():
     128 runs 3 blocks per SM (its page-table waits covered), a contiguous one 2; the split
     count follows the spec's resident blocks. decode._MMA_PAGED_KNOBS: every paged
     tensor-core spec loads its page ids a tile ahead, and differs from the contiguous one
-    in that alone at the other buckets."""
+    in that (and the contiguous one's stepped addresses, decode._MMA_KNOBS) alone at the
+    other buckets."""
     from dataclasses import replace
 
     contiguous = _shape(8, 8192, 8)
@@ -304,12 +306,13 @@ def test_paged_gqa_takes_three_blocks_per_sm_and_loads_page_ids_ahead():
     flat = decode.plan_decode(contiguous, sm_count=132, facts=H200)
     pages = decode.plan_decode(paged, sm_count=132, facts=H200)
     assert flat.spec.min_blocks == 2 and pages.spec.min_blocks == 3
-    assert pages.spec == replace(flat.spec, min_blocks=3, page_ids=True)
-    assert not flat.spec.page_ids
+    assert pages.spec == replace(flat.spec, min_blocks=3, page_ids=True, step_addr=False)
+    assert not flat.spec.page_ids and flat.spec.step_addr
     assert (flat.num_splits, pages.num_splits) == (4, 6)  # session 16's measured splits
     for head_dim, rows in ((64, 16), (128, 32), (256, 16)):
         assert decode.select_decode("bfloat16", head_dim, rows, H200, paged=True) == \
-            replace(decode.select_decode("bfloat16", head_dim, rows, H200), page_ids=True)
+            replace(decode.select_decode("bfloat16", head_dim, rows, H200), page_ids=True,
+                    step_addr=False)
     assert pages.spec in decode.all_decode_specs()  # compiled and warmed with the others
 
 
@@ -430,3 +433,15 @@ def test_bad_paged_append_and_modifier_input(over, err, words):
         assert word in str(info.value), str(info.value)
     for name, a in before.items():  # nothing written, the caches included
         np.testing.assert_array_equal(args[name], a)
+
+
+def test_contiguous_tensor_core_specs_step_addresses_except_where_they_spilled():
+    """decode._MMA_KNOBS: contiguous tensor-core specs step their copy addresses
+    (CF_STEP_ADDR), paged ones never (the stepped loop reads a contiguous cache);
+    decode._MMA_PLAIN_LOOP keeps the plain loop at (64, 32), which spilled on sm_120."""
+    for spec in decode.all_decode_specs():
+        if isinstance(spec, decode.DecodeMmaSpec):
+            plain = spec.page_ids or (spec.head_dim, spec.rows) in decode._MMA_PLAIN_LOOP
+            assert spec.step_addr == (not plain), spec.name
+    assert not decode.select_decode("bfloat16", 64, 32).step_addr
+    assert decode.select_decode("bfloat16", 64, 16).step_addr
