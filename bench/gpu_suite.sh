@@ -7,6 +7,7 @@
 #                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
+#                                            exp2_fma
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -121,6 +122,13 @@ for stage in $stages; do
         tests/test_gpu_decode_candidates.py
       run_stage decode16 timeout "${DECODE16_TIMEOUT:-170}" $PY bench/dev/decode_variants.py \
         --decode16 --out "$OUT/results/decode16.json" ;;
+    exp2_fma)  # the Hopper forward's softmax with part of its exp2 on the FMA pipe
+      # (CF_EXP2_FMA): its float64-reference tests, then TFLOP/s against the selection and
+      # cuDNN (bench/dev/exp2_fma_ab.py; EXP2_FMA_ARGS, e.g. --values 0,2,4,6)
+      CUFLASH_POISON=1 run_stage exp2_fma_tests timeout "${EXP2_FMA_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_exp2_fma.py
+      run_stage exp2_fma timeout "${EXP2_FMA_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
+        --out "$OUT/results/exp2_fma.json" ${EXP2_FMA_ARGS:-} ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;

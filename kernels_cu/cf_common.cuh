@@ -225,6 +225,23 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 2^x for x <= 0 on the FMA and integer pipes, no SFU: x = n + f with n = floor(x) and f in
+// [0, 1); 2^f by a cubic with p(0) = 1 (a relative minimax fit, max relative error 8.6e-5 =
+// 2^-13.5 in float32, under a 16-bit P's rounding, 2^-9 / 2^-11); n added to p's exponent
+// field. x is clamped at -127 first (-inf included), where the exponent field comes out 0:
+// a denormal or +0, read as zero by every ftz op after it, so masked scores still give P = 0
+// and l = 0. Eight instructions in place of one SFU op: the forward's softmax takes it for
+// some of its scores (CF_EXP2_FMA) where the SFU, not the tensor cores, sets the pace
+// (FlashAttention-4 emulates part of its exp2s the same way on Blackwell).
+__device__ __forceinline__ float fma_exp2(float x) {
+  x = fmaxf(x, -127.f);
+  const float j = __fadd_rd(x, 12582912.f);  // 1.5 * 2^23 + floor(x): the low bits hold n
+  const float f = x - (j - 12582912.f);      // [0, 1), exact
+  const float p = fmaf(fmaf(fmaf(0.07706635445356369f, f, 0.22764573991298676f), f,
+                            0.6951166391372681f), f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));  // p * 2^n
+}
+
 // Reductions over the 4 lanes of a quad (lanes sharing a `group`): the lanes that hold
 // one accumulator row in the mma C layout.
 __device__ __forceinline__ float quad_max(float x) {

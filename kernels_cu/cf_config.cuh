@@ -53,6 +53,12 @@
 #define CF_VARLEN 0  // 1: packed sequences, rows found through cu_seqlens
 #endif
 
+// -- tuning ---------------------------------------------------------------------------------
+#ifndef CF_EXP2_FMA
+#define CF_EXP2_FMA 0  // forward softmax: of every 8 scores a lane holds per row, this many
+                       // take fma_exp2 (FMA pipe) instead of the SFU's ex2 (cf_fwd.cuh)
+#endif
+
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // hash of kernels_cu/: a cache key only, no code reads it
 #endif

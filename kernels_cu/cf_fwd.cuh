@@ -339,6 +339,9 @@ __device__ __forceinline__ void init_rows(float (&acc)[DT][4], float (&m_i)[2], 
 // The acc rescale is unconditional: skipping it behind a warp vote when every factor is 1
 // measured ~10% slower on an H100 (the branch splits the FMULs from the P V mma stream).
 //
+// CF_EXP2_FMA (0-8): of every 8 scores of a row in a lane (4 n-tiles), this many take
+// fma_exp2 (FMA pipe) instead of the SFU's ex2 (cf_common.cuh says when that pays).
+//
 // softmax_rows: the row update, in place (S becomes P); returns the rescale factors in alpha.
 template <int NT>
 __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&m_i)[2], float (&l_i)[2],
@@ -355,8 +358,11 @@ __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&m_i)[2],
     float sum = 0.f;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      s[t][2 * r] = fast_exp2(fmaf(s[t][2 * r], scale_log2, -base));
-      s[t][2 * r + 1] = fast_exp2(fmaf(s[t][2 * r + 1], scale_log2, -base));
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float x = fmaf(s[t][2 * r + c], scale_log2, -base);
+        s[t][2 * r + c] = ((t % 4) * 2 + c < CF_EXP2_FMA) ? fma_exp2(x) : fast_exp2(x);
+      }
       sum += s[t][2 * r] + s[t][2 * r + 1];
     }
     l_i[r] = l_i[r] * alpha[r] + sum;
