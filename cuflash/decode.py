@@ -163,6 +163,7 @@ class DecodeMmaSpec:
     l2_ahead: int = 0  # CF_L2_AHEAD: tiles past the ring prefetched into L2 (contiguous)
     page_ids: bool = False  # CF_PAGE_IDS: block_table loads a tile ahead, rows finished at use
     step_addr: bool = False  # CF_STEP_ADDR: contiguous caches' copy addresses stepped a tile
+    paged_step: int = 0  # CF_PAGED_STEP (with page_ids): mask of P = 1 / 2 / 4 pages a tile
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -178,6 +179,9 @@ class DecodeMmaSpec:
                              f"{16 * self.key_parts}, got {self.block_n}")
         if self.stages < 2:
             raise ValueError(f"stages: expected at least 2 (a ring), got {self.stages}")
+        if self.paged_step and not self.page_ids or not 0 <= self.paged_step <= 7:
+            raise ValueError(f"paged_step: a mask of 1 / 2 / 4 on the page-id loop (page_ids "
+                             f"on), got {self.paged_step} with page_ids {self.page_ids}")
 
     @property
     def name(self) -> str:
@@ -188,7 +192,8 @@ class DecodeMmaSpec:
     def _knob_suffix(self) -> str:
         """The candidate knobs that are on (none: the measured kernel's name)."""
         return ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") +
-                ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else ""))
+                ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else "") +
+                (f"_ps{self.paged_step}" if self.paged_step else ""))
 
     @property
     def threads(self) -> int:
@@ -225,7 +230,7 @@ class DecodeMmaSpec:
     @property
     def defines(self) -> dict[str, int]:
         knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
-                 "CF_STEP_ADDR": int(self.step_addr)}
+                 "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,

@@ -59,6 +59,9 @@
 #ifndef CF_STEP_ADDR  // 1: contiguous caches' copy addresses advance a tile's stride at a time
 #define CF_STEP_ADDR 0
 #endif
+#ifndef CF_PAGED_STEP  // with CF_PAGE_IDS, a mask of P in {1, 2, 4}: tiles of P whole pages (or
+#define CF_PAGED_STEP 0  // of one page) copy from P page bases a tile (key_loop_stepped)
+#endif
 #define CF_DECODE_MMA 1
 #include "flash_decode.cu"
 
@@ -92,6 +95,7 @@ enum : int {
   kRowLines = (kDim + kLineElems - 1) / kLineElems,  // lines per K (or V) row
   kPageIds = CF_PAGE_IDS,
   kStepAddr = CF_STEP_ADDR,
+  kPagedStep = CF_PAGED_STEP,
 };
 static_assert(kTileRows % 16 == 0 && kWarps % kBands == 0, "CF_ROWS: bands of 16 over warps");
 static_assert(kWarpKeys % 16 == 0, "CF_BLOCK_N: 16 keys per warp at least (one mma K step)");
@@ -469,6 +473,33 @@ struct SteppedCopies {
     v += v_step;
     keys_left -= kBlockN;
   }
+  // The same for a paged tile at key0: copy n from its page slot's base (TilePages).
+  template <class Pages>
+  __device__ __forceinline__ void issue_paged(unsigned char* k_tile, unsigned char* v_tile,
+                                              const elem_t* k_head, const elem_t* v_head,
+                                              const Pages& pages, int key0, long long stride_kn,
+                                              long long stride_vn) {
+    using namespace mma_decode;
+    constexpr int kSlots = Pages::kSlots;
+    const elem_t* k_base[kSlots];
+    const elem_t* v_base[kSlots];
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      const long long row = pages.slot_row(s, key0) + r0;
+      k_base[s] = k_head + row * stride_kn + ch * 8;
+      v_base[s] = v_head + row * stride_vn + ch * 8;
+    }
+    constexpr int kSlotRows = kBlockN / kSlots;
+    const bool whole = col_ok && keys_left >= kBlockN;
+#pragma unroll
+    for (int n = 0; n < kLoads; ++n) {
+      const int s = n * kRowsPerPass / kSlotRows, rows_in = n * kRowsPerPass % kSlotRows;
+      const bool ok = whole || (col_ok && r0 + n * kRowsPerPass < keys_left);
+      cp_async_16(k_tile + offset(n), ok ? k_base[s] + rows_in * stride_kn : k_head, ok);
+      cp_async_16(v_tile + offset(n), ok ? v_base[s] + rows_in * stride_vn : v_head, ok);
+    }
+    keys_left -= kBlockN;
+  }
   // Byte offset of copy n in a ring slot: rows 8 apart share a swizzle phase, so the
   // offsets then step by a constant.
   __device__ __forceinline__ int offset(int n) const {
@@ -479,14 +510,62 @@ struct SteppedCopies {
   }
 };
 
+// -- candidate (CF_PAGED_STEP): SteppedCopies on a paged cache ------------------------------
+// A tile of P pages (P = kBlockN / page_size; 1 when page_size is a multiple of kBlockN) whose
+// first key starts a page (P > 1) or whose keys lie in one page (P = 1): copy n of a thread
+// (row r0 + n * kRowsPerPass, r0 < kRowsPerPass) then sits in page slot n * kRowsPerPass /
+// (kBlockN / P) at a fixed row of that page whenever page_size is a multiple of kRowsPerPass.
+// So a tile needs P block_table loads (issued a tile ahead, as CF_PAGE_IDS does) and P bases
+// per operand; the copies are the bases plus fixed row offsets, where PageIdLookup finishes
+// every copy's row from its own page id. Other page sizes and unaligned splits (a window can
+// clip a split's first key) keep CF_PAGE_IDS's loop.
+template <int P>
+struct TilePages {
+  enum : int { kPaged = 1, kSlots = P, kPageRows = mma_decode::kBlockN / P };  // slot rows
+  CacheRows cache;
+  int shift;  // log2(page_size), or -1
+  int id[P];  // raw block_table entries of the next tile to issue
+
+  // Whether a block's split can take this loop (block-uniform).
+  __device__ __forceinline__ static bool fits(const CacheRows& c, int begin) {
+    using namespace mma_decode;
+    const int ps = c.page_size;
+    if (ps % kRowsPerPass != 0) return false;
+    return P == 1 ? ps % kBlockN == 0 && begin % kBlockN == 0 : ps == kPageRows && begin % ps == 0;
+  }
+  __device__ __forceinline__ int page_of(int key) const {
+    return shift >= 0 ? key >> shift : key / cache.page_size;
+  }
+  __device__ __forceinline__ void look(int key0, int key_end) {
+#pragma unroll
+    for (int s = 0; s < P; ++s) id[s] = __ldg(cache.table + page_of(min(key0 + s * kPageRows,
+                                                                        key_end - 1)));
+  }
+  // The cache row of slot s's first tile row (tile starting at key0).
+  __device__ __forceinline__ long long slot_row(int s, int key0) const {
+    const int page = min(max(id[s], 0), cache.num_pages - 1);
+    const int in_page = P > 1 ? 0 : (shift >= 0 ? key0 & (cache.page_size - 1)
+                                                : key0 % cache.page_size);
+    return (long long)page * cache.page_size + in_page;
+  }
+};
+
+// Contiguous caches: SteppedCopies steps its own sources.
+struct NoPages {
+  enum : int { kPaged = 0 };
+  __device__ __forceinline__ static bool fits(const CacheRows&, int) { return true; }
+};
+
 // Its set-up and ring loop mirror key_loop's. Sharing them through one helper changed the PTX
 // of 24 measured decode specs (session 17), so the fold waits until a GPU can time both.
-template <bool kMods>
+// Pages: NoPages (contiguous) or TilePages<P>, whose bases are set before each tile's copies.
+template <bool kMods, class Pages>
 __device__ __forceinline__ void key_loop_stepped(const DecodeParams& p, const DecodeBlock& blk,
                                                  const RowScores<2>& rs, unsigned char* smem,
-                                                 float (&m_i)[2], float (&l_i)[2],
+                                                 Pages pages, float (&m_i)[2], float (&l_i)[2],
                                                  float (&acc)[mma_decode::kDT][4]) {
   using namespace mma_decode;
+  constexpr bool kPaged = Pages::kPaged != 0;
   const unsigned char* q_tile = smem;
   unsigned char* k_ring = smem + kQBytes;
   unsigned char* v_ring = k_ring + kStages * kTileBytes;
@@ -506,10 +585,24 @@ __device__ __forceinline__ void key_loop_stepped(const DecodeParams& p, const De
   copies.r0 = r0;
   copies.ch = ch;
   copies.col_ok = ch * 8 < p.head_dim;
+  // The next tile u's copies into (k_tile, v_tile); paged: its page bases first, then the
+  // page ids of tile u + 1 requested (used a tile of compute later).
+  const auto issue = [&](int u, unsigned char* k_tile, unsigned char* v_tile) {
+    if constexpr (kPaged) {
+      const int key0 = begin + u * kBlockN;
+      copies.issue_paged(k_tile, v_tile, k_head, v_head, pages, key0, p.stride_kn, p.stride_vn);
+      if (u + 1 < tiles) pages.look(key0 + kBlockN, end);
+    } else {
+      copies.issue(k_tile, v_tile, k_head, v_head);
+    }
+  };
+  if constexpr (kPaged) {
+    if (tiles > 0) pages.look(begin, end);
+  }
   // -- prologue: tiles 0 .. stages - 2 in flight (Q's copies ride in the first group)
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < tiles) copies.issue(k_ring + t * kTileBytes, v_ring + t * kTileBytes, k_head, v_head);
+    if (t < tiles) issue(t, k_ring + t * kTileBytes, v_ring + t * kTileBytes);
     cp_async_commit();
   }
   int slot = 0, next_slot = kStages - 1;
@@ -517,8 +610,7 @@ __device__ __forceinline__ void key_loop_stepped(const DecodeParams& p, const De
     cp_async_wait<kStages - 2>();  // tile t has landed (this thread's copies) ...
     __syncthreads();  // ... everyone's; and every warp is done with tile t - 1's slot
     if (t + kStages - 1 < tiles)  // refill the slot tile t - 1 used
-      copies.issue(k_ring + next_slot * kTileBytes, v_ring + next_slot * kTileBytes, k_head,
-                   v_head);
+      issue(t + kStages - 1, k_ring + next_slot * kTileBytes, v_ring + next_slot * kTileBytes);
     cp_async_commit();  // an empty group past the end keeps the wait count right
     warp_tile<kMods>(q_tile, k_ring + slot * kTileBytes, v_ring + slot * kTileBytes,
                      begin + t * kBlockN, end, rs, p.scale_q, m_i, l_i, acc);
@@ -536,10 +628,25 @@ __device__ __forceinline__ void run_key_loop(const DecodeParams& p, const Decode
   using namespace mma_decode;
   const CacheRows cache = cache_rows(p, blk.b);
   if constexpr (kPageIds) {
+    if constexpr (kPagedStep != 0) {  // block-uniform choices; P = 4 / 2 / 1 pages a tile
+      if (cache.table != nullptr) {
+        const int shift = (cache.page_size & (cache.page_size - 1)) == 0 && cache.page_size > 0
+                              ? __ffs(cache.page_size) - 1 : -1;
+        if ((kPagedStep & 4) && TilePages<4>::fits(cache, blk.key_begin))
+          return key_loop_stepped<kMods>(p, blk, rs, smem, TilePages<4>{cache, shift}, m_i, l_i,
+                                         acc);
+        if ((kPagedStep & 2) && TilePages<2>::fits(cache, blk.key_begin))
+          return key_loop_stepped<kMods>(p, blk, rs, smem, TilePages<2>{cache, shift}, m_i, l_i,
+                                         acc);
+        if ((kPagedStep & 1) && TilePages<1>::fits(cache, blk.key_begin))
+          return key_loop_stepped<kMods>(p, blk, rs, smem, TilePages<1>{cache, shift}, m_i, l_i,
+                                         acc);
+      }
+    }
     key_loop_candidate<kMods>(p, blk, rs, smem, page_id_lookup(cache), m_i, l_i, acc);
   } else if constexpr (kStepAddr) {
     if (cache.table == nullptr)  // block-uniform
-      key_loop_stepped<kMods>(p, blk, rs, smem, m_i, l_i, acc);
+      key_loop_stepped<kMods>(p, blk, rs, smem, NoPages{}, m_i, l_i, acc);
     else
       key_loop<kMods>(p, blk, rs, smem, m_i, l_i, acc);
   } else if constexpr (kL2Ahead > 0) {

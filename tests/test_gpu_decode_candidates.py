@@ -20,12 +20,14 @@ except ImportError:  # tests/ collected as a package
 
 pytestmark = pytest.mark.gpu
 
+# name -> (contiguous knobs, rows cap, paged knobs): decode._MMA_KNOBS, _MMA_MAX_ROWS and
+# _MMA_PAGED_KNOBS while the set's tests run
 KNOB_SETS = {
-    "l2a1": ({"l2_ahead": 1}, {}),
-    "pid": ({"page_ids": True}, {}),
-    "l2a2_pid": ({"l2_ahead": 2, "page_ids": True}, {}),
-    "r16x2": ({}, {128: 16}),
-    "sa": ({"step_addr": True}, {}),
+    "pid": ({"page_ids": True}, {}, {"page_ids": True}),
+    "r16x2": ({}, {128: 16}, {"page_ids": True}),
+    "sa": ({"step_addr": True}, {}, {"page_ids": True}),
+    "ps1": ({"step_addr": True}, {}, {"page_ids": True, "paged_step": 1}),
+    "ps7": ({"step_addr": True}, {}, {"page_ids": True, "paged_step": 7}),
 }
 
 
@@ -38,10 +40,11 @@ def precompile():
 
     from cuflash import compiler
 
-    work = {replace(decode.mma_spec(dtype, d, r), **spec_knobs) if not max_rows else
-            decode.mma_spec(dtype, d, min(r, max_rows.get(d, r)))
-            for spec_knobs, max_rows in KNOB_SETS.values()
-            for dtype in {_dtype()} for d in (64, 128, 256) for r in (16, 32, 64)}
+    work = {replace(decode.mma_spec(dtype, d, min(r, max_rows.get(d, r)), paged),
+                    **(paged_knobs if paged else spec_knobs))
+            for spec_knobs, max_rows, paged_knobs in KNOB_SETS.values()
+            for dtype in {_dtype()} for d in (64, 128, 256) for r in (16, 32, 64)
+            for paged in (False, True)}
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
         list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
 
@@ -54,10 +57,11 @@ def _forget_plans():
 
 @pytest.fixture(params=list(KNOB_SETS), autouse=True)
 def knobs(request, monkeypatch):
-    spec_knobs, max_rows = KNOB_SETS[request.param]
+    spec_knobs, max_rows, paged_knobs = KNOB_SETS[request.param]
     monkeypatch.setenv("CUFLASH_POISON", "1")
     monkeypatch.setattr(decode, "_MMA_KNOBS", spec_knobs)
     monkeypatch.setattr(decode, "_MMA_MAX_ROWS", max_rows)
+    monkeypatch.setattr(decode, "_MMA_PAGED_KNOBS", paged_knobs)
     _forget_plans()
     yield request.param
     _forget_plans()
@@ -70,7 +74,7 @@ def _dtype():
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("q_len, group", [(1, 4), (2, 4), (8, 4), (8, 8)])
 def test_candidate_tensor_core_rows(q_len, group, head_dim, knobs):
-    spec_knobs, max_rows = KNOB_SETS[knobs]
+    spec_knobs, max_rows, _ = KNOB_SETS[knobs]
     shape = decode.DecodeShape(2, q_len, 3001, 2 * group, 2, head_dim, _dtype())
     plan = decode.decode_plan(shape, None, 0)
     expected = decode.mma_knobs(plan.spec.head_dim, plan.spec.rows)  # less spilling buckets
@@ -79,9 +83,14 @@ def test_candidate_tensor_core_rows(q_len, group, head_dim, knobs):
     base.test_gpu_tensor_core_rows(q_len, group, head_dim, _dtype())
 
 
-@pytest.mark.parametrize("page_size", [16, 64, 256])
+@pytest.mark.parametrize("page_size", [16, 32, 64, 256])
 @pytest.mark.parametrize("heads, heads_kv, q_len", [(8, 2, 1), (8, 2, 3), (16, 2, 8)])
-def test_candidate_paged_long_caches(page_size, heads, heads_kv, q_len):
+def test_candidate_paged_long_caches(page_size, heads, heads_kv, q_len, knobs):
+    _, _, paged_knobs = KNOB_SETS[knobs]
+    shape = decode.DecodeShape(2, q_len, 3001, heads, heads_kv, 128, _dtype(), page_size)
+    spec = decode.decode_plan(shape, None, 0).spec
+    if isinstance(spec, decode.DecodeMmaSpec):
+        assert all(getattr(spec, k) == v for k, v in paged_knobs.items()), spec.name
     base.test_gpu_paged_long_caches(page_size, heads, heads_kv, q_len)
 
 
@@ -96,3 +105,16 @@ def test_candidate_modifiers_on_long_caches(mods, q_len, heads):
 
 def test_poison_is_on():
     assert os.environ.get("CUFLASH_POISON") == "1"
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("window", [(300, 0), (1000, 0), None], ids=["w300", "w1000", "full"])
+def test_candidate_paged_windows(page_size, window):
+    """A window clips a split's first key off a tile boundary: the paged stepped loop
+    (CF_PAGED_STEP) must fall back to the page-id loop there, and take the aligned splits."""
+    dtype = _dtype()
+    case = dict(batch=2, q_len=2, heads=16, heads_kv=4, head_dim=128, seqlen_cache=6000,
+                cache_seqlens=[6000, 2501], causal=True, dtype=dtype, num_splits=None,
+                softmax_scale=None, seed=5, page_size=page_size, seqlen_new=0, window=window,
+                softcap=None, alibi=None)
+    base._run_kvcache(case)

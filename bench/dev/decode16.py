@@ -17,17 +17,17 @@ against contiguous), then timed as decode_variants.py times: the CUDA-event medi
 ``reps`` replays of a CUDA graph of 10 calls. Specs that spill or do not fit the device's
 shared memory are skipped. ``--help`` of decode_variants.py works without a GPU.
 
-Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu):
-  l2a1 / l2a2   CF_L2_AHEAD: prefetch.global.L2 of the tiles 1 / 2 past the ring's newest
-  pid           CF_PAGE_IDS: block_table loads a tile ahead without a dependent use
-  sa            CF_STEP_ADDR: a contiguous cache's copy addresses stepped a tile at a time
-                (session 17: 359 / 321 SASS instructions a warp a tile at 16 / 32 rows, d128,
-                against 617 / 456; not yet run on a GPU)
-  b3            3 blocks per SM (170 registers a thread; the paged selection since session 16)
-  b3_pid        b3 with pid (paged)
-  r16x2         32 rows (q_len 8) as two 16-row tiles (decode._MMA_MAX_ROWS = {128: 16})
-  s2 / s3 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 3 / 4 tiles (3 selected since
-                session 17), or two 4-warp blocks a SM with 2 / 3 (session 16)
+Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu). The selection
+steps a contiguous cache's copy addresses (CF_STEP_ADDR, session 18); earlier candidates and
+their numbers are in docs/decode.md.
+  plain         the selection without CF_STEP_ADDR
+  paged_sel     a paged call's selection: CF_PAGE_IDS and 3 blocks per SM
+  ps1 / ps3 / ps7, b3_ps1 / b3_ps3 / b3_ps7
+                CF_PAGED_STEP (mask of P = 1 / 2 / 4 pages a tile) on the page-id loop at 2 /
+                3 blocks per SM: tiles of whole pages copy from P page bases (pages of 16 / 32
+                at P = 4 / 2, of >= 64 at P = 1); session 18, not yet run on a GPU
+  s2 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 4 tiles (3 selected since session 17), or
+                two 4-warp blocks a SM with 2 / 3
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ GQA_ROWS = [(1, 32768, 8), (8, 8192, 8), (32, 4096, 8), (64, 2048, 8)]
 ANCHOR_ROWS = [(1, 32768, 32), (8, 8192, 32)]
 QLEN_ROWS = [(8, 8192, 8), (1, 32768, 8)]
 QLENS = (2, 4, 8)
-PAGED_ROW, PAGE_SIZES = (8, 8192, 8), (16, 64, 256)
+PAGED_ROW, PAGE_SIZES = (8, 8192, 8), (16, 32, 64, 256)
 TOLERANCE = 2e-2
 
 
@@ -57,22 +57,15 @@ def _candidates(decode, rows: int) -> dict:
     out = {"selected": base}
     if not isinstance(base, decode.DecodeMmaSpec):
         return out
-    out["l2a1"] = replace(base, l2_ahead=1)
-    out["l2a2"] = replace(base, l2_ahead=2)
-    out["pid"] = replace(base, page_ids=True)
-    out["sa"] = replace(base, step_addr=True)  # contiguous caches only (paged: the same loop)
+    out["plain"] = replace(base, step_addr=False)  # the loop before session 18
     if base.rows == 16:
-        out["b3"] = replace(base, min_blocks=3)
-        out["b3_l2a1"] = replace(base, min_blocks=3, l2_ahead=1)
-        out["b3_pid"] = replace(base, min_blocks=3, page_ids=True)  # paged: both that helped
-    if base.rows == 32:  # q_len 8 of group 4: two 16-row tiles instead of one 32-row block
-        r16 = decode.DecodeMmaSpec(DTYPE, HEAD_DIM, *decode._MMA_TILES[HEAD_DIM, 16], rows=16)
-        out["r16x2"] = r16
-        out["r16x2_l2a1"] = replace(r16, l2_ahead=1)
-        # more bytes in flight a SM than one 8-warp block's two 32 KB tiles: a deeper ring,
-        # or two 4-warp blocks (two bands x two key parts of 32 keys each)
+        paged = decode.mma_spec(DTYPE, HEAD_DIM, rows, paged=True)  # a paged call's selection
+        out["paged_sel"] = paged
+        for mask in (1, 3, 7):
+            out[f"ps{mask}"] = replace(paged, min_blocks=2, paged_step=mask)
+            out[f"b3_ps{mask}"] = replace(paged, min_blocks=3, paged_step=mask)
+    if base.rows == 32:  # q_len 8 of group 4: more bytes in flight than one 8-warp block's
         out["s2"] = replace(base, stages=2)  # the selection until session 17 (now 3)
-        out["s3"] = replace(base, stages=3)
         out["s4"] = replace(base, stages=4)
         out["w4b2"] = replace(base, warps=4, min_blocks=2, stages=2)
         out["w4b2_s3"] = replace(base, warps=4, min_blocks=2, stages=3)
