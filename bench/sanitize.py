@@ -324,6 +324,12 @@ DECODE_CASES = (
          seqlen_new=2, page_size=32, num_splits=3, softcap=5.0, alibi="heads"),
     dict(batch=1, q_len=1, heads=16, heads_kv=1, seqlen_cache=300, cache_seqlens=None,
          num_splits=None),
+    # pages of one tile (64 keys at head_dim 128: the paged stepped loop with P = 1) and of a
+    # quarter tile (16: P = 4), ragged lengths, two splits
+    dict(batch=2, q_len=1, heads=8, heads_kv=2, seqlen_cache=512, cache_seqlens=[500, 130],
+         page_size=64, num_splits=2),
+    dict(batch=2, q_len=1, heads=8, heads_kv=2, seqlen_cache=512, cache_seqlens=[500, 130],
+         page_size=16, num_splits=2),
 )
 
 

@@ -295,18 +295,27 @@ _MMA_KNOBS: dict = {"step_addr": True}
 # Buckets (head_dim, rows) that keep the plain loop: step_addr spilled 8 B at (64, 32) on
 # sm_120 (3 blocks per SM, 168 registers; NVRTC 13.0), the only spill of any arch.
 _MMA_PLAIN_LOOP = {(64, 32)}
-# Resident blocks per SM for paged caches, where they differ from _MMA_TILES': a paged block
-# waits on its page-table loads before each tile, and a third block per SM covers the wait.
-# H200, bf16 d128, (8, 8k, 8 kv heads) GQA q_len 1, pages shuffled (bench/dev/decode16.py,
-# session 16, call F), TB/s 3 / 2 blocks: pages of 16 3.17 / 2.96, 64 3.45 / 3.17, 256 3.41 /
-# 3.19 (contiguous 3.77 with 2, 3.67 with 3: contiguous keeps 2).
-_MMA_PAGED_MIN_BLOCKS = {(128, 16): 3}
-# Knobs of every paged tensor-core spec: the page-table loads a tile ahead (CF_PAGE_IDS). With
-# 3 blocks per SM, same problem, pages of 16 / 64 / 256 (session 17 call 3, contiguous 3.75):
-# 3.47 / 3.52 / 3.52 TB/s against 3.17 / 3.42 / 3.43 without; with 2 blocks 3.18 / 3.24 /
-# 3.24 against 2.95 / 3.16 / 3.22. Timed at that bucket only; the float64-reference tests
-# ran it at head_dim 64 / 128 / 256 and 16 / 32 / 64 rows (tests/test_gpu_decode_candidates).
+# Resident blocks per SM for paged caches, where they differ from _MMA_TILES'. Empty since
+# session 18: the page-id loop ran 3 blocks at (128, 16) to cover its page-table waits (H200,
+# bf16 d128, (8, 8k, 8 kv heads) q_len 1, pages shuffled, session 16 call F: pages of 16 / 64
+# / 256 at 3.17 / 3.45 / 3.41 TB/s against 2.96 / 3.17 / 3.19 with 2), and the paged stepped
+# loop below runs best at 2 (and spills at 3 with every P).
+_MMA_PAGED_MIN_BLOCKS: dict = {}
+# Knobs of every paged tensor-core spec: the page-table loads a tile ahead (CF_PAGE_IDS), and
+# where the pages allow, a tile's copies from P page bases (CF_PAGED_STEP, a mask of P = 1 /
+# 2 / 4: page_size a multiple of block_n, or block_n / 2 or block_n / 4, and a multiple of the
+# rows a block copies a pass; other page sizes and window-clipped splits keep the page-id
+# loop). H200, bf16 d128, (8, 8k, 8 kv heads) q_len 1, pages shuffled, 2 blocks per SM,
+# session 18 call 3 (contiguous 3.77 TB/s): pages of 16 / 32 / 64 / 256 at 3.71 / 3.75 / 3.66
+# / 3.69 (0.97-0.99x) with mask 7, against 3.49 / 3.52 / 3.48 / 3.50 (0.92-0.93x) for the
+# page-id loop at 3 blocks, the selection until then. Session 17 call 3 had timed the page-id
+# loads alone: 3.47 / 3.52 / 3.52 against 3.17 / 3.42 / 3.43 without.
 _MMA_PAGED_KNOBS = {"page_ids": True}
+_MMA_PAGED_STEP_MASK = 7
+# Buckets (head_dim, rows) whose mask is smaller, where mask 7 spilled on some arch (NVRTC
+# 13.0, sm_80 / 86 / 89 / 90 / 120; the table is in docs/decode.md, session 18). 0: the
+# page-id loop alone.
+_MMA_PAGED_STEP_MASKS = {(64, 32): 0, (128, 64): 0, (256, 16): 3, (256, 32): 3}
 
 
 def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> DecodeMmaSpec:
@@ -325,10 +334,11 @@ def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> Decod
 
 def mma_knobs(head_dim_bucket: int, rows_bucket: int, paged: bool = False) -> dict:
     """The candidate knobs a selected tensor-core spec carries: a paged cache's own
-    (``_MMA_PAGED_KNOBS``; step_addr is contiguous-only), else ``_MMA_KNOBS`` less
+    (``_MMA_PAGED_KNOBS`` and the bucket's paged_step mask; step_addr is contiguous-only), else ``_MMA_KNOBS`` less
     step_addr where ``_MMA_PLAIN_LOOP`` says it spilled: pure."""
     if paged:
-        return dict(_MMA_PAGED_KNOBS)
+        mask = _MMA_PAGED_STEP_MASKS.get((head_dim_bucket, rows_bucket), _MMA_PAGED_STEP_MASK)
+        return {**_MMA_PAGED_KNOBS, **({"paged_step": mask} if mask else {})}
     if (head_dim_bucket, rows_bucket) in _MMA_PLAIN_LOOP:
         return {k: v for k, v in _MMA_KNOBS.items() if k != "step_addr"}
     return dict(_MMA_KNOBS)

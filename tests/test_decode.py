@@ -292,27 +292,26 @@ def test_plan_counts_the_tensor_core_blocks():
     assert plan.spec.rows == 64 and plan.row_tiles == 1
 
 
-def test_paged_gqa_takes_three_blocks_per_sm_and_loads_page_ids_ahead():
-    """decode._MMA_PAGED_MIN_BLOCKS: a paged cache's 16-row tensor-core split at head_dim
-    128 runs 3 blocks per SM (its page-table waits covered), a contiguous one 2; the split
-    count follows the spec's resident blocks. decode._MMA_PAGED_KNOBS: every paged
-    tensor-core spec loads its page ids a tile ahead, and differs from the contiguous one
-    in that (and the contiguous one's stepped addresses, decode._MMA_KNOBS) alone at the
-    other buckets."""
+def test_paged_specs_load_page_ids_ahead_and_step_through_pages():
+    """decode._MMA_PAGED_KNOBS and the paged_step masks: every paged tensor-core spec loads
+    its page ids a tile ahead and, but where the mask is 0, copies tiles of whole pages from
+    page bases (CF_PAGED_STEP); it differs from the contiguous spec in those knobs alone
+    (and the contiguous one's stepped addresses, decode._MMA_KNOBS). Both run the blocks per
+    SM of _MMA_TILES (decode._MMA_PAGED_MIN_BLOCKS is empty since session 18)."""
     from dataclasses import replace
 
     contiguous = _shape(8, 8192, 8)
     paged = replace(contiguous, page_size=64)
     flat = decode.plan_decode(contiguous, sm_count=132, facts=H200)
     pages = decode.plan_decode(paged, sm_count=132, facts=H200)
-    assert flat.spec.min_blocks == 2 and pages.spec.min_blocks == 3
-    assert pages.spec == replace(flat.spec, min_blocks=3, page_ids=True, step_addr=False)
+    assert flat.spec.min_blocks == pages.spec.min_blocks == 2
+    assert pages.spec == replace(flat.spec, page_ids=True, paged_step=7, step_addr=False)
     assert not flat.spec.page_ids and flat.spec.step_addr
-    assert (flat.num_splits, pages.num_splits) == (4, 6)  # session 16's measured splits
-    for head_dim, rows in ((64, 16), (128, 32), (256, 16)):
+    assert flat.num_splits == pages.num_splits == 4
+    for head_dim, rows, mask in ((64, 16, 7), (128, 32, 7), (256, 16, 3), (128, 64, 0)):
+        contiguous_spec = decode.select_decode("bfloat16", head_dim, rows, H200)
         assert decode.select_decode("bfloat16", head_dim, rows, H200, paged=True) == \
-            replace(decode.select_decode("bfloat16", head_dim, rows, H200), page_ids=True,
-                    step_addr=False)
+            replace(contiguous_spec, page_ids=True, paged_step=mask, step_addr=False)
     assert pages.spec in decode.all_decode_specs()  # compiled and warmed with the others
 
 
@@ -443,5 +442,7 @@ def test_contiguous_tensor_core_specs_step_addresses_except_where_they_spilled()
         if isinstance(spec, decode.DecodeMmaSpec):
             plain = spec.page_ids or (spec.head_dim, spec.rows) in decode._MMA_PLAIN_LOOP
             assert spec.step_addr == (not plain), spec.name
+            assert bool(spec.paged_step) == (spec.page_ids and decode._MMA_PAGED_STEP_MASKS.get(
+                (spec.head_dim, spec.rows), 7) != 0), spec.name
     assert not decode.select_decode("bfloat16", 64, 32).step_addr
     assert decode.select_decode("bfloat16", 64, 16).step_addr
