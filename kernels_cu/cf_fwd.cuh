@@ -304,20 +304,14 @@ struct FwdQueryTile {
   __device__ __forceinline__ bool needs_mask(int j) const {
     return (j + 1) * BLOCK_N > full_end || (CF_LOCAL && j * BLOCK_N < full_begin);
   }
-  // The raw scores of key tile j (C layout): modified, then masked where needed; with softcap
-  // in units of the cap (cf_mask.cuh's apply_in_cap_units), so the softmax takes
-  // softmax_scale(scale_log2). rows: the caller's RowBounds(mask, row0), kept out of this
-  // struct: its arrays, indexed in loops not yet unrolled, would keep the whole struct in
-  // memory until late and change the code.
+  // The raw scores of key tile j (C layout): modified, then masked where needed. rows: the
+  // caller's RowBounds(mask, row0), kept out of this struct: its arrays, indexed in loops not
+  // yet unrolled, would keep the whole struct in memory until late and change the code.
   template <int NT>
   __device__ __forceinline__ void modify_and_mask(float (&s)[NT][4], int j,
                                                   const RowBounds& rows) const {
-    modify_s_in_cap_units(s, mods, row0, j * BLOCK_N + 2 * tig);
+    modify_s(s, mods, row0, j * BLOCK_N + 2 * tig);
     if (needs_mask(j)) mask_s(s, j * BLOCK_N + 2 * tig, rows);
-  }
-  // The softmax's scale for modify_and_mask's scores (scale_log2 without softcap).
-  __device__ __forceinline__ float softmax_scale(float scale_log2) const {
-    return mods.unit_scale(scale_log2);
   }
 };
 

@@ -435,19 +435,6 @@ struct ScoreMods {
     if (CF_ALIBI) s -= slope * fabsf(q_pos - key);
     return s;
   }
-  // The forward's form: with softcap, S' / c = tanh(S / c) - (slope / c) |..|, the cap's
-  // multiply left to the softmax's scale (unit_scale). One FMUL a score fewer; an H200 d128
-  // forward pays about 3-4% per instruction added a score (CF_EXP2_FMA's sweep, session 18).
-  __device__ __forceinline__ float apply_in_cap_units(float s, float q_pos, float key) const {
-    if (!CF_SOFTCAP) return apply_at(s, q_pos, key);
-    s = cf_tanh(s * inv_cap);
-    if (CF_ALIBI) s -= (slope * inv_cap) * fabsf(q_pos - key);
-    return s;
-  }
-  // scale_log2 for scores in apply_in_cap_units' units.
-  __device__ __forceinline__ float unit_scale(float scale_log2) const {
-    return CF_SOFTCAP ? scale_log2 * cap : scale_log2;
-  }
 };
 
 // Softcap's derivative factor for dS: 1 - tanh^2 (1 without softcap).
@@ -466,21 +453,6 @@ __device__ __forceinline__ void modify_s(float (&s)[NT][4], const ScoreMods& mod
 #pragma unroll
     for (int e = 0; e < 4; ++e)
       s[t][e] = mods.apply_at(s[t][e], q_pos + 8.f * (e >> 1), key + (8.f * t + (e & 1)));
-}
-
-// modify_s in the forward's units (ScoreMods::apply_in_cap_units; the softmax then scales by
-// mods.unit_scale(scale_log2)).
-template <int NT>
-__device__ __forceinline__ void modify_s_in_cap_units(float (&s)[NT][4], const ScoreMods& mods,
-                                                      int row0, int key0) {
-  if (!CF_SOFTCAP) return modify_s(s, mods, row0, key0);
-  const float q_pos = (float)(row0 + mods.off), key = (float)key0;
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      s[t][e] = mods.apply_in_cap_units(s[t][e], q_pos + 8.f * (e >> 1),
-                                        key + (8.f * t + (e & 1)));
 }
 
 // -- attention sinks (forward epilogue) --------------------------------------------------------

@@ -147,7 +147,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_fence_regs(s);
 
     tile.modify_and_mask(s, j, rows);
-    online_softmax(s, m_i, l_i, acc, tile.softmax_scale(scale_log2));
+    online_softmax(s, m_i, l_i, acc, scale_log2);
     drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     wgmma_fence();

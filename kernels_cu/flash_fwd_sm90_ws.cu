@@ -216,8 +216,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_fence_regs(s);
     int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
     tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
-    // acc is 0: nothing to rescale
-    softmax_rows(s, m_i, l_i, alpha, tile.softmax_scale(scale_log2));
+    softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
     drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
                                       2 * tig);  // after l_i: m, l undropped
     sm90_pack_p<CF_BLOCK_N>(p16, s);
@@ -240,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
       wgmma_fence_regs(s);
       tile.modify_and_mask(s, j, rows);
-      softmax_rows(s, m_i, l_i, alpha, tile.softmax_scale(scale_log2));
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);
       wgmma_wait<0>();
       wgmma_fence_regs(acc);
       __syncwarp();
