@@ -21,11 +21,10 @@ Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu). T
 steps a contiguous cache's copy addresses (CF_STEP_ADDR, session 18); earlier candidates and
 their numbers are in docs/decode.md.
   plain         the selection without CF_STEP_ADDR
-  paged_sel     a paged call's selection: CF_PAGE_IDS and 3 blocks per SM
-  ps1 / ps3 / ps7, b3_ps1 / b3_ps3 / b3_ps7
-                CF_PAGED_STEP (mask of P = 1 / 2 / 4 pages a tile) on the page-id loop at 2 /
-                3 blocks per SM: tiles of whole pages copy from P page bases (pages of 16 / 32
-                at P = 4 / 2, of >= 64 at P = 1); session 18, not yet run on a GPU
+  s3 / s4       16 rows: a ring of 3 / 4 tiles (2 / 3 loading a block; 2 selected)
+  paged_sel     a paged call's selection: CF_PAGE_IDS with CF_PAGED_STEP 7 at 2 blocks per SM
+                (session 18 call 3 timed the masks and block counts: docs/decode.md)
+  paged_s3      paged_sel with a ring of 3 tiles
   s2 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 4 tiles (3 selected since session 17), or
                 two 4-warp blocks a SM with 2 / 3
 """
@@ -59,11 +58,12 @@ def _candidates(decode, rows: int) -> dict:
         return out
     out["plain"] = replace(base, step_addr=False)  # the loop before session 18
     if base.rows == 16:
+        # more bytes in flight a SM: a ring of 3 / 4 tiles (2 / 3 of them loading a block)
+        out["s3"] = replace(base, stages=3)
+        out["s4"] = replace(base, stages=4)
         paged = decode.mma_spec(DTYPE, HEAD_DIM, rows, paged=True)  # a paged call's selection
         out["paged_sel"] = paged
-        for mask in (1, 3, 7):
-            out[f"ps{mask}"] = replace(paged, min_blocks=2, paged_step=mask)
-            out[f"b3_ps{mask}"] = replace(paged, min_blocks=3, paged_step=mask)
+        out["paged_s3"] = replace(paged, stages=3)
     if base.rows == 32:  # q_len 8 of group 4: more bytes in flight than one 8-warp block's
         out["s2"] = replace(base, stages=2)  # the selection until session 17 (now 3)
         out["s4"] = replace(base, stages=4)
