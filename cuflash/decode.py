@@ -164,6 +164,7 @@ class DecodeMmaSpec:
     page_ids: bool = False  # CF_PAGE_IDS: block_table loads a tile ahead, rows finished at use
     step_addr: bool = False  # CF_STEP_ADDR: contiguous caches' copy addresses stepped a tile
     paged_step: int = 0  # CF_PAGED_STEP (with page_ids): mask of P = 1 / 2 / 4 pages a tile
+    whole_tiles: bool = False  # CF_WHOLE_TILES: keys every row sees skip the per-score mask
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -193,7 +194,8 @@ class DecodeMmaSpec:
         """The candidate knobs that are on (none: the measured kernel's name)."""
         return ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") +
                 ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else "") +
-                (f"_ps{self.paged_step}" if self.paged_step else ""))
+                (f"_ps{self.paged_step}" if self.paged_step else "") +
+                ("_wt" if self.whole_tiles else ""))
 
     @property
     def threads(self) -> int:
@@ -230,7 +232,8 @@ class DecodeMmaSpec:
     @property
     def defines(self) -> dict[str, int]:
         knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
-                 "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step}
+                 "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step,
+                 "CF_WHOLE_TILES": int(self.whole_tiles)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
@@ -338,7 +341,7 @@ def mma_knobs(head_dim_bucket: int, rows_bucket: int, paged: bool = False) -> di
     step_addr where ``_MMA_PLAIN_LOOP`` says it spilled: pure."""
     if paged:
         mask = _MMA_PAGED_STEP_MASKS.get((head_dim_bucket, rows_bucket), _MMA_PAGED_STEP_MASK)
-        return {**_MMA_PAGED_KNOBS, **({"paged_step": mask} if mask else {})}
+        return {**({"paged_step": mask} if mask else {}), **_MMA_PAGED_KNOBS}
     if (head_dim_bucket, rows_bucket) in _MMA_PLAIN_LOOP:
         return {k: v for k, v in _MMA_KNOBS.items() if k != "step_addr"}
     return dict(_MMA_KNOBS)

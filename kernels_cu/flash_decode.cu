@@ -305,6 +305,18 @@ struct RowScores {
     }
     return (j >= lo[r] && j < hi[r]) ? s : -CF_INF;
   }
+  // The terms alone, for a key every row sees (the tensor-core split's whole tiles; apply's
+  // first half, not shared with it: that changed the measured kernels' PTX).
+  template <bool kMods>
+  __device__ __forceinline__ float modify(float dot, int j, int r) const {
+    float s = dot;
+    if (kMods) {
+      // tanhf, not tanh.approx: its 2^-11 relative error would show in float32 outputs
+      if (softcap_log2 != 0.f) s = softcap_log2 * tanhf(dot);
+      if (alibi) s -= slope_log2[r] * fabsf((float)(diag[r] - j));
+    }
+    return s;
+  }
   __device__ __forceinline__ bool modified() const { return softcap_log2 != 0.f || alibi; }
 };
 

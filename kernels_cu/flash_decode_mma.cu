@@ -59,6 +59,9 @@
 #ifndef CF_STEP_ADDR  // 1: contiguous caches' copy addresses advance a tile's stride at a time
 #define CF_STEP_ADDR 0
 #endif
+#ifndef CF_WHOLE_TILES  // 1: a warp's keys that every row of it sees skip the per-score mask
+#define CF_WHOLE_TILES 0
+#endif
 #ifndef CF_PAGED_STEP  // with CF_PAGE_IDS, a mask of P in {1, 2, 4}: tiles of P whole pages (or
 #define CF_PAGED_STEP 0  // of one page) copy from P page bases a tile (key_loop_stepped)
 #endif
@@ -96,6 +99,7 @@ enum : int {
   kPageIds = CF_PAGE_IDS,
   kStepAddr = CF_STEP_ADDR,
   kPagedStep = CF_PAGED_STEP,
+  kWholeTiles = CF_WHOLE_TILES,
 };
 static_assert(kTileRows % 16 == 0 && kWarps % kBands == 0, "CF_ROWS: bands of 16 over warps");
 static_assert(kWarpKeys % 16 == 0, "CF_BLOCK_N: 16 keys per warp at least (one mma K step)");
@@ -181,14 +185,31 @@ __device__ __forceinline__ void warp_tile(const unsigned char* q_tile, const uns
       mma_16816(s[2 * np + 1], a, b[2], b[3]);
     }
   }
-  // -- scores in log2 units, modifiers, mask (keys past the split's end: -inf)
+  // -- scores in log2 units, modifiers, mask (keys past the split's end: -inf). CF_WHOLE_TILES:
+  // where every row of the warp sees all of its keys of the tile (a vote; padded rows see
+  // every key, see open_padded_rows), no per-score range test.
+  bool whole = false;
+  if constexpr (kWholeTiles) {
+    const int k_lo = key0 + wkey, k_hi = k_lo + kWarpKeys;
+    whole = __all_sync(0xffffffffu, k_hi <= key_end && rs.lo[0] <= k_lo && k_hi <= rs.hi[0] &&
+                                        rs.lo[1] <= k_lo && k_hi <= rs.hi[1]);
+  }
+  if (whole) {
 #pragma unroll
-  for (int j = 0; j < kNT; ++j) {
+    for (int j = 0; j < kNT; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + wkey + 8 * j + 2 * tig + (e & 1);
-      s[j][e] = key < key_end ? rs.template apply<kMods>(s[j][e] * scale_q, key, e >> 1)
-                              : -CF_INF;
+      for (int e = 0; e < 4; ++e)
+        s[j][e] = rs.template modify<kMods>(s[j][e] * scale_q,
+                                            key0 + wkey + 8 * j + 2 * tig + (e & 1), e >> 1);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = key0 + wkey + 8 * j + 2 * tig + (e & 1);
+        s[j][e] = key < key_end ? rs.template apply<kMods>(s[j][e] * scale_q, key, e >> 1)
+                                : -CF_INF;
+      }
     }
   }
   // -- online softmax per row: the row's max over the quad, rescale l_i and acc
@@ -658,6 +679,21 @@ __device__ __forceinline__ void run_key_loop(const DecodeParams& p, const Decode
   }
 }
 
+// CF_WHOLE_TILES: padded rows (past the problem's rows; their Q is zero and they are never
+// written) see every key, so they never keep a tile from being whole. As is otherwise.
+__device__ __forceinline__ RowScores<2> open_padded_rows(RowScores<2> rs, const DecodeBlock& blk,
+                                                         const int (&rows)[2]) {
+  if constexpr (mma_decode::kWholeTiles) {
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+      if (!blk.row_valid(rows[n])) {
+        rs.lo[n] = 0;
+        rs.hi[n] = 0x7fffffff;
+      }
+  }
+  return rs;
+}
+
 extern "C" __global__ void __launch_bounds__(mma_decode::kThreads, CF_MIN_BLOCKS)
 flash_decode_split(const DecodeParams p) {
   using namespace mma_decode;
@@ -671,7 +707,7 @@ flash_decode_split(const DecodeParams p) {
   const int group = lane >> 2, tig = lane & 3;
   const int band_row = (warp % kBands) * 16, part = warp / kBands;
   const int lane_rows[2] = {band_row + group, band_row + group + 8};
-  const RowScores<2> rs = row_scores(p, blk, lane_rows);
+  const RowScores<2> rs = open_padded_rows(row_scores(p, blk, lane_rows), blk, lane_rows);
 
   load_q(smem, p, blk);  // committed with the first tile's copies
   float m_i[2] = {-CF_INF, -CF_INF}, l_i[2] = {0.f, 0.f}, acc[kDT][4];

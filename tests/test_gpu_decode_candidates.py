@@ -28,6 +28,8 @@ KNOB_SETS = {
     "sa": ({"step_addr": True}, {}, {"page_ids": True}),
     "ps1": ({"step_addr": True}, {}, {"page_ids": True, "paged_step": 1}),
     "ps7": ({"step_addr": True}, {}, {"page_ids": True, "paged_step": 7}),
+    "wt": ({"step_addr": True, "whole_tiles": True}, {},
+           {"page_ids": True, "paged_step": 7, "whole_tiles": True}),
 }
 
 
