@@ -49,7 +49,8 @@
 #ifndef CF_ROWS
 #define CF_ROWS 16  // rows per block: 16, 32 or 64, bands of one mma M (16 rows) each
 #endif
-// Candidate knobs (issue 16, written 2026-12-04, not yet timed; 0: the kernel as measured):
+// Knobs (issue 16; cuflash/decode.py selects CF_STEP_ADDR for contiguous caches and CF_PAGE_IDS
+// with CF_PAGED_STEP for paged ones; the others were timed and not kept, docs/decode.md):
 #ifndef CF_L2_AHEAD  // tiles past the ring's newest one whose K/V lines are prefetched to L2
 #define CF_L2_AHEAD 0
 #endif
@@ -452,7 +453,7 @@ __device__ __forceinline__ void key_loop_candidate(const DecodeParams& p, const 
   }
 }
 
-// -- candidate key loop (CF_STEP_ADDR): contiguous caches, copy addresses stepped ------------
+// -- CF_STEP_ADDR (contiguous specs since session 18): copy addresses stepped ---------------
 // Why: tile_rows and load_tile rebuild each copy's 64-bit source from its row index (a row
 // select, a 64-bit multiply, a select against the head pointer), kLoads x 2 copies a tile.
 // In the SASS of the d128 split (sm_90, NVRTC 13.0, session 17; the loop without score
@@ -531,7 +532,7 @@ struct SteppedCopies {
   }
 };
 
-// -- candidate (CF_PAGED_STEP): SteppedCopies on a paged cache ------------------------------
+// -- CF_PAGED_STEP (paged specs since session 18): SteppedCopies on a paged cache ----------
 // A tile of P pages (P = kBlockN / page_size; 1 when page_size is a multiple of kBlockN) whose
 // first key starts a page (P > 1) or whose keys lie in one page (P = 1): copy n of a thread
 // (row r0 + n * kRowsPerPass, r0 < kRowsPerPass) then sits in page slot n * kRowsPerPass /
@@ -574,7 +575,6 @@ struct TilePages {
 // Contiguous caches: SteppedCopies steps its own sources.
 struct NoPages {
   enum : int { kPaged = 0 };
-  __device__ __forceinline__ static bool fits(const CacheRows&, int) { return true; }
 };
 
 // Its set-up and ring loop mirror key_loop's. Sharing them through one helper changed the PTX
