@@ -302,7 +302,7 @@ _MMA_PLAIN_LOOP = {(64, 32)}
 # session 18: the page-id loop ran 3 blocks at (128, 16) to cover its page-table waits (H200,
 # bf16 d128, (8, 8k, 8 kv heads) q_len 1, pages shuffled, session 16 call F: pages of 16 / 64
 # / 256 at 3.17 / 3.45 / 3.41 TB/s against 2.96 / 3.17 / 3.19 with 2), and the paged stepped
-# loop below runs best at 2 (and spills at 3 with every P).
+# loop below runs best at 2 (mask 7 spills at 3; mask 1 at 3 ran 0.91-0.98x contiguous).
 _MMA_PAGED_MIN_BLOCKS: dict = {}
 # Knobs of every paged tensor-core spec: the page-table loads a tile ahead (CF_PAGE_IDS), and
 # where the pages allow, a tile's copies from P page bases (CF_PAGED_STEP, a mask of P = 1 /
@@ -336,9 +336,9 @@ def mma_spec(dtype: str, head_dim: int, rows: int, paged: bool = False) -> Decod
 
 
 def mma_knobs(head_dim_bucket: int, rows_bucket: int, paged: bool = False) -> dict:
-    """The candidate knobs a selected tensor-core spec carries: a paged cache's own
-    (``_MMA_PAGED_KNOBS`` and the bucket's paged_step mask; step_addr is contiguous-only), else ``_MMA_KNOBS`` less
-    step_addr where ``_MMA_PLAIN_LOOP`` says it spilled: pure."""
+    """The knobs a selected tensor-core spec carries: a paged cache's own
+    (``_MMA_PAGED_KNOBS`` and the bucket's paged_step mask; step_addr is contiguous-only),
+    else ``_MMA_KNOBS`` less step_addr where ``_MMA_PLAIN_LOOP`` says it spilled: pure."""
     if paged:
         mask = _MMA_PAGED_STEP_MASKS.get((head_dim_bucket, rows_bucket), _MMA_PAGED_STEP_MASK)
         return {**({"paged_step": mask} if mask else {}), **_MMA_PAGED_KNOBS}
