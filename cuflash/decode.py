@@ -44,6 +44,7 @@ MIN_KEYS_PER_SPLIT = 256
 WAVE_FILL = 0.95
 WARPS = 4
 COMBINE_WARPS = 8  # flash_decode.cu's CF_COMBINE_WARPS
+COMBINE_BATCH = 4  # flash_decode.cu's CF_COMBINE_BATCH (splits a warp loads at once, D <= 128)
 ROW_BUCKETS = (1, 2, 4, 8)
 HEAD_DIM_BUCKETS = (32, 64, 128, 256)  # lanes per key row = bucket / 8: a power of two
 # (keys, stages) each lane group loads per step, by rows per block: (16-bit, float32).
@@ -165,6 +166,7 @@ class DecodeMmaSpec:
     step_addr: bool = False  # CF_STEP_ADDR: contiguous caches' copy addresses stepped a tile
     paged_step: int = 0  # CF_PAGED_STEP (with page_ids): mask of P = 1 / 2 / 4 pages a tile
     whole_tiles: bool = False  # CF_WHOLE_TILES: keys every row sees skip the per-score mask
+    combine_rows: bool = False  # CF_COMBINE_ROWS: few splits, the combine takes a row a warp
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -195,7 +197,7 @@ class DecodeMmaSpec:
         return ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") +
                 ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else "") +
                 (f"_ps{self.paged_step}" if self.paged_step else "") +
-                ("_wt" if self.whole_tiles else ""))
+                ("_wt" if self.whole_tiles else "") + ("_cr" if self.combine_rows else ""))
 
     @property
     def threads(self) -> int:
@@ -233,7 +235,8 @@ class DecodeMmaSpec:
     def defines(self) -> dict[str, int]:
         knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
                  "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step,
-                 "CF_WHOLE_TILES": int(self.whole_tiles)}
+                 "CF_WHOLE_TILES": int(self.whole_tiles),
+                 "CF_COMBINE_ROWS": int(self.combine_rows)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
@@ -430,6 +433,13 @@ class DecodePlan:
                 + (("decode_combine",) if self.combine_grid else ()))
 
 
+def combine_by_warps(spec, num_splits: int) -> bool:
+    """Whether the combine takes one row a warp (CF_COMBINE_ROWS, and every split in one
+    round trip of loads: flash_decode.cu's kCombineBatch), so its grid is rows / warps."""
+    batch = COMBINE_BATCH // _cdiv(spec.head_dim, 128)
+    return getattr(spec, "combine_rows", False) and num_splits <= batch
+
+
 def split_keys(seqlen_cache: int, num_splits: int, step: int = 1) -> tuple[int, int]:
     """(splits, keys_per_split) for at most ``num_splits`` ranges of whole steps covering
     the cache; never an empty trailing range. Shared with the CPU path."""
@@ -500,7 +510,8 @@ def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None
     combine_grid = lse_offset = workspace = None
     if splits > 1:
         rows_out = s.batch * s.q_len * s.heads
-        combine_grid = (rows_out, 1, 1)  # one block of COMBINE_WARPS warps per row
+        combine_grid = (_cdiv(rows_out, COMBINE_WARPS) if combine_by_warps(spec, splits)
+                        else rows_out, 1, 1)  # a block a row, or (few splits) a warp a row
         lse_offset = _cdiv(4 * splits * rows_out * s.head_dim, 256) * 256
         workspace = lse_offset + 4 * splits * rows_out
     chunks = s.batch * s.seqlen_new * s.heads_kv * (s.head_dim // 8)  # one thread each

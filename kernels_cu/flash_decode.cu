@@ -81,6 +81,9 @@
 
 #define CF_COMBINE_WARPS 8
 #define CF_COMBINE_BATCH 4  // splits per warp whose partial o are loaded before any is used
+#ifndef CF_COMBINE_ROWS  // 1: at most kCombineBatch splits, one warp a row (combine_by_warps)
+#define CF_COMBINE_ROWS 0
+#endif
 
 #include "cf_common.cuh"  // elem_t, float_to_elem, CF_LOG2E; the tensor-core split
                            // (flash_decode_mma.cu) takes its mma / cp.async wrappers from it
@@ -614,10 +617,78 @@ enum : int {
   kCombineBatch = CF_COMBINE_BATCH / kCombineChunks,
 };
 
+// CF_COMBINE_ROWS (a candidate, session 18, not yet run on a GPU): with at most
+// kCombineBatch splits, one warp takes a whole row in one round trip of loads and a block
+// takes CF_COMBINE_WARPS rows (the plan launches rows / CF_COMBINE_WARPS blocks): no shared
+// memory, no barrier. The block-a-row layout leaves all but n of its warps idle there; at
+// (8, 8k, 8 kv heads), 2-4 splits, it took 5.7 / 9.7 us for q_len 4 / 8 (1024 / 2048 rows)
+// against 2.4 us at q_len 1, next to a 72-75 us split kernel (H200, session 18, call 10).
+__device__ __forceinline__ void combine_by_warps(const DecodeParams& p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int n = p.num_splits;
+  const long long rows = (long long)p.batch * p.q_len * p.heads;
+  const int row = blockIdx.x * CF_COMBINE_WARPS + warp;
+  if (row >= rows) return;
+  const int h = row % p.heads, i = (row / p.heads) % p.q_len, b = row / (p.heads * p.q_len);
+  const long long lse_row = ((long long)b * p.heads + h) * p.q_len + i;
+  const long long lse_stride = (long long)p.batch * p.heads * p.q_len;  // one split's lse
+  const long long part_stride = rows * p.head_dim;  // one split's o
+  const float* part_row = p.o_part + (long long)row * p.head_dim;
+  float lse[kCombineBatch];
+  float4 x[kCombineBatch][kCombineChunks];
+#pragma unroll
+  for (int s = 0; s < kCombineBatch; ++s) {  // every load first
+    lse[s] = s < n ? __ldg(p.lse_part + s * lse_stride + lse_row) * CF_LOG2E : -CF_INF;
+#pragma unroll
+    for (int c = 0; c < kCombineChunks; ++c) {
+      const int d = 128 * c + 4 * lane;
+      x[s][c] = s < n && d < p.head_dim
+                    ? __ldg(reinterpret_cast<const float4*>(part_row + s * part_stride + d))
+                    : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  float m = -CF_INF;
+#pragma unroll
+  for (int s = 0; s < kCombineBatch; ++s) m = fmaxf(m, lse[s]);
+  const float m_safe = m == -CF_INF ? 0.f : m;  // no split saw a key
+  float l = 0.f;
+  float4 acc[kCombineChunks];
+#pragma unroll
+  for (int c = 0; c < kCombineChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int s = 0; s < kCombineBatch; ++s) {
+    const float w = fast_exp2(lse[s] - m_safe);  // 0 for a split that saw no key
+    l += w;
+#pragma unroll
+    for (int c = 0; c < kCombineChunks; ++c) {
+      acc[c].x = fmaf(w, x[s][c].x, acc[c].x);
+      acc[c].y = fmaf(w, x[s][c].y, acc[c].y);
+      acc[c].z = fmaf(w, x[s][c].z, acc[c].z);
+      acc[c].w = fmaf(w, x[s][c].w, acc[c].w);
+    }
+  }
+  const float inv = l == 0.f ? 0.f : __fdividef(1.f, l);  // l <= num_splits
+  elem_t* out = p.o + b * p.stride_ob + (long long)i * p.stride_om + (long long)h * p.stride_oh;
+#pragma unroll
+  for (int c = 0; c < kCombineChunks; ++c) {
+    const int d = 128 * c + 4 * lane;
+    if (d < p.head_dim) {  // head_dim % 8 == 0: all four columns are inside
+      out[d] = float_to_elem(acc[c].x * inv);
+      out[d + 1] = float_to_elem(acc[c].y * inv);
+      out[d + 2] = float_to_elem(acc[c].z * inv);
+      out[d + 3] = float_to_elem(acc[c].w * inv);
+    }
+  }
+  if (lane == 0) p.lse[lse_row] = l == 0.f ? -CF_INF : (m_safe + __log2f(l)) * CF_LN2;
+}
+
 // (min blocks 1: without it ptxas (NVRTC 13, sm_90) held the head_dim 256 combine to 48
 // registers and spilled)
 extern "C" __global__ void __launch_bounds__(32 * CF_COMBINE_WARPS, 1)
 flash_decode_combine(const DecodeParams p) {
+#if CF_COMBINE_ROWS
+  if (p.num_splits <= kCombineBatch) return combine_by_warps(p);  // (the plan's grid agrees)
+#endif
   extern __shared__ __align__(16) float smem[];  // [warp][head_dim] acc, [warp] m, [warp] l
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = p.num_splits;

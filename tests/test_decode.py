@@ -446,3 +446,23 @@ def test_contiguous_tensor_core_specs_step_addresses_except_where_they_spilled()
                 (spec.head_dim, spec.rows), 7) != 0), spec.name
     assert not decode.select_decode("bfloat16", 64, 32).step_addr
     assert decode.select_decode("bfloat16", 64, 16).step_addr
+
+
+def test_combine_takes_a_row_a_warp_only_with_the_knob_and_few_splits():
+    """decode.combine_by_warps (CF_COMBINE_ROWS, a candidate): with at most COMBINE_BATCH
+    splits (half that at head_dim 256) the combine grid is rows / COMBINE_WARPS blocks, else
+    one block a row; without the knob always one block a row."""
+    from dataclasses import replace
+
+    shape = _shape(8, 8192, 8, q_len=8)
+    rows = shape.batch * shape.q_len * shape.heads
+    plain = decode.plan_decode(shape, sm_count=132, num_splits=4, facts=H200)
+    spec = replace(plain.spec, combine_rows=True)
+    assert spec.name.endswith("_cr") and spec.defines["CF_COMBINE_ROWS"] == 1
+    assert plain.combine_grid == (rows, 1, 1)
+    few = decode.plan_decode(shape, sm_count=132, num_splits=4, spec=spec)
+    assert few.combine_grid == (-(-rows // decode.COMBINE_WARPS), 1, 1)
+    many = decode.plan_decode(shape, sm_count=132, num_splits=5, spec=spec)
+    assert many.combine_grid == (rows, 1, 1)
+    wide = replace(decode.mma_spec("bfloat16", 256, 16), combine_rows=True)
+    assert decode.combine_by_warps(wide, 2) and not decode.combine_by_warps(wide, 3)

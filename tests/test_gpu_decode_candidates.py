@@ -30,6 +30,8 @@ KNOB_SETS = {
     "ps7": ({"step_addr": True}, {}, {"page_ids": True, "paged_step": 7}),
     "wt": ({"step_addr": True, "whole_tiles": True}, {},
            {"page_ids": True, "paged_step": 7, "whole_tiles": True}),
+    "cr": ({"step_addr": True, "combine_rows": True}, {},
+           {"page_ids": True, "paged_step": 7, "combine_rows": True}),
 }
 
 

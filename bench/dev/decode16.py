@@ -26,7 +26,9 @@ their numbers are in docs/decode.md.
                 (session 18 call 3 timed the masks and block counts: docs/decode.md)
   paged_s3      paged_sel with a ring of 3 tiles
   wt / paged_wt CF_WHOLE_TILES on the selection / paged_sel: a warp's keys that every row
-                of it sees skip the per-score range test (session 18, not yet run on a GPU)
+                of it sees skip the per-score range test (session 18 call 9: no gain)
+  cr / paged_cr CF_COMBINE_ROWS: with at most 4 splits the combine takes a row a warp, 8 rows
+                a block (session 18, not yet run on a GPU)
   s2 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 4 tiles (3 selected since session 17), or
                 two 4-warp blocks a SM with 2 / 3
 """
@@ -60,6 +62,7 @@ def _candidates(decode, rows: int) -> dict:
         return out
     out["plain"] = replace(base, step_addr=False)  # the loop before session 18
     out["wt"] = replace(base, whole_tiles=True)
+    out["cr"] = replace(base, combine_rows=True)
     if base.rows == 16:
         # more bytes in flight a SM: a ring of 3 / 4 tiles (2 / 3 of them loading a block)
         out["s3"] = replace(base, stages=3)
@@ -68,6 +71,7 @@ def _candidates(decode, rows: int) -> dict:
         out["paged_sel"] = paged
         out["paged_s3"] = replace(paged, stages=3)
         out["paged_wt"] = replace(paged, whole_tiles=True)
+        out["paged_cr"] = replace(paged, combine_rows=True)
     if base.rows == 32:  # q_len 8 of group 4: more bytes in flight than one 8-warp block's
         out["s2"] = replace(base, stages=2)  # the selection until session 17 (now 3)
         out["s4"] = replace(base, stages=4)
