@@ -34,8 +34,9 @@ def test_candidates_are_valid_specs(decode16):
     for rows in (4, 8, 16, 32):
         specs = decode16._candidates(decode, rows)
         assert specs["selected"] == decode.select_decode("bfloat16", 128, rows)
-        assert len({s.name for s in specs.values()}) >= len(specs) - 1  # r16x2 may repeat
-    assert "r16x2" in decode16._candidates(decode, 32)
+        assert len({s.name for s in specs.values()}) == len(specs)
+    assert {"plain", "cr", "s2", "w4b2"} <= set(decode16._candidates(decode, 32))
+    assert {"paged_sel", "paged_cr", "s3"} <= set(decode16._candidates(decode, 16))
     assert list(decode16._candidates(decode, 1)) == ["selected"]  # SIMT: nothing to vary
 
 
@@ -92,4 +93,5 @@ def test_suite_runs_end_to_end_on_stand_ins(decode16, monkeypatch, tmp_path):
     errors = [r for r in data["results"] if "error" in r]
     assert not errors, errors
     variants = {r["variant"] for r in data["results"]}
-    assert {"cudnn", "selected", "l2a1", "pid", "r16x2", "splits/2"} <= variants
+    assert {"cudnn", "selected", "plain", "wt", "cr", "paged_sel", "paged_cr",
+            "splits/2"} <= variants
