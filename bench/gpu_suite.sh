@@ -7,7 +7,7 @@
 #                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
-#                                            exp2_fma
+#                                            exp2_fma fwd_overlap
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -129,6 +129,14 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_exp2_fma.py
       run_stage exp2_fma timeout "${EXP2_FMA_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
         --out "$OUT/results/exp2_fma.json" ${EXP2_FMA_ARGS:-} ;;
+    fwd_overlap)  # the 8-warp Hopper forward (head_dim 192 / 256) with each warpgroup's softmax
+      # beside its P V product (CF_FWD_OVERLAP): its float64-reference tests, then TFLOP/s
+      # against the selection and cuDNN, alternating rounds (FWD_OVERLAP_ARGS adds arguments)
+      CUFLASH_POISON=1 run_stage fwd_overlap_tests timeout "${FWD_OVERLAP_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_overlap.py
+      run_stage fwd_overlap timeout "${FWD_OVERLAP_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
+        --knob CF_FWD_OVERLAP --values 0,1 --head-dims 192,256 --rounds 3 \
+        --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;

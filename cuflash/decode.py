@@ -296,8 +296,12 @@ _MMA_MAX_ROWS: dict[int, int] = {}
 # tile at a time (CF_STEP_ADDR). H200, bf16 d128, 32 q heads, 8 kv heads, TB/s against the
 # plain loop (bench/dev/decode16.py, session 18 call 1): q_len 1 at (1, 32k) / (8, 8k) /
 # (32, 4k) / (64, 2k) 3.37 / 3.92 / 4.37 / 4.23 against 3.28 / 3.85 / 4.32 / 4.16; q_len 8
-# at (8, 8k) / (1, 32k) 3.22 / 2.81 against 2.79 / 2.54; MHA rows (SIMT) unchanged.
-_MMA_KNOBS: dict = {"step_addr": True}
+# at (8, 8k) / (1, 32k) 3.22 / 2.81 against 2.79 / 2.54; MHA rows (SIMT) unchanged. And with
+# at most COMBINE_BATCH splits the combine takes a row a warp (CF_COMBINE_ROWS; session 19
+# call 1, (8, 8k, 8): q_len 1 / 2 / 4 / 8 at 3.90 / 3.79 / 3.64 / 3.50 TB/s against 3.85 /
+# 3.68 / 3.47 / 3.20 with a block a row; paged calls gain the same; rows with more splits,
+# such as (1, 32k), are unchanged).
+_MMA_KNOBS: dict = {"step_addr": True, "combine_rows": True}
 # Buckets (head_dim, rows) that keep the plain loop: step_addr spilled 8 B at (64, 32) on
 # sm_120 (3 blocks per SM, 168 registers; NVRTC 13.0), the only spill of any arch.
 _MMA_PLAIN_LOOP = {(64, 32)}
@@ -316,7 +320,8 @@ _MMA_PAGED_MIN_BLOCKS: dict = {}
 # / 3.69 (0.97-0.99x) with mask 7, against 3.49 / 3.52 / 3.48 / 3.50 (0.92-0.93x) for the
 # page-id loop at 3 blocks, the selection until then. Session 17 call 3 had timed the page-id
 # loads alone: 3.47 / 3.52 / 3.52 against 3.17 / 3.42 / 3.43 without.
-_MMA_PAGED_KNOBS = {"page_ids": True}
+# combine_rows as for contiguous caches (above).
+_MMA_PAGED_KNOBS = {"page_ids": True, "combine_rows": True}
 _MMA_PAGED_STEP_MASK = 7
 # Buckets (head_dim, rows) whose mask is smaller, where mask 7 spilled on some arch (NVRTC
 # 13.0, sm_80 / 86 / 89 / 90 / 120; the table is in docs/decode.md, session 18). 0: the

@@ -98,8 +98,11 @@ def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
     return (s.block_m + 2 * s.stages * s.block_n) * s.head_dim * 2
 
 
-def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized
-    return _smem_fwd16(s) + (128 if fwd90_warp_specialized(s) else 0)
+def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized,
+    # + a third V stage with CF_FWD_OVERLAP
+    if fwd90_warp_specialized(s):
+        return _smem_fwd16(s) + 128
+    return _smem_fwd16(s) + (s.block_n * s.head_dim * 2 if ("CF_FWD_OVERLAP", 1) in s.knobs else 0)
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta

@@ -617,12 +617,13 @@ enum : int {
   kCombineBatch = CF_COMBINE_BATCH / kCombineChunks,
 };
 
-// CF_COMBINE_ROWS (a candidate, session 18, not yet run on a GPU): with at most
+// CF_COMBINE_ROWS (every tensor-core spec since session 19): with at most
 // kCombineBatch splits, one warp takes a whole row in one round trip of loads and a block
 // takes CF_COMBINE_WARPS rows (the plan launches rows / CF_COMBINE_WARPS blocks): no shared
 // memory, no barrier. The block-a-row layout leaves all but n of its warps idle there; at
 // (8, 8k, 8 kv heads), 2-4 splits, it took 5.7 / 9.7 us for q_len 4 / 8 (1024 / 2048 rows)
-// against 2.4 us at q_len 1, next to a 72-75 us split kernel (H200, session 18, call 10).
+// against 2.4 us at q_len 1, next to a 72-75 us split kernel (H200, session 18, call 10);
+// rows a warp took q_len 8 there from 3.20 to 3.50 TB/s (session 19, call 1).
 __device__ __forceinline__ void combine_by_warps(const DecodeParams& p) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int n = p.num_splits;

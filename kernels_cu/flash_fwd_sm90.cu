@@ -49,6 +49,17 @@ static_assert(CF_WARPS % 4 == 0 && CF_BLOCK_M == 16 * CF_WARPS, "64 query rows p
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES == 2, "2 K/V stages");
 
+// CF_FWD_OVERLAP 1 (a candidate, session 19): each warpgroup issues tile j's S = Q K^T and
+// tile j-1's O += P V together, and runs tile j's softmax while the P V product is still in
+// the tensor cores (P of tile j-1 held packed in registers); O is rescaled once that product
+// has landed. V takes a ring of 3 stages so the loads of tile j+1 can start at the top of
+// iteration j while V(j-1) is still read. Why: in the loop above each warpgroup waits for
+// every product before its softmax, so the tensor cores idle during it except for what the
+// other warpgroup fills.
+#ifndef CF_FWD_OVERLAP
+#define CF_FWD_OVERLAP 0
+#endif
+
 namespace sm90 {
 enum : int {
   kThreads = 32 * CF_WARPS,
@@ -57,7 +68,8 @@ enum : int {
   kNT = CF_BLOCK_N / 8,   // S n-tiles per thread
   kDT = CF_HEAD_DIM / 8,  // O n-tiles per thread
   kKSteps = CF_HEAD_DIM / 16,
-  kSmemBytes = (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2,
+  kVStages = CF_FWD_OVERLAP ? 3 : CF_STAGES,
+  kSmemBytes = (CF_BLOCK_M + (CF_STAGES + kVStages) * CF_BLOCK_N) * CF_HEAD_DIM * 2,
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
 };
 }  // namespace sm90
@@ -122,6 +134,71 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     cp_async_commit();
   }
 
+#if CF_FWD_OVERLAP
+  // Iteration 0 is peeled: no wgmma or wait sits on a path ptxas may see as divergent (it
+  // then serializes every wgmma, C7519; the packed-sequence build did with an if inside).
+  cf_u32 p_prev[CF_BLOCK_N / 16][4];  // P of the tile before, packed: its P V is issued late
+  // Tile it (key tile j) has landed for everyone; tile it + 1's loads start (K(it - 1) and
+  // V(it - 2), whose stages they take, are no longer read by either warpgroup).
+  auto next_tile = [&](int it, int j) {
+    const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;
+    cp_async_wait<0>();   // tile j landed (this thread's copies) ...
+    fence_proxy_async();  // ... and is visible to the tensor cores' proxy
+    __syncthreads();      // everyone's copies
+    if (next >= tiles.begin) {
+      const int next_row = next * CF_BLOCK_N;
+      load_k.load(s_k + ((it + 1) & 1) * kTileKV, next_row, seqlen_k - next_row);
+      load_v.load(s_v + ((it + 1) % 3) * kTileKV, next_row, seqlen_k - next_row);
+    }
+    cp_async_commit();
+    return next;
+  };
+  if (n_tiles > 0) {
+    int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
+    {
+      const int next = next_tile(0, j);
+      float s[kNT][4];
+      wgmma_fence();
+      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(s);
+      tile.modify_and_mask(s, j, rows);
+      float alpha[2];  // acc is still zero: no rescale
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
+      sm90_pack_p<CF_BLOCK_N>(p_prev, s);
+      j = next;
+    }
+#pragma unroll 1
+    for (int it = 1; it < n_tiles; ++it) {
+      const int next = next_tile(it, j);
+      float s[kNT][4];
+      wgmma_fence();
+      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + (it & 1) * kTileKV);
+      wgmma_commit();
+      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev, s_v_sa + ((it + 2) % 3) * kTileKV);
+      wgmma_commit();
+      wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
+      wgmma_fence_regs(s);
+      tile.modify_and_mask(s, j, rows);
+      float alpha[2];
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      wgmma_wait<0>();  // the P V landed: acc holds it
+      wgmma_fence_regs(acc);
+      rescale_acc(acc, alpha);
+      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+      sm90_pack_p<CF_BLOCK_N>(p_prev, s);
+      j = next;
+    }
+    wgmma_fence();  // the last tile's P V
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev,
+                                            s_v_sa + ((n_tiles - 1) % 3) * kTileKV);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(acc);
+  }
+#else
 #pragma unroll 1
   for (int it = 0; it < n_tiles; ++it) {
     const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
@@ -157,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_fence_regs(acc);
     j_kept = next;
   }
+#endif
   cp_async_wait<0>();
   __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band
 

@@ -129,6 +129,33 @@ def test_ordered_bulk_dq_with_two_pieces_compiles_without_spills():
     _assert_compiled_without_spills(work, "two-piece ordered bulk dQ")
 
 
+def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
+    """The 8-warp Hopper forward with CF_FWD_OVERLAP (softmax beside P V; not selected yet)
+    at head_dim 192 and 256, plain, causal, modified, packed, dropout and block-sparse: zero
+    spills, the shared memory the host computes fits sm_90, and ptxas keeps its wgmma
+    asynchronous (no C7519 "wgmma.mma_async instructions are serialized")."""
+    from cuflash import compiler
+
+    facts = specs.facts_for_arch("sm_90")
+    mod_sets = (specs.NO_MODS, specs.ModFlags(softcap=True, alibi=True),
+                specs.ModFlags(window=True), specs.ModFlags(varlen=True),
+                specs.ModFlags(dropout=True), specs.ModFlags(block_sparse=True))
+    work = []
+    for d in (192, 256):
+        for causal in (False, True):
+            for mods in mod_sets:
+                spec = specs.select_forward(facts, "bfloat16", d, causal, mods=mods)
+                assert spec.kind == "fwd90" and spec.warps == 8, spec.name
+                work.append((spec.with_knobs(CF_FWD_OVERLAP=1), "sm_90"))
+    assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
+    _assert_compiled_without_spills(work, "overlapped forward")
+    for spec, arch in work[:4]:  # the serialization advisory (plain and modified)
+        opts = compiler.nvrtc_options(spec) + [
+            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
+        log, _ = compiler._nvrtc_compile(spec, arch, opts)
+        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}

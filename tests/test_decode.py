@@ -233,7 +233,7 @@ def test_spec_names_and_buckets():
     spec = decode.select_decode("bfloat16", 72, 2)
     assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
     assert decode.select_decode("bfloat16", 72, 3).name == \
-        "decode_bf16_d128_r16_n64_s2_b2_w4_mma_sa"
+        "decode_bf16_d128_r16_n64_s2_b2_w4_mma_sa_cr"
     # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, 11 more
     # for paged caches (decode._MMA_PAGED_KNOBS), and the two-tile twins of the 3-tile ring
     # (32 rows at head_dim 128; contiguous and paged) for 99-KB devices
@@ -448,15 +448,28 @@ def test_contiguous_tensor_core_specs_step_addresses_except_where_they_spilled()
     assert decode.select_decode("bfloat16", 64, 16).step_addr
 
 
+def test_every_tensor_core_spec_combines_a_row_a_warp():
+    """decode._MMA_KNOBS / _MMA_PAGED_KNOBS: every tensor-core spec, contiguous or paged,
+    carries combine_rows (selected in session 19); the SIMT specs keep the block-a-row
+    combine (their spec has no such knob)."""
+    mma = [s for s in decode.all_decode_specs() if isinstance(s, decode.DecodeMmaSpec)]
+    assert mma and all(s.combine_rows and s.name.endswith("_cr") for s in mma)
+    plan = decode.plan_decode(_shape(8, 8192, 8, q_len=8), sm_count=132, facts=H200)
+    assert plan.num_splits == 2 and decode.combine_by_warps(plan.spec, plan.num_splits)
+    assert plan.combine_grid == (8 * 8 * 32 // decode.COMBINE_WARPS, 1, 1)
+
+
 def test_combine_takes_a_row_a_warp_only_with_the_knob_and_few_splits():
-    """decode.combine_by_warps (CF_COMBINE_ROWS, a candidate): with at most COMBINE_BATCH
+    """decode.combine_by_warps (CF_COMBINE_ROWS): with at most COMBINE_BATCH
     splits (half that at head_dim 256) the combine grid is rows / COMBINE_WARPS blocks, else
     one block a row; without the knob always one block a row."""
     from dataclasses import replace
 
     shape = _shape(8, 8192, 8, q_len=8)
     rows = shape.batch * shape.q_len * shape.heads
-    plain = decode.plan_decode(shape, sm_count=132, num_splits=4, facts=H200)
+    plain = decode.plan_decode(shape, sm_count=132, num_splits=4, facts=H200,
+                               spec=replace(decode.mma_spec("bfloat16", 128, 32),
+                                            combine_rows=False))
     spec = replace(plain.spec, combine_rows=True)
     assert spec.name.endswith("_cr") and spec.defines["CF_COMBINE_ROWS"] == 1
     assert plain.combine_grid == (rows, 1, 1)

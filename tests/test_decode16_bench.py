@@ -35,8 +35,8 @@ def test_candidates_are_valid_specs(decode16):
         specs = decode16._candidates(decode, rows)
         assert specs["selected"] == decode.select_decode("bfloat16", 128, rows)
         assert len({s.name for s in specs.values()}) == len(specs)
-    assert {"plain", "cr", "s2", "w4b2"} <= set(decode16._candidates(decode, 32))
-    assert {"paged_sel", "paged_cr", "s3"} <= set(decode16._candidates(decode, 16))
+    assert {"plain", "row_block", "s2", "w4b2"} <= set(decode16._candidates(decode, 32))
+    assert {"paged_sel", "paged_row_block", "s3"} <= set(decode16._candidates(decode, 16))
     assert list(decode16._candidates(decode, 1)) == ["selected"]  # SIMT: nothing to vary
 
 
@@ -93,5 +93,5 @@ def test_suite_runs_end_to_end_on_stand_ins(decode16, monkeypatch, tmp_path):
     errors = [r for r in data["results"] if "error" in r]
     assert not errors, errors
     variants = {r["variant"] for r in data["results"]}
-    assert {"cudnn", "selected", "plain", "wt", "cr", "paged_sel", "paged_cr",
+    assert {"cudnn", "selected", "plain", "wt", "row_block", "paged_sel", "paged_row_block",
             "splits/2"} <= variants

@@ -18,8 +18,9 @@ against contiguous), then timed as decode_variants.py times: the CUDA-event medi
 shared memory are skipped. ``--help`` of decode_variants.py works without a GPU.
 
 Candidates (cuflash/decode.py, DecodeMmaSpec; kernels_cu/flash_decode_mma.cu). The selection
-steps a contiguous cache's copy addresses (CF_STEP_ADDR, session 18); earlier candidates and
-their numbers are in docs/decode.md.
+steps a contiguous cache's copy addresses (CF_STEP_ADDR, session 18) and, with at most 4
+splits, combines a row a warp (CF_COMBINE_ROWS, session 19); earlier candidates and their
+numbers are in docs/decode.md.
   plain         the selection without CF_STEP_ADDR
   s3 / s4       16 rows: a ring of 3 / 4 tiles (2 / 3 loading a block; 2 selected)
   paged_sel     a paged call's selection: CF_PAGE_IDS with CF_PAGED_STEP 7 at 2 blocks per SM
@@ -27,8 +28,8 @@ their numbers are in docs/decode.md.
   paged_s3      paged_sel with a ring of 3 tiles
   wt / paged_wt CF_WHOLE_TILES on the selection / paged_sel: a warp's keys that every row
                 of it sees skip the per-score range test (session 18 call 9: no gain)
-  cr / paged_cr CF_COMBINE_ROWS: with at most 4 splits the combine takes a row a warp, 8 rows
-                a block (session 18, not yet run on a GPU)
+  row_block / paged_row_block  the selection / paged_sel with the block-a-row combine
+                (CF_COMBINE_ROWS off; session 19 call 1: 3-9% slower at q_len 2-8)
   s2 / s4 / w4b2 / w4b2_s3  32 rows: a ring of 2 / 4 tiles (3 selected since session 17), or
                 two 4-warp blocks a SM with 2 / 3
 """
@@ -62,7 +63,7 @@ def _candidates(decode, rows: int) -> dict:
         return out
     out["plain"] = replace(base, step_addr=False)  # the loop before session 18
     out["wt"] = replace(base, whole_tiles=True)
-    out["cr"] = replace(base, combine_rows=True)
+    out["row_block"] = replace(base, combine_rows=False)  # the combine before session 19
     if base.rows == 16:
         # more bytes in flight a SM: a ring of 3 / 4 tiles (2 / 3 of them loading a block)
         out["s3"] = replace(base, stages=3)
@@ -71,7 +72,7 @@ def _candidates(decode, rows: int) -> dict:
         out["paged_sel"] = paged
         out["paged_s3"] = replace(paged, stages=3)
         out["paged_wt"] = replace(paged, whole_tiles=True)
-        out["paged_cr"] = replace(paged, combine_rows=True)
+        out["paged_row_block"] = replace(paged, combine_rows=False)
     if base.rows == 32:  # q_len 8 of group 4: more bytes in flight than one 8-warp block's
         out["s2"] = replace(base, stages=2)  # the selection until session 17 (now 3)
         out["s4"] = replace(base, stages=4)

@@ -2,6 +2,7 @@
 the selection and SDPA's cuDNN, one process, alternating rounds (``gpu_suite.sh exp2_fma``).
 
     python bench/dev/exp2_fma_ab.py [--values 0,2,4] [--head-dims 64,128] [--rounds 2]
+                                    [--knob CF_FWD_OVERLAP --values 0,1 --head-dims 192,256]
 
 CF_EXP2_FMA = k sends k of every 8 scores a lane holds per row through cf_common.cuh's
 fma_exp2 instead of the SFU. Where the SFU sets the pace (softcap: tanh and exp2 both on it;
@@ -11,7 +12,9 @@ modifier rows), plain and softcap 30, causal and not; plus plain MHA at 16k.
 
 The knob reaches the kernels by wrapping ``specs.select_forward`` (every fwd90 spec gains
 ``CF_EXP2_FMA``) and forgetting the fast path's recorded calls between values. Each value's
-outputs are checked against value 0's (max |diff| <= 2e-2) before it is timed.
+outputs are checked against value 0's (max |diff| <= 2e-2) before it is timed. ``--knob``
+times another define of the Hopper forward the same way (CF_FWD_OVERLAP: flash_fwd_sm90.cu's
+softmax beside the P V product, session 19).
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devtools import time_ms  # noqa: E402
 
 
+KNOB = "CF_EXP2_FMA"  # --knob
+
+
+def _with_knob(spec, value: int):
+    return spec.with_knobs(**{KNOB: value}) if value and spec.kind == "fwd90" else spec
+
+
 def _use_knob(value: int) -> None:
     from cuflash import fastpath, plan, specs
 
@@ -35,8 +45,7 @@ def _use_knob(value: int) -> None:
     specs._select_forward_plain = original
 
     def select(*args, **kwargs):
-        spec = original(*args, **kwargs)
-        return spec.with_knobs(CF_EXP2_FMA=value) if value and spec.kind == "fwd90" else spec
+        return _with_knob(original(*args, **kwargs), value)
 
     specs.select_forward = select
     for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
@@ -55,7 +64,7 @@ def _precompile(problems, values) -> None:
     for _label, _b, _s, _h, _hkv, d, causal, mods in problems:
         flags = plan.mod_flags(None, mods.get("softcap"), None, None, causal)
         spec = specs.select_forward(facts, "bfloat16", d, causal, mods=flags)
-        work |= {spec.with_knobs(CF_EXP2_FMA=v) if v else spec for v in values}
+        work |= {_with_knob(spec, v) for v in values}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda spec: compiler.get_kernel(spec, 0), work))
 
@@ -70,7 +79,9 @@ def main() -> None:
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--knob", default=KNOB, help="the -D define to vary (default CF_EXP2_FMA)")
     args = ap.parse_args()
+    globals()["KNOB"] = args.knob
     import torch
     import torch.nn.functional as F
 
@@ -109,7 +120,7 @@ def main() -> None:
                     reference[label] = o.float()
                 diff = (o.float() - reference[label]).abs().max().item()
                 if diff > 2e-2:
-                    print(f"{label}: CF_EXP2_FMA={value} differs by {diff:.3g}: skipped")
+                    print(f"{label}: {KNOB}={value} differs by {diff:.3g}: skipped")
                     times[label][value].append(float("nan"))
                     continue
                 times[label][value].append(time_ms(fn, reps=20, warmup=3))
@@ -128,7 +139,7 @@ def main() -> None:
             except RuntimeError as err:  # cuDNN may refuse a layout
                 print(f"{label}: cuDNN {type(err).__name__}: {err}"[:200])
     print(f"{torch.cuda.get_device_name()}, bf16, TFLOP/s (median of {args.rounds} rounds); "
-          f"CF_EXP2_FMA values {values}")
+          f"{KNOB} values {values}")
     out = {"device": torch.cuda.get_device_name(), "values": values, "rows": {}}
     for label, b, s, h, hkv, d, causal, mods in problems:
         fl = _flops(b, h, s, d, causal)

@@ -1,0 +1,101 @@
+"""The 8-warp Hopper forward with each warpgroup's softmax overlapping its P V product
+(``CF_FWD_OVERLAP``, flash_fwd_sm90.cu; a candidate) against the float64 reference (``gpu``):
+head_dim 192 and 256 (the buckets that kernel serves), every score modifier of
+test_gpu_modifiers, causal rows with no visible key, a dozen key tiles, fp16 and bf16; m and
+l too, which the backward reads. Timed by bench/dev/exp2_fma_ab.py --knob CF_FWD_OVERLAP
+(``gpu_suite.sh fwd_overlap``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import cuflash
+from cuflash import fastpath, plan, reference, specs
+from cuflash.registry import fwd90_warp_specialized
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_modifiers as mods_tests
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_modifiers as mods_tests
+
+pytestmark = pytest.mark.gpu
+
+KNOB = "CF_FWD_OVERLAP"
+HEAD_DIMS = (192, 256)
+PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None, None, None,
+                                                      False)]
+CASES = PLAIN + mods_tests.CASES
+LENGTHS = [(131, 131), (203, 97), (257, 1029), (77, 811)]
+
+
+def _overlapped(spec):
+    eight_warps = spec.kind == "fwd90" and not fwd90_warp_specialized(spec)
+    return spec.with_knobs(**{KNOB: 1}) if eight_warps else spec
+
+
+def _module_specs():
+    """The forward specs this module's calls select, with the knob (compiled ahead)."""
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    return [_overlapped(specs.select_forward(facts, dtype, d, case[1],
+                                             mods=mods_tests._flags(case)))
+            for case in CASES for dtype in ("float16", "bfloat16") for d in HEAD_DIMS]
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+def _forget_calls():
+    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
+                 plan._forward_plans):
+        memo.clear()
+
+
+@pytest.fixture
+def overlap(monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the knob is a Hopper forward's")
+    plain = specs.select_forward
+    monkeypatch.setattr(specs, "select_forward", lambda *a, **k: _overlapped(plain(*a, **k)))
+    _forget_calls()
+    yield
+    _forget_calls()
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(overlap, case, head_dim, dtype, seqlen_q, seqlen_k):
+    from cuflash import launch
+
+    _, causal, *_ = case
+    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, head_dim, dtype, causal,
+                                       mods_tests._flags(case)), 0)
+    assert (KNOB, 1) in p.kernel.spec.knobs, p.kernel.spec.name
+    rng = gh.rng_for()
+    q, k, v, _do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                                    head_dim=head_dim)
+    label = f"overlap {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal,
+                                         **mods_tests._on_gpu(mods))
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
+    gh.assert_matches_reference("o", gh.to_host(o, dtype), o_ref, o_nv, dtype=dtype,
+                                label=label)
+    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
+    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_forward_and_backward_with_all_modifiers(overlap, head_dim):
+    mods_tests.test_every_head_dim_with_all_modifiers("own", head_dim)
