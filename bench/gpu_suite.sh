@@ -135,7 +135,7 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage fwd_overlap_tests timeout "${FWD_OVERLAP_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_overlap.py
       run_stage fwd_overlap timeout "${FWD_OVERLAP_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
-        --knob CF_FWD_OVERLAP --values 0,1 --head-dims 192,256 --rounds 3 \
+        --knob CF_FWD_OVERLAP --values 0,1,2 --head-dims 192,256 --rounds 5 \
         --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \

@@ -102,7 +102,7 @@ def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-speci
     # + a third V stage with CF_FWD_OVERLAP
     if fwd90_warp_specialized(s):
         return _smem_fwd16(s) + 128
-    return _smem_fwd16(s) + (s.block_n * s.head_dim * 2 if ("CF_FWD_OVERLAP", 1) in s.knobs else 0)
+    return _smem_fwd16(s) + (s.block_n * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_OVERLAP", 0) else 0)
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta

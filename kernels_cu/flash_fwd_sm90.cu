@@ -140,17 +140,25 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   cf_u32 p_prev[CF_BLOCK_N / 16][4];  // P of the tile before, packed: its P V is issued late
   // Tile it (key tile j) has landed for everyone; tile it + 1's loads start (K(it - 1) and
   // V(it - 2), whose stages they take, are no longer read by either warpgroup).
-  auto next_tile = [&](int it, int j) {
-    const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;
+  // CF_FWD_OVERLAP 2: the loads are issued after the tile's wgmma, so the tensor cores start
+  // right after the barrier.
+  auto wait_tile = [&]() {
     cp_async_wait<0>();   // tile j landed (this thread's copies) ...
     fence_proxy_async();  // ... and is visible to the tensor cores' proxy
     __syncthreads();      // everyone's copies
+  };
+  auto load_next = [&](int it, int next) {
     if (next >= tiles.begin) {
       const int next_row = next * CF_BLOCK_N;
       load_k.load(s_k + ((it + 1) & 1) * kTileKV, next_row, seqlen_k - next_row);
       load_v.load(s_v + ((it + 1) % 3) * kTileKV, next_row, seqlen_k - next_row);
     }
     cp_async_commit();
+  };
+  auto next_tile = [&](int it, int j) {
+    const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;
+    wait_tile();
+    if (CF_FWD_OVERLAP == 1) load_next(it, next);
     return next;
   };
   if (n_tiles > 0) {
@@ -161,6 +169,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_fence();
       sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa);
       wgmma_commit();
+      if (CF_FWD_OVERLAP == 2) load_next(0, next);
       wgmma_wait<0>();
       wgmma_fence_regs(s);
       tile.modify_and_mask(s, j, rows);
@@ -179,6 +188,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_commit();
       sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev, s_v_sa + ((it + 2) % 3) * kTileKV);
       wgmma_commit();
+      if (CF_FWD_OVERLAP == 2) load_next(it, next);
       wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
       wgmma_fence_regs(s);
       tile.modify_and_mask(s, j, rows);

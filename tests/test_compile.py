@@ -147,9 +147,11 @@ def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
                 spec = specs.select_forward(facts, "bfloat16", d, causal, mods=mods)
                 assert spec.kind == "fwd90" and spec.warps == 8, spec.name
                 work.append((spec.with_knobs(CF_FWD_OVERLAP=1), "sm_90"))
+                if not (d == 256 and causal and mods.dropout):  # value 2 spills 8 B there
+                    work.append((spec.with_knobs(CF_FWD_OVERLAP=2), "sm_90"))
     assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
     _assert_compiled_without_spills(work, "overlapped forward")
-    for spec, arch in work[:4]:  # the serialization advisory (plain and modified)
+    for spec, arch in work[:6]:  # the serialization advisory (plain and modified)
         opts = compiler.nvrtc_options(spec) + [
             f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
         log, _ = compiler._nvrtc_compile(spec, arch, opts)

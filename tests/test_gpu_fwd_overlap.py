@@ -31,9 +31,12 @@ CASES = PLAIN + mods_tests.CASES
 LENGTHS = [(131, 131), (203, 97), (257, 1029), (77, 811)]
 
 
-def _overlapped(spec):
+VALUES = (1, 2)  # 2: the next tile's loads issued after the tile's wgmma
+
+
+def _overlapped(spec, value):
     eight_warps = spec.kind == "fwd90" and not fwd90_warp_specialized(spec)
-    return spec.with_knobs(**{KNOB: 1}) if eight_warps else spec
+    return spec.with_knobs(**{KNOB: value}) if eight_warps else spec
 
 
 def _module_specs():
@@ -44,8 +47,9 @@ def _module_specs():
     if facts.arch != "sm_90":
         return []
     return [_overlapped(specs.select_forward(facts, dtype, d, case[1],
-                                             mods=mods_tests._flags(case)))
-            for case in CASES for dtype in ("float16", "bfloat16") for d in HEAD_DIMS]
+                                             mods=mods_tests._flags(case)), value)
+            for case in CASES for dtype in ("float16", "bfloat16") for d in HEAD_DIMS
+            for value in VALUES]
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
@@ -57,16 +61,17 @@ def _forget_calls():
         memo.clear()
 
 
-@pytest.fixture
-def overlap(monkeypatch):
+@pytest.fixture(params=VALUES, ids=lambda v: f"v{v}")
+def overlap(request, monkeypatch):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is a Hopper forward's")
     plain = specs.select_forward
-    monkeypatch.setattr(specs, "select_forward", lambda *a, **k: _overlapped(plain(*a, **k)))
+    monkeypatch.setattr(specs, "select_forward",
+                        lambda *a, **k: _overlapped(plain(*a, **k), request.param))
     _forget_calls()
-    yield
+    yield request.param
     _forget_calls()
 
 
@@ -80,7 +85,7 @@ def test_forward_matches_reference(overlap, case, head_dim, dtype, seqlen_q, seq
     _, causal, *_ = case
     p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, head_dim, dtype, causal,
                                        mods_tests._flags(case)), 0)
-    assert (KNOB, 1) in p.kernel.spec.knobs, p.kernel.spec.name
+    assert (KNOB, overlap) in p.kernel.spec.knobs, p.kernel.spec.name
     rng = gh.rng_for()
     q, k, v, _do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
                                                     head_dim=head_dim)
