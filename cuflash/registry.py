@@ -102,7 +102,8 @@ def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-speci
     # + a third V stage with CF_FWD_OVERLAP
     if fwd90_warp_specialized(s):
         return _smem_fwd16(s) + 128
-    return _smem_fwd16(s) + (s.block_n * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_OVERLAP", 0) else 0)
+    third_v = s.block_n * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_OVERLAP", 0) else 0
+    return _smem_fwd16(s) + third_v
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta
@@ -296,6 +297,23 @@ FWD90 = {
                           f"copies had run 3.5x slower than cuDNN at 4k (session 9)"),),
     # d256: the warp-specialized kernel (12, 128, 64, 2) measured 0.89-0.99x this one (_SWEEP)
     256: (_fwd16(8, 64, 2, "block_n 64 at d256: registers (NOTES' wgmma kernels)"),)}
+
+# The 8-warp kernel's softmax beside its P V product (flash_fwd_sm90.cu's CF_FWD_OVERLAP),
+# per head-dim bucket: 2 (the next tile's loads issued after the wgmma) where it was measured
+# (H200 bf16, session 19 call 3, TFLOP/s against the loop before: d256 4k GQA causal / full
+# 546 / 550 against 454 / 485, 16k causal / full 601 / 574 against 491 / 498; d192 441 / 468
+# against 420 / 435, 16k 514 / 502 against 478 / 459). Sets of ("causal", modifier names),
+# as in spills_when ("causal" includes a window), that take value 1 (loads before the wgmma)
+# or none (the loop before) instead: where the registers ran out (NVRTC 13.5, sm_90, every
+# set of up to three modifiers, causal or not, fp16 and bf16: at d256 value 2 spilled 8-96
+# B with ALiBi or dropout in most sets and with causal varlen + block mask; value 1 still
+# spilled with a window and ALiBi and with ALiBi or varlen beside causal dropout), or where 1
+# ran faster (d192 softcap: 411 / 439 TFLOP/s against 391 / 412, causal / full). A budget
+# without room for the third V stage keeps the loop before.
+_OVERLAP_LOG = "bench/results/2026-12-04_h200/session19/call3_fwd_overlap.log"
+FWD90_OVERLAP = {192: 2, 256: 2}
+FWD90_OVERLAP_ONE_WHEN = {192: (("softcap",),), 256: (("causal", "varlen", "block_sparse"),)}
+FWD90_OVERLAP_OFF_WHEN = {256: (("alibi",), ("dropout",))}
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp

@@ -20,8 +20,9 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, KINDS, PRE_ROWS, PRE_THREADS, VARIANTS,  # noqa: F401
-                       Variant, bwd90_warp_specialized, bwd_split_layout, variant_of)
+from .registry import (BUCKETS, FWD90_OVERLAP, FWD90_OVERLAP_OFF_WHEN,  # noqa: F401
+                       FWD90_OVERLAP_ONE_WHEN, KINDS, PRE_ROWS, PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
+                       bwd_split_layout, fwd90_warp_specialized, variant_of)
 
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -280,7 +281,25 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods)
+    return with_forward_overlap(
+        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts)
+
+
+def with_forward_overlap(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
+    """``spec`` with the 8-warp Hopper forward's softmax beside its P V product
+    (``CF_FWD_OVERLAP``, registry.FWD90_OVERLAP's value for the bucket; 1 where
+    FWD90_OVERLAP_ONE_WHEN says, none where FWD90_OVERLAP_OFF_WHEN does) where its third V
+    stage fits ``facts``' shared memory."""
+    value = FWD90_OVERLAP.get(spec.head_dim, 0)
+    if spec.kind != "fwd90" or fwd90_warp_specialized(spec) or not value:
+        return spec
+    context = set(spec.mods.on) | ({"causal"} if spec.causal or spec.mods.window else set())
+    if any(context.issuperset(when) for when in FWD90_OVERLAP_OFF_WHEN.get(spec.head_dim, ())):
+        return spec
+    if any(context.issuperset(when) for when in FWD90_OVERLAP_ONE_WHEN.get(spec.head_dim, ())):
+        value = 1
+    overlapped = spec.with_knobs(CF_FWD_OVERLAP=value)
+    return overlapped if overlapped.smem_bytes <= facts.smem_optin else spec
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,

@@ -286,3 +286,31 @@ def test_tiles_an_arch_spills_are_skipped_there_only():
     t4 = specs.facts_for_arch("sm_75")
     assert [specs.select_backward(t4, "float16", d, False, False).dchunk
             for d in (128, 160, 192, 224, 256)] == [128, 64, 128, 64, 128]
+
+
+def test_forward_overlap_where_measured_and_where_registers_allow():
+    """specs.with_forward_overlap: the 8-warp Hopper forward at head_dim 192 / 256 takes
+    CF_FWD_OVERLAP 2, 1 where registry.FWD90_OVERLAP_ONE_WHEN says, none with ALiBi or dropout
+    at 256 or without room for the third V stage; warp-specialized and portable specs never."""
+    facts = specs.facts_for_arch("sm_90")
+    M = specs.ModFlags
+
+    def value(head_dim, causal=False, facts=facts, **mods):
+        spec = specs.select_forward(facts, "bfloat16", head_dim, causal, mods=M(**mods))
+        return dict(spec.knobs).get("CF_FWD_OVERLAP", 0)
+
+    assert value(256) == value(256, True) == value(192) == value(192, True) == 2
+    assert value(256, softcap=True, sinks=True) == value(256, window=True) == 2
+    assert value(192, softcap=True) == value(192, True, softcap=True) == 1
+    assert value(256, True, varlen=True, block_sparse=True) == 1
+    assert value(256, window=True, varlen=True, block_sparse=True) == 1  # a window is causal
+    assert value(256, varlen=True, block_sparse=True) == 2
+    assert value(256, alibi=True) == value(256, True, dropout=True) == 0
+    assert value(192, alibi=True) == value(192, True, dropout=True) == 2
+    assert value(64) == value(128) == value(128, True) == 0  # warp-specialized there
+    assert value(256, facts=specs.facts_for_arch("sm_90", 200 * specs.KIB)) == 0
+    assert value(256, facts=specs.facts_for_arch("sm_80")) == 0
+    overlapped = specs.select_forward(facts, "bfloat16", 256, True)
+    plain = overlapped.without_knob("CF_FWD_OVERLAP")
+    assert overlapped.smem_bytes - plain.smem_bytes == 64 * 256 * 2  # the third V stage
+    assert overlapped.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"]

@@ -35,7 +35,9 @@ KNOB = "CF_EXP2_FMA"  # --knob
 
 
 def _with_knob(spec, value: int):
-    return spec.with_knobs(**{KNOB: value}) if value and spec.kind == "fwd90" else spec
+    if spec.kind != "fwd90":
+        return spec
+    return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 
 def _use_knob(value: int) -> None:
