@@ -7,7 +7,7 @@
 #                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
-#                                            exp2_fma fwd_overlap
+#                                            exp2_fma fwd_overlap bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -137,6 +137,14 @@ for stage in $stages; do
       run_stage fwd_overlap timeout "${FWD_OVERLAP_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
         --knob CF_FWD_OVERLAP --values 0,1,2 --head-dims 192,256 --rounds 5 \
         --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
+    bwd_dq_first)  # the Hopper backward at head_dim 192 / 256 with a dQ panel issued before
+      # dK / dV (CF_BWD_DQ_FIRST): its float64-reference tests, then each tile with and without
+      # it beside SDPA's flash and cuDNN (BWD_DQ_FIRST_SEQLENS, default 4096 16384)
+      CUFLASH_POISON=1 run_stage bwd_dq_first_tests timeout "${BWD_DQ_FIRST_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_bwd_dq_first.py
+      run_stage bwd_dq_first bash -c "cd bench/dev && timeout ${BWD_DQ_FIRST_TIMEOUT:-240} $PY \
+        tile_sweep.py --kind bwd90 --head-dim 192 256 --seqlen ${BWD_DQ_FIRST_SEQLENS:-4096 16384} \
+        --causal both --variant CF_BWD_DQ_FIRST=1" ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;

@@ -53,6 +53,9 @@
 #ifndef CF_WARPS
 #define CF_WARPS 8  // two warpgroups of 64 keys (cf_config.cuh defaults to 4)
 #endif
+#ifndef CF_BWD_DQ_FIRST  // 1 (a candidate, session 19): head_dim 192 / 256 issue a dQ panel
+#define CF_BWD_DQ_FIRST 0  // before dK / dV (the role split, below)
+#endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)
 #endif
@@ -241,6 +244,46 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       }
       fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
       __syncthreads();
+#if CF_BWD_DQ_FIRST
+      // The first dQ panel is issued before dK / dV, so its adds to dq_accum run while the
+      // tensor cores work on dK / dV (in the order below they waited for both products).
+      float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+      const bool second = kD >= 256 || 2 * wg + 1 < kD / 64;  // head_dim 192: wg 0 only
+      {
+        float dq[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa + 2 * wg * kBN * 128, kk), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kq = 0; kq < kQSteps; ++kq)
+          wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
+                           sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // the dQ panel; dK / dV may still run
+        wgmma_fence_regs(dq);
+        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg, tig, seqlen_q, heads,
+               head_dim, softmax_scale);
+      }
+      if (second) {
+        float dq[8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBN / 16; ++kk)
+          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                          sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + 1) * kBN * 128, kk), kk > 0);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_regs(dq);
+        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64, tig, seqlen_q, heads,
+               head_dim, softmax_scale);
+      } else {
+        wgmma_wait<0>();
+      }
+      wgmma_fence_regs(acc);
+#else
       // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
       // B MN-major: head_dim contiguous; the 64 queries are the contraction)
       wgmma_fence();
@@ -268,6 +311,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
                head_dim, softmax_scale);
       }
       wgmma_fence_regs(acc);
+#endif
     } else {
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
       float s[kNT][4], dp[kNT][4];
