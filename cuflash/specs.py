@@ -20,7 +20,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, FWD90_OVERLAP, FWD90_OVERLAP_OFF_WHEN,  # noqa: F401
+from .registry import (BUCKETS, BWD90_DQ_FIRST, FWD90_OVERLAP,  # noqa: F401
+                       FWD90_OVERLAP_OFF_WHEN,
                        FWD90_OVERLAP_ONE_WHEN, KINDS, PRE_ROWS, PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
                        bwd_split_layout, fwd90_warp_specialized, variant_of)
 
@@ -306,9 +307,17 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:
     """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
-    return with_bulk_dq(with_ordered_rotation(
+    return with_dq_first(with_bulk_dq(with_ordered_rotation(
         select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
-               wgmma=wgmma, mods=mods), facts), facts)
+               wgmma=wgmma, mods=mods), facts), facts))
+
+
+def with_dq_first(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with its first dQ panel issued before dK / dV (``CF_BWD_DQ_FIRST``) where the
+    Hopper backward's role split runs and registry.BWD90_DQ_FIRST lists the bucket."""
+    if spec.kind != "bwd90" or spec.head_dim not in BWD90_DQ_FIRST:
+        return spec
+    return spec.with_knobs(CF_BWD_DQ_FIRST=1)
 
 
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

@@ -53,8 +53,8 @@
 #ifndef CF_WARPS
 #define CF_WARPS 8  // two warpgroups of 64 keys (cf_config.cuh defaults to 4)
 #endif
-#ifndef CF_BWD_DQ_FIRST  // 1 (a candidate, session 19): head_dim 192 / 256 issue a dQ panel
-#define CF_BWD_DQ_FIRST 0  // before dK / dV (the role split, below)
+#ifndef CF_BWD_DQ_FIRST  // 1: head_dim 192 / 256 issue a dQ panel before dK / dV (the role
+#define CF_BWD_DQ_FIRST 0  // split, below; selected at 192: registry.BWD90_DQ_FIRST)
 #endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)
