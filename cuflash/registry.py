@@ -306,14 +306,20 @@ FWD90 = {
 # as in spills_when ("causal" includes a window), that take value 1 (loads before the wgmma)
 # or none (the loop before) instead: where the registers ran out (NVRTC 13.5, sm_90, every
 # set of up to three modifiers, causal or not, fp16 and bf16: at d256 value 2 spilled 8-96
-# B with ALiBi or dropout in most sets and with causal varlen + block mask; value 1 still
-# spilled with a window and ALiBi and with ALiBi or varlen beside causal dropout), or where 1
+# B in most sets with ALiBi and dropout, causal and dropout, or causal varlen with ALiBi or a
+# block mask; value 1 still spilled with a window and ALiBi, and beside causal dropout with
+# ALiBi or varlen + block mask; bench/dev/NOTES.md, session 19), or where 1
 # ran faster (d192 softcap: 411 / 439 TFLOP/s against 391 / 412, causal / full). A budget
 # without room for the third V stage keeps the loop before.
 _OVERLAP_LOG = "bench/results/2026-12-04_h200/session19/call3_fwd_overlap.log"
 FWD90_OVERLAP = {192: 2, 256: 2}
-FWD90_OVERLAP_ONE_WHEN = {192: (("softcap",),), 256: (("causal", "varlen", "block_sparse"),)}
-FWD90_OVERLAP_OFF_WHEN = {256: (("alibi",), ("dropout",))}
+FWD90_OVERLAP_ONE_WHEN = {
+    192: (("softcap",),),
+    256: (("alibi", "dropout"), ("causal", "dropout"), ("causal", "alibi", "varlen"),
+          ("causal", "varlen", "block_sparse"))}
+FWD90_OVERLAP_OFF_WHEN = {
+    256: (("window", "alibi"), ("causal", "alibi", "dropout"),
+          ("causal", "varlen", "block_sparse", "dropout"))}
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's

@@ -52,7 +52,7 @@ def _module_specs():
                                    extra.get("alibi_slopes"), extra.get("sinks"), causal,
                                    block_sparse=sparse, dropout=True)
             for dtype in ("float16", "bfloat16", "float32"):
-                for head_dim in (64, 128, 256):
+                for head_dim in (64, 128, 192, 256):
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, causal, flags)
                     out += gh.shape_specs(shape, f, cfg)
     return out
@@ -175,8 +175,9 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
     _check(family, case, dtype, seqlen_q, seqlen_k, 64)
 
 
-@pytest.mark.parametrize("head_dim", [128, 256])
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=[CASES[1][0], CASES[2][0]])
+# 192 / 256: the Hopper forward's overlapped loop (CF_FWD_OVERLAP 2, 1 or none by the set)
+@pytest.mark.parametrize("head_dim", [128, 192, 256])
+@pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
 def test_head_dims(family, case, head_dim):
     _check(family, case, "bfloat16", 300, 555, head_dim)
 
