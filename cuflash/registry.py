@@ -323,10 +323,11 @@ FWD90_OVERLAP_OFF_WHEN = {
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's
-# CF_BWD_DQ_FIRST), per bucket. H200 bf16, session 19 call 6, TFLOP/s with / without: d192
-# 4k 247 / 221, causal 228 / 210, 16k 257 / 232, causal 259 / 239; d256 259 / 257, 245 / 236,
-# 265 / 269, 275 / 270 (one round: not selected there).
-BWD90_DQ_FIRST = frozenset({192})
+# CF_BWD_DQ_FIRST), per bucket. H200 bf16, session 19 calls 6 and 7, TFLOP/s with / without:
+# d192 4k 247 / 221-223, causal 228-229 / 210-215, 16k 257-258 / 230-232, causal 259 / 239;
+# d256 4k 259-260 / 257, causal 245-247 / 236-239, 16k 265-271 / 269-271, causal 275-279 /
+# 270 (16k full is a wash, the rest gains).
+BWD90_DQ_FIRST = frozenset({192, 256})
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp

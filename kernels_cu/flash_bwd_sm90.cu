@@ -54,7 +54,7 @@
 #define CF_WARPS 8  // two warpgroups of 64 keys (cf_config.cuh defaults to 4)
 #endif
 #ifndef CF_BWD_DQ_FIRST  // 1: head_dim 192 / 256 issue a dQ panel before dK / dV (the role
-#define CF_BWD_DQ_FIRST 0  // split, below; selected at 192: registry.BWD90_DQ_FIRST)
+#define CF_BWD_DQ_FIRST 0  // split, below; selected: registry.BWD90_DQ_FIRST)
 #endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)

@@ -1,5 +1,5 @@
 """The Hopper backward at head_dim 192 / 256 with its first dQ panel issued before dK / dV
-(``CF_BWD_DQ_FIRST``, flash_bwd_sm90.cu's role split; selected at 192) against the float64
+(``CF_BWD_DQ_FIRST``, flash_bwd_sm90.cu's role split; selected) against the float64
 reference (``gpu``): every score modifier of test_gpu_modifiers, causal rows with no visible
 key, several query and key tiles, fp16 and bf16; dq, dk and dv. Timed by
 ``gpu_suite.sh bwd_dq_first`` (bench/dev/tile_sweep.py --variant CF_BWD_DQ_FIRST=1).

@@ -320,9 +320,9 @@ def test_forward_overlap_where_measured_and_where_registers_allow():
 
 
 def test_dq_first_in_the_role_split_where_measured():
-    """specs.with_dq_first: the Hopper backward at head_dim 192 (registry.BWD90_DQ_FIRST)
-    issues a dQ panel before dK / dV; 256 (not a clear gain), 128 (warp-specialized) and the
-    deterministic portable kernel never."""
+    """specs.with_dq_first: the Hopper backward at head_dim 192 and 256 (the role split,
+    registry.BWD90_DQ_FIRST) issues a dQ panel before dK / dV; 128 (warp-specialized) and
+    the deterministic portable kernel never."""
     facts = specs.facts_for_arch("sm_90")
 
     def knob(head_dim, deterministic=False, **mods):
@@ -331,6 +331,7 @@ def test_dq_first_in_the_role_split_where_measured():
         return dict(spec.knobs).get("CF_BWD_DQ_FIRST", 0)
 
     assert knob(192) == knob(192, softcap=True, alibi=True) == knob(192, varlen=True) == 1
-    assert knob(256) == knob(128) == knob(64) == knob(192, deterministic=True) == 0
+    assert knob(256) == knob(256, dropout=True) == 1
+    assert knob(128) == knob(64) == knob(192, deterministic=True) == 0
     assert specs.select_backward(specs.facts_for_arch("sm_80"), "bfloat16", 192, True,
                                  False).knobs == ()
