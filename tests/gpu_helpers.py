@@ -415,6 +415,27 @@ def gpu_module_env(module_specs: Callable[[], Iterable] | None = None,
     specs.set_smem_budget(None)
 
 
+def forget_planned_calls() -> None:
+    """Drop the plans and fast-path records of earlier calls, so the next call asks the
+    selector again (after a test patched it or the registry)."""
+    from cuflash import fastpath
+
+    for memo in (planning._forward_plans, planning._backward_plans, fastpath._forward_calls,
+                 fastpath._backward_calls, fastpath._modified_calls):
+        memo.clear()
+
+
+def selector_with_knob(monkeypatch, name: str, knob):
+    """Patch ``specs.<name>`` (select_forward / select_backward) so every spec it returns
+    passes through ``knob`` (a spec -> spec function), forgetting planned calls on the way in
+    and out: a generator for a fixture to yield from."""
+    plain = getattr(specs, name)
+    monkeypatch.setattr(specs, name, lambda *a, **k: knob(plain(*a, **k)))
+    forget_planned_calls()
+    yield
+    forget_planned_calls()
+
+
 def module_setup(module_specs: Callable[[], Iterable]):
     """(autouse module fixture, test) for a GPU test module: ``gpu_module_env`` with
     ``module_specs`` compiled ahead, and the test that lists what failed to compile. Assign

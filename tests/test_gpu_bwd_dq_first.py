@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import cuflash
-from cuflash import fastpath, plan, reference, specs, testing
+from cuflash import plan, reference, specs, testing
 
 try:
     import gpu_helpers as gh
@@ -55,23 +55,13 @@ def _module_specs():
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-def _forget_calls():
-    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                 plan._forward_plans):
-        memo.clear()
-
-
 @pytest.fixture
 def dq_first(monkeypatch):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is the Hopper backward's")
-    plain = specs.select_backward
-    monkeypatch.setattr(specs, "select_backward", lambda *a, **k: _with_knob(plain(*a, **k)))
-    _forget_calls()
-    yield
-    _forget_calls()
+    yield from gh.selector_with_knob(monkeypatch, "select_backward", _with_knob)
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)

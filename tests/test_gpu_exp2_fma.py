@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cuflash import fastpath, plan, specs
+from cuflash import plan, specs
 
 try:
     import gpu_helpers as gh
@@ -58,20 +58,12 @@ def exp2_fma(request, monkeypatch):
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is timed and tested in the Hopper forward")
-    plain = specs.select_forward
 
-    def select(*args, **kwargs):
-        spec = plain(*args, **kwargs)
+    def knob(spec):
         return spec.with_knobs(CF_EXP2_FMA=request.param) if spec.kind == "fwd90" else spec
 
-    monkeypatch.setattr(specs, "select_forward", select)
-    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                 plan._forward_plans):
-        memo.clear()
-    yield request.param
-    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                 plan._forward_plans):
-        memo.clear()
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward", knob):
+        yield request.param
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", [(131, 131), (203, 97), (257, 1029)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import cuflash
-from cuflash import fastpath, plan, reference, specs
+from cuflash import plan, reference, specs
 from cuflash.registry import fwd90_warp_specialized
 
 try:
@@ -55,24 +55,15 @@ def _module_specs():
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-def _forget_calls():
-    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                 plan._forward_plans):
-        memo.clear()
-
-
 @pytest.fixture(params=VALUES, ids=lambda v: f"v{v}")
 def overlap(request, monkeypatch):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is a Hopper forward's")
-    plain = specs.select_forward
-    monkeypatch.setattr(specs, "select_forward",
-                        lambda *a, **k: _overlapped(plain(*a, **k), request.param))
-    _forget_calls()
-    yield request.param
-    _forget_calls()
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+                                   lambda spec: _overlapped(spec, request.param)):
+        yield request.param
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)

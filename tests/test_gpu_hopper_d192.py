@@ -22,14 +22,6 @@ except ImportError:  # tests/ collected as a package
 pytestmark = pytest.mark.gpu
 
 
-def _clear_plans():
-    from cuflash import fastpath
-
-    for cache in (plan._forward_plans, plan._backward_plans, fastpath._forward_calls,
-                  fastpath._modified_calls):
-        cache.clear()
-
-
 @pytest.fixture
 def with_d192(monkeypatch):
     import cupy
@@ -38,9 +30,9 @@ def with_d192(monkeypatch):
         pytest.skip("the Hopper kernels need sm_90")
     monkeypatch.setitem(registry.FWD90, 192, (registry._fwd16(8, 64, 2),))
     monkeypatch.setitem(registry.BWD90, 192, (registry._t(8, 64, 64, 2),))
-    _clear_plans()
+    gh.forget_planned_calls()
     yield
-    _clear_plans()
+    gh.forget_planned_calls()
 
 
 @pytest.mark.parametrize("head_dim", [192, 176])
