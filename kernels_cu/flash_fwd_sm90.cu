@@ -12,7 +12,8 @@
 // so the per-thread softmax state is exactly flash_fwd.cu's (cf_fwd.cuh is reused).
 //
 // Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1], the same total as flash_fwd.cu:
-//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 bytes,
+//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 bytes (a third V stage with
+//   CF_FWD_OVERLAP, below),
 // but each tile is stored in the 64-column panel layout of cf_sm90.cuh (wgmma's 128-byte
 // swizzle), which the tensor cores read through descriptors: Q and K as K-major operands
 // (head_dim contiguous), V as the MN-major B of O += P V (N = head_dim contiguous).
@@ -23,8 +24,9 @@
 // wgmma and softmax phases independently between barriers, so one's softmax overlaps the
 // other's matrix products.
 //
-// Supported buckets: CF_HEAD_DIM in {64, 128, 192, 256} (whole panels; 192 compiled, not yet
-// in the registry: not run on a GPU); others use flash_fwd.cu.
+// Supported buckets: CF_HEAD_DIM in {64, 128, 192, 256} (whole panels); others use
+// flash_fwd.cu. The registry selects this file at 192 and 256, and at 64 / 128 where the
+// warp-specialized kernel (flash_fwd_sm90_ws.cu) does not fit or spills.
 //
 // Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
@@ -49,13 +51,14 @@ static_assert(CF_WARPS % 4 == 0 && CF_BLOCK_M == 16 * CF_WARPS, "64 query rows p
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES == 2, "2 K/V stages");
 
-// CF_FWD_OVERLAP 1 (a candidate, session 19): each warpgroup issues tile j's S = Q K^T and
-// tile j-1's O += P V together, and runs tile j's softmax while the P V product is still in
-// the tensor cores (P of tile j-1 held packed in registers); O is rescaled once that product
-// has landed. V takes a ring of 3 stages so the loads of tile j+1 can start at the top of
-// iteration j while V(j-1) is still read. Why: in the loop above each warpgroup waits for
-// every product before its softmax, so the tensor cores idle during it except for what the
-// other warpgroup fills.
+// CF_FWD_OVERLAP 1 / 2 (selected at head_dim 192 / 256 since session 19, by modifier set:
+// registry.FWD90_OVERLAP): each warpgroup issues tile j's S = Q K^T and tile j-1's O += P V
+// together, and runs tile j's softmax while the P V product is still in the tensor cores (P
+// of tile j-1 held packed in registers); O is rescaled once that product has landed. V takes
+// a ring of 3 stages so the loads of tile j+1 can start in iteration j while V(j-1) is still
+// read; 2 issues those loads after the wgmma rather than before. Why: in the plain loop each
+// warpgroup waits for every product before its softmax, so the tensor cores idle during it
+// except for what the other warpgroup fills (d256: 454-498 -> 546-601 TFLOP/s on an H200).
 #ifndef CF_FWD_OVERLAP
 #define CF_FWD_OVERLAP 0
 #endif
