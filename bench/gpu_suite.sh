@@ -131,11 +131,12 @@ for stage in $stages; do
         --out "$OUT/results/exp2_fma.json" ${EXP2_FMA_ARGS:-} ;;
     fwd_overlap)  # the 8-warp Hopper forward (head_dim 192 / 256) with each warpgroup's softmax
       # beside its P V product (CF_FWD_OVERLAP): its float64-reference tests, then TFLOP/s
-      # against the selection and cuDNN, alternating rounds (FWD_OVERLAP_ARGS adds arguments)
+      # against the loop before and cuDNN, alternating rounds (FWD_OVERLAP_VALUES, default 0,2,3:
+      # 2 is the selection, 3 the mbarrier candidate; FWD_OVERLAP_ARGS adds arguments)
       CUFLASH_POISON=1 run_stage fwd_overlap_tests timeout "${FWD_OVERLAP_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_overlap.py
       run_stage fwd_overlap timeout "${FWD_OVERLAP_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
-        --knob CF_FWD_OVERLAP --values 0,1,2 --head-dims 192,256 --rounds 5 \
+        --knob CF_FWD_OVERLAP --values ${FWD_OVERLAP_VALUES:-0,2,3} --head-dims 192,256 --rounds 5 \
         --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
     bwd_dq_first)  # the Hopper backward at head_dim 192 / 256 with a dQ panel issued before
       # dK / dV (CF_BWD_DQ_FIRST): its float64-reference tests, then each tile with and without

@@ -99,11 +99,12 @@ def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
 
 
 def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized,
-    # + a third V stage with CF_FWD_OVERLAP
+    # + a third V stage with CF_FWD_OVERLAP (and its value 3's mbarriers)
     if fwd90_warp_specialized(s):
         return _smem_fwd16(s) + 128
-    third_v = s.block_n * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_OVERLAP", 0) else 0
-    return _smem_fwd16(s) + third_v
+    overlap = dict(s.knobs).get("CF_FWD_OVERLAP", 0)
+    third_v = s.block_n * s.head_dim * 2 if overlap else 0
+    return _smem_fwd16(s) + third_v + (128 if overlap == 3 else 0)  # 3: stage mbarriers
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta

@@ -72,7 +72,8 @@ enum : int {
   kDT = CF_HEAD_DIM / 8,  // O n-tiles per thread
   kKSteps = CF_HEAD_DIM / 16,
   kVStages = CF_FWD_OVERLAP ? 3 : CF_STAGES,
-  kSmemBytes = (CF_BLOCK_M + (CF_STAGES + kVStages) * CF_BLOCK_N) * CF_HEAD_DIM * 2,
+  kTiles = (CF_BLOCK_M + (CF_STAGES + kVStages) * CF_BLOCK_N) * CF_HEAD_DIM * 2,
+  kSmemBytes = kTiles + (CF_FWD_OVERLAP == 3 ? 128 : 0),  // value 3: 10 stage mbarriers
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
 };
 }  // namespace sm90
@@ -128,16 +129,104 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // The tile each iteration computes: last first (dense: spelled as before the block mask,
   // whose loop-carried form cost d256 3% on an H200)
   int j_kept = kept.below(tiles.end);
+#if CF_FWD_OVERLAP == 3  // the stage mbarriers (below)
+  // K stage s holds tiles s, s + 2, ...: tile t is that stage's use t / 2; V: t % 3, t / 3.
+  const cf_u32 bars = smem_addr(smem + kTiles);
+  const auto k_full = [&](int t) { return bars + 8 * (t & 1); };
+  const auto v_full = [&](int t) { return bars + 16 + 8 * (t % 3); };
+  const auto k_empty = [&](int t) { return bars + 40 + 8 * (t & 1); };
+  const auto v_empty = [&](int t) { return bars + 56 + 8 * (t % 3); };
+  const auto wait_full = [](cf_u32 bar, int use) {
+    mbar_wait(bar, use & 1);
+    fence_proxy_async();  // the copies landed through the generic proxy; wgmma reads async
+  };
+  const auto release = [lane](cf_u32 bar) {  // this warp's part of the product has landed
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  if (tid == 0) {
+    for (int t = 0; t < 3; ++t) {
+      if (t < 2) mbar_init(k_full(t), kThreads);
+      if (t < 2) mbar_init(k_empty(t), CF_WARPS);
+      mbar_init(v_full(t), kThreads);
+      mbar_init(v_empty(t), CF_WARPS);
+    }
+    mbar_fence_init();
+  }
+  __syncthreads();
+#endif
   if (n_tiles > 0) {  // prologue: one group [Q + K(last) + V(last)]
     const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
     const Sm90Loader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
     load_q.load(s_q, q0, seqlen_q - q0);
     load_k.load(s_k, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
+#if CF_FWD_OVERLAP == 3
+    mbar_arrive_cp_async(k_full(0));  // Q and K(last)
+#endif
     load_v.load(s_v, j * CF_BLOCK_N, seqlen_k - j * CF_BLOCK_N);
+#if CF_FWD_OVERLAP == 3
+    mbar_arrive_cp_async(v_full(0));
+#endif
     cp_async_commit();
   }
 
-#if CF_FWD_OVERLAP
+#if CF_FWD_OVERLAP == 3
+  // Value 3 (a candidate, session 19, not yet run on a GPU): value 2 with the per-tile
+  // __syncthreads replaced by mbarriers, so a warpgroup waits only for what it reads (a
+  // stage's copies: k_full / v_full, every thread arriving when its own cp.async land) and,
+  // before it loads into a stage, for both warpgroups to have read it (k_empty / v_empty, one
+  // arrival per warp once its product has landed). The two warpgroups may then drift up to
+  // a tile apart, each one's softmax under the other's products, as the warp-specialized
+  // kernel's turns do.
+  cf_u32 p_prev[CF_BLOCK_N / 16][4];  // P of the tile before, packed: its P V is issued late
+  if (n_tiles > 0) {
+    int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
+#pragma unroll 1
+    for (int it = 0; it < n_tiles; ++it) {
+      const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;
+      wait_full(k_full(it), it >> 1);
+      if (it > 0) wait_full(v_full(it - 1), (it - 1) / 3);
+      float s[kNT][4];
+      wgmma_fence();
+      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + (it & 1) * kTileKV);
+      wgmma_commit();
+      if (it > 0) {
+        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev, s_v_sa + ((it + 2) % 3) * kTileKV);
+      }
+      wgmma_commit();  // (empty at it = 0: the waits below count the same groups)
+      if (next >= tiles.begin) {  // tile it + 1, into the stages tiles it - 1 / it - 2 had
+        const int next_row = next * CF_BLOCK_N;
+        if (it >= 1) mbar_wait(k_empty(it + 1), (it - 1) >> 1);
+        load_k.load(s_k + ((it + 1) & 1) * kTileKV, next_row, seqlen_k - next_row);
+        mbar_arrive_cp_async(k_full(it + 1));
+        if (it >= 2) mbar_wait(v_empty(it + 1), (it - 2) / 3);
+        load_v.load(s_v + ((it + 1) % 3) * kTileKV, next_row, seqlen_k - next_row);
+        mbar_arrive_cp_async(v_full(it + 1));
+      }
+      wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
+      wgmma_fence_regs(s);
+      release(k_empty(it));
+      tile.modify_and_mask(s, j, rows);
+      float alpha[2];
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      wgmma_wait<0>();  // the P V landed: acc holds it
+      wgmma_fence_regs(acc);
+      if (it > 0) release(v_empty(it - 1));
+      rescale_acc(acc, alpha);  // at it = 0 acc is zero and alpha 0 or 1
+      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
+      sm90_pack_p<CF_BLOCK_N>(p_prev, s);
+      j = next;
+    }
+    wait_full(v_full(n_tiles - 1), (n_tiles - 1) / 3);
+    wgmma_fence();  // the last tile's P V
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev,
+                                            s_v_sa + ((n_tiles - 1) % 3) * kTileKV);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(acc);
+  }
+  cp_async_commit();  // this thread's copies as one group, for the wait below
+#elif CF_FWD_OVERLAP
   // Iteration 0 is peeled: no wgmma or wait sits on a path ptxas may see as divergent (it
   // then serializes every wgmma, C7519; the packed-sequence build did with an if inside).
   cf_u32 p_prev[CF_BLOCK_N / 16][4];  // P of the tile before, packed: its P V is issued late

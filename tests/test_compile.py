@@ -130,10 +130,11 @@ def test_ordered_bulk_dq_with_two_pieces_compiles_without_spills():
 
 
 def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
-    """The 8-warp Hopper forward with CF_FWD_OVERLAP (softmax beside P V; not selected yet)
-    at head_dim 192 and 256, plain, causal, modified, packed, dropout and block-sparse: zero
-    spills, the shared memory the host computes fits sm_90, and ptxas keeps its wgmma
-    asynchronous (no C7519 "wgmma.mma_async instructions are serialized")."""
+    """The 8-warp Hopper forward with CF_FWD_OVERLAP 1 / 2 / 3 (softmax beside P V; 3, with
+    mbarriers, not yet run on a GPU) at head_dim 192 and 256, plain, causal, modified, packed,
+    dropout and block-sparse: zero spills, the shared memory the host computes fits sm_90,
+    and ptxas keeps its wgmma asynchronous (no C7519 "wgmma.mma_async instructions are
+    serialized")."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
@@ -149,9 +150,10 @@ def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
                 work.append((spec.with_knobs(CF_FWD_OVERLAP=1), "sm_90"))
                 if not (d == 256 and causal and mods.dropout):  # value 2 spills 8 B there
                     work.append((spec.with_knobs(CF_FWD_OVERLAP=2), "sm_90"))
+                work.append((spec.with_knobs(CF_FWD_OVERLAP=3), "sm_90"))
     assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
     _assert_compiled_without_spills(work, "overlapped forward")
-    for spec, arch in work[:6]:  # the serialization advisory (plain and modified)
+    for spec, arch in work[:9]:  # the serialization advisory (plain and modified)
         opts = compiler.nvrtc_options(spec) + [
             f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
         log, _ = compiler._nvrtc_compile(spec, arch, opts)
