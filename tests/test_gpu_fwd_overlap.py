@@ -1,5 +1,6 @@
 """The 8-warp Hopper forward with each warpgroup's softmax overlapping its P V product
-(``CF_FWD_OVERLAP``, flash_fwd_sm90.cu; a candidate) against the float64 reference (``gpu``):
+(``CF_FWD_OVERLAP``, flash_fwd_sm90.cu; 1 / 2 selected, 3 a candidate) against the float64
+reference (``gpu``):
 head_dim 192 and 256 (the buckets that kernel serves), every score modifier of
 test_gpu_modifiers, causal rows with no visible key, a dozen key tiles, fp16 and bf16; m and
 l too, which the backward reads. Timed by bench/dev/exp2_fma_ab.py --knob CF_FWD_OVERLAP
