@@ -301,18 +301,18 @@ FWD90 = {
 
 # The 8-warp kernel's softmax beside its P V product (flash_fwd_sm90.cu's CF_FWD_OVERLAP),
 # per head-dim bucket: 2 (the next tile's loads issued after the wgmma) where it was measured
-# (H200 bf16, session 19 call 3, TFLOP/s against the loop before: d256 4k GQA causal / full
-# 546 / 550 against 454 / 485, 16k causal / full 601 / 574 against 491 / 498; d192 441 / 468
-# against 420 / 435, 16k 514 / 502 against 478 / 459). Sets of ("causal", modifier names),
-# as in spills_when ("causal" includes a window), that take value 1 (loads before the wgmma)
-# or none (the loop before) instead: where the registers ran out (NVRTC 13.5, sm_90, every
-# set of up to three modifiers, causal or not, fp16 and bf16: at d256 value 2 spilled 8-96
-# B in most sets with ALiBi and dropout, causal and dropout, or causal varlen with ALiBi or a
-# block mask; value 1 still spilled with a window and ALiBi, and beside causal dropout with
-# ALiBi or varlen + block mask; bench/dev/NOTES.md, session 19), or where 1
-# ran faster (d192 softcap: 411 / 439 TFLOP/s against 391 / 412, causal / full). A budget
-# without room for the third V stage keeps the loop before.
-_OVERLAP_LOG = "bench/results/2026-12-04_h200/session19/call3_fwd_overlap.log"
+# (H200 bf16, bench/results/2026-12-04_h200/session19/call3_fwd_overlap.log, TFLOP/s against
+# the loop before: d256 4k GQA causal / full 546 / 550 against 454 / 485, 16k causal / full
+# 601 / 574 against 491 / 498; d192 441 / 468 against 420 / 435, 16k 514 / 502 against 478 /
+# 459). Sets of ("causal", modifier names), as in spills_when ("causal" includes a window),
+# that take value 1 (loads before the wgmma) or none (the loop before) instead: where the
+# registers ran out (NVRTC 13.5, sm_90, every set of up to three modifiers, causal or not,
+# fp16 and bf16: at d256 value 2 spilled 8-96 B in most sets with ALiBi and dropout, causal
+# and dropout, or causal varlen with ALiBi or a block mask; value 1 still spilled with a
+# window and ALiBi, and beside causal dropout with ALiBi or varlen + block mask;
+# bench/dev/NOTES.md, session 19), or where 1 ran faster (d192 softcap: 411 / 439 TFLOP/s
+# against 391 / 412, causal / full). A budget without room for the third V stage keeps the
+# loop before.
 FWD90_OVERLAP = {192: 2, 256: 2}
 FWD90_OVERLAP_ONE_WHEN = {
     192: (("softcap",),),

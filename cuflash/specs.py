@@ -21,8 +21,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90_DQ_FIRST, FWD90_OVERLAP,  # noqa: F401
-                       FWD90_OVERLAP_OFF_WHEN,
-                       FWD90_OVERLAP_ONE_WHEN, KINDS, PRE_ROWS, PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
+                       FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, KINDS, PRE_ROWS,
+                       PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
                        bwd_split_layout, fwd90_warp_specialized, variant_of)
 
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
