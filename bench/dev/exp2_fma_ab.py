@@ -76,6 +76,7 @@ def _flops(b, h, s, d, causal):
 
 
 def main() -> None:
+    global KNOB
     ap = argparse.ArgumentParser()
     ap.add_argument("--values", default="0,2,4")
     ap.add_argument("--head-dims", default="64,128")
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--knob", default=KNOB, help="the -D define to vary (default CF_EXP2_FMA)")
     args = ap.parse_args()
-    globals()["KNOB"] = args.knob
+    KNOB = args.knob
     import torch
     import torch.nn.functional as F
 
