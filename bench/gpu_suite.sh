@@ -7,7 +7,8 @@
 #                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
-#                                            exp2_fma fwd_overlap bwd_dq_first
+#                                            exp2_fma fwd_overlap fwd_persistent
+#                                            fwd_persistent_sanitize bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -138,6 +139,22 @@ for stage in $stages; do
       run_stage fwd_overlap timeout "${FWD_OVERLAP_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
         --knob CF_FWD_OVERLAP --values ${FWD_OVERLAP_VALUES:-0,2,3} --head-dims 192,256 --rounds 5 \
         --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
+    fwd_persistent)  # the warp-specialized Hopper forward (head_dim 64 / 128) with persistent
+      # blocks (CF_FWD_PERSISTENT): its float64-reference tests, then TFLOP/s without / with it
+      # beside cuDNN at 16k tokens (seqlen 1k / 4k / 16k) and on the GQA rows, alternating rounds
+      CUFLASH_POISON=1 run_stage fwd_persistent_tests timeout "${FWD_PERSISTENT_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_persistent.py
+      for rows in tokens gqa; do
+        run_stage "fwd_persistent_$rows" timeout "${FWD_PERSISTENT_TIMEOUT:-200}" $PY \
+          bench/dev/exp2_fma_ab.py --knob CF_FWD_PERSISTENT --values 0,1 --head-dims 64,128 \
+          --rows $rows --rounds 5 --out "$OUT/results/fwd_persistent_$rows.json" \
+          ${FWD_PERSISTENT_ARGS:-}
+      done ;;
+    fwd_persistent_sanitize)  # that kernel's blocks walking tiles, under compute-sanitizer
+      for tool in memcheck racecheck synccheck; do
+        run_stage "persistent_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+          --tool $tool --error-exitcode 1 $PY bench/dev/sanitize_persistent.py
+      done ;;
     bwd_dq_first)  # the Hopper backward at head_dim 192 / 256 with a dQ panel issued before
       # dK / dV (CF_BWD_DQ_FIRST): its float64-reference tests, then each tile with and without
       # it beside SDPA's flash and cuDNN (BWD_DQ_FIRST_SEQLENS, default 4096 16384)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import config, specs
+from . import config, specs, tile_walk
 from .config import Config
 from .specs import NO_MODS, DeviceFacts, KernelSpec, ModFlags
 
@@ -251,8 +251,31 @@ def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
     if spec is None:
         spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
                                     wgmma=cfg.wgmma, mods=shape.mods)
-    grid_xy = (_cdiv(shape.seqlen_q, spec.block_m), shape.heads)
+    spec, grid_xy = _forward_grid(shape, spec, facts)
     return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
+
+
+PERSISTENT = "CF_FWD_PERSISTENT"  # flash_fwd_sm90_ws.cu's persistent blocks
+
+
+def _forward_grid(shape: Shape, spec: KernelSpec, facts: DeviceFacts
+                  ) -> tuple[KernelSpec, tuple[int, int]]:
+    """The forward's spec and grid (x, y) per batch entry: (query tiles, heads), or for a
+    persistent spec (blocks per batch entry, 1), about one block per SM in all, the blocks
+    walking the batch's (entry, tile, head) triples (flash_fwd_sm90_ws.cu's TileWalk). Where
+    that static split would run longer than one block per tile (tile_walk.persistent_blocks),
+    or the kernel is not that one, the spec without the knob."""
+    tiles = _cdiv(shape.seqlen_q, spec.block_m)
+    if PERSISTENT not in dict(spec.knobs):
+        return spec, (tiles, shape.heads)
+    blocks = 0
+    if specs.fwd90_warp_specialized(spec):
+        blocks = tile_walk.persistent_blocks(
+            shape.batch, shape.heads, shape.seqlen_q, shape.seqlen_k, spec.block_m,
+            spec.block_n, shape.causal and not shape.mods.window, facts.sm_count)
+    if not blocks:
+        return spec.without_knob(PERSISTENT), (tiles, shape.heads)
+    return spec, (blocks, 1)
 
 
 def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:

@@ -322,6 +322,24 @@ FWD90_OVERLAP_OFF_WHEN = {
     256: (("window", "alibi"), ("causal", "alibi", "dropout"),
           ("causal", "varlen", "block_sparse", "dropout"))}
 
+# The warp-specialized forward's persistent blocks (flash_fwd_sm90_ws.cu's CF_FWD_PERSISTENT;
+# plan.plan_forward sizes the grid and runs one block per tile where the static split would
+# be uneven, cuflash/tile_walk.py), per head-dim bucket: True where causal calls take them too.
+# H200 bf16, TFLOP/s one block per tile / persistent, same runs (bench/results/2026-12-04_h200/
+# session20, call 3, with the planner's pricing; calls 1-2 before it):
+#   d64, 16k tokens at seqlen 1k / 4k / 16k: 353 / 470 / 497 against 376 / 486 / 513; causal
+#     215 / 405 / 501 against 230 / 394 / 512 (4k causal: +0.6%, 0% and -2.9% in three calls);
+#     GQA 16/4 4k softcap causal 231 / 265, softcap 267 / 283.
+#   d128: 473 / 607 / 631 against 468 / 614 / 624 (within +-3% across three calls, about
+#     +1% on average); softcap GQA +2-4% in every call. Causal lost 1-2% at 1k and 4k even
+#     with the split priced (call 3), so causal d128 keeps one block per tile.
+# Not where a block's work is unknown ahead (packed sequences, block masks), nor where the
+# three-consumer d64 tile spills with it (NVRTC 13.5, every set of up to two modifiers: a
+# window, softcap or dropout, 4-136 B).
+FWD90_PERSISTENT = {64: True, 128: False}
+FWD90_PERSISTENT_OFF_WHEN = (("varlen",), ("block_sparse",))
+FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
+
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's
 # CF_BWD_DQ_FIRST), per bucket. H200 bf16, session 19 calls 6 and 7, TFLOP/s with / without:

@@ -21,7 +21,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90_DQ_FIRST, FWD90_OVERLAP,  # noqa: F401
-                       FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, KINDS, PRE_ROWS,
+                       FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
+                       FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
                        PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
                        bwd_split_layout, fwd90_warp_specialized, variant_of)
 
@@ -282,8 +283,25 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return with_forward_overlap(
-        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts)
+    return with_persistent_forward(with_forward_overlap(
+        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts))
+
+
+def with_persistent_forward(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with persistent blocks (``CF_FWD_PERSISTENT``) where the warp-specialized
+    forward runs and registry.FWD90_PERSISTENT lists the bucket (causal calls only where its
+    value is True), unless an _OFF_WHEN set of modifiers is on; the planner may still run one
+    block per tile (plan._forward_grid)."""
+    causal_ok = FWD90_PERSISTENT.get(spec.head_dim)
+    if spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or causal_ok is None:
+        return spec
+    if (spec.causal or spec.mods.window) and not causal_ok:
+        return spec
+    off = FWD90_PERSISTENT_OFF_WHEN + (FWD90_PERSISTENT_OFF_WHEN_M192 if spec.block_m == 192
+                                       else ())
+    if any(set(spec.mods.on).issuperset(when) for when in off):
+        return spec
+    return spec.with_knobs(CF_FWD_PERSISTENT=1)
 
 
 def with_forward_overlap(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

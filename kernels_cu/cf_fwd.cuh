@@ -428,13 +428,35 @@ __device__ __forceinline__ void store_o_band(elem_t* o_band, cf_i64 stride_om, i
   }
 }
 
+// The same band stored from the C fragments: a thread's two 16-bit values of a row are one
+// 4-byte store, a warp's store covers 8 rows x 16 bytes. For a kernel whose Q tile already
+// holds the next tile's rows (the persistent forward).
+template <int DT>
+__device__ __forceinline__ void store_o_fragments(elem_t* o_band, cf_i64 stride_om,
+                                                  int rows_valid, int head_dim,
+                                                  const float (&acc)[DT][4],
+                                                  const float (&inv_l)[2], int lane) {
+  const int group = lane >> 2, tig = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (group + 8 * r >= rows_valid) continue;
+    elem_t* row = o_band + (group + 8 * r) * stride_om + 2 * tig;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      if (8 * dt + 2 * tig < head_dim)
+        *reinterpret_cast<cf_u32*>(row + 8 * dt) =
+            pack2(acc[dt][2 * r] * inv_l[r], acc[dt][2 * r + 1] * inv_l[r]);
+  }
+}
+
 // -- the forward's epilogue: O = acc / l, and m and l per row ------------------------------------
 // o: row 0 of the tensor. s_q: the Q tile, no longer read by any warp; the warp's own 16 rows
 // stage its O band (store_o_band). With sinks the sink joins m and l first (fold_sink). A row
 // that saw no key (l == 0 exactly) gets o = 0; a NaN l (from a NaN score the row sees) gives a
 // NaN o, as in cpu.py. o_scale: dropout's 1 / (1 - p) (m and l stay those of the undropped P),
 // else 1.
-template <int DT, int CHUNKS, int BLOCK_M, int BLOCK_N>
+// STAGED = false: O goes from the registers to global memory without s_q (store_o_fragments).
+template <int DT, int CHUNKS, bool STAGED = true, int BLOCK_M, int BLOCK_N>
 __device__ __forceinline__ void store_forward_epilogue(
     const FwdQueryTile<BLOCK_M, BLOCK_N>& tile, float (&acc)[DT][4], float (&m_i)[2],
     const float (&l_i)[2], const float* sinks, elem_t* o, long long stride_ob,
@@ -449,8 +471,13 @@ __device__ __forceinline__ void store_forward_epilogue(
   const int band_q0 = tile.q0 + warp * 16;
   unsigned char* band = s_q + warp * 16 * CHUNKS * 16;
   const cf_i64 o_band = tile.seq.q_offset(stride_ob, stride_om) + (cf_i64)band_q0 * stride_om;
-  store_o_band<DT, CHUNKS>(o + o_band + tile.h * stride_oh, stride_om,
-                           tile.seq.seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
+  if constexpr (STAGED) {
+    store_o_band<DT, CHUNKS>(o + o_band + tile.h * stride_oh, stride_om,
+                             tile.seq.seqlen_q - band_q0, head_dim, band, acc, inv_l, lane);
+  } else {
+    store_o_fragments<DT>(o + o_band + tile.h * stride_oh, stride_om,
+                          tile.seq.seqlen_q - band_q0, head_dim, acc, inv_l, lane);
+  }
   if (tile.tig == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

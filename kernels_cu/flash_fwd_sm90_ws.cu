@@ -23,6 +23,13 @@
 //     once, at a named barrier before the epilogue (the O staging bands overlap other
 //     warpgroups' Q rows).
 //
+// Persistent blocks (CF_FWD_PERSISTENT=1, TileWalk): about one block per SM walks (query tile,
+//   head) pairs. Both roles count the Q and K/V tiles loaded so far; a stage's use number
+//   gives its mbarrier phases across tiles. The consumers release Q on q_empty once their
+//   last S product is done, and the last stage after the last P V, so the producer loads the
+//   next tile's Q and first stages under that P V and the epilogue, which stores O from the
+//   registers (s_q may hold the next rows by then) and skips the consumers' barrier.
+//
 // Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel layout (cf_sm90.cuh):
 //   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 + 128 bytes.
 
@@ -83,12 +90,19 @@ enum : int {
 #define CF_FWD_PINGPONG 1
 #endif
 constexpr bool kPingPong = CF_FWD_PINGPONG;
+// Persistent blocks (a knob, CF_FWD_PERSISTENT=1; TileWalk below): a block walks query tile
+// after query tile, so the producer loads the next tile's Q and first K/V stages while the
+// consumers finish the last P V and the epilogue, and no block waits for a launch.
+#ifndef CF_FWD_PERSISTENT
+#define CF_FWD_PERSISTENT 0
+#endif
+constexpr bool kPersistent = CF_FWD_PERSISTENT;
 }  // namespace ws
 
 template <int ROWS>
 using WsLoader = PanelLoader<ROWS, ws::kChunks, ws::kProducerThreads>;
 
-// The mbarriers: q_full, then k_full, v_full and empty per stage.
+// The mbarriers: q_full, then k_full, v_full and empty per stage, then q_empty (persistent).
 struct StageBarriers {
   cf_u32 base;
   __device__ __forceinline__ cf_u32 q_full() const { return base; }
@@ -96,6 +110,54 @@ struct StageBarriers {
   __device__ __forceinline__ cf_u32 v_full(int s) const { return base + 8 * (1 + CF_STAGES + s); }
   __device__ __forceinline__ cf_u32 empty(int s) const {
     return base + 8 * (1 + 2 * CF_STAGES + s);
+  }
+  __device__ __forceinline__ cf_u32 q_empty() const { return base + 8 * (1 + 3 * CF_STAGES); }
+};
+static_assert(8 * (2 + 3 * CF_STAGES) <= 128, "the mbarriers fit their 128 bytes");
+
+// The (batch entry, query tile, head) triples a block works on, in the order it takes them.
+//   One per block (CF_FWD_PERSISTENT=0): the grid is (query tiles, heads, batch); causal
+//     grids read (x, y) through causal_tile_order_all_heads (heaviest tiles first).
+//   Persistent: the grid is (blocks per batch entry, 1, batch) (plan.plan_forward: about one
+//     block per SM in all), N blocks in all, block g = z * gridDim.x + x. The triples are
+//     numbered entry by entry, within an entry as the one-per-block grid starts its blocks
+//     ((tile, head) = (L % tiles, L / tiles); causal (tiles - 1 - L / heads, L % heads),
+//     heaviest first), so the blocks at work share an entry's K and V in L2 (walking every
+//     entry at once, d128 causal at 1k and 4k ran 7-14% slower, H200 2026-12-04). Block g
+//     takes triples g, 2N - 1 - g, 2N + g, ...: back and forth, so that under the causal
+//     order each block's sum of tiles comes out about equal.
+struct TileWalk {
+  int tiles, heads, round, linear;
+  __device__ __forceinline__ TileWalk(int max_seqlen_q, int heads_)
+      : tiles((max_seqlen_q + CF_BLOCK_M - 1) / CF_BLOCK_M), heads(heads_), round(0) {
+    at_round();
+  }
+  __device__ __forceinline__ void at_round() {
+    const int n = (int)(gridDim.x * gridDim.z), g = (int)(blockIdx.z * gridDim.x + blockIdx.x);
+    linear = round * n + ((round & 1) ? n - 1 - g : g);
+  }
+  __device__ __forceinline__ bool more() const {
+    return ws::kPersistent ? linear < tiles * heads * (int)gridDim.z : round == 0;
+  }
+  __device__ __forceinline__ void next() {
+    ++round;
+    at_round();
+  }
+  __device__ __forceinline__ int entry() const {
+    return ws::kPersistent ? linear / (tiles * heads) : (int)blockIdx.z;
+  }
+  __device__ __forceinline__ int tile_m() const {
+    if (!ws::kPersistent) {
+      return CF_CAUSAL ? (int)gridDim.x - 1 - causal_tile_order_all_heads().tile_rank
+                       : (int)blockIdx.x;
+    }
+    const int pair = linear % (tiles * heads);
+    return CF_CAUSAL ? tiles - 1 - pair / heads : pair % tiles;
+  }
+  __device__ __forceinline__ int head() const {
+    if (!ws::kPersistent) return CF_CAUSAL ? causal_tile_order_all_heads().head : (int)blockIdx.y;
+    const int pair = linear % (tiles * heads);
+    return CF_CAUSAL ? pair % heads : pair / tiles;
   }
 };
 
@@ -113,25 +175,13 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2;
-  // Causal: the query tiles with the most keys start first, over all heads
-  // (cf_tile_order.cuh says why the forward takes one chunk).
-  const TileOrder order = causal_tile_order_all_heads();
-  const int tile_m = CF_CAUSAL ? (int)gridDim.x - 1 - order.tile_rank : (int)blockIdx.x;
-  const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
-  const int b = blockIdx.z, h_kv = h / heads_per_kv;
-  const int q0 = tile_m * CF_BLOCK_M;
-  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
-  if (CF_VARLEN && q0 >= seqlen_q) return;  // the grid covers the longest sequence
-
   // Consumer warp w (0..7) owns rows 16w .. 16w + 15, as in flash_fwd_sm90.cu; the producer
-  // uses the tile only for its key range.
+  // uses the query tile only for its key range.
   const int cwarp = max(warp - 4, 0), group = lane >> 2, tig = lane & 3;
-  const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
-                                                  CF_MOD_ARGS);
-  const KeyTiles tiles = tile.tiles;  // visited last first
-  const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
-  const int n_tiles = kept.count();
+  if (!kPersistent && CF_VARLEN) {  // the grid covers the longest sequence
+    const SeqInfo seq(blockIdx.z, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+    if (TileWalk(max_seqlen_q, heads).tile_m() * CF_BLOCK_M >= seq.seqlen_q) return;
+  }
 
   if (tid == 0) {
     mbar_init(bars.q_full(), kProducerThreads);
@@ -140,35 +190,56 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       mbar_init(bars.v_full(s), kProducerThreads);
       mbar_init(bars.empty(s), kConsumerThreads / 32);  // one arrival per consumer warp
     }
+    if (kPersistent) mbar_init(bars.q_empty(), kConsumerThreads / 32);
     mbar_fence_init();
   }
   __syncthreads();
 
+  // Both roles count the tiles loaded so far, Q tiles and K/V tiles (a stage's use number
+  // gives its mbarriers' phase); one-per-block kernels fold them to 0.
+  int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
-    if (n_tiles == 0) return;
-    const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
-    const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
-    const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
-    const WsLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
-    const WsLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
-    {
-      const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
-      load_q.load(s_q, q0, seqlen_q - q0);
-      mbar_arrive_cp_async(bars.q_full());
-    }
-    int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
 #pragma unroll 1
-    for (int it = 0; it < n_tiles; ++it) {
-      const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
-      if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
-      const int stage = it % CF_STAGES, round = it / CF_STAGES;
-      if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
-      const int row = j * CF_BLOCK_N;
-      load_k.load(s_k + stage * kTileKV, row, seqlen_k - row);
-      mbar_arrive_cp_async(bars.k_full(stage));  // when this thread's copies have landed
-      load_v.load(s_v + stage * kTileKV, row, seqlen_k - row);
-      mbar_arrive_cp_async(bars.v_full(stage));
+    for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+      const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+      const int h_kv = h / heads_per_kv;
+      const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+      const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+      if (kPersistent && CF_VARLEN && q0 >= seqlen_q) continue;
+      const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                      CF_MOD_ARGS);
+      const KeyTiles tiles = tile.tiles;  // visited last first
+      const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no mask
+      const int n_tiles = kept.count();
+      if (n_tiles == 0) continue;
+      const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
+      const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
+      const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
+      const WsLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
+      const WsLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+      {
+        // the consumers release Q once their last S product of the previous tile is done
+        if (kPersistent && q_loads > 0) mbar_wait(bars.q_empty(), (q_loads - 1) & 1);
+        const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
+        load_q.load(s_q, q0, seqlen_q - q0);
+        mbar_arrive_cp_async(bars.q_full());
+      }
+      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
+#pragma unroll 1
+      for (int it = 0; it < n_tiles; ++it) {
+        const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+        if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
+        const int use = kv_loads + it;
+        const int stage = use % CF_STAGES, round = use / CF_STAGES;
+        if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
+        const int row = j * CF_BLOCK_N;
+        load_k.load(s_k + stage * kTileKV, row, seqlen_k - row);
+        mbar_arrive_cp_async(bars.k_full(stage));  // when this thread's copies have landed
+        load_v.load(s_v + stage * kTileKV, row, seqlen_k - row);
+        mbar_arrive_cp_async(bars.v_full(stage));
+      }
+      if (kPersistent) ++q_loads, kv_loads += n_tiles;
     }
     cp_async_commit();  // leave with no copy in flight
     cp_async_wait<0>();
@@ -177,12 +248,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   // ---- the consumers ---------------------------------------------------------------------
   regs_alloc<kConsumerRegs>();
-  const RowBounds rows(tile.mask, tile.row0);  // for mask_s
   const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
-  const unsigned int bh = drop.head(b, h, heads);
   const int me = wg - 1;                        // 0 .. kConsumers - 1
-  float acc[kDT][4], m_i[2], l_i[2];
-  init_rows(acc, m_i, l_i);
   const cf_u32 q_wg = smem_addr(s_q) + me * 64 * 128;  // this warpgroup's rows, panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
   // Copies land through the generic proxy; the tensor cores read through the async one.
@@ -199,68 +266,101 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const auto their_turn = [me] {
     if constexpr (kPingPong) named_bar_arrive(kTurnBarrier + (me + 1) % kConsumers, 256);
   };
-
-  if (n_tiles > 0) {
-    if (kPingPong && me == kConsumers - 1) their_turn();
-    cf_u32 p16[kNT / 2][4];  // P of the previous step, the A operand of its P V product
-    float s[kNT][4];
-    float alpha[2];
-    wait_for(bars.q_full(), 0);
-    wait_for(bars.k_full(0), 0);
-    my_turn();
-    wgmma_fence();
-    sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa);
-    wgmma_commit();
-    their_turn();
-    wgmma_wait<0>();
-    wgmma_fence_regs(s);
-    int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
-    tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
-    softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
-    drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
-                                      2 * tig);  // after l_i: m, l undropped
-    sm90_pack_p<CF_BLOCK_N>(p16, s);
+  // A stage's mbarrier phase: its use number (kv_loads + it) over the stages.
+  const auto phase = [](int use) { return (use / CF_STAGES) & 1; };
 
 #pragma unroll 1
-    for (int it = 1; it < n_tiles; ++it) {
-      if (CF_BLOCK_SPARSE) j_kept = kept.below(j_kept);
-      const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
-      const int stage = it % CF_STAGES;
-      const int prev = (it - 1) % CF_STAGES;
-      wait_for(bars.k_full(stage), (it / CF_STAGES) & 1);
-      wait_for(bars.v_full(prev), ((it - 1) / CF_STAGES) & 1);
+  for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+    const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+    const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+    if (kPersistent && CF_VARLEN && q0 >= seq.seqlen_q) continue;
+    const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                    CF_MOD_ARGS);
+    const KeyTiles tiles = tile.tiles;  // visited last first
+    const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no block mask
+    const int n_tiles = kept.count();
+    const RowBounds rows(tile.mask, tile.row0);  // for mask_s
+    const unsigned int bh = drop.head(b, h, heads);
+    float acc[kDT][4], m_i[2], l_i[2];
+    init_rows(acc, m_i, l_i);
+
+    if (n_tiles > 0) {
+      if (kPingPong && me == kConsumers - 1 && q_loads == 0) their_turn();
+      cf_u32 p16[kNT / 2][4];  // P of the previous step, the A operand of its P V product
+      float s[kNT][4];
+      float alpha[2];
+      wait_for(bars.q_full(), q_loads & 1);
+      wait_for(bars.k_full(kv_loads % CF_STAGES), phase(kv_loads));
       my_turn();
       wgmma_fence();
-      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + stage * kTileKV);
-      wgmma_commit();
-      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
+      sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg,
+                                                   s_k_sa + kv_loads % CF_STAGES * kTileKV);
       wgmma_commit();
       their_turn();
-      wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
+      wgmma_wait<0>();
       wgmma_fence_regs(s);
-      tile.modify_and_mask(s, j, rows);
-      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
+      tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+      drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
+                                        2 * tig);  // after l_i: m, l undropped
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+
+#pragma unroll 1
+      for (int it = 1; it < n_tiles; ++it) {
+        if (CF_BLOCK_SPARSE) j_kept = kept.below(j_kept);
+        const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+        const int use = kv_loads + it;
+        const int stage = use % CF_STAGES;
+        const int prev = (use - 1) % CF_STAGES;
+        wait_for(bars.k_full(stage), phase(use));
+        wait_for(bars.v_full(prev), phase(use - 1));
+        my_turn();
+        wgmma_fence();
+        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + stage * kTileKV);
+        wgmma_commit();
+        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
+        wgmma_commit();
+        their_turn();
+        wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
+        wgmma_fence_regs(s);
+        tile.modify_and_mask(s, j, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2);
+        wgmma_wait<0>();
+        wgmma_fence_regs(acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
+        rescale_acc(acc, alpha);
+        drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+        sm90_pack_p<CF_BLOCK_N>(p16, s);
+      }
+      // Every S product is done: Q may take the next tile's rows while P V and the
+      // epilogue of this one run.
+      if (kPersistent) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars.q_empty());
+      }
+      const int use = kv_loads + n_tiles - 1, last = use % CF_STAGES;
+      wait_for(bars.v_full(last), phase(use));
+      my_turn();
+      wgmma_fence();
+      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + last * kTileKV);
+      wgmma_commit();
+      their_turn();
       wgmma_wait<0>();
       wgmma_fence_regs(acc);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
-      rescale_acc(acc, alpha);
-      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
-      sm90_pack_p<CF_BLOCK_N>(p16, s);
+      if (kPersistent) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars.empty(last));  // the next tile refills it
+        ++q_loads, kv_loads += n_tiles;
+      }
     }
-    const int last = (n_tiles - 1) % CF_STAGES;
-    wait_for(bars.v_full(last), ((n_tiles - 1) / CF_STAGES) & 1);
-    my_turn();
-    wgmma_fence();
-    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + last * kTileKV);
-    wgmma_commit();
-    their_turn();
-    wgmma_wait<0>();
-    wgmma_fence_regs(acc);
+    if (!kPersistent) {  // both done reading Q: O staging next
+      named_bar_sync(kConsumerBarrier, kConsumerThreads);
+    }
+    // persistent: O straight from the registers (s_q may already hold the next tile's Q)
+    store_forward_epilogue<kDT, kChunks, !kPersistent>(
+        tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om, stride_oh, m_out, l_out, head_dim,
+        s_q, cwarp, lane, drop.scale());
   }
-  named_bar_sync(kConsumerBarrier, kConsumerThreads);  // both done reading Q: O staging next
-
-  store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
-                                      stride_oh, m_out, l_out, head_dim, s_q, cwarp, lane,
-                                      drop.scale());
 }

@@ -29,6 +29,39 @@ def test_forward_plan_names_the_selected_spec_and_grid():
     assert p.kernel.batch_per_launch == 3
 
 
+@pytest.mark.parametrize("batch, causal, blocks", [
+    (1, True, 132), (2, False, 66), (4, False, 33), (4, True, 32), (16, True, 8), (7, False, 18)])
+def test_persistent_forward_grid(batch, causal, blocks):
+    """Whole blocks per batch entry, about one per SM, the count that splits the work most
+    evenly (4 x 4k causal: 128 blocks split it in quarter entries, 132 would not)."""
+    spec = specs.select_forward(H200, "bfloat16", 128, causal).with_knobs(CF_FWD_PERSISTENT=1)
+    p = plan.plan_forward(shape(batch=batch, seqlen_q=16384 // min(batch, 16),
+                                seqlen_k=16384 // min(batch, 16), causal=causal), H200,
+                          spec=spec)
+    assert p.kernel.spec == spec and p.kernel.grid == (blocks, 1, batch)
+
+
+@pytest.mark.parametrize("batch", [40, 100, 133, 1000])
+def test_persistent_forward_falls_back_where_sms_would_idle(batch):
+    spec = specs.select_forward(H200, "bfloat16", 128, True).with_knobs(CF_FWD_PERSISTENT=1)
+    p = plan.plan_forward(shape(batch=batch), H200, spec=spec)
+    assert p.kernel.spec == spec.without_knob("CF_FWD_PERSISTENT")
+    assert p.kernel.grid == (4096 // spec.block_m, 16, batch)
+
+
+def test_persistent_forward_takes_one_block_per_pair_when_few():
+    spec = specs.select_forward(H200, "bfloat16", 64, False).with_knobs(CF_FWD_PERSISTENT=1)
+    p = plan.plan_forward(shape(batch=3, seqlen_q=300, head_dim=64, heads=4), H200, spec=spec)
+    pairs = -(-300 // spec.block_m) * 4
+    assert pairs < 132 // 3 and p.kernel.grid == (pairs, 1, 3)
+
+
+def test_persistent_forward_only_on_the_warp_specialized_kernel():
+    spec = specs.select_forward(H200, "bfloat16", 256, False).with_knobs(CF_FWD_PERSISTENT=1)
+    p = plan.plan_forward(shape(head_dim=256, causal=False), H200, spec=spec)
+    assert p.kernel.spec == spec.without_knob("CF_FWD_PERSISTENT")
+
+
 def test_backward_plan_stages():
     atomic = plan.plan_backward(shape(), H200, deterministic=False)
     assert atomic.main.spec.kind == "bwd90" and atomic.dq is None

@@ -3,6 +3,7 @@ the selection and SDPA's cuDNN, one process, alternating rounds (``gpu_suite.sh 
 
     python bench/dev/exp2_fma_ab.py [--values 0,2,4] [--head-dims 64,128] [--rounds 2]
                                     [--knob CF_FWD_OVERLAP --values 0,1 --head-dims 192,256]
+                                    [--knob CF_FWD_PERSISTENT --values 0,1 --rows tokens]
 
 CF_EXP2_FMA = k sends k of every 8 scores a lane holds per row through cf_common.cuh's
 fma_exp2 instead of the SFU. Where the SFU sets the pace (softcap: tanh and exp2 both on it;
@@ -14,7 +15,8 @@ The knob reaches the kernels by wrapping ``specs.select_forward`` (every fwd90 s
 ``CF_EXP2_FMA``) and forgetting the fast path's recorded calls between values. Each value's
 outputs are checked against value 0's (max |diff| <= 2e-2) before it is timed. ``--knob``
 times another define of the Hopper forward the same way (CF_FWD_OVERLAP: flash_fwd_sm90.cu's
-softmax beside the P V product, session 19).
+softmax beside the P V product, session 19; CF_FWD_PERSISTENT: flash_fwd_sm90_ws.cu's
+persistent blocks, session 20, whose grid plan.plan_forward sets from the knob).
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--knob", default=KNOB, help="the -D define to vary (default CF_EXP2_FMA)")
+    ap.add_argument("--rows", default="gqa", choices=("gqa", "tokens"),
+                    help="gqa: the rows above; tokens: MHA, 16 heads, 16k tokens a batch "
+                         "(batch 16 / 4 / 1 at seqlen 1k / 4k / 16k, real_workloads' rows)")
     args = ap.parse_args()
     KNOB = args.knob
     import torch
@@ -94,6 +99,12 @@ def main() -> None:
     problems = []  # (label, b, s, h, hkv, d, causal, mods)
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (True, False):
+            if args.rows == "tokens":
+                for s in (1024, 4096, 16384):
+                    problems.append((f"d{d} {s // 1024}k x{16384 // s}"
+                                     f"{' causal' if causal else ''}", 16384 // s, s, 16, 16, d,
+                                     causal, {}))
+                continue
             problems.append((f"d{d} 4k gqa{' causal' if causal else ''}", 1, 4096, 16, 4, d,
                              causal, {}))
             problems.append((f"d{d} 4k gqa softcap{' causal' if causal else ''}", 1, 4096, 16,
