@@ -8,7 +8,7 @@
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
-#                                            fwd_persistent_sanitize bwd_dq_first
+#                                            fwd_persistent_sanitize fwd_n176 bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -150,6 +150,14 @@ for stage in $stages; do
           --rows $rows --rounds 5 --out "$OUT/results/fwd_persistent_$rows.json" \
           ${FWD_PERSISTENT_ARGS:-}
       done ;;
+    fwd_n176)  # the head_dim 128 warp-specialized forward with 176-key tiles (two stages),
+      # a candidate: its float64-reference tests, then TFLOP/s against the selected 128-key
+      # tile, one block per tile and persistent, beside SDPA's flash and cuDNN
+      CUFLASH_POISON=1 run_stage fwd_n176_tests timeout "${FWD_N176_TEST_TIMEOUT:-200}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_n176.py
+      run_stage fwd_n176 bash -c "cd bench/dev && timeout ${FWD_N176_TIMEOUT:-200} $PY \
+        tile_sweep.py --kind fwd90 --head-dim 128 --seqlen 4096 16384 --causal both \
+        --candidates 12,176,2 12,128,3 --variant CF_FWD_PERSISTENT=1" ;;
     fwd_persistent_sanitize)  # that kernel's blocks walking tiles, under compute-sanitizer
       for tool in memcheck racecheck synccheck; do
         run_stage "persistent_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \

@@ -207,12 +207,13 @@ struct Dropout {
   template <int NT>
   __device__ __forceinline__ void drop_p(float (&p)[NT][4], unsigned int bh, int r0,
                                          int c0) const {
-    if (!CF_DROPOUT) return;
-    const unsigned long long bits = keep_bits<NT>(bh, r0, c0);
+    if constexpr (CF_DROPOUT) {  // (keep_bits<NT> is not instantiated without: NT may be 22)
+      const unsigned long long bits = keep_bits<NT>(bh, r0, c0);
 #pragma unroll
-    for (int t = 0; t < NT; ++t)
+      for (int t = 0; t < NT; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[t][e] = bit(bits, t, e) ? p[t][e] : 0.f;
+        for (int e = 0; e < 4; ++e) p[t][e] = bit(bits, t, e) ? p[t][e] : 0.f;
+    }
   }
 };
 
