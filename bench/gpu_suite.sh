@@ -8,7 +8,8 @@
 #                                            generate ab
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
-#                                            fwd_persistent_sanitize fwd_n176 bwd_dq_first
+#                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
+#                                            bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -158,6 +159,14 @@ for stage in $stages; do
       run_stage fwd_n176 bash -c "cd bench/dev && timeout ${FWD_N176_TIMEOUT:-200} $PY \
         tile_sweep.py --kind fwd90 --head-dim 128 --seqlen 4096 16384 --causal both \
         --candidates 12,176,2 12,128,3 --variant CF_FWD_PERSISTENT=1" ;;
+    fwd_defaults)  # the GPU tests that run the selected forward (persistent at d64 / d128)
+      # through every path: modifiers, dropout, the host fast path and CUDA graphs, torch /
+      # JAX frameworks and adapters (session 20's call 4 lost its machine before these ran)
+      CUFLASH_POISON=1 run_stage fwd_defaults_tests timeout "${FWD_DEFAULTS_TIMEOUT:-420}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=10 -p no:cacheprovider tests/test_gpu_modifiers.py \
+        tests/test_gpu_dropout.py tests/test_gpu_host_path.py tests/test_gpu_frameworks.py \
+        tests/test_gpu_adapters.py tests/test_gpu_jax_modifiers.py \
+        -k "not portable and not 48k and not 100k" ;;
     fwd_persistent_sanitize)  # that kernel's blocks walking tiles, under compute-sanitizer
       for tool in memcheck racecheck synccheck; do
         run_stage "persistent_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \

@@ -1,7 +1,7 @@
 """The warp-specialized Hopper forward with persistent blocks (``CF_FWD_PERSISTENT``,
 flash_fwd_sm90_ws.cu's TileWalk; head_dim 64 and 128) against the float64 reference
-(``gpu``): every score modifier of test_gpu_modifiers, packed sequences, block masks, fp16
-and bf16; m and l too, which the backward reads.
+(``gpu``): every score modifier of test_gpu_modifiers, packed sequences, block masks,
+dropout, fp16 and bf16; m and l too, which the backward reads.
 
 A block walks several query tiles only when the batch has more (tile, head) pairs than
 blocks, which these small shapes have not on 132 SMs: the fixture also plans for 6 and 16
@@ -25,11 +25,13 @@ from cuflash.registry import fwd90_warp_specialized
 try:
     import gpu_helpers as gh
     import test_gpu_block_sparse as bsp_tests
+    import test_gpu_dropout as dropout_tests
     import test_gpu_modifiers as mods_tests
     import test_gpu_varlen as varlen_tests
 except ImportError:  # tests/ collected as a package
     from tests import gpu_helpers as gh
     from tests import test_gpu_block_sparse as bsp_tests
+    from tests import test_gpu_dropout as dropout_tests
     from tests import test_gpu_modifiers as mods_tests
     from tests import test_gpu_varlen as varlen_tests
 
@@ -62,6 +64,7 @@ def _module_specs():
               (flags(varlen=True, window=True, softcap=True, alibi=True, sinks=True), True, 64)]
     calls += [(flags(block_sparse=True), True, d) for d in HEAD_DIMS]
     calls += [(flags(block_sparse=True, window=True, alibi=True), False, d) for d in HEAD_DIMS]
+    calls += [(flags(dropout=True), causal, d) for causal in (False, True) for d in HEAD_DIMS]
     return [_persistent(specs.select_forward(facts, dtype, d, causal, mods=f))
             for f, causal, d in calls for dtype in ("float16", "bfloat16")]
 
@@ -132,6 +135,14 @@ def test_block_masks(persistent, head_dim):
     """Tiles whose keys are all masked out: a block walks past them without loading Q."""
     for case in (bsp_tests.CASES[1], bsp_tests.CASES[4]):
         bsp_tests._check("own", case, "bfloat16", 300, 555, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_dropout(persistent, head_dim):
+    """Dropout's Philox positions follow each tile's batch entry and head (not selected with
+    persistent blocks until this has run)."""
+    for case in dropout_tests.CASES[:3]:
+        dropout_tests._check("own", case, "bfloat16", 300, 555, head_dim)
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
