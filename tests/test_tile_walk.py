@@ -47,3 +47,24 @@ def test_uneven_causal_split_falls_back():
     # 8 entries x 11 query tiles of 192 x 16 heads: no count from 126 to 128 splits evenly
     assert tile_walk.persistent_blocks(8, 16, 2048, 2048, 192, 128, True, 132) == 0
     assert tile_walk.persistent_blocks(8, 16, 2048, 2048, 192, 128, False, 132) == 16
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.integers(1, 140), heads=st.integers(1, 48), seqlen=st.integers(1, 20000),
+       block_m=st.sampled_from([128, 192]), causal=st.booleans(),
+       sms=st.sampled_from([4, 16, 78, 114, 132]))
+def test_persistent_blocks_keep_the_sms_busy_or_decline(batch, heads, seqlen, block_m, causal,
+                                                        sms):
+    """A count either gives each triple its own block, or keeps at least MIN_FILL of the SMs
+    busy with whole blocks per entry and a busiest block within the one-block-per-tile
+    estimate; 0 otherwise."""
+    g = tile_walk.persistent_blocks(batch, heads, seqlen, seqlen, block_m, 128, causal, sms)
+    costs = tile_walk.triple_costs(batch, heads, seqlen, seqlen, block_m, 128, causal)
+    pairs = len(costs) // batch
+    if g == 0:
+        return
+    assert g * batch <= sms
+    if g == pairs:
+        return
+    assert g * batch >= tile_walk.MIN_FILL * sms
+    assert tile_walk.static_makespan(costs, g * batch) <= costs.sum() / sms + costs.max()
