@@ -13,8 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs
+from cuflash import plan, specs
 from cuflash.registry import fwd90_warp_specialized
 
 try:
@@ -75,16 +74,4 @@ def test_forward_matches_reference(n176, case, dtype, seqlen_q, seqlen_k):
     p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, 128, dtype, causal,
                                        mods_tests._flags(case)), 0)
     assert p.kernel.spec.block_n == 176, p.kernel.spec.name
-    rng = gh.rng_for()
-    q, k, v, _do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                    head_dim=128)
-    label = f"n176 {case[0]} {gh.describe(q, k, dtype, causal, None)} persistent={n176}"
-    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal,
-                                         **mods_tests._on_gpu(mods))
-    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
-    gh.assert_matches_reference("o", gh.to_host(o, dtype), o_ref, o_nv, dtype=dtype,
-                                label=label)
-    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
-    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+    mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, 128, f"n176 persistent={n176}")

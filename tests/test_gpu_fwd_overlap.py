@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs
+from cuflash import plan, specs
 from cuflash.registry import fwd90_warp_specialized
 
 try:
@@ -80,19 +79,7 @@ def test_forward_matches_reference(overlap, case, head_dim, dtype, seqlen_q, seq
     p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, head_dim, dtype, causal,
                                        mods_tests._flags(case)), 0)
     assert (KNOB, overlap) in p.kernel.spec.knobs, p.kernel.spec.name
-    rng = gh.rng_for()
-    q, k, v, _do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                    head_dim=head_dim)
-    label = f"overlap {case[0]} {gh.describe(q, k, dtype, causal, None)}"
-    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal,
-                                         **mods_tests._on_gpu(mods))
-    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
-    gh.assert_matches_reference("o", gh.to_host(o, dtype), o_ref, o_nv, dtype=dtype,
-                                label=label)
-    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
-    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+    mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, head_dim, f"overlap {overlap}")
 
 
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

@@ -18,8 +18,7 @@ from dataclasses import replace
 
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs, tile_walk
+from cuflash import plan, specs, tile_walk
 from cuflash.registry import fwd90_warp_specialized
 
 try:
@@ -108,19 +107,8 @@ def test_forward_matches_reference(persistent, case, head_dim, dtype, seqlen_q, 
         assert (KNOB, 1) in spec.knobs and p.kernel.grid == (blocks, 1, 2), spec.name
     else:  # the planner priced the static split and kept one block per tile
         assert (KNOB, 1) not in spec.knobs and p.kernel.grid[1:] == (6, 2), spec.name
-    rng = gh.rng_for()
-    q, k, v, _do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                    head_dim=head_dim)
-    label = f"persistent {case[0]} {gh.describe(q, k, dtype, causal, None)} sms={persistent}"
-    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal,
-                                         **mods_tests._on_gpu(mods))
-    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
-    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
-    gh.assert_matches_reference("o", gh.to_host(o, dtype), o_ref, o_nv, dtype=dtype,
-                                label=label)
-    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
-    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+    mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, head_dim,
+                             f"persistent sms={persistent}")
 
 
 @pytest.mark.parametrize("which", ["plain", "causal", "window-causal", "all"])

@@ -108,6 +108,24 @@ def _on_gpu(mods: dict) -> dict:
     return {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in mods.items()}
 
 
+def check_forward(case, dtype: str, seqlen_q: int, seqlen_k: int, head_dim: int,
+                  label: str) -> None:
+    """The library's forward on the GPU for ``case`` (CASES' layout): o, m and l against the
+    float64 reference with the case's modifiers (the knob test modules' check)."""
+    rng = gh.rng_for()
+    q, k, v, _do, causal, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                         head_dim=head_dim)
+    label = f"{label} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    o, stats = cuflash.attention_forward(*(gh.to_gpu(x) for x in (q, k, v)), causal=causal,
+                                         **_on_gpu(mods))
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v, causal=causal, **mods)
+    o_nv = reference.attention_naive(q, k, v, causal=causal, dtype=gh.np_dtype(dtype), **mods)
+    gh.assert_matches_reference("o", gh.to_host(o, dtype), o_ref, o_nv, dtype=dtype,
+                                label=label)
+    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype=dtype, label=label)
+    gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
+
+
 def _few_keys(seqlen_q, seqlen_k, causal, window) -> bool:
     counts = reference._visible(seqlen_q, seqlen_k, causal, window).sum(axis=1)
     return bool(((counts > 0) & (counts < MIN_KEYS)).any())
