@@ -141,13 +141,15 @@ for stage in $stages; do
         --knob CF_FWD_OVERLAP --values ${FWD_OVERLAP_VALUES:-0,2,3} --head-dims 192,256 --rounds 5 \
         --out "$OUT/results/fwd_overlap.json" ${FWD_OVERLAP_ARGS:-} ;;
     fwd_persistent)  # the warp-specialized Hopper forward (head_dim 64 / 128) with persistent
-      # blocks (CF_FWD_PERSISTENT): its float64-reference tests, then TFLOP/s without / with it
-      # beside cuDNN at 16k tokens (seqlen 1k / 4k / 16k) and on the GQA rows, alternating rounds
-      CUFLASH_POISON=1 run_stage fwd_persistent_tests timeout "${FWD_PERSISTENT_TEST_TIMEOUT:-300}" \
+      # blocks (CF_FWD_PERSISTENT; 2: the pipeline across tiles): its float64-reference tests,
+      # then TFLOP/s for each value beside cuDNN at 16k tokens (seqlen 1k / 4k / 16k) and on
+      # the GQA rows, alternating rounds
+      CUFLASH_POISON=1 run_stage fwd_persistent_tests timeout "${FWD_PERSISTENT_TEST_TIMEOUT:-420}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_fwd_persistent.py
       for rows in tokens gqa; do
         run_stage "fwd_persistent_$rows" timeout "${FWD_PERSISTENT_TIMEOUT:-200}" $PY \
-          bench/dev/exp2_fma_ab.py --knob CF_FWD_PERSISTENT --values 0,1 --head-dims 64,128 \
+          bench/dev/exp2_fma_ab.py --knob CF_FWD_PERSISTENT --values ${FWD_PERSISTENT_VALUES:-0,1,2} \
+          --head-dims 64,128 \
           --rows $rows --rounds 5 --out "$OUT/results/fwd_persistent_$rows.json" \
           ${FWD_PERSISTENT_ARGS:-}
       done ;;

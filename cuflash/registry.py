@@ -98,10 +98,13 @@ def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
     return (s.block_m + 2 * s.stages * s.block_n) * s.head_dim * 2
 
 
-def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized,
-    # + a third V stage with CF_FWD_OVERLAP (and its value 3's mbarriers)
+def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized
+    # (+ a second Q tile with CF_FWD_PERSISTENT=2), + a third V stage with CF_FWD_OVERLAP (and
+    # its value 3's mbarriers)
     if fwd90_warp_specialized(s):
-        return _smem_fwd16(s) + 128
+        second_q = s.block_m * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_PERSISTENT") == 2 \
+            else 0
+        return _smem_fwd16(s) + second_q + 128
     overlap = dict(s.knobs).get("CF_FWD_OVERLAP", 0)
     third_v = s.block_n * s.head_dim * 2 if overlap else 0
     return _smem_fwd16(s) + third_v + (128 if overlap == 3 else 0)  # 3: stage mbarriers

@@ -321,6 +321,21 @@ def with_forward_overlap(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     return overlapped if overlapped.smem_bytes <= facts.smem_optin else spec
 
 
+def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec | None:
+    """The warp-specialized forward ``spec`` with ``CF_FWD_PERSISTENT=2`` (the consumers'
+    pipeline runs across tiles; a second Q buffer), on two consumers (three spill with it)
+    and as many K/V stages as then fit ``facts``' shared memory; None if none does. A
+    candidate for tuning runs and tests, not selected; not under a block mask."""
+    if spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or spec.mods.block_sparse:
+        return None
+    spec = replace(spec, block_m=128, warps=12).with_knobs(CF_FWD_PERSISTENT=2)
+    for stages in range(spec.stages, 1, -1):
+        fitted = replace(spec, stages=stages)
+        if fitted.smem_bytes <= facts.smem_optin:
+            return fitted
+    return None
+
+
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:

@@ -58,6 +58,9 @@ static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 #define CF_FWD_WS_PRODUCER_REGS 0
 #endif
 
+#ifndef CF_FWD_PERSISTENT
+#define CF_FWD_PERSISTENT 0
+#endif
 namespace ws {
 enum : int {
   kConsumers = CF_BLOCK_M / 64,
@@ -68,7 +71,8 @@ enum : int {
   kDT = CF_HEAD_DIM / 8,      // O n-tiles per thread
   kTileQ = CF_BLOCK_M * CF_HEAD_DIM * 2,
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
-  kBarriers = kTileQ + 2 * CF_STAGES * kTileKV,
+  kQBuffers = CF_FWD_PERSISTENT == 2 ? 2 : 1,  // across tiles: the next tile's Q beside
+  kBarriers = kQBuffers * kTileQ + 2 * CF_STAGES * kTileKV,
   kSmemBytes = kBarriers + 128,
   // what the launch gives the block: 65536 registers shared by its threads, in steps of 8
   kBlockRegs = 32 * CF_WARPS * (65536 / (32 * CF_WARPS) / 8 * 8),
@@ -94,27 +98,34 @@ constexpr bool kPingPong = CF_FWD_PINGPONG;
 // Persistent blocks (a knob, CF_FWD_PERSISTENT=1; TileWalk below): a block walks query tile
 // after query tile, so the producer loads the next tile's Q and first K/V stages while the
 // consumers finish the last P V and the epilogue, and no block waits for a launch.
-#ifndef CF_FWD_PERSISTENT
-#define CF_FWD_PERSISTENT 0
-#endif
-constexpr bool kPersistent = CF_FWD_PERSISTENT;
+// Value 2 also runs the consumers' pipeline across tiles: a tile's first S product is
+// issued with the previous tile's last P V and its softmax runs under it; that tile's
+// epilogue follows. Its Q then needs a second buffer (written in session 20, not yet run).
+constexpr bool kPersistent = CF_FWD_PERSISTENT >= 1;
+constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 }  // namespace ws
 
 template <int ROWS>
 using WsLoader = PanelLoader<ROWS, ws::kChunks, ws::kProducerThreads>;
 
-// The mbarriers: q_full, then k_full, v_full and empty per stage, then q_empty (persistent).
+// The mbarriers: q_full, then k_full, v_full and empty per stage, then q_empty (persistent),
+// then (across tiles) the second Q buffer's q_full and q_empty.
 struct StageBarriers {
   cf_u32 base;
-  __device__ __forceinline__ cf_u32 q_full() const { return base; }
+  __device__ __forceinline__ cf_u32 q_full(int i = 0) const {
+    return base + (i ? 8 * (2 + 3 * CF_STAGES) : 0);
+  }
   __device__ __forceinline__ cf_u32 k_full(int s) const { return base + 8 * (1 + s); }
   __device__ __forceinline__ cf_u32 v_full(int s) const { return base + 8 * (1 + CF_STAGES + s); }
   __device__ __forceinline__ cf_u32 empty(int s) const {
     return base + 8 * (1 + 2 * CF_STAGES + s);
   }
-  __device__ __forceinline__ cf_u32 q_empty() const { return base + 8 * (1 + 3 * CF_STAGES); }
+  __device__ __forceinline__ cf_u32 q_empty(int i = 0) const {
+    return base + 8 * (1 + 3 * CF_STAGES) + 16 * i;
+  }
 };
-static_assert(8 * (2 + 3 * CF_STAGES) <= 128, "the mbarriers fit their 128 bytes");
+static_assert(8 * (2 * ws::kQBuffers + 3 * CF_STAGES) <= 128, "the mbarriers fit their 128 bytes");
+static_assert(!ws::kAcrossTiles || !CF_BLOCK_SPARSE, "across tiles: every key tile of a tile");
 
 // The (batch entry, query tile, head) triples a block works on, in the order it takes them.
 //   One per block (CF_FWD_PERSISTENT=0): the grid is (query tiles, heads, batch); causal
@@ -170,7 +181,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   CF_REQUIRE_SMEM(kSmemBytes);
   sm90_require_aligned(smem);
   unsigned char* s_q = smem;
-  unsigned char* s_k = smem + kTileQ;
+  unsigned char* s_k = smem + kQBuffers * kTileQ;
   unsigned char* s_v = s_k + CF_STAGES * kTileKV;
   const StageBarriers bars{smem_addr(smem + kBarriers)};
 
@@ -191,7 +202,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       mbar_init(bars.v_full(s), kProducerThreads);
       mbar_init(bars.empty(s), kConsumerThreads / 32);  // one arrival per consumer warp
     }
-    if (kPersistent) mbar_init(bars.q_empty(), kConsumerThreads / 32);
+    for (int i = 0; i < (kPersistent ? kQBuffers : 0); ++i) {
+      if (i) mbar_init(bars.q_full(i), kProducerThreads);
+      mbar_init(bars.q_empty(i), kConsumerThreads / 32);
+    }
     mbar_fence_init();
   }
   __syncthreads();
@@ -220,11 +234,12 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       const WsLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
       const WsLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
       {
-        // the consumers release Q once their last S product of the previous tile is done
-        if (kPersistent && q_loads > 0) mbar_wait(bars.q_empty(), (q_loads - 1) & 1);
+        // the consumers release a Q buffer once their last S product of its tile is done
+        const int buf = q_loads % kQBuffers, use = q_loads / kQBuffers;
+        if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
         const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
-        load_q.load(s_q, q0, seqlen_q - q0);
-        mbar_arrive_cp_async(bars.q_full());
+        load_q.load(s_q + buf * kTileQ, q0, seqlen_q - q0);
+        mbar_arrive_cp_async(bars.q_full(buf));
       }
       int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
 #pragma unroll 1
@@ -269,6 +284,139 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   };
   // A stage's mbarrier phase: its use number (kv_loads + it) over the stages.
   const auto phase = [](int use) { return (use / CF_STAGES) & 1; };
+
+  if constexpr (kAcrossTiles) {  // ---- one pipeline across the block's tiles (value 2) ------
+    float acc[kDT][4], m_i[2], l_i[2];
+    init_rows(acc, m_i, l_i);
+    cf_u32 p16[kNT / 2][4];  // P of the step before, the A operand of its P V product
+    float s[kNT][4];
+    float alpha[2];
+    // The tile whose last P V is still to issue (`pending`), from stage use `pend_use`; its
+    // epilogue follows that product. Built here only to have a value before the first tile.
+    bool pending = false;
+    int pend_use = 0;
+    FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> pend(
+        SeqInfo(0, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS), 0, 0, 0, cwarp, group, tig,
+        CF_MOD_ARGS);
+    const auto epilogue = [&](const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N>& t, float(&m)[2],
+                              float(&l)[2]) {
+      store_forward_epilogue<kDT, kChunks, false>(t, acc, m, l, sinks, o, stride_ob, stride_om,
+                                                  stride_oh, m_out, l_out, head_dim, s_q, cwarp,
+                                                  lane, drop.scale());
+    };
+    // The pending tile's last P V alone, then its epilogue (before a tile without keys, and
+    // after the last tile).
+    const auto flush = [&] {
+      const int last = pend_use % CF_STAGES;
+      wait_for(bars.v_full(last), phase(pend_use));
+      my_turn();
+      wgmma_fence();
+      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + last * kTileKV);
+      wgmma_commit();
+      their_turn();
+      wgmma_wait<0>();
+      wgmma_fence_regs(acc);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bars.empty(last));
+      epilogue(pend, m_i, l_i);
+      init_rows(acc, m_i, l_i);
+      pending = false;
+    };
+#pragma unroll 1
+    for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+      const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+      const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+      if (CF_VARLEN && q0 >= seq.seqlen_q) continue;
+      const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                      CF_MOD_ARGS);
+      const int n_tiles = tile.tiles.end - tile.tiles.begin;  // visited last first
+      const RowBounds rows(tile.mask, tile.row0);
+      const unsigned int bh = drop.head(b, h, heads);
+      if (n_tiles == 0) {  // rows that see no key: O = 0 and the statistics of nothing
+        if (pending) flush();
+        epilogue(tile, m_i, l_i);
+        continue;
+      }
+      if (kPingPong && me == kConsumers - 1 && q_loads == 0) their_turn();
+      const int buf = q_loads % kQBuffers;
+      const cf_u32 q_tile = smem_addr(s_q) + buf * kTileQ + me * 64 * 128;
+      const int first = kv_loads % CF_STAGES;
+      wait_for(bars.q_full(buf), (q_loads / kQBuffers) & 1);
+      wait_for(bars.k_full(first), phase(kv_loads));
+      if (pending) {  // S of this tile's first key tile beside the pending tile's last P V
+        const int last = pend_use % CF_STAGES;
+        wait_for(bars.v_full(last), phase(pend_use));
+        my_turn();
+        wgmma_fence();
+        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + first * kTileKV);
+        wgmma_commit();
+        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + last * kTileKV);
+        wgmma_commit();
+        their_turn();
+        wgmma_wait<1>();
+        wgmma_fence_regs(s);
+        float m_prev[2] = {m_i[0], m_i[1]}, l_prev[2] = {l_i[0], l_i[1]};
+        m_i[0] = m_i[1] = -CF_INF;
+        l_i[0] = l_i[1] = 0.f;
+        tile.modify_and_mask(s, tile.tiles.end - 1, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2);  // a fresh row: nothing to rescale
+        wgmma_wait<0>();
+        wgmma_fence_regs(acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars.empty(last));
+        epilogue(pend, m_prev, l_prev);
+#pragma unroll
+        for (int d = 0; d < kDT; ++d) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.f;
+      } else {
+        my_turn();
+        wgmma_fence();
+        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + first * kTileKV);
+        wgmma_commit();
+        their_turn();
+        wgmma_wait<0>();
+        wgmma_fence_regs(s);
+        tile.modify_and_mask(s, tile.tiles.end - 1, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+      }
+      drop.drop_p(s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+#pragma unroll 1
+      for (int it = 1; it < n_tiles; ++it) {  // as the one-tile loop below
+        const int j = tile.tiles.end - 1 - it;
+        const int use = kv_loads + it;
+        const int stage = use % CF_STAGES;
+        const int prev = (use - 1) % CF_STAGES;
+        wait_for(bars.k_full(stage), phase(use));
+        wait_for(bars.v_full(prev), phase(use - 1));
+        my_turn();
+        wgmma_fence();
+        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + stage * kTileKV);
+        wgmma_commit();
+        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
+        wgmma_commit();
+        their_turn();
+        wgmma_wait<1>();
+        wgmma_fence_regs(s);
+        tile.modify_and_mask(s, j, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2);
+        wgmma_wait<0>();
+        wgmma_fence_regs(acc);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bars.empty(prev));
+        rescale_acc(acc, alpha);
+        drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+        sm90_pack_p<CF_BLOCK_N>(p16, s);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bars.q_empty(buf));  // every S product of the tile is done
+      pend = tile;
+      pending = true;
+      pend_use = kv_loads + n_tiles - 1;
+      ++q_loads, kv_loads += n_tiles;
+    }
+    if (pending) flush();
+    return;
+  }
 
 #pragma unroll 1
   for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {

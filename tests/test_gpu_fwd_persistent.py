@@ -43,10 +43,17 @@ PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None,
 CASES = PLAIN + mods_tests.CASES
 LENGTHS = [(131, 131), (203, 97), (257, 1029), (700, 300)]
 SM_COUNTS = (None, 6, 16)  # None: the device's own
+# 1: persistent blocks (selected); 2: their consumers' pipeline across tiles (a candidate,
+# specs.with_forward_across_tiles: two consumers, a second Q buffer, fewer stages at d128)
+VALUES = (1, 2)
 
 
-def _persistent(spec):
-    return spec.with_knobs(**{KNOB: 1}) if fwd90_warp_specialized(spec) else spec
+def _persistent(spec, value=1, facts=None):
+    if not fwd90_warp_specialized(spec):
+        return spec
+    if value == 2:  # (not under a block mask: the plain selection there)
+        return specs.with_forward_across_tiles(spec, facts) or spec
+    return spec.with_knobs(**{KNOB: 1})
 
 
 def _module_specs():
@@ -64,14 +71,15 @@ def _module_specs():
     calls += [(flags(block_sparse=True), True, d) for d in HEAD_DIMS]
     calls += [(flags(block_sparse=True, window=True, alibi=True), False, d) for d in HEAD_DIMS]
     calls += [(flags(dropout=True), causal, d) for causal in (False, True) for d in HEAD_DIMS]
-    return [_persistent(specs.select_forward(facts, dtype, d, causal, mods=f))
-            for f, causal, d in calls for dtype in ("float16", "bfloat16")]
+    return [_persistent(specs.select_forward(facts, dtype, d, causal, mods=f), value, facts)
+            for f, causal, d in calls for dtype in ("float16", "bfloat16") for value in VALUES]
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-@pytest.fixture(params=SM_COUNTS, ids=lambda n: f"sms{n or 'dev'}")
+@pytest.fixture(params=[(v, n) for v in VALUES for n in SM_COUNTS],
+                ids=lambda p: f"v{p[0]}-sms{p[1] or 'dev'}")
 def persistent(request, monkeypatch):
     import cupy
 
@@ -79,13 +87,15 @@ def persistent(request, monkeypatch):
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is a Hopper forward's")
-    if request.param:
+    value, sms = request.param
+    if sms:
         own = launch.device_facts
-        monkeypatch.setattr(launch, "device_facts",
-                            lambda i: replace(own(i), sm_count=request.param))
+        monkeypatch.setattr(launch, "device_facts", lambda i: replace(own(i), sm_count=sms))
         monkeypatch.setattr(tile_walk, "SLACK", float("inf"))
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward", _persistent):
-        yield request.param
+    facts = launch.device_facts(0)
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+                                   lambda spec: _persistent(spec, value, facts)):
+        yield value, sms
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
@@ -103,12 +113,13 @@ def test_forward_matches_reference(persistent, case, head_dim, dtype, seqlen_q, 
     blocks = tile_walk.persistent_blocks(2, 6, seqlen_q, seqlen_k, spec.block_m, spec.block_n,
                                          causal and not shape.mods.window,
                                          launch.device_facts(0).sm_count)
+    value, sms = persistent
     if blocks:  # per batch entry, each walking the batch's triples
-        assert (KNOB, 1) in spec.knobs and p.kernel.grid == (blocks, 1, 2), spec.name
+        assert (KNOB, value) in spec.knobs and p.kernel.grid == (blocks, 1, 2), spec.name
     else:  # the planner priced the static split and kept one block per tile
-        assert (KNOB, 1) not in spec.knobs and p.kernel.grid[1:] == (6, 2), spec.name
+        assert KNOB not in dict(spec.knobs) and p.kernel.grid[1:] == (6, 2), spec.name
     mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, head_dim,
-                             f"persistent sms={persistent}")
+                             f"persistent value={value} sms={sms}")
 
 
 @pytest.mark.parametrize("which", ["plain", "causal", "window-causal", "all"])
@@ -121,6 +132,8 @@ def test_packed_sequences(persistent, which):
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_block_masks(persistent, head_dim):
     """Tiles whose keys are all masked out: a block walks past them without loading Q."""
+    if persistent[0] == 2:
+        pytest.skip("value 2 is not built under a block mask")
     for case in (bsp_tests.CASES[1], bsp_tests.CASES[4]):
         bsp_tests._check("own", case, "bfloat16", 300, 555, head_dim)
 

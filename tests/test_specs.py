@@ -77,6 +77,24 @@ def test_persistent_forward_selection():
     assert not chosen(192, False) and not chosen(256, False)
 
 
+def test_forward_across_tiles_fits_a_second_q_buffer():
+    """CF_FWD_PERSISTENT=2's tiles: two consumers, the stages that fit beside two Q tiles."""
+    f = facts(227)
+    d64 = specs.with_forward_across_tiles(specs.select_forward(f, "bfloat16", 64, True), f)
+    d128 = specs.with_forward_across_tiles(specs.select_forward(f, "bfloat16", 128, False), f)
+    assert (d64.block_m, d64.warps, d64.stages) == (128, 12, 3)
+    assert (d128.block_m, d128.warps, d128.stages) == (128, 12, 2)
+    for spec in (d64, d128):
+        assert ("CF_FWD_PERSISTENT", 2) in spec.knobs
+        q, kv = 128 * spec.head_dim * 2, spec.block_n * spec.head_dim * 2
+        assert spec.smem_bytes == 2 * q + 2 * spec.stages * kv + 128 <= f.smem_optin
+    assert specs.with_forward_across_tiles(
+        specs.select_forward(f, "bfloat16", 128, False, mods=specs.ModFlags(block_sparse=True)),
+        f) is None
+    assert specs.with_forward_across_tiles(specs.select_forward(f, "bfloat16", 256, False),
+                                           f) is None
+
+
 def test_h100_picks_the_warp_specialized_backward_at_d64_and_d128():
     for d, block_m in ((64, 128), (128, 64)):
         for causal in (False, True):

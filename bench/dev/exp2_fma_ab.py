@@ -16,7 +16,8 @@ The knob reaches the kernels by wrapping ``specs.select_forward`` (every fwd90 s
 outputs are checked against value 0's (max |diff| <= 2e-2) before it is timed. ``--knob``
 times another define of the Hopper forward the same way (CF_FWD_OVERLAP: flash_fwd_sm90.cu's
 softmax beside the P V product, session 19; CF_FWD_PERSISTENT: flash_fwd_sm90_ws.cu's
-persistent blocks, session 20, whose grid plan.plan_forward sets from the knob).
+persistent blocks, session 20, whose grid plan.plan_forward sets from the knob; its value 2
+runs on specs.with_forward_across_tiles' tiles).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ KNOB = "CF_EXP2_FMA"  # --knob
 def _with_knob(spec, value: int):
     if spec.kind != "fwd90":
         return spec
+    if KNOB == "CF_FWD_PERSISTENT" and value == 2:  # its own tiles (a second Q buffer)
+        from cuflash import launch, specs
+
+        return specs.with_forward_across_tiles(spec, launch.device_facts(0)) or spec
     return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 

@@ -8,7 +8,9 @@ batch entry walk 3-9 query tiles each: the Q buffer and K/V stages change hands 
 tiles (q_empty, the last stage's release), which is where a race or a stale read would be.
 Cases: head_dim 64 (three consumers) and 128 (two), causal or not, bf16, batch 2, 4 query
 heads over 2 kv heads, 450 queries over 300 keys (and 300 over 450); each is checked against
-the float64 reference. Prints one line per case and exits 1 on a mismatch.
+the float64 reference. Then the same with CF_FWD_PERSISTENT=2 (the pipeline across tiles,
+specs.with_forward_across_tiles), causal included. Prints one line per case and exits 1 on a
+mismatch.
 """
 
 from __future__ import annotations
@@ -26,14 +28,21 @@ def main() -> int:
 
     import cuflash
     import gpu_helpers as gh
-    from cuflash import launch, plan, reference, testing, tile_walk
+    from cuflash import launch, plan, reference, specs, testing, tile_walk
 
     own = launch.device_facts
     launch.device_facts = lambda i: replace(own(i), sm_count=4)
     tile_walk.SLACK = float("inf")
+    facts = launch.device_facts(0)
+    selected = specs.select_forward
     rng = gh.rng_for()
     bad = 0
-    for head_dim in (64, 128):
+    for value, head_dim in ((v, d) for v in (1, 2) for d in (64, 128)):
+        # 1: the selection (persistent where selected); 2: the pipeline across tiles
+        specs.select_forward = selected if value == 1 else (
+            lambda *a, **k: specs.with_forward_across_tiles(selected(*a, **k), facts)
+            or selected(*a, **k))
+        gh.forget_planned_calls()
         for causal in (False, True):
             for seqlen_q, seqlen_k in ((450, 300), (300, 450)):
                 q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
