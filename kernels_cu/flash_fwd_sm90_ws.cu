@@ -335,6 +335,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (n_tiles == 0) {  // rows that see no key: O = 0 and the statistics of nothing
         if (pending) flush();
         epilogue(tile, m_i, l_i);
+        init_rows(acc, m_i, l_i);  // (a sink folded into m_i and l)
         continue;
       }
       if (kPingPong && me == kConsumers - 1 && q_loads == 0) their_turn();
