@@ -23,15 +23,18 @@
 //     once, at a named barrier before the epilogue (the O staging bands overlap other
 //     warpgroups' Q rows).
 //
-// Persistent blocks (CF_FWD_PERSISTENT=1, TileWalk): about one block per SM walks (query tile,
-//   head) pairs. Both roles count the Q and K/V tiles loaded so far; a stage's use number
-//   gives its mbarrier phases across tiles. The consumers release Q on q_empty once their
-//   last S product is done, and the last stage after the last P V, so the producer loads the
-//   next tile's Q and first stages under that P V and the epilogue, which stores O from the
-//   registers (s_q may hold the next rows by then) and skips the consumers' barrier.
+// Persistent blocks (CF_FWD_PERSISTENT=1, TileWalk): about one block per SM walks (batch
+//   entry, query tile, head) triples. Both roles count the Q and K/V tiles loaded so far; a
+//   stage's use number gives its mbarrier phases across tiles. The consumers release Q on
+//   q_empty once their last S product is done, and the last stage after the last P V, so the
+//   producer loads the next tile's Q and first stages under that P V and the epilogue, which
+//   stores O from the registers (s_q may hold the next rows by then) and skips the
+//   consumers' barrier. CF_FWD_PERSISTENT=2 also pipelines the consumers across tiles, with
+//   a second Q buffer (the consumer loop marked "value 2" below).
 //
-// Shared memory: [Q | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel layout (cf_sm90.cuh):
-//   (CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM * 2 + 128 bytes.
+// Shared memory: [Q (two with value 2) | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel
+//   layout (cf_sm90.cuh): (Q buffers * CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) *
+//   CF_HEAD_DIM * 2 + 128 bytes.
 
 #include "cf_config.cuh"
 
