@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-# A persistent grid may leave this share of the SMs idle to divide the work more evenly.
+# A persistent grid keeps at least this share of the SMs busy (it may leave the rest idle
+# to divide the work more evenly, or to keep whole blocks per batch entry).
 MIN_FILL = 0.95
 # ... and it must finish within this factor of the one-per-block grid's estimate.
 SLACK = 1.0
