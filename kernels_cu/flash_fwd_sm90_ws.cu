@@ -287,6 +287,35 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   };
   // A stage's mbarrier phase: its use number (kv_loads + it) over the stages.
   const auto phase = [](int use) { return (use / CF_STAGES) & 1; };
+  // One step of a tile's loop, both consumer loops below: S of key tile j (stage use `use`)
+  // and P V of the step before issued together, the softmax of S while P V runs, then O
+  // rescaled and the stage before released.
+  const auto step = [&](auto& acc, auto& p16, auto& s, float(&m_i)[2], float(&l_i)[2],
+                        float(&alpha)[2], const auto& tile, const RowBounds& rows,
+                        unsigned int bh, cf_u32 q_tile, int use, int j) {
+    const int stage = use % CF_STAGES;
+    const int prev = (use - 1) % CF_STAGES;
+    wait_for(bars.k_full(stage), phase(use));
+    wait_for(bars.v_full(prev), phase(use - 1));
+    my_turn();
+    wgmma_fence();
+    sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + stage * kTileKV);
+    wgmma_commit();
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
+    wgmma_commit();
+    their_turn();
+    wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
+    wgmma_fence_regs(s);
+    tile.modify_and_mask(s, j, rows);
+    softmax_rows(s, m_i, l_i, alpha, scale_log2);
+    wgmma_wait<0>();
+    wgmma_fence_regs(acc);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
+    rescale_acc(acc, alpha);
+    drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+    sm90_pack_p<CF_BLOCK_N>(p16, s);
+  };
 
   if constexpr (kAcrossTiles) {  // ---- one pipeline across the block's tiles (value 2) ------
     float acc[kDT][4], m_i[2], l_i[2];
@@ -385,32 +414,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       drop.drop_p(s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
       sm90_pack_p<CF_BLOCK_N>(p16, s);
 #pragma unroll 1
-      for (int it = 1; it < n_tiles; ++it) {  // as the one-tile loop below
-        const int j = tile.tiles.end - 1 - it;
-        const int use = kv_loads + it;
-        const int stage = use % CF_STAGES;
-        const int prev = (use - 1) % CF_STAGES;
-        wait_for(bars.k_full(stage), phase(use));
-        wait_for(bars.v_full(prev), phase(use - 1));
-        my_turn();
-        wgmma_fence();
-        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + stage * kTileKV);
-        wgmma_commit();
-        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
-        wgmma_commit();
-        their_turn();
-        wgmma_wait<1>();
-        wgmma_fence_regs(s);
-        tile.modify_and_mask(s, j, rows);
-        softmax_rows(s, m_i, l_i, alpha, scale_log2);
-        wgmma_wait<0>();
-        wgmma_fence_regs(acc);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars.empty(prev));
-        rescale_acc(acc, alpha);
-        drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
-        sm90_pack_p<CF_BLOCK_N>(p16, s);
-      }
+      for (int it = 1; it < n_tiles; ++it)
+        step(acc, p16, s, m_i, l_i, alpha, tile, rows, bh, q_tile, kv_loads + it,
+             tile.tiles.end - 1 - it);
       __syncwarp();
       if (lane == 0) mbar_arrive(bars.q_empty(buf));  // every S product of the tile is done
       pend = tile;
@@ -462,30 +468,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 #pragma unroll 1
       for (int it = 1; it < n_tiles; ++it) {
         if (CF_BLOCK_SPARSE) j_kept = kept.below(j_kept);
-        const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
-        const int use = kv_loads + it;
-        const int stage = use % CF_STAGES;
-        const int prev = (use - 1) % CF_STAGES;
-        wait_for(bars.k_full(stage), phase(use));
-        wait_for(bars.v_full(prev), phase(use - 1));
-        my_turn();
-        wgmma_fence();
-        sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + stage * kTileKV);
-        wgmma_commit();
-        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
-        wgmma_commit();
-        their_turn();
-        wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
-        wgmma_fence_regs(s);
-        tile.modify_and_mask(s, j, rows);
-        softmax_rows(s, m_i, l_i, alpha, scale_log2);
-        wgmma_wait<0>();
-        wgmma_fence_regs(acc);
-        __syncwarp();
-        if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
-        rescale_acc(acc, alpha);
-        drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
-        sm90_pack_p<CF_BLOCK_N>(p16, s);
+        step(acc, p16, s, m_i, l_i, alpha, tile, rows, bh, q_wg, kv_loads + it,
+             CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it);
       }
       // Every S product is done: Q may take the next tile's rows while P V and the
       // epilogue of this one run.
