@@ -11,7 +11,7 @@
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            bwd_dq_first
 #                                            issue15_bench
-#                                            hopper_d192
+#                                            hopper_d192 head_dim_v
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces
 #                                            (default: info check tests sanitize bench workloads)
@@ -264,6 +264,17 @@ for stage in $stages; do
         --head-dim 192 --seqlen 4096 16384 --causal both --candidates 8,64,2"
       run_stage bwd90_d192_speed bash -c "cd bench/dev && $PY tile_sweep.py --kind bwd90 \
         --head-dim 192 --seqlen 4096 16384 --causal both --candidates 8,64,2" ;;
+    head_dim_v)  # v's own head_dim on the Hopper kernels (CUFLASH_HEAD_DIM_V_NATIVE=1; written
+      # 2026-12-05, off by default until this passes): their accuracy tests, a memcheck of
+      # the forward and backward of (192, 128) with split kv heads, then the pairs' speed on
+      # copies and native beside head_dim 192 / 256 and SDPA (issue #15's 0.9x per FLOP)
+      CUFLASH_POISON=1 run_stage head_dim_v_tests timeout "${SUITE_TIME_BUDGET:-540}" \
+        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_head_dim_v.py
+      CUFLASH_POISON=1 run_stage head_dim_v_memcheck timeout 300 compute-sanitizer \
+        --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
+        "tests/test_gpu_head_dim_v.py::test_gpu_pair_split_kv_heads"
+      run_stage head_dim_v_bench $PY bench/head_dims.py --native both --pairs 192,192 \
+        192,128 256,256 256,128 128,128 64,128 128,64 --json "$OUT/results/head_dim_v.json" ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac

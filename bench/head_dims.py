@@ -1,8 +1,13 @@
-"""Head dims the kernels lack, run on zero-padded copies (issue #15, cuflash/head_pad.py):
-time and TFLOP/s of (head_dim, head_dim_v) pairs beside the kernels' own widths, forward
-and backward, CUDA-event medians after warm-up, torch SDPA's default choice beside.
+"""Head dims the kernels lack, run on zero-padded copies (issue #15, cuflash/head_pad.py), and
+the pairs the Hopper kernels take as they are (CUFLASH_HEAD_DIM_V_NATIVE=1): time and TFLOP/s
+of (head_dim, head_dim_v) pairs beside the kernels' own widths, forward and backward,
+CUDA-event medians after warm-up, torch SDPA's default choice beside.
 
-    python bench/head_dims.py [--seqlen 4096] [--json out.json]
+    python bench/head_dims.py [--seqlen 4096] [--native off|on|both] [--pairs 192,128 ...]
+                              [--json out.json]
+
+``--native both`` (the default) times each pair with head_dim != head_dim_v twice in the
+same run: on copies, then on the pair kernels where one takes it.
 
 FLOPs 2 B H Sq Sk (head_dim + head_dim_v) forward (4 B H Sq Sk D when equal), halved if
 causal, 2.5x for the backward. Issue #15 asks (192, 128) to run at least 0.9x as fast per
@@ -43,10 +48,14 @@ def _sdpa(q, k, v, do, causal) -> dict:
     return {"sdpa_fwd_ms": _ms(fwd), "sdpa_step_ms": _ms(step)}
 
 
-def run(batch, heads, seqlen, head_dim, head_dim_v, causal, dtype) -> dict:
+def run(batch, heads, seqlen, head_dim, head_dim_v, causal, dtype, native=False) -> dict:
+    import os
+
     import cupy
 
     import cuflash
+
+    os.environ["CUFLASH_HEAD_DIM_V_NATIVE"] = "1" if native else "0"
 
     rng = np.random.default_rng(0)
 
@@ -57,7 +66,8 @@ def run(batch, heads, seqlen, head_dim, head_dim_v, causal, dtype) -> dict:
     q, k, v, do = randn(head_dim), randn(head_dim), randn(head_dim_v), randn(head_dim_v)
     o, stats = cuflash.attention_forward(q, k, v, causal=causal)
     out = {"batch": batch, "heads": heads, "seqlen": seqlen, "head_dim": head_dim,
-           "head_dim_v": head_dim_v, "causal": causal, "dtype": str(np.dtype(dtype))}
+           "head_dim_v": head_dim_v, "causal": causal, "dtype": str(np.dtype(dtype)),
+           "native": native}
     out["fwd_ms"] = _ms(lambda: cuflash.attention_forward(q, k, v, causal=causal))
     out["bwd_ms"] = _ms(lambda: cuflash.attention_backward(do, q, k, v, o, stats,
                                                            causal=causal))
@@ -77,21 +87,37 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=4096)
     p.add_argument("--causal", default="0,1")
+    p.add_argument("--native", choices=("off", "on", "both"), default="both")
+    p.add_argument("--pairs", nargs="*", help="head_dim,head_dim_v pairs (default: a list)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import ml_dtypes
 
+    pairs = [tuple(int(x) for x in p.split(",")) for p in args.pairs] if args.pairs else PAIRS
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.native]
     rows = []
     for causal in (bool(int(c)) for c in args.causal.split(",")):
-        for head_dim, head_dim_v in PAIRS:
-            r = run(args.batch, args.heads, args.seqlen, head_dim, head_dim_v, causal,
-                    ml_dtypes.bfloat16)
-            rows.append(r)
-            sdpa = (f" | SDPA fwd {r['sdpa_fwd_ms']:.3f} ms, step {r['sdpa_step_ms']:.3f} ms"
-                    if "sdpa_fwd_ms" in r else " | SDPA: " + r.get("sdpa_error", ""))
-            print(f"({head_dim}, {head_dim_v}) {'causal' if causal else 'full  '}: fwd "
-                  f"{r['fwd_ms']:.3f} ms {r['fwd_tflops']:.0f} TFLOP/s, bwd {r['bwd_ms']:.3f} "
-                  f"ms {r['bwd_tflops']:.0f} TFLOP/s{sdpa}", flush=True)
+        for head_dim, head_dim_v in pairs:
+            for native in modes if head_dim != head_dim_v else (False,):
+                r = run(args.batch, args.heads, args.seqlen, head_dim, head_dim_v, causal,
+                        ml_dtypes.bfloat16, native)
+                rows.append(r)
+                sdpa = (f" | SDPA fwd {r['sdpa_fwd_ms']:.3f} ms, step "
+                        f"{r['sdpa_step_ms']:.3f} ms" if "sdpa_fwd_ms" in r
+                        else " | SDPA: " + r.get("sdpa_error", ""))
+                print(f"({head_dim}, {head_dim_v}) {'causal' if causal else 'full  '} "
+                      f"{'native' if native else 'copies'}: fwd {r['fwd_ms']:.3f} ms "
+                      f"{r['fwd_tflops']:.0f} TFLOP/s, bwd {r['bwd_ms']:.3f} ms "
+                      f"{r['bwd_tflops']:.0f} TFLOP/s{sdpa}", flush=True)
+    for r in rows:  # issue #15's bar: a pair's TFLOP/s against head_dim's own, same run
+        own = [x for x in rows if (x["head_dim"], x["head_dim_v"], x["causal"]) ==
+               (r["head_dim"], r["head_dim"], r["causal"])]
+        if r["head_dim"] != r["head_dim_v"] and own:
+            print(f"({r['head_dim']}, {r['head_dim_v']}) {'causal' if r['causal'] else 'full'} "
+                  f"{'native' if r['native'] else 'copies'} per FLOP against "
+                  f"({r['head_dim']}, {r['head_dim']}): fwd "
+                  f"{r['fwd_tflops'] / own[0]['fwd_tflops']:.2f}x, bwd "
+                  f"{r['bwd_tflops'] / own[0]['bwd_tflops']:.2f}x")
     if args.json:
         from real_workloads import save_rows
 

@@ -57,7 +57,8 @@ def _flash_fwd(problem: validate.Problem, q, k, v,
     from .launch import flash_forward_gpu
 
     head_dim_v = v.shape[3]
-    padded = head_pad.needed(problem.head_dim, head_dim_v)
+    padded = (head_pad.needed(problem.head_dim, head_dim_v)
+              and not _pair_runs(problem, head_dim_v, modifiers, extra))
     if padded:  # head dims the kernels lack: zero-padded copies (cuflash/head_pad.py)
         width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
         q, k, v = (head_pad.pad(x, width) for x in (q, k, v))
@@ -83,6 +84,12 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
     from .launch import flash_backward_gpu
 
     head_dim_v = v.shape[3]
+    if (head_dim_v != problem.head_dim
+            and _pair_runs(problem, head_dim_v, modifiers, extra, deterministic)):
+        return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
+                                  causal=problem.causal, softmax_scale=problem.softmax_scale,
+                                  deterministic=deterministic, **_gpu_kwargs(modifiers),
+                                  **(extra or {}))
     width = _backward_width(problem, head_dim_v, deterministic, modifiers, extra)
     padded = width != problem.head_dim or width != head_dim_v
     if padded:  # as in _flash_fwd; o's zero columns leave delta = rowsum(dO o) unchanged
@@ -95,6 +102,33 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
         return grads
     dims = (problem.head_dim, problem.head_dim, head_dim_v)
     return (*(head_pad.cut(g, d) for g, d in zip(grads, dims)), *grads[3:])
+
+
+def _pair_runs(problem, head_dim_v: int, modifiers, extra, deterministic: bool | None = None
+               ) -> bool:
+    """A Hopper kernel takes this head_dim_v != head_dim as it is (no padded copies): the
+    forward's (``deterministic`` None) or the backward's plan exists. Only with
+    ``head_pad.native_pairs()`` (off until their GPU tests have run)."""
+    if not head_pad.native_pairs() or head_dim_v == problem.head_dim:
+        return False
+    from dataclasses import replace
+
+    from . import launch, plan
+
+    extra = extra or {}
+    flags = plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
+                           modifiers.sinks, problem.causal,
+                           block_sparse=extra.get("block_mask") is not None,
+                           dropout=bool(extra.get("dropout_p")))
+    shape = replace(plan.Shape.of(problem, flags), head_dim_v=head_dim_v)
+    try:
+        if deterministic is None:
+            launch.forward_plan(shape, problem.device[1])
+        else:
+            launch.backward_plan(shape, problem.device[1], deterministic)
+    except ValueError:  # no kernel takes the pair (or these modifiers): the copies do
+        return False
+    return True
 
 
 def _backward_width(problem, head_dim_v: int, deterministic: bool, modifiers, extra) -> int:

@@ -16,7 +16,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import config
+
 KERNEL_DIM_STEP = 8  # the kernels' head_dim granularity (16-byte rows of 16-bit elements)
+
+
+# The Hopper kernels that take v's own head_dim as it is (specs.select_forward_pair /
+# select_backward_pair) run only with CUFLASH_HEAD_DIM_V_NATIVE=1 until their GPU tests have
+# passed (written 2026-12-05 without a GPU; `bench/gpu_suite.sh head_dim_v`).
+_native_value = config.env_reader("CUFLASH_HEAD_DIM_V_NATIVE")
+
+
+def native_pairs() -> bool:
+    """Whether a CUDA call with head_dim_v != head_dim may run a kernel that takes the pair
+    as it is (where one does; the others keep the copies)."""
+    return _native_value() in (b"1", "1")
 
 
 def needed(head_dim: int, head_dim_v: int) -> bool:

@@ -491,8 +491,10 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     s = plan.shape
     ws = planning.backward_workspace(plan)
     # the preprocess zeroes the dQ accumulator (the region's start) as it reads those rows;
-    # the memset takes the rest (dK, dV accumulators, semaphores)
-    dq_zeroed = ws.dq_accum_bytes if ws.dq_accum is not None else 0
+    # the memset takes the rest (dK, dV accumulators, semaphores). With v's own head_dim
+    # (s.head_dim_v) the preprocess reads rows of that width, so the memset takes dQ's too.
+    pre_zeroes_dq = ws.dq_accum is not None and not s.head_dim_v
+    dq_zeroed = ws.dq_accum_bytes if pre_zeroes_dq else 0
     if ws.zeroed_bytes > dq_zeroed:
         memset_async(workspace + dq_zeroed, ws.zeroed_bytes - dq_zeroed, stream)
     # bytes from one batch entry to the next in the statistics and accumulators (varlen: 0,
@@ -501,19 +503,20 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
     delta, lse2 = workspace + ws.delta, workspace + ws.lse2
     dq_accum = workspace + ws.dq_accum if ws.dq_accum is not None else 0
     q_row, kv_row = 4 * s.seqlen_q * s.heads * s.head_dim, 4 * s.seqlen_k * s.heads_kv * s.head_dim
+    v_row = 4 * s.seqlen_k * s.heads_kv * s.dv  # dv_accum's
     # the main kernel adds dQ into 64 x 64 pieces (spec.dq_tiled): their head-dim bucket
     tile_d = plan.main.spec.head_dim if plan.main.spec.dq_tiled else 0
     if tile_d:
         q_row = planning.tiled_dq_entry_bytes(s, tile_d)
     if seq.varlen:
-        q_row = kv_row = 0
+        q_row = kv_row = v_row = 0
 
     # -- preprocess: delta = rowsum(dO * O), lse2 = m log2(e) + log2(l), dq_accum = 0
     for b0, z in _batch_slices(plan.pre, s.batch):
         st = b0 * stats_row
         args = (_at(o, b0), _at(do, b0), m + st, l + st, delta + st, lse2 + st,
-                s.seqlen_q, s.heads, s.head_dim, *_strides(o, do), mods.sinks, mods.dsinks,
-                dq_accum + b0 * q_row if dq_accum else 0, tile_d, *seq.kernel_args(b0))
+                s.seqlen_q, s.heads, s.dv, *_strides(o, do), mods.sinks, mods.dsinks,
+                dq_accum + b0 * q_row if pre_zeroes_dq else 0, tile_d, *seq.kernel_args(b0))
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
@@ -536,7 +539,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
                           if ws.dq_semaphore is not None else 0)
             args += (plan.kv_splits,
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
-                     workspace + ws.dv_accum + b0 * kv_row if accum else 0, semaphores)
+                     workspace + ws.dv_accum + b0 * v_row if accum else 0, semaphores)
         args += mods.kernel_args(b0) + seq.kernel_args(b0) + bsp_args(b0) + drop_args(b0)
         _launch(main, device_id, z, signature, args, stream, s)
 
@@ -552,19 +555,22 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
                  stream, seq.cu_seqlens_q, tile_d, softmax_scale)
     if plan.kv_convert is not None:
-        for accum, out in ((ws.dk_accum, dk), (ws.dv_accum, dv)):
-            _convert(plan.kv_convert, workspace + accum, kv_row, out, s.seqlen_k, s.heads_kv,
-                     s, device_id, stream, seq.cu_seqlens_k)
+        for accum, out, row, width in ((ws.dk_accum, dk, kv_row, s.head_dim),
+                                       (ws.dv_accum, dv, v_row, s.dv)):
+            _convert(plan.kv_convert, workspace + accum, row, out, s.seqlen_k, s.heads_kv,
+                     s, device_id, stream, seq.cu_seqlens_k, width=width)
 
 
 def _convert(launch: planning.Launch, accum: int, accum_row: int, out: Operand, seqlen: int,
              heads: int, s: planning.Shape, device_id: int, stream: int,
-             cu_seqlens: int = 0, tile_d: int = 0, scale: float = 1.0) -> None:
+             cu_seqlens: int = 0, tile_d: int = 0, scale: float = 1.0,
+             width: int = 0) -> None:
     """float32 (batch, seqlen, heads, head_dim) accumulator -> out's dtype and strides
     (varlen: (total, heads, head_dim), rows by ``cu_seqlens``, whole sequences); ``tile_d``:
-    the tiled dQ accumulator of that bucket instead, whose values ``scale`` multiplies."""
+    the tiled dQ accumulator of that bucket instead, whose values ``scale`` multiplies;
+    ``width``: the rows' head_dim when not q's (dV of v's own head_dim)."""
     for b0, z in _batch_slices(launch, s.batch):
-        args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, s.head_dim,
+        args = (accum + b0 * accum_row, _at(out, b0), seqlen, heads, width or s.head_dim,
                 out.stride_b, out.stride_m, out.stride_h,
                 cu_seqlens + 4 * b0 if cu_seqlens else 0, tile_d, scale if tile_d else 1.0)
         _launch(launch, device_id, z, _SIGNATURES["convert"], args, stream, s,
@@ -603,11 +609,13 @@ def poison(out, logical: str = "float32"):
     return out
 
 
-def shape_of(q, k, dtype: str, causal: bool, mods: specs.ModFlags = specs.NO_MODS
-             ) -> planning.Shape:
+def shape_of(q, k, dtype: str, causal: bool, mods: specs.ModFlags = specs.NO_MODS,
+             v=None) -> planning.Shape:
+    """``v``: given when its head_dim may differ from q's (then ``Shape.head_dim_v``)."""
     batch, seqlen_q, heads, head_dim = q.shape
+    head_dim_v = v.shape[3] if v is not None and v.shape[3] != head_dim else 0
     return planning.Shape(batch, seqlen_q, k.shape[1], heads, k.shape[2], head_dim, dtype,
-                          bool(causal), mods)
+                          bool(causal), mods, head_dim_v=head_dim_v)
 
 
 def _current_stream() -> int:
@@ -664,7 +672,7 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
-                                        block_mask is not None, dropout_p > 0))
+                                        block_mask is not None, dropout_p > 0), v)
     drop = dropout_args(dropout_p, dropout_seed, dropout_offset, heads) if dropout_p else None
     plan = bsp = None
     if not shape.empty:
@@ -675,7 +683,7 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     if out is not None:
         o, m, l = poison(out[0], dtype), poison(out[1]), poison(out[2])
     else:
-        o = _empty(q.shape, q.dtype, dtype)
+        o = _empty(q.shape[:3] + v.shape[3:], q.dtype, dtype)  # v's head_dim
         m = _empty((batch, heads, seqlen_q), np.float32)
         l = _empty((batch, heads, seqlen_q), np.float32)
     if o.size == 0:
@@ -707,7 +715,7 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
-                                        block_mask is not None, dropout_p > 0))
+                                        block_mask is not None, dropout_p > 0), v)
     drop = (dropout_args(dropout_p, dropout_seed, dropout_offset, q.shape[2]) if dropout_p
             else None)
     plan = bsp = None

@@ -52,12 +52,20 @@ class Shape:
     mods: ModFlags = NO_MODS  # the score modifiers that are on (their kernels' knobs)
     total_q: int = 0  # varlen only: rows of q and of k
     total_k: int = 0
+    # v's own head_dim where it differs from q's and k's and a kernel takes the pair as it is
+    # (issue #15, specs.select_forward_pair / select_backward_pair); 0: head_dim's
+    head_dim_v: int = 0
 
     @classmethod
     def of(cls, problem, mods: ModFlags = NO_MODS) -> "Shape":
         """From a ``validate.Problem`` (or anything with the same attributes)."""
         return cls(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads,
                    problem.heads_kv, problem.head_dim, problem.dtype, problem.causal, mods)
+
+    @property
+    def dv(self) -> int:
+        """v's (o's, dO's, dV's) head_dim."""
+        return self.head_dim_v or self.head_dim
 
     @property
     def heads_per_kv(self) -> int:
@@ -192,7 +200,7 @@ def workspace(shape: Shape, *, dq_accum: bool, kv_accum: bool,
         dq, offset = offset, offset + dq_bytes
     if kv_accum:
         dk, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
-        dv, offset = offset, offset + _aligned(4 * rows_k * hkv * d)
+        dv, offset = offset, offset + _aligned(4 * rows_k * hkv * shape.dv)
     if semaphore_tiles:
         semaphores = offset
         offset += _aligned(4 * shape.batch * semaphores_per_entry(shape, semaphore_tiles))
@@ -248,7 +256,10 @@ def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
                  spec: KernelSpec | None = None) -> ForwardPlan:
     """``spec``: run this kernel instead of the selector's choice (tuning runs, bench/dev)."""
     facts = facts.with_budget(cfg.smem_budget)
-    if spec is None:
+    if spec is None and shape.head_dim_v:
+        spec = specs.select_forward_pair(facts, shape.dtype, shape.head_dim, shape.head_dim_v,
+                                         shape.causal, wgmma=cfg.wgmma, mods=shape.mods)
+    elif spec is None:
         spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
                                     wgmma=cfg.wgmma, mods=shape.mods)
     spec, grid_xy = _forward_grid(shape, spec, facts)
@@ -313,7 +324,10 @@ def plan_backward(shape: Shape, facts: DeviceFacts, deterministic: bool,
     pre_spec = specs.select_backward_pre(dtype, facts, mods=shape.mods)
     rows_grid = (_cdiv(shape.seqlen_q, specs.PRE_ROWS), shape.heads)
     pre = _launch(pre_spec, rows_grid, shape.batch)
-    if spec is None:
+    if spec is None and shape.head_dim_v:
+        spec = specs.select_backward_pair(facts, dtype, d, shape.head_dim_v, causal,
+                                          deterministic, wgmma=cfg.wgmma, mods=shape.mods)
+    elif spec is None:
         spec = specs.select_backward(facts, dtype, d, causal, deterministic, wgmma=cfg.wgmma,
                                      mods=shape.mods)
     n_chunks = _cdiv(d, spec.dchunk)

@@ -100,14 +100,15 @@ def _smem_fwd16(s) -> int:  # Q tile + K and V tiles per stage, 2-byte elements
 
 def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-specialized
     # (+ a second Q tile with CF_FWD_PERSISTENT=2), + a third V stage with CF_FWD_OVERLAP (and
-    # its value 3's mbarriers)
+    # its value 3's mbarriers); V stages of v's own head_dim (s.dv)
     if fwd90_warp_specialized(s):
         second_q = s.block_m * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_PERSISTENT") == 2 \
             else 0
         return _smem_fwd16(s) + second_q + 128
     overlap = dict(s.knobs).get("CF_FWD_OVERLAP", 0)
-    third_v = s.block_n * s.head_dim * 2 if overlap else 0
-    return _smem_fwd16(s) + third_v + (128 if overlap == 3 else 0)  # 3: stage mbarriers
+    v_stages = s.stages + (1 if overlap else 0)
+    tiles = ((s.block_m + s.stages * s.block_n) * s.head_dim + v_stages * s.block_n * s.dv) * 2
+    return tiles + (128 if overlap == 3 else 0)  # 3: stage mbarriers
 
 
 def _smem_bwd16(s) -> int:  # K, V tiles; Q, dO stages; dS^T (+ P^T when split); lse2, delta
@@ -125,8 +126,10 @@ def _smem_bwd90(s) -> int:
         return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
                 + (8 * st if s.mods.block_sparse else 0)
                 + (2 * pieces * 64 * 64 * 4 if s.dq_tiled else 0))
-    role_split = d >= 192  # flash_bwd_sm90.cu's kRoleSplit
-    return (2 * n * d + 2 * st * m * d + (2 if role_split else 1) * n * m) * 2 + 2 * st * m * 4
+    role_split = d >= 192  # flash_bwd_sm90.cu's kRoleSplit; V, dO of v's own head_dim (s.dv)
+    dv = s.dv
+    return ((n * (d + dv) + st * m * (d + dv) + (2 if role_split else 1) * n * m) * 2
+            + 2 * st * m * 4)
 
 
 def _smem_bwd_dq16(s) -> int:  # Q, dO tiles + K and V tiles per stage
@@ -456,6 +459,17 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"
                                 "2026-12-01_h200/session2)"),)}
+
+# v's own head_dim (issue #15's pairs, e.g. DeepSeek's (192, 128); specs.select_forward_pair /
+# select_backward_pair): the widths of v a kernel takes as they are (whole 64-column panels),
+# the forward's tile (flash_fwd_sm90.cu, 8 warps, at q's bucket: 64 to 256), and q's buckets
+# whose backward (flash_bwd_sm90.cu's role split, BWD90's tile) takes a narrower v. NVRTC 13.5,
+# sm_90, every single modifier, causal or not, CF_FWD_OVERLAP 0 / 1 / 2, CF_BWD_DQ_FIRST 0 / 1,
+# pairs (192, 128), (256, 128), (128, 64), (64, 128), (128, 256), (192, 64): no spill, no
+# C7519 (2026-12-05). Not yet run on a GPU: cuflash.head_pad.native_pairs() keeps them off.
+PAIR_WIDTHS_V = (64, 128, 192, 256)
+FWD90_PAIR = _fwd16(8, 64, 2, "the d192 / d256 tile; v's panels only narrow the P V product")
+BWD90_PAIR_BUCKETS = (192, 256)
 
 # bwd_dq, 16-bit: (warps, block_n, stages), 16 query rows per warp.
 BWD_DQ16 = {b: (_fwd16(4, 64, 2), _fwd16(4, 64, 1), _fwd16(4, 32, 1), _fwd16(2, 32, 1),

@@ -20,7 +20,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90_DQ_FIRST, FWD90_OVERLAP,  # noqa: F401
+from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_PAIR_BUCKETS,  # noqa: F401
+                       FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
                        PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
@@ -47,7 +48,7 @@ class DeviceFacts:
         return replace(self, smem_optin=min(self.smem_optin, budget))
 
 
-_CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
+_CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_HEAD_DIM_V", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
                  "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_VARLEN", "CF_BLOCK_SPARSE",
                  "CF_DQ_ATOMIC",
                  "CF_DCHUNK", "CF_SOURCE_HASH")
@@ -101,6 +102,10 @@ class KernelSpec:
     kind: str
     dtype: str
     head_dim: int = 0  # bucket: a multiple of 32; 0 for the elementwise bwd_pre kernels
+    # v's (o's, dO's, dV's) own head_dim where it differs from q's and k's (issue #15's pairs,
+    # docs/head_dims.md): exact, a multiple of 64; fwd90 8-warp and bwd90 role-split only. 0:
+    # head_dim's (every other spec, whose name and defines it leaves as they were)
+    head_dim_v: int = 0
     block_m: int = 0
     block_n: int = 0
     warps: int = 4
@@ -132,8 +137,9 @@ class KernelSpec:
     def name(self) -> str:
         parts = [self.kind, DTYPE_SHORT[self.dtype]]
         if self.kind != "bwd_pre":
-            parts += [f"d{self.head_dim}", f"m{self.block_m}", f"n{self.block_n}",
-                      f"w{self.warps}", f"s{self.stages}"]
+            parts += [f"d{self.head_dim}"] + ([f"v{self.head_dim_v}"] if self.head_dim_v else [])
+            parts += [f"m{self.block_m}", f"n{self.block_n}", f"w{self.warps}",
+                      f"s{self.stages}"]
         if self.kind in ("bwd", "bwd90"):
             parts += [f"c{self.dchunk}",
                       "ordered" if self.dq_ordered else "atomic" if self.dq_atomic else "nodq"]
@@ -142,6 +148,11 @@ class KernelSpec:
         parts += ["local" if name == "window" else name for name in self.mods.on]
         parts += [f"{key[3:].lower()}{value}" for key, value in self.knobs]
         return "_".join(parts)
+
+    @property
+    def dv(self) -> int:
+        """The width of v's tiles: ``head_dim_v``, or the bucket where v has q's head_dim."""
+        return self.head_dim_v or self.head_dim
 
     @property
     def dq_tiled(self) -> bool:
@@ -190,6 +201,8 @@ class KernelSpec:
             d.update(CF_HEAD_DIM=self.head_dim, CF_BLOCK_M=self.block_m,
                      CF_BLOCK_N=self.block_n, CF_WARPS=self.warps, CF_STAGES=self.stages,
                      CF_MASK=mask)
+            if self.head_dim_v:
+                d["CF_HEAD_DIM_V"] = self.head_dim_v
         for name, define in (("softcap", "CF_SOFTCAP"), ("alibi", "CF_ALIBI"),
                              ("sinks", "CF_SINKS"), ("varlen", "CF_VARLEN"),
                              ("block_sparse", "CF_BLOCK_SPARSE"), ("dropout", "CF_DROPOUT")):
@@ -334,6 +347,62 @@ def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpe
         if fitted.smem_bytes <= facts.smem_optin:
             return fitted
     return None
+
+
+def _pair_bucket(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
+                 wgmma: bool) -> int:
+    """q's head-dim bucket where a Hopper kernel can take v's own head_dim as it is; else a
+    ValueError saying why (the API then runs zero-padded copies: cuflash/head_pad.py)."""
+    check_dtype(facts, dtype)
+    bucket = head_dim_bucket(head_dim)
+    if not (wgmma and facts.arch in WGMMA_ARCHS and dtype in ("float16", "bfloat16")):
+        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}: only the Hopper "
+                         f"16-bit kernels take v's own head_dim ({facts.arch}, {dtype})")
+    if head_dim_v not in PAIR_WIDTHS_V or head_dim_v == bucket or bucket % 64:
+        raise ValueError(f"head_dim_v: expected one of {PAIR_WIDTHS_V} other than q's bucket "
+                         f"{bucket} (head_dim {head_dim}), got {head_dim_v}")
+    return bucket
+
+
+def select_forward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
+                        causal: bool, *, wgmma: bool = True,
+                        mods: ModFlags = NO_MODS) -> KernelSpec:
+    """The 8-warp Hopper forward with v (and o) of their own head_dim (``head_dim_v``, exact;
+    q's and k's ``head_dim`` runs in its bucket); ValueError where none takes the pair."""
+    bucket = _pair_bucket(facts, dtype, head_dim, head_dim_v, wgmma)
+    variant = variant_of("fwd90", dtype)
+    mods = mods.for_direction("forward")
+    _check_modifiers(variant, mods, dtype)
+    spec = replace(_spec(variant, FWD90_PAIR, dtype, bucket, causal, False, facts.arch, mods),
+                   head_dim_v=head_dim_v)
+    spec = with_forward_overlap(spec, facts)
+    if spec.smem_bytes > facts.smem_optin:
+        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}: {spec.name} needs "
+                         f"{spec.smem_bytes} bytes of shared memory, {facts.smem_optin} fit")
+    return spec
+
+
+def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
+                         causal: bool, deterministic: bool, *, wgmma: bool = True,
+                         mods: ModFlags = NO_MODS) -> KernelSpec:
+    """The Hopper backward's role split (q's bucket 192 or 256) with v, dO and dV of their own,
+    narrower head_dim; dQ by atomics (no deterministic mode). ValueError where none takes it."""
+    bucket = _pair_bucket(facts, dtype, head_dim, head_dim_v, wgmma)
+    if bucket not in BWD90_PAIR_BUCKETS or head_dim_v > bucket or deterministic:
+        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}"
+                         f"{', deterministic' if deterministic else ''}: the backward takes v's "
+                         f"own head_dim only below q's bucket of {BWD90_PAIR_BUCKETS}, "
+                         f"not deterministic")
+    variant = variant_of("bwd90", dtype)
+    mods = mods.for_direction("backward")
+    _check_modifiers(variant, mods, dtype)
+    spec = replace(_spec(variant, BWD90[bucket][0], dtype, bucket, causal, False, facts.arch,
+                         mods), head_dim_v=head_dim_v)
+    spec = with_dq_first(spec)
+    if spec.smem_bytes > facts.smem_optin:
+        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}: {spec.name} needs "
+                         f"{spec.smem_bytes} bytes of shared memory, {facts.smem_optin} fit")
+    return spec
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,

@@ -25,6 +25,14 @@ __device__ __forceinline__ void wgmma_rs_acc(float (&d)[16][4], const cf_u32 (&a
 }
 template <int T>
 __device__ void wgmma_rs_acc(float (&d)[T][4], const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d);
+__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[8][4], cf_u64 desc_a, cf_u64 desc_b,
+                                                 int scale_d) {
+  wgmma_ss_kmn_n64(d, desc_a, desc_b, scale_d);
+}
+__device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
+                                                 int scale_d) {
+  wgmma_ss_kmn_n128(d, desc_a, desc_b, scale_d);
+}
 __device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[24][4], cf_u64 desc_a, cf_u64 desc_b,
                                                  int scale_d) {
   wgmma_ss_kmn_n192(d, desc_a, desc_b, scale_d);
@@ -35,6 +43,15 @@ __device__ __forceinline__ void wgmma_ss_kmn_acc(float (&d)[32][4], cf_u64 desc_
 }
 template <int T>
 __device__ void wgmma_ss_kmn_acc(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b, int scale_d);
+
+// The first T2 n-tiles of an accumulator: the role split's dV of v's own, narrower head_dim
+// in the registers of dK (flash_bwd_sm90.cu; the indices stay compile-time constants, so the
+// view stays in registers).
+template <int T2, int T>
+__device__ __forceinline__ float (&acc_prefix(float (&acc)[T][4]))[T2][4] {
+  static_assert(T2 <= T, "a prefix of the accumulator");
+  return *reinterpret_cast<float(*)[T2][4]>(&acc);
+}
 
 // S^T and dP^T by accumulator shape: m64n32 (the role split's 32 queries), n64, n128.
 __device__ __forceinline__ void wgmma_ss_acc(float (&d)[4][4], cf_u64 desc_a, cf_u64 desc_b,
@@ -50,13 +67,14 @@ __device__ __forceinline__ void wgmma_ss_acc(float (&d)[16][4], cf_u64 desc_a, c
   wgmma_ss_n128(d, desc_a, desc_b, scale_d);
 }
 
-// Issues X^T = A B^T over head_dim for 64 rows of A (a K-major tile of A_ROWS rows, from
-// byte a_off) and the B_ROWS-row tile at b (from byte b_off): S^T = K Q^T, dP^T = V dO^T.
-template <int A_ROWS, int B_ROWS, int T>
+// Issues X^T = A B^T over WIDTH columns (head_dim) for 64 rows of A (a K-major tile of A_ROWS
+// rows, from byte a_off) and the B_ROWS-row tile at b (from byte b_off): S^T = K Q^T,
+// dP^T = V dO^T (over v's head_dim).
+template <int A_ROWS, int B_ROWS, int WIDTH = CF_HEAD_DIM, int T>
 __device__ __forceinline__ void issue_scores_t(float (&x)[T][4], cf_u32 a, cf_u32 a_off, cf_u32 b,
                                                cf_u32 b_off) {
 #pragma unroll
-  for (int kk = 0; kk < CF_HEAD_DIM / 16; ++kk)
+  for (int kk = 0; kk < WIDTH / 16; ++kk)
     wgmma_ss_acc(x, sm90_desc_kmajor<A_ROWS>(a + a_off, kk), sm90_desc_kmajor<B_ROWS>(b + b_off, kk),
                  kk > 0);
 }
@@ -69,7 +87,7 @@ __device__ __forceinline__ void scores_t(float (&s)[T][4], float (&dp)[T][4], cf
                                          cf_u32 k_off, cf_u32 q, cf_u32 dout, cf_u32 q_off) {
   wgmma_fence();
   issue_scores_t<KEY_ROWS, Q_ROWS>(s, sK, k_off, q, q_off);
-  issue_scores_t<KEY_ROWS, Q_ROWS>(dp, sV, k_off, dout, q_off);
+  issue_scores_t<KEY_ROWS, Q_ROWS, CF_HEAD_DIM_V>(dp, sV, k_off, dout, q_off);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_regs(s);

@@ -17,6 +17,10 @@
 #ifndef CF_HEAD_DIM
 #define CF_HEAD_DIM 128  // head-dim bucket: a multiple of 32 up to 256 (true head_dim: run time)
 #endif
+#ifndef CF_HEAD_DIM_V
+#define CF_HEAD_DIM_V CF_HEAD_DIM  // v's and o's head_dim when it differs (issue #15's pairs,
+                                   // exact, whole panels): flash_fwd_sm90.cu, flash_bwd_sm90.cu
+#endif
 #ifndef CF_WARPS
 #define CF_WARPS 4  // warps per thread block
 #endif

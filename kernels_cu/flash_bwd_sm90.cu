@@ -43,6 +43,13 @@
 //   both:         dQ = dS K, warpgroup g columns 128g .. in two wgmma of 64 columns
 // Shared memory: 2 x 32 (K, V) + 2 x 2 x 32 (Q, dO) + 8 (dS^T) + 8 (P^T) + 1 KB = 209 KB.
 //
+// v's own head_dim (issue #15; DeepSeek's (192, 128)): in the role split CF_HEAD_DIM_V < 192 /
+// 256 (whole panels) sets V's and dO's tiles, dP^T's k-steps and warpgroup 1's dV (its first
+// CF_HEAD_DIM_V / 8 accumulator n-tiles; warpgroup 0 still takes dK at CF_HEAD_DIM). The two
+// products then differ in width, so the warpgroups branch to them: on a warp-uniform value
+// (a shuffle), or ptxas serializes every wgmma (C7519). dv_accum rows are CF_HEAD_DIM_V wide.
+// SMEM = (64 * (D + DV) + 2 * M * (D + DV) + 2 * 64 * M) * 2 + 2 * 2 * M * 4 there.
+//
 // Supported: CF_HEAD_DIM 64, 128 (one panel set, keys split over warpgroups) and 256 (the role
 // split); 192 (the role split, warpgroup 1 computing one dQ panel) compiles but is not yet in
 // the registry (not run on a GPU); others use flash_bwd.cu.
@@ -87,21 +94,50 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one
 namespace bwd90 {
 enum : int {
   kD = CF_HEAD_DIM,
+  kDV = CF_HEAD_DIM_V,     // v's, dO's and dV's (the role split may take another: header)
   kBM = CF_BLOCK_M,
   kBN = CF_BLOCK_N,
   kThreads = 32 * CF_WARPS,
   kChunks = kD / 8,
+  kChunksV = kDV / 8,
   kKSteps = kD / 16,       // k-steps of S^T, dP^T (over head_dim)
   kQSteps = kBM / 16,      // k-steps of dV, dK (over the tile's queries)
   kNT = kBM / 8,           // S^T n-tiles per thread (8 queries each)
   kDT = kD / 8,            // dK, dV n-tiles per thread
-  kTileQ = kBM * kD * 2,   // bytes of one Q (or dO) stage
-  kTileK = kBN * kD * 2,   // bytes of K (or V)
+  kDTV = kDV / 8,          // the role split's dV n-tiles (warpgroup 1)
+  kTileQ = kBM * kD * 2,   // bytes of one Q stage
+  kTileDO = kBM * kDV * 2, // ... of one dO stage
+  kTileK = kBN * kD * 2,   // bytes of K
+  kTileV = kBN * kDV * 2,  // ... of V
   kRoleSplit = kD >= 192,  // the head_dim 256 layout (header): the warpgroups split the roles
   kWgKeys = kRoleSplit ? 0 : 64,  // keys before warpgroup 1's (the role split: they share)
-  kSmemBytes = (2 * kBN * kD + 2 * 2 * kBM * kD + (kRoleSplit ? 2 : 1) * kBN * kBM) * 2 +
+  kSmemBytes = (kBN * (kD + kDV) + 2 * kBM * (kD + kDV) + (kRoleSplit ? 2 : 1) * kBN * kBM) * 2 +
                2 * 2 * kBM * 4,
 };
+static_assert(kDV == kD || (kRoleSplit && kDV % 64 == 0 && kDV <= 256),
+              "v's own head_dim: the role split only, whole panels");
+
+// The role split's accumulator product: warpgroup 0 dK += dS^T Q (kD columns), warpgroup 1
+// dV += P^T dO (kDV columns, in the first of acc's registers). A K-major (queries contiguous),
+// B MN-major (head_dim contiguous); the tile's 64 queries are the contraction.
+__device__ __forceinline__ void issue_dk_or_dv(float (&acc)[kDT][4], int wg, cf_u32 sdS,
+                                               cf_u32 sP, cf_u32 q_tile, cf_u32 do_tile) {
+  if constexpr (kDV == kD) {  // one product for both (the PTX of these kernels is unchanged)
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS : sP, kq),
+                       sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+  } else if (__shfl_sync(0xffffffffu, wg, 0) == 0) {  // (warp-uniform, as ptxas must see)
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(sdS, kq), sm90_desc_mnmajor<kBM>(q_tile, kq), 1);
+  } else {
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_kmn_acc(acc_prefix<kDTV>(acc), sm90_desc_kmajor<kBN>(sP, kq),
+                       sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
+  }
+}
 }  // namespace bwd90
 
 extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
@@ -115,9 +151,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   sm90_require_aligned(smem);
   unsigned char* sK = smem;
   unsigned char* sV = sK + kTileK;
-  unsigned char* sQ = sV + kTileK;       // 2 stages
+  unsigned char* sQ = sV + kTileV;       // 2 stages
   unsigned char* sdO = sQ + 2 * kTileQ;  // 2 stages
-  unsigned char* sdS = sdO + 2 * kTileQ;
+  unsigned char* sdS = sdO + 2 * kTileDO;
   unsigned char* sP = sdS + kBN * kBM * 2;  // role split: P^T, laid out like dS^T
   float* sLse = reinterpret_cast<float*>(sP + (kRoleSplit ? kBN * kBM * 2 : 0));  // 2 x kBM
   float* sDelta = sLse + 2 * kBM;
@@ -132,6 +168,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
   const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
+  // v's (dO's, dV's) columns: head_dim's, or the spec's own width (specs.KernelSpec.head_dim_v)
+  const int head_dim_v = kDV == kD ? head_dim : kDV;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
   if (CF_VARLEN && n0 >= seqlen_k) return;  // the grid covers the longest sequence
@@ -151,6 +189,8 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
+  typedef PanelLoader<kBN, kChunksV, kThreads> VLoad;
+  typedef PanelLoader<kBM, kChunksV, kThreads> DOLoad;
   const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
   const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
 
@@ -163,9 +203,9 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     const QLoad lq(q + seq.q_offset(stride_qb, stride_qm) +
                        h * stride_qh, stride_qm, head_dim, tid);
     lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
-    const QLoad ldo(dout + seq.q_offset(stride_dob, stride_dom) +
-                        h * stride_doh, stride_dom, head_dim, tid);
-    ldo.load(sdO + st * kTileQ, m0, seqlen_q - m0);
+    const DOLoad ldo(dout + seq.q_offset(stride_dob, stride_dom) +
+                         h * stride_doh, stride_dom, head_dim_v, tid);
+    ldo.load(sdO + st * kTileDO, m0, seqlen_q - m0);
     if (tid < 2 * kBM) {  // asynchronous too: a plain load here stalled warpgroup 0 (and, at
       // the next barrier, the block) for a global-memory latency every tile
       const int r = tid % kBM, row = m0 + r;
@@ -195,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
     lk.load(sK, n0, seqlen_k - n0);
-    const KVLoad lv(v_head, stride_vn, head_dim, tid);
+    const VLoad lv(v_head, stride_vn, head_dim_v, tid);
     lv.load(sV, n0, seqlen_k - n0);
     load_query_tile(t_cur, 0);
     cp_async_commit();
@@ -214,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
     if (it + 1 < n_iter) load_query_tile(t_next, st ^ 1);
     cp_async_commit();
 
-    const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileQ;
+    const cf_u32 q_tile = sQ_sa + st * kTileQ, do_tile = sdO_sa + st * kTileDO;
     if constexpr (kRoleSplit) {
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 32 queries (all 64 keys)
       const int qw = 32 * wg;
@@ -257,10 +297,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
           wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
                           sm90_desc_mnmajor<kBN>(sK_sa + 2 * wg * kBN * 128, kk), kk > 0);
         wgmma_commit();
-#pragma unroll
-        for (int kq = 0; kq < kQSteps; ++kq)
-          wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
-                           sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+        issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
         wgmma_commit();
         wgmma_wait<1>();  // the dQ panel; dK / dV may still run
         wgmma_fence_regs(dq);
@@ -287,10 +324,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
       // B MN-major: head_dim contiguous; the 64 queries are the contraction)
       wgmma_fence();
-#pragma unroll
-      for (int kq = 0; kq < kQSteps; ++kq)
-        wgmma_ss_kmn_acc(acc, sm90_desc_kmajor<kBN>(wg == 0 ? sdS_sa : sP_sa, kq),
-                         sm90_desc_mnmajor<kBM>(wg == 0 ? q_tile : do_tile, kq), 1);
+      issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
       wgmma_commit();
       // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
       // (head_dim 192: warpgroup 1 has the third panel only)
@@ -401,16 +435,17 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
   if constexpr (kRoleSplit) {
     // -- warpgroup 0 writes dK (times softmax_scale), warpgroup 1 dV; rows key_row, key_row + 8
     const float out_scale = wg == 0 ? softmax_scale : 1.f;
+    const int width = wg == 0 ? head_dim : head_dim_v;  // dk_accum / dv_accum rows too
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       const int row = key_row + 8 * rr;
       if (row < seqlen_k && kv_splits > 1) {
-        const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * head_dim;
+        const cf_i64 at = ((seq.row_k() + row) * (heads / heads_per_kv) + kvh) * width;
         float* dst = (wg == 0 ? dk_accum : dv_accum) + at;
 #pragma unroll
         for (int t = 0; t < kDT; ++t) {
           const int col = 8 * t + 2 * tig;
-          if (col < head_dim)
+          if (col < width)
             red_add2(dst + col, acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
         }
       } else if (row < seqlen_k) {
@@ -421,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
 #pragma unroll
         for (int t = 0; t < kDT; ++t) {
           const int col = 8 * t + 2 * tig;
-          if (col < head_dim)
+          if (col < width)
             *reinterpret_cast<cf_u32*>(dst + col) =
                 pack2(acc[t][2 * rr] * out_scale, acc[t][2 * rr + 1] * out_scale);
         }

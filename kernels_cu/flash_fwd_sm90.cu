@@ -28,6 +28,11 @@
 // flash_fwd.cu. The registry selects this file at 192 and 256, and at 64 / 128 where the
 // warp-specialized kernel (flash_fwd_sm90_ws.cu) does not fit or spills.
 //
+// v's own head_dim (issue #15; DeepSeek's (192, 128)): CF_HEAD_DIM_V, a whole number of
+// panels, sets the V stages, the P V product's width, O's registers and its epilogue; Q and K
+// keep CF_HEAD_DIM. v and o then have exactly CF_HEAD_DIM_V columns (no zero-padded copies).
+// V stages are CF_BLOCK_N * CF_HEAD_DIM_V * 2 bytes (registry._smem_fwd90).
+//
 // Masking and score modifiers: cf_mask.cuh, exactly as in flash_fwd.cu.
 
 #ifndef CF_WARPS
@@ -50,6 +55,7 @@ static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 192 ||
 static_assert(CF_WARPS % 4 == 0 && CF_BLOCK_M == 16 * CF_WARPS, "64 query rows per warpgroup");
 static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 256, "wgmma widths");
 static_assert(CF_STAGES == 2, "2 K/V stages");
+static_assert(CF_HEAD_DIM_V % 64 == 0 && CF_HEAD_DIM_V <= 256, "v's head_dim: whole panels");
 
 // CF_FWD_OVERLAP 1 / 2 (selected at head_dim 192 / 256 since session 19, by modifier set:
 // registry.FWD90_OVERLAP): each warpgroup issues tile j's S = Q K^T and tile j-1's O += P V
@@ -66,20 +72,24 @@ static_assert(CF_STAGES == 2, "2 K/V stages");
 namespace sm90 {
 enum : int {
   kThreads = 32 * CF_WARPS,
-  kChunks = CF_HEAD_DIM / 8,  // 16-byte chunks per tile row
+  kChunks = CF_HEAD_DIM / 8,  // 16-byte chunks per tile row (Q, K)
+  kChunksV = CF_HEAD_DIM_V / 8,  // ... of V and O
   kPanels = CF_HEAD_DIM / 64,
   kNT = CF_BLOCK_N / 8,   // S n-tiles per thread
-  kDT = CF_HEAD_DIM / 8,  // O n-tiles per thread
+  kDT = CF_HEAD_DIM_V / 8,  // O n-tiles per thread
   kKSteps = CF_HEAD_DIM / 16,
   kVStages = CF_FWD_OVERLAP ? 3 : CF_STAGES,
-  kTiles = (CF_BLOCK_M + (CF_STAGES + kVStages) * CF_BLOCK_N) * CF_HEAD_DIM * 2,
+  kTiles = ((CF_BLOCK_M + CF_STAGES * CF_BLOCK_N) * CF_HEAD_DIM +
+            kVStages * CF_BLOCK_N * CF_HEAD_DIM_V) * 2,
   kSmemBytes = kTiles + (CF_FWD_OVERLAP == 3 ? 128 : 0),  // value 3: 10 stage mbarriers
-  kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
+  kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K stage
+  kTileV = CF_BLOCK_N * CF_HEAD_DIM_V * 2,  // ... of one V stage
 };
 }  // namespace sm90
 
 template <int ROWS>
 using Sm90Loader = PanelLoader<ROWS, sm90::kChunks, sm90::kThreads>;
+using Sm90LoaderV = PanelLoader<CF_BLOCK_N, sm90::kChunksV, sm90::kThreads>;
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
@@ -100,6 +110,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int tile_m = CF_CAUSAL ? (int)gridDim.x - 1 - order.tile_rank : (int)blockIdx.x;
   const int h = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z, h_kv = h / heads_per_kv;
+  // v's (and o's) columns: head_dim's, or the spec's own width (specs.KernelSpec.head_dim_v)
+  const int head_dim_v = CF_HEAD_DIM_V == CF_HEAD_DIM ? head_dim : CF_HEAD_DIM_V;
   const int q0 = tile_m * CF_BLOCK_M;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
   const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
@@ -124,7 +136,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const cf_u32 q_wg = smem_addr(s_q) + wg * 64 * 128;  // this warpgroup's rows in panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
   const Sm90Loader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
-  const Sm90Loader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+  const Sm90LoaderV load_v(v_head, stride_vn, head_dim_v, tid);
 
   // The tile each iteration computes: last first (dense: spelled as before the block mask,
   // whose loop-carried form cost d256 3% on an H200)
@@ -191,7 +203,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + (it & 1) * kTileKV);
       wgmma_commit();
       if (it > 0) {
-        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev, s_v_sa + ((it + 2) % 3) * kTileKV);
+        sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
+                                                  s_v_sa + ((it + 2) % 3) * kTileV);
       }
       wgmma_commit();  // (empty at it = 0: the waits below count the same groups)
       if (next >= tiles.begin) {  // tile it + 1, into the stages tiles it - 1 / it - 2 had
@@ -200,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
         load_k.load(s_k + ((it + 1) & 1) * kTileKV, next_row, seqlen_k - next_row);
         mbar_arrive_cp_async(k_full(it + 1));
         if (it >= 2) mbar_wait(v_empty(it + 1), (it - 2) / 3);
-        load_v.load(s_v + ((it + 1) % 3) * kTileKV, next_row, seqlen_k - next_row);
+        load_v.load(s_v + ((it + 1) % 3) * kTileV, next_row, seqlen_k - next_row);
         mbar_arrive_cp_async(v_full(it + 1));
       }
       wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
@@ -219,8 +232,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     wait_full(v_full(n_tiles - 1), (n_tiles - 1) / 3);
     wgmma_fence();  // the last tile's P V
-    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev,
-                                            s_v_sa + ((n_tiles - 1) % 3) * kTileKV);
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
+                                              s_v_sa + ((n_tiles - 1) % 3) * kTileV);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
@@ -243,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if (next >= tiles.begin) {
       const int next_row = next * CF_BLOCK_N;
       load_k.load(s_k + ((it + 1) & 1) * kTileKV, next_row, seqlen_k - next_row);
-      load_v.load(s_v + ((it + 1) % 3) * kTileKV, next_row, seqlen_k - next_row);
+      load_v.load(s_v + ((it + 1) % 3) * kTileV, next_row, seqlen_k - next_row);
     }
     cp_async_commit();
   };
@@ -278,7 +291,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_fence();
       sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + (it & 1) * kTileKV);
       wgmma_commit();
-      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev, s_v_sa + ((it + 2) % 3) * kTileKV);
+      sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
+                                                s_v_sa + ((it + 2) % 3) * kTileV);
       wgmma_commit();
       if (CF_FWD_OVERLAP == 2) load_next(it, next);
       wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
@@ -294,8 +308,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       j = next;
     }
     wgmma_fence();  // the last tile's P V
-    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p_prev,
-                                            s_v_sa + ((n_tiles - 1) % 3) * kTileKV);
+    sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
+                                              s_v_sa + ((n_tiles - 1) % 3) * kTileV);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
@@ -306,7 +320,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
     const int next = CF_BLOCK_SPARSE ? kept.below(j) : j - 1;
     const int stage = it & 1;
-    const cf_u32 k_cur = s_k_sa + stage * kTileKV, v_cur = s_v_sa + stage * kTileKV;
+    const cf_u32 k_cur = s_k_sa + stage * kTileKV, v_cur = s_v_sa + stage * kTileV;
 
     cp_async_wait<0>();   // tile j landed (this thread's copies) ...
     fence_proxy_async();  // ... and is visible to the tensor cores' proxy
@@ -314,7 +328,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     if (next >= tiles.begin) {
       const int next_row = next * CF_BLOCK_N;
       load_k.load(s_k + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
-      load_v.load(s_v + (stage ^ 1) * kTileKV, next_row, seqlen_k - next_row);
+      load_v.load(s_v + (stage ^ 1) * kTileV, next_row, seqlen_k - next_row);
     }
     cp_async_commit();
 
@@ -330,7 +344,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     wgmma_fence();
-    sm90_pv<CF_BLOCK_N, CF_HEAD_DIM>(acc, s, v_cur);
+    sm90_pv<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, s, v_cur);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
@@ -339,8 +353,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 #endif
   cp_async_wait<0>();
   __syncthreads();  // both warpgroups are done reading Q: its space becomes the O staging band
+                    // (wider than Q when head_dim_v > head_dim: it runs on into the K stages)
 
-  store_forward_epilogue<kDT, kChunks>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
-                                      stride_oh, m_out, l_out, head_dim, s_q, warp, lane,
+  store_forward_epilogue<kDT, kChunksV>(tile, acc, m_i, l_i, sinks, o, stride_ob, stride_om,
+                                       stride_oh, m_out, l_out, head_dim_v, s_q, warp, lane,
                                       drop.scale());
 }

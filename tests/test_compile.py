@@ -160,6 +160,37 @@ def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
         assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
 
 
+def test_head_dim_v_pairs_compile_unserialized_without_spills():
+    """v's own head_dim (issue #15's pairs; specs.select_forward_pair / select_backward_pair):
+    the forward and the role-split backward selected for (192, 128), (256, 128) and (64, 128),
+    plain, causal, with softcap + ALiBi, a window, packed sequences or dropout: zero spills,
+    the shared memory fits sm_90, and no C7519 (the backward's warpgroups issue dK and dV
+    products of different widths behind a warp-uniform branch)."""
+    from cuflash import compiler
+
+    facts = specs.facts_for_arch("sm_90")
+    mod_sets = (specs.NO_MODS, specs.ModFlags(softcap=True, alibi=True),
+                specs.ModFlags(window=True), specs.ModFlags(varlen=True),
+                specs.ModFlags(dropout=True))
+    work = []
+    for d, dv in ((192, 128), (256, 128), (64, 128)):
+        for causal in (False, True):
+            for mods in mod_sets:
+                work.append((specs.select_forward_pair(facts, "bfloat16", d, dv, causal,
+                                                       mods=mods), "sm_90"))
+                if d >= 192:
+                    work.append((specs.select_backward_pair(facts, "bfloat16", d, dv, causal,
+                                                            False, mods=mods), "sm_90"))
+    assert all(spec.head_dim_v for spec, _ in work)
+    assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
+    _assert_compiled_without_spills(work, "head_dim_v pair")
+    for spec, arch in work[:4] + [w for w in work if w[0].kind == "bwd90"][:4]:
+        opts = compiler.nvrtc_options(spec) + [
+            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
+        log, _ = compiler._nvrtc_compile(spec, arch, opts)
+        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}

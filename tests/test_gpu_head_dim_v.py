@@ -1,0 +1,155 @@
+"""v's own head_dim on the Hopper kernels (issue #15's pairs, ``gpu`` tests; sm_90 only):
+``CUFLASH_HEAD_DIM_V_NATIVE=1`` lets the forward (flash_fwd_sm90.cu with CF_HEAD_DIM_V) and
+the backward's role split (flash_bwd_sm90.cu) take head_dim_v != head_dim as it is.
+
+Each call goes through the API on CuPy arrays against the float64 reference, outputs
+NaN-poisoned, cuflash.testing's rule, and checks that no zero-padded copy was made where a
+kernel takes the pair (``head_pad.pad`` is watched). The deterministic backward keeps the
+copies (the role split has no ordered mode), and is checked too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cuflash import head_pad, launch, plan, specs
+
+try:
+    import gpu_helpers as gh
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+
+pytestmark = pytest.mark.gpu
+
+# (head_dim, head_dim_v): DeepSeek's (192, 128) first; forward and backward native where q's
+# bucket is 192 or 256 and v narrower, forward only otherwise
+PAIRS = [(192, 128), (256, 128), (192, 64), (176, 128), (128, 64), (64, 128), (128, 256)]
+MOD_SETS = {
+    "plain": {},
+    "window_softcap": {"window": (40, 7), "softcap": 20.0},
+    "alibi": {"alibi_slopes": "heads"},
+    "sinks": {"sinks": "heads"},
+}
+
+
+def _hopper() -> bool:
+    return launch.device_facts(0).arch in specs.WGMMA_ARCHS
+
+
+def _module_specs():
+    if not _hopper():
+        return []
+    facts = launch.device_facts(0)
+    out = []
+    for d, dv in PAIRS:
+        for dtype in ("bfloat16", "float16"):
+            for causal in (False, True):
+                for name in MOD_SETS:
+                    mods = plan.mod_flags(MOD_SETS[name].get("window"),
+                                          MOD_SETS[name].get("softcap"),
+                                          MOD_SETS[name].get("alibi_slopes"),
+                                          MOD_SETS[name].get("sinks"), causal)
+                    shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, causal, mods, head_dim_v=dv)
+                    out += gh.shape_specs(shape, facts, plan.Config(), backward=(False,))
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """The native pairs on, and a count of the zero-padded copies made."""
+    if not _hopper():
+        pytest.skip("the pair kernels are Hopper's (sm_90)")
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    copies = []
+    real_pad = head_pad.pad
+
+    def counting_pad(x, width):
+        copies.append((tuple(x.shape), width))
+        return real_pad(x, width)
+
+    monkeypatch.setattr(head_pad, "pad", counting_pad)
+    return copies
+
+
+def _arrays(rng, d, dv, dtype, batch, seqlen_q, seqlen_k, heads, heads_kv):
+    q = gh.randn(rng, (batch, seqlen_q, heads, d), dtype)
+    k = gh.randn(rng, (batch, seqlen_k, heads_kv, d), dtype)
+    v = gh.randn(rng, (batch, seqlen_k, heads_kv, dv), dtype)
+    do = gh.randn(rng, (batch, seqlen_q, heads, dv), dtype)
+    return q, k, v, do
+
+
+def _kwargs(name, heads):
+    host, gpu = {}, {}
+    for key, value in MOD_SETS[name].items():
+        if value == "heads":  # a float32 (heads,) array: ALiBi slopes or sink logits
+            rng = np.random.default_rng(7)
+            arr = (rng.uniform(0.05, 0.5, heads) if key == "alibi_slopes"
+                   else rng.normal(size=heads)).astype(np.float32)
+            host[key], gpu[key] = arr, gh.to_gpu(arr)
+        else:
+            host[key] = gpu[key] = value
+    return host, gpu
+
+
+def _native_spec_names(d, dv, dtype, causal, name, batch, seqlen_q, seqlen_k, heads,
+                       heads_kv) -> tuple[str, str | None]:
+    """The forward's and the atomic backward's main spec for this call (None: padded)."""
+    host, _ = _kwargs(name, heads)
+    mods = plan.mod_flags(host.get("window"), host.get("softcap"), host.get("alibi_slopes"),
+                          host.get("sinks"), causal)
+    shape = plan.Shape(batch, seqlen_q, seqlen_k, heads, heads_kv, d, dtype, causal, mods,
+                       head_dim_v=dv)
+    fwd = launch.forward_plan(shape, 0).kernel.spec.name
+    try:
+        bwd = launch.backward_plan(shape, 0, False).main.spec.name
+    except ValueError:
+        bwd = None
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("name", list(MOD_SETS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("pair", PAIRS, ids=[f"{a}-{b}" for a, b in PAIRS])
+def test_gpu_pair_matches_reference(native, pair, dtype, causal, name):
+    """Forward and both backward modes against the reference, odd lengths, GQA 4/2; the
+    forward (and the atomic backward where q's bucket is 192 / 256) with no copies."""
+    d, dv = pair
+    rng = gh.rng_for()
+    dims = dict(batch=2, seqlen_q=157, seqlen_k=301, heads=4, heads_kv=2)
+    q, k, v, do = _arrays(rng, d, dv, dtype, **dims)
+    host, gpu = _kwargs(name, dims["heads"])
+    fwd, bwd = _native_spec_names(d, dv, dtype, causal, name, **dims)
+    assert f"_v{dv}_" in fwd, fwd
+    label = f"d{d}/{dv} {dtype} causal={causal} {name} [{fwd}; {bwd}]"
+    gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype=dtype, label=label,
+                                     host_kwargs=host, gpu_kwargs=gpu)
+    # the deterministic backward pads: q, k, v, o, dO once; every other call none
+    padded_calls = 1 if bwd is not None else 2
+    assert len(native) == 5 * padded_calls, (label, native)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_pair_split_kv_heads(native, causal):
+    """GQA 16/2 at a small batch: the backward splits a kv head's query heads over blocks
+    (plan.kv_head_splits > 1), so dV goes through the float32 accumulator of v's width."""
+    d, dv, dtype = 192, 128, "bfloat16"
+    dims = dict(batch=1, seqlen_q=384, seqlen_k=384, heads=16, heads_kv=2)
+    shape = plan.Shape(1, 384, 384, 16, 2, d, dtype, causal, head_dim_v=dv)
+    assert launch.backward_plan(shape, 0, False).kv_splits > 1
+    rng = gh.rng_for()
+    q, k, v, do = _arrays(rng, d, dv, dtype, **dims)
+    gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype=dtype,
+                                     label=f"d{d}/{dv} split kv heads causal={causal}",
+                                     host_kwargs={}, gpu_kwargs={})
+
+
+def test_gpu_pair_off_by_default(monkeypatch):
+    """Without the switch the copies run (the kernels above are not selected by default)."""
+    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    assert not head_pad.native_pairs()

@@ -1,0 +1,96 @@
+"""v's own head_dim on the Hopper kernels (issue #15's pairs): the selection, the specs'
+defines and shared memory, the plan's workspace, and the switch that keeps them off until
+their GPU tests have run. No GPU (the kernels: tests/test_gpu_head_dim_v.py; their
+compilation: tests/test_compile.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuflash import api, head_pad, plan, specs, validate
+
+H100 = specs.facts_for_arch("sm_90")
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v, bucket", [
+    (192, 128, 192), (176, 128, 192), (256, 128, 256), (128, 64, 128), (64, 128, 64),
+    (128, 256, 128), (192, 64, 192)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_pair_spec(head_dim, head_dim_v, bucket, causal):
+    spec = specs.select_forward_pair(H100, "bfloat16", head_dim, head_dim_v, causal)
+    assert (spec.kind, spec.warps, spec.head_dim, spec.head_dim_v) == (
+        "fwd90", 8, bucket, head_dim_v)
+    assert spec.defines["CF_HEAD_DIM_V"] == head_dim_v
+    assert f"_d{bucket}_v{head_dim_v}_" in spec.name
+    overlap = dict(spec.knobs).get("CF_FWD_OVERLAP", 0)
+    v_stages = 2 + (1 if overlap else 0)
+    # flash_fwd_sm90.cu's kTiles: Q, two K stages at q's width, the V stages at v's
+    assert spec.smem_bytes == 2 * (128 * bucket + 2 * 64 * bucket + v_stages * 64 * head_dim_v)
+    assert spec.smem_bytes <= H100.smem_optin
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(192, 128), (192, 64), (256, 128),
+                                                  (256, 192)])
+def test_backward_pair_spec(head_dim, head_dim_v):
+    spec = specs.select_backward_pair(H100, "float16", head_dim, head_dim_v, True, False)
+    assert (spec.kind, spec.warps, spec.block_m, spec.block_n) == ("bwd90", 8, 64, 64)
+    assert spec.dq_atomic and not spec.dq_ordered and spec.head_dim_v == head_dim_v
+    d, dv = head_dim, head_dim_v
+    # flash_bwd_sm90.cu's kSmemBytes (the role split: dS^T and P^T)
+    assert spec.smem_bytes == (64 * (d + dv) + 2 * 64 * (d + dv) + 2 * 64 * 64) * 2 + 2 * 2 * 64 * 4
+
+
+@pytest.mark.parametrize("why, call", [
+    ("not Hopper", lambda: specs.select_forward_pair(specs.facts_for_arch("sm_80"), "bfloat16",
+                                                     192, 128, False)),
+    ("float32", lambda: specs.select_forward_pair(H100, "float32", 192, 128, False)),
+    ("no wgmma", lambda: specs.select_forward_pair(H100, "bfloat16", 192, 128, False,
+                                                   wgmma=False)),
+    ("v at q's bucket", lambda: specs.select_forward_pair(H100, "bfloat16", 120, 128, False)),
+    ("v not whole panels", lambda: specs.select_forward_pair(H100, "bfloat16", 192, 96, False)),
+    ("q's bucket not whole panels", lambda: specs.select_forward_pair(H100, "bfloat16", 96, 128,
+                                                                      False)),
+    ("backward below 192", lambda: specs.select_backward_pair(H100, "bfloat16", 128, 64, False,
+                                                              False)),
+    ("backward v wider", lambda: specs.select_backward_pair(H100, "bfloat16", 192, 256, False,
+                                                            False)),
+    ("deterministic", lambda: specs.select_backward_pair(H100, "bfloat16", 192, 128, False,
+                                                         True)),
+])
+def test_pairs_no_kernel_takes(why, call):
+    with pytest.raises(ValueError, match="head_dim"):
+        call()
+
+
+def test_other_specs_keep_their_names_and_defines():
+    """A spec with v at q's width has no head_dim_v: names (cache keys) and -D lists as
+    before, so those kernels' code is unchanged."""
+    for spec in specs.all_specs(H100):
+        assert spec.head_dim_v == 0 and "CF_HEAD_DIM_V" not in spec.defines
+        assert spec.dv == spec.head_dim
+
+
+def test_plans_of_a_pair():
+    shape = plan.Shape(1, 384, 384, 16, 2, 192, "bfloat16", True, head_dim_v=128)
+    assert shape.dv == 128 and plan.Shape(1, 1, 1, 1, 1, 64, "bfloat16", False).dv == 64
+    forward = plan.plan_forward(shape, H100)
+    assert forward.kernel.spec.head_dim_v == 128
+    backward = plan.plan_backward(shape, H100, False)
+    assert backward.main.spec.head_dim_v == 128
+    ws = backward.scratch
+    if backward.kv_splits > 1:  # dK at q's width, dV at v's
+        assert ws.dv_accum - ws.dk_accum >= 4 * 384 * 2 * 192
+        assert ws.zeroed_bytes - ws.dv_accum >= 4 * 384 * 2 * 128
+    with pytest.raises(ValueError, match="deterministic"):
+        plan.plan_backward(shape, H100, True)
+
+
+def test_native_pairs_switch(monkeypatch):
+    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    assert not head_pad.native_pairs()
+    problem = validate.Problem(batch=1, seqlen_q=8, seqlen_k=8, heads=2, heads_kv=2,
+                               head_dim=192, dtype="bfloat16", causal=False,
+                               softmax_scale=0.1, device=("cuda", 0))
+    assert not api._pair_runs(problem, 128, validate.NO_MODIFIERS, None)  # off: no lookup
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    assert head_pad.native_pairs()
