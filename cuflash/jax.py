@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, block_sparse, jax_decode, jax_modifiers, validate, xla_ffi
+from . import api, block_sparse, head_pad, jax_decode, jax_modifiers, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 from .plan import Shape
@@ -409,8 +409,11 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
 
     Args:
         q: (batch, seqlen_q, heads, head_dim) ``jax.Array``, float16, bfloat16 or float32;
-            head_dim a multiple of 8 up to 256.
-        k, v: (batch, seqlen_k, heads_kv, head_dim), same dtype; heads a multiple of heads_kv.
+            head_dim from 1 to 256.
+        k, v: (batch, seqlen_k, heads_kv, head_dim) and (..., head_dim_v), same dtype; heads
+            a multiple of heads_kv; head_dim_v from 1 to 256. Under jit, head dims the
+            kernels lack (not a multiple of 8, or head_dim_v != head_dim) run on copies
+            zero-padded in JAX (docs/head_dims.md); eager calls as the core API runs them.
         causal: mask keys after the query's position, bottom-right aligned when
             seqlen_q != seqlen_k (see ``cuflash.attention_forward``). A Python bool (static).
         softmax_scale: default ``1 / sqrt(head_dim)``. A Python float (static), finite,
@@ -430,7 +433,7 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
             static. No gradient.
 
     Returns:
-        o: (batch, seqlen_q, heads, head_dim), q's dtype.
+        o: (batch, seqlen_q, heads, head_dim_v), q's dtype.
 
     Differentiable in q, k, v (and sinks), with residuals q, k, v, o and the float32
     statistics m, l (the attention probabilities are recomputed in the backward pass).
@@ -446,19 +449,44 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         _check_array(x, name)
     causal = validate.check_bool(causal, "causal")
     deterministic = validate.check_bool(deterministic, "deterministic")
-    scale = validate.check_scale(softmax_scale, q.shape[-1])
+    scale = validate.check_scale(softmax_scale, q.shape[-1])  # of q's own head_dim
     window, softcap = validate.check_window(window), validate.check_softcap(softcap)
-    if (window is None and softcap is None and alibi_slopes is None and sinks is None
-            and block_mask is None):
-        q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
-        return _flash(q, k, v, causal, scale, deterministic)
-    options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks,
-                               block_mask, block_size)
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
-    sinks = None if sinks is None else jnp.asarray(sinks)
-    mask = None if block_mask is None else jnp.asarray(block_mask)
-    return _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic)
+    plain = (window is None and softcap is None and alibi_slopes is None and sinks is None
+             and block_mask is None)
+    if plain:  # the shapes' errors before any padding
+        validate.check_forward(*(_shape_only(x) for x in (q, k, v)), causal=causal,
+                               softmax_scale=scale)
+    else:
+        options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes,
+                                   sinks, block_mask, block_size)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
+    head_dim_v = v.shape[-1]
+    q, k, v, padded = _kernel_widths(q, k, v)
+    if plain:
+        o = _flash(q, k, v, causal, scale, deterministic)
+    else:
+        slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
+        sinks = None if sinks is None else jnp.asarray(sinks)
+        mask = None if block_mask is None else jnp.asarray(block_mask)
+        o = _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic)
+    return o[..., :head_dim_v] if padded else o
+
+
+def _kernel_widths(q, k, v):
+    """(q, k, v, padded): traced arrays whose head dims the kernels lack (not a multiple of
+    8, or v's head_dim_v != head_dim) zero-padded in JAX to ``head_pad.kernel_dim``, as the
+    core API pads concrete ones (cuflash/head_pad.py: zero columns change no score and give
+    o zero columns, cut off by the caller; JAX's own derivatives of the pad and the cut carry
+    the gradients). Concrete arrays go to the API as they are."""
+    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
+    if _is_concrete(q, k, v) or not head_pad.needed(head_dim, head_dim_v):
+        return q, k, v, False
+    width = head_pad.kernel_dim(head_dim, head_dim_v)
+
+    def pad(x):
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+    return pad(q), pad(k), pad(v), True
 
 
 # -- decoding against a K/V cache (issue #16) ---------------------------------------------------

@@ -110,6 +110,35 @@ def test_gradients_match_jnp_reference(shape, causal, dtype, jit):
     _check(ours, naive, _truth(q, k, v, do, causal), dtype)
 
 
+HEAD_DIM_PAIRS = [  # (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim), head_dim_v
+    pytest.param((1, 45, 33, 4, 2, 24), 16, id="24-16"),
+    pytest.param((2, 20, 37, 2, 2, 59), 59, id="59-59"),
+    pytest.param((1, 30, 30, 2, 1, 13), 40, id="13-40"),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape, head_dim_v", HEAD_DIM_PAIRS)
+def test_head_dims_the_kernels_lack(shape, head_dim_v, causal, jit):
+    """head_dim not a multiple of 8, or v's own head_dim_v: eagerly through the API, under
+    jit zero-padded in JAX (the targets take the kernels' widths), gradients included."""
+    dtype = DTYPES["bf16"]
+    rng = np.random.default_rng(sum(shape) + head_dim_v + causal)
+    batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
+    sizes = [(batch, seqlen_q, heads, head_dim), (batch, seqlen_k, heads_kv, head_dim),
+             (batch, seqlen_k, heads_kv, head_dim_v), (batch, seqlen_q, heads, head_dim_v)]
+    q, k, v, do = (jnp.asarray(rng.standard_normal(s, dtype=np.float32).astype(dtype))
+                   for s in sizes)
+    ours_fn = lambda q, k, v, do: _value_and_grads(  # noqa: E731
+        lambda q, k, v: cj.flash_attention(q, k, v, causal=causal), q, k, v, do)
+    if jit:
+        ours_fn = jax.jit(ours_fn)
+    ours = ours_fn(q, k, v, do)
+    assert ours[0].shape == (batch, seqlen_q, heads, head_dim_v)
+    _check(ours, _naive(q, k, v, do, causal, dtype), _truth(q, k, v, do, causal), dtype)
+
+
 def test_jit_of_grad_of_scalar_loss_matches_eager():
     q, k, v, w = (jnp.asarray(x) for x in _inputs((2, 30, 41, 4, 2, 16), np.float32, seed=1))
 
