@@ -139,3 +139,34 @@ def test_gpu_torch_autograd_head_dim_v():
             for name, g, want in zip(("o", "dq", "dk", "dv"), got, [o_ref, *refs]):
                 err = np.abs(g.astype(np.float64) - want).max() / np.abs(want).max()
                 assert err < 2e-2, (name, head_dim, head_dim_v, err)
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v", [(192, 128), (59, 59), (64, 128)])
+def test_gpu_jax_jit_head_dims(head_dim, head_dim_v):
+    """cuflash.jax under jax.jit on GPU arrays: the head dims the kernels lack are padded in
+    JAX before the CUDA targets; o and the gradients like the reference."""
+    jax = pytest.importorskip("jax")
+    import cuflash.jax as cj
+
+    rng = gh.rng_for()
+    q = gh.randn(rng, (2, 150, 4, head_dim), "bfloat16")
+    k = gh.randn(rng, (2, 211, 2, head_dim), "bfloat16")
+    v = gh.randn(rng, (2, 211, 2, head_dim_v), "bfloat16")
+    do = gh.randn(rng, (2, 150, 4, head_dim_v), "bfloat16")
+    step = jax.jit(lambda q, k, v, do: jax.vjp(
+        lambda q, k, v: cj.flash_attention(q, k, v, causal=True), q, k, v))
+    o, vjp = step(*(gh.to_gpu(x, "jax") for x in (q, k, v, do)))
+    grads = jax.jit(vjp)(gh.to_gpu(do, "jax"))
+    assert o.shape == (2, 150, 4, head_dim_v)
+    label = f"jax jit d{head_dim}/{head_dim_v}"
+    o_ref, _, _ = reference.attention_reference(q, k, v, causal=True)
+    o_nv = reference.attention_naive(q, k, v, causal=True, dtype=gh.np_dtype("bfloat16"))
+    gh.assert_matches_reference("o", gh.to_host(o, "bfloat16"), o_ref, o_nv,
+                                dtype="bfloat16", label=label)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=True)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=True,
+                                                dtype=gh.np_dtype("bfloat16"))
+    scale = testing.magnitude(*refs)
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        gh.assert_matches_reference(name, gh.to_host(got, "bfloat16"), ref, naive,
+                                    dtype="bfloat16", scale=scale, label=label)
