@@ -301,8 +301,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         k, v: (batch, seqlen_k, heads_kv, head_dim) and (..., head_dim_v), same dtype and
             device; heads a multiple of heads_kv (MQA / GQA); head_dim_v from 1 to 256. On
             CUDA a head_dim that is not a multiple of 8, or head_dim_v != head_dim, runs the
-            kernels on zero-padded copies (cuflash/head_pad.py: the general API path, a
-            graph break under ``torch.compile``).
+            kernels on zero-padded copies (cuflash/head_pad.py: eagerly the general API
+            path; under ``torch.compile`` the operators, whose implementations pad, so no
+            graph break).
         causal: a bool: mask keys after the query's position, bottom-right aligned when
             seqlen_q != seqlen_k (see ``cuflash.attention_forward``).
         softmax_scale: default ``1 / sqrt(head_dim)``; else a finite positive real number
@@ -327,8 +328,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             (``ValueError``). The general API path (under ``torch.compile``, a graph break).
 
     Returns:
-        o: (batch, seqlen_q, heads, head_dim), contiguous, q's dtype and device (from torch's
-        caching allocator on CUDA).
+        o: (batch, seqlen_q, heads, head_dim_v), contiguous, q's dtype and device (from
+        torch's caching allocator on CUDA).
 
     Gradients flow to q, k and v through ``cuflash::flash_bwd``. Works eagerly, under
     autograd and inside ``torch.compile(fullgraph=True)``. On CUDA it runs on torch's current
@@ -348,9 +349,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scale = validate.check_scale(softmax_scale, head_dim)
     deterministic = _resolve_deterministic(deterministic)
     dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
+    # Head dims the kernels lack take the operators under torch.compile (their
+    # implementations run the API, which pads or takes the pair: no graph break), eagerly
+    # the general path, as the widened backward does.
     if (not api._plain(window, softcap, alibi_slopes, sinks) or block_mask is not None
-            or dropout_p or not api._kernel_dims(q, v) or _widened_backward(q, k, v, causal,
-                                                                            deterministic)):
+            or dropout_p
+            or (not api._kernel_dims(q, v) and not torch.compiler.is_compiling())
+            or _widened_backward(q, k, v, causal, deterministic)):
         return _modified_attention(q, k, v, causal, scale, deterministic, window, softcap,
                                    alibi_slopes, sinks, block_mask, block_size, dropout_p)
     # all-meta tensors go to the op, whose fake implementation infers the shapes

@@ -166,6 +166,32 @@ def test_no_graph_breaks():
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("head_dim, head_dim_v", [(24, 16), (59, 59), (13, 40)])
+def test_head_dims_the_kernels_lack_compile_without_graph_breaks(head_dim, head_dim_v):
+    """head_dim_v != head_dim (DeepSeek-style), or a head_dim not a multiple of 8: under
+    torch.compile(fullgraph=True) the operators take them (their implementations run the API,
+    which pads on CUDA), o is (..., head_dim_v), and the gradients match the eager call."""
+    from cuflash import reference
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(head_dim * 100 + head_dim_v)
+    q, k = (torch.randn(1, n, 2, head_dim, generator=g) for n in (21, 30))
+    v, do = torch.randn(1, 30, 2, head_dim_v, generator=g), torch.randn(1, 21, 2, head_dim_v,
+                                                                       generator=g)
+    fn = lambda q, k, v: ct.flash_attention(q, k, v, causal=True)  # noqa: E731
+    explanation = torch._dynamo.explain(fn)(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves)
+    assert o.shape == (1, 21, 2, head_dim_v)
+    o.backward(do)
+    arrays = [x.numpy() for x in (q, k, v)]
+    want = [reference.attention_reference(*arrays, causal=True)[0],
+            *reference.attention_backward_reference(do.numpy(), *arrays, causal=True)]
+    for got, ref in zip([o.detach(), *(x.grad for x in leaves)], want):
+        np.testing.assert_allclose(got.numpy(), ref, rtol=2e-4, atol=2e-5)
+
+
 def test_cuda_kernels_are_registered_directly():
     """The operators' CUDA kernels sit on the dispatcher's CUDA key (cuflash.torch
     registers them without custom_op's checking wrapper); CPU tensors take custom_op's
