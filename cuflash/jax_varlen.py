@@ -244,9 +244,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     custom VJP.
 
     Args:
-        q: (total_q, heads, head_dim), every sequence's queries back to back; k, v
-            (total_k, heads_kv, head_dim); float16, bfloat16 or float32 ``jax.Array`` (or
-            NumPy) arrays, head_dim a multiple of 8 up to 256.
+        q: (total_q, heads, head_dim), every sequence's queries back to back; k
+            (total_k, heads_kv, head_dim), v (total_k, heads_kv, head_dim_v); float16,
+            bfloat16 or float32 ``jax.Array`` (or NumPy) arrays, head dims multiples of 8
+            up to 256 (v's may differ: the call then runs on copies padded in JAX).
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets (arrays: may be traced).
         max_seqlen_q, max_seqlen_k: Python ints >= the longest sequences (static).
         seqused_k: optional int32 (batch,): sequence b attends to its first seqused_k[b] keys.
@@ -255,7 +256,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
             and sinks float32 (heads,): arrays.
 
     Returns:
-        o: (total_q, heads, head_dim), q's dtype. Differentiable in q, k, v and sinks.
+        o: (total_q, heads, head_dim_v), q's dtype. Differentiable in q, k, v and sinks.
 
     The semantics are ``cuflash.attention_varlen_forward``'s (docs/varlen.md): causal,
     windows and ALiBi bottom-right within each sequence. Shapes, dtypes and flags are
@@ -268,4 +269,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     deterministic = validate.check_bool(deterministic, "deterministic")
     options = _check(named, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window, softcap)
     arrays = [None if x is None else jnp.asarray(x) for x in named.values()]
-    return _varlen(*arrays, options, deterministic)
+    head_dim, head_dim_v = arrays[0].shape[-1], arrays[2].shape[-1]
+    if head_dim == head_dim_v:
+        return _varlen(*arrays, options, deterministic)
+    # v's own head_dim_v: q, k, v zero-padded in JAX to one width (cuflash/head_pad.py; the
+    # scale in options is q's own), o cut back; JAX differentiates the pad and the cut
+    width = max(head_dim, head_dim_v)
+    for i in range(3):
+        x = arrays[i]
+        arrays[i] = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    return _varlen(*arrays, options, deterministic)[..., :head_dim_v]

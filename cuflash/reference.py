@@ -436,7 +436,7 @@ def _sequence_kwargs(kwargs: dict, b: int) -> dict:
 def _varlen_forward(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, dtype, kwargs):
     """Run ``dense(q_b, k_b, v_b, **kwargs) -> (o_b, m_b, l_b)`` per sequence and pack."""
     total_q, heads, _ = q.shape
-    o = np.zeros(q.shape, dtype=dtype)
+    o = np.zeros(q.shape[:2] + v.shape[2:], dtype=dtype)  # v's head_dim_v
     m = np.full((heads, total_q), -np.inf)
     l = np.zeros((heads, total_q))
     for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
@@ -452,11 +452,11 @@ def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k
                                alibi_slopes=None, sinks=None):
     """Float64 variable-length attention: ``attention_reference`` on each sequence.
 
-    q (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim); cu_seqlens_q,
-    cu_seqlens_k (batch + 1,) offsets of each sequence; seqused_k (batch,) keys used per
-    sequence (default: all of its rows). Returns float64 o (total_q, heads, head_dim) and
-    m, l (heads, total_q). Modifiers as in ``attention_reference``, per sequence
-    (alibi_slopes (batch, heads): row b for sequence b).
+    q (total_q, heads, head_dim), k (total_k, heads_kv, head_dim), v (..., head_dim_v);
+    cu_seqlens_q, cu_seqlens_k (batch + 1,) offsets of each sequence; seqused_k (batch,) keys
+    used per sequence (default: all of its rows). Returns float64 o (total_q, heads,
+    head_dim_v) and m, l (heads, total_q). Modifiers as in ``attention_reference``, per
+    sequence (alibi_slopes (batch, heads): row b for sequence b).
     """
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
                   alibi_slopes=alibi_slopes, sinks=sinks)

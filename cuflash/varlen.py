@@ -21,12 +21,12 @@ sync) and are trusted, as FlashAttention does (docs/varlen.md).
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from . import validate, varlen_fastpath
+from . import head_pad, validate, varlen_fastpath
 from .api import _fast_backend, _present, _refuse_untracked_gradients
 from .interop import Imported, caller_stream, export_array, import_array
 from .stats import SoftmaxStats
@@ -69,12 +69,28 @@ class _VarlenCall:
     def shapes(self) -> tuple[tuple, tuple]:
         return tuple(self.q.array.shape), tuple(self.k.array.shape)
 
+    @property
+    def pair(self) -> bool:
+        """v has its own head_dim_v (o, dO, dv too)."""
+        return self.v.array.shape[2] != self.q.array.shape[2]
+
+    def padded(self, *extra):
+        """This call on CUDA with q, k, v (and ``extra`` arrays: dO, o) zero-padded to one
+        head_dim (cuflash/head_pad.py), for kernels with one head_dim: (call, *extra)."""
+        width = head_pad.kernel_dim(self.q.array.shape[2], self.v.array.shape[2])
+        q, k, v = (replace(x, array=head_pad.pad(x.array, width))
+                   for x in (self.q, self.k, self.v))
+        problem = replace(self.problem, head_dim=width)  # softmax_scale stays q's own
+        return (replace(self, q=q, k=k, v=v, problem=problem),
+                *(head_pad.pad(x, width) for x in extra))
+
 
 # -- validation ----------------------------------------------------------------------------
 
 
 def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
-    """q (total_q, heads, head_dim), k and v (total_k, heads_kv, head_dim); returns dtype."""
+    """q (total_q, heads, head_dim), k (total_k, heads_kv, head_dim), v (total_k, heads_kv,
+    head_dim_v); returns dtype."""
     named = [(q, "q"), (k, "k"), (v, "v")]
     for x, name in named:
         if x.array.ndim != 3:
@@ -83,9 +99,9 @@ def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
     validate._check_same_place(named)
     dtype = validate._check_dtypes(named)
     _, heads, head_dim = q.array.shape
-    if tuple(v.array.shape) != tuple(k.array.shape):
-        raise ValueError(f"v: expected shape {tuple(k.array.shape)} like k (total_k, heads_kv, "
-                         f"head_dim), got {tuple(v.array.shape)}")
+    if tuple(v.array.shape[:2]) != tuple(k.array.shape[:2]):
+        raise ValueError(f"v: expected shape {tuple(k.array.shape[:2])} + (head_dim_v,) like k "
+                         f"(total_k, heads_kv, head_dim), got {tuple(v.array.shape)}")
     _, heads_kv, head_dim_k = k.array.shape
     if head_dim_k != head_dim:
         raise ValueError(f"k: expected head_dim {head_dim} like q {tuple(q.array.shape)}, got "
@@ -93,9 +109,10 @@ def _check_packed(q: Imported, k: Imported, v: Imported) -> str:
     if heads_kv == 0 or heads % heads_kv:
         raise ValueError(f"k: expected heads_kv >= 1 dividing q's {heads} heads (grouped-query "
                          f"attention), got {heads_kv} in shape {tuple(k.array.shape)}")
-    if head_dim not in validate.SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: expected head_dim a multiple of 8 from 8 to 256, got {head_dim} "
-                         f"in shape {tuple(q.array.shape)}")
+    for x, name in ((q, "q"), (v, "v")):
+        if x.array.shape[2] not in validate.SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{name}: expected head_dim a multiple of 8 from 8 to 256, got "
+                             f"{x.array.shape[2]} in shape {tuple(x.array.shape)}")
     return dtype
 
 
@@ -309,7 +326,12 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     problem = call.problem
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
-        if call.q.is_cuda:
+        if call.q.is_cuda and call.pair:  # the kernels' one head_dim: padded copies
+            from .varlen_gpu import varlen_forward_gpu
+
+            o, m, l = varlen_forward_gpu(call.padded()[0])
+            o = head_pad.cut(o, call.v.array.shape[2])
+        elif call.q.is_cuda:
             from .varlen_gpu import varlen_forward_gpu
 
             o, m, l = varlen_forward_gpu(call)
@@ -360,7 +382,14 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     check_origin(stats, call.problem, call.shapes, call.modifiers, call.record)
     problem = call.problem
     with caller_stream(call.q):
-        if call.q.is_cuda:
+        if call.q.is_cuda and call.pair:  # the kernels' one head_dim: padded copies
+            from .varlen_gpu import varlen_backward_gpu
+
+            padded, pdo, po = call.padded(ido.array, io.array)
+            grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic)
+            widths = (call.q.array.shape[2], call.k.array.shape[2], call.v.array.shape[2])
+            grads = (*(head_pad.cut(g, w) for g, w in zip(grads, widths)), *grads[3:])
+        elif call.q.is_cuda:
             from .varlen_gpu import varlen_backward_gpu
 
             grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
@@ -385,8 +414,9 @@ def _check_backward(do, q, k, v, o, stats, *args, **kwargs) -> tuple:
     call = check_varlen(q, k, v, *args, **kwargs)
     ido, io = import_array(do, "do"), import_array(o, "o")
     im, il = import_array(stats.m, "stats.m"), import_array(stats.l, "stats.l")
+    o_shape = tuple(call.q.array.shape[:2]) + tuple(call.v.array.shape[2:])  # v's head_dim_v
     for x, name in ((ido, "do"), (io, "o")):
-        validate._check_like_q(x, name, call.q, call.problem.dtype)
+        validate._check_like_q(x, name, call.q, call.problem.dtype, o_shape)
         if x.is_cuda:
             validate.check_alignment(x.array[None], name)
     stats_shape = (call.problem.heads, call.q.array.shape[0])

@@ -61,7 +61,7 @@ def varlen_forward_cpu(q, k, v, seqlens: Seqlens, *, causal: bool, softmax_scale
     o = 0, m = -inf, l = 0 (with sinks: m = sink, l = 1), as in the dense path.
     """
     total_q, heads, _ = q.shape
-    o = np.zeros(q.shape, dtype=q.dtype)
+    o = np.zeros(q.shape[:2] + v.shape[2:], dtype=q.dtype)  # v's head_dim_v
     m = np.full((heads, total_q), -np.inf, dtype=_F32)
     l = np.zeros((heads, total_q), dtype=_F32)
     for b, rq, rk in seqlens.spans():

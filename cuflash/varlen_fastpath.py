@@ -127,6 +127,8 @@ def _record(backend: Backend, layout: Layout, max_q: int, max_k: int) -> tuple:
 
 def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
     """(o, m, l, the VarlenStats fields) like ``varlen.attention_varlen_forward``, or None."""
+    if q.shape[-1] != v.shape[-1]:  # v's own head_dim: the general path pads
+        return None
     key = _key(backend, "forward", (q, k, v), layout)
     if key is None:
         return None
@@ -194,6 +196,8 @@ def backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     """(dq, dk, dv[, dsinks]) like ``varlen.attention_varlen_backward``, or None."""
     from .varlen import check_origin
 
+    if q.shape[-1] != v.shape[-1]:  # v's own head_dim: the general path pads
+        return None
     key = _key(backend, "backward", (do, q, k, v, o, stats.m, stats.l), layout, deterministic)
     if key is None:
         return None

@@ -103,6 +103,18 @@ def test_values_and_gradients_float32(name, jit):
     _check(got, q, k, v, do, np.float32, sinks=sinks, **mods)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_head_dim_v(jit):
+    """v with its own head_dim_v (DeepSeek-style): o (total_q, heads, head_dim_v) and the
+    gradients like the reference, eagerly and under jit (padded in JAX there)."""
+    q, k, _, _, rng = _inputs(np.float32, head_dim=24)
+    v = rng.standard_normal((CU_K[-1], 2, 16), dtype=np.float32)
+    do = rng.standard_normal((CU_Q[-1], 4, 16), dtype=np.float32)
+    got = _run(q, k, v, do, jit=jit, causal=True)
+    assert got[0].shape == (CU_Q[-1], 4, 16)
+    _check(got, q, k, v, do, np.float32, causal=True)
+
+
 def test_values_and_gradients_bfloat16_with_traced_offsets():
     dtype = np.dtype(ml_dtypes.bfloat16)
     q, k, v, do, rng = _inputs(dtype)

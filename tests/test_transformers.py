@@ -2,7 +2,8 @@
 transformers' own eager and sdpa paths (CPU, float32; skipped without transformers).
 
 For each model (Llama with GQA, Mistral with a sliding window, Gemma 2 with soft-capping
-and alternating windows, gpt-oss with sinks and windows): logits at the valid positions
+and alternating windows, gpt-oss with sinks and windows, DeepSeek-V3's latent attention
+with v's own head_dim): logits at the valid positions
 of a left-padded and a right-padded batch within the gap transformers' own paths have
 (eager vs sdpa, times 2, plus a small floor; the floor alone for models without sdpa),
 the same greedy generations as eager, and gradients of a loss through the model
@@ -43,6 +44,13 @@ def _configs():
         out["gptoss-sinks"] = lambda: _small(
             transformers.GptOssConfig, sliding_window=4, num_local_experts=4,
             num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
+    if hasattr(transformers, "DeepseekV3Config"):  # multi-head latent attention: v has its
+        # own head_dim (16 against q's and k's 24), as DeepSeek's (192, 128)
+        out["deepseekv3-mla"] = lambda: _small(
+            transformers.DeepseekV3Config, num_key_value_heads=4, head_dim=8, q_lora_rank=32,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=1, moe_intermediate_size=32, n_shared_experts=1)
     return out
 
 

@@ -435,3 +435,27 @@ def test_cupy_arrays_run_on_the_device():
     o_naive = reference.attention_varlen_naive(q, k, v, *ref_args, dtype=np.float16)
     report = testing.judge("o", cupy.asnumpy(o), o_ref, o_naive, dtype="float16")
     assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim, head_dim_v", [(24, 16), (16, 40)])
+def test_head_dim_v_against_reference(head_dim, head_dim_v, causal):
+    """v (and o, dO, dv) with their own head_dim_v (DeepSeek-style packed batches), through
+    the CPU path; CUDA runs it on padded copies (tests/test_gpu_varlen.py)."""
+    cu_q, cu_k = np.int32([0, 5, 5, 17, 20]), np.int32([0, 9, 12, 12, 30])
+    rng = np.random.default_rng(head_dim + head_dim_v + causal)
+    q = rng.standard_normal((20, 4, head_dim)).astype(np.float32)
+    k = rng.standard_normal((30, 2, head_dim)).astype(np.float32)
+    v = rng.standard_normal((30, 2, head_dim_v)).astype(np.float32)
+    do = rng.standard_normal((20, 4, head_dim_v)).astype(np.float32)
+    o, stats = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 12, 18, causal=causal)
+    assert o.shape == (20, 4, head_dim_v)
+    o_ref, _, _ = reference.attention_varlen_reference(q, k, v, cu_q, cu_k, causal=causal)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-5, atol=1e-5)
+    grads = cuflash.attention_varlen_backward(do, q, k, v, o, stats, cu_q, cu_k, 12, 18,
+                                              causal=causal)
+    want = reference.attention_varlen_backward_reference(do, q, k, v, cu_q, cu_k,
+                                                         causal=causal)
+    for got, ref in zip(grads, want):
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
