@@ -121,6 +121,9 @@ class KernelSpec:
     knobs: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
+        if self.head_dim_v and self.kind not in ("fwd90", "bwd90"):
+            raise ValueError(f"head_dim_v: only the fwd90 / bwd90 kernels take v's own "
+                             f"head_dim, got kind {self.kind!r}")
         for key, value in self.knobs:
             if not key.startswith("CF_") or key in _CORE_DEFINES or not isinstance(value, int):
                 raise ValueError(f"knobs: expected (CF_NAME, int) pairs other than the spec's "

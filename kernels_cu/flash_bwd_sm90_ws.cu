@@ -57,6 +57,7 @@
 #include "cf_bwd90.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_ws.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM, "v's own head_dim: flash_bwd_sm90.cu's");
 static_assert((CF_HEAD_DIM == 64 && CF_BLOCK_M == 128) || (CF_HEAD_DIM == 128 && CF_BLOCK_M == 64),
               "the key-split layout: head_dim 64 x 128 queries, head_dim 128 x 64");
 static_assert(CF_BLOCK_N == 128 && CF_WARPS == 12 && CF_STAGES >= 2 && CF_STAGES <= 3 &&

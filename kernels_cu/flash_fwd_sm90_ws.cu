@@ -47,6 +47,7 @@
 #include "cf_tile_order.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90_ws.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM, "v's own head_dim: flash_fwd_sm90.cu's");
 static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
               "head-dim bucket: whole 64-column panels");
 static_assert((CF_BLOCK_M == 128 || CF_BLOCK_M == 192) && CF_WARPS == 4 + CF_BLOCK_M / 16,
