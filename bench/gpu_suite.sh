@@ -269,7 +269,12 @@ for stage in $stages; do
       # the forward and backward of (192, 128) with split kv heads, then the pairs' speed on
       # copies and native beside head_dim 192 / 256 and SDPA (issue #15's 0.9x per FLOP)
       CUFLASH_POISON=1 run_stage head_dim_v_tests timeout "${SUITE_TIME_BUDGET:-540}" \
-        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_head_dim_v.py
+        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_head_dim_v.py \
+        tests/test_gpu_head_dims.py::test_gpu_jax_jit_head_dims \
+        tests/test_gpu_head_dims.py::test_gpu_torch_autograd_head_dim_v \
+        tests/test_gpu_varlen.py::test_head_dim_v_on_padded_copies
+      CUFLASH_POISON=1 run_stage head_dim_v_transformers timeout 240 $PY -m pytest -q -rfEs \
+        -p no:cacheprovider tests/test_transformers.py -k deepseek
       CUFLASH_POISON=1 run_stage head_dim_v_memcheck timeout 300 compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
         "tests/test_gpu_head_dim_v.py::test_gpu_pair_split_kv_heads"
