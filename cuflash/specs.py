@@ -367,6 +367,15 @@ def _pair_bucket(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
     return bucket
 
 
+def _pair_fits(spec: KernelSpec, facts: DeviceFacts, head_dim: int) -> KernelSpec:
+    """``spec`` if its shared memory fits ``facts``, else a ValueError naming the pair."""
+    if spec.smem_bytes > facts.smem_optin:
+        raise ValueError(f"head_dim_v {spec.head_dim_v} with head_dim {head_dim}: {spec.name} "
+                         f"needs {spec.smem_bytes} bytes of shared memory, {facts.smem_optin} "
+                         f"fit")
+    return spec
+
+
 def select_forward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
                         causal: bool, *, wgmma: bool = True,
                         mods: ModFlags = NO_MODS) -> KernelSpec:
@@ -378,11 +387,7 @@ def select_forward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_
     _check_modifiers(variant, mods, dtype)
     spec = replace(_spec(variant, FWD90_PAIR, dtype, bucket, causal, False, facts.arch, mods),
                    head_dim_v=head_dim_v)
-    spec = with_forward_overlap(spec, facts)
-    if spec.smem_bytes > facts.smem_optin:
-        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}: {spec.name} needs "
-                         f"{spec.smem_bytes} bytes of shared memory, {facts.smem_optin} fit")
-    return spec
+    return _pair_fits(with_forward_overlap(spec, facts), facts, head_dim)
 
 
 def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
@@ -401,11 +406,7 @@ def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim
     _check_modifiers(variant, mods, dtype)
     spec = replace(_spec(variant, BWD90[bucket][0], dtype, bucket, causal, False, facts.arch,
                          mods), head_dim_v=head_dim_v)
-    spec = with_dq_first(spec)
-    if spec.smem_bytes > facts.smem_optin:
-        raise ValueError(f"head_dim_v {head_dim_v} with head_dim {head_dim}: {spec.name} needs "
-                         f"{spec.smem_bytes} bytes of shared memory, {facts.smem_optin} fit")
-    return spec
+    return _pair_fits(with_dq_first(spec), facts, head_dim)
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
