@@ -104,8 +104,31 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
                         seen.add(form.name)
                         work.append((form, arch))
         if not varlen and not block_sparse and not dropout:
+            work += [(spec, arch) for spec in pair_specs(arch, dtypes, head_dims)
+                     if spec.name not in seen]
             work += [(spec, arch) for spec in decode_specs(arch, dtypes, head_dims)]
     return work
+
+
+def pair_specs(arch: str, dtypes: Sequence[str] | None = None,
+               head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
+    """The Hopper kernels with v's own head_dim (specs.select_forward_pair /
+    select_backward_pair) for every pair of whole-panel widths they take, causal or not, at
+    ``arch``'s own shared memory (none on other archs)."""
+    facts = specs.facts_for_arch(arch)
+    if arch not in specs.WGMMA_ARCHS:
+        return []
+    widths = specs.PAIR_WIDTHS_V
+    out = []
+    for dtype in (d for d in ("float16", "bfloat16") if not dtypes or d in dtypes):
+        for d, dv in ((d, dv) for d in widths for dv in widths if d != dv):
+            if head_dims and d not in head_dims:
+                continue
+            for causal in (False, True):
+                out.append(specs.select_forward_pair(facts, dtype, d, dv, causal))
+                if d in specs.BWD90_PAIR_BUCKETS and dv < d:
+                    out.append(specs.select_backward_pair(facts, dtype, d, dv, causal, False))
+    return out
 
 
 def decode_specs(arch: str, dtypes: Sequence[str] | None = None,
