@@ -326,7 +326,7 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     problem = call.problem
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
-        if call.q.is_cuda and call.pair:  # the kernels' one head_dim: padded copies
+        if call.q.is_cuda and call.pair and not _pair_runs(call):  # padded copies
             from .varlen_gpu import varlen_forward_gpu
 
             o, m, l = varlen_forward_gpu(call.padded()[0])
@@ -382,8 +382,8 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     check_origin(stats, call.problem, call.shapes, call.modifiers, call.record)
     problem = call.problem
     with caller_stream(call.q):
-        if call.q.is_cuda and call.pair:  # the kernels' one head_dim: padded copies
-            from .varlen_gpu import varlen_backward_gpu
+        if call.q.is_cuda and call.pair and not _pair_runs(call, deterministic):
+            from .varlen_gpu import varlen_backward_gpu  # padded copies
 
             padded, pdo, po = call.padded(ido.array, io.array)
             grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic)
@@ -402,6 +402,13 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
                                         center_keys=stats.recorded,
                                         **call.modifiers.cpu_kwargs())
         return tuple(export_array(g, like=call.q) for g in grads)
+
+
+def _pair_runs(call: _VarlenCall, deterministic: bool | None = None) -> bool:
+    """``varlen_gpu.pair_runs``: a kernel takes v's own head_dim as it is (else: copies)."""
+    from .varlen_gpu import pair_runs
+
+    return pair_runs(call, deterministic)
 
 
 def check_varlen_backward(do, q, k, v, o, stats, *args, **kwargs) -> _VarlenCall:

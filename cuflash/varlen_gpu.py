@@ -23,9 +23,30 @@ def _shape(call) -> planning.Shape:
     p, m = call.problem, call.modifiers
     flags = planning.mod_flags(m.window, m.softcap, m.alibi_slopes, m.sinks, p.causal)
     flags = replace(flags, varlen=True)
+    head_dim_v = call.v.array.shape[2]
     return planning.Shape(p.batch, p.seqlen_q, p.seqlen_k, p.heads, p.heads_kv, p.head_dim,
                           p.dtype, p.causal, flags, total_q=call.q.array.shape[0],
-                          total_k=call.k.array.shape[0])
+                          total_k=call.k.array.shape[0],
+                          head_dim_v=head_dim_v if head_dim_v != p.head_dim else 0)
+
+
+def pair_runs(call, deterministic: bool | None = None) -> bool:
+    """A Hopper kernel takes this call's v of its own head_dim as it is (its plan exists:
+    the forward's with ``deterministic`` None, else the backward's), and
+    ``head_pad.native_pairs()`` lets it; else the caller pads (cuflash/head_pad.py)."""
+    from . import head_pad
+
+    if not head_pad.native_pairs():
+        return False
+    shape, device = _shape(call), call.q.array.device.id
+    try:
+        if deterministic is None:
+            launch.forward_plan(shape, device)
+        else:
+            launch.backward_plan(shape, device, deterministic)
+    except ValueError:
+        return False
+    return True
 
 
 def _packed(a) -> launch.Operand:
@@ -57,11 +78,11 @@ def _modifiers(call, shape: planning.Shape, dsinks=None) -> launch.ModArgs:
 
 
 def varlen_forward_gpu(call):
-    """(o, m, l): o (total_q, heads, head_dim) like q, float32 m, l (heads, total_q)."""
+    """(o, m, l): o (total_q, heads, head_dim_v) of q's dtype, float32 m, l (heads, total_q)."""
     q = call.q.array
     shape = _shape(call)
     plan = None if shape.empty else launch.forward_plan(shape, q.device.id)  # ValueError first
-    o = launch._empty(q.shape, q.dtype, shape.dtype)
+    o = launch._empty(q.shape[:2] + call.v.array.shape[2:], q.dtype, shape.dtype)
     m = launch._empty((shape.heads, shape.total_q), np.float32)
     l = launch._empty((shape.heads, shape.total_q), np.float32)
     if o.size == 0:

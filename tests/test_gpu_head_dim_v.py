@@ -149,6 +149,40 @@ def test_gpu_pair_split_kv_heads(native, causal):
                                      host_kwargs={}, gpu_kwargs={})
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_pair_varlen(native, causal):
+    """Packed sequences (the path transformers takes for padded batches) with (192, 128):
+    the varlen kernels take the pair as it is (no copies in the atomic mode)."""
+    import cupy
+
+    import cuflash
+    from cuflash import reference, testing
+
+    cu_q, cu_k = np.int32([0, 137, 137, 382, 391]), np.int32([0, 270, 290, 410, 410])
+    rng = gh.rng_for()
+    q = gh.randn(rng, (1, 391, 4, 192), "bfloat16")[0]
+    k = gh.randn(rng, (1, 410, 2, 192), "bfloat16")[0]
+    v = gh.randn(rng, (1, 410, 2, 128), "bfloat16")[0]
+    do = gh.randn(rng, (1, 391, 4, 128), "bfloat16")[0]
+    gq, gk, gv, gdo = (gh.to_gpu(x[None])[0] for x in (q, k, v, do))
+    args = (cupy.asarray(cu_q), cupy.asarray(cu_k), 245, 270)
+    o, stats = cuflash.attention_varlen_forward(gq, gk, gv, *args, causal=causal)
+    o_host = gh.to_host(o[None], "bfloat16")[0]
+    o_ref = reference.attention_varlen_reference(q, k, v, cu_q, cu_k, causal=causal)[0]
+    o_nv = reference.attention_varlen_naive(q, k, v, cu_q, cu_k, causal=causal, dtype=q.dtype)
+    gh.assert_matches_reference("o", o_host, o_ref, o_nv, dtype="bfloat16", label="varlen")
+    refs = reference.attention_varlen_backward_reference(do, q, k, v, cu_q, cu_k,
+                                                         causal=causal, o=o_host)
+    naives = reference.attention_varlen_backward_naive(do, q, k, v, cu_q, cu_k, causal=causal,
+                                                       dtype=q.dtype)
+    grads = cuflash.attention_varlen_backward(gdo, gq, gk, gv, o, stats, *args, causal=causal)
+    scale = testing.magnitude(*refs)
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        gh.assert_matches_reference(name, gh.to_host(got[None], "bfloat16")[0], ref, naive,
+                                    dtype="bfloat16", scale=scale, label="varlen")
+    assert native == [], native  # no padded copies
+
+
 def test_gpu_pair_off_by_default(monkeypatch):
     """Without the switch the copies run (the kernels above are not selected by default)."""
     monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
