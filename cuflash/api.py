@@ -115,34 +115,28 @@ def _pair_runs(problem, head_dim_v: int, modifiers, extra, deterministic: bool |
 
     from . import launch, plan
 
+    shape = replace(plan.Shape.of(problem, _mod_flags(problem, modifiers, extra)),
+                    head_dim_v=head_dim_v)
+    return launch.takes_pair(shape, problem.device[1], deterministic)
+
+
+def _mod_flags(problem, modifiers, extra):
+    """``plan.mod_flags`` of a call's modifiers and ``extra`` (block mask, dropout)."""
+    from . import plan
+
     extra = extra or {}
-    flags = plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
-                           modifiers.sinks, problem.causal,
-                           block_sparse=extra.get("block_mask") is not None,
-                           dropout=bool(extra.get("dropout_p")))
-    shape = replace(plan.Shape.of(problem, flags), head_dim_v=head_dim_v)
-    try:
-        if deterministic is None:
-            launch.forward_plan(shape, problem.device[1])
-        else:
-            launch.backward_plan(shape, problem.device[1], deterministic)
-    except ValueError:  # no kernel takes the pair (or these modifiers): the copies do
-        return False
-    return True
+    return plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
+                          modifiers.sinks, problem.causal,
+                          block_sparse=extra.get("block_mask") is not None,
+                          dropout=bool(extra.get("dropout_p")))
 
 
 def _backward_width(problem, head_dim_v: int, deterministic: bool, modifiers, extra) -> int:
     """The head_dim a CUDA backward runs at: the kernels' width for these head dims, or a
     wider one with the Hopper backward (``plan.backward_head_dim``)."""
-    from . import launch, plan
-
-    extra = extra or {}
-    flags = plan.mod_flags(modifiers.window, modifiers.softcap, modifiers.alibi_slopes,
-                           modifiers.sinks, problem.causal,
-                           block_sparse=extra.get("block_mask") is not None,
-                           dropout=bool(extra.get("dropout_p")))
     return _widest_backward(head_pad.kernel_dim(problem.head_dim, head_dim_v), problem.dtype,
-                            problem.causal, flags, problem.device[1], deterministic)
+                            problem.causal, _mod_flags(problem, modifiers, extra),
+                            problem.device[1], deterministic)
 
 
 def _widest_backward(width: int, dtype: str, causal: bool, flags, device_index: int,

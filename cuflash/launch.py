@@ -216,6 +216,25 @@ def backward_plan(shape: planning.Shape, device_id: int,
     return planning.backward_plan(shape, device_id, device_facts, deterministic)
 
 
+def takes_pair(shape: planning.Shape, device_id: int, deterministic: bool | None = None
+               ) -> bool:
+    """A Hopper kernel takes ``shape``'s v of its own head_dim (``Shape.head_dim_v``) as it
+    is: ``head_pad.native_pairs()`` lets it and the plan exists (the forward's with
+    ``deterministic`` None, else the backward's); otherwise the caller pads (head_pad.py)."""
+    from . import head_pad
+
+    if not head_pad.native_pairs():
+        return False
+    try:
+        if deterministic is None:
+            forward_plan(shape, device_id)
+        else:
+            backward_plan(shape, device_id, deterministic)
+    except ValueError:  # no kernel takes the pair (or these modifiers)
+        return False
+    return True
+
+
 def backward_head_dim(shape: planning.Shape, device_id: int, deterministic: bool) -> int:
     """``plan.backward_head_dim`` on this device (memoized)."""
     return planning.backward_head_dim_for(shape, device_id, device_facts, deterministic)

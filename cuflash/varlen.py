@@ -326,15 +326,14 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     problem = call.problem
     shape_q, shape_kv = call.shapes
     with caller_stream(call.q):
-        if call.q.is_cuda and call.pair and not _pair_runs(call):  # padded copies
-            from .varlen_gpu import varlen_forward_gpu
+        if call.q.is_cuda:
+            from .varlen_gpu import pair_runs, varlen_forward_gpu
 
-            o, m, l = varlen_forward_gpu(call.padded()[0])
-            o = head_pad.cut(o, call.v.array.shape[2])
-        elif call.q.is_cuda:
-            from .varlen_gpu import varlen_forward_gpu
-
-            o, m, l = varlen_forward_gpu(call)
+            if call.pair and not pair_runs(call):  # the kernels' one head_dim: copies
+                o, m, l = varlen_forward_gpu(call.padded()[0])
+                o = head_pad.cut(o, call.v.array.shape[2])
+            else:
+                o, m, l = varlen_forward_gpu(call)
         else:
             o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array,
                                          call.seqlens, causal=problem.causal,
@@ -382,18 +381,17 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     check_origin(stats, call.problem, call.shapes, call.modifiers, call.record)
     problem = call.problem
     with caller_stream(call.q):
-        if call.q.is_cuda and call.pair and not _pair_runs(call, deterministic):
-            from .varlen_gpu import varlen_backward_gpu  # padded copies
+        if call.q.is_cuda:
+            from .varlen_gpu import pair_runs, varlen_backward_gpu
 
-            padded, pdo, po = call.padded(ido.array, io.array)
-            grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic)
-            widths = (call.q.array.shape[2], call.k.array.shape[2], call.v.array.shape[2])
-            grads = (*(head_pad.cut(g, w) for g, w in zip(grads, widths)), *grads[3:])
-        elif call.q.is_cuda:
-            from .varlen_gpu import varlen_backward_gpu
-
-            grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
-                                        deterministic)
+            if call.pair and not pair_runs(call, deterministic):  # copies
+                padded, pdo, po = call.padded(ido.array, io.array)
+                grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic)
+                widths = (call.q.array.shape[2], call.k.array.shape[2], call.v.array.shape[2])
+                grads = (*(head_pad.cut(g, w) for g, w in zip(grads, widths)), *grads[3:])
+            else:
+                grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
+                                            deterministic)
         else:
             grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array,
                                         io.array, im.array, il.array, call.seqlens,
@@ -402,13 +400,6 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
                                         center_keys=stats.recorded,
                                         **call.modifiers.cpu_kwargs())
         return tuple(export_array(g, like=call.q) for g in grads)
-
-
-def _pair_runs(call: _VarlenCall, deterministic: bool | None = None) -> bool:
-    """``varlen_gpu.pair_runs``: a kernel takes v's own head_dim as it is (else: copies)."""
-    from .varlen_gpu import pair_runs
-
-    return pair_runs(call, deterministic)
 
 
 def check_varlen_backward(do, q, k, v, o, stats, *args, **kwargs) -> _VarlenCall:

@@ -31,22 +31,8 @@ def _shape(call) -> planning.Shape:
 
 
 def pair_runs(call, deterministic: bool | None = None) -> bool:
-    """A Hopper kernel takes this call's v of its own head_dim as it is (its plan exists:
-    the forward's with ``deterministic`` None, else the backward's), and
-    ``head_pad.native_pairs()`` lets it; else the caller pads (cuflash/head_pad.py)."""
-    from . import head_pad
-
-    if not head_pad.native_pairs():
-        return False
-    shape, device = _shape(call), call.q.array.device.id
-    try:
-        if deterministic is None:
-            launch.forward_plan(shape, device)
-        else:
-            launch.backward_plan(shape, device, deterministic)
-    except ValueError:
-        return False
-    return True
+    """``launch.takes_pair`` for this call's v of its own head_dim."""
+    return launch.takes_pair(_shape(call), call.q.array.device.id, deterministic)
 
 
 def _packed(a) -> launch.Operand:
