@@ -5,9 +5,15 @@ compilation: tests/test_compile.py)."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
+import numpy as np
 import pytest
 
-from cuflash import api, head_pad, plan, specs, validate
+import cuflash
+from cuflash import api, cpu, head_pad, launch, plan, reference, specs, validate
+from cuflash.interop import Framework, Imported
 
 H100 = specs.facts_for_arch("sm_90")
 
@@ -94,3 +100,63 @@ def test_native_pairs_switch(monkeypatch):
     assert not api._pair_runs(problem, 128, validate.NO_MODIFIERS, None)  # off: no lookup
     monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
     assert head_pad.native_pairs()
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v, backward_native", [
+    (192, 128, True), (256, 64, True), (64, 128, False), (59, 40, False)])
+def test_native_dispatch(monkeypatch, head_dim, head_dim_v, backward_native):
+    """The API's CUDA branch with the switch on, the kernels replaced by the CPU path and the
+    plans by an H100's (no device): the forward gets the caller's q, k, v (v narrower or wider)
+    where a Hopper kernel takes the pair, the atomic backward too where one does, the
+    deterministic backward padded copies; results like the reference."""
+    seen = []
+
+    def fake_fwd(q, k, v, *, dtype, causal, softmax_scale, **kw):
+        seen.append(("fwd", q.shape[-1], k.shape[-1], v.shape[-1]))
+        return cpu.flash_forward_cpu(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+    def fake_bwd(do, q, k, v, o, m, l, *, dtype, causal, softmax_scale, deterministic, **kw):
+        seen.append(("bwd", do.shape[-1], q.shape[-1], v.shape[-1]))
+        return cpu.flash_backward_cpu(do, q, k, v, o, m, l, causal=causal,
+                                      softmax_scale=softmax_scale)
+
+    def takes_pair(shape, device_id, deterministic=None):  # as launch's, on an H100's facts
+        try:
+            if deterministic is None:
+                plan.plan_forward(replace(shape, dtype="bfloat16"), H100)
+            else:
+                plan.plan_backward(replace(shape, dtype="bfloat16"), H100, deterministic)
+        except ValueError:
+            return False
+        return True
+
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    monkeypatch.setattr(launch, "takes_pair", takes_pair)
+    monkeypatch.setattr(launch, "backward_head_dim",
+                        lambda shape, device_id, deterministic: shape.head_dim)
+    monkeypatch.setattr(launch, "flash_forward_gpu", fake_fwd)
+    monkeypatch.setattr(launch, "flash_backward_gpu", fake_bwd)
+    monkeypatch.setattr(api, "import_array",
+                        lambda x, name: Imported(x, Framework.CUPY, ("cuda", 0)))
+    monkeypatch.setattr(api, "caller_stream", lambda iq: contextlib.nullcontext())
+    monkeypatch.setattr(api, "export_array", lambda x, like: x)
+    rng = np.random.default_rng(head_dim + head_dim_v)
+    q, k = (rng.standard_normal((1, n, 2, head_dim)).astype(np.float32) for n in (21, 34))
+    v = rng.standard_normal((1, 34, 2, head_dim_v)).astype(np.float32)
+    do = rng.standard_normal((1, 21, 2, head_dim_v)).astype(np.float32)
+    o, stats = cuflash.attention_forward(q, k, v, causal=True)
+    grads = [cuflash.attention_backward(do, q, k, v, o, stats, causal=True,
+                                              deterministic=det) for det in (False, True)]
+    width = head_pad.kernel_dim(head_dim, head_dim_v)
+    forward_native = head_dim % 64 == 0  # q's bucket whole panels
+    assert seen[0] == (("fwd", head_dim, head_dim, head_dim_v) if forward_native
+                       else ("fwd", width, width, width))
+    assert seen[1] == (("bwd", head_dim_v, head_dim, head_dim_v) if backward_native
+                       else ("bwd", width, width, width))
+    assert seen[2] == ("bwd", width, width, width)  # deterministic: copies
+    np.testing.assert_allclose(o, reference.attention_reference(q, k, v, causal=True)[0],
+                               atol=2e-6)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=True, o=o)
+    for got in grads:
+        for g, want in zip(got, refs):
+            np.testing.assert_allclose(g, want, atol=1e-5)
