@@ -461,7 +461,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
                                    sinks, block_mask, block_size)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
     head_dim_v = v.shape[-1]
-    q, k, v, padded = _kernel_widths(q, k, v)
+    # concrete arrays go to the API as they are (it pads, or a kernel takes the pair)
+    q, k, v, padded = ((q, k, v, False) if _is_concrete(q, k, v)
+                       else pad_to_kernel_widths(q, k, v))
     if plain:
         o = _flash(q, k, v, causal, scale, deterministic)
     else:
@@ -472,14 +474,14 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     return o[..., :head_dim_v] if padded else o
 
 
-def _kernel_widths(q, k, v):
-    """(q, k, v, padded): traced arrays whose head dims the kernels lack (not a multiple of
-    8, or v's head_dim_v != head_dim) zero-padded in JAX to ``head_pad.kernel_dim``, as the
-    core API pads concrete ones (cuflash/head_pad.py: zero columns change no score and give
-    o zero columns, cut off by the caller; JAX's own derivatives of the pad and the cut carry
-    the gradients). Concrete arrays go to the API as they are."""
+def pad_to_kernel_widths(q, k, v):
+    """(q, k, v, padded): JAX arrays whose head dims the kernels lack (not a multiple of 8,
+    or v's head_dim_v != head_dim) zero-padded in JAX to ``head_pad.kernel_dim``, as the
+    core API pads its arrays (cuflash/head_pad.py: zero columns change no score and give o
+    zero columns, cut off by the caller; JAX's own derivatives of the pad and the cut carry
+    the gradients)."""
     head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    if _is_concrete(q, k, v) or not head_pad.needed(head_dim, head_dim_v):
+    if not head_pad.needed(head_dim, head_dim_v):
         return q, k, v, False
     width = head_pad.kernel_dim(head_dim, head_dim_v)
 

@@ -269,13 +269,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     deterministic = validate.check_bool(deterministic, "deterministic")
     options = _check(named, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window, softcap)
     arrays = [None if x is None else jnp.asarray(x) for x in named.values()]
-    head_dim, head_dim_v = arrays[0].shape[-1], arrays[2].shape[-1]
-    if head_dim == head_dim_v:
-        return _varlen(*arrays, options, deterministic)
-    # v's own head_dim_v: q, k, v zero-padded in JAX to one width (cuflash/head_pad.py; the
-    # scale in options is q's own), o cut back; JAX differentiates the pad and the cut
-    width = max(head_dim, head_dim_v)
-    for i in range(3):
-        x = arrays[i]
-        arrays[i] = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-    return _varlen(*arrays, options, deterministic)[..., :head_dim_v]
+    from .jax import pad_to_kernel_widths  # (cuflash.jax imports this module)
+
+    # v's own head_dim_v: q, k, v padded to one width (the scale in options is q's own)
+    head_dim_v = arrays[2].shape[-1]
+    q, k, v, padded = pad_to_kernel_widths(*arrays[:3])
+    o = _varlen(q, k, v, *arrays[3:], options, deterministic)
+    return o[..., :head_dim_v] if padded else o

@@ -48,10 +48,9 @@ class DeviceFacts:
         return replace(self, smem_optin=min(self.smem_optin, budget))
 
 
-_CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_HEAD_DIM_V", "CF_BLOCK_M", "CF_BLOCK_N", "CF_WARPS", "CF_STAGES",
-                 "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS", "CF_VARLEN", "CF_BLOCK_SPARSE",
-                 "CF_DQ_ATOMIC",
-                 "CF_DCHUNK", "CF_SOURCE_HASH")
+_CORE_DEFINES = ("CF_DTYPE", "CF_HEAD_DIM", "CF_HEAD_DIM_V", "CF_BLOCK_M", "CF_BLOCK_N",
+                 "CF_WARPS", "CF_STAGES", "CF_MASK", "CF_SOFTCAP", "CF_ALIBI", "CF_SINKS",
+                 "CF_VARLEN", "CF_BLOCK_SPARSE", "CF_DQ_ATOMIC", "CF_DCHUNK", "CF_SOURCE_HASH")
 
 
 @dataclass(frozen=True)
