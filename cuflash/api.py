@@ -84,14 +84,11 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
     from .launch import flash_backward_gpu
 
     head_dim_v = v.shape[3]
-    if (head_dim_v != problem.head_dim
-            and _pair_runs(problem, head_dim_v, modifiers, extra, deterministic)):
-        return flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
-                                  causal=problem.causal, softmax_scale=problem.softmax_scale,
-                                  deterministic=deterministic, **_gpu_kwargs(modifiers),
-                                  **(extra or {}))
-    width = _backward_width(problem, head_dim_v, deterministic, modifiers, extra)
-    padded = width != problem.head_dim or width != head_dim_v
+    if _pair_runs(problem, head_dim_v, modifiers, extra, deterministic):
+        padded = False  # a kernel takes v's own head_dim as it is
+    else:
+        width = _backward_width(problem, head_dim_v, deterministic, modifiers, extra)
+        padded = width != problem.head_dim or width != head_dim_v
     if padded:  # as in _flash_fwd; o's zero columns leave delta = rowsum(dO o) unchanged
         do, q, k, v, o = (head_pad.pad(x, width) for x in (do, q, k, v, o))
     grads = flash_backward_gpu(do, q, k, v, o, m, l, dtype=problem.dtype,
