@@ -20,7 +20,8 @@
 # installed (the device image has them); cuflash itself is used from the checkout
 # (pure Python, no build). Logs and JSON go under $OUT (default ./gpu_out): each stage's log,
 # then everything packed into $OUT/suite.tar.gz, with the last lines of each log in
-# $OUT/summary.txt. SUITE_TIME_BUDGET (seconds, default 540) bounds the pytest stage.
+# $OUT/summary.txt. SUITE_TIME_BUDGET (seconds, default 540) bounds the pytest stage; PYTEST_XDIST
+# (e.g. "-n 6") spreads the fwd_defaults and head_dim_v tests over processes (NVRTC compiles).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT/logs" "$OUT/results"
@@ -165,7 +166,7 @@ for stage in $stages; do
       # through every path: modifiers, dropout, the host fast path and CUDA graphs, torch /
       # JAX frameworks and adapters (session 20's call 4 lost its machine before these ran)
       CUFLASH_POISON=1 run_stage fwd_defaults_tests timeout "${FWD_DEFAULTS_TIMEOUT:-420}" \
-        $PY -m pytest -m gpu -q -rfEs --maxfail=10 -p no:cacheprovider tests/test_gpu_modifiers.py \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=10 -p no:cacheprovider ${PYTEST_XDIST:-} tests/test_gpu_modifiers.py \
         tests/test_gpu_dropout.py tests/test_gpu_host_path.py tests/test_gpu_frameworks.py \
         tests/test_gpu_adapters.py tests/test_gpu_jax_modifiers.py \
         -k "not portable and not 48k and not 100k" ;;
@@ -268,18 +269,19 @@ for stage in $stages; do
       # 2026-12-05, off by default until this passes): their accuracy tests, a memcheck of
       # the forward and backward of (192, 128) with split kv heads, then the pairs' speed on
       # copies and native beside head_dim 192 / 256 and SDPA (issue #15's 0.9x per FLOP)
-      CUFLASH_POISON=1 run_stage head_dim_v_tests timeout "${SUITE_TIME_BUDGET:-540}" \
-        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_gpu_head_dim_v.py \
+      CUFLASH_POISON=1 run_stage head_dim_v_tests timeout "${HEAD_DIM_V_TEST_TIMEOUT:-540}" \
+        $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider ${PYTEST_XDIST:-} tests/test_gpu_head_dim_v.py \
         tests/test_gpu_head_dims.py::test_gpu_jax_jit_head_dims \
         tests/test_gpu_head_dims.py::test_gpu_torch_autograd_head_dim_v \
         tests/test_gpu_varlen.py::test_head_dim_v_on_padded_copies
-      CUFLASH_POISON=1 run_stage head_dim_v_transformers timeout 240 $PY -m pytest -q -rfEs \
+      CUFLASH_POISON=1 run_stage head_dim_v_transformers timeout "${HEAD_DIM_V_HF_TIMEOUT:-240}" $PY -m pytest -q -rfEs \
         -p no:cacheprovider tests/test_transformers.py -k deepseek
-      CUFLASH_POISON=1 run_stage head_dim_v_memcheck timeout 300 compute-sanitizer \
+      CUFLASH_POISON=1 run_stage head_dim_v_memcheck timeout "${HEAD_DIM_V_MEMCHECK_TIMEOUT:-300}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
         "tests/test_gpu_head_dim_v.py::test_gpu_pair_split_kv_heads"
-      run_stage head_dim_v_bench $PY bench/head_dims.py --native both --pairs 192,192 \
-        192,128 256,256 256,128 128,128 64,128 128,64 --json "$OUT/results/head_dim_v.json" ;;
+      run_stage head_dim_v_bench timeout "${HEAD_DIM_V_BENCH_TIMEOUT:-300}" $PY bench/head_dims.py \
+        --native both --pairs ${HEAD_DIM_V_PAIRS:-192,192 192,128 256,256 256,128 128,128 64,128 128,64} \
+        --json "$OUT/results/head_dim_v.json" ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac
