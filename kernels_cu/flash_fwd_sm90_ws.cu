@@ -291,8 +291,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // One step of a tile's loop, both consumer loops below: S of key tile j (stage use `use`)
   // and P V of the step before issued together, the softmax of S while P V runs, then O
   // rescaled and the stage before released.
-  const auto step = [&](auto& acc, auto& p16, auto& s, float(&m_i)[2], float(&l_i)[2],
-                        float(&alpha)[2], const auto& tile, const RowBounds& rows,
+  // Concrete parameter types: NVRTC 13.0 takes a generic (auto) lambda here for a host
+  // function and refuses it (13.5 accepts it).
+  const auto step = [&](float(&acc)[kDT][4], cf_u32(&p16)[kNT / 2][4], float(&s)[kNT][4],
+                        float(&m_i)[2], float(&l_i)[2], float(&alpha)[2],
+                        const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N>& tile, const RowBounds& rows,
                         unsigned int bh, cf_u32 q_tile, int use, int j) {
     const int stage = use % CF_STAGES;
     const int prev = (use - 1) % CF_STAGES;
