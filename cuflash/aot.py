@@ -110,6 +110,41 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
     return work
 
 
+# Modifier sets that exercise each kernel's modifier code: none, each alone, softcap with
+# ALiBi (their own backward loop), and the five score / sequence knobs together.
+MOD_COMBOS = (specs.NO_MODS,
+              *(specs.ModFlags(**{n: True}) for n in ("window", "softcap", "alibi", "sinks",
+                                                       "varlen")),
+              specs.ModFlags(softcap=True, alibi=True), specs.ModFlags(*[True] * 5))
+
+
+def modifier_work(archs: Sequence[str], budgets_kib: Sequence[int] = (),
+                  combos: Sequence[specs.ModFlags] = MOD_COMBOS, *,
+                  pairs: bool = False) -> list[tuple[KernelSpec, str]]:
+    """(spec, arch) for every spec the selectors pick on each arch (and at ``budgets_kib``)
+    under each modifier set of ``combos``, then the decode kernels (and with ``pairs`` the
+    kernels of v's own head_dim), each once."""
+    seen, work = set(), []
+
+    def add(spec, arch):
+        if (spec.name, arch) not in seen:
+            seen.add((spec.name, arch))
+            work.append((spec, arch))
+
+    for arch in archs:
+        limit = specs.ARCH_SMEM_OPTIN[arch]
+        budgets = [None] + [b * specs.KIB for b in budgets_kib if b * specs.KIB <= limit]
+        for mods in combos:
+            for budget in budgets:
+                for spec in selected_specs(specs.facts_for_arch(arch, budget), mods=mods):
+                    add(spec, arch)
+        for spec in decode_specs(arch):
+            add(spec, arch)
+        for spec in pair_specs(arch) if pairs else ():
+            add(spec, arch)
+    return work
+
+
 def pair_specs(arch: str, dtypes: Sequence[str] | None = None,
                head_dims: Sequence[int] | None = None) -> list[KernelSpec]:
     """The Hopper kernels with v's own head_dim (specs.select_forward_pair /

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -34,26 +33,9 @@ DEFAULT_ARCHS = ("sm_80", "sm_90")
 
 
 def _work(archs, budgets=()) -> list:
-    from cuflash import aot, specs
+    from cuflash import aot
 
-    seen, work = set(), []
-    # no modifier, each alone, softcap with ALiBi (their own backward loop), all of them
-    combos = [specs.ModFlags()] + [specs.ModFlags(**{n: True}) for n in
-                                   ("window", "softcap", "alibi", "sinks", "varlen")]
-    combos += [specs.ModFlags(softcap=True, alibi=True), specs.ModFlags(*[True] * 5)]
-    for arch in archs:
-        limit = specs.ARCH_SMEM_OPTIN[arch]
-        for mods in combos:
-            for budget in [None] + [b * specs.KIB for b in budgets if b * specs.KIB <= limit]:
-                for spec in aot.selected_specs(specs.facts_for_arch(arch, budget), mods=mods):
-                    if (spec.name, arch) not in seen:
-                        seen.add((spec.name, arch))
-                        work.append((spec, arch))
-        for spec in aot.decode_specs(arch):
-            if (spec.name, arch) not in seen:
-                seen.add((spec.name, arch))
-                work.append((spec, arch))
-    return work
+    return aot.modifier_work(archs, budgets)
 
 
 def hash_one(item) -> tuple[str, str, str]:
