@@ -45,12 +45,15 @@ def _configs():
             transformers.GptOssConfig, sliding_window=4, num_local_experts=4,
             num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"])
     if hasattr(transformers, "DeepseekV3Config"):  # multi-head latent attention: v has its
-        # own head_dim (16 against q's and k's 24), as DeepSeek's (192, 128)
+        # own head_dim (16 against q's and k's 24), as DeepSeek's (192, 128). Dense layers
+        # only: with a mixture-of-experts layer, a bfloat16 rounding in any attention output
+        # can flip a token's experts (torch SDPA and cuflash both missed the CUDA bound by
+        # 4x on one right-padded row, H200 2026-12-05; bench/dev/hf_pair_probe.py).
         out["deepseekv3-mla"] = lambda: _small(
             transformers.DeepseekV3Config, num_key_value_heads=4, head_dim=8, q_lora_rank=32,
             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
             n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
-            first_k_dense_replace=1, moe_intermediate_size=32, n_shared_experts=1)
+            first_k_dense_replace=2, moe_intermediate_size=32, n_shared_experts=1)
     return out
 
 
