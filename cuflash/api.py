@@ -58,7 +58,7 @@ def _flash_fwd(problem: validate.Problem, q, k, v,
 
     head_dim_v = v.shape[3]
     padded = (head_pad.needed(problem.head_dim, head_dim_v)
-              and not _pair_runs(problem, head_dim_v, modifiers, extra))
+              and not _pair_runs(problem, head_dim_v, modifiers, extra, arrays=(q, k, v)))
     if padded:  # head dims the kernels lack: zero-padded copies (cuflash/head_pad.py)
         width = head_pad.kernel_dim(problem.head_dim, head_dim_v)
         q, k, v = (head_pad.pad(x, width) for x in (q, k, v))
@@ -84,7 +84,7 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
     from .launch import flash_backward_gpu
 
     head_dim_v = v.shape[3]
-    if _pair_runs(problem, head_dim_v, modifiers, extra, deterministic):
+    if _pair_runs(problem, head_dim_v, modifiers, extra, deterministic, (do, q, k, v, o)):
         padded = False  # a kernel takes v's own head_dim as it is
     else:
         width = _backward_width(problem, head_dim_v, deterministic, modifiers, extra)
@@ -101,12 +101,19 @@ def _flash_bwd(problem: validate.Problem, do, q, k, v, o, m, l, deterministic: b
     return (*(head_pad.cut(g, d) for g, d in zip(grads, dims)), *grads[3:])
 
 
-def _pair_runs(problem, head_dim_v: int, modifiers, extra, deterministic: bool | None = None
-               ) -> bool:
+def _pair_runs(problem, head_dim_v: int, modifiers, extra, deterministic: bool | None = None,
+               arrays=()) -> bool:
     """A Hopper kernel takes this head_dim_v != head_dim as it is (no padded copies): the
-    forward's (``deterministic`` None) or the backward's plan exists. Only with
-    ``head_pad.native_pairs()`` (off until their GPU tests have run)."""
+    forward's (``deterministic`` None) or the backward's plan exists, and ``arrays`` (the
+    call's, which it then reads in place) have rows on 16-byte boundaries (the copies do
+    either way). Only with ``head_pad.native_pairs()`` (off until their GPU tests have
+    run)."""
     if not head_pad.native_pairs() or head_dim_v == problem.head_dim:
+        return False
+    try:
+        for x in arrays:
+            validate.check_alignment(x, "array")
+    except ValueError:
         return False
     from dataclasses import replace
 
@@ -167,6 +174,20 @@ def _kernel_dims(q, v) -> bool:
         return not head_pad.needed(int(q.shape[-1]), int(v.shape[-1]))
     except (AttributeError, IndexError, TypeError):
         return True
+
+
+def _fast_dims(q, v, plain: bool) -> bool:
+    """Head dims the fast path may serve: the kernels' own; or, for a call without
+    modifiers and with ``head_pad.native_pairs()``, q's and v's each a kernel width of its
+    own (the fast path declines a pair that no kernel takes, and the general path pads)."""
+    if _kernel_dims(q, v):
+        return True
+    if not plain or not head_pad.native_pairs():
+        return False
+    try:
+        return not any(head_pad.needed(d, d) for d in (int(q.shape[-1]), int(v.shape[-1])))
+    except (AttributeError, IndexError, TypeError):
+        return False
 
 
 def _fast_backend(arrays, causal, softmax_scale):
@@ -288,12 +309,14 @@ def attention_forward(q, k, v, *, causal: bool = False, softmax_scale: float | N
     no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
     plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
     arrays = (q, k, v) if plain else (q, k, v, *_present(alibi_slopes, sinks, block_mask))
-    fast = (_fast_backend(arrays, causal, softmax_scale) if no_dropout and _kernel_dims(q, v)
-            else None)
-    if fast is not None:  # CUDA torch / CuPy arrays, none requiring grad: the least host work
-        if plain:
-            o, m, l, call = fastpath.forward_with_call(fast, q, k, v, causal, softmax_scale)
+    fast = (_fast_backend(arrays, causal, softmax_scale)
+            if no_dropout and _fast_dims(q, v, plain) else None)
+    if fast is not None and plain:  # CUDA torch / CuPy arrays, none requiring grad
+        done = fastpath.forward_with_call(fast, q, k, v, causal, softmax_scale)
+        if done is not None:  # None: a head_dim_v no kernel takes (the general path pads)
+            o, m, l, call = done
             return o, _fast_stats(call, m, l)
+    elif fast is not None:
         done = fastpath.forward_modified(fast, q, k, v, causal, softmax_scale, window, softcap,
                                          alibi_slopes, sinks, block_mask, block_size)
         if done is not None:  # None: a layout the general path serves
@@ -358,16 +381,20 @@ def attention_backward(do, q, k, v, o, stats: SoftmaxStats, *, causal: bool = Fa
     no_dropout = dropout_sparse_checks.is_off(dropout_p, None)
     plain = _plain(window, softcap, alibi_slopes, sinks) and block_mask is None
     arrays = (do, q, k, v, o, stats.m, stats.l, *_present(alibi_slopes, sinks, block_mask))
-    fast = (_fast_backend(arrays, causal, softmax_scale) if no_dropout and _kernel_dims(q, v)
-            else None)
-    if fast is not None and not backward_as_is(q, causal, deterministic, fast.device_index(q)):
+    fast = (_fast_backend(arrays, causal, softmax_scale)
+            if no_dropout and _fast_dims(q, v, plain) else None)
+    if (fast is not None and _kernel_dims(q, v)
+            and not backward_as_is(q, causal, deterministic, fast.device_index(q))):
         fast = None  # a wider Hopper backward: the general path pads
-    if fast is not None:
+    if fast is not None and plain:
         scale = validate.check_scale(softmax_scale, q.shape[-1])
-        if plain:
-            validate.check_stats_origin(stats, causal, scale, tuple(q.shape), tuple(k.shape))
-            return fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal,
-                                     softmax_scale, deterministic)
+        validate.check_stats_origin(stats, causal, scale, tuple(q.shape), tuple(k.shape))
+        grads = fastpath.backward(fast, do, q, k, v, o, stats.m, stats.l, causal,
+                                  softmax_scale, deterministic)
+        if grads is not None:  # None: a head_dim_v no kernel takes (the general path pads)
+            return grads
+    elif fast is not None:
+        scale = validate.check_scale(softmax_scale, q.shape[-1])
         given = validate.Modifiers(validate.check_window(window),
                                    validate.check_softcap(softcap), alibi_slopes, sinks)
         validate.check_stats_origin(stats, causal, scale, tuple(q.shape), tuple(k.shape),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -203,8 +204,10 @@ def _aligned(backend: Backend, *arrays) -> bool:
 
 
 def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
-    """The forward kernel's parameters a layout fixes (o is written contiguous)."""
-    _, seqlen_q, heads, head_dim = q.shape
+    """The forward kernel's parameters a layout fixes (o is written contiguous, at v's
+    head_dim)."""
+    _, seqlen_q, heads, _ = q.shape
+    head_dim = v.shape[3]
     o_strides = (seqlen_q * heads * head_dim, heads * head_dim, head_dim)
     strides = tuple(s for x in (q, k, v) for s in backend.operand(x)[1:4]) + o_strides
     return launch.forward_tail(shape, strides, problem.softmax_scale)
@@ -256,29 +259,52 @@ def _contiguous_strides(x) -> tuple:
     return (seqlen * heads * head_dim, heads * head_dim, head_dim)
 
 
-def _forward_call(backend: Backend, q, k, v, causal, softmax_scale) -> _Call:
+# A layout whose v has its own head_dim that no kernel takes as it is (launch.takes_pair):
+# remembered, so that its calls go to the general path (padded copies) at one lookup.
+DECLINED = "declined"
+
+
+def _pair_shape(backend: Backend, q, v, shape: Shape, deterministic: bool | None):
+    """``shape`` with v's own head_dim where it differs from q's, or DECLINED where no kernel
+    takes that pair (``deterministic`` None: the forward's, else the backward's)."""
+    head_dim_v = v.shape[3]
+    if head_dim_v == shape.head_dim:
+        return shape
+    shape = replace(shape, head_dim_v=head_dim_v)
+    taken = launch.takes_pair(shape, backend.device_index(q), deterministic)
+    return shape if taken else DECLINED
+
+
+def _forward_call(backend: Backend, q, k, v, causal, softmax_scale):
+    """The layout's ``_Call``, or DECLINED (v's own head_dim, no kernel takes it)."""
     key = (causal, softmax_scale, backend.layout(q), backend.layout(k), backend.layout(v),
            planning.configuration())
     known = _forward_calls.get(key)
-    if known is not None and _aligned(backend, q, k, v):
+    if known is DECLINED or known is not None and _aligned(backend, q, k, v):
         return known
-    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    shape = Shape.of(problem)
+    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                     pair_ok=True)
+    shape = _pair_shape(backend, q, v, Shape.of(problem), None)
+    if shape is DECLINED:
+        return _remember(_forward_calls, key, DECLINED)
     replay = None if shape.empty else _record_forward(backend, q, k, v, shape, problem)
     return _remember(_forward_calls, key,
                      _Call(problem, shape, replay, backward={}, caller_memo={}))
 
 
 def _backward_call(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
-                   deterministic: bool) -> tuple[_Call, int]:
+                   deterministic: bool):
+    """(the layout's ``_Call``, workspace bytes), or DECLINED (as ``_forward_call``)."""
     key = (causal, softmax_scale, deterministic, *map(backend.layout, (do, q, k, v, o, m, l)),
            planning.configuration())
     known = _backward_calls.get(key)
-    if known is not None and _aligned(backend, do, q, k, v, o):
+    if known is DECLINED or known is not None and _aligned(backend, do, q, k, v, o):
         return known
     problem = validate.check_backward(do, q, k, v, o, m, l, causal=causal,
-                                      softmax_scale=softmax_scale)
-    shape = Shape.of(problem)
+                                      softmax_scale=softmax_scale, pair_ok=True)
+    shape = _pair_shape(backend, q, v, Shape.of(problem), deterministic)
+    if shape is DECLINED:
+        return _remember(_backward_calls, key, DECLINED)
     if shape.empty:
         return _remember(_backward_calls, key, (_Call(problem, shape, None), 0))
     replay, workspace = _record_backward(backend, do, q, k, v, o, shape, problem,
@@ -293,9 +319,9 @@ def _new(backend: Backend, shape, dtype, like, poison: bool):
     return out
 
 
-def _forward_outputs(backend: Backend, q, poison: bool) -> tuple:
+def _forward_outputs(backend: Backend, q, v, poison: bool) -> tuple:
     batch, seqlen_q, heads, _ = q.shape
-    o = backend.empty(q.shape, None, q)
+    o = backend.empty((batch, seqlen_q, heads, v.shape[3]), None, q)
     m, l = backend.empty_stats((batch, heads, seqlen_q), q)
     if poison:
         for x in (o, m, l):
@@ -304,15 +330,20 @@ def _forward_outputs(backend: Backend, q, poison: bool) -> tuple:
 
 
 def forward(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
-    """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q)."""
+    """(o, m, l) for CUDA arrays: o contiguous like q, m and l float32 (batch, heads, seqlen_q).
+    The kernels' own head dims (v's own head_dim: ``forward_with_call``)."""
     return forward_with_call(backend, q, k, v, causal, softmax_scale)[:3]
 
 
-def forward_with_call(backend: Backend, q, k, v, causal, softmax_scale) -> tuple:
+def forward_with_call(backend: Backend, q, k, v, causal, softmax_scale) -> tuple | None:
     """(o, m, l, the layout's ``_Call``): hand the call to ``backward`` (``forward_call``)
-    and the backward skips the layouts of q, k, v, o, m, l (an autograd pair's case)."""
+    and the backward skips the layouts of q, k, v, o, m, l (an autograd pair's case).
+    o has v's head_dim; None where v's own head_dim is one no kernel takes (the general
+    path pads)."""
     call = _forward_call(backend, q, k, v, causal, softmax_scale)
-    o, m, l = _forward_outputs(backend, q, launch.poison_enabled())
+    if call is DECLINED:
+        return None
+    o, m, l = _forward_outputs(backend, q, v, launch.poison_enabled())
     if call.replay is None:
         if call.shape.seqlen_k == 0:  # every row sees no key
             backend.fill(o, 0), backend.fill(m, float("-inf")), backend.fill(l, 0)
@@ -327,7 +358,9 @@ def forward_output(backend: Backend, q, k, v, causal, softmax_scale):
     """o alone, for calls that want no statistics (no gradient): the kernel's m and l go to
     one scratch allocation, which saves the host an allocator call (inference's host path)."""
     call = _forward_call(backend, q, k, v, causal, softmax_scale)
-    o = _new(backend, q.shape, None, q, launch.poison_enabled())
+    if call is DECLINED:  # callers pass the kernels' own head dims
+        raise ValueError(f"v: expected head_dim {q.shape[3]} like q, got {v.shape[3]}")
+    o = _new(backend, (*q.shape[:3], v.shape[3]), None, q, launch.poison_enabled())
     if call.replay is None:
         if call.shape.seqlen_k == 0:  # every row sees no key
             backend.fill(o, 0)
@@ -357,15 +390,19 @@ def _backward_after(forward_call: _Call, backend: Backend, do, q, k, v, o, m, l,
 
 
 def backward(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
-             deterministic: bool, forward_call: _Call | None = None) -> tuple:
+             deterministic: bool, forward_call: _Call | None = None) -> tuple | None:
     """(dq, dk, dv) for CUDA arrays, contiguous, shaped and typed like q, k, v.
-    ``forward_call``: from ``forward_with_call`` when o, m, l are that call's outputs."""
+    ``forward_call``: from ``forward_with_call`` when o, m, l are that call's outputs.
+    None where v's own head_dim is one no backward kernel takes (the general path pads)."""
     if forward_call is None:
-        call, workspace_bytes = _backward_call(backend, do, q, k, v, o, m, l, causal,
-                                               softmax_scale, deterministic)
+        known = _backward_call(backend, do, q, k, v, o, m, l, causal, softmax_scale,
+                               deterministic)
     else:
-        call, workspace_bytes = _backward_after(forward_call, backend, do, q, k, v, o, m, l,
-                                                causal, softmax_scale, deterministic)
+        known = _backward_after(forward_call, backend, do, q, k, v, o, m, l, causal,
+                                softmax_scale, deterministic)
+    if known is DECLINED:
+        return None
+    call, workspace_bytes = known
     poison = launch.poison_enabled()
     dq, dk, dv = (_new(backend, x.shape, None, x, poison) for x in (q, k, v))
     if call.replay is None:  # zero bits are +0.0 in every float format
@@ -485,7 +522,7 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     if known is None:
         return None
     call = known[0]
-    o, m, l = _forward_outputs(backend, q, launch.poison_enabled())
+    o, m, l = _forward_outputs(backend, q, v, launch.poison_enabled())
     ptr = backend.ptr
     with backend.on_device(backend.device_index(q)):
         call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l),

@@ -105,11 +105,14 @@ class Problem:
         return self.heads // self.heads_kv if self.heads_kv else 1
 
 
-def check_forward(q, k, v, *, causal, softmax_scale, padded_ok: bool = False) -> Problem:
+def check_forward(q, k, v, *, causal, softmax_scale, padded_ok: bool = False,
+                  pair_ok: bool = False) -> Problem:
     """Validate the forward's inputs; ``softmax_scale=None`` means ``1 / sqrt(head_dim)``.
     ``padded_ok``: CUDA arrays may have any head_dim and head_dim_v from 1 to 256 (the
     caller runs the kernels on zero-padded copies, ``cuflash.head_pad``); their strides
-    are then not checked (the copies are aligned)."""
+    are then not checked (the copies are aligned). ``pair_ok``: CUDA arrays may have a
+    head_dim_v of their own, each a kernel width (the caller runs a kernel that takes the
+    pair, ``launch.takes_pair``); strides are checked."""
     q, k, v = _imported(q, "q"), _imported(k, "k"), _imported(v, "v")
     causal = _check_causal(causal)
     named = [(q, "q"), (k, "k"), (v, "v")]
@@ -120,7 +123,7 @@ def check_forward(q, k, v, *, causal, softmax_scale, padded_ok: bool = False) ->
     batch, seqlen_q, heads, head_dim = q.array.shape
     _, seqlen_k, heads_kv, _ = k.array.shape
     padded = padded_ok and head_pad.needed(head_dim, _shape(v)[3])
-    _check_qkv_shapes(q, k, v, kernel_dims=q.is_cuda and not padded)
+    _check_qkv_shapes(q, k, v, kernel_dims=q.is_cuda and not padded, pair_ok=pair_ok)
     scale = check_scale(softmax_scale, head_dim)
     if q.is_cuda:
         _check_cuda_limits(batch, heads, seqlen_q, seqlen_k)
@@ -132,14 +135,14 @@ def check_forward(q, k, v, *, causal, softmax_scale, padded_ok: bool = False) ->
 
 
 def check_backward(do, q, k, v, o, stats_m, stats_l, *, causal, softmax_scale,
-                   padded_ok: bool = False) -> Problem:
+                   padded_ok: bool = False, pair_ok: bool = False) -> Problem:
     """Validate the backward's inputs: the forward's checks, plus ``do`` and ``o`` like ``q``
     and the statistics ``m``, ``l`` float32 C-contiguous (batch, heads, seqlen_q).
-    ``padded_ok``: as in ``check_forward``."""
+    ``padded_ok``, ``pair_ok``: as in ``check_forward``."""
     do, q, k, v, o = (_imported(x, n) for x, n in zip((do, q, k, v, o), "do q k v o".split()))
     m, l = _imported(stats_m, "stats.m"), _imported(stats_l, "stats.l")
     problem = check_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                            padded_ok=padded_ok)
+                            padded_ok=padded_ok, pair_ok=pair_ok)
     padded = padded_ok and head_pad.needed(_shape(q)[3], _shape(v)[3])
     o_shape = _shape(q)[:3] + _shape(v)[3:]  # (batch, seqlen_q, heads, head_dim_v)
     for x, name in ((do, "do"), (o, "o")):
@@ -422,8 +425,10 @@ def _check_dtypes(named: Sequence[tuple[Imported, str]]) -> str:
     return dtype
 
 
-def _check_qkv_shapes(q: Imported, k: Imported, v: Imported, kernel_dims: bool) -> None:
-    """``kernel_dims``: the head dims must be the CUDA kernels' own (no padding)."""
+def _check_qkv_shapes(q: Imported, k: Imported, v: Imported, kernel_dims: bool,
+                      pair_ok: bool = False) -> None:
+    """``kernel_dims``: the head dims must be the CUDA kernels' own (no padding); with
+    ``pair_ok`` each may be its own (a kernel that takes the pair)."""
     batch, _, heads, head_dim = _shape(q)
     for x, name in ((k, "k"), (v, "v")):
         if _shape(x)[0] != batch:
@@ -451,13 +456,18 @@ def _check_qkv_shapes(q: Imported, k: Imported, v: Imported, kernel_dims: bool) 
     if head_dim not in CPU_HEAD_DIMS:
         raise ValueError(f"q: expected head_dim from 1 to 256, got {head_dim} in shape "
                          f"{_shape(q)}")
-    _check_head_dim_v(q, v, kernel_dims)
+    _check_head_dim_v(q, v, kernel_dims, pair_ok)
 
 
-def _check_head_dim_v(q: Imported, v: Imported, kernel_dims: bool) -> None:
-    """v's head_dim_v: q's on the kernels' own path (their single head_dim), else 1 to 256."""
+def _check_head_dim_v(q: Imported, v: Imported, kernel_dims: bool,
+                      pair_ok: bool = False) -> None:
+    """v's head_dim_v: q's on the kernels' own path (their single head_dim), or with
+    ``pair_ok`` any kernel width; else 1 to 256."""
     head_dim, head_dim_v = _shape(q)[3], _shape(v)[3]
-    if kernel_dims and head_dim_v != head_dim:
+    if kernel_dims and pair_ok and head_dim_v not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"v: expected head_dim_v a multiple of 8 from 8 to 256 on this CUDA "
+                         f"path, got {head_dim_v} in shape {_shape(v)}")
+    if kernel_dims and not pair_ok and head_dim_v != head_dim:
         raise ValueError(f"v: expected head_dim {head_dim} like q on this CUDA path "
                          f"(cuflash.attention* and cuflash.torch.flash_attention take a "
                          f"head_dim_v != head_dim, on zero-padded copies), got {head_dim_v} "

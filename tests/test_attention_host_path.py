@@ -9,6 +9,8 @@ dQ, split kv heads with their converts, float32, and the score modifiers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -291,3 +293,64 @@ def test_the_cpu_host_profile_runs():
     assert done.returncode == 0, done.stderr
     for case in ("fastpath forward", "decode_cuda", "varlen backward"):
         assert case in done.stdout
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_a_pair_replays_the_pair_kernels_launches(device, monkeypatch, causal):
+    """v of its own head_dim (DeepSeek's (192, 128)) with the native pairs on: the fast path
+    launches what the launch code launches for the pair's plan (o at v's width), call after
+    call; a deterministic backward, which no pair kernel has, is declined (None) for the
+    general path's copies, and so is a pair no forward kernel takes."""
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    backend, rng = NumpyBackend(), np.random.default_rng(3)
+    for call in range(3):
+        q, k, _ = _inputs(rng, (2, 100, 4, 192), (2, 130, 2, 192), np.float16)
+        v = rng.standard_normal((2, 130, 2, 128)).astype(np.float16)
+        captured, _ = device
+        captured.clear()
+        o, m, l, fwd_call = fastpath.forward_with_call(backend, q, k, v, causal, None)
+        assert o.shape == (2, 100, 4, 128)
+        problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=None,
+                                         padded_ok=True)
+        shape = replace(planning.Shape.of(problem), head_dim_v=128)
+        plan = launch.forward_plan(shape, 0)
+        assert plan.kernel.spec.head_dim_v == 128
+        with launch.recording() as direct:
+            launch.run_forward(plan, *map(_operand, (q, k, v, o)), m.ctypes.data,
+                               l.ctypes.data, problem.softmax_scale, _STREAM, 0)
+        assert captured and captured == _as_captured(direct), f"forward, call {call}"
+
+        do = rng.standard_normal(o.shape).astype(np.float16)
+        captured.clear()
+        dq, dk, dv = fastpath.backward(backend, do, q, k, v, o, m, l, causal, None, False,
+                                       forward_call=fwd_call)
+        assert dv.shape == v.shape
+        plan = launch.backward_plan(shape, 0, False)
+        workspace = _workspace_address(captured, plan)
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, workspace, _STREAM, 0)
+        assert captured and captured == _as_captured(direct), f"backward, call {call}"
+        captured.clear()
+        assert fastpath.backward(backend, do, q, k, v, o, m, l, causal, None, True) is None
+        assert captured == []
+    q64 = rng.standard_normal((1, 64, 2, 64)).astype(np.float16)
+    k64 = rng.standard_normal((1, 64, 2, 64)).astype(np.float16)
+    v32 = rng.standard_normal((1, 64, 2, 32)).astype(np.float16)  # 32: not a whole panel
+    for _ in range(2):  # declined, then declined from the memo
+        assert fastpath.forward_with_call(backend, q64, k64, v32, causal, None) is None
+    assert fastpath.DECLINED in fastpath._forward_calls.values()
+
+
+def test_the_api_offers_the_fast_path_pairs_only_with_the_switch(monkeypatch):
+    from cuflash import api
+
+    q, v = np.empty((1, 8, 2, 192), np.float16), np.empty((1, 8, 2, 128), np.float16)
+    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    assert not api._fast_dims(q, v, plain=True)
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    assert api._fast_dims(q, v, plain=True)
+    assert not api._fast_dims(q, v, plain=False)  # modifiers: the general path
+    assert not api._fast_dims(q, np.empty((1, 8, 2, 100), np.float16), plain=True)
+    assert api._fast_dims(q, np.empty((1, 8, 2, 192), np.float16), plain=False)

@@ -102,14 +102,9 @@ def test_native_pairs_switch(monkeypatch):
     assert head_pad.native_pairs()
 
 
-@pytest.mark.parametrize("head_dim, head_dim_v, backward_native", [
-    (192, 128, True), (256, 64, True), (64, 128, False), (59, 40, False)])
-def test_native_dispatch(monkeypatch, head_dim, head_dim_v, backward_native):
-    """The API's CUDA branch with the switch on, the kernels replaced by the CPU path and the
-    plans by an H100's (no device): the forward gets the caller's q, k, v (v narrower or wider)
-    where a Hopper kernel takes the pair, the atomic backward too where one does, the
-    deterministic backward padded copies; results like the reference."""
-    seen = []
+def _kernels_on_the_cpu(monkeypatch, seen: list) -> None:
+    """The API's CUDA branch with the switch on, the kernels replaced by the CPU path (each
+    call's widths recorded in ``seen``) and the plans by an H100's (no device)."""
 
     def fake_fwd(q, k, v, *, dtype, causal, softmax_scale, **kw):
         seen.append(("fwd", q.shape[-1], k.shape[-1], v.shape[-1]))
@@ -140,6 +135,16 @@ def test_native_dispatch(monkeypatch, head_dim, head_dim_v, backward_native):
                         lambda x, name: Imported(x, Framework.CUPY, ("cuda", 0)))
     monkeypatch.setattr(api, "caller_stream", lambda iq: contextlib.nullcontext())
     monkeypatch.setattr(api, "export_array", lambda x, like: x)
+
+
+@pytest.mark.parametrize("head_dim, head_dim_v, backward_native", [
+    (192, 128, True), (256, 64, True), (64, 128, False), (59, 40, False)])
+def test_native_dispatch(monkeypatch, head_dim, head_dim_v, backward_native):
+    """The forward gets the caller's q, k, v (v narrower or wider) where a Hopper kernel
+    takes the pair, the atomic backward too where one does, the deterministic backward
+    padded copies; results like the reference."""
+    seen = []
+    _kernels_on_the_cpu(monkeypatch, seen)
     rng = np.random.default_rng(head_dim + head_dim_v)
     q, k = (rng.standard_normal((1, n, 2, head_dim)).astype(np.float32) for n in (21, 34))
     v = rng.standard_normal((1, 34, 2, head_dim_v)).astype(np.float32)
@@ -160,3 +165,24 @@ def test_native_dispatch(monkeypatch, head_dim, head_dim_v, backward_native):
     for got in grads:
         for g, want in zip(got, refs):
             np.testing.assert_allclose(g, want, atol=1e-5)
+
+
+def test_a_misaligned_pair_runs_on_copies(monkeypatch):
+    """The pair kernels read the caller's arrays in place: a v whose rows are not on 16-byte
+    boundaries goes to the padded copies (which are) instead, forward and backward."""
+    seen = []
+    _kernels_on_the_cpu(monkeypatch, seen)
+    rng = np.random.default_rng(7)
+    q, k = (rng.standard_normal((1, n, 2, 192)).astype(np.float32) for n in (21, 34))
+    flat = rng.standard_normal(34 * 2 * 128 + 1).astype(np.float32)
+    v = flat[1:].reshape(1, 34, 2, 128)  # 4 bytes past the buffer's start
+    assert v.ctypes.data % 16
+    do = rng.standard_normal((1, 21, 2, 128)).astype(np.float32)
+    o, stats = cuflash.attention_forward(q, k, v)
+    cuflash.attention_backward(do, q, k, v, o, stats)
+    assert seen == [("fwd", 192, 192, 192), ("bwd", 192, 192, 192)]
+    seen.clear()
+    v = v.copy()  # a new buffer: aligned
+    o, stats = cuflash.attention_forward(q, k, v)
+    cuflash.attention_backward(do, q, k, v, o, stats)
+    assert seen == [("fwd", 192, 192, 128), ("bwd", 128, 192, 128)]
