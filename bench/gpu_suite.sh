@@ -279,9 +279,12 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage head_dim_v_memcheck timeout "${HEAD_DIM_V_MEMCHECK_TIMEOUT:-300}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
         "tests/test_gpu_head_dim_v.py::test_gpu_pair_split_kv_heads"
-      run_stage head_dim_v_bench timeout "${HEAD_DIM_V_BENCH_TIMEOUT:-300}" $PY bench/head_dims.py \
-        --native both --pairs ${HEAD_DIM_V_PAIRS:-192,192 192,128 256,256 256,128 128,128 64,128 128,64} \
-        --json "$OUT/results/head_dim_v.json" ;;
+      for seqlen in ${HEAD_DIM_V_SEQLENS:-4096 16384}; do  # 16k: kernel time well above host time
+        run_stage "head_dim_v_bench_$seqlen" timeout "${HEAD_DIM_V_BENCH_TIMEOUT:-300}" $PY \
+          bench/head_dims.py --seqlen "$seqlen" --native both \
+          --pairs ${HEAD_DIM_V_PAIRS:-192,192 192,128 256,256 256,128 128,128 64,128 128,64} \
+          --json "$OUT/results/head_dim_v_$seqlen.json"
+      done ;;
     *)
       echo "unknown stage $stage" | tee -a "$summary" ;;
   esac
