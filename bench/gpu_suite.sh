@@ -11,7 +11,7 @@
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            bwd_dq_first
 #                                            issue15_bench
-#                                            hopper_d192 head_dim_v
+#                                            hopper_d192 head_dim_v verify_defaults
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces
 #                                            (default: info check tests sanitize bench workloads)
@@ -170,6 +170,17 @@ for stage in $stages; do
         tests/test_gpu_dropout.py tests/test_gpu_host_path.py tests/test_gpu_frameworks.py \
         tests/test_gpu_adapters.py tests/test_gpu_jax_modifiers.py \
         -k "not portable and not 48k and not 100k" ;;
+    verify_defaults)  # after sessions without a full GPU run: the selected forward's tests
+      # (fwd_defaults' files) and the pair kernels' (head_dim_v's) in one pytest over the
+      # cores (-n), each result logged as it finishes (-v), so that a call cut short still
+      # says which passed (session 22's -q run said only "276 passed"); VERIFY_K narrows
+      # the selection (a -k expression)
+      CUFLASH_POISON=1 XLA_PYTHON_CLIENT_PREALLOCATE=false run_stage verify_defaults timeout \
+        "${VERIFY_TIMEOUT:-480}" $PY -m pytest -m gpu -v -rfEs --maxfail=30 -p no:cacheprovider \
+        -n "${VERIFY_JOBS:-14}" tests/test_gpu_modifiers.py tests/test_gpu_dropout.py \
+        tests/test_gpu_host_path.py tests/test_gpu_frameworks.py tests/test_gpu_adapters.py \
+        tests/test_gpu_jax_modifiers.py tests/test_gpu_head_dim_v.py \
+        -k "not portable and not 48k and not 100k${VERIFY_K:+ and ($VERIFY_K)}" ;;
     fwd_persistent_sanitize)  # that kernel's blocks walking tiles, under compute-sanitizer
       for tool in memcheck racecheck synccheck; do
         run_stage "persistent_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
