@@ -10,18 +10,19 @@ general path. What a layout does not fix is checked on every call: row alignment
 backward the statistics' origin (``varlen.check_origin``).
 
 Calls this path does not take (nothing to launch, offsets or modifier arrays that are not
-contiguous, max lengths that are not plain ints, a window that is not a pair) return None:
-the general path serves them and raises its errors.
+contiguous, max lengths that are not plain ints, a window that is not a pair, v of its own
+head_dim unless a kernel takes the pair as it is) return None: the general path serves them
+and raises its errors.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from . import launch, validate
+from . import head_pad, launch, validate
 from . import plan as planning
-from .fastpath import (Backend, _aligned, _contiguous, _modifier_stand_ins, _new, _remember,
-                       optional_ptr, typed)
+from .fastpath import (DECLINED, Backend, _aligned, _contiguous, _modifier_stand_ins, _new,
+                       _remember, optional_ptr, typed)
 from .replay import Replay, addresses
 
 _calls: dict = {}
@@ -85,7 +86,7 @@ def _key(backend: Backend, direction: str, arrays: tuple, layout: Layout, *more)
     return key
 
 
-def _keep(key, known: _Known) -> _Known:
+def _keep(key, known):  # a _Known, or DECLINED
     try:
         return _remember(_calls, key, known)
     except TypeError:  # a flag the checks took but that cannot key a memo: not remembered
@@ -125,21 +126,38 @@ def _record(backend: Backend, layout: Layout, max_q: int, max_k: int) -> tuple:
 # -- forward -----------------------------------------------------------------------------------
 
 
+def _pair_declined(q, v) -> bool:
+    """v has its own head_dim and this path leaves it to the general one: the native pairs
+    are off, or a width is not the kernels' (the general path pads both)."""
+    if q.shape[-1] == v.shape[-1]:
+        return False
+    return not head_pad.native_pairs() or any(
+        head_pad.needed(d, d) for d in (q.shape[-1], v.shape[-1]))
+
+
+def _takes(shape, index: int, deterministic: bool | None = None) -> bool:
+    """A kernel takes the shape (always, unless v has its own head_dim)."""
+    return not shape.head_dim_v or launch.takes_pair(shape, index, deterministic)
+
+
 def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
-    """(o, m, l, the VarlenStats fields) like ``varlen.attention_varlen_forward``, or None."""
-    if q.shape[-1] != v.shape[-1]:  # v's own head_dim: the general path pads
+    """(o, m, l, the VarlenStats fields) like ``varlen.attention_varlen_forward``, or None.
+    o has v's head_dim."""
+    if _pair_declined(q, v):
         return None
     key = _key(backend, "forward", (q, k, v), layout)
     if key is None:
         return None
     known = _known(key)
+    if known is DECLINED:
+        return None
     if known is None or not _aligned(backend, q, k, v):
         known = _learn_forward(backend, q, k, v, layout, key)
-        if known is None:
+        if known is None or known is DECLINED:
             return None
     problem = known.problem
     poison = launch.poison_enabled()
-    o = _new(backend, q.shape, None, q, poison)
+    o = _new(backend, (*q.shape[:2], v.shape[-1]), None, q, poison)
     m = _new(backend, (problem.heads, q.shape[0]), backend.float32, q, poison)
     l = _new(backend, (problem.heads, q.shape[0]), backend.float32, q, poison)
     ptr = backend.ptr
@@ -170,15 +188,18 @@ def _learn_forward(backend: Backend, q, k, v, layout: Layout, key) -> _Known | N
     shape = _shape(call)
     if shape.empty or q.shape[0] == 0:
         return None
+    index = backend.device_index(q)
+    if not _takes(shape, index):
+        return _keep(key, DECLINED)
     at = dict(zip(_FORWARD, addresses(len(_FORWARD))))
     item = backend.operand(q).itemsize
     ops = [_packed(backend, x, at[n]) for x, n in ((q, "q"), (k, "k"), (v, "v"))]
-    ops.append(_new_packed(q, at["o"], item))
+    heads, head_dim_v = q.shape[1], v.shape[-1]  # o: q's rows and heads, v's head_dim
+    ops.append(launch.Operand(at["o"], 0, heads * head_dim_v, head_dim_v, item))
     seq = launch.SeqArgs(at["cu_q"], at["cu_k"], 0 if layout.seqused_k is None else at["used"],
                          shape.total_q)
     mods = _modifier_stand_ins(shape, call.modifiers, call.problem, layout.alibi_slopes,
                                layout.sinks)(at["alibi"], at["sinks"])
-    index = backend.device_index(q)
     with backend.on_device(index):
         plan = launch.forward_plan(shape, index)
     replay = Replay.record(lambda stream: launch.run_forward(
@@ -196,15 +217,17 @@ def backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     """(dq, dk, dv[, dsinks]) like ``varlen.attention_varlen_backward``, or None."""
     from .varlen import check_origin
 
-    if q.shape[-1] != v.shape[-1]:  # v's own head_dim: the general path pads
+    if _pair_declined(q, v):
         return None
     key = _key(backend, "backward", (do, q, k, v, o, stats.m, stats.l), layout, deterministic)
     if key is None:
         return None
     known = _known(key)
+    if known is DECLINED:
+        return None
     if known is None or not _aligned(backend, do, q, k, v, o):
         known = _learn_backward(backend, do, q, k, v, o, stats, layout, deterministic, key)
-        if known is None:
+        if known is None or known is DECLINED:
             return None
     problem = known.problem
     check_origin(stats, problem, known.shapes,
@@ -242,6 +265,8 @@ def _learn_backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     if shape.empty or (q.shape[0] == 0 and k.shape[0] == 0):
         return None
     index = backend.device_index(q)
+    if not _takes(shape, index, deterministic):
+        return _keep(key, DECLINED)
     with backend.on_device(index):
         plan = launch.backward_plan(shape, index, deterministic)
     at = dict(zip(_BACKWARD, addresses(len(_BACKWARD))))

@@ -163,3 +163,50 @@ def test_a_remembered_layout_does_not_pass_a_value_the_checks_refuse(device):
     assert varlen_fastpath.forward(backend, q, k, v, layout) is not None
     with pytest.raises(TypeError, match="^softcap: expected a real number"):
         varlen_fastpath.forward(backend, q, k, v, layout._replace(softcap=True))
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_a_pair_replays_the_pair_kernels_launches(device, monkeypatch, deterministic):
+    """v of its own head_dim (192, 128) with the native pairs on: the forward replays the
+    launches of the pair's plan (o at v's width); the backward too, or, deterministic (no
+    pair kernel), is declined for the general path's copies, remembered as declined."""
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    captured, _ = device
+    backend, rng = NumpyBackend(), np.random.default_rng(5)
+    for call in range(3):
+        q, k, _, cu_q, cu_k = _arrays(rng, [37, 90], [50, 90], 4, 2, dim=192)
+        v = rng.standard_normal((k.shape[0], 2, 128)).astype(np.float16)
+        layout = varlen_fastpath.Layout(cu_q, cu_k, 90, 90, None, True, None, None, None,
+                                        None, None)
+        captured.clear()
+        o, m, l, fields = varlen_fastpath.forward(backend, q, k, v, layout)
+        assert o.shape == (q.shape[0], 4, 128)
+        assert captured and captured == _direct(q, k, v, layout, (o, m, l)), f"call {call}"
+        do = rng.standard_normal(o.shape).astype(o.dtype)
+        captured.clear()
+        grads = varlen_fastpath.backward(backend, do, q, k, v, o, _stats(m, l, fields), layout,
+                                         deterministic)
+        if deterministic:
+            assert grads is None and captured == []
+            continue
+        assert grads[2].shape == v.shape
+        pre = next(c for c in captured if c[0] != "memset")
+        plan = launch.backward_plan(_shape(check_varlen(
+            q, k, v, cu_q, cu_k, 90, 90, **layout.checked())), 0, False)
+        assert plan.main.spec.head_dim_v == 128
+        from cuflash import plan as planning
+
+        workspace = pre[4][4] - planning.backward_workspace(plan).delta
+        assert captured == _direct(q, k, v, layout, (o, m, l), do, grads, workspace)
+    assert (varlen_fastpath.DECLINED in varlen_fastpath._calls.values()) == deterministic
+
+
+def test_a_pair_is_left_to_the_general_path_with_the_switch_off(device, monkeypatch):
+    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    backend, rng = NumpyBackend(), np.random.default_rng(6)
+    q, k, _, cu_q, cu_k = _arrays(rng, [10, 20], [10, 20], 2, 2, dim=192)
+    v = rng.standard_normal((k.shape[0], 2, 128)).astype(np.float16)
+    layout = varlen_fastpath.Layout(cu_q, cu_k, 20, 20, None, False, None, None, None, None,
+                                    None)
+    assert varlen_fastpath.forward(backend, q, k, v, layout) is None
+    assert not varlen_fastpath._calls
