@@ -182,10 +182,8 @@ def _fast_dims(q, v, plain: bool) -> bool:
     own (the fast path declines a pair that no kernel takes, and the general path pads)."""
     if _kernel_dims(q, v):
         return True
-    if not plain or not head_pad.native_pairs():
-        return False
     try:
-        return not any(head_pad.needed(d, d) for d in (int(q.shape[-1]), int(v.shape[-1])))
+        return plain and head_pad.native_candidate(int(q.shape[-1]), int(v.shape[-1]))
     except (AttributeError, IndexError, TypeError):
         return False
 

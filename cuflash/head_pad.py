@@ -33,6 +33,13 @@ def native_pairs() -> bool:
     return _native_value() in (b"1", "1")
 
 
+def native_candidate(head_dim: int, head_dim_v: int) -> bool:
+    """A pair (head_dim_v != head_dim) that a kernel may take as it is: the switch on and
+    each a kernel width (``launch.takes_pair`` then decides on the plan)."""
+    return (head_dim != head_dim_v and native_pairs()
+            and head_dim % KERNEL_DIM_STEP == 0 and head_dim_v % KERNEL_DIM_STEP == 0)
+
+
 def needed(head_dim: int, head_dim_v: int) -> bool:
     """True when the kernels cannot run these head dims as they are."""
     return head_dim != head_dim_v or head_dim % KERNEL_DIM_STEP != 0

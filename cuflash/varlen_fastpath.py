@@ -127,12 +127,9 @@ def _record(backend: Backend, layout: Layout, max_q: int, max_k: int) -> tuple:
 
 
 def _pair_declined(q, v) -> bool:
-    """v has its own head_dim and this path leaves it to the general one: the native pairs
-    are off, or a width is not the kernels' (the general path pads both)."""
-    if q.shape[-1] == v.shape[-1]:
-        return False
-    return not head_pad.native_pairs() or any(
-        head_pad.needed(d, d) for d in (q.shape[-1], v.shape[-1]))
+    """v has its own head_dim and no kernel may take it as it is (the general path pads)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    return d != dv and not head_pad.native_candidate(d, dv)
 
 
 def _takes(shape, index: int, deterministic: bool | None = None) -> bool:
