@@ -11,7 +11,7 @@
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            bwd_dq_first
 #                                            issue15_bench
-#                                            hopper_d192 head_dim_v verify_defaults
+#                                            hopper_d192 head_dim_v verify_defaults pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces
 #                                            (default: info check tests sanitize bench workloads)
@@ -170,6 +170,18 @@ for stage in $stages; do
         tests/test_gpu_dropout.py tests/test_gpu_host_path.py tests/test_gpu_frameworks.py \
         tests/test_gpu_adapters.py tests/test_gpu_jax_modifiers.py \
         -k "not portable and not 48k and not 100k" ;;
+    pair_tiles)  # v's own head_dim, (192, 128): the forward's 64-key tile (selected) and a
+      # 128-key one (FlashAttention-3's public tile_size.h picks 128 x 128 for head_dim 192
+      # with v <= 128), each with CF_FWD_OVERLAP=2 where it fits, beside (192, 192)'s tile
+      # and SDPA, kernel time alone (tile_sweep pins the spec); the backward's tile too
+      for dv in 192 128; do
+        run_stage "pair_tiles_fwd_v$dv" bash -c "cd bench/dev && timeout ${PAIR_TILES_TIMEOUT:-150} \
+          $PY tile_sweep.py --kind fwd90 --head-dim 192 --head-dim-v $dv --seqlen 4096 16384 \
+          --causal both --candidates 8,64,2 8,128,2 --variant CF_FWD_OVERLAP=2"
+        run_stage "pair_tiles_bwd_v$dv" bash -c "cd bench/dev && timeout ${PAIR_TILES_TIMEOUT:-150} \
+          $PY tile_sweep.py --kind bwd90 --head-dim 192 --head-dim-v $dv --seqlen 4096 16384 \
+          --causal both --candidates 8,64,2 --variant CF_BWD_DQ_FIRST=1"
+      done ;;
     verify_defaults)  # after sessions without a full GPU run: the selected forward's tests
       # (fwd_defaults' files) and the pair kernels' (head_dim_v's) in one pytest over the
       # cores (-n), each result logged as it finishes (-v), so that a call cut short still

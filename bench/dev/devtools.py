@@ -41,21 +41,25 @@ def _operand(t):
     return Operand(t.data_ptr(), *t.stride()[:3], t.element_size())
 
 
-def _shape(q, k, causal):
+def _shape(q, k, v, causal):
+    """The plan's Shape; v of its own head_dim sets ``head_dim_v``."""
     from cuflash.plan import Shape
 
     b, sq, h, d = q.shape
+    dv = v.shape[3]
     return Shape(batch=b, seqlen_q=sq, seqlen_k=k.shape[1], heads=h, heads_kv=k.shape[2],
-                 head_dim=d, dtype=str(q.dtype).split(".")[1], causal=causal)
+                 head_dim=d, dtype=str(q.dtype).split(".")[1], causal=causal,
+                 head_dim_v=dv if dv != d else 0)
 
 
 def pinned_forward(spec, q, k, v, causal):
-    """(o, m, l) of the forward run with ``spec`` (torch tensors on the GPU)."""
+    """(o, m, l) of the forward run with ``spec`` (torch tensors on the GPU); o at v's
+    head_dim."""
     from cuflash import launch, plan
 
     device = q.device.index
-    p = plan.plan_forward(_shape(q, k, causal), launch.device_facts(device), spec=spec)
-    o = torch.empty_like(q)
+    p = plan.plan_forward(_shape(q, k, v, causal), launch.device_facts(device), spec=spec)
+    o = q.new_empty(*q.shape[:3], v.shape[3])
     m, l = (torch.empty(q.shape[0], q.shape[2], q.shape[1], device=q.device,
                         dtype=torch.float32) for _ in range(2))
     launch.run_forward(p, *map(_operand, (q, k, v, o)), m.data_ptr(), l.data_ptr(),
@@ -68,7 +72,7 @@ def pinned_backward(spec, do, q, k, v, o, m, l, causal):
     from cuflash import launch, plan
 
     device = q.device.index
-    p = plan.plan_backward(_shape(q, k, causal), launch.device_facts(device),
+    p = plan.plan_backward(_shape(q, k, v, causal), launch.device_facts(device),
                            spec.deterministic, spec=spec)
     workspace = torch.empty(plan.backward_workspace(p).total_bytes, device=q.device,
                             dtype=torch.uint8)

@@ -3,6 +3,8 @@
     python bench/dev/tile_sweep.py --kind fwd --head-dim 64 128 --seqlen 4096 16384 --causal both
     python bench/dev/tile_sweep.py --kind bwd --head-dim 64 --seqlen 4096
     python bench/dev/tile_sweep.py --kind bwd90 --head-dim 128 --variant CF_BWD_WS_PINGPONG=0
+    python bench/dev/tile_sweep.py --kind fwd90 --head-dim 192 --head-dim-v 128 \
+        --candidates 8,64,2 8,128,2 --variant CF_FWD_OVERLAP=2
 
 For each candidate the plan is built with that KernelSpec pinned (cuflash.plan's ``spec=``,
 devtools.pinned_forward / pinned_backward; --define adds knobs to the spec, so its name and
@@ -48,17 +50,21 @@ ORDERED: list = []  # --ordered: this GPU's DeviceFacts; also the deterministic 
 VARIANTS: list[dict[str, int]] = []  # --variant NAME=VALUE: each candidate again with it
 
 
-def candidate_specs(kind, dtype, head_dim, causal):
+def candidate_specs(kind, dtype, head_dim, causal, head_dim_v=0):
+    """``head_dim_v``: v's own head_dim (the pair kernels: fwd90's 8 warps, bwd90's role
+    split), 0 for q's."""
     bucket = specs.head_dim_bucket(head_dim)
     if kind in ("fwd", "fwd90"):
-        out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket,
+        out = [KernelSpec(kind=kind, dtype=dtype, head_dim=bucket, head_dim_v=head_dim_v,
                           block_m=fwd_block_m(kind, w), block_n=n, warps=w,
-                          stages=s, causal=causal) for w, n, s in FWD_CANDIDATES]
+                          stages=s, causal=causal) for w, n, s in FWD_CANDIDATES
+               if not head_dim_v or w == 8]
     elif kind == "bwd90":
-        out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, block_m=m,
-                          block_n=64 if bucket >= 192 else 128, warps=w, stages=s, causal=causal,
-                          dq_atomic=True, dchunk=bucket)
-               for w, m, s in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket)]
+        out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, head_dim_v=head_dim_v,
+                          block_m=m, block_n=64 if bucket >= 192 else 128, warps=w, stages=s,
+                          causal=causal, dq_atomic=True, dchunk=bucket)
+               for w, m, s in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket)
+               and (not head_dim_v or w == 8)]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,
@@ -88,7 +94,9 @@ def sdpa_ms(q, k, v, do, causal, kind, backend):
         return time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), dot, retain_graph=True))
 
 
-def sweep(kind, dtype_name, d, s, causal):
+def sweep(kind, dtype_name, d, s, causal, dv=0):
+    """``dv``: v's own head_dim (0 or d: d's); FLOPs then 2 B H S^2 (d + dv)."""
+    dv = 0 if dv == d else dv
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend
@@ -97,8 +105,10 @@ def sweep(kind, dtype_name, d, s, causal):
 
     batch, heads = max(1, 16384 // s), 2048 // d
     dt = getattr(torch, dtype_name)
-    q, k, v, do = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt) for _ in range(4))
-    flops = 4 * batch * heads * s * s * d / (2 if causal else 1)
+    width_v = dv or d
+    q, k = (torch.randn(batch, s, heads, d, device="cuda", dtype=dt) for _ in range(2))
+    v, do = (torch.randn(batch, s, heads, width_v, device="cuda", dtype=dt) for _ in range(2))
+    flops = 2 * batch * heads * s * s * (d + width_v) / (2 if causal else 1)
     backward = kind in ("bwd", "bwd90")
     flops *= 2.5 if backward else 1
     qg, kg, vg = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
@@ -106,7 +116,8 @@ def sweep(kind, dtype_name, d, s, causal):
     ref_grads = [g.transpose(1, 2) for g in
                  torch.autograd.grad(ref, (qg, kg, vg), do.transpose(1, 2))] if backward else []
     ref = ref.detach().transpose(1, 2)
-    print(f"--- {kind} {dtype_name} d{d} seqlen {s} batch {batch} heads {heads}"
+    print(f"--- {kind} {dtype_name} d{d}{f' v{dv}' if dv else ''} seqlen {s} batch {batch} "
+          f"heads {heads}"
           f"{' causal' if causal else ''}")
     for label, backend in (("sdpa_flash (FA-2)", SDPBackend.FLASH_ATTENTION),
                            ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -116,9 +127,11 @@ def sweep(kind, dtype_name, d, s, causal):
         except Exception as exc:  # a backend may refuse a shape; say so and go on
             print(f"{label:<52} unavailable: {type(exc).__name__}: {str(exc)[:80]}")
     budget = device_facts(q.device.index).smem_optin
-    o, m, l = pinned_forward(specs.select_forward(device_facts(q.device.index), dtype_name, d,
-                                                  causal), q, k, v, causal)
-    for spec in candidate_specs(kind, dtype_name, d, causal):
+    facts = device_facts(q.device.index)
+    first = (specs.select_forward_pair(facts, dtype_name, d, dv, causal) if dv else
+             specs.select_forward(facts, dtype_name, d, causal))
+    o, m, l = pinned_forward(first, q, k, v, causal)
+    for spec in candidate_specs(kind, dtype_name, d, causal, dv):
         if spec.smem_bytes > budget:
             print(f"{spec.name:<52} does not fit ({spec.smem_bytes} B)")
             continue
@@ -158,6 +171,8 @@ def main():
     p.add_argument("--seqlen", type=int, nargs="+", default=[16384])
     p.add_argument("--causal", choices=["no", "yes", "both"], default="no")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--head-dim-v", type=int, default=0,
+                   help="v's own head_dim (fwd90 / bwd90 pair kernels; 0: q's)")
     p.add_argument("--candidates", nargs="+", default=None, metavar="W,M_OR_N,S",
                    help="replace the candidate list of --kind (e.g. 8,64,2)")
     p.add_argument("--define", action="append", default=[],
@@ -187,7 +202,7 @@ def main():
     for d in args.head_dim:
         for s in args.seqlen:
             for causal in causals:
-                sweep(args.kind, args.dtype, d, s, causal)
+                sweep(args.kind, args.dtype, d, s, causal, args.head_dim_v)
 
 
 if __name__ == "__main__":
