@@ -173,14 +173,16 @@ for stage in $stages; do
     pair_tiles)  # v's own head_dim, (192, 128): the forward's 64-key tile (selected) and a
       # 128-key one (FlashAttention-3's public tile_size.h picks 128 x 128 for head_dim 192
       # with v <= 128), each with CF_FWD_OVERLAP=2 where it fits, beside (192, 192)'s tile
-      # and SDPA, kernel time alone (tile_sweep pins the spec); the backward's tile too
+      # and SDPA, kernel time alone (tile_sweep pins the spec); the backward's tile too,
+      # with dQ's panels balanced over its warpgroups (CF_BWD_DQ_BALANCE, a candidate)
       for dv in 192 128; do
         run_stage "pair_tiles_fwd_v$dv" bash -c "cd bench/dev && timeout ${PAIR_TILES_TIMEOUT:-150} \
           $PY tile_sweep.py --kind fwd90 --head-dim 192 --head-dim-v $dv --seqlen 4096 16384 \
           --causal both --candidates 8,64,2 8,128,2 --variant CF_FWD_OVERLAP=2"
         run_stage "pair_tiles_bwd_v$dv" bash -c "cd bench/dev && timeout ${PAIR_TILES_TIMEOUT:-150} \
           $PY tile_sweep.py --kind bwd90 --head-dim 192 --head-dim-v $dv --seqlen 4096 16384 \
-          --causal both --candidates 8,64,2 --variant CF_BWD_DQ_FIRST=1"
+          --causal both --candidates 8,64,2 --variant CF_BWD_DQ_FIRST=1 \
+          --variant CF_BWD_DQ_FIRST=1,CF_BWD_DQ_BALANCE=1"
       done ;;
     verify_defaults)  # after sessions without a full GPU run: the selected forward's tests
       # (fwd_defaults' files) and the pair kernels' (head_dim_v's) in one pytest over the

@@ -63,6 +63,9 @@
 #ifndef CF_BWD_DQ_FIRST  // 1: head_dim 192 / 256 issue a dQ panel before dK / dV (the role
 #define CF_BWD_DQ_FIRST 0  // split, below; selected: registry.BWD90_DQ_FIRST)
 #endif
+#ifndef CF_BWD_DQ_BALANCE  // 1: with v narrower than q (the role split's pairs), warpgroup 1
+#define CF_BWD_DQ_BALANCE 0  // (dV) takes more dQ panels than warpgroup 0 (dK): see below
+#endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64  // 128 only at head_dim 64 (cf_config.cuh: 16 rows per warp)
 #endif
@@ -117,6 +120,18 @@ enum : int {
 static_assert(kDV == kD || (kRoleSplit && kDV % 64 == 0 && kDV <= 256),
               "v's own head_dim: the role split only, whole panels");
 
+// dQ's panels in the role split. Each warpgroup's products per tile are its accumulator's
+// (dK: kD / 64 panels of 64 columns; dV: kDV / 64) and its dQ panels. By default warpgroup 0
+// takes dQ panels 0, 1 and warpgroup 1 the rest (at (192, 192): 3 + 2 against 3 + 1). With
+// v narrower, CF_BWD_DQ_BALANCE=1 gives warpgroup 0 only kDqSplit of them, so both carry
+// about as many: (192, 128) 3 + 1 against 2 + 2 instead of 3 + 2 against 2 + 1; (256, 128)
+// 4 + 1 against 2 + 3 instead of 4 + 2 against 2 + 2. (Written 2026-12-05, not run on a GPU.)
+enum : int {  // (enumerators: namespace-scope constexpr variables would land in the PTX)
+  kDqBalanced = CF_BWD_DQ_BALANCE && kDV < kD,
+  kDqSplit = (kDV / 64 + 1) / 2,  // warpgroup 0's dQ panels when balanced
+};
+static_assert(!CF_BWD_DQ_BALANCE || kRoleSplit, "CF_BWD_DQ_BALANCE: the role split's");
+
 // The role split's accumulator product: warpgroup 0 dK += dS^T Q (kD columns), warpgroup 1
 // dV += P^T dO (kDV columns, in the first of acc's registers). A K-major (queries contiguous),
 // B MN-major (head_dim contiguous); the tile's 64 queries are the contraction.
@@ -137,6 +152,17 @@ __device__ __forceinline__ void issue_dk_or_dv(float (&acc)[kDT][4], int wg, cf_
       wgmma_ss_kmn_acc(acc_prefix<kDTV>(acc), sm90_desc_kmajor<kBN>(sP, kq),
                        sm90_desc_mnmajor<kBM>(do_tile, kq), 1);
   }
+}
+// The balanced forms' dQ panel `panel` (64 columns of dQ over the tile's 64 keys), issued
+// and committed: dq = dS K[:, 64 panel ..].
+__device__ __forceinline__ void issue_dq_panel(float (&dq)[8][4], cf_u32 sdS, cf_u32 sK,
+                                               int panel) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBN / 16; ++kk)
+    wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS, kk),
+                    sm90_desc_mnmajor<kBN>(sK + panel * kBN * 128, kk), kk > 0);
+  wgmma_commit();
 }
 }  // namespace bwd90
 
@@ -284,68 +310,103 @@ extern "C" __global__ void __launch_bounds__(bwd90::kThreads, 1)
       }
       fence_proxy_async();  // the P^T, dS^T stores, for the wgmma after the barrier
       __syncthreads();
-#if CF_BWD_DQ_FIRST
-      // The first dQ panel is issued before dK / dV, so its adds to dq_accum run while the
-      // tensor cores work on dK / dV (in the order below they waited for both products).
-      float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
-      const bool second = kD >= 256 || 2 * wg + 1 < kD / 64;  // head_dim 192: wg 0 only
-      {
+      if constexpr (kDqBalanced) {
+        // dQ panels [first, first + count) of this warpgroup (kDqSplit, above); with
+        // CF_BWD_DQ_FIRST the first is issued before dK / dV, as below
+        float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+        const int first = wg == 0 ? 0 : kDqSplit;
+        const int count = wg == 0 ? kDqSplit : kD / 64 - kDqSplit;
+        const int dq_row = m0 + (warp & 3) * 16 + group;
         float dq[8][4];
-        wgmma_fence();
+        int c = 0;
+        if constexpr (CF_BWD_DQ_FIRST) {
+          issue_dq_panel(dq, sdS_sa, sK_sa, first);
+          issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
+          wgmma_commit();
+          wgmma_wait<1>();  // the dQ panel; dK / dV may still run
+          wgmma_fence_regs(dq);
+          add_dq(dq, dq_head, dq_row, 64 * first, tig, seqlen_q, heads, head_dim,
+                 softmax_scale);
+          c = 1;
+        } else {
+          wgmma_fence();
+          issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
+          wgmma_commit();
+        }
+#pragma unroll 1
+        for (; c < count; ++c) {
+          issue_dq_panel(dq, sdS_sa, sK_sa, first + c);
+          wgmma_wait<0>();
+          wgmma_fence_regs(dq);
+          add_dq(dq, dq_head, dq_row, 64 * (first + c), tig, seqlen_q, heads, head_dim,
+                 softmax_scale);
+        }
+        wgmma_wait<0>();  // dK / dV (already done unless this warpgroup had one panel)
+        wgmma_fence_regs(acc);
+      } else {
+#if CF_BWD_DQ_FIRST
+        // The first dQ panel is issued before dK / dV, so its adds to dq_accum run while the
+        // tensor cores work on dK / dV (in the order below they waited for both products).
+        float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+        const bool second = kD >= 256 || 2 * wg + 1 < kD / 64;  // head_dim 192: wg 0 only
+        {
+          float dq[8][4];
+          wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                          sm90_desc_mnmajor<kBN>(sK_sa + 2 * wg * kBN * 128, kk), kk > 0);
-        wgmma_commit();
+          for (int kk = 0; kk < kBN / 16; ++kk)
+            wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                            sm90_desc_mnmajor<kBN>(sK_sa + 2 * wg * kBN * 128, kk), kk > 0);
+          wgmma_commit();
+          issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
+          wgmma_commit();
+          wgmma_wait<1>();  // the dQ panel; dK / dV may still run
+          wgmma_fence_regs(dq);
+          add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg, tig, seqlen_q, heads,
+                 head_dim, softmax_scale);
+        }
+        if (second) {
+          float dq[8][4];
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBN / 16; ++kk)
+            wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                            sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + 1) * kBN * 128, kk), kk > 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          wgmma_fence_regs(dq);
+          add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64, tig, seqlen_q, heads,
+                 head_dim, softmax_scale);
+        } else {
+          wgmma_wait<0>();
+        }
+        wgmma_fence_regs(acc);
+#else
+        // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
+        // B MN-major: head_dim contiguous; the 64 queries are the contraction)
+        wgmma_fence();
         issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
         wgmma_commit();
-        wgmma_wait<1>();  // the dQ panel; dK / dV may still run
-        wgmma_fence_regs(dq);
-        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg, tig, seqlen_q, heads,
-               head_dim, softmax_scale);
-      }
-      if (second) {
-        float dq[8][4];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                          sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + 1) * kBN * 128, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_regs(dq);
-        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64, tig, seqlen_q, heads,
-               head_dim, softmax_scale);
-      } else {
-        wgmma_wait<0>();
-      }
-      wgmma_fence_regs(acc);
-#else
-      // -- warpgroup 0: dK += dS^T Q; warpgroup 1: dV += P^T dO (A K-major: queries contiguous;
-      // B MN-major: head_dim contiguous; the 64 queries are the contraction)
-      wgmma_fence();
-      issue_dk_or_dv(acc, wg, sdS_sa, sP_sa, q_tile, do_tile);
-      wgmma_commit();
-      // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
-      // (head_dim 192: warpgroup 1 has the third panel only)
-      float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
+        // -- dQ = dS K: warpgroup wg, columns 128 wg + 64 c (panel 2 wg + c of K), all 64 keys
+        // (head_dim 192: warpgroup 1 has the third panel only)
+        float* dq_head = dq_accum + (seq.row_q() * heads + h) * head_dim;
 #pragma unroll 1
-      for (int c = 0; c < 2; ++c) {
-        if (kD < 256 && 2 * wg + c >= kD / 64) break;  // d256: never (its cubin unchanged)
-        float dq[8][4];
-        wgmma_fence();
+        for (int c = 0; c < 2; ++c) {
+          if (kD < 256 && 2 * wg + c >= kD / 64) break;  // d256: never (its cubin unchanged)
+          float dq[8][4];
+          wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kBN / 16; ++kk)
-          wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
-                          sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_fence_regs(dq);
-        add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64 * c, tig, seqlen_q, heads,
-               head_dim, softmax_scale);
-      }
-      wgmma_fence_regs(acc);
+          for (int kk = 0; kk < kBN / 16; ++kk)
+            wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS_sa, kk),
+                            sm90_desc_mnmajor<kBN>(sK_sa + (2 * wg + c) * kBN * 128, kk), kk > 0);
+          wgmma_commit();
+          wgmma_wait<0>();
+          wgmma_fence_regs(dq);
+          add_dq(dq, dq_head, m0 + (warp & 3) * 16 + group, 128 * wg + 64 * c, tig, seqlen_q, heads,
+                 head_dim, softmax_scale);
+        }
+        wgmma_fence_regs(acc);
 #endif
+      }
     } else {
       // -- S^T = K Q^T and dP^T = V dO^T for this warpgroup's 64 keys
       float s[kNT][4], dp[kNT][4];

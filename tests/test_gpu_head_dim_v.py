@@ -134,6 +134,44 @@ def test_gpu_pair_matches_reference(native, pair, dtype, causal, name):
     assert len(native) == 5 * padded_calls, (label, native)
 
 
+BALANCE = "CF_BWD_DQ_BALANCE"
+
+
+@pytest.fixture(params=[0, 1], ids=["dq_first0", "dq_first1"])
+def balanced(request, native, monkeypatch):
+    """The pair backward with dQ's panels balanced (CF_BWD_DQ_BALANCE=1, a candidate), its
+    first panel issued before dK / dV or not; the copies counted as ``native``'s."""
+    def knob(spec):
+        return spec.with_knobs(**{BALANCE: 1, "CF_BWD_DQ_FIRST": request.param})
+
+    gen = gh.selector_with_knob(monkeypatch, "select_backward_pair", knob)
+    next(gen)
+    yield native
+    next(gen, None)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pair", [(192, 128), (256, 128), (192, 64)],
+                         ids=["192-128", "256-128", "192-64"])
+def test_gpu_pair_balanced_dq_panels(balanced, pair, causal):
+    """The role split with dQ's panels balanced over the warpgroups (warpgroup 1 takes 2 or
+    3 of them) against the reference; GQA 4/2 at odd lengths, and at (192, 128) GQA 16/2,
+    whose kv heads split over blocks."""
+    d, dv = pair
+    dims = dict(batch=2, seqlen_q=157, seqlen_k=301, heads=4, heads_kv=2)
+    if pair == (192, 128):
+        dims = dict(batch=1, seqlen_q=384, seqlen_k=384, heads=16, heads_kv=2)
+    shape = plan.Shape(dims["batch"], dims["seqlen_q"], dims["seqlen_k"], dims["heads"],
+                       dims["heads_kv"], d, "bfloat16", causal, head_dim_v=dv)
+    assert (BALANCE, 1) in launch.backward_plan(shape, 0, False).main.spec.knobs
+    rng = gh.rng_for()
+    q, k, v, do = _arrays(rng, d, dv, "bfloat16", **dims)
+    gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype="bfloat16",
+                                     label=f"d{d}/{dv} balanced dQ", host_kwargs={},
+                                     gpu_kwargs={})
+    assert len(balanced) == 5, balanced  # the deterministic backward's copies only
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gpu_pair_split_kv_heads(native, causal):
     """GQA 16/2 at a small batch: the backward splits a kv head's query heads over blocks
