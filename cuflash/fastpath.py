@@ -264,15 +264,19 @@ def _contiguous_strides(x) -> tuple:
 DECLINED = "declined"
 
 
+def kernel_takes(shape: Shape, index: int, deterministic: bool | None = None) -> bool:
+    """A kernel takes ``shape`` as it is: always, unless v has its own head_dim
+    (``launch.takes_pair``; ``deterministic`` None: the forward's, else the backward's). The
+    dense and varlen fast paths both ask."""
+    return not shape.head_dim_v or launch.takes_pair(shape, index, deterministic)
+
+
 def _pair_shape(backend: Backend, q, v, shape: Shape, deterministic: bool | None):
     """``shape`` with v's own head_dim where it differs from q's, or DECLINED where no kernel
-    takes that pair (``deterministic`` None: the forward's, else the backward's)."""
-    head_dim_v = v.shape[3]
-    if head_dim_v == shape.head_dim:
-        return shape
-    shape = replace(shape, head_dim_v=head_dim_v)
-    taken = launch.takes_pair(shape, backend.device_index(q), deterministic)
-    return shape if taken else DECLINED
+    takes it."""
+    if v.shape[3] != shape.head_dim:
+        shape = replace(shape, head_dim_v=v.shape[3])
+    return shape if kernel_takes(shape, backend.device_index(q), deterministic) else DECLINED
 
 
 def _forward_call(backend: Backend, q, k, v, causal, softmax_scale):

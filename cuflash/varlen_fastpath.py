@@ -22,7 +22,7 @@ from typing import NamedTuple
 from . import head_pad, launch, validate
 from . import plan as planning
 from .fastpath import (DECLINED, Backend, _aligned, _contiguous, _modifier_stand_ins, _new,
-                       _remember, optional_ptr, typed)
+                       _remember, kernel_takes, optional_ptr, typed)
 from .replay import Replay, addresses
 
 _calls: dict = {}
@@ -108,9 +108,9 @@ def _packed(backend: Backend, x, at) -> launch.Operand:
     return launch.Operand(at, 0, op.stride_b, op.stride_m, op.itemsize)
 
 
-def _new_packed(x, at, itemsize: int) -> launch.Operand:
-    """A new contiguous array shaped like the (total, heads, head_dim) x, at a stand-in."""
-    _, heads, head_dim = x.shape
+def _new_packed(shape, at, itemsize: int) -> launch.Operand:
+    """A new contiguous (total, heads, head_dim) array of ``shape``, at a stand-in."""
+    _, heads, head_dim = shape
     return launch.Operand(at, 0, heads * head_dim, head_dim, itemsize)
 
 
@@ -132,11 +132,6 @@ def _pair_declined(q, v) -> bool:
     return d != dv and not head_pad.native_candidate(d, dv)
 
 
-def _takes(shape, index: int, deterministic: bool | None = None) -> bool:
-    """A kernel takes the shape (always, unless v has its own head_dim)."""
-    return not shape.head_dim_v or launch.takes_pair(shape, index, deterministic)
-
-
 def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
     """(o, m, l, the VarlenStats fields) like ``varlen.attention_varlen_forward``, or None.
     o has v's head_dim."""
@@ -146,12 +141,10 @@ def forward(backend: Backend, q, k, v, layout: Layout) -> tuple | None:
     if key is None:
         return None
     known = _known(key)
-    if known is DECLINED:
-        return None
-    if known is None or not _aligned(backend, q, k, v):
+    if known is None or known is not DECLINED and not _aligned(backend, q, k, v):
         known = _learn_forward(backend, q, k, v, layout, key)
-        if known is None or known is DECLINED:
-            return None
+    if known is None or known is DECLINED:
+        return None
     problem = known.problem
     poison = launch.poison_enabled()
     o = _new(backend, (*q.shape[:2], v.shape[-1]), None, q, poison)
@@ -186,13 +179,12 @@ def _learn_forward(backend: Backend, q, k, v, layout: Layout, key) -> _Known | N
     if shape.empty or q.shape[0] == 0:
         return None
     index = backend.device_index(q)
-    if not _takes(shape, index):
+    if not kernel_takes(shape, index):
         return _keep(key, DECLINED)
     at = dict(zip(_FORWARD, addresses(len(_FORWARD))))
     item = backend.operand(q).itemsize
     ops = [_packed(backend, x, at[n]) for x, n in ((q, "q"), (k, "k"), (v, "v"))]
-    heads, head_dim_v = q.shape[1], v.shape[-1]  # o: q's rows and heads, v's head_dim
-    ops.append(launch.Operand(at["o"], 0, heads * head_dim_v, head_dim_v, item))
+    ops.append(_new_packed((*q.shape[:2], v.shape[-1]), at["o"], item))  # o: v's head_dim
     seq = launch.SeqArgs(at["cu_q"], at["cu_k"], 0 if layout.seqused_k is None else at["used"],
                          shape.total_q)
     mods = _modifier_stand_ins(shape, call.modifiers, call.problem, layout.alibi_slopes,
@@ -220,12 +212,10 @@ def backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     if key is None:
         return None
     known = _known(key)
-    if known is DECLINED:
-        return None
-    if known is None or not _aligned(backend, do, q, k, v, o):
+    if known is None or known is not DECLINED and not _aligned(backend, do, q, k, v, o):
         known = _learn_backward(backend, do, q, k, v, o, stats, layout, deterministic, key)
-        if known is None or known is DECLINED:
-            return None
+    if known is None or known is DECLINED:
+        return None
     problem = known.problem
     check_origin(stats, problem, known.shapes,
                  validate.Modifiers(known.window, known.softcap, layout.alibi_slopes,
@@ -262,7 +252,7 @@ def _learn_backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     if shape.empty or (q.shape[0] == 0 and k.shape[0] == 0):
         return None
     index = backend.device_index(q)
-    if not _takes(shape, index, deterministic):
+    if not kernel_takes(shape, index, deterministic):
         return _keep(key, DECLINED)
     with backend.on_device(index):
         plan = launch.backward_plan(shape, index, deterministic)
@@ -270,7 +260,7 @@ def _learn_backward(backend: Backend, do, q, k, v, o, stats, layout: Layout,
     item = backend.operand(q).itemsize
     ops = [_packed(backend, x, at[n]) for x, n in
            ((do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o"))]
-    grads = [_new_packed(x, at[n], item) for x, n in ((q, "dq"), (k, "dk"), (v, "dv"))]
+    grads = [_new_packed(x.shape, at[n], item) for x, n in ((q, "dq"), (k, "dk"), (v, "dv"))]
     seq = launch.SeqArgs(at["cu_q"], at["cu_k"], 0 if layout.seqused_k is None else at["used"],
                          shape.total_q)
     mods = _modifier_stand_ins(shape, call.modifiers, call.problem, layout.alibi_slopes,
