@@ -204,8 +204,8 @@ def report_one(item: tuple[KernelSpec, str]):
 def warm_one(item: tuple[KernelSpec, int]) -> float:
     """A worker: load one spec on the device the way a first call does; seconds it took.
 
-    ``get_kernel`` is the very path a call takes, so it fills the same caches: CuPy's
-    RawModule disk cache for the portable kernels, cuflash's cubin cache for sm_90a ones.
+    ``get_kernel`` is the very path a call takes, so it fills the same cache: cuflash's
+    cubins, in ``CUPY_CACHE_DIR``.
     """
     from .compiler import get_kernel
 

@@ -1,12 +1,18 @@
 """From a ``KernelSpec`` to compiled code: NVRTC options, CuPy modules, resource reports.
 
-Two consumers: ``get_kernel`` builds one CuPy ``RawModule`` per (spec, device), memoized and
-backed by CuPy's disk cache; ``compile_report`` runs NVRTC directly for any architecture, no
-GPU needed, and parses ptxas' register / spill / shared-memory report.
+Two consumers: ``get_kernel`` loads one module per (spec, device), memoized and backed by a
+cubin cache on disk; ``compile_report`` runs NVRTC directly for any architecture, no GPU
+needed, and parses ptxas' register / spill / shared-memory report.
+
+The cubin cache is shared by every process on a machine: each entry is compiled by one
+process while the others wait on its lock (pytest-xdist workers all precompiling the same
+specs compiled each one once per worker before), and its key leaves out where the sources
+live, so a cache built from one checkout serves another of the same sources.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -75,11 +81,12 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     start = time.perf_counter()
     with cupy.cuda.Device(device_id):
         arch = f"sm_{cupy.cuda.Device(device_id).compute_capability}"
+        target = compile_arch(spec, arch)
         if forced_arch() not in (None, arch):  # planned as an older GPU: its PTX, JIT-compiled
             module, function = _load_module(spec, _nvrtc_ptx(spec, forced_arch()))
-        elif compile_arch(spec, arch) != arch:  # arch-specific code (sm_90a): CuPy can't target it
-            module, function = _load_module(spec, _nvrtc_cubin(spec, compile_arch(spec, arch)))
-        else:
+        elif target != arch or _nvrtc_targets(arch):  # sm_90a, or an arch NVRTC knows
+            module, function = _load_module(spec, _nvrtc_cubin(spec, target))
+        else:  # a GPU newer than this NVRTC: CuPy's module compiles the newest PTX it can
             module = cupy.RawModule(code=read_source(spec), options=tuple(nvrtc_options(spec)),
                                     backend="nvrtc")
             function = module.get_function(spec.entry)
@@ -94,24 +101,74 @@ def get_kernel(spec: KernelSpec, device_id: int) -> LoadedKernel:
     return loaded
 
 
-def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
-    """NVRTC straight to a cubin for ``arch`` (e.g. "sm_90a"), cached on disk beside CuPy's.
+@lru_cache(maxsize=None)
+def _nvrtc_targets(arch: str) -> bool:
+    """Whether the loaded NVRTC can build a cubin for ``arch`` ("sm_90")."""
+    from cupy_backends.cuda.libs import nvrtc
 
-    CuPy's RawModule appends its own ``-arch=sm_XX`` and cannot build arch-specific
-    (``sm_90a``) code, which wgmma needs; the options mirror CuPy's (``-ftz=true``).
+    return int(arch[3:]) in nvrtc.getSupportedArchs()
+
+
+def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
+    """NVRTC straight to a cubin for ``arch`` ("sm_90", "sm_90a"), cached on disk.
+
+    Every kernel goes this way (CuPy's RawModule appends its own ``-arch`` and cannot build
+    arch-specific ``sm_90a`` code, which wgmma needs); the options mirror CuPy's
+    (``-ftz=true``). One process compiles an entry; others wanting it wait for its lock.
     """
     from cupy_backends.cuda.libs import nvrtc
 
     opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "-ftz=true"]
-    source = read_source(spec)
-    key = hashlib.sha256("\0".join([source, *opts, str(nvrtc.getVersion())]).encode())
-    cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
-    path = cache_dir / f"cuflash_{spec.name}_{arch}_{key.hexdigest()[:24]}.cubin"
+    path = cubin_cache_path(spec, arch, opts, nvrtc.getVersion())
     cubin = read_cached_cubin(path)
     if cubin is None:
-        _, cubin = _nvrtc_compile(spec, arch, opts)
-        write_cached_cubin(path, cubin)
+        with _entry_lock(path):
+            cubin = read_cached_cubin(path)  # built by another process while this one waited
+            if cubin is None:
+                _, cubin = _nvrtc_compile(spec, arch, opts)
+                write_cached_cubin(path, cubin)
     return cubin
+
+
+def cubin_cache_path(spec: KernelSpec, arch: str, opts: list[str], nvrtc_version) -> Path:
+    """Where the cubin of ``spec`` for ``arch``, built with ``opts`` by NVRTC
+    ``nvrtc_version`` ((major, minor)), is kept. The include path is left out of the key:
+    ``CF_SOURCE_HASH`` (in ``opts``) already names every header's contents."""
+    keyed = [o for o in opts if not o.startswith("-I")]
+    key = hashlib.sha256("\0".join([read_source(spec), *keyed,
+                                    str(tuple(nvrtc_version))]).encode())
+    cache_dir = Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+    return cache_dir / f"cuflash_{spec.name}_{arch}_{key.hexdigest()[:24]}.cubin"
+
+
+class _entry_lock:
+    """An exclusive ``flock`` on ``cuflash_locks/<entry>.lock`` in the cache directory, for
+    one compile (lock files stay: removing one would race with a process about to lock it).
+
+    ``flock`` belongs to the open file, so threads of one process exclude each other too.
+    Where the lock file cannot be made (a read-only or missing cache directory) nothing is
+    locked: the cost is a duplicate compile, as before locks.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path.parent / "cuflash_locks" / (path.name + ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            if self.fd is not None:
+                os.close(self.fd)
+            self.fd = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file releases its lock
+        return False
 
 
 # A cached cubin is this header, then the cubin: a half-written or damaged file (another

@@ -88,6 +88,6 @@ def _cuda(version: int) -> str:
 
 
 def kernel_cache_dir() -> str:
-    """Where compiled kernels are kept: CuPy's disk cache (cuflash's sm_90a cubins beside)."""
+    """Where compiled kernels are kept: cuflash's cubins, in CuPy's cache directory."""
     # CuPy's documented default; CuPy 14 no longer exposes a getter for it.
     return os.environ.get("CUPY_CACHE_DIR", os.path.expanduser("~/.cupy/kernel_cache"))

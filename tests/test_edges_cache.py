@@ -34,7 +34,7 @@ def stub_nvrtc(monkeypatch, tmp_path):
 
 
 def _cache_files(tmp_path):
-    return sorted(p.name for p in tmp_path.iterdir())
+    return sorted(p.name for p in tmp_path.iterdir() if p.is_file())
 
 
 def test_second_call_reads_the_cache(stub_nvrtc, tmp_path):
@@ -48,7 +48,7 @@ def test_second_call_reads_the_cache(stub_nvrtc, tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "flipped-byte", "no-header", "empty"])
 def test_damaged_cache_file_is_recompiled_not_loaded(stub_nvrtc, tmp_path, damage):
     compiler._nvrtc_cubin(SPEC, "sm_90a")
-    (path,) = tmp_path.iterdir()
+    (path,) = tmp_path.glob("*.cubin")
     data = path.read_bytes()
     damaged = {"truncated": data[: len(data) // 2],
                "flipped-byte": data[:-1] + bytes([data[-1] ^ 1]),
@@ -94,3 +94,60 @@ def test_unwritable_cache_only_costs_a_recompile(stub_nvrtc, tmp_path, monkeypat
     assert compiler._nvrtc_cubin(SPEC, "sm_90a") == CUBIN
     assert len(stub_nvrtc) == 2
     assert os.path.isfile(blocker)
+
+
+def test_threads_wanting_one_entry_compile_it_once(stub_nvrtc):
+    barrier = threading.Barrier(8)
+
+    def work():
+        barrier.wait()
+        assert compiler._nvrtc_cubin(SPEC, "sm_90a") == CUBIN
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stub_nvrtc == ["sm_90a"]
+
+
+_PROCESS = """
+import sys, time
+from cuflash import compiler, specs
+spec = specs.select_forward(specs.DeviceFacts("h100", "sm_90", 132, 227 * specs.KIB),
+                            "bfloat16", 128, False)
+def compile_stub(spec, arch, opts):
+    with open(sys.argv[1], "a") as log:
+        log.write("compiled\\n")
+    time.sleep(0.5)  # long enough that the other processes arrive while it works
+    return "", b"cubin" * 1000
+compiler._nvrtc_compile = compile_stub
+assert compiler._nvrtc_cubin(spec, "sm_90a") == b"cubin" * 1000
+"""
+
+
+def test_processes_wanting_one_entry_compile_it_once(tmp_path):
+    """pytest-xdist workers precompile the same specs at once: one compiles, the rest read."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "compiles.log"
+    env = dict(os.environ, CUPY_CACHE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(log)], env=env)
+             for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    assert log.read_text().splitlines() == ["compiled"]
+
+
+def test_cache_key_ignores_where_the_sources_live(tmp_path, monkeypatch):
+    """A cache built from one checkout serves another of the same sources (a GPU machine
+    given a cache built elsewhere): the include path is not part of the key."""
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+    opts = compiler.nvrtc_options(SPEC) + ["--gpu-architecture=sm_90a", "-ftz=true"]
+    moved = [("-I/elsewhere/kernels_cu" if o.startswith("-I") else o) for o in opts]
+    assert moved != opts
+    here = compiler.cubin_cache_path(SPEC, "sm_90a", opts, (13, 0))
+    assert compiler.cubin_cache_path(SPEC, "sm_90a", moved, (13, 0)) == here
+    assert compiler.cubin_cache_path(SPEC, "sm_90a", opts, (13, 5)) != here
+    other = [o for o in opts if not o.startswith("-DCF_SOURCE_HASH")] + ["-DCF_SOURCE_HASH=1"]
+    assert compiler.cubin_cache_path(SPEC, "sm_90a", other, (13, 0)) != here

@@ -2,8 +2,7 @@
 
 Warm up one (dtype, head_dim) into an empty ``CUPY_CACHE_DIR``, then run a forward and a
 backward of that shape in a fresh process: if the call compiled anything, a new file would
-appear in the cache (CuPy's RawModule cache for the portable kernels, cuflash's cubins for
-the sm_90a ones), so the file set must not change.
+appear in the cache (cuflash's cubins, every kernel's), so the file set must not change.
 """
 
 from __future__ import annotations
