@@ -9,6 +9,7 @@
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
+#                                            fwd_tma fwd_bounds
 #                                            bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192 head_dim_v verify_defaults pair_tiles
@@ -154,6 +155,24 @@ for stage in $stages; do
           --rows $rows --rounds 5 --out "$OUT/results/fwd_persistent_$rows.json" \
           ${FWD_PERSISTENT_ARGS:-}
       done ;;
+    fwd_tma)  # the warp-specialized Hopper forward (head_dim 64 / 128) loading with bulk
+      # tensor copies (CF_FWD_TMA, a candidate written without a GPU): its float64-reference
+      # tests (first the plain cases: a wrong map shows there), then TFLOP/s with and without
+      # beside cuDNN at 16k tokens and on the GQA rows, alternating rounds
+      CUFLASH_POISON=1 run_stage fwd_tma_first timeout 120 $PY -m pytest -m gpu -q -rfEs -x \
+        -p no:cacheprovider "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain"
+      CUFLASH_POISON=1 run_stage fwd_tma_tests timeout "${FWD_TMA_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_tma.py
+      for tool in memcheck synccheck racecheck; do
+        run_stage "tma_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+          --tool $tool --error-exitcode 1 $PY bench/dev/sanitize_persistent.py --tma
+      done
+      for rows in tokens gqa; do
+        run_stage "fwd_tma_$rows" timeout "${FWD_TMA_TIMEOUT:-200}" $PY \
+          bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
+          --rows $rows --rounds 5 --out "$OUT/results/fwd_tma_$rows.json"
+      done ;;
     fwd_n176)  # the head_dim 128 warp-specialized forward with 176-key tiles (two stages),
       # a candidate: its float64-reference tests, then TFLOP/s against the selected 128-key
       # tile, one block per tile and persistent, beside SDPA's flash and cuDNN
@@ -223,6 +242,21 @@ for stage in $stages; do
         run_stage "fwd_ncu_$tag" env PYTHONPATH="$(realpath "$tree")" ncu --clock-control none \
           -k regex:flash_fwd -s 2 -c 1 --set full -o "$OUT/results/fwd_ncu_$tag" \
           $PY bench/dev/fwd_profile.py ${FWD_NCU_ARGS:---head-dim 256 --seqlen 4096 --causal}
+      done ;;
+    fwd_bounds)  # what bounds the selected forward (#12's gaps to cuDNN): ncu's throughput,
+      # pipe, memory-workload, scheduler and warp-state sections of one forward kernel for
+      # d128 at 16k and 1k tokens a sequence, d256 at 16k (FWD_BOUNDS_ROWS; 16k tokens, bf16),
+      # printed; with FWD_BOUNDS_TMA=1 the TMA forward too. Does the L2 -> SM traffic (K and V
+      # reread by every query tile: 1 / block_m bytes a FLOP) near its ceiling?
+      for row in ${FWD_BOUNDS_ROWS:-128:16384 128:1024 256:16384}; do
+        for tma in 0 ${FWD_BOUNDS_TMA:+1}; do
+          run_stage "fwd_bounds_d${row%%:*}_s${row##*:}_tma$tma" env CUFLASH_TEST_TMA=$tma \
+            ncu --clock-control none -k regex:flash_fwd -s 2 -c 1 \
+            --section SpeedOfLight --section ComputeWorkloadAnalysis \
+            --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+            --section Occupancy --page details \
+            $PY bench/dev/fwd_profile.py --head-dim "${row%%:*}" --seqlen "${row##*:}"
+        done
       done ;;
     fwd_times)  # forward kernel durations alone (ncu, one metric: no replay), an older tree
       # ($AB_OLD) and this one, three turns, the older first in odd turns; FWD_TIMES_ARGS picks

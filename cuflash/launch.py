@@ -25,6 +25,7 @@ import numpy as np
 
 from . import config, philox, specs
 from . import plan as planning
+from .tensor_map import MAP_ALIGNMENT, TensorMap, tile_map
 from .compiler import get_convert_kernel, get_kernel
 from .specs import DeviceFacts, KernelSpec
 
@@ -242,7 +243,7 @@ def backward_head_dim(shape: planning.Shape, device_id: int, deterministic: bool
 
 # -- parameter buffers ---------------------------------------------------------------------
 # Each entry point's parameters, one letter each: p pointer, i int, u unsigned int, q long
-# long, f float.
+# long, f float, T a tensor map (128 bytes, 64-byte aligned: cf_sm90.cuh's cf_tensor_map).
 # MODS: the score modifiers' arguments every attention kernel takes last (cf_mask.cuh's
 # CF_MOD_PARAMS: window_left, window_right, softcap_raw, softcap_inv, raw_per_score,
 # alibi_slopes, stride_alibi_b); the forwards then take the sinks, the preprocess sinks and
@@ -263,13 +264,15 @@ _SIGNATURES = {
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
 DROP = "uuuufi"  # cf_philox.cuh's CF_DROP_PARAMS, after those in dropout kernels only
+TMA = "TTT"  # flash_fwd_sm90_ws.cu's CF_TMA_PARAMS (maps of q, k, v), last, TMA kernels only
 
 
 def signature_of(spec, kind: str | None = None) -> str:
     """The parameter letters of ``spec``'s entry point (``kind``: of another table row)."""
     signature = _SIGNATURES[kind or spec.kind]
     signature += BSP if spec.mods.block_sparse else ""
-    return signature + DROP if spec.mods.dropout else signature
+    signature += DROP if spec.mods.dropout else ""
+    return signature + TMA if kind is None and specs.loads_with_tma(spec) else signature
 # struct's native (C) alignment; u: unsigned int
 _FORMATS = {"p": "P", "i": "i", "u": "I", "q": "q", "f": "f"}
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
@@ -281,7 +284,13 @@ def param_packer(signature: str) -> struct.Struct:
     """The kernel's parameter buffer as a ``struct.Struct`` in native mode, which lays the
     fields out by the C alignment rules and adds no tail padding (the driver refuses a
     buffer larger than the kernel's parameters)."""
-    packer = struct.Struct("@" + "".join(_FORMATS[c] for c in signature))
+    layout = "@"
+    for c in signature:
+        if c == "T":  # struct aligns no "s" field: pad to the map's alignment by hand
+            layout += "x" * (-struct.calcsize(layout) % MAP_ALIGNMENT) + "128s"
+        else:
+            layout += _FORMATS[c]
+    packer = struct.Struct(layout)
     assert packer.size <= _MAX_PARAM_BYTES
     return packer
 
@@ -393,6 +402,8 @@ def launch_function(function: int, grid: tuple, threads: int, smem: int, signatu
         records.append(Record(function, tuple(grid), threads, smem, signature, tuple(args),
                               what))
         return
+    if "T" in signature:  # tensor maps hold the call's addresses: made now
+        args = tuple(a.encoded() if isinstance(a, TensorMap) else a for a in args)
     launch_packed(function, grid, threads, smem, param_packer(signature), args, stream, what)
 
 
@@ -463,11 +474,18 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     Every element of o, m, l is written (for a non-empty call: the caller handles
     ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
+    boxed = specs.loads_with_tma(kernel.spec)
+    if boxed and forward_maps(s, kernel.spec, ptrs, tail, 0) is None:
+        # a layout the copy engine cannot box (a broadcast axis): the same tile with cp.async
+        kernel = planning.Launch(kernel.spec.without_knob("CF_FWD_TMA"), kernel.grid,
+                                 kernel.batch_per_launch)
+        boxed = False
     signature = signature_of(kernel.spec)
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
         args = ptrs + tail + mods.kernel_args() + (mods.sinks,) + seq.kernel_args()
         args += bsp.kernel_args() if bsp else ()
         args += drop.kernel_args() if drop else ()
+        args += forward_maps(s, kernel.spec, ptrs, tail, 0) if boxed else ()
         _launch(kernel, device_id, kernel.grid[2], signature, args, stream, s)
         return
     # bytes from one batch entry to the next, per address (the stride_b of q, k, v, o; one
@@ -480,7 +498,30 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
         args += mods.kernel_args(b0) + (mods.sinks,) + seq.kernel_args(b0)
         args += bsp.kernel_args(b0) if bsp else ()
         args += drop.kernel_args(b0) if drop else ()
+        args += forward_maps(s, kernel.spec, ptrs, tail, b0) if boxed else ()
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
+
+
+def forward_maps(shape: planning.Shape, spec: KernelSpec, ptrs: tuple, tail: tuple,
+                 b0: int) -> tuple | None:
+    """The tensor maps of q, k and v for a TMA forward's launch from batch entry ``b0`` on
+    (``ptrs``, ``tail`` as ``launch_forward`` takes them), or None where the copy engine
+    cannot box a layout (``tensor_map.layout_problem``)."""
+    from .tensor_map import layout_problem
+
+    s, strides = shape, tail[5:14]
+    heads_kv = s.heads // s.heads_per_kv
+    maps = []
+    for i, (rows, heads, box_rows) in enumerate(((s.seqlen_q, s.heads, spec.block_m),
+                                                 (s.seqlen_k, heads_kv, spec.block_n),
+                                                 (s.seqlen_k, heads_kv, spec.block_n))):
+        stride_b = strides[3 * i]
+        at = ptrs[i] + b0 * stride_b * 2  # 16-bit elements
+        maps.append(tile_map(at, s.dtype, s.head_dim, rows, heads, s.batch - b0,
+                             tuple(strides[3 * i:3 * i + 3]), box_rows))
+    if any(layout_problem(m.dtype, m.dims, m.strides, m.box) for m in maps):
+        return None
+    return tuple(maps)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,

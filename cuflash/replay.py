@@ -10,7 +10,9 @@ enqueues them. Nothing of the argument packing is written twice: the recording r
 that a call without the cache would run (``tests/test_replay.py`` checks the two agree).
 
 What a replay costs per launch: one ``struct.pack_into`` of the parameter buffer and one
-``cuLaunchKernel``; no plan, no selection, no per-argument Python objects.
+``cuLaunchKernel``; no plan, no selection, no per-argument Python objects. A kernel that
+loads with TMA also takes tensor maps, which hold addresses: a map's slot is made again from
+the call's address (``tensor_map.encode``, which remembers recent ones).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import struct
 from typing import Callable, NamedTuple
 
 from . import launch
+from .tensor_map import TensorMap
 
 
 class Address:
@@ -58,15 +61,25 @@ class _Step(NamedTuple):
     smem: int
     packer: struct.Struct | None
     template: tuple  # the arguments, slots as 0
-    slots: tuple  # (argument position, array index, byte offset)
+    slots: tuple  # (argument position, array index, byte offset, TensorMap or None)
     what: Callable[[], str] | None
     memset_bytes: int = 0
 
 
 def _step(record: launch.Record) -> _Step:
-    slots = tuple((i, a.index, a.offset) for i, a in enumerate(record.args)
-                  if isinstance(a, Address))
-    template = tuple(0 if isinstance(a, Address) else a for a in record.args)
+    slots, template = [], []
+    for i, a in enumerate(record.args):
+        if isinstance(a, Address):
+            slots.append((i, a.index, a.offset, None))
+            a = 0
+        elif isinstance(a, TensorMap):
+            if isinstance(a.ptr, Address):  # made per call from the call's address
+                slots.append((i, a.ptr.index, a.ptr.offset, a))
+                a = b""
+            else:
+                a = a.encoded()
+        template.append(a)
+    slots, template = tuple(slots), tuple(template)
     if record.function is None:
         return _Step(None, (), 0, 0, None, template, slots, None, record.memset_bytes)
     return _Step(record.function, record.grid, record.threads, record.smem,
@@ -91,8 +104,9 @@ class Replay:
     def __call__(self, ptrs: tuple, stream: int) -> None:
         for step in self.steps:
             args = list(step.template)
-            for position, index, offset in step.slots:
-                args[position] = ptrs[index] + offset
+            for position, index, offset, tensor_map in step.slots:
+                args[position] = (ptrs[index] + offset if tensor_map is None
+                                  else tensor_map.encoded_at(ptrs[index] + offset))
             if step.function is None:
                 launch.memset_async(args[0], step.memset_bytes, stream)
             else:

@@ -351,6 +351,21 @@ def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpe
     return None
 
 
+def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
+    """The warp-specialized forward ``spec`` loading Q, K and V with bulk tensor copies
+    (``CF_FWD_TMA=1``: one producer thread, tensor maps from cuflash/tensor_map.py); None
+    for packed sequences (a box would read the next sequence's rows) and other kernels. A
+    candidate for tests and tuning runs, not selected."""
+    if spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or spec.mods.varlen:
+        return None
+    return spec.with_knobs(CF_FWD_TMA=1)
+
+
+def loads_with_tma(spec: KernelSpec) -> bool:
+    """Whether ``spec``'s kernel takes tensor maps of q, k and v (``with_forward_tma``)."""
+    return ("CF_FWD_TMA", 1) in spec.knobs
+
+
 def _pair_bucket(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
                  wgmma: bool) -> int:
     """q's head-dim bucket where a Hopper kernel can take v's own head_dim as it is; else a

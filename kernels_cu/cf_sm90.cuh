@@ -204,3 +204,42 @@ template <int REGS>
 __device__ __forceinline__ void regs_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REGS));
 }
+
+// -- bulk tensor copies (TMA) ------------------------------------------------------------
+// A tensor map (the driver's CUtensorMap: 128 opaque bytes, 64-byte aligned), built on the
+// host by cuflash/tensor_map.py (cuTensorMapEncodeTiled) and passed by value as a
+// `const __grid_constant__` parameter: the copy engine reads it where it lies, in the
+// kernel's parameter space, so the kernel takes its address and never copies it.
+struct alignas(64) cf_tensor_map {
+  unsigned long long opaque[16];
+};
+
+// One arrival on `bar` that also expects `bytes` more to land on it (the copies' count).
+__device__ __forceinline__ void mbar_arrive_expect_tx(cf_u32 bar, cf_u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// The box of `map` at coordinates (c0 innermost .. c3) into shared memory at `dst`; its bytes
+// count down `bar`'s transaction count as they land. Boxes of 64 two-byte columns with the
+// 128-byte swizzle land in the panel layout above (dst 1024-byte aligned): row r at r * 128,
+// chunk c at (c ^ (r % 8)) * 16. Elements outside the tensor land as zeros.
+__device__ __forceinline__ void tma_load_4d(cf_u32 dst, const cf_tensor_map* map, int c0,
+                                            int c1, int c2, int c3, cf_u32 bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(bar)
+      : "memory");
+}
+
+// A ROWS x (64 * PANELS) tile of a (column, row, head, batch) tensor map: one box per
+// 64-column panel, at rows row0 .., into a panel-layout tile at `dst`.
+template <int ROWS, int PANELS>
+__device__ __forceinline__ void tma_load_tile(cf_u32 dst, const cf_tensor_map* map, int row0,
+                                              int head, int batch, cf_u32 bar) {
+#pragma unroll
+  for (int p = 0; p < PANELS; ++p) tma_load_4d(dst + p * ROWS * 128, map, 64 * p, row0, head,
+                                               batch, bar);
+}

@@ -32,6 +32,14 @@
 //   consumers' barrier. CF_FWD_PERSISTENT=2 also pipelines the consumers across tiles, with
 //   a second Q buffer (the consumer loop marked "value 2" below).
 //
+// Bulk tensor copies (CF_FWD_TMA=1, a candidate: not selected, not yet run on a GPU): one
+//   producer thread issues Q, K and V as TMA boxes (cf_sm90.cuh's tma_load_tile; the tensor
+//   maps are the last three parameters, cuflash/tensor_map.py) and arms each full mbarrier
+//   with the tile's bytes; the other producer threads leave at once. The copies land through
+//   the async proxy that wgmma reads, so the consumers need no proxy fence. Rows past a
+//   sequence land as zeros, like cp.async's zero fill; packed sequences keep cp.async (a box
+//   would read the next sequence's rows).
+//
 // Shared memory: [Q (two with value 2) | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel
 //   layout (cf_sm90.cuh): (Q buffers * CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) *
 //   CF_HEAD_DIM * 2 + 128 bytes.
@@ -64,6 +72,17 @@ static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 
 #ifndef CF_FWD_PERSISTENT
 #define CF_FWD_PERSISTENT 0
+#endif
+#ifndef CF_FWD_TMA
+#define CF_FWD_TMA 0
+#endif
+static_assert(!CF_FWD_TMA || !CF_VARLEN, "TMA boxes would cross into the next sequence");
+#if CF_FWD_TMA  // the tensor maps of q, k and v, after every other parameter
+#define CF_TMA_PARAMS                                                                     \
+  , const __grid_constant__ cf_tensor_map tm_q, const __grid_constant__ cf_tensor_map tm_k, \
+      const __grid_constant__ cf_tensor_map tm_v
+#else
+#define CF_TMA_PARAMS
 #endif
 namespace ws {
 enum : int {
@@ -107,6 +126,14 @@ constexpr bool kPingPong = CF_FWD_PINGPONG;
 // epilogue follows. Its Q then needs a second buffer (written in session 20, not yet run).
 constexpr bool kPersistent = CF_FWD_PERSISTENT >= 1;
 constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
+// Arrivals that complete a full mbarrier's phase: every producer thread's cp.async, or the
+// one TMA thread's arrival (its boxes' bytes count separately). (Enums, not constexpr
+// variables: those leave a symbol in the PTX.)
+enum : int {
+  kTma = CF_FWD_TMA,
+  kFullArrivals = CF_FWD_TMA ? 1 : kProducerThreads,
+  kPanels = CF_HEAD_DIM / 64
+};
 }  // namespace ws
 
 template <int ROWS>
@@ -179,7 +206,7 @@ struct TileWalk {
 
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS CF_TMA_PARAMS) {
   using namespace ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -200,14 +227,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   }
 
   if (tid == 0) {
-    mbar_init(bars.q_full(), kProducerThreads);
+    mbar_init(bars.q_full(), kFullArrivals);
     for (int s = 0; s < CF_STAGES; ++s) {
-      mbar_init(bars.k_full(s), kProducerThreads);
-      mbar_init(bars.v_full(s), kProducerThreads);
+      mbar_init(bars.k_full(s), kFullArrivals);
+      mbar_init(bars.v_full(s), kFullArrivals);
       mbar_init(bars.empty(s), kConsumerThreads / 32);  // one arrival per consumer warp
     }
     for (int i = 0; i < (kPersistent ? kQBuffers : 0); ++i) {
-      if (i) mbar_init(bars.q_full(i), kProducerThreads);
+      if (i) mbar_init(bars.q_full(i), kFullArrivals);
       mbar_init(bars.q_empty(i), kConsumerThreads / 32);
     }
     mbar_fence_init();
@@ -219,6 +246,45 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
+#if CF_FWD_TMA
+    if (tid != 0) return;  // one thread issues every box
+#pragma unroll 1
+    for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+      const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+      const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+      const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                      CF_MOD_ARGS);
+      const KeyTiles tiles = tile.tiles;  // visited last first
+      const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no mask
+      const int n_tiles = kept.count();
+      if (n_tiles == 0) continue;
+      const int h_kv = h / heads_per_kv;
+      {
+        const int buf = q_loads % kQBuffers, use = q_loads / kQBuffers;
+        if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
+        mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
+        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, q0, h, b,
+                                           bars.q_full(buf));
+      }
+      int j_kept = kept.below(tiles.end);
+#pragma unroll 1
+      for (int it = 0; it < n_tiles; ++it) {
+        const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+        if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
+        const int use = kv_loads + it;
+        const int stage = use % CF_STAGES, round = use / CF_STAGES;
+        if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
+        mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
+                                           j * CF_BLOCK_N, h_kv, b, bars.k_full(stage));
+        mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
+                                           j * CF_BLOCK_N, h_kv, b, bars.v_full(stage));
+      }
+      if (kPersistent) ++q_loads, kv_loads += n_tiles;
+    }
+    return;  // the block's shared memory outlives this thread: the consumers wait for it
+#else
 #pragma unroll 1
     for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
       const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
@@ -264,6 +330,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     cp_async_commit();  // leave with no copy in flight
     cp_async_wait<0>();
     return;
+#endif
   }
 
   // ---- the consumers ---------------------------------------------------------------------
@@ -272,10 +339,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int me = wg - 1;                        // 0 .. kConsumers - 1
   const cf_u32 q_wg = smem_addr(s_q) + me * 64 * 128;  // this warpgroup's rows, panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
-  // Copies land through the generic proxy; the tensor cores read through the async one.
+  // cp.async copies land through the generic proxy; the tensor cores read through the async
+  // one (TMA boxes land through it too).
   const auto wait_for = [](cf_u32 bar, int parity) {
     mbar_wait(bar, parity);
-    fence_proxy_async();
+    if (!kTma) fence_proxy_async();
   };
   // Turns: a warpgroup issues its products once the previous one (round robin) has issued
   // its own; the last warpgroup opens the first turn. Each turn barrier counts two

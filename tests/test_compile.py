@@ -191,6 +191,42 @@ def test_head_dim_v_pairs_compile_unserialized_without_spills():
         assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
 
 
+def test_tma_forward_compiles_unserialized_without_spills():
+    """The warp-specialized forward loading with bulk tensor copies (CF_FWD_TMA=1, a
+    candidate, specs.with_forward_tma) at head_dim 64 and 128: as selected (persistent or
+    not), plain, causal, each score modifier, dropout and block masks, and the consumers'
+    pipeline across tiles (CF_FWD_PERSISTENT=2): zero spills, no C7519, and the copy
+    instruction is there."""
+    from cuflash import compiler
+
+    facts = specs.facts_for_arch("sm_90")
+    mod_sets = (specs.NO_MODS, specs.ModFlags(window=True), specs.ModFlags(softcap=True),
+                specs.ModFlags(alibi=True, sinks=True), specs.ModFlags(dropout=True),
+                specs.ModFlags(block_sparse=True))
+    work = []
+    for d in (64, 128):
+        for causal in (False, True):
+            for mods in mod_sets:
+                spec = specs.select_forward(facts, "bfloat16", d, causal, mods=mods)
+                work.append((specs.with_forward_tma(spec), "sm_90"))
+            across = specs.with_forward_across_tiles(
+                specs.select_forward(facts, "float16", d, causal), facts)
+            work.append((specs.with_forward_tma(across), "sm_90"))
+    assert specs.with_forward_tma(specs.select_forward(
+        facts, "bfloat16", 128, False, mods=specs.ModFlags(varlen=True))) is None
+    assert all(spec is not None and specs.loads_with_tma(spec) for spec, _ in work)
+    _assert_compiled_without_spills(work, "TMA forward")
+    for spec, arch in work[:2] + work[-2:]:
+        opts = compiler.nvrtc_options(spec) + [
+            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
+        log, _ = compiler._nvrtc_compile(spec, arch, opts)
+        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+        _, ptx = compiler._nvrtc_compile(spec, "compute_90a",
+                                         compiler.nvrtc_options(spec) +
+                                         ["--gpu-architecture=compute_90a"], ptx=True)
+        assert b"cp.async.bulk.tensor.4d" in ptx and b"cp.async.cg" not in ptx, spec.name
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}

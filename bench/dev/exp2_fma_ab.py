@@ -17,7 +17,8 @@ outputs are checked against value 0's (max |diff| <= 2e-2) before it is timed. `
 times another define of the Hopper forward the same way (CF_FWD_OVERLAP: flash_fwd_sm90.cu's
 softmax beside the P V product, session 19; CF_FWD_PERSISTENT: flash_fwd_sm90_ws.cu's
 persistent blocks, session 20, whose grid plan.plan_forward sets from the knob; its value 2
-runs on specs.with_forward_across_tiles' tiles).
+runs on specs.with_forward_across_tiles' tiles; CF_FWD_TMA: its bulk tensor copies, session
+23, through specs.with_forward_tma).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def _with_knob(spec, value: int):
         from cuflash import launch, specs
 
         return specs.with_forward_across_tiles(spec, launch.device_facts(0)) or spec
+    if KNOB == "CF_FWD_TMA" and value:  # where the warp-specialized forward takes it
+        from cuflash import specs
+
+        return specs.with_forward_tma(spec) or spec
     return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 

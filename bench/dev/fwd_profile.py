@@ -10,6 +10,7 @@ bf16, ab_compare.py's shapes (TOKENS tokens, heads * head_dim = WIDTH).
 from __future__ import annotations
 
 import argparse
+import os
 
 from ab_compare import TOKENS, WIDTH  # the shapes of the A/B this profiles
 
@@ -20,11 +21,19 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--tma", action="store_true",
+                        help="the warp-specialized forward with bulk tensor copies")
     args = parser.parse_args(argv)
     import torch
 
     import cuflash
 
+    if args.tma or os.environ.get("CUFLASH_TEST_TMA") == "1":  # the TMA candidate's loads
+        from cuflash import specs
+
+        plain = specs.select_forward
+        specs.select_forward = lambda *a, **k: (specs.with_forward_tma(plain(*a, **k))
+                                                or plain(*a, **k))
     batch, heads = TOKENS // args.seqlen, WIDTH // args.head_dim
     q, k, v = (torch.randn((batch, args.seqlen, heads, args.head_dim), device="cuda",
                            dtype=torch.bfloat16) for _ in range(3))

@@ -10,7 +10,8 @@ Cases: head_dim 64 (three consumers) and 128 (two), causal or not, bf16, batch 2
 heads over 2 kv heads, 450 queries over 300 keys (and 300 over 450); each is checked against
 the float64 reference. Then the same with CF_FWD_PERSISTENT=2 (the pipeline across tiles,
 specs.with_forward_across_tiles), causal included. Prints one line per case and exits 1 on a
-mismatch.
+mismatch. ``--tma``: every one of those kernels loading with bulk tensor copies
+(specs.with_forward_tma, CF_FWD_TMA).
 """
 
 from __future__ import annotations
@@ -34,14 +35,17 @@ def main() -> int:
     launch.device_facts = lambda i: replace(own(i), sm_count=4)
     tile_walk.SLACK = float("inf")
     facts = launch.device_facts(0)
-    selected = specs.select_forward
+    plain = specs.select_forward
+    if "--tma" in sys.argv[1:]:
+        selected = lambda *a, **k: specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k)
+    else:
+        selected = plain
     rng = gh.rng_for()
     bad = 0
     for value, head_dim in ((v, d) for v in (1, 2) for d in (64, 128)):
         # 1: the selection (persistent where selected); 2: the pipeline across tiles
         specs.select_forward = selected if value == 1 else (
-            lambda *a, **k: specs.with_forward_across_tiles(selected(*a, **k), facts)
-            or selected(*a, **k))
+            lambda *a, **k: _across(selected(*a, **k), facts, specs))
         gh.forget_planned_calls()
         for causal in (False, True):
             for seqlen_q, seqlen_k in ((450, 300), (300, 450)):
@@ -63,6 +67,14 @@ def main() -> int:
                 print(f"d{head_dim} causal={causal} {seqlen_q}x{seqlen_k}: {p.kernel.spec.name} "
                       f"grid {p.kernel.grid}: {report}", flush=True)
     return 1 if bad else 0
+
+
+def _across(spec, facts, specs):
+    """``spec`` on the pipeline across tiles, loading as ``spec`` does (TMA or cp.async)."""
+    across = specs.with_forward_across_tiles(spec.without_knob("CF_FWD_TMA"), facts)
+    if across is None:
+        return spec
+    return (specs.with_forward_tma(across) or across) if specs.loads_with_tma(spec) else across
 
 
 if __name__ == "__main__":

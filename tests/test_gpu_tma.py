@@ -1,0 +1,153 @@
+"""The warp-specialized Hopper forward loading Q, K and V with bulk tensor copies
+(``CF_FWD_TMA=1``, specs.with_forward_tma: a candidate, not selected) against the float64
+reference (``gpu``): head_dim 64 and 128 and widths inside those buckets (the boxes' columns
+past head_dim land as zeros), every score modifier of test_gpu_modifiers, lengths that are not
+multiples of a tile (rows past a sequence land as zeros), one block per tile, persistent
+blocks and the pipeline across tiles, heads-first storage, block masks, and k / v broadcast
+over the batch (which the copy engine cannot box: the cp.async tile runs). m and l too.
+The host side is tests/test_tma_host.py; times: ``gpu_suite.sh fwd_tma``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import cuflash
+from cuflash import plan, reference, specs
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_block_sparse as sparse_tests
+    import test_gpu_modifiers as mods_tests
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_block_sparse as sparse_tests
+    from tests import test_gpu_modifiers as mods_tests
+
+pytestmark = pytest.mark.gpu
+
+PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None, None, None,
+                                                      False)]
+CASES = PLAIN + mods_tests.CASES
+LENGTHS = [(131, 131), (257, 1029)]
+# the loop as selected (one block per tile or persistent), and the pipeline across tiles
+LOOPS = ("selected", "across")
+
+
+def _tma(spec, loop, facts):
+    if loop == "across":
+        across = specs.with_forward_across_tiles(spec, facts)
+        spec = across if across is not None else spec
+    return specs.with_forward_tma(spec) or spec
+
+
+def _module_specs():
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for loop in LOOPS:
+        for d in (64, 128):
+            for case in CASES:
+                for dtype in ("float16", "bfloat16"):
+                    spec = specs.select_forward(facts, dtype, d, case[1],
+                                                mods=mods_tests._flags(case))
+                    out += [_tma(spec, loop, facts), spec]  # the cp.async tile: the fallback
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+@pytest.fixture(params=LOOPS)
+def tma(request, monkeypatch):
+    import cupy
+
+    from cuflash import launch
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper forward's loads")
+    facts = launch.device_facts(0)
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+                                   lambda spec: _tma(spec, request.param, facts)):
+        yield request.param
+
+
+def _assert_planned_with_tma(seqlen_q, seqlen_k, head_dim, dtype, causal, flags=specs.NO_MODS):
+    from cuflash import launch
+
+    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, head_dim, dtype, causal,
+                                       flags), 0)
+    assert specs.loads_with_tma(p.kernel.spec), p.kernel.spec.name
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(tma, case, head_dim, seqlen_q, seqlen_k):
+    dtype = "bfloat16" if (head_dim + seqlen_q) % 3 else "float16"
+    _assert_planned_with_tma(seqlen_q, seqlen_k, head_dim, dtype, case[1],
+                             mods_tests._flags(case))
+    mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, head_dim, f"tma {tma}")
+
+
+@pytest.mark.parametrize("head_dim", [40, 72, 96, 120])
+@pytest.mark.parametrize("causal", [False, True])
+def test_widths_inside_a_bucket(tma, head_dim, causal):
+    """Columns head_dim .. the bucket's end lie outside the map: zeros, as cp.async fills."""
+    _assert_planned_with_tma(200, 333, head_dim, "bfloat16", causal)
+    mods_tests.check_forward(PLAIN[int(causal)], "bfloat16", 200, 333, head_dim,
+                             f"tma {tma}")
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_heads_first_storage(tma, head_dim):
+    """(batch, heads, seqlen, head_dim) storage read in place: the map's row stride is
+    head_dim, its head stride seqlen * head_dim."""
+    rng = gh.rng_for()
+    q, k, v = gh.random_qkv(rng, batch=2, seqlen_q=190, seqlen_k=260, heads=4, heads_kv=2,
+                            head_dim=head_dim, dtype="float16")
+    _, _, o, m, l = gh.run_forward(q, k, v, dtype="float16", causal=True, heads_first=True)
+    label = f"tma {tma} heads-first " + gh.describe(q, k, "float16", True, None)
+    gh.assert_forward_matches_reference(q, k, v, o, m, l, dtype="float16", causal=True,
+                                        label=label)
+
+
+def test_kv_broadcast_over_the_batch_runs_the_cp_async_tile(tma):
+    """k and v of stride 0 over the batch: no map can box them, the cp.async tile runs, and
+    the result is the reference's."""
+    import cupy
+
+    rng = gh.rng_for()
+    q, k, v = gh.random_qkv(rng, batch=3, seqlen_q=150, seqlen_k=210, heads=4, heads_kv=4,
+                            head_dim=128, dtype="bfloat16")
+    k[1:], v[1:] = k[0], v[0]
+    gk, gv = (cupy.broadcast_to(gh.to_gpu(x[:1]), x.shape) for x in (k, v))
+    o, stats = cuflash.attention_forward(gh.to_gpu(q), gk, gv)
+    o_ref, m_ref, l_ref = reference.attention_reference(q, k, v)
+    o_nv = reference.attention_naive(q, k, v, dtype=gh.np_dtype("bfloat16"))
+    gh.assert_matches_reference("o", gh.to_host(o, "bfloat16"), o_ref, o_nv, dtype="bfloat16",
+                                label="tma broadcast k / v")
+    gh.assert_stats_match("m", gh.to_host(stats.m), m_ref, dtype="bfloat16",
+                          label="tma broadcast k / v")
+
+
+@pytest.mark.parametrize("case", [sparse_tests.CASES[1], sparse_tests.CASES[4]],
+                         ids=[sparse_tests.CASES[1][0], sparse_tests.CASES[4][0]])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_block_masks(tma, case, head_dim):
+    """The producer's tile cursor under a block mask boxes only the kept key tiles."""
+    if tma == "across":
+        pytest.skip("the pipeline across tiles takes every key tile (no block mask)")
+    sparse_tests._check("own", case, "bfloat16", 389, 777, head_dim)
+
+
+def test_tma_is_not_selected():
+    """A candidate until gpu_suite.sh fwd_tma has timed it."""
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    for d in (64, 128):
+        assert not specs.loads_with_tma(specs.select_forward(facts, "bfloat16", d, False))

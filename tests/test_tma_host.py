@@ -1,0 +1,178 @@
+"""The host side of the TMA forward (CF_FWD_TMA, cuflash/tensor_map.py) on the CPU: the maps'
+arguments for each layout, the parameter buffer's alignment, and the fast path's replays,
+which make each call's maps from its own addresses. The driver's encoder is replaced by a
+stand-in that writes its arguments into the 128 bytes, so a map that names the wrong array,
+stride or box shows up as different bytes. (tests/test_gpu_tma.py runs the kernel.)"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from cuflash import fastpath, launch, specs, tensor_map, validate
+from cuflash import plan as planning
+from host_backend import NumpyBackend
+from test_attention_host_path import _H200, _STREAM, _as_captured, _clear_memos, _inputs, \
+    _operand, _patch_device
+
+
+def _fake_encode(ptr, dtype, dims, strides, box) -> bytes:
+    words = (ptr, {"float16": 6, "bfloat16": 9}[dtype], *dims, *strides, *box)
+    return struct.pack(f"<{len(words)}q", *words).ljust(tensor_map.MAP_BYTES, b"\0")
+
+
+@pytest.fixture
+def tma_device(monkeypatch):
+    """The captured device of the host-path tests, the selector patched to the TMA forward
+    (where it exists), and the driver's encoder replaced by ``_fake_encode``."""
+    captured, facts = [], {"facts": _H200}
+    _patch_device(monkeypatch, captured, facts)
+    plain = specs.select_forward
+    monkeypatch.setattr(specs, "select_forward",
+                        lambda *a, **k: specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k))
+    monkeypatch.setattr(tensor_map, "encode", _fake_encode)
+    yield captured
+    _clear_memos()
+
+
+# -- the maps' arguments ------------------------------------------------------------------
+
+
+def test_tile_map_of_a_contiguous_array():
+    """(batch 2, 100 rows, 8 heads, head_dim 96), float16, boxes of 128 rows."""
+    m = tensor_map.tile_map(4096, "float16", 96, 100, 8, 2, (100 * 8 * 96, 8 * 96, 96), 128)
+    assert m.dims == (96, 100, 8, 2)
+    assert m.strides == (8 * 96 * 2, 96 * 2, 100 * 8 * 96 * 2)  # rows, heads, batch: bytes
+    assert m.box == (64, 128, 1, 1)
+    assert tensor_map.layout_problem(m.dtype, m.dims, m.strides, m.box) is None
+
+
+def test_tile_map_of_one_element_axes_takes_a_legal_stride():
+    """A batch or head axis of one element may carry any stride (the validation allows
+    it): the map gives it 16 bytes, never reads it."""
+    m = tensor_map.tile_map(0, "bfloat16", 64, 300, 1, 1, (7, 64, 3), 64)
+    assert m.strides == (128, 16, 16)
+    assert tensor_map.layout_problem(m.dtype, m.dims, m.strides, m.box) is None
+
+
+@pytest.mark.parametrize("dims, strides, box, why", [
+    ((64, 10, 4, 2), (128, 0, 1280), (64, 64, 1, 1), "broadcast"),
+    ((64, 10, 4, 2), (136, 128, 1280), (64, 64, 1, 1), "multiple of 16"),
+    ((64, 10, 4, 2), (128, 128, 1280), (64, 257, 1, 1), "256"),
+    ((64, 10, 4, 2), (128, 128, 1280), (32, 64, 1, 1), "64 two-byte columns"),
+    ((64, 10, 4), (128, 128, 1280), (64, 64, 1), "rank"),
+])
+def test_layout_problem_names_the_rule(dims, strides, box, why):
+    assert why in tensor_map.layout_problem("float16", dims, strides, box)
+    with pytest.raises(ValueError, match="tensor map"):
+        tensor_map.encode.__wrapped__(16, "float16", dims, strides, box)
+
+
+def test_encode_refuses_float32_and_unaligned_addresses():
+    assert "float16" in tensor_map.layout_problem("float32", (64, 8, 1, 1), (128, 16, 16),
+                                                  (64, 8, 1, 1))
+    with pytest.raises(ValueError, match="16-byte"):
+        tensor_map.encode.__wrapped__(8, "float16", (64, 8, 1, 1), (128, 16, 16),
+                                      (64, 8, 1, 1))
+
+
+def test_parameter_buffer_aligns_each_map_to_64_bytes():
+    """The TMA forward's signature ends in three maps: each starts 64-byte aligned (the
+    kernel's parameter space, cf_tensor_map), and nothing follows the last one."""
+    spec = specs.with_forward_tma(specs.select_forward(_H200, "bfloat16", 128, False))
+    signature = launch.signature_of(spec)
+    assert signature.endswith("TTT") and signature.count("T") == 3
+    packer = launch.param_packer(signature)
+    plain = launch.param_packer(signature[:-3])
+    first = plain.size + (-plain.size % 64)
+    assert packer.size == first + 3 * 128
+    maps = [bytes([i + 1]) * 128 for i in range(3)]
+    buffer = packer.pack(*([0] * len(signature[:-3])), *maps)
+    for i, m in enumerate(maps):
+        assert buffer[first + 128 * i:first + 128 * (i + 1)] == m
+    assert "T" not in launch.signature_of(specs.select_forward(_H200, "bfloat16", 128, False))
+
+
+# -- launches and replays ---------------------------------------------------------------------
+
+
+def _direct(q, k, v, o, m, l, causal):
+    problem = validate.check_forward(q, k, v, causal=causal, softmax_scale=None)
+    plan = launch.forward_plan(planning.Shape.of(problem), 0)
+    with launch.recording() as records:
+        launch.run_forward(plan, *map(_operand, (q, k, v, o)), m.ctypes.data, l.ctypes.data,
+                           problem.softmax_scale, _STREAM, 0)
+    return plan, [(f, g, t, s, tuple(a.encoded() if isinstance(a, tensor_map.TensorMap)
+                                     else a for a in args))
+                  for f, g, t, s, args in _as_captured(records)]
+
+
+def _map_words(blob: bytes) -> tuple:
+    return struct.unpack("<13q", blob[:104])
+
+
+def _overlapping(rng, shape):
+    """A float16 (batch, seqlen, heads, head_dim) view whose entries start 128 bytes apart
+    (each 16-byte aligned, as the checks ask): a huge batch in a small allocation."""
+    batch, seqlen, heads, head_dim = shape
+    base = rng.standard_normal(batch * 64 + seqlen * heads * head_dim).astype(np.float16)
+    return np.lib.stride_tricks.as_strided(base, shape, (128, heads * head_dim * 2,
+                                                         head_dim * 2, 2))
+
+
+@pytest.mark.parametrize("shape_q, shape_kv, transposed_k, causal", [
+    ((2, 100, 8, 64), (2, 130, 8, 64), False, True),
+    ((1, 256, 16, 128), (1, 300, 4, 128), True, False),
+    ((70000, 64, 1, 64), (70000, 64, 1, 64), False, False),  # the batch split over launches
+])
+def test_replays_make_each_calls_maps(tma_device, shape_q, shape_kv, transposed_k, causal):
+    """Three calls of a layout, fresh arrays each: the replayed launches carry maps of the
+    call's own q, k and v, equal to what the launch code makes for them directly."""
+    captured = tma_device
+    backend, rng = NumpyBackend(), np.random.default_rng(0)
+    for call in range(3):
+        if shape_q[0] > 1000:  # views whose batch entries overlap: a small allocation
+            q, k, v = (_overlapping(rng, shape_q) for _ in range(3))
+        else:
+            q, k, v = _inputs(rng, shape_q, shape_kv, np.float16, transposed_k)
+        captured.clear()
+        o, m, l = fastpath.forward(backend, q, k, v, causal, None)
+        plan, direct = _direct(q, k, v, o, m, l, causal)
+        assert specs.loads_with_tma(plan.kernel.spec)
+        assert captured == direct, f"call {call}"
+        assert len(captured) > 1 or shape_q[0] < 1000
+        b0 = 0
+        for *_, args in captured:
+            for blob, x, box in zip(args[-3:], (q, k, v),
+                                    (plan.kernel.spec.block_m, *[plan.kernel.spec.block_n] * 2)):
+                ptr, _, d, rows, heads, batch, *strides_box = _map_words(blob)
+                item = x.itemsize
+                assert ptr == x.ctypes.data + b0 * x.strides[0]
+                assert (d, rows, heads, batch) == (x.shape[3], x.shape[1], x.shape[2],
+                                                   x.shape[0] - b0)
+                assert tuple(strides_box[3:]) == (64, box, 1, 1)
+                assert strides_box[0] == x.strides[1] and strides_box[0] % 16 == 0
+                assert item == 2
+            b0 += plan.kernel.batch_per_launch
+
+
+def test_a_broadcast_batch_axis_runs_the_cp_async_tile(tma_device):
+    """k and v broadcast over the batch (stride 0) cannot be boxed: the same tile runs
+    without TMA (no maps, the cp.async kernel), replayed alike."""
+    captured = tma_device
+    backend, rng = NumpyBackend(), np.random.default_rng(2)
+    q = rng.standard_normal((3, 64, 4, 64)).astype(np.float16)
+    k1, v1 = (rng.standard_normal((1, 80, 4, 64)).astype(np.float16) for _ in range(2))
+    k, v = (np.broadcast_to(x, (3, 80, 4, 64)) for x in (k1, v1))
+    for _ in range(2):
+        captured.clear()
+        o, m, l = fastpath.forward(backend, q, k, v, False, None)
+        plan, direct = _direct(q, k, v, o, m, l, False)
+        assert specs.loads_with_tma(plan.kernel.spec)  # planned with TMA ...
+        assert captured == direct
+        (launched,) = captured
+        untiled = plan.kernel.spec.without_knob("CF_FWD_TMA")
+        assert launched[0] == hash((untiled.name, False)) & 0xFFFFFF  # ... run without
+        assert not any(isinstance(a, bytes) and len(a) == 128 for a in launched[4])
