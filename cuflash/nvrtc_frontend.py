@@ -91,4 +91,8 @@ def representative_work() -> list[tuple[KernelSpec, str]]:
         if key not in seen:
             seen.add(key)
             work.append((spec, arch))
+    facts = specs.facts_for_arch("sm_90")  # candidates' sources: TMA loads (CF_FWD_TMA)
+    for mods in (specs.NO_MODS, specs.ModFlags(block_sparse=True)):
+        work.append((specs.with_forward_tma(specs.select_forward(facts, "bfloat16", 128, True,
+                                                                 mods=mods)), "sm_90"))
     return work
