@@ -156,11 +156,13 @@ for stage in $stages; do
           ${FWD_PERSISTENT_ARGS:-}
       done ;;
     fwd_tma)  # the warp-specialized Hopper forward (head_dim 64 / 128) loading with bulk
-      # tensor copies (CF_FWD_TMA, a candidate written without a GPU): its float64-reference
-      # tests (first the plain cases: a wrong map shows there), then TFLOP/s with and without
+      # tensor copies (CF_FWD_TMA, a candidate written without a GPU): one tile through the
+      # copy engine read back raw (the map and the swizzle alone), the plain forward cases,
+      # then all its float64-reference tests, the sanitizers, then TFLOP/s with and without
       # beside cuDNN at 16k tokens and on the GQA rows, alternating rounds
-      CUFLASH_POISON=1 run_stage fwd_tma_first timeout 120 $PY -m pytest -m gpu -q -rfEs -x \
-        -p no:cacheprovider "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain"
+      CUFLASH_POISON=1 run_stage fwd_tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
+        -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
+        "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel"
       CUFLASH_POISON=1 run_stage fwd_tma_tests timeout "${FWD_TMA_TEST_TIMEOUT:-300}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_tma.py

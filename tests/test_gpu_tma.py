@@ -10,6 +10,7 @@ The host side is tests/test_tma_host.py; times: ``gpu_suite.sh fwd_tma``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import cuflash
@@ -151,3 +152,91 @@ def test_tma_is_not_selected():
     facts = launch.device_facts(0)
     for d in (64, 128):
         assert not specs.loads_with_tma(specs.select_forward(facts, "bfloat16", d, False))
+
+
+# -- the map and the swizzle alone: one tile through the copy engine, shared memory read out --
+
+_PROBE = r"""
+#include "cf_common.cuh"
+#include "cf_sm90.cuh"
+// One PROBE_ROWS x (64 * PROBE_PANELS) tile of `map` at (row0, head, batch) into shared
+// memory by TMA (its mbarrier after it), then the tile's bytes, as they lie, to `out`.
+extern "C" __global__ void tma_probe(unsigned char* out, int row0, int head, int batch,
+                                     const __grid_constant__ cf_tensor_map map) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  sm90_require_aligned(smem);
+  const cf_u32 b = smem_addr(smem + PROBE_ROWS * 128 * PROBE_PANELS);
+  if (threadIdx.x == 0) {
+    mbar_init(b, 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbar_arrive_expect_tx(b, PROBE_ROWS * 128 * PROBE_PANELS);
+    tma_load_tile<PROBE_ROWS, PROBE_PANELS>(smem_addr(smem), &map, row0, head, batch, b);
+  }
+  mbar_wait(b, 0);
+  for (int i = threadIdx.x; i < PROBE_ROWS * 128 * PROBE_PANELS; i += blockDim.x) out[i] = smem[i];
+}
+"""
+
+
+def _expected_panels(x: np.ndarray, rows: int, panels: int, row0: int, head: int,
+                     batch: int) -> np.ndarray:
+    """The panel layout (cf_sm90.cuh) of x[batch, row0 .. + rows, head, 0 .. 64 * panels]
+    as uint16, elements outside x zero: row r of panel p at (p * rows + r) * 64 elements,
+    its 8-element chunk c at chunk c ^ (r % 8)."""
+    out = np.zeros(panels * rows * 64, np.uint16)
+    seqlen, head_dim = x.shape[1], x.shape[3]
+    for p in range(panels):
+        for r in range(rows):
+            if row0 + r >= seqlen:
+                continue
+            for c in range(8):
+                col = 64 * p + 8 * c
+                chunk = x[batch, row0 + r, head, col:min(col + 8, head_dim)]
+                at = (p * rows + r) * 64 + 8 * (c ^ (r % 8))
+                out[at:at + len(chunk)] = chunk
+    return out
+
+
+@pytest.mark.parametrize("rows, head_dim, seqlen, row0, heads_first", [
+    (128, 128, 300, 128, False),
+    (64, 64, 100, 64, False),     # rows 100 .. 127 past the sequence: zeros
+    (192, 64, 500, 192, True),    # heads-first storage
+    (128, 96, 200, 0, False),     # columns 96 .. 127 past head_dim: zeros
+])
+def test_box_lands_in_the_panel_layout(rows, head_dim, seqlen, row0, heads_first):
+    """tensor_map's map of a (batch, seqlen, heads, head_dim) array and tma_load_tile land
+    the tile exactly where the wgmma kernels' panel layout puts each element."""
+    import cupy
+
+    from cuflash import launch, tensor_map
+    from cuflash.compiler import kernels_dir
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the copy engine's tensor maps need compute capability 9.0")
+    panels = -(-head_dim // 64)
+    batch, heads = 2, 3
+    host = gh.rng_for().integers(1, 1 << 15, (batch, seqlen, heads, head_dim), np.uint16)
+    dev = (cupy.asarray(host.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) if heads_first
+           else cupy.asarray(host))
+    module = cupy.RawModule(code=_PROBE, options=(
+        "--std=c++17", f"-I{kernels_dir()}", "-DCF_DTYPE=1", f"-DPROBE_ROWS={rows}",
+        f"-DPROBE_PANELS={panels}"))
+    fn = module.get_function("tma_probe")
+    tile = rows * 128 * panels
+    fn.max_dynamic_shared_size_bytes = tile + 8
+    out = cupy.full(tile, 0xAB, cupy.uint8)  # poisoned: every byte must be written
+    strides = tuple(s // 2 for s in dev.strides[:3])
+    tmap = tensor_map.tile_map(dev.data.ptr, "bfloat16", head_dim, seqlen, heads, batch,
+                               strides, rows)
+    launch.launch_function(fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr, (1, 1, 1), 128,
+                           tile + 8, "piiiT", (out.data.ptr, row0, 2, 1, tmap), 0,
+                           lambda: "tma_probe")
+    cupy.cuda.Device().synchronize()
+    got = cupy.asnumpy(out).view(np.uint16)
+    want = _expected_panels(host, rows, panels, row0, 2, 1)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, (f"{bad.size} of {got.size} elements misplaced; first at element "
+                           f"{bad[0]}: got {got[bad[0]]:#x}, expected {want[bad[0]]:#x}")
