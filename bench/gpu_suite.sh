@@ -9,7 +9,7 @@
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
-#                                            fwd_tma fwd_bounds
+#                                            fwd_tma bwd_tma fwd_bounds
 #                                            bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192 head_dim_v verify_defaults pair_tiles
@@ -175,6 +175,16 @@ for stage in $stages; do
           bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
           --rows $rows --rounds 5 --out "$OUT/results/fwd_tma_$rows.json"
       done ;;
+    bwd_tma)  # the warp-specialized Hopper backward (head_dim 64 / 128) loading K, V, Q and
+      # dO with bulk tensor copies (CF_BWD_TMA, a candidate written without a GPU): its
+      # float64-reference tests, then each tile with and without, atomic and ordered dQ,
+      # beside SDPA's flash and cuDNN (BWD_TMA_SEQLENS, default 4096 16384)
+      CUFLASH_POISON=1 run_stage bwd_tma_tests timeout "${BWD_TMA_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_tma.py -k "backward or panel"
+      run_stage bwd_tma bash -c "cd bench/dev && timeout ${BWD_TMA_TIMEOUT:-240} $PY \
+        tile_sweep.py --kind bwd90 --head-dim 64 128 --seqlen ${BWD_TMA_SEQLENS:-4096 16384} \
+        --causal both --ordered --variant CF_BWD_TMA=1" ;;
     fwd_n176)  # the head_dim 128 warp-specialized forward with 176-key tiles (two stages),
       # a candidate: its float64-reference tests, then TFLOP/s against the selected 128-key
       # tile, one block per tile and persistent, beside SDPA's flash and cuDNN

@@ -264,7 +264,8 @@ _SIGNATURES = {
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
 DROP = "uuuufi"  # cf_philox.cuh's CF_DROP_PARAMS, after those in dropout kernels only
-TMA = "TTT"  # flash_fwd_sm90_ws.cu's CF_TMA_PARAMS (maps of q, k, v), last, TMA kernels only
+# TMA kernels only, last: a tensor map per array of specs.tma_maps (flash_fwd_sm90_ws.cu's
+# CF_TMA_PARAMS: q, k, v; flash_bwd_sm90_ws.cu's CF_BWD_TMA_PARAMS: q, k, v, dout)
 
 
 def signature_of(spec, kind: str | None = None) -> str:
@@ -272,7 +273,7 @@ def signature_of(spec, kind: str | None = None) -> str:
     signature = _SIGNATURES[kind or spec.kind]
     signature += BSP if spec.mods.block_sparse else ""
     signature += DROP if spec.mods.dropout else ""
-    return signature + TMA if kind is None and specs.loads_with_tma(spec) else signature
+    return signature + "T" * len(specs.tma_maps(spec)) if kind is None else signature
 # struct's native (C) alignment; u: unsigned int
 _FORMATS = {"p": "P", "i": "i", "u": "I", "q": "q", "f": "f"}
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
@@ -476,10 +477,7 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     s, kernel = plan.shape, plan.kernel
     boxed = specs.loads_with_tma(kernel.spec)
     if boxed and forward_maps(s, kernel.spec, ptrs, tail, 0) is None:
-        # a layout the copy engine cannot box (a broadcast axis): the same tile with cp.async
-        kernel = planning.Launch(kernel.spec.without_knob("CF_FWD_TMA"), kernel.grid,
-                                 kernel.batch_per_launch)
-        boxed = False
+        kernel, boxed = _without_tma(kernel), False
     signature = signature_of(kernel.spec)
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
         args = ptrs + tail + mods.kernel_args() + (mods.sinks,) + seq.kernel_args()
@@ -502,26 +500,49 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
         _launch(kernel, device_id, grid_z, signature, args, stream, s)
 
 
+def _without_tma(kernel: planning.Launch) -> planning.Launch:
+    """A layout the copy engine cannot box (a broadcast axis): the same tile with cp.async."""
+    return planning.Launch(specs.without_tma(kernel.spec), kernel.grid, kernel.batch_per_launch)
+
+
+def _tile_maps(shape: planning.Shape, b0: int, arrays) -> tuple | None:
+    """Tensor maps of ``arrays`` ((address, (stride_b, stride_m, stride_h) in elements,
+    rows, heads, box rows) each) for a launch from batch entry ``b0`` on, or None where the
+    copy engine cannot box one (``tensor_map.layout_problem``)."""
+    from .tensor_map import layout_problem
+
+    maps = tuple(tile_map(ptr + b0 * strides[0] * 2, shape.dtype, shape.head_dim, rows, heads,
+                          shape.batch - b0, strides, box)  # 16-bit elements
+                 for ptr, strides, rows, heads, box in arrays)
+    if any(layout_problem(m.dtype, m.dims, m.strides, m.box) for m in maps):
+        return None
+    return maps
+
+
 def forward_maps(shape: planning.Shape, spec: KernelSpec, ptrs: tuple, tail: tuple,
                  b0: int) -> tuple | None:
     """The tensor maps of q, k and v for a TMA forward's launch from batch entry ``b0`` on
-    (``ptrs``, ``tail`` as ``launch_forward`` takes them), or None where the copy engine
-    cannot box a layout (``tensor_map.layout_problem``)."""
-    from .tensor_map import layout_problem
-
+    (``ptrs``, ``tail`` as ``launch_forward`` takes them), or None (``_tile_maps``)."""
     s, strides = shape, tail[5:14]
     heads_kv = s.heads // s.heads_per_kv
-    maps = []
-    for i, (rows, heads, box_rows) in enumerate(((s.seqlen_q, s.heads, spec.block_m),
-                                                 (s.seqlen_k, heads_kv, spec.block_n),
-                                                 (s.seqlen_k, heads_kv, spec.block_n))):
-        stride_b = strides[3 * i]
-        at = ptrs[i] + b0 * stride_b * 2  # 16-bit elements
-        maps.append(tile_map(at, s.dtype, s.head_dim, rows, heads, s.batch - b0,
-                             tuple(strides[3 * i:3 * i + 3]), box_rows))
-    if any(layout_problem(m.dtype, m.dims, m.strides, m.box) for m in maps):
-        return None
-    return tuple(maps)
+    rows = ((s.seqlen_q, s.heads, spec.block_m), (s.seqlen_k, heads_kv, spec.block_n),
+            (s.seqlen_k, heads_kv, spec.block_n))
+    return _tile_maps(s, b0, [(ptrs[i], tuple(strides[3 * i:3 * i + 3]), *rows[i])
+                              for i in range(3)])
+
+
+def backward_maps(shape: planning.Shape, spec: KernelSpec, q: Operand, k: Operand,
+                  v: Operand, do: Operand, b0: int) -> tuple | None:
+    """The tensor maps of q, k, v and dO for a TMA backward's launch from batch entry ``b0``
+    on, or None (``_tile_maps``)."""
+    s = shape
+    heads_kv = s.heads // s.heads_per_kv
+    arrays = [(x.ptr, (x.stride_b, x.stride_m, x.stride_h), rows, heads, box)
+              for x, rows, heads, box in ((q, s.seqlen_q, s.heads, spec.block_m),
+                                          (k, s.seqlen_k, heads_kv, spec.block_n),
+                                          (v, s.seqlen_k, heads_kv, spec.block_n),
+                                          (do, s.seqlen_q, s.heads, spec.block_m))]
+    return _tile_maps(s, b0, arrays)
 
 
 def run_forward(plan: planning.ForwardPlan, q: Operand, k: Operand, v: Operand, o: Operand,
@@ -581,6 +602,9 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
 
     # -- dK, dV (and dQ by atomics unless deterministic)
     main = plan.main
+    boxed = specs.loads_with_tma(main.spec)
+    if boxed and backward_maps(s, main.spec, q, k, v, do, 0) is None:
+        main, boxed = _without_tma(main), False
     scalars = (s.seqlen_q, s.seqlen_k, s.heads, s.heads_per_kv, s.head_dim)
     scales = (softmax_scale * LOG2E, softmax_scale)
     signature = signature_of(main.spec)
@@ -601,6 +625,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
                      workspace + ws.dk_accum + b0 * kv_row if accum else 0,
                      workspace + ws.dv_accum + b0 * v_row if accum else 0, semaphores)
         args += mods.kernel_args(b0) + seq.kernel_args(b0) + bsp_args(b0) + drop_args(b0)
+        args += backward_maps(s, main.spec, q, k, v, do, b0) if boxed else ()
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics

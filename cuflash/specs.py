@@ -361,9 +361,43 @@ def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
     return spec.with_knobs(CF_FWD_TMA=1)
 
 
+def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
+    """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
+    copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. A candidate for
+    tests and tuning runs, not selected."""
+    if not bwd90_warp_specialized(spec) or spec.mods.varlen:
+        return None
+    if spec.head_dim == 64 and spec.dq_ordered and (spec.causal or spec.mods.window):
+        return None  # its consumers spill 24-44 B under NVRTC 13.5 (none under 13.0)
+    return spec.with_knobs(CF_BWD_TMA=1)
+
+
+# The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's
+# forward_maps / backward_maps): q, k, v; and dout for the backward.
+TMA_KNOBS = {"CF_FWD_TMA": ("q", "k", "v"), "CF_BWD_TMA": ("q", "k", "v", "do")}
+
+
+def tma_maps(spec: KernelSpec) -> tuple[str, ...]:
+    """The arrays whose tensor maps ``spec``'s kernel takes: none without a TMA knob, or
+    where the knob reaches a kernel that has no such loads (a tuning run's knob on every
+    candidate leaves the other kernels as they are)."""
+    takes = {"CF_FWD_TMA": fwd90_warp_specialized, "CF_BWD_TMA": bwd90_warp_specialized}
+    for knob, arrays in TMA_KNOBS.items():
+        if (knob, 1) in spec.knobs and takes[knob](spec):
+            return arrays
+    return ()
+
+
 def loads_with_tma(spec: KernelSpec) -> bool:
-    """Whether ``spec``'s kernel takes tensor maps of q, k and v (``with_forward_tma``)."""
-    return ("CF_FWD_TMA", 1) in spec.knobs
+    """Whether ``spec``'s kernel loads with TMA (``with_forward_tma``, ``with_backward_tma``)."""
+    return bool(tma_maps(spec))
+
+
+def without_tma(spec: KernelSpec) -> KernelSpec:
+    """The same tile loading with cp.async (for a layout the copy engine cannot box)."""
+    for knob in TMA_KNOBS:
+        spec = spec.without_knob(knob)
+    return spec
 
 
 def _pair_bucket(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,

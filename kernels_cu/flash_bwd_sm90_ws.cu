@@ -28,6 +28,12 @@
 //     tile, and they take turns issuing their products (CF_BWD_WS_PINGPONG), so one's
 //     P^T / dS^T and atomics run under the other's products.
 //   No __syncthreads after the prologue.
+//   Bulk tensor copies (CF_BWD_TMA=1, a candidate: not selected, not yet run on a GPU): lane
+//     0 of warp 0 loads K once and Q per tile, lane 0 of warp 3 V once and dO per tile, as TMA
+//     boxes (cf_sm90.cuh's tma_load_tile; the maps of q, k, v and dout are the last four
+//     parameters, cuflash/tensor_map.py) with the bytes armed on the full mbarriers; the
+//     statistics stay plain loads and stores by those warps. No proxy fence in the consumers.
+//     Not for packed sequences (a box would read the next sequence's rows).
 //   Tried and not kept: dQ through shared memory and bulk reduce-adds (cp.reduce.async.bulk,
 //   FlashAttention-3's way) was 0.75x the atomics on an H200 (bench/dev/bwd_variants.md).
 //
@@ -155,6 +161,17 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #ifndef CF_DQ_TURN_AGENT
 #define CF_DQ_TURN_AGENT 1
 #endif
+#ifndef CF_BWD_TMA
+#define CF_BWD_TMA 0
+#endif
+static_assert(!CF_BWD_TMA || !CF_VARLEN, "TMA boxes would cross into the next sequence");
+#if CF_BWD_TMA  // the tensor maps of q, k, v and dout, after every other parameter
+#define CF_BWD_TMA_PARAMS                                                                    \
+  , const __grid_constant__ cf_tensor_map tm_q, const __grid_constant__ cf_tensor_map tm_k,    \
+      const __grid_constant__ cf_tensor_map tm_v, const __grid_constant__ cf_tensor_map tm_do
+#else
+#define CF_BWD_TMA_PARAMS
+#endif
 
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
@@ -196,6 +213,8 @@ enum : int {
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
   kProducerRegs = 40,
   kConsumerRegs = 232,
+  kTma = CF_BWD_TMA,  // (an enum, not a constexpr variable: those leave a PTX symbol)
+  kPanels = kD / 64,
   kOrderBarrier = 1,  // 1 + g: warpgroup g alone (ordered dQ around its adds; bulk dQ)
   kTurnBarrier = 3,   // 3 + g: consumer warpgroup g may issue its products
 };
@@ -446,7 +465,7 @@ __device__ __forceinline__ void copy_tile(cf_u32 tile, const elem_t* rows, cf_i6
 extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
-                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS CF_BWD_TMA_PARAMS) {
   using namespace bwd90ws;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
@@ -502,10 +521,12 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
 
   if (tid == 0) {
-    mbar_init(bars.k_v_full(), 96);  // warps 0, 1 and 3
+    // cp.async: warps 0, 1 and 3; TMA: the two issuing lanes (the boxes' bytes count apart)
+    mbar_init(bars.k_v_full(), kTma ? 2 : 96);
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(bars.q_full(s), 2 * 64);   // warps 0, 1: their copies, then their stores
-      mbar_init(bars.do_full(s), 2 * 32);  // warp 3
+      // warps 0, 1: their copies (TMA: lane 0's boxes), then their stores
+      mbar_init(bars.q_full(s), (kTma ? 1 : 64) + 64);
+      mbar_init(bars.do_full(s), (kTma ? 1 : 32) + 32);  // warp 3
       // every consumer thread arrives: one arrival per warp after __syncwarp was as correct,
       // but racecheck reported the other lanes' reads of the statistics as racing the refill
       mbar_init(bars.stage_empty(s), kConsumerThreads);
@@ -549,11 +570,19 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (n_iter == 0) return;
       const bool q_side = warp < 2;
       const int t = q_side ? tid : lane, threads = q_side ? 64 : 32;
+#if CF_BWD_TMA
+      if (t == 0) {  // one lane a side issues its boxes
+        mbar_arrive_expect_tx(bars.k_v_full(), kTileK);
+        tma_load_tile<kBN, kPanels>(smem_addr(q_side ? sK : sV), q_side ? &tm_k : &tm_v, n0, kvh,
+                                    b, bars.k_v_full());
+      }
+#else
       const elem_t* kv_head = q_side ? k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh
                                      : v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
       copy_tile<kBN>(smem_addr(q_side ? sK : sV), kv_head, q_side ? stride_kn : stride_vn, n0,
                      seqlen_k - n0, head_dim, t, threads);
       mbar_arrive_cp_async(bars.k_v_full());
+#endif
       TileWalk walk(m_first, qt.end, h_first, m_start);
       int kept_t = kept.above(-1);  // block mask: the walk's index of this tile
 #pragma unroll 1
@@ -573,21 +602,32 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
           }
         }
         // rows past seqlen_q become zeros (Q, dO) and 0 (lse2, delta): harmless
+#if CF_BWD_TMA
+        if (t == 0) {
+          mbar_arrive_expect_tx(q_side ? bars.q_full(st) : bars.do_full(st), kTileQ);
+          tma_load_tile<kBM, kPanels>(smem_addr((q_side ? sQ : sdO) + st * kTileQ),
+                                      q_side ? &tm_q : &tm_do, m0, h, b,
+                                      q_side ? bars.q_full(st) : bars.do_full(st));
+        }
+#else
         const elem_t* rows = q_side ? q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh
                                     : dout + seq.q_offset(stride_dob, stride_dom) + h * stride_doh;
         copy_tile<kBM>(smem_addr((q_side ? sQ : sdO) + st * kTileQ), rows,
                        q_side ? stride_qm : stride_dom, m0, seqlen_q - m0, head_dim, t, threads);
+#endif
         const float* stats = (q_side ? lse2 : delta) + seq.stats(h);
         float* s_stats = (q_side ? sLse : sDelta) + st * kBM;
-        mbar_arrive_cp_async(q_side ? bars.q_full(st) : bars.do_full(st));
+        if (!kTma) mbar_arrive_cp_async(q_side ? bars.q_full(st) : bars.do_full(st));
         // the statistics by plain loads and stores (the consumers read them with plain
         // loads; the producer can afford to wait), then a second, ordinary arrival
 #pragma unroll 1
         for (int r = t; r < kBM; r += threads) s_stats[r] = m0 + r < seqlen_q ? stats[m0 + r] : 0.f;
         mbar_arrive(q_side ? bars.q_full(st) : bars.do_full(st));
       }
-      cp_async_commit();  // leave with no copy in flight
-      cp_async_wait<0>();
+      if (!kTma) {
+        cp_async_commit();  // leave with no copy in flight
+        cp_async_wait<0>();
+      }
     }
     return;
   }
@@ -609,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int r_in_block = me * 64 + cwarp * 16 + group;    // the same, from n0
   const auto wait_for = [](cf_u32 bar, int parity) {  // copies (generic proxy) -> wgmma
     mbar_wait(bar, parity);
-    fence_proxy_async();
+    if (!kTma) fence_proxy_async();  // TMA boxes land through wgmma's async proxy
   };
   if (n_iter > 0) wait_for(bars.k_v_full(), 0);
 

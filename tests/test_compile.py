@@ -191,12 +191,12 @@ def test_head_dim_v_pairs_compile_unserialized_without_spills():
         assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
 
 
-def test_tma_forward_compiles_unserialized_without_spills():
-    """The warp-specialized forward loading with bulk tensor copies (CF_FWD_TMA=1, a
-    candidate, specs.with_forward_tma) at head_dim 64 and 128: as selected (persistent or
-    not), plain, causal, each score modifier, dropout and block masks, and the consumers'
-    pipeline across tiles (CF_FWD_PERSISTENT=2): zero spills, no C7519, and the copy
-    instruction is there."""
+def test_tma_kernels_compile_unserialized_without_spills():
+    """The warp-specialized forward and backward loading with bulk tensor copies
+    (CF_FWD_TMA=1 / CF_BWD_TMA=1, candidates, specs.with_forward_tma / with_backward_tma) at
+    head_dim 64 and 128: as selected (persistent or not; atomic and ordered dQ), plain,
+    causal, each score modifier, dropout and block masks, and the forward's pipeline across
+    tiles (CF_FWD_PERSISTENT=2): zero spills, no C7519, and the copy instruction is there."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
@@ -212,11 +212,22 @@ def test_tma_forward_compiles_unserialized_without_spills():
             across = specs.with_forward_across_tiles(
                 specs.select_forward(facts, "float16", d, causal), facts)
             work.append((specs.with_forward_tma(across), "sm_90"))
+            for deterministic in (False, True):  # the backward's (CF_BWD_TMA)
+                for mods in mod_sets:
+                    if deterministic and mods.block_sparse:
+                        continue
+                    back = specs.with_backward_tma(specs.select_backward(
+                        facts, "float16", d, causal, deterministic, mods=mods))
+                    if back is not None:
+                        work.append((back, "sm_90"))
     assert specs.with_forward_tma(specs.select_forward(
         facts, "bfloat16", 128, False, mods=specs.ModFlags(varlen=True))) is None
+    assert specs.with_backward_tma(specs.select_backward(
+        facts, "bfloat16", 128, False, False, mods=specs.ModFlags(varlen=True))) is None
+    assert sum(spec.kind == "bwd90" for spec, _ in work) >= 30
     assert all(spec is not None and specs.loads_with_tma(spec) for spec, _ in work)
-    _assert_compiled_without_spills(work, "TMA forward")
-    for spec, arch in work[:2] + work[-2:]:
+    _assert_compiled_without_spills(work, "TMA")
+    for spec, arch in work[:2] + [w for w in work if w[0].kind == "bwd90"][:2] + work[-2:]:
         opts = compiler.nvrtc_options(spec) + [
             f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
         log, _ = compiler._nvrtc_compile(spec, arch, opts)

@@ -1,6 +1,7 @@
 """The warp-specialized Hopper forward loading Q, K and V with bulk tensor copies
-(``CF_FWD_TMA=1``, specs.with_forward_tma: a candidate, not selected) against the float64
-reference (``gpu``): head_dim 64 and 128 and widths inside those buckets (the boxes' columns
+(``CF_FWD_TMA=1``, specs.with_forward_tma: a candidate, not selected), and the backward
+loading K, V, Q and dO so (``CF_BWD_TMA=1``), against the float64 reference (``gpu``). The
+forward: head_dim 64 and 128 and widths inside those buckets (the boxes' columns
 past head_dim land as zeros), every score modifier of test_gpu_modifiers, lengths that are not
 multiples of a tile (rows past a sequence land as zeros), one block per tile, persistent
 blocks and the pipeline across tiles, heads-first storage, block masks, and k / v broadcast
@@ -56,6 +57,10 @@ def _module_specs():
                     spec = specs.select_forward(facts, dtype, d, case[1],
                                                 mods=mods_tests._flags(case))
                     out += [_tma(spec, loop, facts), spec]  # the cp.async tile: the fallback
+                    for deterministic in (False, True):
+                        back = specs.select_backward(facts, dtype, d, case[1], deterministic,
+                                                     mods=mods_tests._flags(case))
+                        out += [specs.with_backward_tma(back) or back, back]
     return out
 
 
@@ -145,6 +150,57 @@ def test_block_masks(tma, case, head_dim):
     sparse_tests._check("own", case, "bfloat16", 389, 777, head_dim)
 
 
+# -- the backward (CF_BWD_TMA: K, V, Q and dO boxed; specs.with_backward_tma) ----------------
+
+
+@pytest.fixture
+def tma_bwd(monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper backward's loads")
+    for _ in gh.selector_with_knob(monkeypatch, "select_backward",
+                                   lambda spec: specs.with_backward_tma(spec) or spec):
+        yield
+
+
+def _assert_backward_planned_with_tma(head_dim, dtype, causal, flags, deterministic):
+    from cuflash import launch
+
+    p = launch.backward_plan(plan.Shape(2, 300, 300, 6, 2, head_dim, dtype, causal, flags), 0,
+                             deterministic)
+    assert specs.loads_with_tma(p.main.spec), p.main.spec.name
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(131, 131), (257, 500)])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_matches_reference_d64(tma_bwd, case, seqlen_q, seqlen_k):
+    """test_gpu_modifiers' forward + backward check (both deterministic modes) at head_dim 64
+    with the TMA backward: every modifier, GQA 6 / 2. (The ordered d64 backward, causal or
+    windowed, keeps cp.async: specs.with_backward_tma.)"""
+    _assert_backward_planned_with_tma(64, "bfloat16", case[1], mods_tests._flags(case), False)
+    mods_tests.test_forward_and_backward_match_reference("tma", case, "bfloat16", seqlen_q,
+                                                         seqlen_k)
+
+
+@pytest.mark.parametrize("case", PLAIN + [mods_tests.CASES[-1]],
+                         ids=[c[0] for c in PLAIN] + [mods_tests.CASES[-1][0]])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_backward_matches_reference_d128(tma_bwd, case, dtype):
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, 203, 389, head_dim=128)
+    _assert_backward_planned_with_tma(128, dtype, causal, mods_tests._flags(case), True)
+    gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype=dtype,
+                                     label=f"tma bwd {case[0]} d128 {dtype}",
+                                     host_kwargs=mods, gpu_kwargs=mods_tests._on_gpu(mods))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_block_masks(tma_bwd, head_dim):
+    """The producer's walk under a block mask boxes only the kept query tiles."""
+    sparse_tests._check("own", sparse_tests.CASES[0], "bfloat16", 389, 777, head_dim)
+
+
 def test_tma_is_not_selected():
     """A candidate until gpu_suite.sh fwd_tma has timed it."""
     from cuflash import launch
@@ -152,6 +208,8 @@ def test_tma_is_not_selected():
     facts = launch.device_facts(0)
     for d in (64, 128):
         assert not specs.loads_with_tma(specs.select_forward(facts, "bfloat16", d, False))
+        assert not specs.loads_with_tma(specs.select_backward(facts, "bfloat16", d, False,
+                                                              False))
 
 
 # -- the map and the swizzle alone: one tile through the copy engine, shared memory read out --

@@ -104,9 +104,15 @@ def _direct(q, k, v, o, m, l, causal):
     with launch.recording() as records:
         launch.run_forward(plan, *map(_operand, (q, k, v, o)), m.ctypes.data, l.ctypes.data,
                            problem.softmax_scale, _STREAM, 0)
-    return plan, [(f, g, t, s, tuple(a.encoded() if isinstance(a, tensor_map.TensorMap)
-                                     else a for a in args))
-                  for f, g, t, s, args in _as_captured(records)]
+    return plan, _encoded(_as_captured(records))
+
+
+def _encoded(captured: list) -> list:
+    """Captured launches with their tensor maps made (what a direct launch passes)."""
+    return [c if c[0] == "memset" else
+            (*c[:4], tuple(a.encoded() if isinstance(a, tensor_map.TensorMap) else a
+                           for a in c[4]))
+            for c in captured]
 
 
 def _map_words(blob: bytes) -> tuple:
@@ -176,3 +182,53 @@ def test_a_broadcast_batch_axis_runs_the_cp_async_tile(tma_device):
         untiled = plan.kernel.spec.without_knob("CF_FWD_TMA")
         assert launched[0] == hash((untiled.name, False)) & 0xFFFFFF  # ... run without
         assert not any(isinstance(a, bytes) and len(a) == 128 for a in launched[4])
+
+
+@pytest.fixture
+def tma_bwd_device(tma_device, monkeypatch):
+    """``tma_device`` with the backward's selector patched to the TMA backward too."""
+    plain = specs.select_backward
+    monkeypatch.setattr(specs, "select_backward",
+                        lambda *a, **k: specs.with_backward_tma(plain(*a, **k)) or plain(*a, **k))
+    yield tma_device
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape_q, shape_kv, transposed_k", [
+    ((2, 100, 8, 64), (2, 130, 4, 64), False),
+    ((1, 256, 16, 128), (1, 300, 4, 128), True),
+])
+def test_backward_replays_make_each_calls_maps(tma_bwd_device, shape_q, shape_kv, transposed_k,
+                                               deterministic):
+    """The backward's main kernel takes maps of the call's own q, k, v and dO (in that
+    order, boxes of block_m query rows and block_n key rows), call after call, equal to the
+    launch code's for the same arrays."""
+    captured = tma_bwd_device
+    backend, rng = NumpyBackend(), np.random.default_rng(3)
+    for call in range(3):
+        q, k, v = _inputs(rng, shape_q, shape_kv, np.float16, transposed_k)
+        o, m, l = fastpath.forward(backend, q, k, v, False, None)
+        do = rng.standard_normal(shape_q).astype(np.float16)
+        captured.clear()
+        dq, dk, dv = fastpath.backward(backend, do, q, k, v, o, m, l, False, None,
+                                       deterministic)
+        problem = validate.check_forward(q, k, v, causal=False, softmax_scale=None)
+        plan = launch.backward_plan(planning.Shape.of(problem), 0, deterministic)
+        assert specs.loads_with_tma(plan.main.spec), plan.main.spec.name
+        main_fn = hash((plan.main.spec.name, False)) & 0xFFFFFF
+        (main,) = [c for c in captured if c[0] == main_fn]
+        blobs = main[4][-4:]
+        for blob, x, box in zip(blobs, (q, k, v, do),
+                                (plan.main.spec.block_m, plan.main.spec.block_n,
+                                 plan.main.spec.block_n, plan.main.spec.block_m)):
+            ptr, _, d, rows, heads, batch, stride_m, _, _, *box_dims = _map_words(blob)
+            assert ptr == x.ctypes.data, f"call {call}"
+            assert (d, rows, heads, batch) == (x.shape[3], x.shape[1], x.shape[2], x.shape[0])
+            assert stride_m == x.strides[1] and tuple(box_dims) == (64, box, 1, 1)
+        pre = next(c for c in captured if c[0] != "memset")
+        workspace = pre[4][4] - planning.backward_workspace(plan).delta
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, workspace, _STREAM, 0)
+        assert captured == _encoded(_as_captured(direct)), f"call {call}"
