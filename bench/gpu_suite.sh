@@ -9,7 +9,7 @@
 #                                            decode_ab decode16 fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
-#                                            fwd_tma bwd_tma fwd_bounds
+#                                            fwd_tma bwd_tma fwd_bounds fwd_d256_ws
 #                                            bwd_dq_first
 #                                            issue15_bench
 #                                            hopper_d192 head_dim_v verify_defaults pair_tiles
@@ -175,6 +175,19 @@ for stage in $stages; do
           bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
           --rows $rows --rounds 5 --out "$OUT/results/fwd_tma_$rows.json"
       done ;;
+    fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
+      # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with
+      # and without TMA (candidates, not selected): their float64-reference tests, then
+      # TFLOP/s against the selected 8-warp tile (overlap 2) beside SDPA's flash and cuDNN
+      CUFLASH_POISON=1 run_stage fwd_d256_ws_tests timeout "${FWD_D256_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_tma.py -k "d256 or panel"
+      run_stage fwd_d256_selected bash -c "cd bench/dev && timeout ${FWD_D256_TIMEOUT:-150} \
+        $PY tile_sweep.py --kind fwd90 --head-dim 256 --seqlen ${FWD_D256_SEQLENS:-4096 16384} \
+        --causal both --candidates 8,64,2 --define CF_FWD_OVERLAP=2"
+      run_stage fwd_d256_ws bash -c "cd bench/dev && timeout ${FWD_D256_TIMEOUT:-240} $PY \
+        tile_sweep.py --kind fwd90 --head-dim 256 --seqlen ${FWD_D256_SEQLENS:-4096 16384} \
+        --causal both --candidates 12,64,2 12,80,2 --variant CF_FWD_TMA=1" ;;
     bwd_tma)  # the warp-specialized Hopper backward (head_dim 64 / 128) loading K, V, Q and
       # dO with bulk tensor copies (CF_BWD_TMA, a candidate written without a GPU): its
       # float64-reference tests, then each tile with and without, atomic and ordered dQ,

@@ -80,6 +80,26 @@ __device__ __forceinline__ void wgmma_rs_n64(float (&d)[8][4], const cf_u32 (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
 
+__device__ __forceinline__ void wgmma_ss_n80(float (&d)[10][4], cf_u64 desc_a, cf_u64 desc_b,
+                                          int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n80k16." CF_WGMMA_TYPES " "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, %40, %41, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_n80(float (&d)[10][4], const cf_u32 (&a)[4],
+                                          cf_u64 desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n80k16." CF_WGMMA_TYPES " "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39}, {%40,%41,%42,%43}, %44, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
 __device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], cf_u64 desc_a, cf_u64 desc_b,
                                           int scale_d) {
   asm volatile(
@@ -163,9 +183,10 @@ __device__ __forceinline__ void wgmma_rs_n256(float (&d)[32][4], const cf_u32 (&
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4],
                                              cf_u64 desc_a, cf_u64 desc_b, int scale_d) {
-  static_assert(N == 32 || N == 64 || N == 128 || N == 176 || N == 192 || N == 256, "wgmma_ss: no wrapper of this width");
+  static_assert(N == 32 || N == 64 || N == 80 || N == 128 || N == 176 || N == 192 || N == 256, "wgmma_ss: no wrapper of this width");
   if constexpr (N == 32) wgmma_ss_n32(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 64) wgmma_ss_n64(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 80) wgmma_ss_n80(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 128) wgmma_ss_n128(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 176) wgmma_ss_n176(d, desc_a, desc_b, scale_d);
   else if constexpr (N == 192) wgmma_ss_n192(d, desc_a, desc_b, scale_d);
@@ -175,9 +196,10 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4],
 template <int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4],
                                              const cf_u32 (&a)[4], cf_u64 desc_b, int scale_d) {
-  static_assert(N == 32 || N == 64 || N == 128 || N == 176 || N == 192 || N == 256, "wgmma_rs: no wrapper of this width");
+  static_assert(N == 32 || N == 64 || N == 80 || N == 128 || N == 176 || N == 192 || N == 256, "wgmma_rs: no wrapper of this width");
   if constexpr (N == 32) wgmma_rs_n32(d, a, desc_b, scale_d);
   else if constexpr (N == 64) wgmma_rs_n64(d, a, desc_b, scale_d);
+  else if constexpr (N == 80) wgmma_rs_n80(d, a, desc_b, scale_d);
   else if constexpr (N == 128) wgmma_rs_n128(d, a, desc_b, scale_d);
   else if constexpr (N == 176) wgmma_rs_n176(d, a, desc_b, scale_d);
   else if constexpr (N == 192) wgmma_rs_n192(d, a, desc_b, scale_d);

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-WIDTHS = (32, 64, 128, 176, 192, 256)  # accumulator widths N: key tiles (S), head-dim buckets (O), and
+WIDTHS = (32, 64, 80, 128, 176, 192, 256)  # accumulator widths N: key tiles (S), head-dim buckets (O), and
 # the head_dim 256 backward's 32-query halves (S^T, dP^T)
 MN_WIDTHS = (64,)  # both operands MN-major: the backward's dQ = dS K
 KMN_WIDTHS = (64, 128, 192, 256)  # A K-major, B MN-major: the role split's dK = dS^T Q

@@ -60,7 +60,8 @@ static_assert(CF_HEAD_DIM == 64 || CF_HEAD_DIM == 128 || CF_HEAD_DIM == 256,
               "head-dim bucket: whole 64-column panels");
 static_assert((CF_BLOCK_M == 128 || CF_BLOCK_M == 192) && CF_WARPS == 4 + CF_BLOCK_M / 16,
               "a producer and two or three 64-row consumers");
-static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 128 || CF_BLOCK_N == 176 || CF_BLOCK_N == 256,
+static_assert(CF_BLOCK_N == 64 || CF_BLOCK_N == 80 || CF_BLOCK_N == 128 || CF_BLOCK_N == 176 ||
+                  CF_BLOCK_N == 256,
               "wgmma widths");
 static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 

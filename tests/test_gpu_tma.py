@@ -61,6 +61,10 @@ def _module_specs():
                         back = specs.select_backward(facts, dtype, d, case[1], deterministic,
                                                      mods=mods_tests._flags(case))
                         out += [specs.with_backward_tma(back) or back, back]
+    for case in D256_CASES:
+        spec = specs.select_forward(facts, "bfloat16", 256, case[1],
+                                    mods=mods_tests._flags(case))
+        out += [_ws_d256(spec, n, boxed) for n, boxed in D256_TILES]
     return out
 
 
@@ -148,6 +152,49 @@ def test_block_masks(tma, case, head_dim):
     if tma == "across":
         pytest.skip("the pipeline across tiles takes every key tile (no block mask)")
     sparse_tests._check("own", case, "bfloat16", 389, 777, head_dim)
+
+
+# -- head_dim 256 on the warp-specialized forward (candidates: FlashAttention-3's 128 x 80 tile,
+# and 128 x 64), with and without TMA; the selection runs the 8-warp kernel there -----------
+
+D256_TILES = [(64, False), (64, True), (80, False), (80, True)]
+D256_CASES = PLAIN + [c for c in mods_tests.CASES if c[0] in ("window+causal", "softcap",
+                                                               "alibi_batch", "sinks+window",
+                                                               "all")]
+
+
+def _ws_d256(spec, block_n, boxed):
+    from dataclasses import replace
+
+    if spec.kind != "fwd90" or spec.head_dim != 256:
+        return spec
+    ws = replace(spec, block_m=128, block_n=block_n, warps=12, stages=2, knobs=())
+    return (specs.with_forward_tma(ws) or ws) if boxed else ws
+
+
+@pytest.fixture(params=D256_TILES, ids=lambda t: f"n{t[0]}{'_tma' if t[1] else ''}")
+def ws_d256(request, monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper forward's tile")
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+                                   lambda spec: _ws_d256(spec, *request.param)):
+        yield request.param
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(131, 131), (257, 1029)])
+@pytest.mark.parametrize("case", D256_CASES, ids=[c[0] for c in D256_CASES])
+def test_d256_warp_specialized_forward(ws_d256, case, seqlen_q, seqlen_k):
+    from cuflash import launch
+
+    block_n, boxed = ws_d256
+    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, 256, "bfloat16", case[1],
+                                       mods_tests._flags(case)), 0)
+    assert (p.kernel.spec.warps, p.kernel.spec.block_n) == (12, block_n), p.kernel.spec.name
+    assert specs.loads_with_tma(p.kernel.spec) == boxed
+    mods_tests.check_forward(case, "bfloat16", seqlen_q, seqlen_k, 256,
+                             f"d256 ws n{block_n} tma={boxed}")
 
 
 # -- the backward (CF_BWD_TMA: K, V, Q and dO boxed; specs.with_backward_tma) ----------------
