@@ -156,7 +156,8 @@ for stage in $stages; do
           ${FWD_PERSISTENT_ARGS:-}
       done ;;
     fwd_tma)  # the warp-specialized Hopper forward (head_dim 64 / 128) loading with bulk
-      # tensor copies (CF_FWD_TMA, a candidate written without a GPU): one tile through the
+      # tensor copies (CF_FWD_TMA, a candidate written without a GPU), and in clusters of two
+      # sharing K / V (CF_FWD_CLUSTER=2): one tile through the
       # copy engine read back raw (the map and the swizzle alone), the plain forward cases,
       # then all its float64-reference tests, the sanitizers, then TFLOP/s with and without
       # beside cuDNN at 16k tokens and on the GQA rows, alternating rounds
@@ -167,13 +168,18 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_tma.py
       for tool in memcheck synccheck racecheck; do
-        run_stage "tma_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
-          --tool $tool --error-exitcode 1 $PY bench/dev/sanitize_persistent.py --tma
+        for what in tma cluster; do
+          run_stage "${what}_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+            --tool $tool --error-exitcode 1 $PY bench/dev/sanitize_persistent.py --$what
+        done
       done
       for rows in tokens gqa; do
         run_stage "fwd_tma_$rows" timeout "${FWD_TMA_TIMEOUT:-200}" $PY \
           bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
           --rows $rows --rounds 5 --out "$OUT/results/fwd_tma_$rows.json"
+        run_stage "fwd_cluster_$rows" timeout "${FWD_TMA_TIMEOUT:-200}" $PY \
+          bench/dev/exp2_fma_ab.py --knob CF_FWD_CLUSTER --values 0,2 --head-dims 128 \
+          --rows $rows --rounds 5 --out "$OUT/results/fwd_cluster_$rows.json"
       done ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
       # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with

@@ -476,7 +476,8 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
     boxed = specs.loads_with_tma(kernel.spec)
-    if boxed and forward_maps(s, kernel.spec, ptrs, tail, 0) is None:
+    if boxed and (forward_maps(s, kernel.spec, ptrs, tail, 0) is None
+                  or specs.clustered(kernel.spec) and kernel.grid[0] % 2):
         kernel, boxed = _without_tma(kernel), False
     signature = signature_of(kernel.spec)
     if kernel.batch_per_launch >= s.batch:  # the common case: one launch
@@ -501,7 +502,8 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
 
 
 def _without_tma(kernel: planning.Launch) -> planning.Launch:
-    """A layout the copy engine cannot box (a broadcast axis): the same tile with cp.async."""
+    """A layout the copy engine cannot box (a broadcast axis), or a grid a cluster of two
+    cannot pair: the same tile with cp.async, one block at a time."""
     return planning.Launch(specs.without_tma(kernel.spec), kernel.grid, kernel.batch_per_launch)
 
 

@@ -361,6 +361,25 @@ def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
     return spec.with_knobs(CF_FWD_TMA=1)
 
 
+def with_forward_cluster(spec: KernelSpec) -> KernelSpec | None:
+    """The warp-specialized forward ``spec`` on clusters of two blocks that share their K / V
+    boxes (``CF_FWD_CLUSTER=2`` with TMA; one block per tile), where every query tile of a
+    head sees every key tile: no causal mask, window, block mask or packed sequences, and
+    head_dim 128 or 256 (the pair splits the panels). None elsewhere. A candidate for tests
+    and tuning runs, not selected. A launch whose query tiles are odd in number runs the tile
+    without TMA (``launch.launch_forward``)."""
+    if (spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or spec.causal
+            or spec.mods.window or spec.mods.block_sparse or spec.mods.varlen
+            or spec.head_dim % 128):
+        return None
+    return spec.without_knob("CF_FWD_PERSISTENT").with_knobs(CF_FWD_TMA=1, CF_FWD_CLUSTER=2)
+
+
+def clustered(spec: KernelSpec) -> bool:
+    """Whether ``spec``'s blocks come in clusters of two (``with_forward_cluster``)."""
+    return ("CF_FWD_CLUSTER", 2) in spec.knobs
+
+
 def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
     copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. A candidate for
@@ -394,8 +413,9 @@ def loads_with_tma(spec: KernelSpec) -> bool:
 
 
 def without_tma(spec: KernelSpec) -> KernelSpec:
-    """The same tile loading with cp.async (for a layout the copy engine cannot box)."""
-    for knob in TMA_KNOBS:
+    """The same tile loading with cp.async, one block at a time (for a layout the copy
+    engine cannot box, or an odd number of query tiles for a cluster of two)."""
+    for knob in (*TMA_KNOBS, "CF_FWD_CLUSTER"):
         spec = spec.without_knob(knob)
     return spec
 

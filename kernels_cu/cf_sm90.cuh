@@ -243,3 +243,48 @@ __device__ __forceinline__ void tma_load_tile(cf_u32 dst, const cf_tensor_map* m
   for (int p = 0; p < PANELS; ++p) tma_load_4d(dst + p * ROWS * 128, map, 64 * p, row0, head,
                                                batch, bar);
 }
+
+// -- clusters: two CTAs sharing K / V boxes (multicast) ------------------------------------
+__device__ __forceinline__ cf_u32 cluster_rank() {
+  cf_u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+// Every thread of every CTA of the cluster (exited ones count as arrived), with release /
+// acquire: the mbarrier inits before any CTA touches a peer's barriers.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+               ::: "memory");
+}
+// One arrival (release, cluster scope) on the mbarrier at `bar`'s offset in CTA `rank`.
+__device__ __forceinline__ void mbar_arrive_in(cf_u32 bar, cf_u32 rank) {
+  cf_u32 remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
+               : "memory");
+}
+// tma_load_4d's box into the same offset `dst` of every CTA in `cta_mask`, counting down the
+// mbarrier at `bar`'s offset in each of them.
+__device__ __forceinline__ void tma_load_4d_multicast(cf_u32 dst, const cf_tensor_map* map,
+                                                      int c0, int c1, int c2, int c3,
+                                                      cf_u32 bar, unsigned short cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3, %4, %5}], [%6], %7;" ::"r"(dst),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(bar), "h"(cta_mask)
+      : "memory");
+}
+// A ROWS x (64 * PANELS) tile shared by a cluster of two: this CTA (`rank`) boxes the panels
+// of its parity into both CTAs; the peer boxes the others. Each CTA's `bar` expects the
+// whole tile.
+template <int ROWS, int PANELS>
+__device__ __forceinline__ void tma_load_tile_pair(cf_u32 dst, const cf_tensor_map* map,
+                                                   int row0, int head, int batch, cf_u32 bar,
+                                                   cf_u32 rank) {
+  static_assert(PANELS % 2 == 0, "the panels split evenly over the pair");
+#pragma unroll
+  for (int p = 0; p < PANELS; p += 2)
+    tma_load_4d_multicast(dst + (p + rank) * ROWS * 128, map, 64 * (p + (int)rank), row0, head,
+                          batch, bar, 0x3);
+}

@@ -40,6 +40,16 @@
 //   sequence land as zeros, like cp.async's zero fill; packed sequences keep cp.async (a box
 //   would read the next sequence's rows).
 //
+// Clusters of two (CF_FWD_CLUSTER=2 with CF_FWD_TMA, a candidate: not selected, not yet run
+//   on a GPU; head_dim 128 / 256, one block per tile, no causal mask, window, block mask or
+//   packed sequences): the blocks of query tiles 2c and 2c + 1 of a head share each K / V
+//   tile: each boxes half its panels into both blocks' shared memory (multicast), so L2 sends
+//   K and V once per pair (FlashAttention-3 pairs its non-causal blocks so at head_dim >= 128).
+//   A stage is refilled only when both blocks' consumers have released it: each consumer warp
+//   arrives on its own block's empty mbarrier and on the peer's. The producer thread waits for
+//   the last releases before it leaves, so no block exits while its peer may still arrive on
+//   its barriers.
+//
 // Shared memory: [Q (two with value 2) | K stage 0..S-1 | V stage 0..S-1 | mbarriers], panel
 //   layout (cf_sm90.cuh): (Q buffers * CF_BLOCK_M + 2 * CF_STAGES * CF_BLOCK_N) *
 //   CF_HEAD_DIM * 2 + 128 bytes.
@@ -78,6 +88,18 @@ static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 #define CF_FWD_TMA 0
 #endif
 static_assert(!CF_FWD_TMA || !CF_VARLEN, "TMA boxes would cross into the next sequence");
+#ifndef CF_FWD_CLUSTER
+#define CF_FWD_CLUSTER 1
+#endif
+static_assert(CF_FWD_CLUSTER == 1 ||
+                  (CF_FWD_CLUSTER == 2 && CF_FWD_TMA && !CF_FWD_PERSISTENT && CF_MASK == 0 &&
+                   !CF_BLOCK_SPARSE && CF_HEAD_DIM % 128 == 0),
+              "a pair shares every key tile: TMA, one block per tile, no mask, whole panel pairs");
+#if CF_FWD_CLUSTER == 2
+#define CF_CLUSTER_DIMS __cluster_dims__(2, 1, 1)
+#else
+#define CF_CLUSTER_DIMS
+#endif
 #if CF_FWD_TMA  // the tensor maps of q, k and v, after every other parameter
 #define CF_TMA_PARAMS                                                                     \
   , const __grid_constant__ cf_tensor_map tm_q, const __grid_constant__ cf_tensor_map tm_k, \
@@ -133,7 +155,9 @@ constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 enum : int {
   kTma = CF_FWD_TMA,
   kFullArrivals = CF_FWD_TMA ? 1 : kProducerThreads,
-  kPanels = CF_HEAD_DIM / 64
+  kPanels = CF_HEAD_DIM / 64,
+  kCluster = CF_FWD_CLUSTER,
+  kEmptyArrivals = CF_FWD_CLUSTER * kConsumerThreads / 32  // a consumer warp of each block
 };
 }  // namespace ws
 
@@ -205,7 +229,7 @@ struct TileWalk {
   }
 };
 
-extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
+extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     flash_fwd_sm90(CF_FWD_PARAMS(/* no __restrict__ */), CF_MOD_PARAMS, const float* sinks,
                    CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS CF_TMA_PARAMS) {
   using namespace ws;
@@ -232,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     for (int s = 0; s < CF_STAGES; ++s) {
       mbar_init(bars.k_full(s), kFullArrivals);
       mbar_init(bars.v_full(s), kFullArrivals);
-      mbar_init(bars.empty(s), kConsumerThreads / 32);  // one arrival per consumer warp
+      mbar_init(bars.empty(s), kEmptyArrivals);  // one arrival per consumer warp (per block)
     }
     for (int i = 0; i < (kPersistent ? kQBuffers : 0); ++i) {
       if (i) mbar_init(bars.q_full(i), kFullArrivals);
@@ -240,7 +264,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     mbar_fence_init();
   }
-  __syncthreads();
+  if (kCluster == 2) {
+    cluster_sync();  // the peer's barriers are ready before any box or arrival reaches them
+  } else {
+    __syncthreads();
+  }
 
   // Both roles count the tiles loaded so far, Q tiles and K/V tiles (a stage's use number
   // gives its mbarriers' phase); one-per-block kernels fold them to 0.
@@ -249,6 +277,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     regs_dealloc<kProducerRegs>();
 #if CF_FWD_TMA
     if (tid != 0) return;  // one thread issues every box
+    const cf_u32 rank = kCluster == 2 ? cluster_rank() : 0;
+    int loads_total = 0;  // K / V tiles, for the wait on the last releases (clusters)
 #pragma unroll 1
     for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
       const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
@@ -276,13 +306,28 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
         const int stage = use % CF_STAGES, round = use / CF_STAGES;
         if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
         mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
+        mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
+#if CF_FWD_CLUSTER == 2
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
+                                                j * CF_BLOCK_N, h_kv, b, bars.k_full(stage), rank);
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
+                                                j * CF_BLOCK_N, h_kv, b, bars.v_full(stage), rank);
+#else
         tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
                                            j * CF_BLOCK_N, h_kv, b, bars.k_full(stage));
-        mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
         tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
                                            j * CF_BLOCK_N, h_kv, b, bars.v_full(stage));
+#endif
       }
+      loads_total += n_tiles;
       if (kPersistent) ++q_loads, kv_loads += n_tiles;
+    }
+    if (kCluster == 2) {  // stay until both blocks have released every stage's last use
+      for (int s = 0; s < CF_STAGES; ++s) {
+        const int uses = (loads_total - s + CF_STAGES - 1) / CF_STAGES;
+        if (uses > 0) mbar_wait(bars.empty(s), (uses - 1) & 1);
+      }
+      (void)rank;
     }
     return;  // the block's shared memory outlives this thread: the consumers wait for it
 #else
@@ -346,6 +391,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     mbar_wait(bar, parity);
     if (!kTma) fence_proxy_async();
   };
+  // A consumer warp's release of a stage (after __syncwarp): its block's empty mbarrier, and
+  // in a cluster the peer's too (the peer's boxes refill both blocks' copies of the stage).
+  const auto release = [lane](cf_u32 empty_bar) {
+    if (lane == 0) {
+      mbar_arrive(empty_bar);
+      if (kCluster == 2) mbar_arrive_in(empty_bar, cluster_rank() ^ 1u);
+    }
+  };
   // Turns: a warpgroup issues its products once the previous one (round robin) has issued
   // its own; the last warpgroup opens the first turn. Each turn barrier counts two
   // warpgroups: the one that waits and the one that hands the turn over.
@@ -384,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
     __syncwarp();
-    if (lane == 0) mbar_arrive(bars.empty(prev));  // K and V of it - 1 are read
+    release(bars.empty(prev));  // K and V of it - 1 are read
     rescale_acc(acc, alpha);
     drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
     sm90_pack_p<CF_BLOCK_N>(p16, s);
@@ -563,6 +616,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
         __syncwarp();
         if (lane == 0) mbar_arrive(bars.empty(last));  // the next tile refills it
         ++q_loads, kv_loads += n_tiles;
+      }
+      if (kCluster == 2) {  // the producers wait for every release before they leave
+        __syncwarp();
+        release(bars.empty(last));
       }
     }
     if (!kPersistent) {  // both done reading Q: O staging next

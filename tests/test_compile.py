@@ -195,8 +195,9 @@ def test_tma_kernels_compile_unserialized_without_spills():
     """The warp-specialized forward and backward loading with bulk tensor copies
     (CF_FWD_TMA=1 / CF_BWD_TMA=1, candidates, specs.with_forward_tma / with_backward_tma) at
     head_dim 64 and 128: as selected (persistent or not; atomic and ordered dQ), plain,
-    causal, each score modifier, dropout and block masks, and the forward's pipeline across
-    tiles (CF_FWD_PERSISTENT=2): zero spills, no C7519, and the copy instruction is there."""
+    causal, each score modifier, dropout and block masks, the forward's pipeline across
+    tiles (CF_FWD_PERSISTENT=2) and its clusters of two (CF_FWD_CLUSTER=2): zero spills, no
+    C7519, and the copy instruction is there."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
@@ -220,6 +221,14 @@ def test_tma_kernels_compile_unserialized_without_spills():
                         facts, "float16", d, causal, deterministic, mods=mods))
                     if back is not None:
                         work.append((back, "sm_90"))
+    for mods in mod_sets:  # clusters of two sharing K / V (CF_FWD_CLUSTER=2)
+        paired = specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 128, False,
+                                                                 mods=mods))
+        assert (paired is None) == bool(mods.window or mods.block_sparse)
+        if paired is not None:
+            work.append((paired, "sm_90"))
+    assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 64, False)) is None
+    assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 128, True)) is None
     assert specs.with_forward_tma(specs.select_forward(
         facts, "bfloat16", 128, False, mods=specs.ModFlags(varlen=True))) is None
     assert specs.with_backward_tma(specs.select_backward(

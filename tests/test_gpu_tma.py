@@ -65,6 +65,12 @@ def _module_specs():
         spec = specs.select_forward(facts, "bfloat16", 256, case[1],
                                     mods=mods_tests._flags(case))
         out += [_ws_d256(spec, n, boxed) for n, boxed in D256_TILES]
+    for case in CLUSTER_CASES:
+        for d in (128, 256):
+            spec = specs.select_forward(facts, "bfloat16", d, False, mods=mods_tests._flags(case))
+            spec = _ws_d256(spec, 80, False) if d == 256 else spec
+            paired = specs.with_forward_cluster(spec)
+            out += [paired, specs.without_tma(paired)]  # and the unpaired fallback
     return out
 
 
@@ -195,6 +201,48 @@ def test_d256_warp_specialized_forward(ws_d256, case, seqlen_q, seqlen_k):
     assert specs.loads_with_tma(p.kernel.spec) == boxed
     mods_tests.check_forward(case, "bfloat16", seqlen_q, seqlen_k, 256,
                              f"d256 ws n{block_n} tma={boxed}")
+
+
+# -- clusters of two sharing K / V boxes (CF_FWD_CLUSTER=2, specs.with_forward_cluster) ----------
+
+CLUSTER_CASES = PLAIN[:1] + [c for c in mods_tests.CASES if c[0] in ("softcap", "alibi_batch",
+                                                                       "sinks")]
+# even numbers of 128-row query tiles (a pair per two); 131 rows leave most of the second
+# tile past the sequence
+CLUSTER_LENGTHS = [(131, 131), (256, 1029), (500, 333)]
+
+
+@pytest.fixture(params=[128, 256], ids=lambda d: f"d{d}")
+def cluster(request, monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper forward's clusters")
+
+    def knob(spec):
+        if spec.kind == "fwd90" and spec.head_dim == 256:
+            spec = _ws_d256(spec, 80, False)
+        return specs.with_forward_cluster(spec) or spec
+
+    for _ in gh.selector_with_knob(monkeypatch, "select_forward", knob):
+        yield request.param
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", CLUSTER_LENGTHS)
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=[c[0] for c in CLUSTER_CASES])
+def test_cluster_forward_matches_reference(cluster, case, seqlen_q, seqlen_k):
+    from cuflash import launch
+
+    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, cluster, "bfloat16", False,
+                                       mods_tests._flags(case)), 0)
+    assert specs.clustered(p.kernel.spec) and p.kernel.grid[0] % 2 == 0, p.kernel.spec.name
+    mods_tests.check_forward(case, "bfloat16", seqlen_q, seqlen_k, cluster,
+                             f"cluster d{cluster}")
+
+
+def test_cluster_with_an_odd_number_of_tiles_runs_unpaired(cluster):
+    """Three query tiles cannot pair: the tile runs without TMA or clusters, correctly."""
+    mods_tests.check_forward(PLAIN[0], "float16", 300, 400, cluster, "cluster, odd tiles")
 
 
 # -- the backward (CF_BWD_TMA: K, V, Q and dO boxed; specs.with_backward_tma) ----------------

@@ -232,3 +232,30 @@ def test_backward_replays_make_each_calls_maps(tma_bwd_device, shape_q, shape_kv
                                 l.ctypes.data, *map(_operand, (dq, dk, dv)),
                                 problem.softmax_scale, workspace, _STREAM, 0)
         assert captured == _encoded(_as_captured(direct)), f"call {call}"
+
+
+@pytest.mark.parametrize("seqlen_q, paired", [(256, True), (131, True), (300, False)])
+def test_clusters_pair_even_tile_counts_and_run_odd_ones_unpaired(tma_device, monkeypatch,
+                                                                  seqlen_q, paired):
+    """A cluster of two needs an even number of query tiles: with one, the launch takes the
+    clustered spec and its maps; with an odd number, the same tile without TMA or clusters."""
+    captured = tma_device
+    plain = specs.select_forward
+    monkeypatch.setattr(specs, "select_forward",
+                        lambda *a, **k: specs.with_forward_cluster(plain(*a, **k))
+                        or plain(*a, **k))
+    _clear_memos()
+    backend, rng = NumpyBackend(), np.random.default_rng(4)
+    q, k, v = _inputs(rng, (2, seqlen_q, 8, 128), (2, 400, 2, 128), np.float16)
+    for _ in range(2):
+        captured.clear()
+        o, m, l = fastpath.forward(backend, q, k, v, False, None)
+        plan, direct = _direct(q, k, v, o, m, l, False)
+        assert specs.clustered(plan.kernel.spec)
+        assert captured == direct
+        (launched,) = captured
+        ran = plan.kernel.spec if paired else specs.without_tma(plan.kernel.spec)
+        assert launched[0] == hash((ran.name, False)) & 0xFFFFFF
+        maps = [a for a in launched[4] if isinstance(a, bytes) and len(a) == 128]
+        assert len(maps) == (3 if paired else 0)
+        assert launched[1][0] % 2 == 0 or not paired

@@ -18,7 +18,8 @@ times another define of the Hopper forward the same way (CF_FWD_OVERLAP: flash_f
 softmax beside the P V product, session 19; CF_FWD_PERSISTENT: flash_fwd_sm90_ws.cu's
 persistent blocks, session 20, whose grid plan.plan_forward sets from the knob; its value 2
 runs on specs.with_forward_across_tiles' tiles; CF_FWD_TMA: its bulk tensor copies, session
-23, through specs.with_forward_tma).
+23, through specs.with_forward_tma; CF_FWD_CLUSTER: 2 for clusters of two sharing K / V,
+specs.with_forward_cluster).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def _with_knob(spec, value: int):
         from cuflash import specs
 
         return specs.with_forward_tma(spec) or spec
+    if KNOB == "CF_FWD_CLUSTER" and value == 2:  # pairs sharing K / V (TMA), where they may
+        from cuflash import specs
+
+        return specs.with_forward_cluster(spec) or spec
     return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 

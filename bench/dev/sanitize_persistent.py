@@ -11,7 +11,8 @@ heads over 2 kv heads, 450 queries over 300 keys (and 300 over 450); each is che
 the float64 reference. Then the same with CF_FWD_PERSISTENT=2 (the pipeline across tiles,
 specs.with_forward_across_tiles), causal included. Prints one line per case and exits 1 on a
 mismatch. ``--tma``: every one of those kernels loading with bulk tensor copies
-(specs.with_forward_tma, CF_FWD_TMA).
+(specs.with_forward_tma, CF_FWD_TMA); ``--cluster``: the non-causal ones on clusters of two
+sharing K / V (specs.with_forward_cluster; one block per tile).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def main() -> int:
     tile_walk.SLACK = float("inf")
     facts = launch.device_facts(0)
     plain = specs.select_forward
-    if "--tma" in sys.argv[1:]:
+    if "--cluster" in sys.argv[1:]:  # non-causal d128: pairs sharing K / V; causal: TMA
+        selected = lambda *a, **k: (specs.with_forward_cluster(plain(*a, **k))
+                                    or specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k))
+    elif "--tma" in sys.argv[1:]:
         selected = lambda *a, **k: specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k)
     else:
         selected = plain
