@@ -259,3 +259,39 @@ def test_clusters_pair_even_tile_counts_and_run_odd_ones_unpaired(tma_device, mo
         maps = [a for a in launched[4] if isinstance(a, bytes) and len(a) == 128]
         assert len(maps) == (3 if paired else 0)
         assert launched[1][0] % 2 == 0 or not paired
+
+
+def test_a_tma_knob_on_a_kernel_without_tma_loads_changes_nothing():
+    """A tuning run's knob set on every candidate (tile_sweep --variant CF_BWD_TMA=1) leaves
+    the kernels that have no TMA loads with their own parameters."""
+    facts = specs.facts_for_arch("sm_90")
+    eight = specs.select_forward(facts, "bfloat16", 256, False)  # the 8-warp kernel
+    assert eight.warps == 8
+    assert specs.tma_maps(eight.with_knobs(CF_FWD_TMA=1)) == ()
+    assert launch.signature_of(eight.with_knobs(CF_FWD_TMA=1)) == launch.signature_of(eight)
+    ws = specs.select_backward(facts, "bfloat16", 128, False, False)
+    assert specs.tma_maps(ws.with_knobs(CF_BWD_TMA=1)) == ("q", "k", "v", "do")
+    assert specs.tma_maps(ws.with_knobs(CF_FWD_TMA=1)) == ()
+    split = specs.select_backward(facts, "bfloat16", 256, False, False)  # the role split
+    assert specs.tma_maps(split.with_knobs(CF_BWD_TMA=1)) == ()
+    assert specs.without_tma(specs.with_forward_cluster(
+        specs.select_forward(facts, "bfloat16", 128, False))).knobs == ()
+
+
+def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
+    captured = tma_bwd_device
+    backend, rng = NumpyBackend(), np.random.default_rng(5)
+    q = rng.standard_normal((3, 64, 4, 128)).astype(np.float16)
+    k1, v1 = (rng.standard_normal((1, 96, 4, 128)).astype(np.float16) for _ in range(2))
+    k, v = (np.broadcast_to(x, (3, 96, 4, 128)) for x in (k1, v1))
+    o, m, l = fastpath.forward(backend, q, k, v, False, None)
+    do = rng.standard_normal(q.shape).astype(np.float16)
+    captured.clear()
+    fastpath.backward(backend, do, q, k, v, o, m, l, False, None, False)
+    problem = validate.check_forward(q, k, v, causal=False, softmax_scale=None)
+    plan = launch.backward_plan(planning.Shape.of(problem), 0, False)
+    assert specs.loads_with_tma(plan.main.spec)
+    untiled = specs.without_tma(plan.main.spec)
+    functions = [c[0] for c in captured]
+    assert hash((untiled.name, False)) & 0xFFFFFF in functions
+    assert hash((plan.main.spec.name, False)) & 0xFFFFFF not in functions
