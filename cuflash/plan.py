@@ -15,7 +15,7 @@ batch size that validation accepts can fail to launch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import config, specs, tile_walk
 from .config import Config
@@ -262,11 +262,35 @@ def plan_forward(shape: Shape, facts: DeviceFacts, cfg: Config = _DEFAULT, *,
     elif spec is None:
         spec = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
                                     wgmma=cfg.wgmma, mods=shape.mods)
+        spec = _persistent_like_dense(shape, spec, facts, cfg)
     spec, grid_xy = _forward_grid(shape, spec, facts)
     return ForwardPlan(shape, _launch(spec, grid_xy, shape.batch))
 
 
 PERSISTENT = "CF_FWD_PERSISTENT"  # flash_fwd_sm90_ws.cu's persistent blocks
+
+
+def uniform_lengths(shape: Shape) -> bool:
+    """Packed sequences that all have the longest one's lengths (total rows = batch x max):
+    the host knows each sequence's work without reading cu_seqlens."""
+    return (shape.mods.varlen and shape.total_q == shape.batch * shape.seqlen_q
+            and shape.total_k == shape.batch * shape.seqlen_k)
+
+
+def _persistent_like_dense(shape: Shape, spec: KernelSpec, facts: DeviceFacts,
+                           cfg: Config) -> KernelSpec:
+    """Packed sequences of one length take persistent blocks where the same call on a dense
+    batch would (the same tile): its static split is then as even as the dense one's.
+    Sequences of different lengths keep one block per tile (registry.
+    FWD90_PERSISTENT_OFF_WHEN), since the host cannot price their split."""
+    if not uniform_lengths(shape) or PERSISTENT in dict(spec.knobs):
+        return spec
+    dense = specs.select_forward(facts, shape.dtype, shape.head_dim, shape.causal,
+                                 wgmma=cfg.wgmma, mods=replace(shape.mods, varlen=False))
+    value = dict(dense.knobs).get(PERSISTENT)
+    same_tile = ((dense.kind, dense.block_m, dense.block_n, dense.warps, dense.stages) ==
+                 (spec.kind, spec.block_m, spec.block_n, spec.warps, spec.stages))
+    return spec.with_knobs(**{PERSISTENT: value}) if value and same_tile else spec
 
 
 def _forward_grid(shape: Shape, spec: KernelSpec, facts: DeviceFacts

@@ -247,6 +247,31 @@ def test_tma_kernels_compile_unserialized_without_spills():
         assert b"cp.async.bulk.tensor.4d" in ptx and b"cp.async.cg" not in ptx, spec.name
 
 
+def test_uniform_packed_persistent_specs_compile_without_spills():
+    """Packed sequences of one length take the dense call's persistent blocks
+    (plan._persistent_like_dense): those varlen + CF_FWD_PERSISTENT forms, for every modifier
+    set of aot.MOD_COMBOS with dropout, fp16 / bf16, causal or not, compile with no spill."""
+    from dataclasses import replace
+
+    from cuflash import plan
+
+    facts = specs.DeviceFacts("H200", "sm_90", 132, specs.ARCH_SMEM_OPTIN["sm_90"])
+    combos = [replace(m, varlen=True) for m in (*aot.MOD_COMBOS, specs.ModFlags(dropout=True))]
+    work = {}
+    for d in (64, 128):
+        for dtype in ("float16", "bfloat16"):
+            for causal in (False, True):
+                for mods in combos:
+                    for batch, n in ((32, 512), (1, 16384)):
+                        shape = plan.Shape(batch, n, n, 16, 16, d, dtype, causal, mods,
+                                           total_q=batch * n, total_k=batch * n)
+                        spec = plan.plan_forward(shape, facts).kernel.spec
+                        if plan.PERSISTENT in dict(spec.knobs):
+                            work[spec.name] = (spec, "sm_90")
+    assert len(work) >= 12
+    _assert_compiled_without_spills(list(work.values()), "uniform packed persistent")
+
+
 def test_compile_plan_covers_every_tile_set():
     for arch in ARCHS:
         chosen = {s.name.removesuffix("_causal") for s in _specs_to_compile(arch)}

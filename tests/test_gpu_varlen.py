@@ -182,27 +182,38 @@ def test_drawn_layouts_match_reference(case):
     check_case(case, f"drawn {case}")
 
 
-def test_equal_lengths_equal_the_dense_kernels():
-    """batch sequences of one length packed run the same tiles as the dense call: o, m, l
-    and the deterministic gradients are bitwise equal (the sequence info only moves bases)."""
+@pytest.mark.parametrize("d, causal", [(128, True), (64, False), (128, False)])
+def test_equal_lengths_equal_the_dense_kernels(d, causal):
+    """batch sequences of one length packed run the same tiles as the dense call (persistent
+    blocks too, where the dense call takes them: plan._persistent_like_dense): o, m, l and
+    the deterministic gradients are bitwise equal (the sequence info only moves bases)."""
     import cupy
 
+    from cuflash import launch, plan
+
     rng = gh.rng_for()
-    b, sq, sk, h, hkv, d = 3, 200, 333, 8, 2, 128
+    b, sq, sk, h, hkv = 3, 200, 333, 8, 2
+    dense_plan = launch.forward_plan(plan.Shape(b, sq, sk, h, hkv, d, "bfloat16", causal), 0)
+    packed_plan = launch.forward_plan(plan.Shape(
+        b, sq, sk, h, hkv, d, "bfloat16", causal, specs.ModFlags(varlen=True), total_q=b * sq,
+        total_k=b * sk), 0)
+    assert dense_plan.kernel.grid == packed_plan.kernel.grid
+    assert (dict(dense_plan.kernel.spec.knobs).get(plan.PERSISTENT) ==
+            dict(packed_plan.kernel.spec.knobs).get(plan.PERSISTENT))
     q, k, v = gh.random_qkv(rng, batch=b, seqlen_q=sq, seqlen_k=sk, heads=h, heads_kv=hkv,
                             head_dim=d, dtype="bfloat16")
     do = gh.randn(rng, q.shape, "bfloat16")
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=True)
-    dense = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=True,
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
+    dense = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
                                        deterministic=True)
     packed = [x.reshape(-1, *x.shape[2:]) for x in (gq, gk, gv, gdo)]
     cu_q = cupy.arange(b + 1, dtype=cupy.int32) * sq
     cu_k = cupy.arange(b + 1, dtype=cupy.int32) * sk
     o_v, stats_v = cuflash.attention_varlen_forward(*packed[:3], cu_q, cu_k, sq, sk,
-                                                    causal=True)
+                                                    causal=causal)
     varlen = cuflash.attention_varlen_backward(packed[3], *packed[:3], o_v, stats_v, cu_q,
-                                               cu_k, sq, sk, causal=True, deterministic=True)
+                                               cu_k, sq, sk, causal=causal, deterministic=True)
     same = lambda a, b_: np.testing.assert_array_equal(gh.to_host(a), gh.to_host(b_))  # noqa
     same(o.reshape(o_v.shape), o_v)
     same(stats.m.transpose(1, 0, 2).reshape(h, -1), stats_v.m)

@@ -62,6 +62,33 @@ def test_persistent_forward_only_on_the_warp_specialized_kernel():
     assert p.kernel.spec == spec.without_knob("CF_FWD_PERSISTENT")
 
 
+@pytest.mark.parametrize("head_dim, causal, mods", [
+    (64, False, ()), (128, False, ()), (128, False, ("softcap",)), (64, True, ()),
+    (128, True, ()), (64, False, ("dropout",)), (128, False, ("alibi", "sinks"))])
+def test_packed_sequences_of_one_length_plan_like_the_dense_call(head_dim, causal, mods):
+    """Uniform packed lengths (total rows = batch x max) take the dense call's persistent
+    blocks and grid where the tile is the same; other lengths keep one block per tile."""
+    flags = specs.ModFlags(**{m: True for m in mods})
+    dense = plan.plan_forward(plan.Shape(8, 1024, 1024, 16, 16, head_dim, "bfloat16", causal,
+                                         flags), H200)
+    varlen = replace(flags, varlen=True)
+    uniform = plan.plan_forward(plan.Shape(8, 1024, 1024, 16, 16, head_dim, "bfloat16", causal,
+                                           varlen, total_q=8 * 1024, total_k=8 * 1024), H200)
+    ragged = plan.plan_forward(plan.Shape(8, 1024, 1024, 16, 16, head_dim, "bfloat16", causal,
+                                          varlen, total_q=8 * 1024 - 5, total_k=8 * 1024), H200)
+    persistent = dict(dense.kernel.spec.knobs).get(plan.PERSISTENT)
+    tiles = lambda p: (p.kernel.spec.block_m, p.kernel.spec.warps)  # noqa: E731
+    if tiles(dense) == tiles(uniform):
+        assert dict(uniform.kernel.spec.knobs).get(plan.PERSISTENT) == persistent
+        assert uniform.kernel.grid == dense.kernel.grid
+    else:  # (causal d64 packs take two consumers: no persistent split priced for them)
+        assert plan.PERSISTENT not in dict(uniform.kernel.spec.knobs)
+    assert plan.PERSISTENT not in dict(ragged.kernel.spec.knobs)
+    assert ragged.kernel.grid[1] == 16  # one block per (tile, head)
+    if not causal and not mods:
+        assert persistent  # the case this rule exists for
+
+
 def test_backward_plan_stages():
     atomic = plan.plan_backward(shape(), H200, deterministic=False)
     assert atomic.main.spec.kind == "bwd90" and atomic.dq is None
