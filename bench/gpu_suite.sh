@@ -235,7 +235,9 @@ for stage in $stages; do
           --variant CF_BWD_DQ_FIRST=1,CF_BWD_DQ_BALANCE=1"
       done ;;
     verify_defaults)  # after sessions without a full GPU run: the selected forward's tests
-      # (fwd_defaults' files) and the pair kernels' (head_dim_v's) in one pytest over the
+      # (fwd_defaults' files), the pair kernels' (head_dim_v's), packed sequences (uniform
+      # ones now persistent, session 23) and the kernel cache (every kernel a cubin since
+      # session 23, compiled once across processes) in one pytest over the
       # cores (-n), each result logged as it finishes (-v), so that a call cut short still
       # says which passed (session 22's -q run said only "276 passed"); VERIFY_K narrows
       # the selection (a -k expression)
@@ -244,6 +246,7 @@ for stage in $stages; do
         -n "${VERIFY_JOBS:-14}" tests/test_gpu_modifiers.py tests/test_gpu_dropout.py \
         tests/test_gpu_host_path.py tests/test_gpu_frameworks.py tests/test_gpu_adapters.py \
         tests/test_gpu_jax_modifiers.py tests/test_gpu_head_dim_v.py \
+        tests/test_gpu_varlen.py tests/test_gpu_warmup.py \
         -k "not portable and not 48k and not 100k${VERIFY_K:+ and ($VERIFY_K)}" ;;
     fwd_persistent_sanitize)  # that kernel's blocks walking tiles, under compute-sanitizer
       for tool in memcheck racecheck synccheck; do
