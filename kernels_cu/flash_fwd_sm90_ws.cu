@@ -275,62 +275,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
-#if CF_FWD_TMA
-    if (tid != 0) return;  // one thread issues every box
+    if (kTma && tid != 0) return;  // TMA: one thread issues every box
     const cf_u32 rank = kCluster == 2 ? cluster_rank() : 0;
     int loads_total = 0;  // K / V tiles, for the wait on the last releases (clusters)
-#pragma unroll 1
-    for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
-      const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
-      const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-      const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
-                                                      CF_MOD_ARGS);
-      const KeyTiles tiles = tile.tiles;  // visited last first
-      const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no mask
-      const int n_tiles = kept.count();
-      if (n_tiles == 0) continue;
-      const int h_kv = h / heads_per_kv;
-      {
-        const int buf = q_loads % kQBuffers, use = q_loads / kQBuffers;
-        if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
-        mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
-        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, q0, h, b,
-                                           bars.q_full(buf));
-      }
-      int j_kept = kept.below(tiles.end);
-#pragma unroll 1
-      for (int it = 0; it < n_tiles; ++it) {
-        const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
-        if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
-        const int use = kv_loads + it;
-        const int stage = use % CF_STAGES, round = use / CF_STAGES;
-        if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
-        mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
-        mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
-#if CF_FWD_CLUSTER == 2
-        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
-                                                j * CF_BLOCK_N, h_kv, b, bars.k_full(stage), rank);
-        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
-                                                j * CF_BLOCK_N, h_kv, b, bars.v_full(stage), rank);
-#else
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
-                                           j * CF_BLOCK_N, h_kv, b, bars.k_full(stage));
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
-                                           j * CF_BLOCK_N, h_kv, b, bars.v_full(stage));
-#endif
-      }
-      loads_total += n_tiles;
-      if (kPersistent) ++q_loads, kv_loads += n_tiles;
-    }
-    if (kCluster == 2) {  // stay until both blocks have released every stage's last use
-      for (int s = 0; s < CF_STAGES; ++s) {
-        const int uses = (loads_total - s + CF_STAGES - 1) / CF_STAGES;
-        if (uses > 0) mbar_wait(bars.empty(s), (uses - 1) & 1);
-      }
-      (void)rank;
-    }
-    return;  // the block's shared memory outlives this thread: the consumers wait for it
-#else
 #pragma unroll 1
     for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
       const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
@@ -344,18 +291,26 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);  // all: no mask
       const int n_tiles = kept.count();
       if (n_tiles == 0) continue;
+#if !CF_FWD_TMA
       const elem_t* q_head = q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh;
       const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + h_kv * stride_kh;
       const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + h_kv * stride_vh;
       const WsLoader<CF_BLOCK_N> load_k(k_head, stride_kn, head_dim, tid);
       const WsLoader<CF_BLOCK_N> load_v(v_head, stride_vn, head_dim, tid);
+#endif
       {
         // the consumers release a Q buffer once their last S product of its tile is done
         const int buf = q_loads % kQBuffers, use = q_loads / kQBuffers;
         if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
+#if CF_FWD_TMA
+        mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
+        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, q0, h, b,
+                                           bars.q_full(buf));
+#else
         const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
         load_q.load(s_q + buf * kTileQ, q0, seqlen_q - q0);
         mbar_arrive_cp_async(bars.q_full(buf));
+#endif
       }
       int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
 #pragma unroll 1
@@ -366,17 +321,43 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         const int stage = use % CF_STAGES, round = use / CF_STAGES;
         if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
         const int row = j * CF_BLOCK_N;
+#if CF_FWD_TMA
+        mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
+        mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
+#if CF_FWD_CLUSTER == 2  // half the panels, into both blocks of the pair
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k, row,
+                                                h_kv, b, bars.k_full(stage), rank);
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v, row,
+                                                h_kv, b, bars.v_full(stage), rank);
+#else
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k, row, h_kv,
+                                           b, bars.k_full(stage));
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v, row, h_kv,
+                                           b, bars.v_full(stage));
+#endif
+        (void)seqlen_k;  // the map knows the rows
+#else
         load_k.load(s_k + stage * kTileKV, row, seqlen_k - row);
         mbar_arrive_cp_async(bars.k_full(stage));  // when this thread's copies have landed
         load_v.load(s_v + stage * kTileKV, row, seqlen_k - row);
         mbar_arrive_cp_async(bars.v_full(stage));
+#endif
       }
+      loads_total += n_tiles;
       if (kPersistent) ++q_loads, kv_loads += n_tiles;
     }
-    cp_async_commit();  // leave with no copy in flight
-    cp_async_wait<0>();
-    return;
-#endif
+    if (kCluster == 2) {  // stay until both blocks have released every stage's last use
+      for (int s = 0; s < CF_STAGES; ++s) {
+        const int uses = (loads_total - s + CF_STAGES - 1) / CF_STAGES;
+        if (uses > 0) mbar_wait(bars.empty(s), (uses - 1) & 1);
+      }
+    }
+    (void)rank;
+    if (!kTma) {
+      cp_async_commit();  // leave with no copy in flight
+      cp_async_wait<0>();
+    }
+    return;  // TMA: the block's shared memory outlives this thread; the consumers wait for it
   }
 
   // ---- the consumers ---------------------------------------------------------------------
