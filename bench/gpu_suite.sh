@@ -10,7 +10,7 @@
 #                                            exp2_fma fwd_overlap fwd_persistent
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            fwd_tma bwd_tma fwd_bounds fwd_d256_ws
-#                                            bwd_dq_first
+#                                            bwd_dq_first bwd_hsplit bwd_bounds
 #                                            issue15_bench
 #                                            hopper_d192 head_dim_v verify_defaults pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
@@ -261,6 +261,32 @@ for stage in $stages; do
       run_stage bwd_dq_first bash -c "cd bench/dev && timeout ${BWD_DQ_FIRST_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 192 256 --seqlen ${BWD_DQ_FIRST_SEQLENS:-4096 16384} \
         --causal both --variant CF_BWD_DQ_FIRST=1" ;;
+    bwd_hsplit)  # the head_dim 256 backward on 80-key tiles (flash_bwd_sm90_hsplit.cu, the
+      # warpgroups split head_dim; a candidate written without a GPU): its float64-reference
+      # tests, memcheck and racecheck of two of them, then TFLOP/s against the selected role
+      # split (64 keys; with and without CF_BWD_DQ_FIRST, which the split ignores) beside SDPA's
+      # flash and cuDNN (BWD_HSPLIT_SEQLENS, default 4096 16384)
+      CUFLASH_POISON=1 run_stage bwd_hsplit_tests timeout "${BWD_HSPLIT_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_bwd_hsplit.py
+      for tool in memcheck racecheck; do
+        run_stage "bwd_hsplit_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+          --tool $tool --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
+          tests/test_gpu_bwd_hsplit.py -k "test_backward_matches_reference and 131 and plain and bfloat16"
+      done
+      run_stage bwd_hsplit bash -c "cd bench/dev && timeout ${BWD_HSPLIT_TIMEOUT:-240} $PY \
+        tile_sweep.py --kind bwd90 --head-dim 256 --seqlen ${BWD_HSPLIT_SEQLENS:-4096 16384} \
+        --causal both --candidates 8,64,2 8,64,2,80 --variant CF_BWD_DQ_FIRST=1" ;;
+    bwd_bounds)  # what bounds the head_dim 256 backward (#13's weakest rows): ncu's throughput,
+      # memory-workload, scheduler and warp-state sections of the selected role split and of
+      # the 80-key head-dim split at 16k (bf16). Is L2 (Q, dO in and dQ's atomics out, 1 / keys
+      # bytes a FLOP each) near its ceiling?
+      for hsplit in "" --hsplit; do
+        run_stage "bwd_bounds_d256${hsplit:+_hsplit}" ncu --clock-control none \
+          -k regex:flash_bwd_sm90 -s 2 -c 1 --section SpeedOfLight \
+          --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+          --section SchedulerStats --section WarpStateStats --page details \
+          bash -c "cd bench/dev && $PY bwd_profile.py --head-dim 256 --seqlen 16384 $hsplit"
+      done ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;

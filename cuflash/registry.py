@@ -63,14 +63,18 @@ class Variant:
     # The score modifiers (docs/masks.md) the kernel implements; asking a variant for another
     # one raises (never a silent fallback to a slower family).
     modifiers: tuple[str, ...] = ()
-    # a second layout: the tiles it takes (a predicate on the spec) and the file of its kernel,
-    # with the same entry point and parameters; ``source`` holds every other tile
-    split_layout: Callable | None = None
-    split_source: str | None = None
+    # other layouts: (the tiles each takes, a predicate on the spec; the file of its kernel),
+    # with the same entry point and parameters, the first that takes a spec wins; ``source``
+    # holds every other tile
+    layouts: tuple[tuple[Callable, str], ...] = ()
 
     def source_of(self, spec) -> str:
         """The kernels_cu file that holds ``spec``'s kernel: the tiles choose the layout."""
-        return self.split_source if self.split_layout and self.split_layout(spec) else self.source
+        return next((source for takes, source in self.layouts if takes(spec)), self.source)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source, *(source for _, source in self.layouts))
 
     @property
     def target(self) -> str:
@@ -121,6 +125,8 @@ def _smem_bwd90(s) -> int:
     """K, V; Q, dO stages; dS^T (+ P^T at d192, d256); lse2, delta. Warp-specialized: two dS^T
     buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
+    if bwd90_head_dim_split(s):  # K, V; 2 Q stages, 1 dO stage; P^T, dS^T; lse2, delta
+        return (2 * n * d + 3 * m * d + 2 * n * m) * 2 + 2 * 2 * m * 4
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
         pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
         return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
@@ -164,6 +170,11 @@ def fwd90_warp_specialized(spec) -> bool:
 def bwd90_warp_specialized(spec) -> bool:
     """flash_bwd_sm90_ws.cu's tiles: a producer warpgroup beside the two 64-key consumers."""
     return spec.kind == "bwd90" and spec.warps == 12
+
+
+def bwd90_head_dim_split(spec) -> bool:
+    """flash_bwd_sm90_hsplit.cu's tile: head_dim 256, 80 keys, the warpgroups split head_dim."""
+    return spec.kind == "bwd90" and spec.block_n == 80
 
 
 def bwd_split_layout(spec) -> bool:
@@ -514,19 +525,20 @@ TILE_MODS = (*ALL_MODS, "block_sparse", "dropout")
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("fwd90", "forward", "flash_fwd_sm90.cu", "flash_fwd_sm90", HALF, _smem_fwd90, FWD90,
-            wgmma=True, modifiers=TILE_MODS, split_layout=fwd90_warp_specialized,
-            split_source="flash_fwd_sm90_ws.cu"),
+            wgmma=True, modifiers=TILE_MODS,
+            layouts=((fwd90_warp_specialized, "flash_fwd_sm90_ws.cu"),)),
     Variant("fwd", "forward", "flash_fwd.cu", "flash_fwd", HALF, _smem_fwd16, FWD16,
             modifiers=TILE_MODS),
     Variant("fwd", "forward", "flash_fwd_fp32.cu", "flash_fwd", FLOAT, _smem_fwd32, FWD32,
             modifiers=TILE_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
             BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=TILE_MODS,
-            split_layout=bwd90_warp_specialized, split_source="flash_bwd_sm90_ws.cu",
+            layouts=((bwd90_warp_specialized, "flash_bwd_sm90_ws.cu"),
+                     (bwd90_head_dim_split, "flash_bwd_sm90_hsplit.cu")),
             ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
-            dchunk=_dchunk_bwd16, modifiers=TILE_MODS, split_layout=bwd_split_layout,
-            split_source="flash_bwd_split.cu"),
+            dchunk=_dchunk_bwd16, modifiers=TILE_MODS,
+            layouts=((bwd_split_layout, "flash_bwd_split.cu"),)),
     Variant("bwd", "backward", "flash_bwd_fp32.cu", "flash_bwd", FLOAT, _smem_bwd32, BWD32,
             dchunk=_dchunk_bwd32, modifiers=TILE_MODS),
     Variant("bwd_dq", "backward_dq", "flash_bwd_dq.cu", "flash_bwd_dq", HALF, _smem_bwd_dq16,

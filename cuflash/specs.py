@@ -391,6 +391,20 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     return spec.with_knobs(CF_BWD_TMA=1)
 
 
+def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
+    """The head_dim 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tile (64 queries x 80
+    keys, the warpgroups splitting head_dim; FlashAttention-3's d256 tile size); None where
+    that kernel does not serve (other buckets, the deterministic mode, dropout, block masks,
+    v's own head_dim), or where it spills (a window, softcap, ALiBi with causal: 8-40 B at 255
+    registers, NVRTC 13.0 and 13.5). The role split's knobs (CF_BWD_DQ_FIRST) do not apply.
+    A candidate for tests and tuning runs, not selected."""
+    if (spec.kind != "bwd90" or spec.head_dim != 256 or spec.head_dim_v or spec.dq_ordered
+            or spec.mods.dropout or spec.mods.block_sparse or spec.mods.window
+            or spec.mods.softcap or (spec.causal and spec.mods.alibi)):
+        return None
+    return replace(spec, block_m=64, block_n=80, warps=8, stages=2, knobs=())
+
+
 # The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's
 # forward_maps / backward_maps): q, k, v; and dout for the backward.
 TMA_KNOBS = {"CF_FWD_TMA": ("q", "k", "v"), "CF_BWD_TMA": ("q", "k", "v", "do")}

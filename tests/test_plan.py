@@ -313,7 +313,7 @@ _ENTRY_FILES = [("fwd", "flash_fwd.cu"), ("fwd", "flash_fwd_fp32.cu"),
                 ("fwd90", "flash_fwd_sm90.cu"), ("bwd", "flash_bwd.cu"),
                 ("bwd", "flash_bwd_split.cu"), ("bwd", "flash_bwd_fp32.cu"),
                 ("bwd90", "flash_bwd_sm90.cu"), ("bwd90", "flash_bwd_sm90_ws.cu"),
-                ("bwd_dq", "flash_bwd_dq.cu"),
+                ("bwd90", "flash_bwd_sm90_hsplit.cu"), ("bwd_dq", "flash_bwd_dq.cu"),
                 ("bwd_dq", "flash_bwd_dq_fp32.cu"),
                 ("bwd_pre", "flash_bwd_pre.cu"), ("convert", "flash_bwd_pre.cu")]
 _ENTRY_NAMES = {"convert": "flash_bwd_dq_convert", "bwd_pre": "flash_bwd_preprocess"}
@@ -327,7 +327,7 @@ def test_parameter_signatures_match_the_kernel_sources(kind, filename):
     from cuflash import compiler, launch, registry
 
     entry = _ENTRY_NAMES.get(kind) or next(v.entry for v in registry.VARIANTS if v.kind == kind
-                                           and filename in (v.source, v.split_source))
+                                           and filename in v.sources)
     source = (compiler.kernels_dir() / filename).read_text()
     # the entry points' own parameter lists, as cf_params.cuh spells them (R: a qualifier)
     params_header = (compiler.kernels_dir() / "cf_params.cuh").read_text()

@@ -4,8 +4,12 @@ for a profiler to watch: the ncu A/B of two dQ modes in the same shape.
     ncu --clock-control none -k regex:flash_bwd_sm90 -s 2 -c 1 --set full -o OUT/ordered \
         python bench/dev/bwd_profile.py --ordered --knob CF_DQ_BULK=1
 
-bf16, head_dim 128 (64-query, 128-key tiles, 12 warps), 16k tokens, heads * head_dim = 2048,
-as tile_sweep.py.
+    ncu --clock-control none -k regex:flash_bwd_sm90 -s 2 -c 1 --section SpeedOfLight \
+        python bench/dev/bwd_profile.py --head-dim 256 --hsplit
+
+bf16, 16k tokens, heads * head_dim = 2048, as tile_sweep.py. head_dim 128: the 64-query,
+128-key tile of 12 warps; other head_dims: the selected tile, or with --hsplit the head_dim 256
+candidate on 80-key tiles (specs.with_backward_head_dim_split).
 """
 
 from __future__ import annotations
@@ -28,12 +32,20 @@ def main(argv=None) -> int:
     parser.add_argument("--ordered", action="store_true", help="ordered (deterministic) dQ")
     parser.add_argument("--knob", action="append", default=[], help="NAME=VALUE, repeatable")
     parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--hsplit", action="store_true",
+                        help="head_dim 256: the 80-key head-dim split (flash_bwd_sm90_hsplit.cu)")
     args = parser.parse_args(argv)
-    d, s = 128, args.seqlen
+    d, s = args.head_dim, args.seqlen
     batch, heads = max(1, 16384 // s), 2048 // d
     facts = device_facts(0)
-    spec = KernelSpec(kind="bwd90", dtype="bfloat16", head_dim=d, block_m=64, block_n=128,
-                      warps=12, stages=2, causal=args.causal, dq_atomic=True, dchunk=d)
+    if d == 128:
+        spec = KernelSpec(kind="bwd90", dtype="bfloat16", head_dim=d, block_m=64, block_n=128,
+                          warps=12, stages=2, causal=args.causal, dq_atomic=True, dchunk=d)
+    else:
+        spec = specs.select_backward(facts, "bfloat16", d, args.causal, False)
+    if args.hsplit:
+        spec = specs.with_backward_head_dim_split(spec)
     if args.ordered:  # as the selector makes it: with this GPU's rotated walk where it applies
         spec = specs.with_ordered_rotation(replace(spec, dq_ordered=True), facts)
     spec = spec.with_knobs(**{k: int(v) for k, v in (kv.split("=") for kv in args.knob)})

@@ -5,6 +5,7 @@
     python bench/dev/tile_sweep.py --kind bwd90 --head-dim 128 --variant CF_BWD_WS_PINGPONG=0
     python bench/dev/tile_sweep.py --kind fwd90 --head-dim 192 --head-dim-v 128 \
         --candidates 8,64,2 8,128,2 --variant CF_FWD_OVERLAP=2
+    python bench/dev/tile_sweep.py --kind bwd90 --head-dim 256 --candidates 8,64,2 8,64,2,80
 
 For each candidate the plan is built with that KernelSpec pinned (cuflash.plan's ``spec=``,
 devtools.pinned_forward / pinned_backward; --define adds knobs to the spec, so its name and
@@ -39,7 +40,9 @@ BWD_CANDIDATES = [(8, 128, 2), (8, 64, 2), (4, 64, 2)]
 BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2), (12, 64, 2), (12, 128, 2), (12, 64, 3), (12, 128, 3)]
 
 
-def _bwd90_fits(warps, block_m, bucket):
+def _bwd90_fits(warps, block_m, bucket, block_n=0):
+    if block_n == 80:
+        return (warps, block_m, bucket) == (8, 64, 256)
     if warps == 12:
         return (bucket, block_m) in ((64, 128), (128, 64))
     return block_m == 64 or bucket == 64
@@ -59,11 +62,12 @@ def candidate_specs(kind, dtype, head_dim, causal, head_dim_v=0):
                           block_m=fwd_block_m(kind, w), block_n=n, warps=w,
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES
                if not head_dim_v or w == 8]
-    elif kind == "bwd90":
+    elif kind == "bwd90":  # (warps, block_m, stages[, block_n]): 80 keys at head_dim 256 is
+        # flash_bwd_sm90_hsplit.cu (specs.with_backward_head_dim_split)
         out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, head_dim_v=head_dim_v,
-                          block_m=m, block_n=64 if bucket >= 192 else 128, warps=w, stages=s,
-                          causal=causal, dq_atomic=True, dchunk=bucket)
-               for w, m, s in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket)
+                          block_m=m, block_n=n[0] if n else 64 if bucket >= 192 else 128,
+                          warps=w, stages=s, causal=causal, dq_atomic=True, dchunk=bucket)
+               for w, m, s, *n in BWD90_CANDIDATES if _bwd90_fits(w, m, bucket, *n)
                and (not head_dim_v or w == 8)]
     else:
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
@@ -174,7 +178,8 @@ def main():
     p.add_argument("--head-dim-v", type=int, default=0,
                    help="v's own head_dim (fwd90 / bwd90 pair kernels; 0: q's)")
     p.add_argument("--candidates", nargs="+", default=None, metavar="W,M_OR_N,S",
-                   help="replace the candidate list of --kind (e.g. 8,64,2)")
+                   help="replace the candidate list of --kind (e.g. 8,64,2; bwd90 may add "
+                        "block_n: 8,64,2,80)")
     p.add_argument("--define", action="append", default=[],
                    help="extra NAME=VALUE compiled into every candidate (kernel-internal knobs "
                         "such as CF_BWD_SPLIT_KUNROLL=1), as KernelSpec knobs: in the name")

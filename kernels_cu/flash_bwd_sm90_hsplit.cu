@@ -1,0 +1,360 @@
+// flash_bwd_sm90_hsplit.cu -- the Hopper backward at head_dim 256 with 80-key tiles: the
+// warpgroups split head_dim (not keys, not roles) for dK and dV. Same entry point, parameters,
+// grid, inputs and outputs as flash_bwd_sm90.cu (read its header for the algorithm and the
+// contract); a candidate beside that file's role split (64 x 64), not selected until timed.
+//
+// Why: at head_dim 256 a block's dK and dV (2 x keys x 256 floats) must fit two warpgroups'
+// registers, which caps a block at 80 keys; the role split holds 64. Every query tile a block
+// visits streams Q and dO in and adds dQ out, so those bytes per FLOP fall as 1 / keys: 80
+// keys move 20% less through L2 than 64 (at 64 keys and ~260 TFLOP/s that traffic is about
+// 3 TB/s, dQ's float atomics half of it). FlashAttention-3's public launch table uses this
+// tile at head_dim 256 on sm_90 (64 x 80, two MMA warpgroups, one dO stage); the code here is
+// ours and keeps this library's ABI, panel layout and cp.async loads.
+//
+// Block: 2 warpgroups (256 threads), keys n0 .. n0 + 79, grid (ceil(seqlen_k / 80), heads_kv,
+// batch * kv_splits), the query heads and tiles of flash_bwd_sm90.cu. Per query tile of 64
+// rows, warpgroup g (products in the orientation that keeps every M a multiple of 64):
+//   S  = Q K_g^T      wgmma m64n40: the tile's 64 queries x the warpgroup's keys 40g .. 40g+39
+//   dP = dO V_g^T     (A: Q / dO K-major; B: K / V rows K-major)
+//   P = exp2(S scale_log2 - lse2), dS = P (dP - delta): two rows a thread, so two lse2 and two
+//   delta values, not one per query column as in the S^T orientation
+//   P^T, dS^T (16-bit) to shared memory, row = key (80), column = query (64): one 128-byte
+//   panel a row, the layout both operands below read
+//   dV^T[128g .. 128g+127] += dO^T P      wgmma m64n80 x 2 (head_dim rows), A = dO MN-major,
+//   dK^T[128g .. 128g+127] += Q^T dS       B = P^T / dS^T K-major; k = the 64 queries
+//   dQ[:, 128g + 64c ..] = dS K            wgmma m64n64, c = 0, 1; A = dS^T MN-major, B = K
+//                                          MN-major; k = the 80 keys; red.global.add as in
+//                                          flash_bwd_sm90.cu
+// Accumulators: dK^T and dV^T 2 x 2 x 40 = 160 floats a thread for the whole loop, S and dP 40,
+// a dQ panel 32.
+//
+// Shared memory (panel layout of cf_sm90.cuh; 80-row tiles are 10 x 1024 bytes a panel):
+//   sK, sV     80 x 256 each (resident)                  2 x 40 KB
+//   sQ         2 stages x 64 x 256                       64 KB
+//   sdO        1 stage x 64 x 256                        32 KB
+//   sP, sdS    80 x 64 each (P^T, dS^T)                  2 x 10 KB
+//   sLse, sDelta  2 stages x 64 floats each              1 KB
+//   SMEM = (2 * 80 * 256 + 3 * 64 * 256 + 2 * 80 * 64) * 2 + 2 * 2 * 64 * 4 = 201,728 bytes
+// Two dO stages would need 234,496 (the device allows 232,448), so dO has one: the next
+// tile's dO is loaded once both warpgroups' dV^T products have read this one, under dQ, dK^T
+// and the next tile's S. The host's formula is registry._smem_bwd90.
+//
+// Supported: bucket 256, 16-bit, dQ by atomics (the deterministic mode is
+// flash_bwd_sm90_ws.cu's), causal, window, softcap, ALiBi, sinks (nothing here: lse2 carries
+// them), packed sequences, GQA splits. Not: dropout, block masks (80 divides no block size
+// the host accepts), v's own head_dim.
+//
+// First written 2026-12-05 without a GPU: compiled (NVRTC, sm_90a), never run. P^T / dS^T go
+// to shared memory by 16-bit stores (stmatrix .trans would take a tenth of the instructions);
+// dK, dV leave by per-element stores at the end (once per block).
+
+#ifndef CF_WARPS
+#define CF_WARPS 8
+#endif
+#ifndef CF_BLOCK_M
+#define CF_BLOCK_M 64
+#endif
+#include "cf_config_bwd.cuh"
+
+#include "cf_common.cuh"
+#include "cf_sm90.cuh"
+#include "cf_mask.cuh"
+#include "cf_seq.cuh"
+#include "cf_params.cuh"
+#include "cf_tile_order.cuh"
+#include "cf_bwd90.cuh"
+
+static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_hsplit.cu is a 16-bit kernel");
+static_assert(CF_HEAD_DIM == 256 && CF_HEAD_DIM_V == CF_HEAD_DIM, "head-dim bucket 256, v's too");
+static_assert(CF_BLOCK_M == 64 && CF_BLOCK_N == 80 && CF_WARPS == 8 && CF_STAGES == 2,
+              "64 queries x 80 keys, 2 warpgroups, 2 Q stages");
+static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
+static_assert(!CF_DROPOUT && !CF_BLOCK_SPARSE, "no dropout, no block masks (header)");
+#if defined(CF_DQ_ORDERED) && CF_DQ_ORDERED
+#error "ordered dQ (the deterministic mode) is flash_bwd_sm90_ws.cu's"
+#endif
+
+namespace hsplit {
+enum : int {
+  kD = CF_HEAD_DIM,
+  kBM = CF_BLOCK_M,
+  kBN = CF_BLOCK_N,
+  kWgKeys = kBN / 2,       // a warpgroup's keys in S, dP
+  kThreads = 32 * CF_WARPS,
+  kChunks = kD / 8,
+  kKSteps = kD / 16,       // k-steps of S, dP (head_dim)
+  kQSteps = kBM / 16,      // k-steps of dV^T, dK^T (queries)
+  kNSteps = kBN / 16,      // k-steps of dQ (keys)
+  kST = kWgKeys / 8,       // S, dP n-tiles a thread
+  kDT = kBN / 8,           // dK^T, dV^T n-tiles (keys)
+  kTileQ = kBM * kD * 2,   // bytes of one Q (dO) stage
+  kTileK = kBN * kD * 2,   // bytes of K (V)
+  kTileP = kBN * kBM * 2,  // bytes of P^T (dS^T)
+  kSmemBytes = (2 * kTileK + 3 * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4,
+};
+
+__device__ __forceinline__ void red_add1(float* p, float x) {
+  asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
+}
+
+// X^T[128 wg + 64 mb ..][keys] += A^T B over the tile's 64 queries, for this warpgroup's two
+// 64-row head-dim blocks: A the Q or dO stage (panel 2 wg + mb, MN-major), B P^T or dS^T.
+__device__ __forceinline__ void issue_dkv_t(float (&acc)[2][kDT][4], cf_u32 a_tile, cf_u32 b_t,
+                                            int wg) {
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int kq = 0; kq < kQSteps; ++kq)
+      wgmma_ss_mnk_n80(acc[mb], sm90_desc_mnmajor<kBM>(a_tile + (2 * wg + mb) * kBM * 128, kq),
+                       sm90_desc_kmajor<kBN>(b_t, kq), 1);
+}
+
+// dQ's panel 2 wg + c (64 columns) over the 80 keys: dS (A, from dS^T, MN-major) times K
+// (B, MN-major), issued and committed.
+__device__ __forceinline__ void issue_dq(float (&dq)[8][4], cf_u32 sdS, cf_u32 sK, int panel) {
+#pragma unroll
+  for (int kk = 0; kk < kNSteps; ++kk)
+    wgmma_ss_mn_n64(dq, sm90_desc_mnmajor<kBN>(sdS, kk),
+                    sm90_desc_mnmajor<kBN>(sK + panel * kBN * 128, kk), kk > 0);
+  wgmma_commit();
+}
+
+// dK (times softmax_scale) or dV from this warpgroup's X^T accumulators: element (e) of n-tile
+// t of block mb is head-dim column 128 wg + 64 mb + row (+ 8 (e >> 1)), key n0 + 8t + 2tig +
+// (e & 1). Written to out (kv_splits = 1) or added to the float32 accum (a split's share).
+__device__ __forceinline__ void store_t(const float (&acc)[2][kDT][4], float scale, int wg,
+                                        int row, int tig, int n0, int seqlen_k, int head_dim,
+                                        bool add, float* accum_head, cf_i64 accum_row,
+                                        elem_t* out_head, cf_i64 out_row) {
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int e2 = 0; e2 < 2; ++e2) {
+      const int col = 128 * wg + 64 * mb + row + 8 * e2;
+      if (col >= head_dim) continue;
+#pragma unroll
+      for (int t = 0; t < kDT; ++t)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int key = n0 + 8 * t + 2 * tig + e1;
+          const float x = acc[mb][t][2 * e2 + e1] * scale;
+          if (key >= seqlen_k) continue;
+          if (add)
+            red_add1(accum_head + key * accum_row + col, x);
+          else
+            out_head[key * out_row + col] = float_to_elem(x);
+        }
+    }
+}
+}  // namespace hsplit
+
+extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
+    flash_bwd_sm90(CF_BWD_PARAMS, int kv_splits, float* __restrict__ dk_accum,
+                   float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
+                   CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
+  using namespace hsplit;
+  (void)dq_semaphore;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  CF_REQUIRE_SMEM(kSmemBytes);
+  sm90_require_aligned(smem);
+  unsigned char* sK = smem;
+  unsigned char* sV = sK + kTileK;
+  unsigned char* sQ = sV + kTileK;       // 2 stages
+  unsigned char* sdO = sQ + 2 * kTileQ;  // 1 stage
+  unsigned char* sP = sdO + kTileQ;      // P^T: row = key, column = query
+  unsigned char* sdS = sP + kTileP;      // dS^T, the same layout
+  float* sLse = reinterpret_cast<float*>(sdS + kTileP);  // 2 x kBM
+  float* sDelta = sLse + 2 * kBM;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
+  const TileOrder order = causal_tile_order(
+      (long long)max_seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
+  const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
+  const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
+  const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
+  const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+  const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;
+  if (CF_VARLEN && n0 >= seqlen_k) return;
+  const int split_heads = heads_per_kv / kv_splits;
+  const int h_first = kvh * heads_per_kv + (blockIdx.z % kv_splits) * split_heads;
+  const MaskPolicy mask(seqlen_q, seqlen_k, window_left, window_right);
+
+  const QueryTiles qt = query_tiles_of<kBM, kBN>(mask, n0);
+  const int m_first = qt.first;
+  const int tiles_per_head = qt.end - qt.first;
+  const KeptQueryTiles<kBM> kept(CF_BSP_MASK, b, h_first, n0, qt, split_heads);
+  const int n_iter = kept.count();
+
+  typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
+  typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
+  const elem_t* k_head = k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh;
+  const elem_t* v_head = v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
+
+  auto tile_of = [&](int t, int& m0, int& h) {
+    const int g = t / tiles_per_head;
+    m0 = (m_first + t - g * tiles_per_head) * kBM;
+    h = h_first + g;
+  };
+  // The loaders' per-thread offsets, recomputed at each call from a value the compiler cannot
+  // see through: kept across the loop, they took registers the accumulators need (spills).
+  auto opaque_tid = [&]() {
+    int t = tid;
+    asm volatile("" : "+r"(t));
+    return t;
+  };
+  auto opaque_seq = [&]() {  // so are the batch entry's offsets
+    SeqInfo sq = seq;
+    asm volatile("" : "+r"(sq.b), "+r"(sq.q_begin));
+    return sq;
+  };
+  // Walk index t's Q tile, lse2 and delta into stage st (cp.async; rows past seqlen_q: zeros)
+  auto load_q = [&](int t, int st) {
+    int m0, h;
+    tile_of(t, m0, h);
+    const int tid = opaque_tid();
+    const SeqInfo sq = opaque_seq();
+    const QLoad lq(q + sq.q_offset(stride_qb, stride_qm) + h * stride_qh, stride_qm, head_dim,
+                   tid);
+    lq.load(sQ + st * kTileQ, m0, seqlen_q - m0);
+    if (tid < 2 * kBM) {
+      const int r = tid % kBM, row = m0 + r;
+      const float* stats = (tid < kBM ? lse2 : delta) + sq.stats(h);
+      cp_async_4_zfill((tid < kBM ? sLse : sDelta) + st * kBM + r,
+                       stats + (row < seqlen_q ? row : 0), row < seqlen_q);
+    }
+  };
+  auto load_do = [&](int t) {
+    int m0, h;
+    tile_of(t, m0, h);
+    const QLoad ldo(dout + opaque_seq().q_offset(stride_dob, stride_dom) + h * stride_doh,
+                    stride_dom, head_dim, opaque_tid());
+    ldo.load(sdO, m0, seqlen_q - m0);
+  };
+
+  const cf_u32 smem_sa = smem_addr(smem);
+  float dkt[2][kDT][4], dvt[2][kDT][4];  // dK^T, dV^T: this warpgroup's 128 head-dim rows
+#pragma unroll
+  for (int mb = 0; mb < 2; ++mb)
+#pragma unroll
+    for (int t = 0; t < kDT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dkt[mb][t][e] = dvt[mb][t][e] = 0.f;
+  const int row = (warp & 3) * 16 + group;  // this thread's query rows row, row + 8 (S, dP)
+
+  int t_cur = kept.above(-1);
+  if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
+    const KVLoad lk(k_head, stride_kn, head_dim, tid);
+    lk.load(sK, n0, seqlen_k - n0);
+    const KVLoad lv(v_head, stride_vn, head_dim, tid);
+    lv.load(sV, n0, seqlen_k - n0);
+    load_q(t_cur, 0);
+    load_do(t_cur);
+    cp_async_commit();
+  }
+
+#pragma unroll 1
+  for (int it = 0; it < n_iter; ++it) {
+    const int st = it & 1;
+    const int t_next = kept.above(t_cur);
+    int m0, h;
+    tile_of(t_cur, m0, h);
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // Q(it), dO(it) landed; sP, sdS and Q stage st ^ 1 free
+    if (it + 1 < n_iter) load_q(t_next, st ^ 1);
+    cp_async_commit();
+    // Shared addresses, opaque to the compiler each tile: hoisted out of the loop, the
+    // descriptors of every k-step took registers the accumulators need (spills).
+    cf_u32 base = smem_sa;
+    asm volatile("" : "+r"(base));
+    const cf_u32 sK_sa = base, sV_sa = base + kTileK, q_tile = base + 2 * kTileK + st * kTileQ;
+    const cf_u32 sdO_sa = base + 2 * kTileK + 2 * kTileQ, sP_sa = sdO_sa + kTileQ;
+    const cf_u32 sdS_sa = sP_sa + kTileP;
+
+    // -- S = Q K_g^T, dP = dO V_g^T: 64 queries x this warpgroup's 40 keys
+    float s[kST][4], dp[kST][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n40(s, sm90_desc_kmajor<kBM>(q_tile, kk),
+                   sm90_desc_kmajor<kBN>(sK_sa + wg * kWgKeys * 128, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk)
+      wgmma_ss_n40(dp, sm90_desc_kmajor<kBM>(sdO_sa, kk),
+                   sm90_desc_kmajor<kBN>(sV_sa + wg * kWgKeys * 128, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+    wgmma_fence_regs(dp);
+
+    // -- P, dS, rounded to 16 bits, transposed into sP, sdS (row = key, column = query).
+    // Masked: some pair of the tile hidden, or the keys' tail (zero K rows give S = 0 but
+    // P = exp2(-lse2), which must not reach dQ or dK).
+    {
+      const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
+      const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
+      const float* lse_t = sLse + st * kBM;
+      const float* delta_t = sDelta + st * kBM;
+      const float lse[2] = {lse_t[row], lse_t[row + 8]};
+      const float dl[2] = {delta_t[row], delta_t[row + 8]};
+#pragma unroll
+      for (int t = 0; t < kST; ++t) {
+        const int kc = wg * kWgKeys + 8 * t + 2 * tig;  // the key column in the block
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qr = row + 8 * (e >> 1), kr = kc + (e & 1);
+          const int qi = m0 + qr, key = n0 + kr;
+          float x = s[t][e], th = 0.f;
+          if (CF_SCORE_MODS) x = mods.apply(x, qi, key, th);
+          float p = fast_exp2(fmaf(x, scale_log2, -lse[e >> 1]));
+          if (masked && !mask.visible(qi, key)) p = 0.f;
+          const float ds = p * (dp[t][e] - dl[e >> 1]) * softcap_grad(th);
+          *reinterpret_cast<elem_t*>(sP + sm90_offset<kBN>(kr, qr)) = float_to_elem(p);
+          *reinterpret_cast<elem_t*>(sdS + sm90_offset<kBN>(kr, qr)) = float_to_elem(ds);
+        }
+      }
+    }
+    fence_proxy_async();  // the stores, for the wgmma after the barrier
+    __syncthreads();      // both warpgroups' keys are in sP, sdS
+
+    // -- dV^T += dO^T P (group 1), dQ panel 2 wg (group 2), dK^T += Q^T dS (group 3)
+    float* dq_head = dq_accum + (opaque_seq().row_q() * heads + h) * head_dim;
+    float dq[8][4];
+    wgmma_fence();
+    issue_dkv_t(dvt, sdO_sa, sP_sa, wg);
+    wgmma_commit();
+    issue_dq(dq, sdS_sa, sK_sa, 2 * wg);
+    issue_dkv_t(dkt, q_tile, sdS_sa, wg);
+    wgmma_commit();
+    wgmma_wait<2>();  // this warpgroup's dV^T has read dO
+    __syncthreads();  // and the other's: the next tile's dO may land
+    if (it + 1 < n_iter) load_do(t_next);
+    cp_async_commit();
+    wgmma_wait<1>();
+    wgmma_fence_regs(dq);
+    add_dq(dq, dq_head, m0 + row, 128 * wg, tig, seqlen_q, heads, head_dim, softmax_scale);
+    wgmma_fence();
+    issue_dq(dq, sdS_sa, sK_sa, 2 * wg + 1);
+    wgmma_wait<0>();
+    wgmma_fence_regs(dq);
+    add_dq(dq, dq_head, m0 + row, 128 * wg + 64, tig, seqlen_q, heads, head_dim, softmax_scale);
+#pragma unroll
+    for (int mb = 0; mb < 2; ++mb) {
+      wgmma_fence_regs(dkt[mb]);
+      wgmma_fence_regs(dvt[mb]);
+    }
+    t_cur = t_next;
+  }
+  cp_async_wait<0>();
+
+  // -- dK (times softmax_scale) and dV: written, or a split's share added to the accumulators
+  const int heads_kv = heads / heads_per_kv;
+  const bool add = kv_splits > 1;
+  store_t(dkt, softmax_scale, wg, row, tig, n0, seqlen_k, head_dim, add,
+          dk_accum + (seq.row_k() * heads_kv + kvh) * head_dim, (cf_i64)heads_kv * head_dim,
+          dk + seq.k_offset(stride_dkb, stride_dkn) + kvh * stride_dkh, stride_dkn);
+  store_t(dvt, 1.f, wg, row, tig, n0, seqlen_k, head_dim, add,
+          dv_accum + (seq.row_k() * heads_kv + kvh) * head_dim, (cf_i64)heads_kv * head_dim,
+          dv + seq.k_offset(stride_dvb, stride_dvn) + kvh * stride_dvh, stride_dvn);
+}

@@ -1,0 +1,140 @@
+"""The head_dim 256 Hopper backward on 80-key tiles (flash_bwd_sm90_hsplit.cu: the warpgroups
+split head_dim for dK and dV; specs.with_backward_head_dim_split, a candidate written without
+a GPU) against the float64 reference (``gpu``): plain, causal (rows with no visible key too),
+ALiBi, sinks, GQA splits of the kv heads, lengths that are not multiples of 64 or 80,
+seqlen_q != seqlen_k, packed sequences; fp16 and bf16; dq, dk and dv. The modifier sets it
+declines keep the role split. Timed by ``gpu_suite.sh bwd_hsplit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import cuflash
+from cuflash import plan, reference, specs, testing
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_modifiers as mods_tests
+    import test_gpu_varlen as varlen_tests
+    from test_varlen import Case
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_modifiers as mods_tests
+    from tests import test_gpu_varlen as varlen_tests
+    from tests.test_varlen import Case
+
+pytestmark = pytest.mark.gpu
+
+PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None, None, None,
+                                                      False)]
+CASES = PLAIN + [c for c in mods_tests.CASES if c[0] in ("alibi_batch", "sinks")]
+# one tile, tails of both tiles, several key tiles, seqlen_q > seqlen_k (causal: rows that
+# see no key), seqlen_q < seqlen_k
+LENGTHS = [(64, 80), (131, 131), (203, 97), (257, 561)]
+
+
+def _split(spec):
+    return specs.with_backward_head_dim_split(spec) or spec
+
+
+def _module_specs():
+    from cuflash import config, launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for case in CASES:
+        flags = mods_tests._flags(case)
+        for dtype in ("float16", "bfloat16"):
+            for varlen in (False, True):
+                f = replace(flags, varlen=varlen)
+                out.append(_split(specs.select_backward(facts, dtype, 256, case[1], False,
+                                                        mods=f)))
+                shape = plan.Shape(1, 1, 1, 1, 1, 256, dtype, case[1], f)
+                out += gh.shape_specs(shape, facts, config.Config(), forward=True)
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+@pytest.fixture
+def hsplit(monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper backward's tile")
+    yield from gh.selector_with_knob(monkeypatch, "select_backward", _split)
+
+
+def _assert_planned(dtype, causal, flags):
+    from cuflash import launch
+
+    picked = specs.select_backward(launch.device_facts(0), dtype, 256, causal, False,
+                                   mods=flags)
+    assert picked.source == "flash_bwd_sm90_hsplit.cu", picked.name
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_matches_reference(hsplit, case, dtype, seqlen_q, seqlen_k):
+    """Batch 2, 6 query heads on 2 kv heads (the plan may split a group's heads over blocks,
+    which then add into the float32 dK / dV accumulators)."""
+    _assert_planned(dtype, case[1], mods_tests._flags(case))
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                                   head_dim=256)
+    label = f"hsplit {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gmods = mods_tests._on_gpu(mods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+    o_host = gh.to_host(o, dtype)
+    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal, **gmods)
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **mods)
+    scale = testing.magnitude(*refs[:3])
+    few = mods_tests._few_keys(seqlen_q, seqlen_k, causal, mods["window"])
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        mods_tests._judge(f"{name} [{label}]", gh.to_host(got, dtype), ref, naive, dtype,
+                          scale, few)
+
+
+@pytest.mark.parametrize("head_dim", [200, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_sequences(hsplit, head_dim, causal):
+    """test_gpu_varlen's layout (empty sequences, queries without keys, seqused_k) at head_dim
+    256 and a width inside the bucket (columns past it are zeros)."""
+    _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True))
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
+                causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
+                seed=head_dim + causal)
+    varlen_tests.check_case(case, f"hsplit varlen d{head_dim} causal={causal}",
+                            deterministic_modes=(False,))
+
+
+def test_declined_sets_keep_the_role_split(hsplit):
+    """A window (it spilled there) and the deterministic mode plan the selected kernels."""
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    for causal, flags, deterministic in ((True, specs.ModFlags(window=True), False),
+                                         (False, specs.NO_MODS, True)):
+        picked = specs.select_backward(facts, "bfloat16", 256, causal, deterministic,
+                                       mods=flags)
+        assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
+
+
+def test_not_selected():
+    """A candidate until gpu_suite.sh bwd_hsplit has timed it."""
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    for causal in (False, True):
+        picked = specs.select_backward(facts, "bfloat16", 256, causal, False)
+        assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
