@@ -125,8 +125,9 @@ def _smem_bwd90(s) -> int:
     """K, V; Q, dO stages; dS^T (+ P^T at d192, d256); lse2, delta. Warp-specialized: two dS^T
     buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
-    if bwd90_head_dim_split(s):  # K, V; 2 Q stages, 1 dO stage; P^T, dS^T; lse2, delta
-        return (2 * n * d + 3 * m * d + 2 * n * m) * 2 + 2 * 2 * m * 4
+    if bwd90_head_dim_split(s):  # K, V; 2 Q stages, dO stages (256: 1, 192: 2); P^T, dS^T;
+        do_stages = 1 if d == 256 else 2  # lse2, delta
+        return (2 * n * d + (2 + do_stages) * m * d + 2 * n * m) * 2 + 2 * 2 * m * 4
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
         pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
         return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
@@ -167,14 +168,15 @@ def fwd90_warp_specialized(spec) -> bool:
     return spec.kind == "fwd90" and spec.block_m == 16 * (spec.warps - 4)
 
 
+def bwd90_head_dim_split(spec) -> bool:
+    """flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim): 80 keys on two
+    warpgroups at head_dim 256, 96 on three at 192."""
+    return spec.kind == "bwd90" and spec.block_n in (80, 96)
+
+
 def bwd90_warp_specialized(spec) -> bool:
     """flash_bwd_sm90_ws.cu's tiles: a producer warpgroup beside the two 64-key consumers."""
-    return spec.kind == "bwd90" and spec.warps == 12
-
-
-def bwd90_head_dim_split(spec) -> bool:
-    """flash_bwd_sm90_hsplit.cu's tile: head_dim 256, 80 keys, the warpgroups split head_dim."""
-    return spec.kind == "bwd90" and spec.block_n == 80
+    return spec.kind == "bwd90" and spec.warps == 12 and not bwd90_head_dim_split(spec)
 
 
 def bwd_split_layout(spec) -> bool:
@@ -533,8 +535,8 @@ VARIANTS: tuple[Variant, ...] = (
             modifiers=TILE_MODS),
     Variant("bwd90", "backward", "flash_bwd_sm90.cu", "flash_bwd_sm90", HALF, _smem_bwd90,
             BWD90, wgmma=True, dchunk=_dchunk_whole, modifiers=TILE_MODS,
-            layouts=((bwd90_warp_specialized, "flash_bwd_sm90_ws.cu"),
-                     (bwd90_head_dim_split, "flash_bwd_sm90_hsplit.cu")),
+            layouts=((bwd90_head_dim_split, "flash_bwd_sm90_hsplit.cu"),
+                     (bwd90_warp_specialized, "flash_bwd_sm90_ws.cu")),
             ordered_dq=_ordered_dq),
     Variant("bwd", "backward", "flash_bwd.cu", "flash_bwd", HALF, _smem_bwd16, BWD16,
             dchunk=_dchunk_bwd16, modifiers=TILE_MODS,

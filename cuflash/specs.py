@@ -392,17 +392,27 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
 
 
 def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
-    """The head_dim 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tile (64 queries x 80
-    keys, the warpgroups splitting head_dim; FlashAttention-3's d256 tile size); None where
-    that kernel does not serve (other buckets, the deterministic mode, dropout, block masks,
-    v's own head_dim), or where it spills (a window, softcap, ALiBi with causal: 8-40 B at 255
-    registers, NVRTC 13.0 and 13.5). The role split's knobs (CF_BWD_DQ_FIRST) do not apply.
-    A candidate for tests and tuning runs, not selected."""
-    if (spec.kind != "bwd90" or spec.head_dim != 256 or spec.head_dim_v or spec.dq_ordered
-            or spec.mods.dropout or spec.mods.block_sparse or spec.mods.window
-            or spec.mods.softcap or (spec.causal and spec.mods.alibi)):
+    """The head_dim 192 / 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tiles (64
+    queries x 96 keys on three warpgroups at 192, x 80 on two at 256, the warpgroups splitting
+    head_dim: FlashAttention-3's tile sizes there); None where that kernel does not serve
+    (other buckets, the deterministic mode, dropout, block masks, v's own head_dim), or where
+    it spills (HSPLIT_SPILLS). The role split's knobs (CF_BWD_DQ_FIRST) do not apply. A
+    candidate for tests and tuning runs, not selected."""
+    if (spec.kind != "bwd90" or spec.head_dim not in (192, 256) or spec.head_dim_v
+            or spec.dq_ordered or spec.mods.dropout or spec.mods.block_sparse):
         return None
-    return replace(spec, block_m=64, block_n=80, warps=8, stages=2, knobs=())
+    context = {n for n in spec.mods.on} | ({"causal"} if spec.causal else set())
+    if any(context.issuperset(when) for when in HSPLIT_SPILLS[spec.head_dim]):
+        return None
+    block_n, warps = (80, 8) if spec.head_dim == 256 else (96, 12)
+    return replace(spec, block_m=64, block_n=block_n, warps=warps, stages=2, knobs=())
+
+
+# Where flash_bwd_sm90_hsplit.cu spills (255 registers at head_dim 256, 168 at 192, its cap at
+# 384 threads; NVRTC 13.0 or 13.5, 2026-12-05: 4-48 B, at 192 outside the loop): each entry a
+# set of the call's modifiers and "causal", all of which must hold.
+HSPLIT_SPILLS = {256: (("window",), ("softcap",), ("causal", "alibi")),
+                 192: (("causal",), ("alibi",), ("varlen",))}
 
 
 # The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's

@@ -1,57 +1,61 @@
-// flash_bwd_sm90_hsplit.cu -- the Hopper backward at head_dim 256 with 80-key tiles: the
-// warpgroups split head_dim (not keys, not roles) for dK and dV. Same entry point, parameters,
-// grid, inputs and outputs as flash_bwd_sm90.cu (read its header for the algorithm and the
-// contract); a candidate beside that file's role split (64 x 64), not selected until timed.
+// flash_bwd_sm90_hsplit.cu -- the Hopper backward at head_dim 192 and 256 with 96- / 80-key
+// tiles: the warpgroups split head_dim (not keys, not roles) for dK and dV. Same entry point,
+// parameters, grid, inputs and outputs as flash_bwd_sm90.cu (read its header for the algorithm
+// and the contract); a candidate beside that file's role split (64 x 64), not selected until
+// timed.
 //
-// Why: at head_dim 256 a block's dK and dV (2 x keys x 256 floats) must fit two warpgroups'
-// registers, which caps a block at 80 keys; the role split holds 64. Every query tile a block
-// visits streams Q and dO in and adds dQ out, so those bytes per FLOP fall as 1 / keys: 80
-// keys move 20% less through L2 than 64 (at 64 keys and ~260 TFLOP/s that traffic is about
-// 3 TB/s, dQ's float atomics half of it). FlashAttention-3's public launch table uses this
-// tile at head_dim 256 on sm_90 (64 x 80, two MMA warpgroups, one dO stage); the code here is
-// ours and keeps this library's ABI, panel layout and cp.async loads.
+// Why: a block's dK and dV (2 x keys x head_dim floats) must fit its warpgroups' registers,
+// which caps a block at 80 keys at head_dim 256 (two warpgroups) and 96 at 192 (three); the
+// role split holds 64. Every query tile a block visits streams Q and dO in and adds dQ out,
+// so those bytes per FLOP fall as 1 / keys: 80 keys move 20% less through L2 than 64, 96 keys
+// a third less (at 64 keys and ~260 TFLOP/s that traffic is about 3 TB/s, dQ's float atomics
+// half of it). FlashAttention-3's public launch table uses these tiles on sm_90 (64 x 80 on
+// two MMA warpgroups at head_dim 256, 64 x 96 on three at 192); the code here is ours and
+// keeps this library's ABI, panel layout and cp.async loads.
 //
-// Block: 2 warpgroups (256 threads), keys n0 .. n0 + 79, grid (ceil(seqlen_k / 80), heads_kv,
-// batch * kv_splits), the query heads and tiles of flash_bwd_sm90.cu. Per query tile of 64
-// rows, warpgroup g (products in the orientation that keeps every M a multiple of 64):
-//   S  = Q K_g^T      wgmma m64n40: the tile's 64 queries x the warpgroup's keys 40g .. 40g+39
+// Block: kWgs warpgroups (head_dim 256: 2, 192: 3) own keys n0 .. n0 + kBN - 1; grid
+// (ceil(seqlen_k / kBN), heads_kv, batch * kv_splits), the query heads and tiles of
+// flash_bwd_sm90.cu. Per query tile of 64 rows, warpgroup g (products in the orientation that
+// keeps every M a multiple of 64; kWgKeys = kBN / kWgs = 40 or 32 keys, kPanels = head_dim /
+// 64 / kWgs = 2 or 1 head-dim panels a warpgroup):
+//   S  = Q K_g^T      wgmma m64n(kWgKeys): the tile's 64 queries x the warpgroup's keys
 //   dP = dO V_g^T     (A: Q / dO K-major; B: K / V rows K-major)
 //   P = exp2(S scale_log2 - lse2), dS = P (dP - delta): two rows a thread, so two lse2 and two
 //   delta values, not one per query column as in the S^T orientation
-//   P^T, dS^T (16-bit) to shared memory, row = key (80), column = query (64): one 128-byte
-//   panel a row, the layout both operands below read
-//   dV^T[128g .. 128g+127] += dO^T P      wgmma m64n80 x 2 (head_dim rows), A = dO MN-major,
-//   dK^T[128g .. 128g+127] += Q^T dS       B = P^T / dS^T K-major; k = the 64 queries
-//   dQ[:, 128g + 64c ..] = dS K            wgmma m64n64, c = 0, 1; A = dS^T MN-major, B = K
-//                                          MN-major; k = the 80 keys; red.global.add as in
-//                                          flash_bwd_sm90.cu
-// Accumulators: dK^T and dV^T 2 x 2 x 40 = 160 floats a thread for the whole loop, S and dP 40,
-// a dQ panel 32.
+//   P^T, dS^T (16-bit) to shared memory, row = key, column = query: one 128-byte panel a
+//   row, the layout both operands below read
+//   dV^T[panels of g] += dO^T P     wgmma m64n(kBN) a panel, A = dO MN-major,
+//   dK^T[panels of g] += Q^T dS     B = P^T / dS^T K-major; k = the 64 queries
+//   dQ[:, panels of g] = dS K       wgmma m64n64 a panel; A = dS^T MN-major, B = K MN-major;
+//                                   k = the block's keys; red.global.add as flash_bwd_sm90.cu
+// Accumulators a thread: dK^T and dV^T 2 x kPanels x kBN / 2 (160 at 256, 96 at 192) for the
+// whole loop, S and dP 2 x kWgKeys / 2, a dQ panel 32.
 //
-// Shared memory (panel layout of cf_sm90.cuh; 80-row tiles are 10 x 1024 bytes a panel):
-//   sK, sV     80 x 256 each (resident)                  2 x 40 KB
-//   sQ         2 stages x 64 x 256                       64 KB
-//   sdO        1 stage x 64 x 256                        32 KB
-//   sP, sdS    80 x 64 each (P^T, dS^T)                  2 x 10 KB
-//   sLse, sDelta  2 stages x 64 floats each              1 KB
-//   SMEM = (2 * 80 * 256 + 3 * 64 * 256 + 2 * 80 * 64) * 2 + 2 * 2 * 64 * 4 = 201,728 bytes
-// Two dO stages would need 234,496 (the device allows 232,448), so dO has one: the next
-// tile's dO is loaded once both warpgroups' dV^T products have read this one, under dQ, dK^T
-// and the next tile's S. The host's formula is registry._smem_bwd90.
+// Shared memory (panel layout of cf_sm90.cuh; 80- and 96-row tiles are whole 1024-byte groups):
+//   sK, sV        kBN x head_dim each (resident)
+//   sQ            2 stages x 64 x head_dim
+//   sdO           kDoStages x 64 x head_dim (256: 1 stage, 192: 2)
+//   sP, sdS       kBN x 64 each (P^T, dS^T)
+//   sLse, sDelta  2 stages x 64 floats each
+//   SMEM = (2 kBN D + (2 + kDoStages) 64 D + 2 kBN 64) 2 + 2 x 2 x 64 x 4: 201,728 bytes at
+//   256 (two dO stages would need 234,496; the device allows 232,448), 197,632 at 192
+// With one dO stage the next tile's dO is loaded once every warpgroup's dV^T product has read
+// this one, under dQ, dK^T and the next tile's S. The host's formula is registry._smem_bwd90.
 //
-// Supported: bucket 256, 16-bit, dQ by atomics (the deterministic mode is
-// flash_bwd_sm90_ws.cu's), causal, window, softcap, ALiBi, sinks (nothing here: lse2 carries
-// them), packed sequences, GQA splits. Not: dropout, block masks (80 divides no block size
-// the host accepts), v's own head_dim.
+// Supported: buckets 192 and 256, 16-bit, dQ by atomics (the deterministic mode is
+// flash_bwd_sm90_ws.cu's), causal, ALiBi, sinks (nothing here: lse2 carries them), packed
+// sequences, GQA splits; windows and softcap compile but spill at head_dim 256 (the host
+// declines them there). Not: dropout, block masks (the tiles divide no block size the host
+// accepts), v's own head_dim.
 //
-// First written 2026-12-05 without a GPU: compiled (NVRTC, sm_90a), never run. P^T / dS^T go
-// to shared memory by 16-bit stores (stmatrix .trans would take a tenth of the instructions);
-// dK, dV leave by per-element stores at the end (once per block). Computing P while the dP
-// product runs (two commit groups) spilled 40-56 B at causal and packed (NVRTC 13.0): the
-// accumulators leave about 40 registers, and S, dP take 40 of them.
+// First written 2026-12-05 without a GPU: compiled (NVRTC 13.0 and 13.5, sm_90a), never run.
+// P^T / dS^T go to shared memory by 16-bit stores (stmatrix .trans would take a tenth of the
+// instructions); dK, dV leave by per-element stores at the end (once per block). Computing P
+// while the dP product runs (two commit groups) spilled 40-56 B at head_dim 256, causal and
+// packed (NVRTC 13.0): the accumulators leave about 40 registers, and S, dP take 40 of them.
 
 #ifndef CF_WARPS
-#define CF_WARPS 8
+#define CF_WARPS (CF_HEAD_DIM == 192 ? 12 : 8)
 #endif
 #ifndef CF_BLOCK_M
 #define CF_BLOCK_M 64
@@ -67,9 +71,11 @@
 #include "cf_bwd90.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_hsplit.cu is a 16-bit kernel");
-static_assert(CF_HEAD_DIM == 256 && CF_HEAD_DIM_V == CF_HEAD_DIM, "head-dim bucket 256, v's too");
-static_assert(CF_BLOCK_M == 64 && CF_BLOCK_N == 80 && CF_WARPS == 8 && CF_STAGES == 2,
-              "64 queries x 80 keys, 2 warpgroups, 2 Q stages");
+static_assert((CF_HEAD_DIM == 256 && CF_BLOCK_N == 80 && CF_WARPS == 8) ||
+                  (CF_HEAD_DIM == 192 && CF_BLOCK_N == 96 && CF_WARPS == 12),
+              "head_dim 256: 80 keys, 2 warpgroups; 192: 96 keys, 3 warpgroups");
+static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM && CF_BLOCK_M == 64 && CF_STAGES == 2,
+              "v's head_dim q's; 64 queries; 2 Q stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
 static_assert(!CF_DROPOUT && !CF_BLOCK_SPARSE, "no dropout, no block masks (header)");
 #if defined(CF_DQ_ORDERED) && CF_DQ_ORDERED
@@ -81,7 +87,9 @@ enum : int {
   kD = CF_HEAD_DIM,
   kBM = CF_BLOCK_M,
   kBN = CF_BLOCK_N,
-  kWgKeys = kBN / 2,       // a warpgroup's keys in S, dP
+  kWgs = CF_WARPS / 4,
+  kWgKeys = kBN / kWgs,    // a warpgroup's keys in S, dP
+  kPanels = kD / 64 / kWgs,  // a warpgroup's head-dim panels of dK^T, dV^T, dQ
   kThreads = 32 * CF_WARPS,
   kChunks = kD / 8,
   kKSteps = kD / 16,       // k-steps of S, dP (head_dim)
@@ -89,29 +97,43 @@ enum : int {
   kNSteps = kBN / 16,      // k-steps of dQ (keys)
   kST = kWgKeys / 8,       // S, dP n-tiles a thread
   kDT = kBN / 8,           // dK^T, dV^T n-tiles (keys)
+  kDoStages = kD == 256 ? 1 : 2,
   kTileQ = kBM * kD * 2,   // bytes of one Q (dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (V)
   kTileP = kBN * kBM * 2,  // bytes of P^T (dS^T)
-  kSmemBytes = (2 * kTileK + 3 * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4,
+  kSmemBytes = (2 * kTileK + (2 + kDoStages) * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4,
 };
+static_assert(kPanels * kWgs * 64 == kD && kWgKeys % 8 == 0, "whole panels, 8-key n-tiles");
 
 __device__ __forceinline__ void red_add1(float* p, float x) {
   asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
 }
 
-// X^T[128 wg + 64 mb ..][keys] += A^T B over the tile's 64 queries, for this warpgroup's two
-// 64-row head-dim blocks: A the Q or dO stage (panel 2 wg + mb, MN-major), B P^T or dS^T.
-__device__ __forceinline__ void issue_dkv_t(float (&acc)[2][kDT][4], cf_u32 a_tile, cf_u32 b_t,
-                                            int wg) {
+// The S, dP product of this warpgroup's keys (m64n40 or m64n32).
+template <int T>
+__device__ __forceinline__ void wgmma_scores(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b,
+                                             int scale_d) {
+  if constexpr (T == 5) wgmma_ss_n40(d, desc_a, desc_b, scale_d);
+  else wgmma_ss_n32(d, desc_a, desc_b, scale_d);
+}
+// X^T += A^T B over the tile's 64 queries, m64n(kBN), head-dim panel `panel` of the tile A
+// (MN-major: the Q or dO stage) and B (K-major: P^T or dS^T).
+template <int T>
+__device__ __forceinline__ void wgmma_dkv_t(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b) {
+  if constexpr (T == 10) wgmma_ss_mnk_n80(d, desc_a, desc_b, 1);
+  else wgmma_ss_mnk_n96(d, desc_a, desc_b, 1);
+}
+__device__ __forceinline__ void issue_dkv_t(float (&acc)[kPanels][kDT][4], cf_u32 a_tile,
+                                            cf_u32 b_t, int wg) {
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < kPanels; ++mb)
 #pragma unroll
     for (int kq = 0; kq < kQSteps; ++kq)
-      wgmma_ss_mnk_n80(acc[mb], sm90_desc_mnmajor<kBM>(a_tile + (2 * wg + mb) * kBM * 128, kq),
-                       sm90_desc_kmajor<kBN>(b_t, kq), 1);
+      wgmma_dkv_t(acc[mb], sm90_desc_mnmajor<kBM>(a_tile + (kPanels * wg + mb) * kBM * 128, kq),
+                  sm90_desc_kmajor<kBN>(b_t, kq));
 }
 
-// dQ's panel 2 wg + c (64 columns) over the 80 keys: dS (A, from dS^T, MN-major) times K
+// dQ's panel `panel` (64 columns) over the block's keys: dS (A, from dS^T, MN-major) times K
 // (B, MN-major), issued and committed.
 __device__ __forceinline__ void issue_dq(float (&dq)[8][4], cf_u32 sdS, cf_u32 sK, int panel) {
 #pragma unroll
@@ -122,17 +144,18 @@ __device__ __forceinline__ void issue_dq(float (&dq)[8][4], cf_u32 sdS, cf_u32 s
 }
 
 // dK (times softmax_scale) or dV from this warpgroup's X^T accumulators: element (e) of n-tile
-// t of block mb is head-dim column 128 wg + 64 mb + row (+ 8 (e >> 1)), key n0 + 8t + 2tig +
-// (e & 1). Written to out (kv_splits = 1) or added to the float32 accum (a split's share).
-__device__ __forceinline__ void store_t(const float (&acc)[2][kDT][4], float scale, int wg,
+// t of panel mb is head-dim column 64 (kPanels wg + mb) + row (+ 8 (e >> 1)), key n0 + 8t +
+// 2tig + (e & 1). Written to out (kv_splits = 1) or added to the float32 accum (a split's
+// share).
+__device__ __forceinline__ void store_t(const float (&acc)[kPanels][kDT][4], float scale, int wg,
                                         int row, int tig, int n0, int seqlen_k, int head_dim,
                                         bool add, float* accum_head, cf_i64 accum_row,
                                         elem_t* out_head, cf_i64 out_row) {
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < kPanels; ++mb)
 #pragma unroll
     for (int e2 = 0; e2 < 2; ++e2) {
-      const int col = 128 * wg + 64 * mb + row + 8 * e2;
+      const int col = 64 * (kPanels * wg + mb) + row + 8 * e2;
       if (col >= head_dim) continue;
 #pragma unroll
       for (int t = 0; t < kDT; ++t)
@@ -162,8 +185,8 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
   unsigned char* sK = smem;
   unsigned char* sV = sK + kTileK;
   unsigned char* sQ = sV + kTileK;       // 2 stages
-  unsigned char* sdO = sQ + 2 * kTileQ;  // 1 stage
-  unsigned char* sP = sdO + kTileQ;      // P^T: row = key, column = query
+  unsigned char* sdO = sQ + 2 * kTileQ;  // kDoStages
+  unsigned char* sP = sdO + kDoStages * kTileQ;  // P^T: row = key, column = query
   unsigned char* sdS = sP + kTileP;      // dS^T, the same layout
   float* sLse = reinterpret_cast<float*>(sdS + kTileP);  // 2 x kBM
   float* sDelta = sLse + 2 * kBM;
@@ -226,18 +249,18 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
                        stats + (row < seqlen_q ? row : 0), row < seqlen_q);
     }
   };
-  auto load_do = [&](int t) {
+  auto load_do = [&](int t, int st) {
     int m0, h;
     tile_of(t, m0, h);
     const QLoad ldo(dout + opaque_seq().q_offset(stride_dob, stride_dom) + h * stride_doh,
                     stride_dom, head_dim, opaque_tid());
-    ldo.load(sdO, m0, seqlen_q - m0);
+    ldo.load(sdO + (kDoStages == 2 ? st : 0) * kTileQ, m0, seqlen_q - m0);
   };
 
   const cf_u32 smem_sa = smem_addr(smem);
-  float dkt[2][kDT][4], dvt[2][kDT][4];  // dK^T, dV^T: this warpgroup's 128 head-dim rows
+  float dkt[kPanels][kDT][4], dvt[kPanels][kDT][4];  // dK^T, dV^T: this warpgroup's panels
 #pragma unroll
-  for (int mb = 0; mb < 2; ++mb)
+  for (int mb = 0; mb < kPanels; ++mb)
 #pragma unroll
     for (int t = 0; t < kDT; ++t)
 #pragma unroll
@@ -251,7 +274,7 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     const KVLoad lv(v_head, stride_vn, head_dim, tid);
     lv.load(sV, n0, seqlen_k - n0);
     load_q(t_cur, 0);
-    load_do(t_cur);
+    load_do(t_cur, 0);
     cp_async_commit();
   }
 
@@ -263,27 +286,30 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     tile_of(t_cur, m0, h);
     cp_async_wait<0>();
     fence_proxy_async();
-    __syncthreads();  // Q(it), dO(it) landed; sP, sdS and Q stage st ^ 1 free
-    if (it + 1 < n_iter) load_q(t_next, st ^ 1);
+    __syncthreads();  // Q(it), dO(it) landed; sP, sdS and stage st ^ 1 free
+    if (it + 1 < n_iter) {
+      load_q(t_next, st ^ 1);
+      if (kDoStages == 2) load_do(t_next, st ^ 1);
+    }
     cp_async_commit();
     // Shared addresses, opaque to the compiler each tile: hoisted out of the loop, the
     // descriptors of every k-step took registers the accumulators need (spills).
     cf_u32 base = smem_sa;
     asm volatile("" : "+r"(base));
     const cf_u32 sK_sa = base, sV_sa = base + kTileK, q_tile = base + 2 * kTileK + st * kTileQ;
-    const cf_u32 sdO_sa = base + 2 * kTileK + 2 * kTileQ, sP_sa = sdO_sa + kTileQ;
-    const cf_u32 sdS_sa = sP_sa + kTileP;
+    const cf_u32 sdO_sa = base + 2 * kTileK + 2 * kTileQ + (kDoStages == 2 ? st : 0) * kTileQ;
+    const cf_u32 sP_sa = base + 2 * kTileK + (2 + kDoStages) * kTileQ, sdS_sa = sP_sa + kTileP;
 
-    // -- S = Q K_g^T, dP = dO V_g^T: 64 queries x this warpgroup's 40 keys
+    // -- S = Q K_g^T, dP = dO V_g^T: 64 queries x this warpgroup's keys
     float s[kST][4], dp[kST][4];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
-      wgmma_ss_n40(s, sm90_desc_kmajor<kBM>(q_tile, kk),
+      wgmma_scores(s, sm90_desc_kmajor<kBM>(q_tile, kk),
                    sm90_desc_kmajor<kBN>(sK_sa + wg * kWgKeys * 128, kk), kk > 0);
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
-      wgmma_ss_n40(dp, sm90_desc_kmajor<kBM>(sdO_sa, kk),
+      wgmma_scores(dp, sm90_desc_kmajor<kBM>(sdO_sa, kk),
                    sm90_desc_kmajor<kBN>(sV_sa + wg * kWgKeys * 128, kk), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
@@ -318,31 +344,40 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       }
     }
     fence_proxy_async();  // the stores, for the wgmma after the barrier
-    __syncthreads();      // both warpgroups' keys are in sP, sdS
+    __syncthreads();      // every warpgroup's keys are in sP, sdS
 
-    // -- dV^T += dO^T P (group 1), dQ panel 2 wg (group 2), dK^T += Q^T dS (group 3)
+    // -- dV^T += dO^T P (group 1), dQ's first panel (group 2), dK^T += Q^T dS (group 3), then
+    // the other panel (head_dim 256)
     float* dq_head = dq_accum + (opaque_seq().row_q() * heads + h) * head_dim;
     float dq[8][4];
     wgmma_fence();
     issue_dkv_t(dvt, sdO_sa, sP_sa, wg);
     wgmma_commit();
-    issue_dq(dq, sdS_sa, sK_sa, 2 * wg);
+    issue_dq(dq, sdS_sa, sK_sa, kPanels * wg);
     issue_dkv_t(dkt, q_tile, sdS_sa, wg);
     wgmma_commit();
-    wgmma_wait<2>();  // this warpgroup's dV^T has read dO
-    __syncthreads();  // and the other's: the next tile's dO may land
-    if (it + 1 < n_iter) load_do(t_next);
-    cp_async_commit();
+    if constexpr (kDoStages == 1) {
+      wgmma_wait<2>();  // this warpgroup's dV^T has read dO
+      __syncthreads();  // and the others': the next tile's dO may land
+      if (it + 1 < n_iter) load_do(t_next, 0);
+      cp_async_commit();
+    }
     wgmma_wait<1>();
     wgmma_fence_regs(dq);
-    add_dq(dq, dq_head, m0 + row, 128 * wg, tig, seqlen_q, heads, head_dim, softmax_scale);
-    wgmma_fence();
-    issue_dq(dq, sdS_sa, sK_sa, 2 * wg + 1);
-    wgmma_wait<0>();
-    wgmma_fence_regs(dq);
-    add_dq(dq, dq_head, m0 + row, 128 * wg + 64, tig, seqlen_q, heads, head_dim, softmax_scale);
+    add_dq(dq, dq_head, m0 + row, 64 * kPanels * wg, tig, seqlen_q, heads, head_dim,
+           softmax_scale);
 #pragma unroll
-    for (int mb = 0; mb < 2; ++mb) {
+    for (int c = 1; c < kPanels; ++c) {
+      wgmma_fence();
+      issue_dq(dq, sdS_sa, sK_sa, kPanels * wg + c);
+      wgmma_wait<0>();
+      wgmma_fence_regs(dq);
+      add_dq(dq, dq_head, m0 + row, 64 * (kPanels * wg + c), tig, seqlen_q, heads, head_dim,
+             softmax_scale);
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
       wgmma_fence_regs(dkt[mb]);
       wgmma_fence_regs(dvt[mb]);
     }

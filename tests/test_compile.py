@@ -248,43 +248,51 @@ def test_tma_kernels_compile_unserialized_without_spills():
 
 
 def test_head_dim_split_backward_compiles_unserialized_without_spills():
-    """The head_dim 256 backward on 80-key tiles (flash_bwd_sm90_hsplit.cu, a candidate,
-    specs.with_backward_head_dim_split): fp16 / bf16, plain, causal, ALiBi, packed sequences,
-    with its 201,728 bytes of shared memory: zero spills, no C7519, and the kernel's own
-    wgmma shapes in the PTX; the sets it declines (where it spilled or does not serve) get
-    None."""
+    """The head_dim 192 / 256 backward on 96- / 80-key tiles (flash_bwd_sm90_hsplit.cu, a
+    candidate, specs.with_backward_head_dim_split): fp16 / bf16 and the modifier sets it
+    serves (256: plain, causal, ALiBi, sinks, packed sequences; 192: plain, windows,
+    softcap, sinks), with the shared memory the host computes: zero spills, no C7519, and
+    the kernel's own wgmma shapes in the PTX; the sets it declines (where it spilled, or
+    does not serve) get None."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
-    forms = [(False, specs.NO_MODS), (True, specs.NO_MODS), (False, specs.ModFlags(alibi=True)),
-             (True, specs.ModFlags(varlen=True)), (False, specs.ModFlags(alibi=True, sinks=True,
-                                                                          varlen=True))]
+    forms = {256: [(False, specs.NO_MODS), (True, specs.NO_MODS),
+                   (False, specs.ModFlags(alibi=True)), (True, specs.ModFlags(varlen=True)),
+                   (False, specs.ModFlags(alibi=True, sinks=True, varlen=True))],
+             192: [(False, specs.NO_MODS), (False, specs.ModFlags(window=True)),
+                   (True, specs.ModFlags(window=True)),
+                   (False, specs.ModFlags(window=True, softcap=True, sinks=True))]}
+    smem = {256: 201_728, 192: 197_632}
     work = []
-    for dtype in ("float16", "bfloat16"):
-        for causal, mods in forms:
-            spec = specs.with_backward_head_dim_split(
-                specs.select_backward(facts, dtype, 256, causal, False, mods=mods))
-            assert spec is not None and spec.source == "flash_bwd_sm90_hsplit.cu", mods
-            assert spec.smem_bytes == 201_728 <= specs.ARCH_SMEM_OPTIN["sm_90"]
-            work.append((spec, "sm_90"))
+    for d, sets in forms.items():
+        for dtype in ("float16", "bfloat16"):
+            for causal, mods in sets:
+                spec = specs.with_backward_head_dim_split(
+                    specs.select_backward(facts, dtype, d, causal, False, mods=mods))
+                assert spec is not None and spec.source == "flash_bwd_sm90_hsplit.cu", mods
+                assert spec.smem_bytes == smem[d] <= specs.ARCH_SMEM_OPTIN["sm_90"]
+                work.append((spec, "sm_90"))
     _assert_compiled_without_spills(work, "head-dim split backward")
-    spec = work[1][0]  # causal
-    opts = compiler.nvrtc_options(spec) + [
-        f"--gpu-architecture={specs.compile_arch(spec, 'sm_90')}", "--ptxas-options=-v"]
-    log, _ = compiler._nvrtc_compile(spec, "sm_90", opts)
-    assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
-    _, ptx = compiler._nvrtc_compile(spec, "compute_90a", compiler.nvrtc_options(spec) +
-                                     ["--gpu-architecture=compute_90a"], ptx=True)
-    assert b"m64n40k16" in ptx and b"m64n80k16" in ptx, spec.name
-    declined = [(True, specs.ModFlags(window=True)), (False, specs.ModFlags(softcap=True)),
-                (True, specs.ModFlags(alibi=True)), (False, specs.ModFlags(dropout=True)),
-                (False, specs.ModFlags(block_sparse=True))]
-    for causal, mods in declined:
+    for spec, shapes in ((work[1][0], (b"m64n40k16", b"m64n80k16")),
+                         (work[-1][0], (b"m64n32k16", b"m64n96k16"))):
+        opts = compiler.nvrtc_options(spec) + [
+            f"--gpu-architecture={specs.compile_arch(spec, 'sm_90')}", "--ptxas-options=-v"]
+        log, _ = compiler._nvrtc_compile(spec, "sm_90", opts)
+        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+        _, ptx = compiler._nvrtc_compile(spec, "compute_90a", compiler.nvrtc_options(spec) +
+                                         ["--gpu-architecture=compute_90a"], ptx=True)
+        assert all(shape in ptx for shape in shapes), spec.name
+    declined = [(256, True, specs.ModFlags(window=True)),
+                (256, False, specs.ModFlags(softcap=True)),
+                (256, True, specs.ModFlags(alibi=True)), (256, False, specs.ModFlags(dropout=True)),
+                (256, False, specs.ModFlags(block_sparse=True)), (192, True, specs.NO_MODS),
+                (192, False, specs.ModFlags(alibi=True)), (192, False, specs.ModFlags(varlen=True))]
+    for d, causal, mods in declined:
         assert specs.with_backward_head_dim_split(
-            specs.select_backward(facts, "bfloat16", 256, causal, False, mods=mods)) is None
-    for d in (128, 192):
-        assert specs.with_backward_head_dim_split(
-            specs.select_backward(facts, "bfloat16", d, False, False)) is None
+            specs.select_backward(facts, "bfloat16", d, causal, False, mods=mods)) is None
+    assert specs.with_backward_head_dim_split(
+        specs.select_backward(facts, "bfloat16", 128, False, False)) is None
     assert specs.with_backward_head_dim_split(
         specs.select_backward(facts, "bfloat16", 256, False, True)) is None  # deterministic
 

@@ -1,9 +1,10 @@
-"""The head_dim 256 Hopper backward on 80-key tiles (flash_bwd_sm90_hsplit.cu: the warpgroups
-split head_dim for dK and dV; specs.with_backward_head_dim_split, a candidate written without
-a GPU) against the float64 reference (``gpu``): plain, causal (rows with no visible key too),
-ALiBi, sinks, GQA splits of the kv heads, lengths that are not multiples of 64 or 80,
-seqlen_q != seqlen_k, packed sequences; fp16 and bf16; dq, dk and dv. The modifier sets it
-declines keep the role split. Timed by ``gpu_suite.sh bwd_hsplit``.
+"""The head_dim 256 and 192 Hopper backward on 80- and 96-key tiles (flash_bwd_sm90_hsplit.cu:
+the warpgroups split head_dim for dK and dV; specs.with_backward_head_dim_split, a candidate
+written without a GPU) against the float64 reference (``gpu``): at 256 plain, causal (rows
+with no visible key too), ALiBi, sinks and packed sequences, at 192 plain, windows, softcap
+and sinks (the sets it serves there); GQA splits of the kv heads, lengths that are not
+multiples of the tiles, seqlen_q != seqlen_k; fp16 and bf16; dq, dk and dv. The modifier sets
+it declines keep the role split. Timed by ``gpu_suite.sh bwd_hsplit``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ pytestmark = pytest.mark.gpu
 
 PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None, None, None,
                                                       False)]
-CASES = PLAIN + [c for c in mods_tests.CASES if c[0] in ("alibi_batch", "sinks")]
+CASES = {256: PLAIN + [c for c in mods_tests.CASES if c[0] in ("alibi_batch", "sinks")],
+         192: PLAIN[:1] + [c for c in mods_tests.CASES if c[0] in ("window", "window+causal",
+                                                                 "softcap", "sinks")]}
+PARAMS = [(d, c) for d, cases in CASES.items() for c in cases]
 # one tile, tails of both tiles, several key tiles, seqlen_q > seqlen_k (causal: rows that
 # see no key), seqlen_q < seqlen_k
 LENGTHS = [(64, 80), (131, 131), (203, 97), (257, 561)]
@@ -47,14 +51,14 @@ def _module_specs():
     if facts.arch != "sm_90":
         return []
     out = []
-    for case in CASES:
+    for d, case in PARAMS:
         flags = mods_tests._flags(case)
         for dtype in ("float16", "bfloat16"):
-            for varlen in (False, True):
+            for varlen in (False, True) if d == 256 else (False,):
                 f = replace(flags, varlen=varlen)
-                out.append(_split(specs.select_backward(facts, dtype, 256, case[1], False,
+                out.append(_split(specs.select_backward(facts, dtype, d, case[1], False,
                                                         mods=f)))
-                shape = plan.Shape(1, 1, 1, 1, 1, 256, dtype, case[1], f)
+                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], f)
                 out += gh.shape_specs(shape, facts, config.Config(), forward=True)
     return out
 
@@ -71,24 +75,24 @@ def hsplit(monkeypatch):
     yield from gh.selector_with_knob(monkeypatch, "select_backward", _split)
 
 
-def _assert_planned(dtype, causal, flags):
+def _assert_planned(dtype, causal, flags, head_dim=256):
     from cuflash import launch
 
-    picked = specs.select_backward(launch.device_facts(0), dtype, 256, causal, False,
+    picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal, False,
                                    mods=flags)
     assert picked.source == "flash_bwd_sm90_hsplit.cu", picked.name
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_backward_matches_reference(hsplit, case, dtype, seqlen_q, seqlen_k):
+@pytest.mark.parametrize("head_dim, case", PARAMS, ids=[f"d{d}-{c[0]}" for d, c in PARAMS])
+def test_backward_matches_reference(hsplit, head_dim, case, dtype, seqlen_q, seqlen_k):
     """Batch 2, 6 query heads on 2 kv heads (the plan may split a group's heads over blocks,
     which then add into the float32 dK / dV accumulators)."""
-    _assert_planned(dtype, case[1], mods_tests._flags(case))
+    _assert_planned(dtype, case[1], mods_tests._flags(case), head_dim)
     rng = gh.rng_for()
     q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                   head_dim=256)
+                                                   head_dim=head_dim)
     label = f"hsplit {case[0]} {gh.describe(q, k, dtype, causal, None)}"
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
     gmods = mods_tests._on_gpu(mods)
@@ -105,11 +109,11 @@ def test_backward_matches_reference(hsplit, case, dtype, seqlen_q, seqlen_k):
                           scale, few)
 
 
-@pytest.mark.parametrize("head_dim", [200, 256])
+@pytest.mark.parametrize("head_dim", [240, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_sequences(hsplit, head_dim, causal):
     """test_gpu_varlen's layout (empty sequences, queries without keys, seqused_k) at head_dim
-    256 and a width inside the bucket (columns past it are zeros)."""
+    256 and a width inside the bucket (columns past it are zeros; 192's declines them)."""
     _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True))
     case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
                 causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
@@ -118,14 +122,29 @@ def test_packed_sequences(hsplit, head_dim, causal):
                             deterministic_modes=(False,))
 
 
+@pytest.mark.parametrize("head_dim", [176, 240])
+def test_widths_inside_a_bucket(hsplit, head_dim):
+    """Columns past head_dim (bucket 192 or 256) are zeros in the tiles and never stored."""
+    case = PLAIN[0]
+    _assert_planned("bfloat16", False, specs.NO_MODS, 192 if head_dim <= 192 else 256)
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, "bfloat16", 150, 233,
+                                                   head_dim=head_dim)
+    gh.assert_call_matches_reference(q, k, v, do, causal=False, dtype="bfloat16",
+                                     label=f"hsplit d{head_dim}", host_kwargs=mods,
+                                     gpu_kwargs=mods_tests._on_gpu(mods))
+
+
 def test_declined_sets_keep_the_role_split(hsplit):
-    """A window (it spilled there) and the deterministic mode plan the selected kernels."""
+    """A window at 256 and causal at 192 (they spilled there) and the deterministic mode plan
+    the selected kernels."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
-    for causal, flags, deterministic in ((True, specs.ModFlags(window=True), False),
-                                         (False, specs.NO_MODS, True)):
-        picked = specs.select_backward(facts, "bfloat16", 256, causal, deterministic,
+    for d, causal, flags, deterministic in ((256, True, specs.ModFlags(window=True), False),
+                                            (192, True, specs.NO_MODS, False),
+                                            (256, False, specs.NO_MODS, True)):
+        picked = specs.select_backward(facts, "bfloat16", d, causal, deterministic,
                                        mods=flags)
         assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
 
@@ -135,6 +154,7 @@ def test_not_selected():
     from cuflash import launch
 
     facts = launch.device_facts(0)
-    for causal in (False, True):
-        picked = specs.select_backward(facts, "bfloat16", 256, causal, False)
-        assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
+    for d in (192, 256):
+        for causal in (False, True):
+            picked = specs.select_backward(facts, "bfloat16", d, causal, False)
+            assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name

@@ -41,8 +41,8 @@ BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2), (12, 64, 2), (12, 128, 2), (12, 64,
 
 
 def _bwd90_fits(warps, block_m, bucket, block_n=0):
-    if block_n == 80:
-        return (warps, block_m, bucket) == (8, 64, 256)
+    if block_n in (80, 96):  # flash_bwd_sm90_hsplit.cu
+        return (warps, block_m, bucket, block_n) in ((8, 64, 256, 80), (12, 64, 192, 96))
     if warps == 12:
         return (bucket, block_m) in ((64, 128), (128, 64))
     return block_m == 64 or bucket == 64
@@ -62,8 +62,8 @@ def candidate_specs(kind, dtype, head_dim, causal, head_dim_v=0):
                           block_m=fwd_block_m(kind, w), block_n=n, warps=w,
                           stages=s, causal=causal) for w, n, s in FWD_CANDIDATES
                if not head_dim_v or w == 8]
-    elif kind == "bwd90":  # (warps, block_m, stages[, block_n]): 80 keys at head_dim 256 is
-        # flash_bwd_sm90_hsplit.cu (specs.with_backward_head_dim_split)
+    elif kind == "bwd90":  # (warps, block_m, stages[, block_n]): 80 keys at head_dim 256, 96 at
+        # 192 are flash_bwd_sm90_hsplit.cu (specs.with_backward_head_dim_split)
         out = [KernelSpec(kind="bwd90", dtype=dtype, head_dim=bucket, head_dim_v=head_dim_v,
                           block_m=m, block_n=n[0] if n else 64 if bucket >= 192 else 128,
                           warps=w, stages=s, causal=causal, dq_atomic=True, dchunk=bucket)
