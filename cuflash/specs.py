@@ -408,11 +408,13 @@ def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
     return replace(spec, block_m=64, block_n=block_n, warps=warps, stages=2, knobs=())
 
 
-# Where flash_bwd_sm90_hsplit.cu spills (255 registers at head_dim 256, 168 at 192, its cap at
-# 384 threads; NVRTC 13.0 or 13.5, 2026-12-05: 4-48 B, at 192 outside the loop): each entry a
-# set of the call's modifiers and "causal", all of which must hold.
-HSPLIT_SPILLS = {256: (("window",), ("softcap",), ("causal", "alibi")),
-                 192: (("causal",), ("alibi",), ("varlen",))}
+# Where flash_bwd_sm90_hsplit.cu spills (at 255 registers at head_dim 256, 168 at 192, its cap
+# at 384 threads; NVRTC 13.0 and 13.5, every pair of window / softcap / ALiBi / packed and
+# causal, 2026-12-05: 4-32 B): each entry a set of the call's modifiers and "causal", all of
+# which must hold.
+HSPLIT_SPILLS = {256: (("window", "alibi"), ("window", "softcap"), ("softcap", "alibi")),
+                 192: (("window", "softcap", "alibi"), ("causal", "alibi"),
+                       ("causal", "softcap"))}
 
 
 # The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's

@@ -43,16 +43,16 @@
 // this one, under dQ, dK^T and the next tile's S. The host's formula is registry._smem_bwd90.
 //
 // Supported: buckets 192 and 256, 16-bit, dQ by atomics (the deterministic mode is
-// flash_bwd_sm90_ws.cu's), causal, ALiBi, sinks (nothing here: lse2 carries them), packed
-// sequences, GQA splits; windows and softcap compile but spill at head_dim 256 (the host
-// declines them there). Not: dropout, block masks (the tiles divide no block size the host
+// flash_bwd_sm90_ws.cu's), causal, windows, softcap, ALiBi, sinks (nothing here: lse2 carries
+// them), packed sequences, GQA splits; some pairs of those spill (specs.HSPLIT_SPILLS: the host
+// declines them). Not: dropout, block masks (the tiles divide no block size the host
 // accepts), v's own head_dim.
 //
 // First written 2026-12-05 without a GPU: compiled (NVRTC 13.0 and 13.5, sm_90a), never run.
-// P^T / dS^T go to shared memory by 16-bit stores (stmatrix .trans would take a tenth of the
-// instructions); dK, dV leave by per-element stores at the end (once per block). Computing P
-// while the dP product runs (two commit groups) spilled 40-56 B at head_dim 256, causal and
-// packed (NVRTC 13.0): the accumulators leave about 40 registers, and S, dP take 40 of them.
+// Registers: 244-255 at 256, 162-168 at 192. P^T and dS^T leave the registers by stmatrix
+// .trans (with 16-bit stores, 40 a thread, their addresses held registers that the causal and
+// modified forms then spilled); dK, dV leave by per-element stores at the end (once per
+// block). Computing P while the dP product runs (two commit groups) spilled 40-56 B at 256.
 
 #ifndef CF_WARPS
 #define CF_WARPS (CF_HEAD_DIM == 192 ? 12 : 8)
@@ -131,6 +131,38 @@ __device__ __forceinline__ void issue_dkv_t(float (&acc)[kPanels][kDT][4], cf_u3
     for (int kq = 0; kq < kQSteps; ++kq)
       wgmma_dkv_t(acc[mb], sm90_desc_mnmajor<kBM>(a_tile + (kPanels * wg + mb) * kBM * 128, kq),
                   sm90_desc_kmajor<kBN>(b_t, kq));
+}
+
+// 8 x 8 matrices of 16-bit values to shared memory, transposed: matrix i of the fragments
+// (row lane / 4, columns 2 (lane % 4) .. +1 in register i) lands as its columns, one per
+// memory row, at the row addresses lanes 8i .. 8i + 7 give.
+__device__ __forceinline__ void stmatrix_x4_trans(cf_u32 addr, cf_u32 r0, cf_u32 r1, cf_u32 r2,
+                                                  cf_u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+__device__ __forceinline__ void stmatrix_x2_trans(cf_u32 addr, cf_u32 r0, cf_u32 r1) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};" ::"r"(addr),
+               "r"(r0), "r"(r1)
+               : "memory");
+}
+// This warp's P or dS fragments (n-tile t: keys 8t .. of the warpgroup's, rows 16 (warp % 4)
+// + 8h .., packed in x[t][h]) into the P^T / dS^T tile at `tile` (row = key, column = query).
+// Matrix i of a four-matrix store is (n-tile t0 + i / 2, half i % 2): lane l gives the row of
+// key 8 (t0 + (l / 8) / 2) + l % 8 at query column 16 (warp % 4) + 8 ((l / 8) % 2). Eight keys
+// on are eight rows on: 1024 bytes, the same swizzle phase.
+template <int T>
+__device__ __forceinline__ void store_pds_t(const cf_u32 (&x)[T][2], cf_u32 tile, int wg,
+                                            int warp, int lane) {
+  const int i = lane >> 3;
+  const cf_u32 addr = tile + sm90_offset<kBN>(wg * kWgKeys + 8 * (i >> 1) + (lane & 7),
+                                              16 * (warp & 3) + 8 * (i & 1));
+#pragma unroll
+  for (int t = 0; t + 1 < T; t += 2)
+    stmatrix_x4_trans(addr + t * 1024, x[t][0], x[t][1], x[t + 1][0], x[t + 1][1]);
+  if constexpr (T % 2)  // lanes 0-15's addresses: n-tile T - 1
+    stmatrix_x2_trans(addr + (T - 1) * 1024, x[T - 1][0], x[T - 1][1]);
 }
 
 // dQ's panel `panel` (64 columns) over the block's keys: dS (A, from dS^T, MN-major) times K
@@ -316,9 +348,9 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     wgmma_fence_regs(s);
     wgmma_fence_regs(dp);
 
-    // -- P, dS, rounded to 16 bits, transposed into sP, sdS (row = key, column = query).
-    // Masked: some pair of the tile hidden, or the keys' tail (zero K rows give S = 0 but
-    // P = exp2(-lse2), which must not reach dQ or dK).
+    // -- P, dS, rounded to 16 bits, transposed into sP, sdS (row = key, column = query) by
+    // stmatrix .trans. Masked: some pair of the tile hidden, or the keys' tail (zero K rows
+    // give S = 0 but P = exp2(-lse2), which must not reach dQ or dK).
     {
       const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
@@ -326,22 +358,27 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       const float* delta_t = sDelta + st * kBM;
       const float lse[2] = {lse_t[row], lse_t[row + 8]};
       const float dl[2] = {delta_t[row], delta_t[row + 8]};
+      cf_u32 pk[kST][2], dsk[kST][2];  // n-tile t, rows row / row + 8: two keys each
 #pragma unroll
       for (int t = 0; t < kST; ++t) {
-        const int kc = wg * kWgKeys + 8 * t + 2 * tig;  // the key column in the block
+        float p[4], ds[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int qr = row + 8 * (e >> 1), kr = kc + (e & 1);
-          const int qi = m0 + qr, key = n0 + kr;
+          const int qi = m0 + row + 8 * (e >> 1);
+          const int key = n0 + wg * kWgKeys + 8 * t + 2 * tig + (e & 1);
           float x = s[t][e], th = 0.f;
           if (CF_SCORE_MODS) x = mods.apply(x, qi, key, th);
-          float p = fast_exp2(fmaf(x, scale_log2, -lse[e >> 1]));
-          if (masked && !mask.visible(qi, key)) p = 0.f;
-          const float ds = p * (dp[t][e] - dl[e >> 1]) * softcap_grad(th);
-          *reinterpret_cast<elem_t*>(sP + sm90_offset<kBN>(kr, qr)) = float_to_elem(p);
-          *reinterpret_cast<elem_t*>(sdS + sm90_offset<kBN>(kr, qr)) = float_to_elem(ds);
+          p[e] = fast_exp2(fmaf(x, scale_log2, -lse[e >> 1]));
+          if (masked && !mask.visible(qi, key)) p[e] = 0.f;
+          ds[e] = p[e] * (dp[t][e] - dl[e >> 1]) * softcap_grad(th);
         }
+        pk[t][0] = pack2(p[0], p[1]);
+        pk[t][1] = pack2(p[2], p[3]);
+        dsk[t][0] = pack2(ds[0], ds[1]);
+        dsk[t][1] = pack2(ds[2], ds[3]);
       }
+      store_pds_t(pk, sP_sa, wg, warp, lane);
+      store_pds_t(dsk, sdS_sa, wg, warp, lane);
     }
     fence_proxy_async();  // the stores, for the wgmma after the barrier
     __syncthreads();      // every warpgroup's keys are in sP, sdS

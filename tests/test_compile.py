@@ -250,19 +250,18 @@ def test_tma_kernels_compile_unserialized_without_spills():
 def test_head_dim_split_backward_compiles_unserialized_without_spills():
     """The head_dim 192 / 256 backward on 96- / 80-key tiles (flash_bwd_sm90_hsplit.cu, a
     candidate, specs.with_backward_head_dim_split): fp16 / bf16 and the modifier sets it
-    serves (256: plain, causal, ALiBi, sinks, packed sequences; 192: plain, windows,
-    softcap, sinks), with the shared memory the host computes: zero spills, no C7519, and
-    the kernel's own wgmma shapes in the PTX; the sets it declines (where it spilled, or
-    does not serve) get None."""
+    serves (plain, causal, each modifier, packed sequences, some pairs), with the shared
+    memory the host computes: zero spills, no C7519, and the kernel's own wgmma shapes in the
+    PTX; the sets it declines (where it spilled, specs.HSPLIT_SPILLS, or does not serve) get
+    None."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
-    forms = {256: [(False, specs.NO_MODS), (True, specs.NO_MODS),
-                   (False, specs.ModFlags(alibi=True)), (True, specs.ModFlags(varlen=True)),
-                   (False, specs.ModFlags(alibi=True, sinks=True, varlen=True))],
-             192: [(False, specs.NO_MODS), (False, specs.ModFlags(window=True)),
-                   (True, specs.ModFlags(window=True)),
-                   (False, specs.ModFlags(window=True, softcap=True, sinks=True))]}
+    served = [(False, specs.NO_MODS), (True, specs.NO_MODS), (False, specs.ModFlags(window=True)),
+              (False, specs.ModFlags(softcap=True)), (True, specs.ModFlags(varlen=True)),
+              (False, specs.ModFlags(alibi=True, sinks=True, varlen=True))]
+    forms = {256: served + [(True, specs.ModFlags(softcap=True, varlen=True))],
+             192: served + [(False, specs.ModFlags(window=True, softcap=True, varlen=True))]}
     smem = {256: 201_728, 192: 197_632}
     work = []
     for d, sets in forms.items():
@@ -283,11 +282,11 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
         _, ptx = compiler._nvrtc_compile(spec, "compute_90a", compiler.nvrtc_options(spec) +
                                          ["--gpu-architecture=compute_90a"], ptx=True)
         assert all(shape in ptx for shape in shapes), spec.name
-    declined = [(256, True, specs.ModFlags(window=True)),
-                (256, False, specs.ModFlags(softcap=True)),
-                (256, True, specs.ModFlags(alibi=True)), (256, False, specs.ModFlags(dropout=True)),
-                (256, False, specs.ModFlags(block_sparse=True)), (192, True, specs.NO_MODS),
-                (192, False, specs.ModFlags(alibi=True)), (192, False, specs.ModFlags(varlen=True))]
+    declined = [(256, False, specs.ModFlags(window=True, alibi=True)),
+                (256, True, specs.ModFlags(softcap=True, alibi=True)),
+                (256, False, specs.ModFlags(dropout=True)),
+                (256, False, specs.ModFlags(block_sparse=True)),
+                (192, True, specs.ModFlags(alibi=True)), (192, True, specs.ModFlags(softcap=True))]
     for d, causal, mods in declined:
         assert specs.with_backward_head_dim_split(
             specs.select_backward(facts, "bfloat16", d, causal, False, mods=mods)) is None

@@ -1,10 +1,10 @@
 """The head_dim 256 and 192 Hopper backward on 80- and 96-key tiles (flash_bwd_sm90_hsplit.cu:
 the warpgroups split head_dim for dK and dV; specs.with_backward_head_dim_split, a candidate
-written without a GPU) against the float64 reference (``gpu``): at 256 plain, causal (rows
-with no visible key too), ALiBi, sinks and packed sequences, at 192 plain, windows, softcap
-and sinks (the sets it serves there); GQA splits of the kv heads, lengths that are not
-multiples of the tiles, seqlen_q != seqlen_k; fp16 and bf16; dq, dk and dv. The modifier sets
-it declines keep the role split. Timed by ``gpu_suite.sh bwd_hsplit``.
+written without a GPU) against the float64 reference (``gpu``): plain, causal (rows with no
+visible key too) and every modifier case of test_gpu_modifiers it serves (the sets where it
+spilled keep the role split), packed sequences, GQA splits of the kv heads, lengths that are
+not multiples of the tiles, seqlen_q != seqlen_k, widths inside a bucket; fp16 and bf16; dq,
+dk and dv. Timed by ``gpu_suite.sh bwd_hsplit``.
 """
 
 from __future__ import annotations
@@ -31,10 +31,15 @@ pytestmark = pytest.mark.gpu
 
 PLAIN = [("plain", False, None, None, None, False), ("plain+causal", True, None, None, None,
                                                       False)]
-CASES = {256: PLAIN + [c for c in mods_tests.CASES if c[0] in ("alibi_batch", "sinks")],
-         192: PLAIN[:1] + [c for c in mods_tests.CASES if c[0] in ("window", "window+causal",
-                                                                 "softcap", "sinks")]}
-PARAMS = [(d, c) for d, cases in CASES.items() for c in cases]
+
+
+def _serves(head_dim, case) -> bool:
+    facts = specs.facts_for_arch("sm_90")
+    return specs.with_backward_head_dim_split(specs.select_backward(
+        facts, "bfloat16", head_dim, case[1], False, mods=mods_tests._flags(case))) is not None
+
+
+PARAMS = [(d, c) for d in (256, 192) for c in PLAIN + mods_tests.CASES if _serves(d, c)]
 # one tile, tails of both tiles, several key tiles, seqlen_q > seqlen_k (causal: rows that
 # see no key), seqlen_q < seqlen_k
 LENGTHS = [(64, 80), (131, 131), (203, 97), (257, 561)]
@@ -54,7 +59,7 @@ def _module_specs():
     for d, case in PARAMS:
         flags = mods_tests._flags(case)
         for dtype in ("float16", "bfloat16"):
-            for varlen in (False, True) if d == 256 else (False,):
+            for varlen in (False, True):
                 f = replace(flags, varlen=varlen)
                 out.append(_split(specs.select_backward(facts, dtype, d, case[1], False,
                                                         mods=f)))
@@ -84,11 +89,11 @@ def _assert_planned(dtype, causal, flags, head_dim=256):
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim, case", PARAMS, ids=[f"d{d}-{c[0]}" for d, c in PARAMS])
-def test_backward_matches_reference(hsplit, head_dim, case, dtype, seqlen_q, seqlen_k):
+def test_backward_matches_reference(hsplit, head_dim, case, seqlen_q, seqlen_k):
     """Batch 2, 6 query heads on 2 kv heads (the plan may split a group's heads over blocks,
-    which then add into the float32 dK / dV accumulators)."""
+    which then add into the float32 dK / dV accumulators); fp16 in a third of the cases."""
+    dtype = "bfloat16" if (seqlen_q + len(case[0])) % 3 else "float16"
     _assert_planned(dtype, case[1], mods_tests._flags(case), head_dim)
     rng = gh.rng_for()
     q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
@@ -109,12 +114,13 @@ def test_backward_matches_reference(hsplit, head_dim, case, dtype, seqlen_q, seq
                           scale, few)
 
 
-@pytest.mark.parametrize("head_dim", [240, 256])
+@pytest.mark.parametrize("head_dim", [176, 192, 240, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_sequences(hsplit, head_dim, causal):
     """test_gpu_varlen's layout (empty sequences, queries without keys, seqused_k) at head_dim
-    256 and a width inside the bucket (columns past it are zeros; 192's declines them)."""
-    _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True))
+    192 and 256 and widths inside those buckets (columns past them are zeros)."""
+    _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True),
+                    192 if head_dim <= 192 else 256)
     case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
                 causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
                 seed=head_dim + causal)
@@ -136,13 +142,14 @@ def test_widths_inside_a_bucket(hsplit, head_dim):
 
 
 def test_declined_sets_keep_the_role_split(hsplit):
-    """A window at 256 and causal at 192 (they spilled there) and the deterministic mode plan
-    the selected kernels."""
+    """A window with ALiBi at 256 and causal ALiBi at 192 (they spilled there) and the
+    deterministic mode plan the selected kernels."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
-    for d, causal, flags, deterministic in ((256, True, specs.ModFlags(window=True), False),
-                                            (192, True, specs.NO_MODS, False),
+    for d, causal, flags, deterministic in ((256, False, specs.ModFlags(window=True, alibi=True),
+                                             False),
+                                            (192, True, specs.ModFlags(alibi=True), False),
                                             (256, False, specs.NO_MODS, True)):
         picked = specs.select_backward(facts, "bfloat16", d, causal, deterministic,
                                        mods=flags)
