@@ -20,8 +20,9 @@
 // 64 / kWgs = 2 or 1 head-dim panels a warpgroup):
 //   S  = Q K_g^T      wgmma m64n(kWgKeys): the tile's 64 queries x the warpgroup's keys
 //   dP = dO V_g^T     (A: Q / dO K-major; B: K / V rows K-major)
-//   P = exp2(S scale_log2 - lse2), dS = P (dP - delta): two rows a thread, so two lse2 and two
-//   delta values, not one per query column as in the S^T orientation
+//   P = exp2(S scale_log2 - lse2) while the tensor cores work on dP, then dS = P (dP - delta):
+//   two rows a thread, so two lse2 and two delta values, not one per query column as in the
+//   S^T orientation
 //   P^T, dS^T (16-bit) to shared memory, row = key, column = query: one 128-byte panel a
 //   row, the layout both operands below read
 //   dV^T[panels of g] += dO^T P     wgmma m64n(kBN) a panel, A = dO MN-major,
@@ -49,10 +50,10 @@
 // accepts), v's own head_dim.
 //
 // First written 2026-12-05 without a GPU: compiled (NVRTC 13.0 and 13.5, sm_90a), never run.
-// Registers: 244-255 at 256, 162-168 at 192. P^T and dS^T leave the registers by stmatrix
+// Registers: 242-255 at 256, 164-168 at 192. P^T and dS^T leave the registers by stmatrix
 // .trans (with 16-bit stores, 40 a thread, their addresses held registers that the causal and
-// modified forms then spilled); dK, dV leave by per-element stores at the end (once per
-// block). Computing P while the dP product runs (two commit groups) spilled 40-56 B at 256.
+// modified forms then spilled, and P could not be formed under the dP product: 40-56 B); dK,
+// dV leave by per-element stores at the end (once per block).
 
 #ifndef CF_WARPS
 #define CF_WARPS (CF_HEAD_DIM == 192 ? 12 : 8)
@@ -332,36 +333,35 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     const cf_u32 sdO_sa = base + 2 * kTileK + 2 * kTileQ + (kDoStages == 2 ? st : 0) * kTileQ;
     const cf_u32 sP_sa = base + 2 * kTileK + (2 + kDoStages) * kTileQ, sdS_sa = sP_sa + kTileP;
 
-    // -- S = Q K_g^T, dP = dO V_g^T: 64 queries x this warpgroup's keys
+    // -- S = Q K_g^T, dP = dO V_g^T: 64 queries x this warpgroup's keys; P is formed (exp2 on
+    // the multi-function unit) and stored while the tensor cores work on dP
     float s[kST][4], dp[kST][4];
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
       wgmma_scores(s, sm90_desc_kmajor<kBM>(q_tile, kk),
                    sm90_desc_kmajor<kBN>(sK_sa + wg * kWgKeys * 128, kk), kk > 0);
+    wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk)
       wgmma_scores(dp, sm90_desc_kmajor<kBM>(sdO_sa, kk),
                    sm90_desc_kmajor<kBN>(sV_sa + wg * kWgKeys * 128, kk), kk > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+    wgmma_wait<1>();
     wgmma_fence_regs(s);
-    wgmma_fence_regs(dp);
 
-    // -- P, dS, rounded to 16 bits, transposed into sP, sdS (row = key, column = query) by
-    // stmatrix .trans. Masked: some pair of the tile hidden, or the keys' tail (zero K rows
+    // -- P, then dS, rounded to 16 bits, transposed into sP, sdS (row = key, column = query)
+    // by stmatrix .trans. Masked: some pair of the tile hidden, or the keys' tail (zero K rows
     // give S = 0 but P = exp2(-lse2), which must not reach dQ or dK).
     {
       const bool masked = !mask.full(m0, m0 + kBM - 1, n0, n0 + kBN - 1);
       const ScoreMods mods(CF_MOD_ARGS, b, h, seqlen_q, seqlen_k);
       const float* lse_t = sLse + st * kBM;
-      const float* delta_t = sDelta + st * kBM;
       const float lse[2] = {lse_t[row], lse_t[row + 8]};
-      const float dl[2] = {delta_t[row], delta_t[row + 8]};
-      cf_u32 pk[kST][2], dsk[kST][2];  // n-tile t, rows row / row + 8: two keys each
+      cf_u32 pk[kST][2];  // n-tile t, rows row / row + 8: two keys each
 #pragma unroll
       for (int t = 0; t < kST; ++t) {
-        float p[4], ds[4];
+        float p[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = m0 + row + 8 * (e >> 1);
@@ -370,15 +370,26 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
           if (CF_SCORE_MODS) x = mods.apply(x, qi, key, th);
           p[e] = fast_exp2(fmaf(x, scale_log2, -lse[e >> 1]));
           if (masked && !mask.visible(qi, key)) p[e] = 0.f;
-          ds[e] = p[e] * (dp[t][e] - dl[e >> 1]) * softcap_grad(th);
+          s[t][e] = p[e] * softcap_grad(th);  // dS = this (dP - delta)
         }
         pk[t][0] = pack2(p[0], p[1]);
         pk[t][1] = pack2(p[2], p[3]);
-        dsk[t][0] = pack2(ds[0], ds[1]);
-        dsk[t][1] = pack2(ds[2], ds[3]);
       }
       store_pds_t(pk, sP_sa, wg, warp, lane);
-      store_pds_t(dsk, sdS_sa, wg, warp, lane);
+      wgmma_wait<0>();
+      wgmma_fence_regs(dp);
+      const float* delta_t = sDelta + st * kBM;
+      const float dl[2] = {delta_t[row], delta_t[row + 8]};
+#pragma unroll
+      for (int t = 0; t < kST; ++t) {
+        float ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          ds[e] = s[t][e] * (dp[t][e] - dl[e >> 1]);
+        pk[t][0] = pack2(ds[0], ds[1]);
+        pk[t][1] = pack2(ds[2], ds[3]);
+      }
+      store_pds_t(pk, sdS_sa, wg, warp, lane);
     }
     fence_proxy_async();  // the stores, for the wgmma after the barrier
     __syncthreads();      // every warpgroup's keys are in sP, sdS

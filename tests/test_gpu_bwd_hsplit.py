@@ -142,12 +142,12 @@ def test_widths_inside_a_bucket(hsplit, head_dim):
 
 
 def test_declined_sets_keep_the_role_split(hsplit):
-    """A window with ALiBi at 256 and causal ALiBi at 192 (they spilled there) and the
+    """Softcap with ALiBi at 256 and causal ALiBi at 192 (they spilled there) and the
     deterministic mode plan the selected kernels."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
-    for d, causal, flags, deterministic in ((256, False, specs.ModFlags(window=True, alibi=True),
+    for d, causal, flags, deterministic in ((256, False, specs.ModFlags(softcap=True, alibi=True),
                                              False),
                                             (192, True, specs.ModFlags(alibi=True), False),
                                             (256, False, specs.NO_MODS, True)):
