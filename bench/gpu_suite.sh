@@ -263,20 +263,25 @@ for stage in $stages; do
         --causal both --variant CF_BWD_DQ_FIRST=1" ;;
     bwd_hsplit)  # the head_dim 256 / 192 backward on 80- / 96-key tiles (flash_bwd_sm90_hsplit.cu,
       # the warpgroups split head_dim; a candidate written without a GPU): its float64-reference
-      # tests, memcheck and racecheck of two of them, then TFLOP/s against the selected role
-      # split (64 keys; with and without CF_BWD_DQ_FIRST, which the split ignores) beside SDPA's
-      # flash and cuDNN (BWD_HSPLIT_SEQLENS, default 4096 16384; the 192 causal rows run a
-      # form the selector would decline: 12 B spilled outside its loop)
+      # tests, memcheck and racecheck of a few, then TFLOP/s of the split, atomic and ordered
+      # dQ (the deterministic mode, which runs the portable kernels at 192 / 256 today), and of
+      # the selected role split (64 keys, CF_BWD_DQ_FIRST), each beside SDPA's flash and cuDNN
+      # (BWD_HSPLIT_SEQLENS, default 4096 16384)
       CUFLASH_POISON=1 run_stage bwd_hsplit_tests timeout "${BWD_HSPLIT_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_bwd_hsplit.py
       for tool in memcheck racecheck; do
         run_stage "bwd_hsplit_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
           --tool $tool --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
-          tests/test_gpu_bwd_hsplit.py -k "test_backward_matches_reference and 131 and plain"
+          tests/test_gpu_bwd_hsplit.py \
+          -k "(test_backward_matches_reference and 131 and plain) or (bit_for_bit and plain)"
       done
       run_stage bwd_hsplit bash -c "cd bench/dev && timeout ${BWD_HSPLIT_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 256 192 --seqlen ${BWD_HSPLIT_SEQLENS:-4096 16384} \
-        --causal both --candidates 8,64,2 8,64,2,80 12,64,2,96 --variant CF_BWD_DQ_FIRST=1" ;;
+        --causal both --candidates 8,64,2,80 12,64,2,96 --ordered"
+      run_stage bwd_hsplit_role_split bash -c "cd bench/dev && timeout ${BWD_HSPLIT_TIMEOUT:-240} \
+        $PY tile_sweep.py --kind bwd90 --head-dim 256 192 \
+        --seqlen ${BWD_HSPLIT_SEQLENS:-4096 16384} --causal both --candidates 8,64,2 \
+        --define CF_BWD_DQ_FIRST=1" ;;
     bwd_bounds)  # what bounds the head_dim 256 backward (#13's weakest rows): ncu's throughput,
       # memory-workload, scheduler and warp-state sections of the selected role split and of
       # the 80-key head-dim split at 16k (bf16). Is L2 (Q, dO in and dQ's atomics out, 1 / keys

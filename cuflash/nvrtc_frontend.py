@@ -95,9 +95,11 @@ def representative_work() -> list[tuple[KernelSpec, str]]:
     for mods in (specs.NO_MODS, specs.ModFlags(block_sparse=True)):
         work.append((specs.with_forward_tma(specs.select_forward(facts, "bfloat16", 128, True,
                                                                  mods=mods)), "sm_90"))
-    for d, causal, mods in ((256, False, specs.NO_MODS), (256, True, specs.ModFlags(varlen=True)),
-                            (192, False, specs.ModFlags(window=True, softcap=True))):
-        # the head_dim 192 / 256 backward's head-dim split (flash_bwd_sm90_hsplit.cu)
+    for d, causal, det, mods in ((256, False, False, specs.NO_MODS),
+                                 (256, True, True, specs.ModFlags(varlen=True)),
+                                 (192, False, False, specs.ModFlags(window=True, softcap=True))):
+        # the head_dim 192 / 256 backward's head-dim split (flash_bwd_sm90_hsplit.cu), atomic
+        # and ordered dQ
         work.append((specs.with_backward_head_dim_split(specs.select_backward(
-            facts, "float16", d, causal, False, mods=mods)), "sm_90"))
+            facts, "float16", d, causal, det, mods=mods)), "sm_90"))
     return work

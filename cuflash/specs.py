@@ -24,8 +24,9 @@ from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_PAIR_BUCKETS,  # no
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
-                       PRE_THREADS, VARIANTS, Variant, bwd90_warp_specialized,
-                       bwd_split_layout, fwd90_warp_specialized, variant_of)
+                       PRE_THREADS, VARIANTS, Variant, bwd90_head_dim_split,
+                       bwd90_warp_specialized, bwd_split_layout, fwd90_warp_specialized,
+                       variant_of)
 
 DTYPE_CODE = {"float16": 0, "bfloat16": 1, "float32": 2}
 DTYPE_SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
@@ -394,27 +395,35 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
 def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
     """The head_dim 192 / 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tiles (64
     queries x 96 keys on three warpgroups at 192, x 80 on two at 256, the warpgroups splitting
-    head_dim: FlashAttention-3's tile sizes there); None where that kernel does not serve
-    (other buckets, the deterministic mode, dropout, block masks, v's own head_dim), or where
-    it spills (HSPLIT_SPILLS). The role split's knobs (CF_BWD_DQ_FIRST) do not apply. A
-    candidate for tests and tuning runs, not selected."""
-    if (spec.kind != "bwd90" or spec.head_dim not in (192, 256) or spec.head_dim_v
-            or spec.dq_ordered or spec.mods.dropout or spec.mods.block_sparse):
+    head_dim: FlashAttention-3's tile sizes there); a deterministic ``spec`` (the portable
+    kernels today) becomes its ordered-dQ form. None where that kernel does not serve (other
+    buckets, dropout, block masks, v's own head_dim, float32; a window with ordered dQ), or
+    where it spills (HSPLIT_SPILLS). The role split's knobs (CF_BWD_DQ_FIRST) do not apply.
+    A candidate for tests and tuning runs, not selected."""
+    if (spec.kind not in ("bwd", "bwd90") or spec.dtype == "float32"
+            or spec.head_dim not in (192, 256) or spec.head_dim_v or spec.mods.dropout
+            or spec.mods.block_sparse or (spec.deterministic and spec.mods.window)):
         return None
     context = {n for n in spec.mods.on} | ({"causal"} if spec.causal else set())
+    if spec.deterministic:
+        context.add("ordered")
     if any(context.issuperset(when) for when in HSPLIT_SPILLS[spec.head_dim]):
         return None
     block_n, warps = (80, 8) if spec.head_dim == 256 else (96, 12)
-    return replace(spec, block_m=64, block_n=block_n, warps=warps, stages=2, knobs=())
+    return KernelSpec(kind="bwd90", dtype=spec.dtype, head_dim=spec.head_dim, block_m=64,
+                      block_n=block_n, warps=warps, stages=2, causal=spec.causal,
+                      dq_atomic=True, dq_ordered=spec.deterministic, dchunk=spec.head_dim,
+                      mods=spec.mods)
 
 
 # Where flash_bwd_sm90_hsplit.cu spills (at 255 registers at head_dim 256, 168 at 192, its cap
 # at 384 threads; NVRTC 13.0 and 13.5, every combination of window / softcap / ALiBi / packed,
-# causal or not, 2026-12-05: 4-128 B): each entry a set of the call's modifiers and "causal",
-# all of which must hold.
+# causal or not, atomic or ordered dQ, 2026-12-05: 4-128 B): each entry a set of the call's
+# modifiers, "causal" and "ordered", all of which must hold.
 HSPLIT_SPILLS = {256: (("softcap", "alibi"),),
                  192: (("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
-                       ("causal", "alibi"), ("causal", "softcap"))}
+                       ("causal", "alibi"), ("causal", "softcap"),
+                       ("ordered", "softcap", "alibi"))}
 
 
 # The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's

@@ -1,7 +1,8 @@
-// cf_bwd90.cuh -- pieces the Hopper backward kernels share (flash_bwd_sm90.cu, and its
-// warp-specialized form flash_bwd_sm90_ws.cu): the wgmma shapes by accumulator size, the two
-// score products, P and dS of a fragment, dQ atomics and the dK, dV epilogue of the layout
-// where each warpgroup owns 64 keys. Read flash_bwd_sm90.cu's header for the algorithm.
+// cf_bwd90.cuh -- pieces the Hopper backward kernels share (flash_bwd_sm90.cu, its
+// warp-specialized form flash_bwd_sm90_ws.cu, its head-dim split flash_bwd_sm90_hsplit.cu):
+// the wgmma shapes by accumulator size, the two score products, P and dS of a fragment, dQ
+// atomics, ordered dQ's turns, and the dK, dV epilogue of the layout where each warpgroup
+// owns 64 keys. Read flash_bwd_sm90.cu's header for the algorithm.
 #pragma once
 #include "cf_common.cuh"
 #include "cf_sm90.cuh"
@@ -141,6 +142,54 @@ __device__ __forceinline__ void bulk_wait_read_all() {
 // ... and their writes performed (before the block exits).
 __device__ __forceinline__ void bulk_wait_all() {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// Ordered dQ: the turn of key tile key_tile at query tile pm0 (its place among the key tiles
+// that see it) and the semaphore of (head ph, tile pm0, warpgroup g's half). Each warpgroup
+// adds its own half of the tile (columns or rows), so each half has its own semaphore and the
+// warpgroups do not wait for each other.
+struct OrderedTurns {
+  MaskPolicy mask;
+  int key_tile, m_first, tiles_per_head, n_k, q_tiles;
+  bool rotate;
+  int* head_semaphores;  // batch entry b's, head 0
+
+  __device__ __forceinline__ int turn(int pm0) const {
+    const KeyTiles seen_by = key_tiles_of<CF_BLOCK_N, CF_BLOCK_M>(mask, pm0);
+    if (CF_CAUSAL) return seen_by.end - 1 - key_tile;
+    if (rotate) {  // after the key tiles from the last one starting at or before it
+      const int q = pm0 / CF_BLOCK_M - m_first;
+      const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;
+      return first_in - key_tile + (first_in < key_tile ? n_k : 0);
+    }
+    return key_tile - seen_by.begin;
+  }
+  __device__ __forceinline__ int* semaphore(int pm0, int ph, int g) const {
+    return head_semaphores + ((cf_i64)ph * q_tiles + pm0 / CF_BLOCK_M) * 2 + g;
+  }
+};
+
+// Spins until *sem == turn (acquire: the adds of the turns before are visible). After about
+// ten seconds it stops waiting rather than hang the GPU (a turn that never comes would be a
+// bug; the sums stay right, only their order would vary). A trap here costs the consumers
+// 1.3-1.8 KB of spills (NVRTC 13.5).
+__device__ __forceinline__ int load_acquire(const int* sem) {
+  int now;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(now) : "l"(sem) : "memory");
+  return now;
+}
+__device__ __forceinline__ void wait_for_turn(const int* sem, int turn) {
+  for (int spins = 0; spins < (1 << 27); ++spins) {
+    if (load_acquire(sem) == turn) return;
+    __nanosleep(64);
+  }
+}
+// After a barrier that ordered the warpgroup's adds before this thread: the adds are
+// performed at gpu scope before sem becomes value.
+__device__ __forceinline__ void fence_and_release(int* sem, int value) {
+  asm volatile("fence.acq_rel.gpu;\n\tst.relaxed.gpu.global.b32 [%0], %1;" ::"l"(sem),
+               "r"(value)
+               : "memory");
 }
 
 // P^T and dS^T of one S^T C fragment (both layouts): element e is key key_row + 8 (e >> 1),

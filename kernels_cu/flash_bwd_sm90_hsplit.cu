@@ -43,11 +43,17 @@
 // With one dO stage the next tile's dO is loaded once every warpgroup's dV^T product has read
 // this one, under dQ, dK^T and the next tile's S. The host's formula is registry._smem_bwd90.
 //
-// Supported: buckets 192 and 256, 16-bit, dQ by atomics (the deterministic mode is
-// flash_bwd_sm90_ws.cu's), causal, windows, softcap, ALiBi, sinks (nothing here: lse2 carries
-// them), packed sequences, GQA splits; some pairs of those spill (specs.HSPLIT_SPILLS: the host
-// declines them). Not: dropout, block masks (the tiles divide no block size the host
-// accepts), v's own head_dim.
+// Supported: buckets 192 and 256, 16-bit, causal, windows, softcap, ALiBi, sinks (nothing
+// here: lse2 carries them), packed sequences, GQA splits; some combinations spill
+// (specs.HSPLIT_SPILLS: the host declines them). Not: dropout, block masks (the tiles divide
+// no block size the host accepts), v's own head_dim.
+//
+// dQ by float atomics, or with CF_DQ_ORDERED (the deterministic mode; no window, as in
+// flash_bwd_sm90_ws.cu) in a fixed key-tile order: before a query tile's first dQ add, thread
+// 0 waits until that (head, tile)'s semaphore shows this key tile's turn (cf_bwd90.cuh's
+// OrderedTurns: ascending key tiles, or descending under causal, where the blocks then start
+// with the last key tile), the block adds all its panels, and thread 0 passes the turn on
+// after a fence. A block waits only for blocks of its head that started before it.
 //
 // First written 2026-12-05 without a GPU: compiled (NVRTC 13.0 and 13.5, sm_90a), never run.
 // Registers: 242-255 at 256, 164-168 at 192. P^T and dS^T leave the registers by stmatrix
@@ -79,9 +85,10 @@ static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM && CF_BLOCK_M == 64 && CF_STAGES == 2
               "v's head_dim q's; 64 queries; 2 Q stages");
 static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ by atomics, one chunk");
 static_assert(!CF_DROPOUT && !CF_BLOCK_SPARSE, "no dropout, no block masks (header)");
-#if defined(CF_DQ_ORDERED) && CF_DQ_ORDERED
-#error "ordered dQ (the deterministic mode) is flash_bwd_sm90_ws.cu's"
+#ifndef CF_DQ_ORDERED
+#define CF_DQ_ORDERED 0
 #endif
+static_assert(!(CF_DQ_ORDERED && CF_LOCAL), "ordered dQ: no window (as flash_bwd_sm90_ws.cu)");
 
 namespace hsplit {
 enum : int {
@@ -211,7 +218,6 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
                    float* __restrict__ dv_accum, int* __restrict__ dq_semaphore, CF_MOD_PARAMS,
                    CF_SEQ_PARAMS CF_BSP_PARAMS CF_DROP_PARAMS) {
   using namespace hsplit;
-  (void)dq_semaphore;
   extern __shared__ __align__(1024) unsigned char smem[];
   CF_REQUIRE_SMEM(kSmemBytes);
   sm90_require_aligned(smem);
@@ -228,7 +234,11 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
   const int group = lane >> 2, tig = lane & 3, wg = warp >> 2;
   const TileOrder order = causal_tile_order(
       (long long)max_seqlen_q * head_dim * (2 * sizeof(elem_t) + 4) * (heads_per_kv / kv_splits));
-  const int key_tile = CF_CAUSAL ? order.tile_rank : (int)blockIdx.x;
+  // Ordered dQ, causal: the lightest key tile (the last) first, adding in descending order
+  // (cf_bwd90.cuh's OrderedTurns; flash_bwd_sm90_ws.cu's header has why)
+  const int key_tile = !CF_CAUSAL       ? (int)blockIdx.x
+                       : CF_DQ_ORDERED ? (int)gridDim.x - 1 - order.tile_rank
+                                       : order.tile_rank;
   const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y;
   const int b = blockIdx.z / kv_splits, n0 = key_tile * kBN;
   const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
@@ -243,6 +253,11 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
   const int tiles_per_head = qt.end - qt.first;
   const KeptQueryTiles<kBM> kept(CF_BSP_MASK, b, h_first, n0, qt, split_heads);
   const int n_iter = kept.count();
+  // ordered dQ: one turn a (head, query tile) for the whole block, on the semaphore of the
+  // first half (the host's two a tile; the warpgroups add together)
+  const int q_tiles = (max_seqlen_q + kBM - 1) / kBM;
+  const OrderedTurns turns{mask, key_tile, m_first, tiles_per_head, (int)gridDim.x, q_tiles,
+                           false, dq_semaphore + (cf_i64)b * heads * q_tiles * 2};
 
   typedef PanelLoader<kBN, kChunks, kThreads> KVLoad;
   typedef PanelLoader<kBM, kChunks, kThreads> QLoad;
@@ -412,6 +427,14 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     }
     wgmma_wait<1>();
     wgmma_fence_regs(dq);
+    int* sem = nullptr;  // ordered dQ: after the key tiles before this one, then pass it on
+    int turn = 0;
+    if constexpr (CF_DQ_ORDERED) {
+      turn = turns.turn(m0);
+      sem = turns.semaphore(m0, h, 0);
+      if (tid == 0) wait_for_turn(sem, turn);
+      __syncthreads();
+    }
     add_dq(dq, dq_head, m0 + row, 64 * kPanels * wg, tig, seqlen_q, heads, head_dim,
            softmax_scale);
 #pragma unroll
@@ -422,6 +445,10 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       wgmma_fence_regs(dq);
       add_dq(dq, dq_head, m0 + row, 64 * (kPanels * wg + c), tig, seqlen_q, heads, head_dim,
              softmax_scale);
+    }
+    if constexpr (CF_DQ_ORDERED) {
+      __syncthreads();  // every thread's adds, before the leader's fence
+      if (tid == 0) fence_and_release(sem, turn + 1);
     }
     wgmma_wait<0>();
 #pragma unroll

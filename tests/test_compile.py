@@ -250,10 +250,10 @@ def test_tma_kernels_compile_unserialized_without_spills():
 def test_head_dim_split_backward_compiles_unserialized_without_spills():
     """The head_dim 192 / 256 backward on 96- / 80-key tiles (flash_bwd_sm90_hsplit.cu, a
     candidate, specs.with_backward_head_dim_split): fp16 / bf16 and the modifier sets it
-    serves (plain, causal, each modifier, packed sequences, some pairs), with the shared
-    memory the host computes: zero spills, no C7519, and the kernel's own wgmma shapes in the
-    PTX; the sets it declines (where it spilled, specs.HSPLIT_SPILLS, or does not serve) get
-    None."""
+    serves (plain, causal, each modifier, packed sequences, some pairs), atomic and ordered
+    dQ, with the shared memory the host computes: zero spills, no C7519, and the kernel's own
+    wgmma shapes in the PTX; the sets it declines (where it spilled, specs.HSPLIT_SPILLS, or
+    does not serve) get None."""
     from cuflash import compiler
 
     facts = specs.facts_for_arch("sm_90")
@@ -263,15 +263,18 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
     forms = {256: served + [(True, specs.ModFlags(alibi=True)),
                             (False, specs.ModFlags(window=True, softcap=True, varlen=True))],
              192: served + [(False, specs.ModFlags(window=True, softcap=True))]}
+    ordered = [(False, specs.NO_MODS), (True, specs.NO_MODS), (True, specs.ModFlags(varlen=True)),
+               (False, specs.ModFlags(softcap=True, sinks=True))]
     smem = {256: 201_728, 192: 197_632}
     work = []
     for d, sets in forms.items():
         for dtype in ("float16", "bfloat16"):
-            for causal, mods in sets:
+            for det, (causal, mods) in [(False, f) for f in sets] + [(True, f) for f in ordered]:
                 spec = specs.with_backward_head_dim_split(
-                    specs.select_backward(facts, dtype, d, causal, False, mods=mods))
+                    specs.select_backward(facts, dtype, d, causal, det, mods=mods))
                 assert spec is not None and spec.source == "flash_bwd_sm90_hsplit.cu", mods
-                assert spec.smem_bytes == smem[d] <= specs.ARCH_SMEM_OPTIN["sm_90"]
+                assert spec.dq_ordered == det and spec.smem_bytes == smem[d]
+                assert spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"]
                 work.append((spec, "sm_90"))
     _assert_compiled_without_spills(work, "head-dim split backward")
     for spec, shapes in ((work[1][0], (b"m64n40k16", b"m64n80k16")),
@@ -291,10 +294,14 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
     for d, causal, mods in declined:
         assert specs.with_backward_head_dim_split(
             specs.select_backward(facts, "bfloat16", d, causal, False, mods=mods)) is None
+    for d, causal, mods in ((256, False, specs.ModFlags(window=True)),  # ordered: no window
+                            (192, False, specs.ModFlags(softcap=True, alibi=True))):
+        assert specs.with_backward_head_dim_split(
+            specs.select_backward(facts, "bfloat16", d, causal, True, mods=mods)) is None
     assert specs.with_backward_head_dim_split(
         specs.select_backward(facts, "bfloat16", 128, False, False)) is None
     assert specs.with_backward_head_dim_split(
-        specs.select_backward(facts, "bfloat16", 256, False, True)) is None  # deterministic
+        specs.select_backward(facts, "float32", 256, False, False)) is None
 
 
 def test_uniform_packed_persistent_specs_compile_without_spills():

@@ -4,7 +4,8 @@ written without a GPU) against the float64 reference (``gpu``): plain, causal (r
 visible key too) and every modifier case of test_gpu_modifiers it serves (the sets where it
 spilled keep the role split), packed sequences, GQA splits of the kv heads, lengths that are
 not multiples of the tiles, seqlen_q != seqlen_k, widths inside a bucket; fp16 and bf16; dq,
-dk and dv. Timed by ``gpu_suite.sh bwd_hsplit``.
+dk and dv; and its deterministic mode (ordered dQ), repeated bit for bit. Timed by
+``gpu_suite.sh bwd_hsplit``.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def _module_specs():
         for dtype in ("float16", "bfloat16"):
             for varlen in (False, True):
                 f = replace(flags, varlen=varlen)
-                out.append(_split(specs.select_backward(facts, dtype, d, case[1], False,
-                                                        mods=f)))
+                for det in (False, True):  # ordered dQ where the split serves it
+                    out.append(_split(specs.select_backward(facts, dtype, d, case[1], det,
+                                                            mods=f)))
                 shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], f)
                 out += gh.shape_specs(shape, facts, config.Config(), forward=True)
     return out
@@ -80,12 +82,13 @@ def hsplit(monkeypatch):
     yield from gh.selector_with_knob(monkeypatch, "select_backward", _split)
 
 
-def _assert_planned(dtype, causal, flags, head_dim=256):
+def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False):
     from cuflash import launch
 
-    picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal, False,
-                                   mods=flags)
+    picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal,
+                                   deterministic, mods=flags)
     assert picked.source == "flash_bwd_sm90_hsplit.cu", picked.name
+    assert picked.dq_ordered == deterministic, picked.name
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
@@ -128,6 +131,46 @@ def test_packed_sequences(hsplit, head_dim, causal):
                             deterministic_modes=(False,))
 
 
+@pytest.mark.parametrize("head_dim", [192, 256])
+@pytest.mark.parametrize("case", PLAIN + [mods_tests.CASES[4], mods_tests.CASES[9]],
+                         ids=lambda c: c[0])
+def test_ordered_dq_repeats_bit_for_bit(hsplit, head_dim, case):
+    """The deterministic mode on the split (ordered dQ: the key tiles that see a query tile
+    add in turn, descending under causal): two calls give the same bits, and they match the
+    reference. 5 key tiles a head at 389 keys; GQA 6 / 2 (no kv-head splits in this mode)."""
+    import cupy
+
+    _assert_planned("bfloat16", case[1], mods_tests._flags(case), head_dim, True)
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, "bfloat16", 203, 389,
+                                                   head_dim=head_dim)
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gmods = mods_tests._on_gpu(mods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+    runs = [cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                       deterministic=True, **gmods) for _ in range(2)]
+    for name, a, b in zip(("dq", "dk", "dv"), *runs):
+        assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)), name
+    o_host = gh.to_host(o, "bfloat16")
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype("bfloat16"), **mods)
+    scale = testing.magnitude(*refs[:3])
+    few = mods_tests._few_keys(203, 389, causal, mods["window"])
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), runs[0], refs, naives):
+        mods_tests._judge(f"{name} [hsplit ordered d{head_dim} {case[0]}]",
+                          gh.to_host(got, "bfloat16"), ref, naive, "bfloat16", scale, few)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ordered_dq_on_packed_sequences(hsplit, causal):
+    _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True), 256, True)
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=256, causal=causal,
+                scale=256 ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"], seed=7 + causal)
+    varlen_tests.check_case(case, f"hsplit ordered varlen causal={causal}",
+                            deterministic_modes=(True,))
+
+
 @pytest.mark.parametrize("head_dim", [176, 240])
 def test_widths_inside_a_bucket(hsplit, head_dim):
     """Columns past head_dim (bucket 192 or 256) are zeros in the tiles and never stored."""
@@ -142,15 +185,15 @@ def test_widths_inside_a_bucket(hsplit, head_dim):
 
 
 def test_declined_sets_keep_the_role_split(hsplit):
-    """Softcap with ALiBi at 256 and causal ALiBi at 192 (they spilled there) and the
-    deterministic mode plan the selected kernels."""
+    """Softcap with ALiBi at 256 and causal ALiBi at 192 (they spilled there), and a window
+    in the deterministic mode, plan the selected kernels."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
     for d, causal, flags, deterministic in ((256, False, specs.ModFlags(softcap=True, alibi=True),
                                              False),
                                             (192, True, specs.ModFlags(alibi=True), False),
-                                            (256, False, specs.NO_MODS, True)):
+                                            (256, False, specs.ModFlags(window=True), True)):
         picked = specs.select_backward(facts, "bfloat16", d, causal, deterministic,
                                        mods=flags)
         assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name

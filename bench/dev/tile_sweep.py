@@ -73,10 +73,13 @@ def candidate_specs(kind, dtype, head_dim, causal, head_dim_v=0):
         out = [KernelSpec(kind="bwd", dtype=dtype, head_dim=bucket, block_m=m, block_n=16 * w,
                           warps=w, stages=s, causal=causal, dq_atomic=True,
                           dchunk=min(bucket, 128)) for w, m, s in BWD_CANDIDATES]
-    if ORDERED and kind == "bwd90":  # each warp-specialized tile again in the deterministic mode
-        # (with this GPU's rotated walk where the selector would give it)
+    if ORDERED and kind == "bwd90":  # each warp-specialized or head-dim split tile again in
+        # the deterministic mode (the former with this GPU's rotated walk where the selector
+        # would give it; the split does not rotate)
         out += [specs.with_ordered_rotation(replace(spec, dq_ordered=True), ORDERED[0])
-                for spec in out if spec.warps == 12]
+                if specs.bwd90_warp_specialized(spec) else replace(spec, dq_ordered=True)
+                for spec in out if specs.bwd90_warp_specialized(spec)
+                or specs.bwd90_head_dim_split(spec)]
     out = [spec.with_knobs(**KNOBS) for spec in out]
     return out + [spec.with_knobs(**variant) for variant in VARIANTS for spec in out]
 
