@@ -1,7 +1,8 @@
 """bench/dev/hsplit_layout_model.py (no GPU): the head-dim split backward's shared-memory
 layouts, descriptors, stmatrix stores and epilogue map give NumPy's products for one block
 at head_dim 256 and 192, with the descriptor reading checked first on the role split's
-measured operands; and swapped stmatrix row addresses are caught."""
+measured operands; ordered dQ's key-tile and query-tile ranges are inverses; and swapped
+stmatrix row addresses are caught."""
 
 from __future__ import annotations
 
@@ -28,3 +29,10 @@ def test_swapped_row_addresses_are_caught(monkeypatch):
     monkeypatch.setattr(model, "stmatrix_trans", swapped)
     with pytest.raises(AssertionError, match="P\\^T in shared memory"):
         model.check_hsplit(256, np.random.default_rng(1))
+
+
+def test_a_turn_range_off_by_one_tile_is_caught(monkeypatch):
+    model.check_turn_ranges(200, 200, 80, 64, False, 30, 10)  # the true ranges pass
+    monkeypatch.setattr(model, "_cdiv", lambda a, b: -(-a // b) + 1)
+    with pytest.raises(AssertionError, match="turns"):
+        model.check_turn_ranges(200, 200, 80, 64, False, 30, 10)

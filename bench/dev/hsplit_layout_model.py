@@ -14,7 +14,10 @@ map. For one block and one query tile, at head_dim 256 (80 keys, 2 warpgroups) a
 keys, 3), S, dP, P^T, dS^T, dV^T, dK^T, dQ and dK must then equal NumPy's. The same model
 first reads the role split's (flash_bwd_sm90.cu, run on GPUs since 2026-12-01) S^T and dQ
 operands, so its reading of the descriptors is the one those kernels were measured with.
-The offsets below are the kernel's, transcribed: keep them in step with the .cu file.
+The offsets below are the kernel's, transcribed: keep them in step with the .cu file. Last,
+ordered dQ's turns: cf_mask.cuh's key-tile range of a query tile and query-tile range of a key
+tile, transcribed, must be each other's inverse for the split's tiles (drawn lengths, causal
+or windowed).
 """
 
 from __future__ import annotations
@@ -208,12 +211,57 @@ def check_hsplit(d: int, rng) -> None:
     assert np.allclose(dk_out, ds.T @ q), f"d{d} dK from store_t's map"
 
 
+# -- ordered dQ's turns: the key tiles a query tile waits for are those that visit it ---------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def check_turn_ranges(seqlen_q, seqlen_k, block_n, block_m, causal, left, right) -> None:
+    """cf_mask.cuh's key_tiles_of (the key tiles OrderedTurns counts for a query tile) and
+    query_tiles_of (the query tiles a key tile's block visits), transcribed: one must be the
+    other's inverse, or a turn would wait for a block that never comes. Window: left, right
+    >= 0 (the host makes an unbounded side the sequence's length)."""
+    local = not causal
+    off = seqlen_k - seqlen_q
+    m_tiles, n_tiles = _cdiv(seqlen_q, block_m), _cdiv(seqlen_k, block_n)
+
+    def key_tiles(m):
+        q0, q_last = m * block_m, min(m * block_m + block_m, seqlen_q) - 1
+        last_key = (q_last + off + 1 if causal else q_last + off + right + 1) - 1
+        end = min(n_tiles, 0 if last_key < 0 else last_key // block_n + 1)
+        begin = min(max(0, q0 + off - left) // block_n, end) if local else 0
+        return begin, end
+
+    def query_tiles(j):
+        n0, n_last = j * block_n, min(j * block_n + block_n, seqlen_k) - 1
+        i_min = n0 - off if causal else n0 - off - right
+        first = m_tiles if i_min >= seqlen_q else (i_min // block_m if i_min > 0 else 0)
+        end = m_tiles
+        if local:
+            end = max(first, _cdiv(min(seqlen_q, max(0, n_last - off + left + 1)), block_m))
+        return first, end
+
+    for m in range(m_tiles):
+        begin, end = key_tiles(m)
+        for j in range(n_tiles):
+            first, last = query_tiles(j)
+            assert (begin <= j < end) == (first <= m < last), (
+                f"turns: query tile {m}, key tile {j} ({seqlen_q}, {seqlen_k}, {block_n} x "
+                f"{block_m}, {'causal' if causal else f'window {left}, {right}'})")
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     check_role_split(rng)
     for d in (256, 192):
         check_hsplit(d, rng)
-    print("role split reads, head-dim split d256 / d192: every product and layout as NumPy's")
+    for _ in range(2000):
+        check_turn_ranges(int(rng.integers(1, 600)), int(rng.integers(1, 600)),
+                          int(rng.choice([80, 96, 128])), 64, bool(rng.integers(2)),
+                          int(rng.integers(0, 300)), int(rng.integers(0, 300)))
+    print("role split reads, head-dim split d256 / d192: every product and layout as NumPy's;"
+          " ordered dQ's key-tile and query-tile ranges are inverses")
     return 0
 
 
