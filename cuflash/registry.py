@@ -44,6 +44,10 @@ class Tile:
     # ("sm_75",): always on sm_75).
     spills_when: tuple[tuple[str, ...], ...] = ()
 
+    def spills(self, context) -> bool:
+        """Whether one of ``spills_when``'s sets lies inside ``context`` (knobs and arch)."""
+        return any(set(context).issuperset(when) for when in self.spills_when)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -91,7 +95,7 @@ class Variant:
         ``deterministic``: only those with a deterministic mode (``ordered_dq``)."""
         context = knobs | {arch}
         return tuple(t for t in self.tiles[bucket]
-                     if not any(context.issuperset(when) for when in t.spills_when)
+                     if not t.spills(context)
                      and not (deterministic and self.ordered_dq
                               and not self.ordered_dq(t, knobs)))
 
@@ -169,9 +173,11 @@ def fwd90_warp_specialized(spec) -> bool:
 
 
 def bwd90_head_dim_split(spec) -> bool:
-    """flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim): 80 keys on two
-    warpgroups at head_dim 256, 96 on three at 192."""
-    return spec.kind == "bwd90" and spec.block_n in (80, 96)
+    """flash_bwd_sm90_hsplit.cu's tiles (BWD90_HSPLIT, the warpgroups split head_dim): 80 keys
+    on two warpgroups at head_dim 256, 96 on three at 192."""
+    tile = BWD90_HSPLIT.get(spec.head_dim)
+    return (spec.kind == "bwd90" and tile is not None
+            and (spec.warps, spec.block_n) == (tile.warps, tile.block_n))
 
 
 def bwd90_warp_specialized(spec) -> bool:
@@ -472,6 +478,18 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
                                 "K, V and two Q, dO stages): H200 bf16 d256 16k 252 TFLOP/s, "
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"
                                 "2026-12-01_h200/session2)"),)}
+
+# flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim; candidates, not in BWD90:
+# not run on a GPU; specs.with_backward_head_dim_split). Spills (255 registers at 256, 168 at
+# 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every combination of window / softcap /
+# ALiBi / packed, causal or not, atomic or "ordered" dQ, fp16 and bf16, 2026-12-05: 4-128 B).
+BWD90_HSPLIT = {
+    256: _also(_t(8, 64, 80, 2, "FlashAttention-3's d256 backward tile (64 x 80, two MMA "
+                                "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi")),
+    192: _also(_t(12, 64, 96, 2, "FlashAttention-3's d192 backward tile (64 x 96, three MMA "
+                                 "warpgroups); 197,632 B"),
+               ("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
+               ("causal", "alibi"), ("causal", "softcap"), ("ordered", "softcap", "alibi"))}
 
 # v's own head_dim (issue #15's pairs, e.g. DeepSeek's (192, 128); specs.select_forward_pair /
 # select_backward_pair): the widths of v a kernel takes as they are (whole 64-column panels),

@@ -20,7 +20,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_PAIR_BUCKETS,  # noqa: F401
+from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
+                       BWD90_PAIR_BUCKETS,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
@@ -393,37 +394,26 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
 
 
 def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
-    """The head_dim 192 / 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tiles (64
-    queries x 96 keys on three warpgroups at 192, x 80 on two at 256, the warpgroups splitting
-    head_dim: FlashAttention-3's tile sizes there); a deterministic ``spec`` (the portable
-    kernels today) becomes its ordered-dQ form. None where that kernel does not serve (other
-    buckets, dropout, block masks, v's own head_dim, float32; a window with ordered dQ), or
-    where it spills (HSPLIT_SPILLS). The role split's knobs (CF_BWD_DQ_FIRST) do not apply.
-    A candidate for tests and tuning runs, not selected."""
-    if (spec.kind not in ("bwd", "bwd90") or spec.dtype == "float32"
-            or spec.head_dim not in (192, 256) or spec.head_dim_v or spec.mods.dropout
-            or spec.mods.block_sparse or (spec.deterministic and spec.mods.window)):
+    """The head_dim 192 / 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tiles
+    (registry.BWD90_HSPLIT: 64 queries x 96 keys on three warpgroups at 192, x 80 on two at
+    256, the warpgroups splitting head_dim); a deterministic ``spec`` (the portable kernels
+    today) becomes its ordered-dQ form. None where that kernel does not serve (other buckets,
+    dropout, block masks, v's own head_dim, float32; a window with ordered dQ), or where the
+    tile spills (its spills_when, with "ordered" for ordered dQ). The role split's knobs
+    (CF_BWD_DQ_FIRST) do not apply. A candidate for tests and tuning runs, not selected."""
+    tile = BWD90_HSPLIT.get(spec.head_dim)
+    if (tile is None or spec.kind not in ("bwd", "bwd90") or spec.dtype == "float32"
+            or spec.head_dim_v or spec.mods.dropout or spec.mods.block_sparse
+            or (spec.deterministic and spec.mods.window)):
         return None
-    context = {n for n in spec.mods.on} | ({"causal"} if spec.causal else set())
-    if spec.deterministic:
-        context.add("ordered")
-    if any(context.issuperset(when) for when in HSPLIT_SPILLS[spec.head_dim]):
+    context = {*spec.mods.on, *(("causal",) if spec.causal else ()),
+               *(("ordered",) if spec.deterministic else ())}
+    if tile.spills(context):
         return None
-    block_n, warps = (80, 8) if spec.head_dim == 256 else (96, 12)
-    return KernelSpec(kind="bwd90", dtype=spec.dtype, head_dim=spec.head_dim, block_m=64,
-                      block_n=block_n, warps=warps, stages=2, causal=spec.causal,
-                      dq_atomic=True, dq_ordered=spec.deterministic, dchunk=spec.head_dim,
-                      mods=spec.mods)
-
-
-# Where flash_bwd_sm90_hsplit.cu spills (at 255 registers at head_dim 256, 168 at 192, its cap
-# at 384 threads; NVRTC 13.0 and 13.5, every combination of window / softcap / ALiBi / packed,
-# causal or not, atomic or ordered dQ, 2026-12-05: 4-128 B): each entry a set of the call's
-# modifiers, "causal" and "ordered", all of which must hold.
-HSPLIT_SPILLS = {256: (("softcap", "alibi"),),
-                 192: (("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
-                       ("causal", "alibi"), ("causal", "softcap"),
-                       ("ordered", "softcap", "alibi"))}
+    return KernelSpec(kind="bwd90", dtype=spec.dtype, head_dim=spec.head_dim,
+                      block_m=tile.block_m, block_n=tile.block_n, warps=tile.warps,
+                      stages=tile.stages, causal=spec.causal, dq_atomic=True,
+                      dq_ordered=spec.deterministic, dchunk=spec.head_dim, mods=spec.mods)
 
 
 # The tensor maps a TMA kernel takes after its other parameters, by knob (launch.py's

@@ -44,9 +44,9 @@
 // this one, under dQ, dK^T and the next tile's S. The host's formula is registry._smem_bwd90.
 //
 // Supported: buckets 192 and 256, 16-bit, causal, windows, softcap, ALiBi, sinks (nothing
-// here: lse2 carries them), packed sequences, GQA splits; some combinations spill
-// (specs.HSPLIT_SPILLS: the host declines them). Not: dropout, block masks (the tiles divide
-// no block size the host accepts), v's own head_dim.
+// here: lse2 carries them), packed sequences, GQA splits; some combinations spill (the
+// host declines them: registry.BWD90_HSPLIT's spills_when). Not: dropout, block masks (the
+// tiles divide no block size the host accepts), v's own head_dim.
 //
 // dQ by float atomics, or with CF_DQ_ORDERED (the deterministic mode; no window, as in
 // flash_bwd_sm90_ws.cu) in a fixed key-tile order: before a query tile's first dQ add, thread

@@ -65,6 +65,25 @@ def _assert_compiled_without_spills(work, what: str) -> None:
     assert not bad, f"{len(bad)} of {len(reports)} {what} kernels:\n" + "\n".join(bad)
 
 
+def _assert_unserialized(spec, arch: str) -> None:
+    """ptxas keeps the spec's wgmma asynchronous: no C7519 ("wgmma.mma_async instructions are
+    serialized") in its log."""
+    from cuflash import compiler
+
+    opts = compiler.nvrtc_options(spec) + [
+        f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
+    log, _ = compiler._nvrtc_compile(spec, arch, opts)
+    assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+
+
+def _sm90a_ptx(spec) -> bytes:
+    from cuflash import compiler
+
+    _, ptx = compiler._nvrtc_compile(spec, "compute_90a", compiler.nvrtc_options(spec) +
+                                     ["--gpu-architecture=compute_90a"], ptx=True)
+    return ptx
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_varlen_specs_compile_without_spills(arch):
     """Every spec the arch selects, compiled for packed sequences (CF_VARLEN: cf_seq.cuh's
@@ -135,8 +154,6 @@ def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
     dropout and block-sparse: zero spills, the shared memory the host computes fits sm_90,
     and ptxas keeps its wgmma asynchronous (no C7519 "wgmma.mma_async instructions are
     serialized")."""
-    from cuflash import compiler
-
     facts = specs.facts_for_arch("sm_90")
     mod_sets = (specs.NO_MODS, specs.ModFlags(softcap=True, alibi=True),
                 specs.ModFlags(window=True), specs.ModFlags(varlen=True),
@@ -154,10 +171,7 @@ def test_overlapped_hopper_forward_compiles_unserialized_without_spills():
     assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
     _assert_compiled_without_spills(work, "overlapped forward")
     for spec, arch in work[:9]:  # the serialization advisory (plain and modified)
-        opts = compiler.nvrtc_options(spec) + [
-            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
-        log, _ = compiler._nvrtc_compile(spec, arch, opts)
-        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+        _assert_unserialized(spec, arch)
 
 
 def test_head_dim_v_pairs_compile_unserialized_without_spills():
@@ -166,8 +180,6 @@ def test_head_dim_v_pairs_compile_unserialized_without_spills():
     plain, causal, with softcap + ALiBi, a window, packed sequences or dropout: zero spills,
     the shared memory fits sm_90, and no C7519 (the backward's warpgroups issue dK and dV
     products of different widths behind a warp-uniform branch)."""
-    from cuflash import compiler
-
     facts = specs.facts_for_arch("sm_90")
     mod_sets = (specs.NO_MODS, specs.ModFlags(softcap=True, alibi=True),
                 specs.ModFlags(window=True), specs.ModFlags(varlen=True),
@@ -185,10 +197,7 @@ def test_head_dim_v_pairs_compile_unserialized_without_spills():
     assert all(spec.smem_bytes <= specs.ARCH_SMEM_OPTIN["sm_90"] for spec, _ in work)
     _assert_compiled_without_spills(work, "head_dim_v pair")
     for spec, arch in work[:4] + [w for w in work if w[0].kind == "bwd90"][:4]:
-        opts = compiler.nvrtc_options(spec) + [
-            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
-        log, _ = compiler._nvrtc_compile(spec, arch, opts)
-        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
+        _assert_unserialized(spec, arch)
 
 
 def test_tma_kernels_compile_unserialized_without_spills():
@@ -198,8 +207,6 @@ def test_tma_kernels_compile_unserialized_without_spills():
     causal, each score modifier, dropout and block masks, the forward's pipeline across
     tiles (CF_FWD_PERSISTENT=2) and its clusters of two (CF_FWD_CLUSTER=2): zero spills, no
     C7519, and the copy instruction is there."""
-    from cuflash import compiler
-
     facts = specs.facts_for_arch("sm_90")
     mod_sets = (specs.NO_MODS, specs.ModFlags(window=True), specs.ModFlags(softcap=True),
                 specs.ModFlags(alibi=True, sinks=True), specs.ModFlags(dropout=True),
@@ -237,13 +244,8 @@ def test_tma_kernels_compile_unserialized_without_spills():
     assert all(spec is not None and specs.loads_with_tma(spec) for spec, _ in work)
     _assert_compiled_without_spills(work, "TMA")
     for spec, arch in work[:2] + [w for w in work if w[0].kind == "bwd90"][:2] + work[-2:]:
-        opts = compiler.nvrtc_options(spec) + [
-            f"--gpu-architecture={specs.compile_arch(spec, arch)}", "--ptxas-options=-v"]
-        log, _ = compiler._nvrtc_compile(spec, arch, opts)
-        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
-        _, ptx = compiler._nvrtc_compile(spec, "compute_90a",
-                                         compiler.nvrtc_options(spec) +
-                                         ["--gpu-architecture=compute_90a"], ptx=True)
+        _assert_unserialized(spec, arch)
+        ptx = _sm90a_ptx(spec)
         assert b"cp.async.bulk.tensor.4d" in ptx and b"cp.async.cg" not in ptx, spec.name
 
 
@@ -252,10 +254,8 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
     candidate, specs.with_backward_head_dim_split): fp16 / bf16 and the modifier sets it
     serves (plain, causal, each modifier, packed sequences, some pairs), atomic and ordered
     dQ, with the shared memory the host computes: zero spills, no C7519, and the kernel's own
-    wgmma shapes in the PTX; the sets it declines (where it spilled, specs.HSPLIT_SPILLS, or
+    wgmma shapes in the PTX; the sets it declines (where it spilled, registry.BWD90_HSPLIT, or
     does not serve) get None."""
-    from cuflash import compiler
-
     facts = specs.facts_for_arch("sm_90")
     served = [(False, specs.NO_MODS), (True, specs.NO_MODS), (False, specs.ModFlags(window=True)),
               (False, specs.ModFlags(softcap=True)), (True, specs.ModFlags(varlen=True)),
@@ -279,12 +279,8 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
     _assert_compiled_without_spills(work, "head-dim split backward")
     for spec, shapes in ((work[1][0], (b"m64n40k16", b"m64n80k16")),
                          (work[-1][0], (b"m64n32k16", b"m64n96k16"))):
-        opts = compiler.nvrtc_options(spec) + [
-            f"--gpu-architecture={specs.compile_arch(spec, 'sm_90')}", "--ptxas-options=-v"]
-        log, _ = compiler._nvrtc_compile(spec, "sm_90", opts)
-        assert "C7519" not in log, f"{spec.name}: {log[-600:]}"
-        _, ptx = compiler._nvrtc_compile(spec, "compute_90a", compiler.nvrtc_options(spec) +
-                                         ["--gpu-architecture=compute_90a"], ptx=True)
+        _assert_unserialized(spec, "sm_90")
+        ptx = _sm90a_ptx(spec)
         assert all(shape in ptx for shape in shapes), spec.name
     declined = [(256, False, specs.ModFlags(softcap=True, alibi=True)),
                 (256, True, specs.ModFlags(softcap=True, alibi=True)),

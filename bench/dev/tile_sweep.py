@@ -41,8 +41,11 @@ BWD90_CANDIDATES = [(8, 64, 2), (8, 128, 2), (12, 64, 2), (12, 128, 2), (12, 64,
 
 
 def _bwd90_fits(warps, block_m, bucket, block_n=0):
-    if block_n in (80, 96):  # flash_bwd_sm90_hsplit.cu
-        return (warps, block_m, bucket, block_n) in ((8, 64, 256, 80), (12, 64, 192, 96))
+    split = specs.BWD90_HSPLIT.get(bucket)  # flash_bwd_sm90_hsplit.cu
+    if split and block_n == split.block_n:
+        return (warps, block_m) == (split.warps, split.block_m)
+    if block_n:
+        return False
     if warps == 12:
         return (bucket, block_m) in ((64, 128), (128, 64))
     return block_m == 64 or bucket == 64

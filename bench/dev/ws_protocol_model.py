@@ -113,6 +113,23 @@ def consumer(me, walk, stages, q_buffers, across, consumers=2):
     return ops
 
 
+def _runnable(agents, pos, waiting, named, bars) -> list[int]:
+    """The agents whose next operation can go now: one past a named barrier whose generation
+    moved on, a wait whose mbarrier phase has the other parity, anything else."""
+    out = []
+    for a, ops in enumerate(agents):
+        if pos[a] >= len(ops):
+            continue
+        op = ops[pos[a]]
+        if a in waiting:
+            nb, gen = waiting[a]
+            if named[nb].generation > gen:
+                out.append(a)
+        elif op[0] != "wait" or (bars[op[1]].phases & 1) != op[2]:
+            out.append(a)
+    return out
+
+
 def run(walk, stages, across, rng):
     q_buffers = 2 if across else 1
     bars = {}
@@ -129,22 +146,7 @@ def run(walk, stages, across, rng):
     pos = [0, 0, 0]
     waiting_sync = {}  # agent -> (barrier, generation it waits to pass)
     while True:
-        runnable = []
-        for a, ops in enumerate(agents):
-            if pos[a] >= len(ops):
-                continue
-            op = ops[pos[a]]
-            if a in waiting_sync:
-                nb, gen = waiting_sync[a]
-                if named[nb].generation > gen:
-                    runnable.append(a)
-                continue
-            if op[0] == "wait":
-                bar = bars[op[1]]
-                if (bar.phases & 1) != op[2]:
-                    runnable.append(a)
-            else:
-                runnable.append(a)
+        runnable = _runnable(agents, pos, waiting_sync, named, bars)
         if not runnable:
             left = [(a, agents[a][pos[a]]) for a in range(3) if pos[a] < len(agents[a])]
             return left
@@ -290,17 +292,7 @@ def run_cluster(n, stages, rng, bug=None):
 
     try:
         while True:
-            runnable = []
-            for a, ops in enumerate(agents):
-                if pos[a] >= len(ops):
-                    continue
-                op = ops[pos[a]]
-                if a in waiting:
-                    nb, gen = waiting[a]
-                    if named[nb].generation > gen:
-                        runnable.append(a)
-                elif op[0] != "wait" or (bars[op[1]].phases & 1) != op[2]:
-                    runnable.append(a)
+            runnable = _runnable(agents, pos, waiting, named, bars)
             choices = runnable + [("land", i) for i in range(len(in_flight))]
             if not choices:
                 left = [(a, agents[a][pos[a]]) for a in range(len(agents))
