@@ -268,7 +268,8 @@ for stage in $stages; do
       # the selected role split (64 keys, CF_BWD_DQ_FIRST), each beside SDPA's flash and cuDNN
       # (BWD_HSPLIT_SEQLENS, default 4096 16384)
       CUFLASH_POISON=1 run_stage bwd_hsplit_tests timeout "${BWD_HSPLIT_TEST_TIMEOUT:-240}" \
-        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_bwd_hsplit.py
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_bwd_hsplit.py
       for tool in memcheck racecheck; do
         run_stage "bwd_hsplit_$tool" timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
           --tool $tool --error-exitcode 1 $PY -m pytest -m gpu -q -x -p no:cacheprovider \
