@@ -99,7 +99,10 @@ def representative_work() -> list[tuple[KernelSpec, str]]:
                                  (256, True, True, specs.ModFlags(varlen=True)),
                                  (192, False, False, specs.ModFlags(window=True, softcap=True))):
         # the head_dim 192 / 256 backward's head-dim split (flash_bwd_sm90_hsplit.cu), atomic
-        # and ordered dQ
-        work.append((specs.with_backward_head_dim_split(specs.select_backward(
-            facts, "float16", d, causal, det, mods=mods)), "sm_90"))
+        # and ordered dQ, and dQ by bulk reduce-adds
+        split = specs.with_backward_head_dim_split(specs.select_backward(
+            facts, "float16", d, causal, det, mods=mods))
+        work.append((split, "sm_90"))
+        if not det:
+            work.append((specs.with_bulk_dq(split, facts), "sm_90"))
     return work

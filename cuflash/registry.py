@@ -130,8 +130,9 @@ def _smem_bwd90(s) -> int:
     buffers and the mbarriers."""
     m, n, d, st = s.block_m, s.block_n, s.head_dim, s.stages
     if bwd90_head_dim_split(s):  # K, V; 2 Q stages, dO stages (256: 1, 192: 2); P^T, dS^T;
-        do_stages = 1 if d == 256 else 2  # lse2, delta
-        return (2 * n * d + (2 + do_stages) * m * d + 2 * n * m) * 2 + 2 * 2 * m * 4
+        do_stages = 1 if d == 256 else 2  # lse2, delta; bulk dQ: half a piece a warpgroup
+        return ((2 * n * d + (2 + do_stages) * m * d + 2 * n * m) * 2 + 2 * 2 * m * 4
+                + (s.warps // 4 * 64 * 32 * 4 if s.dq_tiled else 0))
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
         pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
         return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
@@ -482,14 +483,16 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
 # flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim; candidates, not in BWD90:
 # not run on a GPU; specs.with_backward_head_dim_split). Spills (255 registers at 256, 168 at
 # 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every combination of window / softcap /
-# ALiBi / packed, causal or not, atomic or "ordered" dQ, fp16 and bf16, 2026-12-05: 4-128 B).
+# ALiBi / packed, causal or not, atomic or "ordered" dQ, fp16 and bf16, 2026-12-05: 4-128 B;
+# "bulk": dQ by bulk reduce-adds, CF_DQ_BULK, 4 B).
 BWD90_HSPLIT = {
     256: _also(_t(8, 64, 80, 2, "FlashAttention-3's d256 backward tile (64 x 80, two MMA "
                                 "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi")),
     192: _also(_t(12, 64, 96, 2, "FlashAttention-3's d192 backward tile (64 x 96, three MMA "
                                  "warpgroups); 197,632 B"),
                ("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
-               ("causal", "alibi"), ("causal", "softcap"), ("ordered", "softcap", "alibi"))}
+               ("causal", "alibi"), ("causal", "softcap"), ("ordered", "softcap", "alibi"),
+               ("bulk", "window", "varlen"))}
 
 # v's own head_dim (issue #15's pairs, e.g. DeepSeek's (192, 128); specs.select_forward_pair /
 # select_backward_pair): the widths of v a kernel takes as they are (whole 64-column panels),

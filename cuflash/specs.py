@@ -521,10 +521,17 @@ def with_dq_first(spec: KernelSpec) -> KernelSpec:
 
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
-    has them and its two 16 KB dQ pieces fit ``facts``' shared memory: the warp-specialized
-    Hopper backward, atomic or ordered (fixed or packed lengths; ordered: the turn agent
-    issues the adds in turn)."""
-    if spec.kind != "bwd90" or not bwd90_warp_specialized(spec) or not spec.dq_atomic:
+    has them and its staging fits ``facts``' shared memory: the warp-specialized Hopper
+    backward, atomic or ordered (fixed or packed lengths; ordered: the turn agent issues the
+    adds in turn), two 16 KB dQ pieces; the head-dim split's atomic mode (a candidate), half a
+    piece a warpgroup."""
+    if spec.kind != "bwd90" or not spec.dq_atomic:
+        return spec
+    if bwd90_head_dim_split(spec):
+        context = {"bulk", *spec.mods.on, *(("causal",) if spec.causal else ())}
+        if spec.dq_ordered or BWD90_HSPLIT[spec.head_dim].spills(context):
+            return spec
+    elif not bwd90_warp_specialized(spec):
         return spec
     bulk = spec.with_knobs(CF_DQ_BULK=1)
     return bulk if bulk.smem_bytes <= facts.smem_optin else spec

@@ -39,7 +39,8 @@
 //   sP, sdS       kBN x 64 each (P^T, dS^T)
 //   sLse, sDelta  2 stages x 64 floats each
 //   SMEM = (2 kBN D + (2 + kDoStages) 64 D + 2 kBN 64) 2 + 2 x 2 x 64 x 4: 201,728 bytes at
-//   256 (two dO stages would need 234,496; the device allows 232,448), 197,632 at 192
+//   256 (two dO stages would need 234,496; the device allows 232,448), 197,632 at 192;
+//   CF_DQ_BULK adds kWgs x 8 KB (218,112 / 222,208)
 // With one dO stage the next tile's dO is loaded once every warpgroup's dV^T product has read
 // this one, under dQ, dK^T and the next tile's S. The host's formula is registry._smem_bwd90.
 //
@@ -54,6 +55,13 @@
 // OrderedTurns: ascending key tiles, or descending under causal, where the blocks then start
 // with the last key tile), the block adds all its panels, and thread 0 passes the turn on
 // after a fence. A block waits only for blocks of its head that started before it.
+//
+// dQ by bulk reduce-adds (CF_DQ_BULK, atomic mode only; specs.with_bulk_dq): each warpgroup
+// stages half of a dQ panel (64 rows x 32 columns, 8 KB at the end of shared memory; a whole
+// 16 KB piece a warpgroup would not fit at 256) in the tiled accumulator's order (cf_common.cuh's
+// dq_piece_index, where that half is contiguous) and its leader adds it with one
+// cp.reduce.async.bulk, in place of 16 red.global.add.v2 a thread a panel; the staging is
+// reused once the leader's previous add has read it. The convert applies softmax_scale.
 //
 // First written 2026-12-05 without a GPU: compiled (NVRTC 13.0 and 13.5, sm_90a), never run.
 // Registers: 242-255 at 256, 164-168 at 192. P^T and dS^T leave the registers by stmatrix
@@ -89,6 +97,10 @@ static_assert(!CF_DROPOUT && !CF_BLOCK_SPARSE, "no dropout, no block masks (head
 #define CF_DQ_ORDERED 0
 #endif
 static_assert(!(CF_DQ_ORDERED && CF_LOCAL), "ordered dQ: no window (as flash_bwd_sm90_ws.cu)");
+#ifndef CF_DQ_BULK
+#define CF_DQ_BULK 0
+#endif
+static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ adds: the atomic mode only");
 
 namespace hsplit {
 enum : int {
@@ -109,12 +121,28 @@ enum : int {
   kTileQ = kBM * kD * 2,   // bytes of one Q (dO) stage
   kTileK = kBN * kD * 2,   // bytes of K (V)
   kTileP = kBN * kBM * 2,  // bytes of P^T (dS^T)
-  kSmemBytes = (2 * kTileK + (2 + kDoStages) * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4,
+  kHalfPiece = kDqPieceBytes / 2,  // CF_DQ_BULK: a warpgroup's staging, 32 columns of a piece
+  kSmemBytes = (2 * kTileK + (2 + kDoStages) * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4 +
+               (CF_DQ_BULK ? kWgs * kHalfPiece : 0),
 };
 static_assert(kPanels * kWgs * 64 == kD && kWgKeys % 8 == 0, "whole panels, 8-key n-tiles");
 
 __device__ __forceinline__ void red_add1(float* p, float x) {
   asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
+}
+
+// CF_DQ_BULK: half hf (columns 32 hf .. 32 hf + 31) of this thread's m64n64 dQ result into the
+// warpgroup's staging at shared address `buf`, in cf_common.cuh's piece order, where that half
+// of a piece is contiguous (n-tiles 4 hf .. 4 hf + 3: stage_dq_piece's first or second 8 KB).
+__device__ __forceinline__ void stage_dq_half(const float (&dq)[8][4], cf_u32 buf, int hf,
+                                              int wg_warp, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(
+                     buf + (cf_u32)(((j * 4 + wg_warp) * 32 + lane) * 16)),
+                 "f"(dq[4 * hf + j][0]), "f"(dq[4 * hf + j][1]), "f"(dq[4 * hf + j][2]),
+                 "f"(dq[4 * hf + j][3])
+                 : "memory");
 }
 
 // The S, dP product of this warpgroup's keys (m64n40 or m64n32).
@@ -411,7 +439,32 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
 
     // -- dV^T += dO^T P (group 1), dQ's first panel (group 2), dK^T += Q^T dS (group 3), then
     // the other panel (head_dim 256)
-    float* dq_head = dq_accum + (opaque_seq().row_q() * heads + h) * head_dim;
+    // dQ panel `panel` (64 columns) of this tile into dq_accum: float atomics (times
+    // softmax_scale), or (CF_DQ_BULK) staged 32 columns at a time and added by the
+    // warpgroup's leader with one bulk reduce-add each into the tiled accumulator (unscaled:
+    // the convert scales), after its previous add has read the staging
+    auto add_dq_panel = [&](const float (&dq)[8][4], int panel) {
+      if constexpr (CF_DQ_BULK) {
+        const bool leader = (tid & 127) == 0;
+        float* dst = opaque_seq().dq_piece(dq_accum, h, m0, 64 * panel, max_seqlen_q, kD);
+        const cf_u32 buf = sdS_sa + kTileP + 2 * 2 * kBM * 4 + wg * kHalfPiece;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          if (leader) bulk_wait_read_all();
+          named_bar_sync(1 + wg, 128);  // the staging is free
+          stage_dq_half(dq, buf, hf, warp & 3, lane);
+          fence_proxy_async();  // the stores, for the bulk copy's (async proxy) reads
+          named_bar_sync(1 + wg, 128);
+          if (leader) {
+            bulk_reduce_add_f32(dst + hf * (kHalfPiece / 4), buf, kHalfPiece);
+            bulk_commit();
+          }
+        }
+      } else {
+        add_dq(dq, dq_accum + (opaque_seq().row_q() * heads + h) * head_dim, m0 + row,
+               64 * panel, tig, seqlen_q, heads, head_dim, softmax_scale);
+      }
+    };
     float dq[8][4];
     wgmma_fence();
     issue_dkv_t(dvt, sdO_sa, sP_sa, wg);
@@ -435,16 +488,14 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       if (tid == 0) wait_for_turn(sem, turn);
       __syncthreads();
     }
-    add_dq(dq, dq_head, m0 + row, 64 * kPanels * wg, tig, seqlen_q, heads, head_dim,
-           softmax_scale);
+    add_dq_panel(dq, kPanels * wg);
 #pragma unroll
     for (int c = 1; c < kPanels; ++c) {
       wgmma_fence();
       issue_dq(dq, sdS_sa, sK_sa, kPanels * wg + c);
       wgmma_wait<0>();
       wgmma_fence_regs(dq);
-      add_dq(dq, dq_head, m0 + row, 64 * (kPanels * wg + c), tig, seqlen_q, heads, head_dim,
-             softmax_scale);
+      add_dq_panel(dq, kPanels * wg + c);
     }
     if constexpr (CF_DQ_ORDERED) {
       __syncthreads();  // every thread's adds, before the leader's fence
@@ -459,6 +510,7 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     t_cur = t_next;
   }
   cp_async_wait<0>();
+  if (CF_DQ_BULK && (tid & 127) == 0) bulk_wait_all();  // performed before the block ends
 
   // -- dK (times softmax_scale) and dV: written, or a split's share added to the accumulators
   const int heads_kv = heads / heads_per_kv;

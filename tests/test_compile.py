@@ -290,6 +290,35 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
     for d, causal, mods in declined:
         assert specs.with_backward_head_dim_split(
             specs.select_backward(facts, "bfloat16", d, causal, False, mods=mods)) is None
+
+
+def test_head_dim_split_bulk_dq_compiles_without_spills():
+    """The head-dim split with dQ by bulk reduce-adds (CF_DQ_BULK through specs.with_bulk_dq,
+    a candidate): half a 16 KB piece of staging a warpgroup on top of the shared memory, zero
+    spills, no C7519, the bulk reduce-add in the PTX in place of dQ's vector atomics (dK / dV's
+    are scalar); the ordered mode and the set where it spilled keep the atomic adds."""
+    facts = specs.facts_for_arch("sm_90")
+    sets = [(False, specs.NO_MODS), (True, specs.NO_MODS), (True, specs.ModFlags(varlen=True)),
+            (False, specs.ModFlags(softcap=True)), (False, specs.ModFlags(window=True))]
+    smem = {256: 201_728 + 2 * 8192, 192: 197_632 + 3 * 8192}
+    work = []
+    for d in (256, 192):
+        for dtype, (causal, mods) in zip(("bfloat16", "float16") * 3, sets):
+            base = specs.with_backward_head_dim_split(
+                specs.select_backward(facts, dtype, d, causal, False, mods=mods))
+            spec = specs.with_bulk_dq(base, facts)
+            assert spec.dq_tiled and spec.smem_bytes == smem[d], spec.name
+            work.append((spec, "sm_90"))
+    _assert_compiled_without_spills(work, "head-dim split backward, bulk dQ")
+    _assert_unserialized(work[0][0], "sm_90")
+    ptx = _sm90a_ptx(work[0][0])
+    assert b"cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in ptx
+    assert b"red.global.add.v2.f32" not in ptx
+    for d, det, mods in ((256, True, specs.NO_MODS),
+                         (192, False, specs.ModFlags(window=True, varlen=True))):
+        base = specs.with_backward_head_dim_split(
+            specs.select_backward(facts, "bfloat16", d, False, det, mods=mods))
+        assert not specs.with_bulk_dq(base, facts).dq_tiled, base.name
     for d, causal, mods in ((256, False, specs.ModFlags(window=True)),  # ordered: no window
                             (192, False, specs.ModFlags(softcap=True, alibi=True))):
         assert specs.with_backward_head_dim_split(

@@ -4,8 +4,8 @@ written without a GPU) against the float64 reference (``gpu``): plain, causal (r
 visible key too) and every modifier case of test_gpu_modifiers it serves (the sets where it
 spilled keep the role split), packed sequences, GQA splits of the kv heads, lengths that are
 not multiples of the tiles, seqlen_q != seqlen_k, widths inside a bucket; fp16 and bf16; dq,
-dk and dv; and its deterministic mode (ordered dQ), repeated bit for bit. Timed by
-``gpu_suite.sh bwd_hsplit``.
+dk and dv; its deterministic mode (ordered dQ), repeated bit for bit; and dQ by bulk
+reduce-adds (CF_DQ_BULK, specs.with_bulk_dq). Timed by ``gpu_suite.sh bwd_hsplit``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ def _split(spec):
     return specs.with_backward_head_dim_split(spec) or spec
 
 
+def _split_bulk(spec):
+    from cuflash import launch
+
+    return specs.with_bulk_dq(_split(spec), launch.device_facts(0))
+
+
+BULK_CASES = PLAIN + [mods_tests.CASES[4], mods_tests.CASES[9]]
+
+
 def _module_specs():
     from cuflash import config, launch
 
@@ -65,6 +74,9 @@ def _module_specs():
                 for det in (False, True):  # ordered dQ where the split serves it
                     out.append(_split(specs.select_backward(facts, dtype, d, case[1], det,
                                                             mods=f)))
+                if case in BULK_CASES:
+                    out.append(_split_bulk(specs.select_backward(facts, dtype, d, case[1],
+                                                                 False, mods=f)))
                 shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], f)
                 out += gh.shape_specs(shape, facts, config.Config(), forward=True)
     return out
@@ -82,26 +94,33 @@ def hsplit(monkeypatch):
     yield from gh.selector_with_knob(monkeypatch, "select_backward", _split)
 
 
-def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False):
+@pytest.fixture
+def hsplit_bulk(monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper backward's tile")
+    yield from gh.selector_with_knob(monkeypatch, "select_backward", _split_bulk)
+
+
+def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False, bulk=False):
     from cuflash import launch
 
     picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal,
                                    deterministic, mods=flags)
     assert picked.source == "flash_bwd_sm90_hsplit.cu", picked.name
     assert picked.dq_ordered == deterministic, picked.name
+    assert picked.dq_tiled == bulk, picked.name
 
 
-@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
-@pytest.mark.parametrize("head_dim, case", PARAMS, ids=[f"d{d}-{c[0]}" for d, c in PARAMS])
-def test_backward_matches_reference(hsplit, head_dim, case, seqlen_q, seqlen_k):
+def _check_against_reference(head_dim, case, seqlen_q, seqlen_k, label):
     """Batch 2, 6 query heads on 2 kv heads (the plan may split a group's heads over blocks,
     which then add into the float32 dK / dV accumulators); fp16 in a third of the cases."""
     dtype = "bfloat16" if (seqlen_q + len(case[0])) % 3 else "float16"
-    _assert_planned(dtype, case[1], mods_tests._flags(case), head_dim)
     rng = gh.rng_for()
     q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
                                                    head_dim=head_dim)
-    label = f"hsplit {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    label = f"{label} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
     gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
     gmods = mods_tests._on_gpu(mods)
     o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
@@ -115,6 +134,35 @@ def test_backward_matches_reference(hsplit, head_dim, case, seqlen_q, seqlen_k):
     for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
         mods_tests._judge(f"{name} [{label}]", gh.to_host(got, dtype), ref, naive, dtype,
                           scale, few)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim, case", PARAMS, ids=[f"d{d}-{c[0]}" for d, c in PARAMS])
+def test_backward_matches_reference(hsplit, head_dim, case, seqlen_q, seqlen_k):
+    _assert_planned("bfloat16", case[1], mods_tests._flags(case), head_dim)
+    _check_against_reference(head_dim, case, seqlen_q, seqlen_k, "hsplit")
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", [256, 192])
+@pytest.mark.parametrize("case", BULK_CASES, ids=lambda c: c[0])
+def test_bulk_dq_matches_reference(hsplit_bulk, head_dim, case, seqlen_q, seqlen_k):
+    """dQ staged 32 columns at a time and added by one bulk reduce-add (the tiled
+    accumulator, scaled by the convert): tails of the query tile (rows past seqlen_q collect
+    in the piece, never read), several key tiles, GQA splits."""
+    _assert_planned("bfloat16", case[1], mods_tests._flags(case), head_dim, bulk=True)
+    _check_against_reference(head_dim, case, seqlen_q, seqlen_k, "hsplit bulk")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bulk_dq_on_packed_sequences(hsplit_bulk, causal):
+    """Packed sequences place their pieces by cf_seq.cuh's dq_piece (a sequence's rows start a
+    piece row of their own)."""
+    _assert_planned("bfloat16", causal, specs.ModFlags(varlen=True), 256, bulk=True)
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=256, causal=causal,
+                scale=256 ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"], seed=11 + causal)
+    varlen_tests.check_case(case, f"hsplit bulk varlen causal={causal}",
+                            deterministic_modes=(False,))
 
 
 @pytest.mark.parametrize("head_dim", [176, 192, 240, 256])
