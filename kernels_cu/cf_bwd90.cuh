@@ -115,7 +115,22 @@ __device__ __forceinline__ void add_dq(const float (&dq)[8][4], float* dq_head, 
 
 // -- dQ by bulk reduce-adds (flash_bwd_sm90_ws.cu with CF_DQ_BULK; the layout: cf_common.cuh's
 // dq_piece_index) ---------------------------------------------------------------------------
+// Half hf (columns 32 hf .. 32 hf + 31: n-tiles 4 hf .. 4 hf + 3, contiguous in the piece
+// order) of this thread's m64n64 result into 8 KB at shared address `half` (`warp`: within
+// the warpgroup).
+__device__ __forceinline__ void stage_dq_half(const float (&dq)[8][4], cf_u32 half, int hf,
+                                              int warp, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(
+                     half + (cf_u32)(((j * 4 + warp) * 32 + lane) * 16)),
+                 "f"(dq[4 * hf + j][0]), "f"(dq[4 * hf + j][1]), "f"(dq[4 * hf + j][2]),
+                 "f"(dq[4 * hf + j][3])
+                 : "memory");
+}
 // This thread's 32 values of the m64n64 result into the piece at shared address `piece`.
+// (Not two stage_dq_half: in flash_bwd_sm90_ws.cu these offsets fold into immediates, which
+// they did not through the halves: more adds in the PTX of the selected kernel.)
 __device__ __forceinline__ void stage_dq_piece(const float (&dq)[8][4], cf_u32 piece, int warp,
                                                int lane) {
 #pragma unroll

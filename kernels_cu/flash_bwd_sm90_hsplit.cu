@@ -131,20 +131,6 @@ __device__ __forceinline__ void red_add1(float* p, float x) {
   asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(x) : "memory");
 }
 
-// CF_DQ_BULK: half hf (columns 32 hf .. 32 hf + 31) of this thread's m64n64 dQ result into the
-// warpgroup's staging at shared address `buf`, in cf_common.cuh's piece order, where that half
-// of a piece is contiguous (n-tiles 4 hf .. 4 hf + 3: stage_dq_piece's first or second 8 KB).
-__device__ __forceinline__ void stage_dq_half(const float (&dq)[8][4], cf_u32 buf, int hf,
-                                              int wg_warp, int lane) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(
-                     buf + (cf_u32)(((j * 4 + wg_warp) * 32 + lane) * 16)),
-                 "f"(dq[4 * hf + j][0]), "f"(dq[4 * hf + j][1]), "f"(dq[4 * hf + j][2]),
-                 "f"(dq[4 * hf + j][3])
-                 : "memory");
-}
-
 // The S, dP product of this warpgroup's keys (m64n40 or m64n32).
 template <int T>
 __device__ __forceinline__ void wgmma_scores(float (&d)[T][4], cf_u64 desc_a, cf_u64 desc_b,
