@@ -122,8 +122,8 @@ enum : int {
   kTileK = kBN * kD * 2,   // bytes of K (V)
   kTileP = kBN * kBM * 2,  // bytes of P^T (dS^T)
   kHalfPiece = kDqPieceBytes / 2,  // CF_DQ_BULK: a warpgroup's staging, 32 columns of a piece
-  kSmemBytes = (2 * kTileK + (2 + kDoStages) * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4 +
-               (CF_DQ_BULK ? kWgs * kHalfPiece : 0),
+  kOffStaging = (2 * kTileK + (2 + kDoStages) * kTileQ + 2 * kTileP) + 2 * 2 * kBM * 4,
+  kSmemBytes = kOffStaging + (CF_DQ_BULK ? kWgs * kHalfPiece : 0),
 };
 static_assert(kPanels * kWgs * 64 == kD && kWgKeys % 8 == 0, "whole panels, 8-key n-tiles");
 
@@ -433,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       if constexpr (CF_DQ_BULK) {
         const bool leader = (tid & 127) == 0;
         float* dst = opaque_seq().dq_piece(dq_accum, h, m0, 64 * panel, max_seqlen_q, kD);
-        const cf_u32 buf = sdS_sa + kTileP + 2 * 2 * kBM * 4 + wg * kHalfPiece;
+        const cf_u32 buf = base + kOffStaging + wg * kHalfPiece;
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           if (leader) bulk_wait_read_all();
