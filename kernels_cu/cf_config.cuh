@@ -62,6 +62,10 @@
 #define CF_EXP2_FMA 0  // forward softmax: of every 8 scores a lane holds per row, this many
                        // take fma_exp2 (FMA pipe) instead of the SFU's ex2 (cf_fwd.cuh)
 #endif
+#ifndef CF_ALIBI_ABS_ONLY
+#define CF_ALIBI_ABS_ONLY 0  // 1: the 16-bit forwards take ALiBi's |distance| form on every
+                             // tile, no row offsets (cf_mask.cuh's modify_s; an A/B knob)
+#endif
 
 #ifndef CF_SOURCE_HASH
 #define CF_SOURCE_HASH 0  // hash of kernels_cu/: a cache key only, no code reads it

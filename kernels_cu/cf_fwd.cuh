@@ -307,11 +307,14 @@ struct FwdQueryTile {
   // The raw scores of key tile j (C layout): modified, then masked where needed. rows: the
   // caller's RowBounds(mask, row0), kept out of this struct: its arrays, indexed in loops not
   // yet unrolled, would keep the whole struct in memory until late and change the code.
+  // Returns the rows' offsets (RowOffsets), for softmax_rows.
   template <int NT>
-  __device__ __forceinline__ void modify_and_mask(float (&s)[NT][4], int j,
-                                                  const RowBounds& rows) const {
-    modify_s(s, mods, row0, j * BLOCK_N + 2 * tig);
+  __device__ __forceinline__ RowOffsets modify_and_mask(float (&s)[NT][4], int j,
+                                                        const RowBounds& rows) const {
+    const RowOffsets off = modify_s(s, mods, row0, j * BLOCK_N + 2 * tig);
     if (needs_mask(j)) mask_s(s, j * BLOCK_N + 2 * tig, rows);
+    // a literal without ALiBi: the PTX of those kernels stays as measured
+    return CF_ALIBI ? off : RowOffsets{{0.f, 0.f}};
   }
 };
 
@@ -343,30 +346,35 @@ __device__ __forceinline__ void init_rows(float (&acc)[DT][4], float (&m_i)[2], 
 // fma_exp2 (FMA pipe) instead of the SFU's ex2 (cf_common.cuh says when that pays).
 //
 // softmax_rows: the row update, in place (S becomes P); returns the rescale factors in alpha.
+// With ALiBi the scores are s + off.v[r] (modify_s): the offset joins this lane's row max
+// before the quad's max, and the exponent's FFMA as its addend, off * scale_log2 - base.
 template <int NT>
 __device__ __forceinline__ void softmax_rows(float (&s)[NT][4], float (&m_i)[2], float (&l_i)[2],
-                                             float (&alpha)[2], float scale_log2) {
+                                             float (&alpha)[2], float scale_log2,
+                                             const RowOffsets& off) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = -CF_INF;
 #pragma unroll
     for (int t = 0; t < NT; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+    if (CF_ALIBI) mx += off.v[r];  // -inf stays -inf
     const float m_new = fmaxf(m_i[r], quad_max(mx) * scale_log2);
     const float base = (m_new == -CF_INF) ? 0.f : m_new;
     alpha[r] = fast_exp2(m_i[r] - base);  // 0 when m_i was -inf
     m_i[r] = m_new;
+    const float shift = CF_ALIBI ? fmaf(off.v[r], scale_log2, -base) : -base;
     float sum = 0.f;
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #if CF_EXP2_FMA  // (its own loop: the measured kernels' PTX stays as it was)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const float x = fmaf(s[t][2 * r + c], scale_log2, -base);
+        const float x = fmaf(s[t][2 * r + c], scale_log2, shift);
         s[t][2 * r + c] = ((t % 4) * 2 + c < CF_EXP2_FMA) ? fma_exp2(x) : fast_exp2(x);
       }
 #else
-      s[t][2 * r] = fast_exp2(fmaf(s[t][2 * r], scale_log2, -base));
-      s[t][2 * r + 1] = fast_exp2(fmaf(s[t][2 * r + 1], scale_log2, -base));
+      s[t][2 * r] = fast_exp2(fmaf(s[t][2 * r], scale_log2, shift));
+      s[t][2 * r + 1] = fast_exp2(fmaf(s[t][2 * r + 1], scale_log2, shift));
 #endif
       sum += s[t][2 * r] + s[t][2 * r + 1];
     }
@@ -389,9 +397,9 @@ __device__ __forceinline__ void rescale_acc(float (&acc)[DT][4], const float (&a
 template <int NT, int DT>
 __device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_i)[2],
                                                float (&l_i)[2], float (&acc)[DT][4],
-                                               float scale_log2) {
+                                               float scale_log2, const RowOffsets& off) {
   float alpha[2];
-  softmax_rows(s, m_i, l_i, alpha, scale_log2);
+  softmax_rows(s, m_i, l_i, alpha, scale_log2, off);
   rescale_acc(acc, alpha);
 }
 

@@ -426,15 +426,8 @@ struct ScoreMods {
     float t;
     return apply(s, i, j, t);
   }
-  // The same at float positions q_pos = i + off and key = j (exact below 2^24): ALiBi's distance
-  // by a float subtract, with no int-to-float conversion (a quarter-rate op) per score. An H200
-  // d128 4k causal forward went from 1.16x to 1.12x plain with it; the rest of ALiBi's cost
-  // is elsewhere.
-  __device__ __forceinline__ float apply_at(float s, float q_pos, float key) const {
-    if (CF_SOFTCAP) s = cap * cf_tanh(s * inv_cap);
-    if (CF_ALIBI) s -= slope * fabsf(q_pos - key);
-    return s;
-  }
+  // Softcap alone (modify_s adds ALiBi itself).
+  __device__ __forceinline__ float capped(float s) const { return cap * cf_tanh(s * inv_cap); }
 };
 
 // Softcap's derivative factor for dS: 1 - tanh^2 (1 without softcap).
@@ -442,17 +435,53 @@ __device__ __forceinline__ float softcap_grad(float tanh_s) {
   return CF_SOFTCAP ? 1.f - tanh_s * tanh_s : 1.f;
 }
 
-// Score modifiers on a C-layout S tile (see mask_s).
+// A lane's offsets of a modified tile's rows: element e of n-tile t scores s[t][e] + v[e >> 1]
+// (modify_s moves ALiBi's per-row term here; 0 without ALiBi). The softmax adds them to the
+// row maxima and folds them into its exponent's FFMA, so they cost nothing a score.
+struct RowOffsets {
+  float v[2];
+};
+
+// Score modifiers on a C-layout S tile (see mask_s). ALiBi: the distance i + off - j of
+// element (t, e) is dist0 + 8 (e >> 1) - 8 t - (e & 1), dist0 this lane's (t, e) = (0, 0).
+// When every one of the lane's keys lies on one side of its rows' diagonal (all but the tiles
+// near it), |d| = sign (dist0 + 8 r) - sign (8 t + (e & 1)): the row's term goes to the row
+// offsets and the key's is one FFMA a score with an immediate. Near the diagonal, the
+// distance by one float add (integers, exact below 2^24) and |.| as an operand modifier: two
+// ops a score, where the float positions of before took 2.5 and int-to-float conversions
+// (a quarter-rate op) a score before them (an H200 d128 4k causal forward: 1.16x -> 1.12x
+// plain with float positions).
 template <int NT>
-__device__ __forceinline__ void modify_s(float (&s)[NT][4], const ScoreMods& mods, int row0,
-                                         int key0) {
-  if (!CF_SCORE_MODS) return;
-  const float q_pos = (float)(row0 + mods.off), key = (float)key0;  // two conversions per tile
+__device__ __forceinline__ RowOffsets modify_s(float (&s)[NT][4], const ScoreMods& mods, int row0,
+                                               int key0) {
+  RowOffsets off{{0.f, 0.f}};
+  if (!CF_SCORE_MODS) return off;
+  if (CF_SOFTCAP) {
 #pragma unroll
-  for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      s[t][e] = mods.apply_at(s[t][e], q_pos + 8.f * (e >> 1), key + (8.f * t + (e & 1)));
+      for (int e = 0; e < 4; ++e) s[t][e] = mods.capped(s[t][e]);
+  }
+  if (CF_ALIBI) {
+    const int dist0 = row0 + mods.off - key0;
+    if (!CF_ALIBI_ABS_ONLY && (dist0 >= 8 * (NT - 1) + 1 || dist0 <= -8)) {  // one side
+      const float signed_slope = dist0 > 0 ? mods.slope : -mods.slope;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[t][e] = fmaf(signed_slope, 8.f * t + (e & 1), s[t][e]);
+#pragma unroll
+      for (int r = 0; r < 2; ++r) off.v[r] = -signed_slope * (float)(dist0 + 8 * r);
+    } else {
+      const float d0 = (float)dist0;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          s[t][e] -= mods.slope * fabsf(d0 + (8.f * (e >> 1) - 8.f * t - (e & 1)));
+    }
+  }
+  return off;
 }
 
 // -- attention sinks (forward epilogue) --------------------------------------------------------

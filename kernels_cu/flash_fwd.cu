@@ -180,8 +180,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, CF_FWD_MIN_BLOCKS)
     // -- S = Q K(j)^T, modified, masked, then P = exp2(S * scale_log2 - m_new)
     float s[kNT][4];
     warp_qk<kNT, kKSteps, kQInRegs>(s, qf, q_band_sa, k_cur, lane_qv, lane_k);
-    tile.modify_and_mask(s, j, rows);
-    online_softmax(s, m_i, l_i, acc, scale_log2);
+    const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
+    online_softmax(s, m_i, l_i, acc, scale_log2, row_off);
     drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     if (CF_STAGES == 1) {

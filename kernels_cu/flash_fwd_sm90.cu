@@ -219,9 +219,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
       wgmma_fence_regs(s);
       release(k_empty(it));
-      tile.modify_and_mask(s, j, rows);
+      const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
       float alpha[2];
-      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);
       wgmma_wait<0>();  // the P V landed: acc holds it
       wgmma_fence_regs(acc);
       if (it > 0) release(v_empty(it - 1));
@@ -277,9 +277,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (CF_FWD_OVERLAP == 2) load_next(0, next);
       wgmma_wait<0>();
       wgmma_fence_regs(s);
-      tile.modify_and_mask(s, j, rows);
+      const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
       float alpha[2];  // acc is still zero: no rescale
-      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);
       drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
       sm90_pack_p<CF_BLOCK_N>(p_prev, s);
       j = next;
@@ -297,9 +297,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (CF_FWD_OVERLAP == 2) load_next(it, next);
       wgmma_wait<1>();  // S landed; tile it - 1's P V may still run
       wgmma_fence_regs(s);
-      tile.modify_and_mask(s, j, rows);
+      const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
       float alpha[2];
-      softmax_rows(s, m_i, l_i, alpha, scale_log2);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);
       wgmma_wait<0>();  // the P V landed: acc holds it
       wgmma_fence_regs(acc);
       rescale_acc(acc, alpha);
@@ -339,8 +339,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     wgmma_wait<0>();
     wgmma_fence_regs(s);
 
-    tile.modify_and_mask(s, j, rows);
-    online_softmax(s, m_i, l_i, acc, scale_log2);
+    const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
+    online_softmax(s, m_i, l_i, acc, scale_log2, row_off);
     drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);  // after l_i: m, l undropped
 
     wgmma_fence();

@@ -413,8 +413,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     their_turn();
     wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
     wgmma_fence_regs(s);
-    tile.modify_and_mask(s, j, rows);
-    softmax_rows(s, m_i, l_i, alpha, scale_log2);
+    const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
+    softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);
     wgmma_wait<0>();
     wgmma_fence_regs(acc);
     __syncwarp();
@@ -498,8 +498,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         float m_prev[2] = {m_i[0], m_i[1]}, l_prev[2] = {l_i[0], l_i[1]};
         m_i[0] = m_i[1] = -CF_INF;
         l_i[0] = l_i[1] = 0.f;
-        tile.modify_and_mask(s, tile.tiles.end - 1, rows);
-        softmax_rows(s, m_i, l_i, alpha, scale_log2);  // a fresh row: nothing to rescale
+        const RowOffsets row_off = tile.modify_and_mask(s, tile.tiles.end - 1, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // a fresh row: nothing to rescale
         wgmma_wait<0>();
         wgmma_fence_regs(acc);
         __syncwarp();
@@ -515,8 +515,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         their_turn();
         wgmma_wait<0>();
         wgmma_fence_regs(s);
-        tile.modify_and_mask(s, tile.tiles.end - 1, rows);
-        softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+        const RowOffsets row_off = tile.modify_and_mask(s, tile.tiles.end - 1, rows);
+        softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       }
       drop.drop_p(s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
       sm90_pack_p<CF_BLOCK_N>(p16, s);
@@ -566,8 +566,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       wgmma_wait<0>();
       wgmma_fence_regs(s);
       int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
-      tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
-      softmax_rows(s, m_i, l_i, alpha, scale_log2);  // acc is 0: nothing to rescale
+      const RowOffsets row_off =
+          tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
+      softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
                                         2 * tig);  // after l_i: m, l undropped
       sm90_pack_p<CF_BLOCK_N>(p16, s);

@@ -66,7 +66,8 @@ def _module_specs():
         cfg = config.Config(wgmma=wgmma)
         for case in CASES + [("sinks+causal", True, None, None, None, True)]:
             for dtype in specs.arch_dtypes(facts.arch):
-                head_dims = (32, 64, 96, 128, 256) if case[0] == "all" else (64,)
+                head_dims = ((32, 64, 96, 128, 256) if case[0] == "all" else
+                             (64, 128, 192, 256) if "alibi" in case[0] else (64,))
                 for head_dim in head_dims:
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, case[1], _flags(case))
                     out += gh.shape_specs(shape, f, cfg)
@@ -88,7 +89,8 @@ def test_module_specs_compile():
 family = gh.family_fixture(FAMILIES)
 
 
-def _inputs(rng, case, dtype, seqlen_q, seqlen_k, head_dim=64, batch=2, heads=6, heads_kv=2):
+def _inputs(rng, case, dtype, seqlen_q, seqlen_k, head_dim=64, batch=2, heads=6, heads_kv=2,
+            slopes=(0.01, 0.5)):
     _, causal, window, softcap, alibi, sinks = case
     q, k, v = gh.random_qkv(rng, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
                             heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype)
@@ -96,7 +98,7 @@ def _inputs(rng, case, dtype, seqlen_q, seqlen_k, head_dim=64, batch=2, heads=6,
     mods = dict(window=window, softcap=softcap)
     if alibi is not None:
         shape = (heads,) if alibi == "heads" else (batch, heads)
-        mods["alibi_slopes"] = rng.uniform(0.01, 0.5, shape).astype(np.float32)
+        mods["alibi_slopes"] = rng.uniform(*slopes, shape).astype(np.float32)
     if sinks:
         mods["sinks"] = rng.normal(0.0, 2.0, (heads,)).astype(np.float32)
     return q, k, v, do, causal, mods
@@ -109,12 +111,12 @@ def _on_gpu(mods: dict) -> dict:
 
 
 def check_forward(case, dtype: str, seqlen_q: int, seqlen_k: int, head_dim: int,
-                  label: str) -> None:
+                  label: str, **inputs) -> None:
     """The library's forward on the GPU for ``case`` (CASES' layout): o, m and l against the
     float64 reference with the case's modifiers (the knob test modules' check)."""
     rng = gh.rng_for()
     q, k, v, _do, causal, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                         head_dim=head_dim)
+                                         head_dim=head_dim, **inputs)
     label = f"{label} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
     o, stats = cuflash.attention_forward(*(gh.to_gpu(x) for x in (q, k, v)), causal=causal,
                                          **_on_gpu(mods))
@@ -176,6 +178,23 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
             host = gh.to_host(got) if name == "dsinks" else gh.to_host(got, dtype)
             s = testing.magnitude(ref) if name == "dsinks" else scale
             _judge(f"{name} det={deterministic} [{label}]", host, ref, naive, dtype, s, few)
+
+
+ALIBI_CASES = [c for c in CASES if "alibi" in c[0]]
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(257, 1029), (1029, 257), (640, 640)])
+@pytest.mark.parametrize("head_dim", [64, 128, 192, 256])
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=[c[0] for c in ALIBI_CASES])
+def test_alibi_forward_at_every_hopper_head_dim(family, case, head_dim, seqlen_q, seqlen_k):
+    """The 16-bit forwards move ALiBi's per-row term into the softmax's row offsets where a
+    lane's keys all lie on one side of the diagonal (cf_mask.cuh's modify_s): tiles wholly
+    left of it, right of it (not causal) and across it, at each Hopper forward's head_dim.
+    Slopes small enough that far keys still weigh in the softmax."""
+    if family in ("48k", "100k"):
+        pytest.skip("the budgets change the tiles, not the modifier code")
+    check_forward(case, "bfloat16", seqlen_q, seqlen_k, head_dim, family,
+                  slopes=(0.0005, 0.02))
 
 
 @pytest.mark.parametrize("head_dim", [32, 96, 128, 256])

@@ -4,12 +4,14 @@ the selection and SDPA's cuDNN, one process, alternating rounds (``gpu_suite.sh 
     python bench/dev/exp2_fma_ab.py [--values 0,2,4] [--head-dims 64,128] [--rounds 2]
                                     [--knob CF_FWD_OVERLAP --values 0,1 --head-dims 192,256]
                                     [--knob CF_FWD_PERSISTENT --values 0,1 --rows tokens]
+                                    [--knob CF_ALIBI_ABS_ONLY --values 0,1 --modifier alibi]
 
 CF_EXP2_FMA = k sends k of every 8 scores a lane holds per row through cf_common.cuh's
 fma_exp2 instead of the SFU. Where the SFU sets the pace (softcap: tanh and exp2 both on it;
 head_dim 64: half the matrix work per score of head_dim 128) that should show; elsewhere it
 costs issue slots. Rows: batch 1, seqlen 4k, 16 query heads over 4 kv heads (issue 14's
-modifier rows), plain and softcap 30, causal and not; plus plain MHA at 16k.
+modifier rows), plain and softcap 30 (``--modifier alibi``: ALiBi slopes instead), causal
+and not; plus plain MHA at 16k.
 
 The knob reaches the kernels by wrapping ``specs.select_forward`` (every fwd90 spec gains
 ``CF_EXP2_FMA``) and forgetting the fast path's recorded calls between values. Each value's
@@ -19,7 +21,8 @@ softmax beside the P V product, session 19; CF_FWD_PERSISTENT: flash_fwd_sm90_ws
 persistent blocks, session 20, whose grid plan.plan_forward sets from the knob; its value 2
 runs on specs.with_forward_across_tiles' tiles; CF_FWD_TMA: its bulk tensor copies, session
 23, through specs.with_forward_tma; CF_FWD_CLUSTER: 2 for clusters of two sharing K / V,
-specs.with_forward_cluster).
+specs.with_forward_cluster; CF_ALIBI_ABS_ONLY: 1 takes ALiBi's |distance| form on every
+tile, no row offsets, session 26).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def _precompile(problems, values) -> None:
 
     facts, work = launch.device_facts(0), set()
     for _label, _b, _s, _h, _hkv, d, causal, mods in problems:
-        flags = plan.mod_flags(None, mods.get("softcap"), None, None, causal)
+        flags = plan.mod_flags(None, mods.get("softcap"), mods.get("alibi_slopes"), None,
+                               causal)
         spec = specs.select_forward(facts, "bfloat16", d, causal, mods=flags)
         work |= {_with_knob(spec, v) for v in values}
     with ThreadPoolExecutor(16) as pool:
@@ -103,6 +107,9 @@ def main() -> None:
     ap.add_argument("--rows", default="gqa", choices=("gqa", "tokens"),
                     help="gqa: the rows above; tokens: MHA, 16 heads, 16k tokens a batch "
                          "(batch 16 / 4 / 1 at seqlen 1k / 4k / 16k, real_workloads' rows)")
+    ap.add_argument("--modifier", default="softcap", choices=("softcap", "alibi"),
+                    help="the modified gqa rows: softcap 30, or ALiBi slopes (geometric, "
+                         "0.5 .. 2^-8 over the heads, as bench/dev/modifiers_overhead.py)")
     args = ap.parse_args()
     KNOB = args.knob
     import torch
@@ -111,6 +118,10 @@ def main() -> None:
     import cuflash
 
     values = [int(v) for v in args.values.split(",")]
+    modifier = args.modifier
+    mod_args = ({"softcap": 30.0} if modifier == "softcap" else
+                {"alibi_slopes": torch.tensor(np.geomspace(0.5, 2.0**-8, 16), device="cuda",
+                                              dtype=torch.float32)})
     problems = []  # (label, b, s, h, hkv, d, causal, mods)
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (True, False):
@@ -122,8 +133,8 @@ def main() -> None:
                 continue
             problems.append((f"d{d} 4k gqa{' causal' if causal else ''}", 1, 4096, 16, 4, d,
                              causal, {}))
-            problems.append((f"d{d} 4k gqa softcap{' causal' if causal else ''}", 1, 4096, 16,
-                             4, d, causal, {"softcap": 30.0}))
+            problems.append((f"d{d} 4k gqa {modifier}{' causal' if causal else ''}", 1, 4096,
+                             16, 4, d, causal, mod_args))
             problems.append((f"d{d} 16k mha{' causal' if causal else ''}", 1, 16384, 16, 16, d,
                              causal, {}))
     torch.manual_seed(0)
@@ -182,7 +193,7 @@ def main() -> None:
     base = {p[0]: statistics.median(times[p[0]][values[0]]) for p in problems}
     for label, *_rest, mods in problems:
         if mods:
-            plain = label.replace(" softcap", "")
+            plain = label.replace(f" {modifier}", "")
             ratios = "  ".join(f"k{v} {statistics.median(times[label][v]) / base[plain]:.3f}x"
                                for v in values)
             print(f"{label:28s} against plain k{values[0]}: {ratios}")
