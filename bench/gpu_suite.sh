@@ -262,12 +262,12 @@ for stage in $stages; do
         tile_sweep.py --kind bwd90 --head-dim 192 256 --seqlen ${BWD_DQ_FIRST_SEQLENS:-4096 16384} \
         --causal both --variant CF_BWD_DQ_FIRST=1" ;;
     bwd_hsplit)  # the head_dim 256 / 192 backward on 80- / 96-key tiles (flash_bwd_sm90_hsplit.cu,
-      # the warpgroups split head_dim; a candidate written without a GPU): its float64-reference
+      # the warpgroups split head_dim; selected since session 26): its float64-reference
       # tests, memcheck and racecheck of a few, then TFLOP/s of the split, atomic and ordered
-      # dQ (the deterministic mode, which runs the portable kernels at 192 / 256 today), with
-      # and without dQ by bulk reduce-adds (CF_DQ_BULK), and of the selected role split (64
-      # keys, CF_BWD_DQ_FIRST), each beside SDPA's flash and cuDNN (BWD_HSPLIT_SEQLENS,
-      # default 4096 16384)
+      # dQ (the deterministic mode; the portable kernels ran it before), with and without dQ
+      # by bulk reduce-adds (CF_DQ_BULK, the default mode's selection), and of the role split
+      # (64 keys, CF_BWD_DQ_FIRST; the selection before), each beside SDPA's flash and cuDNN
+      # (BWD_HSPLIT_SEQLENS, default 4096 16384)
       CUFLASH_POISON=1 run_stage bwd_hsplit_tests timeout "${BWD_HSPLIT_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_bwd_hsplit.py

@@ -480,11 +480,16 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
                                 "causal 260; 3.6x the portable kernel (70) (bench/results/"
                                 "2026-12-01_h200/session2)"),)}
 
-# flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim; candidates, not in BWD90:
-# not run on a GPU; specs.with_backward_head_dim_split). Spills (255 registers at 256, 168 at
-# 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every combination of window / softcap /
-# ALiBi / packed, causal or not, atomic or "ordered" dQ, fp16 and bf16, 2026-12-05: 4-128 B;
-# "bulk": dQ by bulk reduce-adds, CF_DQ_BULK, 4 B).
+# flash_bwd_sm90_hsplit.cu's tiles (the warpgroups split head_dim; not in BWD90:
+# specs.select_backward takes them through specs.with_backward_head_dim_split where they serve
+# and fit). H100 bf16 2026-12-05 (bench/results/2026-12-05_h100/session26), TFLOP/s with bulk
+# dQ / the role split above / cuDNN: d256 4k 295 / 249 / 341-351, causal 252 / 231 / 354-361;
+# 16k 318 / 260 / 344-348, causal 301 / 263 / 377-380; d192 4k 304 / 237 / 317-319, causal
+# 290 / 222 / 311-313; 16k 344 / 249 / 289-292, causal 346 / 242 / 316-320 (the split and the
+# role split in two tile_sweep runs minutes apart on one machine, each beside cuDNN). Spills
+# (255 registers at 256, 168 at 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every
+# combination of window / softcap / ALiBi / packed, causal or not, atomic or "ordered" dQ,
+# fp16 and bf16, 2026-12-05: 4-128 B; "bulk": dQ by bulk reduce-adds, CF_DQ_BULK, 4 B).
 BWD90_HSPLIT = {
     256: _also(_t(8, 64, 80, 2, "FlashAttention-3's d256 backward tile (64 x 80, two MMA "
                                 "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi")),

@@ -400,7 +400,7 @@ def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
     today) becomes its ordered-dQ form. None where that kernel does not serve (other buckets,
     dropout, block masks, v's own head_dim, float32; a window with ordered dQ), or where the
     tile spills (its spills_when, with "ordered" for ordered dQ). The role split's knobs
-    (CF_BWD_DQ_FIRST) do not apply. A candidate for tests and tuning runs, not selected."""
+    (CF_BWD_DQ_FIRST) do not apply. select_backward takes it on Hopper where it fits."""
     tile = BWD90_HSPLIT.get(spec.head_dim)
     if (tile is None or spec.kind not in ("bwd", "bwd90") or spec.dtype == "float32"
             or spec.head_dim_v or spec.mods.dropout or spec.mods.block_sparse
@@ -505,16 +505,24 @@ def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
                     deterministic: bool, *, wgmma: bool = True,
                     mods: ModFlags = NO_MODS) -> KernelSpec:
-    """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic)."""
-    return with_dq_first(with_bulk_dq(with_ordered_rotation(
-        select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
-               wgmma=wgmma, mods=mods), facts), facts))
+    """The dK/dV kernel (which also accumulates dQ with atomics unless deterministic). On
+    Hopper at head_dim 192 / 256, the head-dim split where it serves and fits (H100, bf16,
+    2026-12-05 session 26: 1.09-1.43x the role split's TFLOP/s with bulk dQ; ordered, about
+    3x the portable kernels of the deterministic mode before)."""
+    spec = select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
+                  wgmma=wgmma, mods=mods)
+    if uses_wgmma(facts, wgmma):
+        split = with_backward_head_dim_split(spec)
+        if split is not None and split.smem_bytes <= facts.smem_optin:
+            spec = split
+    return with_dq_first(with_bulk_dq(with_ordered_rotation(spec, facts), facts))
 
 
 def with_dq_first(spec: KernelSpec) -> KernelSpec:
     """``spec`` with its first dQ panel issued before dK / dV (``CF_BWD_DQ_FIRST``) where the
     Hopper backward's role split runs and registry.BWD90_DQ_FIRST lists the bucket."""
-    if spec.kind != "bwd90" or spec.head_dim not in BWD90_DQ_FIRST:
+    if (spec.kind != "bwd90" or spec.head_dim not in BWD90_DQ_FIRST
+            or bwd90_head_dim_split(spec)):
         return spec
     return spec.with_knobs(CF_BWD_DQ_FIRST=1)
 
@@ -523,8 +531,8 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
     has them and its staging fits ``facts``' shared memory: the warp-specialized Hopper
     backward, atomic or ordered (fixed or packed lengths; ordered: the turn agent issues the
-    adds in turn), two 16 KB dQ pieces; the head-dim split's atomic mode (a candidate), half a
-    piece a warpgroup."""
+    adds in turn), two 16 KB dQ pieces; the head-dim split's atomic mode, half a piece a
+    warpgroup."""
     if spec.kind != "bwd90" or not spec.dq_atomic:
         return spec
     if bwd90_head_dim_split(spec):
@@ -538,11 +546,13 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
 
 
 def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
-    """``spec`` with this device's rotation limit where it applies: ordered dQ, not causal,
-    no window, no packed sequences, a known SM count (else ``spec`` as it is)."""
+    """``spec`` with this device's rotation limit where it applies: the warp-specialized
+    kernel's ordered dQ, not causal, no window, no packed sequences, a known SM count (else
+    ``spec`` as it is)."""
     limit = ordered_rotation_limit(facts)
     mods = spec.mods
-    if not spec.dq_ordered or not limit or spec.causal or mods.window or mods.varlen:
+    if (not spec.dq_ordered or not limit or spec.causal or mods.window or mods.varlen
+            or bwd90_head_dim_split(spec)):
         return spec
     return spec.with_knobs(CF_DQ_ROTATE_KEY_TILES=limit)
 

@@ -163,8 +163,10 @@ def test_workspace_layout():
 def test_bulk_dq_in_the_warp_specialized_backward():
     """specs.with_bulk_dq: the H200's 12-warp backward at head_dim 64 and 128, atomic or
     deterministic (ordered), gets the tiled dQ accumulator, on fixed and packed lengths; the
-    8-warp kernels (head_dim 256, an A100's), a budget without room for the two 16 KB pieces,
-    and packed sequences whose batch needs several launches keep the atomics."""
+    8-warp kernels (an A100's; the role split at head_dim 256 where the head-dim split does not
+    serve), a budget without room for the two 16 KB pieces, and packed sequences whose batch
+    needs several launches keep the atomics. (The head-dim split at 256 adds dQ in bulk
+    too, half a piece a warpgroup.)"""
     def main(facts, head_dim=128, deterministic=False, mods=specs.NO_MODS, batch=1):
         s = Shape(batch, 4096, 4096, 16, 16, head_dim, "bfloat16", True, mods,
                   total_q=4096 * batch if mods.varlen else 0,
@@ -183,7 +185,8 @@ def test_bulk_dq_in_the_warp_specialized_backward():
         sliced = main(H200, head_dim, mods=varlen, batch=plan.MAX_GRID_YZ + 1)
         assert sliced.warps == 12 and not sliced.dq_tiled
         assert main(H200, head_dim, mods=specs.ModFlags(dropout=True)).dq_tiled
-    assert not main(H200, 256).dq_tiled and not main(A100).dq_tiled
+    assert not main(H200, 256, mods=specs.ModFlags(dropout=True)).dq_tiled  # the role split
+    assert main(H200, 256).dq_tiled and not main(A100).dq_tiled
     no_room = H200.with_budget(main(H200).smem_bytes - 1)
     spec = main(no_room)
     assert spec.warps == 12 and not spec.dq_tiled

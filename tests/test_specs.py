@@ -102,7 +102,7 @@ def test_h100_picks_the_warp_specialized_backward_at_d64_and_d128():
             assert (spec.kind, spec.warps, spec.block_m) == ("bwd90", 12, block_m)
             assert spec.source == "flash_bwd_sm90_ws.cu" and spec.threads == 384
     spec = specs.select_backward(facts(227), "bfloat16", 256, False, False, wgmma=True)
-    assert spec.source == "flash_bwd_sm90.cu"  # the role split keeps the plain kernel
+    assert spec.source == "flash_bwd_sm90_hsplit.cu"  # 256: the head-dim split, 8 warps
 
 
 def test_wgmma_only_on_sm90_and_only_whole_panels():
@@ -357,9 +357,10 @@ def test_forward_overlap_where_measured_and_where_registers_allow():
 
 
 def test_dq_first_in_the_role_split_where_measured():
-    """specs.with_dq_first: the Hopper backward at head_dim 192 and 256 (the role split,
-    registry.BWD90_DQ_FIRST) issues a dQ panel before dK / dV; 128 (warp-specialized) and
-    the deterministic portable kernel never."""
+    """specs.with_dq_first: the role split at head_dim 192 and 256 (registry.BWD90_DQ_FIRST;
+    it runs where the head-dim split does not serve: dropout, the sets the split spills on)
+    issues a dQ panel before dK / dV; the head-dim split, 128 (warp-specialized) and the
+    deterministic kernels never."""
     facts = specs.facts_for_arch("sm_90")
 
     def knob(head_dim, deterministic=False, **mods):
@@ -367,8 +368,41 @@ def test_dq_first_in_the_role_split_where_measured():
                                      mods=specs.ModFlags(**mods))
         return dict(spec.knobs).get("CF_BWD_DQ_FIRST", 0)
 
-    assert knob(192) == knob(192, softcap=True, alibi=True) == knob(192, varlen=True) == 1
-    assert knob(256) == knob(256, dropout=True) == 1
+    assert knob(192, softcap=True, alibi=True) == knob(192, dropout=True) == 1
+    assert knob(256, dropout=True) == knob(256, softcap=True, alibi=True) == 1
+    assert knob(192) == knob(256) == knob(192, varlen=True) == 0  # the head-dim split
     assert knob(128) == knob(64) == knob(192, deterministic=True) == 0
     assert specs.select_backward(specs.facts_for_arch("sm_80"), "bfloat16", 192, True,
                                  False).knobs == ()
+
+
+def test_head_dim_split_backward_selected_on_hopper_where_it_serves():
+    """At head_dim 192 / 256 on sm_90 the backward is flash_bwd_sm90_hsplit.cu's tile
+    (registry.BWD90_HSPLIT): dQ by bulk adds in the default mode, ordered dQ in the
+    deterministic one. Not where it declines (dropout; a window with ordered dQ), with wgmma
+    off, on other archs, or where its shared memory does not fit the budget."""
+    from cuflash import registry
+
+    hopper = specs.facts_for_arch("sm_90")
+    for head_dim in (192, 256):
+        for causal in (False, True):
+            fast = specs.select_backward(hopper, "bfloat16", head_dim, causal, False)
+            det = specs.select_backward(hopper, "float16", head_dim, causal, True)
+            assert registry.bwd90_head_dim_split(fast) and fast.dq_tiled, fast.name
+            assert registry.bwd90_head_dim_split(det) and det.dq_ordered, det.name
+        for kw in (dict(dropout=True), dict(block_sparse=True)):
+            spec = specs.select_backward(hopper, "bfloat16", head_dim, False, False,
+                                         mods=specs.ModFlags(**kw))
+            assert not registry.bwd90_head_dim_split(spec), spec.name
+        windowed_det = specs.select_backward(hopper, "bfloat16", head_dim, False, True,
+                                             mods=specs.ModFlags(window=True))
+        assert windowed_det.kind == "bwd", windowed_det.name
+        for spec in (specs.select_backward(hopper, "bfloat16", head_dim, False, False,
+                                           wgmma=False),
+                     specs.select_backward(hopper.with_budget(100 * specs.KIB), "bfloat16",
+                                           head_dim, False, False),
+                     specs.select_backward(specs.facts_for_arch("sm_80"), "bfloat16",
+                                           head_dim, False, True)):
+            assert not registry.bwd90_head_dim_split(spec), spec.name
+    assert not registry.bwd90_head_dim_split(
+        specs.select_backward(hopper, "bfloat16", 128, False, False))
