@@ -106,9 +106,9 @@ def _pair_runs(problem, head_dim_v: int, modifiers, extra, deterministic: bool |
     """A Hopper kernel takes this head_dim_v != head_dim as it is (no padded copies): the
     forward's (``deterministic`` None) or the backward's plan exists, and ``arrays`` (the
     call's, which it then reads in place) have rows on 16-byte boundaries (the copies do
-    either way). Only with ``head_pad.native_pairs()`` (off until their GPU tests have
-    run)."""
-    if not head_pad.native_pairs() or head_dim_v == problem.head_dim:
+    either way). Only widths ``head_pad.native_candidate`` allows (the switch on, the
+    default)."""
+    if not head_pad.native_candidate(problem.head_dim, head_dim_v):
         return False
     try:
         for x in arrays:

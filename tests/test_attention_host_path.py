@@ -347,9 +347,9 @@ def test_the_api_offers_the_fast_path_pairs_only_with_the_switch(monkeypatch):
     from cuflash import api
 
     q, v = np.empty((1, 8, 2, 192), np.float16), np.empty((1, 8, 2, 128), np.float16)
-    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "0")
     assert not api._fast_dims(q, v, plain=True)
-    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "1")
+    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)  # on by default
     assert api._fast_dims(q, v, plain=True)
     assert not api._fast_dims(q, v, plain=False)  # modifiers: the general path
     assert not api._fast_dims(q, np.empty((1, 8, 2, 100), np.float16), plain=True)

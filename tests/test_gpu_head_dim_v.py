@@ -1,6 +1,7 @@
 """v's own head_dim on the Hopper kernels (issue #15's pairs, ``gpu`` tests; sm_90 only):
-``CUFLASH_HEAD_DIM_V_NATIVE=1`` lets the forward (flash_fwd_sm90.cu with CF_HEAD_DIM_V) and
-the backward's role split (flash_bwd_sm90.cu) take head_dim_v != head_dim as it is.
+the forward (flash_fwd_sm90.cu with CF_HEAD_DIM_V) and the backward's role split
+(flash_bwd_sm90.cu) take head_dim_v != head_dim as it is (the default;
+``CUFLASH_HEAD_DIM_V_NATIVE=0`` keeps the padded copies).
 
 Each call goes through the API on CuPy arrays against the float64 reference, outputs
 NaN-poisoned, cuflash.testing's rule, and checks that no zero-padded copy was made where a
@@ -221,7 +222,7 @@ def test_gpu_pair_varlen(native, causal):
     assert native == [], native  # no padded copies
 
 
-def test_gpu_pair_off_by_default(monkeypatch):
-    """Without the switch the copies run (the kernels above are not selected by default)."""
-    monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+def test_gpu_pair_copies_with_the_switch_off(monkeypatch):
+    """CUFLASH_HEAD_DIM_V_NATIVE=0: the copies run (the kernels above are the default)."""
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "0")
     assert not head_pad.native_pairs()

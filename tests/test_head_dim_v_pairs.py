@@ -93,6 +93,8 @@ def test_plans_of_a_pair():
 
 def test_native_pairs_switch(monkeypatch):
     monkeypatch.delenv("CUFLASH_HEAD_DIM_V_NATIVE", raising=False)
+    assert head_pad.native_pairs()  # on by default
+    monkeypatch.setenv("CUFLASH_HEAD_DIM_V_NATIVE", "0")
     assert not head_pad.native_pairs()
     problem = validate.Problem(batch=1, seqlen_q=8, seqlen_k=8, heads=2, heads_kv=2,
                                head_dim=192, dtype="bfloat16", causal=False,
