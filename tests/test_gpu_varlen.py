@@ -186,7 +186,12 @@ def test_drawn_layouts_match_reference(case):
 def test_equal_lengths_equal_the_dense_kernels(d, causal):
     """batch sequences of one length packed run the same tiles as the dense call (persistent
     blocks too, where the dense call takes them: plan._persistent_like_dense): o, m, l and
-    the deterministic gradients are bitwise equal (the sequence info only moves bases)."""
+    the deterministic gradients are bitwise equal (the sequence info only moves bases).
+    Except the gradients where the dense backward rotates its key tiles' start
+    (specs.with_ordered_rotation, never on packed sequences; at d128 here, 4 query tiles for
+    3 key tiles): each key tile walks its query tiles from another one, so dK / dV and dQ sum
+    in another fixed order and match to float32 rounding, not bit for bit (an H100 run,
+    2026-12-05, failed this test at d128 without the exception)."""
     import cupy
 
     from cuflash import launch, plan
@@ -218,8 +223,16 @@ def test_equal_lengths_equal_the_dense_kernels(d, causal):
     same(o.reshape(o_v.shape), o_v)
     same(stats.m.transpose(1, 0, 2).reshape(h, -1), stats_v.m)
     same(stats.l.transpose(1, 0, 2).reshape(h, -1), stats_v.l)
-    for got, want in zip(varlen, dense):
-        same(want.reshape(got.shape), got)
+    rotated = "CF_DQ_ROTATE_KEY_TILES" in dict(launch.backward_plan(
+        plan.Shape(b, sq, sk, h, hkv, d, "bfloat16", causal), 0, True).main.spec.knobs)
+    for name, got, want in zip(("dq", "dk", "dv"), varlen, dense):
+        want = want.reshape(got.shape)
+        if rotated:
+            want32 = gh.to_host(want, "bfloat16").astype(np.float32)
+            np.testing.assert_allclose(gh.to_host(got, "bfloat16").astype(np.float32), want32,
+                                       rtol=0, atol=2e-2 * np.abs(want32).max(), err_msg=name)
+        else:
+            same(want, got)
 
 
 def test_batch_split_into_several_launches(monkeypatch):
