@@ -217,11 +217,12 @@ __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4
                                               const MaskPolicy& mask, const ScoreMods& mods,
                                               float scale_log2, float (&p)[4], float (&ds)[4],
                                               unsigned int keep, const Dropout& drop) {
+  const float dist0 = CF_ALIBI ? (float)(q_col + mods.off - key_row) : 0.f;  // e = 0
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int key = key_row + 8 * (e >> 1), qi = q_col + (e & 1);
     float th = 0.f;
-    if (CF_SCORE_MODS) s[e] = mods.apply(s[e], qi, key, th);
+    if (CF_SCORE_MODS) s[e] = mods.apply_at(s[e], dist0 + ((e & 1) - 8.f * (e >> 1)), th);
     p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
     if (masked && !mask.visible(qi, key)) p[e] = 0.f;
     const bool kept = Dropout::bit(keep, 0, e);  // keep: fragment t's four bits, at t = 0

@@ -428,6 +428,17 @@ struct ScoreMods {
   }
   // Softcap alone (modify_s adds ALiBi itself).
   __device__ __forceinline__ float capped(float s) const { return cap * cf_tanh(s * inv_cap); }
+  // apply's form at a float distance i + off - j (exact below 2^24), which the Hopper
+  // backwards form from one conversion a fragment or tile: the int-to-float conversion a score
+  // of apply is a quarter-rate op, as the exp2 beside it.
+  __device__ __forceinline__ float apply_at(float s, float distance, float& tanh_out) const {
+    if (CF_SOFTCAP) {
+      tanh_out = cf_tanh(s * inv_cap);
+      s = cap * tanh_out;
+    }
+    if (CF_ALIBI) s -= slope * fabsf(distance);
+    return s;
+  }
 };
 
 // Softcap's derivative factor for dS: 1 - tanh^2 (1 without softcap).

@@ -391,12 +391,16 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
 #pragma unroll
       for (int t = 0; t < kST; ++t) {
         float p[4];
+        const float dist0 =  // ALiBi's i + off - j at e = 0 (ScoreMods::apply_at); one
+            CF_ALIBI  // conversion an n-tile (one a tile held a register: 8 B spilled at 192)
+                ? (float)(m0 + row + mods.off - (n0 + wg * kWgKeys + 8 * t + 2 * tig))
+                : 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int qi = m0 + row + 8 * (e >> 1);
           const int key = n0 + wg * kWgKeys + 8 * t + 2 * tig + (e & 1);
           float x = s[t][e], th = 0.f;
-          if (CF_SCORE_MODS) x = mods.apply(x, qi, key, th);
+          if (CF_SCORE_MODS) x = mods.apply_at(x, dist0 + (8.f * (e >> 1) - (e & 1)), th);
           p[e] = fast_exp2(fmaf(x, scale_log2, -lse[e >> 1]));
           if (masked && !mask.visible(qi, key)) p[e] = 0.f;
           s[t][e] = p[e] * softcap_grad(th);  // dS = this (dP - delta)
