@@ -415,10 +415,7 @@ struct ScoreMods {
   }
   // S' for query i, key j; tanh_out = tanh(S / c) for the backward's derivative 1 - t^2.
   __device__ __forceinline__ float apply(float s, int i, int j, float& tanh_out) const {
-    if (CF_SOFTCAP) {
-      tanh_out = cf_tanh(s * inv_cap);
-      s = cap * tanh_out;
-    }
+    if (CF_SOFTCAP) s = capped(s, tanh_out);
     if (CF_ALIBI) s -= slope * (float)abs(i + off - j);
     return s;
   }
@@ -426,16 +423,16 @@ struct ScoreMods {
     float t;
     return apply(s, i, j, t);
   }
-  // Softcap alone (modify_s adds ALiBi itself).
-  __device__ __forceinline__ float capped(float s) const { return cap * cf_tanh(s * inv_cap); }
+  // Softcap alone (modify_s adds ALiBi itself); tanh_out as apply's.
+  __device__ __forceinline__ float capped(float s, float& tanh_out) const {
+    tanh_out = cf_tanh(s * inv_cap);
+    return cap * tanh_out;
+  }
   // apply's form at a float distance i + off - j (exact below 2^24), which the Hopper
   // backwards form from one conversion a fragment or tile: the int-to-float conversion a score
   // of apply is a quarter-rate op, as the exp2 beside it.
   __device__ __forceinline__ float apply_at(float s, float distance, float& tanh_out) const {
-    if (CF_SOFTCAP) {
-      tanh_out = cf_tanh(s * inv_cap);
-      s = cap * tanh_out;
-    }
+    if (CF_SOFTCAP) s = capped(s, tanh_out);
     if (CF_ALIBI) s -= slope * fabsf(distance);
     return s;
   }
@@ -471,7 +468,10 @@ __device__ __forceinline__ RowOffsets modify_s(float (&s)[NT][4], const ScoreMod
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = mods.capped(s[t][e]);
+      for (int e = 0; e < 4; ++e) {
+        float th;  // the forward has no use for it
+        s[t][e] = mods.capped(s[t][e], th);
+      }
   }
   if (CF_ALIBI) {
     const int dist0 = row0 + mods.off - key0;
