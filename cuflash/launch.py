@@ -277,7 +277,11 @@ def signature_of(spec, kind: str | None = None) -> str:
 # struct's native (C) alignment; u: unsigned int
 _FORMATS = {"p": "P", "i": "i", "u": "I", "q": "q", "f": "f"}
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0  # CU_LAUNCH_PARAM_*
-_MAX_PARAM_BYTES = 4096  # cuLaunchKernel's classic limit; our kernels take < 400
+_MAX_PARAM_BYTES = 4096  # cuLaunchKernel's classic limit; our kernels take < 900
+# Where sm_90's kernel parameters start in constant bank 0. ptxas aligns a 64-byte-aligned
+# parameter's address in the bank, not its offset in the buffer: a tensor map lands at an
+# offset of 48 mod 64 (the cubins' parameter tables, tests/test_param_layout.py).
+PARAM_BANK_START = 0x210
 
 
 @lru_cache(maxsize=None)
@@ -285,15 +289,61 @@ def param_packer(signature: str) -> struct.Struct:
     """The kernel's parameter buffer as a ``struct.Struct`` in native mode, which lays the
     fields out by the C alignment rules and adds no tail padding (the driver refuses a
     buffer larger than the kernel's parameters)."""
-    layout = "@"
-    for c in signature:
-        if c == "T":  # struct aligns no "s" field: pad to the map's alignment by hand
-            layout += "x" * (-struct.calcsize(layout) % MAP_ALIGNMENT) + "128s"
-        else:
-            layout += _FORMATS[c]
-    packer = struct.Struct(layout)
+    packer = struct.Struct(_param_layout(signature)[-1])
     assert packer.size <= _MAX_PARAM_BYTES
     return packer
+
+
+def param_offsets(signature: str) -> tuple:
+    """Each parameter's byte offset in ``param_packer(signature)``'s buffer."""
+    layouts = _param_layout(signature)
+    ends = [struct.calcsize(layout) for layout in layouts[1:]]
+    sizes = [128 if c == "T" else struct.calcsize("@" + _FORMATS[c]) for c in signature]
+    return tuple(end - size for end, size in zip(ends, sizes))
+
+
+def _param_layout(signature: str) -> list:
+    """struct layouts of the buffer's first 0, 1, .. all parameters."""
+    layouts = ["@"]
+    for c in signature:
+        layout = layouts[-1]
+        if c == "T":  # struct aligns no "s" field: pad to the map's bank alignment by hand
+            at = PARAM_BANK_START + struct.calcsize(layout)
+            layout += "x" * (-at % MAP_ALIGNMENT) + "128s"
+        else:
+            layout += _FORMATS[c]
+        layouts.append(layout)
+    return layouts
+
+
+_get_param_info = None
+
+
+def check_param_layout(function: int, signature: str, name: str) -> None:
+    """Compare the buffer's offsets with the loaded kernel's own (``cuFuncGetParamInfo``,
+    drivers of CUDA 12.4 on; skipped before): a map read from the wrong bytes is an illegal
+    instruction on the GPU, so a mismatch is refused here, by name."""
+    global _get_param_info
+    if _get_param_info is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = getattr(lib, "cuFuncGetParamInfo", False)
+        if fn:
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                           ctypes.POINTER(ctypes.c_size_t)]
+            fn.restype = ctypes.c_int
+        _get_param_info = fn
+    if not _get_param_info:
+        return
+    got, offset, size = [], ctypes.c_size_t(), ctypes.c_size_t()
+    for i in range(len(signature)):
+        status = _get_param_info(function, i, ctypes.byref(offset), ctypes.byref(size))
+        if status != 0:
+            return  # the driver keeps no table for this function: nothing to compare
+        got.append(offset.value)
+    want = param_offsets(signature)
+    if tuple(got) != want:
+        raise LaunchError(f"cuflash: {name}'s parameters lie at byte offsets {tuple(got)}; "
+                          f"the launcher packs them at {want} (signature {signature})")
 
 
 class _ParamBuffer(threading.local):
@@ -363,7 +413,10 @@ def _function_ptr(spec: KernelSpec, device_id: int, convert: bool) -> int:
     if hit is None:
         loaded = get_convert_kernel(spec, device_id) if convert else get_kernel(spec, device_id)
         function = loaded.function
-        hit = _functions[key] = (int(getattr(function, "kernel", function).ptr), loaded, spec)
+        ptr = int(getattr(function, "kernel", function).ptr)
+        if not convert and specs.loads_with_tma(spec):
+            check_param_layout(ptr, signature_of(spec), spec.name)
+        hit = _functions[key] = (ptr, loaded, spec)
     return hit[0]
 
 

@@ -78,16 +78,19 @@ def test_encode_refuses_float32_and_unaligned_addresses():
                                       (64, 8, 1, 1))
 
 
-def test_parameter_buffer_aligns_each_map_to_64_bytes():
-    """The TMA forward's signature ends in three maps: each starts 64-byte aligned (the
-    kernel's parameter space, cf_tensor_map), and nothing follows the last one."""
+def test_parameter_buffer_aligns_each_map_in_the_constant_bank():
+    """The TMA forward's signature ends in three maps: each starts where its address in
+    sm_90's constant bank (parameters from 0x210) is 64-byte aligned, as ptxas lays them
+    (tests/test_param_layout.py reads the cubins), and nothing follows the last one."""
     spec = specs.with_forward_tma(specs.select_forward(_H200, "bfloat16", 128, False))
     signature = launch.signature_of(spec)
     assert signature.endswith("TTT") and signature.count("T") == 3
     packer = launch.param_packer(signature)
     plain = launch.param_packer(signature[:-3])
-    first = plain.size + (-plain.size % 64)
+    first = plain.size + (-(launch.PARAM_BANK_START + plain.size) % 64)
+    assert (0x210 + first) % 64 == 0 and first % 64 == 48
     assert packer.size == first + 3 * 128
+    assert launch.param_offsets(signature)[-3:] == (first, first + 128, first + 256)
     maps = [bytes([i + 1]) * 128 for i in range(3)]
     buffer = packer.pack(*([0] * len(signature[:-3])), *maps)
     for i, m in enumerate(maps):
