@@ -58,8 +58,6 @@ def cubin_parameters(cubin: bytes) -> dict:
 
 
 def _cubin(source: str, name: str, opts: list) -> bytes:
-    from cupy_backends.cuda.libs import nvrtc
-
     program = nvrtc.createProgram(source, name, [], [])
     try:
         nvrtc.compileProgram(program, [*opts, "-arch=sm_90a"])
