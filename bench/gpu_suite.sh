@@ -15,7 +15,7 @@
 #                                            hopper_d192 head_dim_v verify_defaults verify_rest
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
-#                                            det_pieces
+#                                            det_pieces bwd_stages
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -41,6 +41,9 @@ run_stage() {  # name, command...: run, log, and record the exit code and the lo
   "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
   { tail -n "${TAIL_LINES:-25}" "$OUT/logs/$name.log"; echo "=== $name rc=$rc in $((SECONDS - start)) s"; } >>"$summary"
+  # packed after every stage: an outer timeout may end the suite, and the device tool brings
+  # back only a handful of files, so the tarball is what survives
+  tar -C "$OUT" -czf "$OUT/suite.tar.gz" logs results 2>/dev/null
   return $rc
 }
 
@@ -205,6 +208,14 @@ for stage in $stages; do
       run_stage bwd_tma bash -c "cd bench/dev && timeout ${BWD_TMA_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 64 128 --seqlen ${BWD_TMA_SEQLENS:-4096 16384} \
         --causal both --ordered --variant CF_BWD_TMA=1" ;;
+    bwd_stages)  # the warp-specialized Hopper backward at head_dim 128 with three Q / dO
+      # stages beside two, bulk dQ as selected, atomic and ordered (deterministic) in one sweep
+      # beside SDPA's flash and cuDNN (session 27: without bulk dQ on an H100, three stages
+      # took 16k 438 / causal 422 TFLOP/s against two's 403 / 389; the ordered three did not
+      # fit its mbarriers until kBarBytes grew with the stages)
+      run_stage bwd_stages bash -c "cd bench/dev && timeout ${BWD_STAGES_TIMEOUT:-240} $PY \
+        tile_sweep.py --kind bwd90 --head-dim 128 --seqlen ${BWD_STAGES_SEQLENS:-4096 16384} \
+        --causal both --ordered --candidates 12,64,2 12,64,3 --define CF_DQ_BULK=1" ;;
     fwd_n176)  # the head_dim 128 warp-specialized forward with 176-key tiles (two stages),
       # a candidate: its float64-reference tests, then TFLOP/s against the selected 128-key
       # tile, one block per tile and persistent, beside SDPA's flash and cuDNN

@@ -135,7 +135,8 @@ def _smem_bwd90(s) -> int:
                 + (s.warps // 4 * 64 * 32 * 4 if s.dq_tiled else 0))
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
         pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
-        return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + 128 * pieces
+        bars = -(-8 * (9 + 3 * st + 4 * (pieces - 1)) // 128) * 128  # kBarBytes
+        return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + bars
                 + (8 * st if s.mods.block_sparse else 0)
                 + (2 * pieces * 64 * 64 * 4 if s.dq_tiled else 0))
     role_split = d >= 192  # flash_bwd_sm90.cu's kRoleSplit; V, dO of v's own head_dim (s.dv)

@@ -206,7 +206,8 @@ enum : int {
   kOffDelta = kOffLse + kStages * kBM * 4,
   kOffDqPiece = kOffDelta + kStages * kBM * 4,  // CF_DQ_BULK: a dQ piece per warpgroup
   kOffBar = kOffDqPiece + (kBulk ? 2 * kPieces * kDqPieceBytes : 0),
-  kBarBytes = kPieces == 1 ? 128 : 256,
+  // the mbarriers (BwdBarriers: 9 + 3 a stage, 4 more for a second piece), in 128-byte steps
+  kBarBytes = (8 * (9 + 3 * kStages + 4 * (kPieces - 1)) + 127) / 128 * 128,
   // under a block mask, each stage's (query rows, head), which the producer picks
   kOffTiles = kOffBar + kBarBytes,
   kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
