@@ -209,10 +209,14 @@ for stage in $stages; do
         tile_sweep.py --kind bwd90 --head-dim 64 128 --seqlen ${BWD_TMA_SEQLENS:-4096 16384} \
         --causal both --ordered --variant CF_BWD_TMA=1" ;;
     bwd_stages)  # the warp-specialized Hopper backward at head_dim 128 with three Q / dO
-      # stages beside two, bulk dQ as selected, atomic and ordered (deterministic) in one sweep
+      # stages: its float64-reference tests (tests/test_gpu_bwd_stages.py), then beside two,
+      # bulk dQ as selected, atomic and ordered (deterministic) in one sweep
       # beside SDPA's flash and cuDNN (session 27: without bulk dQ on an H100, three stages
       # took 16k 438 / causal 422 TFLOP/s against two's 403 / 389; the ordered three did not
       # fit its mbarriers until kBarBytes grew with the stages)
+      CUFLASH_POISON=1 run_stage bwd_stages_tests timeout "${BWD_STAGES_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_bwd_stages.py
       run_stage bwd_stages bash -c "cd bench/dev && timeout ${BWD_STAGES_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 128 --seqlen ${BWD_STAGES_SEQLENS:-4096 16384} \
         --causal both --ordered --candidates 12,64,2 12,64,3 --define CF_DQ_BULK=1" ;;
