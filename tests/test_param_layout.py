@@ -1,9 +1,10 @@
 """The launcher's parameter buffer against the parameter tables ptxas writes into each cubin.
 
-No GPU needed: NVRTC compiles kernels that take tensor maps (the TMA forward, its cluster
-form, the TMA backward, the GPU tests' probe) for sm_90a, and each cubin's ``.nv.info.<entry>``
-section says at which byte offset the kernel reads each parameter (EIATTR_KPARAM_INFO) and
-how many bytes it takes in all (EIATTR_PARAM_CBANK). A map at the wrong offset is an illegal
+No GPU needed: NVRTC compiles the kernels that take tensor maps (the TMA forward, its cluster
+form, the TMA backward, the GPU tests' probe) and one kernel of every entry point and
+parameter extension, and each cubin's ``.nv.info.<entry>`` section says at which byte offset
+the kernel reads each parameter (EIATTR_KPARAM_INFO) and how many bytes it takes in all
+(EIATTR_PARAM_CBANK). A map at the wrong offset is an illegal
 instruction on the GPU and a buffer larger than the kernel's is refused at launch, so both
 must match exactly.
 """
@@ -57,10 +58,10 @@ def cubin_parameters(cubin: bytes) -> dict:
     return tables
 
 
-def _cubin(source: str, name: str, opts: list) -> bytes:
+def _cubin(source: str, name: str, opts: list, arch: str = "sm_90a") -> bytes:
     program = nvrtc.createProgram(source, name, [], [])
     try:
-        nvrtc.compileProgram(program, [*opts, "-arch=sm_90a"])
+        nvrtc.compileProgram(program, [*opts, f"-arch={arch}"])
         return nvrtc.getCUBIN(program)
     finally:
         nvrtc.destroyProgram(program)
@@ -104,3 +105,39 @@ def test_buffers_without_maps_keep_the_c_layout():
     offsets = launch.param_offsets(signature)
     assert offsets[0] == 0 and list(offsets) == sorted(offsets)
     assert launch.param_packer(signature).size == offsets[-1] + 4  # the last is an int
+
+
+def _entry_specs() -> list:
+    """One spec per entry point and parameter extension: the portable and Hopper forwards and
+    backwards, the head-dim split, the dQ pass, the preprocess, and the kernels that take a
+    block mask's or dropout's parameters or packed sequences."""
+    hopper, ampere = specs.facts_for_arch("sm_90"), specs.facts_for_arch("sm_80")
+    mods = specs.ModFlags
+    found = [specs.select_forward(ampere, "float16", 64, False),
+             specs.select_forward(hopper, "bfloat16", 128, True),
+             specs.select_forward(hopper, "bfloat16", 128, False,
+                                  mods=mods(varlen=True, window=True)),
+             specs.select_forward(hopper, "bfloat16", 64, False, mods=mods(block_sparse=True)),
+             specs.select_forward(hopper, "bfloat16", 64, False, mods=mods(dropout=True)),
+             specs.select_backward(ampere, "float16", 64, False, False),
+             specs.select_backward(ampere, "float16", 64, False, True),
+             specs.select_backward_dq(ampere, "float16", 64, False),
+             specs.select_backward_pre("bfloat16", hopper),
+             specs.select_backward(hopper, "bfloat16", 128, False, True),
+             specs.select_backward(hopper, "bfloat16", 256, True, False),
+             specs.select_backward(hopper, "bfloat16", 64, False, False,
+                                   mods=mods(dropout=True, softcap=True))]
+    return list({spec.name: spec for spec in found}.values())
+
+
+@pytest.mark.parametrize("spec", _entry_specs(), ids=lambda s: s.name)
+def test_every_entry_point_reads_its_parameters_where_the_launcher_packs_them(spec):
+    arch = "sm_90a" if spec.kind in ("fwd90", "bwd90") else "sm_80"
+    signature = launch.signature_of(spec)
+    tables = cubin_parameters(_cubin(compiler.read_source(spec), spec.source,
+                                     compiler.nvrtc_options(spec), arch))
+    entries = [t for name, t in tables.items() if len(t[0]) == len(signature)]
+    assert entries, (spec.name, {n: len(t[0]) for n, t in tables.items()}, len(signature))
+    for offsets, total in entries:
+        assert offsets == launch.param_offsets(signature), spec.name
+        assert total == launch.param_packer(signature).size, spec.name
