@@ -15,7 +15,7 @@
 #                                            hopper_d192 head_dim_v verify_defaults verify_rest
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
-#                                            det_pieces bwd_stages
+#                                            det_pieces bwd_stages det_window
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -208,6 +208,15 @@ for stage in $stages; do
       run_stage bwd_tma bash -c "cd bench/dev && timeout ${BWD_TMA_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 64 128 --seqlen ${BWD_TMA_SEQLENS:-4096 16384} \
         --causal both --ordered --variant CF_BWD_TMA=1" ;;
+    det_window)  # the deterministic backward with a sliding window on the warp-specialized
+      # kernel (ordered dQ, descending key tiles; a candidate): its float64-reference and
+      # bitwise-repeat tests, then TFLOP/s against the atomic mode and the portable kernels
+      # the deterministic mode runs today
+      CUFLASH_POISON=1 run_stage det_window_tests timeout "${DET_WINDOW_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_ordered_window.py
+      run_stage det_window bash -c "cd bench/dev && timeout ${DET_WINDOW_TIMEOUT:-240} $PY \
+        det_window.py 64 128" ;;
     bwd_stages)  # the warp-specialized Hopper backward at head_dim 128 with three Q / dO
       # stages: its float64-reference tests (tests/test_gpu_bwd_stages.py), then beside two,
       # bulk dQ as selected, atomic and ordered (deterministic) in one sweep

@@ -171,7 +171,8 @@ struct OrderedTurns {
 
   __device__ __forceinline__ int turn(int pm0) const {
     const KeyTiles seen_by = key_tiles_of<CF_BLOCK_N, CF_BLOCK_M>(mask, pm0);
-    if (CF_CAUSAL) return seen_by.end - 1 - key_tile;
+    // causal, or a window (whose blocks start with the last key tile too): descending
+    if (CF_CAUSAL || CF_LOCAL) return seen_by.end - 1 - key_tile;
     if (rotate) {  // after the key tiles from the last one starting at or before it
       const int q = pm0 / CF_BLOCK_M - m_first;
       const int first_in = ((q + 1) * n_k + tiles_per_head - 1) / tiles_per_head - 1;

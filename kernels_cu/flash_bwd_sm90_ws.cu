@@ -93,6 +93,12 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 //     did: in descending order nobody waits. In ascending order each key tile waited those
 //     steps for the one before, which idled about half the blocks (H200 d128 causal:
 //     0.47-0.54x the atomic mode, 2026-12-02).
+//   a window (the local mode; causal there is right = 0): descending too, the blocks of a
+//     head starting with its last key tile. Key tile j's walk starts at the first query
+//     tile that sees it, which is no earlier than key tile j - 1's, so j + 1 reaches each
+//     query tile first and adds first; ascending, each would wait for the one before, a
+//     wavefront of the head's key tiles (bench/dev/ordered_turns_model.py: 384 tile steps
+//     against 67 for a 4096-key window at 16k, when the longest walk is 66).
 //   not causal, no window, fixed lengths, n_k <= CF_DQ_ROTATE_KEY_TILES key tiles and at least
 //     as many query tiles (n_q): key tile j starts its walk at query tile j n_q / n_k and wraps
 //     around, so the key tiles reach a query tile at different steps; they add in the order
@@ -448,7 +454,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   const int splits = kv_splits + role_zero;                                                   \
   const TileOrder order = causal_tile_order((long long)max_seqlen_q * head_dim *             \
                                             (2 * sizeof(elem_t) + 4) * (heads_per_kv / splits)); \
-  const int key_tile = !CF_CAUSAL ? (int)blockIdx.x + role_zero                              \
+  const int key_tile = !CF_CAUSAL ? (kOrdered && CF_LOCAL ? (int)(gridDim.x - 1 - blockIdx.x)   \
+                                                         : (int)blockIdx.x) + role_zero       \
                        : kOrdered ? (int)gridDim.x - 1 - order.tile_rank /* lightest first */ \
                                   : order.tile_rank;                                          \
   const int kvh = CF_CAUSAL ? order.head : (int)blockIdx.y + role_zero;                      \

@@ -1,0 +1,121 @@
+"""The deterministic backward with a sliding window on the warp-specialized Hopper kernel
+(ordered dQ in descending key-tile order, the blocks of a head starting with its last key
+tile; bench/dev/ordered_turns_model.py checks the turns without a GPU) against the float64
+reference (``gpu``), bitwise repeatable. A candidate: the selector still gives windows the
+portable kernels in the deterministic mode (registry._ordered_dq) until this has passed.
+Timed by ``gpu_suite.sh det_window``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import plan, reference, specs, testing
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_modifiers as mods_tests
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_modifiers as mods_tests
+
+pytestmark = pytest.mark.gpu
+
+HEAD_DIMS = (64, 128)
+CASES = [c for c in mods_tests.CASES if c[2] is not None]  # those with a window
+LENGTHS = [(131, 131), (203, 97), (257, 301), (700, 1000)]
+
+
+def ordered_window_backward(facts, dtype, head_dim, causal, mods):
+    """The warp-specialized backward of a windowed call with ordered dQ: the atomic mode's
+    spec (its tile, bulk dQ) made ordered; None where the atomic mode is not that kernel."""
+    atomic = _plain_select_backward(facts, dtype, head_dim, causal, False, mods=mods)
+    if not specs.bwd90_warp_specialized(atomic):
+        return None
+    return replace(atomic, dq_ordered=True)
+
+
+_plain_select_backward = specs.select_backward
+
+
+def _select(facts, dtype, head_dim, causal, deterministic, **kwargs):
+    mods = kwargs.get("mods", specs.NO_MODS)
+    if deterministic and mods.window and kwargs.get("wgmma", True):
+        spec = ordered_window_backward(facts, dtype, head_dim, causal, mods)
+        if spec is not None:
+            return spec
+    return _plain_select_backward(facts, dtype, head_dim, causal, deterministic, **kwargs)
+
+
+def _module_specs():
+    """The ordered window specs this module's calls run, and their forwards."""
+    from cuflash import config, launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for case in CASES:
+        flags = mods_tests._flags(case)
+        for dtype in ("float16", "bfloat16"):
+            for d in HEAD_DIMS:
+                spec = ordered_window_backward(facts, dtype, d, case[1], flags)
+                out += [spec] if spec is not None else []
+                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], flags)
+                out += gh.shape_specs(shape, facts, config.Config(), forward=True)
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+@pytest.fixture
+def ordered_windows(monkeypatch):
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the warp-specialized backward is Hopper's")
+    monkeypatch.setattr(specs, "select_backward", _select)
+    gh.forget_planned_calls()
+    yield
+    gh.forget_planned_calls()
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_matches_reference_and_repeats(ordered_windows, case, head_dim, dtype,
+                                                seqlen_q, seqlen_k):
+    from cuflash import launch
+
+    _, causal, *_ = case
+    picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, causal, True,
+                                   mods=mods_tests._flags(case))
+    if not specs.bwd90_warp_specialized(picked):
+        pytest.skip(f"{picked.name}: the atomic mode is not the warp-specialized kernel here")
+    assert picked.dq_ordered and picked.mods.window, picked.name
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                                   head_dim=head_dim)
+    label = f"ordered window {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gmods = mods_tests._on_gpu(mods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+    o_host = gh.to_host(o, dtype)
+    runs = [cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                       deterministic=True, **gmods) for _ in range(2)]
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **mods)
+    scale = testing.magnitude(*refs[:3])
+    few = mods_tests._few_keys(seqlen_q, seqlen_k, causal, mods["window"])
+    first = [gh.to_host(g, dtype) for g in runs[0][:3]]
+    for name, got, ref, naive in zip(("dq", "dk", "dv"), first, refs, naives):
+        mods_tests._judge(f"{name} [{label}]", got, ref, naive, dtype, scale, few)
+    for name, a, b in zip(("dq", "dk", "dv"), first, runs[1][:3]):
+        assert np.array_equal(a, gh.to_host(b, dtype)), f"{name} differs between runs [{label}]"
