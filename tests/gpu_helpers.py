@@ -436,6 +436,16 @@ def selector_with_knob(monkeypatch, name: str, knob):
     forget_planned_calls()
 
 
+def hopper_selector_with_knob(monkeypatch, name: str, knob, why: str):
+    """``selector_with_knob`` on a Hopper GPU; elsewhere the test is skipped for ``why``."""
+    import cupy
+    import pytest
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip(why)
+    yield from selector_with_knob(monkeypatch, name, knob)
+
+
 def module_setup(module_specs: Callable[[], Iterable]):
     """(autouse module fixture, test) for a GPU test module: ``gpu_module_env`` with
     ``module_specs`` compiled ahead, and the test that lists what failed to compile. Assign

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs, testing
+from cuflash import plan, specs
 
 try:
     import gpu_helpers as gh
@@ -57,11 +56,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 @pytest.fixture
 def dq_first(monkeypatch):
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the knob is the Hopper backward's")
-    yield from gh.selector_with_knob(monkeypatch, "select_backward", _with_knob)
+    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _with_knob,
+                                            "the knob is the Hopper backward's")
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
@@ -76,20 +72,4 @@ def test_backward_matches_reference(dq_first, case, head_dim, dtype, seqlen_q, s
     picked = specs.select_backward(facts, dtype, head_dim, causal, False,
                                    mods=mods_tests._flags(case))
     assert (KNOB, 1) in picked.knobs, picked.name
-    rng = gh.rng_for()
-    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                   head_dim=head_dim)
-    label = f"dq_first {case[0]} {gh.describe(q, k, dtype, causal, None)}"
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    gmods = mods_tests._on_gpu(mods)
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
-    o_host = gh.to_host(o, dtype)
-    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal, **gmods)
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **mods)
-    scale = testing.magnitude(*refs[:3])
-    few = mods_tests._few_keys(seqlen_q, seqlen_k, causal, mods["window"])
-    for name, got, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
-        mods_tests._judge(f"{name} [{label}]", gh.to_host(got, dtype), ref, naive, dtype,
-                          scale, few)
+    mods_tests.check_backward(case, dtype, seqlen_q, seqlen_k, head_dim, "dq_first")

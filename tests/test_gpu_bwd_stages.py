@@ -11,8 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs, testing
+from cuflash import plan, specs
 
 try:
     import gpu_helpers as gh
@@ -66,11 +65,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 @pytest.fixture
 def three_stages(monkeypatch):
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the warp-specialized backward is Hopper's")
-    yield from gh.selector_with_knob(monkeypatch, "select_backward", _three_stages)
+    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _three_stages,
+                                            "the warp-specialized backward is Hopper's")
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
@@ -87,26 +83,8 @@ def test_backward_matches_reference(three_stages, case, dtype, deterministic, se
     if not specs.bwd90_warp_specialized(picked):  # the deterministic mode with a window
         pytest.skip(f"{picked.name}: not the warp-specialized backward")
     assert picked.stages == STAGES and picked.dq_ordered == deterministic, picked.name
-    rng = gh.rng_for()
-    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                   head_dim=HEAD_DIM)
-    label = f"stages {STAGES} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    gmods = mods_tests._on_gpu(mods)
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
-    o_host = gh.to_host(o, dtype)
-    grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                       deterministic=deterministic, **gmods)
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **mods)
-    scale = testing.magnitude(*refs[:3])
-    few = mods_tests._few_keys(seqlen_q, seqlen_k, causal, mods["window"])
-    hosts = [gh.to_host(g, dtype) for g in grads]
-    for name, got, ref, naive in zip(("dq", "dk", "dv"), hosts, refs, naives):
-        mods_tests._judge(f"{name} [{label}]", got, ref, naive, dtype, scale, few)
+    got, again = mods_tests.check_backward(case, dtype, seqlen_q, seqlen_k, HEAD_DIM,
+                                           f"stages {STAGES}", deterministic)
     if deterministic:  # the same call again leaves the same bits
-        again = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                           deterministic=True, **gmods)
-        for name, first, second in zip(("dq", "dk", "dv"), hosts, again):
-            assert np.array_equal(first, gh.to_host(second, dtype)), name
+        for name, first, second in zip(("dq", "dk", "dv"), got, again()):
+            assert np.array_equal(first, second), name

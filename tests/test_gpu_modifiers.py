@@ -128,6 +128,36 @@ def check_forward(case, dtype: str, seqlen_q: int, seqlen_k: int, head_dim: int,
     gh.assert_stats_match("l", gh.to_host(stats.l), l_ref, dtype=dtype, label=label)
 
 
+def check_backward(case, dtype: str, seqlen_q: int, seqlen_k: int, head_dim: int,
+                   label: str, deterministic: bool = False) -> tuple:
+    """The library's forward and backward on the GPU for ``case``: dq, dk and dv against the
+    float64 reference (the knob test modules' check). Returns the gradients on the host and
+    a function that runs the same backward again and returns its gradients (repeatability)."""
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods = _inputs(rng, case, dtype, seqlen_q, seqlen_k,
+                                        head_dim=head_dim)
+    label = f"{label} {case[0]} {gh.describe(q, k, dtype, causal, None)}"
+    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
+    gmods = _on_gpu(mods)
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
+
+    def backward() -> list:
+        grads = cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
+                                           deterministic=deterministic, **gmods)
+        return [gh.to_host(g, dtype) for g in grads[:3]]
+
+    got = backward()
+    refs = reference.attention_backward_reference(do, q, k, v, causal=causal,
+                                                  o=gh.to_host(o, dtype), **mods)
+    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
+                                                dtype=gh.np_dtype(dtype), **mods)
+    scale = testing.magnitude(*refs[:3])
+    few = _few_keys(seqlen_q, seqlen_k, causal, mods["window"])
+    for name, g, ref, naive in zip(("dq", "dk", "dv"), got, refs, naives):
+        _judge(f"{name} [{label}]", g, ref, naive, dtype, scale, few)
+    return got, backward
+
+
 def _few_keys(seqlen_q, seqlen_k, causal, window) -> bool:
     counts = reference._visible(seqlen_q, seqlen_k, causal, window).sum(axis=1)
     return bool(((counts > 0) & (counts < MIN_KEYS)).any())

@@ -13,8 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import cuflash
-from cuflash import plan, reference, specs, testing
+from cuflash import plan, specs
 
 try:
     import gpu_helpers as gh
@@ -42,13 +41,15 @@ def ordered_window_backward(facts, dtype, head_dim, causal, mods):
 _plain_select_backward = specs.select_backward
 
 
-def _select(facts, dtype, head_dim, causal, deterministic, **kwargs):
-    mods = kwargs.get("mods", specs.NO_MODS)
-    if deterministic and mods.window and kwargs.get("wgmma", True):
-        spec = ordered_window_backward(facts, dtype, head_dim, causal, mods)
-        if spec is not None:
-            return spec
-    return _plain_select_backward(facts, dtype, head_dim, causal, deterministic, **kwargs)
+def _ordered(spec):
+    """The selector's deterministic windowed spec as the ordered warp-specialized one."""
+    from cuflash import launch
+
+    if spec.kind == "bwd90" or not spec.deterministic or not spec.mods.window:
+        return spec
+    ordered = ordered_window_backward(launch.device_facts(0), spec.dtype, spec.head_dim,
+                                      spec.causal, spec.mods)
+    return ordered or spec
 
 
 def _module_specs():
@@ -75,14 +76,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 @pytest.fixture
 def ordered_windows(monkeypatch):
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the warp-specialized backward is Hopper's")
-    monkeypatch.setattr(specs, "select_backward", _select)
-    gh.forget_planned_calls()
-    yield
-    gh.forget_planned_calls()
+    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _ordered,
+                                            "the warp-specialized backward is Hopper's")
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
@@ -99,23 +94,7 @@ def test_backward_matches_reference_and_repeats(ordered_windows, case, head_dim,
     if not specs.bwd90_warp_specialized(picked):
         pytest.skip(f"{picked.name}: the atomic mode is not the warp-specialized kernel here")
     assert picked.dq_ordered and picked.mods.window, picked.name
-    rng = gh.rng_for()
-    q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, seqlen_q, seqlen_k,
-                                                   head_dim=head_dim)
-    label = f"ordered window {case[0]} {gh.describe(q, k, dtype, causal, None)}"
-    gq, gk, gv, gdo = (gh.to_gpu(x) for x in (q, k, v, do))
-    gmods = mods_tests._on_gpu(mods)
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal, **gmods)
-    o_host = gh.to_host(o, dtype)
-    runs = [cuflash.attention_backward(gdo, gq, gk, gv, o, stats, causal=causal,
-                                       deterministic=True, **gmods) for _ in range(2)]
-    refs = reference.attention_backward_reference(do, q, k, v, causal=causal, o=o_host, **mods)
-    naives = reference.attention_backward_naive(do, q, k, v, causal=causal,
-                                                dtype=gh.np_dtype(dtype), **mods)
-    scale = testing.magnitude(*refs[:3])
-    few = mods_tests._few_keys(seqlen_q, seqlen_k, causal, mods["window"])
-    first = [gh.to_host(g, dtype) for g in runs[0][:3]]
-    for name, got, ref, naive in zip(("dq", "dk", "dv"), first, refs, naives):
-        mods_tests._judge(f"{name} [{label}]", got, ref, naive, dtype, scale, few)
-    for name, a, b in zip(("dq", "dk", "dv"), first, runs[1][:3]):
-        assert np.array_equal(a, gh.to_host(b, dtype)), f"{name} differs between runs [{label}]"
+    got, again = mods_tests.check_backward(case, dtype, seqlen_q, seqlen_k, head_dim,
+                                           "ordered window", deterministic=True)
+    for name, first, second in zip(("dq", "dk", "dv"), got, again()):
+        assert np.array_equal(first, second), f"{name} differs between runs [{case[0]}]"
