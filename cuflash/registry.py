@@ -361,12 +361,12 @@ FWD90_OVERLAP_OFF_WHEN = {
 #     +1% on average); softcap GQA +2-4% in every call. Causal lost 1-2% at 1k and 4k even
 #     with the split priced (call 3), so causal d128 keeps one block per tile.
 # Not where a block's work is unknown ahead (packed sequences, block masks), not with dropout
-# until test_gpu_dropout has run with it (session 20's call 4 lost its machine), nor where the
-# three-consumer d64 tile spills with it (NVRTC 13.5, every set of up to two modifiers: a
-# window, softcap or dropout, 4-136 B).
+# until it is timed (test_gpu_fwd_persistent's dropout, packed and block-mask tests passed on
+# an H100, session 27: 1,399 tests), nor where the three-consumer d64 tile spills with it
+# (NVRTC 13.5, every set of up to two modifiers: a window, softcap or dropout, 4-136 B).
 FWD90_PERSISTENT = {64: True, 128: False}
 FWD90_PERSISTENT_OFF_WHEN = (("varlen",), ("block_sparse",),
-                             ("dropout",))  # compiles clean; its GPU tests have not run yet
+                             ("dropout",))  # tested, not timed (above)
 FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
