@@ -15,7 +15,7 @@
 #                                            hopper_d192 head_dim_v verify_defaults verify_rest
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
-#                                            det_pieces bwd_stages det_window
+#                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -363,6 +363,16 @@ for stage in $stages; do
             --section Occupancy --page details \
             $PY bench/dev/fwd_profile.py --head-dim "${row%%:*}" --seqlen "${row##*:}"
         done
+      done ;;
+    varlen_ncu)  # #14's varlen gap (1.107x dense at 2 x 8192, d128, session 27): ncu's
+      # throughput, scheduler and warp-state sections of the dense forward as selected
+      # (persistent), the dense forward one block per tile, and the packed one
+      for mode in selected one-block-per-tile varlen; do
+        flag=$([ "$mode" = selected ] || echo "--$mode")
+        run_stage "varlen_ncu_$mode" ncu --clock-control none -k regex:flash_fwd -s 2 -c 1 \
+          --section SpeedOfLight --section SchedulerStats --section WarpStateStats \
+          --section LaunchStats --page details \
+          $PY bench/dev/fwd_profile.py --head-dim 128 --seqlen 8192 $flag
       done ;;
     fwd_times)  # forward kernel durations alone (ncu, one metric: no replay), an older tree
       # ($AB_OLD) and this one, three turns, the older first in odd turns; FWD_TIMES_ARGS picks

@@ -23,10 +23,20 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--tma", action="store_true",
                         help="the warp-specialized forward with bulk tensor copies")
+    parser.add_argument("--varlen", action="store_true",
+                        help="the same batch as packed sequences of equal length")
+    parser.add_argument("--one-block-per-tile", action="store_true",
+                        help="the selected forward without persistent blocks")
     args = parser.parse_args(argv)
     import torch
 
     import cuflash
+
+    if args.one_block_per_tile:  # dense against packed, the walk alike
+        from cuflash import specs
+
+        chosen = specs.select_forward
+        specs.select_forward = lambda *a, **k: chosen(*a, **k).without_knob("CF_FWD_PERSISTENT")
 
     if args.tma or os.environ.get("CUFLASH_TEST_TMA") == "1":  # the TMA candidate's loads
         from cuflash import specs
@@ -37,7 +47,13 @@ def main(argv=None) -> int:
     batch, heads = TOKENS // args.seqlen, WIDTH // args.head_dim
     q, k, v = (torch.randn((batch, args.seqlen, heads, args.head_dim), device="cuda",
                            dtype=torch.bfloat16) for _ in range(3))
-    for _ in range(args.calls):
+    if args.varlen:
+        cu = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * args.seqlen
+        packed = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+        for _ in range(args.calls):
+            cuflash.attention_varlen_forward(*packed, cu, cu, args.seqlen, args.seqlen,
+                                             causal=args.causal)
+    for _ in range(0 if args.varlen else args.calls):
         cuflash.attention_forward(q, k, v, causal=args.causal)
     torch.cuda.synchronize()
     return 0
