@@ -535,8 +535,9 @@ BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
 
 def _ordered_dq(tile: Tile, knobs: frozenset) -> bool:
     """bwd90's tiles with ordered dQ (the deterministic mode): the warp-specialized ones,
-    without a window (the key tiles a query tile waits for must be exactly those that visit
-    it; for windows that is not shown yet, so they keep the portable kernels)."""
+    without a window or block mask. A window's ordered mode (descending key tiles, checked by
+    bench/dev/ordered_turns_model.py) waits for tests/test_gpu_ordered_window.py to run on a
+    GPU; until then windows keep the portable kernels. A block mask skips tiles, and turns."""
     return tile.warps == 12 and "window" not in knobs and "block_sparse" not in knobs
 
 
