@@ -176,6 +176,14 @@ _backward_calls: dict = {}
 _modified_calls: dict = {}
 
 
+def forget_planned_calls() -> None:
+    """Drop the plans and recorded calls made so far, so the next call asks the selector
+    again (for tests and benchmarks that patch the selector or the registry)."""
+    for memo in (planning._forward_plans, planning._backward_plans, _forward_calls,
+                 _backward_calls, _modified_calls):
+        memo.clear()
+
+
 class _Call(NamedTuple):
     problem: object  # validate.ForwardProblem / BackwardProblem
     shape: Shape

@@ -382,6 +382,16 @@ def clustered(spec: KernelSpec) -> bool:
     return ("CF_FWD_CLUSTER", 2) in spec.knobs
 
 
+def with_ordered_dq(spec: KernelSpec) -> KernelSpec | None:
+    """The warp-specialized backward ``spec`` (the atomic mode's) with ordered dQ, where the
+    selector's deterministic mode keeps the portable kernels: a candidate for windows
+    (descending key tiles, bench/dev/ordered_turns_model.py; tests/test_gpu_ordered_window.py).
+    None for another kernel."""
+    if spec.kind != "bwd90" or not bwd90_warp_specialized(spec):
+        return None
+    return replace(spec, dq_ordered=True)
+
+
 def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
     copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. A candidate for

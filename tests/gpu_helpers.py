@@ -416,13 +416,10 @@ def gpu_module_env(module_specs: Callable[[], Iterable] | None = None,
 
 
 def forget_planned_calls() -> None:
-    """Drop the plans and fast-path records of earlier calls, so the next call asks the
-    selector again (after a test patched it or the registry)."""
+    """Drop the plans and fast-path records of earlier calls (``fastpath``'s)."""
     from cuflash import fastpath
 
-    for memo in (planning._forward_plans, planning._backward_plans, fastpath._forward_calls,
-                 fastpath._backward_calls, fastpath._modified_calls):
-        memo.clear()
+    fastpath.forget_planned_calls()
 
 
 def selector_with_knob(monkeypatch, name: str, knob):

@@ -8,8 +8,6 @@ Timed by ``gpu_suite.sh det_window``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -32,10 +30,8 @@ LENGTHS = [(131, 131), (203, 97), (257, 301), (700, 1000)]
 def ordered_window_backward(facts, dtype, head_dim, causal, mods):
     """The warp-specialized backward of a windowed call with ordered dQ: the atomic mode's
     spec (its tile, bulk dQ) made ordered; None where the atomic mode is not that kernel."""
-    atomic = _plain_select_backward(facts, dtype, head_dim, causal, False, mods=mods)
-    if not specs.bwd90_warp_specialized(atomic):
-        return None
-    return replace(atomic, dq_ordered=True)
+    return specs.with_ordered_dq(_plain_select_backward(facts, dtype, head_dim, causal, False,
+                                                        mods=mods))
 
 
 _plain_select_backward = specs.select_backward

@@ -12,13 +12,12 @@ causal, left + right + 1 otherwise).
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 import torch
 from devtools import time_ms
 
 import cuflash
-from cuflash import fastpath, plan, specs
+from cuflash import fastpath, specs
 
 _plain = specs.select_backward
 
@@ -26,16 +25,10 @@ _plain = specs.select_backward
 def _ordered_windows(facts, dtype, head_dim, causal, deterministic, **kwargs):
     mods = kwargs.get("mods", specs.NO_MODS)
     if deterministic and mods.window:
-        atomic = _plain(facts, dtype, head_dim, causal, False, **kwargs)
-        if specs.bwd90_warp_specialized(atomic):
-            return replace(atomic, dq_ordered=True)
+        ordered = specs.with_ordered_dq(_plain(facts, dtype, head_dim, causal, False, **kwargs))
+        if ordered is not None:
+            return ordered
     return _plain(facts, dtype, head_dim, causal, deterministic, **kwargs)
-
-
-def _forget():
-    for memo in (plan._forward_plans, plan._backward_plans, fastpath._forward_calls,
-                 fastpath._backward_calls, fastpath._modified_calls):
-        memo.clear()
 
 
 def visible_pairs(s: int, left: int, right: int) -> int:
@@ -56,13 +49,13 @@ def main(head_dims) -> None:
                                              ("det portable", True, _plain),
                                              ("det ordered", True, _ordered_windows)):
                     specs.select_backward = selector
-                    _forget()
+                    fastpath.forget_planned_calls()
                     ms = time_ms(lambda: cuflash.attention_backward(
                         do, q, k, v, o, stats, causal=causal, window=window,
                         deterministic=det))
                     row.append(f"{label} {flops / ms / 1e9:6.1f}")
                 specs.select_backward = _plain
-                _forget()
+                fastpath.forget_planned_calls()
                 print(f"d{d} {s:>5} window {window}{' causal' if causal else ''}:  "
                       + "  ".join(row) + " TFLOP/s", flush=True)
 

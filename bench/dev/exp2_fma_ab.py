@@ -61,7 +61,7 @@ def _with_knob(spec, value: int):
 
 
 def _use_knob(value: int) -> None:
-    from cuflash import fastpath, plan, specs
+    from cuflash import fastpath, specs
 
     original = getattr(specs, "_select_forward_plain", None) or specs.select_forward
     specs._select_forward_plain = original
@@ -70,9 +70,7 @@ def _use_knob(value: int) -> None:
         return _with_knob(original(*args, **kwargs), value)
 
     specs.select_forward = select
-    for memo in (fastpath._forward_calls, fastpath._backward_calls, fastpath._modified_calls,
-                 plan._forward_plans):
-        memo.clear()
+    fastpath.forget_planned_calls()
 
 
 def _precompile(problems, values) -> None:
