@@ -16,6 +16,7 @@
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces bwd_stages det_window varlen_ncu
+#                                            tma_verify
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -185,6 +186,21 @@ for stage in $stages; do
           bench/dev/exp2_fma_ab.py --knob CF_FWD_CLUSTER --values 0,2 --head-dims 128 \
           --rows $rows --rounds 5 --out "$OUT/results/fwd_cluster_$rows.json"
       done ;;
+    tma_verify)  # the TMA kernels after session 27's parameter-offset fix (launch.param_packer),
+      # in one call: the probe and the plain forward first (stop there if they fail), the
+      # forward's, cluster's and backward's float64-reference tests, then TFLOP/s with and
+      # without TMA at 16k tokens (fwd_tma and bwd_tma run the full sets and sanitizers)
+      CUFLASH_POISON=1 run_stage tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
+        -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
+        "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel" || continue
+      CUFLASH_POISON=1 run_stage tma_tests timeout "${TMA_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_tma.py -k "not d256"
+      run_stage tma_memcheck timeout "${SANITIZE_TIME:-90}" compute-sanitizer \
+        --tool memcheck --error-exitcode 1 $PY bench/dev/sanitize_persistent.py --tma
+      run_stage fwd_tma_tokens timeout "${FWD_TMA_TIMEOUT:-120}" $PY \
+        bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
+        --rows tokens --rounds 3 --out "$OUT/results/fwd_tma_tokens.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
       # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with
       # and without TMA (candidates, not selected): their float64-reference tests, then
