@@ -16,7 +16,7 @@
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces bwd_stages det_window varlen_ncu
-#                                            tma_verify
+#                                            tma_verify dropout_ab
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -201,6 +201,16 @@ for stage in $stages; do
       run_stage fwd_tma_tokens timeout "${FWD_TMA_TIMEOUT:-120}" $PY \
         bench/dev/exp2_fma_ab.py --knob CF_FWD_TMA --values 0,1 --head-dims 64,128 \
         --rows tokens --rounds 3 --out "$OUT/results/fwd_tma_tokens.json" ;;
+    dropout_ab)  # #15's dropout cost on the Hopper kernels: the forward drawing its kept flags
+      # while its products run (CF_FWD_DROP_EARLY, a candidate): bitwise against the selection,
+      # the kept set, the float64 reference (tests/test_gpu_fwd_drop_early.py); then step,
+      # forward and backward times of no dropout, the selection, the candidate, it persistent,
+      # and 7 Philox rounds (timing only), beside SDPA's flash (bench/dev/dropout_ab.py)
+      CUFLASH_POISON=1 run_stage drop_early_tests timeout "${DROP_EARLY_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_fwd_drop_early.py
+      run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
+        --rounds "${DROPOUT_AB_ROUNDS:-3}" --out "$OUT/results/dropout_ab.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
       # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with
       # and without TMA (candidates, not selected): their float64-reference tests, then

@@ -208,12 +208,18 @@ struct Dropout {
   __device__ __forceinline__ void drop_p(float (&p)[NT][4], unsigned int bh, int r0,
                                          int c0) const {
     if constexpr (CF_DROPOUT) {  // (keep_bits<NT> is not instantiated without: NT may be 22)
-      const unsigned long long bits = keep_bits<NT>(bh, r0, c0);
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[t][e] = bit(bits, t, e) ? p[t][e] : 0.f;
+      drop_p_with(p, keep_bits<NT>(bh, r0, c0));
     }
+  }
+  // The same with the flags made earlier (keep_bits<NT>(bh, r0, c0)): a kernel draws them
+  // while its products run and applies them after the softmax.
+  template <int NT>
+  __device__ __forceinline__ static void drop_p_with(float (&p)[NT][4],
+                                                     unsigned long long bits) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[t][e] = bit(bits, t, e) ? p[t][e] : 0.f;
   }
 };
 

@@ -149,6 +149,13 @@ constexpr bool kPingPong = CF_FWD_PINGPONG;
 // epilogue follows. Its Q then needs a second buffer (written in session 20, not yet run).
 constexpr bool kPersistent = CF_FWD_PERSISTENT >= 1;
 constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
+// Dropout's kept flags drawn while the tile's products run (a knob, CF_FWD_DROP_EARLY=1;
+// the backward draws them there already), instead of after the softmax where the Philox
+// rounds lengthen the turn the other warpgroup's products wait on. The same flags either way.
+#ifndef CF_FWD_DROP_EARLY
+#define CF_FWD_DROP_EARLY 0
+#endif
+constexpr bool kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY;
 // Arrivals that complete a full mbarrier's phase: every producer thread's cp.async, or the
 // one TMA thread's arrival (its boxes' bytes count separately). (Enums, not constexpr
 // variables: those leave a symbol in the PTX.)
@@ -411,6 +418,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
     wgmma_commit();
     their_turn();
+    unsigned long long keep = ~0ull;
+    if constexpr (kDropEarly) keep = drop.keep_bits<kNT>(bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
     wgmma_wait<1>();  // S(it) is ready; P V of it - 1 may still run
     wgmma_fence_regs(s);
     const RowOffsets row_off = tile.modify_and_mask(s, j, rows);
@@ -420,7 +429,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     __syncwarp();
     release(bars.empty(prev));  // K and V of it - 1 are read
     rescale_acc(acc, alpha);
-    drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+    if constexpr (kDropEarly) {
+      Dropout::drop_p_with(s, keep);
+    } else {
+      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+    }
     sm90_pack_p<CF_BLOCK_N>(p16, s);
   };
 
@@ -563,14 +576,20 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
                                                    s_k_sa + kv_loads % CF_STAGES * kTileKV);
       wgmma_commit();
       their_turn();
+      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
+      const int j_first = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
+      unsigned long long keep = ~0ull;
+      if constexpr (kDropEarly)
+        keep = drop.keep_bits<kNT>(bh, tile.row0, j_first * CF_BLOCK_N + 2 * tig);
       wgmma_wait<0>();
       wgmma_fence_regs(s);
-      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
-      const RowOffsets row_off =
-          tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
+      const RowOffsets row_off = tile.modify_and_mask(s, j_first, rows);
       softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
-      drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
-                                        2 * tig);  // after l_i: m, l undropped
+      if constexpr (kDropEarly) {  // after l_i: m, l undropped
+        Dropout::drop_p_with(s, keep);
+      } else {
+        drop.drop_p(s, bh, tile.row0, j_first * CF_BLOCK_N + 2 * tig);
+      }
       sm90_pack_p<CF_BLOCK_N>(p16, s);
 
 #pragma unroll 1

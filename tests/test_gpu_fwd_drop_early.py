@@ -1,0 +1,149 @@
+"""The warp-specialized Hopper forward drawing dropout's kept flags while its products run
+(``CF_FWD_DROP_EARLY=1``, a candidate) against the same forward drawing them after the
+softmax (``gpu``): the flags are the same, so the outputs and the statistics must be equal
+bit for bit; the kept set read back exactly against ``cuflash.dropout_mask``; and a few
+cases against the float64 reference, persistent blocks too. Timed by
+bench/dev/dropout_ab.py (``gpu_suite.sh dropout_ab``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import plan, specs
+from cuflash.registry import fwd90_warp_specialized
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_dropout as dropout_tests
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_dropout as dropout_tests
+
+pytestmark = pytest.mark.gpu
+
+KNOB = "CF_FWD_DROP_EARLY"
+HEAD_DIMS = (64, 128)
+CASES = dropout_tests.CASES  # plain, causal GQA, window + ALiBi, softcap + sinks, block mask
+LENGTHS = [(131, 131), (389, 1029), (777, 260)]
+
+
+def _early(spec, persistent=False):
+    if not (fwd90_warp_specialized(spec) and spec.mods.dropout):
+        return spec
+    spec = spec.with_knobs(**{KNOB: 1})
+    return spec.with_knobs(**{plan.PERSISTENT: 1}) if persistent else spec
+
+
+def _module_specs():
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for _, causal, _, _, extra, sparse in CASES:
+        flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
+                               extra.get("alibi_slopes"), extra.get("sinks"), causal,
+                               block_sparse=sparse, dropout=True)
+        for dtype in ("float16", "bfloat16"):
+            for d in HEAD_DIMS:
+                spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
+                out += [spec, _early(spec), _early(spec, persistent=True)]
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+def _forward(q, k, v, causal, kwargs, knob):
+    """cuflash's forward with the selector passing every spec through ``knob``, and the
+    spec its plan ran."""
+    from cuflash import fastpath
+
+    plain = specs.select_forward
+    specs.select_forward = lambda *a, **kw: knob(plain(*a, **kw))
+    fastpath.forget_planned_calls()
+    try:
+        o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
+        ran = [p.kernel.spec for p in plan._forward_plans.values()]
+        return o, stats, ran
+    finally:
+        specs.select_forward = plain
+        fastpath.forget_planned_calls()
+
+
+def _hopper_only():
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the knob is a Hopper forward's")
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile", "persistent"])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_equal_to_drawing_after_the_softmax(case, head_dim, seqlen_q, seqlen_k, persistent):
+    """Bit for bit the forward that draws the flags after the softmax (o, m, l)."""
+    import cupy
+
+    _hopper_only()
+    rng = gh.rng_for()
+    q, k, v, _, causal, mods, issue15 = dropout_tests._inputs(
+        rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
+    kwargs = dropout_tests._on_gpu({**mods, **issue15})
+    q, k, v = (gh.to_gpu(x) for x in (q, k, v))
+    want_o, want_stats, before = _forward(q, k, v, causal, kwargs, lambda spec: spec)
+    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs, lambda s: _early(s, persistent))
+    label = f"{case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent}"
+    assert [dict(s.knobs).get(KNOB) for s in ran] == [1], (ran, label)
+    assert not any(dict(s.knobs).get(KNOB) for s in before), (before, label)
+    assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
+    for name in ("m", "l"):
+        assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
+            f"{name}: {label}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_kept_set_is_dropout_mask(head_dim, causal):
+    """With q = 0 and v the identity over a chunk of keys, o shows the kept set."""
+    _hopper_only()
+    rng = gh.rng_for()
+    batch, heads, seqlen_q, seqlen_k = 2, 3, 300, 2 * head_dim + 40
+    drop = dropout_tests._seed(rng)
+    want = cuflash.dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p=dropout_tests.P,
+                                seed=drop["dropout_seed"], offset=drop["dropout_offset"])
+    if causal:
+        want &= np.tril(np.ones((seqlen_q, seqlen_k), bool), seqlen_k - seqlen_q)
+    q = gh.to_gpu(np.zeros((batch, seqlen_q, heads, head_dim), gh.np_dtype("bfloat16")))
+    k = gh.to_gpu(gh.randn(rng, (batch, seqlen_k, heads, head_dim), "bfloat16"))
+    kept = np.zeros_like(want)
+    for c0, n, eye in dropout_tests._identity_chunks(seqlen_k, head_dim, "bfloat16"):
+        v = gh.to_gpu(dropout_tests._broadcast(eye, batch, heads))
+        o, _, ran = _forward(q, k, v, causal, drop, _early)
+        assert [dict(s.knobs).get(KNOB) for s in ran] == [1], ran
+        kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
+    np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
+
+
+@pytest.fixture
+def early(monkeypatch):
+    yield from gh.hopper_selector_with_knob(monkeypatch, "select_forward", _early,
+                                            "the knob is a Hopper forward's")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_backward_match_reference(early, case, dtype):
+    from cuflash import launch
+
+    flags = plan.mod_flags(case[4].get("window"), case[4].get("softcap"),
+                           case[4].get("alibi_slopes"), case[4].get("sinks"), case[1],
+                           block_sparse=case[5], dropout=True)
+    picked = specs.select_forward(launch.device_facts(0), dtype, 128, case[1], mods=flags)
+    assert dict(picked.knobs).get(KNOB) == 1, picked.name
+    dropout_tests._check("early", case, dtype, 389, 777, 128)
