@@ -1,13 +1,16 @@
 """Block-sparse attention against dense on the GPU (issue #15): forward and backward time of
 the same call with a random block mask of a given density, CUDA-event medians after warm-up.
 
-    python bench/block_sparse.py [--seqlen 16384] [--density 0.1] [--flex] [--json out.json]
+    python bench/block_sparse.py [--seqlen 16384] [--density 0.1] [--flex] [--persistent]
+                                 [--json out.json]
 
 Dense FLOPs are 4 B H S^2 D (x2.5 backward); the sparse call's "dense-equivalent" speed-up is
 dense time / sparse time, next to the kept fraction of blocks (the ideal speed-up is about
 1 / kept). ``--flex``: the same mask through torch's FlexAttention (``flex_attention``
 compiled, a ``BlockMask`` of the same 128 x 128 blocks), in the same process, forward and
-forward+backward on torch tensors beside cuflash.torch's.
+forward+backward on torch tensors beside cuflash.torch's. ``--persistent``: the sparse
+forward again with the Hopper forward's persistent blocks (CF_FWD_PERSISTENT=1, a candidate:
+the selection keeps one block per tile under a block mask), its output compared bit for bit.
 """
 
 from __future__ import annotations
@@ -69,7 +72,26 @@ def _flex(q, k, v, do, mask, causal, block) -> dict:
             _ms(ours_step)}
 
 
-def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False) -> dict:
+def _persistent_forward(on: bool) -> None:
+    """The forward selector with (on) or without persistent blocks under a block mask, on
+    the warp-specialized Hopper forward; plans made before are forgotten."""
+    from cuflash import fastpath, plan, specs
+
+    plain = getattr(specs, "_plain_select_forward", None) or specs.select_forward
+    specs._plain_select_forward = plain
+
+    def select(*a, **kw):
+        spec = plain(*a, **kw)
+        if spec.mods.block_sparse and specs.fwd90_warp_specialized(spec):
+            return spec.with_knobs(**{plan.PERSISTENT: 1})
+        return spec
+
+    specs.select_forward = select if on else plain
+    fastpath.forget_planned_calls()
+
+
+def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False,
+        persistent=False) -> dict:
     import cupy
 
     import cuflash
@@ -92,6 +114,22 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=Fals
         out[f"{name}_bwd_ms"] = _ms(
             lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                                block_mask=bm))
+    if persistent:
+        want, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
+        _persistent_forward(True)
+        try:
+            got, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
+            from cuflash import plan
+
+            out["sparse_pers_spec"] = [p.kernel.spec.name for p in plan._forward_plans.values()]
+            out["sparse_pers_equal"] = bool(cupy.array_equal(got.view(cupy.uint16),
+                                                             want.view(cupy.uint16)))
+            out["sparse_pers_fwd_ms"] = _ms(
+                lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
+        finally:
+            _persistent_forward(False)
+        out["sparse_fwd_ms_again"] = _ms(
+            lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
     if flex:
         out.update(_flex(q, k, v, do, mask, causal, block))
     flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
@@ -112,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--flex", action="store_true", help="FlexAttention beside (torch)")
     p.add_argument("--causal", default="0,1", help="comma-separated 0 / 1")
+    p.add_argument("--persistent", action="store_true",
+                   help="the sparse forward with persistent blocks too (a candidate)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import ml_dtypes
@@ -120,7 +160,7 @@ def main(argv=None) -> int:
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (bool(int(c)) for c in args.causal.split(",")):
             r = run(args.batch, args.heads, args.seqlen, d, args.density, causal,
-                    ml_dtypes.bfloat16, args.block, args.flex)
+                    ml_dtypes.bfloat16, args.block, args.flex, args.persistent)
             rows.append(r)
             if args.flex:
                 print(f"d{d} {'causal' if causal else 'full  '} FlexAttention / cuflash.torch: "
@@ -133,6 +173,12 @@ def main(argv=None) -> int:
                   f"bwd {r['dense_bwd_ms']:.3f} -> {r['sparse_bwd_ms']:.3f} ms "
                   f"({r['speedup_bwd']:.2f}x; dense {r['dense_bwd_tflops']:.0f} TFLOP/s)",
                   flush=True)
+            if args.persistent:
+                print(f"d{d} {'causal' if causal else 'full  '} persistent sparse forward "
+                      f"{r['sparse_pers_fwd_ms']:.3f} ms against {r['sparse_fwd_ms']:.3f} / "
+                      f"{r['sparse_fwd_ms_again']:.3f} (before / after; "
+                      f"{'bitwise equal' if r['sparse_pers_equal'] else 'OUTPUT DIFFERS'}; "
+                      f"{r['sparse_pers_spec']})", flush=True)
     if args.json:
         from real_workloads import save_rows
 

@@ -16,7 +16,7 @@
 #                                            pair_tiles
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces bwd_stages det_window varlen_ncu
-#                                            tma_verify dropout_ab
+#                                            tma_verify dropout_ab block_sparse_pers
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -450,6 +450,12 @@ for stage in $stages; do
       run_stage head_dims_bench $PY bench/head_dims.py --json "$OUT/results/head_dims.json"
       [ "${ISSUE15_SPARSE:-1}" = 1 ] && run_stage block_sparse_bench $PY bench/block_sparse.py \
         --seqlen 16384 --head-dims 64,128 --flex --json "$OUT/results/block_sparse.json" ;;
+    block_sparse_pers)  # #15's block-sparse speed-up (5x at 10% density, 16k; met only at
+      # d128 non-causal) with the Hopper forward's persistent blocks under a block mask (a
+      # candidate; its tests passed in session 27): dense, sparse, sparse persistent
+      run_stage block_sparse_pers timeout "${BLOCK_SPARSE_TIMEOUT:-240}" $PY \
+        bench/block_sparse.py --seqlen 16384 --head-dims 64,128 --persistent \
+        --json "$OUT/results/block_sparse_pers.json" ;;
     det_pieces)  # ordered bulk dQ with two pieces a warpgroup (CF_DQ_PIECES=2, written
       # 2026-12-04, not selected): the bulk-dQ tests (its guard, reference, bitwise repeat),
       # then its speed beside one piece and the atomic mode, d64 and d128
