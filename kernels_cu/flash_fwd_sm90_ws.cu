@@ -155,7 +155,7 @@ constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 #ifndef CF_FWD_DROP_EARLY
 #define CF_FWD_DROP_EARLY 0
 #endif
-constexpr bool kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY;
+enum : int { kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY };  // (an enum: no PTX symbol)
 // Arrivals that complete a full mbarrier's phase: every producer thread's cp.async, or the
 // one TMA thread's arrival (its boxes' bytes count separately). (Enums, not constexpr
 // variables: those leave a symbol in the PTX.)
@@ -576,19 +576,22 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
                                                    s_k_sa + kv_loads % CF_STAGES * kTileKV);
       wgmma_commit();
       their_turn();
-      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
-      const int j_first = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
       unsigned long long keep = ~0ull;
-      if constexpr (kDropEarly)
-        keep = drop.keep_bits<kNT>(bh, tile.row0, j_first * CF_BLOCK_N + 2 * tig);
+      if constexpr (kDropEarly) {
+        const int j = CF_BLOCK_SPARSE ? kept.below(tiles.end) : tiles.end - 1;
+        keep = drop.keep_bits<kNT>(bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+      }
       wgmma_wait<0>();
       wgmma_fence_regs(s);
-      const RowOffsets row_off = tile.modify_and_mask(s, j_first, rows);
+      int j_kept = kept.below(tiles.end);  // dense: tiles.end - 1 - it, as before the mask
+      const RowOffsets row_off =
+          tile.modify_and_mask(s, CF_BLOCK_SPARSE ? j_kept : tiles.end - 1, rows);
       softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       if constexpr (kDropEarly) {  // after l_i: m, l undropped
         Dropout::drop_p_with(s, keep);
       } else {
-        drop.drop_p(s, bh, tile.row0, j_first * CF_BLOCK_N + 2 * tig);
+        drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
+                                          2 * tig);
       }
       sm90_pack_p<CF_BLOCK_N>(p16, s);
 
