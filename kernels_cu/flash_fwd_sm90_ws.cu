@@ -152,6 +152,7 @@ constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 // Dropout's kept flags drawn while the tile's products run (a knob, CF_FWD_DROP_EARLY=1;
 // the backward draws them there already), instead of after the softmax where the Philox
 // rounds lengthen the turn the other warpgroup's products wait on. The same flags either way.
+// (Every step; a tile's first key tile too, except in the across-tiles loop, value 2.)
 #ifndef CF_FWD_DROP_EARLY
 #define CF_FWD_DROP_EARLY 0
 #endif
