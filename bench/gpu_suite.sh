@@ -190,14 +190,15 @@ for stage in $stages; do
       # pytest run (one cold compile phase; give PYTEST_XDIST="-n 8"): the TMA probe first, then
       # TMA / cluster forward and backward, dropout's early flags, three backward stages, the
       # ordered window. Then time the ones that pass: tma_verify's sweep, dropout_ab,
-      # bwd_stages, det_window, block_sparse_pers, varlen (bench/dev/NOTES.md, session 28)
+      # bwd_stages, det_window, block_sparse_pers, varlen (bench/dev/NOTES.md, session 28).
+      # 535 tests (266 of them TMA): PENDING_FILES splits them over calls
       CUFLASH_POISON=1 run_stage tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
         -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
         "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel"
       CUFLASH_POISON=1 run_stage pending_tests timeout "${PENDING_TEST_TIMEOUT:-420}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=30 -p no:cacheprovider ${PYTEST_XDIST:-} \
-        tests/test_gpu_tma.py tests/test_gpu_fwd_drop_early.py tests/test_gpu_bwd_stages.py \
-        tests/test_gpu_ordered_window.py ;;
+        ${PENDING_FILES:-tests/test_gpu_tma.py tests/test_gpu_fwd_drop_early.py \
+        tests/test_gpu_bwd_stages.py tests/test_gpu_ordered_window.py} ;;
     tma_verify)  # the TMA kernels after session 27's parameter-offset fix (launch.param_packer),
       # in one call: the probe and the plain forward first (stop there if they fail), the
       # forward's, cluster's and backward's float64-reference tests, then TFLOP/s with and
