@@ -72,22 +72,14 @@ def _flex(q, k, v, do, mask, causal, block) -> dict:
             _ms(ours_step)}
 
 
-def _persistent_forward(on: bool) -> None:
-    """The forward selector with (on) or without persistent blocks under a block mask, on
-    the warp-specialized Hopper forward; plans made before are forgotten."""
-    from cuflash import fastpath, plan, specs
+def _persistent(spec):
+    """The Hopper forward's persistent blocks where a block mask is on (the warp-specialized
+    kernel); other specs as they are."""
+    from cuflash import plan, specs
 
-    plain = getattr(specs, "_plain_select_forward", None) or specs.select_forward
-    specs._plain_select_forward = plain
-
-    def select(*a, **kw):
-        spec = plain(*a, **kw)
-        if spec.mods.block_sparse and specs.fwd90_warp_specialized(spec):
-            return spec.with_knobs(**{plan.PERSISTENT: 1})
-        return spec
-
-    specs.select_forward = select if on else plain
-    fastpath.forget_planned_calls()
+    if spec.mods.block_sparse and specs.fwd90_warp_specialized(spec):
+        return spec.with_knobs(**{plan.PERSISTENT: 1})
+    return spec
 
 
 def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False,
@@ -115,19 +107,16 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=Fals
             lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                                block_mask=bm))
     if persistent:
-        want, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
-        _persistent_forward(True)
-        try:
-            got, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
-            from cuflash import plan
+        from cuflash import fastpath, plan
 
+        want, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
+        with fastpath.selector_patched("select_forward", _persistent):
+            got, _ = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
             out["sparse_pers_spec"] = [p.kernel.spec.name for p in plan._forward_plans.values()]
             out["sparse_pers_equal"] = bool(cupy.array_equal(got.view(cupy.uint16),
                                                              want.view(cupy.uint16)))
             out["sparse_pers_fwd_ms"] = _ms(
                 lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
-        finally:
-            _persistent_forward(False)
         out["sparse_fwd_ms_again"] = _ms(
             lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
     if flex:

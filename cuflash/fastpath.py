@@ -184,6 +184,23 @@ def forget_planned_calls() -> None:
         memo.clear()
 
 
+@contextlib.contextmanager
+def selector_patched(name: str, knob):
+    """``specs.<name>`` (select_forward / select_backward) passing every spec it returns
+    through ``knob`` (spec -> spec) inside the block, the planned calls forgotten on the way
+    in and out: how tests and benchmarks run a candidate the selection does not pick."""
+    from . import specs
+
+    plain = getattr(specs, name)
+    setattr(specs, name, lambda *a, **k: knob(plain(*a, **k)))
+    forget_planned_calls()
+    try:
+        yield
+    finally:
+        setattr(specs, name, plain)
+        forget_planned_calls()
+
+
 class _Call(NamedTuple):
     problem: object  # validate.ForwardProblem / BackwardProblem
     shape: Shape

@@ -60,19 +60,12 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 def _forward(q, k, v, causal, kwargs, knob):
     """cuflash's forward with the selector passing every spec through ``knob``, and the
-    spec its plan ran."""
+    specs its plans ran."""
     from cuflash import fastpath
 
-    plain = specs.select_forward
-    specs.select_forward = lambda *a, **kw: knob(plain(*a, **kw))
-    fastpath.forget_planned_calls()
-    try:
+    with fastpath.selector_patched("select_forward", knob):
         o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
-        ran = [p.kernel.spec for p in plan._forward_plans.values()]
-        return o, stats, ran
-    finally:
-        specs.select_forward = plain
-        fastpath.forget_planned_calls()
+        return o, stats, [p.kernel.spec for p in plan._forward_plans.values()]
 
 
 def _hopper_only():

@@ -19,6 +19,7 @@ backend with and without dropout is timed beside (cuDNN takes no dropout).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -37,27 +38,25 @@ VARIANTS = {
 }
 
 
-def _use(variant: str) -> None:
-    """Every dropout spec the selectors return gains the variant's knobs (fwd90 forward,
-    bwd90 backward); plans made before are forgotten."""
+def _variant(variant: str) -> contextlib.ExitStack:
+    """A context in which every dropout spec the selectors return gains the variant's knobs
+    (fwd90 warp-specialized forward, bwd90 backward)."""
     from cuflash import fastpath, specs
 
-    for name, which in (("select_forward", 0), ("select_backward", 1)):
-        plain = getattr(specs, "_plain_" + name, None) or getattr(specs, name)
-        setattr(specs, "_plain_" + name, plain)
-        knobs = VARIANTS[variant][which]
-        kind = ("fwd90", "bwd90")[which]
+    def knob_of(kind, knobs):
+        def knob(spec):
+            if not (knobs and spec.kind == kind and spec.mods.dropout):
+                return spec
+            if kind == "fwd90" and not specs.fwd90_warp_specialized(spec):
+                return spec
+            return spec.with_knobs(**knobs)
+        return knob
 
-        def select(*a, plain=plain, knobs=knobs, kind=kind, **kw):
-            spec = plain(*a, **kw)
-            if knobs and spec.kind == kind and spec.mods.dropout:
-                if kind == "fwd90" and not specs.fwd90_warp_specialized(spec):
-                    return spec
-                return spec.with_knobs(**knobs)
-            return spec
-
-        setattr(specs, name, select)
-    fastpath.forget_planned_calls()
+    stack = contextlib.ExitStack()
+    for name, kind, knobs in zip(("select_forward", "select_backward"), ("fwd90", "bwd90"),
+                                 VARIANTS[variant]):
+        stack.enter_context(fastpath.selector_patched(name, knob_of(kind, knobs)))
+    return stack
 
 
 def _precompile(rows, variants) -> None:
@@ -69,14 +68,14 @@ def _precompile(rows, variants) -> None:
 
     facts, work = launch.device_facts(0), set()
     for variant in variants:
-        _use(variant)
-        for _label, b, s, d, causal in rows:
-            flags = specs.ModFlags(dropout=variant != "none")
-            shape = plan.Shape(b, s, s, 16, 16, d, "bfloat16", causal, flags)
-            work.add(plan.plan_forward(shape, facts).kernel.spec)
-            back = plan.plan_backward(shape, facts, False)
-            work |= {x.spec for x in (back.pre, back.main, back.dq, back.dq_convert)
-                     if x is not None}
+        with _variant(variant):
+            for _label, b, s, d, causal in rows:
+                flags = specs.ModFlags(dropout=variant != "none")
+                shape = plan.Shape(b, s, s, 16, 16, d, "bfloat16", causal, flags)
+                work.add(plan.plan_forward(shape, facts).kernel.spec)
+                back = plan.plan_backward(shape, facts, False)
+                work |= {x.spec for x in (back.pre, back.main, back.dq, back.dq_convert)
+                         if x is not None}
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda spec: compiler.get_kernel(spec, 0), work))
     print(f"{len(work)} specs compiled", flush=True)
@@ -136,12 +135,12 @@ def main() -> None:
     for variant in ("drop", "early", "early_pers"):
         if variant not in variants:
             continue
-        _use(variant)
-        for label, b, s, d, causal in rows:
-            o, _ = calls(label, causal, variant)[0]()
-            data[label + variant] = o.clone()
-            ran = [p.kernel.spec.name for p in plan._forward_plans.values()]
-            print(f"{variant:10s} {label:18s} {ran}", flush=True)
+        with _variant(variant):
+            for label, b, s, d, causal in rows:
+                o, _ = calls(label, causal, variant)[0]()
+                data[label + variant] = o.clone()
+                ran = [p.kernel.spec.name for p in plan._forward_plans.values()]
+                print(f"{variant:10s} {label:18s} {ran}", flush=True)
     for variant in ("early", "early_pers"):
         for label, *_ in rows:
             if label + variant in data and label + "drop" in data:
@@ -155,11 +154,12 @@ def main() -> None:
     times: dict = {}
     for r in range(args.rounds):
         for variant in variants:
-            _use(variant)
-            for label, b, s, d, causal in rows:
-                fwd, bwd, step = calls(label, causal, variant)
-                for part, fn in (("fwd", fwd), ("bwd", bwd), ("step", step)):
-                    times.setdefault((label, variant, part), []).append(time_ms(fn, reps=10))
+            with _variant(variant):
+                for label, b, s, d, causal in rows:
+                    fwd, bwd, step = calls(label, causal, variant)
+                    for part, fn in (("fwd", fwd), ("bwd", bwd), ("step", step)):
+                        times.setdefault((label, variant, part), []).append(
+                            time_ms(fn, reps=10))
         print(f"round {r + 1} done", flush=True)
 
     sdpa = {}
