@@ -422,25 +422,23 @@ def forget_planned_calls() -> None:
     fastpath.forget_planned_calls()
 
 
-def selector_with_knob(monkeypatch, name: str, knob):
-    """Patch ``specs.<name>`` (select_forward / select_backward) so every spec it returns
-    passes through ``knob`` (a spec -> spec function), forgetting planned calls on the way in
-    and out: a generator for a fixture to yield from."""
-    plain = getattr(specs, name)
-    monkeypatch.setattr(specs, name, lambda *a, **k: knob(plain(*a, **k)))
-    forget_planned_calls()
-    yield
-    forget_planned_calls()
+def selector_with_knob(name: str, knob):
+    """``fastpath.selector_patched`` (``specs.<name>`` passing every spec through ``knob``)
+    as a generator for a fixture to yield from."""
+    from cuflash import fastpath
+
+    with fastpath.selector_patched(name, knob):
+        yield
 
 
-def hopper_selector_with_knob(monkeypatch, name: str, knob, why: str):
+def hopper_selector_with_knob(name: str, knob, why: str):
     """``selector_with_knob`` on a Hopper GPU; elsewhere the test is skipped for ``why``."""
     import cupy
     import pytest
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip(why)
-    yield from selector_with_knob(monkeypatch, name, knob)
+    yield from selector_with_knob(name, knob)
 
 
 def module_setup(module_specs: Callable[[], Iterable]):

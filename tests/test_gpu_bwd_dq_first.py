@@ -55,8 +55,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture
-def dq_first(monkeypatch):
-    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _with_knob,
+def dq_first():
+    yield from gh.hopper_selector_with_knob("select_backward", _with_knob,
                                             "the knob is the Hopper backward's")
 
 

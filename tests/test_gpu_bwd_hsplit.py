@@ -86,21 +86,21 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture
-def hsplit(monkeypatch):
+def hsplit():
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper backward's tile")
-    yield from gh.selector_with_knob(monkeypatch, "select_backward", _split)
+    yield from gh.selector_with_knob("select_backward", _split)
 
 
 @pytest.fixture
-def hsplit_bulk(monkeypatch):
+def hsplit_bulk():
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper backward's tile")
-    yield from gh.selector_with_knob(monkeypatch, "select_backward", _split_bulk)
+    yield from gh.selector_with_knob("select_backward", _split_bulk)
 
 
 def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False, bulk=False):

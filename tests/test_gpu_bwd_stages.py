@@ -64,8 +64,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture
-def three_stages(monkeypatch):
-    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _three_stages,
+def three_stages():
+    yield from gh.hopper_selector_with_knob("select_backward", _three_stages,
                                             "the warp-specialized backward is Hopper's")
 
 

@@ -53,7 +53,7 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture(params=KNOB_VALUES, ids=lambda k: f"k{k}")
-def exp2_fma(request, monkeypatch):
+def exp2_fma(request):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
@@ -62,7 +62,7 @@ def exp2_fma(request, monkeypatch):
     def knob(spec):
         return spec.with_knobs(CF_EXP2_FMA=request.param) if spec.kind == "fwd90" else spec
 
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward", knob):
+    for _ in gh.selector_with_knob("select_forward", knob):
         yield request.param
 
 

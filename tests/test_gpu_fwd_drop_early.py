@@ -124,8 +124,8 @@ def test_kept_set_is_dropout_mask(head_dim, causal):
 
 
 @pytest.fixture
-def early(monkeypatch):
-    yield from gh.hopper_selector_with_knob(monkeypatch, "select_forward", _early,
+def early():
+    yield from gh.hopper_selector_with_knob("select_forward", _early,
                                             "the knob is a Hopper forward's")
 
 

@@ -54,12 +54,12 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture(params=PERSISTENT, ids=lambda p: f"persistent{p}")
-def n176(request, monkeypatch):
+def n176(request):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper forward's tile")
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+    for _ in gh.selector_with_knob("select_forward",
                                    lambda spec: _n176(spec, request.param)):
         yield request.param
 

@@ -58,12 +58,12 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture(params=VALUES, ids=lambda v: f"v{v}")
-def overlap(request, monkeypatch):
+def overlap(request):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the knob is a Hopper forward's")
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+    for _ in gh.selector_with_knob("select_forward",
                                    lambda spec: _overlapped(spec, request.param)):
         yield request.param
 

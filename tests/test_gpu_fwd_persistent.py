@@ -93,7 +93,7 @@ def persistent(request, monkeypatch):
         monkeypatch.setattr(launch, "device_facts", lambda i: replace(own(i), sm_count=sms))
         monkeypatch.setattr(tile_walk, "SLACK", float("inf"))
     facts = launch.device_facts(0)
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+    for _ in gh.selector_with_knob("select_forward",
                                    lambda spec: _persistent(spec, value, facts)):
         yield value, sms
 

@@ -139,13 +139,13 @@ BALANCE = "CF_BWD_DQ_BALANCE"
 
 
 @pytest.fixture(params=[0, 1], ids=["dq_first0", "dq_first1"])
-def balanced(request, native, monkeypatch):
+def balanced(request, native):
     """The pair backward with dQ's panels balanced (CF_BWD_DQ_BALANCE=1, a candidate), its
     first panel issued before dK / dV or not; the copies counted as ``native``'s."""
     def knob(spec):
         return spec.with_knobs(**{BALANCE: 1, "CF_BWD_DQ_FIRST": request.param})
 
-    gen = gh.selector_with_knob(monkeypatch, "select_backward_pair", knob)
+    gen = gh.selector_with_knob("select_backward_pair", knob)
     next(gen)
     yield native
     next(gen, None)

@@ -71,8 +71,8 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture
-def ordered_windows(monkeypatch):
-    yield from gh.hopper_selector_with_knob(monkeypatch, "select_backward", _ordered,
+def ordered_windows():
+    yield from gh.hopper_selector_with_knob("select_backward", _ordered,
                                             "the warp-specialized backward is Hopper's")
 
 

@@ -78,7 +78,7 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture(params=LOOPS)
-def tma(request, monkeypatch):
+def tma(request):
     import cupy
 
     from cuflash import launch
@@ -86,7 +86,7 @@ def tma(request, monkeypatch):
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper forward's loads")
     facts = launch.device_facts(0)
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+    for _ in gh.selector_with_knob("select_forward",
                                    lambda spec: _tma(spec, request.param, facts)):
         yield request.param
 
@@ -179,12 +179,12 @@ def _ws_d256(spec, block_n, boxed):
 
 
 @pytest.fixture(params=D256_TILES, ids=lambda t: f"n{t[0]}{'_tma' if t[1] else ''}")
-def ws_d256(request, monkeypatch):
+def ws_d256(request):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper forward's tile")
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward",
+    for _ in gh.selector_with_knob("select_forward",
                                    lambda spec: _ws_d256(spec, *request.param)):
         yield request.param
 
@@ -213,7 +213,7 @@ CLUSTER_LENGTHS = [(131, 131), (256, 1029), (500, 333)]
 
 
 @pytest.fixture(params=[128, 256], ids=lambda d: f"d{d}")
-def cluster(request, monkeypatch):
+def cluster(request):
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
@@ -224,7 +224,7 @@ def cluster(request, monkeypatch):
             spec = _ws_d256(spec, 80, False)
         return specs.with_forward_cluster(spec) or spec
 
-    for _ in gh.selector_with_knob(monkeypatch, "select_forward", knob):
+    for _ in gh.selector_with_knob("select_forward", knob):
         yield request.param
 
 
@@ -249,12 +249,12 @@ def test_cluster_with_an_odd_number_of_tiles_runs_unpaired(cluster):
 
 
 @pytest.fixture
-def tma_bwd(monkeypatch):
+def tma_bwd():
     import cupy
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper backward's loads")
-    for _ in gh.selector_with_knob(monkeypatch, "select_backward",
+    for _ in gh.selector_with_knob("select_backward",
                                    lambda spec: specs.with_backward_tma(spec) or spec):
         yield
 

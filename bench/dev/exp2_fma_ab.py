@@ -60,19 +60,6 @@ def _with_knob(spec, value: int):
     return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 
-def _use_knob(value: int) -> None:
-    from cuflash import fastpath, specs
-
-    original = getattr(specs, "_select_forward_plain", None) or specs.select_forward
-    specs._select_forward_plain = original
-
-    def select(*args, **kwargs):
-        return _with_knob(original(*args, **kwargs), value)
-
-    specs.select_forward = select
-    fastpath.forget_planned_calls()
-
-
 def _precompile(problems, values) -> None:
     """Every forward spec the rows select, each value, compiled on a thread pool first (NVRTC
     runs outside the GIL; one by one at first call they would take minutes)."""
@@ -114,6 +101,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     import cuflash
+    from cuflash import fastpath
 
     values = [int(v) for v in args.values.split(",")]
     modifier = args.modifier
@@ -149,19 +137,21 @@ def main() -> None:
     for rnd in range(args.rounds):
         order = values if rnd % 2 == 0 else values[::-1]
         for value in order:
-            _use_knob(value)
-            for label, b, s, h, hkv, d, causal, mods in problems:
-                q, k, v = tensors[b, s, h, hkv, d]
-                fn = lambda: cuflash.attention_forward(q, k, v, causal=causal, **mods)  # noqa
-                o, _ = fn()
-                if value == values[0] and label not in reference:
-                    reference[label] = o.float()
-                diff = (o.float() - reference[label]).abs().max().item()
-                if diff > 2e-2:
-                    print(f"{label}: {KNOB}={value} differs by {diff:.3g}: skipped")
-                    times[label][value].append(float("nan"))
-                    continue
-                times[label][value].append(time_ms(fn, reps=20, warmup=3))
+            knob = lambda spec, value=value: _with_knob(spec, value)  # noqa: E731
+            with fastpath.selector_patched("select_forward", knob):
+                for label, b, s, h, hkv, d, causal, mods in problems:
+                    q, k, v = tensors[b, s, h, hkv, d]
+                    fn = lambda: cuflash.attention_forward(q, k, v, causal=causal,  # noqa
+                                                           **mods)
+                    o, _ = fn()
+                    if value == values[0] and label not in reference:
+                        reference[label] = o.float()
+                    diff = (o.float() - reference[label]).abs().max().item()
+                    if diff > 2e-2:
+                        print(f"{label}: {KNOB}={value} differs by {diff:.3g}: skipped")
+                        times[label][value].append(float("nan"))
+                        continue
+                    times[label][value].append(time_ms(fn, reps=20, warmup=3))
     cudnn = {}
     for label, b, s, h, hkv, d, causal, mods in problems:
         if mods:
