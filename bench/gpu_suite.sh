@@ -48,6 +48,12 @@ run_stage() {  # name, command...: run, log, and record the exit code and the lo
   return $rc
 }
 
+tma_first_stage() {  # name: one TMA box read back raw, then the plain TMA forward (first)
+  CUFLASH_POISON=1 run_stage "$1" timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
+    -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
+    "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel"
+}
+
 for stage in $stages; do
   case $stage in
     info)
@@ -166,9 +172,7 @@ for stage in $stages; do
       # copy engine read back raw (the map and the swizzle alone), the plain forward cases,
       # then all its float64-reference tests, the sanitizers, then TFLOP/s with and without
       # beside cuDNN at 16k tokens and on the GQA rows, alternating rounds
-      CUFLASH_POISON=1 run_stage fwd_tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
-        -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
-        "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel"
+      tma_first_stage fwd_tma_first
       CUFLASH_POISON=1 run_stage fwd_tma_tests timeout "${FWD_TMA_TEST_TIMEOUT:-300}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_tma.py
@@ -192,9 +196,7 @@ for stage in $stages; do
       # ordered window. Then time the ones that pass: tma_verify's sweep, dropout_ab,
       # bwd_stages, det_window, block_sparse_pers, varlen (bench/dev/NOTES.md, session 28).
       # 535 tests (266 of them TMA): PENDING_FILES splits them over calls
-      CUFLASH_POISON=1 run_stage tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
-        -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
-        "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel"
+      tma_first_stage tma_first
       CUFLASH_POISON=1 run_stage pending_tests timeout "${PENDING_TEST_TIMEOUT:-420}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=30 -p no:cacheprovider ${PYTEST_XDIST:-} \
         ${PENDING_FILES:-tests/test_gpu_tma.py tests/test_gpu_fwd_drop_early.py \
@@ -203,9 +205,7 @@ for stage in $stages; do
       # in one call: the probe and the plain forward first (stop there if they fail), the
       # forward's, cluster's and backward's float64-reference tests, then TFLOP/s with and
       # without TMA at 16k tokens (fwd_tma and bwd_tma run the full sets and sanitizers)
-      CUFLASH_POISON=1 run_stage tma_first timeout 150 $PY -m pytest -m gpu -q -rfEs -x \
-        -p no:cacheprovider "tests/test_gpu_tma.py::test_box_lands_in_the_panel_layout" \
-        "tests/test_gpu_tma.py::test_forward_matches_reference" -k "plain or panel" || continue
+      tma_first_stage tma_first || continue
       CUFLASH_POISON=1 run_stage tma_tests timeout "${TMA_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_tma.py -k "not d256"
