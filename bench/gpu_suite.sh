@@ -216,12 +216,14 @@ for stage in $stages; do
         --rows tokens --rounds 3 --out "$OUT/results/fwd_tma_tokens.json" ;;
     dropout_ab)  # #15's dropout cost on the Hopper kernels: the forward drawing its kept flags
       # while its products run (CF_FWD_DROP_EARLY, a candidate): bitwise against the selection,
-      # the kept set, the float64 reference (tests/test_gpu_fwd_drop_early.py); then step,
+      # the kept set, the float64 reference (tests/test_gpu_fwd_drop_early.py), and every
+      # family's dropout tests (the backward's folded 1 / (1 - p), session 29); then step,
       # forward and backward times of no dropout, the selection, the candidate, it persistent,
-      # and 7 Philox rounds (timing only), beside SDPA's flash (bench/dev/dropout_ab.py)
+      # the backward unfolded, and 7 Philox rounds (timing only), beside SDPA's flash
+      # (bench/dev/dropout_ab.py)
       CUFLASH_POISON=1 run_stage drop_early_tests timeout "${DROP_EARLY_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
-        tests/test_gpu_fwd_drop_early.py
+        tests/test_gpu_fwd_drop_early.py tests/test_gpu_dropout.py
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
         --rounds "${DROPOUT_AB_ROUNDS:-3}" --out "$OUT/results/dropout_ab.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp

@@ -212,7 +212,10 @@ __device__ __forceinline__ void fence_and_release(int* sem, int value) {
 // query q_col + (e & 1). Score modifiers, P = exp2(S * scale_log2 - lse2), the mask, then
 // dS = P (dP - delta) times the softcap's derivative. Dropout (docs/dropout.md): `keep`, the
 // four bits of this fragment from Dropout::keep_bits (read with Dropout::bit); dP becomes
-// dP Z / (1 - p) and the returned p, dV's operand, P Z / (1 - p).
+// dP Z / (1 - p) and the returned p, dV's operand, P Z / (1 - p). FOLDED: the caller staged
+// lse2 - log2(1 / (1 - p)) and delta (1 - p) (Dropout::fold), so P here is
+// already P / (1 - p) and dS = P' (dP Z - delta'): flags select, no multiplies.
+template <bool FOLDED = false>
 __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4], float2 lse,
                                               float2 dl, int key_row, int q_col, bool masked,
                                               const MaskPolicy& mask, const ScoreMods& mods,
@@ -227,8 +230,9 @@ __device__ __forceinline__ void p_ds_fragment(float (&s)[4], const float (&dp)[4
     p[e] = fast_exp2(fmaf(s[e], scale_log2, -((e & 1) ? lse.y : lse.x)));
     if (masked && !mask.visible(qi, key)) p[e] = 0.f;
     const bool kept = Dropout::bit(keep, 0, e);  // keep: fragment t's four bits, at t = 0
-    ds[e] = p[e] * (drop.apply(kept, dp[e]) - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
-    p[e] = drop.apply(kept, p[e]);
+    const float dpz = FOLDED ? (kept ? dp[e] : 0.f) : drop.apply(kept, dp[e]);
+    ds[e] = p[e] * (dpz - ((e & 1) ? dl.y : dl.x)) * softcap_grad(th);
+    p[e] = FOLDED ? (kept ? p[e] : 0.f) : drop.apply(kept, p[e]);
   }
 }
 

@@ -196,6 +196,16 @@ struct Dropout {
   __device__ __forceinline__ float apply(bool kept, float x) const {
     return !CF_DROPOUT ? x : kept ? x * scale_ : 0.f;
   }
+  // A backward's staged statistics with 1 / (1 - p) folded in (p_ds_fragment<true>): P from
+  // lse2 - log2(1 / (1 - p)) is P / (1 - p), and dS = P (dP Z / (1 - p) - delta)
+  // = P / (1 - p) (dP Z - delta (1 - p)). Staged = x * fold_mul + fold_add, the pair for
+  // lse2 (LSE) or delta; identities without CF_DROPOUT.
+  template <bool LSE>
+  __device__ __forceinline__ float2 fold() const {
+    if (!CF_DROPOUT) return make_float2(1.f, 0.f);
+    const float keep = (float)(256u - d.threshold) * (1.f / 256.f);  // 1 - p, exactly
+    return LSE ? make_float2(1.f, log2f(keep)) : make_float2(keep, 0.f);
+  }
   // Element e of fragment t in keep_bits' word: e = 0, 1 row r0, columns c0 + 8t, + 1;
   // e = 2, 3 row r0 + 8 (cf_keep8's order: column parity, then row r0 above r0 + 8).
   __device__ __forceinline__ static bool bit(unsigned long long bits, int t, int e) {
