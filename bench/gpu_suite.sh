@@ -200,7 +200,8 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage pending_tests timeout "${PENDING_TEST_TIMEOUT:-420}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=30 -p no:cacheprovider ${PYTEST_XDIST:-} \
         ${PENDING_FILES:-tests/test_gpu_tma.py tests/test_gpu_fwd_drop_early.py \
-        tests/test_gpu_bwd_stages.py tests/test_gpu_ordered_window.py} ;;
+        tests/test_gpu_bwd_drop_fold.py tests/test_gpu_bwd_stages.py \
+        tests/test_gpu_ordered_window.py} ;;
     tma_verify)  # the TMA kernels after session 27's parameter-offset fix (launch.param_packer),
       # in one call: the probe and the plain forward first (stop there if they fail), the
       # forward's, cluster's and backward's float64-reference tests, then TFLOP/s with and
@@ -216,14 +217,14 @@ for stage in $stages; do
         --rows tokens --rounds 3 --out "$OUT/results/fwd_tma_tokens.json" ;;
     dropout_ab)  # #15's dropout cost on the Hopper kernels: the forward drawing its kept flags
       # while its products run (CF_FWD_DROP_EARLY, a candidate): bitwise against the selection,
-      # the kept set, the float64 reference (tests/test_gpu_fwd_drop_early.py), and every
-      # family's dropout tests (the backward's folded 1 / (1 - p), session 29); then step,
-      # forward and backward times of no dropout, the selection, the candidate, it persistent,
-      # the backward unfolded, and 7 Philox rounds (timing only), beside SDPA's flash
-      # (bench/dev/dropout_ab.py)
+      # the kept set, the float64 reference (tests/test_gpu_fwd_drop_early.py), and the
+      # backward with 1 / (1 - p) folded into its statistics (CF_BWD_DROP_FOLD, session 29)
+      # against the reference; then step, forward and backward times of no dropout, the
+      # selection, the candidates, early with persistent blocks, and 7 Philox rounds (timing
+      # only), beside SDPA's flash (bench/dev/dropout_ab.py)
       CUFLASH_POISON=1 run_stage drop_early_tests timeout "${DROP_EARLY_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
-        tests/test_gpu_fwd_drop_early.py tests/test_gpu_dropout.py
+        tests/test_gpu_fwd_drop_early.py tests/test_gpu_bwd_drop_fold.py
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
         --rounds "${DROPOUT_AB_ROUNDS:-3}" --out "$OUT/results/dropout_ab.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp

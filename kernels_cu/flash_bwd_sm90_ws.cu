@@ -80,10 +80,11 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #ifndef CF_BWD_STATS_AHEAD
 #define CF_BWD_STATS_AHEAD 1
 #endif
-// Dropout's 1 / (1 - p) folded into the staged lse2 and delta (Dropout::fold; a knob: 0
-// multiplies P and dP by it in every element, two FMUL each).
+// Dropout's 1 / (1 - p) folded into the staged lse2 and delta (Dropout::fold), where the
+// selection multiplies P and dP by it in every element, two FMUL each (a knob, a candidate
+// written without a GPU: tests/test_gpu_bwd_drop_fold.py, bench/dev/dropout_ab.py).
 #ifndef CF_BWD_DROP_FOLD
-#define CF_BWD_DROP_FOLD 1
+#define CF_BWD_DROP_FOLD 0
 #endif
 enum : int { kDropFold = CF_DROPOUT && CF_BWD_DROP_FOLD };  // (an enum: no PTX symbol)
 

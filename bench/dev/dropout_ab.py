@@ -9,8 +9,8 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
   drop        dropout p = 0.1 (the selection)
   early       the forward drawing its kept flags while its products run (CF_FWD_DROP_EARLY=1)
   early_pers  that, with persistent blocks (CF_FWD_PERSISTENT=1)
-  nofold      the backward multiplying P and dP by 1 / (1 - p) in every element
-              (CF_BWD_DROP_FOLD=0; the selection folds it into the staged lse2 and delta)
+  fold        the backward with 1 / (1 - p) folded into its staged lse2 and delta
+              (CF_BWD_DROP_FOLD=1) where the selection multiplies P and dP by it
   r7          Philox with 7 rounds instead of 10 in forward and backward (CF_PHILOX_ROUNDS=7:
               other masks than cuflash.philox's, so timing only), early forward
 Rows: 16k tokens a batch (4 x 4k, 1 x 16k), 16 heads, bf16, causal or not. Before timing,
@@ -36,7 +36,7 @@ VARIANTS = {
     "drop": ({}, {}),
     "early": ({"CF_FWD_DROP_EARLY": 1}, {}),
     "early_pers": ({"CF_FWD_DROP_EARLY": 1, "CF_FWD_PERSISTENT": 1}, {}),
-    "nofold": ({}, {"CF_BWD_DROP_FOLD": 0}),
+    "fold": ({}, {"CF_BWD_DROP_FOLD": 1}),
     "r7": ({"CF_FWD_DROP_EARLY": 1, "CF_PHILOX_ROUNDS": 7}, {"CF_PHILOX_ROUNDS": 7}),
 }
 
