@@ -30,6 +30,9 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT/logs" "$OUT/results"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+# each failing test's id as it fails (tests/conftest.py): a stage cut off by its timeout
+# prints no summary
+export CUFLASH_FAILURE_LOG=${CUFLASH_FAILURE_LOG:-$OUT/logs/failed_tests.txt}
 PY=${PYTHON:-python3}
 stages=${*:-info check tests sanitize bench workloads}
 summary=$OUT/summary.txt
@@ -41,7 +44,9 @@ run_stage() {  # name, command...: run, log, and record the exit code and the lo
   echo "=== $name: $*" | tee -a "$summary"
   "$@" >"$OUT/logs/$name.log" 2>&1
   local rc=$?
-  { tail -n "${TAIL_LINES:-25}" "$OUT/logs/$name.log"; echo "=== $name rc=$rc in $((SECONDS - start)) s"; } >>"$summary"
+  { tail -n "${TAIL_LINES:-25}" "$OUT/logs/$name.log"; echo "=== $name rc=$rc in $((SECONDS - start)) s"
+    [ -s "$CUFLASH_FAILURE_LOG" ] && echo "=== failed so far: $(wc -l <"$CUFLASH_FAILURE_LOG") tests ($CUFLASH_FAILURE_LOG)"
+  } >>"$summary"
   # packed after every stage: an outer timeout may end the suite, and the device tool brings
   # back only a handful of files, so the tarball is what survives
   tar -C "$OUT" -czf "$OUT/suite.tar.gz" logs results 2>/dev/null

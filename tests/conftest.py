@@ -51,6 +51,20 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With CUFLASH_FAILURE_LOG set, each failing test's id and last error line are appended
+    there as it fails: a GPU call cut off by its time limit prints no summary, and its dots
+    do not say which test failed. (Under xdist the controller writes: it hears of every
+    worker's reports as they come.)"""
+    path = os.environ.get("CUFLASH_FAILURE_LOG")
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    lines = str(report.longrepr).strip().splitlines() or [""]
+    error = next((x for x in lines if x.startswith("E ")), "")  # the message, then where
+    with open(path, "a") as out:
+        out.write(f"{report.nodeid} ({report.when}): {error[:300]} | {lines[-1][:200]}\n")
+
+
 @pytest.fixture
 def smem_budget():
     """Call with a budget in KiB to plan tiles for it; reset to the device's afterwards."""
