@@ -33,12 +33,6 @@ def _folded(spec):
     return spec.with_knobs(**{KNOB: 1})
 
 
-def _flags(case):
-    extra = case[4]
-    return plan.mod_flags(extra.get("window"), extra.get("softcap"), extra.get("alibi_slopes"),
-                          extra.get("sinks"), case[1], block_sparse=case[5], dropout=True)
-
-
 def _module_specs():
     from cuflash import launch
 
@@ -49,7 +43,7 @@ def _module_specs():
     for case in CASES:
         for dtype in ("float16", "bfloat16"):
             for d in HEAD_DIMS:
-                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], _flags(case))
+                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], dropout_tests.mod_flags(case))
                 out += [_folded(s) for s in gh.shape_specs(shape, facts, config.Config())]
     return out
 
@@ -72,7 +66,7 @@ def test_forward_and_backward_match_reference(folded, case, dtype, head_dim, seq
     from cuflash import launch
 
     picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, case[1], False,
-                                   mods=_flags(case))
+                                   mods=dropout_tests.mod_flags(case))
     assert dict(picked.knobs).get(KNOB) == 1, picked.name  # the candidate is what runs
     # both deterministic modes (the ordered-dQ tile takes the knob too, where it runs)
     dropout_tests._check("fold", case, dtype, seqlen_q, seqlen_k, head_dim)

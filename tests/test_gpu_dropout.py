@@ -40,6 +40,13 @@ CASES = [
 LENGTHS = [(389, 389), (300, 777), (777, 260)]
 
 
+def mod_flags(case) -> specs.ModFlags:
+    """A case's ModFlags (dropout on): what the selectors are asked with."""
+    _, causal, _, _, extra, sparse = case
+    return plan.mod_flags(extra.get("window"), extra.get("softcap"), extra.get("alibi_slopes"),
+                          extra.get("sinks"), causal, block_sparse=sparse, dropout=True)
+
+
 def _module_specs():
     from cuflash import config, launch
 
@@ -47,10 +54,8 @@ def _module_specs():
     for _, kib, wgmma in FAMILIES:
         f = facts.with_budget(kib * specs.KIB if kib else None)
         cfg = config.Config(wgmma=wgmma)
-        for _, causal, _, _, extra, sparse in CASES:
-            flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
-                                   extra.get("alibi_slopes"), extra.get("sinks"), causal,
-                                   block_sparse=sparse, dropout=True)
+        for case in CASES:
+            causal, flags = case[1], mod_flags(case)
             for dtype in ("float16", "bfloat16", "float32"):
                 for head_dim in (64, 128, 192, 256):
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, causal, flags)

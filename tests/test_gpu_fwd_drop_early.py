@@ -44,10 +44,8 @@ def _module_specs():
     if facts.arch != "sm_90":
         return []
     out = []
-    for _, causal, _, _, extra, sparse in CASES:
-        flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
-                               extra.get("alibi_slopes"), extra.get("sinks"), causal,
-                               block_sparse=sparse, dropout=True)
+    for case in CASES:
+        causal, flags = case[1], dropout_tests.mod_flags(case)
         for dtype in ("float16", "bfloat16"):
             for d in HEAD_DIMS:
                 spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
@@ -134,9 +132,7 @@ def early():
 def test_forward_and_backward_match_reference(early, case, dtype):
     from cuflash import launch
 
-    flags = plan.mod_flags(case[4].get("window"), case[4].get("softcap"),
-                           case[4].get("alibi_slopes"), case[4].get("sinks"), case[1],
-                           block_sparse=case[5], dropout=True)
-    picked = specs.select_forward(launch.device_facts(0), dtype, 128, case[1], mods=flags)
+    picked = specs.select_forward(launch.device_facts(0), dtype, 128, case[1],
+                                  mods=dropout_tests.mod_flags(case))
     assert dict(picked.knobs).get(KNOB) == 1, picked.name
     dropout_tests._check("early", case, dtype, 389, 777, 128)
