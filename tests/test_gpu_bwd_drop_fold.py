@@ -41,9 +41,10 @@ def _module_specs():
         return []
     out = []
     for case in CASES:
+        flags = dropout_tests.mod_flags(case)
         for dtype in ("float16", "bfloat16"):
             for d in HEAD_DIMS:
-                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], dropout_tests.mod_flags(case))
+                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], flags)
                 out += [_folded(s) for s in gh.shape_specs(shape, facts, config.Config())]
     return out
 
