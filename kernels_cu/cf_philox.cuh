@@ -198,8 +198,8 @@ struct Dropout {
   }
   // A backward's staged statistics with 1 / (1 - p) folded in (p_ds_fragment<true>): P from
   // lse2 - log2(1 / (1 - p)) is P / (1 - p), and dS = P (dP Z / (1 - p) - delta)
-  // = P / (1 - p) (dP Z - delta (1 - p)). Staged = x * fold_mul + fold_add, the pair for
-  // lse2 (LSE) or delta; identities without CF_DROPOUT.
+  // = P / (1 - p) (dP Z - delta (1 - p)). Returns (mul, add) for staged = x * mul + add,
+  // of lse2 (LSE) or of delta; the identity without CF_DROPOUT.
   template <bool LSE>
   __device__ __forceinline__ float2 fold() const {
     if (!CF_DROPOUT) return make_float2(1.f, 0.f);

@@ -790,8 +790,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       }
       float p[4], ds[4];
       p_ds_fragment<kDropFold>(s[t], dp[t], lse, dl, key_row, m0 + col, masked, mask, mods,
-                          scale_log2, p,
-                    ds, (unsigned int)(keep >> 4 * t) & 15u, drop);
+                               scale_log2, p, ds, (unsigned int)(keep >> 4 * t) & 15u, drop);
       // to registers (the A operands of dV, dK) and dS^T to shared memory (dQ's)
       const int kq = t >> 1, hi = (t & 1) * 2;
       pa[kq][hi] = pack2(p[0], p[1]);

@@ -52,8 +52,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    """With CUFLASH_FAILURE_LOG set, each failing test's id and last error line are appended
-    there as it fails: a GPU call cut off by its time limit prints no summary, and its dots
+    """With CUFLASH_FAILURE_LOG set, each failing test's id, error message and place are
+    appended there as it fails: a GPU call cut off by its time limit prints no summary, and its dots
     do not say which test failed. (Under xdist the controller writes: it hears of every
     worker's reports as they come.)"""
     path = os.environ.get("CUFLASH_FAILURE_LOG")
