@@ -43,24 +43,41 @@ def _tma(spec, loop, facts):
     return specs.with_forward_tma(spec) or spec
 
 
+def _forward_dtype(head_dim: int, seqlen_q: int) -> str:
+    """test_forward_matches_reference's dtype (both, over the head_dims and lengths)."""
+    return "bfloat16" if (head_dim + seqlen_q) % 3 else "float16"
+
+
 def _module_specs():
+    """What the tests below run, compiled ahead (not every dtype of every case: compiling
+    all took most of a 330-s GPU call, session 29)."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
     if facts.arch != "sm_90":
         return []
+
+    def forward(dtype, d, case):
+        return specs.select_forward(facts, dtype, d, case[1], mods=mods_tests._flags(case))
+
     out = []
     for loop in LOOPS:
         for d in (64, 128):
-            for case in CASES:
-                for dtype in ("float16", "bfloat16"):
-                    spec = specs.select_forward(facts, dtype, d, case[1],
-                                                mods=mods_tests._flags(case))
-                    out += [_tma(spec, loop, facts), spec]  # the cp.async tile: the fallback
-                    for deterministic in (False, True):
-                        back = specs.select_backward(facts, dtype, d, case[1], deterministic,
-                                                     mods=mods_tests._flags(case))
-                        out += [specs.with_backward_tma(back) or back, back]
+            dtypes = {_forward_dtype(d, n) for n, _ in LENGTHS}
+            out += [_tma(forward(t, d, c), loop, facts) for c in CASES for t in dtypes]
+            out += [_tma(forward("bfloat16", d, c), loop, facts) for c in PLAIN]  # widths
+            out += [_tma(forward("float16", d, PLAIN[1]), loop, facts)]  # heads-first
+    # the backward tests: d64 bf16 every case, d128 plain / causal / all in both dtypes, both
+    # deterministic modes, with the selected (cp.async) forward before them
+    for d, dtypes, cases in ((64, ("bfloat16",), CASES),
+                             (128, ("float16", "bfloat16"), PLAIN + mods_tests.CASES[-1:])):
+        for dtype in dtypes:
+            for case in cases:
+                out.append(forward(dtype, d, case))
+                for deterministic in (False, True):
+                    back = specs.select_backward(facts, dtype, d, case[1], deterministic,
+                                                 mods=mods_tests._flags(case))
+                    out.append(specs.with_backward_tma(back) or back)
     for case in D256_CASES:
         spec = specs.select_forward(facts, "bfloat16", 256, case[1],
                                     mods=mods_tests._flags(case))
@@ -103,7 +120,7 @@ def _assert_planned_with_tma(seqlen_q, seqlen_k, head_dim, dtype, causal, flags=
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_forward_matches_reference(tma, case, head_dim, seqlen_q, seqlen_k):
-    dtype = "bfloat16" if (head_dim + seqlen_q) % 3 else "float16"
+    dtype = _forward_dtype(head_dim, seqlen_q)
     _assert_planned_with_tma(seqlen_q, seqlen_k, head_dim, dtype, case[1],
                              mods_tests._flags(case))
     mods_tests.check_forward(case, dtype, seqlen_q, seqlen_k, head_dim, f"tma {tma}")
