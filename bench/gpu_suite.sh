@@ -246,15 +246,18 @@ for stage in $stages; do
         tile_sweep.py --kind fwd90 --head-dim 256 --seqlen ${FWD_D256_SEQLENS:-4096 16384} \
         --causal both --candidates 12,64,2 12,80,2 --variant CF_FWD_TMA=1" ;;
     bwd_tma)  # the warp-specialized Hopper backward (head_dim 64 / 128) loading K, V, Q and
-      # dO with bulk tensor copies (CF_BWD_TMA, a candidate written without a GPU): its
+      # dO with bulk tensor copies (CF_BWD_TMA; its tests passed on an H200, session 30): its
       # float64-reference tests, then each tile with and without, atomic and ordered dQ,
       # beside SDPA's flash and cuDNN (BWD_TMA_SEQLENS, default 4096 16384)
       CUFLASH_POISON=1 run_stage bwd_tma_tests timeout "${BWD_TMA_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_tma.py -k "backward or panel"
+      # the selection adds bulk dQ (specs.with_bulk_dq): TMA is timed beside it, as selected
+      # (session 30 timed TMA against cp.async without bulk dQ: registry.BWD90_TMA)
       run_stage bwd_tma bash -c "cd bench/dev && timeout ${BWD_TMA_TIMEOUT:-240} $PY \
         tile_sweep.py --kind bwd90 --head-dim 64 128 --seqlen ${BWD_TMA_SEQLENS:-4096 16384} \
-        --causal both --ordered --variant CF_BWD_TMA=1" ;;
+        --causal both --ordered --candidates 12,64,2 12,128,2 --variant CF_DQ_BULK=1 \
+        --variant CF_DQ_BULK=1,CF_BWD_TMA=1" ;;  # (the 8-warp kernel has no bulk dQ)
     det_window)  # the deterministic backward with a sliding window on the warp-specialized
       # kernel (ordered dQ, descending key tiles; a candidate): its float64-reference and
       # bitwise-repeat tests, then TFLOP/s against the atomic mode and the portable kernels

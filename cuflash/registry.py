@@ -369,6 +369,33 @@ FWD90_PERSISTENT_OFF_WHEN = (("varlen",), ("block_sparse",),
                              ("dropout",))  # tested, not timed (above)
 FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 
+# Bulk tensor copies (TMA) in the warp-specialized kernels at head_dim 64 / 128: the
+# forward's Q, K, V (flash_fwd_sm90_ws.cu's CF_FWD_TMA) and the backward's K, V, Q, dO
+# (flash_bwd_sm90_ws.cu's CF_BWD_TMA), one producer thread issuing boxes where 128 issued
+# cp.async. bench/results/2026-12-06_h200/session30 (H200 bf16, TFLOP/s cp.async -> TMA, same
+# process; cuDNN beside):
+#   forward, 16k tokens: d64 1k / 4k / 16k 375 / 488 / 513 -> 405 / 518 / 540, causal
+#     233 / 413 / 512 -> 253 / 433 / 537; d128 470 / 619 / 625 -> 552 / 646 / 663, causal
+#     374 / 564 / 620 -> 397 / 601 / 663; GQA 4k +2-10%, softcap +4-5% except d64 causal
+#     softcap (260 -> 252, the one loss: FWD90_TMA_OFF_WHEN). H100 (session 29): +1.5-11.4%.
+#   backward (the selected 12-warp, two-stage tiles), 4k / 16k: d64 371 / 391 -> 393 / 419,
+#     causal 323 / 366 -> 376 / 399; d128 414 / 425 -> 443 / 464, causal 378 / 412 -> 416 /
+#     483; ordered dQ d128 369 / 374 -> 375 / 388, causal 315 / 352 -> 317 / 371.
+#   Those backward tiles ran without bulk dQ (tile_sweep builds registry tiles), and the
+#   selection adds it (specs.with_bulk_dq): TMA with bulk dQ passed its tests but has not been
+#   timed against bulk dQ alone, so the backward keeps cp.async until `gpu_suite.sh bwd_tma`
+#   times the two (BWD90_TMA empty).
+# Tests: tests/test_gpu_tma.py, every modifier set of test_gpu_modifiers, both deterministic
+# modes (the backward as selected, bulk dQ included), block masks, heads-first storage,
+# widths inside a bucket, fp16 and bf16 (339 passed, none failed, session 30) and memcheck on
+# 16 forward cases (0 errors, H100 and H200). Not with dropout (not run with TMA yet) nor
+# packed sequences (a box would cross into the next sequence); a layout the copy engine
+# cannot box runs the cp.async tile (launch.py).
+FWD90_TMA = frozenset({64, 128})
+FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
+BWD90_TMA: frozenset = frozenset()  # {64, 128} once timed with bulk dQ (above)
+TMA_OFF_WHEN = (("dropout",), ("varlen",))
+
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's
 # CF_BWD_DQ_FIRST), per bucket. H200 bf16, session 19 calls 6 and 7, TFLOP/s with / without:

@@ -21,7 +21,7 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
-                       BWD90_PAIR_BUCKETS,
+                       BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA, FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
@@ -300,8 +300,25 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return with_persistent_forward(with_forward_overlap(
-        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts))
+    return with_selected_tma(with_persistent_forward(with_forward_overlap(
+        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts)))
+
+
+def with_selected_tma(spec: KernelSpec) -> KernelSpec:
+    """``spec`` loading with bulk tensor copies (``with_forward_tma`` / ``with_backward_tma``)
+    where the warp-specialized Hopper kernel runs and registry.FWD90_TMA / BWD90_TMA list the
+    bucket, unless a TMA_OFF_WHEN set of modifiers (or the forward's FWD90_TMA_OFF_WHEN) is
+    on. The launcher still runs the cp.async tile where the copy engine cannot box a layout."""
+    context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
+    if any(context.issuperset(when) for when in TMA_OFF_WHEN):
+        return spec
+    if spec.kind == "fwd90" and spec.head_dim in FWD90_TMA:
+        if any(context.issuperset(when) for when in FWD90_TMA_OFF_WHEN[spec.head_dim]):
+            return spec
+        return with_forward_tma(spec) or spec
+    if spec.kind == "bwd90" and spec.head_dim in BWD90_TMA:
+        return with_backward_tma(spec) or spec
+    return spec
 
 
 def with_persistent_forward(spec: KernelSpec) -> KernelSpec:
@@ -356,8 +373,8 @@ def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpe
 def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized forward ``spec`` loading Q, K and V with bulk tensor copies
     (``CF_FWD_TMA=1``: one producer thread, tensor maps from cuflash/tensor_map.py); None
-    for packed sequences (a box would read the next sequence's rows) and other kernels. A
-    candidate for tests and tuning runs, not selected."""
+    for packed sequences (a box would read the next sequence's rows) and other kernels.
+    Selected where registry.FWD90_TMA says (``with_selected_tma``)."""
     if spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or spec.mods.varlen:
         return None
     return spec.with_knobs(CF_FWD_TMA=1)
@@ -394,8 +411,8 @@ def with_ordered_dq(spec: KernelSpec) -> KernelSpec | None:
 
 def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
-    copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. A candidate for
-    tests and tuning runs, not selected."""
+    copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. Selected where
+    registry.BWD90_TMA says (``with_selected_tma``)."""
     if not bwd90_warp_specialized(spec) or spec.mods.varlen:
         return None
     if spec.head_dim == 64 and spec.dq_ordered and (spec.causal or spec.mods.window):
@@ -525,7 +542,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
-    return with_dq_first(with_bulk_dq(with_ordered_rotation(spec, facts), facts))
+    return with_selected_tma(with_dq_first(with_bulk_dq(with_ordered_rotation(spec, facts),
+                                                         facts)))
 
 
 def with_dq_first(spec: KernelSpec) -> KernelSpec:

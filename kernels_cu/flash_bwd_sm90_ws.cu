@@ -28,7 +28,8 @@
 //     tile, and they take turns issuing their products (CF_BWD_WS_PINGPONG), so one's
 //     P^T / dS^T and atomics run under the other's products.
 //   No __syncthreads after the prologue.
-//   Bulk tensor copies (CF_BWD_TMA=1, a candidate: not selected, not yet run on a GPU): lane
+//   Bulk tensor copies (CF_BWD_TMA=1, a candidate: tests passed and 4-17% over cp.async on an
+//   H200, session 30, but not yet timed beside bulk dQ, so not selected: registry.BWD90_TMA): lane
 //     0 of warp 0 loads K once and Q per tile, lane 0 of warp 3 V once and dO per tile, as TMA
 //     boxes (cf_sm90.cuh's tma_load_tile; the maps of q, k, v and dout are the last four
 //     parameters, cuflash/tensor_map.py) with the bytes armed on the full mbarriers; the

@@ -32,7 +32,7 @@
 //   consumers' barrier. CF_FWD_PERSISTENT=2 also pipelines the consumers across tiles, with
 //   a second Q buffer (the consumer loop marked "value 2" below).
 //
-// Bulk tensor copies (CF_FWD_TMA=1, a candidate: not selected, not yet run on a GPU): one
+// Bulk tensor copies (CF_FWD_TMA=1, selected at head_dim 64 / 128: registry.FWD90_TMA): one
 //   producer thread issues Q, K and V as TMA boxes (cf_sm90.cuh's tma_load_tile; the tensor
 //   maps are the last three parameters, cuflash/tensor_map.py) and arms each full mbarrier
 //   with the tile's bytes; the other producer threads leave at once. The copies land through
@@ -40,8 +40,8 @@
 //   sequence land as zeros, like cp.async's zero fill; packed sequences keep cp.async (a box
 //   would read the next sequence's rows).
 //
-// Clusters of two (CF_FWD_CLUSTER=2 with CF_FWD_TMA, a candidate: not selected, not yet run
-//   on a GPU; head_dim 128 / 256, one block per tile, no causal mask, window, block mask or
+// Clusters of two (CF_FWD_CLUSTER=2 with CF_FWD_TMA, a candidate: not selected; its tests
+//   passed on an H200, session 30, not timed; head_dim 128 / 256, one block per tile, no causal mask, window, block mask or
 //   packed sequences): the blocks of query tiles 2c and 2c + 1 of a head share each K / V
 //   tile: each boxes half its panels into both blocks' shared memory (multicast), so L2 sends
 //   K and V once per pair (FlashAttention-3 pairs its non-causal blocks so at head_dim >= 128).

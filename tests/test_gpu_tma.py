@@ -1,8 +1,8 @@
 """The warp-specialized Hopper forward loading Q, K and V with bulk tensor copies
-(``CF_FWD_TMA=1``, specs.with_forward_tma: a candidate, not selected), and the backward
-loading K, V, Q and dO so (``CF_BWD_TMA=1``), against the float64 reference (``gpu``). The
-forward: head_dim 64 and 128 and widths inside those buckets (the boxes' columns
-past head_dim land as zeros), every score modifier of test_gpu_modifiers, lengths that are not
+(``CF_FWD_TMA=1``, specs.with_forward_tma), and the backward loading K, V, Q and dO so
+(``CF_BWD_TMA=1``), against the float64 reference (``gpu``); both selected at head_dim 64 /
+128 since session 30 (registry.FWD90_TMA, BWD90_TMA). The forward: head_dim 64 and 128 and
+widths inside those buckets (the boxes' columns past head_dim land as zeros), every score modifier of test_gpu_modifiers, lengths that are not
 multiples of a tile (rows past a sequence land as zeros), one block per tile, persistent
 blocks and the pipeline across tiles, heads-first storage, block masks, and k / v broadcast
 over the batch (which the copy engine cannot box: the cp.async tile runs). m and l too.
@@ -317,17 +317,6 @@ def test_backward_matches_reference_d128(tma_bwd, case, dtype):
 def test_backward_block_masks(tma_bwd, head_dim):
     """The producer's walk under a block mask boxes only the kept query tiles."""
     sparse_tests._check("own", sparse_tests.CASES[0], "bfloat16", 389, 777, head_dim)
-
-
-def test_tma_is_not_selected():
-    """A candidate until gpu_suite.sh fwd_tma has timed it."""
-    from cuflash import launch
-
-    facts = launch.device_facts(0)
-    for d in (64, 128):
-        assert not specs.loads_with_tma(specs.select_forward(facts, "bfloat16", d, False))
-        assert not specs.loads_with_tma(specs.select_backward(facts, "bfloat16", d, False,
-                                                              False))
 
 
 # -- the map and the swizzle alone: one tile through the copy engine, shared memory read out --

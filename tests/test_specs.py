@@ -53,8 +53,9 @@ def test_larger_budget_never_picks_smaller_tiles():
 
 def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     spec = specs.select_forward(facts(227), "bfloat16", 128, False)
-    # warp-specialized, persistent blocks (the planner may still run one block per tile)
-    assert spec.name == "fwd90_bf16_d128_m128_n128_w12_s3_fwd_persistent1"
+    # warp-specialized, persistent blocks (the planner may still run one block per tile),
+    # loading with TMA
+    assert spec.name == "fwd90_bf16_d128_m128_n128_w12_s3_fwd_persistent1_fwd_tma1"
     assert spec.source == "flash_fwd_sm90_ws.cu" and spec.threads == 384
     assert specs.compile_arch(spec, "sm_90") == "sm_90a"
 

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from cuflash import fastpath, launch, specs, tensor_map, validate
+from cuflash import fastpath, launch, registry, specs, tensor_map, validate
 from cuflash import plan as planning
 from host_backend import NumpyBackend
 from test_attention_host_path import _H200, _STREAM, _as_captured, _clear_memos, _inputs, \
@@ -95,7 +95,10 @@ def test_parameter_buffer_aligns_each_map_in_the_constant_bank():
     buffer = packer.pack(*([0] * len(signature[:-3])), *maps)
     for i, m in enumerate(maps):
         assert buffer[first + 128 * i:first + 128 * (i + 1)] == m
-    assert "T" not in launch.signature_of(specs.select_forward(_H200, "bfloat16", 128, False))
+    # without the knob (the selection with dropout: registry.TMA_OFF_WHEN) no map is taken
+    plain_spec = specs.select_forward(_H200, "bfloat16", 128, False,
+                                      mods=specs.ModFlags(dropout=True))
+    assert "T" not in launch.signature_of(plain_spec)
 
 
 # -- launches and replays ---------------------------------------------------------------------
@@ -298,3 +301,23 @@ def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
     functions = [c[0] for c in captured]
     assert hash((untiled.name, False)) & 0xFFFFFF in functions
     assert hash((plan.main.spec.name, False)) & 0xFFFFFF not in functions
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_is_selected_where_measured(head_dim, causal):
+    """registry.FWD90_TMA: the warp-specialized forward at head_dim 64 / 128 boxes its
+    loads; not with dropout, packed sequences, d64 causal softcap, nor at head_dim 256. The
+    backward keeps cp.async (registry.BWD90_TMA is empty until timed with bulk dQ)."""
+    fwd = specs.select_forward(_H200, "bfloat16", head_dim, causal)
+    assert specs.loads_with_tma(fwd), fwd.name
+    for deterministic in (False, True):
+        bwd = specs.select_backward(_H200, "bfloat16", head_dim, causal, deterministic)
+        assert specs.loads_with_tma(bwd) == (head_dim in registry.BWD90_TMA), bwd.name
+    for mods in (specs.ModFlags(dropout=True), specs.ModFlags(varlen=True)):
+        assert not specs.loads_with_tma(specs.select_forward(_H200, "bfloat16", head_dim,
+                                                             causal, mods=mods))
+    softcap = specs.select_forward(_H200, "bfloat16", head_dim, causal,
+                                   mods=specs.ModFlags(softcap=True))
+    assert specs.loads_with_tma(softcap) == (head_dim == 128 or not causal), softcap.name
+    assert not specs.loads_with_tma(specs.select_forward(_H200, "bfloat16", 256, causal))
