@@ -33,6 +33,8 @@ export PYTHONUNBUFFERED=1
 # each failing test's id as it fails (tests/conftest.py): a stage cut off by its timeout
 # prints no summary
 export CUFLASH_FAILURE_LOG=${CUFLASH_FAILURE_LOG:-$OUT/logs/failed_tests.txt}
+# and each test phase of a second or more (setup: a module's compile ahead): where the time went
+export CUFLASH_DURATION_LOG=${CUFLASH_DURATION_LOG:-$OUT/logs/test_durations.txt}
 PY=${PYTHON:-python3}
 stages=${*:-info check tests sanitize bench workloads}
 summary=$OUT/summary.txt

@@ -54,10 +54,21 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_logreport(report):
     """With CUFLASH_FAILURE_LOG set, each failing test's id, error message and place are
     appended there as it fails: a GPU call cut off by its time limit prints no summary, and its dots
-    do not say which test failed. (Under xdist the controller writes: it hears of every
-    worker's reports as they come.)"""
+    do not say which test failed. With CUFLASH_DURATION_LOG set, each phase of a test that
+    took a second or more is appended there (setup holds a module's ahead-of-time compile):
+    where a GPU call's time went, even if it was cut off. (Under xdist the controller writes:
+    it hears of every worker's reports as they come.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    durations = os.environ.get("CUFLASH_DURATION_LOG")
+    if durations and report.duration >= 1.0:
+        worker = getattr(report, "node", None)
+        with open(durations, "a") as out:
+            out.write(f"{report.duration:8.1f} s  {report.when:8} "
+                      f"{getattr(worker, 'gateway', None) and worker.gateway.id or '-':4} "
+                      f"{report.nodeid}\n")
     path = os.environ.get("CUFLASH_FAILURE_LOG")
-    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or not report.failed:
         return
     lines = str(report.longrepr).strip().splitlines() or [""]
     error = next((x for x in lines if x.startswith("E ")), "")  # the message, then where
