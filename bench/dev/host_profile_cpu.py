@@ -6,7 +6,7 @@ torch CPU tensors stand in for CUDA ones: fastpath's torch backend with the devi
 stream and device switch stubbed, the driver's launch and memset replaced by no-ops, and an
 H200's facts for the plans. What is left is what a CUDA call costs in Python: layout keys,
 memo lookups, allocations (CPU ones here: cheaper than the caching allocator's), address
-reads, parameter packing. Absolute numbers differ from a GPU host's (the H200 machine of
+reads, parameter packing, tensor maps (all but the driver's encoding). Absolute numbers differ from a GPU host's (the H200 machine of
 2026-12-01 took 85.8 us for a fastpath backward that took 55 us on its CPU-only sibling);
 use it to compare two versions of the code on one machine, then confirm on the device with
 bench/dev/host_overhead.py.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from cuflash import decode, fastpath, launch, varlen_fastpath  # noqa: E402
+from cuflash import decode, fastpath, launch, tensor_map, varlen_fastpath  # noqa: E402
 
 _H200 = launch.DeviceFacts(name="stand-in H200", arch="sm_90", sm_count=132,
                            smem_optin=227 * 1024)
@@ -53,6 +53,9 @@ def _stub_the_device(backend) -> None:
     launch._function_ptr = lambda spec, index, convert: 1
     launch.launch_packed = lambda *args: None
     launch.memset_async = lambda *args: None
+    # the driver's tensor-map encoder (the Hopper forward loads with TMA): a no-op that
+    # succeeds, so the layout checks and the map cache still run
+    tensor_map._driver_encode = lambda: (lambda *args: 0)
     decode._functions_of = lambda spec, index: (1, 2, 3)
     decode._fast_backend = lambda arrays: backend
 
