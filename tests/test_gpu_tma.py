@@ -71,7 +71,7 @@ def _module_specs():
     # the backward tests: d64 bf16 every case, d128 plain / causal / all in both dtypes, both
     # deterministic modes, with the selected (cp.async) forward before them
     for d, dtypes, cases in ((64, ("bfloat16",), CASES),
-                             (128, ("float16", "bfloat16"), PLAIN + mods_tests.CASES[-1:])):
+                             (128, ("float16", "bfloat16"), D128_BACKWARD_CASES)):
         for dtype in dtypes:
             for case in cases:
                 out.append(forward(dtype, d, case))
@@ -129,7 +129,10 @@ def test_forward_matches_reference(tma, case, head_dim, seqlen_q, seqlen_k):
 
 # widths of the warp-specialized buckets 64 and 128 (72 and 96 take the d96 bucket, which
 # runs the 8-warp kernel: no TMA there; these were session 29's eight failures)
-@pytest.mark.parametrize("head_dim", [40, 56, 104, 120])
+WIDTHS = [40, 56, 104, 120]
+
+
+@pytest.mark.parametrize("head_dim", WIDTHS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_widths_inside_a_bucket(tma, head_dim, causal):
     """Columns head_dim .. the bucket's end lie outside the map: zeros, as cp.async fills."""
@@ -209,16 +212,20 @@ def ws_d256(request):
         yield request.param
 
 
-@pytest.mark.parametrize("seqlen_q, seqlen_k", [(131, 131), (257, 1029)])
-@pytest.mark.parametrize("case", D256_CASES, ids=[c[0] for c in D256_CASES])
-def test_d256_warp_specialized_forward(ws_d256, case, seqlen_q, seqlen_k):
+def _assert_d256_tile(case, seqlen_q, seqlen_k, block_n, boxed):
     from cuflash import launch
 
-    block_n, boxed = ws_d256
     p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, 256, "bfloat16", case[1],
                                        mods_tests._flags(case)), 0)
     assert (p.kernel.spec.warps, p.kernel.spec.block_n) == (12, block_n), p.kernel.spec.name
-    assert specs.loads_with_tma(p.kernel.spec) == boxed
+    assert specs.loads_with_tma(p.kernel.spec) == boxed, p.kernel.spec.name
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("case", D256_CASES, ids=[c[0] for c in D256_CASES])
+def test_d256_warp_specialized_forward(ws_d256, case, seqlen_q, seqlen_k):
+    block_n, boxed = ws_d256
+    _assert_d256_tile(case, seqlen_q, seqlen_k, block_n, boxed)
     mods_tests.check_forward(case, "bfloat16", seqlen_q, seqlen_k, 256,
                              f"d256 ws n{block_n} tma={boxed}")
 
@@ -238,24 +245,28 @@ def cluster(request):
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper forward's clusters")
-
-    def knob(spec):
-        if spec.kind == "fwd90" and spec.head_dim == 256:
-            spec = _ws_d256(spec, 80, False)
-        return specs.with_forward_cluster(spec) or spec
-
-    for _ in gh.selector_with_knob("select_forward", knob):
+    for _ in gh.selector_with_knob("select_forward", _cluster_knob):
         yield request.param
+
+
+def _cluster_knob(spec):
+    if spec.kind == "fwd90" and spec.head_dim == 256:
+        spec = _ws_d256(spec, 80, False)
+    return specs.with_forward_cluster(spec) or spec
+
+
+def _assert_paired(case, seqlen_q, seqlen_k, head_dim):
+    from cuflash import launch
+
+    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, head_dim, "bfloat16", False,
+                                       mods_tests._flags(case)), 0)
+    assert specs.clustered(p.kernel.spec) and p.kernel.grid[0] % 2 == 0, p.kernel.spec.name
 
 
 @pytest.mark.parametrize("seqlen_q, seqlen_k", CLUSTER_LENGTHS)
 @pytest.mark.parametrize("case", CLUSTER_CASES, ids=[c[0] for c in CLUSTER_CASES])
 def test_cluster_forward_matches_reference(cluster, case, seqlen_q, seqlen_k):
-    from cuflash import launch
-
-    p = launch.forward_plan(plan.Shape(2, seqlen_q, seqlen_k, 6, 2, cluster, "bfloat16", False,
-                                       mods_tests._flags(case)), 0)
-    assert specs.clustered(p.kernel.spec) and p.kernel.grid[0] % 2 == 0, p.kernel.spec.name
+    _assert_paired(case, seqlen_q, seqlen_k, cluster)
     mods_tests.check_forward(case, "bfloat16", seqlen_q, seqlen_k, cluster,
                              f"cluster d{cluster}")
 
@@ -298,16 +309,22 @@ def test_backward_matches_reference_d64(tma_bwd, case, seqlen_q, seqlen_k):
                                                          seqlen_k)
 
 
-@pytest.mark.parametrize("case", PLAIN + [mods_tests.CASES[-1]],
-                         ids=[c[0] for c in PLAIN] + [mods_tests.CASES[-1][0]])
+def _d128_boxed_mode(case) -> bool:
+    """The deterministic mode whose plan must box: both modes run, but the deterministic one
+    with a window keeps the portable kernels (registry._ordered_dq), so there the atomic."""
+    return case[2] is None
+
+
+D128_BACKWARD_CASES = PLAIN + [mods_tests.CASES[-1]]
+
+
+@pytest.mark.parametrize("case", D128_BACKWARD_CASES, ids=[c[0] for c in D128_BACKWARD_CASES])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_backward_matches_reference_d128(tma_bwd, case, dtype):
     rng = gh.rng_for()
     q, k, v, do, causal, mods = mods_tests._inputs(rng, case, dtype, 203, 389, head_dim=128)
-    # both modes run below; the deterministic one with a window keeps the portable kernels
-    # (registry._ordered_dq), so it is the atomic mode's plan that must box
     _assert_backward_planned_with_tma(128, dtype, causal, mods_tests._flags(case),
-                                      case[2] is None)
+                                      _d128_boxed_mode(case))
     gh.assert_call_matches_reference(q, k, v, do, causal=causal, dtype=dtype,
                                      label=f"tma bwd {case[0]} d128 {dtype}",
                                      host_kwargs=mods, gpu_kwargs=mods_tests._on_gpu(mods))

@@ -1,0 +1,69 @@
+"""The plans tests/test_gpu_tma.py asserts, made on the CPU with a Hopper's facts: each GPU
+test's own assertion helper, under its fixture's selector patch, must find the kernel the
+test says it runs (a TMA forward or backward, a 12-warp head_dim 256 tile, a cluster of two).
+Session 29 spent two GPU calls on ten such assertions that could not hold (widths in the
+8-warp d96 bucket; the windowed deterministic backward, which keeps the portable kernels):
+the kernels had not failed."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuflash import fastpath, launch, specs
+
+import test_gpu_modifiers as mods_tests
+import test_gpu_tma as tma_tests
+
+_HOPPER = specs.DeviceFacts("stand-in H100", "sm_90", 132, 227 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def hopper(monkeypatch):
+    monkeypatch.setattr(launch, "device_facts", lambda index: _HOPPER)
+    fastpath.forget_planned_calls()
+    yield
+    fastpath.forget_planned_calls()
+
+
+@pytest.mark.parametrize("loop", tma_tests.LOOPS)
+def test_forward_tests_plan_a_tma_kernel(loop):
+    knob = lambda spec: tma_tests._tma(spec, loop, _HOPPER)  # noqa: E731 (the fixture's)
+    with fastpath.selector_patched("select_forward", knob):
+        for seqlen_q, seqlen_k in tma_tests.LENGTHS:
+            for head_dim in (64, 128):
+                for case in tma_tests.CASES:
+                    tma_tests._assert_planned_with_tma(
+                        seqlen_q, seqlen_k, head_dim, tma_tests._forward_dtype(head_dim, seqlen_q),
+                        case[1], mods_tests._flags(case))
+        for head_dim in tma_tests.WIDTHS:
+            for causal in (False, True):
+                tma_tests._assert_planned_with_tma(200, 333, head_dim, "bfloat16", causal)
+
+
+def test_backward_tests_plan_a_tma_kernel():
+    knob = lambda spec: specs.with_backward_tma(spec) or spec  # noqa: E731 (tma_bwd's)
+    with fastpath.selector_patched("select_backward", knob):
+        for case in tma_tests.CASES:
+            tma_tests._assert_backward_planned_with_tma(64, "bfloat16", case[1],
+                                                        mods_tests._flags(case), False)
+        for case in tma_tests.D128_BACKWARD_CASES:
+            for dtype in ("float16", "bfloat16"):
+                tma_tests._assert_backward_planned_with_tma(
+                    128, dtype, case[1], mods_tests._flags(case), tma_tests._d128_boxed_mode(case))
+
+
+@pytest.mark.parametrize("block_n, boxed", tma_tests.D256_TILES)
+def test_d256_tests_plan_their_tile(block_n, boxed):
+    knob = lambda spec: tma_tests._ws_d256(spec, block_n, boxed)  # noqa: E731 (ws_d256's)
+    with fastpath.selector_patched("select_forward", knob):
+        for case in tma_tests.D256_CASES:
+            for seqlen_q, seqlen_k in tma_tests.LENGTHS:
+                tma_tests._assert_d256_tile(case, seqlen_q, seqlen_k, block_n, boxed)
+
+
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_cluster_tests_plan_pairs(head_dim):
+    with fastpath.selector_patched("select_forward", tma_tests._cluster_knob):
+        for case in tma_tests.CLUSTER_CASES:
+            for seqlen_q, seqlen_k in tma_tests.CLUSTER_LENGTHS:
+                tma_tests._assert_paired(case, seqlen_q, seqlen_k, head_dim)
