@@ -68,6 +68,8 @@ def test_forward_and_backward_match_reference(folded, case, dtype, head_dim, seq
 
     picked = specs.select_backward(launch.device_facts(0), dtype, head_dim, case[1], False,
                                    mods=dropout_tests.mod_flags(case))
+    if not bwd90_warp_specialized(picked):  # d64 causal under a block mask: the 8-warp tile
+        pytest.skip(f"the selection runs {picked.name}, which has no fold")
     assert dict(picked.knobs).get(KNOB) == 1, picked.name  # the candidate is what runs
     # both deterministic modes (the ordered-dQ tile takes the knob too, where it runs)
     dropout_tests._check("fold", case, dtype, seqlen_q, seqlen_k, head_dim)
