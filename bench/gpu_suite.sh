@@ -144,6 +144,14 @@ for stage in $stages; do
         tests/test_gpu_decode_candidates.py
       run_stage decode16 timeout "${DECODE16_TIMEOUT:-170}" $PY bench/dev/decode_variants.py \
         --decode16 --out "$OUT/results/decode16.json" ;;
+    decode_pdl)  # decode's combine as the split's programmatic dependent (decode.PDL, a
+      # candidate written without a GPU): its float64-reference tests (graphs included),
+      # then TB/s with and without beside cuDNN (bench/dev/decode_pdl.py, bit-for-bit check)
+      CUFLASH_POISON=1 run_stage decode_pdl_tests timeout "${DECODE_PDL_TEST_TIMEOUT:-150}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_decode_pdl.py
+      run_stage decode_pdl timeout "${DECODE_PDL_TIMEOUT:-150}" $PY bench/dev/decode_pdl.py \
+        --out "$OUT/results/decode_pdl.json" ;;
     exp2_fma)  # the Hopper forward's softmax with part of its exp2 on the FMA pipe
       # (CF_EXP2_FMA): its float64-reference tests, then TFLOP/s against the selection and
       # cuDNN (bench/dev/exp2_fma_ab.py; EXP2_FMA_ARGS, e.g. --values 0,2,4,6)

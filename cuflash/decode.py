@@ -97,11 +97,15 @@ class DecodeSpec:
     source: str = "flash_decode.cu"
     causal: bool = False  # a run-time argument of this kernel; here for spec-table code
     target: str = "device"  # built for the GPU's own arch (specs.compile_arch)
+    # a candidate (not timed; sm_90 and newer): the combine launched as the split's
+    # programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
+    pdl: bool = False
 
     @property
     def name(self) -> str:
         return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}"
-                f"_k{self.keys}_s{self.stages}_b{self.min_blocks}_w{self.warps}")
+                f"_k{self.keys}_s{self.stages}_b{self.min_blocks}_w{self.warps}"
+                + ("_pdl" if self.pdl else ""))
 
     @property
     def threads(self) -> int:
@@ -137,7 +141,8 @@ class DecodeSpec:
     def defines(self) -> dict[str, int]:
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_KEYS": self.keys, "CF_STAGES": self.stages,
-                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps}
+                "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
+                **({"CF_DECODE_PDL": 1} if self.pdl else {})}
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ class DecodeMmaSpec:
     paged_step: int = 0  # CF_PAGED_STEP (with page_ids): mask of P = 1 / 2 / 4 pages a tile
     whole_tiles: bool = False  # CF_WHOLE_TILES: keys every row sees skip the per-score mask
     combine_rows: bool = False  # CF_COMBINE_ROWS: few splits, the combine takes a row a warp
+    pdl: bool = False  # CF_DECODE_PDL: as DecodeSpec's (a candidate, not timed)
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -197,7 +203,8 @@ class DecodeMmaSpec:
         return ((f"_l2a{self.l2_ahead}" if self.l2_ahead else "") +
                 ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else "") +
                 (f"_ps{self.paged_step}" if self.paged_step else "") +
-                ("_wt" if self.whole_tiles else "") + ("_cr" if self.combine_rows else ""))
+                ("_wt" if self.whole_tiles else "") + ("_cr" if self.combine_rows else "") +
+                ("_pdl" if self.pdl else ""))
 
     @property
     def threads(self) -> int:
@@ -236,7 +243,7 @@ class DecodeMmaSpec:
         knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
                  "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step,
                  "CF_WHOLE_TILES": int(self.whole_tiles),
-                 "CF_COMBINE_ROWS": int(self.combine_rows)}
+                 "CF_COMBINE_ROWS": int(self.combine_rows), "CF_DECODE_PDL": int(self.pdl)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
@@ -380,10 +387,23 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     if dtype != "float32" and rows >= MMA_MIN_ROWS and (facts is None or _has_mma(facts.arch)):
         for spec in _with_two_stages(mma_spec(dtype, d, rows, paged)):
             if facts is None or spec.smem_bytes <= facts.smem_optin:
-                return spec
+                return _with_pdl(spec, facts)
     r = row_bucket(rows)
     keys, stages = _KEYS[r][1 if dtype == "float32" else 0]
-    return DecodeSpec(dtype, d, r, keys, stages)
+    return _with_pdl(DecodeSpec(dtype, d, r, keys, stages), facts)
+
+
+# The combine launched as the split's programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
+# on sm_90 and newer: a candidate, written without a GPU; tests/test_gpu_decode_pdl.py and
+# bench/dev/decode_pdl.py switch it on. What it could save: the combine's launch and start-up
+# after the split's last wave, ~2 us of the ~40 at (1, 32k, 8 kv heads) (docs/decode.md).
+PDL = False
+
+
+def _with_pdl(spec, facts: DeviceFacts | None):
+    if not PDL or facts is None or int(facts.arch.removeprefix("sm_").rstrip("a")) < 90:
+        return spec
+    return replace(spec, pdl=True)
 
 
 # The least shared memory a block of a tensor-core arch can opt in to (sm_86 / 89 / 120).
@@ -613,10 +633,10 @@ def _enqueue(plan: DecodePlan, functions: tuple, args: tuple, stream: int) -> No
         return
     launch_function(split_fn, plan.grid, spec.threads, spec.smem_bytes, _PARAMS_SIGNATURE, args,
                     stream, what(spec))
-    if plan.combine_grid:
+    if plan.combine_grid:  # (with `pdl`, launched while the split's last wave runs)
         launch_function(combine_fn, plan.combine_grid, 32 * COMBINE_WARPS,
                         4 * COMBINE_WARPS * (spec.head_dim + 2), _PARAMS_SIGNATURE, args, stream,
-                        what("flash_decode_combine"))
+                        what("flash_decode_combine"), dependent=spec.pdl)
 
 
 # -- the public function -----------------------------------------------------------------------

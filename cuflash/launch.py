@@ -377,6 +377,7 @@ class Record(NamedTuple):
     args: tuple
     what: object = None
     memset_bytes: int = 0
+    dependent: bool = False  # a programmatic dependent launch (launch_packed_dependent)
 
 
 RECORDED_STREAM = -1  # the stream a recorded call is given (a replay gets the real one)
@@ -447,18 +448,37 @@ def launch_packed(function: int, grid: tuple, threads: int, smem: int,
                           f"threads, {smem} B shared memory) failed: {exc}") from exc
 
 
+def launch_packed_dependent(function: int, grid: tuple, threads: int, smem: int,
+                            packer: struct.Struct, args, stream: int, what) -> None:
+    """``launch_packed`` as a programmatic dependent of the stream's previous kernel
+    (cuflash/pdl.py): for kernels that wait for it (``griddepcontrol.wait``) before they read
+    its results."""
+    from . import pdl
+
+    buffer = _params
+    packer.pack_into(buffer.data, 0, *args)
+    buffer.size.value = packer.size
+    status = pdl.launch(function, grid, threads, smem, stream, buffer.extra_address)
+    if status != 0:
+        raise LaunchError(f"cuflash: launching {what()} (grid {tuple(grid)}, {threads} "
+                          f"threads, {smem} B shared memory) as a dependent launch failed: "
+                          f"CUresult {status}")
+
+
 def launch_function(function: int, grid: tuple, threads: int, smem: int, signature: str,
-                    args: tuple, stream: int, what) -> None:
+                    args: tuple, stream: int, what, dependent: bool = False) -> None:
     """One ``cuLaunchKernel`` of CUfunction ``function`` with ``args`` packed by
-    ``signature`` into one parameter buffer (or recorded, under ``recording``)."""
+    ``signature`` into one parameter buffer (or recorded, under ``recording``);
+    ``dependent``: a programmatic dependent launch (``launch_packed_dependent``)."""
     records = _recording.records
     if records is not None:
         records.append(Record(function, tuple(grid), threads, smem, signature, tuple(args),
-                              what))
+                              what, dependent=dependent))
         return
     if "T" in signature:  # tensor maps hold the call's addresses: made now
         args = tuple(a.encoded() if isinstance(a, TensorMap) else a for a in args)
-    launch_packed(function, grid, threads, smem, param_packer(signature), args, stream, what)
+    enqueue = launch_packed_dependent if dependent else launch_packed
+    enqueue(function, grid, threads, smem, param_packer(signature), args, stream, what)
 
 
 def memset_async(ptr: int, nbytes: int, stream: int) -> None:

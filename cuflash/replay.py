@@ -64,6 +64,7 @@ class _Step(NamedTuple):
     slots: tuple  # (argument position, array index, byte offset, TensorMap or None)
     what: Callable[[], str] | None
     memset_bytes: int = 0
+    dependent: bool = False  # launch.launch_packed_dependent
 
 
 def _step(record: launch.Record) -> _Step:
@@ -83,7 +84,8 @@ def _step(record: launch.Record) -> _Step:
     if record.function is None:
         return _Step(None, (), 0, 0, None, template, slots, None, record.memset_bytes)
     return _Step(record.function, record.grid, record.threads, record.smem,
-                 launch.param_packer(record.signature), template, slots, record.what)
+                 launch.param_packer(record.signature), template, slots, record.what,
+                 dependent=record.dependent)
 
 
 class Replay:
@@ -110,5 +112,7 @@ class Replay:
             if step.function is None:
                 launch.memset_async(args[0], step.memset_bytes, stream)
             else:
-                launch.launch_packed(step.function, step.grid, step.threads, step.smem,
-                                     step.packer, args, stream, step.what)
+                enqueue = launch.launch_packed_dependent if step.dependent else \
+                    launch.launch_packed
+                enqueue(step.function, step.grid, step.threads, step.smem, step.packer, args,
+                        stream, step.what)

@@ -301,3 +301,19 @@ __device__ __forceinline__ T* dq_tile_piece_packed(T* accum, int q_begin, int b,
   const long long piece_row = q_begin / 64 + b + i / 64;
   return accum + ((piece_row * heads + h) * (tile_d / 64) + c / 64) * (kDqPieceBytes / 4);
 }
+
+// Programmatic dependent launch (cuflash/pdl.py; sm_90 and newer, nothing below): a kernel
+// lets the stream's next kernel, launched as its dependent, start early
+// (pdl_launch_dependents); the dependent waits there for this kernel to end and for its writes
+// to be visible (pdl_wait) before it reads them. A kernel launched normally passes pdl_wait
+// at once.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

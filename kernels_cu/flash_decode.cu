@@ -84,6 +84,13 @@
 #ifndef CF_COMBINE_ROWS  // 1: at most kCombineBatch splits, one warp a row (combine_by_warps)
 #define CF_COMBINE_ROWS 0
 #endif
+// 1 (a candidate, sm_90 and newer; decode.py's `pdl`): the split's blocks let the combine,
+// launched as its programmatic dependent (cuflash/pdl.py), start as they begin, and the
+// combine waits for the split's writes: its launch and its blocks' start-up overlap the
+// split's last wave instead of following it.
+#ifndef CF_DECODE_PDL
+#define CF_DECODE_PDL 0
+#endif
 
 #include "cf_common.cuh"  // elem_t, float_to_elem, CF_LOG2E; the tensor-core split
                            // (flash_decode_mma.cu) takes its mma / cp.async wrappers from it
@@ -531,6 +538,7 @@ __device__ __forceinline__ void key_loop(const DecodeParams& p, const DecodeBloc
 extern "C" __global__ void __launch_bounds__(decode::kThreads, decode::kMinBlocks)
 flash_decode_split(const DecodeParams p) {
   using namespace decode;
+  if (CF_DECODE_PDL) pdl_launch_dependents();
   extern __shared__ __align__(16) float smem[];  // float4 stores below
   const DecodeBlock blk = decode_block(p);
   int tile_rows[kRows];
@@ -687,6 +695,7 @@ __device__ __forceinline__ void combine_by_warps(const DecodeParams& p) {
 // registers and spilled)
 extern "C" __global__ void __launch_bounds__(32 * CF_COMBINE_WARPS, 1)
 flash_decode_combine(const DecodeParams p) {
+  if (CF_DECODE_PDL) pdl_wait();  // the split's partial o and lse
 #if CF_COMBINE_ROWS
   if (p.num_splits <= kCombineBatch) return combine_by_warps(p);  // (the plan's grid agrees)
 #endif

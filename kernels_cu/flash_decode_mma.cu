@@ -697,6 +697,7 @@ __device__ __forceinline__ RowScores<2> open_padded_rows(RowScores<2> rs, const 
 extern "C" __global__ void __launch_bounds__(mma_decode::kThreads, CF_MIN_BLOCKS)
 flash_decode_split(const DecodeParams p) {
   using namespace mma_decode;
+  if (CF_DECODE_PDL) pdl_launch_dependents();  // flash_decode.cu's CF_DECODE_PDL
   // (named apart from the combine kernel's `smem`: one translation unit; both start at the
   // block's dynamic shared memory)
   extern __shared__ __align__(128) unsigned char tiles_smem[];

@@ -1,0 +1,85 @@
+"""Decode with the combine launched as the split's programmatic dependent (``decode.PDL``,
+CF_DECODE_PDL, cuflash/pdl.py) against the selection, cuDNN in the same process.
+
+    python bench/dev/decode_pdl.py [--rounds 3] [--reps 20] [--out decode_pdl.json]
+
+bench/decode.py's main rows (bf16, head_dim 128, 32 query heads, MHA and 8 kv heads, q_len 1)
+and q_len 8 at the GQA rows: K+V TB/s by CUDA-event medians of CUDA-graph replays (and eager
+calls), PDL off and on alternating round by round (medians over rounds); each PDL output
+checked bit for bit against the selection's (the same kernels, launched differently). Only
+rows with more than one split launch a combine; the others should not move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from decode import HEAD_DIM, HEADS, ROWS, _inputs, _sdpa_impls, _time  # noqa: E402
+
+
+def _with_pdl(on: bool) -> None:
+    from cuflash import decode
+
+    decode.PDL = on
+    for memo in (decode._problems, decode._plans, decode._bound):
+        memo.clear()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    import torch
+
+    import cuflash
+    from cuflash import decode
+
+    rows = [(b, n, h, 1) for b, n, h in ROWS] + [(b, n, h, 8) for b, n, h in ROWS if h != HEADS]
+    results = []
+    for batch, cache, heads_kv, q_len in rows:
+        q, k, v = _inputs(torch, batch, cache, heads_kv, q_len)
+        kv_bytes = 2 * batch * cache * heads_kv * HEAD_DIM * 2
+        call = lambda: cuflash.attention_with_kvcache(q, k, v, causal=q_len > 1)  # noqa: E731
+        _with_pdl(False)
+        want = call()
+        plan = decode.decode_plan(decode.DecodeShape(batch, q_len, cache, HEADS, heads_kv,
+                                                     HEAD_DIM, "bfloat16"), None, 0)
+        row = {"batch": batch, "cache": cache, "heads_kv": heads_kv, "q_len": q_len,
+               "splits": plan.num_splits, "spec": plan.spec.name, "off": [], "on": []}
+        _with_pdl(True)
+        got = call()
+        row["bitwise"] = bool(torch.equal(got.view(torch.int16), want.view(torch.int16)))
+        for r in range(args.rounds):
+            for on in ((False, True) if r % 2 == 0 else (True, False)):
+                _with_pdl(on)
+                row["on" if on else "off"].append(_time(torch, call, want, kv_bytes, args.reps))
+        _with_pdl(False)
+        if q_len == 1:
+            row["cudnn"] = _time(torch, _sdpa_impls(torch, q, k, v, heads_kv != HEADS)[
+                "sdpa_cudnn"], want, kv_bytes, args.reps)
+        for key in ("off", "on"):
+            rates = [t["tb_s"] for t in row[key] if "tb_s" in t]
+            row[f"{key}_tb_s"] = statistics.median(rates) if rates else None
+        cudnn = row.get("cudnn", {}).get("tb_s")
+        print(f"({batch}, {cache}, {heads_kv}) q_len {q_len} splits {row['splits']:3d}: "
+              f"off {row['off_tb_s'] or 0:.3f}  on {row['on_tb_s'] or 0:.3f} TB/s"
+              + (f"  cuDNN {cudnn:.3f}" if cudnn else "")
+              + ("" if row["bitwise"] else "  NOT BITWISE"), flush=True)
+        results.append(row)
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(),
+                                        "rows": results}, indent=1))
+    return 0 if all(r["bitwise"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
