@@ -21,7 +21,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
-                       BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA, FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
+                       BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA, FWD90_TMA_OFF_WHEN,
+                       TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,

@@ -1,12 +1,14 @@
 """The warp-specialized Hopper forward loading Q, K and V with bulk tensor copies
-(``CF_FWD_TMA=1``, specs.with_forward_tma), and the backward loading K, V, Q and dO so
-(``CF_BWD_TMA=1``), against the float64 reference (``gpu``); both selected at head_dim 64 /
-128 since session 30 (registry.FWD90_TMA, BWD90_TMA). The forward: head_dim 64 and 128 and
-widths inside those buckets (the boxes' columns past head_dim land as zeros), every score modifier of test_gpu_modifiers, lengths that are not
-multiples of a tile (rows past a sequence land as zeros), one block per tile, persistent
-blocks and the pipeline across tiles, heads-first storage, block masks, and k / v broadcast
-over the batch (which the copy engine cannot box: the cp.async tile runs). m and l too.
-The host side is tests/test_tma_host.py; times: ``gpu_suite.sh fwd_tma``.
+(``CF_FWD_TMA=1``, specs.with_forward_tma; selected at head_dim 64 / 128 since session 30,
+registry.FWD90_TMA), and the backward loading K, V, Q and dO so (``CF_BWD_TMA=1``, a
+candidate: registry.BWD90_TMA), against the float64 reference (``gpu``). The forward:
+head_dim 64 and 128 and widths inside those buckets (the boxes' columns past head_dim land
+as zeros), every score modifier of test_gpu_modifiers, lengths that are not multiples of a
+tile (rows past a sequence land as zeros), one block per tile, persistent blocks and the
+pipeline across tiles, heads-first storage, block masks, and k / v broadcast over the batch
+(which the copy engine cannot box: the cp.async tile runs). m and l too. The host side is
+tests/test_tma_host.py, the plans these tests assert tests/test_tma_plans.py; times:
+``gpu_suite.sh fwd_tma``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ torch CPU tensors stand in for CUDA ones: fastpath's torch backend with the devi
 stream and device switch stubbed, the driver's launch and memset replaced by no-ops, and an
 H200's facts for the plans. What is left is what a CUDA call costs in Python: layout keys,
 memo lookups, allocations (CPU ones here: cheaper than the caching allocator's), address
-reads, parameter packing, tensor maps (all but the driver's encoding). Absolute numbers differ from a GPU host's (the H200 machine of
-2026-12-01 took 85.8 us for a fastpath backward that took 55 us on its CPU-only sibling);
+reads, parameter packing, tensor maps (all but the driver's encoding). Absolute numbers
+differ from a GPU host's (the H200 machine of 2026-12-01 took 85.8 us for a fastpath
+backward that took 55 us on its CPU-only sibling);
 use it to compare two versions of the code on one machine, then confirm on the device with
 bench/dev/host_overhead.py.
 """
