@@ -269,9 +269,9 @@ for stage in $stages; do
         --causal both --ordered --candidates 12,64,2 12,128,2 --variant CF_DQ_BULK=1 \
         --variant CF_DQ_BULK=1,CF_BWD_TMA=1" ;;  # (the 8-warp kernel has no bulk dQ)
     det_window)  # the deterministic backward with a sliding window on the warp-specialized
-      # kernel (ordered dQ, descending key tiles; a candidate): its float64-reference and
-      # bitwise-repeat tests, then TFLOP/s against the atomic mode and the portable kernels
-      # the deterministic mode runs today
+      # kernel (ordered dQ, descending key tiles; selected since session 31): its
+      # float64-reference and bitwise-repeat tests, then TFLOP/s against the atomic mode and
+      # the portable kernels the deterministic mode ran before
       CUFLASH_POISON=1 run_stage det_window_tests timeout "${DET_WINDOW_TEST_TIMEOUT:-300}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_ordered_window.py

@@ -381,10 +381,12 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 #   backward (the selected 12-warp, two-stage tiles), 4k / 16k: d64 371 / 391 -> 393 / 419,
 #     causal 323 / 366 -> 376 / 399; d128 414 / 425 -> 443 / 464, causal 378 / 412 -> 416 /
 #     483; ordered dQ d128 369 / 374 -> 375 / 388, causal 315 / 352 -> 317 / 371.
-#   Those backward tiles ran without bulk dQ (tile_sweep builds registry tiles), and the
-#   selection adds it (specs.with_bulk_dq): TMA with bulk dQ passed its tests but has not been
-#   timed against bulk dQ alone, so the backward keeps cp.async until `gpu_suite.sh bwd_tma`
-#   times the two (BWD90_TMA empty).
+#   Those tiles ran without bulk dQ, which the selection adds (specs.with_bulk_dq). With it
+#   (bench/results/2026-12-06_h100/session31, H100 bf16, bulk dQ -> bulk dQ + TMA): d64 4k
+#   causal 360 -> 397, 16k 460 -> 497, causal 426 -> 426; d128 4k 510 -> 541, causal 430 ->
+#   457, 16k 502 -> 540, causal 499 -> 514 (cuDNN 419-559 beside). Ordered dQ (the
+#   deterministic mode) gained at d64 4k causal (317 -> 329) and lost 1-4% elsewhere (d128
+#   16k causal 394 -> 380): the deterministic mode keeps cp.async (specs.with_selected_tma).
 # Tests: tests/test_gpu_tma.py, every modifier set of test_gpu_modifiers, both deterministic
 # modes (the backward as selected, bulk dQ included), block masks, heads-first storage,
 # widths inside a bucket, fp16 and bf16: none failed in two H200 runs (session 30: 253 of
@@ -393,9 +395,18 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # (0 errors, H100 and H200). Not with dropout (not run with TMA yet) nor
 # packed sequences (a box would cross into the next sequence); a layout the copy engine
 # cannot box runs the cp.async tile (launch.py).
+# Dropout's 1 / (1 - p) folded into the warp-specialized backward's staged lse2 and delta
+# (flash_bwd_sm90_ws.cu's CF_BWD_DROP_FOLD) where the kernel otherwise scales P and dP in
+# every element. tests/test_gpu_bwd_drop_fold.py passed (H100, 2026-12-06: 130 passed, the 6
+# skips the 8-warp d64 causal block-mask tile, which has no fold); bench/dev/dropout_ab.py
+# (H100 bf16, the same day, backward ms unfolded -> folded): d64 4k 2.170 -> 2.121, 16k
+# 7.930 -> 7.698, causal 1.285 -> 1.270 / 4.450 -> 4.376; d128 4k 3.419 -> 3.253, 16k 12.916
+# -> 12.486, causal 1.944 -> 1.891 / 6.392 -> 6.153 (bench/results/2026-12-06_h100/session31).
+BWD90_DROP_FOLD = True
+
 FWD90_TMA = frozenset({64, 128})
 FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
-BWD90_TMA: frozenset = frozenset()  # {64, 128} once timed with bulk dQ (above)
+BWD90_TMA = frozenset({64, 128})  # atomic dQ only (above)
 TMA_OFF_WHEN = (("dropout",), ("varlen",))
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
@@ -564,10 +575,12 @@ BWD_DQ32 = {b: (_t(4, 32, 32, 1, _FIRST32), _t(4, 16, 16, 1), _t(2, 16, 8, 1),
 
 def _ordered_dq(tile: Tile, knobs: frozenset) -> bool:
     """bwd90's tiles with ordered dQ (the deterministic mode): the warp-specialized ones,
-    without a window or block mask. A window's ordered mode (descending key tiles, checked by
-    bench/dev/ordered_turns_model.py) waits for tests/test_gpu_ordered_window.py to run on a
-    GPU; until then windows keep the portable kernels. A block mask skips tiles, and turns."""
-    return tile.warps == 12 and "window" not in knobs and "block_sparse" not in knobs
+    without a block mask (which skips tiles, and turns). A window's ordered mode walks its key
+    tiles in descending order (bench/dev/ordered_turns_model.py): tests/test_gpu_ordered_window.py
+    passed (97 tests, H100, 2026-12-06) and bench/dev/det_window.py took d64 / d128 windows from
+    106-130 TFLOP/s on the portable kernels to 210-382, 0.85-0.92x the atomic mode
+    (bench/results/2026-12-06_h100/session31)."""
+    return tile.warps == 12 and "block_sparse" not in knobs
 
 
 # The elementwise kernels: no head-dim bucket, no tiles (PRE_ROWS rows per block).

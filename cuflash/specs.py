@@ -20,7 +20,7 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
+from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_DROP_FOLD, BWD90_HSPLIT,  # noqa: F401
                        BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA, FWD90_TMA_OFF_WHEN,
                        TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
@@ -308,8 +308,8 @@ def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, 
 def with_selected_tma(spec: KernelSpec) -> KernelSpec:
     """``spec`` loading with bulk tensor copies (``with_forward_tma`` / ``with_backward_tma``)
     where the warp-specialized Hopper kernel runs and registry.FWD90_TMA / BWD90_TMA list the
-    bucket, unless a TMA_OFF_WHEN set of modifiers (or the forward's FWD90_TMA_OFF_WHEN) is
-    on. The launcher still runs the cp.async tile where the copy engine cannot box a layout."""
+    bucket (the backward with atomic dQ only), unless a TMA_OFF_WHEN set of modifiers (or the
+    forward's FWD90_TMA_OFF_WHEN) is on. The launcher still runs the cp.async tile where the copy engine cannot box a layout."""
     context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
     if any(context.issuperset(when) for when in TMA_OFF_WHEN):
         return spec
@@ -317,7 +317,7 @@ def with_selected_tma(spec: KernelSpec) -> KernelSpec:
         if any(context.issuperset(when) for when in FWD90_TMA_OFF_WHEN[spec.head_dim]):
             return spec
         return with_forward_tma(spec) or spec
-    if spec.kind == "bwd90" and spec.head_dim in BWD90_TMA:
+    if spec.kind == "bwd90" and spec.head_dim in BWD90_TMA and not spec.dq_ordered:
         return with_backward_tma(spec) or spec
     return spec
 
@@ -543,8 +543,18 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
-    return with_selected_tma(with_dq_first(with_bulk_dq(with_ordered_rotation(spec, facts),
-                                                         facts)))
+    return with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(
+        with_ordered_rotation(spec, facts), facts))))
+
+
+def with_dropout_fold(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with dropout's 1 / (1 - p) folded into its staged statistics
+    (``CF_BWD_DROP_FOLD``) where the warp-specialized Hopper backward drops and
+    registry.BWD90_DROP_FOLD says so: P leaves the exponential already scaled, two
+    multiplies an element fewer."""
+    if not (BWD90_DROP_FOLD and spec.mods.dropout and bwd90_warp_specialized(spec)):
+        return spec
+    return spec.with_knobs(CF_BWD_DROP_FOLD=1)
 
 
 def with_dq_first(spec: KernelSpec) -> KernelSpec:

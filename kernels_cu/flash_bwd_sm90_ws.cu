@@ -28,8 +28,7 @@
 //     tile, and they take turns issuing their products (CF_BWD_WS_PINGPONG), so one's
 //     P^T / dS^T and atomics run under the other's products.
 //   No __syncthreads after the prologue.
-//   Bulk tensor copies (CF_BWD_TMA=1, a candidate: tests passed and 4-17% over cp.async on an
-//   H200, session 30, but not yet timed beside bulk dQ, so not selected: registry.BWD90_TMA): lane
+//   Bulk tensor copies (CF_BWD_TMA=1, selected with atomic dQ: registry.BWD90_TMA): lane
 //     0 of warp 0 loads K once and Q per tile, lane 0 of warp 3 V once and dO per tile, as TMA
 //     boxes (cf_sm90.cuh's tma_load_tile; the maps of q, k, v and dout are the last four
 //     parameters, cuflash/tensor_map.py) with the bytes armed on the full mbarriers; the
@@ -82,8 +81,8 @@ static_assert(CF_DQ_ATOMIC == 1 && CF_DCHUNK >= CF_HEAD_DIM, "dQ added into dq_a
 #define CF_BWD_STATS_AHEAD 1
 #endif
 // Dropout's 1 / (1 - p) folded into the staged lse2 and delta (Dropout::fold), where the
-// selection multiplies P and dP by it in every element, two FMUL each (a knob, a candidate
-// written without a GPU: tests/test_gpu_bwd_drop_fold.py, bench/dev/dropout_ab.py).
+// kernel would multiply P and dP by it in every element, two FMUL each (selected:
+// registry.BWD90_DROP_FOLD; tests/test_gpu_bwd_drop_fold.py, bench/dev/dropout_ab.py).
 #ifndef CF_BWD_DROP_FOLD
 #define CF_BWD_DROP_FOLD 0
 #endif

@@ -1,7 +1,8 @@
 """The warp-specialized Hopper backward with dropout's 1 / (1 - p) folded into its staged
-statistics (``CF_BWD_DROP_FOLD=1``, a candidate; docs/dropout.md) against the float64
-reference (``gpu``): P comes out of the exponential already scaled, dS = P' (dP Z - delta
-(1 - p)), so the gradients differ from the selection's in rounding only. Timed by
+statistics (``CF_BWD_DROP_FOLD=1``, selected: registry.BWD90_DROP_FOLD; docs/dropout.md)
+against the float64 reference (``gpu``): P comes out of the exponential already scaled,
+dS = P' (dP Z - delta (1 - p)), so the gradients differ from the unfolded kernel's in
+rounding only. Timed by
 bench/dev/dropout_ab.py (``gpu_suite.sh dropout_ab``).
 """
 
@@ -70,7 +71,7 @@ def test_forward_and_backward_match_reference(folded, case, dtype, head_dim, seq
                                    mods=dropout_tests.mod_flags(case))
     if not bwd90_warp_specialized(picked):  # d64 causal under a block mask: the 8-warp tile
         pytest.skip(f"the selection runs {picked.name}, which has no fold")
-    assert dict(picked.knobs).get(KNOB) == 1, picked.name  # the candidate is what runs
+    assert dict(picked.knobs).get(KNOB) == 1, picked.name  # the fold is what runs
     # both deterministic modes (the ordered-dQ tile takes the knob too, where it runs)
     dropout_tests._check("fold", case, dtype, seqlen_q, seqlen_k, head_dim)
 

@@ -187,6 +187,51 @@ def test_kernel_spec_is_hashable_and_frozen():
         KernelSpec("fwd", "bfloat16")
 
 
+def test_the_deterministic_mode_with_a_window_runs_ordered_dq_where_hopper_has_it():
+    """registry._ordered_dq: a window's deterministic backward is the warp-specialized
+    kernel with ordered dQ at head_dim 64 / 128 (descending key tiles, no rotation, cp.async:
+    BWD90_TMA is the atomic mode's); a block mask, and buckets without that kernel, keep the
+    portable kernels and the dQ pass."""
+    hopper = facts(227)
+    for head_dim in (64, 128):
+        for causal in (False, True):
+            window = specs.ModFlags(window=True)
+            spec = specs.select_backward(hopper, "bfloat16", head_dim, causal, True, mods=window)
+            assert specs.bwd90_warp_specialized(spec) and spec.dq_ordered, spec.name
+            assert "CF_DQ_ROTATE_KEY_TILES" not in spec.defines, spec.name
+            assert not specs.loads_with_tma(spec), spec.name
+            atomic = specs.select_backward(hopper, "bfloat16", head_dim, causal, False,
+                                           mods=window)
+            assert specs.loads_with_tma(atomic) and not atomic.dq_ordered, atomic.name
+            sparse = specs.select_backward(hopper, "bfloat16", head_dim, causal, True,
+                                           mods=specs.ModFlags(window=True, block_sparse=True))
+            assert not sparse.dq_ordered and sparse.deterministic, sparse.name
+    for head_dim in (96, 256):
+        spec = specs.select_backward(hopper, "bfloat16", head_dim, False, True,
+                                     mods=specs.ModFlags(window=True))
+        assert not specs.bwd90_warp_specialized(spec), spec.name
+
+
+def test_dropout_folds_its_scale_into_the_warp_specialized_backward_only():
+    """registry.BWD90_DROP_FOLD: the warp-specialized backward with dropout, either mode,
+    takes CF_BWD_DROP_FOLD; without dropout, or on another kernel, no knob."""
+    hopper = facts(227)
+    drop = specs.ModFlags(dropout=True)
+    for head_dim in (64, 128):
+        for deterministic in (False, True):
+            spec = specs.select_backward(hopper, "bfloat16", head_dim, False, deterministic,
+                                         mods=drop)
+            assert specs.bwd90_warp_specialized(spec), spec.name
+            assert dict(spec.knobs).get("CF_BWD_DROP_FOLD") == 1, spec.name
+            plain = specs.select_backward(hopper, "bfloat16", head_dim, False, deterministic)
+            assert "CF_BWD_DROP_FOLD" not in dict(plain.knobs), plain.name
+    for spec in (specs.select_backward(hopper, "bfloat16", 256, False, False, mods=drop),
+                 specs.select_backward(facts(99), "bfloat16", 128, False, False, mods=drop),
+                 specs.select_backward(hopper, "bfloat16", 128, False, False, mods=drop,
+                                       wgmma=False)):
+        assert "CF_BWD_DROP_FOLD" not in dict(spec.knobs), spec.name
+
+
 def test_knobs_are_part_of_the_name_and_the_defines():
     # causal: no rotation knob; without the bulk dQ knob, none at all
     base = specs.select_backward(facts(227), "bfloat16", 128, True, True).without_knob(
@@ -206,7 +251,7 @@ def test_ordered_dq_rotates_only_where_all_key_tiles_fit_on_the_gpu():
     def ordered(sm_count, causal=False, mods=specs.NO_MODS):
         f = DeviceFacts(name="h", arch="sm_90", sm_count=sm_count, smem_optin=227 * KIB)
         spec = specs.select_backward(f, "bfloat16", 128, causal, True, mods=mods)
-        assert spec.dq_ordered or mods.window  # (a window takes the portable dQ pass)
+        assert spec.dq_ordered
         return spec.defines.get("CF_DQ_ROTATE_KEY_TILES")
 
     assert ordered(132) == 64 and ordered(114) == 57 and ordered(16) == 8

@@ -261,7 +261,7 @@ def test_a_tma_knob_on_a_kernel_without_tma_loads_changes_nothing():
     assert eight.warps == 8
     assert specs.tma_maps(eight.with_knobs(CF_FWD_TMA=1)) == ()
     assert launch.signature_of(eight.with_knobs(CF_FWD_TMA=1)) == launch.signature_of(eight)
-    ws = specs.select_backward(facts, "bfloat16", 128, False, False)
+    ws = specs.select_backward(facts, "bfloat16", 128, False, False).without_knob("CF_BWD_TMA")
     assert specs.tma_maps(ws.with_knobs(CF_BWD_TMA=1)) == ("q", "k", "v", "do")
     assert specs.tma_maps(ws.with_knobs(CF_FWD_TMA=1)) == ()
     split = specs.select_backward(facts, "bfloat16", 256, False, False)  # the role split
@@ -294,12 +294,15 @@ def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
 def test_tma_is_selected_where_measured(head_dim, causal):
     """registry.FWD90_TMA: the warp-specialized forward at head_dim 64 / 128 boxes its
     loads; not with dropout, packed sequences, d64 causal softcap, nor at head_dim 256. The
-    backward keeps cp.async (registry.BWD90_TMA is empty until timed with bulk dQ)."""
+    backward (registry.BWD90_TMA) boxes with atomic dQ; the deterministic mode (ordered dQ)
+    keeps cp.async."""
     fwd = specs.select_forward(_H200, "bfloat16", head_dim, causal)
     assert specs.loads_with_tma(fwd), fwd.name
     for deterministic in (False, True):
         bwd = specs.select_backward(_H200, "bfloat16", head_dim, causal, deterministic)
-        assert specs.loads_with_tma(bwd) == (head_dim in registry.BWD90_TMA), bwd.name
+        assert specs.loads_with_tma(bwd) == (not deterministic), bwd.name
+        if not deterministic:
+            assert "CF_DQ_BULK" in bwd.defines, bwd.name  # the pair that was timed
     for mods in (specs.ModFlags(dropout=True), specs.ModFlags(varlen=True)):
         assert not specs.loads_with_tma(specs.select_forward(_H200, "bfloat16", head_dim,
                                                              causal, mods=mods))

@@ -1,7 +1,8 @@
 """The deterministic backward with a sliding window, TFLOP/s (bf16, 16k tokens, heads x
-head_dim = 2048): the atomic mode, the deterministic mode as selected (the portable kernels
-and the dQ pass on Hopper), and the warp-specialized kernel with ordered dQ in descending
-key-tile order (a candidate; tests/test_gpu_ordered_window.py checks it first).
+head_dim = 2048): the atomic mode, the deterministic mode as selected (on Hopper at d64 /
+d128 the warp-specialized kernel with ordered dQ in descending key-tile order, since
+2026-12-06; tests/test_gpu_ordered_window.py), and the portable kernels with the dQ pass that
+it ran before (the portable 16-bit backward, selected with wgmma off).
 
     python bench/dev/det_window.py [HEAD_DIM ...]
 
@@ -22,12 +23,9 @@ from cuflash import fastpath, specs
 _plain = specs.select_backward
 
 
-def _ordered_windows(facts, dtype, head_dim, causal, deterministic, **kwargs):
-    mods = kwargs.get("mods", specs.NO_MODS)
-    if deterministic and mods.window:
-        ordered = specs.with_ordered_dq(_plain(facts, dtype, head_dim, causal, False, **kwargs))
-        if ordered is not None:
-            return ordered
+def _portable(facts, dtype, head_dim, causal, deterministic, **kwargs):
+    if deterministic and kwargs.get("mods", specs.NO_MODS).window:
+        return _plain(facts, dtype, head_dim, causal, deterministic, **{**kwargs, "wgmma": False})
     return _plain(facts, dtype, head_dim, causal, deterministic, **kwargs)
 
 
@@ -46,8 +44,8 @@ def main(head_dims) -> None:
                 flops = 2.5 * 4 * b * h * d * visible_pairs(s, window[0], window[1])
                 row = []
                 for label, det, selector in (("atomic", False, _plain),
-                                             ("det portable", True, _plain),
-                                             ("det ordered", True, _ordered_windows)):
+                                             ("det portable", True, _portable),
+                                             ("det ordered", True, _plain)):
                     specs.select_backward = selector
                     fastpath.forget_planned_calls()
                     ms = time_ms(lambda: cuflash.attention_backward(
