@@ -17,6 +17,7 @@
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            pending tma_verify dropout_ab block_sparse_pers
+#                                            varlen_tma
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -466,6 +467,13 @@ for stage in $stages; do
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
       run_stage varlen $PY bench/dev/varlen_bench.py ;;
+    varlen_tma)  # the packed forward loading with bulk tensor copies (a candidate written
+      # without a GPU, session 31): its float64-reference and bitwise tests, then varlen /
+      # dense with it (the dense forward has TMA since session 30: varlen fell to 1.144)
+      CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_varlen_tma.py
+      run_stage varlen_tma $PY bench/dev/varlen_bench.py --tma ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API
       CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \

@@ -580,14 +580,15 @@ def _without_tma(kernel: planning.Launch) -> planning.Launch:
     return planning.Launch(specs.without_tma(kernel.spec), kernel.grid, kernel.batch_per_launch)
 
 
-def _tile_maps(shape: planning.Shape, b0: int, arrays) -> tuple | None:
+def _tile_maps(shape: planning.Shape, b0: int, arrays, batch: int = 0) -> tuple | None:
     """Tensor maps of ``arrays`` ((address, (stride_b, stride_m, stride_h) in elements,
-    rows, heads, box rows) each) for a launch from batch entry ``b0`` on, or None where the
-    copy engine cannot box one (``tensor_map.layout_problem``)."""
+    rows, heads, box rows) each) for a launch from batch entry ``b0`` on (``batch`` entries,
+    0: the rest of the shape's), or None where the copy engine cannot box one
+    (``tensor_map.layout_problem``)."""
     from .tensor_map import layout_problem
 
     maps = tuple(tile_map(ptr + b0 * strides[0] * 2, shape.dtype, shape.head_dim, rows, heads,
-                          shape.batch - b0, strides, box)  # 16-bit elements
+                          batch or shape.batch - b0, strides, box)  # 16-bit elements
                  for ptr, strides, rows, heads, box in arrays)
     if any(layout_problem(m.dtype, m.dims, m.strides, m.box) for m in maps):
         return None
@@ -600,6 +601,12 @@ def forward_maps(shape: planning.Shape, spec: KernelSpec, ptrs: tuple, tail: tup
     (``ptrs``, ``tail`` as ``launch_forward`` takes them), or None (``_tile_maps``)."""
     s, strides = shape, tail[5:14]
     heads_kv = s.heads // s.heads_per_kv
+    if s.mods.varlen:  # one map over the packed rows (batch 1); the kernel adds each
+        # sequence's first row, and a launch from entry b0 reads its offsets from cu_seqlens
+        rows = ((s.total_q, s.heads, spec.block_m), (s.total_k, heads_kv, spec.block_n),
+                (s.total_k, heads_kv, spec.block_n))
+        return _tile_maps(s, 0, [(ptrs[i], tuple(strides[3 * i:3 * i + 3]), *rows[i])
+                                 for i in range(3)], batch=1)
     rows = ((s.seqlen_q, s.heads, spec.block_m), (s.seqlen_k, heads_kv, spec.block_n),
             (s.seqlen_k, heads_kv, spec.block_n))
     return _tile_maps(s, b0, [(ptrs[i], tuple(strides[3 * i:3 * i + 3]), *rows[i])

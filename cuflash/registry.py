@@ -392,9 +392,17 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # widths inside a bucket, fp16 and bf16: none failed in two H200 runs (session 30: 253 of
 # the file's 266 passed before the time limit; then 86 passed, 2 skipped of its 92
 # backward, block-mask, layout, width and cluster tests), and memcheck on 16 forward cases
-# (0 errors, H100 and H200). Not with dropout (not run with TMA yet) nor
-# packed sequences (a box would cross into the next sequence); a layout the copy engine
-# cannot box runs the cp.async tile (launch.py).
+# (0 errors, H100 and H200). Not with dropout (not run with TMA yet) nor packed sequences
+# (the forward's boxes run over into the next sequence, which the mask keeps out: a
+# candidate written without a GPU, tests/test_gpu_varlen_tma.py; the backward declines
+# them, specs.with_backward_tma); a layout the copy engine cannot box runs the cp.async
+# tile (launch.py).
+
+FWD90_TMA = frozenset({64, 128})
+FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
+BWD90_TMA = frozenset({64, 128})  # atomic dQ only (above)
+TMA_OFF_WHEN = (("dropout",), ("varlen",))
+
 # Dropout's 1 / (1 - p) folded into the warp-specialized backward's staged lse2 and delta
 # (flash_bwd_sm90_ws.cu's CF_BWD_DROP_FOLD) where the kernel otherwise scales P and dP in
 # every element. tests/test_gpu_bwd_drop_fold.py passed (H100, 2026-12-06: 130 passed, the 6
@@ -403,11 +411,6 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # 7.930 -> 7.698, causal 1.285 -> 1.270 / 4.450 -> 4.376; d128 4k 3.419 -> 3.253, 16k 12.916
 # -> 12.486, causal 1.944 -> 1.891 / 6.392 -> 6.153 (bench/results/2026-12-06_h100/session31).
 BWD90_DROP_FOLD = True
-
-FWD90_TMA = frozenset({64, 128})
-FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
-BWD90_TMA = frozenset({64, 128})  # atomic dQ only (above)
-TMA_OFF_WHEN = (("dropout",), ("varlen",))
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's

@@ -37,8 +37,12 @@
 //   maps are the last three parameters, cuflash/tensor_map.py) and arms each full mbarrier
 //   with the tile's bytes; the other producer threads leave at once. The copies land through
 //   the async proxy that wgmma reads, so the consumers need no proxy fence. Rows past a
-//   sequence land as zeros, like cp.async's zero fill; packed sequences keep cp.async (a box
-//   would read the next sequence's rows).
+//   sequence land as zeros, like cp.async's zero fill. Packed sequences (CF_VARLEN, a
+//   candidate: specs.with_forward_tma, not selected) take one map over all rows (batch 1),
+//   boxes from the sequence's first row: a box past the sequence's end reads the next
+//   sequence's rows (zeros past the last), which the mask keeps out (the keys' scores become
+//   -inf, P is 0; the rows past seqlen_q are not stored), except that a non-finite value in
+//   the next sequence's V would reach this one's O as 0 * inf.
 //
 // Clusters of two (CF_FWD_CLUSTER=2 with CF_FWD_TMA, a candidate: not selected; its tests
 //   passed on an H200, session 30, not timed; head_dim 128 / 256, one block per tile, no causal mask, window, block mask or
@@ -87,7 +91,6 @@ static_assert(CF_STAGES >= 2 && CF_STAGES <= 4, "2 to 4 K/V stages");
 #ifndef CF_FWD_TMA
 #define CF_FWD_TMA 0
 #endif
-static_assert(!CF_FWD_TMA || !CF_VARLEN, "TMA boxes would cross into the next sequence");
 #ifndef CF_FWD_CLUSTER
 #define CF_FWD_CLUSTER 1
 #endif
@@ -292,6 +295,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       const int h_kv = h / heads_per_kv;
       const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
       const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k;  // this sequence's
+      // the maps' row and batch of this sequence's row 0 (packed: one map over every row)
+      const int map_q0 = CF_VARLEN ? seq.q_begin : 0, map_k0 = CF_VARLEN ? seq.k_begin : 0;
+      const int map_b = CF_VARLEN ? 0 : b;
+      (void)map_q0, (void)map_k0, (void)map_b;
       if (kPersistent && CF_VARLEN && q0 >= seqlen_q) continue;
       const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
                                                       CF_MOD_ARGS);
@@ -312,8 +319,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
 #if CF_FWD_TMA
         mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
-        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, q0, h, b,
-                                           bars.q_full(buf));
+        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, map_q0 + q0, h,
+                                           map_b, bars.q_full(buf));
 #else
         const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
         load_q.load(s_q + buf * kTileQ, q0, seqlen_q - q0);
@@ -333,15 +340,17 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
         mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
 #if CF_FWD_CLUSTER == 2  // half the panels, into both blocks of the pair
-        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k, row,
-                                                h_kv, b, bars.k_full(stage), rank);
-        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v, row,
-                                                h_kv, b, bars.v_full(stage), rank);
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
+                                                map_k0 + row, h_kv, map_b, bars.k_full(stage),
+                                                rank);
+        tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
+                                                map_k0 + row, h_kv, map_b, bars.v_full(stage),
+                                                rank);
 #else
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k, row, h_kv,
-                                           b, bars.k_full(stage));
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v, row, h_kv,
-                                           b, bars.v_full(stage));
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
+                                           map_k0 + row, h_kv, map_b, bars.k_full(stage));
+        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
+                                           map_k0 + row, h_kv, map_b, bars.v_full(stage));
 #endif
         (void)seqlen_k;  // the map knows the rows
 #else

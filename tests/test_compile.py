@@ -234,8 +234,13 @@ def test_tma_kernels_compile_unserialized_without_spills():
             work.append((paired, "sm_90"))
     assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 64, False)) is None
     assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 128, True)) is None
-    assert specs.with_forward_tma(specs.select_forward(
-        facts, "bfloat16", 128, False, mods=specs.ModFlags(varlen=True))) is None
+    for d in (64, 128):  # packed sequences (a candidate: one map over every row)
+        for causal in (False, True):
+            for mods in (specs.ModFlags(varlen=True), specs.ModFlags(varlen=True, window=True)):
+                packed = specs.select_forward(facts, "bfloat16", d, causal, mods=mods)
+                work.append((specs.with_forward_tma(packed), "sm_90"))
+                persistent = packed.with_knobs(CF_FWD_PERSISTENT=1)  # uniform lengths
+                work.append((specs.with_forward_tma(persistent), "sm_90"))
     assert specs.with_backward_tma(specs.select_backward(
         facts, "bfloat16", 128, False, False, mods=specs.ModFlags(varlen=True))) is None
     assert sum(spec.kind == "bwd90" for spec, _ in work) >= 30

@@ -67,3 +67,19 @@ def test_cluster_tests_plan_pairs(head_dim):
         for case in tma_tests.CLUSTER_CASES:
             for seqlen_q, seqlen_k in tma_tests.CLUSTER_LENGTHS:
                 tma_tests._assert_paired(case, seqlen_q, seqlen_k, head_dim)
+
+
+def test_packed_tma_tests_plan_a_tma_kernel():
+    """tests/test_gpu_varlen_tma.py's plan assertion, for each of its cases."""
+    import test_gpu_varlen_tma as varlen_tma
+    from dataclasses import replace
+
+    with fastpath.selector_patched("select_forward", varlen_tma._boxed):
+        for which, options in varlen_tma.ALONE.items():
+            for head_dim in varlen_tma.HEAD_DIMS:
+                for dtype in ("float16", "bfloat16"):
+                    case = varlen_tma.Case(
+                        lengths=varlen_tma.varlen_tests.LAYOUT, heads_kv=2, group=3,
+                        head_dim=head_dim, causal=False, scale=0.1,
+                        dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
+                    varlen_tma._assert_boxed(replace(case, **options))

@@ -210,3 +210,35 @@ def test_a_pair_is_left_to_the_general_path_with_the_switch_off(device, monkeypa
                                     None)
     assert varlen_fastpath.forward(backend, q, k, v, layout) is None
     assert not varlen_fastpath._calls
+
+
+@pytest.mark.parametrize("name", ["causal", "gqa-seqused"])
+def test_packed_tma_forward_boxes_every_row_from_one_map(device, monkeypatch, name):
+    """The TMA forward on packed sequences (a candidate: specs.with_forward_tma, not
+    selected): its replays carry the direct launches' maps, one per array over all of its
+    rows (batch 1, from the array's first row whatever the launch's first sequence); the
+    kernel adds each sequence's first row."""
+    from cuflash import specs
+    from test_tma_host import _map_words
+
+    captured, _ = device
+    plain = specs.select_forward
+    monkeypatch.setattr(specs, "select_forward",
+                        lambda *a, **k: specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k))
+    case = _CASES[name]
+    backend, rng = NumpyBackend(), np.random.default_rng(2)
+    for call in range(2):
+        q, k, v, cu_q, cu_k = _arrays(rng, case["lengths_q"], case["lengths_k"], case["heads"],
+                                      case["heads_kv"])
+        used = (np.diff(cu_k) - 1).clip(0).astype(np.int32) if case["used"] else None
+        layout = varlen_fastpath.Layout(cu_q, cu_k, int(np.diff(cu_q).max()),
+                                        int(np.diff(cu_k).max()), used, case["causal"], None,
+                                        None, None, None, None)
+        captured.clear()
+        o, m, l, _ = varlen_fastpath.forward(backend, q, k, v, layout)
+        assert captured == _direct(q, k, v, layout, (o, m, l)), f"call {call}"
+        (function, grid, threads, smem, args), = captured
+        for blob, x in zip(args[-3:], (q, k, v)):
+            ptr, _, d, rows, heads, batch, *_ = _map_words(blob)
+            assert (ptr, d, rows, heads, batch) == (x.ctypes.data, x.shape[2], x.shape[0],
+                                                    x.shape[1], 1)

@@ -9,6 +9,9 @@ unless ``--dtype``) with CUDA events (median of 12 groups of 5 calls, after 5 wa
 at FlashAttention-2's benchmark shapes (16k tokens, heads * head_dim = 2048). The table prints
 the best round of each tree and new/old.
 
+``--cudnn`` adds torch SDPA's cuDNN backend, timed the same way in the new tree's worker
+(its best round), as a column beside the new tree: #12 / #13's bar in the same process.
+
 Kernel time, not host time: before each timed group of calls the GPU sleeps (``torch.cuda.
 _sleep``) long enough for the host to enqueue the whole group, so an older tree's slower
 host path cannot leave the GPU idle inside the measurement.
@@ -34,7 +37,27 @@ def flops(d, n, causal, heads, batch):
     return 4 * batch * heads * n * n * d / (2 if causal else 1)
 
 
-def worker(shapes, dtype_name):
+def cudnn_times(q, k, v, do, causal, timed):
+    """SDPA's cuDNN forward and backward ms on the (batch, seqlen, heads, d) tensors, or
+    None where the backend refuses the shape."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dot = do.transpose(1, 2)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = sdpa(qt, kt, vt, is_causal=causal)
+            fwd = timed(lambda: sdpa(qt, kt, vt, is_causal=causal))
+            bwd = timed(lambda: torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True))
+    except RuntimeError as exc:
+        print(f"cuDNN refused d{q.shape[-1]} n{q.shape[1]}: {str(exc)[:100]}", file=sys.stderr)
+        return None
+    return fwd, bwd
+
+
+def worker(shapes, dtype_name, with_cudnn=False):
     import torch
     import cuflash
 
@@ -65,6 +88,10 @@ def worker(shapes, dtype_name):
         f = flops(d, n, causal, heads, batch)
         rows.append({"head_dim": d, "seqlen": n, "causal": causal,
                      "fwd_tflops": f / fwd / 1e9, "bwd_tflops": 2.5 * f / bwd / 1e9})
+        peer = cudnn_times(q, k, v, do, causal, timed) if with_cudnn else None
+        if peer:
+            rows[-1].update(cudnn_fwd_tflops=f / peer[0] / 1e9,
+                            cudnn_bwd_tflops=2.5 * f / peer[1] / 1e9)
         del q, k, v, do, o, stats
     print(json.dumps(rows))
 
@@ -77,13 +104,14 @@ def main():
     p.add_argument("--head-dims", default="64,128,256", help="comma-separated")
     p.add_argument("--seqlens", default="1024,4096,16384", help="comma-separated")
     p.add_argument("--dtype", default="bfloat16", help="torch dtype name (bfloat16, float32)")
+    p.add_argument("--cudnn", action="store_true", help="time SDPA's cuDNN beside the new tree")
     p.add_argument("--worker", action="store_true")
     args = p.parse_args()
     dims = {int(d) for d in args.head_dims.split(",")}
     lens = {int(n) for n in args.seqlens.split(",")}
     shapes = [s for s in SHAPES if s[0] in dims and s[1] in lens]
     if args.worker:
-        return worker(shapes, args.dtype)
+        return worker(shapes, args.dtype, args.cudnn)
     old, new = (os.path.abspath(t) for t in args.trees)
     best = {}
     for r in range(args.rounds):
@@ -94,7 +122,8 @@ def main():
             env = dict(os.environ, PYTHONPATH=tree)
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
                                   "--head-dims", args.head_dims, "--seqlens", args.seqlens,
-                                  "--dtype", args.dtype],
+                                  "--dtype", args.dtype,
+                                  *(["--cudnn"] if args.cudnn and tag == "new" else [])],
                                  env=env, cwd=tree, capture_output=True, text=True)
             if out.returncode:
                 print(out.stderr[-3000:])
@@ -104,19 +133,26 @@ def main():
             for row in json.loads(line):
                 key = (tag, row["head_dim"], row["seqlen"], row["causal"])
                 prev = best.get(key)
-                for m in ("fwd_tflops", "bwd_tflops"):
-                    row[m] = max(row[m], prev[m]) if prev else row[m]
+                for m in ("fwd_tflops", "bwd_tflops", "cudnn_fwd_tflops", "cudnn_bwd_tflops"):
+                    if m in row:
+                        row[m] = max(row[m], prev.get(m, 0)) if prev else row[m]
                 best[key] = row
     table = []
     print(f"{'d':>4} {'n':>6} {'causal':>6} | {'fwd old':>8} {'new':>8} {'x':>6} |"
-          f" {'bwd old':>8} {'new':>8} {'x':>6}")
+          f" {'bwd old':>8} {'new':>8} {'x':>6}" + (" | cuDNN fwd   bwd  new/cuDNN fwd  bwd"
+                                                     if args.cudnn else ""))
     for d, n, c in shapes:
         o, w = best[("old", d, n, c)], best[("new", d, n, c)]
         fx, bx = w["fwd_tflops"] / o["fwd_tflops"], w["bwd_tflops"] / o["bwd_tflops"]
         table.append({"head_dim": d, "seqlen": n, "causal": c, "old": o, "new": w,
                       "fwd_ratio": fx, "bwd_ratio": bx})
+        peer = ""
+        if "cudnn_fwd_tflops" in w:
+            peer = (f" | {w['cudnn_fwd_tflops']:9.1f} {w['cudnn_bwd_tflops']:5.1f}"
+                    f"  {w['fwd_tflops'] / w['cudnn_fwd_tflops']:13.3f}"
+                    f" {w['bwd_tflops'] / w['cudnn_bwd_tflops']:4.3f}")
         print(f"{d:>4} {n:>6} {str(c):>6} | {o['fwd_tflops']:8.1f} {w['fwd_tflops']:8.1f} "
-              f"{fx:6.3f} | {o['bwd_tflops']:8.1f} {w['bwd_tflops']:8.1f} {bx:6.3f}")
+              f"{fx:6.3f} | {o['bwd_tflops']:8.1f} {w['bwd_tflops']:8.1f} {bx:6.3f}{peer}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rounds": args.rounds, "dtype": args.dtype, "rows": table}, f, indent=1)

@@ -1,7 +1,7 @@
 """Varlen against dense at equal total tokens on the GPU (issue #14's target: within 5%).
 
     python bench/dev/varlen_bench.py [--tokens 16384] [--head-dim 128] [--dtype bfloat16]
-                                     [--heads 16] [--heads-kv 16] [--rounds 5]
+                                     [--heads 16] [--heads-kv 16] [--rounds 5] [--tma]
 
 Per row: the dense call on (batch, seqlen, heads, head_dim) and the varlen call on the same
 sequences packed (cu_seqlens = 0, seqlen, 2 seqlen, ...), forward and backward median
@@ -11,6 +11,8 @@ first, and saw 1.107 at 2 x 8192 where the two kernels' loops are the same lengt
 Both through the public API on torch CUDA tensors (the varlen call never syncs: its offsets
 stay on the device). Then mixed lengths (informational):
 varlen on random lengths vs dense padded to the longest. Prints the specs the plans ran.
+``--tma``: packed sequences' forward loads with bulk tensor copies too (a candidate,
+specs.with_forward_tma; tests/test_gpu_varlen_tma.py checks it first).
 """
 
 from __future__ import annotations
@@ -125,7 +127,18 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--heads-kv", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tma", action="store_true", help="the packed forward's TMA candidate")
     args = ap.parse_args()
+    if args.tma:
+        from cuflash import fastpath, specs
+
+        boxed = lambda s: (specs.with_forward_tma(s) or s) if s.mods.varlen else s  # noqa
+        with fastpath.selector_patched("select_forward", boxed):
+            return _report(args)
+    _report(args)
+
+
+def _report(args) -> None:
     h, hkv, d, dt = args.heads, args.heads_kv, args.head_dim, args.dtype
     print(f"{args.tokens} tokens, d{d}, {dt}, {h}/{hkv} heads; ms (varlen / dense)")
     worst = 0.0

@@ -1,0 +1,114 @@
+"""The Hopper forward on packed sequences loading with bulk tensor copies (``CF_FWD_TMA=1``
+with ``CF_VARLEN``, a candidate written without a GPU: specs.with_forward_tma, not selected,
+registry.TMA_OFF_WHEN): one map over each array's rows, boxes from each sequence's first row,
+so a box past a sequence's end reads the next sequence's rows, which the mask must keep out.
+Against the float64 varlen reference on test_gpu_varlen's mixed layout (empty sequences,
+queries without keys, seqused_k, several tiles), every modifier, d64 / d128, fp16 / bf16; and
+bit for bit against the dense TMA forward (selected) at equal lengths. Timed by
+``gpu_suite.sh varlen_tma`` (bench/dev/varlen_bench.py --tma).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import specs
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_varlen as varlen_tests
+    from test_varlen import ALONE, Case
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_varlen as varlen_tests
+    from tests.test_varlen import ALONE, Case
+
+pytestmark = pytest.mark.gpu
+
+HEAD_DIMS = (64, 128)
+
+
+def _boxed(spec):
+    if not spec.mods.varlen:
+        return spec
+    return specs.with_forward_tma(spec) or spec
+
+
+def _module_specs():
+    from dataclasses import replace as with_fields
+
+    from cuflash import config, launch, plan
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for options in ALONE.values():
+        flags = plan.mod_flags(options.get("window"), options.get("softcap"),
+                               options.get("alibi"), options.get("sinks") or None,
+                               options.get("causal", False))
+        flags = with_fields(flags, varlen=True)
+        for dtype in ("float16", "bfloat16"):
+            for d in HEAD_DIMS:
+                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, options.get("causal", False),
+                                   flags, 1, 1)
+                out += [_boxed(s) for s in gh.shape_specs(shape, facts, config.Config())]
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+@pytest.fixture
+def boxed_varlen():
+    yield from gh.hopper_selector_with_knob("select_forward", _boxed,
+                                            "the TMA forward is a Hopper kernel")
+
+
+def _assert_boxed(case: Case):
+    from cuflash import launch, plan
+
+    flags = replace(plan.mod_flags(case.window, case.softcap, case.alibi, case.sinks or None,
+                                   case.causal), varlen=True)
+    shape = plan.Shape(1, 100, 100, case.heads_kv * case.group, case.heads_kv, case.head_dim,
+                       varlen_tests._dtype_name(case), case.causal, flags, 100, 100)
+    spec = launch.forward_plan(shape, 0).kernel.spec
+    assert specs.loads_with_tma(spec) and spec.mods.varlen, spec.name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("which", ALONE, ids=list(ALONE))
+def test_mixed_layout_matches_reference(boxed_varlen, which, head_dim, dtype):
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
+                causal=False, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES[dtype],
+                seed=head_dim + len(which))
+    case = replace(case, **ALONE[which])
+    _assert_boxed(case)
+    varlen_tests.check_case(case, f"tma {which} d{head_dim} {dtype}", deterministic_modes=(False,))
+
+
+@pytest.mark.parametrize("d, causal", [(64, True), (128, False), (128, True)])
+def test_equal_lengths_equal_the_dense_tma_forward(boxed_varlen, d, causal):
+    """Sequences of one length packed: o, m and l bitwise equal to the dense call's (the
+    selected TMA forward), though each box past a sequence reads the next one's rows."""
+    import cupy
+
+    rng = gh.rng_for()
+    b, sq, sk, h, hkv = 3, 200, 333, 8, 2
+    q, k, v = gh.random_qkv(rng, batch=b, seqlen_q=sq, seqlen_k=sk, heads=h, heads_kv=hkv,
+                            head_dim=d, dtype="bfloat16")
+    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
+    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
+    packed = [x.reshape(-1, *x.shape[2:]) for x in (gq, gk, gv)]
+    cu_q = cupy.arange(b + 1, dtype=cupy.int32) * sq
+    cu_k = cupy.arange(b + 1, dtype=cupy.int32) * sk
+    o_v, stats_v = cuflash.attention_varlen_forward(*packed, cu_q, cu_k, sq, sk, causal=causal)
+    same = lambda a, b_: np.testing.assert_array_equal(gh.to_host(a), gh.to_host(b_))  # noqa
+    same(o.reshape(o_v.shape), o_v)
+    same(stats.m.transpose(1, 0, 2).reshape(h, -1), stats_v.m)
+    same(stats.l.transpose(1, 0, 2).reshape(h, -1), stats_v.l)
