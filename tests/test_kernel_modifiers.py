@@ -81,8 +81,11 @@ def test_hopper_and_portable_families_take_every_modifier():
     assert back.main.spec.kind == "bwd90" and back.pre.spec.mods.sinks
     # head_dim 128 with softcap + ALiBi too (it spilled before tanh.approx; tests compile it)
     assert plan.plan_backward(s, H100, False).main.spec.kind == "bwd90"
-    det = plan.plan_backward(s, H100, True)
-    assert det.main.spec.kind == "bwd" and det.dq.spec.mods.softcap
+    det = plan.plan_backward(s, H100, True)  # ordered dQ, a window too (registry._ordered_dq)
+    assert det.main.spec.kind == "bwd90" and det.main.spec.dq_ordered and det.dq is None
+    assert det.main.spec.mods.window and det.main.spec.mods.softcap, det.main.spec.name
+    masked = plan.plan_backward(replace(s, mods=replace(ALL, block_sparse=True)), H100, True)
+    assert masked.main.spec.kind == "bwd" and masked.dq.spec.mods.softcap  # the dQ pass
     for kib in specs.BUDGETS_KIB:  # every shared-memory budget has a tile
         small = plan.plan_forward(s, A100, Config(smem_budget=kib * specs.KIB)).kernel.spec
         assert small.mods == ALL and small.smem_bytes <= kib * specs.KIB
