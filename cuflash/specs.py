@@ -20,9 +20,9 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_DROP_FOLD, BWD90_HSPLIT,  # noqa: F401
-                       BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA, FWD90_TMA_OFF_WHEN,
-                       TMA_OFF_WHEN,
+from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
+                       BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
+                       FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
@@ -309,7 +309,8 @@ def with_selected_tma(spec: KernelSpec) -> KernelSpec:
     """``spec`` loading with bulk tensor copies (``with_forward_tma`` / ``with_backward_tma``)
     where the warp-specialized Hopper kernel runs and registry.FWD90_TMA / BWD90_TMA list the
     bucket (the backward with atomic dQ only), unless a TMA_OFF_WHEN set of modifiers (or the
-    forward's FWD90_TMA_OFF_WHEN) is on. The launcher still runs the cp.async tile where the copy engine cannot box a layout."""
+    forward's FWD90_TMA_OFF_WHEN) is on. The launcher still runs the cp.async tile where the
+    copy engine cannot box a layout."""
     context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
     if any(context.issuperset(when) for when in TMA_OFF_WHEN):
         return spec
