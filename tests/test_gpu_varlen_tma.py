@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 
-import cuflash
 from cuflash import specs
 
 try:
@@ -89,26 +87,13 @@ def test_mixed_layout_matches_reference(boxed_varlen, which, head_dim, dtype):
                 seed=head_dim + len(which))
     case = replace(case, **ALONE[which])
     _assert_boxed(case)
-    varlen_tests.check_case(case, f"tma {which} d{head_dim} {dtype}", deterministic_modes=(False,))
+    varlen_tests.check_case(case, f"tma {which} d{head_dim} {dtype}",
+                            deterministic_modes=(False,))
 
 
 @pytest.mark.parametrize("d, causal", [(64, True), (128, False), (128, True)])
 def test_equal_lengths_equal_the_dense_tma_forward(boxed_varlen, d, causal):
-    """Sequences of one length packed: o, m and l bitwise equal to the dense call's (the
-    selected TMA forward), though each box past a sequence reads the next one's rows."""
-    import cupy
-
-    rng = gh.rng_for()
-    b, sq, sk, h, hkv = 3, 200, 333, 8, 2
-    q, k, v = gh.random_qkv(rng, batch=b, seqlen_q=sq, seqlen_k=sk, heads=h, heads_kv=hkv,
-                            head_dim=d, dtype="bfloat16")
-    gq, gk, gv = (gh.to_gpu(x) for x in (q, k, v))
-    o, stats = cuflash.attention_forward(gq, gk, gv, causal=causal)
-    packed = [x.reshape(-1, *x.shape[2:]) for x in (gq, gk, gv)]
-    cu_q = cupy.arange(b + 1, dtype=cupy.int32) * sq
-    cu_k = cupy.arange(b + 1, dtype=cupy.int32) * sk
-    o_v, stats_v = cuflash.attention_varlen_forward(*packed, cu_q, cu_k, sq, sk, causal=causal)
-    same = lambda a, b_: np.testing.assert_array_equal(gh.to_host(a), gh.to_host(b_))  # noqa
-    same(o.reshape(o_v.shape), o_v)
-    same(stats.m.transpose(1, 0, 2).reshape(h, -1), stats_v.m)
-    same(stats.l.transpose(1, 0, 2).reshape(h, -1), stats_v.l)
+    """test_gpu_varlen's equal-lengths check with the packed forward boxed: o, m and l bitwise
+    equal to the dense call's (the selected TMA forward), though each box past a sequence
+    reads the next one's rows; the gradients as that test asks."""
+    varlen_tests.test_equal_lengths_equal_the_dense_kernels(d, causal)
