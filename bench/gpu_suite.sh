@@ -467,9 +467,10 @@ for stage in $stages; do
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
       run_stage varlen $PY bench/dev/varlen_bench.py ;;
-    varlen_tma)  # the packed forward loading with bulk tensor copies (a candidate written
-      # without a GPU, session 31): its float64-reference and bitwise tests, then varlen /
-      # dense with it (the dense forward has TMA since session 30: varlen fell to 1.144)
+    varlen_tma)  # the packed forward loading with bulk tensor copies (a candidate: its tests
+      # passed on an H100 in session 32; then the V tile ending a sequence zeroed past it,
+      # not yet run): its float64-reference, isolation and bitwise tests, then varlen /
+      # dense with it (session 32: forward 1.024-1.082 with it, 1.085-1.144 without)
       CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_varlen_tma.py

@@ -376,8 +376,8 @@ def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized forward ``spec`` loading Q, K and V with bulk tensor copies
     (``CF_FWD_TMA=1``: one producer thread, tensor maps from cuflash/tensor_map.py); None
     for other kernels. Selected where registry.FWD90_TMA says (``with_selected_tma``); not for
-    packed sequences, whose boxes run over into the next sequence (the mask keeps its rows
-    out; a candidate, registry.TMA_OFF_WHEN)."""
+    packed sequences, whose boxes run over into the rows after a sequence (the mask keeps
+    their scores out and the kernel zeroes their V; a candidate, registry.TMA_OFF_WHEN)."""
     if spec.kind != "fwd90" or not fwd90_warp_specialized(spec):
         return None
     return spec.with_knobs(CF_FWD_TMA=1)

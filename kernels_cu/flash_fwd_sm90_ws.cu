@@ -39,10 +39,13 @@
 //   the async proxy that wgmma reads, so the consumers need no proxy fence. Rows past a
 //   sequence land as zeros, like cp.async's zero fill. Packed sequences (CF_VARLEN, a
 //   candidate: specs.with_forward_tma, not selected) take one map over all rows (batch 1),
-//   boxes from the sequence's first row: a box past the sequence's end reads the next
-//   sequence's rows (zeros past the last), which the mask keeps out (the keys' scores become
-//   -inf, P is 0; the rows past seqlen_q are not stored), except that a non-finite value in
-//   the next sequence's V would reach this one's O as 0 * inf.
+//   boxes from the sequence's first row: a box past the sequence's end reads the rows after
+//   it (the next sequence's, or whatever lies past seqused_k or cu_seqlens_k's last entry;
+//   zeros past the tensor). The mask keeps those keys out (their scores become -inf by
+//   select, P is 0) and the rows past seqlen_q are not stored, but P V would still carry a
+//   non-finite value of such a V row into O as 0 * inf. So the key tile that ends a sequence
+//   lands its V on a barrier of its own (StageBarriers::v_tail), the producer warp zeroes the
+//   rows past the sequence and only then completes the stage's v_full (kTailZero).
 //
 // Clusters of two (CF_FWD_CLUSTER=2 with CF_FWD_TMA, a candidate: not selected; its tests
 //   passed on an H200, session 30, not timed; head_dim 128 / 256, one block per tile, no causal mask, window, block mask or
@@ -165,6 +168,7 @@ enum : int { kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY };  // (an enum: no PT
 // variables: those leave a symbol in the PTX.)
 enum : int {
   kTma = CF_FWD_TMA,
+  kTailZero = CF_FWD_TMA && CF_VARLEN,  // a sequence's last V tile zeroed past its end
   kFullArrivals = CF_FWD_TMA ? 1 : kProducerThreads,
   kPanels = CF_HEAD_DIM / 64,
   kCluster = CF_FWD_CLUSTER,
@@ -190,8 +194,13 @@ struct StageBarriers {
   __device__ __forceinline__ cf_u32 q_empty(int i = 0) const {
     return base + 8 * (1 + 3 * CF_STAGES) + 16 * i;
   }
+  // a sequence's last V box lands here (kTailZero), before the producer zeroes its tail
+  __device__ __forceinline__ cf_u32 v_tail() const {
+    return base + 8 * (2 * ws::kQBuffers + 3 * CF_STAGES);
+  }
 };
-static_assert(8 * (2 * ws::kQBuffers + 3 * CF_STAGES) <= 128, "the mbarriers fit their 128 bytes");
+static_assert(8 * (2 * ws::kQBuffers + 3 * CF_STAGES + ws::kTailZero) <= 128,
+              "the mbarriers fit their 128 bytes");
 static_assert(!ws::kAcrossTiles || !CF_BLOCK_SPARSE, "across tiles: every key tile of a tile");
 
 // The (batch entry, query tile, head) triples a block works on, in the order it takes them.
@@ -273,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       if (i) mbar_init(bars.q_full(i), kFullArrivals);
       mbar_init(bars.q_empty(i), kConsumerThreads / 32);
     }
+    if (kTailZero) mbar_init(bars.v_tail(), 1);
     mbar_fence_init();
   }
   if (kCluster == 2) {
@@ -286,9 +296,14 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
-    if (kTma && tid != 0) return;  // TMA: one thread issues every box
+    // TMA: one thread issues every box (its warp stays to zero tails: kTailZero)
+    if (kTma && (kTailZero ? warp != 0 : tid != 0)) return;
+    const bool issuer = tid == 0;
+    (void)issuer;
     const cf_u32 rank = kCluster == 2 ? cluster_rank() : 0;
     int loads_total = 0;  // K / V tiles, for the wait on the last releases (clusters)
+    int tails = 0;        // V tails zeroed so far (v_tail's phase)
+    (void)tails;
 #pragma unroll 1
     for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
       const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
@@ -318,9 +333,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         const int buf = q_loads % kQBuffers, use = q_loads / kQBuffers;
         if (kPersistent && use > 0) mbar_wait(bars.q_empty(buf), (use - 1) & 1);
 #if CF_FWD_TMA
-        mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
-        tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, map_q0 + q0, h,
-                                           map_b, bars.q_full(buf));
+        if (issuer) {
+          mbar_arrive_expect_tx(bars.q_full(buf), kTileQ);
+          tma_load_tile<CF_BLOCK_M, kPanels>(smem_addr(s_q + buf * kTileQ), &tm_q, map_q0 + q0,
+                                             h, map_b, bars.q_full(buf));
+        }
 #else
         const WsLoader<CF_BLOCK_M> load_q(q_head, stride_qm, head_dim, tid);
         load_q.load(s_q + buf * kTileQ, q0, seqlen_q - q0);
@@ -337,9 +354,9 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         if (round > 0) mbar_wait(bars.empty(stage), (round - 1) & 1);
         const int row = j * CF_BLOCK_N;
 #if CF_FWD_TMA
+#if CF_FWD_CLUSTER == 2  // half the panels, into both blocks of the pair (tid 0 alone here)
         mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
         mbar_arrive_expect_tx(bars.v_full(stage), kTileKV);
-#if CF_FWD_CLUSTER == 2  // half the panels, into both blocks of the pair
         tma_load_tile_pair<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
                                                 map_k0 + row, h_kv, map_b, bars.k_full(stage),
                                                 rank);
@@ -347,10 +364,25 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
                                                 map_k0 + row, h_kv, map_b, bars.v_full(stage),
                                                 rank);
 #else
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
-                                           map_k0 + row, h_kv, map_b, bars.k_full(stage));
-        tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
-                                           map_k0 + row, h_kv, map_b, bars.v_full(stage));
+        // packed: the tile that ends the sequence lands V on v_tail, zeroed past the end below
+        const bool tail = kTailZero && row + CF_BLOCK_N > seqlen_k;
+        if (issuer) {
+          mbar_arrive_expect_tx(bars.k_full(stage), kTileKV);
+          const cf_u32 v_bar = tail ? bars.v_tail() : bars.v_full(stage);
+          mbar_arrive_expect_tx(v_bar, kTileKV);
+          tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_k + stage * kTileKV), &tm_k,
+                                             map_k0 + row, h_kv, map_b, bars.k_full(stage));
+          tma_load_tile<CF_BLOCK_N, kPanels>(smem_addr(s_v + stage * kTileKV), &tm_v,
+                                             map_k0 + row, h_kv, map_b, v_bar);
+        }
+        if (tail) {
+          mbar_wait(bars.v_tail(), tails++ & 1);  // the box has landed
+          zero_rows_past<CF_BLOCK_N, kPanels>(s_v + stage * kTileKV, max(seqlen_k - row, 0),
+                                              lane);
+          fence_proxy_async();  // these stores before the tensor cores' reads
+          __syncwarp();
+          if (issuer) mbar_arrive(bars.v_full(stage));
+        }
 #endif
         (void)seqlen_k;  // the map knows the rows
 #else

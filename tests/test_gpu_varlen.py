@@ -182,6 +182,68 @@ def test_drawn_layouts_match_reference(case):
     check_case(case, f"drawn {case}")
 
 
+# Sequences whose last key tile runs past their end into rows they must not read: 0 into its
+# own keys past seqused_k, 1 into sequence 2; 3 past the tensor's last row.
+ISOLATION = ((130, 130, 100), (200, 257, None), (50, 90, None), (70, 65, None))
+JUDGED = (0, 1, 3)  # sequence 2 is the poison (its own results are not judged)
+
+
+def check_isolated(head_dim: int, causal: bool, label: str):
+    """Rows that no judged sequence reads hold NaN (keys past seqused_k, sequence 2's queries
+    and keys) or inf (sequence 2's values):
+    the judged sequences' o, m, l and gradients stay finite and match the float64 reference
+    computed without the poison (a key tile's masked rows must not reach P V as 0 * inf)."""
+    case = Case(lengths=ISOLATION, heads_kv=2, group=2, head_dim=head_dim, causal=causal,
+                scale=head_dim ** -0.5, dtype=DTYPES["bfloat16"], seed=head_dim + causal)
+    q, k, v, do, mods = case.inputs()
+    cu_q, cu_k, _, _, used = case.offsets()
+    q_bad, k_bad, v_bad = q.copy(), k.copy(), v.copy()
+    k_bad[used[0]:cu_k[1]] = np.nan
+    v_bad[used[0]:cu_k[1]] = np.nan
+    q_bad[cu_q[2]:cu_q[3]] = np.nan
+    k_bad[cu_k[2]:cu_k[3]] = np.nan
+    v_bad[cu_k[2]:cu_k[3]] = np.inf
+    args, kw, gmods = _gpu_args(case, mods)
+    gq, gk, gv, gdo = (gh.to_gpu(x[None])[0] for x in (q_bad, k_bad, v_bad, do))
+    o, stats = cuflash.attention_varlen_forward(gq, gk, gv, *args, **kw, **gmods)
+
+    ref_args, ref_kw = case.ref_kwargs()
+    o_ref, m_ref, l_ref = reference.attention_varlen_reference(q, k, v, *ref_args, **ref_kw)
+    o_nv = reference.attention_varlen_naive(q, k, v, *ref_args, **ref_kw, dtype=case.dtype)
+    rows_q = np.concatenate([np.arange(cu_q[i], cu_q[i + 1]) for i in JUDGED])
+    rows_k = np.concatenate([np.arange(cu_k[i], cu_k[i + 1]) for i in JUDGED])
+    o_host = gh.to_host(o[None], "bfloat16")[0]
+    few = case.few_keys()
+    _judge(f"o [{label}]", o_host[rows_q], o_ref[rows_q], o_nv[rows_q], "bfloat16", None,
+           False)  # o plainly, as check_case judges it
+    for name, got, ref in (("m", stats.m, m_ref), ("l", stats.l, l_ref)):
+        report = testing.judge_stats(name, gh.to_host(got)[:, rows_q], ref[:, rows_q],
+                                     dtype="bfloat16")
+        assert report.ok, f"{report} [{label}]"
+
+    o_clean = o_host.copy()
+    o_clean[cu_q[2]:cu_q[3]] = o_ref[cu_q[2]:cu_q[3]]  # the reference's o where poisoned
+    refs = reference.attention_varlen_backward_reference(do, q, k, v, *ref_args, **ref_kw,
+                                                         o=o_clean)
+    naives = reference.attention_varlen_backward_naive(do, q, k, v, *ref_args, **ref_kw,
+                                                       dtype=case.dtype)
+    magnitude = testing.magnitude(*(r[rows] for r, rows in zip(refs, (rows_q, rows_k, rows_k))))
+    for deterministic in (False, True):
+        grads = cuflash.attention_varlen_backward(gdo, gq, gk, gv, o, stats, *args, **kw,
+                                                  deterministic=deterministic, **gmods)
+        for name, got, ref, naive, rows in zip(("dq", "dk", "dv"), grads, refs, naives,
+                                               (rows_q, rows_k, rows_k)):
+            host = gh.to_host(got[None], "bfloat16")[0]
+            _judge(f"{name} det={deterministic} [{label}]", host[rows], ref[rows],
+                   naive[rows], "bfloat16", magnitude, few)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_outside_a_sequence_never_reach_it(head_dim, causal):
+    check_isolated(head_dim, causal, f"d{head_dim} causal={causal}")
+
+
 @pytest.mark.parametrize("d, causal", [(128, True), (64, False), (128, False)])
 def test_equal_lengths_equal_the_dense_kernels(d, causal):
     """batch sequences of one length packed run the same tiles as the dense call (persistent
