@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
-#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 sanitize bench
+#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 shard sanitize
+#                                            bench
 #                                            memory train
 #                                            workloads train_gqa train_profile issue10 host decode
 #                                            pre_convert step_idle
@@ -80,6 +81,13 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage "$stage" timeout "${SUITE_TIME_BUDGET:-540}" \
         $PY -m pytest -m gpu -q -rfEs -x --maxfail=10 -p no:cacheprovider \
         --junitxml="$OUT/results/gpu_$stage.xml" $files ;;
+    shard)  # one shard of the GPU suite (SHARD=k/M, default 1/10; tests/conftest.py): the
+      # whole suite (6,357 tests on 2026-12-06) took more than a session's device time, in
+      # turns of 10 it fits a call each; over 12 processes, a file's tests in one of them
+      CUFLASH_TEST_SHARD=${SHARD:-1/10} CUFLASH_POISON=1 run_stage "shard" \
+        timeout "${SUITE_TIME_BUDGET:-540}" $PY -m pytest -m gpu -q -rfEs --maxfail=10 \
+        -p no:cacheprovider ${PYTEST_XDIST:--n 12 --dist loadfile} \
+        --junitxml="$OUT/results/gpu_shard.xml" tests ;;
     sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
       run_stage sanitize_warm $PY bench/sanitize.py --warm  # compiled in parallel, not under
       CUFLASH_DISABLE_WGMMA=1 run_stage sanitize_warm_portable $PY bench/sanitize.py --warm \

@@ -3,13 +3,17 @@
 Tests marked ``@pytest.mark.gpu`` need a CUDA GPU through CuPy; they are skipped (with the
 reason) when CuPy is missing or sees no device, so the whole suite runs on CPU-only CI.
 The hypothesis profile ``ci`` (no deadline: first calls compile kernels or import frameworks)
-is loaded unless HYPOTHESIS_PROFILE names another.
+is loaded unless HYPOTHESIS_PROFILE names another. CUFLASH_TEST_SHARD="k/M" keeps the k-th of M
+shards (1 <= k <= M) of the collected tests, by a hash of each test's id: the GPU suite has
+outgrown one session's device time, and shards let sessions take it in turns
+(bench/gpu_suite.sh shard).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import zlib
 
 import pytest
 from hypothesis import settings
@@ -39,7 +43,30 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"k/M" -> (k, M), 1 <= k <= M; a ValueError naming CUFLASH_TEST_SHARD otherwise."""
+    try:
+        k, m = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"CUFLASH_TEST_SHARD: expected k/M (e.g. 3/10), got {text!r}") from None
+    if not 1 <= k <= m:
+        raise ValueError(f"CUFLASH_TEST_SHARD: expected 1 <= k <= M, got {text!r}")
+    return k, m
+
+
+def in_shard(nodeid: str, k: int, m: int) -> bool:
+    """Whether test ``nodeid`` falls in shard k of m (a stable hash: the same on every
+    machine and Python, unlike hash())."""
+    return zlib.crc32(nodeid.encode()) % m == k - 1
+
+
 def pytest_collection_modifyitems(config, items):
+    shard = os.environ.get("CUFLASH_TEST_SHARD")
+    if shard:
+        k, m = parse_shard(shard)
+        dropped = [item for item in items if not in_shard(item.nodeid, k, m)]
+        items[:] = [item for item in items if in_shard(item.nodeid, k, m)]
+        config.hook.pytest_deselected(items=dropped)
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
