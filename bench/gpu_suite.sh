@@ -475,11 +475,12 @@ for stage in $stages; do
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
       run_stage varlen $PY bench/dev/varlen_bench.py ;;
-    varlen_tma)  # the packed forward loading with bulk tensor copies (a candidate: its tests
-      # passed on an H100 in session 32; then the V tile ending a sequence zeroed past it,
-      # not yet run): its float64-reference, isolation and bitwise tests, then varlen /
-      # dense with it (session 32: forward 1.024-1.082 with it, 1.085-1.144 without)
-      CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-240}" \
+    varlen_tma)  # the packed forward and backward loading with bulk tensor copies
+      # (candidates: the forward's tests passed on an H100 in session 32; then both kernels
+      # zero a box's rows past its sequence, and the backward boxes, not yet run): their
+      # float64-reference, isolation and bitwise tests, then varlen / dense with them
+      # (session 32: forward 1.024-1.082 boxed, 1.085-1.144 not; backward 1.063-1.099)
+      CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-330}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_varlen_tma.py
       run_stage varlen_tma $PY bench/dev/varlen_bench.py --tma ;;

@@ -619,11 +619,15 @@ def backward_maps(shape: planning.Shape, spec: KernelSpec, q: Operand, k: Operan
     on, or None (``_tile_maps``)."""
     s = shape
     heads_kv = s.heads // s.heads_per_kv
+    # packed: one map over all rows (batch 1), as forward_maps
+    rows_q, rows_k = (s.total_q, s.total_k) if s.mods.varlen else (s.seqlen_q, s.seqlen_k)
     arrays = [(x.ptr, (x.stride_b, x.stride_m, x.stride_h), rows, heads, box)
-              for x, rows, heads, box in ((q, s.seqlen_q, s.heads, spec.block_m),
-                                          (k, s.seqlen_k, heads_kv, spec.block_n),
-                                          (v, s.seqlen_k, heads_kv, spec.block_n),
-                                          (do, s.seqlen_q, s.heads, spec.block_m))]
+              for x, rows, heads, box in ((q, rows_q, s.heads, spec.block_m),
+                                          (k, rows_k, heads_kv, spec.block_n),
+                                          (v, rows_k, heads_kv, spec.block_n),
+                                          (do, rows_q, s.heads, spec.block_m))]
+    if s.mods.varlen:
+        return _tile_maps(s, 0, arrays, batch=1)
     return _tile_maps(s, b0, arrays)
 
 

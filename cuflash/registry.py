@@ -393,15 +393,17 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # the file's 266 passed before the time limit; then 86 passed, 2 skipped of its 92
 # backward, block-mask, layout, width and cluster tests), and memcheck on 16 forward cases
 # (0 errors, H100 and H200). Not with dropout (not run with TMA yet) nor packed sequences
-# (the backward declines them, specs.with_backward_tma); a layout the copy engine cannot
-# box runs the cp.async tile (launch.py). The packed forward with one map over every row
-# (its boxes run over into the rows after a sequence): tests/test_gpu_varlen_tma.py passed
-# on an H100 (session 32: 134 passed, 48 skipped, none failed, with it selected) and
-# varlen / dense at 16k tokens, d128 went 1.085-1.144 -> 1.024-1.082 (bench/results/
-# 2026-12-06_h100/session32). Not selected: a sequence's last V tile then read the rows
-# after it, and a non-finite value there reached O as 0 * inf; the kernel now zeroes that
-# tile's rows past the sequence (flash_fwd_sm90_ws.cu's kTailZero), which no GPU has run
-# (test_rows_outside_a_sequence_never_reach_the_boxed_forward, gpu_suite.sh varlen_tma).
+# (below); a layout the copy engine cannot box runs the cp.async tile (launch.py).
+# Packed sequences take one map over every row, so boxes run over into the rows after a
+# sequence. The forward so: tests/test_gpu_varlen_tma.py passed on an H100 (session 32:
+# 134 passed, 48 skipped, none failed, with it selected) and varlen / dense at 16k tokens,
+# d128 went 1.085-1.144 -> 1.024-1.082 (bench/results/2026-12-06_h100/session32). Not
+# selected: a sequence's last V tile read the rows after it, and a non-finite value there
+# reached O as 0 * inf. Both kernels now zero a box's rows past its sequence before any
+# product (kTailZero; the backward must: Q / dO rows past seqlen_q are unmasked), and the
+# backward boxes packed sequences with atomic dQ (the packed backward's gap to dense,
+# 1.06-1.10, is the dense backward's TMA gain). Neither has run on a GPU
+# (test_gpu_varlen_tma.py's isolation and backward tests, gpu_suite.sh varlen_tma).
 
 FWD90_TMA = frozenset({64, 128})
 FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}

@@ -414,9 +414,11 @@ def with_ordered_dq(spec: KernelSpec) -> KernelSpec | None:
 
 def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
-    copies (``CF_BWD_TMA=1``); None for packed sequences and other kernels. Selected where
-    registry.BWD90_TMA says (``with_selected_tma``)."""
-    if not bwd90_warp_specialized(spec) or spec.mods.varlen:
+    copies (``CF_BWD_TMA=1``); None for other kernels, and for packed sequences with ordered
+    dQ (their zeroed tails take the turn agent's mbarriers). Selected where
+    registry.BWD90_TMA says (``with_selected_tma``); packed sequences not yet
+    (registry.TMA_OFF_WHEN: a candidate, its boxes past a sequence zeroed in the kernel)."""
+    if not bwd90_warp_specialized(spec) or (spec.mods.varlen and spec.dq_ordered):
         return None
     if spec.head_dim == 64 and spec.dq_ordered and (spec.causal or spec.mods.window):
         return None  # its consumers spill 24-44 B under NVRTC 13.5 (none under 13.0)

@@ -245,15 +245,16 @@ __device__ __forceinline__ void tma_load_tile(cf_u32 dst, const cf_tensor_map* m
 }
 
 // Zeroes rows `from` .. ROWS - 1 of a panel-layout tile at `tile` (PANELS panels of ROWS
-// 128-byte rows), a warp's lanes taking 16-byte chunks in turn: the swizzle moves chunks
-// within their row only, so whole rows are contiguous lines whatever it does.
+// 128-byte rows), thread t of `threads` taking every threads-th 16-byte chunk: the swizzle
+// moves chunks within their row only, so whole rows are contiguous lines whatever it does.
 template <int ROWS, int PANELS>
-__device__ __forceinline__ void zero_rows_past(unsigned char* tile, int from, int lane) {
+__device__ __forceinline__ void zero_rows_past(unsigned char* tile, int from, int t,
+                                               int threads) {
   const int chunks = (ROWS - from) * 8;  // of one panel
 #pragma unroll
   for (int p = 0; p < PANELS; ++p)
 #pragma unroll 1
-    for (int c = lane; c < chunks; c += 32)
+    for (int c = t; c < chunks; c += threads)
       *reinterpret_cast<uint4*>(tile + p * ROWS * 128 + from * 128 + c * 16) =
           make_uint4(0u, 0u, 0u, 0u);
 }

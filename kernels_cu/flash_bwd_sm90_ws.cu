@@ -33,7 +33,14 @@
 //     boxes (cf_sm90.cuh's tma_load_tile; the maps of q, k, v and dout are the last four
 //     parameters, cuflash/tensor_map.py) with the bytes armed on the full mbarriers; the
 //     statistics stay plain loads and stores by those warps. No proxy fence in the consumers.
-//     Not for packed sequences (a box would read the next sequence's rows).
+//     Packed sequences (CF_VARLEN, a candidate: specs.with_backward_tma, not selected) take
+//     one map over all rows (batch 1), boxes from the sequence's first row, so a tile that
+//     runs past the sequence reads the rows after it. Unlike zeros, those rows would reach
+//     the sums (Q and dO rows past seqlen_q are not masked: their lse2 and delta are 0; K and
+//     V rows past seqlen_k are, but 0 * inf is not 0). So such a tile's box lands on a
+//     barrier of its own (BwdBarriers::kv_landed / q_landed / do_landed), and the side's
+//     producer threads zero its rows past the sequence before they arrive on the full
+//     barrier (kTailZero).
 //   Tried and not kept: dQ through shared memory and bulk reduce-adds (cp.reduce.async.bulk,
 //   FlashAttention-3's way) was 0.75x the atomics on an H200 (bench/dev/bwd_variants.md).
 //
@@ -177,7 +184,6 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #ifndef CF_BWD_TMA
 #define CF_BWD_TMA 0
 #endif
-static_assert(!CF_BWD_TMA || !CF_VARLEN, "TMA boxes would cross into the next sequence");
 #if CF_BWD_TMA  // the tensor maps of q, k, v and dout, after every other parameter
 #define CF_BWD_TMA_PARAMS                                                                    \
   , const __grid_constant__ cf_tensor_map tm_q, const __grid_constant__ cf_tensor_map tm_k,    \
@@ -228,6 +234,7 @@ enum : int {
   kProducerRegs = 40,
   kConsumerRegs = 232,
   kTma = CF_BWD_TMA,  // (an enum, not a constexpr variable: those leave a PTX symbol)
+  kTailZero = CF_BWD_TMA && CF_VARLEN,  // tiles past a packed sequence zeroed there
   kPanels = kD / 64,
   kOrderBarrier = 1,  // 1 + g: warpgroup g alone (ordered dQ around its adds; bulk dQ)
   kTurnBarrier = 3,   // 3 + g: consumer warpgroup g may issue its products
@@ -267,7 +274,19 @@ struct BwdBarriers {
   __device__ __forceinline__ cf_u32 dq_added(int g, int slot) const {
     return dq_added(g) + 32 * slot;
   }
+  // kTailZero (never with the turn agent: its slots): the boxes of a tile that runs past
+  // the sequence land here, K and V (two boxes), then Q and dO per stage
+  __device__ __forceinline__ cf_u32 kv_landed() const { return base + 8 * (5 + 3 * CF_STAGES); }
+  __device__ __forceinline__ cf_u32 q_landed(int s) const {
+    return base + 8 * (6 + 3 * CF_STAGES + s);
+  }
+  __device__ __forceinline__ cf_u32 do_landed(int s) const {
+    return base + 8 * (6 + 4 * CF_STAGES + s);
+  }
 };
+static_assert(!bwd90ws::kTailZero ||
+                  (!bwd90ws::kTurnAgent && 8 * (6 + 5 * CF_STAGES) <= bwd90ws::kBarBytes),
+              "the tails' mbarriers take the turn agent's slots, in the barrier area");
 
 static_assert(!bwd90ws::kTurnAgent ||
                   8 * (9 + 3 * CF_STAGES + 4 * (bwd90ws::kPieces - 1)) <= bwd90ws::kBarBytes,
@@ -489,7 +508,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
 
   if (tid == 0) {
     // cp.async: warps 0, 1 and 3; TMA: the two issuing lanes (the boxes' bytes count apart)
-    mbar_init(bars.k_v_full(), kTma ? 2 : 96);
+    // (kTailZero: every thread of warps 0, 1 and 3, after the box or its zeroed tail)
+    mbar_init(bars.k_v_full(), kTma && !kTailZero ? 2 : 96);
+    if (kTailZero) {
+      mbar_init(bars.kv_landed(), 2);
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(bars.q_landed(s), 1);
+        mbar_init(bars.do_landed(s), 1);
+      }
+    }
     for (int s = 0; s < kStages; ++s) {
       // warps 0, 1: their copies (TMA: lane 0's boxes), then their stores
       mbar_init(bars.q_full(s), (kTma ? 1 : 64) + 64);
@@ -538,11 +565,23 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       const bool q_side = warp < 2;
       const int t = q_side ? tid : lane, threads = q_side ? 64 : 32;
 #if CF_BWD_TMA
+      // the maps' row and batch of this sequence's row 0 (packed: one map over every row)
+      const int map_q0 = CF_VARLEN ? seq.q_begin : 0, map_k0 = CF_VARLEN ? seq.k_begin : 0;
+      const int map_b = CF_VARLEN ? 0 : b;
+      // packed: the key tile that ends the sequence lands on kv_landed, zeroed past the end
+      const bool kv_tail = kTailZero && n0 + kBN > seqlen_k;
+      const cf_u32 kv_bar = kv_tail ? bars.kv_landed() : bars.k_v_full();
       if (t == 0) {  // one lane a side issues its boxes
-        mbar_arrive_expect_tx(bars.k_v_full(), kTileK);
-        tma_load_tile<kBN, kPanels>(smem_addr(q_side ? sK : sV), q_side ? &tm_k : &tm_v, n0, kvh,
-                                    b, bars.k_v_full());
+        mbar_arrive_expect_tx(kv_bar, kTileK);
+        tma_load_tile<kBN, kPanels>(smem_addr(q_side ? sK : sV), q_side ? &tm_k : &tm_v,
+                                    map_k0 + n0, kvh, map_b, kv_bar);
       }
+      if (kv_tail) {
+        mbar_wait(bars.kv_landed(), 0);  // (once a block)
+        zero_rows_past<kBN, kPanels>(q_side ? sK : sV, seqlen_k - n0, t, threads);
+        fence_proxy_async();  // these stores before the tensor cores' reads
+      }
+      if (kTailZero && (kv_tail || t != 0)) mbar_arrive(bars.k_v_full());
 #else
       const elem_t* kv_head = q_side ? k + seq.k_offset(stride_kb, stride_kn) + kvh * stride_kh
                                      : v + seq.k_offset(stride_vb, stride_vn) + kvh * stride_vh;
@@ -571,11 +610,26 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
         }
         // rows past seqlen_q become zeros (Q, dO) and 0 (lse2, delta): harmless
 #if CF_BWD_TMA
+        // packed: the query tile that ends the sequence lands on its stage's q_landed /
+        // do_landed, which lane 0 completes by a plain arrival for the other tiles, so its
+        // phase is the round's (a stage is armed again only after every thread of the side
+        // has arrived on its full barrier, so none can miss a phase)
+        const bool q_tail = kTailZero && m0 + kBM > seqlen_q;
+        const cf_u32 full = q_side ? bars.q_full(st) : bars.do_full(st);
+        const cf_u32 landed = q_side ? bars.q_landed(st) : bars.do_landed(st);
         if (t == 0) {
-          mbar_arrive_expect_tx(q_side ? bars.q_full(st) : bars.do_full(st), kTileQ);
+          mbar_arrive_expect_tx(q_tail ? landed : full, kTileQ);
           tma_load_tile<kBM, kPanels>(smem_addr((q_side ? sQ : sdO) + st * kTileQ),
-                                      q_side ? &tm_q : &tm_do, m0, h, b,
-                                      q_side ? bars.q_full(st) : bars.do_full(st));
+                                      q_side ? &tm_q : &tm_do, map_q0 + m0, h, map_b,
+                                      q_tail ? landed : full);
+          if (kTailZero && !q_tail) mbar_arrive(landed);
+        }
+        if (q_tail) {
+          mbar_wait(landed, round & 1);
+          zero_rows_past<kBM, kPanels>((q_side ? sQ : sdO) + st * kTileQ, seqlen_q - m0, t,
+                                       threads);
+          fence_proxy_async();
+          if (t == 0) mbar_arrive(full);  // the arrival the box would have made
         }
 #else
         const elem_t* rows = q_side ? q + seq.q_offset(stride_qb, stride_qm) + h * stride_qh

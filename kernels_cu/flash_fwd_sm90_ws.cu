@@ -378,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         if (tail) {
           mbar_wait(bars.v_tail(), tails++ & 1);  // the box has landed
           zero_rows_past<CF_BLOCK_N, kPanels>(s_v + stage * kTileKV, max(seqlen_k - row, 0),
-                                              lane);
+                                              lane, 32);
           fence_proxy_async();  // these stores before the tensor cores' reads
           __syncwarp();
           if (issuer) mbar_arrive(bars.v_full(stage));

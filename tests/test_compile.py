@@ -234,15 +234,25 @@ def test_tma_kernels_compile_unserialized_without_spills():
             work.append((paired, "sm_90"))
     assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 64, False)) is None
     assert specs.with_forward_cluster(specs.select_forward(facts, "bfloat16", 128, True)) is None
-    for d in (64, 128):  # packed sequences (a candidate: one map over every row)
+    for d in (64, 128):  # packed sequences (candidates: one map over every row)
         for causal in (False, True):
             for mods in (specs.ModFlags(varlen=True), specs.ModFlags(varlen=True, window=True)):
                 packed = specs.select_forward(facts, "bfloat16", d, causal, mods=mods)
                 work.append((specs.with_forward_tma(packed), "sm_90"))
                 persistent = packed.with_knobs(CF_FWD_PERSISTENT=1)  # uniform lengths
                 work.append((specs.with_forward_tma(persistent), "sm_90"))
-    assert specs.with_backward_tma(specs.select_backward(
-        facts, "bfloat16", 128, False, False, mods=specs.ModFlags(varlen=True))) is None
+                for dtype in ("bfloat16", "float16"):  # the packed backward, atomic dQ
+                    back = specs.with_backward_tma(specs.select_backward(
+                        facts, dtype, d, causal, False, mods=mods))
+                    work.append((back, "sm_90"))
+    for mods in (specs.ModFlags(varlen=True, alibi=True, sinks=True),
+                 specs.ModFlags(varlen=True, softcap=True), specs.ModFlags(varlen=True,
+                                                                           dropout=True)):
+        for causal in (False, True):
+            work.append((specs.with_backward_tma(specs.select_backward(
+                facts, "bfloat16", 64, causal, False, mods=mods)), "sm_90"))
+    assert specs.with_backward_tma(specs.select_backward(  # ordered dQ: not packed
+        facts, "bfloat16", 128, False, True, mods=specs.ModFlags(varlen=True))) is None
     assert sum(spec.kind == "bwd90" for spec, _ in work) >= 30
     assert all(spec is not None and specs.loads_with_tma(spec) for spec, _ in work)
     _assert_compiled_without_spills(work, "TMA")

@@ -1,11 +1,14 @@
-"""The Hopper forward on packed sequences loading with bulk tensor copies (``CF_FWD_TMA=1``
-with ``CF_VARLEN``, a candidate written without a GPU: specs.with_forward_tma, not selected,
-registry.TMA_OFF_WHEN): one map over each array's rows, boxes from each sequence's first row,
-so a box past a sequence's end reads the next sequence's rows, which the mask must keep out.
-Against the float64 varlen reference on test_gpu_varlen's mixed layout (empty sequences,
-queries without keys, seqused_k, several tiles), every modifier, d64 / d128, fp16 / bf16; and
-bit for bit against the dense TMA forward (selected) at equal lengths. Timed by
-``gpu_suite.sh varlen_tma`` (bench/dev/varlen_bench.py --tma).
+"""The Hopper forward and backward on packed sequences loading with bulk tensor copies
+(``CF_FWD_TMA=1`` / ``CF_BWD_TMA=1`` with ``CF_VARLEN``, candidates: specs.with_forward_tma /
+with_backward_tma, not selected, registry.TMA_OFF_WHEN): one map over each array's rows, boxes
+from each sequence's first row, so a box past a sequence's end reads the rows after it, which
+the kernels zero before any product (kTailZero in both). Against the float64 varlen reference
+on test_gpu_varlen's mixed layout (empty sequences, queries without keys, seqused_k, several
+tiles), every modifier, d64 / d128, fp16 / bf16; with NaN and inf in the rows after each
+sequence (test_gpu_varlen.check_isolated); and bit for bit against the dense TMA forward
+(selected) at equal lengths. The forward's tests passed on an H100 before the zeroing (session
+32); the zeroing and the backward have not run on a GPU yet. Timed by ``gpu_suite.sh
+varlen_tma`` (bench/dev/varlen_bench.py --tma).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def _boxed(spec):
     return specs.with_forward_tma(spec) or spec
 
 
+def _boxed_backward(spec):
+    if not spec.mods.varlen:
+        return spec
+    return specs.with_backward_tma(spec) or spec
+
+
 def _module_specs():
     from dataclasses import replace as with_fields
 
@@ -54,7 +63,8 @@ def _module_specs():
             for d in HEAD_DIMS:
                 shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, options.get("causal", False),
                                    flags, 1, 1)
-                out += [_boxed(s) for s in gh.shape_specs(shape, facts, config.Config())]
+                out += [_boxed_backward(_boxed(s))
+                        for s in gh.shape_specs(shape, facts, config.Config())]
     return out
 
 
@@ -67,14 +77,32 @@ def boxed_varlen():
                                             "the TMA forward is a Hopper kernel")
 
 
-def _assert_boxed(case: Case):
-    from cuflash import launch, plan
+@pytest.fixture
+def boxed_varlen_backward(boxed_varlen):
+    """The packed forward and the packed backward (atomic dQ) both boxed."""
+    yield from gh.selector_with_knob("select_backward", _boxed_backward)
+
+
+def _packed_shape(case: Case):
+    from cuflash import plan
 
     flags = replace(plan.mod_flags(case.window, case.softcap, case.alibi, case.sinks or None,
                                    case.causal), varlen=True)
-    shape = plan.Shape(1, 100, 100, case.heads_kv * case.group, case.heads_kv, case.head_dim,
-                       varlen_tests._dtype_name(case), case.causal, flags, 100, 100)
-    spec = launch.forward_plan(shape, 0).kernel.spec
+    return plan.Shape(1, 100, 100, case.heads_kv * case.group, case.heads_kv, case.head_dim,
+                      varlen_tests._dtype_name(case), case.causal, flags, 100, 100)
+
+
+def _assert_boxed(case: Case):
+    from cuflash import launch
+
+    spec = launch.forward_plan(_packed_shape(case), 0).kernel.spec
+    assert specs.loads_with_tma(spec) and spec.mods.varlen, spec.name
+
+
+def _assert_backward_boxed(case: Case):
+    from cuflash import launch
+
+    spec = launch.backward_plan(_packed_shape(case), 0, False).main.spec
     assert specs.loads_with_tma(spec) and spec.mods.varlen, spec.name
 
 
@@ -110,3 +138,33 @@ def test_rows_outside_a_sequence_never_reach_the_boxed_forward(boxed_varlen, hea
                 seed=0)
     _assert_boxed(case)
     varlen_tests.check_isolated(head_dim, causal, f"tma d{head_dim} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("which", ALONE, ids=list(ALONE))
+def test_mixed_layout_boxed_backward_matches_reference(boxed_varlen_backward, which, head_dim,
+                                                        dtype):
+    """The packed backward boxed (atomic dQ): its key tiles and last query tiles run past
+    their sequences, zeroed there before the products."""
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
+                causal=False, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES[dtype],
+                seed=head_dim + len(which) + 1)
+    case = replace(case, **ALONE[which])
+    _assert_boxed(case)
+    _assert_backward_boxed(case)
+    varlen_tests.check_case(case, f"tma bwd {which} d{head_dim} {dtype}",
+                            deterministic_modes=(False,))
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_outside_a_sequence_never_reach_the_boxed_backward(boxed_varlen_backward,
+                                                                head_dim, causal):
+    """check_isolated with both passes boxed: Q and dO rows past a sequence (whose lse2 and
+    delta are 0, unmasked) and K / V rows past it must all be zeros by the products."""
+    case = Case(lengths=varlen_tests.ISOLATION, heads_kv=2, group=2, head_dim=head_dim,
+                causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
+                seed=0)
+    _assert_backward_boxed(case)
+    varlen_tests.check_isolated(head_dim, causal, f"tma bwd d{head_dim} causal={causal}")

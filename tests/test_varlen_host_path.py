@@ -242,3 +242,46 @@ def test_packed_tma_forward_boxes_every_row_from_one_map(device, monkeypatch, na
             ptr, _, d, rows, heads, batch, *_ = _map_words(blob)
             assert (ptr, d, rows, heads, batch) == (x.ctypes.data, x.shape[2], x.shape[0],
                                                     x.shape[1], 1)
+
+
+@pytest.mark.parametrize("name", ["causal", "gqa-seqused"])
+def test_packed_tma_backward_boxes_every_row_from_one_map(device, monkeypatch, name):
+    """The TMA backward on packed sequences (a candidate: specs.with_backward_tma, not
+    selected): its replays carry the direct launches' four maps (q, k, v, dO), each over all
+    of its array's rows (batch 1)."""
+    from cuflash import plan as planning
+    from cuflash import specs
+    from test_tma_host import _map_words
+
+    captured, _ = device
+    plain = specs.select_backward
+    monkeypatch.setattr(specs, "select_backward",
+                        lambda *a, **k: specs.with_backward_tma(plain(*a, **k)) or plain(*a, **k))
+    case = _CASES[name]
+    backend, rng = NumpyBackend(), np.random.default_rng(3)
+    for call in range(2):
+        q, k, v, cu_q, cu_k = _arrays(rng, case["lengths_q"], case["lengths_k"], case["heads"],
+                                      case["heads_kv"])
+        used = (np.diff(cu_k) - 1).clip(0).astype(np.int32) if case["used"] else None
+        layout = varlen_fastpath.Layout(cu_q, cu_k, int(np.diff(cu_q).max()),
+                                        int(np.diff(cu_k).max()), used, case["causal"], None,
+                                        None, None, None, None)
+        o, m, l, fields = varlen_fastpath.forward(backend, q, k, v, layout)
+        do = rng.standard_normal(q.shape).astype(q.dtype)
+        captured.clear()
+        grads = varlen_fastpath.backward(backend, do, q, k, v, o, _stats(m, l, fields), layout,
+                                         False)
+        shape = _shape(check_varlen(q, k, v, cu_q, cu_k, layout.max_q, layout.max_k,
+                                    **layout.checked()))
+        plan = launch.backward_plan(shape, 0, False)
+        assert specs.loads_with_tma(plan.main.spec), plan.main.spec.name
+        pre = next(c for c in captured if c[0] != "memset")
+        workspace = pre[4][4] - planning.backward_workspace(plan).delta
+        assert captured == _direct(q, k, v, layout, (o, m, l), do, grads[:3], workspace), \
+            f"call {call}"
+        launches = [c for c in captured if c[0] != "memset"]
+        main = max(launches, key=lambda c: len(c[4]))  # the dK / dV kernel: the most arguments
+        for blob, x in zip(main[4][-4:], (q, k, v, do)):
+            ptr, _, d, rows, heads, batch, *_ = _map_words(blob)
+            assert (ptr, d, rows, heads, batch) == (x.ctypes.data, x.shape[2], x.shape[0],
+                                                    x.shape[1], 1)

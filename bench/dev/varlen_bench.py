@@ -11,8 +11,9 @@ first, and saw 1.107 at 2 x 8192 where the two kernels' loops are the same lengt
 Both through the public API on torch CUDA tensors (the varlen call never syncs: its offsets
 stay on the device). Then mixed lengths (informational):
 varlen on random lengths vs dense padded to the longest. Prints the specs the plans ran.
-``--tma``: packed sequences' forward loads with bulk tensor copies too (a candidate,
-specs.with_forward_tma; tests/test_gpu_varlen_tma.py checks it first).
+``--tma``: packed sequences' forward and backward (atomic dQ) load with bulk tensor copies too
+(candidates, specs.with_forward_tma / with_backward_tma; tests/test_gpu_varlen_tma.py checks
+them first).
 """
 
 from __future__ import annotations
@@ -127,13 +128,15 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--heads-kv", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tma", action="store_true", help="the packed forward's TMA candidate")
+    ap.add_argument("--tma", action="store_true", help="the packed TMA candidates")
     args = ap.parse_args()
     if args.tma:
         from cuflash import fastpath, specs
 
         boxed = lambda s: (specs.with_forward_tma(s) or s) if s.mods.varlen else s  # noqa
-        with fastpath.selector_patched("select_forward", boxed):
+        boxed_back = lambda s: (specs.with_backward_tma(s) or s) if s.mods.varlen else s  # noqa
+        with fastpath.selector_patched("select_forward", boxed), \
+                fastpath.selector_patched("select_backward", boxed_back):
             return _report(args)
     _report(args)
 
