@@ -246,11 +246,16 @@ for stage in $stages; do
       # against the reference; then step, forward and backward times of no dropout, the
       # selection, the candidates, early with persistent blocks, and 7 Philox rounds (timing
       # only), beside SDPA's flash (bench/dev/dropout_ab.py)
+      # Session 32's candidates first (TMA with dropout, the d64 two-consumer tile:
+      # tests/test_gpu_dropout_candidates.py), then the variants (DROPOUT_AB_VARIANTS, e.g.
+      # none,drop,tma,m128,m128_tma)
       CUFLASH_POISON=1 run_stage drop_early_tests timeout "${DROP_EARLY_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
-        tests/test_gpu_fwd_drop_early.py tests/test_gpu_bwd_drop_fold.py
+        ${DROPOUT_AB_TESTS:-tests/test_gpu_dropout_candidates.py tests/test_gpu_fwd_drop_early.py}
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
-        --rounds "${DROPOUT_AB_ROUNDS:-3}" --out "$OUT/results/dropout_ab.json" ;;
+        --rounds "${DROPOUT_AB_ROUNDS:-3}" \
+        --variants "${DROPOUT_AB_VARIANTS:-none,drop,tma,m128,m128_tma}" \
+        --out "$OUT/results/dropout_ab.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
       # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with
       # and without TMA (candidates, not selected): their float64-reference tests, then

@@ -13,6 +13,14 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
               (CF_BWD_DROP_FOLD=1) where the selection multiplies P and dP by it
   r7          Philox with 7 rounds instead of 10 in forward and backward (CF_PHILOX_ROUNDS=7:
               other masks than cuflash.philox's, so timing only), early forward
+  m128        the d64 forward with dropout on two consumer warpgroups (128 query rows, 12
+              warps, 232 registers each) where the selection takes three (192 rows, 16 warps,
+              160 registers: Philox's state and the kept flags may crowd them; the d64
+              forward ran 2.1x slower with dropout in session 31)
+  m128_early  that, drawing its flags early (CF_FWD_DROP_EARLY=1)
+  tma         forward and backward loading with bulk tensor copies (CF_FWD_TMA=1 /
+              CF_BWD_TMA=1; the plain calls have them, dropout not yet: registry.TMA_OFF_WHEN)
+  m128_tma    m128 and tma together
 Rows: 16k tokens a batch (4 x 4k, 1 x 16k), 16 heads, bf16, causal or not. Before timing,
 ``early`` and ``early_pers`` outputs are compared with ``drop``'s bit for bit. SDPA's flash
 backend with and without dropout is timed beside (cuDNN takes no dropout).
@@ -38,7 +46,37 @@ VARIANTS = {
     "early_pers": ({"CF_FWD_DROP_EARLY": 1, "CF_FWD_PERSISTENT": 1}, {}),
     "fold": ({}, {"CF_BWD_DROP_FOLD": 1}),
     "r7": ({"CF_FWD_DROP_EARLY": 1, "CF_PHILOX_ROUNDS": 7}, {"CF_PHILOX_ROUNDS": 7}),
+    "m128": ({}, {}),
+    "m128_early": ({"CF_FWD_DROP_EARLY": 1}, {}),
+    "tma": ({}, {}),
+    "m128_tma": ({}, {}),
 }
+TWO_CONSUMERS = ("m128", "m128_early", "m128_tma")  # variants that move the forward off 192 rows
+BOXED = ("tma", "m128_tma")  # variants loading with bulk tensor copies
+
+
+def _boxed_forward(spec):
+    from cuflash import specs
+
+    return (specs.with_forward_tma(spec) or spec) if spec.mods.dropout else spec
+
+
+def _boxed_backward(spec):
+    from cuflash import specs
+
+    if not spec.mods.dropout or spec.dq_ordered:
+        return spec
+    return specs.with_backward_tma(spec) or spec
+
+
+def _two_consumers(spec):
+    """A 192-row warp-specialized forward with dropout on 128 rows (12 warps), as
+    flash_fwd_sm90_ws.cu's two-consumer tile (the selection's for d64 causal dropout)."""
+    from dataclasses import replace
+
+    if spec.kind != "fwd90" or not spec.mods.dropout or spec.block_m != 192:
+        return spec
+    return replace(spec, block_m=128, warps=12)
 
 
 def _variant(variant: str) -> contextlib.ExitStack:
@@ -56,6 +94,11 @@ def _variant(variant: str) -> contextlib.ExitStack:
         return knob
 
     stack = contextlib.ExitStack()
+    if variant in TWO_CONSUMERS:  # (entered first: the knobs below apply on top of it)
+        stack.enter_context(fastpath.selector_patched("select_forward", _two_consumers))
+    if variant in BOXED:
+        stack.enter_context(fastpath.selector_patched("select_forward", _boxed_forward))
+        stack.enter_context(fastpath.selector_patched("select_backward", _boxed_backward))
     for name, kind, knobs in zip(("select_forward", "select_backward"), ("fwd90", "bwd90"),
                                  VARIANTS[variant]):
         stack.enter_context(fastpath.selector_patched(name, knob_of(kind, knobs)))
@@ -135,7 +178,7 @@ def main() -> None:
 
     _precompile(rows, variants)
     # outputs of the candidates against the selection's, bit for bit (same flags)
-    for variant in ("drop", "early", "early_pers"):
+    for variant in dict.fromkeys(("drop", "early", "early_pers") + TWO_CONSUMERS + BOXED):
         if variant not in variants:
             continue
         with _variant(variant):
@@ -144,14 +187,18 @@ def main() -> None:
                 data[label + variant] = o.clone()
                 ran = list(plan._forward_plans.values())[-1].kernel.spec.name  # this row's
                 print(f"{variant:10s} {label:18s} {ran}", flush=True)
-    for variant in ("early", "early_pers"):
+    for variant in dict.fromkeys(("early", "early_pers") + TWO_CONSUMERS + BOXED):
         for label, *_ in rows:
             if label + variant in data and label + "drop" in data:
                 same = torch.equal(data[label + variant].view(torch.int16),
                                    data[label + "drop"].view(torch.int16))
                 print(f"{variant} {label}: {'bitwise equal' if same else 'DIFFERS'} to drop",
                       flush=True)
-                if not same:
+                if not same and variant in TWO_CONSUMERS + BOXED:  # candidates: report, go on
+                    diff = (data[label + variant].float() - data[label + "drop"].float())
+                    print(f"{variant} {label}: max |diff| {diff.abs().max().item():.3g}",
+                          flush=True)
+                elif not same:
                     raise SystemExit(f"{variant} {label}: outputs differ from the selection's")
 
     times: dict = {}
