@@ -83,7 +83,10 @@ for stage in $stages; do
         --junitxml="$OUT/results/gpu_$stage.xml" $files ;;
     shard)  # one shard of the GPU suite (SHARD=k/M, default 1/10; tests/conftest.py): the
       # whole suite (6,357 tests on 2026-12-06) took more than a session's device time, in
-      # turns of 10 it fits a call each; over 12 processes, a file's tests in one of them
+      # turns of 10 it fits a call each; over 12 processes, a file's tests in one of them,
+      # one BLAS thread each (12 x the cores' worth of threads on the float64 references
+      # oversubscribes 16 cores: 12 workers ran only 2.4x one in session 32)
+      OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
       CUFLASH_TEST_SHARD=${SHARD:-1/10} CUFLASH_POISON=1 run_stage "shard" \
         timeout "${SUITE_TIME_BUDGET:-540}" $PY -m pytest -m gpu -q -rfEs --maxfail=10 \
         -p no:cacheprovider ${PYTEST_XDIST:--n 12 --dist loadfile} \
