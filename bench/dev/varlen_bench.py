@@ -5,9 +5,14 @@
 
 Per row: the dense call on (batch, seqlen, heads, head_dim) and the varlen call on the same
 sequences packed (cu_seqlens = 0, seqlen, 2 seqlen, ...), forward and backward median
-milliseconds (CUDA events, 3 warmups, 10 timed calls a round; the median of the rounds, the
-two alternating) and varlen / dense (target <= 1.05). Session 27 timed each once, dense
-first, and saw 1.107 at 2 x 8192 where the two kernels' loops are the same length in SASS.
+milliseconds (CUDA events around calls enqueued back to back behind a sleep kernel, so the
+host keeps ahead as in training: devtools.time_ms, 10 timed calls a round; the median of the
+rounds, the two alternating) and varlen / dense (target <= 1.05). Session 27 timed each once,
+dense first, and saw 1.107 at 2 x 8192 where the two kernels' loops are the same length in
+SASS. Until session 32 each call was timed alone on an idle GPU (a sync after each), which
+counted the host's time before the launch as well: the varlen call's host path is longer,
+so its ratio came out high at short kernels (32 x 512). ``--idle`` times that way still
+(latency on an idle GPU).
 Both through the public API on torch CUDA tensors (the varlen call never syncs: its offsets
 stay on the device). Then mixed lengths (informational):
 varlen on random lengths vs dense padded to the longest. Prints the specs the plans ran.
@@ -23,9 +28,20 @@ import argparse
 import numpy as np
 
 
+IDLE = False  # --idle: each call alone on an idle GPU, its host time included
+
+
 def _time(fn, warmup: int = 3, reps: int = 10) -> float:
     import torch
 
+    if not IDLE:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from devtools import time_ms
+
+        return time_ms(fn, reps=reps, warmup=warmup)
     for _ in range(warmup):
         fn()
     times = []
@@ -129,7 +145,11 @@ def main() -> None:
     ap.add_argument("--heads-kv", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tma", action="store_true", help="the packed TMA candidates")
+    ap.add_argument("--idle", action="store_true",
+                    help="time each call alone on an idle GPU (host time included)")
     args = ap.parse_args()
+    global IDLE
+    IDLE = args.idle
     if args.tma:
         from cuflash import fastpath, specs
 
