@@ -491,7 +491,16 @@ for stage in $stages; do
       CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-330}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_varlen_tma.py
-      run_stage varlen_tma $PY bench/dev/varlen_bench.py --tma ;;
+      run_stage varlen_tma $PY bench/dev/varlen_bench.py --tma
+      # their zeroed tails under the sanitizer (compiled outside it first)
+      run_stage varlen_tma_warm $PY bench/sanitize.py --warm --boxed-varlen --kinds varlen \
+        --dtypes bfloat16
+      run_stage varlen_tma_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+        --tool memcheck --error-exitcode 1 $PY bench/sanitize.py --boxed-varlen \
+        --kinds varlen --dtypes bfloat16
+      TAIL_LINES=12 run_stage varlen_tma_racecheck timeout "${SANITIZE_TIME:-150}" \
+        compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY \
+        bench/sanitize.py --boxed-varlen --kinds varlen --dtypes bfloat16 ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API
       CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \

@@ -72,6 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default=None,
                    help="comma-separated case kinds to run (dense, modifiers, varlen, sparse, "
                         "decode; default: all)")
+    p.add_argument("--boxed-varlen", action="store_true",
+                   help="packed sequences' forward and backward loading with bulk tensor "
+                        "copies (candidates, specs.with_forward_tma / with_backward_tma): "
+                        "their zeroed tails under the sanitizer (with --kinds varlen)")
     p.add_argument("--smem-kib", type=int, default=None,
                    help="plan tiles for this shared-memory budget in KiB (default: the device's)")
     return p.parse_args(argv)
@@ -390,6 +394,17 @@ def main(argv=None) -> int:
     print(f"cuflash sanitize run on {name}: batch {SHAPE['batch']}, (seqlen_q, seqlen_k) "
           f"{seqlens(False)}, causal {seqlens(True)}, heads {SHAPE['heads']}/"
           f"{SHAPE['heads_kv']}, smem budget {args.smem_kib or 'device'}", flush=True)
+    if args.boxed_varlen:
+        import contextlib
+
+        from cuflash import fastpath
+
+        stack = contextlib.ExitStack()
+        for name, box in (("select_forward", specs.with_forward_tma),
+                          ("select_backward", specs.with_backward_tma)):
+            knob = (lambda box: lambda spec: (box(spec) or spec) if spec.mods.varlen
+                    else spec)(box)
+            stack.enter_context(fastpath.selector_patched(name, knob))
     if args.warm:
         return warm(args)
     failed = 0
