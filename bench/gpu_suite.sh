@@ -89,7 +89,7 @@ for stage in $stages; do
       OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
       CUFLASH_TEST_SHARD=${SHARD:-1/10} CUFLASH_POISON=1 run_stage "shard" \
         timeout "${SUITE_TIME_BUDGET:-540}" $PY -m pytest -m gpu -q -rfEs --maxfail=10 \
-        -p no:cacheprovider ${PYTEST_XDIST:--n 12 --dist loadfile} \
+        -p no:cacheprovider --durations=25 ${PYTEST_XDIST:--n 12 --dist loadfile} \
         --junitxml="$OUT/results/gpu_shard.xml" tests ;;
     sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
       run_stage sanitize_warm $PY bench/sanitize.py --warm  # compiled in parallel, not under
