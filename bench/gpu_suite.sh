@@ -38,6 +38,12 @@ export CUFLASH_FAILURE_LOG=${CUFLASH_FAILURE_LOG:-$OUT/logs/failed_tests.txt}
 # and each test phase of a second or more (setup: a module's compile ahead): where the time went
 export CUFLASH_DURATION_LOG=${CUFLASH_DURATION_LOG:-$OUT/logs/test_durations.txt}
 PY=${PYTHON:-python3}
+# kernels built ahead on the CPU machine (bench/dev/cubin_pack.py, carried as .cubin_cache):
+# the runtime's own cache, so a hit skips NVRTC and a miss compiles as ever
+if [ -d "$PWD/.cubin_cache" ] && [ -z "${CUPY_CACHE_DIR:-}" ]; then
+  export CUPY_CACHE_DIR=$PWD/.cubin_cache
+  echo "cubin cache: $CUPY_CACHE_DIR ($(ls "$CUPY_CACHE_DIR" | grep -c '\.cubin$') cubins)"
+fi
 stages=${*:-info check tests sanitize bench workloads}
 summary=$OUT/summary.txt
 : >"$summary"

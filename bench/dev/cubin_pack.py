@@ -1,0 +1,117 @@
+"""Build kernels on this machine into a cubin cache to carry to the GPU machine, so its test
+calls spend their minutes on tests instead of NVRTC (session 30: most of a GPU test file's
+time was compiling; the whole suite no longer fits a session's device time).
+
+    CUPY_CACHE_DIR=$PWD/.cubin_cache python bench/dev/cubin_pack.py \
+        [--tests tests/test_gpu_varlen_tma.py ...] [--selection] [--budget-mib 60] [-j 2]
+
+then on the device, in the same call as the tests: `export CUPY_CACHE_DIR=$PWD/.cubin_cache`
+(bench/gpu_suite.sh does when the folder is there) with `carry: [".cubin_cache"]`.
+
+What it builds: every spec the named GPU test modules compile ahead (their `_module_specs`,
+planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), then with
+`--selection` every spec the selector can pick on sm_90 (`cuflash.aot.compile_work`, what
+`python -m cuflash compile` builds), until the folder reaches `--budget-mib` (the device
+tool carries 64 MiB in all). Each through `compiler._nvrtc_cubin`, the runtime's own cache
+path and key, so the device reads them as its own entries.
+
+The key includes NVRTC's version and the kernel sources' hash: build with the device's NVRTC
+(the image's is 13.0: `python -m cuflash info` there; here
+`pip install nvidia-cuda-nvrtc==13.0.88` in a separate venv), and rebuild after any kernel
+change. A miss only costs the compile it would have cost anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+H100 = dict(name="NVIDIA H100 80GB HBM3", arch="sm_90", sm_count=132, smem_optin=232448)
+
+
+def module_specs(test_files: list[str]) -> list:
+    """The specs each test module compiles ahead, planned as on an H100 / H200."""
+    from cuflash import launch, specs
+
+    facts = specs.DeviceFacts(**H100)
+    launch.device_facts = lambda device_id=0: facts  # no GPU here: the planner asks for one
+    sys.path.insert(0, str(ROOT / "tests"))
+    out = []
+    for path in test_files:
+        module = importlib.import_module(Path(path).stem)
+        build = getattr(module, "_module_specs", None)
+        if build is None:
+            print(f"{path}: no _module_specs (compiles at first use)", flush=True)
+            continue
+        found = [s for s in build() if s is not None]
+        print(f"{path}: {len(found)} specs", flush=True)
+        out += found
+    return out
+
+
+def selection_specs() -> list:
+    from cuflash import aot
+
+    work = aot.compile_work(["sm_90"], all_budgets=False)
+    for flag in ("varlen", "block_sparse", "dropout"):
+        work += aot.compile_work(["sm_90"], all_budgets=False, **{flag: True})
+    return [spec for spec, _ in work]
+
+
+def build_one(spec) -> tuple[str, int, str]:
+    from cuflash import compiler, specs
+
+    try:
+        cubin = compiler._nvrtc_cubin(spec, specs.compile_arch(spec, "sm_90"))
+        return spec.name, len(cubin), ""
+    except Exception as exc:  # a spec that does not compile is the tests' to report
+        return spec.name, 0, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def folder_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.glob("*.cubin")) / 2 ** 20
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tests", nargs="*", default=[], help="GPU test modules")
+    ap.add_argument("--selection", action="store_true", help="every spec the selector picks")
+    ap.add_argument("--budget-mib", type=float, default=60.0)
+    ap.add_argument("-j", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    if "CUPY_CACHE_DIR" not in os.environ:
+        raise SystemExit("CUPY_CACHE_DIR: expected the folder to build into (e.g. .cubin_cache)")
+    folder = Path(os.environ["CUPY_CACHE_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    from cupy_backends.cuda.libs import nvrtc
+
+    print(f"NVRTC {nvrtc.getVersion()} into {folder}", flush=True)
+    todo = module_specs(args.tests) + (selection_specs() if args.selection else [])
+    unique = list({spec.name: spec for spec in todo}.values())
+    print(f"{len(unique)} specs to build", flush=True)
+    built = failed = 0
+    with ProcessPoolExecutor(args.j) as pool:
+        step = 4 * args.j  # in batches, so the budget is checked as the folder grows
+        for start in range(0, len(unique), step):
+            if folder_mib(folder) >= args.budget_mib:
+                print(f"budget of {args.budget_mib} MiB reached: {len(unique) - start} specs "
+                      f"left to the device", flush=True)
+                break
+            for name, size, error in pool.map(build_one, unique[start:start + step]):
+                built += not error
+                failed += bool(error)
+                if error:
+                    print(f"  {name}: {error}", flush=True)
+            print(f"{min(start + step, len(unique))}/{len(unique)}, "
+                  f"{folder_mib(folder):.1f} MiB", flush=True)
+    print(f"built {built}, failed {failed}; {folder_mib(folder):.1f} MiB in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
