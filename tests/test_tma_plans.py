@@ -83,3 +83,45 @@ def test_packed_tma_tests_plan_a_tma_kernel():
                         head_dim=head_dim, causal=False, scale=0.1,
                         dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
                     varlen_tma._assert_boxed(replace(case, **options))
+
+
+def test_packed_tma_backward_tests_plan_tma_kernels():
+    """test_gpu_varlen_tma.py's backward and isolation tests: both passes boxed."""
+    import test_gpu_varlen_tma as varlen_tma
+    from dataclasses import replace
+
+    with fastpath.selector_patched("select_forward", varlen_tma._boxed), \
+            fastpath.selector_patched("select_backward", varlen_tma._boxed_backward):
+        for head_dim in varlen_tma.HEAD_DIMS:
+            for dtype in ("float16", "bfloat16"):
+                case = varlen_tma.Case(
+                    lengths=varlen_tma.varlen_tests.LAYOUT, heads_kv=2, group=3,
+                    head_dim=head_dim, causal=False, scale=0.1,
+                    dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
+                for options in varlen_tma.ALONE.values():
+                    varlen_tma._assert_boxed(replace(case, **options))
+                    varlen_tma._assert_backward_boxed(replace(case, **options))
+            for causal in (False, True):
+                iso = replace(case, lengths=varlen_tma.varlen_tests.ISOLATION, causal=causal)
+                varlen_tma._assert_backward_boxed(iso)
+
+
+def test_dropout_candidate_tests_plan_their_kernels():
+    """test_gpu_dropout_candidates.py: under its fixtures every case plans the candidate it
+    asserts (a boxed forward, a boxed warp-specialized backward; two consumers at d64)."""
+    import test_gpu_dropout_candidates as drop
+
+    from cuflash.registry import bwd90_warp_specialized
+
+    with fastpath.selector_patched("select_forward", drop._boxed_forward), \
+            fastpath.selector_patched("select_backward", drop._boxed_backward):
+        for case in drop.CASES:
+            for head_dim in drop.HEAD_DIMS:
+                forward, backward = drop._picked(case, "bfloat16", head_dim)
+                assert specs.loads_with_tma(forward), forward.name
+                assert not bwd90_warp_specialized(backward) or \
+                    specs.loads_with_tma(backward), backward.name
+    with fastpath.selector_patched("select_forward", drop._two_consumers):
+        for case in drop.CASES:
+            forward, _ = drop._picked(case, "bfloat16", 64)
+            assert (forward.block_m, forward.warps) == (128, 12), forward.name
