@@ -208,6 +208,28 @@ def planned_specs(facts, cfg, dtype: str, head_dim: int, causal: bool, *, forwar
                        backward=backward)
 
 
+def hopper_specs(calls, head_dims, knobs=(lambda spec: spec,),
+                 dtypes=("float16", "bfloat16")) -> list:
+    """The specs a Hopper-only test module's calls plan, for its module fixture to compile
+    ahead: for each (causal, ModFlags) of ``calls``, dtype and head_dim, every spec
+    ``shape_specs`` gives, through each of ``knobs`` (the candidates its fixtures patch in).
+    None off Hopper, where the module's tests skip."""
+    from cuflash import config
+    from cuflash import launch as device
+
+    facts = device.device_facts(0)
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for causal, flags in calls:
+        for dtype in dtypes:
+            for head_dim in head_dims:  # (the last two: rows of packed sequences)
+                shape = planning.Shape(1, 1, 1, 1, 1, head_dim, dtype, causal, flags, 1, 1)
+                for spec in shape_specs(shape, facts, config.Config()):
+                    out += [knob(spec) for knob in knobs]
+    return out
+
+
 def shape_specs(shape: planning.Shape, facts, cfg, *, forward: bool = True,
                 backward: tuple[bool, ...] = (False, True)) -> list:
     """``planned_specs`` for a given ``planning.Shape`` (score modifiers, varlen)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from cuflash import config, plan, specs
+from cuflash import specs
 from cuflash.registry import bwd90_warp_specialized
 
 try:
@@ -35,19 +35,8 @@ def _folded(spec):
 
 
 def _module_specs():
-    from cuflash import launch
-
-    facts = launch.device_facts(0)
-    if facts.arch != "sm_90":
-        return []
-    out = []
-    for case in CASES:
-        flags = dropout_tests.mod_flags(case)
-        for dtype in ("float16", "bfloat16"):
-            for d in HEAD_DIMS:
-                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], flags)
-                out += [_folded(s) for s in gh.shape_specs(shape, facts, config.Config())]
-    return out
+    calls = [(case[1], dropout_tests.mod_flags(case)) for case in CASES]
+    return gh.hopper_specs(calls, HEAD_DIMS, (_folded,))
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)

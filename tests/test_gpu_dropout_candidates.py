@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import pytest
 
-from cuflash import config, plan, specs
+from cuflash import specs
 from cuflash.registry import bwd90_warp_specialized
 
 try:
@@ -56,20 +56,9 @@ def _two_consumers(spec):
 
 
 def _module_specs():
-    from cuflash import launch
-
-    facts = launch.device_facts(0)
-    if facts.arch != "sm_90":
-        return []
-    out = []
-    for case in CASES:
-        flags = dropout_tests.mod_flags(case)
-        for dtype in ("float16", "bfloat16"):
-            for d in HEAD_DIMS:
-                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], flags)
-                for s in gh.shape_specs(shape, facts, config.Config()):
-                    out += [_boxed_backward(_boxed_forward(s)), _two_consumers(s)]
-    return out
+    calls = [(case[1], dropout_tests.mod_flags(case)) for case in CASES]
+    return gh.hopper_specs(calls, HEAD_DIMS, (lambda s: _boxed_backward(_boxed_forward(s)),
+                                              _two_consumers))
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)

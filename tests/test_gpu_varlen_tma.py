@@ -46,26 +46,14 @@ def _boxed_backward(spec):
 
 
 def _module_specs():
-    from dataclasses import replace as with_fields
+    from cuflash import plan
 
-    from cuflash import config, launch, plan
-
-    facts = launch.device_facts(0)
-    if facts.arch != "sm_90":
-        return []
-    out = []
-    for options in ALONE.values():
-        flags = plan.mod_flags(options.get("window"), options.get("softcap"),
-                               options.get("alibi"), options.get("sinks") or None,
-                               options.get("causal", False))
-        flags = with_fields(flags, varlen=True)
-        for dtype in ("float16", "bfloat16"):
-            for d in HEAD_DIMS:
-                shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, options.get("causal", False),
-                                   flags, 1, 1)
-                out += [_boxed_backward(_boxed(s))
-                        for s in gh.shape_specs(shape, facts, config.Config())]
-    return out
+    calls = [(options.get("causal", False),
+              replace(plan.mod_flags(options.get("window"), options.get("softcap"),
+                                     options.get("alibi"), options.get("sinks") or None,
+                                     options.get("causal", False)), varlen=True))
+             for options in ALONE.values()]
+    return gh.hopper_specs(calls, HEAD_DIMS, (lambda s: _boxed_backward(_boxed(s)),))
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)

@@ -69,6 +69,15 @@ def test_cluster_tests_plan_pairs(head_dim):
                 tma_tests._assert_paired(case, seqlen_q, seqlen_k, head_dim)
 
 
+def _packed_case(head_dim: int, dtype: str):
+    """test_gpu_varlen_tma's mixed layout (its tests' shapes plan as this one does)."""
+    import test_gpu_varlen_tma as varlen_tma
+
+    return varlen_tma.Case(lengths=varlen_tma.varlen_tests.LAYOUT, heads_kv=2, group=3,
+                           head_dim=head_dim, causal=False, scale=0.1,
+                           dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
+
+
 def test_packed_tma_tests_plan_a_tma_kernel():
     """tests/test_gpu_varlen_tma.py's plan assertion, for each of its cases."""
     import test_gpu_varlen_tma as varlen_tma
@@ -78,11 +87,7 @@ def test_packed_tma_tests_plan_a_tma_kernel():
         for which, options in varlen_tma.ALONE.items():
             for head_dim in varlen_tma.HEAD_DIMS:
                 for dtype in ("float16", "bfloat16"):
-                    case = varlen_tma.Case(
-                        lengths=varlen_tma.varlen_tests.LAYOUT, heads_kv=2, group=3,
-                        head_dim=head_dim, causal=False, scale=0.1,
-                        dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
-                    varlen_tma._assert_boxed(replace(case, **options))
+                    varlen_tma._assert_boxed(replace(_packed_case(head_dim, dtype), **options))
 
 
 def test_packed_tma_backward_tests_plan_tma_kernels():
@@ -94,10 +99,7 @@ def test_packed_tma_backward_tests_plan_tma_kernels():
             fastpath.selector_patched("select_backward", varlen_tma._boxed_backward):
         for head_dim in varlen_tma.HEAD_DIMS:
             for dtype in ("float16", "bfloat16"):
-                case = varlen_tma.Case(
-                    lengths=varlen_tma.varlen_tests.LAYOUT, heads_kv=2, group=3,
-                    head_dim=head_dim, causal=False, scale=0.1,
-                    dtype=varlen_tma.varlen_tests.DTYPES[dtype], seed=0)
+                case = _packed_case(head_dim, dtype)
                 for options in varlen_tma.ALONE.values():
                     varlen_tma._assert_boxed(replace(case, **options))
                     varlen_tma._assert_backward_boxed(replace(case, **options))

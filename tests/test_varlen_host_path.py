@@ -212,6 +212,17 @@ def test_a_pair_is_left_to_the_general_path_with_the_switch_off(device, monkeypa
     assert not varlen_fastpath._calls
 
 
+def _plain_layout(rng, case: dict):
+    """(q, k, v, layout) of a _CASES entry without its score modifiers."""
+    q, k, v, cu_q, cu_k = _arrays(rng, case["lengths_q"], case["lengths_k"], case["heads"],
+                                  case["heads_kv"])
+    used = (np.diff(cu_k) - 1).clip(0).astype(np.int32) if case["used"] else None
+    layout = varlen_fastpath.Layout(cu_q, cu_k, int(np.diff(cu_q).max()),
+                                    int(np.diff(cu_k).max()), used, case["causal"], None, None,
+                                    None, None, None)
+    return q, k, v, layout
+
+
 @pytest.mark.parametrize("name", ["causal", "gqa-seqused"])
 def test_packed_tma_forward_boxes_every_row_from_one_map(device, monkeypatch, name):
     """The TMA forward on packed sequences (a candidate: specs.with_forward_tma, not
@@ -225,15 +236,9 @@ def test_packed_tma_forward_boxes_every_row_from_one_map(device, monkeypatch, na
     plain = specs.select_forward
     monkeypatch.setattr(specs, "select_forward",
                         lambda *a, **k: specs.with_forward_tma(plain(*a, **k)) or plain(*a, **k))
-    case = _CASES[name]
     backend, rng = NumpyBackend(), np.random.default_rng(2)
     for call in range(2):
-        q, k, v, cu_q, cu_k = _arrays(rng, case["lengths_q"], case["lengths_k"], case["heads"],
-                                      case["heads_kv"])
-        used = (np.diff(cu_k) - 1).clip(0).astype(np.int32) if case["used"] else None
-        layout = varlen_fastpath.Layout(cu_q, cu_k, int(np.diff(cu_q).max()),
-                                        int(np.diff(cu_k).max()), used, case["causal"], None,
-                                        None, None, None, None)
+        q, k, v, layout = _plain_layout(rng, _CASES[name])
         captured.clear()
         o, m, l, _ = varlen_fastpath.forward(backend, q, k, v, layout)
         assert captured == _direct(q, k, v, layout, (o, m, l)), f"call {call}"
@@ -257,15 +262,10 @@ def test_packed_tma_backward_boxes_every_row_from_one_map(device, monkeypatch, n
     plain = specs.select_backward
     monkeypatch.setattr(specs, "select_backward",
                         lambda *a, **k: specs.with_backward_tma(plain(*a, **k)) or plain(*a, **k))
-    case = _CASES[name]
     backend, rng = NumpyBackend(), np.random.default_rng(3)
     for call in range(2):
-        q, k, v, cu_q, cu_k = _arrays(rng, case["lengths_q"], case["lengths_k"], case["heads"],
-                                      case["heads_kv"])
-        used = (np.diff(cu_k) - 1).clip(0).astype(np.int32) if case["used"] else None
-        layout = varlen_fastpath.Layout(cu_q, cu_k, int(np.diff(cu_q).max()),
-                                        int(np.diff(cu_k).max()), used, case["causal"], None,
-                                        None, None, None, None)
+        q, k, v, layout = _plain_layout(rng, _CASES[name])
+        cu_q, cu_k = layout.cu_q, layout.cu_k
         o, m, l, fields = varlen_fastpath.forward(backend, q, k, v, layout)
         do = rng.standard_normal(q.shape).astype(q.dtype)
         captured.clear()
