@@ -4,9 +4,9 @@ Tests marked ``@pytest.mark.gpu`` need a CUDA GPU through CuPy; they are skipped
 reason) when CuPy is missing or sees no device, so the whole suite runs on CPU-only CI.
 The hypothesis profile ``ci`` (no deadline: first calls compile kernels or import frameworks)
 is loaded unless HYPOTHESIS_PROFILE names another. CUFLASH_TEST_SHARD="k/M" keeps the k-th of M
-shards (1 <= k <= M) of the collected tests, by a hash of each test's id: the GPU suite has
-outgrown one session's device time, and shards let sessions take it in turns
-(bench/gpu_suite.sh shard).
+shards (1 <= k <= M) of the collected tests (``shard_of_each``: whole files where they fit):
+the GPU suite has outgrown one session's device time, and shards let sessions take it in
+turns (bench/gpu_suite.sh shard).
 """
 
 from __future__ import annotations
@@ -54,19 +54,39 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, m
 
 
-def in_shard(nodeid: str, k: int, m: int) -> bool:
-    """Whether test ``nodeid`` falls in shard k of m (a stable hash: the same on every
-    machine and Python, unlike hash())."""
-    return zlib.crc32(nodeid.encode()) % m == k - 1
+def shard_of_each(nodeids: list[str], m: int) -> list[int]:
+    """The shard (1..m) of each test id: whole files where they fit, so a shard compiles a
+    module's kernels ahead only where it runs that module (gpu_helpers.module_setup
+    compiles all of them). Files go largest first to the least loaded shard; a file larger
+    than a shard's share is dealt out test by test (a stable crc32 of the id). The same ids
+    give the same shards on every machine."""
+    by_file: dict[str, list[int]] = {}
+    for i, nodeid in enumerate(nodeids):
+        by_file.setdefault(nodeid.split("::")[0], []).append(i)
+    share = len(nodeids) / m
+    load, out = [0] * m, [0] * len(nodeids)
+    for path in sorted(by_file, key=lambda f: (-len(by_file[f]), f)):
+        members = by_file[path]
+        if len(members) > share:
+            for i in members:
+                out[i] = zlib.crc32(nodeids[i].encode()) % m + 1
+                load[out[i] - 1] += 1
+            continue
+        target = min(range(m), key=lambda j: (load[j], j))
+        load[target] += len(members)
+        for i in members:
+            out[i] = target + 1
+    return out
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: shards of what would run
 def pytest_collection_modifyitems(config, items):
     shard = os.environ.get("CUFLASH_TEST_SHARD")
     if shard:
         k, m = parse_shard(shard)
-        dropped = [item for item in items if not in_shard(item.nodeid, k, m)]
-        items[:] = [item for item in items if in_shard(item.nodeid, k, m)]
-        config.hook.pytest_deselected(items=dropped)
+        shards = shard_of_each([item.nodeid for item in items], m)
+        config.hook.pytest_deselected(items=[x for x, j in zip(items, shards) if j != k])
+        items[:] = [x for x, j in zip(items, shards) if j == k]
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
