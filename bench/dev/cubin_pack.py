@@ -3,12 +3,14 @@ calls spend their minutes on tests instead of NVRTC (session 30: most of a GPU t
 time was compiling; the whole suite no longer fits a session's device time).
 
     CUPY_CACHE_DIR=$PWD/.cubin_cache python bench/dev/cubin_pack.py \
-        [--tests tests/test_gpu_varlen_tma.py ...] [--selection] [--budget-mib 60] [-j 2]
+        [--tests tests/test_gpu_varlen_tma.py ...] [--shard 1/10] [--selection]
+        [--budget-mib 60] [-j 2]
 
 then on the device, in the same call as the tests: `export CUPY_CACHE_DIR=$PWD/.cubin_cache`
 (bench/gpu_suite.sh does when the folder is there) with `carry: [".cubin_cache"]`.
 
-What it builds: every spec the named GPU test modules compile ahead (their `_module_specs`,
+What it builds: every spec the named GPU test modules (and with `--shard`, those of the GPU
+test shard's files, tests/conftest.py) compile ahead (their `_module_specs`,
 planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), then with
 `--selection` every spec the selector can pick on sm_90 (`cuflash.aot.compile_work`, what
 `python -m cuflash compile` builds), until the folder reaches `--budget-mib` (the device
@@ -54,6 +56,18 @@ def module_specs(test_files: list[str]) -> list:
     return out
 
 
+def shard_files(shard: str) -> list[str]:
+    """The test files of GPU test shard ``shard`` ("k/M"), by pytest's own collection."""
+    import subprocess
+
+    listing = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q",
+         "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "CUFLASH_TEST_SHARD": shard}).stdout
+    return list(dict.fromkeys(line.split("::")[0] for line in listing.splitlines()
+                              if "::" in line))
+
+
 def selection_specs() -> list:
     from cuflash import aot
 
@@ -80,6 +94,7 @@ def folder_mib(folder: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tests", nargs="*", default=[], help="GPU test modules")
+    ap.add_argument("--shard", default=None, help="a GPU test shard's files too (k/M)")
     ap.add_argument("--selection", action="store_true", help="every spec the selector picks")
     ap.add_argument("--budget-mib", type=float, default=60.0)
     ap.add_argument("-j", type=int, default=os.cpu_count() or 1)
@@ -91,7 +106,9 @@ def main() -> int:
     from cupy_backends.cuda.libs import nvrtc
 
     print(f"NVRTC {nvrtc.getVersion()} into {folder}", flush=True)
-    todo = module_specs(args.tests) + (selection_specs() if args.selection else [])
+    files = args.tests + (shard_files(args.shard) if args.shard else [])
+    todo = module_specs(list(dict.fromkeys(files))) + (selection_specs() if args.selection
+                                                       else [])
     unique = list({spec.name: spec for spec in todo}.values())
     print(f"{len(unique)} specs to build", flush=True)
     built = failed = 0
