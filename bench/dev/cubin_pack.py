@@ -4,7 +4,7 @@ time was compiling; the whole suite no longer fits a session's device time).
 
     CUPY_CACHE_DIR=$PWD/.cubin_cache python bench/dev/cubin_pack.py \
         [--tests tests/test_gpu_varlen_tma.py ...] [--shard 1/10] [--selection]
-        [--budget-mib 60] [-j 2]
+        [--budget-mib 48] [-j 2]
 
 then on the device, in the same call as the tests: `export CUPY_CACHE_DIR=$PWD/.cubin_cache`
 (bench/gpu_suite.sh does when the folder is there) with `carry: [".cubin_cache"]`.
@@ -14,7 +14,8 @@ test shard's files, tests/conftest.py) compile ahead (their `_module_specs`,
 planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), then with
 `--selection` every spec the selector can pick on sm_90 (`cuflash.aot.compile_work`, what
 `python -m cuflash compile` builds), until the folder reaches `--budget-mib` (the device
-tool carries 64 MiB in all). Each through `compiler._nvrtc_cubin`, the runtime's own cache
+tool sends 64 MiB in all, the tracked tree included: 11 MiB on 2026-12-06; about 60 KB a
+cubin). Each through `compiler._nvrtc_cubin`, the runtime's own cache
 path and key, so the device reads them as its own entries.
 
 The key includes NVRTC's version and the kernel sources' hash: build with the device's NVRTC
@@ -96,7 +97,7 @@ def main() -> int:
     ap.add_argument("--tests", nargs="*", default=[], help="GPU test modules")
     ap.add_argument("--shard", default=None, help="a GPU test shard's files too (k/M)")
     ap.add_argument("--selection", action="store_true", help="every spec the selector picks")
-    ap.add_argument("--budget-mib", type=float, default=60.0)
+    ap.add_argument("--budget-mib", type=float, default=48.0)
     ap.add_argument("-j", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     if "CUPY_CACHE_DIR" not in os.environ:
