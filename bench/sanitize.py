@@ -400,11 +400,8 @@ def main(argv=None) -> int:
         from cuflash import fastpath
 
         stack = contextlib.ExitStack()
-        for name, box in (("select_forward", specs.with_forward_tma),
-                          ("select_backward", specs.with_backward_tma)):
-            knob = (lambda box: lambda spec: (box(spec) or spec) if spec.mods.varlen
-                    else spec)(box)
-            stack.enter_context(fastpath.selector_patched(name, knob))
+        for name in ("select_forward", "select_backward"):
+            stack.enter_context(fastpath.selector_patched(name, specs.boxed_where("varlen")))
     if args.warm:
         return warm(args)
     failed = 0

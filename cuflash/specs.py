@@ -425,6 +425,29 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     return spec.with_knobs(CF_BWD_TMA=1)
 
 
+def boxed_where(flag: str):
+    """A candidate's selector knob (for ``fastpath.selector_patched``, tests and GPU stages):
+    each spec with ModFlags ``flag`` on loading with bulk tensor copies, the forward through
+    ``with_forward_tma``, the backward with atomic dQ through ``with_backward_tma``; every
+    other spec unchanged. For modifiers registry.TMA_OFF_WHEN keeps off until measured."""
+    def knob(spec: KernelSpec) -> KernelSpec:
+        if not getattr(spec.mods, flag):
+            return spec
+        if spec.kind == "fwd90":
+            return with_forward_tma(spec) or spec
+        return spec if spec.dq_ordered else (with_backward_tma(spec) or spec)
+    return knob
+
+
+def with_dropout_on_two_consumers(spec: KernelSpec) -> KernelSpec:
+    """A candidate: the 192-row warp-specialized forward with dropout on 128 query rows and
+    two consumer warpgroups (12 warps, 232 registers each where three get 160: Philox's state
+    and the kept flags may crowd 160); every other spec unchanged."""
+    if spec.kind != "fwd90" or not spec.mods.dropout or spec.block_m != 192:
+        return spec
+    return replace(spec, block_m=128, warps=12)
+
+
 def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
     """The head_dim 192 / 256 backward ``spec`` on flash_bwd_sm90_hsplit.cu's tiles
     (registry.BWD90_HSPLIT: 64 queries x 96 keys on three warpgroups at 192, x 80 on two at

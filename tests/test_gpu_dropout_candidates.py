@@ -16,7 +16,6 @@ mask), d64 / d128, fp16 / bf16. Timed by bench/dev/dropout_ab.py (variants tma, 
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 
@@ -35,30 +34,12 @@ pytestmark = pytest.mark.gpu
 HEAD_DIMS = (64, 128)
 CASES = dropout_tests.CASES
 LENGTHS = [(389, 389), (300, 777), (777, 260)]
-
-
-def _boxed_forward(spec):
-    if not spec.mods.dropout:
-        return spec
-    return specs.with_forward_tma(spec) or spec
-
-
-def _boxed_backward(spec):
-    if not (spec.mods.dropout and bwd90_warp_specialized(spec)) or spec.dq_ordered:
-        return spec
-    return specs.with_backward_tma(spec) or spec
-
-
-def _two_consumers(spec):
-    if spec.kind != "fwd90" or not spec.mods.dropout or spec.block_m != 192:
-        return spec
-    return replace(spec, block_m=128, warps=12)
+BOXED = specs.boxed_where("dropout")  # forward and backward (atomic dQ) with bulk copies
 
 
 def _module_specs():
     calls = [(case[1], dropout_tests.mod_flags(case)) for case in CASES]
-    return gh.hopper_specs(calls, HEAD_DIMS, (lambda s: _boxed_backward(_boxed_forward(s)),
-                                              _two_consumers))
+    return gh.hopper_specs(calls, HEAD_DIMS, (BOXED, specs.with_dropout_on_two_consumers))
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
@@ -66,18 +47,18 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 @pytest.fixture
 def boxed():
-    yield from gh.hopper_selector_with_knob("select_forward", _boxed_forward,
+    yield from gh.hopper_selector_with_knob("select_forward", BOXED,
                                             "TMA is a Hopper kernel's")
 
 
 @pytest.fixture
 def boxed_both(boxed):
-    yield from gh.selector_with_knob("select_backward", _boxed_backward)
+    yield from gh.selector_with_knob("select_backward", BOXED)
 
 
 @pytest.fixture
 def two_consumers():
-    yield from gh.hopper_selector_with_knob("select_forward", _two_consumers,
+    yield from gh.hopper_selector_with_knob("select_forward", specs.with_dropout_on_two_consumers,
                                             "the tile is a Hopper kernel's")
 
 

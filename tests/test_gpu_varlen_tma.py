@@ -33,16 +33,7 @@ pytestmark = pytest.mark.gpu
 HEAD_DIMS = (64, 128)
 
 
-def _boxed(spec):
-    if not spec.mods.varlen:
-        return spec
-    return specs.with_forward_tma(spec) or spec
-
-
-def _boxed_backward(spec):
-    if not spec.mods.varlen:
-        return spec
-    return specs.with_backward_tma(spec) or spec
+BOXED = specs.boxed_where("varlen")  # forward and backward (atomic dQ) with bulk copies
 
 
 def _module_specs():
@@ -53,7 +44,7 @@ def _module_specs():
                                      options.get("alibi"), options.get("sinks") or None,
                                      options.get("causal", False)), varlen=True))
              for options in ALONE.values()]
-    return gh.hopper_specs(calls, HEAD_DIMS, (lambda s: _boxed_backward(_boxed(s)),))
+    return gh.hopper_specs(calls, HEAD_DIMS, (BOXED,))
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
@@ -61,14 +52,14 @@ gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 @pytest.fixture
 def boxed_varlen():
-    yield from gh.hopper_selector_with_knob("select_forward", _boxed,
+    yield from gh.hopper_selector_with_knob("select_forward", BOXED,
                                             "the TMA forward is a Hopper kernel")
 
 
 @pytest.fixture
 def boxed_varlen_backward(boxed_varlen):
     """The packed forward and the packed backward (atomic dQ) both boxed."""
-    yield from gh.selector_with_knob("select_backward", _boxed_backward)
+    yield from gh.selector_with_knob("select_backward", BOXED)
 
 
 def _packed_shape(case: Case):

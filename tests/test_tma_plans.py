@@ -83,7 +83,7 @@ def test_packed_tma_tests_plan_a_tma_kernel():
     import test_gpu_varlen_tma as varlen_tma
     from dataclasses import replace
 
-    with fastpath.selector_patched("select_forward", varlen_tma._boxed):
+    with fastpath.selector_patched("select_forward", varlen_tma.BOXED):
         for which, options in varlen_tma.ALONE.items():
             for head_dim in varlen_tma.HEAD_DIMS:
                 for dtype in ("float16", "bfloat16"):
@@ -95,8 +95,8 @@ def test_packed_tma_backward_tests_plan_tma_kernels():
     import test_gpu_varlen_tma as varlen_tma
     from dataclasses import replace
 
-    with fastpath.selector_patched("select_forward", varlen_tma._boxed), \
-            fastpath.selector_patched("select_backward", varlen_tma._boxed_backward):
+    with fastpath.selector_patched("select_forward", varlen_tma.BOXED), \
+            fastpath.selector_patched("select_backward", varlen_tma.BOXED):
         for head_dim in varlen_tma.HEAD_DIMS:
             for dtype in ("float16", "bfloat16"):
                 case = _packed_case(head_dim, dtype)
@@ -115,15 +115,32 @@ def test_dropout_candidate_tests_plan_their_kernels():
 
     from cuflash.registry import bwd90_warp_specialized
 
-    with fastpath.selector_patched("select_forward", drop._boxed_forward), \
-            fastpath.selector_patched("select_backward", drop._boxed_backward):
+    with fastpath.selector_patched("select_forward", drop.BOXED), \
+            fastpath.selector_patched("select_backward", drop.BOXED):
         for case in drop.CASES:
             for head_dim in drop.HEAD_DIMS:
                 forward, backward = drop._picked(case, "bfloat16", head_dim)
                 assert specs.loads_with_tma(forward), forward.name
                 assert not bwd90_warp_specialized(backward) or \
                     specs.loads_with_tma(backward), backward.name
-    with fastpath.selector_patched("select_forward", drop._two_consumers):
+    with fastpath.selector_patched("select_forward", specs.with_dropout_on_two_consumers):
         for case in drop.CASES:
             forward, _ = drop._picked(case, "bfloat16", 64)
             assert (forward.block_m, forward.warps) == (128, 12), forward.name
+
+
+def test_candidate_knobs_leave_other_specs_alone():
+    """specs.boxed_where boxes only specs with its modifier on (the backward with atomic dQ
+    only); with_dropout_on_two_consumers moves only the 192-row forward with dropout."""
+    plain = specs.select_forward(_HOPPER, "bfloat16", 64, False)
+    dropped = specs.select_forward(_HOPPER, "bfloat16", 64, False,
+                                   mods=specs.ModFlags(dropout=True))
+    assert specs.boxed_where("varlen")(dropped) == dropped
+    assert specs.loads_with_tma(specs.boxed_where("dropout")(dropped))
+    ordered = specs.select_backward(_HOPPER, "bfloat16", 128, False, True,
+                                    mods=specs.ModFlags(dropout=True))
+    assert ordered.dq_ordered and specs.boxed_where("dropout")(ordered) == ordered
+    assert specs.with_dropout_on_two_consumers(plain) == plain
+    assert dropped.block_m == 192  # (causal d64 dropout already runs 128 rows)
+    moved = specs.with_dropout_on_two_consumers(dropped)
+    assert (moved.block_m, moved.warps) == (128, 12)

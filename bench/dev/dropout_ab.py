@@ -55,30 +55,6 @@ TWO_CONSUMERS = ("m128", "m128_early", "m128_tma")  # variants that move the for
 BOXED = ("tma", "m128_tma")  # variants loading with bulk tensor copies
 
 
-def _boxed_forward(spec):
-    from cuflash import specs
-
-    return (specs.with_forward_tma(spec) or spec) if spec.mods.dropout else spec
-
-
-def _boxed_backward(spec):
-    from cuflash import specs
-
-    if not spec.mods.dropout or spec.dq_ordered:
-        return spec
-    return specs.with_backward_tma(spec) or spec
-
-
-def _two_consumers(spec):
-    """A 192-row warp-specialized forward with dropout on 128 rows (12 warps), as
-    flash_fwd_sm90_ws.cu's two-consumer tile (the selection's for d64 causal dropout)."""
-    from dataclasses import replace
-
-    if spec.kind != "fwd90" or not spec.mods.dropout or spec.block_m != 192:
-        return spec
-    return replace(spec, block_m=128, warps=12)
-
-
 def _variant(variant: str) -> contextlib.ExitStack:
     """A context in which every dropout spec the selectors return gains the variant's knobs
     (fwd90 warp-specialized forward, bwd90 backward)."""
@@ -95,10 +71,11 @@ def _variant(variant: str) -> contextlib.ExitStack:
 
     stack = contextlib.ExitStack()
     if variant in TWO_CONSUMERS:  # (entered first: the knobs below apply on top of it)
-        stack.enter_context(fastpath.selector_patched("select_forward", _two_consumers))
+        stack.enter_context(fastpath.selector_patched("select_forward",
+                                                      specs.with_dropout_on_two_consumers))
     if variant in BOXED:
-        stack.enter_context(fastpath.selector_patched("select_forward", _boxed_forward))
-        stack.enter_context(fastpath.selector_patched("select_backward", _boxed_backward))
+        for name in ("select_forward", "select_backward"):
+            stack.enter_context(fastpath.selector_patched(name, specs.boxed_where("dropout")))
     for name, kind, knobs in zip(("select_forward", "select_backward"), ("fwd90", "bwd90"),
                                  VARIANTS[variant]):
         stack.enter_context(fastpath.selector_patched(name, knob_of(kind, knobs)))

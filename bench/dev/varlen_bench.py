@@ -153,10 +153,9 @@ def main() -> None:
     if args.tma:
         from cuflash import fastpath, specs
 
-        boxed = lambda s: (specs.with_forward_tma(s) or s) if s.mods.varlen else s  # noqa
-        boxed_back = lambda s: (specs.with_backward_tma(s) or s) if s.mods.varlen else s  # noqa
+        boxed = specs.boxed_where("varlen")
         with fastpath.selector_patched("select_forward", boxed), \
-                fastpath.selector_patched("select_backward", boxed_back):
+                fastpath.selector_patched("select_backward", boxed):
             return _report(args)
     _report(args)
 
