@@ -40,6 +40,13 @@ export CUFLASH_DURATION_LOG=${CUFLASH_DURATION_LOG:-$OUT/logs/test_durations.txt
 PY=${PYTHON:-python3}
 # kernels built ahead on the CPU machine (bench/dev/cubin_pack.py, carried as .cubin_cache):
 # the runtime's own cache, so a hit skips NVRTC and a miss compiles as ever
+# or as .cubin_pack.tar.xz (cubin_pack.py --archive: a tenth of the size), unpacked first
+if [ -f "$PWD/.cubin_pack.tar.xz" ] && [ ! -d "$PWD/.cubin_cache" ]; then
+  mkdir -p "$PWD/.cubin_cache" && ${PYTHON:-python3} -c \
+    'import sys, tarfile; kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+tarfile.open(sys.argv[1]).extractall(sys.argv[2], **kw)' \
+    "$PWD/.cubin_pack.tar.xz" "$PWD/.cubin_cache"
+fi
 if [ -d "$PWD/.cubin_cache" ] && [ -z "${CUPY_CACHE_DIR:-}" ]; then
   export CUPY_CACHE_DIR=$PWD/.cubin_cache
   echo "cubin cache: $CUPY_CACHE_DIR ($(ls "$CUPY_CACHE_DIR" | grep -c '\.cubin$') cubins)"
