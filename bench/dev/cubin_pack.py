@@ -13,11 +13,11 @@ cubins into one xz archive (about a tenth of their size: the whole suite's 3,700
 some 25 MiB) and `carry: [".cubin_pack.tar.xz"]`: gpu_suite.sh unpacks it into
 .cubin_cache first.
 
-What it builds: every spec the named GPU test modules (and with `--shard`, those of the GPU
-test shard's files, tests/conftest.py) compile ahead (their `_module_specs`,
-planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), then with
-`--selection` every spec the selector can pick on sm_90 (`cuflash.aot.compile_work`, what
-`python -m cuflash compile` builds), until the folder reaches `--budget-mib` (the device
+What it builds: with `--selection` every spec the selector can pick on sm_90
+(`cuflash.aot.compile_work`, what `python -m cuflash compile` builds: most GPU tests compile
+from it), then every spec the named GPU test modules (and with `--shard`, those of the GPU
+test shard's files, tests/conftest.py) compile ahead (their `_module_specs`, planned for an
+H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), until the folder reaches `--budget-mib` (the device
 tool sends 64 MiB in all, the tracked tree included: 11 MiB on 2026-12-06; about 60 KB a
 cubin). Each through `compiler._nvrtc_cubin`, the runtime's own cache
 path and key, so the device reads them as its own entries.
@@ -120,8 +120,9 @@ def main() -> int:
 
     print(f"NVRTC {nvrtc.getVersion()} into {folder}", flush=True)
     files = args.tests + (shard_files(args.shard) if args.shard else [])
-    todo = module_specs(list(dict.fromkeys(files))) + (selection_specs() if args.selection
-                                                       else [])
+    # the selection first: most GPU tests (those without _module_specs) compile from it
+    todo = (selection_specs() if args.selection else []) + module_specs(
+        list(dict.fromkeys(files)))
     unique = list({spec.name: spec for spec in todo}.values())
     print(f"{len(unique)} specs to build", flush=True)
     built = failed = 0
