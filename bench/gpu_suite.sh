@@ -262,15 +262,15 @@ for stage in $stages; do
       # against the reference; then step, forward and backward times of no dropout, the
       # selection, the candidates, early with persistent blocks, and 7 Philox rounds (timing
       # only), beside SDPA's flash (bench/dev/dropout_ab.py)
-      # Session 32's candidates first (TMA with dropout, the d64 two-consumer tile:
-      # tests/test_gpu_dropout_candidates.py), then the variants (DROPOUT_AB_VARIANTS, e.g.
-      # none,drop,tma,m128,m128_tma)
+      # Session 32's candidates first (TMA with dropout, selected in session 33 but with a
+      # block mask; the d64 two-consumer tile, no gain: tests/test_gpu_dropout_candidates.py),
+      # then the variants (DROPOUT_AB_VARIANTS; session 33 timed none,drop,tma,m128,m128_tma)
       CUFLASH_POISON=1 run_stage drop_early_tests timeout "${DROP_EARLY_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         ${DROPOUT_AB_TESTS:-tests/test_gpu_dropout_candidates.py tests/test_gpu_fwd_drop_early.py}
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
         --rounds "${DROPOUT_AB_ROUNDS:-3}" \
-        --variants "${DROPOUT_AB_VARIANTS:-none,drop,tma,m128,m128_tma}" \
+        --variants "${DROPOUT_AB_VARIANTS:-none,drop}" \
         --out "$OUT/results/dropout_ab.json" ;;
     fwd_d256_ws)  # head_dim 256 on the warp-specialized forward (#12's d256 gap: the 8-warp
       # kernel runs 0.79-0.83x cuDNN): 128 x 64 and FlashAttention-3's 128 x 80 tiles, with
@@ -496,11 +496,10 @@ for stage in $stages; do
       run_stage modifiers $PY bench/dev/modifiers_overhead.py ;;
     varlen)  # varlen against dense at equal total tokens (issue 14: within 5%)
       run_stage varlen $PY bench/dev/varlen_bench.py ;;
-    varlen_tma)  # the packed forward and backward loading with bulk tensor copies
-      # (candidates: the forward's tests passed on an H100 in session 32; then both kernels
-      # zero a box's rows past its sequence, and the backward boxes, not yet run): their
-      # float64-reference, isolation and bitwise tests, then varlen / dense with them
-      # (session 32: forward 1.024-1.082 boxed, 1.085-1.144 not; backward 1.063-1.099)
+    varlen_tma)  # the packed forward and backward loading with bulk tensor copies, their
+      # rows past a sequence zeroed (selected in session 33: 84 passed; memcheck, racecheck
+      # clean): their float64-reference, isolation and bitwise tests, then varlen / dense
+      # (session 33, H100: 0.989-1.018 forward and backward; 1.085-1.144 forward unboxed)
       CUFLASH_POISON=1 run_stage varlen_tma_tests timeout "${VARLEN_TMA_TEST_TIMEOUT:-330}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_varlen_tma.py

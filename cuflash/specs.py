@@ -375,9 +375,9 @@ def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpe
 def with_forward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized forward ``spec`` loading Q, K and V with bulk tensor copies
     (``CF_FWD_TMA=1``: one producer thread, tensor maps from cuflash/tensor_map.py); None
-    for other kernels. Selected where registry.FWD90_TMA says (``with_selected_tma``); not for
-    packed sequences, whose boxes run over into the rows after a sequence (the mask keeps
-    their scores out and the kernel zeroes their V; a candidate, registry.TMA_OFF_WHEN)."""
+    for other kernels. Selected where registry.FWD90_TMA says (``with_selected_tma``); packed
+    sequences too, whose boxes run over into the rows after a sequence (the mask keeps their
+    scores out and the kernel zeroes their V)."""
     if spec.kind != "fwd90" or not fwd90_warp_specialized(spec):
         return None
     return spec.with_knobs(CF_FWD_TMA=1)
@@ -416,8 +416,8 @@ def with_backward_tma(spec: KernelSpec) -> KernelSpec | None:
     """The warp-specialized backward ``spec`` loading K, V, Q and dO with bulk tensor
     copies (``CF_BWD_TMA=1``); None for other kernels, and for packed sequences with ordered
     dQ (their zeroed tails take the turn agent's mbarriers). Selected where
-    registry.BWD90_TMA says (``with_selected_tma``); packed sequences not yet
-    (registry.TMA_OFF_WHEN: a candidate, its boxes past a sequence zeroed in the kernel)."""
+    registry.BWD90_TMA says (``with_selected_tma``); packed sequences too, their boxes' rows
+    past a sequence zeroed in the kernel."""
     if not bwd90_warp_specialized(spec) or (spec.mods.varlen and spec.dq_ordered):
         return None
     if spec.head_dim == 64 and spec.dq_ordered and (spec.causal or spec.mods.window):

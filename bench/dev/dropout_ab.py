@@ -19,7 +19,7 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
               forward ran 2.1x slower with dropout in session 31)
   m128_early  that, drawing its flags early (CF_FWD_DROP_EARLY=1)
   tma         forward and backward loading with bulk tensor copies (CF_FWD_TMA=1 /
-              CF_BWD_TMA=1; the plain calls have them, dropout not yet: registry.TMA_OFF_WHEN)
+              CF_BWD_TMA=1; selected since session 33, so `drop` has them now)
   m128_tma    m128 and tma together
 Rows: 16k tokens a batch (4 x 4k, 1 x 16k), 16 heads, bf16, causal or not. Before timing,
 ``early`` and ``early_pers`` outputs are compared with ``drop``'s bit for bit. SDPA's flash
