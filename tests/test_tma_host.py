@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from cuflash import fastpath, launch, registry, specs, tensor_map, validate
+from cuflash import fastpath, launch, specs, tensor_map, validate
 from cuflash import plan as planning
 from host_backend import NumpyBackend
 from test_attention_host_path import _H200, _STREAM, _as_captured, _clear_memos, _inputs, \
