@@ -53,7 +53,8 @@ if [ -d "$PWD/.cubin_cache" ] && [ -z "${CUPY_CACHE_DIR:-}" ]; then
 fi
 # pytest over several processes: one BLAS thread each, since every process's float64
 # references otherwise start a thread per core (session 33: test calls of 30-34 s on 12
-# workers, with their cubins packed; the same references take 2 s on one core)
+# workers, with their cubins packed; a dropout case's references take 2 s on one core of
+# the CPU machine)
 if [ -n "${PYTEST_XDIST:-}" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
   export MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
