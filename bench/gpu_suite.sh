@@ -37,6 +37,8 @@ export PYTHONUNBUFFERED=1
 export CUFLASH_FAILURE_LOG=${CUFLASH_FAILURE_LOG:-$OUT/logs/failed_tests.txt}
 # and each test phase of a second or more (setup: a module's compile ahead): where the time went
 export CUFLASH_DURATION_LOG=${CUFLASH_DURATION_LOG:-$OUT/logs/test_durations.txt}
+# and each NVRTC build (a cubin cache miss, cuflash/compiler.py): whether a pack served
+export CUFLASH_COMPILE_LOG=${CUFLASH_COMPILE_LOG:-$OUT/logs/compiles.txt}
 PY=${PYTHON:-python3}
 # kernels built ahead on the CPU machine (bench/dev/cubin_pack.py, carried as .cubin_cache):
 # the runtime's own cache, so a hit skips NVRTC and a miss compiles as ever

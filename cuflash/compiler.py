@@ -125,9 +125,25 @@ def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
         with _entry_lock(path):
             cubin = read_cached_cubin(path)  # built by another process while this one waited
             if cubin is None:
+                started = time.perf_counter()
                 _, cubin = _nvrtc_compile(spec, arch, opts)
                 write_cached_cubin(path, cubin)
+                _log_compile(spec, arch, time.perf_counter() - started)
     return cubin
+
+
+def _log_compile(spec: KernelSpec, arch: str, seconds: float) -> None:
+    """One line per NVRTC build (a cache miss) to the file CUFLASH_COMPILE_LOG names, if
+    any: where a GPU test run's time went when a cubin pack was carried (bench/gpu_suite.sh
+    sets it)."""
+    log = os.environ.get("CUFLASH_COMPILE_LOG")
+    if not log:
+        return
+    try:
+        with open(log, "a") as out:
+            out.write(f"{seconds:7.1f} s  pid {os.getpid()}  {spec.name}  {arch}\n")
+    except OSError:
+        pass  # a diagnostic: never the reason a compile fails
 
 
 def cubin_cache_path(spec: KernelSpec, arch: str, opts: list[str], nvrtc_version) -> Path:

@@ -45,6 +45,18 @@ def test_second_call_reads_the_cache(stub_nvrtc, tmp_path):
     assert name.startswith(f"cuflash_{SPEC.name}_sm_90a_") and name.endswith(".cubin")
 
 
+def test_compile_log_has_a_line_per_build_not_per_hit(stub_nvrtc, tmp_path, monkeypatch):
+    """CUFLASH_COMPILE_LOG (set by bench/gpu_suite.sh): one line for each NVRTC build, none
+    for a cache hit, so a GPU run shows which kernels a carried pack did not hold."""
+    log = tmp_path / "logs" / "compiles.txt"
+    log.parent.mkdir()
+    monkeypatch.setenv("CUFLASH_COMPILE_LOG", str(log))
+    compiler._nvrtc_cubin(SPEC, "sm_90a")
+    compiler._nvrtc_cubin(SPEC, "sm_90a")
+    (line,) = log.read_text().splitlines()
+    assert SPEC.name in line and line.endswith("sm_90a")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "flipped-byte", "no-header", "empty"])
 def test_damaged_cache_file_is_recompiled_not_loaded(stub_nvrtc, tmp_path, damage):
     compiler._nvrtc_cubin(SPEC, "sm_90a")
