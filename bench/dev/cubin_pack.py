@@ -2,30 +2,29 @@
 calls spend their minutes on tests instead of NVRTC (session 30: most of a GPU test file's
 time was compiling; the whole suite no longer fits a session's device time).
 
-    CUPY_CACHE_DIR=$PWD/.cubin_cache python bench/dev/cubin_pack.py \
-        [--tests tests/test_gpu_varlen_tma.py ...] [--shard 1/10] [--selection]
-        [--budget-mib 48] [-j 2]
+    CUPY_CACHE_DIR=$PWD/.cubin_cache python bench/dev/cubin_pack.py --selection \
+        --tests tests/test_gpu_*.py tests/test_edges_gpu.py --archive .cubin_pack.tar.xz -j 2
 
-then on the device, in the same call as the tests: `export CUPY_CACHE_DIR=$PWD/.cubin_cache`
-(bench/gpu_suite.sh does when the folder is there) with `carry: [".cubin_cache"]`. Or, for
-more than the device tool's 64 MiB, `--archive .cubin_pack.tar.xz` writes the folder's
-cubins into one xz archive (about a tenth of their size: the whole suite's 3,700 specs in
-some 25 MiB) and `carry: [".cubin_pack.tar.xz"]`: gpu_suite.sh unpacks it into
-.cubin_cache first.
+then `carry: [".cubin_pack.tar.xz"]`: bench/gpu_suite.sh unpacks it into .cubin_cache (where
+no such folder came) and points CUPY_CACHE_DIR there. xz keeps about a twelfth: the whole
+suite's 3,749 cubins, 204 MiB, in 16.6 MiB (session 33; about 30 minutes to build on two
+cores, 4 to pack). Without `--archive` the folder itself is the pack, up to `--budget-mib`
+(default 48: the device tool sends 64 MiB in all, the tracked tree's 11 MiB included), for
+`carry: [".cubin_cache"]`; `--shard k/M` adds a GPU test shard's files (tests/conftest.py).
 
 What it builds: with `--selection` every spec the selector can pick on sm_90
 (`cuflash.aot.compile_work`, what `python -m cuflash compile` builds: most GPU tests compile
-from it), then every spec the named GPU test modules (and with `--shard`, those of the GPU
-test shard's files, tests/conftest.py) compile ahead (their `_module_specs`, planned for an
-H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs), until the folder reaches `--budget-mib` (the device
-tool sends 64 MiB in all, the tracked tree included: 11 MiB on 2026-12-06; about 60 KB a
-cubin). Each through `compiler._nvrtc_cubin`, the runtime's own cache
-path and key, so the device reads them as its own entries.
+from it), then every spec the named GPU test modules compile ahead (their `_module_specs`,
+planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs). Each through
+`compiler._nvrtc_cubin`, the runtime's own cache path and key, so the device reads them as
+its own entries; entries already in the folder are kept, so a rebuild after a registry
+change compiles only the new specs.
 
 The key includes NVRTC's version and the kernel sources' hash: build with the device's NVRTC
 (the image's is 13.0: `python -m cuflash info` there; here
 `pip install nvidia-cuda-nvrtc==13.0.88` in a separate venv), and rebuild after any kernel
-change. A miss only costs the compile it would have cost anyway.
+change (every entry's key changes then). A miss only costs the compile it would have cost
+anyway; gpu_suite.sh logs each (logs/compiles.txt, CUFLASH_COMPILE_LOG).
 """
 
 from __future__ import annotations
