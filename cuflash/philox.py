@@ -115,12 +115,20 @@ def dropout_bytes(b, h, i, j, *, heads: int, seed: int, offset: int = 0) -> np.n
 
 def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_p: float,
                    seed: int, offset: int = 0) -> np.ndarray:
-    """bool (batch, heads, len(rows), len(cols)): True where element (b, h, i, j) is kept."""
-    b = np.arange(batch)[:, None, None, None]
-    h = np.arange(heads)[None, :, None, None]
-    i = np.asarray(rows)[None, None, :, None]
-    j = np.asarray(cols)[None, None, None, :]
-    values = dropout_bytes(b, h, i, j, heads=heads, seed=seed, offset=offset)
+    """bool (batch, heads, len(rows), len(cols)): True where element (b, h, i, j) is kept.
+
+    As ``dropout_bytes`` of every element, but with one Philox call per 4 x 4 block rather
+    than per element (16 times fewer: the float64 references draw whole masks)."""
+    i, j = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (rows, cols))
+    row_quads, row_at = np.unique(quad(i), return_inverse=True)
+    col_quads, col_at = np.unique(quad(j), return_inverse=True)
+    bh = np.arange(batch)[:, None, None, None] * heads + np.arange(heads)[None, :, None, None]
+    counter = (col_quads[None, None, None, :].astype(_U32),
+               row_quads[None, None, :, None].astype(_U32), bh.astype(_U32), _U32(offset))
+    words = np.stack(philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)), axis=2)
+    # words: (batch, heads, 4, row blocks, column blocks); each element's word, then byte
+    word = words[:, :, slot(i)[:, None], row_at[:, None], col_at[None, :]]
+    values = (word >> (8 * slot(j)).astype(_U32)) & _U32(0xFF)
     return values >= keep_threshold(dropout_p)
 
 
