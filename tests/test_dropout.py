@@ -344,3 +344,21 @@ def test_cuda_path_receives_the_dropout_arguments(monkeypatch):
     cuflash.attention_forward(q, k, v, **kw)
     cuflash.attention_backward(do, q, k, v, q.copy(), cuflash.SoftmaxStats(m, l), **kw)
     assert seen == [kw, kw]
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(0, 3), heads=st.integers(0, 4), row0=st.integers(0, 300),
+       rows=st.integers(0, 40), col0=st.integers(0, 300), cols=st.integers(0, 40),
+       seed=st.integers(0, philox.MAX_SEED), offset=st.integers(0, philox.MAX_OFFSET),
+       dropout_p=st.floats(0.001, 0.99))
+def test_mask_tiles_draw_each_block_once_and_equal_the_elementwise_definition(
+        batch, heads, row0, rows, col0, cols, seed, offset, dropout_p):
+    """keep_mask_tile draws one Philox call per 4 x 4 block and picks bytes from it: the
+    same bits as ``dropout_bytes`` of each element (the layout's definition)."""
+    rows, cols = range(row0, row0 + rows), range(col0, col0 + cols)
+    got = philox.keep_mask_tile(batch, heads, rows, cols, dropout_p=dropout_p, seed=seed,
+                                offset=offset)
+    b, h = np.arange(batch)[:, None, None, None], np.arange(heads)[None, :, None, None]
+    i, j = np.asarray(rows)[None, None, :, None], np.asarray(cols)[None, None, None, :]
+    bytes_ = philox.dropout_bytes(b, h, i, j, heads=heads, seed=seed, offset=offset)
+    np.testing.assert_array_equal(got, bytes_ >= philox.keep_threshold(dropout_p))
