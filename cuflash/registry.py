@@ -402,8 +402,8 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # test_gpu_varlen + test_gpu_jax_varlen + test_gpu_varlen_tma 182 passed, 48 skipped, none
 # failed; memcheck and racecheck clean; varlen / dense at 16k tokens, d128 bf16 0.989-1.018
 # forward and backward (session 32 without boxes: 1.085-1.144 forward, 1.06-1.10 backward).
-# Dropout (the same session, dropout_ab, bf16, 16k tokens): forward -5 to -11%, backward
-# -4 to -8%, the step's dropout cost d64 +58-64% -> +48-55%, d128 +33-37% -> +26-31%;
+# Dropout (the same session, dropout_ab, bf16, 16k tokens): forward -3 to -11%, backward
+# -3.5 to -8.6%, the step's dropout cost d64 +58-64% -> +48-55%, d128 +33-37% -> +26-31%;
 # test_gpu_dropout_candidates' boxed cases passed but for the block-mask ones, which the
 # time limit cut before they ran: dropout with a block mask keeps cp.async until they have.
 

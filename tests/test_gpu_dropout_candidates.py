@@ -3,7 +3,7 @@ step without; session 31 measured +46-55% at d64, +23-30% at d128), written with
 against the float64 reference given the same mask (``gpu``):
 
 * bulk tensor copies (``CF_FWD_TMA=1`` / ``CF_BWD_TMA=1``, atomic dQ) with dropout:
-  selected since session 33 (H100: forward -5 to -11%, backward -4 to -8%) but with a block
+  selected since session 33 (H100: forward -3 to -11%, backward -3.5 to -8.6%) but with a block
   mask (registry.TMA_OFF_WHEN), whose boxed cases here had not run before the time limit;
 * the d64 forward with dropout on two consumer warpgroups (128 query rows, 232 registers
   each) where the selection takes three (192 rows, 160 registers; d64 causal dropout takes
