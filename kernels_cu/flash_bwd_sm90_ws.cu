@@ -33,9 +33,9 @@
 //     boxes (cf_sm90.cuh's tma_load_tile; the maps of q, k, v and dout are the last four
 //     parameters, cuflash/tensor_map.py) with the bytes armed on the full mbarriers; the
 //     statistics stay plain loads and stores by those warps. No proxy fence in the consumers.
-//     Packed sequences (CF_VARLEN, a candidate: specs.with_backward_tma, not selected) take
-//     one map over all rows (batch 1), boxes from the sequence's first row, so a tile that
-//     runs past the sequence reads the rows after it. Unlike zeros, those rows would reach
+//     Packed sequences (CF_VARLEN, selected with atomic dQ) take one map over all rows
+//     (batch 1), boxes from the sequence's first row, so a tile that runs past the sequence
+//     reads the rows after it. Unlike zeros, those rows would reach
 //     the sums (Q and dO rows past seqlen_q are not masked: their lse2 and delta are 0; K and
 //     V rows past seqlen_k are, but 0 * inf is not 0). So such a tile's box lands on a
 //     barrier of its own (BwdBarriers::kv_landed / q_landed / do_landed), and the side's

@@ -35,10 +35,11 @@
 // Bulk tensor copies (CF_FWD_TMA=1, selected at head_dim 64 / 128: registry.FWD90_TMA): one
 //   producer thread issues Q, K and V as TMA boxes (cf_sm90.cuh's tma_load_tile; the tensor
 //   maps are the last three parameters, cuflash/tensor_map.py) and arms each full mbarrier
-//   with the tile's bytes; the other producer threads leave at once. The copies land through
-//   the async proxy that wgmma reads, so the consumers need no proxy fence. Rows past a
-//   sequence land as zeros, like cp.async's zero fill. Packed sequences (CF_VARLEN, a
-//   candidate: specs.with_forward_tma, not selected) take one map over all rows (batch 1),
+//   with the tile's bytes; the other producer warps leave at once, and so do its warp's other
+//   lanes unless the loop needs them (kTmaWarp: a block mask's tile cursor is a warp ballot,
+//   and lanes that left vote "hidden"). The copies land through the async proxy that wgmma
+//   reads, so the consumers need no proxy fence. Rows past a sequence land as zeros, like
+//   cp.async's zero fill. Packed sequences (CF_VARLEN) take one map over all rows (batch 1),
 //   boxes from the sequence's first row: a box past the sequence's end reads the rows after
 //   it (the next sequence's, or whatever lies past seqused_k or cu_seqlens_k's last entry;
 //   zeros past the tensor). The mask keeps those keys out (their scores become -inf by
@@ -169,6 +170,8 @@ enum : int { kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY };  // (an enum: no PT
 enum : int {
   kTma = CF_FWD_TMA,
   kTailZero = CF_FWD_TMA && CF_VARLEN,  // a sequence's last V tile zeroed past its end
+  // the issuing thread's warp stays: it zeroes tails, or it counts kept tiles by ballot
+  kTmaWarp = kTailZero || (CF_FWD_TMA && CF_BLOCK_SPARSE),
   kFullArrivals = CF_FWD_TMA ? 1 : kProducerThreads,
   kPanels = CF_HEAD_DIM / 64,
   kCluster = CF_FWD_CLUSTER,
@@ -296,8 +299,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
-    // TMA: one thread issues every box (its warp stays to zero tails: kTailZero)
-    if (kTma && (kTailZero ? warp != 0 : tid != 0)) return;
+    // TMA: one thread issues every box (its warp stays where the loop needs it: kTmaWarp)
+    if (kTma && (kTmaWarp ? warp != 0 : tid != 0)) return;
     const bool issuer = tid == 0;
     (void)issuer;
     const cf_u32 rank = kCluster == 2 ? cluster_rank() : 0;

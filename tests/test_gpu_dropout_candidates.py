@@ -4,7 +4,8 @@ against the float64 reference given the same mask (``gpu``):
 
 * bulk tensor copies (``CF_FWD_TMA=1`` / ``CF_BWD_TMA=1``, atomic dQ) with dropout:
   selected since session 33 (H100: forward -3 to -11%, backward -3.5 to -8.6%) but with a block
-  mask (registry.TMA_OFF_WHEN), whose boxed cases here had not run before the time limit;
+  mask (registry.TMA_OFF_WHEN), whose boxed forward hung until session 34's fix (the issuing
+  thread's warp stays for the mask's ballot);
 * the d64 forward with dropout on two consumer warpgroups (128 query rows, 232 registers
   each) where the selection takes three (192 rows, 160 registers; d64 causal dropout takes
   two already, three spilled).

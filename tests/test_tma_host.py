@@ -89,10 +89,10 @@ def test_parameter_buffer_aligns_each_map_in_the_constant_bank():
     buffer = packer.pack(*([0] * len(signature[:-3])), *maps)
     for i, m in enumerate(maps):
         assert buffer[first + 128 * i:first + 128 * (i + 1)] == m
-    # without the knob (the selection with dropout and a block mask: registry.TMA_OFF_WHEN)
-    # no map is taken
+    # without the knob (the selection with a block mask: registry.TMA_OFF_WHEN) no map is
+    # taken
     plain_spec = specs.select_forward(_H200, "bfloat16", 128, False,
-                                      mods=specs.ModFlags(dropout=True, block_sparse=True))
+                                      mods=specs.ModFlags(block_sparse=True))
     assert "T" not in launch.signature_of(plain_spec)
 
 
