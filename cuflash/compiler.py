@@ -37,13 +37,32 @@ def kernels_dir() -> Path:
     raise FileNotFoundError(f"kernels_cu/ not found next to {here}; the installation is broken")
 
 
-@lru_cache(maxsize=1)
-def source_hash() -> str:
-    """Hash of every kernel source, so cache keys change when a header changes."""
+_INCLUDE = re.compile(rb'^\s*#\s*include\s*"([^"]+)"', re.MULTILINE)
+
+
+@lru_cache(maxsize=None)
+def source_files(source: str) -> tuple[str, ...]:
+    """``source`` and every kernels_cu/ file it includes, directly or through a header,
+    sorted: every quoted include, whatever #if surrounds it (a superset is only a key)."""
+    seen, todo = set(), [source]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (kernels_dir() / name).is_file():
+            continue
+        seen.add(name)
+        todo += [m.decode() for m in _INCLUDE.findall((kernels_dir() / name).read_bytes())]
+    return tuple(sorted(seen))
+
+
+@lru_cache(maxsize=None)
+def source_hash(source: str) -> str:
+    """Hash of the kernel file ``source`` and the headers it includes: its cache keys change
+    when any of them does, and only then (an edit to one kernel keeps the others' cubins,
+    and a cubin pack built ahead stays good for them)."""
     h = hashlib.sha256()
-    for path in sorted(kernels_dir().glob("*.cu*")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for name in source_files(source):
+        h.update(name.encode())
+        h.update((kernels_dir() / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -53,7 +72,8 @@ def read_source(spec: KernelSpec) -> str:
 
 def nvrtc_options(spec: KernelSpec) -> list[str]:
     """Compile options shared by the runtime build and the ahead-of-time report."""
-    opts = ["--std=c++17", f"-I{kernels_dir()}", f"-DCF_SOURCE_HASH=0x{source_hash()}ULL"]
+    opts = ["--std=c++17", f"-I{kernels_dir()}",
+            f"-DCF_SOURCE_HASH=0x{source_hash(spec.source)}ULL"]
     opts += [f"-D{k}={v}" for k, v in spec.defines.items()]
     return opts
 
@@ -109,6 +129,15 @@ def _nvrtc_targets(arch: str) -> bool:
     return int(arch[3:]) in nvrtc.getSupportedArchs()
 
 
+def cubin_entry(spec: KernelSpec, arch: str) -> tuple[list[str], Path]:
+    """The NVRTC options of ``spec``'s cubin for ``arch`` and its place in the cache (the
+    loaded NVRTC's version in its key)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "-ftz=true"]
+    return opts, cubin_cache_path(spec, arch, opts, nvrtc.getVersion())
+
+
 def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
     """NVRTC straight to a cubin for ``arch`` ("sm_90", "sm_90a"), cached on disk.
 
@@ -116,10 +145,7 @@ def _nvrtc_cubin(spec: KernelSpec, arch: str) -> bytes:
     arch-specific ``sm_90a`` code, which wgmma needs); the options mirror CuPy's
     (``-ftz=true``). One process compiles an entry; others wanting it wait for its lock.
     """
-    from cupy_backends.cuda.libs import nvrtc
-
-    opts = nvrtc_options(spec) + [f"--gpu-architecture={arch}", "-ftz=true"]
-    path = cubin_cache_path(spec, arch, opts, nvrtc.getVersion())
+    opts, path = cubin_entry(spec, arch)
     cubin = read_cached_cubin(path)
     if cubin is None:
         with _entry_lock(path):
@@ -149,7 +175,7 @@ def _log_compile(spec: KernelSpec, arch: str, seconds: float) -> None:
 def cubin_cache_path(spec: KernelSpec, arch: str, opts: list[str], nvrtc_version) -> Path:
     """Where the cubin of ``spec`` for ``arch``, built with ``opts`` by NVRTC
     ``nvrtc_version`` ((major, minor)), is kept. The include path is left out of the key:
-    ``CF_SOURCE_HASH`` (in ``opts``) already names every header's contents."""
+    ``CF_SOURCE_HASH`` (in ``opts``) already names the contents of every header it reads."""
     keyed = [o for o in opts if not o.startswith("-I")]
     key = hashlib.sha256("\0".join([read_source(spec), *keyed,
                                     str(tuple(nvrtc_version))]).encode())

@@ -68,5 +68,5 @@
 #endif
 
 #ifndef CF_SOURCE_HASH
-#define CF_SOURCE_HASH 0  // hash of kernels_cu/: a cache key only, no code reads it
+#define CF_SOURCE_HASH 0  // hash of the kernel's sources: a cache key only, no code reads it
 #endif

@@ -163,3 +163,48 @@ def test_cache_key_ignores_where_the_sources_live(tmp_path, monkeypatch):
     assert compiler.cubin_cache_path(SPEC, "sm_90a", opts, (13, 5)) != here
     other = [o for o in opts if not o.startswith("-DCF_SOURCE_HASH")] + ["-DCF_SOURCE_HASH=1"]
     assert compiler.cubin_cache_path(SPEC, "sm_90a", other, (13, 0)) != here
+
+
+@pytest.fixture
+def kernel_copy(monkeypatch, tmp_path):
+    """kernels_cu/ copied to tmp_path/kernels_cu, the compiler reading it there."""
+    import shutil
+
+    copy = tmp_path / "kernels_cu"
+    shutil.copytree(compiler.kernels_dir(), copy)
+    monkeypatch.setattr(compiler, "kernels_dir", lambda: copy)
+    for cached in (compiler.source_files, compiler.source_hash):
+        cached.cache_clear()
+    yield copy
+    for cached in (compiler.source_files, compiler.source_hash):
+        cached.cache_clear()
+
+
+def _hashes(sources):
+    for cached in (compiler.source_files, compiler.source_hash):
+        cached.cache_clear()
+    return [compiler.source_hash(s) for s in sources]
+
+
+def test_a_kernel_edit_renews_that_kernels_keys_only(kernel_copy):
+    """The cache key hashes a spec's kernel file and the headers it includes: editing one
+    kernel keeps the other kernels' cubins (a cubin pack built ahead stays good for them),
+    a header renews every kernel that includes it, and a file no kernel includes none."""
+    fwd, bwd, pre = "flash_fwd_sm90_ws.cu", "flash_bwd_sm90_ws.cu", "flash_bwd_pre.cu"
+    assert "cf_sm90.cuh" in compiler.source_files(fwd)
+    assert "cf_sm90.cuh" not in compiler.source_files(pre)
+    before = _hashes([fwd, bwd, pre])
+    with open(kernel_copy / bwd, "a") as out:
+        out.write("\n// an edit\n")
+    after_bwd = _hashes([fwd, bwd, pre])
+    assert after_bwd[0] == before[0] and after_bwd[2] == before[2]
+    assert after_bwd[1] != before[1]
+    with open(kernel_copy / "cf_sm90.cuh", "a") as out:  # the Hopper kernels' header
+        out.write("\n// an edit\n")
+    after_header = _hashes([fwd, bwd, pre])
+    assert after_header[0] != after_bwd[0] and after_header[1] != after_bwd[1]
+    assert after_header[2] == before[2]
+    (kernel_copy / "unused.cuh").write_text("// included by nothing\n")
+    assert _hashes([fwd, bwd, pre]) == after_header
+    opts = compiler.nvrtc_options(SPEC)
+    assert f"-DCF_SOURCE_HASH=0x{compiler.source_hash(SPEC.source)}ULL" in opts

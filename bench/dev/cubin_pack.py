@@ -20,11 +20,13 @@ planned for an H100 / H200: sm_90, 232,448 bytes of shared memory, 132 SMs). Eac
 its own entries; entries already in the folder are kept, so a rebuild after a registry
 change compiles only the new specs.
 
-The key includes NVRTC's version and the kernel sources' hash: build with the device's NVRTC
-(the image's is 13.0: `python -m cuflash info` there; here
-`pip install nvidia-cuda-nvrtc==13.0.88` in a separate venv), and rebuild after any kernel
-change (every entry's key changes then). A miss only costs the compile it would have cost
-anyway; gpu_suite.sh logs each (logs/compiles.txt, CUFLASH_COMPILE_LOG).
+The key includes NVRTC's version and the hash of the spec's kernel file and the headers it
+includes (compiler.source_hash): build with the device's NVRTC (the image's is 13.0:
+`python -m cuflash info` there; here `pip install nvidia-cuda-nvrtc==13.0.88` in a separate
+venv), and rebuild after a kernel change: the kernels whose file or headers changed get new
+keys, the rest keep theirs (a header shared by all, such as cf_common.cuh, renews every
+entry). A miss only costs the compile it would have cost anyway; gpu_suite.sh logs each
+(logs/compiles.txt, CUFLASH_COMPILE_LOG).
 """
 
 from __future__ import annotations
@@ -87,14 +89,17 @@ def selection_specs() -> list:
     return [spec for spec, _ in work]
 
 
-def build_one(spec) -> tuple[str, int, str]:
+def build_one(spec) -> tuple[str, int, str, str]:
+    """Build (or find) one spec's cubin: its name, size, error if any, and cache file name."""
     from cuflash import compiler, specs
 
+    arch = specs.compile_arch(spec, "sm_90")
+    entry = compiler.cubin_entry(spec, arch)[1].name
     try:
-        cubin = compiler._nvrtc_cubin(spec, specs.compile_arch(spec, "sm_90"))
-        return spec.name, len(cubin), ""
+        cubin = compiler._nvrtc_cubin(spec, arch)
+        return spec.name, len(cubin), "", entry
     except Exception as exc:  # a spec that does not compile is the tests' to report
-        return spec.name, 0, f"{type(exc).__name__}: {str(exc)[:200]}"
+        return spec.name, 0, f"{type(exc).__name__}: {str(exc)[:200]}", entry
 
 
 def folder_mib(folder: Path) -> float:
@@ -125,6 +130,7 @@ def main() -> int:
     unique = list({spec.name: spec for spec in todo}.values())
     print(f"{len(unique)} specs to build", flush=True)
     built = failed = 0
+    entries = set()  # this build's cache files: the archive leaves older keys out
     with ProcessPoolExecutor(args.j) as pool:
         step = 4 * args.j  # in batches, so the budget is checked as the folder grows
         for start in range(0, len(unique), step):
@@ -132,7 +138,8 @@ def main() -> int:
                 print(f"budget of {args.budget_mib} MiB reached: {len(unique) - start} specs "
                       f"left to the device", flush=True)
                 break
-            for name, size, error in pool.map(build_one, unique[start:start + step]):
+            for name, size, error, entry in pool.map(build_one, unique[start:start + step]):
+                entries.add(entry)
                 built += not error
                 failed += bool(error)
                 if error:
@@ -141,21 +148,26 @@ def main() -> int:
                   f"{folder_mib(folder):.1f} MiB", flush=True)
     print(f"built {built}, failed {failed}; {folder_mib(folder):.1f} MiB in {folder}")
     if args.archive:
-        write_archive(folder, Path(args.archive))
+        write_archive(folder, Path(args.archive), entries)
     return 0
 
 
-def write_archive(folder: Path, archive: Path) -> None:
-    """The folder's cubins, flat, into an xz tar (gpu_suite.sh unpacks it on the device)."""
+def write_archive(folder: Path, archive: Path, entries: set[str]) -> None:
+    """The folder's cubins of this build (``entries``: not those an older source left
+    behind), flat, into an xz tar (gpu_suite.sh unpacks it on the device)."""
     import tarfile
 
-    cubins = sorted(folder.glob("*.cubin"))
+    everything = sorted(folder.glob("*.cubin"))
+    cubins = [path for path in everything if path.name in entries]
+    if len(cubins) < len(everything):
+        print(f"{len(everything) - len(cubins)} cubins of older sources left out", flush=True)
     partial = archive.with_name(archive.name + ".partial")
     with tarfile.open(partial, "w:xz", preset=6) as tar:
         for path in cubins:
             tar.add(path, arcname=path.name)
     partial.replace(archive)
-    print(f"{len(cubins)} cubins, {folder_mib(folder):.1f} MiB, into {archive} "
+    mib = sum(path.stat().st_size for path in cubins) / 2 ** 20
+    print(f"{len(cubins)} cubins, {mib:.1f} MiB, into {archive} "
           f"({archive.stat().st_size / 2 ** 20:.1f} MiB)", flush=True)
 
 
