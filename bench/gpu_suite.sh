@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU session in one call: facts, check, gpu tests, compute-sanitizer, benchmarks.
 #
-#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 shard sanitize
+#   bash bench/gpu_suite.sh [STAGE ...]      stages: info check tests tests1 tests2 shard shards
+#                                            sanitize
 #                                            bench
 #                                            memory train
 #                                            workloads train_gqa train_profile issue10 host decode
@@ -18,7 +19,7 @@
 #                                            modifiers varlen fwd90_tiles bwd90_tiles det
 #                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            pending tma_verify dropout_ab block_sparse_pers
-#                                            varlen_tma
+#                                            varlen_tma block_mask_tma dropout_ncu
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -39,6 +40,8 @@ export CUFLASH_FAILURE_LOG=${CUFLASH_FAILURE_LOG:-$OUT/logs/failed_tests.txt}
 export CUFLASH_DURATION_LOG=${CUFLASH_DURATION_LOG:-$OUT/logs/test_durations.txt}
 # and each NVRTC build (a cubin cache miss, cuflash/compiler.py): whether a pack served
 export CUFLASH_COMPILE_LOG=${CUFLASH_COMPILE_LOG:-$OUT/logs/compiles.txt}
+# and the tests started and not finished (a stage cut off by its time limit: which hung)
+export CUFLASH_RUNNING_LOG=${CUFLASH_RUNNING_LOG:-$OUT/logs/running_tests.txt}
 PY=${PYTHON:-python3}
 # kernels built ahead on the CPU machine (bench/dev/cubin_pack.py, carried as .cubin_cache):
 # the runtime's own cache, so a hit skips NVRTC and a miss compiles as ever
@@ -73,11 +76,45 @@ run_stage() {  # name, command...: run, log, and record the exit code and the lo
   local rc=$?
   { tail -n "${TAIL_LINES:-25}" "$OUT/logs/$name.log"; echo "=== $name rc=$rc in $((SECONDS - start)) s"
     [ -s "$CUFLASH_FAILURE_LOG" ] && echo "=== failed so far: $(wc -l <"$CUFLASH_FAILURE_LOG") tests ($CUFLASH_FAILURE_LOG)"
+    if [ -s "$CUFLASH_RUNNING_LOG" ]; then  # kept per stage: the next pytest rewrites it
+      echo "=== still running when it ended:"; cat "$CUFLASH_RUNNING_LOG"
+      mv "$CUFLASH_RUNNING_LOG" "$OUT/logs/running_$name.txt"
+    fi
   } >>"$summary"
   # packed after every stage: an outer timeout may end the suite, and the device tool brings
   # back only a handful of files, so the tarball is what survives
   tar -C "$OUT" -czf "$OUT/suite.tar.gz" logs results 2>/dev/null
   return $rc
+}
+
+run_shard() {  # name, k/M, seconds: one shard over 12 processes, a file's tests in one of
+  # them, one BLAS thread each (12 x the cores' worth of threads on the float64 references
+  # oversubscribes 16 cores: 12 workers ran only 2.4x one in session 32); a test that runs
+  # past TEST_TIMEOUT seconds (120) ends its worker, failing by name (tests/conftest.py),
+  # where a hung kernel held session 34's shards to their time limits (raise it where no
+  # cubin pack serves: a module's compile-ahead test then builds every kernel it runs)
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+  CUFLASH_TEST_TIMEOUT=${TEST_TIMEOUT:-120} CUFLASH_TEST_SHARD=$2 CUFLASH_POISON=1 \
+    run_stage "$1" timeout "$3" $PY -m pytest -m gpu -q -rfEs --maxfail=10 \
+    -p no:cacheprovider --durations=25 ${PYTEST_XDIST:--n 12 --dist loadfile} \
+    --junitxml="$OUT/results/gpu_$1.xml" tests
+}
+
+fwd_bounds() {  # "head_dim:seqlen ...", "dropout p ...": ncu's sections of the selected
+  # forward (with FWD_BOUNDS_TMA=1 the TMA forward too), one stage a row, loads and p
+  for row in $1; do
+    for tma in 0 ${FWD_BOUNDS_TMA:+1}; do
+      for p in $2; do
+        run_stage "fwd_bounds_d${row%%:*}_s${row##*:}_tma${tma}_p$p" \
+          env CUFLASH_TEST_TMA=$tma ncu --clock-control none -k regex:flash_fwd -s 2 -c 1 \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis \
+          --section MemoryWorkloadAnalysis --section InstructionStats \
+          --section SchedulerStats --section WarpStateStats --section Occupancy \
+          --page details $PY bench/dev/fwd_profile.py --head-dim "${row%%:*}" \
+          --seqlen "${row##*:}" --dropout "$p"
+      done
+    done
+  done
 }
 
 tma_first_stage() {  # name: one TMA box read back raw, then the plain TMA forward (first)
@@ -106,14 +143,13 @@ for stage in $stages; do
         --junitxml="$OUT/results/gpu_$stage.xml" $files ;;
     shard)  # one shard of the GPU suite (SHARD=k/M, default 1/10; tests/conftest.py): the
       # whole suite (6,357 tests on 2026-12-06) took more than a session's device time, in
-      # turns of 10 it fits a call each; over 12 processes, a file's tests in one of them,
-      # one BLAS thread each (12 x the cores' worth of threads on the float64 references
-      # oversubscribes 16 cores: 12 workers ran only 2.4x one in session 32)
-      OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-      CUFLASH_TEST_SHARD=${SHARD:-1/10} CUFLASH_POISON=1 run_stage "shard" \
-        timeout "${SUITE_TIME_BUDGET:-540}" $PY -m pytest -m gpu -q -rfEs --maxfail=10 \
-        -p no:cacheprovider --durations=25 ${PYTEST_XDIST:--n 12 --dist loadfile} \
-        --junitxml="$OUT/results/gpu_shard.xml" tests ;;
+      # turns of 10 it fits a call each (session 34 with the cubin pack: 41-116 s a shard)
+      run_shard shard "${SHARD:-1/10}" "${SUITE_TIME_BUDGET:-540}" ;;
+    shards)  # several shards in one call: SHARDS="4 7 9 10" of SHARD_OF (10), each for at
+      # most SHARD_BUDGET seconds (150); their results are in summary.txt as shard_<k>
+      for k in ${SHARDS:-1 2 3 4 5 6 7 8 9 10}; do
+        run_shard "shard_$k" "$k/${SHARD_OF:-10}" "${SHARD_BUDGET:-150}"
+      done ;;
     sanitize)  # the device's own kernels, then the portable 16-bit ones (wgmma off)
       run_stage sanitize_warm $PY bench/sanitize.py --warm  # compiled in parallel, not under
       CUFLASH_DISABLE_WGMMA=1 run_stage sanitize_warm_portable $PY bench/sanitize.py --warm \
@@ -450,20 +486,16 @@ for stage in $stages; do
           $PY bench/dev/fwd_profile.py ${FWD_NCU_ARGS:---head-dim 256 --seqlen 4096 --causal}
       done ;;
     fwd_bounds)  # what bounds the selected forward (#12's gaps to cuDNN): ncu's throughput,
-      # pipe, memory-workload, scheduler and warp-state sections of one forward kernel for
-      # d128 at 16k and 1k tokens a sequence, d256 at 16k (FWD_BOUNDS_ROWS; 16k tokens, bf16),
-      # printed; with FWD_BOUNDS_TMA=1 the TMA forward too. Does the L2 -> SM traffic (K and V
-      # reread by every query tile: 1 / block_m bytes a FLOP) near its ceiling?
-      for row in ${FWD_BOUNDS_ROWS:-128:16384 128:1024 256:16384}; do
-        for tma in 0 ${FWD_BOUNDS_TMA:+1}; do
-          run_stage "fwd_bounds_d${row%%:*}_s${row##*:}_tma$tma" env CUFLASH_TEST_TMA=$tma \
-            ncu --clock-control none -k regex:flash_fwd -s 2 -c 1 \
-            --section SpeedOfLight --section ComputeWorkloadAnalysis \
-            --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
-            --section Occupancy --page details \
-            $PY bench/dev/fwd_profile.py --head-dim "${row%%:*}" --seqlen "${row##*:}"
-        done
-      done ;;
+      # pipe, memory-workload, instruction, scheduler and warp-state sections of one forward
+      # kernel for d128 at 16k and 1k tokens a sequence, d256 at 16k (FWD_BOUNDS_ROWS; 16k
+      # tokens, bf16), printed; with FWD_BOUNDS_TMA=1 the TMA forward too. Does the L2 -> SM
+      # traffic (K and V reread by every query tile: 1 / block_m bytes a FLOP) near its ceiling?
+      fwd_bounds "${FWD_BOUNDS_ROWS:-128:16384 128:1024 256:16384}" 0 ;;
+    dropout_ncu)  # #15: what the d64 forward spends on dropout (it nearly doubles, and seven
+      # Philox rounds instead of ten saved only 4-7%, session 31): fwd_bounds' sections of
+      # the selected forward without and with dropout 0.1 (DROPOUT_NCU_ROWS head_dim:seqlen,
+      # default 64:4096 128:4096)
+      fwd_bounds "${DROPOUT_NCU_ROWS:-64:4096 128:4096}" "0 0.1" ;;
     varlen_ncu)  # #14's varlen gap (1.107x dense at 2 x 8192, d128, session 27): ncu's
       # throughput, scheduler and warp-state sections of the dense forward as selected
       # (persistent), the dense forward one block per tile, and the packed one
@@ -515,14 +547,32 @@ for stage in $stages; do
         tests/test_gpu_varlen_tma.py
       run_stage varlen_tma $PY bench/dev/varlen_bench.py --tma
       # their zeroed tails under the sanitizer (compiled outside it first)
-      run_stage varlen_tma_warm $PY bench/sanitize.py --warm --boxed-varlen --kinds varlen \
+      run_stage varlen_tma_warm $PY bench/sanitize.py --warm --boxed varlen --kinds varlen \
         --dtypes bfloat16
       run_stage varlen_tma_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
-        --tool memcheck --error-exitcode 1 $PY bench/sanitize.py --boxed-varlen \
+        --tool memcheck --error-exitcode 1 $PY bench/sanitize.py --boxed varlen \
         --kinds varlen --dtypes bfloat16
       TAIL_LINES=12 run_stage varlen_tma_racecheck timeout "${SANITIZE_TIME:-150}" \
         compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY \
-        bench/sanitize.py --boxed-varlen --kinds varlen --dtypes bfloat16 ;;
+        bench/sanitize.py --boxed varlen --kinds varlen --dtypes bfloat16 ;;
+    block_mask_tma)  # the boxed forward under a block mask hung (session 34: the issuing
+      # thread ran the mask's warp ballot alone); with its warp kept (kTmaWarp), not yet run:
+      # test_gpu_tma's forward and backward block-mask cases and the boxed dropout ones with
+      # a mask (both force TMA whatever the selection), then the boxed sparse cases under
+      # memcheck and racecheck. If they pass: TMA_OFF_WHEN = () and test_gpu_block_sparse
+      CUFLASH_POISON=1 run_stage block_mask_tma_tests timeout "${BLOCK_MASK_TMA_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 12} \
+        tests/test_gpu_tma.py tests/test_gpu_dropout_candidates.py \
+        -k "block_masks or (block_mask and boxed)"
+      run_stage block_mask_tma_warm $PY bench/sanitize.py --warm --boxed block_sparse \
+        --kinds sparse --dtypes bfloat16 --head-dims 64,128
+      run_stage block_mask_tma_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+        --tool memcheck --error-exitcode 1 $PY bench/sanitize.py --boxed block_sparse \
+        --kinds sparse --dtypes bfloat16 --head-dims 64,128
+      TAIL_LINES=12 run_stage block_mask_tma_racecheck timeout "${SANITIZE_TIME:-150}" \
+        compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY \
+        bench/sanitize.py --boxed block_sparse --kinds sparse --dtypes bfloat16 \
+        --head-dims 64,128 ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API
       CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \

@@ -72,10 +72,11 @@ def parse_args(argv=None):
     p.add_argument("--kinds", default=None,
                    help="comma-separated case kinds to run (dense, modifiers, varlen, sparse, "
                         "decode; default: all)")
-    p.add_argument("--boxed-varlen", action="store_true",
-                   help="packed sequences' forward and backward loading with bulk tensor "
-                        "copies (candidates, specs.with_forward_tma / with_backward_tma): "
-                        "their zeroed tails under the sanitizer (with --kinds varlen)")
+    p.add_argument("--boxed", default=None, metavar="FLAG",
+                   help="the forward and backward with ModFlags FLAG on (varlen, "
+                        "block_sparse, ...) loading with bulk tensor copies whether or not "
+                        "the selection does (specs.boxed_where): e.g. --boxed varlen --kinds "
+                        "varlen, their zeroed tails; --boxed block_sparse --kinds sparse")
     p.add_argument("--smem-kib", type=int, default=None,
                    help="plan tiles for this shared-memory budget in KiB (default: the device's)")
     return p.parse_args(argv)
@@ -394,14 +395,14 @@ def main(argv=None) -> int:
     print(f"cuflash sanitize run on {name}: batch {SHAPE['batch']}, (seqlen_q, seqlen_k) "
           f"{seqlens(False)}, causal {seqlens(True)}, heads {SHAPE['heads']}/"
           f"{SHAPE['heads_kv']}, smem budget {args.smem_kib or 'device'}", flush=True)
-    if args.boxed_varlen:
+    if args.boxed:
         import contextlib
 
         from cuflash import fastpath
 
         stack = contextlib.ExitStack()
         for name in ("select_forward", "select_backward"):
-            stack.enter_context(fastpath.selector_patched(name, specs.boxed_where("varlen")))
+            stack.enter_context(fastpath.selector_patched(name, specs.boxed_where(args.boxed)))
     if args.warm:
         return warm(args)
     failed = 0

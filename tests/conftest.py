@@ -11,8 +11,10 @@ turns (bench/gpu_suite.sh shard).
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
+import time
 import zlib
 
 import pytest
@@ -121,6 +123,48 @@ def pytest_runtest_logreport(report):
     error = next((x for x in lines if x.startswith("E ")), "")  # the message, then where
     with open(path, "a") as out:
         out.write(f"{report.nodeid} ({report.when}): {error[:300]} | {lines[-1][:200]}\n")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With CUFLASH_TEST_TIMEOUT set (seconds), a test that runs longer ends its process
+    after printing every thread's stack (faulthandler): under xdist the worker's crash fails
+    that test by name and a fresh worker takes the rest, where a hung kernel would otherwise
+    hold the whole stage until its time limit (session 34)."""
+    seconds = float(os.environ.get("CUFLASH_TEST_TIMEOUT") or 0)
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        if seconds > 0:
+            faulthandler.cancel_dump_traceback_later()
+
+
+_running: dict[str, float] = {}  # test id -> its start, seconds since the epoch
+
+
+def _write_running() -> None:
+    path = os.environ.get("CUFLASH_RUNNING_LOG")
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path + ".tmp", "w") as out:
+        out.writelines(f"started {time.strftime('%H:%M:%S', time.gmtime(t))} UTC  {nodeid}\n"
+                       for nodeid, t in _running.items())
+    os.replace(path + ".tmp", path)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With CUFLASH_RUNNING_LOG set, the tests started and not yet finished, rewritten as
+    each starts and ends: a stage killed by its time limit leaves there the tests that were
+    still running (session 34: a hung kernel stalled a shard with no test named)."""
+    _running[nodeid] = time.time()
+    _write_running()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    _running.pop(nodeid, None)
+    _write_running()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The head_dim 256 and 192 Hopper backward on 80- and 96-key tiles (flash_bwd_sm90_hsplit.cu:
-the warpgroups split head_dim for dK and dV; specs.with_backward_head_dim_split, a candidate
-written without a GPU) against the float64 reference (``gpu``): plain, causal (rows with no
+the warpgroups split head_dim for dK and dV; specs.with_backward_head_dim_split, selected on
+Hopper since 5d95584) against the float64 reference (``gpu``): plain, causal (rows with no
 visible key too) and every modifier case of test_gpu_modifiers it serves (the sets where it
 spilled keep the role split), packed sequences, GQA splits of the kv heads, lengths that are
 not multiples of the tiles, seqlen_q != seqlen_k, widths inside a bucket; fp16 and bf16; dq,
@@ -247,12 +247,17 @@ def test_declined_sets_keep_the_role_split(hsplit):
         assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
 
 
-def test_not_selected():
-    """A candidate until gpu_suite.sh bwd_hsplit has timed it."""
+def test_selected_where_it_serves():
+    """Selected at head_dim 192 / 256 since 5d95584 (bulk dQ by default, ordered dQ in the
+    deterministic mode), plain and causal, on the device in hand."""
     from cuflash import launch
 
     facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        pytest.skip("a Hopper backward")
     for d in (192, 256):
         for causal in (False, True):
-            picked = specs.select_backward(facts, "bfloat16", d, causal, False)
-            assert picked.source != "flash_bwd_sm90_hsplit.cu", picked.name
+            for deterministic in (False, True):
+                picked = specs.select_backward(facts, "bfloat16", d, causal, deterministic)
+                assert picked.source == "flash_bwd_sm90_hsplit.cu", picked.name
+                assert picked.dq_ordered == deterministic, picked.name

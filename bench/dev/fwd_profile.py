@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                         help="the same batch as packed sequences of equal length")
     parser.add_argument("--one-block-per-tile", action="store_true",
                         help="the selected forward without persistent blocks")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout probability (#15: what the d64 forward spends on it)")
     args = parser.parse_args(argv)
     import torch
 
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
             cuflash.attention_varlen_forward(*packed, cu, cu, args.seqlen, args.seqlen,
                                              causal=args.causal)
     for _ in range(0 if args.varlen else args.calls):
-        cuflash.attention_forward(q, k, v, causal=args.causal)
+        cuflash.attention_forward(q, k, v, causal=args.causal, dropout_p=args.dropout,
+                                  dropout_seed=1234 if args.dropout else None)
     torch.cuda.synchronize()
     return 0
 
