@@ -38,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import api, block_sparse, head_pad, jax_decode, jax_modifiers, validate, xla_ffi
+from . import api, block_sparse, head_pad, jax_decode, jax_modifiers, philox, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 from .plan import Shape
 from .stats import SoftmaxStats
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "dropout_words", "dropout_seed_offset"]
 
 _VMAP_METHOD = "broadcast_all"
 _FORWARD_TARGET = "cuflash_attention_fwd"
@@ -293,44 +293,49 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # -- calls with score modifiers (docs/masks.md): their own targets, cuflash.jax_modifiers ---
 
 
-def _forward_mods(q, k, v, slopes, sinks, mask, options: jax_modifiers.Options):
-    """(o, m, l) of a call with modifiers (or a block mask), for concrete or traced arrays."""
-    if _is_concrete(q, k, v, slopes, sinks, mask):
-        o, stats = api.attention_forward(q, k, v, **_api_options(options, slopes, sinks, mask))
+def _forward_mods(q, k, v, slopes, sinks, mask, rng, options: jax_modifiers.Options):
+    """(o, m, l) of a call with modifiers, a block mask or dropout, for concrete or traced
+    arrays."""
+    if _is_concrete(q, k, v, slopes, sinks, mask, rng):
+        o, stats = api.attention_forward(q, k, v, **_api_options(options, slopes, sinks, mask,
+                                                                 rng))
         return o, stats.m, stats.l
     jax_modifiers.register_targets()
     specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), _stats_spec(q), _stats_spec(q))
     call = jax.ffi.ffi_call(jax_modifiers.FORWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
-    return tuple(call(q, k, v, *_extra_operands(q, slopes, sinks, mask),
+    return tuple(call(q, k, v, *_extra_operands(q, slopes, sinks, mask, rng),
                       **options.attributes()))
 
 
-def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, options: jax_modifiers.Options,
-                   deterministic: bool):
+def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, rng,
+                   options: jax_modifiers.Options, deterministic: bool):
     """(dq, dk, dv), and dsinks with sinks, for concrete or traced arrays."""
-    if _is_concrete(do, q, k, v, o, m, l, slopes, sinks, mask):
+    if _is_concrete(do, q, k, v, o, m, l, slopes, sinks, mask, rng):
         return api.attention_backward(do, q, k, v, o, SoftmaxStats(m, l),
                                       deterministic=deterministic,
-                                      **_api_options(options, slopes, sinks, mask))
+                                      **_api_options(options, slopes, sinks, mask, rng))
     jax_modifiers.register_targets()
     specs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
     specs += (_scratch_spec(q, k, deterministic),)
     if sinks is not None:
         specs += (jax.ShapeDtypeStruct(sinks.shape, jnp.float32),)
     call = jax.ffi.ffi_call(jax_modifiers.BACKWARD_TARGET, specs, vmap_method=_VMAP_METHOD)
-    grads = call(do, q, k, v, o, m, l, *_extra_operands(q, slopes, sinks, mask),
+    grads = call(do, q, k, v, o, m, l, *_extra_operands(q, slopes, sinks, mask, rng),
                  deterministic=bool(deterministic), **options.attributes())
     return tuple(grads[:3]) + tuple(grads[4:])  # grads[3]: the CUDA kernels' scratch
 
 
-def _api_options(options: jax_modifiers.Options, slopes, sinks, mask=None) -> dict:
+def _api_options(options: jax_modifiers.Options, slopes, sinks, mask=None, rng=None) -> dict:
     sparse = {} if mask is None else dict(block_mask=mask, block_size=options.block_size)
+    if rng is not None:  # concrete: its words read back to the host
+        seed, offset = jax_modifiers.seed_offset(np.asarray(rng))
+        sparse.update(dropout_p=options.dropout_p, dropout_seed=seed, dropout_offset=offset)
     return dict(causal=options.causal, softmax_scale=options.softmax_scale,
                 window=options.window, softcap=options.softcap, alibi_slopes=slopes,
                 sinks=sinks, **sparse)
 
 
-def _extra_operands(q, slopes, sinks, mask=None) -> list:
+def _extra_operands(q, slopes, sinks, mask=None, rng=None) -> list:
     """The targets' optional operands. Slopes go as (batch, heads), so that vmap's leading
     axes fold into the batch with q's (a (heads,) array would be tiled per vmapped entry,
     not per batch entry)."""
@@ -341,26 +346,29 @@ def _extra_operands(q, slopes, sinks, mask=None) -> list:
         extra.append(sinks)
     if mask is not None:
         extra.append(mask)
+    if rng is not None:
+        extra.append(rng)
     return extra
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic):
-    return _forward_mods(q, k, v, slopes, sinks, mask, options)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _flash_mods(q, k, v, slopes, sinks, mask, rng, options, deterministic):
+    return _forward_mods(q, k, v, slopes, sinks, mask, rng, options)[0]
 
 
-def _flash_mods_fwd(q, k, v, slopes, sinks, mask, options, deterministic):
-    o, m, l = _forward_mods(q, k, v, slopes, sinks, mask, options)
-    return o, (q, k, v, slopes, sinks, mask, o, m, l)
+def _flash_mods_fwd(q, k, v, slopes, sinks, mask, rng, options, deterministic):
+    o, m, l = _forward_mods(q, k, v, slopes, sinks, mask, rng, options)
+    return o, (q, k, v, slopes, sinks, mask, rng, o, m, l)
 
 
 def _flash_mods_bwd(options, deterministic, residuals, do):
-    q, k, v, slopes, sinks, mask, o, m, l = residuals
-    grads = _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, options, deterministic)
-    # sinks get their gradient (float32 (heads,)); ALiBi slopes and the block mask none
-    # (constants, as in FlashAttention): None is JAX's zero cotangent
+    q, k, v, slopes, sinks, mask, rng, o, m, l = residuals
+    grads = _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, rng, options,
+                           deterministic)
+    # sinks get their gradient (float32 (heads,)); ALiBi slopes, the block mask and the
+    # dropout words none (constants, as in FlashAttention): None is JAX's zero cotangent
     dsinks = grads[3] if sinks is not None else None
-    return (*grads[:3], None, dsinks, None)
+    return (*grads[:3], None, dsinks, None, None)
 
 
 _flash_mods.defvjp(_flash_mods_fwd, _flash_mods_bwd)
@@ -381,7 +389,7 @@ def _stand_in(x):
 
 
 def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sinks,
-                     block_mask=None, block_size=block_sparse.BLOCK_SIZE
+                     block_mask=None, block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0
                      ) -> jax_modifiers.Options:
     """The core API's checks on shapes and dtypes, for concrete and traced arrays alike."""
     for x, name in ((alibi_slopes, "alibi_slopes"), (sinks, "sinks"),
@@ -399,12 +407,46 @@ def _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes, sink
     return jax_modifiers.Options(causal=causal, softmax_scale=scale, window=mods.window,
                                  softcap=mods.softcap, alibi=alibi_slopes is not None,
                                  sinks=sinks is not None, block_mask=block_mask is not None,
-                                 block_size=size)
+                                 block_size=size, dropout_p=dropout_p)
+
+
+def dropout_words(key):
+    """The uint32 (3,) words (seed low, seed high, offset) of dropout's Philox stream drawn
+    from the JAX PRNG key ``key`` (``jax.random.key`` or a legacy ``jax.random.PRNGKey``):
+    ``jax.random.bits(key, (3,), uint32)``. Traced keys give traced words (jit, vmap)."""
+    return jax.random.bits(key, (3,), jnp.uint32)
+
+
+def dropout_seed_offset(key) -> tuple[int, int]:
+    """(dropout_seed, dropout_offset) of a concrete key: the core API's arguments that give
+    the mask ``flash_attention(..., dropout_key=key)`` draws (``cuflash.dropout_mask``
+    materialises it)."""
+    return jax_modifiers.seed_offset(np.asarray(dropout_words(key)))
+
+
+def _check_dropout_key(dropout_p: float, key) -> None:
+    if key is None:
+        if dropout_p > 0:
+            raise ValueError("dropout_key: expected a JAX PRNG key (jax.random.key(seed)) "
+                             f"with dropout_p > 0, got None (dropout_p={dropout_p})")
+        return
+    if not isinstance(key, (jax.Array, jax.core.Tracer)):
+        raise TypeError(f"dropout_key: expected a JAX PRNG key (jax.random.key(seed)), got "
+                        f"{type(key).__name__}")
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if typed and key.shape != ():
+        raise ValueError(f"dropout_key: expected one key (shape ()), got shape "
+                         f"{tuple(key.shape)}; vmap over keys to run several")
+    if not typed and (key.dtype != jnp.uint32 or key.shape != (2,)):
+        raise TypeError(f"dropout_key: expected a typed key (jax.random.key) or a legacy "
+                        f"uint32 (2,) jax.random.PRNGKey, got {key.dtype} with shape "
+                        f"{tuple(key.shape)}")
 
 
 def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
                     deterministic: bool = False, window=None, softcap=None, alibi_slopes=None,
-                    sinks=None, block_mask=None, block_size=block_sparse.BLOCK_SIZE):
+                    sinks=None, block_mask=None, block_size=block_sparse.BLOCK_SIZE,
+                    dropout_p: float = 0.0, dropout_key=None):
     """Exact attention ``softmax(softmax_scale * q @ k^T) @ v`` with a custom VJP.
 
     Args:
@@ -431,6 +473,16 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
             docs/block_sparse.md): a bool array (JAX or NumPy) of shape (batch | 1,
             heads | 1, ceil(seqlen_q / block_m), ceil(seqlen_k / block_n)); ``block_size``
             static. No gradient.
+        dropout_p, dropout_key: dropout on the attention probabilities (docs/dropout.md):
+            ``dropout_p`` a static real in [0, 1); ``dropout_key`` a JAX PRNG key
+            (``jax.random.key``; traced under jit / vmap), required when dropout_p > 0. The
+            key's three words (``dropout_words``) are the Philox seed and offset, so the
+            same key gives the same mask, a split key another; the backward regenerates the
+            forward's. ``dropout_seed_offset(key)`` gives the core API's seed and offset
+            (``cuflash.dropout_mask`` materialises the mask). Eager calls read the words on
+            the host; so does the CUDA target under jit (a 12-byte copy that waits for the
+            stream up to this call, until the kernels read the seed from device memory).
+            Under vmap each entry runs as its own call with its own key.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim_v), q's dtype.
@@ -451,14 +503,16 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
     deterministic = validate.check_bool(deterministic, "deterministic")
     scale = validate.check_scale(softmax_scale, q.shape[-1])  # of q's own head_dim
     window, softcap = validate.check_window(window), validate.check_softcap(softcap)
+    dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
+    _check_dropout_key(dropout_p, dropout_key)
     plain = (window is None and softcap is None and alibi_slopes is None and sinks is None
-             and block_mask is None)
+             and block_mask is None and dropout_p == 0)
     if plain:  # the shapes' errors before any padding
         validate.check_forward(*(_shape_only(x) for x in (q, k, v)), causal=causal,
                                softmax_scale=scale)
     else:
         options = _check_modifiers(q, k, v, causal, scale, window, softcap, alibi_slopes,
-                                   sinks, block_mask, block_size)
+                                   sinks, block_mask, block_size, dropout_p)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)  # NumPy in: JAX arrays out
     head_dim_v = v.shape[-1]
     # concrete arrays go to the API as they are (it pads, or a kernel takes the pair)
@@ -470,7 +524,8 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
         slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
         sinks = None if sinks is None else jnp.asarray(sinks)
         mask = None if block_mask is None else jnp.asarray(block_mask)
-        o = _flash_mods(q, k, v, slopes, sinks, mask, options, deterministic)
+        rng = dropout_words(dropout_key) if dropout_p > 0 else None
+        o = _flash_mods(q, k, v, slopes, sinks, mask, rng, options, deterministic)
     return o[..., :head_dim_v] if padded else o
 
 

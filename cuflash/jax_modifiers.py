@@ -4,9 +4,10 @@ Plain calls keep their own targets (``cuflash_attention_fwd`` / ``_bwd`` in cufl
 untouched: same operands, attributes and memoized CUDA hot path. A call with a window,
 softcap, ALiBi slopes or sinks (docs/masks.md) goes to these two instead:
 
-* ``cuflash_attention_fwd_mods``: (q, k, v, [slopes], [sinks], [block_mask]) -> (o, m, l)
-* ``cuflash_attention_bwd_mods``: (do, q, k, v, o, m, l, [slopes], [sinks], [block_mask])
-  -> (dq, dk, dv, scratch, [dsinks])
+* ``cuflash_attention_fwd_mods``: (q, k, v, [slopes], [sinks], [block_mask], [rng])
+  -> (o, m, l)
+* ``cuflash_attention_bwd_mods``: (do, q, k, v, o, m, l, [slopes], [sinks], [block_mask],
+  [rng]) -> (dq, dk, dv, scratch, [dsinks])
 
 The attributes ``alibi``, ``sinks`` and ``block_mask`` (bools) say which optional operands
 are present (a block mask, docs/block_sparse.md, with its ``block_m`` / ``block_n``);
@@ -14,10 +15,17 @@ are present (a block mask, docs/block_sparse.md, with its ``block_m`` / ``block_
 ``causal`` and ``softmax_scale`` are. Slopes always arrive as (batch, heads): the caller
 broadcasts (heads,) ones, so vmap's leading axes fold into the batch like q's.
 
+Dropout (``dropout_p`` > 0, static, docs/dropout.md) adds the operand ``rng``: uint32 (3,),
+the words (seed low, seed high, offset) that cuflash.jax draws from the caller's PRNG key.
+The handler reads them on the host: on CUDA a 12-byte copy that waits for XLA's stream up to
+this call (the kernels take the seed as launch arguments).
+
 Sinks are one logit per head for the whole batch (and dsinks one sum over it), so a vmapped
 call with sinks cannot fold its leading axes into the batch: the handler runs one call per
 leading entry, each with its own sinks, dsinks and scratch (a loop of launches on the same
-stream, not a loop in Python over JAX calls).
+stream, not a loop in Python over JAX calls). Dropout does the same, so that each entry's
+mask is the one an unbatched call with its key would draw (the mask depends on the batch
+index).
 
 The handlers validate every execution (the plain targets memoize by signature; calls with
 modifiers pay the checks' host time).
@@ -29,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import block_sparse, validate, xla_ffi
+from . import block_sparse, philox, validate, xla_ffi
 from . import launch as launch_mod
 from . import plan as planning
 
@@ -49,6 +57,7 @@ class Options:
     sinks: bool
     block_mask: bool = False
     block_size: tuple[int, int] = block_sparse.BLOCK_SIZE
+    dropout_p: float = 0.0
 
     def attributes(self) -> dict:
         left, right = self.window or (-1, -1)
@@ -57,7 +66,8 @@ class Options:
                 "window_left": np.int64(left), "window_right": np.int64(right),
                 "softcap": np.float64(self.softcap or 0.0), "alibi": self.alibi,
                 "sinks": self.sinks, "block_mask": self.block_mask,
-                "block_m": np.int64(self.block_size[0]), "block_n": np.int64(self.block_size[1])}
+                "block_m": np.int64(self.block_size[0]), "block_n": np.int64(self.block_size[1]),
+                "dropout_p": np.float64(self.dropout_p)}
 
     @classmethod
     def of(cls, call: xla_ffi.Call) -> "Options":
@@ -68,12 +78,22 @@ class Options:
                    softcap=validate.check_softcap(float(a["softcap"])),
                    alibi=bool(a["alibi"]), sinks=bool(a["sinks"]),
                    block_mask=bool(a["block_mask"]),
-                   block_size=(int(a["block_m"]), int(a["block_n"])))
+                   block_size=(int(a["block_m"]), int(a["block_n"])),
+                   dropout_p=float(a.get("dropout_p", 0.0)))
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_p > 0
+
+    @property
+    def split(self) -> bool:
+        """One call per vmapped entry (sinks and dropout: see the module docstring)."""
+        return self.sinks or self.dropout
 
     def extra_ndims(self) -> list[int]:
         """ndim of the optional operands, in order: slopes (batch, heads), sinks (heads,),
-        the block mask (batch | 1, heads | 1, query blocks, key blocks)."""
-        return [2] * self.alibi + [1] * self.sinks + [4] * self.block_mask
+        the block mask (batch | 1, heads | 1, query blocks, key blocks), dropout's rng (3,)."""
+        return [2] * self.alibi + [1] * self.sinks + [4] * self.block_mask + [1] * self.dropout
 
     def check(self, q, problem: validate.Problem, extra) -> validate.Modifiers:
         """``validate.check_modifiers`` on the optional operands (backend arrays)."""
@@ -84,13 +104,33 @@ class Options:
                                         alibi_slopes=slopes, sinks=sinks)
 
     def sparse_kwargs(self, problem: validate.Problem, extra) -> dict:
-        """The block mask's keyword arguments (checked; the last optional operand)."""
+        """The block mask's keyword arguments (checked; the optional operand before rng)."""
         if not self.block_mask:
             return {}
-        mask = block_sparse.check_block_mask(extra[-1], self.block_size, problem.batch,
-                                             problem.heads, problem.seqlen_q,
-                                             problem.seqlen_k)
+        mask = block_sparse.check_block_mask(extra[len(extra) - 1 - self.dropout],
+                                             self.block_size, problem.batch, problem.heads,
+                                             problem.seqlen_q, problem.seqlen_k)
         return {"block_mask": mask, "block_size": self.block_size}
+
+    def dropout_kwargs(self, extra) -> dict:
+        """Dropout's keyword arguments from the rng operand (the last): its three words read
+        on the host (a NumPy view, or a CuPy array copied back)."""
+        if not self.dropout:
+            return {}
+        words = extra[-1]
+        words = [int(w) for w in (words.get() if hasattr(words, "get") else words)]
+        seed, offset = seed_offset(words)
+        philox.check_dropout(self.dropout_p, seed, offset)
+        return {"dropout_p": self.dropout_p, "dropout_seed": seed, "dropout_offset": offset}
+
+
+def seed_offset(words) -> tuple[int, int]:
+    """(dropout_seed, dropout_offset) of the three uint32 words (seed low, seed high,
+    offset) that cuflash.jax draws from a PRNG key."""
+    if len(words) != 3:
+        raise ValueError(f"rng: expected 3 uint32 words, got {len(words)}")
+    lo, hi, offset = (int(w) & 0xFFFFFFFF for w in words)
+    return lo | hi << 32, offset
 
 
 def _calls(buffers, ndims, split: bool) -> list[list[xla_ffi.BufferView]]:
@@ -108,7 +148,7 @@ def forward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     """(q, k, v, [slopes], [sinks]) -> (o, m, l), written into XLA's result buffers."""
     options = Options.of(call)
     ndims = [4, 4, 4] + options.extra_ndims() + [4, 3, 3]
-    for views in _calls(call.args + call.rets, ndims, split=options.sinks):
+    for views in _calls(call.args + call.rets, ndims, split=options.split):
         if on_cuda:
             _cuda_forward(call, views, options)
         else:
@@ -125,7 +165,8 @@ def _cpu_forward(views, options: Options) -> None:
     mods = options.check(q, problem, extra)
     results = flash_forward_cpu(q, k, v, causal=problem.causal,
                                 softmax_scale=problem.softmax_scale, **mods.cpu_kwargs(),
-                                **options.sparse_kwargs(problem, extra))
+                                **options.sparse_kwargs(problem, extra),
+                                **options.dropout_kwargs(extra))
     for out, value in zip(outs, results):  # the NumPy path allocates its outputs
         np.copyto(out, value)
 
@@ -140,7 +181,8 @@ def _cuda_forward(call: xla_ffi.Call, views, options: Options) -> None:
         # writes into XLA's buffers on XLA's stream (CuPy's current one here)
         launch_mod.flash_forward_gpu(q, k, v, dtype=problem.dtype, causal=problem.causal,
                                      softmax_scale=problem.softmax_scale, out=tuple(outs),
-                                     **mods.cpu_kwargs(), **options.sparse_kwargs(problem, extra))
+                                     **mods.cpu_kwargs(), **options.sparse_kwargs(problem, extra),
+                                     **options.dropout_kwargs(extra))
 
 
 # -- backward ------------------------------------------------------------------------------
@@ -152,8 +194,8 @@ def backward_target(call: xla_ffi.Call, *, on_cuda: bool) -> None:
     deterministic = bool(call.attrs["deterministic"])
     ndims = ([4] * 5 + [3, 3] + options.extra_ndims() + [4, 4, 4, 1]
              + [1] * options.sinks)
-    for views in _calls(call.args + call.rets, ndims, split=options.sinks):
-        n_in = 7 + options.alibi + options.sinks + options.block_mask
+    for views in _calls(call.args + call.rets, ndims, split=options.split):
+        n_in = 7 + options.alibi + options.sinks + options.block_mask + options.dropout
         inputs, outputs = views[:n_in], views[n_in:]
         if on_cuda:
             _cuda_backward(call, inputs, outputs, options, deterministic)
@@ -171,7 +213,8 @@ def _cpu_backward(inputs, outputs, options: Options) -> None:
     mods = options.check(q, problem, extra)
     grads = flash_backward_cpu(do, q, k, v, o, m, l, causal=problem.causal,
                                softmax_scale=problem.softmax_scale, **mods.cpu_kwargs(),
-                               **options.sparse_kwargs(problem, extra))
+                               **options.sparse_kwargs(problem, extra),
+                               **options.dropout_kwargs(extra))
     results = [b.as_numpy() for b in outputs[:3] + outputs[4:]]  # outputs[3]: CUDA scratch
     for out, value in zip(results, grads, strict=True):
         np.copyto(out, value)
@@ -188,12 +231,16 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
                                           softmax_scale=options.softmax_scale)
         mods = options.check(q, problem, extra)
         sparse = options.sparse_kwargs(problem, extra)
+        dropout = options.dropout_kwargs(extra)
+        drop = (launch_mod.dropout_args(dropout["dropout_p"], dropout["dropout_seed"],
+                                        dropout["dropout_offset"], problem.heads)
+                if dropout else None)
         dq, dk, dv = (launch_mod.poison(b.as_cupy(device_id), problem.dtype)  # tests' NaN
                       for b in outputs[:3])
         dsinks = outputs[4].as_cupy(device_id) if options.sinks else None
         shape = launch_mod.shape_of(q, k, problem.dtype, problem.causal, planning.mod_flags(
             mods.window, mods.softcap, mods.alibi_slopes, mods.sinks, problem.causal,
-            options.block_mask))
+            options.block_mask, options.dropout))
         plan = bsp = None
         if not shape.empty:  # the selector's ValueError before anything is written
             plan = launch_mod.backward_plan(shape, device_id, deterministic)
@@ -224,7 +271,7 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         operands = [launch_mod.cupy_operand(x) for x in (do, q, k, v, o, dq, dk, dv)]
         launch_mod.run_backward(plan, *operands[:5], m.data.ptr, l.data.ptr, *operands[5:],
                                 problem.softmax_scale, scratch.data, call.stream(), device_id,
-                                args, bsp=bsp)
+                                args, bsp=bsp, drop=drop)
 
 
 def register_targets() -> None:
