@@ -80,12 +80,14 @@ def selected_specs(facts: DeviceFacts, dtypes: Sequence[str] | None = None,
 
 def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] | None = None,
                  head_dims: Sequence[int] | None = None, *, varlen: bool = False,
-                 block_sparse: bool = False,
-                 dropout: bool = False) -> list[tuple[KernelSpec, str]]:
+                 block_sparse: bool = False, dropout: bool = False,
+                 device_rng: bool = False) -> list[tuple[KernelSpec, str]]:
     """(spec, arch) for every spec the selector can pick on each arch (and smaller budgets),
     optionally only for some dtypes and head_dims. ``varlen``: those specs compiled for
     packed sequences instead (what the selector picks for varlen calls; no decode kernels);
-    ``block_sparse``: for block masks instead (likewise); ``dropout``: for dropout."""
+    ``block_sparse``: for block masks instead (likewise); ``dropout``: for dropout;
+    ``device_rng``: for dropout with the words in device memory (specs.with_device_rng)."""
+    dropout = dropout or device_rng
     mods = specs.ModFlags(varlen=varlen, block_sparse=block_sparse, dropout=dropout)
     work = []
     for arch in archs:
@@ -99,6 +101,7 @@ def compile_work(archs: Sequence[str], all_budgets: bool, dtypes: Sequence[str] 
             # their rotated walk: compile that form too, as a large GPU selects it
             large = replace(facts, sm_count=128)
             for spec in selected_specs(facts, dtypes, head_dims, mods):
+                spec = specs.with_device_rng(spec) if device_rng else spec
                 for form in (spec, specs.with_ordered_rotation(spec, large)):
                     if form.name not in seen:
                         seen.add(form.name)

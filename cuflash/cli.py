@@ -188,7 +188,7 @@ def cmd_compile(args) -> int:
     try:
         work = aot.compile_work(archs, args.all_budgets, args.dtype, args.head_dim,
                                 varlen=args.varlen, block_sparse=args.block_sparse,
-                                dropout=args.dropout)
+                                dropout=args.dropout, device_rng=args.device_rng)
     except ValueError as exc:  # a head_dim outside 8..256
         print(f"compile: {exc}", file=sys.stderr)
         return 2
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same specs compiled for block masks (CF_BLOCK_SPARSE, no decode)")
     p.add_argument("--dropout", action="store_true",
                    help="the same specs compiled for dropout (CF_DROPOUT, no decode)")
+    p.add_argument("--device-rng", action="store_true",
+                   help="dropout with the seed read from device memory (CF_DROP_RNG_PTR)")
     p.set_defaults(fn=cmd_compile)
     p = sub.add_parser("warmup", help="compile the kernels this GPU selects into the cache "
                                       "its first calls read")

@@ -480,9 +480,9 @@ def flash_attention(q, k, v, *, causal: bool = False, softmax_scale: float | Non
             same key gives the same mask, a split key another; the backward regenerates the
             forward's. ``dropout_seed_offset(key)`` gives the core API's seed and offset
             (``cuflash.dropout_mask`` materialises the mask). Eager calls read the words on
-            the host; so does the CUDA target under jit (a 12-byte copy that waits for the
-            stream up to this call, until the kernels read the seed from device memory).
-            Under vmap each entry runs as its own call with its own key.
+            the host; under jit they are an operand, which the CUDA kernels read from
+            XLA's buffer when they run. Under vmap each entry runs as its own call with its
+            own key.
 
     Returns:
         o: (batch, seqlen_q, heads, head_dim_v), q's dtype.

@@ -17,8 +17,8 @@ broadcasts (heads,) ones, so vmap's leading axes fold into the batch like q's.
 
 Dropout (``dropout_p`` > 0, static, docs/dropout.md) adds the operand ``rng``: uint32 (3,),
 the words (seed low, seed high, offset) that cuflash.jax draws from the caller's PRNG key.
-The handler reads them on the host: on CUDA a 12-byte copy that waits for XLA's stream up to
-this call (the kernels take the seed as launch arguments).
+The CPU handler reads them; on CUDA the kernels read them from XLA's buffer when they run
+(``specs.with_device_rng``), so nothing waits for the stream.
 
 Sinks are one logit per head for the whole batch (and dsinks one sum over it), so a vmapped
 call with sinks cannot fold its leading axes into the batch: the handler runs one call per
@@ -113,13 +113,16 @@ class Options:
         return {"block_mask": mask, "block_size": self.block_size}
 
     def dropout_kwargs(self, extra) -> dict:
-        """Dropout's keyword arguments from the rng operand (the last): its three words read
-        on the host (a NumPy view, or a CuPy array copied back)."""
+        """Dropout's keyword arguments from the rng operand (the last): on the CPU its three
+        words as the seed and offset; on CUDA (a CuPy array) the array itself, which the
+        kernels read when they run (``launch.flash_forward_gpu``'s ``dropout_rng``)."""
         if not self.dropout:
             return {}
         words = extra[-1]
-        words = [int(w) for w in (words.get() if hasattr(words, "get") else words)]
-        seed, offset = seed_offset(words)
+        if not isinstance(words, np.ndarray):  # CuPy: left on the device
+            philox.check_dropout(self.dropout_p, 0, 0)
+            return {"dropout_p": self.dropout_p, "dropout_rng": words}
+        seed, offset = seed_offset([int(w) for w in words])
         philox.check_dropout(self.dropout_p, seed, offset)
         return {"dropout_p": self.dropout_p, "dropout_seed": seed, "dropout_offset": offset}
 
@@ -232,8 +235,8 @@ def _cuda_backward(call: xla_ffi.Call, inputs, outputs, options: Options,
         mods = options.check(q, problem, extra)
         sparse = options.sparse_kwargs(problem, extra)
         dropout = options.dropout_kwargs(extra)
-        drop = (launch_mod.dropout_args(dropout["dropout_p"], dropout["dropout_seed"],
-                                        dropout["dropout_offset"], problem.heads)
+        drop = (launch_mod.dropout_args(dropout["dropout_p"], None, 0, problem.heads,
+                                        launch_mod.rng_address(dropout["dropout_rng"]))
                 if dropout else None)
         dq, dk, dv = (launch_mod.poison(b.as_cupy(device_id), problem.dtype)  # tests' NaN
                       for b in outputs[:3])

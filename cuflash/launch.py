@@ -139,7 +139,9 @@ class DropoutArgs(NamedTuple):
     """A dropout call's run-time kernel arguments (cf_philox.cuh's CF_DROP_PARAMS): the
     seed's two words, the offset, the byte threshold, ``philox.keep_scale``, and the heads
     that turn a launch's first batch entry b0 into the Philox head index b0 * heads. Only
-    dropout kernels take them."""
+    dropout kernels take them. ``rng``: the device address of the three words (seed low,
+    seed high, offset) instead, read by the kernels when they run (``specs.with_device_rng``
+    kernels; the launch functions switch to them)."""
 
     seed_lo: int
     seed_hi: int
@@ -147,14 +149,28 @@ class DropoutArgs(NamedTuple):
     threshold: int
     scale: float
     heads: int
+    rng: int = 0
 
     def kernel_args(self, b0: int = 0) -> tuple:
-        return (self.seed_lo, self.seed_hi, self.offset, self.threshold, self.scale,
-                b0 * self.heads)
+        words = (self.rng,) if self.rng else (self.seed_lo, self.seed_hi, self.offset)
+        return (*words, self.threshold, self.scale, b0 * self.heads)
+
+    def kernel(self, kernel: planning.Launch) -> planning.Launch:
+        """The launch of ``kernel`` that takes these arguments (device words: the
+        ``CF_DROP_RNG_PTR`` variant of a dropout kernel)."""
+        if not self.rng or not kernel.spec.mods.dropout:
+            return kernel
+        return planning.Launch(specs.with_device_rng(kernel.spec), kernel.grid,
+                               kernel.batch_per_launch)
 
 
-def dropout_args(dropout_p: float, seed: int, offset: int, heads: int) -> DropoutArgs:
-    """``DropoutArgs`` of a validated (dropout_p > 0, seed, offset) for ``heads`` query heads."""
+def dropout_args(dropout_p: float, seed: int | None, offset: int, heads: int,
+                 rng: int = 0) -> DropoutArgs:
+    """``DropoutArgs`` of a validated (dropout_p > 0, seed, offset) for ``heads`` query heads;
+    or, with ``rng`` (a device address of three uint32 words), of the words found there."""
+    if rng:
+        return DropoutArgs(0, 0, 0, philox.keep_threshold(dropout_p),
+                           philox.keep_scale(dropout_p), heads, rng)
     return DropoutArgs(seed & 0xFFFFFFFF, seed >> 32, offset, philox.keep_threshold(dropout_p),
                        philox.keep_scale(dropout_p), heads)
 
@@ -264,6 +280,7 @@ _SIGNATURES = {
 _SIGNATURES["fwd90"] = _SIGNATURES["fwd"]
 BSP = "pqqiii"  # cf_mask.cuh's CF_BSP_PARAMS, after SEQ in block-sparse kernels only
 DROP = "uuuufi"  # cf_philox.cuh's CF_DROP_PARAMS, after those in dropout kernels only
+DROP_RNG = "pufi"  # the same with CF_DROP_RNG_PTR: the words' address for the first three
 # TMA kernels only, last: a tensor map per array of specs.tma_maps (flash_fwd_sm90_ws.cu's
 # CF_TMA_PARAMS: q, k, v; flash_bwd_sm90_ws.cu's CF_BWD_TMA_PARAMS: q, k, v, dout)
 
@@ -272,7 +289,8 @@ def signature_of(spec, kind: str | None = None) -> str:
     """The parameter letters of ``spec``'s entry point (``kind``: of another table row)."""
     signature = _SIGNATURES[kind or spec.kind]
     signature += BSP if spec.mods.block_sparse else ""
-    signature += DROP if spec.mods.dropout else ""
+    if spec.mods.dropout:
+        signature += DROP_RNG if specs.device_rng(spec) else DROP
     return signature + "T" * len(specs.tma_maps(spec)) if kind is None else signature
 # struct's native (C) alignment; u: unsigned int
 _FORMATS = {"p": "P", "i": "i", "u": "I", "q": "q", "f": "f"}
@@ -548,6 +566,7 @@ def launch_forward(plan: planning.ForwardPlan, ptrs: tuple, tail: tuple, itemsiz
     Every element of o, m, l is written (for a non-empty call: the caller handles
     ``Shape.empty`` itself)."""
     s, kernel = plan.shape, plan.kernel
+    kernel = drop.kernel(kernel) if drop else kernel
     boxed = specs.loads_with_tma(kernel.spec)
     if boxed and (forward_maps(s, kernel.spec, ptrs, tail, 0) is None
                   or specs.clustered(kernel.spec) and kernel.grid[0] % 2):
@@ -687,7 +706,7 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
         _launch(plan.pre, device_id, z, _SIGNATURES["bwd_pre"], args, stream, s)
 
     # -- dK, dV (and dQ by atomics unless deterministic)
-    main = plan.main
+    main = drop.kernel(plan.main) if drop else plan.main
     boxed = specs.loads_with_tma(main.spec)
     if boxed and backward_maps(s, main.spec, q, k, v, do, 0) is None:
         main, boxed = _without_tma(main), False
@@ -715,13 +734,14 @@ def run_backward(plan: planning.BackwardPlan, do: Operand, q: Operand, k: Operan
         _launch(main, device_id, z, signature, args, stream, s)
 
     if plan.dq is not None:  # -- dQ by its own pass over query tiles: no atomics
-        for b0, z in _batch_slices(plan.dq, s.batch):
+        dq_pass = drop.kernel(plan.dq) if drop else plan.dq
+        for b0, z in _batch_slices(dq_pass, s.batch):
             st = b0 * stats_row
             args = (_at(q, b0), _at(k, b0), _at(v, b0), _at(do, b0), lse2 + st, delta + st,
                     _at(dq, b0), *scalars, *_strides(q, k, v, do, dq), *scales,
                     *mods.kernel_args(b0), *seq.kernel_args(b0), *bsp_args(b0),
                     *drop_args(b0))
-            _launch(plan.dq, device_id, z, signature_of(plan.dq.spec), args, stream, s)
+            _launch(dq_pass, device_id, z, signature_of(dq_pass.spec), args, stream, s)
     else:
         _convert(plan.dq_convert, dq_accum, q_row, dq, s.seqlen_q, s.heads, s, device_id,
                  stream, seq.cu_seqlens_q, tile_d, softmax_scale)
@@ -824,10 +844,20 @@ def modifiers_of(shape: planning.Shape, window, softcap, alibi_slopes, sinks,
                     ptr(dsinks) if dsinks is not None else 0)
 
 
+def rng_address(words) -> int:
+    """The device address of dropout's three uint32 words (a CuPy array), or 0 for none."""
+    if words is None:
+        return 0
+    if words.dtype != np.uint32 or words.shape != (3,) or not words.flags.c_contiguous:
+        raise ValueError(f"dropout_rng: expected a contiguous uint32 array of 3 words, got "
+                         f"{words.dtype} with shape {tuple(words.shape)}")
+    return words.data.ptr
+
+
 def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float, out=None,
                       window=None, softcap=None, alibi_slopes=None, sinks=None,
                       block_mask=None, block_size=None, dropout_p=0.0, dropout_seed=None,
-                      dropout_offset=0):
+                      dropout_offset=0, dropout_rng=None):
     """Forward on CuPy arrays -> (o, m, l); o is a new (batch, seqlen_q, heads, head_dim).
 
     ``dtype`` is the logical dtype name; bfloat16 may arrive stored as uint16. ``out``: an
@@ -837,14 +867,17 @@ def flash_forward_gpu(q, k, v, *, dtype: str, causal: bool, softmax_scale: float
     float32 CuPy arrays on q's device. A modifier the kernel family lacks raises
     ``ValueError`` before any output is touched. ``block_mask``: a validated C-contiguous
     bool / uint8 CuPy array (docs/block_sparse.md) of ``block_size``. ``dropout_p`` > 0 with
-    ``dropout_seed``, ``dropout_offset``: validated (docs/dropout.md).
+    ``dropout_seed``, ``dropout_offset``: validated (docs/dropout.md); or with
+    ``dropout_rng``, a uint32 CuPy array of three words on q's device (seed low, seed high,
+    offset) that the kernels read when they run (``specs.with_device_rng``).
     """
     batch, seqlen_q, heads, _ = q.shape
     device_id = q.device.id
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
                                         block_mask is not None, dropout_p > 0), v)
-    drop = dropout_args(dropout_p, dropout_seed, dropout_offset, heads) if dropout_p else None
+    drop = (dropout_args(dropout_p, dropout_seed, dropout_offset, heads,
+                         rng_address(dropout_rng)) if dropout_p else None)
     plan = bsp = None
     if not shape.empty:
         plan = forward_plan(shape, device_id)  # the selector's ValueError comes first
@@ -873,7 +906,7 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
                        softmax_scale: float, deterministic: bool = False, out=None,
                        window=None, softcap=None, alibi_slopes=None, sinks=None,
                        block_mask=None, block_size=None, dropout_p=0.0, dropout_seed=None,
-                       dropout_offset=0):
+                       dropout_offset=0, dropout_rng=None):
     """Backward on CuPy arrays -> (dq, dk, dv), recomputing P from the stored m and l; with
     sinks (dq, dk, dv, dsinks), dsinks float32 (heads,).
 
@@ -887,8 +920,8 @@ def flash_backward_gpu(do, q, k, v, o, m, l, *, dtype: str, causal: bool,
     shape = shape_of(q, k, dtype, causal,
                      planning.mod_flags(window, softcap, alibi_slopes, sinks, causal,
                                         block_mask is not None, dropout_p > 0), v)
-    drop = (dropout_args(dropout_p, dropout_seed, dropout_offset, q.shape[2]) if dropout_p
-            else None)
+    drop = (dropout_args(dropout_p, dropout_seed, dropout_offset, q.shape[2],
+                         rng_address(dropout_rng)) if dropout_p else None)
     plan = bsp = None
     if not shape.empty:
         plan = backward_plan(shape, device_id, deterministic)  # ValueError before writing

@@ -500,6 +500,19 @@ def without_tma(spec: KernelSpec) -> KernelSpec:
     return spec
 
 
+def with_device_rng(spec: KernelSpec) -> KernelSpec:
+    """The dropout kernel ``spec`` reading its seed and offset from device memory when it runs
+    (``CF_DROP_RNG_PTR=1``: one pointer to three uint32 words in place of three values), for
+    launches whose words live on the device: a CUDA graph replay, or XLA's buffer under
+    ``jax.jit``. Other kernels as they are (they take no dropout arguments)."""
+    return spec.with_knobs(CF_DROP_RNG_PTR=1) if spec.mods.dropout else spec
+
+
+def device_rng(spec: KernelSpec) -> bool:
+    """Whether ``spec`` reads dropout's words from device memory (``with_device_rng``)."""
+    return ("CF_DROP_RNG_PTR", 1) in spec.knobs
+
+
 def _pair_bucket(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
                  wgmma: bool) -> int:
     """q's head-dim bucket where a Hopper kernel can take v's own head_dim as it is; else a

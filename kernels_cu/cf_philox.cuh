@@ -119,10 +119,23 @@ __device__ __forceinline__ void cf_row_words(const cf_philox_words& w, unsigned 
 //   unsigned int drop_threshold       kept iff the element's byte >= threshold
 //   float drop_scale                  256 / (256 - threshold): 1 / the keep probability
 //   int drop_bh0                      b0 * heads for a launch over batch entries b0 ..
+// With CF_DROP_RNG_PTR=1 the first three are read from device memory when the kernel runs
+// (a CUDA graph replays the launch, or XLA holds the words in its buffer, and the words
+// change between runs):
+//   const unsigned int* drop_rng      {seed low, seed high, offset}
 #ifndef CF_DROPOUT
 #define CF_DROPOUT 0
 #endif
-#if CF_DROPOUT
+#ifndef CF_DROP_RNG_PTR
+#define CF_DROP_RNG_PTR 0
+#endif
+#if CF_DROPOUT && CF_DROP_RNG_PTR
+#define CF_DROP_PARAMS                                                                    \
+  , const unsigned int *__restrict__ drop_rng, unsigned int drop_threshold,               \
+      float drop_scale, int drop_bh0
+#define CF_DROP \
+  Dropout { cf_dropout{0u, 0u, 0u, drop_threshold}, drop_scale, drop_bh0, drop_rng }
+#elif CF_DROPOUT
 #define CF_DROP_PARAMS                                                                    \
   , unsigned int drop_k0, unsigned int drop_k1, unsigned int drop_offset,                 \
       unsigned int drop_threshold, float drop_scale, int drop_bh0
@@ -141,6 +154,19 @@ struct Dropout {
   cf_dropout d;
   float scale_;
   int bh0;
+#if CF_DROP_RNG_PTR
+  // the words, loaded where a mask is made rather than held in registers for the whole
+  // kernel (three more live registers spilled the d256 Hopper forward)
+  const unsigned int* rng;
+#endif
+  // the stream's key and offset (and the threshold)
+  __device__ __forceinline__ cf_dropout stream() const {
+#if CF_DROP_RNG_PTR
+    return cf_dropout{__ldg(rng), __ldg(rng + 1), __ldg(rng + 2), d.threshold};
+#else
+    return d;
+#endif
+  }
   // the Philox head index of (b, h), b within the launch's batch slice
   __device__ __forceinline__ unsigned int head(int b, int h, int heads) const {
     return (unsigned int)(bh0 + b * heads + h);
@@ -148,7 +174,7 @@ struct Dropout {
   __device__ __forceinline__ float scale() const { return CF_DROPOUT ? scale_ : 1.f; }
   // One element (query i, key j): the float32 SIMT kernels' form (a Philox call each).
   __device__ __forceinline__ bool kept(unsigned int bh, int i, int j) const {
-    return !CF_DROPOUT || cf_dropout_byte(d, bh, i, j) >= d.threshold;
+    return !CF_DROPOUT || cf_dropout_byte(stream(), bh, i, j) >= d.threshold;
   }
   // The kept flags of NT fragments side by side: rows r0 = (a multiple of 16) + g and
   // r0 + 8, fragment t's columns c0 + 8t, + 1 (c0 = a multiple of 16 + 2 * (lane % 4)).
@@ -165,9 +191,10 @@ struct Dropout {
     const unsigned int col_quad0 = ((unsigned int)c0 >> 4 << 2) | (((unsigned int)c0 >> 1) & 3u);
     const unsigned int low7x4 = (d.threshold & 0x7fu) * 0x01010101u;
     const unsigned int small = d.threshold < 128u ? ~0u : 0u;
+    const cf_dropout words = stream();
     const auto block = [&](unsigned int col_quad) {
-      return KEYS_AS_ROWS ? cf_dropout_block(d, bh, col_quad, row_quad)
-                          : cf_dropout_block(d, bh, row_quad, col_quad);
+      return KEYS_AS_ROWS ? cf_dropout_block(words, bh, col_quad, row_quad)
+                          : cf_dropout_block(words, bh, row_quad, col_quad);
     };
     if (NT == 2) {  // one block for the pair: both lanes compute it
       unsigned int lo, hi;

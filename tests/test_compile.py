@@ -111,6 +111,15 @@ def test_dropout_specs_compile_without_spills(arch):
     _assert_compiled_without_spills(work, f"dropout {arch}")
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_device_rng_dropout_specs_compile_without_spills(arch):
+    """The same dropout specs reading the seed and offset from device memory
+    (CF_DROP_RNG_PTR: jax.jit's words, a CUDA graph's replays): zero spills too."""
+    work = aot.compile_work([arch], all_budgets=False, device_rng=True)
+    assert work and all(specs.device_rng(spec) for spec, _ in work if spec.kind != "bwd_pre")
+    _assert_compiled_without_spills(work, f"device-rng dropout {arch}")
+
+
 # The Hopper kernels at head_dim 192 (in the registry since 2026-12-03, session 10): the
 # selector's specs compile above; here every modifier at once, dropout and packed sequences.
 HOPPER_D192 = (dict(kind="fwd90", head_dim=192, block_m=128, block_n=64, warps=8, stages=2),

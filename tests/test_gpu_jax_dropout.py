@@ -29,9 +29,21 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 P = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gpu_env():
-    yield from gh.gpu_module_env()
+def _module_specs():
+    """The d64 dropout kernels the jitted calls run, reading the key's words from XLA's
+    buffer (specs.with_device_rng), fp16 / bf16, causal or not, GQA."""
+    from cuflash import config, launch, plan, specs
+
+    facts, out = launch.device_facts(0), []
+    for dtype in ("float16", "bfloat16"):
+        for causal in (False, True):
+            shape = plan.Shape(1, 1, 1, 1, 1, 64, dtype, causal, specs.ModFlags(dropout=True))
+            out += [specs.with_device_rng(s) for s in gh.shape_specs(shape, facts,
+                                                                      config.Config())]
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
 @pytest.fixture(scope="module")
