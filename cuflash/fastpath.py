@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import block_sparse, launch, validate
+from . import block_sparse, launch, philox, validate
 from . import plan as planning
 from .plan import Shape, backward_workspace
 from .replay import Replay, addresses
@@ -239,32 +239,36 @@ def _forward_tail(backend: Backend, q, k, v, shape, problem) -> tuple:
 
 
 def _record_forward(backend: Backend, q, k, v, shape, problem, mods=None,
-                    sparse=None) -> Replay:
+                    sparse=None, dropout=None) -> Replay:
     """The forward's launches on stand-ins for (q, k, v, o, m, l[, alibi, sinks[, block
-    mask]]); ``sparse``: ``bsp(mask_at)``, the block mask's arguments at a stand-in."""
+    mask[, dropout's words]]]); ``sparse``: ``bsp(mask_at)``, the block mask's arguments at
+    a stand-in; ``dropout``: ``drop(words_at)``, dropout's (``_dropout_stand_in``)."""
     index = backend.device_index(q)
     tail = _forward_tail(backend, q, k, v, shape, problem)
     with backend.on_device(index):
         plan = launch.forward_plan(shape, index)  # the selector's ValueError comes first
-        stand_in = addresses(9)
+        stand_in = addresses(10)
         args = (launch.PLAIN,) if mods is None else (mods(stand_in[6], stand_in[7]),)
         bsp = None if sparse is None else sparse(stand_in[8])
         if bsp is not None:
             bsp.check_tiles(plan.kernel.spec)
+        drop = None if dropout is None else dropout(stand_in[9])
         return Replay.record(lambda stream: launch.launch_forward(
             plan, stand_in[:6], tail, backend.operand(q).itemsize, stream, index, *args,
-            bsp=bsp))
+            bsp=bsp, drop=drop))
 
 
 def _record_backward(backend: Backend, do, q, k, v, o, shape, problem, deterministic,
-                     mods=None, sparse=None) -> tuple[Replay, int]:
+                     mods=None, sparse=None, dropout=None) -> tuple[Replay, int]:
     """The backward's launches on stand-ins for (do, q, k, v, o, m, l, dq, dk, dv, workspace
-    [, alibi, sinks, dsinks[, block mask]]), and the workspace's size in bytes."""
+    [, alibi, sinks, dsinks[, block mask[, dropout's words]]]), and the workspace's size in
+    bytes."""
     index = backend.device_index(q)
     with backend.on_device(index):
         plan = launch.backward_plan(shape, index, deterministic)
-    at = addresses(15)
+    at = addresses(16)
     bsp = None if sparse is None else sparse(at[14])
+    drop = None if dropout is None else dropout(at[15])
     if bsp is not None:
         bsp.check_tiles(plan.main.spec, plan.dq.spec if plan.dq is not None else None)
     operands = [launch.Operand(at[i], *backend.operand(x)[1:]) for i, x in
@@ -274,7 +278,7 @@ def _record_backward(backend: Backend, do, q, k, v, o, shape, problem, determini
     args = (launch.PLAIN,) if mods is None else (mods(at[11], at[12], at[13]),)
     replay = Replay.record(lambda stream: launch.run_backward(
         plan, *operands[:5], at[5], at[6], *operands[5:], problem.softmax_scale, at[10],
-        stream, index, *args, bsp=bsp))
+        stream, index, *args, bsp=bsp, drop=drop))
     return replay, backward_workspace(plan).total_bytes
 
 
@@ -473,11 +477,13 @@ def _contiguous(x) -> bool:
 def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
                    alibi_slopes, sinks, direction: str, extra=(),
                    deterministic: bool = False, block_mask=None,
-                   block_size=block_sparse.BLOCK_SIZE) -> tuple | None:
+                   block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0,
+                   dropout_rng=None) -> tuple | None:
     key = (direction, causal, softmax_scale, deterministic,
            typed(window), typed(softcap),
            _mod_layout(backend, alibi_slopes), _mod_layout(backend, sinks),
-           _mod_layout(backend, block_mask), typed(block_size),
+           _mod_layout(backend, block_mask), typed(block_size), typed(dropout_p),
+           _mod_layout(backend, dropout_rng),
            *map(backend.layout, (q, k, v, *extra)), planning.configuration())
     known = _modified_calls.get(key)
     if known is not None and _aligned(backend, q, k, v, *extra[:2]):
@@ -500,26 +506,44 @@ def _modified_call(backend: Backend, q, k, v, causal, softmax_scale, window, sof
 
         def sparse(mask_at):
             return launch.block_mask_args_at(mask_at, mask_shape, mask_strides, size)
-    if any(x is not None and not _contiguous(x) for x in (alibi_slopes, sinks, block_mask)):
+    if any(x is not None and not _contiguous(x)
+           for x in (alibi_slopes, sinks, block_mask, dropout_rng)):
         return None
+    dropout = _dropout_stand_in(backend, q, problem, dropout_p, dropout_rng)
     flags = planning.mod_flags(mods.window, mods.softcap, alibi_slopes, sinks, problem.causal,
-                               block_mask is not None)
+                               block_mask is not None, dropout is not None)
     shape = Shape.of(problem, flags)
     if shape.empty:
         return None
     mod_args = _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks)
     if direction == "forward":
-        replay = _record_forward(backend, q, k, v, shape, problem, mod_args, sparse)
+        replay = _record_forward(backend, q, k, v, shape, problem, mod_args, sparse, dropout)
         workspace = 0
     else:
         do, o = extra[:2]
         replay, workspace = _record_backward(backend, do, q, k, v, o, shape, problem,
-                                             deterministic, mod_args, sparse)
+                                             deterministic, mod_args, sparse, dropout)
     known = (_Call(problem, shape, replay, mods.window, mods.softcap), workspace)
     return _remember(_modified_calls, key, known)
 
 
 _DSINKS = object()  # stands for the dsinks a backward call allocates
+
+
+def _dropout_stand_in(backend: Backend, q, problem, dropout_p, dropout_rng):
+    """``drop(words_at)``: dropout's ``launch.DropoutArgs`` with the words at a stand-in
+    address, or None without dropout. The fast path takes dropout only with its words on the
+    device (``dropout_rng``: three 32-bit words, seed low, seed high, offset, that the
+    kernels read when they run: CUDA graphs replay them); host seeds take the general
+    path."""
+    p = philox.check_dropout(dropout_p, 0, 0)
+    if p == 0:
+        return None
+    if dropout_rng is None or tuple(dropout_rng.shape) != (3,) or (
+            backend.device_index(dropout_rng) != backend.device_index(q)):
+        raise ValueError(f"dropout_rng: expected 3 words on q's device, got "
+                         f"{None if dropout_rng is None else tuple(dropout_rng.shape)}")
+    return lambda words_at: launch.dropout_args(p, None, 0, problem.heads, rng=words_at)
 
 
 def _byte_strides(x) -> tuple:
@@ -541,13 +565,16 @@ def _modifier_stand_ins(shape, mods, problem, alibi_slopes, sinks):
 
 def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, softcap,
                      alibi_slopes, sinks, block_mask=None,
-                     block_size=block_sparse.BLOCK_SIZE) -> tuple | None:
+                     block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0,
+                     dropout_rng=None) -> tuple | None:
     """(o, m, l, the validated ``validate.Modifiers``) like ``forward`` for a call with score
-    modifiers or a block mask, or None when the general path must take it (raises the API's
+    modifiers, a block mask or dropout with its words on the device (``dropout_rng``,
+    ``_dropout_stand_in``), or None when the general path must take it (raises the API's
     errors for bad arguments)."""
     known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
                            alibi_slopes, sinks, "forward", block_mask=block_mask,
-                           block_size=block_size)
+                           block_size=block_size, dropout_p=dropout_p,
+                           dropout_rng=dropout_rng)
     if known is None:
         return None
     call = known[0]
@@ -556,20 +583,20 @@ def forward_modified(backend: Backend, q, k, v, causal, softmax_scale, window, s
     with backend.on_device(backend.device_index(q)):
         call.replay((ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l),
                      optional_ptr(backend, alibi_slopes), optional_ptr(backend, sinks),
-                     optional_ptr(backend, block_mask)),
+                     optional_ptr(backend, block_mask), optional_ptr(backend, dropout_rng)),
                     backend.stream())
     return o, m, l, validate.Modifiers(call.window, call.softcap, alibi_slopes, sinks)
 
 
 def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_scale,
                       deterministic: bool, window, softcap, alibi_slopes, sinks,
-                      block_mask=None, block_size=block_sparse.BLOCK_SIZE
-                      ) -> tuple | None:
-    """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers or a block
-    mask, or None."""
+                      block_mask=None, block_size=block_sparse.BLOCK_SIZE, dropout_p=0.0,
+                      dropout_rng=None) -> tuple | None:
+    """(dq, dk, dv[, dsinks]) like ``backward`` for a call with score modifiers, a block
+    mask or dropout with its words on the device (the forward's), or None."""
     known = _modified_call(backend, q, k, v, causal, softmax_scale, window, softcap,
                            alibi_slopes, sinks, "backward", (do, o, m, l), deterministic,
-                           block_mask, block_size)
+                           block_mask, block_size, dropout_p, dropout_rng)
     if known is None:
         return None
     call, workspace_bytes = known
@@ -585,7 +612,7 @@ def backward_modified(backend: Backend, do, q, k, v, o, m, l, causal, softmax_sc
         call.replay((ptr(do), ptr(q), ptr(k), ptr(v), ptr(o), ptr(m), ptr(l), ptr(dq),
                      ptr(dk), ptr(dv), ptr(workspace), optional_ptr(backend, alibi_slopes),
                      optional_ptr(backend, sinks), optional_ptr(backend, dsinks),
-                     optional_ptr(backend, block_mask)),
+                     optional_ptr(backend, block_mask), optional_ptr(backend, dropout_rng)),
                     backend.stream())
     return (dq, dk, dv) if sinks is None else (dq, dk, dv, dsinks)
 

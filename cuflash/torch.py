@@ -115,11 +115,21 @@ class _ModifiedFlashAttention(torch.autograd.Function):
         sparse = {} if block_mask is None else dict(block_mask=block_mask,
                                                     block_size=block_size)
         ctx.dropout = {}
-        if dropout_p:  # drawn once here; the backward regenerates the same mask from them
-            seed, offset = philox_seed_offset(q.device)
-            ctx.dropout = dict(dropout_p=dropout_p, dropout_seed=seed, dropout_offset=offset)
-        o, stats = api.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                         **mods, **sparse, **ctx.dropout)
+        done = None
+        if dropout_p and q.is_cuda:  # words drawn on the device: CUDA graphs replay them
+            ctx.dropout = dict(dropout_p=dropout_p, dropout_rng=dropout_words(q.device))
+            done = _device_words_forward(q, k, v, causal, softmax_scale, deterministic, mods,
+                                         sparse, ctx.dropout)
+        if done is not None:
+            o, stats = done[0], SoftmaxStats(*done[1:])
+        else:
+            if dropout_p:  # drawn once here; the backward regenerates the same mask from them
+                seed, offset = philox_seed_offset(q.device)
+                ctx.dropout = dict(dropout_p=dropout_p, dropout_seed=seed,
+                                   dropout_offset=offset)
+            o, stats = api.attention_forward(q, k, v, causal=causal,
+                                             softmax_scale=softmax_scale, **mods, **sparse,
+                                             **ctx.dropout)
         ctx.save_for_backward(q, k, v, o, stats.m, stats.l, alibi_slopes, sinks, block_mask)
         ctx.causal, ctx.softmax_scale, ctx.deterministic = causal, softmax_scale, deterministic
         ctx.window, ctx.softcap, ctx.block_size = window, softcap, block_size
@@ -130,6 +140,11 @@ class _ModifiedFlashAttention(torch.autograd.Function):
         q, k, v, o, m, l, alibi_slopes, sinks, block_mask = ctx.saved_tensors
         sparse = {} if block_mask is None else dict(block_mask=block_mask,
                                                     block_size=ctx.block_size)
+        if "dropout_rng" in ctx.dropout:  # the forward's words on the device
+            grads = _device_words_backward(_kernel_ready(do), q, k, v, o, m, l, ctx,
+                                       alibi_slopes, sinks, sparse)
+            dsinks = grads[3] if sinks is not None else None
+            return (*grads[:3], None, None, None, None, None, None, dsinks, None, None, None)
         grads = api.attention_backward(
             _kernel_ready(do), q, k, v, o, SoftmaxStats(m, l), causal=ctx.causal,
             softmax_scale=ctx.softmax_scale, deterministic=ctx.deterministic,
@@ -147,6 +162,63 @@ def _modified_attention(q, k, v, causal, scale, deterministic, window, softcap, 
                                          dropout_p)
 
 
+# -- dropout on CUDA: words on the device, the fast path's replays (CUDA graphs too) --------
+
+
+def dropout_words(device: torch.device) -> torch.Tensor:
+    """Three random 32-bit words (seed low, seed high, offset) drawn on ``device``'s current
+    stream from torch's generator, so ``torch.manual_seed`` reproduces them and, in a
+    captured graph, each replay draws new ones (torch registers its generator with the
+    graph). The kernels read them when they run (``specs.with_device_rng``). int32 storage;
+    the kernels read the bits as uint32 (``seed_offset_of`` reads them back)."""
+    return torch.randint(-2**31, 2**31, (3,), dtype=torch.int32, device=device)
+
+
+def seed_offset_of(words: torch.Tensor) -> tuple[int, int]:
+    """(dropout_seed, dropout_offset) of ``dropout_words``' words (a host read): the core
+    API's arguments for the same mask (``cuflash.dropout_mask`` materialises it)."""
+    lo, hi, offset = (int(w) & 0xFFFFFFFF for w in words.tolist())
+    return lo | hi << 32, offset
+
+
+def _capture_refused(why: str) -> ValueError:
+    return ValueError(f"dropout_p: expected a call the CUDA graph path serves, got {why}; "
+                      "capture without dropout or run this step eagerly")
+
+
+def _device_words_forward(q, k, v, causal, softmax_scale, deterministic, mods, sparse,
+                          dropout):
+    """(o, m, l) of a CUDA dropout call through the fast path (torch's allocator, its current
+    stream, the device words), or None where it does not serve the call (the general path
+    then takes it with host-drawn words; under CUDA graph capture that raises)."""
+    from . import fastpath
+
+    done = None
+    # others: padded copies on the general path (the backward's fast path must serve too)
+    if api._kernel_dims(q, v) and api.backward_as_is(q, causal, deterministic,
+                                                     q.get_device()):
+        done = fastpath.forward_modified(fastpath.torch_backend(), q, k, v, causal,
+                                         softmax_scale, mods["window"], mods["softcap"],
+                                         mods["alibi_slopes"], mods["sinks"], **sparse,
+                                         **dropout)
+    if done is None and torch.cuda.is_current_stream_capturing():
+        raise _capture_refused("a layout the fast path does not take (head dims that need "
+                               "padded copies, non-contiguous sinks or slopes)")
+    return None if done is None else done[:3]
+
+
+def _device_words_backward(do, q, k, v, o, m, l, ctx, alibi_slopes, sinks, sparse) -> tuple:
+    from . import fastpath
+
+    grads = fastpath.backward_modified(fastpath.torch_backend(), do, q, k, v, o, m, l,
+                                       ctx.causal, ctx.softmax_scale, ctx.deterministic,
+                                       ctx.window, ctx.softcap, alibi_slopes, sinks, **sparse,
+                                       **ctx.dropout)
+    if grads is None:  # the forward's layout took this path: the backward's should too
+        raise _capture_refused("a backward layout the fast path does not take")
+    return grads
+
+
 # -- dropout's randomness: torch's generator (docs/dropout.md) --------------------------------
 
 _OFFSET_STEP = 4  # torch's Philox offsets advance in multiples of 4; one call takes one step
@@ -161,7 +233,8 @@ def philox_seed_offset(device: torch.device) -> tuple[int, int]:
     torch's own random operators do (the next call gets another mask). torch's offset has 64
     bits and cuflash's 32: the high word is folded into the seed. A CUDA graph would freeze
     these host values into every replay, so capture raises. CPU: 64 random bits from torch's
-    CPU generator, offset 0."""
+    CPU generator, offset 0. (CUDA calls the fast path serves draw ``dropout_words`` on the
+    device instead; this serves the rest, eagerly.)"""
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             raise ValueError(

@@ -275,6 +275,52 @@ def test_a_block_mask_replays_its_address(device):
     assert len(fastpath._modified_calls) == 2
 
 
+def test_dropout_words_on_the_device_replay_their_address(device):
+    """Dropout with its words on the device (the torch adapter's CUDA graph path) takes the
+    fast path: the replay passes each call's words address to the kernels that read it
+    (specs.with_device_rng), as the direct launches do, forward and backward."""
+    captured, _ = device
+    backend, rng = NumpyBackend(), np.random.default_rng(3)
+    for call in range(3):
+        q, k, v = _inputs(rng, (2, 300, 4, 64), (2, 300, 2, 64), np.float16)
+        words = rng.integers(0, 2**32, 3, dtype=np.uint64).astype(np.uint32)  # a new address
+        captured.clear()
+        o, m, l, _ = fastpath.forward_modified(backend, q, k, v, True, None, None, None,
+                                               None, None, dropout_p=0.2, dropout_rng=words)
+        problem = validate.check_forward(q, k, v, causal=True, softmax_scale=None)
+        shape = planning.Shape.of(problem, planning.mod_flags(None, None, None, None, True,
+                                                              False, True))
+        drop = launch.dropout_args(0.2, None, 0, 4, rng=words.ctypes.data)
+        args = launch.modifiers_of(shape, None, None, None, None, problem.softmax_scale)
+        plan = launch.forward_plan(shape, 0)
+        with launch.recording() as direct:
+            launch.run_forward(plan, *map(_operand, (q, k, v, o)), m.ctypes.data,
+                               l.ctypes.data, problem.softmax_scale, _STREAM, 0, args,
+                               drop=drop)
+        assert captured == _as_captured(direct), f"forward, call {call}"
+        maps = len(specs.tma_maps(plan.kernel.spec))
+        assert captured[0][4][-4 - maps] == words.ctypes.data
+
+        do = rng.standard_normal(q.shape).astype(np.float16)
+        captured.clear()
+        dq, dk, dv = fastpath.backward_modified(backend, do, q, k, v, o, m, l, True, None,
+                                                False, None, None, None, None, dropout_p=0.2,
+                                                dropout_rng=words)
+        plan = launch.backward_plan(shape, 0, False)
+        with launch.recording() as direct:
+            launch.run_backward(plan, *map(_operand, (do, q, k, v, o)), m.ctypes.data,
+                                l.ctypes.data, *map(_operand, (dq, dk, dv)),
+                                problem.softmax_scale, _workspace_address(captured, plan),
+                                _STREAM, 0, args, drop=drop)
+        assert captured == _as_captured(direct), f"backward, call {call}"
+        assert any(words.ctypes.data in launched[4] for launched in captured
+                   if launched[0] != "memset")
+    assert len(fastpath._modified_calls) == 2
+    with pytest.raises(ValueError, match="dropout_rng: expected 3 words"):
+        fastpath.forward_modified(backend, q, k, v, True, None, None, None, None, None,
+                                  dropout_p=0.2)
+
+
 class _HostMask:
     """A host bool array with CuPy's ``data.ptr`` (launch.block_mask_args reads it)."""
 

@@ -1,7 +1,7 @@
 """Dropout through cuflash.torch (docs/dropout.md): torch's generator supplies the seed and
 offset, the backward regenerates the forward's mask. CPU tensors here (the NumPy path);
-the ``gpu`` tests run the same on CUDA tensors (the kernels), with torch.compile and the
-CUDA-graph refusal.
+the ``gpu`` tests run the same on CUDA tensors (the kernels, which read the words drawn on
+the device), with torch.compile and CUDA graphs that replay a dropout step.
 
 * Values and gradients against the float64 reference given the mask of the seed and offset
   the call drew (read back by drawing again after the same ``torch.manual_seed``).
@@ -34,9 +34,13 @@ def _inputs(device="cpu", dtype=torch.float32, shape_q=None, seqlen_k=53, heads_
 
 
 def _drawn(device) -> tuple[int, int]:
-    """The (seed, offset) the next call on ``device`` draws: draw it, then rewind."""
+    """The (seed, offset) the next call on ``device`` draws: draw it, then rewind. CUDA
+    calls (the fast path's layouts, as here) draw ``dropout_words`` on the device."""
     state = torch.random.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
-    drawn = ct.philox_seed_offset(torch.device(device))
+    if device == "cpu":
+        drawn = ct.philox_seed_offset(torch.device(device))
+    else:
+        drawn = ct.seed_offset_of(ct.dropout_words(torch.device(device)))
     (torch.random.set_rng_state if device == "cpu" else torch.cuda.set_rng_state)(state)
     return drawn
 
@@ -47,7 +51,12 @@ def check_against_reference(device, dtype, causal, label=""):
     seed, offset = _drawn(device)
     o = ct.flash_attention(*leaves, causal=causal, dropout_p=P)
     o.backward(do)
-    host = [x.detach().float().cpu().numpy() for x in (q, k, v, do)]  # exact: dtype's values
+    judge_step(o, [x.grad for x in leaves], (q, k, v, do), seed, offset, causal, dtype, label)
+
+
+def judge_step(o, grads, inputs, seed, offset, causal, dtype, label=""):
+    """o and (dq, dk, dv) of a dropout step against the float64 reference of its mask."""
+    host = [x.detach().float().cpu().numpy() for x in inputs]  # exact: dtype's values
     drop = dict(dropout_p=P, dropout_seed=seed, dropout_offset=offset)
     name = str(dtype).split(".")[1]
     naive_dtype = {"float32": np.float32, "float16": np.float16,
@@ -62,8 +71,8 @@ def check_against_reference(device, dtype, causal, label=""):
     naives = reference.attention_backward_naive(host[3], *host[:3], causal=causal,
                                                 dtype=naive_dtype, **drop)
     scale = testing.magnitude(*refs[:3])
-    for nm, leaf, ref, naive in zip(("dq", "dk", "dv"), leaves, refs, naives):
-        report = testing.judge(nm, leaf.grad.float().cpu().numpy(), ref, naive, dtype=name,
+    for nm, grad, ref, naive in zip(("dq", "dk", "dv"), grads, refs, naives):
+        report = testing.judge(nm, grad.float().cpu().numpy(), ref, naive, dtype=name,
                                scale=scale)
         assert report.ok, f"{label} {report}"
 
@@ -147,14 +156,54 @@ def test_cuda_manual_seed_reproduces():
     test_manual_seed_reproduces_and_the_next_call_differs("cuda")
 
 
-@pytest.mark.gpu
-def test_cuda_graph_capture_is_refused():
-    q, k, v, _ = _inputs("cuda", torch.bfloat16)
-    ct.flash_attention(q, k, v)  # warm: compiled and planned outside the capture
+def _captured_step(leaves, do, causal=False):
+    """A dropout step (forward and backward) warmed on a side stream, then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled, planned and recorded outside the capture
+        for _ in range(2):
+            ct.flash_attention(*leaves, causal=causal, dropout_p=P).backward(do)
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:
+        x.grad = None
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(ValueError, match=r"^dropout_p: expected no CUDA graph capture"):
-        with torch.cuda.graph(graph):
-            ct.flash_attention(q, k, v, dropout_p=P)
+    with torch.cuda.graph(graph):
+        o = ct.flash_attention(*leaves, causal=causal, dropout_p=P)
+        o.backward(do)
+    return graph, o
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_graph_replays_read_the_words_at_each_replay(monkeypatch, causal):
+    """Under torch.cuda.graph the step's kernels read dropout's words from the device when
+    they run: the test sets them between replays (torch's generator draws them in a real
+    graph), and each replay matches the reference of its own words' mask."""
+    q, k, v, do = _inputs("cuda", torch.bfloat16)
+    words = torch.zeros(3, dtype=torch.int32, device="cuda")
+    monkeypatch.setattr(ct, "dropout_words", lambda device: words)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    graph, o = _captured_step(leaves, do, causal)
+    for values in ([5, 7, 11], [-3, 2**30, 99]):
+        words.copy_(torch.tensor(values, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        seed, offset = ct.seed_offset_of(words)
+        judge_step(o, [x.grad for x in leaves], (q, k, v, do), seed, offset, causal,
+                   torch.bfloat16, label=f"replay of {values}")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_draw_new_masks():
+    """torch's generator draws new words at each replay: another mask each time."""
+    q, k, v, do = _inputs("cuda", torch.bfloat16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    graph, o = _captured_step(leaves, do)
+    outputs = []
+    for _ in range(2):
+        graph.replay()
+        outputs.append(o.detach().clone())
+    assert not torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.gpu
