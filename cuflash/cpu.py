@@ -198,16 +198,19 @@ class _Dropout:
     batch: int
     heads: int
     heads_kv: int
+    first_batch: int = 0  # the Philox batch index of entry 0 (varlen: the sequence's)
 
     @classmethod
-    def of(cls, dropout_p, seed, offset, batch, heads, heads_kv) -> "_Dropout | None":
+    def of(cls, dropout_p, seed, offset, batch, heads, heads_kv,
+           first_batch: int = 0) -> "_Dropout | None":
         p = philox.check_dropout(dropout_p, seed, offset)
-        return cls(p, seed, offset, batch, heads, heads_kv) if p > 0 else None
+        return cls(p, seed, offset, batch, heads, heads_kv, first_batch) if p > 0 else None
 
     def factor(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
         """float32 (b, heads_kv, (i1 - i0) * group, j1 - j0): kept / (1 - p), else 0."""
         keep = philox.keep_mask_tile(self.batch, self.heads, range(i0, i1), range(j0, j1),
-                                     dropout_p=self.p, seed=self.seed, offset=self.offset)
+                                     dropout_p=self.p, seed=self.seed, offset=self.offset,
+                                     first_batch=self.first_batch)
         group = self.heads // self.heads_kv
         keep = keep.reshape(self.batch, self.heads_kv, group, i1 - i0, j1 - j0)
         keep = keep.transpose(0, 1, 3, 2, 4).reshape(self.batch, self.heads_kv, -1, j1 - j0)
@@ -381,6 +384,7 @@ def flash_forward_cpu(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     dropout_offset: int = 0,
+    dropout_batch0: int = 0,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -408,11 +412,13 @@ def flash_forward_cpu(
     for every (batch, head) are never visited. ``dropout_p`` in [0, 1) with ``dropout_seed``
     and ``dropout_offset`` (docs/dropout.md): P is multiplied by the kept-mask of
     ``cuflash.philox`` and 1 / (1 - dropout_p) before P V; m and l stay undropped.
+    ``dropout_batch0``: the Philox batch index of q's entry 0 (varlen_cpu's sequence b).
     """
     batch, seqlen_q, seqlen_k, heads, heads_kv = _check_qkv(q, k, v, block_m, block_n)
     _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
     blocks = _tile_mask(block_mask, block_size, q.shape, k.shape)
-    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv)
+    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv,
+                          dropout_batch0)
     o = np.zeros(q.shape[:3] + v.shape[3:], dtype=q.dtype)
     m = np.full((batch, heads, seqlen_q), -np.inf, dtype=_F32)
     l = np.zeros((batch, heads, seqlen_q), dtype=_F32)
@@ -530,6 +536,7 @@ def flash_backward_cpu(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     dropout_offset: int = 0,
+    dropout_batch0: int = 0,
     block_n: int = 128,
     block_m: int = BLOCK_M_CPU,
     center_keys: bool = False,
@@ -560,7 +567,8 @@ def flash_backward_cpu(
         raise ValueError(f"m {m.shape}, l {l.shape} must be (batch, heads, seqlen_q)")
     _check_modifiers(window, softcap, alibi_slopes, sinks, batch, heads)
     blocks = _tile_mask(block_mask, block_size, q.shape, k.shape)
-    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv)
+    dropout = _Dropout.of(dropout_p, dropout_seed, dropout_offset, batch, heads, heads_kv,
+                          dropout_batch0)
     dq = np.zeros(q.shape, dtype=q.dtype)
     dk = np.zeros(k.shape, dtype=k.dtype)
     dv = np.zeros(v.shape, dtype=v.dtype)

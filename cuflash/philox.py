@@ -114,15 +114,17 @@ def dropout_bytes(b, h, i, j, *, heads: int, seed: int, offset: int = 0) -> np.n
 
 
 def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_p: float,
-                   seed: int, offset: int = 0) -> np.ndarray:
-    """bool (batch, heads, len(rows), len(cols)): True where element (b, h, i, j) is kept.
+                   seed: int, offset: int = 0, first_batch: int = 0) -> np.ndarray:
+    """bool (batch, heads, len(rows), len(cols)): True where element (b, h, i, j) is kept,
+    b counted from ``first_batch`` (a varlen call's sequence b: its own batch index).
 
     As ``dropout_bytes`` of every element, but with one Philox call per 4 x 4 block rather
     than per element (16 times fewer: the float64 references draw whole masks)."""
     i, j = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (rows, cols))
     row_quads, row_at = np.unique(quad(i), return_inverse=True)
     col_quads, col_at = np.unique(quad(j), return_inverse=True)
-    bh = np.arange(batch)[:, None, None, None] * heads + np.arange(heads)[None, :, None, None]
+    bh = ((first_batch + np.arange(batch))[:, None, None, None] * heads
+          + np.arange(heads)[None, :, None, None])
     counter = (col_quads[None, None, None, :].astype(_U32),
                row_quads[None, None, :, None].astype(_U32), bh.astype(_U32), _U32(offset))
     words = np.stack(philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)), axis=2)

@@ -425,12 +425,26 @@ def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k=None):
         yield b, slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b] + n_k)
 
 
-def _sequence_kwargs(kwargs: dict, b: int) -> dict:
-    """The dense call's keywords for sequence b: (batch, heads) ALiBi slopes -> row b."""
+def _sequence_kwargs(kwargs: dict, b: int, rq: slice, rk: slice, heads: int) -> dict:
+    """The dense call's keywords for sequence b: (batch, heads) ALiBi slopes -> row b;
+    dropout (``dropout_p``, ``dropout_seed``, ``dropout_offset``) -> the mask of batch entry
+    b over the sequence's own rows and keys (docs/dropout.md), as ``dropout_mask``."""
     slopes = kwargs.get("alibi_slopes")
     if slopes is not None and np.ndim(slopes) == 2:
-        return {**kwargs, "alibi_slopes": np.asarray(slopes)[b]}
+        kwargs = {**kwargs, "alibi_slopes": np.asarray(slopes)[b]}
+    if kwargs.get("dropout_p"):
+        from .philox import keep_mask_tile
+
+        mask = keep_mask_tile(1, heads, range(rq.stop - rq.start), range(rk.stop - rk.start),
+                              dropout_p=kwargs["dropout_p"], seed=kwargs["dropout_seed"],
+                              offset=kwargs.get("dropout_offset") or 0, first_batch=b)
+        kwargs = {**kwargs, "dropout_mask": mask, "dropout_seed": None, "dropout_offset": 0}
     return kwargs
+
+
+def _dropout_kwargs(dropout_p, dropout_seed, dropout_offset) -> dict:
+    return {} if not dropout_p else dict(dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                         dropout_offset=dropout_offset)
 
 
 def _varlen_forward(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, dtype, kwargs):
@@ -442,34 +456,40 @@ def _varlen_forward(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, dtype
     for b, rq, rk in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
         if rq.stop == rq.start:
             continue
-        o_b, m_b, l_b = dense(q[None, rq], k[None, rk], v[None, rk], **_sequence_kwargs(kwargs, b))
+        o_b, m_b, l_b = dense(q[None, rq], k[None, rk], v[None, rk],
+                              **_sequence_kwargs(kwargs, b, rq, rk, heads))
         o[rq], m[:, rq], l[:, rq] = o_b[0], m_b[0], l_b[0]
     return o, m, l
 
 
 def attention_varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
                                causal=False, softmax_scale=None, window=None, softcap=None,
-                               alibi_slopes=None, sinks=None):
+                               alibi_slopes=None, sinks=None, dropout_p=0.0, dropout_seed=None,
+                               dropout_offset=0):
     """Float64 variable-length attention: ``attention_reference`` on each sequence.
 
     q (total_q, heads, head_dim), k (total_k, heads_kv, head_dim), v (..., head_dim_v);
     cu_seqlens_q, cu_seqlens_k (batch + 1,) offsets of each sequence; seqused_k (batch,) keys
     used per sequence (default: all of its rows). Returns float64 o (total_q, heads,
     head_dim_v) and m, l (heads, total_q). Modifiers as in ``attention_reference``, per
-    sequence (alibi_slopes (batch, heads): row b for sequence b).
+    sequence (alibi_slopes (batch, heads): row b for sequence b; dropout: sequence b's mask
+    is batch entry b's over its own rows and keys).
     """
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                  alibi_slopes=alibi_slopes, sinks=sinks)
+                  alibi_slopes=alibi_slopes, sinks=sinks,
+                  **_dropout_kwargs(dropout_p, dropout_seed, dropout_offset))
     return _varlen_forward(attention_reference, q, k, v, cu_seqlens_q, cu_seqlens_k,
                            seqused_k, _F64, kwargs)
 
 
 def attention_varlen_naive(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None,
                            causal=False, softmax_scale=None, dtype, window=None, softcap=None,
-                           alibi_slopes=None, sinks=None):
+                           alibi_slopes=None, sinks=None, dropout_p=0.0, dropout_seed=None,
+                           dropout_offset=0):
     """``attention_naive`` per sequence: o (total_q, heads, head_dim) in dtype."""
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype, return_stats=True)
+                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype, return_stats=True,
+                  **_dropout_kwargs(dropout_p, dropout_seed, dropout_offset))
     return _varlen_forward(attention_naive, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                            dtype, kwargs)[0]
 
@@ -485,7 +505,7 @@ def _varlen_backward(dense, do, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, 
             continue
         extra = {} if o is None else {"o": o[None, rq]}
         grads = dense(do[None, rq], q[None, rq], k[None, rk], v[None, rk],
-                      **_sequence_kwargs(kwargs, b), **extra)
+                      **_sequence_kwargs(kwargs, b, rq, rk, q.shape[1]), **extra)
         dq[rq], dk[rk], dv[rk] = grads[0][0], grads[1][0], grads[2][0]
         if dsinks is not None:
             dsinks = dsinks + grads[3]
@@ -495,22 +515,26 @@ def _varlen_backward(dense, do, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, 
 def attention_varlen_backward_reference(do, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
                                         seqused_k=None, causal=False, softmax_scale=None,
                                         o=None, window=None, softcap=None, alibi_slopes=None,
-                                        sinks=None):
+                                        sinks=None, dropout_p=0.0, dropout_seed=None,
+                                        dropout_offset=0):
     """Float64 gradients, ``attention_backward_reference`` per sequence: (dq, dk, dv), and
     dsinks (heads,) summed over the sequences when ``sinks`` is given. ``o``: the packed
     forward output (see ``attention_backward_reference``)."""
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                  alibi_slopes=alibi_slopes, sinks=sinks)
+                  alibi_slopes=alibi_slopes, sinks=sinks,
+                  **_dropout_kwargs(dropout_p, dropout_seed, dropout_offset))
     return _varlen_backward(attention_backward_reference, do, q, k, v, cu_seqlens_q,
                             cu_seqlens_k, seqused_k, _F64, o, kwargs)
 
 
 def attention_varlen_backward_naive(do, q, k, v, cu_seqlens_q, cu_seqlens_k, *,
                                     seqused_k=None, causal=False, softmax_scale=None, dtype,
-                                    window=None, softcap=None, alibi_slopes=None, sinks=None):
+                                    window=None, softcap=None, alibi_slopes=None, sinks=None,
+                                    dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """``attention_backward_naive`` per sequence, gradients in dtype (dsinks float32)."""
     kwargs = dict(causal=causal, softmax_scale=softmax_scale, window=window, softcap=softcap,
-                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype)
+                  alibi_slopes=alibi_slopes, sinks=sinks, dtype=dtype,
+                  **_dropout_kwargs(dropout_p, dropout_seed, dropout_offset))
     grads = _varlen_backward(attention_backward_naive, do, q, k, v, cu_seqlens_q,
                              cu_seqlens_k, seqused_k, dtype, None, kwargs)
     return grads if sinks is None else (*grads[:3], grads[3].astype(_F32))

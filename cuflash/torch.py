@@ -553,6 +553,13 @@ class _VarlenAttention(torch.autograd.Function):
         return grads[0], grads[1], grads[2], dsinks, None, None, None
 
 
+@torch.compiler.disable  # host-drawn seeds on the general path: a graph break
+def _varlen_with_dropout(q, k, v, sinks, layout, options, deterministic, dropout_p):
+    seed, offset = philox_seed_offset(q.device)  # drawn once; the backward reuses them
+    options = dict(options, dropout_p=dropout_p, dropout_seed=seed, dropout_offset=offset)
+    return _VarlenAttention.apply(q, k, v, sinks, layout, options, deterministic)
+
+
 # Under torch.compile the same forward and backward as two operators (a fake implementation
 # each, so the compiler traces through them without a graph break), with the window and
 # softcap flattened into scalars (-1 -1: no window; 0: no softcap).
@@ -649,7 +656,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            softmax_scale: float | None = None, window=None, softcap=None,
                            alibi_slopes: torch.Tensor | None = None,
                            sinks: torch.Tensor | None = None, deterministic: bool | None = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, dropout_p: float = 0.0):
     """Differentiable variable-length attention (``flash_attn_varlen_func``'s layout).
 
     q (total_q, heads, head_dim), k, v (total_k, heads_kv, head_dim); cu_seqlens_q,
@@ -667,6 +674,10 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``deterministic``: dQ without atomics on CUDA. Under ``torch.compile`` the call is the
     operators ``cuflash::varlen_fwd`` / ``varlen_bwd`` (no graph break); eager calls take an
     ``autograd.Function`` with the same forward and backward (less host time).
+    ``dropout_p``: dropout on the probabilities (docs/dropout.md), the seed and offset drawn
+    from torch's generator on the host (``philox_seed_offset``: not under CUDA graph capture),
+    sequence b dropped as batch entry b of a dense call; the general path (under
+    ``torch.compile`` a graph break).
     """
     named = [(q, "q"), (k, "k"), (v, "v"), (cu_seqlens_q, "cu_seqlens_q"),
              (cu_seqlens_k, "cu_seqlens_k")]
@@ -675,6 +686,15 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_tensors(named)
     validate.check_bool(return_lse, "return_lse")
     deterministic = _resolve_deterministic(deterministic)
+    dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
+    if dropout_p:
+        o, lse = _varlen_with_dropout(q, k, v, sinks, (cu_seqlens_q, cu_seqlens_k,
+                                                        max_seqlen_q, max_seqlen_k),
+                                      dict(seqused_k=seqused_k, causal=causal,
+                                           softmax_scale=softmax_scale, window=window,
+                                           softcap=softcap, alibi_slopes=alibi_slopes),
+                                      deterministic, dropout_p)
+        return (o, lse) if return_lse else o
     if torch.compiler.is_compiling():  # the operators: no graph break
         left, right = validate.check_window(window) or (-1, -1)
         o, m, l = _varlen_fwd_op(

@@ -27,8 +27,9 @@ sinks come from the arguments. Each call takes one of these routes (``choose_rou
 Causal masks align bottom-right per sequence, which is transformers' alignment when the
 queries are the last tokens (prefill and decoding, left padding, right padding without a
 cache). GQA runs without repeating K and V. Attention dropout (training with
-``config.attention_dropout``) runs on the dense route, the mask drawn from torch's generator
-(docs/dropout.md); with padding or packed sequences it raises (the varlen kernels have none).
+``config.attention_dropout``) runs on the dense route, or with padding or packed sequences
+on the varlen route (each sequence dropped as its batch row of a dense call), the mask
+drawn from torch's generator (docs/dropout.md).
 
 Where it runs: every route on CPU and CUDA tensors (the varlen route on CUDA runs the
 kernels compiled with CF_VARLEN, docs/varlen.md; the decode route on the CPU runs the
@@ -102,8 +103,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     packed = None if attention_mask is not None else _packed_offsets(q, k, position_ids, kwargs)
     if dropout:  # transformers passes 0.0 outside training
-        return _with_dropout(q, k, v, padded=attention_mask is not None,
-                             packed=packed is not None, options=options, dropout=dropout), None
+        options = dict(options, dropout_p=dropout)
+        if attention_mask is not None:
+            return _padded(q, k, v, attention_mask.bool(), options), None
+        if packed is not None:
+            return _varlen(q, k, v, *packed, options), None
+        return flash_attention(q, k, v, **options), None
     route = choose_route(
         padded=attention_mask is not None, packed=packed is not None, seqlen_q=q.shape[1],
         seqlen_k=k.shape[1], same_head_dims=k.shape == v.shape, sinks=s_aux is not None,
@@ -120,18 +125,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     rows = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
     return _varlen(q, k, v, rows * seqlen_q, rows * seqlen_k, options), None
-
-
-def _with_dropout(q, k, v, *, padded: bool, packed: bool, options: dict, dropout):
-    """Training with attention dropout: the dense call with the modifiers and dropout (torch's
-    generator draws the mask, docs/dropout.md). Padded and packed batches run the varlen
-    kernels, which have no dropout yet: those raise rather than drop it silently."""
-    if padded or packed:
-        raise ValueError(
-            f"dropout: cuflash's varlen kernels (padded or packed batches) have no dropout "
-            f"yet, expected 0.0 with a padding mask or packed sequences, got {dropout!r}; "
-            f"set config.attention_dropout = 0.0, train without padding, or call model.eval()")
-    return flash_attention(q, k, v, **options, dropout_p=dropout)
 
 
 def _decode(q, k, v, causal: bool, scaling, window, softcap) -> torch.Tensor:

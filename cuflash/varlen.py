@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from . import head_pad, validate, varlen_fastpath
+from . import head_pad, philox, validate, varlen_fastpath
 from .api import _fast_backend, _present, _refuse_untracked_gradients
 from .interop import Imported, caller_stream, export_array, import_array
 from .stats import SoftmaxStats
@@ -270,19 +270,37 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
                      seqused_k=None, causal: bool = False, softmax_scale: float | None = None,
-                     window=None, softcap=None, alibi_slopes=None, sinks=None):
+                     window=None, softcap=None, alibi_slopes=None, sinks=None,
+                     dropout_p=0.0, dropout_seed=None, dropout_offset=0):
     """Variable-length attention; same arguments as ``attention_varlen_forward``, returns o."""
     o, _ = attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                     max_seqlen_k, seqused_k=seqused_k, causal=causal,
                                     softmax_scale=softmax_scale, window=window, softcap=softcap,
-                                    alibi_slopes=alibi_slopes, sinks=sinks)
+                                    alibi_slopes=alibi_slopes, sinks=sinks,
+                                    dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                    dropout_offset=dropout_offset)
     return o
+
+
+def _dropout(dropout_p, dropout_seed, dropout_offset) -> dict:
+    """Dropout's keyword arguments of the CPU and CUDA paths (empty when off), validated."""
+    p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, dropout_seed,
+                             dropout_offset)
+    if p == 0:
+        return {}
+    return dict(dropout_p=p, dropout_seed=int(dropout_seed),
+                dropout_offset=int(dropout_offset or 0))
+
+
+def _dropout_record(drop: dict) -> tuple | None:
+    return (drop["dropout_p"], drop["dropout_seed"], drop["dropout_offset"]) if drop else None
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                              *, seqused_k=None, causal: bool = False,
                              softmax_scale: float | None = None, window=None, softcap=None,
-                             alibi_slopes=None, sinks=None):
+                             alibi_slopes=None, sinks=None, dropout_p=0.0, dropout_seed=None,
+                             dropout_offset=0):
     """Forward pass of variable-length attention, FlashAttention-2's varlen semantics.
 
     Args:
@@ -302,6 +320,9 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         causal, softmax_scale, window, softcap, alibi_slopes, sinks: as in
             ``cuflash.attention_forward``, applied within each sequence; alibi_slopes may
             be (heads,) or (batch, heads).
+        dropout_p, dropout_seed, dropout_offset: as in ``cuflash.attention_forward``
+            (docs/dropout.md): sequence b's element (h, i, j), i and j within the sequence,
+            is dropped as element (b, h, i, j) of a dense call.
 
     Returns:
         (o, stats): o (total_q, heads, head_dim) like q; stats a ``VarlenStats`` with
@@ -313,9 +334,11 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     (no sync): wrong values there are not detected, as in FlashAttention.
     """
     _refuse_untracked_gradients([(q, "q"), (k, "k"), (v, "v")])
+    drop = _dropout(dropout_p, dropout_seed, dropout_offset)
     layout = Layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
                     softmax_scale, window, softcap, alibi_slopes, sinks)
-    fast = _fast_backend((q, k, v, *_present(*layout.arrays())), causal, softmax_scale)
+    fast = None if drop else _fast_backend((q, k, v, *_present(*layout.arrays())), causal,
+                                           softmax_scale)
     if fast is not None:  # CUDA torch / CuPy arrays: a known layout replays its launches
         done = varlen_fastpath.forward(fast, q, k, v, layout)
         if done is not None:
@@ -329,20 +352,20 @@ def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         if call.q.is_cuda:
             from .varlen_gpu import pair_runs, varlen_forward_gpu
 
-            if call.pair and not pair_runs(call):  # the kernels' one head_dim: copies
-                o, m, l = varlen_forward_gpu(call.padded()[0])
+            if call.pair and not pair_runs(call, dropout=bool(drop)):  # one head_dim: copies
+                o, m, l = varlen_forward_gpu(call.padded()[0], drop)
                 o = head_pad.cut(o, call.v.array.shape[2])
             else:
-                o, m, l = varlen_forward_gpu(call)
+                o, m, l = varlen_forward_gpu(call, drop)
         else:
             o, m, l = varlen_forward_cpu(call.q.array, call.k.array, call.v.array,
                                          call.seqlens, causal=problem.causal,
                                          softmax_scale=problem.softmax_scale,
-                                         **call.modifiers.cpu_kwargs())
+                                         **call.modifiers.cpu_kwargs(), **drop)
         stats = VarlenStats(export_array(m, like=call.q), export_array(l, like=call.q),
                             causal=problem.causal, softmax_scale=problem.softmax_scale,
                             shape_q=shape_q, shape_kv=shape_kv, seqlens=call.record,
-                            **call.modifiers.record())
+                            dropout=_dropout_record(drop), **call.modifiers.record())
         return export_array(o, like=call.q), stats
 
 
@@ -350,7 +373,8 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
                               max_seqlen_q, max_seqlen_k, *, seqused_k=None,
                               causal: bool = False, softmax_scale: float | None = None,
                               deterministic: bool = False, window=None, softcap=None,
-                              alibi_slopes=None, sinks=None):
+                              alibi_slopes=None, sinks=None, dropout_p=0.0, dropout_seed=None,
+                              dropout_offset=0):
     """Gradients of variable-length attention from the forward's o and statistics.
 
     do, o: (total_q, heads, head_dim) like q; stats: the ``VarlenStats`` of
@@ -358,7 +382,8 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
     C-contiguous (heads, total_q) arrays, not checked against the forward). The other
     arguments are the forward's; a recorded forward that differs raises ``ValueError``.
     ``deterministic``: on CUDA, dQ by its own pass without atomics (bitwise reproducible);
-    the CPU path always is.
+    the CPU path always is. Dropout's three values must be the forward's (its mask is
+    regenerated).
 
     Returns (dq, dk, dv) like q, k, v (keys past seqused_k get 0), and float32 dsinks
     (heads,), summed over every sequence, when ``sinks`` is given.
@@ -368,37 +393,40 @@ def attention_varlen_backward(do, q, k, v, o, stats: SoftmaxStats, cu_seqlens_q,
                         f", got {type(stats).__name__}")
     deterministic = validate.check_bool(deterministic, "deterministic")
     _refuse_untracked_gradients([(do, "do"), (q, "q"), (k, "k"), (v, "v"), (o, "o")])
+    drop = _dropout(dropout_p, dropout_seed, dropout_offset)
     layout = Layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, causal,
                     softmax_scale, window, softcap, alibi_slopes, sinks)
-    fast = _fast_backend((do, q, k, v, o, stats.m, stats.l, *_present(*layout.arrays())),
-                         causal, softmax_scale)
+    fast = None if drop or stats.dropout else _fast_backend(
+        (do, q, k, v, o, stats.m, stats.l, *_present(*layout.arrays())), causal, softmax_scale)
     if fast is not None:  # CUDA torch / CuPy arrays: a known layout replays its launches
         grads = varlen_fastpath.backward(fast, do, q, k, v, o, stats, layout, deterministic)
         if grads is not None:
             return grads
     call, ido, io, im, il = _check_backward(do, q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k,
                                             max_seqlen_q, max_seqlen_k, **layout.checked())
-    check_origin(stats, call.problem, call.shapes, call.modifiers, call.record)
+    check_origin(stats, call.problem, call.shapes, call.modifiers, call.record,
+                 _dropout_record(drop))
     problem = call.problem
     with caller_stream(call.q):
         if call.q.is_cuda:
             from .varlen_gpu import pair_runs, varlen_backward_gpu
 
-            if call.pair and not pair_runs(call, deterministic):  # copies
+            if call.pair and not pair_runs(call, deterministic, bool(drop)):  # copies
                 padded, pdo, po = call.padded(ido.array, io.array)
-                grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic)
+                grads = varlen_backward_gpu(padded, pdo, po, im.array, il.array, deterministic,
+                                            drop)
                 widths = (call.q.array.shape[2], call.k.array.shape[2], call.v.array.shape[2])
                 grads = (*(head_pad.cut(g, w) for g, w in zip(grads, widths)), *grads[3:])
             else:
                 grads = varlen_backward_gpu(call, ido.array, io.array, im.array, il.array,
-                                            deterministic)
+                                            deterministic, drop)
         else:
             grads = varlen_backward_cpu(ido.array, call.q.array, call.k.array, call.v.array,
                                         io.array, im.array, il.array, call.seqlens,
                                         causal=problem.causal,
                                         softmax_scale=problem.softmax_scale,
                                         center_keys=stats.recorded,
-                                        **call.modifiers.cpu_kwargs())
+                                        **call.modifiers.cpu_kwargs(), **drop)
         return tuple(export_array(g, like=call.q) for g in grads)
 
 
@@ -424,12 +452,13 @@ def _check_backward(do, q, k, v, o, stats, *args, **kwargs) -> tuple:
 
 
 def check_origin(stats: SoftmaxStats, problem: validate.Problem, shapes: tuple,
-                 modifiers: validate.Modifiers, record: tuple) -> None:
-    """The recorded forward's causal, scale, shapes, modifiers and sequence layout
-    (``record``: this call's, as ``_VarlenCall.record``)."""
+                 modifiers: validate.Modifiers, record: tuple,
+                 dropout: tuple | None = None) -> None:
+    """The recorded forward's causal, scale, shapes, modifiers, dropout ((p, seed, offset)
+    or None) and sequence layout (``record``: this call's, as ``_VarlenCall.record``)."""
     shape_q, shape_kv = shapes
     validate.check_stats_origin(stats, problem.causal, problem.softmax_scale, shape_q,
-                                shape_kv, modifiers)
+                                shape_kv, modifiers, dropout)
     recorded = getattr(stats, "seqlens", None)
     if stats.recorded and recorded != record:
         names = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k")

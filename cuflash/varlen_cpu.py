@@ -46,10 +46,13 @@ class Seqlens:
 
 
 def _sequence_modifiers(modifiers: dict, b: int) -> dict:
-    """Sequence b's modifiers: (batch, heads) ALiBi slopes -> its row (heads,)."""
+    """Sequence b's modifiers: (batch, heads) ALiBi slopes -> its row (heads,); dropout's
+    mask that of batch entry b (the kernels' Philox head index b * heads + h)."""
     slopes = modifiers.get("alibi_slopes")
     if slopes is not None and slopes.ndim == 2:
-        return {**modifiers, "alibi_slopes": slopes[b]}
+        modifiers = {**modifiers, "alibi_slopes": slopes[b]}
+    if modifiers.get("dropout_p"):
+        modifiers = {**modifiers, "dropout_batch0": b}
     return modifiers
 
 

@@ -19,9 +19,10 @@ from . import launch
 from . import plan as planning
 
 
-def _shape(call) -> planning.Shape:
+def _shape(call, dropout: bool = False) -> planning.Shape:
     p, m = call.problem, call.modifiers
-    flags = planning.mod_flags(m.window, m.softcap, m.alibi_slopes, m.sinks, p.causal)
+    flags = planning.mod_flags(m.window, m.softcap, m.alibi_slopes, m.sinks, p.causal,
+                               dropout=dropout)
     flags = replace(flags, varlen=True)
     head_dim_v = call.v.array.shape[2]
     return planning.Shape(p.batch, p.seqlen_q, p.seqlen_k, p.heads, p.heads_kv, p.head_dim,
@@ -30,9 +31,9 @@ def _shape(call) -> planning.Shape:
                           head_dim_v=head_dim_v if head_dim_v != p.head_dim else 0)
 
 
-def pair_runs(call, deterministic: bool | None = None) -> bool:
+def pair_runs(call, deterministic: bool | None = None, dropout: bool = False) -> bool:
     """``launch.takes_pair`` for this call's v of its own head_dim."""
-    return launch.takes_pair(_shape(call), call.q.array.device.id, deterministic)
+    return launch.takes_pair(_shape(call, dropout), call.q.array.device.id, deterministic)
 
 
 def _packed(a) -> launch.Operand:
@@ -63,10 +64,20 @@ def _modifiers(call, shape: planning.Shape, dsinks=None) -> launch.ModArgs:
                                 arrays["sinks"], call.problem.softmax_scale, dsinks), arrays
 
 
-def varlen_forward_gpu(call):
-    """(o, m, l): o (total_q, heads, head_dim_v) of q's dtype, float32 m, l (heads, total_q)."""
+def _drop(call, dropout: dict | None) -> launch.DropoutArgs | None:
+    """The kernels' dropout arguments (``varlen._dropout``'s values; None when off): the
+    Philox head index counts sequences as batch entries."""
+    if not dropout:
+        return None
+    return launch.dropout_args(dropout["dropout_p"], dropout["dropout_seed"],
+                               dropout["dropout_offset"], call.problem.heads)
+
+
+def varlen_forward_gpu(call, dropout: dict | None = None):
+    """(o, m, l): o (total_q, heads, head_dim_v) of q's dtype, float32 m, l (heads, total_q).
+    ``dropout``: ``varlen._dropout``'s keyword arguments (empty or None: off)."""
     q = call.q.array
-    shape = _shape(call)
+    shape = _shape(call, bool(dropout))
     plan = None if shape.empty else launch.forward_plan(shape, q.device.id)  # ValueError first
     o = launch._empty(q.shape[:2] + call.v.array.shape[2:], q.dtype, shape.dtype)
     m = launch._empty((shape.heads, shape.total_q), np.float32)
@@ -80,7 +91,8 @@ def varlen_forward_gpu(call):
     seq, _keep = _seq_args(call)
     launch.run_forward(plan, *(_packed(x) for x in (q, call.k.array, call.v.array, o)),
                        m.data.ptr, l.data.ptr, call.problem.softmax_scale,
-                       launch._current_stream(), q.device.id, mods, seq)
+                       launch._current_stream(), q.device.id, mods, seq,
+                       drop=_drop(call, dropout))
     return o, m, l
 
 
@@ -94,12 +106,13 @@ def _fill_no_key(o, m, l, sinks) -> None:
         l.fill(1)
 
 
-def varlen_backward_gpu(call, do, o, m, l, deterministic: bool):
-    """(dq, dk, dv) like q, k, v; with sinks also dsinks float32 (heads,)."""
+def varlen_backward_gpu(call, do, o, m, l, deterministic: bool, dropout: dict | None = None):
+    """(dq, dk, dv) like q, k, v; with sinks also dsinks float32 (heads,). ``dropout``: the
+    forward's (its mask regenerated)."""
     import cupy
 
     q, k, v = call.q.array, call.k.array, call.v.array
-    shape = _shape(call)
+    shape = _shape(call, bool(dropout))
     plan = None if shape.empty else launch.backward_plan(shape, q.device.id, deterministic)
     dq = launch._empty(q.shape, q.dtype, shape.dtype)
     dk = launch._empty(k.shape, k.dtype, shape.dtype)
@@ -122,5 +135,6 @@ def varlen_backward_gpu(call, do, o, m, l, deterministic: bool):
     ops = (_packed(x) for x in (do, q, k, v, o))
     launch.run_backward(plan, *ops, m.data.ptr, l.data.ptr,
                         *(_packed(x) for x in (dq, dk, dv)), call.problem.softmax_scale,
-                        workspace.data.ptr, launch._current_stream(), q.device.id, mods, seq)
+                        workspace.data.ptr, launch._current_stream(), q.device.id, mods, seq,
+                        drop=_drop(call, dropout))
     return grads

@@ -61,6 +61,11 @@ def _module_specs():
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype,
                                        options.get("causal", False), flags, 1, 1)
                     out += gh.shape_specs(shape, f, cfg)
+            for dtype in specs.arch_dtypes(facts.arch):  # test_dropout_on_a_mixed_layout's
+                for causal in (False, True):
+                    flags = specs.ModFlags(varlen=True, dropout=True)
+                    shape = plan.Shape(1, 1, 1, 1, 1, 64, dtype, causal, flags, 1, 1)
+                    out += gh.shape_specs(shape, f, cfg)
     return out
 
 
@@ -107,15 +112,18 @@ def _judge(name, got, ref, naive, dtype: str, scale, few: bool):
         assert report.ok, str(report)
 
 
-def check_case(case: Case, label: str, deterministic_modes=(False, True)):
-    """Forward and backward of ``case`` on the GPU against the float64 varlen reference."""
+def check_case(case: Case, label: str, deterministic_modes=(False, True), drop=None):
+    """Forward and backward of ``case`` on the GPU against the float64 varlen reference;
+    ``drop``: dropout's (dropout_p, dropout_seed, dropout_offset) keywords."""
     dtype = _dtype_name(case)
     q, k, v, do, mods = case.inputs()
     args, kw, gmods = _gpu_args(case, mods)
+    drop = drop or {}
     gq, gk, gv, gdo = (gh.to_gpu(x[None])[0] for x in (q, k, v, do))
-    o, stats = cuflash.attention_varlen_forward(gq, gk, gv, *args, **kw, **gmods)
+    o, stats = cuflash.attention_varlen_forward(gq, gk, gv, *args, **kw, **gmods, **drop)
     o_host = gh.to_host(o[None], dtype)[0]
     ref_args, ref_kw = case.ref_kwargs()
+    mods = {**mods, **drop}  # the references' keywords from here on
     o_ref, m_ref, l_ref = reference.attention_varlen_reference(q, k, v, *ref_args, **ref_kw,
                                                                **mods)
     o_nv = reference.attention_varlen_naive(q, k, v, *ref_args, **ref_kw, **mods,
@@ -135,7 +143,8 @@ def check_case(case: Case, label: str, deterministic_modes=(False, True)):
     magnitude = testing.magnitude(*refs[:3])
     for deterministic in deterministic_modes:
         grads = cuflash.attention_varlen_backward(gdo, gq, gk, gv, o, stats, *args, **kw,
-                                                  deterministic=deterministic, **gmods)
+                                                  deterministic=deterministic, **gmods,
+                                                  **drop)
         assert len(grads) == len(refs) == (4 if case.sinks else 3), label
         for name, got, ref, naive in zip(("dq", "dk", "dv", "dsinks"), grads, refs, naives):
             if name == "dsinks":
@@ -160,6 +169,20 @@ def test_mixed_layout_matches_reference(family, which, dtype):
     case = Case(lengths=LAYOUT, heads_kv=2, group=3, head_dim=64, causal=False, scale=0.125,
                 dtype=DTYPES[dtype], seed=11)
     check_case(replace(case, **ALONE[which]), f"{family} {which} {dtype}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_on_a_mixed_layout(family, dtype, causal):
+    """Dropout in the varlen kernels (sequence b drops as batch entry b of a dense call),
+    forward and both backward modes, against the reference of each sequence's mask."""
+    if dtype == "float32" and family in ("portable", "100k"):
+        pytest.skip("float32 has one family: its own and 48k suffice")
+    case = Case(lengths=LAYOUT, heads_kv=2, group=3, head_dim=64, causal=causal, scale=0.125,
+                dtype=DTYPES[dtype], seed=13)
+    drop = dict(dropout_p=0.2, dropout_seed=int(gh.rng_for().integers(0, 2**63)),
+                dropout_offset=7)
+    check_case(case, f"{family} dropout {dtype} causal={causal}", drop=drop)
 
 
 @pytest.mark.parametrize("head_dim", [32, 96, 128, 256])

@@ -224,11 +224,29 @@ def test_attention_dropout_trains():
                                    plain(input_ids=ids).logits)
 
 
-def test_dropout_with_padding_is_refused():
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_dropout_with_padding_trains(padding_side):
+    """A padded batch in training runs the varlen route with dropout: the same seed gives
+    the same logits, another seed others, gradients flow; row 0's valid positions equal its
+    tokens run alone (varlen sequence 0 drops as dense batch entry 0)."""
     model = _dropout_model()
-    ids, mask = _batch("left")
-    with pytest.raises(ValueError, match="^dropout: cuflash's varlen kernels"):
-        model(input_ids=ids, attention_mask=mask)
+    ids, mask = _batch(padding_side)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(model(input_ids=ids, attention_mask=mask).logits)
+    valid = mask.bool()
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][valid], runs[2][valid])
+    runs[0][valid].float().pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    n = LENGTHS[0]
+    cols = slice(SEQ - n, SEQ) if padding_side == "left" else slice(0, n)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        alone = model(input_ids=ids[:1, cols]).logits
+    torch.testing.assert_close(runs[0][0, cols].detach(), alone[0], rtol=1e-5, atol=1e-5)
 
 
 def test_the_name_needs_no_flash_attn_package():

@@ -358,7 +358,7 @@ def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
     from cuflash import varlen_gpu
 
     real = varlen.import_array
-    seen = []
+    seen, drops = [], []
 
     def on_cuda(x, name):
         imported = real(x, name)
@@ -367,8 +367,9 @@ def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the CPU path ran for CUDA arrays")
 
-    def gpu_forward(call):
+    def gpu_forward(call, dropout=None):
         seen.append(call)
+        drops.append(dropout)
         q = call.q.array
         stats = np.zeros((q.shape[1], q.shape[0]), np.float32)
         return np.zeros_like(q), stats, stats
@@ -390,6 +391,9 @@ def test_cuda_arrays_go_to_the_kernels_not_the_cpu_path(monkeypatch):
         cuflash.attention_varlen_forward(**{**good, "max_seqlen_q": 0})
     with pytest.raises(ValueError, match="^cu_seqlens_k: expected shape"):
         cuflash.attention_varlen_forward(**{**good, "cu_seqlens_k": np.int32([0, 8])})
+    # dropout's validated values reach the kernels' launcher
+    cuflash.attention_varlen_forward(**good, dropout_p=0.1, dropout_seed=5, dropout_offset=2)
+    assert drops == [{}, dict(dropout_p=0.1, dropout_seed=5, dropout_offset=2)]
 
 
 def test_backward_refuses_another_layout_or_dense_stats():
