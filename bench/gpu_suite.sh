@@ -20,6 +20,7 @@
 #                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
+#                                            dropout_words
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -573,6 +574,17 @@ for stage in $stages; do
         compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 1 $PY \
         bench/sanitize.py --boxed block_sparse --kinds sparse --dtypes bfloat16 \
         --head-dims 64,128 ;;
+    dropout_words)  # session 35, written without a GPU: the kernels that read dropout's
+      # seed from device memory (CF_DROP_RNG_PTR: torch's CUDA calls and graphs, jitted JAX
+      # on CUDA) and the varlen kernels with dropout; their GPU tests, then memcheck on the
+      # torch graph replay test
+      CUFLASH_POISON=1 run_stage dropout_words_tests timeout "${DROPOUT_WORDS_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
+        tests/test_torch_dropout.py tests/test_gpu_jax_dropout.py tests/test_gpu_dropout.py \
+        tests/test_gpu_varlen.py -k "dropout or cuda or jax"
+      run_stage dropout_words_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
+        --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_torch_dropout.py -k "graph_replays_read" ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API
       CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \
