@@ -5,29 +5,31 @@ Concrete arrays go straight through ``cuflash.attention_varlen_forward`` / ``_ba
 NumPy path on the CPU, the kernels on CUDA). Traced arrays become calls of two XLA FFI
 targets, registered for the CPU and CUDA platforms like ``cuflash.jax``'s own:
 
-* ``cuflash_attention_varlen_fwd``: (q, k, v, cu_q, cu_k, [seqused_k], [slopes], [sinks])
-  -> (o, m, l), m and l float32 (heads, total_q)
+* ``cuflash_attention_varlen_fwd``: (q, k, v, cu_q, cu_k, [seqused_k], [slopes], [sinks],
+  [rng]) -> (o, m, l), m and l float32 (heads, total_q)
 * ``cuflash_attention_varlen_bwd``: (do, q, k, v, o, m, l, cu_q, cu_k, [seqused_k],
-  [slopes], [sinks]) -> (dq, dk, dv, [dsinks])
+  [slopes], [sinks], [rng]) -> (dq, dk, dv, [dsinks])
 
 The max lengths, flags and modifiers are attributes (static); booleans say which optional
 operands are present. The handlers run the same API calls on views of XLA's buffers (NumPy on
 the CPU; CuPy on XLA's stream on CUDA, where the results are computed into CuPy's pool and
 copied into XLA's buffers: one copy of o, m, l or the gradients more than the dense targets).
 A packed batch cannot fold vmap's axes into its sequences, so a vmapped call runs one call per
-entry (``vmap_method="sequential"``).
+entry (``vmap_method="sequential"``). Dropout (``dropout_p``, an attribute) adds ``rng``, the
+PRNG key's three uint32 words (``cuflash.jax.dropout_words``), read on the host by the
+handler as the API's seed and offset (on CUDA a 12-byte copy that waits for XLA's stream).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import validate, xla_ffi
+from . import philox, validate, xla_ffi
 from .api import _present as present
 from .stats import SoftmaxStats
 
@@ -48,6 +50,7 @@ class Options:
     seqused: bool
     alibi: bool
     sinks: bool
+    dropout_p: float = 0.0
 
     def attributes(self) -> dict:
         left, right = self.window or (-1, -1)
@@ -55,7 +58,8 @@ class Options:
                 "causal": self.causal, "softmax_scale": np.float64(self.softmax_scale),
                 "window_left": np.int64(left), "window_right": np.int64(right),
                 "softcap": np.float64(self.softcap or 0.0), "seqused": self.seqused,
-                "alibi": self.alibi, "sinks": self.sinks}
+                "alibi": self.alibi, "sinks": self.sinks,
+                "dropout_p": np.float64(self.dropout_p)}
 
     @classmethod
     def of(cls, call: xla_ffi.Call) -> "Options":
@@ -65,18 +69,29 @@ class Options:
                    window=validate.check_window((int(a["window_left"]),
                                                  int(a["window_right"]))),
                    softcap=validate.check_softcap(float(a["softcap"])),
-                   seqused=bool(a["seqused"]), alibi=bool(a["alibi"]), sinks=bool(a["sinks"]))
+                   seqused=bool(a["seqused"]), alibi=bool(a["alibi"]), sinks=bool(a["sinks"]),
+                   dropout_p=float(a.get("dropout_p", 0.0)))
 
     def optional(self, extra: list) -> dict:
-        """The optional operands (in order: seqused_k, slopes, sinks) by keyword."""
+        """The optional operands (in order: seqused_k, slopes, sinks, rng) by keyword."""
         extra = list(extra)
         return dict(seqused_k=extra.pop(0) if self.seqused else None,
                     alibi_slopes=extra.pop(0) if self.alibi else None,
-                    sinks=extra.pop(0) if self.sinks else None)
+                    sinks=extra.pop(0) if self.sinks else None,
+                    rng=extra.pop(0) if self.dropout_p else None)
 
     def api(self, optional: dict) -> dict:
         """Keyword arguments of ``attention_varlen_forward`` / ``_backward`` after the max
-        lengths."""
+        lengths (dropout's words read on the host as its seed and offset)."""
+        optional = dict(optional)
+        rng = optional.pop("rng", None)
+        if rng is not None:
+            from .jax_modifiers import seed_offset
+
+            words = rng.get() if hasattr(rng, "get") else np.asarray(rng)
+            seed, offset = seed_offset([int(w) for w in words])
+            optional.update(dropout_p=self.dropout_p, dropout_seed=seed,
+                            dropout_offset=offset)
         return dict(causal=self.causal, softmax_scale=self.softmax_scale, window=self.window,
                     softcap=self.softcap, **optional)
 
@@ -144,12 +159,12 @@ def register_targets() -> None:
 # -- forward and backward on JAX arrays ----------------------------------------------------
 
 
-def _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options: Options):
+def _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, rng, options: Options):
     """(o, m, l) for concrete or traced arrays."""
     from .jax import _is_concrete
 
-    optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks)
-    if _is_concrete(q, k, v, cu_q, cu_k, used, slopes, sinks):
+    optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks, rng=rng)
+    if _is_concrete(q, k, v, cu_q, cu_k, used, slopes, sinks, rng):
         from .varlen import attention_varlen_forward
 
         o, stats = attention_varlen_forward(q, k, v, cu_q, cu_k, options.max_q, options.max_k,
@@ -159,17 +174,17 @@ def _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options: Options):
     stats = jax.ShapeDtypeStruct((q.shape[1], q.shape[0]), jnp.float32)
     specs = (jax.ShapeDtypeStruct(q.shape, q.dtype), stats, stats)
     call = jax.ffi.ffi_call(FORWARD_TARGET, specs, vmap_method="sequential")
-    return tuple(call(q, k, v, cu_q, cu_k, *present(used, slopes, sinks),
+    return tuple(call(q, k, v, cu_q, cu_k, *present(used, slopes, sinks, rng),
                       **options.attributes()))
 
 
-def _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, options: Options,
+def _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, rng, options: Options,
               deterministic: bool):
     """(dq, dk, dv[, dsinks]) for concrete or traced arrays."""
     from .jax import _is_concrete
 
-    optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks)
-    if _is_concrete(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks):
+    optional = dict(seqused_k=used, alibi_slopes=slopes, sinks=sinks, rng=rng)
+    if _is_concrete(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, rng):
         from .varlen import attention_varlen_backward
 
         return attention_varlen_backward(do, q, k, v, o, SoftmaxStats(m, l), cu_q, cu_k,
@@ -180,29 +195,29 @@ def _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, options: Op
     if sinks is not None:
         specs += (jax.ShapeDtypeStruct(sinks.shape, jnp.float32),)
     call = jax.ffi.ffi_call(BACKWARD_TARGET, specs, vmap_method="sequential")
-    return tuple(call(do, q, k, v, o, m, l, cu_q, cu_k, *present(used, slopes, sinks),
+    return tuple(call(do, q, k, v, o, m, l, cu_q, cu_k, *present(used, slopes, sinks, rng),
                       deterministic=bool(deterministic), **options.attributes()))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _varlen(q, k, v, cu_q, cu_k, used, slopes, sinks, options, deterministic):
-    return _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10))
+def _varlen(q, k, v, cu_q, cu_k, used, slopes, sinks, rng, options, deterministic):
+    return _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, rng, options)[0]
 
 
-def _varlen_fwd(q, k, v, cu_q, cu_k, used, slopes, sinks, options, deterministic):
-    o, m, l = _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, options)
-    return o, (q, k, v, cu_q, cu_k, used, slopes, sinks, o, m, l)
+def _varlen_fwd(q, k, v, cu_q, cu_k, used, slopes, sinks, rng, options, deterministic):
+    o, m, l = _forward(q, k, v, cu_q, cu_k, used, slopes, sinks, rng, options)
+    return o, (q, k, v, cu_q, cu_k, used, slopes, sinks, rng, o, m, l)
 
 
 def _varlen_bwd(options, deterministic, residuals, do):
-    q, k, v, cu_q, cu_k, used, slopes, sinks, o, m, l = residuals
+    q, k, v, cu_q, cu_k, used, slopes, sinks, rng, o, m, l = residuals
     do = jnp.asarray(do)  # a cotangent handed in as NumPy: the API wants q's framework
-    grads = _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, options,
+    grads = _backward(do, q, k, v, o, m, l, cu_q, cu_k, used, slopes, sinks, rng, options,
                       deterministic)
-    # offsets and slopes get no gradient (integers; constants as in FlashAttention): None
-    # is JAX's zero cotangent; sinks get theirs, float32 (heads,)
+    # offsets, slopes and dropout's words get no gradient (integers; constants as in
+    # FlashAttention): None is JAX's zero cotangent; sinks get theirs, float32 (heads,)
     dsinks = grads[3] if sinks is not None else None
-    return (*grads[:3], None, None, None, None, dsinks)
+    return (*grads[:3], None, None, None, None, dsinks, None)
 
 
 _varlen.defvjp(_varlen_fwd, _varlen_bwd)
@@ -239,7 +254,8 @@ def _check(named: dict, max_q, max_k, causal, scale, window, softcap) -> Options
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                            max_seqlen_k: int, *, seqused_k=None, causal: bool = False,
                            softmax_scale: float | None = None, deterministic: bool = False,
-                           window=None, softcap=None, alibi_slopes=None, sinks=None):
+                           window=None, softcap=None, alibi_slopes=None, sinks=None,
+                           dropout_p: float = 0.0, dropout_key=None):
     """Variable-length attention (FlashAttention-2's ``flash_attn_varlen_func`` layout) with a
     custom VJP.
 
@@ -254,6 +270,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
         causal, softmax_scale, deterministic, window, softcap: static, as in
             ``cuflash.jax.flash_attention``; alibi_slopes float32 (heads,) or (batch, heads)
             and sinks float32 (heads,): arrays.
+        dropout_p, dropout_key: dropout as in ``cuflash.jax.flash_attention`` (a static
+            rate and a JAX PRNG key); sequence b drops as batch entry b of a dense call
+            (docs/varlen.md). The handler reads the key's words on the host (on CUDA a
+            12-byte copy that waits for XLA's stream).
 
     Returns:
         o: (total_q, heads, head_dim_v), q's dtype. Differentiable in q, k, v and sinks.
@@ -267,12 +287,17 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     named = dict(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  seqused_k=seqused_k, alibi_slopes=alibi_slopes, sinks=sinks)
     deterministic = validate.check_bool(deterministic, "deterministic")
+    from .jax import _check_dropout_key, dropout_words, pad_to_kernel_widths  # (imports this)
+
+    dropout_p = philox.check_dropout(0.0 if dropout_p is None else dropout_p, 0, 0)
+    _check_dropout_key(dropout_p, dropout_key)
     options = _check(named, max_seqlen_q, max_seqlen_k, causal, softmax_scale, window, softcap)
+    options = replace(options, dropout_p=dropout_p)
     arrays = [None if x is None else jnp.asarray(x) for x in named.values()]
-    from .jax import pad_to_kernel_widths  # (cuflash.jax imports this module)
+    rng = dropout_words(dropout_key) if dropout_p else None
 
     # v's own head_dim_v: q, k, v padded to one width (the scale in options is q's own)
     head_dim_v = arrays[2].shape[-1]
     q, k, v, padded = pad_to_kernel_widths(*arrays[:3])
-    o = _varlen(q, k, v, *arrays[3:], options, deterministic)
+    o = _varlen(q, k, v, *arrays[3:], rng, options, deterministic)
     return o[..., :head_dim_v] if padded else o

@@ -184,3 +184,34 @@ def test_bad_arguments_name_themselves(p, key, error, match):
             continue  # jit takes arrays; the eager call covers the rest
         with pytest.raises(error, match=match):
             fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), dropout_p=p, dropout_key=key)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_varlen_dropout_is_the_core_calls_with_the_keys_seed(jit):
+    """flash_attention_varlen(dropout_p=, dropout_key=): the core varlen call with the key's
+    seed and offset (sequence b drops as batch entry b), forward and gradients."""
+    import cuflash
+
+    rng = np.random.default_rng(4)
+    cu_q, cu_k = np.int32([0, 5, 5, 22, 31]), np.int32([0, 7, 10, 27, 47])
+    q = rng.standard_normal((31, 4, 16), dtype=np.float32)
+    k, v = (rng.standard_normal((47, 2, 16), dtype=np.float32) for _ in range(2))
+    do = rng.standard_normal(q.shape, dtype=np.float32)
+    key = jax.random.key(12)
+
+    def step(q, k, v, key):
+        o, vjp = jax.vjp(lambda q, k, v: cj.flash_attention_varlen(
+            q, k, v, cu_q, cu_k, 17, 20, causal=True, dropout_p=P, dropout_key=key), q, k, v)
+        return (o, *vjp(jnp.asarray(do)))
+
+    fn = jax.jit(step) if jit else step
+    got = [np.asarray(x) for x in fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), key)]
+    seed, offset = cj.dropout_seed_offset(key)
+    drop = dict(causal=True, dropout_p=P, dropout_seed=seed, dropout_offset=offset)
+    o, stats = cuflash.attention_varlen_forward(q, k, v, cu_q, cu_k, 17, 20, **drop)
+    grads = cuflash.attention_varlen_backward(do, q, k, v, o, stats, cu_q, cu_k, 17, 20, **drop)
+    np.testing.assert_array_equal(got[0], o)
+    for g, want in zip(got[1:], grads):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+    plain = cuflash.attention_varlen(q, k, v, cu_q, cu_k, 17, 20, causal=True)
+    assert not np.allclose(got[0], plain)
