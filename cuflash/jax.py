@@ -328,7 +328,7 @@ def _backward_mods(do, q, k, v, o, m, l, slopes, sinks, mask, rng,
 def _api_options(options: jax_modifiers.Options, slopes, sinks, mask=None, rng=None) -> dict:
     sparse = {} if mask is None else dict(block_mask=mask, block_size=options.block_size)
     if rng is not None:  # concrete: its words read back to the host
-        seed, offset = jax_modifiers.seed_offset(np.asarray(rng))
+        seed, offset = philox.seed_offset_of_words(np.asarray(rng))
         sparse.update(dropout_p=options.dropout_p, dropout_seed=seed, dropout_offset=offset)
     return dict(causal=options.causal, softmax_scale=options.softmax_scale,
                 window=options.window, softcap=options.softcap, alibi_slopes=slopes,
@@ -421,7 +421,7 @@ def dropout_seed_offset(key) -> tuple[int, int]:
     """(dropout_seed, dropout_offset) of a concrete key: the core API's arguments that give
     the mask ``flash_attention(..., dropout_key=key)`` draws (``cuflash.dropout_mask``
     materialises it)."""
-    return jax_modifiers.seed_offset(np.asarray(dropout_words(key)))
+    return philox.seed_offset_of_words(np.asarray(dropout_words(key)))
 
 
 def _check_dropout_key(dropout_p: float, key) -> None:

@@ -122,18 +122,10 @@ class Options:
         if not isinstance(words, np.ndarray):  # CuPy: left on the device
             philox.check_dropout(self.dropout_p, 0, 0)
             return {"dropout_p": self.dropout_p, "dropout_rng": words}
-        seed, offset = seed_offset([int(w) for w in words])
+        seed, offset = philox.seed_offset_of_words(words)
         philox.check_dropout(self.dropout_p, seed, offset)
         return {"dropout_p": self.dropout_p, "dropout_seed": seed, "dropout_offset": offset}
 
-
-def seed_offset(words) -> tuple[int, int]:
-    """(dropout_seed, dropout_offset) of the three uint32 words (seed low, seed high,
-    offset) that cuflash.jax draws from a PRNG key."""
-    if len(words) != 3:
-        raise ValueError(f"rng: expected 3 uint32 words, got {len(words)}")
-    lo, hi, offset = (int(w) & 0xFFFFFFFF for w in words)
-    return lo | hi << 32, offset
 
 
 def _calls(buffers, ndims, split: bool) -> list[list[xla_ffi.BufferView]]:

@@ -86,10 +86,8 @@ class Options:
         optional = dict(optional)
         rng = optional.pop("rng", None)
         if rng is not None:
-            from .jax_modifiers import seed_offset
-
             words = rng.get() if hasattr(rng, "get") else np.asarray(rng)
-            seed, offset = seed_offset([int(w) for w in words])
+            seed, offset = philox.seed_offset_of_words(words)
             optional.update(dropout_p=self.dropout_p, dropout_seed=seed,
                             dropout_offset=offset)
         return dict(causal=self.causal, softmax_scale=self.softmax_scale, window=self.window,

@@ -134,6 +134,18 @@ def keep_mask_tile(batch: int, heads: int, rows: range, cols: range, *, dropout_
     return values >= keep_threshold(dropout_p)
 
 
+def seed_offset_of_words(words) -> tuple[int, int]:
+    """(seed, offset) of three 32-bit words (seed low, seed high, offset), as the frameworks
+    draw them on a device (cuflash.jax.dropout_words, cuflash.torch.dropout_words) and the
+    kernels read them (CF_DROP_RNG_PTR); signed int32 words are read as their bits."""
+    words = [int(w) & 0xFFFFFFFF for w in words]
+    if len(words) != 3:
+        raise ValueError(f"dropout words: expected 3 (seed low, seed high, offset), got "
+                         f"{len(words)}")
+    lo, hi, offset = words
+    return lo | hi << 32, offset
+
+
 def dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, *, dropout_p: float,
                  seed: int, offset: int = 0) -> np.ndarray:
     """The kept-mask of a whole attention call, bool (batch, heads, seqlen_q, seqlen_k).

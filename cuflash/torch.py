@@ -177,8 +177,7 @@ def dropout_words(device: torch.device) -> torch.Tensor:
 def seed_offset_of(words: torch.Tensor) -> tuple[int, int]:
     """(dropout_seed, dropout_offset) of ``dropout_words``' words (a host read): the core
     API's arguments for the same mask (``cuflash.dropout_mask`` materialises it)."""
-    lo, hi, offset = (int(w) & 0xFFFFFFFF for w in words.tolist())
-    return lo | hi << 32, offset
+    return philox.seed_offset_of_words(words.tolist())
 
 
 def _capture_refused(why: str) -> ValueError:

@@ -84,7 +84,7 @@ def selection_specs() -> list:
     from cuflash import aot
 
     work = aot.compile_work(["sm_90"], all_budgets=False)
-    for flag in ("varlen", "block_sparse", "dropout"):
+    for flag in ("varlen", "block_sparse", "dropout", "device_rng"):
         work += aot.compile_work(["sm_90"], all_budgets=False, **{flag: True})
     return [spec for spec, _ in work]
 
