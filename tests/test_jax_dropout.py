@@ -20,19 +20,12 @@ import ml_dtypes  # noqa: E402
 
 import cuflash.jax as cj  # noqa: E402
 from cuflash import philox, reference, testing  # noqa: E402
+from test_jax_adapter import _inputs  # noqa: E402  (q, k, v, do of a shape)
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
                                 reason="these tests cover the CPU backend")
 
 P = 0.3
-
-
-def _inputs(shape, dtype, seed):
-    batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
-    rng = np.random.default_rng(seed)
-    sizes = [(batch, seqlen_q, heads, head_dim), (batch, seqlen_k, heads_kv, head_dim),
-             (batch, seqlen_k, heads_kv, head_dim), (batch, seqlen_q, heads, head_dim)]
-    return [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in sizes]
 
 
 def _run(q, k, v, do, key, *, jit, **kw):
