@@ -580,8 +580,8 @@ for stage in $stages; do
       # torch graph replay test
       CUFLASH_POISON=1 run_stage dropout_words_tests timeout "${DROPOUT_WORDS_TIMEOUT:-300}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
-        tests/test_torch_dropout.py tests/test_gpu_jax_dropout.py tests/test_gpu_dropout.py \
-        tests/test_gpu_varlen.py -k "dropout or cuda or jax"
+        tests/test_dropout_device.py tests/test_torch_dropout.py tests/test_gpu_jax_dropout.py \
+        tests/test_gpu_dropout.py tests/test_gpu_varlen.py -k "dropout or cuda or jax"
       run_stage dropout_words_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_torch_dropout.py -k "graph_replays_read" ;;

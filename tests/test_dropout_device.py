@@ -5,7 +5,9 @@ spills and no stack; a NumPy model of ``Dropout::keep_bits`` (one 4 x 4 block pe
 per pass, the halves swapped with lane ^ 4, cf_keep8's byte comparison and bit order) gives
 ``cuflash.dropout_mask``'s flags, both fragment orientations. GPU: the device bytes equal
 NumPy's element for element, and ``keep_bits`` itself (2, 4 and 16 fragments side by side)
-gives the same kept-mask as ``cuflash.dropout_mask``.
+gives the same kept-mask as ``cuflash.dropout_mask``. The same with the words in device
+memory (``CF_DROP_RNG_PTR=1``: ``Dropout`` loads seed and offset where it makes a mask), from
+an entry written here (the header's own entries take the words as values).
 """
 
 from __future__ import annotations
@@ -26,6 +28,45 @@ def _source() -> str:
     return '#define CF_PHILOX_TEST 1\n#define CF_DROPOUT 1\n#include "cf_philox.cuh"\n'
 
 
+# keep_bits with the words read from device memory, one warp per 16 x 8 nt block (nt 4 and
+# 16, queries or keys as fragment rows), written query-major like cf_philox_test_keep
+WORDS_ENTRY = "cf_philox_test_keep_words"
+_WORDS_SOURCE = """#define CF_DROPOUT 1
+#define CF_DROP_RNG_PTR 1
+#include "cf_philox.cuh"
+
+template <int NT, bool KEYS_AS_ROWS>
+__device__ void keep_block(unsigned char* keep, int rows, int cols, const Dropout& drop) {
+  const int frag_cols = KEYS_AS_ROWS ? rows : cols;
+  const int row0 = (blockIdx.x / (frag_cols / (8 * NT))) * 16;
+  const int col0 = (blockIdx.x % (frag_cols / (8 * NT))) * 8 * NT;
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const unsigned long long bits =
+      drop.keep_bits<NT, KEYS_AS_ROWS>(blockIdx.y, row0 + g, col0 + 2 * t);
+  unsigned char* base = keep + (long long)blockIdx.y * rows * cols;
+  for (int f = 0; f < NT; ++f)
+    for (int e = 0; e < 4; ++e) {
+      const int r = row0 + g + 8 * (e >> 1), c = col0 + 8 * f + 2 * t + (e & 1);
+      base[KEYS_AS_ROWS ? c * cols + r : r * cols + c] = Dropout::bit(bits, f, e);
+    }
+}
+
+extern "C" __global__ void cf_philox_test_keep_words(unsigned char* keep, int rows, int cols,
+                                                     const unsigned int* words,
+                                                     unsigned int threshold, int keys_as_rows,
+                                                     int nt) {
+  const Dropout drop{cf_dropout{0u, 0u, 0u, threshold}, 1.f, 0, words};
+  if (keys_as_rows) {
+    if (nt == 4) keep_block<4, true>(keep, rows, cols, drop);
+    if (nt == 16) keep_block<16, true>(keep, rows, cols, drop);
+  } else {
+    if (nt == 4) keep_block<4, false>(keep, rows, cols, drop);
+    if (nt == 16) keep_block<16, false>(keep, rows, cols, drop);
+  }
+}
+"""
+
+
 def _nvrtc():
     try:
         from cupy_backends.cuda.libs import nvrtc
@@ -36,10 +77,12 @@ def _nvrtc():
     return nvrtc
 
 
+@pytest.mark.parametrize("words", [False, True], ids=["values", "device_words"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_header_compiles_without_spills(arch):
+def test_header_compiles_without_spills(arch, words):
     nvrtc = _nvrtc()
-    program = nvrtc.createProgram(_source(), "cf_philox_test.cu", [], [])
+    source = _WORDS_SOURCE if words else _source()
+    program = nvrtc.createProgram(source, "cf_philox_test.cu", [], [])
     try:
         nvrtc.compileProgram(program, ["--std=c++17", f"-I{kernels_dir()}",
                                        f"--gpu-architecture={arch}", "--ptxas-options=-v"])
@@ -49,16 +92,16 @@ def test_header_compiles_without_spills(arch):
     finally:
         nvrtc.destroyProgram(program)
     reports = parse_ptxas_log(log)
-    assert set(reports) == set(ENTRIES), log
+    assert set(reports) == ({WORDS_ENTRY} if words else set(ENTRIES)), log
     for name, r in reports.items():
         assert r["spill_stores"] == r["spill_loads"] == r["stack"] == 0, (name, r)
 
 
-def _module():
+def _module(source=None):
     import cupy
 
-    return cupy.RawModule(code=_source(), options=("--std=c++17", f"-I{kernels_dir()}"),
-                          name_expressions=None)
+    return cupy.RawModule(code=source or _source(),
+                          options=("--std=c++17", f"-I{kernels_dir()}"), name_expressions=None)
 
 
 @pytest.mark.gpu
@@ -101,6 +144,30 @@ def test_keep_bits_equal_dropout_mask(p, keys_as_rows, nt):
             np.int32(keys_as_rows), np.int32(nt)))
     want = philox.dropout_mask(batch, heads, rows, cols, dropout_p=p, seed=seed, offset=offset)
     np.testing.assert_array_equal(cupy.asnumpy(keep).reshape(want.shape), want.astype(np.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nt", [4, 16])
+@pytest.mark.parametrize("keys_as_rows", [0, 1])
+def test_keep_bits_with_device_words_equal_dropout_mask(keys_as_rows, nt):
+    """CF_DROP_RNG_PTR: the words (seed low, seed high, offset) read from device memory
+    give the mask of that seed and offset; other words in the same buffer, another mask."""
+    import cupy
+
+    batch, heads, rows, cols, p = 2, 2, 128, 256, 0.3
+    frag_rows, frag_cols = (cols, rows) if keys_as_rows else (rows, cols)
+    kernel = _module(_WORDS_SOURCE).get_function(WORDS_ENTRY)
+    words = cupy.zeros(3, dtype=cupy.uint32)
+    for seed, offset in ((2**40 + 3, 12), (2**64 - 1, 2**31 + 5)):
+        words[...] = cupy.asarray([seed & 0xFFFFFFFF, seed >> 32, offset], dtype=cupy.uint32)
+        keep = cupy.full(batch * heads * rows * cols, 7, dtype=cupy.uint8)  # poisoned
+        kernel(((frag_rows // 16) * (frag_cols // (8 * nt)), batch * heads), (32,),
+               (keep, np.int32(rows), np.int32(cols), words,
+                np.uint32(philox.keep_threshold(p)), np.int32(keys_as_rows), np.int32(nt)))
+        want = philox.dropout_mask(batch, heads, rows, cols, dropout_p=p, seed=seed,
+                                   offset=offset)
+        np.testing.assert_array_equal(cupy.asnumpy(keep).reshape(want.shape),
+                                      want.astype(np.uint8))
 
 
 # -- a NumPy model of Dropout::keep_bits (the CPU checks the scheme, the GPU the code) -----
