@@ -411,14 +411,16 @@ FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))
 # test_gpu_block_sparse's Hopper family, the boxed dropout ones), since the one issuing
 # thread ran the mask's tile cursor, a warp ballot, alone: the lanes that had left voted
 # "hidden", so the producer counted fewer kept tiles than the consumers waited for. The
-# issuer's warp now stays under a block mask (flash_fwd_sm90_ws.cu's kTmaWarp), not yet run
-# on a GPU; the backward, whose boxes always came from whole warps, waits with it for its
-# test_backward_block_masks.
+# issuer's warp now stays under a block mask (flash_fwd_sm90_ws.cu's kTmaWarp). Session 36
+# (H100, bench/results/2026-12-06_h100/session36): gpu_suite block_mask_tma's 18 boxed
+# block-mask tests passed, memcheck and racecheck clean; then with TMA_OFF_WHEN = ()
+# test_gpu_block_sparse + test_gpu_fwd_persistent -k block 158 passed, 42 skipped, and
+# shards 4, 7, 9, 10 (2,375 tests) passed whole. Block masks load with TMA.
 
 FWD90_TMA = frozenset({64, 128})
 FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
 BWD90_TMA = frozenset({64, 128})  # atomic dQ only (above)
-TMA_OFF_WHEN = (("block_sparse",),)
+TMA_OFF_WHEN = ()
 
 # Dropout's 1 / (1 - p) folded into the warp-specialized backward's staged lse2 and delta
 # (flash_bwd_sm90_ws.cu's CF_BWD_DROP_FOLD) where the kernel otherwise scales P and dP in
