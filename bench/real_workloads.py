@@ -65,6 +65,24 @@ def time_ms(fn, reps: int = 20, inner: int = 5, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def queued_ms(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median CUDA-event milliseconds of one call among calls queued back to back behind a
+    sleep kernel (bench/dev/devtools.time_ms, bench/attention_sweep.py): the GPU's time, the
+    host's per-call work hidden as in a training loop that keeps ahead of the GPU."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU work: the host gets ahead of the queue
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
 def save_rows(path, rows) -> None:
     """The bench scripts' JSON: {"device": this GPU's name, "rows": rows} at ``path``."""
     with open(path, "w") as f:
