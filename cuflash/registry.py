@@ -422,6 +422,19 @@ FWD90_TMA_OFF_WHEN = {64: (("causal", "softcap"),), 128: ()}
 BWD90_TMA = frozenset({64, 128})  # atomic dQ only (above)
 TMA_OFF_WHEN = ()
 
+# Sets of ("causal", modifier names) under which a warp-specialized backward tile that
+# BWD90 skips for its spills is taken all the same where it loads with TMA: one thread then
+# issues the producer's boxes, so the producer runs on 24 registers and each consumer gets
+# 240 (flash_bwd_sm90_ws.cu's kWideConsumers). d64 causal under a block mask: 24-64 B
+# spilled at 232 (NVRTC 13.5, bf16 / fp16, TMA with and without bulk dQ); none at 240 with
+# any one or two of window, softcap, ALiBi, sinks. Not with packed sequences (their
+# producer zeroes box tails with every thread: 24 B spilled at 24 registers) nor dropout
+# (the producer folds 1 / (1 - p) into the statistics: 8 B spilled). The 8-warp
+# tile it replaces ran the d64 causal block-sparse backward at 2.22x dense, against 5.09x
+# non-causal (H100, session 36).
+BWD90_BOXED_ONLY_WHEN = {64: (("causal", "block_sparse"),)}
+BWD90_BOXED_ONLY_OFF_WHEN = (("varlen",), ("dropout",))
+
 # Dropout's 1 / (1 - p) folded into the warp-specialized backward's staged lse2 and delta
 # (flash_bwd_sm90_ws.cu's CF_BWD_DROP_FOLD) where the kernel otherwise scales P and dP in
 # every element. tests/test_gpu_bwd_drop_fold.py passed (H100, 2026-12-06: 130 passed, the 6
@@ -516,7 +529,8 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
                                         f"317/361; (8, 128, 128, 2): 303/316, causal 282/317 "
                                         f"({_BWD90_WS_LOG})"),
                     # causal under a block mask: 8 B spilled (NVRTC 13.5), with no modifier
-                    # only; a 48-register producer left the consumers 224 and 60-76 B
+                    # only; a 48-register producer left the consumers 224 and 60-76 B. Boxed
+                    # it is taken all the same (BWD90_BOXED_ONLY_WHEN, below)
                     ("causal", "block_sparse")),
               replace(_t(8, 128, 128, 2, "H100 bf16 d64: 1.05-1.11x FA-2 with 128-query "
                                          "tiles, 0.74-0.77x with 64 (NOTES' wgmma kernels)"),

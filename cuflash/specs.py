@@ -20,7 +20,8 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90, BWD90_DQ_FIRST, BWD90_HSPLIT,  # noqa: F401
+from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY_OFF_WHEN,  # noqa: F401
+                       BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST, BWD90_HSPLIT,
                        BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
@@ -579,12 +580,34 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     3x the portable kernels of the deterministic mode before)."""
     spec = select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
                   wgmma=wgmma, mods=mods)
+    spec = with_boxed_only_tile(spec, facts)
     if uses_wgmma(facts, wgmma):
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
     return with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(
         with_ordered_rotation(spec, facts), facts))))
+
+
+def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
+    """The warp-specialized backward tile that registry.BWD90 skips under ``spec``'s
+    modifiers for its cp.async form's spills, where registry.BWD90_BOXED_ONLY_WHEN takes it
+    boxed (its consumers get the registers the TMA producer leaves): that tile, which
+    ``with_selected_tma`` then boxes; ``spec`` itself elsewhere, and where the tile would
+    not fit or not be boxed."""
+    whens = BWD90_BOXED_ONLY_WHEN.get(spec.head_dim, ())
+    context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
+    if (spec.kind != "bwd90" or spec.dq_ordered or bwd90_warp_specialized(spec)
+            or not any(context.issuperset(when) for when in whens)
+            or any(context.issuperset(when) for when in BWD90_BOXED_ONLY_OFF_WHEN)):
+        return spec
+    tile = BWD90[spec.head_dim][0]
+    wide = replace(spec, block_m=tile.block_m, block_n=tile.block_n, warps=tile.warps,
+                   stages=tile.stages)
+    if (not bwd90_warp_specialized(wide) or wide.smem_bytes > facts.smem_optin
+            or not loads_with_tma(with_selected_tma(wide))):
+        return spec
+    return wide
 
 
 def with_dropout_fold(spec: KernelSpec) -> KernelSpec:

@@ -230,9 +230,13 @@ enum : int {
   // under a block mask, each stage's (query rows, head), which the producer picks
   kOffTiles = kOffBar + kBarBytes,
   kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
-  // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block
-  kProducerRegs = 40,
-  kConsumerRegs = 232,
+  // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block; 128 * 24 + 256 * 240
+  // where the consumers need it and one thread issues the boxes (d64 causal under a block
+  // mask: 24-56 B spilled at 232)
+  kWideConsumers = CF_BWD_TMA && CF_CAUSAL && CF_BLOCK_SPARSE && !CF_VARLEN && !CF_DROPOUT &&
+                   kD == 64,
+  kProducerRegs = kWideConsumers ? 24 : 40,
+  kConsumerRegs = kWideConsumers ? 240 : 232,
   kTma = CF_BWD_TMA,  // (an enum, not a constexpr variable: those leave a PTX symbol)
   kTailZero = CF_BWD_TMA && CF_VARLEN,  // tiles past a packed sequence zeroed there
   kPanels = kD / 64,

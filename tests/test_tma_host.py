@@ -290,6 +290,34 @@ def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
     assert hash((plan.main.spec.name, False)) & 0xFFFFFF not in functions
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_causal_block_mask_backward_takes_the_wide_tile_where_boxed(dtype):
+    """registry.BWD90_BOXED_ONLY_WHEN: the d64 backward under causal + a block mask runs the
+    12-warp tile boxed (its consumers at 240 registers) where its cp.async form, which
+    spills, gave way to the 8-warp tile; packed sequences, dropout and the deterministic
+    mode keep what they ran, and so does a budget the wide tile does not fit."""
+    def pick(facts=_H200, deterministic=False, **mods):
+        return specs.select_backward(facts, dtype, 64, True, deterministic,
+                                     mods=specs.ModFlags(block_sparse=True, **mods))
+
+    wide = pick()
+    assert specs.bwd90_warp_specialized(wide) and specs.loads_with_tma(wide), wide.name
+    assert wide.causal and wide.mods.block_sparse and "CF_DQ_BULK" in wide.defines
+    for mods in ({"softcap": True}, {"alibi": True}, {"sinks": True}):
+        assert specs.loads_with_tma(pick(**mods)), mods
+    for mods in ({"varlen": True}, {"dropout": True}):
+        kept = pick(**mods)
+        assert not specs.bwd90_warp_specialized(kept) and kept.warps == 8, kept.name
+    assert not specs.bwd90_warp_specialized(pick(deterministic=True))
+    bare = specs.without_tma(wide).without_knob("CF_DQ_BULK")  # the tile's least
+    small = launch.DeviceFacts(name="small", arch="sm_90", sm_count=132,
+                               smem_optin=bare.smem_bytes - 1)
+    assert not specs.bwd90_warp_specialized(pick(small))
+    # the cp.async form itself stays out of the registry's candidates
+    assert not specs.bwd90_warp_specialized(specs.select(
+        "backward", _H200, dtype, 64, True, mods=specs.ModFlags(block_sparse=True)))
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_tma_is_selected_where_measured(head_dim, causal):
