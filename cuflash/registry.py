@@ -431,7 +431,8 @@ TMA_OFF_WHEN = ()
 # producer zeroes box tails with every thread: 24 B spilled at 24 registers) nor dropout
 # (the producer folds 1 / (1 - p) into the statistics: 8 B spilled). The 8-warp
 # tile it replaces ran the d64 causal block-sparse backward at 2.22x dense, against 5.09x
-# non-causal (H100, session 36).
+# non-causal (H100, session 36). A layout the copy engine cannot box (a broadcast axis:
+# launch._without_tma) runs the tile's cp.async form, spills and all (24 B).
 BWD90_BOXED_ONLY_WHEN = {64: (("causal", "block_sparse"),)}
 BWD90_BOXED_ONLY_OFF_WHEN = (("varlen",), ("dropout",))
 
