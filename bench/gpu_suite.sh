@@ -20,7 +20,7 @@
 #                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
-#                                            dropout_words
+#                                            dropout_words causal_sparse
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -585,6 +585,20 @@ for stage in $stages; do
       run_stage dropout_words_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_torch_dropout.py -k "graph_replays_read" ;;
+    causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
+      # boxed, its consumers at 240 registers (registry.BWD90_BOXED_ONLY_WHEN): the block-mask
+      # GPU tests, memcheck on its causal cases, then block_sparse.py's speed (the GPU's
+      # time and the idle-GPU time) with persistent forwards beside
+      CUFLASH_POISON=1 run_stage causal_sparse_tests timeout "${CAUSAL_SPARSE_TIMEOUT:-200}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 12} \
+        tests/test_gpu_block_sparse.py
+      CUFLASH_POISON=1 run_stage causal_sparse_memcheck timeout "${SANITIZE_TIME:-150}" \
+        compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q \
+        -p no:cacheprovider tests/test_gpu_block_sparse.py \
+        -k "own and causal and 389 and not float32 and test_forward"
+      run_stage causal_sparse_speed timeout "${BLOCK_SPARSE_TIMEOUT:-240}" $PY \
+        bench/block_sparse.py --seqlen 16384 --head-dims 64,128 --persistent \
+        --json "$OUT/results/block_sparse_causal.json" ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API
       CUFLASH_POISON=1 run_stage det_tests timeout "${SUITE_TIME_BUDGET:-540}" \
