@@ -93,7 +93,7 @@ def _persistent(spec):
 
 
 def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=False,
-        persistent=False) -> dict:
+        persistent=False, wide_boxed=False) -> dict:
     import cupy
 
     import cuflash
@@ -131,6 +131,25 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=Fals
                 lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
         out["sparse_fwd_ms_again"] = _ms(
             lambda: cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask))
+    if wide_boxed:  # the candidate d64 causal backward tile (registry.BWD90_BOXED_ONLY)
+        from cuflash import fastpath, launch, specs
+
+        o, stats = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
+        want = cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
+                                          block_mask=mask)
+        knob = specs.with_wide_boxed_backward(launch.device_facts(0))
+        with fastpath.selector_patched("select_backward", knob):
+            got = cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
+                                             block_mask=mask)
+            out["sparse_wide_bwd_spec"] = knob(specs.select_backward(
+                launch.device_facts(0), str(np.dtype(dtype)), head_dim, causal, False,
+                mods=specs.ModFlags(block_sparse=True))).name
+            out["sparse_wide_bwd_max_diff"] = max(
+                float(abs(g.astype(np.float32) - w.astype(np.float32)).max())
+                for g, w in zip(got, want))
+            out["sparse_wide_bwd_ms"] = _ms(
+                lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
+                                                   block_mask=mask))
     if flex:
         out.update(_flex(q, k, v, do, mask, causal, block))
     flops = 4 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
@@ -156,6 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--causal", default="0,1", help="comma-separated 0 / 1")
     p.add_argument("--persistent", action="store_true",
                    help="the sparse forward with persistent blocks too (a candidate)")
+    p.add_argument("--wide-boxed", action="store_true",
+                   help="the sparse backward again on the candidate 12-warp boxed tile "
+                        "(specs.with_wide_boxed_backward: d64 causal)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     import ml_dtypes
@@ -164,7 +186,8 @@ def main(argv=None) -> int:
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (bool(int(c)) for c in args.causal.split(",")):
             r = run(args.batch, args.heads, args.seqlen, d, args.density, causal,
-                    ml_dtypes.bfloat16, args.block, args.flex, args.persistent)
+                    ml_dtypes.bfloat16, args.block, args.flex, args.persistent,
+                    args.wide_boxed)
             rows.append(r)
             if args.flex:
                 print(f"d{d} {'causal' if causal else 'full  '} FlexAttention / cuflash.torch: "
@@ -180,6 +203,12 @@ def main(argv=None) -> int:
                   f"{r['sparse_fwd_idle_ms']:.3f} ({r['speedup_fwd_idle']:.2f}x), bwd "
                   f"{r['dense_bwd_idle_ms']:.3f} -> {r['sparse_bwd_idle_ms']:.3f} "
                   f"({r['speedup_bwd_idle']:.2f}x)", flush=True)
+            if "sparse_wide_bwd_ms" in r:
+                print(f"d{d} {'causal' if causal else 'full  '} wide boxed sparse backward "
+                      f"{r['sparse_wide_bwd_ms']:.3f} ms against {r['sparse_bwd_ms']:.3f} "
+                      f"({r['dense_bwd_ms'] / r['sparse_wide_bwd_ms']:.2f}x dense; max "
+                      f"|diff| {r['sparse_wide_bwd_max_diff']:.3g}; "
+                      f"{r['sparse_wide_bwd_spec']})", flush=True)
             if args.persistent:
                 print(f"d{d} {'causal' if causal else 'full  '} persistent sparse forward "
                       f"{r['sparse_pers_fwd_ms']:.3f} ms against {r['sparse_fwd_ms']:.3f} / "

@@ -586,18 +586,20 @@ for stage in $stages; do
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_torch_dropout.py -k "graph_replays_read" ;;
     causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
-      # boxed, its consumers at 240 registers (registry.BWD90_BOXED_ONLY_WHEN): the block-mask
-      # GPU tests, memcheck on its causal cases, then block_sparse.py's speed (the GPU's
-      # time and the idle-GPU time) with persistent forwards beside
+      # boxed, its consumers at 240 registers (a candidate: registry.BWD90_BOXED_ONLY): the
+      # block-mask GPU tests (test_causal_d64_backward_on_the_wide_boxed_tile runs it),
+      # memcheck on its causal cases, then block_sparse.py's speed (the GPU's
+      # time and the idle-GPU time), the candidate's backward and persistent forwards beside.
+      # If its tests pass and it wins, set registry.BWD90_BOXED_ONLY = True.
       CUFLASH_POISON=1 run_stage causal_sparse_tests timeout "${CAUSAL_SPARSE_TIMEOUT:-200}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 12} \
         tests/test_gpu_block_sparse.py
       CUFLASH_POISON=1 run_stage causal_sparse_memcheck timeout "${SANITIZE_TIME:-150}" \
         compute-sanitizer --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q \
         -p no:cacheprovider tests/test_gpu_block_sparse.py \
-        -k "own and causal and 389 and not float32 and test_forward"
+        -k "wide_boxed and 389 and bfloat16"
       run_stage causal_sparse_speed timeout "${BLOCK_SPARSE_TIMEOUT:-240}" $PY \
-        bench/block_sparse.py --seqlen 16384 --head-dims 64,128 --persistent \
+        bench/block_sparse.py --seqlen 16384 --head-dims 64,128 --persistent --wide-boxed \
         --json "$OUT/results/block_sparse_causal.json" ;;
     det)  # the deterministic backward against the default (issue 13: at most 20% slower):
       # its bitwise tests, then TFLOP/s through the public API

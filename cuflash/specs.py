@@ -20,8 +20,9 @@ from .archs import (ARCH_SMEM_OPTIN, BUDGETS_KIB, MIN_ARCH, TURING_DTYPES,  # no
                     WGMMA_ARCHS, arch_dtypes, arch_number, arch_unsupported_reason)
 from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.set_smem_budget)
 from .constants import DTYPES, KIB  # noqa: F401
-from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY_OFF_WHEN,  # noqa: F401
-                       BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST, BWD90_HSPLIT,
+from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
+                       BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
+                       BWD90_HSPLIT,
                        BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
@@ -580,7 +581,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
     3x the portable kernels of the deterministic mode before)."""
     spec = select("backward", facts, dtype, head_dim, causal, deterministic=deterministic,
                   wgmma=wgmma, mods=mods)
-    spec = with_boxed_only_tile(spec, facts)
+    if BWD90_BOXED_ONLY:
+        spec = with_boxed_only_tile(spec, facts)
     if uses_wgmma(facts, wgmma):
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
@@ -608,6 +610,19 @@ def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
             or not loads_with_tma(with_selected_tma(wide))):
         return spec
     return wide
+
+
+def with_wide_boxed_backward(facts: DeviceFacts):
+    """A candidate selector knob (for ``fastpath.selector_patched``, tests and GPU stages)
+    while registry.BWD90_BOXED_ONLY is off: each backward spec that ``with_boxed_only_tile``
+    replaces becomes that tile with the selection's own knobs (bulk dQ, TMA); every other
+    spec unchanged."""
+    def knob(spec: KernelSpec) -> KernelSpec:
+        wide = with_boxed_only_tile(spec, facts)
+        if wide is spec:
+            return spec
+        return with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(wide, facts))))
+    return knob
 
 
 def with_dropout_fold(spec: KernelSpec) -> KernelSpec:

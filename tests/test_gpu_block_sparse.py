@@ -79,6 +79,16 @@ def _module_specs():
                 for head_dim in (64, 128, 256):
                     shape = plan.Shape(1, 1, 1, 1, 1, head_dim, dtype, case[1], flags)
                     out += gh.shape_specs(shape, f, cfg)
+    # the wide boxed d64 causal backward (a candidate: test_causal_d64_backward_on_...)
+    wide = specs.with_wide_boxed_backward(facts)
+    for case in CASES:
+        extra = case[5]
+        flags = plan.mod_flags(extra.get("window"), extra.get("softcap"),
+                               extra.get("alibi_slopes"), extra.get("sinks"), case[1],
+                               block_sparse=True)
+        for dtype in ("float16", "bfloat16"):
+            out.append(wide(specs.select_backward(facts, dtype, 64, case[1], False,
+                                                  mods=flags)))
     return out
 
 
@@ -113,6 +123,35 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
     if dtype == "float32" and family != "own":
         pytest.skip("float32 has one kernel family (the SIMT kernels)")
     _check(family, case, dtype, seqlen_q, seqlen_k, 64)
+
+
+@pytest.fixture
+def wide_boxed():
+    """The backward selected through specs.with_wide_boxed_backward (registry.BWD90_BOXED_ONLY,
+    off until this test passes on a GPU)."""
+    from cuflash import launch
+
+    knob = specs.with_wide_boxed_backward(launch.device_facts(0))
+    yield from gh.hopper_selector_with_knob("select_backward", knob,
+                                            "the 12-warp backward is a Hopper kernel")
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[1]], ids=[c[0] for c in CASES if c[1]])
+def test_causal_d64_backward_on_the_wide_boxed_tile(wide_boxed, case, dtype, seqlen_q,
+                                                    seqlen_k):
+    """The causal cases at head_dim 64 with the backward on the 12-warp tile boxed (its
+    consumers at 240 registers, flash_bwd_sm90_ws.cu's kWideConsumers) against the float64
+    reference; the kernel that ran is checked to be that tile."""
+    from cuflash import launch, plan
+
+    extra = case[5]
+    flags = plan.mod_flags(extra.get("window"), extra.get("softcap"), extra.get("alibi_slopes"),
+                           extra.get("sinks"), True, block_sparse=True)
+    picked = specs.select_backward(launch.device_facts(0), dtype, 64, True, False, mods=flags)
+    assert picked.warps == 12 and specs.loads_with_tma(picked), picked.name
+    _check("own", case, dtype, seqlen_q, seqlen_k, 64)
 
 
 @pytest.mark.parametrize("head_dim", [32, 128, 256])

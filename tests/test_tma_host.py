@@ -291,23 +291,31 @@ def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_causal_block_mask_backward_takes_the_wide_tile_where_boxed(dtype):
-    """registry.BWD90_BOXED_ONLY_WHEN: the d64 backward under causal + a block mask runs the
+def test_causal_block_mask_backward_wide_boxed_tile(dtype, monkeypatch):
+    """registry.BWD90_BOXED_ONLY_WHEN: the d64 backward under causal + a block mask on the
     12-warp tile boxed (its consumers at 240 registers) where its cp.async form, which
-    spills, gave way to the 8-warp tile; packed sequences, dropout and the deterministic
-    mode keep what they ran, and so does a budget the wide tile does not fit."""
+    spills, gave way to the 8-warp tile. A candidate (``specs.with_wide_boxed_backward``)
+    until it runs on a GPU; turned on (registry.BWD90_BOXED_ONLY), the selection is what the
+    candidate runs. Packed sequences, dropout and the deterministic mode keep what they ran,
+    and so does a budget the wide tile does not fit."""
     def pick(facts=_H200, deterministic=False, **mods):
         return specs.select_backward(facts, dtype, 64, True, deterministic,
                                      mods=specs.ModFlags(block_sparse=True, **mods))
 
-    wide = pick()
+    knob = specs.with_wide_boxed_backward(_H200)
+    selected = pick()
+    assert not specs.bwd90_warp_specialized(selected) and selected.warps == 8
+    wide = knob(selected)
     assert specs.bwd90_warp_specialized(wide) and specs.loads_with_tma(wide), wide.name
     assert wide.causal and wide.mods.block_sparse and "CF_DQ_BULK" in wide.defines
+    monkeypatch.setattr(specs, "BWD90_BOXED_ONLY", True)
+    assert pick() == wide
     for mods in ({"softcap": True}, {"alibi": True}, {"sinks": True}):
         assert specs.loads_with_tma(pick(**mods)), mods
     for mods in ({"varlen": True}, {"dropout": True}):
         kept = pick(**mods)
         assert not specs.bwd90_warp_specialized(kept) and kept.warps == 8, kept.name
+        assert knob(kept) == kept
     assert not specs.bwd90_warp_specialized(pick(deterministic=True))
     bare = specs.without_tma(wide).without_knob("CF_DQ_BULK")  # the tile's least
     small = launch.DeviceFacts(name="small", arch="sm_90", sm_count=132,
@@ -316,6 +324,9 @@ def test_causal_block_mask_backward_takes_the_wide_tile_where_boxed(dtype):
     # the cp.async form itself stays out of the registry's candidates
     assert not specs.bwd90_warp_specialized(specs.select(
         "backward", _H200, dtype, 64, True, mods=specs.ModFlags(block_sparse=True)))
+    # a plain causal call keeps its own selection
+    plain = specs.select_backward(_H200, dtype, 64, True, False)
+    assert knob(plain) == plain
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
