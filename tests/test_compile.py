@@ -138,6 +138,24 @@ def test_hopper_head_dim_192_compiles_without_spills():
     _assert_compiled_without_spills(work, "Hopper d192")
 
 
+def test_wide_boxed_causal_block_sparse_backward_compiles_without_spills():
+    """The d64 causal block-sparse backward on the 12-warp tile boxed, its consumers at 240
+    registers (specs.with_wide_boxed_backward, a candidate; registry.BWD90_BOXED_ONLY): fp16
+    and bf16, alone and with softcap, ALiBi, sinks or softcap + sinks (the cp.async form
+    spills 24-64 B at 232)."""
+    facts = specs.facts_for_arch("sm_90")
+    knob = specs.with_wide_boxed_backward(facts)
+    work = []
+    for dtype in ("bfloat16", "float16"):
+        for extra in ({}, {"softcap": True}, {"alibi": True}, {"sinks": True},
+                      {"softcap": True, "sinks": True}):
+            spec = knob(specs.select_backward(facts, dtype, 64, True, False,
+                                              mods=specs.ModFlags(block_sparse=True, **extra)))
+            assert spec.warps == 12 and specs.loads_with_tma(spec), spec.name
+            work.append((spec, "sm_90"))
+    _assert_compiled_without_spills(work, "wide boxed causal block-sparse backward")
+
+
 def test_ordered_bulk_dq_with_two_pieces_compiles_without_spills():
     """The deterministic Hopper backward with two dQ pieces a warpgroup (the knob
     CF_DQ_PIECES=2, not selected yet): d64 and d128, causal and not, plus packed sequences
