@@ -67,7 +67,7 @@ def time_ms(fn, reps: int = 20, inner: int = 5, warmup: int = 3) -> float:
 
 def queued_ms(fn, reps: int = 20, warmup: int = 3) -> float:
     """Median CUDA-event milliseconds of one call among calls queued back to back behind a
-    sleep kernel (bench/dev/devtools.time_ms, bench/attention_sweep.py): the GPU's time, the
+    sleep kernel (as bench/attention_sweep.py; bench/dev/devtools.time_ms): the GPU's time, the
     host's per-call work hidden as in a training loop that keeps ahead of the GPU."""
     for _ in range(warmup):
         fn()

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/: real_workloads
+from real_workloads import queued_ms  # noqa: E402
+
+
 def time_ms(fn, reps=30, warmup=5):
     """Median CUDA-event time of calls enqueued back to back (the host keeps ahead, as in
-    training), as bench/attention_sweep.py does: per-call host overhead is not counted."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    torch.cuda._sleep(50_000_000)  # ~25 ms of GPU work so the host gets ahead of the queue
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    training), as bench/attention_sweep.py does: per-call host overhead is not counted
+    (real_workloads.queued_ms)."""
+    return queued_ms(fn, reps, warmup)
 
 
 def fwd_block_m(kind: str, warps: int) -> int:
