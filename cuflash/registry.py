@@ -425,8 +425,8 @@ TMA_OFF_WHEN = ()
 # Sets of ("causal", modifier names) under which a warp-specialized backward tile that
 # BWD90 skips for its spills is taken all the same where it loads with TMA: one thread then
 # issues the producer's boxes, so the producer runs on 24 registers and each consumer gets
-# 240 (flash_bwd_sm90_ws.cu's kWideConsumers). d64 causal under a block mask: 24-64 B
-# spilled at 232 (NVRTC 13.5, bf16 / fp16, TMA with and without bulk dQ); none at 240 with
+# 240 (flash_bwd_sm90_ws.cu's kWideConsumers). d64 causal under a block mask: 56-64 B
+# spilled at 232 boxed (NVRTC 13.5, bf16 / fp16, with and without bulk dQ); none at 240 with
 # any one or two of window, softcap, ALiBi, sinks. Not with packed sequences (their
 # producer zeroes box tails with every thread: 24 B spilled at 24 registers) nor dropout
 # (the producer folds 1 / (1 - p) into the statistics: 8 B spilled). The 8-warp

@@ -22,8 +22,7 @@ from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
-                       BWD90_HSPLIT,
-                       BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
+                       BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,

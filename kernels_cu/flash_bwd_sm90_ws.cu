@@ -232,7 +232,7 @@ enum : int {
   kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block; 128 * 24 + 256 * 240
   // where the consumers need it and one thread issues the boxes (d64 causal under a block
-  // mask: 24-56 B spilled at 232)
+  // mask: 56-64 B spilled at 232)
   kWideConsumers = CF_BWD_TMA && CF_CAUSAL && CF_BLOCK_SPARSE && !CF_VARLEN && !CF_DROPOUT &&
                    kD == 64,
   kProducerRegs = kWideConsumers ? 24 : 40,

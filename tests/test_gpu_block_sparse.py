@@ -143,7 +143,7 @@ def test_causal_d64_backward_on_the_wide_boxed_tile(wide_boxed, case, dtype, seq
                                                     seqlen_k):
     """The causal cases at head_dim 64 with the backward on the 12-warp tile boxed (its
     consumers at 240 registers, flash_bwd_sm90_ws.cu's kWideConsumers) against the float64
-    reference; the kernel that ran is checked to be that tile."""
+    reference; the selection under the knob is checked to be that tile first."""
     from cuflash import launch, plan
 
     extra = case[5]
