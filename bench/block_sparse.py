@@ -137,15 +137,17 @@ def run(batch, heads, seqlen, head_dim, density, causal, dtype, block, flex=Fals
         o, stats = cuflash.attention_forward(q, k, v, causal=causal, block_mask=mask)
         want = cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                           block_mask=mask)
-        knob = specs.with_wide_boxed_backward(launch.device_facts(0))
-        with fastpath.selector_patched("select_backward", knob):
+        facts = launch.device_facts(0)
+        with fastpath.selector_patched("select_backward",
+                                       specs.with_wide_boxed_backward(facts)):
             got = cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
                                              block_mask=mask)
-            out["sparse_wide_bwd_spec"] = knob(specs.select_backward(
-                launch.device_facts(0), str(np.dtype(dtype)), head_dim, causal, False,
-                mods=specs.ModFlags(block_sparse=True))).name
-            out["sparse_wide_bwd_max_diff"] = max(
-                float(abs(g.astype(np.float32) - w.astype(np.float32)).max())
+            out["sparse_wide_bwd_spec"] = specs.select_backward(  # the patched selection
+                facts, str(np.dtype(dtype)), head_dim, causal, False,
+                mods=specs.ModFlags(block_sparse=True)).name
+            out["sparse_wide_bwd_max_diff"] = max(  # on the host: NumPy casts bfloat16
+                float(np.abs(cupy.asnumpy(g).astype(np.float32)
+                             - cupy.asnumpy(w).astype(np.float32)).max())
                 for g, w in zip(got, want))
             out["sparse_wide_bwd_ms"] = _ms(
                 lambda: cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
