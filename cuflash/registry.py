@@ -46,7 +46,14 @@ class Tile:
 
     def spills(self, context) -> bool:
         """Whether one of ``spills_when``'s sets lies inside ``context`` (knobs and arch)."""
-        return any(set(context).issuperset(when) for when in self.spills_when)
+        return any_set_within(self.spills_when, context)
+
+
+def any_set_within(whens, context) -> bool:
+    """Whether every name of one of ``whens``' sets is in ``context`` (the call's knobs,
+    modifiers and arch): how spills_when and the _WHEN / _OFF_WHEN tables below are read."""
+    context = set(context)
+    return any(context.issuperset(when) for when in whens)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
-                       PRE_THREADS, VARIANTS, Variant, bwd90_head_dim_split,
+                       PRE_THREADS, VARIANTS, Variant, any_set_within, bwd90_head_dim_split,
                        bwd90_warp_specialized, bwd_split_layout, fwd90_warp_specialized,
                        variant_of)
 
@@ -313,10 +313,10 @@ def with_selected_tma(spec: KernelSpec) -> KernelSpec:
     forward's FWD90_TMA_OFF_WHEN) is on. The launcher still runs the cp.async tile where the
     copy engine cannot box a layout."""
     context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
-    if any(context.issuperset(when) for when in TMA_OFF_WHEN):
+    if any_set_within(TMA_OFF_WHEN, context):
         return spec
     if spec.kind == "fwd90" and spec.head_dim in FWD90_TMA:
-        if any(context.issuperset(when) for when in FWD90_TMA_OFF_WHEN[spec.head_dim]):
+        if any_set_within(FWD90_TMA_OFF_WHEN[spec.head_dim], context):
             return spec
         return with_forward_tma(spec) or spec
     if spec.kind == "bwd90" and spec.head_dim in BWD90_TMA and not spec.dq_ordered:
@@ -336,7 +336,7 @@ def with_persistent_forward(spec: KernelSpec) -> KernelSpec:
         return spec
     off = FWD90_PERSISTENT_OFF_WHEN + (FWD90_PERSISTENT_OFF_WHEN_M192 if spec.block_m == 192
                                        else ())
-    if any(set(spec.mods.on).issuperset(when) for when in off):
+    if any_set_within(off, spec.mods.on):
         return spec
     return spec.with_knobs(CF_FWD_PERSISTENT=1)
 
@@ -350,9 +350,9 @@ def with_forward_overlap(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     if spec.kind != "fwd90" or fwd90_warp_specialized(spec) or not value:
         return spec
     context = set(spec.mods.on) | ({"causal"} if spec.causal or spec.mods.window else set())
-    if any(context.issuperset(when) for when in FWD90_OVERLAP_OFF_WHEN.get(spec.head_dim, ())):
+    if any_set_within(FWD90_OVERLAP_OFF_WHEN.get(spec.head_dim, ()), context):
         return spec
-    if any(context.issuperset(when) for when in FWD90_OVERLAP_ONE_WHEN.get(spec.head_dim, ())):
+    if any_set_within(FWD90_OVERLAP_ONE_WHEN.get(spec.head_dim, ()), context):
         value = 1
     overlapped = spec.with_knobs(CF_FWD_OVERLAP=value)
     return overlapped if overlapped.smem_bytes <= facts.smem_optin else spec
@@ -599,8 +599,8 @@ def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     whens = BWD90_BOXED_ONLY_WHEN.get(spec.head_dim, ())
     context = set(spec.mods.on) | ({"causal"} if spec.causal else set())
     if (spec.kind != "bwd90" or spec.dq_ordered or bwd90_warp_specialized(spec)
-            or not any(context.issuperset(when) for when in whens)
-            or any(context.issuperset(when) for when in BWD90_BOXED_ONLY_OFF_WHEN)):
+            or not any_set_within(whens, context)
+            or any_set_within(BWD90_BOXED_ONLY_OFF_WHEN, context)):
         return spec
     tile = BWD90[spec.head_dim][0]
     wide = replace(spec, block_m=tile.block_m, block_n=tile.block_n, warps=tile.warps,

@@ -29,7 +29,7 @@ def _spills_packed(spec) -> bool:
     knobs = {"varlen", *(("causal",) if spec.causal else ())}
     tile = next(t for t in spec.variant.tiles[spec.head_dim] if (t.warps, t.block_m, t.block_n,
                 t.stages) == (spec.warps, spec.block_m, spec.block_n, spec.stages))
-    return any(knobs.issuperset(when) for when in tile.spills_when)
+    return tile.spills(knobs)
 
 
 def test_every_family_serves_varlen():
