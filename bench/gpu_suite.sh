@@ -20,7 +20,7 @@
 #                                            det_pieces bwd_stages det_window varlen_ncu
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
-#                                            dropout_words causal_sparse
+#                                            dropout_words causal_sparse drop_packed
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -585,6 +585,18 @@ for stage in $stages; do
       run_stage dropout_words_memcheck timeout "${SANITIZE_TIME:-150}" compute-sanitizer \
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_torch_dropout.py -k "graph_replays_read" ;;
+    drop_packed)  # session 37, #15's dropout cost: the forward dropping P after packing
+      # it, by byte masks (CF_DROP_PACKED, a candidate; about 23% fewer instructions in the
+      # mask's share of a step by SASS): bitwise against the selection, the kept set and the
+      # float64 reference (tests/test_gpu_fwd_drop_early.py -k packed), then dropout_ab's
+      # none / drop / packed, and 7 Philox rounds with and without it (timing only)
+      CUFLASH_POISON=1 run_stage drop_packed_tests timeout "${DROP_PACKED_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
+        tests/test_gpu_fwd_drop_early.py -k packed
+      run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
+        --rounds "${DROPOUT_AB_ROUNDS:-3}" \
+        --variants "${DROPOUT_AB_VARIANTS:-none,drop,packed,r7,packed_r7}" \
+        --out "$OUT/results/dropout_ab.json" ;;
     causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
       # boxed, its consumers at 240 registers (a candidate: registry.BWD90_BOXED_ONLY): the
       # block-mask GPU tests (test_causal_d64_backward_on_the_wide_boxed_tile runs it),

@@ -71,6 +71,7 @@
 #include "cf_seq.cuh"
 #include "cf_params.cuh"
 #include "cf_tile_order.cuh"
+#include "cf_drop_packed.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90_ws.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM, "v's own head_dim: flash_fwd_sm90.cu's");
@@ -164,6 +165,12 @@ constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 #define CF_FWD_DROP_EARLY 0
 #endif
 enum : int { kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY };  // (an enum: no PTX symbol)
+// Dropout applied to P after packing, by byte masks (a knob, CF_DROP_PACKED=1;
+// cf_drop_packed.cuh): the same bits as dropping the floats first, fewer instructions.
+#ifndef CF_DROP_PACKED
+#define CF_DROP_PACKED 0
+#endif
+enum : int { kDropPacked = CF_DROPOUT && CF_DROP_PACKED && !CF_FWD_DROP_EARLY };
 // Arrivals that complete a full mbarrier's phase: every producer thread's cp.async, or the
 // one TMA thread's arrival (its boxes' bytes count separately). (Enums, not constexpr
 // variables: those leave a symbol in the PTX.)
@@ -415,6 +422,17 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   // ---- the consumers ---------------------------------------------------------------------
   regs_alloc<kConsumerRegs>();
   const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
+  // P packed as the P V product's A fragment, dropout's zeros in it (m, l undropped before)
+  const auto drop_and_pack = [&](cf_u32(&p16)[kNT / 2][4], float(&s)[kNT][4], unsigned int bh,
+                                 int row0, int col0) {
+    if constexpr (kDropPacked) {
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+      cf_drop_packed(drop, p16, bh, row0, col0);
+    } else {
+      drop.drop_p(s, bh, row0, col0);
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+    }
+  };
   const int me = wg - 1;                        // 0 .. kConsumers - 1
   const cf_u32 q_wg = smem_addr(s_q) + me * 64 * 128;  // this warpgroup's rows, panel 0
   const cf_u32 s_k_sa = smem_addr(s_k), s_v_sa = smem_addr(s_v);
@@ -476,10 +494,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     rescale_acc(acc, alpha);
     if constexpr (kDropEarly) {
       Dropout::drop_p_with(s, keep);
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
     } else {
-      drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+      drop_and_pack(p16, s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
     }
-    sm90_pack_p<CF_BLOCK_N>(p16, s);
   };
 
   if constexpr (kAcrossTiles) {  // ---- one pipeline across the block's tiles (value 2) ------
@@ -576,8 +594,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         const RowOffsets row_off = tile.modify_and_mask(s, tile.tiles.end - 1, rows);
         softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       }
-      drop.drop_p(s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
-      sm90_pack_p<CF_BLOCK_N>(p16, s);
+      drop_and_pack(p16, s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
 #pragma unroll 1
       for (int it = 1; it < n_tiles; ++it)
         step(acc, p16, s, m_i, l_i, alpha, tile, rows, bh, q_tile, kv_loads + it,
@@ -634,11 +651,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       if constexpr (kDropEarly) {  // after l_i: m, l undropped
         Dropout::drop_p_with(s, keep);
+        sm90_pack_p<CF_BLOCK_N>(p16, s);
       } else {
-        drop.drop_p(s, bh, tile.row0, (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N +
-                                          2 * tig);
+        drop_and_pack(p16, s, bh, tile.row0,
+                      (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N + 2 * tig);
       }
-      sm90_pack_p<CF_BLOCK_N>(p16, s);
 
 #pragma unroll 1
       for (int it = 1; it < n_tiles; ++it) {

@@ -1,9 +1,12 @@
-"""The warp-specialized Hopper forward drawing dropout's kept flags while its products run
-(``CF_FWD_DROP_EARLY=1``, a candidate) against the same forward drawing them after the
-softmax (``gpu``): the flags are the same, so the outputs and the statistics must be equal
-bit for bit; the kept set read back exactly against ``cuflash.dropout_mask``; and a few
-cases against the float64 reference, persistent blocks too. Timed by
-bench/dev/dropout_ab.py (``gpu_suite.sh dropout_ab``).
+"""Two candidate ways of the warp-specialized Hopper forward to apply dropout, against the
+selection (``gpu``): drawing the kept flags while its products run (``CF_FWD_DROP_EARLY=1``)
+and dropping P after packing it, by byte masks (``CF_DROP_PACKED=1``,
+kernels_cu/cf_drop_packed.cuh). The flags are the same, so the outputs and the statistics
+must be equal bit for bit; the kept set is read back exactly against
+``cuflash.dropout_mask``; and a few cases run against the float64 reference, persistent
+blocks too. Timed by bench/dev/dropout_ab.py (``gpu_suite.sh dropout_ab`` / ``drop_packed``).
+tests/test_drop_packed_host.py checks the packed form on the CPU (the header compiled for
+the host, 32 lanes as threads).
 """
 
 from __future__ import annotations
@@ -24,16 +27,17 @@ except ImportError:  # tests/ collected as a package
 
 pytestmark = pytest.mark.gpu
 
-KNOB = "CF_FWD_DROP_EARLY"
+KNOBS = {"early": "CF_FWD_DROP_EARLY", "packed": "CF_DROP_PACKED"}
 HEAD_DIMS = (64, 128)
 CASES = dropout_tests.CASES  # plain, causal GQA, window + ALiBi, softcap + sinks, block mask
 LENGTHS = [(131, 131), (389, 1029), (777, 260)]
 
 
-def _early(spec, persistent=False):
+def _with(knob, spec, persistent=False):
+    """``spec`` with the candidate ``knob`` (a KNOBS key) where it applies."""
     if not (fwd90_warp_specialized(spec) and spec.mods.dropout):
         return spec
-    spec = spec.with_knobs(**{KNOB: 1})
+    spec = spec.with_knobs(**{KNOBS[knob]: 1})
     return spec.with_knobs(**{plan.PERSISTENT: 1}) if persistent else spec
 
 
@@ -49,7 +53,8 @@ def _module_specs():
         for dtype in ("float16", "bfloat16"):
             for d in HEAD_DIMS:
                 spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
-                out += [spec, _early(spec), _early(spec, persistent=True)]
+                out += [spec] + [_with(knob, spec, persistent) for knob in KNOBS
+                                 for persistent in (False, True)]
     return out
 
 
@@ -77,8 +82,10 @@ def _hopper_only():
 @pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_equal_to_drawing_after_the_softmax(case, head_dim, seqlen_q, seqlen_k, persistent):
-    """Bit for bit the forward that draws the flags after the softmax (o, m, l)."""
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_equal_to_the_selection(knob, case, head_dim, seqlen_q, seqlen_k, persistent):
+    """Bit for bit the selected forward, which drops the floats after the softmax (o, m,
+    l)."""
     import cupy
 
     _hopper_only()
@@ -88,10 +95,11 @@ def test_equal_to_drawing_after_the_softmax(case, head_dim, seqlen_q, seqlen_k, 
     kwargs = dropout_tests._on_gpu({**mods, **issue15})
     q, k, v = (gh.to_gpu(x) for x in (q, k, v))
     want_o, want_stats, before = _forward(q, k, v, causal, kwargs, lambda spec: spec)
-    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs, lambda s: _early(s, persistent))
-    label = f"{case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent}"
-    assert [dict(s.knobs).get(KNOB) for s in ran] == [1], (ran, label)
-    assert not any(dict(s.knobs).get(KNOB) for s in before), (before, label)
+    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs,
+                                     lambda s: _with(knob, s, persistent))
+    label = f"{knob} {case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent}"
+    assert [dict(s.knobs).get(KNOBS[knob]) for s in ran] == [1], (ran, label)
+    assert not any(dict(s.knobs).get(KNOBS[knob]) for s in before), (before, label)
     assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
     for name in ("m", "l"):
         assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
@@ -100,7 +108,8 @@ def test_equal_to_drawing_after_the_softmax(case, head_dim, seqlen_q, seqlen_k, 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-def test_kept_set_is_dropout_mask(head_dim, causal):
+@pytest.mark.parametrize("knob", list(KNOBS))
+def test_kept_set_is_dropout_mask(knob, head_dim, causal):
     """With q = 0 and v the identity over a chunk of keys, o shows the kept set."""
     _hopper_only()
     rng = gh.rng_for()
@@ -115,24 +124,26 @@ def test_kept_set_is_dropout_mask(head_dim, causal):
     kept = np.zeros_like(want)
     for c0, n, eye in dropout_tests._identity_chunks(seqlen_k, head_dim, "bfloat16"):
         v = gh.to_gpu(dropout_tests._broadcast(eye, batch, heads))
-        o, _, ran = _forward(q, k, v, causal, drop, _early)
-        assert [dict(s.knobs).get(KNOB) for s in ran] == [1], ran
+        o, _, ran = _forward(q, k, v, causal, drop, lambda s: _with(knob, s))
+        assert [dict(s.knobs).get(KNOBS[knob]) for s in ran] == [1], ran
         kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
     np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
 
 
-@pytest.fixture
-def early():
-    yield from gh.hopper_selector_with_knob("select_forward", _early,
-                                            "the knob is a Hopper forward's")
+@pytest.fixture(params=list(KNOBS))
+def candidate(request):
+    knob = request.param
+    for _ in gh.hopper_selector_with_knob("select_forward", lambda s: _with(knob, s),
+                                          "the knob is a Hopper forward's"):
+        yield knob
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_and_backward_match_reference(early, case, dtype):
+def test_forward_and_backward_match_reference(candidate, case, dtype):
     from cuflash import launch
 
     picked = specs.select_forward(launch.device_facts(0), dtype, 128, case[1],
                                   mods=dropout_tests.mod_flags(case))
-    assert dict(picked.knobs).get(KNOB) == 1, picked.name
-    dropout_tests._check("early", case, dtype, 389, 777, 128)
+    assert dict(picked.knobs).get(KNOBS[candidate]) == 1, picked.name
+    dropout_tests._check(candidate, case, dtype, 389, 777, 128)

@@ -1,0 +1,75 @@
+// cf_drop_packed (kernels_cu/cf_drop_packed.cuh) on the host: the header compiled as C++20
+// with the warp's 32 lanes as threads (__shfl_xor_sync through a barrier), against drop_p
+// followed by packing, word for word, and each element against cf_dropout_byte's definition.
+// Built and run by tests/test_drop_packed_host.py; argv[1] seeds the draws. Exit 0: equal.
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+#define __device__
+#define __forceinline__ inline
+static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned long long)a * b >> 32; }
+static inline unsigned int __ldg(const unsigned int* p) { return *p; }
+static unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) {
+  unsigned long long both = (unsigned long long)y << 32 | x; unsigned int r = 0;
+  for (int i = 0; i < 4; ++i) r |= (unsigned int)(both >> (8 * (s >> (4 * i) & 7)) & 0xff) << (8 * i);
+  return r;
+}
+thread_local int lane_id;
+static unsigned int shfl_buf[32];
+static std::barrier<>* bar;
+static unsigned int __shfl_xor_sync(unsigned int, unsigned int v, int m) {
+  shfl_buf[lane_id] = v; bar->arrive_and_wait();
+  unsigned int r = shfl_buf[lane_id ^ m]; bar->arrive_and_wait(); return r;
+}
+struct float2 { float x, y; };
+static float2 make_float2(float x, float y) { return {x, y}; }
+#include <cmath>
+#define CF_DROPOUT 1
+#include "cf_drop_packed.cuh"
+static unsigned int bf16(float f) { unsigned int u; memcpy(&u, &f, 4); return (u + 0x7fff + ((u >> 16) & 1)) >> 16; }
+static unsigned int pack2(float lo, float hi) { return bf16(lo) | bf16(hi) << 16; }
+int main(int argc, char** argv) {
+  std::mt19937_64 rng(argc > 1 ? atoll(argv[1]) : 1);
+  std::barrier<> b(32); bar = &b;
+  long bad = 0, words = 0, dropped = 0;
+  for (int trial = 0; trial < 400; ++trial) {
+    const unsigned int thr = 1 + rng() % 255, bh = rng() % 1000;
+    const unsigned long long seed = rng(); const unsigned int off = rng();
+    const int row_base = 16 * (rng() % 512), col_base = 128 * (rng() % 64);
+    std::vector<float> p(32 * 64); for (auto& x : p) x = (float)(rng() % 100000) / 777.f + 0.5f;
+    std::vector<unsigned int> a_ref(32 * 32), a_new(32 * 32);
+    std::vector<std::thread> lanes;
+    for (int lane = 0; lane < 32; ++lane) lanes.emplace_back([&, lane] {
+      lane_id = lane;
+      const Dropout drop{cf_dropout{(unsigned int)seed, (unsigned int)(seed >> 32), off, thr}, 1.f, 0};
+      const int r0 = row_base + lane / 4, c0 = col_base + 2 * (lane % 4);
+      float f[16][4]; for (int t = 0; t < 16; ++t) for (int e = 0; e < 4; ++e) f[t][e] = p[lane * 64 + 4 * t + e];
+      unsigned int a[8][4];
+      for (int k = 0; k < 8; ++k) { a[k][0] = pack2(f[2*k][0], f[2*k][1]); a[k][1] = pack2(f[2*k][2], f[2*k][3]);
+        a[k][2] = pack2(f[2*k+1][0], f[2*k+1][1]); a[k][3] = pack2(f[2*k+1][2], f[2*k+1][3]); }
+      cf_drop_packed(drop, a, bh, r0, c0);
+      drop.drop_p(f, bh, r0, c0);
+      for (int k = 0; k < 8; ++k) {
+        unsigned int ref[4] = {pack2(f[2*k][0], f[2*k][1]), pack2(f[2*k][2], f[2*k][3]),
+                               pack2(f[2*k+1][0], f[2*k+1][1]), pack2(f[2*k+1][2], f[2*k+1][3])};
+        for (int e = 0; e < 4; ++e) { a_ref[lane * 32 + 4 * k + e] = ref[e]; a_new[lane * 32 + 4 * k + e] = a[k][e]; }
+      }
+      // and each element against the byte definition
+      for (int t = 0; t < 16; ++t) for (int e = 0; e < 4; ++e) {
+        const int i = r0 + 8 * (e >> 1), j = c0 + 8 * t + (e & 1);
+        const bool kept = cf_dropout_byte(drop.d, bh, i, j) >= thr;
+        const unsigned int w = a[t / 2][2 * (t & 1) + (e >> 1)], half = (e & 1) ? w >> 16 : w & 0xffff;
+        if (kept != (half != 0)) __atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);
+        if (!kept) __atomic_add_fetch(&dropped, 1, __ATOMIC_RELAXED);
+      }
+    });
+    for (auto& t : lanes) t.join();
+    for (size_t n = 0; n < a_ref.size(); ++n, ++words) bad += a_ref[n] != a_new[n];
+  }
+  printf("words %ld, mismatches %ld, dropped elements %ld\n", words, bad, dropped);
+  return bad != 0;
+}
