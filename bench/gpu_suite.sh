@@ -586,16 +586,17 @@ for stage in $stages; do
         --tool memcheck --error-exitcode 1 $PY -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_torch_dropout.py -k "graph_replays_read" ;;
     drop_packed)  # session 37, #15's dropout cost: the forward dropping P after packing
-      # it, by byte masks (CF_DROP_PACKED, a candidate; about 23% fewer instructions in the
-      # mask's share of a step by SASS): bitwise against the selection, the kept set and the
-      # float64 reference (tests/test_gpu_fwd_drop_early.py -k packed), then dropout_ab's
-      # none / drop / packed, and 7 Philox rounds with and without it (timing only)
+      # it, by byte masks (CF_DROP_PACKED; about 23% fewer instructions in the mask's share
+      # of a step by SASS; selected after this stage's first run): bitwise against dropping
+      # the floats, the kept set and the float64 reference (tests/test_gpu_fwd_drop_early.py
+      # -k packed), then dropout_ab's none / drop (packed) / unpacked, and 7 Philox rounds
+      # (timing only)
       CUFLASH_POISON=1 run_stage drop_packed_tests timeout "${DROP_PACKED_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
         tests/test_gpu_fwd_drop_early.py -k packed
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
         --rounds "${DROPOUT_AB_ROUNDS:-3}" \
-        --variants "${DROPOUT_AB_VARIANTS:-none,drop,packed,r7,packed_r7}" \
+        --variants "${DROPOUT_AB_VARIANTS:-none,drop,unpacked,packed_r7}" \
         --out "$OUT/results/dropout_ab.json" ;;
     causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
       # boxed, its consumers at 240 registers (a candidate: registry.BWD90_BOXED_ONLY): the

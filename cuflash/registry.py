@@ -440,11 +440,12 @@ TMA_OFF_WHEN = ()
 # tile it replaces ran the d64 causal block-sparse backward at 2.22x dense, against 5.09x
 # non-causal (H100, session 36). A layout the copy engine cannot box (a broadcast axis:
 # launch._without_tma) runs the tile's cp.async form, spills and all (24 B).
-# Written and compiled in session 36 after its device time ran out, so not selected
-# (BWD90_BOXED_ONLY False) until `gpu_suite.sh causal_sparse` passes its GPU tests
-# (test_gpu_block_sparse's test_causal_d64_backward_on_the_wide_boxed_tile runs it through
-# specs.with_wide_boxed_backward) and times it.
-BWD90_BOXED_ONLY = False
+# Written in session 36; run in session 37 (H100, 2026-12-07, bench/results/2026-12-07_h100/
+# session37): its tests passed (test_gpu_block_sparse -k wide_boxed: 18; memcheck clean),
+# then with it selected test_gpu_block_sparse + test_gpu_fwd_persistent's block-mask tests
+# (176 passed, 42 skipped); the d64 causal block-sparse backward at 16k, 10.8% of blocks
+# kept, 1.303 -> 0.886 ms (2.34x -> 3.44x dense; bf16, the GPU's time).
+BWD90_BOXED_ONLY = True
 BWD90_BOXED_ONLY_WHEN = {64: (("causal", "block_sparse"),)}
 BWD90_BOXED_ONLY_OFF_WHEN = (("varlen",), ("dropout",))
 
@@ -456,6 +457,16 @@ BWD90_BOXED_ONLY_OFF_WHEN = (("varlen",), ("dropout",))
 # 7.930 -> 7.698, causal 1.285 -> 1.270 / 4.450 -> 4.376; d128 4k 3.419 -> 3.253, 16k 12.916
 # -> 12.486, causal 1.944 -> 1.891 / 6.392 -> 6.153 (bench/results/2026-12-06_h100/session31).
 BWD90_DROP_FOLD = True
+
+# Dropout applied to the warp-specialized forward's packed P by byte masks
+# (flash_fwd_sm90_ws.cu's CF_DROP_PACKED, cf_drop_packed.cuh): the same bits as dropping the
+# floats before packing, 488 instructions a 64-element step against 634 (SASS). H100,
+# 2026-12-07 (session 37): tests/test_gpu_fwd_drop_early.py -k packed 74 passed (bitwise
+# equal to the unpacked forward in every dropout case and length, persistent blocks too; the
+# kept set; the float64 reference); bench/dev/dropout_ab.py forward ms, unpacked -> packed:
+# d64 4k 1.208 -> 0.897, 16k 4.096 -> 3.248, causal 0.596 -> 0.496 / 2.185 -> 1.807; d128 4k
+# 1.289 -> 1.158, 16k 5.073 -> 4.507, causal 0.705 -> 0.643 / 2.503 -> 2.286.
+FWD90_DROP_PACKED = True
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's

@@ -22,7 +22,8 @@ from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
-                       BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA, FWD90_TMA,
+                       BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
+                       FWD90_DROP_PACKED, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
@@ -302,8 +303,18 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return with_selected_tma(with_persistent_forward(with_forward_overlap(
-        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts)))
+    return with_packed_dropout(with_selected_tma(with_persistent_forward(with_forward_overlap(
+        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts))))
+
+
+def with_packed_dropout(spec: KernelSpec) -> KernelSpec:
+    """``spec`` dropping P after packing it, by byte masks (``CF_DROP_PACKED``), where the
+    warp-specialized Hopper forward drops and registry.FWD90_DROP_PACKED says so: the same
+    bits, fewer instructions."""
+    if not (FWD90_DROP_PACKED and spec.mods.dropout and spec.kind == "fwd90"
+            and fwd90_warp_specialized(spec)):
+        return spec
+    return spec.with_knobs(CF_DROP_PACKED=1)
 
 
 def with_selected_tma(spec: KernelSpec) -> KernelSpec:

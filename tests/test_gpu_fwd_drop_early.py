@@ -1,12 +1,12 @@
-"""Two candidate ways of the warp-specialized Hopper forward to apply dropout, against the
-selection (``gpu``): drawing the kept flags while its products run (``CF_FWD_DROP_EARLY=1``)
-and dropping P after packing it, by byte masks (``CF_DROP_PACKED=1``,
-kernels_cu/cf_drop_packed.cuh). The flags are the same, so the outputs and the statistics
-must be equal bit for bit; the kept set is read back exactly against
-``cuflash.dropout_mask``; and a few cases run against the float64 reference, persistent
-blocks too. Timed by bench/dev/dropout_ab.py (``gpu_suite.sh dropout_ab`` / ``drop_packed``).
-tests/test_drop_packed_host.py checks the packed form on the CPU (the header compiled for
-the host, 32 lanes as threads).
+"""Two ways of the warp-specialized Hopper forward to apply dropout, against the forward
+that drops the floats after the softmax (``gpu``): drawing the kept flags while its products
+run (``CF_FWD_DROP_EARLY=1``, a candidate) and dropping P after packing it, by byte masks
+(``CF_DROP_PACKED=1``, kernels_cu/cf_drop_packed.cuh; selected since session 37). The flags
+are the same, so the outputs and the statistics must be equal bit for bit; the kept set is
+read back exactly against ``cuflash.dropout_mask``; and a few cases run against the float64
+reference, persistent blocks too. Timed by bench/dev/dropout_ab.py (``gpu_suite.sh
+dropout_ab`` / ``drop_packed``). tests/test_drop_packed_host.py checks the packed form on the
+CPU (the header compiled for the host, 32 lanes as threads).
 """
 
 from __future__ import annotations
@@ -33,11 +33,17 @@ CASES = dropout_tests.CASES  # plain, causal GQA, window + ALiBi, softcap + sink
 LENGTHS = [(131, 131), (389, 1029), (777, 260)]
 
 
+def _unpacked(spec):
+    """``spec`` dropping the floats before packing (the forward before CF_DROP_PACKED was
+    selected: registry.FWD90_DROP_PACKED), the baseline both ways are held to."""
+    return spec.without_knob(KNOBS["packed"])
+
+
 def _with(knob, spec, persistent=False):
-    """``spec`` with the candidate ``knob`` (a KNOBS key) where it applies."""
+    """``spec`` with the ``knob`` (a KNOBS key) alone where it applies."""
     if not (fwd90_warp_specialized(spec) and spec.mods.dropout):
         return spec
-    spec = spec.with_knobs(**{KNOBS[knob]: 1})
+    spec = _unpacked(spec).with_knobs(**{KNOBS[knob]: 1})
     return spec.with_knobs(**{plan.PERSISTENT: 1}) if persistent else spec
 
 
@@ -53,8 +59,9 @@ def _module_specs():
         for dtype in ("float16", "bfloat16"):
             for d in HEAD_DIMS:
                 spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
-                out += [spec] + [_with(knob, spec, persistent) for knob in KNOBS
-                                 for persistent in (False, True)]
+                out += [spec, _unpacked(spec)]
+                out += [_with(knob, spec, persistent) for knob in KNOBS
+                        for persistent in (False, True)]
     return out
 
 
@@ -83,9 +90,9 @@ def _hopper_only():
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("knob", list(KNOBS))
-def test_equal_to_the_selection(knob, case, head_dim, seqlen_q, seqlen_k, persistent):
-    """Bit for bit the selected forward, which drops the floats after the softmax (o, m,
-    l)."""
+def test_equal_to_dropping_the_floats(knob, case, head_dim, seqlen_q, seqlen_k, persistent):
+    """Bit for bit the forward that drops the floats after the softmax, before packing
+    (o, m, l)."""
     import cupy
 
     _hopper_only()
@@ -94,7 +101,7 @@ def test_equal_to_the_selection(knob, case, head_dim, seqlen_q, seqlen_k, persis
         rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
     kwargs = dropout_tests._on_gpu({**mods, **issue15})
     q, k, v = (gh.to_gpu(x) for x in (q, k, v))
-    want_o, want_stats, before = _forward(q, k, v, causal, kwargs, lambda spec: spec)
+    want_o, want_stats, before = _forward(q, k, v, causal, kwargs, _unpacked)
     got_o, got_stats, ran = _forward(q, k, v, causal, kwargs,
                                      lambda s: _with(knob, s, persistent))
     label = f"{knob} {case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent}"

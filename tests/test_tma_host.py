@@ -294,22 +294,23 @@ def test_backward_with_broadcast_kv_runs_the_cp_async_tile(tma_bwd_device):
 def test_causal_block_mask_backward_wide_boxed_tile(dtype, monkeypatch):
     """registry.BWD90_BOXED_ONLY_WHEN: the d64 backward under causal + a block mask on the
     12-warp tile boxed (its consumers at 240 registers) where its cp.async form, which
-    spills, gave way to the 8-warp tile. A candidate (``specs.with_wide_boxed_backward``)
-    until it runs on a GPU; turned on (registry.BWD90_BOXED_ONLY), the selection is what the
-    candidate runs. Packed sequences, dropout and the deterministic mode keep what they ran,
-    and so does a budget the wide tile does not fit."""
+    spills, gave way to the 8-warp tile. Selected since session 37 (registry.BWD90_BOXED_ONLY);
+    the candidate knob it was (``specs.with_wide_boxed_backward``) gives the same spec from
+    the selection without it. Packed sequences, dropout and the deterministic mode keep what
+    they ran, and so does a budget the wide tile does not fit."""
     def pick(facts=_H200, deterministic=False, **mods):
         return specs.select_backward(facts, dtype, 64, True, deterministic,
                                      mods=specs.ModFlags(block_sparse=True, **mods))
 
     knob = specs.with_wide_boxed_backward(_H200)
-    selected = pick()
-    assert not specs.bwd90_warp_specialized(selected) and selected.warps == 8
-    wide = knob(selected)
+    wide = pick()
     assert specs.bwd90_warp_specialized(wide) and specs.loads_with_tma(wide), wide.name
     assert wide.causal and wide.mods.block_sparse and "CF_DQ_BULK" in wide.defines
-    monkeypatch.setattr(specs, "BWD90_BOXED_ONLY", True)
-    assert pick() == wide
+    with monkeypatch.context() as patched:
+        patched.setattr(specs, "BWD90_BOXED_ONLY", False)
+        before = pick()
+        assert not specs.bwd90_warp_specialized(before) and before.warps == 8
+        assert knob(before) == wide
     for mods in ({"softcap": True}, {"alibi": True}, {"sinks": True}):
         assert specs.loads_with_tma(pick(**mods)), mods
     for mods in ({"varlen": True}, {"dropout": True}):

@@ -14,8 +14,11 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
   r7          Philox with 7 rounds instead of 10 in forward and backward (CF_PHILOX_ROUNDS=7:
               other masks than cuflash.philox's, so timing only), early forward
   packed      the forward dropping P after packing it, by byte masks (CF_DROP_PACKED=1,
-              Dropout::drop_packed: the same bits, fewer instructions)
-  packed_r7   that with 7 Philox rounds in forward and backward (timing only, as r7)
+              cf_drop_packed.cuh: the same bits, fewer instructions; selected since session
+              37, so `drop` has it now)
+  unpacked    the forward dropping the floats before packing (CF_DROP_PACKED=0: the selection
+              before session 37)
+  packed_r7   packed with 7 Philox rounds in forward and backward (timing only, as r7)
   m128        the d64 forward with dropout on two consumer warpgroups (128 query rows, 12
               warps, 232 registers each) where the selection takes three (192 rows, 16 warps,
               160 registers: Philox's state and the kept flags may crowd them; the d64
@@ -50,6 +53,7 @@ VARIANTS = {
     "fold": ({}, {"CF_BWD_DROP_FOLD": 1}),
     "r7": ({"CF_FWD_DROP_EARLY": 1, "CF_PHILOX_ROUNDS": 7}, {"CF_PHILOX_ROUNDS": 7}),
     "packed": ({"CF_DROP_PACKED": 1}, {}),
+    "unpacked": ({"CF_DROP_PACKED": 0}, {}),
     "packed_r7": ({"CF_DROP_PACKED": 1, "CF_PHILOX_ROUNDS": 7}, {"CF_PHILOX_ROUNDS": 7}),
     "m128": ({}, {}),
     "m128_early": ({"CF_FWD_DROP_EARLY": 1}, {}),
@@ -160,8 +164,8 @@ def main() -> None:
 
     _precompile(rows, variants)
     # outputs of the candidates against the selection's, bit for bit (same flags)
-    for variant in dict.fromkeys(("drop", "early", "early_pers", "packed") + TWO_CONSUMERS
-                                 + BOXED):
+    for variant in dict.fromkeys(("drop", "early", "early_pers", "packed", "unpacked")
+                                 + TWO_CONSUMERS + BOXED):
         if variant not in variants:
             continue
         with _variant(variant):
@@ -170,7 +174,8 @@ def main() -> None:
                 data[label + variant] = o.clone()
                 ran = list(plan._forward_plans.values())[-1].kernel.spec.name  # this row's
                 print(f"{variant:10s} {label:18s} {ran}", flush=True)
-    for variant in dict.fromkeys(("early", "early_pers", "packed") + TWO_CONSUMERS + BOXED):
+    for variant in dict.fromkeys(("early", "early_pers", "packed", "unpacked") + TWO_CONSUMERS
+                                 + BOXED):
         for label, *_ in rows:
             if label + variant in data and label + "drop" in data:
                 same = torch.equal(data[label + variant].view(torch.int16),
