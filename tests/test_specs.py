@@ -232,6 +232,27 @@ def test_dropout_folds_its_scale_into_the_warp_specialized_backward_only():
         assert "CF_BWD_DROP_FOLD" not in dict(spec.knobs), spec.name
 
 
+def test_dropout_drops_packed_p_in_the_warp_specialized_forward_only():
+    """registry.FWD90_DROP_PACKED: the warp-specialized Hopper forward with dropout takes
+    CF_DROP_PACKED, causal or not, with other modifiers too; without dropout, on the 8-warp
+    Hopper forward (head_dim 256) or the portable kernels, no knob."""
+    hopper = facts(227)
+    for head_dim in (64, 128):
+        for causal in (False, True):
+            for mods in ({}, {"softcap": True}, {"varlen": True}, {"block_sparse": True}):
+                flags = specs.ModFlags(dropout=True, **mods)
+                spec = specs.select_forward(hopper, "bfloat16", head_dim, causal, mods=flags)
+                assert specs.fwd90_warp_specialized(spec), spec.name
+                assert dict(spec.knobs).get("CF_DROP_PACKED") == 1, spec.name
+            plain = specs.select_forward(hopper, "bfloat16", head_dim, causal)
+            assert "CF_DROP_PACKED" not in dict(plain.knobs), plain.name
+    drop = specs.ModFlags(dropout=True)
+    for spec in (specs.select_forward(hopper, "bfloat16", 256, False, mods=drop),
+                 specs.select_forward(facts(99), "bfloat16", 128, False, mods=drop),
+                 specs.select_forward(hopper, "bfloat16", 128, False, mods=drop, wgmma=False)):
+        assert "CF_DROP_PACKED" not in dict(spec.knobs), spec.name
+
+
 def test_knobs_are_part_of_the_name_and_the_defines():
     # causal: no rotation knob; without the bulk dQ knob, none at all
     base = specs.select_backward(facts(227), "bfloat16", 128, True, True).without_knob(
