@@ -63,7 +63,7 @@ __device__ __forceinline__ void cf_drop_packed(const Dropout& drop, unsigned int
   if constexpr (CF_DROPOUT) {
     static_assert(NK % 2 == 0, "k-steps in pairs");
     const unsigned int s = r0 & 1, row_quad = cf_quad(r0);
-    const unsigned int col_quad0 = ((unsigned int)c0 >> 4 << 2) | (((unsigned int)c0 >> 1) & 3u);
+    const unsigned int col_quad0 = cf_quad((unsigned int)c0);
     const unsigned int low7x4 = (drop.d.threshold & 0x7fu) * 0x01010101u;
     const unsigned int small = drop.d.threshold < 128u ? ~0u : 0u;
     // prmt selectors over (own flags, the partner's): the lane with s = 0 drew k-step k

@@ -1,8 +1,9 @@
-"""``cf_drop_packed`` (kernels_cu/cf_drop_packed.cuh, the forward's ``CF_DROP_PACKED``
-candidate) checked on the CPU: the header compiled for the host with a C++20 compiler, the
-warp's lanes as threads, must give the words that dropping the floats first and packing give,
-and each element's kept flag must be ``cf_dropout_byte >= threshold``. The GPU side:
-tests/test_gpu_fwd_drop_early.py. Skipped where no C++20 compiler is found.
+"""``cf_drop_packed`` (kernels_cu/cf_drop_packed.cuh: the forward's ``CF_DROP_PACKED``,
+selected by registry.FWD90_DROP_PACKED) checked on the CPU: the header compiled for the host
+with a C++20 compiler, the warp's lanes as threads, must give the words that dropping the
+floats first and packing give, and each element's kept flag must be ``cf_dropout_byte >=
+threshold``. The GPU side: tests/test_gpu_fwd_drop_early.py. Skipped where no C++20 compiler
+is found.
 """
 
 from __future__ import annotations
