@@ -119,7 +119,10 @@ def _smem_fwd90(s) -> int:  # _smem_fwd16, + the stage mbarriers when warp-speci
     if fwd90_warp_specialized(s):
         second_q = s.block_m * s.head_dim * 2 if dict(s.knobs).get("CF_FWD_PERSISTENT") == 2 \
             else 0
-        return _smem_fwd16(s) + second_q + 128
+        # dropout's flag slots (CF_DROP_RING), a byte an element, and their mbarriers
+        slots = dict(s.knobs).get("CF_DROP_RING", 0) if s.mods.dropout else 0
+        return _smem_fwd16(s) + second_q + 128 + (slots * s.block_m * s.block_n + 128
+                                                  if slots else 0)
     overlap = dict(s.knobs).get("CF_FWD_OVERLAP", 0)
     v_stages = s.stages + (1 if overlap else 0)
     tiles = ((s.block_m + s.stages * s.block_n) * s.head_dim + v_stages * s.block_n * s.dv) * 2
@@ -467,6 +470,15 @@ BWD90_DROP_FOLD = True
 # d64 4k 1.208 -> 0.897, 16k 4.096 -> 3.248, causal 0.596 -> 0.496 / 2.185 -> 1.807; d128 4k
 # 1.289 -> 1.158, 16k 5.073 -> 4.507, causal 0.705 -> 0.643 / 2.503 -> 2.286.
 FWD90_DROP_PACKED = True
+
+# Dropout's kept flags drawn by the warp-specialized forward's idle producer warps into a ring
+# of shared-memory slots, one key tile a slot, read by the consumers (flash_fwd_sm90_ws.cu's
+# CF_DROP_RING, kernels_cu/cf_drop_ring.cuh; specs.with_drop_ring): the slots, 0 where not
+# selected. The same bits as CF_DROP_PACKED (tests/test_drop_packed_host.py on the CPU). On two
+# consumers with TMA: the drawing warps need 56 registers (twenty round keys: 40 spilled
+# 24-36 B, NVRTC 13.0), which three consumers cannot spare. Written in session 38, not yet
+# run on a GPU.
+FWD90_DROP_RING = 0
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's

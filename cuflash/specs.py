@@ -23,7 +23,7 @@ from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
                        BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
-                       FWD90_DROP_PACKED, FWD90_TMA,
+                       FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
@@ -303,8 +303,9 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return with_packed_dropout(with_selected_tma(with_persistent_forward(with_forward_overlap(
-        select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods), facts))))
+    return with_selected_drop_ring(with_packed_dropout(with_selected_tma(with_persistent_forward(
+        with_forward_overlap(select("forward", facts, dtype, head_dim, causal, wgmma=wgmma,
+                                    mods=mods), facts)))), facts)
 
 
 def with_packed_dropout(spec: KernelSpec) -> KernelSpec:
@@ -315,6 +316,35 @@ def with_packed_dropout(spec: KernelSpec) -> KernelSpec:
             and fwd90_warp_specialized(spec)):
         return spec
     return spec.with_knobs(CF_DROP_PACKED=1)
+
+
+def with_drop_ring(spec: KernelSpec, facts: DeviceFacts,
+                   slots: int = 2) -> KernelSpec | None:
+    """The warp-specialized forward ``spec`` with dropout, loading with TMA, drawing its kept
+    flags in the producer's three idle warps into ``slots`` key tiles of shared memory that
+    the consumers read (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh): on two consumers (the
+    drawing warps spill beside three) and as many K/V stages as then fit ``facts``' shared
+    memory; None where it does not apply or fit. The same bits as ``CF_DROP_PACKED``."""
+    knobs = dict(spec.knobs)
+    if not (spec.kind == "fwd90" and fwd90_warp_specialized(spec) and spec.mods.dropout
+            and knobs.get("CF_FWD_TMA") == 1 and knobs.get("CF_FWD_PERSISTENT", 0) != 2
+            and knobs.get("CF_FWD_CLUSTER", 1) == 1 and spec.block_n % 32 == 0
+            and not knobs.get("CF_FWD_DROP_EARLY")):
+        return None
+    spec = replace(spec, block_m=128, warps=12).with_knobs(CF_DROP_RING=slots)
+    for stages in range(spec.stages, 1, -1):
+        fitted = replace(spec, stages=stages)
+        if fitted.smem_bytes <= facts.smem_optin:
+            return fitted
+    return None
+
+
+def with_selected_drop_ring(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
+    """``spec`` with ``with_drop_ring``'s flag ring where registry.FWD90_DROP_RING gives its
+    slots (0: not selected)."""
+    if not FWD90_DROP_RING:
+        return spec
+    return with_drop_ring(spec, facts, FWD90_DROP_RING) or spec
 
 
 def with_selected_tma(spec: KernelSpec) -> KernelSpec:

@@ -71,7 +71,7 @@
 #include "cf_seq.cuh"
 #include "cf_params.cuh"
 #include "cf_tile_order.cuh"
-#include "cf_drop_packed.cuh"
+#include "cf_drop_ring.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_fwd_sm90_ws.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM, "v's own head_dim: flash_fwd_sm90.cu's");
@@ -115,7 +115,22 @@ static_assert(CF_FWD_CLUSTER == 1 ||
 #else
 #define CF_TMA_PARAMS
 #endif
+// Dropout's kept flags drawn by the producer's three idle warps into CF_DROP_RING slots of
+// shared memory, one key tile a slot, and applied by the consumers to their packed P (a knob;
+// cf_drop_ring.cuh). TMA only (one thread issues the copies; the others would leave), one
+// block per key tile stream (not across tiles, not in a cluster).
+#ifndef CF_DROP_RING
+#define CF_DROP_RING 0
+#endif
+#ifndef CF_FWD_DROP_EARLY
+#define CF_FWD_DROP_EARLY 0
+#endif
 namespace ws {
+enum : int { kDropSlots = CF_DROPOUT && !CF_FWD_DROP_EARLY ? CF_DROP_RING : 0 };
+static_assert(kDropSlots == 0 || (CF_FWD_TMA && CF_FWD_PERSISTENT != 2 && CF_FWD_CLUSTER == 1 &&
+                                  CF_BLOCK_N % 32 == 0 && kDropSlots <= 4 && CF_BLOCK_M == 128),
+              "the flag ring: TMA, one pipeline a tile, 32-column steps, at most 4 slots, two "
+              "consumers (three leave the drawing warps 32 registers: they spilled)");
 enum : int {
   kConsumers = CF_BLOCK_M / 64,
   kProducerThreads = 128,
@@ -126,17 +141,21 @@ enum : int {
   kTileQ = CF_BLOCK_M * CF_HEAD_DIM * 2,
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
   kQBuffers = CF_FWD_PERSISTENT == 2 ? 2 : 1,  // across tiles: the next tile's Q beside
-  kBarriers = kQBuffers * kTileQ + 2 * CF_STAGES * kTileKV,
-  kSmemBytes = kBarriers + 128,
+  kDropRing = kQBuffers * kTileQ + 2 * CF_STAGES * kTileKV,  // the flag slots (kDropSlots)
+  kDropSlot = DropRingTile<CF_BLOCK_M, CF_BLOCK_N>::kBytes,
+  kBarriers = kDropRing + kDropSlots * kDropSlot,
+  kSmemBytes = kBarriers + (kDropSlots ? 256 : 128),  // the slots' mbarriers after the others
+  kDrawThreads = 96,  // the producer's warps 1-3 draw the flags (kDropSlots)
   // what the launch gives the block: 65536 registers shared by its threads, in steps of 8
   kBlockRegs = 32 * CF_WARPS * (65536 / (32 * CF_WARPS) / 8 * 8),
   // the consumers take what the producer leaves (40 + 232 with two, 32 + 160 with three).
   // Causal with ALiBi or packed sequences: 48 + 224, where 40 spilled 24 B in the producer
   // (NVRTC 13.5) and the consumers fit 224 without a spill.
-  // Under a block mask the producer's tile cursor needs 56 (48 spilled 8 B, 40 24 B at d128).
+  // Under a block mask the producer's tile cursor needs 56 (48 spilled 8 B, 40 24 B at d128),
+  // and so do dropout's drawing warps (kDropSlots; 40 spilled 24-36 B: twenty round keys).
   kProducerRegs = CF_FWD_WS_PRODUCER_REGS ? CF_FWD_WS_PRODUCER_REGS
                   : kConsumers == 3                           ? 32
-                  : CF_BLOCK_SPARSE                           ? 56
+                  : CF_BLOCK_SPARSE || kDropSlots             ? 56
                   : CF_CAUSAL && (CF_ALIBI || CF_VARLEN)      ? 48
                                                               : 40,
   kConsumerRegsLeft = (kBlockRegs - 128 * kProducerRegs) / kConsumerThreads / 8 * 8,
@@ -207,6 +226,11 @@ struct StageBarriers {
   // a sequence's last V box lands here (kTailZero), before the producer zeroes its tail
   __device__ __forceinline__ cf_u32 v_tail() const {
     return base + 8 * (2 * ws::kQBuffers + 3 * CF_STAGES);
+  }
+  // dropout's flag slot r is drawn / has been read (kDropSlots), in the second 128 bytes
+  __device__ __forceinline__ cf_u32 drop_full(int r) const { return base + 128 + 8 * r; }
+  __device__ __forceinline__ cf_u32 drop_empty(int r) const {
+    return base + 128 + 8 * (ws::kDropSlots + r);
   }
 };
 static_assert(8 * (2 * ws::kQBuffers + 3 * CF_STAGES + ws::kTailZero) <= 128,
@@ -293,6 +317,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       mbar_init(bars.q_empty(i), kConsumerThreads / 32);
     }
     if (kTailZero) mbar_init(bars.v_tail(), 1);
+    for (int r = 0; r < kDropSlots; ++r) {
+      mbar_init(bars.drop_full(r), kDrawThreads);  // every drawing thread, after its stores
+      mbar_init(bars.drop_empty(r), kConsumerThreads);  // every consumer thread, after its loads
+    }
     mbar_fence_init();
   }
   if (kCluster == 2) {
@@ -306,8 +334,38 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   int q_loads = 0, kv_loads = 0;
   if (wg == 0) {  // ---- the producer ------------------------------------------------------
     regs_dealloc<kProducerRegs>();
+    // warps 1-3 draw dropout's flags (kDropSlots): whole warps (a block mask's cursor votes)
+    const bool drawer = kDropSlots && warp != 0;
     // TMA: one thread issues every box (its warp stays where the loop needs it: kTmaWarp)
-    if (kTma && (kTmaWarp ? warp != 0 : tid != 0)) return;
+    if (kTma && (kTmaWarp ? warp != 0 : tid != 0) && !drawer) return;
+    if (kDropSlots && drawer) {  // the flags of each key tile the consumers visit, in turn
+      const Dropout drop = CF_DROP;
+      int drawn = 0;  // key tiles drawn so far (a slot's use number)
+#pragma unroll 1
+      for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+        const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+        const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+        if (kPersistent && CF_VARLEN && q0 >= seq.seqlen_q) continue;
+        const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                        CF_MOD_ARGS);
+        const KeyTiles tiles = tile.tiles;  // visited last first, as the producer loads them
+        const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);
+        const int n_tiles = kept.count();
+        const unsigned int bh = drop.head(b, h, heads);
+        int j_kept = kept.below(tiles.end);
+#pragma unroll 1
+        for (int it = 0; it < n_tiles; ++it, ++drawn) {
+          const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+          if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
+          const int slot = drawn % kDropSlots, round = drawn / kDropSlots;
+          if (round > 0) mbar_wait(bars.drop_empty(slot), (round - 1) & 1);
+          cf_drop_ring_fill<CF_BLOCK_M, CF_BLOCK_N>(drop, smem + kDropRing + slot * kDropSlot, bh,
+                                                    q0, j * CF_BLOCK_N, tid - 32, kDrawThreads);
+          mbar_arrive(bars.drop_full(slot));
+        }
+      }
+      return;
+    }
     const bool issuer = tid == 0;
     (void)issuer;
     const cf_u32 rank = kCluster == 2 ? cluster_rank() : 0;
@@ -422,10 +480,19 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
   // ---- the consumers ---------------------------------------------------------------------
   regs_alloc<kConsumerRegs>();
   const Dropout drop = CF_DROP;  // keeps everything without CF_DROPOUT
-  // P packed as the P V product's A fragment, dropout's zeros in it (m, l undropped before)
+  // P packed as the P V product's A fragment, dropout's zeros in it (m, l undropped before);
+  // `use`: the key tile's number in the block's stream (its flag slot, kDropSlots)
   const auto drop_and_pack = [&](cf_u32(&p16)[kNT / 2][4], float(&s)[kNT][4], unsigned int bh,
-                                 int row0, int col0) {
-    if constexpr (kDropPacked) {
+                                 int row0, int col0, int use) {
+    (void)use;
+    if constexpr (kDropSlots > 0) {
+      sm90_pack_p<CF_BLOCK_N>(p16, s);
+      const int slot = use % kDropSlots;
+      mbar_wait(bars.drop_full(slot), (use / kDropSlots) & 1);
+      cf_drop_ring_apply(p16, smem + kDropRing + slot * kDropSlot + cwarp * (CF_BLOCK_N / 32) * 512,
+                         lane);
+      mbar_arrive(bars.drop_empty(slot));
+    } else if constexpr (kDropPacked) {
       sm90_pack_p<CF_BLOCK_N>(p16, s);
       cf_drop_packed(drop, p16, bh, row0, col0);
     } else {
@@ -496,7 +563,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
       Dropout::drop_p_with(s, keep);
       sm90_pack_p<CF_BLOCK_N>(p16, s);
     } else {
-      drop_and_pack(p16, s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
+      drop_and_pack(p16, s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig, use);
     }
   };
 
@@ -594,7 +661,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         const RowOffsets row_off = tile.modify_and_mask(s, tile.tiles.end - 1, rows);
         softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);  // acc is 0: nothing to rescale
       }
-      drop_and_pack(p16, s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig);
+      drop_and_pack(p16, s, bh, tile.row0, (tile.tiles.end - 1) * CF_BLOCK_N + 2 * tig, kv_loads);
 #pragma unroll 1
       for (int it = 1; it < n_tiles; ++it)
         step(acc, p16, s, m_i, l_i, alpha, tile, rows, bh, q_tile, kv_loads + it,
@@ -654,7 +721,8 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         sm90_pack_p<CF_BLOCK_N>(p16, s);
       } else {
         drop_and_pack(p16, s, bh, tile.row0,
-                      (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N + 2 * tig);
+                      (CF_BLOCK_SPARSE ? j_kept : tiles.end - 1) * CF_BLOCK_N + 2 * tig,
+                      kv_loads);
       }
 
 #pragma unroll 1

@@ -27,6 +27,9 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
   tma         forward and backward loading with bulk tensor copies (CF_FWD_TMA=1 /
               CF_BWD_TMA=1; selected since session 33, so `drop` has them now)
   m128_tma    m128 and tma together
+  ring        the forward's kept flags drawn by the producer's idle warps into 2 slots of
+              shared memory (CF_DROP_RING=2, cf_drop_ring.cuh; two consumers, the K/V stages
+              that fit); ring3: 3 slots; ring_tile: that tile with the consumers drawing
 Rows: 16k tokens a batch (4 x 4k, 1 x 16k), 16 heads, bf16, causal or not. Before timing,
 ``early`` and ``early_pers`` outputs are compared with ``drop``'s bit for bit. SDPA's flash
 backend with and without dropout is timed beside (cuDNN takes no dropout).
@@ -59,9 +62,15 @@ VARIANTS = {
     "m128_early": ({"CF_FWD_DROP_EARLY": 1}, {}),
     "tma": ({}, {}),
     "m128_tma": ({}, {}),
+    "ring": ({}, {}),
+    "ring3": ({}, {}),
+    "ring_tile": ({}, {}),
 }
 TWO_CONSUMERS = ("m128", "m128_early", "m128_tma")  # variants that move the forward off 192 rows
 BOXED = ("tma", "m128_tma")  # variants loading with bulk tensor copies
+# the flags drawn by the producer's idle warps (CF_DROP_RING: 2 / 3 slots), and the tile it
+# runs on (two consumers, the stages that fit) with the consumers drawing, as selected
+RINGS = {"ring": 2, "ring3": 3, "ring_tile": 0}
 
 
 def _variant(variant: str) -> contextlib.ExitStack:
@@ -85,6 +94,17 @@ def _variant(variant: str) -> contextlib.ExitStack:
     if variant in BOXED:
         for name in ("select_forward", "select_backward"):
             stack.enter_context(fastpath.selector_patched(name, specs.boxed_where("dropout")))
+    if variant in RINGS:
+        from cuflash import launch
+
+        facts, slots = launch.device_facts(0), RINGS[variant]
+
+        def ring(spec):
+            ringed = specs.with_drop_ring(spec, facts, slots or 2)
+            if ringed is None:
+                return spec
+            return ringed if slots else ringed.without_knob("CF_DROP_RING")
+        stack.enter_context(fastpath.selector_patched("select_forward", ring))
     for name, kind, knobs in zip(("select_forward", "select_backward"), ("fwd90", "bwd90"),
                                  VARIANTS[variant]):
         stack.enter_context(fastpath.selector_patched(name, knob_of(kind, knobs)))
@@ -165,7 +185,7 @@ def main() -> None:
     _precompile(rows, variants)
     # outputs of the candidates against the selection's, bit for bit (same flags)
     for variant in dict.fromkeys(("drop", "early", "early_pers", "packed", "unpacked")
-                                 + TWO_CONSUMERS + BOXED):
+                                 + TWO_CONSUMERS + BOXED + tuple(RINGS)):
         if variant not in variants:
             continue
         with _variant(variant):
@@ -182,12 +202,21 @@ def main() -> None:
                                    data[label + "drop"].view(torch.int16))
                 print(f"{variant} {label}: {'bitwise equal' if same else 'DIFFERS'} to drop",
                       flush=True)
-                if not same and variant in TWO_CONSUMERS + BOXED:  # candidates: report, go on
+                if not same and variant in TWO_CONSUMERS + BOXED + tuple(RINGS):  # report, go on
                     diff = (data[label + variant].float() - data[label + "drop"].float())
                     print(f"{variant} {label}: max |diff| {diff.abs().max().item():.3g}",
                           flush=True)
                 elif not same:
                     raise SystemExit(f"{variant} {label}: outputs differ from the selection's")
+    for variant in ("ring", "ring3"):  # the ring against its own tile: the same bits
+        for label, *_ in rows:
+            if label + variant in data and label + "ring_tile" in data:
+                same = torch.equal(data[label + variant].view(torch.int16),
+                                   data[label + "ring_tile"].view(torch.int16))
+                print(f"{variant} {label}: {'bitwise equal' if same else 'DIFFERS'} to ring_tile",
+                      flush=True)
+                if not same:
+                    raise SystemExit(f"{variant} {label}: outputs differ from its tile's")
 
     times: dict = {}
     for r in range(args.rounds):

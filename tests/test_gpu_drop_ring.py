@@ -1,0 +1,154 @@
+"""Dropout's kept flags drawn by the warp-specialized Hopper forward's idle producer warps into a
+ring of shared-memory slots (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh; a candidate:
+registry.FWD90_DROP_RING), against the same tile applying the flags it draws itself
+(``CF_DROP_PACKED``, selected) (``gpu``). The flags are the same, so the outputs and the
+statistics must be equal bit for bit, persistent blocks and two or three slots too; the kept
+set is read back exactly against ``cuflash.dropout_mask``; and a few cases run forward and
+backward against the float64 reference. tests/test_drop_packed_host.py checks the two forms'
+words on the CPU; bench/dev/dropout_ab.py (variant ``ring``) times them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuflash
+from cuflash import plan, specs
+
+try:
+    import gpu_helpers as gh
+    import test_gpu_dropout as dropout_tests
+except ImportError:  # tests/ collected as a package
+    from tests import gpu_helpers as gh
+    from tests import test_gpu_dropout as dropout_tests
+
+pytestmark = pytest.mark.gpu
+
+HEAD_DIMS = (64, 128)
+CASES = dropout_tests.CASES  # plain, causal GQA, window + ALiBi, softcap + sinks, block mask
+LENGTHS = [(131, 131), (389, 1029), (777, 260)]
+RING = "CF_DROP_RING"
+
+
+def _facts():
+    from cuflash import launch
+
+    return launch.device_facts(0)
+
+
+def _ring(spec, slots=2, persistent=False):
+    """``spec`` drawing its flags in the producer's warps where the ring applies."""
+    ringed = specs.with_drop_ring(spec, _facts(), slots)
+    if ringed is None:
+        return spec
+    return ringed.with_knobs(**{plan.PERSISTENT: 1}) if persistent else ringed
+
+
+def _baseline(spec, persistent=False):
+    """The ring's tile (two consumers, its stages) applying the flags it draws itself."""
+    return _ring(spec, 2, persistent).without_knob(RING)
+
+
+def _module_specs():
+    facts = _facts()
+    if facts.arch != "sm_90":
+        return []
+    out = []
+    for case in CASES:
+        causal, flags = case[1], dropout_tests.mod_flags(case)
+        for dtype in ("float16", "bfloat16"):
+            for d in HEAD_DIMS:
+                spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
+                for persistent in (False, True):
+                    out += [_baseline(spec, persistent)]
+                    out += [_ring(spec, slots, persistent) for slots in (2, 3)]
+    return out
+
+
+gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
+
+
+def _forward(q, k, v, causal, kwargs, knob):
+    """cuflash's forward with the selector passing every spec through ``knob``, and the
+    specs its plans ran."""
+    from cuflash import fastpath
+
+    with fastpath.selector_patched("select_forward", knob):
+        o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
+        return o, stats, [p.kernel.spec for p in plan._forward_plans.values()]
+
+
+def _hopper_only():
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the ring is a Hopper forward's")
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("persistent", [False, True], ids=["tile", "persistent"])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_equal_to_drawing_in_the_consumers(case, head_dim, seqlen_q, seqlen_k, persistent,
+                                           slots):
+    """Bit for bit the same tile with the consumers drawing (o, m, l)."""
+    import cupy
+
+    _hopper_only()
+    rng = gh.rng_for()
+    q, k, v, _, causal, mods, issue15 = dropout_tests._inputs(
+        rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
+    kwargs = dropout_tests._on_gpu({**mods, **issue15})
+    q, k, v = (gh.to_gpu(x) for x in (q, k, v))
+    want_o, want_stats, before = _forward(q, k, v, causal, kwargs,
+                                          lambda s: _baseline(s, persistent))
+    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs,
+                                     lambda s: _ring(s, slots, persistent))
+    label = f"{case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent} {slots} slots"
+    if not any(dict(s.knobs).get(RING) for s in ran):
+        pytest.skip(f"no ring for {ran} (loads without TMA)")
+    assert [dict(s.knobs).get(RING) for s in ran] == [slots], (ran, label)
+    assert not any(dict(s.knobs).get(RING) for s in before), (before, label)
+    assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
+    for name in ("m", "l"):
+        assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
+            f"{name}: {label}"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_kept_set_is_dropout_mask(head_dim, causal):
+    """With q = 0 and v the identity over a chunk of keys, o shows the kept set."""
+    _hopper_only()
+    rng = gh.rng_for()
+    batch, heads, seqlen_q, seqlen_k = 2, 3, 300, 2 * head_dim + 40
+    drop = dropout_tests._seed(rng)
+    want = cuflash.dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p=dropout_tests.P,
+                                seed=drop["dropout_seed"], offset=drop["dropout_offset"])
+    if causal:
+        want &= np.tril(np.ones((seqlen_q, seqlen_k), bool), seqlen_k - seqlen_q)
+    q = gh.to_gpu(np.zeros((batch, seqlen_q, heads, head_dim), gh.np_dtype("bfloat16")))
+    k = gh.to_gpu(gh.randn(rng, (batch, seqlen_k, heads, head_dim), "bfloat16"))
+    kept = np.zeros_like(want)
+    for c0, n, eye in dropout_tests._identity_chunks(seqlen_k, head_dim, "bfloat16"):
+        v = gh.to_gpu(dropout_tests._broadcast(eye, batch, heads))
+        o, _, ran = _forward(q, k, v, causal, drop, _ring)
+        assert [dict(s.knobs).get(RING) for s in ran] == [2], ran
+        kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
+    np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
+
+
+@pytest.fixture
+def ring_selected():
+    for _ in gh.hopper_selector_with_knob("select_forward", _ring,
+                                          "the ring is a Hopper forward's"):
+        yield
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_backward_match_reference(ring_selected, case, dtype, head_dim):
+    dropout_tests._check("ring", case, dtype, 389, 777, head_dim)
