@@ -142,7 +142,7 @@ enum : int {
   kTileKV = CF_BLOCK_N * CF_HEAD_DIM * 2,  // bytes of one K (or V) stage
   kQBuffers = CF_FWD_PERSISTENT == 2 ? 2 : 1,  // across tiles: the next tile's Q beside
   kDropRing = kQBuffers * kTileQ + 2 * CF_STAGES * kTileKV,  // the flag slots (kDropSlots)
-  kDropSlot = DropRingTile<CF_BLOCK_M, CF_BLOCK_N>::kBytes,
+  kDropSlot = CF_BLOCK_M * CF_BLOCK_N,  // DropRingTile's bytes (instantiated with the ring only)
   kBarriers = kDropRing + kDropSlots * kDropSlot,
   kSmemBytes = kBarriers + (kDropSlots ? 256 : 128),  // the slots' mbarriers after the others
   kDrawThreads = 96,  // the producer's warps 1-3 draw the flags (kDropSlots)
@@ -338,33 +338,36 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     const bool drawer = kDropSlots && warp != 0;
     // TMA: one thread issues every box (its warp stays where the loop needs it: kTmaWarp)
     if (kTma && (kTmaWarp ? warp != 0 : tid != 0) && !drawer) return;
-    if (kDropSlots && drawer) {  // the flags of each key tile the consumers visit, in turn
-      const Dropout drop = CF_DROP;
-      int drawn = 0;  // key tiles drawn so far (a slot's use number)
+    if constexpr (kDropSlots > 0) {
+      if (drawer) {  // each key tile's flags, in the order the consumers visit them
+        const Dropout drop = CF_DROP;
+        int drawn = 0;  // key tiles drawn so far (a slot's use number)
 #pragma unroll 1
-      for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
-        const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
-        const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
-        if (kPersistent && CF_VARLEN && q0 >= seq.seqlen_q) continue;
-        const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
-                                                        CF_MOD_ARGS);
-        const KeyTiles tiles = tile.tiles;  // visited last first, as the producer loads them
-        const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);
-        const int n_tiles = kept.count();
-        const unsigned int bh = drop.head(b, h, heads);
-        int j_kept = kept.below(tiles.end);
+        for (TileWalk walk(max_seqlen_q, heads); walk.more(); walk.next()) {
+          const int b = walk.entry(), q0 = walk.tile_m() * CF_BLOCK_M, h = walk.head();
+          const SeqInfo seq(b, heads, max_seqlen_q, max_seqlen_k, CF_SEQ_ARGS);
+          if (kPersistent && CF_VARLEN && q0 >= seq.seqlen_q) continue;
+          const FwdQueryTile<CF_BLOCK_M, CF_BLOCK_N> tile(seq, b, h, q0, cwarp, group, tig,
+                                                          CF_MOD_ARGS);
+          const KeyTiles tiles = tile.tiles;  // visited last first, as the producer loads them
+          const KeptKeyTiles<CF_BLOCK_N> kept(CF_BSP_MASK, b, h, q0, tiles);
+          const int n_tiles = kept.count();
+          const unsigned int bh = drop.head(b, h, heads);
+          int j_kept = kept.below(tiles.end);
 #pragma unroll 1
-        for (int it = 0; it < n_tiles; ++it, ++drawn) {
-          const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
-          if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
-          const int slot = drawn % kDropSlots, round = drawn / kDropSlots;
-          if (round > 0) mbar_wait(bars.drop_empty(slot), (round - 1) & 1);
-          cf_drop_ring_fill<CF_BLOCK_M, CF_BLOCK_N>(drop, smem + kDropRing + slot * kDropSlot, bh,
-                                                    q0, j * CF_BLOCK_N, tid - 32, kDrawThreads);
-          mbar_arrive(bars.drop_full(slot));
+          for (int it = 0; it < n_tiles; ++it, ++drawn) {
+            const int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1 - it;
+            if (CF_BLOCK_SPARSE) j_kept = kept.below(j);
+            const int slot = drawn % kDropSlots, round = drawn / kDropSlots;
+            if (round > 0) mbar_wait(bars.drop_empty(slot), (round - 1) & 1);
+            unsigned char* flags = smem + kDropRing + slot * kDropSlot;
+            cf_drop_ring_fill<CF_BLOCK_M, CF_BLOCK_N>(drop, flags, bh, q0, j * CF_BLOCK_N,
+                                                      tid - 32, kDrawThreads);
+            mbar_arrive(bars.drop_full(slot));
+          }
         }
+        return;
       }
-      return;
     }
     const bool issuer = tid == 0;
     (void)issuer;
