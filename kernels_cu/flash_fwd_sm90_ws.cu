@@ -184,8 +184,9 @@ constexpr bool kAcrossTiles = CF_FWD_PERSISTENT == 2;
 #define CF_FWD_DROP_EARLY 0
 #endif
 enum : int { kDropEarly = CF_DROPOUT && CF_FWD_DROP_EARLY };  // (an enum: no PTX symbol)
-// Dropout applied to P after packing, by byte masks (a knob, CF_DROP_PACKED=1;
-// cf_drop_packed.cuh): the same bits as dropping the floats first, fewer instructions.
+// Dropout applied to P after packing, by byte masks (CF_DROP_PACKED=1, selected:
+// registry.FWD90_DROP_PACKED; cf_drop_packed.cuh): the same bits as dropping the floats first,
+// fewer instructions.
 #ifndef CF_DROP_PACKED
 #define CF_DROP_PACKED 0
 #endif
