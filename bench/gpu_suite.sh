@@ -598,17 +598,18 @@ for stage in $stages; do
         --rounds "${DROPOUT_AB_ROUNDS:-3}" \
         --variants "${DROPOUT_AB_VARIANTS:-none,drop,unpacked,packed_r7}" \
         --out "$OUT/results/dropout_ab.json" ;;
-    drop_ring)  # session 38, #15's dropout cost: the forward's kept flags drawn by the
-      # producer's idle warps into a ring of shared-memory slots (CF_DROP_RING, a candidate:
-      # registry.FWD90_DROP_RING): bitwise against the same tile drawing in its consumers,
+    drop_ring)  # session 38, #15's dropout cost: the kept flags drawn by the producers'
+      # idle warps into a ring of shared-memory slots (CF_DROP_RING, candidates:
+      # registry.FWD90_DROP_RING / BWD90_DROP_RING): bitwise against the same tiles drawing
+      # in their consumers (the backward's dQ within rounding: atomics),
       # the kept set and the float64 reference (tests/test_gpu_drop_ring.py), then
-      # dropout_ab's none / drop / ring_tile / ring / ring3
+      # dropout_ab's none / drop / ring_tile / ring / bwd_ring / rings (both)
       CUFLASH_POISON=1 run_stage drop_ring_tests timeout "${DROP_RING_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
         tests/test_gpu_drop_ring.py
       run_stage dropout_ab timeout "${DROPOUT_AB_TIMEOUT:-300}" $PY bench/dev/dropout_ab.py \
         --rounds "${DROPOUT_AB_ROUNDS:-2}" \
-        --variants "${DROPOUT_AB_VARIANTS:-none,drop,ring_tile,ring,ring3}" \
+        --variants "${DROPOUT_AB_VARIANTS:-none,drop,ring_tile,ring,bwd_ring,rings}" \
         --out "$OUT/results/dropout_ab.json" ;;
     causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
       # boxed, its consumers at 240 registers (a candidate: registry.BWD90_BOXED_ONLY): the

@@ -145,10 +145,12 @@ def _smem_bwd90(s) -> int:
                 + (s.warps // 4 * 64 * 32 * 4 if s.dq_tiled else 0))
     if bwd90_warp_specialized(s):  # + each stage's tile under a block mask, + two dQ pieces
         pieces = dict(s.knobs).get("CF_DQ_PIECES", 1)  # each warpgroup's (ordered bulk dQ: 2)
-        bars = -(-8 * (9 + 3 * st + 4 * (pieces - 1)) // 128) * 128  # kBarBytes
+        # dropout's flag slots (CF_DROP_RING): a 64-bit word per consumer lane, two mbarriers
+        slots = dict(s.knobs).get("CF_DROP_RING", 0) if s.mods.dropout else 0
+        bars = -(-8 * (9 + 3 * st + 4 * (pieces - 1) + 2 * slots) // 128) * 128  # kBarBytes
         return ((2 * n * d + 2 * st * m * d + 2 * n * m) * 2 + 2 * st * m * 4 + bars
                 + (8 * st if s.mods.block_sparse else 0)
-                + (2 * pieces * 64 * 64 * 4 if s.dq_tiled else 0))
+                + (2 * pieces * 64 * 64 * 4 if s.dq_tiled else 0) + slots * 8 * 32 * 8)
     role_split = d >= 192  # flash_bwd_sm90.cu's kRoleSplit; V, dO of v's own head_dim (s.dv)
     dv = s.dv
     return ((n * (d + dv) + st * m * (d + dv) + (2 if role_split else 1) * n * m) * 2
@@ -477,8 +479,13 @@ FWD90_DROP_PACKED = True
 # selected. The same bits as CF_DROP_PACKED (tests/test_drop_packed_host.py on the CPU). On two
 # consumers with TMA: the drawing warps need 56 registers (twenty round keys: 40 spilled
 # 24-36 B, NVRTC 13.0), which three consumers cannot spare. Written in session 38, not yet
-# run on a GPU.
+# run on a GPU. BWD90_DROP_RING: the warp-specialized backward's (flash_bwd_sm90_ws.cu; its
+# warps 1 and 2 draw each tile's 64-bit flag words, specs.with_backward_drop_ring), with
+# TMA and atomic dQ, no block mask or packed sequences; its drawing warps fit the producer's
+# 40 registers, zero spills over 28 sm_90 specs (d64 / d128, causal or not, up to two
+# modifiers). Also not yet run on a GPU.
 FWD90_DROP_RING = 0
+BWD90_DROP_RING = 0
 
 # The Hopper backward's role split (head_dim 192 / 256) with its first dQ panel issued before
 # dK / dV, whose product then runs under that panel's adds (flash_bwd_sm90.cu's

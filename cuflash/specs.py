@@ -23,7 +23,7 @@ from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
                        BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
-                       FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
+                       BWD90_DROP_RING, FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
                        FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
@@ -339,6 +339,21 @@ def with_drop_ring(spec: KernelSpec, facts: DeviceFacts,
     return None
 
 
+def with_backward_drop_ring(spec: KernelSpec, facts: DeviceFacts,
+                            slots: int = 2) -> KernelSpec | None:
+    """The warp-specialized backward ``spec`` with dropout, loading with TMA, drawing its kept
+    flags in the producer's warps 1 and 2 into ``slots`` tiles of shared memory that the
+    consumers read (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh); None where it does not
+    apply (ordered dQ, block masks, packed sequences) or fit ``facts``' shared memory."""
+    knobs = dict(spec.knobs)
+    if not (spec.kind == "bwd90" and bwd90_warp_specialized(spec) and spec.mods.dropout
+            and knobs.get("CF_BWD_TMA") == 1 and not spec.dq_ordered
+            and not spec.mods.block_sparse and not spec.mods.varlen):
+        return None
+    ringed = spec.with_knobs(CF_DROP_RING=slots)
+    return ringed if ringed.smem_bytes <= facts.smem_optin else None
+
+
 def with_selected_drop_ring(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` with ``with_drop_ring``'s flag ring where registry.FWD90_DROP_RING gives its
     slots (0: not selected)."""
@@ -627,8 +642,11 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
-    return with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(
+    spec = with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(
         with_ordered_rotation(spec, facts), facts))))
+    if BWD90_DROP_RING:
+        spec = with_backward_drop_ring(spec, facts, BWD90_DROP_RING) or spec
+    return spec
 
 
 def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

@@ -23,6 +23,18 @@
 
 #include "cf_drop_packed.cuh"
 
+// The stream's key words passed through a shuffle: ptxas cannot see through it, so it makes
+// the twenty round keys in the loop that uses them rather than holding them all live across
+// it (they spilled the drawing warps' registers). Every lane of the warp calls it.
+__device__ __forceinline__ cf_dropout cf_opaque_key(const cf_dropout& d) {
+#ifdef __CUDA_ARCH__
+  return cf_dropout{__shfl_sync(0xffffffffu, d.k0, 0), __shfl_sync(0xffffffffu, d.k1, 0),
+                    d.offset, d.threshold};
+#else
+  return d;
+#endif
+}
+
 // A slot's bytes for a ROWS x BLOCK_N tile (one per element).
 template <int ROWS, int BLOCK_N>
 struct DropRingTile {
@@ -32,7 +44,7 @@ struct DropRingTile {
 
 // Thread `worker` of `workers` fills a slot with the flags of the tile whose first query row is
 // q0 and first key column c0 (a multiple of 16), head bh: units n = worker, worker + workers,
-// ... of (warp w, pair kp, row pair u, column quad t).
+// ... of (warp w, pair kp, row pair u, column quad t). Whole warps call it (shuffles).
 template <int ROWS, int BLOCK_N>
 __device__ __forceinline__ void cf_drop_ring_fill(const Dropout& drop, unsigned char* slot,
                                                   unsigned int bh, int q0, int c0, int worker,
@@ -43,7 +55,10 @@ __device__ __forceinline__ void cf_drop_ring_fill(const Dropout& drop, unsigned 
   const unsigned int small = drop.d.threshold < 128u ? ~0u : 0u;
   const unsigned int col_quad0 = cf_quad((unsigned int)c0);
 #pragma unroll 1
-  for (int n = worker; n < Tile::kUnits; n += workers) {
+  for (int first = 0; first < Tile::kUnits; first += workers) {  // (whole warps: shuffles)
+    const cf_dropout keyed = cf_opaque_key(words);
+    const int n = first + worker;
+    if (n >= Tile::kUnits) continue;
     const int t = n & 3, u = (n >> 2) & 3, wk = n >> 4;  // wk = w * kPairs + kp
     const int w = wk / Tile::kPairs, kp = wk % Tile::kPairs;
     const unsigned int row_quad = cf_quad((unsigned int)(q0 + 16 * w + 2 * u));
@@ -53,11 +68,6 @@ __device__ __forceinline__ void cf_drop_ring_fill(const Dropout& drop, unsigned 
     // producer runs on 32 registers beside three consumers)
 #pragma unroll 1
     for (int x = 0; x < 2; ++x) {
-      // the key with the sign bits of n | x (0), so the compiler makes the round keys here,
-      // block by block, rather than holding all twenty across the loops (they spilled the
-      // producer's 32 registers)
-      const unsigned int sign = (unsigned int)((n | x) >> 31);
-      const cf_dropout keyed{words.k0 ^ sign, words.k1 ^ sign, words.offset, words.threshold};
       const cf_philox_words w4 = cf_dropout_block(keyed, bh, row_quad, col_quad + 4u * x);
       unsigned int* even = reinterpret_cast<unsigned int*>(pair) + x;  // X_lo; + 2: X_hi
       unsigned int* odd = reinterpret_cast<unsigned int*>(pair + 64) + x;
@@ -81,5 +91,50 @@ __device__ __forceinline__ void cf_drop_ring_apply(unsigned int (&a)[NK][4],
     // (A, B) as prmt's (low, high) words: k-step 2kp's masks from A's bytes, 2kp + 1's from B's
     cf_drop_kstep(a[2 * kp], f.x, f.y, f.z, f.w, 0x9988u);
     cf_drop_kstep(a[2 * kp + 1], f.x, f.y, f.z, f.w, 0xddccu);
+  }
+}
+
+// -- the backward's ring (keys as rows, S^T) ----------------------------------------------
+// A slot holds a key tile's flags against a query tile as the consumers read them: for
+// consumer warp w (keys n0 + 16w ..) and lane L = 4g + t, the 64-bit word that
+// Dropout::keep_bits<NT, true>(bh, n0 + 16w + g, m0 + 2t) returns, at (w * 32 + L) * 8. Its
+// 16-bit pass p holds cf_keep8 of the lane's row words (row slot g & 1) of the Philox blocks
+// at query quads quad(m0 + 2t) + 8p and + 4 (one pair of fragments of 8 queries each).
+
+// Thread `worker` of `workers` fills such a slot for WARPS consumer warps and NT fragments:
+// units n = worker, worker + workers, ... of (warp w, row pair u, column quad t, pass p).
+// Whole warps call it (shuffles).
+template <int WARPS, int NT>
+__device__ __forceinline__ void cf_drop_ring_fill_keys(const Dropout& drop, unsigned char* slot,
+                                                       unsigned int bh, int n0, int m0,
+                                                       int worker, int workers) {
+  static_assert(NT % 4 == 0 && NT <= 16, "whole passes, 64 bits");
+  enum : int { kPasses = NT / 4, kUnits = WARPS * 16 * kPasses };
+  const cf_dropout words = drop.stream();
+  const unsigned int low7x4 = (drop.d.threshold & 0x7fu) * 0x01010101u;
+  const unsigned int small = drop.d.threshold < 128u ? ~0u : 0u;
+  const unsigned int col_quad0 = cf_quad((unsigned int)m0);
+#pragma unroll 1
+  for (int first = 0; first < kUnits; first += workers) {  // (whole warps: shuffles)
+    const cf_dropout keyed = cf_opaque_key(words);
+    const int n = first + worker;
+    if (n >= kUnits) continue;
+    const int p = n % kPasses, t = (n / kPasses) & 3, u = (n / kPasses >> 2) & 3;
+    const int w = n / (kPasses * 16);
+    const unsigned int row_quad = cf_quad((unsigned int)(n0 + 16 * w + 2 * u));
+    const unsigned int col_quad = col_quad0 + (unsigned int)(t + 8 * p);
+    unsigned int even = 0, odd = 0;  // lanes 4(2u) + t (row slot 0) and 4(2u + 1) + t (slot 1)
+#pragma unroll 1
+    for (int x = 0; x < 2; ++x) {  // the pass's two blocks, one Philox chain at a time
+      const cf_philox_words b4 = cf_dropout_block(keyed, bh, col_quad + 4u * x, row_quad);
+      unsigned int lo, hi;
+      cf_row_words<true>(b4, 0u, lo, hi);
+      even |= cf_keep8(lo, hi, low7x4, small) << (8 * x);
+      cf_row_words<true>(b4, 1u, lo, hi);
+      odd |= cf_keep8(lo, hi, low7x4, small) << (8 * x);
+    }
+    unsigned short* pass = reinterpret_cast<unsigned short*>(slot + (w * 32 + 8 * u + t) * 8) + p;
+    pass[0] = (unsigned short)even;
+    pass[16] = (unsigned short)odd;  // 4 lanes on: 32 bytes
   }
 }

@@ -68,6 +68,7 @@
 #include "cf_params.cuh"
 #include "cf_tile_order.cuh"
 #include "cf_bwd90.cuh"
+#include "cf_drop_ring.cuh"
 
 static_assert(CF_DTYPE == 0 || CF_DTYPE == 1, "flash_bwd_sm90_ws.cu is a 16-bit kernel");
 static_assert(CF_HEAD_DIM_V == CF_HEAD_DIM, "v's own head_dim: flash_bwd_sm90.cu's");
@@ -192,6 +193,15 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #define CF_BWD_TMA_PARAMS
 #endif
 
+// Dropout's kept flags drawn by the producer's warps 1 and 2 into CF_DROP_RING slots of shared
+// memory, one tile's a slot (each consumer lane's 64-bit word, as Dropout::keep_bits gives
+// it), which the consumers read instead of drawing them (a knob; cf_drop_ring.cuh). Warp 0
+// alone then stores lse2. With TMA (one lane issues the boxes), atomic dQ (warp 2 keeps
+// ordered dQ's turns), no block mask (the producer picks kept tiles) and no packed sequences.
+#ifndef CF_DROP_RING
+#define CF_DROP_RING 0
+#endif
+
 namespace bwd90ws {
 constexpr bool kOrdered = CF_DQ_ORDERED;
 constexpr bool kTurnAgent = CF_DQ_ORDERED && CF_DQ_TURN_AGENT;
@@ -226,15 +236,20 @@ enum : int {
   kOffDqPiece = kOffDelta + kStages * kBM * 4,  // CF_DQ_BULK: a dQ piece per warpgroup
   kOffBar = kOffDqPiece + (kBulk ? 2 * kPieces * kDqPieceBytes : 0),
   // the mbarriers (BwdBarriers: 9 + 3 a stage, 4 more for a second piece), in 128-byte steps
-  kBarBytes = (8 * (9 + 3 * kStages + 4 * (kPieces - 1)) + 127) / 128 * 128,
+  kDropSlots = CF_DROPOUT ? CF_DROP_RING : 0,
+  kRingSlot = 8 * 32 * 8,  // a 64-bit word per consumer lane
+  kBarBytes = (8 * (9 + 3 * kStages + 4 * (kPieces - 1) + 2 * kDropSlots) + 127) / 128 * 128,
   // under a block mask, each stage's (query rows, head), which the producer picks
   kOffTiles = kOffBar + kBarBytes,
-  kSmemBytes = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),
+  kOffRing = kOffTiles + (CF_BLOCK_SPARSE ? 8 * kStages : 0),  // the flag slots
+  kSmemBytes = kOffRing + kDropSlots * kRingSlot,
   // 128 * 40 + 256 * 232 = 384 * 168, what the launch gives the block; 128 * 24 + 256 * 240
   // where the consumers need it and one thread issues the boxes (d64 causal under a block
   // mask: 56-64 B spilled at 232)
   kWideConsumers = CF_BWD_TMA && CF_CAUSAL && CF_BLOCK_SPARSE && !CF_VARLEN && !CF_DROPOUT &&
                    kD == 64,
+  // (dropout's drawing warps, kDropSlots, fit 40: cf_opaque_key keeps the round keys out of
+  // registers across their loop; 56 would leave the consumers 224, where d64 spilled 40 B)
   kProducerRegs = kWideConsumers ? 24 : 40,
   kConsumerRegs = kWideConsumers ? 240 : 232,
   kTma = CF_BWD_TMA,  // (an enum, not a constexpr variable: those leave a PTX symbol)
@@ -242,7 +257,11 @@ enum : int {
   kPanels = kD / 64,
   kOrderBarrier = 1,  // 1 + g: warpgroup g alone (ordered dQ around its adds; bulk dQ)
   kTurnBarrier = 3,   // 3 + g: consumer warpgroup g may issue its products
+  kDrawThreads = 64,  // warps 1 and 2 (kDropSlots)
 };
+static_assert(kDropSlots == 0 || (CF_BWD_TMA && !CF_DQ_ORDERED && !CF_BLOCK_SPARSE &&
+                                  !CF_VARLEN && kDropSlots <= 3 && kNT % 4 == 0),
+              "the flag ring: TMA, atomic dQ, no block mask or packed sequences, 3 slots");
 }  // namespace bwd90ws
 
 // The block's mbarriers.
@@ -286,6 +305,13 @@ struct BwdBarriers {
   }
   __device__ __forceinline__ cf_u32 do_landed(int s) const {
     return base + 8 * (6 + 4 * CF_STAGES + s);
+  }
+  // dropout's flag slot r is drawn / read (kDropSlots; after the turn agent's)
+  __device__ __forceinline__ cf_u32 drop_full(int r) const {
+    return base + 8 * (9 + 3 * CF_STAGES + 4 * (bwd90ws::kPieces - 1) + r);
+  }
+  __device__ __forceinline__ cf_u32 drop_empty(int r) const {
+    return drop_full(r) + 8 * bwd90ws::kDropSlots;
   }
 };
 static_assert(!bwd90ws::kTailZero ||
@@ -523,7 +549,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     }
     for (int s = 0; s < kStages; ++s) {
       // warps 0, 1: their copies (TMA: lane 0's boxes), then their stores
-      mbar_init(bars.q_full(s), (kTma ? 1 : 64) + 64);
+      mbar_init(bars.q_full(s), (kTma ? 1 : 64) + (kDropSlots ? 32 : 64));  // (ring: warp 0)
       mbar_init(bars.do_full(s), (kTma ? 1 : 32) + 32);  // warp 3
       // every consumer thread arrives: one arrival per warp after __syncwarp was as correct,
       // but racecheck reported the other lanes' reads of the statistics as racing the refill
@@ -532,6 +558,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     for (int buf = 0; buf < 2; ++buf) {
       mbar_init(bars.ds_full(buf), kConsumerThreads);
       mbar_init(bars.ds_empty(buf), kConsumerThreads);
+    }
+    for (int r = 0; r < kDropSlots; ++r) {
+      mbar_init(bars.drop_full(r), kDrawThreads);       // every drawing thread, after its stores
+      mbar_init(bars.drop_empty(r), kConsumerThreads);  // every consumer thread, after its load
     }
     if constexpr (kTurnAgent) {
       for (int g = 0; g < 2; ++g) {
@@ -562,12 +592,30 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
         return;
       }
     }
+    if constexpr (kDropSlots > 0) {  // warps 1 and 2 draw each tile's flags, in the walk's order
+      const int w = __shfl_sync(0xffffffffu, warp, 0);
+      if (w == 1 || w == 2) {
+        CF_BWD_WS_BLOCK_WORK
+        const Dropout drop = CF_DROP;
+        TileWalk walk(m_first, qt.end, h_first, m_start);
+#pragma unroll 1
+        for (int it = 0; it < n_iter; ++it, walk.next()) {
+          const int slot = it % kDropSlots, round = it / kDropSlots;
+          if (round > 0) mbar_wait(bars.drop_empty(slot), (round - 1) & 1);
+          cf_drop_ring_fill_keys<8, kNT>(drop, smem + kOffRing + slot * kRingSlot,
+                                         drop.head(b, walk.h, heads), n0, walk.m0, tid - 32,
+                                         kDrawThreads);
+          mbar_arrive(bars.drop_full(slot));
+        }
+        return;
+      }
+    }
     if (warp != 2) {  // warps 0, 1: K, then Q and lse2; warp 3: V, then dO and delta
       CF_BWD_WS_BLOCK_WORK
       CF_BWD_WS_TILES
       if (n_iter == 0) return;
-      const bool q_side = warp < 2;
-      const int t = q_side ? tid : lane, threads = q_side ? 64 : 32;
+      const bool q_side = warp < 2;  // (kDropSlots: warp 0 alone)
+      const int t = q_side ? tid : lane, threads = q_side && !kDropSlots ? 64 : 32;
 #if CF_BWD_TMA
       // the maps' row and batch of this sequence's row 0 (packed: one map over every row)
       const int map_q0 = CF_VARLEN ? seq.q_begin : 0, map_k0 = CF_VARLEN ? seq.k_begin : 0;
@@ -810,9 +858,18 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
     issue_scores_t<kBN, kBM>(dp, sV_sa, me * 64 * 128, do_tile, 0);
     wgmma_commit();
     their_turn();
-    // dropout's kept flags of the tile (S^T: keys as rows) while the products run
-    const unsigned long long keep =
-        drop.keep_bits<kNT, true>(drop.head(b, h, heads), key_row, m0 + 2 * tig);
+    // dropout's kept flags of the tile (S^T: keys as rows) while the products run: drawn
+    // here, or read from the slot the producer's warps drew them into (kDropSlots)
+    unsigned long long keep;
+    if constexpr (kDropSlots > 0) {
+      const int slot = it % kDropSlots;
+      mbar_wait(bars.drop_full(slot), (it / kDropSlots) & 1);
+      keep = *reinterpret_cast<const unsigned long long*>(smem + kOffRing + slot * kRingSlot +
+                                                          (warp - 4) * 32 * 8 + lane * 8);
+      mbar_arrive(bars.drop_empty(slot));
+    } else {
+      keep = drop.keep_bits<kNT, true>(drop.head(b, h, heads), key_row, m0 + 2 * tig);
+    }
     // CF_BWD_STATS_AHEAD: the statistics one fragment ahead of their use, the first while
     // the products run (else each is read where used)
     const float* lse_t = sLse + st * kBM;

@@ -1,11 +1,12 @@
-"""Dropout's kept flags drawn by the warp-specialized Hopper forward's idle producer warps into a
-ring of shared-memory slots (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh; a candidate:
-registry.FWD90_DROP_RING), against the same tile applying the flags it draws itself
-(``CF_DROP_PACKED``, selected) (``gpu``). The flags are the same, so the outputs and the
-statistics must be equal bit for bit, persistent blocks and two or three slots too; the kept
-set is read back exactly against ``cuflash.dropout_mask``; and a few cases run forward and
-backward against the float64 reference. tests/test_drop_packed_host.py checks the two forms'
-words on the CPU; bench/dev/dropout_ab.py (variant ``ring``) times them.
+"""Dropout's kept flags drawn by the warp-specialized Hopper kernels' idle producer warps into a
+ring of shared-memory slots (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh; candidates:
+registry.FWD90_DROP_RING, BWD90_DROP_RING), against the same tiles drawing the flags in their
+consumers (``gpu``). The flags are the same, so the forward's outputs and statistics must be
+equal bit for bit (persistent blocks and two or three slots too), and the backward's dK and
+dV (dQ is added by atomics, in no fixed order: within float32 rounding); the kept set is
+read back exactly against ``cuflash.dropout_mask``; and a few cases run forward and backward
+against the float64 reference with both rings. tests/test_drop_packed_host.py checks the
+words on the CPU; bench/dev/dropout_ab.py (variants ``ring``, ``bwd_ring``) times them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def _ring(spec, slots=2, persistent=False):
     return ringed.with_knobs(**{plan.PERSISTENT: 1}) if persistent else ringed
 
 
+def _bwd_ring(spec, slots=2):
+    """The backward ``spec`` reading its flags from the producer's ring where that applies."""
+    return specs.with_backward_drop_ring(spec, _facts(), slots) or spec
+
+
 def _baseline(spec, persistent=False):
     """The ring's tile (two consumers, its stages) applying the flags it draws itself."""
     return _ring(spec, 2, persistent).without_knob(RING)
@@ -63,6 +69,8 @@ def _module_specs():
                 for persistent in (False, True):
                     out += [_baseline(spec, persistent)]
                     out += [_ring(spec, slots, persistent) for slots in (2, 3)]
+                back = specs.select_backward(facts, dtype, d, causal, False, mods=flags)
+                out += [back] + [_bwd_ring(back, slots) for slots in (2, 3)]
     return out
 
 
@@ -140,10 +148,53 @@ def test_kept_set_is_dropout_mask(head_dim, causal):
     np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
 
 
+@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_equal_to_drawing_in_the_consumers(case, head_dim, seqlen_q, seqlen_k, slots):
+    """dK, dV bit for bit the backward drawing in its consumers; dQ within float32 rounding
+    (atomic adds)."""
+    import cupy
+
+    from cuflash import fastpath
+
+    _hopper_only()
+    rng = gh.rng_for()
+    q, k, v, do, causal, mods, issue15 = dropout_tests._inputs(
+        rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
+    kwargs = dropout_tests._on_gpu({**mods, **issue15})
+    q, k, v, do = (gh.to_gpu(x) for x in (q, k, v, do))
+    o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
+    grads, ran = {}, {}
+    for name, knob in (("want", lambda s: s), ("got", lambda s: _bwd_ring(s, slots))):
+        with fastpath.selector_patched("select_backward", knob):
+            grads[name] = cuflash.attention_backward(do, q, k, v, o, stats, causal=causal,
+                                                     **kwargs)
+            ran[name] = [p.main.spec for p in plan._backward_plans.values()]
+    label = f"{case[0]} d{head_dim} {seqlen_q}x{seqlen_k} {slots} slots"
+    if not any(dict(s.knobs).get(RING) for s in ran["got"]):
+        pytest.skip(f"no ring for {ran['got']}")
+    assert [dict(s.knobs).get(RING) for s in ran["got"]] == [slots], (ran["got"], label)
+    assert not any(dict(s.knobs).get(RING) for s in ran["want"]), (ran["want"], label)
+    (dq0, dk0, dv0), (dq1, dk1, dv1) = grads["want"], grads["got"]
+    for name, a, b in (("dk", dk0, dk1), ("dv", dv0, dv1)):
+        assert cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)), f"{name}: {label}"
+    a, b = dq0.astype(cupy.float32), dq1.astype(cupy.float32)
+    scale = float(cupy.abs(a).max()) or 1.0
+    assert float(cupy.abs(a - b).max()) <= 2e-2 * scale, f"dq: {label}"
+
+
 @pytest.fixture
 def ring_selected():
-    for _ in gh.hopper_selector_with_knob("select_forward", _ring,
-                                          "the ring is a Hopper forward's"):
+    import cupy
+
+    from cuflash import fastpath
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the ring is a Hopper kernel's")
+    with fastpath.selector_patched("select_forward", _ring), \
+            fastpath.selector_patched("select_backward", _bwd_ring):
         yield
 
 

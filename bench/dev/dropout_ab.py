@@ -30,6 +30,8 @@ Variants, each timed forward, backward and step (forward + backward), CUDA-event
   ring        the forward's kept flags drawn by the producer's idle warps into 2 slots of
               shared memory (CF_DROP_RING=2, cf_drop_ring.cuh; two consumers, the K/V stages
               that fit); ring3: 3 slots; ring_tile: that tile with the consumers drawing
+  bwd_ring    the backward's kept flags drawn by its producer's warps 1 and 2 (CF_DROP_RING=2);
+              rings: ring and bwd_ring together
 Rows: 16k tokens a batch (4 x 4k, 1 x 16k), 16 heads, bf16, causal or not. Before timing,
 ``early`` and ``early_pers`` outputs are compared with ``drop``'s bit for bit. SDPA's flash
 backend with and without dropout is timed beside (cuDNN takes no dropout).
@@ -65,12 +67,15 @@ VARIANTS = {
     "ring": ({}, {}),
     "ring3": ({}, {}),
     "ring_tile": ({}, {}),
+    "bwd_ring": ({}, {}),
+    "rings": ({}, {}),
 }
 TWO_CONSUMERS = ("m128", "m128_early", "m128_tma")  # variants that move the forward off 192 rows
 BOXED = ("tma", "m128_tma")  # variants loading with bulk tensor copies
 # the flags drawn by the producer's idle warps (CF_DROP_RING: 2 / 3 slots), and the tile it
 # runs on (two consumers, the stages that fit) with the consumers drawing, as selected
-RINGS = {"ring": 2, "ring3": 3, "ring_tile": 0}
+RINGS = {"ring": 2, "ring3": 3, "ring_tile": 0, "rings": 2}
+BWD_RINGS = ("bwd_ring", "rings")  # the backward's flags drawn by its producer's warps 1, 2
 
 
 def _variant(variant: str) -> contextlib.ExitStack:
@@ -105,6 +110,12 @@ def _variant(variant: str) -> contextlib.ExitStack:
                 return spec
             return ringed if slots else ringed.without_knob("CF_DROP_RING")
         stack.enter_context(fastpath.selector_patched("select_forward", ring))
+    if variant in BWD_RINGS:
+        from cuflash import launch
+
+        facts = launch.device_facts(0)
+        stack.enter_context(fastpath.selector_patched(
+            "select_backward", lambda s: specs.with_backward_drop_ring(s, facts, 2) or s))
     for name, kind, knobs in zip(("select_forward", "select_backward"), ("fwd90", "bwd90"),
                                  VARIANTS[variant]):
         stack.enter_context(fastpath.selector_patched(name, knob_of(kind, knobs)))

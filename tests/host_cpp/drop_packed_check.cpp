@@ -1,8 +1,9 @@
 // cf_drop_packed (kernels_cu/cf_drop_packed.cuh) on the host: the header compiled as C++20
 // with the warp's 32 lanes as threads (__shfl_xor_sync through a barrier), against drop_p
 // followed by packing, word for word, and each element against cf_dropout_byte's definition.
-// And cf_drop_ring.cuh: a slot of a 48-row tile filled by one worker, then a warp's lanes
-// masking their words from it, against cf_drop_packed's words.
+// And cf_drop_ring.cuh: a slot of a 48-row tile filled by 1-7 workers, then a warp's lanes
+// masking their words from it, against cf_drop_packed's words; and the backward's slot (keys
+// as rows) against each lane's Dropout::keep_bits<NT, true> (NT 16 and 8).
 // Built and run by tests/test_drop_packed_host.py; argv[1] seeds the draws. Exit 0: equal.
 #include <barrier>
 #include <cstdint>
@@ -84,6 +85,29 @@ int main(int argc, char** argv) {
       }
     });
     for (auto& t : lanes) t.join();
+    // the backward's slot: two consumer warps' keys, NT fragments of 8 queries
+    for (int nt : {16, 8}) {
+      alignas(16) static unsigned char keys_slot[2 * 32 * 8];
+      const Dropout drop{cf_dropout{(unsigned int)seed, (unsigned int)(seed >> 32), off, thr}, 1.f, 0};
+      memset(keys_slot, 0x5a, sizeof keys_slot);
+      for (int worker = 0; worker < workers; ++worker) {
+        if (nt == 16) cf_drop_ring_fill_keys<2, 16>(drop, keys_slot, bh, row_base, col_base, worker, workers);
+        else cf_drop_ring_fill_keys<2, 8>(drop, keys_slot, bh, row_base, col_base, worker, workers);
+      }
+      const int kw = w % 2;
+      std::vector<std::thread> klanes;
+      for (int lane = 0; lane < 32; ++lane) klanes.emplace_back([&, lane] {
+        lane_id = lane;
+        const int r0 = row_base + 16 * kw + lane / 4, c0 = col_base + 2 * (lane % 4);
+        const unsigned long long want = nt == 16 ? drop.keep_bits<16, true>(bh, r0, c0)
+                                                 : drop.keep_bits<8, true>(bh, r0, c0);
+        unsigned long long got;
+        memcpy(&got, keys_slot + (kw * 32 + lane) * 8, 8);
+        if (nt == 8) got &= 0xffffffffull;
+        if (got != want) __atomic_add_fetch(&ring_bad, 1, __ATOMIC_RELAXED);
+      });
+      for (auto& t : klanes) t.join();
+    }
     for (size_t n = 0; n < a_ref.size(); ++n, ++words) {
       bad += a_ref[n] != a_new[n];
       ring_bad += a_ring[n] != a_new[n];
