@@ -476,11 +476,13 @@ FWD90_DROP_PACKED = True
 # Dropout's kept flags drawn by the warp-specialized forward's idle producer warps into a ring
 # of shared-memory slots, one key tile a slot, read by the consumers (flash_fwd_sm90_ws.cu's
 # CF_DROP_RING, kernels_cu/cf_drop_ring.cuh; specs.with_drop_ring): the slots, 0 where not
-# selected. The same bits as CF_DROP_PACKED (tests/test_drop_packed_host.py on the CPU). On two
-# consumers with TMA: the drawing warps need 56 registers (twenty round keys: 40 spilled
-# 24-36 B, NVRTC 13.0), which three consumers cannot spare. Written in session 38, not yet
-# run on a GPU. BWD90_DROP_RING: the warp-specialized backward's (flash_bwd_sm90_ws.cu; its
-# warps 1 and 2 draw each tile's 64-bit flag words, specs.with_backward_drop_ring), with
+# selected. The same bits as CF_DROP_PACKED (tests/test_drop_packed_host.py on the CPU). With
+# TMA; the drawing warps fit the producer's registers (32 beside three consumers, 40 beside
+# two: zero spills, NVRTC 13.0) once the round keys pass through a shuffle (cf_opaque_key);
+# d128 then keeps two K / V stages (three and two slots: 262 KB). Written in session 38,
+# not yet run on a GPU. BWD90_DROP_RING: the warp-specialized backward's
+# (flash_bwd_sm90_ws.cu; its warps 1 and 2 draw each tile's 64-bit flag words,
+# specs.with_backward_drop_ring), with
 # TMA and atomic dQ, no block mask or packed sequences; its drawing warps fit the producer's
 # 40 registers, zero spills over 28 sm_90 specs (d64 / d128, causal or not, up to two
 # modifiers). Also not yet run on a GPU.

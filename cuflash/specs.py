@@ -322,16 +322,16 @@ def with_drop_ring(spec: KernelSpec, facts: DeviceFacts,
                    slots: int = 2) -> KernelSpec | None:
     """The warp-specialized forward ``spec`` with dropout, loading with TMA, drawing its kept
     flags in the producer's three idle warps into ``slots`` key tiles of shared memory that
-    the consumers read (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh): on two consumers (the
-    drawing warps spill beside three) and as many K/V stages as then fit ``facts``' shared
-    memory; None where it does not apply or fit. The same bits as ``CF_DROP_PACKED``."""
+    the consumers read (``CF_DROP_RING``, kernels_cu/cf_drop_ring.cuh), with as many K/V
+    stages as then fit ``facts``' shared memory; None where it does not apply or fit. The
+    same bits as ``CF_DROP_PACKED``."""
     knobs = dict(spec.knobs)
     if not (spec.kind == "fwd90" and fwd90_warp_specialized(spec) and spec.mods.dropout
             and knobs.get("CF_FWD_TMA") == 1 and knobs.get("CF_FWD_PERSISTENT", 0) != 2
             and knobs.get("CF_FWD_CLUSTER", 1) == 1 and spec.block_n % 32 == 0
             and not knobs.get("CF_FWD_DROP_EARLY")):
         return None
-    spec = replace(spec, block_m=128, warps=12).with_knobs(CF_DROP_RING=slots)
+    spec = spec.with_knobs(CF_DROP_RING=slots)
     for stages in range(spec.stages, 1, -1):
         fitted = replace(spec, stages=stages)
         if fitted.smem_bytes <= facts.smem_optin:

@@ -56,25 +56,26 @@ __device__ __forceinline__ void cf_drop_ring_fill(const Dropout& drop, unsigned 
   const unsigned int col_quad0 = cf_quad((unsigned int)c0);
 #pragma unroll 1
   for (int first = 0; first < Tile::kUnits; first += workers) {  // (whole warps: shuffles)
-    const cf_dropout keyed = cf_opaque_key(words);
-    const int n = first + worker;
-    if (n >= Tile::kUnits) continue;
+    const bool stores = first + worker < Tile::kUnits;  // past the last unit: drawn, not stored
+    const int n = stores ? first + worker : Tile::kUnits - 1;
     const int t = n & 3, u = (n >> 2) & 3, wk = n >> 4;  // wk = w * kPairs + kp
     const int w = wk / Tile::kPairs, kp = wk % Tile::kPairs;
     const unsigned int row_quad = cf_quad((unsigned int)(q0 + 16 * w + 2 * u));
     const unsigned int col_quad = col_quad0 + (unsigned int)(t + 8 * kp);
     unsigned char* pair = slot + (wk * 32 + 8 * u + t) * 16;  // lane 4(2u) + t; + 64: 4(2u + 1) + t
-    // blocks A (x = 0) and B (x = 1) one after the other: one Philox chain in registers (the
-    // producer runs on 32 registers beside three consumers)
+    // blocks A (x = 0) and B (x = 1) one after the other, each's round keys made for it
 #pragma unroll 1
     for (int x = 0; x < 2; ++x) {
-      const cf_philox_words w4 = cf_dropout_block(keyed, bh, row_quad, col_quad + 4u * x);
+      const cf_philox_words w4 =
+          cf_dropout_block(cf_opaque_key(words), bh, row_quad, col_quad + 4u * x);
       unsigned int* even = reinterpret_cast<unsigned int*>(pair) + x;  // X_lo; + 2: X_hi
       unsigned int* odd = reinterpret_cast<unsigned int*>(pair + 64) + x;
-      even[0] = cf_keep_top(w4.x, low7x4, small);
-      even[2] = cf_keep_top(w4.z, low7x4, small);
-      odd[0] = cf_keep_top(w4.y, low7x4, small);
-      odd[2] = cf_keep_top(w4.w, low7x4, small);
+      if (stores) {
+        even[0] = cf_keep_top(w4.x, low7x4, small);
+        even[2] = cf_keep_top(w4.z, low7x4, small);
+        odd[0] = cf_keep_top(w4.y, low7x4, small);
+        odd[2] = cf_keep_top(w4.w, low7x4, small);
+      }
     }
   }
 }

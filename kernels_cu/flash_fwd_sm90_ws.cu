@@ -128,9 +128,8 @@ static_assert(CF_FWD_CLUSTER == 1 ||
 namespace ws {
 enum : int { kDropSlots = CF_DROPOUT && !CF_FWD_DROP_EARLY ? CF_DROP_RING : 0 };
 static_assert(kDropSlots == 0 || (CF_FWD_TMA && CF_FWD_PERSISTENT != 2 && CF_FWD_CLUSTER == 1 &&
-                                  CF_BLOCK_N % 32 == 0 && kDropSlots <= 4 && CF_BLOCK_M == 128),
-              "the flag ring: TMA, one pipeline a tile, 32-column steps, at most 4 slots, two "
-              "consumers (three leave the drawing warps 32 registers: they spilled)");
+                                  CF_BLOCK_N % 32 == 0 && kDropSlots <= 4),
+              "the flag ring: TMA, one pipeline a tile, 32-column steps, at most 4 slots");
 enum : int {
   kConsumers = CF_BLOCK_M / 64,
   kProducerThreads = 128,
@@ -151,11 +150,10 @@ enum : int {
   // the consumers take what the producer leaves (40 + 232 with two, 32 + 160 with three).
   // Causal with ALiBi or packed sequences: 48 + 224, where 40 spilled 24 B in the producer
   // (NVRTC 13.5) and the consumers fit 224 without a spill.
-  // Under a block mask the producer's tile cursor needs 56 (48 spilled 8 B, 40 24 B at d128),
-  // and so do dropout's drawing warps (kDropSlots; 40 spilled 24-36 B: twenty round keys).
+  // Under a block mask the producer's tile cursor needs 56 (48 spilled 8 B, 40 24 B at d128).
   kProducerRegs = CF_FWD_WS_PRODUCER_REGS ? CF_FWD_WS_PRODUCER_REGS
                   : kConsumers == 3                           ? 32
-                  : CF_BLOCK_SPARSE || kDropSlots             ? 56
+                  : CF_BLOCK_SPARSE                           ? 56
                   : CF_CAUSAL && (CF_ALIBI || CF_VARLEN)      ? 48
                                                               : 40,
   kConsumerRegsLeft = (kBlockRegs - 128 * kProducerRegs) / kConsumerThreads / 8 * 8,
