@@ -35,8 +35,9 @@ LENGTHS = [(131, 131), (389, 1029), (777, 260)]
 
 def _unpacked(spec):
     """``spec`` dropping the floats before packing (the forward before CF_DROP_PACKED was
-    selected: registry.FWD90_DROP_PACKED), the baseline both ways are held to."""
-    return spec.without_knob(KNOBS["packed"])
+    selected: registry.FWD90_DROP_PACKED), the baseline both ways are held to; the consumers
+    draw (no CF_DROP_RING: tests/test_gpu_drop_ring.py holds the ring to this tile)."""
+    return spec.without_knob(KNOBS["packed"]).without_knob("CF_DROP_RING")
 
 
 def _with(knob, spec, persistent=False):

@@ -1,5 +1,7 @@
 """The tile selector as a pure function of device facts: every budget, every head_dim."""
 
+from dataclasses import replace
+
 import pytest
 
 from cuflash import registry, specs
@@ -251,6 +253,49 @@ def test_dropout_drops_packed_p_in_the_warp_specialized_forward_only():
                  specs.select_forward(facts(99), "bfloat16", 128, False, mods=drop),
                  specs.select_forward(hopper, "bfloat16", 128, False, mods=drop, wgmma=False)):
         assert "CF_DROP_PACKED" not in dict(spec.knobs), spec.name
+
+
+def test_flag_rings_apply_where_their_kernels_allow():
+    """specs.with_drop_ring / with_backward_drop_ring (the candidates behind registry
+    FWD90_DROP_RING / BWD90_DROP_RING): only with dropout on the warp-specialized kernels
+    loading with TMA; the forward keeps its tile and drops K / V stages until the slots fit;
+    the backward declines ordered dQ, block masks and packed sequences."""
+    hopper, drop = facts(227), specs.ModFlags(dropout=True)
+    for head_dim in (64, 128):
+        for causal in (False, True):
+            base = specs.select_forward(hopper, "bfloat16", head_dim, causal, mods=drop)
+            ring = specs.with_drop_ring(base, hopper, 2)
+            assert dict(ring.knobs)["CF_DROP_RING"] == 2, ring.name
+            assert (ring.block_m, ring.block_n, ring.warps) == \
+                (base.block_m, base.block_n, base.warps), ring.name
+            assert ring.smem_bytes <= hopper.smem_optin
+            assert ring.stages == (2 if head_dim == 128 else base.stages), ring.name
+            # a byte an element a slot, and a second 128 bytes of mbarriers
+            assert ring.smem_bytes == (replace(base, stages=ring.stages).smem_bytes
+                                       + 2 * base.block_m * base.block_n + 128)
+            back = specs.select_backward(hopper, "bfloat16", head_dim, causal, False, mods=drop)
+            bring = specs.with_backward_drop_ring(back, hopper, 3)
+            assert dict(bring.knobs)["CF_DROP_RING"] == 3, bring.name
+            assert bring.smem_bytes <= hopper.smem_optin
+            assert specs.with_backward_drop_ring(
+                specs.select_backward(hopper, "bfloat16", head_dim, causal, True, mods=drop),
+                hopper) is None  # ordered dQ: warp 2 keeps the turns
+            for mods in ({"block_sparse": True}, {"varlen": True}):
+                flags = specs.ModFlags(dropout=True, **mods)
+                assert specs.with_backward_drop_ring(specs.select_backward(
+                    hopper, "bfloat16", head_dim, causal, False, mods=flags), hopper) is None
+            plain = specs.select_forward(hopper, "bfloat16", head_dim, causal)
+            assert specs.with_drop_ring(plain, hopper) is None, plain.name
+    # no TMA (d64 causal softcap loads with cp.async), no warp-specialized forward (d256)
+    softcap = specs.ModFlags(dropout=True, softcap=True)
+    assert specs.with_drop_ring(specs.select_forward(hopper, "bfloat16", 64, True, mods=softcap),
+                                hopper) is None
+    assert specs.with_drop_ring(specs.select_forward(hopper, "bfloat16", 256, False, mods=drop),
+                                hopper) is None
+    # not selected until measured
+    assert specs.select_forward(hopper, "bfloat16", 64, False, mods=drop) == \
+        specs.with_packed_dropout(specs.select_forward(hopper, "bfloat16", 64, False, mods=drop))
+    assert not registry.FWD90_DROP_RING and not registry.BWD90_DROP_RING
 
 
 def test_knobs_are_part_of_the_name_and_the_defines():
