@@ -473,19 +473,22 @@ BWD90_DROP_FOLD = True
 # 1.289 -> 1.158, 16k 5.073 -> 4.507, causal 0.705 -> 0.643 / 2.503 -> 2.286.
 FWD90_DROP_PACKED = True
 
-# Dropout's kept flags drawn by the warp-specialized forward's idle producer warps into a ring
-# of shared-memory slots, one key tile a slot, read by the consumers (flash_fwd_sm90_ws.cu's
-# CF_DROP_RING, kernels_cu/cf_drop_ring.cuh; specs.with_drop_ring): the slots, 0 where not
-# selected. The same bits as CF_DROP_PACKED (tests/test_drop_packed_host.py on the CPU). With
-# TMA; the drawing warps fit the producer's registers (32 beside three consumers, 40 beside
-# two: zero spills, NVRTC 13.0) once the round keys pass through a shuffle (cf_opaque_key);
-# d128 then keeps two K / V stages (three and two slots: 262 KB). Written in session 38,
-# not yet run on a GPU. BWD90_DROP_RING: the warp-specialized backward's
-# (flash_bwd_sm90_ws.cu; its warps 1 and 2 draw each tile's 64-bit flag words,
-# specs.with_backward_drop_ring), with
-# TMA and atomic dQ, no block mask or packed sequences; its drawing warps fit the producer's
-# 40 registers, zero spills over 28 sm_90 specs (d64 / d128, causal or not, up to two
-# modifiers). Also not yet run on a GPU.
+# Dropout's kept flags drawn by the warp-specialized kernels' idle producer warps into a ring
+# of shared-memory slots, one tile a slot, read by the consumers (CF_DROP_RING,
+# kernels_cu/cf_drop_ring.cuh; specs.with_drop_ring / with_backward_drop_ring): the slots, 0
+# where not selected. The forward's warps 1-3 draw one byte an element (its tile kept; d128
+# on two K / V stages), the backward's warps 1-2 each consumer lane's 64-bit keep_bits word
+# (TMA and atomic dQ; no block mask or packed sequences). With the round keys through a
+# shuffle (cf_opaque_key) the drawing warps fit the producer's 32 / 40 registers: zero
+# spills over 68 forward and 28 backward sm_90 specs (NVRTC 13.0). The same bits: H200,
+# 2026-12-07 (bench/results/2026-12-07_h200/session38), tests/test_gpu_drop_ring.py 181
+# passed (forward bitwise, two and three slots, persistent too; backward dK / dV bitwise
+# where one block sums them; the kept set; the float64 reference with both rings). Slower,
+# so not selected: dropout_ab (bf16, p = 0.1, 16k tokens, 16 heads), forward ms consumers
+# drawing -> ring d64 4x4k 0.899 -> 1.997, 1x16k 3.389 -> 7.504, d128 1.210 -> 2.228,
+# 4.757 -> 8.652 (causal alike); backward d64 2.014 -> 2.701, 7.390 -> 10.262, d128 3.044 ->
+# 3.548, 11.792 -> 13.350. Three warps, one Philox chain each, draw what twelve consumer
+# warps drew between their products: latency-bound chains, too few warps to hide them.
 FWD90_DROP_RING = 0
 BWD90_DROP_RING = 0
 
