@@ -453,6 +453,26 @@ def selector_with_knob(name: str, knob):
         yield
 
 
+def forward_planned(q, k, v, causal: bool, kwargs: dict, knob):
+    """cuflash's forward with ``specs.select_forward`` passing every spec through ``knob``:
+    (o, stats, the specs its plans ran)."""
+    import cuflash
+    from cuflash import fastpath
+
+    with fastpath.selector_patched("select_forward", knob):
+        o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
+        return o, stats, [p.kernel.spec for p in planning._forward_plans.values()]
+
+
+def hopper_only(why: str) -> None:
+    """Skip the test for ``why`` unless device 0 is a Hopper GPU."""
+    import cupy
+    import pytest
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip(why)
+
+
 def hopper_selector_with_knob(name: str, knob, why: str):
     """``selector_with_knob`` on a Hopper GPU; elsewhere the test is skipped for ``why``."""
     import cupy

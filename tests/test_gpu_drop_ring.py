@@ -11,7 +11,6 @@ words on the CPU; bench/dev/dropout_ab.py (variants ``ring``, ``bwd_ring``) time
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import cuflash
@@ -52,46 +51,27 @@ def _bwd_ring(spec, slots=2):
 
 
 def _baseline(spec, persistent=False):
-    """The ring's tile (two consumers, its stages) applying the flags it draws itself."""
+    """The ring's tile (its K / V stages) with the consumers drawing the flags."""
     return _ring(spec, 2, persistent).without_knob(RING)
 
 
 def _module_specs():
-    facts = _facts()
-    if facts.arch != "sm_90":
-        return []
     out = []
-    for case in CASES:
-        causal, flags = case[1], dropout_tests.mod_flags(case)
-        for dtype in ("float16", "bfloat16"):
-            for d in HEAD_DIMS:
-                spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
-                for persistent in (False, True):
-                    out += [_baseline(spec, persistent)]
-                    out += [_ring(spec, slots, persistent) for slots in (2, 3)]
-                back = specs.select_backward(facts, dtype, d, causal, False, mods=flags)
-                out += [back] + [_bwd_ring(back, slots) for slots in (2, 3)]
+    for facts, dtype, d, causal, flags in dropout_tests.hopper_selections(HEAD_DIMS):
+        spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
+        for persistent in (False, True):
+            out += [_baseline(spec, persistent)]
+            out += [_ring(spec, slots, persistent) for slots in (2, 3)]
+        back = specs.select_backward(facts, dtype, d, causal, False, mods=flags)
+        out += [back] + [_bwd_ring(back, slots) for slots in (2, 3)]
     return out
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-def _forward(q, k, v, causal, kwargs, knob):
-    """cuflash's forward with the selector passing every spec through ``knob``, and the
-    specs its plans ran."""
-    from cuflash import fastpath
-
-    with fastpath.selector_patched("select_forward", knob):
-        o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
-        return o, stats, [p.kernel.spec for p in plan._forward_plans.values()]
-
-
 def _hopper_only():
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the ring is a Hopper forward's")
+    gh.hopper_only("the ring is a Hopper kernel's")
 
 
 @pytest.mark.parametrize("slots", [2, 3])
@@ -102,27 +82,13 @@ def _hopper_only():
 def test_equal_to_drawing_in_the_consumers(case, head_dim, seqlen_q, seqlen_k, persistent,
                                            slots):
     """Bit for bit the same tile with the consumers drawing (o, m, l)."""
-    import cupy
-
     _hopper_only()
-    rng = gh.rng_for()
-    q, k, v, _, causal, mods, issue15 = dropout_tests._inputs(
-        rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
-    kwargs = dropout_tests._on_gpu({**mods, **issue15})
-    q, k, v = (gh.to_gpu(x) for x in (q, k, v))
-    want_o, want_stats, before = _forward(q, k, v, causal, kwargs,
-                                          lambda s: _baseline(s, persistent))
-    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs,
-                                     lambda s: _ring(s, slots, persistent))
     label = f"{case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent} {slots} slots"
-    if not any(dict(s.knobs).get(RING) for s in ran):
-        pytest.skip(f"no ring for {ran} (loads without TMA)")
-    assert [dict(s.knobs).get(RING) for s in ran] == [slots], (ran, label)
-    assert not any(dict(s.knobs).get(RING) for s in before), (before, label)
-    assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
-    for name in ("m", "l"):
-        assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
-            f"{name}: {label}"
+    ran = dropout_tests.check_forward_bitwise(
+        case, head_dim, seqlen_q, seqlen_k, lambda s: _baseline(s, persistent),
+        lambda s: _ring(s, slots, persistent), RING, slots, label)
+    if ran is None:
+        pytest.skip(f"no ring for {label} (loads without TMA)")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -130,22 +96,7 @@ def test_equal_to_drawing_in_the_consumers(case, head_dim, seqlen_q, seqlen_k, p
 def test_kept_set_is_dropout_mask(head_dim, causal):
     """With q = 0 and v the identity over a chunk of keys, o shows the kept set."""
     _hopper_only()
-    rng = gh.rng_for()
-    batch, heads, seqlen_q, seqlen_k = 2, 3, 300, 2 * head_dim + 40
-    drop = dropout_tests._seed(rng)
-    want = cuflash.dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p=dropout_tests.P,
-                                seed=drop["dropout_seed"], offset=drop["dropout_offset"])
-    if causal:
-        want &= np.tril(np.ones((seqlen_q, seqlen_k), bool), seqlen_k - seqlen_q)
-    q = gh.to_gpu(np.zeros((batch, seqlen_q, heads, head_dim), gh.np_dtype("bfloat16")))
-    k = gh.to_gpu(gh.randn(rng, (batch, seqlen_k, heads, head_dim), "bfloat16"))
-    kept = np.zeros_like(want)
-    for c0, n, eye in dropout_tests._identity_chunks(seqlen_k, head_dim, "bfloat16"):
-        v = gh.to_gpu(dropout_tests._broadcast(eye, batch, heads))
-        o, _, ran = _forward(q, k, v, causal, drop, _ring)
-        assert [dict(s.knobs).get(RING) for s in ran] == [2], ran
-        kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
-    np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
+    dropout_tests.check_kept_set_under(_ring, RING, 2, head_dim, causal)
 
 
 @pytest.mark.parametrize("slots", [2, 3])

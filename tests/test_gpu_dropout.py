@@ -90,6 +90,68 @@ def _broadcast(x, batch, heads):
                                                 + (heads,) + x.shape[1:]))
 
 
+def hopper_selections(head_dims):
+    """(facts, dtype, head_dim, causal, flags) for every case of CASES, both 16-bit dtypes and
+    ``head_dims`` on device 0, if a Hopper GPU (none otherwise): the candidates' module specs."""
+    from cuflash import launch
+
+    facts = launch.device_facts(0)
+    if facts.arch != "sm_90":
+        return
+    for case in CASES:
+        for dtype in ("float16", "bfloat16"):
+            for d in head_dims:
+                yield facts, dtype, d, case[1], mod_flags(case)
+
+
+def check_forward_bitwise(case, head_dim: int, seqlen_q: int, seqlen_k: int, baseline, knob,
+                          knob_name: str, knob_value, label: str):
+    """The forward with every spec passed through ``knob`` (each spec it ran must have
+    ``knob_name`` at ``knob_value``, the baseline's none) bit for bit the forward through
+    ``baseline`` (o, m, l; bf16): the candidates that draw the same flags another way. Returns
+    the specs the candidate ran, or None where none took the knob (the caller skips)."""
+    import cupy
+
+    rng = gh.rng_for()
+    q, k, v, _, causal, mods, issue15 = _inputs(rng, case, "bfloat16", seqlen_q, seqlen_k,
+                                                head_dim)
+    kwargs = _on_gpu({**mods, **issue15})
+    q, k, v = (gh.to_gpu(x) for x in (q, k, v))
+    want_o, want_stats, before = gh.forward_planned(q, k, v, causal, kwargs, baseline)
+    got_o, got_stats, ran = gh.forward_planned(q, k, v, causal, kwargs, knob)
+    if not any(dict(s.knobs).get(knob_name) for s in ran):
+        return None
+    assert [dict(s.knobs).get(knob_name) for s in ran] == [knob_value], (ran, label)
+    assert not any(dict(s.knobs).get(knob_name) for s in before), (before, label)
+    assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
+    for name in ("m", "l"):
+        assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
+            f"{name}: {label}"
+    return ran
+
+
+def check_kept_set_under(knob, knob_name: str, knob_value, head_dim: int, causal: bool) -> None:
+    """With q = 0 and v the identity over a chunk of keys, o shows the kept set: the forward
+    with every spec passed through ``knob`` (each spec it ran must have ``knob_name`` at
+    ``knob_value``) against ``cuflash.dropout_mask`` (bf16; the candidates' test files)."""
+    rng = gh.rng_for()
+    batch, heads, seqlen_q, seqlen_k = 2, 3, 300, 2 * head_dim + 40
+    drop = _seed(rng)
+    want = cuflash.dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p=P,
+                                seed=drop["dropout_seed"], offset=drop["dropout_offset"])
+    if causal:
+        want &= np.tril(np.ones((seqlen_q, seqlen_k), bool), seqlen_k - seqlen_q)
+    q = gh.to_gpu(np.zeros((batch, seqlen_q, heads, head_dim), gh.np_dtype("bfloat16")))
+    k = gh.to_gpu(gh.randn(rng, (batch, seqlen_k, heads, head_dim), "bfloat16"))
+    kept = np.zeros_like(want)
+    for c0, n, eye in _identity_chunks(seqlen_k, head_dim, "bfloat16"):
+        v = gh.to_gpu(_broadcast(eye, batch, heads))
+        o, _, ran = gh.forward_planned(q, k, v, causal, drop, knob)
+        assert [dict(s.knobs).get(knob_name) for s in ran] == [knob_value], ran
+        kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
+    np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_kept_set_is_dropout_mask(family, dtype, causal):

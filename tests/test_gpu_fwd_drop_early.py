@@ -11,10 +11,8 @@ CPU (the header compiled for the host, 32 lanes as threads).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-import cuflash
 from cuflash import plan, specs
 from cuflash.registry import fwd90_warp_specialized
 
@@ -49,41 +47,19 @@ def _with(knob, spec, persistent=False):
 
 
 def _module_specs():
-    from cuflash import launch
-
-    facts = launch.device_facts(0)
-    if facts.arch != "sm_90":
-        return []
     out = []
-    for case in CASES:
-        causal, flags = case[1], dropout_tests.mod_flags(case)
-        for dtype in ("float16", "bfloat16"):
-            for d in HEAD_DIMS:
-                spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
-                out += [spec, _unpacked(spec)]
-                out += [_with(knob, spec, persistent) for knob in KNOBS
-                        for persistent in (False, True)]
+    for facts, dtype, d, causal, flags in dropout_tests.hopper_selections(HEAD_DIMS):
+        spec = specs.select_forward(facts, dtype, d, causal, mods=flags)
+        out += [spec, _unpacked(spec)]
+        out += [_with(knob, spec, persistent) for knob in KNOBS for persistent in (False, True)]
     return out
 
 
 gpu_env, test_module_specs_compile = gh.module_setup(_module_specs)
 
 
-def _forward(q, k, v, causal, kwargs, knob):
-    """cuflash's forward with the selector passing every spec through ``knob``, and the
-    specs its plans ran."""
-    from cuflash import fastpath
-
-    with fastpath.selector_patched("select_forward", knob):
-        o, stats = cuflash.attention_forward(q, k, v, causal=causal, **kwargs)
-        return o, stats, [p.kernel.spec for p in plan._forward_plans.values()]
-
-
 def _hopper_only():
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the knob is a Hopper forward's")
+    gh.hopper_only("the knob is a Hopper forward's")
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["tile", "persistent"])
@@ -94,24 +70,12 @@ def _hopper_only():
 def test_equal_to_dropping_the_floats(knob, case, head_dim, seqlen_q, seqlen_k, persistent):
     """Bit for bit the forward that drops the floats after the softmax, before packing
     (o, m, l)."""
-    import cupy
-
     _hopper_only()
-    rng = gh.rng_for()
-    q, k, v, _, causal, mods, issue15 = dropout_tests._inputs(
-        rng, case, "bfloat16", seqlen_q, seqlen_k, head_dim)
-    kwargs = dropout_tests._on_gpu({**mods, **issue15})
-    q, k, v = (gh.to_gpu(x) for x in (q, k, v))
-    want_o, want_stats, before = _forward(q, k, v, causal, kwargs, _unpacked)
-    got_o, got_stats, ran = _forward(q, k, v, causal, kwargs,
-                                     lambda s: _with(knob, s, persistent))
     label = f"{knob} {case[0]} d{head_dim} {seqlen_q}x{seqlen_k} persistent={persistent}"
-    assert [dict(s.knobs).get(KNOBS[knob]) for s in ran] == [1], (ran, label)
-    assert not any(dict(s.knobs).get(KNOBS[knob]) for s in before), (before, label)
-    assert cupy.array_equal(got_o.view(cupy.uint16), want_o.view(cupy.uint16)), label
-    for name in ("m", "l"):
-        assert cupy.array_equal(getattr(got_stats, name), getattr(want_stats, name)), \
-            f"{name}: {label}"
+    ran = dropout_tests.check_forward_bitwise(
+        case, head_dim, seqlen_q, seqlen_k, _unpacked, lambda s: _with(knob, s, persistent),
+        KNOBS[knob], 1, label)
+    assert ran is not None, label
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -120,22 +84,8 @@ def test_equal_to_dropping_the_floats(knob, case, head_dim, seqlen_q, seqlen_k, 
 def test_kept_set_is_dropout_mask(knob, head_dim, causal):
     """With q = 0 and v the identity over a chunk of keys, o shows the kept set."""
     _hopper_only()
-    rng = gh.rng_for()
-    batch, heads, seqlen_q, seqlen_k = 2, 3, 300, 2 * head_dim + 40
-    drop = dropout_tests._seed(rng)
-    want = cuflash.dropout_mask(batch, heads, seqlen_q, seqlen_k, dropout_p=dropout_tests.P,
-                                seed=drop["dropout_seed"], offset=drop["dropout_offset"])
-    if causal:
-        want &= np.tril(np.ones((seqlen_q, seqlen_k), bool), seqlen_k - seqlen_q)
-    q = gh.to_gpu(np.zeros((batch, seqlen_q, heads, head_dim), gh.np_dtype("bfloat16")))
-    k = gh.to_gpu(gh.randn(rng, (batch, seqlen_k, heads, head_dim), "bfloat16"))
-    kept = np.zeros_like(want)
-    for c0, n, eye in dropout_tests._identity_chunks(seqlen_k, head_dim, "bfloat16"):
-        v = gh.to_gpu(dropout_tests._broadcast(eye, batch, heads))
-        o, _, ran = _forward(q, k, v, causal, drop, lambda s: _with(knob, s))
-        assert [dict(s.knobs).get(KNOBS[knob]) for s in ran] == [1], ran
-        kept[..., c0:c0 + n] = (gh.to_host(o, "bfloat16") != 0).transpose(0, 2, 1, 3)[..., :n]
-    np.testing.assert_array_equal(kept, want, err_msg=f"kept set d{head_dim} causal={causal}")
+    dropout_tests.check_kept_set_under(lambda s: _with(knob, s), KNOBS[knob], 1, head_dim,
+                                       causal)
 
 
 @pytest.fixture(params=list(KNOBS))
