@@ -331,12 +331,7 @@ def with_drop_ring(spec: KernelSpec, facts: DeviceFacts,
             and knobs.get("CF_FWD_CLUSTER", 1) == 1 and spec.block_n % 32 == 0
             and not knobs.get("CF_FWD_DROP_EARLY")):
         return None
-    spec = spec.with_knobs(CF_DROP_RING=slots)
-    for stages in range(spec.stages, 1, -1):
-        fitted = replace(spec, stages=stages)
-        if fitted.smem_bytes <= facts.smem_optin:
-            return fitted
-    return None
+    return _with_stages_that_fit(spec.with_knobs(CF_DROP_RING=slots), facts)
 
 
 def with_backward_drop_ring(spec: KernelSpec, facts: DeviceFacts,
@@ -355,11 +350,12 @@ def with_backward_drop_ring(spec: KernelSpec, facts: DeviceFacts,
 
 
 def with_selected_drop_ring(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
-    """``spec`` with ``with_drop_ring``'s flag ring where registry.FWD90_DROP_RING gives its
+    """``spec`` with its direction's flag ring (``with_drop_ring`` /
+    ``with_backward_drop_ring``) where registry.FWD90_DROP_RING / BWD90_DROP_RING give the
     slots (0: not selected)."""
-    if not FWD90_DROP_RING:
-        return spec
-    return with_drop_ring(spec, facts, FWD90_DROP_RING) or spec
+    slots, ring = ((FWD90_DROP_RING, with_drop_ring) if spec.kind == "fwd90"
+                   else (BWD90_DROP_RING, with_backward_drop_ring))
+    return (ring(spec, facts, slots) or spec) if slots else spec
 
 
 def with_selected_tma(spec: KernelSpec) -> KernelSpec:
@@ -421,7 +417,13 @@ def with_forward_across_tiles(spec: KernelSpec, facts: DeviceFacts) -> KernelSpe
     candidate for tuning runs and tests, not selected; not under a block mask."""
     if spec.kind != "fwd90" or not fwd90_warp_specialized(spec) or spec.mods.block_sparse:
         return None
-    spec = replace(spec, block_m=128, warps=12).with_knobs(CF_FWD_PERSISTENT=2)
+    return _with_stages_that_fit(
+        replace(spec, block_m=128, warps=12).with_knobs(CF_FWD_PERSISTENT=2), facts)
+
+
+def _with_stages_that_fit(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec | None:
+    """``spec`` with as many of its K / V stages (at least two) as fit ``facts``' shared
+    memory; None if two do not."""
     for stages in range(spec.stages, 1, -1):
         fitted = replace(spec, stages=stages)
         if fitted.smem_bytes <= facts.smem_optin:
@@ -642,11 +644,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
-    spec = with_dropout_fold(with_selected_tma(with_dq_first(with_bulk_dq(
-        with_ordered_rotation(spec, facts), facts))))
-    if BWD90_DROP_RING:
-        spec = with_backward_drop_ring(spec, facts, BWD90_DROP_RING) or spec
-    return spec
+    return with_selected_drop_ring(with_dropout_fold(with_selected_tma(with_dq_first(
+        with_bulk_dq(with_ordered_rotation(spec, facts), facts)))), facts)
 
 
 def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
