@@ -21,6 +21,7 @@
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
 #                                            dropout_words causal_sparse drop_packed
+#                                            drop_ring fwd_rescale
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -611,6 +612,26 @@ for stage in $stages; do
         --rounds "${DROPOUT_AB_ROUNDS:-2}" \
         --variants "${DROPOUT_AB_VARIANTS:-none,drop,ring_tile,ring,bwd_ring,rings}" \
         --out "$OUT/results/dropout_ab.json" ;;
+    fwd_rescale)  # session 39, #12's d256 forward: O rescaled under the S product
+      # (CF_FWD_RESCALE_EARLY, specs.with_forward_rescale_early; FlashAttention-3 does so above
+      # head_dim 128, where it also drops the warpgroups' turn-taking): the float64-reference
+      # tests, then the selection with and without (d128 / d256, 16k tokens, alternating
+      # rounds), then the 128 x 80 warp-specialized tile with TMA, early rescale, no turns
+      # and clusters of two against the selected 8-warp tile, beside SDPA's flash and cuDNN
+      CUFLASH_POISON=1 run_stage fwd_rescale_tests timeout "${FWD_RESCALE_TEST_TIMEOUT:-200}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
+        tests/test_gpu_fwd_rescale_early.py
+      run_stage fwd_rescale_ab timeout "${FWD_RESCALE_TIMEOUT:-200}" $PY \
+        bench/dev/exp2_fma_ab.py --knob CF_FWD_RESCALE_EARLY --values 0,1 --head-dims 256,128 \
+        --rows tokens --rounds "${FWD_RESCALE_ROUNDS:-3}" --out "$OUT/results/fwd_rescale.json"
+      run_stage fwd_rescale_d256 bash -c "cd bench/dev && timeout ${FWD_D256_TIMEOUT:-200} \
+        $PY tile_sweep.py --kind fwd90 --head-dim 256 --seqlen ${FWD_D256_SEQLENS:-4096 16384} \
+        --candidates 8,64,2 --define CF_FWD_OVERLAP=2 --variant CF_FWD_RESCALE_EARLY=1 \
+        --causal both && timeout ${FWD_D256_TIMEOUT:-200} $PY tile_sweep.py --kind fwd90 \
+        --head-dim 256 --seqlen ${FWD_D256_SEQLENS:-4096 16384} --candidates 12,80,2 \
+        --define CF_FWD_TMA=1 --variant CF_FWD_RESCALE_EARLY=1 --variant CF_FWD_PINGPONG=0 \
+        --variant CF_FWD_RESCALE_EARLY=1,CF_FWD_PINGPONG=0 --variant CF_FWD_CLUSTER=2 \
+        --variant CF_FWD_CLUSTER=2,CF_FWD_RESCALE_EARLY=1,CF_FWD_PINGPONG=0" ;;
     causal_sparse)  # session 36, the d64 causal block-sparse backward on the 12-warp tile
       # boxed, its consumers at 240 registers (a candidate: registry.BWD90_BOXED_ONLY): the
       # block-mask GPU tests (test_causal_d64_backward_on_the_wide_boxed_tile runs it),

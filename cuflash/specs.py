@@ -456,6 +456,22 @@ def with_forward_cluster(spec: KernelSpec) -> KernelSpec | None:
     return spec.without_knob("CF_FWD_PERSISTENT").with_knobs(CF_FWD_TMA=1, CF_FWD_CLUSTER=2)
 
 
+def with_forward_rescale_early(spec: KernelSpec) -> KernelSpec | None:
+    """The Hopper forward ``spec`` rescaling O under its S product (``CF_FWD_RESCALE_EARLY=1``):
+    the warp-specialized kernel (not its pipeline across tiles) or the 8-warp kernel's
+    overlapped loop (``CF_FWD_OVERLAP`` 1 / 2). None elsewhere. A candidate for tests and
+    tuning runs (bench/dev/NOTES.md, session 39), not selected."""
+    if spec.kind != "fwd90":
+        return None
+    knobs = dict(spec.knobs)
+    if fwd90_warp_specialized(spec):
+        if knobs.get("CF_FWD_PERSISTENT") == 2:
+            return None
+    elif knobs.get("CF_FWD_OVERLAP") not in (1, 2):
+        return None
+    return spec.with_knobs(CF_FWD_RESCALE_EARLY=1)
+
+
 def clustered(spec: KernelSpec) -> bool:
     """Whether ``spec``'s blocks come in clusters of two (``with_forward_cluster``)."""
     return ("CF_FWD_CLUSTER", 2) in spec.knobs

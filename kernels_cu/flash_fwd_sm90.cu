@@ -68,6 +68,15 @@ static_assert(CF_HEAD_DIM_V % 64 == 0 && CF_HEAD_DIM_V <= 256, "v's head_dim: wh
 #ifndef CF_FWD_OVERLAP
 #define CF_FWD_OVERLAP 0
 #endif
+// With CF_FWD_OVERLAP 1 / 2: O rescaled by the previous tile's row scale between issuing
+// S = Q K^T and O += P V, under the S product, instead of after P V lands (a knob,
+// CF_FWD_RESCALE_EARLY=1, a candidate): at head_dim 256 that is 128 multiplies a thread off
+// the path from the softmax to the next barrier (flash_fwd_sm90_ws.cu says the same).
+#ifndef CF_FWD_RESCALE_EARLY
+#define CF_FWD_RESCALE_EARLY 0
+#endif
+static_assert(!CF_FWD_RESCALE_EARLY || CF_FWD_OVERLAP == 1 || CF_FWD_OVERLAP == 2,
+              "rescaling early: the overlapped loop");
 
 namespace sm90 {
 enum : int {
@@ -231,6 +240,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       j = next;
     }
     wait_full(v_full(n_tiles - 1), (n_tiles - 1) / 3);
+    if constexpr (CF_FWD_RESCALE_EARLY) rescale_acc(acc, alpha_last);
     wgmma_fence();  // the last tile's P V
     sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
                                               s_v_sa + ((n_tiles - 1) % 3) * kTileV);
@@ -268,6 +278,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   };
   if (n_tiles > 0) {
     int j = CF_BLOCK_SPARSE ? j_kept : tiles.end - 1;
+    float alpha_last[2] = {1.f, 1.f};  // CF_FWD_RESCALE_EARLY: the scale acc still owes
     {
       const int next = next_tile(0, j);
       float s[kNT][4];
@@ -291,6 +302,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       wgmma_fence();
       sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_wg, s_k_sa + (it & 1) * kTileKV);
       wgmma_commit();
+      if constexpr (CF_FWD_RESCALE_EARLY) {  // under S; acc is not in flight
+        rescale_acc(acc, alpha_last);
+        wgmma_fence();  // the multiplies' registers before the product that accumulates them
+      }
       sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
                                                 s_v_sa + ((it + 2) % 3) * kTileV);
       wgmma_commit();
@@ -302,7 +317,11 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       softmax_rows(s, m_i, l_i, alpha, scale_log2, row_off);
       wgmma_wait<0>();  // the P V landed: acc holds it
       wgmma_fence_regs(acc);
-      rescale_acc(acc, alpha);
+      if constexpr (CF_FWD_RESCALE_EARLY) {
+        alpha_last[0] = alpha[0], alpha_last[1] = alpha[1];
+      } else {
+        rescale_acc(acc, alpha);
+      }
       drop.drop_p(s, bh, tile.row0, j * CF_BLOCK_N + 2 * tig);
       sm90_pack_p<CF_BLOCK_N>(p_prev, s);
       j = next;

@@ -166,6 +166,19 @@ enum : int {
 #define CF_FWD_PINGPONG 1
 #endif
 constexpr bool kPingPong = CF_FWD_PINGPONG;
+// O rescaled by the previous step's row scale between issuing S = Q K^T and O += P V, under
+// the S product, instead of after P V lands and the softmax is done (a knob,
+// CF_FWD_RESCALE_EARLY=1, a candidate for head_dim 256): there the rescale is 128 multiplies
+// a thread on the path from the softmax to the next turn. FlashAttention-3's public sm90
+// mainloop rescales early for head_dim > 128 (RescaleOBeforeGemm), with no turn-taking
+// between its warpgroups at head_dim 256 (CF_FWD_PINGPONG=0 here). Not with value 2 of
+// CF_FWD_PERSISTENT (its cross-tile product would need the same).
+#ifndef CF_FWD_RESCALE_EARLY
+#define CF_FWD_RESCALE_EARLY 0
+#endif
+enum : int { kRescaleEarly = CF_FWD_RESCALE_EARLY };  // (an enum: no PTX symbol)
+static_assert(!CF_FWD_RESCALE_EARLY || CF_FWD_PERSISTENT != 2,
+              "rescaling early: the one-tile pipeline");
 // Persistent blocks (a knob, CF_FWD_PERSISTENT=1; TileWalk below): a block walks query tile
 // after query tile, so the producer loads the next tile's Q and first K/V stages while the
 // consumers finish the last P V and the epilogue, and no block waits for a launch.
@@ -547,6 +560,10 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     wgmma_fence();
     sm90_qk<CF_BLOCK_M, CF_BLOCK_N, CF_HEAD_DIM>(s, q_tile, s_k_sa + stage * kTileKV);
     wgmma_commit();
+    if constexpr (kRescaleEarly) {  // the last step's scale, under S; acc is not in flight
+      rescale_acc(acc, alpha);
+      wgmma_fence();  // the multiplies' registers before the product that accumulates them
+    }
     sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM>(acc, p16, s_v_sa + prev * kTileKV);
     wgmma_commit();
     their_turn();
@@ -560,7 +577,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
     wgmma_fence_regs(acc);
     __syncwarp();
     release(bars.empty(prev));  // K and V of it - 1 are read
-    rescale_acc(acc, alpha);
+    if constexpr (!kRescaleEarly) rescale_acc(acc, alpha);
     if constexpr (kDropEarly) {
       Dropout::drop_p_with(s, keep);
       sm90_pack_p<CF_BLOCK_N>(p16, s);
@@ -740,6 +757,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1) CF_CLUSTER_DIMS
         if (lane == 0) mbar_arrive(bars.q_empty());
       }
       const int use = kv_loads + n_tiles - 1, last = use % CF_STAGES;
+      if constexpr (kRescaleEarly) rescale_acc(acc, alpha);  // the last softmax's scale
       wait_for(bars.v_full(last), phase(use));
       my_turn();
       wgmma_fence();

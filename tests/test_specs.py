@@ -255,6 +255,29 @@ def test_dropout_drops_packed_p_in_the_warp_specialized_forward_only():
         assert "CF_DROP_PACKED" not in dict(spec.knobs), spec.name
 
 
+def test_rescale_early_applies_to_the_overlapped_hopper_forwards():
+    """specs.with_forward_rescale_early: the warp-specialized forward (not its pipeline
+    across tiles) and the 8-warp kernel's overlapped loop; None for the plain loop and for
+    other kernels. The knob only is added (tiles as selected)."""
+    hopper = facts(227)
+    for head_dim in (64, 128, 256):
+        for causal in (False, True):
+            base = specs.select_forward(hopper, "bfloat16", head_dim, causal)
+            early = specs.with_forward_rescale_early(base)
+            assert early is not None, base.name
+            assert dict(early.knobs) == {**dict(base.knobs), "CF_FWD_RESCALE_EARLY": 1}
+            assert replace(early, knobs=base.knobs) == base
+    plain = specs.select_forward(hopper, "bfloat16", 256, False, mods=specs.ModFlags(
+        window=True, softcap=True, alibi=True, sinks=True))
+    assert "CF_FWD_OVERLAP" not in dict(plain.knobs), plain.name  # the case the GPU test skips
+    assert specs.with_forward_rescale_early(plain) is None
+    across = specs.with_forward_across_tiles(
+        specs.select_forward(hopper, "bfloat16", 128, False), hopper)
+    assert across is not None and specs.with_forward_rescale_early(across) is None
+    back = specs.select_backward(hopper, "bfloat16", 128, False, False)
+    assert specs.with_forward_rescale_early(back) is None
+
+
 def test_flag_rings_apply_where_their_kernels_allow():
     """specs.with_drop_ring / with_backward_drop_ring (the candidates behind registry
     FWD90_DROP_RING / BWD90_DROP_RING): only with dropout on the warp-specialized kernels

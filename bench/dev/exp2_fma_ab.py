@@ -22,7 +22,8 @@ persistent blocks, session 20, whose grid plan.plan_forward sets from the knob; 
 runs on specs.with_forward_across_tiles' tiles; CF_FWD_TMA: its bulk tensor copies, session
 23, through specs.with_forward_tma; CF_FWD_CLUSTER: 2 for clusters of two sharing K / V,
 specs.with_forward_cluster; CF_ALIBI_ABS_ONLY: 1 takes ALiBi's |distance| form on every
-tile, no row offsets, session 26).
+tile, no row offsets, session 26; CF_FWD_RESCALE_EARLY: O rescaled under the S product,
+specs.with_forward_rescale_early, session 39).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _with_knob(spec, value: int):
         from cuflash import specs
 
         return specs.with_forward_cluster(spec) or spec
+    if KNOB == "CF_FWD_RESCALE_EARLY" and value:  # where the loop overlaps (session 39)
+        from cuflash import specs
+
+        return specs.with_forward_rescale_early(spec) or spec
     return spec.with_knobs(**{KNOB: value}) if value else spec.without_knob(KNOB)
 
 

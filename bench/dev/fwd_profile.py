@@ -29,6 +29,11 @@ def main(argv=None) -> int:
                         help="the selected forward without persistent blocks")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="dropout probability (#15: what the d64 forward spends on it)")
+    parser.add_argument("--tile", default=None, metavar="W,N,S",
+                        help="pin a fwd90 tile (warps, block_n, stages) instead of the "
+                             "selection: the d256 warp-specialized candidates under ncu")
+    parser.add_argument("--knob", action="append", default=[], metavar="NAME=VALUE",
+                        help="with --tile: a knob of the pinned spec, repeatable")
     args = parser.parse_args(argv)
     import torch
 
@@ -55,6 +60,20 @@ def main(argv=None) -> int:
         for _ in range(args.calls):
             cuflash.attention_varlen_forward(*packed, cu, cu, args.seqlen, args.seqlen,
                                              causal=args.causal)
+    if args.tile:
+        from devtools import fwd_block_m, pinned_forward
+
+        from cuflash.specs import KernelSpec
+
+        w, n, st = (int(x) for x in args.tile.split(","))
+        spec = KernelSpec(kind="fwd90", dtype="bfloat16", head_dim=args.head_dim,
+                          block_m=fwd_block_m("fwd90", w), block_n=n, warps=w, stages=st,
+                          causal=args.causal).with_knobs(
+            **{a: int(b) for a, b in (kv.split("=") for kv in args.knob)})
+        for _ in range(args.calls):
+            pinned_forward(spec, q, k, v, args.causal)
+        torch.cuda.synchronize()
+        return 0
     for _ in range(0 if args.varlen else args.calls):
         cuflash.attention_forward(q, k, v, causal=args.causal, dropout_p=args.dropout,
                                   dropout_seed=1234 if args.dropout else None)
