@@ -21,7 +21,7 @@
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
 #                                            dropout_words causal_sparse drop_packed
-#                                            drop_ring fwd_rescale
+#                                            drop_ring fwd_rescale fwd256_bounds
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -470,6 +470,17 @@ for stage in $stages; do
           --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
           --section SchedulerStats --section WarpStateStats --page details \
           bash -c "cd bench/dev && $PY bwd_profile.py --head-dim 256 --seqlen 16384 $hsplit"
+      done ;;
+    fwd256_bounds)  # session 39, what bounds the head_dim 256 forward (#12's widest gap): the
+      # same ncu sections as bwd_bounds for the selected 8-warp tile and the 128 x 80
+      # warp-specialized tile with TMA (FWD256_KNOBS: more knobs of the latter), 16k, bf16
+      for tile in "" 12,80,2; do
+        run_stage "fwd256_bounds${tile:+_ws80}" ncu --clock-control none \
+          -k regex:flash_fwd_sm90 -s 2 -c 1 --section SpeedOfLight \
+          --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+          --section SchedulerStats --section WarpStateStats --page details \
+          bash -c "cd bench/dev && $PY fwd_profile.py --head-dim 256 --seqlen 16384 \
+            ${tile:+--tile $tile --knob CF_FWD_TMA=1 ${FWD256_KNOBS:-}}"
       done ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \

@@ -240,7 +240,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       j = next;
     }
     wait_full(v_full(n_tiles - 1), (n_tiles - 1) / 3);
-    if constexpr (CF_FWD_RESCALE_EARLY) rescale_acc(acc, alpha_last);
     wgmma_fence();  // the last tile's P V
     sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
                                               s_v_sa + ((n_tiles - 1) % 3) * kTileV);
@@ -326,6 +325,7 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       sm90_pack_p<CF_BLOCK_N>(p_prev, s);
       j = next;
     }
+    if constexpr (CF_FWD_RESCALE_EARLY) rescale_acc(acc, alpha_last);
     wgmma_fence();  // the last tile's P V
     sm90_pv_packed<CF_BLOCK_N, CF_HEAD_DIM_V>(acc, p_prev,
                                               s_v_sa + ((n_tiles - 1) % 3) * kTileV);
