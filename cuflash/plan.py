@@ -318,8 +318,17 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
 
     One block per (key tile, kv head) loops over every query head of its group, so GQA
     16/4 at batch 1 fills 128 blocks where MHA fills 512: too few for 132 SMs once causal
-    rows thin out. Split the group until there are about two waves of blocks (or one
-    query head per block); each split costs one float32 add of its dK, dV tile.
+    rows thin out. Split the group until there are about two waves of blocks, four when
+    causal (or one query head per block); each split costs one float32 add of its dK, dV
+    tile. Why four: causal blocks differ in length (the first key tile sees every query
+    tile), and a few long blocks started late set the end. H100, d128, 16 query heads,
+    backward alone, TFLOP/s against MHA's (bench/dev/gqa_backward.py --splits, session 39):
+    4k causal (batch 4) GQA 16/4 with 1 / 2 / 4 splits 0.88 / 0.94 / 0.94x (bf16), 0.94 /
+    1.01 / 1.01x (fp16), MQA with 4 / 8 / 16 splits 0.87 / 0.95 / 0.97x, 0.94 / 1.02 /
+    1.04x; 16k causal (batch 1) GQA 1 / 2 / 4 splits 0.95 / 0.97 / 0.94x, 0.96 / 0.99 /
+    0.98x, MQA 4 / 8 / 16 splits 0.98 / 0.95 / 0.94x, 0.97 / 0.99 / 0.99x (the same spec
+    timed twice differed by up to 3.5%). Two waves had taken 1 / 4 at 4k and 1 / 4 at 16k;
+    four take 2 / 8 and 2 / 8.
     """
     if spec.kind != "bwd90" or shape.heads_per_kv == 1 or sm_count <= 0 or spec.dq_ordered:
         return 1  # (ordered dQ: the splits' float adds into dK, dV would not be)
@@ -327,12 +336,13 @@ def kv_head_splits(shape: Shape, spec: KernelSpec, sm_count: int) -> int:
         blocks = _cdiv(shape.total_k, spec.block_n) * shape.heads_kv
     else:
         blocks = _cdiv(shape.seqlen_k, spec.block_n) * shape.heads_kv * shape.batch
+    waves = 4 if shape.causal else 2
     splits = 1
     for candidate in range(1, shape.heads_per_kv + 1):
         if shape.heads_per_kv % candidate:
             continue
         splits = candidate
-        if blocks * candidate >= 2 * sm_count:
+        if blocks * candidate >= waves * sm_count:
             break
     return splits
 
