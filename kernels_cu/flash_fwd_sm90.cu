@@ -72,6 +72,9 @@ static_assert(CF_HEAD_DIM_V % 64 == 0 && CF_HEAD_DIM_V <= 256, "v's head_dim: wh
 // S = Q K^T and O += P V, under the S product, instead of after P V lands (a knob,
 // CF_FWD_RESCALE_EARLY=1, a candidate): at head_dim 256 that is 128 multiplies a thread off
 // the path from the softmax to the next barrier (flash_fwd_sm90_ws.cu says the same).
+// Measured, not selected (H100, bf16, 2026-12-07, 16k tokens): d256 587.8 -> 573.7 TFLOP/s
+// at 16k, 591.6 -> 584.0 at 4k, causal 542.9 -> 532.0 / 563.3 -> 563.3: the tail it moves
+// was not what idles the tensor cores (ncu: tensor pipe 64%, 0.53 eligible warps of 2).
 #ifndef CF_FWD_RESCALE_EARLY
 #define CF_FWD_RESCALE_EARLY 0
 #endif
