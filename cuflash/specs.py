@@ -460,7 +460,7 @@ def with_forward_rescale_early(spec: KernelSpec) -> KernelSpec | None:
     """The Hopper forward ``spec`` rescaling O under its S product (``CF_FWD_RESCALE_EARLY=1``):
     the warp-specialized kernel (not its pipeline across tiles) or the 8-warp kernel's
     overlapped loop (``CF_FWD_OVERLAP`` 1 / 2). None elsewhere. A candidate for tests and
-    tuning runs, measured and not selected: 0-2.5% slower at head_dim 256, within 1% at 128
+    tuning runs, measured and not selected: 0-3.5% slower at head_dim 256, within 1% at 128
     (H100, bench/dev/NOTES.md, session 39)."""
     if spec.kind != "fwd90":
         return None
