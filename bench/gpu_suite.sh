@@ -21,7 +21,7 @@
 #                                            pending tma_verify dropout_ab block_sparse_pers
 #                                            varlen_tma block_mask_tma dropout_ncu
 #                                            dropout_words causal_sparse drop_packed
-#                                            drop_ring fwd_rescale fwd256_bounds
+#                                            drop_ring fwd_rescale fwd256_bounds stalls
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -482,6 +482,26 @@ for stage in $stages; do
           bash -c "cd bench/dev && $PY fwd_profile.py --head-dim 256 --seqlen 16384 \
             ${tile:+--tile $tile --knob CF_FWD_TMA=1 ${FWD256_KNOBS:-}}"
       done ;;
+    stalls)  # session 40, where the warps of a kernel wait, instruction by instruction: ncu's
+      # source counters of each STALL_ROWS entry ("name:script:args"; default the selected
+      # d256 backward at 16k and at 4k causal, and the selected d256 forward at 16k), the SASS
+      # page as CSV (results/stalls_<name>.csv.xz) and bench/dev/sass_stalls.py's summary
+      rows=${STALL_ROWS:-"bwd256:bwd_profile.py:--head-dim 256 --seqlen 16384
+bwd256c4k:bwd_profile.py:--head-dim 256 --seqlen 4096 --causal
+fwd256:fwd_profile.py:--head-dim 256 --seqlen 16384"}
+      while IFS= read -r row; do
+        name=${row%%:*}; rest=${row#*:}; script=${rest%%:*}; args=${rest#*:}
+        kernel=$([ "${script#bwd}" != "$script" ] && echo flash_bwd_sm90 || echo flash_fwd_sm90)
+        run_stage "stalls_$name" ncu --clock-control none -k "regex:$kernel" -s 2 -c 1 \
+          --section WarpStateStats --section SourceCounters --section SpeedOfLight \
+          --page details -f -o "$OUT/results/stalls_$name" \
+          bash -c "cd bench/dev && $PY $script $args"
+        ncu -i "$OUT/results/stalls_$name.ncu-rep" --page source --csv --print-source sass \
+          >"$OUT/results/stalls_$name.csv" 2>"$OUT/logs/stalls_${name}_export.err"
+        run_stage "stalls_${name}_sass" $PY bench/dev/sass_stalls.py "$OUT/results/stalls_$name.csv"
+        ncu -i "$OUT/results/stalls_$name.ncu-rep" --page details >"$OUT/logs/stalls_${name}_details.txt" 2>&1
+        xz -f "$OUT/results/stalls_$name.csv"; rm -f "$OUT/results/stalls_$name.ncu-rep"
+      done <<<"$rows" ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)
       run_stage generate $PY bench/generate.py --out "$OUT/results/generate.json" \
         ${GENERATE_ARGS:-} ;;
