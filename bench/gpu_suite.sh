@@ -22,6 +22,7 @@
 #                                            varlen_tma block_mask_tma dropout_ncu
 #                                            dropout_words causal_sparse drop_packed
 #                                            drop_ring fwd_rescale fwd256_bounds stalls
+#                                            dq_red4
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -481,6 +482,20 @@ for stage in $stages; do
           --section SchedulerStats --section WarpStateStats --page details \
           bash -c "cd bench/dev && $PY fwd_profile.py --head-dim 256 --seqlen 16384 \
             ${tile:+--tile $tile --knob CF_FWD_TMA=1 ${FWD256_KNOBS:-}}"
+      done ;;
+    dq_red4)  # session 40: dQ by vector reductions from registers into the tiled accumulator
+      # (CF_DQ_RED4, specs.with_dq_red4): its float64-reference tests (the bulk-dQ guard file
+      # and the head-dim split's red4 cases), then tile_sweep of the selected tiles with bulk
+      # dQ against the same tiles with the reductions, SDPA's flash and cuDNN beside
+      CUFLASH_POISON=1 run_stage red4_tests timeout "${RED4_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=20 -p no:cacheprovider ${PYTEST_XDIST:--n 8} \
+        tests/test_gpu_bulk_dq.py tests/test_gpu_bwd_hsplit.py -k "red4 or bulk"
+      for row in "256 8,64,2,80" "128 12,64,2" "64 12,128,2"; do
+        d=${row%% *}
+        run_stage "red4_sweep_d$d" timeout 300 $PY bench/dev/tile_sweep.py --kind bwd90 \
+          --head-dim "$d" --seqlen 4096 16384 --causal both --candidates "${row#* }" \
+          --define CF_DQ_BULK=1 $([ "$d" = 256 ] || echo --define CF_BWD_TMA=1) \
+          --variant CF_DQ_RED4=1 ${RED4_SWEEP_ARGS:-}
       done ;;
     stalls)  # session 40, where the warps of a kernel wait, instruction by instruction: ncu's
       # source counters of each STALL_ROWS entry ("name:script:args"; default the selected

@@ -736,6 +736,21 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     return bulk if bulk.smem_bytes <= facts.smem_optin else spec
 
 
+def with_dq_red4(spec: KernelSpec) -> KernelSpec:
+    """``spec`` adding dQ by vector reductions from registers into the tiled accumulator
+    (``CF_DQ_RED4``: eight red.global.add.v4.f32 a thread per 64 x 64 piece, in place of
+    staging the piece in shared memory for a bulk reduce-add) where the kernel has bulk dQ in
+    its atomic mode (the warp-specialized Hopper backward, the head-dim split); other specs
+    as they are."""
+    if spec.kind != "bwd90" or not spec.dq_tiled or spec.dq_ordered:
+        return spec
+    if bwd90_head_dim_split(spec):  # the sets that spill with it keep the staging
+        context = {"red4", *spec.mods.on, *(("causal",) if spec.causal else ())}
+        if BWD90_HSPLIT[spec.head_dim].spills(context):
+            return spec
+    return spec.with_knobs(CF_DQ_RED4=1)
+
+
 def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` with this device's rotation limit where it applies: the warp-specialized
     kernel's ordered dQ, not causal, no window, no packed sequences, a known SM count (else

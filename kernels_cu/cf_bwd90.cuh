@@ -140,6 +140,19 @@ __device__ __forceinline__ void stage_dq_piece(const float (&dq)[8][4], cf_u32 p
                  "f"(dq[t][0]), "f"(dq[t][1]), "f"(dq[t][2]), "f"(dq[t][3])
                  : "memory");
 }
+// This thread's 32 values of the m64n64 result added straight into the piece at global
+// `piece` (`warp`: within the warpgroup) with eight red.global.add.v4.f32: the piece is in
+// fragment order, so each warp's instruction covers 512 contiguous bytes (CF_DQ_RED4, a knob
+// on the tiled accumulator: no staging stores, barriers, or waits for a bulk copy's reads).
+__device__ __forceinline__ void red_dq_piece(const float (&dq)[8][4], float* piece, int warp,
+                                             int lane) {
+  float* p = piece + (warp * 32 + lane) * 4;
+#pragma unroll
+  for (int t = 0; t < 8; ++t)
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p + t * 4 * 32 * 4),
+                 "f"(dq[t][0]), "f"(dq[t][1]), "f"(dq[t][2]), "f"(dq[t][3])
+                 : "memory");
+}
 // global dst[0 .. bytes / 4) += the floats at shared src (the TMA unit's reduce-add; issued by
 // one thread after the writers' fence.proxy.async and a barrier), in this thread's bulk group.
 __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, cf_u32 src, int bytes) {

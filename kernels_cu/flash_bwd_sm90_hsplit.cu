@@ -101,6 +101,16 @@ static_assert(!(CF_DQ_ORDERED && CF_LOCAL), "ordered dQ: no window (as flash_bwd
 #define CF_DQ_BULK 0
 #endif
 static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ adds: the atomic mode only");
+// dQ into the tiled accumulator by vector reductions from registers (a knob, CF_DQ_RED4=1 on
+// top of CF_DQ_BULK; cf_bwd90.cuh's red_dq_piece): eight red.global.add.v4.f32 a thread a
+// panel, in place of staging each half panel for a bulk reduce-add. Session 40's ncu source
+// counters (H100, 16k, bf16) put about a third of the selected kernel's warp samples in the
+// staging loop: its barriers and the leader's wait for each 8 KB add to be read before the
+// next half could be staged.
+#ifndef CF_DQ_RED4
+#define CF_DQ_RED4 0
+#endif
+static_assert(!CF_DQ_RED4 || CF_DQ_BULK, "vector reductions: the tiled accumulator (CF_DQ_BULK)");
 
 namespace hsplit {
 enum : int {
@@ -434,7 +444,10 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     // warpgroup's leader with one bulk reduce-add each into the tiled accumulator (unscaled:
     // the convert scales), after its previous add has read the staging
     auto add_dq_panel = [&](const float (&dq)[8][4], int panel) {
-      if constexpr (CF_DQ_BULK) {
+      if constexpr (CF_DQ_RED4) {
+        red_dq_piece(dq, opaque_seq().dq_piece(dq_accum, h, m0, 64 * panel, max_seqlen_q, kD),
+                     warp & 3, lane);
+      } else if constexpr (CF_DQ_BULK) {
         const bool leader = (tid & 127) == 0;
         float* dst = opaque_seq().dq_piece(dq_accum, h, m0, 64 * panel, max_seqlen_q, kD);
         const cf_u32 buf = base + kOffStaging + wg * kHalfPiece;
@@ -500,7 +513,7 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     t_cur = t_next;
   }
   cp_async_wait<0>();
-  if (CF_DQ_BULK && (tid & 127) == 0) bulk_wait_all();  // performed before the block ends
+  if (CF_DQ_BULK && !CF_DQ_RED4 && (tid & 127) == 0) bulk_wait_all();  // performed before the block ends
 
   // -- dK (times softmax_scale) and dV: written, or a split's share added to the accumulators
   const int heads_kv = heads / heads_per_kv;

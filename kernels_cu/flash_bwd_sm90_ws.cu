@@ -160,6 +160,16 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #ifndef CF_DQ_BULK
 #define CF_DQ_BULK 0
 #endif
+// dQ into the tiled accumulator by vector reductions from the consumers' registers (a knob,
+// CF_DQ_RED4=1 on top of CF_DQ_BULK, atomic mode; cf_bwd90.cuh's red_dq_piece): eight
+// red.global.add.v4.f32 a thread a tile, in place of staging a piece for a bulk reduce-add
+// (no staging stores, piece barriers or waits for the add's reads; no piece in shared
+// memory).
+#ifndef CF_DQ_RED4
+#define CF_DQ_RED4 0
+#endif
+static_assert(!CF_DQ_RED4 || (CF_DQ_BULK && !CF_DQ_ORDERED),
+              "vector reductions: the tiled accumulator (CF_DQ_BULK), atomic mode");
 
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
@@ -209,7 +219,8 @@ constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARL
 constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
-constexpr bool kBulk = CF_DQ_BULK;
+constexpr bool kRed4 = CF_DQ_RED4;
+constexpr bool kBulk = CF_DQ_BULK && !kRed4;  // staged pieces, bulk reduce-adds
 constexpr bool kAgentAdds = kTurnAgent && kBulk;  // ordered bulk dQ: the agent adds
 constexpr int kPieces = CF_DQ_PIECES;  // per warpgroup: 1, or 2 with kAgentAdds
 static_assert(kPieces == 1 || (kPieces == 2 && kAgentAdds), "two pieces: ordered bulk dQ");
@@ -807,6 +818,12 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // n: the add's place in the walk (the turn agent's mbarrier phases)
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph, int n) {
     const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
+    if constexpr (kRed4) {  // (rows wholly past seqlen_q: no piece)
+      if (pm0 + dq_row0 < seqlen_q)
+        red_dq_piece(dq, seq.dq_piece(dq_accum, ph, pm0 + dq_row0, dq_col0, max_seqlen_q, kD),
+                     cwarp, lane);
+      return;
+    }
     int* sem = nullptr;
     int turn = 0;
     if constexpr (kTurnAgent) {

@@ -3,7 +3,9 @@ on sm_90 the plans pick them for 16-bit head_dim 64 and 128, atomic and determin
 (ordered: the turn agent issues the adds); every bulk add stays inside its own 64 x 64 piece
 of the tiled accumulator, the gradients match the float64 reference, and the deterministic
 mode repeats bit for bit. The ordered mode runs again with two pieces a warpgroup
-(``CF_DQ_PIECES=2``, a knob the selector does not set yet).
+(``CF_DQ_PIECES=2``, a knob the selector does not set yet), and the atomic mode with the
+pieces added by vector reductions from registers (``CF_DQ_RED4``), at head_dim 256 on the
+head-dim split too.
 
 The guard: the call runs on a workspace laid out as the plan's, with 64 KiB of -0.0 floats
 inserted right after the dQ accumulator (nothing else writes there: the preprocess zeroes
@@ -45,20 +47,27 @@ def _guarded(scratch: plan.Workspace) -> plan.Workspace:
                    dq_accum_bytes=scratch.dq_accum_bytes + _GUARD)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+# (head_dim, mode): the warp-specialized kernel at 64 / 128 in every mode; the head-dim split
+# at 256 (its tiled accumulator serves the atomic mode only); "red4": the vector reductions
+# from registers into the same pieces (CF_DQ_RED4, specs.with_dq_red4), session 40
+MODES = [(d, m) for d in (64, 128) for m in ("atomic", "red4", "ordered", "ordered_2pieces")]
+MODES += [(256, "atomic"), (256, "red4")]
+
+
 @pytest.mark.parametrize("seqlen_q", [130, 200, 64])
 @pytest.mark.parametrize("heads_kv", [4, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("deterministic,pieces", [(False, 1), (True, 1), (True, 2)],
-                         ids=["atomic", "ordered", "ordered_2pieces"])
-def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, heads_kv,
-                                                          causal, deterministic, pieces):
+@pytest.mark.parametrize("head_dim, mode", MODES, ids=[f"d{d}-{m}" for d, m in MODES])
+def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, mode, seqlen_q, heads_kv,
+                                                          causal):
     import cupy
 
     import cuflash
+    from cuflash import specs
 
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("the bulk dQ adds are in the Hopper backward")
+    deterministic, pieces = mode.startswith("ordered"), 2 if mode.endswith("2pieces") else 1
     dtype, batch, heads, seqlen_k = "bfloat16", 2, 4, 177
     rng = gh.rng_for()
     q, k, v = gh.random_qkv(rng, batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
@@ -72,6 +81,9 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, h
     assert p.main.spec.dq_tiled and p.main.spec.dq_ordered == deterministic, p.main.spec.name
     if pieces == 2:  # the knob, not selected yet: two pieces a warpgroup (CF_DQ_PIECES)
         p = replace(p, main=replace(p.main, spec=p.main.spec.with_knobs(CF_DQ_PIECES=2)))
+    if mode == "red4":
+        p = replace(p, main=replace(p.main, spec=specs.with_dq_red4(p.main.spec)))
+        assert ("CF_DQ_RED4", 1) in p.main.spec.knobs, p.main.spec.name
     p = replace(p, scratch=_guarded(p.scratch))
     scale = 1.0 / np.sqrt(head_dim)
 
@@ -107,3 +119,34 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, seqlen_q, h
     for name, got, ref, naive in zip(("dq", "dk", "dv"), (dq, dk, dv), refs, naives):
         gh.assert_matches_reference(name, gh.to_host(got, dtype), ref, naive, dtype=dtype,
                                     scale=magnitude, label=label)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_red4_dq_on_packed_sequences(head_dim, causal):
+    """The vector reductions place packed sequences' pieces by cf_seq.cuh's dq_piece, as the
+    bulk adds do (test_gpu_varlen's layout: empty sequences, queries without keys)."""
+    import cupy
+
+    from cuflash import specs
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("the bulk dQ adds are in the Hopper backward")
+    try:
+        import test_gpu_varlen as varlen_tests
+        from test_varlen import Case
+    except ImportError:  # tests/ collected as a package
+        from tests import test_gpu_varlen as varlen_tests
+        from tests.test_varlen import Case
+    facts = launch.device_facts(0)
+    picked = specs.with_dq_red4(specs.select_backward(facts, "bfloat16", head_dim, causal, False,
+                                                      mods=specs.ModFlags(varlen=True)))
+    assert ("CF_DQ_RED4", 1) in picked.knobs, picked.name
+    case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
+                causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
+                seed=head_dim + causal)
+    from cuflash import fastpath
+
+    with fastpath.selector_patched("select_backward", specs.with_dq_red4):
+        varlen_tests.check_case(case, f"red4 varlen d{head_dim} causal={causal}",
+                                deterministic_modes=(False,))

@@ -56,6 +56,10 @@ def _split_bulk(spec):
     return specs.with_bulk_dq(_split(spec), launch.device_facts(0))
 
 
+def _split_red4(spec):
+    return specs.with_dq_red4(_split_bulk(spec))
+
+
 BULK_CASES = PLAIN + [mods_tests.CASES[4], mods_tests.CASES[9]]
 
 
@@ -76,6 +80,8 @@ def _module_specs():
                                                             mods=f)))
                 if case in BULK_CASES:
                     out.append(_split_bulk(specs.select_backward(facts, dtype, d, case[1],
+                                                                 False, mods=f)))
+                    out.append(_split_red4(specs.select_backward(facts, dtype, d, case[1],
                                                                  False, mods=f)))
                 shape = plan.Shape(1, 1, 1, 1, 1, d, dtype, case[1], f)
                 out += gh.shape_specs(shape, facts, config.Config(), forward=True)
@@ -101,6 +107,15 @@ def hsplit_bulk():
     if cupy.cuda.Device(0).compute_capability != "90":
         pytest.skip("a Hopper backward's tile")
     yield from gh.selector_with_knob("select_backward", _split_bulk)
+
+
+@pytest.fixture
+def hsplit_red4():
+    import cupy
+
+    if cupy.cuda.Device(0).compute_capability != "90":
+        pytest.skip("a Hopper backward's tile")
+    yield from gh.selector_with_knob("select_backward", _split_red4)
 
 
 def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False, bulk=False):
@@ -152,6 +167,22 @@ def test_bulk_dq_matches_reference(hsplit_bulk, head_dim, case, seqlen_q, seqlen
     in the piece, never read), several key tiles, GQA splits."""
     _assert_planned("bfloat16", case[1], mods_tests._flags(case), head_dim, bulk=True)
     _check_against_reference(head_dim, case, seqlen_q, seqlen_k, "hsplit bulk")
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("head_dim", [256, 192])
+@pytest.mark.parametrize("case", BULK_CASES, ids=lambda c: c[0])
+def test_red4_dq_matches_reference(hsplit_red4, head_dim, case, seqlen_q, seqlen_k):
+    """dQ added from registers by vector reductions into the same tiled accumulator
+    (CF_DQ_RED4, specs.with_dq_red4): a whole 64-column panel a warpgroup, eight
+    red.global.add.v4.f32 a thread."""
+    from cuflash import launch
+
+    _assert_planned("bfloat16", case[1], mods_tests._flags(case), head_dim, bulk=True)
+    picked = specs.select_backward(launch.device_facts(0), "bfloat16", head_dim, case[1], False,
+                                   mods=mods_tests._flags(case))
+    assert ("CF_DQ_RED4", 1) in picked.knobs, picked.name
+    _check_against_reference(head_dim, case, seqlen_q, seqlen_k, "hsplit red4")
 
 
 @pytest.mark.parametrize("causal", [False, True])
