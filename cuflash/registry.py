@@ -615,7 +615,7 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
 # (255 registers at 256, 168 at 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every
 # combination of window / softcap / ALiBi / packed, causal or not, atomic or "ordered" dQ,
 # fp16 and bf16, 2026-12-05: 4-128 B; "bulk": dQ by bulk reduce-adds, CF_DQ_BULK, 4 B;
-# "red4": dQ by vector reductions, CF_DQ_RED4, NVRTC 13.0, 2026-12-07: 12 B).
+# "red4": dQ by vector reductions, CF_DQ_RED4 1 or 2, NVRTC 13.0, 2026-12-07: 8-12 B).
 BWD90_HSPLIT = {
     256: _also(_t(8, 64, 80, 2, "FlashAttention-3's d256 backward tile (64 x 80, two MMA "
                                 "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi")),
@@ -623,7 +623,8 @@ BWD90_HSPLIT = {
                                  "warpgroups); 197,632 B"),
                ("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
                ("causal", "alibi"), ("causal", "softcap"), ("ordered", "softcap", "alibi"),
-               ("bulk", "window", "varlen"), ("red4", "window", "alibi"))}
+               ("bulk", "window", "varlen"), ("red4", "window", "alibi"),
+               ("red4", "softcap", "alibi", "varlen"))}
 
 # v's own head_dim (issue #15's pairs, e.g. DeepSeek's (192, 128); specs.select_forward_pair /
 # select_backward_pair): the widths of v a kernel takes as they are (whole 64-column panels),

@@ -748,6 +748,9 @@ def with_dq_red4(spec: KernelSpec) -> KernelSpec:
         context = {"red4", *spec.mods.on, *(("causal",) if spec.causal else ())}
         if BWD90_HSPLIT[spec.head_dim].spills(context):
             return spec
+        # 2: each tile's last panel added after the next tile's first barrier (the kernel's
+        # header says why)
+        return spec.with_knobs(CF_DQ_RED4=2)
     return spec.with_knobs(CF_DQ_RED4=1)
 
 

@@ -107,10 +107,16 @@ static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ adds: the atomic mode onl
 // counters (H100, 16k, bf16) put about a third of the selected kernel's warp samples in the
 // staging loop: its barriers and the leader's wait for each 8 KB add to be read before the
 // next half could be staged.
+// With CF_DQ_RED4=2 the last dQ panel of a tile is added after the next tile's first block
+// barrier, not before it: that barrier's proxy fence (MEMBAR.ALL.CTA in SASS) waited for the
+// reductions just issued (the same profile with =1: about 5% of the samples at the MEMBAR
+// alone), so they now go out after it, under the next tile's loads and products; the panel's
+// 32 accumulators stay live across the barrier.
 #ifndef CF_DQ_RED4
 #define CF_DQ_RED4 0
 #endif
 static_assert(!CF_DQ_RED4 || CF_DQ_BULK, "vector reductions: the tiled accumulator (CF_DQ_BULK)");
+static_assert(CF_DQ_RED4 >= 0 && CF_DQ_RED4 <= 2, "CF_DQ_RED4: 0, 1, or 2 (the last panel late)");
 
 namespace hsplit {
 enum : int {
@@ -339,6 +345,16 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       for (int e = 0; e < 4; ++e) dkt[mb][t][e] = dvt[mb][t][e] = 0.f;
   const int row = (warp & 3) * 16 + group;  // this thread's query rows row, row + 8 (S, dP)
 
+  // dQ of a panel; CF_DQ_RED4=2: the last panel of the previous tile (rows pm0, head ph)
+  // until it is added after this tile's first barrier
+  constexpr bool kDeferLast = CF_DQ_RED4 == 2;
+  float dq[8][4];
+  int pm0 = 0, ph = 0;
+  const auto red_last_panel = [&](int rows, int head) {
+    red_dq_piece(dq, opaque_seq().dq_piece(dq_accum, head, rows, 64 * (kPanels * wg + kPanels - 1),
+                                           max_seqlen_q, kD),
+                 warp & 3, lane);
+  };
   int t_cur = kept.above(-1);
   if (n_iter > 0) {  // prologue: [K, V, Q(0), dO(0)]
     const KVLoad lk(k_head, stride_kn, head_dim, tid);
@@ -359,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // Q(it), dO(it) landed; sP, sdS and stage st ^ 1 free
+    if (kDeferLast && it > 0) red_last_panel(pm0, ph);
     if (it + 1 < n_iter) {
       load_q(t_next, st ^ 1);
       if (kDoStages == 2) load_do(t_next, st ^ 1);
@@ -468,7 +485,6 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
                64 * panel, tig, seqlen_q, heads, head_dim, softmax_scale);
       }
     };
-    float dq[8][4];
     wgmma_fence();
     issue_dkv_t(dvt, sdO_sa, sP_sa, wg);
     wgmma_commit();
@@ -491,14 +507,14 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       if (tid == 0) wait_for_turn(sem, turn);
       __syncthreads();
     }
-    add_dq_panel(dq, kPanels * wg);
+    if (!kDeferLast || kPanels > 1) add_dq_panel(dq, kPanels * wg);
 #pragma unroll
     for (int c = 1; c < kPanels; ++c) {
       wgmma_fence();
       issue_dq(dq, sdS_sa, sK_sa, kPanels * wg + c);
       wgmma_wait<0>();
       wgmma_fence_regs(dq);
-      add_dq_panel(dq, kPanels * wg + c);
+      if (!kDeferLast || c + 1 < kPanels) add_dq_panel(dq, kPanels * wg + c);
     }
     if constexpr (CF_DQ_ORDERED) {
       __syncthreads();  // every thread's adds, before the leader's fence
@@ -510,8 +526,11 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
       wgmma_fence_regs(dkt[mb]);
       wgmma_fence_regs(dvt[mb]);
     }
+    pm0 = m0;
+    ph = h;
     t_cur = t_next;
   }
+  if (kDeferLast && n_iter > 0) red_last_panel(pm0, ph);
   cp_async_wait<0>();
   if (CF_DQ_BULK && !CF_DQ_RED4 && (tid & 127) == 0) bulk_wait_all();  // performed before the block ends
 

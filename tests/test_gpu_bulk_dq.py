@@ -83,7 +83,7 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, mode, seqle
         p = replace(p, main=replace(p.main, spec=p.main.spec.with_knobs(CF_DQ_PIECES=2)))
     if mode == "red4":
         p = replace(p, main=replace(p.main, spec=specs.with_dq_red4(p.main.spec)))
-        assert ("CF_DQ_RED4", 1) in p.main.spec.knobs, p.main.spec.name
+        assert dict(p.main.spec.knobs).get("CF_DQ_RED4"), p.main.spec.name
     p = replace(p, scratch=_guarded(p.scratch))
     scale = 1.0 / np.sqrt(head_dim)
 
@@ -141,7 +141,7 @@ def test_red4_dq_on_packed_sequences(head_dim, causal):
     facts = launch.device_facts(0)
     picked = specs.with_dq_red4(specs.select_backward(facts, "bfloat16", head_dim, causal, False,
                                                       mods=specs.ModFlags(varlen=True)))
-    assert ("CF_DQ_RED4", 1) in picked.knobs, picked.name
+    assert dict(picked.knobs).get("CF_DQ_RED4"), picked.name
     case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
                 causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
                 seed=head_dim + causal)
