@@ -22,7 +22,7 @@
 #                                            varlen_tma block_mask_tma dropout_ncu
 #                                            dropout_words causal_sparse drop_packed
 #                                            drop_ring fwd_rescale fwd256_bounds stalls
-#                                            dq_red4
+#                                            dq_red4 hsplit_red4
 #                                            (default: info check tests sanitize bench workloads)
 #
 # Runs from the repository root on a machine with a CUDA GPU and CuPy, torch and pytest
@@ -496,6 +496,24 @@ for stage in $stages; do
           --head-dim "$d" --seqlen 4096 16384 --causal both --candidates "${row#* }" \
           --define CF_DQ_BULK=1 $([ "$d" = 256 ] || echo --define CF_BWD_TMA=1) \
           --variant CF_DQ_RED4=1 ${RED4_SWEEP_ARGS:-}
+      done ;;
+    hsplit_red4)  # session 40: the head-dim split's selected vector reductions
+      # (CF_DQ_RED4=2) and its candidates: test_gpu_bwd_hsplit.py whole and the red4 guard
+      # tests, then tile_sweep d256 / d192 (4k, 16k, causal and not) of the selection against
+      # every panel at once (=1), the staged bulk adds (=0) and, at 256, each warpgroup
+      # loading its own dO panels (CF_HSPLIT_DO_OWN=1); HSPLIT_DTYPES (default bfloat16)
+      CUFLASH_POISON=1 run_stage hsplit_red4_tests timeout "${RED4_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=20 -p no:cacheprovider ${PYTEST_XDIST:--n 12} \
+        tests/test_gpu_bwd_hsplit.py tests/test_gpu_bulk_dq.py -k "hsplit or red4"
+      for dtype in ${HSPLIT_DTYPES:-bfloat16}; do
+        run_stage "hsplit_red4_d256_$dtype" timeout 240 $PY bench/dev/tile_sweep.py \
+          --kind bwd90 --dtype "$dtype" --head-dim 256 --seqlen 4096 16384 --causal both \
+          --candidates 8,64,2,80 --define CF_DQ_BULK=1 --define CF_DQ_RED4=2 \
+          --variant CF_DQ_RED4=1 --variant CF_DQ_RED4=0 --variant CF_HSPLIT_DO_OWN=1
+        run_stage "hsplit_red4_d192_$dtype" timeout 200 $PY bench/dev/tile_sweep.py \
+          --kind bwd90 --dtype "$dtype" --head-dim 192 --seqlen 4096 16384 --causal both \
+          --candidates 12,64,2,96 --define CF_DQ_BULK=1 --variant CF_DQ_RED4=1 \
+          --variant CF_DQ_RED4=2
       done ;;
     stalls)  # session 40, where the warps of a kernel wait, instruction by instruction: ncu's
       # source counters of each STALL_ROWS entry ("name:script:args"; default the selected

@@ -500,6 +500,15 @@ BWD90_DROP_RING = 0
 # 270 (16k full is a wash, the rest gains).
 BWD90_DQ_FIRST = frozenset({192, 256})
 
+# The head-dim split (flash_bwd_sm90_hsplit.cu) adding dQ by vector reductions from registers
+# into the tiled accumulator (CF_DQ_RED4, specs.with_dq_red4) in place of staging half panels
+# for bulk reduce-adds, per bucket. H100 bf16, 2026-12-07 session 40 (tile_sweep, one run,
+# cuDNN beside), TFLOP/s staged -> reductions (every panel at once) / cuDNN: d256 4k 293.6 ->
+# 342.4 / 371.7, causal 246.1 -> 298.3 / 365.1; 16k 322.1 -> 359.5 / 349.7, causal 304.1 ->
+# 363.4 / 387.5 (bench/results/2026-12-07_h100/session40). The warp-specialized kernel
+# (d64 / d128) did not gain alike (-11% to +6%): not selected there.
+BWD90_DQ_RED4 = frozenset({256})
+
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp
 # (flash_bwd.cu).

@@ -22,7 +22,7 @@ from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
-                       BWD90_HSPLIT, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
+                       BWD90_HSPLIT, BWD90_DQ_RED4, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
                        BWD90_DROP_RING, FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
@@ -662,7 +662,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
     return with_selected_drop_ring(with_dropout_fold(with_selected_tma(with_dq_first(
-        with_bulk_dq(with_ordered_rotation(spec, facts), facts)))), facts)
+        with_selected_dq_red4(with_bulk_dq(with_ordered_rotation(spec, facts), facts))))),
+        facts)
 
 
 def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
@@ -752,6 +753,14 @@ def with_dq_red4(spec: KernelSpec) -> KernelSpec:
         # header says why)
         return spec.with_knobs(CF_DQ_RED4=2)
     return spec.with_knobs(CF_DQ_RED4=1)
+
+
+def with_selected_dq_red4(spec: KernelSpec) -> KernelSpec:
+    """``with_dq_red4`` where the head-dim split runs ``spec`` and registry.BWD90_DQ_RED4
+    lists its bucket (measured there); ``spec`` elsewhere."""
+    if not bwd90_head_dim_split(spec) or spec.head_dim not in BWD90_DQ_RED4:
+        return spec
+    return with_dq_red4(spec)
 
 
 def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

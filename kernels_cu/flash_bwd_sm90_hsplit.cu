@@ -117,6 +117,15 @@ static_assert(!(CF_DQ_BULK && CF_DQ_ORDERED), "bulk dQ adds: the atomic mode onl
 #endif
 static_assert(!CF_DQ_RED4 || CF_DQ_BULK, "vector reductions: the tiled accumulator (CF_DQ_BULK)");
 static_assert(CF_DQ_RED4 >= 0 && CF_DQ_RED4 <= 2, "CF_DQ_RED4: 0, 1, or 2 (the last panel late)");
+// One dO stage (head_dim 256): each warpgroup loads its own head-dim panels of the next tile's
+// dO once its dV^T product has read them (a knob, CF_HSPLIT_DO_OWN=1), instead of every thread
+// waiting at a block barrier for both warpgroups' dV^T. A warpgroup's panels have no other
+// reader by then: both dP products (all columns) ended before the barrier after the P^T /
+// dS^T stores. Session 40's source counters put about 7% of the samples after that barrier.
+#ifndef CF_HSPLIT_DO_OWN
+#define CF_HSPLIT_DO_OWN 0
+#endif
+static_assert(!CF_HSPLIT_DO_OWN || CF_HEAD_DIM == 256, "own dO panels: the one-stage tile (256)");
 
 namespace hsplit {
 enum : int {
@@ -327,6 +336,18 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
                        stats + (row < seqlen_q ? row : 0), row < seqlen_q);
     }
   };
+  // CF_HSPLIT_DO_OWN: this warpgroup's kPanels head-dim panels of walk index t's dO, by its
+  // 128 threads
+  auto load_do_own = [&](int t) {
+    int m0, h;
+    tile_of(t, m0, h);
+    typedef PanelLoader<kBM, kChunks / kWgs, 128> OwnLoad;
+    const int col0 = 64 * kPanels * wg;
+    const OwnLoad ldo(dout + opaque_seq().q_offset(stride_dob, stride_dom) + h * stride_doh +
+                          col0,
+                      stride_dom, head_dim - col0, opaque_tid() & 127);
+    ldo.load(sdO + kPanels * wg * kBM * 128, m0, seqlen_q - m0);
+  };
   auto load_do = [&](int t, int st) {
     int m0, h;
     tile_of(t, m0, h);
@@ -493,8 +514,13 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
     wgmma_commit();
     if constexpr (kDoStages == 1) {
       wgmma_wait<2>();  // this warpgroup's dV^T has read dO
-      __syncthreads();  // and the others': the next tile's dO may land
-      if (it + 1 < n_iter) load_do(t_next, 0);
+      if constexpr (CF_HSPLIT_DO_OWN) {
+        named_bar_sync(1 + wg, 128);  // every warp's: its panels are free
+        if (it + 1 < n_iter) load_do_own(t_next);
+      } else {
+        __syncthreads();  // and the others': the next tile's dO may land
+        if (it + 1 < n_iter) load_do(t_next, 0);
+      }
       cp_async_commit();
     }
     wgmma_wait<1>();

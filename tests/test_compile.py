@@ -9,6 +9,8 @@ ptxas numbers.
 """
 
 
+import itertools
+
 import pytest
 
 from cuflash import aot, specs
@@ -332,6 +334,35 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
             specs.select_backward(facts, "bfloat16", d, causal, False, mods=mods)) is None
 
 
+def test_head_dim_split_vector_reductions_compile_without_spills():
+    """dQ by vector reductions from registers into the tiled accumulator (CF_DQ_RED4=2,
+    specs.with_dq_red4; selected at 256 by registry.BWD90_DQ_RED4): zero spills under every
+    modifier set the selection gives it, red.global.add.v4.f32 in place of the bulk adds; the
+    sets where it spilled at 192 keep the staging."""
+    facts = specs.facts_for_arch("sm_90")
+    names = ("window", "softcap", "alibi", "varlen")
+    work = []
+    for d in (256, 192):
+        for causal in (False, True):
+            for n in range(3):
+                for combo in itertools.combinations(names, n):
+                    mods = specs.ModFlags(**{name: True for name in combo})
+                    spec = specs.with_dq_red4(specs.with_bulk_dq(specs.select_backward(
+                        facts, "bfloat16", d, causal, False, mods=mods), facts))
+                    if dict(spec.knobs).get("CF_DQ_RED4"):
+                        work.append((spec, "sm_90"))
+    assert len(work) > 25, len(work)
+    _assert_compiled_without_spills(work, "head-dim split backward, vector dQ reductions")
+    selected = specs.select_backward(facts, "bfloat16", 256, False, False)
+    assert dict(selected.knobs).get("CF_DQ_RED4") == 2, selected.name
+    ptx = _sm90a_ptx(selected)
+    assert b"red.global.add.v4.f32" in ptx and b"cp.reduce.async.bulk" not in ptx
+    declined = specs.with_dq_red4(specs.with_bulk_dq(specs.select_backward(
+        facts, "bfloat16", 192, False, False, mods=specs.ModFlags(window=True, alibi=True)),
+        facts))
+    assert not dict(declined.knobs).get("CF_DQ_RED4"), declined.name
+
+
 def test_head_dim_split_bulk_dq_compiles_without_spills():
     """The head-dim split with dQ by bulk reduce-adds (CF_DQ_BULK through specs.with_bulk_dq,
     a candidate): half a 16 KB piece of staging a warpgroup on top of the shared memory, zero
@@ -346,7 +377,8 @@ def test_head_dim_split_bulk_dq_compiles_without_spills():
         for dtype, (causal, mods) in zip(("bfloat16", "float16") * 3, sets):
             base = specs.with_backward_head_dim_split(
                 specs.select_backward(facts, dtype, d, causal, False, mods=mods))
-            spec = specs.with_bulk_dq(base, facts)
+            # (the staged adds: the selection's vector reductions at 256 taken off)
+            spec = specs.with_bulk_dq(base, facts).without_knob("CF_DQ_RED4")
             assert spec.dq_tiled and spec.smem_bytes == smem[d], spec.name
             work.append((spec, "sm_90"))
     _assert_compiled_without_spills(work, "head-dim split backward, bulk dQ")

@@ -53,11 +53,12 @@ def _split(spec):
 def _split_bulk(spec):
     from cuflash import launch
 
-    return specs.with_bulk_dq(_split(spec), launch.device_facts(0))
+    # the staged bulk adds, where the selection gives the split vector reductions
+    return specs.with_bulk_dq(_split(spec), launch.device_facts(0)).without_knob("CF_DQ_RED4")
 
 
 def _split_red4(spec):
-    return specs.with_dq_red4(_split_bulk(spec))
+    return specs.with_dq_red4(_split_bulk(spec))  # (192 too: not selected there yet)
 
 
 BULK_CASES = PLAIN + [mods_tests.CASES[4], mods_tests.CASES[9]]
@@ -78,6 +79,9 @@ def _module_specs():
                 for det in (False, True):  # ordered dQ where the split serves it
                     out.append(_split(specs.select_backward(facts, dtype, d, case[1], det,
                                                             mods=f)))
+                if case in BULK_CASES and d == 256:
+                    out.append(_own_do(specs.select_backward(facts, dtype, d, case[1], False,
+                                                             mods=f)))
                 if case in BULK_CASES:
                     out.append(_split_bulk(specs.select_backward(facts, dtype, d, case[1],
                                                                  False, mods=f)))
@@ -183,6 +187,23 @@ def test_red4_dq_matches_reference(hsplit_red4, head_dim, case, seqlen_q, seqlen
                                    mods=mods_tests._flags(case))
     assert dict(picked.knobs).get("CF_DQ_RED4"), picked.name
     _check_against_reference(head_dim, case, seqlen_q, seqlen_k, "hsplit red4")
+
+
+def _own_do(spec):
+    spec = _split(spec)
+    return spec.with_knobs(CF_HSPLIT_DO_OWN=1) if spec.head_dim == 256 else spec
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", LENGTHS)
+@pytest.mark.parametrize("case", BULK_CASES, ids=lambda c: c[0])
+def test_own_do_panels_match_reference(case, seqlen_q, seqlen_k):
+    """head_dim 256 with each warpgroup loading its own panels of the next dO
+    (CF_HSPLIT_DO_OWN, a candidate knob) on top of the selection."""
+    from cuflash import fastpath
+
+    gh.hopper_only("a Hopper backward's tile")
+    with fastpath.selector_patched("select_backward", _own_do):
+        _check_against_reference(256, case, seqlen_q, seqlen_k, "hsplit own dO")
 
 
 @pytest.mark.parametrize("causal", [False, True])
