@@ -501,13 +501,22 @@ BWD90_DROP_RING = 0
 BWD90_DQ_FIRST = frozenset({192, 256})
 
 # The head-dim split (flash_bwd_sm90_hsplit.cu) adding dQ by vector reductions from registers
-# into the tiled accumulator (CF_DQ_RED4, specs.with_dq_red4) in place of staging half panels
-# for bulk reduce-adds, per bucket. H100 bf16, 2026-12-07 session 40 (tile_sweep, one run,
-# cuDNN beside), TFLOP/s staged -> reductions (every panel at once) / cuDNN: d256 4k 293.6 ->
-# 342.4 / 371.7, causal 246.1 -> 298.3 / 365.1; 16k 322.1 -> 359.5 / 349.7, causal 304.1 ->
-# 363.4 / 387.5 (bench/results/2026-12-07_h100/session40). The warp-specialized kernel
-# (d64 / d128) did not gain alike (-11% to +6%): not selected there.
-BWD90_DQ_RED4 = frozenset({256})
+# into the tiled accumulator (CF_DQ_RED4, specs.with_dq_red4: =2 at 256, the tile's last panel
+# after the next tile's first barrier; =1 at 192) in place of staging half panels for bulk
+# reduce-adds, per bucket; and at 256 each warpgroup loading its own dO panels
+# (CF_HSPLIT_DO_OWN, specs.with_selected_own_do). H100, 2026-12-07 session 40 (tile_sweep,
+# cuDNN beside, bench/results/2026-12-07_h100/session40), TFLOP/s, staged -> =1 / =2 / =2 with
+# own dO (cuDNN): bf16 d256 4k 298.1 -> 341.2 / 337.5 / 345.9 (350.9), causal 251.6 -> 295.3 /
+# 290.8 / 302.2 (366.3), 16k 319.9 -> 359.2 / 364.7 / 367.8 (347.4), causal 303.0 -> 360.9 /
+# 363.8 / 371.2 (382.0); fp16 d256 staged -> =2: 293.3 -> 337.4 (338.8), causal 251.6 ->
+# 288.1 (355.8), 16k 317.9 -> 360.1 (337.2), causal 301.4 -> 357.6 (376.5); bf16 d192 staged
+# -> =1 / =2: 4k 301.6 -> 339.1 / 338.5 (332.8), causal 282.5 -> 312.2 / 303.7 (316.6), 16k
+# 347.0 -> 374.9 / 380.0 (296.0), causal 346.0 -> 372.9 / 363.0 (318.7). An earlier run (call
+# 2) gave d256 bf16 staged -> =1 293.6 -> 342.4, 246.1 -> 298.3, 322.1 -> 359.5, 304.1 ->
+# 363.4. The warp-specialized kernel (d64 / d128, whole pieces staged, one bulk add a tile
+# waited a tile later) did not gain alike with =1 (-11% to +6%): not selected there.
+BWD90_DQ_RED4 = frozenset({192, 256})
+BWD90_HSPLIT_DO_OWN = True
 
 # bwd, 16-bit. 8 warps (block_n 128) at head_dim <= 128 is the split layout, flash_bwd_split.cu
 # (FA-2's work split, P^T and dS^T through shared memory); the others own 16 keys per warp
@@ -624,16 +633,17 @@ BWD90 = {64: (_also(_t(12, 128, 128, 2, f"H200 bf16 d64 4k/16k: 379/388 TFLOP/s,
 # (255 registers at 256, 168 at 192, the cap at 384 threads; NVRTC 13.0 and 13.5, every
 # combination of window / softcap / ALiBi / packed, causal or not, atomic or "ordered" dQ,
 # fp16 and bf16, 2026-12-05: 4-128 B; "bulk": dQ by bulk reduce-adds, CF_DQ_BULK, 4 B;
-# "red4": dQ by vector reductions, CF_DQ_RED4 1 or 2, NVRTC 13.0, 2026-12-07: 8-12 B).
+# "red4": dQ by vector reductions, CF_DQ_RED4=1, NVRTC 13.0, 2026-12-07: 12 B; "do_own": own
+# dO panels, CF_HSPLIT_DO_OWN with CF_DQ_RED4=2: 4 B).
 BWD90_HSPLIT = {
     256: _also(_t(8, 64, 80, 2, "FlashAttention-3's d256 backward tile (64 x 80, two MMA "
-                                "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi")),
+                                "warpgroups); 201,728 B, one dO stage"), ("softcap", "alibi"),
+               ("do_own", "softcap", "varlen")),
     192: _also(_t(12, 64, 96, 2, "FlashAttention-3's d192 backward tile (64 x 96, three MMA "
                                  "warpgroups); 197,632 B"),
                ("window", "softcap", "alibi"), ("window", "softcap", "varlen"),
                ("causal", "alibi"), ("causal", "softcap"), ("ordered", "softcap", "alibi"),
-               ("bulk", "window", "varlen"), ("red4", "window", "alibi"),
-               ("red4", "softcap", "alibi", "varlen"))}
+               ("bulk", "window", "varlen"), ("red4", "window", "alibi"))}
 
 # v's own head_dim (issue #15's pairs, e.g. DeepSeek's (192, 128); specs.select_forward_pair /
 # select_backward_pair): the widths of v a kernel takes as they are (whole 64-column panels),

@@ -22,7 +22,7 @@ from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
-                       BWD90_HSPLIT, BWD90_DQ_RED4, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
+                       BWD90_HSPLIT, BWD90_DQ_RED4, BWD90_HSPLIT_DO_OWN, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
                        BWD90_DROP_RING, FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
@@ -662,8 +662,8 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
     return with_selected_drop_ring(with_dropout_fold(with_selected_tma(with_dq_first(
-        with_selected_dq_red4(with_bulk_dq(with_ordered_rotation(spec, facts), facts))))),
-        facts)
+        with_selected_own_do(with_selected_dq_red4(with_bulk_dq(
+            with_ordered_rotation(spec, facts), facts)))))), facts)
 
 
 def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
@@ -749,9 +749,9 @@ def with_dq_red4(spec: KernelSpec) -> KernelSpec:
         context = {"red4", *spec.mods.on, *(("causal",) if spec.causal else ())}
         if BWD90_HSPLIT[spec.head_dim].spills(context):
             return spec
-        # 2: each tile's last panel added after the next tile's first barrier (the kernel's
-        # header says why)
-        return spec.with_knobs(CF_DQ_RED4=2)
+        # 256: each tile's last panel added after the next tile's first barrier (the
+        # kernel's header says why); at 192 (one panel a warpgroup) that measured no better
+        return spec.with_knobs(CF_DQ_RED4=2 if spec.head_dim == 256 else 1)
     return spec.with_knobs(CF_DQ_RED4=1)
 
 
@@ -761,6 +761,20 @@ def with_selected_dq_red4(spec: KernelSpec) -> KernelSpec:
     if not bwd90_head_dim_split(spec) or spec.head_dim not in BWD90_DQ_RED4:
         return spec
     return with_dq_red4(spec)
+
+
+def with_selected_own_do(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with each warpgroup loading its own head-dim panels of the next dO
+    (``CF_HSPLIT_DO_OWN``) where the head-dim split runs it at 256 (one dO stage) and
+    registry.BWD90_HSPLIT_DO_OWN says so, except the modifier sets where that spilled; only
+    beside the vector dQ reductions' late panel (``CF_DQ_RED4=2``), the pair measured."""
+    if (not BWD90_HSPLIT_DO_OWN or not bwd90_head_dim_split(spec) or spec.head_dim != 256
+            or dict(spec.knobs).get("CF_DQ_RED4") != 2):
+        return spec
+    context = {"do_own", *spec.mods.on, *(("causal",) if spec.causal else ())}
+    if BWD90_HSPLIT[256].spills(context):
+        return spec
+    return spec.with_knobs(CF_HSPLIT_DO_OWN=1)
 
 
 def with_ordered_rotation(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

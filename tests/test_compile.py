@@ -335,26 +335,33 @@ def test_head_dim_split_backward_compiles_unserialized_without_spills():
 
 
 def test_head_dim_split_vector_reductions_compile_without_spills():
-    """dQ by vector reductions from registers into the tiled accumulator (CF_DQ_RED4=2,
-    specs.with_dq_red4; selected at 256 by registry.BWD90_DQ_RED4): zero spills under every
-    modifier set the selection gives it, red.global.add.v4.f32 in place of the bulk adds; the
-    sets where it spilled at 192 keep the staging."""
+    """dQ by vector reductions from registers into the tiled accumulator (CF_DQ_RED4,
+    specs.with_dq_red4; selected at 192 and 256 by registry.BWD90_DQ_RED4, at 256 beside each
+    warpgroup's own dO panels, CF_HSPLIT_DO_OWN): zero spills under every modifier set the
+    selection gives them, red.global.add.v4.f32 in place of the bulk adds; the sets where they
+    spilled keep the staging / the shared dO loads."""
     facts = specs.facts_for_arch("sm_90")
-    names = ("window", "softcap", "alibi", "varlen")
+    names = ("window", "softcap", "alibi", "varlen", "sinks")
     work = []
     for d in (256, 192):
         for causal in (False, True):
-            for n in range(3):
+            for n in range(4):
                 for combo in itertools.combinations(names, n):
                     mods = specs.ModFlags(**{name: True for name in combo})
                     spec = specs.with_dq_red4(specs.with_bulk_dq(specs.select_backward(
                         facts, "bfloat16", d, causal, False, mods=mods), facts))
                     if dict(spec.knobs).get("CF_DQ_RED4"):
                         work.append((spec, "sm_90"))
-    assert len(work) > 25, len(work)
+    assert len(work) > 60, len(work)
     _assert_compiled_without_spills(work, "head-dim split backward, vector dQ reductions")
     selected = specs.select_backward(facts, "bfloat16", 256, False, False)
     assert dict(selected.knobs).get("CF_DQ_RED4") == 2, selected.name
+    assert dict(selected.knobs).get("CF_HSPLIT_DO_OWN") == 1, selected.name
+    at_192 = specs.select_backward(facts, "bfloat16", 192, True, False)
+    assert dict(at_192.knobs).get("CF_DQ_RED4") == 1, at_192.name
+    spilled = specs.select_backward(facts, "bfloat16", 256, False, False,
+                                    mods=specs.ModFlags(softcap=True, varlen=True))
+    assert not dict(spilled.knobs).get("CF_HSPLIT_DO_OWN"), spilled.name
     ptx = _sm90a_ptx(selected)
     assert b"red.global.add.v4.f32" in ptx and b"cp.reduce.async.bulk" not in ptx
     declined = specs.with_dq_red4(specs.with_bulk_dq(specs.select_backward(

@@ -54,11 +54,12 @@ def _split_bulk(spec):
     from cuflash import launch
 
     # the staged bulk adds, where the selection gives the split vector reductions
-    return specs.with_bulk_dq(_split(spec), launch.device_facts(0)).without_knob("CF_DQ_RED4")
+    return specs.with_bulk_dq(_split(spec), launch.device_facts(0)).without_knob(
+        "CF_DQ_RED4").without_knob("CF_HSPLIT_DO_OWN")
 
 
 def _split_red4(spec):
-    return specs.with_dq_red4(_split_bulk(spec))  # (192 too: not selected there yet)
+    return specs.with_dq_red4(_split_bulk(spec))  # the reductions alone (no own dO panels)
 
 
 BULK_CASES = PLAIN + [mods_tests.CASES[4], mods_tests.CASES[9]]
