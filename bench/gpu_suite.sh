@@ -532,7 +532,8 @@ fwd256:fwd_profile.py:--head-dim 256 --seqlen 16384"}
         ncu -i "$OUT/results/stalls_$name.ncu-rep" --page source --csv --print-source sass \
           >"$OUT/results/stalls_$name.csv" 2>"$OUT/logs/stalls_${name}_export.err"
         run_stage "stalls_${name}_sass" $PY bench/dev/sass_stalls.py "$OUT/results/stalls_$name.csv"
-        ncu -i "$OUT/results/stalls_$name.ncu-rep" --page details >"$OUT/logs/stalls_${name}_details.txt" 2>&1
+        ncu -i "$OUT/results/stalls_$name.ncu-rep" --page details \
+          >"$OUT/logs/stalls_${name}_details.txt" 2>&1
         xz -f "$OUT/results/stalls_$name.csv"; rm -f "$OUT/results/stalls_$name.ncu-rep"
       done <<<"$rows" ;;
     generate)  # transformers greedy generation: per-token latency, sdpa vs cufa (~2 min)

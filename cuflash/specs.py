@@ -22,7 +22,8 @@ from .config import set_smem_budget  # noqa: F401  (documented as cuflash.specs.
 from .constants import DTYPES, KIB  # noqa: F401
 from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_BOXED_ONLY_OFF_WHEN, BWD90_BOXED_ONLY_WHEN, BWD90_DQ_FIRST,
-                       BWD90_HSPLIT, BWD90_DQ_RED4, BWD90_HSPLIT_DO_OWN, BWD90_DROP_FOLD, BWD90_PAIR_BUCKETS, BWD90_TMA,
+                       BWD90_HSPLIT, BWD90_DQ_RED4, BWD90_HSPLIT_DO_OWN, BWD90_DROP_FOLD,
+                       BWD90_PAIR_BUCKETS, BWD90_TMA,
                        BWD90_DROP_RING, FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,

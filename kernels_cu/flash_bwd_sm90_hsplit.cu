@@ -372,8 +372,8 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
   float dq[8][4];
   int pm0 = 0, ph = 0;
   const auto red_last_panel = [&](int rows, int head) {
-    red_dq_piece(dq, opaque_seq().dq_piece(dq_accum, head, rows, 64 * (kPanels * wg + kPanels - 1),
-                                           max_seqlen_q, kD),
+    const int col0 = 64 * (kPanels * wg + kPanels - 1);
+    red_dq_piece(dq, opaque_seq().dq_piece(dq_accum, head, rows, col0, max_seqlen_q, kD),
                  warp & 3, lane);
   };
   int t_cur = kept.above(-1);
@@ -558,7 +558,8 @@ extern "C" __global__ void __launch_bounds__(hsplit::kThreads, 1)
   }
   if (kDeferLast && n_iter > 0) red_last_panel(pm0, ph);
   cp_async_wait<0>();
-  if (CF_DQ_BULK && !CF_DQ_RED4 && (tid & 127) == 0) bulk_wait_all();  // performed before the block ends
+  // the bulk adds performed before the block ends
+  if (CF_DQ_BULK && !CF_DQ_RED4 && (tid & 127) == 0) bulk_wait_all();
 
   // -- dK (times softmax_scale) and dV: written, or a split's share added to the accumulators
   const int heads_kv = heads / heads_per_kv;
