@@ -741,10 +741,10 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
 def with_dq_red4(spec: KernelSpec) -> KernelSpec:
     """``spec`` adding dQ by vector reductions from registers into the tiled accumulator
     (``CF_DQ_RED4``: eight red.global.add.v4.f32 a thread per 64 x 64 piece, in place of
-    staging the piece in shared memory for a bulk reduce-add) where the kernel has bulk dQ in
-    its atomic mode (the warp-specialized Hopper backward, the head-dim split); other specs
-    as they are."""
-    if spec.kind != "bwd90" or not spec.dq_tiled or spec.dq_ordered:
+    staging the piece in shared memory for a bulk reduce-add) where the kernel has bulk dQ
+    (the warp-specialized Hopper backward, atomic or ordered: then inside the turns; the
+    head-dim split's atomic mode); other specs as they are."""
+    if spec.kind != "bwd90" or not spec.dq_tiled:
         return spec
     if bwd90_head_dim_split(spec):  # the sets that spill with it keep the staging
         context = {"red4", *spec.mods.on, *(("causal",) if spec.causal else ())}

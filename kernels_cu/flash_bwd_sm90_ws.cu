@@ -161,15 +161,16 @@ static_assert(!(CF_DQ_ORDERED && CF_BLOCK_SPARSE), "ordered dQ: every key tile p
 #define CF_DQ_BULK 0
 #endif
 // dQ into the tiled accumulator by vector reductions from the consumers' registers (a knob,
-// CF_DQ_RED4=1 on top of CF_DQ_BULK, atomic mode; cf_bwd90.cuh's red_dq_piece): eight
+// CF_DQ_RED4=1 on top of CF_DQ_BULK; cf_bwd90.cuh's red_dq_piece): eight
 // red.global.add.v4.f32 a thread a tile, in place of staging a piece for a bulk reduce-add
 // (no staging stores, piece barriers or waits for the add's reads; no piece in shared
-// memory).
+// memory). With ordered dQ the consumers reduce inside their turn, as the ordered atomics
+// do (the turn agent then only keeps the turns): each element still takes one add a key
+// tile, in the turns' order.
 #ifndef CF_DQ_RED4
 #define CF_DQ_RED4 0
 #endif
-static_assert(!CF_DQ_RED4 || (CF_DQ_BULK && !CF_DQ_ORDERED),
-              "vector reductions: the tiled accumulator (CF_DQ_BULK), atomic mode");
+static_assert(!CF_DQ_RED4 || CF_DQ_BULK, "vector reductions: the tiled accumulator (CF_DQ_BULK)");
 
 // Ordered dQ: how a warpgroup passes the turn on after its adds. Its threads meet at a named
 // barrier, then one thread fences at gpu scope (cumulative: it covers the adds the barrier
@@ -818,12 +819,6 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
   // n: the add's place in the walk (the turn agent's mbarrier phases)
   const auto add_dq_of = [&](const float (&dq)[8][4], int pm0, int ph, int n) {
     const int dq_row0 = kBM == 128 ? 64 * me : 0, dq_col0 = kBM == 128 ? 0 : 64 * me;
-    if constexpr (kRed4) {  // (rows wholly past seqlen_q: no piece)
-      if (pm0 + dq_row0 < seqlen_q)
-        red_dq_piece(dq, seq.dq_piece(dq_accum, ph, pm0 + dq_row0, dq_col0, max_seqlen_q, kD),
-                     cwarp, lane);
-      return;
-    }
     int* sem = nullptr;
     int turn = 0;
     if constexpr (kTurnAgent) {
@@ -835,9 +830,15 @@ extern "C" __global__ void __launch_bounds__(32 * CF_WARPS, 1)
       if (leader) wait_for_turn(sem, turn);
       named_bar_sync(kOrderBarrier + me, 128);
     }
-    add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
-           pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
-           softmax_scale);
+    if constexpr (kRed4) {  // (rows wholly past seqlen_q: no piece)
+      if (pm0 + dq_row0 < seqlen_q)
+        red_dq_piece(dq, seq.dq_piece(dq_accum, ph, pm0 + dq_row0, dq_col0, max_seqlen_q, kD),
+                     cwarp, lane);
+    } else {
+      add_dq(dq, dq_accum + (seq.row_q() * heads + ph) * head_dim,
+             pm0 + dq_row0 + cwarp * 16 + group, dq_col0, tig, seqlen_q, heads, head_dim,
+             softmax_scale);
+    }
     if constexpr (kTurnAgent) {
       mbar_arrive(bars.dq_added(me));  // the agent passes the turn on
     } else if constexpr (kOrdered) {

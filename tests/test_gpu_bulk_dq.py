@@ -5,7 +5,7 @@ of the tiled accumulator, the gradients match the float64 reference, and the det
 mode repeats bit for bit. The ordered mode runs again with two pieces a warpgroup
 (``CF_DQ_PIECES=2``, a knob the selector does not set yet), and the atomic mode with the
 pieces added by vector reductions from registers (``CF_DQ_RED4``), at head_dim 256 on the
-head-dim split too.
+head-dim split too, and the ordered mode with those reductions inside its turns.
 
 The guard: the call runs on a workspace laid out as the plan's, with 64 KiB of -0.0 floats
 inserted right after the dQ accumulator (nothing else writes there: the preprocess zeroes
@@ -50,7 +50,8 @@ def _guarded(scratch: plan.Workspace) -> plan.Workspace:
 # (head_dim, mode): the warp-specialized kernel at 64 / 128 in every mode; the head-dim split
 # at 256 (its tiled accumulator serves the atomic mode only); "red4": the vector reductions
 # from registers into the same pieces (CF_DQ_RED4, specs.with_dq_red4), session 40
-MODES = [(d, m) for d in (64, 128) for m in ("atomic", "red4", "ordered", "ordered_2pieces")]
+MODES = [(d, m) for d in (64, 128)
+         for m in ("atomic", "red4", "ordered", "ordered_2pieces", "ordered_red4")]
 MODES += [(256, "atomic"), (256, "red4")]
 
 
@@ -84,7 +85,7 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, mode, seqle
     if mode == "atomic":  # the staged bulk adds, where the selection reduces from registers
         p = replace(p, main=replace(p.main, spec=p.main.spec.without_knob(
             "CF_DQ_RED4").without_knob("CF_HSPLIT_DO_OWN")))
-    if mode == "red4":
+    if mode.endswith("red4"):  # (ordered: reduced inside the turns)
         p = replace(p, main=replace(p.main, spec=specs.with_dq_red4(p.main.spec)))
         assert dict(p.main.spec.knobs).get("CF_DQ_RED4"), p.main.spec.name
     p = replace(p, scratch=_guarded(p.scratch))
