@@ -220,7 +220,7 @@ constexpr bool kRotatable = CF_DQ_ORDERED && !CF_CAUSAL && !CF_LOCAL && !CF_VARL
 constexpr int kRotateMaxKeyTiles = CF_DQ_ROTATE_KEY_TILES;
 constexpr bool kPingPong = CF_BWD_WS_PINGPONG;
 constexpr bool kStatsAhead = CF_BWD_STATS_AHEAD;
-constexpr bool kRed4 = CF_DQ_RED4;
+enum : int { kRed4 = CF_DQ_RED4 != 0 };  // (an enum: a constexpr variable leaves a PTX symbol)
 constexpr bool kBulk = CF_DQ_BULK && !kRed4;  // staged pieces, bulk reduce-adds
 constexpr bool kAgentAdds = kTurnAgent && kBulk;  // ordered bulk dQ: the agent adds
 constexpr int kPieces = CF_DQ_PIECES;  // per warpgroup: 1, or 2 with kAgentAdds
