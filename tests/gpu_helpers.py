@@ -483,6 +483,13 @@ def hopper_selector_with_knob(name: str, knob, why: str):
     yield from selector_with_knob(name, knob)
 
 
+def staged_bulk_dq(spec):
+    """``spec`` with dQ staged in shared memory for bulk reduce-adds: without the vector
+    reductions the selection may give it (CF_DQ_RED4) and the own dO panels that ride on them
+    (CF_HSPLIT_DO_OWN), so the staging keeps its tests."""
+    return spec.without_knob("CF_DQ_RED4").without_knob("CF_HSPLIT_DO_OWN")
+
+
 def module_setup(module_specs: Callable[[], Iterable]):
     """(autouse module fixture, test) for a GPU test module: ``gpu_module_env`` with
     ``module_specs`` compiled ahead, and the test that lists what failed to compile. Assign

@@ -83,8 +83,7 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, mode, seqle
     if pieces == 2:  # the knob, not selected yet: two pieces a warpgroup (CF_DQ_PIECES)
         p = replace(p, main=replace(p.main, spec=p.main.spec.with_knobs(CF_DQ_PIECES=2)))
     if mode == "atomic":  # the staged bulk adds, where the selection reduces from registers
-        p = replace(p, main=replace(p.main, spec=p.main.spec.without_knob(
-            "CF_DQ_RED4").without_knob("CF_HSPLIT_DO_OWN")))
+        p = replace(p, main=replace(p.main, spec=gh.staged_bulk_dq(p.main.spec)))
     if mode.endswith("red4"):  # (ordered: reduced inside the turns)
         p = replace(p, main=replace(p.main, spec=specs.with_dq_red4(p.main.spec)))
         assert dict(p.main.spec.knobs).get("CF_DQ_RED4"), p.main.spec.name
@@ -130,12 +129,9 @@ def test_bulk_dq_stays_in_its_pieces_and_matches_reference(head_dim, mode, seqle
 def test_red4_dq_on_packed_sequences(head_dim, causal):
     """The vector reductions place packed sequences' pieces by cf_seq.cuh's dq_piece, as the
     bulk adds do (test_gpu_varlen's layout: empty sequences, queries without keys)."""
-    import cupy
+    from cuflash import fastpath, specs
 
-    from cuflash import specs
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("the bulk dQ adds are in the Hopper backward")
+    gh.hopper_only("the bulk dQ adds are in the Hopper backward")
     try:
         import test_gpu_varlen as varlen_tests
         from test_varlen import Case
@@ -149,8 +145,6 @@ def test_red4_dq_on_packed_sequences(head_dim, causal):
     case = Case(lengths=varlen_tests.LAYOUT, heads_kv=2, group=3, head_dim=head_dim,
                 causal=causal, scale=head_dim ** -0.5, dtype=varlen_tests.DTYPES["bfloat16"],
                 seed=head_dim + causal)
-    from cuflash import fastpath
-
     with fastpath.selector_patched("select_backward", specs.with_dq_red4):
         varlen_tests.check_case(case, f"red4 varlen d{head_dim} causal={causal}",
                                 deterministic_modes=(False,))

@@ -53,9 +53,7 @@ def _split(spec):
 def _split_bulk(spec):
     from cuflash import launch
 
-    # the staged bulk adds, where the selection gives the split vector reductions
-    return specs.with_bulk_dq(_split(spec), launch.device_facts(0)).without_knob(
-        "CF_DQ_RED4").without_knob("CF_HSPLIT_DO_OWN")
+    return gh.staged_bulk_dq(specs.with_bulk_dq(_split(spec), launch.device_facts(0)))
 
 
 def _split_red4(spec):
@@ -116,11 +114,8 @@ def hsplit_bulk():
 
 @pytest.fixture
 def hsplit_red4():
-    import cupy
-
-    if cupy.cuda.Device(0).compute_capability != "90":
-        pytest.skip("a Hopper backward's tile")
-    yield from gh.selector_with_knob("select_backward", _split_red4)
+    yield from gh.hopper_selector_with_knob("select_backward", _split_red4,
+                                            "a Hopper backward's tile")
 
 
 def _assert_planned(dtype, causal, flags, head_dim=256, deterministic=False, bulk=False):
@@ -199,7 +194,8 @@ def _own_do(spec):
 @pytest.mark.parametrize("case", BULK_CASES, ids=lambda c: c[0])
 def test_own_do_panels_match_reference(case, seqlen_q, seqlen_k):
     """head_dim 256 with each warpgroup loading its own panels of the next dO
-    (CF_HSPLIT_DO_OWN, a candidate knob) on top of the selection."""
+    (CF_HSPLIT_DO_OWN; selected beside CF_DQ_RED4=2 since session 40, so this pins it where
+    the selection would not add it)."""
     from cuflash import fastpath
 
     gh.hopper_only("a Hopper backward's tile")
