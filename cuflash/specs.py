@@ -538,9 +538,7 @@ def with_backward_head_dim_split(spec: KernelSpec) -> KernelSpec | None:
             or spec.head_dim_v or spec.mods.dropout or spec.mods.block_sparse
             or (spec.deterministic and spec.mods.window)):
         return None
-    context = {*spec.mods.on, *(("causal",) if spec.causal else ()),
-               *(("ordered",) if spec.deterministic else ())}
-    if tile.spills(context):
+    if tile.spills(_tile_context(spec, *(("ordered",) if spec.deterministic else ()))):
         return None
     return KernelSpec(kind="bwd90", dtype=spec.dtype, head_dim=spec.head_dim,
                       block_m=tile.block_m, block_n=tile.block_n, warps=tile.warps,
@@ -720,6 +718,12 @@ def with_dq_first(spec: KernelSpec) -> KernelSpec:
     return spec.with_knobs(CF_BWD_DQ_FIRST=1)
 
 
+def _tile_context(spec: KernelSpec, *extra: str) -> set[str]:
+    """The names a tile's spills_when sets are matched against: ``spec``'s modifiers,
+    "causal", and the knobs being considered (``extra``: "bulk", "red4", ...)."""
+    return {*extra, *spec.mods.on, *(("causal",) if spec.causal else ())}
+
+
 def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     """``spec`` adding dQ by bulk reduce-adds (``CF_DQ_BULK``, spec.dq_tiled) where the kernel
     has them and its staging fits ``facts``' shared memory: the warp-specialized Hopper
@@ -729,7 +733,7 @@ def with_bulk_dq(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:
     if spec.kind != "bwd90" or not spec.dq_atomic:
         return spec
     if bwd90_head_dim_split(spec):
-        context = {"bulk", *spec.mods.on, *(("causal",) if spec.causal else ())}
+        context = _tile_context(spec, "bulk")
         if spec.dq_ordered or BWD90_HSPLIT[spec.head_dim].spills(context):
             return spec
     elif not bwd90_warp_specialized(spec):
@@ -747,7 +751,7 @@ def with_dq_red4(spec: KernelSpec) -> KernelSpec:
     if spec.kind != "bwd90" or not spec.dq_tiled:
         return spec
     if bwd90_head_dim_split(spec):  # the sets that spill with it keep the staging
-        context = {"red4", *spec.mods.on, *(("causal",) if spec.causal else ())}
+        context = _tile_context(spec, "red4")
         if BWD90_HSPLIT[spec.head_dim].spills(context):
             return spec
         # 256: each tile's last panel added after the next tile's first barrier (the
@@ -772,7 +776,7 @@ def with_selected_own_do(spec: KernelSpec) -> KernelSpec:
     if (not BWD90_HSPLIT_DO_OWN or not bwd90_head_dim_split(spec) or spec.head_dim != 256
             or dict(spec.knobs).get("CF_DQ_RED4") != 2):
         return spec
-    context = {"do_own", *spec.mods.on, *(("causal",) if spec.causal else ())}
+    context = _tile_context(spec, "do_own")
     if BWD90_HSPLIT[256].spills(context):
         return spec
     return spec.with_knobs(CF_HSPLIT_DO_OWN=1)
