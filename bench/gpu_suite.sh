@@ -8,7 +8,7 @@
 #                                            workloads train_gqa train_profile issue10 host decode
 #                                            pre_convert step_idle
 #                                            generate ab
-#                                            decode_ab decode16 fwd_ncu fwd_times issue15
+#                                            decode_ab decode16 decode_fused fwd_ncu fwd_times issue15
 #                                            exp2_fma fwd_overlap fwd_persistent
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            fwd_tma bwd_tma fwd_bounds fwd_d256_ws
@@ -220,12 +220,21 @@ for stage in $stages; do
         --decode16 --out "$OUT/results/decode16.json" ;;
     decode_pdl)  # decode's combine as the split's programmatic dependent (decode.PDL, a
       # candidate written without a GPU): its float64-reference tests (graphs included),
-      # then TB/s with and without beside cuDNN (bench/dev/decode_pdl.py, bit-for-bit check)
+      # then TB/s with and without beside cuDNN (bench/dev/decode_knob_ab.py, bit for bit)
       CUFLASH_POISON=1 run_stage decode_pdl_tests timeout "${DECODE_PDL_TEST_TIMEOUT:-150}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_decode_pdl.py
-      run_stage decode_pdl timeout "${DECODE_PDL_TIMEOUT:-150}" $PY bench/dev/decode_pdl.py \
-        --out "$OUT/results/decode_pdl.json" ;;
+      run_stage decode_pdl timeout "${DECODE_PDL_TIMEOUT:-150}" $PY bench/dev/decode_knob_ab.py \
+        --knob PDL --out "$OUT/results/decode_pdl.json" ;;
+    decode_fused)  # session 41: the split kernel's last block of a row tile merges the splits
+      # (decode.FUSED_COMBINE, CF_FUSED_COMBINE; written without a GPU): the splitting decode
+      # tests with it (graph replays included), then TB/s off / on beside cuDNN at q_len 1,
+      # 2, 4, 8 (bench/dev/decode_knob_ab.py)
+      CUFLASH_POISON=1 run_stage decode_fused_tests timeout "${DECODE_FUSED_TEST_TIMEOUT:-240}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_decode_fused.py
+      run_stage decode_fused timeout "${DECODE_FUSED_TIMEOUT:-200}" $PY bench/dev/decode_knob_ab.py \
+        --knob FUSED_COMBINE --q-lens 1 2 4 8 --out "$OUT/results/decode_fused.json" ;;
     exp2_fma)  # the Hopper forward's softmax with part of its exp2 on the FMA pipe
       # (CF_EXP2_FMA): its float64-reference tests, then TFLOP/s against the selection and
       # cuDNN (bench/dev/exp2_fma_ab.py; EXP2_FMA_ARGS, e.g. --values 0,2,4,6)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from . import config, validate
 from .constants import DTYPES, LOG2E
 from .api import _refuse_untracked_gradients
-from .launch import launch_function, poison_enabled
+from .launch import launch_function, memset_async, poison_enabled
 from .fastpath import typed
 from .replay import Replay, addresses
 # re-exported: the plan's names that tests, benchmarks and docs use from here
@@ -100,12 +100,15 @@ class DecodeSpec:
     # a candidate (not timed; sm_90 and newer): the combine launched as the split's
     # programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
     pdl: bool = False
+    # a candidate (session 41): the split's last block of a row tile merges the splits
+    # (CF_FUSED_COMBINE; no combine kernel, a memset of its counters instead)
+    fused_combine: bool = False
 
     @property
     def name(self) -> str:
         return (f"decode_{_DTYPE_SHORT[self.dtype]}_d{self.head_dim}_r{self.rows}"
                 f"_k{self.keys}_s{self.stages}_b{self.min_blocks}_w{self.warps}"
-                + ("_pdl" if self.pdl else ""))
+                + ("_pdl" if self.pdl else "") + ("_fc" if self.fused_combine else ""))
 
     @property
     def threads(self) -> int:
@@ -142,7 +145,8 @@ class DecodeSpec:
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_KEYS": self.keys, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
-                **({"CF_DECODE_PDL": 1} if self.pdl else {})}
+                **({"CF_DECODE_PDL": 1} if self.pdl else {}),
+                **({"CF_FUSED_COMBINE": 1} if self.fused_combine else {})}
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,7 @@ class DecodeMmaSpec:
     whole_tiles: bool = False  # CF_WHOLE_TILES: keys every row sees skip the per-score mask
     combine_rows: bool = False  # CF_COMBINE_ROWS: few splits, the combine takes a row a warp
     pdl: bool = False  # CF_DECODE_PDL: as DecodeSpec's (a candidate, not timed)
+    fused_combine: bool = False  # CF_FUSED_COMBINE: as DecodeSpec's
 
     def __post_init__(self):
         if self.l2_ahead < 0:
@@ -204,7 +209,7 @@ class DecodeMmaSpec:
                 ("_pid" if self.page_ids else "") + ("_sa" if self.step_addr else "") +
                 (f"_ps{self.paged_step}" if self.paged_step else "") +
                 ("_wt" if self.whole_tiles else "") + ("_cr" if self.combine_rows else "") +
-                ("_pdl" if self.pdl else ""))
+                ("_pdl" if self.pdl else "") + ("_fc" if self.fused_combine else ""))
 
     @property
     def threads(self) -> int:
@@ -243,7 +248,8 @@ class DecodeMmaSpec:
         knobs = {"CF_L2_AHEAD": self.l2_ahead, "CF_PAGE_IDS": int(self.page_ids),
                  "CF_STEP_ADDR": int(self.step_addr), "CF_PAGED_STEP": self.paged_step,
                  "CF_WHOLE_TILES": int(self.whole_tiles),
-                 "CF_COMBINE_ROWS": int(self.combine_rows), "CF_DECODE_PDL": int(self.pdl)}
+                 "CF_COMBINE_ROWS": int(self.combine_rows), "CF_DECODE_PDL": int(self.pdl),
+                 "CF_FUSED_COMBINE": int(self.fused_combine)}
         return {"CF_DTYPE": _DTYPE_CODE[self.dtype], "CF_HEAD_DIM": self.head_dim,
                 "CF_ROWS": self.rows, "CF_BLOCK_N": self.block_n, "CF_STAGES": self.stages,
                 "CF_MIN_BLOCKS": self.min_blocks, "CF_WARPS": self.warps,
@@ -395,12 +401,36 @@ def select_decode(dtype: str, head_dim: int, rows: int,
 
 # The combine launched as the split's programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
 # on sm_90 and newer: a candidate, written without a GPU; tests/test_gpu_decode_pdl.py and
-# bench/dev/decode_pdl.py switch it on. What it could save: the combine's launch and start-up
-# after the split's last wave, ~2 us of the ~40 at (1, 32k, 8 kv heads) (docs/decode.md).
+# bench/dev/decode_knob_ab.py --knob PDL switch it on. What it could save: the combine's
+# launch and start-up after the split's last wave, ~2 us of the ~40 at (1, 32k, 8 kv heads)
+# (docs/decode.md). Measured within 0.7% either way (session 31).
 PDL = False
+# The splits merged by the split kernel's last block of each row tile (CF_FUSED_COMBINE,
+# flash_decode.cu's merge_splits_if_last) instead of the combine kernel: a candidate of
+# session 41, written without a GPU; tests/test_gpu_decode_fused.py checks it and
+# bench/dev/decode_knob_ab.py --knob FUSED_COMBINE times it (`gpu_suite.sh decode_fused`).
+# What it could save: the combine's ~2 us (its launch and dependent loads, 2.1-2.4 us at
+# q_len 1 and up to 9.7 at q_len 8 in session 18) after the split's last block, for a
+# memset of the counters.
+FUSED_COMBINE = False
+# Tensor-core buckets (head_dim, rows, paged) that keep the combine kernel: with the fused
+# merge the paged d32 16-row split (3 blocks per SM, 168 registers) spilled 24 B on sm_90
+# (NVRTC 13.0; sm_80 / sm_86 / sm_120 compiled it without).
+_FUSED_SPILLS = {(32, 16, True)}
+
+
+def _fused(spec):
+    """``spec`` with ``fused_combine`` where FUSED_COMBINE is on and its bucket compiles
+    without spills."""
+    paged = getattr(spec, "page_ids", False)
+    if not FUSED_COMBINE or (isinstance(spec, DecodeMmaSpec)
+                             and (spec.head_dim, spec.rows, paged) in _FUSED_SPILLS):
+        return spec
+    return replace(spec, fused_combine=True)
 
 
 def _with_pdl(spec, facts: DeviceFacts | None):
+    spec = _fused(spec)
     if not PDL or facts is None or int(facts.arch.removeprefix("sm_").rstrip("a")) < 90:
         return spec
     return replace(spec, pdl=True)
@@ -429,7 +459,8 @@ def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
            for paged in (False, True) for spec in _with_two_stages(mma_spec(dtype, d, r, paged))]
     if arch is not None and arch in ARCH_SMEM_OPTIN:
         mma = [spec for spec in mma if spec.smem_bytes <= ARCH_SMEM_OPTIN[arch]]
-    return simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
+    every = simt + list(dict.fromkeys(mma))  # a row cap maps several buckets to one spec
+    return [_fused(s) for s in every]
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -439,7 +470,9 @@ def all_decode_specs(dtypes=DTYPES, arch: str | None = None) -> list:
 class DecodePlan:
     """Grids, splits and scratch. Scratch (``workspace_bytes``, only when num_splits > 1):
     float32 o_part (num_splits, batch, q_len, heads, head_dim), then at ``lse_offset``
-    float32 lse_part (num_splits, batch, heads, q_len)."""
+    float32 lse_part (num_splits, batch, heads, q_len), then, where the split kernel merges
+    the splits itself (``fuses``: no ``combine_grid``), at ``counter_offset`` one int32
+    ticket counter a split block's row tile (``grid[0]`` of them), zeroed before the split."""
 
     shape: DecodeShape
     spec: DecodeSpec | DecodeMmaSpec
@@ -451,6 +484,12 @@ class DecodePlan:
     append_grid: tuple[int, int, int] | None  # k_new / v_new into the cache, first
     lse_offset: int
     workspace_bytes: int
+    counter_offset: int = 0  # 0: no counters (one split, or the combine kernel merges)
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the split kernel's last blocks merge the splits (CF_FUSED_COMBINE)."""
+        return self.counter_offset > 0
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -463,6 +502,14 @@ def combine_by_warps(spec, num_splits: int) -> bool:
     round trip of loads: flash_decode.cu's kCombineBatch), so its grid is rows / warps."""
     batch = COMBINE_BATCH // _cdiv(spec.head_dim, 128)
     return getattr(spec, "combine_rows", False) and num_splits <= batch
+
+
+def fuses_splits(spec, num_splits: int) -> bool:
+    """Whether the split kernel merges ``num_splits`` splits itself: its spec has
+    ``fused_combine`` and the merge's weights (rows x splits floats) fit the block's shared
+    memory (flash_decode.cu's merge_splits_if_last)."""
+    return (num_splits > 1 and getattr(spec, "fused_combine", False)
+            and 4 * spec.rows * num_splits <= spec.smem_bytes)
 
 
 def split_keys(seqlen_cache: int, num_splits: int, step: int = 1) -> tuple[int, int]:
@@ -533,23 +580,28 @@ def plan_decode(shape: DecodeShape, sm_count: int, num_splits: int | None = None
         want = auto_splits(blocks, s.seqlen_cache, spec.step, sm_count, spec.min_blocks)
         splits, per = split_keys(s.seqlen_cache, want, spec.step)
     combine_grid = lse_offset = workspace = None
+    counter_offset = 0
     if splits > 1:
         rows_out = s.batch * s.q_len * s.heads
-        combine_grid = (_cdiv(rows_out, COMBINE_WARPS) if combine_by_warps(spec, splits)
-                        else rows_out, 1, 1)  # a block a row, or (few splits) a warp a row
         lse_offset = _cdiv(4 * splits * rows_out * s.head_dim, 256) * 256
         workspace = lse_offset + 4 * splits * rows_out
+        if fuses_splits(spec, splits):
+            counter_offset = _cdiv(workspace, 16) * 16
+            workspace = counter_offset + 4 * blocks
+        else:  # a block a row, or (few splits) a warp a row
+            combine_grid = (_cdiv(rows_out, COMBINE_WARPS) if combine_by_warps(spec, splits)
+                            else rows_out, 1, 1)
     chunks = s.batch * s.seqlen_new * s.heads_kv * (s.head_dim // 8)  # one thread each
     append_grid = (_cdiv(chunks, spec.threads), 1, 1) if chunks else None
     return DecodePlan(s, spec, row_tiles, splits, per, (blocks, splits, 1), combine_grid,
-                      append_grid, lse_offset or 0, workspace or 0)
+                      append_grid, lse_offset or 0, workspace or 0, counter_offset)
 
 
 # -- launching on raw pointers -----------------------------------------------------------------
 
-# flash_decode.cu's DecodeParams: 12 pointers, 17 ints, 18 strides, 2 floats (320 bytes, no
+# flash_decode.cu's DecodeParams: 13 pointers, 17 ints, 18 strides, 2 floats (328 bytes, no
 # tail padding). Every kernel of the file takes it whole.
-_POINTERS = 12  # DecodeParams begins with its arrays' addresses
+_POINTERS = 13  # DecodeParams begins with its arrays' addresses
 _PARAMS_SIGNATURE = "p" * _POINTERS + "i" * 17 + "q" * 18 + "f" * 2
 _functions: dict = {}  # (spec name, device, forced arch) -> (split, combine, append, keep)
 
@@ -596,7 +648,9 @@ def _params(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands,
             workspace: int) -> tuple:
     """DecodeParams, field by field (flash_decode.cu's order)."""
     s = plan.shape
-    o_part, lse_part = (workspace, workspace + plan.lse_offset) if plan.combine_grid else (0, 0)
+    o_part, lse_part = ((workspace, workspace + plan.lse_offset) if plan.num_splits > 1
+                        else (0, 0))
+    counters = workspace + plan.counter_offset if plan.fuses else 0
     left, right = problem.window or (-1, -1)
     if problem.softcap:  # q * scale / softcap; the kernel's tanh, then * softcap * LOG2E
         scale_q, softcap_log2 = problem.softmax_scale / problem.softcap, problem.softcap * LOG2E
@@ -604,7 +658,7 @@ def _params(plan: DecodePlan, problem: DecodeProblem, ops: DecodeOperands,
         scale_q, softcap_log2 = problem.softmax_scale * LOG2E, 0.0
     max_pages = s.seqlen_cache // s.page_size if s.page_size else 0
     return (ops.q, ops.k, ops.v, ops.k_new, ops.v_new, ops.cache_seqlens, ops.block_table,
-            ops.alibi_slopes, ops.o, ops.lse, o_part, lse_part,
+            ops.alibi_slopes, ops.o, ops.lse, o_part, lse_part, counters,
             s.batch, s.q_len, s.heads, s.heads_kv, s.head_dim, s.seqlen_cache, s.seqlen_new,
             s.page_size, problem.num_pages, max_pages, plan.num_splits, plan.keys_per_split,
             plan.row_tiles, int(problem.causal), left, right,
@@ -631,6 +685,8 @@ def _enqueue(plan: DecodePlan, functions: tuple, args: tuple, stream: int) -> No
                         stream, what("flash_decode_append"))
     if s.empty:  # an append with no query rows
         return
+    if plan.fuses:  # the ticket counters (DecodeParams.split_counters, args[12])
+        memset_async(args[12], 4 * plan.grid[0], stream)
     launch_function(split_fn, plan.grid, spec.threads, spec.smem_bytes, _PARAMS_SIGNATURE, args,
                     stream, what(spec))
     if plan.combine_grid:  # (with `pdl`, launched while the split's last wave runs)

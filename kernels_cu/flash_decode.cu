@@ -18,7 +18,8 @@
 //     r = i * group + g (query i, head h_kv * group + g), so K/V are read once per group.
 //     rows = q_len * group; more than CF_ROWS rows take several row tiles (each re-reads
 //     the key range). Writes o and lse directly when num_splits == 1; else the normalized
-//     partial o (float32) and its lse for the combine.
+//     partial o (float32) and its lse for the combine; with CF_FUSED_COMBINE the last
+//     block of a row tile merges them itself (merge_splits_if_last) and there is no combine.
 //   flash_decode_combine  grid (batch * q_len * heads), one block of CF_COMBINE_WARPS warps
 //     per query row: lse = log(sum_s exp(lse_s)), o = sum_s exp(lse_s - lse) * o_s (the
 //     math of cuflash.merge_attention), o in elem_t, lse float32.
@@ -63,6 +64,9 @@
 //   lse        float32 (batch, heads, q_len), natural log; -inf for a row that sees no key
 //   o_part     float32 (num_splits, batch, q_len, heads, head_dim), contiguous
 //   lse_part   float32 (num_splits, batch, heads, q_len), contiguous
+//   split_counters int32 (batch * heads_kv * row_tiles): one a split block's row tile, zero
+//              at the launch (CF_FUSED_COMBINE; null without it, or where the plan keeps the
+//              combine kernel)
 // A row that sees no key: o = 0, lse = -inf.
 
 #include "cf_config.cuh"  // CF_DTYPE, CF_HEAD_DIM (32, 64, 128 or 256), CF_WARPS, CF_STAGES
@@ -136,6 +140,7 @@ struct DecodeParams {
   float* lse;
   float* o_part;
   float* lse_part;
+  int* split_counters;  // CF_FUSED_COMBINE: a ticket counter a row tile, zeroed; else null
   int batch, q_len, heads, heads_kv, head_dim;
   int seqlen_cache;  // keys an entry can hold (paged: max_pages * page_size)
   int seqlen_new;  // keys appended by this call (0: none)
@@ -349,6 +354,18 @@ __device__ __forceinline__ RowScores<kN> row_scores(const DecodeParams& p, const
   return rs;
 }
 
+// -- warp reductions (the split kernels' own merge of the splits) ---------------------------
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
 // -- the block's rows out: merge the partial (m_i, l_i, acc) of kParts parts -----------------
 // Shared memory holds, per part g and tile row r: acc at sm_acc[(g * kTileRows + r) * kDim],
 // m_i at sm_m[g * kTileRows + r], l_i at sm_l[...] (log2 units). Each thread finishes
@@ -389,6 +406,98 @@ __device__ __forceinline__ void write_block_rows(const DecodeParams& p, const De
     }
   }
 }
+
+// -- CF_FUSED_COMBINE: the last split block of a row tile merges the splits -------------------
+// Why: a split call is otherwise two kernels, and the combine's ~2 us (its launch, then the
+// latency of its dependent loads, H200 session 18) follow the split kernel's last block; here
+// only the row tile that finishes last pays for a merge, the others' merges run under the
+// streaming of the rest. Each block writes its partial rows as without the knob, then takes a
+// ticket on its row tile's counter (zeroed by a memset before the call, decode.py's plan); the
+// block that draws num_splits - 1 reads every split's lse and partial o back from L2 (the
+// threadFenceReduction pattern: stores, fence, barrier, atomic; then fence, .cg loads) and
+// writes o and lse. Weights w_s = exp2(lse_s - m) / sum_s' exp2(lse_s' - m) (log2 units),
+// o = sum_s w_s o_s: cuflash.merge_attention's math. Shared memory: tile rows x splits weights
+// over the block's own (the plan fuses only where they fit).
+#ifndef CF_FUSED_COMBINE
+#define CF_FUSED_COMBINE 0
+#endif
+#if CF_FUSED_COMBINE
+#ifndef CF_MERGE_BATCH  // splits whose partial o a thread loads before using any
+#define CF_MERGE_BATCH 4
+#endif
+enum : int { kMergeBatch = CF_MERGE_BATCH };
+template <int kTileRows>
+__device__ __forceinline__ void merge_splits_if_last(const DecodeParams& p, float* sm_w,
+                                                     int threads) {
+  const int n = p.num_splits;
+  if (n == 1 || p.split_counters == nullptr) return;  // no counters: the combine kernel merges
+  __shared__ int last;
+  __threadfence();  // this block's partial o and lse, device-wide before its ticket
+  __syncthreads();  // (also: write_block_rows is done with the shared memory sm_w reuses)
+  if (threadIdx.x == 0) last = atomicAdd(p.split_counters + blockIdx.x, 1) == n - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // the other blocks' partials were fenced before their tickets
+  // the row tile again from blockIdx and p (decode_block's): nothing of the split's loop is
+  // kept live for this tail (keeping its DecodeBlock spilled two specs, NVRTC 13.0 sm_90)
+  const int bh = blockIdx.x / p.row_tiles, b = bh / p.heads_kv, group = p.heads / p.heads_kv;
+  const int row0 = (blockIdx.x % p.row_tiles) * kTileRows, h0 = (bh % p.heads_kv) * group;
+  const int rows = min(kTileRows, p.q_len * group - row0);  // valid rows of the tile
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = threads >> 5;
+  const long long lse_stride = (long long)p.batch * p.heads * p.q_len;  // one split's lse
+  // -- a warp a row: lse_s (log2 units) into sm_w, then the normalized weights over them
+  for (int r = warp; r < rows; r += warps) {
+    const int i = (row0 + r) / group, h = h0 + (row0 + r) % group;  // DecodeBlock's query / head
+    const long long lse_row = ((long long)b * p.heads + h) * p.q_len + i;
+    float m = -CF_INF;
+    for (int s = lane; s < n; s += 32) {
+      const float x = __ldcg(p.lse_part + s * lse_stride + lse_row) * CF_LOG2E;
+      sm_w[r * n + s] = x;
+      m = fmaxf(m, x);
+    }
+    m = warp_max(m);
+    const float m_safe = m == -CF_INF ? 0.f : m;  // no split saw a key
+    float l = 0.f;
+    for (int s = lane; s < n; s += 32) l += exp2f(sm_w[r * n + s] - m_safe);
+    l = warp_sum(l);
+    const float inv = l == 0.f ? 0.f : __fdividef(1.f, l);  // l <= num_splits
+    for (int s = lane; s < n; s += 32) sm_w[r * n + s] = exp2f(sm_w[r * n + s] - m_safe) * inv;
+    if (lane == 0) p.lse[lse_row] = l == 0.f ? -CF_INF : (m_safe + log2f(l)) * CF_LN2;
+  }
+  __syncthreads();
+  // -- a thread (row, 4 columns): o = sum_s w_s o_s, kMergeBatch splits' loads in flight
+  const int quads = p.head_dim / 4;  // head_dim % 8 == 0
+  const long long part_stride = (long long)p.batch * p.q_len * p.heads * p.head_dim;
+  for (int idx = threadIdx.x; idx < rows * quads; idx += threads) {
+    const int r = idx / quads, d = 4 * (idx % quads);
+    const int i = (row0 + r) / group, h = h0 + (row0 + r) % group;
+    const float* part = p.o_part + (((long long)b * p.q_len + i) * p.heads + h) * p.head_dim + d;
+    const float* w = sm_w + r * n;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < n; s0 += kMergeBatch) {
+      float4 x[kMergeBatch];
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u)
+        x[u] = s0 + u < n ? __ldcg(reinterpret_cast<const float4*>(part + (s0 + u) * part_stride))
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < kMergeBatch; ++u) {
+        const float ws = s0 + u < n ? w[s0 + u] : 0.f;
+        acc.x = fmaf(ws, x[u].x, acc.x);
+        acc.y = fmaf(ws, x[u].y, acc.y);
+        acc.z = fmaf(ws, x[u].z, acc.z);
+        acc.w = fmaf(ws, x[u].w, acc.w);
+      }
+    }
+    elem_t* out = p.o + b * p.stride_ob + (long long)i * p.stride_om +
+                  (long long)h * p.stride_oh + d;
+    out[0] = float_to_elem(acc.x);
+    out[1] = float_to_elem(acc.y);
+    out[2] = float_to_elem(acc.z);
+    out[3] = float_to_elem(acc.w);
+  }
+}
+#endif
 
 #if !CF_DECODE_MMA  // -- the SIMT split kernel -----------------------------------------------
 
@@ -594,21 +703,13 @@ flash_decode_split(const DecodeParams p) {
   __syncthreads();
 
   write_block_rows<kGroups, kRows>(p, blk, sm_acc, sm_m, sm_l, kThreads);
+#if CF_FUSED_COMBINE
+  merge_splits_if_last<kRows>(p, smem, kThreads);
+#endif
 }
 #endif  // !CF_DECODE_MMA
 
 // -- combine: one warp per (b, i, h) row ------------------------------------------------------
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
 // The combine is a short kernel after a long one: its time is the latency of its dependent
 // loads. So each of a block's warps takes every CF_COMBINE_WARPS-th split and issues the lse
 // and partial-o loads of kCombineBatch of its splits before using any (one round trip up

@@ -742,4 +742,7 @@ flash_decode_split(const DecodeParams p) {
   }
   __syncthreads();
   write_block_rows<kKeyParts, kTileRows>(p, blk, sm_acc, sm_m, sm_l, kThreads);
+#if CF_FUSED_COMBINE
+  merge_splits_if_last<kTileRows>(p, sm_acc, kThreads);
+#endif
 }

@@ -169,7 +169,7 @@ def test_plan_fills_whole_waves_with_few_splits(batch, cache, heads_kv, splits):
     # 16 or 32 rows for groups of 4 and 32
     assert plan.spec.rows == {32: 1, 8: 16, 1: 32}[heads_kv]
     assert plan.row_tiles == 1
-    assert (plan.combine_grid is None) == (plan.num_splits == 1)
+    assert (plan.combine_grid is None) == (plan.num_splits == 1 or plan.fuses)
     # 32 rows take a ring of 3 tiles (104 KB; 2 where a block gets 99 KB: the test below)
     assert plan.spec.smem_bytes <= {32: 48, 8: 99, 1: 104}[heads_kv] * 1024
 
@@ -479,3 +479,50 @@ def test_combine_takes_a_row_a_warp_only_with_the_knob_and_few_splits():
     assert many.combine_grid == (rows, 1, 1)
     wide = replace(decode.mma_spec("bfloat16", 256, 16), combine_rows=True)
     assert decode.combine_by_warps(wide, 2) and not decode.combine_by_warps(wide, 3)
+
+
+def test_fused_combine_plans_counters_instead_of_a_combine():
+    """decode.fuses_splits / plan_decode with a ``fused_combine`` spec (CF_FUSED_COMBINE):
+    with splits, the scratch gains one int32 counter a split block's row tile (16-byte
+    aligned, after lse_part) and there is no combine grid; with one split, nothing; where the
+    merge's weights (rows x splits floats) pass the block's shared memory, the combine
+    kernel as before."""
+    from dataclasses import replace
+
+    shape = _shape(1, 32768, 8)
+    spec = replace(decode.select_decode("bfloat16", 128, 4), fused_combine=True)
+    assert spec.name.endswith("_fc") and spec.defines["CF_FUSED_COMBINE"] == 1
+    plan = decode.plan_decode(shape, sm_count=132, facts=H200, spec=spec)
+    plain = decode.plan_decode(shape, sm_count=132, facts=H200,
+                               spec=replace(spec, fused_combine=False))
+    assert plan.num_splits == plain.num_splits > 1 and plain.combine_grid and not plain.fuses
+    assert plan.fuses and plan.combine_grid is None
+    assert plan.counter_offset == -(-plain.workspace_bytes // 16) * 16
+    assert plan.workspace_bytes == plan.counter_offset + 4 * plan.grid[0]
+    assert plan.labels == (spec.name,)
+    one = decode.plan_decode(shape, sm_count=132, num_splits=1, spec=spec)
+    assert not one.fuses and one.workspace_bytes == 0 and one.combine_grid is None
+    simt = replace(decode.select_decode("float32", 64, 1), fused_combine=True)
+    fits = simt.smem_bytes // (4 * simt.rows)
+    assert decode.fuses_splits(simt, min(fits, decode.MAX_SPLITS))
+    assert not decode.fuses_splits(simt, 1)
+    assert not decode.fuses_splits(replace(simt, fused_combine=False), 8)
+    from types import SimpleNamespace
+
+    tight = SimpleNamespace(fused_combine=True, rows=16, smem_bytes=4 * 16 * 10)
+    assert decode.fuses_splits(tight, 10) and not decode.fuses_splits(tight, 11)
+
+
+def test_fused_combine_is_off_unless_selected(monkeypatch):
+    """decode.FUSED_COMBINE (False until measured) puts ``fused_combine`` on every selected
+    spec, SIMT and tensor-core, contiguous and paged."""
+    assert not any(s.fused_combine for s in decode.all_decode_specs())
+    monkeypatch.setattr(decode, "FUSED_COMBINE", True)
+    for rows, paged in ((1, False), (4, False), (4, True), (32, False), (8, True)):
+        assert decode.select_decode("bfloat16", 128, rows, H200, paged=paged).fused_combine
+    assert decode.select_decode("float32", 64, 2, H200).fused_combine
+    kept = decode._FUSED_SPILLS
+    assert not decode.select_decode("bfloat16", 32, 4, H200, paged=True).fused_combine
+    assert all(s.fused_combine != (isinstance(s, decode.DecodeMmaSpec)
+                                   and (s.head_dim, s.rows, s.page_ids) in kept)
+               for s in decode.all_decode_specs())

@@ -96,3 +96,21 @@ def test_candidate_knobs_compile_without_spills(arch):
     bad = [f"{r.spec}: {r.registers} regs, {r.spills} B spilled, {r.stack_bytes} B stack"
            for r in reports if r.spills or r.stack_bytes]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_120"])
+def test_fused_merge_specs_compile_without_spills(arch, monkeypatch):
+    """With decode.FUSED_COMBINE (the split kernel's last block merges the splits,
+    CF_FUSED_COMBINE; a candidate) every spec all_decode_specs then lists, fused where
+    decode._FUSED_SPILLS allows, compiles without spills or stack (16-bit specs in bf16 only
+    off sm_90: fp16 builds the same code with another conversion)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE", True)
+    dtypes = ("float16", "bfloat16", "float32") if arch == "sm_90" else ("bfloat16", "float32")
+    work = decode.all_decode_specs(dtypes, arch)
+    assert sum(s.fused_combine for s in work) >= len(work) - 2
+    with ThreadPoolExecutor(2) as pool:
+        reports = [r for batch in pool.map(lambda s: compiler.compile_report(s, arch), work)
+                   for r in batch if r.function == "flash_decode_split"]
+    bad = [f"{r.spec}: {r.registers} regs, {r.spills} B spilled, {r.stack_bytes} B stack"
+           for r in reports if r.spills or r.stack_bytes]
+    assert not bad, "\n".join(bad)

@@ -2,7 +2,7 @@
 CF_DECODE_PDL, cuflash/pdl.py; a candidate) against the float64 reference (``gpu``, Hopper
 and newer): test_gpu_decode's tests that split the keys (so a combine runs), CUDA graphs
 included, with PDL on for every selected spec. The host side is tests/test_pdl.py; times:
-bench/dev/decode_pdl.py (``gpu_suite.sh decode_pdl``)."""
+bench/dev/decode_knob_ab.py --knob PDL (``gpu_suite.sh decode_pdl``)."""
 
 from __future__ import annotations
 
