@@ -423,7 +423,7 @@ __device__ __forceinline__ void write_block_rows(const DecodeParams& p, const De
 #endif
 #if CF_FUSED_COMBINE
 #ifndef CF_MERGE_BATCH  // splits whose partial o a thread loads before using any
-#define CF_MERGE_BATCH 4
+#define CF_MERGE_BATCH 8  // (16 spilled the fp32 one-row specs on sm_120, NVRTC 13)
 #endif
 enum : int { kMergeBatch = CF_MERGE_BATCH };
 template <int kTileRows>
