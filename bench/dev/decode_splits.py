@@ -1,7 +1,10 @@
 """Decode bandwidth by key-split count at the GQA rows (#16: 0.95-0.97x cuDNN there), the
 selection's count marked, cuDNN beside: whether another count would close the gap.
 
-    python bench/dev/decode_splits.py [--reps 20]
+    python bench/dev/decode_splits.py [--reps 20] [--fused]
+
+--fused: with decode.FUSED_COMBINE (the split kernel merges the splits itself), whose
+cheaper merge may move the best count.
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--fused", action="store_true", help="decode.FUSED_COMBINE on")
     args = ap.parse_args()
     import torch
 
     import cuflash
     from cuflash import decode
+
+    decode.FUSED_COMBINE = args.fused or decode.FUSED_COMBINE
+    print(f"decode.FUSED_COMBINE = {decode.FUSED_COMBINE}")
 
     for batch, cache, heads_kv in ROWS:
         q, k, v = bench._inputs(torch, batch, cache, heads_kv)
