@@ -77,6 +77,9 @@ def parse_args(argv=None):
                         "block_sparse, ...) loading with bulk tensor copies whether or not "
                         "the selection does (specs.boxed_where): e.g. --boxed varlen --kinds "
                         "varlen, their zeroed tails; --boxed block_sparse --kinds sparse")
+    p.add_argument("--decode-fused", action="store_true",
+                   help="decode cases with decode.FUSED_COMBINE (the split kernel's last "
+                        "block merges the splits; a candidate)")
     p.add_argument("--smem-kib", type=int, default=None,
                    help="plan tiles for this shared-memory budget in KiB (default: the device's)")
     return p.parse_args(argv)
@@ -390,6 +393,10 @@ def main(argv=None) -> int:
         SHAPE["seqlen_k"] = args.seqlen_k
     cupy.cuda.set_allocator(None)  # one cudaMalloc per array (see the module docstring)
     specs.set_smem_budget(None if args.smem_kib is None else args.smem_kib * specs.KIB)
+    if args.decode_fused:
+        from cuflash import decode
+
+        decode.FUSED_COMBINE = True
     props = cupy.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     print(f"cuflash sanitize run on {name}: batch {SHAPE['batch']}, (seqlen_q, seqlen_k) "
