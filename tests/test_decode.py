@@ -227,13 +227,14 @@ def test_split_keys_cover_the_cache(seqlen, want, step):
 
 
 def test_spec_names_and_buckets():
+    fc = "_fc" if decode.FUSED_COMBINE else ""  # the fused merge's suffix, where selected
     spec = decode.select_decode("float32", 72, 3)
     assert (spec.head_dim, spec.rows) == (128, 4)
-    assert spec.name == "decode_fp32_d128_r4_k1_s2_b3_w4"
+    assert spec.name == "decode_fp32_d128_r4_k1_s2_b3_w4" + fc
     spec = decode.select_decode("bfloat16", 72, 2)
-    assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4"
+    assert spec.name == "decode_bf16_d128_r2_k8_s1_b3_w4" + fc
     assert decode.select_decode("bfloat16", 72, 3).name == \
-        "decode_bf16_d128_r16_n64_s2_b2_w4_mma_sa_cr"
+        "decode_bf16_d128_r16_n64_s2_b2_w4_mma_sa_cr" + fc
     # 48 SIMT specs; 11 tensor-core (dtype x head_dim x rows) for each 16-bit dtype, 11 more
     # for paged caches (decode._MMA_PAGED_KNOBS), and the two-tile twins of the 3-tile ring
     # (32 rows at head_dim 128; contiguous and paged) for 99-KB devices
@@ -286,7 +287,7 @@ def test_plan_counts_the_tensor_core_blocks():
     assert plan.grid == (8 * 8, plan.num_splits, 1)
     assert plan.keys_per_split % spec.block_n == 0
     assert decode.wave_fill(plan.grid[0] * plan.grid[1], 132 * spec.min_blocks) >= decode.WAVE_FILL
-    assert plan.labels == (spec.name, "decode_combine")
+    assert plan.labels == (spec.name,) + (() if plan.fuses else ("decode_combine",))
     # q_len 8 with groups of 8 (64 rows) still reads K / V once per kv head
     plan = decode.plan_decode(_shape(2, 4096, 4, q_len=8), sm_count=132, facts=H200)
     assert plan.spec.rows == 64 and plan.row_tiles == 1
@@ -448,10 +449,12 @@ def test_contiguous_tensor_core_specs_step_addresses_except_where_they_spilled()
     assert decode.select_decode("bfloat16", 64, 16).step_addr
 
 
-def test_every_tensor_core_spec_combines_a_row_a_warp():
+def test_every_tensor_core_spec_combines_a_row_a_warp(monkeypatch):
     """decode._MMA_KNOBS / _MMA_PAGED_KNOBS: every tensor-core spec, contiguous or paged,
     carries combine_rows (selected in session 19); the SIMT specs keep the block-a-row
-    combine (their spec has no such knob)."""
+    combine (their spec has no such knob). (Where the combine kernel runs at all: not with
+    the fused merge, switched off here.)"""
+    monkeypatch.setattr(decode, "FUSED_COMBINE", False)
     mma = [s for s in decode.all_decode_specs() if isinstance(s, decode.DecodeMmaSpec)]
     assert mma and all(s.combine_rows and s.name.endswith("_cr") for s in mma)
     plan = decode.plan_decode(_shape(8, 8192, 8, q_len=8), sm_count=132, facts=H200)
@@ -513,10 +516,12 @@ def test_fused_combine_plans_counters_instead_of_a_combine():
     assert decode.fuses_splits(tight, 10) and not decode.fuses_splits(tight, 11)
 
 
-def test_fused_combine_is_off_unless_selected(monkeypatch):
-    """decode.FUSED_COMBINE (False until measured) puts ``fused_combine`` on every selected
-    spec, SIMT and tensor-core, contiguous and paged."""
+def test_fused_combine_knob_reaches_every_selected_spec(monkeypatch):
+    """decode.FUSED_COMBINE puts ``fused_combine`` on every selected spec, SIMT and
+    tensor-core, contiguous and paged (but decode._FUSED_SPILLS' buckets); off, on none."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE", False)
     assert not any(s.fused_combine for s in decode.all_decode_specs())
+    assert not decode.select_decode("bfloat16", 128, 4, H200).fused_combine
     monkeypatch.setattr(decode, "FUSED_COMBINE", True)
     for rows, paged in ((1, False), (4, False), (4, True), (32, False), (8, True)):
         assert decode.select_decode("bfloat16", 128, rows, H200, paged=paged).fused_combine

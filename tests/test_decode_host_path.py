@@ -18,6 +18,8 @@ def launches(monkeypatch):
     monkeypatch.setattr(launch, "launch_packed",
                         lambda fn, grid, threads, smem, packer, args, stream, what:
                         calls.append((fn, tuple(grid), threads, smem, tuple(args), stream)))
+    monkeypatch.setattr(launch, "memset_async",  # the fused merge's counters: not run
+                        lambda ptr, nbytes, stream: None)
     monkeypatch.setattr(decode, "_functions_of", lambda spec, device: (11, 22, 33))
     monkeypatch.setattr("cuflash.launch.device_facts", lambda index: _FACTS)
     decode._bound.clear(), decode._problems.clear(), decode._plans.clear()
@@ -99,9 +101,11 @@ def test_a_misaligned_address_is_checked_again(launches, monkeypatch):
     assert len(checked) == 2
 
 
-def test_a_paged_append_replays_every_address(launches):
+def test_a_paged_append_replays_every_address(launches, monkeypatch):
     """Append, page table, ALiBi slopes and cache lengths: each launch (append, split,
-    combine) of a replay carries this call's addresses in every slot."""
+    combine) of a replay carries this call's addresses in every slot (the combine kernel's
+    path: the fused merge off)."""
+    monkeypatch.setattr(decode, "FUSED_COMBINE", False)
     rng = np.random.default_rng(3)
     backend = NumpyBackend()
     flags = dict(causal=True, softmax_scale=None, window=None, softcap=None, num_splits=4)

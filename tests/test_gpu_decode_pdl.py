@@ -42,6 +42,7 @@ def pdl_on(monkeypatch):
     if int(cupy.cuda.Device(0).compute_capability) < 90:
         pytest.skip("programmatic dependent launch needs sm_90")
     monkeypatch.setattr(decode, "PDL", True)
+    monkeypatch.setattr(decode, "FUSED_COMBINE", False)  # PDL launches the combine kernel
     _forget_plans()
     dependent = []
     real = launch.launch_packed_dependent
