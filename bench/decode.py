@@ -255,6 +255,18 @@ def table(result: dict) -> str:
     return "\n".join(lines + (["errors:"] + errors if errors else []))
 
 
+def _set_flags(assignments: list) -> dict:
+    """--set FLAG=0|1: cuflash.decode's module flag, before any plan; returns them all."""
+    from cuflash import decode
+
+    for item in assignments:
+        name, _, value = item.partition("=")
+        if name not in ("FUSED_COMBINE", "PDL") or value not in ("0", "1"):
+            raise SystemExit(f"--set: expected FUSED_COMBINE=0|1 or PDL=0|1, got {item!r}")
+        setattr(decode, name, value == "1")
+    return {"FUSED_COMBINE": decode.FUSED_COMBINE, "PDL": decode.PDL}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -263,15 +275,20 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--parts", nargs="+", choices=("main", "paged", "qlen"),
                         default=["main", "paged", "qlen"])
+    parser.add_argument("--set", action="append", default=[], metavar="FLAG=0|1",
+                        help="a cuflash.decode selection flag (FUSED_COMBINE, PDL) set first: "
+                             "a candidate's table before it is selected")
     args = parser.parse_args(argv)
     import torch
+
+    flags = _set_flags(args.set)
 
     result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "dtype": "bfloat16", "head_dim": HEAD_DIM,
               "heads": HEADS, "calls_per_timing": CALLS,
               "metric": "K+V bytes (2 * batch * cache * kv_heads * head_dim * 2) / median time",
               "bars": {"of_copy": COPY_FRACTION, "vs_cudnn": CUDNN_RATIO},
-              "copy_tb_s": copy_bandwidth(torch, args.reps)}
+              "copy_tb_s": copy_bandwidth(torch, args.reps), "decode_flags": flags}
     if "main" in args.parts:
         result["main"] = [bench_main_row(torch, *row, args.reps, result["copy_tb_s"])
                           for row in ROWS]

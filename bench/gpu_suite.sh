@@ -229,17 +229,20 @@ for stage in $stages; do
     decode_fused)  # session 41: the split kernel's last block of a row tile merges the splits
       # (decode.FUSED_COMBINE, CF_FUSED_COMBINE; written without a GPU): the splitting decode
       # tests with it (graph replays included), then TB/s off / on beside cuDNN at q_len 1,
-      # 2, 4, 8 (bench/dev/decode_knob_ab.py), its TB/s by split count (decode_splits.py),
-      # memcheck and racecheck of bench/sanitize.py's decode cases with it
+      # 2, 4, 8 (bench/dev/decode_knob_ab.py), bench/decode.py's table with it, memcheck of
+      # bench/sanitize.py's decode cases with it, its TB/s by split count (decode_splits.py),
+      # racecheck
       CUFLASH_POISON=1 run_stage decode_fused_tests timeout "${DECODE_FUSED_TEST_TIMEOUT:-240}" \
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
         tests/test_gpu_decode_fused.py
       run_stage decode_fused timeout "${DECODE_FUSED_TIMEOUT:-200}" $PY bench/dev/decode_knob_ab.py \
         --knob FUSED_COMBINE --q-lens 1 2 4 8 --out "$OUT/results/decode_fused.json"
-      run_stage decode_fused_splits timeout "${DECODE_FUSED_SPLITS_TIMEOUT:-150}" \
-        $PY bench/dev/decode_splits.py --fused
+      run_stage decode_fused_table timeout "${DECODE_FUSED_TABLE_TIMEOUT:-200}" \
+        $PY bench/decode.py --set FUSED_COMBINE=1 --out "$OUT/results/decode_fused_table.json"
       run_stage decode_fused_memcheck timeout 150 compute-sanitizer --tool memcheck \
         --error-exitcode 1 $PY bench/sanitize.py --kinds decode --decode-fused
+      run_stage decode_fused_splits timeout "${DECODE_FUSED_SPLITS_TIMEOUT:-150}" \
+        $PY bench/dev/decode_splits.py --fused
       TAIL_LINES=12 run_stage decode_fused_racecheck timeout 150 compute-sanitizer \
         --tool racecheck --racecheck-report all --error-exitcode 1 $PY bench/sanitize.py \
         --kinds decode --decode-fused ;;
