@@ -101,58 +101,44 @@ def test_a_misaligned_address_is_checked_again(launches, monkeypatch):
     assert len(checked) == 2
 
 
-def test_a_paged_append_replays_every_address(launches, monkeypatch):
+def _paged_append(rng):
+    """q, paged k / v (6 pages of 16), and an append with a page table, ALiBi and lengths."""
+    q = rng.standard_normal((2, 1, 8, 64)).astype(np.float16)
+    k_pages, v_pages = (rng.standard_normal((6, 16, 2, 64)).astype(np.float16)
+                        for _ in range(2))
+    given = {"cache_seqlens": np.array([20, 30], np.int32),
+             "block_table": rng.permutation(6).reshape(2, 3).astype(np.int32),
+             "k_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
+             "v_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
+             "alibi_slopes": rng.random(8).astype(np.float32)}
+    return q, k_pages, v_pages, given
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["combine", "fused"])
+def test_a_paged_append_replays_every_address(launches, monkeypatch, fused):
     """Append, page table, ALiBi slopes and cache lengths: each launch (append, split,
-    combine) of a replay carries this call's addresses in every slot (the combine kernel's
-    path: the fused merge off)."""
-    monkeypatch.setattr(decode, "FUSED_COMBINE", False)
+    combine) of a replay carries this call's addresses in every slot. With
+    decode.FUSED_COMBINE there is no combine kernel: each replay zeroes this call's ticket
+    counters (4 bytes a row tile at workspace + counter_offset, after the append, before the
+    split), whose address the split gets as DecodeParams.split_counters."""
+    memsets = []
+    monkeypatch.setattr(launch, "memset_async",
+                        lambda ptr, nbytes, stream: memsets.append((len(launches), ptr, nbytes)))
+    monkeypatch.setattr(decode, "FUSED_COMBINE", fused)
     rng = np.random.default_rng(3)
     backend = NumpyBackend()
     flags = dict(causal=True, softmax_scale=None, window=None, softcap=None, num_splits=4)
     for call in range(3):
-        q = rng.standard_normal((2, 1, 8, 64)).astype(np.float16)
-        k_pages, v_pages = (rng.standard_normal((6, 16, 2, 64)).astype(np.float16)
-                            for _ in range(2))
-        given = {"cache_seqlens": np.array([20, 30], np.int32),
-                 "block_table": rng.permutation(6).reshape(2, 3).astype(np.int32),
-                 "k_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
-                 "v_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
-                 "alibi_slopes": rng.random(8).astype(np.float32)}
-        launches.clear()
+        q, k_pages, v_pages, given = _paged_append(rng)
+        launches.clear(), memsets.clear()
         o, lse = decode.decode_cuda(backend, q, k_pages, v_pages, given, flags)
         workspace = next(c for c in launches if c[0] == 11)[4][10]
         plan, want = _expected(backend, q, k_pages, v_pages, given, flags, o, lse, workspace)
-        assert plan.combine_grid and workspace != 0
-        assert [c[0] for c in launches] == [33, 11, 22], f"call {call}"
+        assert plan.fuses == fused == (plan.combine_grid is None) and workspace != 0
+        assert [c[0] for c in launches] == [33, 11] + ([] if fused else [22]), f"call {call}"
         assert all(c[4] == want for c in launches), f"call {call}"
-    assert len(decode._bound) == 1
-
-
-def test_a_fused_split_zeroes_its_counters_and_launches_no_combine(launches, monkeypatch):
-    """decode.FUSED_COMBINE: each replay zeroes this call's ticket counters (a memset of
-    4 bytes a row tile at workspace + counter_offset, before the split, after the append)
-    and passes their address as DecodeParams.split_counters; no combine kernel."""
-    memsets = []
-    monkeypatch.setattr(launch, "memset_async",
-                        lambda ptr, nbytes, stream: memsets.append((len(launches), ptr, nbytes)))
-    monkeypatch.setattr(decode, "FUSED_COMBINE", True)
-    rng = np.random.default_rng(4)
-    backend = NumpyBackend()
-    flags = dict(causal=True, softmax_scale=None, window=None, softcap=None, num_splits=4)
-    for call in range(3):
-        q = rng.standard_normal((2, 1, 8, 64)).astype(np.float16)
-        k, v = (rng.standard_normal((2, 200, 2, 64)).astype(np.float16) for _ in range(2))
-        given = {"cache_seqlens": np.array([190, 150], np.int32),
-                 "k_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16),
-                 "v_new": rng.standard_normal((2, 1, 2, 64)).astype(np.float16)}
-        launches.clear(), memsets.clear()
-        o, lse = decode.decode_cuda(backend, q, k, v, given, flags)
-        workspace = next(c for c in launches if c[0] == 11)[4][10]
-        plan, want = _expected(backend, q, k, v, given, flags, o, lse, workspace)
-        assert plan.fuses and plan.spec.fused_combine and plan.combine_grid is None
-        assert [c[0] for c in launches] == [33, 11], f"call {call}"
-        assert all(c[4] == want for c in launches), f"call {call}"
-        counters = workspace + plan.counter_offset
+        counters = workspace + plan.counter_offset if fused else 0
         assert want[12] == counters and counters % 16 == 0
-        assert memsets == [(1, counters, 4 * plan.grid[0])], f"call {call}"
-        assert plan.counter_offset + 4 * plan.grid[0] == plan.workspace_bytes
+        assert memsets == ([(1, counters, 4 * plan.grid[0])] if fused else []), f"call {call}"
+        assert not fused or plan.counter_offset + 4 * plan.grid[0] == plan.workspace_bytes
+    assert len(decode._bound) == 1

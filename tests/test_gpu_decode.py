@@ -177,6 +177,20 @@ def test_gpu_strided_views():
                              softmax_scale=None, dtype="float16", label="strided")
 
 
+def captured(torch, call):
+    """(graph, its outputs): ``call`` warmed up on a side stream (compile, plan, layouts off
+    the capture), then captured once in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 def test_gpu_torch_and_cuda_graph():
     """torch tensors: torch's allocator and stream, no host sync: capturable in a graph."""
     torch = pytest.importorskip("torch")
@@ -187,16 +201,8 @@ def test_gpu_torch_and_cuda_graph():
     _run(case, "torch")  # eager, against the reference
     q, k, v, lens = dh.make_inputs(case)
     tq, tk, tv, tl = (dh.to_device(x, "torch") for x in (q, k, v, lens))
-    call = lambda: cuflash.attention_with_kvcache(tq, tk, tv, cache_seqlens=tl, causal=True,
-                                                  return_softmax_lse=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compile, plan, layouts) off the capture
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_graph, lse_graph = call()
+    graph, (o_graph, lse_graph) = captured(torch, lambda: cuflash.attention_with_kvcache(
+        tq, tk, tv, cache_seqlens=tl, causal=True, return_softmax_lse=True))
     q2, _, _, _ = dh.make_inputs(dict(case, seed=8))
     tq.copy_(dh.to_device(q2, "torch"))
     tl.copy_(torch.tensor([10, 4096, 300, 2], dtype=torch.int32, device="cuda"))

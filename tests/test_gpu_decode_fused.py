@@ -87,16 +87,8 @@ def test_gpu_graph_replays_zero_their_counters():
                 softmax_scale=None, seed=21)
     q, k, v, lens = dh.make_inputs(case)
     tq, tk, tv, tl = (dh.to_device(x, "torch") for x in (q, k, v, lens))
-    call = lambda: cuflash.attention_with_kvcache(tq, tk, tv, cache_seqlens=tl, causal=True,
-                                                  return_softmax_lse=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_graph, lse_graph = call()
+    graph, (o_graph, lse_graph) = base.captured(torch, lambda: cuflash.attention_with_kvcache(
+        tq, tk, tv, cache_seqlens=tl, causal=True, return_softmax_lse=True))
     rng = np.random.default_rng()
     for replay in range(3):
         q2, _, _, _ = dh.make_inputs(dict(case, seed=int(rng.integers(2**32))))
