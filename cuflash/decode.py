@@ -100,8 +100,8 @@ class DecodeSpec:
     # a candidate (not timed; sm_90 and newer): the combine launched as the split's
     # programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
     pdl: bool = False
-    # a candidate (session 41): the split's last block of a row tile merges the splits
-    # (CF_FUSED_COMBINE; no combine kernel, a memset of its counters instead)
+    # a candidate (session 41, timed slower): the split's last block of a row tile merges
+    # the splits (CF_FUSED_COMBINE; no combine kernel, a memset of its counters instead)
     fused_combine: bool = False
 
     @property
@@ -407,11 +407,11 @@ def select_decode(dtype: str, head_dim: int, rows: int,
 PDL = False
 # The splits merged by the split kernel's last block of each row tile (CF_FUSED_COMBINE,
 # flash_decode.cu's merge_splits_if_last) instead of the combine kernel: a candidate of
-# session 41, written without a GPU; tests/test_gpu_decode_fused.py checks it and
-# bench/dev/decode_knob_ab.py --knob FUSED_COMBINE times it (`gpu_suite.sh decode_fused`).
-# What it could save: the combine's ~2 us (its launch and dependent loads, 2.1-2.4 us at
-# q_len 1 and up to 9.7 at q_len 8 in session 18) after the split's last block, for a
-# memset of the counters.
+# session 41; tests/test_gpu_decode_fused.py checks it and bench/dev/decode_knob_ab.py
+# --knob FUSED_COMBINE times it (`gpu_suite.sh decode_fused`). It was to save the combine's
+# ~2 us after the split's last block; measured (H100, session 41) it is 0.7-15% slower
+# wherever it fuses ((1, 32k, 8 kv heads) 2.574 -> 2.413 TB/s): in one wave of blocks every
+# row tile's last block finishes at the end, so the merges are the tail (docs/decode.md).
 FUSED_COMBINE = False
 # Tensor-core buckets (head_dim, rows, paged) that keep the combine kernel: with the fused
 # merge the paged d32 16-row split (3 blocks per SM, 168 registers) spilled 24 B on sm_90
