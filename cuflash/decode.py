@@ -393,10 +393,10 @@ def select_decode(dtype: str, head_dim: int, rows: int,
     if dtype != "float32" and rows >= MMA_MIN_ROWS and (facts is None or _has_mma(facts.arch)):
         for spec in _with_two_stages(mma_spec(dtype, d, rows, paged)):
             if facts is None or spec.smem_bytes <= facts.smem_optin:
-                return _with_pdl(spec, facts)
+                return _with_launch_knobs(spec, facts)
     r = row_bucket(rows)
     keys, stages = _KEYS[r][1 if dtype == "float32" else 0]
-    return _with_pdl(DecodeSpec(dtype, d, r, keys, stages), facts)
+    return _with_launch_knobs(DecodeSpec(dtype, d, r, keys, stages), facts)
 
 
 # The combine launched as the split's programmatic dependent (CF_DECODE_PDL, cuflash/pdl.py)
@@ -429,7 +429,8 @@ def _fused(spec):
     return replace(spec, fused_combine=True)
 
 
-def _with_pdl(spec, facts: DeviceFacts | None):
+def _with_launch_knobs(spec, facts: DeviceFacts | None):
+    """``spec`` with the module's candidate flags applied: FUSED_COMBINE, then PDL (sm_90+)."""
     spec = _fused(spec)
     if not PDL or facts is None or int(facts.arch.removeprefix("sm_").rstrip("a")) < 90:
         return spec
