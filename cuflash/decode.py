@@ -903,6 +903,15 @@ class _Bound:
 
 
 _bound: dict = {}
+
+
+def forget_plans() -> None:
+    """Drop the memoized problems, plans and recorded launches: after a selection flag
+    (FUSED_COMBINE, PDL, the knob tables) changes, which their keys do not hold."""
+    for memo in (_problems, _plans, _bound):
+        memo.clear()
+
+
 _ARRAYS = ("q", "k", "v", "k_new", "v_new", "cache_seqlens", "block_table", "alibi_slopes")
 _ABSENT = (0,) * (len(_ARRAYS) - 3)  # the optional arrays' addresses when none is given
 

@@ -22,7 +22,7 @@ def launches(monkeypatch):
                         lambda ptr, nbytes, stream: None)
     monkeypatch.setattr(decode, "_functions_of", lambda spec, device: (11, 22, 33))
     monkeypatch.setattr("cuflash.launch.device_facts", lambda index: _FACTS)
-    decode._bound.clear(), decode._problems.clear(), decode._plans.clear()
+    decode.forget_plans()
     return calls
 
 

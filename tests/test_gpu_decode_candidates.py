@@ -53,12 +53,6 @@ def precompile():
         list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
 
 
-def _forget_plans():
-    """The decode memos (problems, plans, recorded launches) know nothing of the knobs."""
-    for memo in (decode._problems, decode._plans, decode._bound):
-        memo.clear()
-
-
 @pytest.fixture(params=list(KNOB_SETS), autouse=True)
 def knobs(request, monkeypatch):
     spec_knobs, max_rows, paged_knobs = KNOB_SETS[request.param]
@@ -66,9 +60,9 @@ def knobs(request, monkeypatch):
     monkeypatch.setattr(decode, "_MMA_KNOBS", spec_knobs)
     monkeypatch.setattr(decode, "_MMA_MAX_ROWS", max_rows)
     monkeypatch.setattr(decode, "_MMA_PAGED_KNOBS", paged_knobs)
-    _forget_plans()
+    decode.forget_plans()
     yield request.param
-    _forget_plans()
+    decode.forget_plans()
 
 
 def _dtype():

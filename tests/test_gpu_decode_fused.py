@@ -35,7 +35,7 @@ def fused_poisoned_precompiled():
     old = os.environ.get("CUFLASH_POISON")
     os.environ["CUFLASH_POISON"] = "1"
     previous, decode.FUSED_COMBINE = decode.FUSED_COMBINE, True
-    _forget_plans()
+    decode.forget_plans()
     arch = launch.device_facts(0).arch
     work = decode.all_decode_specs(specs.arch_dtypes(arch), arch)  # the fused ones now
     assert any(s.fused_combine for s in work)
@@ -43,16 +43,11 @@ def fused_poisoned_precompiled():
         list(pool.map(lambda s: compiler.get_kernel(s, 0), work))
     yield
     decode.FUSED_COMBINE = previous
-    _forget_plans()
+    decode.forget_plans()
     if old is None:
         os.environ.pop("CUFLASH_POISON", None)
     else:
         os.environ["CUFLASH_POISON"] = old
-
-
-def _forget_plans():
-    for memo in (decode._problems, decode._plans, decode._bound):
-        memo.clear()
 
 
 test_gpu_long_caches = base.test_gpu_long_caches

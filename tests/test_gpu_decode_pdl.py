@@ -27,11 +27,6 @@ except ImportError:  # tests/ collected as a package
 pytestmark = pytest.mark.gpu
 
 
-def _forget_plans():
-    for memo in (decode._problems, decode._plans, decode._bound):
-        memo.clear()
-
-
 @pytest.fixture(autouse=True)
 def pdl_on(monkeypatch):
     """PDL on for each test (plans made again), and checked to be what runs."""
@@ -43,13 +38,13 @@ def pdl_on(monkeypatch):
         pytest.skip("programmatic dependent launch needs sm_90")
     monkeypatch.setattr(decode, "PDL", True)
     monkeypatch.setattr(decode, "FUSED_COMBINE", False)  # PDL launches the combine kernel
-    _forget_plans()
+    decode.forget_plans()
     dependent = []
     real = launch.launch_packed_dependent
     monkeypatch.setattr(launch, "launch_packed_dependent",
                         lambda *args: dependent.append(1) or real(*args))
     yield dependent
-    _forget_plans()
+    decode.forget_plans()
 
 
 def test_a_split_decode_launches_its_combine_as_a_dependent(pdl_on):

@@ -74,11 +74,9 @@ def launches(monkeypatch):
     monkeypatch.setattr(launch, "device_facts", lambda index: _HOPPER)
     monkeypatch.setattr(decode, "PDL", True)
     monkeypatch.setattr(decode, "FUSED_COMBINE", False)  # PDL launches the combine kernel
-    for memo in (decode._bound, decode._problems, decode._plans):
-        memo.clear()
+    decode.forget_plans()
     yield calls
-    for memo in (decode._bound, decode._problems, decode._plans):
-        memo.clear()
+    decode.forget_plans()
 
 
 @pytest.mark.parametrize("heads_kv", [8, 2])  # the SIMT split (one row a kv head), the mma one

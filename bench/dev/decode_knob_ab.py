@@ -35,8 +35,7 @@ def _with(knob: str, on: bool) -> None:
     from cuflash import decode
 
     setattr(decode, knob, on)
-    for memo in (decode._problems, decode._plans, decode._bound):
-        memo.clear()
+    decode.forget_plans()
 
 
 def main(argv=None) -> int:
