@@ -351,8 +351,12 @@ FWD90 = {
 # window and ALiBi, and beside causal dropout with ALiBi or varlen + block mask;
 # bench/dev/NOTES.md, session 19), or where 1 ran faster (d192 softcap: 411 / 439 TFLOP/s
 # against 391 / 412, causal / full). A budget without room for the third V stage keeps the
-# loop before.
-FWD90_OVERLAP = {192: 2, 256: 2}
+# loop before. 3 (value 2 with stage mbarriers in place of the per-tile block barrier) at 192:
+# H100 bf16, 2026-12-07, session 42 (bench/results/2026-12-07_h100/session42), TFLOP/s 2 / 3:
+# 4k GQA causal 455.3 / 476.5, full 470.1 / 507.6, 16k causal 514.0 / 530.1, full 509.6 /
+# 523.6, softcap 410.5 / 421.3 and 427.9 / 441.4; at 256 it lost where not causal (16k 584.2
+# / 550.3, 4k GQA 544.2 / 511.2; 16k causal 573.7 / 592.1).
+FWD90_OVERLAP = {192: 3, 256: 2}
 FWD90_OVERLAP_ONE_WHEN = {
     192: (("softcap",),),
     256: (("alibi", "dropout"), ("causal", "dropout"), ("causal", "alibi", "varlen"),

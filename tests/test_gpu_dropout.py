@@ -242,7 +242,7 @@ def test_forward_and_backward_match_reference(family, case, dtype, seqlen_q, seq
     _check(family, case, dtype, seqlen_q, seqlen_k, 64)
 
 
-# 192 / 256: the Hopper forward's overlapped loop (CF_FWD_OVERLAP 2, 1 or none by the set)
+# 192 / 256: the Hopper forward's overlapped loop (CF_FWD_OVERLAP 3 / 2, 1 or none by the set)
 @pytest.mark.parametrize("head_dim", [128, 192, 256])
 @pytest.mark.parametrize("case", CASES[:3], ids=[c[0] for c in CASES[:3]])
 def test_head_dims(family, case, head_dim):
