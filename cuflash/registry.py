@@ -380,7 +380,14 @@ FWD90_OVERLAP_OFF_WHEN = {
 # until it is timed (test_gpu_fwd_persistent's dropout, packed and block-mask tests passed on
 # an H100, session 27: 1,399 tests), nor where the three-consumer d64 tile spills with it
 # (NVRTC 13.5, every set of up to two modifiers: a window, softcap or dropout, 4-136 B).
-FWD90_PERSISTENT = {64: True, 128: False}
+# d128 left the list in session 42: with TMA loads (since session 31) one block per tile ran
+# as fast or faster on an H100 (bf16, bench/results/2026-12-07_h100/session42, calls 2-4,
+# TFLOP/s persistent / one block per tile, 16k tokens, 3 and 5 rounds): 1k x16 516.1 / 540.4
+# and 519.2 / 547.7, 4k x4 643.1 / 657.5 and 642.4 / 658.2, 16k x1 674.9 / 689.1, 656.8 /
+# 683.4, 676.1 / 674.8, 676.2 / 687.8; 4k GQA 16/4 611.0-613.3 either way, softcap 493.8 /
+# 494.5, ALiBi 605.3 / 604.5. (Causal at 1k went the other way, 398-402 / 382-384, but
+# even at 4k; causal d128 keeps one block per tile.) d64 still gains 2-13% in every row.
+FWD90_PERSISTENT = {64: True}
 FWD90_PERSISTENT_OFF_WHEN = (("varlen",), ("block_sparse",),
                              ("dropout",))  # tested, not timed (above)
 FWD90_PERSISTENT_OFF_WHEN_M192 = (("window",), ("softcap",), ("dropout",))

@@ -85,8 +85,8 @@ def test_packed_sequences_of_one_length_plan_like_the_dense_call(head_dim, causa
         assert plan.PERSISTENT not in dict(uniform.kernel.spec.knobs)
     assert plan.PERSISTENT not in dict(ragged.kernel.spec.knobs)
     assert ragged.kernel.grid[1] == 16  # one block per (tile, head)
-    if not causal and not mods:
-        assert persistent  # the case this rule exists for
+    if not causal and not mods and head_dim == 64:
+        assert persistent  # the case this rule exists for (d128: one block per tile)
 
 
 def test_backward_plan_stages():

@@ -55,25 +55,26 @@ def test_larger_budget_never_picks_smaller_tiles():
 
 def test_h100_picks_the_wgmma_kernel_for_bf16_d128():
     spec = specs.select_forward(facts(227), "bfloat16", 128, False)
-    # warp-specialized, persistent blocks (the planner may still run one block per tile),
+    # warp-specialized, one block per tile (persistent blocks left d128 in session 42),
     # loading with TMA
-    assert spec.name == "fwd90_bf16_d128_m128_n128_w12_s3_fwd_persistent1_fwd_tma1"
+    assert spec.name == "fwd90_bf16_d128_m128_n128_w12_s3_fwd_tma1"
     assert spec.source == "flash_fwd_sm90_ws.cu" and spec.threads == 384
     assert specs.compile_arch(spec, "sm_90") == "sm_90a"
 
 
 def test_persistent_forward_selection():
-    """Persistent blocks where registry.FWD90_PERSISTENT lists the bucket (causal at d64
-    only), not on packed sequences or block masks, nor where d64's three consumers spill."""
+    """Persistent blocks where registry.FWD90_PERSISTENT lists the bucket (d64, causal or
+    not; d128 left it in session 42), not on packed sequences or block masks, nor where d64's
+    three consumers spill."""
     knob = ("CF_FWD_PERSISTENT", 1)
 
     def chosen(d, causal, **mods):
         spec = specs.select_forward(facts(227), "bfloat16", d, causal, mods=specs.ModFlags(**mods))
         return knob in spec.knobs
 
-    assert chosen(64, False) and chosen(64, True) and chosen(128, False)
-    assert chosen(64, False, alibi=True) and chosen(128, False, softcap=True)
-    assert not chosen(128, True) and not chosen(128, False, window=True)
+    assert chosen(64, False) and chosen(64, True) and chosen(64, False, alibi=True)
+    assert not chosen(128, False) and not chosen(128, True)
+    assert not chosen(128, False, softcap=True) and not chosen(128, False, window=True)
     assert not chosen(64, False, varlen=True) and not chosen(128, False, block_sparse=True)
     assert not chosen(64, False, softcap=True) or specs.select_forward(
         facts(227), "bfloat16", 64, False, mods=specs.ModFlags(softcap=True)).block_m != 192
