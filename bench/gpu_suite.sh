@@ -9,7 +9,7 @@
 #                                            pre_convert step_idle
 #                                            generate ab
 #                                            decode_ab decode16 decode_fused fwd_ncu fwd_times issue15
-#                                            exp2_fma fwd_overlap fwd_persistent
+#                                            exp2_fma fwd_overlap fwd_persistent desc_add
 #                                            fwd_persistent_sanitize fwd_n176 fwd_defaults
 #                                            fwd_tma bwd_tma fwd_bounds fwd_d256_ws
 #                                            bwd_dq_first bwd_hsplit bwd_bounds
@@ -253,6 +253,17 @@ for stage in $stages; do
         $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider tests/test_gpu_exp2_fma.py
       run_stage exp2_fma timeout "${EXP2_FMA_TIMEOUT:-240}" $PY bench/dev/exp2_fma_ab.py \
         --out "$OUT/results/exp2_fma.json" ${EXP2_FMA_ARGS:-} ;;
+    desc_add)  # session 42: wgmma descriptors by one add a k-step (CF_DESC_ADD, selected by
+      # registry.DESC_ADD): both forms bit for bit and the selection's Hopper tests, then
+      # bench/dev/desc_ab.py (all buckets; then d256 with value 3 of the 8-warp forward)
+      CUFLASH_POISON=1 run_stage desc_add_tests timeout "${DESC_ADD_TEST_TIMEOUT:-300}" \
+        $PY -m pytest -m gpu -q -rfEs --maxfail=8 -p no:cacheprovider ${PYTEST_XDIST:-} \
+        tests/test_gpu_desc_add.py tests/test_gpu_bwd_hsplit.py tests/test_gpu_backward.py \
+        tests/test_gpu_modifiers.py
+      run_stage desc_ab timeout "${DESC_AB_TIMEOUT:-150}" $PY bench/dev/desc_ab.py \
+        --out "$OUT/results/desc_ab.json"
+      run_stage desc_ab_d256_v3 timeout "${DESC_AB_TIMEOUT:-150}" $PY bench/dev/desc_ab.py \
+        --head-dims 256 --fwd-knobs CF_FWD_OVERLAP=3 --out "$OUT/results/desc_ab_d256_v3.json" ;;
     fwd_overlap)  # the 8-warp Hopper forward (head_dim 192 / 256) with each warpgroup's softmax
       # beside its P V product (CF_FWD_OVERLAP): its float64-reference tests, then TFLOP/s
       # against the loop before and cuDNN, alternating rounds (FWD_OVERLAP_VALUES, default 0,2,3:

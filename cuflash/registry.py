@@ -357,6 +357,20 @@ FWD90 = {
 # 523.6, softcap 410.5 / 421.3 and 427.9 / 441.4; at 256 it lost where not causal (16k 584.2
 # / 550.3, 4k GQA 544.2 / 511.2; 16k causal 573.7 / 592.1).
 FWD90_OVERLAP = {192: 3, 256: 2}
+
+# wgmma descriptors built by one add a k-step (cf_sm90.cuh's CF_DESC_ADD: the same bits, fewer
+# instructions), per kernel kind, the head-dim buckets where it ran faster. H100 bf16,
+# 2026-12-07, session 42 (bench/results/2026-12-07_h100/session42/call6_desc_ab, two runs of
+# bench/dev/desc_ab.py, 16k tokens at 4k / 16k, causal and not; o, m, l, dk, dv bit for bit
+# the same): backward d192 +7.0-9.7% in every row, d256 +0.9-3.8%, d64 -0.3 to +2.9%; forward
+# d192 -1.5 to +5.8% (four of six cells up); d128 backward -3.3 to +1.2% and the d256 forward
+# -1.0 to -5.1% where not causal, so those keep the masked form.
+DESC_ADD = {"fwd90": frozenset({192}), "bwd90": frozenset({64, 192, 256})}
+# (kind, bucket): sets of modifiers that keep the masked form, where the knob spilled (NVRTC
+# 13.5, sm_90, every selected spec with up to two modifiers, causal or not, deterministic or
+# not, bf16 and fp16 for up to one: one of 292, 20 B; with three, bf16: one of 256, 20 B)
+DESC_ADD_OFF_WHEN = {("bwd90", 192): (("window", "alibi"),),
+                     ("bwd90", 64): (("window", "alibi", "dropout"),)}
 FWD90_OVERLAP_ONE_WHEN = {
     192: (("softcap",),),
     256: (("alibi", "dropout"), ("causal", "dropout"), ("causal", "alibi", "varlen"),

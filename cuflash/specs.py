@@ -27,7 +27,7 @@ from .registry import (BUCKETS, BWD90, BWD90_BOXED_ONLY,  # noqa: F401
                        BWD90_DROP_RING, FWD90_DROP_PACKED, FWD90_DROP_RING, FWD90_TMA,
                        FWD90_TMA_OFF_WHEN, TMA_OFF_WHEN,
                        FWD90_OVERLAP, FWD90_PAIR, PAIR_WIDTHS_V,
-                       FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
+                       DESC_ADD, DESC_ADD_OFF_WHEN, FWD90_OVERLAP_OFF_WHEN, FWD90_OVERLAP_ONE_WHEN, FWD90_PERSISTENT,
                        FWD90_PERSISTENT_OFF_WHEN, FWD90_PERSISTENT_OFF_WHEN_M192, KINDS, PRE_ROWS,
                        PRE_THREADS, VARIANTS, Variant, any_set_within, bwd90_head_dim_split,
                        bwd90_warp_specialized, bwd_split_layout, fwd90_warp_specialized,
@@ -304,9 +304,20 @@ def _spec(variant: Variant, tile, dtype: str, bucket: int, causal: bool, determi
 
 def select_forward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool, *,
                    wgmma: bool = True, mods: ModFlags = NO_MODS) -> KernelSpec:
-    return with_selected_drop_ring(with_packed_dropout(with_selected_tma(with_persistent_forward(
-        with_forward_overlap(select("forward", facts, dtype, head_dim, causal, wgmma=wgmma,
-                                    mods=mods), facts)))), facts)
+    return with_desc_add(with_selected_drop_ring(with_packed_dropout(with_selected_tma(
+        with_persistent_forward(with_forward_overlap(
+            select("forward", facts, dtype, head_dim, causal, wgmma=wgmma, mods=mods),
+            facts)))), facts))
+
+
+def with_desc_add(spec: KernelSpec) -> KernelSpec:
+    """``spec`` with its wgmma descriptors built by one add a k-step (``CF_DESC_ADD``) where
+    registry.DESC_ADD lists its kind and head-dim bucket, unless DESC_ADD_OFF_WHEN names a
+    set of its modifiers."""
+    if spec.head_dim not in DESC_ADD.get(spec.kind, ()) or any_set_within(
+            DESC_ADD_OFF_WHEN.get((spec.kind, spec.head_dim), ()), spec.mods.on):
+        return spec
+    return spec.with_knobs(CF_DESC_ADD=1)
 
 
 def with_packed_dropout(spec: KernelSpec) -> KernelSpec:
@@ -623,7 +634,7 @@ def select_forward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_
     _check_modifiers(variant, mods, dtype)
     spec = replace(_spec(variant, FWD90_PAIR, dtype, bucket, causal, False, facts.arch, mods),
                    head_dim_v=head_dim_v)
-    return _pair_fits(with_forward_overlap(spec, facts), facts, head_dim)
+    return _pair_fits(with_desc_add(with_forward_overlap(spec, facts)), facts, head_dim)
 
 
 def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim_v: int,
@@ -642,7 +653,7 @@ def select_backward_pair(facts: DeviceFacts, dtype: str, head_dim: int, head_dim
     _check_modifiers(variant, mods, dtype)
     spec = replace(_spec(variant, BWD90[bucket][0], dtype, bucket, causal, False, facts.arch,
                          mods), head_dim_v=head_dim_v)
-    return _pair_fits(with_dq_first(spec), facts, head_dim)
+    return _pair_fits(with_desc_add(with_dq_first(spec)), facts, head_dim)
 
 
 def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
@@ -660,9 +671,9 @@ def select_backward(facts: DeviceFacts, dtype: str, head_dim: int, causal: bool,
         split = with_backward_head_dim_split(spec)
         if split is not None and split.smem_bytes <= facts.smem_optin:
             spec = split
-    return with_selected_drop_ring(with_dropout_fold(with_selected_tma(with_dq_first(
-        with_selected_own_do(with_selected_dq_red4(with_bulk_dq(
-            with_ordered_rotation(spec, facts), facts)))))), facts)
+    return with_desc_add(with_selected_drop_ring(with_dropout_fold(with_selected_tma(
+        with_dq_first(with_selected_own_do(with_selected_dq_red4(with_bulk_dq(
+            with_ordered_rotation(spec, facts), facts)))))), facts))
 
 
 def with_boxed_only_tile(spec: KernelSpec, facts: DeviceFacts) -> KernelSpec:

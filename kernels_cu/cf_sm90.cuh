@@ -21,15 +21,33 @@ __device__ __forceinline__ cf_u64 sm90_desc(cf_u32 saddr, cf_u32 lbo_bytes, cf_u
   return (cf_u64)((saddr & 0x3FFFF) >> 4) | ((cf_u64)(lbo_bytes >> 4) << 16) |
          ((cf_u64)(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
+// The descriptor of `tile` + `offset` bytes (a k-step's start inside the tile). CF_DESC_ADD
+// (a candidate, session 42): the tile's descriptor plus offset / 16 in its low word, the same
+// bits (both are multiples of 16 and their sum stays below 2^18, so the 14-bit start field
+// never carries), so that in an unrolled k loop each step costs one add to a descriptor built
+// once, where masking and shifting every step's address took four instructions a wgmma (the
+// 8-warp d256 forward, SASS under ncu: about 80 of ~640 a warp's tile).
+#ifndef CF_DESC_ADD
+#define CF_DESC_ADD 0
+#endif
+__device__ __forceinline__ cf_u64 sm90_desc_at(cf_u32 tile, cf_u32 offset, cf_u32 lbo_bytes,
+                                               cf_u32 sbo_bytes) {
+#if CF_DESC_ADD
+  const cf_u32 lo = (((tile & 0x3FFFF) >> 4) | ((lbo_bytes >> 4) << 16)) + (offset >> 4);
+  return ((cf_u64)((sbo_bytes >> 4) | (1u << 30)) << 32) | lo;
+#else
+  return sm90_desc(tile + offset, lbo_bytes, sbo_bytes);
+#endif
+}
 // K-major operand: k-step kk of a tile of ROWS rows starting at `tile` (+ a row offset).
 template <int ROWS>
 __device__ __forceinline__ cf_u64 sm90_desc_kmajor(cf_u32 tile, int kk) {
-  return sm90_desc(tile + (kk >> 2) * (ROWS * 128) + (kk & 3) * 32, 16, 1024);
+  return sm90_desc_at(tile, (kk >> 2) * (ROWS * 128) + (kk & 3) * 32, 16, 1024);
 }
 // MN-major operand: k-step kk (rows 16kk ..) of a tile of ROWS rows (panel stride ROWS * 128).
 template <int ROWS>
 __device__ __forceinline__ cf_u64 sm90_desc_mnmajor(cf_u32 tile, int kk) {
-  return sm90_desc(tile + kk * 16 * 128, ROWS * 128, 1024);
+  return sm90_desc_at(tile, kk * 16 * 128, ROWS * 128, 1024);
 }
 
 // Writes done by the generic proxy (cp.async, st.shared) visible to wgmma's async proxy.

@@ -543,3 +543,28 @@ def test_head_dim_split_backward_selected_on_hopper_where_it_serves():
             assert not registry.bwd90_head_dim_split(spec), spec.name
     assert not registry.bwd90_head_dim_split(
         specs.select_backward(hopper, "bfloat16", 128, False, False))
+
+
+def test_descriptor_adds_where_measured():
+    """CF_DESC_ADD where registry.DESC_ADD lists the kind and bucket: the Hopper backward at
+    64 / 192 / 256 (either dQ mode) and the 8-warp forward at 192; not d128, not the d256
+    forward, not the portable kernels."""
+    f = specs.facts_for_arch("sm_90")
+    knob = ("CF_DESC_ADD", 1)
+
+    def fwd(d, causal=False, facts=f):
+        return knob in specs.select_forward(facts, "bfloat16", d, causal).knobs
+
+    def bwd(d, deterministic=False, facts=f):
+        return knob in specs.select_backward(facts, "bfloat16", d, True, deterministic).knobs
+
+    assert fwd(192) and fwd(192, True) and not fwd(64) and not fwd(128) and not fwd(256)
+    assert all(bwd(d) and bwd(d, True) for d in (64, 192, 256))
+    assert not bwd(128) and not bwd(128, True)
+    window_alibi = specs.ModFlags(window=True, alibi=True)  # spilled 20 B with it
+    assert knob not in specs.select_backward(f, "bfloat16", 192, False, False,
+                                             mods=window_alibi).knobs
+    assert knob in specs.select_backward(f, "bfloat16", 256, False, False,
+                                         mods=window_alibi).knobs
+    assert not fwd(192, facts=specs.facts_for_arch("sm_80"))
+    assert not bwd(64, facts=specs.facts_for_arch("sm_80"))
