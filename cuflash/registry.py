@@ -357,6 +357,13 @@ FWD90 = {
 # 523.6, softcap 410.5 / 421.3 and 427.9 / 441.4; at 256 it lost where not causal (16k 584.2
 # / 550.3, 4k GQA 544.2 / 511.2; 16k causal 573.7 / 592.1).
 FWD90_OVERLAP = {192: 3, 256: 2}
+FWD90_OVERLAP_ONE_WHEN = {
+    192: (("softcap",),),
+    256: (("alibi", "dropout"), ("causal", "dropout"), ("causal", "alibi", "varlen"),
+          ("causal", "varlen", "block_sparse"))}
+FWD90_OVERLAP_OFF_WHEN = {
+    256: (("window", "alibi"), ("causal", "alibi", "dropout"),
+          ("causal", "varlen", "block_sparse", "dropout"))}
 
 # wgmma descriptors built by one add a k-step (cf_sm90.cuh's CF_DESC_ADD: the same bits, fewer
 # instructions), per kernel kind, the head-dim buckets where it ran faster. H100 bf16,
@@ -371,13 +378,6 @@ DESC_ADD = {"fwd90": frozenset({192}), "bwd90": frozenset({64, 192, 256})}
 # not, bf16 and fp16 for up to one: one of 292, 20 B; with three, bf16: one of 256, 20 B)
 DESC_ADD_OFF_WHEN = {("bwd90", 192): (("window", "alibi"),),
                      ("bwd90", 64): (("window", "alibi", "dropout"),)}
-FWD90_OVERLAP_ONE_WHEN = {
-    192: (("softcap",),),
-    256: (("alibi", "dropout"), ("causal", "dropout"), ("causal", "alibi", "varlen"),
-          ("causal", "varlen", "block_sparse"))}
-FWD90_OVERLAP_OFF_WHEN = {
-    256: (("window", "alibi"), ("causal", "alibi", "dropout"),
-          ("causal", "varlen", "block_sparse", "dropout"))}
 
 # The warp-specialized forward's persistent blocks (flash_fwd_sm90_ws.cu's CF_FWD_PERSISTENT;
 # plan.plan_forward sizes the grid and runs one block per tile where the static split would

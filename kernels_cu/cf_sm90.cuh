@@ -22,11 +22,12 @@ __device__ __forceinline__ cf_u64 sm90_desc(cf_u32 saddr, cf_u32 lbo_bytes, cf_u
          ((cf_u64)(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
 // The descriptor of `tile` + `offset` bytes (a k-step's start inside the tile). CF_DESC_ADD
-// (a candidate, session 42): the tile's descriptor plus offset / 16 in its low word, the same
-// bits (both are multiples of 16 and their sum stays below 2^18, so the 14-bit start field
-// never carries), so that in an unrolled k loop each step costs one add to a descriptor built
-// once, where masking and shifting every step's address took four instructions a wgmma (the
-// 8-warp d256 forward, SASS under ncu: about 80 of ~640 a warp's tile).
+// (session 42; registry.DESC_ADD selects it): the tile's descriptor plus offset / 16 in its
+// low word, the same bits (both are multiples of 16 and their sum stays below 2^18, so the
+// 14-bit start field never carries), so that in an unrolled k loop each step costs one add
+// to a descriptor built once, where masking and shifting every step's address took four
+// instructions a wgmma (the 8-warp d256 forward, SASS under ncu: about 80 of ~640 a warp's
+// tile). tests/test_desc_add.py checks the identity, test_gpu_desc_add.py the outputs.
 #ifndef CF_DESC_ADD
 #define CF_DESC_ADD 0
 #endif
